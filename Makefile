@@ -1,0 +1,45 @@
+# `make serve` and `make test` work on a fresh clone: each creates .venv and
+# installs what is missing first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+NODE_STAMP := tests/node/node_modules/.installed
+
+.PHONY: serve test lint typecheck pytest install node-deps sample-config clean
+
+serve: $(STAMP)
+	$(BIN)/keel serve
+
+test: lint typecheck pytest
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/node/package.json
+	cd tests/node && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) node-deps
+	$(BIN)/pytest
+
+sample-config: $(STAMP)
+	$(BIN)/keel config sample > config.sample.toml
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules

@@ -1,0 +1,116 @@
+"""Render every failure in the one error shape: ``{"error": {message, type, code}}``.
+
+Validation errors name the field (``segments.prefix``) and say what was
+wrong; unexpected exceptions are logged with their traceback and answered
+with a generic 500 that never includes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keel.errors import KeelError, NotFound, RequestError
+
+log = logging.getLogger("keel.api")
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def error_response(error: KeelError) -> JSONResponse:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif isinstance(part, str) and (part.startswith(("function-", "list[", "str")) or "[" in part):
+            continue  # pydantic's union-branch labels are not fields
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts) or "body"
+
+
+def validation_error(errors: list[Any]) -> RequestError:
+    first = errors[0]
+    field = _field(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        text = f"'{field}' is required"
+    else:
+        text = f"'{field}': {message}"
+    more = len(errors) - 1
+    if more:
+        others = ", ".join(sorted({_field(tuple(e.get("loc", ()))) for e in errors[1:]}))
+        text += f" (and {more} more: {others})"
+    return RequestError(text, param=field, code="invalid_field")
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise RequestError("the request body is empty; send a JSON object", code="empty_body")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def parse_model(model: type[ModelT], data: Any) -> ModelT:
+    if not isinstance(data, dict):
+        raise RequestError(
+            f"the request body must be a JSON object, not {type(data).__name__}",
+            code="invalid_json",
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors())) from None
+
+
+async def read_model(request: Request, model: type[ModelT]) -> ModelT:
+    return parse_model(model, await read_json(request))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def keel_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, KeelError)
+        if exc.status_code >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        return error_response(exc)
+
+    async def fastapi_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(list(exc.errors())))
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return error_response(NotFound("no such route; see GET /docs for the API"))
+        error = KeelError(str(exc.detail), code=f"http_{exc.status_code}")
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(error)
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return error_response(KeelError("internal error; the server log has the details"))
+
+    app.add_exception_handler(KeelError, keel_error)
+    app.add_exception_handler(RequestValidationError, fastapi_validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

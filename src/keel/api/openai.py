@@ -1,0 +1,173 @@
+"""OpenAI-compatible routes: completions, chat completions, embeddings, models.
+
+``POST /v1/completions`` is shared with Tabby's API: a body with ``prompt``
+is OpenAI's, anything else goes to the Tabby handler.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from keel.api.errors import parse_model, read_json, read_model
+from keel.api.state import AppState, app_state
+from keel.api.streaming import collect, stream_response, with_timeout
+from keel.api.tabby import tabby_completion
+from keel.pipeline.prompt import render_template
+from keel.providers.base import ChatCall, ChatProvider, CompletionCall, EmbeddingProvider
+from keel.schemas.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+router = APIRouter()
+
+
+def _finish_reason(count: int, max_tokens: int) -> str:
+    """Providers stream text only; a stream that used the whole budget was cut for length."""
+    return "length" if count >= max_tokens else "stop"
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request) -> Response:
+    data = await read_json(request)
+    if not (isinstance(data, dict) and "prompt" in data):
+        return await tabby_completion(request, data)
+    body = parse_model(CompletionRequest, data)
+    state = app_state(request)
+    provider = state.providers.completion
+    params = body.to_params(state.settings.completion.max_decoding_tokens)
+    prompt, suffix = body.prompt_text(), body.suffix
+    if suffix and not provider.supports_suffix:
+        if provider.prompt_template is not None:
+            prompt = render_template(provider.prompt_template, prompt, suffix)
+        suffix = None
+    model = body.model or provider.info.model
+    created = int(time.time())
+    completion_id = f"cmpl-{uuid.uuid4()}"
+    timeout = state.settings.server.completion_timeout
+    pieces = with_timeout(
+        provider.stream_completion(CompletionCall(prompt, params, suffix or None)),
+        timeout,
+        provider.name,
+    )
+
+    def envelope(text: str, finish_reason: str | None) -> dict[str, object]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+
+    if body.stream:
+        return await stream_response(
+            pieces,
+            head=[],
+            chunk=lambda text: envelope(text, None),
+            tail=lambda count: envelope("", _finish_reason(count, params.max_tokens)),
+        )
+    text, count = await collect(pieces)
+    result = envelope(text, _finish_reason(count, params.max_tokens))
+    result["usage"] = {"prompt_tokens": 0, "completion_tokens": count, "total_tokens": count}
+    return JSONResponse(result)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    body = await read_model(request, ChatCompletionRequest)
+    state: AppState = app_state(request)
+    provider: ChatProvider = state.providers.chat
+    params = body.to_params(512)
+    model = body.model or provider.info.model
+    created = int(time.time())
+    completion_id = f"chatcmpl-{uuid.uuid4()}"
+    pieces = with_timeout(
+        provider.stream_chat(ChatCall(body.to_messages(), params)),
+        max(state.settings.server.completion_timeout, 120.0),
+        provider.name,
+    )
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, object]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+
+    if body.stream:
+        return await stream_response(
+            pieces,
+            head=[chunk({"role": "assistant", "content": ""}, None)],
+            chunk=lambda text: chunk({"content": text}, None),
+            tail=lambda count: chunk({}, _finish_reason(count, params.max_tokens)),
+        )
+    text, count = await collect(pieces)
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(count, params.max_tokens),
+                }
+            ],
+            "usage": {"prompt_tokens": 0, "completion_tokens": count, "total_tokens": count},
+        }
+    )
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> JSONResponse:
+    body = await read_model(request, EmbeddingRequest)
+    provider: EmbeddingProvider = app_state(request).providers.embedding
+    texts = body.texts()
+    vectors = await provider.embed(texts)
+    tokens = sum(len(text) // 4 + 1 for text in texts)
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                for i, v in enumerate(vectors)
+            ],
+            "model": body.model or provider.info.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, object]:
+    state = app_state(request)
+    seen: dict[str, dict[str, object]] = {}
+    for provider in state.providers.unique():
+        seen.setdefault(
+            provider.info.model,
+            {
+                "id": provider.info.model,
+                "object": "model",
+                "created": int(state.started_at),
+                "owned_by": "keel",
+            },
+        )
+    return {"object": "list", "data": list(seen.values())}

@@ -1,0 +1,28 @@
+"""What the routes need, built once in the app's lifespan and kept on ``app.state``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from keel.config import Paths, Settings
+from keel.events import EventStore
+from keel.pipeline.completion import CompletionService
+from keel.providers.catalog import Providers
+
+
+@dataclass(slots=True)
+class AppState:
+    settings: Settings
+    paths: Paths
+    providers: Providers
+    completion: CompletionService
+    events: EventStore
+    started_at: float = field(default_factory=time.time)
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.keel
+    return state

@@ -1,0 +1,166 @@
+"""The ``keel`` command: serve, config check, config sample, models.
+
+Exit codes (DESIGN.md): 0 ok, 1 runtime failure, 2 usage, 78 config error,
+69 missing dependency or unusable model, 75 port busy. Supervisors must not
+restart keel on 78, 69 or 75: those need a person.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from keel import __version__
+from keel.config import ROLES, HttpModelConfig, Paths, Settings, load_settings
+from keel.errors import KeelError, MissingDependency, PortBusy
+
+log = logging.getLogger("keel")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves: a busy port is an error, never another port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortBusy(
+                f"port {port} on {host} is already in use; stop whatever holds it "
+                f"(`ss -ltnp 'sport = :{port}'`) or set [server] port / --port"
+            ) from None
+        raise KeelError(f"cannot bind {host}:{port}: {exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _load(args: argparse.Namespace) -> tuple[Settings, Paths]:
+    paths = Paths.from_env()
+    config = Path(args.config) if getattr(args, "config", None) else None
+    return load_settings(config, paths), paths
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from keel.app import create_app
+    from keel.providers.catalog import build_providers
+
+    settings, paths = _load(args)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    paths.root.mkdir(parents=True, exist_ok=True)
+    providers = build_providers(settings, paths)  # unusable model files fail here, before binding
+    sock = _bind(host, port)
+    app = create_app(settings, paths, providers)
+    config = uvicorn.Config(
+        app, log_level="info", access_log=False, timeout_graceful_shutdown=10, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    log.info("keel %s serving on http://%s:%d", __version__, host, port)
+    asyncio.run(server.serve(sockets=[sock]))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    path = Path(args.path) if args.path else paths.config_file
+    settings = load_settings(path, paths) if path.exists() or args.path else Settings()
+    where = str(path) if path.exists() else f"{path} (absent: all defaults)"
+    print(f"ok: {where}")
+    for role in ROLES:
+        chain = settings.model.role(role).chain()
+        names = [p.kind if isinstance(p, HttpModelConfig) else f"local:{p.model_id}" for p in chain]
+        print(f"  {role}: {' -> '.join(names)}")
+    return 0
+
+
+def cmd_config_sample(_: argparse.Namespace) -> int:
+    from keel.sample_config import render_sample
+
+    sys.stdout.write(render_sample())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from keel.models.registry import list_model_files, resolve_model
+
+    settings, paths = _load(args)
+    print("configured:")
+    for role in ROLES:
+        for index, provider in enumerate(settings.model.role(role).chain()):
+            label = "primary" if index == 0 else f"fallback {index}"
+            if isinstance(provider, HttpModelConfig):
+                where = f"{provider.kind} {provider.api_endpoint or ''} {provider.model_name or ''}"
+            else:
+                try:
+                    where = f"local {provider.model_id} ({resolve_model(provider.model_id, paths)})"
+                except MissingDependency as exc:
+                    where = f"local {provider.model_id} (MISSING: {exc.message})"
+            print(f"  {role:<10} {label:<11} {where.strip()}")
+    print(f"on disk ({paths.models_dir}):")
+    files = list_model_files(paths)
+    for file in files:
+        tag = " [embedded]" if file.embedded else ""
+        print(f"  {file.name:<32} {file.size_bytes / 2**20:8.1f} MiB  {file.path}{tag}")
+    if not files:
+        print("  (none)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keel",
+        description="keel: a self-hosted AI coding-assistant server (Tabby- and OpenAI-compatible).",
+        epilog="Data root: $KEEL_ROOT or ~/.keel. Exit codes: 0 ok, 1 failure, 2 usage, "
+        "78 config error, 69 missing dependency, 75 port busy.",
+    )
+    parser.add_argument("--version", action="version", version=f"keel {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server", description="Run the server.")
+    serve.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8080); busy is an error")
+    serve.set_defaults(func=cmd_serve)
+
+    config = commands.add_parser("config", help="check or generate configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_commands.add_parser(
+        "check", help="validate a config file (exit 78 listing every error by key)"
+    )
+    check.add_argument("path", nargs="?", help="file to check (default: <data root>/config.toml)")
+    check.set_defaults(func=cmd_config_check)
+    sample = config_commands.add_parser("sample", help="print a sample config with every key")
+    sample.set_defaults(func=cmd_config_sample)
+
+    models = commands.add_parser("models", help="list configured models and model files on disk")
+    models.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeelError as exc:
+        print(f"keel: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

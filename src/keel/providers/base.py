@@ -1,0 +1,115 @@
+"""The one interface every model backend implements.
+
+A provider serves one or more roles. Completion and chat stream text pieces
+(``AsyncIterator[str]``); closing the iterator early (the client went away)
+must cancel the work upstream. Failures are raised as the ``Upstream*``
+classes of :mod:`keel.errors`, never as the transport's own exceptions, so
+the router can classify them without knowing the backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionCall:
+    """A raw completion: ``prompt`` is final, already templated and truncated.
+
+    ``suffix`` is set only for providers with native fill-in-the-middle
+    (``supports_suffix``); they receive the prefix as ``prompt``.
+    """
+
+    prompt: str
+    params: GenerationParams
+    suffix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCall:
+    messages: tuple[ChatMessage, ...]
+    params: GenerationParams
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderInfo:
+    """What a provider is, for /v1/health, /v1/models and `keel models`."""
+
+    name: str
+    kind: str
+    model: str
+    endpoint: str | None = None
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def estimate_tokens(text: str) -> int:
+    """Token count estimate for backends whose tokenizer keel cannot see.
+
+    Code averages a little over three bytes per token in BPE vocabularies;
+    erring high keeps prompts inside the backend's window.
+    """
+    return (len(text.encode("utf-8")) + 2) // 3
+
+
+class Provider(ABC):
+    info: ProviderInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin background work (a worker process); called once in the app's lifespan."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and processes."""
+
+    def status(self) -> dict[str, object]:
+        """A JSON-able snapshot of this provider's state."""
+        return {"state": "ok"}
+
+
+class CompletionProvider(Provider):
+    supports_suffix: bool = False
+    """True when the backend does fill-in-the-middle itself from ``prompt`` + ``suffix``."""
+
+    prompt_template: str | None = None
+    """FIM template (``{prefix}``/``{suffix}``) keel applies before sending, if any."""
+
+    stop_words: tuple[str, ...] = ()
+    """Provider-specific stop words (``additional_stop_words``)."""
+
+    max_input_length: int | None = None
+
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token counts of ``texts`` in this model's vocabulary (estimated by default)."""
+        return [estimate_tokens(text) for text in texts]
+
+    @abstractmethod
+    def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]: ...
+
+
+class ChatProvider(Provider):
+    @abstractmethod
+    def stream_chat(self, call: ChatCall) -> AsyncIterator[str]: ...
+
+
+class EmbeddingProvider(Provider):
+    @abstractmethod
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...

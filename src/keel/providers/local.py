@@ -1,0 +1,84 @@
+"""Local GGUF models, served by a supervised worker process.
+
+One :class:`LocalProvider` per worker; the same provider serves completion and
+chat when both roles name the same model. Embeddings need a context loaded
+for embeddings, so that role gets a worker of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+
+from keel.pipeline.prompt import template_for_model
+from keel.providers.base import (
+    ChatCall,
+    ChatProvider,
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    GenerationParams,
+    ProviderInfo,
+)
+from keel.workers.supervisor import WorkerSupervisor
+
+
+def _sampling(params: GenerationParams) -> dict[str, object]:
+    return {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "stop": list(params.stop),
+        "seed": params.seed,
+    }
+
+
+class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
+    kind = "local"
+
+    def __init__(
+        self,
+        supervisor: WorkerSupervisor,
+        *,
+        name: str,
+        model: str,
+        ready_timeout: float,
+        prompt_template: str | None = None,
+    ) -> None:
+        self.supervisor = supervisor
+        self.ready_timeout = ready_timeout
+        self.info = ProviderInfo(
+            name=name, kind="local", model=model, endpoint=None, details=asdict(supervisor.spec)
+        )
+        self.prompt_template = prompt_template or template_for_model(model)
+
+    async def start(self) -> None:
+        await self.supervisor.start()
+
+    async def aclose(self) -> None:
+        await self.supervisor.stop()
+
+    def status(self) -> dict[str, object]:
+        return self.supervisor.status()
+
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        reply = await self.supervisor.call(
+            {"op": "tokenize", "texts": list(texts)}, ready_timeout=self.ready_timeout
+        )
+        return [int(count) for count in reply["counts"]]
+
+    def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
+        op = {"op": "complete", "prompt": call.prompt, **_sampling(call.params)}
+        return self.supervisor.stream(op, ready_timeout=self.ready_timeout)
+
+    def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
+        messages = [{"role": m.role, "content": m.content} for m in call.messages]
+        op = {"op": "chat", "messages": messages, **_sampling(call.params)}
+        return self.supervisor.stream(op, ready_timeout=self.ready_timeout)
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        reply = await self.supervisor.call(
+            {"op": "embed", "texts": list(texts)}, ready_timeout=self.ready_timeout
+        )
+        return [[float(x) for x in vector] for vector in reply["embeddings"]]

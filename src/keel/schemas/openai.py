@@ -1,0 +1,139 @@
+"""Wire models of the OpenAI API subset keel serves.
+
+Request models own their conversion to internal calls (``to_params``), as in
+vLLM's serving layer; limits are checked here so that a bad value is a 400
+naming the field, before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from keel.providers.base import ChatMessage, GenerationParams
+
+MAX_TOKENS_LIMIT = 8192
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+StopField = str | list[str] | None
+
+
+def _stop_tuple(stop: StopField) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _check_stop(stop: StopField) -> StopField:
+    values = _stop_tuple(stop)
+    if len(values) > 16:
+        raise ValueError("at most 16 stop sequences")
+    if any(not value for value in values):
+        raise ValueError("stop sequences must not be empty")
+    return stop
+
+
+class CompletionRequest(_Wire):
+    model: str | None = None
+    prompt: str | list[str]
+    suffix: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stop: StopField = None
+    seed: int | None = None
+    user: str | None = None
+
+    _stop = field_validator("stop")(_check_stop)
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("send exactly one prompt (a string, or a list of one string)")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_params(self, default_max_tokens: int) -> GenerationParams:
+        return GenerationParams(
+            max_tokens=self.max_tokens or default_max_tokens,
+            temperature=self.temperature,
+            stop=_stop_tuple(self.stop),
+            seed=self.seed,
+        )
+
+
+class ContentPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Wire):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Wire):
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stop: StopField = None
+    seed: int | None = None
+    user: str | None = None
+
+    _stop = field_validator("stop")(_check_stop)
+
+    def to_messages(self) -> tuple[ChatMessage, ...]:
+        role_map = {"developer": "system"}
+        return tuple(ChatMessage(role_map.get(m.role, m.role), m.text()) for m in self.messages)
+
+    def to_params(self, default_max_tokens: int) -> GenerationParams:
+        return GenerationParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            temperature=self.temperature,
+            stop=_stop_tuple(self.stop),
+            seed=self.seed,
+        )
+
+
+class EmbeddingRequest(_Wire):
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("input must hold at least one string")
+        if len(texts) > 256:
+            raise ValueError("at most 256 inputs per request")
+        if any(not text for text in texts):
+            raise ValueError("inputs must not be empty strings")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -1,0 +1,111 @@
+"""Wire models of Tabby's server API, as Tabby's IDE clients send and read them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Declaration(_Wire):
+    filepath: str
+    body: str
+
+
+class ClientSnippet(_Wire):
+    filepath: str
+    body: str
+    score: float | None = None
+
+
+class Segments(_Wire):
+    prefix: str
+    suffix: str | None = None
+    filepath: str | None = None
+    git_url: str | None = None
+    declarations: list[Declaration] | None = None
+    relevant_snippets_from_changed_files: list[ClientSnippet] | None = None
+    relevant_snippets_from_recently_opened_files: list[ClientSnippet] | None = None
+    clipboard: str | None = None
+
+
+class DebugOptions(_Wire):
+    raw_prompt: str | None = None
+    return_snippets: bool = False
+    return_prompt: bool = False
+    disable_retrieval_augmented_code_completion: bool = False
+
+
+class TabbyCompletionRequest(_Wire):
+    language: str | None = Field(None, max_length=64)
+    segments: Segments | None = None
+    user: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    seed: int | None = None
+    mode: str | None = None
+    debug_options: DebugOptions | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    text: str
+
+
+class DebugSnippet(BaseModel):
+    filepath: str
+    body: str
+    score: float | None = None
+
+
+class DebugData(BaseModel):
+    snippets: list[DebugSnippet] | None = None
+    prompt: str | None = None
+
+
+class TabbyCompletionResponse(BaseModel):
+    id: str
+    choices: list[Choice]
+    debug_data: DebugData | None = None
+
+
+class LogEventRequest(_Wire):
+    type: Literal["view", "select", "dismiss"]
+    completion_id: str = Field(max_length=256)
+    choice_index: int = Field(ge=0)
+    view_id: str | None = Field(None, max_length=256)
+    elapsed: int | None = Field(None, ge=0)
+
+
+class Version(BaseModel):
+    build_date: str
+    build_timestamp: str
+    git_sha: str
+    git_describe: str
+
+
+class HealthModels(BaseModel):
+    completion: str | None = None
+    chat: str | None = None
+    embedding: str | None = None
+
+
+class HealthState(BaseModel):
+    model: str | None
+    chat_model: str | None = None
+    chat_device: str | None = None
+    device: str
+    arch: str
+    cpu_info: str
+    cpu_count: int
+    cuda_devices: list[str]
+    version: Version
+    models: HealthModels
+    webserver: bool | None = None
+
+
+class ServerSetting(BaseModel):
+    disable_client_side_telemetry: bool = False

@@ -1,0 +1,314 @@
+"""Start, watch, restart and give up on one worker process.
+
+The supervisor owns the worker's lifecycle and its pipe. Requests are
+multiplexed over the pipe by id; when the process dies every request in
+flight fails at once with :class:`WorkerCrashed` (nothing hangs), and the
+supervisor starts a new process after an exponential backoff. It gives up
+after ``start_limit`` starts within ``start_window`` seconds, and at once on
+an unfixable start error (the worker exits with 69: library or model file
+unusable), reporting the reason once instead of looping.
+
+Clock and sleep are parameters so that tests drive time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from keel.errors import KeelError, UpstreamStatusError, WorkerCrashed, WorkerUnavailable
+from keel.workers.worker import EXIT_UNUSABLE
+
+log = logging.getLogger("keel.worker")
+
+_PIPE_LIMIT = 64 * 1024 * 1024  # one line can carry a batch of embeddings
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    model_path: str
+    context_size: int = 2048
+    threads: int | None = None
+    gpu_layers: int = 0
+    embedding: bool = False
+
+    def command(self) -> list[str]:
+        argv = [sys.executable, "-m", "keel.workers.worker", "--model", self.model_path]
+        argv += ["--context-size", str(self.context_size), "--gpu-layers", str(self.gpu_layers)]
+        if self.threads:
+            argv += ["--threads", str(self.threads)]
+        if self.embedding:
+            argv.append("--embedding")
+        return argv
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    start_limit: int = 5
+    start_window: float = 300.0
+
+    def backoff(self, failures: int) -> float:
+        return float(min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)))
+
+
+@dataclass(slots=True)
+class _Pending:
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+
+class WorkerSupervisor:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        *,
+        name: str,
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.spec = spec
+        self.name = name
+        self.policy = policy or RestartPolicy()
+        self._clock = clock
+        self._sleep = sleep
+        self.state = WorkerState.STOPPED
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.pid: int | None = None
+        self.model_info: dict[str, Any] = {}
+        self._starts: deque[float] = deque()
+        self._process: asyncio.subprocess.Process | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"worker:{self.name}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._terminate()
+        self._set_state(WorkerState.STOPPED)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": str(self.state),
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "model": self.spec.model_path,
+        }
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until a worker is ready, or raise why none will be."""
+        deadline = self._clock() + timeout
+        while not self._ready.is_set():
+            if self.state is WorkerState.FAILED:
+                raise WorkerUnavailable(f"{self.name}: worker gave up: {self.last_error}")
+            if self.state is WorkerState.STOPPED:
+                raise WorkerUnavailable(f"{self.name}: worker is not running")
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise WorkerUnavailable(
+                    f"{self.name}: worker not ready after {timeout:.0f}s (state {self.state})",
+                    retry_after=5,
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _set_state(self, state: WorkerState) -> None:
+        self.state = state
+        if state is WorkerState.READY:
+            self._ready.set()
+        else:
+            self._ready.clear()
+        self._changed.set()
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            now = self._clock()
+            while self._starts and now - self._starts[0] > self.policy.start_window:
+                self._starts.popleft()
+            if len(self._starts) >= self.policy.start_limit:
+                self._give_up(
+                    f"crashed {len(self._starts)} times within {self.policy.start_window:.0f}s; "
+                    f"last error: {self.last_error}"
+                )
+                return
+            self._starts.append(now)
+            exit_code = await self._run_once()
+            self._fail_pending(exit_code)
+            if exit_code == EXIT_UNUSABLE:
+                self._give_up(self.last_error or "worker reported an unusable model or library")
+                return
+            if exit_code is not None and exit_code < 0 and -exit_code == signal.SIGKILL:
+                self.last_error = "worker was killed (SIGKILL; out of memory or killed by hand)"
+            else:
+                self.last_error = self.last_error or f"worker exited with code {exit_code}"
+            failures = failures + 1 if self.state is not WorkerState.READY else 1
+            self.restarts += 1
+            self._set_state(WorkerState.RESTARTING)
+            delay = self.policy.backoff(failures)
+            log.warning("%s: %s; restarting in %.1fs", self.name, self.last_error, delay)
+            await self._sleep(delay)
+
+    def _give_up(self, reason: str) -> None:
+        self.last_error = reason
+        self._set_state(WorkerState.FAILED)
+        log.error("%s: giving up on the worker: %s", self.name, reason)
+
+    async def _run_once(self) -> int | None:
+        self._set_state(WorkerState.STARTING)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.spec.command(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=_PIPE_LIMIT,
+            )
+        except OSError as exc:
+            self.last_error = f"cannot start worker: {exc}"
+            return None
+        self._process = process
+        self.pid = process.pid
+        assert process.stdout is not None
+        try:
+            async for raw in process.stdout:
+                self._dispatch(json.loads(raw))
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            self.last_error = f"worker sent an unreadable line: {exc}"
+            process.kill()
+        finally:
+            exit_code = await process.wait()
+            self._process = None
+        return exit_code
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("event") == "status":
+            state = message.get("state")
+            if state == "loading":
+                self._set_state(WorkerState.LOADING)
+            elif state == "ready":
+                self.model_info = {k: v for k, v in message.items() if k not in {"event", "state"}}
+                self.last_error = None
+                self._set_state(WorkerState.READY)
+                log.info("%s: worker ready (pid %s)", self.name, self.pid)
+            elif state == "error":
+                self.last_error = str(message.get("message"))
+            return
+        pending = self._pending.get(message.get("id", -1))
+        if pending is not None:
+            pending.queue.put_nowait(message)
+
+    def _fail_pending(self, exit_code: int | None) -> None:
+        for request_id, pending in list(self._pending.items()):
+            pending.queue.put_nowait(
+                {"id": request_id, "crashed": True, "error": f"exit code {exit_code}"}
+            )
+
+    async def _terminate(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 5)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    # requests ------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        process = self._process
+        if process is None or process.stdin is None:
+            raise WorkerCrashed("worker is not running", provider=self.name)
+        try:
+            process.stdin.write(json.dumps(message).encode() + b"\n")
+            await process.stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            raise WorkerCrashed(f"worker pipe closed: {exc}", provider=self.name) from exc
+
+    def _raise_for(self, message: dict[str, Any]) -> None:
+        if message.get("crashed"):
+            raise WorkerCrashed(
+                f"worker died during the request ({self.last_error or message['error']}); "
+                "it is being restarted, retry shortly",
+                provider=self.name,
+            )
+        if message.get("code") == "bad_request":
+            raise UpstreamStatusError(
+                str(message["error"]), provider=self.name, code="bad_request", upstream_status=400
+            )
+        raise KeelError(f"{self.name}: {message['error']}")
+
+    async def stream(self, op: dict[str, Any], *, ready_timeout: float) -> AsyncIterator[str]:
+        """Run a generating op; yields text pieces. Closing the iterator cancels it."""
+        await self.wait_ready(ready_timeout)
+        request_id = self._next_id = self._next_id + 1
+        pending = self._pending[request_id] = _Pending()
+        finished = False
+        try:
+            await self._send({**op, "id": request_id})
+            while True:
+                message = await pending.queue.get()
+                if "text" in message:
+                    yield message["text"]
+                elif message.get("done"):
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    self._raise_for(message)
+        finally:
+            del self._pending[request_id]
+            if not finished and self._process is not None:
+                with contextlib.suppress(KeelError):
+                    await self._send({"op": "cancel", "target": request_id})
+
+    async def call(self, op: dict[str, Any], *, ready_timeout: float) -> dict[str, Any]:
+        """Run a one-reply op (tokenize, embed)."""
+        await self.wait_ready(ready_timeout)
+        request_id = self._next_id = self._next_id + 1
+        pending = self._pending[request_id] = _Pending()
+        try:
+            await self._send({**op, "id": request_id})
+            message = await pending.queue.get()
+        finally:
+            del self._pending[request_id]
+        if "error" in message:
+            self._raise_for(message)
+        return message

@@ -1,0 +1,237 @@
+"""The worker: a child process that holds one llama.cpp model.
+
+Run as ``python -m keel.workers.worker --model PATH ...``. A native crash or an
+out-of-memory kill ends this process, never the server. The protocol is JSON
+lines: requests on stdin, replies on the original stdout (duplicated before
+fd 1 is pointed at stderr, so whatever llama.cpp prints cannot corrupt it).
+
+Requests carry an ``id`` and an ``op``:
+
+- ``complete`` {prompt, max_tokens, temperature, stop, seed}: streams
+  ``{"id", "text"}`` pieces, then ``{"id", "done": true, "finish_reason",
+  "prompt_tokens", "completion_tokens"}``.
+- ``chat`` {messages, max_tokens, temperature, stop, seed}: the same, with the
+  model's own chat template.
+- ``embed`` {texts}: ``{"id", "embeddings"}``.
+- ``tokenize`` {texts}: ``{"id", "counts"}``; answered at once, even while a
+  generation runs.
+- ``cancel`` {target}: the target generation stops after its current token and
+  ends with ``finish_reason: "cancelled"``.
+
+Any failure of one request is ``{"id", "error", "code"}``. Status lines
+(``{"event": "status", "state": "loading" | "ready" | "error"}``) report the
+lifecycle; a start error (library missing, bad model file) exits with 69 so
+the supervisor does not retry what cannot succeed. End of stdin ends the
+worker: it never outlives its server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from typing import IO, Any
+
+EXIT_UNUSABLE = 69
+
+
+class _Channel:
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, separators=(",", ":"))
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+class _Worker:
+    def __init__(self, llm: Any, channel: _Channel) -> None:
+        self.llm = llm
+        self.channel = channel
+        self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancelled: set[int] = set()
+        self.lock = threading.Lock()
+
+    def read_requests(self, stdin: IO[str]) -> None:
+        """Reader thread: answers cheap ops at once, queues generations."""
+        for line in stdin:
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            op = request.get("op")
+            if op == "cancel":
+                with self.lock:
+                    self.cancelled.add(int(request["target"]))
+            elif op == "tokenize":
+                self._guarded(request, self._tokenize)
+            else:
+                self.jobs.put(request)
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        handlers = {"complete": self._complete, "chat": self._chat, "embed": self._embed}
+        while (request := self.jobs.get()) is not None:
+            handler = handlers.get(request.get("op", ""))
+            if handler is None:
+                self.channel.send(
+                    {"id": request.get("id"), "error": "unknown op", "code": "bad_request"}
+                )
+                continue
+            self._guarded(request, handler)
+            with self.lock:
+                self.cancelled.discard(request["id"])
+
+    def _guarded(self, request: dict[str, Any], handler: Any) -> None:
+        try:
+            handler(request)
+        except ValueError as exc:  # llama-cpp-python's "exceeds context window" and bad input
+            self.channel.send({"id": request["id"], "error": str(exc), "code": "bad_request"})
+        except Exception as exc:  # one request failing must not end the worker
+            self.channel.send(
+                {"id": request["id"], "error": f"{type(exc).__name__}: {exc}", "code": "internal"}
+            )
+
+    def _is_cancelled(self, request_id: int) -> bool:
+        with self.lock:
+            return request_id in self.cancelled
+
+    def _tokenize(self, request: dict[str, Any]) -> None:
+        counts = [
+            len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            for text in request["texts"]
+        ]
+        self.channel.send({"id": request["id"], "counts": counts})
+
+    def _sampling(self, request: dict[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_tokens": int(request.get("max_tokens", 64)),
+            "stop": list(request.get("stop") or []),
+            "stream": True,
+        }
+        if request.get("temperature") is not None:
+            kwargs["temperature"] = float(request["temperature"])
+        if request.get("seed") is not None:
+            kwargs["seed"] = int(request["seed"])
+        return kwargs
+
+    def _stream(self, request: dict[str, Any], pieces: Iterator[tuple[str, str | None]]) -> None:
+        request_id = request["id"]
+        produced = 0
+        finish_reason: str | None = None
+        for text, reason in pieces:
+            if self._is_cancelled(request_id):
+                finish_reason = "cancelled"
+                break
+            if text:
+                produced += 1
+                self.channel.send({"id": request_id, "text": text})
+            if reason is not None:
+                finish_reason = reason
+        self.channel.send(
+            {
+                "id": request_id,
+                "done": True,
+                "finish_reason": finish_reason or "stop",
+                "completion_tokens": produced,
+            }
+        )
+
+    def _complete(self, request: dict[str, Any]) -> None:
+        chunks = self.llm.create_completion(request["prompt"], **self._sampling(request))
+
+        def pieces() -> Iterator[tuple[str, str | None]]:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                yield choice.get("text") or "", choice.get("finish_reason")
+
+        self._stream(request, pieces())
+
+    def _chat(self, request: dict[str, Any]) -> None:
+        chunks = self.llm.create_chat_completion(
+            messages=request["messages"], **self._sampling(request)
+        )
+
+        def pieces() -> Iterator[tuple[str, str | None]]:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                yield choice.get("delta", {}).get("content") or "", choice.get("finish_reason")
+
+        self._stream(request, pieces())
+
+    def _embed(self, request: dict[str, Any]) -> None:
+        result = self.llm.create_embedding(list(request["texts"]))
+        vectors = [item["embedding"] for item in result["data"]]
+        self.channel.send({"id": request["id"], "embeddings": vectors})
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="keel-worker", description=__doc__)
+    parser.add_argument("--model", required=True, help="path to a GGUF file")
+    parser.add_argument("--context-size", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument("--embedding", action="store_true", help="load for embeddings")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    channel = _Channel(os.fdopen(protocol_fd, "w", encoding="utf-8"))
+
+    def unusable(reason: str, message: str) -> int:
+        channel.send({"event": "status", "state": "error", "reason": reason, "message": message})
+        return EXIT_UNUSABLE
+
+    channel.send({"event": "status", "state": "loading", "pid": os.getpid()})
+    try:
+        import llama_cpp
+    except Exception as exc:  # ImportError, OSError from a broken shared library
+        return unusable("library", f"cannot load llama-cpp-python: {type(exc).__name__}: {exc}")
+    if not os.path.isfile(args.model):
+        return unusable("model_file", f"model file not found: {args.model}")
+    options: dict[str, Any] = {
+        "model_path": args.model,
+        "n_ctx": args.context_size,
+        "n_gpu_layers": args.gpu_layers,
+        "verbose": False,
+    }
+    if args.threads:
+        options["n_threads"] = args.threads
+    if args.embedding:
+        options["embedding"] = True
+        options["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    try:
+        llm = llama_cpp.Llama(**options)
+    except Exception as exc:
+        return unusable("model_file", f"cannot load model {args.model}: {exc}")
+    metadata = dict(getattr(llm, "metadata", {}) or {})
+    channel.send(
+        {
+            "event": "status",
+            "state": "ready",
+            "n_ctx": llm.n_ctx(),
+            "n_vocab": llm.n_vocab(),
+            "name": metadata.get("general.name"),
+            "architecture": metadata.get("general.architecture"),
+        }
+    )
+    worker = _Worker(llm, channel)
+    reader = threading.Thread(target=worker.read_requests, args=(sys.stdin,), daemon=True)
+    reader.start()
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

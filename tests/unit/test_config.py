@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keel.config import HttpModelConfig, LocalModelConfig, Paths, load_settings, parse_settings
+from keel.errors import ConfigError
+from keel.sample_config import render_sample
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TABBY_CONFIG = """
+[model.completion.http]
+kind = "llama.cpp/completion"
+api_endpoint = "http://localhost:8888"
+prompt_template = "<PRE> {prefix} <SUF>{suffix} <MID>"
+additional_stop_words = ["\\n\\n\\n"]
+rate_limit = { request_per_minute = 60 }
+
+[model.chat.http]
+kind = "openai/chat"
+model_name = "gpt-4o"
+api_endpoint = "https://api.openai.com/v1"
+api_key = "${OPENAI_KEY}"
+
+[model.embedding.local]
+model_id = "Nomic-Embed-Text"
+
+[[model.completion.fallback]]
+kind = "ollama/completion"
+api_endpoint = "http://127.0.0.1:11434"
+model_name = "qwen2.5-coder:1.5b"
+
+[[model.completion.fallback]]
+model_id = "SmolLM2-135M-Instruct"
+
+[server]
+completion_timeout = 10
+
+[completion]
+max_input_length = 1024
+max_decoding_tokens = 32
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_tabby_sections_parse_with_env_and_fallbacks(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, TABBY_CONFIG), Paths(tmp_path), {"OPENAI_KEY": "sk-1"})
+    completion = settings.model.completion
+    assert isinstance(completion.primary(), HttpModelConfig)
+    assert completion.primary().rate_limit.request_per_minute == 60  # type: ignore[union-attr]
+    chain = completion.chain()
+    assert [type(p) for p in chain] == [HttpModelConfig, HttpModelConfig, LocalModelConfig]
+    assert settings.model.chat.http is not None and settings.model.chat.http.api_key == "sk-1"
+    assert settings.model.embedding.primary() == LocalModelConfig(model_id="Nomic-Embed-Text")
+    assert settings.server.completion_timeout == 10
+    assert settings.completion.max_decoding_tokens == 32
+
+
+def test_no_file_means_embedded_everywhere(tmp_path: Path) -> None:
+    settings = load_settings(None, Paths(tmp_path))
+    for role in ("completion", "chat", "embedding"):
+        assert settings.model.role(role).primary() == LocalModelConfig()  # type: ignore[arg-type]
+
+
+def test_every_error_is_listed_by_key(tmp_path: Path) -> None:
+    text = """
+[model.completion.http]
+kind = "llama.cpp/completoin"
+api_endpoint = "localhost:8888"
+api_key = "${MISSING_KEY}"
+
+[server]
+port = 99999
+hostt = "0.0.0.0"
+
+[[model.chat.fallback]]
+kind = "openai/chat"
+api_endpoint = "ftp://x"
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), Paths(tmp_path), {})
+    rendered = str(caught.value)
+    keys = {issue.key for issue in caught.value.issues}
+    assert "model.completion.http.api_key" in keys  # the missing variable, named
+    assert "MISSING_KEY" in rendered
+    assert "server.port" in keys
+    assert "server.hostt" in keys
+    assert any(key.startswith("model.chat.fallback[0]") for key in keys)
+    assert "model.completion.http" in " ".join(keys)
+    assert str(tmp_path / "config.toml") in rendered
+
+
+def test_unknown_kind_for_role_is_named(tmp_path: Path) -> None:
+    text = '[model.completion.http]\nkind = "openai/chat"\napi_endpoint = "http://x"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), Paths(tmp_path), {})
+    assert caught.value.issues[0].key == "model.completion.http.kind"
+    assert "llama.cpp/completion" in caught.value.issues[0].message
+
+
+def test_both_local_and_http_is_an_error() -> None:
+    raw = {"model": {"chat": {"local": {}, "http": {"kind": "openai/chat"}}}}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "inline", {})
+    assert caught.value.issues[0].key == "model.chat"
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, "[server\nport=1"), Paths(tmp_path), {})
+    assert caught.value.exit_code == 78
+
+
+def test_keel_root_env() -> None:
+    assert Paths.from_env({"KEEL_ROOT": "/srv/keel"}).config_file == Path("/srv/keel/config.toml")
+
+
+def test_sample_config_in_repo_is_current_and_valid(tmp_path: Path) -> None:
+    sample = render_sample()
+    assert (ROOT / "config.sample.toml").read_text() == sample, "run `make sample-config`"
+    load_settings(write(tmp_path, sample), Paths(tmp_path), {})
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_config_check_exit_codes(tmp_path: Path) -> None:
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    good = write(tmp_path, TABBY_CONFIG.replace("${OPENAI_KEY}", "sk"))
+    ok = run_cli("config", "check", str(good), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "completion: llama.cpp/completion -> ollama/completion" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nport = "eighty"\n[completion]\nmax_decoding_tokens = 0\n')
+    failed = run_cli("config", "check", str(bad), env=env)
+    assert failed.returncode == 78
+    assert "server.port" in failed.stderr and "completion.max_decoding_tokens" in failed.stderr
+    assert "2 config errors" in failed.stderr
