@@ -1,0 +1,1 @@
+"""The code-completion pipeline: languages, prompt building, postprocessing."""

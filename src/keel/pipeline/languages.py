@@ -1,0 +1,329 @@
+"""Languages keel completes: comment syntax, top-level keywords, stop words.
+
+The table follows Tabby's ``crates/tabby-common/assets/languages.toml`` (same
+names, line comments and top-level keywords, so stop words match what Tabby
+users are used to) and adds the language ids editors actually send: VS Code /
+LSP ids (``typescriptreact``, ``shellscript``, ``csharp``...), common file
+extensions and a few languages Tabby does not list. Lookups are
+case-insensitive; ``plaintext`` and ``unknown`` map to :data:`UNKNOWN`.
+
+Deliberate differences from Tabby:
+
+- An id that is not in the table is an error (``RequestError``), not a silent
+  fallback: a typo in a client's language id should be visible, and the
+  message says to send ``unknown`` for text keel has no rules for.
+- A language without a line comment gets no comment stop word. Tabby pushes
+  ``"\\n" + ""`` for its unknown language, which turns every completion of
+  an unknown file into a single line.
+- Languages Tabby lists without a comment syntax (shell, SQL, Haskell, ...)
+  get their real line comment, so repository snippets can be shown to the
+  model as comments.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from keel.errors import RequestError
+
+
+@dataclass(frozen=True, slots=True)
+class Language:
+    """What the pipeline needs to know about a programming language.
+
+    ``line_comment`` is empty when the language has no line comment (CSS,
+    HTML, JSON); such languages get no snippet context. ``indentation_scoped``
+    marks languages whose blocks end by dedenting alone (Python, YAML): there
+    is no closing line that belongs to the block, which changes where
+    :func:`keel.pipeline.postprocess.limit_scope` cuts.
+    """
+
+    name: str
+    line_comment: str = ""
+    top_level_keywords: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    indentation_scoped: bool = False
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+UNKNOWN = Language("unknown", aliases=_words("plaintext text txt plain"))
+
+_LANGUAGES: tuple[Language, ...] = (
+    UNKNOWN,
+    Language("python", "#", _words("def from class import"), _words("py python3"), True),
+    Language(
+        "rust",
+        "//",
+        _words("fn trait impl enum pub extern static unsafe use"),
+        _words("rs"),
+    ),
+    Language(
+        "java",
+        "//",
+        _words(
+            "abstract public private class const exports extends implements static import "
+            "interface module package var enum return"
+        ),
+    ),
+    Language(
+        "kotlin",
+        "//",
+        _words(
+            "abstract public private companion class data const actual expect sealed "
+            "suspend fun import interface package var val enum"
+        ),
+        _words("kt kts"),
+    ),
+    Language(
+        "javascript-typescript",
+        "//",
+        _words(
+            "abstract async class const export function interface module package type var enum let"
+        ),
+        _words(
+            "javascript typescript javascriptreact typescriptreact js ts jsx tsx mjs cjs mts cts"
+        ),
+    ),
+    Language(
+        "go",
+        "//",
+        _words("func interface struct package type import var const"),
+        _words("golang"),
+    ),
+    Language(
+        "ruby",
+        "#",
+        _words("begin class def end ensure include module require rescue self"),
+        _words("rb"),
+    ),
+    Language(
+        "c",
+        "//",
+        _words("const enum extern inline register static struct typedef union volatile"),
+        _words("h objective-c objc"),
+    ),
+    Language(
+        "cpp",
+        "//",
+        _words(
+            "auto class const concept enum extern inline namespace register static struct "
+            "template typedef union volatile"
+        ),
+        _words("c++ cc cxx hpp cuda-cpp cuda objective-cpp"),
+    ),
+    Language(
+        "csharp",
+        "//",
+        _words(
+            "class struct enum interface abstract static extern namespace using var dynamic async"
+        ),
+        _words("c# cs"),
+    ),
+    Language(
+        "php",
+        "//",
+        _words(
+            "abstract class const declare extends final finally function global implements "
+            "include_once include interface namespace private protected public require_once "
+            "require static trait use"
+        ),
+    ),
+    Language(
+        "solidity",
+        "//",
+        _words("contract interface error library struct enum function type"),
+        _words("sol"),
+    ),
+    Language(
+        "dart",
+        "//",
+        _words(
+            "abstract class late var final const export interface type enum int String double "
+            "DateTime typedef"
+        ),
+    ),
+    Language(
+        "elixir",
+        "#",
+        _words(
+            "def defp defmacro defmacrop module use import alias require if unless case cond "
+            "with try catch throw receive after do end"
+        ),
+        _words("ex exs"),
+    ),
+    Language("r", "#", _words("function library install.packages")),
+    Language(
+        "lua",
+        "--",
+        _words(
+            "and break do else elseif end false for function if in local nil not or repeat "
+            "return then true until while"
+        ),
+    ),
+    Language(
+        "scala",
+        "//",
+        _words(
+            "abstract case class def do else enum extends final for given if implicit import "
+            "lazy match new object override package private protected return sealed then "
+            "throw trait try type val var while with yield"
+        ),
+        _words("sbt"),
+    ),
+    Language(
+        "perl",
+        "#",
+        _words(
+            "package use require no sub my our local BEGIN END given when foreach for while "
+            "if elsif else"
+        ),
+        _words("pl pm perl6 raku"),
+    ),
+    Language(
+        "gdscript",
+        "#",
+        _words("var const enum func class class_name extends"),
+        _words("gd"),
+        True,
+    ),
+    Language("swift", "//", _words("class enum extension func import protocol struct typealias")),
+    Language("zig", "//", _words("const fn pub test var")),
+    Language("ocaml", "", (), _words("ml")),
+    Language("haskell", "--", (), _words("hs")),
+    Language("julia", "#", (), _words("jl")),
+    Language("shellscript", "#", (), _words("bash sh zsh shell fish")),
+    Language("powershell", "#", (), _words("ps1 pwsh")),
+    Language("sql", "--", (), _words("mysql postgres pgsql plsql sqlite")),
+    Language("dockerfile", "#", (), _words("docker containerfile")),
+    Language("makefile", "#", (), _words("make")),
+    Language("cmake", "#"),
+    Language("nix", "#"),
+    Language("toml", "#"),
+    Language("yaml", "#", (), _words("yml docker-compose github-actions-workflow"), True),
+    Language("hcl", "#", (), _words("terraform tf")),
+    Language("graphql", "#", (), _words("gql")),
+    Language("proto", "//", (), _words("proto3 protobuf")),
+    Language("groovy", "//", (), _words("gradle jenkinsfile")),
+    Language("fsharp", "//", (), _words("f# fs")),
+    Language("clojure", ";", (), _words("clj")),
+    Language("erlang", "%", (), _words("erl")),
+    Language("tex", "%", (), _words("latex bibtex")),
+    Language("vb", "'", (), _words("vba vbnet")),
+    Language("verilog", "//", (), _words("systemverilog")),
+    Language("jsonc", "//", (), _words("json5")),
+    Language("scss", "//", (), _words("less sass")),
+    Language("json"),
+    Language("css"),
+    Language("html", "", (), _words("htm xhtml")),
+    Language("xml", "", (), _words("xsl svg")),
+    Language("markdown", "", (), _words("md mdx")),
+    Language("vue"),
+    Language("svelte"),
+)
+
+_BY_ID: dict[str, Language] = {
+    language_id.lower(): language
+    for language in _LANGUAGES
+    for language_id in (language.name, *language.aliases)
+}
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9\-_+.#]{1,64}")
+
+_SUGGESTED_IDS = ("python", "typescript", "javascript", "go", "rust", "java", "cpp", "unknown")
+
+TABBY_DEFAULT_STOP_WORDS: tuple[str, ...] = (
+    "\n\n",
+    "\n\n  ",
+    "\n\n    ",
+    "\n\n      ",
+    "\n\n        ",
+    "\n\n          ",
+    "\n\n            ",
+    "\n\n              ",
+    "\n\n\t",
+    "\n\n\t\t",
+    "\n\n\t\t\t",
+    "\n\n\t\t\t\t",
+    "\n\n\t\t\t\t\t",
+    "\n\n\t\t\t\t\t\t",
+    "\n\n\t\t\t\t\t\t\t",
+)
+"""Tabby's language-independent stop words: a blank line ends a completion."""
+
+FIM_MARKER_STOP_WORDS: tuple[str, ...] = (
+    "<fim_prefix>",
+    "<fim_suffix>",
+    "<fim_middle>",
+    "<file_sep>",
+    " <EOT>",
+    "<|fim_prefix|>",
+    "<|fim_suffix|>",
+    "<|fim_middle|>",
+    "<|file_separator|>",
+    "<|file_sep|>",
+    "<|endoftext|>",
+    "<｜fim▁begin｜>",
+    "<｜fim▁hole｜>",
+    "<｜fim▁end｜>",
+    "[PREFIX]",
+    "[SUFFIX]",
+)
+"""Template markers a model may print as text; Tabby stops on its families' markers too."""
+
+
+def get_language(language_id: str) -> Language:
+    """The language for an editor's language id or a Tabby language name.
+
+    Raises :class:`~keel.errors.RequestError` (``param="language"``) for an
+    id that is malformed or not in the table; the message names the problem
+    and what to send instead.
+    """
+    if not _ID_PATTERN.fullmatch(language_id):
+        shown = language_id[:64] + ("..." if len(language_id) > 64 else "")
+        raise RequestError(
+            f"language must be 1-64 characters of letters, digits and '-_+.#' "
+            f"(got {shown!r}); send the editor's language id, e.g. "
+            f"{_format_ids(_SUGGESTED_IDS)}, or 'unknown' for plain text",
+            param="language",
+        )
+    language = _BY_ID.get(language_id.lower())
+    if language is None:
+        raise RequestError(
+            f"unknown language {language_id!r}; send one of the {len(_BY_ID)} known "
+            f"language ids, e.g. {_format_ids(_SUGGESTED_IDS)}, or 'unknown' to complete "
+            f"it without language rules",
+            param="language",
+        )
+    return language
+
+
+def known_language_ids() -> list[str]:
+    """Every id :func:`get_language` accepts (lower case), sorted."""
+    return sorted(_BY_ID)
+
+
+def stop_words(language: Language, additional: Sequence[str] = ()) -> list[str]:
+    """Stop words for a completion in ``language``, without duplicates.
+
+    Tabby's definition: the default blank-line stop words, then
+    ``"\\n" + line_comment`` and ``"\\n" + keyword`` for each top-level
+    keyword (code at column 0 starts the next top-level item, which the user
+    did not ask for), then ``additional`` (from the model's config). FIM
+    markers of the families keel knows are included, as Tabby does, so a
+    model that prints its own markers as text stops there.
+    """
+    words: list[str] = [*TABBY_DEFAULT_STOP_WORDS, *FIM_MARKER_STOP_WORDS]
+    if language.line_comment:
+        words.append("\n" + language.line_comment)
+    words.extend("\n" + keyword for keyword in language.top_level_keywords)
+    words.extend(word for word in additional if word)
+    return list(dict.fromkeys(words))
+
+
+def _format_ids(ids: Sequence[str]) -> str:
+    return ", ".join(f"'{language_id}'" for language_id in ids)
