@@ -1,0 +1,155 @@
+"""Build the provider for a ``[model.<role>.http]`` table, one adapter per kind.
+
+Where each kind sends its requests (``{endpoint}`` is ``api_endpoint``)::
+
+    openai/completion                POST {endpoint}/completions        prompt + suffix
+    openai/legacy_completion_no_fim  POST {endpoint}/completions        templated prompt
+    vllm/completion                  POST {endpoint}/completions        templated prompt
+    llama.cpp/completion             POST {endpoint}/completion         templated prompt
+    ollama/completion                POST {endpoint}/api/generate       templated prompt, raw
+    mistral/completion               POST {endpoint}/v1/fim/completions prompt + suffix
+    openai/chat, mistral/chat        POST {endpoint}/chat/completions
+    openai/embedding, voyage/embedding POST {endpoint}/embeddings      {input, model}
+    llama.cpp/embedding              POST {endpoint}/embeddings         {content}
+    ollama/embedding                 POST {endpoint}/api/embed          {model, input}
+
+OpenAI-style endpoints include the version (``.../v1``), as in Tabby's config.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from keel.config import KINDS_BY_ROLE, HttpModelConfig, Role
+from keel.errors import ConfigError, ConfigIssue
+from keel.providers.base import Provider, ProviderInfo
+from keel.providers.http_base import HttpUpstream, RateLimiter
+from keel.providers.http_llamacpp import LlamaCppCompletionProvider, LlamaCppEmbeddingProvider
+from keel.providers.http_mistral import MistralFimProvider
+from keel.providers.http_ollama import OllamaCompletionProvider, OllamaEmbeddingProvider
+from keel.providers.http_openai import (
+    OPENAI_STOP_LIMIT,
+    OpenAIChatProvider,
+    OpenAICompletionProvider,
+    OpenAIEmbeddingProvider,
+)
+
+DEFAULT_ENDPOINTS = {
+    "mistral/completion": "https://api.mistral.ai",
+    "mistral/chat": "https://api.mistral.ai/v1",
+    "voyage/embedding": "https://api.voyageai.com/v1",
+    "ollama/completion": "http://127.0.0.1:11434",
+    "ollama/embedding": "http://127.0.0.1:11434",
+}
+"""Kinds whose backend has a well-known address; the others need ``api_endpoint``."""
+
+DEFAULT_MODELS = {
+    "mistral/completion": "codestral-latest",
+    "mistral/chat": "codestral-latest",
+    "voyage/embedding": "voyage-code-3",
+}
+
+MODEL_REQUIRED = frozenset({"ollama/completion", "ollama/embedding"})
+"""Kinds whose API refuses a request without ``model``; the others use the served model."""
+
+
+def build_http_provider(
+    role: Role,
+    config: HttpModelConfig,
+    *,
+    name: str,
+    timeout: float,
+    client: httpx.AsyncClient | None = None,
+) -> Provider:
+    """The provider for ``config`` in ``role``.
+
+    ``timeout`` bounds each read (so also the wait for the first token),
+    write and pool wait; connecting has 5 s. A passed ``client`` is shared and
+    not closed by the provider; otherwise the provider owns one and closes it
+    in ``aclose()``. Raises :class:`ConfigError` for a kind that does not
+    serve ``role`` or a missing ``api_endpoint`` / ``model_name``.
+    """
+    kind = config.kind
+    source = f"provider {name!r}"
+    if kind not in KINDS_BY_ROLE[role]:
+        raise ConfigError(
+            source,
+            [
+                ConfigIssue(
+                    "kind",
+                    f"not a {role} kind; use one of {', '.join(KINDS_BY_ROLE[role])}",
+                    kind,
+                )
+            ],
+        )
+    endpoint = config.api_endpoint or DEFAULT_ENDPOINTS.get(kind)
+    if endpoint is None:
+        raise ConfigError(source, [ConfigIssue("api_endpoint", f"required for kind {kind}")])
+    model = config.model_name or DEFAULT_MODELS.get(kind)
+    if model is None and kind in MODEL_REQUIRED:
+        raise ConfigError(source, [ConfigIssue("model_name", f"required for kind {kind}")])
+
+    upstream = HttpUpstream(
+        provider=name,
+        endpoint=endpoint,
+        api_key=config.api_key,
+        timeout=timeout,
+        rate_limiter=RateLimiter(config.rate_limit.request_per_minute),
+        client=client,
+    )
+    info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=endpoint)
+    stop_words = tuple(config.additional_stop_words)
+    max_input_length = config.max_input_length
+
+    match kind:
+        case "openai/completion" | "openai/legacy_completion_no_fim" | "vllm/completion":
+            native_fim = kind == "openai/completion"
+            return OpenAICompletionProvider(
+                upstream,
+                info,
+                model=model,
+                native_fim=native_fim,
+                prompt_template=None if native_fim else config.prompt_template,
+                stop_words=stop_words,
+                max_input_length=max_input_length,
+                stop_limit=OPENAI_STOP_LIMIT if kind.startswith("openai/") else None,
+            )
+        case "llama.cpp/completion":
+            return LlamaCppCompletionProvider(
+                upstream,
+                info,
+                prompt_template=config.prompt_template,
+                stop_words=stop_words,
+                max_input_length=max_input_length,
+            )
+        case "ollama/completion":
+            assert model is not None
+            return OllamaCompletionProvider(
+                upstream,
+                info,
+                model=model,
+                prompt_template=config.prompt_template,
+                stop_words=stop_words,
+                max_input_length=max_input_length,
+            )
+        case "mistral/completion":
+            assert model is not None
+            return MistralFimProvider(
+                upstream,
+                info,
+                model=model,
+                stop_words=stop_words,
+                max_input_length=max_input_length,
+            )
+        case "openai/chat":
+            return OpenAIChatProvider(upstream, info, model=model, stop_limit=OPENAI_STOP_LIMIT)
+        case "mistral/chat":
+            return OpenAIChatProvider(upstream, info, model=model, seed_field="random_seed")
+        case "openai/embedding" | "voyage/embedding":
+            return OpenAIEmbeddingProvider(upstream, info, model=model)
+        case "llama.cpp/embedding":
+            return LlamaCppEmbeddingProvider(upstream, info)
+        case "ollama/embedding":
+            assert model is not None
+            return OllamaEmbeddingProvider(upstream, info, model=model)
+    raise AssertionError(f"kind {kind!r} is listed in KINDS_BY_ROLE but has no adapter")

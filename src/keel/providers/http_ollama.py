@@ -1,0 +1,104 @@
+"""Ollama's native API.
+
+``api_endpoint`` is the server root (``http://127.0.0.1:11434``). Completion is
+``POST /api/generate`` with ``raw: true`` (keel has templated the prompt, Ollama
+must not wrap it again); the answer is NDJSON, ``{"response", "done"}`` per
+line, the last with ``done: true``. Embedding is ``POST /api/embed`` with
+``{"model", "input": [...]}`` answering ``{"embeddings": [[...]]}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+
+from keel.errors import UpstreamProtocolError
+from keel.providers.base import (
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    ProviderInfo,
+)
+from keel.providers.http_base import HttpBacked, HttpUpstream, JsonObject, generation_fields
+from keel.providers.http_openai import text_field, vector_of
+
+
+class OllamaCompletionProvider(HttpBacked, CompletionProvider):
+    """``ollama/completion``: keel applies ``prompt_template``; no native suffix."""
+
+    supports_suffix = False
+
+    def __init__(
+        self,
+        upstream: HttpUpstream,
+        info: ProviderInfo,
+        *,
+        model: str,
+        prompt_template: str | None = None,
+        stop_words: tuple[str, ...] = (),
+        max_input_length: int | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.info = info
+        self.model = model
+        self.prompt_template = prompt_template
+        self.stop_words = stop_words
+        self.max_input_length = max_input_length
+
+    def request_body(self, call: CompletionCall) -> JsonObject:
+        params = call.params
+        options: JsonObject = {"num_predict": params.max_tokens}
+        options.update(
+            generation_fields(temperature=params.temperature, stop=params.stop, seed=params.seed)
+        )
+        if self.max_input_length is not None:
+            # Ollama silently cuts prompts longer than its context (2048 by
+            # default), which would drop a FIM template's head. A constant
+            # value, so Ollama does not reload the model between requests.
+            options["num_ctx"] = self.max_input_length
+        return {
+            "model": self.model,
+            "prompt": call.prompt,
+            "raw": True,
+            "stream": True,
+            "options": options,
+        }
+
+    async def stream_completion(self, call: CompletionCall) -> AsyncGenerator[str, None]:
+        provider = self.upstream.provider
+        payloads = self.upstream.ndjson_payloads("/api/generate", self.request_body(call))
+        async with aclosing(payloads):
+            async for payload in payloads:
+                text = text_field(payload, "response", provider)
+                if text:
+                    yield text
+                if payload.get("done") is True:
+                    return
+        raise UpstreamProtocolError("stream ended before 'done: true'", provider=provider)
+
+
+class OllamaEmbeddingProvider(HttpBacked, EmbeddingProvider):
+    """``ollama/embedding``: one ``/api/embed`` request for the whole batch."""
+
+    def __init__(self, upstream: HttpUpstream, info: ProviderInfo, *, model: str) -> None:
+        self.upstream = upstream
+        self.info = info
+        self.model = model
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        provider = self.upstream.provider
+        payload = await self.upstream.post_json(
+            "/api/embed", {"model": self.model, "input": list(texts)}
+        )
+        embeddings = payload.get("embeddings") if isinstance(payload, dict) else None
+        if not isinstance(embeddings, list):
+            raise UpstreamProtocolError(
+                "embedding response has no 'embeddings' list", provider=provider
+            )
+        if len(embeddings) != len(texts):
+            raise UpstreamProtocolError(
+                f"asked for {len(texts)} embeddings, got {len(embeddings)}", provider=provider
+            )
+        return [vector_of(vector, provider) for vector in embeddings]

@@ -1,0 +1,208 @@
+"""OpenAI-compatible backends: OpenAI, vLLM, Mistral chat, Voyage embeddings.
+
+``api_endpoint`` already ends in the API version (``https://api.openai.com/v1``,
+``http://vllm:8000/v1``); keel appends ``/completions``, ``/chat/completions``
+or ``/embeddings`` to it, as Tabby does. Streams are SSE ending in
+``data: [DONE]``; a chunk whose choice has a ``finish_reason`` ends it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from keel.errors import UpstreamProtocolError
+from keel.providers.base import (
+    ChatCall,
+    ChatProvider,
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    GenerationParams,
+    ProviderInfo,
+)
+from keel.providers.http_base import HttpBacked, HttpUpstream, JsonObject, generation_fields
+
+OPENAI_STOP_LIMIT = 4
+"""OpenAI's API refuses more than four stop sequences; keel stops on the rest itself."""
+
+
+def first_choice(payload: JsonObject, provider: str) -> JsonObject | None:
+    """The first choice of a chunk; ``None`` for chunks without one (usage-only)."""
+    choices = payload.get("choices")
+    if choices is None or choices == []:
+        return None
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise UpstreamProtocolError(
+            f"unexpected 'choices' in chunk: {choices!r}", provider=provider
+        )
+    choice: JsonObject = choices[0]
+    return choice
+
+
+def text_field(container: JsonObject, key: str, provider: str) -> str:
+    value = container.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UpstreamProtocolError(f"expected text in {key!r}, got {value!r}", provider=provider)
+    return value
+
+
+def sampling_body(
+    params: GenerationParams, *, stop_limit: int | None, seed_field: str = "seed"
+) -> JsonObject:
+    """``max_tokens``, the set sampling fields and ``stream: true``."""
+    stop = params.stop[:stop_limit] if stop_limit is not None else params.stop
+    body: JsonObject = {"max_tokens": params.max_tokens}
+    body.update(
+        generation_fields(
+            temperature=params.temperature, stop=stop, seed=params.seed, seed_field=seed_field
+        )
+    )
+    body["stream"] = True
+    return body
+
+
+async def stream_choice_text(
+    upstream: HttpUpstream, path: str, body: JsonObject, read: str
+) -> AsyncGenerator[str, None]:
+    """Text pieces of a chunked OpenAI-style stream.
+
+    ``read`` names where the text is: ``"text"`` (legacy completions) or
+    ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``).
+    """
+    provider = upstream.provider
+    async with aclosing(upstream.sse_payloads(path, body)) as payloads:
+        async for payload in payloads:
+            choice = first_choice(payload, provider)
+            if choice is None:
+                continue
+            if read == "delta":
+                delta = choice.get("delta") or {}
+                if not isinstance(delta, dict):
+                    raise UpstreamProtocolError(f"unexpected delta {delta!r}", provider=provider)
+                text = text_field(delta, "content", provider)
+            else:
+                text = text_field(choice, "text", provider)
+            if text:
+                yield text
+            if choice.get("finish_reason") is not None:
+                return
+
+
+class OpenAICompletionProvider(HttpBacked, CompletionProvider):
+    """``POST {endpoint}/completions``: ``openai/completion`` (native FIM through
+    ``suffix``), ``openai/legacy_completion_no_fim`` and ``vllm/completion``
+    (keel templates the prompt, no suffix is sent)."""
+
+    def __init__(
+        self,
+        upstream: HttpUpstream,
+        info: ProviderInfo,
+        *,
+        model: str | None,
+        native_fim: bool,
+        prompt_template: str | None = None,
+        stop_words: tuple[str, ...] = (),
+        max_input_length: int | None = None,
+        stop_limit: int | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.info = info
+        self.model = model
+        self.supports_suffix = native_fim
+        self.prompt_template = prompt_template
+        self.stop_words = stop_words
+        self.max_input_length = max_input_length
+        self.stop_limit = stop_limit
+
+    def request_body(self, call: CompletionCall) -> JsonObject:
+        body: JsonObject = {} if self.model is None else {"model": self.model}
+        body["prompt"] = call.prompt
+        if self.supports_suffix and call.suffix:
+            body["suffix"] = call.suffix
+        body.update(sampling_body(call.params, stop_limit=self.stop_limit))
+        return body
+
+    def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
+        return stream_choice_text(self.upstream, "/completions", self.request_body(call), "text")
+
+
+class OpenAIChatProvider(HttpBacked, ChatProvider):
+    """``POST {endpoint}/chat/completions``: ``openai/chat`` and ``mistral/chat``."""
+
+    def __init__(
+        self,
+        upstream: HttpUpstream,
+        info: ProviderInfo,
+        *,
+        model: str | None,
+        seed_field: str = "seed",
+        stop_limit: int | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.info = info
+        self.model = model
+        self.seed_field = seed_field
+        self.stop_limit = stop_limit
+
+    def request_body(self, call: ChatCall) -> JsonObject:
+        body: JsonObject = {} if self.model is None else {"model": self.model}
+        body["messages"] = [{"role": m.role, "content": m.content} for m in call.messages]
+        body.update(
+            sampling_body(call.params, stop_limit=self.stop_limit, seed_field=self.seed_field)
+        )
+        return body
+
+    def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
+        return stream_choice_text(
+            self.upstream, "/chat/completions", self.request_body(call), "delta"
+        )
+
+
+def embeddings_from_data(payload: Any, count: int, provider: str) -> list[list[float]]:
+    """``{"data": [{"index", "embedding"}]}`` in input order, checked against ``count``."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise UpstreamProtocolError("embedding response has no 'data' list", provider=provider)
+    ordered = sorted(data, key=lambda item: item.get("index", 0) if isinstance(item, dict) else 0)
+    vectors = [
+        vector_of(item.get("embedding") if isinstance(item, dict) else None, provider)
+        for item in ordered
+    ]
+    if len(vectors) != count:
+        raise UpstreamProtocolError(
+            f"asked for {count} embeddings, got {len(vectors)}", provider=provider
+        )
+    return vectors
+
+
+def vector_of(value: object, provider: str) -> list[float]:
+    if not isinstance(value, list) or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in value
+    ):
+        raise UpstreamProtocolError(
+            f"embedding is not a list of numbers: {str(value)[:100]}", provider=provider
+        )
+    return [float(x) for x in value]
+
+
+class OpenAIEmbeddingProvider(HttpBacked, EmbeddingProvider):
+    """``POST {endpoint}/embeddings`` with ``{input, model}``: ``openai/embedding``
+    and ``voyage/embedding`` (Voyage answers in OpenAI's shape)."""
+
+    def __init__(self, upstream: HttpUpstream, info: ProviderInfo, *, model: str | None) -> None:
+        self.upstream = upstream
+        self.info = info
+        self.model = model
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        body: JsonObject = {"input": list(texts)}
+        if self.model is not None:
+            body["model"] = self.model
+        payload = await self.upstream.post_json("/embeddings", body)
+        return embeddings_from_data(payload, len(texts), self.upstream.provider)

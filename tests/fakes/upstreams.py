@@ -1,0 +1,562 @@
+"""A fake model backend on a real loopback socket, with switchable faults.
+
+:class:`FakeUpstream` is a small HTTP/1.1 server (``asyncio.start_server`` in
+a thread of its own, so it serves sync and async tests alike and outlives any
+one event loop) that speaks the protocols keel's HTTP providers use::
+
+    POST .../chat/completions   OpenAI / Mistral chat   SSE, choices[0].delta.content, [DONE]
+    POST .../fim/completions    Mistral FIM             SSE, like chat
+    POST .../completions        OpenAI / vLLM           SSE, choices[0].text, [DONE]
+    POST .../completion         llama.cpp               SSE, {"content", "stop"}
+    POST .../api/generate       Ollama                  NDJSON, {"response", "done"}
+    POST .../api/embed          Ollama                  {"embeddings": [[...]]}
+    POST .../embeddings         OpenAI / Voyage ({"input"}) or llama.cpp ({"content"})
+    GET  .../health, .../models, .../api/tags
+
+It writes every request down (:attr:`FakeUpstream.requests`) and behaves as
+told by :meth:`FakeUpstream.behave`, for all requests or for the next few::
+
+    upstream.behave(Behaviour.error(429, {"error": {"message": "slow down"}}, retry_after="7"))
+    upstream.behave(Behaviour.cut(after=2), times=1)   # then back to normal
+
+Streams are sent with chunked encoding and ``Connection: close``. The server
+also notices when a client goes away mid-stream (:attr:`disconnects`), which
+is how tests check that keel cancels upstream work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal[
+    "normal",
+    "status",
+    "hang",
+    "slow_first_token",
+    "cut",
+    "malformed_json",
+    "broken_sse",
+    "reset",
+    "disconnect",
+    "stream_error",
+]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What the fake does with one request.
+
+    - ``normal``: answer in the protocol of the path.
+    - ``status``: answer ``status`` with ``body`` (dict as JSON, str as text)
+      and ``Retry-After: retry_after`` when set.
+    - ``hang``: read the request, then send nothing until the client leaves.
+    - ``slow_first_token``: send the headers, wait ``delay`` s, then stream.
+      (Non-streaming answers wait before the headers.)
+    - ``cut``: send ``after`` stream frames, then close without ending the body.
+    - ``malformed_json``: the first frame (or the JSON body) is not valid JSON.
+    - ``broken_sse``: a 200 whose body is not an event stream (an HTML page).
+    - ``reset``: read the request, then reset the connection (TCP RST).
+    - ``disconnect``: read the request, then close without any answer.
+    - ``stream_error``: a 200 stream that sends ``after`` frames, then an error
+      object with ``body`` as its message, in the protocol's own way (OpenAI:
+      ``data: {"error": {...}}``, llama.cpp: ``error: {...}``, Ollama:
+      ``{"error": "..."}``), then ends the body.
+    """
+
+    mode: Mode = "normal"
+    status: int = 500
+    body: object = None
+    retry_after: str | None = None
+    delay: float = 0.0
+    after: int = 1
+
+    @classmethod
+    def normal(cls) -> Behaviour:
+        return cls()
+
+    @classmethod
+    def error(
+        cls, status: int, body: object = None, *, retry_after: str | None = None
+    ) -> Behaviour:
+        return cls("status", status=status, body=body, retry_after=retry_after)
+
+    @classmethod
+    def hang(cls) -> Behaviour:
+        return cls("hang")
+
+    @classmethod
+    def slow_first_token(cls, delay: float) -> Behaviour:
+        return cls("slow_first_token", delay=delay)
+
+    @classmethod
+    def cut(cls, after: int = 1) -> Behaviour:
+        return cls("cut", after=after)
+
+    @classmethod
+    def malformed_json(cls) -> Behaviour:
+        return cls("malformed_json")
+
+    @classmethod
+    def broken_sse(cls) -> Behaviour:
+        return cls("broken_sse")
+
+    @classmethod
+    def reset(cls) -> Behaviour:
+        return cls("reset")
+
+    @classmethod
+    def disconnect(cls) -> Behaviour:
+        return cls("disconnect")
+
+    @classmethod
+    def stream_error(cls, message: str, *, after: int = 1, status: int = 500) -> Behaviour:
+        return cls("stream_error", status=status, body=message, after=after)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Lower-cased header names."""
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+@dataclass
+class _Answer:
+    """A protocol's answer before faults are applied: frames for a stream or one body."""
+
+    content_type: str
+    frames: list[bytes] = field(default_factory=list)
+    body: bytes | None = None
+    status: int = 200
+    malformed_frame: bytes = b""
+    error_frame: Callable[[str, int], bytes] | None = None
+
+
+class FakeUpstream:
+    """A fake backend; use as a context manager or call :meth:`start` / :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        tokens: tuple[str, ...] = ("Hello", ",", " world"),
+        token_delay: float = 0.0,
+        embedding_dim: int = 3,
+        model: str = "fake-model",
+    ) -> None:
+        self.tokens = tokens
+        self.token_delay = token_delay
+        self.embedding_dim = embedding_dim
+        self.model = model
+        self.port = 0
+        self.disconnects = 0
+        """Streams the client abandoned before their end."""
+        self.completed = 0
+        """Answers sent in full."""
+        self.errors: list[BaseException] = []
+        """Unexpected exceptions inside the server; a test may assert it is empty."""
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._default = Behaviour()
+        self._scripted: deque[Behaviour] = deque()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- control, from any thread -----------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def last_request(self) -> RecordedRequest:
+        with self._lock:
+            if not self._requests:
+                raise AssertionError("the fake upstream has received no request")
+            return self._requests[-1]
+
+    def behave(self, behaviour: Behaviour, *, times: int | None = None) -> None:
+        """Use ``behaviour`` for the next ``times`` requests, or from now on if ``None``."""
+        with self._lock:
+            if times is None:
+                self._default = behaviour
+                self._scripted.clear()
+            else:
+                self._scripted.extend([behaviour] * times)
+
+    def reset_behaviour(self) -> None:
+        self.behave(Behaviour())
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 2.0) -> None:
+        """Poll ``predicate`` from an async test until it holds (the server runs elsewhere)."""
+        deadline = time.monotonic() + within
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {within} s")
+            await asyncio.sleep(0.01)
+
+    def start(self) -> FakeUpstream:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="fake-upstream", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(5):
+            raise RuntimeError("fake upstream did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None or self._stopping is None:
+            return
+        self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(5)
+        self._loop.close()
+        self._loop = None
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- the server thread -------------------------------------------------------
+
+    def _run(self, ready: threading.Event) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve(ready))
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        await self._stopping.wait()
+        server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    def _next_behaviour(self) -> Behaviour:
+        with self._lock:
+            return self._scripted.popleft() if self._scripted else self._default
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            request = await self._read_request(reader)
+            if request is None:
+                return
+            with self._lock:
+                self._requests.append(request)
+            await self._respond(request, self._next_behaviour(), reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported through self.errors
+            self.errors.append(exc)
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> RecordedRequest | None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _version = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        body = await reader.readexactly(length) if length else b""
+        return RecordedRequest(method, target.split("?", 1)[0], headers, body)
+
+    # --- answering ---------------------------------------------------------------
+
+    async def _respond(
+        self,
+        request: RecordedRequest,
+        behaviour: Behaviour,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        mode = behaviour.mode
+        if mode == "hang":
+            await self._until_client_leaves(reader)
+            return
+        if mode == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        if mode == "disconnect":
+            return
+        if mode == "status":
+            body = behaviour.body
+            if body is None:
+                body = {"error": {"message": "fake upstream error", "code": behaviour.status}}
+            raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            kind = "text/plain" if isinstance(body, str) else "application/json"
+            extra = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
+            await self._send_whole(writer, behaviour.status, kind, raw, extra)
+            return
+
+        answer = self._answer(request)
+        if answer.body is not None:
+            if mode == "slow_first_token":
+                await asyncio.sleep(behaviour.delay)
+            raw = answer.body
+            if mode == "malformed_json":
+                raw = raw[: max(1, len(raw) // 2)]
+            elif mode == "broken_sse":
+                raw, answer.content_type = b"<html><body>Bad Gateway</body></html>", "text/html"
+            await self._send_whole(writer, answer.status, answer.content_type, raw)
+            return
+        await self._stream(answer, behaviour, reader, writer)
+
+    async def _send_whole(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        content_type: str,
+        body: bytes,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **(extra or {})}
+        writer.write(_head(status, headers) + body)
+        await writer.drain()
+        self.completed += 1
+
+    async def _stream(
+        self,
+        answer: _Answer,
+        behaviour: Behaviour,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        frames = list(answer.frames)
+        if behaviour.mode == "malformed_json":
+            frames[0] = answer.malformed_frame
+        elif behaviour.mode == "broken_sse":
+            frames = [b"<html><body>Bad Gateway</body></html>\n", b"\n"]
+        elif behaviour.mode == "stream_error" and answer.error_frame is not None:
+            error = answer.error_frame(str(behaviour.body), behaviour.status)
+            frames = [*frames[: behaviour.after], error]
+        headers = {"Content-Type": answer.content_type, "Transfer-Encoding": "chunked"}
+        writer.write(_head(200, headers))
+        await writer.drain()
+        gone = asyncio.ensure_future(self._until_client_leaves(reader))
+        try:
+            for index, frame in enumerate(frames):
+                if behaviour.mode == "cut" and index >= behaviour.after:
+                    return  # close without the last chunk
+                pause = behaviour.delay if index == 0 else self.token_delay
+                if pause:
+                    await asyncio.wait({gone}, timeout=pause)
+                if gone.done():
+                    self.disconnects += 1
+                    return
+                writer.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    self.disconnects += 1
+                    return
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            self.completed += 1
+        finally:
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+
+    @staticmethod
+    async def _until_client_leaves(reader: asyncio.StreamReader) -> None:
+        while await reader.read(1024):
+            pass
+
+    def _answer(self, request: RecordedRequest) -> _Answer:
+        path = request.path
+        if request.method == "GET":
+            if path.endswith("/health"):
+                return _json_answer({"status": "ok"})
+            if path.endswith("/api/tags"):
+                return _json_answer({"models": [{"name": self.model}]})
+            if path.endswith("/models"):
+                return _json_answer({"object": "list", "data": [{"id": self.model}]})
+            return _json_answer({"error": {"message": f"no route {path}"}}, status=404)
+        try:
+            body = request.json or {}
+        except ValueError:
+            return _json_answer({"error": {"message": "request body is not JSON"}}, status=400)
+        if path.endswith("/chat/completions"):
+            return self._openai_stream(body, chat=True)
+        if path.endswith("/fim/completions"):
+            return self._openai_stream(body, chat=True)
+        if path.endswith("/completions"):
+            return self._openai_stream(body, chat=False)
+        if path.endswith("/completion"):
+            return self._llamacpp_completion(body)
+        if path.endswith("/api/generate"):
+            return self._ollama_generate(body)
+        if path.endswith("/api/embed"):
+            vectors = self._vectors(body.get("input", []))
+            return _json_answer({"model": body.get("model"), "embeddings": vectors})
+        if path.endswith(("/embeddings", "/embedding")):
+            if "content" in body:
+                vectors = self._vectors(body["content"])
+                return _json_answer([{"index": i, "embedding": [v]} for i, v in enumerate(vectors)])
+            vectors = self._vectors(body.get("input", []))
+            data = [
+                {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+            ]
+            return _json_answer({"object": "list", "data": data, "model": body.get("model")})
+        return _json_answer({"error": {"message": f"no route {path}"}}, status=404)
+
+    def _vectors(self, texts: object) -> list[list[float]]:
+        """A deterministic vector per text: its length, then its position, then 0.5s."""
+        items = texts if isinstance(texts, list) else [texts]
+        vectors = []
+        for index, text in enumerate(items):
+            vector = [float(len(str(text))), float(index)] + [0.5] * self.embedding_dim
+            vectors.append(vector[: self.embedding_dim])
+        return vectors
+
+    def _openai_stream(self, body: dict[str, Any], *, chat: bool) -> _Answer:
+        text = "".join(self.tokens)
+        if not body.get("stream"):
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            return _json_answer({"id": "cmpl-fake", "model": self.model, "choices": [choice]})
+        payloads: list[dict[str, Any]] = []
+        for token in self.tokens:
+            part = {"delta": {"content": token}} if chat else {"text": token}
+            payloads.append({"index": 0, "finish_reason": None, **part})
+        payloads.append(
+            {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else {"text": ""})}
+        )
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        frames = [
+            _sse({"id": "cmpl-fake", "object": kind, "model": self.model, "choices": [p]})
+            for p in payloads
+        ]
+        frames.append(b"data: [DONE]\n\n")
+        return _Answer(
+            "text/event-stream",
+            frames,
+            malformed_frame=_MALFORMED_SSE,
+            error_frame=_openai_error_frame,
+        )
+
+    def _llamacpp_completion(self, body: dict[str, Any]) -> _Answer:
+        if not body.get("stream"):
+            return _json_answer({"content": "".join(self.tokens), "stop": True})
+        frames = [_sse({"content": token, "stop": False}) for token in self.tokens]
+        frames.append(_sse({"content": "", "stop": True, "stop_type": "eos"}))
+        return _Answer(
+            "text/event-stream",
+            frames,
+            malformed_frame=_MALFORMED_SSE,
+            error_frame=_llamacpp_error_frame,
+        )
+
+    def _ollama_generate(self, body: dict[str, Any]) -> _Answer:
+        model = body.get("model")
+        if not body.get("stream", True):
+            return _json_answer({"model": model, "response": "".join(self.tokens), "done": True})
+        frames = [_ndjson({"model": model, "response": t, "done": False}) for t in self.tokens]
+        frames.append(
+            _ndjson({"model": model, "response": "", "done": True, "done_reason": "stop"})
+        )
+        return _Answer(
+            "application/x-ndjson",
+            frames,
+            malformed_frame=_MALFORMED_NDJSON,
+            error_frame=lambda message, _status: _ndjson({"error": message}),
+        )
+
+
+def _json_answer(payload: object, status: int = 200) -> _Answer:
+    return _Answer("application/json", body=json.dumps(payload).encode(), status=status)
+
+
+_MALFORMED_SSE = b'data: {"choices": [{"text": "Hel\n\n'
+_MALFORMED_NDJSON = b'{"response": "Hel\n'
+
+
+def _sse(payload: object) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _openai_error_frame(message: str, status: int) -> bytes:
+    return _sse({"error": {"message": message, "type": "server_error", "code": status}})
+
+
+def _llamacpp_error_frame(message: str, status: int) -> bytes:
+    error = {"code": status, "message": message, "type": "server_error"}
+    return b"error: " + json.dumps(error).encode() + b"\n\n"
+
+
+def _ndjson(payload: object) -> bytes:
+    return json.dumps(payload).encode() + b"\n"
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def unused_port() -> int:
+    """A loopback port with nothing listening (bound, read, released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

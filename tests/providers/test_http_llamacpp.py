@@ -1,0 +1,87 @@
+"""llama.cpp server kinds against the fake upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from keel.errors import UpstreamProtocolError
+from keel.providers.base import CompletionCall, GenerationParams
+from keel.providers.http_llamacpp import llamacpp_embeddings
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+
+
+async def test_completion_request_and_stream(upstream: FakeUpstream, make_provider):
+    template = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    provider = make_provider(
+        "llama.cpp/completion", prompt_template=template, additional_stop_words=["<|endoftext|>"]
+    )
+    assert provider.supports_suffix is False
+    assert provider.prompt_template == template
+    assert provider.stop_words == ("<|endoftext|>",)
+    assert provider.info.endpoint == upstream.url
+
+    params = GenerationParams(max_tokens=32, temperature=0.1, stop=("\n\n",), seed=3)
+    prompt = "<|fim_prefix|>def f(<|fim_suffix|>)<|fim_middle|>"
+    pieces = [p async for p in provider.stream_completion(CompletionCall(prompt, params))]
+    assert pieces == ["Hello", ",", " world"]
+
+    request = upstream.last_request
+    assert request.path == "/completion"
+    assert request.headers["authorization"] == "Bearer sk-test"
+    assert request.json == {
+        "prompt": prompt,
+        "n_predict": 32,
+        "temperature": 0.1,
+        "stop": ["\n\n"],
+        "seed": 3,
+        "cache_prompt": True,
+        "stream": True,
+    }
+
+
+async def test_stream_ends_at_stop_without_done_marker(upstream: FakeUpstream, make_provider):
+    """llama.cpp sends no ``[DONE]``: ``stop: true`` is the end, so nothing is raised."""
+    provider = make_provider("llama.cpp/completion")
+    call = CompletionCall("x", GenerationParams(max_tokens=4))
+    assert "".join([p async for p in provider.stream_completion(call)]) == "Hello, world"
+    assert upstream.completed == 1
+
+
+async def test_embedding_batch(upstream: FakeUpstream, make_provider):
+    provider = make_provider("llama.cpp/embedding", api_key=None)
+    assert await provider.embed(["ab", "c"]) == [[2.0, 0.0, 0.5], [1.0, 1.0, 0.5]]
+    request = upstream.last_request
+    assert request.path == "/embeddings"
+    assert "authorization" not in request.headers
+    assert request.json == {"content": ["ab", "c"]}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [{"index": 0, "embedding": [[1, 2]]}],  # b4357 and later
+        [{"embedding": [1, 2]}],  # before
+        {"embedding": [1, 2]},  # /embedding, one input
+    ],
+)
+def test_embedding_response_shapes(payload):
+    assert llamacpp_embeddings(payload, 1, "p") == [[1.0, 2.0]]
+
+
+def test_embedding_per_token_vectors_are_refused():
+    with pytest.raises(UpstreamProtocolError, match="pooling"):
+        llamacpp_embeddings([{"index": 0, "embedding": [[1.0], [2.0]]}], 1, "p")
+
+
+async def test_llamacpp_error_line_in_stream(upstream: FakeUpstream, make_provider):
+    upstream.behave(Behaviour.stream_error("context shift disabled", after=1, status=400))
+    provider = make_provider("llama.cpp/completion")
+    received = []
+    with pytest.raises(Exception) as caught:
+        async for piece in provider.stream_completion(
+            CompletionCall("x", GenerationParams(max_tokens=4))
+        ):
+            received.append(piece)
+    assert received == ["Hello"]
+    assert "context shift disabled" in str(caught.value)
+    assert getattr(caught.value, "upstream_status", None) == 400

@@ -1,0 +1,177 @@
+"""OpenAI-compatible kinds against the fake upstream: what is sent, what is read."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from keel.config import HttpModelConfig
+from keel.providers.base import (
+    ChatCall,
+    ChatMessage,
+    ChatProvider,
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    GenerationParams,
+)
+from keel.providers.http import build_http_provider
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+
+PARAMS = GenerationParams(max_tokens=16, temperature=0.2, stop=("\n\n",), seed=7)
+
+
+async def collect(pieces) -> list[str]:
+    return [piece async for piece in pieces]
+
+
+async def test_openai_completion_sends_prefix_and_suffix(upstream: FakeUpstream, make_provider):
+    provider = make_provider("openai/completion", model_name="gpt-3.5-turbo-instruct")
+    assert isinstance(provider, CompletionProvider)
+    assert provider.supports_suffix is True
+    assert provider.prompt_template is None
+
+    call = CompletionCall(
+        prompt="def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))", params=PARAMS
+    )
+    assert await collect(provider.stream_completion(call)) == ["Hello", ",", " world"]
+
+    request = upstream.last_request
+    assert (request.method, request.path) == ("POST", "/v1/completions")
+    assert request.headers["authorization"] == "Bearer sk-test"
+    assert request.json == {
+        "model": "gpt-3.5-turbo-instruct",
+        "prompt": "def add(a, b):\n    ",
+        "suffix": "\n\nprint(add(1, 2))",
+        "max_tokens": 16,
+        "temperature": 0.2,
+        "stop": ["\n\n"],
+        "seed": 7,
+        "stream": True,
+    }
+
+
+@pytest.mark.parametrize("kind", ["openai/legacy_completion_no_fim", "vllm/completion"])
+async def test_prompt_only_kinds_send_no_suffix(upstream: FakeUpstream, make_provider, kind):
+    template = "<PRE> {prefix} <SUF>{suffix} <MID>"
+    provider = make_provider(
+        kind,
+        model_name="codellama-7b",
+        prompt_template=template,
+        additional_stop_words=["<EOT>"],
+        max_input_length=1024,
+    )
+    assert provider.supports_suffix is False
+    assert provider.prompt_template == template
+    assert provider.stop_words == ("<EOT>",)
+    assert provider.max_input_length == 1024
+
+    call = CompletionCall(prompt="<PRE> x <SUF> <MID>", params=GenerationParams(max_tokens=8))
+    assert "".join(await collect(provider.stream_completion(call))) == "Hello, world"
+    request = upstream.last_request
+    assert request.path == "/v1/completions"
+    assert request.json == {
+        "model": "codellama-7b",
+        "prompt": "<PRE> x <SUF> <MID>",
+        "max_tokens": 8,
+        "stream": True,
+    }
+
+
+async def test_openai_caps_stop_sequences_at_four_but_vllm_does_not(
+    upstream: FakeUpstream, make_provider
+):
+    stops = ("\n\n", "\ndef", "\nclass", "\nif", "\n#")
+    call = CompletionCall(prompt="x", params=GenerationParams(max_tokens=4, stop=stops))
+    await collect(make_provider("openai/completion").stream_completion(call))
+    assert upstream.last_request.json["stop"] == list(stops[:4])
+    await collect(make_provider("vllm/completion").stream_completion(call))
+    assert upstream.last_request.json["stop"] == list(stops)
+
+
+async def test_no_model_name_leaves_model_out(upstream: FakeUpstream, make_provider):
+    provider = make_provider("openai/completion", api_key=None)
+    assert provider.info.model == "openai/completion"
+    await collect(provider.stream_completion(CompletionCall("x", GenerationParams(max_tokens=1))))
+    assert "model" not in upstream.last_request.json
+    assert "authorization" not in upstream.last_request.headers
+
+
+@pytest.mark.parametrize(
+    ("kind", "seed_field"), [("openai/chat", "seed"), ("mistral/chat", "random_seed")]
+)
+async def test_chat_streams_deltas(upstream: FakeUpstream, make_provider, kind, seed_field):
+    provider = make_provider(kind, model_name="chat-model")
+    assert isinstance(provider, ChatProvider)
+    call = ChatCall(
+        messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")), params=PARAMS
+    )
+    assert await collect(provider.stream_chat(call)) == ["Hello", ",", " world"]
+    request = upstream.last_request
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-test"
+    assert request.json == {
+        "model": "chat-model",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+        ],
+        "max_tokens": 16,
+        "temperature": 0.2,
+        "stop": ["\n\n"],
+        seed_field: 7,
+        "stream": True,
+    }
+
+
+async def test_mistral_chat_defaults_model():
+    config = HttpModelConfig(kind="mistral/chat", api_key="k")
+    provider = build_http_provider("chat", config, name="m", timeout=1.0)
+    try:
+        assert provider.info.model == "codestral-latest"
+        assert provider.info.endpoint == "https://api.mistral.ai/v1"
+    finally:
+        await provider.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kind", "model"), [("openai/embedding", "text-embedding-3-small"), ("voyage/embedding", None)]
+)
+async def test_embeddings(upstream: FakeUpstream, make_provider, kind, model):
+    provider = make_provider(kind, model_name=model)
+    assert isinstance(provider, EmbeddingProvider)
+    vectors = await provider.embed(["a", "bcd"])
+    assert vectors == [[1.0, 0.0, 0.5], [3.0, 1.0, 0.5]]
+    request = upstream.last_request
+    assert request.path == "/v1/embeddings"
+    assert request.headers["authorization"] == "Bearer sk-test"
+    expected_model = model or "voyage-code-3"
+    assert request.json == {"input": ["a", "bcd"], "model": expected_model}
+    assert provider.info.model == expected_model
+
+
+async def test_embed_nothing_sends_nothing(upstream: FakeUpstream, make_provider):
+    assert await make_provider("openai/embedding").embed([]) == []
+    assert upstream.requests == []
+
+
+async def test_embeddings_are_returned_in_input_order(make_provider):
+    """OpenAI may answer ``data`` out of order; ``index`` says where each belongs."""
+    with FakeUpstream() as shuffled:
+        shuffled.behave(
+            Behaviour.error(
+                200,
+                {"data": [{"index": 1, "embedding": [2.0]}, {"index": 0, "embedding": [1.0]}]},
+            )
+        )
+        provider = make_provider("openai/embedding", endpoint=shuffled.url + "/v1")
+        assert await provider.embed(["x", "y"]) == [[1.0], [2.0]]
+
+
+async def test_shared_client_is_not_closed(upstream: FakeUpstream):
+    async with httpx.AsyncClient() as client:
+        config = HttpModelConfig(kind="openai/embedding", api_endpoint=upstream.url + "/v1")
+        provider = build_http_provider("embedding", config, name="shared", timeout=1, client=client)
+        await provider.aclose()
+        assert not client.is_closed
+        assert await provider.embed(["a"]) == [[1.0, 0.0, 0.5]]
