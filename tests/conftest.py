@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class KeelProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    root: Path
+    log: Path
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def worker_pid(self, role: str = "completion") -> int:
+        ready = httpx.get(f"{self.url}/ready", timeout=10).json()
+        pid: int = ready["roles"][role]["pid"]
+        return pid
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"keel exited {self.process.returncode}: {self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"keel not ready after {timeout}s: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_keel(root: Path, config: str | None = None, *args: str) -> KeelProcess:
+    """Start a real `keel serve` process on a free loopback port."""
+    root.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (root / "config.toml").write_text(config)
+    port = free_port()
+    log = root / "keel.log"
+    env = {**os.environ, "KEEL_ROOT": str(root)}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "keel", "serve", "--port", str(port), *args],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return KeelProcess(process, f"http://127.0.0.1:{port}", root, log)
+
+
+@pytest.fixture(scope="session")
+def keel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
+    """One keel process with the embedded model, shared by the tests that only read."""
+    server = start_keel(tmp_path_factory.mktemp("keel-root"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,228 @@
+"""The real embedded model, end to end through a real keel process on loopback."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import KeelProcess
+
+pytestmark = pytest.mark.integration
+
+PYTHON_PREFIX = "import math\n\n\ndef area_of_circle(radius):\n    "
+
+
+def tabby_body(prefix: str, suffix: str = "\n", language: str = "python") -> dict[str, object]:
+    return {
+        "language": language,
+        "segments": {"prefix": prefix, "suffix": suffix, "filepath": "geometry.py"},
+        "temperature": 0,
+    }
+
+
+def test_tabby_completion_returns_code(keel_server: KeelProcess) -> None:
+    with keel_server.client() as client:
+        response = client.post("/v1/completions", json=tabby_body(PYTHON_PREFIX))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"].startswith("cmpl-")
+    assert body["choices"][0]["index"] == 0
+    assert body["choices"][0]["text"].strip(), body
+
+
+def test_tabby_debug_data_shows_prompt_and_snippets(keel_server: KeelProcess) -> None:
+    body = tabby_body(PYTHON_PREFIX)
+    body["segments"]["declarations"] = [  # type: ignore[index]
+        {"filepath": "shapes.py", "body": "PI = 3.14159"}
+    ]
+    body["debug_options"] = {"return_prompt": True, "return_snippets": True}
+    with keel_server.client() as client:
+        data = client.post("/v1/completions", json=body).json()
+    prompt = data["debug_data"]["prompt"]
+    assert prompt.endswith(PYTHON_PREFIX)  # prefix-only template: the model has no FIM tokens
+    assert "# Path: shapes.py" in prompt and "# PI = 3.14159" in prompt
+    assert data["debug_data"]["snippets"][0]["filepath"] == "shapes.py"
+
+
+def test_crlf_round_trip(keel_server: KeelProcess) -> None:
+    prefix = "def add(a, b):\r\n    total = a + b\r\n"
+    body = tabby_body(prefix, suffix="\r\n")
+    body["debug_options"] = {"return_prompt": True}
+    with keel_server.client() as client:
+        data = client.post("/v1/completions", json=body).json()
+    text = data["choices"][0]["text"]
+    assert "\r" not in data["debug_data"]["prompt"]
+    assert text.count("\n") == text.count("\r\n")
+
+
+def test_openai_sdk_completion_chat_embeddings_models(keel_server: KeelProcess) -> None:
+    client = openai.OpenAI(base_url=f"{keel_server.url}/v1", api_key="unused", timeout=120)
+    try:
+        completion = client.completions.create(
+            model="keel", prompt="def fibonacci(n):\n", max_tokens=16, temperature=0
+        )
+        assert completion.choices[0].text
+        assert completion.choices[0].finish_reason in {"stop", "length"}
+
+        chunks = list(
+            client.completions.create(
+                model="keel", prompt="for i in range(", max_tokens=8, stream=True
+            )
+        )
+        assert "".join(c.choices[0].text for c in chunks)
+
+        chat = client.chat.completions.create(
+            model="keel",
+            messages=[{"role": "user", "content": "What is Python?"}],
+            max_tokens=24,
+        )
+        assert chat.choices[0].message.content
+
+        stream = client.chat.completions.create(
+            model="keel",
+            messages=[{"role": "user", "content": "Name a sorting algorithm."}],
+            max_tokens=16,
+            stream=True,
+        )
+        pieces = [c.choices[0].delta.content or "" for c in stream]
+        assert "".join(pieces).strip()
+
+        embedding = client.embeddings.create(model="keel", input=["def f(): pass", "hello"])
+        assert len(embedding.data) == 2
+        assert len(embedding.data[0].embedding) == 576  # SmolLM2-135M's hidden size
+        assert embedding.data[0].embedding != embedding.data[1].embedding
+
+        models = client.models.list()
+        assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
+    finally:
+        client.close()
+
+
+def test_chat_stream_ends_with_done(keel_server: KeelProcess) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
+    with keel_server.client() as client, client.stream(
+        "POST", "/v1/chat/completions", json=body
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    assert '"role":"assistant"' in lines[0]
+
+
+def test_health_and_tabby_meta_endpoints(keel_server: KeelProcess) -> None:
+    with keel_server.client() as client:
+        health = client.get("/v1/health").json()
+        assert health == client.post("/v1/health").json()
+        setting = client.get("/v1beta/server_setting").json()
+        models = client.get("/v1beta/models").json()
+        live = client.get("/health")
+        ready = client.get("/ready")
+    assert health["model"] == "SmolLM2-135M-Instruct" and health["device"] == "cpu"
+    assert health["version"]["git_describe"].startswith("v0.")
+    assert health["cpu_count"] >= 1 and isinstance(health["cuda_devices"], list)
+    assert setting == {"disable_client_side_telemetry": False}
+    assert models == {"completion": ["SmolLM2-135M-Instruct"], "chat": ["SmolLM2-135M-Instruct"]}
+    assert live.status_code == 200
+    assert ready.status_code == 200 and ready.json()["roles"]["completion"]["state"] == "ready"
+
+
+def test_events_are_stored_durably(keel_server: KeelProcess) -> None:
+    with keel_server.client() as client:
+        completion = client.post("/v1/completions", json=tabby_body(PYTHON_PREFIX)).json()
+        event = {"type": "select", "completion_id": completion["id"], "choice_index": 0}
+        response = client.post("/v1/events", params={"select_kind": "line"}, json=event)
+        assert response.status_code == 200
+    with sqlite3.connect(keel_server.root / "events.sqlite3") as db:
+        rows = db.execute(
+            "SELECT kind, select_kind FROM events WHERE completion_id = ?", (completion["id"],)
+        ).fetchall()
+    assert sorted(rows) == [("completion", None), ("select", "line")]
+
+
+def test_cancelled_stream_frees_the_worker(keel_server: KeelProcess) -> None:
+    """A client that goes away mid-stream must not keep the worker generating."""
+    body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "stream": True}
+    with keel_server.client() as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    break
+        # The worker serves one generation at a time: this answers quickly only if the
+        # abandoned 2000-token generation was cancelled.
+        quick = client.post(
+            "/v1/completions", json={"prompt": "x =", "max_tokens": 4}, timeout=10
+        )
+    assert quick.status_code == 200, quick.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b"", 400, None),
+        (b'{"language": "python"}', 400, "segments"),
+        (b'{"language": "python", "segments": {"suffix": "x"}}', 400, "segments.prefix"),
+        (b'{"language": "python", "segments": {"prefix": 42}}', 400, "segments.prefix"),
+        (b'{"language": "klingon", "segments": {"prefix": "x = 1"}}', 400, "language"),
+        (b'{"language": "python", "segments": {"prefix": "", "suffix": ""}}', 400, None),
+        (b'{"language": "python", "temperature": "hot", "segments": {"prefix": "x"}}', 400,
+         "temperature"),
+        (b'{"prompt": "x", "max_tokens": 100000000}', 400, "max_tokens"),
+        (b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+        (b'{"prompt": ["a", "b"]}', 400, "prompt"),
+    ],
+)
+def test_bad_completion_input_is_a_clear_4xx(
+    keel_server: KeelProcess, body: bytes, status: int, field: str | None
+) -> None:
+    response = httpx.post(
+        f"{keel_server.url}/v1/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert "Traceback" not in response.text
+    if field is not None:
+        assert field in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 0}, "max_tokens"),
+        ("/v1/embeddings", {"input": []}, "input"),
+        ("/v1/embeddings", {"input": [1, 2, 3]}, "input"),
+        ("/v1/events", {"type": "launch", "completion_id": "c", "choice_index": 0}, "type"),
+        ("/v1/events", {"type": "view", "choice_index": 0}, "completion_id"),
+    ],
+)
+def test_bad_input_on_other_routes(
+    keel_server: KeelProcess, path: str, body: dict[str, object], field: str
+) -> None:
+    response = httpx.post(f"{keel_server.url}{path}", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(keel_server: KeelProcess) -> None:
+    big = {"language": "python", "segments": {"prefix": "x" * (5 * 1024 * 1024)}}
+    response = httpx.post(f"{keel_server.url}/v1/completions", json=big, timeout=30)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_unknown_route_and_method_use_the_error_shape(keel_server: KeelProcess) -> None:
+    missing = httpx.get(f"{keel_server.url}/v2/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    wrong = httpx.get(f"{keel_server.url}/v1/completions", timeout=10)
+    assert wrong.status_code == 405 and "error" in wrong.json()

@@ -1,0 +1,137 @@
+"""Real processes and real signals: the worker dies, keel keeps serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import KeelProcess, free_port, start_keel
+
+pytestmark = pytest.mark.integration
+
+LONG = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0}
+
+
+@pytest.fixture
+def keel(tmp_path: Path) -> KeelProcess:
+    server = start_keel(tmp_path / "root")
+    server.wait_ready()
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+def test_killing_the_worker_mid_request_fails_it_clearly_then_recovers(keel: KeelProcess) -> None:
+    pid = keel.worker_pid()
+    result: dict[str, httpx.Response] = {}
+
+    def request() -> None:
+        result["response"] = httpx.post(f"{keel.url}/v1/completions", json=LONG, timeout=120)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    time.sleep(1.0)  # the generation is under way
+    os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    response = result["response"]
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["code"] == "worker_crashed"
+    assert "SIGKILL" in error["message"] or "killed" in error["message"]
+
+    # The next request waits for the restarted worker and is served by it.
+    after = httpx.post(
+        f"{keel.url}/v1/completions",
+        json={"language": "python", "segments": {"prefix": "def square(x):\n"}},
+        timeout=120,
+    )
+    assert after.status_code == 200, after.text
+    assert keel.worker_pid() != pid
+    status = httpx.get(f"{keel.url}/ready", timeout=10).json()["roles"]["completion"]
+    assert status["restarts"] == 1
+
+
+def test_killed_mid_stream_ends_with_an_error_event(keel: KeelProcess) -> None:
+    pid = keel.worker_pid()
+    with httpx.Client(base_url=keel.url, timeout=120) as client, client.stream(
+        "POST", "/v1/completions", json={**LONG, "stream": True}
+    ) as response:
+        assert response.status_code == 200
+        lines = []
+        for line in response.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 3:
+                os.kill(pid, signal.SIGKILL)
+    assert lines[-1] == "data: [DONE]"
+    assert '"worker_crashed"' in lines[-2]
+
+
+def test_busy_port_is_exit_75_and_never_another_port(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "keel", "serve", "--port", str(port)],
+            env={**os.environ, "KEEL_ROOT": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 75, result.stderr
+    assert f"port {port}" in result.stderr and "in use" in result.stderr
+
+
+def test_missing_model_file_is_exit_69(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[model.completion.local]\nmodel_id = "no-such-model"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", "serve", "--port", str(free_port())],
+        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 69
+    assert "no-such-model" in result.stderr
+
+
+def test_unloadable_model_file_is_reported_once_not_restarted(tmp_path: Path) -> None:
+    bad = tmp_path / "models" / "broken.gguf"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    server = start_keel(tmp_path, '[model.chat.local]\nmodel_id = "broken"\n')
+    try:
+        deadline = time.monotonic() + 60
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            try:
+                status = httpx.get(f"{server.url}/ready", timeout=5).json()["roles"]["chat"]
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            if status["state"] == "failed":
+                break
+            time.sleep(0.2)
+        assert status["state"] == "failed"
+        assert status["restarts"] == 0
+        assert "broken.gguf" in str(status["last_error"])
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert response.status_code == 503
+        assert "gave up" in response.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
+    finally:
+        server.stop()
