@@ -291,6 +291,17 @@ def test_different_completion_is_not_a_repeat() -> None:
     assert not repeats_suffix("x", suffix="")
 
 
+def test_short_completions_must_match_exactly() -> None:
+    assert not repeats_suffix("n", suffix=")\n")
+    assert not repeats_suffix("i++", suffix="i--\n")
+    assert repeats_suffix(")", suffix=")\n")
+
+
+def test_postprocess_keeps_a_one_character_mid_line_completion() -> None:
+    result = postprocess("n", prefix="for i in range(", suffix="):\n", language=PYTHON)
+    assert result == "n"
+
+
 def test_repeat_compares_up_to_three_lines() -> None:
     suffix = "a = 1\nb = 2\nc = 3\nd = 4\n"
     assert repeats_suffix("a = 1\nb = 2\nc = 3\nz = 9", suffix=suffix)

@@ -97,6 +97,15 @@ def test_render_does_not_interpret_braces_in_code() -> None:
     assert prompt == f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
 
 
+def test_render_placeholder_text_inside_code_stays_literal() -> None:
+    prefix = 'tpl = "{suffix}"\nother = "{prefix}"\n'
+    suffix = 'print(tpl.format(prefix="{prefix}"))\n'
+    prompt = render_template(FIM_TEMPLATES["starcoder"], prefix, suffix)
+    assert prompt == f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    codestral = render_template(FIM_TEMPLATES["codestral"], prefix, suffix)
+    assert codestral == f"[SUFFIX]{suffix}[PREFIX]{prefix}"
+
+
 def test_render_go_struct_literal_with_braces() -> None:
     prefix = "func New() *Server {\n\treturn &Server{"
     suffix = "}\n}\n"

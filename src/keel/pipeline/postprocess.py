@@ -238,7 +238,9 @@ def repeats_suffix(text: str, *, suffix: str) -> bool:
 
     Compares the first (up to three) non-blank lines of both, whitespace
     trimmed, allowing an edit distance of 1 or 5% of the longer text, as
-    tabby-agent's ``dropDuplicated`` does.
+    tabby-agent's ``dropDuplicated`` does. Unlike there, texts shorter than
+    8 characters must match exactly: a one-character completion is one edit
+    away from almost any one-character suffix (``n`` before ``)``).
     """
     ours = [line for line in split_lines(text) if line.strip()]
     theirs = [line for line in split_lines(suffix) if line.strip()]
@@ -247,6 +249,8 @@ def repeats_suffix(text: str, *, suffix: str) -> bool:
         return False
     left = "".join(ours[:count]).strip()
     right = "".join(theirs[:count]).strip()
+    if min(len(left), len(right)) < 8:
+        return left == right
     threshold = max(1, int(0.05 * max(len(left), len(right))))
     return _edit_distance_within(left, right, threshold)
 
