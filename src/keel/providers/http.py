@@ -97,7 +97,7 @@ def build_http_provider(
         rate_limiter=RateLimiter(config.rate_limit.request_per_minute),
         client=client,
     )
-    info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=endpoint)
+    info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=upstream.endpoint)
     stop_words = tuple(config.additional_stop_words)
     max_input_length = config.max_input_length
 

@@ -1,0 +1,234 @@
+"""The shared pieces: Retry-After, error bodies, the SSE reader, the rate limiter, the factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+
+from keel.config import HttpModelConfig
+from keel.errors import ConfigError, UpstreamProtocolError, UpstreamStatusError
+from keel.providers.base import CompletionCall, GenerationParams
+from keel.providers.http import build_http_provider
+from keel.providers.http_base import (
+    RateLimiter,
+    SseEvent,
+    auth_headers,
+    error_message,
+    iter_ndjson,
+    iter_sse,
+    iter_sse_json,
+    parse_retry_after,
+)
+from tests.fakes.upstreams import FakeUpstream
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("7", 7.0), (" 1.5 ", 1.5), ("-3", 0.0), (None, None), ("", None), ("soon", None)],
+)
+def test_retry_after_seconds(value, expected):
+    assert parse_retry_after(value) == expected
+
+
+def test_retry_after_http_date():
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    header = format_datetime(now + timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(header, now=now) == 30.0
+    assert parse_retry_after(format_datetime(now - timedelta(hours=1), usegmt=True), now=now) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"error": {"message": "bad key", "type": "invalid_request_error"}}', "bad key"),
+        (b'{"error": "model not found"}', "model not found"),
+        (b'{"object": "error", "message": "Unauthorized"}', "Unauthorized"),
+        (b'{"detail": "Provided API key is invalid."}', "Provided API key is invalid."),
+        (b'{"detail": [{"loc": ["body"], "msg": "field required"}]}', "field required"),
+        (b"<html>502 Bad Gateway</html>", "<html>502 Bad Gateway</html>"),
+        (b"", "(empty body)"),
+    ],
+)
+def test_error_message_shapes(body, expected):
+    assert expected in error_message(body)
+
+
+def test_error_message_is_shortened():
+    assert len(error_message(b"x" * 10_000)) == 500
+
+
+def test_auth_headers():
+    assert auth_headers("sk-1") == {"Authorization": "Bearer sk-1"}
+    assert auth_headers(None) == {}
+    assert auth_headers("") == {}
+
+
+async def lines_of(*lines: str) -> AsyncIterator[str]:
+    for line in lines:
+        yield line
+
+
+async def test_sse_reader_follows_the_format():
+    events = [
+        event
+        async for event in iter_sse(
+            lines_of(
+                ": keep-alive comment",
+                "event: ping",
+                "",
+                'data: {"a":',
+                "data: 1}",
+                "id: 3",
+                "",
+                "data:no-space",
+                "",
+                "retry: 100",
+                "data: unterminated at the end",
+            ),
+            "p",
+        )
+    ]
+    assert events == [SseEvent("message", '{"a":\n1}'), SseEvent("message", "no-space")]
+
+
+async def test_sse_reader_refuses_lines_that_are_not_sse():
+    with pytest.raises(UpstreamProtocolError, match="not an event stream"):
+        async for _ in iter_sse(lines_of('{"choices": []}'), "p"):
+            pass
+
+
+async def test_sse_json_needs_done_marker():
+    payloads = iter_sse_json(lines_of('data: {"x": 1}', ""), "p")
+    assert await anext(payloads) == {"x": 1}
+    with pytest.raises(UpstreamProtocolError, match="end marker"):
+        await anext(payloads)
+
+
+async def test_sse_json_stops_at_done():
+    lines = lines_of('data: {"x": 1}', "", "data: [DONE]", "", 'data: {"x": 2}', "")
+    assert [p async for p in iter_sse_json(lines, "p")] == [{"x": 1}]
+
+
+async def test_sse_json_refuses_non_objects():
+    with pytest.raises(UpstreamProtocolError, match="JSON object"):
+        async for _ in iter_sse_json(lines_of("data: [1, 2]", ""), "p"):
+            pass
+
+
+async def test_ndjson_reader():
+    lines = lines_of('{"response": "a"}', "", '{"response": "b", "done": true}')
+    assert [p async for p in iter_ndjson(lines, "p")] == [
+        {"response": "a"},
+        {"response": "b", "done": True},
+    ]
+    with pytest.raises(UpstreamStatusError, match="out of memory"):
+        async for _ in iter_ndjson(lines_of('{"error": "out of memory"}'), "p"):
+            pass
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_rate_limiter_allows_a_burst_then_paces():
+    clock = FakeClock()
+    limiter = RateLimiter(60, burst=2, max_wait=5, clock=clock, sleep=clock.sleep)
+    await limiter.acquire("p")
+    await limiter.acquire("p")
+    assert clock.slept == []
+    await limiter.acquire("p")
+    assert clock.slept == [pytest.approx(1.0)]
+    clock.now += 10
+    assert limiter.available == pytest.approx(2.0)
+
+
+async def test_rate_limiter_queues_concurrent_waiters_in_turn():
+    """Two callers arriving together on an empty bucket wait one and two intervals."""
+    clock = FakeClock()
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    limiter = RateLimiter(60, burst=1, max_wait=5, clock=clock, sleep=record)
+    await limiter.acquire("p")
+    await limiter.acquire("p")
+    await limiter.acquire("p")
+    assert waits == [pytest.approx(1.0), pytest.approx(2.0)]
+
+
+async def test_rate_limiter_refuses_a_long_wait():
+    clock = FakeClock()
+    limiter = RateLimiter(6, burst=1, max_wait=1, clock=clock, sleep=clock.sleep)
+    await limiter.acquire("p")
+    with pytest.raises(UpstreamStatusError) as caught:
+        await limiter.acquire("p")
+    assert caught.value.code == "rate_limited"
+    assert caught.value.upstream_status is None
+    assert caught.value.retry_after == pytest.approx(10.0)
+    assert clock.slept == []
+
+
+def test_rate_limiter_needs_a_positive_rate():
+    with pytest.raises(ValueError, match="per_minute"):
+        RateLimiter(0)
+
+
+async def test_provider_applies_request_per_minute(upstream: FakeUpstream, make_provider):
+    provider = make_provider("llama.cpp/completion", rate_limit={"request_per_minute": 1})
+    call = CompletionCall("x", GenerationParams(max_tokens=1))
+    assert [p async for p in provider.stream_completion(call)]
+    with pytest.raises(UpstreamStatusError, match="1 requests/minute"):
+        async for _ in provider.stream_completion(call):
+            pass
+    assert len(upstream.requests) == 1
+
+
+def test_factory_refuses_a_kind_of_another_role():
+    config = HttpModelConfig(kind="openai/chat", api_endpoint="http://127.0.0.1:1/v1")
+    with pytest.raises(ConfigError, match="not a completion kind"):
+        build_http_provider("completion", config, name="p", timeout=1)
+
+
+def test_factory_needs_an_endpoint_where_there_is_no_default():
+    with pytest.raises(ConfigError, match="api_endpoint: required for kind llama.cpp/completion"):
+        build_http_provider(
+            "completion", HttpModelConfig(kind="llama.cpp/completion"), name="p", timeout=1
+        )
+
+
+async def test_factory_info_and_completion_attributes(upstream: FakeUpstream):
+    config = HttpModelConfig(
+        kind="vllm/completion",
+        api_endpoint=upstream.url + "/v1/",
+        model_name="deepseek-coder",
+        prompt_template="<|fim▁begin|>{prefix}<|fim▁hole|>{suffix}<|fim▁end|>",
+        additional_stop_words=["<|EOT|>", "\n\n\n"],
+        max_input_length=4096,
+    )
+    provider = build_http_provider("completion", config, name="vllm-1", timeout=1)
+    try:
+        assert provider.info.name == "vllm-1"
+        assert provider.name == "vllm-1"
+        assert provider.info.kind == "vllm/completion"
+        assert provider.info.model == "deepseek-coder"
+        assert provider.info.endpoint == upstream.url + "/v1"
+        assert provider.stop_words == ("<|EOT|>", "\n\n\n")
+        assert provider.max_input_length == 4096
+        call = CompletionCall("x", GenerationParams(max_tokens=1))
+        assert [p async for p in provider.stream_completion(call)]
+        assert upstream.last_request.path == "/v1/completions"  # no double slash
+    finally:
+        await provider.aclose()

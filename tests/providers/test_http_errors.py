@@ -1,0 +1,243 @@
+"""Every kind's failures become keel's error tree, against a misbehaving real server."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+
+from keel.config import COMPLETION_KINDS, EMBEDDING_KINDS
+from keel.errors import (
+    UpstreamAuthError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from keel.providers.base import (
+    ChatCall,
+    ChatMessage,
+    CompletionCall,
+    CompletionProvider,
+    GenerationParams,
+)
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+
+STREAM_KINDS = (*COMPLETION_KINDS, "openai/chat", "mistral/chat")
+SSE_KINDS = tuple(kind for kind in STREAM_KINDS if not kind.startswith("ollama/"))
+PARAMS = GenerationParams(max_tokens=8)
+
+
+def stream(provider):
+    if isinstance(provider, CompletionProvider):
+        return provider.stream_completion(CompletionCall("x", PARAMS, suffix=None))
+    return provider.stream_chat(ChatCall((ChatMessage("user", "x"),), PARAMS))
+
+
+async def run(provider) -> list[str]:
+    """Pieces of a stream, or the embedding call; what arrived before a failure is kept."""
+    received: list[str] = []
+    if hasattr(provider, "embed"):
+        await provider.embed(["x"])
+        return received
+    try:
+        async with aclosing(stream(provider)) as pieces:
+            async for piece in pieces:
+                received.append(piece)
+    except Exception as exc:
+        exc.received = received  # type: ignore[attr-defined]
+        raise
+    return received
+
+
+ALL_KINDS = pytest.mark.parametrize("kind", [*STREAM_KINDS, *EMBEDDING_KINDS])
+STREAMING = pytest.mark.parametrize("kind", STREAM_KINDS)
+
+
+@ALL_KINDS
+async def test_connection_refused(make_provider, dead_url, kind):
+    provider = make_provider(kind, endpoint=dead_url)
+    with pytest.raises(UpstreamConnectError) as caught:
+        await run(provider)
+    assert caught.value.provider == f"test-{kind}"
+    assert caught.value.status_code == 502
+
+
+@ALL_KINDS
+async def test_401_is_an_auth_error(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.error(401, {"error": {"message": "Incorrect API key provided"}}))
+    with pytest.raises(UpstreamAuthError, match="Incorrect API key provided") as caught:
+        await run(make_provider(kind))
+    assert caught.value.upstream_status == 401
+
+
+async def test_403_is_an_auth_error(upstream: FakeUpstream, make_provider):
+    upstream.behave(Behaviour.error(403, {"detail": "forbidden"}))
+    with pytest.raises(UpstreamAuthError, match="forbidden"):
+        await run(make_provider("voyage/embedding"))
+
+
+@ALL_KINDS
+async def test_500_carries_the_backends_message(upstream: FakeUpstream, make_provider, kind):
+    body = (
+        {"error": "model 'x' not found"}  # Ollama's shape
+        if kind.startswith("ollama/")
+        else {"error": {"message": "CUDA out of memory", "type": "server_error", "code": 500}}
+    )
+    upstream.behave(Behaviour.error(500, body))
+    with pytest.raises(UpstreamStatusError) as caught:
+        await run(make_provider(kind))
+    error = caught.value
+    assert type(error) is UpstreamStatusError
+    assert error.upstream_status == 500
+    assert error.retry_after is None
+    expected = "model 'x' not found" if kind.startswith("ollama/") else "CUDA out of memory"
+    assert expected in error.message
+    assert "HTTP 500" in error.message
+
+
+@ALL_KINDS
+async def test_429_with_retry_after(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(
+        Behaviour.error(429, {"message": "Requests rate limit exceeded"}, retry_after="7")
+    )
+    with pytest.raises(UpstreamStatusError, match="rate limit exceeded") as caught:
+        await run(make_provider(kind))
+    assert caught.value.upstream_status == 429
+    assert caught.value.retry_after == 7.0
+
+
+async def test_plain_text_error_body(upstream: FakeUpstream, make_provider):
+    upstream.behave(Behaviour.error(502, "upstream connect error or disconnect/reset"))
+    with pytest.raises(UpstreamStatusError, match="disconnect/reset") as caught:
+        await run(make_provider("openai/chat"))
+    assert caught.value.upstream_status == 502
+
+
+@ALL_KINDS
+async def test_malformed_json(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.malformed_json())
+    with pytest.raises(UpstreamProtocolError, match="malformed JSON"):
+        await run(make_provider(kind))
+
+
+@ALL_KINDS
+async def test_body_that_is_not_the_protocol(upstream: FakeUpstream, make_provider, kind):
+    """A 200 with an HTML page: SSE kinds say 'not an event stream', the others bad JSON."""
+    upstream.behave(Behaviour.broken_sse())
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await run(make_provider(kind))
+    if kind in SSE_KINDS:
+        assert "not an event stream" in caught.value.message
+
+
+@ALL_KINDS
+async def test_hang_times_out(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.hang())
+    provider = make_provider(kind, timeout=0.3)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamTimeout, match="waiting for data") as caught:
+        await run(provider)
+    assert asyncio.get_running_loop().time() - started < 2
+    assert caught.value.status_code == 504
+
+
+@STREAMING
+async def test_slow_first_token_beyond_timeout(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.slow_first_token(1.5))
+    with pytest.raises(UpstreamTimeout):
+        await run(make_provider(kind, timeout=0.3))
+
+
+@STREAMING
+async def test_slow_first_token_within_timeout(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.slow_first_token(0.2))
+    assert "".join(await run(make_provider(kind, timeout=2))) == "Hello, world"
+
+
+@STREAMING
+async def test_stream_cut_mid_way(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.cut(after=2))
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await run(make_provider(kind))
+    assert caught.value.received == ["Hello", ","]
+
+
+@STREAMING
+async def test_error_object_inside_a_stream(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.stream_error("out of KV cache slots", after=1, status=503))
+    with pytest.raises(UpstreamStatusError, match="out of KV cache slots") as caught:
+        await run(make_provider(kind))
+    assert caught.value.received == ["Hello"]
+
+
+@ALL_KINDS
+async def test_connection_reset(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.reset())
+    with pytest.raises(UpstreamConnectError):
+        await run(make_provider(kind))
+
+
+@ALL_KINDS
+async def test_closed_without_answer(upstream: FakeUpstream, make_provider, kind):
+    upstream.behave(Behaviour.disconnect())
+    with pytest.raises(UpstreamProtocolError, match="closed mid-response"):
+        await run(make_provider(kind))
+
+
+async def test_failure_then_recovery(upstream: FakeUpstream, make_provider):
+    upstream.behave(Behaviour.error(503, {"error": {"message": "loading model"}}), times=1)
+    provider = make_provider("llama.cpp/completion")
+    with pytest.raises(UpstreamStatusError, match="loading model"):
+        await run(provider)
+    assert "".join(await run(provider)) == "Hello, world"
+
+
+# --- cancelling upstream work -------------------------------------------------
+
+
+@STREAMING
+async def test_closing_the_stream_closes_the_upstream_request(
+    upstream: FakeUpstream, make_provider, kind
+):
+    upstream.token_delay = 0.2
+    pieces = stream(make_provider(kind))
+    assert await anext(pieces) == "Hello"
+    await pieces.aclose()
+    await upstream.wait_for(lambda: upstream.disconnects == 1)
+    assert upstream.completed == 0
+
+
+@STREAMING
+async def test_cancelling_the_consumer_closes_the_upstream_request(
+    upstream: FakeUpstream, make_provider, kind
+):
+    upstream.token_delay = 0.2
+    provider = make_provider(kind)
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(stream(provider)) as pieces:
+            async for _ in pieces:
+                first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await upstream.wait_for(lambda: upstream.disconnects == 1)
+    assert upstream.completed == 0
+
+
+async def test_provider_keeps_working_after_a_cancelled_stream(
+    upstream: FakeUpstream, make_provider
+):
+    upstream.token_delay = 0.05
+    provider = make_provider("openai/completion")
+    pieces = stream(provider)
+    await anext(pieces)
+    await pieces.aclose()
+    upstream.token_delay = 0.0
+    assert "".join(await run(provider)) == "Hello, world"
