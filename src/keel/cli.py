@@ -119,7 +119,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keel",
-        description="keel: a self-hosted AI coding-assistant server (Tabby- and OpenAI-compatible).",
+        description="keel: a self-hosted AI coding-assistant server "
+        "(Tabby- and OpenAI-compatible).",
         epilog="Data root: $KEEL_ROOT or ~/.keel. Exit codes: 0 ok, 1 failure, 2 usage, "
         "78 config error, 69 missing dependency, 75 port busy.",
     )
@@ -149,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -38,7 +38,9 @@ def _field(loc: tuple[Any, ...]) -> str:
             continue
         if isinstance(part, int):
             parts.append(f"[{part}]")
-        elif isinstance(part, str) and (part.startswith(("function-", "list[", "str")) or "[" in part):
+        elif isinstance(part, str) and (
+            part.startswith(("function-", "list[", "str")) or "[" in part
+        ):
             continue  # pydantic's union-branch labels are not fields
         else:
             parts.append(("." if parts else "") + str(part))
@@ -49,10 +51,8 @@ def validation_error(errors: list[Any]) -> RequestError:
     first = errors[0]
     field = _field(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if first.get("type") == "missing":
-        text = f"'{field}' is required"
-    else:
-        text = f"'{field}': {message}"
+    missing = first.get("type") == "missing"
+    text = f"'{field}' is required" if missing else f"'{field}': {message}"
     more = len(errors) - 1
     if more:
         others = ", ".join(sorted({_field(tuple(e.get("loc", ()))) for e in errors[1:]}))
@@ -67,7 +67,9 @@ async def read_json(request: Request) -> Any:
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise RequestError(
+            f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
 
 
 def parse_model(model: type[ModelT], data: Any) -> ModelT:

@@ -9,7 +9,6 @@ then ``[DONE]``; the upstream stream is always closed, which cancels its work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi.responses import StreamingResponse
 
 from keel.errors import KeelError, UpstreamTimeout
+from keel.providers.base import close_stream
 
 log = logging.getLogger("keel.api")
 
@@ -34,8 +34,8 @@ async def with_timeout(
     """Pieces of ``pieces``, failing with UpstreamTimeout once ``timeout`` has passed in all."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    async with contextlib.aclosing(pieces) as stream:
-        iterator = aiter(stream)
+    iterator = aiter(pieces)
+    try:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -47,6 +47,8 @@ async def with_timeout(
                     f"generation took longer than {timeout:.0f}s", provider=provider
                 ) from None
             yield piece
+    finally:
+        await close_stream(pieces)
 
 
 async def collect(pieces: AsyncIterator[str]) -> tuple[str, int]:
@@ -68,7 +70,7 @@ async def stream_response(
     except StopAsyncIteration:
         first = None
     except BaseException:
-        await pieces.aclose()  # type: ignore[attr-defined]
+        await close_stream(pieces)
         raise
 
     async def events() -> AsyncIterator[bytes]:
@@ -87,7 +89,7 @@ async def stream_response(
             log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
             yield sse(exc.to_body())
         finally:
-            await pieces.aclose()  # type: ignore[attr-defined]
+            await close_stream(pieces)
         yield DONE
 
     return StreamingResponse(

@@ -9,7 +9,6 @@ only sequences them around one call to the provider.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,12 @@ from keel.pipeline.prompt import (
     split_budget,
     split_lines,
 )
-from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams
+from keel.providers.base import (
+    CompletionCall,
+    CompletionProvider,
+    GenerationParams,
+    close_stream,
+)
 from keel.schemas.tabby import (
     Choice,
     DebugData,
@@ -113,17 +117,18 @@ async def generate_text(
 ) -> str:
     """Collect a stream until a stop word, closing it early (which cancels upstream work)."""
     text = ""
-    async with contextlib.aclosing(stream) as pieces:
-        try:
-            async with asyncio.timeout(timeout):
-                async for piece in pieces:
-                    text, stopped = cut_at_stop(text + piece, stops)
-                    if stopped:
-                        break
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"completion took longer than {timeout:.0f}s", provider=provider
-            ) from None
+    try:
+        async with asyncio.timeout(timeout):
+            async for piece in stream:
+                text, stopped = cut_at_stop(text + piece, stops)
+                if stopped:
+                    break
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"completion took longer than {timeout:.0f}s", provider=provider
+        ) from None
+    finally:
+        await close_stream(stream)
     return text
 
 

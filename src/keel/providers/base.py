@@ -67,6 +67,14 @@ def estimate_tokens(text: str) -> int:
     return (len(text.encode("utf-8")) + 2) // 3
 
 
+async def close_stream(stream: AsyncIterator[str]) -> None:
+    """Close a provider's stream early; for generators this runs their cleanup,
+    which is how keel cancels the work upstream."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class Provider(ABC):
     info: ProviderInfo
 

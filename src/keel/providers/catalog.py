@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keel.config import ROLES, HttpModelConfig, LocalModelConfig, Paths, ProviderConfig, Role, Settings
+from keel.config import (
+    ROLES,
+    HttpModelConfig,
+    LocalModelConfig,
+    Paths,
+    ProviderConfig,
+    Role,
+    Settings,
+)
 from keel.models.registry import resolve_model
 from keel.providers.base import ChatProvider, CompletionProvider, EmbeddingProvider, Provider
 from keel.providers.http import build_http_provider
