@@ -103,9 +103,10 @@ def test_openai_sdk_completion_chat_embeddings_models(keel_server: KeelProcess) 
 
 def test_chat_stream_ends_with_done(keel_server: KeelProcess) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
-    with keel_server.client() as client, client.stream(
-        "POST", "/v1/chat/completions", json=body
-    ) as response:
+    with (
+        keel_server.client() as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
         lines = [line for line in response.iter_lines() if line]
     assert response.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]"
@@ -152,9 +153,7 @@ def test_cancelled_stream_frees_the_worker(keel_server: KeelProcess) -> None:
                     break
         # The worker serves one generation at a time: this answers quickly only if the
         # abandoned 2000-token generation was cancelled.
-        quick = client.post(
-            "/v1/completions", json={"prompt": "x =", "max_tokens": 4}, timeout=10
-        )
+        quick = client.post("/v1/completions", json={"prompt": "x =", "max_tokens": 4}, timeout=10)
     assert quick.status_code == 200, quick.text
 
 
@@ -169,8 +168,11 @@ def test_cancelled_stream_frees_the_worker(keel_server: KeelProcess) -> None:
         (b'{"language": "python", "segments": {"prefix": 42}}', 400, "segments.prefix"),
         (b'{"language": "klingon", "segments": {"prefix": "x = 1"}}', 400, "language"),
         (b'{"language": "python", "segments": {"prefix": "", "suffix": ""}}', 400, None),
-        (b'{"language": "python", "temperature": "hot", "segments": {"prefix": "x"}}', 400,
-         "temperature"),
+        (
+            b'{"language": "python", "temperature": "hot", "segments": {"prefix": "x"}}',
+            400,
+            "temperature",
+        ),
         (b'{"prompt": "x", "max_tokens": 100000000}', 400, "max_tokens"),
         (b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
         (b'{"prompt": ["a", "b"]}', 400, "prompt"),

@@ -61,9 +61,10 @@ def test_killing_the_worker_mid_request_fails_it_clearly_then_recovers(keel: Kee
 
 def test_killed_mid_stream_ends_with_an_error_event(keel: KeelProcess) -> None:
     pid = keel.worker_pid()
-    with httpx.Client(base_url=keel.url, timeout=120) as client, client.stream(
-        "POST", "/v1/completions", json={**LONG, "stream": True}
-    ) as response:
+    with (
+        httpx.Client(base_url=keel.url, timeout=120) as client,
+        client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response,
+    ):
         assert response.status_code == 200
         lines = []
         for line in response.iter_lines():
