@@ -84,10 +84,18 @@ class Behaviour:
         return cls()
 
     @classmethod
+    def respond(
+        cls, status: int, body: object = None, *, retry_after: str | None = None
+    ) -> Behaviour:
+        """Answer exactly ``status`` and ``body``, whatever was asked."""
+        return cls("status", status=status, body=body, retry_after=retry_after)
+
+    @classmethod
     def error(
         cls, status: int, body: object = None, *, retry_after: str | None = None
     ) -> Behaviour:
-        return cls("status", status=status, body=body, retry_after=retry_after)
+        """An error answer; ``body`` defaults to an OpenAI-shaped error object."""
+        return cls.respond(status, body, retry_after=retry_after)
 
     @classmethod
     def hang(cls) -> Behaviour:
@@ -259,6 +267,7 @@ class FakeUpstream:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
+        await asyncio.sleep(0)  # let the closed transports run their callbacks
 
     def _next_behaviour(self) -> Behaviour:
         with self._lock:

@@ -159,7 +159,7 @@ async def test_embeddings_are_returned_in_input_order(make_provider):
     """OpenAI may answer ``data`` out of order; ``index`` says where each belongs."""
     with FakeUpstream() as shuffled:
         shuffled.behave(
-            Behaviour.error(
+            Behaviour.respond(
                 200,
                 {"data": [{"index": 1, "embedding": [2.0]}, {"index": 0, "embedding": [1.0]}]},
             )

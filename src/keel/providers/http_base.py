@@ -11,6 +11,7 @@ failures become keel's error tree (see :mod:`keel.errors`)::
     HTTP >= 400 otherwise                                 -> UpstreamStatusError
     bad JSON, not SSE, stream ended before its end marker -> UpstreamProtocolError
     an error object inside a 200 stream                   -> UpstreamStatusError
+    keel's own rate limit exhausted (see RateLimiter)     -> UpstreamStatusError, code rate_limited
 
 A stream cut mid-way is a protocol error whatever the framing: with chunked
 encoding httpx notices the missing last chunk, with a close-delimited body the
@@ -197,6 +198,26 @@ def in_stream_error(error: object, provider: str) -> UpstreamStatusError:
     return UpstreamStatusError(
         f"error in stream: {_shorten(message)}", provider=provider, upstream_status=status
     )
+
+
+def text_field(container: JsonObject, key: str, provider: str) -> str:
+    """The text at ``key`` (missing or null is empty); anything else is a protocol error."""
+    value = container.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UpstreamProtocolError(f"expected text in {key!r}, got {value!r}", provider=provider)
+    return value
+
+
+def vector_of(value: object, provider: str) -> list[float]:
+    if not isinstance(value, list) or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in value
+    ):
+        raise UpstreamProtocolError(
+            f"embedding is not a list of numbers: {str(value)[:100]}", provider=provider
+        )
+    return [float(x) for x in value]
 
 
 # --- stream readers --------------------------------------------------------

@@ -19,8 +19,14 @@ from keel.providers.base import (
     EmbeddingProvider,
     ProviderInfo,
 )
-from keel.providers.http_base import HttpBacked, HttpUpstream, JsonObject, generation_fields
-from keel.providers.http_openai import text_field, vector_of
+from keel.providers.http_base import (
+    HttpBacked,
+    HttpUpstream,
+    JsonObject,
+    generation_fields,
+    text_field,
+    vector_of,
+)
 
 
 class LlamaCppCompletionProvider(HttpBacked, CompletionProvider):

@@ -22,7 +22,14 @@ from keel.providers.base import (
     GenerationParams,
     ProviderInfo,
 )
-from keel.providers.http_base import HttpBacked, HttpUpstream, JsonObject, generation_fields
+from keel.providers.http_base import (
+    HttpBacked,
+    HttpUpstream,
+    JsonObject,
+    generation_fields,
+    text_field,
+    vector_of,
+)
 
 OPENAI_STOP_LIMIT = 4
 """OpenAI's API refuses more than four stop sequences; keel stops on the rest itself."""
@@ -39,15 +46,6 @@ def first_choice(payload: JsonObject, provider: str) -> JsonObject | None:
         )
     choice: JsonObject = choices[0]
     return choice
-
-
-def text_field(container: JsonObject, key: str, provider: str) -> str:
-    value = container.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise UpstreamProtocolError(f"expected text in {key!r}, got {value!r}", provider=provider)
-    return value
 
 
 def sampling_body(
@@ -177,16 +175,6 @@ def embeddings_from_data(payload: Any, count: int, provider: str) -> list[list[f
             f"asked for {count} embeddings, got {len(vectors)}", provider=provider
         )
     return vectors
-
-
-def vector_of(value: object, provider: str) -> list[float]:
-    if not isinstance(value, list) or not all(
-        isinstance(x, int | float) and not isinstance(x, bool) for x in value
-    ):
-        raise UpstreamProtocolError(
-            f"embedding is not a list of numbers: {str(value)[:100]}", provider=provider
-        )
-    return [float(x) for x in value]
 
 
 class OpenAIEmbeddingProvider(HttpBacked, EmbeddingProvider):
