@@ -10,14 +10,18 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from keel import __version__
-from keel.api import openai, ops, tabby
+from keel.api import metrics, openai, ops, tabby
 from keel.api.body_limit import BodyLimitMiddleware
 from keel.api.errors import install_error_handlers
+from keel.api.metrics_middleware import MetricsMiddleware
 from keel.api.state import AppState
 from keel.config import Paths, Settings
 from keel.events import EventStore
+from keel.index.retrieve import RepositoryRetriever
+from keel.ops.metrics import Metrics
 from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers, build_providers
+from keel.router.service import Routing
 
 log = logging.getLogger("keel")
 
@@ -30,22 +34,37 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
         built = providers or build_providers(settings, paths)
         events = EventStore(paths.events_db)
         unique = built.unique()
+        app_metrics = Metrics()
+        app_metrics.track_providers(built)
         await asyncio.gather(*(provider.start() for provider in unique))
+        routing = Routing(settings, built, events=app_metrics)
+        retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
+        refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
         app.state.keel = AppState(
             settings=settings,
             paths=paths,
             providers=built,
+            routing=routing,
             completion=CompletionService(
-                built.completion,
+                routing.routers["completion"],
+                routing.admission["completion"],
                 max_input_length=settings.completion.max_input_length,
                 max_decoding_tokens=settings.completion.max_decoding_tokens,
                 timeout=settings.server.completion_timeout,
+                retriever=retriever,
             ),
             events=events,
+            metrics=app_metrics,
         )
+        routing.start_prober()
         try:
             yield
         finally:
+            retriever.stop()
+            refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresh
+            await routing.aclose()
             await asyncio.gather(*(provider.aclose() for provider in unique))
             events.close()
 
@@ -57,7 +76,9 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
     app.include_router(ops.router)
+    app.include_router(metrics.router)
     app.include_router(tabby.router)
     app.include_router(openai.router)
     return app

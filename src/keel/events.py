@@ -78,6 +78,21 @@ class EventStore:
             rows = self._db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall()
         return {str(kind): int(count) for kind, count in rows}
 
+    def _language_of(self, completion_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT language FROM events WHERE completion_id = ? AND kind = 'completion' "
+                "ORDER BY id DESC LIMIT 1",
+                (completion_id,),
+            ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    async def language_of(self, completion_id: str | None) -> str | None:
+        """The language of the completion keel served as ``completion_id``, if it did."""
+        if not completion_id:
+            return None
+        return await asyncio.to_thread(self._language_of, completion_id)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

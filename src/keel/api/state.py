@@ -9,8 +9,10 @@ from fastapi import Request
 
 from keel.config import Paths, Settings
 from keel.events import EventStore
+from keel.ops.metrics import Metrics
 from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers
+from keel.router.service import Routing
 
 
 @dataclass(slots=True)
@@ -18,8 +20,10 @@ class AppState:
     settings: Settings
     paths: Paths
     providers: Providers
+    routing: Routing
     completion: CompletionService
     events: EventStore
+    metrics: Metrics
     started_at: float = field(default_factory=time.time)
 
 

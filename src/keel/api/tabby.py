@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
+import uuid
 from functools import cache
 from typing import Any
 
@@ -14,34 +16,79 @@ from keel import __version__, build_info
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
 from keel.schemas.tabby import (
+    Choice,
     HealthModels,
     HealthState,
     LogEventRequest,
     ServerSetting,
     TabbyCompletionRequest,
+    TabbyCompletionResponse,
     Version,
 )
 
 router = APIRouter()
 
 
+def _editor_key(request: Request, body: TabbyCompletionRequest) -> tuple[str, str] | None:
+    """Which editor and file a completion is for: a newer one supersedes an older one."""
+    filepath = body.segments.filepath if body.segments is not None else None
+    if not filepath:
+        return None
+    who = request.headers.get("authorization") or (request.client.host if request.client else "")
+    return (f"{who}|{body.user or ''}|{request.headers.get('user-agent', '')}", filepath)
+
+
+def _superseded_response() -> TabbyCompletionResponse:
+    """What a superseded request gets: an empty completion, which editors just don't show."""
+    return TabbyCompletionResponse(id=f"cmpl-{uuid.uuid4()}", choices=[Choice(index=0, text="")])
+
+
 async def tabby_completion(request: Request, data: Any) -> Response:
     body = parse_model(TabbyCompletionRequest, data)
     state = app_state(request)
-    response = await state.completion.complete(body)
+    superseder = state.routing.superseder
+    key = _editor_key(request, body)
+    work = asyncio.create_task(state.completion.complete(body))
+    if key is not None:
+        superseder.claim(key, work)
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        if work.cancelled() and not _cancelling():
+            response = _superseded_response()
+            return JSONResponse(
+                response.model_dump(exclude_none=True), headers={"X-Keel-Superseded": "1"}
+            )
+        work.cancel()
+        raise
+    finally:
+        if key is not None:
+            superseder.release(key, work)
+    response = result.response
     await state.events.record(
         "completion",
         completion_id=response.id,
         language=body.language,
-        data={"provider": state.providers.completion.name, "chars": len(response.choices[0].text)},
+        data={"provider": result.provider, "chars": len(response.choices[0].text)},
     )
-    return JSONResponse(response.model_dump(exclude_none=True))
+    state.metrics.completion_event("served", body.language)
+    return JSONResponse(
+        response.model_dump(exclude_none=True), headers={"X-Keel-Provider": result.provider}
+    )
+
+
+def _cancelling() -> bool:
+    """Is this handler itself being cancelled (client gone, shutdown)?"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @router.post("/v1/events")
 async def log_event(request: Request, select_kind: str | None = None) -> Response:
     event = parse_model(LogEventRequest, await read_json(request))
-    await app_state(request).events.record(
+    state = app_state(request)
+    state.metrics.completion_event(event.type, await state.events.language_of(event.completion_id))
+    await state.events.record(
         event.type,
         completion_id=event.completion_id,
         choice_index=event.choice_index,
@@ -69,8 +116,8 @@ def health_state(request: Request) -> HealthState:
     providers = state.providers
     info = build_info()
     return HealthState(
-        model=providers.completion.info.model,
-        chat_model=providers.chat.info.model,
+        model=providers.for_role("completion").info.model,
+        chat_model=providers.for_role("chat").info.model,
         chat_device="cpu",
         device="cpu",
         arch=platform.machine(),
@@ -84,9 +131,9 @@ def health_state(request: Request) -> HealthState:
             git_describe=f"v{__version__}",
         ),
         models=HealthModels(
-            completion=providers.completion.info.model,
-            chat=providers.chat.info.model,
-            embedding=providers.embedding.info.model,
+            completion=providers.for_role("completion").info.model,
+            chat=providers.for_role("chat").info.model,
+            embedding=providers.for_role("embedding").info.model,
         ),
         webserver=False,
     )
@@ -105,4 +152,7 @@ async def server_setting() -> dict[str, object]:
 @router.get("/v1beta/models")
 async def beta_models(request: Request) -> dict[str, object]:
     providers = app_state(request).providers
-    return {"completion": [providers.completion.info.model], "chat": [providers.chat.info.model]}
+    return {
+        "completion": [providers.for_role("completion").info.model],
+        "chat": [providers.for_role("chat").info.model],
+    }

@@ -1,0 +1,394 @@
+"""Prometheus metrics: one :class:`Metrics` per app, owning its own registry.
+
+Built in the app's lifespan and kept on ``AppState``; nothing here is global,
+so two apps in one process (tests) never share a counter. Code that sees an
+event calls a plain method (``metrics.retry(provider)``); state that already
+lives elsewhere (worker processes, which provider serves a role) is read at
+scrape time by :class:`_ProviderCollector`, so it can never be stale.
+
+Every name the shipped alert rules use is exported here; a test scrapes a
+real keel and checks each name the rules reference, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from keel import build_info
+from keel.config import ROLES
+from keel.errors import KeelError
+from keel.pipeline.languages import get_language
+
+if TYPE_CHECKING:
+    from keel.providers.catalog import Providers
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+)  # fmt: skip
+"""Completions: a cached keystroke answers in milliseconds, a cold CPU prefill in tens
+of seconds; past 60 s the request has timed out anyway."""
+
+RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 200.0, 500.0, 1000.0)
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
+"""``keel_breaker_state`` values; the names are :class:`keel.router.breaker.BreakerState`'s."""
+
+WORKER_STATES = ("starting", "loading", "ready", "restarting", "failed", "stopped")
+USABLE_STATES = frozenset({"ok", "ready"})
+EVENT_TYPES = frozenset({"served", "view", "select", "dismiss"})
+
+
+def _supervisor_restarts(environ: Mapping[str, str]) -> int:
+    try:
+        return max(0, int(environ.get("KEEL_SUPERVISOR_RESTARTS", "0")))
+    except ValueError:
+        return 0
+
+
+def _language_label(language: str | None) -> str:
+    """The language's canonical name: a bounded label set, whatever the client sends."""
+    if not language:
+        return "unknown"
+    try:
+        return get_language(language).name
+    except KeelError:
+        return "unknown"
+
+
+class _ProviderCollector(Collector):
+    """Worker and readiness facts, read from the providers when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.providers: Providers | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "keel_worker_restarts",
+            "Times a local model worker process was restarted after it died.",
+            labels=["provider"],
+        )
+        state = GaugeMetricFamily(
+            "keel_worker_state",
+            "Local worker state: 1 for the state it is in, 0 for the others.",
+            labels=["provider", "state"],
+        )
+        loaded = GaugeMetricFamily(
+            "keel_model_loaded",
+            "1 when the provider's model is loaded and serving.",
+            labels=["provider", "model", "kind"],
+        )
+        role_ready = GaugeMetricFamily(
+            "keel_role_ready",
+            "1 when the role's provider can serve now (what /ready reports).",
+            labels=["role", "provider"],
+        )
+        count = GaugeMetricFamily("keel_models_loaded", "Models loaded and serving.")
+        providers = self.providers
+        total = 0
+        if providers is not None:
+            for provider in providers.unique():
+                status = provider.status()
+                current = str(status.get("state", "ok"))
+                usable = current in USABLE_STATES
+                total += usable
+                loaded.add_metric(
+                    [provider.name, provider.info.model, provider.info.kind], float(usable)
+                )
+                if "restarts" not in status:
+                    continue  # not a worker: HTTP backends have no process of ours
+                restarts.add_metric([provider.name], float(str(status["restarts"])))
+                for name in WORKER_STATES:
+                    state.add_metric([provider.name, name], float(name == current))
+            for role in ROLES:
+                provider = providers.for_role(role)
+                usable = str(provider.status().get("state", "ok")) in USABLE_STATES
+                role_ready.add_metric([role, provider.name], float(usable))
+        count.add_metric([], float(total))
+        yield from (restarts, state, loaded, role_ready, count)
+
+
+class Metrics:
+    """keel's metrics and the methods that feed them.
+
+    Method arguments are label values; keep them bounded (provider names from
+    the config, route templates, roles), never user input.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        ProcessCollector(registry=registry)
+        self._providers = _ProviderCollector()
+        registry.register(self._providers)
+
+        info = build_info()
+        self.build_info = Gauge(
+            "keel_build_info",
+            "Always 1; the labels say which keel this is.",
+            ["version", "git_sha"],
+            registry=registry,
+        )
+        self.build_info.labels(info["version"], info["git_sha"]).set(1)
+        self.start_time = Gauge(
+            "keel_start_time_seconds",
+            "When this keel process started (Unix time); changes() counts restarts.",
+            registry=registry,
+        )
+        self.start_time.set(time.time())
+        self.supervisor_restarts = Gauge(
+            "keel_supervisor_restarts",
+            "Restarts of keel by `keel serve --supervise` before this process.",
+            registry=registry,
+        )
+        self.supervisor_restarts.set(_supervisor_restarts(env))
+
+        self.requests = Counter(
+            "keel_requests",
+            "HTTP requests answered, by route template, role, provider and status.",
+            ["route", "method", "role", "provider", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "keel_request_duration_seconds",
+            "Time from request to the last byte of the response (whole stream).",
+            ["route", "role", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.generation_duration = Histogram(
+            "keel_generation_duration_seconds",
+            "Time a provider took for a whole generation.",
+            ["role", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "keel_time_to_first_token_seconds",
+            "Time until a provider produced its first piece of text.",
+            ["role", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "keel_generated_tokens",
+            "Tokens generated by providers.",
+            ["role", "provider"],
+            registry=registry,
+        )
+        self.tokens_per_second = Histogram(
+            "keel_generation_tokens_per_second",
+            "Decoding speed of one generation (tokens after the first / time after it).",
+            ["role", "provider"],
+            buckets=RATE_BUCKETS,
+            registry=registry,
+        )
+
+        self.breaker_state = Gauge(
+            "keel_breaker_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+            ["provider"],
+            registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "keel_breaker_transitions",
+            "Circuit breaker state changes, by the state entered.",
+            ["provider", "state"],
+            registry=registry,
+        )
+        self.provider_healthy = Gauge(
+            "keel_provider_healthy",
+            "1 when the provider's health check and live traffic say it works.",
+            ["provider"],
+            registry=registry,
+        )
+        self.auth_failed = Gauge(
+            "keel_provider_auth_failed",
+            "1 when the provider rejected keel's key (401/403); needs a person.",
+            ["provider"],
+            registry=registry,
+        )
+        self.health_check_seconds = Gauge(
+            "keel_health_check_duration_seconds",
+            "How long the last deep health check of the provider took.",
+            ["provider"],
+            registry=registry,
+        )
+        self.health_check_ok = Gauge(
+            "keel_health_check_ok",
+            "1 when the last deep health check of the provider generated a token in time.",
+            ["provider"],
+            registry=registry,
+        )
+
+        self.queue_depth_gauge = Gauge(
+            "keel_queue_depth",
+            "Requests waiting for a slot, per role.",
+            ["role"],
+            registry=registry,
+        )
+        self.queue_capacity_gauge = Gauge(
+            "keel_queue_capacity",
+            "Most requests that may wait per role before new ones are rejected.",
+            ["role"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "keel_rejections",
+            "Requests refused by admission control (429/503), by reason.",
+            ["role", "reason"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "keel_fallbacks",
+            "Requests moved from one provider to the next in the role's fallback chain.",
+            ["role", "from_provider", "to_provider"],
+            registry=registry,
+        )
+        self.serving_fallback = Gauge(
+            "keel_serving_fallback",
+            "1 while the role is served by a provider other than its primary.",
+            ["role"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "keel_retries",
+            "Retries of a failed call to a provider.",
+            ["provider"],
+            registry=registry,
+        )
+        self.completion_events = Counter(
+            "keel_completion_events",
+            "Completions served and the editor's view/select/dismiss events for them.",
+            ["type", "language"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "keel_config_reloads",
+            "Config reloads, by result (ok or error).",
+            ["result"],
+            registry=registry,
+        )
+        for role in ROLES:
+            self.serving_fallback.labels(role).set(0)
+            self.queue_depth_gauge.labels(role).set(0)
+        for kind in sorted(EVENT_TYPES):
+            self.completion_events.labels(kind, "unknown")
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
+
+    # wiring -----------------------------------------------------------------
+
+    def track_providers(self, providers: Providers) -> None:
+        """Read worker state and role readiness from ``providers`` at each scrape."""
+        self._providers.providers = providers
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything."""
+        return generate_latest(self.registry)
+
+    def names(self) -> Iterable[str]:
+        """Every sample name exported now (for tests and doctor)."""
+        for family in self.registry.collect():
+            for sample in family.samples:
+                yield sample.name
+
+    # requests ---------------------------------------------------------------
+
+    def request(
+        self,
+        *,
+        route: str,
+        method: str,
+        status: int,
+        seconds: float,
+        role: str = "",
+        provider: str = "",
+    ) -> None:
+        self.requests.labels(route, method, role, provider, str(status)).inc()
+        self.request_duration.labels(route, role, provider).observe(seconds)
+
+    def observe_generation(
+        self,
+        role: str,
+        provider: str,
+        seconds: float,
+        ttft: float | None,
+        tokens: int,
+    ) -> None:
+        """One finished generation: total time, time to first token, tokens produced."""
+        self.generation_duration.labels(role, provider).observe(seconds)
+        if ttft is not None:
+            self.time_to_first_token.labels(role, provider).observe(ttft)
+        if tokens > 0:
+            self.tokens.labels(role, provider).inc(tokens)
+        decoding = seconds - (ttft or 0.0)
+        if tokens > 1 and decoding > 0:
+            self.tokens_per_second.labels(role, provider).observe((tokens - 1) / decoding)
+
+    # router -----------------------------------------------------------------
+
+    def breaker_changed(self, provider: str, state: str) -> None:
+        """``state`` is 'closed', 'half_open' (or 'half-open') or 'open'."""
+        value = BREAKER_STATES.get(str(state))
+        if value is None:
+            raise ValueError(f"unknown breaker state {state!r}")
+        self.breaker_state.labels(provider).set(value)
+        self.breaker_transitions.labels(provider, str(state).replace("-", "_")).inc()
+
+    def provider_health(self, provider: str, healthy: bool) -> None:
+        self.provider_healthy.labels(provider).set(1 if healthy else 0)
+
+    def provider_auth_failed(self, provider: str, failed: bool) -> None:
+        self.auth_failed.labels(provider).set(1 if failed else 0)
+
+    def health_check(self, provider: str, seconds: float, ok: bool) -> None:
+        """A deep health check (one generated token) of ``provider`` finished."""
+        self.health_check_seconds.labels(provider).set(seconds)
+        self.health_check_ok.labels(provider).set(1 if ok else 0)
+
+    def fallback(self, role: str, from_provider: str, to_provider: str) -> None:
+        self.fallbacks.labels(role, from_provider, to_provider).inc()
+
+    def fallback_active(self, role: str, active: bool) -> None:
+        """Whether ``role`` is now served by a provider other than its primary."""
+        self.serving_fallback.labels(role).set(1 if active else 0)
+
+    def retry(self, provider: str) -> None:
+        self.retries.labels(provider).inc()
+
+    def rejected(self, role: str, reason: str) -> None:
+        self.rejections.labels(role, reason).inc()
+
+    def queue_depth(self, role: str, n: int) -> None:
+        self.queue_depth_gauge.labels(role).set(n)
+
+    def queue_capacity(self, role: str, n: int) -> None:
+        self.queue_capacity_gauge.labels(role).set(n)
+
+    # events and config ------------------------------------------------------
+
+    def completion_event(self, kind: str, language: str | None) -> None:
+        """``kind``: 'served' (keel answered) or the editor's 'view'/'select'/'dismiss'."""
+        if kind not in EVENT_TYPES:
+            kind = "other"
+        self.completion_events.labels(kind, _language_label(language)).inc()
+
+    def config_reload(self, ok: bool) -> None:
+        self.config_reloads.labels("ok" if ok else "error").inc()

@@ -1,0 +1,132 @@
+"""Metrics: the methods feed the right series; a real keel exports them on /metrics."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from keel import build_info
+from keel.ops.metrics import Metrics
+from tests.conftest import KeelProcess
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+def test_each_metrics_object_has_its_own_registry() -> None:
+    first, second = Metrics(environ={}), Metrics(environ={})
+    first.retry("a")
+    assert value(first.render().decode(), "keel_retries_total", provider="a") == 1
+    assert ("keel_retries_total", frozenset({("provider", "a")})) not in samples(
+        second.render().decode()
+    )
+
+
+def test_router_methods_feed_their_series() -> None:
+    metrics = Metrics(environ={"KEEL_SUPERVISOR_RESTARTS": "3"})
+    metrics.breaker_changed("up", "open")
+    metrics.breaker_changed("down", "half_open")
+    metrics.provider_health("up", False)
+    metrics.provider_auth_failed("up", True)
+    metrics.fallback("chat", "up", "down")
+    metrics.fallback_active("chat", True)
+    metrics.retry("up")
+    metrics.rejected("completion", "queue_full")
+    metrics.queue_depth("completion", 7)
+    metrics.queue_capacity("completion", 8)
+    metrics.observe_generation("completion", "up", 2.0, 0.5, 31)
+    metrics.health_check("up", 0.25, True)
+    metrics.config_reload(False)
+    text = metrics.render().decode()
+    assert value(text, "keel_breaker_state", provider="up") == 2
+    assert value(text, "keel_breaker_state", provider="down") == 1
+    assert value(text, "keel_provider_healthy", provider="up") == 0
+    assert value(text, "keel_provider_auth_failed", provider="up") == 1
+    assert (
+        value(text, "keel_fallbacks_total", role="chat", from_provider="up", to_provider="down")
+        == 1
+    )
+    assert value(text, "keel_serving_fallback", role="chat") == 1
+    assert value(text, "keel_serving_fallback", role="completion") == 0
+    assert value(text, "keel_retries_total", provider="up") == 1
+    assert value(text, "keel_rejections_total", role="completion", reason="queue_full") == 1
+    assert value(text, "keel_queue_depth", role="completion") == 7
+    assert value(text, "keel_queue_capacity", role="completion") == 8
+    assert value(text, "keel_generated_tokens_total", role="completion", provider="up") == 31
+    ttft = {"role": "completion", "provider": "up"}
+    assert value(text, "keel_time_to_first_token_seconds_bucket", le="0.5", **ttft) == 1
+    assert value(text, "keel_time_to_first_token_seconds_bucket", le="0.25", **ttft) == 0
+    # 30 tokens after the first in 1.5 s
+    assert value(text, "keel_generation_tokens_per_second_bucket", le="20.0", **ttft) == 1
+    assert value(text, "keel_generation_tokens_per_second_bucket", le="10.0", **ttft) == 0
+    assert value(text, "keel_health_check_duration_seconds", provider="up") == 0.25
+    assert value(text, "keel_config_reloads_total", result="error") == 1
+    assert value(text, "keel_supervisor_restarts") == 3
+
+
+def test_unknown_breaker_state_is_an_error() -> None:
+    with pytest.raises(ValueError, match="ajar"):
+        Metrics(environ={}).breaker_changed("p", "ajar")
+
+
+def test_event_languages_are_canonical_and_bounded() -> None:
+    metrics = Metrics(environ={})
+    metrics.completion_event("view", "Python")
+    metrics.completion_event("view", "no-such-language-" + "x" * 40)
+    metrics.completion_event("view", None)
+    text = metrics.render().decode()
+    assert value(text, "keel_completion_events_total", type="view", language="python") == 1
+    assert value(text, "keel_completion_events_total", type="view", language="unknown") == 2
+
+
+@pytest.mark.integration
+def test_a_real_keel_counts_requests_workers_and_events(keel_server: KeelProcess) -> None:
+    with keel_server.client() as client:
+        before = samples(client.get("/metrics").text)
+        served = client.post(
+            "/v1/completions",
+            json={"language": "python", "segments": {"prefix": "def add(a, b):\n"}},
+        )
+        assert served.status_code == 200, served.text
+        completion_id = served.json()["id"]
+        for kind in ("view", "select"):
+            event = {"type": kind, "completion_id": completion_id, "choice_index": 0}
+            assert client.post("/v1/events", json=event).status_code == 200
+        assert client.get("/no/such/route").status_code == 404
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    after = samples(response.text)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    provider = httpx.get(f"{keel_server.url}/ready").json()["roles"]["completion"]["provider"]
+    request = {"route": "/v1/completions", "method": "POST", "role": "completion"}
+    assert grew("keel_requests_total", provider=provider, status="200", **request) == 1
+    assert (
+        grew("keel_requests_total", route="other", method="GET", role="", provider="", status="404")
+        == 1
+    )
+    for kind in ("served", "view", "select"):
+        assert grew("keel_completion_events_total", type=kind, language="python") == 1
+    assert (
+        after[("keel_worker_state", frozenset({("provider", provider), ("state", "ready")}))] == 1
+    )
+    assert after[("keel_worker_restarts_total", frozenset({("provider", provider)}))] == 0
+    assert after[("keel_role_ready", frozenset({("role", "chat"), ("provider", provider)}))] == 1
+    assert after[("keel_models_loaded", frozenset())] >= 1
+    info = build_info()
+    build = frozenset({("version", info["version"]), ("git_sha", info["git_sha"])})
+    assert after[("keel_build_info", build)] == 1
