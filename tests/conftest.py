@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fakes.fixtures import dead_url, upstream  # noqa: F401
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 

@@ -100,6 +100,17 @@ class HttpModelConfig(_Section):
         None, description="Accepted for Tabby compatibility."
     )
     rate_limit: RateLimit = Field(default_factory=lambda: RateLimit(request_per_minute=1200))
+    api_endpoints: list[str] | None = Field(
+        None,
+        description="Replicas of this backend, balanced by least outstanding requests "
+        "(instead of api_endpoint).",
+    )
+    first_token_timeout: float | None = Field(
+        None, gt=0, description="Seconds to the first token (default per role)."
+    )
+    between_tokens_timeout: float | None = Field(
+        None, gt=0, description="Seconds a stream may stall (default per role)."
+    )
 
     @field_validator("api_endpoint")
     @classmethod
@@ -107,6 +118,22 @@ class HttpModelConfig(_Section):
         if value is not None and not re.match(r"^https?://", value):
             raise ValueError("must start with http:// or https://")
         return value
+
+    @field_validator("api_endpoints")
+    @classmethod
+    def _endpoints_are_urls(cls, value: list[str] | None) -> list[str] | None:
+        for endpoint in value or []:
+            if not re.match(r"^https?://", endpoint):
+                raise ValueError(f"{endpoint!r} must start with http:// or https://")
+        if value is not None and not value:
+            raise ValueError("list at least one endpoint")
+        return value
+
+    def replicas(self) -> list[HttpModelConfig]:
+        """One config per endpoint: ``api_endpoints`` expanded, or just this one."""
+        if not self.api_endpoints:
+            return [self]
+        return [self.model_copy(update={"api_endpoint": e}) for e in self.api_endpoints]
 
 
 class LocalModelConfig(_Section):
@@ -126,6 +153,12 @@ class LocalModelConfig(_Section):
     enable_fast_attention: bool = Field(False, description="Accepted for Tabby compatibility.")
     prompt_template: str | None = Field(
         None, description="FIM template override; by default chosen from the model's family."
+    )
+    first_token_timeout: float | None = Field(
+        None, gt=0, description="Seconds to the first token (default per role)."
+    )
+    between_tokens_timeout: float | None = Field(
+        None, gt=0, description="Seconds a stream may stall (default per role)."
     )
 
 
@@ -155,6 +188,21 @@ class RoleConfig(_Section):
         "[model.<role>.http] (with 'kind') or [model.<role>.local] (with 'model_id').",
     )
 
+    embedded_last_resort: bool | None = Field(
+        None,
+        description="Append the embedded model to the chain as the last resort "
+        "(default: true for completion, false for chat and embedding).",
+    )
+    max_concurrent: int = Field(
+        8, ge=1, le=4096, description="Requests of this role served at once."
+    )
+    queue_size: int = Field(
+        64, ge=0, le=100000, description="Requests that may wait for a slot (429 beyond)."
+    )
+    queue_timeout: float = Field(
+        10.0, gt=0, description="Seconds a request may wait for a slot (429 after)."
+    )
+
     @model_validator(mode="after")
     def _one_primary(self) -> RoleConfig:
         if self.local is not None and self.http is not None:
@@ -178,6 +226,36 @@ class ModelsConfig(_Section):
         return config
 
 
+class RoutingConfig(_Section):
+    """Circuit breakers, retries and health checks, for every provider."""
+
+    breaker_consecutive_failures: int = Field(
+        5, ge=1, description="Consecutive failures that open a provider's breaker."
+    )
+    breaker_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="Failure share over the window that opens the breaker."
+    )
+    breaker_min_volume: int = Field(
+        20, ge=1, description="Requests in the window before the failure rate counts."
+    )
+    breaker_window_seconds: float = Field(60.0, gt=0, description="Rolling window, seconds.")
+    breaker_cooldown_seconds: float = Field(
+        60.0, gt=0, description="Seconds an open breaker refuses before one probe."
+    )
+    retry_attempts_per_provider: int = Field(
+        2, ge=1, le=10, description="Attempts on one provider before falling back."
+    )
+    retry_budget_ratio: float = Field(
+        0.2, ge=0, le=1, description="Retries allowed as a share of recent requests."
+    )
+    probe_interval_seconds: float = Field(
+        30.0, gt=0, description="Seconds between background health checks of each provider."
+    )
+    probe_timeout_seconds: float = Field(
+        10.0, gt=0, description="A health check (one generated token) fails after this."
+    )
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8080, ge=1, le=65535, description="Port to bind; a busy port is an error.")
@@ -199,9 +277,39 @@ class CompletionConfig(_Section):
 
 
 class RepositoryConfig(_Section):
-    name: str
-    path: str | None = None
-    git_url: str | None = None
+    """``[[repositories]]``: a code base whose chunks completions may show the model."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Short name, also the index directory under <data root>/index.",
+    )
+    path: str | None = Field(
+        None, description="Local checkout to index; requests for files under it use it."
+    )
+    git_url: str | None = Field(
+        None,
+        description="Remote URL; requests whose segments.git_url matches (any scheme) use it.",
+    )
+
+
+class IndexConfig(_Section):
+    refresh_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds between background refreshes of the repository index "
+        "(changed files only); 0 builds it once at startup and never refreshes.",
+    )
+    max_file_bytes: int = Field(
+        1_000_000, ge=1024, description="Larger files are skipped when indexing."
+    )
+    max_snippets: int = Field(
+        4, ge=0, le=32, description="Most repository snippets retrieved for one completion."
+    )
+    min_score: float = Field(
+        2.0,
+        ge=0,
+        description="BM25 score a chunk needs to be shown; higher means fewer, surer snippets.",
+    )
 
 
 class Settings(_Section):
@@ -210,7 +318,9 @@ class Settings(_Section):
     model: ModelsConfig = Field(default_factory=ModelsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     completion: CompletionConfig = Field(default_factory=CompletionConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     repositories: list[RepositoryConfig] = Field(default_factory=list)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     # Tabby sections keel accepts and does not use.
     answer: dict[str, Any] | None = None
     anonymous_usage_tracking: dict[str, Any] | None = Field(None, alias="anonymousUsageTracking")
@@ -239,6 +349,10 @@ class Paths:
     @property
     def events_db(self) -> Path:
         return self.root / "events.sqlite3"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -10,6 +10,7 @@ import base64
 import struct
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -19,8 +20,18 @@ from keel.api.errors import parse_model, read_json, read_model
 from keel.api.state import AppState, app_state
 from keel.api.streaming import collect, stream_response, with_timeout
 from keel.api.tabby import tabby_completion
+from keel.config import Role
 from keel.pipeline.prompt import render_template
-from keel.providers.base import ChatCall, ChatProvider, CompletionCall, EmbeddingProvider
+from keel.providers.base import (
+    ChatCall,
+    ChatProvider,
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    Provider,
+    close_stream,
+)
+from keel.router.router import Route, StartStream
 from keel.schemas.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter()
@@ -31,6 +42,20 @@ def _finish_reason(count: int, max_tokens: int) -> str:
     return "length" if count >= max_tokens else "stop"
 
 
+async def routed(
+    state: AppState, role: Role, start: StartStream, timeout: float
+) -> AsyncIterator[str]:
+    """A role's stream through admission and its router, bounded by ``timeout`` in all."""
+    async with state.routing.admission[role].slot():
+        router = state.routing.routers[role]
+        pieces = with_timeout(router.stream(start, Route()), timeout, role)
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            await close_stream(pieces)
+
+
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request) -> Response:
     data = await read_json(request)
@@ -38,22 +63,21 @@ async def completions(request: Request) -> Response:
         return await tabby_completion(request, data)
     body = parse_model(CompletionRequest, data)
     state = app_state(request)
-    provider = state.providers.completion
     params = body.to_params(state.settings.completion.max_decoding_tokens)
-    prompt, suffix = body.prompt_text(), body.suffix
-    if suffix and not provider.supports_suffix:
-        if provider.prompt_template is not None:
-            prompt = render_template(provider.prompt_template, prompt, suffix)
-        suffix = None
-    model = body.model or provider.info.model
+
+    async def start(provider: Provider, _shrink: bool) -> AsyncIterator[str]:
+        assert isinstance(provider, CompletionProvider)
+        prompt, suffix = body.prompt_text(), body.suffix
+        if suffix and not provider.supports_suffix:
+            if provider.prompt_template is not None:
+                prompt = render_template(provider.prompt_template, prompt, suffix)
+            suffix = None
+        return provider.stream_completion(CompletionCall(prompt, params, suffix or None))
+
+    model = body.model or state.providers.for_role("completion").info.model
     created = int(time.time())
     completion_id = f"cmpl-{uuid.uuid4()}"
-    timeout = state.settings.server.completion_timeout
-    pieces = with_timeout(
-        provider.stream_completion(CompletionCall(prompt, params, suffix or None)),
-        timeout,
-        provider.name,
-    )
+    pieces = routed(state, "completion", start, state.settings.server.completion_timeout)
 
     def envelope(text: str, finish_reason: str | None) -> dict[str, object]:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -82,16 +106,18 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     state: AppState = app_state(request)
-    provider: ChatProvider = state.providers.chat
     params = body.to_params(512)
-    model = body.model or provider.info.model
+    call = ChatCall(body.to_messages(), params)
+
+    async def start(provider: Provider, _shrink: bool) -> AsyncIterator[str]:
+        assert isinstance(provider, ChatProvider)
+        return provider.stream_chat(call)
+
+    model = body.model or state.providers.for_role("chat").info.model
     created = int(time.time())
     completion_id = f"chatcmpl-{uuid.uuid4()}"
-    pieces = with_timeout(
-        provider.stream_chat(ChatCall(body.to_messages(), params)),
-        max(state.settings.server.completion_timeout, 120.0),
-        provider.name,
-    )
+    timeout = max(state.settings.server.completion_timeout, 300.0)
+    pieces = routed(state, "chat", start, timeout)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, object]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -139,9 +165,15 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 @router.post("/v1/embeddings")
 async def embeddings(request: Request) -> JSONResponse:
     body = await read_model(request, EmbeddingRequest)
-    provider: EmbeddingProvider = app_state(request).providers.embedding
+    state = app_state(request)
     texts = body.texts()
-    vectors = await provider.embed(texts)
+
+    async def run(provider: Provider) -> list[list[float]]:
+        assert isinstance(provider, EmbeddingProvider)
+        return await provider.embed(texts)
+
+    async with state.routing.admission["embedding"].slot():
+        vectors = await state.routing.routers["embedding"].call(run, Route())
     tokens = sum(len(text) // 4 + 1 for text in texts)
     return JSONResponse(
         {
@@ -150,7 +182,7 @@ async def embeddings(request: Request) -> JSONResponse:
                 {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
                 for i, v in enumerate(vectors)
             ],
-            "model": body.model or provider.info.model,
+            "model": body.model or state.providers.for_role("embedding").info.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )

@@ -17,17 +17,41 @@ async def liveness() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.get("/health/deep")
+async def deep_health(request: Request) -> JSONResponse:
+    """200 when each role's provider generated a token within the timeout, else 503.
+
+    Findings are cached for a few seconds (``age_seconds`` says how old), so
+    polling this is cheap; the probe itself is real work.
+    """
+    state = app_state(request)
+    findings = await state.deep_health.check(state.providers, state.metrics)
+    now = state.deep_health.now()
+    ok = all(finding.ok for finding in findings)
+    body = {
+        "status": "ok" if ok else "failing",
+        "ttl_seconds": state.deep_health.ttl,
+        "roles": {finding.role: finding.to_json(now) for finding in findings},
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
 @router.get("/ready")
 async def readiness(request: Request) -> JSONResponse:
     """200 when every role has a provider that can serve now, else 503 naming why."""
-    providers = app_state(request).providers
+    state = app_state(request)
     roles: dict[str, dict[str, object]] = {}
     ready = True
     for role in ROLES:
-        provider = providers.for_role(role)
-        status = provider.status()
-        usable = status.get("state") in {"ok", "ready"}
+        provider = state.providers.for_role(role)
+        usable = state.routing.routers[role].any_usable()
         ready = ready and usable
-        roles[role] = {"provider": provider.name, **status}
+        roles[role] = {"provider": provider.name, "usable": usable, **provider.status()}
     body = {"status": "ready" if ready else "not_ready", "roles": roles}
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/v1/providers")
+async def providers(request: Request) -> dict[str, object]:
+    """Each provider's breaker, health, last error and recent latency, per role."""
+    return app_state(request).routing.snapshot()

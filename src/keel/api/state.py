@@ -9,6 +9,7 @@ from fastapi import Request
 
 from keel.config import Paths, Settings
 from keel.events import EventStore
+from keel.ops.health import DeepHealth
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers
@@ -25,6 +26,7 @@ class AppState:
     events: EventStore
     metrics: Metrics
     started_at: float = field(default_factory=time.time)
+    deep_health: DeepHealth = field(default_factory=DeepHealth)
 
 
 def app_state(request: Request) -> AppState:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from keel.errors import RequestError, UpstreamTimeout
 from keel.pipeline.languages import Language, get_language, stop_words
@@ -32,8 +33,11 @@ from keel.providers.base import (
     CompletionCall,
     CompletionProvider,
     GenerationParams,
+    Provider,
     close_stream,
 )
+from keel.router.admission import Admission
+from keel.router.router import RoleRouter, Route
 from keel.schemas.tabby import (
     Choice,
     DebugData,
@@ -50,6 +54,14 @@ class BuiltPrompt:
     prompt: str
     suffix: str | None
     snippets: list[Snippet]
+
+
+class SnippetRetriever(Protocol):
+    """Finds code related to the cursor elsewhere in the request's repository (keel.index)."""
+
+    async def retrieve(
+        self, *, prefix: str, filepath: str | None, git_url: str | None
+    ) -> list[Snippet]: ...
 
 
 def _client_snippets(request: TabbyCompletionRequest) -> list[Snippet]:
@@ -113,14 +125,17 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 async def generate_text(
-    stream: AsyncIterator[str], stops: Sequence[str], timeout: float, provider: str
+    stream: AsyncIterator[str],
+    stops: Callable[[], Sequence[str]],
+    timeout: float,
+    provider: str,
 ) -> str:
     """Collect a stream until a stop word, closing it early (which cancels upstream work)."""
     text = ""
     try:
         async with asyncio.timeout(timeout):
             async for piece in stream:
-                text, stopped = cut_at_stop(text + piece, stops)
+                text, stopped = cut_at_stop(text + piece, stops())
                 if stopped:
                     break
     except TimeoutError:
@@ -132,28 +147,69 @@ async def generate_text(
     return text
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """What the router's current attempt built, for the steps after generation."""
+
+    built: BuiltPrompt | None = None
+    stops: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionResult:
+    response: TabbyCompletionResponse
+    provider: str
+    """Name of the provider that served it (after any fallback)."""
+
+
 class CompletionService:
+    """Tabby completions through the completion role's router.
+
+    The prompt is built per attempt, because templates, tokenizers and budgets
+    belong to the provider the router picks; under load (requests queueing)
+    the budget and decoding limit shrink before anything is refused.
+    """
+
     def __init__(
         self,
-        provider: CompletionProvider,
+        router: RoleRouter,
+        admission: Admission,
         *,
         max_input_length: int,
         max_decoding_tokens: int,
         timeout: float,
+        retriever: SnippetRetriever | None = None,
     ) -> None:
-        self.provider = provider
-        self.max_input_length = min(max_input_length, provider.max_input_length or max_input_length)
+        self.router = router
+        self.admission = admission
+        self.max_input_length = max_input_length
         self.max_decoding_tokens = max_decoding_tokens
         self.timeout = timeout
+        self.retriever = retriever
 
-    async def complete(self, request: TabbyCompletionRequest) -> TabbyCompletionResponse:
+    async def _repository_snippets(
+        self, request: TabbyCompletionRequest, prefix: str
+    ) -> list[Snippet]:
+        """Retrieved snippets go after the client's (declarations, then client scores)."""
+        segments, debug = request.segments, request.debug_options
+        if self.retriever is None or segments is None:
+            return []
+        if debug is not None and (
+            debug.raw_prompt is not None or debug.disable_retrieval_augmented_code_completion
+        ):
+            return []
+        return await self.retriever.retrieve(
+            prefix=prefix, filepath=segments.filepath, git_url=segments.git_url
+        )
+
+    async def complete(self, request: TabbyCompletionRequest) -> CompletionResult:
         language = get_language(request.language or "unknown")
         debug = request.debug_options
         segments = request.segments
+        raw_prompt = debug.raw_prompt if debug is not None else None
         crlf = False
-        if debug is not None and debug.raw_prompt is not None:
-            built = BuiltPrompt(debug.raw_prompt, None, [])
-            prefix, suffix = debug.raw_prompt, ""
+        if raw_prompt is not None:
+            prefix, suffix = raw_prompt, ""
         elif segments is not None:
             prefix, crlf = normalize_newlines(segments.prefix)
             suffix, _ = normalize_newlines(segments.suffix or "")
@@ -163,36 +219,55 @@ class CompletionService:
                     "to complete from; send the text before (and after) the cursor",
                     param="segments.prefix",
                 )
-            built = await build_prompt(
-                self.provider,
-                language,
-                prefix,
-                suffix,
-                _client_snippets(request),
-                self.max_input_length,
-            )
         else:
             raise RequestError(
                 "either 'segments' (prefix and suffix around the cursor) or "
                 "'debug_options.raw_prompt' is required",
                 param="segments",
             )
+        snippets = _client_snippets(request) + await self._repository_snippets(request, prefix)
+        attempt = _Attempt()
 
-        stops = stop_words(language, self.provider.stop_words)
-        params = GenerationParams(
-            max_tokens=self.max_decoding_tokens,
-            temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
-            stop=tuple(stops),
-            seed=request.seed,
-        )
-        stream = self.provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
-        raw = await generate_text(stream, stops, self.timeout, self.provider.name)
+        async def start(provider: Provider, shrink: bool) -> AsyncIterator[str]:
+            assert isinstance(provider, CompletionProvider)
+            pressured = self.admission.under_pressure
+            budget = min(self.max_input_length, provider.max_input_length or self.max_input_length)
+            if shrink or pressured:
+                budget //= 2
+            if raw_prompt is not None:
+                built = BuiltPrompt(raw_prompt, None, [])
+            else:
+                chosen = [] if pressured else snippets
+                built = await build_prompt(provider, language, prefix, suffix, chosen, budget)
+            attempt.built = built
+            attempt.stops = stop_words(language, provider.stop_words)
+            max_tokens = self.max_decoding_tokens
+            params = GenerationParams(
+                max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,
+                temperature=DEFAULT_TEMPERATURE
+                if request.temperature is None
+                else request.temperature,
+                stop=tuple(attempt.stops),
+                seed=request.seed,
+            )
+            return provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
+
+        route = Route()
+        async with self.admission.slot():
+            raw = await generate_text(
+                self.router.stream(start, route), lambda: attempt.stops, self.timeout, "completion"
+            )
         text = postprocess(raw, prefix=prefix, suffix=suffix, language=language)
         response = TabbyCompletionResponse(
             id=f"cmpl-{uuid.uuid4()}",
             choices=[Choice(index=0, text=restore_newlines(text, crlf))],
         )
-        if debug is not None and (debug.return_prompt or debug.return_snippets):
+        built = attempt.built
+        if (
+            built is not None
+            and debug is not None
+            and (debug.return_prompt or debug.return_snippets)
+        ):
             response.debug_data = DebugData(
                 prompt=built.prompt if debug.return_prompt else None,
                 snippets=[
@@ -202,4 +277,5 @@ class CompletionService:
                 if debug.return_snippets
                 else None,
             )
-        return response
+        served = route.provider.name if route.provider is not None else "none"
+        return CompletionResult(response, served)

@@ -1,9 +1,9 @@
-"""Build the providers each role uses from the settings.
+"""Build every provider the config names, role by role, chain by chain.
 
-Local models that several roles share run in one worker (completion and chat
-on the embedded model); embeddings need a context loaded for embeddings and
-get their own. Fallback entries are validated by the config and used by the
-router; this module builds the primaries.
+Local models that several roles or chains share run in one worker
+(completion and chat on the embedded model); embeddings need a context
+loaded for embeddings and get their own. An HTTP provider with several
+``api_endpoints`` becomes one provider per replica, grouped.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from keel.config import (
+    EMBEDDED_MODEL_ID,
     ROLES,
     HttpModelConfig,
     LocalModelConfig,
@@ -20,53 +21,63 @@ from keel.config import (
     Settings,
 )
 from keel.models.registry import resolve_model
-from keel.providers.base import ChatProvider, CompletionProvider, EmbeddingProvider, Provider
+from keel.providers.base import Provider
 from keel.providers.http import build_http_provider
 from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 
 
 @dataclass(frozen=True, slots=True)
-class Providers:
-    completion: CompletionProvider
-    chat: ChatProvider
-    embedding: EmbeddingProvider
+class ProviderEntry:
+    """One provider in a role's chain, with the config it came from."""
 
-    def for_role(self, role: Role) -> Provider:
-        provider: Provider = getattr(self, role)
-        return provider
+    provider: Provider
+    config: ProviderConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Providers:
+    chains: dict[Role, list[list[ProviderEntry]]]
+    """Per role: the groups in fallback order; each group holds a provider's replicas."""
 
     def unique(self) -> list[Provider]:
         seen: dict[int, Provider] = {}
         for role in ROLES:
-            provider = self.for_role(role)
-            seen.setdefault(id(provider), provider)
+            for group in self.chains[role]:
+                for entry in group:
+                    seen.setdefault(id(entry.provider), entry.provider)
         return list(seen.values())
+
+    def for_role(self, role: Role) -> Provider:
+        """The role's primary provider."""
+        return self.chains[role][0][0].provider
+
+
+def _wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: bool | None) -> bool:
+    enabled = role == "completion" if flag is None else flag
+    already = any(
+        isinstance(config, LocalModelConfig) and config.model_id == EMBEDDED_MODEL_ID
+        for config in chain
+    )
+    return enabled and not already
 
 
 def build_providers(settings: Settings, paths: Paths) -> Providers:
+    """Raises MissingDependency for a model file that cannot be found, ConfigError for
+    an HTTP table that cannot work (no endpoint, no model where one is required)."""
     workers: dict[WorkerSpec, LocalProvider] = {}
-    built: dict[Role, Provider] = {}
     timeout = settings.server.completion_timeout
-    for role in ROLES:
-        config: ProviderConfig = settings.model.role(role).primary()
-        if isinstance(config, HttpModelConfig):
-            built[role] = build_http_provider(
-                role, config, name=f"{role}/{config.kind}", timeout=timeout
-            )
-            continue
-        assert isinstance(config, LocalModelConfig)
-        path = resolve_model(config.model_id, paths)
+
+    def local(role: Role, config: LocalModelConfig) -> LocalProvider:
         spec = WorkerSpec(
-            model_path=str(path),
+            model_path=str(resolve_model(config.model_id, paths)),
             context_size=config.context_size,
             threads=config.threads,
             gpu_layers=config.num_gpu_layers,
             embedding=role == "embedding",
         )
         if spec not in workers:
-            suffix = "/embedding" if spec.embedding else ""
-            name = f"local/{config.model_id}{suffix}"
+            name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
             workers[spec] = LocalProvider(
                 WorkerSupervisor(spec, name=name),
                 name=name,
@@ -74,9 +85,34 @@ def build_providers(settings: Settings, paths: Paths) -> Providers:
                 ready_timeout=max(timeout, 60.0),
                 prompt_template=config.prompt_template,
             )
-        built[role] = workers[spec]
-    completion, chat, embedding = built["completion"], built["chat"], built["embedding"]
-    assert isinstance(completion, CompletionProvider)
-    assert isinstance(chat, ChatProvider)
-    assert isinstance(embedding, EmbeddingProvider)
-    return Providers(completion, chat, embedding)
+        return workers[spec]
+
+    chains: dict[Role, list[list[ProviderEntry]]] = {}
+    for role in ROLES:
+        role_config = settings.model.role(role)
+        configs = role_config.chain()
+        if _wants_embedded_last_resort(role, configs, role_config.embedded_last_resort):
+            configs.append(LocalModelConfig())
+        groups: list[list[ProviderEntry]] = []
+        for index, config in enumerate(configs):
+            if isinstance(config, LocalModelConfig):
+                groups.append([ProviderEntry(local(role, config), config)])
+                continue
+            label = "" if index == 0 else f"#{index}"
+            replicas = config.replicas()
+            group = []
+            for replica in replicas:
+                name = f"{role}/{config.kind}{label}"
+                if len(replicas) > 1:
+                    name += f"@{replica.api_endpoint}"
+                provider = build_http_provider(role, replica, name=name, timeout=timeout)
+                group.append(ProviderEntry(provider, replica))
+            groups.append(group)
+        chains[role] = groups
+    return Providers(chains)
+
+
+def provider_config_label(config: ProviderConfig) -> str:
+    if isinstance(config, HttpModelConfig):
+        return f"{config.kind} {config.api_endpoint or ''}".strip()
+    return f"local:{config.model_id}"

@@ -1,0 +1,90 @@
+"""Admission control: a concurrency limit and a bounded queue per role, and
+superseding (a newer completion from the same editor for the same file
+cancels the older one, which the user no longer waits for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from keel.errors import KeelError
+
+
+class Overloaded(KeelError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+
+class Admission:
+    def __init__(self, role: str, *, max_concurrent: int, queue_size: int, queue_timeout: float):
+        self.role = role
+        self.max_concurrent = max_concurrent
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self.active = 0
+        self.waiting = 0
+        self.rejected = 0
+
+    @property
+    def under_pressure(self) -> bool:
+        """Requests are queueing: serve smaller work (less context, fewer tokens) first."""
+        return self.waiting > 0
+
+    def _reject(self, why: str) -> Overloaded:
+        self.rejected += 1
+        return Overloaded(
+            f"{self.role}: {why} ({self.active} running, {self.waiting} waiting); retry shortly",
+            retry_after=max(1.0, self.queue_timeout / 2),
+        )
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._slots.locked() and self.waiting >= self.queue_size:
+            raise self._reject("queue full")
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise self._reject(f"no slot within {self.queue_timeout:.0f}s") from None
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._slots.release()
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "max_concurrent": self.max_concurrent,
+            "active": self.active,
+            "waiting": self.waiting,
+            "queue_size": self.queue_size,
+            "rejected": self.rejected,
+        }
+
+
+class Superseder:
+    """Tracks the running request per key; a new one cancels the old."""
+
+    def __init__(self) -> None:
+        self._running: dict[Any, asyncio.Task[Any]] = {}
+        self.superseded = 0
+
+    def claim(self, key: Any, task: asyncio.Task[Any]) -> None:
+        previous = self._running.get(key)
+        if previous is not None and previous is not task and not previous.done():
+            previous.cancel("superseded")
+            self.superseded += 1
+        self._running[key] = task
+
+    def release(self, key: Any, task: asyncio.Task[Any]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]

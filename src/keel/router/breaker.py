@@ -1,0 +1,144 @@
+"""A circuit breaker per provider endpoint: closed, open, half-open.
+
+Closed lets everything through and counts outcomes. It opens after
+``consecutive_failures`` failures in a row, or when the failure rate over the
+last ``window`` seconds reaches ``failure_rate`` with at least ``min_volume``
+outcomes. Open refuses everything for ``cooldown`` seconds, then the breaker
+is half-open: exactly one probe goes through; its success closes the breaker,
+its failure opens it again for another cooldown.
+
+Only upstream failures count. Client errors and cancelled requests release
+the probe slot without counting (:meth:`CircuitBreaker.record_ignored`).
+The clock is injected; state changes go to ``on_change`` (metrics, logs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+log = logging.getLogger("keel.router")
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    consecutive_failures: int = 5
+    failure_rate: float = 0.5
+    min_volume: int = 20
+    window: float = 60.0
+    cooldown: float = 60.0
+
+
+BreakerListener = Callable[[str, BreakerState, BreakerState], None]
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        name: str,
+        policy: BreakerPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: BreakerListener | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy or BreakerPolicy()
+        self._clock = clock
+        self._on_change = on_change
+        self._state = BreakerState.CLOSED
+        self._consecutive = 0
+        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state is BreakerState.OPEN and self._clock() >= self.reopens_at:
+            self._transition(BreakerState.HALF_OPEN)
+        return self._state
+
+    @property
+    def reopens_at(self) -> float:
+        """When an open breaker lets its probe through (monotonic clock)."""
+        return self._opened_at + self.policy.cooldown
+
+    def retry_after(self) -> float:
+        """Seconds until this breaker lets a request through (0 if it does now)."""
+        if self.state is BreakerState.OPEN:
+            return max(0.0, self.reopens_at - self._clock())
+        return 0.0
+
+    def available(self) -> bool:
+        """Would :meth:`allow` let a request through now (without taking the probe)?"""
+        state = self.state
+        return state is BreakerState.CLOSED or (
+            state is BreakerState.HALF_OPEN and not self._probe_in_flight
+        )
+
+    def allow(self) -> bool:
+        """Take permission for one request; in half-open only one is given at a time."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._probe_in_flight:
+            self._probe_in_flight = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._probe_in_flight = False
+        self._consecutive = 0
+        self._remember(ok=True)
+        if self._state is not BreakerState.CLOSED:
+            self._outcomes.clear()
+            self._transition(BreakerState.CLOSED)
+
+    def record_failure(self) -> None:
+        self._probe_in_flight = False
+        self._consecutive += 1
+        self._remember(ok=False)
+        if self._state is BreakerState.HALF_OPEN or self._should_open():
+            self._open()
+
+    def record_ignored(self) -> None:
+        """A request ended without saying anything about the provider's health."""
+        self._probe_in_flight = False
+
+    def _remember(self, *, ok: bool) -> None:
+        now = self._clock()
+        self._outcomes.append((now, ok))
+        while self._outcomes and now - self._outcomes[0][0] > self.policy.window:
+            self._outcomes.popleft()
+
+    def _should_open(self) -> bool:
+        if self._state is not BreakerState.CLOSED:
+            return False
+        if self._consecutive >= self.policy.consecutive_failures:
+            return True
+        volume = len(self._outcomes)
+        if volume < self.policy.min_volume:
+            return False
+        failures = sum(1 for _, ok in self._outcomes if not ok)
+        return failures / volume >= self.policy.failure_rate
+
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._transition(BreakerState.OPEN)
+
+    def _transition(self, new: BreakerState) -> None:
+        old, self._state = self._state, new
+        if old is new:
+            return
+        log.warning("breaker %s: %s -> %s", self.name, old, new)
+        if self._on_change is not None:
+            self._on_change(self.name, old, new)

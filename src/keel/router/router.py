@@ -1,0 +1,432 @@
+"""Route each role's requests over its chain of providers.
+
+A role has an ordered chain of groups (the primary, then each
+``[[model.<role>.fallback]]``); a group holds the endpoints of one provider
+(replicas), balanced by least outstanding requests. For every request the
+router walks the chain: usable endpoints first (healthy, breaker closed or
+offering its half-open probe, not rate-limited, key accepted), then, if none
+of those answered, the ones merely marked unhealthy. Per endpoint, a
+retryable failure is retried with jittered backoff while the retry budget
+allows; then the next endpoint is tried.
+
+Streams: a failure before the first piece falls through to the next endpoint
+invisibly; once a piece was yielded, the stream is that endpoint's alone and a
+failure ends it with the error (the API renders it in the protocol's form).
+Two providers' output is never spliced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from keel.config import Role
+from keel.errors import KeelError, RequestError, Unavailable, UpstreamTimeout
+from keel.providers.base import Provider, close_stream
+from keel.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from keel.router.classify import Failure, classify
+from keel.router.retry import RetryBudget, RetryPolicy
+
+log = logging.getLogger("keel.router")
+
+T = TypeVar("T")
+
+
+class RouterEvents(Protocol):
+    """What the router reports; the metrics implement it."""
+
+    def breaker_changed(self, provider: str, state: str) -> None: ...
+    def provider_health(self, provider: str, healthy: bool) -> None: ...
+    def fallback(self, role: str, from_provider: str, to_provider: str) -> None: ...
+    def retry(self, provider: str) -> None: ...
+
+
+class NoEvents:
+    def breaker_changed(self, provider: str, state: str) -> None:
+        pass
+
+    def provider_health(self, provider: str, healthy: bool) -> None:
+        pass
+
+    def fallback(self, role: str, from_provider: str, to_provider: str) -> None:
+        pass
+
+    def retry(self, provider: str) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; ``first_token`` covers connecting and reading the prompt."""
+
+    first_token: float
+    between_tokens: float
+
+
+DEFAULT_TIMEOUTS: dict[Role, Timeouts] = {
+    "completion": Timeouts(first_token=15.0, between_tokens=5.0),
+    "chat": Timeouts(first_token=60.0, between_tokens=15.0),
+    "embedding": Timeouts(first_token=30.0, between_tokens=30.0),
+}
+
+UNHEALTHY_AFTER = 2
+"""Consecutive failed checks (probe or live) before an endpoint is routed around."""
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One provider endpoint with its breaker and health, as the router sees it."""
+
+    provider: Provider
+    breaker: CircuitBreaker
+    timeouts: Timeouts
+    finding_ttl: float = 120.0
+    clock: Callable[[], float] = time.monotonic
+    outstanding: int = 0
+    failed_checks: int = 0
+    last_failure_at: float | None = None
+    last_error: str | None = None
+    auth_failed: bool = False
+    blocked_until: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    @property
+    def healthy(self) -> bool:
+        if self.failed_checks < UNHEALTHY_AFTER:
+            return True
+        # A finding expires: an endpoint nobody has checked for a while gets another chance.
+        return self.last_failure_at is not None and (
+            self.clock() - self.last_failure_at > self.finding_ttl
+        )
+
+    def running(self) -> bool:
+        return self.provider.status().get("state") in {"ok", "ready"}
+
+    def usable(self) -> bool:
+        return (
+            not self.auth_failed
+            and self.healthy
+            and self.clock() >= self.blocked_until
+            and self.running()
+            and self.breaker.available()
+        )
+
+    def record_ok(self, seconds: float) -> bool:
+        """Returns True when this flips the endpoint back to healthy."""
+        was_healthy = self.healthy
+        self.failed_checks = 0
+        self.auth_failed = False
+        self.latencies = [*self.latencies[-99:], seconds]
+        return not was_healthy
+
+    def record_failed(self, error: KeelError) -> bool:
+        """Returns True when this flips the endpoint to unhealthy."""
+        was_healthy = self.healthy
+        self.failed_checks += 1
+        self.last_failure_at = self.clock()
+        self.last_error = error.message
+        return was_healthy and not self.healthy
+
+    def snapshot(self) -> dict[str, object]:
+        ordered = sorted(self.latencies)
+        p50 = ordered[len(ordered) // 2] if ordered else None
+        return {
+            "name": self.name,
+            "kind": self.provider.info.kind,
+            "model": self.provider.info.model,
+            "endpoint": self.provider.info.endpoint,
+            "breaker": str(self.breaker.state),
+            "healthy": self.healthy,
+            "usable": self.usable(),
+            "auth_failed": self.auth_failed,
+            "outstanding": self.outstanding,
+            "last_error": self.last_error,
+            "latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "rate_limited_for": max(0.0, round(self.blocked_until - self.clock(), 1)),
+            "worker": self.provider.status(),
+        }
+
+
+@dataclass(slots=True)
+class Route:
+    """Filled in by the router: which endpoint served, after which failures."""
+
+    provider: Provider | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+StartStream = Callable[[Provider, bool], Awaitable[AsyncIterator[str]]]
+"""Begin a stream on a provider; the flag asks for a shorter prompt (context too long)."""
+
+
+class RoleRouter:
+    def __init__(
+        self,
+        role: Role,
+        groups: Sequence[Sequence[Endpoint]],
+        *,
+        budget: RetryBudget,
+        retry: RetryPolicy | None = None,
+        events: RouterEvents | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.role = role
+        self.groups = [list(group) for group in groups]
+        self.budget = budget
+        self.retry = retry or RetryPolicy()
+        self.events: RouterEvents = events or NoEvents()
+        self._clock = clock
+        self._sleep = sleep
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [endpoint for group in self.groups for endpoint in group]
+
+    @property
+    def primary(self) -> Provider:
+        return self.groups[0][0].provider
+
+    def candidates(self) -> list[Endpoint]:
+        """Usable endpoints in chain order (least outstanding first within a group),
+        then the unhealthy ones as a last resort."""
+        usable: list[Endpoint] = []
+        doubtful: list[Endpoint] = []
+        for group in self.groups:
+            for endpoint in sorted(group, key=lambda e: e.outstanding):
+                if endpoint.usable():
+                    usable.append(endpoint)
+                elif not endpoint.auth_failed and endpoint.breaker.available():
+                    doubtful.append(endpoint)
+        return usable + doubtful
+
+    def any_usable(self) -> bool:
+        return any(endpoint.usable() for endpoint in self.endpoints)
+
+    # outcomes --------------------------------------------------------------
+
+    def _succeeded(self, endpoint: Endpoint, started: float) -> None:
+        endpoint.breaker.record_success()
+        if endpoint.record_ok(self._clock() - started):
+            log.info("provider %s is healthy again", endpoint.name)
+            self.events.provider_health(endpoint.name, True)
+
+    def _failed(self, endpoint: Endpoint, error: KeelError, kind: Failure) -> None:
+        if kind in (Failure.RETRYABLE, Failure.CRASHED):
+            endpoint.breaker.record_failure()
+            if endpoint.record_failed(error):
+                log.warning("provider %s routed around: %s", endpoint.name, error.message)
+                self.events.provider_health(endpoint.name, False)
+            return
+        endpoint.breaker.record_ignored()
+        if kind is Failure.AUTH:
+            if not endpoint.auth_failed:
+                log.error("provider %s rejected keel's key: %s", endpoint.name, error.message)
+                self.events.provider_health(endpoint.name, False)
+            endpoint.auth_failed = True
+            endpoint.last_error = error.message
+        elif kind is Failure.RATE_LIMITED:
+            endpoint.blocked_until = self._clock() + (error.retry_after or 1.0)
+            endpoint.last_error = error.message
+
+    def _client_error(self, error: KeelError) -> RequestError:
+        status = getattr(error, "upstream_status", None) or 400
+        client = RequestError(error.message, code="upstream_rejected_request")
+        client.status_code = status
+        return client
+
+    def _exhausted(self, route: Route, last: KeelError | None) -> KeelError:
+        if last is not None and len(route.failures) == 1:
+            return last  # one provider, one failure: its own error says the most
+        retry_after = [
+            e.breaker.retry_after() for e in self.endpoints if e.breaker.retry_after() > 0
+        ] + [e.blocked_until - self._clock() for e in self.endpoints if e.blocked_until > 0]
+        wait = min((r for r in retry_after if r > 0), default=1.0)
+        states = "; ".join(f"{e.name}: " + self._describe(e) for e in self.endpoints)
+        tried = f" (tried: {'; '.join(route.failures)})" if route.failures else ""
+        return Unavailable(
+            f"no {self.role} provider could serve the request; {states}{tried}",
+            code="no_provider",
+            retry_after=wait,
+        )
+
+    def _describe(self, endpoint: Endpoint) -> str:
+        if endpoint.auth_failed:
+            return "auth failed (check its api_key)"
+        state = endpoint.breaker.state
+        if state is BreakerState.OPEN:
+            return f"breaker open for {endpoint.breaker.retry_after():.0f}s more"
+        if endpoint.clock() < endpoint.blocked_until:
+            return "rate limited"
+        if not endpoint.running():
+            return f"worker {endpoint.provider.status().get('state')}"
+        if not endpoint.healthy:
+            return f"unhealthy ({endpoint.last_error})"
+        return f"{state}"
+
+    # streams -----------------------------------------------------------------
+
+    async def stream(self, start: StartStream, route: Route) -> AsyncGenerator[str, None]:
+        """Pieces from the first endpoint that produces one; see the module docstring."""
+        self.budget.record_request()
+        last: KeelError | None = None
+        previous: Endpoint | None = None
+        for endpoint in self.candidates():
+            attempt, shrink = 0, False
+            while True:
+                if not endpoint.breaker.allow():
+                    route.failures.append(f"{endpoint.name}: breaker open")
+                    break
+                if previous is not None and previous is not endpoint:
+                    self.events.fallback(self.role, previous.name, endpoint.name)
+                previous = endpoint
+                endpoint.outstanding += 1
+                started = self._clock()
+                pieces: AsyncIterator[str] | None = None
+                first: str | None = None
+                try:
+                    async with asyncio.timeout(endpoint.timeouts.first_token):
+                        pieces = await start(endpoint.provider, shrink)
+                        first = await anext(pieces, None)
+                except TimeoutError:
+                    error: KeelError = UpstreamTimeout(
+                        f"no first token within {endpoint.timeouts.first_token:.0f}s",
+                        provider=endpoint.name,
+                    )
+                except KeelError as exc:
+                    error = exc
+                except BaseException:
+                    endpoint.outstanding -= 1
+                    endpoint.breaker.record_ignored()
+                    if pieces is not None:
+                        await close_stream(pieces)
+                    raise
+                else:
+                    assert pieces is not None
+                    self._succeeded(endpoint, started)
+                    route.provider = endpoint.provider
+                    try:
+                        if first is not None:
+                            yield first
+                            async for piece in self._paced(pieces, endpoint):
+                                yield piece
+                    except KeelError as exc:
+                        self._failed(endpoint, exc, classify(exc))
+                        raise
+                    finally:
+                        endpoint.outstanding -= 1
+                        await close_stream(pieces)
+                    return
+                endpoint.outstanding -= 1
+                if pieces is not None:
+                    await close_stream(pieces)
+                kind = classify(error)
+                self._failed(endpoint, error, kind)
+                last = error
+                route.failures.append(f"{endpoint.name}: {error.message}")
+                log.info("%s: %s failed (%s): %s", self.role, endpoint.name, kind, error.message)
+                if kind is Failure.CLIENT:
+                    raise self._client_error(error)
+                if kind is Failure.TOO_LONG and not shrink:
+                    shrink = True
+                    continue
+                if kind is Failure.RETRYABLE:
+                    attempt += 1
+                    if (
+                        attempt < self.retry.attempts_per_provider
+                        and endpoint.breaker.available()
+                        and self.budget.try_spend()
+                    ):
+                        self.events.retry(endpoint.name)
+                        await self._sleep(self.retry.backoff(attempt))
+                        continue
+                break
+        raise self._exhausted(route, last)
+
+    async def _paced(self, pieces: AsyncIterator[str], endpoint: Endpoint) -> AsyncIterator[str]:
+        iterator = aiter(pieces)
+        while True:
+            try:
+                async with asyncio.timeout(endpoint.timeouts.between_tokens):
+                    piece = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"stream stalled for {endpoint.timeouts.between_tokens:.0f}s",
+                    provider=endpoint.name,
+                ) from None
+            yield piece
+
+    async def call(self, run: Callable[[Provider], Awaitable[T]], route: Route) -> T:
+        """A one-shot call (embeddings) with the same retry and fallback rules."""
+
+        async def start(provider: Provider, _: bool) -> AsyncIterator[str]:
+            result = await run(provider)
+            outcome.append(result)
+
+            async def one() -> AsyncIterator[str]:
+                yield ""
+
+            return one()
+
+        outcome: list[T] = []
+        async for _ in self.stream(start, route):
+            pass
+        return outcome[-1]
+
+    # health ------------------------------------------------------------------
+
+    async def check(
+        self, endpoint: Endpoint, probe: Callable[[Provider], Awaitable[None]], timeout: float
+    ) -> None:
+        """One deep check of one endpoint; feeds the same state as live traffic."""
+        if endpoint.breaker.state is BreakerState.OPEN or not endpoint.running():
+            return
+        took_probe = endpoint.breaker.state is BreakerState.HALF_OPEN
+        if took_probe and not endpoint.breaker.allow():
+            return
+        started = self._clock()
+        try:
+            async with asyncio.timeout(timeout):
+                await probe(endpoint.provider)
+        except TimeoutError:
+            error: KeelError = UpstreamTimeout(
+                f"health check took over {timeout:.0f}s", provider=endpoint.name
+            )
+        except KeelError as exc:
+            error = exc
+        else:
+            if took_probe:
+                endpoint.breaker.record_success()
+            if endpoint.record_ok(self._clock() - started):
+                self.events.provider_health(endpoint.name, True)
+            return
+        kind = classify(error)
+        if took_probe or kind is Failure.AUTH:
+            self._failed(endpoint, error, kind)
+        elif endpoint.record_failed(error):
+            log.warning("provider %s failed its health check: %s", endpoint.name, error.message)
+            self.events.provider_health(endpoint.name, False)
+
+
+def new_breaker(
+    name: str,
+    policy: BreakerPolicy,
+    events: RouterEvents,
+    clock: Callable[[], float] = time.monotonic,
+) -> CircuitBreaker:
+    return CircuitBreaker(
+        name,
+        policy,
+        clock=clock,
+        on_change=lambda provider, _old, new: events.breaker_changed(provider, str(new)),
+    )

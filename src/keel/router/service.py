@@ -1,0 +1,178 @@
+"""The routing layer as the app sees it: one router per role, their shared
+retry budget, admission control, and the background health prober."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from keel.config import ROLES, Role, Settings
+from keel.providers.base import (
+    ChatCall,
+    ChatMessage,
+    ChatProvider,
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    GenerationParams,
+    Provider,
+    close_stream,
+)
+from keel.providers.catalog import ProviderEntry, Providers
+from keel.router.admission import Admission, Superseder
+from keel.router.breaker import BreakerPolicy
+from keel.router.retry import RetryBudget, RetryPolicy
+from keel.router.router import (
+    DEFAULT_TIMEOUTS,
+    Endpoint,
+    NoEvents,
+    RoleRouter,
+    RouterEvents,
+    Timeouts,
+    new_breaker,
+)
+
+log = logging.getLogger("keel.router")
+
+
+def _timeouts(role: Role, entry: ProviderEntry) -> Timeouts:
+    default = DEFAULT_TIMEOUTS[role]
+    config = entry.config
+    return Timeouts(
+        first_token=config.first_token_timeout or default.first_token,
+        between_tokens=config.between_tokens_timeout or default.between_tokens,
+    )
+
+
+async def probe(role: Role, provider: Provider) -> None:
+    """A deep check: one real token (or one embedding) through the provider."""
+    params = GenerationParams(max_tokens=1, temperature=0.0)
+    if role == "embedding":
+        assert isinstance(provider, EmbeddingProvider)
+        await provider.embed(["ping"])
+        return
+    if role == "chat":
+        assert isinstance(provider, ChatProvider)
+        stream = provider.stream_chat(ChatCall((ChatMessage("user", "ping"),), params))
+    else:
+        assert isinstance(provider, CompletionProvider)
+        stream = provider.stream_completion(CompletionCall("def ", params))
+    try:
+        async for _ in stream:
+            break
+    finally:
+        await close_stream(stream)
+
+
+class Routing:
+    def __init__(
+        self,
+        settings: Settings,
+        providers: Providers,
+        *,
+        events: RouterEvents | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        config = settings.routing
+        self.settings = settings
+        self.providers = providers
+        self.events: RouterEvents = events or NoEvents()
+        policy = BreakerPolicy(
+            consecutive_failures=config.breaker_consecutive_failures,
+            failure_rate=config.breaker_failure_rate,
+            min_volume=config.breaker_min_volume,
+            window=config.breaker_window_seconds,
+            cooldown=config.breaker_cooldown_seconds,
+        )
+        retry = RetryPolicy(
+            attempts_per_provider=config.retry_attempts_per_provider,
+            budget_ratio=config.retry_budget_ratio,
+        )
+        self.budget = RetryBudget(retry, clock=clock)
+        self.superseder = Superseder()
+        self.routers: dict[Role, RoleRouter] = {}
+        self.admission: dict[Role, Admission] = {}
+        # An endpoint serving several roles (the embedded model) has one breaker.
+        endpoints: dict[int, Endpoint] = {}
+        for role in ROLES:
+            groups = []
+            for group in providers.chains[role]:
+                members = []
+                for entry in group:
+                    key = id(entry.provider)
+                    if key not in endpoints:
+                        endpoints[key] = Endpoint(
+                            entry.provider,
+                            new_breaker(entry.provider.name, policy, self.events, clock),
+                            timeouts=_timeouts(role, entry),
+                            clock=clock,
+                        )
+                    members.append(endpoints[key])
+                groups.append(members)
+            self.routers[role] = RoleRouter(
+                role,
+                groups,
+                budget=self.budget,
+                retry=retry,
+                events=self.events,
+                clock=clock,
+                sleep=sleep,
+            )
+            role_config = settings.model.role(role)
+            self.admission[role] = Admission(
+                role,
+                max_concurrent=role_config.max_concurrent,
+                queue_size=role_config.queue_size,
+                queue_timeout=role_config.queue_timeout,
+            )
+        self._prober: asyncio.Task[None] | None = None
+
+    def start_prober(self) -> None:
+        if self._prober is None:
+            self._prober = asyncio.create_task(self._probe_forever(), name="health-prober")
+
+    async def aclose(self) -> None:
+        task, self._prober = self._prober, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def probe_all(self) -> None:
+        timeout = self.settings.routing.probe_timeout_seconds
+        checks = []
+        seen: set[int] = set()
+        for role, router in self.routers.items():
+            for endpoint in router.endpoints:
+                if id(endpoint) in seen:
+                    continue
+                seen.add(id(endpoint))
+                checks.append(router.check(endpoint, functools.partial(probe, role), timeout))
+        await asyncio.gather(*checks)
+
+    async def _probe_forever(self) -> None:
+        interval = self.settings.routing.probe_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.probe_all()
+            except Exception:  # the prober must outlive any one bad check
+                log.exception("health probe round failed")
+
+    def snapshot(self) -> dict[str, object]:
+        roles: dict[str, object] = {}
+        for role, router in self.routers.items():
+            chain = []
+            for index, group in enumerate(router.groups):
+                for endpoint in group:
+                    chain.append({"position": index, **endpoint.snapshot()})
+            roles[role] = {
+                "providers": chain,
+                "admission": self.admission[role].snapshot(),
+            }
+        return {"roles": roles, "superseded": self.superseder.superseded}
