@@ -1,0 +1,123 @@
+"""Deep health: each role's provider generates one token (or one embedding) in time.
+
+``/health`` says the process answers and ``/ready`` says each role has a
+provider in a usable state; neither notices a worker that is "ready" while
+its generation is deadlocked. The deep check does, at the price of real work,
+so its findings are cached for ``ttl`` seconds: a load balancer polling every
+second costs one generation per role per ``ttl``. Findings expire; a stale
+"ok" is never reported. Concurrent checks of one role share one probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from keel.config import ROLES, Role
+from keel.errors import KeelError
+from keel.ops.metrics import Metrics
+from keel.providers.base import (
+    ChatCall,
+    ChatMessage,
+    ChatProvider,
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    GenerationParams,
+    Provider,
+    close_stream,
+)
+from keel.providers.catalog import Providers
+
+_ONE_TOKEN = GenerationParams(max_tokens=1, temperature=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    role: Role
+    provider: str
+    ok: bool
+    seconds: float
+    checked_at: float
+    error: str | None = None
+
+    def to_json(self, now: float) -> dict[str, object]:
+        return {
+            "provider": self.provider,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 4),
+            "age_seconds": round(max(0.0, now - self.checked_at), 3),
+            "error": self.error,
+        }
+
+
+async def _first_piece(provider: Provider, role: Role) -> None:
+    if role == "embedding":
+        assert isinstance(provider, EmbeddingProvider)
+        vectors = await provider.embed(["keel health check"])
+        if not vectors or not vectors[0]:
+            raise KeelError(f"{provider.name}: empty embedding")
+        return
+    if role == "completion":
+        assert isinstance(provider, CompletionProvider)
+        stream = provider.stream_completion(CompletionCall("def main():\n", _ONE_TOKEN))
+    else:
+        assert isinstance(provider, ChatProvider)
+        call = ChatCall((ChatMessage("user", "Say OK."),), _ONE_TOKEN)
+        stream = provider.stream_chat(call)
+    try:
+        async for _ in stream:
+            break  # one piece is proof enough; an empty answer is fine too
+    finally:
+        await close_stream(stream)
+
+
+class DeepHealth:
+    def __init__(
+        self,
+        *,
+        ttl: float = 15.0,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.timeout = timeout
+        self._clock = clock
+        self._findings: dict[tuple[Role, str], Finding] = {}
+        self._locks: dict[tuple[Role, str], asyncio.Lock] = {}
+
+    def now(self) -> float:
+        return self._clock()
+
+    async def check(self, providers: Providers, metrics: Metrics | None = None) -> list[Finding]:
+        """A fresh-enough finding for every role, probing those whose finding expired."""
+        return list(await asyncio.gather(*(self._role(role, providers, metrics) for role in ROLES)))
+
+    async def _role(self, role: Role, providers: Providers, metrics: Metrics | None) -> Finding:
+        provider = providers.for_role(role)
+        key = (role, provider.name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            cached = self._findings.get(key)
+            if cached is not None and self._clock() - cached.checked_at < self.ttl:
+                return cached
+            finding = await self._probe(role, provider)
+            self._findings[key] = finding
+        if metrics is not None:
+            metrics.health_check(provider.name, finding.seconds, finding.ok)
+        return finding
+
+    async def _probe(self, role: Role, provider: Provider) -> Finding:
+        start = self._clock()
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await _first_piece(provider, role)
+        except TimeoutError:
+            error = f"no token within {self.timeout:g}s"
+        except KeelError as exc:
+            error = exc.message
+        end = self._clock()
+        return Finding(role, provider.name, error is None, end - start, end, error)
