@@ -148,7 +148,13 @@ class LocalModelConfig(_Section):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for inference (default: all cores)."
     )
-    parallelism: int = Field(1, ge=1, description="Accepted for Tabby compatibility.")
+    parallelism: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Slots: model contexts, each with its own KV cache; a request goes to "
+        "the slot sharing the longest prompt prefix, so each file being edited stays warm.",
+    )
     num_gpu_layers: int = Field(0, ge=0, description="Layers offloaded to a GPU, if built for it.")
     enable_fast_attention: bool = Field(False, description="Accepted for Tabby compatibility.")
     prompt_template: str | None = Field(
@@ -268,11 +274,19 @@ class ServerConfig(_Section):
 
 
 class CompletionConfig(_Section):
-    max_input_length: int = Field(
-        1536, ge=64, le=131072, description="Prompt budget in tokens (prefix, suffix, snippets)."
+    max_input_length: int | None = Field(
+        None,
+        ge=64,
+        le=131072,
+        description="Prompt budget in tokens (prefix, suffix, snippets); default per backend: "
+        "1024 for local CPU models (reading a prompt is their cost), 2048 for model servers.",
     )
-    max_decoding_tokens: int = Field(
-        64, ge=1, le=4096, description="Most tokens a code completion may generate."
+    max_decoding_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Most tokens a code completion may generate; default per backend: "
+        "32 for local CPU models, 64 for model servers.",
     )
 
 

@@ -63,7 +63,11 @@ async def completions(request: Request) -> Response:
         return await tabby_completion(request, data)
     body = parse_model(CompletionRequest, data)
     state = app_state(request)
-    params = body.to_params(state.settings.completion.max_decoding_tokens)
+    primary = state.providers.for_role("completion")
+    assert isinstance(primary, CompletionProvider)
+    params = body.to_params(
+        state.settings.completion.max_decoding_tokens or primary.default_max_tokens
+    )
 
     async def start(provider: Provider, _shrink: bool) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from keel.errors import RequestError, UpstreamTimeout
 from keel.pipeline.languages import Language, get_language, stop_words
-from keel.pipeline.postprocess import postprocess
+from keel.pipeline.postprocess import is_mid_line, postprocess
 from keel.pipeline.prompt import (
     Snippet,
     format_snippets,
@@ -175,17 +176,47 @@ class CompletionService:
         router: RoleRouter,
         admission: Admission,
         *,
-        max_input_length: int,
-        max_decoding_tokens: int,
+        max_input_length: int | None,
+        max_decoding_tokens: int | None,
         timeout: float,
         retriever: SnippetRetriever | None = None,
     ) -> None:
+        """``None`` limits mean each provider's own defaults (small for CPU models)."""
         self.router = router
         self.admission = admission
         self.max_input_length = max_input_length
         self.max_decoding_tokens = max_decoding_tokens
         self.timeout = timeout
         self.retriever = retriever
+        self._line_snippets: OrderedDict[tuple[str, int], list[Snippet]] = OrderedDict()
+
+    async def _snippets_for_line(
+        self, request: TabbyCompletionRequest, prefix: str
+    ) -> list[Snippet]:
+        """Client and repository snippets, chosen once per edited line.
+
+        While the user types on one line, every request reuses the first
+        request's choice, so the head of the prompt stays byte-identical and a
+        local model reuses its KV cache; a new line, or client snippets from
+        other files, choose afresh.
+        """
+        segments = request.segments
+        line_start = prefix.rfind("\n") + 1
+        client = _client_snippets(request)
+        sources = "|".join(sorted({s.filepath for s in client}))
+        key = (
+            f"{segments.git_url if segments else ''}|{segments.filepath if segments else ''}",
+            hash((prefix[:line_start], sources)),
+        )
+        cached = self._line_snippets.get(key)
+        if cached is not None:
+            self._line_snippets.move_to_end(key)
+            return cached
+        chosen = client + await self._repository_snippets(request, prefix)
+        self._line_snippets[key] = chosen
+        while len(self._line_snippets) > 256:
+            self._line_snippets.popitem(last=False)
+        return chosen
 
     async def _repository_snippets(
         self, request: TabbyCompletionRequest, prefix: str
@@ -225,13 +256,16 @@ class CompletionService:
                 "'debug_options.raw_prompt' is required",
                 param="segments",
             )
-        snippets = _client_snippets(request) + await self._repository_snippets(request, prefix)
+        snippets = await self._snippets_for_line(request, prefix) if raw_prompt is None else []
+        mid_line = raw_prompt is None and is_mid_line(prefix, suffix)
         attempt = _Attempt()
 
         async def start(provider: Provider, shrink: bool) -> AsyncIterator[str]:
             assert isinstance(provider, CompletionProvider)
             pressured = self.admission.under_pressure
-            budget = min(self.max_input_length, provider.max_input_length or self.max_input_length)
+            budget = (
+                provider.max_input_length or self.max_input_length or provider.default_input_budget
+            )
             if shrink or pressured:
                 budget //= 2
             if raw_prompt is not None:
@@ -241,7 +275,9 @@ class CompletionService:
                 built = await build_prompt(provider, language, prefix, suffix, chosen, budget)
             attempt.built = built
             attempt.stops = stop_words(language, provider.stop_words)
-            max_tokens = self.max_decoding_tokens
+            if mid_line:
+                attempt.stops = [*attempt.stops, "\n"]  # only the rest of this line fits
+            max_tokens = self.max_decoding_tokens or provider.default_max_tokens
             params = GenerationParams(
                 max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,
                 temperature=DEFAULT_TEMPERATURE

@@ -104,6 +104,12 @@ class CompletionProvider(Provider):
     """Provider-specific stop words (``additional_stop_words``)."""
 
     max_input_length: int | None = None
+    """This provider's own prompt budget (its config), overriding everything else."""
+
+    default_input_budget: int = 2048
+    """Prompt budget when nothing is configured: model servers read prompts fast."""
+
+    default_max_tokens: int = 64
 
     async def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts of ``texts`` in this model's vocabulary (estimated by default)."""

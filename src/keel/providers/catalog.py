@@ -75,6 +75,7 @@ def build_providers(settings: Settings, paths: Paths) -> Providers:
             threads=config.threads,
             gpu_layers=config.num_gpu_layers,
             embedding=role == "embedding",
+            slots=1 if role == "embedding" else config.parallelism,
         )
         if spec not in workers:
             name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")

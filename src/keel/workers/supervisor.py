@@ -50,6 +50,7 @@ class WorkerSpec:
     threads: int | None = None
     gpu_layers: int = 0
     embedding: bool = False
+    slots: int = 1
 
     def command(self) -> list[str]:
         argv = [sys.executable, "-m", "keel.workers.worker", "--model", self.model_path]
@@ -58,6 +59,8 @@ class WorkerSpec:
             argv += ["--threads", str(self.threads)]
         if self.embedding:
             argv.append("--embedding")
+        if self.slots > 1:
+            argv += ["--slots", str(self.slots)]
         return argv
 
 
@@ -70,6 +73,34 @@ class RestartPolicy:
 
     def backoff(self, failures: int) -> float:
         return float(min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)))
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """Running totals of what the worker evaluated: prefix reuse made visible."""
+
+    requests: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, done: dict[str, Any]) -> None:
+        self.requests += 1
+        self.cancelled += done.get("finish_reason") == "cancelled"
+        self.prompt_tokens += int(done.get("prompt_tokens") or 0)
+        self.reused_tokens += int(done.get("reused_tokens") or 0)
+        self.last = {k: v for k, v in done.items() if k not in {"id", "done"}}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "cancelled": self.cancelled,
+            "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
+            "evaluated_tokens": self.prompt_tokens - self.reused_tokens,
+            "last": self.last,
+        }
 
 
 @dataclass(slots=True)
@@ -97,6 +128,7 @@ class WorkerSupervisor:
         self.restarts = 0
         self.pid: int | None = None
         self.model_info: dict[str, Any] = {}
+        self.stats = GenerationStats()
         self._starts: deque[float] = deque()
         self._process: asyncio.subprocess.Process | None = None
         self._pending: dict[int, _Pending] = {}
@@ -127,6 +159,7 @@ class WorkerSupervisor:
             "restarts": self.restarts,
             "last_error": self.last_error,
             "model": self.spec.model_path,
+            "generation": self.stats.snapshot(),
         }
 
     async def wait_ready(self, timeout: float) -> None:
@@ -231,6 +264,8 @@ class WorkerSupervisor:
         pending = self._pending.get(message.get("id", -1))
         if pending is not None:
             pending.queue.put_nowait(message)
+        elif message.get("done"):
+            self.stats.add(message)  # the end of a request its client abandoned
 
     def _fail_pending(self, exit_code: int | None) -> None:
         for request_id, pending in list(self._pending.items()):
@@ -289,6 +324,7 @@ class WorkerSupervisor:
                     yield message["text"]
                 elif message.get("done"):
                     finished = True
+                    self.stats.add(message)
                     return
                 else:
                     finished = True

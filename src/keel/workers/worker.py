@@ -33,7 +33,8 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 EXIT_UNUSABLE = 69
@@ -51,9 +52,48 @@ class _Channel:
             self._stream.flush()
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Slots:
+    """Several model contexts over one memory-mapped model file.
+
+    Each slot keeps the tokens it last evaluated in its KV cache; a request goes
+    to the slot sharing the longest token prefix with its prompt (so the same
+    file of the same editor keeps landing on the same slot), ties to the least
+    recently used. llama-cpp-python then evaluates only the tokens after that
+    shared prefix.
+    """
+
+    def __init__(self, contexts: list[Any]) -> None:
+        self.contexts = contexts
+        self.used = [0] * len(contexts)
+        self.clock = 0
+
+    def pick(self, tokens: Sequence[int]) -> tuple[int, int]:
+        best, best_shared = 0, -1
+        for index, llm in enumerate(self.contexts):
+            cached = llm._input_ids[: llm.n_tokens]
+            shared = common_prefix(cached, tokens)
+            if shared > best_shared or (
+                shared == best_shared and self.used[index] < self.used[best]
+            ):
+                best, best_shared = index, shared
+        self.clock += 1
+        self.used[best] = self.clock
+        return best, max(0, best_shared)
+
+
 class _Worker:
-    def __init__(self, llm: Any, channel: _Channel) -> None:
-        self.llm = llm
+    def __init__(self, contexts: list[Any], channel: _Channel) -> None:
+        self.llm = contexts[0]
+        self.slots = _Slots(contexts)
         self.channel = channel
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancelled: set[int] = set()
@@ -80,6 +120,19 @@ class _Worker:
         handlers = {"complete": self._complete, "chat": self._chat, "embed": self._embed}
         while (request := self.jobs.get()) is not None:
             handler = handlers.get(request.get("op", ""))
+            if self._is_cancelled(request.get("id", -1)):
+                # Cancelled while queued: never start it.
+                self.channel.send(
+                    {
+                        "id": request["id"],
+                        "done": True,
+                        "finish_reason": "cancelled",
+                        "completion_tokens": 0,
+                    }
+                )
+                with self.lock:
+                    self.cancelled.discard(request["id"])
+                continue
             if handler is None:
                 self.channel.send(
                     {"id": request.get("id"), "error": "unknown op", "code": "bad_request"}
@@ -122,11 +175,20 @@ class _Worker:
             kwargs["seed"] = int(request["seed"])
         return kwargs
 
-    def _stream(self, request: dict[str, Any], pieces: Iterator[tuple[str, str | None]]) -> None:
+    def _stream(
+        self,
+        request: dict[str, Any],
+        pieces: Iterator[tuple[str, str | None]],
+        stats: dict[str, Any],
+    ) -> None:
         request_id = request["id"]
         produced = 0
         finish_reason: str | None = None
+        started = time.perf_counter()
+        first_at: float | None = None
         for text, reason in pieces:
+            if first_at is None:
+                first_at = time.perf_counter()
             if self._is_cancelled(request_id):
                 finish_reason = "cancelled"
                 break
@@ -135,36 +197,48 @@ class _Worker:
                 self.channel.send({"id": request_id, "text": text})
             if reason is not None:
                 finish_reason = reason
+        ended = time.perf_counter()
         self.channel.send(
             {
                 "id": request_id,
                 "done": True,
                 "finish_reason": finish_reason or "stop",
                 "completion_tokens": produced,
+                "first_token_ms": round(((first_at or ended) - started) * 1000, 2),
+                "total_ms": round((ended - started) * 1000, 2),
+                **stats,
             }
         )
 
+    def _slot_for(self, text: str) -> tuple[Any, dict[str, Any]]:
+        tokens = self.llm.tokenize(text.encode("utf-8"), special=True)
+        index, shared = self.slots.pick(tokens)
+        stats = {"slot": index, "prompt_tokens": len(tokens), "reused_tokens": shared}
+        return self.slots.contexts[index], stats
+
     def _complete(self, request: dict[str, Any]) -> None:
-        chunks = self.llm.create_completion(request["prompt"], **self._sampling(request))
+        llm, stats = self._slot_for(request["prompt"])
+        chunks = llm.create_completion(request["prompt"], **self._sampling(request))
 
         def pieces() -> Iterator[tuple[str, str | None]]:
             for chunk in chunks:
                 choice = chunk["choices"][0]
                 yield choice.get("text") or "", choice.get("finish_reason")
 
-        self._stream(request, pieces())
+        self._stream(request, pieces(), stats)
 
     def _chat(self, request: dict[str, Any]) -> None:
-        chunks = self.llm.create_chat_completion(
-            messages=request["messages"], **self._sampling(request)
-        )
+        head = "\n".join(str(m.get("content", "")) for m in request["messages"])
+        llm, stats = self._slot_for(head)
+        stats["reused_tokens"] = None  # the chat template changes the tokens; not measured
+        chunks = llm.create_chat_completion(messages=request["messages"], **self._sampling(request))
 
         def pieces() -> Iterator[tuple[str, str | None]]:
             for chunk in chunks:
                 choice = chunk["choices"][0]
                 yield choice.get("delta", {}).get("content") or "", choice.get("finish_reason")
 
-        self._stream(request, pieces())
+        self._stream(request, pieces(), stats)
 
     def _embed(self, request: dict[str, Any]) -> None:
         result = self.llm.create_embedding(list(request["texts"]))
@@ -179,6 +253,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--embedding", action="store_true", help="load for embeddings")
+    parser.add_argument("--slots", type=int, default=1, help="model contexts kept (KV caches)")
     return parser.parse_args(argv)
 
 
@@ -212,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         options["embedding"] = True
         options["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
     try:
-        llm = llama_cpp.Llama(**options)
+        contexts = [llama_cpp.Llama(**options) for _ in range(max(1, args.slots))]
     except Exception as exc:
         return unusable("model_file", f"cannot load model {args.model}: {exc}")
+    llm = contexts[0]
     metadata = dict(getattr(llm, "metadata", {}) or {})
     channel.send(
         {
@@ -224,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             "n_vocab": llm.n_vocab(),
             "name": metadata.get("general.name"),
             "architecture": metadata.get("general.architecture"),
+            "slots": len(contexts),
         }
     )
-    worker = _Worker(llm, channel)
+    worker = _Worker(contexts, channel)
     reader = threading.Thread(target=worker.read_requests, args=(sys.stdin,), daemon=True)
     reader.start()
     worker.run()
