@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test lint typecheck pytest install node-deps sample-config clean
+.PHONY: serve test lint typecheck pytest install node-deps sample-config clean promtool rules-test
 
 serve: $(STAMP)
 	$(BIN)/keel serve
 
-test: lint typecheck pytest
+test: lint typecheck rules-test pytest
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP) node-deps
 	$(BIN)/pytest
+
+# promtool comes from Debian's prometheus package; installed only when missing.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
+rules-test: promtool
+	promtool check rules deploy/prometheus/keel-rules.yml
+	cd deploy/prometheus && promtool test rules keel-rules.test.yml
 
 sample-config: $(STAMP)
 	$(BIN)/keel config sample > config.sample.toml

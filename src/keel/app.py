@@ -38,6 +38,7 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
         app_metrics.track_providers(built)
         await asyncio.gather(*(provider.start() for provider in unique))
         routing = Routing(settings, built, events=app_metrics)
+        app_metrics.track_readiness(lambda role: routing.routers[role].any_usable())
         retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
         app.state.keel = AppState(

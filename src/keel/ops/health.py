@@ -18,20 +18,9 @@ from dataclasses import dataclass
 from keel.config import ROLES, Role
 from keel.errors import KeelError
 from keel.ops.metrics import Metrics
-from keel.providers.base import (
-    ChatCall,
-    ChatMessage,
-    ChatProvider,
-    CompletionCall,
-    CompletionProvider,
-    EmbeddingProvider,
-    GenerationParams,
-    Provider,
-    close_stream,
-)
+from keel.providers.base import Provider
 from keel.providers.catalog import Providers
-
-_ONE_TOKEN = GenerationParams(max_tokens=1, temperature=0.0)
+from keel.router.service import probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,27 +40,6 @@ class Finding:
             "age_seconds": round(max(0.0, now - self.checked_at), 3),
             "error": self.error,
         }
-
-
-async def _first_piece(provider: Provider, role: Role) -> None:
-    if role == "embedding":
-        assert isinstance(provider, EmbeddingProvider)
-        vectors = await provider.embed(["keel health check"])
-        if not vectors or not vectors[0]:
-            raise KeelError(f"{provider.name}: empty embedding")
-        return
-    if role == "completion":
-        assert isinstance(provider, CompletionProvider)
-        stream = provider.stream_completion(CompletionCall("def main():\n", _ONE_TOKEN))
-    else:
-        assert isinstance(provider, ChatProvider)
-        call = ChatCall((ChatMessage("user", "Say OK."),), _ONE_TOKEN)
-        stream = provider.stream_chat(call)
-    try:
-        async for _ in stream:
-            break  # one piece is proof enough; an empty answer is fine too
-    finally:
-        await close_stream(stream)
 
 
 class DeepHealth:
@@ -114,7 +82,7 @@ class DeepHealth:
         error: str | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                await _first_piece(provider, role)
+                await probe(role, provider)
         except TimeoutError:
             error = f"no token within {self.timeout:g}s"
         except KeelError as exc:

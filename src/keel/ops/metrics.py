@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from keel import build_info
-from keel.config import ROLES
+from keel.config import ROLES, Role
 from keel.errors import KeelError
 from keel.pipeline.languages import get_language
 
@@ -76,6 +76,7 @@ class _ProviderCollector(Collector):
 
     def __init__(self) -> None:
         self.providers: Providers | None = None
+        self.role_usable: Callable[[Role], bool] | None = None
 
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily(
@@ -95,7 +96,8 @@ class _ProviderCollector(Collector):
         )
         role_ready = GaugeMetricFamily(
             "keel_role_ready",
-            "1 when the role's provider can serve now (what /ready reports).",
+            "1 when some provider of the role can serve now (what /ready reports); "
+            "provider is the role's primary.",
             labels=["role", "provider"],
         )
         count = GaugeMetricFamily("keel_models_loaded", "Models loaded and serving.")
@@ -117,7 +119,10 @@ class _ProviderCollector(Collector):
                     state.add_metric([provider.name, name], float(name == current))
             for role in ROLES:
                 provider = providers.for_role(role)
-                usable = str(provider.status().get("state", "ok")) in USABLE_STATES
+                if self.role_usable is not None:
+                    usable = self.role_usable(role)
+                else:
+                    usable = str(provider.status().get("state", "ok")) in USABLE_STATES
                 role_ready.add_metric([role, provider.name], float(usable))
         count.add_metric([], float(total))
         yield from (restarts, state, loaded, role_ready, count)
@@ -298,6 +303,10 @@ class Metrics:
     def track_providers(self, providers: Providers) -> None:
         """Read worker state and role readiness from ``providers`` at each scrape."""
         self._providers.providers = providers
+
+    def track_readiness(self, role_usable: Callable[[Role], bool]) -> None:
+        """Judge ``keel_role_ready`` with ``role_usable`` (the router's view, as /ready does)."""
+        self._providers.role_usable = role_usable
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything."""

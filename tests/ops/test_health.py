@@ -1,0 +1,38 @@
+"""Deep health generates a real token per role, caches the finding, and names failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import KeelProcess
+
+pytestmark = pytest.mark.integration
+
+
+def test_deep_health_passes_and_caches_its_findings(keel_server: KeelProcess) -> None:
+    with keel_server.client() as client:
+        first = client.get("/health/deep")
+        assert first.status_code == 200, first.text
+        second = client.get("/health/deep")
+        metrics = client.get("/metrics").text
+    body = first.json()
+    assert body["status"] == "ok"
+    assert set(body["roles"]) == {"completion", "chat", "embedding"}
+    for finding in body["roles"].values():
+        assert finding["ok"] is True and finding["error"] is None
+    # Within the TTL the second answer is the same finding, older.
+    for role, finding in second.json()["roles"].items():
+        assert finding["seconds"] == body["roles"][role]["seconds"]
+        assert finding["age_seconds"] >= body["roles"][role]["age_seconds"]
+    assert "keel_health_check_ok{" in metrics
+
+
+def test_deep_health_fails_naming_the_role(broken_chat_keel: KeelProcess) -> None:
+    with broken_chat_keel.client() as client:
+        response = client.get("/health/deep")
+        assert client.get("/health").status_code == 200  # liveness stays cheap and true
+    assert response.status_code == 503
+    roles = response.json()["roles"]
+    assert roles["chat"]["ok"] is False
+    assert "broken" in roles["chat"]["error"] or "gave up" in roles["chat"]["error"]
+    assert roles["completion"]["ok"] is True
