@@ -28,14 +28,22 @@ from keel.schemas.tabby import (
 
 router = APIRouter()
 
+TABBY_API_VERSION = "0.27.0"
+"""The Tabby server version whose API keel serves; Tabby's clients gate features on it
+(tabby-agent skips /v1beta/server_setting below 0.9.0)."""
+
 
 def _editor_key(request: Request, body: TabbyCompletionRequest) -> tuple[str, str] | None:
-    """Which editor and file a completion is for: a newer one supersedes an older one."""
-    filepath = body.segments.filepath if body.segments is not None else None
-    if not filepath:
+    """Which editor and file a completion is for: a newer one supersedes an older one.
+
+    Without a filepath (tabby-agent 1.5 sends none) the key is the editor alone:
+    a person types in one place at a time, so the newer request is the one awaited.
+    """
+    if body.segments is None:
         return None
     who = request.headers.get("authorization") or (request.client.host if request.client else "")
-    return (f"{who}|{body.user or ''}|{request.headers.get('user-agent', '')}", filepath)
+    editor = f"{who}|{body.user or ''}|{request.headers.get('user-agent', '')}"
+    return (editor, body.segments.filepath or "")
 
 
 def _superseded_response() -> TabbyCompletionResponse:
@@ -128,7 +136,7 @@ def health_state(request: Request) -> HealthState:
             build_date=info["build_date"],
             build_timestamp=info["build_timestamp"],
             git_sha=info["git_sha"],
-            git_describe=f"v{__version__}",
+            git_describe=f"v{TABBY_API_VERSION}-keel.{__version__}",
         ),
         models=HealthModels(
             completion=providers.for_role("completion").info.model,

@@ -136,6 +136,7 @@ class WorkerSupervisor:
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # lifecycle -----------------------------------------------------------
 
@@ -144,12 +145,14 @@ class WorkerSupervisor:
             self._task = asyncio.create_task(self._run(), name=f"worker:{self.name}")
 
     async def stop(self) -> None:
+        """End the worker (stdin closed, then killed after 5 s) and stop restarting it."""
         task, self._task = self._task, None
+        self._stopping = True
+        await self._terminate()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._terminate()
         self._set_state(WorkerState.STOPPED)
 
     def status(self) -> dict[str, object]:
@@ -203,6 +206,8 @@ class WorkerSupervisor:
             self._starts.append(now)
             exit_code = await self._run_once()
             self._fail_pending(exit_code)
+            if self._stopping:
+                return
             if exit_code == EXIT_UNUSABLE:
                 self._give_up(self.last_error or "worker reported an unusable model or library")
                 return
