@@ -32,10 +32,9 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise PortBusy(
-                f"port {port} on {host} is already in use; stop whatever holds it "
-                f"(`ss -ltnp 'sport = :{port}'`) or set [server] port / --port"
-            ) from None
+            from keel.ops.ports import busy_port_message
+
+            raise PortBusy(busy_port_message(host, port)) from None
         raise KeelError(f"cannot bind {host}:{port}: {exc}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -116,6 +115,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from keel.ops.doctor import DoctorOptions
+    from keel.ops.doctor import main as doctor
+
+    options = DoctorOptions(
+        config=Path(args.config) if args.config else None,
+        host=args.host,
+        port=args.port,
+        online=args.online,
+    )
+    return doctor(options, as_json=args.json, out=sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keel",
@@ -146,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list configured models and model files on disk")
     models.add_argument("--config", help="config file (default: <data root>/config.toml)")
     models.set_defaults(func=cmd_models)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="pre-flight checks: library, config, env, models, memory, data root, port",
+        description="Check that keel can start here. Exit code as `keel serve` would exit: "
+        "78 config, 69 library/model/memory/provider, 75 port busy, 1 other.",
+    )
+    doctor.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    doctor.add_argument("--host", help="address keel will bind (default from config)")
+    doctor.add_argument("--port", type=int, help="port keel will bind (default from config)")
+    doctor.add_argument(
+        "--online", action="store_true", help="also send each HTTP provider a one-token request"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""Read a GGUF file's header without loading the native library.
+
+Only the metadata key/value section is parsed (scalars kept, arrays skipped),
+which is enough to tell a real GGUF file from garbage and to estimate the
+memory a model needs: weights (the file size) plus the KV cache for the
+configured context. Tensor data is never read.
+
+Format: magic ``GGUF``, u32 version (2 or 3), u64 tensor count, u64 key/value
+count, then per key a u64-length string, a u32 value type and the value.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+from keel.errors import MissingDependency
+
+MAGIC = b"GGUF"
+
+_SCALARS: dict[int, str] = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_STRING = 8
+_ARRAY = 9
+_MAX_KEYS = 1 << 16
+_MAX_STRING = 1 << 24
+
+
+class _Reader:
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        self.file = file
+        self.path = path
+
+    def take(self, size: int) -> bytes:
+        data = self.file.read(size)
+        if len(data) != size:
+            raise MissingDependency(f"{self.path}: truncated GGUF header")
+        return data
+
+    def unpack(self, fmt: str) -> object:
+        value: object = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        return value
+
+    def u64(self) -> int:
+        value = self.unpack("<Q")
+        assert isinstance(value, int)
+        return value
+
+    def u32(self) -> int:
+        value = self.unpack("<I")
+        assert isinstance(value, int)
+        return value
+
+    def string(self) -> str:
+        length = self.u64()
+        if length > _MAX_STRING:
+            raise MissingDependency(f"{self.path}: corrupt GGUF header (string of {length} bytes)")
+        return self.take(length).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> object:
+        if kind in _SCALARS:
+            return self.unpack(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.u32(), self.u64()
+            for _ in range(count):
+                self.value(item_kind)
+            return None  # arrays (the tokenizer's vocabulary) are skipped
+        raise MissingDependency(f"{self.path}: corrupt GGUF header (value type {kind})")
+
+
+def has_magic(path: Path) -> bool:
+    """True when ``path`` starts with the GGUF magic; raises OSError if unreadable."""
+    with path.open("rb") as file:
+        return file.read(4) == MAGIC
+
+
+def read_metadata(path: Path) -> dict[str, object]:
+    """The header's scalar and string values by key; raises MissingDependency when
+    the file is not a GGUF file or its header is damaged, OSError when unreadable."""
+    with path.open("rb") as file:
+        reader = _Reader(file, path)
+        if reader.take(4) != MAGIC:
+            raise MissingDependency(f"{path}: not a GGUF file (no GGUF magic)")
+        version = reader.u32()
+        if version not in (2, 3):
+            raise MissingDependency(f"{path}: unsupported GGUF version {version}")
+        reader.u64()  # tensor count
+        count = reader.u64()
+        if count > _MAX_KEYS:
+            raise MissingDependency(f"{path}: corrupt GGUF header ({count} keys)")
+        metadata: dict[str, object] = {}
+        for _ in range(count):
+            key = reader.string()
+            metadata[key] = reader.value(reader.u32())
+        return metadata
+
+
+def _int(metadata: dict[str, object], key: str) -> int | None:
+    value = metadata.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def kv_cache_bytes(metadata: dict[str, object], context_size: int) -> int | None:
+    """Bytes of an f16 KV cache for ``context_size`` tokens, or None if the header
+    lacks the shape (then the caller must guess)."""
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        return None
+    layers = _int(metadata, f"{arch}.block_count")
+    width = _int(metadata, f"{arch}.embedding_length")
+    heads = _int(metadata, f"{arch}.attention.head_count")
+    if not (layers and width and heads):
+        return None
+    kv_heads = _int(metadata, f"{arch}.attention.head_count_kv") or heads
+    key_width = _int(metadata, f"{arch}.attention.key_length") or width // heads
+    value_width = _int(metadata, f"{arch}.attention.value_length") or width // heads
+    per_token = layers * kv_heads * (key_width + value_width) * 2  # f16
+    return per_token * context_size

@@ -1,0 +1,415 @@
+"""``keel doctor``: pre-flight checks before keel starts (systemd's ExecStartPre).
+
+Each check is a finding, never a crash of doctor itself: the native library
+is imported in a subprocess (a segfault there is reported, not suffered), and
+a check that cannot run because an earlier one failed says so ("skip").
+
+The exit code is the most serious failure's, as ``keel serve`` would exit:
+78 config, 69 native library / model file / memory / unreachable provider,
+75 port busy, 1 anything else (data root not writable). Warnings do not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, TextIO
+
+from keel.config import ROLES, LocalModelConfig, Paths, Role, Settings, load_settings
+from keel.errors import (
+    ConfigError,
+    KeelError,
+    MissingDependency,
+    UpstreamAuthError,
+    UpstreamConnectError,
+)
+from keel.models import gguf
+from keel.models.registry import resolve_model
+from keel.ops.ports import busy_port_message
+from keel.providers.base import Provider
+
+Status = Literal["ok", "warn", "FAIL", "skip"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_DEPENDENCY = 69
+EXIT_PORT_BUSY = 75
+EXIT_CONFIG = 78
+_SEVERITY = (EXIT_CONFIG, EXIT_DEPENDENCY, EXIT_PORT_BUSY, EXIT_FAILURE)
+
+OVERHEAD_BYTES = 128 * 2**20
+"""Per worker beyond weights and KV cache: compute buffers, the Python process."""
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(slots=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    exit_code: int = EXIT_OK
+    """What keel serve would exit with because of this; used when status is FAIL."""
+
+
+@dataclass(slots=True)
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, status: Status, detail: str, exit_code: int = EXIT_OK) -> Check:
+        check = Check(name, status, detail, exit_code if status == "FAIL" else EXIT_OK)
+        self.checks.append(check)
+        return check
+
+    @property
+    def exit_code(self) -> int:
+        codes = {check.exit_code for check in self.checks if check.status == "FAIL"}
+        return next((code for code in _SEVERITY if code in codes), EXIT_OK)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.exit_code == EXIT_OK,
+            "exit_code": self.exit_code,
+            "checks": [asdict(check) for check in self.checks],
+        }
+
+    def render(self, out: TextIO) -> None:
+        width = max((len(check.name) for check in self.checks), default=5)
+        out.write(f"{'CHECK':<{width}}  STATUS  DETAIL\n")
+        for check in self.checks:
+            lines = check.detail.splitlines() or [""]
+            out.write(f"{check.name:<{width}}  {check.status:<6}  {lines[0]}\n")
+            for line in lines[1:]:
+                out.write(f"{'':<{width}}  {'':<6}  {line}\n")
+        verdict = "all checks passed" if self.exit_code == EXIT_OK else "FAILED"
+        out.write(f"\n{verdict} (exit {self.exit_code})\n")
+
+
+@dataclass(frozen=True, slots=True)
+class DoctorOptions:
+    config: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    online: bool = False
+    library_timeout: float = 120.0
+    provider_timeout: float = 20.0
+    meminfo: Path = Path("/proc/meminfo")
+
+
+# checks ----------------------------------------------------------------------
+
+
+def check_native_library(report: Report, timeout: float) -> None:
+    """Import llama-cpp-python in a child: a crash or hang there is a finding."""
+    code = "import llama_cpp, sys; sys.stdout.write(llama_cpp.__version__)"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        report.add(
+            "native library",
+            "FAIL",
+            f"importing llama_cpp hung for {timeout:.0f}s",
+            EXIT_DEPENDENCY,
+        )
+        return
+    if result.returncode == 0:
+        report.add("native library", "ok", f"llama-cpp-python {result.stdout.strip()}")
+        return
+    if result.returncode < 0:
+        why = f"the import was killed by signal {-result.returncode}"
+    else:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit code {result.returncode}"
+    report.add(
+        "native library",
+        "FAIL",
+        f"cannot import llama_cpp: {why}; reinstall llama-cpp-python in keel's environment",
+        EXIT_DEPENDENCY,
+    )
+
+
+def _config_file(options: DoctorOptions, paths: Paths) -> Path:
+    return options.config if options.config is not None else paths.config_file
+
+
+def check_env_vars(report: Report, file: Path, environ: os._Environ[str] | dict[str, str]) -> None:
+    if not file.exists():
+        report.add("env vars", "skip", "no config file")
+        return
+    try:
+        raw = file.read_text(encoding="utf-8")
+        tomllib.loads(raw)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        report.add("env vars", "skip", "config file unreadable (see config)")
+        return
+    lines = [line for line in raw.splitlines() if not line.lstrip().startswith("#")]
+    names = sorted({name for line in lines for name in _ENV_REF.findall(line)})
+    if not names:
+        report.add("env vars", "ok", "none referenced")
+        return
+    missing = [name for name in names if name not in environ]
+    if missing:
+        report.add(
+            "env vars",
+            "FAIL",
+            f"not set: {', '.join(missing)} (referenced as ${{NAME}} in {file})",
+            EXIT_CONFIG,
+        )
+    else:
+        report.add("env vars", "ok", f"set: {', '.join(names)}")
+
+
+def check_config(report: Report, options: DoctorOptions, paths: Paths) -> Settings | None:
+    file = _config_file(options, paths)
+    try:
+        settings = load_settings(options.config, paths)
+    except ConfigError as exc:
+        detail = "\n".join([f"{exc.source}:"] + [issue.render() for issue in exc.issues])
+        report.add("config", "FAIL", detail, EXIT_CONFIG)
+        return None
+    where = str(file) if file.exists() else f"{file} absent: all defaults"
+    report.add("config", "ok", where)
+    return settings
+
+
+def _local_configs(settings: Settings) -> list[tuple[Role, LocalModelConfig]]:
+    found: list[tuple[Role, LocalModelConfig]] = []
+    for role in ROLES:
+        for config in settings.model.role(role).chain():
+            if isinstance(config, LocalModelConfig):
+                found.append((role, config))
+    return found
+
+
+def check_model_files(report: Report, settings: Settings, paths: Paths) -> bool:
+    """Every local model the config names resolves to a readable GGUF file."""
+    ok = True
+    seen: set[str] = set()
+    for role, config in _local_configs(settings):
+        if config.model_id in seen:
+            continue
+        seen.add(config.model_id)
+        name = f"model {config.model_id}"
+        try:
+            path = resolve_model(config.model_id, paths)
+            metadata = gguf.read_metadata(path)
+        except MissingDependency as exc:
+            report.add(name, "FAIL", f"{role}: {exc.message}", EXIT_DEPENDENCY)
+            ok = False
+            continue
+        except OSError as exc:
+            report.add(name, "FAIL", f"{role}: cannot read: {exc}", EXIT_DEPENDENCY)
+            ok = False
+            continue
+        size = path.stat().st_size / 2**20
+        arch = metadata.get("general.architecture", "?")
+        report.add(name, "ok", f"{path} ({size:.0f} MiB, {arch})")
+    if not seen:
+        report.add("model files", "ok", "no local models configured")
+    return ok
+
+
+def _meminfo_available(meminfo: Path) -> int | None:
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path) -> None:
+    """Weights + KV cache (per slot) + overhead for every worker keel would start."""
+    from keel.providers.catalog import build_providers
+    from keel.providers.local import LocalProvider
+
+    available = _meminfo_available(meminfo)
+    if available is None:
+        report.add("memory", "skip", f"no MemAvailable in {meminfo}")
+        return
+    try:
+        providers = build_providers(settings, paths)
+    except KeelError as exc:
+        report.add("memory", "skip", f"cannot plan the workers: {exc.message}")
+        return
+    needed = 0
+    parts: list[str] = []
+    for provider in providers.unique():
+        if not isinstance(provider, LocalProvider):
+            continue
+        spec = provider.supervisor.spec
+        path = Path(spec.model_path)
+        weights = path.stat().st_size
+        kv = gguf.kv_cache_bytes(gguf.read_metadata(path), spec.context_size)
+        slots = max(1, spec.slots)
+        kv_total = (kv if kv is not None else weights // 4) * slots
+        needed += weights + kv_total + OVERHEAD_BYTES
+        parts.append(f"{provider.name}: {(weights + kv_total) / 2**20:.0f} MiB")
+    if not parts:
+        report.add("memory", "ok", "no local models to load")
+        return
+    summary = (
+        f"need ~{needed / 2**20:.0f} MiB, available {available / 2**20:.0f} MiB "
+        f"({'; '.join(parts)})"
+    )
+    if needed > available:
+        report.add(
+            "memory",
+            "FAIL",
+            summary + "; lower context_size or slots, or use a smaller model",
+            EXIT_DEPENDENCY,
+        )
+    elif needed > available * 0.8:
+        report.add("memory", "warn", summary + "; little headroom")
+    else:
+        report.add("memory", "ok", summary)
+
+
+def check_data_root(report: Report, paths: Paths) -> None:
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=paths.root, prefix=".doctor-") as file:
+            file.write(b"ok")
+            file.flush()
+    except OSError as exc:
+        report.add("data root", "FAIL", f"{paths.root} is not writable: {exc}", EXIT_FAILURE)
+        return
+    report.add("data root", "ok", f"{paths.root} writable")
+
+
+def check_port(report: Report, host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                report.add("port", "FAIL", busy_port_message(host, port), EXIT_PORT_BUSY)
+            else:
+                report.add("port", "FAIL", f"cannot bind {host}:{port}: {exc}", EXIT_FAILURE)
+            return
+    report.add("port", "ok", f"{host}:{port} free")
+
+
+async def _probe_one(role: Role, provider: Provider, timeout: float) -> str | None:
+    """None when ``provider`` generated a token in time, else why not."""
+    from keel.router.service import probe
+
+    try:
+        async with asyncio.timeout(timeout):
+            await probe(role, provider)
+    except TimeoutError:
+        return f"no answer within {timeout:.0f}s"
+    except UpstreamAuthError as exc:
+        return f"not authorised (check api_key): {exc.message}"
+    except UpstreamConnectError as exc:
+        return f"unreachable: {exc.message}"
+    except KeelError as exc:
+        return exc.message
+    return None
+
+
+async def _check_providers(
+    report: Report, settings: Settings, paths: Paths, timeout: float
+) -> None:
+    """Each HTTP provider answers a one-token request with keel's key."""
+    from keel.providers.catalog import build_providers
+    from keel.providers.local import LocalProvider
+
+    try:
+        providers = build_providers(settings, paths)
+    except KeelError as exc:
+        report.add("providers", "FAIL", exc.message, exc.exit_code)
+        return
+    remote: dict[int, tuple[Role, Provider]] = {}
+    for role in ROLES:
+        for group in providers.chains[role]:
+            for entry in group:
+                if not isinstance(entry.provider, LocalProvider):
+                    remote.setdefault(id(entry.provider), (role, entry.provider))
+    try:
+        if not remote:
+            report.add("providers", "ok", "no HTTP providers configured")
+            return
+        errors = await asyncio.gather(
+            *(_probe_one(role, provider, timeout) for role, provider in remote.values())
+        )
+        for (_, provider), error in zip(remote.values(), errors, strict=True):
+            name = f"provider {provider.name}"
+            endpoint = provider.info.endpoint
+            if error is None:
+                report.add(name, "ok", f"{endpoint}: answered a one-token request")
+            else:
+                report.add(name, "FAIL", f"{endpoint}: {error}", EXIT_DEPENDENCY)
+    finally:
+        await asyncio.gather(*(provider.aclose() for provider in providers.unique()))
+
+
+def _needs_native_library(settings: Settings | None) -> bool:
+    """Local models run on llama.cpp, and the embedded model is completion's last
+    resort unless turned off."""
+    if settings is None or _local_configs(settings):
+        return True
+    for role in ROLES:
+        flag = settings.model.role(role).embedded_last_resort
+        if flag or (flag is None and role == "completion"):
+            return True
+    return False
+
+
+# the command -------------------------------------------------------------------
+
+
+def run_checks(options: DoctorOptions, environ: dict[str, str] | None = None) -> Report:
+    env = os.environ if environ is None else environ
+    paths = Paths.from_env(dict(env))
+    report = Report()
+    settings = check_config(report, options, paths)
+    check_env_vars(report, _config_file(options, paths), env)
+    if _needs_native_library(settings):
+        check_native_library(report, options.library_timeout)
+    else:
+        report.add("native library", "skip", "no local models configured")
+    if settings is None:
+        for name in ("model files", "memory"):
+            report.add(name, "skip", "config invalid")
+    elif check_model_files(report, settings, paths):
+        check_memory(report, settings, paths, options.meminfo)
+    else:
+        report.add("memory", "skip", "model files missing")
+    check_data_root(report, paths)
+    host = options.host or (settings.server.host if settings else "127.0.0.1")
+    port = (
+        options.port if options.port is not None else (settings.server.port if settings else 8080)
+    )
+    check_port(report, host, port)
+    if options.online:
+        if settings is None:
+            report.add("providers", "skip", "config invalid")
+        else:
+            asyncio.run(_check_providers(report, settings, paths, options.provider_timeout))
+    return report
+
+
+def main(options: DoctorOptions, *, as_json: bool, out: TextIO) -> int:
+    report = run_checks(options)
+    if as_json:
+        json.dump(report.to_json(), out, indent=2)
+        out.write("\n")
+    else:
+        report.render(out)
+    return report.exit_code

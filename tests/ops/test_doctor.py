@@ -1,0 +1,125 @@
+"""keel doctor as a real process: findings, the table, --json and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keel.ops.doctor import DoctorOptions, run_checks
+from tests.conftest import free_port
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+
+pytestmark = pytest.mark.integration
+
+
+def doctor(
+    root: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", "doctor", *args],
+        env={**os.environ, "KEEL_ROOT": str(root), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def findings(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == result.returncode
+    return {check["name"]: check for check in report["checks"]}
+
+
+def test_a_healthy_setup_passes_with_a_readable_table(tmp_path: Path) -> None:
+    result = doctor(tmp_path, "--port", str(free_port()))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
+    for name in ("config", "native library", "memory", "data root", "port"):
+        assert any(line.startswith(name) and " ok " in line for line in lines), name
+    assert "all checks passed (exit 0)" in result.stdout
+
+
+def test_config_errors_and_missing_env_vars_are_exit_78(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        '[server]\nport = "eighty"\n\n[model.chat.http]\nkind = "openai/chat"\n'
+        'api_endpoint = "http://127.0.0.1:1/v1"\napi_key = "${KEEL_TEST_NO_SUCH_KEY}"\n'
+    )
+    result = doctor(tmp_path, "--json")
+    assert result.returncode == 78, result.stdout + result.stderr
+    found = findings(result)
+    assert found["config"]["status"] == "FAIL"
+    assert "server.port" in found["config"]["detail"]
+    assert found["env vars"]["status"] == "FAIL"
+    assert "KEEL_TEST_NO_SUCH_KEY" in found["env vars"]["detail"]
+    assert found["memory"]["status"] == "skip"
+
+
+def test_a_model_file_that_is_not_gguf_is_exit_69(tmp_path: Path) -> None:
+    bad = tmp_path / "models" / "junk.gguf"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"<html>not a model</html>")
+    (tmp_path / "config.toml").write_text('[model.chat.local]\nmodel_id = "junk"\n')
+    result = doctor(tmp_path, "--json", "--port", str(free_port()))
+    assert result.returncode == 69, result.stdout + result.stderr
+    found = findings(result)
+    assert found["model junk"]["status"] == "FAIL"
+    assert "junk.gguf" in found["model junk"]["detail"]
+    assert "GGUF" in found["model junk"]["detail"]
+    assert found["model SmolLM2-135M-Instruct"]["status"] == "ok"
+
+
+def test_a_busy_port_is_exit_75_naming_the_holder(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = doctor(tmp_path, "--json", "--port", str(port))
+    assert result.returncode == 75, result.stdout + result.stderr
+    detail = findings(result)["port"]["detail"]
+    assert f"port {port}" in detail and "in use" in detail
+    assert f"pid {os.getpid()}" in detail  # this test process holds it
+
+
+def test_not_enough_memory_is_a_finding(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 1024 kB\nMemAvailable: 1000 kB\n")
+    env = {"KEEL_ROOT": str(tmp_path / "root")}
+    report = run_checks(DoctorOptions(port=free_port(), meminfo=meminfo), environ=env)
+    memory = next(check for check in report.checks if check.name == "memory")
+    assert memory.status == "FAIL" and "available 1 MiB" in memory.detail
+    assert report.exit_code == 69
+
+
+def test_online_checks_each_http_provider(
+    tmp_path: Path, upstream: FakeUpstream, dead_url: str
+) -> None:
+    with FakeUpstream() as rejecting:
+        rejecting.behave(Behaviour.respond(401, {"error": {"message": "bad key"}}))
+        (tmp_path / "config.toml").write_text(
+            f'[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "{upstream.url}/v1"\n'
+            'model_name = "m"\n\n'
+            f'[[model.chat.fallback]]\nkind = "openai/chat"\napi_endpoint = "{dead_url}/v1"\n'
+            'model_name = "m"\n\n'
+            f'[model.embedding.http]\nkind = "openai/embedding"\n'
+            f'api_endpoint = "{rejecting.url}/v1"\nmodel_name = "e"\n'
+        )
+        result = doctor(tmp_path, "--json", "--online", "--port", str(free_port()))
+    assert result.returncode == 69, result.stdout + result.stderr
+    providers = {
+        name: check for name, check in findings(result).items() if name.startswith("provider ")
+    }
+    assert len(providers) == 3, providers
+    by_endpoint = {check["detail"].split("/v1")[0]: check for check in providers.values()}
+    assert by_endpoint[upstream.url]["status"] == "ok"
+    assert by_endpoint[dead_url]["status"] == "FAIL"
+    assert "unreachable" in by_endpoint[dead_url]["detail"]
+    assert by_endpoint[rejecting.url]["status"] == "FAIL"
+    assert "not authorised" in by_endpoint[rejecting.url]["detail"]
