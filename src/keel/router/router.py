@@ -12,7 +12,12 @@ allows; then the next endpoint is tried.
 Streams: a failure before the first piece falls through to the next endpoint
 invisibly; once a piece was yielded, the stream is that endpoint's alone and a
 failure ends it with the error (the API renders it in the protocol's form).
-Two providers' output is never spliced.
+Two providers' output is never spliced. A ``buffered`` stream (the client
+waits for the whole answer) holds an attempt's pieces until it ends, so a
+failure mid-way still falls back: the client has seen nothing yet.
+
+An attempt's outcome is recorded once, when it ends: a stream that fails
+after its first tokens is a failure, not a success and then a failure.
 """
 
 from __future__ import annotations
@@ -197,14 +202,21 @@ class RoleRouter:
 
     def candidates(self) -> list[Endpoint]:
         """Usable endpoints in chain order (least outstanding first within a group),
-        then the unhealthy ones as a last resort."""
+        then the unhealthy ones as a last resort. An endpoint whose key was
+        refused, whose breaker is open or whose ``Retry-After`` has not passed
+        is never tried, not even as a last resort."""
         usable: list[Endpoint] = []
         doubtful: list[Endpoint] = []
+        now = self._clock()
         for group in self.groups:
             for endpoint in sorted(group, key=lambda e: e.outstanding):
                 if endpoint.usable():
                     usable.append(endpoint)
-                elif not endpoint.auth_failed and endpoint.breaker.available():
+                elif (
+                    not endpoint.auth_failed
+                    and now >= endpoint.blocked_until
+                    and endpoint.breaker.available()
+                ):
                     doubtful.append(endpoint)
         return usable + doubtful
 
@@ -213,9 +225,10 @@ class RoleRouter:
 
     # outcomes --------------------------------------------------------------
 
-    def _succeeded(self, endpoint: Endpoint, started: float) -> None:
+    def _succeeded(self, endpoint: Endpoint, latency: float) -> None:
+        """``latency``: seconds to the first piece."""
         endpoint.breaker.record_success()
-        if endpoint.record_ok(self._clock() - started):
+        if endpoint.record_ok(latency):
             log.info("provider %s is healthy again", endpoint.name)
             self.events.provider_health(endpoint.name, True)
 
@@ -244,7 +257,7 @@ class RoleRouter:
         return client
 
     def _exhausted(self, route: Route, last: KeelError | None) -> KeelError:
-        if last is not None and len(route.failures) == 1:
+        if last is not None and len(route.failures) == 1 and len(self.endpoints) == 1:
             return last  # one provider, one failure: its own error says the most
         retry_after = [
             e.breaker.retry_after() for e in self.endpoints if e.breaker.retry_after() > 0
@@ -274,8 +287,11 @@ class RoleRouter:
 
     # streams -----------------------------------------------------------------
 
-    async def stream(self, start: StartStream, route: Route) -> AsyncGenerator[str, None]:
-        """Pieces from the first endpoint that produces one; see the module docstring."""
+    async def stream(
+        self, start: StartStream, route: Route, *, buffered: bool = False
+    ) -> AsyncGenerator[str, None]:
+        """Pieces from the first endpoint that produces one (``buffered``: that
+        completes); see the module docstring."""
         self.budget.record_request()
         last: KeelError | None = None
         previous: Endpoint | None = None
@@ -292,10 +308,16 @@ class RoleRouter:
                 started = self._clock()
                 pieces: AsyncIterator[str] | None = None
                 first: str | None = None
+                held: list[str] = []
                 try:
                     async with asyncio.timeout(endpoint.timeouts.first_token):
                         pieces = await start(endpoint.provider, shrink)
                         first = await anext(pieces, None)
+                    latency = self._clock() - started
+                    if buffered and first is not None:
+                        held.append(first)
+                        async for piece in self._paced(pieces, endpoint):
+                            held.append(piece)
                 except TimeoutError:
                     error: KeelError = UpstreamTimeout(
                         f"no first token within {endpoint.timeouts.first_token:.0f}s",
@@ -311,17 +333,28 @@ class RoleRouter:
                     raise
                 else:
                     assert pieces is not None
-                    self._succeeded(endpoint, started)
                     route.provider = endpoint.provider
+                    if buffered:
+                        endpoint.outstanding -= 1
+                        await close_stream(pieces)
+                        self._succeeded(endpoint, latency)
+                        for piece in held:
+                            yield piece
+                        return
+                    failed = False
                     try:
                         if first is not None:
                             yield first
                             async for piece in self._paced(pieces, endpoint):
                                 yield piece
                     except KeelError as exc:
+                        failed = True
                         self._failed(endpoint, exc, classify(exc))
                         raise
                     finally:
+                        # Ended, or the client stopped reading: tokens flowed either way.
+                        if not failed:
+                            self._succeeded(endpoint, latency)
                         endpoint.outstanding -= 1
                         await close_stream(pieces)
                     return

@@ -1,0 +1,147 @@
+"""Admission control and superseding, with real asyncio tasks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from keel.router.admission import Admission, Overloaded, Superseder
+
+
+async def hold(admission: Admission, release: asyncio.Event, entered: list[int], n: int) -> None:
+    async with admission.slot():
+        entered.append(n)
+        await release.wait()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_concurrency_limit_then_queue_then_429() -> None:
+    admission = Admission("completion", max_concurrent=2, queue_size=1, queue_timeout=5.0)
+    release = asyncio.Event()
+    entered: list[int] = []
+    tasks = [asyncio.create_task(hold(admission, release, entered, n)) for n in range(3)]
+    await settle()
+    assert entered == [0, 1]
+    assert (admission.active, admission.waiting) == (2, 1)
+    assert admission.under_pressure
+
+    with pytest.raises(Overloaded) as caught:
+        async with admission.slot():
+            pass
+    error = caught.value
+    assert error.status_code == 429
+    assert error.retry_after is not None and error.retry_after >= 1
+    assert "queue full" in error.message
+    assert admission.rejected == 1
+
+    release.set()
+    await asyncio.gather(*tasks)
+    assert entered == [0, 1, 2]
+    assert (admission.active, admission.waiting) == (0, 0)
+    assert not admission.under_pressure
+
+
+async def test_queue_timeout_is_a_429() -> None:
+    admission = Admission("chat", max_concurrent=1, queue_size=5, queue_timeout=0.05)
+    release = asyncio.Event()
+    holder = asyncio.create_task(hold(admission, release, [], 0))
+    await settle()
+    with pytest.raises(Overloaded, match="no slot within"):
+        async with admission.slot():
+            pass
+    assert admission.waiting == 0
+    release.set()
+    await holder
+    async with admission.slot():
+        assert admission.active == 1
+
+
+async def test_zero_queue_refuses_at_once_when_busy() -> None:
+    admission = Admission("embedding", max_concurrent=1, queue_size=0, queue_timeout=5.0)
+    release = asyncio.Event()
+    holder = asyncio.create_task(hold(admission, release, [], 0))
+    await settle()
+    with pytest.raises(Overloaded):
+        async with admission.slot():
+            pass
+    release.set()
+    await holder
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    admission = Admission("completion", max_concurrent=1, queue_size=1, queue_timeout=5.0)
+    release = asyncio.Event()
+    entered: list[int] = []
+    holder = asyncio.create_task(hold(admission, release, entered, 0))
+    await settle()
+    waiter = asyncio.create_task(hold(admission, release, entered, 1))
+    await settle()
+    assert admission.waiting == 1
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert admission.waiting == 0
+    # The queue has room again.
+    third = asyncio.create_task(hold(admission, release, entered, 2))
+    await settle()
+    assert admission.waiting == 1
+    release.set()
+    await asyncio.gather(holder, third)
+    assert entered == [0, 2]
+    assert admission.active == 0
+
+
+async def test_a_failing_request_gives_its_slot_back() -> None:
+    admission = Admission("completion", max_concurrent=1, queue_size=0, queue_timeout=1.0)
+    with pytest.raises(ValueError):
+        async with admission.slot():
+            raise ValueError("boom")
+    async with admission.slot():
+        assert admission.active == 1
+
+
+async def test_superseder_cancels_the_older_request_for_the_same_key() -> None:
+    superseder = Superseder()
+    forever = asyncio.Event()
+    first = asyncio.create_task(forever.wait())
+    second = asyncio.create_task(forever.wait())
+    other = asyncio.create_task(forever.wait())
+    superseder.claim(("editor", "a.py"), first)
+    superseder.claim(("editor", "b.py"), other)
+    superseder.claim(("editor", "a.py"), second)
+    await settle()
+    assert first.cancelled()
+    assert not second.done() and not other.done()
+    assert superseder.superseded == 1
+
+    # The old one's release must not drop the new one's claim.
+    superseder.release(("editor", "a.py"), first)
+    third = asyncio.create_task(forever.wait())
+    superseder.claim(("editor", "a.py"), third)
+    await settle()
+    assert second.cancelled()
+    assert superseder.superseded == 2
+
+    superseder.release(("editor", "a.py"), third)
+    fourth = asyncio.create_task(forever.wait())
+    superseder.claim(("editor", "a.py"), fourth)
+    await settle()
+    assert not third.done(), "a released request is not cancelled later"
+    for task in (third, fourth, other):
+        task.cancel()
+    await asyncio.gather(third, fourth, other, return_exceptions=True)
+
+
+async def test_a_finished_request_is_not_counted_as_superseded() -> None:
+    superseder = Superseder()
+    done = asyncio.create_task(asyncio.sleep(0))
+    await done
+    superseder.claim("k", done)
+    newer = asyncio.create_task(asyncio.sleep(0))
+    superseder.claim("k", newer)
+    await newer
+    assert superseder.superseded == 0

@@ -1,0 +1,802 @@
+"""RoleRouter against real fake backends on loopback, with time in the test's hands.
+
+The providers are keel's real HTTP adapters talking to :class:`FakeUpstream`
+servers; the clock and ``sleep`` are injected, so breaker cooldowns, backoff
+and Retry-After pass instantly. Only the first-token and between-token
+timeouts are real (they are asyncio deadlines), and are kept small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import aclosing
+
+import pytest
+
+from keel.config import HttpModelConfig
+from keel.errors import (
+    KeelError,
+    RequestError,
+    Unavailable,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from keel.providers.base import (
+    CompletionCall,
+    CompletionProvider,
+    EmbeddingProvider,
+    GenerationParams,
+    Provider,
+)
+from keel.providers.http import build_http_provider
+from keel.router.breaker import BreakerPolicy, BreakerState
+from keel.router.retry import RetryBudget, RetryPolicy
+from keel.router.router import UNHEALTHY_AFTER, Endpoint, RoleRouter, Route, Timeouts, new_breaker
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+from tests.router.conftest import FakeClock
+
+PARAMS = GenerationParams(max_tokens=16)
+ANSWER = ["Hello", ",", " world"]
+FAST = Timeouts(first_token=2.0, between_tokens=2.0)
+
+
+class Events:
+    """Records what the router reports (the metrics' side of RouterEvents)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, ...]] = []
+
+    def breaker_changed(self, provider: str, state: str) -> None:
+        self.log.append(("breaker", provider, state))
+
+    def provider_health(self, provider: str, healthy: bool) -> None:
+        self.log.append(("health", provider, str(healthy)))
+
+    def fallback(self, role: str, from_provider: str, to_provider: str) -> None:
+        self.log.append(("fallback", from_provider, to_provider))
+
+    def retry(self, provider: str) -> None:
+        self.log.append(("retry", provider))
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Callable[..., FakeUpstream]]:
+    """Extra fake backends, as many as a test needs."""
+    made: list[FakeUpstream] = []
+
+    def make(**kwargs: object) -> FakeUpstream:
+        server = FakeUpstream(**kwargs).start()  # type: ignore[arg-type]
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+    for server in made:
+        assert not server.errors, server.errors
+
+
+class Build:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.providers: list[Provider] = []
+        self.events = Events()
+
+    def endpoint(
+        self,
+        url: str,
+        *,
+        name: str,
+        kind: str = "openai/completion",
+        policy: BreakerPolicy | None = None,
+        timeouts: Timeouts = FAST,
+        finding_ttl: float = 120.0,
+        **fields: object,
+    ) -> Endpoint:
+        role = "embedding" if kind.endswith("embedding") else "completion"
+        config = HttpModelConfig(kind=kind, api_endpoint=f"{url}/v1", **fields)  # type: ignore[arg-type]
+        provider = build_http_provider(role, config, name=name, timeout=5.0)
+        self.providers.append(provider)
+        breaker = new_breaker(name, policy or BreakerPolicy(), self.events, self.clock)
+        return Endpoint(provider, breaker, timeouts, finding_ttl=finding_ttl, clock=self.clock)
+
+    def router(
+        self,
+        groups: Sequence[Sequence[Endpoint]],
+        *,
+        retry: RetryPolicy | None = None,
+        role: str = "completion",
+    ) -> RoleRouter:
+        retry = retry or RetryPolicy(attempts_per_provider=2)
+        return RoleRouter(
+            role,  # type: ignore[arg-type]
+            groups,
+            budget=RetryBudget(retry, clock=self.clock),
+            retry=retry,
+            events=self.events,
+            clock=self.clock,
+            sleep=self.clock.sleep,
+        )
+
+
+@pytest.fixture
+async def build(clock: FakeClock) -> AsyncIterator[Build]:
+    builder = Build(clock)
+    yield builder
+    for provider in builder.providers:
+        await provider.aclose()
+
+
+class Starts:
+    """The ``start`` callback, recording which provider was asked with which shrink flag."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    async def __call__(self, provider: Provider, shrink: bool) -> AsyncIterator[str]:
+        assert isinstance(provider, CompletionProvider)
+        self.calls.append((provider.name, shrink))
+        return provider.stream_completion(CompletionCall("def f(", PARAMS))
+
+
+async def run(
+    router: RoleRouter, *, buffered: bool = False, starts: Starts | None = None
+) -> tuple[list[str], Route]:
+    route = Route()
+    received: list[str] = []
+    stream = router.stream(starts or Starts(), route, buffered=buffered)
+    try:
+        async with aclosing(stream) as pieces:
+            async for piece in pieces:
+                received.append(piece)
+    except KeelError as exc:
+        exc.received = received  # type: ignore[attr-defined]
+        exc.route = route  # type: ignore[attr-defined]
+        raise
+    return received, route
+
+
+def posts(server: FakeUpstream) -> int:
+    return sum(1 for r in server.requests if r.method == "POST")
+
+
+# --- the happy path and plain fallback ----------------------------------------
+
+
+async def test_a_healthy_primary_serves_and_the_fallback_sees_nothing(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    pieces, route = await run(router)
+    assert pieces == ANSWER
+    assert route.provider is not None and route.provider.name == "primary"
+    assert (posts(primary), posts(fallback)) == (1, 0)
+    assert router.endpoints[0].outstanding == 0
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Behaviour.error(500),
+        Behaviour.error(503, {"error": {"message": "overloaded"}}),
+        Behaviour.reset(),
+        Behaviour.disconnect(),
+        Behaviour.malformed_json(),
+        Behaviour.broken_sse(),
+        Behaviour.stream_error("engine died", after=0),
+        Behaviour.cut(after=0),
+    ],
+    ids=lambda b: b.mode if b.mode != "status" else f"http{b.status}",
+)
+async def test_a_failure_before_the_first_token_is_retried_then_falls_back(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock, fault: Behaviour
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(fault)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]],
+        retry=RetryPolicy(attempts_per_provider=2, backoff_initial=0.5),
+    )
+    pieces, route = await run(router)
+    assert pieces == ANSWER, "the fallback's whole answer, nothing of the primary's"
+    assert route.provider is not None and route.provider.name == "fb"
+    assert posts(primary) == 2, "one retry on the primary"
+    assert posts(fallback) == 1
+    assert len(clock.slept) == 1 and 0 <= clock.slept[0] <= 1.0, "jittered backoff, injected"
+    assert ("fallback", "primary", "fb") in build.events.log
+    assert ("retry", "primary") in build.events.log
+    assert [f.split(":")[0] for f in route.failures] == ["primary", "primary"]
+
+
+async def test_connection_refused_falls_back(
+    build: Build, upstreams: Callable[..., FakeUpstream], dead_url: str
+) -> None:
+    fallback = upstreams()
+    router = build.router(
+        [[build.endpoint(dead_url, name="dead")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    pieces, route = await run(router)
+    assert pieces == ANSWER
+    assert route.provider is not None and route.provider.name == "fb"
+    assert "cannot connect" in route.failures[0]
+
+
+async def test_accept_then_hang_times_out_on_the_first_token(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.hang())
+    short = Timeouts(first_token=0.2, between_tokens=2.0)
+    router = build.router(
+        [
+            [build.endpoint(primary.url, name="primary", timeouts=short)],
+            [build.endpoint(fallback.url, name="fb")],
+        ],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    pieces, route = await run(router)
+    assert pieces == ANSWER
+    assert "no first token within" in route.failures[0]
+
+
+async def test_slow_first_token_falls_back_and_a_patient_one_is_served(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.slow_first_token(0.6))
+    short = Timeouts(first_token=0.2, between_tokens=2.0)
+    patient = Timeouts(first_token=2.0, between_tokens=2.0)
+    impatient = build.router(
+        [
+            [build.endpoint(primary.url, name="primary", timeouts=short)],
+            [build.endpoint(fallback.url, name="fb")],
+        ],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    _, route = await run(impatient)
+    assert route.provider is not None and route.provider.name == "fb"
+    served = build.router([[build.endpoint(primary.url, name="primary2", timeouts=patient)]])
+    pieces, route = await run(served)
+    assert pieces == ANSWER and route.provider is not None and route.provider.name == "primary2"
+
+
+# --- streams: never splice ------------------------------------------------------
+
+
+async def test_a_stream_cut_after_tokens_ends_with_the_error_never_spliced(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.cut(after=1))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await run(router)
+    assert caught.value.received == ["Hello"]  # type: ignore[attr-defined]
+    assert posts(fallback) == 0, "no fallback once tokens were sent"
+    assert posts(primary) == 1, "no retry once tokens were sent"
+    endpoint = router.endpoints[0]
+    assert endpoint.failed_checks == 1 and endpoint.outstanding == 0
+
+
+async def test_a_stall_between_tokens_ends_the_stream(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary = upstreams(token_delay=0.5)
+    stall = Timeouts(first_token=2.0, between_tokens=0.1)
+    router = build.router([[build.endpoint(primary.url, name="primary", timeouts=stall)]])
+    with pytest.raises(UpstreamTimeout, match="stalled"):
+        await run(router)
+
+
+async def test_an_error_event_inside_the_stream_after_tokens_ends_it(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.stream_error("CUDA out of memory", after=2))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    with pytest.raises(KeelError, match="CUDA out of memory") as caught:
+        await run(router)
+    assert caught.value.received == ["Hello", ","]  # type: ignore[attr-defined]
+    assert posts(fallback) == 0
+
+
+async def test_a_provider_that_always_cuts_mid_stream_opens_its_breaker(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """Tokens flowing first must not hide that every stream fails."""
+    primary = upstreams()
+    primary.behave(Behaviour.cut(after=1))
+    policy = BreakerPolicy(consecutive_failures=3, min_volume=100)
+    router = build.router([[build.endpoint(primary.url, name="primary", policy=policy)]])
+    for _ in range(3):
+        with pytest.raises(UpstreamProtocolError):
+            await run(router)
+    assert router.endpoints[0].breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Behaviour.cut(after=1), Behaviour.stream_error("died", after=2)],
+    ids=["cut", "stream_error"],
+)
+async def test_buffered_requests_fall_back_even_after_tokens(
+    build: Build, upstreams: Callable[..., FakeUpstream], fault: Behaviour
+) -> None:
+    """A non-streaming client has seen nothing yet: a mid-way failure can still fall back."""
+    primary, fallback = upstreams(), upstreams(tokens=("Bye", "!"))
+    primary.behave(fault)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    pieces, route = await run(router, buffered=True)
+    assert pieces == ["Bye", "!"], "only the fallback's answer, never spliced"
+    assert route.provider is not None and route.provider.name == "fb"
+    assert router.endpoints[0].failed_checks == 1
+    assert router.endpoints[0].breaker._consecutive == 1
+
+
+async def test_buffered_success_is_the_whole_answer(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary = upstreams()
+    router = build.router([[build.endpoint(primary.url, name="primary")]])
+    pieces, _ = await run(router, buffered=True)
+    assert pieces == ANSWER
+
+
+# --- the breaker in the router ---------------------------------------------------
+
+
+async def test_breaker_opens_at_the_threshold_and_nothing_reaches_it_while_open(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary = upstreams()
+    primary.behave(Behaviour.error(500))
+    policy = BreakerPolicy(consecutive_failures=4, min_volume=100, cooldown=30.0)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary", policy=policy)]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    breaker = router.endpoints[0].breaker
+    for n in range(1, 5):
+        with pytest.raises(KeelError):
+            await run(router)
+        assert posts(primary) == n
+        assert breaker.state is (BreakerState.OPEN if n == 4 else BreakerState.CLOSED)
+
+    for _ in range(10):
+        clock.advance(2.9)  # 29 s: all inside the cooldown
+        with pytest.raises(Unavailable) as caught:
+            await run(router)
+        assert caught.value.status_code == 503
+    assert posts(primary) == 4, "no request reached the open breaker"
+    error = caught.value
+    assert error.retry_after is not None and 0 < error.retry_after <= 1.0
+    assert "primary: breaker open for" in error.message
+
+    primary.reset_behaviour()
+    clock.advance(1.0)
+    pieces, _ = await run(router)
+    assert pieces == ANSWER, "the half-open probe went through and closed the breaker"
+    assert breaker.state is BreakerState.CLOSED
+    assert [e for e in build.events.log if e[0] == "breaker"] == [
+        ("breaker", "primary", "open"),
+        ("breaker", "primary", "half_open"),
+        ("breaker", "primary", "closed"),
+    ]
+
+
+async def test_half_open_lets_exactly_one_probe_through(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary = upstreams()
+    primary.behave(Behaviour.error(500))
+    policy = BreakerPolicy(consecutive_failures=2, cooldown=10.0)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary", policy=policy)]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    for _ in range(2):
+        with pytest.raises(KeelError):
+            await run(router)
+    assert router.endpoints[0].breaker.state is BreakerState.OPEN
+    before = posts(primary)
+
+    primary.behave(Behaviour.slow_first_token(0.3))
+    clock.advance(10.0)
+    results = await asyncio.gather(*(run(router) for _ in range(6)), return_exceptions=True)
+    served = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, Unavailable)]
+    assert len(served) == 1 and len(refused) == 5, results
+    assert posts(primary) == before + 1, "exactly one probe"
+    assert router.endpoints[0].breaker.state is BreakerState.CLOSED
+
+
+async def test_a_failed_probe_reopens_for_another_cooldown(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(502))
+    policy = BreakerPolicy(consecutive_failures=1, cooldown=10.0)
+    router = build.router(
+        [
+            [build.endpoint(primary.url, name="primary", policy=policy)],
+            [build.endpoint(fallback.url, name="fb")],
+        ],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    await run(router)
+    assert router.endpoints[0].breaker.state is BreakerState.OPEN
+    clock.advance(10.0)
+    await run(router)  # the probe fails, the fallback serves
+    assert posts(primary) == 2
+    assert router.endpoints[0].breaker.state is BreakerState.OPEN
+    clock.advance(9.0)
+    await run(router)
+    assert posts(primary) == 2
+
+
+async def test_client_cancellation_never_counts_as_a_failure(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary = upstreams()
+    primary.behave(Behaviour.hang())
+    policy = BreakerPolicy(consecutive_failures=1)
+    router = build.router([[build.endpoint(primary.url, name="primary", policy=policy)]])
+    for _ in range(3):
+        task = asyncio.create_task(run(router))
+        await primary.wait_for(lambda: router.endpoints[0].outstanding == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    endpoint = router.endpoints[0]
+    assert endpoint.breaker.state is BreakerState.CLOSED
+    assert endpoint.failed_checks == 0 and endpoint.outstanding == 0
+    await primary.wait_for(lambda: primary.disconnects + len(primary.requests) >= 3)
+
+
+# --- failure classes ----------------------------------------------------------------
+
+
+async def test_401_marks_auth_failed_no_retry_and_falls_back(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(401, {"error": {"message": "invalid api key"}}))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]],
+        retry=RetryPolicy(attempts_per_provider=3),
+    )
+    for _ in range(5):
+        pieces, route = await run(router)
+        assert pieces == ANSWER
+    assert posts(primary) == 1, "no retries, and no more requests once marked"
+    endpoint = router.endpoints[0]
+    assert endpoint.auth_failed and not endpoint.usable()
+    assert endpoint.breaker.state is BreakerState.CLOSED, "a key problem is not an outage"
+    snapshot = endpoint.snapshot()
+    assert snapshot["auth_failed"] is True
+    assert "invalid api key" in str(snapshot["last_error"])
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+async def test_other_4xx_go_back_to_the_client_as_is(
+    build: Build, upstreams: Callable[..., FakeUpstream], status: int
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(status, {"error": {"message": "temperature must be >= 0"}}))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    with pytest.raises(RequestError) as caught:
+        await run(router)
+    assert caught.value.status_code == status
+    assert "temperature must be >= 0" in caught.value.message
+    assert (posts(primary), posts(fallback)) == (1, 0)
+    endpoint = router.endpoints[0]
+    assert endpoint.breaker.state is BreakerState.CLOSED and endpoint.failed_checks == 0
+
+
+async def test_429_honours_retry_after_and_falls_back(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(429, retry_after="7"), times=1)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "fb"
+    assert posts(primary) == 1, "a 429 is not retried on the same provider"
+    clock.advance(6.0)
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "fb"
+    assert posts(primary) == 1, "nothing sent before Retry-After"
+    clock.advance(1.5)
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "primary"
+    assert router.endpoints[0].breaker.state is BreakerState.CLOSED
+
+
+async def test_a_rate_limited_provider_is_not_used_as_a_last_resort_before_retry_after(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(429, retry_after="30"))
+    fallback.behave(Behaviour.error(500))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    with pytest.raises(Unavailable):
+        await run(router)
+    for _ in range(3):
+        clock.advance(5.0)
+        with pytest.raises(Unavailable) as caught:
+            await run(router)
+    assert posts(primary) == 1
+    assert "primary: rate limited" in caught.value.message
+    assert caught.value.retry_after is not None and caught.value.retry_after <= 15.0
+
+
+async def test_context_too_long_retries_once_with_less_then_falls_back(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    too_long = {"error": {"message": "This model's maximum context length is 2048 tokens"}}
+    primary.behave(Behaviour.error(400, too_long), times=1)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    starts = Starts()
+    pieces, route = await run(router, starts=starts)
+    assert pieces == ANSWER and route.provider is not None and route.provider.name == "primary"
+    assert starts.calls == [("primary", False), ("primary", True)]
+
+    primary.behave(Behaviour.error(400, too_long))
+    starts = Starts()
+    _, route = await run(router, starts=starts)
+    assert starts.calls == [("primary", False), ("primary", True), ("fb", False)]
+    assert router.endpoints[0].breaker.state is BreakerState.CLOSED
+
+
+# --- the retry budget ----------------------------------------------------------------
+
+
+async def test_retries_stay_within_the_budget_when_everything_fails(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary = upstreams()
+    primary.behave(Behaviour.error(500))
+    retry = RetryPolicy(attempts_per_provider=4, budget_ratio=0.1, budget_floor=2)
+    policy = BreakerPolicy(consecutive_failures=10_000, min_volume=10_000)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary", policy=policy)]], retry=retry
+    )
+    requests = 40
+    for _ in range(requests):
+        with pytest.raises(KeelError):
+            await run(router)
+        clock.advance(0.01)
+    budget = retry.budget_floor + retry.budget_ratio * requests
+    assert requests < posts(primary) <= requests + budget
+
+
+# --- everything down -------------------------------------------------------------------
+
+
+async def test_everything_down_is_a_503_naming_each_provider(
+    build: Build, upstreams: Callable[..., FakeUpstream], dead_url: str, clock: FakeClock
+) -> None:
+    broken = upstreams()
+    broken.behave(Behaviour.error(500))
+    policy = BreakerPolicy(consecutive_failures=2, cooldown=20.0)
+    router = build.router(
+        [
+            [build.endpoint(dead_url, name="dead", policy=policy)],
+            [build.endpoint(broken.url, name="broken", policy=policy)],
+        ],
+        retry=RetryPolicy(attempts_per_provider=2),
+    )
+    with pytest.raises(Unavailable) as caught:
+        await run(router)
+    first = caught.value
+    assert first.status_code == 503
+    assert "dead:" in first.message and "broken:" in first.message
+    assert first.retry_after is not None
+
+    clock.advance(5.0)
+    seen = posts(broken)
+    with pytest.raises(Unavailable) as caught:
+        await run(router)
+    assert posts(broken) == seen
+    assert caught.value.retry_after == pytest.approx(15.0, abs=1.0)
+    assert "dead: breaker open" in caught.value.message
+    assert "broken: breaker open" in caught.value.message
+
+
+# --- replicas --------------------------------------------------------------------------
+
+
+async def test_replicas_are_balanced_by_least_outstanding(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    a, b = upstreams(token_delay=0.2), upstreams()
+    router = build.router(
+        [[build.endpoint(a.url, name="a"), build.endpoint(b.url, name="b")]],
+    )
+    slow = asyncio.create_task(run(router))
+    await a.wait_for(lambda: router.endpoints[0].outstanding == 1)
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "b"
+    await slow
+    assert (posts(a), posts(b)) == (1, 1)
+
+
+async def test_a_failing_replica_hands_over_to_its_sibling(
+    build: Build, upstreams: Callable[..., FakeUpstream], dead_url: str
+) -> None:
+    b = upstreams()
+    router = build.router(
+        [[build.endpoint(dead_url, name="a"), build.endpoint(b.url, name="b")]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    for _ in range(3):
+        _, route = await run(router)
+        assert route.provider is not None and route.provider.name == "b"
+
+
+# --- health -----------------------------------------------------------------------------
+
+
+async def probe(provider: Provider) -> None:
+    assert isinstance(provider, CompletionProvider)
+    async with aclosing(provider.stream_completion(CompletionCall("x", PARAMS))) as pieces:  # type: ignore[type-var]
+        async for _ in pieces:
+            break
+
+
+async def test_unhealthy_after_two_failures_then_back_after_a_good_check(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(500))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    endpoint = router.endpoints[0]
+    for _ in range(UNHEALTHY_AFTER):
+        await run(router)
+    assert not endpoint.healthy
+    await run(router)
+    assert posts(primary) == UNHEALTHY_AFTER, "routed around while unhealthy"
+
+    await router.check(endpoint, probe, timeout=1.0)
+    assert not endpoint.healthy, "still failing"
+    primary.reset_behaviour()
+    await router.check(endpoint, probe, timeout=1.0)
+    assert endpoint.healthy
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "primary"
+    assert ("health", "primary", "False") in build.events.log
+    assert ("health", "primary", "True") in build.events.log
+
+
+async def test_a_health_finding_expires(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(500), times=2)
+    router = build.router(
+        [
+            [build.endpoint(primary.url, name="primary", finding_ttl=60.0)],
+            [build.endpoint(fallback.url, name="fb")],
+        ],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    await run(router)
+    await run(router)
+    assert not router.endpoints[0].healthy
+    clock.advance(61.0)
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "primary"
+
+
+async def test_the_prober_never_touches_an_open_breaker_and_takes_the_half_open_probe(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary = upstreams()
+    primary.behave(Behaviour.error(500))
+    policy = BreakerPolicy(consecutive_failures=1, cooldown=10.0)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary", policy=policy)]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    endpoint = router.endpoints[0]
+    with pytest.raises(KeelError):
+        await run(router)
+    await router.check(endpoint, probe, timeout=1.0)
+    assert posts(primary) == 1, "no check while open"
+
+    clock.advance(10.0)
+    primary.behave(Behaviour.slow_first_token(0.3))
+    check = asyncio.create_task(router.check(endpoint, probe, timeout=2.0))
+    await primary.wait_for(lambda: posts(primary) == 2)
+    with pytest.raises(Unavailable):
+        await run(router)  # the probe is out: the live request does not get through
+    await check
+    assert posts(primary) == 2
+    assert endpoint.breaker.state is BreakerState.CLOSED
+    await run(router)
+
+
+async def test_a_probe_that_fails_in_half_open_reopens(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary = upstreams()
+    primary.behave(Behaviour.hang())
+    policy = BreakerPolicy(consecutive_failures=1, cooldown=10.0)
+    short = Timeouts(first_token=0.2, between_tokens=1.0)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary", policy=policy, timeouts=short)]],
+        retry=RetryPolicy(attempts_per_provider=1),
+    )
+    endpoint = router.endpoints[0]
+    with pytest.raises(KeelError):
+        await run(router)
+    clock.advance(10.0)
+    await router.check(endpoint, probe, timeout=0.2)
+    assert endpoint.breaker.state is BreakerState.OPEN
+
+
+async def test_a_good_check_clears_auth_failed(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    primary = upstreams()
+    primary.behave(Behaviour.error(403), times=1)
+    router = build.router([[build.endpoint(primary.url, name="primary")]])
+    with pytest.raises(KeelError):
+        await run(router)
+    endpoint = router.endpoints[0]
+    assert endpoint.auth_failed
+    with pytest.raises(Unavailable, match="auth failed"):
+        await run(router)
+    await router.check(endpoint, probe, timeout=1.0)
+    assert not endpoint.auth_failed
+    pieces, _ = await run(router)
+    assert pieces == ANSWER
+
+
+# --- one-shot calls (embeddings) ---------------------------------------------------------
+
+
+async def test_embeddings_fall_back(build: Build, upstreams: Callable[..., FakeUpstream]) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(500))
+    router = build.router(
+        [
+            [build.endpoint(primary.url, name="primary", kind="openai/embedding")],
+            [build.endpoint(fallback.url, name="fb", kind="openai/embedding")],
+        ],
+        role="embedding",
+    )
+
+    async def embed(provider: Provider) -> list[list[float]]:
+        assert isinstance(provider, EmbeddingProvider)
+        return await provider.embed(["abc", "de"])
+
+    route = Route()
+    vectors = await router.call(embed, route)
+    assert vectors == [[3.0, 0.0, 0.5], [2.0, 1.0, 0.5]]
+    assert route.provider is not None and route.provider.name == "fb"
+    assert posts(primary) == 2
