@@ -128,6 +128,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(options, as_json=args.json, out=sys.stdout)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from keel.ops.verify import main as verify
+
+    return verify(args.url, api_key=args.api_key, timeout=args.timeout, out=sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keel",
@@ -173,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.set_defaults(func=cmd_doctor)
+
+    verify = commands.add_parser(
+        "verify",
+        help="smoke-test a running keel: health, ready, completion, chat, embedding, metrics",
+        description="Post-deploy smoke test: one line per check; exit 0 only if all pass.",
+    )
+    verify.add_argument("url", help="keel's base URL, e.g. http://127.0.0.1:8080")
+    verify.add_argument("--api-key", help="user key, sent as Authorization: Bearer")
+    verify.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds per request (default 120)"
+    )
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -1,0 +1,62 @@
+"""keel verify against real keels: one that works, one whose chat model cannot load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import KeelProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def verify(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", "verify", url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+CHECKS = ("health", "ready", "completion", "chat", "embedding", "metrics")
+
+
+def lines_by_check(output: str) -> dict[str, list[str]]:
+    """Check name -> the words of its line."""
+    found = {line.split()[0]: line.split() for line in output.splitlines() if line.strip()}
+    return {name: words for name, words in found.items() if name in CHECKS}
+
+
+def test_verify_passes_against_a_working_keel(keel_server: KeelProcess) -> None:
+    result = verify(keel_server.url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = lines_by_check(result.stdout)
+    assert set(checks) == set(CHECKS)
+    for name in CHECKS:
+        assert checks[name][1] == "ok", result.stdout
+        assert checks[name][3] == "ms"
+    assert "all 6 checks passed" in result.stdout
+
+
+def test_verify_fails_naming_the_chat_check(broken_chat_keel: KeelProcess) -> None:
+    result = verify(broken_chat_keel.url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    checks = lines_by_check(result.stdout)
+    assert checks["chat"][1] == "FAIL"
+    assert "503" in " ".join(checks["chat"])
+    assert checks["ready"][1] == "FAIL"
+    assert checks["completion"][1] == "ok"
+    assert checks["health"][1] == "ok"
+    assert "FAILED: ready, chat" in result.stdout
+
+
+def test_verify_fails_when_nothing_listens() -> None:
+    result = verify(f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    checks = lines_by_check(result.stdout)
+    assert set(checks) == set(CHECKS)
+    assert all(line[1] == "FAIL" for line in checks.values()), result.stdout
+    assert "ConnectError" in checks["health"][4]
