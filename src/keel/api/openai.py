@@ -43,12 +43,17 @@ def _finish_reason(count: int, max_tokens: int) -> str:
 
 
 async def routed(
-    state: AppState, role: Role, start: StartStream, timeout: float
+    state: AppState, role: Role, start: StartStream, timeout: float, *, buffered: bool
 ) -> AsyncIterator[str]:
-    """A role's stream through admission and its router, bounded by ``timeout`` in all."""
+    """A role's stream through admission and its router, bounded by ``timeout`` in all.
+
+    ``buffered`` when the client waits for the whole answer: then a provider
+    failing mid-answer still falls back, as the client has seen nothing.
+    """
     async with state.routing.admission[role].slot():
         router = state.routing.routers[role]
-        pieces = with_timeout(router.stream(start, Route()), timeout, role)
+        stream = router.stream(start, Route(), buffered=buffered)
+        pieces = with_timeout(stream, timeout, role)
         try:
             async for piece in pieces:
                 yield piece
@@ -81,7 +86,8 @@ async def completions(request: Request) -> Response:
     model = body.model or state.providers.for_role("completion").info.model
     created = int(time.time())
     completion_id = f"cmpl-{uuid.uuid4()}"
-    pieces = routed(state, "completion", start, state.settings.server.completion_timeout)
+    timeout = state.settings.server.completion_timeout
+    pieces = routed(state, "completion", start, timeout, buffered=not body.stream)
 
     def envelope(text: str, finish_reason: str | None) -> dict[str, object]:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -121,7 +127,7 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     completion_id = f"chatcmpl-{uuid.uuid4()}"
     timeout = max(state.settings.server.completion_timeout, 300.0)
-    pieces = routed(state, "chat", start, timeout)
+    pieces = routed(state, "chat", start, timeout, buffered=not body.stream)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, object]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}

@@ -125,6 +125,21 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
+async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncIterator[str]:
+    """``pieces`` up to the one that completes a stop word, then closed (which
+    cancels the upstream work), so a router attempt that holds the whole
+    answer ends as soon as the answer is complete."""
+    text = ""
+    try:
+        async for piece in pieces:
+            yield piece
+            text += piece
+            if cut_at_stop(text, stops)[1]:
+                return
+    finally:
+        await close_stream(pieces)
+
+
 async def generate_text(
     stream: AsyncIterator[str],
     stops: Callable[[], Sequence[str]],
@@ -286,13 +301,15 @@ class CompletionService:
                 stop=tuple(attempt.stops),
                 seed=request.seed,
             )
-            return provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
+            call = CompletionCall(built.prompt, params, built.suffix)
+            return until_stop(provider.stream_completion(call), attempt.stops)
 
         route = Route()
         async with self.admission.slot():
-            raw = await generate_text(
-                self.router.stream(start, route), lambda: attempt.stops, self.timeout, "completion"
-            )
+            # Buffered: the editor sees nothing before the end, so a provider failing
+            # mid-answer can still hand the whole request to the next one.
+            pieces = self.router.stream(start, route, buffered=True)
+            raw = await generate_text(pieces, lambda: attempt.stops, self.timeout, "completion")
         text = postprocess(raw, prefix=prefix, suffix=suffix, language=language)
         response = TabbyCompletionResponse(
             id=f"cmpl-{uuid.uuid4()}",
