@@ -800,3 +800,22 @@ async def test_embeddings_fall_back(build: Build, upstreams: Callable[..., FakeU
     assert vectors == [[3.0, 0.0, 0.5], [2.0, 1.0, 0.5]]
     assert route.provider is not None and route.provider.name == "fb"
     assert posts(primary) == 2
+
+
+async def test_a_rate_limited_check_is_not_a_health_failure(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(429, retry_after="5"), times=3)
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    endpoint = router.endpoints[0]
+    for _ in range(3):
+        await router.check(endpoint, probe, timeout=1.0)
+    assert endpoint.healthy and endpoint.failed_checks == 0
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "fb", "Retry-After honoured"
+    clock.advance(5.0)
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "primary"

@@ -444,7 +444,8 @@ class RoleRouter:
                 self.events.provider_health(endpoint.name, True)
             return
         kind = classify(error)
-        if took_probe or kind is Failure.AUTH:
+        # A busy backend (429) is not a sick one: honour its Retry-After, keep it healthy.
+        if took_probe or kind in (Failure.AUTH, Failure.RATE_LIMITED):
             self._failed(endpoint, error, kind)
         elif endpoint.record_failed(error):
             log.warning("provider %s failed its health check: %s", endpoint.name, error.message)
