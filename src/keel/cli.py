@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keel import __version__
 from keel.config import ROLES, HttpModelConfig, Paths, Settings, load_settings
-from keel.errors import KeelError, MissingDependency, PortBusy
+from keel.errors import KeelError, MissingDependency, PortBusy, RequestError
 
 log = logging.getLogger("keel")
 
@@ -134,6 +134,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return verify(args.url, api_key=args.api_key, timeout=args.timeout, out=sys.stdout)
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from keel.index.progress import ProgressBar
+    from keel.index.retrieve import RepositoryRetriever
+
+    settings, paths = _load(args)
+    configured = [repo.name for repo in settings.repositories]
+    if args.name is not None and args.name not in configured:
+        known = ", ".join(configured) or "none: add [[repositories]] with name and path"
+        raise RequestError(f"no repository named {args.name!r} in the config; configured: {known}")
+    retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
+    if not retriever.repositories:
+        print("keel: no [[repositories]] with a path to index", file=sys.stderr)
+        return 0
+    for repo in retriever.repositories:
+        if args.name is not None and repo.name != args.name:
+            continue
+        bar = ProgressBar(f"index {repo.name}", sys.stderr)
+        try:
+            stats = retriever.update(repo.name, bar)[repo.name]
+        finally:
+            bar.finish()
+        print(
+            f"{repo.name}: {stats.files} files, {stats.chunks} chunks; "
+            f"{len(stats.reindexed)} re-indexed, {len(stats.removed)} removed, "
+            f"{len(stats.skipped)} skipped in {stats.seconds:.1f}s -> {repo.index.directory}"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from keel.eval.harness import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keel",
@@ -164,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list configured models and model files on disk")
     models.add_argument("--config", help="config file (default: <data root>/config.toml)")
     models.set_defaults(func=cmd_models)
+
+    index = commands.add_parser(
+        "index",
+        help="build or update the repository index (changed files only)",
+        description="Index the [[repositories]] of the config for completion context.",
+    )
+    index.add_argument("name", nargs="?", help="only this repository (default: all)")
+    index.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    index.set_defaults(func=cmd_index)
+
+    from keel.eval.harness import add_arguments as add_eval_arguments
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure completion quality on real repositories",
+        description="Sample cursor positions in real code, hide what follows, complete it "
+        "under several configurations, and score exact match and edit similarity.",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     doctor = commands.add_parser(
         "doctor",

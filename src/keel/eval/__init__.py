@@ -1,0 +1,1 @@
+"""Completion-quality harness: ``keel eval`` and ``bench/eval_quality.py``."""

@@ -1,0 +1,1 @@
+"""Repository code index: walking, chunking, BM25 search, retrieval for completions."""

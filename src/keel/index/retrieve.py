@@ -1,0 +1,278 @@
+"""Repository snippets for a completion: which repository, which query, which chunks.
+
+A request belongs to a configured repository when its ``segments.git_url``
+names the repository's remote (compared without scheme, user, ``.git`` and
+case of the host) or its ``segments.filepath`` lies under the repository's
+path. The query is made of the identifiers of the lines *before* the
+cursor's line: they do not change while the user types on one line, so the
+snippets, which go at the head of the prompt, stay the same and a local
+model reuses its cached prompt (DESIGN.md, "Latency on a CPU"). Results are
+cached per query until the index changes.
+
+Chunks of the file being edited are excluded (the prefix already shows that
+file), at most :data:`MAX_CHUNKS_PER_FILE` come from one file, and a chunk
+must score at least ``min_score``; the prompt builder then keeps those that
+fit the snippet budget, after the client's own snippets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from keel.config import IndexConfig, Paths, RepositoryConfig
+from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
+from keel.index.tokens import query_terms
+from keel.pipeline.prompt import Snippet
+
+log = logging.getLogger("keel.index")
+
+MAX_CHUNKS_PER_FILE = 2
+QUERY_LINES = 24
+"""Lines before the cursor's line whose identifiers make the query."""
+CACHE_SIZE = 512
+SEARCH_DEPTH = 32
+"""Hits fetched per search before the per-file limit and the threshold are applied."""
+
+
+def normalize_git_url(url: str) -> str:
+    """The comparable form of a git remote URL.
+
+    ``https://user@GitHub.com/a/b.git/`` and ``git@github.com:a/b`` both give
+    ``github.com/a/b``.
+    """
+    text = url.strip()
+    text = re.sub(r"^[a-z][a-z0-9+.-]*://", "", text, flags=re.IGNORECASE)
+    text = re.sub(r"^[^@/]+@", "", text)
+    host, sep, rest = text.partition("/")
+    if ":" in host and not re.search(r":\d+$", host):
+        host, _, first = host.partition(":")  # scp-like "host:owner/repo"
+        rest = f"{first}/{rest}" if sep else first
+        sep = "/"
+    host = re.sub(r":\d+$", "", host).lower()
+    rest = rest.rstrip("/").removesuffix(".git")
+    return f"{host}{sep}{rest}" if sep else host
+
+
+def _origin_url(root: Path) -> str | None:
+    if not (root / ".git").exists():
+        return None
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(root), "config", "--get", "remote.origin.url"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+@dataclass(slots=True)
+class Repository:
+    """A configured repository with a local checkout and its index."""
+
+    config: RepositoryConfig
+    root: Path
+    index: RepositoryIndex
+    git_urls: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def _filepath(value: str) -> str:
+    return value.removeprefix("file://")
+
+
+def cursor_query(prefix: str) -> list[str]:
+    """Query terms from the :data:`QUERY_LINES` lines before the cursor's line."""
+    before = prefix.rpartition("\n")[0]
+    lines = before.split("\n")[-QUERY_LINES:] if before else []
+    return query_terms(lines)
+
+
+def pick_hits(hits: Sequence[Hit], *, min_score: float, limit: int) -> list[Hit]:
+    """Best hits first, at most :data:`MAX_CHUNKS_PER_FILE` per file, at or above ``min_score``."""
+    per_file: dict[str, int] = {}
+    picked: list[Hit] = []
+    for hit in sorted(hits, key=lambda h: -h.score):
+        if hit.score < min_score or len(picked) >= limit:
+            break
+        if per_file.get(hit.path, 0) >= MAX_CHUNKS_PER_FILE:
+            continue
+        per_file[hit.path] = per_file.get(hit.path, 0) + 1
+        picked.append(hit)
+    return picked
+
+
+class _RefreshCancelled(Exception):
+    pass
+
+
+class RepositoryRetriever:
+    """The configured repositories' indexes, searched for completions and kept fresh."""
+
+    def __init__(self, repositories: Sequence[Repository], config: IndexConfig) -> None:
+        self.repositories = list(repositories)
+        self.config = config
+        self._cache: OrderedDict[tuple[str, str | None, tuple[str, ...]], list[Snippet]] = (
+            OrderedDict()
+        )
+        self._cache_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    @classmethod
+    def from_settings(
+        cls, repositories: Sequence[RepositoryConfig], config: IndexConfig, paths: Paths
+    ) -> RepositoryRetriever:
+        built = []
+        for repo in repositories:
+            if repo.path is None:
+                log.warning("repository %r has no path: nothing to index", repo.name)
+                continue
+            root = Path(repo.path).expanduser().resolve()
+            urls = {normalize_git_url(u) for u in (repo.git_url, _origin_url(root)) if u}
+            index = RepositoryIndex(
+                repo.name, root, paths.index_dir / repo.name, max_file_bytes=config.max_file_bytes
+            )
+            built.append(Repository(repo, root, index, frozenset(urls)))
+        return cls(built, config)
+
+    def match(
+        self, filepath: str | None, git_url: str | None
+    ) -> tuple[Repository, str | None] | None:
+        """The repository a request belongs to and the edited file's path inside it."""
+        path = _filepath(filepath) if filepath else None
+        if git_url:
+            wanted = normalize_git_url(git_url)
+            for repo in self.repositories:
+                if wanted in repo.git_urls:
+                    return repo, self._relative(repo, path)
+        if path and Path(path).is_absolute():
+            for repo in self.repositories:
+                relative = self._relative(repo, path)
+                if relative is not None and not relative.startswith("../"):
+                    return repo, relative
+        return None
+
+    @staticmethod
+    def _relative(repo: Repository, path: str | None) -> str | None:
+        if path is None:
+            return None
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            return PurePosixPath(path.replace("\\", "/")).as_posix().removeprefix("./")
+        for base in (repo.root, Path(repo.config.path or repo.root).expanduser()):
+            try:
+                return candidate.relative_to(base).as_posix()
+            except ValueError:
+                continue
+        try:
+            return candidate.resolve().relative_to(repo.root).as_posix()
+        except (ValueError, OSError):
+            return None
+
+    def search(self, *, prefix: str, filepath: str | None, git_url: str | None) -> list[Snippet]:
+        """Blocking search; :meth:`retrieve` runs it off the event loop."""
+        matched = self.match(filepath, git_url)
+        if matched is None or self.config.max_snippets == 0:
+            return []
+        repo, relpath = matched
+        terms = cursor_query(prefix)
+        if not terms:
+            return []
+        key = (repo.name, relpath, tuple(terms))
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+        hits = repo.index.search(terms, exclude_path=relpath, limit=SEARCH_DEPTH)
+        picked = pick_hits(hits, min_score=self.config.min_score, limit=self.config.max_snippets)
+        snippets = [Snippet(hit.path, hit.body, round(hit.score, 3)) for hit in picked]
+        with self._cache_lock:
+            self._cache[key] = snippets
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return snippets
+
+    async def retrieve(
+        self, *, prefix: str, filepath: str | None, git_url: str | None
+    ) -> list[Snippet]:
+        if not self.repositories:
+            return []
+        return await asyncio.to_thread(
+            self.search, prefix=prefix, filepath=filepath, git_url=git_url
+        )
+
+    def update(
+        self, name: str | None = None, progress: Progress | None = None
+    ) -> dict[str, UpdateStats]:
+        """Update the indexes (or the one named ``name``); blocking, for a thread or the CLI."""
+        results: dict[str, UpdateStats] = {}
+        for repo in self.repositories:
+            if name is not None and repo.name != name:
+                continue
+
+            def checked(done: int, total: int, relpath: str) -> None:
+                if self._stopping.is_set():
+                    raise _RefreshCancelled
+                if progress is not None:
+                    progress(done, total, relpath)
+
+            results[repo.name] = repo.index.update(checked)
+            if results[repo.name].changed:
+                with self._cache_lock:
+                    self._cache.clear()
+        return results
+
+    def reload(self) -> None:
+        """Pick up what another process (``keel index``) committed."""
+        for repo in self.repositories:
+            repo.index.reload()
+        with self._cache_lock:
+            self._cache.clear()
+
+    async def refresh_forever(self) -> None:
+        """Update every index now and then every ``refresh_seconds``, in a thread.
+
+        Failures are logged and retried at the next round: a repository that
+        cannot be indexed must not stop completions.
+        """
+        while True:
+            for repo in self.repositories:
+                try:
+                    stats = await asyncio.to_thread(self.update, repo.name)
+                except _RefreshCancelled:
+                    return
+                except Exception as exc:  # noqa: BLE001 - reported and retried next round
+                    log.warning("indexing repository %r failed: %s", repo.name, exc)
+                    continue
+                for name, done in stats.items():
+                    if done.changed:
+                        log.info(
+                            "index %s: %d files, %d chunks; %d re-indexed, %d removed in %.1fs",
+                            name,
+                            done.files,
+                            done.chunks,
+                            len(done.reindexed),
+                            len(done.removed),
+                            done.seconds,
+                        )
+            if self.config.refresh_seconds <= 0:
+                return
+            await asyncio.sleep(self.config.refresh_seconds)
+
+    def stop(self) -> None:
+        """Make a running update give up at its next file (it then commits nothing)."""
+        self._stopping.set()

@@ -1,0 +1,276 @@
+"""One repository's BM25 index on disk, updated incrementally.
+
+Layout under ``<data root>/index/<name>/``: ``tantivy/`` (the index: one
+document per chunk) and ``files.json`` (the manifest: for every file seen,
+its mtime, size and content hash). An update lists the repository, re-reads
+only files whose mtime or size changed, re-chunks only those whose content
+hash changed, deletes the chunks of files that are gone, and commits once.
+The manifest is written after the commit: a crash in between makes the next
+update redo those files, which is harmless because a file's chunks are
+always replaced as a whole.
+
+Searching uses a searcher cached until the next update, so a query costs
+one tantivy search and no file-system work. Updates and searches may run in
+different threads; one lock serialises updates within a process, tantivy's
+own lock file across processes (``keel index`` while the server runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tantivy
+
+from keel.errors import Unavailable
+from keel.index.chunk import chunk_file
+from keel.index.tokens import document_terms
+from keel.index.walk import list_source_files, skip_reason
+
+MANIFEST_VERSION = 1
+WRITER_HEAP_BYTES = 32_000_000
+
+Progress = Callable[[int, int, str], None]
+"""Called as ``progress(done, total, relpath)`` while an update reads files."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A chunk found by a search."""
+
+    path: str
+    start_line: int
+    end_line: int
+    body: str
+    score: float
+
+
+@dataclass(slots=True)
+class UpdateStats:
+    """What one update did; ``read`` lists every file whose content was read."""
+
+    files: int = 0
+    chunks: int = 0
+    read: list[str] = field(default_factory=list)
+    reindexed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reindexed or self.removed)
+
+
+def _schema() -> tantivy.Schema:
+    builder = tantivy.SchemaBuilder()
+    builder.add_text_field("path", stored=True, tokenizer_name="raw")
+    builder.add_text_field("terms", tokenizer_name="whitespace")
+    builder.add_bytes_field("body", stored=True)
+    builder.add_unsigned_field("start_line", stored=True)
+    builder.add_unsigned_field("end_line", stored=True)
+    return builder.build()
+
+
+class RepositoryIndex:
+    """The index of the repository checked out at ``root``, kept in ``directory``."""
+
+    def __init__(self, name: str, root: Path, directory: Path, *, max_file_bytes: int) -> None:
+        self.name = name
+        self.root = root
+        self.directory = directory
+        self.max_file_bytes = max_file_bytes
+        self._schema = _schema()
+        self._update_lock = threading.Lock()
+        self._index: tantivy.Index | None = None
+        self._searcher: tantivy.Searcher | None = None
+
+    @property
+    def _tantivy_dir(self) -> Path:
+        return self.directory / "tantivy"
+
+    @property
+    def _manifest_file(self) -> Path:
+        return self.directory / "files.json"
+
+    def _load_manifest(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self._manifest_file.read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+            return {}
+        files = data.get("files")
+        return files if isinstance(files, dict) else {}
+
+    def _save_manifest(self, files: dict[str, dict[str, Any]]) -> None:
+        tmp = self._manifest_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}), "utf-8")
+        os.replace(tmp, self._manifest_file)
+
+    def _open(self, *, create: bool) -> tantivy.Index | None:
+        if self._index is not None:
+            return self._index
+        path = self._tantivy_dir
+        if self.exists():
+            try:
+                self._index = tantivy.Index(self._schema, path=str(path), reuse=True)
+            except ValueError:
+                if not create:
+                    return None
+                shutil.rmtree(path)  # written by an incompatible keel: rebuild
+                self._manifest_file.unlink(missing_ok=True)
+        if self._index is None and create:
+            path.mkdir(parents=True, exist_ok=True)
+            self._index = tantivy.Index(self._schema, path=str(path), reuse=False)
+        return self._index
+
+    def exists(self) -> bool:
+        path = self._tantivy_dir
+        return path.is_dir() and bool(tantivy.Index.exists(str(path)))
+
+    def reload(self) -> None:
+        """Make the newest committed state (possibly written by another process) searchable."""
+        index = self._open(create=False)
+        if index is not None:
+            index.reload()
+            self._searcher = index.searcher()
+
+    def update(self, progress: Progress | None = None) -> UpdateStats:
+        """Bring the index in line with the files on disk; see the module docstring."""
+        with self._update_lock:
+            return self._update(progress)
+
+    def _update(self, progress: Progress | None) -> UpdateStats:
+        started = time.monotonic()
+        stats = UpdateStats()
+        if not self.root.is_dir():
+            raise Unavailable(
+                f"repository {self.name!r}: {self.root} is not a directory", code="index_failed"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        index = self._open(create=True)
+        assert index is not None
+        manifest = self._load_manifest()
+        files = list_source_files(self.root, max_file_bytes=self.max_file_bytes)
+        stats.files = len(files)
+        current = {f.relpath for f in files}
+        stats.removed = sorted(set(manifest) - current)
+        writer: tantivy.IndexWriter | None = None
+
+        def open_writer() -> tantivy.IndexWriter:
+            nonlocal writer
+            if writer is None:
+                try:
+                    writer = index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=1)
+                except ValueError as exc:
+                    raise Unavailable(
+                        f"index of {self.name!r} is being written by another process "
+                        f"({exc}); try again when it is done",
+                        code="index_busy",
+                    ) from None
+            return writer
+
+        for path in stats.removed:
+            open_writer().delete_documents_by_term("path", path)
+            del manifest[path]
+        for done, source in enumerate(files, 1):
+            if progress is not None:
+                progress(done, len(files), source.relpath)
+            entry = manifest.get(source.relpath)
+            if (
+                entry is not None
+                and entry.get("mtime_ns") == source.mtime_ns
+                and entry.get("size") == source.size
+            ):
+                stats.chunks += int(entry.get("chunks", 0))
+                continue
+            try:
+                content = source.path.read_bytes()
+            except OSError:
+                continue
+            stats.read.append(source.relpath)
+            digest = hashlib.sha1(content).hexdigest()
+            if entry is not None and entry.get("sha1") == digest:
+                entry.update(mtime_ns=source.mtime_ns, size=source.size)
+                stats.chunks += int(entry.get("chunks", 0))
+                continue
+            new_entry: dict[str, Any] = {
+                "mtime_ns": source.mtime_ns,
+                "size": source.size,
+                "sha1": digest,
+                "chunks": 0,
+            }
+            reason = skip_reason(content)
+            if entry is not None or reason is None:
+                open_writer().delete_documents_by_term("path", source.relpath)
+            if reason is not None:
+                new_entry["skipped"] = reason
+                stats.skipped[source.relpath] = reason
+            else:
+                chunks = chunk_file(source.relpath, content.decode("utf-8"))
+                for chunk in chunks:
+                    open_writer().add_document(
+                        tantivy.Document(
+                            path=source.relpath,
+                            terms=document_terms(chunk.text),
+                            body=chunk.text.encode("utf-8"),
+                            start_line=chunk.start_line,
+                            end_line=chunk.end_line,
+                        )
+                    )
+                new_entry["chunks"] = len(chunks)
+                stats.chunks += len(chunks)
+            stats.reindexed.append(source.relpath)
+            manifest[source.relpath] = new_entry
+        if writer is not None:
+            writer.commit()
+            writer.wait_merging_threads()
+        self._save_manifest(manifest)
+        self.reload()
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    def search(
+        self, terms: Sequence[str], *, exclude_path: str | None = None, limit: int = 32
+    ) -> list[Hit]:
+        """Chunks matching any of ``terms``, best BM25 score first; none before the first update."""
+        searcher = self._searcher
+        if searcher is None:
+            self.reload()
+            searcher = self._searcher
+        if searcher is None or not terms:
+            return []
+        clauses = [
+            (tantivy.Occur.Should, tantivy.Query.term_query(self._schema, "terms", term))
+            for term in terms
+        ]
+        if exclude_path is not None:
+            clauses.append(
+                (
+                    tantivy.Occur.MustNot,
+                    tantivy.Query.term_query(self._schema, "path", exclude_path),
+                )
+            )
+        result = searcher.search(tantivy.Query.boolean_query(clauses), limit, count=False)
+        hits = []
+        for score, address in result.hits:
+            doc = searcher.doc(address)
+            hits.append(
+                Hit(
+                    path=doc["path"][0],
+                    start_line=int(doc["start_line"][0]),
+                    end_line=int(doc["end_line"][0]),
+                    body=bytes(doc["body"][0]).decode("utf-8"),
+                    score=float(score),
+                )
+            )
+        return hits
