@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -48,12 +49,20 @@ def _load(args: argparse.Namespace) -> tuple[Settings, Paths]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.supervise:
+        from keel.ops.supervise import supervise
+
+        return supervise(args.serve_parser, args)
+
     import uvicorn
 
     from keel.app import create_app
     from keel.providers.catalog import build_providers
 
     settings, paths = _load(args)
+    restarts = os.environ.get("KEEL_SUPERVISOR_RESTARTS")
+    if restarts and restarts != "0":
+        log.warning("started by keel serve --supervise after %s restart(s)", restarts)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -184,7 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="config file (default: <data root>/config.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8080); busy is an error")
-    serve.set_defaults(func=cmd_serve)
+    serve.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run the server as a child and restart it when it crashes (without systemd)",
+    )
+    serve.add_argument(
+        "--start-limit",
+        type=int,
+        default=5,
+        help="with --supervise: give up after this many starts within --start-window (5)",
+    )
+    serve.add_argument(
+        "--start-window",
+        type=float,
+        default=300.0,
+        help="with --supervise: the start limit's window in seconds (300)",
+    )
+    serve.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=1.0,
+        help="with --supervise: seconds before the first restart, doubling up to 30 (1)",
+    )
+    serve.set_defaults(func=cmd_serve, serve_parser=serve)
 
     config = commands.add_parser("config", help="check or generate configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -1,0 +1,116 @@
+"""keel serve --supervise with real child processes and real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keel.cli import build_parser
+from keel.ops.supervise import SupervisePolicy, forwarded_argv
+from tests.conftest import free_port
+
+UNROUTABLE = "192.0.2.1"
+"""TEST-NET-1: no interface has it, so binding fails at once (exit 1, a crash)."""
+
+
+def supervised(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "keel", "serve", "--supervise", *args]
+
+
+def env(root: Path) -> dict[str, str]:
+    return {**os.environ, "KEEL_ROOT": str(root)}
+
+
+def test_the_child_gets_every_serve_option_but_the_supervisors() -> None:
+    parser = build_parser()
+    argv = ["serve", "--supervise", "--config", "x.toml", "--port", "9", "--start-limit", "3"]
+    args = parser.parse_args(argv)
+    assert forwarded_argv(args.serve_parser, args) == ["--config", "x.toml", "--port", "9"]
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    policy = SupervisePolicy(backoff_initial=1.0, backoff_max=5.0)
+    assert [policy.backoff(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+@pytest.mark.integration
+def test_a_crash_loop_stops_at_the_start_limit(tmp_path: Path) -> None:
+    command = supervised(tmp_path, "--host", UNROUTABLE, "--port", str(free_port()))
+    result = subprocess.run(
+        [*command, "--restart-backoff", "0.05"],
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = result.stderr
+    assert result.returncode == 1, output
+    assert len(re.findall(r"started keel, pid \d+", output)) == 5, output
+    assert "5 starts within 300s; giving up" in output
+    assert "cannot bind" in output  # the child's own error is in the log, above the verdict
+    # The child learns how often it was restarted (KEEL_SUPERVISOR_RESTARTS).
+    assert "after 4 restart(s)" in output
+    assert "restart 5" not in output
+
+
+@pytest.mark.integration
+def test_an_unfixable_exit_is_not_retried(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[server]\nport = "eighty"\n')
+    result = subprocess.run(
+        supervised(tmp_path, "--restart-backoff", "0.05"),
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 78, result.stderr
+    assert len(re.findall(r"started keel, pid \d+", result.stderr)) == 1, result.stderr
+    assert "exited with 78 (config error)" in result.stderr
+    assert "not restarting" in result.stderr
+
+
+@pytest.mark.integration
+def test_sigterm_to_the_supervisor_stops_the_child(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            supervised(tmp_path, "--port", str(port)),
+            env=env(tmp_path),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise TimeoutError(log.read_text())
+        match = re.search(r"started keel, pid (\d+)", log.read_text())
+        assert match, log.read_text()
+        child = int(match.group(1))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert "SIGTERM: stopping keel" in text
+    assert "keel stopped (cleanly)" in text
+    assert not Path(f"/proc/{child}").exists(), "the child outlived the supervisor"
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
