@@ -1,0 +1,285 @@
+"""Typing simulator: what a person typing in an editor feels from keel on a CPU.
+
+Replays typing through real source files (installed packages' code, nothing
+downloaded): at each keystroke it sends the Tabby completion request an editor
+would send, without waiting for earlier ones, and pauses after some words.
+It reports
+
+- the latency of the request that was current when the user paused (what
+  the user waits for), p50 and p90;
+- time to first token of a cold prompt (nothing cached) and of the paused
+  requests (warm: the worker reuses the prompt prefix it holds), and their ratio;
+- prompt tokens and tokens actually evaluated per request;
+- how many requests were superseded (cancelled) by a newer keystroke.
+
+Setup: one keel process with the embedded model (SmolLM2-135M Q4_1 on the
+CPU), started here on a free loopback port unless ``--url`` is given.
+
+    .venv/bin/python bench/typing_sim.py [--keys-per-second 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def source_files() -> list[Path]:
+    """Real code no one here wrote: modules of packages installed in the venv."""
+    import click
+    import httpx as httpx_pkg
+    import starlette
+
+    return [
+        Path(httpx_pkg.__file__).with_name("_client.py"),
+        Path(starlette.__file__).with_name("routing.py"),
+        Path(click.__file__).with_name("core.py"),
+    ]
+
+
+@dataclass
+class Session:
+    file: str
+    prefix_tokens: int = 0
+    cold_first_token_ms: float = 0.0
+    cold_total_ms: float = 0.0
+    paused_latency_ms: list[float] = field(default_factory=list)
+    paused_first_token_ms: list[float] = field(default_factory=list)
+    requests: int = 0
+    superseded: int = 0
+
+
+def tabby_body(prefix: str, suffix: str, filepath: str) -> dict[str, object]:
+    return {
+        "language": "python",
+        "segments": {"prefix": prefix, "suffix": suffix, "filepath": filepath},
+        "temperature": 0,
+    }
+
+
+async def worker_stats(client: httpx.AsyncClient) -> dict[str, object]:
+    providers = (await client.get("/v1/providers")).json()
+    for provider in providers["roles"]["completion"]["providers"]:
+        if provider["kind"] == "local":
+            stats: dict[str, object] = provider["worker"]["generation"]
+            return stats
+    raise RuntimeError("no local completion provider: the simulator needs the embedded model")
+
+
+def cursor_position(text: str, min_prefix_chars: int) -> int:
+    """A line start after ``min_prefix_chars`` whose next lines are code worth typing."""
+    position = text.index("\n", min_prefix_chars) + 1
+    while True:
+        line_end = text.index("\n", position)
+        line = text[position:line_end]
+        if len(line.strip()) > 30 and not line.strip().startswith(("#", '"', "'")):
+            return position
+        position = line_end + 1
+
+
+async def run_session(
+    client: httpx.AsyncClient,
+    path: Path,
+    *,
+    keys_per_second: float,
+    words_between_pauses: int,
+    pause_seconds: float,
+    chars: int,
+    prefix_chars: int,
+) -> Session:
+    text = path.read_text()
+    start = cursor_position(text, prefix_chars)
+    filepath = f"{path.parent.name}/{path.name}"
+    session = Session(file=filepath)
+
+    # Cold: the first request at this place, nothing of it cached.
+    body = tabby_body(text[:start], text[start : start + 400], filepath)
+    began = time.perf_counter()
+    response = await client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    session.cold_total_ms = (time.perf_counter() - began) * 1000
+    last = (await worker_stats(client))["last"]
+    assert isinstance(last, dict)
+    session.cold_first_token_ms = float(last["first_token_ms"])
+    session.prefix_tokens = int(last["prompt_tokens"])
+
+    in_flight: list[asyncio.Task[tuple[httpx.Response, float]]] = []
+
+    async def send(cursor: int) -> tuple[httpx.Response, float]:
+        began = time.perf_counter()
+        body = tabby_body(text[:cursor], text[cursor : cursor + 400], filepath)
+        response = await client.post("/v1/completions", json=body)
+        return response, (time.perf_counter() - began) * 1000
+
+    words = 0
+    interval = 1.0 / keys_per_second
+    for offset in range(1, chars + 1):
+        cursor = start + offset
+        task = asyncio.create_task(send(cursor))
+        in_flight.append(task)
+        session.requests += 1
+        typed = text[cursor - 1]
+        if typed in " \n(" and text[cursor - 2] not in " \n(":
+            words += 1
+        if words == words_between_pauses or offset == chars:
+            words = 0
+            response, latency = await task  # the user waits for this one
+            response.raise_for_status()
+            last = (await worker_stats(client))["last"]
+            assert isinstance(last, dict)
+            session.paused_latency_ms.append(latency)
+            session.paused_first_token_ms.append(float(last["first_token_ms"]))
+            await asyncio.sleep(pause_seconds)
+        else:
+            await asyncio.sleep(interval)
+    for response, _ in await asyncio.gather(*in_flight):
+        response.raise_for_status()
+        session.superseded += response.headers.get("X-Keel-Superseded") == "1"
+    return session
+
+
+def start_keel(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (root / "keel.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keel", "serve", "--port", str(port)],
+        env={**os.environ, "KEEL_ROOT": str(root)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"keel did not become ready: {(root / 'keel.log').read_text()[-2000:]}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        before = await worker_stats(client)
+        sessions = []
+        for path in source_files():
+            sessions.append(
+                await run_session(
+                    client,
+                    path,
+                    keys_per_second=args.keys_per_second,
+                    words_between_pauses=args.words_between_pauses,
+                    pause_seconds=args.pause_seconds,
+                    chars=args.chars,
+                    prefix_chars=args.prefix_chars,
+                )
+            )
+        after = await worker_stats(client)
+    paused = [ms for s in sessions for ms in s.paused_latency_ms]
+    warm = [ms for s in sessions for ms in s.paused_first_token_ms]
+    cold = [s.cold_first_token_ms for s in sessions]
+    requests = int(after["requests"]) - int(before["requests"])  # type: ignore[call-overload]
+    evaluated = int(after["evaluated_tokens"]) - int(before["evaluated_tokens"])  # type: ignore[call-overload]
+    prompt = int(after["prompt_tokens"]) - int(before["prompt_tokens"])  # type: ignore[call-overload]
+    return {
+        "setup": {
+            "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+            "model": "embedded SmolLM2-135M-Instruct Q4_1 (CPU)",
+            "keys_per_second": args.keys_per_second,
+            "words_between_pauses": args.words_between_pauses,
+            "chars_typed_per_file": args.chars,
+        },
+        "sessions": [asdict(s) for s in sessions],
+        "paused_latency_ms_p50": statistics.median(paused),
+        "paused_latency_ms_p90": percentile(paused, 0.9),
+        "pauses": len(paused),
+        "cold_first_token_ms_p50": statistics.median(cold),
+        "warm_first_token_ms_p50": statistics.median(warm),
+        "warm_over_cold": statistics.median(warm) / statistics.median(cold),
+        "prefix_tokens": [s.prefix_tokens for s in sessions],
+        "worker_requests": requests,
+        "prompt_tokens_per_request": prompt / max(1, requests),
+        "evaluated_tokens_per_request": evaluated / max(1, requests),
+        "keystroke_requests": sum(s.requests for s in sessions),
+        "superseded": sum(s.superseded for s in sessions),
+        "worker_cancelled": int(after["cancelled"]) - int(before["cancelled"]),  # type: ignore[call-overload]
+    }
+
+
+def render(result: dict[str, object]) -> str:
+    rows = [
+        ("paused-request latency p50 (target <= 400 ms)", f"{result['paused_latency_ms_p50']:.0f} ms"),
+        ("paused-request latency p90", f"{result['paused_latency_ms_p90']:.0f} ms"),
+        ("cold time to first token p50", f"{result['cold_first_token_ms_p50']:.0f} ms"),
+        ("warm time to first token p50", f"{result['warm_first_token_ms_p50']:.0f} ms"),
+        ("warm / cold (target <= 0.20)", f"{result['warm_over_cold']:.3f}"),
+        ("prompt tokens per request", f"{result['prompt_tokens_per_request']:.0f}"),
+        ("tokens evaluated per request", f"{result['evaluated_tokens_per_request']:.1f}"),
+        ("keystroke requests / superseded", f"{result['keystroke_requests']} / {result['superseded']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"typing simulation ({result['pauses']} pauses, {result['setup']})"]  # type: ignore[index]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--url", help="a running keel (default: start one with the embedded model)")
+    parser.add_argument("--keys-per-second", type=float, default=5.0)
+    parser.add_argument("--words-between-pauses", type=int, default=3)
+    parser.add_argument("--pause-seconds", type=float, default=1.0)
+    parser.add_argument("--chars", type=int, default=80, help="characters typed per file")
+    parser.add_argument(
+        "--prefix-chars", type=int, default=4000, help="prefix before the cursor (~1,000 tokens)"
+    )
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    process = None
+    with tempfile.TemporaryDirectory(prefix="keel-typing-") as root:
+        url = args.url
+        if url is None:
+            process, url = start_keel(Path(root))
+        try:
+            result = asyncio.run(simulate(url, args))
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+    print(render(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
