@@ -14,6 +14,7 @@ from keel.api import metrics, openai, ops, tabby
 from keel.api.body_limit import BodyLimitMiddleware
 from keel.api.errors import install_error_handlers
 from keel.api.metrics_middleware import MetricsMiddleware
+from keel.api.request_id import RequestIdMiddleware
 from keel.api.state import AppState
 from keel.config import Paths, Settings
 from keel.events import EventStore
@@ -78,6 +79,7 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request has it
     app.include_router(ops.router)
     app.include_router(metrics.router)
     app.include_router(tabby.router)

@@ -49,14 +49,14 @@ def _load(args: argparse.Namespace) -> tuple[Settings, Paths]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from keel.ops.logging import configure as configure_logging
+
+    configure_logging(args.log_format)
     if args.supervise:
         from keel.ops.supervise import supervise
 
         return supervise(args.serve_parser, args)
 
-    import uvicorn
-
-    from keel.app import create_app
     from keel.providers.catalog import build_providers
 
     settings, paths = _load(args)
@@ -68,9 +68,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     paths.root.mkdir(parents=True, exist_ok=True)
     providers = build_providers(settings, paths)  # unusable model files fail here, before binding
     sock = _bind(host, port)
+    # The web stack is imported after binding: a busy port fails in well under a second.
+    import uvicorn
+
+    from keel.app import create_app
+
     app = create_app(settings, paths, providers)
+    from uvicorn.config import LOGGING_CONFIG
+
     config = uvicorn.Config(
-        app, log_level="info", access_log=False, timeout_graceful_shutdown=10, lifespan="on"
+        app,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds + 0.999),
+        lifespan="on",
+        # In JSON mode uvicorn's loggers propagate to keel's one JSON handler.
+        log_config=None if args.log_format == "json" else LOGGING_CONFIG,
     )
     server = uvicorn.Server(config)
     log.info("keel %s serving on http://%s:%d", __version__, host, port)
@@ -194,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8080); busy is an error")
     serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default) or json: one object per line (ts, level, logger, msg, request_id)",
+    )
+    serve.add_argument(
         "--supervise",
         action="store_true",
         help="run the server as a child and restart it when it crashes (without systemd)",
@@ -290,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except KeelError as exc:
-        print(f"keel: {exc.message}", file=sys.stderr)
+        if getattr(args, "log_format", "text") == "json":
+            log.error("%s", exc.message)  # keep stderr one JSON object per line
+        else:
+            print(f"keel: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

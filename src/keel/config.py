@@ -271,6 +271,12 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM keel stops accepting, then lets requests and streams in "
+        "flight finish for up to this long before cancelling them.",
+    )
 
 
 class CompletionConfig(_Section):

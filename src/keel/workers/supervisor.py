@@ -235,6 +235,9 @@ class WorkerSupervisor:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=_PIPE_LIMIT,
+                # A terminal's Ctrl-C must reach keel only: keel drains streams in flight,
+                # then stops the worker (end of stdin); a worker dead first would cut them.
+                start_new_session=True,
             )
         except OSError as exc:
             self.last_error = f"cannot start worker: {exc}"
