@@ -1,0 +1,130 @@
+"""The breaker and the retry budget as seen from outside: /v1/providers and the
+request counts of the fake backends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.chaos.conftest import (
+    FALLBACK_TEXT,
+    PRIMARY_TEXT,
+    Keel,
+    chain_config,
+    live,
+    posts,
+    primary_name,
+)
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+
+pytestmark = pytest.mark.integration
+
+COOLDOWN = 2.0
+COMPLETIONS = "/v1/completions"
+
+
+def breaker(keel: Keel) -> str:
+    return str(keel.endpoint("completion", primary_name("completion"))["breaker"])
+
+
+def test_breaker_opens_at_the_threshold_and_sends_one_probe_per_cooldown(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    primary, fallback = backends
+    # Threshold 2 = the failures after which health routes around the primary too,
+    # so live traffic reaches it exactly as often as the threshold.
+    routing = {
+        "breaker_consecutive_failures": 2,
+        "breaker_cooldown_seconds": COOLDOWN,
+        "retry_attempts_per_provider": 1,
+        "probe_interval_seconds": 0.2,
+    }
+    keel = keel_factory(chain_config(primary.url, fallback.url, routing=routing))
+    primary.behave(Behaviour.error(500))
+
+    assert keel.completion().json()["choices"][0]["text"] == FALLBACK_TEXT
+    assert breaker(keel) == "closed"
+    assert keel.completion().json()["choices"][0]["text"] == FALLBACK_TEXT
+    opened = time.monotonic()
+    assert breaker(keel) == "open"
+    at_open = posts(primary, COMPLETIONS)
+
+    # During the cooldown: clients are served, nothing (live or probe) reaches the primary.
+    while time.monotonic() < opened + COOLDOWN - 0.4:
+        response = keel.completion()
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == (
+            FALLBACK_TEXT
+        )
+        time.sleep(0.05)
+    assert posts(primary, COMPLETIONS) == at_open, "a request reached an open breaker"
+    state = keel.endpoint("completion", primary_name("completion"))
+    assert state["breaker"] == "open" and not state["usable"]
+
+    # Half-open: one probe, it fails, the breaker opens for another cooldown.
+    keel.wait_for("the half-open probe", lambda: posts(primary, COMPLETIONS) > at_open, 3.0)
+    reopened = time.monotonic()
+    keel.wait_for("open again after the failed probe", lambda: breaker(keel) == "open", 1.0)
+    while time.monotonic() < reopened + COOLDOWN - 0.6:
+        assert keel.completion().status_code == 200
+        time.sleep(0.05)
+    assert posts(primary, COMPLETIONS) == at_open + 1, "exactly one probe in half-open"
+
+    # The fault goes away: the next probe closes the breaker and the primary serves.
+    primary.reset_behaviour()
+    keel.wait_for("breaker closed", lambda: breaker(keel) == "closed", COOLDOWN + 3)
+    keel.wait_for(
+        "primary serving",
+        lambda: keel.completion().json()["choices"][0]["text"] == PRIMARY_TEXT,
+    )
+
+
+@pytest.mark.parametrize("with_fallback", [True, False], ids=["fallback", "alone"])
+def test_upstream_attempts_stay_within_the_retry_budget(
+    with_fallback: bool,
+    backends: tuple[FakeUpstream, FakeUpstream],
+    keel_factory: Callable[[str], Keel],
+) -> None:
+    primary, fallback = backends
+    attempts, ratio, floor = 5, 0.1, 3  # floor: RetryPolicy.budget_floor
+    routing = {
+        "breaker_consecutive_failures": 1000,
+        "breaker_min_volume": 1000,
+        "retry_attempts_per_provider": attempts,
+        "retry_budget_ratio": ratio,
+        "probe_interval_seconds": 600,
+    }
+    keel = keel_factory(
+        chain_config(primary.url, fallback.url if with_fallback else None, routing=routing)
+    )
+    primary.behave(Behaviour.error(503))
+    requests = 30
+    for _ in range(requests):
+        response = keel.completion()
+        if with_fallback:
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == FALLBACK_TEXT
+        else:
+            assert response.status_code in (502, 503), response.text
+    sent = live(primary, COMPLETIONS)
+    assert sent <= requests + floor + ratio * requests, f"{sent} attempts for {requests} requests"
+    if not with_fallback:
+        assert sent > requests, "some retries were made"
+
+
+def test_other_4xx_go_back_to_the_client_as_is(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    primary, fallback = backends
+    keel = keel_factory(chain_config(primary.url, fallback.url))
+    message = {"error": {"message": "'temperature' must be between 0 and 2"}}
+    primary.behave(Behaviour.error(422, message))
+    for call in (keel.completion, keel.chat, keel.tabby):
+        response = call()
+        assert response.status_code == 422, response.text
+        assert "'temperature' must be between 0 and 2" in response.json()["error"]["message"]
+    assert live(fallback) == 0, "no fallback for the client's own mistake"
+    assert live(primary, COMPLETIONS) == 2 and live(primary, "/chat/completions") == 1
+    state = keel.endpoint("completion", primary_name("completion"))
+    assert state["breaker"] == "closed" and state["healthy"]
