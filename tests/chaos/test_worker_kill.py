@@ -1,0 +1,76 @@
+"""A real local worker killed mid-request: the request is served by the fallback,
+and the restarted worker serves again without restarting keel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.chaos.conftest import FALLBACK_TEXT, Keel, provider_table, routing_table
+from tests.fakes.upstreams import FakeUpstream
+
+pytestmark = pytest.mark.integration
+
+LOCAL = "local/SmolLM2-135M-Instruct"
+LONG = {"prompt": "chaos: 1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0}
+
+
+def local_then_fallback(fallback: str) -> str:
+    """Completion: the embedded model, then a fake backend; the other roles: the fake."""
+    return "\n".join(
+        [
+            routing_table(probe_interval_seconds=600, probe_timeout_seconds=5),
+            "[model.completion.local]\n",
+            "[[model.completion.fallback]]\n" + provider_table(fallback, "completion", {}),
+            "[model.chat.http]\n" + provider_table(fallback, "chat", {}),
+            "[model.embedding.http]\n" + provider_table(fallback, "embedding", {}),
+        ]
+    )
+
+
+def test_sigkill_mid_request_is_served_by_the_fallback_then_the_worker_returns(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    _, fallback = backends
+    keel = keel_factory(local_then_fallback(fallback.url))
+    # /ready is satisfied by the fallback alone; wait for the model to be loaded.
+    keel.wait_for("worker loaded", lambda: keel.endpoint("completion", LOCAL)["usable"], 60)
+    before = keel.tabby()
+    assert before.status_code == 200 and before.headers["x-keel-provider"] == LOCAL
+    pid = keel.process.worker_pid("completion")
+
+    result: dict[str, Any] = {}
+    request = threading.Thread(
+        target=lambda: result.update(response=keel.http.post("/v1/completions", json=LONG))
+    )
+    request.start()
+    keel.wait_for(
+        "the generation under way",
+        lambda: keel.endpoint("completion", LOCAL)["outstanding"] == 1,
+        10,
+    )
+    time.sleep(0.5)  # tokens are being generated
+    os.kill(pid, signal.SIGKILL)
+    request.join(60)
+
+    response = result["response"]
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == FALLBACK_TEXT
+    state = keel.endpoint("completion", LOCAL)
+    assert "killed" in (state["last_error"] or "") or "SIGKILL" in (state["last_error"] or "")
+
+    # Served by the fallback while the worker restarts, by the worker once it is back.
+    keel.wait_for(
+        "the restarted worker serving",
+        lambda: keel.tabby().headers.get("x-keel-provider") == LOCAL,
+        60,
+    )
+    assert keel.process.worker_pid("completion") != pid
+    state = keel.endpoint("completion", LOCAL)
+    assert state["breaker"] == "closed" and state["healthy"] and state["usable"], state
