@@ -130,8 +130,9 @@ def keep_tail(lines: Sequence[str], counts: Sequence[int], budget: int, *, step:
     while the user types, the window start then stays put for ``step`` lines
     instead of sliding one line at a time, so a local model can reuse its
     cached prompt prefix. The cost is up to ``step - 1`` lines of unused
-    budget, so the step shrinks to a quarter of the lines that fit when
-    fewer than ``4 * step`` do; ``step=1`` keeps as much as fits.
+    budget, so the step shrinks to a quarter of the lines that fit (estimated
+    from the lines above the cursor, so it is fixed while a line is typed)
+    when fewer than ``4 * step`` do; ``step=1`` keeps as much as fits.
 
     The last line holds the cursor and is never dropped: if it alone is over
     budget (minified code, a data blob), it is cut by characters in
@@ -148,7 +149,12 @@ def keep_tail(lines: Sequence[str], counts: Sequence[int], budget: int, *, step:
     if start == len(lines):
         return _cut_line_tail(lines[-1], counts[-1], budget)
     if start > 0:
-        step = min(step, max(1, (len(lines) - start) // 4))
+        # The step must not depend on ``start``: while the cursor line grows, a
+        # step recomputed from it can shrink and move the window start backwards.
+        # Lines above the cursor do not change within a line, so neither does this.
+        above = counts[:-1]
+        per_line = max(1.0, sum(above) / len(above)) if above else 1.0
+        step = min(step, max(1, int(budget / per_line) // 4))
         aligned = -(-start // step) * step
         if aligned < len(lines):
             start = aligned

@@ -63,6 +63,26 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+SHIFT_MATCH = 32
+"""Tokens that must line up before a moved window is reused by shifting the KV cache."""
+
+
+def shift_offset(cached: Sequence[int], tokens: Sequence[int], head: int) -> int | None:
+    """How many cached tokens after the first ``head`` to drop so that the cache
+    continues with ``tokens[head:]``, or None when it does not hold them."""
+    probe = list(tokens[head : head + SHIFT_MATCH])
+    if len(probe) < SHIFT_MATCH or len(cached) < head + SHIFT_MATCH + 1:
+        return None
+    if list(cached[:head]) != list(tokens[:head]):
+        return None
+    first = probe[0]
+    for offset in range(1, len(cached) - head - SHIFT_MATCH + 1):
+        start = head + offset
+        if cached[start] == first and list(cached[start : start + SHIFT_MATCH]) == probe:
+            return offset
+    return None
+
+
 class _Slots:
     """Several model contexts over one memory-mapped model file.
 
@@ -83,6 +103,10 @@ class _Slots:
         for index, llm in enumerate(self.contexts):
             cached = llm._input_ids[: llm.n_tokens]
             shared = common_prefix(cached, tokens)
+            if shared < len(tokens) // 2:
+                offset = shift_offset(cached, tokens, _head(llm, tokens))
+                if offset is not None:  # the window moved: reusable after a KV shift
+                    shared = max(shared, len(cached) - offset)
             if shared > best_shared or (
                 shared == best_shared and self.used[index] < self.used[best]
             ):
@@ -100,6 +124,7 @@ class _Worker:
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancelled: set[int] = set()
         self.lock = threading.Lock()
+        self._reused = 0
 
     def read_requests(self, stdin: IO[str]) -> None:
         """Reader thread: answers cheap ops at once, queues generations."""
@@ -234,7 +259,11 @@ class _Worker:
         """
         target = tokens[:-1]
         shared = common_prefix(llm._input_ids[: llm.n_tokens], target)
+        if shared < len(target) // 2:
+            _shift_window(llm, target)
+            shared = common_prefix(llm._input_ids[: llm.n_tokens], target)
         llm.n_tokens = min(llm.n_tokens, shared)  # eval() drops the KV cells after n_tokens
+        self._reused = shared
         for start in range(shared, len(target), PREFILL_CHUNK):
             if self._is_cancelled(request_id):
                 return False
@@ -243,7 +272,9 @@ class _Worker:
 
     def _complete(self, request: dict[str, Any]) -> None:
         llm, stats, tokens = self._slot_for(request["prompt"])
-        if not self._prefill(llm, tokens, request["id"]):
+        prefilled = self._prefill(llm, tokens, request["id"])
+        stats["reused_tokens"] = self._reused
+        if not prefilled:
             self.channel.send(
                 {
                     "id": request["id"],
@@ -280,6 +311,26 @@ class _Worker:
         result = self.llm.create_embedding(list(request["texts"]))
         vectors = [item["embedding"] for item in result["data"]]
         self.channel.send({"id": request["id"], "embeddings": vectors})
+
+
+def _head(llm: Any, tokens: Sequence[int]) -> int:
+    """1 when prompts start with a BOS token that must stay in place, else 0."""
+    return 1 if tokens and tokens[0] == llm.token_bos() else 0
+
+
+def _shift_window(llm: Any, tokens: Sequence[int]) -> int:
+    """Reuse a cache whose window start moved: drop the lines that left the window
+    from the KV cache and shift the rest back (llama.cpp's context shift), instead
+    of reading the whole prompt again. Returns the tokens dropped."""
+    count = llm.n_tokens
+    head = _head(llm, tokens)
+    offset = shift_offset(llm._input_ids[:count], tokens, head)
+    if offset is None or not llm._ctx.kv_cache_seq_rm(-1, head, head + offset):
+        return 0
+    llm._ctx.kv_cache_seq_shift(-1, head + offset, count, -offset)
+    llm.input_ids[head : count - offset] = llm.input_ids[head + offset : count]
+    llm.n_tokens = count - offset
+    return offset
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
