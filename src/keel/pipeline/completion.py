@@ -219,9 +219,11 @@ class CompletionService:
         line_start = prefix.rfind("\n") + 1
         client = _client_snippets(request)
         sources = "|".join(sorted({s.filepath for s in client}))
+        debug = request.debug_options
+        retrieval_off = debug is not None and debug.disable_retrieval_augmented_code_completion
         key = (
             f"{segments.git_url if segments else ''}|{segments.filepath if segments else ''}",
-            hash((prefix[:line_start], sources)),
+            hash((prefix[:line_start], sources, retrieval_off)),
         )
         cached = self._line_snippets.get(key)
         if cached is not None:

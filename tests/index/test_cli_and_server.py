@@ -1,0 +1,97 @@
+"""`keel index` as a command, and retrieval through a real `keel serve` process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import start_keel
+from tests.index.test_retrieve import PREFIX
+
+DISABLED = {"disable_retrieval_augmented_code_completion": True}
+
+
+def config_for(repo: Path) -> str:
+    return (
+        f'[[repositories]]\nname = "weather"\npath = "{repo}"\n'
+        'git_url = "https://github.com/example/weather"\n\n'
+        "[index]\nrefresh_seconds = 0\nmin_score = 0.0\n\n"
+        "[completion]\nmax_decoding_tokens = 4\nmax_input_length = 640\n\n"
+        "[server]\ncompletion_timeout = 120\n"
+    )
+
+
+def run_keel(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KEEL_ROOT": str(root)},
+        timeout=120,
+    )
+
+
+def test_keel_index_builds_then_updates_incrementally(repo: Path, tmp_path: Path) -> None:
+    root = tmp_path / "keel"
+    root.mkdir()
+    (root / "config.toml").write_text(config_for(repo))
+
+    first = run_keel(root, "index")
+    assert first.returncode == 0, first.stderr
+    assert "weather: 4 files" in first.stdout and "4 re-indexed" in first.stdout
+    assert "index weather: 4/4 files (100%)" in first.stderr  # plain lines: not a TTY
+    assert (root / "index" / "weather" / "files.json").is_file()
+
+    second = run_keel(root, "index", "weather")
+    assert second.returncode == 0, second.stderr
+    assert "0 re-indexed, 0 removed" in second.stdout
+
+    unknown = run_keel(root, "index", "nope")
+    assert unknown.returncode == 2
+    assert "no repository named 'nope'" in unknown.stderr and "weather" in unknown.stderr
+
+
+@pytest.mark.integration
+def test_tabby_completion_shows_retrieved_snippets(repo: Path, tmp_path: Path) -> None:
+    server = start_keel(tmp_path / "keel", config_for(repo))
+    try:
+        server.wait_ready()
+        body: dict[str, object] = {
+            "language": "python",
+            "segments": {
+                "prefix": PREFIX,
+                "suffix": "\n",
+                "filepath": "reports/weekly.py",
+                "git_url": "git@github.com:example/weather.git",
+            },
+            "temperature": 0,
+            "debug_options": {"return_snippets": True, "return_prompt": True},
+        }
+        snippets: list[dict[str, object]] = []
+        deadline = time.monotonic() + 90
+        with server.client() as client:
+            off = {**body, "debug_options": {"return_snippets": True, **DISABLED}}
+            disabled = client.post("/v1/completions", json=off)
+            assert disabled.status_code == 200, disabled.text
+            assert disabled.json()["debug_data"]["snippets"] == []
+
+            while not snippets and time.monotonic() < deadline:  # the index builds in background
+                response = client.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                data = response.json()
+                snippets = data["debug_data"]["snippets"]
+                if not snippets:
+                    time.sleep(0.5)
+            assert snippets, server.log.read_text()[-3000:]
+            assert "weather/client.py" in {s["filepath"] for s in snippets}
+            prompt = data["debug_data"]["prompt"]
+            assert "# Path: weather/client.py" in prompt
+            assert "#     def fetch_forecast(self, city_name, days=3):" in prompt
+            assert prompt.endswith(PREFIX)
+    finally:
+        server.stop()

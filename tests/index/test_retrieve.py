@@ -1,0 +1,144 @@
+"""Retrieval for completions: repository matching, the query, exclusion, per-file limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from keel.config import IndexConfig, Paths, RepositoryConfig
+from keel.index.retrieve import (
+    MAX_CHUNKS_PER_FILE,
+    RepositoryRetriever,
+    cursor_query,
+    normalize_git_url,
+    pick_hits,
+)
+from keel.index.store import Hit
+
+PREFIX = (
+    "from weather.client import WeatherClient\n\n\n"
+    "def weekly_report(client, city_name):\n"
+    "    forecast = client.fetch_forecast(city_name, days=7)\n"
+    "    temps = [celsius_to_fahrenheit(day) for day in forecast]\n"
+    "    return tem"
+)
+
+
+@pytest.fixture
+def retriever(repo: Path, tmp_path: Path) -> RepositoryRetriever:
+    built = RepositoryRetriever.from_settings(
+        [
+            RepositoryConfig(
+                name="weather", path=str(repo), git_url="https://github.com/example/weather.git"
+            ),
+            RepositoryConfig(name="other", path=str(tmp_path / "other")),
+        ],
+        IndexConfig(min_score=0.0),
+        Paths(tmp_path / "data"),
+    )
+    built.update("weather")
+    return built
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://github.com/example/weather.git",
+        "https://github.com/example/weather",
+        "http://user:token@GitHub.com/example/weather/",
+        "git@github.com:example/weather.git",
+        "ssh://git@github.com:22/example/weather.git",
+    ],
+)
+def test_git_urls_compare_without_scheme_user_and_suffix(url: str) -> None:
+    assert normalize_git_url(url) == "github.com/example/weather"
+
+
+def test_different_repositories_do_not_match() -> None:
+    assert normalize_git_url("https://github.com/example/weather2") != normalize_git_url(
+        "https://github.com/example/weather"
+    )
+
+
+def test_match_by_git_url_and_relative_filepath(retriever: RepositoryRetriever) -> None:
+    matched = retriever.match("weather/client.py", "git@github.com:example/weather.git")
+    assert matched is not None
+    repo, relpath = matched
+    assert repo.name == "weather" and relpath == "weather/client.py"
+
+
+def test_match_by_absolute_filepath_under_the_path(
+    retriever: RepositoryRetriever, repo: Path
+) -> None:
+    matched = retriever.match(str(repo / "weather" / "units.py"), None)
+    assert matched is not None and matched[0].name == "weather"
+    assert matched[1] == "weather/units.py"
+    file_uri = retriever.match(f"file://{repo}/weather/units.py", None)
+    assert file_uri is not None and file_uri[1] == "weather/units.py"
+
+
+def test_no_match_outside_every_repository(retriever: RepositoryRetriever, tmp_path: Path) -> None:
+    assert retriever.match(str(tmp_path / "elsewhere" / "x.py"), None) is None
+    assert retriever.match("weather/client.py", None) is None  # relative, no git_url
+    assert retriever.match("x.py", "https://github.com/example/unknown") is None
+
+
+def test_query_uses_the_lines_before_the_cursor_line() -> None:
+    terms = cursor_query(PREFIX)
+    assert "fetch_forecast" in terms and "celsius_to_fahrenheit" in terms
+    assert "tem" not in terms  # the cursor's line changes with every keystroke
+    assert cursor_query(PREFIX + "ps") == terms
+
+
+def test_retrieval_finds_related_chunks_of_other_files(
+    retriever: RepositoryRetriever, repo: Path
+) -> None:
+    snippets = retriever.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None)
+    paths = [s.filepath for s in snippets]
+    assert "weather/client.py" in paths and "weather/units.py" in paths
+    assert all(s.score is not None and s.score > 0 for s in snippets)
+    assert any("def fetch_forecast" in s.body for s in snippets)
+
+
+def test_retrieval_excludes_the_file_being_edited(
+    retriever: RepositoryRetriever, repo: Path
+) -> None:
+    snippets = retriever.search(
+        prefix=PREFIX, filepath="weather/units.py", git_url="https://github.com/example/weather"
+    )
+    assert snippets and "weather/units.py" not in [s.filepath for s in snippets]
+
+
+def test_at_most_two_chunks_per_file(repo: Path, tmp_path: Path) -> None:
+    big = "".join(
+        f"def fetch_forecast_variant_{i}(city_name):\n"
+        + "".join(f"    step_{j} = fetch_forecast(city_name, {j})\n" for j in range(20))
+        + "    return step_0\n\n\n"
+        for i in range(6)
+    )
+    (repo / "weather" / "variants.py").write_text(big)
+    built = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))],
+        IndexConfig(min_score=0.0, max_snippets=10),
+        Paths(tmp_path / "data"),
+    )
+    built.update()
+    hits = built.repositories[0].index.search(["fetch_forecast", "city_name"])
+    assert sum(h.path == "weather/variants.py" for h in hits) > MAX_CHUNKS_PER_FILE
+    snippets = built.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None)
+    assert [s.filepath for s in snippets].count("weather/variants.py") == MAX_CHUNKS_PER_FILE
+
+
+def test_score_threshold_and_limit() -> None:
+    hits = [Hit(f"f{i}.py", 0, 1, "x", score) for i, score in enumerate([9.0, 5.0, 3.0, 1.0])]
+    assert [h.score for h in pick_hits(hits, min_score=2.5, limit=10)] == [9.0, 5.0, 3.0]
+    assert [h.score for h in pick_hits(hits, min_score=0.0, limit=2)] == [9.0, 5.0]
+
+
+def test_unmatched_request_and_zero_max_snippets_give_nothing(
+    retriever: RepositoryRetriever, repo: Path, tmp_path: Path
+) -> None:
+    assert retriever.search(prefix=PREFIX, filepath=None, git_url=None) == []
+    off = RepositoryRetriever(retriever.repositories, IndexConfig(max_snippets=0))
+    assert off.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None) == []
