@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from keel.config import ROLES, Role, Settings
+from keel.config import ROLES, LocalModelConfig, Role, Settings
 from keel.providers.base import (
     ChatCall,
     ChatMessage,
@@ -39,8 +39,14 @@ from keel.router.router import (
 log = logging.getLogger("keel.router")
 
 
+LOCAL_TIMEOUTS = Timeouts(first_token=60.0, between_tokens=10.0)
+"""A CPU model reads a cold 1,000-token prompt in 10-20 s: its first token is bounded
+by the request's total timeout, not by a server-grade first-token limit."""
+
+
 def _timeouts(role: Role, entry: ProviderEntry) -> Timeouts:
-    default = DEFAULT_TIMEOUTS[role]
+    local = isinstance(entry.config, LocalModelConfig) and role != "embedding"
+    default = LOCAL_TIMEOUTS if local else DEFAULT_TIMEOUTS[role]
     config = entry.config
     return Timeouts(
         first_token=config.first_token_timeout or default.first_token,
