@@ -19,7 +19,9 @@ from keel.config import (
     EMBEDDING_KINDS,
     CompletionConfig,
     HttpModelConfig,
+    IndexConfig,
     LocalModelConfig,
+    RepositoryConfig,
     ServerConfig,
 )
 
@@ -69,6 +71,16 @@ def render_sample() -> str:
     parts = [HEADER]
     parts.append(_section("server", ServerConfig))
     parts.append(_section("completion", CompletionConfig))
+    parts.append(
+        _section(
+            "repositories",
+            RepositoryConfig,
+            "Repositories whose code completions may show the model (`keel index` builds\n"
+            "the index; the server refreshes it). Repeat the table for each repository.",
+            active=False,
+        ).replace("# [repositories]", "# [[repositories]]")
+    )
+    parts.append(_section("index", IndexConfig))
     kinds = {"completion": COMPLETION_KINDS, "chat": CHAT_KINDS, "embedding": EMBEDDING_KINDS}
     for role, role_kinds in kinds.items():
         parts.append(
