@@ -11,9 +11,9 @@ pytestmark = pytest.mark.integration
 
 def test_deep_health_passes_and_caches_its_findings(keel_server: KeelProcess) -> None:
     with keel_server.client() as client:
-        first = client.get("/health/deep")
+        first = client.get("/health/deep", params={"timeout": 60})
         assert first.status_code == 200, first.text
-        second = client.get("/health/deep")
+        second = client.get("/health/deep", params={"timeout": 60})
         metrics = client.get("/metrics").text
     body = first.json()
     assert body["status"] == "ok"

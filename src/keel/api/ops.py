@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from keel.api.state import app_state
@@ -18,14 +18,15 @@ async def liveness() -> dict[str, str]:
 
 
 @router.get("/health/deep")
-async def deep_health(request: Request) -> JSONResponse:
-    """200 when each role's provider generated a token within the timeout, else 503.
+async def deep_health(request: Request, timeout: float = Query(10.0, gt=0, le=300)) -> JSONResponse:
+    """200 when each role's provider generated a token within ``timeout`` seconds,
+    else 503.
 
     Findings are cached for a few seconds (``age_seconds`` says how old), so
     polling this is cheap; the probe itself is real work.
     """
     state = app_state(request)
-    findings = await state.deep_health.check(state.providers, state.metrics)
+    findings = await state.deep_health.check(state.providers, state.metrics, timeout=timeout)
     now = state.deep_health.now()
     ok = all(finding.ok for finding in findings)
     body = {

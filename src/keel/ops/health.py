@@ -59,11 +59,22 @@ class DeepHealth:
     def now(self) -> float:
         return self._clock()
 
-    async def check(self, providers: Providers, metrics: Metrics | None = None) -> list[Finding]:
-        """A fresh-enough finding for every role, probing those whose finding expired."""
-        return list(await asyncio.gather(*(self._role(role, providers, metrics) for role in ROLES)))
+    async def check(
+        self,
+        providers: Providers,
+        metrics: Metrics | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Finding]:
+        """A fresh-enough finding for every role, probing those whose finding expired
+        (each probe bounded by ``timeout``, default the constructor's)."""
+        limit = self.timeout if timeout is None else timeout
+        roles = (self._role(role, providers, metrics, limit) for role in ROLES)
+        return list(await asyncio.gather(*roles))
 
-    async def _role(self, role: Role, providers: Providers, metrics: Metrics | None) -> Finding:
+    async def _role(
+        self, role: Role, providers: Providers, metrics: Metrics | None, timeout: float
+    ) -> Finding:
         provider = providers.for_role(role)
         key = (role, provider.name)
         lock = self._locks.setdefault(key, asyncio.Lock())
@@ -71,20 +82,20 @@ class DeepHealth:
             cached = self._findings.get(key)
             if cached is not None and self._clock() - cached.checked_at < self.ttl:
                 return cached
-            finding = await self._probe(role, provider)
+            finding = await self._probe(role, provider, timeout)
             self._findings[key] = finding
         if metrics is not None:
             metrics.health_check(provider.name, finding.seconds, finding.ok)
         return finding
 
-    async def _probe(self, role: Role, provider: Provider) -> Finding:
+    async def _probe(self, role: Role, provider: Provider, timeout: float) -> Finding:
         start = self._clock()
         error: str | None = None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 await probe(role, provider)
         except TimeoutError:
-            error = f"no token within {self.timeout:g}s"
+            error = f"no token within {timeout:g}s"
         except KeelError as exc:
             error = exc.message
         end = self._clock()
