@@ -156,3 +156,16 @@ def test_search_excludes_a_path(repo: Path, tmp_path: Path) -> None:
 
 def test_search_before_any_update_finds_nothing(repo: Path, tmp_path: Path) -> None:
     assert open_index(repo, tmp_path).search(["fetch_forecast"]) == []
+
+
+def test_an_index_of_another_version_is_rebuilt_without_duplicates(
+    repo: Path, tmp_path: Path
+) -> None:
+    index = open_index(repo, tmp_path)
+    index.update()
+    before = index.search(["fetch_forecast", "celsius"], limit=100)
+    manifest = tmp_path / "index" / "weather" / "files.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    rebuilt = index.update()
+    assert sorted(rebuilt.reindexed) == sorted(["blob.py", *EXPECTED])
+    assert len(index.search(["fetch_forecast", "celsius"], limit=100)) == len(before)

@@ -58,7 +58,7 @@ class EvalOptions:
     repositories: Sequence[tuple[str, Path]]
     samples: int = 40
     seed: int = 0
-    max_input_length: int = 768
+    max_input_length: int = 640
     max_decoding_tokens: int = 48
     output: Path = Path("bench/results")
     model_id: str = EMBEDDED_MODEL_ID
@@ -327,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--samples", type=int, default=40, help="samples per repository")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--max-input-length", type=int, default=768, help="prompt budget")
+    parser.add_argument("--max-input-length", type=int, default=640, help="prompt budget")
     parser.add_argument("--max-decoding-tokens", type=int, default=48, help="tokens generated")
     parser.add_argument("--model", default=EMBEDDED_MODEL_ID, help="local GGUF model id or path")
     parser.add_argument("--threads", type=int, help="CPU threads for the model")

@@ -20,8 +20,8 @@ from functools import cache
 from pathlib import PurePosixPath
 from typing import Any
 
-MAX_CHUNK_LINES = 30
-MAX_CHUNK_CHARS = 1000
+MAX_CHUNK_LINES = 24
+MAX_CHUNK_CHARS = 640
 MIN_CHUNK_CHARS = 24
 """Chunks with less text than this (a lone ``}``) are not worth a snippet."""
 

@@ -35,7 +35,8 @@ from keel.index.chunk import chunk_file
 from keel.index.tokens import document_terms
 from keel.index.walk import list_source_files, skip_reason
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""Raised whenever chunking or terms change: an index of another version is rebuilt."""
 WRITER_HEAP_BYTES = 32_000_000
 
 Progress = Callable[[int, int, str], None]
@@ -101,15 +102,18 @@ class RepositoryIndex:
     def _manifest_file(self) -> Path:
         return self.directory / "files.json"
 
-    def _load_manifest(self) -> dict[str, dict[str, Any]]:
+    def _load_manifest(self) -> dict[str, dict[str, Any]] | None:
+        """The manifest, ``{}`` for a new index, None when unreadable or of another version."""
         try:
             data = json.loads(self._manifest_file.read_text("utf-8"))
+        except FileNotFoundError:
+            return {}
         except (OSError, ValueError):
-            return {}
+            return None
         if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
-            return {}
+            return None
         files = data.get("files")
-        return files if isinstance(files, dict) else {}
+        return files if isinstance(files, dict) else None
 
     def _save_manifest(self, files: dict[str, dict[str, Any]]) -> None:
         tmp = self._manifest_file.with_suffix(".tmp")
@@ -163,7 +167,7 @@ class RepositoryIndex:
         files = list_source_files(self.root, max_file_bytes=self.max_file_bytes)
         stats.files = len(files)
         current = {f.relpath for f in files}
-        stats.removed = sorted(set(manifest) - current)
+        stats.removed = sorted(set(manifest or {}) - current)
         writer: tantivy.IndexWriter | None = None
 
         def open_writer() -> tantivy.IndexWriter:
@@ -179,6 +183,9 @@ class RepositoryIndex:
                     ) from None
             return writer
 
+        if manifest is None:  # unknown state: start over
+            open_writer().delete_all_documents()
+            manifest = {}
         for path in stats.removed:
             open_writer().delete_documents_by_term("path", path)
             del manifest[path]
