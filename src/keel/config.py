@@ -345,6 +345,15 @@ class Settings(_Section):
     answer: dict[str, Any] | None = None
     anonymous_usage_tracking: dict[str, Any] | None = Field(None, alias="anonymousUsageTracking")
 
+    @field_validator("repositories")
+    @classmethod
+    def _unique_repository_names(cls, value: list[RepositoryConfig]) -> list[RepositoryConfig]:
+        names = [repo.name for repo in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"repository names must be unique; repeated: {', '.join(duplicates)}")
+        return value
+
 
 @dataclass(frozen=True, slots=True)
 class Paths:

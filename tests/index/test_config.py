@@ -1,0 +1,35 @@
+"""The [[repositories]] and [index] sections of config.toml."""
+
+from __future__ import annotations
+
+import pytest
+
+from keel.config import parse_settings
+from keel.errors import ConfigError
+
+
+def test_repositories_and_index_parse() -> None:
+    settings = parse_settings(
+        {
+            "repositories": [{"name": "api", "path": "/src/api", "git_url": "git@h:o/api.git"}],
+            "index": {"refresh_seconds": 0, "min_score": 1.5},
+        },
+        "config.toml",
+        {},
+    )
+    assert settings.repositories[0].name == "api"
+    assert settings.index.refresh_seconds == 0 and settings.index.min_score == 1.5
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"repositories": [{"name": "a"}, {"name": "a"}]}, "repositories"),
+        ({"repositories": [{"name": "../escape"}]}, "repositories[0].name"),
+        ({"index": {"refresh_seconds": -1}}, "index.refresh_seconds"),
+    ],
+)
+def test_bad_values_name_their_key(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml", {})
+    assert f"  - {key}:" in caught.value.message
