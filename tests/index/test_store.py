@@ -169,3 +169,24 @@ def test_an_index_of_another_version_is_rebuilt_without_duplicates(
     rebuilt = index.update()
     assert sorted(rebuilt.reindexed) == sorted(["blob.py", *EXPECTED])
     assert len(index.search(["fetch_forecast", "celsius"], limit=100)) == len(before)
+
+
+def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere() -> None:
+    import io
+
+    from keel.index.progress import ProgressBar
+
+    terminal = io.StringIO()
+    bar = ProgressBar("index x", terminal, tty=True)
+    for done in range(1, 4):
+        bar(done, 3, f"file{done}.py")
+    bar.finish()
+    assert terminal.getvalue().count("\r") >= 2 and "3/3 file3.py" in terminal.getvalue()
+
+    log = io.StringIO()
+    plain = ProgressBar("index x", log, tty=False)
+    for done in range(1, 101):
+        plain(done, 100, "f.py")
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 11
+    assert lines[-1] == "index x: 100/100 files (100%)"
