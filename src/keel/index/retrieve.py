@@ -249,7 +249,7 @@ class RepositoryRetriever:
         Failures are logged and retried at the next round: a repository that
         cannot be indexed must not stop completions.
         """
-        while True:
+        while self.repositories:
             for repo in self.repositories:
                 try:
                     stats = await asyncio.to_thread(self.update, repo.name)
