@@ -16,6 +16,8 @@ from keel.api.errors import install_error_handlers
 from keel.api.metrics_middleware import MetricsMiddleware
 from keel.api.request_id import RequestIdMiddleware
 from keel.api.state import AppState
+from keel.audit import AuditLog
+from keel.auth import KeyStore, RateLimiter
 from keel.config import Paths, Settings
 from keel.events import EventStore
 from keel.index.retrieve import RepositoryRetriever
@@ -42,6 +44,12 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
         app_metrics.track_readiness(lambda role: routing.routers[role].any_usable())
         retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
+        audit = AuditLog(paths.root / "audit.log")
+
+        def keys_reloaded(ok: bool, detail: str) -> None:
+            audit.record("keys_reload", key_id=None, result="ok" if ok else "error", detail=detail)
+
+        keys = KeyStore(settings.auth, paths.root, on_reload=keys_reloaded)
         app.state.keel = AppState(
             settings=settings,
             paths=paths,
@@ -57,6 +65,13 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
             ),
             events=events,
             metrics=app_metrics,
+            keys=keys,
+            rate_limiter=(
+                RateLimiter(settings.auth.requests_per_minute)
+                if settings.auth.requests_per_minute
+                else None
+            ),
+            audit=audit,
         )
         routing.start_prober()
         try:

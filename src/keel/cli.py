@@ -18,7 +18,14 @@ from pathlib import Path
 
 from keel import __version__
 from keel.config import ROLES, HttpModelConfig, Paths, Settings, load_settings
-from keel.errors import KeelError, MissingDependency, PortBusy, RequestError
+from keel.errors import (
+    ConfigError,
+    ConfigIssue,
+    KeelError,
+    MissingDependency,
+    PortBusy,
+    RequestError,
+)
 
 log = logging.getLogger("keel")
 
@@ -48,6 +55,26 @@ def _load(args: argparse.Namespace) -> tuple[Settings, Paths]:
     return load_settings(config, paths), paths
 
 
+def _refuse_open_remote(settings: Settings, paths: Paths, host: str) -> None:
+    """Serving beyond loopback with no keys is refused unless explicitly allowed."""
+    from keel.auth import KeyStore, is_loopback
+
+    if is_loopback(host) or settings.auth.allow_unauthenticated_remote:
+        return
+    if not KeyStore(settings.auth, paths.root).enabled:
+        raise ConfigError(
+            "server.host",
+            [
+                ConfigIssue(
+                    "auth",
+                    f"binding {host} would serve anyone who can reach it, and no keys are "
+                    "configured: set [auth] api_keys (or keys_file), or set [auth] "
+                    "allow_unauthenticated_remote = true if a proxy in front handles it",
+                )
+            ],
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from keel.ops.logging import configure as configure_logging
 
@@ -66,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     paths.root.mkdir(parents=True, exist_ok=True)
+    _refuse_open_remote(settings, paths, host)
     providers = build_providers(settings, paths)  # unusable model files fail here, before binding
     sock = _bind(host, port)
     # The web stack is imported after binding: a busy port fails in well under a second.
@@ -137,25 +165,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from keel.ops.doctor import DoctorOptions
-    from keel.ops.doctor import main as doctor
-
-    options = DoctorOptions(
-        config=Path(args.config) if args.config else None,
-        host=args.host,
-        port=args.port,
-        online=args.online,
-    )
-    return doctor(options, as_json=args.json, out=sys.stdout)
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from keel.ops.verify import main as verify
-
-    return verify(args.url, api_key=args.api_key, timeout=args.timeout, out=sys.stdout)
-
-
 def cmd_index(args: argparse.Namespace) -> int:
     from keel.index.progress import ProgressBar
     from keel.index.retrieve import RepositoryRetriever
@@ -189,6 +198,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from keel.eval.harness import run_from_args
 
     return run_from_args(args)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from keel.ops.doctor import DoctorOptions
+    from keel.ops.doctor import main as doctor
+
+    options = DoctorOptions(
+        config=Path(args.config) if args.config else None,
+        host=args.host,
+        port=args.port,
+        online=args.online,
+    )
+    return doctor(options, as_json=args.json, out=sys.stdout)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from keel.ops.verify import main as verify
+
+    return verify(args.url, api_key=args.api_key, timeout=args.timeout, out=sys.stdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,26 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--config", help="config file (default: <data root>/config.toml)")
     models.set_defaults(func=cmd_models)
 
-    index = commands.add_parser(
-        "index",
-        help="build or update the repository index (changed files only)",
-        description="Index the [[repositories]] of the config for completion context.",
-    )
-    index.add_argument("name", nargs="?", help="only this repository (default: all)")
-    index.add_argument("--config", help="config file (default: <data root>/config.toml)")
-    index.set_defaults(func=cmd_index)
-
-    from keel.eval.harness import add_arguments as add_eval_arguments
-
-    evaluate = commands.add_parser(
-        "eval",
-        help="measure completion quality on real repositories",
-        description="Sample cursor positions in real code, hide what follows, complete it "
-        "under several configurations, and score exact match and edit similarity.",
-    )
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=cmd_eval)
-
     doctor = commands.add_parser(
         "doctor",
         help="pre-flight checks: library, config, env, models, memory, data root, port",
@@ -297,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=120.0, help="seconds per request (default 120)"
     )
     verify.set_defaults(func=cmd_verify)
+
+    index = commands.add_parser(
+        "index",
+        help="build or update the repository index (changed files only)",
+        description="Index the [[repositories]] of the config for completion context.",
+    )
+    index.add_argument("name", nargs="?", help="only this repository (default: all)")
+    index.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    index.set_defaults(func=cmd_index)
+
+    from keel.eval.harness import add_arguments as add_eval_arguments
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure completion quality on real repositories",
+        description="Sample cursor positions in real code, hide what follows, complete it "
+        "under several configurations, and score exact match and edit similarity.",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

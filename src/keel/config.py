@@ -262,6 +262,38 @@ class RoutingConfig(_Section):
     )
 
 
+class AuthConfig(_Section):
+    """Who may call keel. With no keys at all, keel serves only a loopback address."""
+
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="User keys, sent as 'Authorization: Bearer <key>' or 'x-api-key'; "
+        "use '${ENV_VAR}' to keep them out of the file.",
+    )
+    admin_key: str | None = Field(
+        None, description="The key for model load/unload and reload ('x-admin-key' or Bearer)."
+    )
+    keys_file: str | None = Field(
+        None,
+        description="A TOML file with api_keys = [...] and admin_key = '...', re-read when it "
+        "changes; a bad file keeps the keys in force and says why.",
+    )
+    requests_per_minute: int | None = Field(
+        600, ge=1, description="Per-key rate limit (token bucket; 429 with Retry-After)."
+    )
+    allow_unauthenticated_remote: bool = Field(
+        False,
+        description="Serve a non-loopback address with no keys (refused unless set).",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, value: list[str]) -> list[str]:
+        if any(len(key.strip()) < 8 for key in value):
+            raise ValueError("every key must have at least 8 characters")
+        return value
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8080, ge=1, le=65535, description="Port to bind; a busy port is an error.")
@@ -339,6 +371,7 @@ class Settings(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     completion: CompletionConfig = Field(default_factory=CompletionConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     repositories: list[RepositoryConfig] = Field(default_factory=list)
     index: IndexConfig = Field(default_factory=IndexConfig)
     # Tabby sections keel accepts and does not use.

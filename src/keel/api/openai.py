@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from keel.api.access import USER
 from keel.api.errors import parse_model, read_json, read_model
 from keel.api.state import AppState, app_state
 from keel.api.streaming import collect, stream_response, with_timeout
@@ -61,7 +62,7 @@ async def routed(
             await close_stream(pieces)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, dependencies=[USER])
 async def completions(request: Request) -> Response:
     data = await read_json(request)
     if not (isinstance(data, dict) and "prompt" in data):
@@ -112,7 +113,7 @@ async def completions(request: Request) -> Response:
     return JSONResponse(result)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, dependencies=[USER])
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     state: AppState = app_state(request)
@@ -172,7 +173,7 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", dependencies=[USER])
 async def embeddings(request: Request) -> JSONResponse:
     body = await read_model(request, EmbeddingRequest)
     state = app_state(request)
@@ -198,7 +199,7 @@ async def embeddings(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[USER])
 async def models(request: Request) -> dict[str, object]:
     state = app_state(request)
     seen: dict[str, dict[str, object]] = {}

@@ -5,19 +5,20 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from keel.api.access import PUBLIC, USER
 from keel.api.state import app_state
 from keel.config import ROLES
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", dependencies=[PUBLIC])
 async def liveness() -> dict[str, str]:
     """The process answers; says nothing about models (that is /ready)."""
     return {"status": "ok"}
 
 
-@router.get("/health/deep")
+@router.get("/health/deep", dependencies=[PUBLIC])
 async def deep_health(request: Request, timeout: float = Query(10.0, gt=0, le=300)) -> JSONResponse:
     """200 when each role's provider generated a token within ``timeout`` seconds,
     else 503.
@@ -37,7 +38,7 @@ async def deep_health(request: Request, timeout: float = Query(10.0, gt=0, le=30
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/ready")
+@router.get("/ready", dependencies=[PUBLIC])
 async def readiness(request: Request) -> JSONResponse:
     """200 when every role has a provider that can serve now, else 503 naming why."""
     state = app_state(request)
@@ -52,7 +53,7 @@ async def readiness(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/v1/providers")
+@router.get("/v1/providers", dependencies=[USER])
 async def providers(request: Request) -> dict[str, object]:
     """Each provider's breaker, health, last error and recent latency, per role."""
     return app_state(request).routing.snapshot()

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from keel.audit import AuditLog
+from keel.auth import KeyStore, RateLimiter
 from keel.config import Paths, Settings
 from keel.events import EventStore
 from keel.ops.health import DeepHealth
@@ -25,6 +27,9 @@ class AppState:
     completion: CompletionService
     events: EventStore
     metrics: Metrics
+    keys: KeyStore
+    rate_limiter: RateLimiter | None
+    audit: AuditLog
     started_at: float = field(default_factory=time.time)
     deep_health: DeepHealth = field(default_factory=DeepHealth)
 

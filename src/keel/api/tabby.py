@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from keel import __version__, build_info
+from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
 from keel.schemas.tabby import (
@@ -91,7 +92,7 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-@router.post("/v1/events")
+@router.post("/v1/events", dependencies=[USER])
 async def log_event(request: Request, select_kind: str | None = None) -> Response:
     event = parse_model(LogEventRequest, await read_json(request))
     state = app_state(request)
@@ -147,17 +148,17 @@ def health_state(request: Request) -> HealthState:
     )
 
 
-@router.api_route("/v1/health", methods=["GET", "POST"])
+@router.api_route("/v1/health", methods=["GET", "POST"], dependencies=[USER])
 async def health(request: Request) -> dict[str, object]:
     return health_state(request).model_dump(exclude_none=True)
 
 
-@router.get("/v1beta/server_setting")
+@router.get("/v1beta/server_setting", dependencies=[USER])
 async def server_setting() -> dict[str, object]:
     return ServerSetting().model_dump()
 
 
-@router.get("/v1beta/models")
+@router.get("/v1beta/models", dependencies=[USER])
 async def beta_models(request: Request) -> dict[str, object]:
     providers = app_state(request).providers
     return {

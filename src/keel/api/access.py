@@ -1,0 +1,116 @@
+"""Every route declares who may call it: public, user or admin.
+
+A route states its access with ``dependencies=[PUBLIC]`` (or ``USER``,
+``ADMIN``); a test walks every route of the app and fails on one without a
+declaration, so no endpoint is left open by omission. Keys are accepted as
+``Authorization: Bearer``, ``x-api-key`` or ``x-admin-key``. With no keys
+configured at all (only allowed on a loopback address) every check passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fastapi import Depends, Request
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+
+from keel.api.state import app_state
+from keel.auth import Access, Identity
+from keel.errors import AuthenticationError, KeelError
+
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+"""FastAPI's own API documentation routes: public, and not APIRoutes."""
+
+
+class Forbidden(KeelError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
+class RateLimited(KeelError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+
+def presented_keys(request: Request) -> list[str]:
+    keys = []
+    authorization = request.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        keys.append(token.strip())
+    for header in ("x-api-key", "x-admin-key"):
+        value = request.headers.get(header, "").strip()
+        if value:
+            keys.append(value)
+    return keys
+
+
+class Require:
+    """The dependency behind each declaration; ``level`` is what the route needs."""
+
+    def __init__(self, level: Access) -> None:
+        self.level = level
+
+    async def __call__(self, request: Request) -> Identity:
+        if self.level is Access.PUBLIC:
+            return Identity(Access.PUBLIC, None)
+        state = app_state(request)
+        store = state.keys
+        if not store.enabled:
+            return Identity(Access.ADMIN, None)
+        presented = presented_keys(request)
+        identity = store.identify(presented)
+        if identity is None:
+            what = "invalid API key" if presented else "missing API key"
+            raise AuthenticationError(
+                f"{what}: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
+            )
+        if self.level is Access.ADMIN and identity.access is not Access.ADMIN:
+            reason = (
+                "this route needs the admin key ('x-admin-key: <key>')"
+                if store.keys.admin is not None
+                else "this route needs the admin key, and none is configured ([auth] admin_key)"
+            )
+            raise Forbidden(reason)
+        request.state.key_id = identity.key_id
+        limiter = state.rate_limiter
+        if limiter is not None and identity.key_id is not None:
+            wait = limiter.take(identity.key_id)
+            if wait > 0:
+                raise RateLimited(
+                    f"rate limit of {state.settings.auth.requests_per_minute} requests per "
+                    "minute for this key reached; retry later",
+                    retry_after=wait,
+                )
+        return identity
+
+
+PUBLIC: Any = Depends(Require(Access.PUBLIC))
+USER: Any = Depends(Require(Access.USER))
+ADMIN: Any = Depends(Require(Access.ADMIN))
+
+
+def walk_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route of an app, looking inside included routers."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from walk_routes(included.routes)
+        else:
+            yield route
+
+
+def declared_access(route: BaseRoute) -> Access | None:
+    """The access a route declares, or None if it declares none."""
+    if not isinstance(route, APIRoute):
+        return Access.PUBLIC if getattr(route, "path", None) in DOCS_PATHS else None
+    levels = [
+        dependency.call.level
+        for dependency in route.dependant.dependencies
+        if isinstance(dependency.call, Require)
+    ]
+    return levels[0] if len(levels) == 1 else None

@@ -1,0 +1,167 @@
+"""Keys, their comparison, and per-key rate limits.
+
+Keys come from ``[auth]`` in the config and from an optional keys file that
+is re-read when it changes; a file that cannot be read or parsed keeps the
+keys in force and records why. Keys are compared in constant time against
+every configured key (no early exit), and only a short hash of a key ever
+leaves this module (``key_id``, for logs and the audit trail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from keel.config import AuthConfig
+
+log = logging.getLogger("keel.auth")
+
+
+class Access(StrEnum):
+    PUBLIC = "public"
+    USER = "user"
+    ADMIN = "admin"
+
+
+def key_id(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    users: tuple[str, ...] = ()
+    admin: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.users and self.admin is None
+
+
+def _parse_keys_file(path: Path) -> Keys:
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    users = data.get("api_keys", [])
+    admin = data.get("admin_key")
+    unknown = set(data) - {"api_keys", "admin_key"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; use api_keys and admin_key")
+    if not isinstance(users, list) or not all(isinstance(k, str) and len(k) >= 8 for k in users):
+        raise ValueError("api_keys must be a list of strings of at least 8 characters")
+    if admin is not None and (not isinstance(admin, str) or len(admin) < 8):
+        raise ValueError("admin_key must be a string of at least 8 characters")
+    return Keys(tuple(users), admin)
+
+
+@dataclass(slots=True)
+class Identity:
+    access: Access
+    key_id: str | None
+
+
+@dataclass
+class KeyStore:
+    config: AuthConfig
+    base_dir: Path
+    clock: Callable[[], float] = time.monotonic
+    on_reload: Callable[[bool, str], None] | None = None
+    keys: Keys = field(default_factory=Keys)
+    file_error: str | None = None
+    _file_stamp: tuple[float, int] | None = None
+    _checked_at: float = -1.0
+
+    def __post_init__(self) -> None:
+        self.keys = Keys(tuple(self.config.api_keys), self.config.admin_key)
+        self.refresh(force=True)
+
+    @property
+    def keys_path(self) -> Path | None:
+        if self.config.keys_file is None:
+            return None
+        path = Path(self.config.keys_file).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read the keys file if it changed (checked at most once a second)."""
+        path = self.keys_path
+        now = self.clock()
+        if path is None or (not force and now - self._checked_at < 1.0):
+            return
+        self._checked_at = now
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime, stat.st_size)
+            if stamp == self._file_stamp and not force:
+                return
+            from_file = _parse_keys_file(path)
+        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+            message = f"keys file {path}: {exc}; keeping the keys in force"
+            if message != self.file_error:
+                log.error("%s", message)
+                if self.on_reload is not None:
+                    self.on_reload(False, message)
+            self.file_error = message
+            return
+        self._file_stamp = stamp
+        self.file_error = None
+        self.keys = Keys(
+            tuple(self.config.api_keys) + from_file.users, from_file.admin or self.config.admin_key
+        )
+        if not force and self.on_reload is not None:
+            self.on_reload(True, f"keys file {path} reloaded ({len(self.keys.users)} user keys)")
+
+    @property
+    def enabled(self) -> bool:
+        return not self.keys.empty
+
+    def identify(self, presented: list[str]) -> Identity | None:
+        """The strongest access the presented keys grant, or None if none is valid."""
+        self.refresh()
+        keys = self.keys
+        best: Identity | None = None
+        for candidate in presented:
+            encoded = candidate.encode()
+            admin = keys.admin is not None and hmac.compare_digest(encoded, keys.admin.encode())
+            user = False
+            for key in keys.users:  # every key compared: timing says nothing about which
+                user |= hmac.compare_digest(encoded, key.encode())
+            if admin:
+                return Identity(Access.ADMIN, key_id(candidate))
+            if user and best is None:
+                best = Identity(Access.USER, key_id(candidate))
+        return best
+
+
+class RateLimiter:
+    """A token bucket per key: ``per_minute`` requests, bursting up to that many."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = float(per_minute)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, who: str) -> float:
+        """0 if allowed now, else the seconds until a request would be."""
+        now = self._clock()
+        tokens, last = self._buckets.get(who, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[who] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[who] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+def is_loopback(host: str) -> bool:
+    return host in {"127.0.0.1", "localhost", "::1"} or host.startswith("127.")
+
+
+def environ_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

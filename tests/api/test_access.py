@@ -1,0 +1,166 @@
+"""Who may call what: every route declares it, and the declarations hold over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+from tests.conftest import KeelProcess, free_port, start_keel
+
+from keel.api.access import declared_access, walk_routes
+from keel.app import create_app
+from keel.auth import Access
+from keel.config import Paths, Settings
+
+USER_KEY = "user-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789"
+FILE_KEY = "file-key-0123456789"
+
+
+def app_routes() -> list[tuple[str, str, Access]]:
+    app = create_app(Settings(), Paths(Path("/nonexistent")))
+    found = []
+    for route in walk_routes(app.routes):
+        access = declared_access(route)
+        assert access is not None, f"route {getattr(route, 'path', route)} declares no access"
+        if isinstance(route, APIRoute):
+            for method in sorted(route.methods):
+                found.append((route.path, method, access))
+    return found
+
+
+def test_every_route_declares_public_user_or_admin() -> None:
+    routes = app_routes()
+    assert ("/v1/completions", "POST", Access.USER) in routes
+    assert ("/health", "GET", Access.PUBLIC) in routes
+    assert len(routes) >= 14
+
+
+def test_a_route_without_a_declaration_is_caught() -> None:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/forgotten")
+    async def forgotten() -> dict[str, str]:
+        return {}
+
+    app = create_app(Settings(), Paths(Path("/nonexistent")))
+    app.include_router(router)
+    undeclared = [r for r in walk_routes(app.routes) if declared_access(r) is None]
+    assert [getattr(r, "path", None) for r in undeclared] == ["/forgotten"]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
+    root = tmp_path_factory.mktemp("secured")
+    (root / "keys.toml").write_text(f'api_keys = ["{FILE_KEY}"]\n')
+    config = f"""
+[auth]
+api_keys = ["{USER_KEY}"]
+admin_key = "{ADMIN_KEY}"
+keys_file = "keys.toml"
+"""
+    server = start_keel(root, config)
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def call(server: KeelProcess, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+    body = {} if method == "POST" else None
+    return httpx.request(method, f"{server.url}{path}", json=body, headers=headers, timeout=30)
+
+
+def test_each_route_rejects_missing_and_wrong_keys(secured: KeelProcess) -> None:
+    for path, method, access in app_routes():
+        if access is Access.PUBLIC:
+            response = call(secured, method, path, {})
+            assert response.status_code != 401, (path, method)
+            continue
+        missing = call(secured, method, path, {})
+        assert missing.status_code == 401, (path, method, missing.text)
+        assert missing.json()["error"]["type"] == "authentication_error"
+        wrong = call(secured, method, path, {"Authorization": "Bearer not-a-key-at-all"})
+        assert wrong.status_code == 401, (path, method)
+        user = call(secured, method, path, {"Authorization": f"Bearer {USER_KEY}"})
+        if access is Access.ADMIN:
+            assert user.status_code == 403, (path, method, user.text)
+        else:
+            assert user.status_code not in (401, 403), (path, method, user.text)
+
+
+def test_keys_are_accepted_in_every_header(secured: KeelProcess) -> None:
+    body = {"language": "python", "segments": {"prefix": "def f():\n    return "}}
+    for headers in (
+        {"Authorization": f"Bearer {USER_KEY}"},
+        {"x-api-key": USER_KEY},
+        {"x-admin-key": ADMIN_KEY},
+        {"Authorization": f"Bearer {FILE_KEY}"},
+    ):
+        response = httpx.post(
+            f"{secured.url}/v1/completions", json=body, headers=headers, timeout=60
+        )
+        assert response.status_code == 200, (headers, response.text)
+
+
+def test_keys_file_change_takes_effect_and_a_bad_file_keeps_the_old_keys(
+    secured: KeelProcess,
+) -> None:
+    keys_file = secured.root / "keys.toml"
+    new_key = "rotated-key-0123456789"
+    url = f"{secured.url}/v1/models"
+
+    def status(key: str) -> int:
+        return httpx.get(url, headers={"x-api-key": key}, timeout=10).status_code
+
+    keys_file.write_text(f'api_keys = ["{new_key}"]\n')
+    deadline = time.monotonic() + 10
+    while status(new_key) != 200:
+        assert time.monotonic() < deadline, "the new key never took effect"
+        time.sleep(0.3)
+    assert status(FILE_KEY) == 401  # the rotated-out key stops working
+    assert status(USER_KEY) == 200  # config keys stay
+
+    keys_file.write_text("api_keys = [unterminated\n")
+    time.sleep(1.5)
+    assert status(new_key) == 200  # a broken file keeps the keys in force
+    audit = (secured.root / "audit.log").read_text()
+    assert '"action":"keys_reload"' in audit and '"result":"error"' in audit
+    assert new_key not in audit  # keys never reach the audit log
+    keys_file.write_text(f'api_keys = ["{FILE_KEY}"]\n')
+
+
+def test_rate_limit_per_key(tmp_path: Path) -> None:
+    config = f'[auth]\napi_keys = ["{USER_KEY}"]\nrequests_per_minute = 3\n'
+    server = start_keel(tmp_path, config)
+    try:
+        server.wait_ready()
+        headers = {"x-api-key": USER_KEY}
+        codes = [
+            httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10) for _ in range(4)
+        ]
+        assert [r.status_code for r in codes] == [200, 200, 200, 429]
+        assert int(codes[-1].headers["Retry-After"]) >= 1
+        assert codes[-1].json()["error"]["code"] == "rate_limited"
+    finally:
+        server.stop()
+
+
+def test_binding_beyond_loopback_without_keys_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    assert "allow_unauthenticated_remote" in result.stderr
