@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from keel import __version__
-from keel.api import metrics, openai, ops, tabby
+from keel.api import metrics, models, openai, ops, tabby
 from keel.api.body_limit import BodyLimitMiddleware
 from keel.api.errors import install_error_handlers
 from keel.api.metrics_middleware import MetricsMiddleware
@@ -21,6 +21,7 @@ from keel.auth import KeyStore, RateLimiter
 from keel.config import Paths, Settings
 from keel.events import EventStore
 from keel.index.retrieve import RepositoryRetriever
+from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers, build_providers
@@ -72,6 +73,7 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
                 else None
             ),
             audit=audit,
+            models=ModelManager(settings, paths, routing, audit),
         )
         routing.start_prober()
         try:
@@ -99,4 +101,5 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
     app.include_router(metrics.router)
     app.include_router(tabby.router)
     app.include_router(openai.router)
+    app.include_router(models.router)
     return app

@@ -160,6 +160,11 @@ class LocalModelConfig(_Section):
     prompt_template: str | None = Field(
         None, description="FIM template override; by default chosen from the model's family."
     )
+    fallback_models: list[str] = Field(
+        default_factory=list,
+        description="Smaller models to load instead, in order, when a model loaded through "
+        "POST /v1/model/load does not fit in free memory.",
+    )
     first_token_timeout: float | None = Field(
         None, gt=0, description="Seconds to the first token (default per role)."
     )

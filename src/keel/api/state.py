@@ -11,6 +11,7 @@ from keel.audit import AuditLog
 from keel.auth import KeyStore, RateLimiter
 from keel.config import Paths, Settings
 from keel.events import EventStore
+from keel.models.manager import ModelManager
 from keel.ops.health import DeepHealth
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import CompletionService
@@ -30,6 +31,7 @@ class AppState:
     keys: KeyStore
     rate_limiter: RateLimiter | None
     audit: AuditLog
+    models: ModelManager
     started_at: float = field(default_factory=time.time)
     deep_health: DeepHealth = field(default_factory=DeepHealth)
 

@@ -104,6 +104,8 @@ class Routing:
         self.routers: dict[Role, RoleRouter] = {}
         self.admission: dict[Role, Admission] = {}
         # An endpoint serving several roles (the embedded model) has one breaker.
+        self._policy = policy
+        self._clock = clock
         endpoints: dict[int, Endpoint] = {}
         for role in ROLES:
             groups = []
@@ -137,6 +139,45 @@ class Routing:
                 queue_timeout=role_config.queue_timeout,
             )
         self._prober: asyncio.Task[None] | None = None
+
+    def set_primary(self, role: Role, entry: ProviderEntry | None) -> list[Provider]:
+        """Switch a role's primary (a model swap), or drop it (``None``: unload).
+
+        Requests already running keep their endpoint; new ones see the new
+        chain at once. Returns the providers the role no longer uses, with
+        their endpoints, so the caller can drain and stop them.
+        """
+        router = self.routers[role]
+        old = router.groups[0] if router.groups else []
+        if entry is None:
+            router.groups = router.groups[1:]
+            self.providers.chains[role] = self.providers.chains[role][1:]
+        else:
+            endpoint = next(
+                (
+                    e
+                    for r in self.routers.values()
+                    for e in r.endpoints
+                    if e.provider is entry.provider
+                ),
+                None,
+            ) or Endpoint(
+                entry.provider,
+                new_breaker(entry.provider.name, self._policy, self.events, self._clock),
+                timeouts=_timeouts(role, entry),
+                clock=self._clock,
+            )
+            router.groups = [[endpoint], *router.groups[1:]]
+            self.providers.chains[role] = [[entry], *self.providers.chains[role][1:]]
+        return [endpoint.provider for endpoint in old]
+
+    def outstanding(self, provider: Provider) -> int:
+        return sum(
+            endpoint.outstanding
+            for router in self.routers.values()
+            for endpoint in router.endpoints
+            if endpoint.provider is provider
+        )
 
     def start_prober(self) -> None:
         if self._prober is None:

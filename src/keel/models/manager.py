@@ -1,0 +1,289 @@
+"""Load, swap and unload local models while keel serves.
+
+A load is a swap without downtime: the new worker starts and loads beside
+the old one, traffic switches only once it is ready, and the old worker
+stops after its in-flight requests finish. Loads are serialised. Before
+starting anything the model's memory need (file size plus KV cache per slot,
+from the GGUF header) is compared with what the machine has available: a
+model that cannot fit is refused with both numbers, or, when the config lists
+``fallback_models`` for the role, the next one that fits is loaded instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.audit import AuditLog
+from keel.config import LocalModelConfig, Paths, Role, Settings
+from keel.errors import KeelError, MissingDependency, NotFound, RequestError
+from keel.models import gguf
+from keel.models.registry import list_model_files, resolve_model
+from keel.providers.catalog import ProviderEntry
+from keel.providers.local import LocalProvider
+from keel.router.service import Routing
+from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
+
+log = logging.getLogger("keel.models")
+
+OVERHEAD_BYTES = 64 * 1024 * 1024
+"""Per worker beyond weights and KV cache: the interpreter, llama.cpp's buffers."""
+
+
+class InsufficientMemory(KeelError):
+    status_code = 507
+    error_type = "insufficient_memory"
+    code = "insufficient_memory"
+
+
+class Conflict(RequestError):
+    status_code = 409
+    code = "conflict"
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_needed(path: Path, context_size: int, slots: int) -> int:
+    """Bytes a worker for this model needs: weights, KV cache per slot, overhead."""
+    weights = path.stat().st_size
+    kv = gguf.kv_cache_bytes(gguf.read_metadata(path), context_size)
+    return weights + (kv if kv is not None else weights // 4) * max(1, slots) + OVERHEAD_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    status: str  # queued | checking_memory | starting_worker | loading | ready | error
+    message: str
+
+    def to_dict(self, role: Role, model: str) -> dict[str, object]:
+        return {"role": role, "model_name": model, "status": self.status, "message": self.message}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+class ModelManager:
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        routing: Routing,
+        audit: AuditLog,
+        *,
+        available: Callable[[], int | None] = mem_available,
+        drain_timeout: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.routing = routing
+        self.audit = audit
+        self.available = available
+        self.drain_timeout = drain_timeout
+        self._lock = asyncio.Lock()
+
+    def current(self, role: Role) -> dict[str, object]:
+        chain = self.routing.providers.chains[role]
+        if not chain:
+            raise NotFound(f"no model is loaded for {role}; POST /v1/model/load")
+        provider = chain[0][0].provider
+        parameters: dict[str, object] = {"role": role, "kind": provider.info.kind}
+        if isinstance(provider, LocalProvider):
+            spec = provider.supervisor.spec
+            parameters |= {
+                "path": spec.model_path,
+                "max_seq_len": spec.context_size,
+                "slots": spec.slots,
+                "state": str(provider.supervisor.state),
+            }
+        else:
+            parameters["endpoint"] = provider.info.endpoint
+        return self._card(provider.info.model, parameters)
+
+    def _card(self, name: str, parameters: dict[str, object]) -> dict[str, object]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "keel",
+            "parameters": parameters,
+        }
+
+    def available_models(self) -> list[dict[str, object]]:
+        cards = []
+        for file in list_model_files(self.paths):
+            parameters: dict[str, object] = {
+                "path": str(file.path),
+                "size_bytes": file.size_bytes,
+                "embedded": file.embedded,
+            }
+            try:
+                metadata = gguf.read_metadata(file.path)
+            except MissingDependency as exc:
+                parameters["error"] = exc.message
+            else:
+                arch = metadata.get("general.architecture")
+                parameters["architecture"] = arch
+                parameters["context_length"] = metadata.get(f"{arch}.context_length")
+                parameters["name"] = metadata.get("general.name")
+            cards.append(self._card(file.name, parameters))
+        return cards
+
+    def _candidates(self, role: Role, model_name: str) -> list[str]:
+        config = self.settings.model.role(role).local
+        fallbacks = list(config.fallback_models) if config is not None else []
+        return [model_name, *[m for m in fallbacks if m != model_name]]
+
+    def _plan(self, role: Role, model_name: str, config: LocalModelConfig) -> tuple[str, Path, str]:
+        """The model to load (the asked one, or the next fallback that fits) and why."""
+        available = self.available()
+        refusals: list[str] = []
+        for candidate in self._candidates(role, model_name):
+            try:
+                path = resolve_model(candidate, self.paths)
+            except MissingDependency as exc:
+                if candidate == model_name:
+                    raise NotFound(exc.message) from None
+                continue
+            needed = memory_needed(path, config.context_size, self._slots(role, config))
+            if available is None or needed <= available:
+                note = (
+                    f"{_mib(needed)} needed, {_mib(available)} available"
+                    if available is not None
+                    else f"{_mib(needed)} needed; available memory unknown"
+                )
+                if candidate != model_name:
+                    note = f"{model_name} does not fit ({refusals[0]}); loading {candidate}: {note}"
+                return candidate, path, note
+            refusals.append(f"{candidate} needs {_mib(needed)}, {_mib(available)} available")
+        raise InsufficientMemory(
+            f"not enough memory to load {model_name}: {'; '.join(refusals)}; free memory, "
+            f"lower context_size or parallelism, or list smaller [model.{role}.local] "
+            "fallback_models"
+        )
+
+    def _slots(self, role: Role, config: LocalModelConfig) -> int:
+        return 1 if role == "embedding" else config.parallelism
+
+    async def load(
+        self, role: Role, model_name: str, *, key_id: str | None
+    ) -> AsyncIterator[Progress]:
+        """Swap ``role`` to ``model_name``; yields progress, ends with ready or raises."""
+        yield Progress(
+            "queued", "waiting for the previous load to finish" if self._lock.locked() else "queued"
+        )
+        async with self._lock:
+            try:
+                async for step in self._swap(role, model_name):
+                    yield step
+            except KeelError as exc:
+                self.audit.record(
+                    "model_load",
+                    key_id=key_id,
+                    result="error",
+                    target=f"{role}:{model_name}",
+                    detail=exc.message,
+                )
+                raise
+            self.audit.record(
+                "model_load", key_id=key_id, result="ok", target=f"{role}:{model_name}"
+            )
+
+    async def _swap(self, role: Role, model_name: str) -> AsyncIterator[Progress]:
+        base = self.settings.model.role(role).local or LocalModelConfig()
+        yield Progress("checking_memory", "estimating weights + KV cache against free memory")
+        chosen, path, note = self._plan(role, model_name, base)
+        yield Progress("checking_memory", note)
+        config = base.model_copy(update={"model_id": chosen})
+        spec = WorkerSpec(
+            model_path=str(path),
+            context_size=config.context_size,
+            threads=config.threads,
+            gpu_layers=config.num_gpu_layers,
+            embedding=role == "embedding",
+            slots=self._slots(role, config),
+        )
+        name = f"local/{chosen}" + ("/embedding" if role == "embedding" else "")
+        supervisor = WorkerSupervisor(spec, name=name)
+        provider = LocalProvider(
+            supervisor,
+            name=name,
+            model=chosen,
+            ready_timeout=60.0,
+            prompt_template=config.prompt_template,
+        )
+        yield Progress("starting_worker", f"starting a worker for {path.name}")
+        await provider.start()
+        last_state = None
+        deadline = time.monotonic() + 300
+        while supervisor.state is not WorkerState.READY:
+            if supervisor.state is WorkerState.FAILED or time.monotonic() > deadline:
+                error = supervisor.last_error or "the worker did not become ready"
+                await provider.aclose()
+                raise MissingDependency(f"cannot load {chosen}: {error}")
+            if supervisor.state != last_state:
+                last_state = supervisor.state
+                yield Progress(str(last_state), f"worker {last_state}")
+            await asyncio.sleep(0.05)
+        yield Progress("loading", "model loaded; switching traffic")
+        retired = self.routing.set_primary(role, ProviderEntry(provider, config))
+        for old in retired:
+            if old is not provider:
+                asyncio.get_running_loop().create_task(self._retire(old))
+        log.info("%s now served by %s", role, name)
+        yield Progress("ready", f"{role} is served by {chosen}")
+
+    def _in_use(self, provider: object) -> bool:
+        return any(
+            entry.provider is provider
+            for chain in self.routing.providers.chains.values()
+            for group in chain
+            for entry in group
+        )
+
+    async def _retire(self, provider: object) -> None:
+        """Stop a provider no role uses any more, once its requests have finished."""
+        from keel.providers.base import Provider
+
+        assert isinstance(provider, Provider)
+        if self._in_use(provider):
+            return
+        deadline = time.monotonic() + self.drain_timeout
+        # Outstanding counts are plain integers the router keeps; polling them is enough.
+        while self.routing.outstanding(provider) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        await provider.aclose()
+        log.info("stopped %s", provider.name)
+
+    async def unload(self, role: Role, *, key_id: str | None) -> dict[str, object]:
+        async with self._lock:
+            chain = self.routing.providers.chains[role]
+            if len(chain) <= 1:
+                self.audit.record(
+                    "model_unload",
+                    key_id=key_id,
+                    result="refused",
+                    target=role,
+                    detail="it is the role's only provider",
+                )
+                raise Conflict(
+                    f"{role} has no other provider: unloading would leave it unserved; "
+                    "load another model instead (a swap) or configure a fallback"
+                )
+            retired = self.routing.set_primary(role, None)
+            for old in retired:
+                await self._retire(old)
+            self.audit.record("model_unload", key_id=key_id, result="ok", target=role)
+            return {"role": role, "unloaded": [p.name for p in retired]}

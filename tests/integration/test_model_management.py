@@ -1,0 +1,159 @@
+"""Model load / swap / unload through a real keel process, under load."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from keel.models.registry import embedded_model_path
+from tests.conftest import KeelProcess, start_keel
+
+pytestmark = pytest.mark.integration
+
+
+def gguf_header(values: dict[str, str | int]) -> bytes:
+    """A GGUF v3 header with only metadata: what the memory estimate reads."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(values))
+    for key, value in values.items():
+        out += struct.pack("<Q", len(key)) + key.encode()
+        if isinstance(value, str):
+            out += struct.pack("<IQ", 8, len(value)) + value.encode()
+        else:
+            out += struct.pack("<II", 4, value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
+    root = tmp_path_factory.mktemp("models")
+    models = root / "models"
+    models.mkdir()
+    (models / "alt.gguf").symlink_to(embedded_model_path())
+    (models / "giant.gguf").write_bytes(
+        gguf_header(
+            {
+                "general.architecture": "llama",
+                "llama.block_count": 4096,
+                "llama.embedding_length": 65536,
+                "llama.attention.head_count": 64,
+            }
+        )
+    )
+    config = (
+        '[model.embedding.local]\nfallback_models = ["alt"]\n'
+        '[[model.chat.fallback]]\nmodel_id = "alt"\n'
+    )
+    keel = start_keel(root, config)
+    keel.wait_ready()
+    yield keel
+    keel.stop()
+
+
+def events(response: httpx.Response) -> list[dict[str, object]]:
+    found = []
+    for line in response.text.splitlines():
+        if line.startswith("data: {"):
+            found.append(json.loads(line[6:]))
+    return found
+
+
+def test_list_shows_files_with_their_header_facts(server: KeelProcess) -> None:
+    listing = httpx.get(f"{server.url}/v1/model/list", timeout=10).json()
+    by_id = {card["id"]: card["parameters"] for card in listing["data"]}
+    assert by_id["SmolLM2-135M-Instruct"]["embedded"] is True
+    assert by_id["alt"]["architecture"] == "llama"
+    assert by_id["alt"]["context_length"] == 8192
+    assert by_id["giant"]["size_bytes"] < 1000
+
+
+def test_swap_under_load_loses_no_request(server: KeelProcess) -> None:
+    before = httpx.get(f"{server.url}/v1/model", timeout=10).json()
+    assert before["id"] == "SmolLM2-135M-Instruct"
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            while not stop.is_set():
+                body = {"prompt": "def add(a, b):\n", "max_tokens": 4}
+                statuses.append(client.post("/v1/completions", json=body).status_code)
+
+    clients = [threading.Thread(target=load) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            response = client.post(
+                "/v1/model/load", json={"model_name": "alt", "role": "completion"}
+            )
+            progress = events(response)
+            after = client.get("/v1/model").json()
+            for _ in range(3):  # served by the new worker
+                ok = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2})
+                assert ok.status_code == 200
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(60)
+    steps = [event["status"] for event in progress]
+    assert steps[0] == "queued" and steps[-1] == "ready", progress
+    assert "starting_worker" in steps
+    assert after["id"] == "alt" and after["parameters"]["path"].endswith("alt.gguf")
+    assert statuses and set(statuses) == {200}, statuses
+    audit = (server.root / "audit.log").read_text()
+    assert '"action":"model_load"' in audit and '"target":"completion:alt"' in audit
+
+
+def test_a_model_that_cannot_fit_is_refused_with_both_numbers(server: KeelProcess) -> None:
+    response = httpx.post(
+        f"{server.url}/v1/model/load",
+        json={"model_name": "giant", "role": "chat", "stream": False},
+        timeout=60,
+    )
+    assert response.status_code == 507, response.text
+    message = response.json()["error"]["message"]
+    assert "giant needs" in message and "MiB available" in message
+    assert httpx.get(f"{server.url}/v1/model?role=chat", timeout=10).json()["id"] != "giant"
+
+
+def test_a_model_that_cannot_fit_falls_back_to_a_smaller_one(server: KeelProcess) -> None:
+    response = httpx.post(
+        f"{server.url}/v1/model/load",
+        json={"model_name": "giant", "role": "embedding"},
+        timeout=120,
+    )
+    progress = events(response)
+    notes = " ".join(str(event["message"]) for event in progress)
+    assert progress[-1]["status"] == "ready", progress
+    assert "giant does not fit" in notes and "loading alt" in notes
+    current = httpx.get(f"{server.url}/v1/model?role=embedding", timeout=10).json()
+    assert current["id"] == "alt"
+    vectors = httpx.post(f"{server.url}/v1/embeddings", json={"input": "x"}, timeout=60)
+    assert vectors.status_code == 200
+
+
+def test_unknown_model_and_unload_rules(server: KeelProcess) -> None:
+    missing = httpx.post(
+        f"{server.url}/v1/model/load",
+        json={"model_name": "nope", "stream": False},
+        timeout=30,
+    )
+    assert missing.status_code == 404
+    lonely = httpx.post(f"{server.url}/v1/model/unload", json={"role": "embedding"}, timeout=30)
+    assert lonely.status_code == 409  # embedding has no other provider
+    assert "no other provider" in lonely.json()["error"]["message"]
+    unloaded = httpx.post(f"{server.url}/v1/model/unload", json={"role": "chat"}, timeout=60)
+    assert unloaded.status_code == 200, unloaded.text
+    # Chat is now served by its configured fallback.
+    assert httpx.get(f"{server.url}/v1/model?role=chat", timeout=10).json()["id"] == "alt"
+    served = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert served.status_code == 200, served.text
