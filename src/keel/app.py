@@ -5,33 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from keel import __version__
-from keel.api import metrics, models, openai, ops, tabby
+from keel.api import admin, metrics, models, openai, ops, tabby
 from keel.api.body_limit import BodyLimitMiddleware
 from keel.api.errors import install_error_handlers
 from keel.api.metrics_middleware import MetricsMiddleware
 from keel.api.request_id import RequestIdMiddleware
 from keel.api.state import AppState
 from keel.audit import AuditLog
-from keel.auth import KeyStore, RateLimiter
 from keel.config import Paths, Settings
+from keel.errors import KeelError
 from keel.events import EventStore
 from keel.index.retrieve import RepositoryRetriever
-from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
-from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers, build_providers
-from keel.router.service import Routing
+from keel.reload import assemble, reload_config
 
 log = logging.getLogger("keel")
 
 
-def create_app(settings: Settings, paths: Paths, providers: Providers | None = None) -> FastAPI:
-    """The app for ``settings``; ``providers`` may be given (built by the caller) or built here."""
+def create_app(
+    settings: Settings,
+    paths: Paths,
+    providers: Providers | None = None,
+    config_path: Path | None = None,
+) -> FastAPI:
+    """The app for ``settings``; ``providers`` may be given (built by the caller) or built
+    here. ``config_path`` is the file a reload re-reads (None: the data root's)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,52 +45,56 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
         events = EventStore(paths.events_db)
         unique = built.unique()
         app_metrics = Metrics()
-        app_metrics.track_providers(built)
         await asyncio.gather(*(provider.start() for provider in unique))
-        routing = Routing(settings, built, events=app_metrics)
-        app_metrics.track_readiness(lambda role: routing.routers[role].any_usable())
         retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
         audit = AuditLog(paths.root / "audit.log")
-
-        def keys_reloaded(ok: bool, detail: str) -> None:
-            audit.record("keys_reload", key_id=None, result="ok" if ok else "error", detail=detail)
-
-        keys = KeyStore(settings.auth, paths.root, on_reload=keys_reloaded)
-        app.state.keel = AppState(
+        parts = assemble(
+            settings, paths, built, metrics=app_metrics, audit=audit, retriever=retriever
+        )
+        state = AppState(
             settings=settings,
             paths=paths,
             providers=built,
-            routing=routing,
-            completion=CompletionService(
-                routing.routers["completion"],
-                routing.admission["completion"],
-                max_input_length=settings.completion.max_input_length,
-                max_decoding_tokens=settings.completion.max_decoding_tokens,
-                timeout=settings.server.completion_timeout,
-                retriever=retriever,
-            ),
+            routing=parts.routing,
+            completion=parts.completion,
             events=events,
             metrics=app_metrics,
-            keys=keys,
-            rate_limiter=(
-                RateLimiter(settings.auth.requests_per_minute)
-                if settings.auth.requests_per_minute
-                else None
-            ),
+            keys=parts.keys,
+            rate_limiter=parts.rate_limiter,
             audit=audit,
-            models=ModelManager(settings, paths, routing, audit),
+            models=parts.models,
+            config_path=config_path,
         )
-        routing.start_prober()
+        app.state.keel = state
+
+        def on_sighup() -> None:
+            async def reload() -> None:
+                try:
+                    await reload_config(state, config_path, key_id="SIGHUP")
+                except KeelError as exc:
+                    log.error("config reload refused, the running config stays: %s", exc.message)
+
+            state.spawn(reload())
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+        parts.routing.start_prober()
         try:
             yield
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             retriever.stop()
             refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresh
-            await routing.aclose()
-            await asyncio.gather(*(provider.aclose() for provider in unique))
+            await state.routing.aclose()
+            for task in list(state.background):
+                task.cancel()
+            current = state.providers.unique()
+            leftovers = [p for p in unique if p not in current]
+            await asyncio.gather(*(provider.aclose() for provider in [*current, *leftovers]))
             events.close()
 
     app = FastAPI(
@@ -102,4 +112,5 @@ def create_app(settings: Settings, paths: Paths, providers: Providers | None = N
     app.include_router(tabby.router)
     app.include_router(openai.router)
     app.include_router(models.router)
+    app.include_router(admin.router)
     return app

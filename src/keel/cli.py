@@ -101,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from keel.app import create_app
 
-    app = create_app(settings, paths, providers)
+    config_path = Path(args.config) if args.config else None
+    app = create_app(settings, paths, providers, config_path)
     from uvicorn.config import LOGGING_CONFIG
 
     config = uvicorn.Config(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 
@@ -32,7 +36,16 @@ class AppState:
     rate_limiter: RateLimiter | None
     audit: AuditLog
     models: ModelManager
+    config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, cancelled at shutdown."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     deep_health: DeepHealth = field(default_factory=DeepHealth)
 
 

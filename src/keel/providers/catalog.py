@@ -62,10 +62,16 @@ def _wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: b
     return enabled and not already
 
 
-def build_providers(settings: Settings, paths: Paths) -> Providers:
+def build_providers(
+    settings: Settings, paths: Paths, reuse: dict[WorkerSpec, LocalProvider] | None = None
+) -> Providers:
     """Raises MissingDependency for a model file that cannot be found, ConfigError for
-    an HTTP table that cannot work (no endpoint, no model where one is required)."""
-    workers: dict[WorkerSpec, LocalProvider] = {}
+    an HTTP table that cannot work (no endpoint, no model where one is required).
+
+    ``reuse`` hands over running local providers (a config reload): a worker
+    whose spec is unchanged keeps running instead of loading its model again.
+    """
+    workers: dict[WorkerSpec, LocalProvider] = dict(reuse or {})
     timeout = settings.server.completion_timeout
 
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:

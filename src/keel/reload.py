@@ -1,0 +1,135 @@
+"""Assemble the serving parts from settings, and swap them on a config reload.
+
+A reload (SIGHUP or ``POST /v1/admin/reload``) validates the new file first:
+an invalid one changes nothing and every error is reported. A valid one is
+applied without a restart: local workers whose spec did not change keep
+running (no reload of their model), new ones start before traffic moves,
+and providers no longer used stop once their in-flight requests finish.
+The bound address and the repository index are fixed for the process's life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.api.state import AppState
+from keel.audit import AuditLog
+from keel.auth import KeyStore, RateLimiter
+from keel.config import ROLES, Paths, Settings, load_settings
+from keel.errors import KeelError
+from keel.models.manager import ModelManager
+from keel.ops.metrics import Metrics
+from keel.pipeline.completion import CompletionService, SnippetRetriever
+from keel.providers.base import Provider
+from keel.providers.catalog import Providers, build_providers
+from keel.providers.local import LocalProvider
+from keel.router.service import Routing
+
+log = logging.getLogger("keel.reload")
+
+
+@dataclass(slots=True)
+class Parts:
+    routing: Routing
+    completion: CompletionService
+    keys: KeyStore
+    rate_limiter: RateLimiter | None
+    models: ModelManager
+
+
+def assemble(
+    settings: Settings,
+    paths: Paths,
+    providers: Providers,
+    *,
+    metrics: Metrics,
+    audit: AuditLog,
+    retriever: SnippetRetriever | None,
+) -> Parts:
+    routing = Routing(settings, providers, events=metrics)
+    metrics.track_providers(providers)
+    metrics.track_readiness(lambda role: routing.routers[role].any_usable())
+
+    def keys_reloaded(ok: bool, detail: str) -> None:
+        audit.record("keys_reload", key_id=None, result="ok" if ok else "error", detail=detail)
+
+    per_minute = settings.auth.requests_per_minute
+    return Parts(
+        routing=routing,
+        completion=CompletionService(
+            routing.routers["completion"],
+            routing.admission["completion"],
+            max_input_length=settings.completion.max_input_length,
+            max_decoding_tokens=settings.completion.max_decoding_tokens,
+            timeout=settings.server.completion_timeout,
+            retriever=retriever,
+        ),
+        keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded),
+        rate_limiter=RateLimiter(per_minute) if per_minute else None,
+        models=ModelManager(settings, paths, routing, audit),
+    )
+
+
+async def retire(providers: list[Provider], routing: Routing, grace: float = 60.0) -> None:
+    """Stop providers once the old routing has no request in flight on them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while any(routing.outstanding(p) for p in providers) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*(provider.aclose() for provider in providers))
+
+
+async def reload_config(
+    state: AppState, config_path: Path | None, *, key_id: str | None
+) -> dict[str, object]:
+    """Apply a new config file, or raise (ConfigError, MissingDependency) changing nothing."""
+    try:
+        settings = load_settings(config_path, state.paths)
+        old = state.providers
+        reuse = {p.supervisor.spec: p for p in old.unique() if isinstance(p, LocalProvider)}
+        providers = build_providers(settings, state.paths, reuse=reuse)
+    except KeelError as exc:
+        state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
+        state.metrics.config_reload(False)
+        raise
+    kept = {id(p) for p in old.unique()}
+    fresh = [p for p in providers.unique() if id(p) not in kept]
+    await asyncio.gather(*(provider.start() for provider in fresh))
+    parts = assemble(
+        settings,
+        state.paths,
+        providers,
+        metrics=state.metrics,
+        audit=state.audit,
+        retriever=state.completion.retriever,
+    )
+    old_routing = state.routing
+    state.settings = settings
+    state.providers = providers
+    state.routing = parts.routing
+    state.completion = parts.completion
+    state.keys = parts.keys
+    state.rate_limiter = parts.rate_limiter
+    state.models = parts.models
+    parts.routing.start_prober()
+    await old_routing.aclose()
+    now_used = {id(p) for p in providers.unique()}
+    stopped = [p for p in old.unique() if id(p) not in now_used]
+    state.spawn(retire(stopped, old_routing))
+    chains = {
+        role: [entry.provider.name for group in providers.chains[role] for entry in group]
+        for role in ROLES
+    }
+    detail = f"started {[p.name for p in fresh]}, stopping {[p.name for p in stopped]}"
+    state.audit.record("config_reload", key_id=key_id, result="ok", detail=detail)
+    state.metrics.config_reload(True)
+    log.info("config reloaded: %s", detail)
+    return {
+        "status": "reloaded",
+        "chains": chains,
+        "started": [p.name for p in fresh],
+        "stopping": [p.name for p in stopped],
+    }

@@ -1,0 +1,62 @@
+"""Config hot reload through a real keel process: API and SIGHUP."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import start_keel
+
+pytestmark = pytest.mark.integration
+
+BASE = "[model.chat]\nmax_concurrent = 4\n"
+WITH_FALLBACK = BASE + (
+    '[[model.chat.fallback]]\nkind = "openai/chat"\napi_endpoint = "http://127.0.0.1:9/v1"\n'
+)
+
+
+def chat_chain(url: str) -> list[str]:
+    roles = httpx.get(f"{url}/v1/providers", timeout=10).json()["roles"]
+    return [p["name"] for p in roles["chat"]["providers"]]
+
+
+def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path) -> None:
+    server = start_keel(tmp_path, BASE)
+    config = tmp_path / "config.toml"
+    try:
+        server.wait_ready()
+        pid = server.worker_pid("chat")
+        assert chat_chain(server.url) == ["local/SmolLM2-135M-Instruct"]
+
+        config.write_text(WITH_FALLBACK)
+        applied = httpx.post(f"{server.url}/v1/admin/reload", timeout=60)
+        assert applied.status_code == 200, applied.text
+        assert chat_chain(server.url) == ["local/SmolLM2-135M-Instruct", "chat/openai/chat#1"]
+        assert server.worker_pid("chat") == pid  # unchanged worker kept, model not reloaded
+
+        config.write_text('[model.chat]\nmax_concurrent = "many"\n[server]\nprot = 1\n')
+        refused = httpx.post(f"{server.url}/v1/admin/reload", timeout=60)
+        assert refused.status_code == 422, refused.text
+        keys = {issue["key"] for issue in refused.json()["error"]["issues"]}
+        assert keys == {"model.chat.max_concurrent", "server.prot"}
+        assert len(chat_chain(server.url)) == 2  # still the last good config
+        served = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": "x = ", "max_tokens": 2}, timeout=60
+        )
+        assert served.status_code == 200
+
+        config.write_text(BASE)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while len(chat_chain(server.url)) != 1:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the config"
+            time.sleep(0.2)
+        audit = (tmp_path / "audit.log").read_text()
+        assert audit.count('"action":"config_reload"') == 3
+        assert '"result":"error"' in audit
+    finally:
+        server.stop()
