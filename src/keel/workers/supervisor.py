@@ -108,6 +108,18 @@ class _Pending:
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
 
 
+def kernel_oom_kills(vmstat: str = "/proc/vmstat") -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot."""
+    try:
+        with open(vmstat, encoding="ascii") as file:
+            for line in file:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class WorkerSupervisor:
     def __init__(
         self,
@@ -117,6 +129,7 @@ class WorkerSupervisor:
         policy: RestartPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        oom_kills: Callable[[], int | None] = kernel_oom_kills,
     ) -> None:
         self.spec = spec
         self.name = name
@@ -137,11 +150,14 @@ class WorkerSupervisor:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._oom_kills = oom_kills
 
     # lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
         if self._task is None:
+            self._stopping = False
+            self._set_state(WorkerState.STARTING)
             self._task = asyncio.create_task(self._run(), name=f"worker:{self.name}")
 
     async def stop(self) -> None:
@@ -204,15 +220,28 @@ class WorkerSupervisor:
                 )
                 return
             self._starts.append(now)
+            oom_before = self._oom_kills()
             exit_code = await self._run_once()
-            self._fail_pending(exit_code)
+            killed = exit_code is not None and exit_code < 0 and -exit_code == signal.SIGKILL
+            oom_after = self._oom_kills() if killed else None
+            if killed and oom_before is not None and oom_after is not None:
+                killed_for_memory = oom_after > oom_before
+            else:
+                killed_for_memory = False
+            if killed_for_memory:
+                self.last_error = (
+                    "worker was killed by the kernel for lack of memory (OOM kill); not "
+                    "restarting into the same out-of-memory: free memory or load a smaller "
+                    "model, lower context_size or parallelism"
+                )
+            self._fail_pending(exit_code, restarting=not killed_for_memory)
             if self._stopping:
                 return
-            if exit_code == EXIT_UNUSABLE:
+            if exit_code == EXIT_UNUSABLE or killed_for_memory:
                 self._give_up(self.last_error or "worker reported an unusable model or library")
                 return
-            if exit_code is not None and exit_code < 0 and -exit_code == signal.SIGKILL:
-                self.last_error = "worker was killed (SIGKILL; out of memory or killed by hand)"
+            if killed:
+                self.last_error = "worker was killed (SIGKILL: killed by hand or by a supervisor)"
             else:
                 self.last_error = self.last_error or f"worker exited with code {exit_code}"
             failures = failures + 1 if self.state is not WorkerState.READY else 1
@@ -275,10 +304,15 @@ class WorkerSupervisor:
         elif message.get("done"):
             self.stats.add(message)  # the end of a request its client abandoned
 
-    def _fail_pending(self, exit_code: int | None) -> None:
+    def _fail_pending(self, exit_code: int | None, *, restarting: bool) -> None:
         for request_id, pending in list(self._pending.items()):
             pending.queue.put_nowait(
-                {"id": request_id, "crashed": True, "error": f"exit code {exit_code}"}
+                {
+                    "id": request_id,
+                    "crashed": True,
+                    "error": f"exit code {exit_code}",
+                    "restarting": restarting,
+                }
             )
 
     async def _terminate(self) -> None:
@@ -307,9 +341,13 @@ class WorkerSupervisor:
 
     def _raise_for(self, message: dict[str, Any]) -> None:
         if message.get("crashed"):
+            then = (
+                "it is being restarted, retry shortly"
+                if message.get("restarting")
+                else ("it will not be restarted")
+            )
             raise WorkerCrashed(
-                f"worker died during the request ({self.last_error or message['error']}); "
-                "it is being restarted, retry shortly",
+                f"worker died during the request ({self.last_error or message['error']}); {then}",
                 provider=self.name,
             )
         if message.get("code") == "bad_request":
