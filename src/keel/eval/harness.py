@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import EMBEDDED_MODEL_ID, IndexConfig, Paths, RepositoryConfig
-from keel.errors import RequestError
+from keel.errors import RequestError, UpstreamError
 from keel.eval.samples import Sample, sample_repository
 from keel.eval.scoring import Score, Summary
 from keel.index.retrieve import RepositoryRetriever
@@ -48,6 +48,7 @@ from keel.pipeline.postprocess import postprocess
 from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams, close_stream
 
 CONFIGS = ("prefix-only", "fim", "+postprocess", "+repo context")
+ATTEMPTS = 3
 DEFAULT_PACKAGES = ("httpx", "click")
 """Installed packages used as repositories by default: real code, on every machine keel
 is installed on (httpx is a dependency, click comes with uvicorn), written by no one here."""
@@ -85,6 +86,7 @@ class EvalReport:
     seconds: float
     generations: int
     index_seconds: float
+    failures: list[str] = field(default_factory=list)
 
     def summary(self, repo: str | None = None, config: str = CONFIGS[0]) -> Summary:
         return Summary.of(
@@ -133,8 +135,12 @@ async def evaluate(
     retriever: RepositoryRetriever,
     samples: Sequence[Sample],
     log: Any = sys.stderr,
-) -> tuple[list[SampleResult], int]:
-    """Score every sample under every configuration; returns results and generation count."""
+) -> tuple[list[SampleResult], int, list[str]]:
+    """Score every sample under every configuration.
+
+    Returns the results, the number of distinct generations and the failed
+    attempts (a generation that fails :data:`ATTEMPTS` times scores as empty).
+    """
     language = get_language("python")
     stops = stop_words(language, provider.stop_words)
     params = GenerationParams(
@@ -142,13 +148,23 @@ async def evaluate(
     )
     roots = {repo.name: repo.root for repo in retriever.repositories}
     generated: dict[tuple[str, str | None], str] = {}
+    failures: list[str] = []
     results = [SampleResult(sample) for sample in samples]
     budget = options.max_input_length
 
     async def run(built: BuiltPrompt) -> str:
         key = (built.prompt, built.suffix)
         if key not in generated:
-            generated[key] = await _generate(provider, built, stops, params)
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    generated[key] = await _generate(provider, built, stops, params)
+                    break
+                except UpstreamError as exc:  # a crashed worker restarts; the run goes on
+                    failures.append(f"attempt {attempt}: {exc.message}")
+                    log.write(f"generation failed ({exc.message}); attempt {attempt}\n")
+                    await asyncio.sleep(2.0)
+            else:
+                generated[key] = ""
         return generated[key]
 
     # Two passes, context-free prompts first: consecutive prompts from one file then share
@@ -187,7 +203,7 @@ async def evaluate(
         result.scores = {
             config: Score.of(result.outputs[config], result.sample.target) for config in CONFIGS
         }
-    return results, len(generated)
+    return results, len(generated), failures
 
 
 def render_table(report: EvalReport) -> str:
@@ -220,6 +236,10 @@ def render_table(report: EvalReport) -> str:
         f"max_input_length {report.options.max_input_length}, "
         f"max_decoding_tokens {report.options.max_decoding_tokens}, seed {report.options.seed}."
     )
+    if report.failures:
+        rows.append(
+            f"{len(report.failures)} failed generation attempts were retried: see eval.json."
+        )
     return "\n".join(rows)
 
 
@@ -271,6 +291,7 @@ def write_json(report: EvalReport, path: Path) -> None:
         "seconds": report.seconds,
         "index_seconds": report.index_seconds,
         "generations": report.generations,
+        "failures": report.failures,
         "summary": {
             repo or "all": {config: asdict(report.summary(repo, config)) for config in CONFIGS}
             for repo in [*dict.fromkeys(r.sample.repo for r in report.results), None]
@@ -305,7 +326,7 @@ async def run_eval(options: EvalOptions, provider: CompletionProvider) -> EvalRe
         for sample in sample_repository(name, path, options.samples, options.seed)
     ]
     started = time.monotonic()
-    results, generations = await evaluate(options, provider, retriever, samples)
+    results, generations, failures = await evaluate(options, provider, retriever, samples)
     return EvalReport(
         options=options,
         model=provider.name,
@@ -314,6 +335,7 @@ async def run_eval(options: EvalOptions, provider: CompletionProvider) -> EvalRe
         seconds=time.monotonic() - started,
         generations=generations,
         index_seconds=index_seconds,
+        failures=failures,
     )
 
 
