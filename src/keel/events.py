@@ -33,9 +33,15 @@ CREATE INDEX IF NOT EXISTS events_completion ON events (completion_id);
 
 
 class EventStore:
-    def __init__(self, path: Path) -> None:
+    """``max_rows`` bounds the table: past it, the oldest rows go (checked every
+    ``prune_every`` inserts, so the cost is amortised)."""
+
+    def __init__(self, path: Path, *, max_rows: int = 1_000_000, prune_every: int = 1000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.max_rows = max_rows
+        self.prune_every = prune_every
+        self._inserts = 0
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -47,6 +53,12 @@ class EventStore:
         marks = ", ".join("?" for _ in row)
         with self._lock:
             self._db.execute(f"INSERT INTO events ({columns}) VALUES ({marks})", list(row.values()))
+            self._inserts += 1
+            if self._inserts % self.prune_every == 0:
+                self._db.execute(
+                    "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
+                    (self.max_rows,),
+                )
 
     async def record(
         self,
@@ -92,6 +104,35 @@ class EventStore:
         if not completion_id:
             return None
         return await asyncio.to_thread(self._language_of, completion_id)
+
+    def acceptance(self, since: float, until: float) -> list[dict[str, object]]:
+        """Served, viewed, selected and dismissed completions by language and provider,
+        for completions served in [since, until]; rate = selected / viewed."""
+        query = """
+            SELECT c.language, json_extract(c.data, '$.provider') AS provider,
+                   COUNT(DISTINCT c.completion_id),
+                   COUNT(DISTINCT CASE WHEN e.kind = 'view' THEN e.completion_id END),
+                   COUNT(DISTINCT CASE WHEN e.kind = 'select' THEN e.completion_id END),
+                   COUNT(DISTINCT CASE WHEN e.kind = 'dismiss' THEN e.completion_id END)
+            FROM events c
+            LEFT JOIN events e ON e.completion_id = c.completion_id AND e.kind != 'completion'
+            WHERE c.kind = 'completion' AND c.ts BETWEEN ? AND ?
+            GROUP BY 1, 2 ORDER BY 3 DESC
+        """
+        with self._lock:
+            rows = self._db.execute(query, (since, until)).fetchall()
+        return [
+            {
+                "language": language or "unknown",
+                "provider": provider,
+                "served": served,
+                "viewed": viewed,
+                "selected": selected,
+                "dismissed": dismissed,
+                "acceptance_rate": round(selected / viewed, 4) if viewed else None,
+            }
+            for language, provider, served, viewed, selected, dismissed in rows
+        ]
 
     def close(self) -> None:
         with self._lock:

@@ -141,6 +141,10 @@ def test_events_are_stored_durably(keel_server: KeelProcess) -> None:
             "SELECT kind, select_kind FROM events WHERE completion_id = ?", (completion["id"],)
         ).fetchall()
     assert sorted(rows) == [("completion", None), ("select", "line")]
+    stats = httpx.get(f"{keel_server.url}/v1/stats/completions", timeout=10).json()
+    python = next(row for row in stats["data"] if row["language"] == "python")
+    assert python["served"] >= 1 and python["selected"] >= 1
+    assert python["provider"] == "local/SmolLM2-135M-Instruct"
 
 
 def test_cancelled_stream_frees_the_worker(keel_server: KeelProcess) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import time
 import uuid
 from functools import cache
 from typing import Any
@@ -16,6 +17,7 @@ from keel import __version__, build_info
 from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
+from keel.errors import RequestError
 from keel.schemas.tabby import (
     Choice,
     HealthModels,
@@ -146,6 +148,21 @@ def health_state(request: Request) -> HealthState:
         ),
         webserver=False,
     )
+
+
+@router.get("/v1/stats/completions", dependencies=[USER])
+async def completion_stats(
+    request: Request, since: float | None = None, until: float | None = None
+) -> dict[str, object]:
+    """Acceptance by language and provider; ``since``/``until`` are Unix times
+    (default: the last 24 hours)."""
+    now = time.time()
+    start = since if since is not None else now - 86400
+    end = until if until is not None else now
+    if end < start:
+        raise RequestError("'until' must not be before 'since'", param="until")
+    rows = await asyncio.to_thread(app_state(request).events.acceptance, start, end)
+    return {"since": start, "until": end, "data": rows}
 
 
 @router.api_route("/v1/health", methods=["GET", "POST"], dependencies=[USER])

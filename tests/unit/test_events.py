@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from keel.events import EventStore
+
+
+def test_acceptance_by_language_and_provider(tmp_path: Path) -> None:
+    store = EventStore(tmp_path / "events.sqlite3")
+
+    async def fill() -> None:
+        for n, language in enumerate(["python", "python", "python", "go"]):
+            cid = f"cmpl-{n}"
+            await store.record(
+                "completion", completion_id=cid, language=language, data={"provider": "local/x"}
+            )
+            await store.record("view", completion_id=cid, choice_index=0)
+            await store.record("view", completion_id=cid, choice_index=0)  # seen twice
+        await store.record("select", completion_id="cmpl-0", choice_index=0)
+        await store.record("dismiss", completion_id="cmpl-1", choice_index=0)
+
+    asyncio.run(fill())
+    rows = {r["language"]: r for r in store.acceptance(0, time.time() + 1)}
+    assert rows["python"] == {
+        "language": "python",
+        "provider": "local/x",
+        "served": 3,
+        "viewed": 3,
+        "selected": 1,
+        "dismissed": 1,
+        "acceptance_rate": round(1 / 3, 4),
+    }
+    assert rows["go"]["acceptance_rate"] == 0.0
+    assert store.acceptance(time.time() + 10, time.time() + 20) == []
+    store.close()
+
+
+def test_the_table_is_bounded(tmp_path: Path) -> None:
+    store = EventStore(tmp_path / "events.sqlite3", max_rows=50, prune_every=10)
+
+    async def fill() -> None:
+        for n in range(200):
+            await store.record("view", completion_id=f"c{n}", choice_index=0)
+
+    asyncio.run(fill())
+    assert sum(store.counts().values()) <= 60
+    store.close()
