@@ -236,14 +236,20 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
 
 def render(result: dict[str, object]) -> str:
     rows = [
-        ("paused-request latency p50 (target <= 400 ms)", f"{result['paused_latency_ms_p50']:.0f} ms"),
+        (
+            "paused-request latency p50 (target <= 400 ms)",
+            f"{result['paused_latency_ms_p50']:.0f} ms",
+        ),
         ("paused-request latency p90", f"{result['paused_latency_ms_p90']:.0f} ms"),
         ("cold time to first token p50", f"{result['cold_first_token_ms_p50']:.0f} ms"),
         ("warm time to first token p50", f"{result['warm_first_token_ms_p50']:.0f} ms"),
         ("warm / cold (target <= 0.20)", f"{result['warm_over_cold']:.3f}"),
         ("prompt tokens per request", f"{result['prompt_tokens_per_request']:.0f}"),
         ("tokens evaluated per request", f"{result['evaluated_tokens_per_request']:.1f}"),
-        ("keystroke requests / superseded", f"{result['keystroke_requests']} / {result['superseded']}"),
+        (
+            "keystroke requests / superseded",
+            f"{result['keystroke_requests']} / {result['superseded']}",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"typing simulation ({result['pauses']} pauses, {result['setup']})"]  # type: ignore[index]
@@ -252,7 +258,9 @@ def render(result: dict[str, object]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--url", help="a running keel (default: start one with the embedded model)")
     parser.add_argument("--keys-per-second", type=float, default=5.0)
     parser.add_argument("--words-between-pauses", type=int, default=3)

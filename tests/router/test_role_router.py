@@ -32,7 +32,15 @@ from keel.providers.base import (
 from keel.providers.http import build_http_provider
 from keel.router.breaker import BreakerPolicy, BreakerState
 from keel.router.retry import RetryBudget, RetryPolicy
-from keel.router.router import UNHEALTHY_AFTER, Endpoint, RoleRouter, Route, Timeouts, new_breaker
+from keel.router.router import (
+    UNHEALTHY_AFTER,
+    Endpoint,
+    NoEvents,
+    RoleRouter,
+    Route,
+    Timeouts,
+    new_breaker,
+)
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.router.conftest import FakeClock
 
@@ -41,7 +49,7 @@ ANSWER = ["Hello", ",", " world"]
 FAST = Timeouts(first_token=2.0, between_tokens=2.0)
 
 
-class Events:
+class Events(NoEvents):
     """Records what the router reports (the metrics' side of RouterEvents)."""
 
     def __init__(self) -> None:

@@ -8,9 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from keel.errors import KeelError
+
+
+class AdmissionEvents(Protocol):
+    def rejected(self, role: str, reason: str) -> None: ...
+    def queue_depth(self, role: str, n: int) -> None: ...
 
 
 class Overloaded(KeelError):
@@ -20,8 +25,17 @@ class Overloaded(KeelError):
 
 
 class Admission:
-    def __init__(self, role: str, *, max_concurrent: int, queue_size: int, queue_timeout: float):
+    def __init__(
+        self,
+        role: str,
+        *,
+        max_concurrent: int,
+        queue_size: int,
+        queue_timeout: float,
+        events: AdmissionEvents | None = None,
+    ) -> None:
         self.role = role
+        self.events = events
         self.max_concurrent = max_concurrent
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
@@ -35,8 +49,10 @@ class Admission:
         """Requests are queueing: serve smaller work (less context, fewer tokens) first."""
         return self.waiting > 0
 
-    def _reject(self, why: str) -> Overloaded:
+    def _reject(self, why: str, reason: str) -> Overloaded:
         self.rejected += 1
+        if self.events is not None:
+            self.events.rejected(self.role, reason)
         return Overloaded(
             f"{self.role}: {why} ({self.active} running, {self.waiting} waiting); retry shortly",
             retry_after=max(1.0, self.queue_timeout / 2),
@@ -45,21 +61,29 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         if self._slots.locked() and self.waiting >= self.queue_size:
-            raise self._reject("queue full")
+            raise self._reject("queue full", "queue_full")
         self.waiting += 1
+        self._report()
         try:
             async with asyncio.timeout(self.queue_timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise self._reject(f"no slot within {self.queue_timeout:.0f}s") from None
+            raise self._reject(
+                f"no slot within {self.queue_timeout:.0f}s", "queue_timeout"
+            ) from None
         finally:
             self.waiting -= 1
+            self._report()
         self.active += 1
         try:
             yield
         finally:
             self.active -= 1
             self._slots.release()
+
+    def _report(self) -> None:
+        if self.events is not None:
+            self.events.queue_depth(self.role, self.waiting)
 
     def snapshot(self) -> dict[str, object]:
         return {

@@ -48,6 +48,15 @@ class RouterEvents(Protocol):
     def provider_health(self, provider: str, healthy: bool) -> None: ...
     def fallback(self, role: str, from_provider: str, to_provider: str) -> None: ...
     def retry(self, provider: str) -> None: ...
+    def fallback_active(self, role: str, active: bool) -> None: ...
+    def provider_auth_failed(self, provider: str, failed: bool) -> None: ...
+    def health_check(self, provider: str, seconds: float, ok: bool) -> None: ...
+    def observe_generation(
+        self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
+    ) -> None: ...
+    def rejected(self, role: str, reason: str) -> None: ...
+    def queue_depth(self, role: str, n: int) -> None: ...
+    def queue_capacity(self, role: str, n: int) -> None: ...
 
 
 class NoEvents:
@@ -61,6 +70,29 @@ class NoEvents:
         pass
 
     def retry(self, provider: str) -> None:
+        pass
+
+    def fallback_active(self, role: str, active: bool) -> None:
+        pass
+
+    def provider_auth_failed(self, provider: str, failed: bool) -> None:
+        pass
+
+    def health_check(self, provider: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def observe_generation(
+        self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
+    ) -> None:
+        pass
+
+    def rejected(self, role: str, reason: str) -> None:
+        pass
+
+    def queue_depth(self, role: str, n: int) -> None:
+        pass
+
+    def queue_capacity(self, role: str, n: int) -> None:
         pass
 
 
@@ -246,6 +278,7 @@ class RoleRouter:
                 self.events.provider_health(endpoint.name, False)
             endpoint.auth_failed = True
             endpoint.last_error = error.message
+            self.events.provider_auth_failed(endpoint.name, True)
         elif kind is Failure.RATE_LIMITED:
             endpoint.blocked_until = self._clock() + (error.retry_after or 1.0)
             endpoint.last_error = error.message
@@ -334,18 +367,25 @@ class RoleRouter:
                 else:
                     assert pieces is not None
                     route.provider = endpoint.provider
+                    self.events.fallback_active(self.role, endpoint not in self.groups[0])
                     if buffered:
                         endpoint.outstanding -= 1
                         await close_stream(pieces)
                         self._succeeded(endpoint, latency)
+                        self.events.observe_generation(
+                            self.role, endpoint.name, self._clock() - started, latency, len(held)
+                        )
                         for piece in held:
                             yield piece
                         return
                     failed = False
+                    produced = 0
                     try:
                         if first is not None:
+                            produced += 1
                             yield first
                             async for piece in self._paced(pieces, endpoint):
+                                produced += 1
                                 yield piece
                     except KeelError as exc:
                         failed = True
@@ -355,6 +395,9 @@ class RoleRouter:
                         # Ended, or the client stopped reading: tokens flowed either way.
                         if not failed:
                             self._succeeded(endpoint, latency)
+                            self.events.observe_generation(
+                                self.role, endpoint.name, self._clock() - started, latency, produced
+                            )
                         endpoint.outstanding -= 1
                         await close_stream(pieces)
                     return
@@ -440,9 +483,14 @@ class RoleRouter:
         else:
             if took_probe:
                 endpoint.breaker.record_success()
+            was_auth_failed = endpoint.auth_failed
+            self.events.health_check(endpoint.name, self._clock() - started, True)
             if endpoint.record_ok(self._clock() - started):
                 self.events.provider_health(endpoint.name, True)
+            if was_auth_failed:
+                self.events.provider_auth_failed(endpoint.name, False)
             return
+        self.events.health_check(endpoint.name, self._clock() - started, False)
         kind = classify(error)
         # A busy backend (429) is not a sick one: honour its Retry-After, keep it healthy.
         if took_probe or kind in (Failure.AUTH, Failure.RATE_LIMITED):

@@ -137,7 +137,9 @@ class Routing:
                 max_concurrent=role_config.max_concurrent,
                 queue_size=role_config.queue_size,
                 queue_timeout=role_config.queue_timeout,
+                events=self.events,
             )
+            self.events.queue_capacity(role, role_config.queue_size)
         self._prober: asyncio.Task[None] | None = None
 
     def set_primary(self, role: Role, entry: ProviderEntry | None) -> list[Provider]:
