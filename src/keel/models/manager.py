@@ -30,7 +30,7 @@ from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
 
 log = logging.getLogger("keel.models")
 
-OVERHEAD_BYTES = 64 * 1024 * 1024
+OVERHEAD_BYTES = 128 * 1024 * 1024
 """Per worker beyond weights and KV cache: the interpreter, llama.cpp's buffers."""
 
 

@@ -34,6 +34,7 @@ from keel.errors import (
     UpstreamConnectError,
 )
 from keel.models import gguf
+from keel.models.manager import mem_available, memory_needed
 from keel.models.registry import resolve_model
 from keel.ops.ports import busy_port_message
 from keel.providers.base import Provider
@@ -47,8 +48,6 @@ EXIT_PORT_BUSY = 75
 EXIT_CONFIG = 78
 _SEVERITY = (EXIT_CONFIG, EXIT_DEPENDENCY, EXIT_PORT_BUSY, EXIT_FAILURE)
 
-OVERHEAD_BYTES = 128 * 2**20
-"""Per worker beyond weights and KV cache: compute buffers, the Python process."""
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -221,22 +220,12 @@ def check_model_files(report: Report, settings: Settings, paths: Paths) -> bool:
     return ok
 
 
-def _meminfo_available(meminfo: Path) -> int | None:
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path) -> None:
     """Weights + KV cache (per slot) + overhead for every worker keel would start."""
     from keel.providers.catalog import build_providers
     from keel.providers.local import LocalProvider
 
-    available = _meminfo_available(meminfo)
+    available = mem_available(meminfo)
     if available is None:
         report.add("memory", "skip", f"no MemAvailable in {meminfo}")
         return
@@ -251,13 +240,9 @@ def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path
         if not isinstance(provider, LocalProvider):
             continue
         spec = provider.supervisor.spec
-        path = Path(spec.model_path)
-        weights = path.stat().st_size
-        kv = gguf.kv_cache_bytes(gguf.read_metadata(path), spec.context_size)
-        slots = max(1, spec.slots)
-        kv_total = (kv if kv is not None else weights // 4) * slots
-        needed += weights + kv_total + OVERHEAD_BYTES
-        parts.append(f"{provider.name}: {(weights + kv_total) / 2**20:.0f} MiB")
+        need = memory_needed(Path(spec.model_path), spec.context_size, spec.slots)
+        needed += need
+        parts.append(f"{provider.name}: {need / 2**20:.0f} MiB")
     if not parts:
         report.add("memory", "ok", "no local models to load")
         return
