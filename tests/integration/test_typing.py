@@ -34,14 +34,14 @@ def tabby(prefix: str, filepath: str) -> dict[str, object]:
 
 
 def test_next_keystroke_reuses_the_cached_prefix(keel_server: KeelProcess) -> None:
-    prefix = SOURCE[:2500]
+    prefix = SOURCE[:1500]
     with keel_server.client() as client:
         assert client.post("/v1/completions", json=tabby(prefix, "a.py")).status_code == 200
         cold = generation_stats(keel_server)["last"]
         assert client.post("/v1/completions", json=tabby(prefix + "x", "a.py")).status_code == 200
         warm = generation_stats(keel_server)["last"]
     assert isinstance(cold, dict) and isinstance(warm, dict)
-    assert cold["prompt_tokens"] > 400
+    assert cold["prompt_tokens"] > 250
     evaluated_cold = cold["prompt_tokens"] - cold["reused_tokens"]
     evaluated_warm = warm["prompt_tokens"] - warm["reused_tokens"]
     assert evaluated_warm <= 5, warm  # only the new keystroke's tokens are read
