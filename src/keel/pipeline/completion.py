@@ -108,6 +108,13 @@ async def build_prompt(
     snippet_counts = counts[len(prefix_lines) + len(suffix_lines) :]
 
     kept_prefix = keep_tail(prefix_lines, prefix_counts, budget.prefix)
+    if 0 < len(kept_prefix) < len(prefix):
+        # Keep the whitespace run (newlines, blank lines) before the first kept line:
+        # BPE vocabularies merge it with that line's indentation, so with it the window
+        # tokenizes as it did inside the longer prompt, and a local model can shift its
+        # KV cache when the window start moves instead of reading everything again.
+        dropped = prefix[: len(prefix) - len(kept_prefix)]
+        kept_prefix = dropped[len(dropped.rstrip()) :] + kept_prefix
     kept_suffix = keep_head(suffix_lines, suffix_counts, budget.suffix) if uses_suffix else ""
     chosen = select_snippets(snippets, snippet_counts, budget.snippets)
     full_prefix = format_snippets(language, chosen) + kept_prefix if chosen else kept_prefix

@@ -68,8 +68,12 @@ SHIFT_MATCH = 32
 
 
 def shift_offset(cached: Sequence[int], tokens: Sequence[int], head: int) -> int | None:
-    """How many cached tokens after the first ``head`` to drop so that the cache
-    continues with ``tokens[head:]``, or None when it does not hold them."""
+    """How many cached tokens after the shared first ``head`` to drop so that the
+    cache continues with ``tokens[head:]``, or None when it does not hold them.
+
+    ``head`` is the common prefix (the snippet block, say); what follows it in
+    the new prompt must appear further on in the cache: lines dropped from the
+    top of a moved window."""
     probe = list(tokens[head : head + SHIFT_MATCH])
     if len(probe) < SHIFT_MATCH or len(cached) < head + SHIFT_MATCH + 1:
         return None
@@ -104,7 +108,7 @@ class _Slots:
             cached = llm._input_ids[: llm.n_tokens]
             shared = common_prefix(cached, tokens)
             if shared < len(tokens) // 2:
-                offset = shift_offset(cached, tokens, _head(llm, tokens))
+                offset = shift_offset(cached, tokens, shared)
                 if offset is not None:  # the window moved: reusable after a KV shift
                     shared = max(shared, len(cached) - offset)
             if shared > best_shared or (
@@ -313,21 +317,21 @@ class _Worker:
         self.channel.send({"id": request["id"], "embeddings": vectors})
 
 
-def _head(llm: Any, tokens: Sequence[int]) -> int:
-    """1 when prompts start with a BOS token that must stay in place, else 0."""
-    return 1 if tokens and tokens[0] == llm.token_bos() else 0
-
-
 def _shift_window(llm: Any, tokens: Sequence[int]) -> int:
     """Reuse a cache whose window start moved: drop the lines that left the window
     from the KV cache and shift the rest back (llama.cpp's context shift), instead
-    of reading the whole prompt again. Returns the tokens dropped."""
+    of reading the whole prompt again. Returns the tokens dropped.
+
+    The positions shift exactly; the attention of the kept tokens was computed
+    with the dropped lines still present, the approximation llama.cpp's own
+    context shift makes."""
     count = llm.n_tokens
-    head = _head(llm, tokens)
+    head = common_prefix(llm._input_ids[:count], tokens)
     offset = shift_offset(llm._input_ids[:count], tokens, head)
-    if offset is None or not llm._ctx.kv_cache_seq_rm(-1, head, head + offset):
+    # Sequence 0, explicitly: llama.cpp's shift asserts on "any sequence" (-1).
+    if offset is None or not llm._ctx.kv_cache_seq_rm(0, head, head + offset):
         return 0
-    llm._ctx.kv_cache_seq_shift(-1, head + offset, count, -offset)
+    llm._ctx.kv_cache_seq_shift(0, head + offset, count, -offset)
     llm.input_ids[head : count - offset] = llm.input_ids[head + offset : count]
     llm.n_tokens = count - offset
     return offset
