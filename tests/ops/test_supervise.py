@@ -43,6 +43,8 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 @pytest.mark.integration
 def test_a_crash_loop_stops_at_the_start_limit(tmp_path: Path) -> None:
+    # A non-loopback address without keys is refused (78); allow it, so the bind fails.
+    (tmp_path / "config.toml").write_text("[auth]\nallow_unauthenticated_remote = true\n")
     command = supervised(tmp_path, "--host", UNROUTABLE, "--port", str(free_port()))
     result = subprocess.run(
         [*command, "--restart-backoff", "0.05"],
