@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -128,9 +128,7 @@ class Processes:
     workdir: Path
     started: list[Process] = field(default_factory=list)
 
-    def start(
-        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
-    ) -> Process:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Process:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as output:
             popen = subprocess.Popen(
@@ -148,17 +146,13 @@ class Processes:
     def stop(self, process: Process, timeout: float = 15.0) -> None:
         if process.popen.poll() is None:
             # The process group holds its children too (keel's workers, LiteLLM's).
-            try:
+            with suppress(ProcessLookupError):
                 os.killpg(process.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 process.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
+                with suppress(ProcessLookupError):
                     os.killpg(process.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 process.popen.wait()
         if process in self.started:
             self.started.remove(process)
@@ -233,14 +227,14 @@ def start_keel(
     *,
     name: str = "keel",
     timeout: float = 120.0,
-    python: str = PYTHON,
-    pre: Sequence[str] = (),
+    launcher: Sequence[str] = ("-m", "keel"),
 ) -> Process:
+    """``python <launcher> serve`` on a free port: ``-m keel``, or ``bench/what_if.py``."""
     root = group.workdir / f"{name}-root"
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.toml").write_text(config)
     port = free_port()
-    argv = [*pre, python, "-m", "keel", "serve", "--port", str(port)]
+    argv = [PYTHON, *launcher, "serve", "--port", str(port)]
     process = group.start(name, argv, env={"KEEL_ROOT": str(root), "PYTHONUNBUFFERED": "1"})
     process.url = f"http://127.0.0.1:{port}"
     wait_http(f"{process.url}/ready", process, timeout)

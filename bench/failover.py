@@ -27,9 +27,8 @@ import argparse
 import time
 from typing import Any
 
-import httpx
-
 import common
+import httpx
 from common import COMPLETION_BODY, Process, log
 from loadgen import percentile
 
@@ -216,7 +215,9 @@ def plot(result: dict[str, Any], out: Any) -> Any:
         axis.set_ylabel("latency, ms (log)")
         axis.set_title(f"primary {mode}")
         axis.grid(True, which="both", alpha=0.3)
-    fig.suptitle("Failover: latency of each request after the primary failed (fresh keel per cycle)")
+    fig.suptitle(
+        "Failover: latency of each request after the primary failed (fresh keel per cycle)"
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -79,18 +79,6 @@ def start_litellm(group: Processes, upstream_url: str) -> Process:
     return process
 
 
-def start_keel_what_if(group: Processes, config: str) -> Process:
-    root = group.workdir / "keel-fixes-root"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.toml").write_text(config)
-    port = common.free_port()
-    argv = [common.PYTHON, str(common.BENCH / "what_if.py"), "serve", "--port", str(port)]
-    process = group.start("keel+fixes", argv, env={"KEEL_ROOT": str(root)})
-    process.url = f"http://127.0.0.1:{port}"
-    common.wait_http(f"{process.url}/ready", process, 120)
-    return process
-
-
 def run(duration: float = 5.0, *, what_if: bool = True, peers: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {
         "setup": {
@@ -111,7 +99,10 @@ def run(duration: float = 5.0, *, what_if: bool = True, peers: bool = True) -> d
         targets["keel"] = common.start_keel(group, config)
         if what_if:
             try:
-                targets["keel+fixes"] = start_keel_what_if(group, config)
+                launcher = [str(common.BENCH / "what_if.py")]
+                targets["keel+fixes"] = common.start_keel(
+                    group, config, name="keel+fixes", launcher=launcher
+                )
             except (RuntimeError, TimeoutError) as exc:
                 result["not_run"]["keel+fixes"] = str(exc)[:300]
         if peers:

@@ -1,0 +1,263 @@
+"""Local inference: time to first token and decode speed through keel versus
+raw llama-cpp-python, same model file, same threads, same prompts (and through
+keel started by ``bench/what_if.py``, with the fixes the gateway bench proposes).
+
+Setup: the embedded model (``keel.models.registry.embedded_model_path()``),
+``n_ctx`` 2048, ``--threads`` (default: all cores) in all. Raw runs in a
+process of its own (``python bench/inference.py --raw``), keel with
+``[model.completion.local]`` and the same threads (chat and embedding on a fake
+upstream so no other worker loads); prompts go to raw, keel and keel+fixes in
+turn, so the machine's noise hits all three alike. Each of ``--prompts`` prompts begins with
+its own number, so neither side reuses a cached prefix: every prompt is read
+cold. Greedy (temperature 0), ``max_tokens`` 32 (keel's default for a local
+model), streamed. The first prompt of each side is a warm-up and not counted.
+Time to first token is measured by the client; decode speed is
+(tokens - 1) / (last token - first token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+CODE = """import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Account:
+    owner: str
+    balance: float = 0.0
+
+    def deposit(self, amount: float) -> None:
+        if amount <= 0:
+            raise ValueError("amount must be positive")
+        self.balance += amount
+
+    def withdraw(self, amount: float) -> None:
+        if amount > self.balance:
+            raise ValueError("insufficient funds")
+        self.balance -= amount
+
+
+def load_accounts(path: str) -> list[Account]:
+    accounts = []
+    with open(path) as handle:
+        for line in handle:
+            owner, balance = line.split(",")
+            accounts.append(Account(owner, float(balance)))
+    return accounts
+
+
+def total_balance(accounts: list[Account]) -> float:
+"""
+
+MAX_TOKENS = 32
+
+
+def prompt(index: int) -> str:
+    return f"# module {index}: accounts and balances\n" + CODE
+
+
+def decode_rate(tokens: int, first: float, last: float) -> float | None:
+    return (tokens - 1) / (last - first) if tokens > 1 and last > first else None
+
+
+def run_raw(model: str, threads: int) -> None:
+    """The raw side as a process: a prompt number per stdin line, a JSON row per stdout line."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=model, n_ctx=2048, n_threads=threads, verbose=False)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        index = int(line)
+        started = time.perf_counter()
+        first = last = None
+        tokens = 0
+        for chunk in llm.create_completion(
+            prompt(index), max_tokens=MAX_TOKENS, temperature=0.0, stream=True
+        ):
+            if chunk["choices"][0].get("text"):
+                last = time.perf_counter()
+                first = first or last
+                tokens += 1
+        row = {
+            "ttft_ms": ((first or started) - started) * 1000,
+            "tokens": tokens,
+            "decode_tps": decode_rate(tokens, first or 0.0, last or 0.0),
+            "prompt_tokens": len(llm.tokenize(prompt(index).encode())),
+        }
+        print(json.dumps(row), flush=True)
+
+
+def keel_once(client: Any, index: int) -> dict[str, Any]:
+    body = {"prompt": prompt(index), "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": True}
+    started = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices") and event["choices"][0].get("text"):
+                last = time.perf_counter()
+                first = first or last
+                tokens += 1
+    return {
+        "ttft_ms": ((first or started) - started) * 1000,
+        "tokens": tokens,
+        "decode_tps": decode_rate(tokens, first or 0.0, last or 0.0),
+    }
+
+
+def keel_config(model: str, threads: int, upstream: str) -> str:
+    import common
+
+    return (
+        "[model.completion.local]\n"
+        f'model_id = "{model}"\nthreads = {threads}\ncontext_size = 2048\n\n'
+        "[model.chat.http]\n"
+        + common.http_provider("openai/chat", upstream)
+        + "\n[model.embedding.http]\n"
+        + common.http_provider("openai/embedding", upstream)
+    )
+
+
+def median(values: list[float]) -> float | None:
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "ttft_ms_p50": median([r["ttft_ms"] for r in rows]),
+        "decode_tps_p50": median([r["decode_tps"] for r in rows]),
+        "tokens_p50": median([r["tokens"] for r in rows]),
+        "rows": rows,
+    }
+
+
+def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
+    import common
+    import httpx
+
+    from keel.models.registry import embedded_model_path
+
+    model = str(embedded_model_path())
+    threads = threads or os.cpu_count() or 1
+    sides = ("raw", "keel", "keel+fixes")
+    rows: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    worker: Any = None
+    with common.processes("inference") as group:
+        upstream = common.start_upstream(group)
+        config = keel_config(model, threads, upstream.url)
+        keel = common.start_keel(group, config, timeout=180)
+        fixed = common.start_keel(
+            group,
+            config,
+            name="keel+fixes",
+            timeout=180,
+            launcher=[str(common.BENCH / "what_if.py")],
+        )
+        raw = subprocess.Popen(
+            [common.PYTHON, __file__, "--raw", "--model", model, "--threads", str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert raw.stdin is not None and raw.stdout is not None
+            if raw.stdout.readline().strip() != "ready":
+                raise RuntimeError("raw llama-cpp-python did not start")
+            clients = {
+                "keel": httpx.Client(base_url=keel.url, timeout=120),
+                "keel+fixes": httpx.Client(base_url=fixed.url, timeout=120),
+            }
+            # Interleaved prompt by prompt, so a noisy neighbour slows all sides alike;
+            # prompt 0 warms each side up and is not counted.
+            for index in range(prompts + 1):
+                common.log(f"inference prompt {index}/{prompts}")
+                raw.stdin.write(f"{index}\n")
+                raw.stdin.flush()
+                raw_row = json.loads(raw.stdout.readline())
+                keel_row = keel_once(clients["keel"], index)
+                fixed_row = keel_once(clients["keel+fixes"], index)
+                if index:
+                    rows["raw"].append(raw_row)
+                    rows["keel"].append(keel_row)
+                    rows["keel+fixes"].append(fixed_row)
+            providers = clients["keel"].get("/v1/providers").json()
+            worker = providers["roles"]["completion"]["providers"][0].get("worker", {})
+            for client in clients.values():
+                client.close()
+        finally:
+            if raw.stdin is not None:
+                raw.stdin.close()
+            try:
+                raw.wait(30)
+            except subprocess.TimeoutExpired:
+                raw.kill()
+                raw.wait()
+    summary = {side: summarize(rows[side]) for side in sides}
+
+    def ratio(side: str, key: str, invert: bool = False) -> float | None:
+        a, b = summary[side][key], summary["raw"][key]
+        if a is None or b is None or a == 0 or b == 0:
+            return None
+        return float(b / a if invert else a / b)
+
+    return {
+        "setup": {
+            "model": os.path.basename(model),
+            "threads": threads,
+            "n_ctx": 2048,
+            "prompts": prompts,
+            "prompt_tokens": rows["raw"][0]["prompt_tokens"] if rows["raw"] else None,
+            "max_tokens": MAX_TOKENS,
+            "cache": "cold: every prompt starts differently",
+            "order": "interleaved per prompt: raw, keel, keel+fixes",
+        },
+        **summary,
+        "decode_ratio": ratio("keel", "decode_tps_p50"),
+        "ttft_ratio": ratio("keel", "ttft_ms_p50", invert=True),
+        "fixes_decode_ratio": ratio("keel+fixes", "decode_tps_p50"),
+        "fixes_ttft_ratio": ratio("keel+fixes", "ttft_ms_p50", invert=True),
+        "keel_worker": worker,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--raw", action="store_true", help="(internal) the raw side")
+    parser.add_argument("--model")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prompts", type=int, default=5)
+    args = parser.parse_args()
+    if args.raw:
+        run_raw(args.model, args.threads)
+        return 0
+    import common
+
+    result = run(args.prompts, args.threads)
+    common.write_json("inference", result)
+    sides = ("raw", "keel", "keel+fixes")
+    shown = {k: v for k, v in result.items() if k not in sides}
+    for side in sides:
+        shown[side] = {k: v for k, v in result[side].items() if k != "rows"}
+    print(json.dumps(shown, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    raise SystemExit(main())

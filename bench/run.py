@@ -1,0 +1,363 @@
+"""``make bench``: every benchmark in one run, one table, JSON and plots.
+
+Runs, in order, each in its own processes on loopback: gateway overhead
+(direct, keel, keel with proposed fixes, LiteLLM), failover, local inference
+(raw llama-cpp-python versus keel), the typing simulator
+(``bench/typing_sim.py``, when present) and the soak. A benchmark that fails
+is reported as "not run (why)" and the others still run. The bench reports;
+it does not assert: the exit status is 0 unless the harness itself broke.
+
+Figures go to ``bench/results/<name>.json`` (and ``summary.json`` with the
+table and the machine), plots to ``bench/results/*.png``.
+
+    .venv/bin/python bench/run.py [--quick] [--soak-seconds 60] [--only gateway,soak]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import failover  # noqa: E402
+import gateway  # noqa: E402
+import inference  # noqa: E402
+import soak  # noqa: E402
+from common import log  # noqa: E402
+
+Row = tuple[str, str, str, str, str, str, str]
+"""benchmark, scenario, measured, compared with, result, target, met"""
+
+BENCHMARKS = ("gateway", "failover", "inference", "typing", "soak")
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} ms" if value < 10 else f"{value:.0f} ms"
+
+
+def rps(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} req/s"
+
+
+def met(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "NO")
+
+
+# --- rows of the table, one function per benchmark ------------------------------
+
+
+def gateway_rows(result: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    summary = result["summary"]
+    direct = summary.get("direct", {})
+    for concurrency, stream in gateway.SCENARIOS:
+        scenario = gateway.scenario_name(concurrency, stream)
+        base = direct.get(scenario, {})
+        reference = f"direct {ms(base.get('p50_ms'))}, {rps(base.get('rps'))}"
+        for name in ("keel", "keel+fixes", "litellm"):
+            row = summary.get(name, {}).get(scenario)
+            if row is None:
+                continue
+            measured = f"p50 {ms(row['p50_ms'])} p99 {ms(row['p99_ms'])}, {rps(row['rps'])}"
+            if row["errors"]:
+                measured += f", {row['errors']} errors"
+            added = row.get("added_p50_ms")
+            ratio = row.get("rps_vs_direct")
+            outcome = f"+{ms(added)} p50, {ratio:.3f}x req/s" if ratio is not None else "-"
+            if name == "litellm":
+                target, ok = "(peer)", None
+            elif concurrency == 1:
+                target, ok = "added p50 <= 1 ms", added is not None and added <= 1.0
+            else:
+                target, ok = ">= 0.5x direct req/s", ratio is not None and ratio >= 0.5
+            rows.append(
+                ("gateway", f"{scenario} {name}", measured, reference, outcome, target, met(ok))
+            )
+    if "litellm" in summary:
+        for name in ("keel", "keel+fixes"):
+            ours = summary.get(name)
+            if not ours:
+                continue
+            for concurrency, stream in gateway.SCENARIOS:
+                scenario = gateway.scenario_name(concurrency, stream)
+                mine, peer = ours.get(scenario), summary["litellm"].get(scenario)
+                if not mine or not peer:
+                    continue
+                if concurrency == 1:
+                    a, b = mine.get("added_p50_ms"), peer.get("added_p50_ms")
+                    share = a / b if a is not None and b else None
+                    rows.append(
+                        (
+                            "peer",
+                            f"{scenario} {name} vs LiteLLM",
+                            f"added p50 {ms(a)}",
+                            f"LiteLLM +{ms(b)}",
+                            "-" if share is None else f"{share:.2f}x LiteLLM's",
+                            "<= 0.1x LiteLLM's added",
+                            met(share is not None and share <= 0.1),
+                        )
+                    )
+                else:
+                    times = mine["rps"] / peer["rps"] if peer["rps"] else None
+                    rows.append(
+                        (
+                            "peer",
+                            f"{scenario} {name} vs LiteLLM",
+                            rps(mine["rps"]),
+                            f"LiteLLM {rps(peer['rps'])}",
+                            "-" if times is None else f"{times:.1f}x LiteLLM",
+                            ">= 20x LiteLLM req/s",
+                            met(times is not None and times >= 20),
+                        )
+                    )
+    for name, why in result.get("not_run", {}).items():
+        rows.append(("gateway", name, f"not run ({why})", "-", "-", "-", "-"))
+    return rows
+
+
+def failover_rows(result: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    targets = {"refuse": 50.0}
+    for mode, figures in result["modes"].items():
+        first = figures["first_p50_ms"]
+        target = targets.get(mode)
+        served = f"{figures['served_by_fallback']}/{figures['served'] + figures['failed']} served"
+        rows.append(
+            (
+                "failover",
+                f"primary {mode}: 1st request",
+                f"p50 {ms(first)}, max {ms(figures['first_max_ms'])}",
+                f"then routed around: p50 {ms(figures['routed_around_p50_ms'])}",
+                served + " by fallback",
+                f"p50 < {target:.0f} ms" if target else "(timeout 2 s, 2 attempts)",
+                met(first is not None and first < target) if target else "-",
+            )
+        )
+    breaker = result["breaker"]
+    rows.append(
+        (
+            "failover",
+            "breaker open: requests to primary",
+            f"{breaker['sent_while_open']} sent while open",
+            f"primary hit {breaker['primary_hits_total']}x in all; "
+            f"opened at request {breaker['breaker_opened_at_request']}",
+            f"{breaker['concurrent']['primary_hits']} hits under 16 clients",
+            "0",
+            met(breaker["sent_while_open"] == 0),
+        )
+    )
+    return rows
+
+
+def inference_rows(result: dict[str, Any]) -> list[Row]:
+    raw, rows = result["raw"], []
+    setup = result["setup"]
+    scenario = f"{setup['prompt_tokens']}-token cold prompt, {setup['threads']} threads"
+    for side, decode, ttft in (
+        ("keel", result["decode_ratio"], result["ttft_ratio"]),
+        ("keel+fixes", result.get("fixes_decode_ratio"), result.get("fixes_ttft_ratio")),
+    ):
+        figures = result.get(side)
+        if not figures:
+            continue
+        rows.append(
+            (
+                "inference",
+                f"{side}: decode, {scenario}",
+                f"{figures['decode_tps_p50']:.1f} tok/s",
+                f"raw {raw['decode_tps_p50']:.1f} tok/s",
+                f"{decode:.3f}x raw" if decode else "-",
+                ">= 0.95x raw",
+                met(decode is not None and decode >= 0.95),
+            )
+        )
+        rows.append(
+            (
+                "inference",
+                f"{side}: time to first token",
+                ms(figures["ttft_ms_p50"]),
+                f"raw {ms(raw['ttft_ms_p50'])}",
+                f"{ttft:.3f}x raw speed" if ttft else "-",
+                ">= 0.95x raw",
+                met(ttft is not None and ttft >= 0.95),
+            )
+        )
+    return rows
+
+
+def typing_rows(result: dict[str, Any]) -> list[Row]:
+    ratio = result.get("warm_over_cold")
+    return [
+        (
+            "typing",
+            "warm vs cold time to first token",
+            f"warm {ms(result.get('warm_first_token_ms_p50'))}",
+            f"cold {ms(result.get('cold_first_token_ms_p50'))}",
+            "-" if ratio is None else f"{ratio:.3f}x cold",
+            "<= 1/3 of cold",
+            met(ratio is not None and ratio <= 1 / 3),
+        ),
+        (
+            "typing",
+            "paused-request latency",
+            f"p50 {ms(result.get('paused_latency_ms_p50'))}",
+            f"p90 {ms(result.get('paused_latency_ms_p90'))}",
+            f"{result.get('superseded')} of {result.get('keystroke_requests')} superseded, "
+            f"{result.get('worker_cancelled')} cancelled in the worker",
+            "superseded are cancelled",
+            "-",
+        ),
+    ]
+
+
+def soak_rows(result: dict[str, Any]) -> list[Row]:
+    setup = result["setup"]
+    growth = result["rss_growth"]
+    rss = result["rss_kib"]
+    scenario = f"{setup['clients']} clients, {setup['duration_s']:.0f} s"
+    return [
+        (
+            "soak",
+            f"{scenario}: errors",
+            f"{result['unexpected_errors']} unexpected",
+            f"{result['ok']:,} ok, {result['rejected_429']:,} designed 429",
+            f"{result['ok_rps']:.0f} ok req/s, "
+            f"p50 {ms(result['p50_ms'])} p99 {ms(result['p99_ms'])}",
+            "0 errors besides 429",
+            met(result["unexpected_errors"] == 0 and result["keel_alive_at_end"]),
+        ),
+        (
+            "soak",
+            f"{scenario}: keel RSS",
+            f"end {rss['end'] / 1024:.1f} MiB",
+            f"start {rss['start'] / 1024:.1f} MiB (idle {rss['idle'] / 1024:.1f})",
+            "-" if growth is None else f"{growth * 100:+.1f}%",
+            "growth < 10%",
+            met(growth is not None and growth < 0.10),
+        ),
+    ]
+
+
+# --- running -------------------------------------------------------------------
+
+
+def run_typing(timeout: float) -> dict[str, Any]:
+    script = common.BENCH / "typing_sim.py"
+    if not script.exists():
+        raise RuntimeError("bench/typing_sim.py not present")
+    out = common.RESULTS / "typing.json"
+    out.unlink(missing_ok=True)
+    subprocess.run(
+        [common.PYTHON, str(script), "--json", str(out)],
+        check=True,
+        timeout=timeout,
+        cwd=common.ROOT,
+    )
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def render(rows: list[Row]) -> str:
+    header: Row = ("benchmark", "scenario", "measured", "compared with", "result", "target", "met")
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+
+    def line(row: Row) -> str:
+        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--soak-seconds", type=float, default=60.0)
+    parser.add_argument("--soak-clients", type=int, default=500)
+    parser.add_argument("--gateway-seconds", type=float, default=5.0)
+    parser.add_argument("--quick", action="store_true", help="short runs, to try the harness")
+    parser.add_argument("--only", default=",".join(BENCHMARKS))
+    args = parser.parse_args()
+    if args.quick:
+        args.soak_seconds, args.gateway_seconds = min(args.soak_seconds, 10), 2.0
+    only = set(args.only.split(","))
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    machine = common.machine()
+    log(f"machine: {machine['nproc']} x {machine['cpu']}, Python {machine['python']}")
+
+    steps: list[tuple[str, Callable[[], dict[str, Any]], Callable[..., list[Row]], Any]] = [
+        (
+            "gateway",
+            lambda: gateway.run(args.gateway_seconds),
+            gateway_rows,
+            gateway.plot,
+        ),
+        (
+            "failover",
+            lambda: failover.run(cycles=3 if args.quick else 6),
+            failover_rows,
+            failover.plot,
+        ),
+        ("inference", lambda: inference.run(prompts=2 if args.quick else 5), inference_rows, None),
+        ("typing", lambda: run_typing(timeout=420), typing_rows, None),
+        (
+            "soak",
+            lambda: soak.run(args.soak_clients, args.soak_seconds),
+            soak_rows,
+            soak.plot,
+        ),
+    ]
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    for name, execute, to_rows, plot in steps:
+        if name not in only:
+            continue
+        log(f"== {name}")
+        began = time.monotonic()
+        try:
+            result = execute()
+            common.write_json(name, result)
+            if plot is not None:
+                try:
+                    plot(result, common.RESULTS / f"{name}.png")
+                except Exception as exc:  # noqa: BLE001 - a plot must not lose the figures
+                    log(f"{name}: plot failed: {exc}")
+            rows += to_rows(result)
+        except Exception as exc:  # noqa: BLE001 - one benchmark failing must not stop the rest
+            why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            log(f"{name} failed: {traceback.format_exc()}")
+            rows.append((name, "-", f"not run ({why})", "-", "-", "-", "-"))
+        timings[name] = round(time.monotonic() - began, 1)
+
+    table = render(rows)
+    total = time.monotonic() - started
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    head = (
+        f"keel bench: {machine['nproc']} cores ({machine['cpu']}), Python {machine['python']}, "
+        f"{versions}; load average at start {machine['loadavg_at_start']}; "
+        f"keel {machine['keel_commit']}; {machine['date']}; {total / 60:.1f} min"
+    )
+    common.write_json(
+        "summary",
+        {"machine": machine, "rows": rows, "timings_s": timings, "table": table, "head": head},
+    )
+    print()
+    print(head)
+    print(table)
+    print(f"figures: {common.RESULTS}/*.json, plots: {common.RESULTS}/*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
