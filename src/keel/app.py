@@ -12,18 +12,20 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from keel import __version__
-from keel.api import admin, metrics, models, openai, ops, tabby
+from keel.api import admin, metrics, models, openai, ops, tabby, ui
 from keel.api.body_limit import BodyLimitMiddleware
 from keel.api.errors import install_error_handlers
 from keel.api.metrics_middleware import MetricsMiddleware
 from keel.api.request_id import RequestIdMiddleware
 from keel.api.state import AppState
+from keel.api.stats_middleware import StatsMiddleware
 from keel.audit import AuditLog
 from keel.config import Paths, Settings
 from keel.errors import KeelError
 from keel.events import EventStore
 from keel.index.retrieve import RepositoryRetriever
 from keel.ops.metrics import Metrics
+from keel.ops.stats import RequestStats
 from keel.providers.catalog import Providers, build_providers
 from keel.reload import assemble, reload_config
 
@@ -65,6 +67,7 @@ def create_app(
             audit=audit,
             models=parts.models,
             config_path=config_path,
+            stats=RequestStats(),
         )
         app.state.keel = state
 
@@ -106,6 +109,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(StatsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request has it
     app.include_router(ops.router)
     app.include_router(metrics.router)
@@ -113,4 +117,5 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(models.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
     return app

@@ -18,6 +18,7 @@ from keel.events import EventStore
 from keel.models.manager import ModelManager
 from keel.ops.health import DeepHealth
 from keel.ops.metrics import Metrics
+from keel.ops.stats import RequestStats
 from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers
 from keel.router.service import Routing
@@ -47,6 +48,8 @@ class AppState:
         task.add_done_callback(self.background.discard)
 
     deep_health: DeepHealth = field(default_factory=DeepHealth)
+    stats: RequestStats = field(default_factory=RequestStats)
+    """Recent per-minute request figures for the status page."""
 
 
 def app_state(request: Request) -> AppState:

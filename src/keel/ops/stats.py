@@ -1,0 +1,136 @@
+"""Recent request figures for the status page: a ring of per-minute buckets.
+
+Prometheus keeps the long history; this keeps just enough for the page to
+draw the last hour without a Prometheus server: per minute, how many model
+requests came in, how many failed, and a bounded sample of completion
+latencies (reservoir sampling, so a busy minute costs the same memory as a
+quiet one). Memory is fixed: ``window_minutes`` buckets of at most
+``samples_per_minute`` floats each.
+
+Also here: the resident memory of a process, read from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUCKET_SECONDS = 60
+
+
+def is_error(status: int) -> bool:
+    """A request keel failed to serve: a 5xx, or a 429 (overloaded or rate limited)."""
+    return status >= 500 or status == 429
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of an ascending sequence; None when it is empty."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(len(ordered) * fraction))
+    return ordered[min(len(ordered), rank) - 1]
+
+
+@dataclass(slots=True)
+class Minute:
+    start: float
+    requests: int = 0
+    errors: int = 0
+    completions: int = 0
+    """Completions that succeeded; ``latencies`` samples their durations."""
+    latencies: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        ordered = sorted(self.latencies)
+        p50, p95 = percentile(ordered, 0.5), percentile(ordered, 0.95)
+        return {
+            "t": self.start,
+            "requests": self.requests,
+            "errors": self.errors,
+            "completions": self.completions,
+            "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "p95_ms": None if p95 is None else round(p95 * 1000, 1),
+        }
+
+
+class RequestStats:
+    """Per-minute request counts and completion latencies over a sliding window.
+
+    ``clock`` is wall time (the page labels its axes with it); ``rng`` drives
+    the reservoir, so tests can make it deterministic.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_minutes: int = 60,
+        samples_per_minute: int = 2048,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if window_minutes < 1 or samples_per_minute < 1:
+            raise ValueError("window_minutes and samples_per_minute must be at least 1")
+        self.window_minutes = window_minutes
+        self.samples_per_minute = samples_per_minute
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self._minutes: deque[Minute] = deque(maxlen=window_minutes)
+
+    def _minute(self, now: float) -> Minute:
+        start = now - now % BUCKET_SECONDS
+        if not self._minutes or self._minutes[-1].start < start:
+            self._minutes.append(Minute(start))
+        return self._minutes[-1]
+
+    def record(self, *, role: str, status: int, seconds: float) -> None:
+        """One finished model request (``role`` completion, chat or embedding)."""
+        minute = self._minute(self.clock())
+        minute.requests += 1
+        if is_error(status):
+            minute.errors += 1
+        if role != "completion" or status >= 400:
+            return
+        minute.completions += 1
+        if len(minute.latencies) < self.samples_per_minute:
+            minute.latencies.append(seconds)
+        else:
+            slot = self._rng.randrange(minute.completions)
+            if slot < self.samples_per_minute:
+                minute.latencies[slot] = seconds
+
+    def series(self) -> list[dict[str, object]]:
+        """One entry per minute of the window, oldest first; quiet minutes are zeros."""
+        now = self.clock()
+        current = now - now % BUCKET_SECONDS
+        kept = {minute.start: minute for minute in self._minutes}
+        starts = [current - BUCKET_SECONDS * i for i in range(self.window_minutes - 1, -1, -1)]
+        return [kept.get(start, Minute(start)).to_json() for start in starts]
+
+    def summary(self) -> dict[str, object]:
+        """Totals over the whole window, latency percentiles over all samples in it."""
+        oldest = self.clock() - BUCKET_SECONDS * self.window_minutes
+        minutes = [m for m in self._minutes if m.start > oldest]
+        ordered = sorted(s for m in minutes for s in m.latencies)
+        p50, p95 = percentile(ordered, 0.5), percentile(ordered, 0.95)
+        return {
+            "requests": sum(m.requests for m in minutes),
+            "errors": sum(m.errors for m in minutes),
+            "completions": sum(m.completions for m in minutes),
+            "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "p95_ms": None if p95 is None else round(p95 * 1000, 1),
+        }
+
+
+def rss_bytes(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """Resident memory of ``pid`` in bytes, or None if it is gone or unreadable."""
+    try:
+        fields = (proc / str(pid) / "statm").read_text(encoding="ascii").split()
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
