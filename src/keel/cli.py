@@ -33,7 +33,10 @@ log = logging.getLogger("keel")
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves: a busy port is an error, never another port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # sockets whose proto says TCP, and with Nagle on every response waits ~40 ms for
+    # the client's delayed ACK between its head and its body.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -116,7 +119,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     log.info("keel %s serving on http://%s:%d", __version__, host, port)
-    asyncio.run(server.serve(sockets=[sock]))
+    try:
+        import uvloop
+    except ImportError:  # uvicorn[standard] brings it; keel runs without it too
+        asyncio.run(server.serve(sockets=[sock]))
+    else:
+        uvloop.run(server.serve(sockets=[sock]))
     return 0
 
 

@@ -200,7 +200,7 @@ async def test_a_healthy_primary_serves_and_the_fallback_sees_nothing(
     ],
     ids=lambda b: b.mode if b.mode != "status" else f"http{b.status}",
 )
-async def test_a_failure_before_the_first_token_is_retried_then_falls_back(
+async def test_a_failure_before_the_first_token_falls_back_at_once(
     build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock, fault: Behaviour
 ) -> None:
     primary, fallback = upstreams(), upstreams()
@@ -212,12 +212,27 @@ async def test_a_failure_before_the_first_token_is_retried_then_falls_back(
     pieces, route = await run(router)
     assert pieces == ANSWER, "the fallback's whole answer, nothing of the primary's"
     assert route.provider is not None and route.provider.name == "fb"
-    assert posts(primary) == 2, "one retry on the primary"
+    assert posts(primary) == 1, "no retry while a fallback is untried"
     assert posts(fallback) == 1
-    assert len(clock.slept) == 1 and 0 <= clock.slept[0] <= 1.0, "jittered backoff, injected"
+    assert clock.slept == [], "no backoff before falling back"
     assert ("fallback", "primary", "fb") in build.events.log
-    assert ("retry", "primary") in build.events.log
-    assert [f.split(":")[0] for f in route.failures] == ["primary", "primary"]
+    assert [f.split(":")[0] for f in route.failures] == ["primary"]
+
+
+async def test_the_last_provider_left_is_retried_with_backoff(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    alone = upstreams()
+    alone.behave(Behaviour.error(500), times=1)
+    router = build.router(
+        [[build.endpoint(alone.url, name="alone")]],
+        retry=RetryPolicy(attempts_per_provider=2, backoff_initial=0.5),
+    )
+    pieces, route = await run(router)
+    assert pieces == ANSWER
+    assert posts(alone) == 2, "one retry"
+    assert len(clock.slept) == 1 and 0 <= clock.slept[0] <= 1.0, "jittered backoff, injected"
+    assert ("retry", "alone") in build.events.log
 
 
 async def test_connection_refused_falls_back(
@@ -807,7 +822,7 @@ async def test_embeddings_fall_back(build: Build, upstreams: Callable[..., FakeU
     vectors = await router.call(embed, route)
     assert vectors == [[3.0, 0.0, 0.5], [2.0, 1.0, 0.5]]
     assert route.provider is not None and route.provider.name == "fb"
-    assert posts(primary) == 2
+    assert posts(primary) == 1
 
 
 async def test_a_rate_limited_check_is_not_a_health_failure(

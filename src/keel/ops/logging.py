@@ -54,6 +54,8 @@ def configure(log_format: LogFormat, level: int = logging.INFO) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx logs every upstream request at INFO: a line per completion is noise, and cost.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()

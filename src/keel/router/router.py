@@ -5,9 +5,9 @@ A role has an ordered chain of groups (the primary, then each
 (replicas), balanced by least outstanding requests. For every request the
 router walks the chain: usable endpoints first (healthy, breaker closed or
 offering its half-open probe, not rate-limited, key accepted), then, if none
-of those answered, the ones merely marked unhealthy. Per endpoint, a
-retryable failure is retried with jittered backoff while the retry budget
-allows; then the next endpoint is tried.
+of those answered, the ones merely marked unhealthy. A retryable
+failure moves on to the next endpoint at once; only the last one left is
+retried, with jittered backoff, while the retry budget allows.
 
 Streams: a failure before the first piece falls through to the next endpoint
 invisibly; once a piece was yielded, the stream is that endpoint's alone and a
@@ -328,7 +328,10 @@ class RoleRouter:
         self.budget.record_request()
         last: KeelError | None = None
         previous: Endpoint | None = None
-        for endpoint in self.candidates():
+        candidates = self.candidates()
+        for position, endpoint in enumerate(candidates):
+            # With a fallback still untried, moving on now beats waiting to retry here.
+            last_resort = position == len(candidates) - 1
             attempt, shrink = 0, False
             while True:
                 if not endpoint.breaker.allow():
@@ -417,7 +420,8 @@ class RoleRouter:
                 if kind is Failure.RETRYABLE:
                     attempt += 1
                     if (
-                        attempt < self.retry.attempts_per_provider
+                        last_resort
+                        and attempt < self.retry.attempts_per_provider
                         and endpoint.breaker.available()
                         and self.budget.try_spend()
                     ):
