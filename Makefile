@@ -35,13 +35,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) node-deps
+pytest: $(STAMP) node-deps browser-deps
 	$(BIN)/pytest
 
 # promtool comes from Debian's prometheus package; installed only when missing.
 promtool:
 	@command -v promtool >/dev/null 2>&1 || { \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
+# chromium comes from Debian's chromium package: the status page's tests drive it through
+# Playwright (never `playwright install`, which downloads browsers). Installed only when missing.
+.PHONY: browser-deps
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
 rules-test: promtool
 	promtool check rules deploy/prometheus/keel-rules.yml

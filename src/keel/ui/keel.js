@@ -24,7 +24,7 @@
       else if (name === "dataset") Object.assign(el.dataset, value);
       else el.setAttribute(name, value === true ? "" : String(value));
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       el.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
@@ -36,7 +36,7 @@
     for (const [name, value] of Object.entries(attrs || {})) {
       if (value !== null && value !== undefined) el.setAttribute(name, String(value));
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child !== null && child !== undefined) el.append(child instanceof Node ? child : String(child));
     }
     return el;
@@ -108,6 +108,7 @@
       $(id).replaceChildren();
     }
     $("play-result").hidden = true;
+    $("play-placeholder").hidden = false;
     $("auth").hidden = false;
     $("forget-key").hidden = !storedKey();
     const error = $("auth-error");
@@ -229,7 +230,7 @@
     const pills = [];
     if (serving) pills.push(h("span", { class: "pill serving" }, "serving"));
     else if (status === "ok") pills.push(h("span", { class: "pill ok" }, "standby"));
-    if (status !== "ok" || serving) pills.push(h("span", { class: `pill ${status}` }, label));
+    if (status !== "ok") pills.push(h("span", { class: `pill ${status}` }, label));
     const error = p.last_error || worker.last_error;
     return h(
       "article",
@@ -237,10 +238,11 @@
         class: `card status-${status}${serving ? " serving" : ""}`,
         dataset: { role, provider: p.name, status, serving: String(serving) },
       },
+      h("div", { class: "card-name" }, p.name),
       h(
         "div",
-        { class: "card-top" },
-        h("div", {}, h("div", { class: "card-name" }, p.name), h("div", { class: "card-model" }, `${p.model} · ${p.kind}`)),
+        { class: "card-sub" },
+        h("div", { class: "card-model" }, `${p.model} · ${p.kind}`),
         h("div", { class: "pills" }, pills),
       ),
       h("dl", { class: "facts" }, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
@@ -276,22 +278,28 @@
 
   // --- charts (inline SVG) ------------------------------------------------------
 
-  function niceMax(value) {
-    if (!(value > 0)) return 1;
-    const magnitude = 10 ** Math.floor(Math.log10(value));
-    for (const step of [1, 2, 2.5, 5, 10]) {
-      if (value <= step * magnitude) return step * magnitude;
+  // The axis top: four equal steps of 1, 2 or 5 times a power of ten.
+  function niceMax(value, integer) {
+    if (!(value > 0)) return 4;
+    const raw = value / 4;
+    const magnitude = 10 ** Math.floor(Math.log10(raw));
+    let step = 10 * magnitude;
+    for (const factor of [1, 2, 5]) {
+      if (raw <= factor * magnitude) {
+        step = factor * magnitude;
+        break;
+      }
     }
-    return 10 * magnitude;
+    return 4 * (integer ? Math.max(1, Math.ceil(step)) : step);
   }
 
-  function frame(container, maxValue, label) {
+  function frame(container, maxValue, label, integer) {
     const width = Math.max(280, container.clientWidth || 560);
     const height = container.clientHeight || 200;
     const pad = { left: 52, right: 10, top: 10, bottom: 24 };
     const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img" });
     const plot = { x0: pad.left, x1: width - pad.right, y0: height - pad.bottom, y1: pad.top };
-    const top = niceMax(maxValue);
+    const top = niceMax(maxValue, integer);
     const y = (v) => plot.y0 - (v / top) * (plot.y0 - plot.y1);
     for (let i = 0; i <= 4; i++) {
       const v = (top * i) / 4;
@@ -363,7 +371,7 @@
   function renderTraffic(series) {
     const container = $("traffic-chart");
     const max = Math.max(0, ...series.map((m) => m.requests));
-    const chart = frame(container, max, (v) => (Number.isInteger(v) ? fmt.int(v) : v.toFixed(1)));
+    const chart = frame(container, max, (v) => fmt.int(v), true);
     const x = xAxis(chart, series.length);
     const slot = (chart.plot.x1 - chart.plot.x0) / series.length;
     const barWidth = Math.max(1.5, slot * 0.7);
@@ -507,6 +515,7 @@
       $("play-time").textContent = `${fmt.ms(elapsed)} · ${result.id}`;
       $("play-prompt").textContent = (result.debug_data && result.debug_data.prompt) || "(no prompt returned)";
       $("play-result").hidden = false;
+      $("play-placeholder").hidden = true;
     } catch (error) {
       if (error instanceof AuthNeeded) {
         askForKey(error.message);
