@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
@@ -16,7 +17,7 @@ from fastapi import FastAPI
 
 from keel.app import create_app
 from keel.config import Paths, parse_settings
-from keel.ops.stats import RequestStats, percentile, rss_bytes
+from keel.ops.stats import RequestStats, Throttled, percentile, rss_bytes
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.ui.config import FALLBACK_TOKENS, PRIMARY_TOKENS, UI_KEY, ui_config
 
@@ -91,6 +92,24 @@ def test_memory_stays_bounded_under_load() -> None:
     p50 = stats.series()[-1]["p50_ms"]
     assert isinstance(p50, float) and 300 < p50 < 700
     assert stats.series()[-1]["completions"] == 1000
+
+
+async def test_a_throttled_figure_is_computed_once_per_ttl() -> None:
+    clock = Clock(0.0)
+    figure: Throttled[int] = Throttled(ttl=30.0, clock=clock)
+    calls = 0
+
+    async def compute() -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        return calls
+
+    assert await asyncio.gather(*(figure.get(compute) for _ in range(5))) == [1] * 5
+    clock.now = 29.9
+    assert await figure.get(compute) == 1
+    clock.now = 30.0
+    assert await figure.get(compute) == 2
 
 
 def test_resident_memory_of_a_live_and_a_gone_process(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from keel.events import EventStore
 from keel.models.manager import ModelManager
 from keel.ops.health import DeepHealth
 from keel.ops.metrics import Metrics
-from keel.ops.stats import RequestStats
+from keel.ops.stats import RequestStats, Throttled
 from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers
 from keel.router.service import Routing
@@ -50,6 +50,10 @@ class AppState:
     deep_health: DeepHealth = field(default_factory=DeepHealth)
     stats: RequestStats = field(default_factory=RequestStats)
     """Recent per-minute request figures for the status page."""
+    acceptance: Throttled[list[dict[str, object]]] = field(
+        default_factory=lambda: Throttled(ttl=30.0)
+    )
+    """The status page's acceptance figures: a scan of the events table, so not every 2 s."""
 
 
 def app_state(request: Request) -> AppState:

@@ -121,11 +121,16 @@ async def stats(request: Request) -> dict[str, object]:
     """Everything the status page draws, in one call (a page polling two routes would
     spend twice the key's rate limit): the providers as ``/v1/providers`` gives them,
     the last hour's requests, errors and completion latency per minute, acceptance by
-    language over the last day, the models in use with their processes' memory, and
-    worker restarts."""
+    language over the last day (recomputed at most every 30 s), the models in use with
+    their processes' memory, and worker restarts."""
     state = app_state(request)
     now = time.time()
-    rows = await asyncio.to_thread(state.events.acceptance, now - ACCEPTANCE_WINDOW_SECONDS, now)
+
+    async def acceptance() -> list[dict[str, object]]:
+        since = now - ACCEPTANCE_WINDOW_SECONDS
+        rows = await asyncio.to_thread(state.events.acceptance, since, now)
+        return acceptance_by_language(rows)
+
     models = models_and_memory(state)
     return {
         "now": now,
@@ -133,7 +138,7 @@ async def stats(request: Request) -> dict[str, object]:
         "uptime_seconds": round(now - state.started_at, 1),
         "series": state.stats.series(),
         "summary": state.stats.summary(),
-        "acceptance": acceptance_by_language(rows),
+        "acceptance": await state.acceptance.get(acceptance),
         "acceptance_window_seconds": ACCEPTANCE_WINDOW_SECONDS,
         "server": {"pid": os.getpid(), "rss_bytes": rss_bytes(os.getpid())},
         "models": models,

@@ -7,19 +7,25 @@ latencies (reservoir sampling, so a busy minute costs the same memory as a
 quiet one). Memory is fixed: ``window_minutes`` buckets of at most
 ``samples_per_minute`` floats each.
 
-Also here: the resident memory of a process, read from ``/proc``.
+Also here: :class:`Throttled`, which keeps a costly figure (acceptance, a
+scan of the events table) from being recomputed on every refresh of every
+open page, and the resident memory of a process, read from ``/proc``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 BUCKET_SECONDS = 60
 
@@ -125,6 +131,25 @@ class RequestStats:
             "p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "p95_ms": None if p95 is None else round(p95 * 1000, 1),
         }
+
+
+class Throttled(Generic[T]):
+    """A value computed at most once per ``ttl`` seconds; callers in between share it,
+    and concurrent callers wait for one computation instead of starting their own."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._value: T | None = None
+        self._at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self, compute: Callable[[], Awaitable[T]]) -> T:
+        async with self._lock:
+            if self._value is None or self._at is None or self.clock() - self._at >= self.ttl:
+                self._value = await compute()
+                self._at = self.clock()
+            return self._value
 
 
 def rss_bytes(pid: int, proc: Path = Path("/proc")) -> int | None:
