@@ -108,6 +108,8 @@ def test_status_page_shows_live_state_and_runs_the_playground(
         page.click("#key-submit")
         expect(page.locator("#auth-error")).to_contain_text("refused")
         assert page.locator(".card").count() == 0
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SCREENSHOTS / "key-prompt.png")
         page.fill("#key-input", UI_KEY)
         page.click("#key-submit")
 
@@ -141,7 +143,6 @@ def test_status_page_shows_live_state_and_runs_the_playground(
         expect(page.locator(card(page, FALLBACK))).to_have_attribute("data-serving", "true")
         expect(down.locator(".last-error")).to_be_visible()
 
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=SCREENSHOTS / "status-page.png", full_page=True)
         page.emulate_media(color_scheme="dark")
         page.screenshot(path=SCREENSHOTS / "status-page-dark.png", full_page=True)
