@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from keel.config import (
     EMBEDDED_MODEL_ID,
     ROLES,
-    HttpModelConfig,
     LocalModelConfig,
     Paths,
     ProviderConfig,
@@ -117,9 +116,3 @@ def build_providers(
             groups.append(group)
         chains[role] = groups
     return Providers(chains)
-
-
-def provider_config_label(config: ProviderConfig) -> str:
-    if isinstance(config, HttpModelConfig):
-        return f"{config.kind} {config.api_endpoint or ''}".strip()
-    return f"local:{config.model_id}"
