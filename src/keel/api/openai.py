@@ -84,7 +84,7 @@ async def completions(request: Request) -> Response:
             suffix = None
         return provider.stream_completion(CompletionCall(prompt, params, suffix or None))
 
-    model = body.model or state.providers.for_role("completion").info.model
+    model = body.model or primary.info.model
     created = int(time.time())
     completion_id = f"cmpl-{uuid.uuid4()}"
     timeout = state.settings.server.completion_timeout
