@@ -28,7 +28,7 @@ from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, cast
+from typing import Any, TypedDict, Unpack, cast
 
 import httpx
 
@@ -40,6 +40,7 @@ from keel.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from keel.providers.base import CompletionProvider, ProviderInfo
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to open a connection; a backend that cannot accept in 5 s is down."""
@@ -311,6 +312,9 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+LineParser = Callable[[AsyncIterator[str], str], AsyncGenerator[JsonObject, None]]
+
+
 class RateLimiter:
     """A token bucket for ``rate_limit.request_per_minute``.
 
@@ -439,29 +443,26 @@ class HttpUpstream:
                 await raise_for_status(response, self.provider)
                 yield response
 
-    async def sse_payloads(
-        self, path: str, body: Mapping[str, Any]
+    async def _payloads(
+        self, path: str, body: Mapping[str, Any], parse: LineParser
     ) -> AsyncGenerator[JsonObject, None]:
-        """JSON payloads of a streamed SSE answer; see :func:`iter_sse_json`."""
         async with (
             self.stream(path, body) as response,
             aclosing(response_lines(response)) as lines,
-            aclosing(iter_sse_json(lines, self.provider)) as payloads,
+            aclosing(parse(lines, self.provider)) as payloads,
         ):
             async for payload in payloads:
                 yield payload
 
-    async def ndjson_payloads(
+    def sse_payloads(self, path: str, body: Mapping[str, Any]) -> AsyncGenerator[JsonObject, None]:
+        """JSON payloads of a streamed SSE answer; see :func:`iter_sse_json`."""
+        return self._payloads(path, body, iter_sse_json)
+
+    def ndjson_payloads(
         self, path: str, body: Mapping[str, Any]
     ) -> AsyncGenerator[JsonObject, None]:
         """Objects of a streamed NDJSON answer; see :func:`iter_ndjson`."""
-        async with (
-            self.stream(path, body) as response,
-            aclosing(response_lines(response)) as lines,
-            aclosing(iter_ndjson(lines, self.provider)) as payloads,
-        ):
-            async for payload in payloads:
-                yield payload
+        return self._payloads(path, body, iter_ndjson)
 
 
 def response_lines(response: httpx.Response) -> AsyncGenerator[str, None]:
@@ -472,10 +473,32 @@ def response_lines(response: httpx.Response) -> AsyncGenerator[str, None]:
 class HttpBacked:
     """Mixin for providers built on one :class:`HttpUpstream`."""
 
-    upstream: HttpUpstream
+    def __init__(self, upstream: HttpUpstream, info: ProviderInfo) -> None:
+        self.upstream = upstream
+        self.info = info
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+
+class CompletionOptions(TypedDict, total=False):
+    """What every HTTP completion adapter takes from its config table."""
+
+    prompt_template: str | None
+    stop_words: tuple[str, ...]
+    max_input_length: int | None
+
+
+class HttpCompletion(HttpBacked, CompletionProvider):
+    """Base of the HTTP completion adapters: the upstream and the config's options."""
+
+    def __init__(
+        self, upstream: HttpUpstream, info: ProviderInfo, **options: Unpack[CompletionOptions]
+    ) -> None:
+        super().__init__(upstream, info)
+        self.prompt_template = options.get("prompt_template")
+        self.stop_words = options.get("stop_words", ())
+        self.max_input_length = options.get("max_input_length")
 
 
 def generation_fields(

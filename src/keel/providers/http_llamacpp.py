@@ -15,13 +15,11 @@ from typing import Any
 from keel.errors import UpstreamProtocolError
 from keel.providers.base import (
     CompletionCall,
-    CompletionProvider,
     EmbeddingProvider,
-    ProviderInfo,
 )
 from keel.providers.http_base import (
     HttpBacked,
-    HttpUpstream,
+    HttpCompletion,
     JsonObject,
     generation_fields,
     text_field,
@@ -29,25 +27,10 @@ from keel.providers.http_base import (
 )
 
 
-class LlamaCppCompletionProvider(HttpBacked, CompletionProvider):
+class LlamaCppCompletionProvider(HttpCompletion):
     """``llama.cpp/completion``: keel applies ``prompt_template``; no native suffix."""
 
     supports_suffix = False
-
-    def __init__(
-        self,
-        upstream: HttpUpstream,
-        info: ProviderInfo,
-        *,
-        prompt_template: str | None = None,
-        stop_words: tuple[str, ...] = (),
-        max_input_length: int | None = None,
-    ) -> None:
-        self.upstream = upstream
-        self.info = info
-        self.prompt_template = prompt_template
-        self.stop_words = stop_words
-        self.max_input_length = max_input_length
 
     def request_body(self, call: CompletionCall) -> JsonObject:
         params = call.params
@@ -106,10 +89,6 @@ def llamacpp_embeddings(payload: Any, count: int, provider: str) -> list[list[fl
 
 class LlamaCppEmbeddingProvider(HttpBacked, EmbeddingProvider):
     """``llama.cpp/embedding``: one request for the whole batch."""
-
-    def __init__(self, upstream: HttpUpstream, info: ProviderInfo) -> None:
-        self.upstream = upstream
-        self.info = info
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:

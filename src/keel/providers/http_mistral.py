@@ -10,16 +10,22 @@ stream is shaped like chat (``choices[0].delta.content``) and ends in
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Unpack
 
-from keel.providers.base import CompletionCall, CompletionProvider, ProviderInfo
-from keel.providers.http_base import HttpBacked, HttpUpstream, JsonObject
+from keel.providers.base import CompletionCall, ProviderInfo
+from keel.providers.http_base import (
+    CompletionOptions,
+    HttpCompletion,
+    HttpUpstream,
+    JsonObject,
+)
 from keel.providers.http_openai import sampling_body, stream_choice_text
 
 DEFAULT_ENDPOINT = "https://api.mistral.ai"
 DEFAULT_MODEL = "codestral-latest"
 
 
-class MistralFimProvider(HttpBacked, CompletionProvider):
+class MistralFimProvider(HttpCompletion):
     """``mistral/completion``: native FIM, so keel sends no template."""
 
     supports_suffix = True
@@ -30,14 +36,10 @@ class MistralFimProvider(HttpBacked, CompletionProvider):
         info: ProviderInfo,
         *,
         model: str,
-        stop_words: tuple[str, ...] = (),
-        max_input_length: int | None = None,
+        **options: Unpack[CompletionOptions],
     ) -> None:
-        self.upstream = upstream
-        self.info = info
+        super().__init__(upstream, info, **options)
         self.model = model
-        self.stop_words = stop_words
-        self.max_input_length = max_input_length
 
     def request_body(self, call: CompletionCall) -> JsonObject:
         body: JsonObject = {"model": self.model, "prompt": call.prompt}

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
+from typing import Unpack
 
 from keel.errors import UpstreamProtocolError
 from keel.providers.base import (
     CompletionCall,
-    CompletionProvider,
     EmbeddingProvider,
     ProviderInfo,
 )
 from keel.providers.http_base import (
+    CompletionOptions,
     HttpBacked,
+    HttpCompletion,
     HttpUpstream,
     JsonObject,
     generation_fields,
@@ -29,7 +31,7 @@ from keel.providers.http_base import (
 )
 
 
-class OllamaCompletionProvider(HttpBacked, CompletionProvider):
+class OllamaCompletionProvider(HttpCompletion):
     """``ollama/completion``: keel applies ``prompt_template``; no native suffix."""
 
     supports_suffix = False
@@ -40,16 +42,10 @@ class OllamaCompletionProvider(HttpBacked, CompletionProvider):
         info: ProviderInfo,
         *,
         model: str,
-        prompt_template: str | None = None,
-        stop_words: tuple[str, ...] = (),
-        max_input_length: int | None = None,
+        **options: Unpack[CompletionOptions],
     ) -> None:
-        self.upstream = upstream
-        self.info = info
+        super().__init__(upstream, info, **options)
         self.model = model
-        self.prompt_template = prompt_template
-        self.stop_words = stop_words
-        self.max_input_length = max_input_length
 
     def request_body(self, call: CompletionCall) -> JsonObject:
         params = call.params
@@ -87,8 +83,7 @@ class OllamaEmbeddingProvider(HttpBacked, EmbeddingProvider):
     """``ollama/embedding``: one ``/api/embed`` request for the whole batch."""
 
     def __init__(self, upstream: HttpUpstream, info: ProviderInfo, *, model: str) -> None:
-        self.upstream = upstream
-        self.info = info
+        super().__init__(upstream, info)
         self.model = model
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Unpack
 
 from keel.errors import UpstreamProtocolError
 from keel.providers.base import (
     ChatCall,
     ChatProvider,
     CompletionCall,
-    CompletionProvider,
     EmbeddingProvider,
     GenerationParams,
     ProviderInfo,
 )
 from keel.providers.http_base import (
+    CompletionOptions,
     HttpBacked,
+    HttpCompletion,
     HttpUpstream,
     JsonObject,
     generation_fields,
@@ -90,7 +91,7 @@ async def stream_choice_text(
                 return
 
 
-class OpenAICompletionProvider(HttpBacked, CompletionProvider):
+class OpenAICompletionProvider(HttpCompletion):
     """``POST {endpoint}/completions``: ``openai/completion`` (native FIM through
     ``suffix``), ``openai/legacy_completion_no_fim`` and ``vllm/completion``
     (keel templates the prompt, no suffix is sent)."""
@@ -102,18 +103,12 @@ class OpenAICompletionProvider(HttpBacked, CompletionProvider):
         *,
         model: str | None,
         native_fim: bool,
-        prompt_template: str | None = None,
-        stop_words: tuple[str, ...] = (),
-        max_input_length: int | None = None,
         stop_limit: int | None = None,
+        **options: Unpack[CompletionOptions],
     ) -> None:
-        self.upstream = upstream
-        self.info = info
+        super().__init__(upstream, info, **options)
         self.model = model
         self.supports_suffix = native_fim
-        self.prompt_template = prompt_template
-        self.stop_words = stop_words
-        self.max_input_length = max_input_length
         self.stop_limit = stop_limit
 
     def request_body(self, call: CompletionCall) -> JsonObject:
@@ -140,8 +135,7 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
         seed_field: str = "seed",
         stop_limit: int | None = None,
     ) -> None:
-        self.upstream = upstream
-        self.info = info
+        super().__init__(upstream, info)
         self.model = model
         self.seed_field = seed_field
         self.stop_limit = stop_limit
@@ -182,8 +176,7 @@ class OpenAIEmbeddingProvider(HttpBacked, EmbeddingProvider):
     and ``voyage/embedding`` (Voyage answers in OpenAI's shape)."""
 
     def __init__(self, upstream: HttpUpstream, info: ProviderInfo, *, model: str | None) -> None:
-        self.upstream = upstream
-        self.info = info
+        super().__init__(upstream, info)
         self.model = model
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
