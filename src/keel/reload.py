@@ -23,7 +23,6 @@ from keel.errors import KeelError
 from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import CompletionService, SnippetRetriever
-from keel.providers.base import Provider
 from keel.providers.catalog import Providers, build_providers
 from keel.providers.local import LocalProvider
 from keel.router.service import Routing
@@ -73,15 +72,6 @@ def assemble(
     )
 
 
-async def retire(providers: list[Provider], routing: Routing, grace: float = 60.0) -> None:
-    """Stop providers once the old routing has no request in flight on them."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
-    while any(routing.outstanding(p) for p in providers) and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.1)
-    await asyncio.gather(*(provider.aclose() for provider in providers))
-
-
 async def reload_config(
     state: AppState, config_path: Path | None, *, key_id: str | None
 ) -> dict[str, object]:
@@ -118,7 +108,7 @@ async def reload_config(
     await old_routing.aclose()
     now_used = {id(p) for p in providers.unique()}
     stopped = [p for p in old.unique() if id(p) not in now_used]
-    state.spawn(retire(stopped, old_routing))
+    state.spawn(old_routing.close_when_idle(stopped))
     chains = {
         role: [entry.provider.name for group in providers.chains[role] for entry in group]
         for role in ROLES

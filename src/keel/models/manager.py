@@ -93,6 +93,7 @@ class ModelManager:
         self.available = available
         self.drain_timeout = drain_timeout
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def current(self, role: Role) -> dict[str, object]:
         chain = self.routing.providers.chains[role]
@@ -239,9 +240,13 @@ class ModelManager:
             await asyncio.sleep(0.05)
         yield Progress("loading", "model loaded; switching traffic")
         retired = self.routing.set_primary(role, ProviderEntry(provider, config))
-        for old in retired:
-            if old is not provider:
-                asyncio.get_running_loop().create_task(self._retire(old))
+        idle = [old for old in retired if old is not provider and not self._in_use(old)]
+        if idle:  # in the background: the load is done, old requests may still run
+            task = asyncio.get_running_loop().create_task(
+                self.routing.close_when_idle(idle, self.drain_timeout)
+            )
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         log.info("%s now served by %s", role, name)
         yield Progress("ready", f"{role} is served by {chosen}")
 
@@ -252,20 +257,6 @@ class ModelManager:
             for group in chain
             for entry in group
         )
-
-    async def _retire(self, provider: object) -> None:
-        """Stop a provider no role uses any more, once its requests have finished."""
-        from keel.providers.base import Provider
-
-        assert isinstance(provider, Provider)
-        if self._in_use(provider):
-            return
-        deadline = time.monotonic() + self.drain_timeout
-        # Outstanding counts are plain integers the router keeps; polling them is enough.
-        while self.routing.outstanding(provider) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        await provider.aclose()
-        log.info("stopped %s", provider.name)
 
     async def unload(self, role: Role, *, key_id: str | None) -> dict[str, object]:
         async with self._lock:
@@ -283,7 +274,7 @@ class ModelManager:
                     "load another model instead (a swap) or configure a fallback"
                 )
             retired = self.routing.set_primary(role, None)
-            for old in retired:
-                await self._retire(old)
+            idle = [old for old in retired if not self._in_use(old)]
+            await self.routing.close_when_idle(idle, self.drain_timeout)
             self.audit.record("model_unload", key_id=key_id, result="ok", target=role)
             return {"role": role, "unloaded": [p.name for p in retired]}

@@ -181,6 +181,18 @@ class Routing:
             if endpoint.provider is provider
         )
 
+    async def close_when_idle(self, providers: list[Provider], grace: float = 60.0) -> None:
+        """Close providers once no request routed here is in flight on them (or after
+        ``grace`` seconds): a swapped-out model finishes what it started."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Outstanding counts are plain integers the routers keep; polling them is enough.
+        while any(self.outstanding(p) for p in providers) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*(provider.aclose() for provider in providers))
+        for provider in providers:
+            log.info("stopped %s", provider.name)
+
     def start_prober(self) -> None:
         if self._prober is None:
             self._prober = asyncio.create_task(self._probe_forever(), name="health-prober")
