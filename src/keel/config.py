@@ -422,7 +422,7 @@ class Paths:
         return self.root / "index"
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def interpolate(
@@ -446,7 +446,7 @@ def interpolate(
                 return ""
             return environ[name]
 
-        return _ENV_REF.sub(substitute, raw)
+        return ENV_REF.sub(substitute, raw)
     return raw
 
 

@@ -15,7 +15,6 @@ import asyncio
 import errno
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO
 
-from keel.config import ROLES, LocalModelConfig, Paths, Role, Settings, load_settings
+from keel.config import ENV_REF, ROLES, LocalModelConfig, Paths, Role, Settings, load_settings
 from keel.errors import (
     ConfigError,
     KeelError,
@@ -47,9 +46,6 @@ EXIT_DEPENDENCY = 69
 EXIT_PORT_BUSY = 75
 EXIT_CONFIG = 78
 _SEVERITY = (EXIT_CONFIG, EXIT_DEPENDENCY, EXIT_PORT_BUSY, EXIT_FAILURE)
-
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(slots=True)
@@ -154,7 +150,7 @@ def check_env_vars(report: Report, file: Path, environ: os._Environ[str] | dict[
         report.add("env vars", "skip", "config file unreadable (see config)")
         return
     lines = [line for line in raw.splitlines() if not line.lstrip().startswith("#")]
-    names = sorted({name for line in lines for name in _ENV_REF.findall(line)})
+    names = sorted({name for line in lines for name in ENV_REF.findall(line)})
     if not names:
         report.add("env vars", "ok", "none referenced")
         return
