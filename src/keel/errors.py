@@ -2,16 +2,22 @@
 
 Every failure keel reports is one of these classes. Each carries the HTTP
 status it renders as, the OpenAI error ``type`` and the CLI exit code, so the
-API handler and the CLI never decide that for themselves::
+API handler (``api/errors.py``) and the CLI never decide that for themselves::
 
     KeelError                       500  server_error            exit 1
     ├── RequestError                400  invalid_request_error   exit 2
-    │   ├── PayloadTooLarge         413
     │   ├── AuthenticationError     401  authentication_error
-    │   └── NotFound                404  not_found_error
-    ├── ConfigError                 500  server_error            exit 78
+    │   ├── Forbidden               403  permission_error        (a user key, an admin route)
+    │   ├── NotFound                404  not_found_error
+    │   ├── Conflict                409  (unloading the only provider of a role)
+    │   ├── PayloadTooLarge         413
+    │   └── ContextLengthExceeded   400  (the prompt does not fit the model's context)
+    ├── ConfigError                 422  invalid_config          exit 78  (lists ``issues``)
     ├── MissingDependency           500  server_error            exit 69
+    │   └── InsufficientMemory      507  insufficient_memory     (the model would not fit)
     ├── PortBusy                    500  server_error            exit 75
+    ├── RateLimited                 429  rate_limit_error        exit 1   (a key over its rate)
+    │   └── Overloaded              429  (a role's queue is full or timed out)
     ├── Unavailable                 503  service_unavailable     exit 1
     │   └── WorkerUnavailable       503  (a local worker is starting / gave up)
     └── UpstreamError               502  upstream_error          exit 1
@@ -24,19 +30,48 @@ API handler and the CLI never decide that for themselves::
 
 Errors of the layers below (httpx, the worker pipe) are translated into this
 tree in one place each (``providers/http_base.py``, ``workers/supervisor.py``).
+
+Exit codes are the one table :class:`ExitCode`; :data:`NO_RESTART` lists the
+ones no restart can fix, which every supervisor (``keel serve --supervise``,
+the worker supervisor, the systemd unit's ``RestartPreventExitStatus``)
+honours. This module imports nothing heavy: the worker process imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """How a keel process exits (sysexits.h numbers where one fits)."""
+
+    OK = 0
+    FAILURE = 1
+    """A runtime failure; a restart may help."""
+    USAGE = 2
+    DEPENDENCY = 69
+    """EX_UNAVAILABLE: a native library or a model file is missing or unusable."""
+    PORT_BUSY = 75
+    """EX_TEMPFAIL: the port is taken; keel never moves to another one."""
+    CONFIG = 78
+    """EX_CONFIG: the config is invalid."""
+
+
+NO_RESTART: Mapping[int, str] = {
+    ExitCode.CONFIG: "config error",
+    ExitCode.DEPENDENCY: "missing dependency or unusable model",
+    ExitCode.PORT_BUSY: "port busy",
+}
+"""The exits a restart cannot fix, and why: a person has to act."""
 
 
 class KeelError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     code: str = "internal_error"
-    exit_code: int = 1
+    exit_code: int = ExitCode.FAILURE
 
     def __init__(
         self,
@@ -70,7 +105,7 @@ class RequestError(KeelError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class PayloadTooLarge(RequestError):
@@ -84,10 +119,50 @@ class AuthenticationError(RequestError):
     code = "invalid_api_key"
 
 
+class Forbidden(RequestError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
+class Conflict(RequestError):
+    status_code = 409
+    code = "conflict"
+
+
 class NotFound(RequestError):
     status_code = 404
     error_type = "not_found_error"
     code = "not_found"
+
+
+class ContextLengthExceeded(RequestError):
+    """The caller's prompt does not fit the model's context window: its 400, never
+    a provider failure. The numbers are set when the backend gave them."""
+
+    code = "context_length_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prompt_tokens: int | None = None,
+        context_size: int | None = None,
+        param: str | None = "prompt",
+    ) -> None:
+        super().__init__(message, param=param)
+        self.prompt_tokens = prompt_tokens
+        self.context_size = context_size
+
+    def to_body(self) -> dict[str, object]:
+        body = super().to_body()
+        error = body["error"]
+        assert isinstance(error, dict)
+        if self.prompt_tokens is not None:
+            error["prompt_tokens"] = self.prompt_tokens
+        if self.context_size is not None:
+            error["context_size"] = self.context_size
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +179,16 @@ class ConfigIssue:
 
 
 class ConfigError(KeelError):
+    """A config file (at startup, or one a reload was asked to apply) is invalid.
+
+    Over HTTP it is the admin's 422 listing every issue by key; a reload that
+    fails this way has changed nothing.
+    """
+
+    status_code = 422
+    error_type = "invalid_config"
     code = "config_error"
-    exit_code = 78
+    exit_code = ExitCode.CONFIG
 
     def __init__(self, source: str, issues: Sequence[ConfigIssue]) -> None:
         self.source = source
@@ -115,17 +198,46 @@ class ConfigError(KeelError):
         noun = "error" if count == 1 else "errors"
         super().__init__(f"{source}: {count} config {noun}:\n{lines}")
 
+    def to_body(self) -> dict[str, object]:
+        body = super().to_body()
+        error = body["error"]
+        assert isinstance(error, dict)
+        error["issues"] = [{"key": issue.key, "message": issue.message} for issue in self.issues]
+        return body
+
 
 class MissingDependency(KeelError):
     """A native library or a model file keel needs is missing or unusable."""
 
     code = "missing_dependency"
-    exit_code = 69
+    exit_code = ExitCode.DEPENDENCY
+
+
+class InsufficientMemory(MissingDependency):
+    """The model would not fit in the memory available: refused instead of an OOM kill."""
+
+    status_code = 507
+    error_type = "insufficient_memory"
+    code = "insufficient_memory"
 
 
 class PortBusy(KeelError):
     code = "port_busy"
-    exit_code = 75
+    exit_code = ExitCode.PORT_BUSY
+
+
+class RateLimited(KeelError):
+    """Too many requests; ``retry_after`` says when to come back."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class Overloaded(RateLimited):
+    """keel's own capacity for a role is used up (queue full, or no slot in time)."""
+
+    code = "overloaded"
 
 
 class Unavailable(KeelError):
@@ -153,10 +265,13 @@ class UpstreamError(KeelError):
         code: str | None = None,
         upstream_status: int | None = None,
         retry_after: float | None = None,
+        details: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(f"{provider}: {message}", code=code, retry_after=retry_after)
         self.provider = provider
         self.upstream_status = upstream_status
+        self.details: Mapping[str, object] = details or {}
+        """The backend's own error object (``type``, ``n_prompt_tokens``, ...), if any."""
 
 
 class UpstreamConnectError(UpstreamError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.ops.supervise import UNFIXABLE, SupervisePolicy
+from keel.errors import NO_RESTART
+from keel.restart import RestartPolicy
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "keel.service"
 
@@ -23,8 +24,8 @@ def test_the_unit_restarts_crashes_but_not_unfixable_exits() -> None:
     unit = directives()
     assert unit["Restart"] == ["on-failure"]
     assert float(unit["RestartSec"][0]) > 0
-    assert {int(code) for code in unit["RestartPreventExitStatus"][0].split()} == set(UNFIXABLE)
-    policy = SupervisePolicy()
+    assert {int(code) for code in unit["RestartPreventExitStatus"][0].split()} == set(NO_RESTART)
+    policy = RestartPolicy()
     assert int(unit["StartLimitBurst"][0]) == policy.start_limit
     assert float(unit["StartLimitIntervalSec"][0]) == policy.start_window
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from keel.cli import build_parser
-from keel.ops.supervise import SupervisePolicy, forwarded_argv
+from keel.ops.supervise import forwarded_argv
 from tests.conftest import free_port
 
 UNROUTABLE = "192.0.2.1"
@@ -34,11 +34,6 @@ def test_the_child_gets_every_serve_option_but_the_supervisors() -> None:
     argv = ["serve", "--supervise", "--config", "x.toml", "--port", "9", "--start-limit", "3"]
     args = parser.parse_args(argv)
     assert forwarded_argv(args.serve_parser, args) == ["--config", "x.toml", "--port", "9"]
-
-
-def test_backoff_doubles_up_to_its_cap() -> None:
-    policy = SupervisePolicy(backoff_initial=1.0, backoff_max=5.0)
-    assert [policy.backoff(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
 
 
 @pytest.mark.integration

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from keel.router.admission import Admission, Overloaded, Superseder
+from keel.errors import Overloaded
+from keel.router.admission import Admission, Superseder
 
 
 async def hold(admission: Admission, release: asyncio.Event, entered: list[int], n: int) -> None:

@@ -30,6 +30,7 @@ from keel.providers.base import (
     Provider,
 )
 from keel.providers.http import build_http_provider
+from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState
 from keel.router.retry import RetryBudget, RetryPolicy
 from keel.router.router import (
@@ -37,7 +38,6 @@ from keel.router.router import (
     Endpoint,
     NoEvents,
     RoleRouter,
-    Route,
     Timeouts,
     new_breaker,
 )
@@ -137,12 +137,12 @@ async def build(clock: FakeClock) -> AsyncIterator[Build]:
 
 
 class Starts:
-    """The ``start`` callback, recording which provider was asked with which shrink flag."""
+    """Opens each attempt's stream, recording which provider was asked with which shrink flag."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, bool]] = []
 
-    async def __call__(self, provider: Provider, shrink: bool) -> AsyncIterator[str]:
+    def __call__(self, provider: Provider, shrink: bool) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)
         self.calls.append((provider.name, shrink))
         return provider.stream_completion(CompletionCall("def f(", PARAMS))
@@ -150,19 +150,26 @@ class Starts:
 
 async def run(
     router: RoleRouter, *, buffered: bool = False, starts: Starts | None = None
-) -> tuple[list[str], Route]:
-    route = Route()
+) -> tuple[list[str], Attempts]:
+    """One request through the router's attempts, as a serving object makes it:
+    ``buffered`` holds each attempt's pieces until it ends (the client waits for
+    the whole answer); otherwise pieces go to the client as they come."""
+    starts = starts or Starts()
+    attempts = router.attempts(streaming=not buffered, shrinkable=True)
     received: list[str] = []
-    stream = router.stream(starts or Starts(), route, buffered=buffered)
     try:
-        async with aclosing(stream) as pieces:
-            async for piece in pieces:
-                received.append(piece)
+        async for attempt in attempts:
+            async with attempt:
+                held: list[str] = []
+                stream = starts(attempt.provider, attempt.shrink)
+                async for piece in attempt.pieces(stream):
+                    (held if buffered else received).append(piece)
+                received.extend(held)
     except KeelError as exc:
         exc.received = received  # type: ignore[attr-defined]
-        exc.route = route  # type: ignore[attr-defined]
+        exc.route = attempts  # type: ignore[attr-defined]
         raise
-    return received, route
+    return received, attempts
 
 
 def posts(server: FakeUpstream) -> int:
@@ -818,10 +825,12 @@ async def test_embeddings_fall_back(build: Build, upstreams: Callable[..., FakeU
         assert isinstance(provider, EmbeddingProvider)
         return await provider.embed(["abc", "de"])
 
-    route = Route()
-    vectors = await router.call(embed, route)
+    attempts = router.attempts()
+    async for attempt in attempts:
+        async with attempt:
+            vectors = await attempt.call(embed(attempt.provider))
     assert vectors == [[3.0, 0.0, 0.5], [2.0, 1.0, 0.5]]
-    assert route.provider is not None and route.provider.name == "fb"
+    assert attempts.provider is not None and attempts.provider.name == "fb"
     assert posts(primary) == 1
 
 

@@ -18,22 +18,10 @@ from starlette.routing import BaseRoute
 
 from keel.api.state import app_state
 from keel.auth import Access, Identity
-from keel.errors import AuthenticationError, KeelError
+from keel.errors import AuthenticationError, Forbidden, RateLimited
 
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 """FastAPI's own API documentation routes: public, and not APIRoutes."""
-
-
-class Forbidden(KeelError):
-    status_code = 403
-    error_type = "permission_error"
-    code = "forbidden"
-
-
-class RateLimited(KeelError):
-    status_code = 429
-    error_type = "rate_limit_error"
-    code = "rate_limited"
 
 
 def presented_keys(request: Request) -> list[str]:

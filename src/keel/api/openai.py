@@ -10,7 +10,7 @@ import base64
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -30,10 +30,9 @@ from keel.providers.base import (
     CompletionProvider,
     EmbeddingProvider,
     Provider,
-    close_stream,
 )
-from keel.router.router import Route, StartStream
 from keel.schemas.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from keel.schemas.openapi import COMPLETION_BODY, CompletionBody, json_body
 
 router = APIRouter()
 
@@ -44,7 +43,12 @@ def _finish_reason(count: int, max_tokens: int) -> str:
 
 
 async def routed(
-    state: AppState, role: Role, start: StartStream, timeout: float, *, buffered: bool
+    state: AppState,
+    role: Role,
+    open_stream: Callable[[Provider], AsyncIterator[str]],
+    timeout: float,
+    *,
+    buffered: bool,
 ) -> AsyncIterator[str]:
     """A role's stream through admission and its router, bounded by ``timeout`` in all.
 
@@ -53,16 +57,25 @@ async def routed(
     """
     async with state.routing.admission[role].slot():
         router = state.routing.routers[role]
-        stream = router.stream(start, Route(), buffered=buffered)
-        pieces = with_timeout(stream, timeout, role)
-        try:
-            async for piece in pieces:
-                yield piece
-        finally:
-            await close_stream(pieces)
+        async for attempt in router.attempts(streaming=not buffered):
+            async with attempt:
+                held: list[str] = []
+                pieces = with_timeout(attempt.pieces(open_stream(attempt.provider)), timeout, role)
+                async for piece in pieces:
+                    if buffered:
+                        held.append(piece)
+                    else:
+                        yield piece
+                for piece in held:
+                    yield piece
 
 
-@router.post("/v1/completions", response_model=None, dependencies=[USER])
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    dependencies=[USER],
+    openapi_extra=json_body(CompletionBody, description=COMPLETION_BODY),
+)
 async def completions(request: Request) -> Response:
     data = await read_json(request)
     if not (isinstance(data, dict) and "prompt" in data):
@@ -75,7 +88,7 @@ async def completions(request: Request) -> Response:
         state.settings.completion.max_decoding_tokens or primary.default_max_tokens
     )
 
-    async def start(provider: Provider, _shrink: bool) -> AsyncIterator[str]:
+    def start(provider: Provider) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)
         prompt, suffix = body.prompt_text(), body.suffix
         if suffix and not provider.supports_suffix:
@@ -113,14 +126,19 @@ async def completions(request: Request) -> Response:
     return JSONResponse(result)
 
 
-@router.post("/v1/chat/completions", response_model=None, dependencies=[USER])
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    dependencies=[USER],
+    openapi_extra=json_body(ChatCompletionRequest),
+)
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     state: AppState = app_state(request)
     params = body.to_params(512)
     call = ChatCall(body.to_messages(), params)
 
-    async def start(provider: Provider, _shrink: bool) -> AsyncIterator[str]:
+    def start(provider: Provider) -> AsyncIterator[str]:
         assert isinstance(provider, ChatProvider)
         return provider.stream_chat(call)
 
@@ -173,18 +191,18 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
-@router.post("/v1/embeddings", dependencies=[USER])
+@router.post("/v1/embeddings", dependencies=[USER], openapi_extra=json_body(EmbeddingRequest))
 async def embeddings(request: Request) -> JSONResponse:
     body = await read_model(request, EmbeddingRequest)
     state = app_state(request)
     texts = body.texts()
 
-    async def run(provider: Provider) -> list[list[float]]:
-        assert isinstance(provider, EmbeddingProvider)
-        return await provider.embed(texts)
-
     async with state.routing.admission["embedding"].slot():
-        vectors = await state.routing.routers["embedding"].call(run, Route())
+        async for attempt in state.routing.routers["embedding"].attempts():
+            async with attempt:
+                provider = attempt.provider
+                assert isinstance(provider, EmbeddingProvider)
+                vectors = await attempt.call(provider.embed(texts))
     tokens = sum(len(text) // 4 + 1 for text in texts)
     return JSONResponse(
         {

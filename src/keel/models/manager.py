@@ -20,7 +20,7 @@ from pathlib import Path
 
 from keel.audit import AuditLog
 from keel.config import LocalModelConfig, Paths, Role, Settings
-from keel.errors import KeelError, MissingDependency, NotFound, RequestError
+from keel.errors import Conflict, InsufficientMemory, KeelError, MissingDependency, NotFound
 from keel.models import gguf
 from keel.models.registry import list_model_files, resolve_model
 from keel.providers.catalog import ProviderEntry
@@ -32,17 +32,6 @@ log = logging.getLogger("keel.models")
 
 OVERHEAD_BYTES = 128 * 1024 * 1024
 """Per worker beyond weights and KV cache: the interpreter, llama.cpp's buffers."""
-
-
-class InsufficientMemory(KeelError):
-    status_code = 507
-    error_type = "insufficient_memory"
-    code = "insufficient_memory"
-
-
-class Conflict(RequestError):
-    status_code = 409
-    code = "conflict"
 
 
 def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -27,6 +27,7 @@ from typing import Literal, TextIO
 from keel.config import ENV_REF, ROLES, LocalModelConfig, Paths, Role, Settings, load_settings
 from keel.errors import (
     ConfigError,
+    ExitCode,
     KeelError,
     MissingDependency,
     UpstreamAuthError,
@@ -40,12 +41,9 @@ from keel.providers.base import Provider
 
 Status = Literal["ok", "warn", "FAIL", "skip"]
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_DEPENDENCY = 69
-EXIT_PORT_BUSY = 75
-EXIT_CONFIG = 78
-_SEVERITY = (EXIT_CONFIG, EXIT_DEPENDENCY, EXIT_PORT_BUSY, EXIT_FAILURE)
+EXIT_DEPENDENCY = ExitCode.DEPENDENCY  # the name check_native_library uses
+_SEVERITY = (ExitCode.CONFIG, ExitCode.DEPENDENCY, ExitCode.PORT_BUSY, ExitCode.FAILURE)
+"""The most serious first: the report exits with the first of these any check failed with."""
 
 
 @dataclass(slots=True)
@@ -53,7 +51,7 @@ class Check:
     name: str
     status: Status
     detail: str
-    exit_code: int = EXIT_OK
+    exit_code: int = ExitCode.OK
     """What keel serve would exit with because of this; used when status is FAIL."""
 
 
@@ -61,19 +59,19 @@ class Check:
 class Report:
     checks: list[Check] = field(default_factory=list)
 
-    def add(self, name: str, status: Status, detail: str, exit_code: int = EXIT_OK) -> Check:
-        check = Check(name, status, detail, exit_code if status == "FAIL" else EXIT_OK)
+    def add(self, name: str, status: Status, detail: str, exit_code: int = ExitCode.OK) -> Check:
+        check = Check(name, status, detail, exit_code if status == "FAIL" else ExitCode.OK)
         self.checks.append(check)
         return check
 
     @property
     def exit_code(self) -> int:
         codes = {check.exit_code for check in self.checks if check.status == "FAIL"}
-        return next((code for code in _SEVERITY if code in codes), EXIT_OK)
+        return next((code for code in _SEVERITY if code in codes), ExitCode.OK)
 
     def to_json(self) -> dict[str, object]:
         return {
-            "ok": self.exit_code == EXIT_OK,
+            "ok": self.exit_code == ExitCode.OK,
             "exit_code": self.exit_code,
             "checks": [asdict(check) for check in self.checks],
         }
@@ -86,7 +84,7 @@ class Report:
             out.write(f"{check.name:<{width}}  {check.status:<6}  {lines[0]}\n")
             for line in lines[1:]:
                 out.write(f"{'':<{width}}  {'':<6}  {line}\n")
-        verdict = "all checks passed" if self.exit_code == EXIT_OK else "FAILED"
+        verdict = "all checks passed" if self.exit_code == ExitCode.OK else "FAILED"
         out.write(f"\n{verdict} (exit {self.exit_code})\n")
 
 
@@ -160,7 +158,7 @@ def check_env_vars(report: Report, file: Path, environ: os._Environ[str] | dict[
             "env vars",
             "FAIL",
             f"not set: {', '.join(missing)} (referenced as ${{NAME}} in {file})",
-            EXIT_CONFIG,
+            ExitCode.CONFIG,
         )
     else:
         report.add("env vars", "ok", f"set: {', '.join(names)}")
@@ -172,7 +170,7 @@ def check_config(report: Report, options: DoctorOptions, paths: Paths) -> Settin
         settings = load_settings(options.config, paths)
     except ConfigError as exc:
         detail = "\n".join([f"{exc.source}:"] + [issue.render() for issue in exc.issues])
-        report.add("config", "FAIL", detail, EXIT_CONFIG)
+        report.add("config", "FAIL", detail, ExitCode.CONFIG)
         return None
     where = str(file) if file.exists() else f"{file} absent: all defaults"
     report.add("config", "ok", where)
@@ -201,11 +199,11 @@ def check_model_files(report: Report, settings: Settings, paths: Paths) -> bool:
             path = resolve_model(config.model_id, paths)
             metadata = gguf.read_metadata(path)
         except MissingDependency as exc:
-            report.add(name, "FAIL", f"{role}: {exc.message}", EXIT_DEPENDENCY)
+            report.add(name, "FAIL", f"{role}: {exc.message}", ExitCode.DEPENDENCY)
             ok = False
             continue
         except OSError as exc:
-            report.add(name, "FAIL", f"{role}: cannot read: {exc}", EXIT_DEPENDENCY)
+            report.add(name, "FAIL", f"{role}: cannot read: {exc}", ExitCode.DEPENDENCY)
             ok = False
             continue
         size = path.stat().st_size / 2**20
@@ -251,7 +249,7 @@ def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path
             "memory",
             "FAIL",
             summary + "; lower context_size or slots, or use a smaller model",
-            EXIT_DEPENDENCY,
+            ExitCode.DEPENDENCY,
         )
     elif needed > available * 0.8:
         report.add("memory", "warn", summary + "; little headroom")
@@ -266,7 +264,7 @@ def check_data_root(report: Report, paths: Paths) -> None:
             file.write(b"ok")
             file.flush()
     except OSError as exc:
-        report.add("data root", "FAIL", f"{paths.root} is not writable: {exc}", EXIT_FAILURE)
+        report.add("data root", "FAIL", f"{paths.root} is not writable: {exc}", ExitCode.FAILURE)
         return
     report.add("data root", "ok", f"{paths.root} writable")
 
@@ -279,9 +277,9 @@ def check_port(report: Report, host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                report.add("port", "FAIL", busy_port_message(host, port), EXIT_PORT_BUSY)
+                report.add("port", "FAIL", busy_port_message(host, port), ExitCode.PORT_BUSY)
             else:
-                report.add("port", "FAIL", f"cannot bind {host}:{port}: {exc}", EXIT_FAILURE)
+                report.add("port", "FAIL", f"cannot bind {host}:{port}: {exc}", ExitCode.FAILURE)
             return
     report.add("port", "ok", f"{host}:{port} free")
 
@@ -335,7 +333,7 @@ async def _check_providers(
             if error is None:
                 report.add(name, "ok", f"{endpoint}: answered a one-token request")
             else:
-                report.add(name, "FAIL", f"{endpoint}: {error}", EXIT_DEPENDENCY)
+                report.add(name, "FAIL", f"{endpoint}: {error}", ExitCode.DEPENDENCY)
     finally:
         await asyncio.gather(*(provider.aclose() for provider in providers.unique()))
 

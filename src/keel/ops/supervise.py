@@ -4,9 +4,11 @@ For hosts without systemd. The server runs as a child process; when it
 crashes the supervisor starts it again after an exponential backoff, and
 gives up for good once ``start_limit`` starts fall within ``start_window``
 seconds (systemd's StartLimitBurst / StartLimitIntervalSec), exiting
-non-zero with a message that says why. Exit codes that no restart can fix
-(78 config, 69 dependency or model, 75 port busy) end supervision at once
-with the child's code. A clean exit (0) is a stop, not a crash.
+non-zero with a message that says why (:class:`keel.restart.RestartPolicy`,
+the worker supervisor's policy too). Exit codes that no restart can fix
+(:data:`keel.errors.NO_RESTART`: 78 config, 69 dependency or model, 75 port
+busy) end supervision at once with the child's code. A clean exit (0) is a
+stop, not a crash.
 
 SIGTERM and SIGINT are forwarded to the child once, and the supervisor waits
 for it to drain and exit. The child runs in its own session so a terminal's
@@ -28,24 +30,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import FrameType
 from typing import TextIO
 
-UNFIXABLE = {78: "config error", 69: "missing dependency or unusable model", 75: "port busy"}
+from keel.errors import NO_RESTART, ExitCode
+from keel.restart import RestartPolicy
+
 RESTARTS_ENV = "KEEL_SUPERVISOR_RESTARTS"
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True, slots=True)
-class SupervisePolicy:
-    start_limit: int = 5
-    start_window: float = 300.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 30.0
-
-    def backoff(self, failures: int) -> float:
-        return float(min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)))
 
 
 def _die_with_parent() -> None:
@@ -68,13 +60,13 @@ class Supervisor:
     def __init__(
         self,
         command: Sequence[str],
-        policy: SupervisePolicy | None = None,
+        policy: RestartPolicy,
         *,
         out: TextIO = sys.stderr,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.command = list(command)
-        self.policy = policy or SupervisePolicy()
+        self.policy = policy
         self.out = out
         self._clock = clock
         self._child: subprocess.Popen[bytes] | None = None
@@ -132,26 +124,24 @@ class Supervisor:
                 clean = code in (0, -self._stop_signal)
                 self._say(f"keel stopped ({'cleanly' if clean else _describe(code)})")
                 return 0 if clean else (code if code > 0 else 128 - code)
-            if code == 0:
+            if code == ExitCode.OK:
                 self._say("keel exited cleanly; not restarting")
-                return 0
-            if code in UNFIXABLE:
+                return ExitCode.OK
+            if code in NO_RESTART:
                 self._say(
-                    f"keel exited with {code} ({UNFIXABLE[code]}); a restart cannot fix that, "
+                    f"keel exited with {code} ({NO_RESTART[code]}); a restart cannot fix that, "
                     "not restarting"
                 )
                 return code
             now = self._clock()
-            while starts and now - starts[0] > policy.start_window:
-                starts.popleft()
-            if len(starts) >= policy.start_limit:
+            if policy.exhausted(starts, now):
                 self._say(
                     f"keel crashed ({_describe(code)}), {len(starts)} starts within "
                     f"{policy.start_window:.0f}s; giving up (limit: {policy.start_limit} starts "
                     f"per {policy.start_window:.0f}s). Fix the cause shown above, then start "
                     "keel again."
                 )
-                return 1
+                return ExitCode.FAILURE
             failures = 1 if now - started > policy.start_window else failures + 1
             delay = policy.backoff(failures)
             self.restarts += 1
@@ -199,7 +189,7 @@ def forwarded_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def supervise(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``keel serve --supervise``: run ``keel serve`` with the same options as a child."""
-    policy = SupervisePolicy(
+    policy = RestartPolicy(
         start_limit=args.start_limit,
         start_window=args.start_window,
         backoff_initial=args.restart_backoff,

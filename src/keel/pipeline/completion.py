@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,11 +34,10 @@ from keel.providers.base import (
     CompletionCall,
     CompletionProvider,
     GenerationParams,
-    Provider,
     close_stream,
 )
 from keel.router.admission import Admission
-from keel.router.router import RoleRouter, Route
+from keel.router.router import RoleRouter
 from keel.schemas.tabby import (
     Choice,
     DebugData,
@@ -132,50 +131,19 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncIterator[str]:
-    """``pieces`` up to the one that completes a stop word, then closed (which
-    cancels the upstream work), so a router attempt that holds the whole
-    answer ends as soon as the answer is complete."""
+async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> str:
+    """The text of ``pieces`` before the first stop word; the stream is closed as
+    soon as one appears (which cancels the upstream work). The one place keel
+    applies stop words (the backend is asked to stop on them too)."""
     text = ""
     try:
         async for piece in pieces:
-            yield piece
-            text += piece
-            if cut_at_stop(text, stops)[1]:
-                return
+            text, stopped = cut_at_stop(text + piece, stops)
+            if stopped:
+                break
     finally:
         await close_stream(pieces)
-
-
-async def generate_text(
-    stream: AsyncIterator[str],
-    stops: Callable[[], Sequence[str]],
-    timeout: float,
-    provider: str,
-) -> str:
-    """Collect a stream until a stop word, closing it early (which cancels upstream work)."""
-    text = ""
-    try:
-        async with asyncio.timeout(timeout):
-            async for piece in stream:
-                text, stopped = cut_at_stop(text + piece, stops())
-                if stopped:
-                    break
-    except TimeoutError:
-        raise UpstreamTimeout(
-            f"completion took longer than {timeout:.0f}s", provider=provider
-        ) from None
-    finally:
-        await close_stream(stream)
     return text
-
-
-@dataclass(slots=True)
-class _Attempt:
-    """What the router's current attempt built, for the steps after generation."""
-
-    built: BuiltPrompt | None = None
-    stops: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +225,40 @@ class CompletionService:
             prefix=prefix, filepath=segments.filepath, git_url=segments.git_url
         )
 
+    async def _prepare(
+        self,
+        request: TabbyCompletionRequest,
+        provider: CompletionProvider,
+        language: Language,
+        prefix: str,
+        suffix: str,
+        snippets: list[Snippet],
+        raw_prompt: str | None,
+        *,
+        mid_line: bool,
+        shrink: bool,
+    ) -> tuple[BuiltPrompt, CompletionCall]:
+        pressured = self.admission.under_pressure
+        budget = provider.max_input_length or self.max_input_length or provider.default_input_budget
+        if shrink or pressured:
+            budget //= 2
+        if raw_prompt is not None:
+            built = BuiltPrompt(raw_prompt, None, [])
+        else:
+            chosen = [] if pressured else snippets
+            built = await build_prompt(provider, language, prefix, suffix, chosen, budget)
+        stops = stop_words(language, provider.stop_words)
+        if mid_line:
+            stops = [*stops, "\n"]  # only the rest of this line fits
+        max_tokens = self.max_decoding_tokens or provider.default_max_tokens
+        params = GenerationParams(
+            max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,
+            temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+            stop=tuple(stops),
+            seed=request.seed,
+        )
+        return built, CompletionCall(built.prompt, params, built.suffix)
+
     async def complete(self, request: TabbyCompletionRequest) -> CompletionResult:
         language = get_language(request.language or "unknown")
         debug = request.debug_options
@@ -282,49 +284,31 @@ class CompletionService:
             )
         snippets = await self._snippets_for_line(request, prefix) if raw_prompt is None else []
         mid_line = raw_prompt is None and is_mid_line(prefix, suffix)
-        attempt = _Attempt()
-
-        async def start(provider: Provider, shrink: bool) -> AsyncIterator[str]:
-            assert isinstance(provider, CompletionProvider)
-            pressured = self.admission.under_pressure
-            budget = (
-                provider.max_input_length or self.max_input_length or provider.default_input_budget
-            )
-            if shrink or pressured:
-                budget //= 2
-            if raw_prompt is not None:
-                built = BuiltPrompt(raw_prompt, None, [])
-            else:
-                chosen = [] if pressured else snippets
-                built = await build_prompt(provider, language, prefix, suffix, chosen, budget)
-            attempt.built = built
-            attempt.stops = stop_words(language, provider.stop_words)
-            if mid_line:
-                attempt.stops = [*attempt.stops, "\n"]  # only the rest of this line fits
-            max_tokens = self.max_decoding_tokens or provider.default_max_tokens
-            params = GenerationParams(
-                max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,
-                temperature=DEFAULT_TEMPERATURE
-                if request.temperature is None
-                else request.temperature,
-                stop=tuple(attempt.stops),
-                seed=request.seed,
-            )
-            call = CompletionCall(built.prompt, params, built.suffix)
-            return until_stop(provider.stream_completion(call), attempt.stops)
-
-        route = Route()
-        async with self.admission.slot():
-            # Buffered: the editor sees nothing before the end, so a provider failing
-            # mid-answer can still hand the whole request to the next one.
-            pieces = self.router.stream(start, route, buffered=True)
-            raw = await generate_text(pieces, lambda: attempt.stops, self.timeout, "completion")
+        built: BuiltPrompt | None = None
+        try:
+            async with self.admission.slot(), asyncio.timeout(self.timeout):
+                # Not streaming: the editor sees nothing before the end, so a provider
+                # failing mid-answer can still hand the whole request to the next one.
+                attempts = self.router.attempts(shrinkable=raw_prompt is None)
+                async for attempt in attempts:
+                    async with attempt:
+                        provider = attempt.provider
+                        assert isinstance(provider, CompletionProvider)
+                        built, call = await attempt.call(
+                            self._prepare(request, provider, language, prefix, suffix, snippets,
+                                          raw_prompt, mid_line=mid_line, shrink=attempt.shrink)
+                        )  # fmt: skip
+                        stream = attempt.pieces(provider.stream_completion(call))
+                        raw = await read_until_stop(stream, call.params.stop)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"completion took longer than {self.timeout:.0f}s", provider="completion"
+            ) from None
         text = postprocess(raw, prefix=prefix, suffix=suffix, language=language)
         response = TabbyCompletionResponse(
             id=f"cmpl-{uuid.uuid4()}",
             choices=[Choice(index=0, text=restore_newlines(text, crlf))],
         )
-        built = attempt.built
         if (
             built is not None
             and debug is not None
@@ -339,5 +323,5 @@ class CompletionService:
                 if debug.return_snippets
                 else None,
             )
-        served = route.provider.name if route.provider is not None else "none"
+        served = attempts.provider.name if attempts.provider is not None else "none"
         return CompletionResult(response, served)

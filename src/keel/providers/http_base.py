@@ -146,7 +146,19 @@ def status_error(provider: str, status: int, body: bytes, retry_after: str | Non
         provider=provider,
         upstream_status=status,
         retry_after=parse_retry_after(retry_after),
+        details=error_details(body),
     )
+
+
+def error_details(body: bytes) -> dict[str, object]:
+    """The error object of an error body (llama.cpp's carries ``type``,
+    ``n_prompt_tokens`` and ``n_ctx``), for the router to classify by fields."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    error = data.get("error") if isinstance(data, dict) else None
+    return dict(error) if isinstance(error, dict) else {}
 
 
 async def raise_for_status(response: httpx.Response, provider: str) -> None:
@@ -197,7 +209,10 @@ def in_stream_error(error: object, provider: str) -> UpstreamStatusError:
     else:
         message = str(error)
     return UpstreamStatusError(
-        f"error in stream: {_shorten(message)}", provider=provider, upstream_status=status
+        f"error in stream: {_shorten(message)}",
+        provider=provider,
+        upstream_status=status,
+        details=dict(error) if isinstance(error, dict) else None,
     )
 
 

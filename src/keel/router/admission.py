@@ -10,18 +10,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from keel.errors import KeelError
+from keel.errors import Overloaded
 
 
 class AdmissionEvents(Protocol):
     def rejected(self, role: str, reason: str) -> None: ...
     def queue_depth(self, role: str, n: int) -> None: ...
-
-
-class Overloaded(KeelError):
-    status_code = 429
-    error_type = "rate_limit_error"
-    code = "overloaded"
 
 
 class Admission:

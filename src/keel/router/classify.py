@@ -1,15 +1,20 @@
 """Sort a provider failure into what the router does about it.
 
 The classes come from the error tree (never from matching message text),
-except "context too long", which backends report only as a 400 with a
-message; that one test is kept here and nowhere else.
+except "context too long": llama.cpp says it by its error ``type``
+(``exceed_context_size_error``, with ``n_prompt_tokens`` and ``n_ctx``),
+OpenAI by its ``code`` (``context_length_exceeded``), but vLLM and older
+servers only by a 400 with a message. That one test, and reading the numbers
+out of those messages, is kept here and nowhere else.
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from keel.errors import (
+    ContextLengthExceeded,
     KeelError,
     UpstreamAuthError,
     UpstreamConnectError,
@@ -48,7 +53,58 @@ _TOO_LONG_MARKERS = (
 )
 
 
+_TOO_LONG_FIELDS = {"context_length_exceeded", "exceed_context_size_error"}
+
+_CONTEXT_NUMBERS = (
+    # llama.cpp server: "request (5000 tokens) exceeds the available context size (4096 tokens)"
+    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+)"),
+    # llama-cpp-python: "Requested tokens (5000) exceed context window of 2048"
+    re.compile(r"tokens \((?P<prompt>\d+)\) exceed context window of (?P<ctx>\d+)"),
+    # OpenAI, vLLM: "maximum context length is 2048 tokens. However, you requested 3000
+    # tokens (2900 in the messages, ...)" / "... your request has 3000 input tokens"
+    re.compile(r"maximum context length is (?P<ctx>\d+) tokens.*?(?P<prompt>\d+) in (the|your)"),
+    re.compile(r"maximum context length is (?P<ctx>\d+) tokens.*?has (?P<prompt>\d+) input"),
+    re.compile(r"maximum context length is (?P<ctx>\d+) tokens"),
+)
+
+
+def _too_long(error: KeelError) -> bool:
+    if error.code in _TOO_LONG_FIELDS:
+        return True
+    details = getattr(error, "details", {})
+    return details.get("type") in _TOO_LONG_FIELDS or details.get("code") in _TOO_LONG_FIELDS
+
+
+def context_overflow(error: KeelError) -> ContextLengthExceeded:
+    """The caller's 400 for a prompt the backend found too long, with the numbers
+    (prompt tokens, context size) when the backend gave them."""
+    details = getattr(error, "details", {})
+    prompt, context = details.get("n_prompt_tokens"), details.get("n_ctx")
+    if not (isinstance(prompt, int) and isinstance(context, int)):
+        prompt = context = None
+        for pattern in _CONTEXT_NUMBERS:
+            found = pattern.search(error.message)
+            if found is not None:
+                groups = found.groupdict()
+                prompt = int(groups["prompt"]) if groups.get("prompt") else None
+                context = int(groups["ctx"])
+                break
+    if prompt is not None and context is not None:
+        text = f"the prompt has {prompt} tokens, over the model's context of {context} tokens"
+    elif context is not None:
+        text = f"the prompt does not fit the model's context of {context} tokens"
+    else:
+        text = "the prompt does not fit the model's context"
+    return ContextLengthExceeded(
+        f"{text}; send a shorter prompt or ask for fewer tokens ({error.message})",
+        prompt_tokens=prompt,
+        context_size=context,
+    )
+
+
 def classify(error: KeelError) -> Failure:
+    if _too_long(error):
+        return Failure.TOO_LONG
     if isinstance(error, WorkerCrashed):
         return Failure.CRASHED
     if isinstance(error, UpstreamAuthError):

@@ -3,21 +3,18 @@
 A role has an ordered chain of groups (the primary, then each
 ``[[model.<role>.fallback]]``); a group holds the endpoints of one provider
 (replicas), balanced by least outstanding requests. For every request the
-router walks the chain: usable endpoints first (healthy, breaker closed or
-offering its half-open probe, not rate-limited, key accepted), then, if none
-of those answered, the ones merely marked unhealthy. A retryable
+router offers the chain as attempts (:meth:`RoleRouter.attempts`, see
+:mod:`keel.router.attempt`): usable endpoints first (healthy, breaker closed
+or offering its half-open probe, not rate-limited, key accepted), then, if
+none of those answered, the ones merely marked unhealthy. A retryable
 failure moves on to the next endpoint at once; only the last one left is
-retried, with jittered backoff, while the retry budget allows.
-
-Streams: a failure before the first piece falls through to the next endpoint
-invisibly; once a piece was yielded, the stream is that endpoint's alone and a
-failure ends it with the error (the API renders it in the protocol's form).
-Two providers' output is never spliced. A ``buffered`` stream (the client
-waits for the whole answer) holds an attempt's pieces until it ends, so a
-failure mid-way still falls back: the client has seen nothing yet.
+retried, with jittered backoff, while the retry budget allows
+(:mod:`keel.router.policy`).
 
 An attempt's outcome is recorded once, when it ends: a stream that fails
-after its first tokens is a failure, not a success and then a failure.
+after its first tokens is a failure, not a success and then a failure. What
+the caller got wrong (a 4xx, a prompt over the context) never counts against
+a provider.
 """
 
 from __future__ import annotations
@@ -25,20 +22,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from keel.config import Role
-from keel.errors import KeelError, RequestError, Unavailable, UpstreamTimeout
-from keel.providers.base import Provider, close_stream
+from keel.errors import KeelError, Unavailable, UpstreamTimeout
+from keel.providers.base import Provider
+from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from keel.router.classify import Failure, classify
 from keel.router.retry import RetryBudget, RetryPolicy
 
 log = logging.getLogger("keel.router")
-
-T = TypeVar("T")
 
 
 class RouterEvents(Protocol):
@@ -192,18 +188,6 @@ class Endpoint:
         }
 
 
-@dataclass(slots=True)
-class Route:
-    """Filled in by the router: which endpoint served, after which failures."""
-
-    provider: Provider | None = None
-    failures: list[str] = field(default_factory=list)
-
-
-StartStream = Callable[[Provider, bool], Awaitable[AsyncIterator[str]]]
-"""Begin a stream on a provider; the flag asks for a shorter prompt (context too long)."""
-
-
 class RoleRouter:
     def __init__(
         self,
@@ -221,8 +205,8 @@ class RoleRouter:
         self.budget = budget
         self.retry = retry or RetryPolicy()
         self.events: RouterEvents = events or NoEvents()
-        self._clock = clock
-        self._sleep = sleep
+        self.clock = clock
+        self.sleep = sleep
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -239,7 +223,7 @@ class RoleRouter:
         is never tried, not even as a last resort."""
         usable: list[Endpoint] = []
         doubtful: list[Endpoint] = []
-        now = self._clock()
+        now = self.clock()
         for group in self.groups:
             for endpoint in sorted(group, key=lambda e: e.outstanding):
                 if endpoint.usable():
@@ -255,16 +239,22 @@ class RoleRouter:
     def any_usable(self) -> bool:
         return any(endpoint.usable() for endpoint in self.endpoints)
 
+    def attempts(self, *, streaming: bool = False, shrinkable: bool = False) -> Attempts:
+        """One request's tries over the chain; see :mod:`keel.router.attempt`."""
+        return Attempts(self, streaming=streaming, shrinkable=shrinkable)
+
     # outcomes --------------------------------------------------------------
 
-    def _succeeded(self, endpoint: Endpoint, latency: float) -> None:
+    def succeeded(self, endpoint: Endpoint, latency: float) -> None:
         """``latency``: seconds to the first piece."""
         endpoint.breaker.record_success()
         if endpoint.record_ok(latency):
             log.info("provider %s is healthy again", endpoint.name)
             self.events.provider_health(endpoint.name, True)
 
-    def _failed(self, endpoint: Endpoint, error: KeelError, kind: Failure) -> None:
+    def failed(self, endpoint: Endpoint, error: KeelError, kind: Failure) -> None:
+        """Only what the provider did wrong counts against it: a request the backend
+        refused (a 4xx, a prompt over its context) is no breaker failure, no finding."""
         if kind in (Failure.RETRYABLE, Failure.CRASHED):
             endpoint.breaker.record_failure()
             if endpoint.record_failed(error):
@@ -280,24 +270,19 @@ class RoleRouter:
             endpoint.last_error = error.message
             self.events.provider_auth_failed(endpoint.name, True)
         elif kind is Failure.RATE_LIMITED:
-            endpoint.blocked_until = self._clock() + (error.retry_after or 1.0)
+            endpoint.blocked_until = self.clock() + (error.retry_after or 1.0)
             endpoint.last_error = error.message
 
-    def _client_error(self, error: KeelError) -> RequestError:
-        status = getattr(error, "upstream_status", None) or 400
-        client = RequestError(error.message, code="upstream_rejected_request")
-        client.status_code = status
-        return client
-
-    def _exhausted(self, route: Route, last: KeelError | None) -> KeelError:
-        if last is not None and len(route.failures) == 1 and len(self.endpoints) == 1:
+    def exhausted(self, failures: list[str], last: KeelError | None) -> KeelError:
+        """The error for a request no endpoint served."""
+        if last is not None and len(failures) == 1 and len(self.endpoints) == 1:
             return last  # one provider, one failure: its own error says the most
         retry_after = [
             e.breaker.retry_after() for e in self.endpoints if e.breaker.retry_after() > 0
-        ] + [e.blocked_until - self._clock() for e in self.endpoints if e.blocked_until > 0]
+        ] + [e.blocked_until - self.clock() for e in self.endpoints if e.blocked_until > 0]
         wait = min((r for r in retry_after if r > 0), default=1.0)
         states = "; ".join(f"{e.name}: " + self._describe(e) for e in self.endpoints)
-        tried = f" (tried: {'; '.join(route.failures)})" if route.failures else ""
+        tried = f" (tried: {'; '.join(failures)})" if failures else ""
         return Unavailable(
             f"no {self.role} provider could serve the request; {states}{tried}",
             code="no_provider",
@@ -318,151 +303,6 @@ class RoleRouter:
             return f"unhealthy ({endpoint.last_error})"
         return f"{state}"
 
-    # streams -----------------------------------------------------------------
-
-    async def stream(
-        self, start: StartStream, route: Route, *, buffered: bool = False
-    ) -> AsyncGenerator[str, None]:
-        """Pieces from the first endpoint that produces one (``buffered``: that
-        completes); see the module docstring."""
-        self.budget.record_request()
-        last: KeelError | None = None
-        previous: Endpoint | None = None
-        candidates = self.candidates()
-        for position, endpoint in enumerate(candidates):
-            # With a fallback still untried, moving on now beats waiting to retry here.
-            last_resort = position == len(candidates) - 1
-            attempt, shrink = 0, False
-            while True:
-                if not endpoint.breaker.allow():
-                    route.failures.append(f"{endpoint.name}: breaker open")
-                    break
-                if previous is not None and previous is not endpoint:
-                    self.events.fallback(self.role, previous.name, endpoint.name)
-                previous = endpoint
-                endpoint.outstanding += 1
-                started = self._clock()
-                pieces: AsyncIterator[str] | None = None
-                first: str | None = None
-                held: list[str] = []
-                try:
-                    async with asyncio.timeout(endpoint.timeouts.first_token):
-                        pieces = await start(endpoint.provider, shrink)
-                        first = await anext(pieces, None)
-                    latency = self._clock() - started
-                    if buffered and first is not None:
-                        held.append(first)
-                        async for piece in self._paced(pieces, endpoint):
-                            held.append(piece)
-                except TimeoutError:
-                    error: KeelError = UpstreamTimeout(
-                        f"no first token within {endpoint.timeouts.first_token:.0f}s",
-                        provider=endpoint.name,
-                    )
-                except KeelError as exc:
-                    error = exc
-                except BaseException:
-                    endpoint.outstanding -= 1
-                    endpoint.breaker.record_ignored()
-                    if pieces is not None:
-                        await close_stream(pieces)
-                    raise
-                else:
-                    assert pieces is not None
-                    route.provider = endpoint.provider
-                    self.events.fallback_active(self.role, endpoint not in self.groups[0])
-                    if buffered:
-                        endpoint.outstanding -= 1
-                        await close_stream(pieces)
-                        self._succeeded(endpoint, latency)
-                        self.events.observe_generation(
-                            self.role, endpoint.name, self._clock() - started, latency, len(held)
-                        )
-                        for piece in held:
-                            yield piece
-                        return
-                    failed = False
-                    produced = 0
-                    try:
-                        if first is not None:
-                            produced += 1
-                            yield first
-                            async for piece in self._paced(pieces, endpoint):
-                                produced += 1
-                                yield piece
-                    except KeelError as exc:
-                        failed = True
-                        self._failed(endpoint, exc, classify(exc))
-                        raise
-                    finally:
-                        # Ended, or the client stopped reading: tokens flowed either way.
-                        if not failed:
-                            self._succeeded(endpoint, latency)
-                            self.events.observe_generation(
-                                self.role, endpoint.name, self._clock() - started, latency, produced
-                            )
-                        endpoint.outstanding -= 1
-                        await close_stream(pieces)
-                    return
-                endpoint.outstanding -= 1
-                if pieces is not None:
-                    await close_stream(pieces)
-                kind = classify(error)
-                self._failed(endpoint, error, kind)
-                last = error
-                route.failures.append(f"{endpoint.name}: {error.message}")
-                log.info("%s: %s failed (%s): %s", self.role, endpoint.name, kind, error.message)
-                if kind is Failure.CLIENT:
-                    raise self._client_error(error)
-                if kind is Failure.TOO_LONG and not shrink:
-                    shrink = True
-                    continue
-                if kind is Failure.RETRYABLE:
-                    attempt += 1
-                    if (
-                        last_resort
-                        and attempt < self.retry.attempts_per_provider
-                        and endpoint.breaker.available()
-                        and self.budget.try_spend()
-                    ):
-                        self.events.retry(endpoint.name)
-                        await self._sleep(self.retry.backoff(attempt))
-                        continue
-                break
-        raise self._exhausted(route, last)
-
-    async def _paced(self, pieces: AsyncIterator[str], endpoint: Endpoint) -> AsyncIterator[str]:
-        iterator = aiter(pieces)
-        while True:
-            try:
-                async with asyncio.timeout(endpoint.timeouts.between_tokens):
-                    piece = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"stream stalled for {endpoint.timeouts.between_tokens:.0f}s",
-                    provider=endpoint.name,
-                ) from None
-            yield piece
-
-    async def call(self, run: Callable[[Provider], Awaitable[T]], route: Route) -> T:
-        """A one-shot call (embeddings) with the same retry and fallback rules."""
-
-        async def start(provider: Provider, _: bool) -> AsyncIterator[str]:
-            result = await run(provider)
-            outcome.append(result)
-
-            async def one() -> AsyncIterator[str]:
-                yield ""
-
-            return one()
-
-        outcome: list[T] = []
-        async for _ in self.stream(start, route):
-            pass
-        return outcome[-1]
-
     # health ------------------------------------------------------------------
 
     async def check(
@@ -474,7 +314,7 @@ class RoleRouter:
         took_probe = endpoint.breaker.state is BreakerState.HALF_OPEN
         if took_probe and not endpoint.breaker.allow():
             return
-        started = self._clock()
+        started = self.clock()
         try:
             async with asyncio.timeout(timeout):
                 await probe(endpoint.provider)
@@ -488,17 +328,17 @@ class RoleRouter:
             if took_probe:
                 endpoint.breaker.record_success()
             was_auth_failed = endpoint.auth_failed
-            self.events.health_check(endpoint.name, self._clock() - started, True)
-            if endpoint.record_ok(self._clock() - started):
+            self.events.health_check(endpoint.name, self.clock() - started, True)
+            if endpoint.record_ok(self.clock() - started):
                 self.events.provider_health(endpoint.name, True)
             if was_auth_failed:
                 self.events.provider_auth_failed(endpoint.name, False)
             return
-        self.events.health_check(endpoint.name, self._clock() - started, False)
+        self.events.health_check(endpoint.name, self.clock() - started, False)
         kind = classify(error)
         # A busy backend (429) is not a sick one: honour its Retry-After, keep it healthy.
         if took_probe or kind in (Failure.AUTH, Failure.RATE_LIMITED):
-            self._failed(endpoint, error, kind)
+            self.failed(endpoint, error, kind)
         elif endpoint.record_failed(error):
             log.warning("provider %s failed its health check: %s", endpoint.name, error.message)
             self.events.provider_health(endpoint.name, False)

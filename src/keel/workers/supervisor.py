@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from keel.errors import KeelError, UpstreamStatusError, WorkerCrashed, WorkerUnavailable
+from keel.restart import RestartPolicy
 from keel.workers.worker import EXIT_UNUSABLE
 
 log = logging.getLogger("keel.worker")
@@ -62,17 +63,6 @@ class WorkerSpec:
         if self.slots > 1:
             argv += ["--slots", str(self.slots)]
         return argv
-
-
-@dataclass(frozen=True, slots=True)
-class RestartPolicy:
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    start_limit: int = 5
-    start_window: float = 300.0
-
-    def backoff(self, failures: int) -> float:
-        return float(min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)))
 
 
 @dataclass(slots=True)

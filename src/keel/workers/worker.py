@@ -37,7 +37,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-EXIT_UNUSABLE = 69
+from keel.errors import ExitCode
+
+EXIT_UNUSABLE = ExitCode.DEPENDENCY
 PREFILL_CHUNK = 64
 """Prompt tokens read between cancellation checks (~0.5 s on a 2-core CPU)."""
 

@@ -1,0 +1,244 @@
+"""Attempts, as tenacity shapes them: the caller loops, each try records itself.
+
+::
+
+    async for attempt in router.attempts(streaming=False):
+        async with attempt:
+            call = build_call(attempt.provider, shrink=attempt.shrink)
+            async for piece in attempt.pieces(attempt.provider.stream_completion(call)):
+                ...
+
+:meth:`Attempts.__anext__` picks the endpoint (usable ones in chain order,
+then the merely unhealthy; an open breaker is skipped) and waits out a
+retry's backoff. Leaving ``async with attempt`` records the outcome to the
+endpoint's breaker and health and to the metrics, then either lets the error
+through (the client's own mistake, a stream already sent, a cancellation) or
+swallows it, and the loop goes on as the rules of :mod:`keel.router.policy`
+decided. When no endpoint is left, ``__anext__`` raises the router's
+"nobody could serve this" error; after a success it ends the loop.
+
+``streaming``: pieces reach the client as they come, so once one was
+produced the request belongs to that endpoint: a failure then ends it with
+the error, and two providers' output is never spliced. A client that waits
+for the whole answer has seen nothing yet, so a failure mid-way still falls
+back. ``shrinkable``: the caller builds the prompt and can build a shorter
+one when ``attempt.shrink`` is set; otherwise a prompt over the context is
+the caller's 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+from keel.errors import KeelError, RequestError, UpstreamTimeout
+from keel.providers.base import Provider
+from keel.router.classify import Failure, classify, context_overflow
+from keel.router.policy import Decision, Failed, FirstOf, default_rules
+
+if TYPE_CHECKING:
+    from keel.router.router import Endpoint, RoleRouter
+
+log = logging.getLogger("keel.router")
+
+T = TypeVar("T")
+
+
+class Attempt:
+    """One try on one endpoint; a context manager that records its own outcome."""
+
+    def __init__(
+        self, attempts: Attempts, endpoint: Endpoint, *, number: int, shrink: bool, delay: float
+    ) -> None:
+        self.endpoint = endpoint
+        self.number = number
+        self.shrink = shrink
+        """Asked for a shorter prompt: the previous try here found it too long."""
+        self.produced = 0
+        """Pieces this attempt has handed out."""
+        self.first_piece_after: float | None = None
+        self._attempts = attempts
+        self._delay = delay
+        self._started = 0.0
+        self._deadline = 0.0
+
+    @property
+    def provider(self) -> Provider:
+        return self.endpoint.provider
+
+    async def __aenter__(self) -> Attempt:
+        if self._delay > 0:
+            await self._attempts.router.sleep(self._delay)
+        self.endpoint.outstanding += 1
+        self._started = self._attempts.router.clock()
+        self._deadline = asyncio.get_running_loop().time() + self.endpoint.timeouts.first_token
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self.endpoint.outstanding -= 1
+        return self._attempts.settle(self, exc, self._attempts.router.clock() - self._started)
+
+    async def call(self, work: Awaitable[T]) -> T:
+        """``work`` (a one-shot call, or the preparation of a stream) within the
+        endpoint's first-token deadline."""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await work
+        except TimeoutError:
+            raise self._first_token_timeout() from None
+
+    async def pieces(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``stream``'s pieces under the first-token and between-token timeouts; the
+        stream is closed when this ends (which cancels the upstream work)."""
+        between = self.endpoint.timeouts.between_tokens
+        async with aclosing(aiter(stream)) as iterator:  # type: ignore[type-var]
+            while True:
+                first = self.produced == 0
+                try:
+                    if first:
+                        async with asyncio.timeout_at(self._deadline):
+                            piece = await anext(iterator)
+                    else:
+                        async with asyncio.timeout(between):
+                            piece = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if first:
+                        raise self._first_token_timeout() from None
+                    raise UpstreamTimeout(
+                        f"stream stalled for {between:.0f}s", provider=self.endpoint.name
+                    ) from None
+                if first:
+                    self.first_piece_after = self._attempts.router.clock() - self._started
+                self.produced += 1
+                yield piece
+
+    def _first_token_timeout(self) -> UpstreamTimeout:
+        return UpstreamTimeout(
+            f"no first token within {self.endpoint.timeouts.first_token:.0f}s",
+            provider=self.endpoint.name,
+        )
+
+
+class Attempts:
+    """The attempts of one request; see the module docstring."""
+
+    def __init__(self, router: RoleRouter, *, streaming: bool, shrinkable: bool) -> None:
+        self.router = router
+        self.streaming = streaming
+        self.rules: FirstOf = default_rules(router.retry, router.budget, shrinkable=shrinkable)
+        self.provider: Provider | None = None
+        """The provider that served the request, once one did."""
+        self.failures: list[str] = []
+        """``name: message`` of every failed attempt, in order."""
+        self.last_error: KeelError | None = None
+        self._candidates = router.candidates()
+        self._position = -1
+        self._current: Attempt | None = None
+        self._decision = Decision.NEXT
+        self._done = False
+        router.budget.record_request()
+
+    def __aiter__(self) -> Attempts:
+        return self
+
+    async def __anext__(self) -> Attempt:
+        if self._done:
+            raise StopAsyncIteration
+        current, decision = self._current, self._decision
+        if current is not None and decision is not Decision.NEXT:
+            again = decision is Decision.AGAIN
+            if again:
+                self.router.events.retry(current.endpoint.name)
+            if current.endpoint.breaker.allow():
+                return self._start(
+                    current.endpoint,
+                    number=current.number + again,
+                    shrink=current.shrink or decision is Decision.SHRINK,
+                    delay=self.router.retry.backoff(current.number) if again else 0.0,
+                )
+            self.failures.append(f"{current.endpoint.name}: breaker open")
+        while self._position + 1 < len(self._candidates):
+            self._position += 1
+            endpoint = self._candidates[self._position]
+            if endpoint.breaker.allow():
+                return self._start(endpoint, number=1, shrink=False, delay=0.0)
+            self.failures.append(f"{endpoint.name}: breaker open")
+        raise self._exhausted()
+
+    def _start(self, endpoint: Endpoint, *, number: int, shrink: bool, delay: float) -> Attempt:
+        previous = self._current
+        if previous is not None and previous.endpoint is not endpoint:
+            self.router.events.fallback(self.router.role, previous.endpoint.name, endpoint.name)
+        self._current = Attempt(self, endpoint, number=number, shrink=shrink, delay=delay)
+        return self._current
+
+    def _exhausted(self) -> KeelError:
+        last = self.last_error
+        if last is not None and classify(last) is Failure.TOO_LONG:
+            return context_overflow(last)  # no endpoint's window fits: the caller's 400
+        return self.router.exhausted(self.failures, last)
+
+    def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
+        """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on)."""
+        endpoint = attempt.endpoint
+        if error is None or (not isinstance(error, KeelError) and attempt.produced):
+            # Done, or the client stopped reading after tokens flowed: a success either way.
+            self._done = True
+            self.provider = endpoint.provider
+            self.router.succeeded(endpoint, attempt.first_piece_after or seconds)
+            self.router.events.observe_generation(
+                self.router.role,
+                endpoint.name,
+                seconds,
+                attempt.first_piece_after,
+                attempt.produced,
+            )
+            self.router.events.fallback_active(
+                self.router.role, endpoint not in self.router.groups[0]
+            )
+            return False
+        if not isinstance(error, KeelError) or isinstance(error, RequestError):
+            # Cancelled, or keel's own check of the request: says nothing about the provider.
+            endpoint.breaker.record_ignored()
+            return False
+        return self._failed(attempt, error)
+
+    def _failed(self, attempt: Attempt, error: KeelError) -> bool:
+        endpoint, kind = attempt.endpoint, classify(error)
+        self.router.failed(endpoint, error, kind)
+        self.last_error = error
+        self.failures.append(f"{endpoint.name}: {error.message}")
+        log.info("%s: %s failed (%s): %s", self.router.role, endpoint.name, kind, error.message)
+        if self.streaming and attempt.produced:
+            return False  # the client has this endpoint's tokens: never splice another's
+        self._decision = self.rules.decide(
+            Failed(
+                failure=kind,
+                number=attempt.number,
+                shrunk=attempt.shrink,
+                last_resort=self._position >= len(self._candidates) - 1,
+                breaker_available=endpoint.breaker.available,
+            )
+        )
+        if self._decision is Decision.GIVE_UP:
+            raise (context_overflow(error) if kind is Failure.TOO_LONG else client_error(error))
+        return True
+
+
+def client_error(error: KeelError) -> RequestError:
+    """A backend's 4xx about the request, for the caller, with the backend's status."""
+    status = getattr(error, "upstream_status", None) or 400
+    client = RequestError(error.message, code="upstream_rejected_request")
+    client.status_code = status
+    return client
