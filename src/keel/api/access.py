@@ -37,6 +37,15 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
+def holds_key(request: Request) -> bool:
+    """Does ``request`` carry a valid key? Public routes show their details only then.
+
+    With no keys configured (loopback only) every caller holds one.
+    """
+    store = app_state(request).keys
+    return not store.enabled or store.identify(presented_keys(request)) is not None
+
+
 class Require:
     """The dependency behind each declaration; ``level`` is what the route needs."""
 

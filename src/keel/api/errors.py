@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -60,16 +61,73 @@ def validation_error(errors: list[Any]) -> RequestError:
     return RequestError(text, param=field, code="invalid_field")
 
 
-async def read_json(request: Request) -> Any:
-    body = await request.body()
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def _bad_text(value: Any, path: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    """Where in ``value`` a string is not valid Unicode (holds a lone surrogate), if anywhere.
+
+    Both kinds of bad text arrive here as lone surrogates: ``"\\ud800"`` escapes
+    decode to one, and ``decode_body`` turns each invalid UTF-8 byte into one.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _bad_text(key, (*path, key)) or _bad_text(item, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _bad_text(item, (*path, index))
+            if found is not None:
+                return found
+    return None
+
+
+def decode_body(body: bytes) -> Any:
+    """The JSON document in ``body``, or a 400 saying what is wrong with it.
+
+    The one gate every request body passes: invalid JSON, NaN/Infinity and
+    text that is not valid Unicode (invalid UTF-8, or a lone surrogate such as
+    ``"\\ud800"``, which no response could encode) are the caller's 400 naming
+    the field, never a 500 later on.
+    """
     if not body.strip():
         raise RequestError("the request body is empty; send a JSON object", code="empty_body")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = body.decode(json.detect_encoding(body), "surrogateescape")
+        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except ValueError as exc:  # JSONDecodeError, a bad number, an over-long integer
         raise RequestError(
             f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
+    where = _bad_text(data)
+    if where is not None:
+        field = _field(where).encode("utf-8", "backslashreplace").decode()
+        raise RequestError(
+            f"'{field}': the text is not valid Unicode (invalid UTF-8 or a lone surrogate); "
+            "send UTF-8",
+            param=field,
+            code="invalid_text",
+        )
+    return data
+
+
+async def read_json(request: Request) -> Any:
+    return decode_body(await request.body())
 
 
 def parse_model(model: type[ModelT], data: Any) -> ModelT:

@@ -12,27 +12,16 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from keel.api.access import ADMIN, USER
 from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.config import Role
 from keel.errors import KeelError
+from keel.schemas.admin import LoadRequest, UnloadRequest
+from keel.schemas.openapi import json_body
 
 router = APIRouter()
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model_name: str = Field(min_length=1, max_length=512)
-    role: Role = "completion"
-    stream: bool = True
-
-
-class UnloadRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Role = "completion"
 
 
 @router.get("/v1/model", dependencies=[USER])
@@ -45,10 +34,17 @@ async def list_models(request: Request) -> dict[str, object]:
     return {"object": "list", "data": app_state(request).models.available_models()}
 
 
-@router.post("/v1/model/load", dependencies=[ADMIN], response_model=None)
+@router.post(
+    "/v1/model/load",
+    dependencies=[ADMIN],
+    response_model=None,
+    openapi_extra=json_body(LoadRequest),
+)
 async def load_model(request: Request) -> Response:
+    """A model that does not exist is a 404 before any progress is streamed."""
     body = await read_model(request, LoadRequest)
     manager = app_state(request).models
+    manager.require_model(body.model_name)
     key_id = getattr(request.state, "key_id", None)
     steps = manager.load(body.role, body.model_name, key_id=key_id)
     if not body.stream:
@@ -70,7 +66,7 @@ async def load_model(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/v1/model/unload", dependencies=[ADMIN])
+@router.post("/v1/model/unload", dependencies=[ADMIN], openapi_extra=json_body(UnloadRequest))
 async def unload_model(request: Request) -> dict[str, object]:
     body = await read_model(request, UnloadRequest)
     manager = app_state(request).models

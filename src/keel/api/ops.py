@@ -1,11 +1,16 @@
-"""Liveness and readiness for supervisors and load balancers."""
+"""Liveness and readiness for supervisors and load balancers.
+
+These routes are public: anyone gets the status code and a one-word state per
+role. Model paths, PIDs, error texts, upstream URLs and request counts go only
+to a caller with a valid key on the same request (``/v1/providers`` has more).
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from keel.api.access import PUBLIC, USER
+from keel.api.access import PUBLIC, USER, holds_key
 from keel.api.state import app_state
 from keel.config import ROLES
 
@@ -30,10 +35,17 @@ async def deep_health(request: Request, timeout: float = Query(10.0, gt=0, le=30
     findings = await state.deep_health.check(state.providers, state.metrics, timeout=timeout)
     now = state.deep_health.now()
     ok = all(finding.ok for finding in findings)
+    details = holds_key(request)
+    roles: dict[str, dict[str, object]] = {}
+    for finding in findings:
+        shown = finding.to_json(now)
+        if not details:
+            shown = {key: shown[key] for key in ("ok", "seconds", "age_seconds")}
+        roles[finding.role] = shown
     body = {
         "status": "ok" if ok else "failing",
         "ttl_seconds": state.deep_health.ttl,
-        "roles": {finding.role: finding.to_json(now) for finding in findings},
+        "roles": roles,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -44,11 +56,16 @@ async def readiness(request: Request) -> JSONResponse:
     state = app_state(request)
     roles: dict[str, dict[str, object]] = {}
     ready = True
+    details = holds_key(request)
     for role in ROLES:
         provider = state.providers.for_role(role)
         usable = state.routing.routers[role].any_usable()
         ready = ready and usable
-        roles[role] = {"provider": provider.name, "usable": usable, **provider.status()}
+        status = provider.status()
+        if details:
+            roles[role] = {"provider": provider.name, "usable": usable, **status}
+        else:
+            roles[role] = {"usable": usable, "state": str(status.get("state", "unknown"))}
     body = {"status": "ready" if ready else "not_ready", "roles": roles}
     return JSONResponse(body, status_code=200 if ready else 503)
 

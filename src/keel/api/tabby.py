@@ -18,6 +18,7 @@ from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
 from keel.errors import RequestError
+from keel.schemas.openapi import json_body
 from keel.schemas.tabby import (
     Choice,
     HealthModels,
@@ -94,7 +95,7 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-@router.post("/v1/events", dependencies=[USER])
+@router.post("/v1/events", dependencies=[USER], openapi_extra=json_body(LogEventRequest))
 async def log_event(request: Request, select_kind: str | None = None) -> Response:
     event = parse_model(LogEventRequest, await read_json(request))
     state = app_state(request)
@@ -165,7 +166,8 @@ async def completion_stats(
     return {"since": start, "until": end, "data": rows}
 
 
-@router.api_route("/v1/health", methods=["GET", "POST"], dependencies=[USER])
+@router.get("/v1/health", dependencies=[USER])
+@router.post("/v1/health", dependencies=[USER])
 async def health(request: Request) -> dict[str, object]:
     return health_state(request).model_dump(exclude_none=True)
 

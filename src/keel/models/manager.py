@@ -131,6 +131,13 @@ class ModelManager:
             cards.append(self._card(file.name, parameters))
         return cards
 
+    def require_model(self, model_name: str) -> None:
+        """Raise NotFound unless ``model_name`` is a model file keel could load."""
+        try:
+            resolve_model(model_name, self.paths)
+        except MissingDependency as exc:
+            raise NotFound(exc.message) from None
+
     def _candidates(self, role: Role, model_name: str) -> list[str]:
         config = self.settings.model.role(role).local
         fallbacks = list(config.fallback_models) if config is not None else []

@@ -9,6 +9,7 @@ the native library just to learn a path.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,15 +46,25 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     """Turn a ``model_id`` from the config into a GGUF file path."""
     if model_id == EMBEDDED_MODEL_ID:
         return embedded_model_path()
-    candidates = [Path(model_id).expanduser()]
-    candidates += [paths.models_dir / model_id, paths.models_dir / f"{model_id}.gguf"]
+    given = Path(model_id)
+    with contextlib.suppress(RuntimeError):  # "~user" with no such user
+        given = given.expanduser()
+    candidates = [given, paths.models_dir / model_id, paths.models_dir / f"{model_id}.gguf"]
     for candidate in candidates:
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     raise MissingDependency(
         f"model {model_id!r} not found: looked for {', '.join(str(c) for c in candidates)}; "
         f"put a .gguf file in {paths.models_dir} or give its path"
     )
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, false for a name the OS refuses (too long, a NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def list_model_files(paths: Paths) -> list[ModelFile]:

@@ -41,6 +41,10 @@ class DebugOptions(_Wire):
 
 
 class TabbyCompletionRequest(_Wire):
+    """Tabby's completion request; a body with ``prompt`` is OpenAI's instead."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"not": {"required": ["prompt"]}})
+
     language: str | None = Field(None, max_length=64)
     segments: Segments | None = None
     user: str | None = None

@@ -1,0 +1,104 @@
+"""An in-process keel with keys, served by fake model backends on loopback.
+
+No local model runs here: completion, chat and embedding all go to
+:class:`FakeUpstream` servers, so a request costs milliseconds and the
+fuzzers can send hundreds.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from tests.fakes.upstreams import FakeUpstream
+
+from keel.app import create_app
+from keel.config import Paths, parse_settings
+
+USER_KEY = "api-test-user-key-0123456789"
+ADMIN_KEY = "api-test-admin-key-0123456789"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"x-admin-key": ADMIN_KEY}
+
+
+def keel_config(primary: str, fallback: str, *, extra: str = "") -> str:
+    """Completion from two replicas (``primary``, ``fallback``) and a fallback; chat and
+    embedding from ``fallback``; keys configured."""
+    return f"""
+[server]
+completion_timeout = 10
+
+[routing]
+probe_interval_seconds = 60
+
+[auth]
+api_keys = ["{USER_KEY}"]
+admin_key = "{ADMIN_KEY}"
+
+[model.completion]
+embedded_last_resort = false
+
+[model.completion.http]
+kind = "openai/completion"
+api_endpoints = ["{primary}/v1", "{fallback}/v1"]
+model_name = "primary-coder"
+
+[[model.completion.fallback]]
+kind = "openai/completion"
+api_endpoint = "{fallback}/v1"
+model_name = "fallback-coder"
+
+[model.chat.http]
+kind = "openai/chat"
+api_endpoint = "{fallback}/v1"
+model_name = "fallback-chat"
+
+[model.embedding.http]
+kind = "openai/embedding"
+api_endpoint = "{fallback}/v1"
+model_name = "fallback-embed"
+{extra}"""
+
+
+def build_app(root: Path, config: str) -> FastAPI:
+    """The app for ``config``, written to ``root``/config.toml so a reload reads it again."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.toml"
+    path.write_text(config)
+    settings = parse_settings(tomllib.loads(config), str(path))
+    return create_app(settings, Paths(root), config_path=path)
+
+
+@dataclass
+class Backends:
+    primary: FakeUpstream
+    fallback: FakeUpstream
+
+    def config(self, extra: str = "") -> str:
+        return keel_config(self.primary.url, self.fallback.url, extra=extra)
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[Backends]:
+    with FakeUpstream() as primary, FakeUpstream(embedding_dim=4) as fallback:
+        yield Backends(primary, fallback)
+    assert not primary.errors and not fallback.errors, (primary.errors, fallback.errors)
+
+
+@pytest.fixture
+def app(backends: Backends, tmp_path: Path) -> FastAPI:
+    return build_app(tmp_path / "keel", backends.config())
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the running app (its lifespan started), sending no key by default."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
+            yield http

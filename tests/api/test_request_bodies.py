@@ -1,0 +1,135 @@
+"""Every body passes one gate: bad JSON, bad text and bad fields are a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from tests.api.conftest import ADMIN, USER
+
+VALID_BODIES: dict[str, dict[str, object]] = {
+    "/v1/completions": {"language": "python", "segments": {"prefix": "def f():\n    "}},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+    "/v1/embeddings": {"input": ["a", "b"]},
+    "/v1/events": {"type": "view", "completion_id": "cmpl-1", "choice_index": 0},
+    "/v1/model/load": {"model_name": "no-such-model"},
+    "/v1/model/unload": {"role": "chat"},
+}
+OPENAI_COMPLETION = {"prompt": "def f():", "max_tokens": 5}
+
+
+def headers_for(path: str) -> dict[str, str]:
+    return {
+        **(ADMIN if path.startswith("/v1/model/") else USER),
+        "content-type": "application/json",
+    }
+
+
+def assert_names(response: httpx.Response, field: str, code: str) -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert (error["code"], error.get("param")) == (code, field), error
+    assert f"'{field}'" in error["message"]
+
+
+def with_text(body: dict[str, object], field: str, placeholder: str) -> bytes:
+    """``body`` as JSON with ``placeholder`` as the value of top-level ``field``."""
+    return json.dumps({**body, field: placeholder}).encode()
+
+
+BAD_TEXT = [
+    ("/v1/completions", {**OPENAI_COMPLETION}, "model"),
+    ("/v1/completions", VALID_BODIES["/v1/completions"], "language"),
+    ("/v1/chat/completions", VALID_BODIES["/v1/chat/completions"], "model"),
+    ("/v1/embeddings", VALID_BODIES["/v1/embeddings"], "user"),
+    ("/v1/events", VALID_BODIES["/v1/events"], "completion_id"),
+    ("/v1/model/load", VALID_BODIES["/v1/model/load"], "model_name"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), BAD_TEXT)
+async def test_a_lone_surrogate_is_a_400_naming_the_field(
+    client: httpx.AsyncClient, path: str, body: dict[str, object], field: str
+) -> None:
+    raw = with_text(body, field, "PLACEHOLDER").replace(b"PLACEHOLDER", b"ab\\ud800cd")
+    response = await client.post(path, content=raw, headers=headers_for(path))
+    assert_names(response, field, "invalid_text")
+
+
+@pytest.mark.parametrize(("path", "body", "field"), BAD_TEXT)
+async def test_invalid_utf8_is_a_400_naming_the_field(
+    client: httpx.AsyncClient, path: str, body: dict[str, object], field: str
+) -> None:
+    raw = with_text(body, field, "PLACEHOLDER").replace(b"PLACEHOLDER", b"ab\xff\xfe")
+    response = await client.post(path, content=raw, headers=headers_for(path))
+    assert_names(response, field, "invalid_text")
+
+
+async def test_bad_text_deep_inside_names_the_path(client: httpx.AsyncClient) -> None:
+    body = {
+        "language": "python",
+        "segments": {
+            "prefix": "x",
+            "declarations": [
+                {"filepath": "a.py", "body": "ok"},
+                {"filepath": "b.py", "body": "PLACEHOLDER"},
+            ],
+        },
+    }
+    raw = json.dumps(body).encode().replace(b"PLACEHOLDER", b"\\udfff")
+    response = await client.post("/v1/completions", content=raw, headers=USER)
+    assert_names(response, "segments.declarations[1].body", "invalid_text")
+    # Encoded surrogates (CESU-style bytes) are bad text too, and so is a bad key.
+    raw = json.dumps({"prompt": "x", "suffix": "PLACEHOLDER"}).encode()
+    response = await client.post(
+        "/v1/completions", content=raw.replace(b"PLACEHOLDER", b"\xed\xa0\x80"), headers=USER
+    )
+    assert_names(response, "suffix", "invalid_text")
+    raw = b'{"prompt": "x", "\\ud800": 1}'
+    response = await client.post("/v1/completions", content=raw, headers=USER)
+    assert_names(response, "\\ud800", "invalid_text")
+
+
+async def test_valid_astral_text_is_served(client: httpx.AsyncClient) -> None:
+    raw = b'{"prompt": "caf\\u00e9 \\ud83d\\ude00", "model": "\xf0\x9f\x98\x80", "max_tokens": 4}'
+    response = await client.post("/v1/completions", content=raw, headers=USER)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "\U0001f600"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"", "empty_body"),
+        (b"{", "invalid_json"),
+        (b'{"prompt": "x", "temperature": NaN}', "invalid_json"),
+        (b'{"prompt": "x", "temperature": -Infinity}', "invalid_json"),
+        (b'{"prompt": "x", "temperature": 1e999}', "invalid_json"),
+        (b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+    ],
+)
+async def test_bodies_that_are_not_json_objects_are_400(
+    client: httpx.AsyncClient, raw: bytes, code: str
+) -> None:
+    for path in VALID_BODIES:
+        response = await client.post(path, content=raw, headers=headers_for(path))
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["code"] == code, (path, response.text)
+
+
+async def test_a_missing_model_is_a_404_before_any_streaming(client: httpx.AsyncClient) -> None:
+    for stream in (True, False):
+        body = {"model_name": "no-such-model", "role": "completion", "stream": stream}
+        response = await client.post("/v1/model/load", json=body, headers=ADMIN)
+        assert response.status_code == 404, response.text
+        assert response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("not_found_error", "not_found")
+        assert "no-such-model" in error["message"]
+    for name in ("~nosuchuser/model.gguf", "x" * 512, "a\u0000b"):
+        body = {"model_name": name}
+        response = await client.post("/v1/model/load", json=body, headers=ADMIN)
+        assert response.status_code == 404, (name[:20], response.text)
