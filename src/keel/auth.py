@@ -21,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from keel.config import AuthConfig
+from keel.rate_limit import TokenBucket
 
 log = logging.getLogger("keel.auth")
 
@@ -138,25 +139,20 @@ class KeyStore:
         return best
 
 
-class RateLimiter:
+class KeyRateLimiter:
     """A token bucket per key: ``per_minute`` requests, bursting up to that many."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
+        self.per_minute = per_minute
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
     def take(self, who: str) -> float:
-        """0 if allowed now, else the seconds until a request would be."""
-        now = self._clock()
-        tokens, last = self._buckets.get(who, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[who] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[who] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+        """0 if allowed now, else the seconds until a request would be (nothing taken)."""
+        bucket = self._buckets.get(who)
+        if bucket is None:
+            bucket = self._buckets[who] = TokenBucket(self.per_minute, clock=self._clock)
+        return bucket.take()
 
 
 def is_loopback(host: str) -> bool:

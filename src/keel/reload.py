@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keel.api.state import AppState
 from keel.audit import AuditLog
-from keel.auth import KeyStore, RateLimiter
+from keel.auth import KeyRateLimiter, KeyStore
 from keel.config import ROLES, Paths, Settings, load_settings
 from keel.errors import KeelError
 from keel.models.manager import ModelManager
@@ -35,7 +35,7 @@ class Parts:
     routing: Routing
     completion: CompletionService
     keys: KeyStore
-    rate_limiter: RateLimiter | None
+    rate_limiter: KeyRateLimiter | None
     models: ModelManager
 
 
@@ -67,7 +67,7 @@ def assemble(
             retriever=retriever,
         ),
         keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded),
-        rate_limiter=RateLimiter(per_minute) if per_minute else None,
+        rate_limiter=KeyRateLimiter(per_minute) if per_minute else None,
         models=ModelManager(settings, paths, routing, audit),
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from keel.audit import AuditLog
-from keel.auth import KeyStore, RateLimiter
+from keel.auth import KeyRateLimiter, KeyStore
 from keel.config import Paths, Settings
 from keel.events import EventStore
 from keel.models.manager import ModelManager
@@ -34,7 +34,7 @@ class AppState:
     events: EventStore
     metrics: Metrics
     keys: KeyStore
-    rate_limiter: RateLimiter | None
+    rate_limiter: KeyRateLimiter | None
     audit: AuditLog
     models: ModelManager
     config_path: Path | None = None

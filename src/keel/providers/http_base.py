@@ -41,6 +41,7 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.providers.base import CompletionProvider, ProviderInfo
+from keel.rate_limit import TokenBucket
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to open a connection; a backend that cannot accept in 5 s is down."""
@@ -331,7 +332,7 @@ LineParser = Callable[[AsyncIterator[str], str], AsyncGenerator[JsonObject, None
 
 
 class RateLimiter:
-    """A token bucket for ``rate_limit.request_per_minute``.
+    """``rate_limit.request_per_minute``: a :class:`~keel.rate_limit.TokenBucket`.
 
     The bucket holds up to ``burst`` requests (a minute's worth by default, as
     Tabby allows) and refills continuously. When it is empty a request waits
@@ -339,7 +340,7 @@ class RateLimiter:
     at once with :class:`UpstreamStatusError` (code ``rate_limited``, no
     ``upstream_status``, ``retry_after`` set), so the router can use a fallback
     instead of queueing a code completion for seconds. Waiters reserve their
-    slot (the level goes negative), so concurrent callers are served in order.
+    turn, so concurrent callers are served in order.
     """
 
     def __init__(
@@ -351,43 +352,25 @@ class RateLimiter:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        if per_minute < 1:
-            raise ValueError(f"per_minute must be at least 1 (got {per_minute})")
-        self.per_minute = per_minute
-        self.capacity = float(burst if burst is not None else per_minute)
+        self.bucket = TokenBucket(per_minute, burst=burst, clock=clock)
         self.max_wait = max_wait
-        self._rate = per_minute / 60.0
-        self._clock = clock
         self._sleep = sleep
-        self._level = self.capacity
-        self._updated = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        elapsed = max(0.0, now - self._updated)
-        self._level = min(self.capacity, self._level + elapsed * self._rate)
-        self._updated = now
 
     @property
     def available(self) -> float:
-        self._refill()
-        return self._level
+        return self.bucket.available
 
     async def acquire(self, provider: str) -> None:
-        self._refill()
-        if self._level >= 1.0:
-            self._level -= 1.0
-            return
-        wait = (1.0 - self._level) / self._rate
+        wait = self.bucket.take(max_wait=self.max_wait)
         if wait > self.max_wait:
             raise UpstreamStatusError(
-                f"keel's rate limit of {self.per_minute} requests/minute is reached",
+                f"keel's rate limit of {self.bucket.per_minute} requests/minute is reached",
                 provider=provider,
                 code="rate_limited",
                 retry_after=wait,
             )
-        self._level -= 1.0
-        await self._sleep(wait)
+        if wait > 0:
+            await self._sleep(wait)
 
 
 # --- the connection ----------------------------------------------------------
