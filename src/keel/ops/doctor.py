@@ -103,8 +103,9 @@ class DoctorOptions:
 
 
 def check_native_library(report: Report, timeout: float) -> None:
-    """Import llama-cpp-python in a child: a crash or hang there is a finding."""
-    code = "import llama_cpp, sys; sys.stdout.write(llama_cpp.__version__)"
+    """Import the local engine (xllamacpp, llama.cpp's server) in a child: a crash or
+    hang there is a finding."""
+    code = "import xllamacpp, sys; sys.stdout.write(xllamacpp.__version__)"
     try:
         result = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
@@ -113,12 +114,12 @@ def check_native_library(report: Report, timeout: float) -> None:
         report.add(
             "native library",
             "FAIL",
-            f"importing llama_cpp hung for {timeout:.0f}s",
+            f"importing xllamacpp hung for {timeout:.0f}s",
             EXIT_DEPENDENCY,
         )
         return
     if result.returncode == 0:
-        report.add("native library", "ok", f"llama-cpp-python {result.stdout.strip()}")
+        report.add("native library", "ok", f"xllamacpp {result.stdout.strip()}")
         return
     if result.returncode < 0:
         why = f"the import was killed by signal {-result.returncode}"
@@ -128,7 +129,7 @@ def check_native_library(report: Report, timeout: float) -> None:
     report.add(
         "native library",
         "FAIL",
-        f"cannot import llama_cpp: {why}; reinstall llama-cpp-python in keel's environment",
+        f"cannot import xllamacpp: {why}; reinstall xllamacpp in keel's environment",
         EXIT_DEPENDENCY,
     )
 

@@ -340,9 +340,14 @@ class WorkerSupervisor:
                 f"worker died during the request ({self.last_error or message['error']}); {then}",
                 provider=self.name,
             )
-        if message.get("code") == "bad_request":
+        code = message.get("code")
+        if code in ("bad_request", "context_length_exceeded"):
             raise UpstreamStatusError(
-                str(message["error"]), provider=self.name, code="bad_request", upstream_status=400
+                str(message["error"]),
+                provider=self.name,
+                code=str(code),
+                upstream_status=400,
+                details={k: message[k] for k in ("n_prompt_tokens", "n_ctx") if k in message},
             )
         raise KeelError(f"{self.name}: {message['error']}")
 
