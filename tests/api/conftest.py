@@ -26,9 +26,19 @@ USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"x-admin-key": ADMIN_KEY}
 
 
-def keel_config(primary: str, fallback: str, *, extra: str = "") -> str:
+def keel_config(primary: str, fallback: str, *, local_embedding: str | None = None) -> str:
     """Completion from two replicas (``primary``, ``fallback``) and a fallback; chat and
-    embedding from ``fallback``; keys configured."""
+    embedding from ``fallback`` (embedding from the local model file ``local_embedding``
+    if given); keys configured."""
+    embedding = (
+        f'[model.embedding.local]\nmodel_id = "{local_embedding}"\n'
+        if local_embedding
+        else f"""[model.embedding.http]
+kind = "openai/embedding"
+api_endpoint = "{fallback}/v1"
+model_name = "fallback-embed"
+"""
+    )
     return f"""
 [server]
 completion_timeout = 10
@@ -58,11 +68,7 @@ kind = "openai/chat"
 api_endpoint = "{fallback}/v1"
 model_name = "fallback-chat"
 
-[model.embedding.http]
-kind = "openai/embedding"
-api_endpoint = "{fallback}/v1"
-model_name = "fallback-embed"
-{extra}"""
+{embedding}"""
 
 
 def build_app(root: Path, config: str) -> FastAPI:
@@ -79,8 +85,8 @@ class Backends:
     primary: FakeUpstream
     fallback: FakeUpstream
 
-    def config(self, extra: str = "") -> str:
-        return keel_config(self.primary.url, self.fallback.url, extra=extra)
+    def config(self, *, local_embedding: str | None = None) -> str:
+        return keel_config(self.primary.url, self.fallback.url, local_embedding=local_embedding)
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,12 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-@router.post("/v1/events", dependencies=[USER], openapi_extra=json_body(LogEventRequest))
+@router.post(
+    "/v1/events",
+    dependencies=[USER],
+    response_class=Response,
+    openapi_extra=json_body(LogEventRequest),
+)
 async def log_event(request: Request, select_kind: str | None = None) -> Response:
     event = parse_model(LogEventRequest, await read_json(request))
     state = app_state(request)

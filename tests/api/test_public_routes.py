@@ -1,0 +1,101 @@
+"""Public routes leak nothing: with keys configured, a caller without one learns the status
+and a one-word state per role, never a filesystem path, a PID or an upstream URL."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Route
+from tests.api.conftest import USER, Backends, build_app
+
+from keel.api.access import DOCS_PATHS, declared_access, walk_routes
+from keel.auth import Access
+
+DETAIL_KEYS = {"pid", "model", "last_error", "error", "provider", "generation", "restarts"}
+
+
+def json_keys_and_ints(value: Any) -> tuple[set[str], set[int]]:
+    keys: set[str] = set()
+    ints: set[int] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            keys.add(key)
+            more_keys, more_ints = json_keys_and_ints(item)
+            keys |= more_keys
+            ints |= more_ints
+    elif isinstance(value, list):
+        for item in value:
+            more_keys, more_ints = json_keys_and_ints(item)
+            keys |= more_keys
+            ints |= more_ints
+    elif isinstance(value, int) and not isinstance(value, bool):
+        ints.add(value)
+    return keys, ints
+
+
+@pytest.fixture
+def leaky_root(tmp_path: Path) -> Path:
+    """A data root whose embedding model is a broken GGUF file: its worker starts (a PID),
+    fails (an error text naming the file) and reports the model's path."""
+    root = tmp_path / "keel"
+    model = root / "models" / "broken.gguf"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"GGUF" + b"\0" * 64)
+    return root
+
+
+async def test_public_routes_show_no_path_pid_or_upstream_url(
+    backends: Backends, leaky_root: Path
+) -> None:
+    app = build_app(leaky_root, backends.config(local_embedding="broken"))
+    public = [
+        (route.path, method)
+        for route in walk_routes(app.routes)
+        if declared_access(route) is Access.PUBLIC and isinstance(route, Route)
+        for method in sorted(route.methods or ())
+        if method != "HEAD"
+    ]
+    assert {("/health", "GET"), ("/ready", "GET"), ("/health/deep", "GET")} <= set(public)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+            # Wait until the broken worker has started and given up: a PID and an error exist.
+            for _ in range(200):
+                embedding = (await client.get("/ready", headers=USER)).json()["roles"]["embedding"]
+                if embedding["state"] == "failed" and embedding["last_error"]:
+                    break
+                await asyncio.sleep(0.05)
+            pid = embedding["pid"]
+            assert isinstance(pid, int) and str(leaky_root) in embedding["model"]
+            deep = (await client.get("/health/deep", headers=USER)).json()
+            assert str(leaky_root) in deep["roles"]["embedding"]["error"]
+
+            urls = [backends.primary.url, backends.fallback.url]
+            secrets = [str(leaky_root), *urls, *(url.removeprefix("http://") for url in urls)]
+            for path, method in public:
+                for headers in ({}, {"Authorization": "Bearer not-a-key"}):
+                    response = await client.request(method, path, headers=headers)
+                    assert response.status_code < 500 or path in ("/ready", "/health/deep")
+                    for secret in secrets:
+                        assert secret not in response.text, (path, secret)
+                    if path in DOCS_PATHS:  # the API's own description: no state in it
+                        continue
+                    if response.headers.get("content-type", "").startswith("application/json"):
+                        keys, ints = json_keys_and_ints(response.json())
+                        assert not keys & DETAIL_KEYS, (path, keys & DETAIL_KEYS)
+                        assert pid not in ints, path
+                    else:
+                        assert not re.search(rf"\b{pid}\b", response.text), path
+
+            ready = await client.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["roles"]["embedding"] == {"usable": False, "state": "failed"}
+            assert ready.json()["roles"]["chat"] == {"usable": True, "state": "ok"}
+            deep = await client.get("/health/deep")
+            assert deep.status_code == 503
+            assert deep.json()["roles"]["embedding"]["ok"] is False
