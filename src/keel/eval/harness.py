@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keel.config import EMBEDDED_MODEL_ID, IndexConfig, Paths, RepositoryConfig
+from keel.config import EMBEDDED_MODEL_ID, IndexConfig, LocalModelConfig, Paths, RepositoryConfig
 from keel.errors import RequestError, UpstreamError
 from keel.eval.samples import Sample, sample_repository
 from keel.eval.scoring import Score, Summary
@@ -376,19 +376,16 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 async def _run_local(options: EvalOptions) -> EvalReport:
     from keel.models.registry import resolve_model
-    from keel.providers.local import LocalProvider
-    from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
+    from keel.providers.catalog import build_local_provider
 
-    paths = Paths.from_env()
-    spec = WorkerSpec(
-        model_path=str(resolve_model(options.model_id, paths)),
+    config = LocalModelConfig(
+        model_id=options.model_id,
         context_size=max(2048, options.max_input_length + options.max_decoding_tokens + 64),
         threads=options.threads,
+        parallelism=1,
     )
-    name = f"local/{options.model_id}"
-    provider = LocalProvider(
-        WorkerSupervisor(spec, name=name), name=name, model=options.model_id, ready_timeout=120.0
-    )
+    path = resolve_model(options.model_id, Paths.from_env())
+    provider = build_local_provider("completion", config, path, ready_timeout=120.0)
     await provider.start()
     try:
         return await run_eval(options, provider)

@@ -23,10 +23,10 @@ from keel.config import LocalModelConfig, Paths, Role, Settings
 from keel.errors import Conflict, InsufficientMemory, KeelError, MissingDependency, NotFound
 from keel.models import gguf
 from keel.models.registry import list_model_files, resolve_model
-from keel.providers.catalog import ProviderEntry
+from keel.providers.catalog import ProviderEntry, build_local_provider, local_worker_spec
 from keel.providers.local import LocalProvider
 from keel.router.service import Routing
-from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
+from keel.workers.supervisor import WorkerState
 
 log = logging.getLogger("keel.models")
 
@@ -154,7 +154,8 @@ class ModelManager:
                 if candidate == model_name:
                     raise NotFound(exc.message) from None
                 continue
-            needed = memory_needed(path, config.context_size, self._slots(role, config))
+            slots = local_worker_spec(role, config, path).slots
+            needed = memory_needed(path, config.context_size, slots)
             if available is None or needed <= available:
                 note = (
                     f"{_mib(needed)} needed, {_mib(available)} available"
@@ -170,9 +171,6 @@ class ModelManager:
             f"lower context_size or parallelism, or list smaller [model.{role}.local] "
             "fallback_models"
         )
-
-    def _slots(self, role: Role, config: LocalModelConfig) -> int:
-        return 1 if role == "embedding" else config.parallelism
 
     async def load(
         self, role: Role, model_name: str, *, key_id: str | None
@@ -204,23 +202,8 @@ class ModelManager:
         chosen, path, note = self._plan(role, model_name, base)
         yield Progress("checking_memory", note)
         config = base.model_copy(update={"model_id": chosen})
-        spec = WorkerSpec(
-            model_path=str(path),
-            context_size=config.context_size,
-            threads=config.threads,
-            gpu_layers=config.num_gpu_layers,
-            embedding=role == "embedding",
-            slots=self._slots(role, config),
-        )
-        name = f"local/{chosen}" + ("/embedding" if role == "embedding" else "")
-        supervisor = WorkerSupervisor(spec, name=name)
-        provider = LocalProvider(
-            supervisor,
-            name=name,
-            model=chosen,
-            ready_timeout=60.0,
-            prompt_template=config.prompt_template,
-        )
+        provider = build_local_provider(role, config, path, ready_timeout=60.0)
+        supervisor, name = provider.supervisor, provider.name
         yield Progress("starting_worker", f"starting a worker for {path.name}")
         await provider.start()
         last_state = None

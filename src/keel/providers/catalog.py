@@ -4,11 +4,16 @@ Local models that several roles or chains share run in one worker
 (completion and chat on the embedded model); embeddings need a context
 loaded for embeddings and get their own. An HTTP provider with several
 ``api_endpoints`` becomes one provider per replica, grouped.
+
+:func:`build_local_provider` is the one way keel makes a local model's
+provider: at startup, on a config reload, on ``POST /v1/model/load`` and for
+``keel eval``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from keel.config import (
     EMBEDDED_MODEL_ID,
@@ -61,6 +66,50 @@ def _wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: b
     return enabled and not already
 
 
+def local_worker_spec(role: Role, config: LocalModelConfig, model_path: Path) -> WorkerSpec:
+    """The worker a local model needs to serve ``role``: embeddings get a context
+    loaded for embeddings, with one slot."""
+    embedding = role == "embedding"
+    return WorkerSpec(
+        model_path=str(model_path),
+        context_size=config.context_size,
+        threads=config.threads,
+        gpu_layers=config.num_gpu_layers,
+        embedding=embedding,
+        slots=1 if embedding else config.parallelism,
+    )
+
+
+def build_local_provider(
+    role: Role,
+    config: LocalModelConfig,
+    model_path: Path,
+    *,
+    ready_timeout: float,
+    running: dict[WorkerSpec, LocalProvider] | None = None,
+) -> LocalProvider:
+    """A provider over a supervised worker for ``model_path`` (not started yet).
+
+    ``running`` holds the providers already made, by worker spec: one whose
+    spec matches is returned instead of a new one (roles sharing a model share
+    its worker; a reload keeps an unchanged worker), and a new one is added.
+    """
+    spec = local_worker_spec(role, config, model_path)
+    if running is not None and spec in running:
+        return running[spec]
+    name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
+    provider = LocalProvider(
+        WorkerSupervisor(spec, name=name),
+        name=name,
+        model=config.model_id,
+        ready_timeout=ready_timeout,
+        prompt_template=config.prompt_template,
+    )
+    if running is not None:
+        running[spec] = provider
+    return provider
+
+
 def build_providers(
     settings: Settings, paths: Paths, reuse: dict[WorkerSpec, LocalProvider] | None = None
 ) -> Providers:
@@ -74,24 +123,10 @@ def build_providers(
     timeout = settings.server.completion_timeout
 
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:
-        spec = WorkerSpec(
-            model_path=str(resolve_model(config.model_id, paths)),
-            context_size=config.context_size,
-            threads=config.threads,
-            gpu_layers=config.num_gpu_layers,
-            embedding=role == "embedding",
-            slots=1 if role == "embedding" else config.parallelism,
+        path = resolve_model(config.model_id, paths)
+        return build_local_provider(
+            role, config, path, ready_timeout=max(timeout, 60.0), running=workers
         )
-        if spec not in workers:
-            name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
-            workers[spec] = LocalProvider(
-                WorkerSupervisor(spec, name=name),
-                name=name,
-                model=config.model_id,
-                ready_timeout=max(timeout, 60.0),
-                prompt_template=config.prompt_template,
-            )
-        return workers[spec]
 
     chains: dict[Role, list[list[ProviderEntry]]] = {}
     for role in ROLES:
