@@ -155,8 +155,8 @@ def test_cancelled_stream_frees_the_worker(keel_server: KeelProcess) -> None:
             for line in response.iter_lines():
                 if line.startswith("data: {"):
                     break
-        # The worker serves one generation at a time: this answers quickly only if the
-        # abandoned 2000-token generation was cancelled.
+        # The engine's slots are freed by cancellation (test_engine.py times it); here the
+        # server keeps serving after a client walked away mid-stream.
         quick = client.post("/v1/completions", json={"prompt": "x =", "max_tokens": 4}, timeout=10)
     assert quick.status_code == 200, quick.text
 

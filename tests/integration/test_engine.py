@@ -1,0 +1,129 @@
+"""The local engine (llama.cpp's server in the worker) with the real embedded model:
+slots decode side by side, an abandoned request frees its slot at once, and a
+prompt over the context is the caller's error, never the provider's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from keel.errors import UpstreamStatusError
+from keel.models.registry import embedded_model_path
+from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
+from tests.conftest import KeelProcess
+
+pytestmark = pytest.mark.integration
+
+COUNTING = {"op": "complete", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0}
+
+
+@pytest.fixture
+async def supervisor() -> AsyncIterator[WorkerSupervisor]:
+    worker = WorkerSupervisor(WorkerSpec(str(embedded_model_path()), slots=2), name="engine")
+    await worker.start()
+    try:
+        await worker.wait_ready(60)
+        yield worker
+    finally:
+        await worker.stop()
+
+
+async def busy_slots(worker: WorkerSupervisor) -> int:
+    reply = await worker.call({"op": "slots"}, ready_timeout=5)
+    return sum(1 for slot in reply["slots"] if slot["busy"])
+
+
+async def test_an_abandoned_generation_frees_its_slot_at_once(supervisor: WorkerSupervisor) -> None:
+    """Closing the stream (what the router does when the client goes away) stops the
+    engine at its next token: the slot is free again within a decode step or two,
+    not after the remaining ~390 tokens (several seconds)."""
+    waits = []
+    for _ in range(3):
+        stream = supervisor.stream(COUNTING, ready_timeout=5)
+        for _ in range(5):
+            await anext(stream)
+        assert await busy_slots(supervisor) == 1
+        left = time.perf_counter()
+        await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(5000):  # at most ~10 s
+            if not await busy_slots(supervisor):
+                break
+            await asyncio.sleep(0.002)
+        waits.append(time.perf_counter() - left)
+    assert supervisor.stats.cancelled >= 3
+    # The best of three, so that one descheduling of a busy CI machine is not a failure;
+    # without cancellation every try takes seconds.
+    assert min(waits) < 0.1, waits
+
+
+async def test_a_queued_request_cancelled_never_reaches_the_engine(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """With both slots busy a third request waits in the worker; cancelled there, it
+    ends at once with no tokens, and the two running ones are not disturbed."""
+    running = [supervisor.stream(COUNTING, ready_timeout=5) for _ in range(2)]
+    for stream in running:
+        await anext(stream)
+    queued = supervisor.stream({**COUNTING, "prompt": "a, b, c,"}, ready_timeout=5)
+    task = asyncio.ensure_future(anext(queued))
+    await asyncio.sleep(0.2)
+    assert not task.done()  # waiting for a slot
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await queued.aclose()  # type: ignore[attr-defined]
+    for stream in running:
+        assert await anext(stream)  # still generating
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerSupervisor) -> None:
+    op = {"op": "complete", "prompt": "word " * 3000, "max_tokens": 4}
+    with pytest.raises(UpstreamStatusError) as raised:
+        async for _ in supervisor.stream(op, ready_timeout=5):
+            pass
+    error = raised.value
+    assert error.upstream_status == 400
+    assert error.code == "context_length_exceeded"
+    assert error.details["n_ctx"] == 2048
+    assert int(str(error.details["n_prompt_tokens"])) > 2048
+    # The worker is fine afterwards.
+    pieces = [p async for p in supervisor.stream({**COUNTING, "max_tokens": 3}, ready_timeout=5)]
+    assert pieces
+
+
+def test_a_long_generation_does_not_hold_up_completions(keel_server: KeelProcess) -> None:
+    """Head-of-line: while one client streams a 400-token answer from the local model,
+    a Tabby completion is answered in a slot of its own, long before that stream ends."""
+    first_token = threading.Event()
+    finished: list[float] = []
+
+    def long_generation() -> None:
+        body = {**COUNTING, "stream": True}
+        del body["op"]
+        with (
+            keel_server.client() as client,
+            client.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    first_token.set()
+        finished.append(time.monotonic())
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    try:
+        assert first_token.wait(60)
+        tabby = {"language": "python", "segments": {"prefix": "def add(a, b):\n    ", "suffix": ""}}
+        with keel_server.client() as client:
+            response = client.post("/v1/completions", json=tabby)
+        answered = time.monotonic()
+        assert response.status_code == 200, response.text
+        assert not finished, "the completion waited for the long generation to end"
+    finally:
+        thread.join(120)
+    assert finished and finished[0] > answered
