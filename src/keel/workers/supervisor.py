@@ -169,6 +169,7 @@ class WorkerSupervisor:
             "last_error": self.last_error,
             "model": self.spec.model_path,
             "generation": self.stats.snapshot(),
+            "engine": self.model_info,  # engine version, slots, context per slot, model name
         }
 
     async def wait_ready(self, timeout: float) -> None:
