@@ -52,7 +52,13 @@ def create_app(
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
         audit = AuditLog(paths.root / "audit.log")
         parts = assemble(
-            settings, paths, built, metrics=app_metrics, audit=audit, retriever=retriever
+            settings,
+            paths,
+            built,
+            metrics=app_metrics,
+            audit=audit,
+            events=events,
+            retriever=retriever,
         )
         state = AppState(
             settings=settings,
@@ -60,6 +66,8 @@ def create_app(
             providers=built,
             routing=parts.routing,
             completion=parts.completion,
+            chat=parts.chat,
+            embedding=parts.embedding,
             events=events,
             metrics=app_metrics,
             keys=parts.keys,

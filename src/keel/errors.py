@@ -11,6 +11,7 @@ API handler (``api/errors.py``) and the CLI never decide that for themselves::
     │   ├── NotFound                404  not_found_error
     │   ├── Conflict                409  (unloading the only provider of a role)
     │   ├── PayloadTooLarge         413
+    │   ├── ClientDisconnected      499  (the client left before its answer; nobody reads it)
     │   └── ContextLengthExceeded   400  (the prompt does not fit the model's context)
     ├── ConfigError                 422  invalid_config          exit 78  (lists ``issues``)
     ├── MissingDependency           500  server_error            exit 69
@@ -134,6 +135,14 @@ class NotFound(RequestError):
     status_code = 404
     error_type = "not_found_error"
     code = "not_found"
+
+
+class ClientDisconnected(RequestError):
+    """The client closed its connection: its work was cancelled. Nobody reads this
+    answer; its status (nginx's 499) keeps the metrics apart from served requests."""
+
+    status_code = 499
+    code = "client_disconnected"
 
 
 class ContextLengthExceeded(RequestError):

@@ -20,12 +20,16 @@ from keel.audit import AuditLog
 from keel.auth import KeyRateLimiter, KeyStore
 from keel.config import ROLES, Paths, Settings, load_settings
 from keel.errors import KeelError
+from keel.events import EventStore
 from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
-from keel.pipeline.completion import CompletionService, SnippetRetriever
+from keel.pipeline.completion import SnippetRetriever, TabbyPrompts
 from keel.providers.catalog import Providers, build_providers
 from keel.providers.local import LocalProvider
 from keel.router.service import Routing
+from keel.serving.chat import ChatServing
+from keel.serving.completion import CompletionServing
+from keel.serving.embedding import EmbeddingServing
 
 log = logging.getLogger("keel.reload")
 
@@ -33,7 +37,9 @@ log = logging.getLogger("keel.reload")
 @dataclass(slots=True)
 class Parts:
     routing: Routing
-    completion: CompletionService
+    completion: CompletionServing
+    chat: ChatServing
+    embedding: EmbeddingServing
     keys: KeyStore
     rate_limiter: KeyRateLimiter | None
     models: ModelManager
@@ -46,6 +52,7 @@ def assemble(
     *,
     metrics: Metrics,
     audit: AuditLog,
+    events: EventStore,
     retriever: SnippetRetriever | None,
 ) -> Parts:
     routing = Routing(settings, providers, events=metrics)
@@ -58,14 +65,25 @@ def assemble(
     per_minute = settings.auth.requests_per_minute
     return Parts(
         routing=routing,
-        completion=CompletionService(
+        completion=CompletionServing(
             routing.routers["completion"],
             routing.admission["completion"],
-            max_input_length=settings.completion.max_input_length,
-            max_decoding_tokens=settings.completion.max_decoding_tokens,
+            routing.superseder,
+            TabbyPrompts(
+                max_input_length=settings.completion.max_input_length,
+                max_decoding_tokens=settings.completion.max_decoding_tokens,
+                retriever=retriever,
+            ),
+            events=events,
+            metrics=metrics,
             timeout=settings.server.completion_timeout,
-            retriever=retriever,
         ),
+        chat=ChatServing(
+            routing.routers["chat"],
+            routing.admission["chat"],
+            timeout=max(settings.server.completion_timeout, 300.0),
+        ),
+        embedding=EmbeddingServing(routing.routers["embedding"], routing.admission["embedding"]),
         keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded),
         rate_limiter=KeyRateLimiter(per_minute) if per_minute else None,
         models=ModelManager(settings, paths, routing, audit),
@@ -94,13 +112,16 @@ async def reload_config(
         providers,
         metrics=state.metrics,
         audit=state.audit,
-        retriever=state.completion.retriever,
+        events=state.events,
+        retriever=state.completion.prompts.retriever,
     )
     old_routing = state.routing
     state.settings = settings
     state.providers = providers
     state.routing = parts.routing
     state.completion = parts.completion
+    state.chat = parts.chat
+    state.embedding = parts.embedding
     state.keys = parts.keys
     state.rate_limiter = parts.rate_limiter
     state.models = parts.models

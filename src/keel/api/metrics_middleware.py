@@ -5,17 +5,17 @@ its last chunk is sent, not until its headers are. The route label is the
 matched template (``/v1/completions``), or ``other`` for unmatched paths, so a
 scanner cannot blow up the label set. Role and provider come from the route;
 a handler that served a request from another provider (a fallback) says so
-with :func:`note_provider`.
+with :func:`keel.serving.lifecycle.note_provider`.
 """
 
 from __future__ import annotations
 
 import time
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.config import Role
+from keel.serving.lifecycle import PROVIDER_KEY
 
 ROLE_BY_ROUTE: dict[str, Role] = {
     "/v1/completions": "completion",
@@ -23,12 +23,6 @@ ROLE_BY_ROUTE: dict[str, Role] = {
     "/v1/embeddings": "embedding",
 }
 
-_PROVIDER_KEY = "keel_provider"
-
-
-def note_provider(request: Request, provider: str) -> None:
-    """Label this request's metrics with ``provider`` (the one that actually served it)."""
-    setattr(request.state, _PROVIDER_KEY, provider)
 
 
 class MetricsMiddleware:
@@ -62,7 +56,7 @@ class MetricsMiddleware:
         provider = ""
         if role:
             state = scope.get("state") or {}
-            provider = state.get(_PROVIDER_KEY) or keel.providers.for_role(role).name
+            provider = state.get(PROVIDER_KEY) or keel.providers.for_role(role).name
         keel.metrics.request(
             route=route,
             method=scope["method"],

@@ -19,9 +19,11 @@ from keel.models.manager import ModelManager
 from keel.ops.health import DeepHealth
 from keel.ops.metrics import Metrics
 from keel.ops.stats import RequestStats, Throttled
-from keel.pipeline.completion import CompletionService
 from keel.providers.catalog import Providers
 from keel.router.service import Routing
+from keel.serving.chat import ChatServing
+from keel.serving.completion import CompletionServing
+from keel.serving.embedding import EmbeddingServing
 
 
 @dataclass(slots=True)
@@ -30,7 +32,9 @@ class AppState:
     paths: Paths
     providers: Providers
     routing: Routing
-    completion: CompletionService
+    completion: CompletionServing
+    chat: ChatServing
+    embedding: EmbeddingServing
     events: EventStore
     metrics: Metrics
     keys: KeyStore

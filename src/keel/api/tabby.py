@@ -6,12 +6,9 @@ import asyncio
 import os
 import platform
 import time
-import uuid
 from functools import cache
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from keel import __version__, build_info
 from keel.api.access import USER
@@ -20,13 +17,10 @@ from keel.api.state import app_state
 from keel.errors import RequestError
 from keel.schemas.openapi import json_body
 from keel.schemas.tabby import (
-    Choice,
     HealthModels,
     HealthState,
     LogEventRequest,
     ServerSetting,
-    TabbyCompletionRequest,
-    TabbyCompletionResponse,
     Version,
 )
 
@@ -35,64 +29,6 @@ router = APIRouter()
 TABBY_API_VERSION = "0.27.0"
 """The Tabby server version whose API keel serves; Tabby's clients gate features on it
 (tabby-agent skips /v1beta/server_setting below 0.9.0)."""
-
-
-def _editor_key(request: Request, body: TabbyCompletionRequest) -> tuple[str, str] | None:
-    """Which editor and file a completion is for: a newer one supersedes an older one.
-
-    Without a filepath (tabby-agent 1.5 sends none) the key is the editor alone:
-    a person types in one place at a time, so the newer request is the one awaited.
-    """
-    if body.segments is None:
-        return None
-    who = request.headers.get("authorization") or (request.client.host if request.client else "")
-    editor = f"{who}|{body.user or ''}|{request.headers.get('user-agent', '')}"
-    return (editor, body.segments.filepath or "")
-
-
-def _superseded_response() -> TabbyCompletionResponse:
-    """What a superseded request gets: an empty completion, which editors just don't show."""
-    return TabbyCompletionResponse(id=f"cmpl-{uuid.uuid4()}", choices=[Choice(index=0, text="")])
-
-
-async def tabby_completion(request: Request, data: Any) -> Response:
-    body = parse_model(TabbyCompletionRequest, data)
-    state = app_state(request)
-    superseder = state.routing.superseder
-    key = _editor_key(request, body)
-    work = asyncio.create_task(state.completion.complete(body))
-    if key is not None:
-        superseder.claim(key, work)
-    try:
-        result = await work
-    except asyncio.CancelledError:
-        if work.cancelled() and not _cancelling():
-            response = _superseded_response()
-            return JSONResponse(
-                response.model_dump(exclude_none=True), headers={"X-Keel-Superseded": "1"}
-            )
-        work.cancel()
-        raise
-    finally:
-        if key is not None:
-            superseder.release(key, work)
-    response = result.response
-    await state.events.record(
-        "completion",
-        completion_id=response.id,
-        language=body.language,
-        data={"provider": result.provider, "chars": len(response.choices[0].text)},
-    )
-    state.metrics.completion_event("served", body.language)
-    return JSONResponse(
-        response.model_dump(exclude_none=True), headers={"X-Keel-Provider": result.provider}
-    )
-
-
-def _cancelling() -> bool:
-    """Is this handler itself being cancelled (client gone, shutdown)?"""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 @router.post(

@@ -8,14 +8,13 @@ only sequences them around one call to the provider.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from keel.errors import RequestError, UpstreamTimeout
+from keel.errors import RequestError
 from keel.pipeline.languages import Language, get_language, stop_words
 from keel.pipeline.postprocess import is_mid_line, postprocess
 from keel.pipeline.prompt import (
@@ -36,8 +35,6 @@ from keel.providers.base import (
     GenerationParams,
     close_stream,
 )
-from keel.router.admission import Admission
-from keel.router.router import RoleRouter
 from keel.schemas.tabby import (
     Choice,
     DebugData,
@@ -131,30 +128,52 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> str:
-    """The text of ``pieces`` before the first stop word; the stream is closed as
-    soon as one appears (which cancels the upstream work). The one place keel
-    applies stop words (the backend is asked to stop on them too)."""
-    text = ""
+async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncIterator[str]:
+    """The text of ``pieces`` before the first stop word, as it comes.
+
+    The one place keel applies stop words (the backend is asked to stop on
+    them too, but not every backend takes them all). Text that might begin a
+    stop word is held back until the next piece settles it; at a stop word
+    ``pieces`` is closed, which cancels the upstream work.
+    """
+    hold = max((len(stop) for stop in stops), default=1) - 1
+    pending = ""
     try:
         async for piece in pieces:
-            text, stopped = cut_at_stop(text + piece, stops)
+            pending, stopped = cut_at_stop(pending + piece, stops)
             if stopped:
                 break
+            safe = len(pending) - hold
+            if safe > 0:
+                yield pending[:safe]
+                pending = pending[safe:]
     finally:
         await close_stream(pieces)
-    return text
+    if pending:
+        yield pending
+
+
+async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> str:
+    """The whole text of ``pieces`` before the first stop word."""
+    return "".join([part async for part in until_stop(pieces, stops)])
 
 
 @dataclass(frozen=True, slots=True)
-class CompletionResult:
-    response: TabbyCompletionResponse
-    provider: str
-    """Name of the provider that served it (after any fallback)."""
+class TabbyTask:
+    """A Tabby completion request, read: what to complete and how to answer."""
+
+    request: TabbyCompletionRequest
+    language: Language
+    prefix: str
+    suffix: str
+    crlf: bool
+    raw_prompt: str | None
+    snippets: list[Snippet]
+    mid_line: bool
 
 
-class CompletionService:
-    """Tabby completions through the completion role's router.
+class TabbyPrompts:
+    """Everything between a Tabby request and a provider call, and back.
 
     The prompt is built per attempt, because templates, tokenizers and budgets
     belong to the provider the router picks; under load (requests queueing)
@@ -163,22 +182,97 @@ class CompletionService:
 
     def __init__(
         self,
-        router: RoleRouter,
-        admission: Admission,
         *,
         max_input_length: int | None,
         max_decoding_tokens: int | None,
-        timeout: float,
         retriever: SnippetRetriever | None = None,
     ) -> None:
         """``None`` limits mean each provider's own defaults (small for CPU models)."""
-        self.router = router
-        self.admission = admission
         self.max_input_length = max_input_length
         self.max_decoding_tokens = max_decoding_tokens
-        self.timeout = timeout
         self.retriever = retriever
         self._line_snippets: OrderedDict[tuple[str, int], list[Snippet]] = OrderedDict()
+
+    async def read(self, request: TabbyCompletionRequest) -> TabbyTask:
+        """Check the request and gather its context (snippets); raises RequestError."""
+        debug, segments = request.debug_options, request.segments
+        raw_prompt = debug.raw_prompt if debug is not None else None
+        crlf = False
+        if raw_prompt is not None:
+            prefix, suffix = raw_prompt, ""
+        elif segments is not None:
+            prefix, crlf = normalize_newlines(segments.prefix)
+            suffix, _ = normalize_newlines(segments.suffix or "")
+            if not prefix.strip() and not suffix.strip():
+                raise RequestError(
+                    "segments.prefix and segments.suffix are both empty: there is no code "
+                    "to complete from; send the text before (and after) the cursor",
+                    param="segments.prefix",
+                )
+        else:
+            raise RequestError(
+                "either 'segments' (prefix and suffix around the cursor) or "
+                "'debug_options.raw_prompt' is required",
+                param="segments",
+            )
+        snippets = await self._snippets_for_line(request, prefix) if raw_prompt is None else []
+        return TabbyTask(
+            request=request,
+            language=get_language(request.language or "unknown"),
+            prefix=prefix,
+            suffix=suffix,
+            crlf=crlf,
+            raw_prompt=raw_prompt,
+            snippets=snippets,
+            mid_line=raw_prompt is None and is_mid_line(prefix, suffix),
+        )
+
+    async def call_for(
+        self, task: TabbyTask, provider: CompletionProvider, *, shrink: bool, pressured: bool
+    ) -> tuple[BuiltPrompt, CompletionCall]:
+        """The prompt and call for ``provider``; ``shrink``: the last one was too long."""
+        budget = provider.max_input_length or self.max_input_length or provider.default_input_budget
+        if shrink or pressured:
+            budget //= 2
+        if task.raw_prompt is not None:
+            built = BuiltPrompt(task.raw_prompt, None, [])
+        else:
+            chosen = [] if pressured else task.snippets
+            built = await build_prompt(
+                provider, task.language, task.prefix, task.suffix, chosen, budget
+            )
+        stops = stop_words(task.language, provider.stop_words)
+        if task.mid_line:
+            stops = [*stops, "\n"]  # only the rest of this line fits
+        max_tokens = self.max_decoding_tokens or provider.default_max_tokens
+        temperature = task.request.temperature
+        params = GenerationParams(
+            max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,
+            temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
+            stop=tuple(stops),
+            seed=task.request.seed,
+        )
+        return built, CompletionCall(built.prompt, params, built.suffix)
+
+    def respond(self, task: TabbyTask, raw: str, built: BuiltPrompt) -> TabbyCompletionResponse:
+        """Postprocess the generated text into Tabby's answer (with debug data if asked)."""
+        text = postprocess(raw, prefix=task.prefix, suffix=task.suffix, language=task.language)
+        response = TabbyCompletionResponse(
+            id=f"cmpl-{uuid.uuid4()}",
+            choices=[Choice(index=0, text=restore_newlines(text, task.crlf))],
+        )
+        debug = task.request.debug_options
+        if debug is not None and (debug.return_prompt or debug.return_snippets):
+            response.debug_data = DebugData(
+                prompt=built.prompt if debug.return_prompt else None,
+                snippets=[
+                    DebugSnippet(filepath=s.filepath, body=s.body, score=s.score)
+                    for s in built.snippets
+                ]
+                if debug.return_snippets
+                else None,
+            )
+        return response
 
     async def _snippets_for_line(
         self, request: TabbyCompletionRequest, prefix: str
@@ -224,104 +318,3 @@ class CompletionService:
         return await self.retriever.retrieve(
             prefix=prefix, filepath=segments.filepath, git_url=segments.git_url
         )
-
-    async def _prepare(
-        self,
-        request: TabbyCompletionRequest,
-        provider: CompletionProvider,
-        language: Language,
-        prefix: str,
-        suffix: str,
-        snippets: list[Snippet],
-        raw_prompt: str | None,
-        *,
-        mid_line: bool,
-        shrink: bool,
-    ) -> tuple[BuiltPrompt, CompletionCall]:
-        pressured = self.admission.under_pressure
-        budget = provider.max_input_length or self.max_input_length or provider.default_input_budget
-        if shrink or pressured:
-            budget //= 2
-        if raw_prompt is not None:
-            built = BuiltPrompt(raw_prompt, None, [])
-        else:
-            chosen = [] if pressured else snippets
-            built = await build_prompt(provider, language, prefix, suffix, chosen, budget)
-        stops = stop_words(language, provider.stop_words)
-        if mid_line:
-            stops = [*stops, "\n"]  # only the rest of this line fits
-        max_tokens = self.max_decoding_tokens or provider.default_max_tokens
-        params = GenerationParams(
-            max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,
-            temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
-            stop=tuple(stops),
-            seed=request.seed,
-        )
-        return built, CompletionCall(built.prompt, params, built.suffix)
-
-    async def complete(self, request: TabbyCompletionRequest) -> CompletionResult:
-        language = get_language(request.language or "unknown")
-        debug = request.debug_options
-        segments = request.segments
-        raw_prompt = debug.raw_prompt if debug is not None else None
-        crlf = False
-        if raw_prompt is not None:
-            prefix, suffix = raw_prompt, ""
-        elif segments is not None:
-            prefix, crlf = normalize_newlines(segments.prefix)
-            suffix, _ = normalize_newlines(segments.suffix or "")
-            if not prefix.strip() and not suffix.strip():
-                raise RequestError(
-                    "segments.prefix and segments.suffix are both empty: there is no code "
-                    "to complete from; send the text before (and after) the cursor",
-                    param="segments.prefix",
-                )
-        else:
-            raise RequestError(
-                "either 'segments' (prefix and suffix around the cursor) or "
-                "'debug_options.raw_prompt' is required",
-                param="segments",
-            )
-        snippets = await self._snippets_for_line(request, prefix) if raw_prompt is None else []
-        mid_line = raw_prompt is None and is_mid_line(prefix, suffix)
-        built: BuiltPrompt | None = None
-        try:
-            async with self.admission.slot(), asyncio.timeout(self.timeout):
-                # Not streaming: the editor sees nothing before the end, so a provider
-                # failing mid-answer can still hand the whole request to the next one.
-                attempts = self.router.attempts(shrinkable=raw_prompt is None)
-                async for attempt in attempts:
-                    async with attempt:
-                        provider = attempt.provider
-                        assert isinstance(provider, CompletionProvider)
-                        built, call = await attempt.call(
-                            self._prepare(request, provider, language, prefix, suffix, snippets,
-                                          raw_prompt, mid_line=mid_line, shrink=attempt.shrink)
-                        )  # fmt: skip
-                        stream = attempt.pieces(provider.stream_completion(call))
-                        raw = await read_until_stop(stream, call.params.stop)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"completion took longer than {self.timeout:.0f}s", provider="completion"
-            ) from None
-        text = postprocess(raw, prefix=prefix, suffix=suffix, language=language)
-        response = TabbyCompletionResponse(
-            id=f"cmpl-{uuid.uuid4()}",
-            choices=[Choice(index=0, text=restore_newlines(text, crlf))],
-        )
-        if (
-            built is not None
-            and debug is not None
-            and (debug.return_prompt or debug.return_snippets)
-        ):
-            response.debug_data = DebugData(
-                prompt=built.prompt if debug.return_prompt else None,
-                snippets=[
-                    DebugSnippet(filepath=s.filepath, body=s.body, score=s.score)
-                    for s in built.snippets
-                ]
-                if debug.return_snippets
-                else None,
-            )
-        served = attempts.provider.name if attempts.provider is not None else "none"
-        return CompletionResult(response, served)

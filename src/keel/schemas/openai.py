@@ -7,7 +7,7 @@ naming the field, before any work starts.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -21,6 +21,8 @@ class _Wire(BaseModel):
 
 
 StopField = str | list[str] | None
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""A 64-bit signed integer, as OpenAI documents it."""
 
 
 def _stop_tuple(stop: StopField) -> tuple[str, ...]:
@@ -38,6 +40,11 @@ def _check_stop(stop: StopField) -> StopField:
     return stop
 
 
+class StreamOptions(_Wire):
+    include_usage: bool = False
+    """Send a last chunk with empty ``choices`` and the request's ``usage``, as OpenAI does."""
+
+
 class CompletionRequest(_Wire):
     model: str | None = None
     prompt: str | list[str]
@@ -47,8 +54,9 @@ class CompletionRequest(_Wire):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: StopField = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: str | None = None
 
     _stop = field_validator("stop")(_check_stop)
@@ -98,8 +106,9 @@ class ChatCompletionRequest(_Wire):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: StopField = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: str | None = None
 
     _stop = field_validator("stop")(_check_stop)

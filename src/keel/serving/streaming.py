@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi.responses import StreamingResponse
 
 from keel.errors import KeelError, UpstreamTimeout
 from keel.providers.base import close_stream
 
-log = logging.getLogger("keel.api")
+log = logging.getLogger("keel.serving")
 
 
 def sse(data: object) -> bytes:
@@ -51,19 +51,15 @@ async def with_timeout(
         await close_stream(pieces)
 
 
-async def collect(pieces: AsyncIterator[str]) -> tuple[str, int]:
-    parts = [piece async for piece in pieces]
-    return "".join(parts), len(parts)
-
-
 async def stream_response(
     pieces: AsyncIterator[str],
     *,
     head: list[dict[str, object]],
     chunk: Callable[[str], dict[str, object]],
-    tail: Callable[[int], dict[str, object]],
+    tail: Callable[[], Awaitable[list[dict[str, object]]]],
 ) -> StreamingResponse:
-    """An SSE response: ``head`` events, one ``chunk(text)`` per piece, ``tail(count)``."""
+    """An SSE response: ``head`` events, one ``chunk(text)`` per piece, then the
+    events ``tail()`` gives once the pieces are done (finish reason, usage)."""
     iterator = aiter(pieces)
     try:
         first: str | None = await anext(iterator)
@@ -74,17 +70,15 @@ async def stream_response(
         raise
 
     async def events() -> AsyncIterator[bytes]:
-        count = 0
         try:
             for event in head:
                 yield sse(event)
             if first is not None:
-                count += 1
                 yield sse(chunk(first))
                 async for piece in iterator:
-                    count += 1
                     yield sse(chunk(piece))
-            yield sse(tail(count))
+            for event in await tail():
+                yield sse(event)
         except KeelError as exc:
             log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
             yield sse(exc.to_body())

@@ -1,0 +1,92 @@
+"""``POST /v1/chat/completions``: admission, cancellation when the client goes
+away, the router's attempts, stop words, usage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from keel.providers.base import ChatCall, ChatProvider, Provider
+from keel.router.admission import Admission
+from keel.router.router import RoleRouter
+from keel.schemas.openai import ChatCompletionRequest
+from keel.serving.lifecycle import (
+    CancelOnDisconnect,
+    Envelope,
+    Generated,
+    count_usage,
+    finish_reason,
+    generate_text,
+    note_provider,
+    stream_text,
+)
+from keel.serving.streaming import stream_response, with_timeout
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class ChatServing:
+    def __init__(self, router: RoleRouter, admission: Admission, *, timeout: float) -> None:
+        self.router = router
+        self.admission = admission
+        self.timeout = timeout
+
+    async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
+        params = body.to_params(DEFAULT_MAX_TOKENS)
+        call = ChatCall(body.to_messages(), params)
+        prompt = "\n".join(message.content for message in call.messages)
+        envelope = Envelope(
+            f"chatcmpl-{uuid.uuid4()}",
+            "chat.completion",
+            int(time.time()),
+            body.model or self.router.primary.info.model,
+        )
+
+        def open_stream(provider: Provider) -> AsyncIterator[str]:
+            assert isinstance(provider, ChatProvider)
+            return provider.stream_chat(call)
+
+        async with CancelOnDisconnect(http):
+            if body.stream:
+                generated = Generated()
+                pieces = stream_text(
+                    self.router, self.admission, open_stream, params.stop, generated
+                )
+
+                async def tail() -> list[dict[str, object]]:
+                    await count_usage(generated, prompt)
+                    finish = finish_reason(generated, params.max_tokens)
+                    last = [chunk({}, finish)]
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        last.append(envelope([], usage=generated.usage()))
+                    return last
+
+                def chunk(delta: dict[str, object], finish: str | None) -> dict[str, object]:
+                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    return {**envelope([choice]), "object": "chat.completion.chunk"}
+
+                response = await stream_response(
+                    with_timeout(pieces, self.timeout, "chat"),
+                    head=[chunk({"role": "assistant", "content": ""}, None)],
+                    chunk=lambda text: chunk({"content": text}, None),
+                    tail=tail,
+                )
+                note_provider(http, generated.provider)
+                return response
+            generated = await generate_text(
+                self.router, self.admission, open_stream, params.stop, self.timeout
+            )
+        await count_usage(generated, prompt)
+        note_provider(http, generated.provider)
+        message = {"role": "assistant", "content": generated.text}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": finish_reason(generated, params.max_tokens),
+        }
+        return JSONResponse(envelope([choice], usage=generated.usage()))

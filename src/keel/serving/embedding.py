@@ -1,0 +1,55 @@
+"""``POST /v1/embeddings``: admission, cancellation when the client goes away,
+one router call (no stream), usage."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+
+from keel.providers.base import CompletionProvider, EmbeddingProvider, estimate_tokens
+from keel.router.admission import Admission
+from keel.router.router import RoleRouter
+from keel.schemas.openai import EmbeddingRequest
+from keel.serving.lifecycle import CancelOnDisconnect, note_provider
+
+
+def encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+class EmbeddingServing:
+    def __init__(self, router: RoleRouter, admission: Admission) -> None:
+        self.router = router
+        self.admission = admission
+
+    async def serve(self, http: Request, body: EmbeddingRequest) -> JSONResponse:
+        texts = body.texts()
+        async with CancelOnDisconnect(http), self.admission.slot():
+            attempts = self.router.attempts()
+            async for attempt in attempts:
+                async with attempt:
+                    provider = attempt.provider
+                    assert isinstance(provider, EmbeddingProvider)
+                    vectors = await attempt.call(provider.embed(texts))
+        note_provider(http, provider)
+        if isinstance(provider, CompletionProvider):  # its tokenizer, when keel has it
+            tokens = sum(await provider.count_tokens(texts))
+        else:
+            tokens = sum(estimate_tokens(text) for text in texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.model or self.router.primary.info.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )

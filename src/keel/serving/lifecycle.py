@@ -1,0 +1,176 @@
+"""What every serving object does the same way: cancel work whose client has
+gone, bound a request's total time, run a text generation over the router's
+attempts, count usage, and shape OpenAI's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from starlette.requests import Request
+
+from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
+from keel.pipeline.completion import read_until_stop, until_stop
+from keel.providers.base import CompletionProvider, Provider, estimate_tokens
+from keel.router.admission import Admission
+from keel.router.router import RoleRouter
+
+log = logging.getLogger("keel.serving")
+
+PROVIDER_KEY = "keel_provider"
+"""Where a request's ``state`` names the provider that served it (for the metrics)."""
+
+
+def note_provider(http: Request, provider: Provider | None) -> None:
+    """Label this request's metrics with the provider that served it (a fallback, maybe)."""
+    if provider is not None:
+        setattr(http.state, PROVIDER_KEY, provider.name)
+
+
+OpenStream = Callable[[Provider], AsyncIterator[str]]
+"""Begin a generation on the provider an attempt picked."""
+
+
+class CancelOnDisconnect:
+    """Cancel the current task when the HTTP client disconnects, queued or running
+    (as vLLM's ``with_cancellation``); the task then raises ClientDisconnected.
+
+    Once the request body is read, the next ASGI message can only be the
+    disconnect, so a watcher waits for it. A streamed answer is watched until
+    its response starts; after that, writing to a closed connection ends it.
+    """
+
+    def __init__(self, http: Request) -> None:
+        self._http = http
+        self._task: asyncio.Task[object] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._fired = False
+
+    async def __aenter__(self) -> None:
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.create_task(self._watch(), name="disconnect-watcher")
+
+    async def _watch(self) -> None:
+        while (await self._http.receive())["type"] != "http.disconnect":
+            pass
+        self._fired = True
+        if self._task is not None:
+            self._task.cancel("client disconnected")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._fired and exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            assert self._task is not None
+            if self._task.uncancel() == 0:
+                raise ClientDisconnected("the client closed the connection") from None
+
+
+@contextlib.asynccontextmanager
+async def total_timeout(seconds: float, role: str) -> AsyncIterator[None]:
+    """A request's whole generation, however many attempts it takes."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"generation took longer than {seconds:.0f}s", provider=role
+        ) from None
+
+
+@dataclass(slots=True)
+class Generated:
+    """A generation's text and who made it."""
+
+    text: str = ""
+    provider: Provider | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+async def generate_text(
+    router: RoleRouter,
+    admission: Admission,
+    open_stream: OpenStream,
+    stops: Sequence[str],
+    timeout: float,
+) -> Generated:
+    """A whole answer (the client waits for it): a provider failing mid-way still
+    hands the request to the next one, as the client has seen nothing."""
+    async with admission.slot(), total_timeout(timeout, router.role):
+        attempts = router.attempts()
+        async for attempt in attempts:
+            async with attempt:
+                pieces = attempt.pieces(open_stream(attempt.provider))
+                text = await read_until_stop(pieces, stops)
+    return Generated(text, attempts.provider)
+
+
+async def stream_text(
+    router: RoleRouter,
+    admission: Admission,
+    open_stream: OpenStream,
+    stops: Sequence[str],
+    generated: Generated,
+) -> AsyncIterator[str]:
+    """Pieces as they come; once one is out, the stream is that provider's alone.
+    ``generated`` collects the text and the provider, for the usage at the end."""
+    async with admission.slot():
+        attempts = router.attempts(streaming=True)
+        async for attempt in attempts:
+            async with attempt:
+                generated.provider = attempt.provider
+                async for piece in until_stop(attempt.pieces(open_stream(attempt.provider)), stops):
+                    generated.text += piece
+                    yield piece
+
+
+async def count_usage(generated: Generated, prompt: str) -> None:
+    """Prompt and completion tokens in the serving model's vocabulary (its tokenizer
+    when keel can reach it, else an estimate); counting never fails a request."""
+    provider = generated.provider
+    texts = [prompt, generated.text]
+    counts = [estimate_tokens(text) for text in texts]
+    if isinstance(provider, CompletionProvider):
+        try:
+            counts = await provider.count_tokens(texts)
+        except KeelError as exc:
+            log.info("usage of %s estimated: %s", provider.name, exc.message)
+    generated.prompt_tokens, generated.completion_tokens = counts[0], counts[1]
+
+
+def finish_reason(generated: Generated, max_tokens: int) -> str:
+    """Providers stream text only; an answer that used the whole budget was cut for length."""
+    return "length" if generated.completion_tokens >= max_tokens else "stop"
+
+
+@dataclass(slots=True)
+class Envelope:
+    """The fields every OpenAI response and chunk of one request repeats."""
+
+    id: str
+    kind: str
+    created: int
+    model: str
+
+    def __call__(self, choices: list[dict[str, object]], **more: object) -> dict[str, object]:
+        head = {"id": self.id, "object": self.kind, "created": self.created}
+        return {**head, "model": self.model, "choices": choices, **more}
