@@ -290,10 +290,7 @@ async def _probe_one(role: Role, provider: Provider, timeout: float) -> str | No
     from keel.router.service import probe
 
     try:
-        async with asyncio.timeout(timeout):
-            await probe(role, provider)
-    except TimeoutError:
-        return f"no answer within {timeout:.0f}s"
+        await probe(role, provider, timeout)
     except UpstreamAuthError as exc:
         return f"not authorised (check api_key): {exc.message}"
     except UpstreamConnectError as exc:

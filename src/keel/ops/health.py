@@ -92,10 +92,7 @@ class DeepHealth:
         start = self._clock()
         error: str | None = None
         try:
-            async with asyncio.timeout(timeout):
-                await probe(role, provider)
-        except TimeoutError:
-            error = f"no token within {timeout:g}s"
+            await probe(role, provider, timeout)
         except KeelError as exc:
             error = exc.message
         end = self._clock()

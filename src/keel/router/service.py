@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from keel.config import ROLES, LocalModelConfig, Role, Settings
+from keel.errors import UpstreamTimeout
 from keel.providers.base import (
     ChatCall,
     ChatMessage,
@@ -54,8 +55,21 @@ def _timeouts(role: Role, entry: ProviderEntry) -> Timeouts:
     )
 
 
-async def probe(role: Role, provider: Provider) -> None:
-    """A deep check: one real token (or one embedding) through the provider."""
+async def probe(role: Role, provider: Provider, timeout: float) -> None:
+    """A deep check: one real token (or one embedding) through ``provider`` within
+    ``timeout`` seconds, or the :class:`~keel.errors.KeelError` saying why not
+    (:class:`~keel.errors.UpstreamTimeout` when slower). The one probe of the
+    background prober, ``/health/deep`` and ``keel doctor --online``."""
+    try:
+        async with asyncio.timeout(timeout):
+            await _one_token(role, provider)
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"no answer to a one-token probe within {timeout:g}s", provider=provider.name
+        ) from None
+
+
+async def _one_token(role: Role, provider: Provider) -> None:
     params = GenerationParams(max_tokens=1, temperature=0.0)
     if role == "embedding":
         assert isinstance(provider, EmbeddingProvider)
@@ -103,25 +117,14 @@ class Routing:
         self.superseder = Superseder()
         self.routers: dict[Role, RoleRouter] = {}
         self.admission: dict[Role, Admission] = {}
-        # An endpoint serving several roles (the embedded model) has one breaker.
         self._policy = policy
         self._clock = clock
         endpoints: dict[int, Endpoint] = {}
         for role in ROLES:
-            groups = []
-            for group in providers.chains[role]:
-                members = []
-                for entry in group:
-                    key = id(entry.provider)
-                    if key not in endpoints:
-                        endpoints[key] = Endpoint(
-                            entry.provider,
-                            new_breaker(entry.provider.name, policy, self.events, clock),
-                            timeouts=_timeouts(role, entry),
-                            clock=clock,
-                        )
-                    members.append(endpoints[key])
-                groups.append(members)
+            groups = [
+                [self._endpoint(role, entry, endpoints) for entry in group]
+                for group in providers.chains[role]
+            ]
             self.routers[role] = RoleRouter(
                 role,
                 groups,
@@ -141,6 +144,18 @@ class Routing:
             )
             self.events.queue_capacity(role, role_config.queue_size)
         self._prober: asyncio.Task[None] | None = None
+
+    def _endpoint(self, role: Role, entry: ProviderEntry, known: dict[int, Endpoint]) -> Endpoint:
+        """An endpoint serving several roles (the embedded model) has one breaker."""
+        key = id(entry.provider)
+        if key not in known:
+            known[key] = Endpoint(
+                entry.provider,
+                new_breaker(entry.provider.name, self._policy, self.events, self._clock),
+                timeouts=_timeouts(role, entry),
+                clock=self._clock,
+            )
+        return known[key]
 
     def set_primary(self, role: Role, entry: ProviderEntry | None) -> list[Provider]:
         """Switch a role's primary (a model swap), or drop it (``None``: unload).
@@ -213,7 +228,8 @@ class Routing:
                 if id(endpoint) in seen:
                     continue
                 seen.add(id(endpoint))
-                checks.append(router.check(endpoint, functools.partial(probe, role), timeout))
+                bounded = functools.partial(probe, role, timeout=timeout)
+                checks.append(router.check(endpoint, bounded, timeout))
         await asyncio.gather(*checks)
 
     async def _probe_forever(self) -> None:
