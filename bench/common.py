@@ -61,8 +61,8 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {}
-    for name in ("fastapi", "starlette", "uvicorn", "httpx", "uvloop", "llama_cpp_python"):
+    versions: dict[str, str | None] = {}
+    for name in ("fastapi", "starlette", "uvicorn", "httpx", "uvloop", "xllamacpp"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -1,17 +1,23 @@
 """Local inference: time to first token and decode speed through keel versus
-raw llama-cpp-python, same model file, same threads, same prompts (and through
-keel started by ``bench/what_if.py``, with the fixes the gateway bench proposes).
+the raw engine, same model file, same threads, same prompts.
+
+The raw side is llama.cpp's server engine held in process through ``xllamacpp``
+(``xllamacpp.Server``), built with the worker's own engine settings
+(``keel.workers.worker._engine_params``: slots, context per slot, 64-token
+prefill batches, KV reuse), streaming through its in-process API as keel's
+worker does; keel's side is an OpenAI completion through ``keel serve`` with
+``[model.completion.local]`` set to the same model, threads, context and
+slots. Both run in processes of their own (``python bench/inference.py
+--raw``); chat and embedding go to a fake upstream so no other worker loads.
 
 Setup: the embedded model (``keel.models.registry.embedded_model_path()``),
-``n_ctx`` 2048, ``--threads`` (default: all cores) in all. Raw runs in a
-process of its own (``python bench/inference.py --raw``), keel with
-``[model.completion.local]`` and the same threads (chat and embedding on a fake
-upstream so no other worker loads); prompts go to raw, keel and keel+fixes in
-turn, so the machine's noise hits all three alike. Each of ``--prompts`` prompts begins with
-its own number, so neither side reuses a cached prefix: every prompt is read
-cold. Greedy (temperature 0), ``max_tokens`` 32 (keel's default for a local
-model), streamed. The first prompt of each side is a warm-up and not counted.
-Time to first token is measured by the client; decode speed is
+``context_size`` 2048 per slot, 2 slots (keel's default ``parallelism``),
+``--threads`` (default: all cores). Prompts go to raw and keel in turn, so the
+machine's noise hits both alike. Each of ``--prompts`` prompts begins with its
+own number, so neither side reuses a cached prefix: every prompt is read cold.
+Greedy (temperature 0), ``max_tokens`` 32 (keel's default for a local model),
+streamed. The first prompt of each side is a warm-up and not counted. Time to
+first token is measured by the client; decode speed is
 (tokens - 1) / (last token - first token).
 """
 
@@ -58,6 +64,10 @@ def total_balance(accounts: list[Account]) -> float:
 """
 
 MAX_TOKENS = 32
+N_CTX = 2048
+"""Context per slot, keel's default ``context_size``."""
+SLOTS = 2
+"""Engine slots, keel's default ``parallelism``."""
 
 
 def prompt(index: int) -> str:
@@ -68,31 +78,51 @@ def decode_rate(tokens: int, first: float, last: float) -> float | None:
     return (tokens - 1) / (last - first) if tokens > 1 and last > first else None
 
 
+def raw_once(server: Any, index: int) -> dict[str, Any]:
+    """One prompt through the engine's in-process streaming API, as keel's worker calls it."""
+    body = {"prompt": prompt(index), "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": True}
+    state: dict[str, Any] = {"first": None, "last": None, "tokens": 0, "prompt_tokens": None}
+
+    def on_chunk(chunk: dict[str, Any]) -> bool:
+        choices = chunk.get("choices") or [{}]
+        if choices[0].get("text"):
+            state["last"] = time.perf_counter()
+            state["first"] = state["first"] or state["last"]
+            state["tokens"] += 1
+        usage = chunk.get("usage") or {}
+        state["prompt_tokens"] = usage.get("prompt_tokens", state["prompt_tokens"])
+        return False
+
+    started = time.perf_counter()
+    server.handle_completions(body, on_chunk)
+    first, last, tokens = state["first"], state["last"], state["tokens"]
+    return {
+        "ttft_ms": ((first or started) - started) * 1000,
+        "tokens": tokens,
+        "decode_tps": decode_rate(tokens, first or 0.0, last or 0.0),
+        "prompt_tokens": state["prompt_tokens"],
+    }
+
+
 def run_raw(model: str, threads: int) -> None:
     """The raw side as a process: a prompt number per stdin line, a JSON row per stdout line."""
-    import llama_cpp
+    import secrets
 
-    llm = llama_cpp.Llama(model_path=model, n_ctx=2048, n_threads=threads, verbose=False)
-    print("ready", flush=True)
+    import xllamacpp
+
+    from keel.workers import worker
+
+    # llama.cpp writes to fd 1: keep the rows on a copy of it, as the worker does.
+    rows = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    argv = ["--model", model, "--threads", str(threads), "--slots", str(SLOTS)]
+    args = worker._parse_args([*argv, "--context-size", str(N_CTX)])
+    server = xllamacpp.Server(worker._engine_params(xllamacpp, args, secrets.token_urlsafe(16)))
+    print("ready", file=rows, flush=True)
     for line in sys.stdin:
-        index = int(line)
-        started = time.perf_counter()
-        first = last = None
-        tokens = 0
-        for chunk in llm.create_completion(
-            prompt(index), max_tokens=MAX_TOKENS, temperature=0.0, stream=True
-        ):
-            if chunk["choices"][0].get("text"):
-                last = time.perf_counter()
-                first = first or last
-                tokens += 1
-        row = {
-            "ttft_ms": ((first or started) - started) * 1000,
-            "tokens": tokens,
-            "decode_tps": decode_rate(tokens, first or 0.0, last or 0.0),
-            "prompt_tokens": len(llm.tokenize(prompt(index).encode())),
-        }
-        print(json.dumps(row), flush=True)
+        print(json.dumps(raw_once(server, int(line))), file=rows, flush=True)
+    # End of stdin: exit without running the engine's destructor (the worker does the same).
+    os._exit(0)
 
 
 def keel_once(client: Any, index: int) -> dict[str, Any]:
@@ -122,7 +152,8 @@ def keel_config(model: str, threads: int, upstream: str) -> str:
 
     return (
         "[model.completion.local]\n"
-        f'model_id = "{model}"\nthreads = {threads}\ncontext_size = 2048\n\n'
+        f'model_id = "{model}"\nthreads = {threads}\n'
+        f"context_size = {N_CTX}\nparallelism = {SLOTS}\n\n"
         "[model.chat.http]\n"
         + common.http_provider("openai/chat", upstream)
         + "\n[model.embedding.http]\n"
@@ -155,20 +186,13 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
 
     model = str(embedded_model_path())
     threads = threads or os.cpu_count() or 1
-    sides = ("raw", "keel", "keel+fixes")
+    sides = ("raw", "keel")
     rows: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     worker: Any = None
     with common.processes("inference") as group:
         upstream = common.start_upstream(group)
         config = keel_config(model, threads, upstream.url)
         keel = common.start_keel(group, config, timeout=180)
-        fixed = common.start_keel(
-            group,
-            config,
-            name="keel+fixes",
-            timeout=180,
-            launcher=[str(common.BENCH / "what_if.py")],
-        )
         raw = subprocess.Popen(
             [common.PYTHON, __file__, "--raw", "--model", model, "--threads", str(threads)],
             stdin=subprocess.PIPE,
@@ -178,11 +202,8 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
         try:
             assert raw.stdin is not None and raw.stdout is not None
             if raw.stdout.readline().strip() != "ready":
-                raise RuntimeError("raw llama-cpp-python did not start")
-            clients = {
-                "keel": httpx.Client(base_url=keel.url, timeout=120),
-                "keel+fixes": httpx.Client(base_url=fixed.url, timeout=120),
-            }
+                raise RuntimeError("the raw engine did not start")
+            client = httpx.Client(base_url=keel.url, timeout=120)
             # Interleaved prompt by prompt, so a noisy neighbour slows all sides alike;
             # prompt 0 warms each side up and is not counted.
             for index in range(prompts + 1):
@@ -190,16 +211,13 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
                 raw.stdin.write(f"{index}\n")
                 raw.stdin.flush()
                 raw_row = json.loads(raw.stdout.readline())
-                keel_row = keel_once(clients["keel"], index)
-                fixed_row = keel_once(clients["keel+fixes"], index)
+                keel_row = keel_once(client, index)
                 if index:
                     rows["raw"].append(raw_row)
                     rows["keel"].append(keel_row)
-                    rows["keel+fixes"].append(fixed_row)
-            providers = clients["keel"].get("/v1/providers").json()
+            providers = client.get("/v1/providers").json()
             worker = providers["roles"]["completion"]["providers"][0].get("worker", {})
-            for client in clients.values():
-                client.close()
+            client.close()
         finally:
             if raw.stdin is not None:
                 raw.stdin.close()
@@ -220,18 +238,18 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
         "setup": {
             "model": os.path.basename(model),
             "threads": threads,
-            "n_ctx": 2048,
+            "engine": "xllamacpp.Server in process, the worker's engine settings",
+            "n_ctx_per_slot": N_CTX,
+            "slots": SLOTS,
             "prompts": prompts,
             "prompt_tokens": rows["raw"][0]["prompt_tokens"] if rows["raw"] else None,
             "max_tokens": MAX_TOKENS,
             "cache": "cold: every prompt starts differently",
-            "order": "interleaved per prompt: raw, keel, keel+fixes",
+            "order": "interleaved per prompt: raw, keel",
         },
         **summary,
         "decode_ratio": ratio("keel", "decode_tps_p50"),
         "ttft_ratio": ratio("keel", "ttft_ms_p50", invert=True),
-        "fixes_decode_ratio": ratio("keel+fixes", "decode_tps_p50"),
-        "fixes_ttft_ratio": ratio("keel+fixes", "ttft_ms_p50", invert=True),
         "keel_worker": worker,
     }
 
@@ -250,7 +268,7 @@ def main() -> int:
 
     result = run(args.prompts, args.threads)
     common.write_json("inference", result)
-    sides = ("raw", "keel", "keel+fixes")
+    sides = ("raw", "keel")
     shown = {k: v for k, v in result.items() if k not in sides}
     for side in sides:
         shown[side] = {k: v for k, v in result[side].items() if k != "rows"}
