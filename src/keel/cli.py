@@ -1,8 +1,9 @@
 """The ``keel`` command: serve, config check, config sample, models.
 
-Exit codes (DESIGN.md): 0 ok, 1 runtime failure, 2 usage, 78 config error,
-69 missing dependency or unusable model, 75 port busy. Supervisors must not
-restart keel on 78, 69 or 75: those need a person.
+Exit codes (the table is ``keel.errors.ExitCode``; a failure exits with its
+error class's code): 0 ok, 1 runtime failure, 2 usage, 78 config error, 69
+missing dependency or unusable model, 75 port busy. Supervisors must not
+restart keel on 78, 69 or 75 (``keel.errors.NO_RESTART``): those need a person.
 """
 
 from __future__ import annotations
