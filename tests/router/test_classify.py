@@ -17,7 +17,7 @@ from keel.errors import (
     WorkerCrashed,
     WorkerUnavailable,
 )
-from keel.router.classify import Failure, classify
+from keel.router.classify import Failure, classify, context_overflow
 
 
 def status(code: int | None, message: str = "boom", **kwargs: object) -> UpstreamStatusError:
@@ -54,3 +54,53 @@ def status(code: int | None, message: str = "boom", **kwargs: object) -> Upstrea
 )
 def test_classify(error: KeelError, expected: Failure) -> None:
     assert classify(error) is expected
+
+
+LLAMACPP_TOO_LONG = {
+    "code": 400,
+    "message": "the request exceeds the available context size, try increasing it",
+    "type": "exceed_context_size_error",
+    "n_prompt_tokens": 5000,
+    "n_ctx": 4096,
+}
+
+
+@pytest.mark.parametrize(
+    ("error", "numbers"),
+    [
+        (status(400, LLAMACPP_TOO_LONG["message"], details=LLAMACPP_TOO_LONG), (5000, 4096)),
+        (
+            UpstreamStatusError(
+                "too long",
+                provider="local",
+                code="context_length_exceeded",
+                upstream_status=400,
+                details={"n_prompt_tokens": 5000, "n_ctx": 4096},
+            ),
+            (5000, 4096),
+        ),
+        (
+            status(
+                400,
+                "This model's maximum context length is 2048 tokens. However, you requested "
+                "3000 tokens (2900 in the messages, 100 in the completion).",
+            ),
+            (2900, 2048),
+        ),
+        (
+            status(400, "request (700 tokens) exceeds the available context size (512 tokens)"),
+            (700, 512),
+        ),
+        (status(400, "This model's maximum context length is 8192 tokens"), (None, 8192)),
+    ],
+    ids=["llama.cpp-fields", "engine-code", "vllm-openai", "llama.cpp-text", "context-only"],
+)
+def test_a_prompt_over_the_context_is_the_callers_400_with_the_numbers(
+    error: KeelError, numbers: tuple[int | None, int | None]
+) -> None:
+    assert classify(error) is Failure.TOO_LONG
+    overflow = context_overflow(error)
+    assert overflow.status_code == 400 and overflow.code == "context_length_exceeded"
+    assert (overflow.prompt_tokens, overflow.context_size) == numbers
+    body = overflow.to_body()["error"]
+    assert isinstance(body, dict) and body["context_size"] == numbers[1]

@@ -16,6 +16,7 @@ import pytest
 
 from keel.config import HttpModelConfig
 from keel.errors import (
+    ContextLengthExceeded,
     KeelError,
     RequestError,
     Unavailable,
@@ -597,6 +598,43 @@ async def test_context_too_long_retries_once_with_less_then_falls_back(
     _, route = await run(router, starts=starts)
     assert starts.calls == [("primary", False), ("primary", True), ("fb", False)]
     assert router.endpoints[0].breaker.state is BreakerState.CLOSED
+
+
+async def test_a_callers_prompt_over_the_context_is_its_400_and_blames_no_provider(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """A prompt keel did not build (OpenAI's) is never cut, retried or sent elsewhere."""
+    primary, fallback = upstreams(), upstreams()
+    too_long = {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 9000,
+            "n_ctx": 4096,
+        }
+    }
+    primary.behave(Behaviour.error(400, too_long))
+    policy = BreakerPolicy(consecutive_failures=1)
+    router = build.router(
+        [
+            [build.endpoint(primary.url, name="primary", policy=policy)],
+            [build.endpoint(fallback.url, name="fb")],
+        ]
+    )
+    for _ in range(5):
+        attempts = router.attempts(streaming=False, shrinkable=False)
+        with pytest.raises(ContextLengthExceeded) as caught:
+            async for attempt in attempts:
+                async with attempt:
+                    stream = Starts()(attempt.provider, attempt.shrink)
+                    [piece async for piece in attempt.pieces(stream)]
+        assert caught.value.status_code == 400
+        assert (caught.value.prompt_tokens, caught.value.context_size) == (9000, 4096)
+    assert (posts(primary), posts(fallback)) == (5, 0)
+    endpoint = router.endpoints[0]
+    assert endpoint.breaker.state is BreakerState.CLOSED
+    assert endpoint.failed_checks == 0 and endpoint.healthy and endpoint.outstanding == 0
 
 
 # --- the retry budget ----------------------------------------------------------------

@@ -18,6 +18,7 @@ from keel.serving.lifecycle import (
     CancelOnDisconnect,
     Envelope,
     Generated,
+    OpenStream,
     count_usage,
     finish_reason,
     generate_text,
@@ -52,31 +53,7 @@ class ChatServing:
 
         async with CancelOnDisconnect(http):
             if body.stream:
-                generated = Generated()
-                pieces = stream_text(
-                    self.router, self.admission, open_stream, params.stop, generated
-                )
-
-                async def tail() -> list[dict[str, object]]:
-                    await count_usage(generated, prompt)
-                    finish = finish_reason(generated, params.max_tokens)
-                    last = [chunk({}, finish)]
-                    if body.stream_options is not None and body.stream_options.include_usage:
-                        last.append(envelope([], usage=generated.usage()))
-                    return last
-
-                def chunk(delta: dict[str, object], finish: str | None) -> dict[str, object]:
-                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                    return {**envelope([choice]), "object": "chat.completion.chunk"}
-
-                response = await stream_response(
-                    with_timeout(pieces, self.timeout, "chat"),
-                    head=[chunk({"role": "assistant", "content": ""}, None)],
-                    chunk=lambda text: chunk({"content": text}, None),
-                    tail=tail,
-                )
-                note_provider(http, generated.provider)
-                return response
+                return await self._stream(http, body, open_stream, prompt, envelope)
             generated = await generate_text(
                 self.router, self.admission, open_stream, params.stop, self.timeout
             )
@@ -90,3 +67,37 @@ class ChatServing:
             "finish_reason": finish_reason(generated, params.max_tokens),
         }
         return JSONResponse(envelope([choice], usage=generated.usage()))
+
+    async def _stream(
+        self,
+        http: Request,
+        body: ChatCompletionRequest,
+        open_stream: OpenStream,
+        prompt: str,
+        envelope: Envelope,
+    ) -> Response:
+        params = body.to_params(DEFAULT_MAX_TOKENS)
+        generated = Generated()
+        pieces = stream_text(self.router, self.admission, open_stream, params.stop, generated)
+
+        def chunk(delta: dict[str, object], finish: str | None) -> dict[str, object]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**envelope([choice]), "object": "chat.completion.chunk"}
+
+        async def tail() -> list[dict[str, object]]:
+            await count_usage(generated, prompt)
+            last = [chunk({}, finish_reason(generated, params.max_tokens))]
+            if body.stream_options is not None and body.stream_options.include_usage:
+                last.append(
+                    {**envelope([], usage=generated.usage()), "object": "chat.completion.chunk"}
+                )
+            return last
+
+        response = await stream_response(
+            with_timeout(pieces, self.timeout, "chat"),
+            head=[chunk({"role": "assistant", "content": ""}, None)],
+            chunk=lambda text: chunk({"content": text}, None),
+            tail=tail,
+        )
+        note_provider(http, generated.provider)
+        return response

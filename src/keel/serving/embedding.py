@@ -9,11 +9,11 @@ import struct
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
-from keel.providers.base import CompletionProvider, EmbeddingProvider, estimate_tokens
+from keel.providers.base import EmbeddingProvider
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 from keel.schemas.openai import EmbeddingRequest
-from keel.serving.lifecycle import CancelOnDisconnect, note_provider
+from keel.serving.lifecycle import CancelOnDisconnect, count_tokens, note_provider
 
 
 def encode(vector: list[float], encoding: str) -> list[float] | str:
@@ -37,10 +37,7 @@ class EmbeddingServing:
                     assert isinstance(provider, EmbeddingProvider)
                     vectors = await attempt.call(provider.embed(texts))
         note_provider(http, provider)
-        if isinstance(provider, CompletionProvider):  # its tokenizer, when keel has it
-            tokens = sum(await provider.count_tokens(texts))
-        else:
-            tokens = sum(estimate_tokens(text) for text in texts)
+        tokens = sum(await count_tokens(provider, texts))
         data = [
             {"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)

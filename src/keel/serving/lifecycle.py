@@ -143,17 +143,20 @@ async def stream_text(
                     yield piece
 
 
-async def count_usage(generated: Generated, prompt: str) -> None:
-    """Prompt and completion tokens in the serving model's vocabulary (its tokenizer
-    when keel can reach it, else an estimate); counting never fails a request."""
-    provider = generated.provider
-    texts = [prompt, generated.text]
-    counts = [estimate_tokens(text) for text in texts]
+async def count_tokens(provider: Provider | None, texts: list[str]) -> list[int]:
+    """Token counts in the serving model's vocabulary: its tokenizer when keel can
+    reach it, else an estimate. Counting never fails a request that was served."""
     if isinstance(provider, CompletionProvider):
         try:
-            counts = await provider.count_tokens(texts)
+            return await provider.count_tokens(texts)
         except KeelError as exc:
-            log.info("usage of %s estimated: %s", provider.name, exc.message)
+            log.info("token counts of %s estimated: %s", provider.name, exc.message)
+    return [estimate_tokens(text) for text in texts]
+
+
+async def count_usage(generated: Generated, prompt: str) -> None:
+    """Fill in ``generated``'s prompt and completion tokens."""
+    counts = await count_tokens(generated.provider, [prompt, generated.text])
     generated.prompt_tokens, generated.completion_tokens = counts[0], counts[1]
 
 
