@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+U32_MAX = 2**32 - 1
+"""Tabby's integers are unsigned Rust integers (u32; ``seed`` is u64, kept to i64 here)."""
+
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -49,7 +52,7 @@ class TabbyCompletionRequest(_Wire):
     segments: Segments | None = None
     user: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     mode: str | None = None
     debug_options: DebugOptions | None = None
 
@@ -79,9 +82,9 @@ class TabbyCompletionResponse(BaseModel):
 class LogEventRequest(_Wire):
     type: Literal["view", "select", "dismiss"]
     completion_id: str = Field(max_length=256)
-    choice_index: int = Field(ge=0)
+    choice_index: int = Field(ge=0, le=U32_MAX)
     view_id: str | None = Field(None, max_length=256)
-    elapsed: int | None = Field(None, ge=0)
+    elapsed: int | None = Field(None, ge=0, le=U32_MAX)
 
 
 class Version(BaseModel):
