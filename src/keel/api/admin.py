@@ -7,16 +7,18 @@ from fastapi import APIRouter, Request
 from keel.api.access import ADMIN
 from keel.api.state import app_state
 from keel.reload import reload_config
-from keel.schemas.admin import ReloadRequest
-from keel.schemas.openapi import json_body
+from keel.schemas.admin import ReloadRequest, ReloadResult
+from keel.schemas.openapi import ERRORS, json_body
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
 @router.post(
     "/v1/admin/reload",
     dependencies=[ADMIN],
+    response_model=None,
     openapi_extra=json_body(ReloadRequest, required=False),
+    responses={200: {"model": ReloadResult}},
 )
 async def reload(request: Request) -> dict[str, object]:
     """Re-read the config file; an invalid one changes nothing and is a 422 listing every

@@ -18,18 +18,26 @@ from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.config import Role
 from keel.errors import KeelError
-from keel.schemas.admin import LoadRequest, UnloadRequest
-from keel.schemas.openapi import json_body
+from keel.schemas.admin import LoadProgress, LoadRequest, UnloadRequest, UnloadResult
+from keel.schemas.openai import ModelCard, ModelList
+from keel.schemas.openapi import ERRORS, json_body, streamed
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
-@router.get("/v1/model", dependencies=[USER])
+@router.get(
+    "/v1/model", dependencies=[USER], response_model=None, responses={200: {"model": ModelCard}}
+)
 async def current_model(request: Request, role: Role = "completion") -> dict[str, object]:
     return app_state(request).models.current(role)
 
 
-@router.get("/v1/model/list", dependencies=[USER])
+@router.get(
+    "/v1/model/list",
+    dependencies=[USER],
+    response_model=None,
+    responses={200: {"model": ModelList}},
+)
 async def list_models(request: Request) -> dict[str, object]:
     return {"object": "list", "data": app_state(request).models.available_models()}
 
@@ -39,6 +47,7 @@ async def list_models(request: Request) -> dict[str, object]:
     dependencies=[ADMIN],
     response_model=None,
     openapi_extra=json_body(LoadRequest),
+    responses={200: streamed(LoadProgress, "Progress events, or the last step without streaming.")},
 )
 async def load_model(request: Request) -> Response:
     """A model that does not exist is a 404 before any progress is streamed."""
@@ -66,7 +75,13 @@ async def load_model(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/v1/model/unload", dependencies=[ADMIN], openapi_extra=json_body(UnloadRequest))
+@router.post(
+    "/v1/model/unload",
+    dependencies=[ADMIN],
+    response_model=None,
+    openapi_extra=json_body(UnloadRequest),
+    responses={200: {"model": UnloadResult}},
+)
 async def unload_model(request: Request) -> dict[str, object]:
     body = await read_model(request, UnloadRequest)
     manager = app_state(request).models

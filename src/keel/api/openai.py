@@ -13,11 +13,25 @@ from fastapi.responses import JSONResponse
 from keel.api.access import USER
 from keel.api.errors import parse_model, read_json, read_model
 from keel.api.state import app_state
-from keel.schemas.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from keel.schemas.openapi import COMPLETION_BODY, CompletionBody, json_body
+from keel.schemas.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelList,
+)
+from keel.schemas.openapi import (
+    COMPLETION_BODY,
+    COMPLETION_RESPONSE,
+    ERRORS,
+    CompletionBody,
+    json_body,
+    streamed,
+)
 from keel.schemas.tabby import TabbyCompletionRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
 @router.post(
@@ -25,6 +39,7 @@ router = APIRouter()
     response_model=None,
     dependencies=[USER],
     openapi_extra=json_body(CompletionBody, description=COMPLETION_BODY),
+    responses={200: COMPLETION_RESPONSE},
 )
 async def completions(request: Request) -> Response:
     serving = app_state(request).completion
@@ -39,19 +54,28 @@ async def completions(request: Request) -> Response:
     response_model=None,
     dependencies=[USER],
     openapi_extra=json_body(ChatCompletionRequest),
+    responses={200: streamed(ChatCompletionResponse, "The answer, or its chunks as events.")},
 )
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     return await app_state(request).chat.serve(request, body)
 
 
-@router.post("/v1/embeddings", dependencies=[USER], openapi_extra=json_body(EmbeddingRequest))
+@router.post(
+    "/v1/embeddings",
+    dependencies=[USER],
+    response_model=None,
+    openapi_extra=json_body(EmbeddingRequest),
+    responses={200: {"model": EmbeddingResponse}},
+)
 async def embeddings(request: Request) -> JSONResponse:
     body = await read_model(request, EmbeddingRequest)
     return await app_state(request).embedding.serve(request, body)
 
 
-@router.get("/v1/models", dependencies=[USER])
+@router.get(
+    "/v1/models", dependencies=[USER], response_model=None, responses={200: {"model": ModelList}}
+)
 async def models(request: Request) -> dict[str, object]:
     state = app_state(request)
     seen: dict[str, dict[str, object]] = {}

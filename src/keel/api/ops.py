@@ -13,17 +13,28 @@ from fastapi.responses import JSONResponse
 from keel.api.access import PUBLIC, USER, holds_key
 from keel.api.state import app_state
 from keel.config import ROLES
+from keel.schemas.openapi import ERRORS
+from keel.schemas.ops import DeepHealthReport, Liveness, Readiness
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
-@router.get("/health", dependencies=[PUBLIC])
+@router.get(
+    "/health", dependencies=[PUBLIC], response_model=None, responses={200: {"model": Liveness}}
+)
 async def liveness() -> dict[str, str]:
     """The process answers; says nothing about models (that is /ready)."""
     return {"status": "ok"}
 
 
-@router.get("/health/deep", dependencies=[PUBLIC])
+@router.get(
+    "/health/deep",
+    dependencies=[PUBLIC],
+    responses={
+        200: {"model": DeepHealthReport},
+        503: {"model": DeepHealthReport, "description": "A role failed its check."},
+    },
+)
 async def deep_health(request: Request, timeout: float = Query(10.0, gt=0, le=300)) -> JSONResponse:
     """200 when each role's provider generated a token within ``timeout`` seconds,
     else 503.
@@ -50,7 +61,14 @@ async def deep_health(request: Request, timeout: float = Query(10.0, gt=0, le=30
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/ready", dependencies=[PUBLIC])
+@router.get(
+    "/ready",
+    dependencies=[PUBLIC],
+    responses={
+        200: {"model": Readiness},
+        503: {"model": Readiness, "description": "A role has no provider that can serve."},
+    },
+)
 async def readiness(request: Request) -> JSONResponse:
     """200 when every role has a provider that can serve now, else 503 naming why."""
     state = app_state(request)

@@ -8,15 +8,17 @@ import platform
 import time
 from functools import cache
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from keel import __version__, build_info
 from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
 from keel.errors import RequestError
-from keel.schemas.openapi import json_body
+from keel.schemas.openapi import ERRORS, json_body
 from keel.schemas.tabby import (
+    BetaModels,
+    CompletionStats,
     HealthModels,
     HealthState,
     LogEventRequest,
@@ -24,7 +26,7 @@ from keel.schemas.tabby import (
     Version,
 )
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 TABBY_API_VERSION = "0.27.0"
 """The Tabby server version whose API keel serves; Tabby's clients gate features on it
@@ -92,9 +94,16 @@ def health_state(request: Request) -> HealthState:
     )
 
 
-@router.get("/v1/stats/completions", dependencies=[USER])
+@router.get(
+    "/v1/stats/completions",
+    dependencies=[USER],
+    response_model=None,
+    responses={200: {"model": CompletionStats}},
+)
 async def completion_stats(
-    request: Request, since: float | None = None, until: float | None = None
+    request: Request,
+    since: float | None = Query(None, allow_inf_nan=False),
+    until: float | None = Query(None, allow_inf_nan=False),
 ) -> dict[str, object]:
     """Acceptance by language and provider; ``since``/``until`` are Unix times
     (default: the last 24 hours)."""
@@ -107,18 +116,32 @@ async def completion_stats(
     return {"since": start, "until": end, "data": rows}
 
 
-@router.get("/v1/health", dependencies=[USER])
-@router.post("/v1/health", dependencies=[USER])
+@router.get(
+    "/v1/health", dependencies=[USER], response_model=None, responses={200: {"model": HealthState}}
+)
+@router.post(
+    "/v1/health", dependencies=[USER], response_model=None, responses={200: {"model": HealthState}}
+)
 async def health(request: Request) -> dict[str, object]:
     return health_state(request).model_dump(exclude_none=True)
 
 
-@router.get("/v1beta/server_setting", dependencies=[USER])
+@router.get(
+    "/v1beta/server_setting",
+    dependencies=[USER],
+    response_model=None,
+    responses={200: {"model": ServerSetting}},
+)
 async def server_setting() -> dict[str, object]:
     return ServerSetting().model_dump()
 
 
-@router.get("/v1beta/models", dependencies=[USER])
+@router.get(
+    "/v1beta/models",
+    dependencies=[USER],
+    response_model=None,
+    responses={200: {"model": BetaModels}},
+)
 async def beta_models(request: Request) -> dict[str, object]:
     providers = app_state(request).providers
     return {

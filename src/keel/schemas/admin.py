@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.config import Role
@@ -34,3 +36,26 @@ class UnloadRequest(_Wire):
 class ReloadRequest(_Wire):
     """``POST /v1/admin/reload`` takes no parameters: the config file keel was started
     with is read again. A body, if sent, is an empty JSON object."""
+
+
+class LoadProgress(BaseModel):
+    """One step of a load: an SSE event's data, or the whole answer with ``"stream": false``."""
+
+    role: Role
+    model_name: str
+    status: str = Field(
+        description="queued | checking_memory | starting_worker | loading | ready | error"
+    )
+    message: str
+
+
+class UnloadResult(BaseModel):
+    role: Role
+    unloaded: list[str]
+
+
+class ReloadResult(BaseModel):
+    status: Literal["reloaded"]
+    chains: dict[Role, list[str]]
+    started: list[str]
+    stopping: list[str]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Tag, TypeAdapter
+from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
 
-from keel.schemas.openai import CompletionRequest
-from keel.schemas.tabby import TabbyCompletionRequest
+from keel.schemas.openai import CompletionRequest, CompletionResponse
+from keel.schemas.tabby import TabbyCompletionRequest, TabbyCompletionResponse
 
 
 def completion_shape(data: Any) -> Literal["openai", "tabby"]:
@@ -70,3 +70,58 @@ def json_body(
     if description is not None:
         body["description"] = description
     return {"requestBody": body}
+
+
+class ConfigIssueOut(BaseModel):
+    key: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+    issues: list[ConfigIssueOut] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """keel's one error shape, for every 4xx and 5xx."""
+
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "Refused; the message says what to fix."},
+    "5XX": {"model": ErrorResponse, "description": "keel or a model backend failed."},
+}
+"""Every router's error responses. Documenting ``4XX`` also drops FastAPI's default
+422 entry: keel answers a bad parameter with a 400 in the one error shape."""
+
+EVENT_STREAM = {
+    "text/event-stream": {
+        "schema": {
+            "description": "Each server-sent event: `data` is one JSON chunk; the last is [DONE].",
+            "type": "object",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
+"""An event stream, described one event at a time (as schemathesis reads it)."""
+
+
+def streamed(model: Any, description: str) -> dict[str, Any]:
+    """A 200 that is ``model`` as JSON, or server-sent events when the body asks to stream
+    (each event's data one chunk, the last ``[DONE]``)."""
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": json_schema(model)}, **EVENT_STREAM},
+    }
+
+
+COMPLETION_RESPONSE = streamed(
+    TabbyCompletionResponse | CompletionResponse,
+    "Tabby's completion for a Tabby body, OpenAI's for an OpenAI body; "
+    "an event stream with OpenAI's `stream: true`.",
+)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -116,3 +116,14 @@ class HealthState(BaseModel):
 
 class ServerSetting(BaseModel):
     disable_client_side_telemetry: bool = False
+
+
+class BetaModels(BaseModel):
+    completion: list[str]
+    chat: list[str]
+
+
+class CompletionStats(BaseModel):
+    since: float
+    until: float
+    data: list[dict[str, Any]]
