@@ -62,6 +62,7 @@ async def test_sigkill_with_and_without_an_oom_kill(oom: bool) -> None:
                 await supervisor.wait_ready(1)
         else:
             assert "being restarted" in crashed.value.message
-            assert supervisor.state is WorkerState.READY and supervisor.restarts == 1
+            await supervisor.wait_ready(60)  # a restart on a loaded machine can take a while
+            assert supervisor.pid != pid and supervisor.restarts == 1
     finally:
         await provider.aclose()
