@@ -26,9 +26,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from keel.errors import KeelError, UpstreamStatusError, WorkerCrashed, WorkerUnavailable
+from keel.errors import (
+    ExitCode,
+    KeelError,
+    UpstreamStatusError,
+    WorkerCrashed,
+    WorkerUnavailable,
+)
 from keel.restart import RestartPolicy
-from keel.workers.worker import EXIT_UNUSABLE
 
 log = logging.getLogger("keel.worker")
 
@@ -202,9 +207,7 @@ class WorkerSupervisor:
         failures = 0
         while True:
             now = self._clock()
-            while self._starts and now - self._starts[0] > self.policy.start_window:
-                self._starts.popleft()
-            if len(self._starts) >= self.policy.start_limit:
+            if self.policy.exhausted(self._starts, now):
                 self._give_up(
                     f"crashed {len(self._starts)} times within {self.policy.start_window:.0f}s; "
                     f"last error: {self.last_error}"
@@ -228,7 +231,7 @@ class WorkerSupervisor:
             self._fail_pending(exit_code, restarting=not killed_for_memory)
             if self._stopping:
                 return
-            if exit_code == EXIT_UNUSABLE or killed_for_memory:
+            if exit_code == ExitCode.DEPENDENCY or killed_for_memory:
                 self._give_up(self.last_error or "worker reported an unusable model or library")
                 return
             if killed:
