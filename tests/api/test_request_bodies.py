@@ -109,6 +109,7 @@ async def test_valid_astral_text_is_served(client: httpx.AsyncClient) -> None:
         (b'{"prompt": "x", "temperature": 1e999}', "invalid_json"),
         (b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", "invalid_json"),
         (b"[1, 2]", "invalid_json"),
+        (b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "invalid_json"),
     ],
 )
 async def test_bodies_that_are_not_json_objects_are_400(

@@ -110,11 +110,13 @@ def decode_body(body: bytes) -> Any:
     try:
         text = body.decode(json.detect_encoding(body), "surrogateescape")
         data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        where = _bad_text(data)
     except ValueError as exc:  # JSONDecodeError, a bad number, an over-long integer
         raise RequestError(
             f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
-    where = _bad_text(data)
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply", code="invalid_json") from None
     if where is not None:
         field = _field(where).encode("utf-8", "backslashreplace").decode()
         raise RequestError(
