@@ -280,6 +280,11 @@ def main() -> int:
             process, url = start_keel(Path(root))
         try:
             result = asyncio.run(simulate(url, args))
+        except Exception:
+            if process is not None:  # keel's side of the story, before its directory goes
+                log = (Path(root) / "keel.log").read_text(errors="replace")[-3000:]
+                print(f"keel's log ends:\n{log}", file=sys.stderr)
+            raise
         finally:
             if process is not None:
                 process.terminate()
