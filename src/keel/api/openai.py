@@ -26,6 +26,7 @@ from keel.schemas.openapi import (
     COMPLETION_RESPONSE,
     ERRORS,
     CompletionBody,
+    completion_shape,
     json_body,
     streamed,
 )
@@ -44,7 +45,7 @@ router = APIRouter(responses=ERRORS)
 async def completions(request: Request) -> Response:
     serving = app_state(request).completion
     data = await read_json(request)
-    if isinstance(data, dict) and "prompt" in data:
+    if completion_shape(data) == "openai":
         return await serving.serve_openai(request, parse_model(CompletionRequest, data))
     return await serving.serve_tabby(request, parse_model(TabbyCompletionRequest, data))
 
