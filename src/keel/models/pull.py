@@ -266,7 +266,7 @@ class ModelPuller:
     ) -> PulledModel:
         """Pull ``spec`` and return where it landed; raises a KeelError on any failure,
         leaving no file behind. Blocking: the API runs it in a thread."""
-        emit = _Emitter(report)
+        emit = _Emitter(report, log_downloading=not show_bar)
         if self.offline:
             raise Unavailable(
                 "HF_HUB_OFFLINE is set: pulling needs the hub; unset it to download "
@@ -453,14 +453,17 @@ def _sha256(path: Path) -> str:
 
 
 class _Emitter:
-    """Sends progress to the caller's ``report`` and to the log (plain lines)."""
+    """Sends progress to the caller's ``report`` and to the log as plain lines (the
+    byte counts only when no progress bar shows them)."""
 
-    def __init__(self, report: Report | None) -> None:
+    def __init__(self, report: Report | None, *, log_downloading: bool) -> None:
         self.report = report
+        self.log_downloading = log_downloading
 
     def __call__(self, step: PullProgress) -> None:
         level = logging.WARNING if step.status == "warning" else logging.INFO
-        log.log(level, "%s", step.message)
+        if step.downloaded is None or self.log_downloading:
+            log.log(level, "%s", step.message)
         if self.report is not None:
             self.report(step)
 
