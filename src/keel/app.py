@@ -13,21 +13,19 @@ from fastapi import FastAPI
 
 from keel import __version__
 from keel.api import admin, metrics, models, openai, ops, tabby, ui
-from keel.api.body_limit import BodyLimitMiddleware
 from keel.api.errors import install_error_handlers
-from keel.api.metrics_middleware import MetricsMiddleware
-from keel.api.request_id import RequestIdMiddleware
+from keel.api.middleware import KeelMiddleware
 from keel.api.state import AppState
-from keel.api.stats_middleware import StatsMiddleware
 from keel.audit import AuditLog
 from keel.config import Paths, Settings
 from keel.errors import KeelError
-from keel.events import EventStore
+from keel.events import open_event_store
 from keel.index.retrieve import RepositoryRetriever
 from keel.ops.metrics import Metrics
 from keel.ops.stats import RequestStats
 from keel.providers.catalog import Providers, build_providers
 from keel.reload import assemble, reload_config
+from keel.state.shared_limits import RedisState
 
 log = logging.getLogger("keel")
 
@@ -44,9 +42,17 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         built = providers or build_providers(settings, paths)
-        events = EventStore(paths.events_db)
         unique = built.unique()
         app_metrics = Metrics()
+        events = open_event_store(settings.events, paths, app_metrics)
+        redis = None
+        if settings.state.redis_url is not None:
+            redis = RedisState(
+                settings.state.redis_url,
+                timeout=settings.state.timeout_seconds,
+                metrics=app_metrics,
+            )
+            await redis.ping()
         await asyncio.gather(*(provider.start() for provider in unique))
         retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
@@ -59,6 +65,7 @@ def create_app(
             audit=audit,
             events=events,
             retriever=retriever,
+            redis=redis,
         )
         state = AppState(
             settings=settings,
@@ -75,6 +82,7 @@ def create_app(
             audit=audit,
             models=parts.models,
             config_path=config_path,
+            redis=redis,
             stats=RequestStats(),
         )
         app.state.keel = state
@@ -100,13 +108,16 @@ def create_app(
             refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresh
+            await state.completion.aclose()
             await state.routing.aclose()
             for task in list(state.background):
                 task.cancel()
             current = state.providers.unique()
             leftovers = [p for p in unique if p not in current]
             await asyncio.gather(*(provider.aclose() for provider in [*current, *leftovers]))
-            events.close()
+            await asyncio.to_thread(events.close)
+            if redis is not None:
+                await redis.aclose()
 
     app = FastAPI(
         title="keel",
@@ -115,10 +126,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(StatsMiddleware)
-    app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request has it
+    app.add_middleware(KeelMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.include_router(ops.router)
     app.include_router(metrics.router)
     app.include_router(tabby.router)

@@ -139,7 +139,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         chain = settings.model.role(role).chain()
         names = [p.kind if isinstance(p, HttpModelConfig) else f"local:{p.model_id}" for p in chain]
         print(f"  {role}: {' -> '.join(names)}")
+        for provider in chain:
+            if isinstance(provider, HttpModelConfig):
+                print(f"    {provider.kind}: rate limit: {_rate_limit_text(provider)}")
     return 0
+
+
+def _rate_limit_text(provider: HttpModelConfig) -> str:
+    """The effective limit on what keel sends the backend (none unless configured)."""
+    if provider.rate_limit is None:
+        return "none (keel sends what its clients ask for)"
+    return f"{provider.rate_limit.request_per_minute} requests/minute"
 
 
 def cmd_config_sample(_: argparse.Namespace) -> int:

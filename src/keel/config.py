@@ -65,7 +65,7 @@ class _Section(BaseModel):
 
 class RateLimit(_Section):
     request_per_minute: int = Field(
-        1200, ge=1, description="Requests per minute keel sends to this backend."
+        ge=1, description="Requests per minute keel sends to this backend."
     )
 
 
@@ -99,7 +99,12 @@ class HttpModelConfig(_Section):
     supported_models: list[str] | None = Field(
         None, description="Accepted for Tabby compatibility."
     )
-    rate_limit: RateLimit = Field(default_factory=lambda: RateLimit(request_per_minute=1200))
+    rate_limit: RateLimit | None = Field(
+        None,
+        description="A cap on what keel sends this backend, as in Tabby: "
+        "'{ request_per_minute = 600 }'. Default: no limit. Over the cap a request waits "
+        "up to 1 s for its turn (keel_rate_limit_wait_seconds), else a fallback serves it.",
+    )
     api_endpoints: list[str] | None = Field(
         None,
         description="Replicas of this backend, balanced by least outstanding requests "

@@ -3,15 +3,28 @@
 ``[auth] requests_per_minute`` limits each key (``auth.KeyRateLimiter``: a
 request over the limit is refused with its wait at once); an HTTP provider's
 ``rate_limit.request_per_minute`` limits what keel sends a backend
-(``providers.http_base.RateLimiter``: a request waits for its turn when that
-comes soon, else it is refused). Both are this bucket with a different
-``max_wait``. The clock is a parameter, so tests drive time.
+(:class:`RateLimiter`: a request waits for its turn when that comes soon, else
+it is refused). Both are this bucket with a different ``max_wait``. The clock
+is a parameter, so tests drive time.
+
+A backend has no limit unless its config sets one: a cap nobody chose is a
+silent one (Tabby's default of 1,200 a minute made every request wait 50 ms
+after the first burst). A configured limit's waits are never silent either:
+:class:`RateLimiter` keeps them as a histogram, which ``/metrics``
+(``keel_rate_limit_wait_seconds``), ``/v1/providers`` and the status page show.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable
+
+from keel.errors import UpstreamStatusError
+
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Upper bounds of the wait histogram, seconds; a provider's limiter waits at most 1 s."""
 
 
 class TokenBucket:
@@ -59,3 +72,74 @@ class TokenBucket:
         if wait <= max_wait:
             self._level -= 1.0
         return wait
+
+
+class RateLimiter:
+    """A backend's ``rate_limit.request_per_minute``: a :class:`TokenBucket`, and the
+    time requests waited on it.
+
+    The bucket holds up to ``burst`` requests (a minute's worth by default, as
+    Tabby allows) and refills continuously. When it is empty a request waits
+    for its turn if that comes within ``max_wait`` seconds; otherwise it fails
+    at once with :class:`UpstreamStatusError` (code ``rate_limited``, no
+    ``upstream_status``, ``retry_after`` set), so the router can use a fallback
+    instead of queueing a code completion for seconds. Waiters reserve their
+    turn, so concurrent callers are served in order. Every admitted request's
+    wait (0 for most) goes into the histogram; every refusal is counted.
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        burst: int | None = None,
+        max_wait: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.bucket = TokenBucket(per_minute, burst=burst, clock=clock)
+        self.max_wait = max_wait
+        self._sleep = sleep
+        self.bucket_counts = [0] * (len(WAIT_BUCKETS) + 1)
+        """Admitted requests per wait bucket (not cumulative); the last is +Inf."""
+        self.wait_sum = 0.0
+        self.waited = 0
+        """Admitted requests that had to wait for their turn."""
+        self.refused = 0
+
+    @property
+    def available(self) -> float:
+        return self.bucket.available
+
+    @property
+    def admitted(self) -> int:
+        return sum(self.bucket_counts)
+
+    async def acquire(self, provider: str) -> None:
+        wait = self.bucket.take(max_wait=self.max_wait)
+        if wait > self.max_wait:
+            self.refused += 1
+            raise UpstreamStatusError(
+                f"keel's rate limit of {self.bucket.per_minute} requests/minute is reached",
+                provider=provider,
+                code="rate_limited",
+                retry_after=wait,
+            )
+        self.bucket_counts[bisect_left(WAIT_BUCKETS, wait)] += 1
+        if wait > 0:
+            self.wait_sum += wait
+            self.waited += 1
+            await self._sleep(wait)
+
+    def snapshot(self) -> dict[str, object]:
+        """The limit and its waits so far, for ``/v1/providers`` and the status page."""
+        admitted = self.admitted
+        return {
+            "request_per_minute": self.bucket.per_minute,
+            "available": round(self.available, 1),
+            "admitted": admitted,
+            "waited": self.waited,
+            "wait_seconds_total": round(self.wait_sum, 3),
+            "wait_mean_ms": round(1000 * self.wait_sum / admitted, 2) if admitted else 0.0,
+            "refused": self.refused,
+        }

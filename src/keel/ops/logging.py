@@ -3,7 +3,7 @@
 JSON records carry ``ts``, ``level``, ``logger``, ``msg``, ``request_id`` when
 logged while serving a request, and ``exc`` with the traceback when there is
 one. The request id lives in a :class:`contextvars.ContextVar` set by
-:class:`keel.api.request_id.RequestIdMiddleware`: a context variable, not
+:class:`keel.api.middleware.KeelMiddleware`: a context variable, not
 shared state, so concurrent requests never see each other's id.
 """
 

@@ -25,13 +25,20 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from keel import build_info
 from keel.config import ROLES, Role
 from keel.errors import KeelError
 from keel.pipeline.languages import get_language
+from keel.providers.http_base import HttpBacked
+from keel.rate_limit import WAIT_BUCKETS, RateLimiter
 
 if TYPE_CHECKING:
     from keel.providers.catalog import Providers
@@ -130,6 +137,37 @@ class _ProviderCollector(Collector):
 
 class Metrics:
     """keel's metrics and the methods that feed them.
+        yield from _rate_limit_families(providers.unique() if providers is not None else [])
+
+
+def _rate_limit_families(providers: Iterable[object]) -> Iterator[Metric]:
+    """``keel_rate_limit_wait_seconds`` and ``keel_rate_limit_refusals`` of every
+    provider with a configured rate limit (by default none has one)."""
+    waits = HistogramMetricFamily(
+        "keel_rate_limit_wait_seconds",
+        "Time a request waited for its turn under the provider's configured rate_limit "
+        "(0 for most; none without a limit).",
+        labels=["provider"],
+    )
+    refusals = CounterMetricFamily(
+        "keel_rate_limit_refusals",
+        "Requests refused by keel's own rate limit for the provider (a fallback served them, "
+        "or the client got 503).",
+        labels=["provider"],
+    )
+    for provider in providers:
+        if not isinstance(provider, HttpBacked):
+            continue
+        limiter: RateLimiter | None = provider.upstream.rate_limiter
+        if limiter is None:
+            continue
+        cumulative, buckets = 0, []
+        for bound, count in zip((*WAIT_BUCKETS, float("inf")), limiter.bucket_counts, strict=True):
+            cumulative += count
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", float(cumulative)))
+        waits.add_metric([provider.info.name], buckets, limiter.wait_sum)
+        refusals.add_metric([provider.info.name], float(limiter.refused))
+    yield from (waits, refusals)
 
     Method arguments are label values; keep them bounded (provider names from
     the config, route templates, roles), never user input.

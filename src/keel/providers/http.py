@@ -23,7 +23,7 @@ import httpx
 from keel.config import KINDS_BY_ROLE, HttpModelConfig, Role
 from keel.errors import ConfigError, ConfigIssue
 from keel.providers.base import Provider, ProviderInfo
-from keel.providers.http_base import HttpUpstream, RateLimiter
+from keel.providers.http_base import HttpUpstream
 from keel.providers.http_llamacpp import LlamaCppCompletionProvider, LlamaCppEmbeddingProvider
 from keel.providers.http_mistral import MistralFimProvider
 from keel.providers.http_ollama import OllamaCompletionProvider, OllamaEmbeddingProvider
@@ -33,6 +33,7 @@ from keel.providers.http_openai import (
     OpenAICompletionProvider,
     OpenAIEmbeddingProvider,
 )
+from keel.rate_limit import RateLimiter
 
 DEFAULT_ENDPOINTS = {
     "mistral/completion": "https://api.mistral.ai",
@@ -94,7 +95,9 @@ def build_http_provider(
         endpoint=endpoint,
         api_key=config.api_key,
         timeout=timeout,
-        rate_limiter=RateLimiter(config.rate_limit.request_per_minute),
+        rate_limiter=(
+            None if config.rate_limit is None else RateLimiter(config.rate_limit.request_per_minute)
+        ),
         client=client,
     )
     info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=upstream.endpoint)

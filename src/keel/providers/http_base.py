@@ -11,7 +11,7 @@ failures become keel's error tree (see :mod:`keel.errors`)::
     HTTP >= 400 otherwise                                 -> UpstreamStatusError
     bad JSON, not SSE, stream ended before its end marker -> UpstreamProtocolError
     an error object inside a 200 stream                   -> UpstreamStatusError
-    keel's own rate limit exhausted (see RateLimiter)     -> UpstreamStatusError, code rate_limited
+    keel's own rate limit reached (RateLimiter)           -> UpstreamStatusError, code rate_limited
 
 A stream cut mid-way is a protocol error whatever the framing: with chunked
 encoding httpx notices the missing last chunk, with a close-delimited body the
@@ -20,10 +20,8 @@ readers here notice the missing end marker (``[DONE]``, ``stop``, ``done``).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,7 +39,9 @@ from keel.errors import (
     UpstreamTimeout,
 )
 from keel.providers.base import CompletionProvider, ProviderInfo
-from keel.rate_limit import TokenBucket
+from keel.rate_limit import RateLimiter
+
+__all__ = ["RateLimiter"]  # re-exported: the limiter every HTTP upstream takes
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to open a connection; a backend that cannot accept in 5 s is down."""
@@ -321,56 +321,7 @@ async def iter_ndjson(lines: AsyncIterator[str], provider: str) -> AsyncGenerato
         yield payload
 
 
-# --- rate limiting -----------------------------------------------------------
-
-
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
-
-
 LineParser = Callable[[AsyncIterator[str], str], AsyncGenerator[JsonObject, None]]
-
-
-class RateLimiter:
-    """``rate_limit.request_per_minute``: a :class:`~keel.rate_limit.TokenBucket`.
-
-    The bucket holds up to ``burst`` requests (a minute's worth by default, as
-    Tabby allows) and refills continuously. When it is empty a request waits
-    for its turn if that comes within ``max_wait`` seconds; otherwise it fails
-    at once with :class:`UpstreamStatusError` (code ``rate_limited``, no
-    ``upstream_status``, ``retry_after`` set), so the router can use a fallback
-    instead of queueing a code completion for seconds. Waiters reserve their
-    turn, so concurrent callers are served in order.
-    """
-
-    def __init__(
-        self,
-        per_minute: int,
-        *,
-        burst: int | None = None,
-        max_wait: float = 1.0,
-        clock: Clock = time.monotonic,
-        sleep: Sleep = asyncio.sleep,
-    ) -> None:
-        self.bucket = TokenBucket(per_minute, burst=burst, clock=clock)
-        self.max_wait = max_wait
-        self._sleep = sleep
-
-    @property
-    def available(self) -> float:
-        return self.bucket.available
-
-    async def acquire(self, provider: str) -> None:
-        wait = self.bucket.take(max_wait=self.max_wait)
-        if wait > self.max_wait:
-            raise UpstreamStatusError(
-                f"keel's rate limit of {self.bucket.per_minute} requests/minute is reached",
-                provider=provider,
-                code="rate_limited",
-                retry_after=wait,
-            )
-        if wait > 0:
-            await self._sleep(wait)
 
 
 # --- the connection ----------------------------------------------------------
@@ -477,6 +428,12 @@ class HttpBacked:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+    def status(self) -> dict[str, object]:
+        """``rate_limit``: the configured limit and the time requests waited on it
+        (``None``: no limit, keel sends whatever its clients ask for)."""
+        limiter = self.upstream.rate_limiter
+        return {"state": "ok", "rate_limit": None if limiter is None else limiter.snapshot()}
 
 
 class CompletionOptions(TypedDict, total=False):

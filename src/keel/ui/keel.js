@@ -223,6 +223,16 @@
       ["in flight", p.outstanding],
     ];
     if (p.endpoint) facts.push(["endpoint", p.endpoint]);
+    const limit = worker.rate_limit;
+    if (limit) {
+      // A configured rate_limit: the time requests waited on it is never silent.
+      facts.push(["rate limit", `${limit.request_per_minute}/min`]);
+      facts.push([
+        "limit wait",
+        `${limit.waited} waited · mean ${fmt.ms(limit.wait_mean_ms)}` +
+          (limit.refused ? ` · ${limit.refused} refused` : ""),
+      ]);
+    }
     if (worker.pid !== undefined) {
       facts.push(["worker", `${worker.state ?? "?"} · pid ${worker.pid ?? "–"}`]);
       facts.push(["restarts", worker.restarts ?? 0]);
