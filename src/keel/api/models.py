@@ -1,14 +1,20 @@
-"""TabbyAPI-compatible model management: see which model serves, list, load, unload.
+"""TabbyAPI-compatible model management: see which model serves, list, load, unload,
+download.
 
-``POST /v1/model/load`` streams its progress as server-sent events (queued,
-checking_memory, starting_worker, loading, ready, or an error event), or,
-with ``"stream": false``, answers once with the final state.
+``POST /v1/model/load`` and ``POST /v1/model/download`` stream their progress
+as server-sent events (load: queued, checking_memory, starting_worker,
+loading, ready; download: resolving, warning, downloading, verifying, ready;
+or an error event), or, with ``"stream": false``, answer once with the final
+state. What can be refused before any work (a bad spec, a model or file that
+does not exist, a hub that refuses us, a full disk) is an HTTP error before
+the stream starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -18,7 +24,15 @@ from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.config import Role
 from keel.errors import KeelError
-from keel.schemas.admin import LoadProgress, LoadRequest, UnloadRequest, UnloadResult
+from keel.models.pull import ModelPuller, PullProgress
+from keel.schemas.admin import (
+    DownloadProgress,
+    DownloadRequest,
+    LoadProgress,
+    LoadRequest,
+    UnloadRequest,
+    UnloadResult,
+)
 from keel.schemas.openai import ModelCard, ModelList
 from keel.schemas.openapi import ERRORS, json_body, streamed
 
@@ -86,3 +100,61 @@ async def unload_model(request: Request) -> dict[str, object]:
     body = await read_model(request, UnloadRequest)
     manager = app_state(request).models
     return await manager.unload(body.role, key_id=getattr(request.state, "key_id", None))
+
+
+@router.post(
+    "/v1/model/download",
+    dependencies=[ADMIN],
+    response_model=None,
+    openapi_extra=json_body(DownloadRequest),
+    responses={
+        200: streamed(DownloadProgress, "Progress events, or the last step without streaming.")
+    },
+)
+async def download_model(request: Request) -> Response:
+    """Pull a model through huggingface_hub into <root>/models (``keel models pull``)."""
+    body = await read_model(request, DownloadRequest)
+    state = app_state(request)
+    puller = ModelPuller(state.paths, local=state.settings.model.role("completion").local)
+    key_id = getattr(request.state, "key_id", None)
+    target = f"{body.model}" + (f" ({body.quant})" if body.quant else "")
+
+    def audit(result: str, detail: str | None = None) -> None:
+        state.audit.record(
+            "model_download", key_id=key_id, result=result, target=target, detail=detail
+        )
+
+    try:
+        await asyncio.to_thread(puller.preflight, body.model, body.quant)
+    except KeelError as exc:
+        audit("error", exc.message)
+        raise
+    steps = _audited(puller.stream(body.model, quant=body.quant), audit)
+    if not body.stream:
+        last: dict[str, object] = {}
+        async for step in steps:
+            last = step.to_dict(body.model)
+        return JSONResponse(last)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for step in steps:
+                yield f"data: {json.dumps(step.to_dict(body.model))}\n\n".encode()
+        except KeelError as exc:
+            error = {**exc.to_body(), "status": "error", "model": body.model}
+            yield f"data: {json.dumps(error)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _audited(
+    steps: AsyncIterator[PullProgress], audit: Callable[[str, str | None], None]
+) -> AsyncIterator[PullProgress]:
+    try:
+        async for step in steps:
+            yield step
+    except KeelError as exc:
+        audit("error", exc.message)
+        raise
+    audit("ok", None)

@@ -32,6 +32,7 @@ The hub's errors become keel's in one place, :func:`_hub_errors`::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -40,7 +41,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -96,21 +97,6 @@ class PullPlan:
 
 
 @dataclass(frozen=True, slots=True)
-class PullProgress:
-    status: str  # resolving | checking_disk | warning | downloading | verifying | ready
-    message: str
-    downloaded: int | None = None
-    total: int | None = None
-
-    def to_dict(self, spec: str) -> dict[str, object]:
-        data: dict[str, object] = {"model": spec, "status": self.status, "message": self.message}
-        if self.downloaded is not None:
-            data["downloaded_bytes"] = self.downloaded
-            data["total_bytes"] = self.total
-        return data
-
-
-@dataclass(frozen=True, slots=True)
 class PulledModel:
     name: str
     path: Path
@@ -126,6 +112,25 @@ class PulledModel:
             "sha256": self.sha256,
             "already_present": self.already_present,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class PullProgress:
+    status: str  # resolving | warning | downloading | verifying | ready
+    message: str
+    downloaded: int | None = None
+    total: int | None = None
+    result: PulledModel | None = None
+    """Set on the last step, ``ready``."""
+
+    def to_dict(self, spec: str) -> dict[str, object]:
+        data: dict[str, object] = {"model": spec, "status": self.status, "message": self.message}
+        if self.downloaded is not None:
+            data["downloaded_bytes"] = self.downloaded
+            data["total_bytes"] = self.total
+        if self.result is not None:
+            data |= self.result.to_dict()
+        return data
 
 
 Report = Callable[[PullProgress], None]
@@ -248,12 +253,26 @@ class ModelPuller:
     def plan(self, spec: str, quant: str | None = None) -> PullPlan:
         """What ``spec`` names and where it would land; asks the hub for the repo's files."""
         repo, filename, entry = parse_spec(spec, quant, self.registry)
+        if self.offline:
+            raise Unavailable(
+                "HF_HUB_OFFLINE is set: pulling needs the hub; unset it to download "
+                f"(models already in {self.paths.models_dir} load without it)",
+                code="hub_offline",
+            )
         files = self._gguf_files(repo)
         file = choose_file(files, repo, filename, quant)
         if entry is not None:
             file = HubFile(file.repo, file.filename, file.size, entry.sha256)
             return PullPlan(file, PurePosixPath(f"{entry.model_id}.gguf"))
         return PullPlan(file, PurePosixPath(PurePosixPath(file.filename).name))
+
+    def preflight(self, spec: str, quant: str | None = None) -> PullPlan:
+        """What :meth:`pull` refuses before fetching a byte: a bad spec, offline mode, a
+        repo or file that does not exist, a hub that refuses us, a full disk."""
+        plan = self.plan(spec, quant)
+        if not (self.paths.models_dir / plan.target).is_file():
+            self._check_disk(plan)
+        return plan
 
     def pull(
         self,
@@ -267,12 +286,6 @@ class ModelPuller:
         """Pull ``spec`` and return where it landed; raises a KeelError on any failure,
         leaving no file behind. Blocking: the API runs it in a thread."""
         emit = _Emitter(report, log_downloading=not show_bar)
-        if self.offline:
-            raise Unavailable(
-                "HF_HUB_OFFLINE is set: pulling needs the hub; unset it to download "
-                f"(models already in {self.paths.models_dir} load without it)",
-                code="hub_offline",
-            )
         emit(PullProgress("resolving", f"looking up {spec} on {self.hub}"))
         plan = self.plan(spec, quant)
         file = plan.file
@@ -296,8 +309,35 @@ class ModelPuller:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest)
-        emit(PullProgress("ready", f"{plan.name} is in {dest}; load it as {plan.name}"))
+        emit(
+            PullProgress(
+                "ready", f"{plan.name} is in {dest}; load it as {plan.name}", result=pulled
+            )
+        )
         return pulled
+
+    async def stream(self, spec: str, *, quant: str | None = None) -> AsyncIterator[PullProgress]:
+        """:meth:`pull` in a thread, its steps as they come; the last is ``ready`` (with
+        the result) or the pull's KeelError is raised. Closing the iterator early (the
+        client went away) stops the transfer at its next chunk."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[PullProgress | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def report(step: PullProgress) -> None:
+            loop.call_soon_threadsafe(steps.put_nowait, step)
+
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self.pull, spec, quant=quant, report=report, cancelled=cancelled)
+        )
+        work.add_done_callback(lambda _: steps.put_nowait(None))
+        try:
+            while (step := await steps.get()) is not None:
+                yield step
+            work.result()
+        finally:
+            cancelled.set()
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     # the steps ------------------------------------------------------------------
 
@@ -326,8 +366,9 @@ class ModelPuller:
         if not same:
             emit(PullProgress("resolving", f"{dest} differs from the hub's file: replacing it"))
             return None
-        emit(PullProgress("ready", f"{plan.name} is already in {dest}"))
-        return PulledModel(plan.name, dest, dest.stat().st_size, digest, already_present=True)
+        pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest, already_present=True)
+        emit(PullProgress("ready", f"{plan.name} is already in {dest}", result=pulled))
+        return pulled
 
     def _check_disk(self, plan: PullPlan) -> None:
         self.paths.models_dir.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,37 @@ class ReloadResult(BaseModel):
     chains: dict[Role, list[str]]
     started: list[str]
     stopping: list[str]
+
+
+class DownloadRequest(_Wire):
+    """``POST /v1/model/download``: pull a GGUF model into the model directory."""
+
+    model: str = Field(
+        min_length=1,
+        max_length=512,
+        description="A Hugging Face file (org/repo:file.gguf), a repo (org/repo, with quant "
+        "when it has several GGUF files), or a Tabby registry name (TabbyML/StarCoder-1B).",
+    )
+    quant: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="With a repo: the GGUF file whose name holds this, e.g. Q8_0.",
+    )
+    stream: bool = Field(
+        True, description="Stream progress as server-sent events; false answers once at the end."
+    )
+
+
+class DownloadProgress(BaseModel):
+    """One step of a download: an SSE event's data, or the last one with ``"stream": false``."""
+
+    model: str
+    status: str = Field(description="resolving | warning | downloading | verifying | ready")
+    message: str
+    downloaded_bytes: int | None = None
+    total_bytes: int | None = None
+    model_name: str | None = Field(None, description="On ready: the name to load it by.")
+    size_bytes: int | None = None
+    sha256: str | None = None
+    already_present: bool | None = None

@@ -1,0 +1,100 @@
+"""POST /v1/model/download in process: admin only, SSE progress, errors before the stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.api.conftest import ADMIN, ADMIN_KEY, USER, build_app, keel_config
+from tests.fakes.upstreams import FakeUpstream
+from tests.models.conftest import FILE, REPO
+from tests.models.fake_hub import FakeHub, sha256
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def client(
+    upstream: FakeUpstream, hub: FakeHub, tmp_path: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    app: FastAPI = build_app(tmp_path / "keel", keel_config(upstream.url, upstream.url))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
+            yield http
+
+
+def events(response: httpx.Response) -> list[dict[str, object]]:
+    lines = response.text.splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+async def test_download_streams_progress_then_lists_the_model(
+    client: httpx.AsyncClient, model_bytes: bytes, tmp_path: Path
+) -> None:
+    response = await client.post(
+        "/v1/model/download", json={"model": f"{REPO}:{FILE}"}, headers=ADMIN
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.endswith("data: [DONE]\n\n")
+    steps = events(response)
+    statuses = [step["status"] for step in steps]
+    assert statuses[0] == "resolving" and statuses[-1] == "ready", statuses
+    assert "downloading" in statuses and "verifying" in statuses
+    assert steps[-1]["model_name"] == "tiny-coder-q4_1"
+    assert steps[-1]["sha256"] == sha256(model_bytes)
+    listing = (await client.get("/v1/model/list", headers=USER)).json()
+    card = next(card for card in listing["data"] if card["id"] == "tiny-coder-q4_1")
+    facts = card["parameters"]
+    assert facts["architecture"] == "llama" and facts["context_length"] == 8192
+    assert facts["fim"] is False and facts["size_bytes"] == len(model_bytes)
+    audit = (tmp_path / "keel" / "audit.log").read_text()
+    assert '"action":"model_download"' in audit and '"result":"ok"' in audit
+
+
+async def test_download_is_admin_only(client: httpx.AsyncClient, hub: FakeHub) -> None:
+    body = {"model": f"{REPO}:{FILE}"}
+    assert (await client.post("/v1/model/download", json=body)).status_code == 401
+    assert (await client.post("/v1/model/download", json=body, headers=USER)).status_code == 403
+    assert hub.seen == []
+
+
+async def test_refusals_come_before_the_stream(client: httpx.AsyncClient, hub: FakeHub) -> None:
+    bad = await client.post("/v1/model/download", json={"model": "no repo"}, headers=ADMIN)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+    missing = await client.post(
+        "/v1/model/download", json={"model": f"{REPO}:other.gguf"}, headers=ADMIN
+    )
+    assert missing.status_code == 404 and FILE in missing.json()["error"]["message"]
+    hub.token = "hf_secret"
+    refused = await client.post(
+        "/v1/model/download", json={"model": f"{REPO}:{FILE}", "stream": False}, headers=ADMIN
+    )
+    assert refused.status_code == 502
+    error = refused.json()["error"]
+    assert error["code"] == "upstream_auth_failed" and "set HF_TOKEN" in error["message"]
+    assert ADMIN_KEY not in refused.text and hub.downloads() == []
+
+
+async def test_a_corrupt_download_ends_the_stream_with_an_error_event(
+    client: httpx.AsyncClient, hub: FakeHub, tmp_path: Path
+) -> None:
+    hub.corrupt = True
+    response = await client.post(
+        "/v1/model/download", json={"model": f"{REPO}:{FILE}"}, headers=ADMIN
+    )
+    last = events(response)[-1]
+    error = last["error"]
+    assert last["status"] == "error" and isinstance(error, dict)
+    assert error["code"] == "checksum_mismatch"
+    assert not list((tmp_path / "keel" / "models").rglob("*.gguf"))
