@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from keel.config import AuthConfig
 from keel.rate_limit import TokenBucket
@@ -139,6 +140,17 @@ class KeyStore:
         return best
 
 
+class KeyLimiter(Protocol):
+    """A per-key rate limit: this process's (:class:`KeyRateLimiter`) or the one the
+    replicas share (``keel.state.shared_limits.SharedKeyRateLimiter``)."""
+
+    per_minute: int
+
+    async def acquire(self, who: str) -> float:
+        """0 if allowed now, else the seconds until a request would be (nothing taken)."""
+        ...
+
+
 class KeyRateLimiter:
     """A token bucket per key: ``per_minute`` requests, bursting up to that many."""
 
@@ -153,6 +165,9 @@ class KeyRateLimiter:
         if bucket is None:
             bucket = self._buckets[who] = TokenBucket(self.per_minute, clock=self._clock)
         return bucket.take()
+
+    async def acquire(self, who: str) -> float:
+        return self.take(who)
 
 
 def is_loopback(host: str) -> bool:

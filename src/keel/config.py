@@ -374,6 +374,62 @@ class IndexConfig(_Section):
     )
 
 
+class StateConfig(_Section):
+    """``[state]``: what replicas share. Unset: each keel keeps it in its own process."""
+
+    redis_url: str | None = Field(
+        None,
+        description="Redis holding the per-key rate limits every replica shares, e.g. "
+        "'redis://redis:6379/0' (use '${ENV_VAR}' for a password). Unset: limits hold per "
+        "process. If Redis is unreachable each replica limits alone until it is back.",
+    )
+    timeout_seconds: float = Field(
+        0.25,
+        gt=0,
+        le=10,
+        description="How long a rate-limit decision waits for Redis before the replica "
+        "decides alone (and retries Redis at most once a second until it answers).",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class EventsConfig(_Section):
+    """``[events]``: where completion events and acceptance figures are kept."""
+
+    database_url: str = Field(
+        "sqlite:///events.sqlite3",
+        description="'sqlite:///<path>' (relative to the data root, or 'sqlite:////abs/path'): "
+        "this keel alone; or 'postgresql://user:pass@host/db': shared by every replica, so "
+        "acceptance covers them all. Writes to Postgres are buffered and never hold up a "
+        "completion.",
+    )
+    max_buffered: int = Field(
+        10_000,
+        ge=1,
+        description="Events held in memory while Postgres is slow or down; past this, new "
+        "events are dropped and counted (keel_events_dropped_total).",
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        if value.startswith(("postgresql://", "postgres://")):
+            return value
+        raise ValueError("must be 'sqlite:///<path>' or 'postgresql://...'")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith(("postgresql://", "postgres://"))
+
+
 class Settings(_Section):
     """The whole of ``config.toml``."""
 
@@ -384,6 +440,8 @@ class Settings(_Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     repositories: list[RepositoryConfig] = Field(default_factory=list)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     # Tabby sections keel accepts and does not use.
     answer: dict[str, Any] | None = None
     anonymous_usage_tracking: dict[str, Any] | None = Field(None, alias="anonymousUsageTracking")
@@ -421,6 +479,11 @@ class Paths:
     @property
     def events_db(self) -> Path:
         return self.root / "events.sqlite3"
+
+    def sqlite_path(self, database_url: str) -> Path:
+        """The file of a 'sqlite:///<path>' URL: relative paths are under the data root."""
+        path = Path(database_url.removeprefix("sqlite:///")).expanduser()
+        return path if path.is_absolute() else self.root / path
 
     @property
     def index_dir(self) -> Path:

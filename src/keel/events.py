@@ -1,9 +1,12 @@
-"""Completion events, kept durably in SQLite (WAL) under the data root.
+"""Completion events: SQLite under the data root (one keel), or Postgres (replicas).
 
 Two kinds of rows share one table: ``completion`` rows written when keel
 serves a completion, and the editor's ``view`` / ``select`` / ``dismiss``
 events from ``POST /v1/events``. Together they make the acceptance rate one
-query away. Writes run in a thread so the event loop never waits on disk.
+query away. ``[events] database_url`` picks the store (:func:`open_event_store`);
+both have the :class:`EventStore` interface, and neither makes a completion
+wait on its database: SQLite writes run in a thread, Postgres writes are
+buffered and batched (``keel.state.postgres_events``).
 """
 
 from __future__ import annotations
@@ -14,27 +17,78 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    kind TEXT NOT NULL,
-    completion_id TEXT,
-    choice_index INTEGER,
-    view_id TEXT,
-    elapsed INTEGER,
-    select_kind TEXT,
-    language TEXT,
-    data TEXT
-);
-CREATE INDEX IF NOT EXISTS events_completion ON events (completion_id);
-"""
+from keel.config import EventsConfig, Paths
+from keel.state.migrate import migrate_sqlite
+
+if TYPE_CHECKING:
+    from keel.ops.metrics import Metrics
 
 
-class EventStore:
-    """``max_rows`` bounds the table: past it, the oldest rows go (checked every
-    ``prune_every`` inserts, so the cost is amortised)."""
+class EventStore(Protocol):
+    """What serving, ``POST /v1/events`` and the acceptance figures need of a store."""
+
+    async def record(
+        self,
+        kind: str,
+        *,
+        completion_id: str | None = None,
+        choice_index: int | None = None,
+        view_id: str | None = None,
+        elapsed: int | None = None,
+        select_kind: str | None = None,
+        language: str | None = None,
+        data: dict[str, object] | None = None,
+    ) -> None:
+        """Keep one event; never raises for a database that is down."""
+
+    async def language_of(self, completion_id: str | None) -> str | None:
+        """The language of the completion served as ``completion_id``, if known."""
+
+    def acceptance(self, since: float, until: float) -> list[dict[str, object]]:
+        """Acceptance by language and provider (blocking: call it in a thread);
+        raises :class:`keel.errors.Unavailable` when the database cannot answer."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows by kind (blocking)."""
+
+    def status(self) -> dict[str, object]:
+        """Which store, and (for a shared one) whether it answers, for /v1/providers."""
+
+    def close(self) -> None: ...
+
+
+def open_event_store(config: EventsConfig, paths: Paths, metrics: Metrics) -> EventStore:
+    """The store ``config.database_url`` names; Postgres is reached in the background,
+    so a database that is down delays no startup."""
+    if config.is_postgres:
+        from keel.state.postgres_events import PostgresEventStore
+
+        return PostgresEventStore(
+            config.database_url, metrics=metrics, max_buffered=config.max_buffered
+        )
+    return SqliteEventStore(paths.sqlite_path(config.database_url))
+
+
+def acceptance_row(
+    language: object, provider: object, served: int, viewed: int, selected: int, dismissed: int
+) -> dict[str, object]:
+    """One row of the acceptance figures; rate = selected / viewed."""
+    return {
+        "language": language or "unknown",
+        "provider": provider,
+        "served": served,
+        "viewed": viewed,
+        "selected": selected,
+        "dismissed": dismissed,
+        "acceptance_rate": round(selected / viewed, 4) if viewed else None,
+    }
+
+
+class SqliteEventStore:
+    """Events in one SQLite file (WAL). ``max_rows`` bounds the table: past it, the
+    oldest rows go (checked every ``prune_every`` inserts, so the cost is amortised)."""
 
     def __init__(self, path: Path, *, max_rows: int = 1_000_000, prune_every: int = 1000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +99,7 @@ class EventStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        migrate_sqlite(self._db)
         self._lock = threading.Lock()
 
     def _insert(self, row: dict[str, object]) -> None:
@@ -121,18 +175,10 @@ class EventStore:
         """
         with self._lock:
             rows = self._db.execute(query, (since, until)).fetchall()
-        return [
-            {
-                "language": language or "unknown",
-                "provider": provider,
-                "served": served,
-                "viewed": viewed,
-                "selected": selected,
-                "dismissed": dismissed,
-                "acceptance_rate": round(selected / viewed, 4) if viewed else None,
-            }
-            for language, provider, served, viewed, selected, dismissed in rows
-        ]
+        return [acceptance_row(*row) for row in rows]
+
+    def status(self) -> dict[str, object]:
+        return {"store": "sqlite", "up": True}
 
     def close(self) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keel.api.state import AppState
 from keel.audit import AuditLog
-from keel.auth import KeyRateLimiter, KeyStore
+from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore
 from keel.config import ROLES, Paths, Settings, load_settings
 from keel.errors import KeelError
 from keel.events import EventStore
@@ -30,6 +30,7 @@ from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
 from keel.serving.embedding import EmbeddingServing
+from keel.state.shared_limits import RedisState, SharedKeyRateLimiter
 
 log = logging.getLogger("keel.reload")
 
@@ -41,7 +42,7 @@ class Parts:
     chat: ChatServing
     embedding: EmbeddingServing
     keys: KeyStore
-    rate_limiter: KeyRateLimiter | None
+    rate_limiter: KeyLimiter | None
     models: ModelManager
 
 
@@ -54,7 +55,9 @@ def assemble(
     audit: AuditLog,
     events: EventStore,
     retriever: SnippetRetriever | None,
+    redis: RedisState | None = None,
 ) -> Parts:
+    """The serving parts; with ``redis``, per-key limits are shared across replicas."""
     routing = Routing(settings, providers, events=metrics)
     metrics.track_providers(providers)
     metrics.track_readiness(lambda role: routing.routers[role].any_usable())
@@ -63,6 +66,9 @@ def assemble(
         audit.record("keys_reload", key_id=None, result="ok" if ok else "error", detail=detail)
 
     per_minute = settings.auth.requests_per_minute
+    limiter: KeyLimiter | None = None
+    if per_minute:
+        limiter = SharedKeyRateLimiter(per_minute, redis) if redis else KeyRateLimiter(per_minute)
     return Parts(
         routing=routing,
         completion=CompletionServing(
@@ -85,7 +91,7 @@ def assemble(
         ),
         embedding=EmbeddingServing(routing.routers["embedding"], routing.admission["embedding"]),
         keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded),
-        rate_limiter=KeyRateLimiter(per_minute) if per_minute else None,
+        rate_limiter=limiter,
         models=ModelManager(settings, paths, routing, audit),
     )
 
@@ -114,6 +120,7 @@ async def reload_config(
         audit=state.audit,
         events=state.events,
         retriever=state.completion.prompts.retriever,
+        redis=state.redis,
     )
     old_routing = state.routing
     state.settings = settings

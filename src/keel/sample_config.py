@@ -18,11 +18,13 @@ from keel.config import (
     COMPLETION_KINDS,
     EMBEDDING_KINDS,
     CompletionConfig,
+    EventsConfig,
     HttpModelConfig,
     IndexConfig,
     LocalModelConfig,
     RepositoryConfig,
     ServerConfig,
+    StateConfig,
 )
 
 HEADER = """\
@@ -81,6 +83,12 @@ def render_sample() -> str:
         ).replace("# [repositories]", "# [[repositories]]")
     )
     parts.append(_section("index", IndexConfig))
+    parts.append(
+        _section(
+            "state", StateConfig, "Several replicas: what they share (README, Running at scale)."
+        )
+    )
+    parts.append(_section("events", EventsConfig))
     kinds = {"completion": COMPLETION_KINDS, "chat": CHAT_KINDS, "embedding": EMBEDDING_KINDS}
     for role, role_kinds in kinds.items():
         parts.append(

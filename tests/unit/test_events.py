@@ -4,11 +4,11 @@ import asyncio
 import time
 from pathlib import Path
 
-from keel.events import EventStore
+from keel.events import SqliteEventStore
 
 
 def test_acceptance_by_language_and_provider(tmp_path: Path) -> None:
-    store = EventStore(tmp_path / "events.sqlite3")
+    store = SqliteEventStore(tmp_path / "events.sqlite3")
 
     async def fill() -> None:
         for n, language in enumerate(["python", "python", "python", "go"]):
@@ -38,7 +38,7 @@ def test_acceptance_by_language_and_provider(tmp_path: Path) -> None:
 
 
 def test_the_table_is_bounded(tmp_path: Path) -> None:
-    store = EventStore(tmp_path / "events.sqlite3", max_rows=50, prune_every=10)
+    store = SqliteEventStore(tmp_path / "events.sqlite3", max_rows=50, prune_every=10)
 
     async def fill() -> None:
         for n in range(200):

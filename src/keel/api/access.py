@@ -76,7 +76,7 @@ class Require:
         request.state.key_id = identity.key_id
         limiter = state.rate_limiter
         if limiter is not None and identity.key_id is not None:
-            wait = limiter.take(identity.key_id)
+            wait = await limiter.acquire(identity.key_id)
             if wait > 0:
                 raise RateLimited(
                     f"rate limit of {state.settings.auth.requests_per_minute} requests per "

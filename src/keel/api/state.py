@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from keel.audit import AuditLog
-from keel.auth import KeyRateLimiter, KeyStore
+from keel.auth import KeyLimiter, KeyStore
 from keel.config import Paths, Settings
 from keel.events import EventStore
 from keel.models.manager import ModelManager
@@ -24,6 +24,7 @@ from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
 from keel.serving.embedding import EmbeddingServing
+from keel.state.shared_limits import RedisState
 
 
 @dataclass(slots=True)
@@ -38,10 +39,12 @@ class AppState:
     events: EventStore
     metrics: Metrics
     keys: KeyStore
-    rate_limiter: KeyRateLimiter | None
+    rate_limiter: KeyLimiter | None
     audit: AuditLog
     models: ModelManager
     config_path: Path | None = None
+    redis: RedisState | None = None
+    """Shared per-key limits (``[state] redis_url``), fixed for the process's life."""
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 

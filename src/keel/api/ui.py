@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from keel.api.access import PUBLIC, USER
 from keel.api.state import AppState, app_state
 from keel.config import ROLES
+from keel.errors import Unavailable
 from keel.ops.stats import rss_bytes
 
 router = APIRouter()
@@ -128,7 +129,10 @@ async def stats(request: Request) -> dict[str, object]:
 
     async def acceptance() -> list[dict[str, object]]:
         since = now - ACCEPTANCE_WINDOW_SECONDS
-        rows = await asyncio.to_thread(state.events.acceptance, since, now)
+        try:
+            rows = await asyncio.to_thread(state.events.acceptance, since, now)
+        except Unavailable:  # the events database is down: the rest of the page still draws
+            return []
         return acceptance_by_language(rows)
 
     models = models_and_memory(state)

@@ -133,10 +133,6 @@ class _ProviderCollector(Collector):
                 role_ready.add_metric([role, provider.name], float(usable))
         count.add_metric([], float(total))
         yield from (restarts, state, loaded, role_ready, count)
-
-
-class Metrics:
-    """keel's metrics and the methods that feed them.
         yield from _rate_limit_families(providers.unique() if providers is not None else [])
 
 
@@ -172,6 +168,10 @@ def _rate_limit_families(providers: Iterable[object]) -> Iterator[Metric]:
     Method arguments are label values; keep them bounded (provider names from
     the config, route templates, roles), never user input.
     """
+
+
+class Metrics:
+    """keel's metrics and the methods that feed them.
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
@@ -340,6 +340,33 @@ def _rate_limit_families(providers: Iterable[object]) -> Iterator[Metric]:
 
     def track_providers(self, providers: Providers) -> None:
         """Read worker state and role readiness from ``providers`` at each scrape."""
+        self.state_store_up = Gauge(
+            "keel_state_store_up",
+            "1 while the shared store (redis: rate limits, postgres: events) answers, 0 while "
+            "this replica works without it; absent when none is configured.",
+            ["store"],
+            registry=registry,
+        )
+        self.rate_limit_local = Counter(
+            "keel_rate_limit_local_decisions",
+            "Per-key rate-limit decisions this replica took alone because Redis was "
+            "unreachable (the limit then holds per replica, not across them).",
+            registry=registry,
+        )
+        self.events_dropped_total = Counter(
+            "keel_events_dropped",
+            "Completion events not stored: buffer_full (the database was down too long), "
+            "rejected (the database refused the batch), shutdown (unwritten at exit).",
+            ["reason"],
+            registry=registry,
+        )
+        self.events_buffered_gauge = Gauge(
+            "keel_events_buffered",
+            "Completion events waiting in memory to be written to the events database.",
+            registry=registry,
+        )
+        for reason in ("buffer_full", "rejected", "shutdown"):
+            self.events_dropped_total.labels(reason)
         self._providers.providers = providers
 
     def track_readiness(self, role_usable: Callable[[Role], bool]) -> None:
@@ -439,3 +466,18 @@ def _rate_limit_families(providers: Iterable[object]) -> Iterator[Metric]:
 
     def config_reload(self, ok: bool) -> None:
         self.config_reloads.labels("ok" if ok else "error").inc()
+
+    # shared state -----------------------------------------------------------
+
+    def state_store(self, store: str, up: bool) -> None:
+        """Whether the shared ``store`` ('redis' or 'postgres') answers now."""
+        self.state_store_up.labels(store).set(1 if up else 0)
+
+    def rate_limited_locally(self) -> None:
+        self.rate_limit_local.inc()
+
+    def events_dropped(self, reason: str, n: int = 1) -> None:
+        self.events_dropped_total.labels(reason).inc(n)
+
+    def events_buffered(self, n: int) -> None:
+        self.events_buffered_gauge.set(n)

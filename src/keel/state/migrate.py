@@ -1,0 +1,131 @@
+"""Versioned schema migrations: numbered SQL scripts, each applied once, in order.
+
+A database records the versions it has in ``keel_schema_migrations``; on
+open, keel applies the ones it lacks, each step together with its version
+row (SQLite: one transaction per step; Postgres: one for the whole run), so
+a crash mid-way never leaves half a step. On Postgres, replicas starting
+together take an advisory lock first, so one of them migrates and the
+others find the work done. Migrations only add
+(tables, columns, indexes): a replica still on the previous release keeps
+working against a schema one step ahead of it during a rolling upgrade.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psycopg
+
+MIGRATIONS_TABLE = "keel_schema_migrations"
+ADVISORY_LOCK = 0x6B65656C  # "keel": one lock id for every keel sharing a database
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+SQLITE: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "events",
+        """
+        CREATE TABLE IF NOT EXISTS events (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            completion_id TEXT,
+            choice_index INTEGER,
+            view_id TEXT,
+            elapsed INTEGER,
+            select_kind TEXT,
+            language TEXT,
+            data TEXT
+        );
+        CREATE INDEX IF NOT EXISTS events_completion ON events (completion_id);
+        """,
+    ),
+)
+"""Version 1 is the schema keel had before migrations (IF NOT EXISTS: adopted as it is)."""
+
+POSTGRES: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "events",
+        """
+        CREATE TABLE keel_events (
+            id BIGSERIAL PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL,
+            completion_id TEXT,
+            choice_index BIGINT,
+            view_id TEXT,
+            elapsed BIGINT,
+            select_kind TEXT,
+            language TEXT,
+            data JSONB
+        );
+        CREATE INDEX keel_events_completion ON keel_events (completion_id);
+        CREATE INDEX keel_events_kind_ts ON keel_events (kind, ts);
+        """,
+    ),
+)
+
+
+def check_order(migrations: tuple[Migration, ...]) -> None:
+    """Versions run 1, 2, 3, ... with no gap or repeat (a test calls this on each list)."""
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migration versions must be 1..n in order, got {versions}")
+
+
+_CREATE_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "
+    "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+)
+
+
+def migrate_sqlite(db: sqlite3.Connection, migrations: tuple[Migration, ...] = SQLITE) -> list[int]:
+    """Apply what ``db`` lacks; returns the versions applied now. ``db`` is in autocommit
+    mode (``isolation_level=None``), so each step is its own explicit transaction."""
+    db.execute(_CREATE_TABLE)
+    applied = {row[0] for row in db.execute(f"SELECT version FROM {MIGRATIONS_TABLE}")}
+    done = []
+    for migration in migrations:
+        if migration.version in applied:
+            continue
+        db.executescript(
+            f"BEGIN IMMEDIATE;\n{migration.sql}\n"
+            f"INSERT INTO {MIGRATIONS_TABLE} VALUES "
+            f"({int(migration.version)}, '{migration.name}', datetime('now'));\nCOMMIT;"
+        )
+        done.append(migration.version)
+    return done
+
+
+def migrate_postgres(
+    connection: psycopg.Connection[tuple[object, ...]],
+    migrations: tuple[Migration, ...] = POSTGRES,
+) -> list[int]:
+    """Apply what the database lacks, under an advisory lock; returns the versions applied."""
+    done = []
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
+        connection.execute(_CREATE_TABLE)
+        applied = {row[0] for row in connection.execute(f"SELECT version FROM {MIGRATIONS_TABLE}")}
+        for migration in migrations:
+            if migration.version in applied:
+                continue
+            with connection.transaction():
+                connection.execute(migration.sql)
+                connection.execute(
+                    f"INSERT INTO {MIGRATIONS_TABLE} VALUES (%s, %s, now()::text)",
+                    (migration.version, migration.name),
+                )
+            done.append(migration.version)
+    return done

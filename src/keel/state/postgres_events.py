@@ -1,0 +1,315 @@
+"""Completion events in PostgreSQL, shared by every replica; writes never wait.
+
+``record`` puts the row in a bounded in-memory buffer and returns at once; a
+writer thread sends the buffer in batches (every ``flush_seconds``, or as
+soon as ``batch_rows`` are waiting). While the database is down the rows stay
+buffered and the writer retries once a second; past ``max_buffered`` new
+rows are dropped and counted (``keel_events_dropped_total{reason}``), so an
+outage costs events, never completions or memory. A batch the database
+refuses for its content (not its availability) is dropped too, with its own
+reason, rather than retried forever.
+
+Reads (acceptance, the language of a completion) go to the database on a
+connection of their own; acceptance raises :class:`keel.errors.Unavailable`
+while it cannot answer. The language of a completion this replica served is
+remembered locally, so an editor event needs no read in the common case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from keel.errors import Unavailable
+from keel.events import acceptance_row
+from keel.state.migrate import migrate_postgres
+
+if TYPE_CHECKING:
+    from keel.ops.metrics import Metrics
+
+log = logging.getLogger("keel.events")
+
+COLUMNS = (
+    "ts",
+    "kind",
+    "completion_id",
+    "choice_index",
+    "view_id",
+    "elapsed",
+    "select_kind",
+    "language",
+    "data",
+)
+INSERT = f"INSERT INTO keel_events ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * 9)})"
+ACCEPTANCE = """
+    SELECT c.language, c.data->>'provider' AS provider,
+           COUNT(DISTINCT c.completion_id),
+           COUNT(DISTINCT CASE WHEN e.kind = 'view' THEN e.completion_id END),
+           COUNT(DISTINCT CASE WHEN e.kind = 'select' THEN e.completion_id END),
+           COUNT(DISTINCT CASE WHEN e.kind = 'dismiss' THEN e.completion_id END)
+    FROM keel_events c
+    LEFT JOIN keel_events e ON e.completion_id = c.completion_id AND e.kind != 'completion'
+    WHERE c.kind = 'completion' AND c.ts BETWEEN %s AND %s
+    GROUP BY 1, 2 ORDER BY 3 DESC
+"""
+REMEMBERED_LANGUAGES = 10_000
+RETRY_SECONDS = 1.0
+
+Row = tuple[object, ...]
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and status pages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if ":" in credentials else url
+
+
+class PostgresEventStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        metrics: Metrics | None = None,
+        max_buffered: int = 10_000,
+        batch_rows: int = 500,
+        flush_seconds: float = 0.2,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.metrics = metrics
+        self.max_buffered = max_buffered
+        self.batch_rows = batch_rows
+        self.flush_seconds = flush_seconds
+        self.connect_timeout = connect_timeout
+        self.up: bool | None = None
+        """None until the first attempt; then whether the last write or read got through."""
+        self.last_error: str | None = None
+        self.dropped = 0
+        self._buffer: deque[Row] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._writer: psycopg.Connection[Row] | None = None
+        self._reader: psycopg.Connection[Row] | None = None
+        self._read_lock = threading.Lock()
+        self._languages: OrderedDict[str, str | None] = OrderedDict()
+        self._thread = threading.Thread(target=self._run, name="keel-events-writer", daemon=True)
+        self._thread.start()
+
+    # writing ----------------------------------------------------------------
+
+    async def record(
+        self,
+        kind: str,
+        *,
+        completion_id: str | None = None,
+        choice_index: int | None = None,
+        view_id: str | None = None,
+        elapsed: int | None = None,
+        select_kind: str | None = None,
+        language: str | None = None,
+        data: dict[str, object] | None = None,
+    ) -> None:
+        row: Row = (
+            time.time(),
+            kind,
+            completion_id,
+            choice_index,
+            view_id,
+            elapsed,
+            select_kind,
+            language,
+            Jsonb(data) if data is not None else None,
+        )
+        if kind == "completion" and completion_id:
+            self._languages[completion_id] = language
+            if len(self._languages) > REMEMBERED_LANGUAGES:
+                self._languages.popitem(last=False)
+        with self._lock:
+            if len(self._buffer) >= self.max_buffered:
+                self._drop(1, "buffer_full")
+                return
+            self._buffer.append(row)
+            waiting = len(self._buffer)
+        if self.metrics is not None:
+            self.metrics.events_buffered(waiting)
+        if waiting >= self.batch_rows:
+            self._wake.set()
+
+    def _drop(self, n: int, reason: str) -> None:
+        self.dropped += n
+        if self.metrics is not None:
+            self.metrics.events_dropped(reason, n)
+
+    def _run(self) -> None:
+        try:  # connect (and migrate) at startup, so the status is known before any event
+            self._writer = self._connect()
+            self._succeeded()
+        except psycopg.Error as exc:
+            self._failed(exc)
+        while True:
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            closing = self._closing
+            try:
+                while self._flush_once():
+                    pass
+            except Exception:  # a bug here must not end the writer: events would pile up
+                log.exception("the events writer failed; retrying")
+                time.sleep(RETRY_SECONDS)
+            if closing:
+                return
+
+    def _flush_once(self) -> bool:
+        """Write one batch; True if there may be more to write now."""
+        with self._lock:
+            batch = list(islice(self._buffer, self.batch_rows))
+        if not batch:
+            return False
+        try:
+            connection = self._writer = self._writer or self._connect()
+            with connection.cursor() as cursor:
+                cursor.executemany(INSERT, batch)
+            connection.commit()
+        except psycopg.OperationalError as exc:
+            self._failed(exc)
+            self._close_writer()
+            if not self._closing:
+                time.sleep(RETRY_SECONDS)
+            return False
+        except psycopg.Error as exc:
+            log.error("the events database refused %d events, dropping them: %s", len(batch), exc)
+            self._close_writer()
+            self._remove(len(batch))
+            self._drop(len(batch), "rejected")
+            return True
+        self._remove(len(batch))
+        self._succeeded()
+        return True
+
+    def _remove(self, n: int) -> None:
+        with self._lock:
+            for _ in range(n):
+                self._buffer.popleft()
+            waiting = len(self._buffer)
+        if self.metrics is not None:
+            self.metrics.events_buffered(waiting)
+
+    def _connect(self) -> psycopg.Connection[Row]:
+        """A connection to a database migrated to the current schema version."""
+        connection = psycopg.connect(self.url, connect_timeout=max(1, round(self.connect_timeout)))
+        applied = migrate_postgres(connection)
+        if applied:
+            log.info("events database migrated to version %d", applied[-1])
+        return connection
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _failed(self, exc: Exception) -> None:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self.up is not False:
+            log.warning(
+                "events database %s unreachable (%s): buffering up to %d events, dropping "
+                "beyond; completions are not affected",
+                redact(self.url),
+                message,
+                self.max_buffered,
+            )
+        self.up = False
+        self.last_error = message
+        if self.metrics is not None:
+            self.metrics.state_store("postgres", False)
+
+    def _succeeded(self) -> None:
+        if self.up is False:
+            log.warning("events database %s reachable again", redact(self.url))
+        self.up = True
+        self.last_error = None
+        if self.metrics is not None:
+            self.metrics.state_store("postgres", True)
+
+    # reading ----------------------------------------------------------------
+
+    def _query(self, query: str, params: tuple[object, ...]) -> list[Row]:
+        with self._read_lock:
+            try:
+                if self._reader is None:
+                    self._reader = self._connect()
+                    self._reader.autocommit = True
+                return self._reader.execute(query, params).fetchall()
+            except psycopg.Error as exc:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+                self._failed(exc)
+                raise Unavailable(
+                    "the events database is unreachable; acceptance figures return when it does"
+                ) from exc
+
+    async def language_of(self, completion_id: str | None) -> str | None:
+        if not completion_id:
+            return None
+        if completion_id in self._languages:
+            return self._languages[completion_id]
+        if self.up is False:
+            return None
+        query = (
+            "SELECT language FROM keel_events WHERE completion_id = %s AND kind = 'completion' "
+            "ORDER BY id DESC LIMIT 1"
+        )
+        try:
+            rows = await asyncio.to_thread(self._query, query, (completion_id,))
+        except Unavailable:
+            return None
+        return None if not rows or rows[0][0] is None else str(rows[0][0])
+
+    def acceptance(self, since: float, until: float) -> list[dict[str, object]]:
+        rows = self._query(ACCEPTANCE, (since, until))
+        return [acceptance_row(*row) for row in rows]  # type: ignore[arg-type]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._query("SELECT kind, COUNT(*) FROM keel_events GROUP BY kind", ())
+        return {str(kind): int(str(count)) for kind, count in rows}
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            waiting = len(self._buffer)
+        return {
+            "store": "postgres",
+            "up": self.up is not False,
+            "last_error": self.last_error,
+            "buffered": waiting,
+            "dropped": self.dropped,
+        }
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is buffered (for up to ``timeout`` s if the database answers), then stop."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+        with self._lock:
+            left = len(self._buffer)
+        if left:
+            self._drop(left, "shutdown")
+            log.warning("%d events not written to the events database before shutdown", left)
+        if not self._thread.is_alive():
+            self._close_writer()
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None

@@ -1,0 +1,130 @@
+"""Completion events in a real PostgreSQL shared by two stores, and versioned migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from keel.errors import Unavailable
+from keel.events import SqliteEventStore
+from keel.ops.metrics import Metrics
+from keel.state.migrate import MIGRATIONS_TABLE, POSTGRES, SQLITE, check_order, migrate_postgres
+from keel.state.postgres_events import PostgresEventStore, redact
+from tests.state.servers import PostgresServer
+
+
+def wait_until(condition: object, timeout: float = 15.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
+
+
+def test_migration_lists_are_numbered_in_order() -> None:
+    check_order(SQLITE)
+    check_order(POSTGRES)
+    with pytest.raises(ValueError, match="1..n"):
+        check_order((POSTGRES[0], POSTGRES[0]))
+
+
+def test_an_events_file_from_before_migrations_is_adopted(tmp_path: Path) -> None:
+    path = tmp_path / "events.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(SQLITE[0].sql)
+    old.execute("INSERT INTO events (ts, kind, completion_id) VALUES (1, 'view', 'cmpl-old')")
+    old.commit()
+    old.close()
+    store = SqliteEventStore(path)
+    assert store.counts() == {"view": 1}
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute(f"SELECT version FROM {MIGRATIONS_TABLE}").fetchall() == [(1,)]
+    db.close()
+
+
+def test_postgres_migrations_apply_once(postgres_url: str) -> None:
+    with psycopg.connect(postgres_url) as first, psycopg.connect(postgres_url) as second:
+        assert migrate_postgres(first) == [1]
+        assert migrate_postgres(second) == []
+        versions = first.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE}").fetchall()
+    assert versions == [(1, "events")]
+
+
+def test_the_password_never_leaves_in_a_log() -> None:
+    assert redact("postgresql://keel:s3cret@db:5432/keel") == "postgresql://keel:***@db:5432/keel"
+    assert redact("postgresql://db/keel") == "postgresql://db/keel"
+
+
+async def serve_and_select(store: PostgresEventStore, completion_id: str, language: str) -> None:
+    data: dict[str, object] = {"provider": "fake"}
+    await store.record("completion", completion_id=completion_id, language=language, data=data)
+    await store.record("view", completion_id=completion_id, choice_index=0)
+
+
+async def test_two_replicas_write_one_acceptance_figure(postgres_url: str) -> None:
+    replicas = [PostgresEventStore(postgres_url, flush_seconds=0.05) for _ in range(2)]
+    a, b = replicas
+    await serve_and_select(a, "cmpl-a", "python")
+    await serve_and_select(b, "cmpl-b", "python")
+    await b.record("select", completion_id="cmpl-a", choice_index=0)  # selected on the other
+    wait_until(lambda: sum(a.counts().values()) == 5)
+    now = time.time()
+    for store in replicas:
+        [row] = await asyncio.to_thread(store.acceptance, now - 60, now + 60)
+        assert row == {
+            "language": "python",
+            "provider": "fake",
+            "served": 2,
+            "viewed": 2,
+            "selected": 1,
+            "dismissed": 0,
+            "acceptance_rate": 0.5,
+        }
+    assert await b.language_of("cmpl-a") == "python", "read from the shared database"
+    assert await a.language_of("cmpl-a") == "python", "remembered locally"
+    for store in replicas:
+        store.close()
+
+
+async def test_an_outage_drops_and_counts_events_and_never_raises(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    metrics = Metrics()
+    store = PostgresEventStore(postgres_url, metrics=metrics, max_buffered=3, flush_seconds=0.05)
+    wait_until(lambda: store.up is True)
+    postgres_server.stop()
+    try:
+        for i in range(5):
+            await store.record("completion", completion_id=f"cmpl-{i}", language="go")
+        wait_until(lambda: store.up is False)
+        assert metrics.registry.get_sample_value(
+            "keel_events_dropped_total", {"reason": "buffer_full"}
+        ) == pytest.approx(2)
+        assert metrics.registry.get_sample_value("keel_state_store_up", {"store": "postgres"}) == 0
+        with pytest.raises(Unavailable):
+            store.acceptance(0, time.time())
+        assert await store.language_of("cmpl-unknown") is None
+        assert store.status()["up"] is False
+    finally:
+        postgres_server.start()
+    wait_until(lambda: store.up is True and store.status()["buffered"] == 0)
+    assert store.counts() == {"completion": 3}, "the buffered events were written"
+    assert metrics.registry.get_sample_value("keel_state_store_up", {"store": "postgres"}) == 1
+    store.close()
+
+
+async def test_a_database_down_at_startup_delays_nothing(postgres_server: PostgresServer) -> None:
+    url = postgres_server.url("no_such_database")
+    store = PostgresEventStore(url, max_buffered=10)
+    await store.record("completion", completion_id="cmpl-x")
+    wait_until(lambda: store.up is False)
+    assert store.last_error
+    store.close(timeout=1.0)
+    assert store.dropped == 1
