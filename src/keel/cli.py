@@ -160,7 +160,8 @@ def cmd_config_sample(_: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from keel.models.registry import list_model_files, resolve_model
+    """``keel models`` / ``keel models list``: what the config names and what is on disk."""
+    from keel.models.registry import list_model_files, read_facts, resolve_model
 
     settings, paths = _load(args)
     print("configured:")
@@ -177,11 +178,43 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"  {role:<10} {label:<11} {where.strip()}")
     print(f"on disk ({paths.models_dir}):")
     files = list_model_files(paths)
+    if files:
+        print(f"  {'NAME':<32} {'ARCH':<10} {'SIZE':>10} {'CONTEXT':>8}  FIM")
     for file in files:
-        tag = " [embedded]" if file.embedded else ""
-        print(f"  {file.name:<32} {file.size_bytes / 2**20:8.1f} MiB  {file.path}{tag}")
+        facts = read_facts(file.path)
+        size = f"{file.size_bytes / 2**20:,.1f} MiB"
+        tag = "  [embedded]" if file.embedded else ""
+        if facts.error is not None:
+            print(f"  {file.name:<32} {'?':<10} {size:>10} {'?':>8}  ?  ({facts.error}){tag}")
+            continue
+        fim = f"yes ({facts.fim_tokens})" if facts.fim else "no (prefix only)"
+        context = str(facts.context_length or "?")
+        arch = facts.architecture or "?"
+        print(f"  {file.name:<32} {arch:<10} {size:>10} {context:>8}  {fim}{tag}")
     if not files:
-        print("  (none)")
+        print("  (none: keel models pull SPEC brings one)")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from keel.models.pull import DEFAULT_MIN_FREE_BYTES, ModelPuller
+
+    settings, paths = _load(args)
+    min_free = (
+        DEFAULT_MIN_FREE_BYTES if args.min_free_mib is None else int(args.min_free_mib * 2**20)
+    )
+    puller = ModelPuller(
+        paths, local=settings.model.role("completion").local, min_free_bytes=min_free
+    )
+    pulled = puller.pull(args.spec, quant=args.quant, show_bar=sys.stderr.isatty())
+    state = "already there" if pulled.already_present else "pulled"
+    print(f"{state}: {pulled.name}")
+    print(f"  file    {pulled.path} ({pulled.size_bytes / 2**20:,.1f} MiB)")
+    print(f"  sha256  {pulled.sha256}")
+    print(
+        f'  load it: POST /v1/model/load {{"model_name": "{pulled.name}"}}, or in '
+        f'config.toml: [model.completion.local] model_id = "{pulled.name}"'
+    )
     return 0
 
 
@@ -295,9 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     sample = config_commands.add_parser("sample", help="print a sample config with every key")
     sample.set_defaults(func=cmd_config_sample)
 
-    models = commands.add_parser("models", help="list configured models and model files on disk")
+    models = commands.add_parser(
+        "models",
+        help="list models (configured and on disk) or pull one",
+        description="Without an action: the same as `keel models list`.",
+    )
     models.add_argument("--config", help="config file (default: <data root>/config.toml)")
     models.set_defaults(func=cmd_models)
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION")
+    listing = models_commands.add_parser(
+        "list", help="configured models, and each file on disk: architecture, size, context, FIM"
+    )
+    # SUPPRESS: `keel models --config X list` keeps the X given before the action.
+    listing.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    listing.set_defaults(func=cmd_models)
+    pull = models_commands.add_parser(
+        "pull",
+        help="download a GGUF model into <data root>/models (Hugging Face, Tabby registry)",
+        description="Download a model through huggingface_hub (HF_ENDPOINT, HF_TOKEN honoured). "
+        "SPEC is org/repo:file.gguf, org/repo with --quant, or a Tabby registry name such as "
+        "TabbyML/Qwen2.5-Coder-1.5B. The file lands only once complete and its sha256 checked.",
+    )
+    pull.add_argument("spec", metavar="SPEC", help="org/repo:file.gguf, org/repo, or TabbyML/Name")
+    pull.add_argument("--quant", help="with org/repo: the GGUF file whose name holds this (Q8_0)")
+    pull.add_argument(
+        "--min-free-mib",
+        type=float,
+        help="disk space to leave free beyond the file, in MiB (default 512)",
+    )
+    pull.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    pull.set_defaults(func=cmd_models_pull)
 
     doctor = commands.add_parser(
         "doctor",

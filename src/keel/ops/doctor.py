@@ -35,7 +35,7 @@ from keel.errors import (
 )
 from keel.models import gguf
 from keel.models.manager import mem_available, memory_needed
-from keel.models.registry import resolve_model
+from keel.models.registry import list_model_files, read_facts, resolve_model
 from keel.ops.ports import busy_port_message
 from keel.providers.base import Provider
 
@@ -215,6 +215,43 @@ def check_model_files(report: Report, settings: Settings, paths: Paths) -> bool:
     return ok
 
 
+def check_downloaded_models(report: Report, paths: Paths) -> None:
+    """The models in <root>/models (pulled or copied): header facts, damaged files, and
+    what an interrupted pull left in its staging directory."""
+    from keel.models.pull import STAGING_DIR
+
+    files = [file for file in list_model_files(paths) if not file.embedded]
+    lines: list[str] = []
+    damaged: list[str] = []
+    for file in files:
+        facts = read_facts(file.path)
+        size = f"{file.size_bytes / 2**20:,.0f} MiB"
+        if facts.error is not None:
+            damaged.append(f"{file.name}: {facts.error}")
+            continue
+        fim = "FIM" if facts.fim else "no FIM"
+        lines.append(
+            f"{file.name} ({facts.architecture}, {size}, context {facts.context_length}, {fim})"
+        )
+    staging = paths.models_dir / STAGING_DIR
+    leftovers = [f for f in staging.rglob("*") if f.is_file()] if staging.is_dir() else []
+    if damaged or leftovers:
+        notes = [*damaged, *lines]
+        if leftovers:
+            left = sum(f.stat().st_size for f in leftovers) / 2**20
+            notes.append(f"{staging} holds {left:,.0f} MiB of interrupted pulls: remove it")
+        report.add("downloaded models", "warn", "\n".join(notes))
+    elif lines:
+        report.add("downloaded models", "ok", "\n".join(lines))
+    else:
+        report.add(
+            "downloaded models",
+            "ok",
+            f"none in {paths.models_dir}; `keel models pull TabbyML/Qwen2.5-Coder-1.5B` "
+            "brings a code model",
+        )
+
+
 def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path) -> None:
     """Weights + KV cache (per slot) + overhead for every worker keel would start."""
     from keel.providers.catalog import build_providers
@@ -368,6 +405,7 @@ def run_checks(options: DoctorOptions, environ: dict[str, str] | None = None) ->
         check_memory(report, settings, paths, options.meminfo)
     else:
         report.add("memory", "skip", "model files missing")
+    check_downloaded_models(report, paths)
     check_data_root(report, paths)
     host = options.host or (settings.server.host if settings else "127.0.0.1")
     port = (

@@ -1,0 +1,58 @@
+"""`keel models pull` and `keel models list` as a user runs them: a real keel process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.models.conftest import FILE, REPO
+from tests.models.fake_hub import FakeHub
+
+
+def keel(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", "models", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KEEL_ROOT": str(root), **env},
+    )
+
+
+def test_pull_then_list_shows_the_models_header_facts(hub: FakeHub, tmp_path: Path) -> None:
+    pulled = keel(tmp_path, "pull", f"{REPO}:{FILE}")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "pulled: tiny-coder-q4_1" in pulled.stdout
+    assert '"model_name": "tiny-coder-q4_1"' in pulled.stdout
+    # Not a terminal: progress is plain log lines, not a bar.
+    assert f"{FILE}: 100% of 94 MiB" in pulled.stderr and "\r" not in pulled.stderr
+    assert "checking the sha256" in pulled.stderr
+    listed = keel(tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if "tiny-coder-q4_1" in line)
+    assert line.split()[:4] == ["tiny-coder-q4_1", "llama", "93.8", "MiB"]
+    assert "8192" in line and "no (prefix only)" in line
+    assert keel(tmp_path).stdout == listed.stdout  # `keel models` is `keel models list`
+
+
+def test_a_full_disk_exits_69_before_downloading(hub: FakeHub, tmp_path: Path) -> None:
+    refused = keel(tmp_path, "pull", f"{REPO}:{FILE}", "--min-free-mib", str(2**40))
+    assert refused.returncode == 69
+    assert "not enough disk space" in refused.stderr and "nothing was downloaded" in refused.stderr
+    assert hub.downloads() == []
+
+
+def test_hub_failures_are_one_clear_line(hub: FakeHub, tmp_path: Path) -> None:
+    missing = keel(tmp_path, "pull", f"{REPO}:nope.gguf")
+    assert missing.returncode == 2
+    assert f"its GGUF files: {FILE}" in missing.stderr and "Traceback" not in missing.stderr
+    offline = keel(tmp_path, "pull", f"{REPO}:{FILE}", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 1 and "HF_HUB_OFFLINE is set" in offline.stderr
+    hub.token = "hf_secret"
+    refused = keel(tmp_path, "pull", f"{REPO}:{FILE}")
+    assert refused.returncode == 1 and "set HF_TOKEN" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    allowed = keel(tmp_path, "pull", f"{REPO}:{FILE}", HF_TOKEN="hf_secret")
+    assert allowed.returncode == 0, allowed.stderr
