@@ -165,13 +165,13 @@ def _rate_limit_families(providers: Iterable[object]) -> Iterator[Metric]:
         refusals.add_metric([provider.info.name], float(limiter.refused))
     yield from (waits, refusals)
 
-    Method arguments are label values; keep them bounded (provider names from
-    the config, route templates, roles), never user input.
-    """
-
 
 class Metrics:
     """keel's metrics and the methods that feed them.
+
+    Method arguments are label values; keep them bounded (provider names from
+    the config, route templates, roles), never user input.
+    """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
@@ -328,18 +328,6 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        for role in ROLES:
-            self.serving_fallback.labels(role).set(0)
-            self.queue_depth_gauge.labels(role).set(0)
-        for kind in sorted(EVENT_TYPES):
-            self.completion_events.labels(kind, "unknown")
-        for result in ("ok", "error"):
-            self.config_reloads.labels(result)
-
-    # wiring -----------------------------------------------------------------
-
-    def track_providers(self, providers: Providers) -> None:
-        """Read worker state and role readiness from ``providers`` at each scrape."""
         self.state_store_up = Gauge(
             "keel_state_store_up",
             "1 while the shared store (redis: rate limits, postgres: events) answers, 0 while "
@@ -367,6 +355,18 @@ class Metrics:
         )
         for reason in ("buffer_full", "rejected", "shutdown"):
             self.events_dropped_total.labels(reason)
+        for role in ROLES:
+            self.serving_fallback.labels(role).set(0)
+            self.queue_depth_gauge.labels(role).set(0)
+        for kind in sorted(EVENT_TYPES):
+            self.completion_events.labels(kind, "unknown")
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
+
+    # wiring -----------------------------------------------------------------
+
+    def track_providers(self, providers: Providers) -> None:
+        """Read worker state and role readiness from ``providers`` at each scrape."""
         self._providers.providers = providers
 
     def track_readiness(self, role_usable: Callable[[Role], bool]) -> None:
