@@ -124,6 +124,9 @@ EXAMPLES = [
         {"model_name": EMBEDDED_MODEL_ID, "role": "chat", "stream": True},
         headers=ADMIN,
     ),
+    # A valid spec would reach the hub: tests/models/test_download_api.py pulls from a fake one.
+    Example("POST", "/v1/model/download", 400, {"model": "not a repo"}, headers=ADMIN),
+    Example("POST", "/v1/model/download", 403, {"model": "org/repo:model.gguf"}),
     Example("POST", "/v1/model/unload", 200, {"role": "completion"}, headers=ADMIN),
     Example("POST", "/v1/model/unload", 409, {"role": "chat"}, headers=ADMIN),
     Example("POST", "/v1/admin/reload", 200, headers=ADMIN),

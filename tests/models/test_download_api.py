@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import schemathesis
 from fastapi import FastAPI
 
 from tests.api.conftest import ADMIN, ADMIN_KEY, USER, build_app, keel_config
@@ -47,6 +48,10 @@ async def test_download_streams_progress_then_lists_the_model(
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.text.endswith("data: [DONE]\n\n")
+    document = (await client.get("/openapi.json")).json()
+    schemathesis.openapi.from_dict(document)["/v1/model/download"]["POST"].validate_response(
+        response
+    )
     steps = events(response)
     statuses = [step["status"] for step in steps]
     assert statuses[0] == "resolving" and statuses[-1] == "ready", statuses
