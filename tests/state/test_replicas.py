@@ -1,0 +1,219 @@
+"""Done-when for issue 16: two real keel replicas on loopback sharing one Redis and one
+PostgreSQL (both real), with a fake fast upstream as their completion provider."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from keel.auth import key_id
+from keel.config import parse_settings
+from keel.errors import ConfigError
+from keel.state.shared_limits import KEY_PREFIX
+from tests.conftest import KeelProcess, start_keel
+from tests.fakes.upstreams import FakeUpstream
+from tests.state.servers import PostgresServer, RedisServer
+
+KEY = "replica-key-0001"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+KINDS = {"completion": "openai/completion", "chat": "openai/chat", "embedding": "openai/embedding"}
+
+
+def replica_config(
+    upstream: FakeUpstream,
+    *,
+    per_minute: int,
+    redis_url: str | None = None,
+    database_url: str | None = None,
+    max_buffered: int = 10_000,
+) -> str:
+    lines = ["[server]", "completion_timeout = 10", "[auth]", f"api_keys = [{json.dumps(KEY)}]"]
+    lines.append(f"requests_per_minute = {per_minute}")
+    if redis_url is not None:
+        lines += ["[state]", f"redis_url = {json.dumps(redis_url)}"]
+    if database_url is not None:
+        lines += ["[events]", f"database_url = {json.dumps(database_url)}"]
+        lines.append(f"max_buffered = {max_buffered}")
+    for role, kind in KINDS.items():
+        lines += [f"[model.{role}]", "embedded_last_resort = false"]
+        lines += [f"[model.{role}.http]", f'kind = "{kind}"']
+        lines.append(f'api_endpoint = "http://127.0.0.1:{upstream.port}/v1"')
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def replicas(tmp_path: Path, config: str, n: int = 2) -> Iterator[list[KeelProcess]]:
+    started = [start_keel(tmp_path / f"replica-{i}", config) for i in range(n)]
+    try:
+        for replica in started:
+            replica.wait_ready(60)
+        yield started
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+def complete(replica: KeelProcess, language: str = "python") -> httpx.Response:
+    body = {"language": language, "segments": {"prefix": "def f(", "suffix": "\n"}}
+    return httpx.post(f"{replica.url}/v1/completions", json=body, headers=AUTH, timeout=30)
+
+
+def metric(replica: KeelProcess, name: str, **labels: str) -> float | None:
+    text = httpx.get(f"{replica.url}/metrics", headers=AUTH, timeout=10).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    series = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def shared_state(replica: KeelProcess) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{replica.url}/v1/providers", headers=AUTH).json()
+    return body["shared_state"]  # type: ignore[no-any-return]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_a_key_limited_to_60_a_minute_gets_60_across_two_replicas(
+    tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    config = replica_config(upstream, per_minute=60, redis_url=redis_server.url)
+    with replicas(tmp_path, config) as (a, b):
+        started = time.monotonic()
+        statuses = [complete((a, b)[i % 2]).status_code for i in range(120)]
+        elapsed = time.monotonic() - started
+    assert set(statuses) <= {200, 429}, statuses
+    served = statuses.count(200)
+    # A minute's worth at once plus the refill while the run lasted (one a second);
+    # without sharing it would be 120.
+    assert 60 <= served <= 60 + int(elapsed) + 1, (served, elapsed)
+
+
+def test_killing_redis_mid_run_fails_no_completion_and_sharing_resumes(
+    tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    config = replica_config(upstream, per_minute=6000, redis_url=redis_server.url)
+    bucket = KEY_PREFIX + key_id(KEY)
+    with replicas(tmp_path, config) as pair:
+        statuses = [complete(pair[i % 2]).status_code for i in range(10)]
+        store = redis.Redis.from_url(redis_server.url)
+        assert store.exists(bucket), "the bucket lives in Redis"
+        store.close()
+
+        redis_server.kill()
+        statuses += [complete(pair[i % 2]).status_code for i in range(20)]
+        assert statuses == [200] * 30, "no completion failed"
+        for replica in pair:
+            assert metric(replica, "keel_state_store_up", store="redis") == 0
+            local = metric(replica, "keel_rate_limit_local_decisions_total")
+            assert local is not None and local > 0
+            assert shared_state(replica)["rate_limits"]["rate_limits"] == "per_replica"
+            assert "Redis unreachable" in replica.log.read_text()
+
+        redis_server.start()  # same port, empty
+        for replica in pair:
+
+            def shared_again(replica: KeelProcess = replica) -> bool:
+                assert complete(replica).status_code == 200
+                return metric(replica, "keel_state_store_up", store="redis") == 1
+
+            eventually(shared_again)
+            assert shared_state(replica)["rate_limits"]["rate_limits"] == "shared"
+        store = redis.Redis.from_url(redis_server.url)
+        assert store.exists(bucket), "limits are kept in Redis again"
+        store.close()
+
+
+def stats(replica: KeelProcess) -> list[dict[str, Any]]:
+    response = httpx.get(f"{replica.url}/v1/stats/completions", headers=AUTH, timeout=10)
+    assert response.status_code == 200, response.text
+    rows: list[dict[str, Any]] = response.json()["data"]
+    return rows
+
+
+def event(replica: KeelProcess, kind: str, completion_id: str) -> None:
+    body = {"type": kind, "completion_id": completion_id, "choice_index": 0, "elapsed": 5}
+    body["view_id"] = f"view-{completion_id}"
+    response = httpx.post(f"{replica.url}/v1/events", json=body, headers=AUTH, timeout=10)
+    assert response.status_code == 200, response.text
+
+
+def test_events_sent_to_both_replicas_make_one_acceptance_figure(
+    tmp_path: Path, upstream: FakeUpstream, postgres_url: str
+) -> None:
+    config = replica_config(upstream, per_minute=6000, database_url=postgres_url)
+    with replicas(tmp_path, config) as (a, b):
+        first, second = (complete(r).json()["id"] for r in (a, b))
+        event(b, "view", first)  # shown by the editor through the other replica
+        event(a, "view", second)
+        event(a, "select", first)
+        event(b, "dismiss", second)
+        expected = {"served": 2, "viewed": 2, "selected": 1, "dismissed": 1}
+        for replica in (a, b):
+
+            def complete_figure(replica: KeelProcess = replica) -> bool:
+                rows = stats(replica)
+                return len(rows) == 1 and all(rows[0][k] == v for k, v in expected.items())
+
+            eventually(complete_figure)
+            [row] = stats(replica)
+            assert row["language"] == "python"
+            assert row["acceptance_rate"] == 0.5
+
+
+def test_a_postgres_outage_fails_no_completion_and_counts_dropped_events(
+    tmp_path: Path, upstream: FakeUpstream, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    config = replica_config(upstream, per_minute=6000, database_url=postgres_url, max_buffered=3)
+    with replicas(tmp_path, config, n=1) as (replica,):
+        assert shared_state(replica)["events"] == {
+            "store": "postgres",
+            "up": True,
+            "last_error": None,
+            "buffered": 0,
+            "dropped": 0,
+        }
+        postgres_server.stop()
+        try:
+            statuses = [complete(replica).status_code for _ in range(10)]
+            assert statuses == [200] * 10, "no completion failed"
+            eventually(lambda: metric(replica, "keel_state_store_up", store="postgres") == 0)
+            dropped = metric(replica, "keel_events_dropped_total", reason="buffer_full")
+            assert dropped == 7, "3 buffered, the rest dropped and counted"
+            response = httpx.get(f"{replica.url}/v1/stats/completions", headers=AUTH)
+            assert response.status_code == 503
+            assert "events database is unreachable" in response.json()["error"]["message"]
+            assert shared_state(replica)["events"]["up"] is False
+        finally:
+            postgres_server.start()
+        eventually(lambda: [r["served"] for r in stats(replica)] == [3])
+        assert metric(replica, "keel_state_store_up", store="postgres") == 1
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [
+        ({"events": {"database_url": "mysql://db/keel"}}, "mysql://db/keel"),
+        ({"events": {"database_url": "sqlite:///"}}, "sqlite:///"),
+        ({"state": {"redis_url": "http://redis:6379"}}, "http://redis:6379"),
+    ],
+)
+def test_a_bad_store_url_is_a_config_error_naming_it(section: dict[str, Any], value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(section, source="config.toml")
+    assert value in caught.value.message
