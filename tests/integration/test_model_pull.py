@@ -1,0 +1,90 @@
+"""Pull, then load, then complete: a real keel process, a fake hub on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from keel.models.registry import embedded_model_path
+from tests.conftest import KeelProcess, start_keel
+from tests.models.fake_hub import FakeHub
+
+pytestmark = pytest.mark.integration
+
+REPO = "keel-test/tiny-coder-GGUF"
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[FakeHub]:
+    data = embedded_model_path().read_bytes()
+    repos = {REPO: {"tiny-coder-q4_1.gguf": data, "tiny-coder-q8_0.gguf": data}}
+    with FakeHub(repos) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def server(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
+    root = tmp_path_factory.mktemp("pull")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_ENDPOINT", hub.url)  # no test reaches huggingface.co
+        env.setenv("HF_HOME", str(root / "hf-home"))
+        env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        env.delenv("HF_TOKEN", raising=False)
+        env.delenv("HF_HUB_OFFLINE", raising=False)
+        keel = start_keel(root)
+    keel.wait_ready()
+    yield keel
+    keel.stop()
+
+
+def events(response: httpx.Response) -> list[dict[str, object]]:
+    lines = response.text.splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def load_and_complete(client: httpx.Client, model: str) -> None:
+    loaded = events(client.post("/v1/model/load", json={"model_name": model}))
+    assert loaded[-1]["status"] == "ready", loaded
+    current = client.get("/v1/model").json()
+    assert current["id"] == model
+    assert str(current["parameters"]["path"]).endswith(f"models/{model}.gguf")
+    completion = client.post(
+        "/v1/completions", json={"prompt": "def add(a, b):\n", "max_tokens": 8}
+    )
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["text"]
+
+
+def test_download_then_load_serves_completions(server: KeelProcess) -> None:
+    with server.client() as client:
+        response = client.post(
+            "/v1/model/download", json={"model": REPO, "quant": "Q4_1"}, timeout=120
+        )
+        steps = events(response)
+        assert steps[-1]["status"] == "ready", steps
+        assert steps[-1]["model_name"] == "tiny-coder-q4_1"
+        load_and_complete(client, "tiny-coder-q4_1")
+
+
+def test_cli_pull_then_load_serves_completions(server: KeelProcess, hub: FakeHub) -> None:
+    pulled = subprocess.run(
+        [sys.executable, "-m", "keel", "models", "pull", f"{REPO}:tiny-coder-q8_0.gguf"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "KEEL_ROOT": str(server.root),
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(server.root / "hf-home"),
+        },
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    with server.client() as client:
+        load_and_complete(client, "tiny-coder-q8_0")
