@@ -61,6 +61,10 @@ USABLE_STATES = frozenset({"ok", "ready"})
 EVENT_TYPES = frozenset({"served", "view", "select", "dismiss"})
 
 
+COMPLETION_SOURCES = ("model", "cache", "inflight")
+"""Where a completion came from; cache and inflight took no model work."""
+
+
 def _supervisor_restarts(environ: Mapping[str, str]) -> int:
     try:
         return max(0, int(environ.get("KEEL_SUPERVISOR_RESTARTS", "0")))
@@ -322,6 +326,14 @@ class Metrics:
             ["type", "language"],
             registry=registry,
         )
+        self.completions_served = Counter(
+            "keel_completions_served",
+            "Tabby completions answered, by source: model (a generation for the request), "
+            "cache (typed through an earlier suggestion) or inflight (a running generation "
+            "it joined).",
+            ["source"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "keel_config_reloads",
             "Config reloads, by result (ok or error).",
@@ -362,6 +374,8 @@ class Metrics:
             self.completion_events.labels(kind, "unknown")
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
+        for source in COMPLETION_SOURCES:
+            self.completions_served.labels(source)
 
     # wiring -----------------------------------------------------------------
 
@@ -463,6 +477,10 @@ class Metrics:
         if kind not in EVENT_TYPES:
             kind = "other"
         self.completion_events.labels(kind, _language_label(language)).inc()
+
+    def completion_served(self, source: str) -> None:
+        """A Tabby completion answered from ``source`` (see :data:`COMPLETION_SOURCES`)."""
+        self.completions_served.labels(source).inc()
 
     def config_reload(self, ok: bool) -> None:
         self.config_reloads.labels("ok" if ok else "error").inc()

@@ -14,9 +14,13 @@ caller's 400, never a provider failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
@@ -24,7 +28,8 @@ from starlette.requests import Request
 from keel.events import EventStore
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import TabbyPrompts, TabbyTask, read_until_stop
-from keel.pipeline.prompt import render_template
+from keel.pipeline.postprocess import is_mid_line
+from keel.pipeline.prompt import normalize_newlines, render_template, restore_newlines
 from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams, Provider
 from keel.router.admission import Admission, Superseder
 from keel.router.router import RoleRouter
@@ -43,8 +48,23 @@ from keel.serving.lifecycle import (
     total_timeout,
 )
 from keel.serving.streaming import stream_response, with_timeout
+from keel.serving.typed_cache import Flight, Flights, Place, Suggestion, TypedCache
 
 ChoiceShape = Callable[[str, str | None], list[dict[str, object]]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A Tabby completion and where it came from: ``source`` is "model", "cache"
+    (typed through an earlier suggestion) or "inflight" (a generation it joined)."""
+
+    response: TabbyCompletionResponse
+    provider: str
+    """The provider whose model made the text (earlier, for the cache)."""
+    source: str
+    served_by: Provider | None = None
+    """The provider that worked for this request, if one did."""
 
 
 class CompletionServing:
@@ -58,7 +78,9 @@ class CompletionServing:
         events: EventStore,
         metrics: Metrics,
         timeout: float,
+        precompute: bool = True,
     ) -> None:
+        """``precompute``: compute the next suggestion ahead while the local engine idles."""
         self.router = router
         self.admission = admission
         self.superseder = superseder
@@ -66,42 +88,143 @@ class CompletionServing:
         self.events = events
         self.metrics = metrics
         self.timeout = timeout
+        self.precompute = precompute
+        self.cache = TypedCache()
+        self.flights = Flights()
 
     # Tabby -------------------------------------------------------------------
 
     async def serve_tabby(self, http: Request, body: TabbyCompletionRequest) -> Response:
         async with CancelOnDisconnect(http):
             task = await self.prompts.read(body)
-            work = asyncio.create_task(self._complete(task))
             key = editor_key(http, body)
-            if key is not None:
-                self.superseder.claim(key, work)
-            try:
-                response, provider = await work
-            except asyncio.CancelledError:
-                if work.cancelled() and not _cancelling():
-                    return _superseded()
-                work.cancel()
-                raise
-            finally:
-                if key is not None:
-                    self.superseder.release(key, work)
+            answer = await self._supersede(key, self.answer(task, _place(key, task)))
+            if answer is None:
+                return _superseded()
+        response = answer.response
         await self.events.record(
             "completion",
             completion_id=response.id,
             language=body.language,
-            data={"provider": provider.name, "chars": len(response.choices[0].text)},
+            data={
+                "provider": answer.provider,
+                "source": answer.source,
+                "chars": len(response.choices[0].text),
+            },
         )
         self.metrics.completion_event("served", body.language)
-        note_provider(http, provider)
-        return JSONResponse(
-            response.model_dump(exclude_none=True), headers={"X-Keel-Provider": provider.name}
-        )
+        note_provider(http, answer.served_by)
+        headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
+        return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
-    async def _complete(self, task: TabbyTask) -> tuple[TabbyCompletionResponse, Provider]:
+    async def _supersede(self, key: Hashable | None, work: Awaitable[T]) -> T | None:
+        """Run ``work`` as the editor's current request (``key``): a newer one cancels
+        it, and then this returns None."""
+        running = asyncio.ensure_future(work)
+        if key is not None:
+            self.superseder.claim(key, running)
+        try:
+            return await running
+        except asyncio.CancelledError:
+            if running.cancelled() and not _cancelling():
+                return None
+            running.cancel()
+            raise
+        finally:
+            if key is not None:
+                self.superseder.release(key, running)
+
+    def answer(self, task: TabbyTask, place: Place | None) -> Awaitable[Answer]:
+        """The answer to ``task``: typed through a suggestion, from a generation in
+        flight, or from the model, in that order. The cache and the flight are
+        looked up now, before this request supersedes the editor's older one, so
+        the flight it joins is not cancelled under it."""
+        if place is None:
+            return self._generate(task, None)
+        hit = self.cache.rest(place, task.prefix, task.suffix)
+        if hit is not None:
+            return self._settled(self._from_cache(task, place, hit, "cache"))
+        flight = self.flights.join(place, task.prefix, task.suffix)
+        if flight is None:
+            return self._generate(task, place)
+        joined = asyncio.ensure_future(self._after_flight(task, place, flight))
+        joined.add_done_callback(lambda _: flight.leave())
+        return joined
+
+    async def _settled(self, answer: Answer) -> Answer:
+        return answer
+
+    async def _after_flight(self, task: TabbyTask, place: Place, flight: Flight) -> Answer:
+        await flight.wait()
+        hit = self.cache.rest(place, task.prefix, task.suffix)
+        if hit is not None:
+            return self._from_cache(task, place, hit, "inflight")
+        return await self._generate(task, place)
+
+    def _from_cache(
+        self, task: TabbyTask, place: Place, hit: tuple[str, Suggestion], source: str
+    ) -> Answer:
+        rest, suggestion = hit
+        response = TabbyCompletionResponse(
+            id=f"cmpl-{uuid.uuid4()}",
+            choices=[Choice(index=0, text=restore_newlines(rest, task.crlf))],
+        )
+        self.metrics.completion_served(source)
+        self._precompute(task, place, rest)
+        return Answer(response, suggestion.provider, source)
+
+    async def _generate(self, task: TabbyTask, place: Place | None) -> Answer:
+        """Model work, as a flight others may join; a precompute gives way at once."""
+        self.flights.cancel_precomputes()
+        if place is None:
+            response, provider = await self._complete(task)
+            self.metrics.completion_served("model")
+            return Answer(response, provider.name, "model", provider)
+        flight = Flight(place, task.prefix, task.suffix, precompute=False, waiters=1)
+        try:
+            answer: Answer = await asyncio.shield(
+                self.flights.start(flight, self._fly(task, flight))
+            )
+        finally:
+            flight.leave()
+        self.metrics.completion_served("model")
+        self._precompute(task, place, normalize_newlines(answer.response.choices[0].text)[0])
+        return answer
+
+    async def _fly(self, task: TabbyTask, flight: Flight, *, admitted: bool = True) -> Answer:
+        """Generate for ``task`` as ``flight`` and keep the suggestion for typing through."""
+        response, provider = await self._complete(task, flight, admitted=admitted)
+        text = normalize_newlines(response.choices[0].text)[0]
+        suggestion = Suggestion(task.prefix, task.suffix, text, provider.name, flight.precompute)
+        self.cache.put(flight.place, suggestion)
+        return Answer(response, provider.name, "model", provider)
+
+    def _precompute(self, task: TabbyTask, place: Place, shown: str) -> None:
+        """While the local engine is idle, compute the completion the user gets after
+        accepting ``shown``; the next real request that cannot use it cancels it."""
+        if not self.precompute or not shown or self.router.primary.info.kind != "local":
+            return
+        if self.admission.active or self.admission.waiting or self.flights.busy:
+            return
+        accepted = task.prefix + shown
+        if self.cache.holds(place, accepted, task.suffix) or self.flights.running_at(
+            place, accepted, task.suffix
+        ):
+            return
+        ahead = dataclasses.replace(
+            task, prefix=accepted, mid_line=is_mid_line(accepted, task.suffix)
+        )
+        flight = Flight(place, accepted, task.suffix, precompute=True)
+        self.flights.start(flight, self._fly(ahead, flight, admitted=False))
+
+    async def _complete(
+        self, task: TabbyTask, flight: Flight | None = None, *, admitted: bool = True
+    ) -> tuple[TabbyCompletionResponse, Provider]:
         """The editor sees nothing before the end, so a provider failing mid-answer
-        can still hand the whole request to the next one."""
-        async with self.admission.slot(), total_timeout(self.timeout, "completion"):
+        can still hand the whole request to the next one. A precompute takes no
+        admission slot: it runs only when none is taken, and gives way at once."""
+        slot = self.admission.slot() if admitted else contextlib.nullcontext()
+        async with slot, total_timeout(self.timeout, "completion"):
             attempts = self.router.attempts(shrinkable=task.raw_prompt is None)
             async for attempt in attempts:
                 async with attempt:
@@ -114,8 +237,14 @@ class CompletionServing:
                         )
                     )
                     stream = attempt.pieces(provider.stream_completion(call))
+                    if flight is not None:
+                        stream = flight.recording(stream)
                     raw = await read_until_stop(stream, call.params.stop)
         return self.prompts.respond(task, raw, built), provider
+
+    async def aclose(self) -> None:
+        """Stop the generations still running (precomputes, abandoned flights)."""
+        await self.flights.aclose()
 
     # OpenAI ------------------------------------------------------------------
 
@@ -202,6 +331,17 @@ def editor_key(http: Request, body: TabbyCompletionRequest) -> tuple[str, str] |
     who = http.headers.get("authorization") or (http.client.host if http.client else "")
     editor = f"{who}|{body.user or ''}|{http.headers.get('user-agent', '')}"
     return (editor, body.segments.filepath or "")
+
+
+def _place(key: tuple[str, str] | None, task: TabbyTask) -> Place | None:
+    """Where ``task``'s suggestions may be typed through (None: never cached, as a raw
+    prompt, or a request asking for its prompt or snippets back)."""
+    debug = task.request.debug_options
+    if key is None or task.raw_prompt is not None:
+        return None
+    if debug is not None and (debug.return_prompt or debug.return_snippets):
+        return None
+    return (*key, task.language.name)
 
 
 def _superseded() -> Response:
