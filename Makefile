@@ -41,7 +41,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) node-deps browser-deps
+pytest: $(STAMP) node-deps browser-deps state-deps
 	$(BIN)/pytest
 
 # promtool comes from Debian's prometheus package; installed only when missing.
@@ -55,6 +55,13 @@ promtool:
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
+# redis-server and PostgreSQL come from Debian's packages: the replica tests (tests/state/)
+# start real ones on loopback in a temp dir. Installed only when missing.
+.PHONY: state-deps
+state-deps:
+	@{ command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server postgresql; }
 
 rules-test: promtool
 	promtool check rules deploy/prometheus/keel-rules.yml
