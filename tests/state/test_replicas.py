@@ -217,3 +217,23 @@ def test_a_bad_store_url_is_a_config_error_naming_it(section: dict[str, Any], va
     with pytest.raises(ConfigError) as caught:
         parse_settings(section, source="config.toml")
     assert value in caught.value.message
+
+
+def test_a_key_added_to_the_shared_keys_file_works_on_every_replica_within_seconds(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    keys = tmp_path / "shared" / "keys.toml"
+    keys.parent.mkdir()
+    keys.write_text(f"api_keys = [{json.dumps(KEY)}]\n")
+    config = replica_config(upstream, per_minute=6000)
+    config = config.replace("[auth]\n", f"[auth]\nkeys_file = {json.dumps(str(keys))}\n", 1)
+    new = {"Authorization": "Bearer a-key-added-later"}
+    with replicas(tmp_path, config) as pair:
+        for replica in pair:
+            assert httpx.get(f"{replica.url}/v1/models", headers=new).status_code == 401
+        keys.write_text(f'api_keys = [{json.dumps(KEY)}, "a-key-added-later"]\n')
+        for replica in pair:  # each re-reads the file at most a second after it changes
+            eventually(
+                lambda r=replica: httpx.get(f"{r.url}/v1/models", headers=new).status_code == 200,
+                timeout=10,
+            )
