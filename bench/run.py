@@ -244,7 +244,8 @@ def typing_rows(result: dict[str, Any]) -> list[Row]:
             f"p50 {ms(paused)}",
             f"p90 {ms(result.get('paused_latency_ms_p90'))}",
             f"{result.get('superseded')} of {result.get('keystroke_requests')} superseded, "
-            f"{result.get('worker_cancelled')} cancelled in the worker",
+            f"{result.get('worker_cancelled')} cancelled in the worker; pauses answered by "
+            + ", ".join(f"{k} {v}" for k, v in (result.get("paused_sources") or {}).items()),
             "p50 <= 140 ms",
             met(paused is not None and paused <= 140),
         ),

@@ -8,7 +8,11 @@ It reports
 - the latency of the request that was current when the user paused (what
   the user waits for), p50 and p90;
 - time to first token of a cold prompt (nothing cached) and of the paused
-  requests (warm: the worker reuses the prompt prefix it holds), and their ratio;
+  requests the model served (warm: the worker reuses the prompt prefix it
+  holds), and their ratio; paused requests keel answered from its
+  typed-through cache or by joining a running generation (``X-Keel-Source``)
+  count in the latency but have no first token of their own, and are counted
+  by source;
 - prompt tokens and tokens actually evaluated (not reused from the slot's
   cache) per paused request, as the worker reports them (a cancelled request
   reports none, so the worker's running totals would undercount);
@@ -63,6 +67,8 @@ class Session:
     paused_first_token_ms: list[float] = field(default_factory=list)
     paused_prompt_tokens: list[int] = field(default_factory=list)
     paused_evaluated_tokens: list[int] = field(default_factory=list)
+    paused_sources: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
     requests: int = 0
     superseded: int = 0
 
@@ -143,19 +149,27 @@ async def run_session(
             words = 0
             response, latency = await task  # the user waits for this one
             response.raise_for_status()
+            session.paused_latency_ms.append(latency)
+            source = response.headers.get("X-Keel-Source", "model")
+            session.paused_sources[source] = session.paused_sources.get(source, 0) + 1
             last = (await worker_stats(client))["last"]
             assert isinstance(last, dict)
-            session.paused_latency_ms.append(latency)
-            session.paused_first_token_ms.append(float(last["first_token_ms"]))
-            prompt_tokens = int(last["prompt_tokens"] or 0)
-            session.paused_prompt_tokens.append(prompt_tokens)
-            session.paused_evaluated_tokens.append(prompt_tokens - int(last["reused_tokens"] or 0))
+            # The worker's last generation is this request's only if the model served it
+            # (not keel's typed-through cache, not a running generation it joined).
+            if source == "model" and last.get("finish_reason") != "cancelled":
+                session.paused_first_token_ms.append(float(last["first_token_ms"]))
+                prompt_tokens = int(last["prompt_tokens"] or 0)
+                session.paused_prompt_tokens.append(prompt_tokens)
+                evaluated = prompt_tokens - int(last["reused_tokens"] or 0)
+                session.paused_evaluated_tokens.append(evaluated)
             await asyncio.sleep(pause_seconds)
         else:
             await asyncio.sleep(interval)
     for response, _ in await asyncio.gather(*in_flight):
         response.raise_for_status()
         session.superseded += response.headers.get("X-Keel-Superseded") == "1"
+        source = response.headers.get("X-Keel-Source", "none")
+        session.sources[source] = session.sources.get(source, 0) + 1
     return session
 
 
@@ -188,6 +202,14 @@ def start_keel(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"keel did not become ready: {(root / 'keel.log').read_text()[-2000:]}")
 
 
+def merged(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -217,6 +239,7 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
     requests = int(after["requests"]) - int(before["requests"])  # type: ignore[call-overload]
     prompt = [n for s in sessions for n in s.paused_prompt_tokens]
     evaluated = [n for s in sessions for n in s.paused_evaluated_tokens]
+    warm_p50 = statistics.median(warm) if warm else None  # None: every pause served by cache
     return {
         "setup": {
             "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
@@ -231,16 +254,22 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
         "paused_latency_ms_p90": percentile(paused, 0.9),
         "pauses": len(paused),
         "cold_first_token_ms_p50": statistics.median(cold),
-        "warm_first_token_ms_p50": statistics.median(warm),
-        "warm_over_cold": statistics.median(warm) / statistics.median(cold),
+        "warm_first_token_ms_p50": warm_p50,
+        "warm_over_cold": None if warm_p50 is None else warm_p50 / statistics.median(cold),
         "prefix_tokens": [s.prefix_tokens for s in sessions],
         "worker_requests": requests,
-        "prompt_tokens_per_request": statistics.mean(prompt),
-        "evaluated_tokens_per_request": statistics.mean(evaluated),
+        "prompt_tokens_per_request": statistics.mean(prompt) if prompt else None,
+        "evaluated_tokens_per_request": statistics.mean(evaluated) if evaluated else None,
         "keystroke_requests": sum(s.requests for s in sessions),
         "superseded": sum(s.superseded for s in sessions),
+        "sources": merged([s.sources for s in sessions]),
+        "paused_sources": merged([s.paused_sources for s in sessions]),
         "worker_cancelled": int(after["cancelled"]) - int(before["cancelled"]),  # type: ignore[call-overload]
     }
+
+
+def figure(value: object, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
 
 
 def render(result: dict[str, object]) -> str:
@@ -251,14 +280,18 @@ def render(result: dict[str, object]) -> str:
         ),
         ("paused-request latency p90", f"{result['paused_latency_ms_p90']:.0f} ms"),
         ("cold time to first token p50", f"{result['cold_first_token_ms_p50']:.0f} ms"),
-        ("warm time to first token p50", f"{result['warm_first_token_ms_p50']:.0f} ms"),
-        ("warm / cold (target <= 0.01)", f"{result['warm_over_cold']:.3f}"),
-        ("prompt tokens per paused request", f"{result['prompt_tokens_per_request']:.0f}"),
-        ("tokens evaluated per paused request", f"{result['evaluated_tokens_per_request']:.1f}"),
+        ("warm time to first token p50", figure(result["warm_first_token_ms_p50"], ".0f", " ms")),
+        ("warm / cold (target <= 0.01)", figure(result["warm_over_cold"], ".3f")),
+        ("prompt tokens per paused request", figure(result["prompt_tokens_per_request"], ".0f")),
+        (
+            "tokens evaluated per paused request",
+            figure(result["evaluated_tokens_per_request"], ".1f"),
+        ),
         (
             "keystroke requests / superseded",
             f"{result['keystroke_requests']} / {result['superseded']}",
         ),
+        ("answered by (all / paused)", f"{result['sources']} / {result['paused_sources']}"),
     ]
     width = max(len(name) for name, _ in rows)
     setup = result["setup"]
