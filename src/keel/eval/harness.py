@@ -8,7 +8,7 @@ repository snippets are added), and in-process it can run one generation
 and score it with and without postprocessing instead of paying for two. The
 steps are the pipeline's own functions (:func:`build_prompt`, the stop
 words, :func:`postprocess`, the index's retriever), in
-:class:`~keel.pipeline.completion.CompletionService`'s order.
+:class:`~keel.serving.completion.CompletionServing`'s order.
 
 Configurations, each adding one thing to the previous:
 
