@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from tests.fakes.upstreams import FakeUpstream
+from tests.models.fake_hub import FakeHub
 
 from keel.app import create_app
 from keel.config import Paths, parse_settings
@@ -24,6 +25,15 @@ USER_KEY = "api-test-user-key-0123456789"
 ADMIN_KEY = "api-test-admin-key-0123456789"
 USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"x-admin-key": ADMIN_KEY}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_hub() -> Iterator[None]:
+    """Model pulls go to an empty hub on loopback (every repo a 404), never to
+    huggingface.co: the fuzzers send POST /v1/model/download bodies too."""
+    with FakeHub({}) as hub, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_ENDPOINT", hub.url)
+        yield
 
 
 def keel_config(primary: str, fallback: str, *, local_embedding: str | None = None) -> str:
