@@ -2,16 +2,19 @@
 and through LiteLLM's proxy, side by side in one run.
 
 Setup: ``bench/upstream.py`` (raw asyncio on uvloop, keep-alive, 8 tokens per
-answer) in one process; keel (``keel serve``, one process, every role on the
-upstream, no local worker, admission 256 wide, its per-backend rate limit
-raised out of the way) in another; LiteLLM's proxy (``bench/.venv-peers``, one
-worker, default settings) in a third; ``bench/loadgen.py`` in a fourth. The
-request is ``POST /v1/chat/completions`` with a short message, plain or
-``"stream": true``, at concurrency 1 and 32. Scenarios run target after
-target back to back, so a noisy neighbour hits all targets alike.
+answer) in one process; keel (``keel serve``, one process) in another, with
+its DEFAULT config apart from the backend's address (no ``rate_limit``, default
+admission: a default that caps throughput shows here as a failed row);
+LiteLLM's proxy (``bench/.venv-peers``, one worker, default settings) in a
+third; ``bench/loadgen.py`` in a fourth. The request is ``POST
+/v1/chat/completions`` with a short message, plain or ``"stream": true``, at
+concurrency 1, 4, 16, 32 and 64 (the throughput-versus-p99 curve). Scenarios
+run target after target back to back, so a noisy neighbour hits all alike.
 
-``keel+fixes`` is the same keel started through ``bench/what_if.py``, with the
-changes this bench proposes applied, to measure their gain in the same run.
+Then the "no cap" run: default-config keel at concurrency 32 for 10,000
+requests with no warm-up, its latency in completion order; a limiter that
+empties after a burst (Tabby's default 1,200/min did: 50 ms per request after
+the first 1,200) shows as a step between the first and the last requests.
 """
 
 from __future__ import annotations
@@ -23,11 +26,28 @@ from typing import Any
 import common
 from common import CHAT_BODY, Process, Processes, log
 
-SCENARIOS = [(1, False), (1, True), (32, False), (32, True)]
+CONCURRENCY = (1, 4, 16, 32, 64)
+MODES = (False, True)
+SCENARIOS = [(c, stream) for stream in MODES for c in CONCURRENCY]
+NO_CAP_REQUESTS = 10_000
+NO_CAP_CONCURRENCY = 32
 
 
 def scenario_name(concurrency: int, stream: bool) -> str:
     return f"c={concurrency} {'stream' if stream else 'plain'}"
+
+
+def keel_default_config(upstream_url: str) -> str:
+    """keel's defaults, only the backend's address given; the completion role
+    skips the embedded last resort so no local model loads for a chat bench."""
+    parts = []
+    for role, kind in (("completion", "openai/completion"), ("chat", "openai/chat")):
+        parts.append(f"[model.{role}]\nembedded_last_resort = false\n")
+        parts.append(
+            f'[model.{role}.http]\nkind = "{kind}"\napi_endpoint = "{upstream_url}/v1"\n'
+            'model_name = "fake-model"\n'
+        )
+    return "\n".join(parts)
 
 
 def litellm_binary() -> Path | None:
@@ -79,14 +99,15 @@ def start_litellm(group: Processes, upstream_url: str) -> Process:
     return process
 
 
-def run(duration: float = 5.0, *, what_if: bool = True, peers: bool = True) -> dict[str, Any]:
+def run(duration: float = 3.0, *, peers: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {
         "setup": {
             "request": "POST /v1/chat/completions, 1 short user message, 8-token answer",
             "duration_s": duration,
             "warmup_s": 1.0,
+            "concurrency": list(CONCURRENCY),
             "upstream": "bench/upstream.py (asyncio+uvloop, keep-alive)",
-            "keel": "one process; admission 256/1024; rate_limit raised; no local worker",
+            "keel": "one process, default config (no rate_limit, admission 8/64)",
             "litellm": litellm_version(),
         },
         "targets": {},
@@ -94,17 +115,8 @@ def run(duration: float = 5.0, *, what_if: bool = True, peers: bool = True) -> d
     }
     with common.processes("gateway") as group:
         upstream = common.start_upstream(group)
-        config = common.keel_config_for(upstream.url)
         targets: dict[str, Process] = {"direct": upstream}
-        targets["keel"] = common.start_keel(group, config)
-        if what_if:
-            try:
-                launcher = [str(common.BENCH / "what_if.py")]
-                targets["keel+fixes"] = common.start_keel(
-                    group, config, name="keel+fixes", launcher=launcher
-                )
-            except (RuntimeError, TimeoutError) as exc:
-                result["not_run"]["keel+fixes"] = str(exc)[:300]
+        targets["keel"] = common.start_keel(group, keel_default_config(upstream.url))
         if peers:
             try:
                 targets["litellm"] = start_litellm(group, upstream.url)
@@ -127,6 +139,8 @@ def run(duration: float = 5.0, *, what_if: bool = True, peers: bool = True) -> d
                     duration=duration,
                 )
                 result["targets"][name][scenario] = figures
+        log(f"gateway no cap: keel c={NO_CAP_CONCURRENCY} x {NO_CAP_REQUESTS} requests")
+        result["no_cap"] = no_cap(targets["keel"])
         for name, process in targets.items():
             result.setdefault("rss_kib", {})[name] = common.rss_kib(process.popen.pid)
         result["upstream_stats"] = common.upstream_counts(upstream)
@@ -134,28 +148,150 @@ def run(duration: float = 5.0, *, what_if: bool = True, peers: bool = True) -> d
     return result
 
 
+def no_cap(keel: Process) -> dict[str, Any]:
+    """10,000 requests at c=32 from a cold start, latency of the first and last 2,000."""
+    figures = common.loadgen(
+        keel.url,
+        path="/v1/chat/completions",
+        body=CHAT_BODY,
+        concurrency=NO_CAP_CONCURRENCY,
+        duration=300.0,
+        warmup=0.0,
+        max_requests=NO_CAP_REQUESTS,
+    )
+    samples = figures.pop("samples_ms")  # in completion order: the run keeps them all
+    share = len(samples) // 5
+    first, last = sorted(samples[:share]), sorted(samples[-share:])
+
+    def p(ordered: list[float], q: float) -> float | None:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+    return {
+        "requests": figures["requests"],
+        "ok": figures["ok"],
+        "rps": figures["rps"],
+        "statuses": figures["statuses"],
+        "errors": figures["errors"],
+        "latency_ms": figures["latency_ms"],
+        "first_p50_ms": p(first, 0.5),
+        "first_p99_ms": p(first, 0.99),
+        "last_p50_ms": p(last, 0.5),
+        "last_p99_ms": p(last, 0.99),
+        "timeline": figures["timeline"],
+    }
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Added latency and throughput ratio of each gateway against direct, per scenario."""
+    """Added latency (p50, p99) and throughput ratio of each gateway against direct."""
     direct = result["targets"].get("direct", {})
     summary: dict[str, Any] = {}
     for name, scenarios in result["targets"].items():
         for scenario, figures in scenarios.items():
             base = direct.get(scenario)
+            latency = figures["latency_ms"]
             row = {
                 "rps": figures["rps"],
-                "p50_ms": figures["latency_ms"]["p50"],
-                "p99_ms": figures["latency_ms"]["p99"],
+                "p50_ms": latency["p50"],
+                "p99_ms": latency["p99"],
                 "errors": sum(figures["errors"].values())
-                + sum(v for k, v in figures["statuses"].items() if k != "200"),
+                + sum(v for k, v in figures["statuses"].items() if k != "200")
+                + figures.get("stream_errors", 0),
             }
-            if base and base["latency_ms"]["p50"] is not None and row["p50_ms"] is not None:
-                row["added_p50_ms"] = row["p50_ms"] - base["latency_ms"]["p50"]
+            if base and base["latency_ms"]["p50"] is not None and latency["p50"] is not None:
+                row["added_p50_ms"] = latency["p50"] - base["latency_ms"]["p50"]
+                row["added_p99_ms"] = latency["p99"] - base["latency_ms"]["p99"]
                 row["rps_vs_direct"] = figures["rps"] / base["rps"] if base["rps"] else None
             summary.setdefault(name, {})[scenario] = row
     return summary
 
 
+Row = tuple[str, str, str, str, str, str, str]
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} ms" if value < 10 else f"{value:.0f} ms"
+
+
+def _met(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "NO")
+
+
+def rows(result: dict[str, Any]) -> list[Row]:
+    """The issue's targets: added latency at c=1, throughput at c=32 against direct
+    and against LiteLLM, and no cap over 10,000 requests."""
+    table: list[Row] = []
+    summary = result["summary"]
+    ours, peer, direct = (summary.get(n, {}) for n in ("keel", "litellm", "direct"))
+    for stream in MODES:
+        mode = "stream" if stream else "plain"
+        one = ours.get(scenario_name(1, stream), {})
+        base = direct.get(scenario_name(1, stream), {})
+        p50, p99 = one.get("added_p50_ms"), one.get("added_p99_ms")
+        table.append(
+            (
+                "gateway",
+                f"c=1 {mode}: keel added latency",
+                f"+{_ms(p50)} p50, +{_ms(p99)} p99",
+                f"direct {_ms(base.get('p50_ms'))} p50, {_ms(base.get('p99_ms'))} p99",
+                f"{one.get('errors', '-')} errors",
+                "p50 <= 1.0 ms, p99 <= 2.0 ms",
+                _met(p50 is not None and p99 is not None and p50 <= 1.0 and p99 <= 2.0),
+            )
+        )
+    for concurrency in CONCURRENCY:
+        for stream in MODES:
+            scenario = scenario_name(concurrency, stream)
+            mine, base = ours.get(scenario), direct.get(scenario)
+            if not mine or not base:
+                continue
+            ratio = mine.get("rps_vs_direct")
+            versus = peer.get(scenario)
+            times = mine["rps"] / versus["rps"] if versus and versus["rps"] else None
+            target, ok = "-", None
+            if concurrency == 32:
+                target = ">= 0.3x direct, >= 10x LiteLLM"
+                ok = ratio is not None and ratio >= 0.3 and (times is None or times >= 10)
+                ok = ok and not mine["errors"]
+            measured = f"{mine['rps']:,.0f} req/s, p99 {_ms(mine['p99_ms'])}"
+            if mine["errors"]:
+                measured += f", {mine['errors']} errors"
+            litellm = "-" if not versus else f"LiteLLM {versus['rps']:,.0f} req/s"
+            table.append(
+                (
+                    "gateway",
+                    f"{scenario} keel",
+                    measured,
+                    f"direct {base['rps']:,.0f} req/s; {litellm}",
+                    f"{ratio:.2f}x direct" + ("" if times is None else f", {times:.1f}x LiteLLM"),
+                    target,
+                    _met(ok),
+                )
+            )
+    cap = result.get("no_cap")
+    if cap:
+        first, last = cap.get("first_p99_ms"), cap.get("last_p99_ms")
+        step = last / first if first and last else None
+        failed = cap["requests"] - cap["ok"]
+        table.append(
+            (
+                "gateway",
+                f"no cap: default keel, c={NO_CAP_CONCURRENCY} x {NO_CAP_REQUESTS:,}",
+                f"p99 first 20% {_ms(first)}, last 20% {_ms(last)}, {failed} failed",
+                f"{cap['rps']:,.0f} req/s",
+                "-" if step is None else f"last/first p99 {step:.2f}",
+                "no step (last/first p99 <= 2), none failed",
+                _met(step is not None and step <= 2.0 and failed == 0),
+            )
+        )
+    for name, why in result.get("not_run", {}).items():
+        table.append(("gateway", name, f"not run ({why})", "-", "-", "-", "-"))
+    return table
+
+
 def plot(result: dict[str, Any], out: Path) -> Path | None:
+    """Throughput against p99 per target, plain and streaming; points at c = 1..64."""
     try:
         import matplotlib
 
@@ -163,22 +299,29 @@ def plot(result: dict[str, Any], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for axis, (concurrency, stream) in zip(axes.flat, SCENARIOS, strict=True):
-        scenario = scenario_name(concurrency, stream)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for axis, stream in zip(axes, MODES, strict=True):
         for name, scenarios in result["targets"].items():
-            samples = sorted(scenarios.get(scenario, {}).get("samples_ms", []))
-            if not samples:
-                continue
-            ys = [(i + 1) / len(samples) for i in range(len(samples))]
-            axis.plot(samples, ys, label=f"{name} ({scenarios[scenario]['rps']:.0f} req/s)")
+            points = [
+                (c, scenarios[scenario_name(c, stream)])
+                for c in CONCURRENCY
+                if scenario_name(c, stream) in scenarios
+            ]
+            xs = [f["rps"] for _, f in points]
+            ys = [f["latency_ms"]["p99"] or float("nan") for _, f in points]
+            axis.plot(xs, ys, marker="o", label=name)
+            for (c, _), x, y in zip(points, xs, ys, strict=True):
+                axis.annotate(
+                    f"c={c}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
         axis.set_xscale("log")
-        axis.set_title(scenario)
-        axis.set_xlabel("latency, ms (log)")
-        axis.set_ylabel("fraction of requests")
+        axis.set_yscale("log")
+        axis.set_title("streaming" if stream else "plain")
+        axis.set_xlabel("throughput, req/s (log)")
+        axis.set_ylabel("p99 latency, ms (log)")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
-    fig.suptitle("Gateway latency CDF: direct vs keel vs LiteLLM (same fake upstream)")
+    fig.suptitle("Throughput vs p99: direct, keel (default config), LiteLLM; same fake upstream")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -187,16 +330,14 @@ def plot(result: dict[str, Any], out: Path) -> Path | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--no-what-if", action="store_true")
+    parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args()
-    result = run(args.duration, what_if=not args.no_what_if, peers=not args.no_peers)
+    result = run(args.duration, peers=not args.no_peers)
     common.write_json("gateway", result)
     plot(result, common.RESULTS / "gateway.png")
-    for name, scenarios in result["summary"].items():
-        for scenario, row in scenarios.items():
-            print(name, scenario, {k: round(v, 2) if v else v for k, v in row.items()})
+    for row in rows(result):
+        print(" | ".join(row))
     return 0
 
 

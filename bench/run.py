@@ -60,72 +60,7 @@ def met(ok: bool | None) -> str:
 
 
 def gateway_rows(result: dict[str, Any]) -> list[Row]:
-    rows: list[Row] = []
-    summary = result["summary"]
-    direct = summary.get("direct", {})
-    for concurrency, stream in gateway.SCENARIOS:
-        scenario = gateway.scenario_name(concurrency, stream)
-        base = direct.get(scenario, {})
-        reference = f"direct {ms(base.get('p50_ms'))}, {rps(base.get('rps'))}"
-        for name in ("keel", "keel+fixes", "litellm"):
-            row = summary.get(name, {}).get(scenario)
-            if row is None:
-                continue
-            measured = f"p50 {ms(row['p50_ms'])} p99 {ms(row['p99_ms'])}, {rps(row['rps'])}"
-            if row["errors"]:
-                measured += f", {row['errors']} errors"
-            added = row.get("added_p50_ms")
-            ratio = row.get("rps_vs_direct")
-            outcome = f"+{ms(added)} p50, {ratio:.3f}x req/s" if ratio is not None else "-"
-            if name == "litellm":
-                target, ok = "(peer)", None
-            elif concurrency == 1:
-                target, ok = "added p50 <= 1 ms", added is not None and added <= 1.0
-            else:
-                target, ok = ">= 0.5x direct req/s", ratio is not None and ratio >= 0.5
-            rows.append(
-                ("gateway", f"{scenario} {name}", measured, reference, outcome, target, met(ok))
-            )
-    if "litellm" in summary:
-        for name in ("keel", "keel+fixes"):
-            ours = summary.get(name)
-            if not ours:
-                continue
-            for concurrency, stream in gateway.SCENARIOS:
-                scenario = gateway.scenario_name(concurrency, stream)
-                mine, peer = ours.get(scenario), summary["litellm"].get(scenario)
-                if not mine or not peer:
-                    continue
-                if concurrency == 1:
-                    a, b = mine.get("added_p50_ms"), peer.get("added_p50_ms")
-                    share = a / b if a is not None and b else None
-                    rows.append(
-                        (
-                            "peer",
-                            f"{scenario} {name} vs LiteLLM",
-                            f"added p50 {ms(a)}",
-                            f"LiteLLM +{ms(b)}",
-                            "-" if share is None else f"{share:.2f}x LiteLLM's",
-                            "<= 0.1x LiteLLM's added",
-                            met(share is not None and share <= 0.1),
-                        )
-                    )
-                else:
-                    times = mine["rps"] / peer["rps"] if peer["rps"] else None
-                    rows.append(
-                        (
-                            "peer",
-                            f"{scenario} {name} vs LiteLLM",
-                            rps(mine["rps"]),
-                            f"LiteLLM {rps(peer['rps'])}",
-                            "-" if times is None else f"{times:.1f}x LiteLLM",
-                            ">= 20x LiteLLM req/s",
-                            met(times is not None and times >= 20),
-                        )
-                    )
-    for name, why in result.get("not_run", {}).items():
-        rows.append(("gateway", name, f"not run ({why})", "-", "-", "-", "-"))
-    return rows
+    return gateway.rows(result)
 
 
 def failover_rows(result: dict[str, Any]) -> list[Row]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 import pytest
 
 from keel.config import HttpModelConfig
@@ -169,9 +169,9 @@ async def test_embeddings_are_returned_in_input_order(make_provider):
 
 
 async def test_shared_client_is_not_closed(upstream: FakeUpstream):
-    async with httpx.AsyncClient() as client:
+    async with aiohttp.ClientSession() as client:
         config = HttpModelConfig(kind="openai/embedding", api_endpoint=upstream.url + "/v1")
         provider = build_http_provider("embedding", config, name="shared", timeout=1, client=client)
         await provider.aclose()
-        assert not client.is_closed
+        assert not client.closed
         assert await provider.embed(["a"]) == [[1.0, 0.0, 0.5]]

@@ -18,7 +18,7 @@ OpenAI-style endpoints include the version (``.../v1``), as in Tabby's config.
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 
 from keel.config import KINDS_BY_ROLE, HttpModelConfig, Role
 from keel.errors import ConfigError, ConfigIssue
@@ -60,7 +60,7 @@ def build_http_provider(
     *,
     name: str,
     timeout: float,
-    client: httpx.AsyncClient | None = None,
+    client: aiohttp.ClientSession | None = None,
 ) -> Provider:
     """The provider for ``config`` in ``role``.
 

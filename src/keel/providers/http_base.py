@@ -1,12 +1,14 @@
-"""What every HTTP provider shares: one upstream connection and its failures.
+"""What every HTTP provider shares: one upstream connection pool and its failures.
 
 :class:`HttpUpstream` is a backend's base URL, key, timeouts and rate limit
-around an ``httpx.AsyncClient``. It is also the one place where the transport's
-failures become keel's error tree (see :mod:`keel.errors`)::
+around an ``aiohttp.ClientSession``. It is also the one place where the
+transport's failures become keel's error tree (see :mod:`keel.errors`)::
 
-    httpx.TimeoutException (connect, read, write, pool)   -> UpstreamTimeout
-    httpx.ConnectError, ReadError, WriteError, ...        -> UpstreamConnectError
-    httpx.RemoteProtocolError (closed mid-response)       -> UpstreamProtocolError
+    aiohttp.ConnectionTimeoutError (connecting)           -> UpstreamTimeout
+    aiohttp.SocketTimeoutError, TimeoutError (reading)    -> UpstreamTimeout
+    aiohttp.ServerDisconnectedError, ClientPayloadError   -> UpstreamProtocolError
+      (closed mid-response, a chunked body cut short)
+    aiohttp.ClientConnectorError, ClientOSError, ...      -> UpstreamConnectError
     HTTP 401 / 403                                        -> UpstreamAuthError
     HTTP >= 400 otherwise                                 -> UpstreamStatusError
     bad JSON, not SSE, stream ended before its end marker -> UpstreamProtocolError
@@ -14,21 +16,37 @@ failures become keel's error tree (see :mod:`keel.errors`)::
     keel's own rate limit reached (RateLimiter)           -> UpstreamStatusError, code rate_limited
 
 A stream cut mid-way is a protocol error whatever the framing: with chunked
-encoding httpx notices the missing last chunk, with a close-delimited body the
+encoding aiohttp notices the missing last chunk, with a close-delimited body the
 readers here notice the missing end marker (``[DONE]``, ``stop``, ``done``).
+
+Why aiohttp and not httpx: measured against ``bench/upstream.py`` on the
+2-core bench machine, httpx 0.28 spent 470-1,600 us of CPU per proxied
+request (httpcore's pool bookkeeping, anyio's cancel scopes, a new
+connection for every stream read only up to its end marker), aiohttp 70-130
+us. Its pool has no connection cap (a cap nobody chose is a silent one:
+admission control bounds what keel sends) and keeps a finished stream's
+connection alive (see :meth:`HttpUpstream._finish`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypedDict, Unpack, cast
+from typing import Any, TypedDict, Unpack
 
-import httpx
+import aiohttp
 
 from keel.errors import (
     UpstreamAuthError,
@@ -62,26 +80,22 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 @contextmanager
 def translate_errors(provider: str) -> Iterator[None]:
-    """Re-raise httpx's exceptions as keel's ``Upstream*`` errors."""
+    """Re-raise the transport's exceptions as keel's ``Upstream*`` errors."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        phase = {
-            httpx.ConnectTimeout: "connecting",
-            httpx.ReadTimeout: "waiting for data",
-            httpx.WriteTimeout: "sending the request",
-            httpx.PoolTimeout: "waiting for a free connection",
-        }.get(type(exc), "waiting")
-        raise UpstreamTimeout(f"timed out {phase}", provider=provider) from exc
-    except httpx.RemoteProtocolError as exc:
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamTimeout("timed out connecting", provider=provider) from exc
+    except TimeoutError as exc:  # aiohttp.SocketTimeoutError and ServerTimeoutError too
+        raise UpstreamTimeout("timed out waiting for data", provider=provider) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
         raise UpstreamProtocolError(
             f"connection closed mid-response: {exc}", provider=provider
         ) from exc
-    except httpx.ConnectError as exc:
+    except aiohttp.ClientConnectorError as exc:
         raise UpstreamConnectError(f"cannot connect: {exc}", provider=provider) from exc
-    except httpx.DecodingError as exc:
-        raise UpstreamProtocolError(f"undecodable response: {exc}", provider=provider) from exc
-    except httpx.TransportError as exc:
+    except aiohttp.ClientResponseError as exc:  # a malformed status line or header
+        raise UpstreamProtocolError(f"not HTTP: {exc.message}", provider=provider) from exc
+    except aiohttp.ClientError as exc:
         raise UpstreamConnectError(
             f"connection failed: {type(exc).__name__}: {exc}", provider=provider
         ) from exc
@@ -162,18 +176,17 @@ def error_details(body: bytes) -> dict[str, object]:
     return dict(error) if isinstance(error, dict) else {}
 
 
-async def raise_for_status(response: httpx.Response, provider: str) -> None:
+async def raise_for_status(response: aiohttp.ClientResponse, provider: str) -> None:
     """Raise the translated error if ``response`` failed; reads at most 64 KiB of it."""
-    if response.status_code < 400:
+    if response.status < 400:
         return
     body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) >= ERROR_BODY_LIMIT:
+    while len(body) < ERROR_BODY_LIMIT:
+        chunk = await response.content.read(ERROR_BODY_LIMIT - len(body))
+        if not chunk:
             break
-    raise status_error(
-        provider, response.status_code, bytes(body), response.headers.get("retry-after")
-    )
+        body += chunk
+    raise status_error(provider, response.status, bytes(body), response.headers.get("retry-after"))
 
 
 def decode_json(text: str | bytes, provider: str) -> Any:
@@ -248,9 +261,19 @@ class SseEvent:
 
 _SSE_FIELDS = frozenset({"data", "event", "id", "retry"})
 
+Lines = AsyncIterable[str] | AsyncIterable[bytes]
+"""A body's lines: decoded, or raw as ``aiohttp``'s ``response.content`` gives them."""
 
-async def iter_sse(lines: AsyncIterator[str], provider: str) -> AsyncGenerator[SseEvent, None]:
-    """Server-sent events from decoded lines.
+
+def _text(line: str | bytes) -> str:
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    return line.rstrip("\r\n")
+
+
+class SseParser:
+    """Server-sent events, one line at a time (no generator per layer: the readers
+    below feed it the body's lines in their own loop).
 
     Stricter than the SSE spec on purpose: a line that is not a known field or
     a comment means the backend is not speaking SSE (an HTML error page, raw
@@ -258,58 +281,85 @@ async def iter_sse(lines: AsyncIterator[str], provider: str) -> AsyncGenerator[S
     ``error: {...}`` line is accepted and becomes an ``error`` event. An event
     not closed by a blank line when the body ends is dropped, as the spec says.
     """
-    event = "message"
-    data: list[str] = []
-    async for line in lines:
+
+    __slots__ = ("provider", "event", "data")
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.event = "message"
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> SseEvent | None:
+        """The event ``line`` completes, if any."""
         if not line:
-            if data:
-                yield SseEvent(event, "\n".join(data))
-            event, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
+            done = SseEvent(self.event, "\n".join(self.data)) if self.data else None
+            self.event, self.data = "message", []
+            return done
+        if line[0] == ":":
+            return None
         name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
+        if value[:1] == " ":
+            value = value[1:]
         if name == "data":
-            data.append(value)
+            self.data.append(value)
         elif name == "event":
-            event = value or "message"
+            self.event = value or "message"
         elif name == "error":
-            yield SseEvent("error", value)
+            return SseEvent("error", value)
         elif name not in _SSE_FIELDS:
             raise UpstreamProtocolError(
                 f"not an event stream: unexpected line {_shorten(line, 200)!r}",
-                provider=provider,
+                provider=self.provider,
             )
+        return None
 
 
-async def iter_sse_json(
-    lines: AsyncIterator[str], provider: str
-) -> AsyncGenerator[JsonObject, None]:
+async def iter_sse(lines: Lines, provider: str) -> AsyncGenerator[SseEvent, None]:
+    """Server-sent events from a body's lines; see :class:`SseParser`."""
+    parser = SseParser(provider)
+    async for line in lines:
+        event = parser.feed(_text(line))
+        if event is not None:
+            yield event
+
+
+def sse_json(event: SseEvent, provider: str) -> JsonObject | None:
+    """The JSON payload of an event; ``None`` at ``[DONE]``. Error events and
+    error objects raise."""
+    if event.data.strip() == "[DONE]":
+        return None
+    if event.event == "error":
+        detail = decode_json(event.data, provider)
+        if isinstance(detail, dict) and "error" in detail:
+            detail = detail["error"]
+        raise in_stream_error(detail, provider)
+    payload = decode_json_object(event.data, provider)
+    error = stream_error(payload, provider)
+    if error is not None:
+        raise error
+    return payload
+
+
+async def iter_sse_json(lines: Lines, provider: str) -> AsyncGenerator[JsonObject, None]:
     """JSON payloads of an SSE stream up to ``data: [DONE]``.
 
     Error events and error objects raise. If the body ends without ``[DONE]``
     the stream was cut: raises :class:`UpstreamProtocolError`. Protocols with
     their own end marker (llama.cpp's ``stop``) stop iterating before that.
     """
-    async with aclosing(iter_sse(lines, provider)) as events:
-        async for event in events:
-            if event.data.strip() == "[DONE]":
-                return
-            if event.event == "error":
-                detail = decode_json(event.data, provider)
-                if isinstance(detail, dict) and "error" in detail:
-                    detail = detail["error"]
-                raise in_stream_error(detail, provider)
-            payload = decode_json_object(event.data, provider)
-            error = stream_error(payload, provider)
-            if error is not None:
-                raise error
-            yield payload
+    parser = SseParser(provider)
+    async for line in lines:
+        event = parser.feed(_text(line))
+        if event is None:
+            continue
+        payload = sse_json(event, provider)
+        if payload is None:
+            return
+        yield payload
     raise UpstreamProtocolError("stream ended before its end marker", provider=provider)
 
 
-async def iter_ndjson(lines: AsyncIterator[str], provider: str) -> AsyncGenerator[JsonObject, None]:
+async def iter_ndjson(lines: Lines, provider: str) -> AsyncGenerator[JsonObject, None]:
     """Objects of a newline-delimited JSON stream (Ollama); the caller checks the end marker."""
     async for line in lines:
         if not line.strip():
@@ -321,18 +371,56 @@ async def iter_ndjson(lines: AsyncIterator[str], provider: str) -> AsyncGenerato
         yield payload
 
 
-LineParser = Callable[[AsyncIterator[str], str], AsyncGenerator[JsonObject, None]]
+LineParser = Callable[[Lines, str], AsyncGenerator[JsonObject, None]]
 
 
 # --- the connection ----------------------------------------------------------
+
+DRAIN_SECONDS = 0.1
+"""How long a stream read to its end marker may take to finish its body, so its
+connection can be reused."""
+
+EndMarker = Callable[[JsonObject], bool]
+
+READ_BUFFER = 1 << 18
+"""Bytes aiohttp buffers per response; a body line (one SSE event) may be twice that."""
+
+
+def new_session() -> aiohttp.ClientSession:
+    """A pool for one or more backends: no connection cap, no cookies, keep-alive."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        read_bufsize=READ_BUFFER,
+    )
+
+
+async def body_lines(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
+    """A body's lines, every one that arrived: when the connection breaks mid-body,
+    aiohttp raises at the next read even with lines still in its buffer, so those
+    are read from the buffer first (the client must get every token the backend
+    sent before the cut), then the error is raised."""
+    try:
+        async for line in content:
+            yield line
+    except aiohttp.ClientPayloadError:
+        buffered: Iterable[bytes] = getattr(content, "_buffer", ())
+        for line in b"".join(buffered).splitlines(keepends=True):
+            yield line
+        raise
+
+
+def _encode(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body if isinstance(body, dict) else dict(body)).encode()
 
 
 class HttpUpstream:
     """One backend: base URL, auth, timeouts, rate limit and error translation.
 
-    Owns its ``httpx.AsyncClient`` unless one is passed in (then the caller
-    closes it). Timeouts are set per request, so a shared client works too:
-    ``CONNECT_TIMEOUT`` to connect, ``timeout`` for each read, write and pool wait.
+    Owns its ``aiohttp.ClientSession`` (made at the first request, inside the
+    running loop) unless one is passed in (then the caller closes it).
+    Timeouts are set per request, so a shared session works too:
+    ``CONNECT_TIMEOUT`` to connect, ``timeout`` for each read.
     """
 
     def __init__(
@@ -343,22 +431,35 @@ class HttpUpstream:
         api_key: str | None,
         timeout: float,
         rate_limiter: RateLimiter | None = None,
-        client: httpx.AsyncClient | None = None,
+        client: aiohttp.ClientSession | None = None,
     ) -> None:
         self.provider = provider
         self.endpoint = endpoint.rstrip("/")
-        self.timeout = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=timeout
+        )
         self.rate_limiter = rate_limiter
         self.headers = auth_headers(api_key)
+        self._json_headers = {**self.headers, "Content-Type": "application/json"}
+        self._stream_headers = {
+            **self._json_headers,
+            "Accept": "text/event-stream, application/x-ndjson",
+        }
         self._owns_client = client is None
-        self.client = client if client is not None else httpx.AsyncClient(timeout=self.timeout)
+        self._client = client
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        if self._client is None or (self._owns_client and self._client.closed):
+            self._client = new_session()
+        return self._client
 
     def url(self, path: str) -> str:
         return self.endpoint + path
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self.client.aclose()
+        if self._owns_client and self._client is not None:
+            await self._client.close()
 
     async def _admit(self) -> None:
         if self.rate_limiter is not None:
@@ -368,55 +469,73 @@ class HttpUpstream:
         """POST ``body`` and return the decoded JSON answer."""
         await self._admit()
         with translate_errors(self.provider):
-            response = await self.client.post(
-                self.url(path), json=dict(body), headers=self.headers, timeout=self.timeout
-            )
-        await raise_for_status(response, self.provider)
-        return decode_json(response.content, self.provider)
-
-    @asynccontextmanager
-    async def stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[httpx.Response]:
-        """POST ``body`` and hold the streaming response open while the caller reads it.
-
-        Leaving the block, normally or by an exception, cancellation or the
-        consumer closing its generator, closes the response, which drops the
-        connection and so stops the work upstream. Transport errors raised
-        while the caller reads are translated too.
-        """
-        await self._admit()
-        headers = {**self.headers, "Accept": "text/event-stream, application/x-ndjson"}
-        with translate_errors(self.provider):
-            async with self.client.stream(
-                "POST", self.url(path), json=dict(body), headers=headers, timeout=self.timeout
+            async with self.client.post(
+                self.url(path), data=_encode(body), headers=self._json_headers, timeout=self.timeout
             ) as response:
                 await raise_for_status(response, self.provider)
-                yield response
+                raw = await response.read()
+        return decode_json(raw, self.provider)
 
     async def _payloads(
-        self, path: str, body: Mapping[str, Any], parse: LineParser
+        self, path: str, body: Mapping[str, Any], parse: LineParser, last: EndMarker | None
     ) -> AsyncGenerator[JsonObject, None]:
-        async with (
-            self.stream(path, body) as response,
-            aclosing(response_lines(response)) as lines,
-            aclosing(parse(lines, self.provider)) as payloads,
-        ):
-            async for payload in payloads:
-                yield payload
+        """POST ``body`` and yield the parsed answer while holding the response open.
 
-    def sse_payloads(self, path: str, body: Mapping[str, Any]) -> AsyncGenerator[JsonObject, None]:
-        """JSON payloads of a streamed SSE answer; see :func:`iter_sse_json`."""
-        return self._payloads(path, body, iter_sse_json)
+        However this ends (the end marker, an exception, a cancellation, the
+        consumer closing the generator), :meth:`_finish` settles the connection.
+        """
+        await self._admit()
+        with translate_errors(self.provider):
+            response = await self.client.post(
+                self.url(path),
+                data=_encode(body),
+                headers=self._stream_headers,
+                timeout=self.timeout,
+            )
+            finished = False
+            try:
+                await raise_for_status(response, self.provider)
+                lines = body_lines(response.content)
+                async with aclosing(parse(lines, self.provider)) as payloads:
+                    async for payload in payloads:
+                        finished = last is not None and last(payload)
+                        yield payload
+                finished = True
+            finally:
+                await self._finish(response, finished)
+
+    @staticmethod
+    async def _finish(response: aiohttp.ClientResponse, finished: bool) -> None:
+        """Back to the pool when the whole body has arrived, else closed: dropping the
+        connection is how the backend learns to stop generating.
+
+        A stream read to its end marker (``finished``) is drained for up to
+        :data:`DRAIN_SECONDS` first: the body's last chunk usually comes with
+        the marker, and a kept connection saves the next request a connect.
+        """
+        content = response.content
+        if finished and not content.is_eof():
+            with suppress(TimeoutError, aiohttp.ClientError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    while await content.readany():
+                        pass
+        if content.is_eof():
+            response.release()
+        else:
+            response.close()
+
+    def sse_payloads(
+        self, path: str, body: Mapping[str, Any], *, last: EndMarker | None = None
+    ) -> AsyncGenerator[JsonObject, None]:
+        """JSON payloads of a streamed SSE answer; see :func:`iter_sse_json`.
+        ``last`` tells the answer's final payload (a protocol's own end marker)."""
+        return self._payloads(path, body, iter_sse_json, last)
 
     def ndjson_payloads(
-        self, path: str, body: Mapping[str, Any]
+        self, path: str, body: Mapping[str, Any], *, last: EndMarker | None = None
     ) -> AsyncGenerator[JsonObject, None]:
         """Objects of a streamed NDJSON answer; see :func:`iter_ndjson`."""
-        return self._payloads(path, body, iter_ndjson)
-
-
-def response_lines(response: httpx.Response) -> AsyncGenerator[str, None]:
-    """``response.aiter_lines()``, typed as the generator it is so it can be closed."""
-    return cast(AsyncGenerator[str, None], response.aiter_lines())
+        return self._payloads(path, body, iter_ndjson, last)
 
 
 class HttpBacked:

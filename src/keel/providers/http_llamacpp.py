@@ -45,7 +45,9 @@ class LlamaCppCompletionProvider(HttpCompletion):
 
     async def stream_completion(self, call: CompletionCall) -> AsyncGenerator[str, None]:
         provider = self.upstream.provider
-        payloads = self.upstream.sse_payloads("/completion", self.request_body(call))
+        payloads = self.upstream.sse_payloads(
+            "/completion", self.request_body(call), last=llamacpp_stop
+        )
         async with aclosing(payloads):
             async for payload in payloads:
                 text = text_field(payload, "content", provider)
@@ -53,6 +55,10 @@ class LlamaCppCompletionProvider(HttpCompletion):
                     yield text
                 if payload.get("stop") is True:
                     return
+
+
+def llamacpp_stop(payload: JsonObject) -> bool:
+    return payload.get("stop") is True
 
 
 def llamacpp_embeddings(payload: Any, count: int, provider: str) -> list[list[float]]:

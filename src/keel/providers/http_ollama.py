@@ -68,7 +68,9 @@ class OllamaCompletionProvider(HttpCompletion):
 
     async def stream_completion(self, call: CompletionCall) -> AsyncGenerator[str, None]:
         provider = self.upstream.provider
-        payloads = self.upstream.ndjson_payloads("/api/generate", self.request_body(call))
+        payloads = self.upstream.ndjson_payloads(
+            "/api/generate", self.request_body(call), last=ollama_done
+        )
         async with aclosing(payloads):
             async for payload in payloads:
                 text = text_field(payload, "response", provider)
@@ -77,6 +79,10 @@ class OllamaCompletionProvider(HttpCompletion):
                 if payload.get("done") is True:
                     return
         raise UpstreamProtocolError("stream ended before 'done: true'", provider=provider)
+
+
+def ollama_done(payload: JsonObject) -> bool:
+    return payload.get("done") is True
 
 
 class OllamaEmbeddingProvider(HttpBacked, EmbeddingProvider):

@@ -64,6 +64,14 @@ def sampling_body(
     return body
 
 
+def finished(payload: JsonObject) -> bool:
+    """Whether a chunk ends the answer: its choice has a ``finish_reason``."""
+    choices = payload.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        return False
+    return choices[0].get("finish_reason") is not None
+
+
 async def stream_choice_text(
     upstream: HttpUpstream, path: str, body: JsonObject, read: str
 ) -> AsyncGenerator[str, None]:
@@ -73,7 +81,7 @@ async def stream_choice_text(
     ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``).
     """
     provider = upstream.provider
-    async with aclosing(upstream.sse_payloads(path, body)) as payloads:
+    async with aclosing(upstream.sse_payloads(path, body, last=finished)) as payloads:
         async for payload in payloads:
             choice = first_choice(payload, provider)
             if choice is None:
