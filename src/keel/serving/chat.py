@@ -25,7 +25,7 @@ from keel.serving.lifecycle import (
     note_provider,
     stream_text,
 )
-from keel.serving.streaming import stream_response, with_timeout
+from keel.serving.streaming import stream_response
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -94,10 +94,12 @@ class ChatServing:
             return last
 
         response = await stream_response(
-            with_timeout(pieces, self.timeout, "chat"),
+            pieces,
             head=[chunk({"role": "assistant", "content": ""}, None)],
             chunk=lambda text: chunk({"content": text}, None),
             tail=tail,
+            timeout=self.timeout,
+            role="chat",
         )
         note_provider(http, generated.provider)
         return response

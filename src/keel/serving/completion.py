@@ -47,7 +47,7 @@ from keel.serving.lifecycle import (
     stream_text,
     total_timeout,
 )
-from keel.serving.streaming import stream_response, with_timeout
+from keel.serving.streaming import stream_response
 from keel.serving.typed_cache import Flight, Flights, Place, Suggestion, TypedCache
 
 ChoiceShape = Callable[[str, str | None], list[dict[str, object]]]
@@ -295,7 +295,7 @@ class CompletionServing:
             return last
 
         response = await stream_response(
-            with_timeout(pieces, self.timeout, "completion"),
+            pieces,
             head=[],
             chunk=lambda text: envelope(choice(text, None)),
             tail=tail,
@@ -308,6 +308,8 @@ def _openai_call(body: CompletionRequest, params: GenerationParams) -> OpenStrea
     """The caller's prompt as written; a FIM suffix goes through the provider's own
     suffix field or its template."""
 
+            timeout=self.timeout,
+            role="completion",
     def open_stream(provider: Provider) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)
         prompt, suffix = body.prompt_text(), body.suffix

@@ -28,38 +28,26 @@ def sse(data: object) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-async def with_timeout(
-    pieces: AsyncIterator[str], timeout: float, provider: str
-) -> AsyncIterator[str]:
-    """Pieces of ``pieces``, failing with UpstreamTimeout once ``timeout`` has passed in all."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    iterator = aiter(pieces)
-    try:
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    piece = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"generation took longer than {timeout:.0f}s", provider=provider
-                ) from None
-            yield piece
-    finally:
-        await close_stream(pieces)
-
-
 async def stream_response(
     pieces: AsyncIterator[str],
     *,
     head: list[dict[str, object]],
     chunk: Callable[[str], dict[str, object]],
     tail: Callable[[], Awaitable[list[dict[str, object]]]],
+    timeout: float,
+    role: str,
 ) -> StreamingResponse:
     """An SSE response: ``head`` events, one ``chunk(text)`` per piece, then the
-    events ``tail()`` gives once the pieces are done (finish reason, usage)."""
+    events ``tail()`` gives once the pieces are done (finish reason, usage).
+
+    ``timeout`` bounds the whole generation without a timer per piece: a piece
+    arriving after the deadline ends the stream with :class:`UpstreamTimeout`
+    (a stall in between is the router's between-token timeout). The head goes
+    out with the first piece and the tail with ``[DONE]``: fewer writes, the
+    same events.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     iterator = aiter(pieces)
     try:
         first: str | None = await anext(iterator)
@@ -70,21 +58,24 @@ async def stream_response(
         raise
 
     async def events() -> AsyncIterator[bytes]:
+        opening = b"".join([sse(event) for event in head])
         try:
-            for event in head:
-                yield sse(event)
             if first is not None:
-                yield sse(chunk(first))
+                yield opening + sse(chunk(first))
+                opening = b""
                 async for piece in iterator:
+                    if loop.time() > deadline:
+                        raise UpstreamTimeout(
+                            f"generation took longer than {timeout:.0f}s", provider=role
+                        )
                     yield sse(chunk(piece))
-            for event in await tail():
-                yield sse(event)
+            closing = b"".join([sse(event) for event in await tail()])
         except KeelError as exc:
             log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
-            yield sse(exc.to_body())
+            closing = sse(exc.to_body())
         finally:
             await close_stream(pieces)
-        yield DONE
+        yield opening + closing + DONE
 
     return StreamingResponse(
         events(),
