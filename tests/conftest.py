@@ -62,6 +62,9 @@ class KeelProcess:
                 self.process.wait()
 
 
+PRECOMPUTE_OFF = "[completion]\nprecompute = false\n"
+
+
 def start_keel(root: Path, config: str | None = None, *args: str) -> KeelProcess:
     """Start a real `keel serve` process on a free loopback port."""
     root.mkdir(parents=True, exist_ok=True)
@@ -82,8 +85,11 @@ def start_keel(root: Path, config: str | None = None, *args: str) -> KeelProcess
 
 @pytest.fixture(scope="session")
 def keel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
-    """One keel process with the embedded model, shared by the tests that only read."""
-    server = start_keel(tmp_path_factory.mktemp("keel-root"))
+    """One keel process with the embedded model, shared by the tests that only read.
+
+    Nothing is computed ahead (``precompute``), so that the worker's counters are what
+    the tests' requests made (tests/integration/test_instant_completions.py covers it)."""
+    server = start_keel(tmp_path_factory.mktemp("keel-root"), PRECOMPUTE_OFF)
     try:
         server.wait_ready()
         yield server

@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from keel import __version__
-from keel.api import admin, metrics, models, openai, ops, tabby, ui
+from keel.api import admin, infill, metrics, models, openai, ops, tabby, ui
 from keel.api.errors import install_error_handlers
 from keel.api.middleware import KeelMiddleware
 from keel.api.state import AppState
@@ -131,6 +131,7 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(tabby.router)
     app.include_router(openai.router)
+    app.include_router(infill.router)
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(ui.router)

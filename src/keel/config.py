@@ -336,6 +336,11 @@ class CompletionConfig(_Section):
         description="Most tokens a code completion may generate; default per backend: "
         "32 for local CPU models, 64 for model servers.",
     )
+    precompute: bool = Field(
+        True,
+        description="After a completion, while the local engine is idle, compute the next "
+        "one as if the user accepted it (a newer request cancels it at once).",
+    )
 
 
 class RepositoryConfig(_Section):

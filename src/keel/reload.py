@@ -83,6 +83,7 @@ def assemble(
             events=events,
             metrics=metrics,
             timeout=settings.server.completion_timeout,
+            precompute=settings.completion.precompute,
         ),
         chat=ChatServing(
             routing.routers["chat"],

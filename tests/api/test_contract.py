@@ -70,6 +70,23 @@ EXAMPLES = [
     Example("POST", "/v1/completions", 400, {"segments": {"suffix": "no prefix"}}),
     Example(
         "POST",
+        "/infill",
+        200,
+        {
+            "id_slot": 0,
+            "input_prefix": "import os\n",
+            "prompt": "x = ",
+            "input_suffix": "\n",
+            "input_extra": [{"filename": "a.py", "text": "y = 1\n", "time": 1}],
+            "n_predict": 128,
+            "n_indent": 0,
+            "cache_prompt": True,
+            "t_max_predict_ms": 1000,
+        },
+    ),
+    Example("POST", "/infill", 400, {"input_prefix": "x", "stream": True}),
+    Example(
+        "POST",
         "/v1/chat/completions",
         200,
         {

@@ -40,6 +40,7 @@ from keel.serving.lifecycle import PROVIDER_KEY
 
 ROLE_BY_ROUTE: dict[str, Role] = {
     "/v1/completions": "completion",
+    "/infill": "completion",
     "/v1/chat/completions": "chat",
     "/v1/embeddings": "embedding",
 }

@@ -95,12 +95,22 @@ class CompletionServing:
     # Tabby -------------------------------------------------------------------
 
     async def serve_tabby(self, http: Request, body: TabbyCompletionRequest) -> Response:
+        answer = await self.complete(http, body)
+        if answer is None:
+            return _superseded()
+        headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
+        return JSONResponse(answer.response.model_dump(exclude_none=True), headers=headers)
+
+    async def complete(self, http: Request, body: TabbyCompletionRequest) -> Answer | None:
+        """A Tabby completion, served and recorded; None when a newer request from the
+        same editor superseded it. Also serves llama.cpp's ``/infill`` (its body read
+        as a Tabby request)."""
         async with CancelOnDisconnect(http):
             task = await self.prompts.read(body)
             key = editor_key(http, body)
             answer = await self._supersede(key, self.answer(task, _place(key, task)))
             if answer is None:
-                return _superseded()
+                return None
         response = answer.response
         await self.events.record(
             "completion",
@@ -114,8 +124,7 @@ class CompletionServing:
         )
         self.metrics.completion_event("served", body.language)
         note_provider(http, answer.served_by)
-        headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
-        return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+        return answer
 
     async def _supersede(self, key: Hashable | None, work: Awaitable[T]) -> T | None:
         """Run ``work`` as the editor's current request (``key``): a newer one cancels
@@ -299,6 +308,8 @@ class CompletionServing:
             head=[],
             chunk=lambda text: envelope(choice(text, None)),
             tail=tail,
+            timeout=self.timeout,
+            role="completion",
         )
         note_provider(http, generated.provider)
         return response
@@ -308,8 +319,6 @@ def _openai_call(body: CompletionRequest, params: GenerationParams) -> OpenStrea
     """The caller's prompt as written; a FIM suffix goes through the provider's own
     suffix field or its template."""
 
-            timeout=self.timeout,
-            role="completion",
     def open_stream(provider: Provider) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)
         prompt, suffix = body.prompt_text(), body.suffix

@@ -91,6 +91,9 @@ class TypedCache:
                 best = (rest, entry)
         return best
 
+    def known_places(self) -> list[Place]:
+        return list(self._entries)
+
     def holds(self, place: Place, prefix: str, suffix: str) -> bool:
         """Is there a suggestion made exactly at ``prefix``|``suffix``?"""
         return any(e.prefix == prefix and e.suffix == suffix for e in self._entries.get(place, ()))

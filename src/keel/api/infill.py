@@ -1,0 +1,98 @@
+"""``POST /infill`` in llama.cpp's server shape, so llama.vscode and llama.vim work
+against keel unchanged.
+
+The body is read as a Tabby completion request (:meth:`InfillRequest.to_tabby`)
+and served by the same completion serving: routing with fallbacks and
+breakers, superseding, the typed-through cache, snippets (the editor's
+``input_extra`` chunks), postprocessing. Then ``n_indent`` is applied and the
+answer is shaped as llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from keel.api.access import USER
+from keel.api.errors import read_model
+from keel.api.state import app_state
+from keel.errors import RequestError
+from keel.pipeline.languages import get_language
+from keel.providers.base import estimate_tokens
+from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
+from keel.schemas.openapi import ERRORS, json_body
+
+router = APIRouter(responses=ERRORS)
+
+
+def language_of(body: InfillRequest) -> str:
+    """The request names no language: the chunks' file extensions tell it (llama.vscode
+    sends chunks of the file being edited and of its neighbours), else plain text."""
+    for chunk in reversed(body.input_extra):
+        extension = chunk.filename.rpartition(".")[2]
+        if extension and extension != chunk.filename and extension.isalnum():
+            try:
+                return get_language(extension).name
+            except RequestError:
+                continue
+    return "unknown"
+
+
+def cut_at_indent(text: str, n_indent: int | None) -> str:
+    """``text`` up to its first later line indented less than ``n_indent`` (a blank
+    line does not count), as llama.cpp's server stops there."""
+    if not n_indent:
+        return text
+    lines = text.split("\n")
+    for index, line in enumerate(lines[1:], start=1):
+        if line.strip() and len(line) - len(line.lstrip(" \t")) < n_indent:
+            return "\n".join(lines[:index])
+    return text
+
+
+@router.post(
+    "/infill",
+    dependencies=[USER],
+    response_model=None,
+    openapi_extra=json_body(InfillRequest),
+    responses={200: {"model": InfillResponse}},
+)
+async def infill(request: Request) -> JSONResponse:
+    body = await read_model(request, InfillRequest)
+    if body.stream:
+        raise RequestError("keel's /infill answers whole: send 'stream': false", param="stream")
+    state = app_state(request)
+    started = time.perf_counter()
+    model = state.providers.for_role("completion").info.model
+    content, headers = "", {}
+    if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
+        if not (body.input_prefix + body.prompt + body.input_suffix).strip():
+            raise RequestError(
+                "input_prefix, prompt and input_suffix are all empty: there is no code "
+                "to complete from",
+                param="input_prefix",
+            )
+        answer = await state.completion.complete(request, body.to_tabby(language_of(body)))
+        if answer is not None:
+            content = cut_at_indent(answer.response.choices[0].text, body.n_indent)
+            headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    predicted = estimate_tokens(content) if content else 0
+    response = InfillResponse(
+        content=content,
+        model=model,
+        tokens_predicted=predicted,
+        tokens_evaluated=estimate_tokens(body.input_prefix + body.prompt + body.input_suffix),
+        generation_settings={"model": model, "n_ctx": 0, "n_predict": body.n_predict or -1},
+        timings=InfillTimings(
+            prompt_n=0,
+            prompt_ms=0.0,
+            prompt_per_second=0.0,
+            predicted_n=predicted,
+            predicted_ms=elapsed_ms,
+            predicted_per_second=predicted / elapsed_ms * 1000 if elapsed_ms > 0 else 0.0,
+        ),
+    )
+    return JSONResponse(response.model_dump(), headers=headers)

@@ -1,0 +1,97 @@
+"""Wire models of llama.cpp's ``POST /infill``, as llama.vscode and llama.vim send and
+read them (llama.vscode's ``createRequestPayload`` and ``LlamaResponse``).
+
+The editor splits the text at the cursor in three: ``input_prefix`` (whole lines
+before the cursor's line), ``prompt`` (the cursor's line up to the cursor) and
+``input_suffix`` (the rest of the line, then the lines after). ``input_extra``
+holds chunks of other files the editor picked (keel's snippets). Fields that
+steer llama.cpp's own slots and samplers (``id_slot``, ``samplers``, ``top_k``,
+``cache_prompt``, ``t_max_prompt_ms``) are accepted and left to keel: keel picks
+the slot (a fixed ``id_slot`` sent by every user would pin them all to one) and
+reuses prompt caches always.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel.schemas.openai import MAX_TOKENS_LIMIT
+from keel.schemas.tabby import ClientSnippet, Segments, TabbyCompletionRequest
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class InfillChunk(_Wire):
+    """A chunk of another file (llama.vscode also sends ``time``, ignored)."""
+
+    text: str
+    filename: str = ""
+
+
+class InfillRequest(_Wire):
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillChunk] = Field(default_factory=list, max_length=1024)
+    prompt: str = Field("", description="The cursor's line up to the cursor.")
+    n_predict: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_TOKENS_LIMIT,
+        description="0 warms the cache and generates nothing; otherwise keel's own "
+        "decoding budget applies ([completion] max_decoding_tokens).",
+    )
+    t_max_predict_ms: int | None = Field(None, ge=0, description="Accepted; keel's timeouts apply.")
+    t_max_prompt_ms: int | None = Field(None, ge=-1, description="Accepted; ignored.")
+    cache_prompt: bool = Field(True, description="Accepted; keel always reuses prompt caches.")
+    n_indent: int | None = Field(
+        None, ge=0, le=4096, description="Stop at a new line indented less than this."
+    )
+    id_slot: int | None = Field(None, description="Ignored: keel chooses the engine slot.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = Field(False, description="Only false: the answer comes whole.")
+    model: str | None = None
+
+    def to_tabby(self, language: str) -> TabbyCompletionRequest:
+        """The same request in Tabby's shape, which keel's completion serving reads."""
+        return TabbyCompletionRequest(
+            language=language,
+            segments=Segments(
+                prefix=self.input_prefix + self.prompt,
+                suffix=self.input_suffix,
+                relevant_snippets_from_recently_opened_files=[
+                    ClientSnippet(filepath=chunk.filename, body=chunk.text)
+                    for chunk in self.input_extra
+                    if chunk.text.strip()
+                ],
+            ),
+            temperature=self.temperature,
+            seed=self.seed,
+        )
+
+
+class InfillTimings(BaseModel):
+    prompt_n: int
+    prompt_ms: float
+    prompt_per_second: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_second: float
+
+
+class InfillResponse(BaseModel):
+    """What llama.cpp's server answers, in the fields its editor clients read."""
+
+    content: str
+    stop: bool = True
+    model: str
+    tokens_predicted: int
+    tokens_evaluated: int
+    tokens_cached: int = 0
+    truncated: bool = False
+    generation_settings: dict[str, Any]
+    timings: InfillTimings

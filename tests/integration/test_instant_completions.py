@@ -1,0 +1,140 @@
+"""Completions with no model work, against the embedded model: after a completion,
+while the engine is idle, keel computes the completion the user gets after
+accepting it; typing what was suggested then gets answers with no model work; a
+newer real request cancels a precompute at once. And llama.vscode's /infill
+session gets completions from it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keel.config import EMBEDDED_MODEL_ID
+from keel.serving.completion import CompletionServing
+from tests.serving.conftest import build_app, state_of
+from tests.serving.test_infill import replay
+
+pytestmark = pytest.mark.integration
+
+SOURCE = Path(httpx.__file__).with_name("_models.py").read_text()
+
+
+def config(tmp: Path) -> str:
+    """Completion from the embedded model; the other roles from nowhere reachable (unused)."""
+    return f"""
+[server]
+completion_timeout = 120
+
+[model.completion.local]
+model_id = "{EMBEDDED_MODEL_ID}"
+
+[model.chat]
+embedded_last_resort = false
+[model.chat.http]
+kind = "openai/chat"
+api_endpoint = "http://127.0.0.1:9/v1"
+model_name = "unused"
+
+[model.embedding]
+embedded_last_resort = false
+[model.embedding.http]
+kind = "openai/embedding"
+api_endpoint = "http://127.0.0.1:9/v1"
+model_name = "unused"
+"""
+
+
+@pytest.fixture
+async def keel(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(tmp_path / "keel", config(tmp_path))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://keel", timeout=120
+        ) as http:
+            yield http
+
+
+def tabby(prefix: str, suffix: str = "\n") -> dict[str, object]:
+    return {
+        "language": "python",
+        "segments": {"prefix": prefix, "suffix": suffix, "filepath": "httpx/_models.py"},
+        "temperature": 0,
+    }
+
+
+async def complete(keel: httpx.AsyncClient, prefix: str) -> tuple[str, str]:
+    response = await keel.post("/v1/completions", json=tabby(prefix))
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"], response.headers["x-keel-source"]
+
+
+async def landed(serving: CompletionServing, within: float = 60.0) -> None:
+    """Until no generation runs (the precompute finished)."""
+    for _ in range(int(within / 0.02)):
+        if not list(serving.flights):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the precompute never finished")
+
+
+async def suggested(keel: httpx.AsyncClient, start: int) -> tuple[str, str]:
+    """A place in the file where the model suggests something, and the suggestion."""
+    for cut in range(start, start + 4000, 97):
+        prefix = SOURCE[: SOURCE.index("\n", cut) + 1] + "        "
+        text, source = await complete(keel, prefix)
+        assert source == "model"
+        if len(text.strip()) > 3:
+            return prefix, text
+    raise AssertionError("the model suggested nothing anywhere")
+
+
+def computed_ahead(serving: CompletionServing, prefix: str) -> bool:
+    return any(serving.cache.holds(place, prefix, "\n") for place in serving.cache.known_places())
+
+
+async def test_typing_the_suggestion_then_accepting_it_needs_no_model_work(
+    keel: httpx.AsyncClient,
+) -> None:
+    serving = state_of(keel).completion
+    start = 3000
+    while True:  # a place where the model also has something to say after the suggestion
+        prefix, shown = await suggested(keel, start)
+        await landed(serving)
+        if computed_ahead(serving, prefix + shown):
+            break
+        start = SOURCE.index("\n", start + 200)
+    for typed in range(1, len(shown) + 1):  # the user types what the suggestion said
+        text, source = await complete(keel, prefix + shown[:typed])
+        assert source in ("cache", "inflight"), (typed, source)
+        if typed < len(shown):
+            assert text == shown[typed:]
+    assert text.strip(), "after all of it, the suggestion computed ahead"
+
+
+async def test_a_newer_real_request_cancels_a_precompute_at_once(
+    keel: httpx.AsyncClient,
+) -> None:
+    serving = state_of(keel).completion
+    await suggested(keel, 6000)
+    ahead = [flight for flight in serving.flights if flight.precompute]
+    assert len(ahead) == 1, "a precompute started as soon as the engine was idle"
+    await complete(keel, SOURCE[:1000])  # somewhere else: it cannot use the precompute
+    task = ahead[0].task
+    assert task is not None and task.done() and task.cancelled()
+
+
+async def test_a_llama_vscode_session_gets_completions_from_the_embedded_model(
+    keel: httpx.AsyncClient,
+) -> None:
+    answers = await replay(keel)
+    assert any(answer.json()["content"].strip() for answer in answers[1:])
+    assert {answer.headers.get("x-keel-source") for answer in answers[1:]} <= {
+        "model",
+        "cache",
+        "inflight",
+    }

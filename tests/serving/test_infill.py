@@ -1,0 +1,143 @@
+"""``POST /infill`` as llama.vscode calls it, through keel to a fake llama.cpp server:
+the request sequence of one editing session replayed, fallbacks, bad bodies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from keel.api.infill import cut_at_indent
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+from tests.serving.conftest import build_app, llamacpp_config
+
+CHUNKS = [
+    {"text": "def compute(a, b):\n    return a + b\n", "time": 1700000000, "filename": "/w/m.py"},
+    {"text": "import os\n", "time": 1700000001, "filename": "/w/app.py"},
+]
+
+
+def warm_up() -> dict[str, Any]:
+    """llama.vscode's FIM_PREP: send the chunks ahead, predict nothing."""
+    return {
+        "id_slot": 0,
+        "input_prefix": "",
+        "input_suffix": "",
+        "input_extra": CHUNKS,
+        "prompt": "",
+        "n_predict": 0,
+        "samplers": [],
+        "cache_prompt": True,
+        "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 1,
+    }
+
+
+def fim(prefix_lines: list[str], line_prefix: str, line_suffix: str = "") -> dict[str, Any]:
+    """llama.vscode's FIM request (createRequestPayload with its default settings)."""
+    return {
+        "id_slot": 0,
+        "input_prefix": "\n".join(prefix_lines) + "\n",
+        "input_suffix": line_suffix + "\n" + "\n".join(["", "print(x)"]) + "\n",
+        "input_extra": CHUNKS,
+        "prompt": line_prefix,
+        "n_predict": 128,
+        "n_cmpl": 1,
+        "top_k": 40,
+        "top_p": 0.99,
+        "stream": False,
+        "samplers": ["top_k", "top_p", "infill"],
+        "cache_prompt": True,
+        "n_indent": len(line_prefix) - len(line_prefix.lstrip()),
+        "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 1000,
+    }
+
+
+async def replay(keel: httpx.AsyncClient) -> list[httpx.Response]:
+    """Warm up, ask at ``x = ``, type two characters of the suggestion, then ask as
+    llama.vscode does after accepting its first line (cacheFutureSuggestion)."""
+    lines = ["import os", "", "def main():"]
+    answers = [await keel.post("/infill", json=warm_up())]
+    first = await keel.post("/infill", json=fim(lines, "    x = "))
+    answers.append(first)
+    shown = first.json()["content"]
+    answers.append(await keel.post("/infill", json=fim(lines, "    x = " + shown[:2])))
+    answers.append(await keel.post("/infill", json=fim([*lines, "    x = " + shown], "    ")))
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        # what llama.vscode's status bar and completion code read
+        assert isinstance(body["content"], str)
+        assert body["generation_settings"]["n_ctx"] >= 0
+        assert {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms"} <= set(body["timings"])
+        assert isinstance(body["tokens_cached"], int)
+    return answers
+
+
+async def test_a_llama_vscode_session_through_keel(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    warm, first, typed, after = await replay(keel)
+    assert warm.json()["content"] == ""
+    assert first.json()["content"] == "compute(a, b)"
+    assert (typed.json()["content"], typed.headers["x-keel-source"]) == ("mpute(a, b)", "cache")
+    assert after.headers["x-keel-source"] == "model"
+    calls = [r.json for r in llamacpp.requests if r.path == "/completion"]
+    assert len(calls) == 2  # the warm-up and the typed-through request cost nothing
+    prompt = calls[0]["prompt"]
+    assert prompt.startswith("<PRE>") and "    x = <SUF>" in prompt
+    assert "return a + b" in prompt, "the editor's chunks are keel's snippets"
+    assert "id_slot" not in calls[0], "keel picks the slot, not the editor"
+
+
+@pytest.fixture
+async def with_fallback(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FakeUpstream]]:
+    with FakeUpstream() as primary, FakeUpstream(tokens=("fallback()",)) as fallback:
+        primary.behave(Behaviour.error(503))
+        config = llamacpp_config(primary.url, fallback=fallback.url)
+        app = build_app(tmp_path / "keel", config)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
+                yield http, primary
+
+
+async def test_infill_goes_through_keels_routing(
+    with_fallback: tuple[httpx.AsyncClient, FakeUpstream],
+) -> None:
+    keel, primary = with_fallback
+    for n in range(3):
+        answer = await keel.post("/infill", json=fim(["a = 1"], f"b{n} = "))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["content"] == "fallback()"
+    providers = (await keel.get("/v1/providers")).json()["roles"]["completion"]["providers"]
+    assert providers[0]["breaker"] == "open"  # two failures opened it: the third went around
+    assert len([r for r in primary.requests if r.path == "/completion"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**fim(["a"], "b"), "stream": True}, "stream"),
+        ({**fim(["a"], "b"), "n_indent": -1}, "n_indent"),
+        ({**fim(["a"], "b"), "input_extra": [{"filename": "x.py"}]}, "input_extra"),
+        ({"input_prefix": "", "prompt": " ", "input_suffix": "\n"}, "input_prefix"),
+    ],
+)
+async def test_bad_bodies_are_a_400_naming_the_field(
+    keel: httpx.AsyncClient, body: dict[str, Any], param: str
+) -> None:
+    answer = await keel.post("/infill", json=body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and param in (error.get("param") or "")
+
+
+def test_n_indent_stops_at_a_line_indented_less() -> None:
+    text = "x = 1\n        y = 2\n\n    return y\n        z"
+    assert cut_at_indent(text, 8) == "x = 1\n        y = 2\n"
+    assert cut_at_indent(text, None) == text
