@@ -184,11 +184,19 @@ class LongGeneration:
         self._thread.join(FREE_TIMEOUT)
 
 
-def wait_slots_free(client: httpx.Client, timeout: float = FREE_TIMEOUT) -> float | None:
-    """Seconds until no engine slot is busy, or None."""
+def wait_slots_free(
+    client: httpx.Client, timeout: float = FREE_TIMEOUT, trace: list[list[float]] | None = None
+) -> float | None:
+    """Seconds until no engine slot is busy, or None; ``trace`` gets one
+    [ms since the start, ms the poll took, busy slots] per poll."""
     began = time.perf_counter()
     while time.perf_counter() - began < timeout:
-        if not any(s["busy"] for s in client.get("/_bench/slots").json()["slots"]):
+        asked = time.perf_counter()
+        busy = sum(s["busy"] for s in client.get("/_bench/slots").json()["slots"])
+        if trace is not None:
+            now = time.perf_counter()
+            trace.append([round((asked - began) * 1000, 1), round((now - asked) * 1000, 1), busy])
+        if not busy:
             return time.perf_counter() - began
         time.sleep(0.002)
     return None
@@ -284,7 +292,8 @@ def cancel_once(client: httpx.Client, url: str, case: str, index: int) -> dict[s
         closed = time.perf_counter()
     finally:
         sock.close()
-    freed = wait_slots_free(client)
+    trace: list[list[float]] = []
+    freed = wait_slots_free(client, trace=trace)
     if freed is not None:
         freed = (time.perf_counter() - closed) * 1000
     after = client.get("/_bench/slots").json()["generation"]
@@ -295,6 +304,7 @@ def cancel_once(client: httpx.Client, url: str, case: str, index: int) -> dict[s
         "finish_reason": last.get("finish_reason"),
         "completion_tokens": last.get("completion_tokens"),
         "prompt_tokens": last.get("prompt_tokens"),
+        "polls": trace if len(trace) <= 20 else [*trace[:10], *trace[-10:]],
     }
 
 
@@ -369,7 +379,7 @@ def run(repeats: int = 5) -> dict[str, Any]:
             providers = client.get("/v1/providers").json()
         worker = providers["roles"]["completion"]["providers"][0]
         hol = head_of_line(keel.url, repeats)
-        cancel = cancellation(keel.url, max(2, (repeats + 1) // 2))
+        cancel = cancellation(keel.url, repeats)
     return {
         "setup": {
             "config": "default (embedded model for completions)",
