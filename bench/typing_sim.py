@@ -71,6 +71,8 @@ class Session:
     sources: dict[str, int] = field(default_factory=dict)
     requests: int = 0
     superseded: int = 0
+    accepted_chars: int = 0
+    """Characters typed from a suggestion on screen (``--accept``)."""
 
 
 def tabby_body(prefix: str, suffix: str, filepath: str) -> dict[str, object]:
@@ -111,6 +113,7 @@ async def run_session(
     pause_seconds: float,
     chars: int,
     prefix_chars: int,
+    pause_at: str = "words",
 ) -> Session:
     start = cursor_position(text, prefix_chars)
     filepath = f"{path.parent.name}/{path.name}"
@@ -145,7 +148,9 @@ async def run_session(
         typed = text[cursor - 1]
         if typed in " \n(" and text[cursor - 2] not in " \n(":
             words += 1
-        if words == words_between_pauses or offset == chars:
+        at_line_end = pause_at == "line-end" and text[cursor : cursor + 1] == "\n"
+        at_words = pause_at == "words" and words == words_between_pauses
+        if at_words or at_line_end or offset == chars:
             words = 0
             response, latency = await task  # the user waits for this one
             response.raise_for_status()
@@ -165,6 +170,92 @@ async def run_session(
             await asyncio.sleep(pause_seconds)
         else:
             await asyncio.sleep(interval)
+    for response, _ in await asyncio.gather(*in_flight):
+        response.raise_for_status()
+        session.superseded += response.headers.get("X-Keel-Superseded") == "1"
+        source = response.headers.get("X-Keel-Source", "none")
+        session.sources[source] = session.sources.get(source, 0) + 1
+    return session
+
+
+async def run_accepting_session(
+    client: httpx.AsyncClient,
+    text: str,
+    path: Path,
+    *,
+    keys_per_second: float,
+    words_between_pauses: int,
+    pause_seconds: float,
+    chars: int,
+    prefix_chars: int,
+    pause_at: str = "words",
+) -> Session:
+    """An editor user writing new code who accepts suggestions by typing them.
+
+    The user opens a line before a line of the file and writes there: the text
+    after the cursor stays put (the suffix is fixed, as in an editor), and the
+    prefix grows by each keystroke. When a suggestion is on screen the user types
+    its next character; with none, the next character of the file's own code
+    (what they meant to write). A suggestion appears when the answer to the
+    current keystroke arrives before the next one, or after a pause.
+    """
+    start = cursor_position(text, prefix_chars)
+    filepath = f"{path.parent.name}/{path.name}"
+    session = Session(file=filepath)
+    head, suffix = text[:start], "\n" + text[start : start + 400]
+
+    began = time.perf_counter()
+    response = await client.post("/v1/completions", json=tabby_body(head, suffix, filepath))
+    response.raise_for_status()
+    session.cold_total_ms = (time.perf_counter() - began) * 1000
+    last = (await worker_stats(client))["last"]
+    assert isinstance(last, dict)
+    session.cold_first_token_ms = float(last["first_token_ms"])
+    session.prefix_tokens = int(last["prompt_tokens"])
+
+    async def send(typed: str) -> tuple[httpx.Response, float]:
+        began = time.perf_counter()
+        body = tabby_body(head + typed, suffix, filepath)
+        response = await client.post("/v1/completions", json=body)
+        return response, (time.perf_counter() - began) * 1000
+
+    def shown(response: httpx.Response) -> str:
+        response.raise_for_status()
+        return str(response.json()["choices"][0]["text"]).replace("\r\n", "\n")
+
+    in_flight: list[asyncio.Task[tuple[httpx.Response, float]]] = []
+    suggestion, typed, own, words = shown(response), "", start, 0
+    interval = 1.0 / keys_per_second
+    for offset in range(1, chars + 1):
+        if suggestion:
+            key, suggestion = suggestion[0], suggestion[1:]
+            session.accepted_chars += 1
+        else:
+            key, own = text[own], own + 1
+        previous, typed = typed[-1:], typed + key
+        task = asyncio.create_task(send(typed))
+        in_flight.append(task)
+        session.requests += 1
+        if key in " \n(" and previous not in " \n(":
+            words += 1
+        upcoming = suggestion[:1] or text[own : own + 1]
+        at_line_end = pause_at == "line-end" and upcoming == "\n"
+        if (
+            (pause_at == "words" and words == words_between_pauses)
+            or at_line_end
+            or offset == chars
+        ):
+            words = 0
+            response, latency = await task  # the user waits for this one
+            suggestion = shown(response)
+            session.paused_latency_ms.append(latency)
+            source = response.headers.get("X-Keel-Source", "model")
+            session.paused_sources[source] = session.paused_sources.get(source, 0) + 1
+            await asyncio.sleep(pause_seconds)
+        else:
+            await asyncio.sleep(interval)
+            if task.done() and task.result()[0].headers.get("X-Keel-Superseded") != "1":
+                suggestion = shown(task.result()[0])  # it came in time to be seen
     for response, _ in await asyncio.gather(*in_flight):
         response.raise_for_status()
         session.superseded += response.headers.get("X-Keel-Superseded") == "1"
@@ -219,9 +310,10 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         before = await worker_stats(client)
         sessions = []
+        session = run_accepting_session if args.accept else run_session
         for path in source_files():
             sessions.append(
-                await run_session(
+                await session(
                     client,
                     path.read_text(),  # noqa: ASYNC240 - a small file, read once before timing
                     path,
@@ -230,6 +322,7 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
                     pause_seconds=args.pause_seconds,
                     chars=args.chars,
                     prefix_chars=args.prefix_chars,
+                    pause_at=args.pause_at,
                 )
             )
         after = await worker_stats(client)
@@ -239,6 +332,7 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
     requests = int(after["requests"]) - int(before["requests"])  # type: ignore[call-overload]
     prompt = [n for s in sessions for n in s.paused_prompt_tokens]
     evaluated = [n for s in sessions for n in s.paused_evaluated_tokens]
+    sources = merged([s.sources for s in sessions])
     warm_p50 = statistics.median(warm) if warm else None  # None: every pause served by cache
     return {
         "setup": {
@@ -248,6 +342,8 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
             "keys_per_second": args.keys_per_second,
             "words_between_pauses": args.words_between_pauses,
             "chars_typed_per_file": args.chars,
+            "accept": args.accept,
+            "pause_at": args.pause_at,
         },
         "sessions": [asdict(s) for s in sessions],
         "paused_latency_ms_p50": statistics.median(paused),
@@ -262,7 +358,10 @@ async def simulate(url: str, args: argparse.Namespace) -> dict[str, object]:
         "evaluated_tokens_per_request": statistics.mean(evaluated) if evaluated else None,
         "keystroke_requests": sum(s.requests for s in sessions),
         "superseded": sum(s.superseded for s in sessions),
-        "sources": merged([s.sources for s in sessions]),
+        "sources": sources,
+        "no_model_work_share": (sources.get("cache", 0) + sources.get("inflight", 0))
+        / max(1, sum(s.requests for s in sessions)),
+        "accepted_chars": sum(s.accepted_chars for s in sessions),
         "paused_sources": merged([s.paused_sources for s in sessions]),
         "worker_cancelled": int(after["cancelled"]) - int(before["cancelled"]),  # type: ignore[call-overload]
     }
@@ -292,6 +391,10 @@ def render(result: dict[str, object]) -> str:
             f"{result['keystroke_requests']} / {result['superseded']}",
         ),
         ("answered by (all / paused)", f"{result['sources']} / {result['paused_sources']}"),
+        (
+            "keystrokes answered with no model work (target >= 30%)",
+            f"{result['no_model_work_share']:.0%}",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     setup = result["setup"]
@@ -312,6 +415,17 @@ def main() -> int:
     parser.add_argument("--chars", type=int, default=80, help="characters typed per file")
     parser.add_argument(
         "--prefix-chars", type=int, default=4000, help="prefix before the cursor (~1,000 tokens)"
+    )
+    parser.add_argument(
+        "--accept",
+        action="store_true",
+        help="write new code, typing what each suggestion on screen says",
+    )
+    parser.add_argument(
+        "--pause-at",
+        choices=("words", "line-end"),
+        default="words",
+        help="pause after --words-between-pauses words, or at each line's end",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
