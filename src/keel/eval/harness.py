@@ -30,9 +30,10 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,13 @@ from keel.eval.samples import Sample, sample_repository
 from keel.eval.scoring import Score, Summary
 from keel.index.retrieve import RepositoryRetriever
 from keel.pipeline.completion import BuiltPrompt, build_prompt, cut_at_stop
-from keel.pipeline.languages import get_language, stop_words
+from keel.pipeline.languages import Language, get_language, stop_words
 from keel.pipeline.postprocess import postprocess
 from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams, close_stream
 
 CONFIGS = ("prefix-only", "fim", "+postprocess", "+repo context")
+HEALING = "+token healing"
+_WORD = re.compile(r"[A-Za-z0-9_]+$")
 ATTEMPTS = 3
 DEFAULT_PACKAGES = ("httpx", "click")
 """Installed packages used as repositories by default: real code, on every machine keel
@@ -66,6 +69,8 @@ class EvalOptions:
     threads: int | None = None
     min_score: float = IndexConfig().min_score
     max_snippets: int = IndexConfig().max_snippets
+    token_healing: bool = False
+    """Also score ``+token healing`` (see :func:`heal`)."""
 
 
 @dataclass(slots=True)
@@ -87,6 +92,10 @@ class EvalReport:
     generations: int
     index_seconds: float
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        return (*CONFIGS, HEALING) if self.options.token_healing else CONFIGS
 
     def summary(self, repo: str | None = None, config: str = CONFIGS[0]) -> Summary:
         return Summary.of(
@@ -127,6 +136,33 @@ async def _generate(
     finally:
         await close_stream(stream)
     return text
+
+
+async def heal(
+    run: Callable[[BuiltPrompt], Awaitable[str]],
+    provider: CompletionProvider,
+    language: Language,
+    sample: Sample,
+    budget: int,
+    *,
+    unhealed: str,
+) -> str:
+    """Token healing: with the cursor inside a word (``retu|``), the prompt ends at the
+    word's start, so the model sees whole tokens, and the generation must begin with
+    the cut-off part, which is then dropped. The engine takes no constraint on the
+    first token, so a generation that does not begin with it falls back to the
+    unhealed completion (``unhealed``)."""
+    cut = _WORD.search(sample.prefix)
+    if cut is None:
+        return unhealed
+    fragment = cut.group()
+    head = sample.prefix[: cut.start()]
+    raw = await run(await build_prompt(provider, language, head, sample.suffix, [], budget))
+    if not raw.startswith(fragment) or len(raw) == len(fragment):
+        return unhealed
+    return postprocess(
+        raw[len(fragment) :], prefix=sample.prefix, suffix=sample.suffix, language=language
+    )
 
 
 async def evaluate(
@@ -180,6 +216,10 @@ async def evaluate(
         result.outputs["+postprocess"] = postprocess(
             result.outputs["fim"], prefix=s.prefix, suffix=s.suffix, language=language
         )
+        if options.token_healing:
+            result.outputs[HEALING] = await heal(
+                run, provider, language, s, budget, unhealed=result.outputs["+postprocess"]
+            )
         log.write(
             f"[{number}/{total}] {s.repo} {s.relpath}:{s.line + 1} {s.kind} "
             f"{time.monotonic() - started:.1f}s\n"
@@ -201,7 +241,8 @@ async def evaluate(
         )
     for result in results:
         result.scores = {
-            config: Score.of(result.outputs[config], result.sample.target) for config in CONFIGS
+            config: Score.of(output, result.sample.target)
+            for config, output in result.outputs.items()
         }
     return results, len(generated), failures
 
@@ -215,7 +256,7 @@ def render_table(report: EvalReport) -> str:
         header += [f"{repo} EM (n={n})", f"{repo} ES"]
     header.append("all first-line EM")
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for config in CONFIGS:
+    for config in report.configs:
         label = config
         if config == "fim" and not report.fim_used:
             label = "fim (suffix unused: no FIM template, same prompt as prefix-only)"
@@ -263,11 +304,13 @@ def write_plot(report: EvalReport, path: Path) -> bool:
         for offset, repo in enumerate(repos):
             values = [
                 getattr(report.summary(None if repo == "all" else repo, config), metric)
-                for config in CONFIGS
+                for config in report.configs
             ]
-            positions = [i + (offset - (len(repos) - 1) / 2) * width for i in range(len(CONFIGS))]
+            positions = [
+                i + (offset - (len(repos) - 1) / 2) * width for i in range(len(report.configs))
+            ]
             axis.bar(positions, values, width, label=repo)
-        axis.set_xticks(range(len(CONFIGS)), CONFIGS, rotation=15)
+        axis.set_xticks(range(len(report.configs)), report.configs, rotation=15)
         axis.set_title(title)
         axis.set_ylim(0, 1)
         axis.grid(axis="y", alpha=0.3)
@@ -293,7 +336,9 @@ def write_json(report: EvalReport, path: Path) -> None:
         "generations": report.generations,
         "failures": report.failures,
         "summary": {
-            repo or "all": {config: asdict(report.summary(repo, config)) for config in CONFIGS}
+            repo or "all": {
+                config: asdict(report.summary(repo, config)) for config in report.configs
+            }
             for repo in [*dict.fromkeys(r.sample.repo for r in report.results), None]
         },
         "samples": [
@@ -356,6 +401,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", default="bench/results", help="directory for eval.json, eval.png, eval.md"
     )
+    parser.add_argument(
+        "--token-healing",
+        action="store_true",
+        help="also score '+token healing' (the prompt backs up to the start of a "
+        "word the cursor is inside; the generation must begin with what was cut)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
@@ -371,6 +422,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         output=Path(args.output),
         model_id=args.model,
         threads=args.threads,
+        token_healing=args.token_healing,
     )
 
 

@@ -1,0 +1,147 @@
+"""The quality gate: a small ``keel eval`` sample that ``make test`` runs.
+
+Twenty cursor positions (ten in httpx, ten in click, half rest-of-line, half
+next-block) are completed with the embedded model as keel serves them (the
+prompt builder, the language's stop words, postprocessing), greedily. Exact
+match and edit similarity are compared with the figures recorded in
+``gate_baseline.json``; the run fails when either falls below its record by
+more than the sample's noise, one standard error of the recorded mean (for a
+rate ``sqrt(p(1 - p) / n)``, for similarity the spread of the per-sample
+scores over ``sqrt(n)``). Generation is deterministic, so an unchanged
+pipeline scores as recorded; a change that moves a figure by less than the
+noise is not one twenty samples can tell apart.
+
+Re-record after a deliberate change (a better postprocessing step, a new
+default model)::
+
+    .venv/bin/python -m keel.eval.gate --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from keel.config import EMBEDDED_MODEL_ID, LocalModelConfig, Paths
+from keel.eval.harness import package_root
+from keel.eval.samples import Sample, sample_repository
+from keel.eval.scoring import Score, Summary
+from keel.pipeline.completion import build_prompt, read_until_stop
+from keel.pipeline.languages import get_language, stop_words
+from keel.pipeline.postprocess import postprocess
+from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams
+
+BASELINE = Path(__file__).with_name("gate_baseline.json")
+REPOSITORIES = ("httpx", "click")
+SAMPLES_PER_REPOSITORY = 10
+MAX_INPUT_LENGTH = 384
+MAX_DECODING_TOKENS = 32
+"""A small prompt and the local default decoding budget: 20 generations in about a
+minute on two loaded cores."""
+
+
+@dataclass(frozen=True, slots=True)
+class GateFigures:
+    count: int
+    exact_match: float
+    edit_similarity: float
+    exact_match_noise: float
+    edit_similarity_noise: float
+
+    @classmethod
+    def of(cls, scores: Sequence[Score]) -> GateFigures:
+        summary = Summary.of(scores)
+        n = max(1, summary.count)
+        p = summary.exact_match
+        spread = statistics.pstdev([s.similarity for s in scores]) if scores else 0.0
+        return cls(
+            count=summary.count,
+            exact_match=p,
+            edit_similarity=summary.edit_similarity,
+            exact_match_noise=math.sqrt(p * (1 - p) / n),
+            edit_similarity_noise=spread / math.sqrt(n),
+        )
+
+    def regressions(self, recorded: GateFigures) -> list[str]:
+        """What fell below ``recorded`` by more than its noise (empty: the gate passes)."""
+        found = []
+        for name in ("exact_match", "edit_similarity"):
+            now, then = getattr(self, name), getattr(recorded, name)
+            noise = getattr(recorded, f"{name}_noise")
+            if now < then - noise:
+                found.append(f"{name} {now:.3f} < recorded {then:.3f} - noise {noise:.3f}")
+        return found
+
+
+def gate_samples() -> list[Sample]:
+    return [
+        sample
+        for name in REPOSITORIES
+        for sample in sample_repository(name, package_root(name), SAMPLES_PER_REPOSITORY, seed=0)
+    ]
+
+
+async def score_samples(provider: CompletionProvider, samples: Sequence[Sample]) -> list[Score]:
+    """Complete every sample as keel's pipeline does and score what the editor would show."""
+    language = get_language("python")
+    params = GenerationParams(
+        max_tokens=MAX_DECODING_TOKENS,
+        temperature=0.0,
+        stop=tuple(stop_words(language, provider.stop_words)),
+        seed=0,
+    )
+    scores = []
+    for sample in samples:
+        built = await build_prompt(
+            provider, language, sample.prefix, sample.suffix, [], MAX_INPUT_LENGTH
+        )
+        stream = provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
+        raw = await read_until_stop(stream, params.stop)
+        shown = postprocess(raw, prefix=sample.prefix, suffix=sample.suffix, language=language)
+        scores.append(Score.of(shown, sample.target))
+    return scores
+
+
+async def run_gate(model_id: str = EMBEDDED_MODEL_ID) -> GateFigures:
+    """The gate's figures for ``model_id`` (a local model, started and stopped here)."""
+    from keel.models.registry import resolve_model
+    from keel.providers.catalog import build_local_provider
+
+    config = LocalModelConfig(model_id=model_id, context_size=1024, parallelism=1)
+    path = resolve_model(model_id, Paths.from_env())
+    provider = build_local_provider("completion", config, path, ready_timeout=120.0)
+    await provider.start()
+    try:
+        return GateFigures.of(await score_samples(provider, gate_samples()))
+    finally:
+        await provider.aclose()
+
+
+def recorded() -> GateFigures:
+    return GateFigures(**json.loads(BASELINE.read_text("utf-8")))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="keel's completion quality gate")
+    parser.add_argument("--record", action="store_true", help=f"write {BASELINE.name}")
+    args = parser.parse_args(argv)
+    figures = asyncio.run(run_gate())
+    print(json.dumps(asdict(figures), indent=2))
+    if args.record:
+        BASELINE.write_text(json.dumps(asdict(figures), indent=2) + "\n", "utf-8")
+        return 0
+    failed = figures.regressions(recorded())
+    for line in failed:
+        print(f"regression: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
