@@ -62,7 +62,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     versions: dict[str, str | None] = {}
-    for name in ("fastapi", "starlette", "uvicorn", "httpx", "uvloop", "xllamacpp"):
+    for name in ("fastapi", "starlette", "uvicorn", "aiohttp", "uvloop", "xllamacpp"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
