@@ -42,43 +42,15 @@ from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
+from inference import CODE
 
 LONG_TOKENS = 400
 FREE_TIMEOUT = 20.0
 """Seconds to wait for the slots to be free after a close (400 tokens take ~6 s)."""
 CANCEL_CASES = ("stream, decoding", "stream, reading the prompt", "not streamed")
 
-PREFIX = """import os
-from dataclasses import dataclass
-
-
-@dataclass
-class Account:
-    owner: str
-    balance: float = 0.0
-
-    def deposit(self, amount: float) -> None:
-        if amount <= 0:
-            raise ValueError("amount must be positive")
-        self.balance += amount
-
-    def withdraw(self, amount: float) -> None:
-        if amount > self.balance:
-            raise ValueError("insufficient funds")
-        self.balance -= amount
-
-
-def load_accounts(path: str) -> list[Account]:
-    accounts = []
-    with open(path) as handle:
-        for line in handle:
-            owner, balance = line.split(",")
-            accounts.append(Account(owner, float(balance)))
-    return accounts
-
-
-def total_balance(accounts: list[Account]) -> float:
-    """
+PREFIX = CODE + "    "
+"""The inference benchmark's file, with the cursor in the body of its last function."""
 
 
 def tabby_body(index: int, phase: str) -> dict[str, Any]:
