@@ -7,6 +7,7 @@ for embeddings, so that role gets a worker of its own.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 
@@ -21,6 +22,9 @@ from keel.providers.base import (
     ProviderInfo,
 )
 from keel.workers.supervisor import WorkerSupervisor
+
+TOKEN_COUNTS_KEPT = 20_000
+"""Texts (mostly source lines) whose token counts a local provider remembers."""
 
 
 def _sampling(params: GenerationParams) -> dict[str, object]:
@@ -53,6 +57,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
             name=name, kind="local", model=model, endpoint=None, details=asdict(supervisor.spec)
         )
         self.prompt_template = prompt_template or template_for_model(model)
+        self._counts: OrderedDict[str, int] = OrderedDict()
 
     async def start(self) -> None:
         await self.supervisor.start()
@@ -64,12 +69,23 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         return self.supervisor.status()
 
     async def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        reply = await self.supervisor.call(
-            {"op": "tokenize", "texts": list(texts)}, ready_timeout=self.ready_timeout
-        )
-        return [int(count) for count in reply["counts"]]
+        """Counts from the model's tokenizer, remembered per text: consecutive
+        keystrokes send the same lines again, and asking the worker costs a loopback
+        round trip per text (120 lines: ~35 ms), so only new texts go to it."""
+        missing = list(dict.fromkeys(text for text in texts if text not in self._counts))
+        if missing:
+            reply = await self.supervisor.call(
+                {"op": "tokenize", "texts": missing}, ready_timeout=self.ready_timeout
+            )
+            for text, count in zip(missing, reply["counts"], strict=True):
+                self._counts[text] = int(count)
+        counts = []
+        for text in texts:
+            self._counts.move_to_end(text)
+            counts.append(self._counts[text])
+        while len(self._counts) > TOKEN_COUNTS_KEPT:
+            self._counts.popitem(last=False)
+        return counts
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         op = {"op": "complete", "prompt": call.prompt, **_sampling(call.params)}

@@ -43,6 +43,7 @@ of stdin ends the worker: it never outlives its server.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -50,7 +51,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -325,31 +326,40 @@ class _Engine:
         self.channel.send({"id": request["id"], "embeddings": vectors})
 
     def _tokenize(self, request: dict[str, Any]) -> None:
-        counts = []
-        for text in request["texts"]:
-            reply = self._http("POST", "/tokenize", {"content": text, "add_special": False})
-            counts.append(len(reply["tokens"]))
+        with self._engine_http() as call:
+            counts = [
+                len(call("POST", "/tokenize", {"content": text, "add_special": False})["tokens"])
+                for text in request["texts"]
+            ]
         self.channel.send({"id": request["id"], "counts": counts})
 
     def _slot_table(self, request: dict[str, Any]) -> None:
-        table = self._http("GET", "/slots", None)
+        with self._engine_http() as call:
+            table = call("GET", "/slots", None)
         slots = [{"id": slot["id"], "busy": bool(slot["is_processing"])} for slot in table]
         self.channel.send({"id": request["id"], "slots": slots})
 
-    def _http(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        """A call to the engine's own loopback listener (answered off the task queue)."""
+    @contextlib.contextmanager
+    def _engine_http(self) -> Iterator[Callable[[str, str, dict[str, Any] | None], Any]]:
+        """Calls to the engine's own loopback listener (answered off the task queue),
+        over one kept-alive connection: a batch of texts to tokenize is one connect,
+        not one per text."""
         connection = http.client.HTTPConnection(self._host, self._port, timeout=30)
-        try:
-            headers = {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
+
+        def call(method: str, path: str, body: dict[str, Any] | None) -> Any:
             payload = json.dumps(body).encode() if body is not None else None
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
             data = json.loads(response.read())
+            if response.status != 200:
+                raise RuntimeError(f"engine {path} answered {response.status}: {data}")
+            return data
+
+        try:
+            yield call
         finally:
             connection.close()
-        if response.status != 200:
-            raise RuntimeError(f"engine {path} answered {response.status}: {data}")
-        return data
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
