@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -397,28 +398,27 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     params.verbosity = 0  # errors only: keel logs what matters per request
     if args.embedding:
         params.embedding = True
-        if _pooling(args.model) is None:  # no pooling in the GGUF: average the tokens
+        metadata = _metadata(args.model)
+        if f"{metadata.get('general.architecture')}.pooling_type" not in metadata:
+            # no pooling in the GGUF: average the tokens
             params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     return params
 
 
-def _pooling(model: str) -> object | None:
+@functools.cache
+def _metadata(model: str) -> dict[str, object]:
+    """The GGUF header's values (read once per process), or nothing if unreadable:
+    the engine's own load reports a bad file."""
     from keel.models.gguf import read_metadata
 
     try:
-        metadata = read_metadata(Path(model))
+        return read_metadata(Path(model))
     except Exception:
-        return None
-    return metadata.get(f"{metadata.get('general.architecture')}.pooling_type")
+        return {}
 
 
 def _describe(model: str) -> dict[str, object]:
-    from keel.models.gguf import read_metadata
-
-    try:
-        metadata = read_metadata(Path(model))
-    except Exception:
-        return {}
+    metadata = _metadata(model)
     return {
         "name": metadata.get("general.name"),
         "architecture": metadata.get("general.architecture"),
