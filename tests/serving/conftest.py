@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,9 +10,10 @@ import pytest
 from fastapi import FastAPI
 
 from keel.api.state import AppState
-from keel.app import create_app
-from keel.config import Paths, parse_settings
+from tests.api.conftest import build_app
 from tests.fakes.upstreams import FakeUpstream
+
+__all__ = ["build_app"]  # the serving tests' app, as the API tests build it
 
 
 def llamacpp_config(url: str, *, fallback: str | None = None) -> str:
@@ -58,14 +58,6 @@ kind = "openai/embedding"
 api_endpoint = "{url}/v1"
 model_name = "fake-embed"
 """
-
-
-def build_app(root: Path, config: str) -> FastAPI:
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.toml"
-    path.write_text(config)
-    settings = parse_settings(tomllib.loads(config), str(path))
-    return create_app(settings, Paths(root), config_path=path)
 
 
 @pytest.fixture
