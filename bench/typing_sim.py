@@ -36,8 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -103,6 +105,39 @@ def cursor_position(text: str, min_prefix_chars: int) -> int:
         position = line_end + 1
 
 
+async def post_timed(
+    client: httpx.AsyncClient, body: dict[str, object]
+) -> tuple[httpx.Response, float]:
+    """One completion request and how long it took, in ms."""
+    began = time.perf_counter()
+    response = await client.post("/v1/completions", json=body)
+    return response, (time.perf_counter() - began) * 1000
+
+
+async def cold_request(
+    client: httpx.AsyncClient, session: Session, body: dict[str, object]
+) -> httpx.Response:
+    """The first request at a place, nothing of it cached: its figures go in ``session``."""
+    response, session.cold_total_ms = await post_timed(client, body)
+    response.raise_for_status()
+    last = (await worker_stats(client))["last"]
+    assert isinstance(last, dict)
+    session.cold_first_token_ms = float(last["first_token_ms"])
+    session.prefix_tokens = int(last["prompt_tokens"])
+    return response
+
+
+async def tally(
+    session: Session, in_flight: list[asyncio.Task[tuple[httpx.Response, float]]]
+) -> None:
+    """Every keystroke's answer: superseded or not, and who answered."""
+    for response, _ in await asyncio.gather(*in_flight):
+        response.raise_for_status()
+        session.superseded += response.headers.get("X-Keel-Superseded") == "1"
+        source = response.headers.get("X-Keel-Source", "none")
+        session.sources[source] = session.sources.get(source, 0) + 1
+
+
 async def run_session(
     client: httpx.AsyncClient,
     text: str,
@@ -119,24 +154,13 @@ async def run_session(
     filepath = f"{path.parent.name}/{path.name}"
     session = Session(file=filepath)
 
-    # Cold: the first request at this place, nothing of it cached.
-    body = tabby_body(text[:start], text[start : start + 400], filepath)
-    began = time.perf_counter()
-    response = await client.post("/v1/completions", json=body)
-    response.raise_for_status()
-    session.cold_total_ms = (time.perf_counter() - began) * 1000
-    last = (await worker_stats(client))["last"]
-    assert isinstance(last, dict)
-    session.cold_first_token_ms = float(last["first_token_ms"])
-    session.prefix_tokens = int(last["prompt_tokens"])
-
+    await cold_request(
+        client, session, tabby_body(text[:start], text[start : start + 400], filepath)
+    )
     in_flight: list[asyncio.Task[tuple[httpx.Response, float]]] = []
 
-    async def send(cursor: int) -> tuple[httpx.Response, float]:
-        began = time.perf_counter()
-        body = tabby_body(text[:cursor], text[cursor : cursor + 400], filepath)
-        response = await client.post("/v1/completions", json=body)
-        return response, (time.perf_counter() - began) * 1000
+    def send(cursor: int) -> Coroutine[Any, Any, tuple[httpx.Response, float]]:
+        return post_timed(client, tabby_body(text[:cursor], text[cursor : cursor + 400], filepath))
 
     words = 0
     interval = 1.0 / keys_per_second
@@ -170,11 +194,7 @@ async def run_session(
             await asyncio.sleep(pause_seconds)
         else:
             await asyncio.sleep(interval)
-    for response, _ in await asyncio.gather(*in_flight):
-        response.raise_for_status()
-        session.superseded += response.headers.get("X-Keel-Superseded") == "1"
-        source = response.headers.get("X-Keel-Source", "none")
-        session.sources[source] = session.sources.get(source, 0) + 1
+    await tally(session, in_flight)
     return session
 
 
@@ -204,20 +224,10 @@ async def run_accepting_session(
     session = Session(file=filepath)
     head, suffix = text[:start], "\n" + text[start : start + 400]
 
-    began = time.perf_counter()
-    response = await client.post("/v1/completions", json=tabby_body(head, suffix, filepath))
-    response.raise_for_status()
-    session.cold_total_ms = (time.perf_counter() - began) * 1000
-    last = (await worker_stats(client))["last"]
-    assert isinstance(last, dict)
-    session.cold_first_token_ms = float(last["first_token_ms"])
-    session.prefix_tokens = int(last["prompt_tokens"])
+    response = await cold_request(client, session, tabby_body(head, suffix, filepath))
 
-    async def send(typed: str) -> tuple[httpx.Response, float]:
-        began = time.perf_counter()
-        body = tabby_body(head + typed, suffix, filepath)
-        response = await client.post("/v1/completions", json=body)
-        return response, (time.perf_counter() - began) * 1000
+    def send(typed: str) -> Coroutine[Any, Any, tuple[httpx.Response, float]]:
+        return post_timed(client, tabby_body(head + typed, suffix, filepath))
 
     def shown(response: httpx.Response) -> str:
         response.raise_for_status()
@@ -256,11 +266,7 @@ async def run_accepting_session(
             await asyncio.sleep(interval)
             if task.done() and task.result()[0].headers.get("X-Keel-Superseded") != "1":
                 suggestion = shown(task.result()[0])  # it came in time to be seen
-    for response, _ in await asyncio.gather(*in_flight):
-        response.raise_for_status()
-        session.superseded += response.headers.get("X-Keel-Superseded") == "1"
-        source = response.headers.get("X-Keel-Source", "none")
-        session.sources[source] = session.sources.get(source, 0) + 1
+    await tally(session, in_flight)
     return session
 
 
