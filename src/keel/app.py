@@ -19,15 +19,31 @@ from keel.api.state import AppState
 from keel.audit import AuditLog
 from keel.config import Paths, Settings
 from keel.errors import KeelError
-from keel.events import open_event_store
+from keel.events import EventRetention, EventStore, open_event_store
 from keel.index.retrieve import RepositoryRetriever
 from keel.ops.metrics import Metrics
 from keel.ops.stats import RequestStats
 from keel.providers.catalog import Providers, build_providers
 from keel.reload import assemble, reload_config
+from keel.state.shared_keys import SharedKeys
 from keel.state.shared_limits import RedisState
 
 log = logging.getLogger("keel")
+
+
+def _start_followers(
+    settings: Settings, events: EventStore, metrics: Metrics, shared_keys: SharedKeys | None
+) -> list[asyncio.Task[None]]:
+    """The background loops of the shared state: following the keys in Redis, and
+    deleting events past ``[events] retention_days``."""
+    tasks = []
+    if shared_keys is not None:
+        tasks.append(asyncio.create_task(shared_keys.run(), name="keys-follow"))
+    days = settings.events.retention_days
+    if days:
+        retention = EventRetention(events, days, metrics)
+        tasks.append(asyncio.create_task(retention.run(), name="events-retention"))
+    return tasks
 
 
 def create_app(
@@ -57,6 +73,17 @@ def create_app(
         retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
         audit = AuditLog(paths.root / "audit.log")
+        shared_keys = None
+        if redis is not None:
+            shared_keys = SharedKeys(
+                redis,
+                metrics=app_metrics,
+                on_change=lambda detail: audit.record(
+                    "keys_reload", key_id=None, result="ok", detail=detail
+                ),
+            )
+            await shared_keys.refresh()  # the keys in Redis are in force before any request
+        followers = _start_followers(settings, events, app_metrics, shared_keys)
         parts = assemble(
             settings,
             paths,
@@ -66,6 +93,7 @@ def create_app(
             events=events,
             retriever=retriever,
             redis=redis,
+            shared_keys=shared_keys,
         )
         state = AppState(
             settings=settings,
@@ -83,6 +111,7 @@ def create_app(
             models=parts.models,
             config_path=config_path,
             redis=redis,
+            shared_keys=shared_keys,
             stats=RequestStats(),
         )
         app.state.keel = state
@@ -105,9 +134,10 @@ def create_app(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             retriever.stop()
-            refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresh
+            for task in [refresh, *followers]:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await state.completion.aclose()
             await state.routing.aclose()
             for task in list(state.background):

@@ -1,10 +1,12 @@
 """Keys, their comparison, and per-key rate limits.
 
-Keys come from ``[auth]`` in the config and from an optional keys file that
-is re-read when it changes; a file that cannot be read or parsed keeps the
-keys in force and records why. Keys are compared in constant time against
-every configured key (no early exit), and only a short hash of a key ever
-leaves this module (``key_id``, for logs and the audit trail).
+Keys come from ``[auth]`` in the config, from an optional keys file that
+is re-read when it changes (a file that cannot be read or parsed keeps the
+keys in force and records why), and, with ``[state] redis_url``, from Redis
+(``keel.state.shared_keys``): all of them are in force together. Keys are
+compared in constant time against every configured key (no early exit);
+Redis holds only their sha256 (``key_hash``), and only a short hash of a key
+ever leaves this module (``key_id``, for logs and the audit trail).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from keel.config import AuthConfig
 from keel.rate_limit import TokenBucket
+
+if TYPE_CHECKING:
+    from keel.state.shared_keys import SharedKeys
 
 log = logging.getLogger("keel.auth")
 
@@ -33,8 +38,14 @@ class Access(StrEnum):
     ADMIN = "admin"
 
 
+def key_hash(key: str) -> str:
+    """The sha256 of ``key`` (hex): what Redis keeps instead of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def key_id(key: str) -> str:
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+    """A short name for ``key`` in logs, the audit log and ``keel keys list``."""
+    return "key-" + key_hash(key)[:10]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +58,8 @@ class Keys:
         return not self.users and self.admin is None
 
 
-def _parse_keys_file(path: Path) -> Keys:
+def parse_keys_file(path: Path) -> Keys:
+    """The keys of a keys file; raises OSError, ValueError or TOMLDecodeError saying why not."""
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     users = data.get("api_keys", [])
     admin = data.get("admin_key")
@@ -73,6 +85,8 @@ class KeyStore:
     base_dir: Path
     clock: Callable[[], float] = time.monotonic
     on_reload: Callable[[bool, str], None] | None = None
+    shared: SharedKeys | None = None
+    """Keys in Redis (``[state] redis_url``), in force beside the configured ones."""
     keys: Keys = field(default_factory=Keys)
     file_error: str | None = None
     _file_stamp: tuple[float, int] | None = None
@@ -101,7 +115,7 @@ class KeyStore:
             stamp = (stat.st_mtime, stat.st_size)
             if stamp == self._file_stamp and not force:
                 return
-            from_file = _parse_keys_file(path)
+            from_file = parse_keys_file(path)
         except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
             message = f"keys file {path}: {exc}; keeping the keys in force"
             if message != self.file_error:
@@ -120,24 +134,39 @@ class KeyStore:
 
     @property
     def enabled(self) -> bool:
-        return not self.keys.empty
+        """Whether a key is asked for. Always with Redis keys: revoking the last one there
+        must leave access closed, never open."""
+        return not self.keys.empty or self.shared is not None
+
+    @property
+    def has_admin(self) -> bool:
+        return self.keys.admin is not None or (
+            self.shared is not None and self.shared.current.has_admin
+        )
 
     def identify(self, presented: list[str]) -> Identity | None:
         """The strongest access the presented keys grant, or None if none is valid."""
         self.refresh()
-        keys = self.keys
         best: Identity | None = None
         for candidate in presented:
-            encoded = candidate.encode()
-            admin = keys.admin is not None and hmac.compare_digest(encoded, keys.admin.encode())
-            user = False
-            for key in keys.users:  # every key compared: timing says nothing about which
-                user |= hmac.compare_digest(encoded, key.encode())
-            if admin:
+            access = self._access(candidate)
+            if access is Access.ADMIN:
                 return Identity(Access.ADMIN, key_id(candidate))
-            if user and best is None:
+            if access is Access.USER and best is None:
                 best = Identity(Access.USER, key_id(candidate))
         return best
+
+    def _access(self, candidate: str) -> Access | None:
+        keys = self.keys
+        encoded = candidate.encode()
+        admin = keys.admin is not None and hmac.compare_digest(encoded, keys.admin.encode())
+        user = False
+        for key in keys.users:  # every key compared: timing says nothing about which
+            user |= hmac.compare_digest(encoded, key.encode())
+        shared = self.shared.current.find(candidate) if self.shared is not None else None
+        if admin or (shared is not None and shared.admin):
+            return Access.ADMIN
+        return Access.USER if user or shared is not None else None
 
 
 class KeyLimiter(Protocol):

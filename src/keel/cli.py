@@ -1,4 +1,4 @@
-"""The ``keel`` command: serve, config check, config sample, models.
+"""The ``keel`` command: serve, config check, config sample, models, keys.
 
 Exit codes (the table is ``keel.errors.ExitCode``; a failure exits with its
 error class's code): 0 ok, 1 runtime failure, 2 usage, 78 config error, 69
@@ -15,7 +15,9 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from keel import __version__
 from keel.config import ROLES, HttpModelConfig, Paths, Settings, load_settings
@@ -26,9 +28,14 @@ from keel.errors import (
     MissingDependency,
     PortBusy,
     RequestError,
+    Unavailable,
 )
 
+if TYPE_CHECKING:
+    from keel.state.shared_keys import KeyAdmin
+
 log = logging.getLogger("keel")
+T = TypeVar("T")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -65,6 +72,8 @@ def _refuse_open_remote(settings: Settings, paths: Paths, host: str) -> None:
 
     if is_loopback(host) or settings.auth.allow_unauthenticated_remote:
         return
+    if settings.state.redis_url is not None:
+        return  # keys can come from Redis at any time, so a key is always asked for
     if not KeyStore(settings.auth, paths.root).enabled:
         raise ConfigError(
             "server.host",
@@ -72,7 +81,8 @@ def _refuse_open_remote(settings: Settings, paths: Paths, host: str) -> None:
                 ConfigIssue(
                     "auth",
                     f"binding {host} would serve anyone who can reach it, and no keys are "
-                    "configured: set [auth] api_keys (or keys_file), or set [auth] "
+                    "configured: set [auth] api_keys (or keys_file, or [state] redis_url and "
+                    "add keys with `keel keys add`), or set [auth] "
                     "allow_unauthenticated_remote = true if a proxy in front handles it",
                 )
             ],
@@ -218,6 +228,93 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitable[T]]) -> T:
+    """Run ``work`` against the Redis of the config's ``[state] redis_url``; an
+    unreachable Redis is an error saying that nothing changed."""
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    from keel.state.shared_keys import KeyAdmin
+
+    settings, _ = _load(args)
+    url = settings.state.redis_url
+    if url is None:
+        raise ConfigError(
+            getattr(args, "config", None) or str(Paths.from_env().config_file),
+            [
+                ConfigIssue(
+                    "state.redis_url",
+                    "keel keys keeps keys in Redis, and this config names none: set "
+                    "[state] redis_url (the one the replicas use), or pass --config",
+                )
+            ],
+        )
+
+    async def run() -> T:
+        redis = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        try:
+            return await work(KeyAdmin(redis))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (RedisError, OSError) as exc:
+        raise Unavailable(
+            f"Redis ([state] redis_url) did not answer ({exc or type(exc).__name__}): no key "
+            "was read or changed; check that Redis runs and the URL is right"
+        ) from None
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    secret, record = _with_key_admin(args, lambda admin: admin.add(args.name, admin=args.admin))
+    print(secret)
+    print(
+        f"added {record.describe()}: in force on every replica within a second. This is the "
+        "only time the key is shown; Redis keeps its hash.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    record = _with_key_admin(args, lambda admin: admin.revoke(args.key))
+    print(f"revoked {record.describe()}: refused on every replica within a second")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    records, problems = _with_key_admin(args, lambda admin: admin.list())
+    print(f"{'ID':<15} {'NAME':<24} {'ACCESS':<6} {'SOURCE':<6} CREATED")
+    for record in records:
+        access = "admin" if record.admin else "user"
+        print(f"{record.id:<15} {record.name:<24} {access:<6} {record.source:<6} {record.created}")
+    if not records:
+        print("(none: keel keys add [--admin] [--name NAME] makes one)")
+    for problem in problems:
+        print(f"unreadable record, grants nothing: {problem}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_push(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from keel.auth import parse_keys_file
+
+    path = Path(args.file)
+    try:
+        keys = parse_keys_file(path)
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(path), [ConfigIssue("(keys file)", str(exc))]) from None
+    added, removed = _with_key_admin(args, lambda admin: admin.push(keys, path.name))
+    count = len(keys.users) + (keys.admin is not None)
+    print(
+        f"pushed {path}: {count} keys ({added} added, {removed} removed), in force on every "
+        "replica within a second; keys added with `keel keys add` are unchanged"
+    )
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from keel.index.progress import ProgressBar
     from keel.index.retrieve import RepositoryRetriever
@@ -359,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     pull.set_defaults(func=cmd_models_pull)
 
+    _add_keys_parser(commands)
+
     doctor = commands.add_parser(
         "doctor",
         help="pre-flight checks: library, config, env, models, memory, data root, port",
@@ -406,6 +505,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     return parser
+
+
+def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser(
+        "keys",
+        help="add, revoke, list or push the keys kept in Redis ([state] redis_url)",
+        description="Keys in Redis are in force on every replica within a second, beside "
+        "[auth] api_keys and the keys file. Redis keeps only their sha256.",
+    )
+    keys.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = actions.add_parser(
+        "add", help="make a strong key and print it once (stdout); Redis keeps its hash"
+    )
+    add.add_argument("--admin", action="store_true", help="an admin key (default: a user key)")
+    add.add_argument("--name", default="", help="a name to find it by (revoke, list)")
+    add.set_defaults(func=cmd_keys_add)
+    revoke = actions.add_parser("revoke", help="refuse a key on every replica within a second")
+    revoke.add_argument("key", metavar="ID_OR_NAME", help="its id (key-...) or its name")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    listing = actions.add_parser("list", help="ids, names, access and creation; never a key")
+    listing.set_defaults(func=cmd_keys_list)
+    push = actions.add_parser(
+        "push",
+        help="make the pushed keys those of a keys file (api_keys, admin_key)",
+        description="The keys of FILE replace those of the previous push; keys added with "
+        "`keel keys add` stay.",
+    )
+    push.add_argument("file", metavar="FILE", help="a keys file: api_keys = [...], admin_key")
+    push.set_defaults(func=cmd_keys_push)
+    for action in (add, revoke, listing, push):
+        # SUPPRESS: `keel keys --config X add` keeps the X given before the action.
+        action.add_argument("--config", default=argparse.SUPPRESS, help="config file")
 
 
 def main(argv: list[str] | None = None) -> int:

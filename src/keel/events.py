@@ -7,23 +7,36 @@ query away. ``[events] database_url`` picks the store (:func:`open_event_store`)
 both have the :class:`EventStore` interface, and neither makes a completion
 wait on its database: SQLite writes run in a thread, Postgres writes are
 buffered and batched (``keel.state.postgres_events``).
+
+``[events] retention_days`` bounds both: :class:`EventRetention` deletes
+older rows once at start and then hourly, in a thread, a batch at a time, so
+a large first clean-up never holds a completion's own event for long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from keel.config import EventsConfig, Paths
+from keel.errors import Unavailable
 from keel.state.migrate import migrate_sqlite
 
 if TYPE_CHECKING:
     from keel.ops.metrics import Metrics
+
+log = logging.getLogger("keel.events")
+
+PRUNE_BATCH = 5000
+"""Rows deleted per statement by retention; the store's lock is free between batches."""
+DAY = 86400.0
 
 
 class EventStore(Protocol):
@@ -56,6 +69,10 @@ class EventStore(Protocol):
     def status(self) -> dict[str, object]:
         """Which store, and (for a shared one) whether it answers, for /v1/providers."""
 
+    def prune(self, before: float) -> int:
+        """Delete events older than ``before`` (epoch seconds), a batch at a time; returns
+        how many (blocking); raises :class:`keel.errors.Unavailable` when it cannot."""
+
     def close(self) -> None: ...
 
 
@@ -84,6 +101,11 @@ def acceptance_row(
         "dismissed": dismissed,
         "acceptance_rate": round(selected / viewed, 4) if viewed else None,
     }
+
+
+PRUNE_SQLITE = (
+    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? ORDER BY ts LIMIT ?)"
+)
 
 
 class SqliteEventStore:
@@ -180,6 +202,61 @@ class SqliteEventStore:
     def status(self) -> dict[str, object]:
         return {"store": "sqlite", "up": True}
 
+    def prune(self, before: float) -> int:
+        deleted = 0
+        while True:
+            try:
+                with self._lock:
+                    n = self._db.execute(PRUNE_SQLITE, (before, PRUNE_BATCH)).rowcount
+            except sqlite3.Error as exc:
+                raise Unavailable(f"events file {self.path}: {exc}") from exc
+            deleted += n
+            if n < PRUNE_BATCH:
+                return deleted
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class EventRetention:
+    """Deletes events older than ``days`` at start and then every ``interval`` seconds,
+    off the request path; counts them in ``keel_events_pruned_total``. A store that
+    cannot answer is logged and tried again at the next turn."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        days: int,
+        metrics: Metrics | None = None,
+        *,
+        interval: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.days = days
+        self.metrics = metrics
+        self.interval = interval
+        self.clock = clock
+        self.sleep = sleep
+
+    async def prune_once(self) -> int:
+        """Delete what is past retention now; how many rows went (0 if the store failed)."""
+        cutoff = self.clock() - self.days * DAY
+        try:
+            deleted = await asyncio.to_thread(self.store.prune, cutoff)
+        except Unavailable as exc:
+            log.warning("events retention skipped this time: %s", exc.message)
+            return 0
+        if self.metrics is not None:
+            self.metrics.events_pruned(deleted)
+        if deleted:
+            log.info("events retention: %d events older than %d days deleted", deleted, self.days)
+        return deleted
+
+    async def run(self) -> None:
+        """Prune now, then every ``interval`` seconds, until cancelled."""
+        while True:
+            await self.prune_once()
+            await self.sleep(self.interval)

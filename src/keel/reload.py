@@ -30,6 +30,7 @@ from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
 from keel.serving.embedding import EmbeddingServing
+from keel.state.shared_keys import SharedKeys
 from keel.state.shared_limits import RedisState, SharedKeyRateLimiter
 
 log = logging.getLogger("keel.reload")
@@ -56,8 +57,10 @@ def assemble(
     events: EventStore,
     retriever: SnippetRetriever | None,
     redis: RedisState | None = None,
+    shared_keys: SharedKeys | None = None,
 ) -> Parts:
-    """The serving parts; with ``redis``, per-key limits are shared across replicas."""
+    """The serving parts; with ``redis``, per-key limits are shared across replicas, and
+    ``shared_keys`` (the keys in Redis) are in force beside the configured ones."""
     routing = Routing(settings, providers, events=metrics)
     metrics.track_providers(providers)
     metrics.track_readiness(lambda role: routing.routers[role].any_usable())
@@ -91,7 +94,7 @@ def assemble(
             timeout=max(settings.server.completion_timeout, 300.0),
         ),
         embedding=EmbeddingServing(routing.routers["embedding"], routing.admission["embedding"]),
-        keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded),
+        keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded, shared=shared_keys),
         rate_limiter=limiter,
         models=ModelManager(settings, paths, routing, audit),
     )
@@ -122,6 +125,7 @@ async def reload_config(
         events=state.events,
         retriever=state.completion.prompts.retriever,
         redis=state.redis,
+        shared_keys=state.shared_keys,
     )
     old_routing = state.routing
     state.settings = settings

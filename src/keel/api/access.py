@@ -69,7 +69,7 @@ class Require:
         if self.level is Access.ADMIN and identity.access is not Access.ADMIN:
             reason = (
                 "this route needs the admin key ('x-admin-key: <key>')"
-                if store.keys.admin is not None
+                if store.has_admin
                 else "this route needs the admin key, and none is configured ([auth] admin_key)"
             )
             raise Forbidden(reason)

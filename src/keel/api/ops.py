@@ -91,8 +91,9 @@ async def readiness(request: Request) -> JSONResponse:
 @router.get("/v1/providers", dependencies=[USER])
 async def providers(request: Request) -> dict[str, object]:
     """Each provider's breaker, health, last error and recent latency, per role; and
-    the shared state (per-key limits, events) with whether its store answers."""
+    the shared state (per-key limits, keys, events) with whether its store answers."""
     state = app_state(request)
     limits = state.redis.status() if state.redis else {"store": "process", "up": True}
-    shared = {"rate_limits": limits, "events": state.events.status()}
+    keys = state.shared_keys.status() if state.shared_keys else {"store": "config", "up": True}
+    shared = {"rate_limits": limits, "keys": keys, "events": state.events.status()}
     return {**state.routing.snapshot(), "shared_state": shared}

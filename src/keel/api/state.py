@@ -24,6 +24,7 @@ from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
 from keel.serving.embedding import EmbeddingServing
+from keel.state.shared_keys import SharedKeys
 from keel.state.shared_limits import RedisState
 
 
@@ -45,6 +46,8 @@ class AppState:
     config_path: Path | None = None
     redis: RedisState | None = None
     """Shared per-key limits (``[state] redis_url``), fixed for the process's life."""
+    shared_keys: SharedKeys | None = None
+    """The keys kept in Redis (with ``redis``), followed for the process's life."""
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 

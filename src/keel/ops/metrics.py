@@ -360,6 +360,17 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.redis_keys_gauge = Gauge(
+            "keel_redis_keys",
+            "Keys read from Redis ([state] redis_url, `keel keys`) in force on this replica; "
+            "while Redis is down, those read last.",
+            registry=registry,
+        )
+        self.events_pruned_total = Counter(
+            "keel_events_pruned",
+            "Completion events deleted for being older than [events] retention_days.",
+            registry=registry,
+        )
         self.events_buffered_gauge = Gauge(
             "keel_events_buffered",
             "Completion events waiting in memory to be written to the events database.",
@@ -496,6 +507,12 @@ class Metrics:
 
     def events_dropped(self, reason: str, n: int = 1) -> None:
         self.events_dropped_total.labels(reason).inc(n)
+
+    def redis_keys(self, n: int) -> None:
+        self.redis_keys_gauge.set(n)
+
+    def events_pruned(self, n: int) -> None:
+        self.events_pruned_total.inc(n)
 
     def events_buffered(self, n: int) -> None:
         self.events_buffered_gauge.set(n)

@@ -50,6 +50,7 @@ SQLITE: tuple[Migration, ...] = (
         CREATE INDEX IF NOT EXISTS events_completion ON events (completion_id);
         """,
     ),
+    Migration(2, "events_ts", "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);"),
 )
 """Version 1 is the schema keel had before migrations (IF NOT EXISTS: adopted as it is)."""
 
@@ -74,7 +75,9 @@ POSTGRES: tuple[Migration, ...] = (
         CREATE INDEX keel_events_kind_ts ON keel_events (kind, ts);
         """,
     ),
+    Migration(2, "events_ts", "CREATE INDEX IF NOT EXISTS keel_events_ts ON keel_events (ts);"),
 )
+"""Version 2 serves ``[events] retention_days``: deleting by age without a full scan."""
 
 
 def check_order(migrations: tuple[Migration, ...]) -> None:

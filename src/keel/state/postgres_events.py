@@ -29,7 +29,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from keel.errors import Unavailable
-from keel.events import acceptance_row
+from keel.events import PRUNE_BATCH, acceptance_row
 from keel.state.migrate import migrate_postgres
 
 if TYPE_CHECKING:
@@ -74,6 +74,12 @@ def redact(url: str) -> str:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{host}" if ":" in credentials else url
+
+
+PRUNE = (
+    "DELETE FROM keel_events WHERE id IN "
+    "(SELECT id FROM keel_events WHERE ts < %s ORDER BY ts LIMIT %s)"
+)
 
 
 class PostgresEventStore:
@@ -285,6 +291,21 @@ class PostgresEventStore:
     def counts(self) -> dict[str, int]:
         rows = self._query("SELECT kind, COUNT(*) FROM keel_events GROUP BY kind", ())
         return {str(kind): int(str(count)) for kind, count in rows}
+
+    def prune(self, before: float) -> int:
+        """On a connection of its own, so neither the writer nor the reads wait on it;
+        every replica may run it, and the later ones find nothing to delete."""
+        deleted = 0
+        try:
+            with self._connect() as connection:
+                connection.autocommit = True
+                while True:
+                    n = connection.execute(PRUNE, (before, PRUNE_BATCH)).rowcount
+                    deleted += n
+                    if n < PRUNE_BATCH:
+                        return deleted
+        except psycopg.Error as exc:
+            raise Unavailable(f"the events database did not answer ({exc})") from exc
 
     def status(self) -> dict[str, object]:
         with self._lock:

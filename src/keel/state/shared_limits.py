@@ -1,5 +1,8 @@
 """Per-key rate limits shared by every replica, in Redis; per replica while it is down.
 
+``RedisState`` is also where the keys kept in Redis (``keel.state.shared_keys``)
+report whether Redis answers: one truth about one store.
+
 With ``[state] redis_url`` set, a key's ``requests_per_minute`` is one token
 bucket in Redis that every replica draws from, so N replicas allow the limit
 once, not N times. The bucket is updated by one Lua script (atomic in Redis:
@@ -115,8 +118,9 @@ class RedisState:
         message = str(exc) or type(exc).__name__
         if self.up is not False:
             log.warning(
-                "Redis unreachable (%s): per-key rate limits now hold per replica until it "
-                "answers again; completions are not affected",
+                "Redis unreachable (%s): until it answers again per-key rate limits hold per "
+                "replica and the keys last read from Redis stay in force; completions are "
+                "not affected",
                 message,
             )
             self.down_since = time.time()
@@ -128,7 +132,7 @@ class RedisState:
 
     def answered(self) -> None:
         if self.up is False:
-            log.warning("Redis answers again: per-key rate limits are shared across replicas")
+            log.warning("Redis answers again: per-key rate limits are shared and its keys current")
             if self.metrics is not None:
                 self.metrics.state_store("redis", True)
         self.up = True

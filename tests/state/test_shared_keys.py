@@ -1,0 +1,175 @@
+"""Keys kept in a real Redis: managed by KeyAdmin, followed by a replica's SharedKeys,
+in force beside the configured keys, and kept while Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from keel.auth import Access, Keys, KeyStore, key_id
+from keel.config import AuthConfig
+from keel.ops.metrics import Metrics
+from keel.state.shared_keys import KEYS_HASH, VERSION_KEY, KeyAdmin, SharedKeys, record_for
+from keel.state.shared_limits import RedisState
+from tests.state.servers import RedisServer
+
+CONFIG_KEY = "config-key-0001"
+
+
+@pytest.fixture
+async def admin(redis_server: RedisServer) -> AsyncIterator[KeyAdmin]:
+    redis = Redis.from_url(redis_server.url)
+    yield KeyAdmin(redis)
+    await redis.aclose()
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def access(store: KeyStore, key: str) -> Access | None:
+    identity = store.identify([key])
+    return None if identity is None else identity.access
+
+
+def replica(
+    redis_server: RedisServer, tmp_path: Path, metrics: Metrics | None = None
+) -> tuple[SharedKeys, KeyStore, list[str]]:
+    changes: list[str] = []
+    state = RedisState(redis_server.url, timeout=0.5, metrics=metrics)
+    shared = SharedKeys(state, metrics=metrics, on_change=changes.append)
+    store = KeyStore(AuthConfig(api_keys=[CONFIG_KEY]), tmp_path, shared=shared)
+    return shared, store, changes
+
+
+async def test_keys_in_redis_are_in_force_with_the_configured_ones(
+    admin: KeyAdmin, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    user, _ = await admin.add("alice", admin=False)
+    boss, _ = await admin.add("ops", admin=True)
+    shared, store, changes = replica(redis_server, tmp_path)
+    await shared.refresh()
+    assert access(store, user) is Access.USER
+    assert access(store, boss) is Access.ADMIN
+    assert access(store, CONFIG_KEY) is Access.USER, "the config's keys stay"
+    assert access(store, "not-a-key-at-all") is None
+    identity = store.identify([user])
+    assert identity is not None and identity.key_id == key_id(user), "ids name Redis keys too"
+    assert store.has_admin and changes == [], "the first read is no change"
+
+    await admin.revoke("alice")
+    await admin.revoke(key_id(boss))
+    await shared.refresh()
+    assert access(store, user) is None and access(store, boss) is None
+    assert store.enabled, "no key left in Redis must not open access"
+    assert "revoked" in changes[-1] and key_id(user) in changes[-1]
+    await shared.state.aclose()
+
+
+async def test_a_replica_follows_a_change_within_a_second(
+    admin: KeyAdmin, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    shared, store, changes = replica(redis_server, tmp_path)
+    await shared.refresh()
+    follow = asyncio.create_task(shared.run())
+    try:
+        key, record = await admin.add("", admin=False)
+        await eventually(lambda: access(store, key) is Access.USER, timeout=1.5)
+        assert record.id in changes[-1] and "added" in changes[-1]
+        await admin.revoke(record.id)
+        await eventually(lambda: access(store, key) is None, timeout=1.5)
+    finally:
+        follow.cancel()
+    await shared.state.aclose()
+
+
+async def test_a_change_without_its_message_is_read_within_a_second(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    shared, store, _ = replica(redis_server, tmp_path)
+    await shared.refresh()
+    follow = asyncio.create_task(shared.run())
+    try:
+        await asyncio.sleep(0.1)  # subscribed; the change below announces nothing
+        redis = Redis.from_url(redis_server.url)
+        key = "quiet-key-0001"
+        record = record_for(key, "quiet")
+        await redis.hset(KEYS_HASH, record.id, record.to_json())
+        await redis.set(VERSION_KEY, "changed-quietly")
+        await redis.aclose()
+        await eventually(lambda: access(store, key) is Access.USER, timeout=1.5)
+    finally:
+        follow.cancel()
+    await shared.state.aclose()
+
+
+async def test_a_dead_redis_keeps_the_keys_read_last_and_says_so(
+    admin: KeyAdmin, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    metrics = Metrics()
+    key, _ = await admin.add("alice", admin=False)
+    shared, store, _ = replica(redis_server, tmp_path, metrics)
+    await shared.refresh()
+    assert metrics.registry.get_sample_value("keel_redis_keys") == 1
+
+    redis_server.kill()
+    await shared.refresh()
+    assert access(store, key) is Access.USER, "the keys read last stay in force"
+    assert access(store, "not-a-key-at-all") is None, "and access stays closed"
+    status = shared.status()
+    assert status["up"] is False and status["keys"] == "last_read" and status["in_force"] == 1
+    assert metrics.registry.get_sample_value("keel_state_store_up", {"store": "redis"}) == 0
+
+    redis_server.start()  # same port, empty
+    redis = Redis.from_url(redis_server.url)
+    new, _ = await KeyAdmin(redis).add("bob", admin=False)
+    await redis.aclose()
+    await shared.refresh()
+    assert access(store, new) is Access.USER
+    assert shared.status()["up"] is True and shared.status()["keys"] == "current"
+    assert metrics.registry.get_sample_value("keel_state_store_up", {"store": "redis"}) == 1
+    await shared.state.aclose()
+
+
+async def test_push_replaces_the_pushed_keys_and_keeps_the_added_ones(
+    admin: KeyAdmin, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    added, _ = await admin.add("alice", admin=False)
+    assert await admin.push(Keys(("file-key-0001", "file-key-0002"), "file-admin-01"), "k") == (
+        3,
+        0,
+    )
+    assert await admin.push(Keys(("file-key-0002", "file-key-0003")), "k") == (1, 2)
+    records, problems = await admin.list()
+    assert problems == []
+    assert {r.id for r in records} == {key_id(k) for k in (added, "file-key-0002", "file-key-0003")}
+    shared, store, _ = replica(redis_server, tmp_path)
+    await shared.refresh()
+    assert access(store, "file-key-0001") is None
+    assert access(store, "file-key-0003") is Access.USER
+    assert access(store, added) is Access.USER
+    await shared.state.aclose()
+
+
+async def test_an_unreadable_record_grants_nothing_and_the_rest_work(
+    admin: KeyAdmin, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    key, _ = await admin.add("alice", admin=False)
+    await admin.redis.hset(KEYS_HASH, "key-broken", "{not json")
+    shared, store, _ = replica(redis_server, tmp_path)
+    await shared.refresh()
+    assert access(store, key) is Access.USER
+    records, problems = await admin.list()
+    assert [r.name for r in records] == ["alice"] and problems[0].startswith("key-broken")
+    await admin.revoke("alice")  # a change leaves the unreadable record as it is
+    assert await admin.redis.hexists(KEYS_HASH, "key-broken")
+    await shared.state.aclose()
