@@ -286,7 +286,8 @@ class AuthConfig(_Section):
     keys_file: str | None = Field(
         None,
         description="A TOML file with api_keys = [...] and admin_key = '...', re-read when it "
-        "changes; a bad file keeps the keys in force and says why.",
+        "changes; a bad file keeps the keys in force and says why. With [state] redis_url, "
+        "`keel keys push FILE` publishes one to every replica within a second.",
     )
     requests_per_minute: int | None = Field(
         600, ge=1, description="Per-key rate limit (token bucket; 429 with Retry-After)."
@@ -384,16 +385,20 @@ class StateConfig(_Section):
 
     redis_url: str | None = Field(
         None,
-        description="Redis holding the per-key rate limits every replica shares, e.g. "
-        "'redis://redis:6379/0' (use '${ENV_VAR}' for a password). Unset: limits hold per "
-        "process. If Redis is unreachable each replica limits alone until it is back.",
+        description="Redis shared by every replica, e.g. 'redis://redis:6379/0' (use "
+        "'${ENV_VAR}' for a password): the per-key rate limits, and the keys managed with "
+        "`keel keys` (in force on each replica within a second, beside [auth]'s; with it set "
+        "a key is always asked for). Unset: limits hold per process. If Redis is "
+        "unreachable each replica limits alone and keeps the keys it read last until it "
+        "is back.",
     )
     timeout_seconds: float = Field(
         0.25,
         gt=0,
         le=10,
-        description="How long a rate-limit decision waits for Redis before the replica "
-        "decides alone (and retries Redis at most once a second until it answers).",
+        description="How long a rate-limit decision (or a read of the keys) waits for "
+        "Redis before the replica decides alone (and retries Redis at most once a second "
+        "until it answers).",
     )
 
     @field_validator("redis_url")

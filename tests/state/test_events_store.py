@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from keel.errors import Unavailable
-from keel.events import SqliteEventStore
+from keel.events import DAY, EventRetention, EventStore, SqliteEventStore
 from keel.ops.metrics import Metrics
 from keel.state.migrate import MIGRATIONS_TABLE, POSTGRES, SQLITE, check_order, migrate_postgres
 from keel.state.postgres_events import PostgresEventStore, redact
@@ -45,16 +45,16 @@ def test_an_events_file_from_before_migrations_is_adopted(tmp_path: Path) -> Non
     assert store.counts() == {"view": 1}
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute(f"SELECT version FROM {MIGRATIONS_TABLE}").fetchall() == [(1,)]
+    assert db.execute(f"SELECT version FROM {MIGRATIONS_TABLE}").fetchall() == [(1,), (2,)]
     db.close()
 
 
 def test_postgres_migrations_apply_once(postgres_url: str) -> None:
     with psycopg.connect(postgres_url) as first, psycopg.connect(postgres_url) as second:
-        assert migrate_postgres(first) == [1]
+        assert migrate_postgres(first) == [1, 2]
         assert migrate_postgres(second) == []
         versions = first.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE}").fetchall()
-    assert versions == [(1, "events")]
+    assert versions == [(1, "events"), (2, "events_ts")]
 
 
 def test_the_password_never_leaves_in_a_log() -> None:
@@ -128,3 +128,66 @@ async def test_a_database_down_at_startup_delays_nothing(postgres_server: Postgr
     assert store.last_error
     store.close(timeout=1.0)
     assert store.dropped == 1
+
+
+def insert_aged(url: str, ages_in_days: list[float]) -> None:
+    """Rows written ``age`` days ago, straight into the table."""
+    now = time.time()
+    with psycopg.connect(url) as connection:
+        for n, age in enumerate(ages_in_days):
+            connection.execute(
+                "INSERT INTO keel_events (ts, kind, completion_id) VALUES (%s, 'completion', %s)",
+                (now - age * DAY, f"cmpl-{n}"),
+            )
+
+
+def insert_aged_sqlite(path: Path, ages_in_days: list[float]) -> None:
+    now = time.time()
+    db = sqlite3.connect(path)
+    for n, age in enumerate(ages_in_days):
+        db.execute(
+            "INSERT INTO events (ts, kind, completion_id) VALUES (?, 'view', ?)",
+            (now - age * DAY, f"cmpl-{n}"),
+        )
+    db.commit()
+    db.close()
+
+
+async def prune_and_count(store: EventStore, metrics: Metrics) -> tuple[int, dict[str, int]]:
+    retention = EventRetention(store, 90, metrics)
+    deleted = await retention.prune_once()
+    assert metrics.registry.get_sample_value("keel_events_pruned_total") == deleted
+    return deleted, store.counts()
+
+
+async def test_retention_deletes_old_postgres_events_and_keeps_recent_ones(
+    postgres_url: str,
+) -> None:
+    store = PostgresEventStore(postgres_url)
+    wait_until(lambda: store.up is True)
+    insert_aged(postgres_url, [400, 91, 89, 0])
+    deleted, counts = await prune_and_count(store, Metrics())
+    assert (deleted, counts) == (2, {"completion": 2})
+    with psycopg.connect(postgres_url) as connection:
+        left = connection.execute("SELECT completion_id FROM keel_events ORDER BY id").fetchall()
+    assert left == [("cmpl-2",), ("cmpl-3",)]
+    assert await EventRetention(store, 90).prune_once() == 0, "a second run finds nothing"
+    store.close()
+
+
+async def test_retention_deletes_old_sqlite_events_in_batches(tmp_path: Path) -> None:
+    path = tmp_path / "events.sqlite3"
+    SqliteEventStore(path).close()  # create and migrate
+    insert_aged_sqlite(path, [100.0] * 12_000 + [1.0] * 3)  # more than two batches
+    store = SqliteEventStore(path)
+    deleted, counts = await prune_and_count(store, Metrics())
+    assert (deleted, counts) == (12_000, {"view": 3})
+    store.close()
+
+
+async def test_retention_with_postgres_down_skips_a_turn_and_never_raises(
+    postgres_server: PostgresServer,
+) -> None:
+    store = PostgresEventStore(postgres_server.url("no_such_database"))
+    assert await EventRetention(store, 30).prune_once() == 0
+    store.close(timeout=1.0)

@@ -4,6 +4,9 @@ PostgreSQL (both real), with a fake fast upstream as their completion provider."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -237,3 +240,60 @@ def test_a_key_added_to_the_shared_keys_file_works_on_every_replica_within_secon
                 lambda r=replica: httpx.get(f"{r.url}/v1/models", headers=new).status_code == 200,
                 timeout=10,
             )
+
+
+def keys_cli(config: Path, *args: str) -> str:
+    """Run `keel keys ... --config CONFIG` as a person would; its stdout."""
+    command = [sys.executable, "-m", "keel", "keys", "--config", str(config), *args]
+    env = {**os.environ, "KEEL_ROOT": str(config.parent)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def accepted(replica: KeelProcess, key: str) -> bool:
+    headers = {"Authorization": f"Bearer {key}"}
+    status = httpx.get(f"{replica.url}/v1/models", headers=headers, timeout=10).status_code
+    assert status in {200, 401}, status
+    return status == 200
+
+
+def on_every_replica(pair: list[KeelProcess], check: Callable[[KeelProcess], bool]) -> None:
+    """``check`` holds on each replica within about a second (the CLI has returned)."""
+    for replica in pair:
+        eventually(lambda r=replica: check(r), timeout=2.0)
+
+
+def test_keys_managed_in_redis_apply_on_every_replica_within_a_second(
+    tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    config = replica_config(upstream, per_minute=6000, redis_url=redis_server.url)
+    with replicas(tmp_path, config) as pair:
+        config_file = pair[0].root / "config.toml"
+        alice = keys_cli(config_file, "add", "--name", "alice").strip()
+        on_every_replica(pair, lambda r: accepted(r, alice))
+        bob = keys_cli(config_file, "add", "--name", "bob").strip()
+        listing = keys_cli(config_file, "list")
+        assert key_id(alice) in listing and "bob" in listing and alice not in listing
+        keys_cli(config_file, "revoke", "alice")
+        on_every_replica(pair, lambda r: not accepted(r, alice))
+        on_every_replica(pair, lambda r: accepted(r, bob))
+
+        redis_server.kill()
+        on_every_replica(pair, lambda r: shared_state(r)["keys"]["up"] is False)
+        for replica in pair:
+            assert accepted(replica, bob), "the keys read last stay in force"
+            assert accepted(replica, KEY), "and so do the config's"
+            assert not accepted(replica, alice), "nothing opens"
+            assert shared_state(replica)["keys"]["keys"] == "last_read"
+            assert metric(replica, "keel_state_store_up", store="redis") == 0
+            assert "keys last read from Redis stay in force" in replica.log.read_text()
+
+        redis_server.start()  # same port, empty (no persistence here): bob is gone with it
+        carol = keys_cli(config_file, "add", "--name", "carol").strip()
+        on_every_replica(pair, lambda r: accepted(r, carol))
+        for replica in pair:
+            assert shared_state(replica)["keys"]["keys"] == "current"
+            assert metric(replica, "keel_state_store_up", store="redis") == 1
+            audit = (replica.root / "audit.log").read_text()
+            assert key_id(alice) in audit and "keys_reload" in audit

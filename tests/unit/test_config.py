@@ -148,3 +148,17 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     assert failed.returncode == 78
     assert "server.port" in failed.stderr and "completion.max_decoding_tokens" in failed.stderr
     assert "2 config errors" in failed.stderr
+
+
+@pytest.mark.parametrize(("days", "kept"), [(None, None), (0, 0), (30, 30)])
+def test_events_retention_days(days: int | None, kept: int | None) -> None:
+    assert parse_settings({}, "c.toml").events.retention_days == 90
+    settings = parse_settings({"events": {"retention_days": days}} if days is not None else {}, "c")
+    assert settings.events.retention_days == (90 if days is None else kept)
+
+
+@pytest.mark.parametrize("days", [-1, "a week", 1.5])
+def test_a_bad_retention_is_an_error_naming_the_field(days: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"events": {"retention_days": days}}, "config.toml")
+    assert "events.retention_days" in caught.value.message

@@ -4,7 +4,10 @@ import asyncio
 import time
 from pathlib import Path
 
-from keel.events import SqliteEventStore
+import pytest
+
+from keel.events import DAY, EventRetention, SqliteEventStore
+from keel.ops.metrics import Metrics
 
 
 def test_acceptance_by_language_and_provider(tmp_path: Path) -> None:
@@ -46,4 +49,26 @@ def test_the_table_is_bounded(tmp_path: Path) -> None:
 
     asyncio.run(fill())
     assert sum(store.counts().values()) <= 60
+    store.close()
+
+
+async def test_retention_prunes_at_start_and_then_every_interval(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "events.sqlite3")
+    await store.record("view", completion_id="cmpl-0")
+    now = [time.time()]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += 10 * DAY  # each turn, ten days pass: the event is past a 7-day retention
+        if len(waits) == 2:
+            raise asyncio.CancelledError
+
+    metrics = Metrics()
+    retention = EventRetention(store, 7, metrics, interval=3600, clock=lambda: now[0], sleep=sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await retention.run()
+    assert waits == [3600, 3600]
+    assert store.counts() == {}, "kept at the first turn, pruned at the second"
+    assert metrics.registry.get_sample_value("keel_events_pruned_total") == 1
     store.close()
