@@ -3,6 +3,7 @@ PostgreSQL (both real), with a fake fast upstream as their completion provider."
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -261,7 +262,7 @@ def accepted(replica: KeelProcess, key: str) -> bool:
 def on_every_replica(pair: list[KeelProcess], check: Callable[[KeelProcess], bool]) -> None:
     """``check`` holds on each replica within about a second (the CLI has returned)."""
     for replica in pair:
-        eventually(lambda r=replica: check(r), timeout=2.0)
+        eventually(functools.partial(check, replica), timeout=2.0)
 
 
 def test_keys_managed_in_redis_apply_on_every_replica_within_a_second(

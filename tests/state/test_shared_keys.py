@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from keel.auth import Access, Keys, KeyStore, key_id
+from keel.cli import main
 from keel.config import AuthConfig
 from keel.ops.metrics import Metrics
 from keel.state.shared_keys import KEYS_HASH, VERSION_KEY, KeyAdmin, SharedKeys, record_for
@@ -173,3 +174,51 @@ async def test_an_unreadable_record_grants_nothing_and_the_rest_work(
     await admin.revoke("alice")  # a change leaves the unreadable record as it is
     assert await admin.redis.hexists(KEYS_HASH, "key-broken")
     await shared.state.aclose()
+
+
+def keys_command(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["keys", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_cli_adds_lists_pushes_and_revokes(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[state]\nredis_url = "{redis_server.url}"\n')
+    code, secret, err = keys_command(capsys, "--config", str(config), "add", "--name", "ci")
+    assert code == 0 and "only time the key is shown" in err
+    secret = secret.strip()
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text('api_keys = ["pushed-key-0001"]\nadmin_key = "pushed-admin-01"\n')
+    code, out, _ = keys_command(capsys, "push", str(keys_file), "--config", str(config))
+    assert code == 0 and "2 keys (2 added, 0 removed)" in out
+    code, out, _ = keys_command(capsys, "list", "--config", str(config))
+    assert code == 0 and key_id(secret) in out and "ci" in out and secret not in out
+    assert key_id("pushed-admin-01") in out and "admin" in out
+    code, out, _ = keys_command(capsys, "revoke", "ci", "--config", str(config))
+    assert code == 0 and key_id(secret) in out
+    code, _, err = keys_command(capsys, "revoke", "ci", "--config", str(config))
+    assert code == 2 and "no key in Redis has the id or name 'ci'" in err
+
+
+def test_cli_mistakes_are_errors_that_say_what_to_do(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_redis = tmp_path / "plain.toml"
+    no_redis.write_text("[server]\nport = 8080\n")
+    code, _, err = keys_command(capsys, "--config", str(no_redis), "list")
+    assert code == 78 and "state.redis_url" in err and "Traceback" not in err
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[state]\nredis_url = "{redis_server.url}"\n')
+    bad = tmp_path / "keys.toml"
+    bad.write_text('api_keys = ["short"]\n')
+    code, _, err = keys_command(capsys, "--config", str(config), "push", str(bad))
+    assert code == 78 and str(bad) in err and "at least 8 characters" in err
+
+    redis_server.kill()
+    code, _, err = keys_command(capsys, "--config", str(config), "add", "--name", "x")
+    assert code == 1 and "did not answer" in err and "no key was read or changed" in err
+    assert "Traceback" not in err

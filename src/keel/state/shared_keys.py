@@ -150,8 +150,8 @@ class SharedKeySet:
 
 
 class KeyAdmin:
-    """What ``keel keys`` does to Redis. Each change is one transaction that also raises
-    the version and announces it, so every replica sees all of it or none of it."""
+    """What ``keel keys`` does to Redis. Each change is one transaction that also replaces
+    the version token and announces it, so every replica sees all of it or none of it."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -198,15 +198,16 @@ class KeyAdmin:
             wanted.append(record_for(keys.admin, name, admin=True, source="file"))
 
         def edit(records: dict[str, SharedKey]) -> tuple[int, int]:
-            old = {i for i, r in records.items() if r.source == "file"}
+            old = {i: r for i, r in records.items() if r.source == "file"}
             for id in old:
                 del records[id]
             for record in wanted:
-                kept = records.get(record.id)
-                if kept is None or kept.source == "file":
-                    records[record.id] = replace(record, created=_created(kept, record))
+                if record.id in records:
+                    continue  # the same key added with `keel keys add` stays as it is
+                pushed = old.get(record.id)
+                records[record.id] = replace(record, created=pushed.created) if pushed else record
             new = {r.id for r in wanted}
-            return len(new - old), len(old - new)
+            return len(new - old.keys()), len(old.keys() - new)
 
         return await self._change(edit)
 
@@ -239,10 +240,6 @@ class KeyAdmin:
 
 def _text(raw: bytes | str | None) -> str:
     return raw.decode(errors="replace") if isinstance(raw, bytes) else (raw or "")
-
-
-def _created(kept: SharedKey | None, record: SharedKey) -> str:
-    return kept.created if kept is not None else record.created
 
 
 def check_name(name: str) -> None:
@@ -303,6 +300,8 @@ class SharedKeys:
                 await self._follow()
             except (RedisError, OSError) as exc:
                 self.state.failed(exc)
+            except Exception:  # a bug here must not freeze the keys for the process's life
+                log.exception("following the keys in Redis failed; retrying")
             await self.sleep(self.interval)
 
     async def _follow(self) -> None:
