@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
 from keel.auth import key_hash, key_id
-from keel.errors import RequestError
+from keel.cli import _refuse_open_remote
+from keel.config import Paths, parse_settings
+from keel.errors import ConfigError, RequestError
 from keel.state.shared_keys import (
     SharedKey,
     SharedKeySet,
@@ -84,3 +87,13 @@ def test_good_names(name: str) -> None:
 def test_bad_names_are_refused_with_the_rule(name: str) -> None:
     with pytest.raises(RequestError, match="up to 64 letters"):
         check_name(name)
+
+
+def test_with_redis_keys_a_remote_bind_is_allowed_and_without_keys_refused(
+    tmp_path: Path,
+) -> None:
+    paths = Paths(tmp_path)
+    with_redis = parse_settings({"state": {"redis_url": "redis://r:6379/0"}}, "c.toml")
+    _refuse_open_remote(with_redis, paths, "0.0.0.0")  # keys come from Redis: asked for
+    with pytest.raises(ConfigError, match="keel keys add"):
+        _refuse_open_remote(parse_settings({}, "c.toml"), paths, "0.0.0.0")
