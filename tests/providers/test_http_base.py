@@ -13,14 +13,15 @@ from keel.errors import ConfigError, UpstreamProtocolError, UpstreamStatusError
 from keel.providers.base import CompletionCall, GenerationParams
 from keel.providers.http import build_http_provider
 from keel.providers.http_base import (
+    NdJson,
     RateLimiter,
     SseEvent,
+    SseJson,
+    SseParser,
     auth_headers,
     error_message,
-    iter_ndjson,
-    iter_sse,
-    iter_sse_json,
     parse_retry_after,
+    payload_batches,
 )
 from tests.fakes.upstreams import FakeUpstream
 
@@ -66,67 +67,70 @@ def test_auth_headers():
     assert auth_headers("") == {}
 
 
-async def lines_of(*lines: str) -> AsyncIterator[str]:
-    for line in lines:
-        yield line
+def events_of(*lines: str) -> list[SseEvent]:
+    parser = SseParser("p")
+    return [event for line in lines if (event := parser.feed(line)) is not None]
 
 
-async def test_sse_reader_follows_the_format():
-    events = [
-        event
-        async for event in iter_sse(
-            lines_of(
-                ": keep-alive comment",
-                "event: ping",
-                "",
-                'data: {"a":',
-                "data: 1}",
-                "id: 3",
-                "",
-                "data:no-space",
-                "",
-                "retry: 100",
-                "data: unterminated at the end",
-            ),
-            "p",
-        )
-    ]
+async def batches_of(*batches: list[str]) -> AsyncIterator[list[str]]:
+    for lines in batches:
+        yield lines
+
+
+async def payloads(parser: SseJson | NdJson, *batches: list[str]) -> list[list[dict[str, object]]]:
+    return [batch async for batch in payload_batches(batches_of(*batches), parser)]
+
+
+def test_sse_reader_follows_the_format():
+    events = events_of(
+        ": keep-alive comment",
+        "event: ping",
+        "",
+        'data: {"a":',
+        "data: 1}",
+        "id: 3",
+        "",
+        "data:no-space",
+        "",
+        "retry: 100",
+        "data: unterminated at the end",
+    )
     assert events == [SseEvent("message", '{"a":\n1}'), SseEvent("message", "no-space")]
 
 
-async def test_sse_reader_refuses_lines_that_are_not_sse():
+def test_sse_reader_refuses_lines_that_are_not_sse():
     with pytest.raises(UpstreamProtocolError, match="not an event stream"):
-        async for _ in iter_sse(lines_of('{"choices": []}'), "p"):
-            pass
+        events_of('{"choices": []}')
 
 
 async def test_sse_json_needs_done_marker():
-    payloads = iter_sse_json(lines_of('data: {"x": 1}', ""), "p")
-    assert await anext(payloads) == {"x": 1}
+    batches = payload_batches(batches_of(['data: {"x": 1}', ""]), SseJson("p"))
+    assert await anext(batches) == [{"x": 1}]
     with pytest.raises(UpstreamProtocolError, match="end marker"):
-        await anext(payloads)
+        await anext(batches)
 
 
-async def test_sse_json_stops_at_done():
-    lines = lines_of('data: {"x": 1}', "", "data: [DONE]", "", 'data: {"x": 2}', "")
-    assert [p async for p in iter_sse_json(lines, "p")] == [{"x": 1}]
+async def test_sse_json_stops_at_done_and_batches_what_arrived_together():
+    got = await payloads(
+        SseJson("p"),
+        ['data: {"x": 1}', "", 'data: {"x": 2}'],
+        ["", "data: [DONE]", "", 'data: {"x": 3}', ""],
+    )
+    assert got == [[{"x": 1}], [{"x": 2}]]
 
 
 async def test_sse_json_refuses_non_objects():
     with pytest.raises(UpstreamProtocolError, match="JSON object"):
-        async for _ in iter_sse_json(lines_of("data: [1, 2]", ""), "p"):
-            pass
+        await payloads(SseJson("p"), ["data: [1, 2]", ""])
 
 
 async def test_ndjson_reader():
-    lines = lines_of('{"response": "a"}', "", '{"response": "b", "done": true}')
-    assert [p async for p in iter_ndjson(lines, "p")] == [
-        {"response": "a"},
-        {"response": "b", "done": True},
+    lines = ['{"response": "a"}', "", '{"response": "b", "done": true}']
+    assert await payloads(NdJson("p"), lines) == [
+        [{"response": "a"}, {"response": "b", "done": True}]
     ]
     with pytest.raises(UpstreamStatusError, match="out of memory"):
-        async for _ in iter_ndjson(lines_of('{"error": "out of memory"}'), "p"):
-            pass
+        await payloads(NdJson("p"), ['{"error": "out of memory"}'])
 
 
 class FakeClock:

@@ -34,7 +34,7 @@ async def test_openai_completion_sends_prefix_and_suffix(upstream: FakeUpstream,
     call = CompletionCall(
         prompt="def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))", params=PARAMS
     )
-    assert await collect(provider.stream_completion(call)) == ["Hello", ",", " world"]
+    assert "".join(await collect(provider.stream_completion(call))) == "Hello, world"
 
     request = upstream.last_request
     assert (request.method, request.path) == ("POST", "/v1/completions")
@@ -106,7 +106,7 @@ async def test_chat_streams_deltas(upstream: FakeUpstream, make_provider, kind, 
     call = ChatCall(
         messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")), params=PARAMS
     )
-    assert await collect(provider.stream_chat(call)) == ["Hello", ",", " world"]
+    assert "".join(await collect(provider.stream_chat(call))) == "Hello, world"
     request = upstream.last_request
     assert request.path == "/v1/chat/completions"
     assert request.headers["authorization"] == "Bearer sk-test"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -42,6 +42,8 @@ from keel.rate_limit import WAIT_BUCKETS, RateLimiter
 
 if TYPE_CHECKING:
     from keel.providers.catalog import Providers
+
+_Labelled = TypeVar("_Labelled", Counter, Gauge, Histogram)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -180,6 +182,7 @@ class Metrics:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         registry = self.registry
         ProcessCollector(registry=registry)
         self._providers = _ProviderCollector()
@@ -410,6 +413,16 @@ class Metrics:
 
     # requests ---------------------------------------------------------------
 
+    def _child(self, metric: _Labelled, *values: str) -> _Labelled:
+        """``metric.labels(*values)``, kept: prometheus_client validates the values and
+        takes a lock on every ``labels`` call, a few microseconds each, several times
+        per request."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
+
     def request(
         self,
         *,
@@ -420,8 +433,8 @@ class Metrics:
         role: str = "",
         provider: str = "",
     ) -> None:
-        self.requests.labels(route, method, role, provider, str(status)).inc()
-        self.request_duration.labels(route, role, provider).observe(seconds)
+        self._child(self.requests, route, method, role, provider, str(status)).inc()
+        self._child(self.request_duration, route, role, provider).observe(seconds)
 
     def observe_generation(
         self,
@@ -432,14 +445,14 @@ class Metrics:
         tokens: int,
     ) -> None:
         """One finished generation: total time, time to first token, tokens produced."""
-        self.generation_duration.labels(role, provider).observe(seconds)
+        self._child(self.generation_duration, role, provider).observe(seconds)
         if ttft is not None:
-            self.time_to_first_token.labels(role, provider).observe(ttft)
+            self._child(self.time_to_first_token, role, provider).observe(ttft)
         if tokens > 0:
-            self.tokens.labels(role, provider).inc(tokens)
+            self._child(self.tokens, role, provider).inc(tokens)
         decoding = seconds - (ttft or 0.0)
         if tokens > 1 and decoding > 0:
-            self.tokens_per_second.labels(role, provider).observe((tokens - 1) / decoding)
+            self._child(self.tokens_per_second, role, provider).observe((tokens - 1) / decoding)
 
     # router -----------------------------------------------------------------
 
@@ -448,38 +461,38 @@ class Metrics:
         value = BREAKER_STATES.get(str(state))
         if value is None:
             raise ValueError(f"unknown breaker state {state!r}")
-        self.breaker_state.labels(provider).set(value)
-        self.breaker_transitions.labels(provider, str(state).replace("-", "_")).inc()
+        self._child(self.breaker_state, provider).set(value)
+        self._child(self.breaker_transitions, provider, str(state).replace("-", "_")).inc()
 
     def provider_health(self, provider: str, healthy: bool) -> None:
-        self.provider_healthy.labels(provider).set(1 if healthy else 0)
+        self._child(self.provider_healthy, provider).set(1 if healthy else 0)
 
     def provider_auth_failed(self, provider: str, failed: bool) -> None:
-        self.auth_failed.labels(provider).set(1 if failed else 0)
+        self._child(self.auth_failed, provider).set(1 if failed else 0)
 
     def health_check(self, provider: str, seconds: float, ok: bool) -> None:
         """A deep health check (one generated token) of ``provider`` finished."""
-        self.health_check_seconds.labels(provider).set(seconds)
-        self.health_check_ok.labels(provider).set(1 if ok else 0)
+        self._child(self.health_check_seconds, provider).set(seconds)
+        self._child(self.health_check_ok, provider).set(1 if ok else 0)
 
     def fallback(self, role: str, from_provider: str, to_provider: str) -> None:
-        self.fallbacks.labels(role, from_provider, to_provider).inc()
+        self._child(self.fallbacks, role, from_provider, to_provider).inc()
 
     def fallback_active(self, role: str, active: bool) -> None:
         """Whether ``role`` is now served by a provider other than its primary."""
-        self.serving_fallback.labels(role).set(1 if active else 0)
+        self._child(self.serving_fallback, role).set(1 if active else 0)
 
     def retry(self, provider: str) -> None:
-        self.retries.labels(provider).inc()
+        self._child(self.retries, provider).inc()
 
     def rejected(self, role: str, reason: str) -> None:
-        self.rejections.labels(role, reason).inc()
+        self._child(self.rejections, role, reason).inc()
 
     def queue_depth(self, role: str, n: int) -> None:
-        self.queue_depth_gauge.labels(role).set(n)
+        self._child(self.queue_depth_gauge, role).set(n)
 
     def queue_capacity(self, role: str, n: int) -> None:
-        self.queue_capacity_gauge.labels(role).set(n)
+        self._child(self.queue_capacity_gauge, role).set(n)
 
     # events and config ------------------------------------------------------
 
@@ -487,26 +500,26 @@ class Metrics:
         """``kind``: 'served' (keel answered) or the editor's 'view'/'select'/'dismiss'."""
         if kind not in EVENT_TYPES:
             kind = "other"
-        self.completion_events.labels(kind, _language_label(language)).inc()
+        self._child(self.completion_events, kind, _language_label(language)).inc()
 
     def completion_served(self, source: str) -> None:
         """A Tabby completion answered from ``source`` (see :data:`COMPLETION_SOURCES`)."""
-        self.completions_served.labels(source).inc()
+        self._child(self.completions_served, source).inc()
 
     def config_reload(self, ok: bool) -> None:
-        self.config_reloads.labels("ok" if ok else "error").inc()
+        self._child(self.config_reloads, "ok" if ok else "error").inc()
 
     # shared state -----------------------------------------------------------
 
     def state_store(self, store: str, up: bool) -> None:
         """Whether the shared ``store`` ('redis' or 'postgres') answers now."""
-        self.state_store_up.labels(store).set(1 if up else 0)
+        self._child(self.state_store_up, store).set(1 if up else 0)
 
     def rate_limited_locally(self) -> None:
         self.rate_limit_local.inc()
 
     def events_dropped(self, reason: str, n: int = 1) -> None:
-        self.events_dropped_total.labels(reason).inc(n)
+        self._child(self.events_dropped_total, reason).inc(n)
 
     def redis_keys(self, n: int) -> None:
         self.redis_keys_gauge.set(n)

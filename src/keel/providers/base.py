@@ -1,7 +1,8 @@
 """The one interface every model backend implements.
 
 A provider serves one or more roles. Completion and chat stream text pieces
-(``AsyncIterator[str]``); closing the iterator early (the client went away)
+(``AsyncIterator[str]``), one piece per token or, when several tokens arrived
+together, their text joined (:func:`joined`); closing the iterator early (the client went away)
 must cancel the work upstream. Failures are raised as the ``Upstream*``
 classes of :mod:`keel.errors`, never as the transport's own exceptions, so
 the router can classify them without knowing the backend.
@@ -12,6 +13,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+
+
+class Joined(str):
+    """Pieces that arrived together, joined; ``pieces`` of them (the token metrics
+    count tokens, not pieces)."""
+
+    pieces: int
+
+
+def joined(texts: list[str]) -> str:
+    """One piece for the texts one read brought: it goes up the layers above once."""
+    if len(texts) == 1:
+        return texts[0]
+    piece = Joined("".join(texts))
+    piece.pieces = len(texts)
+    return piece
+
+
+def piece_count(piece: str) -> int:
+    """How many of a backend's pieces (tokens, for most) ``piece`` holds."""
+    return piece.pieces if isinstance(piece, Joined) else 1
 
 
 @dataclass(frozen=True, slots=True)

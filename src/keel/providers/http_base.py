@@ -261,9 +261,6 @@ class SseEvent:
 
 _SSE_FIELDS = frozenset({"data", "event", "id", "retry"})
 
-Lines = AsyncIterable[str] | AsyncIterable[bytes]
-"""A body's lines: decoded, or raw as ``aiohttp``'s ``response.content`` gives them."""
-
 
 def _text(line: str | bytes) -> str:
     if isinstance(line, bytes):
@@ -272,8 +269,7 @@ def _text(line: str | bytes) -> str:
 
 
 class SseParser:
-    """Server-sent events, one line at a time (no generator per layer: the readers
-    below feed it the body's lines in their own loop).
+    """Server-sent events, one line at a time.
 
     Stricter than the SSE spec on purpose: a line that is not a known field or
     a comment means the backend is not speaking SSE (an HTML error page, raw
@@ -314,15 +310,6 @@ class SseParser:
         return None
 
 
-async def iter_sse(lines: Lines, provider: str) -> AsyncGenerator[SseEvent, None]:
-    """Server-sent events from a body's lines; see :class:`SseParser`."""
-    parser = SseParser(provider)
-    async for line in lines:
-        event = parser.feed(_text(line))
-        if event is not None:
-            yield event
-
-
 def sse_json(event: SseEvent, provider: str) -> JsonObject | None:
     """The JSON payload of an event; ``None`` at ``[DONE]``. Error events and
     error objects raise."""
@@ -340,38 +327,85 @@ def sse_json(event: SseEvent, provider: str) -> JsonObject | None:
     return payload
 
 
-async def iter_sse_json(lines: Lines, provider: str) -> AsyncGenerator[JsonObject, None]:
-    """JSON payloads of an SSE stream up to ``data: [DONE]``.
+class SseJson:
+    """JSON payloads of an SSE stream, a line at a time, up to ``data: [DONE]``.
 
-    Error events and error objects raise. If the body ends without ``[DONE]``
-    the stream was cut: raises :class:`UpstreamProtocolError`. Protocols with
-    their own end marker (llama.cpp's ``stop``) stop iterating before that.
+    Error events and error objects raise. If the body ends before ``[DONE]``
+    the stream was cut (:meth:`ended` raises). Protocols with their own end
+    marker (llama.cpp's ``stop``) are done before that.
     """
-    parser = SseParser(provider)
-    async for line in lines:
-        event = parser.feed(_text(line))
+
+    __slots__ = ("provider", "events", "done")
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.events = SseParser(provider)
+        self.done = False
+
+    def feed(self, line: str) -> JsonObject | None:
+        event = self.events.feed(line)
         if event is None:
-            continue
-        payload = sse_json(event, provider)
-        if payload is None:
-            return
-        yield payload
-    raise UpstreamProtocolError("stream ended before its end marker", provider=provider)
+            return None
+        payload = sse_json(event, self.provider)
+        self.done = payload is None
+        return payload
+
+    def ended(self) -> None:
+        if not self.done:
+            raise UpstreamProtocolError(
+                "stream ended before its end marker", provider=self.provider
+            )
 
 
-async def iter_ndjson(lines: Lines, provider: str) -> AsyncGenerator[JsonObject, None]:
+class NdJson:
     """Objects of a newline-delimited JSON stream (Ollama); the caller checks the end marker."""
-    async for line in lines:
+
+    __slots__ = ("provider",)
+    done = False
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+
+    def feed(self, line: str) -> JsonObject | None:
         if not line.strip():
-            continue
-        payload = decode_json_object(line, provider)
-        error = stream_error(payload, provider)
+            return None
+        payload = decode_json_object(line, self.provider)
+        error = stream_error(payload, self.provider)
         if error is not None:
             raise error
-        yield payload
+        return payload
+
+    def ended(self) -> None:
+        pass
 
 
-LineParser = Callable[[Lines, str], AsyncGenerator[JsonObject, None]]
+Parser = SseJson | NdJson
+
+
+async def payload_batches(
+    batches: AsyncIterable[list[str]] | AsyncIterable[list[bytes]], parser: Parser
+) -> AsyncGenerator[list[JsonObject], None]:
+    """The payloads of each batch of body lines (what one read brought), until the
+    parser is done or the body ends; an error in a batch comes after the payloads
+    before it."""
+    async for lines in batches:
+        payloads = []
+        try:
+            for line in lines:
+                payload = parser.feed(_text(line))
+                if parser.done:
+                    break
+                if payload is not None:
+                    payloads.append(payload)
+        except UpstreamError:
+            if payloads:  # what came before the error is the client's
+                yield payloads
+            raise
+        if payloads:
+            yield payloads
+        if parser.done:
+            return
+    parser.ended()
 
 
 # --- the connection ----------------------------------------------------------
@@ -395,19 +429,39 @@ def new_session() -> aiohttp.ClientSession:
     )
 
 
-async def body_lines(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
-    """A body's lines, every one that arrived: when the connection breaks mid-body,
-    aiohttp raises at the next read even with lines still in its buffer, so those
-    are read from the buffer first (the client must get every token the backend
-    sent before the cut), then the error is raised."""
+LINE_LIMIT = 2 * READ_BUFFER
+"""Bytes of one body line (one SSE ``data:`` line) keel holds before calling it garbage."""
+
+
+async def body_line_batches(
+    content: aiohttp.StreamReader, provider: str
+) -> AsyncGenerator[list[bytes], None]:
+    """The body's complete lines, a batch per read: whatever arrived together goes
+    up the layers above (parsing, timeouts, stop words, the client's stream) once,
+    not once per token; a token sent alone still goes up alone, at once.
+
+    When the connection breaks mid-body aiohttp raises at the next read even with
+    data still in its buffer, so those lines are handed out first (the client
+    must get every token the backend sent before the cut), then the error raised.
+    """
+    pending = b""
     try:
-        async for line in content:
-            yield line
+        while chunk := await content.readany():
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > LINE_LIMIT:
+                raise UpstreamProtocolError(
+                    f"a body line over {LINE_LIMIT} bytes: not a stream keel reads",
+                    provider=provider,
+                )
+            if lines:
+                yield lines
     except aiohttp.ClientPayloadError:
         buffered: Iterable[bytes] = getattr(content, "_buffer", ())
-        for line in b"".join(buffered).splitlines(keepends=True):
-            yield line
+        yield (pending + b"".join(buffered)).split(b"\n")
         raise
+    if pending:
+        yield [pending]
 
 
 def _encode(body: Mapping[str, Any]) -> bytes:
@@ -476,10 +530,11 @@ class HttpUpstream:
                 raw = await response.read()
         return decode_json(raw, self.provider)
 
-    async def _payloads(
-        self, path: str, body: Mapping[str, Any], parse: LineParser, last: EndMarker | None
-    ) -> AsyncGenerator[JsonObject, None]:
-        """POST ``body`` and yield the parsed answer while holding the response open.
+    async def _batches(
+        self, path: str, body: Mapping[str, Any], parser: Parser, last: EndMarker | None
+    ) -> AsyncGenerator[list[JsonObject], None]:
+        """POST ``body`` and yield the answer's payloads, a batch per read, while
+        holding the response open.
 
         However this ends (the end marker, an exception, a cancellation, the
         consumer closing the generator), :meth:`_finish` settles the connection.
@@ -495,11 +550,11 @@ class HttpUpstream:
             finished = False
             try:
                 await raise_for_status(response, self.provider)
-                lines = body_lines(response.content)
-                async with aclosing(parse(lines, self.provider)) as payloads:
-                    async for payload in payloads:
-                        finished = last is not None and last(payload)
-                        yield payload
+                lines = body_line_batches(response.content, self.provider)
+                async with aclosing(payload_batches(lines, parser)) as batches:
+                    async for batch in batches:
+                        finished = last is not None and any(map(last, batch))
+                        yield batch
                 finished = True
             finally:
                 await self._finish(response, finished)
@@ -524,18 +579,18 @@ class HttpUpstream:
         else:
             response.close()
 
-    def sse_payloads(
+    def sse_batches(
         self, path: str, body: Mapping[str, Any], *, last: EndMarker | None = None
-    ) -> AsyncGenerator[JsonObject, None]:
-        """JSON payloads of a streamed SSE answer; see :func:`iter_sse_json`.
-        ``last`` tells the answer's final payload (a protocol's own end marker)."""
-        return self._payloads(path, body, iter_sse_json, last)
+    ) -> AsyncGenerator[list[JsonObject], None]:
+        """JSON payloads of a streamed SSE answer (see :class:`SseJson`), a batch per
+        read. ``last`` tells the answer's final payload (a protocol's own end marker)."""
+        return self._batches(path, body, SseJson(self.provider), last)
 
-    def ndjson_payloads(
+    def ndjson_batches(
         self, path: str, body: Mapping[str, Any], *, last: EndMarker | None = None
-    ) -> AsyncGenerator[JsonObject, None]:
-        """Objects of a streamed NDJSON answer; see :func:`iter_ndjson`."""
-        return self._payloads(path, body, iter_ndjson, last)
+    ) -> AsyncGenerator[list[JsonObject], None]:
+        """Objects of a streamed NDJSON answer (see :class:`NdJson`), a batch per read."""
+        return self._batches(path, body, NdJson(self.provider), last)
 
 
 class HttpBacked:

@@ -16,6 +16,7 @@ from keel.errors import UpstreamProtocolError
 from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
+    joined,
 )
 from keel.providers.http_base import (
     HttpBacked,
@@ -45,15 +46,15 @@ class LlamaCppCompletionProvider(HttpCompletion):
 
     async def stream_completion(self, call: CompletionCall) -> AsyncGenerator[str, None]:
         provider = self.upstream.provider
-        payloads = self.upstream.sse_payloads(
+        batches = self.upstream.sse_batches(
             "/completion", self.request_body(call), last=llamacpp_stop
         )
-        async with aclosing(payloads):
-            async for payload in payloads:
-                text = text_field(payload, "content", provider)
-                if text:
-                    yield text
-                if payload.get("stop") is True:
+        async with aclosing(batches):
+            async for batch in batches:
+                texts = [t for payload in batch if (t := text_field(payload, "content", provider))]
+                if texts:
+                    yield joined(texts)
+                if any(map(llamacpp_stop, batch)):
                     return
 
 

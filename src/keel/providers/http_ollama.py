@@ -18,6 +18,7 @@ from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
     ProviderInfo,
+    joined,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -68,15 +69,15 @@ class OllamaCompletionProvider(HttpCompletion):
 
     async def stream_completion(self, call: CompletionCall) -> AsyncGenerator[str, None]:
         provider = self.upstream.provider
-        payloads = self.upstream.ndjson_payloads(
+        batches = self.upstream.ndjson_batches(
             "/api/generate", self.request_body(call), last=ollama_done
         )
-        async with aclosing(payloads):
-            async for payload in payloads:
-                text = text_field(payload, "response", provider)
-                if text:
-                    yield text
-                if payload.get("done") is True:
+        async with aclosing(batches):
+            async for batch in batches:
+                texts = [t for payload in batch if (t := text_field(payload, "response", provider))]
+                if texts:
+                    yield joined(texts)
+                if any(map(ollama_done, batch)):
                     return
         raise UpstreamProtocolError("stream ended before 'done: true'", provider=provider)
 

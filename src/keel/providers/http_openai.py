@@ -20,6 +20,7 @@ from keel.providers.base import (
     EmbeddingProvider,
     GenerationParams,
     ProviderInfo,
+    joined,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -75,28 +76,38 @@ def finished(payload: JsonObject) -> bool:
 async def stream_choice_text(
     upstream: HttpUpstream, path: str, body: JsonObject, read: str
 ) -> AsyncGenerator[str, None]:
-    """Text pieces of a chunked OpenAI-style stream.
+    """Text pieces of a chunked OpenAI-style stream, one per read (see :func:`joined`).
 
     ``read`` names where the text is: ``"text"`` (legacy completions) or
     ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``).
     """
     provider = upstream.provider
-    async with aclosing(upstream.sse_payloads(path, body, last=finished)) as payloads:
-        async for payload in payloads:
-            choice = first_choice(payload, provider)
-            if choice is None:
-                continue
-            if read == "delta":
-                delta = choice.get("delta") or {}
-                if not isinstance(delta, dict):
-                    raise UpstreamProtocolError(f"unexpected delta {delta!r}", provider=provider)
-                text = text_field(delta, "content", provider)
-            else:
-                text = text_field(choice, "text", provider)
-            if text:
-                yield text
-            if choice.get("finish_reason") is not None:
+    async with aclosing(upstream.sse_batches(path, body, last=finished)) as batches:
+        async for batch in batches:
+            texts, done = [], False
+            for payload in batch:
+                choice = first_choice(payload, provider)
+                if choice is None:
+                    continue
+                text = choice_text(choice, read, provider)
+                if text:
+                    texts.append(text)
+                if choice.get("finish_reason") is not None:
+                    done = True
+                    break
+            if texts:
+                yield joined(texts)
+            if done:
                 return
+
+
+def choice_text(choice: JsonObject, read: str, provider: str) -> str:
+    if read == "delta":
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise UpstreamProtocolError(f"unexpected delta {delta!r}", provider=provider)
+        return text_field(delta, "content", provider)
+    return text_field(choice, "text", provider)
 
 
 class OpenAICompletionProvider(HttpCompletion):

@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from keel.errors import KeelError, RequestError, UpstreamTimeout
-from keel.providers.base import Provider
+from keel.providers.base import Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow
 from keel.router.policy import Decision, Failed, FirstOf, default_rules
 
@@ -60,6 +60,8 @@ class Attempt:
         """Asked for a shorter prompt: the previous try here found it too long."""
         self.produced = 0
         """Pieces this attempt has handed out."""
+        self.tokens = 0
+        """The backend's pieces in them (several arrive joined, see :func:`joined`)."""
         self.first_piece_after: float | None = None
         self._attempts = attempts
         self._delay = delay
@@ -121,6 +123,7 @@ class Attempt:
                 if first:
                     self.first_piece_after = self._attempts.router.clock() - self._started
                 self.produced += 1
+                self.tokens += piece_count(piece)
                 yield piece
 
     def _first_token_timeout(self) -> UpstreamTimeout:
@@ -202,7 +205,7 @@ class Attempts:
                 endpoint.name,
                 seconds,
                 attempt.first_piece_after,
-                attempt.produced,
+                attempt.tokens,
             )
             self.router.events.fallback_active(
                 self.router.role, endpoint not in self.router.groups[0]
