@@ -9,10 +9,11 @@ configured at all (only allowed on a loopback address) every check passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import inspect
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
@@ -84,6 +85,26 @@ class Require:
                     retry_after=wait,
                 )
         return identity
+
+
+class GuardedRoute(APIRoute):
+    """A route whose endpoint takes only the request and returns a response (the
+    model routes): its declared access is checked inline, the same check with the
+    same errors, not through FastAPI's dependency solver, which cost ~10% of a
+    proxied request's CPU (measured at c=32). Anything else is refused at startup."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        access = declared_access(self)
+        if access is None or list(inspect.signature(self.endpoint).parameters) != ["request"]:
+            raise TypeError(f"{self.path}: a GuardedRoute takes only the request, with access")
+        require, endpoint = Require(access), self.endpoint
+
+        async def handler(request: Request) -> Response:
+            await require(request)
+            response: Response = await endpoint(request)
+            return response
+
+        return handler
 
 
 PUBLIC: Any = Depends(Require(Access.PUBLIC))

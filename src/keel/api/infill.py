@@ -15,7 +15,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from keel.api.access import USER
+from keel.api.access import USER, GuardedRoute
 from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.errors import RequestError
@@ -24,7 +24,7 @@ from keel.providers.base import estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
 
-router = APIRouter(responses=ERRORS)
+router = APIRouter(responses=ERRORS, route_class=GuardedRoute)
 
 
 def language_of(body: InfillRequest) -> str:

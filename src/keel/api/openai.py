@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from keel.api.access import USER
+from keel.api.access import USER, GuardedRoute
 from keel.api.errors import parse_model, read_json, read_model
 from keel.api.state import app_state
 from keel.schemas.openai import (
@@ -32,7 +32,7 @@ from keel.schemas.openapi import (
 )
 from keel.schemas.tabby import TabbyCompletionRequest
 
-router = APIRouter(responses=ERRORS)
+router = APIRouter(responses=ERRORS, route_class=GuardedRoute)
 
 
 @router.post(
@@ -77,7 +77,7 @@ async def embeddings(request: Request) -> JSONResponse:
 @router.get(
     "/v1/models", dependencies=[USER], response_model=None, responses={200: {"model": ModelList}}
 )
-async def models(request: Request) -> dict[str, object]:
+async def models(request: Request) -> JSONResponse:
     state = app_state(request)
     seen: dict[str, dict[str, object]] = {}
     for provider in state.providers.unique():
@@ -90,4 +90,4 @@ async def models(request: Request) -> dict[str, object]:
                 "owned_by": "keel",
             },
         )
-    return {"object": "list", "data": list(seen.values())}
+    return JSONResponse({"object": "list", "data": list(seen.values())})
