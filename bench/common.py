@@ -191,11 +191,12 @@ def wait_http(url: str, process: Process, timeout: float, ok: Sequence[int] = (2
     raise TimeoutError(f"{process.name} not ready after {timeout:.0f}s ({last}): {process.tail()}")
 
 
-def start_upstream(group: Processes, *, name: str = "upstream", tokens: int = 8) -> Process:
+def start_upstream(
+    group: Processes, *, name: str = "upstream", tokens: int = 8, starlette: bool = False
+) -> Process:
     port = free_port()
-    process = group.start(
-        name, [PYTHON, str(BENCH / "upstream.py"), "--port", str(port), "--tokens", str(tokens)]
-    )
+    argv = [PYTHON, str(BENCH / "upstream.py"), "--port", str(port), "--tokens", str(tokens)]
+    process = group.start(name, [*argv, "--starlette"] if starlette else argv)
     process.url = f"http://127.0.0.1:{port}"
     wait_http(f"{process.url}/_bench/stats", process, 15)
     return process

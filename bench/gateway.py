@@ -11,6 +11,13 @@ third; ``bench/loadgen.py`` in a fourth. The request is ``POST
 concurrency 1, 4, 16, 32 and 64 (the throughput-versus-p99 curve). Scenarios
 run target after target back to back, so a noisy neighbour hits all alike.
 
+Then the issue's own setup for the throughput ratio: the same c=32 runs against
+a Starlette upstream (``bench/upstream.py --starlette``, what the issue measured
+direct at 5,091 req/s), direct and through a second default-config keel. The raw
+upstream answers ~14x faster than any Python web framework, so a ratio against it
+measures Python against prebuilt bytes, not the gateway; the curve keeps it, for
+added latency, and the ratio row uses the framework's floor.
+
 Then the "no cap" run: default-config keel at concurrency 32 for 10,000
 requests with no warm-up, its latency in completion order; a limiter that
 empties after a burst (Tabby's default 1,200/min did: 50 ms per request after
@@ -139,6 +146,7 @@ def run(duration: float = 3.0, *, peers: bool = True) -> dict[str, Any]:
                     duration=duration,
                 )
                 result["targets"][name][scenario] = figures
+        result["starlette"] = starlette_ratio(group, duration)
         log(f"gateway no cap: keel c={NO_CAP_CONCURRENCY} x {NO_CAP_REQUESTS} requests")
         result["no_cap"] = no_cap(targets["keel"])
         for name, process in targets.items():
@@ -146,6 +154,25 @@ def run(duration: float = 3.0, *, peers: bool = True) -> dict[str, Any]:
         result["upstream_stats"] = common.upstream_counts(upstream)
     result["summary"] = summarize(result)
     return result
+
+
+def starlette_ratio(group: Processes, duration: float) -> dict[str, Any]:
+    """c=32, plain and streamed, direct to a Starlette upstream and through keel."""
+    upstream = common.start_upstream(group, name="upstream-starlette", starlette=True)
+    keel = common.start_keel(group, keel_default_config(upstream.url), name="keel-starlette")
+    figures: dict[str, Any] = {"direct": {}, "keel": {}}
+    for stream in MODES:
+        scenario = scenario_name(NO_CAP_CONCURRENCY, stream)
+        for name, process in (("direct", upstream), ("keel", keel)):
+            log(f"gateway {scenario} -> {name} (Starlette upstream)")
+            figures[name][scenario] = common.loadgen(
+                process.url,
+                path="/v1/chat/completions",
+                body={**CHAT_BODY, "stream": stream},
+                concurrency=NO_CAP_CONCURRENCY,
+                duration=duration,
+            )
+    return figures
 
 
 def no_cap(keel: Process) -> dict[str, Any]:
@@ -250,10 +277,9 @@ def rows(result: dict[str, Any]) -> list[Row]:
             versus = peer.get(scenario)
             times = mine["rps"] / versus["rps"] if versus and versus["rps"] else None
             target, ok = "-", None
-            if concurrency == 32:
-                target = ">= 0.3x direct, >= 10x LiteLLM"
-                ok = ratio is not None and ratio >= 0.3 and (times is None or times >= 10)
-                ok = ok and not mine["errors"]
+            if concurrency == NO_CAP_CONCURRENCY:
+                target = ">= 10x LiteLLM"
+                ok = (times is None or times >= 10) and not mine["errors"]
             measured = f"{mine['rps']:,.0f} req/s, p99 {_ms(mine['p99_ms'])}"
             if mine["errors"]:
                 measured += f", {mine['errors']} errors"
@@ -269,6 +295,7 @@ def rows(result: dict[str, Any]) -> list[Row]:
                     _met(ok),
                 )
             )
+    table.extend(starlette_rows(result.get("starlette")))
     cap = result.get("no_cap")
     if cap:
         first, last = cap.get("first_p99_ms"), cap.get("last_p99_ms")
@@ -287,6 +314,30 @@ def rows(result: dict[str, Any]) -> list[Row]:
         )
     for name, why in result.get("not_run", {}).items():
         table.append(("gateway", name, f"not run ({why})", "-", "-", "-", "-"))
+    return table
+
+
+def starlette_rows(figures: dict[str, Any] | None) -> list[Row]:
+    """The throughput ratio in the issue's setup: keel in front of a Starlette upstream."""
+    table: list[Row] = []
+    for stream in MODES if figures else ():
+        scenario = scenario_name(NO_CAP_CONCURRENCY, stream)
+        mine, base = figures["keel"][scenario], figures["direct"][scenario]  # type: ignore[index]
+        errors = sum(mine["errors"].values()) + sum(
+            v for k, v in mine["statuses"].items() if k != "200"
+        )
+        ratio = mine["rps"] / base["rps"] if base["rps"] else None
+        table.append(
+            (
+                "gateway",
+                f"{scenario} keel, Starlette upstream",
+                f"{mine['rps']:,.0f} req/s, p99 {_ms(mine['latency_ms']['p99'])}",
+                f"direct {base['rps']:,.0f} req/s",
+                "-" if ratio is None else f"{ratio:.2f}x direct",
+                ">= 0.3x direct (stretch 0.5x)",
+                _met(ratio is not None and ratio >= 0.3 and not errors),
+            )
+        )
     return table
 
 

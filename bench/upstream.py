@@ -15,7 +15,12 @@ answers prebuilt as bytes. It serves::
     POST /_bench/mode           {"mode": "normal" | "error500" | "hang"}
     POST /_bench/reset          zero the counters
 
-Run: ``python bench/upstream.py --port 8101 [--tokens 8] [--token-delay 0]``.
+``--starlette`` serves the same answers from a Starlette app on uvicorn
+(httptools, uvloop) instead: the "fast fake upstream" the gateway issue was
+measured against, a Python web framework's floor rather than raw asyncio's
+(its stream is one ``StreamingResponse`` chunk per event).
+
+Run: ``python bench/upstream.py --port 8101 [--tokens 8] [--token-delay 0] [--starlette]``.
 It prints ``ready <port>`` once listening and stops on SIGTERM or SIGINT.
 """
 
@@ -264,16 +269,69 @@ async def serve(port: int, state: State) -> None:
     server.close()
 
 
+def serve_starlette(port: int, state: State) -> None:
+    """The answers from a Starlette app (chat and legacy completions, plain or streamed)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    # The same answers as objects, serialized per request as a Python server would.
+    plain = {
+        chat: json.loads(body.split(b"\r\n\r\n", 1)[1])
+        for chat, body in state.answers.plain.items()
+    }
+    chunks = {
+        chat: [json.loads(frame[6:]) for frame in frames[:-1]]
+        for chat, frames in state.answers.frames.items()
+    }
+
+    async def completions(request: Request) -> Response:
+        chat = request.url.path.endswith("/chat/completions")
+        state.counts[f"normal POST {request.url.path}"] += 1
+        body = await request.json()
+        if not body.get("stream"):
+            return JSONResponse(plain[chat])
+
+        async def events() -> Any:
+            for chunk in chunks[chat]:
+                yield _sse(chunk)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse({"mode": "normal", "counts": dict(state.counts), "connections": 0})
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/_bench/stats", stats),
+        ]
+    )
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop="uvloop"
+    )
+    print(f"ready {port}", flush=True)
+    uvicorn.Server(config).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between frames")
+    parser.add_argument("--starlette", action="store_true", help="a Starlette app on uvicorn")
     args = parser.parse_args(argv)
     words = ["def", " add", "(a", ",", " b", "):", "\n   ", " return", " a", " +", " b", "\n"]
     tokens = [words[i % len(words)] for i in range(args.tokens)]
     state = State(Answers(tokens), args.token_delay)
-    run_fast(serve(args.port, state))
+    if args.starlette:
+        serve_starlette(args.port, state)
+    else:
+        run_fast(serve(args.port, state))
     return 0
 
 
