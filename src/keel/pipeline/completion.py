@@ -155,7 +155,12 @@ async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncI
 
 async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> str:
     """The whole text of ``pieces`` before the first stop word."""
-    return "".join([part async for part in until_stop(pieces, stops)])
+    if stops:
+        return "".join([part async for part in until_stop(pieces, stops)])
+    try:
+        return "".join([piece async for piece in pieces])
+    finally:
+        await close_stream(pieces)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,20 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._slots.locked() and self.waiting >= self.queue_size:
+        if self._slots.locked():
+            await self._queue()
+        else:
+            await self._slots.acquire()  # free: no wait, no timer
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._slots.release()
+
+    async def _queue(self) -> None:
+        """Wait for a slot, within the queue's size and time."""
+        if self.waiting >= self.queue_size:
             raise self._reject("queue full", "queue_full")
         self.waiting += 1
         self._report()
@@ -68,12 +81,6 @@ class Admission:
         finally:
             self.waiting -= 1
             self._report()
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
-            self._slots.release()
 
     def _report(self) -> None:
         if self.events is not None:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, TypeVar
 from keel.errors import KeelError, RequestError, UpstreamTimeout
 from keel.providers.base import Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow
-from keel.router.policy import Decision, Failed, FirstOf, default_rules
+from keel.router.policy import Decision, Failed, default_rules
 
 if TYPE_CHECKING:
     from keel.router.router import Endpoint, RoleRouter
@@ -139,7 +139,7 @@ class Attempts:
     def __init__(self, router: RoleRouter, *, streaming: bool, shrinkable: bool) -> None:
         self.router = router
         self.streaming = streaming
-        self.rules: FirstOf = default_rules(router.retry, router.budget, shrinkable=shrinkable)
+        self.shrinkable = shrinkable
         self.provider: Provider | None = None
         """The provider that served the request, once one did."""
         self.failures: list[str] = []
@@ -225,7 +225,8 @@ class Attempts:
         log.info("%s: %s failed (%s): %s", self.router.role, endpoint.name, kind, error.message)
         if self.streaming and attempt.produced:
             return False  # the client has this endpoint's tokens: never splice another's
-        self._decision = self.rules.decide(
+        rules = default_rules(self.router.retry, self.router.budget, shrinkable=self.shrinkable)
+        self._decision = rules.decide(
             Failed(
                 failure=kind,
                 number=attempt.number,
