@@ -29,6 +29,8 @@ from keel.providers.base import (
     EmbeddingProvider,
     GenerationParams,
     Provider,
+    joined,
+    piece_count,
 )
 from keel.providers.http import build_http_provider
 from keel.router.attempt import Attempts
@@ -67,6 +69,11 @@ class Events(NoEvents):
 
     def retry(self, provider: str) -> None:
         self.log.append(("retry", provider))
+
+    def observe_generation(
+        self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
+    ) -> None:
+        self.log.append(("generated", provider, str(tokens)))
 
 
 @pytest.fixture
@@ -192,6 +199,25 @@ async def test_a_healthy_primary_serves_and_the_fallback_sees_nothing(
     assert route.provider is not None and route.provider.name == "primary"
     assert (posts(primary), posts(fallback)) == (1, 0)
     assert router.endpoints[0].outstanding == 0
+
+
+@pytest.mark.parametrize("token_delay", [0.0, 0.05])
+async def test_tokens_count_as_tokens_whether_they_arrive_apart_or_together(
+    build: Build, upstreams: Callable[..., FakeUpstream], token_delay: float
+) -> None:
+    upstream = upstreams(token_delay=token_delay)
+    router = build.router([[build.endpoint(upstream.url, name="up")]])
+    received, _ = await run(router)
+    assert "".join(received) == ANSWER
+    if token_delay:
+        assert len(received) == 3, "a token sent alone goes up alone"
+    assert ("generated", "up", "3") in build.events.log, "three tokens, however they came"
+
+
+def test_pieces_that_arrived_together_are_one_piece_that_knows_how_many() -> None:
+    one, three = joined(["Hello"]), joined(["Hello", ",", " world"])
+    assert (one, piece_count(one)) == ("Hello", 1)
+    assert (three, piece_count(three)) == ("Hello, world", 3)
 
 
 @pytest.mark.parametrize(
