@@ -56,7 +56,7 @@ from keel.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from keel.providers.base import CompletionProvider, ProviderInfo
+from keel.providers.base import CompletionProvider, ProviderInfo, joined
 from keel.rate_limit import RateLimiter
 
 __all__ = ["RateLimiter"]  # re-exported: the limiter every HTTP upstream takes
@@ -591,6 +591,28 @@ class HttpUpstream:
     ) -> AsyncGenerator[list[JsonObject], None]:
         """Objects of a streamed NDJSON answer (see :class:`NdJson`), a batch per read."""
         return self._batches(path, body, NdJson(self.provider), last)
+
+
+async def field_texts(
+    batches: AsyncGenerator[list[JsonObject], None],
+    field: str,
+    provider: str,
+    done: EndMarker,
+    *,
+    unfinished: str | None = None,
+) -> AsyncGenerator[str, None]:
+    """The text at ``field`` of the payloads, one piece per batch (see :func:`joined`),
+    up to the payload ``done`` marks; ``unfinished``: the error when the body ends first
+    (for protocols whose reader cannot tell)."""
+    async with aclosing(batches):
+        async for batch in batches:
+            texts = [text for payload in batch if (text := text_field(payload, field, provider))]
+            if texts:
+                yield joined(texts)
+            if any(map(done, batch)):
+                return
+    if unfinished is not None:
+        raise UpstreamProtocolError(unfinished, provider=provider)
 
 
 class HttpBacked:

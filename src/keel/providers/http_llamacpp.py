@@ -8,22 +8,20 @@ Embedding is ``POST /embeddings`` with ``{"content": [...]}``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from keel.errors import UpstreamProtocolError
 from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
-    joined,
 )
 from keel.providers.http_base import (
     HttpBacked,
     HttpCompletion,
     JsonObject,
+    field_texts,
     generation_fields,
-    text_field,
     vector_of,
 )
 
@@ -44,18 +42,11 @@ class LlamaCppCompletionProvider(HttpCompletion):
         body["stream"] = True
         return body
 
-    async def stream_completion(self, call: CompletionCall) -> AsyncGenerator[str, None]:
-        provider = self.upstream.provider
+    def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         batches = self.upstream.sse_batches(
             "/completion", self.request_body(call), last=llamacpp_stop
         )
-        async with aclosing(batches):
-            async for batch in batches:
-                texts = [t for payload in batch if (t := text_field(payload, "content", provider))]
-                if texts:
-                    yield joined(texts)
-                if any(map(llamacpp_stop, batch)):
-                    return
+        return field_texts(batches, "content", self.upstream.provider, llamacpp_stop)
 
 
 def llamacpp_stop(payload: JsonObject) -> bool:

@@ -9,8 +9,7 @@ line, the last with ``done: true``. Embedding is ``POST /api/embed`` with
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Sequence
 from typing import Unpack
 
 from keel.errors import UpstreamProtocolError
@@ -18,7 +17,6 @@ from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
     ProviderInfo,
-    joined,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -26,8 +24,8 @@ from keel.providers.http_base import (
     HttpCompletion,
     HttpUpstream,
     JsonObject,
+    field_texts,
     generation_fields,
-    text_field,
     vector_of,
 )
 
@@ -67,19 +65,17 @@ class OllamaCompletionProvider(HttpCompletion):
             "options": options,
         }
 
-    async def stream_completion(self, call: CompletionCall) -> AsyncGenerator[str, None]:
-        provider = self.upstream.provider
+    def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         batches = self.upstream.ndjson_batches(
             "/api/generate", self.request_body(call), last=ollama_done
         )
-        async with aclosing(batches):
-            async for batch in batches:
-                texts = [t for payload in batch if (t := text_field(payload, "response", provider))]
-                if texts:
-                    yield joined(texts)
-                if any(map(ollama_done, batch)):
-                    return
-        raise UpstreamProtocolError("stream ended before 'done: true'", provider=provider)
+        return field_texts(
+            batches,
+            "response",
+            self.upstream.provider,
+            ollama_done,
+            unfinished="stream ended before 'done: true'",
+        )
 
 
 def ollama_done(payload: JsonObject) -> bool:
