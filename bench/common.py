@@ -230,7 +230,7 @@ def start_keel(
     timeout: float = 120.0,
     launcher: Sequence[str] = ("-m", "keel"),
 ) -> Process:
-    """``python <launcher> serve`` on a free port: ``-m keel``, or ``bench/what_if.py``."""
+    """``python <launcher> serve`` on a free port (``-m keel`` unless a launcher is given)."""
     root = group.workdir / f"{name}-root"
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.toml").write_text(config)
