@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack
 
 from keel.config import EventsConfig, Paths
 from keel.errors import Unavailable
@@ -39,21 +39,40 @@ PRUNE_BATCH = 5000
 DAY = 86400.0
 
 
+class EventFields(TypedDict, total=False):
+    """What an event says besides its kind (the columns after ``ts`` and ``kind``)."""
+
+    completion_id: str | None
+    choice_index: int | None
+    view_id: str | None
+    elapsed: int | None
+    select_kind: str | None
+    language: str | None
+    data: dict[str, object] | None
+
+
+COLUMNS = ("ts", "kind", *EventFields.__annotations__)
+"""The events table's columns, in the order :func:`event_row` gives their values."""
+
+
+def event_row(
+    kind: str, fields: EventFields, encode: Callable[[dict[str, object]], object]
+) -> tuple[object, ...]:
+    """One event's values in :data:`COLUMNS` order, stamped now; ``encode`` turns
+    ``data`` into what the store's column takes."""
+    data = fields.get("data")
+    return (
+        time.time(),
+        kind,
+        *(fields.get(name) for name in COLUMNS[2:-1]),
+        None if data is None else encode(data),
+    )
+
+
 class EventStore(Protocol):
     """What serving, ``POST /v1/events`` and the acceptance figures need of a store."""
 
-    async def record(
-        self,
-        kind: str,
-        *,
-        completion_id: str | None = None,
-        choice_index: int | None = None,
-        view_id: str | None = None,
-        elapsed: int | None = None,
-        select_kind: str | None = None,
-        language: str | None = None,
-        data: dict[str, object] | None = None,
-    ) -> None:
+    async def record(self, kind: str, **fields: Unpack[EventFields]) -> None:
         """Keep one event; never raises for a database that is down."""
 
     async def language_of(self, completion_id: str | None) -> str | None:
@@ -136,29 +155,8 @@ class SqliteEventStore:
                     (self.max_rows,),
                 )
 
-    async def record(
-        self,
-        kind: str,
-        *,
-        completion_id: str | None = None,
-        choice_index: int | None = None,
-        view_id: str | None = None,
-        elapsed: int | None = None,
-        select_kind: str | None = None,
-        language: str | None = None,
-        data: dict[str, object] | None = None,
-    ) -> None:
-        row: dict[str, object] = {
-            "ts": time.time(),
-            "kind": kind,
-            "completion_id": completion_id,
-            "choice_index": choice_index,
-            "view_id": view_id,
-            "elapsed": elapsed,
-            "select_kind": select_kind,
-            "language": language,
-            "data": json.dumps(data) if data is not None else None,
-        }
+    async def record(self, kind: str, **fields: Unpack[EventFields]) -> None:
+        row = dict(zip(COLUMNS, event_row(kind, fields, json.dumps), strict=True))
         await asyncio.to_thread(self._insert, row)
 
     def counts(self) -> dict[str, int]:

@@ -23,13 +23,13 @@ import threading
 import time
 from collections import OrderedDict, deque
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Unpack
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from keel.errors import Unavailable
-from keel.events import PRUNE_BATCH, acceptance_row
+from keel.events import COLUMNS, PRUNE_BATCH, EventFields, acceptance_row, event_row
 from keel.state.migrate import migrate_postgres
 
 if TYPE_CHECKING:
@@ -37,18 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keel.events")
 
-COLUMNS = (
-    "ts",
-    "kind",
-    "completion_id",
-    "choice_index",
-    "view_id",
-    "elapsed",
-    "select_kind",
-    "language",
-    "data",
+INSERT = (
+    f"INSERT INTO keel_events ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
 )
-INSERT = f"INSERT INTO keel_events ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * 9)})"
 ACCEPTANCE = """
     SELECT c.language, c.data->>'provider' AS provider,
            COUNT(DISTINCT c.completion_id),
@@ -116,31 +107,11 @@ class PostgresEventStore:
 
     # writing ----------------------------------------------------------------
 
-    async def record(
-        self,
-        kind: str,
-        *,
-        completion_id: str | None = None,
-        choice_index: int | None = None,
-        view_id: str | None = None,
-        elapsed: int | None = None,
-        select_kind: str | None = None,
-        language: str | None = None,
-        data: dict[str, object] | None = None,
-    ) -> None:
-        row: Row = (
-            time.time(),
-            kind,
-            completion_id,
-            choice_index,
-            view_id,
-            elapsed,
-            select_kind,
-            language,
-            Jsonb(data) if data is not None else None,
-        )
+    async def record(self, kind: str, **fields: Unpack[EventFields]) -> None:
+        row = event_row(kind, fields, Jsonb)
+        completion_id = fields.get("completion_id")
         if kind == "completion" and completion_id:
-            self._languages[completion_id] = language
+            self._languages[completion_id] = fields.get("language")
             if len(self._languages) > REMEMBERED_LANGUAGES:
                 self._languages.popitem(last=False)
         with self._lock:
