@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -25,8 +26,9 @@ from keel.ops.metrics import Metrics
 from keel.ops.stats import RequestStats
 from keel.providers.catalog import Providers, build_providers
 from keel.reload import assemble, reload_config
-from keel.state.shared_keys import SharedKeys
-from keel.state.shared_limits import RedisState
+
+if TYPE_CHECKING:
+    from keel.state.shared_keys import SharedKeys
 
 log = logging.getLogger("keel")
 
@@ -63,6 +65,8 @@ def create_app(
         events = open_event_store(settings.events, paths, app_metrics)
         redis = None
         if settings.state.redis_url is not None:
+            from keel.state.shared_limits import RedisState  # Redis's client, only if used
+
             redis = RedisState(
                 settings.state.redis_url,
                 timeout=settings.state.timeout_seconds,
@@ -75,6 +79,8 @@ def create_app(
         audit = AuditLog(paths.root / "audit.log")
         shared_keys = None
         if redis is not None:
+            from keel.state.shared_keys import SharedKeys
+
             shared_keys = SharedKeys(
                 redis,
                 metrics=app_metrics,

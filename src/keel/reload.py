@@ -14,6 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keel.api.state import AppState
 from keel.audit import AuditLog
@@ -30,8 +31,10 @@ from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
 from keel.serving.embedding import EmbeddingServing
-from keel.state.shared_keys import SharedKeys
-from keel.state.shared_limits import RedisState, SharedKeyRateLimiter
+
+if TYPE_CHECKING:  # Redis's client is imported only where [state] redis_url is set
+    from keel.state.shared_keys import SharedKeys
+    from keel.state.shared_limits import RedisState
 
 log = logging.getLogger("keel.reload")
 
@@ -70,8 +73,12 @@ def assemble(
 
     per_minute = settings.auth.requests_per_minute
     limiter: KeyLimiter | None = None
-    if per_minute:
-        limiter = SharedKeyRateLimiter(per_minute, redis) if redis else KeyRateLimiter(per_minute)
+    if per_minute and redis is not None:
+        from keel.state.shared_limits import SharedKeyRateLimiter
+
+        limiter = SharedKeyRateLimiter(per_minute, redis)
+    elif per_minute:
+        limiter = KeyRateLimiter(per_minute)
     return Parts(
         routing=routing,
         completion=CompletionServing(

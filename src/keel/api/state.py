@@ -7,7 +7,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -24,8 +24,10 @@ from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
 from keel.serving.embedding import EmbeddingServing
-from keel.state.shared_keys import SharedKeys
-from keel.state.shared_limits import RedisState
+
+if TYPE_CHECKING:  # Redis's client is imported only where [state] redis_url is set
+    from keel.state.shared_keys import SharedKeys
+    from keel.state.shared_limits import RedisState
 
 
 @dataclass(slots=True)
