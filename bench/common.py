@@ -203,23 +203,8 @@ def start_upstream(
 
 
 def http_provider(kind: str, url: str, extra: str = "") -> str:
-    # keel's default rate limit (1,200/min, Tabby's) would be what the bench measured.
-    return (
-        f'kind = "{kind}"\napi_endpoint = "{url}/v1"\nmodel_name = "fake-model"\n'
-        f"rate_limit = {{ request_per_minute = 10000000 }}\n{extra}"
-    )
-
-
-def keel_config_for(upstream_url: str, *, max_concurrent: int = 256, queue_size: int = 1024) -> str:
-    """Every role on the fake upstream, no local worker, admission wide enough not to queue."""
-    roles = {"completion": "openai/completion", "chat": "openai/chat"}
-    parts = []
-    for role, kind in roles.items():
-        parts.append(f"[model.{role}]\nembedded_last_resort = false\n")
-        parts.append(f"max_concurrent = {max_concurrent}\nqueue_size = {queue_size}\n")
-        parts.append(f"[model.{role}.http]\n{http_provider(kind, upstream_url)}\n")
-    parts.append(f"[model.embedding.http]\n{http_provider('openai/embedding', upstream_url)}\n")
-    return "\n".join(parts)
+    """A ``[model.<role>.http]`` table's body for the fake upstream, keel's defaults otherwise."""
+    return f'kind = "{kind}"\napi_endpoint = "{url}/v1"\nmodel_name = "fake-model"\n{extra}'
 
 
 def start_keel(

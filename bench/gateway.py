@@ -50,10 +50,7 @@ def keel_default_config(upstream_url: str) -> str:
     parts = []
     for role, kind in (("completion", "openai/completion"), ("chat", "openai/chat")):
         parts.append(f"[model.{role}]\nembedded_last_resort = false\n")
-        parts.append(
-            f'[model.{role}.http]\nkind = "{kind}"\napi_endpoint = "{upstream_url}/v1"\n'
-            'model_name = "fake-model"\n'
-        )
+        parts.append(f"[model.{role}.http]\n{common.http_provider(kind, upstream_url)}")
     return "\n".join(parts)
 
 
