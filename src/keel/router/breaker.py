@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+
+from keel.router.window import WindowCounts
 
 log = logging.getLogger("keel.router")
 
@@ -57,7 +58,7 @@ class CircuitBreaker:
         self._on_change = on_change
         self._state = BreakerState.CLOSED
         self._consecutive = 0
-        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._outcomes = WindowCounts(self.policy.window)
         self._opened_at = 0.0
         self._probe_in_flight = False
 
@@ -115,21 +116,17 @@ class CircuitBreaker:
         self._probe_in_flight = False
 
     def _remember(self, *, ok: bool) -> None:
-        now = self._clock()
-        self._outcomes.append((now, ok))
-        while self._outcomes and now - self._outcomes[0][0] > self.policy.window:
-            self._outcomes.popleft()
+        self._outcomes.add(self._clock(), marked=not ok)
 
     def _should_open(self) -> bool:
         if self._state is not BreakerState.CLOSED:
             return False
         if self._consecutive >= self.policy.consecutive_failures:
             return True
-        volume = len(self._outcomes)
+        volume = self._outcomes.total
         if volume < self.policy.min_volume:
             return False
-        failures = sum(1 for _, ok in self._outcomes if not ok)
-        return failures / volume >= self.policy.failure_rate
+        return self._outcomes.marked / volume >= self.policy.failure_rate
 
     def _open(self) -> None:
         self._opened_at = self._clock()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from keel.router.window import WindowCounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,25 +37,19 @@ class RetryBudget:
     ) -> None:
         self.policy = policy or RetryPolicy()
         self._clock = clock
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
-
-    def _trim(self, now: float) -> None:
-        for events in (self._requests, self._retries):
-            while events and now - events[0] > self.policy.budget_window:
-                events.popleft()
+        self._requests = WindowCounts(self.policy.budget_window)
+        self._retries = WindowCounts(self.policy.budget_window)
 
     def record_request(self) -> None:
-        now = self._clock()
-        self._trim(now)
-        self._requests.append(now)
+        self._requests.add(self._clock())
 
     def try_spend(self) -> bool:
         """Take one retry from the budget if there is one left."""
         now = self._clock()
-        self._trim(now)
-        allowed = self.policy.budget_floor + self.policy.budget_ratio * len(self._requests)
-        if len(self._retries) + 1 > allowed:
+        self._requests.trim(now)
+        self._retries.trim(now)
+        allowed = self.policy.budget_floor + self.policy.budget_ratio * self._requests.total
+        if self._retries.total + 1 > allowed:
             return False
-        self._retries.append(now)
+        self._retries.add(now)
         return True
