@@ -98,9 +98,16 @@ def failover_rows(result: dict[str, Any]) -> list[Row]:
 
 
 def inference_rows(result: dict[str, Any]) -> list[Row]:
+    rows = inference_pair(result)
+    if "core_left" in result:
+        rows += inference_pair(result["core_left"], " (a core left for keel)")
+    return rows
+
+
+def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
     raw, keel = result["raw"], result["keel"]
     setup = result["setup"]
-    scenario = f"{setup['prompt_tokens']}-token cold prompt, {setup['threads']} threads"
+    scenario = f"{setup['prompt_tokens']}-token cold prompt, {setup['threads']} threads{note}"
     decode, ttft = result["decode_ratio"], result["ttft_ratio"]
     return [
         (
@@ -114,7 +121,7 @@ def inference_rows(result: dict[str, Any]) -> list[Row]:
         ),
         (
             "inference",
-            "keel local vs raw engine: time to first token",
+            f"keel local vs raw engine: time to first token{note}",
             ms(keel["ttft_ms_p50"]),
             f"raw {ms(raw['ttft_ms_p50'])}",
             f"{ttft:.3f}x raw speed" if ttft else "-",
@@ -275,7 +282,12 @@ def main() -> int:
             failover_rows,
             failover.plot,
         ),
-        ("inference", lambda: inference.run(prompts=2 if args.quick else 5), inference_rows, None),
+        (
+            "inference",
+            lambda: inference.run_with_a_core_left(prompts=2 if args.quick else 5),
+            inference_rows,
+            None,
+        ),
         (
             "local_serving",
             lambda: local_serving.run(repeats=2 if args.quick else 5),
