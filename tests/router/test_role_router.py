@@ -355,6 +355,24 @@ async def test_a_stall_between_tokens_ends_the_stream(
         await run(router)
 
 
+async def test_a_slow_client_is_not_a_stalled_stream(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """Only the wait for the backend's next piece counts against ``between_tokens``:
+    a consumer that spends longer than that on each piece (writing to a slow
+    client) is no stall, and the one timer left armed meanwhile cancels nothing."""
+    primary = upstreams(token_delay=0.02)
+    stall = Timeouts(first_token=2.0, between_tokens=0.1)
+    router = build.router([[build.endpoint(primary.url, name="primary", timeouts=stall)]])
+    received: list[str] = []
+    async for attempt in router.attempts(streaming=True, shrinkable=True):
+        async with attempt:
+            async for piece in attempt.pieces(Starts()(attempt.provider, attempt.shrink)):
+                received.append(piece)
+                await asyncio.sleep(0.25)
+    assert "".join(received) == ANSWER and len(received) > 1
+
+
 async def test_an_error_event_inside_the_stream_after_tokens_ends_it(
     build: Build, upstreams: Callable[..., FakeUpstream]
 ) -> None:

@@ -102,29 +102,33 @@ class Attempt:
         """``stream``'s pieces under the first-token and between-token timeouts; the
         stream is closed when this ends (which cancels the upstream work)."""
         between = self.endpoint.timeouts.between_tokens
+        loop = asyncio.get_running_loop()
+        watch = _Watchdog(loop)
         async with aclosing(aiter(stream)) as iterator:  # type: ignore[type-var]
-            while True:
-                first = self.produced == 0
-                try:
+            try:
+                while True:
+                    first = self.produced == 0
+                    watch.wait_until(self._deadline if first else loop.time() + between)
+                    try:
+                        piece = await anext(iterator)
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.CancelledError:
+                        if not watch.expired():
+                            raise
+                        if first:
+                            raise self._first_token_timeout() from None
+                        raise UpstreamTimeout(
+                            f"stream stalled for {between:.0f}s", provider=self.endpoint.name
+                        ) from None
+                    watch.waited()
                     if first:
-                        async with asyncio.timeout_at(self._deadline):
-                            piece = await anext(iterator)
-                    else:
-                        async with asyncio.timeout(between):
-                            piece = await anext(iterator)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    if first:
-                        raise self._first_token_timeout() from None
-                    raise UpstreamTimeout(
-                        f"stream stalled for {between:.0f}s", provider=self.endpoint.name
-                    ) from None
-                if first:
-                    self.first_piece_after = self._attempts.router.clock() - self._started
-                self.produced += 1
-                self.tokens += piece_count(piece)
-                yield piece
+                        self.first_piece_after = self._attempts.router.clock() - self._started
+                    self.produced += 1
+                    self.tokens += piece_count(piece)
+                    yield piece
+            finally:
+                watch.close()
 
     def _first_token_timeout(self) -> UpstreamTimeout:
         return UpstreamTimeout(
@@ -246,3 +250,70 @@ def client_error(error: KeelError) -> RequestError:
     client = RequestError(error.message, code="upstream_rejected_request")
     client.status_code = status
     return client
+
+
+class _Watchdog:
+    """One timer for all the waits of a stream, where ``asyncio.timeout`` per piece
+    made and cancelled a timer for every token.
+
+    A wait states when it must end (``wait_until``) and that it ended (``waited``).
+    The timer fires at the earliest due time it was armed for; if a wait is then
+    in progress and past its due time, the task is cancelled (and ``expired``
+    turns that cancellation into the timeout), otherwise it re-arms for the wait
+    in progress. Only a wait can expire: time the consumer spends elsewhere, such
+    as writing to a slow client, never counts.
+    """
+
+    __slots__ = ("_loop", "_task", "_cancelling", "_due", "_handle", "_armed_for", "_fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        self._due: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
+        self._fired = False
+
+    def wait_until(self, due: float) -> None:
+        self._due = due
+        if self._handle is None or due < self._armed_for:
+            self._arm(due)
+
+    def waited(self) -> None:
+        self._due = None
+        if self._fired:  # fired as the wait ended: the piece is kept, the cancel taken back
+            self.expired()
+
+    def expired(self) -> bool:
+        """Whether the cancellation in flight is this timer's (and no one else's)."""
+        if not self._fired or self._task is None:
+            return False
+        self._fired = False
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        self._disarm()
+        if self._fired:  # a cancel of ours the stream turned into another error
+            self.expired()
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self, when: float) -> None:
+        self._disarm()
+        self._armed_for = when
+        self._handle = self._loop.call_at(when, self._check)
+
+    def _check(self) -> None:
+        self._handle = None
+        due = self._due
+        if due is None:  # between waits: the next wait arms the timer again
+            return
+        if due > self._armed_for:
+            self._arm(due)
+        elif self._task is not None:
+            self._fired = True
+            self._task.cancel()
