@@ -71,6 +71,29 @@ def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(
     assert response.json()["choices"][0]["text"] == FALLBACK_TEXT
 
 
+def test_a_stream_that_stalls_mid_way_ends_with_an_error_event_naming_the_stall(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """The between-token limit holds where the response is written (a task of its own),
+    not only where the first token was awaited: a backend that goes quiet after its
+    first token ends the stream with an ``upstream_timeout`` event, and keel serves on."""
+    primary, fallback = backends
+    stall = {"between_tokens_timeout": 0.3}
+    keel = keel_factory(chain_config(primary.url, fallback.url, routing=QUIET, primary_extra=stall))
+    primary.token_delay = 1.5
+
+    for streamed in (keel.stream_completion(), keel.stream_chat()):
+        assert streamed.status == 200
+        assert streamed.text == PRIMARY_TOKENS[0], "the first token, then the stall"
+        assert len(streamed.errors) == 1 and streamed.done, streamed
+        assert streamed.errors[0]["code"] == "upstream_timeout"
+        assert "stalled" in streamed.errors[0]["message"]
+    assert live(fallback) == 0, "never spliced: no fallback once tokens were sent"
+
+    primary.token_delay = 0.0
+    assert keel.completion().status_code == 200
+
+
 def test_everything_down_is_a_quick_503_naming_each_provider(
     dead_url: str, keel_factory: Callable[[str], Keel]
 ) -> None:

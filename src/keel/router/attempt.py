@@ -33,7 +33,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.errors import KeelError, RequestError, UpstreamTimeout
 from keel.providers.base import Provider, piece_count
@@ -261,21 +261,25 @@ class _Watchdog:
     in progress and past its due time, the task is cancelled (and ``expired``
     turns that cancellation into the timeout), otherwise it re-arms for the wait
     in progress. Only a wait can expire: time the consumer spends elsewhere, such
-    as writing to a slow client, never counts.
+    as writing to a slow client, never counts. The task cancelled is the one
+    waiting: a stream's first piece is awaited by the request's handler, the rest
+    by the task that writes the response.
     """
 
     __slots__ = ("_loop", "_task", "_cancelling", "_due", "_handle", "_armed_for", "_fired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._task = asyncio.current_task()
-        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
         self._due: float | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
         self._fired = False
 
     def wait_until(self, due: float) -> None:
+        task = self._task = asyncio.current_task()
+        self._cancelling = task.cancelling() if task is not None else 0
         self._due = due
         if self._handle is None or due < self._armed_for:
             self._arm(due)
