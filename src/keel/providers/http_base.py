@@ -593,26 +593,37 @@ class HttpUpstream:
         return self._batches(path, body, NdJson(self.provider), last)
 
 
-async def field_texts(
+async def stream_texts(
     batches: AsyncGenerator[list[JsonObject], None],
-    field: str,
-    provider: str,
+    text: Callable[[JsonObject], str],
     done: EndMarker,
+    provider: str,
     *,
     unfinished: str | None = None,
 ) -> AsyncGenerator[str, None]:
-    """The text at ``field`` of the payloads, one piece per batch (see :func:`joined`),
-    up to the payload ``done`` marks; ``unfinished``: the error when the body ends first
-    (for protocols whose reader cannot tell)."""
+    """The ``text`` of each payload, one piece per batch (see :func:`joined`), up to
+    and including the payload ``done`` marks; ``unfinished``: the error when the body
+    ends first (for protocols whose reader cannot tell)."""
     async with aclosing(batches):
         async for batch in batches:
-            texts = [text for payload in batch if (text := text_field(payload, field, provider))]
+            texts, finished = [], False
+            for payload in batch:
+                if piece := text(payload):
+                    texts.append(piece)
+                if done(payload):
+                    finished = True
+                    break
             if texts:
                 yield joined(texts)
-            if any(map(done, batch)):
+            if finished:
                 return
     if unfinished is not None:
         raise UpstreamProtocolError(unfinished, provider=provider)
+
+
+def field_text(field: str, provider: str) -> Callable[[JsonObject], str]:
+    """A payload's text at ``field`` (see :func:`text_field`), for :func:`stream_texts`."""
+    return lambda payload: text_field(payload, field, provider)
 
 
 class HttpBacked:

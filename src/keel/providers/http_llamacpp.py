@@ -20,8 +20,9 @@ from keel.providers.http_base import (
     HttpBacked,
     HttpCompletion,
     JsonObject,
-    field_texts,
+    field_text,
     generation_fields,
+    stream_texts,
     vector_of,
 )
 
@@ -46,7 +47,8 @@ class LlamaCppCompletionProvider(HttpCompletion):
         batches = self.upstream.sse_batches(
             "/completion", self.request_body(call), last=llamacpp_stop
         )
-        return field_texts(batches, "content", self.upstream.provider, llamacpp_stop)
+        provider = self.upstream.provider
+        return stream_texts(batches, field_text("content", provider), llamacpp_stop, provider)
 
 
 def llamacpp_stop(payload: JsonObject) -> bool:

@@ -24,8 +24,9 @@ from keel.providers.http_base import (
     HttpCompletion,
     HttpUpstream,
     JsonObject,
-    field_texts,
+    field_text,
     generation_fields,
+    stream_texts,
     vector_of,
 )
 
@@ -69,11 +70,12 @@ class OllamaCompletionProvider(HttpCompletion):
         batches = self.upstream.ndjson_batches(
             "/api/generate", self.request_body(call), last=ollama_done
         )
-        return field_texts(
+        provider = self.upstream.provider
+        return stream_texts(
             batches,
-            "response",
-            self.upstream.provider,
+            field_text("response", provider),
             ollama_done,
+            provider,
             unfinished="stream ended before 'done: true'",
         )
 

@@ -9,7 +9,6 @@ or ``/embeddings`` to it, as Tabby does. Streams are SSE ending in
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing
 from typing import Any, Unpack
 
 from keel.errors import UpstreamProtocolError
@@ -20,7 +19,6 @@ from keel.providers.base import (
     EmbeddingProvider,
     GenerationParams,
     ProviderInfo,
-    joined,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -29,6 +27,7 @@ from keel.providers.http_base import (
     HttpUpstream,
     JsonObject,
     generation_fields,
+    stream_texts,
     text_field,
     vector_of,
 )
@@ -73,7 +72,7 @@ def finished(payload: JsonObject) -> bool:
     return choices[0].get("finish_reason") is not None
 
 
-async def stream_choice_text(
+def stream_choice_text(
     upstream: HttpUpstream, path: str, body: JsonObject, read: str
 ) -> AsyncGenerator[str, None]:
     """Text pieces of a chunked OpenAI-style stream, one per read (see :func:`joined`).
@@ -82,23 +81,12 @@ async def stream_choice_text(
     ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``).
     """
     provider = upstream.provider
-    async with aclosing(upstream.sse_batches(path, body, last=finished)) as batches:
-        async for batch in batches:
-            texts, done = [], False
-            for payload in batch:
-                choice = first_choice(payload, provider)
-                if choice is None:
-                    continue
-                text = choice_text(choice, read, provider)
-                if text:
-                    texts.append(text)
-                if choice.get("finish_reason") is not None:
-                    done = True
-                    break
-            if texts:
-                yield joined(texts)
-            if done:
-                return
+
+    def text(payload: JsonObject) -> str:
+        choice = first_choice(payload, provider)
+        return "" if choice is None else choice_text(choice, read, provider)
+
+    return stream_texts(upstream.sse_batches(path, body, last=finished), text, finished, provider)
 
 
 def choice_text(choice: JsonObject, read: str, provider: str) -> str:
