@@ -122,6 +122,15 @@ def acceptance_row(
     }
 
 
+def prune_in_batches(batch: Callable[[], int]) -> int:
+    """Run ``batch`` (one DELETE of at most :data:`PRUNE_BATCH` rows; how many went)
+    until one comes back short; how many rows went in all."""
+    deleted = 0
+    while (n := batch()) == PRUNE_BATCH:
+        deleted += n
+    return deleted + n
+
+
 PRUNE_SQLITE = (
     "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? ORDER BY ts LIMIT ?)"
 )
@@ -201,16 +210,14 @@ class SqliteEventStore:
         return {"store": "sqlite", "up": True}
 
     def prune(self, before: float) -> int:
-        deleted = 0
-        while True:
-            try:
-                with self._lock:
-                    n = self._db.execute(PRUNE_SQLITE, (before, PRUNE_BATCH)).rowcount
-            except sqlite3.Error as exc:
-                raise Unavailable(f"events file {self.path}: {exc}") from exc
-            deleted += n
-            if n < PRUNE_BATCH:
-                return deleted
+        def batch() -> int:
+            with self._lock:  # released between batches: inserts go on meanwhile
+                return int(self._db.execute(PRUNE_SQLITE, (before, PRUNE_BATCH)).rowcount)
+
+        try:
+            return prune_in_batches(batch)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"events file {self.path}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:

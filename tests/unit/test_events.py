@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.events import DAY, EventRetention, SqliteEventStore
+from keel.events import DAY, PRUNE_BATCH, EventRetention, SqliteEventStore, prune_in_batches
 from keel.ops.metrics import Metrics
 
 
@@ -72,3 +72,9 @@ async def test_retention_prunes_at_start_and_then_every_interval(tmp_path: Path)
     assert store.counts() == {}, "kept at the first turn, pruned at the second"
     assert metrics.registry.get_sample_value("keel_events_pruned_total") == 1
     store.close()
+
+
+def test_pruning_goes_on_batch_by_batch_until_one_comes_back_short() -> None:
+    left = [PRUNE_BATCH, PRUNE_BATCH, 12, 0]
+    assert prune_in_batches(lambda: left.pop(0)) == 2 * PRUNE_BATCH + 12
+    assert left == [0], "no batch after a short one"

@@ -29,7 +29,14 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from keel.errors import Unavailable
-from keel.events import COLUMNS, PRUNE_BATCH, EventFields, acceptance_row, event_row
+from keel.events import (
+    COLUMNS,
+    PRUNE_BATCH,
+    EventFields,
+    acceptance_row,
+    event_row,
+    prune_in_batches,
+)
 from keel.state.migrate import migrate_postgres
 
 if TYPE_CHECKING:
@@ -266,15 +273,12 @@ class PostgresEventStore:
     def prune(self, before: float) -> int:
         """On a connection of its own, so neither the writer nor the reads wait on it;
         every replica may run it, and the later ones find nothing to delete."""
-        deleted = 0
         try:
             with self._connect() as connection:
                 connection.autocommit = True
-                while True:
-                    n = connection.execute(PRUNE, (before, PRUNE_BATCH)).rowcount
-                    deleted += n
-                    if n < PRUNE_BATCH:
-                        return deleted
+                return prune_in_batches(
+                    lambda: connection.execute(PRUNE, (before, PRUNE_BATCH)).rowcount
+                )
         except psycopg.Error as exc:
             raise Unavailable(f"the events database did not answer ({exc})") from exc
 
