@@ -426,19 +426,13 @@ class EventsConfig(_Section):
         "events are dropped and counted (keel_events_dropped_total).",
     )
 
-    retention_days: int | None = Field(
+    retention_days: int = Field(
         90,
+        ge=0,
         description="Days completion events are kept (SQLite or Postgres); older ones are "
         "deleted at start and then hourly, off the request path "
         "(keel_events_pruned_total). 0 keeps them forever.",
     )
-
-    @field_validator("retention_days")
-    @classmethod
-    def _retention_not_negative(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError("must be a whole number of days, or 0 to keep events forever")
-        return value
 
     @field_validator("database_url")
     @classmethod
