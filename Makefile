@@ -6,12 +6,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test lint typecheck pytest install node-deps sample-config clean promtool rules-test
+.PHONY: serve test deps lint typecheck pytest install node-deps sample-config clean rules-test
 
 serve: $(STAMP)
 	$(BIN)/keel serve
 
-test: lint typecheck rules-test pytest
+test: deps lint typecheck rules-test pytest
+
+# What the checks need, installed side by side: the venv (pip), tabby-agent (npm) and
+# Debian's packages (apt) wait on different servers.
+deps:
+	@$(MAKE) --no-print-directory -j3 $(STAMP) node-deps system-deps
 
 install: $(STAMP)
 
@@ -41,29 +46,29 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) node-deps browser-deps state-deps
-	$(BIN)/pytest
+# One pytest worker per core (pytest-xdist), each pinned to its own core with what it
+# starts (tests/conftest.py): two embedded engines never fight over the same cores.
+pytest: $(STAMP) node-deps system-deps
+	$(BIN)/pytest -n auto --dist load
 
-# promtool comes from Debian's prometheus package; installed only when missing.
-promtool:
-	@command -v promtool >/dev/null 2>&1 || { \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+# Debian's packages, installed only when missing, in one apt-get call: promtool (package
+# prometheus) checks the alert rules; chromium drives the status page's tests through
+# Playwright (never `playwright install`, which downloads browsers); redis-server and
+# PostgreSQL back the replica tests (tests/state/), started on loopback in a temp dir.
+.PHONY: system-deps
+system-deps:
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
-# chromium comes from Debian's chromium package: the status page's tests drive it through
-# Playwright (never `playwright install`, which downloads browsers). Installed only when missing.
-.PHONY: browser-deps
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
-
-# redis-server and PostgreSQL come from Debian's packages: the replica tests (tests/state/)
-# start real ones on loopback in a temp dir. Installed only when missing.
-.PHONY: state-deps
-state-deps:
-	@{ command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server postgresql; }
-
-rules-test: promtool
+rules-test: system-deps
 	promtool check rules deploy/prometheus/keel-rules.yml
 	cd deploy/prometheus && promtool test rules keel-rules.test.yml
 

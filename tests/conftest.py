@@ -95,3 +95,17 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProces
         yield server
     finally:
         server.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``), pin each worker to its own share of the cores.
+
+    What a test starts (keel, its engine worker, fake upstreams, redis) inherits the pin,
+    and the engine sizes its threads to it, so each worker is a machine of its own: two
+    2-thread engines on 2 shared cores starved each other into 30 s timeouts."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker:
+        cores = sorted(os.sched_getaffinity(0))
+        count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        mine = cores[int(worker.removeprefix("gw")) % len(cores) :: count]
+        os.sched_setaffinity(0, mine or cores)

@@ -151,7 +151,9 @@ class LocalModelConfig(_Section):
     )
     context_size: int = Field(2048, ge=128, description="Context window in tokens.")
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for inference (default: all cores)."
+        None,
+        ge=1,
+        description="CPU threads for inference (default: the physical cores keel may run on).",
     )
     parallelism: int = Field(
         2,

@@ -5,6 +5,7 @@ prompt over the context is the caller's error, never the provider's."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -94,6 +95,30 @@ async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerS
     # The worker is fine afterwards.
     pieces = [p async for p in supervisor.stream({**COUNTING, "max_tokens": 3}, ready_timeout=5)]
     assert pieces
+
+
+async def test_the_engine_sizes_its_threads_to_the_cores_it_may_run_on() -> None:
+    """A CPU set (a container's, ``taskset``'s) bounds the engine's threads, where
+    llama.cpp's own default counts every core of the machine; ``threads`` set wins."""
+    everywhere = os.sched_getaffinity(0)
+    model = str(embedded_model_path())
+    pinned = WorkerSupervisor(WorkerSpec(model), name="pinned")
+    configured = WorkerSupervisor(WorkerSpec(model, threads=3), name="configured")
+    os.sched_setaffinity(0, {min(everywhere)})  # the workers inherit it when they start
+    try:
+        for worker in (pinned, configured):
+            await worker.start()
+            await worker.wait_ready(60)
+    finally:
+        os.sched_setaffinity(0, everywhere)
+    try:
+        assert pinned.model_info["threads"] == 1
+        assert configured.model_info["threads"] == 3
+        pieces = [p async for p in pinned.stream({**COUNTING, "max_tokens": 3}, ready_timeout=5)]
+        assert pieces
+    finally:
+        await pinned.stop()
+        await configured.stop()
 
 
 def test_a_long_generation_does_not_hold_up_completions(keel_server: KeelProcess) -> None:

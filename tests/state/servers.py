@@ -1,6 +1,6 @@
 """Real Redis and PostgreSQL servers from Debian's packages, on 127.0.0.1 in a temp dir.
 
-``make test`` installs them when missing (``make state-deps``). PostgreSQL
+``make test`` installs them when missing (``make system-deps``). PostgreSQL
 refuses to run as root, so as root its commands run as the ``postgres``
 user the Debian package creates, in a directory handed to that user. Both
 can be killed and started again on the same port, which is how the tests
@@ -28,7 +28,7 @@ REDIS_SERVER = "/usr/bin/redis-server"
 
 
 def _missing(what: str) -> None:
-    pytest.fail(f"{what} is missing: run `make state-deps` (Debian's redis-server and postgresql)")
+    pytest.fail(f"{what} is missing: run `make system-deps` (Debian's redis-server and postgresql)")
 
 
 def _wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None) -> None:

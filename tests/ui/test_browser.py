@@ -37,7 +37,7 @@ SCREENSHOTS = ARTIFACTS / "ui"
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser-deps` (Debian's chromium package)")
+        pytest.fail(f"{CHROMIUM} is missing: run `make system-deps` (Debian's chromium package)")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched

@@ -384,8 +384,7 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     params.n_cache_reuse = CACHE_REUSE
     params.cache_ram_mib = PROMPT_CACHE_MIB
     params.n_gpu_layers = args.gpu_layers
-    if args.threads:
-        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = args.threads
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = _threads(args)
     # No busy-waiting between ops: keel runs several engines (completion, embedding,
     # a swap's new model) on the same cores, and spinning threads of one starve the
     # other. Measured, two engines reading prompts at once on 2 cores: 22.7 s with
@@ -403,6 +402,22 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
             # no pooling in the GGUF: average the tokens
             params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     return params
+
+
+def _threads(args: argparse.Namespace) -> int:
+    """The configured threads, or the physical cores this process may run on: llama.cpp's
+    own default counts every core of the machine, ignoring the CPU set of a container or
+    of ``taskset`` (more threads than cores stall each step on the slowest)."""
+    if args.threads:
+        return int(args.threads)
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
 
 @functools.cache
@@ -455,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             "state": "ready",
             "n_ctx": args.context_size,
             "slots": slots,
+            "threads": _threads(args),
             "engine": f"xllamacpp {getattr(xllamacpp, '__version__', '?')}",
             **_describe(args.model),
         }
