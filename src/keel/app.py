@@ -18,6 +18,7 @@ from keel.api.errors import install_error_handlers
 from keel.api.middleware import KeelMiddleware
 from keel.api.state import AppState
 from keel.audit import AuditLog
+from keel.background import Background
 from keel.config import Paths, Settings
 from keel.errors import KeelError
 from keel.events import EventRetention, EventStore, open_event_store
@@ -90,6 +91,7 @@ def create_app(
             )
             await shared_keys.refresh()  # the keys in Redis are in force before any request
         followers = _start_followers(settings, events, app_metrics, shared_keys)
+        background = Background()
         parts = assemble(
             settings,
             paths,
@@ -98,6 +100,7 @@ def create_app(
             audit=audit,
             events=events,
             retriever=retriever,
+            background=background,
             redis=redis,
             shared_keys=shared_keys,
         )
@@ -119,6 +122,7 @@ def create_app(
             redis=redis,
             shared_keys=shared_keys,
             stats=RequestStats(),
+            background=background,
         )
         app.state.keel = state
 
@@ -146,8 +150,7 @@ def create_app(
                     await task
             await state.completion.aclose()
             await state.routing.aclose()
-            for task in list(state.background):
-                task.cancel()
+            await state.background.stop()  # a retired provider's close finishes, not cut off
             current = state.providers.unique()
             leftovers = [p for p in unique if p not in current]
             await asyncio.gather(*(provider.aclose() for provider in [*current, *leftovers]))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from keel.api.state import AppState
 from keel.audit import AuditLog
 from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore
+from keel.background import Background
 from keel.config import ROLES, Paths, Settings, load_settings
 from keel.errors import KeelError
 from keel.events import EventStore
@@ -59,6 +60,7 @@ def assemble(
     audit: AuditLog,
     events: EventStore,
     retriever: SnippetRetriever | None,
+    background: Background,
     redis: RedisState | None = None,
     shared_keys: SharedKeys | None = None,
 ) -> Parts:
@@ -103,7 +105,7 @@ def assemble(
         embedding=EmbeddingServing(routing.routers["embedding"], routing.admission["embedding"]),
         keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded, shared=shared_keys),
         rate_limiter=limiter,
-        models=ModelManager(settings, paths, routing, audit),
+        models=ModelManager(settings, paths, routing, audit, background),
     )
 
 
@@ -131,6 +133,7 @@ async def reload_config(
         audit=state.audit,
         events=state.events,
         retriever=state.completion.prompts.retriever,
+        background=state.background,
         redis=state.redis,
         shared_keys=state.shared_keys,
     )

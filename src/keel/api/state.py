@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from fastapi import Request
 
 from keel.audit import AuditLog
 from keel.auth import KeyLimiter, KeyStore
+from keel.background import Background
 from keel.config import Paths, Settings
 from keel.events import EventStore
 from keel.models.manager import ModelManager
@@ -51,13 +51,11 @@ class AppState:
     shared_keys: SharedKeys | None = None
     """The keys kept in Redis (with ``redis``), followed for the process's life."""
     started_at: float = field(default_factory=time.time)
-    background: set[asyncio.Task[None]] = field(default_factory=set)
+    background: Background = field(default_factory=Background)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in the background, cancelled at shutdown."""
-        task = asyncio.get_running_loop().create_task(work)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        """Run ``work`` in the background, finished at shutdown."""
+        self.background.spawn(work)
 
     deep_health: DeepHealth = field(default_factory=DeepHealth)
     stats: RequestStats = field(default_factory=RequestStats)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.audit import AuditLog
+from keel.background import Background
 from keel.config import LocalModelConfig, Paths, Role, Settings
 from keel.errors import Conflict, InsufficientMemory, KeelError, MissingDependency, NotFound
 from keel.models import gguf
@@ -78,6 +79,7 @@ class ModelManager:
         paths: Paths,
         routing: Routing,
         audit: AuditLog,
+        background: Background,
         *,
         available: Callable[[], int | None] = mem_available,
         drain_timeout: float = 60.0,
@@ -86,10 +88,10 @@ class ModelManager:
         self.paths = paths
         self.routing = routing
         self.audit = audit
+        self.background = background
         self.available = available
         self.drain_timeout = drain_timeout
         self._lock = asyncio.Lock()
-        self._closing: set[asyncio.Task[None]] = set()
 
     def current(self, role: Role) -> dict[str, object]:
         chain = self.routing.providers.chains[role]
@@ -220,11 +222,7 @@ class ModelManager:
         retired = self.routing.set_primary(role, ProviderEntry(provider, config))
         idle = [old for old in retired if old is not provider and not self._in_use(old)]
         if idle:  # in the background: the load is done, old requests may still run
-            task = asyncio.get_running_loop().create_task(
-                self.routing.close_when_idle(idle, self.drain_timeout)
-            )
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self.background.spawn(self.routing.close_when_idle(idle, self.drain_timeout))
         log.info("%s now served by %s", role, name)
         yield Progress("ready", f"{role} is served by {chosen}")
 
