@@ -14,6 +14,7 @@ size: the LFS sha256 no longer matches). Every request is written down.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -41,7 +42,9 @@ class FakeHub:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # shutdown() waits for the serving loop's next poll: 0.5 s by default, per test
+        serve = functools.partial(self._server.serve_forever, poll_interval=0.02)
+        self._thread = threading.Thread(target=serve, daemon=True)
 
     @property
     def url(self) -> str:
@@ -64,6 +67,7 @@ class FakeHub:
             self.seen.append(seen)
 
 
+@functools.cache  # the same 98 MB file is served by every test: hash it once
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
