@@ -153,7 +153,8 @@ class LocalModelConfig(_Section):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for inference (default: the physical cores keel may run on).",
+        description="CPU threads for inference (default: the physical cores keel may run on, "
+        "within its CPU quota).",
     )
     parallelism: int = Field(
         2,

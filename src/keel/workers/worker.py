@@ -405,9 +405,10 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
 
 
 def _threads(args: argparse.Namespace) -> int:
-    """The configured threads, or the physical cores this process may run on: llama.cpp's
-    own default counts every core of the machine, ignoring the CPU set of a container or
-    of ``taskset`` (more threads than cores stall each step on the slowest)."""
+    """The configured threads, or the physical cores this process may run on within its
+    CPU quota: llama.cpp's own default counts every core of the machine, ignoring the CPU
+    set of a container or of ``taskset`` and a quota (``docker --cpus``, a Kubernetes CPU
+    limit); more threads than that stall each step on a thread that is not running."""
     if args.threads:
         return int(args.threads)
     cores = set()
@@ -417,7 +418,26 @@ def _threads(args: argparse.Namespace) -> int:
             cores.add(siblings.read_text().strip())
         except OSError:
             cores.add(str(cpu))
-    return max(1, len(cores))
+    quota = cpu_quota()
+    return max(1, min(len(cores), quota) if quota is not None else len(cores))
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Whole CPUs the cgroup's quota allows (at least 1), or None without a quota."""
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:  # cgroup v1: -1 for no quota
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return max(1, int(quota) // int(period))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 @functools.cache
