@@ -11,9 +11,12 @@ NODE_STAMP := tests/node/node_modules/.installed
 serve: $(STAMP)
 	$(BIN)/keel serve
 
-test: deps lint typecheck rules-test pytest
+# The checks run side by side once the dependencies are in: mypy at the lowest priority
+# (nice), on the CPU the tests leave idle while they wait on sockets and timers.
+test: deps
+	@$(MAKE) --no-print-directory -j4 lint typecheck rules-test pytest
 
-# What the checks need, installed side by side: the venv (pip), tabby-agent (npm) and
+# What the checks need, installed side by side: the venv (uv), tabby-agent (npm) and
 # Debian's packages (apt) wait on different servers.
 deps:
 	@$(MAKE) --no-print-directory -j3 $(STAMP) node-deps system-deps
@@ -47,7 +50,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy
+	nice -n 19 $(BIN)/mypy
 
 # One pytest worker per core (pytest-xdist), each pinned to its own core with what it
 # starts (tests/conftest.py): two embedded engines never fight over the same cores.
