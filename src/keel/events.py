@@ -131,6 +131,9 @@ def prune_in_batches(batch: Callable[[], int]) -> int:
     return deleted + n
 
 
+INSERT_SQLITE = (
+    f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
 PRUNE_SQLITE = (
     "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? ORDER BY ts LIMIT ?)"
 )
@@ -152,11 +155,9 @@ class SqliteEventStore:
         migrate_sqlite(self._db)
         self._lock = threading.Lock()
 
-    def _insert(self, row: dict[str, object]) -> None:
-        columns = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
+    def _insert(self, row: tuple[object, ...]) -> None:
         with self._lock:
-            self._db.execute(f"INSERT INTO events ({columns}) VALUES ({marks})", list(row.values()))
+            self._db.execute(INSERT_SQLITE, row)
             self._inserts += 1
             if self._inserts % self.prune_every == 0:
                 self._db.execute(
@@ -165,8 +166,7 @@ class SqliteEventStore:
                 )
 
     async def record(self, kind: str, **fields: Unpack[EventFields]) -> None:
-        row = dict(zip(COLUMNS, event_row(kind, fields, json.dumps), strict=True))
-        await asyncio.to_thread(self._insert, row)
+        await asyncio.to_thread(self._insert, event_row(kind, fields, json.dumps))
 
     def counts(self) -> dict[str, int]:
         with self._lock:
