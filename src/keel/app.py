@@ -133,7 +133,7 @@ def create_app(
                 except KeelError as exc:
                     log.error("config reload refused, the running config stays: %s", exc.message)
 
-            state.spawn(reload())
+            state.background.spawn(reload())
 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)

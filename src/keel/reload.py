@@ -151,7 +151,7 @@ async def reload_config(
     await old_routing.aclose()
     now_used = {id(p) for p in providers.unique()}
     stopped = [p for p in old.unique() if id(p) not in now_used]
-    state.spawn(old_routing.close_when_idle(stopped))
+    state.background.spawn(old_routing.close_when_idle(stopped))
     chains = {
         role: [entry.provider.name for group in providers.chains[role] for entry in group]
         for role in ROLES

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -45,17 +44,14 @@ class AppState:
     rate_limiter: KeyLimiter | None
     audit: AuditLog
     models: ModelManager
+    background: Background
+    """Side work (a reload, closing retired providers), finished at shutdown."""
     config_path: Path | None = None
     redis: RedisState | None = None
     """Shared per-key limits (``[state] redis_url``), fixed for the process's life."""
     shared_keys: SharedKeys | None = None
     """The keys kept in Redis (with ``redis``), followed for the process's life."""
     started_at: float = field(default_factory=time.time)
-    background: Background = field(default_factory=Background)
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in the background, finished at shutdown."""
-        self.background.spawn(work)
 
     deep_health: DeepHealth = field(default_factory=DeepHealth)
     stats: RequestStats = field(default_factory=RequestStats)
