@@ -12,7 +12,8 @@ slots. Both run in processes of their own (``python bench/inference.py
 
 Setup: the embedded model (``keel.models.registry.embedded_model_path()``),
 ``context_size`` 2048 per slot, 2 slots (keel's default ``parallelism``),
-``--threads`` (default: all cores). Prompts go to raw and keel in turn, so the
+``--threads`` (default: none set, so both sides take keel's default, the physical
+cores keel may run on within its CPU quota). Prompts go to raw and keel in turn, so the
 machine's noise hits both alike. Each of ``--prompts`` prompts begins with its
 own number, so neither side reuses a cached prefix: every prompt is read cold.
 Greedy (temperature 0), ``max_tokens`` 32 (keel's default for a local model),
@@ -104,7 +105,7 @@ def raw_once(server: Any, index: int) -> dict[str, Any]:
     }
 
 
-def run_raw(model: str, threads: int) -> None:
+def run_raw(model: str, threads: int | None) -> None:
     """The raw side as a process: a prompt number per stdin line, a JSON row per stdout line."""
     import secrets
 
@@ -115,8 +116,7 @@ def run_raw(model: str, threads: int) -> None:
     # llama.cpp writes to fd 1: keep the rows on a copy of it, as the worker does.
     rows = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    argv = ["--model", model, "--threads", str(threads), "--slots", str(SLOTS)]
-    args = worker._parse_args([*argv, "--context-size", str(N_CTX)])
+    args = worker._parse_args(engine_argv(model, threads))
     server = xllamacpp.Server(worker._engine_params(xllamacpp, args, secrets.token_urlsafe(16)))
     print("ready", file=rows, flush=True)
     for line in sys.stdin:
@@ -147,13 +147,20 @@ def keel_once(client: Any, index: int) -> dict[str, Any]:
     }
 
 
-def keel_config(model: str, threads: int, upstream: str) -> str:
+def engine_argv(model: str, threads: int | None) -> list[str]:
+    """The worker's arguments for the raw side: keel's settings, ``--threads`` if given."""
+    argv = ["--model", model, "--slots", str(SLOTS), "--context-size", str(N_CTX)]
+    return argv + ["--threads", str(threads)] if threads else argv
+
+
+def keel_config(model: str, threads: int | None, upstream: str) -> str:
     import common
 
     return (
         "[model.completion.local]\n"
-        f'model_id = "{model}"\nthreads = {threads}\n'
-        f"context_size = {N_CTX}\nparallelism = {SLOTS}\n\n"
+        f'model_id = "{model}"\n'
+        + (f"threads = {threads}\n" if threads else "")
+        + f"context_size = {N_CTX}\nparallelism = {SLOTS}\n\n"
         "[model.chat.http]\n"
         + common.http_provider("openai/chat", upstream)
         + "\n[model.embedding.http]\n"
@@ -183,9 +190,11 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
     import httpx
 
     from keel.models.registry import embedded_model_path
+    from keel.workers import worker as engine_worker
 
     model = str(embedded_model_path())
-    threads = threads or os.cpu_count() or 1
+    engine_args = engine_worker._parse_args(engine_argv(model, threads))
+    engine_threads = engine_worker._threads(engine_args)  # what both sides will use
     sides = ("raw", "keel")
     rows: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     worker: Any = None
@@ -194,7 +203,8 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
         config = keel_config(model, threads, upstream.url)
         keel = common.start_keel(group, config, timeout=180)
         raw = subprocess.Popen(
-            [common.PYTHON, __file__, "--raw", "--model", model, "--threads", str(threads)],
+            [common.PYTHON, __file__, "--raw", "--model", model]
+            + (["--threads", str(threads)] if threads else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -237,7 +247,8 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
     return {
         "setup": {
             "model": os.path.basename(model),
-            "threads": threads,
+            "threads": engine_threads,
+            "threads_set": threads is not None,
             "engine": "xllamacpp.Server in process, the worker's engine settings",
             "n_ctx_per_slot": N_CTX,
             "slots": SLOTS,
@@ -255,11 +266,11 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
 
 
 def run_with_a_core_left(prompts: int = 5) -> dict[str, Any]:
-    """``run`` with the engine on every core, then (on more than one core) on one
-    thread fewer: the second shows what the HTTP and streaming work costs when it
-    does not compete with the engine's own threads for a core."""
-    cores = os.cpu_count() or 1
-    result = run(prompts, cores)
+    """``run`` with keel's default threads, then (with more than one) on one thread
+    fewer: the second shows what the HTTP and streaming work costs when it does not
+    compete with the engine's own threads for a core."""
+    result = run(prompts)
+    cores = int(result["setup"]["threads"])
     if cores > 1:
         result["core_left"] = run(prompts, cores - 1)
     return result

@@ -107,7 +107,10 @@ def inference_rows(result: dict[str, Any]) -> list[Row]:
 def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
     raw, keel = result["raw"], result["keel"]
     setup = result["setup"]
-    scenario = f"{setup['prompt_tokens']}-token cold prompt, {setup['threads']} threads{note}"
+    count = setup["threads"]
+    threads = f"{count} thread{'s' if count != 1 else ''}"
+    threads += "" if setup.get("threads_set") else " (default)"
+    scenario = f"{setup['prompt_tokens']}-token cold prompt, {threads}{note}"
     decode, ttft = result["decode_ratio"], result["ttft_ratio"]
     return [
         (
