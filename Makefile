@@ -85,7 +85,7 @@ clean:
 	rm -rf $(VENV) tests/node/node_modules
 
 # Benchmarks (bench/run.py): one table, figures in bench/results/*.json, plots *.png.
-# `make bench` installs the peers first (LiteLLM, ~1 min once); if that fails the
+# `make bench` installs the peers first (LiteLLM, ~5 s once); if that fails the
 # bench still runs and reports LiteLLM as not run. BENCH_ARGS="--quick" for a short try.
 PEERS_VENV := bench/.venv-peers
 LITELLM_VERSION := 1.100.5
@@ -96,16 +96,14 @@ BENCH_ARGS ?=
 
 bench: $(STAMP)
 	-@$(MAKE) --no-print-directory bench-peers
-	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 bench-peers: $(PEERS_STAMP)
 
 # LiteLLM's proxy in a venv of its own, pinned (newer releases need a certifi the
-# mirror here lacks; 1.107.0 was a compromised release).
-$(PEERS_STAMP):
-	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(PEERS_VENV)/bin/python -m pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
+# mirror here lacks; 1.107.0 was a compromised release), installed by keel's uv.
+$(PEERS_STAMP): $(STAMP)
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv --without-pip $(PEERS_VENV)
+	$(BIN)/uv pip install --quiet --python $(PEERS_VENV)/bin/python 'litellm[proxy]==$(LITELLM_VERSION)'
 	rm -f $(PEERS_VENV)/.installed-*
 	touch $@
