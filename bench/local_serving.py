@@ -356,7 +356,7 @@ def run(repeats: int = 5) -> dict[str, Any]:
         "setup": {
             "config": "default (embedded model for completions)",
             "slots": len(slots["slots"]),
-            "threads": worker.get("details", {}).get("threads") or os.cpu_count(),
+            "threads": worker["worker"]["engine"]["threads"],  # what the engine runs on
             "long_generation": f"OpenAI completion, max_tokens {LONG_TOKENS}, streamed",
             "repeats": repeats,
             "slot_probe": "GET /_bench/slots -> worker op 'slots' (engine /slots)",
