@@ -480,17 +480,18 @@ def main(argv: list[str] | None = None) -> int:
         return unusable("model_file", f"model file not found: {args.model}")
     key = secrets.token_urlsafe(24)
     try:
-        server = xllamacpp.Server(_engine_params(xllamacpp, args, key))
+        params = _engine_params(xllamacpp, args, key)
+        server = xllamacpp.Server(params)
     except Exception as exc:
         return unusable("model_file", f"cannot load model {args.model}: {exc}")
-    slots = max(1, args.slots)
+    slots = params.n_parallel  # as the engine was given them
     channel.send(
         {
             "event": "status",
             "state": "ready",
             "n_ctx": args.context_size,
             "slots": slots,
-            "threads": _threads(args),
+            "threads": params.cpuparams.n_threads,  # what the engine was given
             "engine": f"xllamacpp {getattr(xllamacpp, '__version__', '?')}",
             **_describe(args.model),
         }
