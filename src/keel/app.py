@@ -61,7 +61,6 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         built = providers or build_providers(settings, paths)
-        unique = built.unique()
         app_metrics = Metrics()
         events = open_event_store(settings.events, paths, app_metrics)
         redis = None
@@ -74,7 +73,7 @@ def create_app(
                 metrics=app_metrics,
             )
             await redis.ping()
-        await asyncio.gather(*(provider.start() for provider in unique))
+        await asyncio.gather(*(provider.start() for provider in built.unique()))
         retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
         audit = AuditLog(paths.root / "audit.log")
@@ -150,10 +149,9 @@ def create_app(
                     await task
             await state.completion.aclose()
             await state.routing.aclose()
-            await state.background.stop()  # a retired provider's close finishes, not cut off
-            current = state.providers.unique()
-            leftovers = [p for p in unique if p not in current]
-            await asyncio.gather(*(provider.aclose() for provider in [*current, *leftovers]))
+            # Retired providers (a reload's, a swap's) are closed by their background task.
+            await state.background.stop()
+            await asyncio.gather(*(provider.aclose() for provider in state.providers.unique()))
             await asyncio.to_thread(events.close)
             if redis is not None:
                 await redis.aclose()
