@@ -107,5 +107,4 @@ def pytest_configure(config: pytest.Config) -> None:
     if worker:
         cores = sorted(os.sched_getaffinity(0))
         count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-        mine = cores[int(worker.removeprefix("gw")) % len(cores) :: count]
-        os.sched_setaffinity(0, mine or cores)
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % len(cores) :: count])
