@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,40 @@ async def test_a_queued_request_cancelled_never_reaches_the_engine(
     for stream in running:
         assert await anext(stream)  # still generating
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+FILE = "".join(f"def step_{i}(value):\n    return value * {i} + {i * 7}\n\n" for i in range(40))
+"""A file's prefix of ~900 tokens: read cold it takes seconds, reused a few ms."""
+
+
+async def keystroke(supervisor: WorkerSupervisor, typed: str) -> dict[str, Any]:
+    """The request for one more typed character; what the worker reports for it."""
+    op = {"op": "complete", "prompt": FILE + typed, "max_tokens": 1, "temperature": 0}
+    _ = [piece async for piece in supervisor.stream(op, ready_timeout=5)]
+    return supervisor.stats.last
+
+
+@pytest.mark.parametrize("cancel_first", [True, False], ids=["cancel-first", "request-first"])
+async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
+    supervisor: WorkerSupervisor, cancel_first: bool
+) -> None:
+    """A keystroke's request goes to the slot holding its file, even while the request
+    it supersedes is still in that slot and the other slot is free: it waits the one
+    step that ends the cancelled request instead of reading the whole file again beside
+    it. keel may send the new request a moment before the cancel of the old one."""
+    assert (await keystroke(supervisor, ""))["reused_tokens"] == 0  # cold: slot 0 holds FILE
+    running = supervisor.stream({**COUNTING, "prompt": FILE + "d"}, ready_timeout=5)
+    await anext(running)  # decoding in the slot that holds the file; the other is empty
+    if cancel_first:
+        await running.aclose()  # type: ignore[attr-defined]
+        last = await keystroke(supervisor, "de")
+    else:
+        superseding = asyncio.ensure_future(keystroke(supervisor, "de"))
+        await asyncio.sleep(0.005)  # the request is out before the cancel
+        await running.aclose()  # type: ignore[attr-defined]
+        last = await superseding
+    assert last["finish_reason"] != "cancelled"
+    assert last["prompt_tokens"] - last["reused_tokens"] <= 3, last  # not a cold read
 
 
 async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerSupervisor) -> None:

@@ -129,39 +129,62 @@ def reusable_chars(cached: str, prompt: str) -> int:
     return head
 
 
+SUPERSEDE_GRACE = 0.05
+"""Seconds a request waits for the cancel of a running one whose slot holds much more of
+its prompt (keel may send a keystroke's request a moment before it cancels the one it
+supersedes), rather than start reading the prompt in another slot."""
+SUPERSEDE_GAIN = 256
+"""Characters more of the prompt (about one prefill batch) that make that wait worth it."""
+
+
 class _SlotPool:
     """Which engine slot a generation runs in, chosen here and passed as ``id_slot``.
 
     The engine picks a slot by the longest common token prefix, which misses a moved
     window (its prefix differs after the head) and sends it to an empty slot to be
-    read from scratch. Here a request goes to the free slot holding the most of its
-    prompt, moved windows included, ties to the least recently used; when all slots
-    are busy it waits here, where a cancellation ends the wait before the engine is
-    touched."""
+    read from scratch. Here a request goes to the slot holding the most of its prompt,
+    moved windows included, ties to a free one, then to the least recently used.
+
+    A slot whose request was cancelled counts as about to be free: a keystroke's
+    request waits the engine step that ends the request it superseded rather than read
+    its prompt in another slot beside it (measured: 17-34 ms to the first token that
+    way against 29-47 ms beside it, and a whole cold read when the other slot held
+    another file). When no slot is free or freeing it waits here, where a cancellation
+    ends the wait before the engine is touched."""
 
     def __init__(self, count: int) -> None:
         self._prompts = [""] * count
         self._used = [0] * count
         self._busy = [False] * count
+        self._holders = [threading.Event() for _ in range(count)]
         self._clock = 0
         self._changed = threading.Condition()
 
     def acquire(self, prompt: str, cancelled: threading.Event) -> int | None:
+        patience = time.monotonic() + SUPERSEDE_GRACE
         with self._changed:
-            while True:
-                free = [i for i, busy in enumerate(self._busy) if not busy]
-                if free:
-                    slot = max(
-                        free,
-                        key=lambda i: (reusable_chars(self._prompts[i], prompt), -self._used[i]),
-                    )
+            while not cancelled.is_set():
+                reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
+                freeing = [busy and self._holders[i].is_set() for i, busy in enumerate(self._busy)]
+                open_slots = [i for i, busy in enumerate(self._busy) if not busy or freeing[i]]
+                best = max(
+                    open_slots,
+                    key=lambda i: (reuse[i], not self._busy[i], -self._used[i]),
+                    default=None,
+                )
+                best_reuse = -1 if best is None else reuse[best]
+                running = [i for i, busy in enumerate(self._busy) if busy and not freeing[i]]
+                left = patience - time.monotonic()
+                if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
+                    self._changed.wait(left)  # its cancel may be on the way
+                elif best is not None and not self._busy[best]:
                     self._clock += 1
-                    self._busy[slot], self._used[slot] = True, self._clock
-                    self._prompts[slot] = prompt
-                    return slot
-                if cancelled.is_set():
-                    return None
-                self._changed.wait()
+                    self._busy[best], self._used[best] = True, self._clock
+                    self._prompts[best], self._holders[best] = prompt, cancelled
+                    return best
+                else:
+                    self._changed.wait()
+            return None
 
     def release(self, slot: int) -> None:
         with self._changed:
