@@ -103,6 +103,7 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
     step that ends the cancelled request instead of reading the whole file again beside
     it. keel may send the new request a moment before the cancel of the old one."""
     assert (await keystroke(supervisor, ""))["reused_tokens"] == 0  # cold: slot 0 holds FILE
+    waits = supervisor.stats.slot_waits
     running = supervisor.stream({**COUNTING, "prompt": FILE + "d"}, ready_timeout=5)
     await anext(running)  # decoding in the slot that holds the file; the other is empty
     if cancel_first:
@@ -115,6 +116,10 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
         last = await superseding
     assert last["finish_reason"] != "cancelled"
     assert last["prompt_tokens"] - last["reused_tokens"] <= 3, last  # not a cold read
+    if not cancel_first:  # it waited for the cancel: a wait keel adds, so it is counted
+        assert last["slot_wait_ms"] >= 4
+        assert supervisor.stats.slot_waits == waits + 1
+        assert supervisor.status()["generation"]["slot_waits"] == waits + 1  # type: ignore[index]
 
 
 async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerSupervisor) -> None:

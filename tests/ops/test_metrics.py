@@ -125,6 +125,8 @@ def test_a_real_keel_counts_requests_workers_and_events(keel_server: KeelProcess
         after[("keel_worker_state", frozenset({("provider", provider), ("state", "ready")}))] == 1
     )
     assert after[("keel_worker_restarts_total", frozenset({("provider", provider)}))] == 0
+    for wait in ("keel_worker_slot_waits_total", "keel_worker_slot_wait_seconds_total"):
+        assert after[(wait, frozenset({("provider", provider)}))] >= 0  # exported, per worker
     assert after[("keel_role_ready", frozenset({("role", "chat"), ("provider", provider)}))] == 1
     assert after[("keel_models_loaded", frozenset())] >= 1
     info = build_info()

@@ -114,6 +114,17 @@ class _ProviderCollector(Collector):
             labels=["role", "provider"],
         )
         count = GaugeMetricFamily("keel_models_loaded", "Models loaded and serving.")
+        slot_waits = CounterMetricFamily(
+            "keel_worker_slot_waits",
+            "Generations that waited in a local worker for an engine slot: every slot busy, "
+            "or the slot holding their prompt finishing the request they superseded.",
+            labels=["provider"],
+        )
+        slot_wait = CounterMetricFamily(
+            "keel_worker_slot_wait_seconds",
+            "Time generations waited in a local worker for an engine slot.",
+            labels=["provider"],
+        )
         providers = self.providers
         total = 0
         if providers is not None:
@@ -128,6 +139,10 @@ class _ProviderCollector(Collector):
                 if "restarts" not in status:
                     continue  # not a worker: HTTP backends have no process of ours
                 restarts.add_metric([provider.name], float(str(status["restarts"])))
+                generation = status.get("generation")
+                if isinstance(generation, dict):
+                    slot_waits.add_metric([provider.name], float(generation["slot_waits"]))
+                    slot_wait.add_metric([provider.name], float(generation["slot_wait_seconds"]))
                 for name in WORKER_STATES:
                     state.add_metric([provider.name, name], float(name == current))
             for role in ROLES:
@@ -138,7 +153,7 @@ class _ProviderCollector(Collector):
                     usable = str(provider.status().get("state", "ok")) in USABLE_STATES
                 role_ready.add_metric([role, provider.name], float(usable))
         count.add_metric([], float(total))
-        yield from (restarts, state, loaded, role_ready, count)
+        yield from (restarts, state, loaded, role_ready, count, slot_waits, slot_wait)
         yield from _rate_limit_families(providers.unique() if providers is not None else [])
 
 

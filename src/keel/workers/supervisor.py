@@ -70,6 +70,10 @@ class WorkerSpec:
         return argv
 
 
+SLOT_WAIT_COUNTED = 0.001
+"""Seconds of waiting for a slot that count as a wait (taking a free one costs ~0.05 ms)."""
+
+
 @dataclass(slots=True)
 class GenerationStats:
     """Running totals of what the worker evaluated: prefix reuse made visible."""
@@ -78,6 +82,10 @@ class GenerationStats:
     cancelled: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
+    slot_waits: int = 0
+    """Requests that waited in the worker for a slot (all busy, or the one holding their
+    prompt about to be freed by a cancel): a wait keel adds, so it is counted."""
+    slot_wait_seconds: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
 
     def add(self, done: dict[str, Any]) -> None:
@@ -85,6 +93,9 @@ class GenerationStats:
         self.cancelled += done.get("finish_reason") == "cancelled"
         self.prompt_tokens += int(done.get("prompt_tokens") or 0)
         self.reused_tokens += int(done.get("reused_tokens") or 0)
+        waited = float(done.get("slot_wait_ms") or 0) / 1000
+        self.slot_waits += waited >= SLOT_WAIT_COUNTED
+        self.slot_wait_seconds += waited
         self.last = {k: v for k, v in done.items() if k not in {"id", "done"}}
 
     def snapshot(self) -> dict[str, Any]:
@@ -94,6 +105,8 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "reused_tokens": self.reused_tokens,
             "evaluated_tokens": self.prompt_tokens - self.reused_tokens,
+            "slot_waits": self.slot_waits,
+            "slot_wait_seconds": round(self.slot_wait_seconds, 3),
             "last": self.last,
         }
 

@@ -20,8 +20,9 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
 
 - ``complete`` {prompt, max_tokens, temperature, stop, seed}: streams
   ``{"id", "text"}`` pieces, then ``{"id", "done": true, "finish_reason",
-  "prompt_tokens", "completion_tokens", "reused_tokens", "first_token_ms",
-  "total_ms"}``.
+  "prompt_tokens", "completion_tokens", "reused_tokens", "slot_wait_ms",
+  "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it waited here for
+  a slot, included in the other two).
 - ``chat`` {messages, max_tokens, temperature, stop, seed}: the same, with the
   model's own chat template.
 - ``embed`` {texts}: ``{"id", "embeddings"}``.
@@ -277,8 +278,9 @@ class _Engine:
         cancelled = self._cancels[request_id]
         started = time.perf_counter()
         slot = self.slots.acquire(text, cancelled)
+        acquired = time.perf_counter()
         if slot is None:
-            self._done(request_id, "cancelled", started, None, 0, {})
+            self._done(request_id, "cancelled", started, acquired, None, 0, {})
             return
         body["id_slot"] = slot
         try:
@@ -309,13 +311,16 @@ class _Engine:
             self.channel.send({"id": request_id, **_error_reply(state["error"])})
             return
         reason = "cancelled" if cancelled.is_set() else (state["reason"] or "stop")
-        self._done(request_id, reason, started, state["first"], state["produced"], state["end"])
+        self._done(
+            request_id, reason, started, acquired, state["first"], state["produced"], state["end"]
+        )
 
     def _done(
         self,
         request_id: int,
         reason: str,
         started: float,
+        acquired: float,
         first: float | None,
         produced: int,
         end: dict[str, Any],
@@ -334,6 +339,7 @@ class _Engine:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": int(timings.get("predicted_n") or produced),
                 "reused_tokens": timings.get("cache_n"),
+                "slot_wait_ms": round((acquired - started) * 1000, 2),
                 "first_token_ms": round(((first or ended) - started) * 1000, 2),
                 "total_ms": round((ended - started) * 1000, 2),
             }
