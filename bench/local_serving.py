@@ -20,9 +20,12 @@ Nothing else in keel changes.
   closed; the time from the close to the slot table showing every slot free
   (polled over keel's loopback HTTP, ~2 ms apart) is the cancellation time.
   Three cases: streamed while decoding, streamed while reading a long prompt
-  (~1,150 tokens, cold), and not streamed (a JSON answer). A case where the
-  worker did not cancel (the generation ran to its end) is reported as such,
-  not as a time.
+  (~1,000 tokens, cold), and not streamed (a JSON answer). The engine acts on a
+  cancel between prefill batches (64 tokens, ~0.24 s on 2 cores), so the
+  prompt case closes at moments spread evenly over two batches (0.3-0.8 s
+  into the read): a fixed moment would measure one phase of a batch only. A
+  case where the worker did not cancel (the generation ran to its end) is
+  reported as such, not as a time. Each case runs twice ``--repeats`` times.
 
     .venv/bin/python bench/local_serving.py [--repeats 5]
 """
@@ -241,7 +244,9 @@ def wait_busy(client: httpx.Client, timeout: float = 60.0) -> bool:
     return False
 
 
-def cancel_once(client: httpx.Client, url: str, case: str, index: int) -> dict[str, Any]:
+def cancel_once(
+    client: httpx.Client, url: str, case: str, index: int, phase: float
+) -> dict[str, Any]:
     wait_slots_free(client)
     before = client.get("/_bench/slots").json()["generation"]
     stream = case != "not streamed"
@@ -258,7 +263,7 @@ def cancel_once(client: httpx.Client, url: str, case: str, index: int) -> dict[s
                     raise RuntimeError("keel closed the stream before 5 tokens")
                 received += chunk
         elif case == "stream, reading the prompt":
-            time.sleep(0.3)  # well inside a cold ~1,150-token prefill (seconds)
+            time.sleep(0.3 + 0.5 * phase)  # inside a cold ~1,000-token read (~4 s)
         else:
             time.sleep(0.5)  # decoding by now; the JSON answer comes at the end
         closed = time.perf_counter()
@@ -289,7 +294,8 @@ def cancellation(url: str, repeats: int) -> dict[str, Any]:
             runs = []
             for index in range(repeats):
                 common.log(f"cancellation, {case}: {index + 1}/{repeats}")
-                runs.append(cancel_once(client, url, case, 1000 * (len(cases) + 1) + index))
+                number = 1000 * (len(cases) + 1) + index
+                runs.append(cancel_once(client, url, case, number, phase=index / repeats))
             cancelled = all(run["cancelled_in_worker"] for run in runs)
             times = [run["free_ms"] for run in runs if run["free_ms"] is not None]
             cases[case] = {
@@ -351,7 +357,7 @@ def run(repeats: int = 5) -> dict[str, Any]:
             providers = client.get("/v1/providers").json()
         worker = providers["roles"]["completion"]["providers"][0]
         hol = head_of_line(keel.url, repeats)
-        cancel = cancellation(keel.url, repeats)
+        cancel = cancellation(keel.url, 2 * repeats)  # about a second each
     return {
         "setup": {
             "config": "default (embedded model for completions)",
