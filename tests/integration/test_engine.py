@@ -111,13 +111,13 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
         last = await keystroke(supervisor, "de")
     else:
         superseding = asyncio.ensure_future(keystroke(supervisor, "de"))
-        await asyncio.sleep(0.005)  # the request is out before the cancel
+        await asyncio.sleep(0.02)  # the request is out well before the cancel (grace: 50 ms)
         await running.aclose()  # type: ignore[attr-defined]
         last = await superseding
     assert last["finish_reason"] != "cancelled"
     assert last["prompt_tokens"] - last["reused_tokens"] <= 3, last  # not a cold read
     if not cancel_first:  # it waited for the cancel: a wait keel adds, so it is counted
-        assert last["slot_wait_ms"] >= 4
+        assert last["slot_wait_ms"] >= 1
         assert supervisor.stats.slot_waits == waits + 1
         assert supervisor.status()["generation"]["slot_waits"] == waits + 1  # type: ignore[index]
 
