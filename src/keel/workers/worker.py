@@ -405,6 +405,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--embedding", action="store_true", help="load for embeddings")
     parser.add_argument("--slots", type=int, default=1, help="requests decoded side by side")
+    parser.add_argument(
+        "--prefill-batch", type=int, default=PREFILL_BATCH, help="prompt tokens per engine batch"
+    )
     return parser.parse_args(argv)
 
 
@@ -414,7 +417,7 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     slots = max(1, args.slots)
     params.n_parallel = slots
     params.n_ctx = args.context_size * slots  # the engine splits n_ctx among its slots
-    params.n_batch = params.n_ubatch = PREFILL_BATCH
+    params.n_batch = params.n_ubatch = args.prefill_batch
     params.n_cache_reuse = CACHE_REUSE
     params.cache_ram_mib = PROMPT_CACHE_MIB
     params.n_gpu_layers = args.gpu_layers

@@ -1,0 +1,21 @@
+"""The engine's parameters as the worker builds them from its command line (llama.cpp's
+own ``CommonParams``; nothing is loaded)."""
+
+from __future__ import annotations
+
+import xllamacpp
+
+from keel.workers.worker import PREFILL_BATCH, _engine_params, _parse_args
+
+
+def params(*extra: str) -> xllamacpp.CommonParams:
+    return _engine_params(xllamacpp, _parse_args(["--model", "m.gguf", *extra]), "key")
+
+
+def test_prompts_are_read_in_keels_batches_unless_told_otherwise() -> None:
+    default = params("--slots", "2")
+    assert default.n_batch == default.n_ubatch == PREFILL_BATCH == 64
+    assert default.n_parallel == 2
+    assert default.n_ctx == 2 * 2048  # the engine splits its context among the slots
+    chosen = params("--prefill-batch", "32")  # what bench/engine.py compares
+    assert chosen.n_batch == chosen.n_ubatch == 32
