@@ -83,8 +83,8 @@ async def test_a_queued_request_cancelled_never_reaches_the_engine(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
-FILE = "".join(f"def step_{i}(value):\n    return value * {i} + {i * 7}\n\n" for i in range(40))
-"""A file's prefix of ~900 tokens: read cold it takes seconds, reused a few ms."""
+FILE = "".join(f"def step_{i}(value):\n    return value * {i} + {i * 7}\n\n" for i in range(12))
+"""A file's prefix of ~230 tokens: read cold it takes a second, reused a few ms."""
 
 
 async def keystroke(supervisor: WorkerSupervisor, typed: str) -> dict[str, Any]:
