@@ -162,8 +162,8 @@ class _SlotPool:
     def __init__(self, count: int) -> None:
         self._prompts = [""] * count
         self._used = [0] * count
-        self._busy = [False] * count
-        self._holders = [threading.Event() for _ in range(count)]
+        self._holders: list[threading.Event | None] = [None] * count
+        """Each slot's request (its cancel flag), or None while the slot is free."""
         self._clock = 0
         self._changed = threading.Condition()
 
@@ -172,22 +172,23 @@ class _SlotPool:
         with self._changed:
             while not cancelled.is_set():
                 reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
-                freeing = [busy and self._holders[i].is_set() for i, busy in enumerate(self._busy)]
-                open_slots = [i for i, busy in enumerate(self._busy) if not busy or freeing[i]]
+                free = [holder is None for holder in self._holders]
+                running = [
+                    i for i, holder in enumerate(self._holders) if holder and not holder.is_set()
+                ]
                 best = max(
-                    open_slots,
-                    key=lambda i: (reuse[i], not self._busy[i], -self._used[i]),
+                    (i for i in range(len(free)) if i not in running),  # free or freeing
+                    key=lambda i: (reuse[i], free[i], -self._used[i]),
                     default=None,
                 )
                 best_reuse = -1 if best is None else reuse[best]
-                running = [i for i, busy in enumerate(self._busy) if busy and not freeing[i]]
                 left = patience - time.monotonic()
                 if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
                     self._changed.wait(left)  # its cancel may be on the way
-                elif best is not None and not self._busy[best]:
+                elif best is not None and free[best]:
                     self._clock += 1
-                    self._busy[best], self._used[best] = True, self._clock
-                    self._prompts[best], self._holders[best] = prompt, cancelled
+                    self._holders[best], self._used[best] = cancelled, self._clock
+                    self._prompts[best] = prompt
                     return best
                 else:
                     self._changed.wait()
@@ -195,7 +196,7 @@ class _SlotPool:
 
     def release(self, slot: int) -> None:
         with self._changed:
-            self._busy[slot] = False
+            self._holders[slot] = None
             self._changed.notify_all()
 
     def wake(self) -> None:
