@@ -10,8 +10,9 @@ in between), each side by side in one run:
   it arrives as the request it supersedes (still decoding in the slot that holds the
   file) is cancelled, as keel does at each keystroke.
 
-One worker (``python -m keel.workers.worker``) per batch size, with the embedded model,
-2 slots and keel's default threads.
+One worker per batch size, started and driven as keel does (``WorkerSupervisor``), with
+the embedded model, 2 slots and keel's default threads; the cold prompts are the
+local-serving bench's.
 
     .venv/bin/python bench/engine.py [--runs 12]
 """
@@ -19,141 +20,96 @@ One worker (``python -m keel.workers.worker``) per batch size, with the embedded
 from __future__ import annotations
 
 import argparse
-import json
-import queue
+import asyncio
+import contextlib
 import statistics
-import subprocess
 import sys
-import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 from keel.workers.worker import PREFILL_BATCH
 
 BATCHES = (32, 64, 128)
 CANCEL_BATCHES = (32, 64)
 LINES = 60
-"""Lines of the cold prompt: ~970 tokens."""
-
-
-def cold_prompt(index: int) -> str:
-    lines = "".join(f"    value_{index}_{i} = compute({i}, {i * 7 % 13})\n" for i in range(LINES))
-    return f"# run {index}\ndef long_function_{index}():\n{lines}"
-
+"""Lines of the cold prompt (the local-serving bench's): ~970 tokens."""
 
 FILE = "".join(f"def step_{i}(value):\n    return value * {i} + {i * 7}\n\n" for i in range(40))
 """The file a keystroke's prompt ends in: ~900 tokens."""
 
 
-class Worker:
-    """A worker process and its JSON-lines protocol."""
+def cold_prompt(index: int) -> str:
+    from local_serving import long_body
 
-    def __init__(self, model: str, prefill_batch: int) -> None:
-        command = [sys.executable, "-m", "keel.workers.worker", "--model", model]
-        command += ["--slots", "2", "--prefill-batch", str(prefill_batch)]
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-        )
-        self.replies: dict[int, queue.Queue[dict[str, Any]]] = {}
-        self.status: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.next_id = 0
-        threading.Thread(target=self._read, daemon=True).start()
-        while (message := self.status.get(timeout=120))["state"] != "ready":
-            if message["state"] == "error":
-                raise RuntimeError(message["message"])
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            message = json.loads(line)
-            if "id" in message:
-                self.replies.setdefault(message["id"], queue.Queue()).put(message)
-            else:
-                self.status.put(message)
-
-    def _write(self, message: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(message) + "\n")
-        self.process.stdin.flush()
-
-    def send(self, op: str, **fields: Any) -> int:
-        self.next_id += 1
-        self.replies.setdefault(self.next_id, queue.Queue())
-        self._write({"id": self.next_id, "op": op, **fields})
-        return self.next_id
-
-    def cancel(self, target: int) -> None:
-        self._write({"op": "cancel", "target": target})
-
-    def first(self, request: int) -> dict[str, Any]:
-        """The request's first reply (a piece, the end or an error)."""
-        return self.replies[request].get(timeout=120)
-
-    def done(self, request: int) -> dict[str, Any]:
-        while True:
-            message = self.replies[request].get(timeout=120)
-            if message.get("done") or "error" in message or "slots" in message:
-                return message
-
-    def complete(self, prompt: str, max_tokens: int) -> int:
-        return self.send("complete", prompt=prompt, max_tokens=max_tokens, temperature=0)
-
-    def busy(self) -> bool:
-        return any(slot["busy"] for slot in self.done(self.send("slots"))["slots"])
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
+    return str(long_body(index, stream=True, prompt_lines=LINES)["prompt"])
 
 
-def reading_speed(worker: Worker, runs: int, base: int) -> list[float]:
+def complete(prompt: str, max_tokens: int) -> dict[str, Any]:
+    return {"op": "complete", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+
+
+async def finish(worker: WorkerSupervisor, op: dict[str, Any]) -> dict[str, Any]:
+    """Run ``op`` to its end; what the worker reported for it."""
+    async for _ in worker.stream(op, ready_timeout=120):
+        pass
+    return worker.stats.last
+
+
+async def until_busy(worker: WorkerSupervisor, wanted: bool, timeout: float = 60.0) -> None:
+    """Poll the engine's slot table (through the worker) until some slot is busy
+    (``wanted``) or none is."""
+    for _ in range(int(timeout / 0.003)):
+        reply = await worker.call({"op": "slots"}, ready_timeout=5)
+        if any(slot["busy"] for slot in reply["slots"]) == wanted:
+            return
+        await asyncio.sleep(0.003)
+    raise RuntimeError(f"the engine's slots did not become {'busy' if wanted else 'free'}")
+
+
+async def reading_speed(worker: WorkerSupervisor, runs: int, base: int) -> list[float]:
     """Tokens a second reading a cold prompt (prompt tokens / time to the first token)."""
     speeds = []
     for index in range(runs):
-        end = worker.done(worker.complete(cold_prompt(base + index), 1))
+        end = await finish(worker, complete(cold_prompt(base + index), 1))
         speeds.append(end["prompt_tokens"] / end["first_token_ms"] * 1000)
     return speeds
 
 
-def cancel_times(worker: Worker, runs: int, base: int) -> list[float]:
-    """Milliseconds from a cancel sent while a cold prompt is read to the slot free."""
+async def cancel_times(worker: WorkerSupervisor, runs: int, base: int) -> list[float]:
+    """Milliseconds from closing a stream (the worker's ``cancel``) while a cold prompt is
+    read to the slot free."""
     times = []
     for index in range(runs):
-        request = worker.complete(cold_prompt(base + index), 400)
-        while not worker.busy():
-            time.sleep(0.003)
-        time.sleep(0.3 + 0.5 * index / runs)
+        stream = worker.stream(complete(cold_prompt(base + index), 400), ready_timeout=5)
+        reading = asyncio.ensure_future(anext(stream))  # sends the request
+        await until_busy(worker, True)
+        await asyncio.sleep(0.3 + 0.5 * index / runs)
         sent = time.perf_counter()
-        worker.cancel(request)
-        worker.done(request)
-        while worker.busy():
-            time.sleep(0.003)
+        reading.cancel()  # the stream's end sends the worker its cancel
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await until_busy(worker, False)
         times.append((time.perf_counter() - sent) * 1000)
     return times
 
 
-def keystrokes(worker: Worker, runs: int) -> dict[str, list[float]]:
+async def keystrokes(worker: WorkerSupervisor, runs: int) -> dict[str, list[float]]:
     """A keystroke's first token with the engine idle, and as the request it supersedes
     is cancelled while decoding in the slot that holds the file."""
-    worker.done(worker.complete(FILE, 1))  # the file is read once, cold
+    await finish(worker, complete(FILE, 1))  # the file is read once, cold
     alone, superseding, typed = [], [], ""
     for index in range(runs):
         typed += "x"
-        alone.append(worker.done(worker.complete(FILE + typed, 1))["first_token_ms"])
+        alone.append((await finish(worker, complete(FILE + typed, 1)))["first_token_ms"])
         typed += "y"
-        running = worker.complete(FILE + typed, 64)
-        worker.first(running)  # decoding
-        time.sleep(0.003 * (index % 5))  # cancels at different moments of a step
+        running: AsyncIterator[str] = worker.stream(complete(FILE + typed, 64), ready_timeout=5)
+        await anext(running)  # decoding
+        await asyncio.sleep(0.003 * (index % 5))  # cancels at different moments of a step
         typed += "z"
-        worker.cancel(running)
-        superseding.append(worker.done(worker.complete(FILE + typed, 1))["first_token_ms"])
-        worker.done(running)
+        await running.aclose()  # type: ignore[attr-defined]
+        superseding.append((await finish(worker, complete(FILE + typed, 1)))["first_token_ms"])
     return {"alone": alone, "superseding": superseding}
 
 
@@ -165,7 +121,7 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def run(runs: int = 12) -> dict[str, Any]:
+async def measure(runs: int) -> tuple[dict[str, Any], dict[str, Any]]:
     import common
 
     from keel.models.registry import embedded_model_path
@@ -175,19 +131,27 @@ def run(runs: int = 12) -> dict[str, Any]:
     keystroke: dict[str, Any] = {}
     for batch in BATCHES:
         common.log(f"engine: prefill batch {batch}")
-        worker = Worker(model, batch)
+        spec = WorkerSpec(model, slots=2, prefill_batch=batch)
+        worker = WorkerSupervisor(spec, name=f"engine-{batch}")
+        await worker.start()
         try:
-            figures: dict[str, Any] = {
-                "read_tok_s": summary(reading_speed(worker, 3, base=100 * batch))
-            }
+            await worker.wait_ready(120)
+            speeds = await reading_speed(worker, 3, base=100 * batch)
+            figures: dict[str, Any] = {"read_tok_s": summary(speeds)}
             if batch in CANCEL_BATCHES:
-                figures["cancel_ms"] = summary(cancel_times(worker, runs, base=100 * batch + 10))
+                times = await cancel_times(worker, runs, base=100 * batch + 10)
+                figures["cancel_ms"] = summary(times)
             if batch == PREFILL_BATCH:
                 common.log("engine: keystrokes")
-                keystroke = {k: summary(v) for k, v in keystrokes(worker, runs).items()}
+                keystroke = {k: summary(v) for k, v in (await keystrokes(worker, runs)).items()}
         finally:
-            worker.close()
+            await worker.stop()
         batches[str(batch)] = figures
+    return batches, keystroke
+
+
+def run(runs: int = 12) -> dict[str, Any]:
+    batches, keystroke = asyncio.run(measure(runs))
     return {
         "setup": {
             "model": "embedded SmolLM2-135M-Instruct Q4_1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import xllamacpp
 
+from keel.workers.supervisor import WorkerSpec
 from keel.workers.worker import PREFILL_BATCH, _engine_params, _parse_args
 
 
@@ -19,3 +20,11 @@ def test_prompts_are_read_in_keels_batches_unless_told_otherwise() -> None:
     assert default.n_ctx == 2 * 2048  # the engine splits its context among the slots
     chosen = params("--prefill-batch", "32")  # what bench/engine.py compares
     assert chosen.n_batch == chosen.n_ubatch == 32
+
+
+def test_the_supervisor_passes_a_prefill_batch_only_when_given() -> None:
+    default = WorkerSpec("m.gguf", slots=2).command()
+    assert "--prefill-batch" not in default
+    chosen = WorkerSpec("m.gguf", prefill_batch=32).command()
+    argv = chosen[chosen.index("--model") :]
+    assert _parse_args(argv).prefill_batch == 32

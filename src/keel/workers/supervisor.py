@@ -57,6 +57,8 @@ class WorkerSpec:
     gpu_layers: int = 0
     embedding: bool = False
     slots: int = 1
+    prefill_batch: int | None = None
+    """Prompt tokens per engine batch (default: the worker's ``PREFILL_BATCH``)."""
 
     def command(self) -> list[str]:
         argv = [sys.executable, "-m", "keel.workers.worker", "--model", self.model_path]
@@ -67,6 +69,8 @@ class WorkerSpec:
             argv.append("--embedding")
         if self.slots > 1:
             argv += ["--slots", str(self.slots)]
+        if self.prefill_batch:
+            argv += ["--prefill-batch", str(self.prefill_batch)]
         return argv
 
 
