@@ -67,8 +67,8 @@ cancelled prefill ends with the batch in flight (~0.24 s on 2 cores), or with th
 one when the cancel, posted as the progress of the batch in flight comes back, loses the
 race with that next batch's start. Measured with the embedded model on 2 cores
 (``bench/engine.py``), a cold ~970-token prompt reads at 240-294 tok/s with 64, 200-238
-with 32, 269-306 with 128; cancelled at moments spread over the read, the slot is free
-after p50 115-164 ms (max ~480) with 64 and p50 96-157 ms (max 230-290) with 32. Reused
+with 32, 241-306 with 128; cancelled at moments spread over the read, the slot is free
+after p50 101-244 ms (max 377-619) with 64 and p50 96-205 ms (max 226-290) with 32. Reused
 prefixes are not read at all, and a superseded keystroke's read is not lost: the next
 keystroke continues it in the same slot."""
 CACHE_REUSE = 32
