@@ -5,6 +5,7 @@ prompt over the context is the caller's error, never the provider's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
+from keel.workers.worker import PREFILL_BATCH
 from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
@@ -120,6 +122,67 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
         assert last["slot_wait_ms"] >= 1
         assert supervisor.stats.slot_waits == waits + 1
         assert supervisor.status()["generation"]["slot_waits"] == waits + 1  # type: ignore[index]
+
+
+async def reading(worker: WorkerSupervisor) -> tuple[int, int]:
+    """The busy slot and the tokens it holds so far, or (-1, 0) when none is busy."""
+    reply = await worker.call({"op": "slots"}, ready_timeout=5)
+    busy = [(slot["id"], slot["tokens"]) for slot in reply["slots"] if slot["busy"]]
+    return busy[0] if busy else (-1, 0)
+
+
+@pytest.mark.parametrize("op", ["complete", "chat"])
+async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
+    supervisor: WorkerSupervisor, op: str
+) -> None:
+    """A long prompt is read one batch per engine call, so a cancel ends the read with
+    the batch in flight. Read in one call, it often holds one batch more: the cancel can
+    be posted only as a batch reports back, and the engine may have begun the next."""
+    for attempt in range(3):  # one call gets the cancel in before the next batch now and then
+        prompt = f"# cancelled {attempt}\n" + FILE * 3  # ~700 tokens: ten batches
+        body: dict[str, Any] = {"prompt": prompt}
+        if op == "chat":
+            body = {"messages": [{"role": "user", "content": prompt}]}
+        op_body = {"op": op, **body, "max_tokens": 1, "temperature": 0}
+        stream = supervisor.stream(op_body, ready_timeout=5)
+        first = asyncio.ensure_future(anext(stream))
+        slot, held = -1, 0
+        while not 0 < held < 2 * PREFILL_BATCH:  # the slot's last prompt gives way
+            slot, held = await reading(supervisor)
+        while held < 3 * PREFILL_BATCH:  # past the first call, which reads one batch
+            slot, held = await reading(supervisor)
+        seen = held
+        while held == seen:  # a batch was just handed to the engine: cancel at its start
+            slot, held = await reading(supervisor)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(1000):
+            if (await reading(supervisor))[0] < 0:
+                break
+            await asyncio.sleep(0.01)
+        table = (await supervisor.call({"op": "slots"}, ready_timeout=5))["slots"]
+        assert not any(s["busy"] for s in table)
+        after = table[slot]["tokens"]
+        assert after == held, (attempt, held, after)  # the batch in flight, none after it
+        assert supervisor.stats.last["finish_reason"] == "cancelled"
+
+
+async def test_a_prompt_read_ahead_reports_its_reuse_and_generates_as_one_read(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """The calls that read a long prompt ahead leave the generation as a single call
+    would: the same greedy text, the whole prompt counted, nothing reported as reused
+    that the slot did not hold at the start."""
+    op = {"op": "complete", "prompt": FILE * 2, "max_tokens": 8, "temperature": 0}
+    cold = "".join([piece async for piece in supervisor.stream(op, ready_timeout=5)])
+    read = supervisor.stats.last
+    assert read["reused_tokens"] == 0
+    assert read["prompt_tokens"] > 4 * PREFILL_BATCH
+    warm = "".join([piece async for piece in supervisor.stream(op, ready_timeout=5)])
+    assert supervisor.stats.last["reused_tokens"] == read["prompt_tokens"] - 1
+    assert warm == cold
 
 
 async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerSupervisor) -> None:

@@ -28,10 +28,11 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
 - ``embed`` {texts}: ``{"id", "embeddings"}``.
 - ``tokenize`` {texts}: ``{"id", "counts"}``; answered at once, even while
   generations run.
-- ``slots`` {}: ``{"id", "slots": [{"id", "busy"}]}``, the engine's slot table.
-- ``cancel`` {target}: a queued target never starts; a running one stops at
-  its next token or prefill batch (``PREFILL_BATCH`` tokens) and ends with
-  ``finish_reason: "cancelled"``.
+- ``slots`` {}: ``{"id", "slots": [{"id", "busy", "tokens"}]}``, the engine's slot
+  table (``tokens``: what the slot holds, the batch being read included).
+- ``cancel`` {target}: a queued target never starts; a running one stops after
+  the decode step or the prompt batch (``PREFILL_BATCH`` tokens) in flight and
+  ends with ``finish_reason: "cancelled"``.
 
 Any failure of one request is ``{"id", "error", "code"}``; a prompt over the
 context has code ``context_length_exceeded`` with ``n_prompt_tokens`` and
@@ -62,19 +63,21 @@ from keel.errors import ExitCode
 
 EXIT_UNUSABLE = ExitCode.DEPENDENCY
 PREFILL_BATCH = 64
-"""Prompt tokens per engine batch. The engine acts on a cancel between batches: a
-cancelled prefill ends with the batch in flight (~0.24 s on 2 cores), or with the next
-one when the cancel, posted as the progress of the batch in flight comes back, loses the
-race with that next batch's start. Measured with the embedded model on 2 cores
-(``bench/engine.py``), a cold ~970-token prompt reads at 240-294 tok/s with 64, 200-238
-with 32, 241-306 with 128; cancelled at moments spread over the read, the slot is free
-after p50 101-244 ms (max 377-619) with 64 and p50 96-205 ms (max 226-290) with 32. Reused
+"""Prompt tokens per engine batch. A long prompt is read one batch per engine call, so a
+cancelled read ends with the batch in flight (~0.24 s on 2 cores). Measured with the
+embedded model on 2 cores (``bench/engine.py``), a cold ~970-token prompt reads at 238
+tok/s with 64, 196 with 32, 253 with 128; cancelled at moments spread over the read, the
+slot is free after p50 133 ms (max 258) with 64 and p50 76 ms (max 139) with 32. Reused
 prefixes are not read at all, and a superseded keystroke's read is not lost: the next
 keystroke continues it in the same slot."""
 CACHE_REUSE = 32
 """Smallest run of tokens the engine reuses from a moved window by shifting its KV cache."""
 PROMPT_CACHE_MIB = 1024
 """Host memory for slot states the engine sets aside when another prompt takes a slot."""
+
+
+def _ignore(_reply: Any) -> bool:
+    return False
 
 
 class _Channel:
@@ -213,9 +216,12 @@ class _Engine:
     request queued behind them can be cancelled before it touches the engine.
     """
 
-    def __init__(self, server: Any, address: str, key: str, slots: int, channel: _Channel) -> None:
+    def __init__(
+        self, server: Any, address: str, key: str, slots: int, batch: int, channel: _Channel
+    ) -> None:
         self.server = server
         self.channel = channel
+        self.batch = batch
         self._key = key
         url = urlsplit(address)
         self._host, self._port = url.hostname or "127.0.0.1", url.port or 80
@@ -281,22 +287,34 @@ class _Engine:
     def _generate(
         self, request: dict[str, Any], text: str, body: dict[str, Any], run: Any, field: str
     ) -> None:
+        """Run one generation in a slot, streaming its pieces.
+
+        A prompt with more than two batches left to read after the slot's reuse is read
+        in batch-sized engine calls (see ``_read_ahead``), then the request runs again
+        from there, so that a cancel during the read waits for one batch, not two."""
         request_id = request["id"]
         cancelled = self._cancels[request_id]
         started = time.perf_counter()
         slot = self.slots.acquire(text, cancelled)
         acquired = time.perf_counter()
         if slot is None:
-            self._done(request_id, "cancelled", started, acquired, None, 0, {})
+            self._done(request_id, "cancelled", started, acquired, {})
             return
         body["id_slot"] = slot
         try:
-            state: dict[str, Any] = {"produced": 0, "first": None, "reason": None, "end": {}}
+            state: dict[str, Any] = {"produced": 0, "first": None, "progress": None}
 
             def on_chunk(chunk: dict[str, Any]) -> bool:
                 if "error" in chunk:
                     state["error"] = chunk["error"]
                     return True
+                progress = chunk.get("prompt_progress")
+                if progress is not None and state["progress"] is None:
+                    # The first report: the engine chose what to reuse and is about to read.
+                    state["progress"] = progress
+                    if progress["total"] - progress["cache"] > 2 * self.batch:
+                        state["read_ahead"] = True
+                        return True  # the engine reads its batch in flight, then stops
                 choices = chunk.get("choices") or [{}]
                 piece = choices[0].get("text") if field == "text" else None
                 if field == "delta":
@@ -306,21 +324,55 @@ class _Engine:
                         state["first"] = time.perf_counter()
                     state["produced"] += 1
                     self.channel.send({"id": request_id, "text": piece})
-                state["reason"] = choices[0].get("finish_reason") or state["reason"]
+                state["reason"] = choices[0].get("finish_reason") or state.get("reason")
                 if "timings" in chunk or "usage" in chunk:
                     state["end"] = chunk
                 return cancelled.is_set()
 
             run(body, on_chunk)
+            if state.pop("read_ahead", False):
+                self._read_ahead(body, state["progress"], cancelled)
+                if not cancelled.is_set():
+                    run(body, on_chunk)  # the last batch, then the generation
         finally:
             self.slots.release(slot)
         if "error" in state:
             self.channel.send({"id": request_id, **_error_reply(state["error"])})
             return
-        reason = "cancelled" if cancelled.is_set() else (state["reason"] or "stop")
-        self._done(
-            request_id, reason, started, acquired, state["first"], state["produced"], state["end"]
-        )
+        reason = "cancelled" if cancelled.is_set() else (state.get("reason") or "stop")
+        self._done(request_id, reason, started, acquired, state)
+
+    def _read_ahead(
+        self, body: dict[str, Any], progress: dict[str, Any], cancelled: threading.Event
+    ) -> None:
+        """Read the prompt of ``body`` up to its last batch, one batch per engine call.
+
+        Within one call the engine takes a cancel only after the batch in flight and the
+        next: the cancel can be posted only when a batch reports back, and by then the
+        engine has begun the next one. Between calls nothing is in flight, so a cancel
+        waits for one batch. Measured on 2 cores: the same read speed as one call."""
+        try:
+            tokens = self._prompt_tokens(body)
+        except (OSError, RuntimeError, KeyError, ValueError):
+            return  # the request reads the rest itself
+        if len(tokens) != progress["total"]:
+            return  # not the tokens the engine has: it would read them again
+        start = progress["cache"] + 2 * self.batch  # the stopped call read one batch
+        for end in range(start, len(tokens), self.batch):
+            if cancelled.is_set():
+                return
+            part = {"prompt": tokens[:end], "max_tokens": 1, "cache_prompt": True}
+            self.server.handle_completions({**part, "id_slot": body["id_slot"]}, _ignore)
+
+    def _prompt_tokens(self, body: dict[str, Any]) -> list[int]:
+        """The tokens the engine makes of the request's prompt (a chat's, templated)."""
+        with self._engine_http() as call:
+            prompt = body.get("prompt")
+            if prompt is None:
+                prompt = call("POST", "/apply-template", {"messages": body["messages"]})["prompt"]
+            return list(
+                call("POST", "/tokenize", {"content": prompt, "add_special": True})["tokens"]
+            )
 
     def _done(
         self,
@@ -328,24 +380,29 @@ class _Engine:
         reason: str,
         started: float,
         acquired: float,
-        first: float | None,
-        produced: int,
-        end: dict[str, Any],
+        state: dict[str, Any],
     ) -> None:
+        """The done message, from what ``_generate`` gathered: ``first`` (when the first
+        piece came), ``produced``, ``end`` (the engine's last chunk), ``progress`` (its
+        first report)."""
         ended = time.perf_counter()
+        end, progress, first = state.get("end") or {}, state.get("progress"), state.get("first")
         timings = end.get("timings") or {}
         usage = end.get("usage") or {}
         prompt_tokens = usage.get("prompt_tokens")
         if prompt_tokens is None and timings:
             prompt_tokens = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
+        # What the slot held of the prompt at the start (the last call of a prompt read
+        # ahead reuses what the calls before it read).
+        reused = progress["cache"] if progress else timings.get("cache_n")
         self.channel.send(
             {
                 "id": request_id,
                 "done": True,
                 "finish_reason": reason,
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": int(timings.get("predicted_n") or produced),
-                "reused_tokens": timings.get("cache_n"),
+                "completion_tokens": int(timings.get("predicted_n") or state.get("produced", 0)),
+                "reused_tokens": reused,
                 "slot_wait_ms": round((acquired - started) * 1000, 2),
                 "first_token_ms": round(((first or ended) - started) * 1000, 2),
                 "total_ms": round((ended - started) * 1000, 2),
@@ -373,7 +430,14 @@ class _Engine:
     def _slot_table(self, request: dict[str, Any]) -> None:
         with self._engine_http() as call:
             table = call("GET", "/slots", None)
-        slots = [{"id": slot["id"], "busy": bool(slot["is_processing"])} for slot in table]
+        slots = [
+            {
+                "id": slot["id"],
+                "busy": bool(slot["is_processing"]),
+                "tokens": slot.get("n_prompt_tokens", 0),
+            }
+            for slot in table
+        ]
         self.channel.send({"id": request["id"], "slots": slots})
 
     @contextlib.contextmanager
@@ -535,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             **_describe(args.model),
         }
     )
-    engine = _Engine(server, server.listening_address, key, slots, channel)
+    engine = _Engine(server, server.listening_address, key, slots, args.prefill_batch, channel)
     engine.read_requests(sys.stdin)
     # End of stdin: the server is gone. Exit without running the engine's
     # destructor from an arbitrary thread; generations in flight die with us.
