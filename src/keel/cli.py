@@ -57,8 +57,7 @@ def _bind(host: str, port: int) -> socket.socket:
             raise PortBusy(busy_port_message(host, port)) from None
         raise KeelError(f"cannot bind {host}:{port}: {exc}") from None
     sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    return sock  # not inheritable (Python's default): workers must not hold keel's port
 
 
 def _load(args: argparse.Namespace) -> tuple[Settings, Paths]:
