@@ -331,7 +331,7 @@ class _Engine:
                 return cancelled.is_set()
 
             run(body, on_chunk)
-            if state.pop("read_ahead", False):
+            if state.pop("read_ahead", False) and not cancelled.is_set():
                 self._read_ahead(body, state["progress"], cancelled)
                 if not cancelled.is_set():
                     run(body, on_chunk)  # the last batch, then the generation
