@@ -137,8 +137,11 @@ async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
 ) -> None:
     """A long prompt is read one batch per engine call, so a cancel ends the read with
     the batch in flight. Read in one call, it often holds one batch more: the cancel can
-    be posted only as a batch reports back, and the engine may have begun the next."""
-    for attempt in range(3):  # one call gets the cancel in before the next batch now and then
+    be posted only as a batch reports back, and the engine may have begun the next. The
+    first attempt cancels during the first batch, which the first call reads before the
+    batch-sized calls start; the others cancel later, three times over, because one call
+    gets the cancel in before the next batch now and then."""
+    for attempt in range(4):
         prompt = f"# cancelled {attempt}\n" + FILE * 3  # ~700 tokens: ten batches
         body: dict[str, Any] = {"prompt": prompt}
         if op == "chat":
@@ -149,21 +152,25 @@ async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
         slot, held = -1, 0
         while not 0 < held < 2 * PREFILL_BATCH:  # the slot's last prompt gives way
             slot, held = await reading(supervisor)
-        while held < 3 * PREFILL_BATCH:  # past the first call, which reads one batch
+        while attempt and held < 3 * PREFILL_BATCH:  # past the first call
             slot, held = await reading(supervisor)
         seen = held
-        while held == seen:  # a batch was just handed to the engine: cancel at its start
+        while attempt and held == seen:  # a batch was just handed to the engine
             slot, held = await reading(supervisor)
+        if not attempt:
+            await asyncio.sleep(0.05)  # the batch-sized calls are ready to go
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first
         await stream.aclose()  # type: ignore[attr-defined]
-        for _ in range(1000):
-            if (await reading(supervisor))[0] < 0:
+        idle = 0
+        for _ in range(1000):  # idle twice in a row: nothing more is sent to the engine
+            idle = idle + 1 if (await reading(supervisor))[0] < 0 else 0
+            if idle == 2:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.02)
         table = (await supervisor.call({"op": "slots"}, ready_timeout=5))["slots"]
-        assert not any(s["busy"] for s in table)
+        assert not any(s["busy"] for s in table), (attempt, table)
         after = table[slot]["tokens"]
         assert after == held, (attempt, held, after)  # the batch in flight, none after it
         assert supervisor.stats.last["finish_reason"] == "cancelled"
