@@ -64,11 +64,11 @@ EXIT_UNUSABLE = ExitCode.DEPENDENCY
 PREFILL_BATCH = 64
 """Prompt tokens per engine batch. A long prompt is read one batch per engine call, so a
 cancelled read ends with the batch in flight (~0.24 s on 2 cores). Measured with the
-embedded model on 2 cores (``bench/engine.py``), a cold ~970-token prompt reads at 238
-tok/s with 64, 196 with 32, 253 with 128; cancelled at moments spread over the read, the
-slot is free after p50 133 ms (max 258) with 64 and p50 76 ms (max 139) with 32. Reused
-prefixes are not read at all, and a superseded keystroke's read is not lost: the next
-keystroke continues it in the same slot."""
+embedded model on 2 cores (``bench/engine.py``, two runs), a cold ~970-token prompt reads
+at 238-268 tok/s with 64, 196-217 with 32, 253-264 with 128; cancelled at moments spread
+over the read, the slot is free after p50 118-133 ms (max 252-258) with 64 and p50 73-76
+ms (max 130-139) with 32. Reused prefixes are not read at all, and a superseded
+keystroke's read is not lost: the next keystroke continues it in the same slot."""
 READ_AHEAD_POLL = 0.003
 """Seconds between looks at the engine's slot table while a read-ahead waits for the
 batch the engine reads before it stops the request's first call."""
@@ -380,10 +380,16 @@ class _Engine:
 
     def _prompt_tokens(self, body: dict[str, Any]) -> list[int]:
         """The tokens the engine makes of the request's prompt (a chat's, templated)."""
-        call, prompt = self._engine_call, body.get("prompt")
+        prompt = body.get("prompt")
         if prompt is None:
-            prompt = call("POST", "/apply-template", {"messages": body["messages"]})["prompt"]
-        return list(call("POST", "/tokenize", {"content": prompt, "add_special": True})["tokens"])
+            template = {"messages": body["messages"]}
+            prompt = self._engine_call("POST", "/apply-template", template)["prompt"]
+        return self._tokens(prompt, special=True)
+
+    def _tokens(self, text: str, *, special: bool) -> list[int]:
+        """``text``'s tokens; ``special``: with the BOS token a prompt starts with."""
+        reply = self._engine_call("POST", "/tokenize", {"content": text, "add_special": special})
+        return list(reply["tokens"])
 
     def _done(
         self,
@@ -431,14 +437,7 @@ class _Engine:
         self.channel.send({"id": request["id"], "embeddings": vectors})
 
     def _tokenize(self, request: dict[str, Any]) -> None:
-        counts = [
-            len(
-                self._engine_call("POST", "/tokenize", {"content": text, "add_special": False})[
-                    "tokens"
-                ]
-            )
-            for text in request["texts"]
-        ]
+        counts = [len(self._tokens(text, special=False)) for text in request["texts"]]
         self.channel.send({"id": request["id"], "counts": counts})
 
     def _slot_table(self, request: dict[str, Any]) -> None:
