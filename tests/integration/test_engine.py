@@ -150,13 +150,14 @@ async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
         stream = supervisor.stream(op_body, ready_timeout=5)
         first = asyncio.ensure_future(anext(stream))
         slot, held = -1, 0
-        while not 0 < held < 2 * PREFILL_BATCH:  # the first call's batch: the slot gave way
-            slot, held = await reading(supervisor)
-        if attempt:
-            while held < 2 * PREFILL_BATCH:  # the first batch-sized call's batch, just begun
+        async with asyncio.timeout(60):  # a read of a few seconds; never a hung test
+            while not 0 < held < 2 * PREFILL_BATCH:  # the first call's batch: the slot gave way
                 slot, held = await reading(supervisor)
-        else:
-            await asyncio.sleep(0.05)  # the batch-sized calls are ready to go
+            if attempt:
+                while held < 2 * PREFILL_BATCH:  # the first batch-sized call's, just begun
+                    slot, held = await reading(supervisor)
+            else:
+                await asyncio.sleep(0.05)  # the batch-sized calls are ready to go
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first
