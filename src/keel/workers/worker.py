@@ -63,7 +63,7 @@ from keel.errors import ExitCode
 EXIT_UNUSABLE = ExitCode.DEPENDENCY
 PREFILL_BATCH = 64
 """Prompt tokens per engine batch. A long prompt is read one batch per engine call, so a
-cancelled read ends with the batch in flight (~0.24 s on 2 cores). Measured with the
+cancelled read ends with the batch in flight (0.2-0.4 s on 2 cores). Measured with the
 embedded model on 2 cores (``bench/engine.py``, two runs), a cold ~970-token prompt reads
 at 238-268 tok/s with 64, 196-217 with 32, 253-264 with 128; cancelled at moments spread
 over the read, the slot is free after p50 118-133 ms (max 252-258) with 64 and p50 73-76
@@ -360,7 +360,7 @@ class _Engine:
             tokens = self._prompt_tokens(body)
             # The stopped call reads its batch first; a call sent now would wait for it
             # in the engine, out of a cancel's reach, and then read another.
-            while self._slot_busy(slot):
+            while self._engine_slots()[slot]["busy"]:
                 if cancelled.wait(READ_AHEAD_POLL):
                     return
         except (OSError, RuntimeError, KeyError, ValueError):
@@ -373,10 +373,6 @@ class _Engine:
                 return
             part = {"prompt": tokens[:end], "max_tokens": 1, "cache_prompt": True}
             self.server.handle_completions({**part, "id_slot": slot}, _ignore)
-
-    def _slot_busy(self, slot: int) -> bool:
-        table = self._engine_call("GET", "/slots", None)
-        return any(entry["id"] == slot and entry["is_processing"] for entry in table)
 
     def _prompt_tokens(self, body: dict[str, Any]) -> list[int]:
         """The tokens the engine makes of the request's prompt (a chat's, templated)."""
@@ -441,8 +437,12 @@ class _Engine:
         self.channel.send({"id": request["id"], "counts": counts})
 
     def _slot_table(self, request: dict[str, Any]) -> None:
-        table = self._engine_call("GET", "/slots", None)
-        slots = [
+        self.channel.send({"id": request["id"], "slots": self._engine_slots()})
+
+    def _engine_slots(self) -> list[dict[str, Any]]:
+        """The engine's slot table, by slot id: ``busy``, and the ``tokens`` it holds."""
+        table = sorted(self._engine_call("GET", "/slots", None), key=lambda slot: slot["id"])
+        return [
             {
                 "id": slot["id"],
                 "busy": bool(slot["is_processing"]),
@@ -450,7 +450,6 @@ class _Engine:
             }
             for slot in table
         ]
-        self.channel.send({"id": request["id"], "slots": slots})
 
     def _engine_call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         """A call to the engine's own loopback listener (answered off the task queue) on
