@@ -505,6 +505,10 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     params.n_cache_reuse = CACHE_REUSE
     params.cache_ram_mib = PROMPT_CACHE_MIB
     params.n_gpu_layers = args.gpu_layers
+    # llama.cpp's fitting of unset sizes to device memory measures the model with a
+    # trial load, then stops because the GPU layers are set above: ~0.2 s of CPU a
+    # start for nothing (common/fit.cpp: "n_gpu_layers already set by user").
+    params.fit_params = False
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = _threads(args)
     # No busy-waiting between ops: keel runs several engines (completion, embedding,
     # a swap's new model) on the same cores, and spinning threads of one starve the
