@@ -120,7 +120,7 @@ async def test_a_newer_real_request_cancels_a_precompute_at_once(
     keel: httpx.AsyncClient,
 ) -> None:
     serving = state_of(keel).completion
-    await suggested(keel, 6000)
+    await suggested(keel, 2000)
     ahead = [flight for flight in serving.flights if flight.precompute]
     assert len(ahead) == 1, "a precompute started as soon as the engine was idle"
     await complete(keel, SOURCE[:1000])  # somewhere else: it cannot use the precompute
