@@ -4,10 +4,12 @@ the raw engine, same model file, same threads, same prompts.
 The raw side is llama.cpp's server engine held in process through ``xllamacpp``
 (``xllamacpp.Server``), built with the worker's own engine settings
 (``keel.workers.worker._engine_params``: slots, context per slot, 64-token
-prefill batches, KV reuse), streaming through its in-process API as keel's
-worker does; keel's side is an OpenAI completion through ``keel serve`` with
-``[model.completion.local]`` set to the same model, threads, context and
-slots. Both run in processes of their own (``python bench/inference.py
+prefill batches, KV reuse), measured two ways: streaming through its in-process
+API as keel's worker does (no socket at all), and streaming over the engine's own
+HTTP listener (llama-server's OpenAI API, what an editor would use without keel)
+to the same client keel streams to. keel's side is an OpenAI completion through
+``keel serve`` with ``[model.completion.local]`` set to the same model, threads,
+context and slots. Both run in processes of their own (``python bench/inference.py
 --raw``); chat and embedding go to a fake upstream so no other worker loads.
 
 Setup: the embedded model (``keel.models.registry.embedded_model_path()``),
@@ -15,7 +17,8 @@ Setup: the embedded model (``keel.models.registry.embedded_model_path()``),
 ``--threads`` (default: none set, so both sides take keel's default, the physical
 cores keel may run on within its CPU quota). Prompts go to raw and keel in turn, so the
 machine's noise hits both alike. Each of ``--prompts`` prompts begins with its
-own number, so neither side reuses a cached prefix: every prompt is read cold.
+own number (the two raw sides share an engine and get different numbers), so no
+side reuses a cached prefix: every prompt is read cold.
 Greedy (temperature 0), ``max_tokens`` 32 (keel's default for a local model),
 streamed. The first prompt of each side is a warm-up and not counted. Time to
 first token is measured by the client; decode speed is
@@ -75,6 +78,11 @@ def prompt(index: int) -> str:
     return f"# module {index}: accounts and balances\n" + CODE
 
 
+PROMPT_NUMBERS = {"raw": 1000, "raw_http": 2000, "keel": 1000}
+"""Where each side's prompt numbers start: the same number of digits, so the same
+number of tokens; the raw sides share an engine, so theirs differ."""
+
+
 def decode_rate(tokens: int, first: float, last: float) -> float | None:
     return (tokens - 1) / (last - first) if tokens > 1 and last > first else None
 
@@ -117,15 +125,17 @@ def run_raw(model: str, threads: int | None) -> None:
     rows = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     args = worker._parse_args(engine_argv(model, threads))
-    server = xllamacpp.Server(worker._engine_params(xllamacpp, args, secrets.token_urlsafe(16)))
-    print("ready", file=rows, flush=True)
+    key = secrets.token_urlsafe(16)
+    server = xllamacpp.Server(worker._engine_params(xllamacpp, args, key))
+    print(f"ready {server.listening_address} {key}", file=rows, flush=True)
     for line in sys.stdin:
         print(json.dumps(raw_once(server, int(line))), file=rows, flush=True)
     # End of stdin: exit without running the engine's destructor (the worker does the same).
     os._exit(0)
 
 
-def keel_once(client: Any, index: int) -> dict[str, Any]:
+def client_once(client: Any, index: int) -> dict[str, Any]:
+    """One prompt streamed over HTTP (keel's, or the raw engine's own listener)."""
     body = {"prompt": prompt(index), "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": True}
     started = time.perf_counter()
     first = last = None
@@ -195,7 +205,7 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
     model = str(embedded_model_path())
     engine_args = engine_worker._parse_args(engine_argv(model, threads))
     engine_threads = engine_worker._threads(engine_args)  # what both sides will use
-    sides = ("raw", "keel")
+    sides = ("raw", "raw_http", "keel")
     rows: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     worker: Any = None
     with common.processes("inference") as group:
@@ -211,23 +221,36 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
         )
         try:
             assert raw.stdin is not None and raw.stdout is not None
-            if raw.stdout.readline().strip() != "ready":
+            ready, address, key = raw.stdout.readline().split()
+            if ready != "ready":
                 raise RuntimeError("the raw engine did not start")
             client = httpx.Client(base_url=keel.url, timeout=120)
+            listener = httpx.Client(
+                base_url=address, timeout=120, headers={"authorization": f"Bearer {key}"}
+            )
+
+            def in_process(index: int) -> dict[str, Any]:
+                raw.stdin.write(f"{index}\n")
+                raw.stdin.flush()
+                return dict(json.loads(raw.stdout.readline()))
+
+            once = {
+                "raw": in_process,
+                "raw_http": lambda index: client_once(listener, index),
+                "keel": lambda index: client_once(client, index),
+            }
             # Interleaved prompt by prompt, so a noisy neighbour slows all sides alike;
             # prompt 0 warms each side up and is not counted.
             for index in range(prompts + 1):
                 common.log(f"inference prompt {index}/{prompts}")
-                raw.stdin.write(f"{index}\n")
-                raw.stdin.flush()
-                raw_row = json.loads(raw.stdout.readline())
-                keel_row = keel_once(client, index)
-                if index:
-                    rows["raw"].append(raw_row)
-                    rows["keel"].append(keel_row)
+                for side in sides:
+                    row = once[side](PROMPT_NUMBERS[side] + index)
+                    if index:
+                        rows[side].append(row)
             providers = client.get("/v1/providers").json()
             worker = providers["roles"]["completion"]["providers"][0].get("worker", {})
             client.close()
+            listener.close()
         finally:
             if raw.stdin is not None:
                 raw.stdin.close()
@@ -238,8 +261,8 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
                 raw.wait()
     summary = {side: summarize(rows[side]) for side in sides}
 
-    def ratio(side: str, key: str, invert: bool = False) -> float | None:
-        a, b = summary[side][key], summary["raw"][key]
+    def ratio(key: str, invert: bool = False, baseline: str = "raw") -> float | None:
+        a, b = summary["keel"][key], summary[baseline][key]
         if a is None or b is None or a == 0 or b == 0:
             return None
         return float(b / a if invert else a / b)
@@ -249,18 +272,21 @@ def run(prompts: int = 5, threads: int | None = None) -> dict[str, Any]:
             "model": os.path.basename(model),
             "threads": engine_threads,
             "threads_set": threads is not None,
-            "engine": "xllamacpp.Server in process, the worker's engine settings",
+            "engine": "xllamacpp.Server, the worker's engine settings: raw streams "
+            "through its in-process API, raw_http over its own HTTP listener",
             "n_ctx_per_slot": N_CTX,
             "slots": SLOTS,
             "prompts": prompts,
             "prompt_tokens": rows["raw"][0]["prompt_tokens"] if rows["raw"] else None,
             "max_tokens": MAX_TOKENS,
             "cache": "cold: every prompt starts differently",
-            "order": "interleaved per prompt: raw, keel",
+            "order": "interleaved per prompt: raw, raw_http, keel",
         },
         **summary,
-        "decode_ratio": ratio("keel", "decode_tps_p50"),
-        "ttft_ratio": ratio("keel", "ttft_ms_p50", invert=True),
+        "decode_ratio": ratio("decode_tps_p50"),
+        "ttft_ratio": ratio("ttft_ms_p50", invert=True),
+        "decode_ratio_http": ratio("decode_tps_p50", baseline="raw_http"),
+        "ttft_ratio_http": ratio("ttft_ms_p50", invert=True, baseline="raw_http"),
         "keel_worker": worker,
     }
 
@@ -290,7 +316,7 @@ def main() -> int:
 
     result = run(args.prompts, args.threads)
     common.write_json("inference", result)
-    sides = ("raw", "keel")
+    sides = ("raw", "raw_http", "keel")
     shown = {k: v for k, v in result.items() if k not in sides}
     for side in sides:
         shown[side] = {k: v for k, v in result[side].items() if k != "rows"}

@@ -160,18 +160,24 @@ class LongGeneration:
 
 
 def wait_slots_free(
-    client: httpx.Client, timeout: float = FREE_TIMEOUT, trace: list[list[float]] | None = None
+    client: httpx.Client,
+    timeout: float = FREE_TIMEOUT,
+    trace: list[list[float]] | None = None,
+    requests_before: int = -1,
 ) -> float | None:
-    """Seconds until no engine slot is busy, or None; ``trace`` gets one
-    [ms since the start, ms the poll took, busy slots] per poll."""
+    """Seconds until no engine slot is busy and the worker has ended more requests than
+    ``requests_before``, or None; ``trace`` gets one [ms since the start, ms the poll
+    took, busy slots] per poll. (A read ahead is several engine calls: between two of
+    them the slots are free for a moment while the request is still running.)"""
     began = time.perf_counter()
     while time.perf_counter() - began < timeout:
         asked = time.perf_counter()
-        busy = sum(s["busy"] for s in client.get("/_bench/slots").json()["slots"])
+        table = client.get("/_bench/slots").json()
+        busy = sum(s["busy"] for s in table["slots"])
         if trace is not None:
             now = time.perf_counter()
             trace.append([round((asked - began) * 1000, 1), round((now - asked) * 1000, 1), busy])
-        if not busy:
+        if not busy and table["generation"]["requests"] > requests_before:
             return time.perf_counter() - began
         time.sleep(0.002)
     return None
@@ -270,7 +276,7 @@ def cancel_once(
     finally:
         sock.close()
     trace: list[list[float]] = []
-    freed = wait_slots_free(client, trace=trace)
+    freed = wait_slots_free(client, trace=trace, requests_before=before["requests"])
     if freed is not None:
         freed = (time.perf_counter() - closed) * 1000
     after = client.get("/_bench/slots").json()["generation"]

@@ -2,8 +2,9 @@
 
 Runs, in order, each in its own processes on loopback: gateway overhead
 (direct, keel, keel with proposed fixes, LiteLLM), failover, local inference
-(the raw engine, xllamacpp in process, versus keel), the local engine under two
-clients (head-of-line blocking and cancellation, ``bench/local_serving.py``),
+(the raw engine, xllamacpp in process and over its own HTTP listener, versus
+keel), the local engine under two clients (head-of-line blocking and
+cancellation, ``bench/local_serving.py``),
 the typing simulator (``bench/typing_sim.py``) and the soak. A benchmark that fails
 is reported as "not run (why)" and the others still run. The bench reports;
 it does not assert: the exit status is 0 unless the harness itself broke.
@@ -130,6 +131,17 @@ def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
             f"{ttft:.3f}x raw speed" if ttft else "-",
             ">= 0.95x raw",
             met(ttft is not None and ttft >= 0.95),
+        ),
+        (
+            "inference",
+            f"keel local vs the raw engine over its own HTTP listener (llama-server's API,"
+            f" what runs without keel): decode / time to first token{note}",
+            f"{keel['decode_tps_p50']:.1f} tok/s / {ms(keel['ttft_ms_p50'])}",
+            f"raw over HTTP {result['raw_http']['decode_tps_p50']:.1f} tok/s"
+            f" / {ms(result['raw_http']['ttft_ms_p50'])}",
+            f"{result['decode_ratio_http']:.3f}x / {result['ttft_ratio_http']:.3f}x",
+            "(for comparison)",
+            "-",
         ),
     ]
 
