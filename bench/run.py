@@ -299,7 +299,7 @@ def main() -> int:
         ),
         (
             "inference",
-            lambda: inference.run_with_a_core_left(prompts=2 if args.quick else 5),
+            lambda: inference.run_with_a_core_left(prompts=2 if args.quick else inference.PROMPTS),
             inference_rows,
             None,
         ),
