@@ -64,10 +64,10 @@ EXIT_UNUSABLE = ExitCode.DEPENDENCY
 PREFILL_BATCH = 64
 """Prompt tokens per engine batch. A long prompt is read one batch per engine call, so a
 cancelled read ends with the batch in flight (0.2-0.4 s on 2 cores). Measured with the
-embedded model on 2 cores (``bench/engine.py``, two runs), a cold ~970-token prompt reads
-at 238-268 tok/s with 64, 196-217 with 32, 253-264 with 128; cancelled at moments spread
-over the read, the slot is free after p50 118-133 ms (max 252-258) with 64 and p50 73-76
-ms (max 130-139) with 32. Reused prefixes are not read at all, and a superseded
+embedded model on 2 cores (``bench/engine.py``, three runs), a cold ~970-token prompt
+reads at 233-268 tok/s with 64, 183-217 with 32, 253-268 with 128; cancelled at moments
+spread over the read, the slot is free after p50 118-139 ms (max 252-258) with 64 and
+p50 73-87 ms (max 130-212) with 32. Reused prefixes are not read at all, and a superseded
 keystroke's read is not lost: the next keystroke continues it in the same slot."""
 CACHE_REUSE = 32
 """Smallest run of tokens the engine reuses from a moved window by shifting its KV cache."""
