@@ -105,6 +105,10 @@ def inference_rows(result: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3f}x"
+
+
 def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
     raw, keel = result["raw"], result["keel"]
     setup = result["setup"]
@@ -119,7 +123,7 @@ def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
             f"keel local vs raw engine: decode, {scenario}",
             f"{keel['decode_tps_p50']:.1f} tok/s",
             f"raw {raw['decode_tps_p50']:.1f} tok/s",
-            f"{decode:.3f}x raw" if decode else "-",
+            f"{ratio_text(decode)} raw",
             ">= 0.95x raw",
             met(decode is not None and decode >= 0.95),
         ),
@@ -128,7 +132,7 @@ def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
             f"keel local vs raw engine: time to first token{note}",
             ms(keel["ttft_ms_p50"]),
             f"raw {ms(raw['ttft_ms_p50'])}",
-            f"{ttft:.3f}x raw speed" if ttft else "-",
+            f"{ratio_text(ttft)} raw speed",
             ">= 0.95x raw",
             met(ttft is not None and ttft >= 0.95),
         ),
@@ -139,7 +143,7 @@ def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
             f"{keel['decode_tps_p50']:.1f} tok/s / {ms(keel['ttft_ms_p50'])}",
             f"raw over HTTP {result['raw_http']['decode_tps_p50']:.1f} tok/s"
             f" / {ms(result['raw_http']['ttft_ms_p50'])}",
-            f"{result['decode_ratio_http']:.3f}x / {result['ttft_ratio_http']:.3f}x",
+            f"{ratio_text(result['decode_ratio_http'])} / {ratio_text(result['ttft_ratio_http'])}",
             "(for comparison)",
             "-",
         ),

@@ -434,12 +434,9 @@ class _Engine:
         self.channel.send({"id": request["id"], "counts": counts})
 
     def _slot_table(self, request: dict[str, Any]) -> None:
-        self.channel.send({"id": request["id"], "slots": self._engine_slots()})
-
-    def _engine_slots(self) -> list[dict[str, Any]]:
         """The engine's slot table, by slot id: ``busy``, and the ``tokens`` it holds."""
         table = sorted(self._engine_call("GET", "/slots", None), key=lambda slot: slot["id"])
-        return [
+        slots = [
             {
                 "id": slot["id"],
                 "busy": bool(slot["is_processing"]),
@@ -447,6 +444,7 @@ class _Engine:
             }
             for slot in table
         ]
+        self.channel.send({"id": request["id"], "slots": slots})
 
     def _engine_call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         """A call to the engine's own loopback listener (answered off the task queue) on
