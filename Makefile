@@ -6,15 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test deps lint typecheck pytest install node-deps sample-config clean rules-test
+.PHONY: serve test deps lint typecheck quality-gate pytest install node-deps sample-config clean rules-test
 
 serve: $(STAMP)
 	$(BIN)/keel serve
 
-# The checks run side by side once the dependencies are in: mypy at the lowest priority
-# (nice), on the CPU the tests leave idle while they wait on sockets and timers.
+# The checks run side by side once the dependencies are in: mypy and the quality gate at
+# the lowest priority (nice), on the CPU the tests leave idle while they wait on sockets
+# and timers.
 test: deps
-	@$(MAKE) --no-print-directory -j4 lint typecheck rules-test pytest
+	@$(MAKE) --no-print-directory -j5 lint typecheck rules-test quality-gate pytest
 
 # What the checks need, installed side by side: the venv (uv), tabby-agent (npm) and
 # Debian's packages (apt) wait on different servers.
@@ -49,6 +50,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	nice -n 19 $(BIN)/mypy
+
+# 20 completions by the embedded model scored against src/keel/eval/gate_baseline.json.
+quality-gate: $(STAMP)
+	nice -n 19 $(BIN)/python -m keel.eval.gate
 
 # One pytest worker per core (pytest-xdist), each pinned to its own core with what it
 # starts (tests/conftest.py): two embedded engines never fight over the same cores.
