@@ -11,9 +11,10 @@ NODE_STAMP := tests/node/node_modules/.installed
 serve: $(STAMP)
 	$(BIN)/keel serve
 
-# The checks run side by side once the dependencies are in: mypy and the quality gate at
-# the lowest priority (nice), on the CPU the tests leave idle while they wait on sockets
-# and timers.
+# The checks run side by side once the dependencies are in: mypy and the quality gate in
+# Linux's idle scheduling class (chrt --idle), on the CPU the tests leave idle while they
+# wait on sockets and timers, yielding it to any test process that wakes.
+IDLE := chrt --idle 0
 test: deps
 	@$(MAKE) --no-print-directory -j5 lint typecheck rules-test quality-gate pytest
 
@@ -49,11 +50,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 typecheck: $(STAMP)
-	nice -n 19 $(BIN)/mypy
+	$(IDLE) $(BIN)/mypy
 
 # 20 completions by the embedded model scored against src/keel/eval/gate_baseline.json.
 quality-gate: $(STAMP)
-	nice -n 19 $(BIN)/python -m keel.eval.gate
+	$(IDLE) $(BIN)/python -m keel.eval.gate
 
 # One pytest worker per core (pytest-xdist), each pinned to its own core with what it
 # starts (tests/conftest.py): two embedded engines never fight over the same cores.

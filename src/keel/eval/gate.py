@@ -1,7 +1,7 @@
 """The quality gate: a small ``keel eval`` sample that ``make test`` runs.
 
-``make test`` runs it as a check of its own beside pytest, at the lowest CPU
-priority, as it does mypy: it uses the cores the tests leave idle while they
+``make test`` runs it as a check of its own beside pytest, in Linux's idle scheduling
+class, as it does mypy: it uses the cores the tests leave idle while they
 wait on sockets and timers (about a sixth of pytest's time on 2 cores), instead
 of holding one of pytest's two workers for 35-40 s.
 
