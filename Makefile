@@ -12,9 +12,10 @@ serve: $(STAMP)
 	$(BIN)/keel serve
 
 # The checks run side by side once the dependencies are in: mypy and the quality gate in
-# Linux's idle scheduling class (chrt --idle), on the CPU the tests leave idle while they
-# wait on sockets and timers, yielding it to any test process that wakes.
-IDLE := chrt --idle 0
+# Linux's idle scheduling class (chrt --idle, from util-linux; nice 19 without it), on the
+# CPU the tests leave idle while they wait on sockets and timers, yielding it to any test
+# process that wakes.
+IDLE := $(if $(shell command -v chrt),chrt --idle 0,nice -n 19)
 test: deps
 	@$(MAKE) --no-print-directory -j5 lint typecheck rules-test quality-gate pytest
 
