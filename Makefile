@@ -15,7 +15,7 @@ serve: $(STAMP)
 # Linux's idle scheduling class (chrt --idle, from util-linux; nice 19 without it), on the
 # CPU the tests leave idle while they wait on sockets and timers, yielding it to any test
 # process that wakes.
-IDLE := $(if $(shell command -v chrt),chrt --idle 0,nice -n 19)
+IDLE = $(if $(shell command -v chrt),chrt --idle 0,nice -n 19)
 test: deps
 	@$(MAKE) --no-print-directory -j5 lint typecheck rules-test quality-gate pytest
 

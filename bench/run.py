@@ -195,7 +195,7 @@ def typing_rows(result: dict[str, Any]) -> list[Row]:
             "warm vs cold time to first token",
             f"warm {ms(result.get('warm_first_token_ms_p50'))}",
             f"cold {ms(result.get('cold_first_token_ms_p50'))}",
-            "-" if ratio is None else f"{ratio:.3f}x cold",
+            f"{ratio_text(ratio)} cold",
             "<= 0.01x cold",
             met(ratio is not None and ratio <= 0.01),
         ),
