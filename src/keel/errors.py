@@ -315,3 +315,9 @@ class UpstreamProtocolError(UpstreamError):
 
 class WorkerCrashed(UpstreamError):
     code = "worker_crashed"
+
+    def __init__(self, message: str, *, provider: str, worker: int | None = None) -> None:
+        super().__init__(message, provider=provider)
+        self.worker = worker
+        """The pid of the worker process that died. One death fails every request in
+        flight on it; the router counts it against the provider once."""

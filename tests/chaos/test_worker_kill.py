@@ -74,3 +74,43 @@ def test_sigkill_mid_request_is_served_by_the_fallback_then_the_worker_returns(
     assert keel.process.worker_pid("completion") != pid
     state = keel.endpoint("completion", LOCAL)
     assert state["breaker"] == "closed" and state["healthy"] and state["usable"], state
+
+
+def test_one_death_with_several_requests_in_flight_counts_once(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """Three requests on the worker when it is killed: each fails over, and the death
+    counts against the provider once. Counted per request, it opened the breaker (three
+    consecutive failures) and made the endpoint unhealthy (two), so the fallback kept
+    the traffic long after the worker was back."""
+    _, fallback = backends
+    keel = keel_factory(local_then_fallback(fallback.url))
+    keel.wait_for("worker loaded", lambda: keel.endpoint("completion", LOCAL)["usable"], 60)
+    pid = keel.process.worker_pid("completion")
+
+    responses: list[Any] = []
+    requests = [
+        threading.Thread(target=lambda: responses.append(keel.completion(max_tokens=1500)))
+        for _ in range(3)
+    ]
+    for request in requests:
+        request.start()
+    keel.wait_for(
+        "three requests on the worker",
+        lambda: keel.endpoint("completion", LOCAL)["outstanding"] == 3,
+        10,
+    )
+    os.kill(pid, signal.SIGKILL)
+    for request in requests:
+        request.join(60)
+
+    assert [r.status_code for r in responses] == [200, 200, 200], [r.text for r in responses]
+    assert {r.json()["choices"][0]["text"] for r in responses} == {FALLBACK_TEXT}
+    state = keel.endpoint("completion", LOCAL)
+    assert state["breaker"] == "closed" and state["healthy"], state
+    assert "killed" in (state["last_error"] or ""), state
+    keel.wait_for(
+        "the restarted worker serving",
+        lambda: keel.tabby().headers.get("x-keel-provider") == LOCAL,
+        30,
+    )

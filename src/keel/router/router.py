@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from keel.config import Role
-from keel.errors import KeelError, Unavailable, UpstreamTimeout
+from keel.errors import KeelError, Unavailable, UpstreamTimeout, WorkerCrashed
 from keel.providers.base import Provider
 from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
@@ -123,6 +123,8 @@ class Endpoint:
     failed_checks: int = 0
     last_failure_at: float | None = None
     last_error: str | None = None
+    last_crash: int | None = None
+    """The pid of the last worker death counted (local providers)."""
     auth_failed: bool = False
     blocked_until: float = 0.0
     latencies: list[float] = field(default_factory=list)
@@ -167,6 +169,14 @@ class Endpoint:
         self.last_failure_at = self.clock()
         self.last_error = error.message
         return was_healthy and not self.healthy
+
+    def new_crash(self, error: KeelError) -> bool:
+        """False for a worker death already counted: the other requests it failed."""
+        worker = error.worker if isinstance(error, WorkerCrashed) else None
+        if worker is not None and worker == self.last_crash:
+            return False
+        self.last_crash = worker
+        return True
 
     def snapshot(self) -> dict[str, object]:
         ordered = sorted(self.latencies)
@@ -255,6 +265,13 @@ class RoleRouter:
     def failed(self, endpoint: Endpoint, error: KeelError, kind: Failure) -> None:
         """Only what the provider did wrong counts against it: a request the backend
         refused (a 4xx, a prompt over its context) is no breaker failure, no finding."""
+        if kind is Failure.CRASHED and not endpoint.new_crash(error):
+            # One worker death fails every request in flight; it is one failure. Counted
+            # per request, three in flight opened the breaker and two made the endpoint
+            # unhealthy, routed around for minutes after a restart that took a second.
+            endpoint.breaker.record_ignored()
+            endpoint.last_error = error.message
+            return
         if kind in (Failure.RETRYABLE, Failure.CRASHED):
             endpoint.breaker.record_failure()
             if endpoint.record_failed(error):

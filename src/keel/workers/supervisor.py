@@ -323,6 +323,7 @@ class WorkerSupervisor:
                     "crashed": True,
                     "error": f"exit code {exit_code}",
                     "restarting": restarting,
+                    "worker": self.pid,
                 }
             )
 
@@ -343,12 +344,14 @@ class WorkerSupervisor:
     async def _send(self, message: dict[str, Any]) -> None:
         process = self._process
         if process is None or process.stdin is None:
-            raise WorkerCrashed("worker is not running", provider=self.name)
+            raise WorkerCrashed("worker is not running", provider=self.name, worker=self.pid)
         try:
             process.stdin.write(json.dumps(message).encode() + b"\n")
             await process.stdin.drain()
         except (ConnectionError, RuntimeError) as exc:
-            raise WorkerCrashed(f"worker pipe closed: {exc}", provider=self.name) from exc
+            raise WorkerCrashed(
+                f"worker pipe closed: {exc}", provider=self.name, worker=process.pid
+            ) from exc
 
     def _raise_for(self, message: dict[str, Any]) -> None:
         if message.get("crashed"):
@@ -360,6 +363,7 @@ class WorkerSupervisor:
             raise WorkerCrashed(
                 f"worker died during the request ({self.last_error or message['error']}); {then}",
                 provider=self.name,
+                worker=message["worker"],
             )
         code = message.get("code")
         if code in ("bad_request", "context_length_exceeded"):
