@@ -41,15 +41,18 @@ class KeelProcess:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"keel exited {self.process.returncode}: {self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        with self.client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"keel exited {self.process.returncode}: {self.log.read_text()}"
+                    )
+                try:
+                    if client.get("/ready").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
         raise TimeoutError(f"keel not ready after {timeout}s: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
