@@ -171,18 +171,20 @@ def raw_request(url: str, path: str, body: dict[str, Any]) -> socket.socket:
     "body",
     [
         {"prompt": "chaos first", "max_tokens": 60},
+        {"prompt": "chaos first", "max_tokens": 60, "stream": True},
         {
             "language": "python",
             "segments": {"prefix": "chaos_first = ", "suffix": "\n", "filepath": "a.py"},
         },
     ],
-    ids=["openai", "tabby"],
+    ids=["openai", "openai-stream", "tabby"],
 )
 def test_a_client_that_leaves_takes_its_work_with_it(
     body: dict[str, Any], keel_factory: Callable[[str], Keel]
 ) -> None:
-    """A non-streaming request is cancelled when its client disconnects (its upstream
-    stream closed within a token or two), and the one queued behind it starts at once."""
+    """A request is cancelled when its client disconnects (its upstream stream closed
+    within a token or two), and the one queued behind it starts at once; a streamed one
+    is left after its first event, mid-stream."""
     slow = FakeUpstream(tokens=("x",) * 40, token_delay=0.25).start()
     try:
         settings = {"max_concurrent": 1, "queue_size": 4, "queue_timeout": 30}
@@ -192,6 +194,9 @@ def test_a_client_that_leaves_takes_its_work_with_it(
 
         leaving = raw_request(keel.url, "/v1/completions", body)
         keel.wait_for("the first request running", lambda: live(slow) == 1, 5)
+        if body.get("stream"):
+            leaving.settimeout(5)
+            assert b"data: {" in leaving.recv(65536)
         queued: dict[str, httpx.Response] = {}
         waiter = threading.Thread(target=lambda: queued.setdefault("r", keel.completion()))
         waiter.start()

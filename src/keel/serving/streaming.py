@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
-from fastapi.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from keel.errors import KeelError, UpstreamTimeout
 from keel.providers.base import close_stream
@@ -28,6 +29,50 @@ def sse(data: object) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+class EventStream(Response):
+    """A server-sent-events response; a client that leaves cancels it.
+
+    One plain task waits for the client's disconnect and cancels the request's
+    task, which closes the body (and with it the generation upstream). Starlette's
+    StreamingResponse does the same through an anyio task group and cancel scopes
+    (under uvicorn's ASGI 2.3), a cost paid for every stream.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        self.chunks = chunks
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            task.cancel("client disconnected")
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watcher.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left or task.uncancel() > 0:
+                raise  # not the client's leaving: keel is stopping, say
+        finally:
+            watcher.cancel()
+            await self.chunks.aclose()  # left mid-way: the generation is closed now
+
+
 async def stream_response(
     pieces: AsyncIterator[str],
     *,
@@ -36,7 +81,7 @@ async def stream_response(
     tail: Callable[[], Awaitable[list[dict[str, object]]]],
     timeout: float,
     role: str,
-) -> StreamingResponse:
+) -> EventStream:
     """An SSE response: ``head`` events, one ``chunk(text)`` per piece, then the
     events ``tail()`` gives once the pieces are done (finish reason, usage).
 
@@ -57,7 +102,7 @@ async def stream_response(
         await close_stream(pieces)
         raise
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         opening = b"".join([sse(event) for event in head])
         try:
             if first is not None:
@@ -77,8 +122,4 @@ async def stream_response(
             await close_stream(pieces)
         yield opening + closing + DONE
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(events())
