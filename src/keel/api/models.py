@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from keel.api.access import ADMIN, USER
 from keel.api.errors import read_model
@@ -35,6 +35,7 @@ from keel.schemas.admin import (
 )
 from keel.schemas.openai import ModelCard, ModelList
 from keel.schemas.openapi import ERRORS, json_body, streamed
+from keel.serving.streaming import EventStream
 
 router = APIRouter(responses=ERRORS)
 
@@ -76,7 +77,7 @@ async def load_model(request: Request) -> Response:
             last = step.to_dict(body.role, body.model_name)
         return JSONResponse(last)
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         try:
             async for step in steps:
                 data = step.to_dict(body.role, body.model_name)
@@ -86,7 +87,7 @@ async def load_model(request: Request) -> Response:
             yield f"data: {json.dumps(error)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return EventStream(events())
 
 
 @router.post(
@@ -136,7 +137,7 @@ async def download_model(request: Request) -> Response:
             last = step.to_dict(body.model)
         return JSONResponse(last)
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         try:
             async for step in steps:
                 yield f"data: {json.dumps(step.to_dict(body.model))}\n\n".encode()
@@ -145,7 +146,7 @@ async def download_model(request: Request) -> Response:
             yield f"data: {json.dumps(error)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return EventStream(events())
 
 
 async def _audited(
