@@ -49,21 +49,22 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        left = False
+        left = done = False
 
         async def watch() -> None:
             nonlocal left
             while (await receive())["type"] != "http.disconnect":
                 pass
-            left = True
-            task.cancel("client disconnected")
+            if not done:  # a cancel now could only land after the try below
+                left = True
+                task.cancel("client disconnected")
 
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            watcher.cancel()
+            done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not left or task.uncancel() > 0:
