@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 
 import httpx
-import openai
 import pytest
 
 from tests.conftest import KeelProcess
@@ -59,6 +58,10 @@ def test_crlf_round_trip(keel_server: KeelProcess) -> None:
 
 
 def test_openai_sdk_completion_chat_embeddings_models(keel_server: KeelProcess) -> None:
+    # Imported here, not at the top: the SDK is ~0.9 s of imports (more on a fresh clone,
+    # compiling them), which every pytest worker would pay while collecting.
+    import openai
+
     client = openai.OpenAI(base_url=f"{keel_server.url}/v1", api_key="unused", timeout=120)
     try:
         completion = client.completions.create(
