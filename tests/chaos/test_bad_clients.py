@@ -194,9 +194,13 @@ def test_a_client_that_leaves_takes_its_work_with_it(
 
         leaving = raw_request(keel.url, "/v1/completions", body)
         keel.wait_for("the first request running", lambda: live(slow) == 1, 5)
-        if body.get("stream"):
+        if body.get("stream"):  # the head, then the first event: the stream is under way
             leaving.settimeout(5)
-            assert b"data: {" in leaving.recv(65536)
+            received = b""
+            while b"data: {" not in received:
+                chunk = leaving.recv(65536)
+                assert chunk, f"the stream ended before its first event: {received!r}"
+                received += chunk
         queued: dict[str, httpx.Response] = {}
         waiter = threading.Thread(target=lambda: queued.setdefault("r", keel.completion()))
         waiter.start()
