@@ -13,7 +13,6 @@ the stream starts.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request, Response
@@ -35,7 +34,7 @@ from keel.schemas.admin import (
 )
 from keel.schemas.openai import ModelCard, ModelList
 from keel.schemas.openapi import ERRORS, json_body, streamed
-from keel.serving.streaming import EventStream
+from keel.serving.streaming import DONE, EventStream, sse
 
 router = APIRouter(responses=ERRORS)
 
@@ -71,23 +70,11 @@ async def load_model(request: Request) -> Response:
     manager.require_model(body.model_name)
     key_id = getattr(request.state, "key_id", None)
     steps = manager.load(body.role, body.model_name, key_id=key_id)
-    if not body.stream:
-        last: dict[str, object] = {}
-        async for step in steps:
-            last = step.to_dict(body.role, body.model_name)
-        return JSONResponse(last)
-
-    async def events() -> AsyncGenerator[bytes, None]:
-        try:
-            async for step in steps:
-                data = step.to_dict(body.role, body.model_name)
-                yield f"data: {json.dumps(data)}\n\n".encode()
-        except KeelError as exc:
-            error = {**exc.to_body(), "status": "error", "role": body.role}
-            yield f"data: {json.dumps(error)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-
-    return EventStream(events())
+    return await _progress(
+        body.stream,
+        (step.to_dict(body.role, body.model_name) async for step in steps),
+        {"status": "error", "role": body.role},
+    )
 
 
 @router.post(
@@ -131,20 +118,31 @@ async def download_model(request: Request) -> Response:
         audit("error", exc.message)
         raise
     steps = _audited(puller.stream(body.model, quant=body.quant), audit)
-    if not body.stream:
+    return await _progress(
+        body.stream,
+        (step.to_dict(body.model) async for step in steps),
+        {"status": "error", "model": body.model},
+    )
+
+
+async def _progress(
+    stream: bool, steps: AsyncIterator[dict[str, object]], failed: dict[str, object]
+) -> Response:
+    """A long operation's steps as server-sent events (a failure the last, with
+    ``failed``'s fields, then ``[DONE]``), or without streaming its last step."""
+    if not stream:
         last: dict[str, object] = {}
         async for step in steps:
-            last = step.to_dict(body.model)
+            last = step
         return JSONResponse(last)
 
     async def events() -> AsyncGenerator[bytes, None]:
         try:
             async for step in steps:
-                yield f"data: {json.dumps(step.to_dict(body.model))}\n\n".encode()
+                yield sse(step)
         except KeelError as exc:
-            error = {**exc.to_body(), "status": "error", "model": body.model}
-            yield f"data: {json.dumps(error)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
+            yield sse({**exc.to_body(), **failed})
+        yield DONE
 
     return EventStream(events())
 
