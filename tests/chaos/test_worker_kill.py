@@ -114,3 +114,34 @@ def test_one_death_with_several_requests_in_flight_counts_once(
         lambda: keel.tabby().headers.get("x-keel-provider") == LOCAL,
         30,
     )
+
+
+def test_a_crash_under_the_default_config_keeps_the_embedded_model_serving(
+    keel_factory: Callable[[str], Keel],
+) -> None:
+    """keel with no config (the embedded model, no fallback) and six requests in flight
+    when the worker dies: they fail, and the restarted worker serves the next request.
+    Counted per request, the death opened the breaker (5 in a row by default), and every
+    completion was a 503 for the 60 s cooldown after a restart that took a second."""
+    keel = keel_factory("")
+    pid = keel.process.worker_pid("completion")
+    responses: list[Any] = []
+    requests = [
+        threading.Thread(target=lambda: responses.append(keel.completion(max_tokens=1500)))
+        for _ in range(6)
+    ]
+    for request in requests:
+        request.start()
+    keel.wait_for(
+        "six requests on the worker",
+        lambda: keel.endpoint("completion", LOCAL)["outstanding"] == 6,
+        10,
+    )
+    os.kill(pid, signal.SIGKILL)
+    for request in requests:
+        request.join(60)
+
+    assert len(responses) == 6 and all(r.status_code >= 500 for r in responses)
+    keel.wait_for("the restarted worker serving", lambda: keel.completion().status_code == 200, 15)
+    state = keel.endpoint("completion", LOCAL)
+    assert state["breaker"] == "closed" and state["healthy"], state
