@@ -141,6 +141,13 @@ class HttpModelConfig(_Section):
         return [self.model_copy(update={"api_endpoint": e}) for e in self.api_endpoints]
 
 
+EMBEDDING_CONTEXT = 512
+"""Tokens of the longest input an embedding worker takes unless ``context_size`` is set.
+The engine reads an embedding's input in one batch of the whole context (pooling needs
+every token at once), and that batch's buffers grow with it: the embedded model's worker
+peaks at ~410 MB after a 500-token input, ~1 GB after a 2,000-token one (~210 MB idle)."""
+
+
 class LocalModelConfig(_Section):
     """A GGUF model keel runs itself in a worker process (``[model.<role>.local]``)."""
 
@@ -149,7 +156,12 @@ class LocalModelConfig(_Section):
         description="A GGUF file path, a file name under <root>/models, or "
         f"'{EMBEDDED_MODEL_ID}' (the embedded default).",
     )
-    context_size: int = Field(2048, ge=128, description="Context window in tokens.")
+    context_size: int = Field(
+        2048,
+        ge=128,
+        description="Context window in tokens (for an embedding model, unset: 512, the "
+        "longest input it embeds; the engine reads an input in one batch).",
+    )
     threads: int | None = Field(
         None,
         ge=1,

@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 from keel.config import (
     CHAT_KINDS,
     COMPLETION_KINDS,
+    EMBEDDING_CONTEXT,
     EMBEDDING_KINDS,
     CompletionConfig,
     EventsConfig,
@@ -91,14 +92,15 @@ def render_sample() -> str:
     parts.append(_section("events", EventsConfig))
     kinds = {"completion": COMPLETION_KINDS, "chat": CHAT_KINDS, "embedding": EMBEDDING_KINDS}
     for role, role_kinds in kinds.items():
-        parts.append(
-            _section(
-                f"model.{role}.local",
-                LocalModelConfig,
-                f"{role}: a model keel runs itself (the default), or ...",
-                active=False,
-            )
+        local = _section(
+            f"model.{role}.local",
+            LocalModelConfig,
+            f"{role}: a model keel runs itself (the default), or ...",
+            active=False,
         )
+        if role == "embedding":
+            local = local.replace("# context_size = 2048", f"# context_size = {EMBEDDING_CONTEXT}")
+        parts.append(local)
         parts.append(
             _section(
                 f"model.{role}.http",

@@ -235,3 +235,26 @@ def test_unknown_route_and_method_use_the_error_shape(keel_server: KeelProcess) 
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     wrong = httpx.get(f"{keel_server.url}/v1/completions", timeout=10)
     assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_embeddings_take_inputs_up_to_the_context_and_refuse_longer_ones(
+    keel_server: KeelProcess,
+) -> None:
+    """The embedded model's embedding worker at its default context (512 tokens): an input
+    of a few hundred tokens is embedded (the engine reads it in one batch; with the 64-token
+    prefill batch of generation every input over 64 tokens was a 503), and one over the
+    context is the caller's 400 with the numbers, never a provider failure, however often."""
+    with keel_server.client() as client:
+        served = client.post("/v1/embeddings", json={"input": ["short", "word " * 400]})
+        assert served.status_code == 200, served.text
+        vectors = [item["embedding"] for item in served.json()["data"]]
+        assert len(vectors) == 2 and vectors[0] != vectors[1]
+        for _ in range(6):  # more than the breaker's default threshold (5)
+            refused = client.post("/v1/embeddings", json={"input": "word " * 600})
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert (error["code"], error["param"]) == ("context_length_exceeded", "input")
+            assert error["prompt_tokens"] > error["context_size"] == 512
+        assert client.post("/v1/embeddings", json={"input": "word " * 300}).status_code == 200
+        providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
+    assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers

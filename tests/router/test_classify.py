@@ -92,8 +92,25 @@ LLAMACPP_TOO_LONG = {
             (700, 512),
         ),
         (status(400, "This model's maximum context length is 8192 tokens"), (None, 8192)),
+        (
+            # an embedding input over llama.cpp's batch: a 500 of type server_error
+            status(
+                500,
+                "input (3001 tokens) is too large to process. increase the physical batch "
+                "size (current batch size: 512)",
+                details={"code": 500, "type": "server_error"},
+            ),
+            (3001, 512),
+        ),
     ],
-    ids=["llama.cpp-fields", "engine-code", "vllm-openai", "llama.cpp-text", "context-only"],
+    ids=[
+        "llama.cpp-fields",
+        "engine-code",
+        "vllm-openai",
+        "llama.cpp-text",
+        "context-only",
+        "llama.cpp-embedding-batch",
+    ],
 )
 def test_a_prompt_over_the_context_is_the_callers_400_with_the_numbers(
     error: KeelError, numbers: tuple[int | None, int | None]

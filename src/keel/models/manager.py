@@ -155,8 +155,8 @@ class ModelManager:
                 if candidate == model_name:
                     raise NotFound(exc.message) from None
                 continue
-            slots = local_worker_spec(role, config, path).slots
-            needed = memory_needed(path, config.context_size, slots)
+            spec = local_worker_spec(role, config, path)
+            needed = memory_needed(path, spec.context_size, spec.slots)
             if available is None or needed <= available:
                 note = (
                     f"{_mib(needed)} needed, {_mib(available)} available"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from keel.config import (
     EMBEDDED_MODEL_ID,
+    EMBEDDING_CONTEXT,
     ROLES,
     LocalModelConfig,
     Paths,
@@ -68,11 +69,14 @@ def _wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: b
 
 def local_worker_spec(role: Role, config: LocalModelConfig, model_path: Path) -> WorkerSpec:
     """The worker a local model needs to serve ``role``: embeddings get a context
-    loaded for embeddings, with one slot."""
+    loaded for embeddings (:data:`EMBEDDING_CONTEXT` unless configured), with one slot."""
     embedding = role == "embedding"
+    context = config.context_size
+    if embedding and "context_size" not in config.model_fields_set:
+        context = EMBEDDING_CONTEXT
     return WorkerSpec(
         model_path=str(model_path),
-        context_size=config.context_size,
+        context_size=context,
         threads=config.threads,
         gpu_layers=config.num_gpu_layers,
         embedding=embedding,

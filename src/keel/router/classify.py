@@ -4,7 +4,8 @@ The classes come from the error tree (never from matching message text),
 except "context too long": llama.cpp says it by its error ``type``
 (``exceed_context_size_error``, with ``n_prompt_tokens`` and ``n_ctx``),
 OpenAI by its ``code`` (``context_length_exceeded``), but vLLM and older
-servers only by a 400 with a message. That one test, and reading the numbers
+servers only by a 400 with a message, and llama.cpp of an embedding input over
+its batch only by a 500 with a message. That one test, and reading the numbers
 out of those messages, is kept here and nowhere else.
 """
 
@@ -55,7 +56,15 @@ _TOO_LONG_MARKERS = (
 
 _TOO_LONG_FIELDS = {"context_length_exceeded", "exceed_context_size_error"}
 
+_BATCH_REFUSAL = re.compile(
+    # llama.cpp server, an embedding input over its batch (read in one, unlike a prompt):
+    # "input (3001 tokens) is too large to process. increase the physical batch size
+    # (current batch size: 2048)", a 500 of type server_error
+    r"\((?P<prompt>\d+) tokens\) is too large to process.*?current batch size: (?P<ctx>\d+)"
+)
+
 _CONTEXT_NUMBERS = (
+    _BATCH_REFUSAL,
     # llama.cpp server: "request (5000 tokens) exceeds the available context size (4096 tokens)"
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<ctx>\d+)"),
     # llama-cpp-python: "Requested tokens (5000) exceed context window of 2048"
@@ -72,7 +81,9 @@ def _too_long(error: KeelError) -> bool:
     if error.code in _TOO_LONG_FIELDS:
         return True
     details = getattr(error, "details", {})
-    return details.get("type") in _TOO_LONG_FIELDS or details.get("code") in _TOO_LONG_FIELDS
+    if details.get("type") in _TOO_LONG_FIELDS or details.get("code") in _TOO_LONG_FIELDS:
+        return True
+    return _BATCH_REFUSAL.search(error.message) is not None
 
 
 def context_overflow(error: KeelError) -> ContextLengthExceeded:

@@ -9,6 +9,7 @@ import struct
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
+from keel.errors import ContextLengthExceeded
 from keel.providers.base import EmbeddingProvider
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
@@ -29,13 +30,17 @@ class EmbeddingServing:
 
     async def serve(self, http: Request, body: EmbeddingRequest) -> JSONResponse:
         texts = body.texts()
-        async with CancelOnDisconnect(http), self.admission.slot():
-            attempts = self.router.attempts()
-            async for attempt in attempts:
-                async with attempt:
-                    provider = attempt.provider
-                    assert isinstance(provider, EmbeddingProvider)
-                    vectors = await attempt.call(provider.embed(texts))
+        try:
+            async with CancelOnDisconnect(http), self.admission.slot():
+                attempts = self.router.attempts()
+                async for attempt in attempts:
+                    async with attempt:
+                        provider = attempt.provider
+                        assert isinstance(provider, EmbeddingProvider)
+                        vectors = await attempt.call(provider.embed(texts))
+        except ContextLengthExceeded as exc:
+            exc.param = "input"  # the field that was too long here
+            raise
         note_provider(http, provider)
         tokens = sum(await count_tokens(provider, texts))
         data = [

@@ -496,7 +496,10 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     slots = max(1, args.slots)
     params.n_parallel = slots
     params.n_ctx = args.context_size * slots  # the engine splits n_ctx among its slots
-    params.n_batch = params.n_ubatch = args.prefill_batch
+    # An embedding is read in one batch (pooling needs the whole input at once): a
+    # prefill-sized batch would refuse every input over 64 tokens.
+    batch = args.context_size if args.embedding else args.prefill_batch
+    params.n_batch = params.n_ubatch = batch
     params.n_cache_reuse = CACHE_REUSE
     params.cache_ram_mib = PROMPT_CACHE_MIB
     params.n_gpu_layers = args.gpu_layers
