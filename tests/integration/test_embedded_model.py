@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import httpx
@@ -258,3 +259,21 @@ def test_embeddings_take_inputs_up_to_the_context_and_refuse_longer_ones(
         assert client.post("/v1/embeddings", json={"input": "word " * 300}).status_code == 200
         providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
     assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers
+
+
+def test_a_chats_usage_counts_the_prompt_the_model_read(keel_server: KeelProcess) -> None:
+    """``usage.prompt_tokens`` of a chat is its templated prompt as the engine counted it
+    (SmolLM2's template wraps "hi", one token, in a system prompt and role markers,
+    ~30 tokens), plain and streamed alike; it was the messages' text alone (1)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    with keel_server.client() as client:
+        plain = client.post("/v1/chat/completions", json=body)
+        assert plain.status_code == 200, plain.text
+        streamed = client.post(
+            "/v1/chat/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        )
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line]
+    usage = json.loads(events[-2])["usage"]  # the last chunk before [DONE]
+    assert plain.json()["usage"]["prompt_tokens"] == usage["prompt_tokens"] >= 20, usage
+    assert usage["completion_tokens"] == plain.json()["usage"]["completion_tokens"] > 0

@@ -67,6 +67,9 @@ class ChatMessage:
 class ChatCall:
     messages: tuple[ChatMessage, ...]
     params: GenerationParams
+    reported: dict[str, int] = field(default_factory=dict, compare=False)
+    """What the engine that served the call counted, where a provider knows it:
+    ``prompt_tokens`` of the templated prompt (a local model's)."""
 
 
 @dataclass(frozen=True, slots=True)

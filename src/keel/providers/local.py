@@ -94,7 +94,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
         messages = [{"role": m.role, "content": m.content} for m in call.messages]
         op = {"op": "chat", "messages": messages, **_sampling(call.params)}
-        return self.supervisor.stream(op, ready_timeout=self.ready_timeout)
+        return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         reply = await self.supervisor.call(

@@ -30,6 +30,11 @@ from keel.serving.streaming import stream_response
 DEFAULT_MAX_TOKENS = 512
 
 
+def chat_text(call: ChatCall) -> str:
+    """The messages' text, counted where the engine did not report its prompt's tokens."""
+    return "\n".join(message.content for message in call.messages)
+
+
 class ChatServing:
     def __init__(self, router: RoleRouter, admission: Admission, *, timeout: float) -> None:
         self.router = router
@@ -39,7 +44,6 @@ class ChatServing:
     async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
         params = body.to_params(DEFAULT_MAX_TOKENS)
         call = ChatCall(body.to_messages(), params)
-        prompt = "\n".join(message.content for message in call.messages)
         envelope = Envelope(
             f"chatcmpl-{uuid.uuid4()}",
             "chat.completion",
@@ -53,11 +57,11 @@ class ChatServing:
 
         async with CancelOnDisconnect(http):
             if body.stream:
-                return await self._stream(http, body, open_stream, prompt, envelope)
+                return await self._stream(http, body, open_stream, call, envelope)
             generated = await generate_text(
                 self.router, self.admission, open_stream, params.stop, self.timeout
             )
-        await count_usage(generated, prompt)
+        await count_usage(generated, chat_text(call), call.reported)
         note_provider(http, generated.provider)
         message = {"role": "assistant", "content": generated.text}
         choice = {
@@ -73,7 +77,7 @@ class ChatServing:
         http: Request,
         body: ChatCompletionRequest,
         open_stream: OpenStream,
-        prompt: str,
+        call: ChatCall,
         envelope: Envelope,
     ) -> Response:
         params = body.to_params(DEFAULT_MAX_TOKENS)
@@ -85,7 +89,7 @@ class ChatServing:
             return {**envelope([choice]), "object": "chat.completion.chunk"}
 
         async def tail() -> list[dict[str, object]]:
-            await count_usage(generated, prompt)
+            await count_usage(generated, chat_text(call), call.reported)
             last = [chunk({}, finish_reason(generated, params.max_tokens))]
             if body.stream_options is not None and body.stream_options.include_usage:
                 last.append(

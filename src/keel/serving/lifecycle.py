@@ -154,10 +154,15 @@ async def count_tokens(provider: Provider | None, texts: list[str]) -> list[int]
     return [estimate_tokens(text) for text in texts]
 
 
-async def count_usage(generated: Generated, prompt: str) -> None:
-    """Fill in ``generated``'s prompt and completion tokens."""
-    counts = await count_tokens(generated.provider, [prompt, generated.text])
-    generated.prompt_tokens, generated.completion_tokens = counts[0], counts[1]
+async def count_usage(
+    generated: Generated, prompt: str, reported: dict[str, int] | None = None
+) -> None:
+    """Fill in ``generated``'s prompt and completion tokens: the prompt's as the engine
+    ``reported`` them (a chat's templated prompt), else ``prompt``'s counted."""
+    known = (reported or {}).get("prompt_tokens")
+    texts = [generated.text] if known else [prompt, generated.text]
+    counts = await count_tokens(generated.provider, texts)
+    generated.prompt_tokens, generated.completion_tokens = known or counts[0], counts[-1]
 
 
 def finish_reason(generated: Generated, max_tokens: int) -> str:

@@ -376,8 +376,11 @@ class WorkerSupervisor:
             )
         raise KeelError(f"{self.name}: {message['error']}")
 
-    async def stream(self, op: dict[str, Any], *, ready_timeout: float) -> AsyncIterator[str]:
-        """Run a generating op; yields text pieces. Closing the iterator cancels it."""
+    async def stream(
+        self, op: dict[str, Any], *, ready_timeout: float, reported: dict[str, int] | None = None
+    ) -> AsyncIterator[str]:
+        """Run a generating op; yields text pieces. Closing the iterator cancels it.
+        ``reported`` gets the prompt's tokens as the engine counted them, at the end."""
         await self.wait_ready(ready_timeout)
         request_id = self._next_id = self._next_id + 1
         pending = self._pending[request_id] = _Pending()
@@ -391,6 +394,8 @@ class WorkerSupervisor:
                 elif message.get("done"):
                     finished = True
                     self.stats.add(message)
+                    if reported is not None and message.get("prompt_tokens"):
+                        reported["prompt_tokens"] = int(message["prompt_tokens"])
                     return
                 else:
                     finished = True
