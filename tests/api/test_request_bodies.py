@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from tests.api.conftest import ADMIN, USER
+from tests.api.conftest import ADMIN, USER, Backends
 
 VALID_BODIES: dict[str, dict[str, object]] = {
     "/v1/completions": {"language": "python", "segments": {"prefix": "def f():\n    "}},
@@ -134,3 +134,26 @@ async def test_a_missing_model_is_a_404_before_any_streaming(client: httpx.Async
         body = {"model_name": name}
         response = await client.post("/v1/model/load", json=body, headers=ADMIN)
         assert response.status_code == 404, (name[:20], response.text)
+
+
+async def test_the_sampling_fields_a_client_sends_reach_the_backend(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    """OpenAI chat and completion bodies: temperature, top_p, seed, stop and max_tokens go
+    to the backend as sent (top_p was checked, then dropped)."""
+    sampling = {"temperature": 0.3, "top_p": 0.8, "seed": 11, "stop": ["\n\n"], "max_tokens": 7}
+    for path, body in (
+        ("/v1/chat/completions", VALID_BODIES["/v1/chat/completions"]),
+        ("/v1/completions", OPENAI_COMPLETION),
+    ):
+        upstreams = (backends.primary, backends.fallback)
+        before = [len(upstream.requests) for upstream in upstreams]
+        response = await client.post(path, json={**body, **sampling}, headers=USER)
+        assert response.status_code == 200, response.text
+        (sent,) = [
+            request.json
+            for upstream, seen in zip(upstreams, before, strict=True)
+            for request in upstream.requests[seen:]
+            if request.path == path
+        ]
+        assert {field: sent.get(field) for field in sampling} == sampling, sent

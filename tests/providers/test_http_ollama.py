@@ -19,7 +19,7 @@ async def test_generate_request_and_stream(upstream, make_provider):
     )
     assert provider.supports_suffix is False
     assert provider.info.model == "qwen2.5-coder:1.5b"
-    params = GenerationParams(max_tokens=24, temperature=0.0, stop=("\n",), seed=1)
+    params = GenerationParams(max_tokens=24, temperature=0.0, stop=("\n",), seed=1, top_p=0.5)
     pieces = [p async for p in provider.stream_completion(CompletionCall("<PRE> a", params))]
     assert "".join(pieces) == "Hello, world"
 
@@ -34,6 +34,7 @@ async def test_generate_request_and_stream(upstream, make_provider):
         "options": {
             "num_predict": 24,
             "temperature": 0.0,
+            "top_p": 0.5,
             "stop": ["\n"],
             "seed": 1,
             "num_ctx": 2048,

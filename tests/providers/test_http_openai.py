@@ -18,7 +18,7 @@ from keel.providers.base import (
 from keel.providers.http import build_http_provider
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
-PARAMS = GenerationParams(max_tokens=16, temperature=0.2, stop=("\n\n",), seed=7)
+PARAMS = GenerationParams(max_tokens=16, temperature=0.2, stop=("\n\n",), seed=7, top_p=0.9)
 
 
 async def collect(pieces) -> list[str]:
@@ -45,6 +45,7 @@ async def test_openai_completion_sends_prefix_and_suffix(upstream: FakeUpstream,
         "suffix": "\n\nprint(add(1, 2))",
         "max_tokens": 16,
         "temperature": 0.2,
+        "top_p": 0.9,
         "stop": ["\n\n"],
         "seed": 7,
         "stream": True,
@@ -118,6 +119,7 @@ async def test_chat_streams_deltas(upstream: FakeUpstream, make_provider, kind, 
         ],
         "max_tokens": 16,
         "temperature": 0.2,
+        "top_p": 0.9,
         "stop": ["\n\n"],
         seed_field: 7,
         "stream": True,

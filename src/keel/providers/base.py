@@ -42,6 +42,7 @@ class GenerationParams:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_p: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

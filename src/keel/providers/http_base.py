@@ -56,7 +56,7 @@ from keel.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from keel.providers.base import CompletionProvider, ProviderInfo, joined
+from keel.providers.base import CompletionProvider, GenerationParams, ProviderInfo, joined
 from keel.rate_limit import RateLimiter
 
 __all__ = ["RateLimiter"]  # re-exported: the limiter every HTTP upstream takes
@@ -664,14 +664,18 @@ class HttpCompletion(HttpBacked, CompletionProvider):
 
 
 def generation_fields(
-    *, temperature: float | None, stop: tuple[str, ...], seed: int | None, seed_field: str = "seed"
+    params: GenerationParams, *, stop: tuple[str, ...] | None = None, seed_field: str = "seed"
 ) -> JsonObject:
-    """The optional sampling fields, left out when unset so the backend's defaults apply."""
+    """The optional sampling fields, left out when unset so the backend's defaults apply;
+    ``stop`` in place of the params' own (a backend that takes fewer)."""
     fields: JsonObject = {}
-    if temperature is not None:
-        fields["temperature"] = temperature
+    if params.temperature is not None:
+        fields["temperature"] = params.temperature
+    if params.top_p is not None:
+        fields["top_p"] = params.top_p
+    stop = params.stop if stop is None else stop
     if stop:
         fields["stop"] = list(stop)
-    if seed is not None:
-        fields[seed_field] = seed
+    if params.seed is not None:
+        fields[seed_field] = params.seed
     return fields

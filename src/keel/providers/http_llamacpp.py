@@ -35,9 +35,7 @@ class LlamaCppCompletionProvider(HttpCompletion):
     def request_body(self, call: CompletionCall) -> JsonObject:
         params = call.params
         body: JsonObject = {"prompt": call.prompt, "n_predict": params.max_tokens}
-        body.update(
-            generation_fields(temperature=params.temperature, stop=params.stop, seed=params.seed)
-        )
+        body.update(generation_fields(params))
         # Reuse the slot's KV cache for the shared prefix of consecutive prompts.
         body["cache_prompt"] = True
         body["stream"] = True

@@ -50,9 +50,7 @@ class OllamaCompletionProvider(HttpCompletion):
     def request_body(self, call: CompletionCall) -> JsonObject:
         params = call.params
         options: JsonObject = {"num_predict": params.max_tokens}
-        options.update(
-            generation_fields(temperature=params.temperature, stop=params.stop, seed=params.seed)
-        )
+        options.update(generation_fields(params))
         if self.max_input_length is not None:
             # Ollama silently cuts prompts longer than its context (2048 by
             # default), which would drop a FIM template's head. A constant

@@ -55,11 +55,7 @@ def sampling_body(
     """``max_tokens``, the set sampling fields and ``stream: true``."""
     stop = params.stop[:stop_limit] if stop_limit is not None else params.stop
     body: JsonObject = {"max_tokens": params.max_tokens}
-    body.update(
-        generation_fields(
-            temperature=params.temperature, stop=stop, seed=params.seed, seed_field=seed_field
-        )
-    )
+    body.update(generation_fields(params, stop=stop, seed_field=seed_field))
     body["stream"] = True
     return body
 

@@ -33,6 +33,7 @@ def _sampling(params: GenerationParams) -> dict[str, object]:
         "temperature": params.temperature,
         "stop": list(params.stop),
         "seed": params.seed,
+        "top_p": params.top_p,
     }
 
 

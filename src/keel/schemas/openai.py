@@ -77,6 +77,7 @@ class CompletionRequest(_Wire):
             temperature=self.temperature,
             stop=_stop_tuple(self.stop),
             seed=self.seed,
+            top_p=self.top_p,
         )
 
 
@@ -123,6 +124,7 @@ class ChatCompletionRequest(_Wire):
             temperature=self.temperature,
             stop=_stop_tuple(self.stop),
             seed=self.seed,
+            top_p=self.top_p,
         )
 
 

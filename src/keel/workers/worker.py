@@ -117,6 +117,8 @@ def _sampling(request: dict[str, Any]) -> dict[str, Any]:
         body["temperature"] = float(request["temperature"])
     if request.get("seed") is not None:
         body["seed"] = int(request["seed"])
+    if request.get("top_p") is not None:
+        body["top_p"] = float(request["top_p"])
     return body
 
 
