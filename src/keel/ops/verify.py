@@ -26,7 +26,11 @@ CHAT = {
     "max_tokens": 16,
     "temperature": 0,
 }
-EMBEDDING = {"input": "def add(a, b):\n    return a + b\n"}
+EMBEDDING = {
+    "input": "".join(f"def add_{n}(value):\n    return value + {n}\n\n\n" for n in range(12))
+}
+"""A chunk of code the size a code index embeds (~200 tokens), not a word: an engine that
+takes only short inputs (one embedding batch of 64 tokens did) fails here."""
 
 
 class CheckFailed(Exception):
