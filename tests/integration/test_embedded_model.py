@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import KeelProcess
+from tests.conftest import KeelProcess, start_keel
 
 pytestmark = pytest.mark.integration
 
@@ -277,3 +278,21 @@ def test_a_chats_usage_counts_the_prompt_the_model_read(keel_server: KeelProcess
     usage = json.loads(events[-2])["usage"]  # the last chunk before [DONE]
     assert plain.json()["usage"]["prompt_tokens"] == usage["prompt_tokens"] >= 20, usage
     assert usage["completion_tokens"] == plain.json()["usage"]["completion_tokens"] > 0
+
+
+def test_an_openai_completions_usage_counts_the_templated_prompt(tmp_path: Path) -> None:
+    """With a FIM template, an OpenAI completion's suffix and the template's markers are
+    part of the prompt the engine read, and of ``usage.prompt_tokens`` (it counted the
+    prompt field alone)."""
+    config = '[model.completion.local]\nprompt_template = "<PRE>{prefix}<SUF>{suffix}<MID>"\n'
+    server = start_keel(tmp_path, config)
+    try:
+        server.wait_ready()
+        body = {"prompt": "def add(a, b):", "max_tokens": 2, "temperature": 0}
+        with server.client() as client:
+            alone = client.post("/v1/completions", json=body).json()["usage"]
+            suffix = "\n\nprint(add(1, 2))\n" * 4
+            both = client.post("/v1/completions", json={**body, "suffix": suffix}).json()
+    finally:
+        server.stop()
+    assert both["usage"]["prompt_tokens"] >= alone["prompt_tokens"] + 20, (alone, both)

@@ -56,6 +56,8 @@ class CompletionCall:
     prompt: str
     params: GenerationParams
     suffix: str | None = None
+    reported: dict[str, int] = field(default_factory=dict, compare=False)
+    """As :attr:`ChatCall.reported`: ``prompt_tokens`` as a local engine counted them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         op = {"op": "complete", "prompt": call.prompt, **_sampling(call.params)}
-        return self.supervisor.stream(op, ready_timeout=self.ready_timeout)
+        return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
         messages = [{"role": m.role, "content": m.content} for m in call.messages]

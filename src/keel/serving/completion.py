@@ -275,10 +275,12 @@ class CompletionServing:
         async with CancelOnDisconnect(http):
             if body.stream:
                 return await self._stream_openai(http, body, params, envelope, choice)
+            reported: dict[str, int] = {}
+            open_stream = _openai_call(body, params, reported)
             generated = await generate_text(
-                self.router, self.admission, _openai_call(body, params), params.stop, self.timeout
+                self.router, self.admission, open_stream, params.stop, self.timeout
             )
-        await count_usage(generated, body.prompt_text())
+        await count_usage(generated, body.prompt_text(), reported)
         note_provider(http, generated.provider)
         finish = finish_reason(generated, params.max_tokens)
         return JSONResponse(envelope(choice(generated.text, finish), usage=generated.usage()))
@@ -292,12 +294,17 @@ class CompletionServing:
         choice: ChoiceShape,
     ) -> Response:
         generated = Generated()
+        reported: dict[str, int] = {}
         pieces = stream_text(
-            self.router, self.admission, _openai_call(body, params), params.stop, generated
+            self.router,
+            self.admission,
+            _openai_call(body, params, reported),
+            params.stop,
+            generated,
         )
 
         async def tail() -> list[dict[str, object]]:
-            await count_usage(generated, body.prompt_text())
+            await count_usage(generated, body.prompt_text(), reported)
             last = [envelope(choice("", finish_reason(generated, params.max_tokens)))]
             if body.stream_options is not None and body.stream_options.include_usage:
                 last.append(envelope([], usage=generated.usage()))
@@ -315,9 +322,11 @@ class CompletionServing:
         return response
 
 
-def _openai_call(body: CompletionRequest, params: GenerationParams) -> OpenStream:
+def _openai_call(
+    body: CompletionRequest, params: GenerationParams, reported: dict[str, int]
+) -> OpenStream:
     """The caller's prompt as written; a FIM suffix goes through the provider's own
-    suffix field or its template."""
+    suffix field or its template. ``reported``: what the serving engine counted."""
 
     def open_stream(provider: Provider) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)
@@ -326,7 +335,8 @@ def _openai_call(body: CompletionRequest, params: GenerationParams) -> OpenStrea
             if provider.prompt_template is not None:
                 prompt = render_template(provider.prompt_template, prompt, suffix)
             suffix = None
-        return provider.stream_completion(CompletionCall(prompt, params, suffix or None))
+        call = CompletionCall(prompt, params, suffix or None, reported=reported)
+        return provider.stream_completion(call)
 
     return open_stream
 
