@@ -296,3 +296,29 @@ def test_an_openai_completions_usage_counts_the_templated_prompt(tmp_path: Path)
     finally:
         server.stop()
     assert both["usage"]["prompt_tokens"] >= alone["prompt_tokens"] + 20, (alone, both)
+
+
+CODE_CHUNK = "".join(f"def add_{n}(value):\n    return value + {n}\n\n\n" for n in range(12))
+"""~180 tokens of code, the size of a chunk a code index embeds."""
+
+
+def test_a_batch_longer_than_the_deadline_is_embedded_in_parts(tmp_path: Path) -> None:
+    """A batch the CPU engine needs longer than the role's deadline for (16 chunks,
+    ~2,900 tokens, ~12 s here, against 10 s) is served: it goes in parts, each within the
+    deadline. In one call it timed out, was sent again, timed out, and was a 503."""
+    config = "[model.embedding.local]\nfirst_token_timeout = 10\nbetween_tokens_timeout = 10\n"
+    server = start_keel(tmp_path, config)
+    try:
+        server.wait_ready()
+        with server.client() as client:
+            texts = [f"# chunk {n}\n{CODE_CHUNK}" for n in range(16)]
+            response = client.post("/v1/embeddings", json={"input": texts}, timeout=120)
+            assert response.status_code == 200, response.text
+            data = response.json()["data"]
+            assert [item["index"] for item in data] == list(range(16))
+            single = client.post("/v1/embeddings", json={"input": texts[5]}, timeout=60)
+            provider = client.get("/v1/providers").json()["roles"]["embedding"]["providers"][0]
+    finally:
+        server.stop()
+    assert data[5]["embedding"] == pytest.approx(single.json()["data"][0]["embedding"], abs=1e-4)
+    assert (provider["breaker"], provider["last_error"]) == ("closed", None), provider

@@ -31,9 +31,12 @@ def joined(texts: list[str]) -> str:
     return piece
 
 
-def piece_count(piece: str) -> int:
-    """How many of a backend's pieces (tokens, for most) ``piece`` holds."""
-    return piece.pieces if isinstance(piece, Joined) else 1
+def piece_count(piece: object) -> int:
+    """How many of a backend's pieces (tokens, for most) ``piece`` holds; none in a part
+    of an embedding batch (:meth:`EmbeddingProvider.embed_parts`)."""
+    if isinstance(piece, Joined):
+        return piece.pieces
+    return 1 if isinstance(piece, str) else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +158,25 @@ class ChatProvider(Provider):
 class EmbeddingProvider(Provider):
     @abstractmethod
     async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+    async def embed_parts(self, texts: Sequence[str]) -> AsyncIterator[list[list[float]]]:
+        """``texts``' vectors in order, in parts as they are made: each part is progress
+        for the router's between-token deadline, and closing the iterator sends no more
+        work. One part unless the provider splits the work."""
+        yield await self.embed(texts)
+
+
+def token_groups(texts: Sequence[str], budget: int) -> list[Sequence[str]]:
+    """``texts`` in consecutive groups of at most ``budget`` estimated tokens (an input
+    over it alone in its group)."""
+    groups: list[Sequence[str]] = []
+    start, size = 0, 0
+    for index, text in enumerate(texts):
+        tokens = estimate_tokens(text)
+        if index > start and size + tokens > budget:
+            groups.append(texts[start:index])
+            start, size = index, 0
+        size += tokens
+    if start < len(texts):
+        groups.append(texts[start:])
+    return groups

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("keel.router")
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 class Attempt:
@@ -98,7 +99,7 @@ class Attempt:
         except TimeoutError:
             raise self._first_token_timeout() from None
 
-    async def pieces(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def pieces(self, stream: AsyncIterator[P]) -> AsyncIterator[P]:
         """``stream``'s pieces under the first-token and between-token timeouts; the
         stream is closed when this ends (which cancels the upstream work)."""
         between = self.endpoint.timeouts.between_tokens

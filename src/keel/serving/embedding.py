@@ -37,7 +37,8 @@ class EmbeddingServing:
                     async with attempt:
                         provider = attempt.provider
                         assert isinstance(provider, EmbeddingProvider)
-                        vectors = await attempt.call(provider.embed(texts))
+                        parts = attempt.pieces(provider.embed_parts(texts))
+                        vectors = [vector async for part in parts for vector in part]
         except ContextLengthExceeded as exc:
             exc.param = "input"  # the field that was too long here
             raise
