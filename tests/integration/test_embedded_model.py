@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -280,21 +280,37 @@ def test_a_chats_usage_counts_the_prompt_the_model_read(keel_server: KeelProcess
     assert usage["completion_tokens"] == plain.json()["usage"]["completion_tokens"] > 0
 
 
-def test_an_openai_completions_usage_counts_the_templated_prompt(tmp_path: Path) -> None:
+TUNED = """[model.completion.local]
+prompt_template = "<PRE>{prefix}<SUF>{suffix}<MID>"
+
+[model.embedding.local]
+first_token_timeout = 10
+between_tokens_timeout = 10
+"""
+"""A FIM template on the embedded model; 10 s deadlines for embeddings (30 by default)."""
+
+
+@pytest.fixture(scope="module")
+def tuned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
+    server = start_keel(tmp_path_factory.mktemp("keel-tuned"), TUNED)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_an_openai_completions_usage_counts_the_templated_prompt(
+    tuned_server: KeelProcess,
+) -> None:
     """With a FIM template, an OpenAI completion's suffix and the template's markers are
     part of the prompt the engine read, and of ``usage.prompt_tokens`` (it counted the
     prompt field alone)."""
-    config = '[model.completion.local]\nprompt_template = "<PRE>{prefix}<SUF>{suffix}<MID>"\n'
-    server = start_keel(tmp_path, config)
-    try:
-        server.wait_ready()
-        body = {"prompt": "def add(a, b):", "max_tokens": 2, "temperature": 0}
-        with server.client() as client:
-            alone = client.post("/v1/completions", json=body).json()["usage"]
-            suffix = "\n\nprint(add(1, 2))\n" * 4
-            both = client.post("/v1/completions", json={**body, "suffix": suffix}).json()
-    finally:
-        server.stop()
+    body = {"prompt": "def add(a, b):", "max_tokens": 2, "temperature": 0}
+    with tuned_server.client() as client:
+        alone = client.post("/v1/completions", json=body).json()["usage"]
+        suffix = "\n\nprint(add(1, 2))\n" * 4
+        both = client.post("/v1/completions", json={**body, "suffix": suffix}).json()
     assert both["usage"]["prompt_tokens"] >= alone["prompt_tokens"] + 20, (alone, both)
 
 
@@ -302,23 +318,17 @@ CODE_CHUNK = "".join(f"def add_{n}(value):\n    return value + {n}\n\n\n" for n 
 """~180 tokens of code, the size of a chunk a code index embeds."""
 
 
-def test_a_batch_longer_than_the_deadline_is_embedded_in_parts(tmp_path: Path) -> None:
+def test_a_batch_longer_than_the_deadline_is_embedded_in_parts(tuned_server: KeelProcess) -> None:
     """A batch the CPU engine needs longer than the role's deadline for (16 chunks,
     ~2,900 tokens, ~12 s here, against 10 s) is served: it goes in parts, each within the
     deadline. In one call it timed out, was sent again, timed out, and was a 503."""
-    config = "[model.embedding.local]\nfirst_token_timeout = 10\nbetween_tokens_timeout = 10\n"
-    server = start_keel(tmp_path, config)
-    try:
-        server.wait_ready()
-        with server.client() as client:
-            texts = [f"# chunk {n}\n{CODE_CHUNK}" for n in range(16)]
-            response = client.post("/v1/embeddings", json={"input": texts}, timeout=120)
-            assert response.status_code == 200, response.text
-            data = response.json()["data"]
-            assert [item["index"] for item in data] == list(range(16))
-            single = client.post("/v1/embeddings", json={"input": texts[5]}, timeout=60)
-            provider = client.get("/v1/providers").json()["roles"]["embedding"]["providers"][0]
-    finally:
-        server.stop()
+    with tuned_server.client() as client:
+        texts = [f"# chunk {n}\n{CODE_CHUNK}" for n in range(16)]
+        response = client.post("/v1/embeddings", json={"input": texts}, timeout=120)
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert [item["index"] for item in data] == list(range(16))
+        single = client.post("/v1/embeddings", json={"input": texts[5]}, timeout=60)
+        provider = client.get("/v1/providers").json()["roles"]["embedding"]["providers"][0]
     assert data[5]["embedding"] == pytest.approx(single.json()["data"][0]["embedding"], abs=1e-4)
     assert (provider["breaker"], provider["last_error"]) == ("closed", None), provider
