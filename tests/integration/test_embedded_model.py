@@ -243,11 +243,11 @@ def test_embeddings_take_inputs_up_to_the_context_and_refuse_longer_ones(
     keel_server: KeelProcess,
 ) -> None:
     """The embedded model's embedding worker at its default context (512 tokens): an input
-    of a few hundred tokens is embedded (the engine reads it in one batch; with the 64-token
+    of 200 tokens is embedded (the engine reads it in one batch; with the 64-token
     prefill batch of generation every input over 64 tokens was a 503), and one over the
     context is the caller's 400 with the numbers, never a provider failure, however often."""
     with keel_server.client() as client:
-        served = client.post("/v1/embeddings", json={"input": ["short", "word " * 400]})
+        served = client.post("/v1/embeddings", json={"input": ["short", "word " * 200]})
         assert served.status_code == 200, served.text
         vectors = [item["embedding"] for item in served.json()["data"]]
         assert len(vectors) == 2 and vectors[0] != vectors[1]
@@ -257,7 +257,7 @@ def test_embeddings_take_inputs_up_to_the_context_and_refuse_longer_ones(
             error = refused.json()["error"]
             assert (error["code"], error["param"]) == ("context_length_exceeded", "input")
             assert error["prompt_tokens"] > error["context_size"] == 512
-        assert client.post("/v1/embeddings", json={"input": "word " * 300}).status_code == 200
+        assert client.post("/v1/embeddings", json={"input": "word " * 100}).status_code == 200
         providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
     assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers
 
