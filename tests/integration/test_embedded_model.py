@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from keel.models.registry import embedded_model_path
+from keel.providers.local import LocalProvider
+from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 from tests.conftest import KeelProcess, start_keel
 
 pytestmark = pytest.mark.integration
@@ -282,12 +285,10 @@ def test_a_chats_usage_counts_the_prompt_the_model_read(keel_server: KeelProcess
 
 TUNED = """[model.completion.local]
 prompt_template = "<PRE>{prefix}<SUF>{suffix}<MID>"
+context_size = 256
 
-[model.embedding.local]
-first_token_timeout = 10
-between_tokens_timeout = 10
 """
-"""A FIM template on the embedded model; 10 s deadlines for embeddings (30 by default)."""
+"""The embedded model with a FIM template and a 256-token context for completions."""
 
 
 @pytest.fixture(scope="module")
@@ -314,21 +315,44 @@ def test_an_openai_completions_usage_counts_the_templated_prompt(
     assert both["usage"]["prompt_tokens"] >= alone["prompt_tokens"] + 20, (alone, both)
 
 
-CODE_CHUNK = "".join(f"def add_{n}(value):\n    return value + {n}\n\n\n" for n in range(12))
-"""~180 tokens of code, the size of a chunk a code index embeds."""
-
-
-def test_a_batch_longer_than_the_deadline_is_embedded_in_parts(tuned_server: KeelProcess) -> None:
-    """A batch the CPU engine needs longer than the role's deadline for (16 chunks,
-    ~2,900 tokens, ~12 s here, against 10 s) is served: it goes in parts, each within the
-    deadline. In one call it timed out, was sent again, timed out, and was a 503."""
+def test_an_answer_the_full_context_cut_short_ends_for_length(tuned_server: KeelProcess) -> None:
+    """A prompt of ~200 tokens, 200 more asked for, a 256-token context: the engine stops
+    when the context is full, well before max_tokens, and the answer says ``length``, plain
+    and streamed (it said ``stop``: keel judged by max_tokens alone)."""
+    body = {"prompt": "Once upon a time, " * 40, "max_tokens": 200, "temperature": 0}
     with tuned_server.client() as client:
-        texts = [f"# chunk {n}\n{CODE_CHUNK}" for n in range(16)]
-        response = client.post("/v1/embeddings", json={"input": texts}, timeout=120)
-        assert response.status_code == 200, response.text
-        data = response.json()["data"]
-        assert [item["index"] for item in data] == list(range(16))
-        single = client.post("/v1/embeddings", json={"input": texts[5]}, timeout=60)
-        provider = client.get("/v1/providers").json()["roles"]["embedding"]["providers"][0]
-    assert data[5]["embedding"] == pytest.approx(single.json()["data"][0]["embedding"], abs=1e-4)
-    assert (provider["breaker"], provider["last_error"]) == ("closed", None), provider
+        plain = client.post("/v1/completions", json=body)
+        assert plain.status_code == 200, plain.text
+        streamed = client.post("/v1/completions", json={**body, "stream": True})
+    usage = plain.json()["usage"]
+    assert usage["completion_tokens"] < 200 and usage["total_tokens"] >= 250, usage
+    assert plain.json()["choices"][0]["finish_reason"] == "length"
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line]
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_batch_is_embedded_in_parts_in_order() -> None:
+    """A local model embeds a batch in parts of at most ``embed_part_tokens`` (estimated),
+    one engine call each, in order: the router's deadline then covers one part, not the
+    batch (a 24-chunk batch took ~44 s on 2 cores, past the role's 30 s), and a client
+    that leaves costs the part in flight. The vectors are those of one call."""
+    spec = WorkerSpec(str(embedded_model_path()), context_size=512, embedding=True, slots=1)
+    provider = LocalProvider(
+        WorkerSupervisor(spec, name="embed"),
+        name="embed",
+        model="m",
+        ready_timeout=60,
+        embed_part_tokens=40,
+    )
+    texts = [f"def add_{n}(value):\n    return value + {n}\n" for n in range(9)]  # ~13 each
+    await provider.start()
+    try:
+        parts = [part async for part in provider.embed_parts(texts)]
+        whole = await provider.embed(texts)
+    finally:
+        await provider.aclose()
+    assert [len(part) for part in parts] == [3, 3, 3]
+    vectors = [vector for part in parts for vector in part]
+    for got, expected in zip(vectors, whole, strict=True):
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert vectors[0] != pytest.approx(vectors[1], abs=1e-4)

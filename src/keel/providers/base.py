@@ -75,7 +75,7 @@ class ChatCall:
     params: GenerationParams
     reported: dict[str, int] = field(default_factory=dict, compare=False)
     """What the engine that served the call counted, where a provider knows it:
-    ``prompt_tokens`` of the templated prompt (a local model's)."""
+    ``prompt_tokens`` of the templated prompt (a local model's), ``cut_for_length``."""
 
 
 @dataclass(frozen=True, slots=True)

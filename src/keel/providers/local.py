@@ -56,9 +56,11 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         model: str,
         ready_timeout: float,
         prompt_template: str | None = None,
+        embed_part_tokens: int = EMBED_PART_TOKENS,
     ) -> None:
         self.supervisor = supervisor
         self.ready_timeout = ready_timeout
+        self.embed_part_tokens = embed_part_tokens
         self.info = ProviderInfo(
             name=name, kind="local", model=model, endpoint=None, details=asdict(supervisor.spec)
         )
@@ -104,9 +106,9 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
 
     async def embed_parts(self, texts: Sequence[str]) -> AsyncIterator[list[list[float]]]:
         """A CPU engine embeds ~250 tokens a second: a batch goes in parts of
-        :data:`EMBED_PART_TOKENS`, each well within the role's deadlines, and a client
-        that leaves costs the part in flight, not the batch."""
-        for group in token_groups(texts, EMBED_PART_TOKENS):
+        ``embed_part_tokens`` (:data:`EMBED_PART_TOKENS`), each well within the role's
+        deadlines, and a client that leaves costs the part in flight, not the batch."""
+        for group in token_groups(texts, self.embed_part_tokens):
             yield await self.embed(group)
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:

@@ -165,9 +165,13 @@ async def count_usage(
     generated.prompt_tokens, generated.completion_tokens = known or counts[0], counts[-1]
 
 
-def finish_reason(generated: Generated, max_tokens: int) -> str:
-    """Providers stream text only; an answer that used the whole budget was cut for length."""
-    return "length" if generated.completion_tokens >= max_tokens else "stop"
+def finish_reason(
+    generated: Generated, max_tokens: int, reported: dict[str, int] | None = None
+) -> str:
+    """Providers stream text only; an answer that used the whole budget, or that the
+    engine ``reported`` cut (its context full), was cut for length."""
+    cut = generated.completion_tokens >= max_tokens or (reported or {}).get("cut_for_length")
+    return "length" if cut else "stop"
 
 
 @dataclass(slots=True)

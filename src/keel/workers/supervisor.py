@@ -380,7 +380,8 @@ class WorkerSupervisor:
         self, op: dict[str, Any], *, ready_timeout: float, reported: dict[str, int] | None = None
     ) -> AsyncIterator[str]:
         """Run a generating op; yields text pieces. Closing the iterator cancels it.
-        ``reported`` gets the prompt's tokens as the engine counted them, at the end."""
+        ``reported`` gets, at the end, the prompt's tokens as the engine counted them and
+        ``cut_for_length`` if the engine stopped for length."""
         await self.wait_ready(ready_timeout)
         request_id = self._next_id = self._next_id + 1
         pending = self._pending[request_id] = _Pending()
@@ -394,8 +395,11 @@ class WorkerSupervisor:
                 elif message.get("done"):
                     finished = True
                     self.stats.add(message)
-                    if reported is not None and message.get("prompt_tokens"):
-                        reported["prompt_tokens"] = int(message["prompt_tokens"])
+                    if reported is not None:
+                        if message.get("prompt_tokens"):
+                            reported["prompt_tokens"] = int(message["prompt_tokens"])
+                        if message.get("finish_reason") == "length":
+                            reported["cut_for_length"] = 1  # max_tokens, or the context full
                     return
                 else:
                     finished = True
