@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -86,18 +87,25 @@ def start_keel(root: Path, config: str | None = None, *args: str) -> KeelProcess
     return KeelProcess(process, f"http://127.0.0.1:{port}", root, log)
 
 
+@contextlib.contextmanager
+def running_keel(root: Path, config: str | None = None, *args: str) -> Iterator[KeelProcess]:
+    """:func:`start_keel`, ready; stopped on the way out, whatever happened."""
+    server = start_keel(root, config, *args)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def keel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
     """One keel process with the embedded model, shared by the tests that only read.
 
     Nothing is computed ahead (``precompute``), so that the worker's counters are what
     the tests' requests made (tests/integration/test_instant_completions.py covers it)."""
-    server = start_keel(tmp_path_factory.mktemp("keel-root"), PRECOMPUTE_OFF)
-    try:
-        server.wait_ready()
+    with running_keel(tmp_path_factory.mktemp("keel-root"), PRECOMPUTE_OFF) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from tests.conftest import KeelProcess, free_port, start_keel
+from tests.conftest import KeelProcess, free_port, running_keel, start_keel
 
 from keel.api.access import declared_access, walk_routes
 from keel.app import create_app
@@ -68,10 +68,8 @@ api_keys = ["{USER_KEY}"]
 admin_key = "{ADMIN_KEY}"
 keys_file = "keys.toml"
 """
-    server = start_keel(root, config)
-    server.wait_ready()
-    yield server
-    server.stop()
+    with running_keel(root, config) as server:
+        yield server
 
 
 def call(server: KeelProcess, method: str, path: str, headers: dict[str, str]) -> httpx.Response:

@@ -12,7 +12,7 @@ import pytest
 from keel.models.registry import embedded_model_path
 from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
-from tests.conftest import KeelProcess, start_keel
+from tests.conftest import KeelProcess, running_keel
 
 pytestmark = pytest.mark.integration
 
@@ -293,12 +293,8 @@ context_size = 256
 
 @pytest.fixture(scope="module")
 def tuned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
-    server = start_keel(tmp_path_factory.mktemp("keel-tuned"), TUNED)
-    try:
-        server.wait_ready()
+    with running_keel(tmp_path_factory.mktemp("keel-tuned"), TUNED) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_an_openai_completions_usage_counts_the_templated_prompt(

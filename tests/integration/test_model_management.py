@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from keel.models.registry import embedded_model_path
-from tests.conftest import KeelProcess, start_keel
+from tests.conftest import KeelProcess, running_keel
 
 pytestmark = pytest.mark.integration
 
@@ -48,10 +48,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
         '[model.embedding.local]\nfallback_models = ["alt"]\n'
         '[[model.chat.fallback]]\nmodel_id = "alt"\n'
     )
-    keel = start_keel(root, config)
-    keel.wait_ready()
-    yield keel
-    keel.stop()
+    with running_keel(root, config) as keel:
+        yield keel
 
 
 def events(response: httpx.Response) -> list[dict[str, object]]:

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import KeelProcess, free_port, start_keel
+from tests.conftest import KeelProcess, free_port, running_keel, start_keel
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +23,9 @@ LONG = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0}
 
 
 @pytest.fixture
-def keel(tmp_path: Path) -> KeelProcess:
-    server = start_keel(tmp_path / "root")
-    server.wait_ready()
-    yield server  # type: ignore[misc]
-    server.stop()
+def keel(tmp_path: Path) -> Iterator[KeelProcess]:
+    with running_keel(tmp_path / "root") as server:
+        yield server
 
 
 def test_killing_the_worker_mid_request_fails_it_clearly_then_recovers(keel: KeelProcess) -> None:
