@@ -26,6 +26,17 @@ from tests.conftest import KeelProcess, start_keel
 from tests.fakes.upstreams import FakeUpstream
 from tests.state.servers import PostgresServer, RedisServer
 
+HTTP = httpx.Client(timeout=10)
+"""One client for the module: making one loads the CA bundle (~20 ms), and the tests
+send a few hundred requests."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_http() -> Iterator[None]:
+    yield
+    HTTP.close()
+
+
 KEY = "replica-key-0001"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 KINDS = {"completion": "openai/completion", "chat": "openai/chat", "embedding": "openai/embedding"}
@@ -67,11 +78,11 @@ def replicas(tmp_path: Path, config: str, n: int = 2) -> Iterator[list[KeelProce
 
 def complete(replica: KeelProcess, language: str = "python") -> httpx.Response:
     body = {"language": language, "segments": {"prefix": "def f(", "suffix": "\n"}}
-    return httpx.post(f"{replica.url}/v1/completions", json=body, headers=AUTH, timeout=30)
+    return HTTP.post(f"{replica.url}/v1/completions", json=body, headers=AUTH, timeout=30)
 
 
 def metric(replica: KeelProcess, name: str, **labels: str) -> float | None:
-    text = httpx.get(f"{replica.url}/metrics", headers=AUTH, timeout=10).text
+    text = HTTP.get(f"{replica.url}/metrics", headers=AUTH, timeout=10).text
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
     series = f"{name}{{{wanted}}}" if labels else name
     for line in text.splitlines():
@@ -81,7 +92,7 @@ def metric(replica: KeelProcess, name: str, **labels: str) -> float | None:
 
 
 def shared_state(replica: KeelProcess) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"{replica.url}/v1/providers", headers=AUTH).json()
+    body: dict[str, Any] = HTTP.get(f"{replica.url}/v1/providers", headers=AUTH).json()
     return body["shared_state"]  # type: ignore[no-any-return]
 
 
@@ -144,7 +155,7 @@ def test_killing_redis_mid_run_fails_no_completion_and_sharing_resumes(
 
 
 def stats(replica: KeelProcess) -> list[dict[str, Any]]:
-    response = httpx.get(f"{replica.url}/v1/stats/completions", headers=AUTH, timeout=10)
+    response = HTTP.get(f"{replica.url}/v1/stats/completions", headers=AUTH, timeout=10)
     assert response.status_code == 200, response.text
     rows: list[dict[str, Any]] = response.json()["data"]
     return rows
@@ -153,7 +164,7 @@ def stats(replica: KeelProcess) -> list[dict[str, Any]]:
 def event(replica: KeelProcess, kind: str, completion_id: str) -> None:
     body = {"type": kind, "completion_id": completion_id, "choice_index": 0, "elapsed": 5}
     body["view_id"] = f"view-{completion_id}"
-    response = httpx.post(f"{replica.url}/v1/events", json=body, headers=AUTH, timeout=10)
+    response = HTTP.post(f"{replica.url}/v1/events", json=body, headers=AUTH, timeout=10)
     assert response.status_code == 200, response.text
 
 
@@ -199,7 +210,7 @@ def test_a_postgres_outage_fails_no_completion_and_counts_dropped_events(
             eventually(lambda: metric(replica, "keel_state_store_up", store="postgres") == 0)
             dropped = metric(replica, "keel_events_dropped_total", reason="buffer_full")
             assert dropped == 7, "3 buffered, the rest dropped and counted"
-            response = httpx.get(f"{replica.url}/v1/stats/completions", headers=AUTH)
+            response = HTTP.get(f"{replica.url}/v1/stats/completions", headers=AUTH)
             assert response.status_code == 503
             assert "events database is unreachable" in response.json()["error"]["message"]
             assert shared_state(replica)["events"]["up"] is False
@@ -234,11 +245,11 @@ def test_a_key_added_to_the_shared_keys_file_works_on_every_replica_within_secon
     new = {"Authorization": "Bearer a-key-added-later"}
     with replicas(tmp_path, config) as pair:
         for replica in pair:
-            assert httpx.get(f"{replica.url}/v1/models", headers=new).status_code == 401
+            assert HTTP.get(f"{replica.url}/v1/models", headers=new).status_code == 401
         keys.write_text(f'api_keys = [{json.dumps(KEY)}, "a-key-added-later"]\n')
         for replica in pair:  # each re-reads the file at most a second after it changes
             eventually(
-                lambda r=replica: httpx.get(f"{r.url}/v1/models", headers=new).status_code == 200,
+                lambda r=replica: HTTP.get(f"{r.url}/v1/models", headers=new).status_code == 200,
                 timeout=10,
             )
 
@@ -254,7 +265,7 @@ def keys_cli(config: Path, *args: str) -> str:
 
 def accepted(replica: KeelProcess, key: str) -> bool:
     headers = {"Authorization": f"Bearer {key}"}
-    status = httpx.get(f"{replica.url}/v1/models", headers=headers, timeout=10).status_code
+    status = HTTP.get(f"{replica.url}/v1/models", headers=headers, timeout=10).status_code
     assert status in {200, 401}, status
     return status == 200
 
