@@ -27,7 +27,7 @@ from keel.models.registry import list_model_files, read_facts, resolve_model
 from keel.providers.catalog import ProviderEntry, build_local_provider, local_worker_spec
 from keel.providers.local import LocalProvider
 from keel.router.service import Routing
-from keel.workers.supervisor import WorkerState
+from keel.workers.supervisor import WorkerSpec, WorkerState
 
 log = logging.getLogger("keel.models")
 
@@ -45,9 +45,15 @@ def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def memory_needed(path: Path, context_size: int, slots: int) -> int:
-    """Bytes a worker for this model needs: weights, KV cache per slot, overhead."""
-    return estimate_memory(path.stat().st_size, gguf.read_metadata(path), context_size, slots)
+def memory_needed(spec: WorkerSpec) -> int:
+    """Bytes the worker for ``spec`` needs: weights, KV cache per slot, overhead, and an
+    embedding engine's buffers for an input of its whole context."""
+    path = Path(spec.model_path)
+    metadata = gguf.read_metadata(path)
+    needed = estimate_memory(path.stat().st_size, metadata, spec.context_size, spec.slots)
+    if spec.embedding:
+        needed += gguf.embedding_batch_bytes(metadata, spec.context_size) or 0
+    return needed
 
 
 def estimate_memory(
@@ -155,8 +161,7 @@ class ModelManager:
                 if candidate == model_name:
                     raise NotFound(exc.message) from None
                 continue
-            spec = local_worker_spec(role, config, path)
-            needed = memory_needed(path, spec.context_size, spec.slots)
+            needed = memory_needed(local_worker_spec(role, config, path))
             if available is None or needed <= available:
                 note = (
                     f"{_mib(needed)} needed, {_mib(available)} available"

@@ -271,8 +271,7 @@ def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path
     for provider in providers.unique():
         if not isinstance(provider, LocalProvider):
             continue
-        spec = provider.supervisor.spec
-        need = memory_needed(Path(spec.model_path), spec.context_size, spec.slots)
+        need = memory_needed(provider.supervisor.spec)
         needed += need
         parts.append(f"{provider.name}: {need / 2**20:.0f} MiB")
     if not parts:
