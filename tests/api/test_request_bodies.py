@@ -157,3 +157,34 @@ async def test_the_sampling_fields_a_client_sends_reach_the_backend(
             if request.path == path
         ]
         assert {field: sent.get(field) for field in sampling} == sampling, sent
+
+
+async def test_a_response_format_reaches_the_backend_and_a_bad_one_is_a_400(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    chat = VALID_BODIES["/v1/chat/completions"]
+    schema = {"name": "answer", "schema": {"type": "object"}, "strict": True}
+    for wanted, sent_on in (
+        ({"type": "json_object"}, {"type": "json_object"}),
+        (
+            {"type": "json_schema", "json_schema": schema},
+            {"type": "json_schema", "json_schema": schema},
+        ),
+        ({"type": "text"}, None),
+    ):
+        seen = len(backends.fallback.requests)
+        response = await client.post(
+            "/v1/chat/completions", json={**chat, "response_format": wanted}, headers=USER
+        )
+        assert response.status_code == 200, response.text
+        (request,) = backends.fallback.requests[seen:]
+        assert request.json.get("response_format") == sent_on
+    for bad, field in (
+        ({"type": "json_schema"}, "response_format"),
+        ({"type": "yaml"}, "response_format.type"),
+    ):
+        response = await client.post(
+            "/v1/chat/completions", json={**chat, "response_format": bad}, headers=USER
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == field

@@ -352,3 +352,27 @@ async def test_a_batch_is_embedded_in_parts_in_order() -> None:
     for got, expected in zip(vectors, whole, strict=True):
         assert got == pytest.approx(expected, abs=1e-4)
     assert vectors[0] != pytest.approx(vectors[1], abs=1e-4)
+
+
+def test_a_chat_asked_for_json_to_a_schema_answers_in_it(keel_server: KeelProcess) -> None:
+    """``response_format`` reaches the engine, which samples only JSON the schema allows
+    (it was dropped: the model answered in prose); a schema it cannot compile is the
+    caller's 400, never a provider failure, however often."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    body = {
+        "messages": [{"role": "user", "content": "Is the sky blue?"}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    }
+    with keel_server.client() as client:
+        answer = client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert isinstance(json.loads(answer.json()["choices"][0]["message"]["content"])["ok"], bool)
+        broken = {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}
+        for _ in range(6):  # more than the breaker's default threshold (5)
+            refused = client.post("/v1/chat/completions", json={**body, "response_format": broken})
+            assert refused.status_code == 400, refused.text
+            assert "nonsense" in refused.json()["error"]["message"]
+        provider = client.get("/v1/providers").json()["roles"]["chat"]["providers"][0]
+    assert (provider["breaker"], provider["healthy"]) == ("closed", True), provider

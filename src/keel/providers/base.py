@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Joined(str):
@@ -73,6 +74,8 @@ class ChatMessage:
 class ChatCall:
     messages: tuple[ChatMessage, ...]
     params: GenerationParams
+    response_format: dict[str, Any] | None = field(default=None, compare=False)
+    """OpenAI's ``response_format`` (JSON, or JSON to a schema) as the backend takes it."""
     reported: dict[str, int] = field(default_factory=dict, compare=False)
     """What the engine that served the call counted, where a provider knows it:
     ``prompt_tokens`` of the templated prompt (a local model's), ``cut_for_length``."""

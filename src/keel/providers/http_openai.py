@@ -146,6 +146,8 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
     def request_body(self, call: ChatCall) -> JsonObject:
         body: JsonObject = {} if self.model is None else {"model": self.model}
         body["messages"] = [{"role": m.role, "content": m.content} for m in call.messages]
+        if call.response_format is not None:
+            body["response_format"] = call.response_format
         body.update(
             sampling_body(call.params, stop_limit=self.stop_limit, seed_field=self.seed_field)
         )

@@ -102,6 +102,8 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
         messages = [{"role": m.role, "content": m.content} for m in call.messages]
         op = {"op": "chat", "messages": messages, **_sampling(call.params)}
+        if call.response_format is not None:
+            op["response_format"] = call.response_format
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     async def embed_parts(self, texts: Sequence[str]) -> AsyncIterator[list[list[float]]]:

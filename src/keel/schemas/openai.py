@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keel.providers.base import ChatMessage, GenerationParams
 
@@ -98,6 +98,35 @@ class ChatMessageIn(_Wire):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(_Wire):
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Wire):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON that follows
+    ``json_schema.schema`` (a local engine constrains its sampling to it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema with a schema")
+        return self
+
+    def to_wire(self) -> dict[str, Any] | None:
+        """The field as sent on; None for plain text (nothing to ask for)."""
+        if self.type == "text":
+            return None
+        if self.json_schema is not None and self.type == "json_schema":
+            schema = self.json_schema.model_dump(by_alias=True, exclude_none=True)
+            return {"type": "json_schema", "json_schema": schema}
+        return {"type": "json_object"}
+
+
 class ChatCompletionRequest(_Wire):
     model: str | None = None
     messages: list[ChatMessageIn] = Field(min_length=1)
@@ -111,6 +140,7 @@ class ChatCompletionRequest(_Wire):
     stop: StopField = None
     seed: Seed | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     _stop = field_validator("stop")(_check_stop)
 

@@ -43,7 +43,8 @@ class ChatServing:
 
     async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
         params = body.to_params(DEFAULT_MAX_TOKENS)
-        call = ChatCall(body.to_messages(), params)
+        wanted = body.response_format.to_wire() if body.response_format else None
+        call = ChatCall(body.to_messages(), params, wanted)
         envelope = Envelope(
             f"chatcmpl-{uuid.uuid4()}",
             "chat.completion",

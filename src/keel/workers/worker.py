@@ -284,6 +284,8 @@ class _Engine:
 
     def _chat(self, request: dict[str, Any]) -> None:
         body = {"messages": request["messages"], **_sampling(request)}
+        if request.get("response_format") is not None:
+            body["response_format"] = request["response_format"]
         text = "\n".join(str(m.get("content", "")) for m in request["messages"])
         self._generate(request, text, body, self.server.handle_chat_completions, "delta")
 
@@ -332,7 +334,13 @@ class _Engine:
                     state["end"] = chunk
                 return cancelled.is_set()
 
-            run(body, on_chunk)
+            try:
+                run(body, on_chunk)
+            except ValueError as exc:
+                # The engine refused the request's fields before any work (its
+                # std::invalid_argument, a 400 over its HTTP API): a JSON schema it cannot
+                # compile, say. The caller's mistake, never a provider failure.
+                state["error"] = {"message": str(exc), "code": 400}
             if state.pop("read_ahead", False) and not cancelled.is_set():
                 self._read_ahead(body, state["progress"], cancelled)
                 if not cancelled.is_set():
