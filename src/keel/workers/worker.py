@@ -268,6 +268,11 @@ class _Engine:
     def _guarded(self, handler: Callable[[dict[str, Any]], None], request: dict[str, Any]) -> None:
         try:
             handler(request)
+        except ValueError as exc:
+            # The engine refused the request's fields before any work (its
+            # std::invalid_argument, a 400 over its HTTP API): a JSON schema it cannot
+            # compile, say. The caller's mistake, never a provider failure.
+            self.channel.send({"id": request["id"], "error": str(exc), "code": "bad_request"})
         except Exception as exc:  # one request failing must not end the worker
             self.channel.send(
                 {"id": request["id"], "error": f"{type(exc).__name__}: {exc}", "code": "internal"}
@@ -334,13 +339,7 @@ class _Engine:
                     state["end"] = chunk
                 return cancelled.is_set()
 
-            try:
-                run(body, on_chunk)
-            except ValueError as exc:
-                # The engine refused the request's fields before any work (its
-                # std::invalid_argument, a 400 over its HTTP API): a JSON schema it cannot
-                # compile, say. The caller's mistake, never a provider failure.
-                state["error"] = {"message": str(exc), "code": 400}
+            run(body, on_chunk)
             if state.pop("read_ahead", False) and not cancelled.is_set():
                 self._read_ahead(body, state["progress"], cancelled)
                 if not cancelled.is_set():
