@@ -162,6 +162,8 @@ class EmbeddingRequest(_Wire):
     model: str | None = None
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    """Checked against what the model makes: keel does not shorten vectors."""
     user: str | None = None
 
     @field_validator("input")

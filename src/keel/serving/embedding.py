@@ -9,7 +9,7 @@ import struct
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
-from keel.errors import ContextLengthExceeded
+from keel.errors import ContextLengthExceeded, RequestError
 from keel.providers.base import EmbeddingProvider
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
@@ -43,6 +43,13 @@ class EmbeddingServing:
             exc.param = "input"  # the field that was too long here
             raise
         note_provider(http, provider)
+        made = len(vectors[0])
+        if body.dimensions is not None and body.dimensions != made:
+            raise RequestError(
+                f"{provider.info.model} makes {made}-dimension vectors and keel does not "
+                f"shorten them; leave dimensions out or send {made}",
+                param="dimensions",
+            )
         tokens = sum(await count_tokens(provider, texts))
         data = [
             {"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
