@@ -54,13 +54,21 @@ def _default(field: FieldInfo) -> Any:
     return PydanticUndefined
 
 
-def _section(title: str, model: type[BaseModel], comment: str = "", active: bool = True) -> str:
+def _section(
+    title: str,
+    model: type[BaseModel],
+    comment: str = "",
+    active: bool = True,
+    defaults: dict[str, Any] | None = None,
+) -> str:
+    """``model``'s fields, each with its description and default (``defaults`` in place
+    of the model's own where the section's differs)."""
     lines = [f"# {comment}" for comment in comment.splitlines()] if comment else []
     lines.append(f"{'' if active else '# '}[{title}]")
     for name, field in model.model_fields.items():
         if field.description:
             lines.append(f"# {field.description}")
-        default = _default(field)
+        default = (defaults or {}).get(name, _default(field))
         if default is PydanticUndefined:
             lines.append(f"# {name} = ...  (required)")
         elif default is None:
@@ -92,15 +100,15 @@ def render_sample() -> str:
     parts.append(_section("events", EventsConfig))
     kinds = {"completion": COMPLETION_KINDS, "chat": CHAT_KINDS, "embedding": EMBEDDING_KINDS}
     for role, role_kinds in kinds.items():
-        local = _section(
-            f"model.{role}.local",
-            LocalModelConfig,
-            f"{role}: a model keel runs itself (the default), or ...",
-            active=False,
+        parts.append(
+            _section(
+                f"model.{role}.local",
+                LocalModelConfig,
+                f"{role}: a model keel runs itself (the default), or ...",
+                active=False,
+                defaults={"context_size": EMBEDDING_CONTEXT} if role == "embedding" else None,
+            )
         )
-        if role == "embedding":
-            local = local.replace("# context_size = 2048", f"# context_size = {EMBEDDING_CONTEXT}")
-        parts.append(local)
         parts.append(
             _section(
                 f"model.{role}.http",

@@ -34,6 +34,27 @@ def local_then_fallback(fallback: str) -> str:
     )
 
 
+def kill_with_requests_in_flight(keel: Keel, count: int) -> list[Any]:
+    """``count`` long completions on the local worker, SIGKILL it, and their answers."""
+    pid = keel.process.worker_pid("completion")
+    responses: list[Any] = []
+    requests = [
+        threading.Thread(target=lambda: responses.append(keel.completion(max_tokens=1500)))
+        for _ in range(count)
+    ]
+    for request in requests:
+        request.start()
+    keel.wait_for(
+        f"{count} requests on the worker",
+        lambda: keel.endpoint("completion", LOCAL)["outstanding"] == count,
+        10,
+    )
+    os.kill(pid, signal.SIGKILL)
+    for request in requests:
+        request.join(60)
+    return responses
+
+
 def test_sigkill_mid_request_is_served_by_the_fallback_then_the_worker_returns(
     backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
 ) -> None:
@@ -86,23 +107,7 @@ def test_one_death_with_several_requests_in_flight_counts_once(
     _, fallback = backends
     keel = keel_factory(local_then_fallback(fallback.url))
     keel.wait_for("worker loaded", lambda: keel.endpoint("completion", LOCAL)["usable"], 60)
-    pid = keel.process.worker_pid("completion")
-
-    responses: list[Any] = []
-    requests = [
-        threading.Thread(target=lambda: responses.append(keel.completion(max_tokens=1500)))
-        for _ in range(3)
-    ]
-    for request in requests:
-        request.start()
-    keel.wait_for(
-        "three requests on the worker",
-        lambda: keel.endpoint("completion", LOCAL)["outstanding"] == 3,
-        10,
-    )
-    os.kill(pid, signal.SIGKILL)
-    for request in requests:
-        request.join(60)
+    responses = kill_with_requests_in_flight(keel, 3)
 
     assert [r.status_code for r in responses] == [200, 200, 200], [r.text for r in responses]
     assert {r.json()["choices"][0]["text"] for r in responses} == {FALLBACK_TEXT}
@@ -124,22 +129,7 @@ def test_a_crash_under_the_default_config_keeps_the_embedded_model_serving(
     Counted per request, the death opened the breaker (5 in a row by default), and every
     completion was a 503 for the 60 s cooldown after a restart that took a second."""
     keel = keel_factory("")
-    pid = keel.process.worker_pid("completion")
-    responses: list[Any] = []
-    requests = [
-        threading.Thread(target=lambda: responses.append(keel.completion(max_tokens=1500)))
-        for _ in range(6)
-    ]
-    for request in requests:
-        request.start()
-    keel.wait_for(
-        "six requests on the worker",
-        lambda: keel.endpoint("completion", LOCAL)["outstanding"] == 6,
-        10,
-    )
-    os.kill(pid, signal.SIGKILL)
-    for request in requests:
-        request.join(60)
+    responses = kill_with_requests_in_flight(keel, 6)
 
     assert len(responses) == 6 and all(r.status_code >= 500 for r in responses)
     keel.wait_for("the restarted worker serving", lambda: keel.completion().status_code == 200, 15)

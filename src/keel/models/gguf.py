@@ -173,9 +173,8 @@ def embedding_batch_bytes(metadata: dict[str, object], batch: int) -> int | None
     and an embedding row per token, held twice (llama.cpp's output buffer, and the graph's
     tensor for a model with an output head). Measured with the embedded model: +196 MB
     at 512 tokens (this says 204), +794 MB at 2,048 (814). None without the shape."""
-    arch = metadata.get("general.architecture")
-    vocabulary = _int(metadata, f"{arch}.vocab_size") or _int(metadata, VOCABULARY_SIZE)
-    width = _int(metadata, f"{arch}.embedding_length")
+    vocabulary = _int(metadata, VOCABULARY_SIZE)
+    width = _int(metadata, f"{metadata.get('general.architecture')}.embedding_length")
     if not (vocabulary and width):
         return None
     return batch * (vocabulary + width) * 4 * 2

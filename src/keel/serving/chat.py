@@ -69,7 +69,7 @@ class ChatServing:
             "index": 0,
             "message": message,
             "logprobs": None,
-            "finish_reason": finish_reason(generated, params.max_tokens, call.reported),
+            "finish_reason": finish_reason(generated, params.max_tokens),
         }
         return JSONResponse(envelope([choice], usage=generated.usage()))
 
@@ -91,7 +91,7 @@ class ChatServing:
 
         async def tail() -> list[dict[str, object]]:
             await count_usage(generated, chat_text(call), call.reported)
-            last = [chunk({}, finish_reason(generated, params.max_tokens, call.reported))]
+            last = [chunk({}, finish_reason(generated, params.max_tokens))]
             if body.stream_options is not None and body.stream_options.include_usage:
                 last.append(
                     {**envelope([], usage=generated.usage()), "object": "chat.completion.chunk"}

@@ -282,7 +282,7 @@ class CompletionServing:
             )
         await count_usage(generated, body.prompt_text(), reported)
         note_provider(http, generated.provider)
-        finish = finish_reason(generated, params.max_tokens, reported)
+        finish = finish_reason(generated, params.max_tokens)
         return JSONResponse(envelope(choice(generated.text, finish), usage=generated.usage()))
 
     async def _stream_openai(
@@ -305,7 +305,7 @@ class CompletionServing:
 
         async def tail() -> list[dict[str, object]]:
             await count_usage(generated, body.prompt_text(), reported)
-            last = [envelope(choice("", finish_reason(generated, params.max_tokens, reported)))]
+            last = [envelope(choice("", finish_reason(generated, params.max_tokens)))]
             if body.stream_options is not None and body.stream_options.include_usage:
                 last.append(envelope([], usage=generated.usage()))
             return last

@@ -97,6 +97,8 @@ class Generated:
     provider: Provider | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cut_for_length: bool = False
+    """The engine stopped for length (its context full), whatever ``max_tokens`` was."""
 
     def usage(self) -> dict[str, int]:
         return {
@@ -158,19 +160,20 @@ async def count_usage(
     generated: Generated, prompt: str, reported: dict[str, int] | None = None
 ) -> None:
     """Fill in ``generated``'s prompt and completion tokens: the prompt's as the engine
-    ``reported`` them (a chat's templated prompt), else ``prompt``'s counted."""
-    known = (reported or {}).get("prompt_tokens")
+    ``reported`` them (a chat's templated prompt), else ``prompt``'s counted; and
+    whether the engine ``reported`` it cut the answer for length."""
+    reported = reported or {}
+    known = reported.get("prompt_tokens")
     texts = [generated.text] if known else [prompt, generated.text]
     counts = await count_tokens(generated.provider, texts)
     generated.prompt_tokens, generated.completion_tokens = known or counts[0], counts[-1]
+    generated.cut_for_length = bool(reported.get("cut_for_length"))
 
 
-def finish_reason(
-    generated: Generated, max_tokens: int, reported: dict[str, int] | None = None
-) -> str:
+def finish_reason(generated: Generated, max_tokens: int) -> str:
     """Providers stream text only; an answer that used the whole budget, or that the
-    engine ``reported`` cut (its context full), was cut for length."""
-    cut = generated.completion_tokens >= max_tokens or (reported or {}).get("cut_for_length")
+    engine cut (its context full), was cut for length."""
+    cut = generated.cut_for_length or generated.completion_tokens >= max_tokens
     return "length" if cut else "stop"
 
 
