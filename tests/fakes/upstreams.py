@@ -4,7 +4,8 @@
 a thread of its own, so it serves sync and async tests alike and outlives any
 one event loop) that speaks the protocols keel's HTTP providers use::
 
-    POST .../chat/completions   OpenAI / Mistral chat   SSE, choices[0].delta.content, [DONE]
+    POST .../chat/completions   OpenAI / Mistral chat   SSE, choices[0].delta.content (or
+                                                        .tool_calls, given tools), [DONE]
     POST .../fim/completions    Mistral FIM             SSE, like chat
     POST .../completions        OpenAI / vLLM           SSE, choices[0].text, [DONE]
     POST .../completion         llama.cpp               SSE, {"content", "stop"}
@@ -472,11 +473,15 @@ class FakeUpstream:
                 choice["text"] = text
             return _json_answer({"id": "cmpl-fake", "model": self.model, "choices": [choice]})
         payloads: list[dict[str, Any]] = []
-        for token in self.tokens:
+        calls = _tool_call_deltas(body) if chat else []
+        for token in () if calls else self.tokens:
             part = {"delta": {"content": token}} if chat else {"text": token}
             payloads.append({"index": 0, "finish_reason": None, **part})
+        for call in calls:
+            payloads.append({"index": 0, "finish_reason": None, "delta": {"tool_calls": [call]}})
+        finish = "tool_calls" if calls else "stop"
         payloads.append(
-            {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else {"text": ""})}
+            {"index": 0, "finish_reason": finish, **({"delta": {}} if chat else {"text": ""})}
         )
         kind = "chat.completion.chunk" if chat else "text_completion"
         frames = [
@@ -517,6 +522,39 @@ class FakeUpstream:
             malformed_frame=_MALFORMED_NDJSON,
             error_frame=lambda message, _status: _ndjson({"error": message}),
         )
+
+
+def _tool_call_deltas(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat with ``tools`` calls them, as a model that calls tools streams it: the
+    named ``tool_choice``, else the first tool, and the second too when there is one and
+    ``parallel_tool_calls`` is not false. A call's first part brings its id and name,
+    two more its arguments: ``{"call": <index>, "messages": <messages sent>}``."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if not tools or choice == "none":
+        return []
+    names = [tool["function"]["name"] for tool in tools]
+    if isinstance(choice, dict):
+        names = [choice["function"]["name"]]
+    elif body.get("parallel_tool_calls") is False:
+        names = names[:1]
+    deltas: list[dict[str, Any]] = []
+    for index, name in enumerate(names[:2]):
+        arguments = json.dumps({"call": index, "messages": len(body.get("messages", []))})
+        half = len(arguments) // 2
+        deltas.append(
+            {
+                "index": index,
+                "id": f"call_{index}",
+                "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }
+        )
+        deltas += [
+            {"index": index, "function": {"arguments": part}}
+            for part in (arguments[:half], arguments[half:])
+        ]
+    return deltas
 
 
 def _json_answer(payload: object, status: int = 200) -> _Answer:

@@ -376,3 +376,31 @@ def test_a_chat_asked_for_json_to_a_schema_answers_in_it(keel_server: KeelProces
             assert "nonsense" in refused.json()["error"]["message"]
         provider = client.get("/v1/providers").json()["roles"]["chat"]["providers"][0]
     assert (provider["breaker"], provider["healthy"]) == ("closed", True), provider
+
+
+def test_a_chat_with_tools_is_answered_in_text_and_counted(keel_server: KeelProcess) -> None:
+    """A local model is not asked to call tools: the answer is text, as from a model
+    without tools, and the request is counted where an operator looks."""
+    tool = {"type": "function", "function": {"name": "read_file", "parameters": {}}}
+
+    def answered_in_text(client: httpx.Client) -> tuple[int, float]:
+        chat = client.get("/v1/providers").json()["roles"]["chat"]["providers"][0]
+        name = chat["name"]
+        line = f'keel_tools_answered_in_text_total{{provider="{name}"}}'
+        metrics = client.get("/metrics").text.splitlines()
+        (value,) = [float(row.split()[-1]) for row in metrics if row.startswith(line)]
+        return chat["worker"]["tools_answered_in_text"], value
+
+    with keel_server.client() as client:
+        before = answered_in_text(client)
+        body = {
+            "messages": [{"role": "user", "content": "Read main.py"}],
+            "max_tokens": 4,
+            "tools": [tool],
+        }
+        answer = client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert choice["message"]["content"] and "tool_calls" not in choice["message"]
+        assert choice["finish_reason"] in ("stop", "length")
+        assert answered_in_text(client) == (before[0] + 1, before[1] + 1)

@@ -6,6 +6,7 @@ import aiohttp
 import pytest
 
 from keel.config import HttpModelConfig
+from keel.errors import UpstreamProtocolError
 from keel.providers.base import (
     ChatCall,
     ChatMessage,
@@ -16,6 +17,7 @@ from keel.providers.base import (
     GenerationParams,
 )
 from keel.providers.http import build_http_provider
+from keel.providers.http_openai import tool_call_parts
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
 PARAMS = GenerationParams(max_tokens=16, temperature=0.2, stop=("\n\n",), seed=7, top_p=0.9)
@@ -177,3 +179,26 @@ async def test_shared_client_is_not_closed(upstream: FakeUpstream):
         await provider.aclose()
         assert not client.closed
         assert await provider.embed(["a"]) == [[1.0, 0.0, 0.5]]
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [
+        "read_file",
+        [["read_file"]],
+        [{"index": "0"}],
+        [{"index": 0, "function": "read_file"}],
+        [{"index": 0, "function": {"name": "read_file", "arguments": {"path": "a"}}}],
+    ],
+)
+def test_tool_calls_a_backend_garbles_are_a_protocol_error(calls: object) -> None:
+    with pytest.raises(UpstreamProtocolError, match="unexpected tool_calls"):
+        tool_call_parts(calls, "backend")
+
+
+def test_tool_call_parts_are_taken_as_sent() -> None:
+    calls = [
+        {"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": ""}},
+        {"index": 0, "function": {"name": None, "arguments": '{"a"'}},
+    ]
+    assert tool_call_parts(calls, "backend") == calls

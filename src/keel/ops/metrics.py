@@ -125,6 +125,12 @@ class _ProviderCollector(Collector):
             "Time generations waited in a local worker for an engine slot.",
             labels=["provider"],
         )
+        tools = CounterMetricFamily(
+            "keel_tools_answered_in_text",
+            "Chat requests that came with tools, answered in text by a local model (keel "
+            "does not ask it to call tools).",
+            labels=["provider"],
+        )
         providers = self.providers
         total = 0
         if providers is not None:
@@ -139,6 +145,9 @@ class _ProviderCollector(Collector):
                 if "restarts" not in status:
                     continue  # not a worker: HTTP backends have no process of ours
                 restarts.add_metric([provider.name], float(str(status["restarts"])))
+                tools.add_metric(
+                    [provider.name], float(str(status.get("tools_answered_in_text", 0)))
+                )
                 generation = status.get("generation")
                 if isinstance(generation, dict):
                     slot_waits.add_metric([provider.name], float(generation["slot_waits"]))
@@ -154,6 +163,7 @@ class _ProviderCollector(Collector):
                 role_ready.add_metric([role, provider.name], float(usable))
         count.add_metric([], float(total))
         yield from (restarts, state, loaded, role_ready, count, slot_waits, slot_wait)
+        yield tools
         yield from _rate_limit_families(providers.unique() if providers is not None else [])
 
 

@@ -33,7 +33,10 @@ from keel.providers.base import (
     CompletionCall,
     CompletionProvider,
     GenerationParams,
+    ToolCalls,
     close_stream,
+    joined,
+    tool_calls,
 )
 from keel.schemas.tabby import (
     Choice,
@@ -140,6 +143,10 @@ async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncI
     pending = ""
     try:
         async for piece in pieces:
+            if isinstance(piece, ToolCalls):  # the text is over: what was held goes with it
+                yield tool_calls(pending + piece, piece.deltas, piece.pieces)
+                pending = ""
+                continue
             pending, stopped = cut_at_stop(pending + piece, stops)
             if stopped:
                 break
@@ -154,13 +161,18 @@ async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncI
 
 
 async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> str:
-    """The whole text of ``pieces`` before the first stop word."""
+    """The whole text of ``pieces`` before the first stop word (:class:`ToolCalls`
+    with all their parts, if the model called tools)."""
     if stops:
-        return "".join([part async for part in until_stop(pieces, stops)])
+        return whole([part async for part in until_stop(pieces, stops)])
     try:
-        return "".join([piece async for piece in pieces])
+        return whole([piece async for piece in pieces])
     finally:
         await close_stream(pieces)
+
+
+def whole(pieces: list[str]) -> str:
+    return joined(pieces) if pieces else ""
 
 
 @dataclass(frozen=True, slots=True)

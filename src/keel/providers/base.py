@@ -2,7 +2,8 @@
 
 A provider serves one or more roles. Completion and chat stream text pieces
 (``AsyncIterator[str]``), one piece per token or, when several tokens arrived
-together, their text joined (:func:`joined`); closing the iterator early (the client went away)
+together, their text joined (:func:`joined`); a chat model's tool calls come as
+:class:`ToolCalls` pieces. Closing the iterator early (the client went away)
 must cancel the work upstream. Failures are raised as the ``Upstream*``
 classes of :mod:`keel.errors`, never as the transport's own exceptions, so
 the router can classify them without knowing the backend.
@@ -23,12 +24,34 @@ class Joined(str):
     pieces: int
 
 
+class ToolCalls(Joined):
+    """A piece that holds parts of the tool calls a chat model is making (OpenAI's
+    ``delta.tool_calls`` entries, as the backend sent them) after its text, if any.
+
+    It is a ``str`` (its text) so that every layer that passes pieces on passes it on;
+    the layers that join pieces keep the parts (:func:`joined`)."""
+
+    deltas: tuple[dict[str, Any], ...]
+
+
+def tool_calls(text: str, deltas: Sequence[dict[str, Any]], pieces: int = 1) -> ToolCalls:
+    piece = ToolCalls(text)
+    piece.deltas = tuple(deltas)
+    piece.pieces = pieces
+    return piece
+
+
 def joined(texts: list[str]) -> str:
-    """One piece for the texts one read brought: it goes up the layers above once."""
+    """One piece for the texts one read brought: it goes up the layers above once.
+    Tool-call parts among them stay, in order, after the text."""
     if len(texts) == 1:
         return texts[0]
+    pieces = sum(piece_count(text) for text in texts)
+    calls = [delta for text in texts if isinstance(text, ToolCalls) for delta in text.deltas]
+    if calls:
+        return tool_calls("".join(texts), calls, pieces)
     piece = Joined("".join(texts))
-    piece.pieces = len(texts)
+    piece.pieces = pieces
     return piece
 
 
@@ -68,6 +91,19 @@ class CompletionCall:
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    """An assistant's calls of the request's tools, in OpenAI's form."""
+    tool_call_id: str | None = None
+    """A tool message: the call whose result it holds."""
+
+    def wire(self) -> dict[str, Any]:
+        """The message in OpenAI's form."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = list(self.tool_calls)
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +112,9 @@ class ChatCall:
     params: GenerationParams
     response_format: dict[str, Any] | None = field(default=None, compare=False)
     """OpenAI's ``response_format`` (JSON, or JSON to a schema) as the backend takes it."""
+    tools: dict[str, Any] | None = field(default=None, compare=False)
+    """OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, as sent on to a
+    backend that calls tools (OpenAI-compatible ones); a local model answers in text."""
     reported: dict[str, int] = field(default_factory=dict, compare=False)
     """What the engine that served the call counted, where a provider knows it:
     ``prompt_tokens`` of the templated prompt (a local model's), ``cut_for_length``."""

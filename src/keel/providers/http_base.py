@@ -56,7 +56,13 @@ from keel.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from keel.providers.base import CompletionProvider, GenerationParams, ProviderInfo, joined
+from keel.providers.base import (
+    CompletionProvider,
+    GenerationParams,
+    ProviderInfo,
+    ToolCalls,
+    joined,
+)
 from keel.rate_limit import RateLimiter
 
 __all__ = ["RateLimiter"]  # re-exported: the limiter every HTTP upstream takes
@@ -608,7 +614,8 @@ async def stream_texts(
         async for batch in batches:
             texts, finished = [], False
             for payload in batch:
-                if piece := text(payload):
+                piece = text(payload)
+                if piece or isinstance(piece, ToolCalls):
                     texts.append(piece)
                 if done(payload):
                     finished = True

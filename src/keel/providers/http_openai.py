@@ -19,6 +19,7 @@ from keel.providers.base import (
     EmbeddingProvider,
     GenerationParams,
     ProviderInfo,
+    tool_calls,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -90,8 +91,27 @@ def choice_text(choice: JsonObject, read: str, provider: str) -> str:
         delta = choice.get("delta") or {}
         if not isinstance(delta, dict):
             raise UpstreamProtocolError(f"unexpected delta {delta!r}", provider=provider)
-        return text_field(delta, "content", provider)
+        text = text_field(delta, "content", provider)
+        calls = delta.get("tool_calls")
+        return tool_calls(text, tool_call_parts(calls, provider)) if calls else text
     return text_field(choice, "text", provider)
+
+
+def tool_call_parts(calls: object, provider: str) -> list[JsonObject]:
+    """A delta's ``tool_calls``: entries with an ``index`` and, where present, a
+    ``function`` object whose ``name`` and ``arguments`` are text (or null)."""
+
+    def valid(call: object) -> bool:
+        if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+            return False
+        function = call.get("function") or {}
+        return isinstance(function, dict) and all(
+            isinstance(function.get(key), str | None) for key in ("name", "arguments")
+        )
+
+    if not isinstance(calls, list) or not all(valid(call) for call in calls):
+        raise UpstreamProtocolError(f"unexpected tool_calls {calls!r}", provider=provider)
+    return calls
 
 
 class OpenAICompletionProvider(HttpCompletion):
@@ -127,7 +147,8 @@ class OpenAICompletionProvider(HttpCompletion):
 
 
 class OpenAIChatProvider(HttpBacked, ChatProvider):
-    """``POST {endpoint}/chat/completions``: ``openai/chat`` and ``mistral/chat``."""
+    """``POST {endpoint}/chat/completions``: ``openai/chat`` and ``mistral/chat``; the
+    request's tools go on, the model's tool calls come back as :class:`ToolCalls`."""
 
     def __init__(
         self,
@@ -145,9 +166,10 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
 
     def request_body(self, call: ChatCall) -> JsonObject:
         body: JsonObject = {} if self.model is None else {"model": self.model}
-        body["messages"] = [{"role": m.role, "content": m.content} for m in call.messages]
+        body["messages"] = [message.wire() for message in call.messages]
         if call.response_format is not None:
             body["response_format"] = call.response_format
+        body.update(call.tools or {})
         body.update(
             sampling_body(call.params, stop_limit=self.stop_limit, seed_field=self.seed_field)
         )

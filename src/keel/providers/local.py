@@ -66,6 +66,9 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         )
         self.prompt_template = prompt_template or template_for_model(model)
         self._counts: OrderedDict[str, int] = OrderedDict()
+        self.tools_answered_in_text = 0
+        """Chat requests that came with tools: the engine is not asked to call them
+        (``keel_tools_answered_in_text``, ``/v1/providers``)."""
 
     async def start(self) -> None:
         await self.supervisor.start()
@@ -74,7 +77,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         await self.supervisor.stop()
 
     def status(self) -> dict[str, object]:
-        return self.supervisor.status()
+        return {**self.supervisor.status(), "tools_answered_in_text": self.tools_answered_in_text}
 
     async def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Counts from the model's tokenizer, remembered per text: consecutive
@@ -104,6 +107,8 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         op = {"op": "chat", "messages": messages, **_sampling(call.params)}
         if call.response_format is not None:
             op["response_format"] = call.response_format
+        if call.tools is not None:
+            self.tools_answered_in_text += 1
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     async def embed_parts(self, texts: Sequence[str]) -> AsyncIterator[list[list[float]]]:

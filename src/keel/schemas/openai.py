@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from keel.providers.base import ChatMessage, GenerationParams
 
@@ -86,9 +93,46 @@ class ContentPart(_Wire):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+"""What OpenAI takes as a function's name."""
+
+
+class FunctionCall(_Wire):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Wire):
+    """A call an assistant made, sent back with the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageIn(_Wire):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: object) -> object:
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(
+                        f"a part of type {kind!r}: keel's chat models read text only;"
+                        " send the text as a string or as parts of type 'text'"
+                    )
+        return value
+
+    def to_message(self) -> ChatMessage:
+        role = "system" if self.role == "developer" else self.role
+        calls = tuple(call.model_dump() for call in self.tool_calls or ())
+        return ChatMessage(role, self.text(), calls, self.tool_call_id)
 
     def text(self) -> str:
         if self.content is None:
@@ -127,6 +171,33 @@ class ResponseFormat(_Wire):
         return {"type": "json_object"}
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")  # passed on whole
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments."""
+    strict: bool | None = None
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Wire):
+    name: str
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatCompletionRequest(_Wire):
     model: str | None = None
     messages: list[ChatMessageIn] = Field(min_length=1)
@@ -141,12 +212,39 @@ class ChatCompletionRequest(_Wire):
     seed: Seed | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    """Functions the model may call; a backend that calls tools (OpenAI-compatible
+    ones) gets them, a local model answers in text."""
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     _stop = field_validator("stop")(_check_stop)
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(
+        cls, value: ToolChoice | None, info: ValidationInfo
+    ) -> ToolChoice | None:
+        tools = info.data.get("tools")
+        if value is None or value == "none":
+            return value
+        if not tools:
+            raise ValueError("a tool_choice needs tools: send the functions in 'tools'")
+        names = [tool.function.name for tool in tools]
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"{value.function.name!r} is not among the tools ({', '.join(names)})")
+        return value
+
     def to_messages(self) -> tuple[ChatMessage, ...]:
-        role_map = {"developer": "system"}
-        return tuple(ChatMessage(role_map.get(m.role, m.role), m.text()) for m in self.messages)
+        return tuple(message.to_message() for message in self.messages)
+
+    def tool_fields(self) -> dict[str, Any] | None:
+        """``tools``, ``tool_choice`` and ``parallel_tool_calls`` as sent on."""
+        if not self.tools:
+            return None
+        return self.model_dump(
+            include={"tools", "tool_choice", "parallel_tool_calls"}, exclude_none=True
+        )
 
     def to_params(self, default_max_tokens: int) -> GenerationParams:
         return GenerationParams(
@@ -212,14 +310,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="Null when the model only called tools.")
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: FinishReason
+    finish_reason: FinishReason | Literal["tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):

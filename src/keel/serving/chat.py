@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from keel.providers.base import ChatCall, ChatProvider, Provider
+from keel.providers.base import ChatCall, ChatProvider, Provider, ToolCalls
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 from keel.schemas.openai import ChatCompletionRequest
@@ -35,6 +36,31 @@ def chat_text(call: ChatCall) -> str:
     return "\n".join(message.content for message in call.messages)
 
 
+def delta(piece: str) -> dict[str, object]:
+    """A streamed chunk's ``delta``: the piece's text, and its tool-call parts as the
+    backend sent them (each names its call by ``index``)."""
+    if isinstance(piece, ToolCalls):
+        parts: dict[str, object] = {"content": piece} if piece else {}
+        return {**parts, "tool_calls": list(piece.deltas)}
+    return {"content": piece}
+
+
+def assembled(deltas: list[dict[str, Any]]) -> list[dict[str, object]]:
+    """Whole tool calls from their streamed parts: the first part of a call (its
+    ``index``) brings its id and function name, every part a piece of the arguments."""
+    calls: dict[int, dict[str, Any]] = {}
+    for part in deltas:
+        function = part.get("function") or {}
+        call = calls.setdefault(
+            part.get("index", 0),
+            {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
+        )
+        call["id"] = call["id"] or part.get("id")
+        call["function"]["name"] = call["function"]["name"] or function.get("name")
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[index] for index in sorted(calls)]
+
+
 class ChatServing:
     def __init__(self, router: RoleRouter, admission: Admission, *, timeout: float) -> None:
         self.router = router
@@ -44,7 +70,7 @@ class ChatServing:
     async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
         params = body.to_params(DEFAULT_MAX_TOKENS)
         wanted = body.response_format.to_wire() if body.response_format else None
-        call = ChatCall(body.to_messages(), params, wanted)
+        call = ChatCall(body.to_messages(), params, wanted, body.tool_fields())
         envelope = Envelope(
             f"chatcmpl-{uuid.uuid4()}",
             "chat.completion",
@@ -64,7 +90,10 @@ class ChatServing:
             )
         await count_usage(generated, chat_text(call), call.reported)
         note_provider(http, generated.provider)
-        message = {"role": "assistant", "content": generated.text}
+        message: dict[str, object] = {"role": "assistant", "content": generated.text}
+        if generated.tool_deltas:
+            message["content"] = generated.text or None
+            message["tool_calls"] = assembled(generated.tool_deltas)
         choice = {
             "index": 0,
             "message": message,
@@ -101,7 +130,7 @@ class ChatServing:
         response = await stream_response(
             pieces,
             head=[chunk({"role": "assistant", "content": ""}, None)],
-            chunk=lambda text: chunk({"content": text}, None),
+            chunk=lambda piece: chunk(delta(piece), None),
             tail=tail,
             timeout=self.timeout,
             role="chat",

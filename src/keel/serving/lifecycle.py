@@ -8,14 +8,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from starlette.requests import Request
 
 from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
 from keel.pipeline.completion import read_until_stop, until_stop
-from keel.providers.base import CompletionProvider, Provider, estimate_tokens
+from keel.providers.base import CompletionProvider, Provider, ToolCalls, estimate_tokens
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 
@@ -99,6 +100,20 @@ class Generated:
     completion_tokens: int = 0
     cut_for_length: bool = False
     """The engine stopped for length (its context full), whatever ``max_tokens`` was."""
+    tool_deltas: list[dict[str, Any]] = field(default_factory=list)
+    """The parts of the tool calls a chat model made, as its backend sent them."""
+
+    def add(self, piece: str) -> None:
+        self.text += piece
+        if isinstance(piece, ToolCalls):
+            self.tool_deltas.extend(piece.deltas)
+
+    def said(self) -> str:
+        """What the model wrote: its text and its tool calls' arguments (for the count)."""
+        arguments = [
+            str((delta.get("function") or {}).get("arguments") or "") for delta in self.tool_deltas
+        ]
+        return self.text + "".join(arguments)
 
     def usage(self) -> dict[str, int]:
         return {
@@ -123,7 +138,9 @@ async def generate_text(
             async with attempt:
                 pieces = attempt.pieces(open_stream(attempt.provider))
                 text = await read_until_stop(pieces, stops)
-    return Generated(text, attempts.provider)
+    generated = Generated(provider=attempts.provider)
+    generated.add(text)
+    return generated
 
 
 async def stream_text(
@@ -141,7 +158,7 @@ async def stream_text(
             async with attempt:
                 generated.provider = attempt.provider
                 async for piece in until_stop(attempt.pieces(open_stream(attempt.provider)), stops):
-                    generated.text += piece
+                    generated.add(piece)
                     yield piece
 
 
@@ -164,15 +181,17 @@ async def count_usage(
     whether the engine ``reported`` it cut the answer for length."""
     reported = reported or {}
     known = reported.get("prompt_tokens")
-    texts = [generated.text] if known else [prompt, generated.text]
+    texts = [generated.said()] if known else [prompt, generated.said()]
     counts = await count_tokens(generated.provider, texts)
     generated.prompt_tokens, generated.completion_tokens = known or counts[0], counts[-1]
     generated.cut_for_length = bool(reported.get("cut_for_length"))
 
 
 def finish_reason(generated: Generated, max_tokens: int) -> str:
-    """Providers stream text only; an answer that used the whole budget, or that the
-    engine cut (its context full), was cut for length."""
+    """An answer that called tools ends for them; one that used the whole budget, or
+    that the engine cut (its context full), was cut for length."""
+    if generated.tool_deltas:
+        return "tool_calls"
     cut = generated.cut_for_length or generated.completion_tokens >= max_tokens
     return "length" if cut else "stop"
 
