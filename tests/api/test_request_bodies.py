@@ -203,3 +203,34 @@ async def test_dimensions_other_than_the_models_are_a_400_naming_it(
     assert other.status_code == 400, other.text
     error = other.json()["error"]
     assert error["param"] == "dimensions" and "4-dimension" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field", "says"),
+    [
+        ("/v1/embeddings", {"input": [1, 2, 3]}, "input", "check_embedding_ctx_length=False"),
+        ("/v1/embeddings", {"input": [[1, 2], [3]]}, "input", "token IDs are not taken"),
+        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "token IDs are not taken"),
+        ("/v1/completions", {"prompt": ""}, "prompt", "the prompt is empty"),
+        ("/v1/completions", {"prompt": [""]}, "prompt", "the prompt is empty"),
+    ],
+)
+async def test_token_ids_and_empty_prompts_are_a_400_saying_what_to_send(
+    client: httpx.AsyncClient, backends: Backends, path: str, body: dict, field: str, says: str
+) -> None:
+    """Token IDs belong to one vocabulary (LangChain sends tiktoken's); an empty prompt
+    gave an empty answer "cut for length"."""
+    sent_before = len(backends.primary.requests) + len(backends.fallback.requests)
+    response = await client.post(path, json=body, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (field, "invalid_request_error")
+    assert says in error["message"]
+    assert len(backends.primary.requests) + len(backends.fallback.requests) == sent_before
+
+
+async def test_an_empty_prompt_with_a_suffix_is_served(client: httpx.AsyncClient) -> None:
+    """The cursor at the top of a file: nothing before it, code after it."""
+    body = {"prompt": "", "suffix": "print(x)\n", "max_tokens": 5}
+    response = await client.post("/v1/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text

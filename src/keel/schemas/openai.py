@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from keel.errors import RequestError
 from keel.providers.base import ChatMessage, GenerationParams
 
 MAX_TOKENS_LIMIT = 8192
@@ -47,6 +48,18 @@ def _check_stop(stop: StopField) -> StopField:
     return stop
 
 
+def _no_token_ids(value: object, hint: str = "") -> object:
+    """OpenAI also takes token IDs in place of text; they belong to one vocabulary
+    (LangChain sends tiktoken's) and keel serves models with others."""
+    items = value if isinstance(value, list) else []
+    if any(isinstance(item, int) or (isinstance(item, list) and item) for item in items):
+        raise ValueError(
+            "token IDs are not taken (they belong to one tokenizer, keel's models have their"
+            f" own): send the text{hint}"
+        )
+    return value
+
+
 class StreamOptions(_Wire):
     include_usage: bool = False
     """Send a last chunk with empty ``choices`` and the request's ``usage``, as OpenAI does."""
@@ -68,12 +81,27 @@ class CompletionRequest(_Wire):
 
     _stop = field_validator("stop")(_check_stop)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, value: object) -> object:
+        return _no_token_ids(value)
+
     @field_validator("prompt")
     @classmethod
     def _single_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("send exactly one prompt (a string, or a list of one string)")
         return value
+
+    @model_validator(mode="after")
+    def _something_to_continue(self) -> CompletionRequest:
+        if not self.prompt_text() and not self.suffix:
+            raise RequestError(
+                "the prompt is empty: there is no text to continue; send the text before"
+                " the cursor (and the text after it as suffix)",
+                param="prompt",
+            )
+        return self
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -263,6 +291,12 @@ class EmbeddingRequest(_Wire):
     dimensions: int | None = Field(None, ge=1)
     """Checked against what the model makes: keel does not shorten vectors."""
     user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_input(cls, value: object) -> object:
+        hint = "; LangChain's OpenAIEmbeddings sends IDs unless check_embedding_ctx_length=False"
+        return _no_token_ids(value, hint)
 
     @field_validator("input")
     @classmethod
