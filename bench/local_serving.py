@@ -15,6 +15,9 @@ Nothing else in keel changes.
   Tabby request is sent; the generation is closed once the Tabby answer is in
   (it is checked to have still been running). Idle and busy alternate, each
   repetition with its own prefix; the medians and their ratio are reported.
+- **Beside an embedding batch**: Tabby completions ~0.7 s apart while the embedding
+  worker (a second engine on the same cores) embeds 16 chunks of ~400 tokens, against
+  the same completions idle; and how long the batch took.
 - **Cancellation**: a request is sent on a raw socket, and once the engine's
   slot is busy (and, streamed, a few tokens have arrived) the socket is
   closed; the time from the close to the slot table showing every slot free
@@ -223,6 +226,51 @@ def head_of_line(url: str, repeats: int) -> dict[str, Any]:
     }
 
 
+# --- beside an embedding batch ----------------------------------------------------------
+
+EMBED_INPUTS = 16
+TYPING_PACE = 0.7
+"""Seconds between a completion's answer and the next request, as an editor's debounce."""
+
+
+def beside_embeddings(url: str) -> dict[str, Any]:
+    """Tabby completions idle, then sent ``TYPING_PACE`` s apart while a batch of
+    ``EMBED_INPUTS`` code chunks (~400 tokens each) is embedded by the embedding worker
+    (a second engine on the same cores, as when an editor indexes a repository)."""
+    import common
+
+    common.log("completions beside an embedding batch")
+    chunks = [f"# chunk {i}\n" + CODE * 2 for i in range(EMBED_INPUTS)]
+    batch: dict[str, Any] = {}
+
+    def embed() -> None:
+        began = time.perf_counter()
+        response = httpx.post(f"{url}/v1/embeddings", json={"input": chunks}, timeout=300)
+        batch.update(status=response.status_code, seconds=time.perf_counter() - began)
+
+    with httpx.Client(base_url=url, timeout=120) as client:
+        wait_slots_free(client)
+        idle = [tabby_once(client, tabby_body(index, "beside-idle")) for index in range(6)]
+        thread = threading.Thread(target=embed, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        busy: list[float] = []
+        while thread.is_alive():
+            busy.append(tabby_once(client, tabby_body(len(busy), "beside-embedding")))
+            time.sleep(TYPING_PACE)
+        thread.join()
+    idle_p50, busy_p50 = median(idle), median(busy)
+    return {
+        "idle_ms_p50": idle_p50,
+        "busy_ms_p50": busy_p50,
+        "busy_ms_max": max(busy) if busy else None,
+        "ratio": busy_p50 / idle_p50 if idle_p50 and busy_p50 else None,
+        "completions": len(busy),
+        "embedding_status": batch.get("status"),
+        "embedding_seconds": batch.get("seconds"),
+    }
+
+
 # --- cancellation ----------------------------------------------------------------------
 
 
@@ -364,6 +412,7 @@ def run(repeats: int = 5) -> dict[str, Any]:
         worker = providers["roles"]["completion"]["providers"][0]
         hol = head_of_line(keel.url, repeats)
         cancel = cancellation(keel.url, 2 * repeats)  # about a second each
+        beside = beside_embeddings(keel.url)
     return {
         "setup": {
             "config": "default (embedded model for completions)",
@@ -375,6 +424,7 @@ def run(repeats: int = 5) -> dict[str, Any]:
         },
         "head_of_line": hol,
         "cancellation": cancel,
+        "beside_embeddings": beside,
     }
 
 

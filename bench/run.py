@@ -165,6 +165,20 @@ def local_serving_rows(result: dict[str, Any]) -> list[Row]:
             met(ratio is not None and ratio <= 2),
         )
     ]
+    beside = result["beside_embeddings"]
+    ratio = beside["ratio"]
+    rows.append(
+        (
+            "local",
+            f"Tabby completion while {local_serving.EMBED_INPUTS} chunks are embedded"
+            f" (batch {beside['embedding_status']} in {beside['embedding_seconds']:.0f} s)",
+            f"p50 {ms(beside['busy_ms_p50'])}, max {ms(beside['busy_ms_max'])}",
+            f"idle p50 {ms(beside['idle_ms_p50'])}",
+            "-" if ratio is None else f"{ratio:.2f}x idle",
+            "<= 2x idle",
+            met(ratio is not None and ratio <= 2 and beside["embedding_status"] == 200),
+        )
+    )
     for case, figures in result["cancellation"].items():
         if not figures["cancelled"]:
             measured, outcome, ok = "not measured (keel did not cancel it)", "-", None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from keel.models.registry import embedded_model_path
 from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
+from keel.workers.worker import EMBEDDING_NICE
 from tests.conftest import KeelProcess, running_keel
 
 pytestmark = pytest.mark.integration
@@ -404,3 +406,28 @@ def test_a_chat_with_tools_is_answered_in_text_and_counted(keel_server: KeelProc
         assert choice["message"]["content"] and "tool_calls" not in choice["message"]
         assert choice["finish_reason"] in ("stop", "length")
         assert answered_in_text(client) == (before[0] + 1, before[1] + 1)
+
+
+def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProcess) -> None:
+    """Every thread of the embedding worker, and its session's autogroup where Linux has
+    one, runs at a lower priority than the completion worker's (two engines at one
+    priority stalled each other: completions took seconds while a batch was embedded)."""
+
+    def niceness(pid: int) -> tuple[set[int], int | None]:
+        threads = set()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            threads.add(int(fields[16]))  # stat field 19, nice
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        group = int(autogroup.read_text().split()[-1]) if autogroup.exists() else None
+        return threads, group
+
+    with keel_server.client() as client:
+        providers = client.get("/v1/providers").json()["roles"]
+    engines = {role: providers[role]["providers"][0]["worker"]["engine"] for role in providers}
+    assert (engines["completion"]["nice"], engines["embedding"]["nice"]) == (0, EMBEDDING_NICE)
+    embedding = niceness(keel_server.worker_pid("embedding"))
+    completion = niceness(keel_server.worker_pid("completion"))
+    assert embedding[0] == {EMBEDDING_NICE} and completion[0] == {0}, (embedding, completion)
+    if embedding[1] is not None:
+        assert (embedding[1], completion[1]) == (EMBEDDING_NICE, 0)
