@@ -941,3 +941,25 @@ async def test_a_rate_limited_check_is_not_a_health_failure(
     clock.advance(5.0)
     _, route = await run(router)
     assert route.provider is not None and route.provider.name == "primary"
+
+
+async def test_an_endpoint_serving_requests_is_not_probed(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """Requests in flight are the check: a probe would wait behind them on a backend
+    that serves one at a time (a local embedding engine reading a long batch), time out,
+    and call a working provider unhealthy."""
+    primary = upstreams(token_delay=0.2)
+    router = build.router([[build.endpoint(primary.url, name="primary")]])
+    endpoint = router.endpoints[0]
+    serving = asyncio.create_task(run(router))
+    await primary.wait_for(lambda: posts(primary) == 1)
+    primary.behave(Behaviour.hang())  # what a probe would meet behind the work
+    await router.check(endpoint, probe, timeout=0.2)
+    assert posts(primary) == 1, "probed while serving"
+    assert endpoint.healthy
+    pieces, _ = await serving
+    assert "".join(pieces) == ANSWER
+
+    await router.check(endpoint, probe, timeout=0.2)
+    assert posts(primary) == 2, "idle again: probed"

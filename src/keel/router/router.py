@@ -325,8 +325,13 @@ class RoleRouter:
     async def check(
         self, endpoint: Endpoint, probe: Callable[[Provider], Awaitable[None]], timeout: float
     ) -> None:
-        """One deep check of one endpoint; feeds the same state as live traffic."""
+        """One deep check of one endpoint; feeds the same state as live traffic. An
+        endpoint with requests in flight is not checked: their outcomes are the check,
+        and a probe would wait behind them on a backend that serves one at a time (a
+        local embedding engine reading a batch), time out and call it unhealthy."""
         if endpoint.breaker.state is BreakerState.OPEN or not endpoint.running():
+            return
+        if endpoint.outstanding and endpoint.breaker.state is BreakerState.CLOSED:
             return
         took_probe = endpoint.breaker.state is BreakerState.HALF_OPEN
         if took_probe and not endpoint.breaker.allow():
