@@ -234,3 +234,17 @@ async def test_an_empty_prompt_with_a_suffix_is_served(client: httpx.AsyncClient
     body = {"prompt": "", "suffix": "print(x)\n", "max_tokens": 5}
     response = await client.post("/v1/completions", json=body, headers=USER)
     assert response.status_code == 200, response.text
+
+
+async def test_an_embedding_batch_takes_as_many_inputs_as_openai(
+    client: httpx.AsyncClient,
+) -> None:
+    """LangChain's OpenAIEmbeddings sends 1,000 inputs a request (keel refused over 256)."""
+    thousand = await client.post(
+        "/v1/embeddings", json={"input": [f"chunk {i}" for i in range(1000)]}, headers=USER
+    )
+    assert thousand.status_code == 200, thousand.text
+    assert [item["index"] for item in thousand.json()["data"]] == list(range(1000))
+    too_many = await client.post("/v1/embeddings", json={"input": ["x"] * 2049}, headers=USER)
+    assert_names(too_many, "input", "invalid_field")
+    assert "at most 2048 inputs" in too_many.json()["error"]["message"]

@@ -22,6 +22,8 @@ from keel.errors import RequestError
 from keel.providers.base import ChatMessage, GenerationParams
 
 MAX_TOKENS_LIMIT = 8192
+MAX_EMBEDDING_INPUTS = 2048
+"""OpenAI's limit; LangChain's OpenAIEmbeddings sends up to 1,000 inputs a request."""
 
 
 class _Wire(BaseModel):
@@ -304,8 +306,8 @@ class EmbeddingRequest(_Wire):
         texts = [value] if isinstance(value, str) else value
         if not texts:
             raise ValueError("input must hold at least one string")
-        if len(texts) > 256:
-            raise ValueError("at most 256 inputs per request")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request (OpenAI's limit)")
         if any(not text for text in texts):
             raise ValueError("inputs must not be empty strings")
         return value
