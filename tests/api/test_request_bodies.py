@@ -248,3 +248,15 @@ async def test_an_embedding_batch_takes_as_many_inputs_as_openai(
     too_many = await client.post("/v1/embeddings", json={"input": ["x"] * 2049}, headers=USER)
     assert_names(too_many, "input", "invalid_field")
     assert "at most 2048 inputs" in too_many.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+async def test_a_models_whole_output_budget_may_be_asked_for(
+    client: httpx.AsyncClient, backends: Backends, field: str
+) -> None:
+    """Clients ask for a model's whole output budget (16,384 for OpenAI's; keel refused
+    over 8,192); the backend gets it, and a model stops at its own context first."""
+    body = {"messages": [{"role": "user", "content": "hi"}], field: 16_384}
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    assert backends.fallback.last_request.json["max_tokens"] == 16_384

@@ -21,7 +21,10 @@ from pydantic import (
 from keel.errors import RequestError
 from keel.providers.base import ChatMessage, GenerationParams
 
-MAX_TOKENS_LIMIT = 8192
+MAX_TOKENS_LIMIT = 131_072
+"""The longest answer asked of a backend (today's longest contexts); a model stops at
+its own context first (``finish_reason: length``). It was 8,192: clients that ask
+for a model's whole output budget (16,384 for OpenAI's, more for others) got a 400."""
 MAX_EMBEDDING_INPUTS = 2048
 """OpenAI's limit; LangChain's OpenAIEmbeddings sends up to 1,000 inputs a request."""
 
