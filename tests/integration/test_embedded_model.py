@@ -426,6 +426,9 @@ def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProc
         providers = client.get("/v1/providers").json()["roles"]
     engines = {role: providers[role]["providers"][0]["worker"]["engine"] for role in providers}
     assert (engines["completion"]["nice"], engines["embedding"]["nice"]) == (0, EMBEDDING_NICE)
+    # a part of a batch waits while a generation has the CPU: the embedding deadlines allow it
+    waits = providers["embedding"]["providers"][0]["timeouts"]
+    assert waits == {"first_token": 60.0, "between_tokens": 60.0}
     embedding = niceness(keel_server.worker_pid("embedding"))
     completion = niceness(keel_server.worker_pid("completion"))
     assert embedding[0] == {EMBEDDING_NICE} and completion[0] == {0}, (embedding, completion)

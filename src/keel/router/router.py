@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from keel.config import Role
@@ -194,6 +194,7 @@ class Endpoint:
             "last_error": self.last_error,
             "latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "rate_limited_for": max(0.0, round(self.blocked_until - self.clock(), 1)),
+            "timeouts": asdict(self.timeouts),
             "worker": self.provider.status(),
         }
 
