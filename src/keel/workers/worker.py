@@ -82,7 +82,9 @@ embedded model on 2 cores and keel's default config, while a batch of 16 inputs 
 tokens was embedded, Tabby completions sent ~1 s apart took p50 6.4 s, max 24 s (idle
 0.2 s) and the batch 76 s; at nice 10, p50 0.33 s, max 0.48 s, and the batch 38 s (nice
 19 measured the same). The cost: an engine kept generating without a pause (completions
-back to back for a minute) starves the embeddings, which then time out. A worker has a
+back to back for a minute) starves the embeddings, which then time out. (A chat model of
+its own stays at one priority: beside it completions took 1.6x idle, and at nice 10 its
+answers starved beside typing's completions.) A worker has a
 session of its own (a Ctrl-C at keel's terminal is not its signal), and with it an
 autogroup under Linux's autogroup scheduling, whose nice is set too: a thread's nice
 counts only within its autogroup."""
