@@ -176,9 +176,9 @@ async def test_the_openai_sdk_reads_the_calls_whole_and_streamed(
             "should match pattern",
         ),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "data": "A"}]}]},
             "messages[0].content",
-            "a part of type 'image_url': keel's chat models read text only",
+            "a part of type 'input_audio': keel passes on text and images",
         ),
     ],
 )
@@ -194,3 +194,19 @@ async def test_a_bad_tool_request_is_a_400_naming_the_field(
     assert error["param"] == param
     assert says in error["message"]
     assert len(backends.fallback.requests) == sent_before
+
+
+async def test_an_image_reaches_a_chat_backend_with_the_text(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    """Content parts with images go to an OpenAI-compatible backend as sent (a vision
+    model); a local model refuses them (tests/integration/test_embedded_model.py)."""
+    image = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"},
+    }
+    content = [{"type": "text", "text": "What is on this screenshot?"}, image]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8}
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    assert backends.fallback.last_request.json["messages"] == [{"role": "user", "content": content}]

@@ -434,3 +434,18 @@ def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProc
     assert embedding[0] == {EMBEDDING_NICE} and completion[0] == {0}, (embedding, completion)
     if embedding[1] is not None:
         assert (embedding[1], completion[1]) == (EMBEDDING_NICE, 0)
+
+
+def test_a_local_model_refuses_an_image_as_the_clients_error(keel_server: KeelProcess) -> None:
+    """It reads text only: answering without the image would be answering another
+    question. The refusal is the client's 400, never a provider failure."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    content = [{"type": "text", "text": "What is this?"}, image]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    with keel_server.client() as client:
+        for _ in range(6):  # more than the breaker's default threshold (5)
+            refused = client.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 400, refused.text
+            assert "reads text only" in refused.json()["error"]["message"]
+        provider = client.get("/v1/providers").json()["roles"]["chat"]["providers"][0]
+    assert (provider["breaker"], provider["healthy"]) == ("closed", True), provider

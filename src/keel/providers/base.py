@@ -95,10 +95,13 @@ class ChatMessage:
     """An assistant's calls of the request's tools, in OpenAI's form."""
     tool_call_id: str | None = None
     """A tool message: the call whose result it holds."""
+    parts: tuple[dict[str, Any], ...] = ()
+    """The content as OpenAI's parts, when it holds images (``content`` is its text)."""
 
     def wire(self) -> dict[str, Any]:
         """The message in OpenAI's form."""
-        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        content = list(self.parts) if self.parts else self.content
+        message: dict[str, Any] = {"role": self.role, "content": content}
         if self.tool_calls:
             message["tool_calls"] = list(self.tool_calls)
         if self.tool_call_id is not None:

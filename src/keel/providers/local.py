@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 
+from keel.errors import UpstreamStatusError
 from keel.pipeline.prompt import template_for_model
 from keel.providers.base import (
     ChatCall,
@@ -103,6 +104,16 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
+        if any(message.parts for message in call.messages):
+            return _refused(
+                UpstreamStatusError(
+                    "the model reads text only: a message with an image cannot be answered"
+                    " here (a chat backend that reads images can: openai/chat)",
+                    provider=self.name,
+                    code="bad_request",
+                    upstream_status=400,
+                )
+            )
         messages = [{"role": m.role, "content": m.content} for m in call.messages]
         op = {"op": "chat", "messages": messages, **_sampling(call.params)}
         if call.response_format is not None:
@@ -123,3 +134,9 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
             {"op": "embed", "texts": list(texts)}, ready_timeout=self.ready_timeout
         )
         return [[float(x) for x in vector] for vector in reply["embeddings"]]
+
+
+async def _refused(error: UpstreamStatusError) -> AsyncIterator[str]:
+    """A stream that fails at once with the client's ``error`` (not the provider's)."""
+    raise error
+    yield ""  # an async generator: the error comes when the stream is read

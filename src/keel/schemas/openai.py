@@ -126,6 +126,20 @@ class ContentPart(_Wire):
     text: str
 
 
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="allow")  # passed on whole
+
+    url: str = Field(min_length=1)
+    detail: str | None = None
+
+
+class ImagePart(_Wire):
+    """An image, passed on to an OpenAI-compatible backend (a vision model)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 """What OpenAI takes as a function's name."""
 
@@ -145,34 +159,39 @@ class ToolCall(_Wire):
 
 class ChatMessageIn(_Wire):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart | ImagePart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts(cls, value: object) -> object:
+    def _known_parts(cls, value: object) -> object:
         if isinstance(value, list):
             for part in value:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind != "text":
+                if isinstance(kind, str) and kind not in ("text", "image_url"):
                     raise ValueError(
-                        f"a part of type {kind!r}: keel's chat models read text only;"
-                        " send the text as a string or as parts of type 'text'"
+                        f"a part of type {kind!r}: keel passes on text and images"
+                        " ('text', 'image_url' parts)"
                     )
         return value
 
     def to_message(self) -> ChatMessage:
         role = "system" if self.role == "developer" else self.role
         calls = tuple(call.model_dump() for call in self.tool_calls or ())
-        return ChatMessage(role, self.text(), calls, self.tool_call_id)
+        parts: tuple[dict[str, Any], ...] = ()
+        if isinstance(self.content, list) and any(
+            isinstance(part, ImagePart) for part in self.content
+        ):
+            parts = tuple(part.model_dump(exclude_none=True) for part in self.content)
+        return ChatMessage(role, self.text(), calls, self.tool_call_id, parts)
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, ContentPart))
 
 
 class JsonSchemaFormat(_Wire):
