@@ -151,10 +151,11 @@ async def test_the_openai_sdk_reads_the_calls_whole_and_streamed(
     )
     arguments: dict[int, str] = {}
     async for chunk in stream:
-        for part in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
-            arguments[part.index] = arguments.get(part.index, "") + (
-                part.function.arguments or "" if part.function else ""
-            )
+        if not chunk.choices:
+            continue
+        for part in chunk.choices[0].delta.tool_calls or []:
+            assert part.function is not None
+            arguments[part.index] = arguments.get(part.index, "") + (part.function.arguments or "")
     assert {index: json.loads(text) for index, text in arguments.items()} == {
         0: {"call": 0, "messages": 1},
         1: {"call": 1, "messages": 1},
