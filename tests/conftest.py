@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,6 +69,13 @@ class KeelProcess:
 
 
 PRECOMPUTE_OFF = "[completion]\nprecompute = false\n"
+
+
+def sse_events(text: str) -> list[Any]:
+    """The JSON events of an OpenAI stream's body, which must end in ``[DONE]``."""
+    lines = [line.removeprefix("data: ") for line in text.splitlines() if line]
+    assert lines[-1] == "[DONE]", lines[-3:]
+    return [json.loads(line) for line in lines[:-1]]
 
 
 def start_keel(root: Path, config: str | None = None, *args: str) -> KeelProcess:

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from tests.api.conftest import USER, USER_KEY, Backends
+from tests.conftest import sse_events
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -34,12 +35,6 @@ TOOLS: list[dict[str, Any]] = [
 ]
 
 ASK = [{"role": "user", "content": "What does main.py do?"}]
-
-
-def sse_events(text: str) -> list[Any]:
-    lines = [line.removeprefix("data: ") for line in text.splitlines() if line]
-    assert lines[-1] == "[DONE]", lines[-3:]
-    return [json.loads(line) for line in lines[:-1]]
 
 
 async def test_tools_reach_the_backend_and_its_calls_come_back_whole(

@@ -14,7 +14,7 @@ from keel.models.registry import embedded_model_path
 from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 from keel.workers.worker import EMBEDDING_NICE
-from tests.conftest import KeelProcess, running_keel
+from tests.conftest import KeelProcess, running_keel, sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -279,8 +279,7 @@ def test_a_chats_usage_counts_the_prompt_the_model_read(keel_server: KeelProcess
             "/v1/chat/completions",
             json={**body, "stream": True, "stream_options": {"include_usage": True}},
         )
-    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line]
-    usage = json.loads(events[-2])["usage"]  # the last chunk before [DONE]
+    usage = sse_events(streamed.text)[-1]["usage"]  # the last chunk before [DONE]
     assert plain.json()["usage"]["prompt_tokens"] == usage["prompt_tokens"] >= 20, usage
     assert usage["completion_tokens"] == plain.json()["usage"]["completion_tokens"] > 0
 
@@ -325,8 +324,7 @@ def test_an_answer_the_full_context_cut_short_ends_for_length(tuned_server: Keel
     usage = plain.json()["usage"]
     assert usage["completion_tokens"] < 200 and usage["total_tokens"] >= 250, usage
     assert plain.json()["choices"][0]["finish_reason"] == "length"
-    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line]
-    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert sse_events(streamed.text)[-1]["choices"][0]["finish_reason"] == "length"
 
 
 async def test_a_batch_is_embedded_in_parts_in_order() -> None:

@@ -164,15 +164,11 @@ async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> s
     """The whole text of ``pieces`` before the first stop word (:class:`ToolCalls`
     with all their parts, if the model called tools)."""
     if stops:
-        return whole([part async for part in until_stop(pieces, stops)])
+        return joined([part async for part in until_stop(pieces, stops)])
     try:
-        return whole([piece async for piece in pieces])
+        return joined([piece async for piece in pieces])
     finally:
         await close_stream(pieces)
-
-
-def whole(pieces: list[str]) -> str:
-    return joined(pieces) if pieces else ""
 
 
 @dataclass(frozen=True, slots=True)

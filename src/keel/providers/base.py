@@ -43,7 +43,7 @@ def tool_calls(text: str, deltas: Sequence[dict[str, Any]], pieces: int = 1) -> 
 
 def joined(texts: list[str]) -> str:
     """One piece for the texts one read brought: it goes up the layers above once.
-    Tool-call parts among them stay, in order, after the text."""
+    Tool-call parts among them stay, in order, after the text. No texts: no text."""
     if len(texts) == 1:
         return texts[0]
     pieces = sum(piece_count(text) for text in texts)

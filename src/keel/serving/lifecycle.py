@@ -110,10 +110,8 @@ class Generated:
 
     def said(self) -> str:
         """What the model wrote: its text and its tool calls' arguments (for the count)."""
-        arguments = [
-            str((delta.get("function") or {}).get("arguments") or "") for delta in self.tool_deltas
-        ]
-        return self.text + "".join(arguments)
+        functions = [delta.get("function") or {} for delta in self.tool_deltas]
+        return self.text + "".join(function.get("arguments") or "" for function in functions)
 
     def usage(self) -> dict[str, int]:
         return {

@@ -76,18 +76,15 @@ PROMPT_CACHE_MIB = 1024
 """Host memory for slot states the engine sets aside when another prompt takes a slot."""
 EMBEDDING_NICE = 10
 """An embedding engine runs at a lower CPU priority, so that a generation on the same
-cores preempts it. Two engines' threads at one priority stall each other at every step's
-barriers (a thread spins while the one it waits for is off the core): measured with the
-embedded model on 2 cores and keel's default config, while a batch of 16 inputs of ~400
-tokens was embedded, Tabby completions sent ~1 s apart took p50 6.4 s, max 24 s (idle
-0.2 s) and the batch 76 s; at nice 10, p50 0.33 s, max 0.48 s, and the batch 38 s (nice
-19 measured the same). The cost: an engine kept generating without a pause (completions
-back to back for a minute) starves the embeddings, which then time out. (A chat model of
-its own stays at one priority: beside it completions took 1.6x idle, and at nice 10 its
-answers starved beside typing's completions.) A worker has a
-session of its own (a Ctrl-C at keel's terminal is not its signal), and with it an
-autogroup under Linux's autogroup scheduling, whose nice is set too: a thread's nice
-counts only within its autogroup."""
+cores preempts it: two engines at one priority stall each other at every step's barriers
+(a thread spins while the one it waits for is off the core). Measured with keel's default
+config on 2 cores, Tabby completions sent ~1 s apart while 16 inputs of ~400 tokens were
+embedded: p50 6.4 s, max 24 s (idle 0.2 s), the batch 76 s; at nice 10, p50 0.33 s, max
+0.48 s, the batch 38 s (nice 19 the same). The cost: embeddings wait while a generation
+has the CPU. A chat model of its own keeps its priority: beside it completions took 1.6x
+idle, and at nice 10 its answers starved. A worker has a session of its own (a Ctrl-C at
+keel's terminal is not its signal), hence its own autogroup under Linux's autogroup
+scheduling, whose nice is set too: a thread's nice counts only within its autogroup."""
 
 
 def _ignore(_reply: Any) -> bool:
