@@ -172,7 +172,11 @@ async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
         assert not any(s["busy"] for s in table), (attempt, table)
         after = table[slot]["tokens"]
         assert after == held, (attempt, held, after)  # the batch in flight, none after it
-        assert supervisor.stats.last["finish_reason"] == "cancelled"
+        last = supervisor.stats.last
+        assert last["finish_reason"] == "cancelled"
+        # Its whole prompt counted, so what the slot reused never exceeds it.
+        assert last["prompt_tokens"] > 6 * PREFILL_BATCH, last
+        assert supervisor.stats.snapshot()["evaluated_tokens"] >= 0
 
 
 async def test_a_prompt_read_ahead_reports_its_reuse_and_generates_as_one_read(

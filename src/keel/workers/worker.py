@@ -423,6 +423,8 @@ class _Engine:
         prompt_tokens = usage.get("prompt_tokens")
         if prompt_tokens is None and timings:
             prompt_tokens = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
+        if prompt_tokens is None and progress:  # cancelled: the engine sent no last chunk
+            prompt_tokens = progress["total"]
         # What the slot held of the prompt at the start (the last call of a prompt read
         # ahead reuses what the calls before it read).
         reused = progress["cache"] if progress else timings.get("cache_n")
