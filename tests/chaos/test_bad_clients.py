@@ -81,7 +81,7 @@ MALFORMED: list[tuple[str, Any]] = [
     ("/v1/completions", {"prompt": "chaos", "temperature": 7}),
     ("/v1/completions", {"prompt": ["chaos", "two"], "max_tokens": 8}),
     ("/v1/completions", {"prompt": "chaos", "max_tokens": -1}),
-    ("/v1/completions", {"language": "python", "segments": {"prefix": "", "suffix": ""}}),
+    ("/v1/completions", {"language": "py thon", "segments": {"prefix": "x", "suffix": ""}}),
     ("/v1/completions", {"language": "python"}),
     ("/v1/completions", [1, 2, 3]),
     ("/v1/chat/completions", {"messages": []}),

@@ -53,6 +53,42 @@ def test_tabby_debug_data_shows_prompt_and_snippets(keel_server: KeelProcess) ->
     assert data["debug_data"]["snippets"][0]["filepath"] == "shapes.py"
 
 
+def test_any_editor_language_and_an_empty_file_are_completed(keel_server: KeelProcess) -> None:
+    """Editors send the language id of every extension they have, and a request from an
+    empty file (Tabby answers both): keel completes them, a language without rules
+    counted and its id logged once, plain text and an empty file not counted."""
+    metric = "keel_completions_unknown_language_total "
+
+    def unknown(client: httpx.Client) -> float:
+        rows = client.get("/metrics").text.splitlines()
+        (value,) = [float(row.split()[-1]) for row in rows if row.startswith(metric)]
+        return value
+
+    with keel_server.client() as client:
+        before = unknown(client)
+        for language, prefix in [
+            ("klingon-script", "qaStaHvIS wa' ram\n"),
+            ("klingon-script", "qaStaHvIS cha' ram\n"),
+            ("plaintext", "Dear diary,\n"),
+            ("bat", "@echo off\n"),
+            ("python", ""),
+            ("python", "\n\n"),
+        ]:
+            body = tabby_body(prefix, suffix="", language=language)
+            body["segments"]["filepath"] = f"notes.{language}"  # type: ignore[index]
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, (language, prefix, response.text)
+            assert isinstance(response.json()["choices"][0]["text"], str)
+        assert unknown(client) == before + 2
+        infill = client.post("/infill", json={"input_prefix": "", "input_suffix": ""})
+        assert infill.status_code == 200, infill.text
+    logged = [
+        line for line in keel_server.log.read_text().splitlines() if "'klingon-script'" in line
+    ]
+    assert len(logged) == 1, logged
+    assert "no rules" in logged[0]
+
+
 def test_crlf_round_trip(keel_server: KeelProcess) -> None:
     prefix = "def add(a, b):\r\n    total = a + b\r\n"
     body = tabby_body(prefix, suffix="\r\n")
@@ -180,8 +216,7 @@ def test_cancelled_stream_frees_the_worker(keel_server: KeelProcess) -> None:
         (b'{"language": "python"}', 400, "segments"),
         (b'{"language": "python", "segments": {"suffix": "x"}}', 400, "segments.prefix"),
         (b'{"language": "python", "segments": {"prefix": 42}}', 400, "segments.prefix"),
-        (b'{"language": "klingon", "segments": {"prefix": "x = 1"}}', 400, "language"),
-        (b'{"language": "python", "segments": {"prefix": "", "suffix": ""}}', 400, None),
+        (b'{"language": "py thon", "segments": {"prefix": "x = 1"}}', 400, "language"),
         (
             b'{"language": "python", "temperature": "hot", "segments": {"prefix": "x"}}',
             400,

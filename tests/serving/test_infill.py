@@ -125,7 +125,7 @@ async def test_infill_goes_through_keels_routing(
         ({**fim(["a"], "b"), "stream": True}, "stream"),
         ({**fim(["a"], "b"), "n_indent": -1}, "n_indent"),
         ({**fim(["a"], "b"), "input_extra": [{"filename": "x.py"}]}, "input_extra"),
-        ({"input_prefix": "", "prompt": " ", "input_suffix": "\n"}, "input_prefix"),
+        ({**fim(["a"], "b"), "input_prefix": ["a = 1"]}, "input_prefix"),
     ],
 )
 async def test_bad_bodies_are_a_400_naming_the_field(

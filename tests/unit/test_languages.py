@@ -6,6 +6,7 @@ from keel.errors import RequestError
 from keel.pipeline.languages import (
     TABBY_DEFAULT_STOP_WORDS,
     UNKNOWN,
+    find_language,
     get_language,
     known_language_ids,
     stop_words,
@@ -120,19 +121,38 @@ def test_long_id_is_not_echoed_in_full() -> None:
     assert len(caught.value.message) < 400
 
 
-def test_unknown_id_is_rejected_and_names_alternatives() -> None:
-    with pytest.raises(RequestError) as caught:
-        get_language("brainfudge")
-    error = caught.value
-    assert error.param == "language"
-    assert "'brainfudge'" in error.message
-    assert "'unknown'" in error.message
-    assert "'typescript'" in error.message
+@pytest.mark.parametrize("language_id", ["brainfudge", "x" * 64, "Klingon"])
+def test_an_id_without_rules_is_completed_as_unknown(language_id: str) -> None:
+    # Editors send the id of every language their extensions add; Tabby completes them
+    # with its default language, and so does keel (counted where it is served).
+    assert find_language(language_id) is None
+    assert get_language(language_id) is UNKNOWN
 
 
-def test_sixty_four_characters_is_a_valid_length_but_unknown() -> None:
-    with pytest.raises(RequestError, match="unknown language"):
-        get_language("x" * 64)
+@pytest.mark.parametrize(
+    ("language_id", "name", "comment"),
+    [
+        ("bat", "bat", "REM"),
+        ("ini", "ini", ";"),
+        ("properties", "properties", "#"),
+        ("git-commit", "git-commit", "#"),
+        ("coffeescript", "coffeescript", "#"),
+        ("dockercompose", "yaml", "#"),
+        ("terraform-vars", "hcl", "#"),
+        ("tsql", "sql", "--"),
+        ("arduino", "cpp", "//"),
+        ("racket", "scheme", ";"),
+        ("fortran-modern", "fortran", "!"),
+        ("django-html", "jinja", ""),
+        ("jsonl", "json", ""),
+        ("search-result", "unknown", ""),
+    ],
+)
+def test_vs_code_builtin_and_common_extension_ids(
+    language_id: str, name: str, comment: str
+) -> None:
+    language = get_language(language_id)
+    assert (language.name, language.line_comment) == (name, comment)
 
 
 def test_id_characters_allowed() -> None:

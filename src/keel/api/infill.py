@@ -19,7 +19,7 @@ from keel.api.access import USER, GuardedRoute
 from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.errors import RequestError
-from keel.pipeline.languages import get_language
+from keel.pipeline.languages import find_language
 from keel.providers.base import estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
@@ -33,10 +33,9 @@ def language_of(body: InfillRequest) -> str:
     for chunk in reversed(body.input_extra):
         extension = chunk.filename.rpartition(".")[2]
         if extension and extension != chunk.filename and extension.isalnum():
-            try:
-                return get_language(extension).name
-            except RequestError:
-                continue
+            language = find_language(extension)
+            if language is not None:
+                return language.name
     return "unknown"
 
 
@@ -68,12 +67,6 @@ async def infill(request: Request) -> JSONResponse:
     model = state.providers.for_role("completion").info.model
     content, headers = "", {}
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
-        if not (body.input_prefix + body.prompt + body.input_suffix).strip():
-            raise RequestError(
-                "input_prefix, prompt and input_suffix are all empty: there is no code "
-                "to complete from",
-                param="input_prefix",
-            )
         answer = await state.completion.complete(request, body.to_tabby(language_of(body)))
         if answer is not None:
             content = cut_at_indent(answer.response.choices[0].text, body.n_indent)

@@ -18,8 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import pathspec
 
-from keel.errors import RequestError
-from keel.pipeline.languages import UNKNOWN, Language, get_language
+from keel.pipeline.languages import UNKNOWN, Language, find_language
 
 VENDORED_DIRS = frozenset(
     {
@@ -87,11 +86,8 @@ def language_for(relpath: str) -> Language | None:
     suffix = PurePosixPath(relpath).suffix.lstrip(".")
     if not suffix:
         return None
-    try:
-        language = get_language(suffix)
-    except RequestError:
-        return None
-    if language is UNKNOWN or not language.line_comment:
+    language = find_language(suffix)
+    if language is None or language is UNKNOWN or not language.line_comment:
         return None  # without a line comment a chunk cannot be shown to the model
     return language
 

@@ -35,8 +35,7 @@ from prometheus_client.registry import Collector
 
 from keel import build_info
 from keel.config import ROLES, Role
-from keel.errors import KeelError
-from keel.pipeline.languages import get_language
+from keel.pipeline.languages import find_language
 from keel.providers.http_base import HttpBacked
 from keel.rate_limit import WAIT_BUCKETS, RateLimiter
 
@@ -76,12 +75,8 @@ def _supervisor_restarts(environ: Mapping[str, str]) -> int:
 
 def _language_label(language: str | None) -> str:
     """The language's canonical name: a bounded label set, whatever the client sends."""
-    if not language:
-        return "unknown"
-    try:
-        return get_language(language).name
-    except KeelError:
-        return "unknown"
+    found = find_language(language) if language else None
+    return found.name if found is not None else "unknown"
 
 
 class _ProviderCollector(Collector):
@@ -360,6 +355,13 @@ class Metrics:
             "cache (typed through an earlier suggestion) or inflight (a running generation "
             "it joined).",
             ["source"],
+            registry=registry,
+        )
+        self.unknown_languages = Counter(
+            "keel_completions_unknown_language",
+            "Tabby completions whose language id keel has no rules for, completed without "
+            "language rules (no comment-framed snippets, no keyword stop words); each id is "
+            "logged the first time.",
             registry=registry,
         )
         self.config_reloads = Counter(

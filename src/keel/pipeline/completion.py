@@ -216,12 +216,6 @@ class TabbyPrompts:
         elif segments is not None:
             prefix, crlf = normalize_newlines(segments.prefix)
             suffix, _ = normalize_newlines(segments.suffix or "")
-            if not prefix.strip() and not suffix.strip():
-                raise RequestError(
-                    "segments.prefix and segments.suffix are both empty: there is no code "
-                    "to complete from; send the text before (and after) the cursor",
-                    param="segments.prefix",
-                )
         else:
             raise RequestError(
                 "either 'segments' (prefix and suffix around the cursor) or "

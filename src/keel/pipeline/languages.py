@@ -9,9 +9,11 @@ case-insensitive; ``plaintext`` and ``unknown`` map to :data:`UNKNOWN`.
 
 Deliberate differences from Tabby:
 
-- An id that is not in the table is an error (``RequestError``), not a silent
-  fallback: a typo in a client's language id should be visible, and the
-  message says to send ``unknown`` for text keel has no rules for.
+- An id that is not in the table is completed without language rules, as Tabby
+  does with its default language (editors send the id of every language their
+  extensions add: refusing them failed every keystroke in those files), and
+  is counted (``keel_completions_unknown_language_total``) and logged once per
+  id. Only a malformed id is an error.
 - A language without a line comment gets no comment stop word. Tabby pushes
   ``"\\n" + ""`` for its unknown language, which turns every completion of
   an unknown file into a single line.
@@ -51,7 +53,10 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
-UNKNOWN = Language("unknown", aliases=_words("plaintext text txt plain"))
+UNKNOWN = Language(
+    "unknown",
+    aliases=_words("plaintext text txt plain log csv tsv search-result code-text-binary jupyter"),
+)
 
 _LANGUAGES: tuple[Language, ...] = (
     UNKNOWN,
@@ -114,7 +119,7 @@ _LANGUAGES: tuple[Language, ...] = (
             "auto class const concept enum extern inline namespace register static struct "
             "template typedef union volatile"
         ),
-        _words("c++ cc cxx hpp cuda-cpp cuda objective-cpp"),
+        _words("c++ cc cxx hpp cuda-cpp cuda objective-cpp arduino ino"),
     ),
     Language(
         "csharp",
@@ -198,14 +203,20 @@ _LANGUAGES: tuple[Language, ...] = (
     Language("julia", "#", (), _words("jl")),
     Language("shellscript", "#", (), _words("bash sh zsh shell fish")),
     Language("powershell", "#", (), _words("ps1 pwsh")),
-    Language("sql", "--", (), _words("mysql postgres pgsql plsql sqlite")),
+    Language("sql", "--", (), _words("mysql postgres pgsql plsql sqlite tsql")),
     Language("dockerfile", "#", (), _words("docker containerfile")),
     Language("makefile", "#", (), _words("make")),
     Language("cmake", "#"),
     Language("nix", "#"),
     Language("toml", "#"),
-    Language("yaml", "#", (), _words("yml docker-compose github-actions-workflow"), True),
-    Language("hcl", "#", (), _words("terraform tf")),
+    Language(
+        "yaml",
+        "#",
+        (),
+        _words("yml docker-compose dockercompose github-actions-workflow ansible helm"),
+        True,
+    ),
+    Language("hcl", "#", (), _words("terraform tf terraform-vars tfvars hcl2")),
     Language("graphql", "#", (), _words("gql")),
     Language("proto", "//", (), _words("proto3 protobuf")),
     Language("groovy", "//", (), _words("gradle jenkinsfile")),
@@ -215,15 +226,57 @@ _LANGUAGES: tuple[Language, ...] = (
     Language("tex", "%", (), _words("latex bibtex")),
     Language("vb", "'", (), _words("vba vbnet")),
     Language("verilog", "//", (), _words("systemverilog")),
-    Language("jsonc", "//", (), _words("json5")),
+    Language("jsonc", "//", (), _words("json5 snippets code-workspace")),
     Language("scss", "//", (), _words("less sass")),
-    Language("json"),
-    Language("css"),
+    Language("json", aliases=_words("jsonl ndjson")),
+    Language("css", aliases=_words("postcss tailwindcss")),
     Language("html", "", (), _words("htm xhtml")),
     Language("xml", "", (), _words("xsl svg")),
     Language("markdown", "", (), _words("md mdx")),
-    Language("vue"),
+    Language("vue", aliases=_words("vue-html")),
     Language("svelte"),
+    # More of the language ids VS Code and its common extensions send.
+    Language("bat", "REM", (), _words("batch cmd")),
+    Language("ini", ";", (), _words("cfg editorconfig")),
+    Language("properties", "#", (), _words("dotenv gitignore ignore")),
+    Language("git-commit", "#", (), _words("git-rebase")),
+    Language("diff", aliases=_words("patch")),
+    Language("coffeescript", "#", (), _words("coffee")),
+    Language("pug", "//", (), _words("jade")),
+    Language("stylus", "//", (), _words("styl")),
+    Language("haml", "-#"),
+    Language("slim", "/"),
+    Language("d", "//"),
+    Language("pascal", "//", (), _words("objectpascal delphi pas")),
+    Language("ada", "--", (), _words("adb ads")),
+    Language("fortran", "!", (), _words("fortran-modern fortranfreeform f90 f95")),
+    Language("cobol", "*>", (), _words("cbl")),
+    Language("vhdl", "--", (), _words("vhd")),
+    Language("elm", "--"),
+    Language("purescript", "--", (), _words("purs")),
+    Language("scheme", ";", (), _words("racket commonlisp lisp emacs-lisp elisp scm rkt")),
+    Language("tcl", "#"),
+    Language("awk", "#"),
+    Language("nginx", "#"),
+    Language("matlab", "%", (), _words("octave")),
+    Language("nim", "#"),
+    Language("crystal", "#", (), _words("cr")),
+    Language("mojo", "#", _words("def fn from struct trait import"), (), True),
+    Language("starlark", "#", _words("def load"), _words("bazel bzl"), True),
+    Language("glsl", "//", (), _words("hlsl wgsl shaderlab metal frag vert")),
+    Language("typst", "//", (), _words("typ")),
+    Language("prisma", "//"),
+    Language("gleam", "//"),
+    Language("bicep", "//"),
+    Language("apex", "//"),
+    Language("odin", "//"),
+    Language("mermaid", "%%", (), _words("mmd")),
+    Language("abap", '"'),
+    Language("restructuredtext", aliases=_words("rst")),
+    Language("razor", aliases=_words("cshtml aspnetcorerazor")),
+    Language("astro"),
+    Language("handlebars", aliases=_words("hbs mustache")),
+    Language("jinja", aliases=_words("jinja-html django-html django-txt jinja2 twig nunjucks")),
 )
 
 _BY_ID: dict[str, Language] = {
@@ -234,7 +287,7 @@ _BY_ID: dict[str, Language] = {
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9\-_+.#]{1,64}")
 
-_SUGGESTED_IDS = ("python", "typescript", "javascript", "go", "rust", "java", "cpp", "unknown")
+_SUGGESTED_IDS = ("python", "typescript", "javascript", "go", "rust", "java", "cpp")
 
 TABBY_DEFAULT_STOP_WORDS: tuple[str, ...] = (
     "\n\n",
@@ -276,13 +329,22 @@ FIM_MARKER_STOP_WORDS: tuple[str, ...] = (
 """Template markers a model may print as text; Tabby stops on its families' markers too."""
 
 
-def get_language(language_id: str) -> Language:
-    """The language for an editor's language id or a Tabby language name.
+def find_language(language_id: str) -> Language | None:
+    """The language an editor's language id, a Tabby language name or a file
+    extension names (any case); None when keel has no rules for it."""
+    return _BY_ID.get(language_id.lower())
 
-    Raises :class:`~keel.errors.RequestError` (``param="language"``) for an
-    id that is malformed or not in the table; the message names the problem
-    and what to send instead.
+
+def get_language(language_id: str) -> Language:
+    """The language of a request's ``language`` field: :data:`UNKNOWN` (no language
+    rules) for an id keel has no rules for.
+
+    Raises :class:`~keel.errors.RequestError` (``param="language"``) for a
+    malformed id; the message says what to send instead.
     """
+    language = find_language(language_id)
+    if language is not None:
+        return language
     if not _ID_PATTERN.fullmatch(language_id):
         shown = language_id[:64] + ("..." if len(language_id) > 64 else "")
         raise RequestError(
@@ -291,15 +353,7 @@ def get_language(language_id: str) -> Language:
             f"{_format_ids(_SUGGESTED_IDS)}, or 'unknown' for plain text",
             param="language",
         )
-    language = _BY_ID.get(language_id.lower())
-    if language is None:
-        raise RequestError(
-            f"unknown language {language_id!r}; send one of the {len(_BY_ID)} known "
-            f"language ids, e.g. {_format_ids(_SUGGESTED_IDS)}, or 'unknown' to complete "
-            f"it without language rules",
-            param="language",
-        )
-    return language
+    return UNKNOWN
 
 
 def known_language_ids() -> list[str]:

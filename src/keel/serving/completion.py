@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -28,6 +29,7 @@ from starlette.requests import Request
 from keel.events import EventStore
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import TabbyPrompts, TabbyTask, read_until_stop
+from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.postprocess import is_mid_line
 from keel.pipeline.prompt import normalize_newlines, render_template, restore_newlines
 from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams, Provider
@@ -52,6 +54,8 @@ from keel.serving.typed_cache import Flight, Flights, Place, Suggestion, TypedCa
 
 ChoiceShape = Callable[[str, str | None], list[dict[str, object]]]
 T = TypeVar("T")
+
+log = logging.getLogger("keel.completion")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,7 @@ class CompletionServing:
         self.precompute = precompute
         self.cache = TypedCache()
         self.flights = Flights()
+        self.unknown_languages: set[str] = set()
 
     # Tabby -------------------------------------------------------------------
 
@@ -107,6 +112,8 @@ class CompletionServing:
         as a Tabby request)."""
         async with CancelOnDisconnect(http):
             task = await self.prompts.read(body)
+            if task.language is UNKNOWN and body.language:
+                self._note_language(body.language)
             key = editor_key(http, body)
             answer = await self._supersede(key, self.answer(task, _place(key, task)))
             if answer is None:
@@ -125,6 +132,21 @@ class CompletionServing:
         self.metrics.completion_event("served", body.language)
         note_provider(http, answer.served_by)
         return answer
+
+    def _note_language(self, language_id: str) -> None:
+        """A request completed without language rules: counted when keel has none for
+        its id (not for plain text), each id logged the first time (up to 256)."""
+        if find_language(language_id) is not None:
+            return
+        self.metrics.unknown_languages.inc()
+        if language_id not in self.unknown_languages and len(self.unknown_languages) < 256:
+            self.unknown_languages.add(language_id)
+            log.warning(
+                "language id %r: keel has no rules for it, completing without them (a "
+                "generic prompt and stop words); counted in "
+                "keel_completions_unknown_language_total",
+                language_id,
+            )
 
     async def _supersede(self, key: Hashable | None, work: Awaitable[T]) -> T | None:
         """Run ``work`` as the editor's current request (``key``): a newer one cancels
