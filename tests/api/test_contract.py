@@ -43,6 +43,11 @@ class Example:
     body: Any = None
     params: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=lambda: dict(USER))
+    path_params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.path.format(**self.path_params)
 
 
 # In order: the model-management examples change what serves, so they come last.
@@ -110,6 +115,8 @@ EXAMPLES = [
     Example("POST", "/v1/embeddings", 200, {"input": ["a", "b"], "encoding_format": "base64"}),
     Example("POST", "/v1/embeddings", 400, {"input": []}),
     Example("GET", "/v1/models", 200),
+    Example("GET", "/v1/models/{model_id}", 200, path_params={"model_id": "primary-coder"}),
+    Example("GET", "/v1/models/{model_id}", 404, path_params={"model_id": "gpt-5"}),
     Example(
         "POST", "/v1/events", 200, {"type": "view", "completion_id": "cmpl-1", "choice_index": 0}
     ),
@@ -175,7 +182,7 @@ async def test_every_route_has_an_example_that_validates(client: httpx.AsyncClie
             jsonschema_rs.Draft202012Validator(schema).validate(example.body)
         response = await client.request(
             example.method,
-            example.path,
+            example.url,
             params=example.params,
             json=example.body,
             headers=example.headers,

@@ -139,9 +139,18 @@ async def test_a_missing_model_is_a_404_before_any_streaming(client: httpx.Async
 async def test_the_sampling_fields_a_client_sends_reach_the_backend(
     client: httpx.AsyncClient, backends: Backends
 ) -> None:
-    """OpenAI chat and completion bodies: temperature, top_p, seed, stop and max_tokens go
-    to the backend as sent (top_p was checked, then dropped)."""
-    sampling = {"temperature": 0.3, "top_p": 0.8, "seed": 11, "stop": ["\n\n"], "max_tokens": 7}
+    """OpenAI chat and completion bodies: temperature, top_p, the penalties, seed, stop
+    and max_tokens go to the backend as sent (top_p was checked, then dropped; the
+    penalties were dropped)."""
+    sampling = {
+        "temperature": 0.3,
+        "top_p": 0.8,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.25,
+        "seed": 11,
+        "stop": ["\n\n"],
+        "max_tokens": 7,
+    }
     for path, body in (
         ("/v1/chat/completions", VALID_BODIES["/v1/chat/completions"]),
         ("/v1/completions", OPENAI_COMPLETION),
@@ -255,8 +264,65 @@ async def test_a_models_whole_output_budget_may_be_asked_for(
     client: httpx.AsyncClient, backends: Backends, field: str
 ) -> None:
     """Clients ask for a model's whole output budget (16,384 for OpenAI's; keel refused
-    over 8,192); the backend gets it, and a model stops at its own context first."""
+    over 8,192); the backend gets it, under the name the client gave it (OpenAI's
+    reasoning models refuse ``max_tokens``), and a model stops at its own context first."""
     body = {"messages": [{"role": "user", "content": "hi"}], field: 16_384}
     response = await client.post("/v1/chat/completions", json=body, headers=USER)
     assert response.status_code == 200, response.text
-    assert backends.fallback.last_request.json["max_tokens"] == 16_384
+    sent = backends.fallback.last_request.json
+    assert {name: sent.get(name) for name in ("max_tokens", "max_completion_tokens")} == {
+        "max_tokens": None,
+        "max_completion_tokens": None,
+        field: 16_384,
+    }
+
+
+async def test_a_chat_without_a_limit_runs_as_long_as_the_backend_lets_it(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    """OpenAI, vLLM and llama.cpp answer a chat that names no limit to the end of the
+    context; keel capped it at 512 tokens, cutting long answers (Open WebUI, LangChain
+    and aider send no limit)."""
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    sent = backends.fallback.last_request.json
+    assert "max_tokens" not in sent and "max_completion_tokens" not in sent, sent
+    assert response.json()["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_text_parts_reach_the_backend_a_line_apart(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    """Cline and Continue send a message as text parts; glued together, "Fix this" and
+    the code after it read "Fix thisdef f()". They go on a line apart, as vLLM joins
+    them."""
+    parts = [{"type": "text", "text": "Fix this:"}, {"type": "text", "text": "def f(:"}]
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 8}
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    (message,) = backends.fallback.last_request.json["messages"]
+    assert message == {"role": "user", "content": "Fix this:\ndef f(:"}
+
+
+async def test_the_openai_routes_answer_without_v1_and_models_one_by_one(
+    client: httpx.AsyncClient,
+) -> None:
+    """A client given a base URL without ``/v1`` asks there (llama.cpp's server answers
+    both); the openai SDK's ``models.retrieve`` asks for one model."""
+    listed = (await client.get("/v1/models", headers=USER)).json()
+    assert (await client.get("/models", headers=USER)).json() == listed
+    for path, body in (
+        ("/chat/completions", VALID_BODIES["/v1/chat/completions"]),
+        ("/completions", OPENAI_COMPLETION),
+        ("/embeddings", VALID_BODIES["/v1/embeddings"]),
+    ):
+        response = await client.post(path, json=body, headers=USER)
+        assert response.status_code == 200, (path, response.text)
+    assert (await client.get("/models")).status_code == 401  # the same access as /v1
+    card = listed["data"][0]
+    one = await client.get(f"/v1/models/{card['id']}", headers=USER)
+    assert one.json() == card
+    missing = await client.get("/v1/models/no-such-model", headers=USER)
+    assert missing.status_code == 404
+    assert "GET /v1/models" in missing.json()["error"]["message"]

@@ -13,12 +13,14 @@ from fastapi.responses import JSONResponse
 from keel.api.access import USER, GuardedRoute
 from keel.api.errors import parse_model, read_json, read_model
 from keel.api.state import app_state
+from keel.errors import NotFound
 from keel.schemas.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     EmbeddingRequest,
     EmbeddingResponse,
+    ModelCard,
     ModelList,
 )
 from keel.schemas.openapi import (
@@ -78,6 +80,31 @@ async def embeddings(request: Request) -> JSONResponse:
     "/v1/models", dependencies=[USER], response_model=None, responses={200: {"model": ModelList}}
 )
 async def models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": list(served_models(request).values())})
+
+
+@router.get(
+    "/v1/models/{model_id:path}",
+    dependencies=[USER],
+    response_model=None,
+    responses={200: {"model": ModelCard}},
+    openapi_extra={
+        "parameters": [
+            {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        ]
+    },
+)
+async def model(request: Request) -> JSONResponse:
+    """One model, as the openai SDK's ``models.retrieve`` reads it."""
+    model_id = request.path_params["model_id"]
+    card = served_models(request).get(model_id)
+    if card is None:
+        raise NotFound(f"no model {model_id!r} is served here; GET /v1/models lists them")
+    return JSONResponse(card)
+
+
+def served_models(request: Request) -> dict[str, dict[str, object]]:
+    """The models keel serves, by id, as OpenAI's model objects."""
     state = app_state(request)
     seen: dict[str, dict[str, object]] = {}
     for provider in state.providers.unique():
@@ -90,4 +117,22 @@ async def models(request: Request) -> JSONResponse:
                 "owned_by": "keel",
             },
         )
-    return JSONResponse({"object": "list", "data": list(seen.values())})
+    return seen
+
+
+# The same routes without ``/v1``: clients given a base URL without it ask there (llama.cpp's
+# server answers both).
+for _path, _endpoint, _method in (
+    ("/completions", completions, "POST"),
+    ("/chat/completions", chat_completions, "POST"),
+    ("/embeddings", embeddings, "POST"),
+    ("/models", models, "GET"),
+):
+    router.add_api_route(
+        _path,
+        _endpoint,
+        methods=[_method],
+        dependencies=[USER],
+        response_model=None,
+        include_in_schema=False,
+    )

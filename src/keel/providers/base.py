@@ -65,11 +65,18 @@ def piece_count(piece: object) -> int:
 
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
-    max_tokens: int
+    max_tokens: int | None
+    """None: as many as the backend gives (to the end of the context), as OpenAI does
+    when a chat names no limit."""
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    max_tokens_name: str = "max_tokens"
+    """The name the client gave the limit, sent on to OpenAI-style chat backends
+    (OpenAI's reasoning models take only ``max_completion_tokens``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,7 +147,9 @@ def build_http_provider(
         case "openai/chat":
             return OpenAIChatProvider(upstream, info, model=model, stop_limit=OPENAI_STOP_LIMIT)
         case "mistral/chat":
-            return OpenAIChatProvider(upstream, info, model=model, seed_field="random_seed")
+            return OpenAIChatProvider(
+                upstream, info, model=model, seed_field="random_seed", limit_name="max_tokens"
+            )
         case "openai/embedding" | "voyage/embedding":
             return OpenAIEmbeddingProvider(upstream, info, model=model)
         case "llama.cpp/embedding":

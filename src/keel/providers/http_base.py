@@ -680,6 +680,10 @@ def generation_fields(
         fields["temperature"] = params.temperature
     if params.top_p is not None:
         fields["top_p"] = params.top_p
+    if params.frequency_penalty is not None:
+        fields["frequency_penalty"] = params.frequency_penalty
+    if params.presence_penalty is not None:
+        fields["presence_penalty"] = params.presence_penalty
     stop = params.stop if stop is None else stop
     if stop:
         fields["stop"] = list(stop)

@@ -34,7 +34,7 @@ class LlamaCppCompletionProvider(HttpCompletion):
 
     def request_body(self, call: CompletionCall) -> JsonObject:
         params = call.params
-        body: JsonObject = {"prompt": call.prompt, "n_predict": params.max_tokens}
+        body: JsonObject = {"prompt": call.prompt, "n_predict": params.max_tokens or -1}
         body.update(generation_fields(params))
         # Reuse the slot's KV cache for the shared prefix of consecutive prompts.
         body["cache_prompt"] = True

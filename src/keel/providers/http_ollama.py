@@ -49,7 +49,7 @@ class OllamaCompletionProvider(HttpCompletion):
 
     def request_body(self, call: CompletionCall) -> JsonObject:
         params = call.params
-        options: JsonObject = {"num_predict": params.max_tokens}
+        options: JsonObject = {"num_predict": params.max_tokens or -1}
         options.update(generation_fields(params))
         if self.max_input_length is not None:
             # Ollama silently cuts prompts longer than its context (2048 by

@@ -51,11 +51,18 @@ def first_choice(payload: JsonObject, provider: str) -> JsonObject | None:
 
 
 def sampling_body(
-    params: GenerationParams, *, stop_limit: int | None, seed_field: str = "seed"
+    params: GenerationParams,
+    *,
+    stop_limit: int | None,
+    seed_field: str = "seed",
+    limit_name: str | None = None,
 ) -> JsonObject:
-    """``max_tokens``, the set sampling fields and ``stream: true``."""
+    """The limit (named ``limit_name``, else as the client named it), the set sampling
+    fields and ``stream: true``."""
     stop = params.stop[:stop_limit] if stop_limit is not None else params.stop
-    body: JsonObject = {"max_tokens": params.max_tokens}
+    body: JsonObject = {}
+    if params.max_tokens is not None:
+        body[limit_name or params.max_tokens_name] = params.max_tokens
     body.update(generation_fields(params, stop=stop, seed_field=seed_field))
     body["stream"] = True
     return body
@@ -139,7 +146,7 @@ class OpenAICompletionProvider(HttpCompletion):
         body["prompt"] = call.prompt
         if self.supports_suffix and call.suffix:
             body["suffix"] = call.suffix
-        body.update(sampling_body(call.params, stop_limit=self.stop_limit))
+        body.update(sampling_body(call.params, stop_limit=self.stop_limit, limit_name="max_tokens"))
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
@@ -158,11 +165,15 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
         model: str | None,
         seed_field: str = "seed",
         stop_limit: int | None = None,
+        limit_name: str | None = None,
     ) -> None:
+        """``limit_name``: what the backend calls ``max_tokens`` whatever the client
+        called it (None: the client's name goes on)."""
         super().__init__(upstream, info)
         self.model = model
         self.seed_field = seed_field
         self.stop_limit = stop_limit
+        self.limit_name = limit_name
 
     def request_body(self, call: ChatCall) -> JsonObject:
         body: JsonObject = {} if self.model is None else {"model": self.model}
@@ -171,7 +182,12 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
             body["response_format"] = call.response_format
         body.update(call.tools or {})
         body.update(
-            sampling_body(call.params, stop_limit=self.stop_limit, seed_field=self.seed_field)
+            sampling_body(
+                call.params,
+                stop_limit=self.stop_limit,
+                seed_field=self.seed_field,
+                limit_name=self.limit_name,
+            )
         )
         return body
 

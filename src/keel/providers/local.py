@@ -40,6 +40,8 @@ def _sampling(params: GenerationParams) -> dict[str, object]:
         "stop": list(params.stop),
         "seed": params.seed,
         "top_p": params.top_p,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
     }
 
 

@@ -76,7 +76,9 @@ class CompletionRequest(_Wire):
     suffix: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -118,6 +120,8 @@ class CompletionRequest(_Wire):
             stop=_stop_tuple(self.stop),
             seed=self.seed,
             top_p=self.top_p,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
         )
 
 
@@ -187,11 +191,14 @@ class ChatMessageIn(_Wire):
         return ChatMessage(role, self.text(), calls, self.tool_call_id, parts)
 
     def text(self) -> str:
+        """The content's text; text parts a line apart, as vLLM joins them (Cline and
+        Continue send a task and its context as parts: glued, "Fix this" + "def f()"
+        read "Fix thisdef f()")."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content if isinstance(part, ContentPart))
+        return "\n".join(part.text for part in self.content if isinstance(part, ContentPart))
 
 
 class JsonSchemaFormat(_Wire):
@@ -256,7 +263,9 @@ class ChatCompletionRequest(_Wire):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -298,13 +307,17 @@ class ChatCompletionRequest(_Wire):
             include={"tools", "tool_choice", "parallel_tool_calls"}, exclude_none=True
         )
 
-    def to_params(self, default_max_tokens: int) -> GenerationParams:
+    def to_params(self) -> GenerationParams:
+        """No limit named: the answer runs to the end of the context, as OpenAI's does."""
         return GenerationParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=self.temperature,
             stop=_stop_tuple(self.stop),
             seed=self.seed,
             top_p=self.top_p,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            max_tokens_name="max_completion_tokens" if self.max_completion_tokens else "max_tokens",
         )
 
 

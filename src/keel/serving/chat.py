@@ -28,8 +28,6 @@ from keel.serving.lifecycle import (
 )
 from keel.serving.streaming import stream_response
 
-DEFAULT_MAX_TOKENS = 512
-
 
 def chat_text(call: ChatCall) -> str:
     """The messages' text, counted where the engine did not report its prompt's tokens."""
@@ -68,7 +66,7 @@ class ChatServing:
         self.timeout = timeout
 
     async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
-        params = body.to_params(DEFAULT_MAX_TOKENS)
+        params = body.to_params()
         wanted = body.response_format.to_wire() if body.response_format else None
         call = ChatCall(body.to_messages(), params, wanted, body.tool_fields())
         envelope = Envelope(
@@ -110,7 +108,7 @@ class ChatServing:
         call: ChatCall,
         envelope: Envelope,
     ) -> Response:
-        params = body.to_params(DEFAULT_MAX_TOKENS)
+        params = body.to_params()
         generated = Generated()
         pieces = stream_text(self.router, self.admission, open_stream, params.stop, generated)
 

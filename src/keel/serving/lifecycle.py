@@ -185,12 +185,14 @@ async def count_usage(
     generated.cut_for_length = bool(reported.get("cut_for_length"))
 
 
-def finish_reason(generated: Generated, max_tokens: int) -> str:
+def finish_reason(generated: Generated, max_tokens: int | None) -> str:
     """An answer that called tools ends for them; one that used the whole budget, or
     that the engine cut (its context full), was cut for length."""
     if generated.tool_deltas:
         return "tool_calls"
-    cut = generated.cut_for_length or generated.completion_tokens >= max_tokens
+    cut = generated.cut_for_length or (
+        max_tokens is not None and generated.completion_tokens >= max_tokens
+    )
     return "length" if cut else "stop"
 
 

@@ -18,12 +18,13 @@ The protocol is JSON lines: requests on stdin, replies on the original stdout
 (duplicated before fd 1 is pointed at stderr, so whatever llama.cpp prints
 cannot corrupt it). Requests carry an ``id`` and an ``op``:
 
-- ``complete`` {prompt, max_tokens, temperature, stop, seed}: streams
+- ``complete`` {prompt, max_tokens, temperature, top_p, frequency_penalty,
+  presence_penalty, stop, seed}: streams
   ``{"id", "text"}`` pieces, then ``{"id", "done": true, "finish_reason",
   "prompt_tokens", "completion_tokens", "reused_tokens", "slot_wait_ms",
   "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it waited here for
   a slot, included in the other two).
-- ``chat`` {messages, max_tokens, temperature, stop, seed}: the same, with the
+- ``chat`` {messages, and the same sampling fields}: the same, with the
   model's own chat template.
 - ``embed`` {texts}: ``{"id", "embeddings"}``.
 - ``tokenize`` {texts}: ``{"id", "counts"}``; answered at once, even while
@@ -119,7 +120,7 @@ def _error_reply(error: dict[str, Any]) -> dict[str, Any]:
 
 def _sampling(request: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "max_tokens": int(request.get("max_tokens", 64)),
+        "max_tokens": int(request.get("max_tokens") or -1),  # -1: to the end of the context
         "stop": list(request.get("stop") or []),
         "stream": True,
         "return_progress": True,
@@ -129,8 +130,9 @@ def _sampling(request: dict[str, Any]) -> dict[str, Any]:
         body["temperature"] = float(request["temperature"])
     if request.get("seed") is not None:
         body["seed"] = int(request["seed"])
-    if request.get("top_p") is not None:
-        body["top_p"] = float(request["top_p"])
+    for name in ("top_p", "frequency_penalty", "presence_penalty"):
+        if request.get(name) is not None:
+            body[name] = float(request[name])
     return body
 
 
