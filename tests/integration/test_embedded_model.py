@@ -48,9 +48,34 @@ def test_tabby_debug_data_shows_prompt_and_snippets(keel_server: KeelProcess) ->
     with keel_server.client() as client:
         data = client.post("/v1/completions", json=body).json()
     prompt = data["debug_data"]["prompt"]
-    assert prompt.endswith(PYTHON_PREFIX)  # prefix-only template: the model has no FIM tokens
+    # Prefix-only template (the model has no FIM tokens), up to the code: the cursor's
+    # blank, indented line is the model's to write.
+    assert prompt.endswith(PYTHON_PREFIX.rstrip())
     assert "# Path: shapes.py" in prompt and "# PI = 3.14159" in prompt
     assert data["debug_data"]["snippets"][0]["filepath"] == "shapes.py"
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        PYTHON_PREFIX,
+        "def add(a, b):\n    ",
+        "def read(path):\n    with open(path) as f:\n        ",
+        "function add(a, b) {\n  ",
+    ],
+)
+def test_a_blank_indented_line_is_completed_at_its_indentation(
+    keel_server: KeelProcess, prefix: str
+) -> None:
+    """After Enter and the editor's auto-indent, the completion is the line's code: no
+    space too many (five after four was an IndentationError) and no second newline,
+    as the embedded model wrote when its prompt ended in the bare indentation."""
+    language = "javascript" if prefix.startswith("function") else "python"
+    with keel_server.client() as client:
+        body = tabby_body(prefix, suffix="\n", language=language)
+        text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert text.strip(), text
+    assert text == text.lstrip(), text
 
 
 def test_any_editor_language_and_an_empty_file_are_completed(keel_server: KeelProcess) -> None:
@@ -145,6 +170,25 @@ def test_openai_sdk_completion_chat_embeddings_models(keel_server: KeelProcess) 
         assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
     finally:
         client.close()
+
+
+def test_a_local_chat_without_a_limit_runs_until_the_model_stops(
+    keel_server: KeelProcess,
+) -> None:
+    """No ``max_tokens``: the engine's own end (here a stop word, so it is quick), not
+    a limit keel chose; the answer did not end for length."""
+    body = {
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "stop": [" ", "\n"],
+        "frequency_penalty": 0.5,  # the engine takes the penalties too
+        "presence_penalty": 0.5,
+    }
+    with keel_server.client() as client:
+        answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["message"]["content"], choice
+    assert choice["finish_reason"] == "stop", choice
 
 
 def test_chat_stream_ends_with_done(keel_server: KeelProcess) -> None:

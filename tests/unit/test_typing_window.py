@@ -34,10 +34,14 @@ async def test_window_start_stays_put_while_typing_a_line() -> None:
     snippets = [Snippet("httpx/_models.py", "class Response:\n    pass")]
     heads = set()
     lengths = set()
+    indented = []  # the prompts while only the indentation is typed: they end at the code
     try:
         for n in range(1, len(typed) + 1):
             prefix = SOURCE[:cut] + typed[:n]
             built = await build_prompt(provider, python, prefix, "\n", snippets, 1024)
+            if not typed[:n].strip():
+                indented.append(built.prompt)
+                continue
             head, _, cursor_line = built.prompt.rpartition("\n")
             assert cursor_line == typed[:n]
             heads.add(head)
@@ -45,4 +49,5 @@ async def test_window_start_stays_put_while_typing_a_line() -> None:
     finally:
         await provider.aclose()
     assert len(heads) == 1, f"the window start moved {len(heads) - 1} times within one line"
+    assert indented == [heads.pop().rstrip()] * 8
     assert lengths.pop() > 1000  # the window holds real context, not a stub

@@ -113,8 +113,8 @@ async def score_samples(provider: CompletionProvider, samples: Sequence[Sample])
         built = await build_prompt(
             provider, language, sample.prefix, sample.suffix, [], MAX_INPUT_LENGTH
         )
-        stream = provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
-        raw = await read_until_stop(stream, params.stop)
+        call = CompletionCall(built.prompt, params, built.suffix)
+        raw = await read_until_stop(built.generated(provider.stream_completion(call)), params.stop)
         shown = postprocess(raw, prefix=sample.prefix, suffix=sample.suffix, language=language)
         scores.append(Score.of(shown, sample.target))
     return scores

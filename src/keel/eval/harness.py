@@ -126,7 +126,9 @@ def parse_repo(value: str) -> tuple[str, Path]:
 async def _generate(
     provider: CompletionProvider, built: BuiltPrompt, stops: Sequence[str], params: GenerationParams
 ) -> str:
-    stream = provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
+    stream = built.generated(
+        provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
+    )
     text = ""
     try:
         async for piece in stream:
@@ -183,13 +185,13 @@ async def evaluate(
         max_tokens=options.max_decoding_tokens, temperature=0.0, stop=tuple(stops), seed=0
     )
     roots = {repo.name: repo.root for repo in retriever.repositories}
-    generated: dict[tuple[str, str | None], str] = {}
+    generated: dict[tuple[str, str | None, str], str] = {}
     failures: list[str] = []
     results = [SampleResult(sample) for sample in samples]
     budget = options.max_input_length
 
     async def run(built: BuiltPrompt) -> str:
-        key = (built.prompt, built.suffix)
+        key = (built.prompt, built.suffix, built.cut)
         if key not in generated:
             for attempt in range(1, ATTEMPTS + 1):
                 try:

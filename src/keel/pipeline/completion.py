@@ -16,7 +16,7 @@ from typing import Protocol
 
 from keel.errors import RequestError
 from keel.pipeline.languages import Language, get_language, stop_words
-from keel.pipeline.postprocess import is_mid_line, postprocess
+from keel.pipeline.postprocess import cursor_line, is_mid_line, postprocess, suffix_line
 from keel.pipeline.prompt import (
     Snippet,
     format_snippets,
@@ -54,6 +54,30 @@ class BuiltPrompt:
     prompt: str
     suffix: str | None
     snippets: list[Snippet]
+    cut: str = ""
+    """Whitespace at the end of the prefix the prompt leaves out (:func:`indent_cut`)."""
+
+    async def generated(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The model's text as the editor continues it: after the whitespace the
+        prompt left out (see :func:`indent_cut`). The model begins a new line; its
+        first line goes at the cursor, whose indentation the editor chose (the
+        model's own may differ: four spaces where the file has two), the rest as the
+        model wrote them."""
+        if not self.cut:
+            async for piece in pieces:
+                yield piece
+            return
+        started = False
+        try:
+            async for piece in pieces:
+                if not started:
+                    piece = piece.lstrip()
+                    if not piece:
+                        continue
+                    started = True
+                yield piece
+        finally:
+            await close_stream(pieces)
 
 
 class SnippetRetriever(Protocol):
@@ -81,6 +105,24 @@ def _client_snippets(request: TabbyCompletionRequest) -> list[Snippet]:
     return declarations + scored
 
 
+def indent_cut(prefix: str, suffix: str) -> str:
+    """The whitespace a prompt leaves out: with the cursor on a blank, indented line
+    (the editor's auto-indent after Enter), the newline and indentation before it.
+
+    BPE vocabularies merge a newline with the next line's indentation, and a word
+    with the space before it: a prompt ending in a bare indentation is a split
+    the model never saw in training, and a small model then writes the line's
+    first word with one space too many (``" return"`` after four spaces: five,
+    an IndentationError in Python) or breaks the line again. Cut back to the
+    end of the code, the model writes the newline and indentation itself, and
+    :meth:`BuiltPrompt.generated` gives the editor the code after them."""
+    head = prefix.rstrip()
+    cut = prefix[len(head) :]
+    if not head or "\n" not in cut or not cursor_line(cut) or suffix_line(suffix).strip():
+        return ""
+    return cut
+
+
 async def build_prompt(
     provider: CompletionProvider,
     language: Language,
@@ -92,8 +134,10 @@ async def build_prompt(
     """Truncate prefix and suffix by tokens, separately, then template.
 
     Truncation happens before templating so FIM tokens are never cut; all
-    token counts come from one batched call to the provider's tokenizer.
+    token counts come from one batched call to the provider's tokenizer. A blank,
+    indented cursor line is left out with the newline before it (:func:`indent_cut`).
     """
+    cut = indent_cut(prefix, suffix)
     uses_suffix = bool(suffix) and (
         provider.prompt_template is not None or provider.supports_suffix
     )
@@ -114,15 +158,17 @@ async def build_prompt(
         # KV cache when the window start moves instead of reading everything again.
         dropped = prefix[: len(prefix) - len(kept_prefix)]
         kept_prefix = dropped[len(dropped.rstrip()) :] + kept_prefix
+    # The cut comes after the window is chosen, which it must not move: pressing Enter
+    # and typing the line's first word would read the whole window again.
+    kept_prefix = kept_prefix[: max(0, len(kept_prefix) - len(cut))]
     kept_suffix = keep_head(suffix_lines, suffix_counts, budget.suffix) if uses_suffix else ""
     chosen = select_snippets(snippets, snippet_counts, budget.snippets)
     full_prefix = format_snippets(language, chosen) + kept_prefix if chosen else kept_prefix
 
     if provider.prompt_template is not None:
-        return BuiltPrompt(
-            render_template(provider.prompt_template, full_prefix, kept_suffix), None, chosen
-        )
-    return BuiltPrompt(full_prefix, kept_suffix if uses_suffix else None, chosen)
+        prompt = render_template(provider.prompt_template, full_prefix, kept_suffix)
+        return BuiltPrompt(prompt, None, chosen, cut)
+    return BuiltPrompt(full_prefix, kept_suffix if uses_suffix else None, chosen, cut)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

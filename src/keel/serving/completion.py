@@ -267,7 +267,7 @@ class CompletionServing:
                             task, provider, shrink=attempt.shrink, pressured=pressured
                         )
                     )
-                    stream = attempt.pieces(provider.stream_completion(call))
+                    stream = built.generated(attempt.pieces(provider.stream_completion(call)))
                     if flight is not None:
                         stream = flight.recording(stream)
                     raw = await read_until_stop(stream, call.params.stop)

@@ -1,0 +1,57 @@
+"""A blank, indented cursor line: the prompt ends at the code, the model writes the
+newline and indentation, and the editor gets what goes past the cursor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from keel.pipeline.completion import BuiltPrompt, indent_cut
+
+
+@pytest.mark.parametrize(
+    ("prefix", "suffix", "cut"),
+    [
+        ("def f():\n    ", "\n", "\n    "),
+        ("def f():  \n\n\t\t", "", "  \n\n\t\t"),
+        ("if x:\n        ", "\nelse:\n", "\n        "),
+        ("x = 1\n", "", ""),  # column 0: the line's place is what the model sees
+        ("    ", "", ""),  # nothing before it
+        ("foo(a, ", ")", ""),  # inside a line
+        ("def f():\n    ", "return 1\n", ""),  # code after the cursor on its line
+        ("", "", ""),
+    ],
+)
+def test_indent_cut(prefix: str, suffix: str, cut: str) -> None:
+    assert indent_cut(prefix, suffix) == cut
+
+
+async def _pieces(parts: Sequence[str]) -> AsyncIterator[str]:
+    for part in parts:
+        yield part
+
+
+async def _generated(cut: str, parts: Sequence[str]) -> str:
+    built = BuiltPrompt("prompt", None, [], cut)
+    return "".join([piece async for piece in built.generated(_pieces(parts))])
+
+
+@pytest.mark.parametrize(
+    ("cut", "parts", "text"),
+    [
+        ("\n    ", ["\n", "    ", "ret", "urn x\n    y"], "return x\n    y"),
+        ("\n    ", ["\n    return x"], "return x"),
+        # The first line at the cursor's indentation, which the editor chose.
+        ("\n    ", ["\n        deeper"], "deeper"),
+        ("\n  ", ["\n    four spaces\n}"], "four spaces\n}"),
+        ("\n    ", ["\n  ", "shallower"], "shallower"),
+        ("\n    ", ["\n\n    after a blank line"], "after a blank line"),
+        ("\n\t", ["\n\tx = 1"], "x = 1"),
+        ("\n    ", [" pass"], "pass"),  # on the line before, or at the cursor: the same
+        ("\n    ", ["\n   ", "  "], ""),  # only whitespace
+        ("", [" keep", " as is"], " keep as is"),  # nothing cut
+    ],
+)
+async def test_generated_continues_after_the_cut(cut: str, parts: Sequence[str], text: str) -> None:
+    assert await _generated(cut, parts) == text
