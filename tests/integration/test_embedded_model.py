@@ -457,6 +457,22 @@ def test_a_chat_asked_for_json_to_a_schema_answers_in_it(keel_server: KeelProces
     assert (provider["breaker"], provider["healthy"]) == ("closed", True), provider
 
 
+def test_usage_counts_the_tokens_the_engine_generated(keel_server: KeelProcess) -> None:
+    """An answer cut at its limit used all of it: ``usage.completion_tokens`` is what
+    the engine generated (JSON sampled to a grammar does not retokenize to the same
+    count: keel reported 13 of 16)."""
+    body = {
+        "messages": [{"role": "user", "content": "Give a JSON object with a name"}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "response_format": {"type": "json_object"},
+    }
+    with keel_server.client() as client:
+        answer = client.post("/v1/chat/completions", json=body).json()
+    finish, used = answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"]
+    assert (finish, used) == ("length", 16) or (finish == "stop" and used < 16), answer
+
+
 def test_a_chat_with_tools_is_answered_in_text_and_counted(keel_server: KeelProcess) -> None:
     """A local model is not asked to call tools: the answer is text, as from a model
     without tools, and the request is counted where an operator looks."""

@@ -174,14 +174,18 @@ async def count_tokens(provider: Provider | None, texts: list[str]) -> list[int]
 async def count_usage(
     generated: Generated, prompt: str, reported: dict[str, int] | None = None
 ) -> None:
-    """Fill in ``generated``'s prompt and completion tokens: the prompt's as the engine
-    ``reported`` them (a chat's templated prompt), else ``prompt``'s counted; and
-    whether the engine ``reported`` it cut the answer for length."""
+    """Fill in ``generated``'s prompt and completion tokens as the engine ``reported``
+    them (a chat's templated prompt; the tokens it generated, which a constrained
+    answer's text may not retokenize to), else counted from ``prompt`` and the text;
+    and whether the engine ``reported`` it cut the answer for length."""
     reported = reported or {}
-    known = reported.get("prompt_tokens")
-    texts = [generated.said()] if known else [prompt, generated.said()]
-    counts = await count_tokens(generated.provider, texts)
-    generated.prompt_tokens, generated.completion_tokens = known or counts[0], counts[-1]
+    said = generated.said()
+    known = [reported.get("prompt_tokens"), reported.get("completion_tokens")]
+    texts = [text for text, count in zip((prompt, said), known, strict=True) if not count]
+    counts = iter(await count_tokens(generated.provider, texts) if texts else [])
+    generated.prompt_tokens, generated.completion_tokens = (
+        count or next(counts) for count in known
+    )
     generated.cut_for_length = bool(reported.get("cut_for_length"))
 
 

@@ -396,8 +396,9 @@ class WorkerSupervisor:
                     finished = True
                     self.stats.add(message)
                     if reported is not None:
-                        if message.get("prompt_tokens"):
-                            reported["prompt_tokens"] = int(message["prompt_tokens"])
+                        for counted in ("prompt_tokens", "completion_tokens"):
+                            if message.get(counted):
+                                reported[counted] = int(message[counted])
                         if message.get("finish_reason") == "length":
                             reported["cut_for_length"] = 1  # max_tokens, or the context full
                     return
