@@ -319,6 +319,13 @@ async def test_the_openai_routes_answer_without_v1_and_models_one_by_one(
     ):
         response = await client.post(path, json=body, headers=USER)
         assert response.status_code == 200, (path, response.text)
+    metrics = (await client.get("/metrics", headers=USER)).text.splitlines()
+    counted = [
+        line
+        for line in metrics
+        if line.startswith("keel_requests_total{") and 'route="/chat/completions"' in line
+    ]
+    assert counted and all('role="chat"' in line for line in counted), counted
     assert (await client.get("/models")).status_code == 401  # the same access as /v1
     card = listed["data"][0]
     one = await client.get(f"/v1/models/{card['id']}", headers=USER)

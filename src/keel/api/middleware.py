@@ -43,6 +43,10 @@ ROLE_BY_ROUTE: dict[str, Role] = {
     "/infill": "completion",
     "/v1/chat/completions": "chat",
     "/v1/embeddings": "embedding",
+    # The same routes without /v1 (keel.api.openai).
+    "/completions": "completion",
+    "/chat/completions": "chat",
+    "/embeddings": "embedding",
 }
 
 REQUEST_ID_HEADER = b"x-request-id"
