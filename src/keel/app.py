@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from keel import __version__
 from keel.api import admin, infill, metrics, models, openai, ops, tabby, ui
 from keel.api.errors import install_error_handlers
-from keel.api.middleware import KeelMiddleware
+from keel.api.middleware import CorsPolicy, KeelMiddleware
 from keel.api.state import AppState
 from keel.audit import AuditLog
 from keel.background import Background
@@ -163,7 +163,11 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(KeelMiddleware, max_body_bytes=settings.server.max_body_bytes)
+    app.add_middleware(
+        KeelMiddleware,
+        max_body_bytes=settings.server.max_body_bytes,
+        cors=CorsPolicy(settings.server.cors_allowed_origins),
+    )
     # Routes are matched in order: the model routes, which every keystroke takes, first.
     app.include_router(openai.router)
     app.include_router(tabby.router)

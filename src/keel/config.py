@@ -320,6 +320,10 @@ class AuthConfig(_Section):
         return value
 
 
+LOCAL_ORIGINS = ("http://localhost", "http://127.0.0.1", "http://[::1]")
+"""Pages served from this machine, on any port (Ollama allows the same by default)."""
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8080, ge=1, le=65535, description="Port to bind; a busy port is an error.")
@@ -329,12 +333,30 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
+    cors_allowed_origins: list[str] = Field(
+        default_factory=lambda: list(LOCAL_ORIGINS),
+        description="Web pages that may call keel from a browser (a chat UI, a playground): "
+        'origins such as "https://chat.example.com"; one without a port allows all its '
+        'ports, "*" allows any page. The default allows pages served from this '
+        "machine; [] allows none.",
+    )
     shutdown_grace_seconds: float = Field(
         30.0,
         ge=0,
         description="On SIGTERM keel stops accepting, then lets requests and streams in "
         "flight finish for up to this long before cancelling them.",
     )
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: send scheme://host[:port] with no path "
+                    '(e.g. "https://chat.example.com"), or "*" for any page'
+                )
+        return value
 
 
 class CompletionConfig(_Section):

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from keel.api.middleware import KeelMiddleware
+from keel.api.middleware import CorsPolicy, KeelMiddleware
 
 
 async def echo_size(scope: Scope, receive: Receive, send: Send) -> None:
@@ -18,7 +18,7 @@ async def echo_size(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def client() -> httpx.AsyncClient:
-    app = KeelMiddleware(echo_size, max_body_bytes=10)
+    app = KeelMiddleware(echo_size, max_body_bytes=10, cors=CorsPolicy([]))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://keel")
 
 

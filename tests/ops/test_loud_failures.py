@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from keel.api.middleware import KeelMiddleware
+from keel.api.middleware import CorsPolicy, KeelMiddleware
 from keel.ops.logging import JsonFormatter
 from tests.conftest import KeelProcess, start_keel
 
@@ -79,7 +79,9 @@ async def test_json_log_lines_carry_the_request_id() -> None:
         logger.info("inside %s", "the request")
         return PlainTextResponse("ok")
 
-    app = KeelMiddleware(Starlette(routes=[Route("/", endpoint)]), max_body_bytes=1024)
+    app = KeelMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), max_body_bytes=1024, cors=CorsPolicy([])
+    )
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:

@@ -22,6 +22,9 @@ keel's added latency. What it does, in the order a request meets it:
   them) feed :class:`~keel.ops.stats.RequestStats`; a superseded completion
   (``X-Keel-Superseded``: the editor moved on) is left out of the latencies,
   as it says nothing about how fast the model is.
+- **CORS**: a browser page whose origin ``server.cors_allowed_origins`` allows
+  may call keel (its preflight answered here, its answers readable); any other
+  origin's preflight is a 403 saying which setting to change.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.api.errors import error_response
 from keel.config import Role
-from keel.errors import PayloadTooLarge
+from keel.errors import Forbidden, PayloadTooLarge
 from keel.ops.logging import request_id
 from keel.serving.lifecycle import PROVIDER_KEY
 
@@ -52,16 +57,53 @@ ROLE_BY_ROUTE: dict[str, Role] = {
 REQUEST_ID_HEADER = b"x-request-id"
 SUPERSEDED_HEADER = b"x-keel-superseded"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_PORT = re.compile(r":\d+$")
+CORS_EXPOSED = b"X-Request-ID, X-Keel-Provider, X-Keel-Source, X-Keel-Superseded"
+"""keel's own answer headers, readable by a page (a browser shows a page only the
+standard ones otherwise)."""
+
+
+class CorsPolicy:
+    """Which browser origins may call keel (``server.cors_allowed_origins``)."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self.any = "*" in allowed
+        self.allowed = {origin.lower() for origin in allowed}
+
+    def allows(self, origin: str) -> bool:
+        """An origin listed as sent, or listed without its port (all its ports)."""
+        origin = origin.lower()
+        return self.any or origin in self.allowed or _PORT.sub("", origin) in self.allowed
+
+    def preflight(self, origin: str, scope: Scope) -> Response:
+        """The answer to a browser's preflight ``OPTIONS`` from ``origin`` (the grant
+        itself is added to every answer to an allowed origin)."""
+        if not self.allows(origin):
+            return error_response(
+                Forbidden(
+                    f"pages from {origin} may not call keel from a browser; add the origin "
+                    "to server.cors_allowed_origins"
+                )
+            )
+        asked = dict(scope["headers"]).get(b"access-control-request-headers", b"")
+        return Response(
+            status_code=204,
+            headers={
+                "access-control-allow-methods": "GET, POST, OPTIONS",
+                "access-control-allow-headers": asked.decode("latin-1"),
+                "access-control-max-age": "600",
+            },
+        )
 
 
 class _Response:
-    """The ``send`` of one request: adds its id, notes its status."""
+    """The ``send`` of one request: adds its id (and a CORS grant), notes its status."""
 
-    __slots__ = ("send", "id_header", "status", "started", "superseded")
+    __slots__ = ("send", "added", "status", "started", "superseded")
 
-    def __init__(self, send: Send, id_header: tuple[bytes, bytes]) -> None:
+    def __init__(self, send: Send, added: list[tuple[bytes, bytes]]) -> None:
         self.send = send
-        self.id_header = id_header
+        self.added = added
         self.status = 500
         self.started = False
         self.superseded = False
@@ -71,15 +113,16 @@ class _Response:
             self.status, self.started = int(message["status"]), True
             headers = list(message.get("headers", ()))
             self.superseded = any(name.lower() == SUPERSEDED_HEADER for name, _ in headers)
-            headers.append(self.id_header)
+            headers.extend(self.added)
             message["headers"] = headers
         await self.send(message)
 
 
 class KeelMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, cors: CorsPolicy) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,18 +131,30 @@ class KeelMiddleware:
         start = time.perf_counter()
         declared: int | None = None
         given: str | None = None
+        origin: str | None = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
                 declared = int(value)
             elif name == REQUEST_ID_HEADER:
                 text = value.decode("latin-1")
                 given = text if _SANE_ID.fullmatch(text) else None
+            elif name == b"origin":
+                origin = value.decode("latin-1")
         current = given or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = current
-        response = _Response(send, (REQUEST_ID_HEADER, current.encode("latin-1")))
+        added = [(REQUEST_ID_HEADER, current.encode("latin-1"))]
+        if origin is not None and self.cors.allows(origin):
+            added += [
+                (b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"access-control-expose-headers", CORS_EXPOSED),
+                (b"vary", b"Origin"),
+            ]
+        response = _Response(send, added)
         token = request_id.set(current)
         try:
-            if declared is not None and declared > self.max_body_bytes:
+            if origin is not None and scope["method"] == "OPTIONS":
+                await self.cors.preflight(origin, scope)(scope, receive, response)
+            elif declared is not None and declared > self.max_body_bytes:
                 await self._reject(scope, receive, response)
             elif declared is not None:
                 # The server delivers no more than the declared length.

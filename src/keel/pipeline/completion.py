@@ -57,27 +57,27 @@ class BuiltPrompt:
     cut: str = ""
     """Whitespace at the end of the prefix the prompt leaves out (:func:`indent_cut`)."""
 
-    async def generated(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    def generated(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
         """The model's text as the editor continues it: after the whitespace the
-        prompt left out (see :func:`indent_cut`). The model begins a new line; its
-        first line goes at the cursor, whose indentation the editor chose (the
-        model's own may differ: four spaces where the file has two), the rest as the
-        model wrote them."""
-        if not self.cut:
-            async for piece in pieces:
-                yield piece
-            return
-        started = False
-        try:
-            async for piece in pieces:
-                if not started:
-                    piece = piece.lstrip()
-                    if not piece:
-                        continue
-                    started = True
-                yield piece
-        finally:
-            await close_stream(pieces)
+        prompt left out, if it left some out (see :func:`indent_cut`)."""
+        return _after_indent(pieces) if self.cut else pieces
+
+
+async def _after_indent(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``pieces`` without their leading whitespace: the model begins a new line, and its
+    first line goes at the cursor, whose indentation the editor chose (the model's own
+    may differ: four spaces where the file has two); the rest as the model wrote it."""
+    started = False
+    try:
+        async for piece in pieces:
+            if not started:
+                piece = piece.lstrip()
+                if not piece:
+                    continue
+                started = True
+            yield piece
+    finally:
+        await close_stream(pieces)
 
 
 class SnippetRetriever(Protocol):
