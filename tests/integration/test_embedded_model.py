@@ -78,6 +78,20 @@ def test_a_blank_indented_line_is_completed_at_its_indentation(
     assert text == text.lstrip(), text
 
 
+def test_after_a_space_the_model_writes_the_space_itself(keel_server: KeelProcess) -> None:
+    """A prompt ending in a space is a split the model never saw (BPE merges a word with
+    the space before it): after ``is `` the embedded model wrote a number. The prompt
+    ends at the code; the answer goes on after the user's space."""
+    body = tabby_body("def check(auth):\n    if auth is ", suffix=":\n        return\n")
+    body["debug_options"] = {"return_prompt": True}
+    with keel_server.client() as client:
+        data = client.post("/v1/completions", json=body).json()
+    assert data["debug_data"]["prompt"].endswith("if auth is")
+    text = data["choices"][0]["text"]
+    assert text.strip() and text == text.lstrip(), text
+    assert not text[0].isdigit(), text
+
+
 def test_any_editor_language_and_an_empty_file_are_completed(keel_server: KeelProcess) -> None:
     """Editors send the language id of every extension they have, and a request from an
     empty file (Tabby answers both): keel completes them, a language without rules

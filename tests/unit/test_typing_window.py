@@ -43,7 +43,7 @@ async def test_window_start_stays_put_while_typing_a_line() -> None:
                 indented.append(built.prompt)
                 continue
             head, _, cursor_line = built.prompt.rpartition("\n")
-            assert cursor_line == typed[:n]
+            assert cursor_line == typed[:n].rstrip(" ")  # the model writes a space itself
             heads.add(head)
             lengths.add(len(built.prompt) - n)
     finally:

@@ -55,23 +55,27 @@ class BuiltPrompt:
     suffix: str | None
     snippets: list[Snippet]
     cut: str = ""
-    """Whitespace at the end of the prefix the prompt leaves out (:func:`indent_cut`)."""
+    """Whitespace at the end of the prefix the prompt leaves out (:func:`whitespace_cut`)."""
 
     def generated(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
         """The model's text as the editor continues it: after the whitespace the
-        prompt left out, if it left some out (see :func:`indent_cut`)."""
-        return _after_indent(pieces) if self.cut else pieces
+        prompt left out, if it left some out (see :func:`whitespace_cut`). After a
+        blank line's indentation the model begins a new line, and its first line goes
+        at the cursor, whose indentation the editor chose (the model's own may differ:
+        four spaces where the file has two); after spaces on a line of code, the
+        model's text goes on after the user's spaces."""
+        if not self.cut:
+            return pieces
+        return _after_whitespace(pieces, None if "\n" in self.cut else " \t")
 
 
-async def _after_indent(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-    """``pieces`` without their leading whitespace: the model begins a new line, and its
-    first line goes at the cursor, whose indentation the editor chose (the model's own
-    may differ: four spaces where the file has two); the rest as the model wrote it."""
+async def _after_whitespace(pieces: AsyncIterator[str], chars: str | None) -> AsyncIterator[str]:
+    """``pieces`` without the leading whitespace (``chars`` of it; None: any)."""
     started = False
     try:
         async for piece in pieces:
             if not started:
-                piece = piece.lstrip()
+                piece = piece.lstrip(chars)
                 if not piece:
                     continue
                 started = True
@@ -105,21 +109,28 @@ def _client_snippets(request: TabbyCompletionRequest) -> list[Snippet]:
     return declarations + scored
 
 
-def indent_cut(prefix: str, suffix: str) -> str:
-    """The whitespace a prompt leaves out: with the cursor on a blank, indented line
-    (the editor's auto-indent after Enter), the newline and indentation before it.
+def whitespace_cut(prefix: str, suffix: str) -> str:
+    """The whitespace at the cursor a prompt leaves out: spaces after code on the
+    cursor's line (``x = |``), or, with the cursor on a blank, indented line (the
+    editor's auto-indent after Enter), the newline and indentation before it.
 
-    BPE vocabularies merge a newline with the next line's indentation, and a word
-    with the space before it: a prompt ending in a bare indentation is a split
-    the model never saw in training, and a small model then writes the line's
-    first word with one space too many (``" return"`` after four spaces: five,
-    an IndentationError in Python) or breaks the line again. Cut back to the
-    end of the code, the model writes the newline and indentation itself, and
-    :meth:`BuiltPrompt.generated` gives the editor the code after them."""
+    BPE vocabularies merge a word with the space before it, and a newline with
+    the next line's indentation: a prompt ending in bare whitespace is a split
+    the model never saw in training. After a space the embedded model wrote
+    numbers (``"0,"`` for ``if self.auth is |``, where it wrote ``" None"`` with
+    the space left out); after an indentation, the line's first word with one
+    space too many (``" return"`` after four spaces: five, an IndentationError in
+    Python) or a second newline. Cut back to the code, the model writes the
+    whitespace itself, and :meth:`BuiltPrompt.generated` gives the editor the
+    text after it."""
     head = prefix.rstrip()
     cut = prefix[len(head) :]
-    if not head or "\n" not in cut or not cursor_line(cut) or suffix_line(suffix).strip():
+    if not head:
         return ""
+    if "\n" not in cut:
+        return cut
+    if not cursor_line(cut) or suffix_line(suffix).strip():
+        return ""  # at column 0 (where the model starts a line), or before code
     return cut
 
 
@@ -134,10 +145,10 @@ async def build_prompt(
     """Truncate prefix and suffix by tokens, separately, then template.
 
     Truncation happens before templating so FIM tokens are never cut; all
-    token counts come from one batched call to the provider's tokenizer. A blank,
-    indented cursor line is left out with the newline before it (:func:`indent_cut`).
+    token counts come from one batched call to the provider's tokenizer. Whitespace at
+    the cursor is left out (:func:`whitespace_cut`).
     """
-    cut = indent_cut(prefix, suffix)
+    cut = whitespace_cut(prefix, suffix)
     uses_suffix = bool(suffix) and (
         provider.prompt_template is not None or provider.supports_suffix
     )

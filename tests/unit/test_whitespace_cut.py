@@ -1,5 +1,5 @@
-"""A blank, indented cursor line: the prompt ends at the code, the model writes the
-newline and indentation, and the editor gets what goes past the cursor."""
+"""Whitespace at the cursor: the prompt ends at the code, the model writes the
+whitespace, and the editor gets the text after it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from keel.pipeline.completion import BuiltPrompt, indent_cut
+from keel.pipeline.completion import BuiltPrompt, whitespace_cut
 
 
 @pytest.mark.parametrize(
@@ -18,13 +18,15 @@ from keel.pipeline.completion import BuiltPrompt, indent_cut
         ("if x:\n        ", "\nelse:\n", "\n        "),
         ("x = 1\n", "", ""),  # column 0: the line's place is what the model sees
         ("    ", "", ""),  # nothing before it
-        ("foo(a, ", ")", ""),  # inside a line
+        ("foo(a, ", ")", " "),  # after code on its line
+        ("x =\t", "", "\t"),
+        ("x = 1", "", ""),
         ("def f():\n    ", "return 1\n", ""),  # code after the cursor on its line
         ("", "", ""),
     ],
 )
-def test_indent_cut(prefix: str, suffix: str, cut: str) -> None:
-    assert indent_cut(prefix, suffix) == cut
+def test_whitespace_cut(prefix: str, suffix: str, cut: str) -> None:
+    assert whitespace_cut(prefix, suffix) == cut
 
 
 async def _pieces(parts: Sequence[str]) -> AsyncIterator[str]:
@@ -51,6 +53,10 @@ async def _generated(cut: str, parts: Sequence[str]) -> str:
         ("\n    ", [" pass"], "pass"),  # on the line before, or at the cursor: the same
         ("\n    ", ["\n   ", "  "], ""),  # only whitespace
         ("", [" keep", " as is"], " keep as is"),  # nothing cut
+        # After spaces on a line of code: the model's own spaces go, never a newline.
+        (" ", [" ", " None", " else"], "None else"),
+        (" ", ["b)"], "b)"),
+        (" ", ["\n    x"], "\n    x"),
     ],
 )
 async def test_generated_continues_after_the_cut(cut: str, parts: Sequence[str], text: str) -> None:
