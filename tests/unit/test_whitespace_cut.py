@@ -14,7 +14,8 @@ from keel.pipeline.completion import BuiltPrompt, whitespace_cut
     ("prefix", "suffix", "cut"),
     [
         ("def f():\n    ", "\n", "\n    "),
-        ("def f():  \n\n\t\t", "", "  \n\n\t\t"),
+        ("def f():  \n\t\t", "", "  \n\t\t"),
+        ("x = 1\n\n    ", "", "\n    "),  # the blank line above stays: not a "\n\n" stop
         ("if x:\n        ", "\nelse:\n", "\n        "),
         ("x = 1\n", "", ""),  # column 0: the line's place is what the model sees
         ("    ", "", ""),  # nothing before it

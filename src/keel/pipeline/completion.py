@@ -131,7 +131,9 @@ def whitespace_cut(prefix: str, suffix: str) -> str:
         return cut
     if not cursor_line(cut) or suffix_line(suffix).strip():
         return ""  # at column 0 (where the model starts a line), or before code
-    return cut
+    # Blank lines above the cursor's stay in the prompt: a backend told to stop at a
+    # blank line would stop on a generation that began with one.
+    return cut if cut.count("\n") == 1 else cut[cut.rfind("\n") :]
 
 
 async def build_prompt(
