@@ -333,3 +333,32 @@ async def test_the_openai_routes_answer_without_v1_and_models_one_by_one(
     missing = await client.get("/v1/models/no-such-model", headers=USER)
     assert missing.status_code == 404
     assert "GET /v1/models" in missing.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "stop", "sent"),
+    [
+        ("x = ", None, "x ="),  # the model writes the space itself
+        ("def f():\n    ", None, "def f():"),  # and a blank line's newline and indentation
+        ("def f():\n    ", ["\n"], "def f():\n    "),  # unless a stop word is in them
+        ("x = 1", None, "x = 1"),
+    ],
+)
+async def test_an_openai_prompt_ends_at_its_code(
+    client: httpx.AsyncClient, backends: Backends, prompt: str, stop: list[str] | None, sent: str
+) -> None:
+    """A prompt ending in whitespace is a split the model never saw (Continue's
+    autocomplete sends one after every space): it goes to the backend without it, and
+    the answer is the text after it."""
+    upstreams = (backends.primary, backends.fallback)
+    before = [len(upstream.requests) for upstream in upstreams]
+    body: dict[str, object] = {"prompt": prompt, "max_tokens": 5, "stop": stop}
+    response = await client.post("/v1/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    (sent_on,) = [
+        request.json
+        for upstream, seen in zip(upstreams, before, strict=True)
+        for request in upstream.requests[seen:]
+        if request.path == "/v1/completions"
+    ]
+    assert sent_on["prompt"] == sent

@@ -64,9 +64,15 @@ class BuiltPrompt:
         at the cursor, whose indentation the editor chose (the model's own may differ:
         four spaces where the file has two); after spaces on a line of code, the
         model's text goes on after the user's spaces."""
-        if not self.cut:
-            return pieces
-        return _after_whitespace(pieces, None if "\n" in self.cut else " \t")
+        return after_cut(pieces, self.cut)
+
+
+def after_cut(pieces: AsyncIterator[str], cut: str) -> AsyncIterator[str]:
+    """The model's text after the whitespace ``cut`` from its prompt (see
+    :meth:`BuiltPrompt.generated`); ``pieces`` themselves when nothing was cut."""
+    if not cut:
+        return pieces
+    return _after_whitespace(pieces, None if "\n" in cut else " \t")
 
 
 async def _after_whitespace(pieces: AsyncIterator[str], chars: str | None) -> AsyncIterator[str]:

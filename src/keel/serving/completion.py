@@ -28,7 +28,13 @@ from starlette.requests import Request
 
 from keel.events import EventStore
 from keel.ops.metrics import Metrics
-from keel.pipeline.completion import TabbyPrompts, TabbyTask, read_until_stop
+from keel.pipeline.completion import (
+    TabbyPrompts,
+    TabbyTask,
+    after_cut,
+    read_until_stop,
+    whitespace_cut,
+)
 from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.postprocess import is_mid_line
 from keel.pipeline.prompt import normalize_newlines, render_template, restore_newlines
@@ -347,18 +353,26 @@ class CompletionServing:
 def _openai_call(
     body: CompletionRequest, params: GenerationParams, reported: dict[str, int]
 ) -> OpenStream:
-    """The caller's prompt as written; a FIM suffix goes through the provider's own
-    suffix field or its template. ``reported``: what the serving engine counted."""
+    """The caller's prompt as written, but for whitespace at its end, which the model
+    writes itself (:func:`~keel.pipeline.completion.whitespace_cut`; kept when one of
+    the caller's stop words is in it, which would end the answer at once); a FIM
+    suffix goes through the provider's own suffix field or its template.
+    ``reported``: what the serving engine counted."""
+    prompt, suffix = body.prompt_text(), body.suffix
+    cut = whitespace_cut(prompt, suffix or "")
+    if any(stop in cut for stop in params.stop):
+        cut = ""
+    prompt = prompt[: len(prompt) - len(cut)]
 
     def open_stream(provider: Provider) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)
-        prompt, suffix = body.prompt_text(), body.suffix
-        if suffix and not provider.supports_suffix:
+        text, fim = prompt, suffix
+        if fim and not provider.supports_suffix:
             if provider.prompt_template is not None:
-                prompt = render_template(provider.prompt_template, prompt, suffix)
-            suffix = None
-        call = CompletionCall(prompt, params, suffix or None, reported=reported)
-        return provider.stream_completion(call)
+                text = render_template(provider.prompt_template, text, fim)
+            fim = None
+        call = CompletionCall(text, params, fim or None, reported=reported)
+        return after_cut(provider.stream_completion(call), cut)
 
     return open_stream
 
