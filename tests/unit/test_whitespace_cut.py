@@ -62,3 +62,11 @@ async def _generated(cut: str, parts: Sequence[str]) -> str:
 )
 async def test_generated_continues_after_the_cut(cut: str, parts: Sequence[str], text: str) -> None:
     assert await _generated(cut, parts) == text
+
+
+def test_nothing_is_cut_where_a_stop_word_would_end_the_answer_at_once() -> None:
+    """``additional_stop_words = ["\\n"]`` (single-line completions), or a client's stop
+    words: a model writing the cut whitespace would meet them first."""
+    assert whitespace_cut("def f():\n    ", "", ["\n"]) == ""
+    assert whitespace_cut("def f():\n    ", "", ["\n\n", "\ndef"]) == "\n    "
+    assert whitespace_cut("x = ", "", ["\n"]) == " "

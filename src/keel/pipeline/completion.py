@@ -115,7 +115,7 @@ def _client_snippets(request: TabbyCompletionRequest) -> list[Snippet]:
     return declarations + scored
 
 
-def whitespace_cut(prefix: str, suffix: str) -> str:
+def whitespace_cut(prefix: str, suffix: str, stops: Sequence[str] = ()) -> str:
     """The whitespace at the cursor a prompt leaves out: spaces after code on the
     cursor's line (``x = |``), or, with the cursor on a blank, indented line (the
     editor's auto-indent after Enter), the newline and indentation before it.
@@ -128,10 +128,11 @@ def whitespace_cut(prefix: str, suffix: str) -> str:
     space too many (``" return"`` after four spaces: five, an IndentationError in
     Python) or a second newline. Cut back to the code, the model writes the
     whitespace itself, and :meth:`BuiltPrompt.generated` gives the editor the
-    text after it."""
+    text after it. Nothing is cut when one of ``stops`` is in that whitespace: the
+    model, writing it, would stop at once (``"\\n"`` after an indentation)."""
     head = prefix.rstrip()
     cut = prefix[len(head) :]
-    if not head:
+    if not head or any(stop in cut for stop in stops):
         return ""
     if "\n" not in cut:
         return cut
@@ -149,6 +150,7 @@ async def build_prompt(
     suffix: str,
     snippets: Sequence[Snippet],
     max_input_length: int,
+    stops: Sequence[str] = (),
 ) -> BuiltPrompt:
     """Truncate prefix and suffix by tokens, separately, then template.
 
@@ -156,7 +158,7 @@ async def build_prompt(
     token counts come from one batched call to the provider's tokenizer. Whitespace at
     the cursor is left out (:func:`whitespace_cut`).
     """
-    cut = whitespace_cut(prefix, suffix)
+    cut = whitespace_cut(prefix, suffix, stops)
     uses_suffix = bool(suffix) and (
         provider.prompt_template is not None or provider.supports_suffix
     )
@@ -306,16 +308,16 @@ class TabbyPrompts:
         budget = provider.max_input_length or self.max_input_length or provider.default_input_budget
         if shrink or pressured:
             budget //= 2
+        stops = stop_words(task.language, provider.stop_words)
+        if task.mid_line:
+            stops = [*stops, "\n"]  # only the rest of this line fits
         if task.raw_prompt is not None:
             built = BuiltPrompt(task.raw_prompt, None, [])
         else:
             chosen = [] if pressured else task.snippets
             built = await build_prompt(
-                provider, task.language, task.prefix, task.suffix, chosen, budget
+                provider, task.language, task.prefix, task.suffix, chosen, budget, stops
             )
-        stops = stop_words(task.language, provider.stop_words)
-        if task.mid_line:
-            stops = [*stops, "\n"]  # only the rest of this line fits
         max_tokens = self.max_decoding_tokens or provider.default_max_tokens
         temperature = task.request.temperature
         params = GenerationParams(

@@ -354,14 +354,11 @@ def _openai_call(
     body: CompletionRequest, params: GenerationParams, reported: dict[str, int]
 ) -> OpenStream:
     """The caller's prompt as written, but for whitespace at its end, which the model
-    writes itself (:func:`~keel.pipeline.completion.whitespace_cut`; kept when one of
-    the caller's stop words is in it, which would end the answer at once); a FIM
-    suffix goes through the provider's own suffix field or its template.
+    writes itself (:func:`~keel.pipeline.completion.whitespace_cut`); a FIM suffix goes
+    through the provider's own suffix field or its template.
     ``reported``: what the serving engine counted."""
     prompt, suffix = body.prompt_text(), body.suffix
-    cut = whitespace_cut(prompt, suffix or "")
-    if any(stop in cut for stop in params.stop):
-        cut = ""
+    cut = whitespace_cut(prompt, suffix or "", params.stop)
     prompt = prompt[: len(prompt) - len(cut)]
 
     def open_stream(provider: Provider) -> AsyncIterator[str]:
