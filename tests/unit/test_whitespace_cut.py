@@ -69,4 +69,5 @@ def test_nothing_is_cut_where_a_stop_word_would_end_the_answer_at_once() -> None
     words: a model writing the cut whitespace would meet them first."""
     assert whitespace_cut("def f():\n    ", "", ["\n"]) == ""
     assert whitespace_cut("def f():\n    ", "", ["\n\n", "\ndef"]) == "\n    "
-    assert whitespace_cut("x = ", "", ["\n"]) == " "
+    assert whitespace_cut("x = ", "", ["\n", ""]) == " "
+    assert whitespace_cut("x = 1\n\n    ", "", ["\n\n"]) == "\n    "  # the blank line stays

@@ -132,15 +132,16 @@ def whitespace_cut(prefix: str, suffix: str, stops: Sequence[str] = ()) -> str:
     model, writing it, would stop at once (``"\\n"`` after an indentation)."""
     head = prefix.rstrip()
     cut = prefix[len(head) :]
-    if not head or any(stop in cut for stop in stops):
+    if "\n" in cut:
+        if not cursor_line(cut) or suffix_line(suffix).strip():
+            return ""  # at column 0 (where the model starts a line), or before code
+        if cut.count("\n") > 1:
+            # Blank lines above the cursor's stay in the prompt: a backend told to stop
+            # at a blank line would stop on a generation that began with one.
+            cut = cut[cut.rfind("\n") :]
+    if not head or any(stop and stop in cut for stop in stops):
         return ""
-    if "\n" not in cut:
-        return cut
-    if not cursor_line(cut) or suffix_line(suffix).strip():
-        return ""  # at column 0 (where the model starts a line), or before code
-    # Blank lines above the cursor's stay in the prompt: a backend told to stop at a
-    # blank line would stop on a generation that began with one.
-    return cut if cut.count("\n") == 1 else cut[cut.rfind("\n") :]
+    return cut
 
 
 async def build_prompt(
