@@ -45,11 +45,7 @@ class MistralFimProvider(HttpCompletion):
         body: JsonObject = {"model": self.model, "prompt": call.prompt}
         if call.suffix:
             body["suffix"] = call.suffix
-        body.update(
-            sampling_body(
-                call.params, stop_limit=None, seed_field="random_seed", limit_name="max_tokens"
-            )
-        )
+        body.update(sampling_body(call.params, stop_limit=None, seed_field="random_seed"))
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:

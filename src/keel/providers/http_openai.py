@@ -146,7 +146,7 @@ class OpenAICompletionProvider(HttpCompletion):
         body["prompt"] = call.prompt
         if self.supports_suffix and call.suffix:
             body["suffix"] = call.suffix
-        body.update(sampling_body(call.params, stop_limit=self.stop_limit, limit_name="max_tokens"))
+        body.update(sampling_body(call.params, stop_limit=self.stop_limit))
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:

@@ -70,10 +70,11 @@ class StreamOptions(_Wire):
     """Send a last chunk with empty ``choices`` and the request's ``usage``, as OpenAI does."""
 
 
-class CompletionRequest(_Wire):
+class _Sampled(_Wire):
+    """The fields completions and chat completions share: the model, how to sample,
+    how to answer."""
+
     model: str | None = None
-    prompt: str | list[str]
-    suffix: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -87,6 +88,23 @@ class CompletionRequest(_Wire):
     user: str | None = None
 
     _stop = field_validator("stop")(_check_stop)
+
+    def _params(self, max_tokens: int | None, name: str = "max_tokens") -> GenerationParams:
+        return GenerationParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            stop=_stop_tuple(self.stop),
+            seed=self.seed,
+            top_p=self.top_p,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            max_tokens_name=name,
+        )
+
+
+class CompletionRequest(_Sampled):
+    prompt: str | list[str]
+    suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -114,15 +132,7 @@ class CompletionRequest(_Wire):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_params(self, default_max_tokens: int) -> GenerationParams:
-        return GenerationParams(
-            max_tokens=self.max_tokens or default_max_tokens,
-            temperature=self.temperature,
-            stop=_stop_tuple(self.stop),
-            seed=self.seed,
-            top_p=self.top_p,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
-        )
+        return self._params(self.max_tokens or default_max_tokens)
 
 
 class ContentPart(_Wire):
@@ -257,29 +267,15 @@ class NamedToolChoice(_Wire):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class ChatCompletionRequest(_Wire):
-    model: str | None = None
+class ChatCompletionRequest(_Sampled):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: StopField = None
-    seed: Seed | None = None
-    user: str | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     """Functions the model may call; a backend that calls tools (OpenAI-compatible
     ones) gets them, a local model answers in text."""
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-
-    _stop = field_validator("stop")(_check_stop)
 
     @field_validator("tool_choice")
     @classmethod
@@ -308,17 +304,11 @@ class ChatCompletionRequest(_Wire):
         )
 
     def to_params(self) -> GenerationParams:
-        """No limit named: the answer runs to the end of the context, as OpenAI's does."""
-        return GenerationParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=self.temperature,
-            stop=_stop_tuple(self.stop),
-            seed=self.seed,
-            top_p=self.top_p,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
-            max_tokens_name="max_completion_tokens" if self.max_completion_tokens else "max_tokens",
-        )
+        """No limit named: the answer runs to the end of the context, as OpenAI's does.
+        A limit goes on under the name the client gave it."""
+        if self.max_completion_tokens:
+            return self._params(self.max_completion_tokens, "max_completion_tokens")
+        return self._params(self.max_tokens)
 
 
 class EmbeddingRequest(_Wire):

@@ -179,13 +179,15 @@ async def count_usage(
     answer's text may not retokenize to), else counted from ``prompt`` and the text;
     and whether the engine ``reported`` it cut the answer for length."""
     reported = reported or {}
-    said = generated.said()
-    known = [reported.get("prompt_tokens"), reported.get("completion_tokens")]
-    texts = [text for text, count in zip((prompt, said), known, strict=True) if not count]
-    counts = iter(await count_tokens(generated.provider, texts) if texts else [])
-    generated.prompt_tokens, generated.completion_tokens = (
-        count or next(counts) for count in known
+    prompt_tokens, completion_tokens = (
+        reported.get("prompt_tokens"),
+        reported.get("completion_tokens"),
     )
+    texts = [prompt] if not prompt_tokens else []
+    texts += [generated.said()] if not completion_tokens else []
+    counts = iter(await count_tokens(generated.provider, texts) if texts else [])
+    generated.prompt_tokens = prompt_tokens or next(counts)
+    generated.completion_tokens = completion_tokens or next(counts)
     generated.cut_for_length = bool(reported.get("cut_for_length"))
 
 
