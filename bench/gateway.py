@@ -13,10 +13,14 @@ run target after target back to back, so a noisy neighbour hits all alike.
 
 Then the issue's own setup for the throughput ratio: the same c=32 runs against
 a Starlette upstream (``bench/upstream.py --starlette``, what the issue measured
-direct at 5,091 req/s), direct and through a second default-config keel. The raw
-upstream answers ~14x faster than any Python web framework, so a ratio against it
-measures Python against prebuilt bytes, not the gateway; the curve keeps it, for
-added latency, and the ratio row uses the framework's floor.
+direct at 5,091 req/s), direct, through a second default-config keel, and through
+the two thinnest Python gateways (``bench/floor_proxy.py``): one that relays bytes,
+and one that, as keel does, always asks the upstream for a stream and re-encodes
+the answer. They say how much of keel's cost is keel's and how much is Python's
+and the design's. The raw upstream answers ~14x faster than any Python web
+framework, so a ratio against it measures Python against prebuilt bytes, not the
+gateway; the curve keeps it, for added latency, and the ratio row uses the
+framework's floor.
 
 Then the "no cap" run: default-config keel at concurrency 32 for 10,000
 requests with no warm-up, its latency in completion order; a limiter that
@@ -153,14 +157,32 @@ def run(duration: float = 3.0, *, peers: bool = True) -> dict[str, Any]:
     return result
 
 
+FLOORS = {"floor": "relay", "floor-stream-up": "stream-up"}
+"""The thinnest Python gateways (``bench/floor_proxy.py``), by the mode each runs in."""
+
+
+def start_floor(group: Processes, name: str, upstream_url: str) -> Process:
+    port = common.free_port()
+    argv = [common.PYTHON, str(common.BENCH / "floor_proxy.py"), "--port", str(port)]
+    process = group.start(name, [*argv, "--upstream", upstream_url, "--mode", FLOORS[name]])
+    process.url = f"http://127.0.0.1:{port}"
+    common.wait_http(f"{process.url}/_bench/stats", process, 15)
+    return process
+
+
 def starlette_ratio(group: Processes, duration: float) -> dict[str, Any]:
-    """c=32, plain and streamed, direct to a Starlette upstream and through keel."""
+    """c=32, plain and streamed, direct to a Starlette upstream, through the two
+    thinnest Python gateways and through keel."""
     upstream = common.start_upstream(group, name="upstream-starlette", starlette=True)
-    keel = common.start_keel(group, keel_default_config(upstream.url), name="keel-starlette")
-    figures: dict[str, Any] = {"direct": {}, "keel": {}}
+    targets = {"direct": upstream}
+    targets.update((name, start_floor(group, name, upstream.url)) for name in FLOORS)
+    targets["keel"] = common.start_keel(
+        group, keel_default_config(upstream.url), name="keel-starlette"
+    )
+    figures: dict[str, Any] = {name: {} for name in targets}
     for stream in MODES:
         scenario = scenario_name(NO_CAP_CONCURRENCY, stream)
-        for name, process in (("direct", upstream), ("keel", keel)):
+        for name, process in targets.items():
             log(f"gateway {scenario} -> {name} (Starlette upstream)")
             figures[name][scenario] = common.loadgen(
                 process.url,
@@ -315,22 +337,43 @@ def rows(result: dict[str, Any]) -> list[Row]:
 
 
 def starlette_rows(figures: dict[str, Any] | None) -> list[Row]:
-    """The throughput ratio in the issue's setup: keel in front of a Starlette upstream."""
+    """The throughput ratio in the issue's setup: keel in front of a Starlette upstream,
+    beside the thinnest Python gateways in front of it (what one process can reach)."""
     table: list[Row] = []
     for stream in MODES if figures else ():
         scenario = scenario_name(NO_CAP_CONCURRENCY, stream)
-        mine, base = figures["keel"][scenario], figures["direct"][scenario]  # type: ignore[index]
+        direct = figures["direct"][scenario]["rps"]  # type: ignore[index]
+        for name in FLOORS:
+            floor = figures.get(name, {}).get(scenario)  # type: ignore[union-attr]
+            if floor:
+                table.append(
+                    (
+                        "gateway",
+                        f"{scenario} {name} (bench/floor_proxy.py --mode {FLOORS[name]})",
+                        f"{floor['rps']:,.0f} req/s, p99 {_ms(floor['latency_ms']['p99'])}",
+                        f"direct {direct:,.0f} req/s",
+                        f"{floor['rps'] / direct:.2f}x direct" if direct else "-",
+                        "-",
+                        "-",
+                    )
+                )
+        mine = figures["keel"][scenario]  # type: ignore[index]
         errors = sum(mine["errors"].values()) + sum(
             v for k, v in mine["statuses"].items() if k != "200"
         )
-        ratio = mine["rps"] / base["rps"] if base["rps"] else None
+        ratio = mine["rps"] / direct if direct else None
+        versus = [
+            f"{mine['rps'] / figures[name][scenario]['rps']:.2f}x {name}"  # type: ignore[index]
+            for name in FLOORS
+            if scenario in figures.get(name, {})  # type: ignore[union-attr]
+        ]
         table.append(
             (
                 "gateway",
                 f"{scenario} keel, Starlette upstream",
                 f"{mine['rps']:,.0f} req/s, p99 {_ms(mine['latency_ms']['p99'])}",
-                f"direct {base['rps']:,.0f} req/s",
-                "-" if ratio is None else f"{ratio:.2f}x direct",
+                f"direct {direct:,.0f} req/s",
+                ", ".join(["-" if ratio is None else f"{ratio:.2f}x direct", *versus]),
                 ">= 0.3x direct (stretch 0.5x)",
                 _met(ratio is not None and ratio >= 0.3 and not errors),
             )
