@@ -124,6 +124,67 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
         assert supervisor.status()["generation"]["slot_waits"] == waits + 1  # type: ignore[index]
 
 
+STORY = {
+    "op": "chat",
+    "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+    "max_tokens": 400,
+    "temperature": 0,
+}
+"""A chat answer of ~5 s (the model writes to the limit)."""
+
+
+async def until(condition: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+async def test_chats_leave_a_slot_to_completions(supervisor: WorkerSupervisor) -> None:
+    """Once the engine serves completions, chats take every slot but one: a keystroke's
+    completion never waits for a chat answer to end. The chat that waits for the kept
+    slot is counted; an engine that has served no completion (a chat model of its own)
+    gives chats every slot."""
+    chats = [supervisor.stream(STORY, ready_timeout=5) for _ in range(2)]
+    for stream in chats:
+        await anext(stream)
+    assert await busy_slots(supervisor) == 2  # no completion yet: nothing kept
+    for stream in chats:
+        await stream.aclose()  # type: ignore[attr-defined]
+    await until(lambda: _idle(supervisor))
+
+    await keystroke(supervisor, "")  # the engine serves completions from now on
+    first = supervisor.stream(STORY, ready_timeout=5)
+    await anext(first)
+    second = supervisor.stream(STORY, ready_timeout=5)
+    held = asyncio.ensure_future(anext(second))
+    await asyncio.sleep(0.3)
+    assert not held.done()  # waiting: the free slot is kept
+    assert await busy_slots(supervisor) == 1
+    typed = await keystroke(supervisor, "d")  # takes the kept slot, not waiting for a chat
+    assert typed["finish_reason"] != "cancelled" and not typed["slot_held"], typed
+    assert typed["slot_wait_ms"] < SUPERSEDE_WAIT_MS, typed
+    assert not held.done()
+    await first.aclose()  # type: ignore[attr-defined]
+    assert await asyncio.wait_for(held, 10)  # the held chat runs once the first one ends
+    await second.aclose()  # type: ignore[attr-defined]
+    await until(lambda: _held(supervisor))
+    assert supervisor.status()["generation"]["chats_held"] == 1  # type: ignore[index]
+
+
+SUPERSEDE_WAIT_MS = 50
+"""What a request may wait for a cancel on its way (the worker's grace): more is a wait
+for a slot."""
+
+
+async def _idle(worker: WorkerSupervisor) -> bool:
+    return await busy_slots(worker) == 0
+
+
+async def _held(worker: WorkerSupervisor) -> bool:
+    return worker.stats.chats_held == 1
+
+
 async def reading(worker: WorkerSupervisor) -> tuple[int, int]:
     """The busy slot and the tokens it holds so far, or (-1, 0) when none is busy."""
     reply = await worker.call({"op": "slots"}, ready_timeout=5)

@@ -120,6 +120,12 @@ class _ProviderCollector(Collector):
             "Time generations waited in a local worker for an engine slot.",
             labels=["provider"],
         )
+        held = CounterMetricFamily(
+            "keel_worker_chats_held",
+            "Chats that waited in a local worker because the engine's free slot was kept "
+            "for completions (it serves them; every other slot was answering a chat).",
+            labels=["provider"],
+        )
         tools = CounterMetricFamily(
             "keel_tools_answered_in_text",
             "Chat requests that came with tools, answered in text by a local model (keel "
@@ -147,6 +153,7 @@ class _ProviderCollector(Collector):
                 if isinstance(generation, dict):
                     slot_waits.add_metric([provider.name], float(generation["slot_waits"]))
                     slot_wait.add_metric([provider.name], float(generation["slot_wait_seconds"]))
+                    held.add_metric([provider.name], float(generation["chats_held"]))
                 for name in WORKER_STATES:
                     state.add_metric([provider.name, name], float(name == current))
             for role in ROLES:
@@ -157,7 +164,7 @@ class _ProviderCollector(Collector):
                     usable = str(provider.status().get("state", "ok")) in USABLE_STATES
                 role_ready.add_metric([role, provider.name], float(usable))
         count.add_metric([], float(total))
-        yield from (restarts, state, loaded, role_ready, count, slot_waits, slot_wait)
+        yield from (restarts, state, loaded, role_ready, count, slot_waits, slot_wait, held)
         yield tools
         yield from _rate_limit_families(providers.unique() if providers is not None else [])
 

@@ -90,6 +90,8 @@ class GenerationStats:
     """Requests that waited in the worker for a slot (all busy, or the one holding their
     prompt about to be freed by a cancel): a wait keel adds, so it is counted."""
     slot_wait_seconds: float = 0.0
+    chats_held: int = 0
+    """Chats that waited because the free slot was kept for completions."""
     last: dict[str, Any] = field(default_factory=dict)
 
     def add(self, done: dict[str, Any]) -> None:
@@ -100,6 +102,7 @@ class GenerationStats:
         waited = float(done.get("slot_wait_ms") or 0) / 1000
         self.slot_waits += waited >= SLOT_WAIT_COUNTED
         self.slot_wait_seconds += waited
+        self.chats_held += bool(done.get("slot_held"))
         self.last = {k: v for k, v in done.items() if k not in {"id", "done"}}
 
     def snapshot(self) -> dict[str, Any]:
@@ -111,6 +114,7 @@ class GenerationStats:
             "evaluated_tokens": self.prompt_tokens - self.reused_tokens,
             "slot_waits": self.slot_waits,
             "slot_wait_seconds": round(self.slot_wait_seconds, 3),
+            "chats_held": self.chats_held,
             "last": self.last,
         }
 

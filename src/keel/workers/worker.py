@@ -22,10 +22,11 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
   presence_penalty, stop, seed}: streams
   ``{"id", "text"}`` pieces, then ``{"id", "done": true, "finish_reason",
   "prompt_tokens", "completion_tokens", "reused_tokens", "slot_wait_ms",
-  "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it waited here for
-  a slot, included in the other two).
+  "slot_held", "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it
+  waited here for a slot, included in the other two).
 - ``chat`` {messages, and the same sampling fields}: the same, with the
-  model's own chat template.
+  model's own chat template; ``slot_held``: it waited because the free slot was
+  kept for completions (see ``_SlotPool``).
 - ``embed`` {texts}: ``{"id", "embeddings"}``.
 - ``tokenize`` {texts}: ``{"id", "counts"}``; answered at once, even while
   generations run.
@@ -162,6 +163,10 @@ SUPERSEDE_GAIN = 256
 """Characters more of the prompt (about one prefill batch) that make that wait worth it."""
 
 
+COMPLETIONS_RECENT = 600.0
+"""Seconds after a completion during which chats leave a slot to completions."""
+
+
 class _SlotPool:
     """Which engine slot a generation runs in, chosen here and passed as ``id_slot``.
 
@@ -175,25 +180,46 @@ class _SlotPool:
     its prompt in another slot beside it (measured: 17-34 ms to the first token that
     way against 29-47 ms beside it, and a whole cold read when the other slot held
     another file). When no slot is free or freeing it waits here, where a cancellation
-    ends the wait before the engine is touched."""
+    ends the wait before the engine is touched.
+
+    While the engine serves completions (one in the last :data:`COMPLETIONS_RECENT`
+    seconds), chats leave one slot to them: a chat answer runs for seconds (until the
+    model stops, if the client set no limit), and with every slot answering chats a
+    keystroke's completion waited for one to end (measured, two chats on the default
+    two slots: 4.4 s against 0.18 s idle). A chat that waits for that reason is
+    ``held``; an engine that serves only chats, or has one slot, holds none."""
 
     def __init__(self, count: int) -> None:
         self._prompts = [""] * count
         self._used = [0] * count
         self._holders: list[threading.Event | None] = [None] * count
         """Each slot's request (its cancel flag), or None while the slot is free."""
+        self._chats = [False] * count
+        """Whether each slot's request is a chat."""
+        self._completed_at = -COMPLETIONS_RECENT
         self._clock = 0
         self._changed = threading.Condition()
 
-    def acquire(self, prompt: str, cancelled: threading.Event) -> int | None:
+    def acquire(
+        self, prompt: str, cancelled: threading.Event, *, chat: bool = False
+    ) -> tuple[int | None, bool]:
+        """The slot for ``prompt`` (None if cancelled while waiting), and whether a chat
+        was held back to leave a slot to completions."""
         patience = time.monotonic() + SUPERSEDE_GRACE
+        held = False
         with self._changed:
+            if not chat:
+                self._completed_at = time.monotonic()
             while not cancelled.is_set():
-                reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
-                free = [holder is None for holder in self._holders]
                 running = [
                     i for i, holder in enumerate(self._holders) if holder and not holder.is_set()
                 ]
+                if chat and self._kept_for_completions(running):
+                    held = True
+                    self._changed.wait()
+                    continue
+                reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
+                free = [holder is None for holder in self._holders]
                 best = max(
                     (i for i in range(len(free)) if i not in running),  # free or freeing
                     key=lambda i: (reuse[i], free[i], -self._used[i]),
@@ -206,11 +232,17 @@ class _SlotPool:
                 elif best is not None and free[best]:
                     self._clock += 1
                     self._holders[best], self._used[best] = cancelled, self._clock
-                    self._prompts[best] = prompt
-                    return best
+                    self._prompts[best], self._chats[best] = prompt, chat
+                    return best, held
                 else:
                     self._changed.wait()
-            return None
+            return None, held
+
+    def _kept_for_completions(self, running: list[int]) -> bool:
+        """Whether the slots not answering chats are down to the one kept for completions."""
+        if len(self._holders) < 2 or time.monotonic() - self._completed_at > COMPLETIONS_RECENT:
+            return False
+        return sum(self._chats[i] for i in running) >= len(self._holders) - 1
 
     def release(self, slot: int) -> None:
         with self._changed:
@@ -299,17 +331,23 @@ class _Engine:
 
     def _complete(self, request: dict[str, Any]) -> None:
         body = {"prompt": request["prompt"], **_sampling(request)}
-        self._generate(request, request["prompt"], body, self.server.handle_completions, "text")
+        self._generate(request, request["prompt"], body, self.server.handle_completions)
 
     def _chat(self, request: dict[str, Any]) -> None:
         body = {"messages": request["messages"], **_sampling(request)}
         if request.get("response_format") is not None:
             body["response_format"] = request["response_format"]
         text = "\n".join(str(m.get("content", "")) for m in request["messages"])
-        self._generate(request, text, body, self.server.handle_chat_completions, "delta")
+        self._generate(request, text, body, self.server.handle_chat_completions, chat=True)
 
     def _generate(
-        self, request: dict[str, Any], text: str, body: dict[str, Any], run: Any, field: str
+        self,
+        request: dict[str, Any],
+        text: str,
+        body: dict[str, Any],
+        run: Any,
+        *,
+        chat: bool = False,
     ) -> None:
         """Run one generation in a slot, streaming its pieces.
 
@@ -319,14 +357,14 @@ class _Engine:
         request_id = request["id"]
         cancelled = self._cancels[request_id]
         started = time.perf_counter()
-        slot = self.slots.acquire(text, cancelled)
+        slot, held = self.slots.acquire(text, cancelled, chat=chat)
         acquired = time.perf_counter()
+        state: dict[str, Any] = {"produced": 0, "first": None, "progress": None, "held": held}
         if slot is None:
-            self._done(request_id, "cancelled", started, acquired, {})
+            self._done(request_id, "cancelled", started, acquired, state)
             return
         body["id_slot"] = slot
         try:
-            state: dict[str, Any] = {"produced": 0, "first": None, "progress": None}
 
             def on_chunk(chunk: dict[str, Any]) -> bool:
                 if "error" in chunk:
@@ -340,8 +378,8 @@ class _Engine:
                         state["read_ahead"] = True
                         return True  # the engine reads its batch in flight, then stops
                 choices = chunk.get("choices") or [{}]
-                piece = choices[0].get("text") if field == "text" else None
-                if field == "delta":
+                piece = choices[0].get("text")
+                if chat:
                     piece = (choices[0].get("delta") or {}).get("content")
                 if piece:
                     if state["first"] is None:
@@ -439,6 +477,7 @@ class _Engine:
                 "completion_tokens": int(timings.get("predicted_n") or state.get("produced", 0)),
                 "reused_tokens": reused,
                 "slot_wait_ms": round((acquired - started) * 1000, 2),
+                "slot_held": state.get("held", False),
                 "first_token_ms": round(((first or ended) - started) * 1000, 2),
                 "total_ms": round((ended - started) * 1000, 2),
             }
