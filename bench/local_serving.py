@@ -15,6 +15,10 @@ Nothing else in keel changes.
   Tabby request is sent; the generation is closed once the Tabby answer is in
   (it is checked to have still been running). Idle and busy alternate, each
   repetition with its own prefix; the medians and their ratio are reported.
+- **Beside two chats**: the same, while two streamed chat answers of 400 tokens
+  run (sent together; the Tabby request goes once the first has answered and
+  0.3 s more has passed): on the default two slots, chats leave one slot to
+  completions.
 - **Beside an embedding batch**: Tabby completions ~0.7 s apart while the embedding
   worker (a second engine on the same cores) embeds 16 chunks of ~400 tokens, against
   the same completions idle; and how long the batch took.
@@ -126,23 +130,38 @@ def tabby_once(client: httpx.Client, body: dict[str, Any]) -> float:
     return (time.perf_counter() - began) * 1000
 
 
-class LongGeneration:
-    """A streamed 400-token completion in a thread; ``started`` is set at its first token."""
+def chat_body(index: int) -> dict[str, Any]:
+    """A streamed chat answer that runs to ``LONG_TOKENS`` tokens (the model writes on)."""
+    ask = f"Story {index}: write a very long story about a dragon."
+    return {
+        "messages": [{"role": "user", "content": ask}],
+        "max_tokens": LONG_TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
 
-    def __init__(self, url: str, index: int) -> None:
+
+class LongGeneration:
+    """A streamed long generation in a thread (by default a 400-token completion);
+    ``started`` is set at its first token."""
+
+    def __init__(
+        self, url: str, index: int, path: str = "/v1/completions", body: Any = None
+    ) -> None:
         self.started = threading.Event()
         self.ended = threading.Event()
         self.tokens = 0
         self.error: str | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(url, index), daemon=True)
+        body = body or long_body(index, stream=True)
+        self._thread = threading.Thread(target=self._run, args=(url, path, body), daemon=True)
         self._thread.start()
 
-    def _run(self, url: str, index: int) -> None:
+    def _run(self, url: str, path: str, body: dict[str, Any]) -> None:
         try:
             with (
                 httpx.Client(base_url=url, timeout=120) as client,
-                client.stream("POST", "/v1/completions", json=long_body(index, stream=True)) as r,
+                client.stream("POST", path, json=body) as r,
             ):
                 r.raise_for_status()
                 for line in r.iter_lines():
@@ -186,7 +205,10 @@ def wait_slots_free(
     return None
 
 
-def head_of_line(url: str, repeats: int) -> dict[str, Any]:
+def head_of_line(url: str, repeats: int, *, chats: int = 0) -> dict[str, Any]:
+    """Tabby completions idle and while a long generation runs: one 400-token OpenAI
+    completion, or ``chats`` chat answers sent at once (the completion is sent once the
+    first answers, a moment later; each is ``LONG_TOKENS`` tokens)."""
     import common
 
     idle: list[float] = []
@@ -195,18 +217,24 @@ def head_of_line(url: str, repeats: int) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=120) as client:
         tabby_once(client, tabby_body(0, "warmup"))
         for index in range(1, repeats + 1):
-            common.log(f"head-of-line {index}/{repeats}")
+            common.log(f"head-of-line {index}/{repeats}" + (f", {chats} chats" if chats else ""))
             wait_slots_free(client)
             idle.append(tabby_once(client, tabby_body(index, "idle")))
-            generation = LongGeneration(url, index)
+            chat = "/v1/chat/completions"
+            generations = [
+                LongGeneration(url, index, chat, chat_body(10 * index + n)) for n in range(chats)
+            ] or [LongGeneration(url, index)]
+            generation = generations[0]
             generation.started.wait(120)
+            time.sleep(0.3 if chats else 0)  # the others are in the worker too
             tokens_before = generation.tokens
             latency = tabby_once(client, tabby_body(index, "busy"))
             overlapped = not generation.ended.is_set()
             tokens_during = generation.tokens - tokens_before
-            generation.stop()
-            if generation.error:
-                raise RuntimeError(f"the 400-token generation failed: {generation.error}")
+            for each in generations:
+                each.stop()
+                if each.error:
+                    raise RuntimeError(f"a long generation failed: {each.error}")
             busy.append(latency)
             runs.append(
                 {
@@ -411,6 +439,7 @@ def run(repeats: int = 5) -> dict[str, Any]:
             providers = client.get("/v1/providers").json()
         worker = providers["roles"]["completion"]["providers"][0]
         hol = head_of_line(keel.url, repeats)
+        chats = head_of_line(keel.url, repeats, chats=2)
         cancel = cancellation(keel.url, 2 * repeats)  # about a second each
         beside = beside_embeddings(keel.url)
     return {
@@ -423,6 +452,7 @@ def run(repeats: int = 5) -> dict[str, Any]:
             "slot_probe": "GET /_bench/slots -> worker op 'slots' (engine /slots)",
         },
         "head_of_line": hol,
+        "head_of_line_chats": chats,
         "cancellation": cancel,
         "beside_embeddings": beside,
     }

@@ -151,20 +151,28 @@ def inference_pair(result: dict[str, Any], note: str = "") -> list[Row]:
 
 
 def local_serving_rows(result: dict[str, Any]) -> list[Row]:
-    hol = result["head_of_line"]
-    ratio = hol["ratio"]
-    note = "" if hol["all_overlapped"] else " (a generation ended first)"
-    rows: list[Row] = [
-        (
-            "local",
-            f"head-of-line: Tabby completion while {local_serving.LONG_TOKENS} tokens generate",
-            f"p50 {ms(hol['busy_ms_p50'])}",
-            f"idle p50 {ms(hol['idle_ms_p50'])}",
-            ("-" if ratio is None else f"{ratio:.2f}x idle") + note,
-            "<= 2x idle",
-            met(ratio is not None and ratio <= 2),
+    rows: list[Row] = []
+    tokens = local_serving.LONG_TOKENS
+    for key, what in (
+        ("head_of_line", f"{tokens} tokens generate"),
+        ("head_of_line_chats", f"two chat answers of {tokens} tokens run"),
+    ):
+        hol = result.get(key)
+        if hol is None:
+            continue
+        ratio = hol["ratio"]
+        note = "" if hol["all_overlapped"] else " (a generation ended first)"
+        rows.append(
+            (
+                "local",
+                f"head-of-line: Tabby completion while {what}",
+                f"p50 {ms(hol['busy_ms_p50'])}",
+                f"idle p50 {ms(hol['idle_ms_p50'])}",
+                ("-" if ratio is None else f"{ratio:.2f}x idle") + note,
+                "<= 2x idle",
+                met(ratio is not None and ratio <= 2),
+            )
         )
-    ]
     beside = result["beside_embeddings"]
     ratio = beside["ratio"]
     rows.append(
