@@ -165,6 +165,10 @@ SUPERSEDE_GAIN = 256
 
 COMPLETIONS_RECENT = 600.0
 """Seconds after a completion during which chats leave a slot to completions."""
+HOLD_LIMIT = 30.0
+"""Seconds a chat waits at most for that reason: half keel's first-token limit for a local
+model (60 s), so a chat held behind a long answer of a slow model is late, never failed
+(the embedded model's longest answer, a full 2,048-token context, takes ~30 s)."""
 
 
 class _SlotPool:
@@ -186,8 +190,9 @@ class _SlotPool:
     seconds), chats leave one slot to them: a chat answer runs for seconds (until the
     model stops, if the client set no limit), and with every slot answering chats a
     keystroke's completion waited for one to end (measured, two chats on the default
-    two slots: 4.4 s against 0.18 s idle). A chat that waits for that reason is
-    ``held``; an engine that serves only chats, or has one slot, holds none."""
+    two slots: 4.4 s against 0.18 s idle). A chat that waits for that reason (at most
+    :data:`HOLD_LIMIT`) is ``held``; an engine that serves only chats, or has one slot,
+    holds none."""
 
     def __init__(self, count: int) -> None:
         self._prompts = [""] * count
@@ -205,18 +210,19 @@ class _SlotPool:
     ) -> tuple[int | None, bool]:
         """The slot for ``prompt`` (None if cancelled while waiting), and whether a chat
         was held back to leave a slot to completions."""
-        patience = time.monotonic() + SUPERSEDE_GRACE
-        held = False
+        arrived = time.monotonic()
+        patience, held = arrived + SUPERSEDE_GRACE, False
         with self._changed:
             if not chat:
-                self._completed_at = time.monotonic()
+                self._completed_at = arrived
             while not cancelled.is_set():
                 running = [
                     i for i, holder in enumerate(self._holders) if holder and not holder.is_set()
                 ]
-                if chat and self._kept_for_completions(running):
+                hold = arrived + HOLD_LIMIT - time.monotonic()
+                if chat and hold > 0 and self._kept_for_completions(running):
                     held = True
-                    self._changed.wait()
+                    self._changed.wait(hold)
                     continue
                 reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
                 free = [holder is None for holder in self._holders]

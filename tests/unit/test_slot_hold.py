@@ -1,0 +1,58 @@
+"""The worker's slot choice keeps a slot for completions from chats, within limits.
+
+The whole behaviour, with the real engine, is in tests/integration/test_engine.py;
+here the limits: one slot, no recent completion, and the longest a chat is held."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from keel.workers import worker
+from keel.workers.worker import _SlotPool
+
+
+def test_a_chat_is_held_only_while_completions_are_served() -> None:
+    pool = _SlotPool(2)
+    first, _ = pool.acquire("chat one", threading.Event(), chat=True)
+    second, held = pool.acquire("chat two", threading.Event(), chat=True)
+    assert {first, second} == {0, 1} and not held  # no completion yet: both slots
+
+
+def test_one_slot_keeps_nothing_back() -> None:
+    pool = _SlotPool(1)
+    assert pool.acquire("def f(", threading.Event()) == (0, False)
+    pool.release(0)
+    assert pool.acquire("a chat", threading.Event(), chat=True) == (0, False)
+
+
+def test_a_held_chat_takes_the_kept_slot_after_the_hold_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker, "HOLD_LIMIT", 0.2)
+    pool = _SlotPool(2)
+    typed, _ = pool.acquire("def f(", threading.Event())
+    pool.release(typed)  # a completion was served
+    running, held = pool.acquire("chat one", threading.Event(), chat=True)
+    assert not held
+    kept, held = pool.acquire("chat two", threading.Event(), chat=True)
+    assert held and kept != running  # waited out the limit, then took the kept slot
+
+
+def test_a_held_chat_cancelled_leaves_without_a_slot() -> None:
+    pool = _SlotPool(2)
+    pool.release(pool.acquire("def f(", threading.Event())[0])
+    pool.acquire("chat one", threading.Event(), chat=True)
+    cancelled = threading.Event()
+    got: list[tuple[int | None, bool]] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(pool.acquire("chat two", cancelled, chat=True))
+    )
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # held
+    cancelled.set()
+    pool.wake()
+    waiter.join(5)
+    assert got == [(None, True)]
