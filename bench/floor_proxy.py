@@ -68,9 +68,7 @@ def make_app(upstream: str, mode: str) -> Any:
         texts: list[str] = []
         if streamed:
             await send({"type": "http.response.start", "status": 200, "headers": SSE})
-        async with session.post(
-            upstream + scope["path"], data=json.dumps(sent), headers=UP
-        ) as up:
+        async with session.post(upstream + scope["path"], data=json.dumps(sent), headers=UP) as up:
             rest = b""
             async for piece in up.content.iter_any():
                 *lines, rest = (rest + piece).split(b"\n")

@@ -201,7 +201,7 @@ class _SlotPool:
         """Each slot's request (its cancel flag), or None while the slot is free."""
         self._chats = [False] * count
         """Whether each slot's request is a chat."""
-        self._completed_at = -COMPLETIONS_RECENT
+        self._completed_at = float("-inf")
         self._clock = 0
         self._changed = threading.Condition()
 
