@@ -78,6 +78,22 @@ def test_a_blank_indented_line_is_completed_at_its_indentation(
     assert text == text.lstrip(), text
 
 
+def test_after_enter_the_answer_is_a_new_line_in_the_files_indentation(
+    keel_server: KeelProcess,
+) -> None:
+    """Ended at ``x = 1``, the prompt was taken by the embedded model as a line to go on
+    with (``0``, then ``return x``): the answer is its next line, not ``0``. In a file
+    indented with a tab, it wrote four spaces a level: the answer's lines are in tabs."""
+    with keel_server.client() as client:
+        body = tabby_body("def f():\n    x = 1\n    ", suffix="\n")
+        text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert text.strip() and not text[0].isdigit(), text
+        body = tabby_body("def fib(n):\n\t", suffix="\n")
+        text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    later = text.split("\n")[1:]
+    assert later and all(line.startswith("\t") for line in later if line.strip()), text
+
+
 def test_after_a_space_the_model_writes_the_space_itself(keel_server: KeelProcess) -> None:
     """A prompt ending in a space is a split the model never saw (BPE merges a word with
     the space before it): after ``is `` the embedded model wrote a number. The prompt

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from keel.api.infill import cut_at_indent
+from keel.schemas.infill import InfillRequest
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.serving.conftest import build_app, llamacpp_config
 
@@ -93,6 +94,39 @@ async def test_a_llama_vscode_session_through_keel(
     assert prompt.startswith("<PRE>") and "    x =<SUF>" in prompt
     assert "return a + b" in prompt, "the editor's chunks are keel's snippets"
     assert "id_slot" not in calls[0], "keel picks the slot, not the editor"
+
+
+async def test_a_blank_lines_indentation_left_out_by_llama_vscode_is_put_back(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """On a blank, indented line llama.vscode sends ``prompt: ""`` and ``n_indent``:
+    the model is asked as if the editor had sent the indentation (llama.vim does), not
+    at column 0."""
+    lines = ["import os", "", "def main():", "    x = 1"]
+    for line_prefix in ("    ", ""):  # llama.vim, llama.vscode
+        body = {**fim(lines, line_prefix), "n_indent": 4}
+        answer = await keel.post("/infill", json=body)
+        assert answer.status_code == 200, answer.text
+    first, second = (r.json["prompt"] for r in llamacpp.requests if r.path == "/completion")
+    assert first == second and "    x = 1<SUF>" in first
+
+
+@pytest.mark.parametrize(
+    ("prefix", "n_indent", "line"),
+    [
+        ("def f():\n\tx = 1\n", 1, "\t"),
+        ("def f():\n  x = 1\n\n", 2, "  "),
+        ("x = 1\n", 4, "    "),  # nothing indented above: spaces
+        ("def f():\n    x = 1\n", None, ""),
+        ("def f():\n    x", 4, ""),  # not at a line's start
+    ],
+)
+def test_the_cursor_line_llama_vscode_leaves_out(
+    prefix: str, n_indent: int | None, line: str
+) -> None:
+    body = InfillRequest(input_prefix=prefix, prompt="", n_indent=n_indent)
+    assert body.cursor_line() == line
+    assert InfillRequest(input_prefix=prefix, prompt="  ", n_indent=n_indent).cursor_line() == "  "
 
 
 @pytest.fixture

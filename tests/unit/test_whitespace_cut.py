@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from keel.pipeline.completion import BuiltPrompt, whitespace_cut
+from keel.pipeline.completion import BuiltPrompt
+from keel.pipeline.cut import Cut, indent_unit, whitespace_cut
 
 
 @pytest.mark.parametrize(
@@ -27,7 +28,7 @@ from keel.pipeline.completion import BuiltPrompt, whitespace_cut
     ],
 )
 def test_whitespace_cut(prefix: str, suffix: str, cut: str) -> None:
-    assert whitespace_cut(prefix, suffix) == cut
+    assert whitespace_cut(prefix, suffix).text == cut
 
 
 async def _pieces(parts: Sequence[str]) -> AsyncIterator[str]:
@@ -35,9 +36,14 @@ async def _pieces(parts: Sequence[str]) -> AsyncIterator[str]:
         yield part
 
 
-async def _generated(cut: str, parts: Sequence[str]) -> str:
-    built = BuiltPrompt("prompt", None, [], cut)
+async def _generated(cut: str | Cut, parts: Sequence[str]) -> str:
+    built = BuiltPrompt("prompt", None, [], cut if isinstance(cut, Cut) else Cut(cut))
     return "".join([piece async for piece in built.generated(_pieces(parts))])
+
+
+TAB = Cut("\n\t", unit="\t")
+TWO = Cut("\n  ", unit="  ")
+OPEN = Cut("\n    ", line_open=True, unit="    ")
 
 
 @pytest.mark.parametrize(
@@ -51,23 +57,70 @@ async def _generated(cut: str, parts: Sequence[str]) -> str:
         ("\n    ", ["\n  ", "shallower"], "shallower"),
         ("\n    ", ["\n\n    after a blank line"], "after a blank line"),
         ("\n\t", ["\n\tx = 1"], "x = 1"),
-        ("\n    ", [" pass"], "pass"),  # on the line before, or at the cursor: the same
         ("\n    ", ["\n   ", "  "], ""),  # only whitespace
         ("", [" keep", " as is"], " keep as is"),  # nothing cut
+        # The model went on with the line above (``x = 1`` as ``x = 10``): the user ended
+        # that line, so what it wrote there is dropped, and its next line is the answer.
+        ("\n    ", ["0", "\n    return x"], "return x"),
+        ("\n    ", [".getsize(p", ")\n", "    print(p)"], "print(p)"),
+        ("\n    ", [" pass"], ""),
+        ("\n    ", ["0"], ""),
+        # ... unless that line is open (``foo(``, ``def f():``): then it goes on here.
+        (OPEN, ["a, b)"], "a, b)"),
+        (OPEN, [" pass"], "pass"),
+        (OPEN, ["\n    return x"], "return x"),
+        # Later lines in the file's indentation, level for level, where the model's
+        # first line was not at the cursor's (four spaces in a file of tabs or two).
+        (
+            TAB,
+            ["\n    if n == 0:\n        return 1\n    return n"],
+            "if n == 0:\n\t\treturn 1\n\treturn n",
+        ),
+        (TWO, ["\n    if x:\n        y()\n\n    z()"], "if x:\n    y()\n\n  z()"),
+        (TWO, ["\n  if x:\n    y()"], "if x:\n    y()"),  # the model's own matches
+        (Cut("\n\t\t", unit="\t"), ["\n        a\n            b\n    c"], "a\n\t\t\tb\n\tc"),
+        (TAB, ["\n    a\n      odd"], "a\n\t  odd"),  # what is not a whole level stays
+        (TAB, ["\n    a\n\t\tb"], "a\n\t\tb"),  # the model's tabs stay
         # After spaces on a line of code: the model's own spaces go, never a newline.
         (" ", [" ", " None", " else"], "None else"),
         (" ", ["b)"], "b)"),
         (" ", ["\n    x"], "\n    x"),
     ],
 )
-async def test_generated_continues_after_the_cut(cut: str, parts: Sequence[str], text: str) -> None:
+async def test_generated_continues_after_the_cut(
+    cut: str | Cut, parts: Sequence[str], text: str
+) -> None:
     assert await _generated(cut, parts) == text
+
+
+@pytest.mark.parametrize(
+    ("prefix", "line_open", "unit"),
+    [
+        ("def f():\n    ", True, "    "),
+        ("x = foo(\n    ", True, "    "),
+        ("    x = 1\n    ", False, "    "),
+        ("class A:\n  def f(self):\n    pass\n  ", False, "  "),
+        ("def f():\n\t", True, "\t"),
+        ("/**\n * doc\n */\nfunction f() {\n  a();\n  if (b) {\n    c();\n  }\n  ", False, "  "),
+    ],
+)
+def test_a_newline_cut_knows_the_line_above_and_the_indentation(
+    prefix: str, line_open: bool, unit: str
+) -> None:
+    cut = whitespace_cut(prefix, "\n")
+    assert (cut.line_open, cut.unit) == (line_open, unit)
+
+
+def test_the_indentation_step_is_the_commonest_increase() -> None:
+    assert indent_unit("a\n  b\n    c\n      d\n", "  ") == "  "
+    assert indent_unit("x = 1", "        ") == "        "  # nothing indented before it
+    assert indent_unit("a\n    b", "\t") == "\t"
 
 
 def test_nothing_is_cut_where_a_stop_word_would_end_the_answer_at_once() -> None:
     """``additional_stop_words = ["\\n"]`` (single-line completions), or a client's stop
     words: a model writing the cut whitespace would meet them first."""
-    assert whitespace_cut("def f():\n    ", "", ["\n"]) == ""
-    assert whitespace_cut("def f():\n    ", "", ["\n\n", "\ndef"]) == "\n    "
-    assert whitespace_cut("x = ", "", ["\n", ""]) == " "
-    assert whitespace_cut("x = 1\n\n    ", "", ["\n\n"]) == "\n    "  # the blank line stays
+    assert whitespace_cut("def f():\n    ", "", ["\n"]).text == ""
+    assert whitespace_cut("def f():\n    ", "", ["\n\n", "\ndef"]).text == "\n    "
+    assert whitespace_cut("x = ", "", ["\n", ""]).text == " "
+    assert whitespace_cut("x = 1\n\n    ", "", ["\n\n"]).text == "\n    "  # the blank line stays

@@ -44,6 +44,7 @@ from keel.eval.samples import Sample, sample_repository
 from keel.eval.scoring import Score, Summary
 from keel.index.retrieve import RepositoryRetriever
 from keel.pipeline.completion import BuiltPrompt, build_prompt, cut_at_stop
+from keel.pipeline.cut import Cut
 from keel.pipeline.languages import Language, get_language, stop_words
 from keel.pipeline.postprocess import postprocess
 from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams, close_stream
@@ -185,7 +186,7 @@ async def evaluate(
         max_tokens=options.max_decoding_tokens, temperature=0.0, stop=tuple(stops), seed=0
     )
     roots = {repo.name: repo.root for repo in retriever.repositories}
-    generated: dict[tuple[str, str | None, str], str] = {}
+    generated: dict[tuple[str, str | None, Cut], str] = {}
     failures: list[str] = []
     results = [SampleResult(sample) for sample in samples]
     budget = options.max_input_length

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from keel.errors import RequestError
+from keel.pipeline.cut import NO_CUT, Cut, after_cut, whitespace_cut
 from keel.pipeline.languages import Language, get_language, stop_words
-from keel.pipeline.postprocess import cursor_line, is_mid_line, postprocess, suffix_line
+from keel.pipeline.postprocess import is_mid_line, postprocess
 from keel.pipeline.prompt import (
     Snippet,
     format_snippets,
@@ -54,40 +55,12 @@ class BuiltPrompt:
     prompt: str
     suffix: str | None
     snippets: list[Snippet]
-    cut: str = ""
+    cut: Cut = NO_CUT
     """Whitespace at the end of the prefix the prompt leaves out (:func:`whitespace_cut`)."""
 
     def generated(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-        """The model's text as the editor continues it: after the whitespace the
-        prompt left out, if it left some out (see :func:`whitespace_cut`). After a
-        blank line's indentation the model begins a new line, and its first line goes
-        at the cursor, whose indentation the editor chose (the model's own may differ:
-        four spaces where the file has two); after spaces on a line of code, the
-        model's text goes on after the user's spaces."""
+        """The model's text as the editor continues it (:func:`after_cut`)."""
         return after_cut(pieces, self.cut)
-
-
-def after_cut(pieces: AsyncIterator[str], cut: str) -> AsyncIterator[str]:
-    """The model's text after the whitespace ``cut`` from its prompt (see
-    :meth:`BuiltPrompt.generated`); ``pieces`` themselves when nothing was cut."""
-    if not cut:
-        return pieces
-    return _after_whitespace(pieces, None if "\n" in cut else " \t")
-
-
-async def _after_whitespace(pieces: AsyncIterator[str], chars: str | None) -> AsyncIterator[str]:
-    """``pieces`` without the leading whitespace (``chars`` of it; None: any)."""
-    started = False
-    try:
-        async for piece in pieces:
-            if not started:
-                piece = piece.lstrip(chars)
-                if not piece:
-                    continue
-                started = True
-            yield piece
-    finally:
-        await close_stream(pieces)
 
 
 class SnippetRetriever(Protocol):
@@ -113,35 +86,6 @@ def _client_snippets(request: TabbyCompletionRequest) -> list[Snippet]:
     ]
     scored.sort(key=lambda s: -(s.score or 0.0))
     return declarations + scored
-
-
-def whitespace_cut(prefix: str, suffix: str, stops: Sequence[str] = ()) -> str:
-    """The whitespace at the cursor a prompt leaves out: spaces after code on the
-    cursor's line (``x = |``), or, with the cursor on a blank, indented line (the
-    editor's auto-indent after Enter), the newline and indentation before it.
-
-    BPE vocabularies merge a word with the space before it, and a newline with
-    the next line's indentation: a prompt ending in bare whitespace is a split
-    the model never saw in training. After a space the embedded model wrote
-    numbers (``"0,"`` for ``if self.auth is |``, where it wrote ``" None"`` with
-    the space left out); after an indentation, the line's first word with one
-    space too many (``" return"`` after four spaces: five, an IndentationError in
-    Python) or a second newline. Cut back to the code, the model writes the
-    whitespace itself, and :meth:`BuiltPrompt.generated` gives the editor the
-    text after it. Nothing is cut when one of ``stops`` is in that whitespace: the
-    model, writing it, would stop at once (``"\\n"`` after an indentation)."""
-    head = prefix.rstrip()
-    cut = prefix[len(head) :]
-    if "\n" in cut:
-        if not cursor_line(cut) or suffix_line(suffix).strip():
-            return ""  # at column 0 (where the model starts a line), or before code
-        if cut.count("\n") > 1:
-            # Blank lines above the cursor's stay in the prompt: a backend told to stop
-            # at a blank line would stop on a generation that began with one.
-            cut = cut[cut.rfind("\n") :]
-    if not head or any(stop and stop in cut for stop in stops):
-        return ""
-    return cut
 
 
 async def build_prompt(
@@ -182,7 +126,7 @@ async def build_prompt(
         kept_prefix = dropped[len(dropped.rstrip()) :] + kept_prefix
     # The cut comes after the window is chosen, which it must not move: pressing Enter
     # and typing the line's first word would read the whole window again.
-    kept_prefix = kept_prefix[: max(0, len(kept_prefix) - len(cut))]
+    kept_prefix = kept_prefix[: max(0, len(kept_prefix) - len(cut.text))]
     kept_suffix = keep_head(suffix_lines, suffix_counts, budget.suffix) if uses_suffix else ""
     chosen = select_snippets(snippets, snippet_counts, budget.snippets)
     full_prefix = format_snippets(language, chosen) + kept_prefix if chosen else kept_prefix
@@ -283,7 +227,8 @@ class TabbyPrompts:
             prefix, suffix = raw_prompt, ""
         elif segments is not None:
             prefix, crlf = normalize_newlines(segments.prefix)
-            suffix, _ = normalize_newlines(segments.suffix or "")
+            suffix, crlf_after = normalize_newlines(segments.suffix or "")
+            crlf = crlf or crlf_after  # the cursor on a CRLF file's first line
         else:
             raise RequestError(
                 "either 'segments' (prefix and suffix around the cursor) or "

@@ -56,12 +56,25 @@ class InfillRequest(_Wire):
     stream: bool = Field(False, description="Only false: the answer comes whole.")
     model: str | None = None
 
+    def cursor_line(self) -> str:
+        """The cursor's line up to the cursor. On a blank line llama.vscode sends an
+        empty ``prompt`` and the line's indentation as ``n_indent`` (and strips that
+        much from the answer's start): the indentation is put back, in the characters
+        of the nearest indented line above (a tab or spaces), so that the model sees
+        the cursor where it is, not at column 0 (where the embedded model wrote a
+        top-level line, a comment or a Markdown fence)."""
+        if self.prompt or not self.n_indent or not self.input_prefix.endswith("\n"):
+            return self.prompt
+        above = (line for line in reversed(self.input_prefix.splitlines()) if line.strip())
+        indented = next((line for line in above if line[0] in " \t"), " ")
+        return indented[0] * self.n_indent
+
     def to_tabby(self, language: str) -> TabbyCompletionRequest:
         """The same request in Tabby's shape, which keel's completion serving reads."""
         return TabbyCompletionRequest(
             language=language,
             segments=Segments(
-                prefix=self.input_prefix + self.prompt,
+                prefix=self.input_prefix + self.cursor_line(),
                 suffix=self.input_suffix,
                 relevant_snippets_from_recently_opened_files=[
                     ClientSnippet(filepath=chunk.filename, body=chunk.text)

@@ -28,13 +28,8 @@ from starlette.requests import Request
 
 from keel.events import EventStore
 from keel.ops.metrics import Metrics
-from keel.pipeline.completion import (
-    TabbyPrompts,
-    TabbyTask,
-    after_cut,
-    read_until_stop,
-    whitespace_cut,
-)
+from keel.pipeline.completion import TabbyPrompts, TabbyTask, read_until_stop
+from keel.pipeline.cut import after_cut, whitespace_cut
 from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.postprocess import is_mid_line
 from keel.pipeline.prompt import normalize_newlines, render_template, restore_newlines
@@ -354,12 +349,12 @@ def _openai_call(
     body: CompletionRequest, params: GenerationParams, reported: dict[str, int]
 ) -> OpenStream:
     """The caller's prompt as written, but for whitespace at its end, which the model
-    writes itself (:func:`~keel.pipeline.completion.whitespace_cut`); a FIM suffix goes
+    writes itself (:func:`~keel.pipeline.cut.whitespace_cut`); a FIM suffix goes
     through the provider's own suffix field or its template.
     ``reported``: what the serving engine counted."""
     prompt, suffix = body.prompt_text(), body.suffix
     cut = whitespace_cut(prompt, suffix or "", params.stop)
-    prompt = prompt[: len(prompt) - len(cut)]
+    prompt = prompt[: len(prompt) - len(cut.text)]
 
     def open_stream(provider: Provider) -> AsyncIterator[str]:
         assert isinstance(provider, CompletionProvider)
