@@ -23,7 +23,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from keel.config import AuthConfig
+from keel.config import AuthConfig, Settings
+from keel.errors import ConfigIssue
 from keel.rate_limit import TokenBucket
 
 if TYPE_CHECKING:
@@ -201,6 +202,25 @@ class KeyRateLimiter:
 
 def is_loopback(host: str) -> bool:
     return host in {"127.0.0.1", "localhost", "::1"} or host.startswith("127.")
+
+
+def open_remote_issue(settings: Settings, root: Path, host: str) -> ConfigIssue | None:
+    """Why serving on ``host`` with ``settings`` is refused, if it is: beyond loopback
+    with no keys, unless explicitly allowed. ``keel serve`` refuses it; ``keel config
+    check`` and ``keel doctor`` say so first."""
+    if is_loopback(host) or settings.auth.allow_unauthenticated_remote:
+        return None
+    if settings.state.redis_url is not None:
+        return None  # keys can come from Redis at any time, so a key is always asked for
+    if KeyStore(settings.auth, root).enabled:
+        return None
+    return ConfigIssue(
+        "server.host",
+        f"binding {host} would serve anyone who can reach it, and no keys are "
+        "configured: set [auth] api_keys (or keys_file, or [state] redis_url and "
+        "add keys with `keel keys add`), or set [auth] "
+        "allow_unauthenticated_remote = true if a proxy in front handles it",
+    )
 
 
 def environ_flag(name: str) -> bool:

@@ -66,29 +66,6 @@ def _load(args: argparse.Namespace) -> tuple[Settings, Paths]:
     return load_settings(config, paths), paths
 
 
-def _refuse_open_remote(settings: Settings, paths: Paths, host: str) -> None:
-    """Serving beyond loopback with no keys is refused unless explicitly allowed."""
-    from keel.auth import KeyStore, is_loopback
-
-    if is_loopback(host) or settings.auth.allow_unauthenticated_remote:
-        return
-    if settings.state.redis_url is not None:
-        return  # keys can come from Redis at any time, so a key is always asked for
-    if not KeyStore(settings.auth, paths.root).enabled:
-        raise ConfigError(
-            "server.host",
-            [
-                ConfigIssue(
-                    "auth",
-                    f"binding {host} would serve anyone who can reach it, and no keys are "
-                    "configured: set [auth] api_keys (or keys_file, or [state] redis_url and "
-                    "add keys with `keel keys add`), or set [auth] "
-                    "allow_unauthenticated_remote = true if a proxy in front handles it",
-                )
-            ],
-        )
-
-
 GC_YOUNG_THRESHOLD = 10_000
 """Allocations between young collections (Python's default is 700)."""
 
@@ -126,7 +103,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     paths.root.mkdir(parents=True, exist_ok=True)
-    _refuse_open_remote(settings, paths, host)
+    from keel.auth import open_remote_issue
+
+    if (issue := open_remote_issue(settings, paths.root, host)) is not None:
+        raise ConfigError(str(args.config or paths.config_file), [issue])
     providers = build_providers(settings, paths)  # unusable model files fail here, before binding
     sock = _bind(host, port)
     # The web stack is imported after binding: a busy port fails in well under a second.
@@ -164,6 +144,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else paths.config_file
     settings = load_settings(path, paths) if path.exists() or args.path else Settings()
     where = str(path) if path.exists() else f"{path} (absent: all defaults)"
+    from keel.auth import open_remote_issue
+
+    if (issue := open_remote_issue(settings, paths.root, settings.server.host)) is not None:
+        raise ConfigError(where, [issue])  # what `keel serve` would refuse
     print(f"ok: {where}")
     for role in ROLES:
         chain = settings.model.role(role).chain()

@@ -643,13 +643,21 @@ def parse_settings(
                 message = "unknown key (check the spelling)"
             key = _loc_to_key(loc)
             value = error.get("input") if error["type"] != "missing" else None
-            if isinstance(value, dict):
-                value = None
+            if isinstance(value, dict) or _is_secret(key):
+                value = None  # a secret is not echoed to a terminal or a CI log
             issues.append(ConfigIssue(key or "(top level)", message, value))
         raise ConfigError(source, _dedupe(issues)) from None
     if issues:
         raise ConfigError(source, issues)
     return settings
+
+
+SECRET_KEYS = ("api_key", "admin_key", "password", "token", "secret", "_url")
+"""Config keys whose values are not shown in errors (``_url``: URLs carry passwords)."""
+
+
+def _is_secret(key: str) -> bool:
+    return any(part in key for part in SECRET_KEYS)
 
 
 def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:

@@ -62,6 +62,27 @@ def test_config_errors_and_missing_env_vars_are_exit_78(tmp_path: Path) -> None:
     assert found["memory"]["status"] == "skip"
 
 
+def test_an_open_bind_without_keys_fails_doctor_and_config_check_as_serve_refuses_it(
+    tmp_path: Path,
+) -> None:
+    """``keel serve`` refuses to serve the network with no keys (exit 78): its pre-start
+    checks say so too, rather than pass a config it will refuse."""
+    config = tmp_path / "config.toml"
+    config.write_text('[server]\nhost = "0.0.0.0"\n')
+    found = findings(doctor(tmp_path, "--json", "--port", str(free_port())))
+    assert found["access"]["status"] == "FAIL" and "no keys" in found["access"]["detail"]
+    env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
+    for command in (["config", "check", str(config)], ["serve", "--port", str(free_port())]):
+        done = subprocess.run(
+            [sys.executable, "-m", "keel", *command], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 78 and "no keys are configured" in done.stderr, command
+        assert str(config) in done.stderr  # the file, as every config error names it
+    config.write_text('[server]\nhost = "0.0.0.0"\n\n[auth]\napi_keys = ["a-long-key-1"]\n')
+    found = findings(doctor(tmp_path, "--json", "--port", str(free_port())))
+    assert found["access"]["status"] == "ok", found["access"]
+
+
 def test_a_model_file_that_is_not_gguf_is_exit_69(tmp_path: Path) -> None:
     bad = tmp_path / "models" / "junk.gguf"
     bad.parent.mkdir(parents=True)

@@ -150,6 +150,15 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     assert "2 config errors" in failed.stderr
 
 
+def test_a_secret_is_not_echoed_in_a_config_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"auth": {"api_keys": ["short"], "admin_key": 12}}, "config.toml")
+    assert "auth.api_keys" in caught.value.message and "short" not in caught.value.message
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"server": {"port": "eighty"}}, "config.toml")
+    assert "'eighty'" in caught.value.message  # other values are shown
+
+
 @pytest.mark.parametrize(("days", "kept"), [(None, None), (0, 0), (30, 30)])
 def test_events_retention_days(days: int | None, kept: int | None) -> None:
     assert parse_settings({}, "c.toml").events.retention_days == 90

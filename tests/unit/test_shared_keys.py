@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from keel.auth import key_hash, key_id
-from keel.cli import _refuse_open_remote
+from keel.auth import key_hash, key_id, open_remote_issue
 from keel.config import Paths, parse_settings
-from keel.errors import ConfigError, RequestError
+from keel.errors import RequestError
 from keel.state.shared_keys import (
     SharedKey,
     SharedKeySet,
@@ -94,6 +93,6 @@ def test_with_redis_keys_a_remote_bind_is_allowed_and_without_keys_refused(
 ) -> None:
     paths = Paths(tmp_path)
     with_redis = parse_settings({"state": {"redis_url": "redis://r:6379/0"}}, "c.toml")
-    _refuse_open_remote(with_redis, paths, "0.0.0.0")  # keys come from Redis: asked for
-    with pytest.raises(ConfigError, match="keel keys add"):
-        _refuse_open_remote(parse_settings({}, "c.toml"), paths, "0.0.0.0")
+    assert open_remote_issue(with_redis, paths.root, "0.0.0.0") is None  # keys from Redis
+    issue = open_remote_issue(parse_settings({}, "c.toml"), paths.root, "0.0.0.0")
+    assert issue is not None and "keel keys add" in issue.message

@@ -306,6 +306,20 @@ def check_data_root(report: Report, paths: Paths) -> None:
     report.add("data root", "ok", f"{paths.root} writable")
 
 
+def check_exposure(report: Report, settings: Settings, paths: Paths, host: str) -> None:
+    """Who may reach the server: what ``keel serve`` refuses (beyond loopback, no keys)
+    fails here too."""
+    from keel.auth import is_loopback, open_remote_issue
+
+    issue = open_remote_issue(settings, paths.root, host)
+    if issue is not None:
+        report.add("access", "FAIL", issue.render(), ExitCode.CONFIG)
+    elif is_loopback(host):
+        report.add("access", "ok", f"{host}: this machine only")
+    else:
+        report.add("access", "ok", f"{host}: open to the network, keys asked for (or allowed)")
+
+
 def check_port(report: Report, host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -410,6 +424,8 @@ def run_checks(options: DoctorOptions, environ: dict[str, str] | None = None) ->
     port = (
         options.port if options.port is not None else (settings.server.port if settings else 8080)
     )
+    if settings is not None:
+        check_exposure(report, settings, paths, host)
     check_port(report, host, port)
     if options.online:
         if settings is None:
