@@ -117,6 +117,9 @@ class KeyStore:
             if stamp == self._file_stamp and not force:
                 return
             from_file = parse_keys_file(path)
+        except FileNotFoundError:
+            self._withdraw_file(path)
+            return
         except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
             message = f"keys file {path}: {exc}; keeping the keys in force"
             if message != self.file_error:
@@ -133,11 +136,22 @@ class KeyStore:
         if not force and self.on_reload is not None:
             self.on_reload(True, f"keys file {path} reloaded ({len(self.keys.users)} user keys)")
 
+    def _withdraw_file(self, path: Path) -> None:
+        """The keys file is gone: its keys are no longer in force (deleting it revokes
+        them; a key is still asked for, see :attr:`enabled`)."""
+        message = f"keys file {path} does not exist; only the config's keys are in force"
+        if message != self.file_error:
+            log.error("%s", message)
+            if self.on_reload is not None:
+                self.on_reload(False, message)
+        self.file_error, self._file_stamp = message, None
+        self.keys = Keys(tuple(self.config.api_keys), self.config.admin_key)
+
     @property
     def enabled(self) -> bool:
-        """Whether a key is asked for. Always with Redis keys: revoking the last one there
-        must leave access closed, never open."""
-        return not self.keys.empty or self.shared is not None
+        """Whether a key is asked for. Always with Redis keys or a keys file: revoking the
+        last one there (or deleting the file) must leave access closed, never open."""
+        return not self.keys.empty or self.shared is not None or self.config.keys_file is not None
 
     @property
     def has_admin(self) -> bool:

@@ -1,0 +1,53 @@
+"""The keys file's life: its keys in force while it exists, withdrawn when it is
+deleted, and access never opened by taking keys away. (Served end to end in
+tests/api/test_access.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keel.auth import Access, KeyStore
+from keel.config import AuthConfig
+
+FILE_KEY = "file-key-0123456789"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 2.0  # each look is over a second after the last: the file is re-read
+        return self.now
+
+
+def access(store: KeyStore, key: str) -> Access | None:
+    identity = store.identify([key])
+    return None if identity is None else identity.access
+
+
+def test_deleting_the_keys_file_revokes_its_keys_and_keeps_access_closed(tmp_path: Path) -> None:
+    (tmp_path / "keys.toml").write_text(f'api_keys = ["{FILE_KEY}"]\n')
+    store = KeyStore(AuthConfig(keys_file="keys.toml"), tmp_path, clock=Clock())
+    assert store.enabled and access(store, FILE_KEY) is Access.USER
+    (tmp_path / "keys.toml").unlink()
+    assert access(store, FILE_KEY) is None
+    assert store.enabled  # no key left: nobody gets in, rather than everybody
+    assert store.file_error is not None and "does not exist" in store.file_error
+    (tmp_path / "keys.toml").write_text(f'api_keys = ["{FILE_KEY}"]\n')
+    assert access(store, FILE_KEY) is Access.USER  # back when the file is
+
+
+def test_emptying_the_keys_file_keeps_access_closed(tmp_path: Path) -> None:
+    (tmp_path / "keys.toml").write_text(f'api_keys = ["{FILE_KEY}"]\n')
+    store = KeyStore(AuthConfig(keys_file="keys.toml"), tmp_path, clock=Clock())
+    (tmp_path / "keys.toml").write_text("api_keys = []\n")
+    assert access(store, FILE_KEY) is None
+    assert store.enabled
+
+
+def test_a_config_key_outlives_the_keys_file(tmp_path: Path) -> None:
+    config = AuthConfig(api_keys=["config-key-0123456789"], keys_file="keys.toml")
+    store = KeyStore(config, tmp_path, clock=Clock())  # the file never existed
+    assert access(store, "config-key-0123456789") is Access.USER
+    assert access(store, FILE_KEY) is None
