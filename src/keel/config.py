@@ -305,7 +305,10 @@ class AuthConfig(_Section):
         "`keel keys push FILE` publishes one to every replica within a second.",
     )
     requests_per_minute: int | None = Field(
-        600, ge=1, description="Per-key rate limit (token bucket; 429 with Retry-After)."
+        600,
+        ge=1,
+        description="Per-key limit on model requests (completions, chat, embeddings, "
+        "/infill; token bucket; 429 with Retry-After); monitoring is not counted.",
     )
     allow_unauthenticated_remote: bool = Field(
         False,

@@ -142,12 +142,16 @@ def test_rate_limit_per_key(tmp_path: Path) -> None:
     try:
         server.wait_ready()
         headers = {"x-api-key": USER_KEY}
-        codes = [
-            httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10) for _ in range(4)
-        ]
+        body = {"language": "python", "segments": {"prefix": "x = "}}
+        url = f"{server.url}/v1/completions"
+        codes = [httpx.post(url, json=body, headers=headers, timeout=60) for _ in range(4)]
         assert [r.status_code for r in codes] == [200, 200, 200, 429]
         assert int(codes[-1].headers["Retry-After"]) >= 1
         assert codes[-1].json()["error"]["code"] == "rate_limited"
+        # Model work is limited, not the key's monitoring: a scrape, the status page.
+        for path in ("/v1/models", "/metrics", "/v1/providers", "/v1/stats"):
+            response = httpx.get(f"{server.url}{path}", headers=headers, timeout=10)
+            assert response.status_code == 200, (path, response.text)
     finally:
         server.stop()
 

@@ -17,6 +17,7 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
+from keel.api.middleware import ROLE_BY_ROUTE
 from keel.api.state import app_state
 from keel.auth import Access, Identity
 from keel.errors import AuthenticationError, Forbidden, RateLimited
@@ -76,7 +77,9 @@ class Require:
             raise Forbidden(reason)
         request.state.key_id = identity.key_id
         limiter = state.rate_limiter
-        if limiter is not None and identity.key_id is not None:
+        # Model work is limited; the status page, a metrics scrape and the editor's
+        # events are not, or a busy key would blind its own monitoring.
+        if limiter is not None and identity.key_id is not None and is_model_route(request):
             wait = await limiter.acquire(identity.key_id)
             if wait > 0:
                 raise RateLimited(
@@ -85,6 +88,10 @@ class Require:
                     retry_after=wait,
                 )
         return identity
+
+
+def is_model_route(request: Request) -> bool:
+    return request.scope.get("path") in ROLE_BY_ROUTE
 
 
 class GuardedRoute(APIRoute):
