@@ -127,7 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # In JSON mode uvicorn's loggers propagate to keel's one JSON handler.
         log_config=None if args.log_format == "json" else LOGGING_CONFIG,
     )
-    server = uvicorn.Server(config)
+    from keel.ops.server import Server
+
+    server = Server(config)
     settle_heap()
     log.info("keel %s serving on http://%s:%d", __version__, host, port)
     try:

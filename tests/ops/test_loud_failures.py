@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,3 +130,42 @@ def test_sigterm_during_a_stream_lets_it_finish(tmp_path: Path) -> None:
     messages = {(record["logger"], record["msg"]) for record in records}
     assert any(logger == "keel" and "serving on" in msg for logger, msg in messages)
     assert ("uvicorn.error", "Shutting down") in messages
+
+
+@pytest.mark.integration
+def test_sigterm_past_the_grace_ends_requests_with_an_answer(tmp_path: Path) -> None:
+    """Requests still running as the shutdown grace ends are ended by keel, with an
+    answer: a stream with an error event and ``[DONE]`` (it was cut with neither), a
+    request not yet answered with a 503 saying to send it again; no traceback logged."""
+    keel = start_keel(tmp_path / "root", "[server]\nshutdown_grace_seconds = 2\n")
+    long = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0}
+    whole: list[httpx.Response] = []
+    try:
+        keel.wait_ready()
+        lines: list[str] = []
+        with httpx.Client(base_url=keel.url, timeout=120) as client:
+            waiting = threading.Thread(
+                target=lambda: whole.append(client.post("/v1/completions", json=long))
+            )
+            with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as answer:
+                for line in answer.iter_lines():
+                    if line and not lines:
+                        waiting.start()
+                        time.sleep(0.5)
+                        keel.process.send_signal(signal.SIGTERM)
+                        stopped_at = time.monotonic()
+                    if line:
+                        lines.append(line)
+            waiting.join(60)
+        code = keel.process.wait(60)
+        took = time.monotonic() - stopped_at
+    finally:
+        keel.stop()
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "unavailable" and "send the request again" in error["message"]
+    assert [r.status_code for r in whole] == [503], [r.text for r in whole]
+    assert whole[0].json()["error"]["code"] == "unavailable"
+    assert took < 10 and code in (0, -signal.SIGTERM), (took, code)
+    log = keel.log.read_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]

@@ -29,6 +29,7 @@ keel's added latency. What it does, in the order a request meets it:
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -42,6 +43,7 @@ from keel.config import Role
 from keel.errors import Forbidden, PayloadTooLarge
 from keel.ops.logging import request_id
 from keel.serving.lifecycle import PROVIDER_KEY
+from keel.serving.streaming import STOPPING, stopped
 
 ROLE_BY_ROUTE: dict[str, Role] = {
     "/v1/completions": "completion",
@@ -161,6 +163,11 @@ class KeelMiddleware:
                 await self.app(scope, receive, response)
             else:
                 await self._limited(scope, receive, response)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if STOPPING not in exc.args or response.started or task is None or task.uncancel():
+                raise
+            await error_response(stopped())(scope, receive, response)  # not begun: a 503
         finally:
             request_id.reset(token)
             self._record(scope, response, time.perf_counter() - start)

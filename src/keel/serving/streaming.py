@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from keel.errors import KeelError, UpstreamTimeout
+from keel.errors import KeelError, Unavailable, UpstreamTimeout
 from keel.providers.base import close_stream
 
 log = logging.getLogger("keel.serving")
@@ -27,6 +27,17 @@ def sse(data: object) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+STOPPING = "keel is stopping"
+"""The message of the cancel a stopping server sends the requests still running as its
+grace period ends (:class:`keel.ops.server.Server`): they end with an answer."""
+
+
+def stopped() -> Unavailable:
+    return Unavailable(
+        f"{STOPPING} (its shutdown grace period is over): the answer is cut short; "
+        "send the request again"
+    )
 
 
 class EventStream(Response):
@@ -66,9 +77,16 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not left or task.uncancel() > 0:
-                raise  # not the client's leaving: keel is stopping, say
+        except asyncio.CancelledError as exc:
+            if left:
+                if task.uncancel() > 0:
+                    raise
+            elif STOPPING in exc.args and task.uncancel() == 0:
+                log.warning("stream cut short: %s", STOPPING)
+                closing = sse(stopped().to_body()) + DONE
+                await send({"type": "http.response.body", "body": closing, "more_body": False})
+            else:
+                raise
         finally:
             watcher.cancel()
             await self.chunks.aclose()  # left mid-way: the generation is closed now

@@ -1,0 +1,47 @@
+"""uvicorn's server, ending the requests still running as the shutdown grace ends.
+
+On SIGTERM uvicorn stops accepting, waits up to ``timeout_graceful_shutdown`` for
+requests and streams in flight, then cancels them: a stream stopped there ended
+with no end (no error event, no ``[DONE]``: the OpenAI SDK raises a connection
+error) and every one logged a traceback. A moment before the grace ends, keel
+cancels them itself with :data:`~keel.serving.streaming.STOPPING`: a stream ends
+with an error event and ``[DONE]``, a request not yet answered gets a 503 saying
+to send it again (:class:`keel.api.middleware.KeelMiddleware`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from keel.serving.streaming import STOPPING
+
+log = logging.getLogger("keel")
+
+END_MARGIN = 1.0
+"""Seconds before the grace ends that the requests still running are ended (at most a
+fifth of the grace), time for their last writes."""
+
+
+class Server(uvicorn.Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        ending = None
+        if grace:
+            delay = grace - min(END_MARGIN, grace / 5)
+            ending = asyncio.get_running_loop().call_later(delay, self._end_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if ending is not None:
+                ending.cancel()
+
+    def _end_requests(self) -> None:
+        tasks = [task for task in self.server_state.tasks if not task.done()]
+        if tasks:
+            log.warning("shutdown grace over: ending %d request(s) still running", len(tasks))
+        for task in tasks:
+            task.cancel(msg=STOPPING)
