@@ -42,7 +42,8 @@ class KeelProcess:
         pid: int = ready["roles"][role]["pid"]
         return pid
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 120.0, path: str = "/ready") -> None:
+        """Until ``path`` answers 200 (``/health``: serving, whatever its backends)."""
         deadline = time.monotonic() + timeout
         with self.client(timeout=2) as client:
             while time.monotonic() < deadline:
@@ -51,7 +52,7 @@ class KeelProcess:
                         f"keel exited {self.process.returncode}: {self.log.read_text()}"
                     )
                 try:
-                    if client.get("/ready").status_code == 200:
+                    if client.get(path).status_code == 200:
                         return
                 except httpx.TransportError:
                     pass

@@ -646,8 +646,7 @@ def parse_settings(
                 message = "unknown key (check the spelling)"
             key = _loc_to_key(loc)
             value = error.get("input") if error["type"] != "missing" else None
-            if isinstance(value, dict) or _is_secret(key):
-                value = None  # a secret is not echoed to a terminal or a CI log
+            value = None if isinstance(value, dict) else _shown(key, value)
             issues.append(ConfigIssue(key or "(top level)", message, value))
         raise ConfigError(source, _dedupe(issues)) from None
     if issues:
@@ -655,12 +654,18 @@ def parse_settings(
     return settings
 
 
-SECRET_KEYS = ("api_key", "admin_key", "password", "token", "secret", "_url")
-"""Config keys whose values are not shown in errors (``_url``: URLs carry passwords)."""
+SECRET_KEYS = ("api_key", "admin_key", "password", "token", "secret")
+"""Config keys whose values are not shown in errors (to a terminal, a CI log)."""
 
 
-def _is_secret(key: str) -> bool:
-    return any(part in key for part in SECRET_KEYS)
+def _shown(key: str, value: object) -> object:
+    """A wrong value as an error shows it: a secret not at all, a URL without its
+    password."""
+    if any(part in key for part in SECRET_KEYS):
+        return None
+    if key.endswith("_url") and isinstance(value, str):
+        return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)
+    return value
 
 
 def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:

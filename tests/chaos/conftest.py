@@ -233,14 +233,15 @@ def backends() -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
 
 
 @pytest.fixture
-def keel_factory(tmp_path: Path) -> Iterator[Callable[[str], Keel]]:
-    """Start keel with a config text; stopped after the test."""
+def keel_factory(tmp_path: Path) -> Iterator[Callable[..., Keel]]:
+    """Start keel with a config text, ready (or, ``ready=False``, serving: with every
+    backend down it is never ready); stopped after the test."""
     started: list[Keel] = []
 
-    def start(config: str) -> Keel:
+    def start(config: str, *, ready: bool = True) -> Keel:
         keel = Keel(start_keel(tmp_path / f"root{len(started)}", config))
         started.append(keel)
-        keel.process.wait_ready(60)
+        keel.process.wait_ready(60, "/ready" if ready else "/health")
         return keel
 
     yield start

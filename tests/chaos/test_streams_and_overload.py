@@ -95,11 +95,15 @@ def test_a_stream_that_stalls_mid_way_ends_with_an_error_event_naming_the_stall(
 
 
 def test_everything_down_is_a_quick_503_naming_each_provider(
-    dead_url: str, keel_factory: Callable[[str], Keel]
+    dead_url: str, keel_factory: Callable[..., Keel]
 ) -> None:
     other_dead = f"http://127.0.0.1:{unused_port()}"
     routing = {**QUIET, "breaker_consecutive_failures": 2, "breaker_cooldown_seconds": 30}
-    keel = keel_factory(chain_config(dead_url, other_dead, routing=routing))
+    keel = keel_factory(chain_config(dead_url, other_dead, routing=routing), ready=False)
+    ready = keel.http.get("/ready")
+    assert ready.status_code == 503  # refusing connections since keel started: known at once
+    for role in ("completion", "chat", "embedding"):
+        assert "Connection refused" in ready.json()["roles"][role]["why"]
 
     calls: list[tuple[str, Callable[[], httpx.Response]]] = [
         ("completion", keel.tabby),

@@ -155,6 +155,9 @@ def test_a_secret_is_not_echoed_in_a_config_error() -> None:
         parse_settings({"auth": {"api_keys": ["short"], "admin_key": 12}}, "config.toml")
     assert "auth.api_keys" in caught.value.message and "short" not in caught.value.message
     with pytest.raises(ConfigError) as caught:
+        parse_settings({"state": {"redis_url": "http://:pw-123@redis:6379"}}, "config.toml")
+    assert "http://:***@redis:6379" in caught.value.message  # a URL, without its password
+    with pytest.raises(ConfigError) as caught:
         parse_settings({"server": {"port": "eighty"}}, "config.toml")
     assert "'eighty'" in caught.value.message  # other values are shown
 

@@ -77,11 +77,14 @@ async def readiness(request: Request) -> JSONResponse:
     details = holds_key(request)
     for role in ROLES:
         provider = state.providers.for_role(role)
-        usable = state.routing.routers[role].any_usable()
+        why = state.routing.routers[role].why_unusable()
+        usable = why is None
         ready = ready and usable
         status = provider.status()
         if details:
             roles[role] = {"provider": provider.name, "usable": usable, **status}
+            if why is not None:
+                roles[role]["why"] = why
         else:
             roles[role] = {"usable": usable, "state": str(status.get("state", "unknown"))}
     body = {"status": "ready" if ready else "not_ready", "roles": roles}

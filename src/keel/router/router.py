@@ -307,6 +307,12 @@ class RoleRouter:
             retry_after=wait,
         )
 
+    def why_unusable(self) -> str | None:
+        """Why no endpoint of the role can serve now (each one's state), or None."""
+        if self.any_usable():
+            return None
+        return "; ".join(f"{e.name}: " + self._describe(e) for e in self.endpoints)
+
     def _describe(self, endpoint: Endpoint) -> str:
         if endpoint.auth_failed:
             return "auth failed (check its api_key)"
@@ -364,6 +370,15 @@ class RoleRouter:
             self.failed(endpoint, error, kind)
         elif endpoint.record_failed(error):
             log.warning("provider %s failed its health check: %s", endpoint.name, error.message)
+            self.events.provider_health(endpoint.name, False)
+
+    def unreachable(self, endpoint: Endpoint, error: KeelError) -> None:
+        """A backend that did not accept a connection at keel's start: down, not flaky,
+        so one such check counts as the failed checks that route it around."""
+        self.events.health_check(endpoint.name, 0.0, False)
+        endpoint.failed_checks = UNHEALTHY_AFTER - 1
+        if endpoint.record_failed(error):
+            log.warning("provider %s is unreachable: %s", endpoint.name, error.message)
             self.events.provider_health(endpoint.name, False)
 
 

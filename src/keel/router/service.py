@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from keel.config import ROLES, LocalModelConfig, Role, Settings
-from keel.errors import UpstreamTimeout
+from keel.errors import UpstreamConnectError, UpstreamTimeout
 from keel.providers.base import (
     ChatCall,
     ChatMessage,
@@ -238,8 +240,30 @@ class Routing:
                 checks.append(router.check(endpoint, bounded, timeout))
         await asyncio.gather(*checks)
 
+    async def reach_all(self) -> None:
+        """At start, whether each HTTP backend accepts a connection at all: one that
+        does not (down, a wrong port) is routed around and named by ``/ready`` at once,
+        not after the two failed probes (a minute) it took. No request is sent: what a
+        backend answers is the probes' business."""
+        timeout = self.settings.routing.probe_timeout_seconds
+        seen: set[int] = set()
+        checks = []
+        for router in self.routers.values():
+            for endpoint in router.endpoints:
+                url = urlsplit(endpoint.provider.info.endpoint or "")
+                if id(endpoint) in seen or url.scheme not in ("http", "https"):
+                    continue
+                seen.add(id(endpoint))
+                port = url.port or (443 if url.scheme == "https" else 80)
+                checks.append(_reach(router, endpoint, url.hostname or "", port, timeout))
+        await asyncio.gather(*checks)
+
     async def _probe_forever(self) -> None:
         interval = self.settings.routing.probe_interval_seconds
+        try:
+            await self.reach_all()
+        except Exception:
+            log.exception("reaching the backends failed")
         while True:
             await asyncio.sleep(interval)
             try:
@@ -259,3 +283,21 @@ class Routing:
                 "admission": self.admission[role].snapshot(),
             }
         return {"roles": roles, "superseded": self.superseder.superseded}
+
+
+async def _reach(router: RoleRouter, endpoint: Endpoint, host: str, port: int, wait: float) -> None:
+    try:
+        async with asyncio.timeout(wait):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else _os_reason(exc)
+        error = UpstreamConnectError(
+            f"cannot connect to {host}:{port}: {reason}", provider=endpoint.name
+        )
+        router.unreachable(endpoint, error)
+        return
+    writer.close()
+
+
+def _os_reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)

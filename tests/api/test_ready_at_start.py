@@ -1,0 +1,60 @@
+"""A backend down when keel starts is known at once: ``/ready`` says which and why,
+within a second, not after the two failed probes (a minute) it took."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+from tests.api.conftest import USER, build_app
+from tests.fakes.upstreams import FakeUpstream
+
+
+def config(live: str, dead: str) -> str:
+    return f"""
+[routing]
+probe_interval_seconds = 60
+
+[model.completion]
+embedded_last_resort = false
+
+[model.completion.http]
+kind = "llama.cpp/completion"
+api_endpoint = "{live}"
+
+[model.chat]
+embedded_last_resort = false
+
+[model.chat.http]
+kind = "openai/chat"
+api_endpoint = "{dead}/v1"
+model_name = "gone"
+
+[model.embedding]
+embedded_last_resort = false
+
+[model.embedding.http]
+kind = "openai/embedding"
+api_endpoint = "{live}/v1"
+model_name = "embed"
+"""
+
+
+async def test_a_backend_down_at_start_makes_ready_say_why_at_once(tmp_path: Path) -> None:
+    with FakeUpstream() as live:
+        app = build_app(tmp_path / "keel", config(live.url, "http://127.0.0.1:1"))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+                for _ in range(100):
+                    ready = await client.get("/ready", headers=USER)
+                    if ready.status_code == 503:
+                        break
+                    await asyncio.sleep(0.02)
+                assert ready.status_code == 503, ready.text
+                chat = ready.json()["roles"]["chat"]
+                assert chat["usable"] is False and "cannot connect to 127.0.0.1:1" in chat["why"]
+                assert ready.json()["roles"]["completion"]["usable"] is True
+        # No request was sent to the live backend: only connections opened.
+        assert not live.requests, live.requests
