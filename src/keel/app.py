@@ -122,6 +122,7 @@ def create_app(
             shared_keys=shared_keys,
             stats=RequestStats(),
             background=background,
+            started_with=settings,
         )
         app.state.keel = state
 

@@ -143,8 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
-    path = Path(args.path) if args.path else paths.config_file
-    settings = load_settings(path, paths) if path.exists() or args.path else Settings()
+    given = args.path or args.config
+    path = Path(given) if given else paths.config_file
+    settings = load_settings(path, paths) if path.exists() or given else Settings()
     where = str(path) if path.exists() else f"{path} (absent: all defaults)"
     from keel.auth import open_remote_issue
 
@@ -427,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate a config file (exit 78 listing every error by key)"
     )
     check.add_argument("path", nargs="?", help="file to check (default: <data root>/config.toml)")
+    check.add_argument("--config", help="the same, as the other commands take it")
     check.set_defaults(func=cmd_config_check)
     sample = config_commands.add_parser("sample", help="print a sample config with every key")
     sample.set_defaults(func=cmd_config_sample)
@@ -554,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, where a reader gone early is caught (below)
     except KeelError as exc:
         if getattr(args, "log_format", "text") == "json":
             log.error("%s", exc.message)  # keep stderr one JSON object per line
@@ -562,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `keel models list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

@@ -134,6 +134,15 @@ class HttpModelConfig(_Section):
             raise ValueError("list at least one endpoint")
         return value
 
+    @model_validator(mode="after")
+    def _one_way_to_name_endpoints(self) -> HttpModelConfig:
+        if self.api_endpoint is not None and self.api_endpoints:
+            raise ValueError(
+                "set api_endpoint (one backend) or api_endpoints (its replicas), not both: "
+                "list every replica in api_endpoints"
+            )
+        return self
+
     def replicas(self) -> list[HttpModelConfig]:
         """One config per endpoint: ``api_endpoints`` expanded, or just this one."""
         if not self.api_endpoints:
@@ -322,13 +331,20 @@ class AuthConfig(_Section):
             raise ValueError("every key must have at least 8 characters")
         return value
 
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_not_short(cls, value: str | None) -> str | None:
+        if value is not None and len(value.strip()) < 8:
+            raise ValueError("must have at least 8 characters, as every key")
+        return value
+
 
 LOCAL_ORIGINS = ("http://localhost", "http://127.0.0.1", "http://[::1]")
 """Pages served from this machine, on any port (Ollama allows the same by default)."""
 
 
 class ServerConfig(_Section):
-    host: str = Field("127.0.0.1", description="Address to bind.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
     port: int = Field(8080, ge=1, le=65535, description="Port to bind; a busy port is an error.")
     completion_timeout: float = Field(
         30.0, gt=0, description="Seconds a completion may take before it fails."

@@ -138,6 +138,7 @@ async def reload_config(
         shared_keys=state.shared_keys,
     )
     old_routing = state.routing
+    waiting = restart_needed(state.started_with or state.settings, settings)
     state.settings = settings
     state.providers = providers
     state.routing = parts.routing
@@ -157,12 +158,41 @@ async def reload_config(
         for role in ROLES
     }
     detail = f"started {[p.name for p in fresh]}, stopping {[p.name for p in stopped]}"
+    if waiting:
+        detail += f"; changed, in force at the next restart: {', '.join(waiting)}"
     state.audit.record("config_reload", key_id=key_id, result="ok", detail=detail)
     state.metrics.config_reload(True)
-    log.info("config reloaded: %s", detail)
+    (log.warning if waiting else log.info)("config reloaded: %s", detail)
     return {
         "status": "reloaded",
         "chains": chains,
         "started": [p.name for p in fresh],
         "stopping": [p.name for p in stopped],
+        "restart_needed": waiting,
     }
+
+
+START_ONLY = (
+    "server.host",
+    "server.port",
+    "server.max_body_bytes",
+    "server.cors_allowed_origins",
+    "server.shutdown_grace_seconds",
+    "state.redis_url",
+    "events.database_url",
+    "repositories",
+    "index",
+)
+"""Settings read once, at start: a reload that changes them says they wait for a restart."""
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The :data:`START_ONLY` settings whose values differ between ``old`` and ``new``."""
+
+    def value(settings: Settings, dotted: str) -> object:
+        found: object = settings
+        for part in dotted.split("."):
+            found = getattr(found, part)
+        return found
+
+    return [key for key in START_ONLY if value(old, key) != value(new, key)]

@@ -32,9 +32,14 @@ def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
         pid = server.worker_pid("chat")
         assert chat_chain(server.url) == ["local/SmolLM2-135M-Instruct"]
 
-        config.write_text(WITH_FALLBACK)
+        config.write_text(
+            WITH_FALLBACK + '[server]\ncors_allowed_origins = ["https://a.example"]\n'
+        )
         applied = httpx.post(f"{server.url}/v1/admin/reload", timeout=60)
         assert applied.status_code == 200, applied.text
+        # Read at start only: applied at the next restart, and said so.
+        assert applied.json()["restart_needed"] == ["server.cors_allowed_origins"]
+        assert "next restart: server.cors_allowed_origins" in server.log.read_text()
         assert chat_chain(server.url) == ["local/SmolLM2-135M-Instruct", "chat/openai/chat#1"]
         assert server.worker_pid("chat") == pid  # unchanged worker kept, model not reloaded
 
@@ -57,6 +62,7 @@ def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
             time.sleep(0.2)
         audit = (tmp_path / "audit.log").read_text()
         assert audit.count('"action":"config_reload"') == 3
+        assert audit.count("next restart") == 1  # back to the start's origins: nothing waits
         assert '"result":"error"' in audit
     finally:
         server.stop()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,6 +151,33 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     assert "2 config errors" in failed.stderr
 
 
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (
+            {
+                "model": {
+                    "chat": {
+                        "http": {
+                            "kind": "openai/chat",
+                            "api_endpoint": "http://a:1/v1",
+                            "api_endpoints": ["http://b:2/v1", "http://c:3/v1"],
+                        }
+                    }
+                }
+            },
+            "model.chat.http",
+        ),
+        ({"auth": {"admin_key": "short2"}}, "auth.admin_key"),
+        ({"server": {"host": ""}}, "server.host"),
+    ],
+)
+def test_config_mistakes_that_were_taken_silently_are_errors(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml")
+    assert key in caught.value.message
+
+
 def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"auth": {"api_keys": ["short"], "admin_key": 12}}, "config.toml")
@@ -160,6 +188,25 @@ def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"server": {"port": "eighty"}}, "config.toml")
     assert "'eighty'" in caught.value.message  # other values are shown
+
+
+def test_config_check_takes_config_as_the_other_commands_do(tmp_path: Path) -> None:
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    missing = run_cli("config", "check", "--config", str(tmp_path / "nope.toml"), env=env)
+    assert missing.returncode == 78 and "nope.toml" in missing.stderr
+
+
+def test_a_listing_read_in_part_ends_quietly(tmp_path: Path) -> None:
+    """``keel models list | head -1``: the reader leaving early is no error, no traceback."""
+    done = subprocess.run(
+        f"{sys.executable} -m keel models list | true",  # the reader gone before keel writes
+        shell=True,
+        env={"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(("days", "kept"), [(None, None), (0, 0), (30, 30)])

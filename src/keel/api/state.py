@@ -52,6 +52,8 @@ class AppState:
     shared_keys: SharedKeys | None = None
     """The keys kept in Redis (with ``redis``), followed for the process's life."""
     started_at: float = field(default_factory=time.time)
+    started_with: Settings | None = None
+    """The settings the process started with (some are read only then; see keel.reload)."""
 
     deep_health: DeepHealth = field(default_factory=DeepHealth)
     stats: RequestStats = field(default_factory=RequestStats)
