@@ -373,3 +373,23 @@ def test_postprocess_keeps_a_plain_good_completion() -> None:
         "os.path.join(root, name)", prefix="import os\npath = ", suffix="\n", language=PYTHON
     )
     assert result == "os.path.join(root, name)"
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("```", ""),  # an instruct model's answer after a function's head
+        ("    return 1\n```\n\nThis function", "    return 1"),
+        ("x = 1\n  ```python", "x = 1"),
+        ("s = '```'", "s = '```'"),  # not at a line's start: code
+    ],
+)
+def test_a_markdown_fence_ends_a_code_completion(text: str, kept: str) -> None:
+    python = get_language("python")
+    assert postprocess(text, prefix="def f():\n", suffix="", language=python) == kept
+
+
+def test_a_fence_stays_in_markdown() -> None:
+    markdown = get_language("markdown")
+    text = "```python\nprint(1)\n```"
+    assert postprocess(text, prefix="Example:\n\n", suffix="", language=markdown) == text

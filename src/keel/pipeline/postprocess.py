@@ -33,8 +33,8 @@ _CONTINUATION_WORDS = frozenset(
 def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> str:
     """The completion to show for ``text`` generated at the cursor, or ``""``.
 
-    Steps, in order: keep one line when the cursor is mid-line, drop a model
-    loop, cut at the end of the cursor's scope, drop a closing line the
+    Steps, in order: keep one line when the cursor is mid-line, cut at a
+    Markdown code fence (not in prose), drop a model loop, cut at the end of the cursor's scope, drop a closing line the
     suffix already has, drop a tail that repeats the suffix line, trim
     whitespace, drop the completion if it only repeats the suffix.
     """
@@ -42,6 +42,8 @@ def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> s
         return ""
     if is_mid_line(prefix, suffix):
         text = first_line(text)
+    if language.name not in PROSE:
+        text = cut_at_fence(text)
     text = remove_repetitive_lines(text, prefix=prefix)
     text = limit_scope(text, prefix=prefix, suffix=suffix, language=language)
     text = drop_duplicated_closing_line(text, prefix=prefix, suffix=suffix)
@@ -50,6 +52,20 @@ def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> s
     if repeats_suffix(text, suffix=suffix):
         return ""
     return text if text.strip() else ""
+
+
+PROSE = frozenset(("markdown", "plaintext", "unknown", "restructuredtext", "asciidoc"))
+"""Languages whose text may hold a Markdown code fence."""
+
+
+def cut_at_fence(text: str) -> str:
+    """``text`` up to a line that begins a Markdown code fence: an instruct model
+    answering in a code file wrote one (answers of only ``` after a function's head)."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            return "\n".join(lines[:index])
+    return text
 
 
 def cursor_line(prefix: str) -> str:
