@@ -9,36 +9,14 @@ from pathlib import Path
 import httpx
 from tests.api.conftest import USER, build_app
 from tests.fakes.upstreams import FakeUpstream
+from tests.serving.conftest import llamacpp_config
 
 
 def config(live: str, dead: str) -> str:
-    return f"""
-[routing]
-probe_interval_seconds = 60
-
-[model.completion]
-embedded_last_resort = false
-
-[model.completion.http]
-kind = "llama.cpp/completion"
-api_endpoint = "{live}"
-
-[model.chat]
-embedded_last_resort = false
-
-[model.chat.http]
-kind = "openai/chat"
-api_endpoint = "{dead}/v1"
-model_name = "gone"
-
-[model.embedding]
-embedded_last_resort = false
-
-[model.embedding.http]
-kind = "openai/embedding"
-api_endpoint = "{live}/v1"
-model_name = "embed"
-"""
+    """The serving tests' config (everything from ``live``), but chat from ``dead``."""
+    chat = f'api_endpoint = "{live}/v1"\nmodel_name = "fake-chat"'
+    assert chat in llamacpp_config(live)
+    return llamacpp_config(live).replace(chat, f'api_endpoint = "{dead}/v1"\nmodel_name = "x"')
 
 
 async def test_a_backend_down_at_start_makes_ready_say_why_at_once(tmp_path: Path) -> None:
