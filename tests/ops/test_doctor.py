@@ -97,6 +97,21 @@ def test_a_model_file_that_is_not_gguf_is_exit_69(tmp_path: Path) -> None:
     assert found["model SmolLM2-135M-Instruct"]["status"] == "ok"
 
 
+def test_a_truncated_model_file_is_exit_69(tmp_path: Path) -> None:
+    """An interrupted copy: a whole header, the tensors cut off. The engine would refuse
+    it at load; doctor says so first, and why."""
+    from keel.models.registry import embedded_model_path
+
+    cut = tmp_path / "models" / "cut.gguf"
+    cut.parent.mkdir(parents=True)
+    with embedded_model_path().open("rb") as whole:
+        cut.write_bytes(whole.read(3 * 2**20))
+    (tmp_path / "config.toml").write_text('[model.chat.local]\nmodel_id = "cut"\n')
+    result = doctor(tmp_path, "--json", "--port", str(free_port()))
+    assert result.returncode == 69, result.stdout + result.stderr
+    assert "truncated (3.0 MiB" in findings(result)["model cut"]["detail"]
+
+
 def test_a_busy_port_is_exit_75_naming_the_holder(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -1,12 +1,16 @@
 """Read a GGUF file's header without loading the native library.
 
-Only the metadata key/value section is parsed (scalars kept, arrays skipped),
-which is enough to tell a real GGUF file from garbage and to estimate the
-memory a model needs: weights (the file size) plus the KV cache for the
-configured context. Tensor data is never read.
+The metadata key/value section is parsed (scalars kept, arrays skipped), which
+is enough to tell a real GGUF file from garbage and to estimate the memory a
+model needs: weights (the file size) plus the KV cache for the configured
+context; then the tensor table, whose offsets say how long the file must be (a
+truncated file, an interrupted copy, is refused here rather than by the engine).
+Tensor data is never read.
 
 Format: magic ``GGUF``, u32 version (2 or 3), u64 tensor count, u64 key/value
-count, then per key a u64-length string, a u32 value type and the value.
+count, then per key a u64-length string, a u32 value type and the value; then
+per tensor a name, u32 dimension count, u64 dimensions, u32 type and u64 offset
+into the data, which begins at the next multiple of ``general.alignment`` (32).
 """
 
 from __future__ import annotations
@@ -146,7 +150,7 @@ def read_header(path: Path) -> tuple[dict[str, object], frozenset[str]]:
         version = reader.u32()
         if version not in (2, 3):
             raise MissingDependency(f"{path}: unsupported GGUF version {version}")
-        reader.u64()  # tensor count
+        tensors = reader.u64()
         count = reader.u64()
         if count > _MAX_KEYS:
             raise MissingDependency(f"{path}: corrupt GGUF header ({count} keys)")
@@ -161,7 +165,31 @@ def read_header(path: Path) -> tuple[dict[str, object], frozenset[str]]:
                 metadata[VOCABULARY_SIZE] = size
             else:
                 metadata[key] = reader.value(kind)
+        _check_length(reader, tensors, metadata)
         return metadata, frozenset(found)
+
+
+def _check_length(reader: _Reader, tensors: int, metadata: dict[str, object]) -> None:
+    """Raise MissingDependency when the file ends before its last tensor begins."""
+    furthest = 0
+    for _ in range(tensors):
+        reader.string()  # name
+        dimensions = reader.u32()
+        if dimensions > 8:
+            raise MissingDependency(f"{reader.path}: corrupt GGUF tensor table")
+        for _ in range(dimensions):
+            reader.u64()
+        reader.u32()  # type
+        furthest = max(furthest, reader.u64())
+    alignment = _int(metadata, "general.alignment") or 32
+    start = -(-reader.file.tell() // alignment) * alignment
+    size = reader.path.stat().st_size
+    if tensors and start + furthest >= size:
+        raise MissingDependency(
+            f"{reader.path}: truncated ({size / 2**20:,.1f} MiB, where its tensors reach past "
+            f"{(start + furthest) / 2**20:,.1f} MiB): an interrupted copy or download? "
+            "copy or pull it again"
+        )
 
 
 VOCABULARY_SIZE = "keel.vocabulary_size"

@@ -34,9 +34,10 @@ def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> s
     """The completion to show for ``text`` generated at the cursor, or ``""``.
 
     Steps, in order: keep one line when the cursor is mid-line, cut at a
-    Markdown code fence (not in prose), drop a model loop, cut at the end of the cursor's scope, drop a closing line the
-    suffix already has, drop a tail that repeats the suffix line, trim
-    whitespace, drop the completion if it only repeats the suffix.
+    Markdown code fence (not in prose), drop a model loop, cut at the end of
+    the cursor's scope, drop a closing line the suffix already has, drop a
+    tail that repeats the suffix line, trim whitespace, drop the completion if
+    it only repeats the suffix.
     """
     if not text.strip():
         return ""
