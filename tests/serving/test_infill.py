@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from keel.api.infill import cut_at_indent
+from keel.api.infill import cut_at_indent, cut_at_suffix_closer
 from keel.schemas.infill import InfillRequest
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.serving.conftest import build_app, llamacpp_config
@@ -176,3 +176,22 @@ def test_n_indent_stops_at_a_line_indented_less() -> None:
     text = "x = 1\n        y = 2\n\n    return y\n        z"
     assert cut_at_indent(text, 8) == "x = 1\n        y = 2\n"
     assert cut_at_indent(text, None) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "line_prefix", "line_suffix", "kept"),
+    [
+        ('x = {}", x);', '    println!("', '");', "x = {}"),  # the quote it closes
+        ('name}!"', '    return f"Hallo, {', '}"', "name"),
+        ('Hello")', '    print("', '")', "Hello"),  # what llama.vscode drops itself
+        ("a(b), c)", "foo(", ")", "a(b), c"),  # its own brackets pair up
+        ('"x", y)', "foo(", ")", '"x", y'),  # its own strings too
+        ("a, b", "foo(", ")", "a, b"),  # closes nothing
+        ("a)\n    b", "foo(", ")", "a)\n    b"),  # more than a line: not mid-line text
+        ("x]", "foo(", ")", "x]"),  # closes something else: left to the editor
+    ],
+)
+def test_a_mid_line_answer_ends_where_the_line_already_closes(
+    text: str, line_prefix: str, line_suffix: str, kept: str
+) -> None:
+    assert cut_at_suffix_closer(text, line_prefix, line_suffix) == kept

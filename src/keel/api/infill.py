@@ -4,8 +4,9 @@ against keel unchanged.
 The body is read as a Tabby completion request (:meth:`InfillRequest.to_tabby`)
 and served by the same completion serving: routing with fallbacks and
 breakers, superseding, the typed-through cache, snippets (the editor's
-``input_extra`` chunks), postprocessing. Then ``n_indent`` is applied and the
-answer is shaped as llama.cpp's.
+``input_extra`` chunks), postprocessing. Then ``n_indent`` is applied, a mid-line
+answer is cut where it closes what the line already closes, and the answer is
+shaped as llama.cpp's.
 """
 
 from __future__ import annotations
@@ -51,6 +52,37 @@ def cut_at_indent(text: str, n_indent: int | None) -> str:
     return text
 
 
+_CLOSING = {")": "(", "]": "[", "}": "{"}
+_OPENING = {opener: closer for closer, opener in _CLOSING.items()}
+_QUOTES = "\"'`"
+
+
+def cut_at_suffix_closer(text: str, line_prefix: str, line_suffix: str) -> str:
+    """A one-line answer in mid-line up to where it closes what the text after the
+    cursor closes already (an editor's auto-closed bracket or quote): ``x = {}", x);``
+    before ``");`` is ``x = {}``. llama.vscode drops only an exact overlap at the
+    answer's end (tabby-agent finds the range to replace itself; Tabby's route keeps
+    the whole answer for it). A quote closes when the cursor's line left it open."""
+    ahead = line_suffix.lstrip()[:1]
+    if "\n" in text or not ahead or ahead not in (*_CLOSING, *_QUOTES):
+        return text
+    open_quotes = {quote for quote in _QUOTES if line_prefix.count(quote) % 2}
+    depth = dict.fromkeys(_CLOSING, 0)
+    inside: str | None = None
+    for index, char in enumerate(text):
+        if inside is not None:
+            inside = None if char == inside else inside
+        elif char in open_quotes or (char in _CLOSING and depth[char] == 0):
+            return text[:index] if char == ahead else text  # closes what the line opened
+        elif char in _QUOTES:
+            inside = char
+        elif char in _OPENING:
+            depth[_OPENING[char]] += 1
+        elif char in _CLOSING:
+            depth[char] -= 1
+    return text
+
+
 @router.post(
     "/infill",
     dependencies=[USER],
@@ -70,6 +102,8 @@ async def infill(request: Request) -> JSONResponse:
         answer = await state.completion.complete(request, body.to_tabby(language_of(body)))
         if answer is not None:
             content = cut_at_indent(answer.response.choices[0].text, body.n_indent)
+            line_suffix = body.input_suffix.partition("\n")[0]
+            content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
             headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
     elapsed_ms = (time.perf_counter() - started) * 1000
     predicted = estimate_tokens(content) if content else 0
