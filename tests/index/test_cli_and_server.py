@@ -93,5 +93,13 @@ def test_tabby_completion_shows_retrieved_snippets(repo: Path, tmp_path: Path) -
             assert "# Path: weather/client.py" in prompt
             assert "#     def fetch_forecast(self, city_name, days=3):" in prompt
             assert prompt.endswith(PREFIX)
+
+            # The file goes, and `keel index` (another process) takes it out of the index:
+            # the same line's next request no longer shows its code.
+            (repo / "weather" / "client.py").unlink()
+            indexed = run_keel(tmp_path / "keel", "index", "weather")
+            assert indexed.returncode == 0, indexed.stderr
+            again = client.post("/v1/completions", json=body).json()["debug_data"]["snippets"]
+            assert "weather/client.py" not in {s["filepath"] for s in again}, again
     finally:
         server.stop()

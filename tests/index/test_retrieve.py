@@ -142,3 +142,27 @@ def test_unmatched_request_and_zero_max_snippets_give_nothing(
     assert retriever.search(prefix=PREFIX, filepath=None, git_url=None) == []
     off = RepositoryRetriever(retriever.repositories, IndexConfig(max_snippets=0))
     assert off.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None) == []
+
+
+def test_an_update_by_another_process_is_searched_at_once(
+    retriever: RepositoryRetriever, repo: Path, tmp_path: Path
+) -> None:
+    """``keel index`` (another process: here another retriever on the same index) writes
+    while the server has answers cached: the server's next search sees the new state,
+    not what it cached before, for deleted code and for new code."""
+    report = str(repo / "report.py")
+    before = retriever.search(prefix=PREFIX, filepath=report, git_url=None)
+    assert "weather/units.py" in [s.filepath for s in before]
+    (repo / "weather" / "units.py").unlink()
+    (repo / "weather" / "days.py").write_text("def weekly_report_days(forecast):\n    return 7\n")
+    other = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))],
+        IndexConfig(min_score=0.0),
+        Paths(tmp_path / "data"),
+    )
+    assert other.update("weather")["weather"].changed
+    after = retriever.search(prefix=PREFIX, filepath=report, git_url=None)
+    paths = [s.filepath for s in after]
+    assert "weather/units.py" not in paths, "a deleted file's code in the prompt"
+    assert "weather/days.py" in paths
+    assert retriever.state()[0] == other.state()[0] != 0  # the same committed state

@@ -125,9 +125,10 @@ class RepositoryRetriever:
     def __init__(self, repositories: Sequence[Repository], config: IndexConfig) -> None:
         self.repositories = list(repositories)
         self.config = config
-        self._cache: OrderedDict[tuple[str, str | None, tuple[str, ...]], list[Snippet]] = (
+        self._cache: OrderedDict[tuple[str, int, str | None, tuple[str, ...]], list[Snippet]] = (
             OrderedDict()
         )
+        """Search results by the index's state (its stamp) and the query."""
         self._cache_lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -191,7 +192,7 @@ class RepositoryRetriever:
         terms = cursor_query(prefix)
         if not terms:
             return []
-        key = (repo.name, relpath, tuple(terms))
+        key = (repo.name, repo.index.stamp(), relpath, tuple(terms))
         with self._cache_lock:
             cached = self._cache.get(key)
             if cached is not None:
@@ -205,6 +206,10 @@ class RepositoryRetriever:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return snippets
+
+    def state(self) -> tuple[int, ...]:
+        """The indexes' states: a choice of snippets made in another is stale."""
+        return tuple(repo.index.stamp() for repo in self.repositories)
 
     async def retrieve(
         self, *, prefix: str, filepath: str | None, git_url: str | None

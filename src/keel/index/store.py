@@ -93,6 +93,8 @@ class RepositoryIndex:
         self._update_lock = threading.Lock()
         self._index: tantivy.Index | None = None
         self._searcher: tantivy.Searcher | None = None
+        self._loaded = -1
+        """The :meth:`stamp` of the state the searcher reads."""
 
     @property
     def _tantivy_dir(self) -> Path:
@@ -114,6 +116,14 @@ class RepositoryIndex:
             return None
         files = data.get("files")
         return files if isinstance(files, dict) else None
+
+    def stamp(self) -> int:
+        """Which committed state the index is in: it changes with every update that
+        changed something, by this process or another (``keel index``)."""
+        try:
+            return self._manifest_file.stat().st_mtime_ns
+        except OSError:
+            return 0
 
     def _save_manifest(self, files: dict[str, dict[str, Any]]) -> None:
         tmp = self._manifest_file.with_suffix(".tmp")
@@ -143,10 +153,12 @@ class RepositoryIndex:
 
     def reload(self) -> None:
         """Make the newest committed state (possibly written by another process) searchable."""
+        stamp = self.stamp()
         index = self._open(create=False)
         if index is not None:
             index.reload()
             self._searcher = index.searcher()
+            self._loaded = stamp
 
     def update(self, progress: Progress | None = None) -> UpdateStats:
         """Bring the index in line with the files on disk; see the module docstring."""
@@ -164,6 +176,7 @@ class RepositoryIndex:
         index = self._open(create=True)
         assert index is not None
         manifest = self._load_manifest()
+        before = json.dumps(manifest, sort_keys=True)
         files = list_source_files(self.root, max_file_bytes=self.max_file_bytes)
         stats.files = len(files)
         current = {f.relpath for f in files}
@@ -241,7 +254,8 @@ class RepositoryIndex:
         if writer is not None:
             writer.commit()
             writer.wait_merging_threads()
-        self._save_manifest(manifest)
+        if json.dumps(manifest, sort_keys=True) != before:
+            self._save_manifest(manifest)  # a new stamp only when something changed
         self.reload()
         stats.seconds = time.monotonic() - started
         return stats
@@ -251,7 +265,7 @@ class RepositoryIndex:
     ) -> list[Hit]:
         """Chunks matching any of ``terms``, best BM25 score first; none before the first update."""
         searcher = self._searcher
-        if searcher is None:
+        if searcher is None or self.stamp() != self._loaded:  # `keel index` wrote since
             self.reload()
             searcher = self._searcher
         if searcher is None or not terms:

@@ -70,6 +70,10 @@ class SnippetRetriever(Protocol):
         self, *, prefix: str, filepath: str | None, git_url: str | None
     ) -> list[Snippet]: ...
 
+    def state(self) -> tuple[int, ...]:
+        """Changes when what :meth:`retrieve` finds may have."""
+        ...
+
 
 def _client_snippets(request: TabbyCompletionRequest) -> list[Snippet]:
     """Declarations first (they name what the cursor uses), then snippets by score."""
@@ -301,8 +305,9 @@ class TabbyPrompts:
 
         While the user types on one line, every request reuses the first
         request's choice, so the head of the prompt stays byte-identical and a
-        local model reuses its KV cache; a new line, or client snippets from
-        other files, choose afresh.
+        local model reuses its KV cache; a new line, client snippets from other
+        files, or a change to the repository's index (a file edited or deleted)
+        choose afresh.
         """
         segments = request.segments
         line_start = prefix.rfind("\n") + 1
@@ -310,9 +315,10 @@ class TabbyPrompts:
         sources = "|".join(sorted({s.filepath for s in client}))
         debug = request.debug_options
         retrieval_off = debug is not None and debug.disable_retrieval_augmented_code_completion
+        indexes = self.retriever.state() if self.retriever is not None else ()
         key = (
             f"{segments.git_url if segments else ''}|{segments.filepath if segments else ''}",
-            hash((prefix[:line_start], sources, retrieval_off)),
+            hash((prefix[:line_start], sources, retrieval_off, indexes)),
         )
         cached = self._line_snippets.get(key)
         if cached is not None:
