@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -134,6 +135,28 @@ async def test_a_missing_model_is_a_404_before_any_streaming(client: httpx.Async
         body = {"model_name": name}
         response = await client.post("/v1/model/load", json=body, headers=ADMIN)
         assert response.status_code == 404, (name[:20], response.text)
+
+
+async def test_a_file_that_is_no_usable_model_is_a_400_before_any_streaming(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Not a GGUF file, or one cut short: the caller's mistake (it was a 500 saying
+    "missing dependency"), refused before any event."""
+    from keel.models.registry import embedded_model_path
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"<html>not a model</html>")
+    cut = tmp_path / "cut.gguf"
+    with embedded_model_path().open("rb") as whole:
+        cut.write_bytes(whole.read(2**20))
+    for path, why in ((junk, "not a GGUF file"), (cut, "truncated")):
+        for stream in (True, False):
+            body = {"model_name": str(path), "role": "chat", "stream": stream}
+            response = await client.post("/v1/model/load", json=body, headers=ADMIN)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert (error["code"], error["param"]) == ("invalid_model", "model_name")
+            assert why in error["message"]
 
 
 async def test_the_sampling_fields_a_client_sends_reach_the_backend(

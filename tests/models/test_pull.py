@@ -211,3 +211,15 @@ def test_bad_specs_are_the_callers_error(spec: str, quant: str | None, tmp_path:
         ModelPuller(Paths(tmp_path), endpoint="http://127.0.0.1:9", environ={}).pull(
             spec, quant=quant
         )
+
+
+def test_a_truncated_gguf_is_discarded_though_its_checksum_matches(
+    model_bytes: bytes, paths: Paths
+) -> None:
+    """The hub's checksum is of the bytes it has: a file uploaded cut short matches it.
+    Its header says how long it must be: the pull refuses it, as a load would."""
+    repos = {"keel-test/cut-GGUF": {"cut.gguf": model_bytes[: 3 * 2**20]}}
+    with FakeHub(repos) as cut, pytest.raises(UpstreamError) as refused:
+        puller(cut, paths).pull("keel-test/cut-GGUF:cut.gguf")
+    assert "truncated" in refused.value.message and "discarded" in refused.value.message
+    assert nothing_left(paths)

@@ -112,6 +112,18 @@ def test_a_truncated_model_file_is_exit_69(tmp_path: Path) -> None:
     assert "truncated (3.0 MiB" in findings(result)["model cut"]["detail"]
 
 
+def test_a_repository_path_that_is_not_there_is_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "config.toml").write_text(
+        f'[[repositories]]\nname = "here"\npath = "{tmp_path / "repo"}"\n\n'
+        '[[repositories]]\nname = "ghost"\npath = "/nonexistent/keel-ghost"\n'
+    )
+    result = doctor(tmp_path, "--json", "--port", str(free_port()))
+    assert result.returncode == 0, result.stdout + result.stderr  # context is optional
+    found = findings(result)["repositories"]
+    assert found["status"] == "warn" and "ghost: /nonexistent/keel-ghost" in found["detail"]
+
+
 def test_a_busy_port_is_exit_75_naming_the_holder(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -21,7 +21,14 @@ from pathlib import Path
 from keel.audit import AuditLog
 from keel.background import Background
 from keel.config import LocalModelConfig, Paths, Role, Settings
-from keel.errors import Conflict, InsufficientMemory, KeelError, MissingDependency, NotFound
+from keel.errors import (
+    Conflict,
+    InsufficientMemory,
+    KeelError,
+    MissingDependency,
+    NotFound,
+    RequestError,
+)
 from keel.models import gguf
 from keel.models.registry import list_model_files, read_facts, resolve_model
 from keel.providers.catalog import ProviderEntry, build_local_provider, local_worker_spec
@@ -63,6 +70,13 @@ def estimate_memory(
     model not downloaded yet) the KV cache is guessed as a quarter of the weights."""
     kv = gguf.kv_cache_bytes(metadata, context_size) if metadata is not None else None
     return weights + (kv if kv is not None else weights // 4) * max(1, slots) + OVERHEAD_BYTES
+
+
+def _unusable(model_name: str, exc: Exception) -> RequestError:
+    reason = exc.message if isinstance(exc, KeelError) else str(exc)
+    return RequestError(
+        f"{model_name} cannot be loaded: {reason}", param="model_name", code="invalid_model"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +153,16 @@ class ModelManager:
         return cards
 
     def require_model(self, model_name: str) -> None:
-        """Raise NotFound unless ``model_name`` is a model file keel could load."""
+        """Raise NotFound unless ``model_name`` is a model file, RequestError unless it is
+        a usable GGUF file (read before any work, or any streamed event)."""
         try:
-            resolve_model(model_name, self.paths)
+            path = resolve_model(model_name, self.paths)
         except MissingDependency as exc:
             raise NotFound(exc.message) from None
+        try:
+            gguf.read_metadata(path)
+        except (MissingDependency, OSError) as exc:
+            raise _unusable(model_name, exc) from None
 
     def _candidates(self, role: Role, model_name: str) -> list[str]:
         config = self.settings.model.role(role).local
@@ -161,7 +180,13 @@ class ModelManager:
                 if candidate == model_name:
                     raise NotFound(exc.message) from None
                 continue
-            needed = memory_needed(local_worker_spec(role, config, path))
+            try:
+                needed = memory_needed(local_worker_spec(role, config, path))
+            except MissingDependency as exc:  # not a GGUF file, or a damaged one
+                if candidate == model_name:
+                    raise _unusable(model_name, exc) from None
+                refusals.append(f"{candidate}: {exc.message}")
+                continue
             if available is None or needed <= available:
                 note = (
                     f"{_mib(needed)} needed, {_mib(available)} available"

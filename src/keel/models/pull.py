@@ -51,6 +51,7 @@ from keel.config import LocalModelConfig, Paths
 from keel.errors import (
     ClientDisconnected,
     InsufficientStorage,
+    MissingDependency,
     NotFound,
     RequestError,
     Unavailable,
@@ -430,10 +431,13 @@ class ModelPuller:
                 provider=self.hub,
                 code="checksum_mismatch",
             )
-        if not gguf.has_magic(blob):  # just read whole for the digest: readable
+        try:
+            gguf.read_metadata(blob)  # a header, and as long as its tensor table says
+        except MissingDependency as exc:  # (the file was just read whole: readable)
             raise UpstreamProtocolError(
-                f"{file.filename} is not a GGUF file; it was discarded", provider=self.hub
-            )
+                f"{file.filename} is not a usable GGUF file ({exc.message}); it was discarded",
+                provider=self.hub,
+            ) from None
         return digest
 
     @contextlib.contextmanager

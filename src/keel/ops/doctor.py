@@ -215,6 +215,23 @@ def check_model_files(report: Report, settings: Settings, paths: Paths) -> bool:
     return ok
 
 
+def check_repositories(report: Report, settings: Settings) -> None:
+    """Each configured repository's checkout is there (a typo in a path silently turned
+    repository context off: the server only logs it at each refresh)."""
+    missing, found = [], []
+    for repo in settings.repositories:
+        root = Path(repo.path).expanduser() if repo.path else None
+        if root is None or not root.is_dir():
+            missing.append(f"{repo.name}: {repo.path or '(no path)'} is not a directory")
+        else:
+            found.append(f"{repo.name}: {root}")
+    if missing:
+        note = "completions get no code from it; fix the path in [[repositories]]"
+        report.add("repositories", "warn", "\n".join([*missing, note, *found]))
+    else:
+        report.add("repositories", "ok", "\n".join(found))
+
+
 def check_downloaded_models(report: Report, paths: Paths) -> None:
     """The models in <root>/models (pulled or copied): header facts, damaged files, and
     what an interrupted pull left in its staging directory."""
@@ -419,6 +436,8 @@ def run_checks(options: DoctorOptions, environ: dict[str, str] | None = None) ->
     else:
         report.add("memory", "skip", "model files missing")
     check_downloaded_models(report, paths)
+    if settings is not None and settings.repositories:
+        check_repositories(report, settings)
     check_data_root(report, paths)
     host = options.host or (settings.server.host if settings else "127.0.0.1")
     port = (
