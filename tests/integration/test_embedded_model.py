@@ -371,6 +371,8 @@ def test_embeddings_take_inputs_up_to_the_context_and_refuse_longer_ones(
             error = refused.json()["error"]
             assert (error["code"], error["param"]) == ("context_length_exceeded", "input")
             assert error["prompt_tokens"] > error["context_size"] == 512
+            assert "an input has" in error["message"] and "context_size" in error["message"]
+            assert "fewer tokens" not in error["message"]  # a completion's advice
         assert client.post("/v1/embeddings", json={"input": "word " * 100}).status_code == 200
         providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
     assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers

@@ -194,7 +194,8 @@ class Attempts:
     def _exhausted(self) -> KeelError:
         last = self.last_error
         if last is not None and classify(last) is Failure.TOO_LONG:
-            return context_overflow(last)  # no endpoint's window fits: the caller's 400
+            # no endpoint's window fits: the caller's 400
+            return context_overflow(last, self.router.role)
         return self.router.exhausted(self.failures, last)
 
     def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
@@ -241,7 +242,8 @@ class Attempts:
             )
         )
         if self._decision is Decision.GIVE_UP:
-            raise (context_overflow(error) if kind is Failure.TOO_LONG else client_error(error))
+            too_long = kind is Failure.TOO_LONG
+            raise context_overflow(error, self.router.role) if too_long else client_error(error)
         return True
 
 

@@ -86,9 +86,10 @@ def _too_long(error: KeelError) -> bool:
     return _BATCH_REFUSAL.search(error.message) is not None
 
 
-def context_overflow(error: KeelError) -> ContextLengthExceeded:
+def context_overflow(error: KeelError, role: str = "completion") -> ContextLengthExceeded:
     """The caller's 400 for a prompt the backend found too long, with the numbers
-    (prompt tokens, context size) when the backend gave them."""
+    (prompt tokens, context size) when the backend gave them, and what to do (for an
+    embedding: shorter inputs; there are no tokens to ask fewer of)."""
     details = getattr(error, "details", {})
     prompt, context = details.get("n_prompt_tokens"), details.get("n_ctx")
     if not (isinstance(prompt, int) and isinstance(context, int)):
@@ -100,14 +101,21 @@ def context_overflow(error: KeelError) -> ContextLengthExceeded:
                 prompt = int(groups["prompt"]) if groups.get("prompt") else None
                 context = int(groups["ctx"])
                 break
+    what = "an input" if role == "embedding" else "the prompt"
     if prompt is not None and context is not None:
-        text = f"the prompt has {prompt} tokens, over the model's context of {context} tokens"
+        text = f"{what} has {prompt} tokens, over the model's context of {context} tokens"
     elif context is not None:
-        text = f"the prompt does not fit the model's context of {context} tokens"
+        text = f"{what} does not fit the model's context of {context} tokens"
     else:
-        text = "the prompt does not fit the model's context"
+        text = f"{what} does not fit the model's context"
+    advice = (
+        "send shorter inputs (a local embedding model reads up to [model.embedding.local] "
+        "context_size tokens of one)"
+        if role == "embedding"
+        else "send a shorter prompt or ask for fewer tokens"
+    )
     return ContextLengthExceeded(
-        f"{text}; send a shorter prompt or ask for fewer tokens ({error.message})",
+        f"{text}; {advice} ({error.message})",
         prompt_tokens=prompt,
         context_size=context,
     )
