@@ -159,6 +159,27 @@ async def test_a_file_that_is_no_usable_model_is_a_400_before_any_streaming(
             assert why in error["message"]
 
 
+async def test_every_model_answer_names_the_provider_that_served_it(
+    client: httpx.AsyncClient,
+) -> None:
+    """``X-Keel-Provider`` (the Tabby route had it; the OpenAI routes did not), streamed
+    or not: which backend answered, a fallback included."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    calls = [
+        ("/v1/chat/completions", chat),
+        ("/v1/chat/completions", {**chat, "stream": True}),
+        ("/v1/completions", {"prompt": "x = ", "max_tokens": 4}),
+        ("/v1/completions", {"prompt": "x = ", "max_tokens": 4, "stream": True}),
+        ("/v1/embeddings", {"input": "def f(): pass"}),
+    ]
+    providers = (await client.get("/v1/providers", headers=USER)).json()["roles"]
+    names = {p["name"] for role in providers.values() for p in role["providers"]}
+    for path, body in calls:
+        response = await client.post(path, json=body, headers=USER)
+        assert response.status_code == 200, response.text
+        assert response.headers.get("x-keel-provider") in names, (path, response.headers)
+
+
 async def test_the_sampling_fields_a_client_sends_reach_the_backend(
     client: httpx.AsyncClient, backends: Backends
 ) -> None:

@@ -34,6 +34,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,6 +59,7 @@ ROLE_BY_ROUTE: dict[str, Role] = {
 
 REQUEST_ID_HEADER = b"x-request-id"
 SUPERSEDED_HEADER = b"x-keel-superseded"
+PROVIDER_HEADER = b"x-keel-provider"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _PORT = re.compile(r":\d+$")
 CORS_EXPOSED = b"X-Request-ID, X-Keel-Provider, X-Keel-Source, X-Keel-Superseded"
@@ -99,13 +101,16 @@ class CorsPolicy:
 
 
 class _Response:
-    """The ``send`` of one request: adds its id (and a CORS grant), notes its status."""
+    """The ``send`` of one request: adds its id (and a CORS grant) and the provider that
+    served it (``X-Keel-Provider``, where the serving code noted one and did not set it),
+    notes its status."""
 
-    __slots__ = ("send", "added", "status", "started", "superseded")
+    __slots__ = ("send", "added", "state", "status", "started", "superseded")
 
-    def __init__(self, send: Send, added: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, send: Send, added: list[tuple[bytes, bytes]], state: dict[str, Any]):
         self.send = send
         self.added = added
+        self.state = state
         self.status = 500
         self.started = False
         self.superseded = False
@@ -114,8 +119,12 @@ class _Response:
         if message["type"] == "http.response.start":
             self.status, self.started = int(message["status"]), True
             headers = list(message.get("headers", ()))
-            self.superseded = any(name.lower() == SUPERSEDED_HEADER for name, _ in headers)
+            names = {name.lower() for name, _ in headers}
+            self.superseded = SUPERSEDED_HEADER in names
             headers.extend(self.added)
+            provider = self.state.get(PROVIDER_KEY)
+            if provider is not None and PROVIDER_HEADER not in names:
+                headers.append((PROVIDER_HEADER, provider.encode("latin-1", "replace")))
             message["headers"] = headers
         await self.send(message)
 
@@ -143,7 +152,8 @@ class KeelMiddleware:
             elif name == b"origin":
                 origin = value.decode("latin-1")
         current = given or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = current
+        state = scope.setdefault("state", {})
+        state["request_id"] = current
         added = [(REQUEST_ID_HEADER, current.encode("latin-1"))]
         if origin is not None and self.cors.allows(origin):
             added += [
@@ -151,7 +161,7 @@ class KeelMiddleware:
                 (b"access-control-expose-headers", CORS_EXPOSED),
                 (b"vary", b"Origin"),
             ]
-        response = _Response(send, added)
+        response = _Response(send, added, state)
         token = request_id.set(current)
         try:
             if origin is not None and scope["method"] == "OPTIONS":
