@@ -1,5 +1,6 @@
 """A backend down when keel starts is known at once: ``/ready`` says which and why,
-within a second, not after the two failed probes (a minute) it took."""
+within a second, not after the two failed probes (a minute) it took, and the status
+page's table calls it unhealthy."""
 
 from __future__ import annotations
 
@@ -34,5 +35,11 @@ async def test_a_backend_down_at_start_makes_ready_say_why_at_once(tmp_path: Pat
                 chat = ready.json()["roles"]["chat"]
                 assert chat["usable"] is False and "cannot connect to 127.0.0.1:1" in chat["why"]
                 assert ready.json()["roles"]["completion"]["usable"] is True
+                # The status page's table says so too (it showed the dead backend "ok").
+                stats = (await client.get("/v1/stats", headers=USER)).json()
+                states = {m["provider"]: m["state"] for m in stats["models"]}
+                assert states[chat["provider"]] == "unhealthy", states
+                others = [v for k, v in states.items() if k != chat["provider"]]
+                assert others and "unhealthy" not in others, states
         # No request was sent to the live backend: only connections opened.
         assert not live.requests, live.requests

@@ -108,13 +108,31 @@ def models_and_memory(state: AppState) -> list[dict[str, object]]:
                 "model": provider.info.model,
                 "endpoint": provider.info.endpoint,
                 "roles": roles_of.get(id(provider), []),
-                "state": status.get("state"),
+                "state": _routed_state(state, provider, status.get("state")),
                 "pid": pid if isinstance(pid, int) else None,
                 "restarts": restarts if isinstance(restarts, int) else None,
                 "rss_bytes": rss_bytes(pid) if isinstance(pid, int) else None,
             }
         )
     return found
+
+
+def _routed_state(state: AppState, provider: object, worker: object) -> object:
+    """A provider's state as its requests find it: a backend with no process of ours is
+    "ok" to itself, and was shown so in green while every request to it failed."""
+    if worker not in ("ok", "ready"):
+        return worker
+    for router in state.routing.routers.values():
+        for endpoint in router.endpoints:
+            if endpoint.provider is not provider:
+                continue
+            if endpoint.auth_failed:
+                return "auth failed"
+            if not endpoint.healthy:
+                return "unhealthy"
+            if not endpoint.breaker.available():
+                return "breaker open"
+    return worker
 
 
 @router.get("/v1/stats", dependencies=[USER])

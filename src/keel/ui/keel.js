@@ -166,7 +166,7 @@
 
   // --- provider cards -----------------------------------------------------------
 
-  const WORKER_DOWN = new Set(["failed", "stopped"]);
+  const WORKER_DOWN = new Set(["failed", "stopped", "unhealthy", "auth failed", "breaker open"]);
   const WORKER_BUSY = new Set(["starting", "loading", "restarting"]);
 
   function providerStatus(p) {
