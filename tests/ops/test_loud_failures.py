@@ -66,6 +66,11 @@ def test_request_ids_are_honoured_or_generated(keel_server: KeelProcess) -> None
     assert re.fullmatch(r"[0-9a-f]{32}", fresh.headers["X-Request-ID"])
     assert re.fullmatch(r"[0-9a-f]{32}", unsafe.headers["X-Request-ID"])
     assert failed.status_code == 404 and failed.headers["X-Request-ID"] == "trace-43"
+    # A refusal reaches the log (metrics alone counted it), once its answer is out.
+    deadline = time.monotonic() + 5
+    while "GET /no/such/route -> 404" not in keel_server.log.read_text():
+        assert time.monotonic() < deadline, keel_server.log.read_text()[-2000:]
+        time.sleep(0.05)
 
 
 async def test_json_log_lines_carry_the_request_id() -> None:
@@ -128,6 +133,8 @@ def test_sigterm_during_a_stream_lets_it_finish(tmp_path: Path) -> None:
     ]
     assert all({"ts", "level", "logger", "msg"} <= set(record) for record in records)
     messages = {(record["logger"], record["msg"]) for record in records}
+    refused = [r for r in records if r["logger"] == "keel.access"]
+    assert all(r["request_id"] for r in refused), refused  # with the id the client saw
     assert any(logger == "keel" and "serving on" in msg for logger, msg in messages)
     assert ("uvicorn.error", "Shutting down") in messages
 

@@ -22,6 +22,9 @@ keel's added latency. What it does, in the order a request meets it:
   them) feed :class:`~keel.ops.stats.RequestStats`; a superseded completion
   (``X-Keel-Superseded``: the editor moved on) is left out of the latencies,
   as it says nothing about how fast the model is.
+- **access log**: a request answered 4xx (info) or 5xx (warning) is logged with
+  its method, path, status and time, under its request id; a success is not
+  (the metrics count every request).
 - **CORS**: a browser page whose origin ``server.cors_allowed_origins`` allows
   may call keel (its preflight answered here, its answers readable); any other
   origin's preflight is a 403 saying which setting to change.
@@ -30,6 +33,7 @@ keel's added latency. What it does, in the order a request meets it:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -56,6 +60,8 @@ ROLE_BY_ROUTE: dict[str, Role] = {
     "/chat/completions": "chat",
     "/embeddings": "embedding",
 }
+
+log = logging.getLogger("keel.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
 SUPERSEDED_HEADER = b"x-keel-superseded"
@@ -179,8 +185,8 @@ class KeelMiddleware:
                 raise
             await error_response(stopped())(scope, receive, response)  # not begun: a 503
         finally:
-            request_id.reset(token)
             self._record(scope, response, time.perf_counter() - start)
+            request_id.reset(token)
 
     async def _limited(self, scope: Scope, receive: Receive, response: _Response) -> None:
         """A body of undeclared length (chunked), counted as it is read."""
@@ -232,3 +238,11 @@ class KeelMiddleware:
             role=role or "",
             provider=provider,
         )
+        if response.status >= 400:  # refusals and failures reach the log, with the request id
+            (log.warning if response.status >= 500 else log.info)(
+                "%s %s -> %d in %.0f ms",
+                scope["method"],
+                scope.get("path", ""),
+                response.status,
+                seconds * 1000,
+            )
