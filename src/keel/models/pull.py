@@ -287,6 +287,7 @@ class ModelPuller:
         """Pull ``spec`` and return where it landed; raises a KeelError on any failure,
         leaving no file behind. Blocking: the API runs it in a thread."""
         emit = _Emitter(report, log_downloading=not show_bar)
+        parse_spec(spec, quant, self.registry)  # a malformed spec is refused before a word
         emit(PullProgress("resolving", f"looking up {spec} on {self.hub}"))
         plan = self.plan(spec, quant)
         file = plan.file
