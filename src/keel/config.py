@@ -564,13 +564,16 @@ class Paths:
         return self.root / "index"
 
 
-ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+"""``${NAME}``, or ``${NAME:-default}`` (the default when NAME is unset or empty, as in
+a shell or Docker Compose)."""
 
 
 def interpolate(
     raw: Any, environ: dict[str, str] | os._Environ[str], issues: list[ConfigIssue], key: str = ""
 ) -> Any:
-    """Replace ``${VAR}`` in every string; a missing variable becomes an issue naming it."""
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; a variable missing
+    without a default becomes an issue naming it."""
     if isinstance(raw, dict):
         return {
             k: interpolate(v, environ, issues, f"{key}.{k}" if key else k) for k, v in raw.items()
@@ -580,7 +583,9 @@ def interpolate(
     if isinstance(raw, str):
 
         def substitute(match: re.Match[str]) -> str:
-            name = match.group(1)
+            name, default = match.group(1), match.group(2)
+            if default is not None:
+                return environ.get(name) or default
             if name not in environ:
                 issues.append(
                     ConfigIssue(key, f"environment variable {name} is not set", match.group(0))

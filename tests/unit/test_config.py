@@ -178,6 +178,18 @@ def test_config_mistakes_that_were_taken_silently_are_errors(raw: dict[str, Any]
     assert key in caught.value.message
 
 
+def test_env_references_take_a_default_as_a_shell_does() -> None:
+    raw = {"server": {"host": "${KEEL_T_HOST:-127.0.0.2}", "port": "${KEEL_T_PORT:-9000}"}}
+    settings = parse_settings(raw, "c.toml", environ={})
+    assert (settings.server.host, settings.server.port) == ("127.0.0.2", 9000)
+    environ = {"KEEL_T_HOST": "127.0.0.3", "KEEL_T_PORT": ""}  # set, or set but empty
+    settings = parse_settings(raw, "c.toml", environ=environ)
+    assert (settings.server.host, settings.server.port) == ("127.0.0.3", 9000)
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"server": {"host": "${KEEL_T_HOST}"}}, "c.toml", environ={})
+    assert "environment variable KEEL_T_HOST is not set" in caught.value.message
+
+
 def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"auth": {"api_keys": ["short"], "admin_key": 12}}, "config.toml")

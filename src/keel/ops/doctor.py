@@ -149,11 +149,13 @@ def check_env_vars(report: Report, file: Path, environ: os._Environ[str] | dict[
         report.add("env vars", "skip", "config file unreadable (see config)")
         return
     lines = [line for line in raw.splitlines() if not line.lstrip().startswith("#")]
-    names = sorted({name for line in lines for name in ENV_REF.findall(line)})
+    found = [ref for line in lines for ref in ENV_REF.finditer(line)]
+    names = sorted({ref.group(1) for ref in found})
     if not names:
         report.add("env vars", "ok", "none referenced")
         return
-    missing = [name for name in names if name not in environ]
+    required = {ref.group(1) for ref in found if ref.group(2) is None}
+    missing = [name for name in names if name in required and name not in environ]
     if missing:
         report.add(
             "env vars",
