@@ -348,6 +348,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             f"{len(stats.reindexed)} re-indexed, {len(stats.removed)} removed, "
             f"{len(stats.skipped)} skipped in {stats.seconds:.1f}s -> {repo.index.directory}"
         )
+        for relpath, reason in sorted(stats.skipped.items())[:20]:
+            print(f"  skipped {relpath}: {reason}")
     return 0
 
 

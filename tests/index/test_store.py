@@ -40,7 +40,9 @@ def test_walk_uses_git_in_a_checkout(repo: Path) -> None:
 
 
 def test_huge_files_are_skipped(repo: Path) -> None:
-    files = [f.relpath for f in list_source_files(repo, max_file_bytes=400)]
+    skipped: dict[str, str] = {}
+    files = [f.relpath for f in list_source_files(repo, max_file_bytes=400, skipped=skipped)]
+    assert "weather/client.py" in skipped and "max_file_bytes" in skipped["weather/client.py"]
     assert "weather/client.py" not in files and "weather/units.py" in files
 
 

@@ -177,7 +177,9 @@ class RepositoryIndex:
         assert index is not None
         manifest = self._load_manifest()
         before = json.dumps(manifest, sort_keys=True)
-        files = list_source_files(self.root, max_file_bytes=self.max_file_bytes)
+        files = list_source_files(
+            self.root, max_file_bytes=self.max_file_bytes, skipped=stats.skipped
+        )
         stats.files = len(files)
         current = {f.relpath for f in files}
         stats.removed = sorted(set(manifest or {}) - current)

@@ -187,8 +187,12 @@ def _is_under(rel_dir: str, base: str) -> bool:
     return base == "" or rel_dir == base or rel_dir.startswith(base + "/")
 
 
-def list_source_files(root: Path, *, max_file_bytes: int) -> list[SourceFile]:
-    """The files of the repository at ``root`` to index, sorted by path."""
+def list_source_files(
+    root: Path, *, max_file_bytes: int, skipped: dict[str, str] | None = None
+) -> list[SourceFile]:
+    """The files of the repository at ``root`` to index, sorted by path; source files
+    left out for their size go in ``skipped`` with the reason (vendored, generated and
+    non-source files are not listed at all)."""
     names = _git_files(root)
     candidates = names if names is not None else list(_walk_with_gitignore(root))
     files: list[SourceFile] = []
@@ -203,7 +207,11 @@ def list_source_files(root: Path, *, max_file_bytes: int) -> list[SourceFile]:
             stat = path.stat()
         except OSError:
             continue
-        if not path.is_file() or stat.st_size > max_file_bytes or stat.st_size == 0:
+        if not path.is_file() or stat.st_size == 0:
+            continue
+        if stat.st_size > max_file_bytes:
+            if skipped is not None:
+                skipped[relpath] = f"{stat.st_size:,} bytes, over [index] max_file_bytes"
             continue
         files.append(SourceFile(relpath, path, stat.st_mtime_ns, stat.st_size, language))
     files.sort(key=lambda f: f.relpath)
