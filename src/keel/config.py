@@ -523,11 +523,15 @@ class Settings(_Section):
     @field_validator("repositories")
     @classmethod
     def _unique_repository_names(cls, value: list[RepositoryConfig]) -> list[RepositoryConfig]:
-        names = [repo.name for repo in value]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"repository names must be unique; repeated: {', '.join(duplicates)}")
+        issue = _repeated_names([repo.name for repo in value])
+        if issue:
+            raise ValueError(issue)
         return value
+
+
+def _repeated_names(names: list[object]) -> str | None:
+    repeated = sorted({str(name) for name in names if names.count(name) > 1})
+    return f"repository names must be unique; repeated: {', '.join(repeated)}" if repeated else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -657,6 +661,11 @@ def parse_settings(
     issues: list[ConfigIssue] = []
     data = interpolate(raw, os.environ if environ is None else environ, issues)
     issues += _kind_issues(data)
+    repositories = data.get("repositories") if isinstance(data, dict) else None
+    if isinstance(repositories, list):  # with the other errors (the list's check waits
+        names = [r.get("name") for r in repositories if isinstance(r, dict)]  # on its items)
+        if repeated := _repeated_names(names):
+            issues.append(ConfigIssue("repositories", repeated))
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -690,12 +699,12 @@ def _shown(key: str, value: object) -> object:
 
 
 def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
-    seen: set[str] = set()
+    """One issue per key and message (the first, which a pre-pass made)."""
+    seen: set[tuple[str, str]] = set()
     unique = []
     for issue in issues:
-        rendered = issue.render()
-        if rendered not in seen:
-            seen.add(rendered)
+        if (issue.key, issue.message) not in seen:
+            seen.add((issue.key, issue.message))
             unique.append(issue)
     return unique
 

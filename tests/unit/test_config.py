@@ -178,6 +178,21 @@ def test_config_mistakes_that_were_taken_silently_are_errors(raw: dict[str, Any]
     assert key in caught.value.message
 
 
+def test_repeated_repository_names_are_listed_with_the_other_errors() -> None:
+    raw = {
+        "repositories": [
+            {"name": "../bad", "path": "/tmp"},
+            {"name": "dup", "path": "/tmp"},
+            {"name": "dup", "path": "/tmp"},
+        ],
+        "server": {"port": "x"},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "c.toml")
+    keys = [issue.key for issue in caught.value.issues]
+    assert sorted(keys) == ["repositories", "repositories[0].name", "server.port"], keys
+
+
 def test_env_references_take_a_default_as_a_shell_does() -> None:
     raw = {"server": {"host": "${KEEL_T_HOST:-127.0.0.2}", "port": "${KEEL_T_PORT:-9000}"}}
     settings = parse_settings(raw, "c.toml", environ={})
