@@ -159,6 +159,16 @@ async def test_a_file_that_is_no_usable_model_is_a_400_before_any_streaming(
             assert why in error["message"]
 
 
+async def test_a_stats_window_ending_before_it_starts_says_which_bound_was_a_default(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/v1/stats/completions", params={"until": 0}, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "'until' (0)" in error["message"] and ", the default)" in error["message"]
+    assert error["param"] == "until"
+
+
 async def test_every_model_answer_names_the_provider_that_served_it(
     client: httpx.AsyncClient,
 ) -> None:

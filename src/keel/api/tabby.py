@@ -94,6 +94,10 @@ def health_state(request: Request) -> HealthState:
     )
 
 
+def _when(value: float, given: float | None) -> str:
+    return f"{value:.0f}" if given is not None else f"{value:.0f}, the default"
+
+
 @router.get(
     "/v1/stats/completions",
     dependencies=[USER],
@@ -111,7 +115,11 @@ async def completion_stats(
     start = since if since is not None else now - 86400
     end = until if until is not None else now
     if end < start:
-        raise RequestError("'until' must not be before 'since'", param="until")
+        raise RequestError(
+            f"'until' ({_when(end, until)}) must not be before 'since' ({_when(start, since)});"
+            " both are Unix times, by default the last 24 hours",
+            param="until" if until is not None else "since",
+        )
     rows = await asyncio.to_thread(app_state(request).events.acceptance, start, end)
     return {"since": start, "until": end, "data": rows}
 
