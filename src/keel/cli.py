@@ -14,6 +14,7 @@ import errno
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -550,12 +551,23 @@ def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         action.add_argument("--config", default=argparse.SUPPRESS, help="config file")
 
 
+TERMINATED = "SIGTERM"
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM ends a command as Ctrl-C does: its cleanups run (a pull killed this way
+    left its partial download behind for good)."""
+    raise KeyboardInterrupt(TERMINATED)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is not cmd_serve:  # the server stops on SIGTERM its own way (a drain)
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         code: int = args.func(args)
         sys.stdout.flush()  # here, where a reader gone early is caught (below)
@@ -565,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"keel: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # what a command was doing is undone (a pull's file)
+        print("keel: interrupted", file=sys.stderr)
+        return 143 if exc.args == (TERMINATED,) else 130
     except BrokenPipeError:  # `keel models list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -37,6 +38,8 @@ class FakeHub:
         self.repos = repos
         self.token: str | None = None
         self.cut_after: int | None = None
+        self.pause = 0.0
+        """Seconds between the MiB of a file sent (a slow link)."""
         self.corrupt = False
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
@@ -171,5 +174,6 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             view = memoryview(data)
             for offset in range(start, len(data), 1 << 20):
                 self.wfile.write(view[offset : offset + (1 << 20)])
+                time.sleep(hub.pause)
 
     return Handler

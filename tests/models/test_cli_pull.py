@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.models.conftest import FILE, REPO
@@ -56,3 +58,27 @@ def test_hub_failures_are_one_clear_line(hub: FakeHub, tmp_path: Path) -> None:
     assert "Traceback" not in refused.stderr
     allowed = keel(tmp_path, "pull", f"{REPO}:{FILE}", HF_TOKEN="hf_secret")
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_a_pull_stopped_by_sigterm_keeps_nothing(hub: FakeHub, tmp_path: Path) -> None:
+    """A pull killed as a service manager or a terminal's close kills it: the partial
+    download is removed (it stayed in models/.downloads for good), as on Ctrl-C."""
+    hub.pause = 0.05  # ~20 MiB/s: the 94 MiB take seconds
+    pulling = subprocess.Popen(
+        [sys.executable, "-m", "keel", "models", "pull", f"{REPO}:{FILE}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
+    )
+    staging = tmp_path / "models" / ".downloads"
+    deadline = time.monotonic() + 60
+    while not any(f.is_file() and f.stat().st_size for f in staging.rglob("*")):
+        assert time.monotonic() < deadline and pulling.poll() is None, "no download began"
+        time.sleep(0.05)
+    pulling.send_signal(signal.SIGTERM)
+    _, err = pulling.communicate(timeout=60)
+    assert pulling.returncode == 143, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not [f for f in staging.rglob("*") if f.is_file()], "a partial download was left"
+    assert not list((tmp_path / "models").glob("*.gguf"))
