@@ -116,7 +116,8 @@ async def test_a_blank_lines_indentation_left_out_by_llama_vscode_is_put_back(
     [
         ("def f():\n\tx = 1\n", 1, "\t"),
         ("def f():\n  x = 1\n\n", 2, "  "),
-        ("x = 1\n", 4, "    "),  # nothing indented above: spaces
+        ("x = 1\n", 4, "    "),  # nothing indented anywhere: spaces
+        ("int main(void) {\n", 1, "\t"),  # ... but one character of it is a tab
         ("def f():\n    x = 1\n", None, ""),
         ("def f():\n    x", 4, ""),  # not at a line's start
     ],

@@ -5,6 +5,7 @@ import pytest
 from keel.pipeline.languages import get_language
 from keel.pipeline.postprocess import (
     cursor_line,
+    drop_closer_the_next_line_has,
     drop_duplicated_closing_line,
     drop_suffix_overlap,
     first_line,
@@ -393,3 +394,26 @@ def test_a_fence_stays_in_markdown() -> None:
     markdown = get_language("markdown")
     text = "```python\nprint(1)\n```"
     assert postprocess(text, prefix="Example:\n\n", suffix="", language=markdown) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix", "kept"),
+    [
+        ("1, 2, 3, 10]", "\n]\n", "1, 2, 3, 10"),  # Enter inside `[`: `]` is below already
+        ('process.cwd(), "src/main.js");', "\n);\n", 'process.cwd(), "src/main.js"'),
+        ("0];\n    vec![0] = vec![1];", "\n    ];\n", "0"),
+        ("a(b), c", "\n)\n", "a(b), c"),  # its own brackets pair up
+        ("x]", "\n)\n", "x]"),  # not what the next line closes
+        ("x)", "y)\n)\n", "x)"),  # the cursor's line goes on: another step's business
+    ],
+)
+def test_a_bracket_the_next_line_closes_ends_the_completion(
+    text: str, suffix: str, kept: str
+) -> None:
+    assert drop_closer_the_next_line_has(text, prefix="NAMES = [\n    ", suffix=suffix) == kept
+
+
+def test_a_bracket_the_cursors_line_opened_is_not_the_next_lines() -> None:
+    text = " x: 0, y: 0 }\n}"
+    kept = drop_closer_the_next_line_has(text, prefix="fn f() {\n    Point {", suffix="\n}\n")
+    assert kept == " x: 0, y: 0 }"

@@ -79,8 +79,30 @@ OPEN = Cut("\n    ", line_open=True, unit="    ")
         (TWO, ["\n    if x:\n        y()\n\n    z()"], "if x:\n    y()\n\n  z()"),
         (TWO, ["\n  if x:\n    y()"], "if x:\n    y()"),  # the model's own matches
         (Cut("\n\t\t", unit="\t"), ["\n        a\n            b\n    c"], "a\n\t\t\tb\n\tc"),
-        (TAB, ["\n    a\n      odd"], "a\n\t  odd"),  # what is not a whole level stays
+        (
+            TAB,
+            ["\n    a\n        b\n          odd"],
+            "a\n\t\tb\n\t\t  odd",
+        ),  # part of a level stays
         (TAB, ["\n    a\n\t\tb"], "a\n\t\tb"),  # the model's tabs stay
+        # A first line a level shallower than the cursor closed the cursor's block
+        # (``except:``, ``}``): text inserted at the cursor cannot, so nothing is kept.
+        (Cut("\n        ", unit="    "), ["\n    except OSError:\n        raise"], ""),
+        (Cut("\n    ", unit="  "), ["\n  else:\n    y = 2"], ""),
+        (Cut("\n\t\t", unit="\t"), ["\n    }\n    return a;"], ""),
+        # Deeper than the cursor: the first line at the cursor, the rest relative to it.
+        (
+            Cut("\n    ", unit="    "),
+            ["\n        a\n            b\n        c"],
+            "a\n        b\n    c",
+        ),
+        # A CRLF prompt (OpenAI's route is raw): the newline and indentation written
+        # again after an open line are left out as well, and CRLF stays CRLF.
+        (
+            Cut("\r\n    ", line_open=True, unit="    "),
+            ["\r\n    a\r\n\r\n    b"],
+            "a\r\n\r\n    b",
+        ),
         # After spaces on a line of code: the model's own spaces go, never a newline.
         (" ", [" ", " None", " else"], "None else"),
         (" ", ["b)"], "b)"),
@@ -101,6 +123,8 @@ async def test_generated_continues_after_the_cut(
         ("    x = 1\n    ", False, "    "),
         ("class A:\n  def f(self):\n    pass\n  ", False, "  "),
         ("def f():\n\t", True, "\t"),
+        ("def load(path):\n    # Open the file, read every line,\n    ", False, "    "),
+        ("function f() {\n  // the items, by price:\n  ", False, "  "),
         ("/**\n * doc\n */\nfunction f() {\n  a();\n  if (b) {\n    c();\n  }\n  ", False, "  "),
     ],
 )

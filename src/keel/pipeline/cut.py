@@ -23,6 +23,9 @@ OPEN_LINE_ENDS = tuple("([{,:\\=+-*/%&|<>.")
 """How a line that goes on past its end ends: an open bracket, a comma, a colon (a
 block's head), a backslash, an operator. After one, what the model writes on that
 line may as well begin the next."""
+COMMENT_STARTS = ("#", "//", "--", "/*", "*", ";", "%", "<!--")
+"""How a comment line begins: it is never open (its ``,`` or ``:`` ends a sentence, and
+the rest of the sentence is no code for the next line)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,9 @@ def whitespace_cut(prefix: str, suffix: str, stops: Sequence[str] = ()) -> Cut:
         return NO_CUT
     if "\n" not in cut:
         return Cut(cut)
-    return Cut(cut, head.endswith(OPEN_LINE_ENDS), indent_unit(head, cursor_line(cut)))
+    above = cursor_line(head).lstrip()
+    line_open = head.endswith(OPEN_LINE_ENDS) and not above.startswith(COMMENT_STARTS)
+    return Cut(cut, line_open, indent_unit(head, cursor_line(cut)))
 
 
 def indent_unit(text: str, cursor: str) -> str:
@@ -121,59 +126,92 @@ class _NewLine:
     cursor. Where it first goes on with the line above (``x = 1`` written on as
     ``0``: the model did not take the line as ended, the user did), what it writes
     before it begins a line is dropped, unless that line is open (``foo(`` written on
-    as ``a, b)``, which may as well go on the next line). The lines after the first
-    follow the file's indentation where the model's differs from the cursor's (four
-    spaces where the file has a tab or two spaces), level for level."""
+    as ``a, b)``, which may as well go on the next line). Where its first line is
+    shallower than the cursor (``except:``, ``}``: it closed the cursor's block, which
+    text inserted at the cursor cannot), nothing is kept. The lines after the first
+    keep their places relative to it, in the file's indentation (four spaces a level
+    where the file has a tab or two spaces)."""
 
     def __init__(self, cut: Cut) -> None:
         self.cursor = cursor_line(cut.text)
-        self.unit = cut.unit
+        self.unit = cut.unit or self.cursor
         self.line_open = cut.line_open
-        self.state = "first"  # before the first line's text; then "drop", "line", "indent"
+        self.state = "first"  # before the first line's text; then "drop", "line", "indent", "end"
         self.began_line = False
         self.pending = ""
         """Whitespace at the start of a line, placed once the line's text comes."""
         self.model: str | None = None
         """The model's indentation of its first line (None: it went on the line above)."""
+        self.step: int | None = None
+        """The model's spaces a level, from the first line it indents deeper."""
 
     def feed(self, piece: str) -> str:
         out: list[str] = []
         for char in piece:
+            if self.state == "end":
+                break
             if self.state == "line":
                 if char == "\n":
                     self.state, self.pending = "indent", ""
                 out.append(char)
             elif char == "\n":
-                if self.state == "indent":
-                    out.append(char)  # a blank line inside the text
+                if self.state == "indent":  # a blank line inside the text
+                    out.append("\r\n" if self.pending.endswith("\r") else "\n")
                 self.began_line, self.pending = True, ""
                 if self.state == "drop":
                     self.state = "first"
             elif self.state == "drop":
                 continue
-            elif char in " \t":
+            elif char in " \t\r":
                 self.pending += char
             elif self.state == "indent":
-                out.append(self.reindent(self.pending) + char)
+                out.append(self.reindent(self.pending.replace("\r", "")) + char)
                 self.state = "line"
             elif self.began_line or self.line_open:
-                self.model = self.pending if self.began_line else None
+                self.model = self.pending.replace("\r", "") if self.began_line else None
+                if self.model is not None and self._shallower(self.model):
+                    self.state = "end"  # it closed the cursor's block: nothing fits here
+                    break
                 out.append(char)
                 self.state = "line"
             else:
                 self.state = "drop"  # the model went on with the line above
         return "".join(out)
 
+    def _shallower(self, model: str) -> bool:
+        """Whether the model's first line is a level of the file less indented than the
+        cursor (by length where both indent alike, by levels where one has tabs and the
+        other spaces)."""
+        tabs, model_tabs = "\t" in self.cursor, "\t" in model
+        if tabs == model_tabs:  # a whole level of the file less (two spaces a level
+            return len(self.cursor) - len(model) >= len(self.unit)  # is a model's style)
+        cursor_levels = self.cursor.count("\t") if tabs else len(self.cursor) // len(self.unit)
+        return _levels(model) < cursor_levels
+
     def reindent(self, indent: str) -> str:
-        """A later line's indentation in the file's step, level for level, when the
-        model's first line was not at the cursor's indentation and it indents with
-        spaces (its step: its first line's spaces over the cursor's levels)."""
+        """A later line's indentation: its levels relative to the model's first line,
+        from the cursor's, in the file's unit. A line in the model's own indentation
+        where the model and the file indent alike (or the model's first line was on
+        the line above) is kept as written."""
         model, cursor, unit = self.model, self.cursor, self.unit
-        if not model or model == cursor or not unit or model.strip(" ") or indent.strip(" "):
+        if model is None or not unit or model.strip(" ") or indent.strip(" "):
             return indent
-        levels = len(cursor) // len(unit)
-        if levels == 0 or cursor != unit * levels or len(model) % levels:
-            return indent
-        step = len(model) // levels
-        whole, rest = divmod(len(indent), step)
-        return unit * whole + " " * rest
+        if model == cursor and (
+            unit == " " * len(unit) and model == unit * (len(model) // len(unit))
+        ):
+            return indent  # the model indents as the file does
+        depth = len(indent) - len(model)
+        if depth > 0 and self.step is None:
+            self.step = depth
+        step = self.step or (len(unit) if unit.strip(" ") == "" else 4)
+        levels, rest = divmod(depth, step)
+        if levels >= 0:
+            return cursor + unit * levels + " " * rest
+        keep = len(cursor) - len(unit) * -levels
+        return cursor[: max(0, keep)] + " " * rest if keep >= 0 else ""
+
+
+def _levels(indent: str) -> int:
+    """Levels of a model's indentation: its tabs, and its spaces four (or two) a level."""
+    spaces = indent.count(" ")
+    return indent.count("\t") + (spaces // 4 if spaces % 4 == 0 else spaces // 2)

@@ -36,7 +36,8 @@ def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> s
     Steps, in order: keep one line when the cursor is mid-line, cut at a
     Markdown code fence (not in prose), drop a model loop, cut at the end of
     the cursor's scope, drop a closing line the suffix already has, drop a
-    tail that repeats the suffix line, trim whitespace, drop the completion if
+    tail that repeats the suffix line, end at a bracket the next line closes
+    already, trim whitespace, drop the completion if
     it only repeats the suffix.
     """
     if not text.strip():
@@ -49,14 +50,16 @@ def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> s
     text = limit_scope(text, prefix=prefix, suffix=suffix, language=language)
     text = drop_duplicated_closing_line(text, prefix=prefix, suffix=suffix)
     text = drop_suffix_overlap(text, prefix=prefix, suffix=suffix)
+    text = drop_closer_the_next_line_has(text, prefix=prefix, suffix=suffix)
     text = trim_space(text, prefix=prefix, suffix=suffix)
     if repeats_suffix(text, suffix=suffix):
         return ""
     return text if text.strip() else ""
 
 
-PROSE = frozenset(("markdown", "plaintext", "unknown", "restructuredtext", "asciidoc"))
-"""Languages whose text may hold a Markdown code fence."""
+PROSE = frozenset(("markdown", "restructuredtext", "asciidoc"))
+"""Languages whose text may hold a Markdown code fence (not ``unknown``, plain text
+included: an ``/infill`` request names no language, and is mostly code)."""
 
 
 def cut_at_fence(text: str) -> str:
@@ -228,6 +231,28 @@ def drop_suffix_overlap(text: str, *, prefix: str, suffix: str) -> str:
         overlap -= 1
         while overlap and not text.endswith(line_after[:overlap]):
             overlap -= 1
+    return text
+
+
+def drop_closer_the_next_line_has(text: str, *, prefix: str, suffix: str) -> str:
+    """The completion up to a bracket it closes but never opened (nor the cursor's line
+    before it), when the suffix's next line begins with that bracket: after Enter
+    inside ``[``, ``(`` or ``{`` the editor has put the closer on the line below
+    already, and the model, writing on, closed it again (``1, 2, 3]`` above ``]``)."""
+    if suffix_line(suffix).strip():
+        return text  # the cursor's own line goes on: drop_suffix_overlap's business
+    below = next((line.lstrip() for line in suffix.split("\n")[1:] if line.strip()), "")
+    if below[:1] not in _CLOSERS:
+        return text
+    opened = _open_brackets(cursor_line(prefix))
+    depth = {closer: max(0, opened[opener]) for opener, closer in _OPENERS.items()}
+    for index, char in enumerate(text):
+        if char in _OPENERS:
+            depth[_OPENERS[char]] += 1
+        elif char in _CLOSERS:
+            if depth[char] == 0:
+                return text[:index].rstrip() if char == below[0] else text
+            depth[char] -= 1
     return text
 
 

@@ -60,13 +60,20 @@ class InfillRequest(_Wire):
         """The cursor's line up to the cursor. On a blank line llama.vscode sends an
         empty ``prompt`` and the line's indentation as ``n_indent`` (and strips that
         much from the answer's start): the indentation is put back, in the characters
-        of the nearest indented line above (a tab or spaces), so that the model sees
+        of the nearest indented line (above, below, in the editor's chunks; with none,
+        one character is a tab and more are spaces), so that the model sees
         the cursor where it is, not at column 0 (where the embedded model wrote a
         top-level line, a comment or a Markdown fence)."""
         if self.prompt or not self.n_indent or not self.input_prefix.endswith("\n"):
             return self.prompt
-        above = (line for line in reversed(self.input_prefix.splitlines()) if line.strip())
-        indented = next((line for line in above if line[0] in " \t"), " ")
+        nearby = [
+            *reversed(self.input_prefix.splitlines()),
+            *self.input_suffix.splitlines(),
+            *(line for chunk in self.input_extra for line in chunk.text.splitlines()),
+        ]
+        # No indented line anywhere: one character of indentation is a tab, more are spaces.
+        fallback = "\t" if self.n_indent == 1 else " "
+        indented = next((line for line in nearby if line.strip() and line[0] in " \t"), fallback)
         return indented[0] * self.n_indent
 
     def to_tabby(self, language: str) -> TabbyCompletionRequest:
