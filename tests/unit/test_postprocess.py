@@ -7,6 +7,7 @@ from keel.pipeline.postprocess import (
     cursor_line,
     drop_closer_the_next_line_has,
     drop_duplicated_closing_line,
+    drop_line_ending_in_repetition,
     drop_suffix_overlap,
     first_line,
     indentation,
@@ -417,3 +418,16 @@ def test_a_bracket_the_cursors_line_opened_is_not_the_next_lines() -> None:
     text = " x: 0, y: 0 }\n}"
     kept = drop_closer_the_next_line_has(text, prefix="fn f() {\n    Point {", suffix="\n}\n")
     assert kept == " x: 0, y: 0 }"
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("path.join(path.join(path.join(path.join(path.join(path.join(path.join(", ""),
+        ("x = 1\nmsg = '1.1.1.1.1.1.1.1.1.1.1.1.1.1", "x = 1"),
+        ("for i in range(10):\n    total += i", "for i in range(10):\n    total += i"),
+        ("1, 2, 3, 4, 5, 6, 7, 8, 9, 10", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10"),
+    ],
+)
+def test_a_last_line_looping_on_itself_is_dropped(text: str, kept: str) -> None:
+    assert drop_line_ending_in_repetition(text) == kept

@@ -17,6 +17,8 @@ before its first newline (the rest of the cursor line).
 
 from __future__ import annotations
 
+import re
+
 from keel.pipeline.languages import Language
 from keel.pipeline.prompt import split_lines
 
@@ -34,7 +36,8 @@ def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> s
     """The completion to show for ``text`` generated at the cursor, or ``""``.
 
     Steps, in order: keep one line when the cursor is mid-line, cut at a
-    Markdown code fence (not in prose), drop a model loop, cut at the end of
+    Markdown code fence (not in prose), drop a model loop (repeated lines, or a
+    last line ending in a repeated piece), cut at the end of
     the cursor's scope, drop a closing line the suffix already has, drop a
     tail that repeats the suffix line, end at a bracket the next line closes
     already, trim whitespace, drop the completion if
@@ -47,6 +50,7 @@ def postprocess(text: str, *, prefix: str, suffix: str, language: Language) -> s
     if language.name not in PROSE:
         text = cut_at_fence(text)
     text = remove_repetitive_lines(text, prefix=prefix)
+    text = drop_line_ending_in_repetition(text)
     text = limit_scope(text, prefix=prefix, suffix=suffix, language=language)
     text = drop_duplicated_closing_line(text, prefix=prefix, suffix=suffix)
     text = drop_suffix_overlap(text, prefix=prefix, suffix=suffix)
@@ -231,6 +235,20 @@ def drop_suffix_overlap(text: str, *, prefix: str, suffix: str) -> str:
         overlap -= 1
         while overlap and not text.endswith(line_after[:overlap]):
             overlap -= 1
+    return text
+
+
+_REPEATING_END = (re.compile(r"(.{3,}?)\1{5,}$"), re.compile(r"(.{10,}?)\1{3,}$"))
+"""A line ending in a run of one piece of text, as tabby-agent's
+``removeLineEndsWithRepetition`` finds it: a model looping inside a line."""
+
+
+def drop_line_ending_in_repetition(text: str) -> str:
+    """The completion without its last line when that line ends in a loop
+    (``path.join(path.join(path.join(...``, ``1.1.1.1.1...``); the lines before stay."""
+    head, _, last = text.rpartition("\n")
+    if any(pattern.search(last) for pattern in _REPEATING_END):
+        return head
     return text
 
 
