@@ -4,8 +4,8 @@ from __future__ import annotations
 
 UI_KEY = "ui-test-key-0123456789"
 
-PRIMARY_TOKENS = (
-    "if n < 2:\n",
+PRIMARY_TOKENS = (  # as a model asked at the playground's blank, indented line writes it
+    "\n    if n < 2:\n",
     "        return n\n",
     "    return fibonacci(n - 1) + fibonacci(n - 2)",
 )
