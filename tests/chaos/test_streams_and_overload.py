@@ -126,6 +126,7 @@ def test_everything_down_is_a_quick_503_naming_each_provider(
         message = response.json()["error"]["message"]
         for provider in (primary_name(role), fallback_name(role)):
             assert f"{provider}: " in message, message
+            assert f"{provider}: {provider}: " not in message, message  # named once
 
     # Both breakers are open now: refused at once, Retry-After = the earliest reopening.
     response = keel.completion()

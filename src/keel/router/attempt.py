@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.errors import KeelError, RequestError, UpstreamTimeout
 from keel.providers.base import Provider, piece_count
-from keel.router.classify import Failure, classify, context_overflow
+from keel.router.classify import Failure, classify, context_overflow, without_name
 from keel.router.policy import Decision, Failed, default_rules
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ class Attempts:
         endpoint, kind = attempt.endpoint, classify(error)
         self.router.failed(endpoint, error, kind)
         self.last_error = error
-        self.failures.append(f"{endpoint.name}: {error.message}")
+        self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
         log.info("%s: %s failed (%s): %s", self.router.role, endpoint.name, kind, error.message)
         if self.streaming and attempt.produced:
             return False  # the client has this endpoint's tokens: never splice another's

@@ -121,6 +121,11 @@ def context_overflow(error: KeelError, role: str = "completion") -> ContextLengt
     )
 
 
+def without_name(message: str, name: str) -> str:
+    """An endpoint's error as said after its name (an upstream error begins with it)."""
+    return message.removeprefix(f"{name}: ")
+
+
 def classify(error: KeelError) -> Failure:
     if _too_long(error):
         return Failure.TOO_LONG

@@ -31,7 +31,7 @@ from keel.errors import KeelError, Unavailable, UpstreamTimeout, WorkerCrashed
 from keel.providers.base import Provider
 from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
-from keel.router.classify import Failure, classify
+from keel.router.classify import Failure, classify, without_name
 from keel.router.retry import RetryBudget, RetryPolicy
 
 log = logging.getLogger("keel.router")
@@ -324,7 +324,7 @@ class RoleRouter:
         if not endpoint.running():
             return f"worker {endpoint.provider.status().get('state')}"
         if not endpoint.healthy:
-            return f"unhealthy ({endpoint.last_error})"
+            return f"unhealthy ({without_name(endpoint.last_error or '', endpoint.name)})"
         return f"{state}"
 
     # health ------------------------------------------------------------------
