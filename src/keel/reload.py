@@ -138,7 +138,7 @@ async def reload_config(
         shared_keys=state.shared_keys,
     )
     old_routing = state.routing
-    waiting = restart_needed(state.started_with or state.settings, settings)
+    waiting = restart_needed(state.started_with, settings)
     state.settings = settings
     state.providers = providers
     state.routing = parts.routing

@@ -21,6 +21,7 @@ from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.errors import RequestError
 from keel.pipeline.languages import find_language
+from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
 from keel.providers.base import estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
@@ -52,11 +53,6 @@ def cut_at_indent(text: str, n_indent: int | None) -> str:
     return text
 
 
-_CLOSING = {")": "(", "]": "[", "}": "{"}
-_OPENING = {opener: closer for closer, opener in _CLOSING.items()}
-_QUOTES = "\"'`"
-
-
 def cut_at_suffix_closer(text: str, line_prefix: str, line_suffix: str) -> str:
     """A one-line answer in mid-line up to where it closes what the text after the
     cursor closes already (an editor's auto-closed bracket or quote): ``x = {}", x);``
@@ -64,23 +60,11 @@ def cut_at_suffix_closer(text: str, line_prefix: str, line_suffix: str) -> str:
     answer's end (tabby-agent finds the range to replace itself; Tabby's route keeps
     the whole answer for it). A quote closes when the cursor's line left it open."""
     ahead = line_suffix.lstrip()[:1]
-    if "\n" in text or not ahead or ahead not in (*_CLOSING, *_QUOTES):
+    if "\n" in text or not ahead:
         return text
-    open_quotes = {quote for quote in _QUOTES if line_prefix.count(quote) % 2}
-    depth = dict.fromkeys(_CLOSING, 0)
-    inside: str | None = None
-    for index, char in enumerate(text):
-        if inside is not None:
-            inside = None if char == inside else inside
-        elif char in open_quotes or (char in _CLOSING and depth[char] == 0):
-            return text[:index] if char == ahead else text  # closes what the line opened
-        elif char in _QUOTES:
-            inside = char
-        elif char in _OPENING:
-            depth[_OPENING[char]] += 1
-        elif char in _CLOSING:
-            depth[char] -= 1
-    return text
+    open_quotes = "".join(quote for quote in QUOTES if line_prefix.count(quote) % 2)
+    found = first_unpaired_closer(text, open_quotes=open_quotes)
+    return text[: found[0]] if found is not None and found[1] == ahead else text
 
 
 @router.post(

@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # Redis's client is imported only where [state] redis_url is 
 @dataclass(slots=True)
 class AppState:
     settings: Settings
+    started_with: Settings
+    """The settings the process started with (some are read only then; see keel.reload)."""
     paths: Paths
     providers: Providers
     routing: Routing
@@ -52,8 +54,6 @@ class AppState:
     shared_keys: SharedKeys | None = None
     """The keys kept in Redis (with ``redis``), followed for the process's life."""
     started_at: float = field(default_factory=time.time)
-    started_with: Settings | None = None
-    """The settings the process started with (some are read only then; see keel.reload)."""
 
     deep_health: DeepHealth = field(default_factory=DeepHealth)
     stats: RequestStats = field(default_factory=RequestStats)

@@ -122,17 +122,9 @@ def _routed_state(state: AppState, provider: object, worker: object) -> object:
     "ok" to itself, and was shown so in green while every request to it failed."""
     if worker not in ("ok", "ready"):
         return worker
-    for router in state.routing.routers.values():
-        for endpoint in router.endpoints:
-            if endpoint.provider is not provider:
-                continue
-            if endpoint.auth_failed:
-                return "auth failed"
-            if not endpoint.healthy:
-                return "unhealthy"
-            if not endpoint.breaker.available():
-                return "breaker open"
-    return worker
+    endpoints = (e for r in state.routing.routers.values() for e in r.endpoints)
+    troubles = (e.trouble() for e in endpoints if e.provider is provider)
+    return next((trouble for trouble in troubles if trouble), worker)
 
 
 @router.get("/v1/stats", dependencies=[USER])

@@ -260,18 +260,36 @@ def drop_closer_the_next_line_has(text: str, *, prefix: str, suffix: str) -> str
     if suffix_line(suffix).strip():
         return text  # the cursor's own line goes on: drop_suffix_overlap's business
     below = next((line.lstrip() for line in suffix.split("\n")[1:] if line.strip()), "")
-    if below[:1] not in _CLOSERS:
+    found = first_unpaired_closer(text, opened=cursor_line(prefix))
+    if found is None or found[1] != below[:1]:
         return text
-    opened = _open_brackets(cursor_line(prefix))
-    depth = {closer: max(0, opened[opener]) for opener, closer in _OPENERS.items()}
+    return text[: found[0]].rstrip()
+
+
+QUOTES = "\"'`"
+
+
+def first_unpaired_closer(
+    text: str, *, opened: str = "", open_quotes: str = ""
+) -> tuple[int, str] | None:
+    """Where ``text`` first closes something it did not open: a bracket beyond those
+    ``opened`` left open, or a quote in ``open_quotes`` (a string the text goes on in).
+    The text's own strings are skipped. None if it closes nothing."""
+    balance = _open_brackets(opened)
+    depth = {closer: max(0, balance[opener]) for opener, closer in _OPENERS.items()}
+    inside: str | None = None
     for index, char in enumerate(text):
-        if char in _OPENERS:
+        if inside is not None:
+            inside = None if char == inside else inside
+        elif char in open_quotes or (char in _CLOSERS and depth[char] == 0):
+            return index, char
+        elif char in QUOTES:
+            inside = char
+        elif char in _OPENERS:
             depth[_OPENERS[char]] += 1
         elif char in _CLOSERS:
-            if depth[char] == 0:
-                return text[:index].rstrip() if char == below[0] else text
             depth[char] -= 1
-    return text
+    return None
 
 
 def trim_space(text: str, *, prefix: str, suffix: str) -> str:

@@ -154,6 +154,21 @@ class Endpoint:
             and self.breaker.available()
         )
 
+    def trouble(self) -> str | None:
+        """Why requests cannot count on this endpoint now, in a word or two (None: they
+        can): what ``/ready``'s ``why``, a 503's message and the status page show."""
+        if self.auth_failed:
+            return "auth failed"
+        if self.breaker.state is BreakerState.OPEN:
+            return "breaker open"
+        if self.clock() < self.blocked_until:
+            return "rate limited"
+        if not self.running():
+            return f"worker {self.provider.status().get('state')}"
+        if not self.healthy:
+            return "unhealthy"
+        return None
+
     def record_ok(self, seconds: float) -> bool:
         """Returns True when this flips the endpoint back to healthy."""
         was_healthy = self.healthy
@@ -314,18 +329,14 @@ class RoleRouter:
         return "; ".join(f"{e.name}: " + self._describe(e) for e in self.endpoints)
 
     def _describe(self, endpoint: Endpoint) -> str:
-        if endpoint.auth_failed:
+        trouble = endpoint.trouble()
+        if trouble == "auth failed":
             return "auth failed (check its api_key)"
-        state = endpoint.breaker.state
-        if state is BreakerState.OPEN:
+        if trouble == "breaker open":
             return f"breaker open for {endpoint.breaker.retry_after():.0f}s more"
-        if endpoint.clock() < endpoint.blocked_until:
-            return "rate limited"
-        if not endpoint.running():
-            return f"worker {endpoint.provider.status().get('state')}"
-        if not endpoint.healthy:
+        if trouble == "unhealthy":
             return f"unhealthy ({without_name(endpoint.last_error or '', endpoint.name)})"
-        return f"{state}"
+        return trouble or str(endpoint.breaker.state)
 
     # health ------------------------------------------------------------------
 

@@ -167,7 +167,7 @@
   // --- provider cards -----------------------------------------------------------
 
   const WORKER_DOWN = new Set(["failed", "stopped", "unhealthy", "auth failed", "breaker open"]);
-  const WORKER_BUSY = new Set(["starting", "loading", "restarting"]);
+  const WORKER_BUSY = new Set(["starting", "loading", "restarting", "rate limited"]);
 
   function providerStatus(p) {
     const worker = p.worker || {};
