@@ -67,6 +67,8 @@ class Session:
     cold_total_ms: float = 0.0
     paused_latency_ms: list[float] = field(default_factory=list)
     paused_first_token_ms: list[float] = field(default_factory=list)
+    paused_slot_wait_ms: list[float] = field(default_factory=list)
+    """Of the first token's time, the wait for a slot (a superseded request's to end)."""
     paused_prompt_tokens: list[int] = field(default_factory=list)
     paused_evaluated_tokens: list[int] = field(default_factory=list)
     paused_sources: dict[str, int] = field(default_factory=dict)
@@ -187,6 +189,7 @@ async def run_session(
             # (not keel's typed-through cache, not a running generation it joined).
             if source == "model" and last.get("finish_reason") != "cancelled":
                 session.paused_first_token_ms.append(float(last["first_token_ms"]))
+                session.paused_slot_wait_ms.append(float(last["slot_wait_ms"]))
                 prompt_tokens = int(last["prompt_tokens"] or 0)
                 session.paused_prompt_tokens.append(prompt_tokens)
                 evaluated = prompt_tokens - int(last["reused_tokens"] or 0)
