@@ -84,6 +84,7 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+    gc.enable()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -94,6 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from keel.ops.supervise import supervise
 
         return supervise(args.serve_parser, args)
+    # No collections while startup imports and builds what settle_heap freezes: they
+    # cost ~0.05 s of the ~0.7 s of CPU a start takes, for little to free.
+    gc.disable()
 
     from keel.providers.catalog import build_providers
 

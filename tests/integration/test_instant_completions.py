@@ -120,10 +120,10 @@ async def test_a_newer_real_request_cancels_a_precompute_at_once(
     keel: httpx.AsyncClient,
 ) -> None:
     serving = state_of(keel).completion
-    await suggested(keel, 2000)
+    await suggested(keel, 400)
     ahead = [flight for flight in serving.flights if flight.precompute]
     assert len(ahead) == 1, "a precompute started as soon as the engine was idle"
-    await complete(keel, SOURCE[:1000])  # somewhere else: it cannot use the precompute
+    await complete(keel, SOURCE[:200])  # somewhere else: it cannot use the precompute
     task = ahead[0].task
     assert task is not None and task.done() and task.cancelled()
 
