@@ -531,9 +531,11 @@ async def test_client_cancellation_never_counts_as_a_failure(
     primary.behave(Behaviour.hang())
     policy = BreakerPolicy(consecutive_failures=1)
     router = build.router([[build.endpoint(primary.url, name="primary", policy=policy)]])
-    for _ in range(3):
+    for attempt in range(3):
         task = asyncio.create_task(run(router))
         await primary.wait_for(lambda: router.endpoints[0].outstanding == 1)
+        # cancelled while the upstream works on it (not before the request left: a race)
+        await primary.wait_for(lambda n=attempt + 1: len(primary.requests) == n)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
