@@ -9,6 +9,7 @@ timeouts are real (they are asyncio deadlines), and are kept small.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 
@@ -524,6 +525,10 @@ async def test_a_failed_probe_reopens_for_another_cooldown(
     assert posts(primary) == 2
 
 
+def received(upstream: FakeUpstream, count: int) -> bool:
+    return len(upstream.requests) == count
+
+
 async def test_client_cancellation_never_counts_as_a_failure(
     build: Build, upstreams: Callable[..., FakeUpstream]
 ) -> None:
@@ -535,7 +540,7 @@ async def test_client_cancellation_never_counts_as_a_failure(
         task = asyncio.create_task(run(router))
         await primary.wait_for(lambda: router.endpoints[0].outstanding == 1)
         # cancelled while the upstream works on it (not before the request left: a race)
-        await primary.wait_for(lambda n=attempt + 1: len(primary.requests) == n)
+        await primary.wait_for(functools.partial(received, primary, attempt + 1))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
