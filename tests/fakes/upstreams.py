@@ -171,6 +171,12 @@ class FakeUpstream:
         self.token_delay = token_delay
         self.embedding_dim = embedding_dim
         self.model = model
+        self.finish_reason: str | None = None
+        """An OpenAI stream's last ``finish_reason`` (default: ``stop``, ``tool_calls``)."""
+        self.usage: dict[str, int] | None = None
+        """``usage`` in an OpenAI stream's last chunk, as llama.cpp's server sends it."""
+        self.indexed_calls = True
+        """False: tool-call parts without ``index``, as Ollama's OpenAI API sends them."""
         self.port = 0
         self.disconnects = 0
         """Streams the client abandoned before their end."""
@@ -478,8 +484,10 @@ class FakeUpstream:
             part = {"delta": {"content": token}} if chat else {"text": token}
             payloads.append({"index": 0, "finish_reason": None, **part})
         for call in calls:
+            if not self.indexed_calls:
+                call = {key: value for key, value in call.items() if key != "index"}
             payloads.append({"index": 0, "finish_reason": None, "delta": {"tool_calls": [call]}})
-        finish = "tool_calls" if calls else "stop"
+        finish = self.finish_reason or ("tool_calls" if calls else "stop")
         payloads.append(
             {"index": 0, "finish_reason": finish, **({"delta": {}} if chat else {"text": ""})}
         )
@@ -488,6 +496,9 @@ class FakeUpstream:
             _sse({"id": "cmpl-fake", "object": kind, "model": self.model, "choices": [p]})
             for p in payloads
         ]
+        if self.usage is not None:
+            last = json.loads(frames[-1].removeprefix(b"data: "))
+            frames[-1] = _sse({**last, "usage": self.usage})
         frames.append(b"data: [DONE]\n\n")
         return _Answer(
             "text/event-stream",

@@ -79,6 +79,27 @@ class GenerationParams:
     (OpenAI's reasoning models take only ``max_completion_tokens``)."""
 
 
+@dataclass(slots=True)
+class Reported:
+    """What the engine that served a call said of it, where its provider can tell:
+    the tokens it counted (a local model's templated prompt; a backend's ``usage``) and
+    why it stopped (OpenAI's ``finish_reason``: ``stop``, ``length``,
+    ``content_filter``, ...). None where it did not say: keel counts or infers it."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+    def note_usage(self, usage: object) -> None:
+        """Take the counts of an OpenAI ``usage`` object (positive integers only)."""
+        if not isinstance(usage, dict):
+            return
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                setattr(self, name, value)
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionCall:
     """A raw completion: ``prompt`` is final, already templated and truncated.
@@ -90,8 +111,7 @@ class CompletionCall:
     prompt: str
     params: GenerationParams
     suffix: str | None = None
-    reported: dict[str, int] = field(default_factory=dict, compare=False)
-    """As :attr:`ChatCall.reported`: ``prompt_tokens`` as a local engine counted them."""
+    reported: Reported = field(default_factory=Reported, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +145,7 @@ class ChatCall:
     tools: dict[str, Any] | None = field(default=None, compare=False)
     """OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, as sent on to a
     backend that calls tools (OpenAI-compatible ones); a local model answers in text."""
-    reported: dict[str, int] = field(default_factory=dict, compare=False)
-    """What the engine that served the call counted, where a provider knows it:
-    ``prompt_tokens`` of the templated prompt (a local model's), ``cut_for_length``."""
+    reported: Reported = field(default_factory=Reported, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

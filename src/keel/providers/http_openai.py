@@ -19,6 +19,7 @@ from keel.providers.base import (
     EmbeddingProvider,
     GenerationParams,
     ProviderInfo,
+    Reported,
     tool_calls,
 )
 from keel.providers.http_base import (
@@ -77,39 +78,53 @@ def finished(payload: JsonObject) -> bool:
 
 
 def stream_choice_text(
-    upstream: HttpUpstream, path: str, body: JsonObject, read: str
+    upstream: HttpUpstream, path: str, body: JsonObject, read: str, reported: Reported
 ) -> AsyncGenerator[str, None]:
     """Text pieces of a chunked OpenAI-style stream, one per read (see :func:`joined`).
 
     ``read`` names where the text is: ``"text"`` (legacy completions) or
-    ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``).
+    ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``). ``reported``
+    gets the backend's ``finish_reason`` and its ``usage`` where a chunk up to the
+    last one carries it (keel does not ask for a usage chunk: some servers refuse
+    ``stream_options``).
     """
     provider = upstream.provider
+    numbering = CallNumbering()
 
     def text(payload: JsonObject) -> str:
+        reported.note_usage(payload.get("usage"))
         choice = first_choice(payload, provider)
-        return "" if choice is None else choice_text(choice, read, provider)
+        if choice is None:
+            return ""
+        if isinstance(reason := choice.get("finish_reason"), str):
+            reported.finish_reason = reason
+        return choice_text(choice, read, provider, numbering)
 
     return stream_texts(upstream.sse_batches(path, body, last=finished), text, finished, provider)
 
 
-def choice_text(choice: JsonObject, read: str, provider: str) -> str:
+def choice_text(
+    choice: JsonObject, read: str, provider: str, numbering: CallNumbering | None = None
+) -> str:
     if read == "delta":
         delta = choice.get("delta") or {}
         if not isinstance(delta, dict):
             raise UpstreamProtocolError(f"unexpected delta {delta!r}", provider=provider)
         text = text_field(delta, "content", provider)
         calls = delta.get("tool_calls")
-        return tool_calls(text, tool_call_parts(calls, provider)) if calls else text
+        if not calls:
+            return text
+        parts = tool_call_parts(calls, provider)
+        return tool_calls(text, numbering.number(parts) if numbering else parts)
     return text_field(choice, "text", provider)
 
 
 def tool_call_parts(calls: object, provider: str) -> list[JsonObject]:
-    """A delta's ``tool_calls``: entries with an ``index`` and, where present, a
-    ``function`` object whose ``name`` and ``arguments`` are text (or null)."""
+    """A delta's ``tool_calls``: entries with an ``index`` (or none) and, where
+    present, a ``function`` object whose ``name`` and ``arguments`` are text (or null)."""
 
     def valid(call: object) -> bool:
-        if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+        if not isinstance(call, dict) or not isinstance(call.get("index"), int | None):
             return False
         function = call.get("function") or {}
         return isinstance(function, dict) and all(
@@ -119,6 +134,32 @@ def tool_call_parts(calls: object, provider: str) -> list[JsonObject]:
     if not isinstance(calls, list) or not all(valid(call) for call in calls):
         raise UpstreamProtocolError(f"unexpected tool_calls {calls!r}", provider=provider)
     return calls
+
+
+class CallNumbering:
+    """Gives each tool-call part of one answer the ``index`` of its call, for backends
+    that send parts without one (Ollama's, Gemini's OpenAI APIs): a part with an ``id``
+    not seen before begins a new call, any other continues the last. Clients number
+    calls by ``index`` (the openai SDK's stream helper fails without it), and keel
+    joins parts by it: without, two calls became one with both argument texts."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.last_id: object = None
+
+    def number(self, parts: list[JsonObject]) -> list[JsonObject]:
+        numbered = []
+        for part in parts:
+            index = part.get("index")
+            if isinstance(index, int):
+                self.calls = max(self.calls, index + 1)
+            else:
+                new = part.get("id") not in (None, "", self.last_id) or not self.calls
+                self.calls += new
+                part = {**part, "index": self.calls - 1}
+            self.last_id = part.get("id") or self.last_id
+            numbered.append(part)
+        return numbered
 
 
 class OpenAICompletionProvider(HttpCompletion):
@@ -150,7 +191,9 @@ class OpenAICompletionProvider(HttpCompletion):
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
-        return stream_choice_text(self.upstream, "/completions", self.request_body(call), "text")
+        return stream_choice_text(
+            self.upstream, "/completions", self.request_body(call), "text", call.reported
+        )
 
 
 class OpenAIChatProvider(HttpBacked, ChatProvider):
@@ -193,7 +236,7 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
         return stream_choice_text(
-            self.upstream, "/chat/completions", self.request_body(call), "delta"
+            self.upstream, "/chat/completions", self.request_body(call), "delta", call.reported
         )
 
 

@@ -33,7 +33,13 @@ from keel.pipeline.cut import after_cut, whitespace_cut
 from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.postprocess import is_mid_line
 from keel.pipeline.prompt import normalize_newlines, render_template, restore_newlines
-from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams, Provider
+from keel.providers.base import (
+    CompletionCall,
+    CompletionProvider,
+    GenerationParams,
+    Provider,
+    Reported,
+)
 from keel.router.admission import Admission, Superseder
 from keel.router.router import RoleRouter
 from keel.schemas.openai import CompletionRequest
@@ -298,7 +304,7 @@ class CompletionServing:
         async with CancelOnDisconnect(http):
             if body.stream:
                 return await self._stream_openai(http, body, params, envelope, choice)
-            reported: dict[str, int] = {}
+            reported = Reported()
             open_stream = _openai_call(body, params, reported)
             generated = await generate_text(
                 self.router, self.admission, open_stream, params.stop, self.timeout
@@ -317,7 +323,7 @@ class CompletionServing:
         choice: ChoiceShape,
     ) -> Response:
         generated = Generated()
-        reported: dict[str, int] = {}
+        reported = Reported()
         pieces = stream_text(
             self.router,
             self.admission,
@@ -346,7 +352,7 @@ class CompletionServing:
 
 
 def _openai_call(
-    body: CompletionRequest, params: GenerationParams, reported: dict[str, int]
+    body: CompletionRequest, params: GenerationParams, reported: Reported
 ) -> OpenStream:
     """The caller's prompt as written, but for whitespace at its end, which the model
     writes itself (:func:`~keel.pipeline.cut.whitespace_cut`); a FIM suffix goes

@@ -16,7 +16,13 @@ from starlette.requests import Request
 
 from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
 from keel.pipeline.completion import read_until_stop, until_stop
-from keel.providers.base import CompletionProvider, Provider, ToolCalls, estimate_tokens
+from keel.providers.base import (
+    CompletionProvider,
+    Provider,
+    Reported,
+    ToolCalls,
+    estimate_tokens,
+)
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 
@@ -98,8 +104,8 @@ class Generated:
     provider: Provider | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cut_for_length: bool = False
-    """The engine stopped for length (its context full), whatever ``max_tokens`` was."""
+    engine_finish: str | None = None
+    """Why the engine said it stopped (:attr:`Reported.finish_reason`), if it said."""
     tool_deltas: list[dict[str, Any]] = field(default_factory=list)
     """The parts of the tool calls a chat model made, as its backend sent them."""
 
@@ -171,35 +177,39 @@ async def count_tokens(provider: Provider | None, texts: list[str]) -> list[int]
     return [estimate_tokens(text) for text in texts]
 
 
-async def count_usage(
-    generated: Generated, prompt: str, reported: dict[str, int] | None = None
-) -> None:
+async def count_usage(generated: Generated, prompt: str, reported: Reported) -> None:
     """Fill in ``generated``'s prompt and completion tokens as the engine ``reported``
     them (a chat's templated prompt; the tokens it generated, which a constrained
     answer's text may not retokenize to), else counted from ``prompt`` and the text;
-    and whether the engine ``reported`` it cut the answer for length."""
-    reported = reported or {}
-    prompt_tokens, completion_tokens = (
-        reported.get("prompt_tokens"),
-        reported.get("completion_tokens"),
-    )
+    and why the engine said it stopped."""
+    prompt_tokens, completion_tokens = reported.prompt_tokens, reported.completion_tokens
     texts = [prompt] if not prompt_tokens else []
     texts += [generated.said()] if not completion_tokens else []
     counts = iter(await count_tokens(generated.provider, texts) if texts else [])
     generated.prompt_tokens = prompt_tokens or next(counts)
     generated.completion_tokens = completion_tokens or next(counts)
-    generated.cut_for_length = bool(reported.get("cut_for_length"))
+    generated.engine_finish = reported.finish_reason
+
+
+LENGTH_REASONS = frozenset({"length", "model_length"})
+"""Finish reasons that mean the answer was cut: OpenAI's, and Mistral's for a full
+context."""
 
 
 def finish_reason(generated: Generated, max_tokens: int | None) -> str:
-    """An answer that called tools ends for them; one that used the whole budget, or
-    that the engine cut (its context full), was cut for length."""
+    """An answer that called tools ends for them; otherwise as the engine said (a
+    length cut, a content filter), or, where it did not say, cut for length when it
+    used the whole budget."""
     if generated.tool_deltas:
         return "tool_calls"
-    cut = generated.cut_for_length or (
-        max_tokens is not None and generated.completion_tokens >= max_tokens
-    )
-    return "length" if cut else "stop"
+    said = generated.engine_finish
+    if said in LENGTH_REASONS:
+        return "length"
+    if said == "content_filter":
+        return said
+    if said is None and max_tokens is not None and generated.completion_tokens >= max_tokens:
+        return "length"
+    return "stop"
 
 
 @dataclass(slots=True)

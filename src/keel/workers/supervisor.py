@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel.errors import (
     ExitCode,
@@ -34,6 +34,9 @@ from keel.errors import (
     WorkerUnavailable,
 )
 from keel.restart import RestartPolicy
+
+if TYPE_CHECKING:
+    from keel.providers.base import Reported
 
 log = logging.getLogger("keel.worker")
 
@@ -381,11 +384,10 @@ class WorkerSupervisor:
         raise KeelError(f"{self.name}: {message['error']}")
 
     async def stream(
-        self, op: dict[str, Any], *, ready_timeout: float, reported: dict[str, int] | None = None
+        self, op: dict[str, Any], *, ready_timeout: float, reported: Reported | None = None
     ) -> AsyncIterator[str]:
         """Run a generating op; yields text pieces. Closing the iterator cancels it.
-        ``reported`` gets, at the end, the prompt's tokens as the engine counted them and
-        ``cut_for_length`` if the engine stopped for length."""
+        ``reported`` gets, at the end, the tokens the engine counted and why it stopped."""
         await self.wait_ready(ready_timeout)
         request_id = self._next_id = self._next_id + 1
         pending = self._pending[request_id] = _Pending()
@@ -400,11 +402,8 @@ class WorkerSupervisor:
                     finished = True
                     self.stats.add(message)
                     if reported is not None:
-                        for counted in ("prompt_tokens", "completion_tokens"):
-                            if message.get(counted):
-                                reported[counted] = int(message[counted])
-                        if message.get("finish_reason") == "length":
-                            reported["cut_for_length"] = 1  # max_tokens, or the context full
+                        reported.note_usage(message)
+                        reported.finish_reason = message.get("finish_reason")
                     return
                 else:
                     finished = True

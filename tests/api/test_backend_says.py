@@ -1,0 +1,101 @@
+"""What an OpenAI-compatible backend says of its answer reaches the client: why it
+stopped (``finish_reason``), the tokens it counted (``usage``), and tool calls whose
+parts come without an ``index`` (Ollama's and Gemini's OpenAI APIs) numbered call by
+call, streamed and whole.
+
+Chat and the OpenAI completion route go to the fake backend ``fallback`` of
+tests/api/conftest.py (completion to ``primary``); each test sets what it says.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from tests.api.conftest import USER, Backends
+from tests.api.test_tools import ASK, TOOLS
+from tests.conftest import sse_events
+from tests.fakes.upstreams import FakeUpstream
+
+
+@pytest.fixture
+def said(backends: Backends) -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
+    """The backends, put back to saying nothing special afterwards."""
+    yield backends.fallback, backends.primary
+    for upstream in (backends.fallback, backends.primary):
+        upstream.finish_reason, upstream.usage, upstream.indexed_calls = None, None, True
+
+
+async def chat(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    response = await client.post(
+        "/v1/chat/completions", json={"messages": ASK, **fields}, headers=USER
+    )
+    assert response.status_code == 200, response.text
+    if fields.get("stream"):
+        return {"chunks": sse_events(response.text)}
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+@pytest.mark.parametrize("reason", ["length", "content_filter", "stop"])
+async def test_the_backends_finish_reason_reaches_the_client(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream], reason: str
+) -> None:
+    backend, completions = said
+    backend.finish_reason = completions.finish_reason = reason
+    # max_tokens 2: the 3 pieces' estimate reaches it, which says nothing when the
+    # backend said why it stopped.
+    whole = await chat(client, max_tokens=2)
+    assert whole["choices"][0]["finish_reason"] == reason
+    streamed = await chat(client, max_tokens=2, stream=True)
+    assert streamed["chunks"][-1]["choices"][0]["finish_reason"] == reason
+    response = await client.post(
+        "/v1/completions", json={"prompt": "def f(", "max_tokens": 2}, headers=USER
+    )
+    assert response.json()["choices"][0]["finish_reason"] == reason
+
+
+async def test_the_backends_usage_is_the_answers(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    backend, completions = said
+    backend.usage = completions.usage = {"prompt_tokens": 1234, "completion_tokens": 7}
+    expected = {"prompt_tokens": 1234, "completion_tokens": 7, "total_tokens": 1241}
+    assert (await chat(client))["usage"] == expected
+    streamed = await chat(client, stream=True, stream_options={"include_usage": True})
+    assert streamed["chunks"][-1]["usage"] == expected
+    response = await client.post("/v1/completions", json={"prompt": "def f("}, headers=USER)
+    assert response.json()["usage"] == expected
+
+
+async def test_a_backend_that_says_nothing_is_counted_and_inferred(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    backend, _ = said
+    backend.finish_reason = ""  # a backend that ends without saying why (falsy: "stop")
+    answer = await chat(client)
+    assert answer["usage"]["prompt_tokens"] > 0 and answer["usage"]["completion_tokens"] > 0
+    assert answer["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_tool_calls_without_an_index_come_back_call_by_call(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    backend, _ = said
+    backend.indexed_calls = False
+    whole = await chat(client, tools=TOOLS)
+    calls = whole["choices"][0]["message"]["tool_calls"]
+    assert [call["function"]["name"] for call in calls] == ["read_file", "run_tests"]
+    assert [call["id"] for call in calls] == ["call_0", "call_1"]
+    assert [json.loads(call["function"]["arguments"])["call"] for call in calls] == [0, 1]
+
+    streamed = await chat(client, tools=TOOLS, stream=True)
+    parts = [
+        part
+        for chunk in streamed["chunks"]
+        for part in chunk["choices"][0]["delta"].get("tool_calls", [])
+    ]
+    assert [part["index"] for part in parts] == [0, 0, 0, 1, 1, 1]
