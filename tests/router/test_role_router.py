@@ -19,6 +19,7 @@ from keel.config import HttpModelConfig
 from keel.errors import (
     ContextLengthExceeded,
     KeelError,
+    RateLimited,
     RequestError,
     Unavailable,
     UpstreamProtocolError,
@@ -574,7 +575,7 @@ async def test_401_marks_auth_failed_no_retry_and_falls_back(
     assert "invalid api key" in str(snapshot["last_error"])
 
 
-@pytest.mark.parametrize("status", [400, 404, 422])
+@pytest.mark.parametrize("status", [400, 409, 422])
 async def test_other_4xx_go_back_to_the_client_as_is(
     build: Build, upstreams: Callable[..., FakeUpstream], status: int
 ) -> None:
@@ -590,6 +591,71 @@ async def test_other_4xx_go_back_to_the_client_as_is(
     assert (posts(primary), posts(fallback)) == (1, 0)
     endpoint = router.endpoints[0]
     assert endpoint.breaker.state is BreakerState.CLOSED and endpoint.failed_checks == 0
+
+
+async def test_a_requests_retry_failing_again_counts_once(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """Three requests while the only backend restarts: three breaker failures, not six
+    (the default five opened the breaker, and a keel with no fallback answered 503s)."""
+    backend = upstreams()
+    backend.behave(Behaviour.error(500))
+    router = build.router(
+        [[build.endpoint(backend.url, name="only", policy=BreakerPolicy(consecutive_failures=5))]],
+        retry=RetryPolicy(attempts_per_provider=2, budget_floor=10),
+    )
+    for _ in range(3):
+        with pytest.raises(Unavailable):
+            await run(router)
+    assert posts(backend) == 6  # every request was retried
+    assert router.endpoints[0].breaker.state is BreakerState.CLOSED
+    backend.behave(Behaviour.normal())
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "only"
+
+
+async def test_every_provider_rate_limited_is_a_429_with_the_wait(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(429, retry_after="20"))
+    fallback.behave(Behaviour.error(429, retry_after="7"))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    for advance in (0.0, 2.0):  # the requests that meet the 429s, then one kept off both
+        clock.advance(advance)
+        with pytest.raises(RateLimited) as caught:
+            await run(router)
+        assert caught.value.status_code == 429
+        assert caught.value.retry_after == pytest.approx(7.0 - advance, abs=0.5)
+        assert "rate limited" in caught.value.message
+    assert (posts(primary), posts(fallback)) == (1, 1)
+    clock.advance(6.0)
+    primary.behave(Behaviour.normal())
+    fallback.behave(Behaviour.normal())
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "fb"
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_a_backend_without_the_model_or_route_is_the_providers_failure(
+    build: Build, upstreams: Callable[..., FakeUpstream], status: int
+) -> None:
+    """keel names the backend's model and path (its config), so a 404 or 405 is never the
+    client's: the next provider serves, and the failure counts against the provider."""
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(status, {"error": {"message": "model `fake` not found"}}))
+    policy = BreakerPolicy(consecutive_failures=1)
+    router = build.router(
+        [
+            [build.endpoint(primary.url, name="primary", policy=policy)],
+            [build.endpoint(fallback.url, name="fb")],
+        ]
+    )
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "fb"
+    assert router.endpoints[0].breaker.state is BreakerState.OPEN
 
 
 async def test_429_honours_retry_after_and_falls_back(
@@ -662,7 +728,8 @@ async def test_context_too_long_retries_once_with_less_then_falls_back(
 async def test_a_callers_prompt_over_the_context_is_its_400_and_blames_no_provider(
     build: Build, upstreams: Callable[..., FakeUpstream]
 ) -> None:
-    """A prompt keel did not build (OpenAI's) is never cut, retried or sent elsewhere."""
+    """A prompt keel did not build (OpenAI's) is never cut or retried; the next provider
+    may have a larger window, and where none takes it, it is the caller's 400."""
     primary, fallback = upstreams(), upstreams()
     too_long = {
         "error": {
@@ -674,26 +741,36 @@ async def test_a_callers_prompt_over_the_context_is_its_400_and_blames_no_provid
         }
     }
     primary.behave(Behaviour.error(400, too_long))
+    fallback.behave(Behaviour.error(400, too_long))
     policy = BreakerPolicy(consecutive_failures=1)
     router = build.router(
         [
             [build.endpoint(primary.url, name="primary", policy=policy)],
-            [build.endpoint(fallback.url, name="fb")],
+            [build.endpoint(fallback.url, name="fb", policy=policy)],
         ]
     )
-    for _ in range(5):
+
+    async def ask() -> Attempts:
         attempts = router.attempts(streaming=False, shrinkable=False)
+        async for attempt in attempts:
+            async with attempt:
+                assert not attempt.shrink
+                stream = Starts()(attempt.provider, attempt.shrink)
+                [piece async for piece in attempt.pieces(stream)]
+        return attempts
+
+    for _ in range(5):
         with pytest.raises(ContextLengthExceeded) as caught:
-            async for attempt in attempts:
-                async with attempt:
-                    stream = Starts()(attempt.provider, attempt.shrink)
-                    [piece async for piece in attempt.pieces(stream)]
+            await ask()
         assert caught.value.status_code == 400
         assert (caught.value.prompt_tokens, caught.value.context_size) == (9000, 4096)
-    assert (posts(primary), posts(fallback)) == (5, 0)
-    endpoint = router.endpoints[0]
-    assert endpoint.breaker.state is BreakerState.CLOSED
-    assert endpoint.failed_checks == 0 and endpoint.healthy and endpoint.outstanding == 0
+    assert (posts(primary), posts(fallback)) == (5, 5)  # each once, never cut and again
+    for endpoint in router.endpoints:
+        assert endpoint.breaker.state is BreakerState.CLOSED
+        assert endpoint.failed_checks == 0 and endpoint.healthy and endpoint.outstanding == 0
+    fallback.behave(Behaviour.normal())  # a larger window
+    served = await ask()
+    assert served.provider is not None and served.provider.name == "fb"
 
 
 # --- the retry budget ----------------------------------------------------------------
@@ -740,6 +817,10 @@ async def test_everything_down_is_a_503_naming_each_provider(
     assert first.status_code == 503
     assert "dead:" in first.message and "broken:" in first.message
     assert first.retry_after is not None
+    # broken's retry failing was the same request's: one failure each, breakers closed
+    assert [e.breaker.state for e in router.endpoints] == [BreakerState.CLOSED] * 2
+    with pytest.raises(Unavailable):
+        await run(router)  # the second failure of each opens both breakers
 
     clock.advance(5.0)
     seen = posts(broken)

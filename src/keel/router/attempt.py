@@ -225,7 +225,7 @@ class Attempts:
 
     def _failed(self, attempt: Attempt, error: KeelError) -> bool:
         endpoint, kind = attempt.endpoint, classify(error)
-        self.router.failed(endpoint, error, kind)
+        self.router.failed(endpoint, error, kind, retry=attempt.number > 1)
         self.last_error = error
         self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
         log.info("%s: %s failed (%s): %s", self.router.role, endpoint.name, kind, error.message)

@@ -30,7 +30,9 @@ from keel.errors import (
 
 class Failure(StrEnum):
     RETRYABLE = "retryable"
-    """Connect refused/reset, 5xx, timeout, broken response: retry, then fall back."""
+    """Connect refused/reset, 5xx, timeout, broken response, a 404 or 405 (no such model
+    or route at the backend: keel's configuration, never the client's request, names
+    both): retry, then fall back."""
     CRASHED = "crashed"
     """A local worker died mid-request: fall back, never resend (it may be a poison request)."""
     RATE_LIMITED = "rate_limited"
@@ -141,6 +143,8 @@ def classify(error: KeelError) -> Failure:
         status = error.upstream_status
         if error.code == "rate_limited" or status == 429:
             return Failure.RATE_LIMITED
+        if status in (404, 405):
+            return Failure.RETRYABLE
         if status is not None and 400 <= status < 500:
             text = error.message.lower()
             if status in (400, 413, 422) and any(m in text for m in _TOO_LONG_MARKERS):

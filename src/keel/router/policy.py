@@ -57,7 +57,8 @@ class ClientErrorsGoBack:
 class ShrinkOnce:
     """A prompt over the context: once more with less context, if the caller builds
     the prompt (``shrinkable``), then the next endpoint (it may have a larger window).
-    A prompt the caller wrote itself is never cut: it is the caller's 400."""
+    A prompt the caller wrote itself is never cut: the next endpoint may take it, and
+    where none is left it is the caller's 400."""
 
     shrinkable: bool
 
@@ -65,7 +66,7 @@ class ShrinkOnce:
         if failed.failure is not Failure.TOO_LONG:
             return None
         if not self.shrinkable:
-            return Decision.GIVE_UP
+            return Decision.GIVE_UP if failed.last_resort else Decision.NEXT
         return Decision.NEXT if failed.shrunk else Decision.SHRINK
 
 

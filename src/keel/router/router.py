@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from keel.config import Role
-from keel.errors import KeelError, Unavailable, UpstreamTimeout, WorkerCrashed
+from keel.errors import KeelError, RateLimited, Unavailable, UpstreamTimeout, WorkerCrashed
 from keel.providers.base import Provider
 from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
@@ -278,9 +278,15 @@ class RoleRouter:
             log.info("provider %s is healthy again", endpoint.name)
             self.events.provider_health(endpoint.name, True)
 
-    def failed(self, endpoint: Endpoint, error: KeelError, kind: Failure) -> None:
+    def failed(
+        self, endpoint: Endpoint, error: KeelError, kind: Failure, *, retry: bool = False
+    ) -> None:
         """Only what the provider did wrong counts against it: a request the backend
-        refused (a 4xx, a prompt over its context) is no breaker failure, no finding."""
+        refused (a 4xx, a prompt over its context) is no breaker failure, no finding.
+        A request counts once: its ``retry`` on the same endpoint failing is no second
+        breaker failure (counted per attempt, three requests during a backend's restart
+        made six, opened the breaker at its default of five, and a keel with no
+        fallback answered 503 for the next 60 s)."""
         if kind is Failure.CRASHED and not endpoint.new_crash(error):
             # One worker death fails every request in flight; it is one failure. Counted
             # per request, three in flight opened the breaker and two made the endpoint
@@ -289,7 +295,10 @@ class RoleRouter:
             endpoint.last_error = error.message
             return
         if kind in (Failure.RETRYABLE, Failure.CRASHED):
-            endpoint.breaker.record_failure()
+            if retry:
+                endpoint.breaker.record_ignored()
+            else:
+                endpoint.breaker.record_failure()
             if endpoint.record_failed(error):
                 log.warning("provider %s routed around: %s", endpoint.name, error.message)
                 self.events.provider_health(endpoint.name, False)
@@ -307,7 +316,18 @@ class RoleRouter:
             endpoint.last_error = error.message
 
     def exhausted(self, failures: list[str], last: KeelError | None) -> KeelError:
-        """The error for a request no endpoint served."""
+        """The error for a request no endpoint served: a 429 when every endpoint is
+        keeping to its backend's Retry-After (the client should wait, not call keel
+        broken), else the one provider's own error, else each endpoint's state."""
+        now = self.clock()
+        if self.endpoints and all(e.blocked_until > now for e in self.endpoints):
+            wait = min(e.blocked_until - now for e in self.endpoints)
+            return RateLimited(
+                f"every {self.role} provider is rate limited by its backend; retry in "
+                f"{wait:.0f}s ({'; '.join(failures) or 'waiting out its Retry-After'})",
+                code="upstream_rate_limited",
+                retry_after=wait,
+            )
         if last is not None and len(failures) == 1 and len(self.endpoints) == 1:
             return last  # one provider, one failure: its own error says the most
         retry_after = [
