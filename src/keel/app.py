@@ -54,9 +54,11 @@ def create_app(
     paths: Paths,
     providers: Providers | None = None,
     config_path: Path | None = None,
+    host: str | None = None,
 ) -> FastAPI:
     """The app for ``settings``; ``providers`` may be given (built by the caller) or built
-    here. ``config_path`` is the file a reload re-reads (None: the data root's)."""
+    here. ``config_path`` is the file a reload re-reads (None: the data root's); ``host``
+    the address keel listens on (None: ``[server] host``)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,6 +125,7 @@ def create_app(
             stats=RequestStats(),
             background=background,
             started_with=settings,
+            host=host or settings.server.host,
         )
         app.state.keel = state
 

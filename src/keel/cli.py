@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keel.app import create_app
 
     config_path = Path(args.config) if args.config else None
-    app = create_app(settings, paths, providers, config_path)
+    app = create_app(settings, paths, providers, config_path, host)
     from uvicorn.config import LOGGING_CONFIG
 
     config = uvicorn.Config(

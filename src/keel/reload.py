@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from keel.api.state import AppState
 from keel.audit import AuditLog
-from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore
+from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore, open_remote_issue
 from keel.background import Background
 from keel.config import ROLES, Paths, Settings, load_settings
-from keel.errors import KeelError
+from keel.errors import ConfigError, ConfigIssue, KeelError
 from keel.events import EventStore
 from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
@@ -112,9 +112,23 @@ def assemble(
 async def reload_config(
     state: AppState, config_path: Path | None, *, key_id: str | None
 ) -> dict[str, object]:
-    """Apply a new config file, or raise (ConfigError, MissingDependency) changing nothing."""
+    """Apply a new config file, or raise (ConfigError, MissingDependency) changing nothing.
+
+    A reload never leaves keel open to anyone: settings that ``keel serve`` would refuse
+    on the address it listens on (no keys beyond loopback) are refused, and so is a
+    config file gone missing (read as all defaults, it dropped every key)."""
     try:
+        file = config_path or state.paths.config_file
+        if not file.exists():
+            gone = ConfigIssue(
+                "(file)",
+                "config file does not exist; the running config stays (keel runs on "
+                "defaults only when it starts without one)",
+            )
+            raise ConfigError(str(file), [gone])
         settings = load_settings(config_path, state.paths)
+        if (issue := open_remote_issue(settings, state.paths.root, state.host)) is not None:
+            raise ConfigError(str(file), [issue])
         old = state.providers
         reuse = {p.supervisor.spec: p for p in old.unique() if isinstance(p, LocalProvider)}
         providers = build_providers(settings, state.paths, reuse=reuse)

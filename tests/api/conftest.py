@@ -81,13 +81,14 @@ model_name = "fallback-chat"
 {embedding}"""
 
 
-def build_app(root: Path, config: str) -> FastAPI:
-    """The app for ``config``, written to ``root``/config.toml so a reload reads it again."""
+def build_app(root: Path, config: str, host: str | None = None) -> FastAPI:
+    """The app for ``config``, written to ``root``/config.toml so a reload reads it again;
+    ``host``: the address it says it listens on."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.toml"
     path.write_text(config)
     settings = parse_settings(tomllib.loads(config), str(path))
-    return create_app(settings, Paths(root), config_path=path)
+    return create_app(settings, Paths(root), config_path=path, host=host)
 
 
 @dataclass

@@ -34,6 +34,8 @@ class AppState:
     settings: Settings
     started_with: Settings
     """The settings the process started with (some are read only then; see keel.reload)."""
+    host: str
+    """The address keel listens on, fixed for the process's life (``--host`` or config)."""
     paths: Paths
     providers: Providers
     routing: Routing
