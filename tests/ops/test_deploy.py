@@ -38,3 +38,7 @@ def test_the_unit_checks_before_starting_and_drains_on_stop() -> None:
     assert "/health" in unit["ExecStartPost"][0]
     assert unit["KillMode"] == ["mixed"]  # SIGTERM to keel alone, so it can drain
     assert int(unit["TimeoutStopSec"][0]) > 30  # longer than the default grace period
+
+
+def test_systemctl_reload_is_keels_reload() -> None:
+    assert directives()["ExecReload"] == ["/bin/kill -HUP $MAINPID"]

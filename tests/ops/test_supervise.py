@@ -75,9 +75,13 @@ def test_an_unfixable_exit_is_not_retried(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_sigterm_to_the_supervisor_stops_the_child(tmp_path: Path) -> None:
+def test_sighup_reloads_and_sigterm_stops_the_child(tmp_path: Path) -> None:
+    """SIGHUP (the documented reload, and what a closing terminal sends) reaches keel
+    through the supervisor, which keeps running; a worker ignores it (``systemctl kill
+    -s HUP`` signals the whole unit). It stopped both for good, silently."""
     port = free_port()
     log = tmp_path / "supervisor.log"
+    (tmp_path / "config.toml").write_text("[model.chat]\nmax_concurrent = 4\n")
     with log.open("wb") as output:
         process = subprocess.Popen(
             supervised(tmp_path, "--port", str(port)),
@@ -99,6 +103,16 @@ def test_sigterm_to_the_supervisor_stops_the_child(tmp_path: Path) -> None:
         match = re.search(r"started keel, pid (\d+)", log.read_text())
         assert match, log.read_text()
         child = int(match.group(1))
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).json()
+        worker = ready["roles"]["completion"]["pid"]
+        os.kill(worker, signal.SIGHUP)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "config reloaded" not in log.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert Path(f"/proc/{worker}").exists() and "restarting" not in log.read_text()
+        assert log.read_text().count("started keel") == 1
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()
     finally:

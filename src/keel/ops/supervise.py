@@ -97,10 +97,19 @@ class Supervisor:
             self.command, env=env, start_new_session=True, preexec_fn=_die_with_parent
         )
 
+    def _on_hangup(self, signum: int, _: FrameType | None) -> None:
+        """SIGHUP is keel's reload: passed on. Left to its default, it ended the
+        supervisor, and the child with it, for good."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            self._say("SIGHUP: passed on to keel (config reload)")
+            child.send_signal(signum)
+
     def run(self) -> int:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             return self._loop()
         finally:

@@ -53,6 +53,7 @@ import http.client
 import json
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -662,6 +663,9 @@ def _describe(model: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    # SIGHUP is keel's reload, which reaches a worker too when the whole service is
+    # signalled (``systemctl kill -s HUP``): its default ended the worker, a crash.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     protocol_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
