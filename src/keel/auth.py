@@ -67,11 +67,15 @@ def parse_keys_file(path: Path) -> Keys:
     unknown = set(data) - {"api_keys", "admin_key"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; use api_keys and admin_key")
-    if not isinstance(users, list) or not all(isinstance(k, str) and len(k) >= 8 for k in users):
+    # Stripped, as the config's keys: a client cannot send a key's outer whitespace.
+    if not isinstance(users, list) or not all(isinstance(k, str) for k in users):
         raise ValueError("api_keys must be a list of strings of at least 8 characters")
-    if admin is not None and (not isinstance(admin, str) or len(admin) < 8):
+    users = [key.strip() for key in users]
+    if not all(len(key) >= 8 for key in users):
+        raise ValueError("api_keys must be a list of strings of at least 8 characters")
+    if admin is not None and (not isinstance(admin, str) or len(admin.strip()) < 8):
         raise ValueError("admin_key must be a string of at least 8 characters")
-    return Keys(tuple(users), admin)
+    return Keys(tuple(users), admin.strip() if admin is not None else None)
 
 
 @dataclass(slots=True)

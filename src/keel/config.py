@@ -327,14 +327,18 @@ class AuthConfig(_Section):
     @field_validator("api_keys")
     @classmethod
     def _keys_not_blank(cls, value: list[str]) -> list[str]:
-        if any(len(key.strip()) < 8 for key in value):
+        # Stripped: a key read from a secret file (``${KEY}``) often ends in a newline,
+        # and a client can never send one (HTTP trims header values): it matched nothing.
+        value = [key.strip() for key in value]
+        if any(len(key) < 8 for key in value):
             raise ValueError("every key must have at least 8 characters")
         return value
 
     @field_validator("admin_key")
     @classmethod
     def _admin_key_not_short(cls, value: str | None) -> str | None:
-        if value is not None and len(value.strip()) < 8:
+        value = value.strip() if value is not None else None
+        if value is not None and len(value) < 8:
             raise ValueError("must have at least 8 characters, as every key")
         return value
 
@@ -675,7 +679,10 @@ def parse_settings(
             if error["type"] == "extra_forbidden":
                 message = "unknown key (check the spelling)"
             key = _loc_to_key(loc)
-            value = error.get("input") if error["type"] != "missing" else None
+            # An unknown key's value is never shown: a misspelled secret (``apikey``,
+            # ``api_kye``) is still a secret, and the value is not what is wrong.
+            unknown = error["type"] in ("missing", "extra_forbidden")
+            value = None if unknown else error.get("input")
             value = None if isinstance(value, dict) else _shown(key, value)
             issues.append(ConfigIssue(key or "(top level)", message, value))
         raise ConfigError(source, _dedupe(issues)) from None
@@ -693,7 +700,7 @@ def _shown(key: str, value: object) -> object:
     password."""
     if any(part in key for part in SECRET_KEYS):
         return None
-    if key.endswith("_url") and isinstance(value, str):
+    if isinstance(value, str):  # any URL's password, whatever the key is called
         return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)
     return value
 

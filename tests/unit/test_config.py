@@ -215,6 +215,20 @@ def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"server": {"port": "eighty"}}, "config.toml")
     assert "'eighty'" in caught.value.message  # other values are shown
+    # A misspelled secret's key is unknown: its value is never shown (nor is it wrong).
+    http = {"kind": "openai/chat", "api_endpoint": "http://x/v1", "apikey": "sk-SECRET999"}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"model": {"chat": {"http": http}}}, "config.toml")
+    assert "model.chat.http.apikey: unknown key" in caught.value.message
+    assert "SECRET999" not in caught.value.message
+    http = {
+        "kind": "openai/chat",
+        "api_endpoint": "http://x/v1",
+        "max_input_length": "http://u:pw-1@y",
+    }
+    with pytest.raises(ConfigError) as caught:  # a URL's password, whatever the key
+        parse_settings({"model": {"chat": {"http": http}}}, "c")
+    assert "'http://u:***@y'" in caught.value.message and "pw-1" not in caught.value.message
 
 
 def test_config_check_takes_config_as_the_other_commands_do(tmp_path: Path) -> None:

@@ -51,3 +51,20 @@ def test_a_config_key_outlives_the_keys_file(tmp_path: Path) -> None:
     store = KeyStore(config, tmp_path, clock=Clock())  # the file never existed
     assert access(store, "config-key-0123456789") is Access.USER
     assert access(store, FILE_KEY) is None
+
+
+def test_a_keys_outer_whitespace_is_dropped(tmp_path: Path) -> None:
+    """A key read from a secret file (``${KEY}``) often ends in a newline, and a client
+    cannot send a key's outer whitespace (HTTP trims header values): kept, it matched
+    nothing, and the admin saw every request refused."""
+    (tmp_path / "keys.toml").write_text(
+        f'api_keys = ["{FILE_KEY} "]\nadmin_key = " admin-1234567"\n'
+    )
+    config = AuthConfig(
+        api_keys=["config-key-0123456789\n"], admin_key="admin-key-0123\n", keys_file="keys.toml"
+    )
+    store = KeyStore(config, tmp_path, clock=Clock())
+    assert access(store, "config-key-0123456789") is Access.USER
+    assert access(store, FILE_KEY) is Access.USER
+    assert access(store, "admin-1234567") is Access.ADMIN
+    assert AuthConfig(admin_key=" admin-key-0123 ").admin_key == "admin-key-0123"
