@@ -191,3 +191,30 @@ async def test_retention_with_postgres_down_skips_a_turn_and_never_raises(
     store = PostgresEventStore(postgres_server.url("no_such_database"))
     assert await EventRetention(store, 30).prune_once() == 0
     store.close(timeout=1.0)
+
+
+async def test_a_read_after_a_database_restart_works_and_says_it_is_up(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """The reader's kept connection dies with a restart: the first read after it is
+    served on a new one (it was a 503), and a replica that only reads shows the
+    database up again (it stayed "down", a false KeelSharedStoreDown)."""
+    metrics = Metrics()
+    store = PostgresEventStore(postgres_url, metrics=metrics, flush_seconds=0.05)
+    wait_until(lambda: store.up is True)
+    store.acceptance(0, time.time())  # the reader's connection is made and kept
+    postgres_server.stop()
+    try:
+        with pytest.raises(Unavailable):
+            store.acceptance(0, time.time())
+        assert store.up is False
+    finally:
+        postgres_server.start()
+    store.acceptance(0, time.time())  # no write in between: the read alone says so
+    assert store.up is True
+    assert metrics.registry.get_sample_value("keel_state_store_up", {"store": "postgres"}) == 1
+    store.acceptance(0, time.time())
+    postgres_server.stop()
+    postgres_server.start()
+    store.acceptance(0, time.time())  # the kept connection ended; replaced within the call
+    store.close()

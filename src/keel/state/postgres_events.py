@@ -230,20 +230,29 @@ class PostgresEventStore:
     # reading ----------------------------------------------------------------
 
     def _query(self, query: str, params: tuple[object, ...]) -> list[Row]:
+        """Rows of ``query``. A kept connection the server has ended since (a restart)
+        is replaced once, within the same call; a read that works says the database is
+        up (only the writer said so, and a quiet replica stayed "down")."""
         with self._read_lock:
-            try:
-                if self._reader is None:
-                    self._reader = self._connect()
-                    self._reader.autocommit = True
-                return self._reader.execute(query, params).fetchall()
-            except psycopg.Error as exc:
-                if self._reader is not None:
-                    self._reader.close()
-                    self._reader = None
-                self._failed(exc)
-                raise Unavailable(
-                    "the events database is unreachable; acceptance figures return when it does"
-                ) from exc
+            while True:
+                kept = self._reader is not None
+                try:
+                    if self._reader is None:
+                        self._reader = self._connect()
+                        self._reader.autocommit = True
+                    rows = self._reader.execute(query, params).fetchall()
+                except psycopg.Error as exc:
+                    if self._reader is not None:
+                        self._reader.close()
+                        self._reader = None
+                    if kept:
+                        continue
+                    self._failed(exc)
+                    raise Unavailable(
+                        "the events database is unreachable; acceptance figures return when it does"
+                    ) from exc
+                self._succeeded()
+                return rows
 
     async def language_of(self, completion_id: str | None) -> str | None:
         if not completion_id:
