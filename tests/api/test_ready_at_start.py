@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
-from tests.api.conftest import USER, build_app
+from tests.api.conftest import USER, USER_KEY, build_app
 from tests.fakes.upstreams import FakeUpstream
 from tests.serving.conftest import llamacpp_config
 
@@ -17,7 +17,8 @@ def config(live: str, dead: str) -> str:
     """The serving tests' config (everything from ``live``), but chat from ``dead``."""
     chat = f'api_endpoint = "{live}/v1"\nmodel_name = "fake-chat"'
     assert chat in llamacpp_config(live)
-    return llamacpp_config(live).replace(chat, f'api_endpoint = "{dead}/v1"\nmodel_name = "x"')
+    keyed = f'[auth]\napi_keys = ["{USER_KEY}"]\n' + llamacpp_config(live)
+    return keyed.replace(chat, f'api_endpoint = "{dead}/v1"\nmodel_name = "x"')
 
 
 async def test_a_backend_down_at_start_makes_ready_say_why_at_once(tmp_path: Path) -> None:
@@ -35,6 +36,12 @@ async def test_a_backend_down_at_start_makes_ready_say_why_at_once(tmp_path: Pat
                 chat = ready.json()["roles"]["chat"]
                 assert chat["usable"] is False and "cannot connect to 127.0.0.1:1" in chat["why"]
                 assert ready.json()["roles"]["completion"]["usable"] is True
+                # Without a key: the role's state says it cannot serve (it said "ok").
+                public = (await client.get("/ready")).json()["roles"]
+                assert public["chat"] == {"usable": False, "state": "unavailable"}, public
+                # A load balancer's readiness: ready while a role can serve (the pods
+                # share the dead backend: all of them out would stop completions too).
+                assert (await client.get("/ready?any=true")).status_code == 200
                 # The status page's table says so too (it showed the dead backend "ok").
                 stats = (await client.get("/v1/stats", headers=USER)).json()
                 states = {m["provider"]: m["state"] for m in stats["models"]}

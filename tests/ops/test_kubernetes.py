@@ -73,7 +73,7 @@ def test_probes_drain_and_grace_period() -> None:
     pod = resources()["Deployment/keel"]["spec"]["template"]["spec"]
     keel = container()
     assert keel["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert keel["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert keel["readinessProbe"]["httpGet"]["path"] == "/ready?any=true"
     pause = keel["lifecycle"]["preStop"]["exec"]["command"]
     assert pause[0] == "sleep"
     grace = configured().server.shutdown_grace_seconds

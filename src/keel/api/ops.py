@@ -69,24 +69,37 @@ async def deep_health(request: Request, timeout: float = Query(10.0, gt=0, le=30
         503: {"model": Readiness, "description": "A role has no provider that can serve."},
     },
 )
-async def readiness(request: Request) -> JSONResponse:
-    """200 when every role has a provider that can serve now, else 503 naming why."""
+async def readiness(
+    request: Request,
+    any_role: bool = Query(
+        False,
+        alias="any",
+        description="Ready when one role can serve (a load balancer's readiness: replicas "
+        "share their backends, so one role's outage would take every replica out).",
+    ),
+) -> JSONResponse:
+    """200 when every role (``?any=true``: one role) has a provider that can serve
+    now, else 503 naming why."""
     state = app_state(request)
     roles: dict[str, dict[str, object]] = {}
-    ready = True
     details = holds_key(request)
     for role in ROLES:
         provider = state.providers.for_role(role)
         why = state.routing.routers[role].why_unusable()
         usable = why is None
-        ready = ready and usable
         status = provider.status()
         if details:
             roles[role] = {"provider": provider.name, "usable": usable, **status}
             if why is not None:
                 roles[role]["why"] = why
-        else:
-            roles[role] = {"usable": usable, "state": str(status.get("state", "unknown"))}
+        else:  # the primary's state; one that reads as fine, while the role cannot serve,
+            # is not shown as such (a dead remote backend's provider says "ok")
+            shown = str(status.get("state", "unknown"))
+            if not usable and shown in ("ok", "ready"):
+                shown = "unavailable"
+            roles[role] = {"usable": usable, "state": shown}
+    usable_roles = [role["usable"] for role in roles.values()]
+    ready = any(usable_roles) if any_role else all(usable_roles)
     body = {"status": "ready" if ready else "not_ready", "roles": roles}
     return JSONResponse(body, status_code=200 if ready else 503)
 
