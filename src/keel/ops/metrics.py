@@ -12,9 +12,10 @@ real keel and checks each name the rules reference, so the two cannot drift.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import (
@@ -41,6 +42,7 @@ from keel.rate_limit import WAIT_BUCKETS, RateLimiter
 
 if TYPE_CHECKING:
     from keel.providers.catalog import Providers
+    from keel.router.router import Endpoint
 
 _Labelled = TypeVar("_Labelled", Counter, Gauge, Histogram)
 
@@ -59,6 +61,14 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
 
 WORKER_STATES = ("starting", "loading", "ready", "restarting", "failed", "stopped")
 USABLE_STATES = frozenset({"ok", "ready"})
+PROVIDER_GAUGES = (
+    "breaker_state",
+    "provider_healthy",
+    "auth_failed",
+    "health_check_seconds",
+    "health_check_ok",
+)
+"""The gauges labelled by provider alone: a provider no longer in use leaves them."""
 EVENT_TYPES = frozenset({"served", "view", "select", "dismiss"})
 
 
@@ -210,6 +220,8 @@ class Metrics:
         env = os.environ if environ is None else environ
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}
+        self._in_use: set[str] = set()
+        """The providers routed to now (:meth:`providers_in_use`)."""
         registry = self.registry
         ProcessCollector(registry=registry)
         self._providers = _ProviderCollector()
@@ -497,6 +509,27 @@ class Metrics:
             raise ValueError(f"unknown breaker state {state!r}")
         self._child(self.breaker_state, provider).set(value)
         self._child(self.breaker_transitions, provider, str(state).replace("-", "_")).inc()
+
+    def providers_in_use(self, endpoints: Sequence[Endpoint]) -> None:
+        """The providers keel routes to now, each as its router sees it: set at start,
+        reload and swap, where the gauges were set only on a change (no sample for a
+        provider that never changed; a reload's fresh provider kept the old one's value),
+        and removed for a provider no longer in use (an open breaker of a fallback the
+        admin had removed kept KeelBreakerOpen firing)."""
+        names = {endpoint.name for endpoint in endpoints}
+        for gone in self._in_use - names:
+            for gauge in PROVIDER_GAUGES:
+                metric = getattr(self, gauge)
+                with contextlib.suppress(KeyError):
+                    metric.remove(gone)
+                self._children.pop((metric, (gone,)), None)
+        for endpoint in endpoints:
+            self._child(self.breaker_state, endpoint.name).set(
+                BREAKER_STATES[str(endpoint.breaker.state)]
+            )
+            self.provider_health(endpoint.name, endpoint.healthy)
+            self.provider_auth_failed(endpoint.name, endpoint.auth_failed)
+        self._in_use = names
 
     def provider_health(self, provider: str, healthy: bool) -> None:
         self._child(self.provider_healthy, provider).set(1 if healthy else 0)

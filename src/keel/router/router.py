@@ -53,6 +53,7 @@ class RouterEvents(Protocol):
     def rejected(self, role: str, reason: str) -> None: ...
     def queue_depth(self, role: str, n: int) -> None: ...
     def queue_capacity(self, role: str, n: int) -> None: ...
+    def providers_in_use(self, endpoints: Sequence[Endpoint]) -> None: ...
 
 
 class NoEvents:
@@ -89,6 +90,9 @@ class NoEvents:
         pass
 
     def queue_capacity(self, role: str, n: int) -> None:
+        pass
+
+    def providers_in_use(self, endpoints: Sequence[Endpoint]) -> None:
         pass
 
 

@@ -152,6 +152,12 @@ class Routing:
             )
             self.events.queue_capacity(role, role_config.queue_size)
         self._prober: asyncio.Task[None] | None = None
+        self.events.providers_in_use(self.endpoints())
+
+    def endpoints(self) -> list[Endpoint]:
+        """Every endpoint of every role, once (the embedded model serves several)."""
+        unique = {id(e): e for router in self.routers.values() for e in router.endpoints}
+        return list(unique.values())
 
     def _endpoint(self, role: Role, entry: ProviderEntry, known: dict[int, Endpoint]) -> Endpoint:
         """An endpoint serving several roles (the embedded model) has one breaker."""
@@ -194,6 +200,7 @@ class Routing:
             )
             router.groups = [[endpoint], *router.groups[1:]]
             self.providers.chains[role] = [[entry], *self.providers.chains[role][1:]]
+        self.events.providers_in_use(self.endpoints())
         return [endpoint.provider for endpoint in old]
 
     def outstanding(self, provider: Provider) -> int:

@@ -1,0 +1,55 @@
+"""Every provider keel routes to has its gauges from the start (they were set only on a
+change: Grafana's health and breaker panels were empty), a reload sets them as the new
+providers are, and a provider the config no longer names leaves them (an open breaker of
+a removed fallback kept KeelBreakerOpen firing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from tests.api.conftest import ADMIN, USER, Backends, build_app
+
+GAUGES = ("keel_provider_healthy", "keel_breaker_state", "keel_provider_auth_failed")
+
+
+async def gauges(client: httpx.AsyncClient) -> dict[str, dict[str, float]]:
+    text = (await client.get("/metrics", headers=USER)).text
+    found: dict[str, dict[str, float]] = {name: {} for name in GAUGES}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in found:
+                found[sample.name][sample.labels["provider"]] = sample.value
+    return found
+
+
+async def test_gauges_follow_the_providers_in_use(backends: Backends, tmp_path: Path) -> None:
+    root = tmp_path / "keel"
+    app = build_app(root, backends.config())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+            names = {
+                provider["name"]
+                for role in (await client.get("/v1/providers", headers=USER))
+                .json()["roles"]
+                .values()
+                for provider in role["providers"]
+            }
+            fallback = "completion/openai/completion#1"
+            assert fallback in names
+            start = await gauges(client)
+            for name in GAUGES:
+                assert set(start[name]) == names, (name, start[name])
+            assert set(start["keel_provider_healthy"].values()) == {1.0}
+            assert set(start["keel_breaker_state"].values()) == {0.0}
+
+            config = backends.config()
+            head, tail = config.split("[[model.completion.fallback]]")
+            (root / "config.toml").write_text(head + tail.split("\n\n", 1)[1])
+            reloaded = await client.post("/v1/admin/reload", headers=ADMIN)
+            assert reloaded.status_code == 200, reloaded.text
+            after = await gauges(client)
+            for name in GAUGES:
+                assert set(after[name]) == names - {fallback}, (name, after[name])
