@@ -323,6 +323,12 @@ class AuthConfig(_Section):
         False,
         description="Serve a non-loopback address with no keys (refused unless set).",
     )
+    public_metrics: bool = Field(
+        False,
+        description="GET /metrics without a key, for a Prometheus that cannot send one "
+        "(Kubernetes' annotation-based scraping); the metrics name providers and models, "
+        "never keys or prompts.",
+    )
 
     @field_validator("api_keys")
     @classmethod

@@ -60,6 +60,9 @@ def test_the_config_map_is_a_valid_keel_config_with_shared_state() -> None:
     assert settings.state.redis_url == "redis://redis:6379/0"
     assert settings.events.is_postgres
     assert settings.auth.keys_file == "/etc/keel/keys/keys.toml"
+    annotations = resources()["Deployment/keel"]["spec"]["template"]["metadata"]["annotations"]
+    if annotations.get("prometheus.io/scrape") == "true":  # a scrape that sends no key
+        assert settings.auth.public_metrics
     for role in ("completion", "chat", "embedding"):
         assert getattr(settings.model, role).http is not None, role
 

@@ -114,6 +114,18 @@ class GuardedRoute(APIRoute):
         return handler
 
 
+class MetricsAccess(Require):
+    """A user's route, public with ``[auth] public_metrics``."""
+
+    def __init__(self) -> None:
+        super().__init__(Access.USER)
+
+    async def __call__(self, request: Request) -> Identity:
+        if app_state(request).settings.auth.public_metrics:
+            return Identity(Access.PUBLIC, None)
+        return await super().__call__(request)
+
+
 PUBLIC: Any = Depends(Require(Access.PUBLIC))
 USER: Any = Depends(Require(Access.USER))
 ADMIN: Any = Depends(Require(Access.ADMIN))

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from keel.api.access import USER
+from keel.api.access import MetricsAccess
 from keel.api.state import app_state
 from keel.ops.metrics import CONTENT_TYPE
 
 router = APIRouter()
 
 
-@router.get("/metrics", include_in_schema=False, dependencies=[USER])
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(MetricsAccess())])
 async def metrics(request: Request) -> Response:
     return Response(app_state(request).metrics.render(), media_type=CONTENT_TYPE)
