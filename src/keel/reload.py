@@ -63,10 +63,12 @@ def assemble(
     background: Background,
     redis: RedisState | None = None,
     shared_keys: SharedKeys | None = None,
+    previous: Routing | None = None,
 ) -> Parts:
     """The serving parts; with ``redis``, per-key limits are shared across replicas, and
-    ``shared_keys`` (the keys in Redis) are in force beside the configured ones."""
-    routing = Routing(settings, providers, events=metrics)
+    ``shared_keys`` (the keys in Redis) are in force beside the configured ones;
+    ``previous``: the routing a reload replaces (see :class:`Routing`)."""
+    routing = Routing(settings, providers, events=metrics, previous=previous)
     metrics.track_providers(providers)
     metrics.track_readiness(lambda role: routing.routers[role].any_usable())
 
@@ -131,7 +133,17 @@ async def reload_config(
             raise ConfigError(str(file), [issue])
         old = state.providers
         reuse = {p.supervisor.spec: p for p in old.unique() if isinstance(p, LocalProvider)}
-        providers = build_providers(settings, state.paths, reuse=reuse)
+        same_timeout = (
+            settings.server.completion_timeout == state.settings.server.completion_timeout
+        )
+        reuse_http = {
+            entry.provider.name: entry
+            for groups in old.chains.values()
+            for group in groups
+            for entry in group
+            if same_timeout and not isinstance(entry.provider, LocalProvider)
+        }
+        providers = build_providers(settings, state.paths, reuse=reuse, reuse_http=reuse_http)
     except KeelError as exc:
         state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
         state.metrics.config_reload(False)
@@ -150,6 +162,7 @@ async def reload_config(
         background=state.background,
         redis=state.redis,
         shared_keys=state.shared_keys,
+        previous=state.routing,
     )
     old_routing = state.routing
     waiting = restart_needed(state.started_with, settings)

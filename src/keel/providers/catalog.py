@@ -115,15 +115,21 @@ def build_local_provider(
 
 
 def build_providers(
-    settings: Settings, paths: Paths, reuse: dict[WorkerSpec, LocalProvider] | None = None
+    settings: Settings,
+    paths: Paths,
+    reuse: dict[WorkerSpec, LocalProvider] | None = None,
+    reuse_http: dict[str, ProviderEntry] | None = None,
 ) -> Providers:
     """Raises MissingDependency for a model file that cannot be found, ConfigError for
     an HTTP table that cannot work (no endpoint, no model where one is required).
 
     ``reuse`` hands over running local providers (a config reload): a worker
     whose spec is unchanged keeps running instead of loading its model again.
+    ``reuse_http``: HTTP providers by name (built with this ``completion_timeout``),
+    kept where their table is unchanged, with their connections and rate limit.
     """
     workers: dict[WorkerSpec, LocalProvider] = dict(reuse or {})
+    kept_http = reuse_http or {}
     timeout = settings.server.completion_timeout
 
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:
@@ -150,6 +156,10 @@ def build_providers(
                 name = f"{role}/{config.kind}{label}"
                 if len(replicas) > 1:
                     name += f"@{replica.api_endpoint}"
+                old = kept_http.get(name)
+                if old is not None and old.config == replica:
+                    group.append(old)
+                    continue
                 provider = build_http_provider(role, replica, name=name, timeout=timeout)
                 group.append(ProviderEntry(provider, replica))
             groups.append(group)

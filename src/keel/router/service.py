@@ -105,7 +105,11 @@ class Routing:
         events: RouterEvents | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        previous: Routing | None = None,
     ) -> None:
+        """``previous``: the routing a reload replaces. A provider it kept keeps its
+        endpoint (breaker, health, latency) where ``[routing]`` is unchanged: a reload
+        made a failing backend healthy and usable again, and forgot open breakers."""
         config = settings.routing
         self.settings = settings
         self.providers = providers
@@ -128,6 +132,8 @@ class Routing:
         self._policy = policy
         self._clock = clock
         endpoints: dict[int, Endpoint] = {}
+        if previous is not None and previous.settings.routing == config:
+            endpoints = {id(e.provider): e for e in previous.endpoints()}
         for role in ROLES:
             groups = [
                 [self._endpoint(role, entry, endpoints) for entry in group]
