@@ -157,6 +157,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if (issue := open_remote_issue(settings, paths.root, settings.server.host)) is not None:
         raise ConfigError(where, [issue])  # what `keel serve` would refuse
     print(f"ok: {where}")
+    from keel.ops.doctor import keys_file_trouble
+
+    if (trouble := keys_file_trouble(settings, paths)) is not None:
+        print(f"warning: {trouble}", file=sys.stderr)
     for role in ROLES:
         chain = settings.model.role(role).chain()
         names = [p.kind if isinstance(p, HttpModelConfig) else f"local:{p.model_id}" for p in chain]

@@ -18,12 +18,15 @@ from keel.config import (
     COMPLETION_KINDS,
     EMBEDDING_CONTEXT,
     EMBEDDING_KINDS,
+    AuthConfig,
     CompletionConfig,
     EventsConfig,
     HttpModelConfig,
     IndexConfig,
     LocalModelConfig,
     RepositoryConfig,
+    RoleConfig,
+    RoutingConfig,
     ServerConfig,
     StateConfig,
 )
@@ -60,12 +63,16 @@ def _section(
     comment: str = "",
     active: bool = True,
     defaults: dict[str, Any] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> str:
     """``model``'s fields, each with its description and default (``defaults`` in place
-    of the model's own where the section's differs)."""
+    of the model's own where the section's differs), but those in ``skip`` (tables of
+    their own)."""
     lines = [f"# {comment}" for comment in comment.splitlines()] if comment else []
     lines.append(f"{'' if active else '# '}[{title}]")
     for name, field in model.model_fields.items():
+        if name in skip:
+            continue
         if field.description:
             lines.append(f"# {field.description}")
         default = (defaults or {}).get(name, _default(field))
@@ -78,9 +85,15 @@ def _section(
     return "\n".join(lines) + "\n"
 
 
+ROLE_TABLES = ("local", "http", "fallback")
+"""A role's fields that are tables of their own, shown after its scalars."""
+
+
 def render_sample() -> str:
     parts = [HEADER]
     parts.append(_section("server", ServerConfig))
+    parts.append(_section("auth", AuthConfig, "Keys (README, Keys and access)."))
+    parts.append(_section("routing", RoutingConfig))
     parts.append(_section("completion", CompletionConfig))
     parts.append(
         _section(
@@ -100,6 +113,11 @@ def render_sample() -> str:
     parts.append(_section("events", EventsConfig))
     kinds = {"completion": COMPLETION_KINDS, "chat": CHAT_KINDS, "embedding": EMBEDDING_KINDS}
     for role, role_kinds in kinds.items():
+        parts.append(
+            _section(
+                f"model.{role}", RoleConfig, f"{role}: its chain and admission", skip=ROLE_TABLES
+            )
+        )
         parts.append(
             _section(
                 f"model.{role}.local",

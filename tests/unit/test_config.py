@@ -231,6 +231,20 @@ def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     assert "'http://u:***@y'" in caught.value.message and "pw-1" not in caught.value.message
 
 
+def test_config_check_warns_of_a_keys_file_keel_cannot_use(tmp_path: Path) -> None:
+    """keel serve would run, refusing every key the file should hold: said first."""
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    config = write(tmp_path, '[auth]\nkeys_file = "keys.toml"\n')
+    missing = run_cli("config", "check", str(config), env=env)
+    assert missing.returncode == 0, missing.stderr
+    assert f"keys_file {tmp_path / 'keys.toml'} does not exist" in missing.stderr
+    (tmp_path / "keys.toml").write_text("api_keys = 3\n")
+    broken = run_cli("config", "check", str(config), env=env)
+    assert "keys.toml cannot be used: api_keys must be a list" in broken.stderr
+    (tmp_path / "keys.toml").write_text('api_keys = ["file-key-0123456789"]\n')
+    assert "warning" not in run_cli("config", "check", str(config), env=env).stderr
+
+
 def test_config_check_takes_config_as_the_other_commands_do(tmp_path: Path) -> None:
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     missing = run_cli("config", "check", "--config", str(tmp_path / "nope.toml"), env=env)

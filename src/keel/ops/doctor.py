@@ -325,14 +325,40 @@ def check_data_root(report: Report, paths: Paths) -> None:
     report.add("data root", "ok", f"{paths.root} writable")
 
 
+def keys_file_trouble(settings: Settings, paths: Paths) -> str | None:
+    """What is wrong with the configured keys file, as ``keel serve`` would find it (it
+    would serve, refusing every key the file should hold), or None."""
+    from keel.auth import parse_keys_file
+
+    if settings.auth.keys_file is None:
+        return None
+    path = Path(settings.auth.keys_file).expanduser()
+    path = path if path.is_absolute() else paths.root / path
+    try:
+        parse_keys_file(path)
+    except FileNotFoundError:
+        problem = "does not exist"
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        problem = f"cannot be used: {exc}"
+    else:
+        return None
+    return (
+        f"auth.keys_file {path} {problem}: keel would refuse every key it should hold "
+        f"(a relative path is read from the data root, {paths.root})"
+    )
+
+
 def check_exposure(report: Report, settings: Settings, paths: Paths, host: str) -> None:
     """Who may reach the server: what ``keel serve`` refuses (beyond loopback, no keys)
     fails here too."""
     from keel.auth import is_loopback, open_remote_issue
 
     issue = open_remote_issue(settings, paths.root, host)
+    keys_trouble = keys_file_trouble(settings, paths)
     if issue is not None:
         report.add("access", "FAIL", issue.render(), ExitCode.CONFIG)
+    elif keys_trouble is not None:
+        report.add("access", "warn", keys_trouble)
     elif is_loopback(host):
         report.add("access", "ok", f"{host}: this machine only")
     else:
