@@ -416,3 +416,21 @@ async def test_an_openai_prompt_ends_at_its_code(
         if request.path == "/v1/completions"
     ]
     assert sent_on["prompt"] == sent
+
+
+async def test_null_optional_fields_are_unset_as_openai_takes_them(
+    client: httpx.AsyncClient,
+) -> None:
+    """Clients send ``"n": null`` or ``"stream": null`` (they were 400s); a null where a
+    value is required is still a 400 naming the field."""
+    nulls = {"n": None, "stream": None, "stream_options": {"include_usage": None}}
+    ask = [{"role": "user", "content": "hi"}]
+    chat = await client.post("/v1/chat/completions", json={"messages": ask, **nulls}, headers=USER)
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["object"] == "chat.completion"  # null stream: not streamed
+    completion = await client.post(
+        "/v1/completions", json={"prompt": "def f(", **nulls}, headers=USER
+    )
+    assert completion.status_code == 200, completion.text
+    refused = await client.post("/v1/chat/completions", json={"messages": None}, headers=USER)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"

@@ -32,6 +32,20 @@ MAX_EMBEDDING_INPUTS = 2048
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: object) -> object:
+        """A null optional field is as if unset, as OpenAI takes it (clients send
+        ``"n": null``, ``"stream": null``; they were 400s)."""
+        if not isinstance(data, dict):
+            return data
+        defaulted = {
+            field.alias or name
+            for name, field in cls.model_fields.items()
+            if not field.is_required() and field.default is not None
+        }
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
 
 StopField = str | list[str] | None
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
