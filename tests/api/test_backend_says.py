@@ -15,10 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tests.api.conftest import USER, Backends
 from tests.api.test_tools import ASK, TOOLS
 from tests.conftest import sse_events
-from tests.fakes.upstreams import FakeUpstream
+from tests.fakes.upstreams import Behaviour, FakeUpstream
 
 
 @pytest.fixture
@@ -99,3 +100,25 @@ async def test_tool_calls_without_an_index_come_back_call_by_call(
         for part in chunk["choices"][0]["delta"].get("tool_calls", [])
     ]
     assert [part["index"] for part in parts] == [0, 0, 0, 1, 1, 1]
+
+
+async def test_a_stream_that_ends_in_an_error_counts_as_that_error(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """Its 200 went out with the first piece; the request metrics, the status page and
+    the access log count it by the error it ended with (a 5xx alert never saw one)."""
+    backend, _ = said
+    backend.behave(Behaviour.cut(after=2), times=1)
+    streamed = await client.post(
+        "/v1/chat/completions", json={"messages": ASK, "stream": True}, headers=USER
+    )
+    assert streamed.status_code == 200
+    assert "error" in streamed.text
+    text = (await client.get("/metrics", headers=USER)).text
+    counted = {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "keel_requests_total" and sample.labels["route"] == "/v1/chat/completions"
+    }
+    assert counted.get("502") == 1, counted

@@ -48,7 +48,7 @@ from keel.config import Role
 from keel.errors import Forbidden, PayloadTooLarge
 from keel.ops.logging import request_id
 from keel.serving.lifecycle import PROVIDER_KEY
-from keel.serving.streaming import STOPPING, stopped
+from keel.serving.streaming import OUTCOME, STOPPING, stopped
 
 ROLE_BY_ROUTE: dict[str, Role] = {
     "/v1/completions": "completion",
@@ -225,24 +225,26 @@ class KeelMiddleware:
         route = getattr(scope.get("route"), "path", None) or "other"
         role = ROLE_BY_ROUTE.get(route)
         provider = ""
+        state = scope.get("state") or {}
+        status = state.get(OUTCOME) or response.status  # a stream counts as it ended
         if role is not None:
-            state = scope.get("state") or {}
             provider = state.get(PROVIDER_KEY) or keel.providers.for_role(role).name
             if not response.superseded:
-                keel.stats.record(role=role, status=response.status, seconds=seconds)
+                keel.stats.record(role=role, status=status, seconds=seconds)
         keel.metrics.request(
             route=route,
             method=scope["method"],
-            status=response.status,
+            status=status,
             seconds=seconds,
             role=role or "",
             provider=provider,
         )
-        if response.status >= 400:  # refusals and failures reach the log, with the request id
-            (log.warning if response.status >= 500 else log.info)(
-                "%s %s -> %d in %.0f ms",
+        if status >= 400:  # refusals and failures reach the log, with the request id
+            (log.warning if status >= 500 else log.info)(
+                "%s %s -> %d in %.0f ms%s",
                 scope["method"],
                 scope.get("path", ""),
-                response.status,
+                status,
                 seconds * 1000,
+                " (a stream begun with 200)" if status != response.status else "",
             )

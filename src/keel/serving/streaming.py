@@ -33,6 +33,13 @@ STOPPING = "keel is stopping"
 grace period ends (:class:`keel.ops.server.Server`): they end with an answer."""
 
 
+OUTCOME = "stream_outcome"
+"""The request state's key for how a stream that began with a 200 ended, when not well:
+the status of the error it ended with, 499 when the client left. The request metrics and
+the access log count it so (a stream cut by a stall counted as a 200: the 5xx alert
+never saw one)."""
+
+
 def stopped() -> Unavailable:
     return Unavailable(
         f"{STOPPING} (its shutdown grace period is over): the answer is cut short; "
@@ -53,6 +60,8 @@ class EventStream(Response):
 
     def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
         self.chunks = chunks
+        self.failed: int | None = None
+        """The status of the error the stream ended with (see :data:`OUTCOME`)."""
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -79,15 +88,19 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError as exc:
             if left:
+                self.failed = 499
                 if task.uncancel() > 0:
                     raise
             elif STOPPING in exc.args and task.uncancel() == 0:
                 log.warning("stream cut short: %s", STOPPING)
+                self.failed = stopped().status_code
                 closing = sse(stopped().to_body()) + DONE
                 await send({"type": "http.response.body", "body": closing, "more_body": False})
             else:
                 raise
         finally:
+            if self.failed is not None:
+                scope.setdefault("state", {})[OUTCOME] = self.failed
             watcher.cancel()
             await self.chunks.aclose()  # left mid-way: the generation is closed now
 
@@ -136,9 +149,11 @@ async def stream_response(
             closing = b"".join([sse(event) for event in await tail()])
         except KeelError as exc:
             log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
+            stream.failed = exc.status_code
             closing = sse(exc.to_body())
         finally:
             await close_stream(pieces)
         yield opening + closing + DONE
 
-    return EventStream(events())
+    stream = EventStream(events())
+    return stream
