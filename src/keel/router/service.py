@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from keel.config import ROLES, LocalModelConfig, Role, Settings
+from keel.config import ROLES, LocalModelConfig, Role, RoutingConfig, Settings
 from keel.errors import UpstreamConnectError, UpstreamTimeout
 from keel.providers.base import (
     ChatCall,
@@ -96,6 +96,16 @@ async def _one_token(role: Role, provider: Provider) -> None:
         await close_stream(stream)
 
 
+def breaker_policy(config: RoutingConfig) -> BreakerPolicy:
+    return BreakerPolicy(
+        consecutive_failures=config.breaker_consecutive_failures,
+        failure_rate=config.breaker_failure_rate,
+        min_volume=config.breaker_min_volume,
+        window=config.breaker_window_seconds,
+        cooldown=config.breaker_cooldown_seconds,
+    )
+
+
 class Routing:
     def __init__(
         self,
@@ -114,13 +124,7 @@ class Routing:
         self.settings = settings
         self.providers = providers
         self.events: RouterEvents = events or NoEvents()
-        policy = BreakerPolicy(
-            consecutive_failures=config.breaker_consecutive_failures,
-            failure_rate=config.breaker_failure_rate,
-            min_volume=config.breaker_min_volume,
-            window=config.breaker_window_seconds,
-            cooldown=config.breaker_cooldown_seconds,
-        )
+        policy = breaker_policy(config)
         retry = RetryPolicy(
             attempts_per_provider=config.retry_attempts_per_provider,
             budget_ratio=config.retry_budget_ratio,
