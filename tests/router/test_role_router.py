@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 
@@ -874,7 +875,7 @@ async def probe(provider: Provider) -> None:
 
 
 async def test_unhealthy_after_two_failures_then_back_after_a_good_check(
-    build: Build, upstreams: Callable[..., FakeUpstream]
+    build: Build, upstreams: Callable[..., FakeUpstream], caplog: pytest.LogCaptureFixture
 ) -> None:
     primary, fallback = upstreams(), upstreams()
     primary.behave(Behaviour.error(500))
@@ -892,8 +893,10 @@ async def test_unhealthy_after_two_failures_then_back_after_a_good_check(
     await router.check(endpoint, probe, timeout=1.0)
     assert not endpoint.healthy, "still failing"
     primary.reset_behaviour()
-    await router.check(endpoint, probe, timeout=1.0)
+    with caplog.at_level(logging.INFO, logger="keel.router"):
+        await router.check(endpoint, probe, timeout=1.0)
     assert endpoint.healthy
+    assert "provider primary passed its health check" in caplog.text  # the incident's end
     _, route = await run(router)
     assert route.provider is not None and route.provider.name == "primary"
     assert ("health", "primary", "False") in build.events.log

@@ -136,6 +136,9 @@ class CircuitBreaker:
         old, self._state = self._state, new
         if old is new:
             return
-        log.warning("breaker %s: %s -> %s", self.name, old, new)
+        # A probe that fails opens the breaker again, once a cooldown, for as long as the
+        # backend is down: said once at WARNING (closed -> open), then at INFO.
+        quiet = old is BreakerState.HALF_OPEN or new is BreakerState.HALF_OPEN
+        (log.info if quiet else log.warning)("breaker %s: %s -> %s", self.name, old, new)
         if self._on_change is not None:
             self._on_change(self.name, old, new)

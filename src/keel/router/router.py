@@ -394,6 +394,8 @@ class RoleRouter:
             was_auth_failed = endpoint.auth_failed
             self.events.health_check(endpoint.name, self.clock() - started, True)
             if endpoint.record_ok(self.clock() - started):
+                # Logged as its failure was: an incident's end belongs in the log too.
+                log.info("provider %s passed its health check: routed to again", endpoint.name)
                 self.events.provider_health(endpoint.name, True)
             if was_auth_failed:
                 self.events.provider_auth_failed(endpoint.name, False)
