@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from keel.api.middleware import CorsPolicy, KeelMiddleware
-from keel.ops.logging import JsonFormatter
+from keel.ops.logging import TEXT_FORMAT, JsonFormatter, TextFormatter
 from tests.conftest import KeelProcess, start_keel
 
 
@@ -74,11 +74,14 @@ def test_request_ids_are_honoured_or_generated(keel_server: KeelProcess) -> None
 
 
 async def test_json_log_lines_carry_the_request_id() -> None:
-    stream = io.StringIO()
+    stream, text = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
+    text_handler = logging.StreamHandler(text)  # the default format has it too
+    text_handler.setFormatter(TextFormatter(TEXT_FORMAT))
     logger = logging.getLogger("keel.test.request_id")
     logger.addHandler(handler)
+    logger.addHandler(text_handler)
     logger.setLevel(logging.INFO)
 
     async def endpoint(_: Request) -> PlainTextResponse:
@@ -95,6 +98,10 @@ async def test_json_log_lines_carry_the_request_id() -> None:
         logger.info("outside")
     finally:
         logger.removeHandler(handler)
+        logger.removeHandler(text_handler)
+    inside_text, outside_text = text.getvalue().splitlines()
+    assert inside_text.endswith("INFO [request req-7] keel.test.request_id: inside the request")
+    assert outside_text.endswith("INFO keel.test.request_id: outside")
     assert response.headers["X-Request-ID"] == "req-7"
     inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
     assert inside["msg"] == "inside the request" and inside["request_id"] == "req-7"

@@ -24,6 +24,19 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, and ``[request <id>]`` after the level when logged while serving
+    a request (the JSON records had the id; the default text log had none)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        current = request_id.get()
+        if current is None:
+            return line
+        head = f"{record.levelname} "
+        return line.replace(head, f"{head}[request {current}] ", 1)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -48,7 +61,7 @@ def configure(log_format: LogFormat, level: int = logging.INFO) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
