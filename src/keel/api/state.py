@@ -60,10 +60,11 @@ class AppState:
     deep_health: DeepHealth = field(default_factory=DeepHealth)
     stats: RequestStats = field(default_factory=RequestStats)
     """Recent per-minute request figures for the status page."""
-    acceptance: Throttled[list[dict[str, object]]] = field(
+    acceptance: Throttled[list[dict[str, object]] | None] = field(
         default_factory=lambda: Throttled(ttl=30.0)
     )
-    """The status page's acceptance figures: a scan of the events table, so not every 2 s."""
+    """The status page's acceptance figures: a scan of the events table, so not every 2 s
+    (None: the events database did not answer)."""
 
 
 def app_state(request: Request) -> AppState:

@@ -137,12 +137,12 @@ async def stats(request: Request) -> dict[str, object]:
     state = app_state(request)
     now = time.time()
 
-    async def acceptance() -> list[dict[str, object]]:
+    async def acceptance() -> list[dict[str, object]] | None:
         since = now - ACCEPTANCE_WINDOW_SECONDS
         try:
             rows = await asyncio.to_thread(state.events.acceptance, since, now)
-        except Unavailable:  # the events database is down: the rest of the page still draws
-            return []
+        except Unavailable:  # the events database is down: the rest of the page still draws,
+            return None  # and says so (with [], it said "no completions served")
         return acceptance_by_language(rows)
 
     models = models_and_memory(state)
@@ -154,6 +154,7 @@ async def stats(request: Request) -> dict[str, object]:
         "summary": state.stats.summary(),
         "acceptance": await state.acceptance.get(acceptance),
         "acceptance_window_seconds": ACCEPTANCE_WINDOW_SECONDS,
+        "events": state.events.status(),
         "server": {"pid": os.getpid(), "rss_bytes": rss_bytes(os.getpid())},
         "models": models,
         "worker_restarts": sum(r for m in models if isinstance(r := m["restarts"], int)),

@@ -160,7 +160,7 @@
     renderRoles(providers);
     renderLatency(stats.series);
     renderTraffic(stats.series);
-    renderAcceptance(stats.acceptance);
+    renderAcceptance(stats.acceptance, stats.events);
     renderModels(stats);
   }
 
@@ -280,7 +280,9 @@
       tile("Requests", fmt.int(summary.requests), "last hour"),
       tile("Errors", fmt.int(summary.errors), summary.requests ? `${(errorRate * 100).toFixed(1)}% of requests` : "last hour", summary.errors ? "bad" : null),
       tile("Completion p50", fmt.ms(summary.p50_ms), `p95 ${fmt.ms(summary.p95_ms)} · last hour`),
-      tile("Acceptance", fmt.pct(rate), accepted.viewed ? `${accepted.selected} of ${accepted.viewed} viewed` : "no views yet"),
+      stats.acceptance === null
+        ? tile("Acceptance", "–", "events database unreachable", "bad")
+        : tile("Acceptance", fmt.pct(rate), accepted.viewed ? `${accepted.selected} of ${accepted.viewed} viewed` : "no views yet"),
       tile("Worker restarts", fmt.int(stats.worker_restarts), "since start", stats.worker_restarts ? "bad" : null),
       tile("keel memory", fmt.bytes(stats.server && stats.server.rss_bytes), `up ${fmt.duration(stats.uptime_seconds || 0)}`),
     );
@@ -402,7 +404,14 @@
 
   // --- tables -------------------------------------------------------------------
 
-  function renderAcceptance(rows) {
+  function renderAcceptance(rows, events) {
+    if (rows === null) {
+      const why = events && events.last_error ? ` (${events.last_error})` : "";
+      $("acceptance").replaceChildren(
+        h("div", { class: "empty-note bad" }, `The events database is unreachable${why}: acceptance figures return when it answers.`),
+      );
+      return;
+    }
     if (!rows || !rows.length) {
       $("acceptance").replaceChildren(h("div", { class: "empty-note" }, "No completions served in the last 24 hours."));
       return;
