@@ -228,7 +228,9 @@ class KeelMiddleware:
         state = scope.get("state") or {}
         status = state.get(OUTCOME) or response.status  # a stream counts as it ended
         if role is not None:
-            provider = state.get(PROVIDER_KEY) or keel.providers.for_role(role).name
+            # The provider that served it; none for a request none served (a refusal, a
+            # 503, a cached answer): counted as the primary's, they looked like its traffic.
+            provider = state.get(PROVIDER_KEY) or ""
             if not response.superseded:
                 keel.stats.record(role=role, status=status, seconds=seconds)
         keel.metrics.request(
