@@ -21,7 +21,7 @@ from keel.audit import AuditLog
 from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore, open_remote_issue
 from keel.background import Background
 from keel.config import ROLES, Paths, Settings, load_settings
-from keel.errors import ConfigError, ConfigIssue, KeelError
+from keel.errors import ConfigError, ConfigIssue, KeelError, MissingDependency
 from keel.events import EventStore
 from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
@@ -143,7 +143,14 @@ async def reload_config(
             for entry in group
             if same_timeout and not isinstance(entry.provider, LocalProvider)
         }
-        providers = build_providers(settings, state.paths, reuse=reuse, reuse_http=reuse_http)
+        try:
+            providers = build_providers(settings, state.paths, reuse=reuse, reuse_http=reuse_http)
+        except MissingDependency as exc:
+            if exc.status_code != 500:
+                raise  # a model that does not fit: its own status says so (507)
+            # A model file the config names and the disk lacks: the admin's config, a 422
+            # like any other (it was a 500 server_error).
+            raise ConfigError(str(file), [ConfigIssue("(model)", exc.message)]) from None
     except KeelError as exc:
         state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
         state.metrics.config_reload(False)

@@ -49,3 +49,18 @@ async def test_on_loopback_a_keyless_reload_applies(backends: Backends, tmp_path
             applied = await client.post("/v1/admin/reload", headers=ADMIN)
             assert applied.status_code == 200, applied.text
             assert (await client.get("/v1/models")).status_code == 200
+
+
+async def test_a_reload_naming_a_missing_model_file_is_the_admins_422(
+    backends: Backends, tmp_path: Path
+) -> None:
+    root = tmp_path / "keel"
+    app = build_app(root, backends.config())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+            missing = '\n[[model.chat.fallback]]\nmodel_id = "no-such-model"\n'
+            (root / "config.toml").write_text(backends.config() + missing)
+            refused = await client.post("/v1/admin/reload", headers=ADMIN)
+            assert refused.status_code == 422, refused.text
+            assert "no-such-model" in refused.text
