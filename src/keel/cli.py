@@ -157,6 +157,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if (issue := open_remote_issue(settings, paths.root, settings.server.host)) is not None:
         raise ConfigError(where, [issue])  # what `keel serve` would refuse
     print(f"ok: {where}")
+    for issue in _missing_models(settings, paths):  # the file is fine; this machine lacks it
+        print(f"warning: {issue.render()} (keel serve here would exit 69)", file=sys.stderr)
     from keel.ops.doctor import keys_file_trouble
 
     if (trouble := keys_file_trouble(settings, paths)) is not None:
@@ -169,6 +171,24 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             if isinstance(provider, HttpModelConfig):
                 print(f"    {provider.kind}: rate limit: {_rate_limit_text(provider)}")
     return 0
+
+
+def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
+    """The local models the config names that are not on this machine."""
+    from keel.errors import MissingDependency
+    from keel.models.registry import resolve_model
+
+    issues = []
+    for role in ROLES:
+        for index, provider in enumerate(settings.model.role(role).chain()):
+            if isinstance(provider, HttpModelConfig):
+                continue
+            where = f"model.{role}.local" if index == 0 else f"model.{role}.fallback[{index}]"
+            try:
+                resolve_model(provider.model_id, paths)
+            except MissingDependency as exc:
+                issues.append(ConfigIssue(f"{where}.model_id", exc.message))
+    return issues
 
 
 def _rate_limit_text(provider: HttpModelConfig) -> str:

@@ -245,6 +245,16 @@ def test_config_check_warns_of_a_keys_file_keel_cannot_use(tmp_path: Path) -> No
     assert "warning" not in run_cli("config", "check", str(config), env=env).stderr
 
 
+def test_config_check_warns_of_a_model_file_this_machine_lacks(tmp_path: Path) -> None:
+    """keel serve would exit 69 here (a reload: a 422); the file itself is valid (it may
+    be checked away from the server), so a warning: it said "ok" alone."""
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    config = write(tmp_path, '[[model.chat.fallback]]\nmodel_id = "no-such-model"\n')
+    result = run_cli("config", "check", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "model.chat.fallback[1].model_id: model 'no-such-model' not found" in result.stderr
+
+
 def test_config_check_takes_config_as_the_other_commands_do(tmp_path: Path) -> None:
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     missing = run_cli("config", "check", "--config", str(tmp_path / "nope.toml"), env=env)
