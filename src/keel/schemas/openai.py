@@ -7,6 +7,7 @@ naming the field, before any work starts.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -37,14 +38,20 @@ class _Wire(BaseModel):
     def _null_is_unset(cls, data: object) -> object:
         """A null optional field is as if unset, as OpenAI takes it (clients send
         ``"n": null``, ``"stream": null``; they were 400s)."""
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or None not in data.values():
             return data
-        defaulted = {
-            field.alias or name
-            for name, field in cls.model_fields.items()
-            if not field.is_required() and field.default is not None
-        }
+        defaulted = _defaulted(cls)
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+@functools.cache
+def _defaulted(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` with a default other than None, by their wire names."""
+    return frozenset(
+        field.alias or name
+        for name, field in model.model_fields.items()
+        if not field.is_required() and field.default is not None
+    )
 
 
 StopField = str | list[str] | None
