@@ -93,6 +93,7 @@ def create_app(
             await shared_keys.refresh()  # the keys in Redis are in force before any request
         followers = _start_followers(settings, events, app_metrics, shared_keys)
         background = Background()
+        control = asyncio.Lock()
         parts = assemble(
             settings,
             paths,
@@ -104,6 +105,7 @@ def create_app(
             background=background,
             redis=redis,
             shared_keys=shared_keys,
+            control=control,
         )
         state = AppState(
             settings=settings,
@@ -126,6 +128,7 @@ def create_app(
             background=background,
             started_with=settings,
             host=host or settings.server.host,
+            control=control,
         )
         app.state.keel = state
 

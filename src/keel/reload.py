@@ -64,10 +64,12 @@ def assemble(
     redis: RedisState | None = None,
     shared_keys: SharedKeys | None = None,
     previous: Routing | None = None,
+    control: asyncio.Lock,
 ) -> Parts:
     """The serving parts; with ``redis``, per-key limits are shared across replicas, and
     ``shared_keys`` (the keys in Redis) are in force beside the configured ones;
-    ``previous``: the routing a reload replaces (see :class:`Routing`)."""
+    ``previous``: the routing a reload replaces (see :class:`Routing`); ``control``: the
+    lock that keeps model loads and reloads one at a time."""
     routing = Routing(settings, providers, events=metrics, previous=previous)
     metrics.track_providers(providers)
     metrics.track_readiness(lambda role: routing.routers[role].any_usable())
@@ -107,11 +109,20 @@ def assemble(
         embedding=EmbeddingServing(routing.routers["embedding"], routing.admission["embedding"]),
         keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded, shared=shared_keys),
         rate_limiter=limiter,
-        models=ModelManager(settings, paths, routing, audit, background),
+        models=ModelManager(settings, paths, routing, audit, background, lock=control),
     )
 
 
 async def reload_config(
+    state: AppState, config_path: Path | None, *, key_id: str | None
+) -> dict[str, object]:
+    """:func:`apply_config`, one at a time with model loads and unloads: a load that
+    switched the routing a reload had just replaced left the role on a closed provider."""
+    async with state.control:
+        return await apply_config(state, config_path, key_id=key_id)
+
+
+async def apply_config(
     state: AppState, config_path: Path | None, *, key_id: str | None
 ) -> dict[str, object]:
     """Apply a new config file, or raise (ConfigError, MissingDependency) changing nothing.
@@ -129,7 +140,13 @@ async def reload_config(
             )
             raise ConfigError(str(file), [gone])
         settings = load_settings(config_path, state.paths)
-        if (issue := open_remote_issue(settings, state.paths.root, state.host)) is not None:
+        # Judged with the keys that would be in force: Redis's only if keel started with
+        # it (redis_url is read at start; a reload adding it brings no key).
+        started = state.started_with.state.redis_url
+        in_force = settings.model_copy(
+            update={"state": settings.state.model_copy(update={"redis_url": started})}
+        )
+        if (issue := open_remote_issue(in_force, state.paths.root, state.host)) is not None:
             raise ConfigError(str(file), [issue])
         old = state.providers
         reuse = {p.supervisor.spec: p for p in old.unique() if isinstance(p, LocalProvider)}
@@ -170,6 +187,7 @@ async def reload_config(
         redis=state.redis,
         shared_keys=state.shared_keys,
         previous=state.routing,
+        control=state.control,
     )
     old_routing = state.routing
     waiting = restart_needed(state.started_with, settings)

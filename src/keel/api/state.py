@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class AppState:
     models: ModelManager
     background: Background
     """Side work (a reload, closing retired providers), finished at shutdown."""
+    control: asyncio.Lock
+    """Held by a reload and by a model load or unload: one at a time."""
     config_path: Path | None = None
     redis: RedisState | None = None
     """Shared per-key limits (``[state] redis_url``), fixed for the process's life."""

@@ -103,7 +103,10 @@ class ModelManager:
         *,
         available: Callable[[], int | None] = mem_available,
         drain_timeout: float = 60.0,
+        lock: asyncio.Lock | None = None,
     ) -> None:
+        """``lock``: shared with config reloads (they replace the routing a load
+        switches)."""
         self.settings = settings
         self.paths = paths
         self.routing = routing
@@ -111,7 +114,7 @@ class ModelManager:
         self.background = background
         self.available = available
         self.drain_timeout = drain_timeout
-        self._lock = asyncio.Lock()
+        self._lock = lock or asyncio.Lock()
 
     def current(self, role: Role) -> dict[str, object]:
         chain = self.routing.providers.chains[role]
