@@ -136,8 +136,10 @@ class Routing:
         self._policy = policy
         self._clock = clock
         endpoints: dict[int, Endpoint] = {}
+        self._carried: dict[int, Endpoint] = {}
+        """The previous routing's endpoints, by provider, for the providers it kept."""
         if previous is not None and previous.settings.routing == config:
-            endpoints = {id(e.provider): e for e in previous.endpoints()}
+            self._carried = {id(e.provider): e for e in previous.endpoints()}
         for role in ROLES:
             groups = [
                 [self._endpoint(role, entry, endpoints) for entry in group]
@@ -170,8 +172,13 @@ class Routing:
         return list(unique.values())
 
     def _endpoint(self, role: Role, entry: ProviderEntry, known: dict[int, Endpoint]) -> Endpoint:
-        """An endpoint serving several roles (the embedded model) has one breaker."""
+        """An endpoint serving several roles (the embedded model) has one breaker. A kept
+        provider keeps its endpoint, unless its timeouts changed (a local model's worker
+        is kept whatever its first_token_timeout): then it starts afresh."""
         key = id(entry.provider)
+        carried = self._carried.pop(key, None)
+        if carried is not None and carried.timeouts == _timeouts(role, entry):
+            known[key] = carried
         if key not in known:
             known[key] = Endpoint(
                 entry.provider,
