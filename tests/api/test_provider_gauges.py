@@ -53,3 +53,11 @@ async def test_gauges_follow_the_providers_in_use(backends: Backends, tmp_path: 
             after = await gauges(client)
             for name in GAUGES:
                 assert set(after[name]) == names - {fallback}, (name, after[name])
+            # The retired provider's late outcomes (requests it still finishes) do not
+            # bring its gauges back.
+            metrics = app.state.keel.metrics
+            metrics.breaker_changed(fallback, "open")
+            metrics.provider_health(fallback, False)
+            late = await gauges(client)
+            for name in GAUGES:
+                assert fallback not in late[name], (name, late[name])

@@ -507,7 +507,8 @@ class Metrics:
         value = BREAKER_STATES.get(str(state))
         if value is None:
             raise ValueError(f"unknown breaker state {state!r}")
-        self._child(self.breaker_state, provider).set(value)
+        if self._in_use_now(provider):
+            self._child(self.breaker_state, provider).set(value)
         self._child(self.breaker_transitions, provider, str(state).replace("-", "_")).inc()
 
     def providers_in_use(self, endpoints: Sequence[Endpoint]) -> None:
@@ -531,16 +532,24 @@ class Metrics:
             self.provider_auth_failed(endpoint.name, endpoint.auth_failed)
         self._in_use = names
 
+    def _in_use_now(self, provider: str) -> bool:
+        """Whether ``provider``'s gauges are kept: a provider a reload retired still
+        finishes its requests, and their outcomes must not bring its gauges back."""
+        return not self._in_use or provider in self._in_use
+
     def provider_health(self, provider: str, healthy: bool) -> None:
-        self._child(self.provider_healthy, provider).set(1 if healthy else 0)
+        if self._in_use_now(provider):
+            self._child(self.provider_healthy, provider).set(1 if healthy else 0)
 
     def provider_auth_failed(self, provider: str, failed: bool) -> None:
-        self._child(self.auth_failed, provider).set(1 if failed else 0)
+        if self._in_use_now(provider):
+            self._child(self.auth_failed, provider).set(1 if failed else 0)
 
     def health_check(self, provider: str, seconds: float, ok: bool) -> None:
         """A deep health check (one generated token) of ``provider`` finished."""
-        self._child(self.health_check_seconds, provider).set(seconds)
-        self._child(self.health_check_ok, provider).set(1 if ok else 0)
+        if self._in_use_now(provider):
+            self._child(self.health_check_seconds, provider).set(seconds)
+            self._child(self.health_check_ok, provider).set(1 if ok else 0)
 
     def fallback(self, role: str, from_provider: str, to_provider: str) -> None:
         self._child(self.fallbacks, role, from_provider, to_provider).inc()
