@@ -17,7 +17,7 @@ from keel.providers.base import (
     GenerationParams,
 )
 from keel.providers.http import build_http_provider
-from keel.providers.http_openai import tool_call_parts
+from keel.providers.http_openai import CallNumbering, tool_call_parts
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
 PARAMS = GenerationParams(max_tokens=16, temperature=0.2, stop=("\n\n",), seed=7, top_p=0.9)
@@ -202,3 +202,26 @@ def test_tool_call_parts_are_taken_as_sent() -> None:
         {"index": 0, "function": {"name": None, "arguments": '{"a"'}},
     ]
     assert tool_call_parts(calls, "backend") == calls
+
+
+def _numbered(*deltas: list[dict[str, object]]) -> list[object]:
+    numbering = CallNumbering()
+    return [part["index"] for delta in deltas for part in numbering.number(delta)]
+
+
+def test_tool_call_parts_without_an_index_are_numbered_call_by_call() -> None:
+    def call(name: str | None = None, args: str = "", **more: object) -> dict[str, object]:
+        return {"function": {"name": name, "arguments": args}, **more}
+
+    # Ollama: each call whole, with its id
+    assert _numbered([call("a", "{}", id="x")], [call("b", "{}", id="y")]) == [0, 1]
+    # OpenAI-style parts without index: id and name first, then argument pieces
+    assert _numbered([call("a", id="x")], [call(args="{")], [call(args="}")]) == [0, 0, 0]
+    # Gemini: an empty id on every part; a second named part begins a call
+    assert _numbered([call("a", "{}", id="")], [call("b", "{}", id="")]) == [0, 1]
+    # two calls in one delta, no ids
+    assert _numbered([call("a", "{}"), call("b", "{}")]) == [0, 1]
+    # indexed, then a part naming an earlier call by its id
+    assert _numbered(
+        [call("a", id="x", index=0)], [call("b", id="y", index=1)], [call(args="1", id="x")]
+    ) == [0, 1, 0]

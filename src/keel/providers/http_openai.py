@@ -138,26 +138,40 @@ def tool_call_parts(calls: object, provider: str) -> list[JsonObject]:
 
 class CallNumbering:
     """Gives each tool-call part of one answer the ``index`` of its call, for backends
-    that send parts without one (Ollama's, Gemini's OpenAI APIs): a part with an ``id``
-    not seen before begins a new call, any other continues the last. Clients number
-    calls by ``index`` (the openai SDK's stream helper fails without it), and keel
-    joins parts by it: without, two calls became one with both argument texts."""
+    that send parts without one (Ollama's, Gemini's OpenAI APIs). Clients number calls
+    by ``index`` (the openai SDK's stream helper fails without it), and keel joins parts
+    by it: without, two calls became one with both argument texts.
+
+    A part without an index belongs to the call its ``id`` names; a new id begins a
+    call, and so does a part with no id (Gemini sends ``""``) that names a function
+    when the last call has its name already, or that comes second or later in one
+    ``tool_calls`` list (a list holds one part of each call it touches); any other part
+    continues the last call."""
 
     def __init__(self) -> None:
         self.calls = 0
-        self.last_id: object = None
+        self.ids: dict[object, int] = {}
+        self.named: set[int] = set()
 
     def number(self, parts: list[JsonObject]) -> list[JsonObject]:
         numbered = []
-        for part in parts:
-            index = part.get("index")
-            if isinstance(index, int):
-                self.calls = max(self.calls, index + 1)
-            else:
-                new = part.get("id") not in (None, "", self.last_id) or not self.calls
-                self.calls += new
-                part = {**part, "index": self.calls - 1}
-            self.last_id = part.get("id") or self.last_id
+        for position, part in enumerate(parts):
+            index, call_id = part.get("index"), part.get("id") or None
+            function = part.get("function") or {}
+            named = isinstance(function, dict) and bool(function.get("name"))
+            if not isinstance(index, int):
+                if call_id in self.ids:
+                    index = self.ids[call_id]
+                else:
+                    last = self.calls - 1
+                    new = call_id is not None or position > 0 or not self.calls
+                    index = self.calls if new or (named and last in self.named) else last
+                part = {**part, "index": index}
+            self.calls = max(self.calls, index + 1)
+            if call_id is not None:
+                self.ids.setdefault(call_id, index)
+            if named:
+                self.named.add(index)
             numbered.append(part)
         return numbered
 
