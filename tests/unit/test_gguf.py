@@ -85,3 +85,15 @@ def test_the_file_must_reach_its_last_tensor(model: tuple[Path, bytes]) -> None:
     path.write_bytes(data[:-200])  # the header is whole; the tensor data is not
     with pytest.raises(MissingDependency, match="its tensors reach past"):
         gguf.read_metadata(path)
+
+
+@pytest.mark.parametrize("count", [2**40, 2**62])
+def test_an_array_count_past_the_file_is_refused_not_read(tmp_path: Path, count: int) -> None:
+    """A downloaded file is untrusted: its counts must not size a read (a MemoryError, an
+    OverflowError)."""
+    values = string("general.architecture") + struct.pack("<I", STRING) + string("llama")
+    values += string("floats") + struct.pack("<IIQ", ARRAY, F32, count)
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + values + b"\0" * 64)
+    with pytest.raises(MissingDependency, match="truncated"):
+        gguf.read_metadata(path)

@@ -15,6 +15,7 @@ into the data, which begins at the next multiple of ``general.alignment`` (32).
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -57,6 +58,7 @@ class _Reader:
         self._at = 0
         self._start = 0
         """The file offset of ``_data``'s first byte."""
+        self.size = os.fstat(file.fileno()).st_size
 
     def tell(self) -> int:
         return self._start + self._at
@@ -106,7 +108,10 @@ class _Reader:
     def _array(self, kind: int, count: int, wanted: frozenset[str] = frozenset()) -> list[str]:
         """Pass over an array's items: the strings among them in ``wanted``."""
         if kind in _SCALARS:
-            self.take(count * struct.calcsize(_SCALARS[kind]))
+            size = count * struct.calcsize(_SCALARS[kind])
+            if size > self.size - self.tell():  # a corrupt count: no read of that size
+                raise MissingDependency(f"{self.path}: truncated GGUF header")
+            self.take(size)
             return []
         if kind != _STRING:
             for _ in range(count):
