@@ -615,6 +615,27 @@ async def test_a_requests_retry_failing_again_counts_once(
     assert route.provider is not None and route.provider.name == "only"
 
 
+async def test_a_retry_that_takes_the_half_open_probe_decides_it(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    """The first attempt opens the breaker and its cooldown has passed (none here; a
+    first-token timeout as long as the cooldown in life), so the retry is the probe:
+    failing, it opens the breaker again (ignored as a retry, it left the breaker half
+    open and the next request went straight through)."""
+    backend = upstreams()
+    backend.behave(Behaviour.error(500))
+    policy = BreakerPolicy(consecutive_failures=1, cooldown=0.0)
+    router = build.router(
+        [[build.endpoint(backend.url, name="only", policy=policy)]],
+        retry=RetryPolicy(attempts_per_provider=2, budget_floor=10),
+    )
+    with pytest.raises(KeelError):
+        await run(router)
+    assert posts(backend) == 2, "the retry went out, as the probe"
+    opened = [e for e in build.events.log if e[0] == "breaker" and e[2] == "open"]
+    assert len(opened) == 2, build.events.log  # by the first attempt, then by the probe
+
+
 async def test_every_provider_rate_limited_is_a_429_with_the_wait(
     build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
 ) -> None:

@@ -299,9 +299,9 @@ class RoleRouter:
             endpoint.last_error = error.message
             return
         if kind in (Failure.RETRYABLE, Failure.CRASHED):
-            if retry:
+            if retry and endpoint.breaker.state is BreakerState.CLOSED:
                 endpoint.breaker.record_ignored()
-            else:
+            else:  # a retry that was the half-open breaker's probe decides it
                 endpoint.breaker.record_failure()
             if endpoint.record_failed(error):
                 log.warning("provider %s routed around: %s", endpoint.name, error.message)
