@@ -15,6 +15,7 @@ from keel.providers.base import (
     CompletionProvider,
     EmbeddingProvider,
     GenerationParams,
+    Reported,
 )
 from keel.providers.http import build_http_provider
 from keel.providers.http_openai import CallNumbering, tool_call_parts
@@ -225,3 +226,13 @@ def test_tool_call_parts_without_an_index_are_numbered_call_by_call() -> None:
     assert _numbered(
         [call("a", id="x", index=0)], [call("b", id="y", index=1)], [call(args="1", id="x")]
     ) == [0, 1, 0]
+
+
+async def test_an_attempt_starts_with_nothing_reported(upstream: FakeUpstream, make_provider):
+    """A fallback's answer is not told what a failed attempt's backend had counted."""
+    provider = make_provider("openai/chat", model_name="chat-model")
+    call = ChatCall(messages=(ChatMessage("user", "Hi"),), params=PARAMS)
+    call.reported.note_usage({"prompt_tokens": 900, "completion_tokens": 40})
+    call.reported.finish_reason = "length"  # as a failed attempt's backend left them
+    assert "".join(await collect(provider.stream_chat(call))) == "Hello, world"
+    assert call.reported == Reported(finish_reason="stop")  # this backend's word only

@@ -90,6 +90,10 @@ class Reported:
     completion_tokens: int | None = None
     finish_reason: str | None = None
 
+    def clear(self) -> None:
+        """Forget what an earlier attempt's engine said (a fallback starts afresh)."""
+        self.prompt_tokens = self.completion_tokens = self.finish_reason = None
+
     def note_usage(self, usage: object) -> None:
         """Take the counts of an OpenAI ``usage`` object (positive integers only)."""
         if not isinstance(usage, dict):

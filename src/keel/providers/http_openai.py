@@ -90,6 +90,7 @@ def stream_choice_text(
     """
     provider = upstream.provider
     numbering = CallNumbering()
+    reported.clear()
 
     def text(payload: JsonObject) -> str:
         reported.note_usage(payload.get("usage"))

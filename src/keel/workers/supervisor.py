@@ -389,6 +389,8 @@ class WorkerSupervisor:
         """Run a generating op; yields text pieces. Closing the iterator cancels it.
         ``reported`` gets, at the end, the tokens the engine counted and why it stopped."""
         await self.wait_ready(ready_timeout)
+        if reported is not None:
+            reported.clear()
         request_id = self._next_id = self._next_id + 1
         pending = self._pending[request_id] = _Pending()
         finished = False
