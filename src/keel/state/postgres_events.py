@@ -107,6 +107,8 @@ class PostgresEventStore:
         self._closing = False
         self._writer: psycopg.Connection[Row] | None = None
         self._reader: psycopg.Connection[Row] | None = None
+        self._writer_error: Exception | None = None
+        """The writer's last failure, until it writes again."""
         self._read_lock = threading.Lock()
         self._languages: OrderedDict[str, str | None] = OrderedDict()
         self._thread = threading.Thread(target=self._run, name="keel-events-writer", daemon=True)
@@ -140,9 +142,9 @@ class PostgresEventStore:
     def _run(self) -> None:
         try:  # connect (and migrate) at startup, so the status is known before any event
             self._writer = self._connect()
-            self._succeeded()
+            self._writing(None)
         except psycopg.Error as exc:
-            self._failed(exc)
+            self._writing(exc)
         while True:
             self._wake.wait(self.flush_seconds)
             self._wake.clear()
@@ -168,7 +170,7 @@ class PostgresEventStore:
                 cursor.executemany(INSERT, batch)
             connection.commit()
         except psycopg.OperationalError as exc:
-            self._failed(exc)
+            self._writing(exc)
             self._close_writer()
             if not self._closing:
                 time.sleep(RETRY_SECONDS)
@@ -180,8 +182,16 @@ class PostgresEventStore:
             self._drop(len(batch), "rejected")
             return True
         self._remove(len(batch))
-        self._succeeded()
+        self._writing(None)
         return True
+
+    def _writing(self, error: Exception | None) -> None:
+        """How the writer's last try went (None: it wrote), for the store's state."""
+        self._writer_error = error
+        if error is None:
+            self._succeeded()
+        else:
+            self._failed(error)
 
     def _remove(self, n: int) -> None:
         with self._lock:
@@ -251,7 +261,10 @@ class PostgresEventStore:
                     raise Unavailable(
                         "the events database is unreachable; acceptance figures return when it does"
                     ) from exc
-                self._succeeded()
+                with self._lock:
+                    stuck = self._writer_error is not None and bool(self._buffer)
+                if not stuck:  # a read says the database is up, unless events wait on it
+                    self._succeeded()
                 return rows
 
     async def language_of(self, completion_id: str | None) -> str | None:
