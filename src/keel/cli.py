@@ -98,6 +98,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # No collections while startup imports and builds what settle_heap freezes: they
     # cost ~0.05 s of the ~0.7 s of CPU a start takes, for little to free.
     gc.disable()
+    # A reload asked for before the app can do one (its handler comes with the lifespan)
+    # is nothing to do: its default ended keel (a --supervise forwards SIGHUP).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     from keel.providers.catalog import build_providers
 

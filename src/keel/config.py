@@ -701,13 +701,20 @@ SECRET_KEYS = ("api_key", "admin_key", "password", "token", "secret")
 """Config keys whose values are not shown in errors (to a terminal, a CI log)."""
 
 
+def masked_url(text: str) -> str:
+    """``text`` with the password of any URL in it as ``***``."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", text)
+
+
 def _shown(key: str, value: object) -> object:
     """A wrong value as an error shows it: a secret not at all, a URL without its
     password."""
     if any(part in key for part in SECRET_KEYS):
         return None
     if isinstance(value, str):  # any URL's password, whatever the key is called
-        return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)
+        return masked_url(value)
+    if isinstance(value, list):
+        return [_shown(key, item) for item in value]
     return value
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from keel.cli import build_parser
 from keel.ops.supervise import forwarded_argv
-from tests.conftest import free_port
+from tests.conftest import free_port, start_keel
 
 UNROUTABLE = "192.0.2.1"
 """TEST-NET-1: no interface has it, so binding fails at once (exit 1, a crash)."""
@@ -125,3 +125,29 @@ def test_sighup_reloads_and_sigterm_stops_the_child(tmp_path: Path) -> None:
     assert not Path(f"/proc/{child}").exists(), "the child outlived the supervisor"
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+@pytest.mark.integration
+def test_a_sighup_while_keel_starts_is_no_crash(tmp_path: Path) -> None:
+    """Before the app can reload (its handler comes with the lifespan), a SIGHUP (one a
+    --supervise passes on, a closing terminal's) ended keel: the supervisor counted a
+    crash. Now it is nothing to do."""
+    dead = "http://127.0.0.1:9/v1"
+    config = "".join(
+        f"[model.{role}]\nembedded_last_resort = false\n[model.{role}.http]\n"
+        f'kind = "openai/{role}"\napi_endpoint = "{dead}"\nmodel_name = "m"\n'
+        for role in ("completion", "chat", "embedding")
+    )
+    server = start_keel(tmp_path, config)
+    try:
+        deadline = time.monotonic() + 60
+        while "serving on" not in server.log.read_text():  # cmd_serve is past its imports
+            assert time.monotonic() < deadline and server.process.poll() is None, (
+                server.log.read_text()
+            )
+            time.sleep(0.005)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_ready(path="/health")
+        assert server.process.poll() is None
+    finally:
+        server.stop()

@@ -793,6 +793,9 @@ async def test_a_callers_prompt_over_the_context_is_its_400_and_blames_no_provid
     fallback.behave(Behaviour.normal())  # a larger window
     served = await ask()
     assert served.provider is not None and served.provider.name == "fb"
+    fallback.behave(Behaviour.error(500))  # the other window is down: still the caller's 400
+    with pytest.raises(ContextLengthExceeded):
+        await ask()
 
 
 # --- the retry budget ----------------------------------------------------------------

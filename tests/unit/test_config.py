@@ -229,6 +229,10 @@ def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:  # a URL's password, whatever the key
         parse_settings({"model": {"chat": {"http": http}}}, "c")
     assert "'http://u:***@y'" in caught.value.message and "pw-1" not in caught.value.message
+    http = {"kind": "openai/chat", "api_endpoints": ["http://u:pw-2@y", ""]}
+    with pytest.raises(ConfigError) as caught:  # in a list too
+        parse_settings({"model": {"chat": {"http": http}}}, "c")
+    assert "pw-2" not in caught.value.message
 
 
 def test_config_check_warns_of_a_keys_file_keel_cannot_use(tmp_path: Path) -> None:

@@ -141,10 +141,12 @@ async def _progress(
             async for step in steps:
                 yield sse(step)
         except KeelError as exc:
+            progress.failed = exc.status_code  # counted as it ended (see streaming.OUTCOME)
             yield sse({**exc.to_body(), **failed})
         yield DONE
 
-    return EventStream(events())
+    progress = EventStream(events())
+    return progress
 
 
 async def _audited(

@@ -24,6 +24,7 @@ from keel.config import (
     ProviderConfig,
     Role,
     Settings,
+    masked_url,
 )
 from keel.models.registry import resolve_model
 from keel.providers.base import Provider
@@ -155,7 +156,7 @@ def build_providers(
             for replica in replicas:
                 name = f"{role}/{config.kind}{label}"
                 if len(replicas) > 1:
-                    name += f"@{replica.api_endpoint}"
+                    name += f"@{masked_url(replica.api_endpoint or '')}"  # names are shown
                 old = kept_http.get(name)
                 if old is not None and old.config == replica:
                     group.append(old)

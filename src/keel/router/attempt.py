@@ -150,6 +150,8 @@ class Attempts:
         self.failures: list[str] = []
         """``name: message`` of every failed attempt, in order."""
         self.last_error: KeelError | None = None
+        self.too_long: KeelError | None = None
+        """The last refusal of the prompt as over an endpoint's context, if any."""
         self._candidates = router.candidates()
         self._position = -1
         self._current: Attempt | None = None
@@ -193,9 +195,10 @@ class Attempts:
 
     def _exhausted(self) -> KeelError:
         last = self.last_error
-        if last is not None and classify(last) is Failure.TOO_LONG:
-            # no endpoint's window fits: the caller's 400
-            return context_overflow(last, self.router.role)
+        if self.too_long is not None:
+            # no window that answered fits it (the others were down): the caller's 400,
+            # the one thing the caller can fix
+            return context_overflow(self.too_long, self.router.role)
         return self.router.exhausted(self.failures, last)
 
     def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
@@ -227,6 +230,8 @@ class Attempts:
         endpoint, kind = attempt.endpoint, classify(error)
         self.router.failed(endpoint, error, kind, retry=attempt.number > 1)
         self.last_error = error
+        if kind is Failure.TOO_LONG:
+            self.too_long = error
         self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
         log.info("%s: %s failed (%s): %s", self.router.role, endpoint.name, kind, error.message)
         if self.streaming and attempt.produced:
