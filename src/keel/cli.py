@@ -407,7 +407,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from keel.ops.verify import main as verify
 
-    return verify(args.url, api_key=args.api_key, timeout=args.timeout, out=sys.stdout)
+    key = args.api_key or os.environ.get("KEEL_API_KEY") or None
+    return verify(args.url, api_key=key, timeout=args.timeout, out=sys.stdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-deploy smoke test: one line per check; exit 0 only if all pass.",
     )
     verify.add_argument("url", help="keel's base URL, e.g. http://127.0.0.1:8080")
-    verify.add_argument("--api-key", help="user key, sent as Authorization: Bearer")
+    verify.add_argument(
+        "--api-key",
+        help="user key, sent as Authorization: Bearer (default: $KEEL_API_KEY, which "
+        "keeps it out of the process list and the shell's history)",
+    )
     verify.add_argument(
         "--timeout", type=float, default=120.0, help="seconds per request (default 120)"
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
+import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -60,3 +63,34 @@ def test_verify_fails_when_nothing_listens() -> None:
     assert set(checks) == set(CHECKS)
     assert all(line[1] == "FAIL" for line in checks.values()), result.stdout
     assert "ConnectError" in checks["health"][4]
+
+
+def test_the_key_can_come_from_the_environment() -> None:
+    """``KEEL_API_KEY``: a key on the command line shows in ``ps`` and the shell's history."""
+    seen: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(503)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "keel", "verify", f"http://127.0.0.1:{server.server_port}"],
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, "KEEL_API_KEY": "env-key-0123456789"},
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen and all(header == "Bearer env-key-0123456789" for header in seen), seen
