@@ -86,6 +86,7 @@ def test_each_route_rejects_missing_and_wrong_keys(secured: KeelProcess) -> None
         missing = call(secured, method, path, {})
         assert missing.status_code == 401, (path, method, missing.text)
         assert missing.json()["error"]["type"] == "authentication_error"
+        assert missing.headers["WWW-Authenticate"] == 'Bearer realm="keel"'  # as HTTP asks
         wrong = call(secured, method, path, {"Authorization": "Bearer not-a-key-at-all"})
         assert wrong.status_code == 401, (path, method)
         user = call(secured, method, path, {"Authorization": f"Bearer {USER_KEY}"})

@@ -29,6 +29,9 @@ def error_response(error: KeelError) -> JSONResponse:
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if error.status_code == 401:  # how to authenticate, as HTTP asks of a 401
+        headers["WWW-Authenticate"] = 'Bearer realm="keel"'
+
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
