@@ -7,6 +7,7 @@ fuzzers can send hundreds.
 
 from __future__ import annotations
 
+import contextlib
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -112,10 +113,17 @@ def app(backends: Backends, tmp_path: Path) -> FastAPI:
     return build_app(tmp_path / "keel", backends.config())
 
 
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the running app (its lifespan started), sending no key by default."""
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``app`` running (its lifespan started), sending no key by default."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
             yield http
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the running app (its lifespan started), sending no key by default."""
+    async with serving(app) as http:
+        yield http

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from tests.api.conftest import ADMIN, USER, Backends, build_app
+from tests.api.conftest import ADMIN, USER, Backends, build_app, serving
 
 GAUGES = ("keel_provider_healthy", "keel_breaker_state", "keel_provider_auth_failed")
 
@@ -27,37 +27,33 @@ async def gauges(client: httpx.AsyncClient) -> dict[str, dict[str, float]]:
 async def test_gauges_follow_the_providers_in_use(backends: Backends, tmp_path: Path) -> None:
     root = tmp_path / "keel"
     app = build_app(root, backends.config())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            names = {
-                provider["name"]
-                for role in (await client.get("/v1/providers", headers=USER))
-                .json()["roles"]
-                .values()
-                for provider in role["providers"]
-            }
-            fallback = "completion/openai/completion#1"
-            assert fallback in names
-            start = await gauges(client)
-            for name in GAUGES:
-                assert set(start[name]) == names, (name, start[name])
-            assert set(start["keel_provider_healthy"].values()) == {1.0}
-            assert set(start["keel_breaker_state"].values()) == {0.0}
+    async with serving(app) as client:
+        names = {
+            provider["name"]
+            for role in (await client.get("/v1/providers", headers=USER)).json()["roles"].values()
+            for provider in role["providers"]
+        }
+        fallback = "completion/openai/completion#1"
+        assert fallback in names
+        start = await gauges(client)
+        for name in GAUGES:
+            assert set(start[name]) == names, (name, start[name])
+        assert set(start["keel_provider_healthy"].values()) == {1.0}
+        assert set(start["keel_breaker_state"].values()) == {0.0}
 
-            config = backends.config()
-            head, tail = config.split("[[model.completion.fallback]]")
-            (root / "config.toml").write_text(head + tail.split("\n\n", 1)[1])
-            reloaded = await client.post("/v1/admin/reload", headers=ADMIN)
-            assert reloaded.status_code == 200, reloaded.text
-            after = await gauges(client)
-            for name in GAUGES:
-                assert set(after[name]) == names - {fallback}, (name, after[name])
-            # The retired provider's late outcomes (requests it still finishes) do not
-            # bring its gauges back.
-            metrics = app.state.keel.metrics
-            metrics.breaker_changed(fallback, "open")
-            metrics.provider_health(fallback, False)
-            late = await gauges(client)
-            for name in GAUGES:
-                assert fallback not in late[name], (name, late[name])
+        config = backends.config()
+        head, tail = config.split("[[model.completion.fallback]]")
+        (root / "config.toml").write_text(head + tail.split("\n\n", 1)[1])
+        reloaded = await client.post("/v1/admin/reload", headers=ADMIN)
+        assert reloaded.status_code == 200, reloaded.text
+        after = await gauges(client)
+        for name in GAUGES:
+            assert set(after[name]) == names - {fallback}, (name, after[name])
+        # The retired provider's late outcomes (requests it still finishes) do not
+        # bring its gauges back.
+        metrics = app.state.keel.metrics
+        metrics.breaker_changed(fallback, "open")
+        metrics.provider_health(fallback, False)
+        late = await gauges(client)
+        for name in GAUGES:
+            assert fallback not in late[name], (name, late[name])

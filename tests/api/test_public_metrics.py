@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.api.conftest import USER, Backends, build_app
+from tests.api.conftest import USER, Backends, build_app, serving
 
 
 @pytest.mark.parametrize("public", [False, True])
@@ -19,14 +18,12 @@ async def test_metrics_without_a_key_only_when_asked(
         "[auth]\n", f"[auth]\npublic_metrics = {str(public).lower()}\n"
     )
     app = build_app(tmp_path / "keel", config)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            scrape = await client.get("/metrics")
-            assert scrape.status_code == (200 if public else 401), scrape.text
-            assert (await client.get("/metrics", headers=USER)).status_code == 200
-            for path in ("/v1/models", "/v1/providers", "/v1/stats"):
-                assert (await client.get(path)).status_code == 401, path
+    async with serving(app) as client:
+        scrape = await client.get("/metrics")
+        assert scrape.status_code == (200 if public else 401), scrape.text
+        assert (await client.get("/metrics", headers=USER)).status_code == 200
+        for path in ("/v1/models", "/v1/providers", "/v1/stats"):
+            assert (await client.get(path)).status_code == 401, path
 
 
 async def test_a_request_no_provider_served_is_nobodys_traffic(
@@ -34,12 +31,10 @@ async def test_a_request_no_provider_served_is_nobodys_traffic(
 ) -> None:
     """A refusal (no key) is counted with no provider: it was counted as the primary's."""
     app = build_app(tmp_path / "keel", backends.config())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            refused = await client.post("/v1/completions", json={"prompt": "x"})
-            assert refused.status_code == 401
-            text = (await client.get("/metrics", headers=USER)).text
+    async with serving(app) as client:
+        refused = await client.post("/v1/completions", json={"prompt": "x"})
+        assert refused.status_code == 401
+        text = (await client.get("/metrics", headers=USER)).text
     labels = [
         sample.labels
         for family in text_string_to_metric_families(text)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
-from tests.api.conftest import USER, USER_KEY, build_app
+from tests.api.conftest import USER, USER_KEY, build_app, serving
 from tests.fakes.upstreams import FakeUpstream
 from tests.serving.conftest import llamacpp_config
 
@@ -24,29 +23,27 @@ def config(live: str, dead: str) -> str:
 async def test_a_backend_down_at_start_makes_ready_say_why_at_once(tmp_path: Path) -> None:
     with FakeUpstream() as live:
         app = build_app(tmp_path / "keel", config(live.url, "http://127.0.0.1:1"))
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-                for _ in range(100):
-                    ready = await client.get("/ready", headers=USER)
-                    if ready.status_code == 503:
-                        break
-                    await asyncio.sleep(0.02)
-                assert ready.status_code == 503, ready.text
-                chat = ready.json()["roles"]["chat"]
-                assert chat["usable"] is False and "cannot connect to 127.0.0.1:1" in chat["why"]
-                assert ready.json()["roles"]["completion"]["usable"] is True
-                # Without a key: the role's state says it cannot serve (it said "ok").
-                public = (await client.get("/ready")).json()["roles"]
-                assert public["chat"] == {"usable": False, "state": "unavailable"}, public
-                # A load balancer's readiness: ready while a role can serve (the pods
-                # share the dead backend: all of them out would stop completions too).
-                assert (await client.get("/ready?any=true")).status_code == 200
-                # The status page's table says so too (it showed the dead backend "ok").
-                stats = (await client.get("/v1/stats", headers=USER)).json()
-                states = {m["provider"]: m["state"] for m in stats["models"]}
-                assert states[chat["provider"]] == "unhealthy", states
-                others = [v for k, v in states.items() if k != chat["provider"]]
-                assert others and "unhealthy" not in others, states
+        async with serving(app) as client:
+            for _ in range(100):
+                ready = await client.get("/ready", headers=USER)
+                if ready.status_code == 503:
+                    break
+                await asyncio.sleep(0.02)
+            assert ready.status_code == 503, ready.text
+            chat = ready.json()["roles"]["chat"]
+            assert chat["usable"] is False and "cannot connect to 127.0.0.1:1" in chat["why"]
+            assert ready.json()["roles"]["completion"]["usable"] is True
+            # Without a key: the role's state says it cannot serve (it said "ok").
+            public = (await client.get("/ready")).json()["roles"]
+            assert public["chat"] == {"usable": False, "state": "unavailable"}, public
+            # A load balancer's readiness: ready while a role can serve (the pods
+            # share the dead backend: all of them out would stop completions too).
+            assert (await client.get("/ready?any=true")).status_code == 200
+            # The status page's table says so too (it showed the dead backend "ok").
+            stats = (await client.get("/v1/stats", headers=USER)).json()
+            states = {m["provider"]: m["state"] for m in stats["models"]}
+            assert states[chat["provider"]] == "unhealthy", states
+            others = [v for k, v in states.items() if k != chat["provider"]]
+            assert others and "unhealthy" not in others, states
         # No request was sent to the live backend: only connections opened.
         assert not live.requests, live.requests

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
 import pytest
-from tests.api.conftest import ADMIN, USER, Backends, build_app
+from tests.api.conftest import ADMIN, USER, Backends, build_app, serving
 
 from keel.config import EMBEDDED_MODEL_ID
 
@@ -25,38 +24,34 @@ async def test_a_reload_that_would_open_a_remote_keel_is_refused(
 ) -> None:
     root = tmp_path / "keel"
     app = build_app(root, backends.config(), host="0.0.0.0")
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            assert (await client.get("/v1/models")).status_code == 401
-            keyless = backends.config().split("[auth]")[0] + KEYLESS
-            if change == "keys dropped":
-                (root / "config.toml").write_text(keyless)
-                expected = "would serve anyone"
-            elif change == "keys moved to redis":  # read at start only: no key from it now
-                redis = '[state]\nredis_url = "redis://127.0.0.1:1/0"\n'
-                (root / "config.toml").write_text(keyless + redis)
-                expected = "would serve anyone"
-            else:
-                (root / "config.toml").unlink()
-                expected = "does not exist"
-            refused = await client.post("/v1/admin/reload", headers=ADMIN)
-            assert refused.status_code == 422, refused.text
-            assert expected in refused.text
-            assert (await client.get("/v1/models")).status_code == 401
-            assert (await client.get("/v1/models", headers=USER)).status_code == 200
+    async with serving(app) as client:
+        assert (await client.get("/v1/models")).status_code == 401
+        keyless = backends.config().split("[auth]")[0] + KEYLESS
+        if change == "keys dropped":
+            (root / "config.toml").write_text(keyless)
+            expected = "would serve anyone"
+        elif change == "keys moved to redis":  # read at start only: no key from it now
+            redis = '[state]\nredis_url = "redis://127.0.0.1:1/0"\n'
+            (root / "config.toml").write_text(keyless + redis)
+            expected = "would serve anyone"
+        else:
+            (root / "config.toml").unlink()
+            expected = "does not exist"
+        refused = await client.post("/v1/admin/reload", headers=ADMIN)
+        assert refused.status_code == 422, refused.text
+        assert expected in refused.text
+        assert (await client.get("/v1/models")).status_code == 401
+        assert (await client.get("/v1/models", headers=USER)).status_code == 200
 
 
 async def test_on_loopback_a_keyless_reload_applies(backends: Backends, tmp_path: Path) -> None:
     root = tmp_path / "keel"
     app = build_app(root, backends.config(), host="127.0.0.1")
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            (root / "config.toml").write_text(backends.config().split("[auth]")[0] + KEYLESS)
-            applied = await client.post("/v1/admin/reload", headers=ADMIN)
-            assert applied.status_code == 200, applied.text
-            assert (await client.get("/v1/models")).status_code == 200
+    async with serving(app) as client:
+        (root / "config.toml").write_text(backends.config().split("[auth]")[0] + KEYLESS)
+        applied = await client.post("/v1/admin/reload", headers=ADMIN)
+        assert applied.status_code == 200, applied.text
+        assert (await client.get("/v1/models")).status_code == 200
 
 
 async def test_a_reload_naming_a_missing_model_file_is_the_admins_422(
@@ -64,14 +59,12 @@ async def test_a_reload_naming_a_missing_model_file_is_the_admins_422(
 ) -> None:
     root = tmp_path / "keel"
     app = build_app(root, backends.config())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            missing = '\n[[model.chat.fallback]]\nmodel_id = "no-such-model"\n'
-            (root / "config.toml").write_text(backends.config() + missing)
-            refused = await client.post("/v1/admin/reload", headers=ADMIN)
-            assert refused.status_code == 422, refused.text
-            assert "no-such-model" in refused.text
+    async with serving(app) as client:
+        missing = '\n[[model.chat.fallback]]\nmodel_id = "no-such-model"\n'
+        (root / "config.toml").write_text(backends.config() + missing)
+        refused = await client.post("/v1/admin/reload", headers=ADMIN)
+        assert refused.status_code == 422, refused.text
+        assert "no-such-model" in refused.text
 
 
 async def test_a_reload_waits_for_a_model_load_in_progress(
@@ -80,28 +73,26 @@ async def test_a_reload_waits_for_a_model_load_in_progress(
     """One at a time: a load finishing on the routing a reload had just replaced left the
     role on a provider the reload had closed (and the loaded worker in no routing)."""
     app = build_app(tmp_path / "keel", backends.config())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            body = {"model_name": EMBEDDED_MODEL_ID, "role": "chat"}
-            load = asyncio.create_task(
-                client.post("/v1/model/load", json=body, headers=ADMIN, timeout=60)
-            )
-            state = app.state.keel
-            for _ in range(1000):  # until the load has begun
-                if state.control.locked():
-                    break
-                await asyncio.sleep(0.01)
-            reload = asyncio.create_task(client.post("/v1/admin/reload", headers=ADMIN))
-            await asyncio.sleep(0.2)
-            assert not reload.done() or load.done(), "the reload waited for the load"
-            assert (await load).status_code == 200
-            assert (await reload).status_code == 200
-            chat = (await client.get("/v1/providers", headers=USER)).json()["roles"]["chat"]
-            assert chat["providers"][0]["name"] == "chat/openai/chat"  # the config's again
-            answer = await client.post(
-                "/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": "hi"}]},
-                headers=USER,
-            )
-            assert answer.status_code == 200, answer.text  # on an open provider
+    async with serving(app) as client:
+        body = {"model_name": EMBEDDED_MODEL_ID, "role": "chat"}
+        load = asyncio.create_task(
+            client.post("/v1/model/load", json=body, headers=ADMIN, timeout=60)
+        )
+        state = app.state.keel
+        for _ in range(1000):  # until the load has begun
+            if state.control.locked():
+                break
+            await asyncio.sleep(0.01)
+        reload = asyncio.create_task(client.post("/v1/admin/reload", headers=ADMIN))
+        await asyncio.sleep(0.2)
+        assert not reload.done() or load.done(), "the reload waited for the load"
+        assert (await load).status_code == 200
+        assert (await reload).status_code == 200
+        chat = (await client.get("/v1/providers", headers=USER)).json()["roles"]["chat"]
+        assert chat["providers"][0]["name"] == "chat/openai/chat"  # the config's again
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            headers=USER,
+        )
+        assert answer.status_code == 200, answer.text  # on an open provider

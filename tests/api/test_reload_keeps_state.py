@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
-from tests.api.conftest import USER, USER_KEY, build_app
+from tests.api.conftest import USER, USER_KEY, build_app, serving
 from tests.fakes.upstreams import FakeUpstream
 from tests.serving.conftest import llamacpp_config
 
@@ -32,20 +32,18 @@ async def test_an_unchanged_provider_keeps_its_state(tmp_path: Path) -> None:
     root = tmp_path / "keel"
     with FakeUpstream() as live:
         app = build_app(root, config(live.url, "http://127.0.0.1:1"))
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-                for _ in range(100):  # the dead backend is found at start
-                    if (await chat_state(client))["healthy"] is False:
-                        break
-                    await asyncio.sleep(0.02)
-                assert (await chat_state(client))["healthy"] is False
-                reloaded = await client.post("/v1/admin/reload", headers=admin)
-                assert reloaded.status_code == 200, reloaded.text
-                assert reloaded.json()["started"] == [] and reloaded.json()["stopping"] == []
-                assert (await chat_state(client))["healthy"] is False, "still the dead backend"
+        async with serving(app) as client:
+            for _ in range(100):  # the dead backend is found at start
+                if (await chat_state(client))["healthy"] is False:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await chat_state(client))["healthy"] is False
+            reloaded = await client.post("/v1/admin/reload", headers=admin)
+            assert reloaded.status_code == 200, reloaded.text
+            assert reloaded.json()["started"] == [] and reloaded.json()["stopping"] == []
+            assert (await chat_state(client))["healthy"] is False, "still the dead backend"
 
-                (root / "config.toml").write_text(config(live.url, "http://127.0.0.1:1", "y"))
-                reloaded = await client.post("/v1/admin/reload", headers=admin)
-                assert reloaded.json()["started"] == ["chat/openai/chat"], reloaded.text
-                assert (await chat_state(client))["healthy"] is True  # a new table: afresh
+            (root / "config.toml").write_text(config(live.url, "http://127.0.0.1:1", "y"))
+            reloaded = await client.post("/v1/admin/reload", headers=admin)
+            assert reloaded.json()["started"] == ["chat/openai/chat"], reloaded.text
+            assert (await chat_state(client))["healthy"] is True  # a new table: afresh

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
-from tests.api.conftest import USER, Backends, build_app
+from tests.api.conftest import USER, Backends, build_app, serving
 
 
 async def test_acceptance_is_unknown_while_the_events_database_is_down(
@@ -16,13 +15,11 @@ async def test_acceptance_is_unknown_while_the_events_database_is_down(
 ) -> None:
     dead = '\n[events]\ndatabase_url = "postgresql://keel@127.0.0.1:1/keel"\n'
     app = build_app(tmp_path / "keel", backends.config() + dead)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
-            for _ in range(100):
-                stats = (await client.get("/v1/stats", headers=USER)).json()
-                if stats["events"]["up"] is False:
-                    break
-                await asyncio.sleep(0.05)
-            assert stats["events"]["up"] is False and stats["events"]["store"] == "postgres"
-            assert stats["acceptance"] is None
+    async with serving(app) as client:
+        for _ in range(100):
+            stats = (await client.get("/v1/stats", headers=USER)).json()
+            if stats["events"]["up"] is False:
+                break
+            await asyncio.sleep(0.05)
+        assert stats["events"]["up"] is False and stats["events"]["store"] == "postgres"
+        assert stats["acceptance"] is None
