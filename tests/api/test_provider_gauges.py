@@ -57,3 +57,8 @@ async def test_gauges_follow_the_providers_in_use(backends: Backends, tmp_path: 
         late = await gauges(client)
         for name in GAUGES:
             assert fallback not in late[name], (name, late[name])
+        (root / "config.toml").write_text(config)  # the fallback back: its gauges too
+        assert (await client.post("/v1/admin/reload", headers=ADMIN)).status_code == 200
+        back = await gauges(client)
+        for name in GAUGES:
+            assert set(back[name]) == names, (name, back[name])

@@ -524,13 +524,13 @@ class Metrics:
                 with contextlib.suppress(KeyError):
                     metric.remove(gone)
                 self._children.pop((metric, (gone,)), None)
+        self._in_use = names
         for endpoint in endpoints:
             self._child(self.breaker_state, endpoint.name).set(
                 BREAKER_STATES[str(endpoint.breaker.state)]
             )
             self.provider_health(endpoint.name, endpoint.healthy)
             self.provider_auth_failed(endpoint.name, endpoint.auth_failed)
-        self._in_use = names
 
     def _in_use_now(self, provider: str) -> bool:
         """Whether ``provider``'s gauges are kept: a provider a reload retired still
