@@ -122,3 +122,13 @@ async def test_a_stream_that_ends_in_an_error_counts_as_that_error(
         if sample.name == "keel_requests_total" and sample.labels["route"] == "/v1/chat/completions"
     }
     assert counted.get("502") == 1, counted
+
+
+async def test_the_request_id_reaches_the_backend(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """One request followed from keel's log into the backend's."""
+    backend, _ = said
+    headers = {**USER, "X-Request-ID": "trace-0123456789"}
+    await client.post("/v1/chat/completions", json={"messages": ASK}, headers=headers)
+    assert backend.last_request.headers["x-request-id"] == "trace-0123456789"

@@ -56,6 +56,7 @@ from keel.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from keel.ops.logging import request_id
 from keel.providers.base import (
     CompletionProvider,
     GenerationParams,
@@ -74,6 +75,13 @@ ERROR_BODY_LIMIT = 64 * 1024
 """Bytes of an error response keel reads to find the backend's message."""
 
 JsonObject = dict[str, Any]
+
+
+def traced(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` with the request id of the request being served (``X-Request-Id``), so
+    one request can be followed from keel's log into the backend's."""
+    current = request_id.get()
+    return headers if current is None else {**headers, "X-Request-Id": current}
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -530,7 +538,10 @@ class HttpUpstream:
         await self._admit()
         with translate_errors(self.provider):
             async with self.client.post(
-                self.url(path), data=_encode(body), headers=self._json_headers, timeout=self.timeout
+                self.url(path),
+                data=_encode(body),
+                headers=traced(self._json_headers),
+                timeout=self.timeout,
             ) as response:
                 await raise_for_status(response, self.provider)
                 raw = await response.read()
@@ -550,7 +561,7 @@ class HttpUpstream:
             response = await self.client.post(
                 self.url(path),
                 data=_encode(body),
-                headers=self._stream_headers,
+                headers=traced(self._stream_headers),
                 timeout=self.timeout,
             )
             finished = False
