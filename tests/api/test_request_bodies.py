@@ -434,3 +434,22 @@ async def test_null_optional_fields_are_unset_as_openai_takes_them(
     assert completion.status_code == 200, completion.text
     refused = await client.post("/v1/chat/completions", json={"messages": None}, headers=USER)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+
+
+async def test_a_message_without_content_is_a_400_unless_an_assistants(
+    client: httpx.AsyncClient,
+) -> None:
+    empty = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user"}]}, headers=USER
+    )
+    assert empty.status_code == 400, empty.text
+    error = empty.json()["error"]
+    assert error["param"] == "messages[0]" and "user message needs its content" in error["message"]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+    served = await client.post("/v1/chat/completions", json={"messages": turns}, headers=USER)
+    assert served.status_code == 200, served.text

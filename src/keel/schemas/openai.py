@@ -211,6 +211,16 @@ class ChatMessageIn(_Wire):
                     )
         return value
 
+    @model_validator(mode="after")
+    def _says_something(self) -> ChatMessageIn:
+        """Only an assistant's message may come without content (its tool calls say it);
+        a user's without was answered as if it had said nothing."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(
+                f"a {self.role} message needs its content (only an assistant's may be null)"
+            )
+        return self
+
     def to_message(self) -> ChatMessage:
         role = "system" if self.role == "developer" else self.role
         calls = tuple(call.model_dump() for call in self.tool_calls or ())
