@@ -59,6 +59,15 @@ class Keys:
         return not self.users and self.admin is None
 
 
+def keys_file_path(config: AuthConfig, base_dir: Path) -> Path | None:
+    """The configured keys file; a relative path is read from ``base_dir`` (the data
+    root)."""
+    if config.keys_file is None:
+        return None
+    path = Path(config.keys_file).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
 def parse_keys_file(path: Path) -> Keys:
     """The keys of a keys file; raises OSError, ValueError or TOMLDecodeError saying why not."""
     data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -103,10 +112,7 @@ class KeyStore:
 
     @property
     def keys_path(self) -> Path | None:
-        if self.config.keys_file is None:
-            return None
-        path = Path(self.config.keys_file).expanduser()
-        return path if path.is_absolute() else self.base_dir / path
+        return keys_file_path(self.config, self.base_dir)
 
     def refresh(self, *, force: bool = False) -> None:
         """Re-read the keys file if it changed (checked at most once a second)."""

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from keel.api.access import PUBLIC, USER, holds_key
 from keel.api.state import app_state
 from keel.config import ROLES
+from keel.ops.metrics import USABLE_STATES
 from keel.schemas.openapi import ERRORS
 from keel.schemas.ops import DeepHealthReport, Liveness, Readiness
 
@@ -95,7 +96,7 @@ async def readiness(
         else:  # the primary's state; one that reads as fine, while the role cannot serve,
             # is not shown as such (a dead remote backend's provider says "ok")
             shown = str(status.get("state", "unknown"))
-            if not usable and shown in ("ok", "ready"):
+            if not usable and shown in USABLE_STATES:
                 shown = "unavailable"
             roles[role] = {"usable": usable, "state": shown}
     usable_roles = [role["usable"] for role in roles.values()]

@@ -328,12 +328,11 @@ def check_data_root(report: Report, paths: Paths) -> None:
 def keys_file_trouble(settings: Settings, paths: Paths) -> str | None:
     """What is wrong with the configured keys file, as ``keel serve`` would find it (it
     would serve, refusing every key the file should hold), or None."""
-    from keel.auth import parse_keys_file
+    from keel.auth import keys_file_path, parse_keys_file
 
-    if settings.auth.keys_file is None:
+    path = keys_file_path(settings.auth, paths.root)
+    if path is None:
         return None
-    path = Path(settings.auth.keys_file).expanduser()
-    path = path if path.is_absolute() else paths.root / path
     try:
         parse_keys_file(path)
     except FileNotFoundError:

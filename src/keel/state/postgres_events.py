@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Unpack
 import psycopg
 from psycopg.types.json import Jsonb
 
+from keel.config import masked_url
 from keel.errors import Unavailable
 from keel.events import (
     COLUMNS,
@@ -66,12 +67,7 @@ Row = tuple[object, ...]
 
 def redact(url: str) -> str:
     """``url`` without its password, for logs and status pages."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}" if ":" in credentials else url
+    return masked_url(url)
 
 
 PRUNE = (
