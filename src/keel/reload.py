@@ -27,7 +27,6 @@ from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import SnippetRetriever, TabbyPrompts
 from keel.providers.catalog import Providers, build_providers
-from keel.providers.local import LocalProvider
 from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
@@ -149,19 +148,8 @@ async def apply_config(
         if (issue := open_remote_issue(in_force, state.paths.root, state.host)) is not None:
             raise ConfigError(str(file), [issue])
         old = state.providers
-        reuse = {p.supervisor.spec: p for p in old.unique() if isinstance(p, LocalProvider)}
-        same_timeout = (
-            settings.server.completion_timeout == state.settings.server.completion_timeout
-        )
-        reuse_http = {
-            entry.provider.name: entry
-            for groups in old.chains.values()
-            for group in groups
-            for entry in group
-            if same_timeout and not isinstance(entry.provider, LocalProvider)
-        }
         try:
-            providers = build_providers(settings, state.paths, reuse=reuse, reuse_http=reuse_http)
+            providers = build_providers(settings, state.paths, previous=old)
         except MissingDependency as exc:
             if exc.status_code != 500:
                 raise  # a model that does not fit: its own status says so (507)

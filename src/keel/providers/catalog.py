@@ -45,6 +45,8 @@ class ProviderEntry:
 class Providers:
     chains: dict[Role, list[list[ProviderEntry]]]
     """Per role: the groups in fallback order; each group holds a provider's replicas."""
+    completion_timeout: float | None = None
+    """The ``[server] completion_timeout`` its HTTP providers were built with."""
 
     def unique(self) -> list[Provider]:
         seen: dict[int, Provider] = {}
@@ -116,22 +118,29 @@ def build_local_provider(
 
 
 def build_providers(
-    settings: Settings,
-    paths: Paths,
-    reuse: dict[WorkerSpec, LocalProvider] | None = None,
-    reuse_http: dict[str, ProviderEntry] | None = None,
+    settings: Settings, paths: Paths, previous: Providers | None = None
 ) -> Providers:
     """Raises MissingDependency for a model file that cannot be found, ConfigError for
     an HTTP table that cannot work (no endpoint, no model where one is required).
 
-    ``reuse`` hands over running local providers (a config reload): a worker
-    whose spec is unchanged keeps running instead of loading its model again.
-    ``reuse_http``: HTTP providers by name (built with this ``completion_timeout``),
-    kept where their table is unchanged, with their connections and rate limit.
+    ``previous``: the providers a config reload replaces. A local worker whose spec is
+    unchanged keeps running instead of loading its model again; an HTTP provider whose
+    table (and the completion_timeout it was built with) is unchanged is kept, with its
+    connections and rate limit.
     """
-    workers: dict[WorkerSpec, LocalProvider] = dict(reuse or {})
-    kept_http = reuse_http or {}
     timeout = settings.server.completion_timeout
+    workers: dict[WorkerSpec, LocalProvider] = {}
+    kept_http: dict[str, ProviderEntry] = {}
+    if previous is not None:
+        workers = {p.supervisor.spec: p for p in previous.unique() if isinstance(p, LocalProvider)}
+        if previous.completion_timeout == timeout:
+            kept_http = {
+                entry.provider.name: entry
+                for groups in previous.chains.values()
+                for group in groups
+                for entry in group
+                if not isinstance(entry.provider, LocalProvider)
+            }
 
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:
         path = resolve_model(config.model_id, paths)
@@ -165,4 +174,4 @@ def build_providers(
                 group.append(ProviderEntry(provider, replica))
             groups.append(group)
         chains[role] = groups
-    return Providers(chains)
+    return Providers(chains, timeout)
