@@ -74,6 +74,13 @@ def test_an_unfixable_exit_is_not_retried(tmp_path: Path) -> None:
     assert "not restarting" in result.stderr
 
 
+def _completion_role(port: int) -> dict[str, object]:
+    role: dict[str, object] = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).json()[
+        "roles"
+    ]["completion"]
+    return role
+
+
 @pytest.mark.integration
 def test_sighup_reloads_and_sigterm_stops_the_child(tmp_path: Path) -> None:
     """SIGHUP (the documented reload, and what a closing terminal sends) reaches keel
@@ -103,8 +110,12 @@ def test_sighup_reloads_and_sigterm_stops_the_child(tmp_path: Path) -> None:
         match = re.search(r"started keel, pid (\d+)", log.read_text())
         assert match, log.read_text()
         child = int(match.group(1))
-        ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).json()
-        worker = ready["roles"]["completion"]["pid"]
+        # A worker's pid is known from its spawn; it ignores SIGHUP once its own code runs,
+        # which the interpreter's start comes before: signalled then, it died (a flake).
+        while (role := _completion_role(port))["state"] != "ready":
+            assert time.monotonic() < deadline, role
+            time.sleep(0.1)
+        worker = role["pid"]
         os.kill(worker, signal.SIGHUP)
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 30
