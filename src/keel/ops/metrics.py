@@ -37,10 +37,10 @@ from prometheus_client.registry import Collector
 from keel import build_info
 from keel.config import ROLES, Role
 from keel.pipeline.languages import find_language
-from keel.providers.http_base import HttpBacked
-from keel.rate_limit import WAIT_BUCKETS, RateLimiter
+from keel.rate_limit import WAIT_BUCKETS
 
 if TYPE_CHECKING:
+    from keel.providers.base import Provider
     from keel.providers.catalog import Providers
     from keel.router.router import Endpoint
 
@@ -179,7 +179,7 @@ class _ProviderCollector(Collector):
         yield from _rate_limit_families(providers.unique() if providers is not None else [])
 
 
-def _rate_limit_families(providers: Iterable[object]) -> Iterator[Metric]:
+def _rate_limit_families(providers: Iterable[Provider]) -> Iterator[Metric]:
     """``keel_rate_limit_wait_seconds`` and ``keel_rate_limit_refusals`` of every
     provider with a configured rate limit (by default none has one)."""
     waits = HistogramMetricFamily(
@@ -195,9 +195,7 @@ def _rate_limit_families(providers: Iterable[object]) -> Iterator[Metric]:
         labels=["provider"],
     )
     for provider in providers:
-        if not isinstance(provider, HttpBacked):
-            continue
-        limiter: RateLimiter | None = provider.upstream.rate_limiter
+        limiter = provider.rate_limiter
         if limiter is None:
             continue
         cumulative, buckets = 0, []

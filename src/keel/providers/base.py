@@ -14,7 +14,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keel.rate_limit import RateLimiter
 
 
 class Joined(str):
@@ -182,6 +185,8 @@ async def close_stream(stream: AsyncIterator[str]) -> None:
 
 class Provider(ABC):
     info: ProviderInfo
+    rate_limiter: RateLimiter | None = None
+    """The configured ``rate_limit`` keel keeps for this provider (HTTP ones only)."""
 
     @property
     def name(self) -> str:

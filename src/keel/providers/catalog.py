@@ -28,7 +28,6 @@ from keel.config import (
 )
 from keel.models.registry import resolve_model
 from keel.providers.base import Provider
-from keel.providers.http import build_http_provider
 from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 
@@ -170,6 +169,10 @@ def build_providers(
                 if old is not None and old.config == replica:
                     group.append(old)
                     continue
+                # aiohttp and the adapters (~0.12 s to import) only for a keel that has
+                # an HTTP provider: a local-only one, and every worker, start without them
+                from keel.providers.http import build_http_provider
+
                 provider = build_http_provider(role, replica, name=name, timeout=timeout)
                 group.append(ProviderEntry(provider, replica))
             groups.append(group)

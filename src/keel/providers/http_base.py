@@ -650,6 +650,7 @@ class HttpBacked:
     def __init__(self, upstream: HttpUpstream, info: ProviderInfo) -> None:
         self.upstream = upstream
         self.info = info
+        self.rate_limiter = upstream.rate_limiter
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -657,7 +658,7 @@ class HttpBacked:
     def status(self) -> dict[str, object]:
         """``rate_limit``: the configured limit and the time requests waited on it
         (``None``: no limit, keel sends whatever its clients ask for)."""
-        limiter = self.upstream.rate_limiter
+        limiter = self.rate_limiter
         return {"state": "ok", "rate_limit": None if limiter is None else limiter.snapshot()}
 
 
