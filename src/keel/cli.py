@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -411,6 +412,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return verify(args.url, api_key=key, timeout=args.timeout, out=sys.stdout)
 
 
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches a keel bound to ``host:port``: a wildcard bind over
+    loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait for the keel this config describes to answer ``/health``: a service
+    manager's start check that follows the configured port (a fixed one failed every
+    start of a keel moved off 8080)."""
+    import httpx
+
+    settings, _ = _load(args)
+    url = local_url(args.host or settings.server.host, args.port or settings.server.port)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            response = httpx.get(f"{url}/health", timeout=2)
+            last = f"HTTP {response.status_code}"
+            if response.status_code == 200:
+                print(f"keel answers at {url}")
+                return 0
+        except httpx.TransportError as exc:
+            last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if time.monotonic() >= deadline:
+            raise KeelError(f"no keel answered {url}/health within {args.timeout:g} s ({last})")
+        time.sleep(0.25)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keel",
@@ -531,6 +562,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=120.0, help="seconds per request (default 120)"
     )
     verify.set_defaults(func=cmd_verify)
+
+    wait = commands.add_parser(
+        "wait",
+        help="wait until the keel this config describes answers /health",
+        description="Wait until the keel this config describes (its [server] host and "
+        "port) answers /health: exit 0 once it does, 1 after --timeout. For a service "
+        "manager's start check (systemd's ExecStartPost).",
+    )
+    wait.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    wait.add_argument("--host", help="address keel binds (default from config)")
+    wait.add_argument("--port", type=int, help="port keel binds (default from config)")
+    wait.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    wait.set_defaults(func=cmd_wait)
 
     index = commands.add_parser(
         "index",

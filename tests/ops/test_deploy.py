@@ -35,7 +35,8 @@ def test_the_unit_checks_before_starting_and_drains_on_stop() -> None:
     assert unit["ExecStartPre"][0].endswith("keel doctor")
     assert "keel serve" in unit["ExecStart"][0]
     assert unit["Type"] == ["exec"]
-    assert "/health" in unit["ExecStartPost"][0]
+    # the start check asks the port the config sets (it asked 8080, whatever the config)
+    assert unit["ExecStartPost"][0].endswith("keel wait --timeout 120")
     assert unit["KillMode"] == ["mixed"]  # SIGTERM to keel alone, so it can drain
     assert int(unit["TimeoutStopSec"][0]) > 30  # longer than the default grace period
 
