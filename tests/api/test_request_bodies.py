@@ -453,3 +453,21 @@ async def test_a_message_without_content_is_a_400_unless_an_assistants(
     ]
     served = await client.post("/v1/chat/completions", json={"messages": turns}, headers=USER)
     assert served.status_code == 200, served.text
+
+
+@pytest.mark.parametrize(
+    ("legacy", "instead"), [("functions", "tools"), ("function_call", "tool_choice")]
+)
+async def test_the_legacy_functions_fields_are_a_400_naming_their_replacement(
+    client: httpx.AsyncClient, legacy: str, instead: str
+) -> None:
+    """Ignored as unknown fields are, they left the model answering in text: the
+    client waited for a call that was never going to come."""
+    function = {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    value = [function] if legacy == "functions" else {"name": "get_weather"}
+    body = {"messages": [{"role": "user", "content": "weather?"}], legacy: value}
+    refused = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert_names(refused, legacy, "invalid_field")
+    assert f"send '{instead}' instead" in refused.json()["error"]["message"]
+    body[legacy] = None  # null: unset, as every optional field
+    assert (await client.post("/v1/chat/completions", json=body, headers=USER)).status_code == 200

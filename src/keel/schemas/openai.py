@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from keel.errors import RequestError
 from keel.providers.base import ChatMessage, GenerationParams
@@ -307,6 +308,21 @@ class ChatCompletionRequest(_Sampled):
     ones) gets them, a local model answers in text."""
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    functions: SkipJsonSchema[Any] = None
+    function_call: SkipJsonSchema[Any] = None
+    """OpenAI's deprecated function calling, refused by name: ignored as unknown fields
+    are, the model answered in text, calling nothing."""
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_legacy_functions(cls, value: Any, info: ValidationInfo) -> None:
+        if value is not None:
+            instead = "tools" if info.field_name == "functions" else "tool_choice"
+            raise ValueError(
+                f"OpenAI's deprecated function-calling field, which keel does not take: "
+                f"send '{instead}' instead"
+            )
 
     @field_validator("tool_choice")
     @classmethod
