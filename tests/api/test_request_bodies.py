@@ -117,6 +117,8 @@ async def test_bodies_that_are_not_json_objects_are_400(
     client: httpx.AsyncClient, raw: bytes, code: str
 ) -> None:
     for path in VALID_BODIES:
+        if not raw and path == "/v1/model/unload":
+            continue  # no body is TabbyAPI's unload (the completion model)
         response = await client.post(path, content=raw, headers=headers_for(path))
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["code"] == code, (path, response.text)

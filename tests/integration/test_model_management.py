@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from keel.models.registry import embedded_model_path
-from tests.conftest import KeelProcess, running_keel
+from tests.conftest import PRECOMPUTE_OFF, KeelProcess, running_keel
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +159,49 @@ def test_unknown_model_and_unload_rules(server: KeelProcess) -> None:
         timeout=60,
     )
     assert served.status_code == 200, served.text
+
+
+def _chain(client: httpx.Client, role: str) -> list[dict[str, object]]:
+    providers: list[dict[str, object]] = client.get("/v1/providers").json()["roles"][role][
+        "providers"
+    ]
+    return providers
+
+
+def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
+    tmp_path: Path,
+) -> None:
+    """A load left completion with no embedded last resort (a crash of the loaded
+    model's worker failed the request), started a second worker of a model another
+    role ran already, and ignored TabbyAPI's ``max_seq_len``."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "alt.gguf").symlink_to(embedded_model_path())
+    embedded = "local/SmolLM2-135M-Instruct"
+    with running_keel(tmp_path, PRECOMPUTE_OFF) as server, server.client() as client:
+        body = {"model_name": "alt", "max_seq_len": 1024, "stream": False}
+        assert client.post("/v1/model/load", json=body).status_code == 200
+        assert [p["name"] for p in _chain(client, "completion")] == ["local/alt", embedded]
+        assert client.get("/v1/model").json()["parameters"]["max_seq_len"] == 1024
+        answers: list[httpx.Response] = []
+        body = {"prompt": "def fibonacci(n):\n", "max_tokens": 1500, "temperature": 0}
+        request = threading.Thread(
+            target=lambda: answers.append(client.post("/v1/completions", json=body))
+        )
+        request.start()
+        deadline = time.monotonic() + 30
+        while _chain(client, "completion")[0]["outstanding"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(int(_chain(client, "completion")[0]["worker"]["pid"]), signal.SIGKILL)
+        request.join(120)
+        assert answers[0].status_code == 200, answers[0].text
+        assert answers[0].headers["x-keel-provider"] == embedded
+        # The embedded model, serving chat and last in completion's chain: the same worker.
+        body = {"model_name": "SmolLM2-135M-Instruct", "stream": False}
+        assert client.post("/v1/model/load", json=body).status_code == 200
+        completion, chat = _chain(client, "completion"), _chain(client, "chat")
+        assert [p["name"] for p in completion] == [embedded]
+        assert completion[0]["worker"]["pid"] == chat[0]["worker"]["pid"]
+        refused = client.post("/v1/model/unload")  # no body, as TabbyAPI's clients send it
+        assert refused.status_code == 409 and "completion has no other provider" in refused.text

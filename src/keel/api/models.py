@@ -69,7 +69,7 @@ async def load_model(request: Request) -> Response:
     manager = app_state(request).models
     manager.require_model(body.model_name)
     key_id = getattr(request.state, "key_id", None)
-    steps = manager.load(body.role, body.model_name, key_id=key_id)
+    steps = manager.load(body.role, body.model_name, key_id=key_id, context_size=body.max_seq_len)
     return await _progress(
         body.stream,
         (step.to_dict(body.role, body.model_name) async for step in steps),
@@ -81,11 +81,11 @@ async def load_model(request: Request) -> Response:
     "/v1/model/unload",
     dependencies=[ADMIN],
     response_model=None,
-    openapi_extra=json_body(UnloadRequest),
+    openapi_extra=json_body(UnloadRequest, required=False),
     responses={200: {"model": UnloadResult}},
 )
 async def unload_model(request: Request) -> dict[str, object]:
-    body = await read_model(request, UnloadRequest)
+    body = await read_model(request, UnloadRequest) if await request.body() else UnloadRequest()
     manager = app_state(request).models
     return await manager.unload(body.role, key_id=getattr(request.state, "key_id", None))
 

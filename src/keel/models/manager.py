@@ -31,7 +31,13 @@ from keel.errors import (
 )
 from keel.models import gguf
 from keel.models.registry import list_model_files, read_facts, resolve_model
-from keel.providers.catalog import ProviderEntry, build_local_provider, local_worker_spec
+from keel.providers.base import Provider
+from keel.providers.catalog import (
+    ProviderEntry,
+    build_local_provider,
+    local_worker_spec,
+    wants_embedded_last_resort,
+)
 from keel.providers.local import LocalProvider
 from keel.router.service import Routing
 from keel.workers.supervisor import WorkerSpec, WorkerState
@@ -176,6 +182,7 @@ class ModelManager:
         """The model to load (the asked one, or the next fallback that fits) and why."""
         available = self.available()
         refusals: list[str] = []
+        running = self._running()
         for candidate in self._candidates(role, model_name):
             try:
                 path = resolve_model(candidate, self.paths)
@@ -183,6 +190,8 @@ class ModelManager:
                 if candidate == model_name:
                     raise NotFound(exc.message) from None
                 continue
+            if local_worker_spec(role, config, path) in running:
+                return candidate, path, f"{candidate} is running already (another role): shared"
             try:
                 needed = memory_needed(local_worker_spec(role, config, path))
             except MissingDependency as exc:  # not a GGUF file, or a damaged one
@@ -207,15 +216,16 @@ class ModelManager:
         )
 
     async def load(
-        self, role: Role, model_name: str, *, key_id: str | None
+        self, role: Role, model_name: str, *, key_id: str | None, context_size: int | None = None
     ) -> AsyncIterator[Progress]:
-        """Swap ``role`` to ``model_name``; yields progress, ends with ready or raises."""
+        """Swap ``role`` to ``model_name`` (``context_size``: per slot, instead of the
+        role's configured one); yields progress, ends with ready or raises."""
         yield Progress(
             "queued", "waiting for the previous load to finish" if self._lock.locked() else "queued"
         )
         async with self._lock:
             try:
-                async for step in self._swap(role, model_name):
+                async for step in self._swap(role, model_name, context_size):
                     yield step
             except KeelError as exc:
                 self.audit.record(
@@ -230,13 +240,21 @@ class ModelManager:
                 "model_load", key_id=key_id, result="ok", target=f"{role}:{model_name}"
             )
 
-    async def _swap(self, role: Role, model_name: str) -> AsyncIterator[Progress]:
+    async def _swap(
+        self, role: Role, model_name: str, context_size: int | None
+    ) -> AsyncIterator[Progress]:
         base = self.settings.model.role(role).local or LocalModelConfig()
+        if context_size is not None:
+            base = base.model_copy(update={"context_size": context_size})
         yield Progress("checking_memory", "estimating weights + KV cache against free memory")
         chosen, path, note = self._plan(role, model_name, base)
         yield Progress("checking_memory", note)
         config = base.model_copy(update={"model_id": chosen})
-        provider = build_local_provider(role, config, path, ready_timeout=60.0)
+        # The worker of the same model and settings another role runs is shared, as at
+        # start (a second engine of one model doubled the memory and split the cores).
+        provider = build_local_provider(
+            role, config, path, ready_timeout=60.0, running=self._running()
+        )
         supervisor, name = provider.supervisor, provider.name
         yield Progress("starting_worker", f"starting a worker for {path.name}")
         await provider.start()
@@ -245,19 +263,69 @@ class ModelManager:
         while supervisor.state is not WorkerState.READY:
             if supervisor.state is WorkerState.FAILED or time.monotonic() > deadline:
                 error = supervisor.last_error or "the worker did not become ready"
-                await provider.aclose()
+                if not self._in_use(provider):
+                    await provider.aclose()
                 raise MissingDependency(f"cannot load {chosen}: {error}")
             if supervisor.state != last_state:
                 last_state = supervisor.state
                 yield Progress(str(last_state), f"worker {last_state}")
             await asyncio.sleep(0.05)
         yield Progress("loading", "model loaded; switching traffic")
-        retired = self.routing.set_primary(role, ProviderEntry(provider, config))
-        idle = [old for old in retired if old is not provider and not self._in_use(old)]
-        if idle:  # in the background: the load is done, old requests may still run
-            self.background.spawn(self.routing.close_when_idle(idle, self.drain_timeout))
+        chain = self._chain([[ProviderEntry(provider, config)], *self._chain_of(role)[1:]], role)
+        await self._switch(role, chain, wait=False)
         log.info("%s now served by %s", role, name)
         yield Progress("ready", f"{role} is served by {chosen}")
+
+    def _running(self) -> dict[WorkerSpec, LocalProvider]:
+        """The local providers serving now, by worker spec."""
+        return {
+            p.supervisor.spec: p
+            for p in self.routing.providers.unique()
+            if isinstance(p, LocalProvider)
+        }
+
+    def _chain_of(self, role: Role) -> list[list[ProviderEntry]]:
+        return self.routing.providers.chains[role]
+
+    def _chain(self, groups: list[list[ProviderEntry]], role: Role) -> list[list[ProviderEntry]]:
+        """``groups`` as config loading would make the chain: a provider once (a group
+        of one already served before it goes), and the embedded model last where the
+        role's ``embedded_last_resort`` wants it. A load left completion without it, so
+        a crash of the loaded model's worker failed the request instead of falling back."""
+        seen: set[int] = set()
+        chain = []
+        for group in groups:
+            if all(id(entry.provider) in seen for entry in group):
+                continue
+            seen.update(id(entry.provider) for entry in group)
+            chain.append(group)
+        configs = [entry.config for group in chain for entry in group]
+        if wants_embedded_last_resort(
+            role, configs, self.settings.model.role(role).embedded_last_resort
+        ):
+            last = LocalModelConfig()
+            path = resolve_model(last.model_id, self.paths)
+            running = self._running()
+            resort = build_local_provider(role, last, path, ready_timeout=60.0, running=running)
+            chain.append([ProviderEntry(resort, last)])
+        return chain
+
+    async def _switch(
+        self, role: Role, chain: list[list[ProviderEntry]], *, wait: bool
+    ) -> list[Provider]:
+        """Serve ``role`` from ``chain``: providers in it start (the last resort, if it
+        is new), those no role uses any more are drained and stopped (``wait``: before
+        returning; else in the background, old requests may still run)."""
+        for group in chain:
+            for entry in group:
+                await entry.provider.start()
+        retired = self.routing.set_chain(role, chain)
+        idle = [old for old in retired if not self._in_use(old)]
+        if wait:
+            await self.routing.close_when_idle(idle, self.drain_timeout)
+        elif idle:
+            self.background.spawn(self.routing.close_when_idle(idle, self.drain_timeout))
+        return retired
 
     def _in_use(self, provider: object) -> bool:
         return any(
@@ -282,8 +350,6 @@ class ModelManager:
                     f"{role} has no other provider: unloading would leave it unserved; "
                     "load another model instead (a swap) or configure a fallback"
                 )
-            retired = self.routing.set_primary(role, None)
-            idle = [old for old in retired if not self._in_use(old)]
-            await self.routing.close_when_idle(idle, self.drain_timeout)
+            retired = await self._switch(role, self._chain(chain[1:], role), wait=True)
             self.audit.record("model_unload", key_id=key_id, result="ok", target=role)
             return {"role": role, "unloaded": [p.name for p in retired]}

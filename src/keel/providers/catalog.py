@@ -60,7 +60,7 @@ class Providers:
         return self.chains[role][0][0].provider
 
 
-def _wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: bool | None) -> bool:
+def wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: bool | None) -> bool:
     enabled = role == "completion" if flag is None else flag
     already = any(
         isinstance(config, LocalModelConfig) and config.model_id == EMBEDDED_MODEL_ID
@@ -151,7 +151,7 @@ def build_providers(
     for role in ROLES:
         role_config = settings.model.role(role)
         configs = role_config.chain()
-        if _wants_embedded_last_resort(role, configs, role_config.embedded_last_resort):
+        if wants_embedded_last_resort(role, configs, role_config.embedded_last_resort):
             configs.append(LocalModelConfig())
         groups: list[list[ProviderEntry]] = []
         for index, config in enumerate(configs):

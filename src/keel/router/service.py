@@ -188,37 +188,22 @@ class Routing:
             )
         return known[key]
 
-    def set_primary(self, role: Role, entry: ProviderEntry | None) -> list[Provider]:
-        """Switch a role's primary (a model swap), or drop it (``None``: unload).
+    def set_chain(self, role: Role, chain: list[list[ProviderEntry]]) -> list[Provider]:
+        """Switch a role's chain (a model swap or unload).
 
-        Requests already running keep their endpoint; new ones see the new
-        chain at once. Returns the providers the role no longer uses, with
-        their endpoints, so the caller can drain and stop them.
+        Requests already running keep their endpoint; new ones see the new chain at
+        once. A provider that serves already (another role, or this one) keeps its
+        endpoint. Returns the providers the role no longer uses, so the caller can drain
+        and stop those no role uses.
         """
         router = self.routers[role]
-        old = router.groups[0] if router.groups else []
-        if entry is None:
-            router.groups = router.groups[1:]
-            self.providers.chains[role] = self.providers.chains[role][1:]
-        else:
-            endpoint = next(
-                (
-                    e
-                    for r in self.routers.values()
-                    for e in r.endpoints
-                    if e.provider is entry.provider
-                ),
-                None,
-            ) or Endpoint(
-                entry.provider,
-                new_breaker(entry.provider.name, self._policy, self.events, self._clock),
-                timeouts=_timeouts(role, entry),
-                clock=self._clock,
-            )
-            router.groups = [[endpoint], *router.groups[1:]]
-            self.providers.chains[role] = [[entry], *self.providers.chains[role][1:]]
+        known = {id(e.provider): e for e in self.endpoints()}
+        old = router.endpoints
+        router.groups = [[self._endpoint(role, entry, known) for entry in group] for group in chain]
+        self.providers.chains[role] = chain
         self.events.providers_in_use(self.endpoints())
-        return [endpoint.provider for endpoint in old]
+        kept = {id(e.provider) for e in router.endpoints}
+        return [e.provider for e in old if id(e.provider) not in kept]
 
     def outstanding(self, provider: Provider) -> int:
         return sum(

@@ -22,13 +22,20 @@ class LoadRequest(_Wire):
         description="A model from GET /v1/model/list (its id), or a .gguf file's path.",
     )
     role: Role = "completion"
+    max_seq_len: int | None = Field(
+        None,
+        ge=128,
+        description="Context window in tokens per slot (TabbyAPI's name); default: the "
+        "role's [model.<role>.local] context_size.",
+    )
     stream: bool = Field(
         True, description="Stream progress as server-sent events; false answers once at the end."
     )
 
 
 class UnloadRequest(_Wire):
-    """``POST /v1/model/unload``: stop a role's primary model (its fallback then serves)."""
+    """``POST /v1/model/unload``: stop a role's primary model (its fallback then serves).
+    No body, as TabbyAPI's clients send it: the completion model."""
 
     role: Role = "completion"
 
