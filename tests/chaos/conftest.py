@@ -151,11 +151,18 @@ class Keel:
     def log(self) -> str:
         return self.process.log.read_text()[-4000:]
 
-    def tabby(self, *, filepath: str = "chaos.py", **headers: str) -> httpx.Response:
-        body = {
-            "language": "python",
-            "segments": {"prefix": "chaos = ", "suffix": "\n", "filepath": filepath},
-        }
+    def tabby(
+        self,
+        *,
+        filepath: str | None = "chaos.py",
+        prefix: str = "chaos = ",
+        suffix: str = "\n",
+        **headers: str,
+    ) -> httpx.Response:
+        segments = {"prefix": prefix, "suffix": suffix}
+        if filepath is not None:  # tabby-agent 1.5 sends none
+            segments["filepath"] = filepath
+        body = {"language": "python", "segments": segments}
         return self.http.post("/v1/completions", json=body, headers=headers)
 
     def completion(self, *, max_tokens: int = 16) -> httpx.Response:

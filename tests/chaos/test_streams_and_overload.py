@@ -203,3 +203,19 @@ def test_a_newer_tabby_request_for_the_same_file_supersedes_the_older(
     assert state["breaker"] == "closed" and state["healthy"] and state["last_error"] is None
     assert keel.providers()["superseded"] == 1
     assert live(fallback) == 0
+
+    # One key for a team, no filepath (tabby-agent 1.5): a colleague typing elsewhere is
+    # not this editor's next keystroke; this editor's next keystroke is.
+    sent = live(primary)
+    mine = "def chaos_total(items):\n    return "
+    colleague, theirs = in_thread(lambda: keel.tabby(filepath=None, prefix=mine, suffix=""))
+    keel.wait_for("a colleague's request running", lambda: live(primary) == sent + 1, 5)
+    typing, first = in_thread(lambda: keel.tabby(filepath=None, prefix="class chaos_cart:\n    "))
+    keel.wait_for("mine running beside it", lambda: live(primary) == sent + 2, 5)
+    typed_on = keel.tabby(filepath=None, prefix="class chaos_cart:\n    def ")
+    colleague.join(10)
+    typing.join(10)
+    assert theirs["response"].json()["choices"][0]["text"] == PRIMARY_TEXT
+    assert first["response"].headers.get("x-keel-superseded") == "1"
+    assert typed_on.json()["choices"][0]["text"] == PRIMARY_TEXT
+    assert keel.providers()["superseded"] == 2

@@ -146,3 +146,23 @@ async def test_a_finished_request_is_not_counted_as_superseded() -> None:
     superseder.claim("k", newer)
     await newer
     assert superseder.superseded == 0
+
+
+async def test_superseder_cancels_only_the_requests_the_new_one_carries_on_from() -> None:
+    """Under one key (a team's shared key), a request from elsewhere is left running."""
+    superseder = Superseder()
+    forever = asyncio.Event()
+    mine, theirs, next_keystroke = (asyncio.create_task(forever.wait()) for _ in range(3))
+    superseder.claim("team", mine, "mine")
+    superseder.claim("team", theirs, "theirs", lambda there: there == "theirs")
+    await settle()
+    assert not mine.done(), "a colleague's request is no keystroke of mine"
+    superseder.claim("team", next_keystroke, "mine", lambda there: there == "mine")
+    await settle()
+    assert mine.cancelled() and not theirs.done() and superseder.superseded == 1
+    for task in (mine, theirs, next_keystroke):
+        superseder.release("team", task)
+    assert not superseder._running, "released: nothing kept per key"
+    for task in (theirs, next_keystroke):
+        task.cancel()
+    await asyncio.gather(theirs, next_keystroke, return_exceptions=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from keel.errors import Overloaded
@@ -97,19 +97,35 @@ class Admission:
 
 
 class Superseder:
-    """Tracks the running request per key; a new one cancels the old."""
+    """Tracks the running requests per key; a new one cancels the older ones it carries
+    on from."""
 
     def __init__(self) -> None:
-        self._running: dict[Any, asyncio.Task[Any]] = {}
+        self._running: dict[Any, dict[asyncio.Task[Any], Any]] = {}
         self.superseded = 0
 
-    def claim(self, key: Any, task: asyncio.Task[Any]) -> None:
-        previous = self._running.get(key)
-        if previous is not None and previous is not task and not previous.done():
-            previous.cancel("superseded")
-            self.superseded += 1
-        self._running[key] = task
+    def claim(
+        self,
+        key: Any,
+        task: asyncio.Task[Any],
+        where: Any = None,
+        carries_on: Callable[[Any], bool] | None = None,
+    ) -> None:
+        """``task`` runs under ``key`` at ``where``; the running ones it carries on from
+        (``carries_on`` of their ``where``; None: every one) are cancelled."""
+        running = self._running.setdefault(key, {})
+        for previous, there in list(running.items()):
+            if previous is task or previous.done():
+                continue
+            if carries_on is None or carries_on(there):
+                previous.cancel("superseded")
+                del running[previous]
+                self.superseded += 1
+        running[task] = where
 
     def release(self, key: Any, task: asyncio.Task[Any]) -> None:
-        if self._running.get(key) is task:
-            del self._running[key]
+        running = self._running.get(key)
+        if running is not None:
+            running.pop(task, None)
+            if not running:
+                del self._running[key]

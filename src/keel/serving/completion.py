@@ -122,7 +122,7 @@ class CompletionServing:
             if task.language is UNKNOWN and body.language:
                 self._note_language(body.language)
             key = editor_key(http, body)
-            answer = await self._supersede(key, self.answer(task, _place(key, task)))
+            answer = await self._supersede(key, body, self.answer(task, _place(key, task)))
             if answer is None:
                 return None
         response = answer.response
@@ -155,12 +155,15 @@ class CompletionServing:
                 language_id,
             )
 
-    async def _supersede(self, key: Hashable | None, work: Awaitable[T]) -> T | None:
-        """Run ``work`` as the editor's current request (``key``): a newer one cancels
-        it, and then this returns None."""
+    async def _supersede(
+        self, key: Hashable | None, body: TabbyCompletionRequest, work: Awaitable[T]
+    ) -> T | None:
+        """Run ``work`` as the editor's current request (``key``): a newer one typed on
+        from it cancels it, and then this returns None."""
         running = asyncio.ensure_future(work)
-        if key is not None:
-            self.superseder.claim(key, running)
+        if key is not None and body.segments is not None:
+            where = (body.segments.prefix, body.segments.suffix or "")
+            self.superseder.claim(key, running, where, lambda there: types_on(there, where))
         try:
             return await running
         except asyncio.CancelledError:
@@ -379,13 +382,34 @@ def editor_key(http: Request, body: TabbyCompletionRequest) -> tuple[str, str] |
     """Which editor and file a completion is for: a newer one supersedes an older one.
 
     Without a filepath (tabby-agent 1.5 sends none) the key is the editor alone:
-    a person types in one place at a time, so the newer request is the one awaited.
+    a person types in one place at a time, so the newer request is the one awaited,
+    when it types on from the older one (:func:`types_on`).
     """
     if body.segments is None:
         return None
     who = http.headers.get("authorization") or (http.client.host if http.client else "")
     editor = f"{who}|{body.user or ''}|{http.headers.get('user-agent', '')}"
     return (editor, body.segments.filepath or "")
+
+
+EDIT_REACH = 64
+"""Characters at the end of an earlier prefix that later keystrokes may have changed."""
+
+
+def types_on(old: tuple[str, str], new: tuple[str, str]) -> bool:
+    """Whether the request at ``new`` (its prefix and suffix) is the same person typing
+    on from ``old``: the text after the cursor unchanged, or the earlier text before it
+    still there. An editor's key is shared (a team's one key, or none behind a proxy):
+    a colleague's request elsewhere superseded this one, and they lost completions in
+    proportion to how busy the team was."""
+    (old_prefix, old_suffix), (new_prefix, new_suffix) = old, new
+    if old_suffix and old_suffix == new_suffix:
+        return True
+    kept = old_prefix[: len(old_prefix) - EDIT_REACH]
+    if not kept:  # a short prefix (a file's first lines): its first half unchanged
+        half = old_prefix[: len(old_prefix) // 2]
+        return new_prefix.startswith(half)
+    return kept[-EDIT_REACH:] in new_prefix  # the window's start moves as lines are added
 
 
 def _place(key: tuple[str, str] | None, task: TabbyTask) -> Place | None:

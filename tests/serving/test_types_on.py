@@ -1,0 +1,26 @@
+"""When a Tabby request is the same person typing on from an earlier one."""
+
+from __future__ import annotations
+
+from keel.serving.completion import EDIT_REACH, types_on
+
+FILE = "".join(f"def step_{n}(value):\n    return value + {n}\n\n" for n in range(20))
+
+
+def test_keystrokes_carry_on_from_the_request_before() -> None:
+    before = (FILE + "def tot", "\n\nprint(total)\n")
+    assert types_on(before, (FILE + "def tota", "\n\nprint(total)\n"))  # a letter
+    assert types_on(before, (FILE + "def to", "\n\nprint(total)\n"))  # a backspace
+    # An Enter at the end of a file: no suffix, and the prefix's window moves on.
+    end = (FILE, "")
+    assert types_on(end, (FILE[40:] + "\n", ""))
+    assert types_on(end, (FILE[: -EDIT_REACH // 2] + "x = 1", ""))  # a few characters redone
+
+
+def test_a_colleague_elsewhere_does_not_carry_on_from_it() -> None:
+    mine = (FILE + "def tot", "\n\nprint(total)\n")
+    assert not types_on(mine, ("class Cart:\n    def add(self, item):\n        ", "\n"))
+    assert not types_on(mine, ("import os\n", ""))
+    short = ("import o", "")
+    assert types_on(short, ("import os", ""))
+    assert not types_on(short, ("from x import y", ""))
