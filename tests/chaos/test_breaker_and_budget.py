@@ -128,3 +128,29 @@ def test_other_4xx_go_back_to_the_client_as_is(
     assert live(primary, COMPLETIONS) == 2 and live(primary, "/chat/completions") == 1
     state = keel.endpoint("completion", primary_name("completion"))
     assert state["breaker"] == "closed" and state["healthy"]
+
+
+def test_completion_timeout_bounds_completions_not_every_backend_read(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """``[server] completion_timeout`` was every HTTP provider's read limit: lowered to
+    keep completions snappy, it cut off a chat backend allowed 10 s for its first token,
+    and every embedding backend, with 503s."""
+    primary, _ = backends
+    config = chain_config(
+        primary.url,
+        None,
+        routing={"probe_interval_seconds": 600},
+        primary_extra={"first_token_timeout": 10},
+    ).replace("completion_timeout = 10", "completion_timeout = 1")
+    keel = keel_factory(config)
+    primary.behave(Behaviour.slow_first_token(1.5), times=2)
+    chat = keel.chat()
+    assert (
+        chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == PRIMARY_TEXT
+    )
+    embedded = keel.embed()
+    assert embedded.status_code == 200, embedded.text
+    primary.behave(Behaviour.slow_first_token(1.5), times=1)
+    slow = keel.tabby()  # the completion's own bound still holds
+    assert slow.status_code == 504 and "took longer than 1s" in slow.text, slow.text

@@ -19,6 +19,7 @@ from keel.config import (
     EMBEDDED_MODEL_ID,
     EMBEDDING_CONTEXT,
     ROLES,
+    HttpModelConfig,
     LocalModelConfig,
     Paths,
     ProviderConfig,
@@ -29,6 +30,7 @@ from keel.config import (
 from keel.models.registry import resolve_model
 from keel.providers.base import Provider
 from keel.providers.local import LocalProvider
+from keel.router.router import DEFAULT_TIMEOUTS
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 
 
@@ -44,8 +46,6 @@ class ProviderEntry:
 class Providers:
     chains: dict[Role, list[list[ProviderEntry]]]
     """Per role: the groups in fallback order; each group holds a provider's replicas."""
-    completion_timeout: float | None = None
-    """The ``[server] completion_timeout`` its HTTP providers were built with."""
 
     def unique(self) -> list[Provider]:
         seen: dict[int, Provider] = {}
@@ -67,6 +67,18 @@ def wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: bo
         for config in chain
     )
     return enabled and not already
+
+
+def read_timeout(role: Role, config: HttpModelConfig) -> float:
+    """How long one read of a backend's answer may wait: the provider's first-token or
+    between-tokens limit, whichever is longer (the router holds each request to them).
+    ``[server] completion_timeout`` bounded every read, so a lowered one cut off slow
+    chat and embedding backends, whatever their own limits said."""
+    default = DEFAULT_TIMEOUTS[role]
+    return max(
+        config.first_token_timeout or default.first_token,
+        config.between_tokens_timeout or default.between_tokens,
+    )
 
 
 def local_worker_spec(role: Role, config: LocalModelConfig, model_path: Path) -> WorkerSpec:
@@ -124,7 +136,7 @@ def build_providers(
 
     ``previous``: the providers a config reload replaces. A local worker whose spec is
     unchanged keeps running instead of loading its model again; an HTTP provider whose
-    table (and the completion_timeout it was built with) is unchanged is kept, with its
+    table is unchanged is kept, with its
     connections and rate limit.
     """
     timeout = settings.server.completion_timeout
@@ -132,14 +144,13 @@ def build_providers(
     kept_http: dict[str, ProviderEntry] = {}
     if previous is not None:
         workers = {p.supervisor.spec: p for p in previous.unique() if isinstance(p, LocalProvider)}
-        if previous.completion_timeout == timeout:
-            kept_http = {
-                entry.provider.name: entry
-                for groups in previous.chains.values()
-                for group in groups
-                for entry in group
-                if not isinstance(entry.provider, LocalProvider)
-            }
+        kept_http = {
+            entry.provider.name: entry
+            for groups in previous.chains.values()
+            for group in groups
+            for entry in group
+            if not isinstance(entry.provider, LocalProvider)
+        }
 
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:
         path = resolve_model(config.model_id, paths)
@@ -173,8 +184,9 @@ def build_providers(
                 # an HTTP provider: a local-only one, and every worker, start without them
                 from keel.providers.http import build_http_provider
 
-                provider = build_http_provider(role, replica, name=name, timeout=timeout)
+                read = read_timeout(role, replica)
+                provider = build_http_provider(role, replica, name=name, timeout=read)
                 group.append(ProviderEntry(provider, replica))
             groups.append(group)
         chains[role] = groups
-    return Providers(chains, timeout)
+    return Providers(chains)
