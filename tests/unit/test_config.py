@@ -108,8 +108,39 @@ def test_unknown_kind_for_role_is_named(tmp_path: Path) -> None:
     assert "llama.cpp/completion" in caught.value.issues[0].message
 
 
+def test_a_table_serve_would_refuse_fails_the_check_naming_its_fields(tmp_path: Path) -> None:
+    """`keel config check` and doctor passed these; `keel serve` exited 78 on them."""
+    text = (
+        '[model.completion.http]\nkind = "llama.cpp/completion"\n'
+        '[[model.completion.fallback]]\nkind = "ollama/completion"\n'
+        '[model.embedding.http]\nkind = "ollama/embedding"\nmodel_name = "nomic-embed-text"\n'
+    )
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    failed = run_cli("config", "check", str(write(tmp_path, text)), env=env)
+    assert failed.returncode == 78, failed.stderr
+    assert "model.completion.http.api_endpoint: required for kind llama.cpp/completion" in (
+        failed.stderr
+    )
+    assert "model.completion.fallback[0].model_name: required for kind ollama/completion" in (
+        failed.stderr
+    )
+    assert "model.embedding" not in failed.stderr  # Ollama's address is well known
+
+
+def test_tabbys_other_names_for_a_kind_are_taken(tmp_path: Path) -> None:
+    for alias in ("openai/legacy_completion", "deepseek/completion"):
+        text = f'[model.completion.http]\nkind = "{alias}"\napi_endpoint = "http://x/v1"\n'
+        settings = load_settings(write(tmp_path, text), Paths(tmp_path), {})
+        http = settings.model.completion.http
+        assert http is not None and http.kind == "openai/completion"
+
+
 def test_both_local_and_http_is_an_error() -> None:
-    raw = {"model": {"chat": {"local": {}, "http": {"kind": "openai/chat"}}}}
+    raw = {
+        "model": {
+            "chat": {"local": {}, "http": {"kind": "openai/chat", "api_endpoint": "http://x"}}
+        }
+    }
     with pytest.raises(ConfigError) as caught:
         parse_settings(raw, "inline", {})
     assert caught.value.issues[0].key == "model.chat"
@@ -290,3 +321,13 @@ def test_a_bad_retention_is_an_error_naming_the_field(days: object) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"events": {"retention_days": days}}, "config.toml")
     assert "events.retention_days" in caught.value.message
+
+
+def test_a_local_models_additional_stop_words_are_its_providers(tmp_path: Path) -> None:
+    """Tabby's [model.<role>.local] takes them; keel refused the key as unknown."""
+    from keel.providers.catalog import build_providers
+
+    text = '[model.completion.local]\nadditional_stop_words = ["<|endoftext|>"]\n'
+    settings = load_settings(write(tmp_path, text), Paths(tmp_path), {})
+    provider = build_providers(settings, Paths(tmp_path)).chains["completion"][0][0].provider
+    assert provider.stop_words == ("<|endoftext|>",)  # type: ignore[attr-defined]

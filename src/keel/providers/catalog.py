@@ -122,6 +122,7 @@ def build_local_provider(
         model=config.model_id,
         ready_timeout=ready_timeout,
         prompt_template=config.prompt_template,
+        stop_words=tuple(config.additional_stop_words),
     )
     if running is not None:
         running[spec] = provider

@@ -20,8 +20,14 @@ from __future__ import annotations
 
 import aiohttp
 
-from keel.config import KINDS_BY_ROLE, HttpModelConfig, Role
-from keel.errors import ConfigError, ConfigIssue
+from keel.config import (
+    DEFAULT_ENDPOINTS,
+    DEFAULT_MODELS,
+    HttpModelConfig,
+    Role,
+    http_table_issues,
+)
+from keel.errors import ConfigError
 from keel.providers.base import Provider, ProviderInfo
 from keel.providers.http_base import HttpUpstream
 from keel.providers.http_llamacpp import LlamaCppCompletionProvider, LlamaCppEmbeddingProvider
@@ -34,24 +40,6 @@ from keel.providers.http_openai import (
     OpenAIEmbeddingProvider,
 )
 from keel.rate_limit import RateLimiter
-
-DEFAULT_ENDPOINTS = {
-    "mistral/completion": "https://api.mistral.ai",
-    "mistral/chat": "https://api.mistral.ai/v1",
-    "voyage/embedding": "https://api.voyageai.com/v1",
-    "ollama/completion": "http://127.0.0.1:11434",
-    "ollama/embedding": "http://127.0.0.1:11434",
-}
-"""Kinds whose backend has a well-known address; the others need ``api_endpoint``."""
-
-DEFAULT_MODELS = {
-    "mistral/completion": "codestral-latest",
-    "mistral/chat": "codestral-latest",
-    "voyage/embedding": "voyage-code-3",
-}
-
-MODEL_REQUIRED = frozenset({"ollama/completion", "ollama/embedding"})
-"""Kinds whose API refuses a request without ``model``; the others use the served model."""
 
 
 def build_http_provider(
@@ -71,24 +59,11 @@ def build_http_provider(
     serve ``role`` or a missing ``api_endpoint`` / ``model_name``.
     """
     kind = config.kind
-    source = f"provider {name!r}"
-    if kind not in KINDS_BY_ROLE[role]:
-        raise ConfigError(
-            source,
-            [
-                ConfigIssue(
-                    "kind",
-                    f"not a {role} kind; use one of {', '.join(KINDS_BY_ROLE[role])}",
-                    kind,
-                )
-            ],
-        )
-    endpoint = config.api_endpoint or DEFAULT_ENDPOINTS.get(kind)
-    if endpoint is None:
-        raise ConfigError(source, [ConfigIssue("api_endpoint", f"required for kind {kind}")])
+    issues = http_table_issues(role, kind, config.api_endpoint, config.model_name)
+    if issues:
+        raise ConfigError(f"provider {name!r}", issues)
+    endpoint = config.api_endpoint or DEFAULT_ENDPOINTS[kind]
     model = config.model_name or DEFAULT_MODELS.get(kind)
-    if model is None and kind in MODEL_REQUIRED:
-        raise ConfigError(source, [ConfigIssue("model_name", f"required for kind {kind}")])
 
     upstream = HttpUpstream(
         provider=name,

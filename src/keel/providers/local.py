@@ -59,6 +59,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         model: str,
         ready_timeout: float,
         prompt_template: str | None = None,
+        stop_words: tuple[str, ...] = (),
         embed_part_tokens: int = EMBED_PART_TOKENS,
     ) -> None:
         self.supervisor = supervisor
@@ -68,6 +69,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
             name=name, kind="local", model=model, endpoint=None, details=asdict(supervisor.spec)
         )
         self.prompt_template = prompt_template or template_for_model(model)
+        self.stop_words = stop_words
         self._counts: OrderedDict[str, int] = OrderedDict()
         self.tools_answered_in_text = 0
         """Chat requests that came with tools: the engine is not asked to call them
