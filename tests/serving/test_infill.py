@@ -196,3 +196,16 @@ def test_a_mid_line_answer_ends_where_the_line_already_closes(
     text: str, line_prefix: str, line_suffix: str, kept: str
 ) -> None:
     assert cut_at_suffix_closer(text, line_prefix, line_suffix) == kept
+
+
+async def test_n_predict_below_keels_budget_caps_the_answer(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """keel's own budget applied whatever ``n_predict`` asked: a client asking for 4
+    tokens got 43, cut mid-expression."""
+    asked = await keel.post("/infill", json={**fim(["a = 1"], "b = "), "n_predict": 4})
+    assert asked.status_code == 200, asked.text
+    default = await keel.post("/infill", json=fim(["c = 1"], "d = "))  # 128: above keel's
+    assert default.status_code == 200, default.text
+    capped, budget = [r.json["n_predict"] for r in llamacpp.requests if r.path == "/completion"]
+    assert capped == 4 and budget == 64, (capped, budget)

@@ -83,7 +83,8 @@ async def infill(request: Request) -> JSONResponse:
     model = state.providers.for_role("completion").info.model
     content, headers = "", {}
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
-        answer = await state.completion.complete(request, body.to_tabby(language_of(body)))
+        limit = body.n_predict if body.n_predict and body.n_predict > 0 else None
+        answer = await state.completion.complete(request, body.to_tabby(language_of(body)), limit)
         if answer is not None:
             content = cut_at_indent(answer.response.choices[0].text, body.n_indent)
             line_suffix = body.input_suffix.partition("\n")[0]

@@ -199,6 +199,8 @@ class TabbyTask:
     raw_prompt: str | None
     snippets: list[Snippet]
     mid_line: bool
+    max_tokens: int | None = None
+    """The client's own cap on new tokens (llama.cpp's ``n_predict``), within keel's."""
 
 
 class TabbyPrompts:
@@ -222,8 +224,11 @@ class TabbyPrompts:
         self.retriever = retriever
         self._line_snippets: OrderedDict[tuple[str, int], list[Snippet]] = OrderedDict()
 
-    async def read(self, request: TabbyCompletionRequest) -> TabbyTask:
-        """Check the request and gather its context (snippets); raises RequestError."""
+    async def read(
+        self, request: TabbyCompletionRequest, max_tokens: int | None = None
+    ) -> TabbyTask:
+        """Check the request and gather its context (snippets); raises RequestError.
+        ``max_tokens``: the client's cap on new tokens, if it sets one."""
         debug, segments = request.debug_options, request.segments
         raw_prompt = debug.raw_prompt if debug is not None else None
         crlf = False
@@ -249,6 +254,7 @@ class TabbyPrompts:
             raw_prompt=raw_prompt,
             snippets=snippets,
             mid_line=raw_prompt is None and is_mid_line(prefix, suffix),
+            max_tokens=max_tokens,
         )
 
     async def call_for(
@@ -269,6 +275,8 @@ class TabbyPrompts:
                 provider, task.language, task.prefix, task.suffix, chosen, budget, stops
             )
         max_tokens = self.max_decoding_tokens or provider.default_max_tokens
+        if task.max_tokens is not None:
+            max_tokens = min(max_tokens, task.max_tokens)
         temperature = task.request.temperature
         params = GenerationParams(
             max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,

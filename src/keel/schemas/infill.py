@@ -41,8 +41,9 @@ class InfillRequest(_Wire):
         None,
         ge=-1,
         le=MAX_TOKENS_LIMIT,
-        description="0 warms the cache and generates nothing; otherwise keel's own "
-        "decoding budget applies ([completion] max_decoding_tokens).",
+        description="New tokens at most, within keel's own decoding budget ([completion] "
+        "max_decoding_tokens); 0 warms the cache and generates nothing; -1 or unset: "
+        "keel's budget.",
     )
     t_max_predict_ms: int | None = Field(None, ge=0, description="Accepted; keel's timeouts apply.")
     t_max_prompt_ms: int | None = Field(None, ge=-1, description="Accepted; ignored.")

@@ -113,16 +113,21 @@ class CompletionServing:
         headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
         return JSONResponse(answer.response.model_dump(exclude_none=True), headers=headers)
 
-    async def complete(self, http: Request, body: TabbyCompletionRequest) -> Answer | None:
+    async def complete(
+        self, http: Request, body: TabbyCompletionRequest, max_tokens: int | None = None
+    ) -> Answer | None:
         """A Tabby completion, served and recorded; None when a newer request from the
         same editor superseded it. Also serves llama.cpp's ``/infill`` (its body read
-        as a Tabby request)."""
+        as a Tabby request, its ``n_predict`` as ``max_tokens``)."""
         async with CancelOnDisconnect(http):
-            task = await self.prompts.read(body)
+            task = await self.prompts.read(body, self._cap(max_tokens))
             if task.language is UNKNOWN and body.language:
                 self._note_language(body.language)
             key = editor_key(http, body)
-            answer = await self._supersede(key, body, self.answer(task, _place(key, task)))
+            # A capped answer is generated for this request: a cached or running one is
+            # as long as keel's budget made it.
+            place = _place(key, task) if task.max_tokens is None else None
+            answer = await self._supersede(key, body, self.answer(task, place))
             if answer is None:
                 return None
         response = answer.response
@@ -139,6 +144,15 @@ class CompletionServing:
         self.metrics.completion_event("served", body.language)
         note_provider(http, answer.served_by)
         return answer
+
+    def _cap(self, max_tokens: int | None) -> int | None:
+        """A client's cap on new tokens, if it is below keel's own budget (that of the
+        role's primary); None if it changes nothing."""
+        primary = self.router.primary
+        budget = self.prompts.max_decoding_tokens
+        if budget is None and isinstance(primary, CompletionProvider):
+            budget = primary.default_max_tokens
+        return max_tokens if max_tokens is not None and max_tokens < (budget or 0) else None
 
     def _note_language(self, language_id: str) -> None:
         """A request completed without language rules: counted when keel has none for
