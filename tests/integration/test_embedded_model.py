@@ -242,6 +242,8 @@ def test_health_and_tabby_meta_endpoints(keel_server: KeelProcess) -> None:
         live = client.get("/health")
         ready = client.get("/ready")
     assert health["model"] == "SmolLM2-135M-Instruct" and health["device"] == "cpu"
+    # No [model] configured: the embedded model in every role, chat offered to editors.
+    assert (health["chat_model"], health["chat_device"]) == ("SmolLM2-135M-Instruct", "cpu")
     assert health["version"]["git_describe"].startswith("v0.")
     assert health["cpu_count"] >= 1 and isinstance(health["cuda_devices"], list)
     assert setting == {"disable_client_side_telemetry": False}

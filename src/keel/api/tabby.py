@@ -14,6 +14,7 @@ from keel import __version__, build_info
 from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
+from keel.config import Settings
 from keel.errors import RequestError
 from keel.schemas.openapi import ERRORS, json_body
 from keel.schemas.tabby import (
@@ -66,14 +67,26 @@ def _cpu_info() -> str:
     return platform.processor() or platform.machine()
 
 
+def chat_offered(settings: Settings) -> bool:
+    """Whether ``/v1/health`` names a chat model, which is what makes Tabby's clients
+    offer chat (inline edits, commit messages). A config that sets other roles and
+    leaves ``[model.chat]`` out means no chat, as in Tabby: editors were offered the
+    embedded 135M model as the team's chat model (``/v1/chat/completions`` still
+    answers from it). With no ``[model]`` at all, keel is the embedded model in every
+    role, chat included."""
+    configured = settings.model.model_fields_set
+    return "chat" in configured or not configured
+
+
 def health_state(request: Request) -> HealthState:
     state = app_state(request)
     providers = state.providers
     info = build_info()
+    chat = providers.for_role("chat") if chat_offered(state.settings) else None
     return HealthState(
         model=providers.for_role("completion").info.model,
-        chat_model=providers.for_role("chat").info.model,
-        chat_device="cpu",
+        chat_model=chat.info.model if chat is not None else None,
+        chat_device="cpu" if chat is not None and chat.info.kind == "local" else None,
         device="cpu",
         arch=platform.machine(),
         cpu_info=_cpu_info(),

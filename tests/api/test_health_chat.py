@@ -1,0 +1,33 @@
+"""Which chat model ``/v1/health`` names: what Tabby's clients offer chat features on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.api.conftest import USER, Backends, build_app, serving
+
+
+async def test_a_remote_chat_model_is_named_without_a_device(client: httpx.AsyncClient) -> None:
+    health = (await client.get("/v1/health", headers=USER)).json()
+    assert health["chat_model"] == "fallback-chat"
+    assert "chat_device" not in health, "a remote model runs on no device of keel's"
+
+
+async def test_a_config_that_leaves_chat_out_offers_no_chat(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """As in Tabby: tabby-agent offered inline edits and commit messages backed by the
+    embedded 135M model, which answered them with nonsense."""
+    config = (
+        "[model.completion]\nembedded_last_resort = false\n"
+        f'[model.completion.http]\nkind = "openai/completion"\n'
+        f'api_endpoint = "{backends.primary.url}/v1"\n'
+        f'[model.embedding.http]\nkind = "openai/embedding"\n'
+        f'api_endpoint = "{backends.fallback.url}/v1"\n'
+    )
+    async with serving(build_app(tmp_path / "keel", config)) as client:
+        health = (await client.get("/v1/health")).json()
+        assert "chat_model" not in health and "chat_device" not in health, health
+        assert health["models"]["chat"] == "SmolLM2-135M-Instruct"  # it still answers
