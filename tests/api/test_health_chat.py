@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-
 from tests.api.conftest import USER, Backends, build_app, serving
 
 
