@@ -153,7 +153,9 @@ class HttpModelConfig(_Section):
         default_factory=list, description="Extra stop words appended to the language's."
     )
     supported_models: list[str] | None = Field(
-        None, description="Accepted for Tabby compatibility."
+        None,
+        description="Chat models a client may ask for by name (sent on as asked; any "
+        "other asks for model_name), as in Tabby; listed by /v1beta/models.",
     )
     rate_limit: RateLimit | None = Field(
         None,

@@ -93,11 +93,17 @@ async def test_bad_text_deep_inside_names_the_path(client: httpx.AsyncClient) ->
     assert_names(response, "\\ud800", "invalid_text")
 
 
-async def test_valid_astral_text_is_served(client: httpx.AsyncClient) -> None:
+async def test_valid_astral_text_is_served(client: httpx.AsyncClient, backends: Backends) -> None:
     raw = b'{"prompt": "caf\\u00e9 \\ud83d\\ude00", "model": "\xf0\x9f\x98\x80", "max_tokens": 4}'
     response = await client.post("/v1/completions", content=raw, headers=USER)
     assert response.status_code == 200, response.text
-    assert response.json()["model"] == "\U0001f600"
+    sent = [
+        r.json["prompt"]
+        for upstream in (backends.primary, backends.fallback)
+        for r in upstream.requests
+        if r.path.endswith("/completions") and "caf" in str(r.json.get("prompt"))
+    ]
+    assert sent == ["caf\u00e9 \U0001f600"], sent
 
 
 @pytest.mark.parametrize(

@@ -234,5 +234,7 @@ async def test_an_attempt_starts_with_nothing_reported(upstream: FakeUpstream, m
     call = ChatCall(messages=(ChatMessage("user", "Hi"),), params=PARAMS)
     call.reported.note_usage({"prompt_tokens": 900, "completion_tokens": 40})
     call.reported.finish_reason = "length"  # as a failed attempt's backend left them
+    call.reported.model = "failed-model"
     assert "".join(await collect(provider.stream_chat(call))) == "Hello, world"
-    assert call.reported == Reported(finish_reason="stop")  # this backend's word only
+    # this backend's word only: no usage in its stream, the model it named
+    assert call.reported == Reported(finish_reason="stop", model="fake-model")

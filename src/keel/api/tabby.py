@@ -14,7 +14,7 @@ from keel import __version__, build_info
 from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
-from keel.config import Settings
+from keel.config import Role, Settings
 from keel.errors import RequestError
 from keel.schemas.openapi import ERRORS, json_body
 from keel.schemas.tabby import (
@@ -164,8 +164,13 @@ async def server_setting() -> dict[str, object]:
     responses={200: {"model": BetaModels}},
 )
 async def beta_models(request: Request) -> dict[str, object]:
+    """The models a client may ask for by name: the primary's ``supported_models``
+    (Tabby's chat panel offers them), else the model it serves."""
     providers = app_state(request).providers
-    return {
-        "completion": [providers.for_role("completion").info.model],
-        "chat": [providers.for_role("chat").info.model],
-    }
+
+    def listed(role: Role) -> list[str]:
+        entry = providers.chains[role][0][0]
+        supported = getattr(entry.config, "supported_models", None)
+        return list(supported) if supported else [entry.provider.info.model]
+
+    return {"completion": listed("completion"), "chat": listed("chat")}

@@ -92,10 +92,12 @@ class Reported:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    model: str | None = None
+    """The model the backend named in its answer (OpenAI's ``model``)."""
 
     def clear(self) -> None:
         """Forget what an earlier attempt's engine said (a fallback starts afresh)."""
-        self.prompt_tokens = self.completion_tokens = self.finish_reason = None
+        self.prompt_tokens = self.completion_tokens = self.finish_reason = self.model = None
 
     def note_usage(self, usage: object) -> None:
         """Take the counts of an OpenAI ``usage`` object (positive integers only)."""
@@ -153,6 +155,9 @@ class ChatCall:
     """OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, as sent on to a
     backend that calls tools (OpenAI-compatible ones); a local model answers in text."""
     reported: Reported = field(default_factory=Reported, compare=False)
+    model: str | None = field(default=None, compare=False)
+    """The model the client asked for: sent on by a backend that lists it among its
+    ``supported_models`` (Tabby's rule), else the backend's configured model serves."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,7 @@ def build_http_provider(
     )
     info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=upstream.endpoint)
     stop_words = tuple(config.additional_stop_words)
+    listed = tuple(config.supported_models or ())
     max_input_length = config.max_input_length
 
     match kind:
@@ -120,10 +121,17 @@ def build_http_provider(
                 max_input_length=max_input_length,
             )
         case "openai/chat":
-            return OpenAIChatProvider(upstream, info, model=model, stop_limit=OPENAI_STOP_LIMIT)
+            return OpenAIChatProvider(
+                upstream, info, model=model, stop_limit=OPENAI_STOP_LIMIT, supported_models=listed
+            )
         case "mistral/chat":
             return OpenAIChatProvider(
-                upstream, info, model=model, seed_field="random_seed", limit_name="max_tokens"
+                upstream,
+                info,
+                model=model,
+                seed_field="random_seed",
+                limit_name="max_tokens",
+                supported_models=listed,
             )
         case "openai/embedding" | "voyage/embedding":
             return OpenAIEmbeddingProvider(upstream, info, model=model)

@@ -94,6 +94,8 @@ def stream_choice_text(
 
     def text(payload: JsonObject) -> str:
         reported.note_usage(payload.get("usage"))
+        if reported.model is None and isinstance(model := payload.get("model"), str) and model:
+            reported.model = model
         choice = first_choice(payload, provider)
         if choice is None:
             return ""
@@ -224,17 +226,21 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
         seed_field: str = "seed",
         stop_limit: int | None = None,
         limit_name: str | None = None,
+        supported_models: tuple[str, ...] = (),
     ) -> None:
         """``limit_name``: what the backend calls ``max_tokens`` whatever the client
-        called it (None: the client's name goes on)."""
+        called it (None: the client's name goes on). ``supported_models``: the models
+        a client may ask for by name; any other asks for ``model``."""
         super().__init__(upstream, info)
         self.model = model
+        self.supported_models = supported_models
         self.seed_field = seed_field
         self.stop_limit = stop_limit
         self.limit_name = limit_name
 
     def request_body(self, call: ChatCall) -> JsonObject:
-        body: JsonObject = {} if self.model is None else {"model": self.model}
+        model = call.model if call.model in self.supported_models else self.model
+        body: JsonObject = {} if model is None else {"model": model}
         body["messages"] = [message.wire() for message in call.messages]
         if call.response_format is not None:
             body["response_format"] = call.response_format

@@ -68,12 +68,12 @@ class ChatServing:
     async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
         params = body.to_params()
         wanted = body.response_format.to_wire() if body.response_format else None
-        call = ChatCall(body.to_messages(), params, wanted, body.tool_fields())
+        call = ChatCall(body.to_messages(), params, wanted, body.tool_fields(), model=body.model)
         envelope = Envelope(
             f"chatcmpl-{uuid.uuid4()}",
             "chat.completion",
             int(time.time()),
-            body.model or self.router.primary.info.model,
+            self.router.primary.info.model,
         )
 
         def open_stream(provider: Provider) -> AsyncIterator[str]:
@@ -88,6 +88,7 @@ class ChatServing:
             )
         await count_usage(generated, chat_text(call), call.reported)
         note_provider(http, generated.provider)
+        envelope.served(generated.provider, call.reported)
         message: dict[str, object] = {"role": "assistant", "content": generated.text}
         if generated.tool_deltas:
             message["content"] = generated.text or None
@@ -116,6 +117,10 @@ class ChatServing:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**envelope([choice]), "object": "chat.completion.chunk"}
 
+        def head() -> list[dict[str, object]]:
+            envelope.served(generated.provider, call.reported)
+            return [chunk({"role": "assistant", "content": ""}, None)]
+
         async def tail() -> list[dict[str, object]]:
             await count_usage(generated, chat_text(call), call.reported)
             last = [chunk({}, finish_reason(generated, params.max_tokens))]
@@ -127,7 +132,7 @@ class ChatServing:
 
         response = await stream_response(
             pieces,
-            head=[chunk({"role": "assistant", "content": ""}, None)],
+            head=head,
             chunk=lambda piece: chunk(delta(piece), None),
             tail=tail,
             timeout=self.timeout,

@@ -312,7 +312,7 @@ class CompletionServing:
             f"cmpl-{uuid.uuid4()}",
             "text_completion",
             int(time.time()),
-            body.model or primary.info.model,
+            primary.info.model,
         )
 
         def choice(text: str, finish: str | None) -> list[dict[str, object]]:
@@ -328,6 +328,7 @@ class CompletionServing:
             )
         await count_usage(generated, body.prompt_text(), reported)
         note_provider(http, generated.provider)
+        envelope.served(generated.provider, reported)
         finish = finish_reason(generated, params.max_tokens)
         return JSONResponse(envelope(choice(generated.text, finish), usage=generated.usage()))
 
@@ -356,9 +357,13 @@ class CompletionServing:
                 last.append(envelope([], usage=generated.usage()))
             return last
 
+        def head() -> list[dict[str, object]]:
+            envelope.served(generated.provider, reported)
+            return []
+
         response = await stream_response(
             pieces,
-            head=[],
+            head=head,
             chunk=lambda text: envelope(choice(text, None)),
             tail=tail,
             timeout=self.timeout,

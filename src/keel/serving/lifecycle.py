@@ -214,12 +214,21 @@ def finish_reason(generated: Generated, max_tokens: int | None) -> str:
 
 @dataclass(slots=True)
 class Envelope:
-    """The fields every OpenAI response and chunk of one request repeats."""
+    """The fields every OpenAI response and chunk of one request repeats. ``model`` is
+    the role's primary model until :meth:`served` names the one that answered."""
 
     id: str
     kind: str
     created: int
     model: str
+
+    def served(self, provider: Provider | None, reported: Reported) -> None:
+        """The model that answered: as its backend named it, else its provider's (it
+        echoed what the client asked for, and named the primary after a fallback)."""
+        if reported.model:
+            self.model = reported.model
+        elif provider is not None:
+            self.model = provider.info.model
 
     def __call__(self, choices: list[dict[str, object]], **more: object) -> dict[str, object]:
         head = {"id": self.id, "object": self.kind, "created": self.created}

@@ -108,13 +108,14 @@ class EventStream(Response):
 async def stream_response(
     pieces: AsyncIterator[str],
     *,
-    head: list[dict[str, object]],
+    head: Callable[[], list[dict[str, object]]],
     chunk: Callable[[str], dict[str, object]],
     tail: Callable[[], Awaitable[list[dict[str, object]]]],
     timeout: float,
     role: str,
 ) -> EventStream:
-    """An SSE response: ``head`` events, one ``chunk(text)`` per piece, then the
+    """An SSE response: the events ``head()`` gives once the first piece is in (the
+    provider that serves is known then), one ``chunk(text)`` per piece, then the
     events ``tail()`` gives once the pieces are done (finish reason, usage).
 
     ``timeout`` bounds the whole generation without a timer per piece: a piece
@@ -135,7 +136,7 @@ async def stream_response(
         raise
 
     async def events() -> AsyncGenerator[bytes, None]:
-        opening = b"".join([sse(event) for event in head])
+        opening = b"".join([sse(event) for event in head()])
         try:
             if first is not None:
                 yield opening + sse(chunk(first))
