@@ -161,8 +161,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if (issue := open_remote_issue(settings, paths.root, settings.server.host)) is not None:
         raise ConfigError(where, [issue])  # what `keel serve` would refuse
     print(f"ok: {where}")
-    for issue in _missing_models(settings, paths):  # the file is fine; this machine lacks it
-        print(f"warning: {issue.render()} (keel serve here would exit 69)", file=sys.stderr)
+    for issue in _missing_models(settings, paths):  # the file is fine; this machine's models not
+        print(f"warning: {issue.render()}", file=sys.stderr)
     from keel.ops.doctor import keys_file_trouble
 
     if (trouble := keys_file_trouble(settings, paths)) is not None:
@@ -178,8 +178,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
-    """The local models the config names that are not on this machine."""
+    """The local models the config names that are not on this machine, or damaged."""
     from keel.errors import MissingDependency
+    from keel.models.gguf import read_metadata
     from keel.models.registry import resolve_model
 
     issues = []
@@ -188,10 +189,17 @@ def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
             if isinstance(provider, HttpModelConfig):
                 continue
             where = f"model.{role}.local" if index == 0 else f"model.{role}.fallback[{index}]"
+            key = f"{where}.model_id"
             try:
-                resolve_model(provider.model_id, paths)
+                path = resolve_model(provider.model_id, paths)
             except MissingDependency as exc:
-                issues.append(ConfigIssue(f"{where}.model_id", exc.message))
+                issues.append(ConfigIssue(key, f"{exc.message} (keel serve here would exit 69)"))
+                continue
+            try:
+                read_metadata(path)
+            except (MissingDependency, OSError) as exc:
+                why = exc.message if isinstance(exc, MissingDependency) else f"unreadable: {exc}"
+                issues.append(ConfigIssue(key, f"{why} (its worker would fail to load it)"))
     return issues
 
 

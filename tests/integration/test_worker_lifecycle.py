@@ -141,6 +141,8 @@ def test_unloadable_model_file_is_reported_once_not_restarted(tmp_path: Path) ->
         assert status["state"] == "failed"
         assert status["restarts"] == 0
         assert "broken.gguf" in str(status["last_error"])
+        # the header's own diagnosis, not the engine's "check the input params"
+        assert "unsupported GGUF version 0" in str(status["last_error"]), status
         response = httpx.post(
             f"{server.url}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "hi"}]},

@@ -331,3 +331,18 @@ def test_a_local_models_additional_stop_words_are_its_providers(tmp_path: Path) 
     settings = load_settings(write(tmp_path, text), Paths(tmp_path), {})
     provider = build_providers(settings, Paths(tmp_path)).chains["completion"][0][0].provider
     assert provider.stop_words == ("<|endoftext|>",)  # type: ignore[attr-defined]
+
+
+def test_config_check_warns_of_a_damaged_model_file(tmp_path: Path) -> None:
+    """A file cut short said "ok"; its worker then failed with the engine's "check the
+    input params"."""
+    from keel.models.registry import embedded_model_path
+
+    damaged = tmp_path / "cut.gguf"
+    damaged.write_bytes(embedded_model_path().read_bytes()[: 2 * 2**20])
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    config = write(tmp_path, f'[model.completion.local]\nmodel_id = "{damaged}"\n')
+    result = run_cli("config", "check", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "model.completion.local.model_id:" in result.stderr
+    assert "truncated (2.0 MiB" in result.stderr and "would fail to load it" in result.stderr

@@ -646,6 +646,20 @@ def _metadata(model: str) -> dict[str, object]:
         return {}
 
 
+def _damage(model: str) -> str | None:
+    """What is wrong with the file, where its header tells (not a GGUF file, cut short)."""
+    from keel.errors import MissingDependency
+    from keel.models.gguf import read_metadata
+
+    try:
+        read_metadata(Path(model))
+    except MissingDependency as exc:
+        return exc.message
+    except OSError as exc:
+        return f"cannot read it: {exc}"
+    return None
+
+
 def _yield_the_cpu() -> None:
     """Run at :data:`EMBEDDING_NICE`, the session's autogroup too where Linux has one."""
     os.nice(EMBEDDING_NICE)
@@ -688,8 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = _engine_params(xllamacpp, args, key)
         server = xllamacpp.Server(params)
-    except Exception as exc:
-        return unusable("model_file", f"cannot load model {args.model}: {exc}")
+    except Exception as exc:  # the engine's words are vague ("check the input params")
+        why = _damage(args.model) or str(exc)
+        return unusable("model_file", f"cannot load model {args.model}: {why}")
     slots = params.n_parallel  # as the engine was given them
     channel.send(
         {
