@@ -220,8 +220,9 @@ class LocalModelConfig(_Section):
 
     model_id: str = Field(
         EMBEDDED_MODEL_ID,
-        description="A GGUF file path, a file name under <root>/models, or "
-        f"'{EMBEDDED_MODEL_ID}' (the embedded default).",
+        description="A GGUF file path, a file name under <root>/models, "
+        f"'{EMBEDDED_MODEL_ID}' (the embedded default), or Tabby's forms: a model "
+        "directory (weights in ggml/), a registry name under ~/.tabby/models.",
     )
     context_size: int = Field(
         2048,

@@ -12,6 +12,7 @@ from keel.config import Paths
 from keel.errors import (
     ClientDisconnected,
     InsufficientStorage,
+    MissingDependency,
     NotFound,
     RequestError,
     Unavailable,
@@ -223,3 +224,28 @@ def test_a_truncated_gguf_is_discarded_though_its_checksum_matches(
         puller(cut, paths).pull("keel-test/cut-GGUF:cut.gguf")
     assert "truncated" in refused.value.message and "discarded" in refused.value.message
     assert nothing_left(paths)
+
+
+def test_tabbys_model_directories_load_and_a_registry_name_says_how_to_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Tabby migrant's models: a model directory (its weights in ggml/), and the ones
+    Tabby downloaded under ~/.tabby/models by registry name. Both were "not found", and
+    a registry name not on disk said nothing of `keel models pull`."""
+    paths = Paths(tmp_path / "keel")
+    weights = tmp_path / "StarCoder-1B" / "ggml" / "model-00001-of-00001.gguf"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"GGUF")
+    assert resolve_model(str(tmp_path / "StarCoder-1B"), paths) == weights
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    downloaded = tmp_path / "home/.tabby/models/TabbyML/StarCoder-1B/ggml/q8_0.v2.gguf"
+    downloaded.parent.mkdir(parents=True)
+    downloaded.write_bytes(b"GGUF")
+    assert resolve_model("TabbyML/StarCoder-1B", paths) == downloaded
+    with pytest.raises(MissingDependency) as missing:
+        resolve_model("TabbyML/Qwen2.5-Coder-1.5B", paths)
+    assert missing.value.message.endswith("or pull it: keel models pull TabbyML/Qwen2.5-Coder-1.5B")
+    with pytest.raises(MissingDependency) as path:
+        resolve_model(str(tmp_path / "nowhere.gguf"), paths)
+    assert "keel models pull" not in path.value.message
+    assert path.value.message.count(str(tmp_path / "nowhere.gguf") + ",") == 1, "listed once"

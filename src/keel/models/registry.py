@@ -53,13 +53,31 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     with contextlib.suppress(RuntimeError):  # "~user" with no such user
         given = given.expanduser()
     candidates = [given, paths.models_dir / model_id, paths.models_dir / f"{model_id}.gguf"]
+    # Tabby's own layout: a model directory (given, or under ~/.tabby/models by its
+    # registry name), its weights in ggml/
+    for directory in (given, Path(TABBY_MODELS).expanduser() / model_id):
+        candidates += [directory / "ggml" / name for name in TABBY_WEIGHTS]
+    candidates = list(dict.fromkeys(candidates))  # an absolute path is models_dir / it
     for candidate in candidates:
         if _is_file(candidate):
             return candidate
+    pull = f"; or pull it: keel models pull {model_id}" if _pullable(model_id) else ""
     raise MissingDependency(
         f"model {model_id!r} not found: looked for {', '.join(str(c) for c in candidates)}; "
-        f"put a .gguf file in {paths.models_dir} or give its path"
+        f"put a .gguf file in {paths.models_dir} or give its path{pull}"
     )
+
+
+TABBY_MODELS = "~/.tabby/models"
+"""Where Tabby keeps the models it downloaded, by registry name (``TabbyML/StarCoder-1B``)."""
+TABBY_WEIGHTS = ("model-00001-of-00001.gguf", "q8_0.v2.gguf")
+"""A Tabby model directory's weights, in ``ggml/`` (the older name second)."""
+
+
+def _pullable(model_id: str) -> bool:
+    """A name ``keel models pull`` takes: ``org/name``, not a path."""
+    org, slash, name = model_id.partition("/")
+    return bool(org and slash and name) and "/" not in name and not model_id.startswith((".", "~"))
 
 
 def _is_file(path: Path) -> bool:
