@@ -375,6 +375,7 @@ def test_embeddings_take_inputs_up_to_the_context_and_refuse_longer_ones(
             assert error["prompt_tokens"] > error["context_size"] == 512
             assert "an input has" in error["message"] and "context_size" in error["message"]
             assert "fewer tokens" not in error["message"]  # a completion's advice
+            assert "batch size" not in error["message"], "the engine's advice, an operator's"
         assert client.post("/v1/embeddings", json={"input": "word " * 100}).status_code == 200
         providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
     assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers

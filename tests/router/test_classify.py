@@ -123,3 +123,5 @@ def test_a_prompt_over_the_context_is_the_callers_400_with_the_numbers(
     assert (overflow.prompt_tokens, overflow.context_size) == numbers
     body = overflow.to_body()["error"]
     assert isinstance(body, dict) and body["context_size"] == numbers[1]
+    # the backend's own words only where keel has no numbers of its own to give
+    assert (error.message in overflow.message) is (numbers[1] is None)

@@ -116,8 +116,12 @@ def context_overflow(error: KeelError, role: str = "completion") -> ContextLengt
         if role == "embedding"
         else "send a shorter prompt or ask for fewer tokens"
     )
+    # The backend's own words only where keel has no numbers to give: llama.cpp's
+    # advice ("increase the physical batch size", "try increasing it") is an
+    # operator's, and contradicted keel's
+    said = f" ({error.message})" if context is None else ""
     return ContextLengthExceeded(
-        f"{text}; {advice} ({error.message})",
+        f"{text}; {advice}{said}",
         prompt_tokens=prompt,
         context_size=context,
     )
