@@ -392,6 +392,7 @@ async def test_the_openai_routes_answer_without_v1_and_models_one_by_one(
     card = listed["data"][0]
     one = await client.get(f"/v1/models/{card['id']}", headers=USER)
     assert one.json() == card
+    assert (await client.get(f"/models/{card['id']}", headers=USER)).json() == card
     missing = await client.get("/v1/models/no-such-model", headers=USER)
     assert missing.status_code == 404
     assert "GET /v1/models" in missing.json()["error"]["message"]

@@ -127,6 +127,7 @@ for _path, _endpoint, _method in (
     ("/chat/completions", chat_completions, "POST"),
     ("/embeddings", embeddings, "POST"),
     ("/models", models, "GET"),
+    ("/models/{model_id:path}", model, "GET"),
 ):
     router.add_api_route(
         _path,
