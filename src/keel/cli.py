@@ -652,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # A line per HTTP request (huggingface_hub's client logs each at INFO, a probe's 404
+    # among them) is noise in a pull's output: keel says what matters itself.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.func is not cmd_serve:  # the server stops on SIGTERM its own way (a drain)

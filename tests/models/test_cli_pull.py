@@ -31,6 +31,7 @@ def test_pull_then_list_shows_the_models_header_facts(hub: FakeHub, tmp_path: Pa
     # Not a terminal: progress is plain log lines, not a bar.
     assert f"{FILE}: 100% of 94 MiB" in pulled.stderr and "\r" not in pulled.stderr
     assert "checking the sha256" in pulled.stderr
+    assert "HTTP Request" not in pulled.stderr, "a line per request to the hub is noise"
     listed = keel(tmp_path, "list")
     assert listed.returncode == 0, listed.stderr
     line = next(line for line in listed.stdout.splitlines() if "tiny-coder-q4_1" in line)
