@@ -196,9 +196,12 @@ def choose_file(
             raise RequestError(f"quant {quant!r} matches several files of {repo}: {which}")
     else:
         chosen = [file for file in files if _first_part(file)]
-        if len(chosen) != 1:
-            hint = "it has none" if not chosen else f"choose one with a quant or repo:file: {names}"
-            raise NotFound(f"{repo}: no single GGUF file to pull; {hint}")
+        if not chosen:
+            raise NotFound(f"{repo}: no GGUF file to pull; it has none")
+        if len(chosen) > 1:  # the spec is the client's to complete: a 400, as a bad spec
+            raise RequestError(
+                f"{repo} has several GGUF files: choose one with a quant or repo:file: {names}"
+            )
     file = chosen[0]
     split = _SPLIT.search(file.filename)
     if split and split.group(2) != "00001":
