@@ -474,19 +474,45 @@ class CompletionConfig(_Section):
 
 
 class RepositoryConfig(_Section):
-    """``[[repositories]]``: a code base whose chunks completions may show the model."""
+    """``[[repositories]]``: a code base whose chunks completions may show the model.
+    Tabby's form (``git_url``, ``refs``, no name) is taken: a ``file://`` URL is the
+    checkout's path, and the name comes from the path."""
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="Short name, also the index directory under <data root>/index.",
+        description="Short name, also the index directory under <data root>/index "
+        "(default: the checkout's directory name).",
     )
-    path: str | None = Field(
-        None, description="Local checkout to index; requests for files under it use it."
+    path: str = Field(
+        description="Local checkout to index; requests for files under it use it "
+        "(default: a file:// git_url's path)."
     )
     git_url: str | None = Field(
         None,
         description="Remote URL; requests whose segments.git_url matches (any scheme) use it.",
     )
+    refs: list[str] = Field(
+        default_factory=list,
+        description="Accepted from Tabby's config; keel indexes the checkout at path as it is.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tabbys_form(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        url = data.get("git_url")
+        if data.get("path") is None:
+            if not (isinstance(url, str) and url.startswith("file://")):
+                raise ValueError(
+                    "keel indexes a local checkout: set path (keel does not clone git_url)"
+                )
+            data["path"] = url.removeprefix("file://")
+        if data.get("name") is None and isinstance(data["path"], str):
+            stem = Path(data["path"].rstrip("/")).name.removesuffix(".git")
+            data["name"] = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:64] or "repo"
+        return data
 
 
 class IndexConfig(_Section):

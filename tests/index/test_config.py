@@ -25,7 +25,7 @@ def test_repositories_and_index_parse() -> None:
     ("raw", "key"),
     [
         ({"repositories": [{"name": "a"}, {"name": "a"}]}, "repositories"),
-        ({"repositories": [{"name": "../escape"}]}, "repositories[0].name"),
+        ({"repositories": [{"name": "../escape", "path": "/src"}]}, "repositories[0].name"),
         ({"index": {"refresh_seconds": -1}}, "index.refresh_seconds"),
     ],
 )
@@ -33,3 +33,16 @@ def test_bad_values_name_their_key(raw: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings(raw, "config.toml", {})
     assert f"  - {key}:" in caught.value.message
+
+
+def test_tabbys_repository_form_is_taken() -> None:
+    """Tabby's [[repositories]] has git_url and refs, no name or path: keel refused
+    both keys, and a path-less repository was never indexed, silently."""
+    raw = {"repositories": [{"git_url": "file:///home/dev/billing-api", "refs": ["main"]}]}
+    repo = parse_settings(raw, "config.toml", {}).repositories[0]
+    assert (repo.name, repo.path, repo.refs) == ("billing-api", "/home/dev/billing-api", ["main"])
+    remote = {"repositories": [{"git_url": "https://github.com/acme/billing-api.git"}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(remote, "config.toml", {})
+    assert "  - repositories[0]: " in caught.value.message
+    assert "set path (keel does not clone git_url)" in caught.value.message

@@ -138,9 +138,6 @@ class RepositoryRetriever:
     ) -> RepositoryRetriever:
         built = []
         for repo in repositories:
-            if repo.path is None:
-                log.warning("repository %r has no path: nothing to index", repo.name)
-                continue
             root = Path(repo.path).expanduser().resolve()
             urls = {normalize_git_url(u) for u in (repo.git_url, _origin_url(root)) if u}
             index = RepositoryIndex(
