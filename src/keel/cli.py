@@ -106,6 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keel.providers.catalog import build_providers
 
     settings, paths = _load(args)
+    for ignored in settings.ignored_sections():
+        log.warning("%s", ignored)
     restarts = os.environ.get("KEEL_SUPERVISOR_RESTARTS")
     if restarts and restarts != "0":
         log.warning("started by keel serve --supervise after %s restart(s)", restarts)
@@ -163,6 +165,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"ok: {where}")
     for issue in _missing_models(settings, paths):  # the file is fine; this machine's models not
         print(f"warning: {issue.render()}", file=sys.stderr)
+    for ignored in settings.ignored_sections():
+        print(f"warning: {ignored}", file=sys.stderr)
     from keel.ops.doctor import keys_file_trouble
 
     if (trouble := keys_file_trouble(settings, paths)) is not None:

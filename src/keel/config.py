@@ -615,9 +615,21 @@ class Settings(_Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
-    # Tabby sections keel accepts and does not use.
+    # Tabby sections keel accepts and does not use (``ignored_sections`` says so).
     answer: dict[str, Any] | None = None
     anonymous_usage_tracking: dict[str, Any] | None = Field(None, alias="anonymousUsageTracking")
+
+    def ignored_sections(self) -> list[str]:
+        """Tabby sections in the file that keel has nothing for, with why."""
+        ignored = []
+        if self.answer is not None:
+            ignored.append(
+                "[answer] is ignored: it configures Tabby's answer engine, which keel does "
+                "not have (a chat's system prompt is the client's to send)"
+            )
+        if self.anonymous_usage_tracking is not None:
+            ignored.append("[anonymousUsageTracking] is ignored: keel sends no usage data")
+        return ignored
 
     @field_validator("repositories")
     @classmethod

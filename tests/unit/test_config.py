@@ -346,3 +346,12 @@ def test_config_check_warns_of_a_damaged_model_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "model.completion.local.model_id:" in result.stderr
     assert "truncated (2.0 MiB" in result.stderr and "would fail to load it" in result.stderr
+
+
+def test_config_check_says_which_tabby_sections_keel_ignores(tmp_path: Path) -> None:
+    """Taken silently: an operator's [answer] system_prompt had no effect, unsaid."""
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    text = '[answer]\nsystem_prompt = "You are our team\'s assistant."\n'
+    result = run_cli("config", "check", str(write(tmp_path, text)), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "warning: [answer] is ignored" in result.stderr
