@@ -480,3 +480,13 @@ async def test_the_legacy_functions_fields_are_a_400_naming_their_replacement(
     assert f"send '{instead}' instead" in refused.json()["error"]["message"]
     body[legacy] = None  # null: unset, as every optional field
     assert (await client.post("/v1/chat/completions", json=body, headers=USER)).status_code == 200
+
+
+async def test_a_next_edit_suggestion_is_refused_not_answered_as_a_completion(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {**VALID_BODIES["/v1/completions"], "mode": "next_edit_suggestion"}
+    refused = await client.post("/v1/completions", json=body, headers=USER)
+    assert_names(refused, "mode", "invalid_field")
+    served = await client.post("/v1/completions", json={**body, "mode": "standard"}, headers=USER)
+    assert served.status_code == 200 and served.json()["mode"] == "standard", served.text

@@ -53,7 +53,11 @@ class TabbyCompletionRequest(_Wire):
     user: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    mode: str | None = None
+    mode: Literal["standard"] | None = Field(
+        None,
+        description="'standard' (code completion), the only mode keel serves: Tabby's "
+        "'next_edit_suggestion' is refused rather than answered as a completion.",
+    )
     debug_options: DebugOptions | None = None
 
 
@@ -77,6 +81,7 @@ class TabbyCompletionResponse(BaseModel):
     id: str
     choices: list[Choice]
     debug_data: DebugData | None = None
+    mode: Literal["standard"] = "standard"
 
 
 class LogEventRequest(_Wire):
