@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from keel import __version__
-from keel.api import admin, infill, metrics, models, openai, ops, tabby, ui
+from keel.api import admin, docs, infill, metrics, models, openai, ops, tabby, ui
 from keel.api.errors import install_error_handlers
 from keel.api.middleware import CorsPolicy, KeelMiddleware
 from keel.api.state import AppState
@@ -168,8 +168,11 @@ def create_app(
         version=__version__,
         summary="Tabby- and OpenAI-compatible code completion, chat and embeddings.",
         lifespan=lifespan,
+        docs_url=None,  # keel's own page (keel.api.docs): FastAPI's load from a CDN
+        redoc_url=None,
     )
     install_error_handlers(app)
+    docs.install(app)
     app.add_middleware(
         KeelMiddleware,
         max_body_bytes=settings.server.max_body_bytes,

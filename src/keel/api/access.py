@@ -22,8 +22,8 @@ from keel.api.state import app_state
 from keel.auth import Access, Identity
 from keel.errors import AuthenticationError, Forbidden, RateLimited
 
-DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-"""FastAPI's own API documentation routes: public, and not APIRoutes."""
+DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
+"""The API documentation routes (keel.api.docs, FastAPI's document): public, not APIRoutes."""
 
 
 def presented_keys(request: Request) -> list[str]:
