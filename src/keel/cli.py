@@ -296,8 +296,10 @@ def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitab
             [
                 ConfigIssue(
                     "state.redis_url",
-                    "keel keys keeps keys in Redis, and this config names none: set "
-                    "[state] redis_url (the one the replicas use), or pass --config",
+                    "unset: keel keys manages the keys replicas share in Redis. On one "
+                    "machine, keys go in the config instead ([auth] api_keys, or a keys_file, "
+                    "re-read when it changes); for replicas, set [state] redis_url to the "
+                    "Redis they use, or pass --config with the file that does",
                 )
             ],
         )

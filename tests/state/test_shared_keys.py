@@ -210,6 +210,7 @@ def test_cli_mistakes_are_errors_that_say_what_to_do(
     no_redis.write_text("[server]\nport = 8080\n")
     code, _, err = keys_command(capsys, "--config", str(no_redis), "list")
     assert code == 78 and "state.redis_url" in err and "Traceback" not in err
+    assert "[auth] api_keys, or a keys_file" in err, "the one-machine way, said"
 
     config = tmp_path / "config.toml"
     config.write_text(f'[state]\nredis_url = "{redis_server.url}"\n')
