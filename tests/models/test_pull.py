@@ -116,6 +116,7 @@ def test_a_checksum_mismatch_keeps_nothing(hub: FakeHub, paths: Paths) -> None:
         puller(hub, paths).pull(f"{REPO}:{FILE}")
     assert corrupt.value.code == "checksum_mismatch"
     assert "failed its checksum" in corrupt.value.message
+    assert "(HF_ENDPOINT) serves another file" in corrupt.value.message  # a mirror's fault
     assert nothing_left(paths)
 
 

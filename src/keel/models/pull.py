@@ -431,7 +431,9 @@ class ModelPuller:
         if file.sha256 is not None and digest != file.sha256.lower():
             raise UpstreamError(
                 f"{file.filename} failed its checksum (sha256 {digest}, expected "
-                f"{file.sha256}); the file was discarded: pull again",
+                f"{file.sha256}); the file was discarded: pull again, and if it fails again, "
+                f"the server at {self.endpoint} (HF_ENDPOINT) serves another file than the "
+                "one it lists",
                 provider=self.hub,
                 code="checksum_mismatch",
             )
