@@ -3,6 +3,7 @@ the request sequence of one editing session replayed, fallbacks, bad bodies."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,17 @@ async def test_n_predict_below_keels_budget_caps_the_answer(
     assert default.status_code == 200, default.text
     capped, budget = [r.json["n_predict"] for r in llamacpp.requests if r.path == "/completion"]
     assert capped == 4 and budget == 64, (capped, budget)
+
+
+async def test_a_superseded_infill_says_so(keel: httpx.AsyncClient, llamacpp: FakeUpstream) -> None:
+    """Its empty answer came without the header Tabby's route sends."""
+    llamacpp.token_delay = 0.5
+    lines = ["import os", "", "def main():"]
+    older = asyncio.ensure_future(keel.post("/infill", json=fim(lines, "    value = ")))
+    while not any(r.path == "/completion" for r in llamacpp.requests):
+        await asyncio.sleep(0.01)
+    newer = await keel.post("/infill", json=fim(lines, "    value = c"))
+    superseded = await older
+    assert superseded.json()["content"] == "", superseded.text
+    assert superseded.headers.get("x-keel-superseded") == "1"
+    assert "x-keel-superseded" not in newer.headers and newer.json()["content"]

@@ -85,7 +85,9 @@ async def infill(request: Request) -> JSONResponse:
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
         limit = body.n_predict if body.n_predict and body.n_predict > 0 else None
         answer = await state.completion.complete(request, body.to_tabby(language_of(body)), limit)
-        if answer is not None:
+        if answer is None:  # a newer keystroke's request superseded it, as on Tabby's route
+            headers = {"X-Keel-Superseded": "1"}
+        else:
             content = cut_at_indent(answer.response.choices[0].text, body.n_indent)
             line_suffix = body.input_suffix.partition("\n")[0]
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
