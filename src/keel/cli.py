@@ -226,7 +226,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from keel.models.registry import list_model_files, read_facts, resolve_model
 
     settings, paths = _load(args)
-    print("configured:")
+    print("in the config (GET /v1/model on a running keel: what serves after a load):")
     for role in ROLES:
         for index, provider in enumerate(settings.model.role(role).chain()):
             label = "primary" if index == 0 else f"fallback {index}"

@@ -355,3 +355,37 @@ def test_config_check_says_which_tabby_sections_keel_ignores(tmp_path: Path) -> 
     result = run_cli("config", "check", str(write(tmp_path, text)), env=env)
     assert result.returncode == 0, result.stderr
     assert "warning: [answer] is ignored" in result.stderr
+
+
+def _gguf_with_vocabulary(tokens: list[str]) -> bytes:
+    """A GGUF v3 header whose only value is the tokenizer's vocabulary (no tensors)."""
+    import struct
+
+    key = b"tokenizer.ggml.tokens"
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    out += struct.pack("<IIQ", 9, 8, len(tokens))  # an array of strings
+    return out + b"".join(struct.pack("<Q", len(t.encode())) + t.encode() for t in tokens)
+
+
+def test_a_local_model_named_by_no_family_is_prompted_by_its_vocabularys_markers(
+    tmp_path: Path,
+) -> None:
+    """A renamed file (a fine-tune, say) holding Qwen2.5-Coder's FIM tokens was prompted
+    with its prefix alone, while `keel models list` showed its FIM tokens."""
+    from keel.pipeline.prompt import FIM_TEMPLATES
+    from keel.providers.catalog import build_providers
+
+    models = tmp_path / "models"
+    models.mkdir()
+    markers = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    (models / "team-finetune.gguf").write_bytes(_gguf_with_vocabulary(["a", *markers]))
+    (models / "plain.gguf").write_bytes(_gguf_with_vocabulary(["a", "b"]))
+    text = (
+        '[model.completion.local]\nmodel_id = "team-finetune"\n'
+        '[model.chat.local]\nmodel_id = "plain"\n'
+    )
+    settings = load_settings(write(tmp_path, text), Paths(tmp_path), {})
+    chains = build_providers(settings, Paths(tmp_path)).chains
+    finetune = chains["completion"][0][0].provider
+    assert finetune.prompt_template == FIM_TEMPLATES["qwen2.5-coder"]  # type: ignore[attr-defined]
+    assert chains["chat"][0][0].provider.prompt_template is None  # type: ignore[attr-defined]

@@ -179,6 +179,14 @@ _FIM_ID_KEYS = (
 )
 
 
+def fim_family(vocabulary: frozenset[str]) -> str | None:
+    """The family (a :data:`FIM_TOKEN_SETS` key) whose FIM markers the vocabulary has."""
+    for family, tokens in FIM_TOKEN_SETS.items():
+        if all(token in vocabulary for token in tokens):
+            return family
+    return None
+
+
 def fim_tokens(metadata: dict[str, object], vocabulary: frozenset[str]) -> str | None:
     """The FIM markers a model has (one family's, joined), or None, from
     :func:`read_header`'s two parts.
@@ -186,9 +194,8 @@ def fim_tokens(metadata: dict[str, object], vocabulary: frozenset[str]) -> str |
     Read from the vocabulary itself, as llama.cpp does when it loads a model, so
     that an older GGUF without the ``fim_*_token_id`` keys is still recognised.
     """
-    for tokens in FIM_TOKEN_SETS.values():
-        if all(token in vocabulary for token in tokens):
-            return " ".join(tokens)
+    if (family := fim_family(vocabulary)) is not None:
+        return " ".join(FIM_TOKEN_SETS[family])
     for prefix_key, suffix_key in _FIM_ID_KEYS:
         if isinstance(metadata.get(prefix_key), int) and isinstance(metadata.get(suffix_key), int):
             return f"{prefix_key.rsplit('.', 1)[-1]}, {suffix_key.rsplit('.', 1)[-1]}"

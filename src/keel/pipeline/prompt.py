@@ -68,6 +68,17 @@ def template_for_model(model_name: str) -> str | None:
     return None if family is None else FIM_TEMPLATES[family]
 
 
+TEMPLATE_OF_MARKERS = {
+    "starcoder": "starcoder",
+    "qwen2.5-coder / codegemma": "qwen2.5-coder",
+    "deepseek-coder": "deepseek-coder",
+    "codellama": "codellama",
+    "codestral": "codestral",
+}
+"""The template family of each set of FIM markers a GGUF vocabulary may hold
+(``keel.models.gguf.FIM_TOKEN_SETS``)."""
+
+
 def check_template(template: str) -> None:
     """Raise ``ValueError`` unless ``template`` is usable by :func:`render_template`.
 

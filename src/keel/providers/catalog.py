@@ -27,7 +27,10 @@ from keel.config import (
     Settings,
     masked_url,
 )
+from keel.errors import MissingDependency
+from keel.models import gguf
 from keel.models.registry import resolve_model
+from keel.pipeline.prompt import FIM_TEMPLATES, TEMPLATE_OF_MARKERS, template_for_model
 from keel.providers.base import Provider
 from keel.providers.local import LocalProvider
 from keel.router.router import DEFAULT_TIMEOUTS
@@ -116,17 +119,32 @@ def build_local_provider(
     if running is not None and spec in running:
         return running[spec]
     name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
+    template = config.prompt_template or template_for_model(config.model_id)
+    if template is None and not spec.embedding and config.model_id != EMBEDDED_MODEL_ID:
+        template = _template_of_file(model_path)
     provider = LocalProvider(
         WorkerSupervisor(spec, name=name),
         name=name,
         model=config.model_id,
         ready_timeout=ready_timeout,
-        prompt_template=config.prompt_template,
+        prompt_template=template,
         stop_words=tuple(config.additional_stop_words),
     )
     if running is not None:
         running[spec] = provider
     return provider
+
+
+def _template_of_file(model_path: Path) -> str | None:
+    """The FIM template of the markers the model's vocabulary holds: a file whose name
+    tells no family (renamed, or a fine-tune) was prompted with its prefix alone, while
+    `keel models list` showed its FIM tokens. Unreadable: the worker will say why."""
+    try:
+        _, vocabulary = gguf.read_header(model_path)
+    except (MissingDependency, OSError):
+        return None
+    family = gguf.fim_family(vocabulary)
+    return None if family is None else FIM_TEMPLATES[TEMPLATE_OF_MARKERS[family]]
 
 
 def build_providers(
