@@ -475,17 +475,18 @@ class CompletionConfig(_Section):
 
 class RepositoryConfig(_Section):
     """``[[repositories]]``: a code base whose chunks completions may show the model.
-    Tabby's form (``git_url``, ``refs``, no name) is taken: a ``file://`` URL is the
-    checkout's path, and the name comes from the path."""
+    Tabby's form (``git_url``, ``refs``, no name) is taken (:func:`_tabby_repositories`)."""
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="Short name, also the index directory under <data root>/index "
         "(default: the checkout's directory name).",
     )
-    path: str = Field(
+    path: str | None = Field(
+        None,
         description="Local checkout to index; requests for files under it use it "
-        "(default: a file:// git_url's path)."
+        "(default: a file:// git_url's path; a repository with neither is skipped: keel "
+        "does not clone).",
     )
     git_url: str | None = Field(
         None,
@@ -496,23 +497,35 @@ class RepositoryConfig(_Section):
         description="Accepted from Tabby's config; keel indexes the checkout at path as it is.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _tabbys_form(cls, data: object) -> object:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        url = data.get("git_url")
-        if data.get("path") is None:
-            if not (isinstance(url, str) and url.startswith("file://")):
-                raise ValueError(
-                    "keel indexes a local checkout: set path (keel does not clone git_url)"
-                )
-            data["path"] = url.removeprefix("file://")
-        if data.get("name") is None and isinstance(data["path"], str):
-            stem = Path(data["path"].rstrip("/")).name.removesuffix(".git")
-            data["name"] = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:64] or "repo"
-        return data
+
+def _tabby_repositories(repositories: list[Any]) -> list[Any]:
+    """Tabby's ``[[repositories]]`` (``git_url``, no name or path) in keel's form: a
+    ``file://`` URL is the checkout's path, and a missing name is the checkout's (or the
+    URL's) last part, made unique among the names (``app``, ``app-2``)."""
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    taken = {r.get("name") for r in repositories if isinstance(r, dict)}
+    shaped = []
+    for repo in repositories:
+        if isinstance(repo, dict) and repo.get("name") is None:
+            repo = dict(repo)
+            url = repo.get("git_url")
+            if repo.get("path") is None and isinstance(url, str) and url.startswith("file:"):
+                parts = urlsplit(url)
+                if parts.netloc in ("", "localhost"):
+                    repo["path"] = url2pathname(parts.path)
+            source = repo.get("path") or url
+            stem = Path(str(source or "repo").rstrip("/")).name.removesuffix(".git")
+            base = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:60] or "repo"
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+            taken.add(name)
+            repo["name"] = name
+        shaped.append(repo)
+    return shaped
 
 
 class IndexConfig(_Section):
@@ -629,6 +642,12 @@ class Settings(_Section):
             )
         if self.anonymous_usage_tracking is not None:
             ignored.append("[anonymousUsageTracking] is ignored: keel sends no usage data")
+        for repo in self.repositories:
+            if repo.path is None:
+                ignored.append(
+                    f"repository {repo.name!r} is skipped: keel indexes a local checkout and "
+                    "does not clone git_url; set its path"
+                )
         return ignored
 
     @field_validator("repositories")
@@ -769,7 +788,8 @@ def parse_settings(
     issues += _kind_issues(data)
     repositories = data.get("repositories") if isinstance(data, dict) else None
     if isinstance(repositories, list):  # with the other errors (the list's check waits
-        names = [r.get("name") for r in repositories if isinstance(r, dict)]  # on its items)
+        data["repositories"] = repositories = _tabby_repositories(repositories)  # on its items)
+        names = [r.get("name") for r in repositories if isinstance(r, dict)]
         if repeated := _repeated_names(names):
             issues.append(ConfigIssue("repositories", repeated))
     try:

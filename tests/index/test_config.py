@@ -36,13 +36,23 @@ def test_bad_values_name_their_key(raw: dict[str, object], key: str) -> None:
 
 
 def test_tabbys_repository_form_is_taken() -> None:
-    """Tabby's [[repositories]] has git_url and refs, no name or path: keel refused
-    both keys, and a path-less repository was never indexed, silently."""
-    raw = {"repositories": [{"git_url": "file:///home/dev/billing-api", "refs": ["main"]}]}
-    repo = parse_settings(raw, "config.toml", {}).repositories[0]
-    assert (repo.name, repo.path, repo.refs) == ("billing-api", "/home/dev/billing-api", ["main"])
-    remote = {"repositories": [{"git_url": "https://github.com/acme/billing-api.git"}]}
-    with pytest.raises(ConfigError) as caught:
-        parse_settings(remote, "config.toml", {})
-    assert "  - repositories[0]: " in caught.value.message
-    assert "set path (keel does not clone git_url)" in caught.value.message
+    """Tabby's [[repositories]] has git_url and refs, no name or path: keel refused both
+    keys; with names derived, two of them read as a repeated name."""
+    raw = {
+        "repositories": [
+            {"git_url": "file:///home/dev/billing-api", "refs": ["main"]},
+            {"git_url": "file:///home/dev/team%20b/billing-api"},  # the same directory name
+            {"git_url": "https://github.com/acme/web.git"},  # Tabby clones it; keel does not
+        ]
+    }
+    settings = parse_settings(raw, "config.toml", {})
+    shaped = [(repo.name, repo.path, repo.refs) for repo in settings.repositories]
+    assert shaped == [
+        ("billing-api", "/home/dev/billing-api", ["main"]),
+        ("billing-api-2", "/home/dev/team b/billing-api", []),
+        ("web", None, []),
+    ]
+    assert settings.ignored_sections() == [
+        "repository 'web' is skipped: keel indexes a local checkout and does not clone "
+        "git_url; set its path"
+    ]

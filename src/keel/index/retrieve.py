@@ -138,6 +138,8 @@ class RepositoryRetriever:
     ) -> RepositoryRetriever:
         built = []
         for repo in repositories:
+            if repo.path is None:  # keel does not clone (config check and serve say so)
+                continue
             root = Path(repo.path).expanduser().resolve()
             urls = {normalize_git_url(u) for u in (repo.git_url, _origin_url(root)) if u}
             index = RepositoryIndex(
