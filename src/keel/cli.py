@@ -444,7 +444,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while True:
         try:
-            response = httpx.get(f"{url}/health", timeout=2)
+            # trust_env=False: a proxy set for pulls (HTTP_PROXY) must not carry loopback
+            response = httpx.get(f"{url}/health", timeout=2, trust_env=False)
             last = f"HTTP {response.status_code}"
             if response.status_code == 200:
                 print(f"keel answers at {url}")

@@ -250,3 +250,22 @@ def test_tabbys_model_directories_load_and_a_registry_name_says_how_to_pull(
         resolve_model(str(tmp_path / "nowhere.gguf"), paths)
     assert "keel models pull" not in path.value.message
     assert path.value.message.count(str(tmp_path / "nowhere.gguf") + ",") == 1, "listed once"
+
+
+def test_no_home_directory_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container run as a user with no home (and KEEL_ROOT set for it): looking in
+    ~/.tabby raised RuntimeError for every model."""
+    import pwd
+
+    paths = Paths(tmp_path / "keel")
+    paths.models_dir.mkdir(parents=True)
+    (paths.models_dir / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.delenv("HOME", raising=False)
+
+    def no_user(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_user)
+    assert resolve_model("m", paths) == paths.models_dir / "m.gguf"
+    with pytest.raises(MissingDependency):
+        resolve_model("missing", paths)

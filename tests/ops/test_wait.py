@@ -40,9 +40,11 @@ def test_wait_returns_once_the_configured_port_answers_and_fails_naming_it(
     (root / "config.toml").write_text(f"[server]\nport = {port}\n{NO_WORKERS}")
     env = {**os.environ, "KEEL_ROOT": str(root)}
     wait = [sys.executable, "-m", "keel", "wait"]
+    # A proxy set for pulls (in the unit's environment file) must not carry loopback.
+    proxied = {**env, "HTTP_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9"}
     waiting = subprocess.Popen(
         [*wait, "--timeout", "60"],
-        env=env,
+        env=proxied,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -217,10 +217,26 @@ async def test_a_superseded_infill_says_so(keel: httpx.AsyncClient, llamacpp: Fa
     llamacpp.token_delay = 0.5
     lines = ["import os", "", "def main():"]
     older = asyncio.ensure_future(keel.post("/infill", json=fim(lines, "    value = ")))
-    while not any(r.path == "/completion" for r in llamacpp.requests):
-        await asyncio.sleep(0.01)
+    await llamacpp.wait_for(lambda: any(r.path == "/completion" for r in llamacpp.requests), 5)
     newer = await keel.post("/infill", json=fim(lines, "    value = c"))
     superseded = await older
     assert superseded.json()["content"] == "", superseded.text
     assert superseded.headers.get("x-keel-superseded") == "1"
     assert "x-keel-superseded" not in newer.headers and newer.json()["content"]
+
+
+async def test_n_predict_holds_while_requests_queue(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """Under pressure keel halves its budget, to no fewer than 8 tokens: a client's
+    4 became 8."""
+    from tests.serving.conftest import state_of
+
+    admission = state_of(keel).routing.admission["completion"]
+    admission.waiting += 1  # as if a request queued
+    try:
+        asked = await keel.post("/infill", json={**fim(["a = 1"], "b = "), "n_predict": 4})
+    finally:
+        admission.waiting -= 1
+    assert asked.status_code == 200, asked.text
+    assert [r.json["n_predict"] for r in llamacpp.requests if r.path == "/completion"] == [4]

@@ -24,3 +24,12 @@ def test_a_colleague_elsewhere_does_not_carry_on_from_it() -> None:
     short = ("import o", "")
     assert types_on(short, ("import os", ""))
     assert not types_on(short, ("from x import y", ""))
+
+
+def test_a_shared_file_end_or_an_empty_file_is_no_evidence() -> None:
+    """Everyone typing at the end of a file sends the suffix "\n": two colleagues there
+    cancelled each other; an empty prefix (a new file) was carried on by anything."""
+    alice = ("import os\nprint(os.getcwd())", "\n")
+    assert not types_on(alice, ("class Foo:\n    def bar(self):", "\n"))
+    assert types_on(alice, ("import os\nprint(os.getcwd()) ", "\n"))  # her next keystroke
+    assert not types_on(("", "x = 1\n"), ("totally different", "other\n"))

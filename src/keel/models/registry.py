@@ -55,7 +55,10 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     candidates = [given, paths.models_dir / model_id, paths.models_dir / f"{model_id}.gguf"]
     # Tabby's own layout: a model directory (given, or under ~/.tabby/models by its
     # registry name), its weights in ggml/
-    for directory in (given, Path(TABBY_MODELS).expanduser() / model_id):
+    directories = [given]
+    with contextlib.suppress(RuntimeError):  # no home directory: no Tabby downloads
+        directories.append(Path(TABBY_MODELS).expanduser() / model_id)
+    for directory in directories:
         candidates += [directory / "ggml" / name for name in TABBY_WEIGHTS]
     candidates = list(dict.fromkeys(candidates))  # an absolute path is models_dir / it
     for candidate in candidates:

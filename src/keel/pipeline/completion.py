@@ -275,11 +275,13 @@ class TabbyPrompts:
                 provider, task.language, task.prefix, task.suffix, chosen, budget, stops
             )
         max_tokens = self.max_decoding_tokens or provider.default_max_tokens
-        if task.max_tokens is not None:
+        if pressured:
+            max_tokens = max(8, max_tokens // 2)
+        if task.max_tokens is not None:  # the client's cap holds under pressure too
             max_tokens = min(max_tokens, task.max_tokens)
         temperature = task.request.temperature
         params = GenerationParams(
-            max_tokens=max(8, max_tokens // 2) if pressured else max_tokens,
+            max_tokens=max_tokens,
             temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
             stop=tuple(stops),
             seed=task.request.seed,

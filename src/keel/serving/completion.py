@@ -120,13 +120,13 @@ class CompletionServing:
         same editor superseded it. Also serves llama.cpp's ``/infill`` (its body read
         as a Tabby request, its ``n_predict`` as ``max_tokens``)."""
         async with CancelOnDisconnect(http):
-            task = await self.prompts.read(body, self._cap(max_tokens))
+            task = await self.prompts.read(body, max_tokens)
             if task.language is UNKNOWN and body.language:
                 self._note_language(body.language)
             key = editor_key(http, body)
             # A capped answer is generated for this request: a cached or running one is
             # as long as keel's budget made it.
-            place = _place(key, task) if task.max_tokens is None else None
+            place = None if self._caps(max_tokens) else _place(key, task)
             answer = await self._supersede(key, body, self.answer(task, place))
             if answer is None:
                 return None
@@ -145,14 +145,14 @@ class CompletionServing:
         note_provider(http, answer.served_by)
         return answer
 
-    def _cap(self, max_tokens: int | None) -> int | None:
-        """A client's cap on new tokens, if it is below keel's own budget (that of the
-        role's primary); None if it changes nothing."""
+    def _caps(self, max_tokens: int | None) -> bool:
+        """Whether a client's cap on new tokens is below keel's own budget (that of the
+        role's primary)."""
         primary = self.router.primary
         budget = self.prompts.max_decoding_tokens
         if budget is None and isinstance(primary, CompletionProvider):
             budget = primary.default_max_tokens
-        return max_tokens if max_tokens is not None and max_tokens < (budget or 0) else None
+        return max_tokens is not None and max_tokens < (budget or 0)
 
     def _note_language(self, language_id: str) -> None:
         """A request completed without language rules: counted when keel has none for
@@ -422,12 +422,12 @@ def types_on(old: tuple[str, str], new: tuple[str, str]) -> bool:
     a colleague's request elsewhere superseded this one, and they lost completions in
     proportion to how busy the team was."""
     (old_prefix, old_suffix), (new_prefix, new_suffix) = old, new
-    if old_suffix and old_suffix == new_suffix:
+    if old_suffix.strip() and old_suffix == new_suffix:  # not a file's end: "\n" for all
         return True
     kept = old_prefix[: len(old_prefix) - EDIT_REACH]
     if not kept:  # a short prefix (a file's first lines): its first half unchanged
         half = old_prefix[: len(old_prefix) // 2]
-        return new_prefix.startswith(half)
+        return bool(half.strip()) and new_prefix.startswith(half)
     return kept[-EDIT_REACH:] in new_prefix  # the window's start moves as lines are added
 
 
