@@ -7,6 +7,8 @@ from pathlib import Path
 import httpx
 from tests.api.conftest import USER, Backends, build_app, serving
 
+from keel.models.registry import embedded_model_path
+
 
 async def test_a_remote_chat_model_is_named_without_a_device(client: httpx.AsyncClient) -> None:
     health = (await client.get("/v1/health", headers=USER)).json()
@@ -26,7 +28,16 @@ async def test_a_config_that_leaves_chat_out_offers_no_chat(
         f'[model.embedding.http]\nkind = "openai/embedding"\n'
         f'api_endpoint = "{backends.fallback.url}/v1"\n'
     )
+    models = tmp_path / "keel" / "models"
+    models.mkdir(parents=True)
+    (models / "team-chat.gguf").symlink_to(embedded_model_path())
     async with serving(build_app(tmp_path / "keel", config)) as client:
         health = (await client.get("/v1/health")).json()
         assert "chat_model" not in health and "chat_device" not in health, health
         assert health["models"]["chat"] == "SmolLM2-135M-Instruct"  # it still answers
+        # A chat model an admin loads is offered.
+        body = {"model_name": "team-chat", "role": "chat", "stream": False}
+        loaded = await client.post("/v1/model/load", json=body, timeout=120)
+        assert loaded.status_code == 200, loaded.text
+        health = (await client.get("/v1/health")).json()
+        assert (health["chat_model"], health["chat_device"]) == ("team-chat", "cpu")

@@ -389,3 +389,21 @@ def test_a_local_model_named_by_no_family_is_prompted_by_its_vocabularys_markers
     finetune = chains["completion"][0][0].provider
     assert finetune.prompt_template == FIM_TEMPLATES["qwen2.5-coder"]  # type: ignore[attr-defined]
     assert chains["chat"][0][0].provider.prompt_template is None  # type: ignore[attr-defined]
+
+
+def test_a_reload_applies_completions_own_settings_to_a_kept_worker(tmp_path: Path) -> None:
+    """The worker is kept (same model and engine settings), but its stop words and FIM
+    template are completion's settings: a reload kept the old ones until a restart."""
+    from keel.providers.catalog import build_providers
+
+    def completion_with(text: str, previous: Any = None) -> Any:
+        settings = load_settings(write(tmp_path, text), Paths(tmp_path), {})
+        return build_providers(settings, Paths(tmp_path), previous)
+
+    first = completion_with('[model.completion.local]\nadditional_stop_words = ["A"]\n')
+    text = '[model.completion.local]\nadditional_stop_words = ["B"]\nprompt_template = "{prefix}"\n'
+    second = completion_with(text, first)
+    kept = second.chains["completion"][0][0].provider
+    assert kept is first.chains["completion"][0][0].provider, "the worker is kept"
+    assert (kept.stop_words, kept.prompt_template) == (("B",), "{prefix}")
+    assert second.chains["chat"][0][0].provider is kept, "chat shares it, as before"

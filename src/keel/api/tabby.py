@@ -14,8 +14,9 @@ from keel import __version__, build_info
 from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
 from keel.api.state import app_state
-from keel.config import Role, Settings
+from keel.config import EMBEDDED_MODEL_ID, Role, Settings
 from keel.errors import RequestError
+from keel.providers.base import Provider
 from keel.schemas.openapi import ERRORS, json_body
 from keel.schemas.tabby import (
     BetaModels,
@@ -67,22 +68,24 @@ def _cpu_info() -> str:
     return platform.processor() or platform.machine()
 
 
-def chat_offered(settings: Settings) -> bool:
+def chat_offered(settings: Settings, chat: Provider) -> bool:
     """Whether ``/v1/health`` names a chat model, which is what makes Tabby's clients
     offer chat (inline edits, commit messages). A config that sets other roles and
     leaves ``[model.chat]`` out means no chat, as in Tabby: editors were offered the
     embedded 135M model as the team's chat model (``/v1/chat/completions`` still
     answers from it). With no ``[model]`` at all, keel is the embedded model in every
-    role, chat included."""
+    role, chat included; and a chat model an admin loaded is offered."""
     configured = settings.model.model_fields_set
-    return "chat" in configured or not configured
+    return "chat" in configured or not configured or chat.info.model != EMBEDDED_MODEL_ID
 
 
 def health_state(request: Request) -> HealthState:
     state = app_state(request)
     providers = state.providers
     info = build_info()
-    chat = providers.for_role("chat") if chat_offered(state.settings) else None
+    chat: Provider | None = providers.for_role("chat")
+    if chat is not None and not chat_offered(state.settings, chat):
+        chat = None
     return HealthState(
         model=providers.for_role("completion").info.model,
         chat_model=chat.info.model if chat is not None else None,

@@ -116,19 +116,23 @@ def build_local_provider(
     its worker; a reload keeps an unchanged worker), and a new one is added.
     """
     spec = local_worker_spec(role, config, model_path)
-    if running is not None and spec in running:
-        return running[spec]
-    name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
     template = config.prompt_template or template_for_model(config.model_id)
     if template is None and not spec.embedding and config.model_id != EMBEDDED_MODEL_ID:
         template = _template_of_file(model_path)
+    stop_words = tuple(config.additional_stop_words)
+    if running is not None and spec in running:
+        provider = running[spec]
+        if role == "completion":  # completion's own settings (a reload's, a load's)
+            provider.prompt_template, provider.stop_words = template, stop_words
+        return provider
+    name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
     provider = LocalProvider(
         WorkerSupervisor(spec, name=name),
         name=name,
         model=config.model_id,
         ready_timeout=ready_timeout,
         prompt_template=template,
-        stop_words=tuple(config.additional_stop_words),
+        stop_words=stop_words,
     )
     if running is not None:
         running[spec] = provider

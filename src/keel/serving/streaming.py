@@ -136,8 +136,9 @@ async def stream_response(
         raise
 
     async def events() -> AsyncGenerator[bytes, None]:
-        opening = b"".join([sse(event) for event in head()])
+        opening = b""
         try:
+            opening = b"".join([sse(event) for event in head()])
             if first is not None:
                 yield opening + sse(chunk(first))
                 opening = b""
