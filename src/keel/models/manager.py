@@ -191,7 +191,7 @@ class ModelManager:
                     raise NotFound(exc.message) from None
                 continue
             if local_worker_spec(role, config, path) in running:
-                return candidate, path, f"{candidate} is running already (another role): shared"
+                return candidate, path, f"{candidate} runs already with these settings: shared"
             try:
                 needed = memory_needed(local_worker_spec(role, config, path))
             except MissingDependency as exc:  # not a GGUF file, or a damaged one
