@@ -818,8 +818,10 @@ SECRET_KEYS = ("api_key", "admin_key", "password", "token", "secret")
 
 
 def masked_url(text: str) -> str:
-    """``text`` with the password of any URL in it as ``***``."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", text)
+    """``text`` with the password and the query values of any URL in it as ``***``
+    (``?token=...``: a backend's credential, as much as a password)."""
+    text = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", text)
+    return re.sub(r"([?&][^=&#\s/]+=)[^&#\s]*", r"\1***", text)
 
 
 def _shown(key: str, value: object) -> object:

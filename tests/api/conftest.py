@@ -118,7 +118,7 @@ async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """A client of ``app`` running (its lifespan started), sending no key by default."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             yield http
 
 

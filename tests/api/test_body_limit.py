@@ -19,7 +19,7 @@ async def echo_size(scope: Scope, receive: Receive, send: Send) -> None:
 
 def client() -> httpx.AsyncClient:
     app = KeelMiddleware(echo_size, max_body_bytes=10, cors=CorsPolicy([]))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://keel")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
 
 def assert_413(response: httpx.Response) -> None:

@@ -3,6 +3,7 @@ answered, and the answer carries the grant (and keel's own headers, readable).""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -66,13 +67,44 @@ async def test_another_sites_page_gets_no_grant(default: httpx.AsyncClient) -> N
     assert asked.status_code == 403, asked.text
     assert "server.cors_allowed_origins" in asked.json()["error"]["message"]
     assert "access-control-allow-origin" not in asked.headers
-    answer = await default.post(
-        "/v1/chat/completions", json=CHAT, headers={**USER, "Origin": origin}
-    )
-    assert answer.status_code == 200  # served (a browser would not let the page read it)
+    # A request browsers send without a preflight (text/plain) is refused all the same:
+    # it was served (unread by the page), so any site drove a keel with no keys (CSRF).
+    sent = {**USER, "Origin": origin, "content-type": "text/plain;charset=UTF-8"}
+    answer = await default.post("/v1/chat/completions", content=json.dumps(CHAT), headers=sent)
+    assert answer.status_code == 403, answer.text
+    assert "server.cors_allowed_origins" in answer.json()["error"]["message"]
     assert "access-control-allow-origin" not in answer.headers
     plain = await default.post("/v1/chat/completions", json=CHAT, headers=USER)
-    assert "access-control-allow-origin" not in plain.headers  # no Origin: no CORS
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+    # keel's own pages (the status page's playground) send its own origin
+    own = await default.post(
+        "/v1/chat/completions", json=CHAT, headers={**USER, "Origin": "http://keel"}
+    )
+    assert own.status_code == 200, own.text
+
+
+async def test_with_no_keys_only_requests_addressed_to_loopback_are_served(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """DNS rebinding: a page that points its own name at 127.0.0.1 is same-origin with
+    keel to its browser, and read and drove a keel with no keys."""
+    config = backends.config()
+    auth = config.index("[auth]")
+    config = config[:auth] + config[config.index("[model.completion]") :]  # no keys
+    app = build_app(tmp_path / "keel", config)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        for host, status in (
+            ("rebind.attacker.example:8080", 403),
+            ("localhost:8080", 200),
+            ("127.0.0.1:8080", 200),
+            ("[::1]:8080", 200),
+        ):
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as http:
+                answer = await http.get("/v1/providers")
+                assert answer.status_code == status, (host, answer.text)
+                if status == 403:
+                    assert "configure [auth] api_keys" in answer.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ and a one-word state per role, never a filesystem path, a PID or an upstream URL
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ async def test_public_routes_show_no_path_pid_or_upstream_url(
     assert {("/health", "GET"), ("/ready", "GET"), ("/health/deep", "GET")} <= set(public)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             # Wait until the broken worker has started and given up: a PID and an error exist.
             for _ in range(200):
                 embedding = (await client.get("/ready", headers=USER)).json()["roles"]["embedding"]
@@ -99,3 +100,15 @@ async def test_public_routes_show_no_path_pid_or_upstream_url(
             deep = await client.get("/health/deep")
             assert deep.status_code == 503
             assert deep.json()["roles"]["embedding"]["ok"] is False
+
+
+async def test_a_path_cannot_write_a_line_of_its_own_into_the_log(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The access log wrote the decoded path: "%0a" in a URL forged a log line."""
+    forged = "/x%0a2026-12-02%2009:00:00,000%20WARNING%20keel.auth:%20admin%20key%20accepted"
+    with caplog.at_level(logging.INFO, logger="keel.access"):
+        assert (await client.get(forged)).status_code in (401, 404)
+    lines = [r.getMessage() for r in caplog.records if r.name == "keel.access"]
+    assert lines and all("\n" not in line for line in lines), lines
+    assert any("/x%0a2026" in line for line in lines), lines

@@ -490,3 +490,15 @@ async def test_a_next_edit_suggestion_is_refused_not_answered_as_a_completion(
     assert_names(refused, "mode", "invalid_field")
     served = await client.post("/v1/completions", json={**body, "mode": "standard"}, headers=USER)
     assert served.status_code == 200 and served.json()["mode"] == "standard", served.text
+
+
+async def test_an_events_select_kind_is_tabbys_line_or_none(client: httpx.AsyncClient) -> None:
+    """Any text was stored: 60 kB a call filled the disk at ~14 MB/s from one user key."""
+    event = {"type": "select", "completion_id": "cmpl-1", "choice_index": 0}
+    refused = await client.post(
+        "/v1/events", params={"select_kind": "A" * 60_000}, json=event, headers=USER
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "query.select_kind"
+    line = await client.post("/v1/events", params={"select_kind": "line"}, json=event, headers=USER)
+    assert line.status_code == 200, line.text

@@ -126,7 +126,7 @@ async def test_the_calls_and_their_results_go_back_with_the_conversation(
 async def test_the_openai_sdk_reads_the_calls_whole_and_streamed(
     client: httpx.AsyncClient,
 ) -> None:
-    sdk = openai.AsyncOpenAI(base_url="http://keel/v1", api_key=USER_KEY, http_client=client)
+    sdk = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key=USER_KEY, http_client=client)
     answer = await sdk.chat.completions.create(
         model="any",
         messages=ASK,

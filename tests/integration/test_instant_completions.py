@@ -54,7 +54,7 @@ async def keel(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://keel", timeout=120
+            transport=transport, base_url="http://localhost", timeout=120
         ) as http:
             yield http
 

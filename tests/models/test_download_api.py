@@ -30,7 +30,7 @@ async def client(
     app: FastAPI = build_app(tmp_path / "keel", keel_config(upstream.url, upstream.url))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             yield http
 
 

@@ -93,7 +93,7 @@ async def test_json_log_lines_carry_the_request_id() -> None:
     )
     try:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             response = await client.get("/", headers={"X-Request-ID": "req-7"})
         logger.info("outside")
     finally:

@@ -73,7 +73,7 @@ async def keel(llamacpp: FakeUpstream, tmp_path: Path) -> AsyncIterator[httpx.As
     app = build_app(tmp_path / "keel", llamacpp_config(llamacpp.url))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             yield http
 
 

@@ -139,7 +139,7 @@ async def with_fallback(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient
         app = build_app(tmp_path / "keel", config)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://keel") as http:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
                 yield http, primary
 
 

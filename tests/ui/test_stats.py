@@ -155,7 +155,7 @@ async def client(
         transport = httpx.ASGITransport(app=app)
         headers = {"Authorization": f"Bearer {UI_KEY}"}
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://keel", headers=headers
+            transport=transport, base_url="http://localhost", headers=headers
         ) as http:
             yield http
 

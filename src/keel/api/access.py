@@ -60,6 +60,8 @@ class Require:
         state = app_state(request)
         store = state.keys
         if not store.enabled:
+            if not state.settings.auth.allow_unauthenticated_remote:
+                _addressed_to_loopback(request)
             return Identity(Access.ADMIN, None)
         presented = presented_keys(request)
         identity = store.identify(presented)
@@ -88,6 +90,27 @@ class Require:
                     retry_after=wait,
                 )
         return identity
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _addressed_to_loopback(request: Request) -> None:
+    """With no keys (keel on loopback), a request must be addressed to a loopback name:
+    a web page that points its own name at 127.0.0.1 (DNS rebinding) reads and drives a
+    keel its browser's same-origin rule then takes for the page's own."""
+    host = request.headers.get("host", "")
+    name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    name = name.strip("[]") if name.startswith("[") else name
+    if name.lower() in LOOPBACK_NAMES or name.startswith("127."):
+        return
+    if host.startswith("[") and host.partition("]")[0].strip("[") == "::1":
+        return
+    raise Forbidden(
+        f"this keel has no keys, so it answers only requests addressed to localhost, "
+        f"127.0.0.1 or [::1], not to {host!r} (a page pointing its own name at this "
+        "machine could drive it); configure [auth] api_keys to serve other names"
+    )
 
 
 def is_model_route(request: Request) -> bool:

@@ -85,16 +85,27 @@ class CorsPolicy:
         origin = origin.lower()
         return self.any or origin in self.allowed or _PORT.sub("", origin) in self.allowed
 
+    def welcomes(self, origin: str, host: bytes) -> bool:
+        """Whether a request a page at ``origin`` sent is served: an allowed origin's, or
+        keel's own pages' (the status page, addressed by ``host``). A browser sends
+        some requests without asking first (a ``text/plain`` POST): refused only at the
+        preflight, another site's page drove a keel with no keys (CSRF)."""
+        own = origin.partition("://")[2].lower() == host.decode("latin-1").lower()
+        return own or self.allows(origin)
+
+    def refusal(self, origin: str) -> Response:
+        return error_response(
+            Forbidden(
+                f"pages from {origin} may not call keel from a browser; add the origin "
+                "to server.cors_allowed_origins"
+            )
+        )
+
     def preflight(self, origin: str, scope: Scope) -> Response:
         """The answer to a browser's preflight ``OPTIONS`` from ``origin`` (the grant
         itself is added to every answer to an allowed origin)."""
         if not self.allows(origin):
-            return error_response(
-                Forbidden(
-                    f"pages from {origin} may not call keel from a browser; add the origin "
-                    "to server.cors_allowed_origins"
-                )
-            )
+            return self.refusal(origin)
         asked = dict(scope["headers"]).get(b"access-control-request-headers", b"")
         return Response(
             status_code=204,
@@ -149,6 +160,7 @@ class KeelMiddleware:
         declared: int | None = None
         given: str | None = None
         origin: str | None = None
+        host = b""
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
                 declared = int(value)
@@ -157,6 +169,8 @@ class KeelMiddleware:
                 given = text if _SANE_ID.fullmatch(text) else None
             elif name == b"origin":
                 origin = value.decode("latin-1")
+            elif name == b"host":
+                host = value
         current = given or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = current
@@ -172,6 +186,8 @@ class KeelMiddleware:
         try:
             if origin is not None and scope["method"] == "OPTIONS":
                 await self.cors.preflight(origin, scope)(scope, receive, response)
+            elif origin is not None and not self.cors.welcomes(origin, host):
+                await self.cors.refusal(origin)(scope, receive, response)
             elif declared is not None and declared > self.max_body_bytes:
                 await self._reject(scope, receive, response)
             elif declared is not None:
@@ -245,7 +261,8 @@ class KeelMiddleware:
             (log.warning if status >= 500 else log.info)(
                 "%s %s -> %d in %.0f ms%s",
                 scope["method"],
-                scope.get("path", ""),
+                # as sent (percent-encoded): a decoded "%0a" wrote a forged line
+                scope.get("raw_path", b"").decode("latin-1") or scope.get("path", ""),
                 status,
                 seconds * 1000,
                 " (a stream begun with 200)" if status != response.status else "",

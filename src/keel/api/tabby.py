@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from functools import cache
+from typing import Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -41,7 +42,9 @@ TABBY_API_VERSION = "0.27.0"
     response_class=Response,
     openapi_extra=json_body(LogEventRequest),
 )
-async def log_event(request: Request, select_kind: str | None = None) -> Response:
+async def log_event(request: Request, select_kind: Literal["line"] | None = None) -> Response:
+    """``select_kind`` is Tabby's: ``line`` or none (any text was stored: 60 kB a call
+    filled the disk at ~14 MB/s from one key)."""
     event = parse_model(LogEventRequest, await read_json(request))
     state = app_state(request)
     state.metrics.completion_event(event.type, await state.events.language_of(event.completion_id))

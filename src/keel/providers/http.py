@@ -26,6 +26,7 @@ from keel.config import (
     HttpModelConfig,
     Role,
     http_table_issues,
+    masked_url,
 )
 from keel.errors import ConfigError
 from keel.providers.base import Provider, ProviderInfo
@@ -75,7 +76,9 @@ def build_http_provider(
         ),
         client=client,
     )
-    info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=upstream.endpoint)
+    # Shown to every user (/v1/model, /v1/providers, the status page): never a credential
+    shown = masked_url(upstream.endpoint)
+    info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=shown)
     stop_words = tuple(config.additional_stop_words)
     listed = tuple(config.supported_models or ())
     max_input_length = config.max_input_length

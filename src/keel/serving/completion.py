@@ -406,7 +406,9 @@ def editor_key(http: Request, body: TabbyCompletionRequest) -> tuple[str, str] |
     """
     if body.segments is None:
         return None
-    who = http.headers.get("authorization") or (http.client.host if http.client else "")
+    # the key (an x-api-key client's too, which fell back to its address: one proxy's)
+    who = getattr(http.state, "key_id", None) or http.headers.get("authorization")
+    who = who or (http.client.host if http.client else "")
     editor = f"{who}|{body.user or ''}|{http.headers.get('user-agent', '')}"
     return (editor, body.segments.filepath or "")
 

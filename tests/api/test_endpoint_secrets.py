@@ -1,0 +1,34 @@
+"""A backend's credential in its URL (``user:password@``) is never shown: a user key read
+it in /v1/model, /v1/providers and the status page's stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.api.conftest import USER, Backends, build_app, serving
+
+
+async def test_an_endpoints_credentials_are_masked_wherever_it_is_shown(
+    backends: Backends, tmp_path: Path
+) -> None:
+    url = backends.fallback.url
+    config = backends.config().replace(
+        f'kind = "openai/chat"\napi_endpoint = "{url}/v1"',
+        f'kind = "openai/chat"\napi_endpoint = "{url.replace("//", "//team:SECRETPW@")}/v1"',
+    )
+    assert "SECRETPW" in config
+    async with serving(build_app(tmp_path / "keel", config)) as client:
+        shown = [
+            (await client.get(path, headers=USER)).text
+            for path in ("/v1/model?role=chat", "/v1/providers", "/v1/stats")
+        ]
+        chat = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            headers=USER,
+        )
+    assert chat.status_code == 200, chat.text  # the backend still gets its token
+    assert all("SECRETPW" not in text for text in shown), shown
+    assert "//team:***@" in shown[0]
+    sent = [r.headers.get("authorization", "") for r in backends.fallback.requests]
+    assert any(value.startswith("Basic ") for value in sent), "the backend still gets it"
