@@ -96,12 +96,14 @@ async def test_with_no_keys_only_requests_addressed_to_loopback_are_served(
         transport = httpx.ASGITransport(app=app)
         for host, status in (
             ("rebind.attacker.example:8080", 403),
+            ("127.attacker.example:8080", 403),  # a name, not a loopback address
+            ("[::1", 403),
             ("localhost:8080", 200),
             ("127.0.0.1:8080", 200),
             ("[::1]:8080", 200),
         ):
-            async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as http:
-                answer = await http.get("/v1/providers")
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+                answer = await http.get("/v1/providers", headers={"host": host})
                 assert answer.status_code == status, (host, answer.text)
                 if status == 403:
                     assert "configure [auth] api_keys" in answer.json()["error"]["message"]

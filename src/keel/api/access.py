@@ -9,9 +9,12 @@ configured at all (only allowed on a loopback address) every check passes.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import ipaddress
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
@@ -92,20 +95,15 @@ class Require:
         return identity
 
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
 def _addressed_to_loopback(request: Request) -> None:
     """With no keys (keel on loopback), a request must be addressed to a loopback name:
     a web page that points its own name at 127.0.0.1 (DNS rebinding) reads and drives a
     keel its browser's same-origin rule then takes for the page's own."""
     host = request.headers.get("host", "")
-    name = host.rpartition(":")[0] if host.count(":") == 1 else host
-    name = name.strip("[]") if name.startswith("[") else name
-    if name.lower() in LOOPBACK_NAMES or name.startswith("127."):
-        return
-    if host.startswith("[") and host.partition("]")[0].strip("[") == "::1":
-        return
+    with contextlib.suppress(ValueError):  # a malformed host, or a name, not an address
+        name = urlsplit(f"//{host}").hostname or ""  # without the port and IPv6 brackets
+        if name == "localhost" or ipaddress.ip_address(name).is_loopback:
+            return
     raise Forbidden(
         f"this keel has no keys, so it answers only requests addressed to localhost, "
         f"127.0.0.1 or [::1], not to {host!r} (a page pointing its own name at this "
