@@ -81,7 +81,7 @@ MODEL_REQUIRED = frozenset({"ollama/completion", "ollama/embedding"})
 
 
 def http_table_issues(
-    role: Role, kind: str, api_endpoint: object, model_name: object
+    role: Role, kind: str, api_endpoint: object, model_name: object, api_key: object = None
 ) -> list[ConfigIssue]:
     """What a ``[model.<role>.http]`` table lacks to work, keyed by its fields: checked
     when the config is read (``keel config check``, doctor, a reload), which passed a
@@ -98,6 +98,14 @@ def http_table_issues(
     issues = []
     if not api_endpoint and kind not in DEFAULT_ENDPOINTS:
         issues.append(ConfigIssue("api_endpoint", f"required for kind {kind}"))
+    endpoints = api_endpoint if isinstance(api_endpoint, list) else [api_endpoint]
+    if api_key and any(isinstance(e, str) and re.match(r"\w+://[^/]*@", e) for e in endpoints):
+        issues.append(  # the HTTP client refuses both at once: every request failed
+            ConfigIssue(
+                "api_key",
+                "set, and api_endpoint carries credentials (user:password@) too: keep one",
+            )
+        )
     if not model_name and kind not in DEFAULT_MODELS and kind in MODEL_REQUIRED:
         issues.append(
             ConfigIssue("model_name", f"required for kind {kind}: name the model to serve")
@@ -749,7 +757,9 @@ def _kind_issues(data: Any) -> list[ConfigIssue]:
         for where, entry in entries:
             if isinstance(entry, dict) and isinstance(entry.get("kind"), str):
                 endpoint = entry.get("api_endpoint") or entry.get("api_endpoints")
-                found = http_table_issues(role, entry["kind"], endpoint, entry.get("model_name"))
+                found = http_table_issues(
+                    role, entry["kind"], endpoint, entry.get("model_name"), entry.get("api_key")
+                )
                 for issue in found:
                     key = f"model.{role}.{where}.{issue.key}"
                     issues.append(ConfigIssue(key, issue.message, issue.value))

@@ -407,3 +407,16 @@ def test_a_reload_applies_completions_own_settings_to_a_kept_worker(tmp_path: Pa
     assert kept is first.chains["completion"][0][0].provider, "the worker is kept"
     assert (kept.stop_words, kept.prompt_template) == (("B",), "{prefix}")
     assert second.chains["chat"][0][0].provider is kept, "chat shares it, as before"
+
+
+def test_credentials_in_the_endpoint_and_an_api_key_are_refused_together(tmp_path: Path) -> None:
+    """The HTTP client refuses a request with both: every call to the provider failed,
+    and an unauthenticated /health/deep answered 500."""
+    text = (
+        '[model.chat.http]\nkind = "openai/chat"\n'
+        'api_endpoint = "http://team:pw@127.0.0.1:9/v1"\napi_key = "sk-0123456789"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), Paths(tmp_path), {})
+    assert caught.value.issues[0].key == "model.chat.http.api_key"
+    assert "pw" not in caught.value.message and "sk-0123456789" not in caught.value.message

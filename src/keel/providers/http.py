@@ -60,7 +60,7 @@ def build_http_provider(
     serve ``role`` or a missing ``api_endpoint`` / ``model_name``.
     """
     kind = config.kind
-    issues = http_table_issues(role, kind, config.api_endpoint, config.model_name)
+    issues = http_table_issues(role, kind, config.api_endpoint, config.model_name, config.api_key)
     if issues:
         raise ConfigError(f"provider {name!r}", issues)
     endpoint = config.api_endpoint or DEFAULT_ENDPOINTS[kind]
