@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -225,7 +226,14 @@ class KeyRateLimiter:
 
 
 def is_loopback(host: str) -> bool:
-    return host in {"127.0.0.1", "localhost", "::1"} or host.startswith("127.")
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); a name that merely begins
+    with "127." is neither."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def open_remote_issue(settings: Settings, root: Path, host: str) -> ConfigIssue | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import ipaddress
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,7 +21,7 @@ from starlette.routing import BaseRoute
 
 from keel.api.middleware import ROLE_BY_ROUTE
 from keel.api.state import app_state
-from keel.auth import Access, Identity
+from keel.auth import Access, Identity, is_loopback
 from keel.errors import AuthenticationError, Forbidden, RateLimited
 
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
@@ -100,9 +99,8 @@ def _addressed_to_loopback(request: Request) -> None:
     a web page that points its own name at 127.0.0.1 (DNS rebinding) reads and drives a
     keel its browser's same-origin rule then takes for the page's own."""
     host = request.headers.get("host", "")
-    with contextlib.suppress(ValueError):  # a malformed host, or a name, not an address
-        name = urlsplit(f"//{host}").hostname or ""  # without the port and IPv6 brackets
-        if name == "localhost" or ipaddress.ip_address(name).is_loopback:
+    with contextlib.suppress(ValueError):  # a malformed host
+        if is_loopback(urlsplit(f"//{host}").hostname or ""):  # no port, no IPv6 brackets
             return
     raise Forbidden(
         f"this keel has no keys, so it answers only requests addressed to localhost, "

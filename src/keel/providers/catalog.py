@@ -33,7 +33,7 @@ from keel.models.registry import resolve_model
 from keel.pipeline.prompt import FIM_TEMPLATES, TEMPLATE_OF_MARKERS, template_for_model
 from keel.providers.base import Provider
 from keel.providers.local import LocalProvider
-from keel.router.router import DEFAULT_TIMEOUTS
+from keel.router.router import DEFAULT_TIMEOUTS, with_overrides
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 
 
@@ -77,11 +77,8 @@ def read_timeout(role: Role, config: HttpModelConfig) -> float:
     between-tokens limit, whichever is longer (the router holds each request to them).
     ``[server] completion_timeout`` bounded every read, so a lowered one cut off slow
     chat and embedding backends, whatever their own limits said."""
-    default = DEFAULT_TIMEOUTS[role]
-    return max(
-        config.first_token_timeout or default.first_token,
-        config.between_tokens_timeout or default.between_tokens,
-    )
+    limits = with_overrides(config, DEFAULT_TIMEOUTS[role])
+    return max(limits.first_token, limits.between_tokens)
 
 
 def local_worker_spec(role: Role, config: LocalModelConfig, model_path: Path) -> WorkerSpec:

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 
 from keel.errors import UpstreamStatusError
-from keel.pipeline.prompt import template_for_model
 from keel.providers.base import (
     ChatCall,
     ChatProvider,
@@ -68,7 +67,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         self.info = ProviderInfo(
             name=name, kind="local", model=model, endpoint=None, details=asdict(supervisor.spec)
         )
-        self.prompt_template = prompt_template or template_for_model(model)
+        self.prompt_template = prompt_template  # chosen by the catalog (name, then vocabulary)
         self.stop_words = stop_words
         self._counts: OrderedDict[str, int] = OrderedDict()
         self.tools_answered_in_text = 0

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from keel.config import Role
+from keel.config import ProviderConfig, Role
 from keel.errors import KeelError, RateLimited, Unavailable, UpstreamTimeout, WorkerCrashed
 from keel.providers.base import Provider
 from keel.router.attempt import Attempts
@@ -109,6 +109,16 @@ DEFAULT_TIMEOUTS: dict[Role, Timeouts] = {
     "chat": Timeouts(first_token=60.0, between_tokens=15.0),
     "embedding": Timeouts(first_token=30.0, between_tokens=30.0),
 }
+
+
+def with_overrides(config: ProviderConfig, default: Timeouts) -> Timeouts:
+    """``default`` with a provider table's ``first_token_timeout`` and
+    ``between_tokens_timeout`` where it sets them."""
+    return Timeouts(
+        first_token=config.first_token_timeout or default.first_token,
+        between_tokens=config.between_tokens_timeout or default.between_tokens,
+    )
+
 
 UNHEALTHY_AFTER = 2
 """Consecutive failed checks (probe or live) before an endpoint is routed around."""

@@ -37,6 +37,7 @@ from keel.router.router import (
     RouterEvents,
     Timeouts,
     new_breaker,
+    with_overrides,
 )
 
 log = logging.getLogger("keel.router")
@@ -56,11 +57,7 @@ def _timeouts(role: Role, entry: ProviderEntry) -> Timeouts:
         default = LOCAL_EMBEDDING_TIMEOUTS if role == "embedding" else LOCAL_TIMEOUTS
     else:
         default = DEFAULT_TIMEOUTS[role]
-    config = entry.config
-    return Timeouts(
-        first_token=config.first_token_timeout or default.first_token,
-        between_tokens=config.between_tokens_timeout or default.between_tokens,
-    )
+    return with_overrides(entry.config, default)
 
 
 async def probe(role: Role, provider: Provider, timeout: float) -> None:
