@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tests.ports import free_port
+
 Mode = Literal[
     "normal",
     "status",
@@ -627,8 +629,5 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
 
 
 def unused_port() -> int:
-    """A loopback port with nothing listening (bound, read, released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port with nothing listening, that no other test of this run is handed."""
+    return free_port()
