@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test deps lint typecheck quality-gate pytest install node-deps sample-config clean rules-test
+.PHONY: serve test deps lint typecheck quality-gate pytest pytest-alongside-deps install node-deps sample-config clean rules-test
 
 serve: $(STAMP)
 	$(BIN)/keel serve
@@ -16,8 +16,16 @@ serve: $(STAMP)
 # CPU the tests leave idle while they wait on sockets and timers, yielding it to any test
 # process that wakes.
 IDLE = $(if $(shell command -v chrt),chrt --idle 0,nice -n 19)
-test: deps
-	@$(MAKE) --no-print-directory -j5 lint typecheck rules-test quality-gate pytest
+#
+# The tests start once the venv is in, while npm and apt still install (apt takes ~40 s
+# on a fresh machine): a test that needs what they install waits for its marker in
+# $(PENDING) to go (tests/deps.py), and such tests run last. Each marker holds the pid
+# of this recipe's shell, so one left behind by an interrupted run is not waited for.
+PENDING := .deps-pending
+test:
+	@mkdir -p $(PENDING) && echo $$$$ > $(PENDING)/node && echo $$$$ > $(PENDING)/system && \
+	$(MAKE) --no-print-directory -j8 node-deps system-deps lint typecheck rules-test \
+		quality-gate pytest-alongside-deps
 
 # What the checks need, installed side by side: the venv (uv), tabby-agent (npm) and
 # Debian's packages (apt) wait on different servers.
@@ -41,10 +49,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 node-deps: $(NODE_STAMP)
+	@rm -f $(PENDING)/node
 
 $(NODE_STAMP): tests/node/package.json
-	cd tests/node && npm install --no-audit --no-fund --loglevel=error
-	touch $@
+	(cd tests/node && npm install --no-audit --no-fund --loglevel=error) && touch $@; \
+	status=$$?; rm -f $(PENDING)/node; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
@@ -64,8 +73,12 @@ quality-gate: $(STAMP)
 # A worker that runs out of tests takes half of what the other has queued (worksteal):
 # with `--dist load` one worker was handed the replica tests in a batch at the end and
 # ran them alone for 31 s while the other sat idle.
+PYTEST = env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -n auto --dist worksteal
 pytest: $(STAMP) node-deps system-deps
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -n auto --dist worksteal
+	$(PYTEST)
+
+pytest-alongside-deps: $(STAMP)
+	$(PYTEST)
 
 # Debian's packages, installed only when missing, in one apt-get call: promtool (package
 # prometheus) checks the alert rules; chromium drives the status page's tests through
@@ -78,11 +91,13 @@ system-deps:
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	status=0; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null || status=$$?; \
+	fi; \
+	rm -f $(PENDING)/system; exit $$status
 
 rules-test: system-deps
 	promtool check rules deploy/prometheus/keel-rules.yml

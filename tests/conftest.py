@@ -122,3 +122,23 @@ def pytest_configure(config: pytest.Config) -> None:
         cores = sorted(os.sched_getaffinity(0))
         count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
         os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % len(cores) :: count])
+
+
+NEEDS_INSTALLS = {"browser", "redis_server", "postgres_server"}
+"""Fixtures that need what `make test` installs beside the tests (tests/deps.py)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The test files that need tabby-agent or Debian's packages last, each whole (its
+    module fixtures set up once), in their order: under `make test` they would otherwise
+    wait for npm and apt at the start. Always, not only while an install runs:
+    pytest-xdist's workers must collect the same order."""
+
+    def needs_installs(item: pytest.Item) -> bool:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        return bool(fixtures & NEEDS_INSTALLS) or item.get_closest_marker("node") is not None
+
+    later = {item.path for item in items if needs_installs(item)}
+    items[:] = [item for item in items if item.path not in later] + [
+        item for item in items if item.path in later
+    ]

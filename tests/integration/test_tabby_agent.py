@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests import deps
 from tests.conftest import KeelProcess
 from tests.integration.lsp_client import LspClient
 
@@ -64,6 +65,7 @@ class AgentRun:
 
 
 def agent_command() -> list[str]:
+    deps.wait_for("node")
     if shutil.which("node") is None:
         pytest.fail("Node.js (`node`) is not on PATH; tabby-agent needs Node.js >= 18")
     if not AGENT_BIN.exists():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import deps
 from tests.conftest import free_port
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -46,6 +47,7 @@ def _wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] |
 
 class RedisServer:
     def __init__(self) -> None:
+        deps.wait_for("system")
         if not os.access(REDIS_SERVER, os.X_OK):
             _missing(REDIS_SERVER)
         self.dir = Path(tempfile.mkdtemp(prefix="keel-redis-"))
@@ -76,6 +78,7 @@ class RedisServer:
 
 
 def _postgres_bin() -> Path:
+    deps.wait_for("system")
     found = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
     )

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
+from tests import deps
 from tests.conftest import ARTIFACTS, KeelProcess, start_keel
 from tests.fakes.upstreams import FakeUpstream
 from tests.ui.config import FALLBACK_TOKENS, PRIMARY_TOKENS, UI_KEY, ui_config
@@ -36,6 +37,7 @@ SCREENSHOTS = ARTIFACTS / "ui"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    deps.wait_for("system")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make system-deps` (Debian's chromium package)")
     with sync_playwright() as playwright:
