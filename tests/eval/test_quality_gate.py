@@ -1,14 +1,23 @@
 """How the quality gate judges a sample's figures against the recorded ones
-(``src/keel/eval/gate_baseline.json``). The gate itself, 20 completions by the embedded
-model, is a check of its own in ``make test`` (``python -m keel.eval.gate``), run beside
-pytest at the lowest CPU priority."""
+(``src/keel/eval/gate_baseline.json``, for the samples stored in ``gate_samples.json``).
+The gate itself, 20 completions by the embedded model, is a check of its own in
+``make test`` (``python -m keel.eval.gate``), run beside pytest at the lowest CPU
+priority."""
 
 from __future__ import annotations
 
 import pytest
 
-from keel.eval.gate import REPOSITORIES, SAMPLES_PER_REPOSITORY, GateFigures, recorded
+from keel.eval.gate import (
+    REPOSITORIES,
+    SAMPLES_PER_REPOSITORY,
+    STORED_LINES,
+    GateFigures,
+    gate_samples,
+    recorded,
+)
 from keel.eval.scoring import Score
+from keel.pipeline.prompt import split_lines
 
 RECORD = GateFigures(
     count=20,
@@ -43,3 +52,14 @@ def test_a_sample_of_another_size_fails() -> None:
 
 def test_the_recorded_figures_are_for_the_gates_sample() -> None:
     assert recorded().count == len(REPOSITORIES) * SAMPLES_PER_REPOSITORY == 20
+
+
+def test_the_samples_are_stored_not_drawn_from_the_installed_packages() -> None:
+    """Drawn from the httpx a fresh install brought, the figures moved with its releases."""
+    samples = gate_samples()
+    assert len(samples) == recorded().count
+    assert {sample.repo for sample in samples} == set(REPOSITORIES)
+    for sample in samples:
+        assert sample.target.strip() and sample.prefix.strip(), sample
+        assert len(split_lines(sample.prefix)) <= STORED_LINES, sample.relpath
+        assert len(split_lines(sample.suffix)) <= STORED_LINES, sample.relpath

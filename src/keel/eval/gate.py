@@ -7,7 +7,10 @@ of holding one of pytest's two workers for 35-40 s.
 
 Twenty cursor positions (ten in httpx, ten in click, half rest-of-line, half
 next-block) are completed with the embedded model as keel serves them (the
-prompt builder, the language's stop words, postprocessing), greedily. Exact
+prompt builder, the language's stop words, postprocessing), greedily. The
+samples are stored beside the figures (``gate_samples.json``, cut from the
+packages installed when they were recorded): drawn from whatever httpx a fresh
+install brings, they changed with its releases, and so did the figures. Exact
 match and edit similarity are compared with the figures recorded in
 ``gate_baseline.json``; the run fails when either falls below its record by
 more than the sample's noise, one standard error of the recorded mean (for a
@@ -17,7 +20,7 @@ pipeline scores as recorded; a change that moves a figure by less than the
 noise is not one twenty samples can tell apart.
 
 Re-record after a deliberate change (a better postprocessing step, a new
-default model)::
+default model); the samples are drawn again from the installed packages::
 
     .venv/bin/python -m keel.eval.gate --record
 """
@@ -32,7 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from keel.config import EMBEDDED_MODEL_ID, LocalModelConfig, Paths
@@ -42,9 +45,11 @@ from keel.eval.scoring import Score, Summary
 from keel.pipeline.completion import build_prompt, read_until_stop
 from keel.pipeline.languages import get_language, stop_words
 from keel.pipeline.postprocess import postprocess
+from keel.pipeline.prompt import split_lines
 from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams
 
 BASELINE = Path(__file__).with_name("gate_baseline.json")
+SAMPLES = Path(__file__).with_name("gate_samples.json")
 REPOSITORIES = ("httpx", "click")
 SAMPLES_PER_REPOSITORY = 10
 MAX_INPUT_LENGTH = 384
@@ -91,12 +96,35 @@ class GateFigures:
         return found
 
 
+STORED_LINES = 60
+"""Of the file before and after each cursor, the lines a stored sample keeps: the prompt
+takes its :data:`MAX_INPUT_LENGTH` tokens from the 10-30 lines nearest the cursor."""
+
+
 def gate_samples() -> list[Sample]:
-    return [
+    """The stored samples."""
+    return [Sample(**row) for row in json.loads(SAMPLES.read_text("utf-8"))]
+
+
+def draw_samples() -> list[Sample]:
+    """Samples drawn again from the installed packages' files, cut to :data:`STORED_LINES`
+    lines either side of the cursor, and stored."""
+    drawn = [
         sample
         for name in REPOSITORIES
         for sample in sample_repository(name, package_root(name), SAMPLES_PER_REPOSITORY, seed=0)
     ]
+    kept = [
+        replace(
+            sample,
+            prefix="".join(split_lines(sample.prefix)[-STORED_LINES:]),
+            suffix="".join(split_lines(sample.suffix)[:STORED_LINES]),
+        )
+        for sample in drawn
+    ]
+    rows = [asdict(sample) for sample in kept]
+    SAMPLES.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", "utf-8")
+    return kept
 
 
 async def score_samples(provider: CompletionProvider, samples: Sequence[Sample]) -> list[Score]:
@@ -120,8 +148,9 @@ async def score_samples(provider: CompletionProvider, samples: Sequence[Sample])
     return scores
 
 
-async def run_gate(model_id: str = EMBEDDED_MODEL_ID) -> GateFigures:
-    """The gate's figures for ``model_id`` (a local model, started and stopped here)."""
+async def run_gate(model_id: str = EMBEDDED_MODEL_ID, *, record: bool = False) -> GateFigures:
+    """The gate's figures for ``model_id`` (a local model, started and stopped here) on the
+    stored samples; ``record``: on samples drawn again, which are then stored."""
     from keel.models.registry import resolve_model
     from keel.providers.catalog import build_local_provider
 
@@ -131,7 +160,8 @@ async def run_gate(model_id: str = EMBEDDED_MODEL_ID) -> GateFigures:
     provider = build_local_provider("completion", config, path, ready_timeout=600.0)
     await provider.start()
     try:
-        return GateFigures.of(await score_samples(provider, gate_samples()))
+        samples = draw_samples() if record else gate_samples()
+        return GateFigures.of(await score_samples(provider, samples))
     finally:
         await provider.aclose()
 
@@ -142,10 +172,14 @@ def recorded() -> GateFigures:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="keel's completion quality gate")
-    parser.add_argument("--record", action="store_true", help=f"write {BASELINE.name}")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help=f"draw the samples again; write {SAMPLES.name} and {BASELINE.name}",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
-    figures = asyncio.run(run_gate())
+    figures = asyncio.run(run_gate(record=args.record))
     if args.record:
         BASELINE.write_text(json.dumps(asdict(figures), indent=2) + "\n", "utf-8")
         print(json.dumps(asdict(figures), indent=2))
