@@ -87,7 +87,8 @@ async def test_with_no_keys_only_requests_addressed_to_loopback_are_served(
     backends: Backends, tmp_path: Path
 ) -> None:
     """DNS rebinding: a page that points its own name at 127.0.0.1 is same-origin with
-    keel to its browser, and read and drove a keel with no keys."""
+    keel to its browser, and read and drove a keel with no keys. Names no page can be
+    served from pass: 0.0.0.0 (Twinny's default host got 403 on every request)."""
     config = backends.config()
     auth = config.index("[auth]")
     config = config[:auth] + config[config.index("[model.completion]") :]  # no keys
@@ -101,6 +102,9 @@ async def test_with_no_keys_only_requests_addressed_to_loopback_are_served(
             ("localhost:8080", 200),
             ("127.0.0.1:8080", 200),
             ("[::1]:8080", 200),
+            ("0.0.0.0:8080", 200),  # Twinny's default host
+            ("localhost.:8080", 200),
+            ("0.0.0.0.attacker.example:8080", 403),
         ):
             async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
                 answer = await http.get("/v1/providers", headers={"host": host})

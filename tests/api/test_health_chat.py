@@ -14,6 +14,9 @@ async def test_a_remote_chat_model_is_named_without_a_device(client: httpx.Async
     health = (await client.get("/v1/health", headers=USER)).json()
     assert health["chat_model"] == "fallback-chat"
     assert "chat_device" not in health, "a remote model runs on no device of keel's"
+    # IntelliJ's and Eclipse's plugins load <endpoint>/chat as their chat panel unless
+    # it is null; keel has no such page (it answered them a 404 as the panel).
+    assert "webserver" not in health
 
 
 async def test_a_config_that_leaves_chat_out_offers_no_chat(

@@ -246,7 +246,8 @@ def test_health_and_tabby_meta_endpoints(keel_server: KeelProcess) -> None:
     assert (health["chat_model"], health["chat_device"]) == ("SmolLM2-135M-Instruct", "cpu")
     assert health["version"]["git_describe"].startswith("v0.")
     assert health["cpu_count"] >= 1 and isinstance(health["cuda_devices"], list)
-    assert setting == {"disable_client_side_telemetry": False}
+    # Tabby's clients are asked not to send TabbyML their usage data.
+    assert setting == {"disable_client_side_telemetry": True}
     assert models == {"completion": ["SmolLM2-135M-Instruct"], "chat": ["SmolLM2-135M-Instruct"]}
     assert live.status_code == 200
     assert ready.status_code == 200 and ready.json()["roles"]["completion"]["state"] == "ready"

@@ -94,18 +94,25 @@ class Require:
         return identity
 
 
+THIS_MACHINE = frozenset({"0.0.0.0", "::", "localhost."})
+"""Host names that reach only this machine besides the loopback ones: the unspecified
+addresses (Twinny's default host is 0.0.0.0) and localhost's fully qualified form. No
+web page can be served from them, so none can rebind its name to keel through them."""
+
+
 def _addressed_to_loopback(request: Request) -> None:
     """With no keys (keel on loopback), a request must be addressed to a loopback name:
     a web page that points its own name at 127.0.0.1 (DNS rebinding) reads and drives a
     keel its browser's same-origin rule then takes for the page's own."""
     host = request.headers.get("host", "")
     with contextlib.suppress(ValueError):  # a malformed host
-        if is_loopback(urlsplit(f"//{host}").hostname or ""):  # no port, no IPv6 brackets
+        name = urlsplit(f"//{host}").hostname or ""  # no port, no IPv6 brackets
+        if is_loopback(name) or name in THIS_MACHINE:
             return
     raise Forbidden(
         f"this keel has no keys, so it answers only requests addressed to localhost, "
-        f"127.0.0.1 or [::1], not to {host!r} (a page pointing its own name at this "
-        "machine could drive it); configure [auth] api_keys to serve other names"
+        f"127.0.0.1, [::1] or 0.0.0.0, not to {host!r} (a page pointing its own name at "
+        "this machine could drive it); configure [auth] api_keys to serve other names"
     )
 
 

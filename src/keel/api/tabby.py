@@ -109,7 +109,10 @@ def health_state(request: Request) -> HealthState:
             chat=providers.for_role("chat").info.model,
             embedding=providers.for_role("embedding").info.model,
         ),
-        webserver=False,
+        # Left out, as Tabby leaves it without its web server: IntelliJ's and Eclipse's
+        # plugins test it for null and, given false, loaded keel's /chat, a 404, as their
+        # chat panel; left out, they say the server has no chat panel.
+        webserver=None,
     )
 
 

@@ -120,7 +120,9 @@ class HealthState(BaseModel):
 
 
 class ServerSetting(BaseModel):
-    disable_client_side_telemetry: bool = False
+    disable_client_side_telemetry: bool = True
+    """Tabby's clients then send TabbyML no usage data (tabby-agent's anonymous usage
+    tracking); Tabby's own default is false. keel sends none either."""
 
 
 class BetaModels(BaseModel):
