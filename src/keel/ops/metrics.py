@@ -142,6 +142,12 @@ class _ProviderCollector(Collector):
             "does not ask it to call tools).",
             labels=["provider"],
         )
+        truncated = CounterMetricFamily(
+            "keel_embedding_inputs_truncated",
+            "Embedding inputs over a local model's context, embedded from their first "
+            "context's worth of tokens.",
+            labels=["provider"],
+        )
         providers = self.providers
         total = 0
         if providers is not None:
@@ -158,6 +164,9 @@ class _ProviderCollector(Collector):
                 restarts.add_metric([provider.name], float(str(status["restarts"])))
                 tools.add_metric(
                     [provider.name], float(str(status.get("tools_answered_in_text", 0)))
+                )
+                truncated.add_metric(
+                    [provider.name], float(str(status.get("embedding_inputs_truncated", 0)))
                 )
                 generation = status.get("generation")
                 if isinstance(generation, dict):
@@ -176,6 +185,7 @@ class _ProviderCollector(Collector):
         count.add_metric([], float(total))
         yield from (restarts, state, loaded, role_ready, count, slot_waits, slot_wait, held)
         yield tools
+        yield truncated
         yield from _rate_limit_families(providers.unique() if providers is not None else [])
 
 

@@ -73,6 +73,9 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         self.tools_answered_in_text = 0
         """Chat requests that came with tools: the engine is not asked to call them
         (``keel_tools_answered_in_text``, ``/v1/providers``)."""
+        self.embedding_inputs_truncated = 0
+        """Inputs over the context, embedded from their first context's worth of tokens
+        (``keel_embedding_inputs_truncated``, ``/v1/providers``)."""
 
     async def start(self) -> None:
         await self.supervisor.start()
@@ -81,7 +84,11 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         await self.supervisor.stop()
 
     def status(self) -> dict[str, object]:
-        return {**self.supervisor.status(), "tools_answered_in_text": self.tools_answered_in_text}
+        return {
+            **self.supervisor.status(),
+            "tools_answered_in_text": self.tools_answered_in_text,
+            "embedding_inputs_truncated": self.embedding_inputs_truncated,
+        }
 
     async def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Counts from the model's tokenizer, remembered per text: consecutive
@@ -136,6 +143,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         reply = await self.supervisor.call(
             {"op": "embed", "texts": list(texts)}, ready_timeout=self.ready_timeout
         )
+        self.embedding_inputs_truncated += len(reply.get("truncated", ()))
         return [[float(x) for x in vector] for vector in reply["embeddings"]]
 
 

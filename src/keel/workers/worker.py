@@ -27,7 +27,9 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
 - ``chat`` {messages, and the same sampling fields}: the same, with the
   model's own chat template; ``slot_held``: it waited because the free slot was
   kept for completions (see ``_SlotPool``).
-- ``embed`` {texts}: ``{"id", "embeddings"}``.
+- ``embed`` {texts}: ``{"id", "embeddings", "truncated"}``; an input over the context is
+  embedded from its first context's worth of tokens, and ``truncated`` lists the
+  indexes of those inputs (sentence-transformers and Ollama cut them the same way).
 - ``tokenize`` {texts}: ``{"id", "counts"}``; answered at once, even while
   generations run.
 - ``slots`` {}: ``{"id", "slots": [{"id", "busy", "tokens"}]}``, the engine's slot
@@ -271,11 +273,20 @@ class _Engine:
     """
 
     def __init__(
-        self, server: Any, address: str, key: str, slots: int, batch: int, channel: _Channel
+        self,
+        server: Any,
+        address: str,
+        key: str,
+        slots: int,
+        batch: int,
+        channel: _Channel,
+        context: int,
     ) -> None:
         self.server = server
         self.channel = channel
         self.batch = batch
+        self.context = context
+        """Tokens of a slot's context: the longest input an embedding reads."""
         self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         url = urlsplit(address)
         self._host, self._port = url.hostname or "127.0.0.1", url.port or 80
@@ -493,12 +504,22 @@ class _Engine:
     # one-reply ops -------------------------------------------------------
 
     def _embed(self, request: dict[str, Any]) -> None:
-        result = self.server.handle_embeddings({"input": list(request["texts"])})
+        inputs: list[str | list[int]] = []
+        truncated = []
+        for index, text in enumerate(request["texts"]):
+            # A token holds at least one character: only a text this long can be over.
+            tokens = self._tokens(text, special=True) if len(text) >= self.context - 2 else []
+            if len(tokens) > self.context:
+                inputs.append(tokens[: self.context])
+                truncated.append(index)
+            else:
+                inputs.append(text)
+        result = self.server.handle_embeddings({"input": inputs})
         if "error" in result:
             self.channel.send({"id": request["id"], **_error_reply(result["error"])})
             return
         vectors = [item["embedding"] for item in sorted(result["data"], key=lambda d: d["index"])]
-        self.channel.send({"id": request["id"], "embeddings": vectors})
+        self.channel.send({"id": request["id"], "embeddings": vectors, "truncated": truncated})
 
     def _tokenize(self, request: dict[str, Any]) -> None:
         counts = [len(self._tokens(text, special=False)) for text in request["texts"]]
@@ -718,7 +739,9 @@ def main(argv: list[str] | None = None) -> int:
             **_describe(args.model),
         }
     )
-    engine = _Engine(server, server.listening_address, key, slots, args.prefill_batch, channel)
+    engine = _Engine(
+        server, server.listening_address, key, slots, args.prefill_batch, channel, args.context_size
+    )
     engine.read_requests(sys.stdin)
     # End of stdin: the server is gone. Exit without running the engine's
     # destructor from an arbitrary thread; generations in flight die with us.
