@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from keel.api.infill import cut_at_indent, cut_at_suffix_closer
+from keel.api.infill import cut_at_indent, cut_at_suffix_closer, language_of
 from keel.schemas.infill import InfillRequest
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.serving.conftest import build_app, llamacpp_config
@@ -240,3 +240,40 @@ async def test_n_predict_holds_while_requests_queue(
         admission.waiting -= 1
     assert asked.status_code == 200, asked.text
     assert [r.json["n_predict"] for r in llamacpp.requests if r.path == "/completion"] == [4]
+
+
+def test_the_language_is_the_one_most_chunks_are_in() -> None:
+    """llama.vscode names neither the language nor the file being edited; its chunks come
+    from the files last opened or edited. The last chunk's language was taken: a Python
+    file was completed as Markdown after a look at the README."""
+
+    def language(*filenames: str) -> str:
+        chunks = [{"text": "x\n", "filename": name} for name in filenames]
+        return language_of(InfillRequest.model_validate({"input_extra": chunks}))
+
+    assert language("/p/a.py", "/p/b.py", "/p/README.md") == "python"
+    assert language("/p/a.py", "/p/main.go") == "go"  # a tie: the later chunk
+    assert language("/p/main.go", "/p/a.py", "/p/Makefile") == "python"
+    assert language() == language("/p/Makefile") == "unknown"
+
+
+async def test_the_clients_stop_strings_end_the_answer(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """llama.vim's ``stop_strings`` were dropped with the other unknown fields."""
+    answer = await keel.post("/infill", json={**fim(["a = 1"], "b = "), "stop": [", "]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["content"] == "compute(a"
+
+
+async def test_response_fields_pick_fields_by_their_paths(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """llama.vim asks for flat keys (``timings/predicted_n``) and reads exactly those: its
+    statistics line never showed."""
+    fields = ["content", "timings/predicted_n", "truncated", "no/such"]
+    answer = await keel.post("/infill", json={**fim(["a = 1"], "b = "), "response_fields": fields})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"content", "timings/predicted_n", "truncated"}, body
+    assert body["content"] == "compute(a, b)" and body["timings/predicted_n"] > 0

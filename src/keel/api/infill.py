@@ -12,6 +12,7 @@ shaped as llama.cpp's.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -20,6 +21,7 @@ from keel.api.access import USER, GuardedRoute
 from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.errors import RequestError
+from keel.pipeline.completion import cut_at_stop
 from keel.pipeline.languages import find_language
 from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
 from keel.providers.base import estimate_tokens
@@ -30,15 +32,35 @@ router = APIRouter(responses=ERRORS, route_class=GuardedRoute)
 
 
 def language_of(body: InfillRequest) -> str:
-    """The request names no language: the chunks' file extensions tell it (llama.vscode
-    sends chunks of the file being edited and of its neighbours), else plain text."""
-    for chunk in reversed(body.input_extra):
+    """The request names no language, nor the file being edited: the language most of
+    the editor's chunks are in (llama.vscode's come from the files last opened or
+    edited; a tie goes to the later chunk), else plain text. It took the last chunk's,
+    and a Python file was completed as Markdown after a look at the README."""
+    votes: dict[str, tuple[int, int]] = {}  # a language's chunks, and its last one's place
+    for place, chunk in enumerate(body.input_extra):
         extension = chunk.filename.rpartition(".")[2]
         if extension and extension != chunk.filename and extension.isalnum():
             language = find_language(extension)
             if language is not None:
-                return language.name
-    return "unknown"
+                votes[language.name] = (votes.get(language.name, (0, 0))[0] + 1, place)
+    return max(votes, key=votes.__getitem__) if votes else "unknown"
+
+
+def picked(payload: dict[str, Any], fields: list[str]) -> dict[str, Any]:
+    """llama.cpp's ``response_fields``: only those fields, a nested one by its path
+    (``timings/prompt_n``) as its key, as llama.vim reads them; none asked: all."""
+    if not fields:
+        return payload
+    found = {}
+    for path in fields:
+        value: Any = payload
+        for part in path.split("/"):
+            if not isinstance(value, dict) or part not in value:
+                break
+            value = value[part]
+        else:
+            found[path] = value
+    return found
 
 
 def cut_at_indent(text: str, n_indent: int | None) -> str:
@@ -88,7 +110,8 @@ async def infill(request: Request) -> JSONResponse:
         if answer is None:  # a newer keystroke's request superseded it, as on Tabby's route
             headers = {"X-Keel-Superseded": "1"}
         else:
-            content = cut_at_indent(answer.response.choices[0].text, body.n_indent)
+            content = cut_at_stop(answer.response.choices[0].text, body.stop)[0]
+            content = cut_at_indent(content, body.n_indent)
             line_suffix = body.input_suffix.partition("\n")[0]
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
             headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
@@ -109,4 +132,4 @@ async def infill(request: Request) -> JSONResponse:
             predicted_per_second=predicted / elapsed_ms * 1000 if elapsed_ms > 0 else 0.0,
         ),
     )
-    return JSONResponse(response.model_dump(), headers=headers)
+    return JSONResponse(picked(response.model_dump(), body.response_fields), headers=headers)

@@ -56,6 +56,15 @@ class InfillRequest(_Wire):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = Field(False, description="Only false: the answer comes whole.")
     model: str | None = None
+    stop: list[str] = Field(
+        default_factory=list, max_length=64, description="The answer ends before the first."
+    )
+    response_fields: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Only these fields of the answer, a nested one by its path "
+        "(timings/prompt_n) as its key; none: all.",
+    )
 
     def cursor_line(self) -> str:
         """The cursor's line up to the cursor. On a blank line llama.vscode sends an
