@@ -309,6 +309,15 @@ class ChatCompletionRequest(_Sampled):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
+    n_predict: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_TOKENS_LIMIT,
+        description="llama.cpp's name for max_tokens (llama.vim sends it); 0 asks for no "
+        "answer (llama.vim's warm-up while an instruction is typed), answered at once, "
+        "without the model.",
+    )
+
     functions: SkipJsonSchema[Any] = None
     function_call: SkipJsonSchema[Any] = None
     """OpenAI's deprecated function calling, refused by name: ignored as unknown fields
@@ -352,10 +361,17 @@ class ChatCompletionRequest(_Sampled):
 
     def to_params(self) -> GenerationParams:
         """No limit named: the answer runs to the end of the context, as OpenAI's does.
-        A limit goes on under the name the client gave it."""
+        A limit goes on under the name the client gave it (llama.cpp's ``n_predict`` as
+        ``max_tokens``)."""
         if self.max_completion_tokens:
             return self._params(self.max_completion_tokens, "max_completion_tokens")
+        if self.max_tokens is None and self.n_predict is not None and self.n_predict > 0:
+            return self._params(self.n_predict)
         return self._params(self.max_tokens)
+
+    def asks_no_answer(self) -> bool:
+        """llama.cpp's ``n_predict: 0``, with no other limit: the prompt alone."""
+        return self.n_predict == 0 and not (self.max_tokens or self.max_completion_tokens)
 
 
 class EmbeddingRequest(_Wire):

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from keel.errors import RequestError
 from keel.providers.base import ChatCall, ChatProvider, Provider, ToolCalls
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
@@ -66,15 +67,23 @@ class ChatServing:
         self.timeout = timeout
 
     async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
-        params = body.to_params()
-        wanted = body.response_format.to_wire() if body.response_format else None
-        call = ChatCall(body.to_messages(), params, wanted, body.tool_fields(), model=body.model)
         envelope = Envelope(
             f"chatcmpl-{uuid.uuid4()}",
             "chat.completion",
             int(time.time()),
             self.router.primary.info.model,
         )
+        if body.asks_no_answer():  # llama.vim's warm-up, whose answer it drops
+            if body.stream:
+                raise RequestError(
+                    "'n_predict': 0 asks for no answer; send 'stream': false", param="stream"
+                )
+            empty = {"role": "assistant", "content": ""}
+            choice = {"index": 0, "message": empty, "logprobs": None, "finish_reason": "length"}
+            return JSONResponse(envelope([choice]))
+        params = body.to_params()
+        wanted = body.response_format.to_wire() if body.response_format else None
+        call = ChatCall(body.to_messages(), params, wanted, body.tool_fields(), model=body.model)
 
         def open_stream(provider: Provider) -> AsyncIterator[str]:
             assert isinstance(provider, ChatProvider)
