@@ -502,3 +502,23 @@ async def test_an_events_select_kind_is_tabbys_line_or_none(client: httpx.AsyncC
     assert refused.json()["error"]["param"] == "query.select_kind"
     line = await client.post("/v1/events", params={"select_kind": "line"}, json=event, headers=USER)
     assert line.status_code == 200, line.text
+
+
+@pytest.mark.parametrize(("field", "value"), [("echo", True), ("logprobs", 2)])
+async def test_what_keel_cannot_return_is_refused_when_asked_for(
+    client: httpx.AsyncClient, field: str, value: object
+) -> None:
+    """``echo`` and ``logprobs`` on OpenAI's completions were ignored: the client read an
+    answer without the prompt or the probabilities as if it had them. Left at their
+    defaults (false, 0, null) they are taken."""
+    refused = await client.post(
+        "/v1/completions", json={**OPENAI_COMPLETION, field: value}, headers=USER
+    )
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == field and f"leave '{field}' out" in error["message"], error
+    for default in (False, 0, None):
+        taken = await client.post(
+            "/v1/completions", json={**OPENAI_COMPLETION, field: default}, headers=USER
+        )
+        assert taken.status_code == 200, (default, taken.text)

@@ -127,6 +127,20 @@ class _Sampled(_Wire):
 class CompletionRequest(_Sampled):
     prompt: str | list[str]
     suffix: str | None = None
+    echo: bool | None = Field(None, description="Only false: keel does not echo the prompt.")
+    logprobs: int | None = Field(
+        None, description="Only 0 or null: keel returns no log probabilities."
+    )
+    """Both refused when asked for, not ignored: the client would read an answer without
+    them as if it had them (no prompt echoed, ``logprobs: null``)."""
+
+    @field_validator("echo", "logprobs")
+    @classmethod
+    def _not_served(cls, value: object, info: ValidationInfo) -> object:
+        if value:
+            what = "echo the prompt" if info.field_name == "echo" else "return log probabilities"
+            raise ValueError(f"keel does not {what}: leave '{info.field_name}' out")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod
