@@ -522,3 +522,14 @@ async def test_what_keel_cannot_return_is_refused_when_asked_for(
             "/v1/completions", json={**OPENAI_COMPLETION, field: default}, headers=USER
         )
         assert taken.status_code == 200, (default, taken.text)
+
+
+async def test_a_wrong_method_is_a_405_that_says_which_are_allowed(
+    client: httpx.AsyncClient,
+) -> None:
+    """In the one error shape, with the ``Allow`` header HTTP asks of a 405 (it was
+    dropped with the rest of the exception's headers)."""
+    answer = await client.get("/v1/completions", headers=USER)
+    assert answer.status_code == 405, answer.text
+    assert answer.headers["allow"] == "POST"
+    assert answer.json()["error"]["code"] == "http_405"

@@ -169,7 +169,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error = KeelError(str(exc.detail), code=f"http_{exc.status_code}")
         error.status_code = exc.status_code
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(error)
+        response = error_response(error)
+        response.headers.update(exc.headers or {})  # a 405's Allow: the methods there are
+        return response
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
