@@ -586,3 +586,15 @@ def test_a_local_model_refuses_an_image_as_the_clients_error(keel_server: KeelPr
             assert "reads text only" in refused.json()["error"]["message"]
         provider = client.get("/v1/providers").json()["roles"]["chat"]["providers"][0]
     assert (provider["breaker"], provider["healthy"]) == ("closed", True), provider
+
+
+def test_the_model_list_gives_a_local_models_context(keel_server: KeelProcess) -> None:
+    """Under the names clients read (llama.vscode's agent ``context_length``, Continue's
+    autodetect vLLM's ``max_model_len``): without them they sized requests for 8,192
+    tokens against the embedded model's 2,048, and long conversations were 400s. The
+    largest context a role runs the model with: the embedding worker's is 512."""
+    with keel_server.client() as client:
+        (card,) = client.get("/v1/models").json()["data"]
+        one = client.get(f"/v1/models/{card['id']}").json()
+    assert card["context_length"] == card["max_model_len"] == 2048, card
+    assert one == card

@@ -104,11 +104,12 @@ async def model(request: Request) -> JSONResponse:
 
 
 def served_models(request: Request) -> dict[str, dict[str, object]]:
-    """The models keel serves, by id, as OpenAI's model objects."""
+    """The models keel serves, by id, as OpenAI's model objects; a local model's with its
+    context (the largest a role runs it with: an embedding's is smaller)."""
     state = app_state(request)
     seen: dict[str, dict[str, object]] = {}
     for provider in state.providers.unique():
-        seen.setdefault(
+        card = seen.setdefault(
             provider.info.model,
             {
                 "id": provider.info.model,
@@ -117,6 +118,9 @@ def served_models(request: Request) -> dict[str, dict[str, object]]:
                 "owned_by": "keel",
             },
         )
+        context = provider.info.details.get("context_size")
+        if isinstance(context, int) and context > int(str(card.get("context_length", 0))):
+            card["context_length"] = card["max_model_len"] = context
     return seen
 
 

@@ -487,6 +487,11 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     parameters: dict[str, Any] | None = None
+    context_length: int | None = None
+    """A local model's context in tokens, under the names clients read: llama.vscode's
+    agent looks for ``context_length``, Continue's autodetect for vLLM's ``max_model_len``;
+    without them they sized requests for 8,192 tokens."""
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
