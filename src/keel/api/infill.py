@@ -94,7 +94,8 @@ def cut_at_suffix_closer(text: str, line_prefix: str, line_suffix: str) -> str:
     dependencies=[USER],
     response_model=None,
     openapi_extra=json_body(InfillRequest),
-    responses={200: {"model": InfillResponse}},
+    # With response_fields, only those (a nested one by its path): an object of them.
+    responses={200: {"model": InfillResponse | dict[str, Any]}},
 )
 async def infill(request: Request) -> JSONResponse:
     body = await read_model(request, InfillRequest)
