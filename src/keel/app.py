@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from keel import __version__
-from keel.api import admin, docs, infill, metrics, models, openai, ops, tabby, ui
+from keel.api import admin, docs, infill, llamacpp, metrics, models, openai, ops, tabby, ui
 from keel.api.errors import install_error_handlers
 from keel.api.middleware import CorsPolicy, KeelMiddleware
 from keel.api.state import AppState
@@ -182,6 +182,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(tabby.router)
     app.include_router(infill.router)
+    app.include_router(llamacpp.router)
     app.include_router(ops.router)
     app.include_router(metrics.router)
     app.include_router(models.router)

@@ -53,6 +53,7 @@ from keel.serving.streaming import OUTCOME, STOPPING, stopped
 ROLE_BY_ROUTE: dict[str, Role] = {
     "/v1/completions": "completion",
     "/infill": "completion",
+    "/completion": "completion",  # llama.cpp's native shape (keel.api.llamacpp)
     "/v1/chat/completions": "chat",
     "/v1/embeddings": "embedding",
     # The same routes without /v1 (keel.api.openai).

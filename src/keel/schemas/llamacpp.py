@@ -1,0 +1,147 @@
+"""Wire models of llama.cpp server's native ``POST /completion``, as the editors'
+"llama.cpp" providers send and read them: Continue's ``llama.cpp`` provider
+(``{prompt, stream: true, n_predict, stop, temperature, top_p, top_k, min_p,
+mirostat, ...}``, reading ``content`` from each event) and Twinny's
+``llamacpp`` provider (``{prompt, stream, temperature, max_tokens}``, reading
+``content``).
+
+The request is served as an OpenAI completion (:meth:`LlamaCppCompletionRequest.
+to_openai`): the prompt is the caller's own, sent as written. Sampling fields of
+llama.cpp's own samplers that OpenAI's completion has no name for (``top_k``,
+``min_p``, ``typical_p``, ``repeat_penalty``, ``mirostat``, ``grammar``,
+``n_probs``, ...) and the fields that steer its slots (``id_slot``,
+``cache_prompt``, ``n_keep``) are accepted and ignored, as on ``/infill``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from keel.schemas.openai import MAX_TOKENS_LIMIT
+
+MAX_STOP_WORDS = 16
+"""As on ``/v1/completions``, whose serving this route shares."""
+
+
+class LlamaCppCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(description="The text to continue, as one string.")
+    n_predict: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_TOKENS_LIMIT,
+        description="New tokens at most; -1 or unset: keel's budget ([completion] "
+        "max_decoding_tokens, else the model's); 0: no generation, an empty answer at once.",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_TOKENS_LIMIT,
+        description="The same as `n_predict` (Twinny's name for it); `n_predict` wins when "
+        "both are sent.",
+    )
+    stop: list[str] | None = Field(
+        None,
+        max_length=MAX_STOP_WORDS,
+        description="Stop strings: the answer ends before the first one (not included).",
+    )
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-1, le=2**63 - 1, description="-1: a random seed.")
+    stream: bool = Field(
+        False,
+        description="Server-sent events: `{content, stop: false}` per piece, then the final "
+        "object with `stop: true` (no `[DONE]`, as llama.cpp's server).",
+    )
+    model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: object) -> object:
+        """A null field is as if unset (``"stop": null``, ``"stream": null``)."""
+        if isinstance(data, dict) and None in data.values():
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_string(cls, value: object) -> object:
+        if isinstance(value, list):
+            raise ValueError(
+                "send the prompt as one string: keel takes no token IDs (they belong to one "
+                "tokenizer) and no list of prompts"
+            )
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not stop for stop in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    def limit(self) -> int | None:
+        """The client's cap on new tokens: None for keel's budget, 0 for none at all."""
+        asked = self.n_predict if self.n_predict is not None else self.max_tokens
+        return None if asked is None or asked < 0 else asked
+
+    def to_openai(self) -> dict[str, Any]:
+        """The same request as an OpenAI completion body (``limit()`` is not 0), asking for
+        the usage the final object reports."""
+        body: dict[str, Any] = {
+            "prompt": self.prompt,
+            "max_tokens": self.limit(),
+            "stop": self.stop,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "seed": None if self.seed == -1 else self.seed,
+            "model": self.model,
+            "stream": self.stream,
+        }
+        body = {key: value for key, value in body.items() if value is not None}
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
+StopType = Literal["eos", "limit", "word"]
+
+
+class LlamaCppTimings(BaseModel):
+    """Only what keel knows: it does not see how long the engine took to read the
+    prompt or to generate, nor how much of the prompt its cache held."""
+
+    predicted_n: int
+
+
+class LlamaCppCompletionResponse(BaseModel):
+    """llama.cpp's final answer, in the fields keel knows truthfully. ``stop_type`` and
+    ``stopping_word`` are left out where keel cannot tell whether the model ended or
+    a stop string did (the request had stop strings, the backend said only "stop")."""
+
+    content: str
+    stop: Literal[True] = True
+    model: str
+    tokens_predicted: int = Field(description="The answer's tokens (usage.completion_tokens).")
+    tokens_evaluated: int = Field(description="The prompt's tokens (usage.prompt_tokens).")
+    stop_type: StopType | None = None
+    stopping_word: str | None = None
+    truncated: bool = Field(
+        False, description="Always false: a prompt over the model's context is a 400."
+    )
+    timings: LlamaCppTimings
+
+
+class LlamaCppChunk(BaseModel):
+    """One streamed piece; the stream ends with a :class:`LlamaCppCompletionResponse`
+    whose ``content`` is empty, or with ``{"error": {...}}`` if it failed mid-way."""
+
+    content: str
+    stop: Literal[False] = False
