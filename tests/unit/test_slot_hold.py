@@ -56,3 +56,31 @@ def test_a_held_chat_cancelled_leaves_without_a_slot() -> None:
     pool.wake()
     waiter.join(5)
     assert got == [(None, True)]
+
+
+def test_requests_that_wait_for_a_slot_take_it_in_the_order_they_came() -> None:
+    """Every waiter woke when a slot freed and whichever ran first took it: under load
+    one waited past the role's deadline while newer ones went ahead (a soak's 4-token
+    completion timed out at 30 s). A newer request arriving as the slot frees waits its
+    turn behind the one already waiting."""
+    pool = _SlotPool(1)
+    first, _ = pool.acquire("a = 1", threading.Event())
+    older, newer = threading.Event(), threading.Event()
+    got: list[int | None] = []
+    waiting = threading.Thread(
+        target=lambda: got.append(pool.acquire("b = 2", older)[0]), daemon=True
+    )
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()  # no slot free: it waits
+    leave = threading.Timer(0.5, lambda: (newer.set(), pool.wake()))  # then it leaves
+    leave.start()
+    pool.release(first)
+    try:
+        assert pool.acquire("c = 3", newer) == (None, False), "the newer request went first"
+        waiting.join(5)
+        assert got == [first]
+    finally:
+        leave.cancel()
+        older.set()
+        pool.wake()

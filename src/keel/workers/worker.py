@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import functools
 import http.client
+import itertools
 import json
 import os
 import secrets
@@ -195,7 +196,12 @@ class _SlotPool:
     keystroke's completion waited for one to end (measured, two chats on the default
     two slots: 4.4 s against 0.18 s idle). A chat that waits for that reason (at most
     :data:`HOLD_LIMIT`) is ``held``; an engine that serves only chats, or has one slot,
-    holds none."""
+    holds none.
+
+    Requests that found no slot take the slots that free in the order they came: every
+    waiter wakes when a slot frees, and whichever ran first took it, so under load one
+    waited past the role's deadline while newer ones went ahead (a soak's 4-token
+    completion: 0.9 s average slot wait, a 30 s timeout)."""
 
     def __init__(self, count: int) -> None:
         self._prompts = [""] * count
@@ -207,45 +213,61 @@ class _SlotPool:
         self._completed_at = float("-inf")
         self._clock = 0
         self._changed = threading.Condition()
+        self._arrivals = itertools.count()
+        self._waiting: set[int] = set()
+        """The arrival numbers of the requests that found no slot free, still waiting."""
 
     def acquire(
         self, prompt: str, cancelled: threading.Event, *, chat: bool = False
     ) -> tuple[int | None, bool]:
         """The slot for ``prompt`` (None if cancelled while waiting), and whether a chat
         was held back to leave a slot to completions."""
+        with self._changed:
+            turn = next(self._arrivals)
+            try:
+                return self._acquire(prompt, cancelled, chat, turn)
+            finally:
+                self._waiting.discard(turn)
+                self._changed.notify_all()  # a later turn may go now
+
+    def _acquire(
+        self, prompt: str, cancelled: threading.Event, chat: bool, turn: int
+    ) -> tuple[int | None, bool]:
         arrived = time.monotonic()
         patience, held = arrived + SUPERSEDE_GRACE, False
-        with self._changed:
-            if not chat:
-                self._completed_at = arrived
-            while not cancelled.is_set():
-                running = [
-                    i for i, holder in enumerate(self._holders) if holder and not holder.is_set()
-                ]
-                hold = arrived + HOLD_LIMIT - time.monotonic()
-                if chat and hold > 0 and self._kept_for_completions(running):
-                    held = True
-                    self._changed.wait(hold)
-                    continue
-                reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
-                free = [holder is None for holder in self._holders]
-                best = max(
-                    (i for i in range(len(free)) if i not in running),  # free or freeing
-                    key=lambda i: (reuse[i], free[i], -self._used[i]),
-                    default=None,
-                )
-                best_reuse = -1 if best is None else reuse[best]
-                left = patience - time.monotonic()
-                if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
-                    self._changed.wait(left)  # its cancel may be on the way
-                elif best is not None and free[best]:
-                    self._clock += 1
-                    self._holders[best], self._used[best] = cancelled, self._clock
-                    self._prompts[best], self._chats[best] = prompt, chat
-                    return best, held
-                else:
-                    self._changed.wait()
-            return None, held
+        if not chat:
+            self._completed_at = arrived
+        while not cancelled.is_set():
+            running = [
+                i for i, holder in enumerate(self._holders) if holder and not holder.is_set()
+            ]
+            hold = arrived + HOLD_LIMIT - time.monotonic()
+            if chat and hold > 0 and self._kept_for_completions(running):
+                held = True
+                self._waiting.discard(turn)  # held: completions go before it, not after
+                self._changed.wait(hold)
+                continue
+            reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
+            free = [holder is None for holder in self._holders]
+            best = max(
+                (i for i in range(len(free)) if i not in running),  # free or freeing
+                key=lambda i: (reuse[i], free[i], -self._used[i]),
+                default=None,
+            )
+            best_reuse = -1 if best is None else reuse[best]
+            left = patience - time.monotonic()
+            if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
+                self._waiting.discard(turn)  # it waits for one slot, not for any
+                self._changed.wait(left)  # its cancel may be on the way
+            elif best is not None and free[best] and not any(t < turn for t in self._waiting):
+                self._clock += 1
+                self._holders[best], self._used[best] = cancelled, self._clock
+                self._prompts[best], self._chats[best] = prompt, chat
+                return best, held
+            else:  # no slot free, or an earlier request waits for one: it goes first
+                self._waiting.add(turn)
+                self._changed.wait()
+        return None, held
 
     def _kept_for_completions(self, running: list[int]) -> bool:
         """Whether the slots not answering chats are down to the one kept for completions."""
