@@ -1078,3 +1078,29 @@ async def test_an_endpoint_serving_requests_is_not_probed(
 
     await router.check(endpoint, probe, timeout=0.2)
     assert posts(primary) == 2, "idle again: probed"
+
+
+async def test_a_retry_waiting_out_its_backoff_is_outstanding(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    """A reload closes a replaced provider once nothing is outstanding on it: a retry
+    waiting out its backoff looked idle, and then reopened the closed provider's
+    connection pool, which nothing closed (a soak's reloads logged "Unclosed client
+    session")."""
+    alone = upstreams()
+    alone.behave(Behaviour.error(500), times=1)
+    outstanding: list[int] = []
+    slept = clock.sleep
+
+    async def sleep(seconds: float) -> None:
+        outstanding.append(router.endpoints[0].outstanding)
+        await slept(seconds)
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    router = build.router(
+        [[build.endpoint(alone.url, name="alone")]],
+        retry=RetryPolicy(attempts_per_provider=2, backoff_initial=0.5),
+    )
+    pieces, _ = await run(router)
+    assert "".join(pieces) == ANSWER
+    assert outstanding == [1] and router.endpoints[0].outstanding == 0

@@ -74,9 +74,16 @@ class Attempt:
         return self.endpoint.provider
 
     async def __aenter__(self) -> Attempt:
-        if self._delay > 0:
-            await self._attempts.router.sleep(self._delay)
+        # Outstanding from the start: a reload closes a replaced provider once nothing is
+        # outstanding on it, and a retry waiting out its backoff looked idle, then reopened
+        # the closed provider's connection pool, which nothing closed.
         self.endpoint.outstanding += 1
+        if self._delay > 0:
+            try:
+                await self._attempts.router.sleep(self._delay)
+            except BaseException:  # cancelled while waiting: __aexit__ will not run
+                self.endpoint.outstanding -= 1
+                raise
         self._started = self._attempts.router.clock()
         self._deadline = asyncio.get_running_loop().time() + self.endpoint.timeouts.first_token
         return self
