@@ -276,6 +276,21 @@ def _int(metadata: dict[str, object], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+PROMPT_CACHE_CONTEXTS = 4
+PROMPT_CACHE_LIMIT = 1 << 30
+
+
+def prompt_cache_bytes(context_kv: int | None) -> int:
+    """Host memory for the prompts a generating engine sets aside when another takes
+    their slot (llama.cpp's ``cache_ram``), from the KV cache of one whole context: room
+    for :data:`PROMPT_CACHE_CONTEXTS` of them, at most 1 GiB (1 GiB when the header does
+    not tell). It was 1 GiB for every model, and left out of the memory estimate: the
+    embedded model's worker grew to ~1 GB after ~50 prompts, three times the estimate."""
+    if context_kv is None:
+        return PROMPT_CACHE_LIMIT
+    return min(PROMPT_CACHE_LIMIT, PROMPT_CACHE_CONTEXTS * context_kv)
+
+
 def kv_cache_bytes(metadata: dict[str, object], context_size: int) -> int | None:
     """Bytes of an f16 KV cache for ``context_size`` tokens, or None if the header
     lacks the shape (then the caller must guess)."""

@@ -59,23 +59,32 @@ def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 
 
 def memory_needed(spec: WorkerSpec) -> int:
-    """Bytes the worker for ``spec`` needs: weights, KV cache per slot, overhead, and an
-    embedding engine's buffers for an input of its whole context."""
+    """Bytes the worker for ``spec`` needs: weights, KV cache per slot, overhead, and a
+    generating engine's prompt cache or an embedding engine's buffers for an input of its
+    whole context."""
     path = Path(spec.model_path)
     metadata = gguf.read_metadata(path)
-    needed = estimate_memory(path.stat().st_size, metadata, spec.context_size, spec.slots)
+    size, context, slots = path.stat().st_size, spec.context_size, spec.slots
     if spec.embedding:
-        needed += gguf.embedding_batch_bytes(metadata, spec.context_size) or 0
-    return needed
+        needed = estimate_memory(size, metadata, context, slots, prompt_cache=False)
+        return needed + (gguf.embedding_batch_bytes(metadata, spec.context_size) or 0)
+    return estimate_memory(size, metadata, context, slots)
 
 
 def estimate_memory(
-    weights: int, metadata: dict[str, object] | None, context_size: int, slots: int
+    weights: int,
+    metadata: dict[str, object] | None,
+    context_size: int,
+    slots: int,
+    *,
+    prompt_cache: bool = True,
 ) -> int:
     """:func:`memory_needed` from a file's size and header; without the header (a
     model not downloaded yet) the KV cache is guessed as a quarter of the weights."""
     kv = gguf.kv_cache_bytes(metadata, context_size) if metadata is not None else None
-    return weights + (kv if kv is not None else weights // 4) * max(1, slots) + OVERHEAD_BYTES
+    kv = kv if kv is not None else weights // 4
+    cache = gguf.prompt_cache_bytes(kv) if prompt_cache else 0
+    return weights + kv * max(1, slots) + cache + OVERHEAD_BYTES
 
 
 def _unusable(model_name: str, exc: Exception) -> RequestError:

@@ -78,8 +78,6 @@ p50 73-87 ms (max 130-212) with 32. Reused prefixes are not read at all, and a s
 keystroke's read is not lost: the next keystroke continues it in the same slot."""
 CACHE_REUSE = 32
 """Smallest run of tokens the engine reuses from a moved window by shifting its KV cache."""
-PROMPT_CACHE_MIB = 1024
-"""Host memory for slot states the engine sets aside when another prompt takes a slot."""
 EMBEDDING_NICE = 10
 """An embedding engine runs at a lower CPU priority, so that a generation on the same
 cores preempts it: two engines at one priority stall each other at every step's barriers
@@ -615,7 +613,7 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     batch = args.context_size if args.embedding else args.prefill_batch
     params.n_batch = params.n_ubatch = batch
     params.n_cache_reuse = CACHE_REUSE
-    params.cache_ram_mib = PROMPT_CACHE_MIB
+    params.cache_ram_mib = _prompt_cache_mib(args)
     params.n_gpu_layers = args.gpu_layers
     # llama.cpp's fitting of unset sizes to device memory measures the model with a
     # trial load, then stops because the GPU layers are set above: ~0.2 s of CPU a
@@ -639,6 +637,18 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
             # no pooling in the GGUF: average the tokens
             params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     return params
+
+
+def _prompt_cache_mib(args: argparse.Namespace) -> int:
+    """The engine's host memory for slot states it sets aside when another prompt takes
+    a slot (:func:`keel.models.gguf.prompt_cache_bytes`); none for embeddings, which
+    reuse no prompt."""
+    if args.embedding:
+        return 0
+    from keel.models.gguf import kv_cache_bytes, prompt_cache_bytes
+
+    kv = kv_cache_bytes(_metadata(args.model), args.context_size)
+    return max(1, prompt_cache_bytes(kv) >> 20)
 
 
 def _threads(args: argparse.Namespace) -> int:
