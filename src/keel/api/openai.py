@@ -108,8 +108,9 @@ def served_models(request: Request) -> dict[str, dict[str, object]]:
     context (the largest a role runs it with: an embedding's is smaller)."""
     state = app_state(request)
     seen: dict[str, dict[str, object]] = {}
+    contexts: dict[str, int] = {}
     for provider in state.providers.unique():
-        card = seen.setdefault(
+        seen.setdefault(
             provider.info.model,
             {
                 "id": provider.info.model,
@@ -119,8 +120,10 @@ def served_models(request: Request) -> dict[str, dict[str, object]]:
             },
         )
         context = provider.info.details.get("context_size")
-        if isinstance(context, int) and context > int(str(card.get("context_length", 0))):
-            card["context_length"] = card["max_model_len"] = context
+        if isinstance(context, int):
+            contexts[provider.info.model] = max(context, contexts.get(provider.info.model, 0))
+    for model, context in contexts.items():
+        seen[model]["context_length"] = seen[model]["max_model_len"] = context
     return seen
 
 

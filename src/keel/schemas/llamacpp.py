@@ -17,36 +17,27 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 
-from keel.schemas.openai import MAX_TOKENS_LIMIT
-
-MAX_STOP_WORDS = 16
-"""As on ``/v1/completions``, whose serving this route shares."""
+from keel.schemas.openai import MAX_TOKENS_LIMIT, _check_stop, _Wire
 
 
-class LlamaCppCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class LlamaCppCompletionRequest(_Wire):
     prompt: str = Field(description="The text to continue, as one string.")
     n_predict: int | None = Field(
         None,
         ge=-1,
         le=MAX_TOKENS_LIMIT,
+        validation_alias=AliasChoices("n_predict", "max_tokens"),
         description="New tokens at most; -1 or unset: keel's budget ([completion] "
-        "max_decoding_tokens, else the model's); 0: no generation, an empty answer at once.",
-    )
-    max_tokens: int | None = Field(
-        None,
-        ge=-1,
-        le=MAX_TOKENS_LIMIT,
-        description="The same as `n_predict` (Twinny's name for it); `n_predict` wins when "
-        "both are sent.",
+        "max_decoding_tokens, else the model's); 0: no generation, an empty answer at once. "
+        "Also taken as `max_tokens` (Twinny's name for it); `n_predict` wins when both are "
+        "sent.",
     )
     stop: list[str] | None = Field(
         None,
-        max_length=MAX_STOP_WORDS,
-        description="Stop strings: the answer ends before the first one (not included).",
+        description="Stop strings (up to 16, as on /v1/completions): the answer ends before "
+        "the first one (not included).",
     )
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -60,14 +51,6 @@ class LlamaCppCompletionRequest(BaseModel):
     )
     model: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data: object) -> object:
-        """A null field is as if unset (``"stop": null``, ``"stream": null``)."""
-        if isinstance(data, dict) and None in data.values():
-            return {key: value for key, value in data.items() if value is not None}
-        return data
-
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_string(cls, value: object) -> object:
@@ -78,17 +61,11 @@ class LlamaCppCompletionRequest(BaseModel):
             )
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str] | None) -> list[str] | None:
-        if value and any(not stop for stop in value):
-            raise ValueError("stop strings must not be empty")
-        return value
+    _stop = field_validator("stop")(_check_stop)
 
     def limit(self) -> int | None:
         """The client's cap on new tokens: None for keel's budget, 0 for none at all."""
-        asked = self.n_predict if self.n_predict is not None else self.max_tokens
-        return None if asked is None or asked < 0 else asked
+        return None if self.n_predict is None or self.n_predict < 0 else self.n_predict
 
     def to_openai(self) -> dict[str, Any]:
         """The same request as an OpenAI completion body (``limit()`` is not 0), asking for
