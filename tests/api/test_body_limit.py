@@ -1,4 +1,6 @@
-"""Over-limit bodies are a 413 in the one error shape, declared or streamed."""
+"""Over-limit bodies are a 413 in the one error shape, declared or streamed: read and
+dropped first up to four times the limit (the client then reads the answer on an open
+connection), refused unread beyond it (the connection closed)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from keel.api.middleware import CorsPolicy, KeelMiddleware
 
@@ -17,27 +19,48 @@ async def echo_size(scope: Scope, receive: Receive, send: Send) -> None:
     await JSONResponse({"size": len(body)})(scope, receive, send)
 
 
-def client() -> httpx.AsyncClient:
-    app = KeelMiddleware(echo_size, max_body_bytes=10, cors=CorsPolicy([]))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
+class Client(httpx.AsyncClient):
+    """Through the middleware with a 10-byte limit; ``sent``: the body bytes the
+    middleware and the app took from the request."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+        async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+            async def counted() -> Message:
+                message = await receive()
+                self.sent += len(message.get("body", b""))
+                return message
+
+            await middleware(scope, counted, send)
+
+        middleware = KeelMiddleware(echo_size, max_body_bytes=10, cors=CorsPolicy([]))
+        super().__init__(transport=httpx.ASGITransport(app=counting), base_url="http://localhost")
 
 
-def assert_413(response: httpx.Response) -> None:
+def assert_413(response: httpx.Response, *, closed: bool = False) -> None:
     assert response.status_code == 413
-    assert response.headers["connection"] == "close"
+    assert (response.headers.get("connection") == "close") is closed
     error = response.json()["error"]
     assert error["code"] == "payload_too_large" and error["type"] == "invalid_request_error"
 
 
 async def test_a_body_under_the_limit_passes() -> None:
-    async with client() as http:
+    async with Client() as http:
         response = await http.post("/", content=b"0123456789")
     assert response.json() == {"size": 10}
 
 
-async def test_a_declared_length_over_the_limit_is_refused_unread() -> None:
-    async with client() as http:
-        assert_413(await http.post("/", content=b"x" * 11))
+async def test_a_declared_length_over_the_limit_is_read_then_refused() -> None:
+    async with Client() as http:
+        assert_413(await http.post("/", content=b"x" * 40))
+        assert http.sent == 40
+
+
+async def test_a_declared_length_past_four_times_the_limit_is_refused_unread() -> None:
+    async with Client() as http:
+        assert_413(await http.post("/", content=b"x" * 41), closed=True)
+        assert http.sent == 0
 
 
 async def test_a_streamed_body_over_the_limit_is_refused() -> None:
@@ -45,5 +68,16 @@ async def test_a_streamed_body_over_the_limit_is_refused() -> None:
         for _ in range(3):
             yield b"x" * 6
 
-    async with client() as http:
+    async with Client() as http:
         assert_413(await http.post("/", content=chunks()))
+        assert http.sent == 18
+
+
+async def test_a_streamed_body_past_four_times_the_limit_is_refused_as_it_goes_over() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 6
+
+    async with Client() as http:
+        assert_413(await http.post("/", content=chunks()), closed=True)
+        assert http.sent == 42, "read up to the chunk that went past 40 bytes"

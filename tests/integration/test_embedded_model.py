@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -342,11 +344,22 @@ def test_bad_input_on_other_routes(
     assert field in response.json()["error"]["message"]
 
 
-def test_oversized_body_is_413(keel_server: KeelProcess) -> None:
-    big = {"language": "python", "segments": {"prefix": "x" * (5 * 1024 * 1024)}}
-    response = httpx.post(f"{keel_server.url}/v1/completions", json=big, timeout=30)
-    assert response.status_code == 413
-    assert response.json()["error"]["code"] == "payload_too_large"
+def test_an_oversized_body_is_a_413_the_client_reads(keel_server: KeelProcess) -> None:
+    """A body three times the default 4 MiB limit is read and dropped, then refused with a
+    413. Python's urllib sends its whole body before it reads the answer: keel closing the
+    connection on the unread bytes reset it, and the client saw ``Connection reset by
+    peer`` instead of why, every time."""
+    big = {"language": "python", "segments": {"prefix": "x" * (12 * 1024 * 1024)}}
+    request = urllib.request.Request(
+        f"{keel_server.url}/v1/completions",
+        data=json.dumps(big).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    for _ in range(3):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 413
+        assert json.load(refused.value)["error"]["code"] == "payload_too_large"
 
 
 def test_unknown_route_and_method_use_the_error_shape(keel_server: KeelProcess) -> None:

@@ -10,9 +10,11 @@ keel's added latency. What it does, in the order a request meets it:
   echoed in the response and set in :data:`keel.ops.logging.request_id`, so
   every log line of the request carries it.
 - **body limit**: a declared ``Content-Length`` over ``max_body_bytes`` is a
-  413 before anything is read; a body without one (chunked) is counted as it
+  413 before the app sees it; a body without one (chunked) is counted as it
   is read and refused once it goes over. The 413 goes through the one error
-  renderer.
+  renderer, after the body is read and dropped up to :data:`DRAIN_FACTOR` times
+  the limit: clients send their whole body before they read an answer, and a
+  connection closed on unread bytes reached them as a reset, not a 413.
 - **metrics**: every request counted and timed to its last byte (a stream to
   its last chunk, not its headers), labelled by route template (``other`` for
   unmatched paths, so a scanner cannot blow up the label set), role, and the
@@ -67,6 +69,9 @@ log = logging.getLogger("keel.access")
 REQUEST_ID_HEADER = b"x-request-id"
 SUPERSEDED_HEADER = b"x-keel-superseded"
 PROVIDER_HEADER = b"x-keel-provider"
+DRAIN_FACTOR = 4
+"""An over-limit body up to this many times ``max_body_bytes`` is read (and dropped)
+before the 413; a bigger one is refused unread, on a connection closed after it."""
 _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _PORT = re.compile(r":\d+$")
 CORS_EXPOSED = b"X-Request-ID, X-Keel-Provider, X-Keel-Source, X-Keel-Superseded"
@@ -190,7 +195,7 @@ class KeelMiddleware:
             elif origin is not None and not self.cors.welcomes(origin, host):
                 await self.cors.refusal(origin)(scope, receive, response)
             elif declared is not None and declared > self.max_body_bytes:
-                await self._reject(scope, receive, response)
+                await self._reject(scope, receive, response, declared=declared)
             elif declared is not None:
                 # The server delivers no more than the declared length.
                 await self.app(scope, receive, response)
@@ -208,12 +213,14 @@ class KeelMiddleware:
     async def _limited(self, scope: Scope, receive: Receive, response: _Response) -> None:
         """A body of undeclared length (chunked), counted as it is read."""
         received = 0
+        ended = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, ended
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                ended = not message.get("more_body", False)
                 if received > self.max_body_bytes:
                     raise PayloadTooLarge(f"the request body is over {self.max_body_bytes} bytes")
             return message
@@ -222,16 +229,29 @@ class KeelMiddleware:
             await self.app(scope, limited_receive, response)
         except PayloadTooLarge:
             if not response.started:
-                await self._reject(scope, receive, response)
+                await self._reject(scope, receive, response, read=received, ended=ended)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _reject(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        declared: int = 0,
+        read: int = 0,
+        ended: bool = False,
+    ) -> None:
+        """The 413, once the rest of the body is read and dropped if the whole body is
+        within :data:`DRAIN_FACTOR` times the limit; else at once, closing the connection."""
         refusal = error_response(
             PayloadTooLarge(
                 f"the request body is over the limit of {self.max_body_bytes} bytes "
                 "(server.max_body_bytes); send less context"
             )
         )
-        refusal.headers["connection"] = "close"
+        budget = DRAIN_FACTOR * self.max_body_bytes - read
+        if not ended and (declared > budget or not await _drained(receive, budget)):
+            refusal.headers["connection"] = "close"
         await refusal(scope, receive, send)
 
     @staticmethod
@@ -268,3 +288,17 @@ class KeelMiddleware:
                 seconds * 1000,
                 " (a stream begun with 200)" if status != response.status else "",
             )
+
+
+async def _drained(receive: Receive, budget: int) -> bool:
+    """Whether the rest of the request body ended within ``budget`` bytes, read and
+    dropped (False: it did not, or the client left)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        budget -= len(message.get("body", b""))
+        if budget < 0:
+            return False
+        if not message.get("more_body", False):
+            return True
