@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -63,21 +64,20 @@ async def test_a_declared_length_past_four_times_the_limit_is_refused_unread() -
         assert http.sent == 0
 
 
-async def test_a_streamed_body_over_the_limit_is_refused() -> None:
-    async def chunks() -> AsyncIterator[bytes]:
-        for _ in range(3):
+@pytest.mark.parametrize(
+    ("chunks", "sent", "closed"),
+    [
+        (3, 18, False),  # read to its end, then refused
+        (10, 42, True),  # read up to the chunk that went past 40 bytes, then refused
+    ],
+)
+async def test_a_streamed_body_over_the_limit_is_refused(
+    chunks: int, sent: int, closed: bool
+) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(chunks):
             yield b"x" * 6
 
     async with Client() as http:
-        assert_413(await http.post("/", content=chunks()))
-        assert http.sent == 18
-
-
-async def test_a_streamed_body_past_four_times_the_limit_is_refused_as_it_goes_over() -> None:
-    async def chunks() -> AsyncIterator[bytes]:
-        for _ in range(10):
-            yield b"x" * 6
-
-    async with Client() as http:
-        assert_413(await http.post("/", content=chunks()), closed=True)
-        assert http.sent == 42, "read up to the chunk that went past 40 bytes"
+        assert_413(await http.post("/", content=body()), closed=closed)
+        assert http.sent == sent
