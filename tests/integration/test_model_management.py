@@ -184,7 +184,7 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         assert [p["name"] for p in _chain(client, "completion")] == ["local/alt", embedded]
         assert client.get("/v1/model").json()["parameters"]["max_seq_len"] == 1024
         answers: list[httpx.Response] = []
-        body = {"prompt": "def fibonacci(n):\n", "max_tokens": 400, "temperature": 0}
+        body = {"prompt": "def fibonacci(n):\n", "max_tokens": 160, "temperature": 0}
         request = threading.Thread(
             target=lambda: answers.append(client.post("/v1/completions", json=body))
         )
