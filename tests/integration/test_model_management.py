@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from keel.models.registry import embedded_model_path
-from tests.conftest import PRECOMPUTE_OFF, KeelProcess, running_keel
+from tests.conftest import PRECOMPUTE_OFF, KeelProcess, running_keel, sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -205,3 +205,32 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         assert completion[0]["worker"]["pid"] == chat[0]["worker"]["pid"]
         refused = client.post("/v1/model/unload")  # no body, as TabbyAPI's clients send it
         assert refused.status_code == 409 and "completion has no other provider" in refused.text
+
+
+def test_a_model_swapped_out_finishes_the_answer_it_is_streaming(tmp_path: Path) -> None:
+    """A model that served completion alone, swapped out while it streams an answer,
+    finishes that answer before its worker stops. keel closed it at once: the swap took
+    its endpoint out of the chain, and with it the count of what ran there, so the
+    answer broke off with an error event."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "alt.gguf").symlink_to(embedded_model_path())
+    with running_keel(tmp_path, PRECOMPUTE_OFF) as server, server.client() as client:
+        load = {"model_name": "alt", "stream": False}
+        assert client.post("/v1/model/load", json=load).status_code == 200
+        pid = _chain(client, "completion")[0]["worker"]["pid"]  # type: ignore[index]
+        body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 300, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as answer:
+            lines = answer.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            assert answer.headers["x-keel-provider"] == "local/alt"
+            back = {"model_name": "SmolLM2-135M-Instruct", "stream": False}
+            assert client.post("/v1/model/load", json=back).status_code == 200
+            rest = "\n".join(lines)
+        events = sse_events(rest)
+        assert all("error" not in event for event in events), events[-1]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists(), "the swapped-out worker stops after it"

@@ -93,6 +93,20 @@ async def _one_token(role: Role, provider: Provider) -> None:
         await close_stream(stream)
 
 
+def _inherited(
+    previous: Routing | None, config: RoutingConfig
+) -> tuple[dict[int, Endpoint], list[Routing]]:
+    """What a routing takes from the one a reload replaces: that routing's endpoints by
+    provider when ``[routing]`` is unchanged (a kept provider keeps its breaker and
+    counts), and the routings that still serve what they admitted (see
+    :meth:`Routing.in_use`)."""
+    if previous is None:
+        return {}, []
+    same = previous.settings.routing == config
+    carried = {id(e.provider): e for e in previous.endpoints()} if same else {}
+    return carried, [previous, *previous.replaced()]
+
+
 def breaker_policy(config: RoutingConfig) -> BreakerPolicy:
     return BreakerPolicy(
         consecutive_failures=config.breaker_consecutive_failures,
@@ -133,10 +147,9 @@ class Routing:
         self._policy = policy
         self._clock = clock
         endpoints: dict[int, Endpoint] = {}
-        self._carried: dict[int, Endpoint] = {}
-        """The previous routing's endpoints, by provider, for the providers it kept."""
-        if previous is not None and previous.settings.routing == config:
-            self._carried = {id(e.provider): e for e in previous.endpoints()}
+        self._carried, self._replaced = _inherited(previous, config)
+        self._retired: list[Endpoint] = []
+        """Endpoints a swap took out of a chain, while attempts run on them (in_use)."""
         for role in ROLES:
             groups = [
                 [self._endpoint(role, entry, endpoints) for entry in group]
@@ -200,23 +213,59 @@ class Routing:
         self.providers.chains[role] = chain
         self.events.providers_in_use(self.endpoints())
         kept = {id(e.provider) for e in router.endpoints}
-        return [e.provider for e in old if id(e.provider) not in kept]
+        retired = [e for e in old if id(e.provider) not in kept]
+        self._retired += retired
+        return [e.provider for e in retired]
 
-    def outstanding(self, provider: Provider) -> int:
-        return sum(
-            endpoint.outstanding
-            for router in self.routers.values()
-            for endpoint in router.endpoints
-            if endpoint.provider is provider
+    def busy(self) -> bool:
+        """Whether a request admitted here is running or waiting for a slot, or an
+        attempt (a precompute's takes no slot) is in flight."""
+        return any(a.active or a.waiting for a in self.admission.values()) or any(
+            e.outstanding for e in (*self.endpoints(), *self._retired)
         )
 
+    def sends_to(self, provider: Provider) -> bool:
+        """Whether a request this routing admitted may still go to ``provider``: an
+        attempt in flight on it, or a request running or waiting for a slot in a role
+        whose chain has it (one waiting has nothing outstanding yet: it picks its
+        provider once it has the slot). An endpoint a swap took out of its chain counts
+        until its attempts end: a swapped-out model finishes what it streams."""
+        self._retired = [e for e in self._retired if e.outstanding]
+        if any(e.provider is provider for e in self._retired):
+            return True
+        for role, router in self.routers.items():
+            endpoints = [e for e in router.endpoints if e.provider is provider]
+            if any(e.outstanding for e in endpoints):
+                return True
+            admission = self.admission[role]
+            if endpoints and (admission.active or admission.waiting):
+                return True
+        return False
+
+    def replaced(self) -> list[Routing]:
+        """The routings reloads replaced before this one that still serve what they
+        admitted: those requests may yet go to a provider this one shares with them."""
+        self._replaced = [r for r in self._replaced if r.busy()]
+        return self._replaced
+
+    def in_use(self, provider: Provider) -> bool:
+        """:meth:`sends_to`, here or in a routing a reload replaced that still serves
+        what it admitted."""
+        return any(r.sends_to(provider) for r in (self, *self.replaced()))
+
     async def close_when_idle(self, providers: list[Provider], grace: float = 60.0) -> None:
-        """Close providers once no request routed here is in flight on them (or after
-        ``grace`` seconds): a swapped-out model finishes what it started."""
+        """Close providers once no request admitted here, or by a routing this one
+        replaced, may still go to them (or after ``grace`` seconds): a swapped-out model
+        or a reload's replaced provider finishes what it started and what waits for a
+        slot. Counted by this routing's outstanding attempts alone, two reloads in a row
+        (the first changing ``[routing]``, so that the provider it kept had an endpoint
+        afresh) closed the provider under the requests admitted before the first: those
+        running got a 502, those queued reopened its connection pool, which nothing
+        closed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # Outstanding counts are plain integers the routers keep; polling them is enough.
-        while any(self.outstanding(p) for p in providers) and loop.time() < deadline:  # noqa: ASYNC110
+        # The counts are plain integers the routers and admissions keep; polling is enough.
+        while any(self.in_use(p) for p in providers) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         await asyncio.gather(*(provider.aclose() for provider in providers))
         for provider in providers:
