@@ -64,6 +64,16 @@ async def test_a_declared_length_past_four_times_the_limit_is_refused_unread() -
         assert http.sent == 0
 
 
+async def test_a_body_the_client_waits_to_send_is_refused_before_it_is_sent() -> None:
+    """``Expect: 100-continue`` (curl's way with a body over 1 MB): the 413 comes before
+    the client is told to go on, so the body is never sent; reading it made curl upload
+    all of it first (12 MiB, to be dropped)."""
+    async with Client() as http:
+        response = await http.post("/", content=b"x" * 20, headers={"Expect": "100-continue"})
+        assert_413(response, closed=True)
+        assert http.sent == 0
+
+
 @pytest.mark.parametrize(
     ("chunks", "sent", "closed"),
     [

@@ -167,6 +167,7 @@ class KeelMiddleware:
         given: str | None = None
         origin: str | None = None
         host = b""
+        waits = False  # Expect: 100-continue, the body not sent until keel says so
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
                 declared = int(value)
@@ -177,6 +178,8 @@ class KeelMiddleware:
                 origin = value.decode("latin-1")
             elif name == b"host":
                 host = value
+            elif name == b"expect":
+                waits = value.lower() == b"100-continue"
         current = given or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = current
@@ -195,7 +198,7 @@ class KeelMiddleware:
             elif origin is not None and not self.cors.welcomes(origin, host):
                 await self.cors.refusal(origin)(scope, receive, response)
             elif declared is not None and declared > self.max_body_bytes:
-                await self._reject(scope, receive, response, declared=declared)
+                await self._reject(scope, receive, response, declared=declared, unsent=waits)
             elif declared is not None:
                 # The server delivers no more than the declared length.
                 await self.app(scope, receive, response)
@@ -240,9 +243,12 @@ class KeelMiddleware:
         declared: int = 0,
         read: int = 0,
         ended: bool = False,
+        unsent: bool = False,
     ) -> None:
         """The 413, once the rest of the body is read and dropped if the whole body is
-        within :data:`DRAIN_FACTOR` times the limit; else at once, closing the connection."""
+        within :data:`DRAIN_FACTOR` times the limit; else at once, closing the connection.
+        ``unsent``: the client waits to be told to send it (``Expect: 100-continue``, as
+        curl sends a big body), so it is refused at once and never sent."""
         refusal = error_response(
             PayloadTooLarge(
                 f"the request body is over the limit of {self.max_body_bytes} bytes "
@@ -250,7 +256,7 @@ class KeelMiddleware:
             )
         )
         budget = DRAIN_FACTOR * self.max_body_bytes - read
-        if not ended and (declared > budget or not await _drained(receive, budget)):
+        if unsent or (not ended and (declared > budget or not await _drained(receive, budget))):
             refusal.headers["connection"] = "close"
         await refusal(scope, receive, send)
 
