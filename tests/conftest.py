@@ -124,8 +124,8 @@ def pytest_configure(config: pytest.Config) -> None:
     (one core, shared with another worker, where there are more workers than cores).
 
     What a test starts (keel, its engine worker, fake upstreams, redis) inherits the pin,
-    and the engine sizes its threads to it, so each worker is a machine of its own: two
-    2-thread engines on 2 shared cores starved each other into 30 s timeouts."""
+    and the engine sizes its threads to it (one thread on one core): two 2-thread engines
+    on 2 shared cores starved each other into 30 s timeouts."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
     if worker:
         cores = sorted(os.sched_getaffinity(0))

@@ -307,3 +307,11 @@ def kv_cache_bytes(metadata: dict[str, object], context_size: int) -> int | None
     value_width = _int(metadata, f"{arch}.attention.value_length") or width // heads
     per_token = layers * kv_heads * (key_width + value_width) * 2  # f16
     return per_token * context_size
+
+
+def context_kv_bytes(metadata: dict[str, object] | None, context_size: int, weights: int) -> int:
+    """:func:`kv_cache_bytes`, or a quarter of the weights where the header lacks the
+    shape or is not read yet (a model not downloaded): the one guess the memory
+    estimate and the worker's prompt cache both size by."""
+    kv = kv_cache_bytes(metadata, context_size) if metadata is not None else None
+    return kv if kv is not None else weights // 4

@@ -81,8 +81,7 @@ def estimate_memory(
 ) -> int:
     """:func:`memory_needed` from a file's size and header; without the header (a
     model not downloaded yet) the KV cache is guessed as a quarter of the weights."""
-    kv = gguf.kv_cache_bytes(metadata, context_size) if metadata is not None else None
-    kv = kv if kv is not None else weights // 4
+    kv = gguf.context_kv_bytes(metadata, context_size, weights)
     cache = gguf.prompt_cache_bytes(kv) if prompt_cache else 0
     return weights + kv * max(1, slots) + cache + OVERHEAD_BYTES
 

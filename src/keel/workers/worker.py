@@ -641,14 +641,18 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
 
 def _prompt_cache_mib(args: argparse.Namespace) -> int:
     """The engine's host memory for slot states it sets aside when another prompt takes
-    a slot (:func:`keel.models.gguf.prompt_cache_bytes`); none for embeddings, which
-    reuse no prompt."""
+    a slot (:func:`keel.models.gguf.prompt_cache_bytes`), sized as keel's memory
+    estimate counts it; none for embeddings, which reuse no prompt."""
     if args.embedding:
         return 0
-    from keel.models.gguf import kv_cache_bytes, prompt_cache_bytes
+    from keel.models.gguf import context_kv_bytes, prompt_cache_bytes
 
-    kv = kv_cache_bytes(_metadata(args.model), args.context_size)
-    return max(1, prompt_cache_bytes(kv) >> 20)
+    weights = os.path.getsize(args.model) if os.path.isfile(args.model) else 0  # main() checks
+    return max(
+        1,
+        prompt_cache_bytes(context_kv_bytes(_metadata(args.model), args.context_size, weights))
+        >> 20,
+    )
 
 
 def _threads(args: argparse.Namespace) -> int:
