@@ -75,9 +75,9 @@ typecheck: $(STAMP)
 quality-gate: $(STAMP)
 	$(IDLE) $(BIN)/python -m keel.eval.gate
 
-# Three pytest workers for every two cores (pytest-xdist; tests/conftest.py), each pinned
-# to one core with what it starts: an engine runs one thread per worker, and the third
-# worker fills the time the others wait on sockets and timers.
+# Three pytest workers for every two cores (pytest-xdist; tests/conftest.py), where each
+# engine a test starts runs one thread (LLAMA_ARG_THREADS=1): the third worker fills the
+# time the others wait on sockets and timers.
 # Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: each of the hundreds of
 # processes the tests start would otherwise compile its imports again (0.75 s a start).
 # A worker that runs out of tests takes half of what the other has queued (worksteal):

@@ -241,8 +241,8 @@ class LocalModelConfig(_Section):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for inference (default: the physical cores keel may run on, "
-        "within its CPU quota).",
+        description="CPU threads for inference (default: LLAMA_ARG_THREADS where set, else "
+        "the physical cores keel may run on, within its CPU quota).",
     )
     parallelism: int = Field(
         2,

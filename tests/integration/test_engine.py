@@ -17,7 +17,7 @@ import pytest
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
-from keel.workers.worker import PREFILL_BATCH
+from keel.workers.worker import PREFILL_BATCH, THREADS_VARIABLE
 from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
@@ -271,9 +271,12 @@ async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerS
     assert pieces
 
 
-async def test_the_engine_sizes_its_threads_to_the_cores_it_may_run_on() -> None:
+async def test_the_engine_sizes_its_threads_to_the_cores_it_may_run_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A CPU set (a container's, ``taskset``'s) bounds the engine's threads, where
     llama.cpp's own default counts every core of the machine; ``threads`` set wins."""
+    monkeypatch.delenv(THREADS_VARIABLE, raising=False)  # the tests' workers set it
     everywhere = os.sched_getaffinity(0)
     model = str(embedded_model_path())
     pinned = WorkerSupervisor(WorkerSpec(model), name="pinned")

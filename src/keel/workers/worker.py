@@ -655,13 +655,22 @@ def _prompt_cache_mib(args: argparse.Namespace) -> int:
     )
 
 
+THREADS_VARIABLE = "LLAMA_ARG_THREADS"
+"""llama-server's environment variable for ``--threads``, read as it reads it where no
+``threads`` is configured: a whole number above 0 (anything else is the default)."""
+
+
 def _threads(args: argparse.Namespace) -> int:
-    """The configured threads, or the physical cores this process may run on within its
-    CPU quota: llama.cpp's own default counts every core of the machine, ignoring the CPU
-    set of a container or of ``taskset`` and a quota (``docker --cpus``, a Kubernetes CPU
-    limit); more threads than that stall each step on a thread that is not running."""
+    """The configured threads, else ``LLAMA_ARG_THREADS``, else the physical cores this
+    process may run on within its CPU quota: llama.cpp's own default counts every core of
+    the machine, ignoring the CPU set of a container or of ``taskset`` and a quota
+    (``docker --cpus``, a Kubernetes CPU limit); more threads than that stall each step on
+    a thread that is not running."""
     if args.threads:
         return int(args.threads)
+    variable = os.environ.get(THREADS_VARIABLE, "").strip()
+    if variable.isdigit() and int(variable) > 0:
+        return int(variable)
     cores = set()
     for cpu in os.sched_getaffinity(0):
         siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
