@@ -126,10 +126,11 @@ def pytest_configure(config: pytest.Config) -> None:
     would otherwise take every core, and two 2-thread engines on 2 shared cores starved
     each other into 30 s timeouts.
 
-    The workers are not pinned to cores: three workers pinned to two cores left one core
-    to one worker and the other to two, and the suite took 10% longer (pytest on the warm
-    tree, alternated, 2026-12-02: pinned 181, 194 and 203 s; not pinned 154, 179 and
-    189 s)."""
+    The workers are not pinned to cores: three pinned to two cores left one core to one
+    worker and the other to two. Alternated on 2026-12-02, pytest alone on the warm tree
+    took 181, 194 and 203 s pinned, 154, 179 and 189 s not; a fresh clone's whole `make
+    test`, where mypy and the quality gate take the CPU pytest leaves idle, took the same
+    either way (pinned 206 and 200 s, not 197 and 207 s)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...
         os.environ[THREADS_VARIABLE] = "1"
 
