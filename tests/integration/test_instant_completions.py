@@ -133,6 +133,12 @@ async def test_a_llama_vscode_session_gets_completions_from_the_embedded_model(
 ) -> None:
     answers = await replay(keel)
     assert any(answer.json()["content"].strip() for answer in answers[1:])
+    # What the engine said of the model's work: the prompt's tokens, those its cache
+    # held, the time it read the rest (they were 0 whatever it read).
+    first = answers[1].json()
+    assert answers[1].headers["x-keel-source"] == "model"
+    assert first["timings"]["prompt_n"] > 0 and first["timings"]["prompt_ms"] > 0, first
+    assert first["tokens_evaluated"] == first["timings"]["prompt_n"] + first["tokens_cached"]
     assert {answer.headers.get("x-keel-source") for answer in answers[1:]} <= {
         "model",
         "cache",

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from keel.errors import UpstreamProtocolError
-from keel.providers.base import CompletionCall, GenerationParams
+from keel.providers.base import CompletionCall, GenerationParams, Reported
 from keel.providers.http_llamacpp import llamacpp_embeddings
-from tests.fakes.upstreams import Behaviour, FakeUpstream
+from tests.fakes.upstreams import Behaviour, FakeUpstream, llamacpp_timings
 
 
 async def test_completion_request_and_stream(upstream: FakeUpstream, make_provider):
@@ -51,6 +51,40 @@ async def test_stream_ends_at_stop_without_done_marker(upstream: FakeUpstream, m
             break
         await asyncio.sleep(0.01)
     assert upstream.completed == 1  # a whole answer, not a connection cut at the stop
+
+
+async def test_the_servers_timings_are_reported(upstream: FakeUpstream, make_provider):
+    """The last chunk's ``timings``: the prompt's tokens (read and from the cache), the
+    time reading took, the tokens generated."""
+    provider = make_provider("llama.cpp/completion")
+    call = CompletionCall("def total(items):\n    return", GenerationParams(max_tokens=4))
+    call.reported.note_usage({"prompt_tokens": 900})  # as a failed attempt's backend left it
+    assert "".join([p async for p in provider.stream_completion(call)]) == "Hello, world"
+    said = llamacpp_timings(call.prompt, len(upstream.tokens))
+    assert call.reported == Reported(
+        prompt_tokens=said["prompt_n"] + said["cache_n"],
+        completion_tokens=said["predicted_n"],
+        cached_tokens=said["cache_n"],
+        prompt_ms=said["prompt_ms"],
+    )
+
+
+@pytest.mark.parametrize(
+    "timings",
+    [
+        None,
+        "fast",
+        {"prompt_n": -1, "cache_n": True, "prompt_ms": float("inf"), "predicted_n": "3"},
+        {"prompt_n": 1.5, "prompt_ms": float("nan")},
+        {"prompt_ms": True},
+    ],
+)
+def test_timings_that_are_not_figures_are_not_taken(timings: object) -> None:
+    """A server's ``timings`` are taken only where they are counts and times: an
+    infinite time would have made the /infill answer's JSON unwritable (a 500)."""
+    reported = Reported()
+    reported.note_timings(timings)
+    assert reported == Reported()
 
 
 async def test_embedding_batch(upstream: FakeUpstream, make_provider):

@@ -13,7 +13,7 @@ import pytest
 
 from keel.api.infill import cut_at_indent, cut_at_suffix_closer, language_of
 from keel.schemas.infill import InfillRequest
-from tests.fakes.upstreams import Behaviour, FakeUpstream
+from tests.fakes.upstreams import Behaviour, FakeUpstream, llamacpp_timings
 from tests.serving.conftest import build_app, llamacpp_config
 
 CHUNKS = [
@@ -95,6 +95,27 @@ async def test_a_llama_vscode_session_through_keel(
     assert prompt.startswith("<PRE>") and "    x =<SUF>" in prompt
     assert "return a + b" in prompt, "the editor's chunks are keel's snippets"
     assert "id_slot" not in calls[0], "keel picks the slot, not the editor"
+
+
+async def test_an_infill_answer_gives_the_engines_counts_and_timings(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """llama.vscode shows the prompt's tokens and time from ``timings``: they are what
+    the llama.cpp server said of the generation (they were 0 whatever it read); an
+    answer typed through keel's cache read no prompt."""
+    warm, first, typed, after = await replay(keel)
+    calls = [r.json for r in llamacpp.requests if r.path == "/completion"]
+    said = llamacpp_timings(calls[0]["prompt"], len(llamacpp.tokens))
+    figures = first.json()
+    assert figures["tokens_evaluated"] == said["prompt_n"] + said["cache_n"]
+    assert figures["tokens_cached"] == said["cache_n"]
+    assert figures["timings"]["prompt_n"] == said["prompt_n"] > 0
+    assert figures["timings"]["prompt_ms"] == said["prompt_ms"]
+    assert figures["timings"]["prompt_per_second"] == said["prompt_n"] / said["prompt_ms"] * 1000
+    assert figures["tokens_predicted"] == figures["timings"]["predicted_n"] == said["predicted_n"]
+    assert typed.headers["x-keel-source"] == "cache"
+    assert (typed.json()["timings"]["prompt_n"], typed.json()["tokens_cached"]) == (0, 0)
+    assert (warm.json()["timings"]["prompt_n"], warm.json()["tokens_predicted"]) == (0, 0)
 
 
 async def test_a_blank_lines_indentation_left_out_by_llama_vscode_is_put_back(

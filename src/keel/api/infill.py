@@ -24,7 +24,7 @@ from keel.errors import RequestError
 from keel.pipeline.completion import cut_at_stop
 from keel.pipeline.languages import find_language
 from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
-from keel.providers.base import estimate_tokens
+from keel.providers.base import Reported, estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
 
@@ -104,7 +104,7 @@ async def infill(request: Request) -> JSONResponse:
     state = app_state(request)
     started = time.perf_counter()
     model = state.providers.for_role("completion").info.model
-    content, headers = "", {}
+    content, headers, answer = "", {}, None
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
         limit = body.n_predict if body.n_predict and body.n_predict > 0 else None
         answer = await state.completion.complete(request, body.to_tabby(language_of(body)), limit)
@@ -117,20 +117,47 @@ async def infill(request: Request) -> JSONResponse:
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
             headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
     elapsed_ms = (time.perf_counter() - started) * 1000
-    predicted = estimate_tokens(content) if content else 0
+    reported = answer.reported if answer is not None and answer.reported else Reported()
+    figures = _figures(content, body, reported, elapsed_ms)
     response = InfillResponse(
         content=content,
         model=model,
-        tokens_predicted=predicted,
-        tokens_evaluated=estimate_tokens(body.input_prefix + body.prompt + body.input_suffix),
         generation_settings={"model": model, "n_ctx": 0, "n_predict": body.n_predict or -1},
-        timings=InfillTimings(
-            prompt_n=0,
-            prompt_ms=0.0,
-            prompt_per_second=0.0,
-            predicted_n=predicted,
-            predicted_ms=elapsed_ms,
-            predicted_per_second=predicted / elapsed_ms * 1000 if elapsed_ms > 0 else 0.0,
-        ),
+        **figures,
     )
     return JSONResponse(picked(response.model_dump(), body.response_fields), headers=headers)
+
+
+def _figures(
+    content: str, body: InfillRequest, reported: Reported, elapsed_ms: float
+) -> dict[str, Any]:
+    """llama.cpp's counts and timings of an answer: the engine's where it reported them
+    (the local engine, a llama.cpp server: the prompt's tokens, those it took from its
+    cache, the time it read the rest), else the text's estimate and no prompt read
+    (an answer typed through, a backend that does not say)."""
+    predicted = reported.completion_tokens
+    if predicted is None:
+        predicted = estimate_tokens(content) if content else 0
+    prompt, cached = reported.prompt_tokens, reported.cached_tokens or 0
+    read = 0 if prompt is None else max(0, prompt - cached)
+    if prompt is None:
+        prompt = estimate_tokens(body.input_prefix + body.prompt + body.input_suffix)
+    prompt_ms = reported.prompt_ms or 0.0
+    predicted_ms = max(0.0, elapsed_ms - prompt_ms)
+    return {
+        "tokens_predicted": predicted,
+        "tokens_evaluated": prompt,
+        "tokens_cached": cached,
+        "timings": InfillTimings(
+            prompt_n=read,
+            prompt_ms=prompt_ms,
+            prompt_per_second=_rate(read, prompt_ms),
+            predicted_n=predicted,
+            predicted_ms=predicted_ms,
+            predicted_per_second=_rate(predicted, predicted_ms),
+        ),
+    }
+
+
+def _rate(tokens: int, ms: float) -> float:
+    return tokens / ms * 1000 if ms > 0 else 0.0

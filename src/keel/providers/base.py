@@ -11,6 +11,7 @@ the router can classify them without knowing the backend.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -94,10 +95,30 @@ class Reported:
     finish_reason: str | None = None
     model: str | None = None
     """The model the backend named in its answer (OpenAI's ``model``)."""
+    cached_tokens: int | None = None
+    """Of ``prompt_tokens``, those the engine took from its cache instead of reading."""
+    prompt_ms: float | None = None
+    """The engine's time reading the prompt (llama.cpp's ``timings.prompt_ms``)."""
 
     def clear(self) -> None:
         """Forget what an earlier attempt's engine said (a fallback starts afresh)."""
         self.prompt_tokens = self.completion_tokens = self.finish_reason = self.model = None
+        self.cached_tokens = self.prompt_ms = None
+
+    def note_timings(self, timings: object) -> None:
+        """Take the figures of llama.cpp's ``timings`` (its server's last chunk): the
+        tokens read (``prompt_n``) and taken from the cache (``cache_n``), the time
+        reading took, the tokens generated."""
+        if not isinstance(timings, dict):
+            return
+        read, cached = _count(timings.get("prompt_n")), _count(timings.get("cache_n"))
+        if read is not None:
+            self.cached_tokens = cached or 0
+            self.prompt_tokens = read + self.cached_tokens
+        self.completion_tokens = _count(timings.get("predicted_n")) or self.completion_tokens
+        took = timings.get("prompt_ms")
+        if isinstance(took, int | float) and not isinstance(took, bool):
+            self.prompt_ms = float(took) if math.isfinite(took) and took >= 0 else None
 
     def note_usage(self, usage: object) -> None:
         """Take the counts of an OpenAI ``usage`` object (positive integers only)."""
@@ -107,6 +128,13 @@ class Reported:
             value = usage.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 setattr(self, name, value)
+
+
+def _count(value: object) -> int | None:
+    """``value`` if it is a count of tokens (an integer, not negative)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,11 +42,21 @@ class LlamaCppCompletionProvider(HttpCompletion):
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
+        reported = call.reported
+        reported.clear()
+
+        def stop(payload: JsonObject) -> bool:
+            """The last chunk, which carries the server's ``timings``."""
+            if not llamacpp_stop(payload):
+                return False
+            reported.note_timings(payload.get("timings"))
+            return True
+
         batches = self.upstream.sse_batches(
             "/completion", self.request_body(call), last=llamacpp_stop
         )
         provider = self.upstream.provider
-        return stream_texts(batches, field_text("content", provider), llamacpp_stop, provider)
+        return stream_texts(batches, field_text("content", provider), stop, provider)
 
 
 def llamacpp_stop(payload: JsonObject) -> bool:

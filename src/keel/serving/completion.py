@@ -76,6 +76,9 @@ class Answer:
     source: str
     served_by: Provider | None = None
     """The provider that worked for this request, if one did."""
+    reported: Reported | None = None
+    """What the engine said of the model work this answer took (none for a typed-through
+    answer)."""
 
 
 class CompletionServing:
@@ -232,9 +235,9 @@ class CompletionServing:
         """Model work, as a flight others may join; a precompute gives way at once."""
         self.flights.cancel_precomputes()
         if place is None:
-            response, provider = await self._complete(task)
+            response, provider, reported = await self._complete(task)
             self.metrics.completion_served("model")
-            return Answer(response, provider.name, "model", provider)
+            return Answer(response, provider.name, "model", provider, reported)
         flight = Flight(place, task.prefix, task.suffix, precompute=False, waiters=1)
         try:
             answer: Answer = await asyncio.shield(
@@ -248,11 +251,11 @@ class CompletionServing:
 
     async def _fly(self, task: TabbyTask, flight: Flight, *, admitted: bool = True) -> Answer:
         """Generate for ``task`` as ``flight`` and keep the suggestion for typing through."""
-        response, provider = await self._complete(task, flight, admitted=admitted)
+        response, provider, reported = await self._complete(task, flight, admitted=admitted)
         text = normalize_newlines(response.choices[0].text)[0]
         suggestion = Suggestion(task.prefix, task.suffix, text, provider.name, flight.precompute)
         self.cache.put(flight.place, suggestion)
-        return Answer(response, provider.name, "model", provider)
+        return Answer(response, provider.name, "model", provider, reported)
 
     def _precompute(self, task: TabbyTask, place: Place, shown: str) -> None:
         """While the local engine is idle, compute the completion the user gets after
@@ -274,7 +277,7 @@ class CompletionServing:
 
     async def _complete(
         self, task: TabbyTask, flight: Flight | None = None, *, admitted: bool = True
-    ) -> tuple[TabbyCompletionResponse, Provider]:
+    ) -> tuple[TabbyCompletionResponse, Provider, Reported]:
         """The editor sees nothing before the end, so a provider failing mid-answer
         can still hand the whole request to the next one. A precompute takes no
         admission slot: it runs only when none is taken, and gives way at once."""
@@ -295,7 +298,7 @@ class CompletionServing:
                     if flight is not None:
                         stream = flight.recording(stream)
                     raw = await read_until_stop(stream, call.params.stop)
-        return self.prompts.respond(task, raw, built), provider
+        return self.prompts.respond(task, raw, built), provider, call.reported
 
     async def aclose(self) -> None:
         """Stop the generations still running (precomputes, abandoned flights)."""

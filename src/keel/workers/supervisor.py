@@ -406,6 +406,8 @@ class WorkerSupervisor:
                     if reported is not None:
                         reported.note_usage(message)
                         reported.finish_reason = message.get("finish_reason")
+                        reported.cached_tokens = message.get("reused_tokens")
+                        reported.prompt_ms = message.get("prompt_ms")
                     return
                 else:
                     finished = True

@@ -514,6 +514,7 @@ class _Engine:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": int(timings.get("predicted_n") or state.get("produced", 0)),
                 "reused_tokens": reused,
+                "prompt_ms": timings.get("prompt_ms"),
                 "slot_wait_ms": round((acquired - started) * 1000, 2),
                 "slot_held": state.get("held", False),
                 "first_token_ms": round(((first or ended) - started) * 1000, 2),
