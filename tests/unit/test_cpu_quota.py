@@ -48,7 +48,7 @@ def test_llama_arg_threads_is_read_where_threads_is_not_configured(
     assert _threads(argparse.Namespace(threads=configured)) == threads
 
 
-@pytest.mark.parametrize("variable", ["0", "-2", "two", "", "1.5"])
+@pytest.mark.parametrize("variable", ["0", "-2", "two", "", "1.5", "²"])
 def test_a_llama_arg_threads_that_is_not_a_count_leaves_the_default(
     monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:

@@ -657,8 +657,8 @@ def _prompt_cache_mib(args: argparse.Namespace) -> int:
 
 
 THREADS_VARIABLE = "LLAMA_ARG_THREADS"
-"""llama-server's environment variable for ``--threads``, read as it reads it where no
-``threads`` is configured: a whole number above 0 (anything else is the default)."""
+"""llama-server's environment variable for ``--threads``, read where no ``threads`` is
+configured: a whole number above 0 (anything else leaves keel's default)."""
 
 
 def _threads(args: argparse.Namespace) -> int:
@@ -670,7 +670,7 @@ def _threads(args: argparse.Namespace) -> int:
     if args.threads:
         return int(args.threads)
     variable = os.environ.get(THREADS_VARIABLE, "").strip()
-    if variable.isdigit() and int(variable) > 0:
+    if variable.isascii() and variable.isdigit() and int(variable) > 0:
         return int(variable)
     cores = set()
     for cpu in os.sched_getaffinity(0):
