@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 from keel.errors import Overloaded
@@ -37,6 +37,8 @@ class Admission:
         self.active = 0
         self.waiting = 0
         self.rejected = 0
+        self.arriving = 0
+        """Requests on their way to a slot (:meth:`arrival`)."""
 
     @property
     def under_pressure(self) -> bool:
@@ -51,6 +53,22 @@ class Admission:
             f"{self.role}: {why} ({self.active} running, {self.waiting} waiting); retry shortly",
             retry_after=max(1.0, self.queue_timeout / 2),
         )
+
+    @property
+    def busy(self) -> bool:
+        """A request is running, waiting for a slot or on its way to one."""
+        return bool(self.active or self.waiting or self.arriving)
+
+    @contextlib.contextmanager
+    def arrival(self) -> Iterator[None]:
+        """A request that reads what its prompt needs before it asks for a slot (a Tabby
+        completion's snippets, read in a thread): counted as on its way until it ends,
+        so that a reload does not stop the providers it is yet to go to."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

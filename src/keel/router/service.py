@@ -218,17 +218,17 @@ class Routing:
         return [e.provider for e in retired]
 
     def busy(self) -> bool:
-        """Whether a request admitted here is running or waiting for a slot, or an
-        attempt (a precompute's takes no slot) is in flight."""
-        return any(a.active or a.waiting for a in self.admission.values()) or any(
+        """Whether a request admitted here is running, waiting for a slot or on its way to
+        one, or an attempt (a precompute's takes no slot) is in flight."""
+        return any(a.busy for a in self.admission.values()) or any(
             e.outstanding for e in (*self.endpoints(), *self._retired)
         )
 
     def sends_to(self, provider: Provider) -> bool:
         """Whether a request this routing admitted may still go to ``provider``: an
-        attempt in flight on it, or a request running or waiting for a slot in a role
-        whose chain has it (one waiting has nothing outstanding yet: it picks its
-        provider once it has the slot). An endpoint a swap took out of its chain counts
+        attempt in flight on it, or a request running, waiting for a slot or on its way
+        to one in a role whose chain has it (one waiting has nothing outstanding yet: it
+        picks its provider once it has the slot). An endpoint a swap took out of its chain counts
         until its attempts end: a swapped-out model finishes what it streams."""
         self._retired = [e for e in self._retired if e.outstanding]
         if any(e.provider is provider for e in self._retired):
@@ -237,8 +237,7 @@ class Routing:
             endpoints = [e for e in router.endpoints if e.provider is provider]
             if any(e.outstanding for e in endpoints):
                 return True
-            admission = self.admission[role]
-            if endpoints and (admission.active or admission.waiting):
+            if endpoints and self.admission[role].busy:
                 return True
         return False
 

@@ -123,14 +123,15 @@ class CompletionServing:
         same editor superseded it. Also serves llama.cpp's ``/infill`` (its body read
         as a Tabby request, its ``n_predict`` as ``max_tokens``)."""
         async with CancelOnDisconnect(http):
-            task = await self.prompts.read(body, max_tokens)
-            if task.language is UNKNOWN and body.language:
-                self._note_language(body.language)
-            key = editor_key(http, body)
-            # A capped answer is generated for this request: a cached or running one is
-            # as long as keel's budget made it.
-            place = None if self._caps(max_tokens) else _place(key, task)
-            answer = await self._supersede(key, body, self.answer(task, place))
+            with self.admission.arrival():
+                task = await self.prompts.read(body, max_tokens)
+                if task.language is UNKNOWN and body.language:
+                    self._note_language(body.language)
+                key = editor_key(http, body)
+                # A capped answer is generated for this request: a cached or running one
+                # is as long as keel's budget made it.
+                place = None if self._caps(max_tokens) else _place(key, task)
+                answer = await self._supersede(key, body, self.answer(task, place))
             if answer is None:
                 return None
         response = answer.response

@@ -1,0 +1,152 @@
+"""A config reload while a Tabby completion reads its repository snippets, before it asks
+for an admission slot: the provider the reload replaces waits for it.
+
+The retrieval runs in a thread of the event loop's default executor; the test gives the
+loop an executor of one thread and holds that thread (asyncio's public API), so the
+completion is held in exactly that phase. What keel did before: the request counted
+nowhere, the reload stopped the provider at once, and the request then went to a
+stopped provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes.upstreams import FakeUpstream
+from tests.index.conftest import write_repo
+from tests.index.test_retrieve import PREFIX
+from tests.serving.conftest import build_app
+
+PROVIDER = "completion/llama.cpp/completion"
+
+
+def config(completion: str, others: str, repo: Path) -> str:
+    """Completion from llama.cpp's API at ``completion``, the rest from ``others``, and
+    one indexed repository; no embedded model."""
+    return f"""
+[server]
+completion_timeout = 20
+
+[[repositories]]
+name = "weather"
+path = "{repo}"
+git_url = "https://github.com/example/weather"
+
+[index]
+refresh_seconds = 0
+min_score = 0.0
+
+[model.completion]
+embedded_last_resort = false
+
+[model.completion.http]
+kind = "llama.cpp/completion"
+api_endpoint = "{completion}"
+prompt_template = "<PRE>{{prefix}}<SUF>{{suffix}}<MID>"
+
+[model.chat]
+embedded_last_resort = false
+
+[model.chat.http]
+kind = "openai/chat"
+api_endpoint = "{others}/v1"
+
+[model.embedding]
+embedded_last_resort = false
+
+[model.embedding.http]
+kind = "openai/embedding"
+api_endpoint = "{others}/v1"
+"""
+
+
+def tabby(prefix: str) -> dict[str, object]:
+    return {
+        "language": "python",
+        "segments": {
+            "prefix": prefix,
+            "suffix": "\n",
+            "filepath": "reports/weekly.py",
+            "git_url": "https://github.com/example/weather",
+        },
+        "debug_options": {"return_snippets": True},
+    }
+
+
+async def indexed(http: httpx.AsyncClient) -> None:
+    """Once the repository's index (built in the background at start) gives snippets."""
+    for _ in range(300):
+        answer = await http.post("/v1/completions", json=tabby(PREFIX))
+        assert answer.status_code == 200, answer.text
+        if answer.json()["debug_data"]["snippets"]:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the repository was not indexed within 30 s")
+
+
+def completions(upstream: FakeUpstream) -> int:
+    return sum(1 for r in upstream.requests if r.path == "/completion")
+
+
+async def test_a_reload_waits_for_a_completion_reading_its_snippets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="keel.router")
+    repo = write_repo(tmp_path / "repo")
+    root = tmp_path / "keel"
+
+    def stopped() -> bool:
+        return f"stopped {PROVIDER}" in caplog.messages
+
+    with (
+        FakeUpstream(tokens=("old",)) as old,
+        FakeUpstream(tokens=("new",)) as new,
+        FakeUpstream() as others,
+    ):
+        app = build_app(root, config(old.url, others.url, repo))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost", timeout=30
+            ) as http:
+                await indexed(http)
+                sent = completions(old)
+                loop = asyncio.get_running_loop()
+                loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+                release = threading.Event()
+                holding = loop.run_in_executor(None, release.wait)
+                try:
+                    # another line: its snippets are not the ones chosen for PREFIX's
+                    request = asyncio.create_task(
+                        http.post("/v1/completions", json=tabby("# weekly\n" + PREFIX))
+                    )
+                    await asyncio.sleep(0.2)
+                    assert not request.done() and completions(old) == sent, "not held"
+
+                    (root / "config.toml").write_text(config(new.url, others.url, repo))
+                    reloaded = await http.post("/v1/admin/reload")
+                    assert reloaded.status_code == 200, reloaded.text
+                    assert reloaded.json()["stopping"] == [PROVIDER]
+                    await asyncio.sleep(0.5)  # the replaced provider's stop checks every 0.1 s
+                    assert not stopped(), "stopped under a request on its way to it"
+                finally:
+                    release.set()
+                    await holding
+                answer = await request
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["text"] == "old"
+                assert completions(old) == sent + 1
+                for _ in range(50):
+                    if stopped():
+                        break
+                    await asyncio.sleep(0.1)
+                assert stopped(), "the replaced provider is stopped once the request ended"
+                later = await http.post("/v1/completions", json=tabby(PREFIX))
+                assert later.json()["choices"][0]["text"] == "new"
