@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.api.conftest import USER, Backends
+from tests.api.test_llamacpp_completion import events
 from tests.api.test_tools import ASK, TOOLS
 from tests.conftest import sse_events
 from tests.fakes.upstreams import Behaviour, FakeUpstream
@@ -70,6 +71,29 @@ async def test_the_backends_usage_is_the_answers(
     assert streamed["chunks"][-1]["usage"] == expected
     response = await client.post("/v1/completions", json={"prompt": "def f("}, headers=USER)
     assert response.json()["usage"] == expected
+
+
+async def test_the_prompt_tokens_the_backends_cache_held_reach_the_client(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """OpenAI's and vLLM's ``usage.prompt_tokens_details.cached_tokens``, in keel's
+    OpenAI answers and as llama.cpp's ``tokens_cached`` (and the tokens read,
+    ``timings.prompt_n``) on its ``/completion`` route, which Continue and Twinny use."""
+    backend, completions = said
+    usage = {"prompt_tokens": 40, "completion_tokens": 7, "prompt_tokens_details": {}}
+    usage["prompt_tokens_details"] = {"cached_tokens": 32}
+    backend.usage = completions.usage = usage
+    expected = {**usage, "total_tokens": 47}
+    assert (await chat(client))["usage"] == expected
+    response = await client.post("/v1/completions", json={"prompt": "def f("}, headers=USER)
+    assert response.json()["usage"] == expected
+    for stream in (False, True):
+        answer = await client.post(
+            "/completion", json={"prompt": "def f(", "stream": stream}, headers=USER
+        )
+        final = events(answer)[-1] if stream else answer.json()
+        assert (final["tokens_evaluated"], final["tokens_cached"]) == (40, 32), final
+        assert final["timings"] == {"predicted_n": 7, "prompt_n": 8}, final
 
 
 async def test_a_backend_that_says_nothing_is_counted_and_inferred(

@@ -445,7 +445,11 @@ def test_an_openai_completions_usage_counts_the_templated_prompt(
         alone = client.post("/v1/completions", json=body).json()["usage"]
         suffix = "\n\nprint(add(1, 2))\n" * 4
         both = client.post("/v1/completions", json={**body, "suffix": suffix}).json()
+        again = client.post("/v1/completions", json={**body, "suffix": suffix}).json()
     assert both["usage"]["prompt_tokens"] >= alone["prompt_tokens"] + 20, (alone, both)
+    # the same prompt again: the engine's cache held it (it reads at least its last token)
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert again["usage"]["prompt_tokens"] - 2 <= cached < again["usage"]["prompt_tokens"], again
 
 
 def test_an_answer_the_full_context_cut_short_ends_for_length(tuned_server: KeelProcess) -> None:

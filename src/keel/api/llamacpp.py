@@ -80,14 +80,19 @@ def final(
     """llama.cpp's final object from an OpenAI answer's parts."""
     ended = stop_type(finish, stop_words)
     predicted = int(usage.get("completion_tokens") or 0)
+    prompt = int(usage.get("prompt_tokens") or 0)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     answer = LlamaCppCompletionResponse(
         content=content,
         model=model,
         tokens_predicted=predicted,
-        tokens_evaluated=int(usage.get("prompt_tokens") or 0),
+        tokens_evaluated=prompt,
+        tokens_cached=cached,
         stop_type=ended,
         stopping_word="" if ended is not None else None,
-        timings=LlamaCppTimings(predicted_n=predicted),
+        timings=LlamaCppTimings(
+            predicted_n=predicted, prompt_n=None if cached is None else prompt - cached
+        ),
     )
     return answer.model_dump(exclude_none=True)
 

@@ -121,13 +121,18 @@ class Reported:
             self.prompt_ms = float(took) if math.isfinite(took) and took >= 0 else None
 
     def note_usage(self, usage: object) -> None:
-        """Take the counts of an OpenAI ``usage`` object (positive integers only)."""
+        """Take the counts of an OpenAI ``usage`` object (positive integers only; the
+        cached tokens of its ``prompt_tokens_details``, as OpenAI and vLLM send them)."""
         if not isinstance(usage, dict):
             return
         for name in ("prompt_tokens", "completion_tokens"):
             value = usage.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 setattr(self, name, value)
+        details = usage.get("prompt_tokens_details")
+        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+        if cached is not None:
+            self.cached_tokens = cached
 
 
 def _count(value: object) -> int | None:

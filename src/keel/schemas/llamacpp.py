@@ -93,9 +93,12 @@ StopType = Literal["eos", "limit", "word"]
 
 class LlamaCppTimings(BaseModel):
     """Only what keel knows: it does not see how long the engine took to read the
-    prompt or to generate, nor how much of the prompt its cache held."""
+    prompt or to generate; how much of the prompt it read, where the engine said."""
 
     predicted_n: int
+    prompt_n: int | None = Field(
+        None, description="The prompt's tokens the engine read (not from its cache)."
+    )
 
 
 class LlamaCppCompletionResponse(BaseModel):
@@ -108,6 +111,11 @@ class LlamaCppCompletionResponse(BaseModel):
     model: str
     tokens_predicted: int = Field(description="The answer's tokens (usage.completion_tokens).")
     tokens_evaluated: int = Field(description="The prompt's tokens (usage.prompt_tokens).")
+    tokens_cached: int | None = Field(
+        None,
+        description="Of those, the ones the engine took from its cache, where it said "
+        "(usage.prompt_tokens_details.cached_tokens).",
+    )
     stop_type: StopType | None = None
     stopping_word: str | None = None
     truncated: bool = Field(

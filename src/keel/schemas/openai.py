@@ -421,10 +421,19 @@ class EmbeddingRequest(_Wire):
 # --- responses (documented in /openapi.json; the serving objects build them as dicts) ---
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        description="Of the prompt's tokens, those the engine took from its cache."
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, description="Where the engine said how much of the prompt its cache held."
+    )
 
 
 FinishReason = Literal["stop", "length"] | None

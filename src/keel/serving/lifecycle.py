@@ -104,6 +104,8 @@ class Generated:
     provider: Provider | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | None = None
+    """Of the prompt's tokens, those the engine took from its cache, where it said."""
     engine_finish: str | None = None
     """Why the engine said it stopped (:attr:`Reported.finish_reason`), if it said."""
     tool_deltas: list[dict[str, Any]] = field(default_factory=list)
@@ -119,12 +121,16 @@ class Generated:
         functions = [delta.get("function") or {} for delta in self.tool_deltas]
         return self.text + "".join(function.get("arguments") or "" for function in functions)
 
-    def usage(self) -> dict[str, int]:
-        return {
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's ``usage``, with ``prompt_tokens_details`` where the engine said."""
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
 
 async def generate_text(
@@ -188,6 +194,8 @@ async def count_usage(generated: Generated, prompt: str, reported: Reported) -> 
     counts = iter(await count_tokens(generated.provider, texts) if texts else [])
     generated.prompt_tokens = prompt_tokens or next(counts)
     generated.completion_tokens = completion_tokens or next(counts)
+    if prompt_tokens and reported.cached_tokens is not None:  # the engine's own counts
+        generated.cached_tokens = min(reported.cached_tokens, prompt_tokens)
     generated.engine_finish = reported.finish_reason
 
 
