@@ -16,9 +16,10 @@ from tests.fakes.upstreams import FakeUpstream
 __all__ = ["build_app"]  # the serving tests' app, as the API tests build it
 
 
-def llamacpp_config(url: str, *, fallback: str | None = None) -> str:
+def llamacpp_config(url: str, *, fallback: str | None = None, others: str | None = None) -> str:
     """Completion from llama.cpp's server API at ``url`` (then ``fallback``); chat and
-    embedding from the same fake through OpenAI's API; no embedded model."""
+    embedding from the same fake (or ``others``) through OpenAI's API; no embedded model."""
+    others = others or url
     chain = (
         f'[[model.completion.fallback]]\nkind = "llama.cpp/completion"\n'
         f'api_endpoint = "{fallback}"\nprompt_template = "<PRE>{{prefix}}<SUF>{{suffix}}<MID>"\n'
@@ -47,7 +48,7 @@ embedded_last_resort = false
 
 [model.chat.http]
 kind = "openai/chat"
-api_endpoint = "{url}/v1"
+api_endpoint = "{others}/v1"
 model_name = "fake-chat"
 
 [model.embedding]
@@ -55,7 +56,7 @@ embedded_last_resort = false
 
 [model.embedding.http]
 kind = "openai/embedding"
-api_endpoint = "{url}/v1"
+api_endpoint = "{others}/v1"
 model_name = "fake-embed"
 """
 

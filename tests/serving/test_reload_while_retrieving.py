@@ -22,49 +22,19 @@ import pytest
 from tests.fakes.upstreams import FakeUpstream
 from tests.index.conftest import write_repo
 from tests.index.test_retrieve import PREFIX
-from tests.serving.conftest import build_app
+from tests.serving.conftest import build_app, llamacpp_config
 
 PROVIDER = "completion/llama.cpp/completion"
 
 
 def config(completion: str, others: str, repo: Path) -> str:
     """Completion from llama.cpp's API at ``completion``, the rest from ``others``, and
-    one indexed repository; no embedded model."""
-    return f"""
-[server]
-completion_timeout = 20
-
-[[repositories]]
-name = "weather"
-path = "{repo}"
-git_url = "https://github.com/example/weather"
-
-[index]
-refresh_seconds = 0
-min_score = 0.0
-
-[model.completion]
-embedded_last_resort = false
-
-[model.completion.http]
-kind = "llama.cpp/completion"
-api_endpoint = "{completion}"
-prompt_template = "<PRE>{{prefix}}<SUF>{{suffix}}<MID>"
-
-[model.chat]
-embedded_last_resort = false
-
-[model.chat.http]
-kind = "openai/chat"
-api_endpoint = "{others}/v1"
-
-[model.embedding]
-embedded_last_resort = false
-
-[model.embedding.http]
-kind = "openai/embedding"
-api_endpoint = "{others}/v1"
-"""
+    one indexed repository."""
+    return llamacpp_config(completion, others=others) + (
+        f'\n[[repositories]]\nname = "weather"\npath = "{repo}"\n'
+        'git_url = "https://github.com/example/weather"\n\n'
+        "[index]\nrefresh_seconds = 0\nmin_score = 0.0\n"
+    )
 
 
 def tabby(prefix: str) -> dict[str, object]:
