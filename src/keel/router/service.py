@@ -228,8 +228,9 @@ class Routing:
         """Whether a request this routing admitted may still go to ``provider``: an
         attempt in flight on it, or a request running, waiting for a slot or on its way
         to one in a role whose chain has it (one waiting has nothing outstanding yet: it
-        picks its provider once it has the slot). An endpoint a swap took out of its chain counts
-        until its attempts end: a swapped-out model finishes what it streams."""
+        picks its provider once it has the slot). An endpoint a swap took out of its
+        chain counts until its attempts end: a swapped-out model finishes what it
+        streams."""
         self._retired = [e for e in self._retired if e.outstanding]
         if any(e.provider is provider for e in self._retired):
             return True
