@@ -24,7 +24,7 @@ from keel.errors import RequestError
 from keel.pipeline.completion import cut_at_stop
 from keel.pipeline.languages import find_language
 from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
-from keel.providers.base import Reported, estimate_tokens
+from keel.providers.base import Provider, Reported, estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
 
@@ -103,7 +103,8 @@ async def infill(request: Request) -> JSONResponse:
         raise RequestError("keel's /infill answers whole: send 'stream': false", param="stream")
     state = app_state(request)
     started = time.perf_counter()
-    model = state.providers.for_role("completion").info.model
+    primary = state.providers.for_role("completion")
+    model = primary.info.model
     content, headers, answer = "", {}, None
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
         limit = body.n_predict if body.n_predict and body.n_predict > 0 else None
@@ -119,12 +120,9 @@ async def infill(request: Request) -> JSONResponse:
     elapsed_ms = (time.perf_counter() - started) * 1000
     reported = answer.reported if answer is not None and answer.reported else Reported()
     figures = _figures(content, body, reported, elapsed_ms)
-    response = InfillResponse(
-        content=content,
-        model=model,
-        generation_settings={"model": model, "n_ctx": 0, "n_predict": body.n_predict or -1},
-        **figures,
-    )
+    served = answer.served_by if answer is not None and answer.served_by else primary
+    settings = {"model": model, "n_ctx": context_of(served), "n_predict": body.n_predict or -1}
+    response = InfillResponse(content=content, model=model, generation_settings=settings, **figures)
     return JSONResponse(picked(response.model_dump(), body.response_fields), headers=headers)
 
 
@@ -157,6 +155,13 @@ def _figures(
             predicted_per_second=_rate(predicted, predicted_ms),
         ),
     }
+
+
+def context_of(provider: Provider) -> int:
+    """A local model's context per slot, llama.cpp's ``n_ctx``, which llama.vim shows
+    beside the cached tokens; 0 where keel does not know it (a remote server's)."""
+    size = provider.info.details.get("context_size")
+    return size if isinstance(size, int) else 0
 
 
 def _rate(tokens: int, ms: float) -> float:
