@@ -141,7 +141,9 @@ class Routing:
             budget_ratio=config.retry_budget_ratio,
         )
         self.budget = RetryBudget(retry, clock=clock)
-        self.superseder = Superseder()
+        # An editor's requests from before a reload are superseded by its next keystroke,
+        # and the count of superseded requests goes on.
+        self.superseder: Superseder = previous.superseder if previous else Superseder()
         self.routers: dict[Role, RoleRouter] = {}
         self.admission: dict[Role, Admission] = {}
         self._policy = policy
