@@ -175,8 +175,12 @@ class FakeUpstream:
         self.model = model
         self.finish_reason: str | None = None
         """An OpenAI stream's last ``finish_reason`` (default: ``stop``, ``tool_calls``)."""
-        self.usage: dict[str, int] | None = None
+        self.usage: dict[str, Any] | None = None
         """``usage`` in an OpenAI stream's last chunk, as llama.cpp's server sends it."""
+        self.answering = threading.Event()
+        """Cleared by :meth:`hold`: each request is read and recorded, and its answer waits
+        for :meth:`release`."""
+        self.answering.set()
         self.indexed_calls = True
         """False: tool-call parts without ``index``, as Ollama's OpenAI API sends them."""
         self.port = 0
@@ -221,6 +225,13 @@ class FakeUpstream:
                 self._scripted.clear()
             else:
                 self._scripted.extend([behaviour] * times)
+
+    def hold(self) -> None:
+        """Keep the answers of the requests from now on until :meth:`release`."""
+        self.answering.clear()
+
+    def release(self) -> None:
+        self.answering.set()
 
     def reset_behaviour(self) -> None:
         self.behave(Behaviour())
@@ -308,7 +319,10 @@ class FakeUpstream:
                 return
             with self._lock:
                 self._requests.append(request)
-            await self._respond(request, self._next_behaviour(), reader, writer)
+            behaviour = self._next_behaviour()
+            while not self.answering.is_set():  # noqa: ASYNC110 - set from the test's thread
+                await asyncio.sleep(0.01)
+            await self._respond(request, behaviour, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:

@@ -12,7 +12,6 @@ went to the stopped provider, whose connection pool reopened and was never close
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import time
@@ -25,12 +24,12 @@ import httpx
 import pytest
 
 from tests.conftest import KeelProcess, running_keel
-from tests.fakes.upstreams import Behaviour, FakeUpstream, RecordedRequest
+from tests.fakes.upstreams import Behaviour, FakeUpstream
 
 pytestmark = pytest.mark.integration
 
 DELAY = 0.1
-"""Seconds each fake backend takes to its first token, once open (:class:`HeldUpstream`)."""
+"""Seconds each fake backend takes to its first token, once released (:func:`held`)."""
 SLOTS = 3
 QUEUED = 9
 LATER = 3
@@ -159,32 +158,12 @@ def stops(keel: KeelProcess) -> list[str]:
     return sorted(line.split(marker, 1)[1] for line in lines if marker in line)
 
 
-class HeldUpstream(FakeUpstream):
-    """A backend that holds every completion until :meth:`open`, then answers ``name``
-    DELAY seconds after each request: the requests running at a reload are running."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(tokens=(name,))
-        self._open = threading.Event()
-        self.behave(Behaviour.slow_first_token(DELAY))
-
-    def open(self) -> None:
-        self._open.set()
-
-    async def _respond(
-        self,
-        request: RecordedRequest,
-        behaviour: Behaviour,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        while not self._open.is_set():  # noqa: ASYNC110 - set from the test's thread
-            await asyncio.sleep(0.01)
-        await super()._respond(request, behaviour, reader, writer)
-
-
-def held(name: str) -> HeldUpstream:
-    upstream = HeldUpstream(name)
+def held(name: str) -> FakeUpstream:
+    """A backend that holds every answer until its release, then answers ``name`` DELAY
+    seconds after each request: the requests running at a reload are running."""
+    upstream = FakeUpstream(tokens=(name,))
+    upstream.behave(Behaviour.slow_first_token(DELAY))
+    upstream.hold()
     upstream.start()
     return upstream
 
@@ -272,8 +251,8 @@ def test_a_reload_under_load_answers_every_running_and_queued_request(
             wait_for("the queue", lambda: running(keel, old), keel)
             reload(keel, change.after(*urls), change.how)
             later = load.send(LATER)
-            old.open()
-            new.open()
+            old.release()
+            new.release()
             load.join()
             wait_for("the stops", lambda: stops(keel) == sorted(change.stopped), keel)
         served(admitted, "old")
@@ -303,8 +282,8 @@ def test_two_reloads_in_a_row_wait_for_the_requests_of_both(tmp_path: Path) -> N
             reload(keel, config(old.url, others=others.url, cooldown=30), "api")
             reload(keel, config(new.url, others=others.url, cooldown=30), "sighup")
             later = load.send(LATER)
-            old.open()
-            new.open()
+            old.release()
+            new.release()
             load.join()
             wait_for("the stop", lambda: stops(keel) == [PROVIDER], keel)
         served(admitted, "old")

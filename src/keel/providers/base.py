@@ -126,8 +126,7 @@ class Reported:
         if not isinstance(usage, dict):
             return
         for name in ("prompt_tokens", "completion_tokens"):
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if value := _count(usage.get(name)):
                 setattr(self, name, value)
         details = usage.get("prompt_tokens_details")
         cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
