@@ -46,6 +46,7 @@ Mode = Literal[
     "hang",
     "slow_first_token",
     "cut",
+    "stall",
     "malformed_json",
     "broken_sse",
     "reset",
@@ -65,6 +66,8 @@ class Behaviour:
     - ``slow_first_token``: send the headers, wait ``delay`` s, then stream.
       (Non-streaming answers wait before the headers.)
     - ``cut``: send ``after`` stream frames, then close without ending the body.
+    - ``stall``: send ``after`` stream frames, wait ``delay`` s (or until the client
+      leaves), then send the rest: a generation caught in the middle, whatever the load.
     - ``malformed_json``: the first frame (or the JSON body) is not valid JSON.
     - ``broken_sse``: a 200 whose body is not an event stream (an HTML page).
     - ``reset``: read the request, then reset the connection (TCP RST).
@@ -111,6 +114,10 @@ class Behaviour:
     @classmethod
     def cut(cls, after: int = 1) -> Behaviour:
         return cls("cut", after=after)
+
+    @classmethod
+    def stall(cls, *, after: int = 1, delay: float) -> Behaviour:
+        return cls("stall", after=after, delay=delay)
 
     @classmethod
     def malformed_json(cls) -> Behaviour:
@@ -428,7 +435,9 @@ class FakeUpstream:
             for index, frame in enumerate(frames):
                 if behaviour.mode == "cut" and index >= behaviour.after:
                     return  # close without the last chunk
-                pause = behaviour.delay if index == 0 else self.token_delay
+                pause = self.token_delay
+                if index == (behaviour.after if behaviour.mode == "stall" else 0):
+                    pause = behaviour.delay
                 if pause:
                     await asyncio.wait({gone}, timeout=pause)
                 if gone.done():

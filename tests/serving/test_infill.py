@@ -235,7 +235,7 @@ async def test_n_predict_below_keels_budget_caps_the_answer(
 
 async def test_a_superseded_infill_says_so(keel: httpx.AsyncClient, llamacpp: FakeUpstream) -> None:
     """Its empty answer came without the header Tabby's route sends."""
-    llamacpp.token_delay = 0.5
+    llamacpp.behave(Behaviour.stall(delay=30.0), times=1)  # the older one, until cancelled
     lines = ["import os", "", "def main():"]
     older = asyncio.ensure_future(keel.post("/infill", json=fim(lines, "    value = ")))
     await llamacpp.wait_for(lambda: any(r.path == "/completion" for r in llamacpp.requests), 5)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.fakes.upstreams import FakeUpstream
+from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.serving.conftest import build_app, llamacpp_config
 
 PREFIX = "def total(items):\n    result = 0\n    for item in items:\n        result += "
@@ -31,7 +31,8 @@ async def test_a_keystroke_after_a_reload_supersedes_the_request_before_it(
     tmp_path: Path,
 ) -> None:
     root = tmp_path / "keel"
-    with FakeUpstream(tokens=("item", ".price"), token_delay=0.5) as llamacpp:
+    with FakeUpstream(tokens=("item", ".price")) as llamacpp:
+        llamacpp.behave(Behaviour.stall(delay=30.0), times=1)  # the older one, until cancelled
         app = build_app(root, llamacpp_config(llamacpp.url))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -8,7 +8,7 @@ import re
 
 import httpx
 
-from tests.fakes.upstreams import FakeUpstream
+from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.serving.conftest import state_of
 
 SUGGESTION = "compute(a, b)"
@@ -85,6 +85,7 @@ async def produced(keel: httpx.AsyncClient, text: str) -> None:
 async def test_a_keystroke_that_follows_the_running_generation_joins_it(
     keel: httpx.AsyncClient, llamacpp: FakeUpstream
 ) -> None:
+    llamacpp.behave(Behaviour.stall(delay=1.0), times=1)  # the keystroke comes in its pause
     first = asyncio.create_task(complete(keel, tabby("x = ")))
     await produced(keel, "compute")
     second = await complete(keel, tabby("x = comp"))
@@ -102,6 +103,7 @@ async def test_a_keystroke_that_follows_the_running_generation_joins_it(
 async def test_a_keystroke_that_departs_from_it_supersedes_it(
     keel: httpx.AsyncClient, llamacpp: FakeUpstream
 ) -> None:
+    llamacpp.behave(Behaviour.stall(delay=30.0), times=1)  # it would end only when cancelled
     first = asyncio.create_task(complete(keel, tabby("x = ")))
     await produced(keel, "compute")
     assert await complete(keel, tabby("x = y")) == (SUGGESTION, "model")
