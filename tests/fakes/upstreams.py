@@ -435,9 +435,8 @@ class FakeUpstream:
             for index, frame in enumerate(frames):
                 if behaviour.mode == "cut" and index >= behaviour.after:
                     return  # close without the last chunk
-                pause = self.token_delay
-                if index == (behaviour.after if behaviour.mode == "stall" else 0):
-                    pause = behaviour.delay
+                paused_at = behaviour.after if behaviour.mode == "stall" else 0
+                pause = behaviour.delay if index == paused_at else self.token_delay
                 if pause:
                     await asyncio.wait({gone}, timeout=pause)
                 if gone.done():
