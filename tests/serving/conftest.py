@@ -84,3 +84,8 @@ def state_of(client: httpx.AsyncClient) -> AppState:
     app: FastAPI = transport.app  # type: ignore[assignment]
     state: AppState = app.state.keel
     return state
+
+
+def model_calls(upstream: FakeUpstream) -> int:
+    """The generations asked of a fake llama.cpp server (its ``/completion`` requests)."""
+    return sum(r.path == "/completion" for r in upstream.requests)

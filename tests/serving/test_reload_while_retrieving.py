@@ -22,7 +22,7 @@ import pytest
 from tests.fakes.upstreams import FakeUpstream
 from tests.index.conftest import write_repo
 from tests.index.test_retrieve import PREFIX
-from tests.serving.conftest import build_app, llamacpp_config
+from tests.serving.conftest import build_app, llamacpp_config, model_calls
 
 PROVIDER = "completion/llama.cpp/completion"
 
@@ -61,10 +61,6 @@ async def indexed(http: httpx.AsyncClient) -> None:
     raise AssertionError("the repository was not indexed within 30 s")
 
 
-def completions(upstream: FakeUpstream) -> int:
-    return sum(1 for r in upstream.requests if r.path == "/completion")
-
-
 async def test_a_reload_waits_for_a_completion_reading_its_snippets(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -87,7 +83,7 @@ async def test_a_reload_waits_for_a_completion_reading_its_snippets(
                 transport=transport, base_url="http://localhost", timeout=30
             ) as http:
                 await indexed(http)
-                sent = completions(old)
+                sent = model_calls(old)
                 loop = asyncio.get_running_loop()
                 loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
                 release = threading.Event()
@@ -98,7 +94,7 @@ async def test_a_reload_waits_for_a_completion_reading_its_snippets(
                         http.post("/v1/completions", json=tabby("# weekly\n" + PREFIX))
                     )
                     await asyncio.sleep(0.5)  # in process, it reaches the thread in ms
-                    assert not request.done() and completions(old) == sent, "not held"
+                    assert not request.done() and model_calls(old) == sent, "not held"
 
                     (root / "config.toml").write_text(config(new.url, others.url, repo))
                     reloaded = await http.post("/v1/admin/reload")
@@ -112,7 +108,7 @@ async def test_a_reload_waits_for_a_completion_reading_its_snippets(
                 answer = await request
                 assert answer.status_code == 200, answer.text
                 assert answer.json()["choices"][0]["text"] == "old"
-                assert completions(old) == sent + 1
+                assert model_calls(old) == sent + 1
                 for _ in range(50):
                     if stopped():
                         break

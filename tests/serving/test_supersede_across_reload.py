@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from tests.fakes.upstreams import Behaviour, FakeUpstream
-from tests.serving.conftest import build_app, llamacpp_config
+from tests.serving.conftest import build_app, llamacpp_config, model_calls
 
 PREFIX = "def total(items):\n    result = 0\n    for item in items:\n        result += "
 
@@ -21,10 +21,6 @@ def tabby(prefix: str) -> dict[str, object]:
         "language": "python",
         "segments": {"prefix": prefix, "suffix": "\n    return result\n", "filepath": "src/app.py"},
     }
-
-
-def completions(upstream: FakeUpstream) -> int:
-    return sum(1 for r in upstream.requests if r.path == "/completion")
 
 
 async def test_a_keystroke_after_a_reload_supersedes_the_request_before_it(
@@ -41,10 +37,10 @@ async def test_a_keystroke_after_a_reload_supersedes_the_request_before_it(
             ) as http:
                 older = asyncio.create_task(http.post("/v1/completions", json=tabby(PREFIX)))
                 for _ in range(100):
-                    if completions(llamacpp) == 1:
+                    if model_calls(llamacpp) == 1:
                         break
                     await asyncio.sleep(0.02)
-                assert completions(llamacpp) == 1, "the older request reached the backend"
+                assert model_calls(llamacpp) == 1, "the older request reached the backend"
 
                 changed = llamacpp_config(llamacpp.url).replace(
                     "probe_interval_seconds = 60", "probe_interval_seconds = 61"

@@ -9,7 +9,7 @@ import re
 import httpx
 
 from tests.fakes.upstreams import Behaviour, FakeUpstream
-from tests.serving.conftest import state_of
+from tests.serving.conftest import model_calls, state_of
 
 SUGGESTION = "compute(a, b)"
 
@@ -34,10 +34,6 @@ async def served(keel: httpx.AsyncClient, source: str) -> float:
     found = re.search(rf'keel_completions_served_total\{{source="{source}"\}} (\S+)', metrics)
     assert found is not None, metrics
     return float(found.group(1))
-
-
-def model_calls(upstream: FakeUpstream) -> int:
-    return sum(r.path == "/completion" for r in upstream.requests)
 
 
 async def test_typing_the_suggestion_is_answered_with_its_rest_and_no_model_work(
