@@ -244,6 +244,7 @@ async def test_a_superseded_infill_says_so(keel: httpx.AsyncClient, llamacpp: Fa
     assert superseded.json()["content"] == "", superseded.text
     assert superseded.headers.get("x-keel-superseded") == "1"
     assert "x-keel-superseded" not in newer.headers and newer.json()["content"]
+    await llamacpp.wait_for(lambda: llamacpp.disconnects == 1)  # its stalled generation ended
 
 
 async def test_n_predict_holds_while_requests_queue(
