@@ -48,6 +48,7 @@ from typing import Any, TypedDict, Unpack
 
 import aiohttp
 
+from keel import jsoncodec
 from keel.errors import (
     UpstreamAuthError,
     UpstreamConnectError,
@@ -205,7 +206,7 @@ async def raise_for_status(response: aiohttp.ClientResponse, provider: str) -> N
 
 def decode_json(text: str | bytes, provider: str) -> Any:
     try:
-        return json.loads(text)
+        return jsoncodec.loads(text)
     except ValueError as exc:
         shown = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
         raise UpstreamProtocolError(
@@ -479,7 +480,7 @@ async def body_line_batches(
 
 
 def _encode(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body if isinstance(body, dict) else dict(body)).encode()
+    return jsoncodec.dumps(body if isinstance(body, dict) else dict(body))
 
 
 class HttpUpstream:

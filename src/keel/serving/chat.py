@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from keel.errors import RequestError
@@ -20,6 +20,7 @@ from keel.serving.lifecycle import (
     CancelOnDisconnect,
     Envelope,
     Generated,
+    JsonResponse,
     OpenStream,
     count_usage,
     finish_reason,
@@ -80,7 +81,7 @@ class ChatServing:
                 )
             empty = {"role": "assistant", "content": ""}
             choice = {"index": 0, "message": empty, "logprobs": None, "finish_reason": "length"}
-            return JSONResponse(envelope([choice]))
+            return JsonResponse(envelope([choice]))
         params = body.to_params()
         wanted = body.response_format.to_wire() if body.response_format else None
         call = ChatCall(body.to_messages(), params, wanted, body.tool_fields(), model=body.model)
@@ -108,7 +109,7 @@ class ChatServing:
             "logprobs": None,
             "finish_reason": finish_reason(generated, params.max_tokens),
         }
-        return JSONResponse(envelope([choice], usage=generated.usage()))
+        return JsonResponse(envelope([choice], usage=generated.usage()))
 
     async def _stream(
         self,

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from keel.events import EventStore
@@ -48,6 +48,7 @@ from keel.serving.lifecycle import (
     CancelOnDisconnect,
     Envelope,
     Generated,
+    JsonResponse,
     OpenStream,
     count_usage,
     finish_reason,
@@ -114,7 +115,7 @@ class CompletionServing:
         if answer is None:
             return _superseded()
         headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
-        return JSONResponse(answer.response.model_dump(exclude_none=True), headers=headers)
+        return JsonResponse(answer.response.model_dump(exclude_none=True), headers=headers)
 
     async def complete(
         self, http: Request, body: TabbyCompletionRequest, max_tokens: int | None = None
@@ -334,7 +335,7 @@ class CompletionServing:
         note_provider(http, generated.provider)
         envelope.served(generated.provider, reported)
         finish = finish_reason(generated, params.max_tokens)
-        return JSONResponse(envelope(choice(generated.text, finish), usage=generated.usage()))
+        return JsonResponse(envelope(choice(generated.text, finish), usage=generated.usage()))
 
     async def _stream_openai(
         self,
@@ -453,7 +454,7 @@ def _superseded() -> Response:
     response = TabbyCompletionResponse(
         id=f"cmpl-{uuid.uuid4()}", choices=[Choice(index=0, text="")]
     )
-    return JSONResponse(response.model_dump(exclude_none=True), headers={"X-Keel-Superseded": "1"})
+    return JsonResponse(response.model_dump(exclude_none=True), headers={"X-Keel-Superseded": "1"})
 
 
 def _cancelling() -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import struct
 
-from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from keel.errors import ContextLengthExceeded, RequestError
@@ -14,7 +13,7 @@ from keel.providers.base import EmbeddingProvider
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 from keel.schemas.openai import EmbeddingRequest
-from keel.serving.lifecycle import CancelOnDisconnect, count_tokens, note_provider
+from keel.serving.lifecycle import CancelOnDisconnect, JsonResponse, count_tokens, note_provider
 
 
 def encode(vector: list[float], encoding: str) -> list[float] | str:
@@ -28,7 +27,7 @@ class EmbeddingServing:
         self.router = router
         self.admission = admission
 
-    async def serve(self, http: Request, body: EmbeddingRequest) -> JSONResponse:
+    async def serve(self, http: Request, body: EmbeddingRequest) -> JsonResponse:
         texts = body.texts()
         try:
             async with CancelOnDisconnect(http), self.admission.slot():
@@ -55,7 +54,7 @@ class EmbeddingServing:
             {"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)
         ]
-        return JSONResponse(
+        return JsonResponse(
             {
                 "object": "list",
                 "data": data,

@@ -9,13 +9,13 @@ then ``[DONE]``; the upstream stream is always closed, which cancels its work.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from keel import jsoncodec
 from keel.errors import KeelError, Unavailable, UpstreamTimeout
 from keel.providers.base import close_stream
 
@@ -23,7 +23,7 @@ log = logging.getLogger("keel.serving")
 
 
 def sse(data: object) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + jsoncodec.dumps(data) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

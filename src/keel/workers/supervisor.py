@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from keel import jsoncodec
 from keel.errors import (
     ExitCode,
     KeelError,
@@ -294,7 +294,7 @@ class WorkerSupervisor:
         assert process.stdout is not None
         try:
             async for raw in process.stdout:
-                self._dispatch(json.loads(raw))
+                self._dispatch(jsoncodec.loads(raw))
         except (ValueError, asyncio.LimitOverrunError) as exc:
             self.last_error = f"worker sent an unreadable line: {exc}"
             process.kill()
@@ -353,7 +353,7 @@ class WorkerSupervisor:
         if process is None or process.stdin is None:
             raise WorkerCrashed("worker is not running", provider=self.name, worker=self.pid)
         try:
-            process.stdin.write(json.dumps(message).encode() + b"\n")
+            process.stdin.write(jsoncodec.dumps(message) + b"\n")
             await process.stdin.drain()
         except (ConnectionError, RuntimeError) as exc:
             raise WorkerCrashed(
