@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from keel.api.access import USER, GuardedRoute
 from keel.api.errors import read_model
@@ -27,6 +26,7 @@ from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
 from keel.providers.base import Provider, Reported, estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
+from keel.serving.lifecycle import JsonResponse
 
 router = APIRouter(responses=ERRORS, route_class=GuardedRoute)
 
@@ -97,7 +97,7 @@ def cut_at_suffix_closer(text: str, line_prefix: str, line_suffix: str) -> str:
     # With response_fields, only those (a nested one by its path): an object of them.
     responses={200: {"model": InfillResponse | dict[str, Any]}},
 )
-async def infill(request: Request) -> JSONResponse:
+async def infill(request: Request) -> JsonResponse:
     body = await read_model(request, InfillRequest)
     if body.stream:
         raise RequestError("keel's /infill answers whole: send 'stream': false", param="stream")
@@ -123,7 +123,7 @@ async def infill(request: Request) -> JSONResponse:
     served = answer.served_by if answer is not None and answer.served_by else primary
     settings = {"model": model, "n_ctx": context_of(served), "n_predict": body.n_predict or -1}
     response = InfillResponse(content=content, model=model, generation_settings=settings, **figures)
-    return JSONResponse(picked(response.model_dump(), body.response_fields), headers=headers)
+    return JsonResponse(picked(response.model_dump(), body.response_fields), headers=headers)
 
 
 def _figures(

@@ -23,7 +23,6 @@ from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from keel.api.access import USER, GuardedRoute
 from keel.api.errors import parse_model, read_model
@@ -37,6 +36,7 @@ from keel.schemas.llamacpp import (
 )
 from keel.schemas.openai import CompletionRequest
 from keel.schemas.openapi import ERRORS, json_body, json_schema
+from keel.serving.lifecycle import JsonResponse
 from keel.serving.streaming import EventStream, sse
 
 PATH = "/completion"  # a completion route in keel.api.middleware.ROLE_BY_ROUTE
@@ -113,7 +113,7 @@ async def completion(request: Request) -> Response:
         nothing = final("", model, {}, "length", stop_words)
         if body.stream:
             return EventStream(_once(sse(nothing)))
-        return JSONResponse(nothing)
+        return JsonResponse(nothing)
     openai = parse_model(CompletionRequest, body.to_openai())
     answer = await state.completion.serve_openai(request, openai)
     if isinstance(answer, EventStream):
@@ -122,7 +122,7 @@ async def completion(request: Request) -> Response:
         return answer
     data = json.loads(bytes(answer.body))
     choice = data["choices"][0]
-    return JSONResponse(
+    return JsonResponse(
         final(choice["text"], data["model"], data["usage"], choice["finish_reason"], stop_words)
     )
 
