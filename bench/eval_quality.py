@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keel.eval.harness import add_arguments, run_from_args
+from keel.eval.arguments import add_arguments
+from keel.eval.harness import run_from_args
 
 
 def main(argv: list[str] | None = None) -> int:

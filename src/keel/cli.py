@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--config", help="config file (default: <data root>/config.toml)")
     index.set_defaults(func=cmd_index)
 
-    from keel.eval.harness import add_arguments as add_eval_arguments
+    from keel.eval.arguments import add_arguments as add_eval_arguments
 
     evaluate = commands.add_parser(
         "eval",

@@ -40,6 +40,7 @@ from typing import Any
 
 from keel.config import EMBEDDED_MODEL_ID, IndexConfig, LocalModelConfig, Paths, RepositoryConfig
 from keel.errors import RequestError, UpstreamError
+from keel.eval.arguments import DEFAULT_PACKAGES
 from keel.eval.samples import Sample, sample_repository
 from keel.eval.scoring import Score, Summary
 from keel.index.retrieve import RepositoryRetriever
@@ -53,9 +54,6 @@ CONFIGS = ("prefix-only", "fim", "+postprocess", "+repo context")
 HEALING = "+token healing"
 _WORD = re.compile(r"[A-Za-z0-9_]+$")
 ATTEMPTS = 3
-DEFAULT_PACKAGES = ("httpx", "click")
-"""Installed packages used as repositories by default: real code, on every machine keel
-is installed on (httpx is a dependency, click comes with uvicorn), written by no one here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,31 +382,6 @@ async def run_eval(options: EvalOptions, provider: CompletionProvider) -> EvalRe
         generations=generations,
         index_seconds=index_seconds,
         failures=failures,
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--repo",
-        action="append",
-        metavar="NAME[=PATH]",
-        help="a repository: an installed package's name, or NAME=PATH (repeatable; "
-        f"default: {', '.join(DEFAULT_PACKAGES)})",
-    )
-    parser.add_argument("--samples", type=int, default=40, help="samples per repository")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--max-input-length", type=int, default=640, help="prompt budget")
-    parser.add_argument("--max-decoding-tokens", type=int, default=48, help="tokens generated")
-    parser.add_argument("--model", default=EMBEDDED_MODEL_ID, help="local GGUF model id or path")
-    parser.add_argument("--threads", type=int, help="CPU threads for the model")
-    parser.add_argument(
-        "--output", default="bench/results", help="directory for eval.json, eval.png, eval.md"
-    )
-    parser.add_argument(
-        "--token-healing",
-        action="store_true",
-        help="also score '+token healing' (the prompt backs up to the start of a "
-        "word the cursor is inside; the generation must begin with what was cut)",
     )
 
 
