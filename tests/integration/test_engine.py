@@ -17,7 +17,7 @@ import pytest
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
-from keel.workers.worker import PREFILL_BATCH, THREADS_VARIABLE
+from keel.workers.worker import PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
 from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
@@ -113,18 +113,22 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
         last = await keystroke(supervisor, "de")
     else:
         superseding = asyncio.ensure_future(keystroke(supervisor, "de"))
-        # The request is written first (the task runs before this sleep ends), and the
-        # cancel follows well within the worker's 50 ms grace, even on a loaded machine:
-        # with 20 ms here, CI once saw the cancel come too late and the file read cold.
-        await asyncio.sleep(0.005)
+        # The request is written first (the task runs in this sleep's turn of the loop),
+        # and the cancel right after it, as keel sends them: the worker waits up to
+        # SUPERSEDE_GRACE (150 ms) for it. With a 50 ms grace and the cancel 5-20 ms
+        # later, CI twice saw it come too late and the file read cold.
+        await asyncio.sleep(0)
         await running.aclose()  # type: ignore[attr-defined]
         last = await superseding
     assert last["finish_reason"] != "cancelled"
     assert last["prompt_tokens"] - last["reused_tokens"] <= 3, last  # not a cold read
     if not cancel_first:  # it waited for the cancel: a wait keel adds, so it is counted
-        assert last["slot_wait_ms"] >= 1
-        assert supervisor.stats.slot_waits == waits + 1
-        assert supervisor.status()["generation"]["slot_waits"] == waits + 1  # type: ignore[index]
+        assert last["slot_wait_ms"] > 0
+        # ...from a millisecond (SLOT_WAIT_COUNTED): a cancel that reaches the running
+        # request just as a step ends frees the slot in less (0.64 ms, once in 12 runs).
+        counted = waits + (last["slot_wait_ms"] >= 1)
+        assert supervisor.stats.slot_waits == counted
+        assert supervisor.status()["generation"]["slot_waits"] == counted  # type: ignore[index]
 
 
 STORY = {
@@ -175,7 +179,7 @@ async def test_chats_leave_a_slot_to_completions(supervisor: WorkerSupervisor) -
     assert supervisor.status()["generation"]["chats_held"] == 1  # type: ignore[index]
 
 
-SUPERSEDE_WAIT_MS = 50
+SUPERSEDE_WAIT_MS = SUPERSEDE_GRACE * 1000
 """What a request may wait for a cancel on its way (the worker's grace): more is a wait
 for a slot."""
 
