@@ -116,7 +116,7 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
         # The request is written first (the task runs in this sleep's turn of the loop),
         # and the cancel right after it, as keel sends them: the worker waits up to
         # SUPERSEDE_GRACE (150 ms) for it. With a 50 ms grace and the cancel 5-20 ms
-        # later, CI twice saw it come too late and the file read cold.
+        # later, two CI-like runs saw it come too late and the file read cold.
         await asyncio.sleep(0)
         await running.aclose()  # type: ignore[attr-defined]
         last = await superseding

@@ -164,7 +164,7 @@ supersedes), rather than start reading the prompt in another slot. It waits only
 the slot would save at least :data:`SUPERSEDE_GAIN` (a prefill batch, 0.2-0.4 s on 2
 cores; the whole file, ~1 s, when the other slot holds another one), and only until the
 cancel comes. 50 ms was too short on a loaded machine: a cancel sent 5 ms after the
-request reached the worker past it (a CI run of 2026-12-03), and the file was read
+request reached the worker past it (a CI-like run, 2026-12-03), and the file was read
 cold."""
 SUPERSEDE_GAIN = 256
 """Characters more of the prompt (about one prefill batch) that make that wait worth it."""
