@@ -96,14 +96,14 @@ def _ignore(_reply: Any) -> bool:
 
 
 class _Channel:
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
         self._lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
-        line = jsoncodec.dumps(message).decode()
+        line = jsoncodec.dumps(message) + b"\n"
         with self._lock:
-            self._stream.write(line + "\n")
+            self._stream.write(line)
             self._stream.flush()
 
 
@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    channel = _Channel(os.fdopen(protocol_fd, "w", encoding="utf-8"))
+    channel = _Channel(os.fdopen(protocol_fd, "wb"))
 
     def unusable(reason: str, message: str) -> int:
         channel.send({"event": "status", "state": "error", "reason": reason, "message": message})
