@@ -369,40 +369,6 @@ def test_unknown_route_and_method_use_the_error_shape(keel_server: KeelProcess) 
     assert wrong.status_code == 405 and "error" in wrong.json()
 
 
-def test_embeddings_read_an_input_over_the_context_up_to_it_and_count_it(
-    keel_server: KeelProcess,
-) -> None:
-    """The embedded model's embedding worker at its default context (512 tokens): an input
-    of 200 tokens is embedded (the engine reads it in one batch; with the 64-token
-    prefill batch of generation every input over 64 tokens was a 503). One over the
-    context is embedded from its first 512 tokens, as sentence-transformers and Ollama do,
-    and counted: Continue's code chunks of 500 GPT-4 tokens are ~600 of this model's, and
-    were each a 400 that failed the editor's whole indexing batch."""
-
-    def truncated(client: httpx.Client) -> tuple[int, float]:
-        embedding = client.get("/v1/providers").json()["roles"]["embedding"]["providers"][0]
-        line = f'keel_embedding_inputs_truncated_total{{provider="{embedding["name"]}"}}'
-        metrics = client.get("/metrics").text.splitlines()
-        (value,) = [float(row.split()[-1]) for row in metrics if row.startswith(line)]
-        return embedding["worker"]["embedding_inputs_truncated"], value
-
-    with keel_server.client() as client:
-        before = truncated(client)
-        served = client.post("/v1/embeddings", json={"input": ["short", "word " * 200]})
-        assert served.status_code == 200, served.text
-        vectors = [item["embedding"] for item in served.json()["data"]]
-        assert len(vectors) == 2 and vectors[0] != vectors[1]
-        assert truncated(client) == before
-        long = client.post("/v1/embeddings", json={"input": ["word " * 600, "word " * 700]})
-        assert long.status_code == 200, long.text
-        first, second = [item["embedding"] for item in long.json()["data"]]
-        assert first == second, "both read as their first 512 tokens, the same words"
-        assert first != vectors[1]
-        assert truncated(client) == (before[0] + 2, before[1] + 2)
-        providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
-    assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers
-
-
 def test_a_chats_usage_counts_the_prompt_the_model_read(keel_server: KeelProcess) -> None:
     """``usage.prompt_tokens`` of a chat is its templated prompt as the engine counted it
     (SmolLM2's template wraps "hi", one token, in a system prompt and role markers,
@@ -424,14 +390,51 @@ TUNED = """[model.completion.local]
 prompt_template = "<PRE>{prefix}<SUF>{suffix}<MID>"
 context_size = 256
 
+[model.embedding.local]
+context_size = 128
 """
-"""The embedded model with a FIM template and a 256-token context for completions."""
+"""The embedded model with a FIM template and a 256-token context for completions, and
+a 128-token one for embeddings (what is read past a context costs CPU in every run)."""
 
 
 @pytest.fixture(scope="module")
 def tuned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
     with running_keel(tmp_path_factory.mktemp("keel-tuned"), TUNED) as server:
         yield server
+
+
+def test_embeddings_read_an_input_over_the_context_up_to_it_and_count_it(
+    tuned_server: KeelProcess,
+) -> None:
+    """An embedding worker at a 128-token context (512 unless set): an input of 100 tokens
+    is embedded (the engine reads it in one batch of the context; with the 64-token
+    prefill batch of generation every input over 64 tokens was a 503). One over the
+    context is embedded from its first 128 tokens, as sentence-transformers and Ollama do,
+    and counted: Continue's code chunks of 500 GPT-4 tokens are ~600 of this model's, and
+    at the default 512 were each a 400 that failed the editor's whole indexing batch."""
+
+    def truncated(client: httpx.Client) -> tuple[int, float]:
+        embedding = client.get("/v1/providers").json()["roles"]["embedding"]["providers"][0]
+        line = f'keel_embedding_inputs_truncated_total{{provider="{embedding["name"]}"}}'
+        metrics = client.get("/metrics").text.splitlines()
+        (value,) = [float(row.split()[-1]) for row in metrics if row.startswith(line)]
+        return embedding["worker"]["embedding_inputs_truncated"], value
+
+    with tuned_server.client() as client:
+        before = truncated(client)
+        served = client.post("/v1/embeddings", json={"input": ["short", "word " * 100]})
+        assert served.status_code == 200, served.text
+        vectors = [item["embedding"] for item in served.json()["data"]]
+        assert len(vectors) == 2 and vectors[0] != vectors[1]
+        assert truncated(client) == before
+        long = client.post("/v1/embeddings", json={"input": ["word " * 150, "word " * 200]})
+        assert long.status_code == 200, long.text
+        first, second = [item["embedding"] for item in long.json()["data"]]
+        assert first == second, "both read as their first 128 tokens, the same words"
+        assert first != vectors[1]
+        assert truncated(client) == (before[0] + 2, before[1] + 2)
+        providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
+    assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers
 
 
 def test_an_openai_completions_usage_counts_the_templated_prompt(
