@@ -184,7 +184,7 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         assert [p["name"] for p in _chain(client, "completion")] == ["local/alt", embedded]
         assert client.get("/v1/model").json()["parameters"]["max_seq_len"] == 1024
         answers: list[httpx.Response] = []
-        body = {"prompt": "def fibonacci(n):\n", "max_tokens": 160, "temperature": 0}
+        body = {"prompt": "def fibonacci(n):\n", "max_tokens": 64, "temperature": 0}
         request = threading.Thread(
             target=lambda: answers.append(client.post("/v1/completions", json=body))
         )
@@ -219,7 +219,7 @@ def test_a_model_swapped_out_finishes_the_answer_it_is_streaming(tmp_path: Path)
         load = {"model_name": "alt", "stream": False}
         assert client.post("/v1/model/load", json=load).status_code == 200
         pid = _chain(client, "completion")[0]["worker"]["pid"]  # type: ignore[index]
-        body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 300, "temperature": 0, "stream": True}
+        body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 150, "temperature": 0, "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as answer:
             lines = answer.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))

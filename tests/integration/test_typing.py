@@ -45,7 +45,7 @@ def evaluated_by(server: KeelProcess, client: httpx.Client, body: dict[str, obje
 
 
 def test_next_keystroke_reuses_the_cached_prefix(keel_server: KeelProcess) -> None:
-    prefix = SOURCE[:1500]
+    prefix = SOURCE[:1100]
     with keel_server.client() as client:
         cold = evaluated_by(keel_server, client, tabby(prefix, "a.py"))
         warm = evaluated_by(keel_server, client, tabby(prefix + "x", "a.py"))
@@ -67,7 +67,7 @@ def test_a_moved_window_reuses_the_cache_by_shifting_it(keel_server: KeelProcess
 
 
 def test_a_newer_keystroke_supersedes_the_older_request(keel_server: KeelProcess) -> None:
-    prefix = SOURCE[8000:11000]  # not cached: the first request has a long prefill
+    prefix = SOURCE[8000:9600]  # not cached: the first request has a long prefill
     responses: dict[str, httpx.Response] = {}
 
     def send(name: str, body: dict[str, object]) -> None:

@@ -115,7 +115,7 @@ def test_sigterm_during_a_stream_lets_it_finish(tmp_path: Path) -> None:
     keel = start_keel(tmp_path / "root", None, "--log-format", "json")
     try:
         keel.wait_ready()
-        body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 200, "temperature": 0, "stream": True}
+        body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 120, "temperature": 0, "stream": True}
         lines: list[str] = []
         with (
             httpx.Client(base_url=keel.url, timeout=120) as client,
