@@ -72,28 +72,30 @@ keys_file = "keys.toml"
         yield server
 
 
-def call(server: KeelProcess, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
-    body = {} if method == "POST" else None
-    return httpx.request(method, f"{server.url}{path}", json=body, headers=headers, timeout=30)
-
-
 def test_each_route_rejects_missing_and_wrong_keys(secured: KeelProcess) -> None:
-    for path, method, access in app_routes():
-        if access is Access.PUBLIC:
-            response = call(secured, method, path, {})
-            assert response.status_code != 401, (path, method)
-            continue
-        missing = call(secured, method, path, {})
-        assert missing.status_code == 401, (path, method, missing.text)
-        assert missing.json()["error"]["type"] == "authentication_error"
-        assert missing.headers["WWW-Authenticate"] == 'Bearer realm="keel"'  # as HTTP asks
-        wrong = call(secured, method, path, {"Authorization": "Bearer not-a-key-at-all"})
-        assert wrong.status_code == 401, (path, method)
-        user = call(secured, method, path, {"Authorization": f"Bearer {USER_KEY}"})
-        if access is Access.ADMIN:
-            assert user.status_code == 403, (path, method, user.text)
-        else:
-            assert user.status_code not in (401, 403), (path, method, user.text)
+    # One client for the ~170 requests: each httpx.Client built costs ~24 ms of CPU.
+    with secured.client(timeout=30) as client:
+
+        def call(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+            body = {} if method == "POST" else None
+            return client.request(method, path, json=body, headers=headers)
+
+        for path, method, access in app_routes():
+            if access is Access.PUBLIC:
+                response = call(method, path, {})
+                assert response.status_code != 401, (path, method)
+                continue
+            missing = call(method, path, {})
+            assert missing.status_code == 401, (path, method, missing.text)
+            assert missing.json()["error"]["type"] == "authentication_error"
+            assert missing.headers["WWW-Authenticate"] == 'Bearer realm="keel"'  # as HTTP asks
+            wrong = call(method, path, {"Authorization": "Bearer not-a-key-at-all"})
+            assert wrong.status_code == 401, (path, method)
+            user = call(method, path, {"Authorization": f"Bearer {USER_KEY}"})
+            if access is Access.ADMIN:
+                assert user.status_code == 403, (path, method, user.text)
+            else:
+                assert user.status_code not in (401, 403), (path, method, user.text)
 
 
 def test_keys_are_accepted_in_every_header(secured: KeelProcess) -> None:
