@@ -24,6 +24,10 @@ async def client(backends: Backends, tmp_path: Path) -> AsyncIterator[httpx.Asyn
         'model_name = "big"\nsupported_models = ["big", "mini"]\n'
         f'[[model.chat.fallback]]\nkind = "openai/chat"\napi_endpoint = "{fallback.url}/v1"\n'
         'model_name = "fallback-chat"\n'
+        # Completion and embedding from the fakes too: no engine starts for a test of chat.
+        "[model.completion]\nembedded_last_resort = false\n"
+        f'[model.completion.http]\nkind = "openai/completion"\napi_endpoint = "{primary.url}/v1"\n'
+        f'[model.embedding.http]\nkind = "openai/embedding"\napi_endpoint = "{fallback.url}/v1"\n'
     )
     primary.model, fallback.model = "big-2026-11", "fallback-chat-q8"  # as the backends say
     async with serving(build_app(tmp_path / "keel", config)) as http:

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from tests.api.conftest import ADMIN, USER, Backends, build_app, serving
+from tests.api.conftest import ADMIN, ADMIN_KEY, USER, USER_KEY, Backends, build_app, serving
 
 from keel.config import EMBEDDED_MODEL_ID
 
@@ -48,7 +48,8 @@ async def test_on_loopback_a_keyless_reload_applies(backends: Backends, tmp_path
     root = tmp_path / "keel"
     app = build_app(root, backends.config(), host="127.0.0.1")
     async with serving(app) as client:
-        (root / "config.toml").write_text(backends.config().split("[auth]")[0] + KEYLESS)
+        auth = f'[auth]\napi_keys = ["{USER_KEY}"]\nadmin_key = "{ADMIN_KEY}"\n'
+        (root / "config.toml").write_text(backends.config().replace(auth, ""))
         applied = await client.post("/v1/admin/reload", headers=ADMIN)
         assert applied.status_code == 200, applied.text
         assert (await client.get("/v1/models")).status_code == 200

@@ -343,7 +343,11 @@ class WorkerSupervisor:
         try:
             await asyncio.wait_for(process.wait(), 5)
         except TimeoutError:
-            process.kill()
+            # It may end between the timeout and the kill (a CI-like run: a worker still
+            # loading on a busy machine exited 0 just then, and kill() raised
+            # ProcessLookupError out of keel's shutdown).
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
             await process.wait()
 
     # requests ------------------------------------------------------------
