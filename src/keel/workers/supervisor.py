@@ -180,7 +180,8 @@ class WorkerSupervisor:
             self._task = asyncio.create_task(self._run(), name=f"worker:{self.name}")
 
     async def stop(self) -> None:
-        """End the worker (stdin closed, then killed after 5 s) and stop restarting it."""
+        """End the worker (a loading one killed at once; a ready one: stdin closed, then
+        killed after 5 s) and stop restarting it."""
         task, self._task = self._task, None
         self._stopping = True
         await self._terminate()
@@ -337,6 +338,14 @@ class WorkerSupervisor:
     async def _terminate(self) -> None:
         process = self._process
         if process is None or process.returncode is not None:
+            return
+        if self.state is not WorkerState.READY:
+            # Still loading: it reads stdin only once the engine is up (a large model
+            # takes seconds from disk), and nothing runs in it yet. Stopping keel, a
+            # reload or a swap waited out the load, or the 5 s below.
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
             return
         if process.stdin is not None:
             process.stdin.close()
