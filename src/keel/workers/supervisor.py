@@ -298,7 +298,8 @@ class WorkerSupervisor:
                 self._dispatch(jsoncodec.loads(raw))
         except (ValueError, asyncio.LimitOverrunError) as exc:
             self.last_error = f"worker sent an unreadable line: {exc}"
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                process.kill()
         finally:
             exit_code = await process.wait()
             self._process = None
