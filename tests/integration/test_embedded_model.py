@@ -403,6 +403,16 @@ def tuned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProce
         yield server
 
 
+def counted(client: httpx.Client, role: str, metric: str, field: str) -> tuple[int, float]:
+    """A count the first provider of ``role`` keeps, as ``/v1/providers`` (its worker's
+    ``field``) and ``/metrics`` (``metric``) show it."""
+    provider = client.get("/v1/providers").json()["roles"][role]["providers"][0]
+    line = f'{metric}{{provider="{provider["name"]}"}}'
+    rows = client.get("/metrics").text.splitlines()
+    (value,) = [float(row.split()[-1]) for row in rows if row.startswith(line)]
+    return provider["worker"][field], value
+
+
 def test_embeddings_read_an_input_over_the_context_up_to_it_and_count_it(
     tuned_server: KeelProcess,
 ) -> None:
@@ -414,11 +424,8 @@ def test_embeddings_read_an_input_over_the_context_up_to_it_and_count_it(
     at the default 512 were each a 400 that failed the editor's whole indexing batch."""
 
     def truncated(client: httpx.Client) -> tuple[int, float]:
-        embedding = client.get("/v1/providers").json()["roles"]["embedding"]["providers"][0]
-        line = f'keel_embedding_inputs_truncated_total{{provider="{embedding["name"]}"}}'
-        metrics = client.get("/metrics").text.splitlines()
-        (value,) = [float(row.split()[-1]) for row in metrics if row.startswith(line)]
-        return embedding["worker"]["embedding_inputs_truncated"], value
+        metric = "keel_embedding_inputs_truncated_total"
+        return counted(client, "embedding", metric, "embedding_inputs_truncated")
 
     with tuned_server.client() as client:
         before = truncated(client)
@@ -543,12 +550,8 @@ def test_a_chat_with_tools_is_answered_in_text_and_counted(keel_server: KeelProc
     tool = {"type": "function", "function": {"name": "read_file", "parameters": {}}}
 
     def answered_in_text(client: httpx.Client) -> tuple[int, float]:
-        chat = client.get("/v1/providers").json()["roles"]["chat"]["providers"][0]
-        name = chat["name"]
-        line = f'keel_tools_answered_in_text_total{{provider="{name}"}}'
-        metrics = client.get("/metrics").text.splitlines()
-        (value,) = [float(row.split()[-1]) for row in metrics if row.startswith(line)]
-        return chat["worker"]["tools_answered_in_text"], value
+        metric = "keel_tools_answered_in_text_total"
+        return counted(client, "chat", metric, "tools_answered_in_text")
 
     with keel_server.client() as client:
         before = answered_in_text(client)
