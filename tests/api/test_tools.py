@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from tests.api.conftest import USER, USER_KEY, Backends
 from tests.conftest import sse_events
@@ -126,6 +125,8 @@ async def test_the_calls_and_their_results_go_back_with_the_conversation(
 async def test_the_openai_sdk_reads_the_calls_whole_and_streamed(
     client: httpx.AsyncClient,
 ) -> None:
+    import openai  # here: ~0.5 s of CPU for each pytest worker that imports it
+
     sdk = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key=USER_KEY, http_client=client)
     answer = await sdk.chat.completions.create(
         model="any",
