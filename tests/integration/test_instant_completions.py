@@ -101,7 +101,7 @@ async def test_typing_the_suggestion_then_accepting_it_needs_no_model_work(
     keel: httpx.AsyncClient,
 ) -> None:
     serving = state_of(keel).completion
-    start = 1846  # the first such place from the top (every read before it costs CPU)
+    start = 1846  # the first such place a scan from the top found (each before it, a read)
     while True:  # a place where the model also has something to say after the suggestion
         prefix, shown = await suggested(keel, start)
         await landed(serving)
@@ -120,7 +120,7 @@ async def test_a_newer_real_request_cancels_a_precompute_at_once(
     keel: httpx.AsyncClient,
 ) -> None:
     serving = state_of(keel).completion
-    await suggested(keel, 1361)  # the first place from the top where the model suggests
+    await suggested(keel, 1361)  # the first place a scan from the top found one
     ahead = [flight for flight in serving.flights if flight.precompute]
     assert len(ahead) == 1, "a precompute started as soon as the engine was idle"
     await complete(keel, SOURCE[:200])  # somewhere else: it cannot use the precompute

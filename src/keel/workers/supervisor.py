@@ -353,9 +353,8 @@ class WorkerSupervisor:
         try:
             await asyncio.wait_for(process.wait(), 5)
         except TimeoutError:
-            # It may end between the timeout and the kill (a CI-like run: a worker still
-            # loading on a busy machine exited 0 just then, and kill() raised
-            # ProcessLookupError out of keel's shutdown).
+            # It may end between the timeout and the kill: kill() then raised
+            # ProcessLookupError out of keel's shutdown (seen in a CI-like run).
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
