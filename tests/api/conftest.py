@@ -37,10 +37,12 @@ def loopback_hub() -> Iterator[None]:
         yield
 
 
-def keel_config(primary: str, fallback: str, *, local_embedding: str | None = None) -> str:
+def keel_config(
+    primary: str, fallback: str, *, local_embedding: str | None = None, keys: bool = True
+) -> str:
     """Completion from two replicas (``primary``, ``fallback``) and a fallback; chat and
     embedding from ``fallback`` (embedding from the local model file ``local_embedding``
-    if given); keys configured."""
+    if given); keys configured (none with ``keys=False``)."""
     embedding = (
         f'[model.embedding.local]\nmodel_id = "{local_embedding}"\n'
         if local_embedding
@@ -50,6 +52,7 @@ api_endpoint = "{fallback}/v1"
 model_name = "fallback-embed"
 """
     )
+    auth = f'[auth]\napi_keys = ["{USER_KEY}"]\nadmin_key = "{ADMIN_KEY}"\n'
     return f"""
 [server]
 completion_timeout = 10
@@ -57,10 +60,7 @@ completion_timeout = 10
 [routing]
 probe_interval_seconds = 60
 
-[auth]
-api_keys = ["{USER_KEY}"]
-admin_key = "{ADMIN_KEY}"
-
+{auth if keys else ""}
 [model.completion]
 embedded_last_resort = false
 
@@ -97,8 +97,10 @@ class Backends:
     primary: FakeUpstream
     fallback: FakeUpstream
 
-    def config(self, *, local_embedding: str | None = None) -> str:
-        return keel_config(self.primary.url, self.fallback.url, local_embedding=local_embedding)
+    def config(self, *, local_embedding: str | None = None, keys: bool = True) -> str:
+        return keel_config(
+            self.primary.url, self.fallback.url, local_embedding=local_embedding, keys=keys
+        )
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from tests.api.conftest import ADMIN, ADMIN_KEY, USER, USER_KEY, Backends, build_app, serving
+from tests.api.conftest import ADMIN, USER, Backends, build_app, serving
 
 from keel.config import EMBEDDED_MODEL_ID
-
-KEYLESS = """
-[model.completion]
-embedded_last_resort = false
-"""
 
 
 @pytest.mark.parametrize("change", ["keys dropped", "file removed", "keys moved to redis"])
@@ -26,7 +21,7 @@ async def test_a_reload_that_would_open_a_remote_keel_is_refused(
     app = build_app(root, backends.config(), host="0.0.0.0")
     async with serving(app) as client:
         assert (await client.get("/v1/models")).status_code == 401
-        keyless = backends.config().split("[auth]")[0] + KEYLESS
+        keyless = backends.config(keys=False)
         if change == "keys dropped":
             (root / "config.toml").write_text(keyless)
             expected = "would serve anyone"
@@ -48,8 +43,7 @@ async def test_on_loopback_a_keyless_reload_applies(backends: Backends, tmp_path
     root = tmp_path / "keel"
     app = build_app(root, backends.config(), host="127.0.0.1")
     async with serving(app) as client:
-        auth = f'[auth]\napi_keys = ["{USER_KEY}"]\nadmin_key = "{ADMIN_KEY}"\n'
-        (root / "config.toml").write_text(backends.config().replace(auth, ""))
+        (root / "config.toml").write_text(backends.config(keys=False))
         applied = await client.post("/v1/admin/reload", headers=ADMIN)
         assert applied.status_code == 200, applied.text
         assert (await client.get("/v1/models")).status_code == 200

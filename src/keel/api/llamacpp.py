@@ -18,12 +18,12 @@ use, so only ``/completion`` is llama.cpp's here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from keel import jsoncodec
 from keel.api.access import USER, GuardedRoute
 from keel.api.errors import parse_model, read_model
 from keel.api.state import app_state
@@ -120,7 +120,7 @@ async def completion(request: Request) -> Response:
         return _reshaped(answer, stop_words)
     if answer.status_code != 200:
         return answer
-    data = json.loads(bytes(answer.body))
+    data = jsoncodec.loads(bytes(answer.body))
     choice = data["choices"][0]
     return JsonResponse(
         final(choice["text"], data["model"], data["usage"], choice["finish_reason"], stop_words)
@@ -137,7 +137,7 @@ def _events(chunk: bytes) -> Iterator[Any]:
     for event in chunk.split(b"\n\n"):
         data = event.removeprefix(b"data: ")
         if data and data != b"[DONE]":
-            yield json.loads(data)
+            yield jsoncodec.loads(data)
 
 
 def _reshaped(openai: EventStream, stop_words: bool) -> EventStream:

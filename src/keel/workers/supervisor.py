@@ -340,24 +340,17 @@ class WorkerSupervisor:
         process = self._process
         if process is None or process.returncode is not None:
             return
-        if self.state is not WorkerState.READY:
-            # Still loading: it reads stdin only once the engine is up (a large model
-            # takes seconds from disk), and nothing runs in it yet. Stopping keel, a
-            # reload or a swap waited out the load, or the 5 s below.
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-            return
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), 5)
-        except TimeoutError:
-            # It may end between the timeout and the kill: kill() then raised
-            # ProcessLookupError out of keel's shutdown (seen in a CI-like run).
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        if self.state is WorkerState.READY and process.stdin is not None:
+            process.stdin.close()  # a ready worker ends when its stdin does
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)
+                return
+        # Past the 5 s, or still loading: a worker reads stdin only once the engine is
+        # up (a large model takes seconds from disk), and nothing runs in it yet; a stop,
+        # a reload or a swap waited out the load.
+        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+            process.kill()
+        await process.wait()
 
     # requests ------------------------------------------------------------
 
