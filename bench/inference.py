@@ -142,9 +142,10 @@ def run_raw(model: str, threads: int | None) -> None:
 def client_once(client: Any, index: int) -> dict[str, Any]:
     """One prompt streamed over HTTP (keel's, or the raw engine's own listener)."""
     body = {"prompt": prompt(index), "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
     first = last = None
-    tokens = 0
+    events = counted = 0
     with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -154,7 +155,10 @@ def client_once(client: Any, index: int) -> dict[str, Any]:
             if event.get("choices") and event["choices"][0].get("text"):
                 last = time.perf_counter()
                 first = first or last
-                tokens += 1
+                events += 1
+            counted = (event.get("usage") or {}).get("completion_tokens") or counted
+    # A piece may hold several tokens: the answer's usage counts them.
+    tokens = max(events, counted)
     return {
         "ttft_ms": ((first or started) - started) * 1000,
         "tokens": tokens,

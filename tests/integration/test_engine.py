@@ -17,7 +17,7 @@ import pytest
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import SLOT_WAIT_COUNTED, WorkerSpec, WorkerSupervisor
-from keel.workers.worker import PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
+from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
 from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
@@ -62,6 +62,24 @@ async def test_an_abandoned_generation_frees_its_slot_at_once(supervisor: Worker
     # The best of three, so that one descheduling of a busy CI machine is not a failure;
     # without cancellation every try takes seconds.
     assert min(waits) < 0.1, waits
+
+
+async def test_tokens_made_close_together_go_up_as_one_piece(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """The first token goes up alone and at once; after it, a piece goes up at most once
+    per PIECE_HOLD, carrying the tokens made meanwhile, and nothing is lost or reordered.
+    Sent one by one, the 120 tokens would be 120 pieces: more than the bound below
+    wherever the engine makes a token in less than PIECE_HOLD (~10-16 ms here)."""
+    op = {**COUNTING, "max_tokens": 120}
+    pieces = [piece async for piece in supervisor.stream(op, ready_timeout=5)]
+    done = supervisor.stats.last
+    assert done["completion_tokens"] == 120
+    assert "".join(pieces).startswith(" 6, 7, 8, 9, 10,")
+    first = await supervisor.call({"op": "tokenize", "texts": pieces[:1]}, ready_timeout=5)
+    assert first["counts"] == [1]
+    decoding = (done["total_ms"] - done["first_token_ms"]) / 1000
+    assert len(pieces) <= 2 + decoding / PIECE_HOLD, (len(pieces), decoding)
 
 
 async def test_a_queued_request_cancelled_never_reaches_the_engine(

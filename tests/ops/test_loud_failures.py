@@ -116,6 +116,7 @@ def test_sigterm_during_a_stream_lets_it_finish(tmp_path: Path) -> None:
     try:
         keel.wait_ready()
         body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 120, "temperature": 0, "stream": True}
+        body["stream_options"] = {"include_usage": True}
         lines: list[str] = []
         with (
             httpx.Client(base_url=keel.url, timeout=120) as client,
@@ -133,7 +134,8 @@ def test_sigterm_during_a_stream_lets_it_finish(tmp_path: Path) -> None:
         keel.stop()
     assert lines[-1] == "data: [DONE]"
     assert not any('"error"' in line for line in lines), lines[-3:]
-    assert len(lines) > 100, f"only {len(lines)} events: the stream was cut"
+    usage = json.loads(lines[-2].removeprefix("data: "))["usage"]
+    assert usage["completion_tokens"] == 120, f"{usage}: the stream was cut"
     assert code in (0, -signal.SIGTERM), code
     records = [
         json.loads(line) for line in keel.log.read_text().splitlines() if line.startswith("{")
