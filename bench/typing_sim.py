@@ -324,7 +324,7 @@ def raw_side(args: argparse.Namespace) -> dict[str, object]:
     for path in source_files():
         text = path.read_text()
         start = cursor_position(text, args.prefix_chars)
-        window = text.index("\n", start - RAW_PROMPT_CHARS) + 1
+        window = text.index("\n", start - RAW_PROMPT_CHARS) + 1 if start > RAW_PROMPT_CHARS else 0
         first, tokens = first_text_ms(text[window:start], superseded=False)
         cold.append(first)
         prompts.append(tokens)
@@ -346,11 +346,11 @@ def raw_side(args: argparse.Namespace) -> dict[str, object]:
             else:
                 time.sleep(max(0.0, interval - (time.perf_counter() - began)))
     cold_p50 = statistics.median(ms for ms in cold if ms is not None)
-    warm_p50 = statistics.median(warm)
+    warm_p50 = statistics.median(warm) if warm else None  # None: no pause had an answer
     result: dict[str, object] = {
         "cold_first_token_ms_p50": cold_p50,
         "warm_first_token_ms_p50": warm_p50,
-        "warm_over_cold": warm_p50 / cold_p50,
+        "warm_over_cold": None if warm_p50 is None else warm_p50 / cold_p50,
         "pauses": len(warm),
         "prompt_tokens": statistics.mean(prompts),
     }
@@ -478,7 +478,7 @@ def figure(value: object, spec: str, unit: str = "") -> str:
 
 
 def raw_figures(raw: object) -> str:
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict) or raw["warm_over_cold"] is None:
         return "-"
     return (
         f"{raw['warm_first_token_ms_p50']:.0f} ms / {raw['cold_first_token_ms_p50']:.0f} ms"
