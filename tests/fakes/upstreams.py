@@ -293,7 +293,11 @@ class FakeUpstream:
             task = asyncio.get_running_loop().create_task(self._on_connection(reader, writer))
             task.add_done_callback(lambda _: writers.discard(writer))
 
-        server = await asyncio.start_server(accepted, "127.0.0.1", 0)
+        # A port of this worker's own range (tests/ports.py), not the kernel's pick: that
+        # comes from the ephemeral range, where once this server stops, an outgoing
+        # connection or another worker's server may take it, and a backend restarted
+        # on its port (PinnedUpstream) would find it in use.
+        server = await asyncio.start_server(accepted, "127.0.0.1", free_port())
         self.port = server.sockets[0].getsockname()[1]
         ready.set()
         await self._stopping.wait()
