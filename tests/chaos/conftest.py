@@ -9,9 +9,7 @@ not, which keeps live traffic and probes apart when counting.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,19 +46,6 @@ class PinnedUpstream(FakeUpstream):
     def __init__(self, port: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._pinned = port
-
-    async def _serve(self, ready: threading.Event) -> None:
-        self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._on_connection, "127.0.0.1", self._pinned)
-        self.port = server.sockets[0].getsockname()[1]
-        ready.set()
-        await self._stopping.wait()
-        server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await server.wait_closed()
-        await asyncio.sleep(0)
 
 
 def live(server: FakeUpstream, path_end: str = "") -> int:

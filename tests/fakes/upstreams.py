@@ -191,6 +191,8 @@ class FakeUpstream:
         self.indexed_calls = True
         """False: tool-call parts without ``index``, as Ollama's OpenAI API sends them."""
         self.port = 0
+        self._pinned = 0
+        """The port to listen on (PinnedUpstream); 0: one of this worker's range."""
         self.disconnects = 0
         """Streams the client abandoned before their end."""
         self.completed = 0
@@ -204,7 +206,6 @@ class FakeUpstream:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- control, from any thread -----------------------------------------
 
@@ -297,7 +298,7 @@ class FakeUpstream:
         # comes from the ephemeral range, where once this server stops, an outgoing
         # connection or another worker's server may take it, and a backend restarted
         # on its port (PinnedUpstream) would find it in use.
-        server = await asyncio.start_server(accepted, "127.0.0.1", free_port())
+        server = await asyncio.start_server(accepted, "127.0.0.1", self._pinned or free_port())
         self.port = server.sockets[0].getsockname()[1]
         ready.set()
         await self._stopping.wait()
@@ -321,9 +322,6 @@ class FakeUpstream:
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
             request = await self._read_request(reader)
             if request is None:
@@ -341,7 +339,6 @@ class FakeUpstream:
         except Exception as exc:  # noqa: BLE001 - reported through self.errors
             self.errors.append(exc)
         finally:
-            self._tasks.discard(task)
             writer.close()
 
     async def _read_request(self, reader: asyncio.StreamReader) -> RecordedRequest | None:
