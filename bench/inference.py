@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 CODE = """import os
 from dataclasses import dataclass
@@ -118,20 +118,26 @@ def raw_once(server: Any, index: int) -> dict[str, Any]:
     }
 
 
-def run_raw(model: str, threads: int | None) -> None:
-    """The raw side as a process: a prompt number per stdin line, a JSON row per stdout line."""
+def start_raw_engine(model: str, threads: int | None) -> tuple[Any, IO[str], str]:
+    """The raw engine in this process (llama.cpp's server with the worker's settings), the
+    stream this process's results go to, and the engine listener's key. llama.cpp writes
+    to fd 1: the results go to a copy of it, as the worker's replies do."""
     import secrets
 
     import xllamacpp
 
     from keel.workers import worker
 
-    # llama.cpp writes to fd 1: keep the rows on a copy of it, as the worker does.
     rows = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     args = worker._parse_args(engine_argv(model, threads))
     key = secrets.token_urlsafe(16)
-    server = xllamacpp.Server(worker._engine_params(xllamacpp, args, key))
+    return xllamacpp.Server(worker._engine_params(xllamacpp, args, key)), rows, key
+
+
+def run_raw(model: str, threads: int | None) -> None:
+    """The raw side as a process: a prompt number per stdin line, a JSON row per stdout line."""
+    server, rows, key = start_raw_engine(model, threads)
     print(f"ready {server.listening_address} {key}", file=rows, flush=True)
     for line in sys.stdin:
         print(json.dumps(raw_once(server, int(line))), file=rows, flush=True)

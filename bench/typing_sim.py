@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,25 @@ def cursor_position(text: str, min_prefix_chars: int) -> int:
         position = line_end + 1
 
 
+def keystrokes(
+    text: str, start: int, *, chars: int, words_between_pauses: int, pause_at: str
+) -> Iterator[tuple[int, bool]]:
+    """The cursor after each of ``chars`` keys typed from ``start``, and whether the user
+    pauses there: after ``words_between_pauses`` words, at a line's end (``pause_at``),
+    and after the last key."""
+    words = 0
+    for offset in range(1, chars + 1):
+        cursor = start + offset
+        if text[cursor - 1] in " \n(" and text[cursor - 2] not in " \n(":
+            words += 1
+        at_line_end = pause_at == "line-end" and text[cursor : cursor + 1] == "\n"
+        at_words = pause_at == "words" and words == words_between_pauses
+        paused = at_words or at_line_end or offset == chars
+        if paused:
+            words = 0
+        yield cursor, paused
+
+
 async def post_timed(
     client: httpx.AsyncClient, body: dict[str, object]
 ) -> tuple[httpx.Response, float]:
@@ -172,20 +191,15 @@ async def run_session(
     def send(cursor: int) -> Coroutine[Any, Any, tuple[httpx.Response, float]]:
         return post_timed(client, tabby_body(text[:cursor], text[cursor : cursor + 400], filepath))
 
-    words = 0
     interval = 1.0 / keys_per_second
-    for offset in range(1, chars + 1):
-        cursor = start + offset
+    walk = keystrokes(
+        text, start, chars=chars, words_between_pauses=words_between_pauses, pause_at=pause_at
+    )
+    for cursor, paused in walk:
         task = asyncio.create_task(send(cursor))
         in_flight.append(task)
         session.requests += 1
-        typed = text[cursor - 1]
-        if typed in " \n(" and text[cursor - 2] not in " \n(":
-            words += 1
-        at_line_end = pause_at == "line-end" and text[cursor : cursor + 1] == "\n"
-        at_words = pause_at == "words" and words == words_between_pauses
-        if at_words or at_line_end or offset == chars:
-            words = 0
+        if paused:
             response, latency = await task  # the user waits for this one
             response.raise_for_status()
             session.paused_latency_ms.append(latency)
@@ -288,18 +302,12 @@ before the cursor (~500 tokens, as keel's window of the same place)."""
 
 def raw_side(args: argparse.Namespace) -> dict[str, object]:
     """The same typing on the raw engine: run in a process of its own (``--raw-side``)."""
-    import secrets
-
-    import xllamacpp
+    from inference import start_raw_engine
 
     from keel.models.registry import embedded_model_path
     from keel.pipeline.languages import get_language, stop_words
-    from keel.workers import worker
 
-    rows = os.fdopen(os.dup(1), "w")  # llama.cpp writes to fd 1: the result goes here
-    os.dup2(2, 1)
-    params = worker._parse_args(["--model", str(embedded_model_path()), "--slots", "2"])
-    server = xllamacpp.Server(worker._engine_params(xllamacpp, params, secrets.token_hex(8)))
+    server, rows, _ = start_raw_engine(str(embedded_model_path()), None)
     stops = stop_words(get_language("python"))
     interval = 1.0 / args.keys_per_second
 
@@ -328,18 +336,17 @@ def raw_side(args: argparse.Namespace) -> dict[str, object]:
         first, tokens = first_text_ms(text[window:start], superseded=False)
         cold.append(first)
         prompts.append(tokens)
-        words = 0
-        for offset in range(1, args.chars + 1):
-            cursor = start + offset
-            if text[cursor - 1] in " \n(" and text[cursor - 2] not in " \n(":
-                words += 1
-            at_line_end = args.pause_at == "line-end" and text[cursor : cursor + 1] == "\n"
-            at_words = args.pause_at == "words" and words == args.words_between_pauses
-            paused = at_words or at_line_end or offset == args.chars
+        walk = keystrokes(
+            text,
+            start,
+            chars=args.chars,
+            words_between_pauses=args.words_between_pauses,
+            pause_at=args.pause_at,
+        )
+        for cursor, paused in walk:
             began = time.perf_counter()
             first, _ = first_text_ms(text[window:cursor], superseded=not paused)
             if paused:
-                words = 0
                 if first is not None:
                     warm.append(first)
                 time.sleep(args.pause_seconds)
@@ -358,13 +365,9 @@ def raw_side(args: argparse.Namespace) -> dict[str, object]:
     os._exit(0)  # the engine's destructor is not run (the worker does the same)
 
 
-def raw_engine(args: argparse.Namespace) -> dict[str, object]:
+def raw_engine() -> dict[str, object]:
     """:func:`raw_side`'s figures, from a child process."""
-    command = [sys.executable, __file__, "--raw-side", "--chars", str(args.chars)]
-    command += ["--keys-per-second", str(args.keys_per_second)]
-    command += ["--words-between-pauses", str(args.words_between_pauses)]
-    command += ["--pause-seconds", str(args.pause_seconds), "--pause-at", args.pause_at]
-    command += ["--prefix-chars", str(args.prefix_chars)]
+    command = [sys.executable, __file__, *sys.argv[1:], "--raw-side"]  # the same typing
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
     result: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
     return result
@@ -568,7 +571,7 @@ def main() -> int:
                 process.terminate()
                 process.wait(30)
     if not args.no_raw and not args.accept:
-        result["raw_engine"] = raw_engine(args)
+        result["raw_engine"] = raw_engine()
     print(render(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

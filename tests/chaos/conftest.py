@@ -40,14 +40,6 @@ def fallback_name(role: str) -> str:
     return f"{role}/{KINDS[role]}#1"
 
 
-class PinnedUpstream(FakeUpstream):
-    """A fake upstream that listens on a given port: a backend coming back where it was."""
-
-    def __init__(self, port: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._pinned = port
-
-
 def live(server: FakeUpstream, path_end: str = "") -> int:
     """Requests the tests sent (not the prober's) that reached ``server``."""
     return sum(

@@ -18,7 +18,6 @@ from tests.chaos.conftest import (
     PRIMARY_TOKENS,
     ROLES,
     Keel,
-    PinnedUpstream,
     Streamed,
     chain_config,
     fallback_name,
@@ -141,10 +140,10 @@ def test_fault_is_survived_then_recovered(
     elif not fault.probe_passes:
         assert not completion["healthy"], completion
 
-    restarted: PinnedUpstream | None = None
+    restarted: FakeUpstream | None = None
     try:
         if fault.behaviour is None:
-            restarted = PinnedUpstream(port, tokens=PRIMARY_TOKENS, embedding_dim=PRIMARY_DIM)
+            restarted = FakeUpstream(tokens=PRIMARY_TOKENS, embedding_dim=PRIMARY_DIM, port=port)
             restarted.start()
         else:
             primary.reset_behaviour()

@@ -175,7 +175,10 @@ class FakeUpstream:
         token_delay: float = 0.0,
         embedding_dim: int = 3,
         model: str = "fake-model",
+        port: int = 0,
     ) -> None:
+        """``port``: listen there (a backend coming back where it was); 0: on one of this
+        xdist worker's own ports."""
         self.tokens = tokens
         self.token_delay = token_delay
         self.embedding_dim = embedding_dim
@@ -191,8 +194,7 @@ class FakeUpstream:
         self.indexed_calls = True
         """False: tool-call parts without ``index``, as Ollama's OpenAI API sends them."""
         self.port = 0
-        self._pinned = 0
-        """The port to listen on (PinnedUpstream); 0: one of this worker's range."""
+        self._listen_port = port
         self.disconnects = 0
         """Streams the client abandoned before their end."""
         self.completed = 0
@@ -297,8 +299,9 @@ class FakeUpstream:
         # A port of this worker's own range (tests/ports.py), not the kernel's pick: that
         # comes from the ephemeral range, where once this server stops, an outgoing
         # connection or another worker's server may take it, and a backend restarted
-        # on its port (PinnedUpstream) would find it in use.
-        server = await asyncio.start_server(accepted, "127.0.0.1", self._pinned or free_port())
+        # on its port would find it in use.
+        port = self._listen_port or free_port()
+        server = await asyncio.start_server(accepted, "127.0.0.1", port)
         self.port = server.sockets[0].getsockname()[1]
         ready.set()
         await self._stopping.wait()
