@@ -21,11 +21,11 @@ LOCAL = "local/SmolLM2-135M-Instruct"
 LONG = {"prompt": "chaos: 1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0}
 
 
-def local_then_fallback(fallback: str) -> str:
+def local_then_fallback(fallback: str, *, probe_interval: float = 600) -> str:
     """Completion: the embedded model, then a fake backend; the other roles: the fake."""
     return "\n".join(
         [
-            routing_table(probe_interval_seconds=600, probe_timeout_seconds=5),
+            routing_table(probe_interval_seconds=probe_interval, probe_timeout_seconds=5),
             "[model.completion.local]\n",
             "[[model.completion.fallback]]\n" + provider_table(fallback, "completion", {}),
             "[model.chat.http]\n" + provider_table(fallback, "chat", {}),
@@ -135,3 +135,41 @@ def test_a_crash_under_the_default_config_keeps_the_embedded_model_serving(
     keel.wait_for("the restarted worker serving", lambda: keel.completion().status_code == 200, 15)
     state = keel.endpoint("completion", LOCAL)
     assert state["breaker"] == "closed" and state["healthy"], state
+
+
+def test_a_frozen_worker_is_found_while_requests_keep_it_busy(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """A worker that stops answering (SIGSTOP: a hung engine) while a request is on it:
+    the health check pings it although requests are in flight, calls it unhealthy, and
+    the next completion goes to the fallback. A deep check skipped while requests were
+    in flight, and their end in the request's own timeout counted against no provider:
+    the worker stayed healthy, and every completion a 504, for as long as editors kept
+    sending keystrokes."""
+    _, fallback = backends
+    keel = keel_factory(local_then_fallback(fallback.url, probe_interval=0.5))
+    keel.wait_for("worker loaded", lambda: keel.endpoint("completion", LOCAL)["usable"], 60)
+    pid = keel.process.worker_pid("completion")
+    request = threading.Thread(target=lambda: keel.http.post("/v1/completions", json=LONG))
+    request.start()
+    keel.wait_for(
+        "the generation under way",
+        lambda: keel.endpoint("completion", LOCAL)["outstanding"] == 1,
+        10,
+    )
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        keel.wait_for(
+            "the frozen worker called unhealthy",
+            lambda: not keel.endpoint("completion", LOCAL)["healthy"],
+            20,
+        )
+        state = keel.endpoint("completion", LOCAL)
+        assert state["outstanding"] == 1, "it was found with the request still on it"
+        assert "health check" in (state["last_error"] or ""), state
+        response = keel.tabby()
+        assert response.status_code == 200, response.text
+        assert response.headers["x-keel-provider"] != LOCAL
+    finally:
+        os.kill(pid, signal.SIGKILL)  # a stopped process takes SIGKILL
+        request.join(60)

@@ -239,6 +239,14 @@ class Provider(ABC):
         """A JSON-able snapshot of this provider's state."""
         return {"state": "ok"}
 
+    answers_while_busy = False
+    """Whether :meth:`ping` is answered at once even while generations run, so the
+    health check can ask it while requests are in flight."""
+
+    async def ping(self) -> None:
+        """A check that the backend answers at all, cheaper than a token (optional)."""
+        raise NotImplementedError
+
 
 class CompletionProvider(Provider):
     supports_suffix: bool = False

@@ -378,13 +378,19 @@ class RoleRouter:
         self, endpoint: Endpoint, probe: Callable[[Provider], Awaitable[None]], timeout: float
     ) -> None:
         """One deep check of one endpoint; feeds the same state as live traffic. An
-        endpoint with requests in flight is not checked: their outcomes are the check,
-        and a probe would wait behind them on a backend that serves one at a time (a
-        local embedding engine reading a batch), time out and call it unhealthy."""
+        endpoint with requests in flight gets no deep check: their outcomes are the
+        check, and a probe would wait behind them on a backend that serves one at a time
+        (a local embedding engine reading a batch), time out and call it unhealthy. A
+        provider that answers a ping while busy (a local worker) is pinged instead: a
+        frozen worker's requests end in the request's own timeout, which is no
+        provider's failure, so without it the worker looked healthy for as long as
+        editors kept sending it keystrokes."""
         if endpoint.breaker.state is BreakerState.OPEN or not endpoint.running():
             return
         if endpoint.outstanding and endpoint.breaker.state is BreakerState.CLOSED:
-            return
+            if not endpoint.provider.answers_while_busy:
+                return
+            probe = _ping
         took_probe = endpoint.breaker.state is BreakerState.HALF_OPEN
         if took_probe and not endpoint.breaker.allow():
             return
@@ -427,6 +433,10 @@ class RoleRouter:
         if endpoint.record_failed(error):
             log.warning("provider %s is unreachable: %s", endpoint.name, error.message)
             self.events.provider_health(endpoint.name, False)
+
+
+async def _ping(provider: Provider) -> None:
+    await provider.ping()
 
 
 def new_breaker(
