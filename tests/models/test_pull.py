@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,19 @@ def test_no_home_directory_is_no_error(tmp_path: Path, monkeypatch: pytest.Monke
     assert resolve_model("m", paths) == paths.models_dir / "m.gguf"
     with pytest.raises(MissingDependency):
         resolve_model("missing", paths)
+
+
+def test_a_hub_that_never_answers_is_a_quick_error(paths: Paths) -> None:
+    """A hub that takes the connection and says nothing (a stuck proxy): a clear error
+    within the hub timeout. The lookup had no timeout, and `keel models pull` hung."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections complete in the backlog; nothing is ever sent
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(UpstreamError) as refused:
+            ModelPuller(paths, endpoint=endpoint, environ={}, hub_timeout=0.5).pull(
+                f"{REPO}:{FILE}"
+            )
+    assert time.monotonic() - started < 10
+    assert "did not answer" in refused.value.message and "0.5s" in refused.value.message

@@ -69,6 +69,9 @@ log = logging.getLogger("keel.models")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_MIN_FREE_BYTES = 512 * 2**20
+HUB_TIMEOUT = 10.0
+"""Seconds the hub may take to answer a request (huggingface_hub's own for a download's
+reads): a hub that takes the connection and says nothing is an error, not a hang."""
 """Disk space a pull leaves free beyond the file itself."""
 STAGING_DIR = ".downloads"
 
@@ -238,6 +241,7 @@ class ModelPuller:
         free_bytes: Callable[[Path], int] = disk_free,
         available_memory: Callable[[], int | None] = mem_available,
         registry: dict[str, RegistryModel] | None = None,
+        hub_timeout: float = HUB_TIMEOUT,
     ) -> None:
         env = dict(os.environ) if environ is None else environ
         self.paths = paths
@@ -249,6 +253,7 @@ class ModelPuller:
         self.free_bytes = free_bytes
         self.available_memory = available_memory
         self.registry = registry
+        self.hub_timeout = hub_timeout
 
     @property
     def hub(self) -> str:
@@ -351,7 +356,7 @@ class ModelPuller:
 
         api = HfApi(endpoint=self.endpoint, token=self.token)
         with self._hub_errors(repo):
-            info = api.model_info(repo, files_metadata=True)
+            info = api.model_info(repo, files_metadata=True, timeout=self.hub_timeout)
         files = []
         for sibling in info.siblings or []:
             if sibling.rfilename.lower().endswith(".gguf"):
@@ -423,6 +428,7 @@ class ModelPuller:
                 endpoint=self.endpoint,
                 token=self.token,
                 tqdm_class=bar,
+                etag_timeout=self.hub_timeout,
             )
         return Path(pointer).resolve()
 
@@ -477,6 +483,11 @@ class ModelPuller:
         except hub.OfflineModeIsEnabled:
             raise Unavailable(
                 "HF_HUB_OFFLINE is set: pulling needs the hub", code="hub_offline"
+            ) from None
+        except httpx2.TimeoutException:
+            raise UpstreamConnectError(
+                f"{self.endpoint} did not answer for {where} within {self.hub_timeout:g}s",
+                provider=self.hub,
             ) from None
         except (hub.LocalEntryNotFoundError, httpx2.TransportError) as exc:
             raise UpstreamConnectError(
