@@ -25,7 +25,7 @@ class RestartPolicy:
     backoff_max: float = 30.0
 
     def backoff(self, failures: int) -> float:
-        """Seconds to wait before restarting after ``failures`` crashes in a row."""
+        """Seconds to wait before restarting after ``failures`` crashes within the window."""
         return float(min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)))
 
     def exhausted(self, starts: deque[float], now: float) -> bool:

@@ -50,3 +50,34 @@ async def test_a_worker_stopped_while_it_loads_ends_at_once() -> None:
     assert not exists(pid), "the worker is gone, and reaped"
     # A ready worker's stop closes its stdin and waits up to 5 s before it kills.
     assert took < 4, f"the stop waited {took:.1f} s for a worker that was loading"
+
+
+async def test_a_worker_that_dies_after_each_load_restarts_ever_later() -> None:
+    """Killed each time it is ready: the restarts back off (0.5, 1, 2 s), where a reset
+    for having been ready restarted it every 0.5 s until the start limit."""
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        await asyncio.sleep(0)
+
+    supervisor = WorkerSupervisor(
+        WorkerSpec(str(embedded_model_path()), threads=1),
+        name="backoff-test",
+        sleep=sleep,
+        oom_kills=lambda: None,
+    )
+    await supervisor.start()
+    try:
+        for _ in range(3):
+            await supervisor.wait_ready(60)
+            assert supervisor.pid is not None
+            os.kill(supervisor.pid, signal.SIGKILL)
+            for _ in range(1000):  # it sees the death within a few ms
+                if supervisor.state is not WorkerState.READY:
+                    break
+                await asyncio.sleep(0.01)
+        await supervisor.wait_ready(60)
+    finally:
+        await supervisor.stop()
+    assert delays == [0.5, 1.0, 2.0]

@@ -229,7 +229,6 @@ class WorkerSupervisor:
         self._changed.set()
 
     async def _run(self) -> None:
-        failures = 0
         while True:
             now = self._clock()
             if self.policy.exhausted(self._starts, now):
@@ -263,10 +262,12 @@ class WorkerSupervisor:
                 self.last_error = "worker was killed (SIGKILL: killed by hand or by a supervisor)"
             else:
                 self.last_error = self.last_error or f"worker exited with code {exit_code}"
-            failures = failures + 1 if self.state is not WorkerState.READY else 1
             self.restarts += 1
             self._set_state(WorkerState.RESTARTING)
-            delay = self.policy.backoff(failures)
+            # Backs off by the starts within the window, ready or not: a worker that dies
+            # soon after each load (a request that crashes it, sent again) crashed in a
+            # loop restarted every 0.5 s, while one that ran for the window starts afresh.
+            delay = self.policy.backoff(len(self._starts))
             log.warning("%s: %s; restarting in %.1fs", self.name, self.last_error, delay)
             await self._sleep(delay)
 
