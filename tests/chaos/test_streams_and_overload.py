@@ -219,3 +219,38 @@ def test_a_newer_tabby_request_for_the_same_file_supersedes_the_older(
     assert first["response"].headers.get("x-keel-superseded") == "1"
     assert typed_on.json()["choices"][0]["text"] == PRIMARY_TEXT
     assert keel.providers()["superseded"] == 2
+
+
+def test_queue_waits_and_trims_are_counted(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """Three completions on one slot: two wait, and the one that starts while another
+    still waits is served smaller (no client snippets, half the budget and the tokens).
+    Both are things keel did that the client did not ask for, so both are counted: in
+    ``/v1/providers`` (``queued``, ``queue_wait_seconds``, ``degraded``) and in
+    ``keel_queue_wait_seconds`` and ``keel_requests_degraded_total``."""
+    primary, fallback = backends
+    settings = {"max_concurrent": 1, "queue_size": 4, "queue_timeout": 30}
+    keel = keel_factory(
+        chain_config(primary.url, fallback.url, routing=QUIET, role_settings=settings)
+    )
+    primary.token_delay = 0.2  # each answer takes about 0.6 s
+
+    def admission() -> dict[str, Any]:
+        return keel.providers()["roles"]["completion"]["admission"]  # type: ignore[no-any-return]
+
+    running, _ = in_thread(lambda: keel.tabby(filepath="src/a.py"))
+    keel.wait_for("first running", lambda: live(primary) == 1, 5)
+    second, _ = in_thread(lambda: keel.tabby(filepath="src/b.py"))
+    keel.wait_for("second queued", lambda: admission()["waiting"] == 1, 5)
+    third, _ = in_thread(lambda: keel.tabby(filepath="src/c.py"))
+    keel.wait_for("third queued", lambda: admission()["waiting"] == 2, 5)
+    for thread in (running, second, third):
+        thread.join(15)
+
+    state = admission()
+    assert (state["queued"], state["degraded"]) == (2, 1), state
+    assert state["queue_wait_seconds"] > 0.5, state
+    metrics = keel.http.get("/metrics").text
+    assert 'keel_queue_wait_seconds_count{role="completion"} 2.0' in metrics
+    assert 'keel_requests_degraded_total{role="completion"} 1.0' in metrics

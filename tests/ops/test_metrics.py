@@ -44,6 +44,8 @@ def test_router_methods_feed_their_series() -> None:
     metrics.rejected("completion", "queue_full")
     metrics.queue_depth("completion", 7)
     metrics.queue_capacity("completion", 8)
+    metrics.queue_wait("completion", 0.3)
+    metrics.degraded("completion")
     metrics.observe_generation("completion", "up", 2.0, 0.5, 31)
     metrics.health_check("up", 0.25, True)
     metrics.config_reload(False)
@@ -62,6 +64,8 @@ def test_router_methods_feed_their_series() -> None:
     assert value(text, "keel_rejections_total", role="completion", reason="queue_full") == 1
     assert value(text, "keel_queue_depth", role="completion") == 7
     assert value(text, "keel_queue_capacity", role="completion") == 8
+    assert value(text, "keel_queue_wait_seconds_bucket", le="0.5", role="completion") == 1
+    assert value(text, "keel_requests_degraded_total", role="completion") == 1
     assert value(text, "keel_generated_tokens_total", role="completion", provider="up") == 31
     ttft = {"role": "completion", "provider": "up"}
     assert value(text, "keel_time_to_first_token_seconds_bucket", le="0.5", **ttft) == 1

@@ -340,6 +340,20 @@ class Metrics:
             ["role"],
             registry=registry,
         )
+        self.queue_wait_seconds = Histogram(
+            "keel_queue_wait_seconds",
+            "Time a request waited for a slot in its role's queue (only those that waited).",
+            ["role"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.requests_degraded = Counter(
+            "keel_requests_degraded",
+            "Completions served smaller because others were queueing: no client snippets, "
+            "half the prompt budget, half the tokens.",
+            ["role"],
+            registry=registry,
+        )
         self.queue_capacity_gauge = Gauge(
             "keel_queue_capacity",
             "Most requests that may wait per role before new ones are rejected.",
@@ -577,6 +591,12 @@ class Metrics:
 
     def queue_capacity(self, role: str, n: int) -> None:
         self._child(self.queue_capacity_gauge, role).set(n)
+
+    def queue_wait(self, role: str, seconds: float) -> None:
+        self._child(self.queue_wait_seconds, role).observe(seconds)
+
+    def degraded(self, role: str) -> None:
+        self._child(self.requests_degraded, role).inc()
 
     # events and config ------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
@@ -16,6 +17,8 @@ from keel.errors import Overloaded
 class AdmissionEvents(Protocol):
     def rejected(self, role: str, reason: str) -> None: ...
     def queue_depth(self, role: str, n: int) -> None: ...
+    def queue_wait(self, role: str, seconds: float) -> None: ...
+    def degraded(self, role: str) -> None: ...
 
 
 class Admission:
@@ -39,11 +42,22 @@ class Admission:
         self.rejected = 0
         self.arriving = 0
         """Requests on their way to a slot (:meth:`arrival`)."""
+        self.queued = 0
+        """Requests that waited for a slot, and their waits' sum (``queue_wait_seconds``)."""
+        self.queue_wait_seconds = 0.0
+        self.degraded = 0
+        """Requests served smaller because others were queueing (:meth:`note_degraded`)."""
 
     @property
     def under_pressure(self) -> bool:
         """Requests are queueing: serve smaller work (less context, fewer tokens) first."""
         return self.waiting > 0
+
+    def note_degraded(self) -> None:
+        """A request was served smaller for that (a trim the client did not ask for)."""
+        self.degraded += 1
+        if self.events is not None:
+            self.events.degraded(self.role)
 
     def _reject(self, why: str, reason: str) -> Overloaded:
         self.rejected += 1
@@ -89,6 +103,7 @@ class Admission:
             raise self._reject("queue full", "queue_full")
         self.waiting += 1
         self._report()
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.queue_timeout):
                 await self._slots.acquire()
@@ -99,6 +114,11 @@ class Admission:
         finally:
             self.waiting -= 1
             self._report()
+            waited = time.monotonic() - started
+            self.queued += 1
+            self.queue_wait_seconds += waited
+            if self.events is not None:
+                self.events.queue_wait(self.role, waited)
 
     def _report(self) -> None:
         if self.events is not None:
@@ -111,6 +131,9 @@ class Admission:
             "waiting": self.waiting,
             "queue_size": self.queue_size,
             "rejected": self.rejected,
+            "queued": self.queued,
+            "queue_wait_seconds": round(self.queue_wait_seconds, 3),
+            "degraded": self.degraded,
         }
 
 

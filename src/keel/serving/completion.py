@@ -286,11 +286,15 @@ class CompletionServing:
         slot = self.admission.slot() if admitted else contextlib.nullcontext()
         async with slot, total_timeout(self.timeout, "completion"):
             attempts = self.router.attempts(shrinkable=task.raw_prompt is None)
+            degraded = False
             async for attempt in attempts:
                 async with attempt:
                     provider = attempt.provider
                     assert isinstance(provider, CompletionProvider)
                     pressured = self.admission.under_pressure
+                    if pressured and not degraded:
+                        degraded = True
+                        self.admission.note_degraded()
                     built, call = await attempt.call(
                         self.prompts.call_for(
                             task, provider, shrink=attempt.shrink, pressured=pressured
