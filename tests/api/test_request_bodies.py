@@ -18,6 +18,7 @@ VALID_BODIES: dict[str, dict[str, object]] = {
     "/v1/model/unload": {"role": "chat"},
 }
 OPENAI_COMPLETION = {"prompt": "def f():", "max_tokens": 5}
+OPENAI_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 
 def headers_for(path: str) -> dict[str, str]:
@@ -504,23 +505,29 @@ async def test_an_events_select_kind_is_tabbys_line_or_none(client: httpx.AsyncC
     assert line.status_code == 200, line.text
 
 
-@pytest.mark.parametrize(("field", "value"), [("echo", True), ("logprobs", 2)])
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "echo", True),
+        ("/v1/completions", "logprobs", 2),
+        ("/v1/chat/completions", "logprobs", True),
+        ("/v1/chat/completions", "top_logprobs", 3),
+    ],
+)
 async def test_what_keel_cannot_return_is_refused_when_asked_for(
-    client: httpx.AsyncClient, field: str, value: object
+    client: httpx.AsyncClient, path: str, field: str, value: object
 ) -> None:
-    """``echo`` and ``logprobs`` on OpenAI's completions were ignored: the client read an
-    answer without the prompt or the probabilities as if it had them. Left at their
+    """``echo`` and ``logprobs`` on OpenAI's completions, ``logprobs`` and
+    ``top_logprobs`` on its chat, were ignored: the client read an answer without the
+    prompt or the probabilities (``logprobs: null``) as if it had them. Left at their
     defaults (false, 0, null) they are taken."""
-    refused = await client.post(
-        "/v1/completions", json={**OPENAI_COMPLETION, field: value}, headers=USER
-    )
+    body = OPENAI_COMPLETION if path == "/v1/completions" else OPENAI_CHAT
+    refused = await client.post(path, json={**body, field: value}, headers=USER)
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["param"] == field and f"leave '{field}' out" in error["message"], error
     for default in (False, 0, None):
-        taken = await client.post(
-            "/v1/completions", json={**OPENAI_COMPLETION, field: default}, headers=USER
-        )
+        taken = await client.post(path, json={**body, field: default}, headers=USER)
         assert taken.status_code == 200, (default, taken.text)
 
 

@@ -332,6 +332,22 @@ class ChatCompletionRequest(_Sampled):
         "without the model.",
     )
 
+    logprobs: bool | None = Field(
+        None, description="Only false: keel returns no log probabilities."
+    )
+    top_logprobs: int | None = Field(None, description="Only 0 or null, as ``logprobs``.")
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: object, info: ValidationInfo) -> object:
+        """Refused when asked for, as on ``/v1/completions``: answered with ``logprobs:
+        null``, a client would read the answer as if it had them."""
+        if value:
+            raise ValueError(
+                f"keel does not return log probabilities: leave '{info.field_name}' out"
+            )
+        return value
+
     functions: SkipJsonSchema[Any] = None
     function_call: SkipJsonSchema[Any] = None
     """OpenAI's deprecated function calling, refused by name: ignored as unknown fields
