@@ -69,10 +69,10 @@ log = logging.getLogger("keel.models")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_MIN_FREE_BYTES = 512 * 2**20
+"""Disk space a pull leaves free beyond the file itself."""
 HUB_TIMEOUT = 10.0
 """Seconds the hub may take to answer a request (huggingface_hub's own for a download's
 reads): a hub that takes the connection and says nothing is an error, not a hang."""
-"""Disk space a pull leaves free beyond the file itself."""
 STAGING_DIR = ".downloads"
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
