@@ -223,6 +223,40 @@ def test_a_local_chat_without_a_limit_runs_until_the_model_stops(
     assert choice["finish_reason"] == "stop", choice
 
 
+def _answer(client: httpx.Client, route: str, body: dict[str, object]) -> tuple[str, str]:
+    """The text and finish reason of a completion or chat, streamed or not."""
+    if not body.get("stream"):
+        choice = client.post(route, json=body).json()["choices"][0]
+        return choice["message"]["content"] if "message" in choice else choice["text"], choice[
+            "finish_reason"
+        ]
+    choices = [e["choices"][0] for e in sse_events(client.post(route, json=body).text)]
+    parts = [c.get("text") or (c.get("delta") or {}).get("content") or "" for c in choices]
+    return "".join(parts), choices[-1]["finish_reason"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("route", "ask"),
+    [
+        ("/v1/completions", {"prompt": "1, 2, 3,"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to 9."}]}),
+    ],
+)
+def test_text_that_begins_a_stop_word_is_kept_when_the_answer_ends_at_max_tokens(
+    keel_server: KeelProcess, route: str, ask: dict[str, object], stream: bool
+) -> None:
+    """The engine held such text back and dropped it at ``max_tokens``: ``" 4,"`` came
+    back as ``" "`` with stop ``"4, 5, 6"``. A stop word the answer reaches still ends
+    it, also one that spans tokens."""
+    body = {**ask, "max_tokens": 6, "temperature": 0, "stream": stream}
+    with keel_server.client() as client:
+        text, finish = _answer(client, route, body)
+        assert (finish, len(text.strip()) > 2) == ("length", True), text
+        assert _answer(client, route, {**body, "stop": [text[1:] + "\u2603"]}) == (text, "length")
+        assert _answer(client, route, {**body, "stop": [text[1:3]]}) == (text[:1], "stop")
+
+
 def test_chat_stream_ends_with_done(keel_server: KeelProcess) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
     with (

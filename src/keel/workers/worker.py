@@ -131,10 +131,39 @@ def _error_reply(error: dict[str, Any]) -> dict[str, Any]:
     return {"error": message, "code": "bad_request" if 400 <= status < 500 else "internal"}
 
 
+class _StopWatch:
+    """Stop words, applied here and not by the engine, which holds back streamed text
+    that might begin a stop word and drops it when the answer ends at ``max_tokens``
+    first (``"1, 2, 3,"`` with stop ``"4, 5, 6"`` and 3 tokens gave ``" "``, without the
+    stop ``" 4,"``). Here too such text waits for the next token, and goes out if the
+    answer ends."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self.held = ""
+        self.found = False
+
+    def take(self, piece: str) -> str:
+        """What of the text so far can go out after ``piece``: up to a stop word (which
+        sets ``found``), or up to what might begin one."""
+        if not self._stops:
+            return piece
+        seen = self.held + piece
+        at = min((i for i in (seen.find(s) for s in self._stops) if i >= 0), default=-1)
+        if at >= 0:
+            self.found, self.held = True, ""
+            return seen[:at]
+        keep = max(
+            (n for stop in self._stops for n in range(1, len(stop)) if seen.endswith(stop[:n])),
+            default=0,
+        )
+        self.held = seen[len(seen) - keep :] if keep else ""
+        return seen[: len(seen) - keep]
+
+
 def _sampling(request: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "max_tokens": int(request.get("max_tokens") or -1),  # -1: to the end of the context
-        "stop": list(request.get("stop") or []),
         "stream": True,
         "return_progress": True,
         "cache_prompt": True,
@@ -413,6 +442,7 @@ class _Engine:
         slot, held = self.slots.acquire(text, cancelled, chat=chat)
         acquired = time.perf_counter()
         state: dict[str, Any] = {"produced": 0, "first": None, "progress": None, "held": held}
+        stops = _StopWatch(list(request.get("stop") or []))
         unsent: list[str] = []  # tokens held back for the next piece
         sent = 0.0  # when the last piece went
         if slot is None:
@@ -441,9 +471,12 @@ class _Engine:
                     now = time.perf_counter()
                     state["first"] = state["first"] or now
                     state["produced"] += 1
-                    unsent.append(piece)
-                    if now - sent >= PIECE_HOLD:
-                        self.channel.send({"id": request_id, "text": "".join(unsent)})
+                    unsent.append(stops.take(piece))
+                    if stops.found:
+                        state["reason"] = "stop"
+                        return True
+                    if now - sent >= PIECE_HOLD and (text := "".join(unsent)):
+                        self.channel.send({"id": request_id, "text": text})
                         unsent.clear()
                         sent = now
                 state["reason"] = choices[0].get("finish_reason") or state.get("reason")
@@ -458,8 +491,8 @@ class _Engine:
                     run(body, on_chunk)  # the last batch, then the generation
         finally:
             self.slots.release(slot)
-        if unsent:
-            self.channel.send({"id": request_id, "text": "".join(unsent)})
+        if text := "".join(unsent) + stops.held:
+            self.channel.send({"id": request_id, "text": text})
         if "error" in state:
             self.channel.send({"id": request_id, **_error_reply(state["error"])})
             return
