@@ -257,6 +257,21 @@ def test_text_that_begins_a_stop_word_is_kept_when_the_answer_ends_at_max_tokens
         assert _answer(client, route, {**body, "stop": [text[1:3]]}) == (text[:1], "stop")
 
 
+def test_every_64_bit_seed_is_its_own_and_repeatable(keel_server: KeelProcess) -> None:
+    """OpenAI's seeds are 64-bit, llama.cpp's 32: the engine gave 0, 2**32 and 2**40
+    the same text, and 2**32 - 1 and -1 a random one each time."""
+    seeds = [0, 2**32, 2**40, 2**32 - 1, -1, 2**63 - 1, -(2**63)]
+    body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 1.5}
+    with keel_server.client() as client:
+        texts = [
+            [client.post("/v1/completions", json={**body, "seed": seed}).json() for _ in "ab"]
+            for seed in seeds
+        ]
+    firsts = [first["choices"][0]["text"] for first, _ in texts]
+    assert [second["choices"][0]["text"] for _, second in texts] == firsts
+    assert len(set(firsts)) == len(seeds), firsts
+
+
 def test_chat_stream_ends_with_done(keel_server: KeelProcess) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
     with (

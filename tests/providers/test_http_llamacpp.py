@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from keel.errors import UpstreamProtocolError
-from keel.providers.base import CompletionCall, GenerationParams, Reported
+from keel.providers.base import CompletionCall, GenerationParams, Reported, llamacpp_seed
 from keel.providers.http_llamacpp import llamacpp_embeddings
 from tests.fakes.upstreams import Behaviour, FakeUpstream, llamacpp_timings
 
@@ -39,6 +39,18 @@ async def test_completion_request_and_stream(upstream: FakeUpstream, make_provid
         "cache_prompt": True,
         "stream": True,
     }
+
+
+async def test_a_seed_over_32_bits_is_sent_as_one_llamacpp_keeps(
+    upstream: FakeUpstream, make_provider
+):
+    """llama-server cuts a seed to 32 bits (2**40 would be seed 0, -1 a random one)."""
+    provider = make_provider("llama.cpp/completion")
+    for seed in (2**40, -1):
+        call = CompletionCall("x", GenerationParams(max_tokens=4, seed=seed))
+        assert "".join([p async for p in provider.stream_completion(call)]) == "Hello, world"
+        sent = upstream.last_request.json["seed"]
+        assert sent == llamacpp_seed(seed) and sent not in (0, 2**32 - 1), sent
 
 
 async def test_stream_ends_at_stop_without_done_marker(upstream: FakeUpstream, make_provider):

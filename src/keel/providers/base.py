@@ -11,6 +11,7 @@ the router can classify them without knowing the backend.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
@@ -81,6 +82,21 @@ class GenerationParams:
     max_tokens_name: str = "max_tokens"
     """The name the client gave the limit, sent on to OpenAI-style chat backends
     (OpenAI's reasoning models take only ``max_completion_tokens``)."""
+
+
+LLAMACPP_RANDOM_SEED = 2**32 - 1
+"""llama.cpp's seeds are 32-bit, and this one asks it for a random seed."""
+
+
+def llamacpp_seed(seed: int | None) -> int | None:
+    """A client's seed (OpenAI's are 64-bit) as llama.cpp takes it. One that fits
+    stays itself; any other is hashed to one that fits, never the random one. The
+    engine cut seeds to 32 bits: 0, 2**32 and 2**40 gave the same text, and 2**32 - 1
+    (and -1) a random one."""
+    if seed is None or 0 <= seed < LLAMACPP_RANDOM_SEED:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % LLAMACPP_RANDOM_SEED
 
 
 @dataclass(slots=True)

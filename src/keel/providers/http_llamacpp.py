@@ -15,6 +15,7 @@ from keel.errors import UpstreamProtocolError
 from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
+    llamacpp_seed,
 )
 from keel.providers.http_base import (
     HttpBacked,
@@ -36,6 +37,8 @@ class LlamaCppCompletionProvider(HttpCompletion):
         params = call.params
         body: JsonObject = {"prompt": call.prompt, "n_predict": params.max_tokens or -1}
         body.update(generation_fields(params))
+        if params.seed is not None:
+            body["seed"] = llamacpp_seed(params.seed)
         # Reuse the slot's KV cache for the shared prefix of consecutive prompts.
         body["cache_prompt"] = True
         body["stream"] = True

@@ -20,6 +20,7 @@ from keel.providers.base import (
     EmbeddingProvider,
     GenerationParams,
     ProviderInfo,
+    llamacpp_seed,
     token_groups,
 )
 from keel.workers.supervisor import WorkerSupervisor
@@ -37,7 +38,7 @@ def _sampling(params: GenerationParams) -> dict[str, object]:
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "stop": list(params.stop),
-        "seed": params.seed,
+        "seed": llamacpp_seed(params.seed),
         "top_p": params.top_p,
         "frequency_penalty": params.frequency_penalty,
         "presence_penalty": params.presence_penalty,
