@@ -540,3 +540,37 @@ async def test_a_wrong_method_is_a_405_that_says_which_are_allowed(
     assert answer.status_code == 405, answer.text
     assert answer.headers["allow"] == "POST"
     assert answer.json()["error"]["code"] == "http_405"
+
+
+TOOL_STRICT_3 = {"name": "f", "strict": 3}
+TEXT_PART_5 = {"type": "text", "text": 5}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/completions", {**OPENAI_COMPLETION, "stream": [1]}, "stream"),
+        ("/v1/completions", {**OPENAI_COMPLETION, "stream_options": 5}, "stream_options"),
+        ("/v1/completions", {**OPENAI_COMPLETION, "stop": [5]}, "stop"),
+        (
+            "/v1/chat/completions",
+            {**OPENAI_CHAT, "tools": [{"type": "function", "function": TOOL_STRICT_3}]},
+            "tools[0].function.strict",
+        ),
+        (
+            "/v1/chat/completions",
+            {**OPENAI_CHAT, "messages": [{"role": "user", "content": [TEXT_PART_5]}]},
+            "messages[0].content",
+        ),
+    ],
+)
+async def test_a_bad_field_is_named_even_when_it_begins_like_a_type(
+    client: httpx.AsyncClient, path: str, body: dict, field: str
+) -> None:
+    """pydantic puts a union's branch labels (``str``, ``ContentPart``) in an error's
+    path; keel skipped every part beginning with "str", so ``stream``, ``stream_options``
+    and ``strict`` were named ``body``, and a model's class name leaked into the text."""
+    response = await client.post(path, json=body, headers=USER)
+    assert_names(response, field, "invalid_field")
+    error = response.json()["error"]
+    assert "StreamOptions" not in error["message"] and "ContentPart" not in error["message"]

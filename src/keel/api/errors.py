@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -35,6 +36,10 @@ def error_response(error: KeelError) -> JSONResponse:
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
+UNION_LABELS = frozenset({"str", "int", "float", "bool", "none"})
+"""The labels pydantic puts in an error's ``loc`` for a union's plain-type branches."""
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for part in loc:
@@ -43,9 +48,12 @@ def _field(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             parts.append(f"[{part}]")
         elif isinstance(part, str) and (
-            part.startswith(("function-", "list[", "str")) or "[" in part
+            part in UNION_LABELS
+            or part.startswith("function-")
+            or "[" in part
+            or part[:1].isupper()
         ):
-            continue  # pydantic's union-branch labels are not fields
+            continue  # pydantic's union-branch labels (types, model names) are not fields
         else:
             parts.append(("." if parts else "") + str(part))
     return "".join(parts) or "body"
@@ -55,6 +63,7 @@ def validation_error(errors: list[Any]) -> RequestError:
     first = errors[0]
     field = _field(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    message = re.sub(r"a valid dictionary or instance of \w+", "a JSON object", message)
     missing = first.get("type") == "missing"
     text = f"'{field}' is required" if missing else f"'{field}': {message}"
     more = len(errors) - 1
