@@ -199,6 +199,16 @@ async def test_every_model_answer_names_the_provider_that_served_it(
         assert response.headers.get("x-keel-provider") in names, (path, response.headers)
 
 
+async def test_embeddings_name_the_model_that_made_them_not_the_one_asked_for(
+    client: httpx.AsyncClient,
+) -> None:
+    """The answer echoed the client's ``model``, whatever made the vectors."""
+    body = {"input": "def f(): pass", "model": "text-embedding-3-small"}
+    response = await client.post("/v1/embeddings", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "fallback-embed"
+
+
 async def test_the_sampling_fields_a_client_sends_reach_the_backend(
     client: httpx.AsyncClient, backends: Backends
 ) -> None:

@@ -58,7 +58,7 @@ class EmbeddingServing:
             {
                 "object": "list",
                 "data": data,
-                "model": body.model or self.router.primary.info.model,
+                "model": provider.info.model,  # the one that made the vectors
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
