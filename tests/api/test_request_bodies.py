@@ -295,6 +295,7 @@ async def test_dimensions_other_than_the_models_are_a_400_naming_it(
         ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "token IDs are not taken"),
         ("/v1/completions", {"prompt": ""}, "prompt", "the prompt is empty"),
         ("/v1/completions", {"prompt": [""]}, "prompt", "the prompt is empty"),
+        ("/v1/completions", {"max_tokens": 5}, "segments", "'prompt' (an OpenAI completion)"),
     ],
 )
 async def test_token_ids_and_empty_prompts_are_a_400_saying_what_to_send(

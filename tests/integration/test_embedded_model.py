@@ -272,6 +272,22 @@ def test_every_64_bit_seed_is_its_own_and_repeatable(keel_server: KeelProcess) -
     assert len(set(firsts)) == len(seeds), firsts
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_prompt_with_a_suffix_the_model_cannot_read_is_a_400(
+    keel_server: KeelProcess, stream: bool
+) -> None:
+    """The embedded model has no fill-in-the-middle template: it was given nothing to
+    read and answered nothing, ``finish_reason: length``, usage 0."""
+    body = {"prompt": "", "suffix": "print(x)\n", "max_tokens": 5, "stream": stream}
+    with keel_server.client() as client:
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "prompt" and "fill-in-the-middle" in error["message"], error
+        providers = client.get("/v1/providers").json()["roles"]["completion"]["providers"]
+    assert all(p["healthy"] and p["last_error"] is None for p in providers), providers
+
+
 def test_chat_stream_ends_with_done(keel_server: KeelProcess) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
     with (

@@ -240,8 +240,8 @@ class TabbyPrompts:
             crlf = crlf or crlf_after  # the cursor on a CRLF file's first line
         else:
             raise RequestError(
-                "either 'segments' (prefix and suffix around the cursor) or "
-                "'debug_options.raw_prompt' is required",
+                "either 'prompt' (an OpenAI completion) or 'segments' (a Tabby completion: "
+                "prefix and suffix around the cursor) is required",
                 param="segments",
             )
         snippets = await self._snippets_for_line(request, prefix) if raw_prompt is None else []

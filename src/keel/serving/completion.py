@@ -26,6 +26,7 @@ from typing import TypeVar
 from fastapi.responses import Response
 from starlette.requests import Request
 
+from keel.errors import RequestError
 from keel.events import EventStore
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import TabbyPrompts, TabbyTask, read_until_stop
@@ -399,6 +400,12 @@ def _openai_call(
         if fim and not provider.supports_suffix:
             if provider.prompt_template is not None:
                 text = render_template(provider.prompt_template, text, fim)
+            elif not text:  # the model would write from nothing: an empty answer, "length"
+                raise RequestError(
+                    f"the prompt is empty and {provider.info.model} cannot read the suffix "
+                    "(it has no fill-in-the-middle template); send text before the cursor",
+                    param="prompt",
+                )
             fim = None
         call = CompletionCall(text, params, fim or None, reported=reported)
         return after_cut(provider.stream_completion(call), cut)
