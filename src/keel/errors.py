@@ -95,9 +95,8 @@ class KeelError(Exception):
             "message": self.message,
             "type": self.error_type,
             "code": self.code,
+            "param": self.param,  # null where no one field is at fault, as OpenAI sends it
         }
-        if self.param is not None:
-            error["param"] = self.param
         return {"error": error}
 
 

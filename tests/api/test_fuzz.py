@@ -150,7 +150,7 @@ def assert_served_or_refused(response: Any) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = response.json()["error"]
-        assert {"message", "type", "code"} <= set(error), error
+        assert {"message", "type", "code", "param"} <= set(error), error
 
 
 @FUZZ

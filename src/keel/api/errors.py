@@ -1,4 +1,4 @@
-"""Render every failure in the one error shape: ``{"error": {message, type, code}}``.
+"""Render every failure in the one error shape: ``{"error": {message, type, code, param}}``.
 
 Validation errors name the field (``segments.prefix``) and say what was
 wrong; unexpected exceptions are logged with their traceback and answered
