@@ -457,6 +457,9 @@ class _Engine:
                     state["error"] = chunk["error"]
                     return True
                 progress = chunk.get("prompt_progress")
+                if progress is not None:  # the time reading took, for an end with no timings
+                    now = time.perf_counter()
+                    state["read_ms"] = (now - state.setdefault("reading", now)) * 1000
                 if progress is not None and state["progress"] is None:
                     # The first report: the engine chose what to reuse and is about to read.
                     state["progress"] = progress
@@ -549,8 +552,9 @@ class _Engine:
         state: dict[str, Any],
     ) -> None:
         """The done message, from what ``_generate`` gathered: ``first`` (when the first
-        piece came), ``produced``, ``end`` (the engine's last chunk), ``progress`` (its
-        first report)."""
+        piece came), ``produced``, ``end`` (the engine's last chunk, which a request
+        cancelled or ended at a stop word here has not), ``progress`` (its first report),
+        ``read_ms`` (from its first report to its last)."""
         ended = time.perf_counter()
         end, progress, first = state.get("end") or {}, state.get("progress"), state.get("first")
         timings = end.get("timings") or {}
@@ -571,7 +575,7 @@ class _Engine:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": int(timings.get("predicted_n") or state.get("produced", 0)),
                 "reused_tokens": reused,
-                "prompt_ms": timings.get("prompt_ms"),
+                "prompt_ms": timings.get("prompt_ms", state.get("read_ms")),
                 "slot_wait_ms": round((acquired - started) * 1000, 2),
                 "slot_held": state.get("held", False),
                 "first_token_ms": round(((first or ended) - started) * 1000, 2),
