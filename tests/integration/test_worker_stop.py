@@ -1,5 +1,7 @@
-"""A worker stopped while it loads ends at once: it reads its stdin (the ready worker's
-signal to stop) only once the engine is up, and a large model takes seconds from disk."""
+"""A worker's end: one stopped while it loads ends at once (it reads its stdin, the ready
+worker's signal to stop, only once the engine is up, and a large model takes seconds from
+disk); one that dies again and again restarts ever later; one that stops answering is
+killed and restarted."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import time
 
 import pytest
 
+from keel.errors import WorkerCrashed
 from keel.models.registry import embedded_model_path
-from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
+from keel.workers.supervisor import Liveness, WorkerSpec, WorkerState, WorkerSupervisor
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +84,39 @@ async def test_a_worker_that_dies_after_each_load_restarts_ever_later() -> None:
     finally:
         await supervisor.stop()
     assert delays == [0.5, 1.0, 2.0]
+
+
+async def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
+    """A ready worker frozen (SIGSTOP) under a request: the request ends as a crash (which
+    falls back) and the worker is restarted, where it stayed ``ready`` with the request
+    waiting out its timeout. One generating flat out still answers the pings and is
+    left alone."""
+    supervisor = WorkerSupervisor(
+        WorkerSpec(str(embedded_model_path()), slots=1),
+        name="liveness-test",
+        oom_kills=lambda: None,
+        liveness=Liveness(interval=0.25, timeout=2.0, misses=2),
+    )
+    op = {"op": "complete", "prompt": "Once upon a time", "temperature": 1.0}
+    await supervisor.start()
+    try:
+        await supervisor.wait_ready(60)
+        pid = supervisor.pid
+        assert pid is not None
+        busy = [p async for p in supervisor.stream({**op, "max_tokens": 300}, ready_timeout=5)]
+        assert len(busy) > 10 and (supervisor.pid, supervisor.restarts) == (pid, 0)
+
+        stream = supervisor.stream({**op, "max_tokens": 2000}, ready_timeout=5)
+        assert await anext(stream)
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(WorkerCrashed):
+            async for _ in stream:
+                pass
+        took = time.monotonic() - started
+        assert "stopped answering" in (supervisor.last_error or ""), supervisor.last_error
+        await supervisor.wait_ready(60)
+        assert supervisor.restarts == 1 and supervisor.pid != pid and not exists(pid)
+    finally:
+        await supervisor.stop()
+    assert took < 10, f"the frozen worker was killed after {took:.1f} s"

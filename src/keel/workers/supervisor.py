@@ -6,7 +6,9 @@ flight fails at once with :class:`WorkerCrashed` (nothing hangs), and the
 supervisor starts a new process after an exponential backoff. It gives up
 after ``start_limit`` starts within ``start_window`` seconds, and at once on
 an unfixable start error (the worker exits with 69: library or model file
-unusable), reporting the reason once instead of looping.
+unusable), reporting the reason once instead of looping. A ready worker that
+stops answering (frozen, stopped by a signal, stuck in native code) is killed
+and restarted like one that crashed (:class:`Liveness`).
 
 Clock and sleep are parameters so that tests drive time.
 """
@@ -41,6 +43,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("keel.worker")
 
 _PIPE_LIMIT = 64 * 1024 * 1024  # one line can carry a batch of embeddings
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """How a ready worker is asked whether it still answers: a tokenize every
+    ``interval`` seconds, which it answers at once even while every slot generates; no
+    answer within ``timeout``, ``misses`` times running, and it is killed and restarted.
+
+    Without it a frozen worker stayed ``ready``: the router's pings route traffic around
+    it (after two failed checks, 79 s with the default config), but nothing restarted
+    it, and a request already on it waited out the completion's whole 30 s budget. With
+    the defaults a worker frozen under a request is killed within ~20 s, and that
+    request ends as a crash, which falls back."""
+
+    interval: float = 5.0
+    timeout: float = 5.0
+    misses: int = 2
 
 
 class WorkerState(StrEnum):
@@ -149,6 +168,7 @@ class WorkerSupervisor:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         oom_kills: Callable[[], int | None] = kernel_oom_kills,
+        liveness: Liveness | None = None,
     ) -> None:
         self.spec = spec
         self.name = name
@@ -170,6 +190,9 @@ class WorkerSupervisor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._oom_kills = oom_kills
+        self.liveness = liveness or Liveness()
+        self._unanswered: str | None = None
+        """Why the watch killed the worker (it stopped answering), until it is restarted."""
 
     # lifecycle -----------------------------------------------------------
 
@@ -259,7 +282,10 @@ class WorkerSupervisor:
                 self._give_up(self.last_error or "worker reported an unusable model or library")
                 return
             if killed:
-                self.last_error = "worker was killed (SIGKILL: killed by hand or by a supervisor)"
+                self.last_error = self._unanswered or (
+                    "worker was killed (SIGKILL: killed by hand or by a supervisor)"
+                )
+                self._unanswered = None
             else:
                 self.last_error = self.last_error or f"worker exited with code {exit_code}"
             self.restarts += 1
@@ -294,6 +320,7 @@ class WorkerSupervisor:
         self._process = process
         self.pid = process.pid
         assert process.stdout is not None
+        watch = asyncio.create_task(self._watch(process), name=f"watch:{self.name}")
         try:
             async for raw in process.stdout:
                 self._dispatch(jsoncodec.loads(raw))
@@ -302,9 +329,34 @@ class WorkerSupervisor:
             with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
                 process.kill()
         finally:
+            watch.cancel()
             exit_code = await process.wait()
             self._process = None
         return exit_code
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill ``process`` once it is ready and stops answering (see :class:`Liveness`)."""
+        liveness, missed = self.liveness, 0
+        while missed < liveness.misses:
+            await asyncio.sleep(liveness.interval)
+            if self.state is not WorkerState.READY:
+                missed = 0
+                continue
+            try:
+                async with asyncio.timeout(liveness.timeout):
+                    await self.call({"op": "tokenize", "texts": ["ping"]}, ready_timeout=0)
+                missed = 0
+            except TimeoutError:
+                missed += 1
+            except KeelError:  # it answered (or is ending, which the crash path has)
+                missed = 0
+        self._unanswered = (
+            f"worker stopped answering (no reply within {liveness.timeout:g}s, "
+            f"{missed} times running); killed to restart it"
+        )
+        log.error("%s: %s", self.name, self._unanswered)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("event") == "status":
