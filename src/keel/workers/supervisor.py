@@ -49,12 +49,13 @@ _PIPE_LIMIT = 64 * 1024 * 1024  # one line can carry a batch of embeddings
 class Liveness:
     """How a ready worker is asked whether it still answers: a tokenize every
     ``interval`` seconds, which it answers at once even while every slot generates; no
-    answer within ``timeout``, ``misses`` times running, and it is killed and restarted.
+    answer within ``timeout``, ``misses`` times running (asked again at once after each),
+    and it is killed and restarted.
 
     Without it a frozen worker stayed ``ready``: the router's pings route traffic around
     it (after two failed checks, 79 s with the default config), but nothing restarted
     it, and a request already on it waited out the completion's whole 30 s budget. With
-    the defaults a worker frozen under a request is killed within ~20 s, and that
+    the defaults a worker frozen under a request is killed within 15 s, and that
     request ends as a crash, which falls back."""
 
     interval: float = 5.0
@@ -338,7 +339,8 @@ class WorkerSupervisor:
         """Kill ``process`` once it is ready and stops answering (see :class:`Liveness`)."""
         liveness, missed = self.liveness, 0
         while missed < liveness.misses:
-            await asyncio.sleep(liveness.interval)
+            if not missed:  # after a miss, asked again at once
+                await asyncio.sleep(liveness.interval)
             if self.state is not WorkerState.READY:
                 missed = 0
                 continue
