@@ -173,3 +173,25 @@ def test_a_frozen_worker_is_found_while_requests_keep_it_busy(
     finally:
         os.kill(pid, signal.SIGKILL)  # a stopped process takes SIGKILL
         request.join(60)
+
+
+def test_a_restarted_worker_is_not_held_to_the_findings_about_the_one_it_replaced(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """Two worker deaths under requests make the endpoint unhealthy; the new worker is
+    healthy once it is ready. It stayed unhealthy, in ``/v1/providers`` and the status
+    page, until the next probe (30 s by default, 600 s here) or a request it served."""
+    _, fallback = backends
+    keel = keel_factory(local_then_fallback(fallback.url))
+    for _ in range(2):
+        keel.wait_for("worker loaded", lambda: keel.endpoint("completion", LOCAL)["usable"], 60)
+        responses = kill_with_requests_in_flight(keel, 1)
+        assert [r.status_code for r in responses] == [200], [r.text for r in responses]
+    assert not keel.endpoint("completion", LOCAL)["healthy"]
+    keel.wait_for(
+        "the new worker ready",
+        lambda: keel.endpoint("completion", LOCAL)["worker"]["state"] == "ready",
+        60,
+    )
+    state = keel.endpoint("completion", LOCAL)
+    assert state["healthy"] and state["usable"], state

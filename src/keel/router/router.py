@@ -147,6 +147,8 @@ class Endpoint:
     last_error: str | None = None
     last_crash: int | None = None
     """The pid of the last worker death counted (local providers)."""
+    failed_in: object = None
+    """The worker process (its pid) the last failure was in (local providers)."""
     auth_failed: bool = False
     blocked_until: float = 0.0
     latencies: list[float] = field(default_factory=list)
@@ -158,6 +160,10 @@ class Endpoint:
     @property
     def healthy(self) -> bool:
         if self.failed_checks < UNHEALTHY_AFTER:
+            return True
+        if self.failed_in is not None and self.provider.status().get("pid") != self.failed_in:
+            # Found in a worker since replaced (killed for not answering, crashed): the
+            # new one was unhealthy in /ready until the next probe, up to 30 s.
             return True
         # A finding expires: an endpoint nobody has checked for a while gets another chance.
         return self.last_failure_at is not None and (
@@ -203,6 +209,7 @@ class Endpoint:
         """Returns True when this flips the endpoint to unhealthy."""
         was_healthy = self.healthy
         self.failed_checks += 1
+        self.failed_in = self.provider.status().get("pid")
         self.last_failure_at = self.clock()
         self.last_error = error.message
         return was_healthy and not self.healthy
