@@ -38,6 +38,7 @@ async def test_completion_request_and_stream(upstream: FakeUpstream, make_provid
         "seed": 3,
         "cache_prompt": True,
         "stream": True,
+        "return_tokens": True,
     }
 
 

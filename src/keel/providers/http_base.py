@@ -436,12 +436,22 @@ READ_BUFFER = 1 << 18
 
 
 def new_session() -> aiohttp.ClientSession:
-    """A pool for one or more backends: no connection cap, no cookies, keep-alive."""
+    """A pool for one or more backends: no connection cap, no cookies, keep-alive;
+    a request on a kept connection says so in its ``trace_request_ctx`` (see
+    :meth:`HttpUpstream._post`)."""
+    reuse = aiohttp.TraceConfig()
+    reuse.on_connection_reuseconn.append(_note_reuse)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
         cookie_jar=aiohttp.DummyCookieJar(),
         read_bufsize=READ_BUFFER,
+        trace_configs=[reuse],
     )
+
+
+async def _note_reuse(_session: object, context: Any, _params: object) -> None:
+    if isinstance(request := context.trace_request_ctx, dict):
+        request["reused"] = True
 
 
 LINE_LIMIT = 2 * READ_BUFFER
@@ -534,16 +544,41 @@ class HttpUpstream:
         if self.rate_limiter is not None:
             await self.rate_limiter.acquire(self.provider)
 
+    async def _post(
+        self, path: str, body: Mapping[str, Any], headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """POST ``body``, once more on a new connection if a kept one was closed by the
+        server before it answered (it closed it as keel took it from the pool: the
+        race every keep-alive client has, and what llama.cpp's server does after each
+        streamed answer, below)."""
+        data = _encode(body)
+        request: dict[str, bool] = {}
+        try:
+            response = await self.client.post(
+                self.url(path),
+                data=data,
+                headers=traced(headers),
+                timeout=self.timeout,
+                trace_request_ctx=request,
+            )
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if not request.get("reused") or isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+            response = await self.client.post(
+                self.url(path), data=data, headers=traced(headers), timeout=self.timeout
+            )
+        if response.headers.get("Server") == "llama.cpp":
+            # It closes its connection after a streamed answer though it says
+            # keep-alive: kept, the next request on it failed, every other one back to
+            # back ("Can not write request body", or "Server disconnected").
+            self._stream_headers["Connection"] = "close"
+        return response
+
     async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
         """POST ``body`` and return the decoded JSON answer."""
         await self._admit()
         with translate_errors(self.provider):
-            async with self.client.post(
-                self.url(path),
-                data=_encode(body),
-                headers=traced(self._json_headers),
-                timeout=self.timeout,
-            ) as response:
+            async with await self._post(path, body, self._json_headers) as response:
                 await raise_for_status(response, self.provider)
                 raw = await response.read()
         return decode_json(raw, self.provider)
@@ -559,12 +594,7 @@ class HttpUpstream:
         """
         await self._admit()
         with translate_errors(self.provider):
-            response = await self.client.post(
-                self.url(path),
-                data=_encode(body),
-                headers=traced(self._stream_headers),
-                timeout=self.timeout,
-            )
+            response = await self._post(path, body, self._stream_headers)
             finished = False
             try:
                 await raise_for_status(response, self.provider)

@@ -8,10 +8,13 @@ Embedding is ``POST /embeddings`` with ``{"content": [...]}``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
-from keel.errors import UpstreamProtocolError
+from keel.errors import KeelError, UpstreamProtocolError
 from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
@@ -21,11 +24,13 @@ from keel.providers.http_base import (
     HttpBacked,
     HttpCompletion,
     JsonObject,
-    field_text,
     generation_fields,
     stream_texts,
+    text_field,
     vector_of,
 )
+
+log = logging.getLogger("keel.providers")
 
 
 class LlamaCppCompletionProvider(HttpCompletion):
@@ -42,24 +47,74 @@ class LlamaCppCompletionProvider(HttpCompletion):
         # Reuse the slot's KV cache for the shared prefix of consecutive prompts.
         body["cache_prompt"] = True
         body["stream"] = True
+        body["return_tokens"] = True  # to recover text held back for a stop word
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         reported = call.reported
         reported.clear()
+        provider = self.upstream.provider
+        answer = _Answer()
+
+        def text(payload: JsonObject) -> str:
+            piece = text_field(payload, "content", provider)
+            answer.add(piece, payload.get("tokens"))
+            return piece
 
         def stop(payload: JsonObject) -> bool:
             """The last chunk, which carries the server's ``timings``."""
             if not llamacpp_stop(payload):
                 return False
             reported.note_timings(payload.get("timings"))
+            answer.at_limit = payload.get("stop_type") == "limit"
             return True
 
         batches = self.upstream.sse_batches(
             "/completion", self.request_body(call), last=llamacpp_stop
         )
-        provider = self.upstream.provider
-        return stream_texts(batches, field_text("content", provider), stop, provider)
+        return self._with_held_text(stream_texts(batches, text, stop, provider), answer)
+
+    async def _with_held_text(
+        self, pieces: AsyncGenerator[str, None], answer: _Answer
+    ) -> AsyncIterator[str]:
+        """``pieces``, then the text the server held back and dropped: streaming, it
+        keeps text that might begin a stop word until the next token settles it, and an
+        answer that ends at ``n_predict`` first never sends it (``"1, 2, 3,"``, stop
+        ``"4, 5, 6"``, 3 tokens: ``" "`` where the answer is ``" 4,"``). The tokens are
+        in the chunks, so the whole answer is read back from them and its unsent end
+        goes out."""
+        async with aclosing(pieces):
+            async for piece in pieces:
+                yield piece
+        if answer.at_limit and answer.held:
+            try:
+                whole = await self.upstream.post_json("/detokenize", {"tokens": answer.tokens})
+            except KeelError as exc:  # the answer stands as sent
+                log.info("%s: the held-back end of an answer was not read: %s", self.name, exc)
+                return
+            content = whole.get("content") if isinstance(whole, dict) else None
+            if isinstance(content, str) and content.startswith(answer.sent):
+                yield content[len(answer.sent) :]
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A llama.cpp answer as it streams: its tokens, the text sent, and whether some
+    tokens came with no text (held back for a stop word, or a character's first bytes)."""
+
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    held: bool = False
+    at_limit: bool = False
+
+    def add(self, piece: str, tokens: object) -> None:
+        if isinstance(tokens, list):
+            self.tokens.extend(t for t in tokens if isinstance(t, int))
+        self.sent += piece
+        if piece:
+            self.held = False
+        elif tokens:
+            self.held = True
 
 
 def llamacpp_stop(payload: JsonObject) -> bool:
