@@ -146,6 +146,7 @@ def test_a_registry_model_lands_where_a_tabby_config_finds_it(
     assert pulled.path == paths.models_dir / "TabbyML" / "TinyCoder.gguf"
     assert resolve_model("TabbyML/TinyCoder", paths) == pulled.path
     assert "TabbyML/TinyCoder" in {file.name for file in list_model_files(paths)}
+    assert resolve_model("TinyCoder", paths) == pulled.path, "Tabby's bare name"
 
 
 def test_a_full_disk_is_refused_before_any_download(hub: FakeHub, paths: Paths) -> None:
@@ -245,9 +246,14 @@ def test_tabbys_model_directories_load_and_a_registry_name_says_how_to_pull(
     downloaded.parent.mkdir(parents=True)
     downloaded.write_bytes(b"GGUF")
     assert resolve_model("TabbyML/StarCoder-1B", paths) == downloaded
+    # Tabby's docs and most configs write a registry model without TabbyML/
+    assert resolve_model("StarCoder-1B", paths) == downloaded
     with pytest.raises(MissingDependency) as missing:
         resolve_model("TabbyML/Qwen2.5-Coder-1.5B", paths)
     assert missing.value.message.endswith("or pull it: keel models pull TabbyML/Qwen2.5-Coder-1.5B")
+    with pytest.raises(MissingDependency) as bare:
+        resolve_model("Qwen2.5-Coder-1.5B", paths)
+    assert bare.value.message.endswith("or pull it: keel models pull Qwen2.5-Coder-1.5B")
     with pytest.raises(MissingDependency) as path:
         resolve_model(str(tmp_path / "nowhere.gguf"), paths)
     assert "keel models pull" not in path.value.message

