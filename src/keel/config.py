@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from keel.errors import ConfigError, ConfigIssue
+from keel.pipeline.prompt import check_template
 
 Role = Literal["completion", "chat", "embedding"]
 ROLES: tuple[Role, ...] = ("completion", "chat", "embedding")
@@ -127,6 +128,14 @@ class RateLimit(_Section):
     )
 
 
+def _checked_template(template: str | None) -> str | None:
+    """A prompt template with its placeholders checked: a misspelt ``{prefix}`` left
+    the code before the cursor out of every prompt, with no sign of why."""
+    if template is not None:
+        check_template(template)
+    return template
+
+
 class HttpModelConfig(_Section):
     """A remote model server, as in Tabby's ``[model.<role>.http]``."""
 
@@ -151,6 +160,7 @@ class HttpModelConfig(_Section):
         description="FIM template with {prefix} and {suffix}; for completion kinds that "
         "take a raw prompt.",
     )
+    _template = field_validator("prompt_template")(_checked_template)
     chat_template: str | None = Field(
         None, description="Accepted for Tabby compatibility; the backend applies its own."
     )
@@ -256,6 +266,7 @@ class LocalModelConfig(_Section):
     prompt_template: str | None = Field(
         None, description="FIM template override; by default chosen from the model's family."
     )
+    _template = field_validator("prompt_template")(_checked_template)
     additional_stop_words: list[str] = Field(
         default_factory=list,
         description="Extra stop words for completions, appended to the language's (as in Tabby).",

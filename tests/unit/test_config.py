@@ -12,6 +12,7 @@ from keel.errors import ConfigError
 from keel.sample_config import render_sample
 
 ROOT = Path(__file__).resolve().parents[2]
+LLAMA = {"kind": "llama.cpp/completion", "api_endpoint": "http://127.0.0.1:8888"}
 
 TABBY_CONFIG = """
 [model.completion.http]
@@ -201,6 +202,14 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
         ),
         ({"auth": {"admin_key": "short2"}}, "auth.admin_key"),
         ({"server": {"host": ""}}, "server.host"),
+        (  # a misspelt {prefix}: every prompt was made without the code before the cursor
+            {"model": {"completion": {"http": {**LLAMA, "prompt_template": "<a>{prefx}<b>"}}}},
+            "model.completion.http.prompt_template",
+        ),
+        (
+            {"model": {"completion": {"local": {"prompt_template": "{prefix}<b>{sufix}"}}}},
+            "model.completion.local.prompt_template",
+        ),
     ],
 )
 def test_config_mistakes_that_were_taken_silently_are_errors(raw: dict[str, Any], key: str) -> None:
