@@ -41,6 +41,18 @@ log = logging.getLogger("keel")
 T = TypeVar("T")
 
 
+def _port(text: str) -> int:
+    """A ``--port``: 1-65535, as in config.toml (0, any free port, would move keel's
+    address; a number out of range ended in a traceback)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535 (got {port})")
+    return port
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves: a busy port is an error, never another port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -471,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server", description="Run the server.")
     serve.add_argument("--config", help="config file (default: <data root>/config.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8080); busy is an error")
+    serve.add_argument("--port", type=_port, help="port to bind (default 8080); busy is an error")
     serve.add_argument(
         "--log-format",
         choices=("text", "json"),
@@ -555,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--config", help="config file (default: <data root>/config.toml)")
     doctor.add_argument("--host", help="address keel will bind (default from config)")
-    doctor.add_argument("--port", type=int, help="port keel will bind (default from config)")
+    doctor.add_argument("--port", type=_port, help="port keel will bind (default from config)")
     doctor.add_argument(
         "--online", action="store_true", help="also send each HTTP provider a one-token request"
     )
@@ -587,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wait.add_argument("--config", help="config file (default: <data root>/config.toml)")
     wait.add_argument("--host", help="address keel binds (default from config)")
-    wait.add_argument("--port", type=int, help="port keel binds (default from config)")
+    wait.add_argument("--port", type=_port, help="port keel binds (default from config)")
     wait.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     wait.set_defaults(func=cmd_wait)
 

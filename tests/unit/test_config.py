@@ -183,6 +183,18 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     assert "2 config errors" in failed.stderr
 
 
+@pytest.mark.parametrize("port", ["70000", "-5", "0"])
+def test_a_port_out_of_range_on_the_command_line_is_a_usage_error(
+    tmp_path: Path, port: str
+) -> None:
+    """As in config.toml (exit 78 there); it ended in a traceback and exit 1, the code a
+    supervisor restarts on, and port 0 served on a port keel did not name."""
+    for command in (["serve"], ["doctor"], ["wait"]):
+        refused = run_cli(*command, f"--port={port}", env={"KEEL_ROOT": str(tmp_path)})
+        assert refused.returncode == 2, (command, refused.stderr)
+        assert "a port is 1-65535" in refused.stderr and "Traceback" not in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
