@@ -585,3 +585,18 @@ async def test_a_bad_field_is_named_even_when_it_begins_like_a_type(
     assert_names(response, field, "invalid_field")
     error = response.json()["error"]
     assert "StreamOptions" not in error["message"] and "ContentPart" not in error["message"]
+
+
+@pytest.mark.parametrize("prompt", ["hello", ""])
+async def test_a_body_with_segments_is_tabbys_even_with_a_prompt(
+    client: httpx.AsyncClient, backends: Backends, prompt: str
+) -> None:
+    """Tabby ignores ``prompt`` when ``segments`` is set; keel answered such a body as an
+    OpenAI completion of the prompt (and an empty one was a 400)."""
+    body = {**VALID_BODIES["/v1/completions"], "prompt": prompt}
+    response = await client.post("/v1/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert "object" not in answer and answer["choices"][0]["index"] == 0, answer
+    sent = (backends.primary.requests or backends.fallback.requests)[-1].json
+    assert "def f():" in json.dumps(sent) and "hello" not in json.dumps(sent), sent

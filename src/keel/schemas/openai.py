@@ -125,6 +125,8 @@ class _Sampled(_Wire):
 
 
 class CompletionRequest(_Sampled):
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["segments"]}})
+
     prompt: str | list[str]
     suffix: str | None = None
     echo: bool | None = Field(None, description="Only false: keel does not echo the prompt.")

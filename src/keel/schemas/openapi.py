@@ -20,8 +20,10 @@ from keel.schemas.tabby import TabbyCompletionRequest, TabbyCompletionResponse
 
 
 def completion_shape(data: Any) -> Literal["openai", "tabby"]:
-    """A body with ``prompt`` is OpenAI's completion request; anything else is Tabby's."""
-    return "openai" if isinstance(data, dict) and "prompt" in data else "tabby"
+    """A body with ``prompt`` is OpenAI's completion request, unless it has Tabby's
+    ``segments`` too (Tabby ignores ``prompt`` then); anything else is Tabby's."""
+    openai = isinstance(data, dict) and "prompt" in data and "segments" not in data
+    return "openai" if openai else "tabby"
 
 
 CompletionBody = Annotated[
@@ -32,7 +34,7 @@ CompletionBody = Annotated[
 
 COMPLETION_BODY = (
     "Tabby's completion request (what Tabby's IDE clients send) or OpenAI's: "
-    "a body with `prompt` is OpenAI's, any other is Tabby's."
+    "a body with `prompt` (and no `segments`) is OpenAI's, any other is Tabby's."
 )
 
 

@@ -43,10 +43,17 @@ class DebugOptions(_Wire):
     disable_retrieval_augmented_code_completion: bool = False
 
 
+TABBY_SHAPE: dict[str, Any] = {
+    "anyOf": [{"not": {"required": ["prompt"]}}, {"required": ["segments"]}]
+}
+"""What tells a Tabby body from OpenAI's: no ``prompt``, or ``segments`` (then Tabby
+ignores ``prompt``)."""
+
+
 class TabbyCompletionRequest(_Wire):
     """Tabby's completion request; a body with ``prompt`` is OpenAI's instead."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"not": {"required": ["prompt"]}})
+    model_config = ConfigDict(extra="ignore", json_schema_extra=TABBY_SHAPE)
 
     language: str | None = Field(None, max_length=64)
     segments: Segments | None = None
