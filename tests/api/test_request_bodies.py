@@ -594,9 +594,25 @@ async def test_a_body_with_segments_is_tabbys_even_with_a_prompt(
     """Tabby ignores ``prompt`` when ``segments`` is set; keel answered such a body as an
     OpenAI completion of the prompt (and an empty one was a 400)."""
     body = {**VALID_BODIES["/v1/completions"], "prompt": prompt}
+    before = len(backends.primary.requests), len(backends.fallback.requests)
     response = await client.post("/v1/completions", json=body, headers=USER)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert "object" not in answer and answer["choices"][0]["index"] == 0, answer
-    sent = (backends.primary.requests or backends.fallback.requests)[-1].json
+    sent = [r.json for r in backends.primary.requests[before[0] :]]
+    sent += [r.json for r in backends.fallback.requests[before[1] :]]
     assert "def f():" in json.dumps(sent) and "hello" not in json.dumps(sent), sent
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_u64_seed_is_taken_and_sent_as_the_int64_with_its_bits(
+    client: httpx.AsyncClient, backends: Backends, path: str
+) -> None:
+    """Tabby's seed is a u64: 2**63 and above were a 400. An OpenAI-style backend takes
+    an i64, so it gets the same 64 bits signed."""
+    body = {**VALID_BODIES[path], "seed": 2**64 - 1}
+    before = len(backends.primary.requests), len(backends.fallback.requests)
+    response = await client.post(path, json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    new = backends.primary.requests[before[0] :] + backends.fallback.requests[before[1] :]
+    assert [request.json["seed"] for request in new] == [-1], new

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.schemas.openai import MAX_TOKENS_LIMIT
-from keel.schemas.tabby import ClientSnippet, Segments, TabbyCompletionRequest
+from keel.schemas.tabby import ClientSnippet, Segments, TabbyCompletionRequest, U64Seed
 
 
 class _Wire(BaseModel):
@@ -53,7 +53,7 @@ class InfillRequest(_Wire):
     )
     id_slot: int | None = Field(None, description="Ignored: keel chooses the engine slot.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: U64Seed | None = None
     stream: bool = Field(False, description="Only false: the answer comes whole.")
     model: str | None = None
     stop: list[str] = Field(

@@ -11,6 +11,7 @@ import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from keel.errors import RequestError
 from keel.providers.base import ChatMessage, GenerationParams
+from keel.schemas.tabby import as_int64
 
 MAX_TOKENS_LIMIT = 131_072
 """The longest answer asked of a backend (today's longest contexts); a model stops at
@@ -56,8 +58,8 @@ def _defaulted(model: type[BaseModel]) -> frozenset[str]:
 
 
 StopField = str | list[str] | None
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-"""A 64-bit signed integer, as OpenAI documents it."""
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), AfterValidator(as_int64)]
+"""A 64-bit integer: signed, as OpenAI documents it, or unsigned, as Tabby's."""
 
 
 def _stop_tuple(stop: StopField) -> tuple[str, ...]:

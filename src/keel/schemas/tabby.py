@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 U32_MAX = 2**32 - 1
-"""Tabby's integers are unsigned Rust integers (u32; ``seed`` is u64, kept to i64 here)."""
+"""Tabby's integers are unsigned Rust integers (u32; ``seed`` is u64)."""
+
+
+def as_int64(seed: int) -> int:
+    """A seed of 2**63 and above as the signed 64-bit integer with the same bits, which
+    OpenAI-style backends take (Tabby's seed is a u64, OpenAI's an i64)."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+U64Seed = Annotated[int, Field(ge=0, le=2**64 - 1), AfterValidator(as_int64)]
+"""Tabby's seed: any u64 (2**63 and above were a 400)."""
 
 
 class _Wire(BaseModel):
@@ -59,7 +69,7 @@ class TabbyCompletionRequest(_Wire):
     segments: Segments | None = None
     user: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: U64Seed | None = None
     mode: Literal["standard"] | None = Field(
         None,
         description="'standard' (code completion), the only mode keel serves: Tabby's "
