@@ -470,6 +470,22 @@ class ServerConfig(_Section):
         return value
 
 
+class LanguageConfig(_Section):
+    """``[[additional_languages]]``, Tabby's form: a language keel completes with these
+    rules (stop words from its line comment and top-level keywords), by any of its
+    names or file extensions; it replaces a built-in language of the same name."""
+
+    languages: list[str] = Field(min_length=1, description="Its names (editors' ids).")
+    exts: list[str] = Field(default_factory=list, description="Its file extensions.")
+    top_level_keywords: list[str] = Field(
+        default_factory=list, description="Words that begin a top-level item: stop words."
+    )
+    line_comment: str | None = Field(None, description="Its line comment: a stop word.")
+    block_comment_start: str | None = Field(None, description="Accepted; not used.")
+    block_comment_end: str | None = Field(None, description="Accepted; not used.")
+    chunk_size: int | None = Field(None, description="Accepted; not used.")
+
+
 class CompletionConfig(_Section):
     max_input_length: int | None = Field(
         None,
@@ -489,6 +505,11 @@ class CompletionConfig(_Section):
         True,
         description="After a completion, while the local engine is idle, compute the next "
         "one as if the user accepted it (a newer request cancels it at once).",
+    )
+    code_search_params: dict[str, Any] | None = Field(
+        None,
+        description="Tabby's; accepted and ignored: keel's snippet search is tuned in "
+        "[index] (max_snippets, min_score).",
     )
 
 
@@ -647,6 +668,7 @@ class Settings(_Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    additional_languages: list[LanguageConfig] = Field(default_factory=list)
     # Tabby sections keel accepts and does not use (``ignored_sections`` says so).
     answer: dict[str, Any] | None = None
     anonymous_usage_tracking: dict[str, Any] | None = Field(None, alias="anonymousUsageTracking")
@@ -661,6 +683,11 @@ class Settings(_Section):
             )
         if self.anonymous_usage_tracking is not None:
             ignored.append("[anonymousUsageTracking] is ignored: keel sends no usage data")
+        if self.completion.code_search_params is not None:
+            ignored.append(
+                "completion.code_search_params is ignored: keel's snippet search is tuned "
+                "in [index] (max_snippets, min_score)"
+            )
         for repo in self.repositories:
             if repo.path is None:
                 ignored.append(

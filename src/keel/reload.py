@@ -26,6 +26,7 @@ from keel.events import EventStore
 from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import SnippetRetriever, TabbyPrompts
+from keel.pipeline.languages import Language, use_additional_languages
 from keel.providers.catalog import Providers, build_providers
 from keel.router.service import Routing
 from keel.serving.chat import ChatServing
@@ -69,6 +70,17 @@ def assemble(
     ``shared_keys`` (the keys in Redis) are in force beside the configured ones;
     ``previous``: the routing a reload replaces (see :class:`Routing`); ``control``: the
     lock that keeps model loads and reloads one at a time."""
+    use_additional_languages(
+        [
+            Language(
+                extra.languages[0],
+                extra.line_comment or "",
+                tuple(extra.top_level_keywords),
+                aliases=(*extra.languages[1:], *extra.exts),
+            )
+            for extra in settings.additional_languages
+        ]
+    )
     routing = Routing(settings, providers, events=metrics, previous=previous)
     metrics.track_providers(providers)
     metrics.track_readiness(lambda role: routing.routers[role].any_usable())

@@ -279,11 +279,22 @@ _LANGUAGES: tuple[Language, ...] = (
     Language("jinja", aliases=_words("jinja-html django-html django-txt jinja2 twig nunjucks")),
 )
 
-_BY_ID: dict[str, Language] = {
-    language_id.lower(): language
-    for language in _LANGUAGES
-    for language_id in (language.name, *language.aliases)
-}
+def _by_id(languages: Sequence[Language]) -> dict[str, Language]:
+    return {
+        language_id.lower(): language
+        for language in languages
+        for language_id in (language.name, *language.aliases)
+    }
+
+
+_BY_ID = _by_id(_LANGUAGES)
+
+
+def use_additional_languages(additional: Sequence[Language]) -> None:
+    """The built-in languages and ``additional`` (a config's ``[[additional_languages]]``;
+    one of them replaces a built-in it shares a name or extension with)."""
+    global _BY_ID
+    _BY_ID = _by_id([*_LANGUAGES, *additional])
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9\-_+.#]{1,64}")
 
