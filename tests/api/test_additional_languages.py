@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from tests.api.conftest import USER, Backends, build_app
 
 from keel.pipeline.languages import find_language, stop_words, use_additional_languages
-from tests.api.conftest import USER, Backends, build_app
 
 UNKNOWN_COUNT = "keel_completions_unknown_language_total"
 LANGUAGES = """

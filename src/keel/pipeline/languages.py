@@ -279,6 +279,7 @@ _LANGUAGES: tuple[Language, ...] = (
     Language("jinja", aliases=_words("jinja-html django-html django-txt jinja2 twig nunjucks")),
 )
 
+
 def _by_id(languages: Sequence[Language]) -> dict[str, Language]:
     return {
         language_id.lower(): language
@@ -295,6 +296,7 @@ def use_additional_languages(additional: Sequence[Language]) -> None:
     one of them replaces a built-in it shares a name or extension with)."""
     global _BY_ID
     _BY_ID = _by_id([*_LANGUAGES, *additional])
+
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9\-_+.#]{1,64}")
 
