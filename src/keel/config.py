@@ -744,16 +744,17 @@ class Paths:
         return self.root / "index"
 
 
-ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 """``${NAME}``, or ``${NAME:-default}`` (the default when NAME is unset or empty, as in
-a shell or Docker Compose)."""
+a shell or Docker Compose); ``$$`` is a literal ``$``, as in Docker Compose (a secret
+holding ``${`` could not be written)."""
 
 
 def interpolate(
     raw: Any, environ: dict[str, str] | os._Environ[str], issues: list[ConfigIssue], key: str = ""
 ) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; a variable missing
-    without a default becomes an issue naming it."""
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string, and ``$$`` with
+    ``$``; a variable missing without a default becomes an issue naming it."""
     if isinstance(raw, dict):
         return {
             k: interpolate(v, environ, issues, f"{key}.{k}" if key else k) for k, v in raw.items()
@@ -764,6 +765,8 @@ def interpolate(
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
+            if name is None:  # $$
+                return "$"
             if default is not None:
                 return environ.get(name) or default
             if name not in environ:

@@ -257,6 +257,19 @@ def test_env_references_take_a_default_as_a_shell_does() -> None:
     assert "environment variable KEEL_T_HOST is not set" in caught.value.message
 
 
+def test_a_double_dollar_is_a_literal_dollar_as_in_docker_compose() -> None:
+    """A secret holding ``${`` could not be written: ``$${word}`` asked for the variable
+    ``word``, and ``pa$$word`` stayed doubled."""
+    keys = ["pa$${word}-long-enough", "pa$$word-long-enough", "${KEEL_T_K}$$"]
+    raw = {"auth": {"api_keys": keys}}
+    settings = parse_settings(raw, "c.toml", environ={"KEEL_T_K": "from-env-long-enough"})
+    assert settings.auth.api_keys == [
+        "pa${word}-long-enough",
+        "pa$word-long-enough",
+        "from-env-long-enough$",
+    ]
+
+
 def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"auth": {"api_keys": ["short"], "admin_key": 12}}, "config.toml")
