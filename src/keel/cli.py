@@ -129,6 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keel.auth import open_remote_issue
 
     if (issue := open_remote_issue(settings, paths.root, host)) is not None:
+        if args.host:  # the address is the command line's, not the file's
+            raise ConfigError("the command line", [ConfigIssue("--host", issue.message)])
         raise ConfigError(str(args.config or paths.config_file), [issue])
     providers = build_providers(settings, paths)  # unusable model files fail here, before binding
     sock = _bind(host, port)

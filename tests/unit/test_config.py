@@ -183,6 +183,14 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     assert "2 config errors" in failed.stderr
 
 
+def test_an_open_host_from_the_command_line_is_named_as_such(tmp_path: Path) -> None:
+    """It blamed ``server.host`` in a config file that did not exist."""
+    refused = run_cli("serve", "--host", "0.0.0.0", env={"KEEL_ROOT": str(tmp_path)})
+    assert refused.returncode == 78, refused.stderr
+    assert "the command line" in refused.stderr and "- --host: binding 0.0.0.0" in refused.stderr
+    assert "config.toml" not in refused.stderr
+
+
 @pytest.mark.parametrize("port", ["70000", "-5", "0"])
 def test_a_port_out_of_range_on_the_command_line_is_a_usage_error(
     tmp_path: Path, port: str
