@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from keel.errors import WorkerCrashed
+from keel.errors import WorkerCrashed, WorkerUnavailable
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import Liveness, WorkerSpec, WorkerState, WorkerSupervisor
 
@@ -120,3 +120,23 @@ async def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
     finally:
         await supervisor.stop()
     assert took < 10, f"the frozen worker was killed after {took:.1f} s"
+
+
+async def test_a_request_cut_by_a_stop_says_its_model_was_replaced_not_that_it_crashed() -> None:
+    """A swap, reload or unload stops a worker at last; a request still on it was told
+    "worker died during the request (exit code 0); it is being restarted", and nothing
+    had died or would restart."""
+    supervisor = WorkerSupervisor(WorkerSpec(str(embedded_model_path())), name="stop-says")
+    await supervisor.start()
+    try:
+        await supervisor.wait_ready(60)
+        op = {"op": "complete", "prompt": "Once upon a time", "max_tokens": 2000}
+        stream = supervisor.stream(op, ready_timeout=5)
+        assert await anext(stream)
+        stopping = asyncio.create_task(supervisor.stop())
+        with pytest.raises(WorkerUnavailable, match="unloaded or replaced"):
+            async for _ in stream:
+                pass
+        await stopping
+    finally:
+        await supervisor.stop()

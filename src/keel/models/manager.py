@@ -39,7 +39,7 @@ from keel.providers.catalog import (
     wants_embedded_last_resort,
 )
 from keel.providers.local import LocalProvider
-from keel.router.service import Routing
+from keel.router.service import DRAIN_LIMIT, Routing
 from keel.workers.supervisor import WorkerSpec, WorkerState
 
 log = logging.getLogger("keel.models")
@@ -116,7 +116,7 @@ class ModelManager:
         background: Background,
         *,
         available: Callable[[], int | None] = mem_available,
-        drain_timeout: float = 60.0,
+        drain_timeout: float = DRAIN_LIMIT,
         lock: asyncio.Lock | None = None,
     ) -> None:
         """``lock``: shared with config reloads (they replace the routing a load

@@ -117,6 +117,14 @@ def breaker_policy(config: RoutingConfig) -> BreakerPolicy:
     )
 
 
+DRAIN_LIMIT = 1800.0
+"""Seconds a replaced provider (a model swap, a reload, an unload) may go on serving
+what it started. It was 60 s, and a chat answer longer than that, ordinary on a CPU,
+was cut at a swap or reload and reported as a crash or a stall. Every request has its
+own limits (a completion's budget, the stall timeouts), so this only bounds what those
+do not (a long chat on a slow model)."""
+
+
 class Routing:
     def __init__(
         self,
@@ -255,7 +263,7 @@ class Routing:
         what it admitted."""
         return any(r.sends_to(provider) for r in (self, *self.replaced()))
 
-    async def close_when_idle(self, providers: list[Provider], grace: float = 60.0) -> None:
+    async def close_when_idle(self, providers: list[Provider], grace: float = DRAIN_LIMIT) -> None:
         """Close providers once no request admitted here, or by a routing this one
         replaced, may still go to them (or after ``grace`` seconds): a swapped-out model
         or a reload's replaced provider finishes what it started and what waits for a

@@ -387,6 +387,7 @@ class WorkerSupervisor:
                     "crashed": True,
                     "error": f"exit code {exit_code}",
                     "restarting": restarting,
+                    "stopped": self._stopping,
                     "worker": self.pid,
                 }
             )
@@ -422,6 +423,10 @@ class WorkerSupervisor:
             ) from exc
 
     def _raise_for(self, message: dict[str, Any]) -> None:
+        if message.get("stopped"):  # nothing crashed: it was told to stop
+            raise WorkerUnavailable(
+                f"{self.name}: its model was unloaded or replaced while the request ran; retry"
+            )
         if message.get("crashed"):
             then = (
                 "it is being restarted, retry shortly"
