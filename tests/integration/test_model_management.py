@@ -234,3 +234,22 @@ def test_a_model_swapped_out_finishes_the_answer_it_is_streaming(tmp_path: Path)
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Path(f"/proc/{pid}").exists(), "the swapped-out worker stops after it"
+
+
+def test_a_streamed_load_whose_client_left_still_completes(tmp_path: Path) -> None:
+    """The client of a streamed load gone after its first event: the load goes on, as
+    without streaming. It left the new worker running in no chain, shown nowhere, and
+    counted against the next load's memory check, until keel exited."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "alt.gguf").symlink_to(embedded_model_path())
+    with running_keel(tmp_path, PRECOMPUTE_OFF) as server, server.client() as client:
+        body = {"model_name": "alt", "role": "chat", "stream": True}
+        with client.stream("POST", "/v1/model/load", json=body) as progress:
+            assert next(progress.iter_lines()).startswith("data: ")
+        deadline = time.monotonic() + 60
+        while (chat := _chain(client, "chat")[0])["name"] != "local/alt" or chat["worker"][
+            "state"
+        ] != "ready":
+            assert time.monotonic() < deadline, chat
+            time.sleep(0.1)

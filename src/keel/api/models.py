@@ -21,8 +21,10 @@ from fastapi.responses import JSONResponse
 from keel.api.access import ADMIN, USER
 from keel.api.errors import read_model
 from keel.api.state import app_state
+from keel.background import Background
 from keel.config import Role
 from keel.errors import KeelError
+from keel.models.manager import Progress
 from keel.models.pull import ModelPuller, PullProgress
 from keel.schemas.admin import (
     DownloadProgress,
@@ -72,9 +74,40 @@ async def load_model(request: Request) -> Response:
     steps = manager.load(body.role, body.model_name, key_id=key_id, context_size=body.max_seq_len)
     return await _progress(
         body.stream,
-        (step.to_dict(body.role, body.model_name) async for step in steps),
+        _detached(app_state(request).background, steps, body.role, body.model_name),
         {"status": "error", "role": body.role},
     )
+
+
+def _detached(
+    background: Background, steps: AsyncIterator[Progress], role: Role, model: str
+) -> AsyncIterator[dict[str, object]]:
+    """A load's steps, run to the end whether or not its client reads them, as without
+    streaming: a client that left a streamed load left the new worker running in no
+    chain, shown nowhere, until keel exited."""
+    queue: asyncio.Queue[dict[str, object] | KeelError | None] = asyncio.Queue()
+
+    async def run() -> None:
+        try:
+            async for step in steps:
+                queue.put_nowait(step.to_dict(role, model))
+        except KeelError as exc:
+            queue.put_nowait(exc)
+        except BaseException:
+            queue.put_nowait(KeelError("the load failed; keel's log says why"))
+            raise
+        else:
+            queue.put_nowait(None)
+
+    background.spawn(run())
+
+    async def read() -> AsyncIterator[dict[str, object]]:
+        while (step := await queue.get()) is not None:
+            if isinstance(step, KeelError):
+                raise step
+            yield step
+
+    return read()
 
 
 @router.post(
