@@ -74,6 +74,8 @@ class KeelError(Exception):
     error_type: str = "server_error"
     code: str = "internal_error"
     exit_code: int = ExitCode.FAILURE
+    provider: str | None = None
+    """The provider that failed, where one did: it labels the request's metrics."""
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from tests.chaos.conftest import (
     Keel,
     chain_config,
     fallback_name,
+    primary_name,
 )
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
@@ -81,3 +82,19 @@ def test_metrics_name_the_provider_that_served(
             f'role="{role}",route="{route}",status="200"}}'
         )
         assert served in metrics, [m for m in metrics.splitlines() if "keel_requests_total" in m]
+
+
+def test_a_failed_answer_is_counted_under_the_provider_that_failed(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """Non-streamed failures (every Tabby completion is one) were counted under
+    provider "", so 5xx by provider undercounted what editors see."""
+    primary, _ = backends
+    keel = keel_factory(chain_config(primary.url, None))
+    primary.behave(Behaviour.error(500))
+    assert keel.tabby().status_code >= 500
+    assert keel.chat().status_code >= 500
+    lines = [m for m in keel.http.get("/metrics").text.splitlines() if "keel_requests_total{" in m]
+    for role in ("completion", "chat"):
+        failed = [m for m in lines if f'role="{role}"' in m and 'status="5' in m]
+        assert failed and all(f'provider="{primary_name(role)}"' in m for m in failed), lines

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.errors import KeelError, NotFound, RequestError
+from keel.serving.lifecycle import PROVIDER_KEY
 
 log = logging.getLogger("keel.api")
 
@@ -161,8 +162,12 @@ async def read_model(request: Request, model: type[ModelT]) -> ModelT:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def keel_error(_: Request, exc: Exception) -> JSONResponse:
+    async def keel_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, KeelError)
+        if exc.provider and not getattr(request.state, PROVIDER_KEY, None):
+            # The failure's provider labels the request's metrics, as a success's does:
+            # a non-streamed completion that failed was counted under provider "".
+            setattr(request.state, PROVIDER_KEY, exc.provider)
         if exc.status_code >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
         return error_response(exc)

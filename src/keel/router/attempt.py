@@ -206,7 +206,10 @@ class Attempts:
             # no window that answered fits it (the others were down): the caller's 400,
             # the one thing the caller can fix
             return context_overflow(self.too_long, self.router.role)
-        return self.router.exhausted(self.failures, last)
+        error = self.router.exhausted(self.failures, last)
+        if error.provider is None and self._current is not None:
+            error.provider = self._current.endpoint.name  # the one that failed last
+        return error
 
     def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
         """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on)."""
