@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ import pytest
 
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
-from keel.workers.supervisor import SLOT_WAIT_COUNTED, WorkerSpec, WorkerSupervisor
+from keel.workers.supervisor import SLOT_WAIT_COUNTED, WorkerSpec, WorkerState, WorkerSupervisor
 from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
 from tests.conftest import KeelProcess
 
@@ -195,6 +196,34 @@ async def test_chats_leave_a_slot_to_completions(supervisor: WorkerSupervisor) -
     await second.aclose()  # type: ignore[attr-defined]
     await until(lambda: _held(supervisor))
     assert supervisor.status()["generation"]["chats_held"] == 1  # type: ignore[index]
+
+
+async def test_a_restarted_worker_still_leaves_a_slot_to_completions(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """The record of completions served was the worker's own: after a restart two chats
+    took both slots, and completions waited behind whole answers (12 s; a 504 under
+    load). The supervisor tells the new worker when the last one was."""
+    await keystroke(supervisor, "")
+    old = supervisor.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    await until(lambda: _restarted(supervisor, old), 60)
+    first = supervisor.stream(STORY, ready_timeout=5)
+    await anext(first)
+    second = supervisor.stream(STORY, ready_timeout=5)
+    held = asyncio.ensure_future(anext(second))
+    await asyncio.sleep(0.3)
+    try:
+        assert not held.done() and await busy_slots(supervisor) == 1  # a slot kept
+    finally:
+        await first.aclose()  # type: ignore[attr-defined]
+        await asyncio.wait_for(held, 10)
+        await second.aclose()  # type: ignore[attr-defined]
+
+
+async def _restarted(worker: WorkerSupervisor, old: int) -> bool:
+    return worker.pid != old and worker.state is WorkerState.READY
 
 
 SUPERSEDE_WAIT_MS = SUPERSEDE_GRACE * 1000

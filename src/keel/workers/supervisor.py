@@ -192,6 +192,8 @@ class WorkerSupervisor:
         self._stopping = False
         self._oom_kills = oom_kills
         self.liveness = liveness or Liveness()
+        self._completion_at: float | None = None
+        """When (Unix time) the last completion was sent to a worker of this supervisor."""
         self._unanswered: str | None = None
         """Why the watch killed the worker (it stopped answering), until it is restarted."""
 
@@ -320,7 +322,13 @@ class WorkerSupervisor:
             return None
         self._process = process
         self.pid = process.pid
-        assert process.stdout is not None
+        assert process.stdout is not None and process.stdin is not None
+        if self._completion_at is not None:
+            # A new worker knows nothing of the completions its predecessor served, so
+            # chats took every slot and completions waited behind whole answers after a
+            # restart (12 s, or the 30 s budget's 504). Read once its engine is up.
+            seen = {"op": "completions_seen", "at": self._completion_at}
+            process.stdin.write(jsoncodec.dumps(seen) + b"\n")
         watch = asyncio.create_task(self._watch(process), name=f"watch:{self.name}")
         try:
             async for raw in process.stdout:
@@ -457,6 +465,8 @@ class WorkerSupervisor:
         await self.wait_ready(ready_timeout)
         if reported is not None:
             reported.clear()
+        if op.get("op") == "complete":
+            self._completion_at = time.time()
         request_id = self._next_id = self._next_id + 1
         pending = self._pending[request_id] = _Pending()
         finished = False

@@ -38,6 +38,8 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
 - ``cancel`` {target}: a queued target never starts; a running one stops after
   the decode step or the prompt batch (``PREFILL_BATCH`` tokens) in flight and
   ends with ``finish_reason: "cancelled"``.
+- ``completions_seen`` {at}: no reply; the model's previous worker served a completion
+  at ``at`` (Unix time), so chats leave a slot to completions as they did there.
 
 Any failure of one request is ``{"id", "error", "code"}``; a prompt over the
 context has code ``context_length_exceeded`` with ``n_prompt_tokens`` and
@@ -259,6 +261,11 @@ class _SlotPool:
         self._waiting: set[int] = set()
         """The arrival numbers of the requests that found no slot free, still waiting."""
 
+    def completed_at(self, when: float) -> None:
+        """A completion was served at ``when`` (monotonic), by a worker before this one."""
+        with self._changed:
+            self._completed_at = max(self._completed_at, when)
+
     def acquire(
         self, prompt: str, cancelled: threading.Event, *, chat: bool = False
     ) -> tuple[int | None, bool]:
@@ -376,6 +383,9 @@ class _Engine:
             except ValueError:
                 continue
             op = request.get("op")
+            if op == "completions_seen":  # by this model's previous worker
+                self.slots.completed_at(time.monotonic() - (time.time() - float(request["at"])))
+                continue
             if op == "cancel":
                 with self._lock:
                     event = self._cancels.get(int(request["target"]))
