@@ -219,7 +219,7 @@
     const worker = p.worker || {};
     const facts = [
       ["breaker", p.breaker],
-      ["latency p50", fmt.ms(p.latency_p50_ms)],
+      ["first token p50", fmt.ms(p.latency_p50_ms)],
       ["in flight", p.outstanding],
     ];
     if (p.endpoint) facts.push(["endpoint", p.endpoint]);
