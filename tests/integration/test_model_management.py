@@ -48,6 +48,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
             }
         )
     )
+    # A header the pre-check takes, of an architecture the engine does not know.
+    (models / "weird.gguf").write_bytes(
+        gguf_header({"general.architecture": "no-such-arch", "no-such-arch.block_count": 1})
+    )
     config = (
         '[model.embedding.local]\nfallback_models = ["alt"]\n'
         '[[model.chat.fallback]]\nmodel_id = "alt"\n'
@@ -253,3 +257,14 @@ def test_a_streamed_load_whose_client_left_still_completes(tmp_path: Path) -> No
         ] != "ready":
             assert time.monotonic() < deadline, chat
             time.sleep(0.1)
+
+
+def test_a_file_the_engine_refuses_is_the_requests_400(server: KeelProcess) -> None:
+    """It was a 500 ``server_error`` with code ``missing_dependency``: the server's
+    fault, where the request named a file no engine can load."""
+    with server.client() as client:
+        body = {"model_name": "weird", "role": "chat", "stream": False}
+        refused = client.post("/v1/model/load", json=body, timeout=120)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_model", "model_name"), error

@@ -269,10 +269,13 @@ class ModelManager:
         last_state = None
         deadline = time.monotonic() + 300
         while supervisor.state is not WorkerState.READY:
-            if supervisor.state is WorkerState.FAILED or time.monotonic() > deadline:
+            failed = supervisor.state is WorkerState.FAILED
+            if failed or time.monotonic() > deadline:
                 error = supervisor.last_error or "the worker did not become ready"
                 if not self._in_use(provider):
                     await provider.aclose()
+                if failed:  # the engine refused the file: the request's, not the server's
+                    raise _unusable(chosen, MissingDependency(error))
                 raise MissingDependency(f"cannot load {chosen}: {error}")
             if supervisor.state != last_state:
                 last_state = supervisor.state
