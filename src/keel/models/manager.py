@@ -279,9 +279,10 @@ class ModelManager:
                 raise MissingDependency(f"cannot load {chosen}: {error}")
             if supervisor.state != last_state:
                 last_state = supervisor.state
-                yield Progress(str(last_state), f"worker {last_state}")
+                if last_state is WorkerState.LOADING:  # "starting" is starting_worker's
+                    yield Progress("loading", "the worker is reading the model")
             await asyncio.sleep(0.05)
-        yield Progress("loading", "model loaded; switching traffic")
+        yield Progress("switching", "model loaded; switching traffic")
         chain = self._chain([[ProviderEntry(provider, config)], *self._chain_of(role)[1:]], role)
         await self._switch(role, chain, wait=False)
         log.info("%s now served by %s", role, name)

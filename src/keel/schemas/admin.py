@@ -51,7 +51,8 @@ class LoadProgress(BaseModel):
     role: Role
     model_name: str
     status: str = Field(
-        description="queued | checking_memory | starting_worker | loading | ready | error"
+        description="queued | checking_memory | starting_worker | loading | switching | "
+        "ready | error"
     )
     message: str
 
