@@ -702,6 +702,16 @@ class Settings(_Section):
         issue = _repeated_names([repo.name for repo in value])
         if issue:
             raise ValueError(issue)
+        # The same checkout twice (Tabby refuses it): indexed twice, its snippets shown
+        # twice, under two names (app, app-2).
+        places = [
+            str(repo.path or repo.git_url).rstrip("/")
+            for repo in value
+            if repo.path or repo.git_url
+        ]
+        repeated = sorted({place for place in places if places.count(place) > 1})
+        if repeated:
+            raise ValueError(f"a repository is listed twice: {', '.join(repeated)}")
         return value
 
 

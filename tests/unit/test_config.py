@@ -222,6 +222,10 @@ def test_a_port_out_of_range_on_the_command_line_is_a_usage_error(
         ),
         ({"auth": {"admin_key": "short2"}}, "auth.admin_key"),
         ({"server": {"host": ""}}, "server.host"),
+        (  # the same checkout twice: indexed twice under two names (Tabby refuses it)
+            {"repositories": [{"git_url": "file:///srv/app"}, {"git_url": "file:///srv/app/"}]},
+            "repositories",
+        ),
         (  # a misspelt {prefix}: every prompt was made without the code before the cursor
             {"model": {"completion": {"http": {**LLAMA, "prompt_template": "<a>{prefx}<b>"}}}},
             "model.completion.http.prompt_template",
