@@ -219,6 +219,18 @@ class HttpModelConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _model_name_is_supported(self) -> HttpModelConfig:
+        if self.supported_models is not None and self.model_name not in self.supported_models:
+            # As Tabby refuses it: /v1beta/models listed models the backend was never
+            # asked for by default, and not the one it was.
+            raise ValueError(
+                f"model_name ({self.model_name or 'unset'}) must be one of supported_models "
+                f"({', '.join(self.supported_models) or 'empty'}): the model a request that "
+                "names none of them gets"
+            )
+        return self
+
     def replicas(self) -> list[HttpModelConfig]:
         """One config per endpoint: ``api_endpoints`` expanded, or just this one."""
         if not self.api_endpoints:

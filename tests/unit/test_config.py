@@ -13,6 +13,7 @@ from keel.sample_config import render_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = {"kind": "llama.cpp/completion", "api_endpoint": "http://127.0.0.1:8888"}
+CHAT = {"kind": "openai/chat", "api_endpoint": "http://127.0.0.1:8000/v1"}
 
 TABBY_CONFIG = """
 [model.completion.http]
@@ -222,6 +223,10 @@ def test_a_port_out_of_range_on_the_command_line_is_a_usage_error(
         ),
         ({"auth": {"admin_key": "short2"}}, "auth.admin_key"),
         ({"server": {"host": ""}}, "server.host"),
+        (  # Tabby refuses it: /v1beta/models listed b, and every request got a
+            {"model": {"chat": {"http": {**CHAT, "model_name": "a", "supported_models": ["b"]}}}},
+            "model.chat.http",
+        ),
         (  # the same checkout twice: indexed twice under two names (Tabby refuses it)
             {"repositories": [{"git_url": "file:///srv/app"}, {"git_url": "file:///srv/app/"}]},
             "repositories",
