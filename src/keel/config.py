@@ -221,13 +221,13 @@ class HttpModelConfig(_Section):
 
     @model_validator(mode="after")
     def _model_name_is_supported(self) -> HttpModelConfig:
-        if self.supported_models is not None and self.model_name not in self.supported_models:
-            # As Tabby refuses it: /v1beta/models listed models the backend was never
-            # asked for by default, and not the one it was.
+        listed, name = self.supported_models, self.model_name
+        if listed is not None and name is not None and name not in listed:
+            # As Tabby refuses it ("Suppported model list does not contain model"):
+            # /v1beta/models listed models, and a request naming none got another.
             raise ValueError(
-                f"model_name ({self.model_name or 'unset'}) must be one of supported_models "
-                f"({', '.join(self.supported_models) or 'empty'}): the model a request that "
-                "names none of them gets"
+                f"model_name ({name}) must be one of supported_models "
+                f"({', '.join(listed) or 'empty'}): it is what a request naming none gets"
             )
         return self
 
