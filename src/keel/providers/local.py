@@ -97,9 +97,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         """A tokenize, which the worker answers at once even while its slots generate: a
         worker that stopped answering (frozen, or starved of CPU) is found while editors
         keep it busy, whose requests would otherwise end in timeouts charged to no one."""
-        await self.supervisor.call(
-            {"op": "tokenize", "texts": ["ping"]}, ready_timeout=self.ready_timeout
-        )
+        await self.supervisor.ping(ready_timeout=self.ready_timeout)
 
     async def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Counts from the model's tokenizer, remembered per text: consecutive

@@ -354,7 +354,7 @@ class WorkerSupervisor:
                 continue
             try:
                 async with asyncio.timeout(liveness.timeout):
-                    await self.call({"op": "tokenize", "texts": ["ping"]}, ready_timeout=0)
+                    await self.ping(ready_timeout=0)
                 missed = 0
             except TimeoutError:
                 missed += 1
@@ -493,6 +493,10 @@ class WorkerSupervisor:
             if not finished and self._process is not None:
                 with contextlib.suppress(KeelError):
                     await self._send({"op": "cancel", "target": request_id})
+
+    async def ping(self, *, ready_timeout: float) -> None:
+        """A tokenize, which the worker answers at once even while its slots generate."""
+        await self.call({"op": "tokenize", "texts": ["ping"]}, ready_timeout=ready_timeout)
 
     async def call(self, op: dict[str, Any], *, ready_timeout: float) -> dict[str, Any]:
         """Run a one-reply op (tokenize, embed)."""
