@@ -56,11 +56,16 @@ class KeelProcess:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            wait_or_kill(self.process, 20)
+
+
+def wait_or_kill(process: subprocess.Popen[Any], seconds: float) -> None:
+    """Wait ``seconds`` for ``process`` to end (it was asked to), then kill it."""
+    try:
+        process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 PRECOMPUTE_OFF = "[completion]\nprecompute = false\n"

@@ -12,6 +12,7 @@ import pytest
 from keel.config import HttpModelConfig
 from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams
 from keel.providers.http import build_http_provider
+from tests.conftest import wait_or_kill
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +40,8 @@ def llama_server() -> Iterator[str]:
     try:
         yield process.stdout.readline().strip()
     finally:
-        process.stdin.close()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.stdin.close()  # its end
+        wait_or_kill(process, 10)
         process.stdout.close()
 
 
