@@ -548,9 +548,10 @@ class HttpUpstream:
         self, path: str, body: Mapping[str, Any], headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         """POST ``body``, once more on a new connection if a kept one was closed by the
-        server before it answered (it closed it as keel took it from the pool: the
-        race every keep-alive client has, and what llama.cpp's server does after each
-        streamed answer, below)."""
+        server before it answered: the race every keep-alive client has, and what
+        llama.cpp's server does after each streamed answer though it says keep-alive
+        (every other request back to back failed, "Can not write request body" or
+        "Server disconnected")."""
         data = _encode(body)
         request: dict[str, bool] = {}
         try:
@@ -567,11 +568,6 @@ class HttpUpstream:
             response = await self.client.post(
                 self.url(path), data=data, headers=traced(headers), timeout=self.timeout
             )
-        if response.headers.get("Server") == "llama.cpp":
-            # It closes its connection after a streamed answer though it says
-            # keep-alive: kept, the next request on it failed, every other one back to
-            # back ("Can not write request body", or "Server disconnected").
-            self._stream_headers["Connection"] = "close"
         return response
 
     async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
