@@ -21,11 +21,15 @@ LOCAL = "local/SmolLM2-135M-Instruct"
 LONG = {"prompt": "chaos: 1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0}
 
 
-def local_then_fallback(fallback: str, *, probe_interval: float = 600) -> str:
+def local_then_fallback(
+    fallback: str, *, probe_interval: float = 600, probe_timeout: float = 5
+) -> str:
     """Completion: the embedded model, then a fake backend; the other roles: the fake."""
     return "\n".join(
         [
-            routing_table(probe_interval_seconds=probe_interval, probe_timeout_seconds=5),
+            routing_table(
+                probe_interval_seconds=probe_interval, probe_timeout_seconds=probe_timeout
+            ),
             "[model.completion.local]\n",
             "[[model.completion.fallback]]\n" + provider_table(fallback, "completion", {}),
             "[model.chat.http]\n" + provider_table(fallback, "chat", {}),
@@ -147,7 +151,10 @@ def test_a_frozen_worker_is_found_while_requests_keep_it_busy(
     the worker stayed healthy, and every completion a 504, for as long as editors kept
     sending keystrokes."""
     _, fallback = backends
-    keel = keel_factory(local_then_fallback(fallback.url, probe_interval=0.5))
+    # Two 2 s checks find it in ~5 s, well before the supervisor's own liveness watch
+    # (two unanswered 5 s pings, 10-15 s) kills it and ends the request; with 5 s checks
+    # the two raced, and CI once saw the kill first.
+    keel = keel_factory(local_then_fallback(fallback.url, probe_interval=0.5, probe_timeout=2))
     keel.wait_for("worker loaded", lambda: keel.endpoint("completion", LOCAL)["usable"], 60)
     pid = keel.process.worker_pid("completion")
     request = threading.Thread(target=lambda: keel.http.post("/v1/completions", json=LONG))
