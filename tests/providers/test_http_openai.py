@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 
 from keel.config import HttpModelConfig
 from keel.errors import UpstreamProtocolError
+from keel.providers import http_base
 from keel.providers.base import (
     ChatCall,
     ChatMessage,
@@ -238,3 +241,54 @@ async def test_an_attempt_starts_with_nothing_reported(upstream: FakeUpstream, m
     assert "".join(await collect(provider.stream_chat(call))) == "Hello, world"
     # this backend's word only: no usage in its stream, the model it named
     assert call.reported == Reported(finish_reason="stop", model="fake-model")
+
+
+async def test_an_embedding_with_nan_is_the_backends_fault(make_provider):
+    """A Python backend's bare ``NaN`` (Ollama's bge-m3 has sent it) was read as a float
+    and went to the client as ``null`` in a 200, into a vector store."""
+    with FakeUpstream() as broken:
+        broken.behave(Behaviour.respond(200, '{"data": [{"index": 0, "embedding": [0.1, NaN]}]}'))
+        provider = make_provider("openai/embedding", endpoint=broken.url + "/v1")
+        with pytest.raises(UpstreamProtocolError, match="finite numbers"):
+            await provider.embed(["a"])
+
+
+async def oversized_answer(chunked: bool, size: int) -> tuple[asyncio.Server, str]:
+    """A backend whose whole answer is ``size`` bytes of JSON-looking text: announced by
+    Content-Length, or chunked with no length, sent until the client leaves."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
+        writer.write(head.encode())
+        piece = b"[" + b"0.5," * 16_383 + b"0]"
+        try:
+            for _ in range(size // len(piece) + 1):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_answer_past_the_limit_is_refused_unread(make_provider, monkeypatch, chunked):
+    """A backend's whole answer is read up to ANSWER_BODY_LIMIT only: 600 MiB from a
+    llama.cpp server with ``--pooling none`` (a vector per token) made keel 1.75 GB
+    resident. Announced too long, it is refused before a byte is read."""
+    if chunked:
+        monkeypatch.setattr(http_base, "ANSWER_BODY_LIMIT", 2**20)
+    size = http_base.ANSWER_BODY_LIMIT + 1
+    server, endpoint = await oversized_answer(chunked, size if chunked else 2**40)
+    try:
+        provider = make_provider("openai/embedding", endpoint=endpoint)
+        with pytest.raises(UpstreamProtocolError, match="an answer over"):
+            await provider.embed(["a"])
+    finally:
+        server.close()

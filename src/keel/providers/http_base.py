@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -74,6 +75,13 @@ CONNECT_TIMEOUT = 5.0
 
 ERROR_BODY_LIMIT = 64 * 1024
 """Bytes of an error response keel reads to find the backend's message."""
+
+ANSWER_BODY_LIMIT = 256 * 1024 * 1024
+"""Bytes of a whole (not streamed) answer keel reads: 2,048 embeddings of 3,072
+dimensions, the most OpenAI serves in one request, are about 130 MB of JSON. A
+backend that sent more (llama.cpp's server with ``--pooling none`` sends a vector per
+token) took keel's memory with it: 600 MiB made 1.75 GB resident, with no bound but the
+first-token deadline."""
 
 JsonObject = dict[str, Any]
 
@@ -195,13 +203,35 @@ async def raise_for_status(response: aiohttp.ClientResponse, provider: str) -> N
     """Raise the translated error if ``response`` failed; reads at most 64 KiB of it."""
     if response.status < 400:
         return
+    body = await _read_at_most(response.content, ERROR_BODY_LIMIT)
+    raise status_error(provider, response.status, body, response.headers.get("retry-after"))
+
+
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes."""
     body = bytearray()
-    while len(body) < ERROR_BODY_LIMIT:
-        chunk = await response.content.read(ERROR_BODY_LIMIT - len(body))
+    while len(body) < limit:
+        chunk = await content.read(limit - len(body))
         if not chunk:
             break
         body += chunk
-    raise status_error(provider, response.status, bytes(body), response.headers.get("retry-after"))
+    return bytes(body)
+
+
+async def read_answer(response: aiohttp.ClientResponse, provider: str) -> bytes:
+    """A whole answer's body, refused past :data:`ANSWER_BODY_LIMIT` (the connection is
+    closed then, with the rest unread)."""
+    length = response.content_length
+    if length is None:  # chunked
+        body = await _read_at_most(response.content, ANSWER_BODY_LIMIT + 1)
+        if len(body) <= ANSWER_BODY_LIMIT:
+            return body
+    elif length <= ANSWER_BODY_LIMIT:
+        return await response.read()
+    response.close()
+    raise UpstreamProtocolError(
+        f"an answer over {ANSWER_BODY_LIMIT // 2**20} MiB: not one keel reads", provider=provider
+    )
 
 
 def decode_json(text: str | bytes, provider: str) -> Any:
@@ -256,11 +286,14 @@ def text_field(container: JsonObject, key: str, provider: str) -> str:
 
 
 def vector_of(value: object, provider: str) -> list[float]:
+    """A backend's embedding as floats; NaN or an infinity (a Python backend's bare
+    ``NaN``, as Ollama's bge-m3 has sent) is refused like any other non-number: it went to
+    the client as ``null`` in a 200, into a vector store."""
     if not isinstance(value, list) or not all(
-        isinstance(x, int | float) and not isinstance(x, bool) for x in value
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value
     ):
         raise UpstreamProtocolError(
-            f"embedding is not a list of numbers: {str(value)[:100]}", provider=provider
+            f"embedding is not a list of finite numbers: {str(value)[:100]}", provider=provider
         )
     return [float(x) for x in value]
 
@@ -576,7 +609,7 @@ class HttpUpstream:
         with translate_errors(self.provider):
             async with await self._post(path, body, self._json_headers) as response:
                 await raise_for_status(response, self.provider)
-                raw = await response.read()
+                raw = await read_answer(response, self.provider)
         return decode_json(raw, self.provider)
 
     async def _batches(
