@@ -82,6 +82,7 @@ class Behaviour:
     status: int = 500
     body: object = None
     retry_after: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
     after: int = 1
 
@@ -91,10 +92,15 @@ class Behaviour:
 
     @classmethod
     def respond(
-        cls, status: int, body: object = None, *, retry_after: str | None = None
+        cls,
+        status: int,
+        body: object = None,
+        *,
+        retry_after: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> Behaviour:
-        """Answer exactly ``status`` and ``body``, whatever was asked."""
-        return cls("status", status=status, body=body, retry_after=retry_after)
+        """Answer exactly ``status``, ``body`` and ``headers``, whatever was asked."""
+        return cls("status", status=status, body=body, retry_after=retry_after, headers=headers)
 
     @classmethod
     def error(
@@ -386,7 +392,9 @@ class FakeUpstream:
                 body = {"error": {"message": "fake upstream error", "code": behaviour.status}}
             raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
             kind = "text/plain" if isinstance(body, str) else "application/json"
-            extra = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
+            extra = dict(behaviour.headers)
+            if behaviour.retry_after:
+                extra["Retry-After"] = behaviour.retry_after
             await self._send_whole(writer, behaviour.status, kind, raw, extra)
             return
 

@@ -22,6 +22,7 @@ from keel.providers.base import (
     CompletionProvider,
     GenerationParams,
 )
+from keel.router.classify import Failure, classify
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
 STREAM_KINDS = (*COMPLETION_KINDS, "openai/chat", "mistral/chat")
@@ -106,6 +107,24 @@ async def test_429_with_retry_after(upstream: FakeUpstream, make_provider, kind)
         await run(make_provider(kind))
     assert caught.value.upstream_status == 429
     assert caught.value.retry_after == 7.0
+
+
+@ALL_KINDS
+@pytest.mark.parametrize("status", [301, 307])
+async def test_a_redirect_is_not_followed(upstream: FakeUpstream, make_provider, kind, status):
+    """A redirect fails the call, naming where it points, and nothing is sent there:
+    followed, a 301 (HTTP to HTTPS in front of vLLM) turned the POST into a bodiless GET,
+    whose 405 was blamed on the backend; a 307 to another host was answered there, with
+    the API key dropped; a loop sent 10 requests a try, reported as "not HTTP: "."""
+    with FakeUpstream() as elsewhere:
+        where = elsewhere.url + "/v1/anything"
+        upstream.behave(Behaviour.respond(status, "moved", headers=(("Location", where),)))
+        with pytest.raises(UpstreamStatusError, match=f"redirected to {where}") as caught:
+            await run(make_provider(kind))
+        assert caught.value.upstream_status == status
+        assert "api_endpoint" in caught.value.message
+        assert elsewhere.requests == []
+        assert classify(caught.value) is Failure.RETRYABLE  # the backend's, then fall back
 
 
 async def test_plain_text_error_body(upstream: FakeUpstream, make_provider):

@@ -200,9 +200,21 @@ def error_details(body: bytes) -> dict[str, object]:
 
 
 async def raise_for_status(response: aiohttp.ClientResponse, provider: str) -> None:
-    """Raise the translated error if ``response`` failed; reads at most 64 KiB of it."""
-    if response.status < 400:
+    """Raise the translated error if ``response`` failed; reads at most 64 KiB of it.
+
+    A redirect is a failure too, saying where it points: followed, a 301 turned the POST
+    into a GET (the target's 405 blamed on the backend), a loop sent 10 requests a try,
+    and a redirect to another host was answered there without the API key, all unsaid."""
+    if response.status < 300:
         return
+    if response.status < 400:
+        location = response.headers.get("location", "(no Location)")
+        raise UpstreamStatusError(
+            f"redirected to {location} (HTTP {response.status}); keel does not follow "
+            "redirects: set api_endpoint to the address they lead to",
+            provider=provider,
+            upstream_status=response.status,
+        )
     body = await _read_at_most(response.content, ERROR_BODY_LIMIT)
     raise status_error(provider, response.status, body, response.headers.get("retry-after"))
 
@@ -594,12 +606,17 @@ class HttpUpstream:
                 headers=traced(headers),
                 timeout=self.timeout,
                 trace_request_ctx=request,
+                allow_redirects=False,
             )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if not request.get("reused") or isinstance(exc, aiohttp.ClientConnectorError):
                 raise
             response = await self.client.post(
-                self.url(path), data=data, headers=traced(headers), timeout=self.timeout
+                self.url(path),
+                data=data,
+                headers=traced(headers),
+                timeout=self.timeout,
+                allow_redirects=False,
             )
         return response
 
