@@ -154,3 +154,7 @@ def test_completion_timeout_bounds_completions_not_every_backend_read(
     primary.behave(Behaviour.slow_first_token(1.5), times=1)
     slow = keel.tabby()  # the completion's own bound still holds
     assert slow.status_code == 504 and "took longer than 1s" in slow.text, slow.text
+    # named as the backend it ran out on, not the role ("completion"), as every failure is
+    name = primary_name("completion")
+    assert slow.headers["x-keel-provider"] == name, slow.headers
+    assert slow.json()["error"]["message"].startswith(f"{name}: "), slow.text

@@ -32,6 +32,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
+from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
     from keel.router.router import Endpoint, RoleRouter
 
 log = logging.getLogger("keel.router")
+
+TRYING: ContextVar[str | None] = ContextVar("keel_trying", default=None)
+"""The endpoint this request's attempt is on (the latest), for a failure that cuts across
+attempts, as the whole request's time limit does, to name."""
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -78,6 +83,7 @@ class Attempt:
         # outstanding on it, and a retry waiting out its backoff looked idle, then reopened
         # the closed provider's connection pool, which nothing closed.
         self.endpoint.outstanding += 1
+        TRYING.set(self.endpoint.name)
         if self._delay > 0:
             try:
                 await self._attempts.router.sleep(self._delay)

@@ -26,6 +26,7 @@ from keel.providers.base import (
     estimate_tokens,
 )
 from keel.router.admission import Admission
+from keel.router.attempt import TRYING
 from keel.router.router import RoleRouter
 
 log = logging.getLogger("keel.serving")
@@ -88,13 +89,16 @@ class CancelOnDisconnect:
 
 @contextlib.asynccontextmanager
 async def total_timeout(seconds: float, role: str) -> AsyncIterator[None]:
-    """A request's whole generation, however many attempts it takes."""
+    """A request's whole generation, however many attempts it takes; its end is the
+    failure of the provider the last attempt was on (it was the role's name, in the error,
+    ``X-Keel-Provider`` and the metrics)."""
     try:
         async with asyncio.timeout(seconds):
             yield
     except TimeoutError:
+        provider = TRYING.get()
         raise UpstreamTimeout(
-            f"generation took longer than {seconds:.0f}s", provider=role
+            f"generation took longer than {seconds:.0f}s", provider=provider or role
         ) from None
 
 
