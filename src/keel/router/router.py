@@ -399,8 +399,13 @@ class RoleRouter:
         provider that answers a ping while busy (a local worker) is pinged instead: a
         frozen worker's requests end in the request's own timeout, which is no
         provider's failure, so without it the worker looked healthy for as long as
-        editors kept sending it keystrokes."""
-        if endpoint.breaker.state is BreakerState.OPEN or not endpoint.running():
+        editors kept sending it keystrokes. An endpoint waiting out its backend's
+        Retry-After is not checked either: the backend asked for nothing until then."""
+        if (
+            endpoint.breaker.state is BreakerState.OPEN
+            or not endpoint.running()
+            or self.clock() < endpoint.blocked_until
+        ):
             return
         if endpoint.outstanding and endpoint.breaker.state is BreakerState.CLOSED:
             if not endpoint.provider.answers_while_busy:
