@@ -197,6 +197,9 @@ class FakeUpstream:
         """Cleared by :meth:`hold`: each request is read and recorded, and its answer waits
         for :meth:`release`."""
         self.answering.set()
+        self.reasoning: tuple[str, ...] = ()
+        """``reasoning_content`` pieces a thinking chat model streams before its answer
+        (vLLM with a reasoning parser, llama.cpp's server), one frame each."""
         self.indexed_calls = True
         """False: tool-call parts without ``index``, as Ollama's OpenAI API sends them."""
         self.port = 0
@@ -530,6 +533,9 @@ class FakeUpstream:
             return _json_answer({"id": "cmpl-fake", "model": self.model, "choices": [choice]})
         payloads: list[dict[str, Any]] = []
         calls = _tool_call_deltas(body) if chat else []
+        for thought in self.reasoning if chat else ():
+            part = {"delta": {"content": None, "reasoning_content": thought}}
+            payloads.append({"index": 0, "finish_reason": None, **part})
         for token in () if calls else self.tokens:
             part = {"delta": {"content": token}} if chat else {"text": token}
             payloads.append({"index": 0, "finish_reason": None, **part})

@@ -34,10 +34,10 @@ from keel.providers.base import (
     CompletionCall,
     CompletionProvider,
     GenerationParams,
-    ToolCalls,
+    Parts,
     close_stream,
     joined,
-    tool_calls,
+    parts,
 )
 from keel.schemas.tabby import (
     Choice,
@@ -159,10 +159,13 @@ async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncI
     pending = ""
     try:
         async for piece in pieces:
-            if isinstance(piece, ToolCalls):  # the text is over: what was held goes with it
-                yield tool_calls(pending + piece, piece.deltas, piece.pieces)
-                pending = ""
-                continue
+            if isinstance(piece, Parts):
+                if piece.deltas:  # the text is over: what was held goes with it
+                    yield parts(pending + piece, piece.deltas, piece.reasoning, piece.pieces)
+                    pending = ""
+                    continue
+                if piece.reasoning:  # thought, not text: no stop word applies to it
+                    yield parts("", (), piece.reasoning, piece.pieces)
             pending, stopped = cut_at_stop(pending + piece, stops)
             if stopped:
                 break
@@ -177,8 +180,8 @@ async def until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> AsyncI
 
 
 async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> str:
-    """The whole text of ``pieces`` before the first stop word (:class:`ToolCalls`
-    with all their parts, if the model called tools)."""
+    """The whole text of ``pieces`` before the first stop word (:class:`Parts`
+    with all the tool-call parts and reasoning, if the model called tools or thought)."""
     if stops:
         return joined([part async for part in until_stop(pieces, stops)])
     try:

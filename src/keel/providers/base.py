@@ -3,8 +3,8 @@
 A provider serves one or more roles. Completion and chat stream text pieces
 (``AsyncIterator[str]``), one piece per token or, when several tokens arrived
 together, their text joined (:func:`joined`); a chat model's tool calls come as
-:class:`ToolCalls` pieces. Closing the iterator early (the client went away)
-must cancel the work upstream. Failures are raised as the ``Upstream*``
+:class:`Parts` pieces, as does a thinking model's reasoning. Closing the iterator
+early (the client went away) must cancel the work upstream. Failures are raised as the ``Upstream*``
 classes of :mod:`keel.errors`, never as the transport's own exceptions, so
 the router can classify them without knowing the backend.
 """
@@ -29,32 +29,40 @@ class Joined(str):
     pieces: int
 
 
-class ToolCalls(Joined):
-    """A piece that holds parts of the tool calls a chat model is making (OpenAI's
-    ``delta.tool_calls`` entries, as the backend sent them) after its text, if any.
+class Parts(Joined):
+    """A piece that carries more than answer text: parts of the tool calls a chat model
+    is making (OpenAI's ``delta.tool_calls`` entries, as the backend sent them) after its
+    text, if any, and the reasoning a thinking model streams before it answers
+    (``delta.reasoning_content``, as vLLM's reasoning parsers and llama.cpp's server send
+    it).
 
     It is a ``str`` (its text) so that every layer that passes pieces on passes it on;
     the layers that join pieces keep the parts (:func:`joined`)."""
 
     deltas: tuple[dict[str, Any], ...]
+    reasoning: str
 
 
-def tool_calls(text: str, deltas: Sequence[dict[str, Any]], pieces: int = 1) -> ToolCalls:
-    piece = ToolCalls(text)
+def parts(
+    text: str, deltas: Sequence[dict[str, Any]] = (), reasoning: str = "", pieces: int = 1
+) -> Parts:
+    piece = Parts(text)
     piece.deltas = tuple(deltas)
+    piece.reasoning = reasoning
     piece.pieces = pieces
     return piece
 
 
 def joined(texts: list[str]) -> str:
     """One piece for the texts one read brought: it goes up the layers above once.
-    Tool-call parts among them stay, in order, after the text. No texts: no text."""
+    Tool-call parts and reasoning among them stay, in order. No texts: no text."""
     if len(texts) == 1:
         return texts[0]
     pieces = sum(piece_count(text) for text in texts)
-    calls = [delta for text in texts if isinstance(text, ToolCalls) for delta in text.deltas]
-    if calls:
-        return tool_calls("".join(texts), calls, pieces)
+    extras = [text for text in texts if isinstance(text, Parts)]
+    if extras:
+        calls = [delta for text in extras for delta in text.deltas]
+        return parts("".join(texts), calls, "".join(text.reasoning for text in extras), pieces)
     piece = Joined("".join(texts))
     piece.pieces = pieces
     return piece

@@ -62,8 +62,8 @@ from keel.ops.logging import request_id
 from keel.providers.base import (
     CompletionProvider,
     GenerationParams,
+    Parts,
     ProviderInfo,
-    ToolCalls,
     joined,
 )
 from keel.rate_limit import RateLimiter
@@ -703,7 +703,7 @@ async def stream_texts(
             texts, finished = [], False
             for payload in batch:
                 piece = text(payload)
-                if piece or isinstance(piece, ToolCalls):
+                if piece or isinstance(piece, Parts):
                     texts.append(piece)
                 if done(payload):
                     finished = True

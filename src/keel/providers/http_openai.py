@@ -20,7 +20,7 @@ from keel.providers.base import (
     GenerationParams,
     ProviderInfo,
     Reported,
-    tool_calls,
+    parts,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -114,11 +114,18 @@ def choice_text(
         if not isinstance(delta, dict):
             raise UpstreamProtocolError(f"unexpected delta {delta!r}", provider=provider)
         text = text_field(delta, "content", provider)
+        # vLLM's reasoning parsers and llama.cpp's server: reasoning_content; Ollama's
+        # and OpenRouter's OpenAI APIs, and newer vLLM: reasoning
+        reasoning = text_field(delta, "reasoning_content", provider) or text_field(
+            delta, "reasoning", provider
+        )
         calls = delta.get("tool_calls")
-        if not calls:
+        if not calls and not reasoning:
             return text
-        parts = tool_call_parts(calls, provider)
-        return tool_calls(text, numbering.number(parts) if numbering else parts)
+        called = tool_call_parts(calls, provider) if calls else []
+        if numbering and called:
+            called = numbering.number(called)
+        return parts(text, called, reasoning)
     return text_field(choice, "text", provider)
 
 
@@ -215,7 +222,7 @@ class OpenAICompletionProvider(HttpCompletion):
 
 class OpenAIChatProvider(HttpBacked, ChatProvider):
     """``POST {endpoint}/chat/completions``: ``openai/chat`` and ``mistral/chat``; the
-    request's tools go on, the model's tool calls come back as :class:`ToolCalls`."""
+    request's tools go on, the model's tool calls come back as :class:`Parts`."""
 
     def __init__(
         self,

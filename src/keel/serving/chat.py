@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from starlette.requests import Request
 
 from keel.errors import RequestError
-from keel.providers.base import ChatCall, ChatProvider, Provider, ToolCalls
+from keel.providers.base import ChatCall, ChatProvider, Parts, Provider
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 from keel.schemas.openai import ChatCompletionRequest
@@ -37,12 +37,17 @@ def chat_text(call: ChatCall) -> str:
 
 
 def delta(piece: str) -> dict[str, object]:
-    """A streamed chunk's ``delta``: the piece's text, and its tool-call parts as the
-    backend sent them (each names its call by ``index``)."""
-    if isinstance(piece, ToolCalls):
-        parts: dict[str, object] = {"content": piece} if piece else {}
-        return {**parts, "tool_calls": list(piece.deltas)}
-    return {"content": piece}
+    """A streamed chunk's ``delta``: the piece's reasoning (vLLM's and llama.cpp's
+    ``reasoning_content``), its text, and its tool-call parts as the backend sent them
+    (each names its call by ``index``)."""
+    if not isinstance(piece, Parts):
+        return {"content": piece}
+    said: dict[str, object] = {"reasoning_content": piece.reasoning} if piece.reasoning else {}
+    if piece or not piece.deltas and not piece.reasoning:
+        said["content"] = piece
+    if piece.deltas:
+        said["tool_calls"] = list(piece.deltas)
+    return said
 
 
 def assembled(deltas: list[dict[str, Any]]) -> list[dict[str, object]]:
@@ -100,6 +105,8 @@ class ChatServing:
         note_provider(http, generated.provider)
         envelope.served(generated.provider, call.reported)
         message: dict[str, object] = {"role": "assistant", "content": generated.text}
+        if generated.reasoning:
+            message["reasoning_content"] = generated.reasoning
         if generated.tool_deltas:
             message["content"] = generated.text or None
             message["tool_calls"] = assembled(generated.tool_deltas)

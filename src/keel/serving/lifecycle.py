@@ -20,9 +20,9 @@ from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
 from keel.pipeline.completion import read_until_stop, until_stop
 from keel.providers.base import (
     CompletionProvider,
+    Parts,
     Provider,
     Reported,
-    ToolCalls,
     estimate_tokens,
 )
 from keel.router.admission import Admission
@@ -116,16 +116,21 @@ class Generated:
     """Why the engine said it stopped (:attr:`Reported.finish_reason`), if it said."""
     tool_deltas: list[dict[str, Any]] = field(default_factory=list)
     """The parts of the tool calls a chat model made, as its backend sent them."""
+    reasoning: str = ""
+    """What a thinking model streamed as its reasoning before (or beside) its text."""
 
     def add(self, piece: str) -> None:
         self.text += piece
-        if isinstance(piece, ToolCalls):
+        if isinstance(piece, Parts):
             self.tool_deltas.extend(piece.deltas)
+            self.reasoning += piece.reasoning
 
     def said(self) -> str:
-        """What the model wrote: its text and its tool calls' arguments (for the count)."""
+        """What the model wrote: its reasoning, its text and its tool calls' arguments
+        (for the count)."""
         functions = [delta.get("function") or {} for delta in self.tool_deltas]
-        return self.text + "".join(function.get("arguments") or "" for function in functions)
+        arguments = "".join(function.get("arguments") or "" for function in functions)
+        return self.reasoning + self.text + arguments
 
     def usage(self) -> dict[str, Any]:
         """OpenAI's ``usage``, with ``prompt_tokens_details`` where the engine said."""
