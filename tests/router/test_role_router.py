@@ -739,12 +739,42 @@ async def test_context_too_long_retries_once_with_less_then_falls_back(
         and route.provider.name == "primary"
     )
     assert starts.calls == [("primary", False), ("primary", True)]
+    assert router.endpoints[0].prompts_shrunk == 1  # what keel did, shown
 
     primary.behave(Behaviour.error(400, too_long))
     starts = Starts()
     _, route = await run(router, starts=starts)
     assert starts.calls == [("primary", False), ("primary", True), ("fb", False)]
     assert router.endpoints[0].breaker.state is BreakerState.CLOSED
+    assert router.endpoints[0].prompts_shrunk == 2
+
+
+async def test_a_built_prompt_that_does_not_fit_at_half_is_the_backends_configuration(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """keel built the prompt (a Tabby completion) and halved it, and the backend still
+    refuses it: its window is smaller than keel's configured budget (vLLM with
+    --max-model-len 1024). That was every completion's 400 ("send a shorter prompt" to a
+    client that wrote none), the provider healthy, no alert. It is the provider's
+    failure, saying what to change, and the request falls back."""
+    primary, fallback = upstreams(), upstreams()
+    too_long = {"error": {"message": "This model's maximum context length is 1024 tokens"}}
+    primary.behave(Behaviour.error(400, too_long))
+    alone = build.router([[build.endpoint(primary.url, name="primary")]])
+    with pytest.raises(Unavailable) as caught:
+        await run(alone)
+    assert caught.value.status_code == 503
+    assert "lower [completion] max_input_length" in caught.value.message
+    with pytest.raises(Unavailable):
+        await run(alone)
+    endpoint = alone.endpoints[0]
+    assert not endpoint.healthy and "max_input_length" in (endpoint.last_error or "")
+
+    chain = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    _, route = await run(chain)
+    assert route.provider is not None and route.provider.name == "fb"
 
 
 async def test_a_callers_prompt_over_the_context_is_its_400_and_blames_no_provider(

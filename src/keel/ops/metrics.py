@@ -384,6 +384,13 @@ class Metrics:
             ["provider"],
             registry=registry,
         )
+        self.prompts_shrunk = Counter(
+            "keel_prompts_shrunk",
+            "Prompts keel built (Tabby completions) that a backend found over its context, "
+            "sent again with half the prompt budget.",
+            ["provider"],
+            registry=registry,
+        )
         self.completion_events = Counter(
             "keel_completion_events",
             "Completions served and the editor's view/select/dismiss events for them.",
@@ -582,6 +589,9 @@ class Metrics:
 
     def retry(self, provider: str) -> None:
         self._child(self.retries, provider).inc()
+
+    def prompt_shrunk(self, provider: str) -> None:
+        self._child(self.prompts_shrunk, provider).inc()
 
     def rejected(self, role: str, reason: str) -> None:
         self._child(self.rejections, role, reason).inc()

@@ -36,7 +36,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from keel.errors import KeelError, RequestError, UpstreamTimeout
+from keel.errors import KeelError, RequestError, UpstreamStatusError, UpstreamTimeout
 from keel.providers.base import Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow, without_name
 from keel.router.policy import Decision, Failed, default_rules
@@ -183,6 +183,9 @@ class Attempts:
             again = decision is Decision.AGAIN
             if again:
                 self.router.events.retry(current.endpoint.name)
+            elif decision is Decision.SHRINK:
+                current.endpoint.prompts_shrunk += 1
+                self.router.events.prompt_shrunk(current.endpoint.name)
             if current.endpoint.breaker.allow():
                 return self._start(
                     current.endpoint,
@@ -244,10 +247,18 @@ class Attempts:
 
     def _failed(self, attempt: Attempt, error: KeelError) -> bool:
         endpoint, kind = attempt.endpoint, classify(error)
-        self.router.failed(endpoint, error, kind, retry=attempt.number > 1)
+        if kind is Failure.TOO_LONG and attempt.shrink:
+            # keel built this prompt, and at half its budget it still does not fit: the
+            # backend's window is smaller than keel's configured prompt, which no client
+            # can mend. It was every completion's 400, no provider's failure, no alert.
+            error = window_too_small(error, endpoint.name)
+            self.router.failed(endpoint, error, Failure.RETRYABLE, retry=attempt.number > 1)
+            self.too_long = None
+        else:
+            self.router.failed(endpoint, error, kind, retry=attempt.number > 1)
+            if kind is Failure.TOO_LONG:
+                self.too_long = error
         self.last_error = error
-        if kind is Failure.TOO_LONG:
-            self.too_long = error
         self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
         log.info("%s: %s failed (%s): %s", self.router.role, endpoint.name, kind, error.message)
         if self.streaming and attempt.produced:
@@ -266,6 +277,18 @@ class Attempts:
             too_long = kind is Failure.TOO_LONG
             raise context_overflow(error, self.router.role) if too_long else client_error(error)
         return True
+
+
+def window_too_small(error: KeelError, name: str) -> UpstreamStatusError:
+    """The backend's refusal of a prompt keel built and halved, as its configuration's
+    fault, saying what to change."""
+    return UpstreamStatusError(
+        "its context is smaller than the prompt keel builds, even at half the budget "
+        f"({without_name(error.message, name)}): lower [completion] max_input_length, or "
+        "serve the model with a larger context",
+        provider=name,
+        upstream_status=getattr(error, "upstream_status", None),
+    )
 
 
 def client_error(error: KeelError) -> RequestError:

@@ -44,6 +44,7 @@ class RouterEvents(Protocol):
     def provider_health(self, provider: str, healthy: bool) -> None: ...
     def fallback(self, role: str, from_provider: str, to_provider: str) -> None: ...
     def retry(self, provider: str) -> None: ...
+    def prompt_shrunk(self, provider: str) -> None: ...
     def fallback_active(self, role: str, active: bool) -> None: ...
     def provider_auth_failed(self, provider: str, failed: bool) -> None: ...
     def health_check(self, provider: str, seconds: float, ok: bool) -> None: ...
@@ -69,6 +70,9 @@ class NoEvents:
         pass
 
     def retry(self, provider: str) -> None:
+        pass
+
+    def prompt_shrunk(self, provider: str) -> None:
         pass
 
     def fallback_active(self, role: str, active: bool) -> None:
@@ -151,6 +155,8 @@ class Endpoint:
     """The worker process (its pid) the last failure was in (local providers)."""
     auth_failed: bool = False
     blocked_until: float = 0.0
+    prompts_shrunk: int = 0
+    """Prompts keel built that the backend found over its context, sent again at half."""
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -238,6 +244,7 @@ class Endpoint:
             "last_error": self.last_error,
             "latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "rate_limited_for": max(0.0, round(self.blocked_until - self.clock(), 1)),
+            "prompts_shrunk": self.prompts_shrunk,
             "timeouts": asdict(self.timeouts),
             "worker": self.provider.status(),
         }
