@@ -125,3 +125,28 @@ def test_a_prompt_over_the_context_is_the_callers_400_with_the_numbers(
     assert isinstance(body, dict) and body["context_size"] == numbers[1]
     # the backend's own words only where keel has no numbers of its own to give
     assert (error.message in overflow.message) is (numbers[1] is None)
+    assert body["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "'max_tokens' or 'max_completion_tokens' is too large: 4000. This model's maximum "
+        "context length is 2048 tokens and your request has 10 input tokens (4000 > 2048 - 10)",
+        "This model's maximum context length is 2048 tokens. However, you requested 4010 "
+        "tokens (10 in the messages, 4000 in the completion). Please reduce the length of the "
+        "messages or completion.",
+    ],
+    ids=["vllm", "openai"],
+)
+def test_a_prompt_that_fits_with_too_many_tokens_asked_for_blames_max_tokens(
+    message: str,
+) -> None:
+    """The prompt fits; the tokens asked for do not. keel said the prompt (10 tokens) was
+    over the context (2048), with ``param: prompt``."""
+    overflow = context_overflow(status(400, message))
+    body = overflow.to_body()["error"]
+    assert isinstance(body, dict) and body["param"] == "max_tokens"
+    assert (overflow.prompt_tokens, overflow.context_size) == (10, 2048)
+    assert "fewer tokens (max_tokens)" in overflow.message
+    assert "over the model's context of 2048" in overflow.message

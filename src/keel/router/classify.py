@@ -104,6 +104,18 @@ def context_overflow(error: KeelError, role: str = "completion") -> ContextLengt
                 context = int(groups["ctx"])
                 break
     what = "an input" if role == "embedding" else "the prompt"
+    if prompt is not None and context is not None and prompt < context and role != "embedding":
+        # vLLM and OpenAI say so when the prompt fits and the tokens asked for do not:
+        # "'max_tokens' ... is too large: 4000. This model's maximum context length is
+        # 2048 tokens and your request has 10 input tokens"; keel said the prompt was over
+        return ContextLengthExceeded(
+            f"the prompt has {prompt} tokens, and with the tokens asked for it is over the "
+            f"model's context of {context} tokens; ask for fewer tokens (max_tokens), or "
+            "send a shorter prompt",
+            prompt_tokens=prompt,
+            context_size=context,
+            param="max_tokens",
+        )
     if prompt is not None and context is not None:
         text = f"{what} has {prompt} tokens, over the model's context of {context} tokens"
     elif context is not None:
