@@ -106,8 +106,16 @@ def test_swap_under_load_loses_no_request(server: KeelProcess) -> None:
         stop.set()
         for thread in clients:
             thread.join(60)
-    steps = [event["status"] for event in progress]
+    steps = [event["step"] for event in progress]
     assert steps[0] == "queued" and steps[-1] == "ready", progress
+    # TabbyAPI's events, which its clients (ST-tabbyAPI-loader) wait on for "finished" and
+    # parse each of as JSON (a [DONE] threw: "Could not load the model" after a load)
+    assert [event["status"] for event in progress] == ["processing"] * (len(steps) - 1) + [
+        "finished"
+    ]
+    assert progress[-1]["model_type"] == "model"
+    assert progress[-1]["module"] == progress[-1]["modules"]
+    assert "[DONE]" not in response.text
     assert "starting_worker" in steps
     documented = {"queued", "checking_memory", "starting_worker", "loading", "switching", "ready"}
     assert set(steps) <= documented, steps  # a worker's own "starting" leaked in
@@ -137,7 +145,7 @@ def test_a_model_that_cannot_fit_falls_back_to_a_smaller_one(server: KeelProcess
     )
     progress = events(response)
     notes = " ".join(str(event["message"]) for event in progress)
-    assert progress[-1]["status"] == "ready", progress
+    assert progress[-1]["step"] == "ready", progress
     assert "giant does not fit" in notes and "loading alt" in notes
     current = httpx.get(f"{server.url}/v1/model?role=embedding", timeout=10).json()
     assert current["id"] == "alt"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -23,7 +24,8 @@ REPO = "keel-test/tiny-coder-GGUF"
 @pytest.fixture(scope="module")
 def hub() -> Iterator[FakeHub]:
     data = embedded_model_path().read_bytes()
-    repos = {REPO: {"tiny-coder-q4_1.gguf": data, "tiny-coder-q8_0.gguf": data}}
+    files = ("tiny-coder-q4_1.gguf", "tiny-coder-q8_0.gguf", "tiny-coder-q5_0.gguf")
+    repos = {REPO: dict.fromkeys(files, data)}
     with FakeHub(repos) as fake:
         yield fake
 
@@ -50,7 +52,7 @@ def events(response: httpx.Response) -> list[dict[str, object]]:
 
 def load_and_complete(client: httpx.Client, model: str) -> None:
     loaded = events(client.post("/v1/model/load", json={"model_name": model}))
-    assert loaded[-1]["status"] == "ready", loaded
+    assert loaded[-1]["status"] == "finished", loaded
     current = client.get("/v1/model").json()
     assert current["id"] == model
     assert str(current["parameters"]["path"]).endswith(f"models/{model}.gguf")
@@ -88,3 +90,29 @@ def test_cli_pull_then_load_serves_completions(server: KeelProcess, hub: FakeHub
     assert pulled.returncode == 0, pulled.stderr
     with server.client() as client:
         load_and_complete(client, "tiny-coder-q8_0")
+
+
+def test_a_download_whose_client_left_stops_and_keeps_nothing(
+    server: KeelProcess, hub: FakeHub
+) -> None:
+    """Without streaming too: a client that gave up on ``"stream": false`` left the
+    download running, and the file was installed and audited "ok" seconds later."""
+    hub.pause = 0.05  # ~20 MiB/s: the 94 MiB take seconds
+    try:
+        with server.client() as client, pytest.raises(httpx.ReadTimeout):
+            client.post(
+                "/v1/model/download",
+                json={"model": f"{REPO}:tiny-coder-q5_0.gguf", "stream": False},
+                timeout=1.0,
+            )
+        staging = server.root / "models" / ".downloads"
+        deadline = time.monotonic() + 10
+        while any(staging.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(staging.iterdir()), list(staging.iterdir())
+        time.sleep(1.0)
+        assert not (server.root / "models" / "tiny-coder-q5_0.gguf").exists()
+        audit = (server.root / "audit.log").read_text()
+        assert '"result":"stopped"' in audit and "tiny-coder-q5_0" in audit, audit
+    finally:
+        hub.pause = 0.0

@@ -47,7 +47,7 @@ async def test_download_streams_progress_then_lists_the_model(
     )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
-    assert response.text.endswith("data: [DONE]\n\n")
+    assert "[DONE]" not in response.text  # as the load's, which TabbyAPI's clients read
     document = (await client.get("/openapi.json")).json()
     schemathesis.openapi.from_dict(document)["/v1/model/download"]["POST"].validate_response(
         response

@@ -2,9 +2,10 @@
 download.
 
 ``POST /v1/model/load`` and ``POST /v1/model/download`` stream their progress
-as server-sent events (load: queued, checking_memory, starting_worker,
-loading, ready; download: resolving, warning, downloading, verifying, ready;
-or an error event), or, with ``"stream": false``, answer once with the final
+as server-sent events (load: TabbyAPI's events, ``status`` processing until
+finished, with keel's ``step``: queued, checking_memory, starting_worker,
+loading, switching, ready; download: resolving, warning, downloading,
+verifying, ready; or an error event), or, with ``"stream": false``, answer once with the final
 state. What can be refused before any work (a bad spec, a model or file that
 does not exist, a hub that refuses us, a full disk) is an HTTP error before
 the stream starts.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -36,7 +38,8 @@ from keel.schemas.admin import (
 )
 from keel.schemas.openai import ModelCard, ModelList
 from keel.schemas.openapi import ERRORS, json_body, streamed
-from keel.serving.streaming import DONE, EventStream, sse
+from keel.serving.lifecycle import CancelOnDisconnect
+from keel.serving.streaming import EventStream, sse
 
 router = APIRouter(responses=ERRORS)
 
@@ -73,6 +76,7 @@ async def load_model(request: Request) -> Response:
     key_id = getattr(request.state, "key_id", None)
     steps = manager.load(body.role, body.model_name, key_id=key_id, context_size=body.max_seq_len)
     return await _progress(
+        request,
         body.stream,
         _detached(app_state(request).background, steps, body.role, body.model_name),
         {"status": "error", "role": body.role},
@@ -81,7 +85,7 @@ async def load_model(request: Request) -> Response:
 
 def _detached(
     background: Background, steps: AsyncIterator[Progress], role: Role, model: str
-) -> AsyncIterator[dict[str, object]]:
+) -> AsyncGenerator[dict[str, object], None]:
     """A load's steps, run to the end whether or not its client reads them, as without
     streaming: a client that left a streamed load left the new worker running in no
     chain, shown nowhere, until keel exited."""
@@ -101,7 +105,7 @@ def _detached(
 
     background.spawn(run())
 
-    async def read() -> AsyncIterator[dict[str, object]]:
+    async def read() -> AsyncGenerator[dict[str, object], None]:
         while (step := await queue.get()) is not None:
             if isinstance(step, KeelError):
                 raise step
@@ -152,6 +156,7 @@ async def download_model(request: Request) -> Response:
         raise
     steps = _audited(puller.stream(body.model, quant=body.quant), audit)
     return await _progress(
+        request,
         body.stream,
         (step.to_dict(body.model) async for step in steps),
         {"status": "error", "model": body.model},
@@ -159,14 +164,21 @@ async def download_model(request: Request) -> Response:
 
 
 async def _progress(
-    stream: bool, steps: AsyncIterator[dict[str, object]], failed: dict[str, object]
+    request: Request,
+    stream: bool,
+    steps: AsyncGenerator[dict[str, object], None],
+    failed: dict[str, object],
 ) -> Response:
     """A long operation's steps as server-sent events (a failure the last, with
-    ``failed``'s fields, then ``[DONE]``), or without streaming its last step."""
+    ``failed``'s fields; no ``[DONE]``, which TabbyAPI does not send and its clients
+    read as JSON), or without streaming its last step. A client that leaves stops
+    reading either way (a download then stops; a load runs on, detached): without
+    streaming, a download whose client had left ran on, and was installed."""
     if not stream:
         last: dict[str, object] = {}
-        async for step in steps:
-            last = step
+        async with CancelOnDisconnect(request), aclosing(steps):
+            async for step in steps:
+                last = step
         return JSONResponse(last)
 
     async def events() -> AsyncGenerator[bytes, None]:
@@ -176,7 +188,6 @@ async def _progress(
         except KeelError as exc:
             progress.failed = exc.status_code  # counted as it ended (see streaming.OUTCOME)
             yield sse({**exc.to_body(), **failed})
-        yield DONE
 
     progress = EventStream(events())
     return progress
@@ -184,11 +195,14 @@ async def _progress(
 
 async def _audited(
     steps: AsyncIterator[PullProgress], audit: Callable[[str, str | None], None]
-) -> AsyncIterator[PullProgress]:
+) -> AsyncGenerator[PullProgress, None]:
     try:
         async for step in steps:
             yield step
     except KeelError as exc:
         audit("error", exc.message)
+        raise
+    except (GeneratorExit, asyncio.CancelledError):
+        audit("stopped", "the client left")
         raise
     audit("ok", None)

@@ -93,13 +93,28 @@ def _unusable(model_name: str, exc: Exception) -> RequestError:
     )
 
 
+LOAD_STEPS = ("queued", "checking_memory", "starting_worker", "loading", "switching", "ready")
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
-    status: str  # queued | checking_memory | starting_worker | loading | ready | error
+    step: str  # one of LOAD_STEPS
     message: str
 
     def to_dict(self, role: Role, model: str) -> dict[str, object]:
-        return {"role": role, "model_name": model, "status": self.status, "message": self.message}
+        """An event as TabbyAPI sends one (``ModelLoadResponse``: ``model_type``,
+        ``module`` of ``modules``, ``status`` processing until finished; its clients wait
+        for ``finished``), with keel's own step, role, model and message beside."""
+        return {
+            "model_type": "embedding" if role == "embedding" else "model",
+            "module": LOAD_STEPS.index(self.step) + 1,
+            "modules": len(LOAD_STEPS),
+            "status": "finished" if self.step == "ready" else "processing",
+            "step": self.step,
+            "role": role,
+            "model_name": model,
+            "message": self.message,
+        }
 
 
 def _mib(n: int) -> str:

@@ -46,14 +46,21 @@ class ReloadRequest(_Wire):
 
 
 class LoadProgress(BaseModel):
-    """One step of a load: an SSE event's data, or the whole answer with ``"stream": false``."""
+    """One step of a load: an SSE event's data, or the whole answer with ``"stream": false``.
+    TabbyAPI's fields (``model_type``, ``module``, ``modules``, ``status``) and keel's."""
 
+    model_type: Literal["model", "embedding"]
+    module: int = Field(description="This step's number, of ``modules``.")
+    modules: int
+    status: Literal["processing", "finished"] = Field(
+        description="As TabbyAPI's: ``finished`` once the model serves (an error event has "
+        "``error`` and ``status: error`` instead)."
+    )
+    step: str = Field(
+        description="queued | checking_memory | starting_worker | loading | switching | ready"
+    )
     role: Role
     model_name: str
-    status: str = Field(
-        description="queued | checking_memory | starting_worker | loading | switching | "
-        "ready | error"
-    )
     message: str
 
 
