@@ -241,6 +241,8 @@ def test_tabbys_model_directories_load_and_a_registry_name_says_how_to_pull(
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"GGUF")
     assert resolve_model(str(tmp_path / "StarCoder-1B"), paths) == weights
+    monkeypatch.delenv("TABBY_ROOT", raising=False)
+    monkeypatch.delenv("TABBY_MODEL_CACHE_ROOT", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     downloaded = tmp_path / "home/.tabby/models/TabbyML/StarCoder-1B/ggml/q8_0.v2.gguf"
     downloaded.parent.mkdir(parents=True)
@@ -258,6 +260,40 @@ def test_tabbys_model_directories_load_and_a_registry_name_says_how_to_pull(
         resolve_model(str(tmp_path / "nowhere.gguf"), paths)
     assert "keel models pull" not in path.value.message
     assert path.value.message.count(str(tmp_path / "nowhere.gguf") + ",") == 1, "listed once"
+
+
+def test_tabbys_model_directory_is_where_tabby_finds_it_and_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tabby's Docker image sets TABBY_ROOT=/data; TABBY_MODEL_CACHE_ROOT moves the models
+    alone. keel looked only in ~/.tabby/models (exit 69 for a model Tabby served), and
+    listed none of Tabby's downloads, though a load found them."""
+    paths = Paths(tmp_path / "keel")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TABBY_MODEL_CACHE_ROOT", raising=False)
+    monkeypatch.setenv("TABBY_ROOT", str(tmp_path / "data"))
+    weights = tmp_path / "data/models/TabbyML/RootModel/ggml/model-00001-of-00001.gguf"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"GGUF")
+    assert resolve_model("TabbyML/RootModel", paths) == weights
+    assert resolve_model("RootModel", paths) == weights
+    assert [(m.name, m.path) for m in list_model_files(paths) if not m.embedded] == [
+        ("TabbyML/RootModel", weights)
+    ]
+    monkeypatch.setenv("TABBY_MODEL_CACHE_ROOT", str(tmp_path / "cache"))
+    with pytest.raises(MissingDependency):
+        resolve_model("TabbyML/RootModel", paths)  # the cache root wins, as in Tabby
+    cached = tmp_path / "cache/TabbyML/CacheModel/ggml/q8_0.v2.gguf"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"GGUF")
+    assert resolve_model("TabbyML/CacheModel", paths) == cached
+    # a pulled copy under the same name is the one a load takes, and the one listed
+    pulled = paths.models_dir / "TabbyML/CacheModel.gguf"
+    pulled.parent.mkdir(parents=True)
+    pulled.write_bytes(b"GGUF")
+    listed = [(m.name, m.path) for m in list_model_files(paths) if not m.embedded]
+    assert listed == [("TabbyML/CacheModel", pulled)]
+    assert resolve_model("TabbyML/CacheModel", paths) == pulled
 
 
 def test_no_home_directory_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +60,12 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     candidates = [given]
     for name in names:
         candidates += [paths.models_dir / name, paths.models_dir / f"{name}.gguf"]
-    # Tabby's own layout: a model directory (given, or under ~/.tabby/models by its
+    # Tabby's own layout: a model directory (given, or in Tabby's model directory by its
     # registry name), its weights in ggml/
     directories = [given]
-    with contextlib.suppress(RuntimeError):  # no home directory: no Tabby downloads
-        directories += [Path(TABBY_MODELS).expanduser() / name for name in names]
+    tabby = tabby_models_dir()
+    if tabby is not None:
+        directories += [tabby / name for name in names]
     for directory in directories:
         candidates += [directory / "ggml" / name for name in TABBY_WEIGHTS]
     candidates = list(dict.fromkeys(candidates))  # an absolute path is models_dir / it
@@ -78,8 +80,22 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     )
 
 
-TABBY_MODELS = "~/.tabby/models"
-"""Where Tabby keeps the models it downloaded, by registry name (``TabbyML/StarCoder-1B``)."""
+def tabby_models_dir() -> Path | None:
+    """Where Tabby keeps the models it downloaded, by registry name
+    (``TabbyML/StarCoder-1B``), as Tabby finds it (``crates/tabby-common/src/path.rs``):
+    ``TABBY_MODEL_CACHE_ROOT``, else ``$TABBY_ROOT/models``, else ``~/.tabby/models``;
+    None with no home directory. keel read only the last: Tabby's Docker image sets
+    ``TABBY_ROOT=/data``, and its models were not found (exit 69)."""
+    if cache := os.environ.get("TABBY_MODEL_CACHE_ROOT"):
+        return Path(cache).expanduser()
+    if root := os.environ.get("TABBY_ROOT"):
+        return Path(root).expanduser() / "models"
+    try:
+        return Path("~/.tabby/models").expanduser()
+    except RuntimeError:  # no home directory
+        return None
+
+
 TABBY_WEIGHTS = ("model-00001-of-00001.gguf", "q8_0.v2.gguf")
 """A Tabby model directory's weights, in ``ggml/`` (the older name second)."""
 
@@ -104,7 +120,8 @@ def _is_file(path: Path) -> bool:
 
 
 def list_model_files(paths: Paths) -> list[ModelFile]:
-    """Every GGUF file keel can load: the embedded one first, then the model directory.
+    """Every GGUF file keel can load: the embedded one first, then the model directory,
+    then Tabby's downloads (:func:`tabby_models_dir`) under their registry names.
 
     A file's name is its path under the model directory without ``.gguf``
     (``TabbyML/StarCoder-1B`` for ``models/TabbyML/StarCoder-1B.gguf``): the name
@@ -124,6 +141,23 @@ def list_model_files(paths: Paths) -> list[ModelFile]:
                 continue
             name = relative.with_suffix("").as_posix()
             found.append(ModelFile(name, file, file.stat().st_size))
+    names = {model.name for model in found}
+    tabby = tabby_models_dir()
+    for name, file in _tabby_downloads(tabby) if tabby is not None else ():
+        if name not in names:  # a pulled copy under the same name is the one that loads
+            found.append(ModelFile(name, file, file.stat().st_size))
+    return found
+
+
+def _tabby_downloads(directory: Path) -> list[tuple[str, Path]]:
+    """The models Tabby downloaded into ``directory`` (``TabbyML/StarCoder-1B``, its
+    weights in ``ggml/``), by the name a load or ``model_id`` finds them under."""
+    found = []
+    with contextlib.suppress(OSError):
+        for model in sorted(directory.glob("*/*/ggml")):
+            weights = [model / name for name in TABBY_WEIGHTS if _is_file(model / name)]
+            if weights:
+                found.append((model.parent.relative_to(directory).as_posix(), weights[0]))
     return found
 
 
