@@ -53,6 +53,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _mib_count(text: str) -> float:
+    """A ``--min-free-mib``: a number of MiB, 0 or more (a negative reserve was taken)."""
+    try:
+        mib = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
+    if not mib >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"0 or more MiB (got {text})")
+    return mib
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves: a busy port is an error, never another port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -553,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--quant", help="with org/repo: the GGUF file whose name holds this (Q8_0)")
     pull.add_argument(
         "--min-free-mib",
-        type=float,
+        type=_mib_count,
         help="disk space to leave free beyond the file, in MiB (default 512)",
     )
     pull.add_argument("--config", default=argparse.SUPPRESS, help="config file")

@@ -45,6 +45,10 @@ def test_a_full_disk_exits_69_before_downloading(hub: FakeHub, tmp_path: Path) -
     assert refused.returncode == 69
     assert "not enough disk space" in refused.stderr and "nothing was downloaded" in refused.stderr
     assert hub.downloads() == []
+    for bad in ("-5", "nan", "lots"):
+        usage = keel(tmp_path, "pull", f"{REPO}:{FILE}", "--min-free-mib", bad)
+        assert usage.returncode == 2 and "--min-free-mib" in usage.stderr, usage.stderr
+    assert hub.downloads() == []  # a negative reserve was taken, and the pull ran
 
 
 def test_hub_failures_are_one_clear_line(hub: FakeHub, tmp_path: Path) -> None:

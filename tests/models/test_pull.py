@@ -169,7 +169,13 @@ def test_a_401_says_to_set_hf_token(hub: FakeHub, paths: Paths, model_bytes: byt
     with pytest.raises(UpstreamAuthError) as wrong:
         puller(hub, paths, environ={"HF_TOKEN": "hf_wrong"}).pull(f"{REPO}:{FILE}")
     assert "your HF_TOKEN has no access" in wrong.value.message
-    pulled = puller(hub, paths, environ={"HF_TOKEN": "hf_secret"}).pull(f"{REPO}:{FILE}")
+    with pytest.raises(UpstreamAuthError) as blank:
+        puller(hub, paths, environ={"HF_TOKEN": " \n"}).pull(f"{REPO}:{FILE}")
+    assert "set HF_TOKEN" in blank.value.message
+    # a token file's newline, cleaned as huggingface_hub cleans it: it was "Illegal header
+    # value", filed under "cannot reach" the hub
+    secret = {"HF_TOKEN": "hf_secret\n"}
+    pulled = puller(hub, paths, environ=secret).pull(f"{REPO}:{FILE}")
     assert pulled.path.read_bytes() == model_bytes
     assert hub.downloads()[-1].headers["authorization"] == "Bearer hf_secret"
 

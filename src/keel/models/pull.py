@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -247,7 +248,10 @@ class ModelPuller:
         self.paths = paths
         self.local = local or LocalModelConfig()
         self.endpoint = (endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-        self.token = token or env.get("HF_TOKEN") or None
+        # cleaned as huggingface_hub cleans it (utils/_auth.py): a token file's newline made
+        # every pull fail with "Illegal header value", filed under "cannot reach"
+        given = token or env.get("HF_TOKEN") or ""
+        self.token = given.replace("\r", "").replace("\n", "").strip() or None
         self.offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
         self.min_free_bytes = min_free_bytes
         self.free_bytes = free_bytes
@@ -494,6 +498,11 @@ class ModelPuller:
                 f"cannot reach {self.endpoint} for {where}: {_root_cause(exc)}", provider=self.hub
             ) from None
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # another pull or a log filled it meanwhile
+                raise InsufficientStorage(
+                    f"the disk of {self.paths.models_dir} filled up during the download of "
+                    f"{where}; nothing was kept: free some space, then pull again"
+                ) from None
             raise UpstreamProtocolError(
                 f"the download of {where} broke off: {exc}; nothing was kept, pull again",
                 provider=self.hub,
