@@ -219,6 +219,14 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         assert completion[0]["worker"]["pid"] == chat[0]["worker"]["pid"]
         refused = client.post("/v1/model/unload")  # no body, as TabbyAPI's clients send it
         assert refused.status_code == 409 and "completion has no other provider" in refused.text
+        # The same file by another name: the worker running it serves, under its name,
+        # and the answer says so (it named the new name, which /v1/model did not show).
+        body = {"model_name": "alt", "role": "chat", "stream": False}
+        assert client.post("/v1/model/load", json=body).status_code == 200
+        again = client.post("/v1/model/load", json={**body, "model_name": "alt.gguf"})
+        assert again.status_code == 200, again.text
+        current = client.get("/v1/model", params={"role": "chat"}).json()["id"]
+        assert again.json()["message"].startswith(f"chat is served by {current} "), again.text
 
 
 def test_a_model_swapped_out_finishes_the_answer_it_is_streaming(tmp_path: Path) -> None:

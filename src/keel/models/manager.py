@@ -301,7 +301,9 @@ class ModelManager:
         chain = self._chain([[ProviderEntry(provider, config)], *self._chain_of(role)[1:]], role)
         await self._switch(role, chain, wait=False)
         log.info("%s now served by %s", role, name)
-        yield Progress("ready", f"{role} is served by {chosen}")
+        served = provider.info.model  # a worker shared keeps the name it runs under
+        same = "" if served == chosen else f" (running already: the same file as {chosen})"
+        yield Progress("ready", f"{role} is served by {served}{same}")
 
     def _running(self) -> dict[WorkerSpec, LocalProvider]:
         """The local providers serving now, by worker spec."""
