@@ -41,6 +41,8 @@ def test_router_methods_feed_their_series() -> None:
     metrics.fallback("chat", "up", "down")
     metrics.fallback_active("chat", True)
     metrics.retry("up")
+    metrics.provider_failed("up", "retryable", "UpstreamTimeout")
+    metrics.prompt_shrunk("up")
     metrics.rejected("completion", "queue_full")
     metrics.queue_depth("completion", 7)
     metrics.queue_capacity("completion", 8)
@@ -61,6 +63,9 @@ def test_router_methods_feed_their_series() -> None:
     assert value(text, "keel_serving_fallback", role="chat") == 1
     assert value(text, "keel_serving_fallback", role="completion") == 0
     assert value(text, "keel_retries_total", provider="up") == 1
+    failed = {"provider": "up", "kind": "retryable", "error": "UpstreamTimeout"}
+    assert value(text, "keel_provider_failures_total", **failed) == 1
+    assert value(text, "keel_prompts_shrunk_total", provider="up") == 1
     assert value(text, "keel_rejections_total", role="completion", reason="queue_full") == 1
     assert value(text, "keel_queue_depth", role="completion") == 7
     assert value(text, "keel_queue_capacity", role="completion") == 8

@@ -73,6 +73,12 @@ class Events(NoEvents):
     def retry(self, provider: str) -> None:
         self.log.append(("retry", provider))
 
+    def prompt_shrunk(self, provider: str) -> None:
+        self.log.append(("shrunk", provider))
+
+    def provider_failed(self, provider: str, kind: str, error: str) -> None:
+        self.log.append(("failed", provider, kind, error))
+
     def observe_generation(
         self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
     ) -> None:
@@ -747,6 +753,12 @@ async def test_context_too_long_retries_once_with_less_then_falls_back(
     assert starts.calls == [("primary", False), ("primary", True), ("fb", False)]
     assert router.endpoints[0].breaker.state is BreakerState.CLOSED
     assert router.endpoints[0].prompts_shrunk == 2
+    assert build.events.log.count(("shrunk", "primary")) == 2
+    # each refusal counted by kind: a full prompt's, then the halved one's, the backend's
+    failed = [e[2:] for e in build.events.log if e[:2] == ("failed", "primary")]
+    assert failed == [("too_long", "UpstreamStatusError")] * 2 + [
+        ("retryable", "UpstreamStatusError")
+    ], failed
 
 
 async def test_a_built_prompt_that_does_not_fit_at_half_is_the_backends_configuration(

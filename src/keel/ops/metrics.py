@@ -384,6 +384,14 @@ class Metrics:
             ["provider"],
             registry=registry,
         )
+        self.provider_failures = Counter(
+            "keel_provider_failures",
+            "Failed calls to a provider (requests' attempts and the health checks that count "
+            "against it), by how the router classed them: retryable, crashed, rate_limited, "
+            "too_long, auth, client; and the error (UpstreamTimeout, UpstreamStatusError, ...).",
+            ["provider", "kind", "error"],
+            registry=registry,
+        )
         self.prompts_shrunk = Counter(
             "keel_prompts_shrunk",
             "Prompts keel built (Tabby completions) that a backend found over its context, "
@@ -589,6 +597,9 @@ class Metrics:
 
     def retry(self, provider: str) -> None:
         self._child(self.retries, provider).inc()
+
+    def provider_failed(self, provider: str, kind: str, error: str) -> None:
+        self._child(self.provider_failures, provider, kind, error).inc()
 
     def prompt_shrunk(self, provider: str) -> None:
         self._child(self.prompts_shrunk, provider).inc()

@@ -45,6 +45,7 @@ class RouterEvents(Protocol):
     def fallback(self, role: str, from_provider: str, to_provider: str) -> None: ...
     def retry(self, provider: str) -> None: ...
     def prompt_shrunk(self, provider: str) -> None: ...
+    def provider_failed(self, provider: str, kind: str, error: str) -> None: ...
     def fallback_active(self, role: str, active: bool) -> None: ...
     def provider_auth_failed(self, provider: str, failed: bool) -> None: ...
     def health_check(self, provider: str, seconds: float, ok: bool) -> None: ...
@@ -73,6 +74,9 @@ class NoEvents:
         pass
 
     def prompt_shrunk(self, provider: str) -> None:
+        pass
+
+    def provider_failed(self, provider: str, kind: str, error: str) -> None:
         pass
 
     def fallback_active(self, role: str, active: bool) -> None:
@@ -322,7 +326,8 @@ class RoleRouter:
         A request counts once: its ``retry`` on the same endpoint failing is no second
         breaker failure (counted per attempt, three requests during a backend's restart
         made six, opened the breaker at its default of five, and a keel with no
-        fallback answered 503 for the next 60 s)."""
+        fallback answered 503 for the next 60 s). Every failure is counted, by kind."""
+        self.events.provider_failed(endpoint.name, kind, type(error).__name__)
         if kind is Failure.CRASHED and not endpoint.new_crash(error):
             # One worker death fails every request in flight; it is one failure. Counted
             # per request, three in flight opened the breaker and two made the endpoint
