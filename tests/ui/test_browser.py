@@ -13,7 +13,7 @@ from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from tests import deps
 from tests.conftest import ARTIFACTS, KeelProcess, start_keel
-from tests.fakes.upstreams import FakeUpstream
+from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.ui.config import FALLBACK_TOKENS, PRIMARY_TOKENS, UI_KEY, ui_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -88,6 +88,9 @@ def test_status_page_shows_live_state_and_runs_the_playground(
     browser: Browser, world: tuple[KeelProcess, FakeUpstream, FakeUpstream]
 ) -> None:
     keel, primary, _ = world
+    # the first completion's prompt over the primary's window: keel sends it again at half
+    too_long = {"error": {"message": "This model's maximum context length is 2048 tokens"}}
+    primary.behave(Behaviour.error(400, too_long), times=1)
     some_traffic(keel)
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     page = context.new_page()
@@ -120,6 +123,7 @@ def test_status_page_shows_live_state_and_runs_the_playground(
         serving = page.locator(card(page, PRIMARY))
         expect(serving).to_have_attribute("data-serving", "true")
         expect(serving).to_have_attribute("data-status", "ok")
+        expect(serving).to_contain_text("prompts halved")  # what keel did, shown
         expect(page.locator(card(page, FALLBACK))).to_have_attribute("data-serving", "false")
         expect(page.locator('.card[data-role="chat"]')).to_have_count(1)
         expect(page.locator("#acceptance tr[data-language=python]")).to_contain_text("50%")

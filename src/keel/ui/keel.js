@@ -223,6 +223,8 @@
       ["in flight", p.outstanding],
     ];
     if (p.endpoint) facts.push(["endpoint", p.endpoint]);
+    // Prompts keel built that this backend's window refused, sent again at half.
+    if (p.prompts_shrunk) facts.push(["prompts halved", p.prompts_shrunk]);
     const limit = worker.rate_limit;
     if (limit) {
       // A configured rate_limit: the time requests waited on it is never silent.
