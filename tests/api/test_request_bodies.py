@@ -272,6 +272,59 @@ async def test_a_response_format_reaches_the_backend_and_a_bad_one_is_a_400(
         assert response.json()["error"]["param"] == field
 
 
+def nested(levels: int) -> dict[str, object]:
+    schema: dict[str, object] = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [
+        (
+            {"type": "array", "items": {"type": "string"}, "minItems": 5, "maxItems": 2},
+            "schema: minItems 5 is over maxItems 2",
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"id": {"type": "string", "minLength": 5, "maxLength": 2}},
+            },
+            "schema.properties.id: minLength 5 is over maxLength 2",
+        ),
+        ({"type": "integer", "minimum": 3, "maximum": 1.5}, "minimum 3 is over maximum 1.5"),
+        (
+            {"type": "string", "pattern": "^[a-z]{5,2}$"},
+            "schema.pattern: {5,2} asks for at least 5 and at most 2 repeats",
+        ),
+        (nested(300), "nested deeper than 64 levels"),
+    ],
+    ids=["items", "length", "number", "pattern", "depth"],
+)
+async def test_a_response_schema_no_value_can_follow_is_the_callers_400(
+    client: httpx.AsyncClient, backends: Backends, schema: dict[str, object], said: str
+) -> None:
+    """Bounds no value can meet grew the local engine's worker past 17 GB while every
+    editor's completion waited; 300 levels of nesting failed inside the engine as the
+    provider's fault and opened the worker's breaker (completions 503 for 60 s). Both
+    are refused before any backend sees them, naming what is wrong."""
+    seen = len(backends.fallback.requests)
+    body = {
+        **VALID_BODIES["/v1/chat/completions"],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    }
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "response_format.json_schema.schema", error
+    assert said in error["message"], error
+    assert len(backends.fallback.requests) == seen
+    fine = {**body["response_format"]["json_schema"], "schema": nested(30)}  # type: ignore[index]
+    body["response_format"] = {"type": "json_schema", "json_schema": fine}
+    assert (await client.post("/v1/chat/completions", json=body, headers=USER)).status_code == 200
+
+
 async def test_dimensions_other_than_the_models_are_a_400_naming_it(
     client: httpx.AsyncClient,
 ) -> None:

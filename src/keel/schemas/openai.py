@@ -8,6 +8,7 @@ naming the field, before any work starts.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -261,10 +262,70 @@ class ChatMessageIn(_Wire):
         return "\n".join(part.text for part in self.content if isinstance(part, ContentPart))
 
 
+SCHEMA_DEPTH_LIMIT = 64
+"""Levels of objects and arrays a response schema may nest: a local engine compiles it
+into a grammar recursively, and ~250 levels failed inside it (as a provider failure that
+opened the shared worker's breaker); real schemas nest a dozen or so."""
+
+_BOUNDS = (
+    ("minItems", "maxItems"),
+    ("minLength", "maxLength"),
+    ("minProperties", "maxProperties"),
+    ("minimum", "maximum"),
+    ("minContains", "maxContains"),
+)
+
+
+_REVERSED_REPEAT = re.compile(r"(?<!\\)\{(\d+),(\d+)\}")
+"""A regex quantifier ``{m,n}`` (not an escaped brace)."""
+
+
+def schema_problem(node: object, where: str = "schema", depth: int = 0) -> str | None:
+    """What makes a response schema one no engine should be given, or None: deeper than
+    :data:`SCHEMA_DEPTH_LIMIT`, or bounds no value can meet (``minItems`` 5 with
+    ``maxItems`` 2, or a ``pattern``'s ``{5,2}``: a local engine's grammar for either
+    grew its worker past 17 GB, while every editor's completion waited)."""
+    if depth > SCHEMA_DEPTH_LIMIT:
+        return f"{where}: nested deeper than {SCHEMA_DEPTH_LIMIT} levels"
+    children: list[tuple[str, object]] = []
+    if isinstance(node, dict):
+        pattern = node.get("pattern")
+        for found in _REVERSED_REPEAT.finditer(pattern if isinstance(pattern, str) else ""):
+            if int(found[1]) > int(found[2]):
+                return (
+                    f"{where}.pattern: {found[0]} asks for at least {found[1]} and at most "
+                    f"{found[2]} repeats: no value can meet both"
+                )
+        for low, high in _BOUNDS:
+            least, most = node.get(low), node.get(high)
+            numbers = all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in (least, most)
+            )
+            if numbers and least > most:  # type: ignore[operator]
+                return f"{where}: {low} {least} is over {high} {most}: no value can meet both"
+        children = [(f"{where}.{key}", value) for key, value in node.items()]
+    elif isinstance(node, list):
+        children = [(f"{where}[{index}]", value) for index, value in enumerate(node)]
+    for path, child in children:
+        if isinstance(child, dict | list):
+            problem = schema_problem(child, path, depth + 1)
+            if problem is not None:
+                return problem
+    return None
+
+
 class JsonSchemaFormat(_Wire):
     name: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _meetable(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        problem = schema_problem(schema)
+        if problem is not None:
+            raise ValueError(f"{problem}; send a schema some JSON value can follow")
+        return schema
 
 
 class ResponseFormat(_Wire):
