@@ -6,8 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import keel.errors as errors
-from keel.errors import ConfigError, ConfigIssue, ExitCode, KeelError
+from keel.api.errors import error_response
+from keel.errors import ConfigError, ConfigIssue, ExitCode, KeelError, RateLimited
 
 
 def tree_classes() -> list[type[KeelError]]:
@@ -54,3 +57,11 @@ def test_importing_the_errors_loads_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert loaded == ""
+
+
+@pytest.mark.parametrize(("wait", "header"), [(10.2, "11"), (10.0, "10"), (0.3, "1"), (0.0, "1")])
+def test_retry_after_is_rounded_up(wait: float, header: str) -> None:
+    """A client that waits what Retry-After says is not refused again: 10.4 s said "10",
+    and the OpenAI SDK spent a retry on a certain 429."""
+    response = error_response(RateLimited("over the key's rate", retry_after=wait))
+    assert response.headers["Retry-After"] == header

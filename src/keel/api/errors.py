@@ -30,7 +30,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 def error_response(error: KeelError) -> JSONResponse:
     headers = {}
     if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+        # rounded up: a client that waited 10 s of 10.4 was refused again
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     if error.status_code == 401:  # how to authenticate, as HTTP asks of a 401
         headers["WWW-Authenticate"] = 'Bearer realm="keel"'
 
