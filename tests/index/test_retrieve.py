@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,39 @@ def test_an_update_by_another_process_is_searched_at_once(
     assert "weather/units.py" not in paths, "a deleted file's code in the prompt"
     assert "weather/days.py" in paths
     assert retriever.state()[0] == other.state()[0] != 0  # the same committed state
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted", "tantivy deleted"])
+async def test_a_damaged_index_costs_its_snippets_only_and_is_rebuilt(
+    retriever: RepositoryRetriever, damage: str
+) -> None:
+    """An index deleted or damaged under a running keel made every completion of its
+    repository a 500, and every refresh failed ("being written by another process")
+    until a restart. Tabby's completion goes on without snippets; so does keel's, and
+    the next refresh rebuilds the index."""
+    url = "https://github.com/example/weather.git"
+    ask = {"prefix": PREFIX, "filepath": "report.py", "git_url": url}
+    assert await retriever.retrieve(**ask)
+    directory = retriever.repositories[0].index.directory
+    if damage == "deleted":
+        shutil.rmtree(directory)
+    elif damage == "corrupted":
+        (directory / "tantivy" / "meta.json").write_text("{ not json")
+    else:
+        shutil.rmtree(directory / "tantivy")
+    await retriever.retrieve(**{**ask, "prefix": PREFIX + "p"})  # no error, whatever it finds
+    retriever.update("weather")
+    found = await retriever.retrieve(**{**ask, "prefix": PREFIX + "pe"})
+    assert {snippet.filepath for snippet in found} >= {"weather/client.py"}
+
+
+def test_a_file_uri_filepath_is_percent_decoded(tmp_path: Path) -> None:
+    """tabby-agent sends the document's URI as ``filepath`` where it has no workspace:
+    a space in the path (``my%20repo``) matched no repository."""
+    root = tmp_path / "my repo"
+    (root / "src").mkdir(parents=True)
+    built = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="mine", path=str(root))], IndexConfig(), Paths(tmp_path / "d")
+    )
+    matched = built.match(f"file://{tmp_path}/my%20repo/src/new.py", None)
+    assert matched is not None and matched[1] == "src/new.py"

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import unquote
 
 from keel.config import IndexConfig, Paths, RepositoryConfig
 from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
@@ -91,7 +92,11 @@ class Repository:
 
 
 def _filepath(value: str) -> str:
-    return value.removeprefix("file://")
+    """A request's ``filepath``: a path, or a ``file://`` URI (tabby-agent sends the
+    document's URI where it has no workspace), percent-decoded as URIs are."""
+    if value.startswith("file://"):
+        return unquote(value.removeprefix("file://"))
+    return value
 
 
 def cursor_query(prefix: str) -> list[str]:
@@ -131,6 +136,7 @@ class RepositoryRetriever:
         """Search results by the index's state (its stamp) and the query."""
         self._cache_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._last_failure: str | None = None
 
     @classmethod
     def from_settings(
@@ -215,9 +221,19 @@ class RepositoryRetriever:
     ) -> list[Snippet]:
         if not self.repositories:
             return []
-        return await asyncio.to_thread(
-            self.search, prefix=prefix, filepath=filepath, git_url=git_url
-        )
+        try:
+            return await asyncio.to_thread(
+                self.search, prefix=prefix, filepath=filepath, git_url=git_url
+            )
+        except Exception as exc:  # noqa: BLE001 - a damaged index costs its snippets only
+            # As Tabby's collect_snippets: an index deleted or damaged under keel made
+            # every completion of its repository a 500 until a restart. The refresh
+            # rebuilds it.
+            message = f"repository context unavailable: {exc}"
+            if message != self._last_failure:
+                log.warning("%s; completions go on without it", message)
+                self._last_failure = message
+            return []
 
     def update(
         self, name: str | None = None, progress: Progress | None = None

@@ -156,7 +156,12 @@ class RepositoryIndex:
         stamp = self.stamp()
         index = self._open(create=False)
         if index is not None:
-            index.reload()
+            try:
+                index.reload()
+            except ValueError:  # its files were deleted or damaged: nothing to search
+                self._index = self._searcher = None
+                self._loaded = stamp
+                raise
             self._searcher = index.searcher()
             self._loaded = stamp
 
@@ -173,9 +178,14 @@ class RepositoryIndex:
                 f"repository {self.name!r}: {self.root} is not a directory", code="index_failed"
             )
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Opened again each time: the index kept open was used after its files were
+        # deleted or damaged, and every refresh failed ("being written by another
+        # process") until a restart. Opened anew, a broken index is rebuilt.
+        self._index = None
+        existed = self.exists()
         index = self._open(create=True)
         assert index is not None
-        manifest = self._load_manifest()
+        manifest = self._load_manifest() if existed else {}  # a new index has nothing
         before = json.dumps(manifest, sort_keys=True)
         files = list_source_files(
             self.root, max_file_bytes=self.max_file_bytes, skipped=stats.skipped
