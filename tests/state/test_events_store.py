@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from keel.errors import Unavailable
 from keel.events import DAY, EventRetention, EventStore, SqliteEventStore
 from keel.ops.metrics import Metrics
+from keel.state import postgres_events
 from keel.state.migrate import MIGRATIONS_TABLE, POSTGRES, SQLITE, check_order, migrate_postgres
 from keel.state.postgres_events import PostgresEventStore, redact
 from tests.state.servers import PostgresServer
@@ -217,4 +220,93 @@ async def test_a_read_after_a_database_restart_works_and_says_it_is_up(
     postgres_server.stop()
     postgres_server.start()
     store.acceptance(0, time.time())  # the kept connection ended; replaced within the call
+    store.close()
+
+
+def cluster_pids(server: PostgresServer) -> list[int]:
+    """The postmaster and every process it started."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    return [postmaster, *map(int, children)]
+
+
+async def test_a_database_that_stops_answering_is_down_and_holds_nothing(
+    postgres_server: PostgresServer, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database host frozen (its processes stopped, not gone: connections open, no
+    answer): reads, editor events and shutdown waited for minutes, with the store shown
+    up (KeelSharedStoreDown could not fire). Each wait is bounded now, and says so."""
+    monkeypatch.setattr(postgres_events, "STATEMENT_SECONDS", 1.0)
+    metrics = Metrics()
+    store = PostgresEventStore(postgres_url, metrics=metrics, flush_seconds=0.05)
+    wait_until(lambda: store.up is True)
+    store.acceptance(0, time.time())  # the reader's connection is made and kept
+    frozen = cluster_pids(postgres_server)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            store.acceptance(0, time.time())
+        assert time.monotonic() - started < 8
+        assert store.up is False
+        assert metrics.registry.get_sample_value("keel_state_store_up", {"store": "postgres"}) == 0
+        await store.record("completion", completion_id="cmpl-frozen", language="go")
+        started = time.monotonic()
+        store.close(timeout=1.0)
+        assert time.monotonic() - started < 5, "shutdown waited on the frozen database"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_an_event_with_a_nul_loses_nothing(postgres_url: str) -> None:
+    """PostgreSQL refuses NUL in text: one editor event with it lost the 20 written in
+    its batch, and a read of it called the database unreachable."""
+    store = PostgresEventStore(postgres_url, flush_seconds=5.0, batch_rows=1000)
+    wait_until(lambda: store.up is True)
+    for i in range(20):
+        await store.record("view", completion_id=f"cmpl-{i}", choice_index=0)
+    await store.record("view", completion_id="cmpl-\x00", choice_index=0)
+    store._wake.set()  # the batch now, not in 5 s
+    wait_until(lambda: store.status()["buffered"] == 0)
+    assert store.counts() == {"view": 21} and store.dropped == 0
+    assert await store.language_of("cmpl-\x00") is None
+    assert store.up is True
+    store.close()
+
+
+async def test_a_read_only_database_keeps_the_events_until_it_takes_them(
+    postgres_url: str,
+) -> None:
+    """A database back read-only (a demoted primary, a standby after a failover) is not
+    one that refuses the rows: they wait, as while it is down. They were dropped."""
+    server, database = postgres_url.rsplit("/", 1)
+    metrics = Metrics()
+    store = PostgresEventStore(postgres_url, metrics=metrics, flush_seconds=0.05)
+    wait_until(lambda: store.up is True)
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            value = "on" if on else "off"
+            admin.execute(
+                f'ALTER DATABASE "{database}" SET default_transaction_read_only = {value}'
+            )
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+
+    read_only(True)
+    try:
+        for i in range(3):
+            await store.record("completion", completion_id=f"cmpl-ro-{i}", language="go")
+        wait_until(lambda: store.up is False)
+        await asyncio.sleep(3 * postgres_events.RETRY_SECONDS)  # the writer tries, read-only
+        assert store.dropped == 0 and store.status()["buffered"] == 3
+    finally:
+        read_only(False)
+    wait_until(lambda: store.status()["buffered"] == 0 and store.up is True)
+    assert store.counts() == {"completion": 3} and store.dropped == 0
     store.close()

@@ -5,9 +5,11 @@ writer thread sends the buffer in batches (every ``flush_seconds``, or as
 soon as ``batch_rows`` are waiting). While the database is down the rows stay
 buffered and the writer retries once a second; past ``max_buffered`` new
 rows are dropped and counted (``keel_events_dropped_total{reason}``), so an
-outage costs events, never completions or memory. A batch the database
-refuses for its content (not its availability) is dropped too, with its own
-reason, rather than retried forever.
+outage costs events, never completions or memory. A database that cannot write
+now (read-only, a standby) is treated as down. A batch the database refuses for
+its content is written again a row at a time, and only the rows it refuses are
+dropped, with their own reason, rather than retried forever. Nothing waits on
+the database longer than :data:`STATEMENT_SECONDS`.
 
 Reads (acceptance, the language of a completion) go to the database on a
 connection of their own; acceptance raises :class:`keel.errors.Unavailable`
@@ -19,9 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from itertools import islice
 from typing import TYPE_CHECKING, Unpack
 
@@ -61,8 +67,41 @@ ACCEPTANCE = """
 """
 REMEMBERED_LANGUAGES = 10_000
 RETRY_SECONDS = 1.0
+STATEMENT_SECONDS = 10.0
+"""The longest a read, a batch or a migration may wait on the database. One that stopped
+answering (its host frozen, not down) held the status page, editor events and shutdown
+for minutes, while keel said it was up."""
 
 Row = tuple[object, ...]
+
+
+def _clean(value: object) -> object:
+    """A text value PostgreSQL can store: it refuses NUL, and one event's NUL (an
+    editor's ``completion_id``) lost every event written with it."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+@contextmanager
+def _bounded(connection: psycopg.Connection[Row]) -> Iterator[None]:
+    """Fail what ``connection`` runs inside if it takes over :data:`STATEMENT_SECONDS`:
+    the socket is shut down under the waiting call, which then raises OperationalError.
+    (A cancel request goes through the server, which may be the thing not answering.)"""
+
+    def abort() -> None:
+        with suppress(OSError, psycopg.Error):
+            shut = socket.socket(fileno=os.dup(connection.pgconn.socket))
+            try:
+                shut.shutdown(socket.SHUT_RDWR)
+            finally:
+                shut.close()
+
+    timer = threading.Timer(STATEMENT_SECONDS, abort)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def redact(url: str) -> str:
@@ -113,7 +152,7 @@ class PostgresEventStore:
     # writing ----------------------------------------------------------------
 
     async def record(self, kind: str, **fields: Unpack[EventFields]) -> None:
-        row = event_row(kind, fields, Jsonb)
+        row = tuple(map(_clean, event_row(kind, fields, Jsonb)))
         completion_id = fields.get("completion_id")
         if kind == "completion" and completion_id:
             self._languages[completion_id] = fields.get("language")
@@ -162,24 +201,45 @@ class PostgresEventStore:
             return False
         try:
             connection = self._writer = self._writer or self._connect()
-            with connection.cursor() as cursor:
-                cursor.executemany(INSERT, batch)
-            connection.commit()
-        except psycopg.OperationalError as exc:
+            self._insert(connection, batch)
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # refused for its content: the rows it can take are written one by one, and
+            # only the others dropped (a whole batch went with one bad row)
+            self._close_writer()
+            refused = self._insert_singly(batch)
+            log.error("the events database refused %d events, dropping them: %s", refused, exc)
+            self._remove(len(batch))
+            self._drop(refused, "rejected")
+            return True
+        except psycopg.Error as exc:
+            # unreachable, or unable to write now (a read-only standby after a failover):
+            # the rows wait, as while it is down; they were dropped as refused
             self._writing(exc)
             self._close_writer()
             if not self._closing:
                 time.sleep(RETRY_SECONDS)
             return False
-        except psycopg.Error as exc:
-            log.error("the events database refused %d events, dropping them: %s", len(batch), exc)
-            self._close_writer()
-            self._remove(len(batch))
-            self._drop(len(batch), "rejected")
-            return True
         self._remove(len(batch))
         self._writing(None)
         return True
+
+    @staticmethod
+    def _insert(connection: psycopg.Connection[Row], rows: list[Row]) -> None:
+        with _bounded(connection), connection.cursor() as cursor:
+            cursor.executemany(INSERT, rows)
+            connection.commit()
+
+    def _insert_singly(self, batch: list[Row]) -> int:
+        """Write ``batch`` a row at a time on a new connection; how many were refused."""
+        refused = 0
+        with self._connect() as connection:
+            for row in batch:
+                try:
+                    self._insert(connection, [row])
+                except (psycopg.DataError, psycopg.IntegrityError):
+                    connection.rollback()
+                    refused += 1
+        return refused
 
     def _writing(self, error: Exception | None) -> None:
         """How the writer's last try went (None: it wrote), for the store's state."""
@@ -200,7 +260,12 @@ class PostgresEventStore:
     def _connect(self) -> psycopg.Connection[Row]:
         """A connection to a database migrated to the current schema version."""
         connection = psycopg.connect(self.url, connect_timeout=max(1, round(self.connect_timeout)))
-        applied = migrate_postgres(connection)
+        try:
+            with _bounded(connection):
+                applied = migrate_postgres(connection)
+        except BaseException:  # read-only, frozen: not a connection to keep
+            connection.close()
+            raise
         if applied:
             log.info("events database migrated to version %d", applied[-1])
         return connection
@@ -239,29 +304,39 @@ class PostgresEventStore:
         """Rows of ``query``. A kept connection the server has ended since (a restart)
         is replaced once, within the same call; a read that works says the database is
         up (only the writer said so, and a quiet replica stayed "down")."""
-        with self._read_lock:
-            while True:
-                kept = self._reader is not None
-                try:
-                    if self._reader is None:
-                        self._reader = self._connect()
-                        self._reader.autocommit = True
+        if not self._read_lock.acquire(timeout=STATEMENT_SECONDS):  # another read hangs
+            raise Unavailable(
+                "the events database is not answering; acceptance figures return when it does"
+            )
+        try:
+            return self._query_locked(query, tuple(map(_clean, params)))
+        finally:
+            self._read_lock.release()
+
+    def _query_locked(self, query: str, params: tuple[object, ...]) -> list[Row]:
+        while True:
+            kept = self._reader is not None
+            try:
+                if self._reader is None:
+                    self._reader = self._connect()
+                    self._reader.autocommit = True
+                with _bounded(self._reader):
                     rows = self._reader.execute(query, params).fetchall()
-                except psycopg.Error as exc:
-                    if self._reader is not None:
-                        self._reader.close()
-                        self._reader = None
-                    if kept:
-                        continue
-                    self._failed(exc)
-                    raise Unavailable(
-                        "the events database is unreachable; acceptance figures return when it does"
-                    ) from exc
-                with self._lock:
-                    stuck = self._writer_error is not None and bool(self._buffer)
-                if not stuck:  # a read says the database is up, unless events wait on it
-                    self._succeeded()
-                return rows
+            except psycopg.Error as exc:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+                if kept:
+                    continue
+                self._failed(exc)
+                raise Unavailable(
+                    "the events database is unreachable; acceptance figures return when it does"
+                ) from exc
+            with self._lock:
+                stuck = self._writer_error is not None and bool(self._buffer)
+            if not stuck:  # a read says the database is up, unless events wait on it
+                self._succeeded()
+            return rows
 
     async def language_of(self, completion_id: str | None) -> str | None:
         if not completion_id:
@@ -323,7 +398,10 @@ class PostgresEventStore:
             log.warning("%d events not written to the events database before shutdown", left)
         if not self._thread.is_alive():
             self._close_writer()
-        with self._read_lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+        if self._read_lock.acquire(timeout=STATEMENT_SECONDS):  # a hung read: left to exit
+            try:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+            finally:
+                self._read_lock.release()
