@@ -102,6 +102,9 @@ class KeyStore:
     on_reload: Callable[[bool, str], None] | None = None
     shared: SharedKeys | None = None
     """Keys in Redis (``[state] redis_url``), in force beside the configured ones."""
+    previous: KeyStore | None = None
+    """The store a config reload replaces: its keys file's keys stay in force while
+    the file cannot be read (a reload during a half-written edit revoked them all)."""
     keys: Keys = field(default_factory=Keys)
     file_error: str | None = None
     _file_stamp: tuple[float, int] | None = None
@@ -109,6 +112,11 @@ class KeyStore:
 
     def __post_init__(self) -> None:
         self.keys = Keys(tuple(self.config.api_keys), self.config.admin_key)
+        prior, self.previous = self.previous, None
+        if prior is not None and prior.keys_path == self.keys_path:
+            users = tuple(key for key in prior.keys.users if key not in prior.config.api_keys)
+            admin = prior.keys.admin if prior.keys.admin != prior.config.admin_key else None
+            self.keys = Keys(tuple(self.config.api_keys) + users, admin or self.config.admin_key)
         self.refresh(force=True)
 
     @property

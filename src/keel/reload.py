@@ -63,13 +63,14 @@ def assemble(
     background: Background,
     redis: RedisState | None = None,
     shared_keys: SharedKeys | None = None,
-    previous: Routing | None = None,
+    previous: Parts | None = None,
     control: asyncio.Lock,
 ) -> Parts:
     """The serving parts; with ``redis``, per-key limits are shared across replicas, and
     ``shared_keys`` (the keys in Redis) are in force beside the configured ones;
-    ``previous``: the routing a reload replaces (see :class:`Routing`); ``control``: the
-    lock that keeps model loads and reloads one at a time."""
+    ``previous``: the parts a reload replaces (its routing, see :class:`Routing`; the
+    keys file's keys while the file cannot be read; the per-key budgets, spent as they
+    are); ``control``: the lock that keeps model loads and reloads one at a time."""
     use_additional_languages(
         [
             Language(
@@ -81,7 +82,9 @@ def assemble(
             for extra in settings.additional_languages
         ]
     )
-    routing = Routing(settings, providers, events=metrics, previous=previous)
+    routing = Routing(
+        settings, providers, events=metrics, previous=previous.routing if previous else None
+    )
     metrics.track_providers(providers)
     metrics.track_readiness(lambda role: routing.routers[role].any_usable())
 
@@ -90,7 +93,10 @@ def assemble(
 
     per_minute = settings.auth.requests_per_minute
     limiter: KeyLimiter | None = None
-    if per_minute and redis is not None:
+    kept = previous.rate_limiter if previous else None
+    if per_minute and kept is not None and kept.per_minute == per_minute:
+        limiter = kept  # a reload gave every key a whole new minute's budget
+    elif per_minute and redis is not None:
         from keel.state.shared_limits import SharedKeyRateLimiter
 
         limiter = SharedKeyRateLimiter(per_minute, redis)
@@ -118,7 +124,13 @@ def assemble(
             timeout=max(settings.server.completion_timeout, 300.0),
         ),
         embedding=EmbeddingServing(routing.routers["embedding"], routing.admission["embedding"]),
-        keys=KeyStore(settings.auth, paths.root, on_reload=keys_reloaded, shared=shared_keys),
+        keys=KeyStore(
+            settings.auth,
+            paths.root,
+            on_reload=keys_reloaded,
+            shared=shared_keys,
+            previous=previous.keys if previous else None,
+        ),
         rate_limiter=limiter,
         models=ModelManager(settings, paths, routing, audit, background, lock=control),
     )
@@ -186,7 +198,15 @@ async def apply_config(
         background=state.background,
         redis=state.redis,
         shared_keys=state.shared_keys,
-        previous=state.routing,
+        previous=Parts(
+            routing=state.routing,
+            completion=state.completion,
+            chat=state.chat,
+            embedding=state.embedding,
+            keys=state.keys,
+            rate_limiter=state.rate_limiter,
+            models=state.models,
+        ),
         control=state.control,
     )
     old_routing = state.routing

@@ -133,6 +133,11 @@ def test_keys_file_change_takes_effect_and_a_bad_file_keeps_the_old_keys(
     keys_file.write_text("api_keys = [unterminated\n")
     time.sleep(1.5)
     assert status(new_key) == 200  # a broken file keeps the keys in force
+    reload = httpx.post(
+        f"{secured.url}/v1/admin/reload", headers={"x-admin-key": ADMIN_KEY}, timeout=60
+    )
+    assert reload.status_code == 200, reload.text
+    assert status(new_key) == 200  # across a config reload too: it revoked them all
     audit = (secured.root / "audit.log").read_text()
     assert '"action":"keys_reload"' in audit and '"result":"error"' in audit
     assert new_key not in audit  # keys never reach the audit log
@@ -140,7 +145,9 @@ def test_keys_file_change_takes_effect_and_a_bad_file_keeps_the_old_keys(
 
 
 def test_rate_limit_per_key(tmp_path: Path) -> None:
-    config = f'[auth]\napi_keys = ["{USER_KEY}"]\nrequests_per_minute = 3\n'
+    config = (
+        f'[auth]\napi_keys = ["{USER_KEY}"]\nadmin_key = "{ADMIN_KEY}"\nrequests_per_minute = 3\n'
+    )
     server = start_keel(tmp_path, config)
     try:
         server.wait_ready()
@@ -151,6 +158,11 @@ def test_rate_limit_per_key(tmp_path: Path) -> None:
         assert [r.status_code for r in codes] == [200, 200, 200, 429]
         assert int(codes[-1].headers["Retry-After"]) >= 1
         assert codes[-1].json()["error"]["code"] == "rate_limited"
+        # a config reload keeps what each key has spent: it handed out a new minute
+        admin = {"x-admin-key": ADMIN_KEY}
+        reload = httpx.post(f"{server.url}/v1/admin/reload", headers=admin, timeout=60)
+        assert reload.status_code == 200, reload.text
+        assert httpx.post(url, json=body, headers=headers, timeout=60).status_code == 429
         # Model work is limited, not the key's monitoring: a scrape, the status page.
         for path in ("/v1/models", "/metrics", "/v1/providers", "/v1/stats"):
             response = httpx.get(f"{server.url}{path}", headers=headers, timeout=10)
