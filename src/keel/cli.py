@@ -192,6 +192,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {issue.render()}", file=sys.stderr)
     for ignored in settings.ignored_sections():
         print(f"warning: {ignored}", file=sys.stderr)
+    for index, repo in enumerate(settings.repositories):  # this machine's checkouts
+        if repo.path is not None and not Path(repo.path).expanduser().is_dir():
+            print(
+                f"warning: repositories[{index}].path: {repo.path} is not a directory; "
+                f"repository {repo.name!r} would not be indexed",
+                file=sys.stderr,
+            )
     from keel.ops.doctor import keys_file_trouble
 
     if (trouble := keys_file_trouble(settings, paths)) is not None:
@@ -407,12 +414,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not retriever.repositories:
         print("keel: no [[repositories]] with a path to index", file=sys.stderr)
         return 0
+    failed: list[KeelError] = []
     for repo in retriever.repositories:
         if args.name is not None and repo.name != args.name:
             continue
         bar = ProgressBar(f"index {repo.name}", sys.stderr)
         try:
             stats = retriever.update(repo.name, bar)[repo.name]
+        except KeelError as exc:  # the others are indexed still: the first stopped them all
+            print(f"keel: {exc.message}", file=sys.stderr)
+            failed.append(exc)
+            continue
         finally:
             bar.finish()
         print(
@@ -422,7 +434,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
         for relpath, reason in sorted(stats.skipped.items())[:20]:
             print(f"  skipped {relpath}: {reason}")
-    return 0
+    return max((int(exc.exit_code) for exc in failed), default=0)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -716,8 +716,8 @@ class Settings(_Section):
             raise ValueError(issue)
         # The same checkout twice (Tabby refuses it): indexed twice, its snippets shown
         # twice, under two names (app, app-2).
-        places = [
-            str(repo.path or repo.git_url).rstrip("/")
+        places = [  # a path as written: /src/app and /src/x/../app/ are one checkout
+            os.path.normpath(os.path.expanduser(repo.path)) if repo.path else str(repo.git_url)
             for repo in value
             if repo.path or repo.git_url
         ]

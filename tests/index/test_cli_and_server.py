@@ -56,6 +56,22 @@ def test_keel_index_builds_then_updates_incrementally(repo: Path, tmp_path: Path
     assert "no repository named 'nope'" in unknown.stderr and "weather" in unknown.stderr
 
 
+def test_keel_index_goes_on_past_a_repository_it_cannot_read(repo: Path, tmp_path: Path) -> None:
+    """A repository whose path is gone, listed first, stopped `keel index` before the
+    others (exit 1, nothing indexed); each is tried, each failure said, then exit 1."""
+    root = tmp_path / "keel"
+    root.mkdir()
+    gone = f'[[repositories]]\nname = "gone"\npath = "{tmp_path / "nowhere"}"\n\n'
+    (root / "config.toml").write_text(gone + config_for(repo))
+    done = run_keel(root, "index")
+    assert done.returncode == 1, done.stderr
+    assert "repository 'gone'" in done.stderr and "is not a directory" in done.stderr
+    assert "weather: 4 files" in done.stdout
+    checked = run_keel(root, "config", "check")  # the file is fine; this machine lacks one
+    assert checked.returncode == 0, checked.stderr
+    assert "repositories[0].path" in checked.stderr and "'gone'" in checked.stderr
+
+
 @pytest.mark.integration
 def test_tabby_completion_shows_retrieved_snippets(repo: Path, tmp_path: Path) -> None:
     server = start_keel(tmp_path / "keel", config_for(repo))

@@ -231,6 +231,10 @@ def test_a_port_out_of_range_on_the_command_line_is_a_usage_error(
             {"repositories": [{"git_url": "file:///srv/app"}, {"git_url": "file:///srv/app/"}]},
             "repositories",
         ),
+        (  # the same checkout by another spelling of its path
+            {"repositories": [{"path": "/srv/app"}, {"path": "/srv/x/../app"}]},
+            "repositories",
+        ),
         (  # a misspelt {prefix}: every prompt was made without the code before the cursor
             {"model": {"completion": {"http": {**LLAMA, "prompt_template": "<a>{prefx}<b>"}}}},
             "model.completion.http.prompt_template",
