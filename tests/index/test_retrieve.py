@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -203,3 +204,20 @@ def test_a_file_uri_filepath_is_percent_decoded(tmp_path: Path) -> None:
     )
     matched = built.match(f"file://{tmp_path}/my%20repo/src/new.py", None)
     assert matched is not None and matched[1] == "src/new.py"
+
+
+async def test_a_checkout_that_is_gone_gives_no_snippets_until_it_is_back(
+    retriever: RepositoryRetriever, repo: Path, tmp_path: Path
+) -> None:
+    """A checkout moved or unmounted: its index served the old files' snippets on,
+    while every refresh failed."""
+    ask = {
+        "prefix": PREFIX,
+        "filepath": "report.py",
+        "git_url": "https://github.com/example/weather.git",
+    }
+    assert await retriever.retrieve(**ask)
+    os.rename(repo, tmp_path / "moved")
+    assert await retriever.retrieve(**{**ask, "prefix": PREFIX + "p"}) == []
+    os.rename(tmp_path / "moved", repo)
+    assert await retriever.retrieve(**{**ask, "prefix": PREFIX + "pe"})

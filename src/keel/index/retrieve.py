@@ -195,7 +195,9 @@ class RepositoryRetriever:
             return []
         repo, relpath = matched
         terms = cursor_query(prefix)
-        if not terms:
+        if not terms or not repo.root.is_dir():
+            # a checkout moved, deleted or unmounted: its snippets are of files no longer
+            # there (they were served on, while every refresh failed)
             return []
         key = (repo.name, repo.index.stamp(), relpath, tuple(terms))
         with self._cache_lock:
