@@ -17,6 +17,7 @@ from keel.index.retrieve import (
     pick_hits,
 )
 from keel.index.store import Hit
+from tests.index.conftest import git
 
 PREFIX = (
     "from weather.client import WeatherClient\n\n\n"
@@ -221,3 +222,25 @@ async def test_a_checkout_that_is_gone_gives_no_snippets_until_it_is_back(
     assert await retriever.retrieve(**{**ask, "prefix": PREFIX + "p"}) == []
     os.rename(tmp_path / "moved", repo)
     assert await retriever.retrieve(**{**ask, "prefix": PREFIX + "pe"})
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_every_remote_names_the_repository_whoever_owns_the_checkout(
+    repo: Path, tmp_path: Path
+) -> None:
+    """tabby-agent sends origin's URL, else upstream's, else the first remote's; only
+    origin was read. A checkout owned by another user (keel runs as its own) was
+    refused by git: no request matched it by URL, and nothing said why."""
+    git(repo, "init", "-q")
+    git(repo, "remote", "add", "upstream", "https://github.com/acme/weather.git")
+    git(repo, "remote", "add", "fork", "git@github.com:me/weather.git")
+    if os.geteuid() == 0:  # another owner than the one reading it
+        for path in [repo, *repo.rglob("*")]:
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+    built = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))], IndexConfig(), Paths(tmp_path / "d")
+    )
+    assert built.repositories[0].git_urls == {
+        "github.com/acme/weather",
+        "github.com/me/weather",
+    }

@@ -62,19 +62,32 @@ def normalize_git_url(url: str) -> str:
     return f"{host}{sep}{rest}" if sep else host
 
 
-def _origin_url(root: Path) -> str | None:
+def _remote_urls(root: Path) -> list[str]:
+    """The URLs of every remote of the checkout at ``root``: tabby-agent sends origin's,
+    else upstream's, else the first's, and only origin's was read. Read whoever owns the
+    checkout (``safe.directory``): run as another user (the shipped unit's ``keel``),
+    git refused it, and no request matched by its URL."""
     if not (root / ".git").exists():
-        return None
+        return []
     try:
         result = subprocess.run(
-            ["git", "-C", str(root), "config", "--get", "remote.origin.url"],
+            [
+                "git",
+                "-c",
+                f"safe.directory={root}",
+                "-C",
+                str(root),
+                "config",
+                "--get-regexp",
+                r"^remote\..*\.url$",
+            ],
             capture_output=True,
             text=True,
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
+        return []
+    return [line.split(None, 1)[1] for line in result.stdout.splitlines() if " " in line]
 
 
 @dataclass(slots=True)
@@ -147,7 +160,7 @@ class RepositoryRetriever:
             if repo.path is None:  # keel does not clone (config check and serve say so)
                 continue
             root = Path(repo.path).expanduser().resolve()
-            urls = {normalize_git_url(u) for u in (repo.git_url, _origin_url(root)) if u}
+            urls = {normalize_git_url(u) for u in (repo.git_url, *_remote_urls(root)) if u}
             index = RepositoryIndex(
                 repo.name, root, paths.index_dir / repo.name, max_file_bytes=config.max_file_bytes
             )
