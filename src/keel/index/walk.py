@@ -135,6 +135,8 @@ def _git_files(root: Path) -> list[str] | None:
         result = subprocess.run(
             [
                 "git",
+                "-c",
+                f"safe.directory={root}",  # a checkout another user owns, as keel's unit runs
                 "-C",
                 str(root),
                 "ls-files",
