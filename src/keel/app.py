@@ -77,6 +77,7 @@ def create_app(
             await redis.ping()
         await asyncio.gather(*(provider.start() for provider in built.unique()))
         retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
+        retriever.on_state = app_metrics.index_state
         refresh = asyncio.create_task(retriever.refresh_forever(), name="index-refresh")
         audit = AuditLog(paths.root / "audit.log")
         shared_keys = None

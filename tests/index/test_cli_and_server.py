@@ -105,6 +105,10 @@ def test_tabby_completion_shows_retrieved_snippets(repo: Path, tmp_path: Path) -
                     time.sleep(0.5)
             assert snippets, server.log.read_text()[-3000:]
             assert "weather/client.py" in {s["filepath"] for s in snippets}
+            # the index's state is shown: it was in one log line, after a whole build
+            shown = client.get("/v1/providers").json()["repositories"]["weather"]
+            assert shown["state"] == "ready" and shown["chunks"] > 0, shown
+            assert 'keel_index_up{repository="weather"} 1.0' in client.get("/metrics").text
             prompt = data["debug_data"]["prompt"]
             assert "# Path: weather/client.py" in prompt
             assert "#     def fetch_forecast(self, city_name, days=3):" in prompt

@@ -244,3 +244,27 @@ def test_every_remote_names_the_repository_whoever_owns_the_checkout(
         "github.com/acme/weather",
         "github.com/me/weather",
     }
+
+
+async def test_each_refresh_says_how_each_index_stands(repo: Path, tmp_path: Path) -> None:
+    """Indexing showed only in a log line after a whole build, and a repository failing
+    in a warning per round: its state is in /v1/providers and the metrics now."""
+    built = RepositoryRetriever.from_settings(
+        [
+            RepositoryConfig(name="weather", path=str(repo)),
+            RepositoryConfig(name="gone", path=str(tmp_path / "nowhere")),
+        ],
+        IndexConfig(refresh_seconds=0),
+        Paths(tmp_path / "data"),
+    )
+    told: list[tuple[str, bool, int | None]] = []
+    built.on_state = lambda *said: told.append(said)
+    assert {name: state["state"] for name, state in built.states.items()} == {
+        "weather": "waiting",
+        "gone": "waiting",
+    }
+    await built.refresh_forever()
+    weather, gone = built.states["weather"], built.states["gone"]
+    assert weather["state"] == "ready" and weather["files"] == 4 and weather["chunks"]
+    assert gone["state"] == "failed" and "is not a directory" in str(gone["last_error"])
+    assert told == [("weather", True, weather["chunks"]), ("gone", False, None)]

@@ -113,4 +113,6 @@ async def providers(request: Request) -> dict[str, object]:
     limits = state.redis.status() if state.redis else {"store": "process", "up": True}
     keys = state.shared_keys.status() if state.shared_keys else {"store": "config", "up": True}
     shared = {"rate_limits": limits, "keys": keys, "events": state.events.status()}
-    return {**state.routing.snapshot(), "shared_state": shared}
+    retriever = state.completion.prompts.retriever
+    repositories = retriever.states if retriever is not None else {}
+    return {**state.routing.snapshot(), "shared_state": shared, "repositories": repositories}

@@ -22,13 +22,15 @@ import logging
 import re
 import subprocess
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
 from keel.config import IndexConfig, Paths, RepositoryConfig
+from keel.errors import KeelError
 from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
 from keel.index.tokens import query_terms
 from keel.pipeline.prompt import Snippet
@@ -150,6 +152,13 @@ class RepositoryRetriever:
         self._cache_lock = threading.Lock()
         self._stopping = threading.Event()
         self._last_failure: str | None = None
+        self.states: dict[str, dict[str, object]] = {
+            repo.name: {"state": "waiting", "path": str(repo.root)} for repo in self.repositories
+        }
+        """Each repository's index as ``/v1/providers`` shows it (``refresh_forever``
+        keeps it): waiting, indexing, ready or failed, with the last update's figures."""
+        self.on_state: Callable[[str, bool, int | None], None] | None = None
+        """Told each refresh's outcome: repository, whether it worked, its chunks."""
 
     @classmethod
     def from_settings(
@@ -286,13 +295,32 @@ class RepositoryRetriever:
         """
         while self.repositories:
             for repo in self.repositories:
+                state = self.states[repo.name]
+                if state["state"] == "waiting":
+                    log.info("indexing repository %r (%s)", repo.name, repo.root)
+                state["state"] = "indexing"
                 try:
                     stats = await asyncio.to_thread(self.update, repo.name)
                 except _RefreshCancelled:
                     return
                 except Exception as exc:  # noqa: BLE001 - reported and retried next round
                     log.warning("indexing repository %r failed: %s", repo.name, exc)
+                    message = exc.message if isinstance(exc, KeelError) else str(exc)
+                    state.update(state="failed", last_error=message, at=time.time())
+                    if self.on_state is not None:
+                        self.on_state(repo.name, False, None)
                     continue
+                done = stats[repo.name]
+                state.update(
+                    state="ready",
+                    last_error=None,
+                    at=time.time(),
+                    files=done.files,
+                    chunks=done.chunks,
+                    seconds=round(done.seconds, 2),
+                )
+                if self.on_state is not None:
+                    self.on_state(repo.name, True, done.chunks)
                 for name, done in stats.items():
                     if done.changed:
                         log.info(

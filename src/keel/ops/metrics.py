@@ -392,6 +392,19 @@ class Metrics:
             ["provider", "kind", "error"],
             registry=registry,
         )
+        self.index_chunks = Gauge(
+            "keel_index_chunks",
+            "Chunks in a repository's index after its last refresh.",
+            ["repository"],
+            registry=registry,
+        )
+        self.index_up = Gauge(
+            "keel_index_up",
+            "1 if a repository's last index refresh worked, 0 if it failed (its completions "
+            "get no snippets from it, or old ones).",
+            ["repository"],
+            registry=registry,
+        )
         self.prompts_shrunk = Counter(
             "keel_prompts_shrunk",
             "Prompts keel built (Tabby completions) that a backend found over its context, "
@@ -597,6 +610,11 @@ class Metrics:
 
     def retry(self, provider: str) -> None:
         self._child(self.retries, provider).inc()
+
+    def index_state(self, repository: str, ok: bool, chunks: int | None) -> None:
+        self._child(self.index_up, repository).set(1 if ok else 0)
+        if chunks is not None:
+            self._child(self.index_chunks, repository).set(chunks)
 
     def provider_failed(self, provider: str, kind: str, error: str) -> None:
         self._child(self.provider_failures, provider, kind, error).inc()
