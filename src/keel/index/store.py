@@ -224,6 +224,8 @@ class RepositoryIndex:
                 and entry.get("size") == source.size
             ):
                 stats.chunks += int(entry.get("chunks", 0))
+                if entry.get("skipped"):  # still skipped, and said so on every run
+                    stats.skipped[source.relpath] = str(entry["skipped"])
                 continue
             try:
                 content = source.path.read_bytes()
@@ -234,6 +236,8 @@ class RepositoryIndex:
             if entry is not None and entry.get("sha1") == digest:
                 entry.update(mtime_ns=source.mtime_ns, size=source.size)
                 stats.chunks += int(entry.get("chunks", 0))
+                if entry.get("skipped"):
+                    stats.skipped[source.relpath] = str(entry["skipped"])
                 continue
             new_entry: dict[str, Any] = {
                 "mtime_ns": source.mtime_ns,

@@ -114,7 +114,7 @@ def skip_reason(text: bytes) -> str | None:
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError:
-        return "binary"
+        return "not UTF-8 text"  # a Latin-1 source file was called binary
     first_lines = decoded[:1024].lower()
     if any(marker in first_lines for marker in _GENERATED_MARKERS):
         return "generated"
