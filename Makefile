@@ -60,7 +60,13 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 node-deps: $(NODE_STAMP)
 	@rm -f $(PENDING)/node
 
+# Node.js and npm from Debian when missing (tabby-agent's test); the apt lock is waited
+# for, as system-deps may hold it.
 $(NODE_STAMP): tests/node/package.json
+	(command -v npm >/dev/null 2>&1 || { echo "installing Debian packages: nodejs npm"; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+		nodejs npm >/dev/null; }) && \
 	(cd tests/node && npm install --no-audit --no-fund --loglevel=error) && touch $@; \
 	status=$$?; rm -f $(PENDING)/node; exit $$status
 
@@ -104,8 +110,9 @@ system-deps:
 	status=0; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends $$missing >/dev/null || status=$$?; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+			$$missing >/dev/null || status=$$?; \
 	fi; \
 	rm -f $(PENDING)/system; exit $$status
 

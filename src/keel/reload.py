@@ -251,7 +251,10 @@ START_ONLY = (
     "server.cors_allowed_origins",
     "server.shutdown_grace_seconds",
     "state.redis_url",
+    "state.timeout_seconds",
     "events.database_url",
+    "events.max_buffered",
+    "events.retention_days",
     "repositories",
     "index",
 )

@@ -33,12 +33,19 @@ def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
         assert chat_chain(server.url) == ["local/SmolLM2-135M-Instruct"]
 
         config.write_text(
-            WITH_FALLBACK + '[server]\ncors_allowed_origins = ["https://a.example"]\n'
+            WITH_FALLBACK
+            + '[server]\ncors_allowed_origins = ["https://a.example"]\n'
+            + "[events]\nretention_days = 7\nmax_buffered = 50\n"
         )
         applied = httpx.post(f"{server.url}/v1/admin/reload", timeout=60)
         assert applied.status_code == 200, applied.text
-        # Read at start only: applied at the next restart, and said so.
-        assert applied.json()["restart_needed"] == ["server.cors_allowed_origins"]
+        # Read at start only: applied at the next restart, and said so (the events store's
+        # settings were changed by a reload in no way, and said nothing).
+        assert applied.json()["restart_needed"] == [
+            "server.cors_allowed_origins",
+            "events.max_buffered",
+            "events.retention_days",
+        ]
         assert "next restart: server.cors_allowed_origins" in server.log.read_text()
         assert chat_chain(server.url) == ["local/SmolLM2-135M-Instruct", "chat/openai/chat#1"]
         assert server.worker_pid("chat") == pid  # unchanged worker kept, model not reloaded
