@@ -669,3 +669,52 @@ async def test_a_u64_seed_is_taken_and_sent_as_the_int64_with_its_bits(
     assert response.status_code == 200, response.text
     new = backends.primary.requests[before[0] :] + backends.fallback.requests[before[1] :]
     assert [request.json["seed"] for request in new] == [-1], new
+
+
+TEXT_PART = {"type": "text", "text": "x"}
+SNIPPET = {"filepath": "a.py", "body": "x = 1"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "said"),
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]},
+            "stop",
+            "at most 256 characters",
+        ),
+        ("/v1/completions", {"prompt": "x", "stop": "y" * 257}, "stop", "at most 256"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}] * 2049},
+            "messages",
+            "at most 2048 items",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [TEXT_PART] * 1025}]},
+            "messages[0].content",
+            "at most 1024 items",
+        ),
+        (
+            "/v1/completions",
+            {"segments": {"prefix": "x", "relevant_snippets_from_changed_files": [SNIPPET] * 513}},
+            "segments.relevant_snippets_from_changed_files",
+            "at most 512 items",
+        ),
+    ],
+    ids=["chat-stop", "completion-stop", "messages", "parts", "snippets"],
+)
+async def test_inputs_that_held_an_engine_for_everyone_are_a_400_naming_the_limit(
+    client: httpx.AsyncClient, path: str, body: dict[str, object], param: str, said: str
+) -> None:
+    """Each was a valid request that took the local engine from every other user: 16
+    stop strings of 100,000 characters (2.4 s a token), 40,000 tiny messages or 138,000
+    content parts (minutes of tokenizing, then the shared breaker open), 15,000 client
+    snippets (each counted by the tokenizer, past the worker's liveness limit: killed as
+    frozen, again and again)."""
+    response = await client.post(path, json=body, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and said in error["message"], error

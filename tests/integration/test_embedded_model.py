@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import urllib.error
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from keel.models.registry import embedded_model_path
+from keel.providers import local
 from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 from keel.workers.worker import EMBEDDING_NICE
@@ -686,3 +688,30 @@ def test_the_model_list_gives_a_local_models_context(keel_server: KeelProcess) -
         one = client.get(f"/v1/models/{card['id']}").json()
     assert card["context_length"] == card["max_model_len"] == 2048, card
     assert one == card
+
+
+async def test_token_counts_of_many_texts_and_of_requests_trimming_each_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counts taken from each request's own answers: another request trimming the shared
+    counts while one awaited the worker evicted texts it had found there (a KeyError, a
+    500). 600 new texts go in batches of ``TOKENIZE_BATCH`` (15,000 in one call kept the
+    liveness ping waiting, and the worker was killed as frozen)."""
+    monkeypatch.setattr(local, "TOKEN_COUNTS_KEPT", 50)
+    spec = WorkerSpec(str(embedded_model_path()), context_size=512, slots=1)
+    provider = LocalProvider(
+        WorkerSupervisor(spec, name="count"), name="c", model="m", ready_timeout=60
+    )
+    await provider.start()
+    try:
+        first = [f"x{n} = f()\n" for n in range(40)]
+        await provider.count_tokens(first)  # cached, then trimmed by the others below
+        many = [f"value_{n} = {n}\n" for n in range(600)]
+        results = await asyncio.gather(
+            *(provider.count_tokens(first + many[i::3]) for i in range(3))
+        )
+    finally:
+        await provider.aclose()
+    for i, counts in enumerate(results):
+        assert counts[:40] == results[0][:40] and all(c > 0 for c in counts)
+        assert len(counts) == 40 + len(many[i::3])

@@ -30,6 +30,10 @@ EMBED_PART_TOKENS = 1024
 for minutes (8 inputs of ~400 tokens took 12.8 s in one call; 24 ran past the role's
 30 s deadline twice, then were a 503, while the worker went on with both)."""
 TOKEN_COUNTS_KEPT = 20_000
+TOKENIZE_BATCH = 256
+"""Texts per tokenize call: the worker answers the supervisor's liveness ping between
+calls. 15,000 snippets in one call kept the ping waiting past its limit, and the worker
+was killed as frozen, five times in four minutes."""
 """Texts (mostly source lines) whose token counts a local provider remembers."""
 
 
@@ -103,20 +107,22 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         """Counts from the model's tokenizer, remembered per text: consecutive
         keystrokes send the same lines again, and asking the worker costs a loopback
         round trip per text (120 lines: ~35 ms), so only new texts go to it."""
-        missing = list(dict.fromkeys(text for text in texts if text not in self._counts))
-        if missing:
+        known = {text: self._counts[text] for text in texts if text in self._counts}
+        missing = list(dict.fromkeys(text for text in texts if text not in known))
+        for start in range(0, len(missing), TOKENIZE_BATCH):
+            batch = missing[start : start + TOKENIZE_BATCH]
             reply = await self.supervisor.call(
-                {"op": "tokenize", "texts": missing}, ready_timeout=self.ready_timeout
+                {"op": "tokenize", "texts": batch}, ready_timeout=self.ready_timeout
             )
-            for text, count in zip(missing, reply["counts"], strict=True):
-                self._counts[text] = int(count)
-        counts = []
-        for text in texts:
+            known.update(zip(batch, map(int, reply["counts"]), strict=True))
+        # Taken from this call's own counts: another request trimming the shared map while
+        # this one awaited the worker evicted texts it had found there (a KeyError, a 500).
+        for text, count in known.items():
+            self._counts[text] = count
             self._counts.move_to_end(text)
-            counts.append(self._counts[text])
         while len(self._counts) > TOKEN_COUNTS_KEPT:
             self._counts.popitem(last=False)
-        return counts
+        return [known[text] for text in texts]
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         op = {"op": "complete", "prompt": call.prompt, **_sampling(call.params)}

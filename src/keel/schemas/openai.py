@@ -69,12 +69,27 @@ def _stop_tuple(stop: StopField) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
+MAX_MESSAGES = 2048
+MAX_PARTS = 1024
+"""Messages in a chat, and parts in one message's content. The local engine's tokenizer
+takes time growing with the square of the special tokens a template puts in: 40,000
+two-letter messages kept it busy for minutes past their client, every completion on the
+same worker timed out, and its breaker opened for everyone."""
+
+MAX_STOP_LENGTH = 256
+"""Characters in one stop sequence: every token is checked against each one's beginnings,
+and 16 of 100,000 characters took the local engine 2.4 s a token, stalling every other
+request on it."""
+
+
 def _check_stop(stop: StopField) -> StopField:
     values = _stop_tuple(stop)
     if len(values) > 16:
         raise ValueError("at most 16 stop sequences")
     if any(not value for value in values):
         raise ValueError("stop sequences must not be empty")
+    if any(len(value) > MAX_STOP_LENGTH for value in values):
+        raise ValueError(f"a stop sequence is at most {MAX_STOP_LENGTH} characters")
     return stop
 
 
@@ -222,6 +237,8 @@ class ChatMessageIn(_Wire):
     @classmethod
     def _known_parts(cls, value: object) -> object:
         if isinstance(value, list):
+            if len(value) > MAX_PARTS:
+                raise ValueError(f"at most {MAX_PARTS} items (parts) in one message's content")
             for part in value:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if isinstance(kind, str) and kind not in ("text", "image_url"):
@@ -379,7 +396,7 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(_Sampled):
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=128)

@@ -35,14 +35,24 @@ class ClientSnippet(_Wire):
     score: float | None = None
 
 
+MAX_CLIENT_SNIPPETS = 512
+"""Declarations or snippets a Tabby request may carry in each list (tabby-agent sends a
+few dozen at most): 15,000 were each counted by the local model's tokenizer, and the
+worker, busy past its liveness limit, was killed as frozen again and again."""
+
+
 class Segments(_Wire):
     prefix: str
     suffix: str | None = None
     filepath: str | None = None
     git_url: str | None = None
-    declarations: list[Declaration] | None = None
-    relevant_snippets_from_changed_files: list[ClientSnippet] | None = None
-    relevant_snippets_from_recently_opened_files: list[ClientSnippet] | None = None
+    declarations: list[Declaration] | None = Field(None, max_length=MAX_CLIENT_SNIPPETS)
+    relevant_snippets_from_changed_files: list[ClientSnippet] | None = Field(
+        None, max_length=MAX_CLIENT_SNIPPETS
+    )
+    relevant_snippets_from_recently_opened_files: list[ClientSnippet] | None = Field(
+        None, max_length=MAX_CLIENT_SNIPPETS
+    )
     clipboard: str | None = None
 
 

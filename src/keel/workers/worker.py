@@ -155,12 +155,19 @@ class _StopWatch:
         if at >= 0:
             self.found, self.held = True, ""
             return seen[:at]
-        keep = max(
-            (n for stop in self._stops for n in range(1, len(stop)) if seen.endswith(stop[:n])),
-            default=0,
-        )
+        keep = max((_begun(seen, stop) for stop in self._stops), default=0)
         self.held = seen[len(seen) - keep :] if keep else ""
         return seen[: len(seen) - keep]
+
+
+def _begun(text: str, stop: str) -> int:
+    """The length of the longest beginning of ``stop`` (short of all of it) that ``text``
+    ends with; only beginnings that end in ``text``'s last character are compared."""
+    last = text[-1:]
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if stop[n - 1] == last and text.endswith(stop[:n]):
+            return n
+    return 0
 
 
 def _sampling(request: dict[str, Any]) -> dict[str, Any]:
