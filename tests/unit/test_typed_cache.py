@@ -60,6 +60,20 @@ def test_empty_suggestions_are_not_kept_and_places_are_bounded() -> None:
     assert cache.rest(PLACE, "p2", "\n") is None  # the least recent place went
 
 
+def test_the_cache_is_bounded_by_the_text_it_holds() -> None:
+    """Bounded by count alone, requests with 4 MB of prefix and suffix grew keel past
+    2.7 GB: the places used longest ago go, then a place's oldest suggestions."""
+    cache = TypedCache(max_chars=10_000)
+    big = "x" * 3_000
+    for n in range(5):
+        cache.put((f"file{n}",), suggestion(big + str(n), "text", suffix=""))
+    assert cache.chars <= 10_000
+    assert not cache.holds(("file0",), big + "0", "") and cache.holds(("file4",), big + "4", "")
+    for n in range(5):
+        cache.put(PLACE, suggestion(big + f"p{n}", "text", suffix=""))
+    assert cache.chars <= 10_000 and cache.holds(PLACE, big + "p4", "")
+
+
 async def test_a_request_joins_a_flight_it_extends_by_produced_text() -> None:
     flights = Flights()
     flight = Flight(PLACE, "x = ", "\n", precompute=False, waiters=1)
