@@ -299,8 +299,12 @@ def nested(levels: int) -> dict[str, object]:
             "schema.pattern: {5,2} asks for at least 5 and at most 2 repeats",
         ),
         (nested(300), "nested deeper than 64 levels"),
+        (
+            {"type": "object", "properties": {f"p{n}": {"type": "string"} for n in range(1001)}},
+            "schema.properties: over 1000 entries",
+        ),
     ],
-    ids=["items", "length", "number", "pattern", "depth"],
+    ids=["items", "length", "number", "pattern", "depth", "width"],
 )
 async def test_a_response_schema_no_value_can_follow_is_the_callers_400(
     client: httpx.AsyncClient, backends: Backends, schema: dict[str, object], said: str

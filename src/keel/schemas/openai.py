@@ -284,6 +284,11 @@ SCHEMA_DEPTH_LIMIT = 64
 into a grammar recursively, and ~250 levels failed inside it (as a provider failure that
 opened the shared worker's breaker); real schemas nest a dozen or so."""
 
+SCHEMA_WIDTH_LIMIT = 1000
+"""Entries of one object or list in a response schema (properties, an enum, anyOf): the
+local engine's grammar for an object of optional properties grows faster than their
+number (600: 0.9 s; 3,000: one to two minutes of both cores, then refused)."""
+
 _BOUNDS = (
     ("minItems", "maxItems"),
     ("minLength", "maxLength"),
@@ -304,6 +309,8 @@ def schema_problem(node: object, where: str = "schema", depth: int = 0) -> str |
     grew its worker past 17 GB, while every editor's completion waited)."""
     if depth > SCHEMA_DEPTH_LIMIT:
         return f"{where}: nested deeper than {SCHEMA_DEPTH_LIMIT} levels"
+    if isinstance(node, dict | list) and len(node) > SCHEMA_WIDTH_LIMIT:
+        return f"{where}: over {SCHEMA_WIDTH_LIMIT} entries"
     children: list[tuple[str, object]] = []
     if isinstance(node, dict):
         pattern = node.get("pattern")
