@@ -76,8 +76,9 @@ def _section(
         if field.description:
             lines.append(f"# {field.description}")
         default = (defaults or {}).get(name, _default(field))
-        if default is PydanticUndefined:
-            lines.append(f"# {name} = ...  (required)")
+        if default is PydanticUndefined:  # required, unless filled in as it says
+            filled = "(default:" in (field.description or "")
+            lines.append(f"# {name} = ...  {'(see its default above)' if filled else '(required)'}")
         elif default is None:
             lines.append(f"# {name} =")
         else:
