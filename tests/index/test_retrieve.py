@@ -224,7 +224,6 @@ async def test_a_checkout_that_is_gone_gives_no_snippets_until_it_is_back(
     assert await retriever.retrieve(**{**ask, "prefix": PREFIX + "pe"})
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_every_remote_names_the_repository_whoever_owns_the_checkout(
     repo: Path, tmp_path: Path
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,6 @@ def test_walk_respects_gitignore_and_skips_vendored_generated_and_unknown(repo: 
     assert files == ["blob.py", *EXPECTED]
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_walk_uses_git_in_a_checkout(repo: Path) -> None:
     git(repo, "init", "-q")
     (repo / "weather" / ".gitignore").write_text("units.py\n")
@@ -52,8 +50,6 @@ def test_a_symlink_is_never_followed_out_of_the_checkout(
     (repo / "weather" / "local_settings.py").symlink_to(secret)
     (repo / "weather" / "alias.py").symlink_to(repo / "weather" / "client.py")
     if checkout:
-        if shutil.which("git") is None:
-            pytest.skip("needs git")
         git(repo, "init", "-q")
     skipped: dict[str, str] = {}
     files = [f.relpath for f in list_source_files(repo, max_file_bytes=100_000, skipped=skipped)]
