@@ -63,14 +63,15 @@ def assemble(
     background: Background,
     redis: RedisState | None = None,
     shared_keys: SharedKeys | None = None,
-    previous: Parts | None = None,
+    previous: AppState | None = None,
     control: asyncio.Lock,
 ) -> Parts:
     """The serving parts; with ``redis``, per-key limits are shared across replicas, and
     ``shared_keys`` (the keys in Redis) are in force beside the configured ones;
-    ``previous``: the parts a reload replaces (its routing, see :class:`Routing`; the
-    keys file's keys while the file cannot be read; the per-key budgets, spent as they
-    are); ``control``: the lock that keeps model loads and reloads one at a time."""
+    ``previous``: the serving state a reload replaces (its routing, see
+    :class:`Routing`; the keys file's keys while the file cannot be read; the per-key
+    budgets, spent as they are); ``control``: the lock that keeps model loads and
+    reloads one at a time."""
     use_additional_languages(
         [
             Language(
@@ -198,15 +199,7 @@ async def apply_config(
         background=state.background,
         redis=state.redis,
         shared_keys=state.shared_keys,
-        previous=Parts(
-            routing=state.routing,
-            completion=state.completion,
-            chat=state.chat,
-            embedding=state.embedding,
-            keys=state.keys,
-            rate_limiter=state.rate_limiter,
-            models=state.models,
-        ),
+        previous=state,
         control=state.control,
     )
     old_routing = state.routing

@@ -36,6 +36,7 @@ import math
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -597,27 +598,25 @@ class HttpUpstream:
         llama.cpp's server does after each streamed answer though it says keep-alive
         (every other request back to back failed, "Can not write request body" or
         "Server disconnected")."""
-        data = _encode(body)
+        url, data = self.url(path), _encode(body)
         request: dict[str, bool] = {}
-        try:
-            response = await self.client.post(
-                self.url(path),
+
+        def send(traced_as: dict[str, bool] | None) -> Awaitable[aiohttp.ClientResponse]:
+            return self.client.post(  # a redirect is not followed: raise_for_status says it
+                url,
                 data=data,
                 headers=traced(headers),
                 timeout=self.timeout,
-                trace_request_ctx=request,
+                trace_request_ctx=traced_as,
                 allow_redirects=False,
             )
+
+        try:
+            response = await send(request)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if not request.get("reused") or isinstance(exc, aiohttp.ClientConnectorError):
                 raise
-            response = await self.client.post(
-                self.url(path),
-                data=data,
-                headers=traced(headers),
-                timeout=self.timeout,
-                allow_redirects=False,
-            )
+            response = await send(None)
         return response
 
     async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
