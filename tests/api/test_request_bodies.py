@@ -298,21 +298,26 @@ def nested(levels: int) -> dict[str, object]:
             {"type": "string", "pattern": "^[a-z]{5,2}$"},
             "schema.pattern: {5,2} asks for at least 5 and at most 2 repeats",
         ),
+        (
+            {"type": "string", "pattern": "^((a{0,30}){0,30}){0,30}$"},
+            "schema.pattern: (a{0,30}){0,30} repeats what can match nothing",
+        ),
         (nested(300), "nested deeper than 64 levels"),
         (
             {"type": "object", "properties": {f"p{n}": {"type": "string"} for n in range(1001)}},
             "schema.properties: over 1000 entries",
         ),
     ],
-    ids=["items", "length", "number", "pattern", "depth", "width"],
+    ids=["items", "length", "number", "pattern", "repeated-empty", "depth", "width"],
 )
 async def test_a_response_schema_no_value_can_follow_is_the_callers_400(
     client: httpx.AsyncClient, backends: Backends, schema: dict[str, object], said: str
 ) -> None:
     """Bounds no value can meet grew the local engine's worker past 17 GB while every
     editor's completion waited; 300 levels of nesting failed inside the engine as the
-    provider's fault and opened the worker's breaker (completions 503 for 60 s). Both
-    are refused before any backend sees them, naming what is wrong."""
+    provider's fault and opened the worker's breaker (completions 503 for 60 s); a
+    pattern repeating what can match nothing held the worker at full CPU for minutes.
+    All are refused before any backend sees them, naming what is wrong."""
     seen = len(backends.fallback.requests)
     body = {
         **VALID_BODIES["/v1/chat/completions"],

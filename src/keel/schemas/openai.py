@@ -298,15 +298,114 @@ _BOUNDS = (
 )
 
 
-_REVERSED_REPEAT = re.compile(r"(?<!\\)\{(\d+),(\d+)\}")
-"""A regex quantifier ``{m,n}`` (not an escaped brace)."""
+_QUANTIFIER = re.compile(r"\*|\+|\?|\{(\d+)(,(\d*))?\}")
+"""A regex quantifier: ``*``, ``+``, ``?``, ``{m}``, ``{m,}`` or ``{m,n}``."""
+
+_GROUP_PREFIX = re.compile(r"\?(?:(<?[=!])|P?<[^>]*>|[a-zA-Z-]*:?)")
+"""What follows a group's ``(``: a lookaround (group 1), a name, or flags."""
+
+_ZERO_WIDTH = frozenset("bBAZzG")
+
+_CLASS = re.compile(r"\^?\]?(?:\\.|[^\]])*\]")
+"""The rest of a character class after its ``[``."""
+"""``\\b`` and the other escapes that match a place, not a character."""
+
+
+class _PatternProblem(Exception):
+    pass
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """What makes a schema's regex ``pattern`` one no engine should be given, or None:
+    a quantifier ``{m,n}`` with m over n, or a group that can match nothing repeated
+    (``(a*)*``, ``(a{0,9}b?){0,50}``). A local engine's grammar tracks every way to
+    split a text among such repeats: ``(a{0,5}b?){0,50}`` took one of its requests 25 s,
+    ``((a{0,30}){0,30}){0,30}`` held the shared worker at full CPU for minutes (every
+    completion timed out), where ``(a{1,300}){1,300}`` takes 0.1 s."""
+    position, depth = 0, 0
+
+    def alternatives() -> bool:  # whether it can match nothing
+        nonlocal position
+        empty = sequence()
+        while position < len(pattern) and pattern[position] == "|":
+            position += 1
+            empty = sequence() or empty
+        return empty
+
+    def sequence() -> bool:
+        nonlocal position
+        empty = True
+        while position < len(pattern) and pattern[position] not in "|)":
+            start = position
+            matched_empty = atom()
+            while found := _QUANTIFIER.match(pattern, position):
+                position = found.end()
+                if position < len(pattern) and pattern[position] in "?+":  # lazy, possessive
+                    position += 1
+                least, most = _bounds(found)
+                if most is not None and least > most:
+                    raise _PatternProblem(
+                        f"{found[0]} asks for at least {least} and at most {most} repeats: "
+                        "no value can meet both"
+                    )
+                if matched_empty and (most is None or most > 1):
+                    raise _PatternProblem(
+                        f"{pattern[start:position]} repeats what can match nothing, which a "
+                        "local engine's grammar cannot follow in time; make what is repeated "
+                        "match at least one character"
+                    )
+                matched_empty = matched_empty or least == 0
+            empty = empty and matched_empty
+        return empty
+
+    def atom() -> bool:
+        nonlocal position, depth
+        char = pattern[position]
+        position += 1
+        if char == "(":
+            depth += 1
+            if depth > SCHEMA_DEPTH_LIMIT:
+                raise _PatternProblem(f"groups nested deeper than {SCHEMA_DEPTH_LIMIT} levels")
+            prefix = _GROUP_PREFIX.match(pattern, position)
+            if prefix:
+                position = prefix.end()
+            empty = alternatives() or bool(prefix and prefix[1])  # a lookaround: no width
+            position += 1  # the closing parenthesis
+            depth -= 1
+            return empty
+        if char == "[":
+            end = _CLASS.match(pattern, position)
+            position = end.end() if end else len(pattern)
+            return False
+        if char == "\\":
+            position += 1
+            return pattern[position - 1 : position] in _ZERO_WIDTH
+        return char in "^$"
+
+    try:
+        while position < len(pattern):
+            alternatives()
+            position += 1  # an unopened ")"
+    except _PatternProblem as problem:
+        return str(problem)
+    return None
+
+
+def _bounds(quantifier: re.Match[str]) -> tuple[int, int | None]:
+    if quantifier[1] is None:
+        return {"*": (0, None), "+": (1, None), "?": (0, 1)}[quantifier[0]]
+    least = int(quantifier[1])
+    if quantifier[2] is None:
+        return least, least
+    return least, int(quantifier[3]) if quantifier[3] else None
 
 
 def schema_problem(node: object, where: str = "schema", depth: int = 0) -> str | None:
     """What makes a response schema one no engine should be given, or None: deeper than
     :data:`SCHEMA_DEPTH_LIMIT`, or bounds no value can meet (``minItems`` 5 with
     ``maxItems`` 2, or a ``pattern``'s ``{5,2}``: a local engine's grammar for either
-    grew its worker past 17 GB, while every editor's completion waited)."""
+    grew its worker past 17 GB, while every editor's completion waited), or a pattern
+    :func:`pattern_problem` refuses."""
     if depth > SCHEMA_DEPTH_LIMIT:
         return f"{where}: nested deeper than {SCHEMA_DEPTH_LIMIT} levels"
     if isinstance(node, dict | list) and len(node) > SCHEMA_WIDTH_LIMIT:
@@ -314,12 +413,9 @@ def schema_problem(node: object, where: str = "schema", depth: int = 0) -> str |
     children: list[tuple[str, object]] = []
     if isinstance(node, dict):
         pattern = node.get("pattern")
-        for found in _REVERSED_REPEAT.finditer(pattern if isinstance(pattern, str) else ""):
-            if int(found[1]) > int(found[2]):
-                return (
-                    f"{where}.pattern: {found[0]} asks for at least {found[1]} and at most "
-                    f"{found[2]} repeats: no value can meet both"
-                )
+        problem = pattern_problem(pattern) if isinstance(pattern, str) else None
+        if problem is not None:
+            return f"{where}.pattern: {problem}"
         for low, high in _BOUNDS:
             least, most = node.get(low), node.get(high)
             numbers = all(
