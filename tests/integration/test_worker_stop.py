@@ -122,6 +122,93 @@ async def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
     assert took < 10, f"the frozen worker was killed after {took:.1f} s"
 
 
+STUCK_PATTERN = "^((a{0,30}){0,30}){0,30}$"
+"""A schema pattern keel's API refuses: the engine's grammar follows every way to split
+a run of a's among the repeats, for minutes of CPU within one step."""
+
+
+async def test_a_worker_stuck_in_one_step_after_a_cancel_is_killed_and_restarted() -> None:
+    """The engine takes a cancel between steps; an engine slot still busy past
+    ``stall_grace`` after its request was cancelled is stuck in one step, and the worker
+    is killed and restarted (it answered every ping and stayed ``ready`` at full CPU for
+    minutes, every completion timing out behind it). A request cancelled in the
+    ordinary way is left alone."""
+    supervisor = WorkerSupervisor(
+        WorkerSpec(str(embedded_model_path()), slots=2),
+        name="stuck-test",
+        oom_kills=lambda: None,
+        liveness=Liveness(interval=0.25, timeout=1.0, misses=2, stall_grace=3.0),
+    )
+    prompt = [{"role": "user", "content": "Write the letter a sixty times: aaaaaaaaaaaaaaaa"}]
+    schema = {"name": "x", "schema": {"type": "string", "pattern": STUCK_PATTERN}}
+    stuck = {
+        "op": "chat",
+        "messages": prompt,
+        "max_tokens": 64,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": schema},
+    }
+    await supervisor.start()
+    try:
+        await supervisor.wait_ready(60)
+        pid = supervisor.pid
+        ordinary = supervisor.stream(
+            {"op": "complete", "prompt": "Once upon a time", "max_tokens": 2000}, ready_timeout=5
+        )
+        assert await anext(ordinary)
+        await ordinary.aclose()  # cancelled between two tokens
+        await asyncio.sleep(4.5)
+        assert (supervisor.pid, supervisor.restarts) == (pid, 0), supervisor.last_error
+
+        request = supervisor.stream(stuck, ready_timeout=5)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for _ in request:
+                    pass
+        await request.aclose()
+        cancelled = time.monotonic()
+        for _ in range(300):
+            if supervisor.restarts:
+                break
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - cancelled
+        assert supervisor.restarts == 1, "the stuck worker was not restarted"
+        said = supervisor.last_error or ""
+        assert "in one step, past the end of its request" in said, said
+        await supervisor.wait_ready(60)
+        assert supervisor.pid != pid and not exists(pid)
+        answer = supervisor.stream(
+            {"op": "complete", "prompt": "def add(a, b):", "max_tokens": 4}, ready_timeout=5
+        )
+        assert [piece async for piece in answer]
+    finally:
+        await supervisor.stop()
+    assert 3.0 <= took < 10, f"killed {took:.1f} s after the cancel"
+
+
+async def test_a_long_embedding_batch_is_not_taken_for_a_stuck_engine() -> None:
+    """An embedding call runs in the engine's slot outside the generation slots' pool:
+    its slot is busy for the whole batch, and that is work someone waits for."""
+    supervisor = WorkerSupervisor(
+        WorkerSpec(str(embedded_model_path()), embedding=True, context_size=512),
+        name="embedding-busy",
+        oom_kills=lambda: None,
+        liveness=Liveness(interval=0.1, timeout=5.0, misses=2, stall_grace=0.5),
+    )
+    texts = [f"def function_{n}(value):\n    return value * {n}\n" * 20 for n in range(48)]
+    await supervisor.start()
+    try:
+        await supervisor.wait_ready(60)
+        started = time.monotonic()
+        reply = await supervisor.call({"op": "embed", "texts": texts}, ready_timeout=5)
+        took = time.monotonic() - started
+        assert len(reply["embeddings"]) == len(texts)
+        assert supervisor.restarts == 0, supervisor.last_error
+    finally:
+        await supervisor.stop()
+    assert took > 1.0, f"the batch took {took:.2f} s: too short to have been watched"
+
+
 async def test_a_request_cut_by_a_stop_says_its_model_was_replaced_not_that_it_crashed() -> None:
     """A swap, reload or unload stops a worker at last; a request still on it was told
     "worker died during the request (exit code 0); it is being restarted", and nothing

@@ -47,7 +47,7 @@ _PIPE_LIMIT = 64 * 1024 * 1024  # one line can carry a batch of embeddings
 
 @dataclass(frozen=True, slots=True)
 class Liveness:
-    """How a ready worker is asked whether it still answers: a tokenize every
+    """How a ready worker is asked whether it still answers: for its slot table every
     ``interval`` seconds, which it answers at once even while every slot generates; no
     answer within ``timeout``, ``misses`` times running (asked again at once after each),
     and it is killed and restarted.
@@ -61,6 +61,15 @@ class Liveness:
     interval: float = 5.0
     timeout: float = 5.0
     misses: int = 2
+    stall_grace: float = 30.0
+    """Seconds the engine may stay busy in a slot with no live request on it (its
+    request cancelled or ended), or too busy to answer its slot table: it takes a cancel
+    between steps (one prompt batch, or one token), so past this it is stuck in one
+    step, and the worker is killed and restarted as a frozen one is. A schema pattern
+    the engine's grammar could not follow (``((a{0,30}){0,30}){0,30}``, refused now)
+    held the shared worker's engine at full CPU for minutes after its request was
+    cancelled, while the worker answered every ping and every completion timed out
+    behind it."""
 
 
 class WorkerState(StrEnum):
@@ -345,12 +354,12 @@ class WorkerSupervisor:
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         """Kill ``process`` once it is ready and stops answering (see :class:`Liveness`)."""
-        liveness, missed = self.liveness, 0
+        liveness, missed, stalled_since = self.liveness, 0, None
         while missed < liveness.misses:
             if not missed:  # after a miss, asked again at once
                 await asyncio.sleep(liveness.interval)
             if self.state is not WorkerState.READY:
-                missed = 0
+                missed, stalled_since = 0, None
                 continue
             try:
                 async with asyncio.timeout(liveness.timeout):
@@ -358,15 +367,41 @@ class WorkerSupervisor:
                 missed = 0
             except TimeoutError:
                 missed += 1
+                continue
             except KeelError:  # it answered (or is ending, which the crash path has)
                 missed = 0
-        self._unanswered = (
-            f"worker stopped answering (no reply within {liveness.timeout:g}s, "
-            f"{missed} times running); killed to restart it"
-        )
+                continue
+            if not await self._engine_stalled():
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = time.monotonic()
+            elif time.monotonic() - stalled_since > liveness.stall_grace:
+                self._unanswered = (
+                    f"its engine spent over {liveness.stall_grace:g}s in one step, past the "
+                    "end of its request; killed to restart it"
+                )
+                break
+        else:
+            self._unanswered = (
+                f"worker stopped answering (no reply within {liveness.timeout:g}s, "
+                f"{missed} times running); killed to restart it"
+            )
         log.error("%s: %s", self.name, self._unanswered)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
+
+    async def _engine_stalled(self) -> bool:
+        """Whether the engine is busy with no live request in a slot (its request ended
+        or was cancelled: the engine has not reached the end of its step), or too busy in
+        one step to answer its slot table (which it does between steps)."""
+        try:
+            async with asyncio.timeout(self.liveness.timeout):
+                table = await self.call({"op": "slots"}, ready_timeout=0)
+        except TimeoutError:
+            return True
+        except KeelError:
+            return False
+        return any(slot.get("stray") for slot in table["slots"])
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("event") == "status":

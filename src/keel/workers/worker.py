@@ -372,6 +372,10 @@ class _Engine:
         """Kept-alive connections to the engine's listener, not in use."""
         self.slots = _SlotPool(slots)
         self._cancels: dict[int, threading.Event] = {}
+        self._wanted: dict[int, threading.Event] = {}
+        """The engine slots a request is on, by slot: the request's cancel."""
+        self._embedding = 0
+        """Embedding calls running (they run in the engine's slots, outside the pool)."""
         self._lock = threading.Lock()
 
     # dispatch ------------------------------------------------------------
@@ -466,6 +470,7 @@ class _Engine:
             self._done(request_id, "cancelled", started, acquired, state)
             return
         body["id_slot"] = slot
+        self._wanted[slot] = cancelled
         try:
 
             def on_chunk(chunk: dict[str, Any]) -> bool:
@@ -510,6 +515,7 @@ class _Engine:
                 if not cancelled.is_set():
                     run(body, on_chunk)  # the last batch, then the generation
         finally:
+            del self._wanted[slot]
             self.slots.release(slot)
         if text := "".join(unsent) + stops.held:
             self.channel.send({"id": request_id, "text": text})
@@ -613,7 +619,13 @@ class _Engine:
                 truncated.append(index)
             else:
                 inputs.append(text)
-        result = self.server.handle_embeddings({"input": inputs})
+        with self._lock:
+            self._embedding += 1
+        try:
+            result = self.server.handle_embeddings({"input": inputs})
+        finally:
+            with self._lock:
+                self._embedding -= 1
         if "error" in result:
             self.channel.send({"id": request["id"], **_error_reply(result["error"])})
             return
@@ -625,16 +637,18 @@ class _Engine:
         self.channel.send({"id": request["id"], "counts": counts})
 
     def _slot_table(self, request: dict[str, Any]) -> None:
-        """The engine's slot table, by slot id: ``busy``, and the ``tokens`` it holds."""
+        """The engine's slot table, by slot id: ``busy``, the ``tokens`` it holds, and
+        ``stray``: busy with no live request on it (ended or cancelled, the engine not yet
+        at the end of its step)."""
         table = sorted(self._engine_call("GET", "/slots", None), key=lambda slot: slot["id"])
-        slots = [
-            {
-                "id": slot["id"],
-                "busy": bool(slot["is_processing"]),
-                "tokens": slot.get("n_prompt_tokens", 0),
-            }
-            for slot in table
-        ]
+        slots = []
+        for slot in table:
+            busy, wanted = bool(slot["is_processing"]), self._wanted.get(slot["id"])
+            live = self._embedding > 0 or (wanted is not None and not wanted.is_set())
+            tokens = slot.get("n_prompt_tokens", 0)
+            slots.append(
+                {"id": slot["id"], "busy": busy, "tokens": tokens, "stray": busy and not live}
+            )
         self.channel.send({"id": request["id"], "slots": slots})
 
     def _engine_call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
