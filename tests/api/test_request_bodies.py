@@ -302,13 +302,26 @@ def nested(levels: int) -> dict[str, object]:
             {"type": "string", "pattern": "^((a{0,30}){0,30}){0,30}$"},
             "schema.pattern: (a{0,30}){0,30} repeats what can match nothing",
         ),
+        (
+            {"type": "string", "pattern": "^[z-a]$"},
+            "schema.pattern: [z-a] is a range from 'z' down to 'a'",
+        ),
         (nested(300), "nested deeper than 64 levels"),
         (
             {"type": "object", "properties": {f"p{n}": {"type": "string"} for n in range(1001)}},
             "schema.properties: over 1000 entries",
         ),
     ],
-    ids=["items", "length", "number", "pattern", "repeated-empty", "depth", "width"],
+    ids=[
+        "items",
+        "length",
+        "number",
+        "pattern",
+        "repeated-empty",
+        "reversed-range",
+        "depth",
+        "width",
+    ],
 )
 async def test_a_response_schema_no_value_can_follow_is_the_callers_400(
     client: httpx.AsyncClient, backends: Backends, schema: dict[str, object], said: str

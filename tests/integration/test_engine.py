@@ -325,6 +325,29 @@ async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerS
     assert pieces
 
 
+async def test_a_schema_grammar_the_engine_fails_on_is_the_callers_400(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """A pattern with a reversed range (keel's API refuses it now) fails in the engine's
+    sampler ("Unexpected empty grammar stack"): that is the schema's, not the engine's,
+    and was a 500 that counted against the shared worker (six opened its breaker)."""
+    schema = {"name": "x", "schema": {"type": "string", "pattern": "^[z-a]$"}}
+    op = {
+        "op": "chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "response_format": {"type": "json_schema", "json_schema": schema},
+    }
+    with pytest.raises(UpstreamStatusError) as raised:
+        async for _ in supervisor.stream(op, ready_timeout=5):
+            pass
+    assert raised.value.upstream_status == 400, raised.value
+    assert raised.value.code == "bad_request"
+    assert "response schema's grammar" in raised.value.message
+    pieces = [p async for p in supervisor.stream({**COUNTING, "max_tokens": 3}, ready_timeout=5)]
+    assert pieces
+
+
 async def test_the_engine_sizes_its_threads_to_the_cores_it_may_run_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

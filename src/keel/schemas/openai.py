@@ -304,6 +304,9 @@ _QUANTIFIER = re.compile(r"\*|\+|\?|\{(\d+)(,(\d*))?\}")
 _GROUP_PREFIX = re.compile(r"\?(?:(<?[=!])|P?<[^>]*>|[a-zA-Z-]*:?)")
 """What follows a group's ``(``: a lookaround (group 1), a name, or flags."""
 
+_RANGE = re.compile(r"(\\.|[^\\\]])-(\\.|[^\\\]])")
+"""A range ``a-z`` in a character class (either end may be escaped)."""
+
 _ZERO_WIDTH = frozenset("bBAZzG")
 
 _CLASS = re.compile(r"\^?\]?(?:\\.|[^\]])*\]")
@@ -376,6 +379,14 @@ def pattern_problem(pattern: str) -> str | None:
         if char == "[":
             end = _CLASS.match(pattern, position)
             position = end.end() if end else len(pattern)
+            for low, high in _RANGE.findall(pattern, end.start() if end else 0, position):
+                if any(len(end) == 2 and end[1].isalnum() for end in (low, high)):
+                    continue  # an escape such as \\d or \\n: not compared here
+                if low[-1] > high[-1]:
+                    raise _PatternProblem(
+                        f"[{low}-{high}] is a range from {low[-1]!r} down to {high[-1]!r}: no "
+                        "character is in it; write the lower character first"
+                    )
             return False
         if char == "\\":
             position += 1

@@ -520,7 +520,14 @@ class _Engine:
         if text := "".join(unsent) + stops.held:
             self.channel.send({"id": request_id, "text": text})
         if "error" in state:
-            self.channel.send({"id": request_id, **_error_reply(state["error"])})
+            reply = _error_reply(state["error"])
+            if "response_format" in body and "grammar" in reply["error"]:
+                # The grammar is the caller's schema's: the engine failing to follow it
+                # says nothing of the engine's health (it opened the shared worker's
+                # breaker, every completion a 503 for 60 s, after six such requests).
+                reply["code"] = "bad_request"
+                reply["error"] = f"the response schema's grammar failed: {reply['error']}"
+            self.channel.send({"id": request_id, **reply})
             return
         reason = "cancelled" if cancelled.is_set() else (state.get("reason") or "stop")
         self._done(request_id, reason, started, acquired, state)
