@@ -193,6 +193,22 @@ class HttpModelConfig(_Section):
         None, gt=0, description="Seconds a stream may stall (default per role)."
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_sendable(cls, value: str | None) -> str | None:
+        # Stripped, as [auth]'s keys: a key read from a secret file (``${KEY}``, a
+        # Kubernetes secret made from a file) often ends in a newline, which the HTTP
+        # client refuses in a header: every request to the role was a 500.
+        if value is None:
+            return None
+        value = value.strip()
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise ValueError(
+                "holds a control character (a line break or tab inside the key): it cannot "
+                "be sent in a header; set the key alone, on one line"
+            )
+        return value or None
+
     @field_validator("api_endpoint")
     @classmethod
     def _endpoint_is_url(cls, value: str | None) -> str | None:
