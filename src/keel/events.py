@@ -104,7 +104,7 @@ def open_event_store(config: EventsConfig, paths: Paths, metrics: Metrics) -> Ev
         return PostgresEventStore(
             config.database_url, metrics=metrics, max_buffered=config.max_buffered
         )
-    return SqliteEventStore(paths.sqlite_path(config.database_url))
+    return SqliteEventStore(paths.sqlite_path(config.database_url), metrics=metrics)
 
 
 def acceptance_row(
@@ -143,9 +143,20 @@ class SqliteEventStore:
     """Events in one SQLite file (WAL). ``max_rows`` bounds the table: past it, the
     oldest rows go (checked every ``prune_every`` inserts, so the cost is amortised)."""
 
-    def __init__(self, path: Path, *, max_rows: int = 1_000_000, prune_every: int = 1000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_rows: int = 1_000_000,
+        prune_every: int = 1000,
+        metrics: Metrics | None = None,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.metrics = metrics
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._warned = 0.0
         self.max_rows = max_rows
         self.prune_every = prune_every
         self._inserts = 0
@@ -166,7 +177,21 @@ class SqliteEventStore:
                 )
 
     async def record(self, kind: str, **fields: Unpack[EventFields]) -> None:
-        await asyncio.to_thread(self._insert, event_row(kind, fields, json.dumps))
+        """Keep one event; one the file cannot take (a full disk, a read-only file) is
+        dropped and counted (``keel_events_dropped_total{reason="write_failed"}``): it
+        was every Tabby completion's and ``/infill``'s 500 while the disk was full."""
+        try:
+            await asyncio.to_thread(self._insert, event_row(kind, fields, json.dumps))
+        except sqlite3.Error as exc:
+            self.dropped += 1
+            self.last_error = f"{self.path}: {exc}"
+            if self.metrics is not None:
+                self.metrics.events_dropped("write_failed")
+            if time.monotonic() - self._warned > 60:  # once a minute, not once an event
+                self._warned = time.monotonic()
+                log.warning("events not stored (%s); dropped so far: %d", exc, self.dropped)
+        else:
+            self.last_error = None
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -207,7 +232,10 @@ class SqliteEventStore:
         return [acceptance_row(*row) for row in rows]
 
     def status(self) -> dict[str, object]:
-        return {"store": "sqlite", "up": True}
+        status: dict[str, object] = {"store": "sqlite", "up": self.last_error is None}
+        if self.dropped:
+            status.update(dropped=self.dropped, last_error=self.last_error)
+        return status
 
     def prune(self, before: float) -> int:
         def batch() -> int:

@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -310,3 +312,45 @@ async def test_a_read_only_database_keeps_the_events_until_it_takes_them(
     wait_until(lambda: store.status()["buffered"] == 0 and store.up is True)
     assert store.counts() == {"completion": 3} and store.dropped == 0
     store.close()
+
+
+FULL_DISK = """
+import asyncio, resource, sys
+from pathlib import Path
+from keel.events import SqliteEventStore
+from keel.ops.metrics import Metrics
+
+async def main() -> None:
+    metrics = Metrics()
+    store = SqliteEventStore(Path(sys.argv[1]), metrics=metrics)
+    await store.record("completion", completion_id="cmpl-before", language="python")
+    # From here no file of this process may grow past 256 KiB, as on a disk that is full
+    # (CPython ignores SIGXFSZ: the write fails with EFBIG).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+    for n in range(400):
+        await store.record("completion", completion_id=f"cmpl-{n}", data={"pad": "x" * 4000})
+    dropped = metrics.registry.get_sample_value(
+        "keel_events_dropped_total", {"reason": "write_failed"}
+    )
+    print(store.dropped, int(dropped), store.status()["up"])
+
+asyncio.run(main())
+"""
+
+
+def test_an_events_file_that_cannot_grow_drops_events_and_never_fails_a_request(
+    tmp_path: Path,
+) -> None:
+    """A full disk made every Tabby completion and ``/infill`` a 500 (the event of the
+    answer could not be written). The event is dropped, counted and shown instead."""
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path / "events.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    dropped, counted, up = done.stdout.split()
+    assert int(dropped) > 0 and int(counted) == int(dropped), done.stdout
+    assert up == "False"
+    assert "events not stored" in done.stderr

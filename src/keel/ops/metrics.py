@@ -455,7 +455,8 @@ class Metrics:
         self.events_dropped_total = Counter(
             "keel_events_dropped",
             "Completion events not stored: buffer_full (the database was down too long), "
-            "rejected (the database refused the batch), shutdown (unwritten at exit).",
+            "rejected (the database refused the batch), shutdown (unwritten at exit), "
+            "write_failed (the SQLite file could not take it: a full disk, say).",
             ["reason"],
             registry=registry,
         )
@@ -475,7 +476,7 @@ class Metrics:
             "Completion events waiting in memory to be written to the events database.",
             registry=registry,
         )
-        for reason in ("buffer_full", "rejected", "shutdown"):
+        for reason in ("buffer_full", "rejected", "shutdown", "write_failed"):
             self.events_dropped_total.labels(reason)
         for role in ROLES:
             self.serving_fallback.labels(role).set(0)
