@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tests.api.conftest import ADMIN, USER, Backends, build_app, serving
+from tests.fakes.upstreams import Behaviour
 
 GAUGES = ("keel_provider_healthy", "keel_breaker_state", "keel_provider_auth_failed")
 
@@ -62,3 +63,25 @@ async def test_gauges_follow_the_providers_in_use(backends: Backends, tmp_path: 
         back = await gauges(client)
         for name in GAUGES:
             assert set(back[name]) == names, (name, back[name])
+
+
+async def test_ready_shows_a_failing_primary_as_such_and_who_serves(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """A primary backend failing every request read ``"state": "ok"`` in ``/ready``
+    (and in ``keel verify``) while a fallback answered everything."""
+    app = build_app(tmp_path / "keel", backends.config())
+    async with serving(app) as client:
+        backends.primary.behave(Behaviour.error(500))
+        body = {"prompt": "def add(a, b):", "max_tokens": 4}
+        for _ in range(4):
+            served = await client.post("/v1/completions", json=body, headers=USER)
+            assert served.status_code == 200, served.text
+        ready = await client.get("/ready", headers=USER)
+        assert ready.status_code == 200, ready.text
+        completion = ready.json()["roles"]["completion"]
+        assert completion["state"] == "unhealthy", completion
+        assert completion["serving"] == f"completion/openai/completion@{backends.fallback.url}/v1"
+        public = (await client.get("/ready")).json()["roles"]["completion"]
+        assert public == {"usable": True, "state": "unhealthy"}
+        assert ready.json()["roles"]["chat"]["state"] == "ok"

@@ -42,6 +42,9 @@ def test_verify_passes_against_a_working_keel(keel_server: KeelProcess) -> None:
         assert checks[name][1] == "ok", result.stdout
         assert checks[name][3] == "ms"
     assert "all 6 checks passed" in result.stdout
+    # Each answer says which provider gave it (a fallback's passed as the primary's).
+    for name in ("completion", "chat", "embedding"):
+        assert "(from local/SmolLM2-135M-Instruct" in " ".join(checks[name]), result.stdout
 
 
 def test_verify_fails_naming_the_chat_check(broken_chat_keel: KeelProcess) -> None:

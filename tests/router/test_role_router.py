@@ -79,6 +79,9 @@ class Events(NoEvents):
     def provider_failed(self, provider: str, kind: str, error: str) -> None:
         self.log.append(("failed", provider, kind, error))
 
+    def fallback_active(self, role: str, active: bool) -> None:
+        self.log.append(("fallback_active", role, str(active)))
+
     def observe_generation(
         self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
     ) -> None:
@@ -1039,6 +1042,8 @@ async def test_a_probe_that_fails_in_half_open_reopens(
 async def test_a_good_check_clears_auth_failed(
     build: Build, upstreams: Callable[..., FakeUpstream]
 ) -> None:
+    """...and says the provider is healthy again (``keel_provider_healthy`` stayed 0
+    after the key was mended, while the provider served)."""
     primary = upstreams()
     primary.behave(Behaviour.error(403), times=1)
     router = build.router([[build.endpoint(primary.url, name="primary")]])
@@ -1046,12 +1051,32 @@ async def test_a_good_check_clears_auth_failed(
         await run(router)
     endpoint = router.endpoints[0]
     assert endpoint.auth_failed
+    assert build.events.log[-1] == ("health", "primary", "False")
     with pytest.raises(Unavailable, match="auth failed"):
         await run(router)
     await router.check(endpoint, probe, timeout=1.0)
     assert not endpoint.auth_failed
+    assert ("health", "primary", "True") in build.events.log
     pieces, _ = await run(router)
     assert "".join(pieces) == ANSWER
+
+
+async def test_a_primary_passing_its_check_ends_serving_from_the_fallback(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """The fallback gauge said the role served from its fallback until the next request
+    came, however long after the primary's recovery."""
+    primary, fallback = upstreams(), upstreams()
+    primary.behave(Behaviour.error(500))
+    router = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    for _ in range(UNHEALTHY_AFTER):
+        await run(router)
+    assert build.events.log.count(("fallback_active", "completion", "True")) >= 1
+    primary.behave(Behaviour.normal())
+    await router.check(router.endpoints[0], probe, timeout=1.0)
+    assert build.events.log[-1] == ("fallback_active", "completion", "False")
 
 
 # --- one-shot calls (embeddings) ---------------------------------------------------------

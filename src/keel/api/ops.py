@@ -85,19 +85,25 @@ async def readiness(
     roles: dict[str, dict[str, object]] = {}
     details = holds_key(request)
     for role in ROLES:
-        provider = state.providers.for_role(role)
-        why = state.routing.routers[role].why_unusable()
+        router = state.routing.routers[role]
+        primary = router.groups[0][0]
+        why = router.why_unusable()
         usable = why is None
-        status = provider.status()
+        status = primary.provider.status()
+        # The primary's state; one that reads as fine is not shown as such while the
+        # primary cannot be counted on (a backend failing every request said "ok"), or
+        # while the role cannot serve at all.
+        shown = str(status.get("state", "unknown"))
+        if shown in USABLE_STATES:
+            shown = primary.trouble() or (shown if usable else "unavailable")
         if details:
-            roles[role] = {"provider": provider.name, "usable": usable, **status}
+            roles[role] = {"provider": primary.name, "usable": usable, **status, "state": shown}
+            serving = next((e.name for e in router.endpoints if e.usable()), None)
+            if serving not in (None, primary.name):
+                roles[role]["serving"] = serving
             if why is not None:
                 roles[role]["why"] = why
-        else:  # the primary's state; one that reads as fine, while the role cannot serve,
-            # is not shown as such (a dead remote backend's provider says "ok")
-            shown = str(status.get("state", "unknown"))
-            if not usable and shown in USABLE_STATES:
-                shown = "unavailable"
+        else:
             roles[role] = {"usable": usable, "state": shown}
     usable_roles = [role["usable"] for role in roles.values()]
     ready = any(usable_roles) if any_role else all(usable_roles)

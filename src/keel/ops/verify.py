@@ -89,8 +89,15 @@ def check_ready(client: httpx.Client) -> str:
     return states or "ready"
 
 
+def _served_by(response: httpx.Response) -> str:
+    """Which provider answered (a fallback's answer passed as the primary's)."""
+    provider = response.headers.get("x-keel-provider")
+    return f" (from {provider})" if provider else ""
+
+
 def check_completion(client: httpx.Client) -> str:
-    body = _json(client.post("/v1/completions", json=TABBY_COMPLETION))
+    response = client.post("/v1/completions", json=TABBY_COMPLETION)
+    body = _json(response)
     completion_id = body.get("id", "")
     choices = body.get("choices") or []
     if not str(completion_id).startswith("cmpl-") or not choices:
@@ -98,22 +105,24 @@ def check_completion(client: httpx.Client) -> str:
     text = choices[0].get("text")
     if not isinstance(text, str):
         raise CheckFailed(f"choice without text: {choices[0]!r}"[:300])
-    return f"{completion_id}: {text[:40]!r}"
+    return f"{completion_id}: {text[:40]!r}{_served_by(response)}"
 
 
 def check_chat(client: httpx.Client) -> str:
-    body = _json(client.post("/v1/chat/completions", json=CHAT))
+    response = client.post("/v1/chat/completions", json=CHAT)
+    body = _json(response)
     try:
         content = body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise CheckFailed(f"not a chat completion: {body!r}"[:300]) from None
     if not isinstance(content, str) or not content.strip():
         raise CheckFailed(f"empty answer: {body!r}"[:300])
-    return repr(content.strip()[:40])
+    return repr(content.strip()[:40]) + _served_by(response)
 
 
 def check_embedding(client: httpx.Client) -> str:
-    body = _json(client.post("/v1/embeddings", json=EMBEDDING))
+    response = client.post("/v1/embeddings", json=EMBEDDING)
+    body = _json(response)
     try:
         vector = body["data"][0]["embedding"]
     except (KeyError, IndexError, TypeError):
@@ -122,7 +131,7 @@ def check_embedding(client: httpx.Client) -> str:
         raise CheckFailed("empty embedding")
     if not all(isinstance(x, int | float) for x in vector):
         raise CheckFailed("embedding has non-numbers")
-    return f"{len(vector)} dimensions"
+    return f"{len(vector)} dimensions{_served_by(response)}"
 
 
 def check_metrics(client: httpx.Client) -> str:

@@ -208,12 +208,14 @@ class Endpoint:
         return None
 
     def record_ok(self, seconds: float) -> bool:
-        """Returns True when this flips the endpoint back to healthy."""
-        was_healthy = self.healthy
+        """Returns True when this makes the endpoint healthy again: its checks pass, or
+        its backend takes keel's key again (``keel_provider_healthy`` stayed 0 after a
+        refused key was mended, while the provider served)."""
+        recovered = not self.healthy or self.auth_failed
         self.failed_checks = 0
         self.auth_failed = False
         self.latencies = [*self.latencies[-99:], seconds]
-        return not was_healthy
+        return recovered
 
     def record_failed(self, error: KeelError) -> bool:
         """Returns True when this flips the endpoint to unhealthy."""
@@ -445,6 +447,11 @@ class RoleRouter:
                 # Logged as its failure was: an incident's end belongs in the log too.
                 log.info("provider %s passed its health check: routed to again", endpoint.name)
                 self.events.provider_health(endpoint.name, True)
+                if endpoint in self.groups[0]:
+                    # The next request goes to it: the role no longer serves from a
+                    # fallback (the gauge said so until a request came, and its alert
+                    # fired all night after an outage that ended in a quiet hour).
+                    self.events.fallback_active(self.role, False)
             if was_auth_failed:
                 self.events.provider_auth_failed(endpoint.name, False)
             return
