@@ -27,6 +27,7 @@ def test_over_long_prompts_are_400s_and_the_local_breaker_stays_closed(
             response = client.post("/v1/chat/completions", json=chat)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["code"] == "context_length_exceeded"
+            assert response.json()["error"]["param"] == "messages"  # chat has no prompt
         body = {
             "language": "python",
             "segments": {"prefix": "def add(a, b):\n    ", "suffix": "\n", "filepath": "o.py"},

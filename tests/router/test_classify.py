@@ -150,3 +150,14 @@ def test_a_prompt_that_fits_with_too_many_tokens_asked_for_blames_max_tokens(
     assert (overflow.prompt_tokens, overflow.context_size) == (10, 2048)
     assert "fewer tokens (max_tokens)" in overflow.message
     assert "over the model's context of 2048" in overflow.message
+
+
+@pytest.mark.parametrize(
+    ("role", "param"), [("completion", "prompt"), ("chat", "messages"), ("embedding", "input")]
+)
+def test_an_over_long_prompt_names_the_field_it_came_from(role: str, param: str) -> None:
+    """Chat has no ``prompt`` field: OpenAI names ``messages`` (keel said ``prompt``)."""
+    error = UpstreamStatusError(
+        "the request exceeds the available context size", provider="p", upstream_status=400
+    )
+    assert context_overflow(error, role).param == param

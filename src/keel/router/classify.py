@@ -136,7 +136,12 @@ def context_overflow(error: KeelError, role: str = "completion") -> ContextLengt
         f"{text}; {advice}{said}",
         prompt_tokens=prompt,
         context_size=context,
+        param=_PROMPT_FIELD.get(role, "prompt"),
     )
+
+
+_PROMPT_FIELD = {"chat": "messages", "embedding": "input"}
+"""The request field a role's prompt comes from, as OpenAI names it in ``param``."""
 
 
 def without_name(message: str, name: str) -> str:

@@ -8,7 +8,7 @@ import struct
 
 from starlette.requests import Request
 
-from keel.errors import ContextLengthExceeded, RequestError
+from keel.errors import RequestError
 from keel.providers.base import EmbeddingProvider
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
@@ -29,18 +29,14 @@ class EmbeddingServing:
 
     async def serve(self, http: Request, body: EmbeddingRequest) -> JsonResponse:
         texts = body.texts()
-        try:
-            async with CancelOnDisconnect(http), self.admission.slot():
-                attempts = self.router.attempts()
-                async for attempt in attempts:
-                    async with attempt:
-                        provider = attempt.provider
-                        assert isinstance(provider, EmbeddingProvider)
-                        parts = attempt.pieces(provider.embed_parts(texts))
-                        vectors = [vector async for part in parts for vector in part]
-        except ContextLengthExceeded as exc:
-            exc.param = "input"  # the field that was too long here
-            raise
+        async with CancelOnDisconnect(http), self.admission.slot():
+            attempts = self.router.attempts()
+            async for attempt in attempts:
+                async with attempt:
+                    provider = attempt.provider
+                    assert isinstance(provider, EmbeddingProvider)
+                    parts = attempt.pieces(provider.embed_parts(texts))
+                    vectors = [vector async for part in parts for vector in part]
         note_provider(http, provider)
         made = len(vectors[0])
         if body.dimensions is not None and body.dimensions != made:
