@@ -35,7 +35,7 @@ async def test_a_backend_down_at_start_makes_ready_say_why_at_once(tmp_path: Pat
             assert ready.json()["roles"]["completion"]["usable"] is True
             # Without a key: the role's state says it cannot serve (it said "ok").
             public = (await client.get("/ready")).json()["roles"]
-            assert public["chat"] == {"usable": False, "state": "unavailable"}, public
+            assert public["chat"] == {"usable": False, "state": "unhealthy"}, public
             # A load balancer's readiness: ready while a role can serve (the pods
             # share the dead backend: all of them out would stop completions too).
             assert (await client.get("/ready?any=true")).status_code == 200

@@ -275,17 +275,22 @@ def test_every_64_bit_seed_is_its_own_and_repeatable(keel_server: KeelProcess) -
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_empty_prompt_with_a_suffix_the_model_cannot_read_is_a_400(
-    keel_server: KeelProcess, stream: bool
+@pytest.mark.parametrize("prompt", ["", "def add(a, b):\n    return"])
+def test_a_suffix_the_model_cannot_read_is_a_400(
+    keel_server: KeelProcess, stream: bool, prompt: str
 ) -> None:
-    """The embedded model has no fill-in-the-middle template: it was given nothing to
-    read and answered nothing, ``finish_reason: length``, usage 0."""
-    body = {"prompt": "", "suffix": "print(x)\n", "max_tokens": 5, "stream": stream}
+    """The embedded model has no fill-in-the-middle template: with an empty prompt it was
+    given nothing to read and answered nothing, ``finish_reason: length``, usage 0; with
+    a prompt, the suffix was dropped and the answer read as one that had used it. A
+    suffix of whitespace alone (an editor at a file's end) says nothing, and is served."""
+    body = {"prompt": prompt, "suffix": "print(x)\n", "max_tokens": 5, "stream": stream}
     with keel_server.client() as client:
         response = client.post("/v1/completions", json=body)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["param"] == "prompt" and "fill-in-the-middle" in error["message"], error
+        assert error["param"] == "suffix" and "fill-in-the-middle" in error["message"], error
+        blank = client.post("/v1/completions", json={**body, "prompt": "x = ", "suffix": "\n"})
+        assert blank.status_code == 200, blank.text
         providers = client.get("/v1/providers").json()["roles"]["completion"]["providers"]
     assert all(p["healthy"] and p["last_error"] is None for p in providers), providers
 

@@ -400,11 +400,14 @@ def _openai_call(
         if fim and not provider.supports_suffix:
             if provider.prompt_template is not None:
                 text = render_template(provider.prompt_template, text, fim)
-            elif not text:  # the model would write from nothing: an empty answer, "length"
+            elif fim.strip() or not text:
+                # Answered without it, the client read the answer as one that had read it
+                # (as it would echo or logprobs); a suffix of whitespace alone says nothing.
                 raise RequestError(
-                    f"the prompt is empty and {provider.info.model} cannot read the suffix "
-                    "(it has no fill-in-the-middle template); send text before the cursor",
-                    param="prompt",
+                    f"{provider.info.model} cannot read the suffix (it has no fill-in-the-"
+                    "middle template): send the text before the cursor alone, or serve a "
+                    "model with a prompt_template",
+                    param="suffix",
                 )
             fim = None
         call = CompletionCall(text, params, fim or None, reported=reported)
