@@ -638,6 +638,16 @@ def test_a_chat_with_tools_is_answered_in_text_and_counted(keel_server: KeelProc
         assert choice["message"]["content"] and "tool_calls" not in choice["message"]
         assert choice["finish_reason"] in ("stop", "length")
         assert answered_in_text(client) == (before[0] + 1, before[1] + 1)
+        # A call made compulsory cannot be answered in text (an agent forcing one read
+        # prose as if no tool were needed): the caller's 400, no provider's failure.
+        named = {"type": "function", "function": {"name": "read_file"}}
+        for choice in ("required", named):
+            forced = client.post("/v1/chat/completions", json={**body, "tool_choice": choice})
+            assert forced.status_code == 400, forced.text
+            assert "tool_choice" in forced.json()["error"]["message"]
+        assert answered_in_text(client) == (before[0] + 1, before[1] + 1)
+        providers = client.get("/v1/providers").json()["roles"]["chat"]["providers"]
+    assert all(p["healthy"] and p["breaker"] == "closed" for p in providers), providers
 
 
 def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProcess) -> None:

@@ -144,6 +144,20 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         if call.response_format is not None:
             op["response_format"] = call.response_format
         if call.tools is not None:
+            choice = call.tools.get("tool_choice")
+            if choice == "required" or isinstance(choice, dict):
+                # A call the caller made compulsory: answered in text, an agent that
+                # forces one read prose as if no tool had been needed.
+                return _refused(
+                    UpstreamStatusError(
+                        "the model does not call tools, and tool_choice asks for a call: send "
+                        "tool_choice auto or none (answered in text), or use a chat backend "
+                        "that calls tools (openai/chat)",
+                        provider=self.name,
+                        code="bad_request",
+                        upstream_status=400,
+                    )
+                )
             self.tools_answered_in_text += 1
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
