@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from keel import __version__
-from keel.config import ROLES, HttpModelConfig, Paths, Settings, load_settings
+from keel.config import (
+    ROLES,
+    HttpModelConfig,
+    Paths,
+    Settings,
+    check_data_root,
+    data_root_trouble,
+    load_settings,
+)
 from keel.errors import (
     ConfigError,
     ConfigIssue,
@@ -136,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("started by keel serve --supervise after %s restart(s)", restarts)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    paths.root.mkdir(parents=True, exist_ok=True)
+    check_data_root(paths.root)  # a file, read-only, full: said here, not in a traceback
     from keel.auth import open_remote_issue
 
     if (issue := open_remote_issue(settings, paths.root, host)) is not None:
@@ -181,13 +189,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     given = args.path or args.config
     path = Path(given) if given else paths.config_file
-    settings = load_settings(path, paths) if path.exists() or given else Settings()
+    settings = load_settings(Path(given) if given else None, paths)
     where = str(path) if path.exists() else f"{path} (absent: all defaults)"
     from keel.auth import open_remote_issue
 
     if (issue := open_remote_issue(settings, paths.root, settings.server.host)) is not None:
         raise ConfigError(where, [issue])  # what `keel serve` would refuse
     print(f"ok: {where}")
+    if (trouble := data_root_trouble(paths.root)) is not None:  # this machine's, as models
+        print(f"warning: {trouble} (keel serve here would exit 78)", file=sys.stderr)
     for issue in _missing_models(settings, paths):  # the file is fine; this machine's models not
         print(f"warning: {issue.render()}", file=sys.stderr)
     for ignored in settings.ignored_sections():

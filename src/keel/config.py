@@ -11,8 +11,10 @@ them into the sample config kept in the repository.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from keel.errors import ConfigError, ConfigIssue
+from keel.errors import ConfigError, ConfigIssue, DataRootUnusable
 from keel.pipeline.prompt import check_template
 
 Role = Literal["completion", "chat", "embedding"]
@@ -782,6 +784,73 @@ class Paths:
         return self.root / "index"
 
 
+def _root_fix(root: Path, exc: OSError) -> str:
+    """Why ``root`` cannot be used, from ``exc``, and what to do about it."""
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"its disk is full ({exc.strerror}): free some space there"
+    if code == errno.EROFS:
+        return (
+            f"it is on a read-only file system ({exc.strerror}): set KEEL_ROOT to a "
+            "writable directory (a volume, in a container)"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return (
+            f"the user keel runs as (uid {os.geteuid()}) cannot enter or write it "
+            f"({exc.strerror}): give it access, or set KEEL_ROOT to a directory it can write"
+        )
+    if code in (errno.ENOTDIR, errno.EEXIST) and exc.filename == str(root):
+        return "it is a file, not a directory: set KEEL_ROOT to a directory (keel creates it)"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return (
+            f"a part of the path is a file, not a directory ({exc.strerror}): set "
+            "KEEL_ROOT to a directory (keel creates it), or move the file"
+        )
+    return f"{exc.strerror or exc}: set KEEL_ROOT to a directory keel can write"
+
+
+def root_error(root: Path, exc: OSError) -> DataRootUnusable:
+    """The error for a data root that failed with ``exc``."""
+    return DataRootUnusable(f"data root {root} cannot be used: {_root_fix(root, exc)}")
+
+
+def check_data_root(root: Path) -> None:
+    """Make the data root and write a file in it (synced: a full disk fails here), or
+    raise :class:`DataRootUnusable` saying why not and what to do: a read-only or full
+    root, or ``KEEL_ROOT`` naming a file, crashed ``keel serve`` with a traceback."""
+    try:
+        if root.exists() and not root.is_dir():
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".keel-write-check-") as file:
+            file.write(b"ok")
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as exc:
+        raise root_error(root, exc) from None
+
+
+def data_root_trouble(root: Path) -> str | None:
+    """Why ``keel serve`` could not use ``root``, found without changing anything (for
+    ``keel config check``), or None."""
+    try:
+        existing = root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        disk = os.statvfs(existing)
+        if disk.f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(existing))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+        if disk.f_bavail == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(existing))
+    except OSError as exc:
+        return root_error(root, exc).message
+    return None
+
+
 ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 """``${NAME}``, or ``${NAME:-default}`` (the default when NAME is unset or empty, as in
 a shell or Docker Compose); ``$$`` is a literal ``$``, as in Docker Compose (a secret
@@ -942,7 +1011,13 @@ def load_settings(
     """Read ``path`` (or the data root's config.toml); no file means all defaults."""
     explicit = path is not None
     file = path if path is not None else paths.config_file
-    if not file.exists():
+    try:
+        exists = file.exists()
+    except OSError as exc:  # a directory on the way that cannot be entered
+        if not explicit:
+            raise root_error(paths.root, exc) from None
+        raise ConfigError(str(file), [ConfigIssue("(file)", f"cannot read: {exc}")]) from None
+    if not exists:
         if explicit:
             raise ConfigError(str(file), [ConfigIssue("(file)", "config file does not exist")])
         return Settings()

@@ -14,6 +14,7 @@ API handler (``api/errors.py``) and the CLI never decide that for themselves::
     │   ├── ClientDisconnected      499  (the client left before its answer; nobody reads it)
     │   └── ContextLengthExceeded   400  (the prompt does not fit the model's context)
     ├── ConfigError                 422  invalid_config          exit 78  (lists ``issues``)
+    ├── DataRootUnusable            500  server_error            exit 78  (unwritable, a file)
     ├── MissingDependency           500  server_error            exit 69
     │   ├── InsufficientMemory      507  insufficient_memory     (the model would not fit)
     │   └── InsufficientStorage     507  insufficient_storage    (a pull would not fit on disk)
@@ -215,6 +216,15 @@ class ConfigError(KeelError):
         assert isinstance(error, dict)
         error["issues"] = [{"key": issue.key, "message": issue.message} for issue in self.issues]
         return body
+
+
+class DataRootUnusable(KeelError):
+    """keel cannot keep its data at the data root (``$KEEL_ROOT`` or ``~/.keel``): it is
+    a file, cannot be entered or written, or its disk is full. A person has to act, as
+    on a config error (it crashed ``keel serve`` with a traceback, exit 1 or 3)."""
+
+    code = "data_root_unusable"
+    exit_code = ExitCode.CONFIG
 
 
 class MissingDependency(KeelError):

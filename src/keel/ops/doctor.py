@@ -6,7 +6,8 @@ a check that cannot run because an earlier one failed says so ("skip").
 
 The exit code is the most serious failure's, as ``keel serve`` would exit:
 78 config, 69 native library / model file / memory / unreachable provider,
-75 port busy, 1 anything else (data root not writable). Warnings do not fail.
+75 port busy, 1 anything else; a data root keel cannot write is 78, as for
+`keel serve`. Warnings do not fail.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO
 
 from keel.config import ENV_REF, ROLES, LocalModelConfig, Paths, Role, Settings, load_settings
+from keel.config import check_data_root as writable_root
 from keel.errors import (
     ConfigError,
+    DataRootUnusable,
     ExitCode,
     KeelError,
     MissingDependency,
@@ -110,6 +112,9 @@ def check_native_library(report: Report, timeout: float) -> None:
         result = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
         )
+    except OSError as exc:  # this user may not run keel's interpreter
+        report.add("native library", "FAIL", f"cannot run {sys.executable}: {exc}", EXIT_DEPENDENCY)
+        return
     except subprocess.TimeoutExpired:
         report.add(
             "native library",
@@ -139,10 +144,10 @@ def _config_file(options: DoctorOptions, paths: Paths) -> Path:
 
 
 def check_env_vars(report: Report, file: Path, environ: os._Environ[str] | dict[str, str]) -> None:
-    if not file.exists():
-        report.add("env vars", "skip", "no config file")
-        return
     try:
+        if not file.exists():
+            report.add("env vars", "skip", "no config file")
+            return
         raw = file.read_text(encoding="utf-8")
         tomllib.loads(raw)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -174,6 +179,9 @@ def check_config(report: Report, options: DoctorOptions, paths: Paths) -> Settin
     except ConfigError as exc:
         detail = "\n".join([f"{exc.source}:"] + [issue.render() for issue in exc.issues])
         report.add("config", "FAIL", detail, ExitCode.CONFIG)
+        return None
+    except DataRootUnusable as exc:  # its config.toml cannot be reached
+        report.add("config", "FAIL", exc.message, ExitCode.CONFIG)
         return None
     where = str(file) if file.exists() else f"{file} absent: all defaults"
     report.add("config", "ok", where)
@@ -239,7 +247,11 @@ def check_downloaded_models(report: Report, paths: Paths) -> None:
     what an interrupted pull left in its staging directory."""
     from keel.models.pull import STAGING_DIR
 
-    files = [file for file in list_model_files(paths) if not file.embedded]
+    try:
+        files = [file for file in list_model_files(paths) if not file.embedded]
+    except OSError as exc:  # a data root that cannot be entered (see data root)
+        report.add("downloaded models", "skip", f"cannot list {paths.models_dir}: {exc.strerror}")
+        return
     lines: list[str] = []
     damaged: list[str] = []
     for file in files:
@@ -315,12 +327,9 @@ def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path
 
 def check_data_root(report: Report, paths: Paths) -> None:
     try:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=paths.root, prefix=".doctor-") as file:
-            file.write(b"ok")
-            file.flush()
-    except OSError as exc:
-        report.add("data root", "FAIL", f"{paths.root} is not writable: {exc}", ExitCode.FAILURE)
+        writable_root(paths.root)  # as `keel serve` checks it, and exits
+    except DataRootUnusable as exc:
+        report.add("data root", "FAIL", exc.message, ExitCode.CONFIG)
         return
     report.add("data root", "ok", f"{paths.root} writable")
 

@@ -1,0 +1,91 @@
+"""A data root keel cannot use (``KEEL_ROOT`` naming a file, a directory keel's user
+cannot enter or write, a read-only file system, a full disk) crashed ``keel serve``
+with a traceback (exit 1, or uvicorn's 3 from SQLite's "unable to open database file"),
+which a supervisor restarts for ever; ``config check``, ``doctor`` and ``models list``
+crashed on a root they could not enter. Now: one ``keel:`` line naming the path and
+what to do, exit 78; ``keel config check`` warns (the root is this machine's)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KEEL = [sys.executable, "-m", "keel"]
+
+
+def run(command: list[str], root: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KEEL_ROOT": str(root)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def as_unprivileged(command: list[str]) -> list[str]:
+    """``command`` run without root's right to enter any directory: in a user namespace
+    where keel's user is nobody (files stay owned by the real user, mode 000 holds)."""
+    if os.geteuid() != 0:
+        return command
+    return ["unshare", "-U", "--map-user=65534", "--map-group=65534", *command]
+
+
+def on_tmpfs(command: list[str], root: Path, options: str, fill: bool = False) -> list[str]:
+    """``command`` with ``root`` a tmpfs mounted with ``options`` (a mount namespace of
+    its own, nothing mounted on this machine)."""
+    fill_it = f" && (cat /dev/zero > {root}/fill 2>/dev/null; true)" if fill else ""
+    script = f'mount -t tmpfs -o {options} tmpfs {root}{fill_it} && exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", script, "sh", *command]
+
+
+def assert_one_line_78(result: subprocess.CompletedProcess[str], *said: str) -> None:
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("keel: ")]
+    assert len(lines) == 1, result.stderr
+    for text in said:
+        assert text in lines[0], lines[0]
+
+
+def test_a_root_that_is_a_file(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.write_text("not a directory")
+    served = run([*KEEL, "serve", "--port", "1"], root)
+    assert_one_line_78(served, f"data root {root}", "is a file", "KEEL_ROOT")
+    checked = run([*KEEL, "config", "check"], root)
+    assert checked.returncode == 0, checked.stderr
+    assert f"warning: data root {root}" in checked.stderr and "exit 78" in checked.stderr
+    doctor = run([*KEEL, "doctor", "--port", "1"], root)
+    assert doctor.returncode == 78, doctor.stdout + doctor.stderr
+    assert "is a file, not a directory" in doctor.stdout
+
+
+def test_a_root_keels_user_cannot_enter(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    root = locked / "keel"
+    root.mkdir()
+    locked.chmod(0)
+    try:
+        for command in (["serve", "--port", "1"], ["config", "check"], ["models", "list"]):
+            result = run(as_unprivileged([*KEEL, *command]), root)
+            assert_one_line_78(result, f"data root {root}", "cannot enter or write", "KEEL_ROOT")
+        doctor = run(as_unprivileged([*KEEL, "doctor", "--port", "1"]), root)
+        assert doctor.returncode == 78, doctor.stdout + doctor.stderr
+        assert "Traceback" not in doctor.stderr and "cannot enter or write" in doctor.stdout
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("options", "fill", "said"),
+    [("ro", False, "read-only file system"), ("size=64k", True, "disk is full")],
+)
+def test_a_read_only_or_full_root(tmp_path: Path, options: str, fill: bool, said: str) -> None:
+    root = tmp_path / "keel"
+    root.mkdir()
+    served = run(on_tmpfs([*KEEL, "serve", "--port", "1"], root, options, fill), root)
+    assert_one_line_78(served, f"data root {root}", said)
+    checked = run(on_tmpfs([*KEEL, "config", "check"], root, options, fill), root)
+    assert checked.returncode == 0, checked.stderr
+    assert f"warning: data root {root}" in checked.stderr and said in checked.stderr
