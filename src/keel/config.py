@@ -121,7 +121,9 @@ EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan (TOML has both): `shutdown_grace_seconds = inf` passed the check,
+    # then `keel serve` crashed on it, and --supervise restarted it in a loop.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RateLimit(_Section):
@@ -958,6 +960,8 @@ def parse_settings(
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (check the spelling)"
+            elif error["type"] == "finite_number":
+                message = "must be a finite number (inf and nan are not taken)"
             key = _loc_to_key(loc)
             # An unknown key's value is never shown: a misspelled secret (``apikey``,
             # ``api_kye``) is still a secret, and the value is not what is wrong.

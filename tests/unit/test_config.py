@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
+import keel.config as config_module
 from keel.config import HttpModelConfig, LocalModelConfig, Paths, load_settings, parse_settings
 from keel.errors import ConfigError
 from keel.sample_config import render_sample
@@ -475,3 +477,46 @@ def test_credentials_in_the_endpoint_and_an_api_key_are_refused_together(tmp_pat
         load_settings(write(tmp_path, text), Paths(tmp_path), {})
     assert caught.value.issues[0].key == "model.chat.http.api_key"
     assert "pw" not in caught.value.message and "sk-0123456789" not in caught.value.message
+
+
+def _float_fields() -> list[tuple[type[BaseModel], str]]:
+    sections = [
+        cls
+        for cls in vars(config_module).values()
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == "keel.config"
+    ]
+    return [
+        (cls, name)
+        for cls in sections
+        for name, field in cls.model_fields.items()
+        if "float" in str(field.annotation)
+    ]
+
+
+MINIMAL: dict[str, dict[str, Any]] = {
+    "HttpModelConfig": {"kind": "openai/chat"},
+    "RateLimit": {"request_per_minute": 60},
+    "LanguageConfig": {"languages": ["x"]},
+    "RepositoryConfig": {"name": "x"},
+}
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_no_float_setting_takes_inf_or_nan(value: float) -> None:
+    """TOML has inf and nan: `shutdown_grace_seconds = inf` passed `keel config check`,
+    then `keel serve` crashed (OverflowError) and --supervise restarted it in a loop."""
+    fields = _float_fields()
+    assert len(fields) >= 15, fields  # every float setting of every section
+    for cls, name in fields:
+        with pytest.raises(ValidationError) as caught:
+            cls.model_validate({**MINIMAL.get(cls.__name__, {}), name: value})
+        assert [error["loc"] for error in caught.value.errors()] == [(name,)], (cls, name)
+
+
+def test_serve_and_check_refuse_an_infinite_grace_naming_it(tmp_path: Path) -> None:
+    write(tmp_path, "[server]\nshutdown_grace_seconds = inf\n")
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for command in (["config", "check"], ["serve", "--port", "1"]):
+        refused = run_cli(*command, env=env)
+        assert refused.returncode == 78, (command, refused.stderr)
+        assert "server.shutdown_grace_seconds: must be a finite number" in refused.stderr
