@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.api.conftest import ADMIN, USER, Backends
+from tests.fakes.upstreams import embedding_usage
 
 VALID_BODIES: dict[str, dict[str, object]] = {
     "/v1/completions": {"language": "python", "segments": {"prefix": "def f():\n    "}},
@@ -392,6 +393,16 @@ async def test_an_empty_prompt_with_a_suffix_is_served(client: httpx.AsyncClient
     body = {"prompt": "", "suffix": "print(x)\n", "max_tokens": 5}
     response = await client.post("/v1/completions", json=body, headers=USER)
     assert response.status_code == 200, response.text
+
+
+async def test_embedding_usage_is_the_backends_own_count(client: httpx.AsyncClient) -> None:
+    """An OpenAI-compatible backend's ``usage`` is in the very answer keel reads: it was
+    thrown away for keel's estimate (2 tokens for "hello" that the backend counted 5)."""
+    texts = ["hello", "def add(a, b):\n    return a + b\n"]
+    response = await client.post("/v1/embeddings", json={"input": texts}, headers=USER)
+    assert response.status_code == 200, response.text
+    read = embedding_usage(texts)
+    assert response.json()["usage"] == {"prompt_tokens": read, "total_tokens": read}
 
 
 async def test_an_embedding_batch_takes_as_many_inputs_as_openai(

@@ -171,6 +171,13 @@ class _Answer:
     error_frame: Callable[[str, int], bytes] | None = None
 
 
+def embedding_usage(texts: object) -> int:
+    """The tokens the fake says it read for an embedding: 100 a text plus its length, a
+    count no estimate of keel's gives."""
+    items = texts if isinstance(texts, list) else [texts]
+    return sum(100 + len(str(text)) for text in items)
+
+
 class FakeUpstream:
     """A fake backend; use as a context manager or call :meth:`start` / :meth:`stop`."""
 
@@ -501,7 +508,9 @@ class FakeUpstream:
             return self._ollama_generate(body)
         if path.endswith("/api/embed"):
             vectors = self._vectors(body.get("input", []))
-            return _json_answer({"model": body.get("model"), "embeddings": vectors})
+            read = embedding_usage(body.get("input", []))
+            answer = {"model": body.get("model"), "embeddings": vectors, "prompt_eval_count": read}
+            return _json_answer(answer)
         if path.endswith(("/embeddings", "/embedding")):
             if "content" in body:
                 vectors = self._vectors(body["content"])
@@ -510,7 +519,10 @@ class FakeUpstream:
             data = [
                 {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
             ]
-            return _json_answer({"object": "list", "data": data, "model": body.get("model")})
+            read = embedding_usage(body.get("input", []))
+            usage = {"prompt_tokens": read, "total_tokens": read}
+            answer = {"object": "list", "data": data, "model": body.get("model"), "usage": usage}
+            return _json_answer(answer)
         return _json_answer({"error": {"message": f"no route {path}"}}, status=404)
 
     def _vectors(self, texts: object) -> list[list[float]]:

@@ -6,8 +6,9 @@ import pytest
 
 from keel.config import HttpModelConfig
 from keel.errors import ConfigError
-from keel.providers.base import CompletionCall, GenerationParams
+from keel.providers.base import CompletionCall, GenerationParams, Reported
 from keel.providers.http import build_http_provider
+from tests.fakes.upstreams import embedding_usage
 
 
 async def test_generate_request_and_stream(upstream, make_provider):
@@ -56,6 +57,9 @@ async def test_embed(upstream, make_provider):
     request = upstream.last_request
     assert request.path == "/api/embed"
     assert request.json == {"model": "nomic-embed-text", "input": ["hello", "x"]}
+    reported = Reported()  # Ollama's count of what it read: usage.prompt_tokens
+    await provider.embed(["hello", "x"], reported)
+    assert reported.prompt_tokens == embedding_usage(["hello", "x"])
 
 
 @pytest.mark.parametrize(

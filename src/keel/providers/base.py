@@ -305,13 +305,19 @@ class ChatProvider(Provider):
 
 class EmbeddingProvider(Provider):
     @abstractmethod
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+    async def embed(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> list[list[float]]:
+        """``texts``' vectors; ``reported`` gets the tokens the backend said it read,
+        where it says (OpenAI's ``usage``)."""
 
-    async def embed_parts(self, texts: Sequence[str]) -> AsyncIterator[list[list[float]]]:
+    async def embed_parts(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> AsyncIterator[list[list[float]]]:
         """``texts``' vectors in order, in parts as they are made: each part is progress
         for the router's between-token deadline, and closing the iterator sends no more
         work. One part unless the provider splits the work."""
-        yield await self.embed(texts)
+        yield await self.embed(texts, reported)
 
 
 def token_groups(texts: Sequence[str], budget: int) -> list[Sequence[str]]:

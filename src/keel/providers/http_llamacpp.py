@@ -18,6 +18,7 @@ from keel.errors import KeelError, UpstreamProtocolError
 from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
+    Reported,
     llamacpp_seed,
 )
 from keel.providers.http_base import (
@@ -156,7 +157,9 @@ def llamacpp_embeddings(payload: Any, count: int, provider: str) -> list[list[fl
 class LlamaCppEmbeddingProvider(HttpBacked, EmbeddingProvider):
     """``llama.cpp/embedding``: one request for the whole batch."""
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> list[list[float]]:
         if not texts:
             return []
         payload = await self.upstream.post_json("/embeddings", {"content": list(texts)})

@@ -17,6 +17,7 @@ from keel.providers.base import (
     CompletionCall,
     EmbeddingProvider,
     ProviderInfo,
+    Reported,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -89,13 +90,17 @@ class OllamaEmbeddingProvider(HttpBacked, EmbeddingProvider):
         super().__init__(upstream, info)
         self.model = model
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> list[list[float]]:
         if not texts:
             return []
         provider = self.upstream.provider
         payload = await self.upstream.post_json(
             "/api/embed", {"model": self.model, "input": list(texts)}
         )
+        if reported is not None and isinstance(payload, dict):
+            reported.note_usage({"prompt_tokens": payload.get("prompt_eval_count")})
         embeddings = payload.get("embeddings") if isinstance(payload, dict) else None
         if not isinstance(embeddings, list):
             raise UpstreamProtocolError(

@@ -293,11 +293,15 @@ class OpenAIEmbeddingProvider(HttpBacked, EmbeddingProvider):
         super().__init__(upstream, info)
         self.model = model
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> list[list[float]]:
         if not texts:
             return []
         body: JsonObject = {"input": list(texts)}
         if self.model is not None:
             body["model"] = self.model
         payload = await self.upstream.post_json("/embeddings", body)
+        if reported is not None and isinstance(payload, dict):
+            reported.note_usage(payload.get("usage"))
         return embeddings_from_data(payload, len(texts), self.upstream.provider)

@@ -20,6 +20,7 @@ from keel.providers.base import (
     EmbeddingProvider,
     GenerationParams,
     ProviderInfo,
+    Reported,
     llamacpp_seed,
     token_groups,
 )
@@ -161,14 +162,18 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
             self.tools_answered_in_text += 1
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
-    async def embed_parts(self, texts: Sequence[str]) -> AsyncIterator[list[list[float]]]:
+    async def embed_parts(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> AsyncIterator[list[list[float]]]:
         """A CPU engine embeds ~250 tokens a second: a batch goes in parts of
         ``embed_part_tokens`` (:data:`EMBED_PART_TOKENS`), each well within the role's
         deadlines, and a client that leaves costs the part in flight, not the batch."""
         for group in token_groups(texts, self.embed_part_tokens):
             yield await self.embed(group)
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def embed(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> list[list[float]]:
         reply = await self.supervisor.call(
             {"op": "embed", "texts": list(texts)}, ready_timeout=self.ready_timeout
         )

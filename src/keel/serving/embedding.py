@@ -9,7 +9,7 @@ import struct
 from starlette.requests import Request
 
 from keel.errors import RequestError
-from keel.providers.base import EmbeddingProvider
+from keel.providers.base import EmbeddingProvider, Reported
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 from keel.schemas.openai import EmbeddingRequest
@@ -33,9 +33,9 @@ class EmbeddingServing:
             attempts = self.router.attempts()
             async for attempt in attempts:
                 async with attempt:
-                    provider = attempt.provider
+                    provider, reported = attempt.provider, Reported()
                     assert isinstance(provider, EmbeddingProvider)
-                    parts = attempt.pieces(provider.embed_parts(texts))
+                    parts = attempt.pieces(provider.embed_parts(texts, reported))
                     vectors = [vector async for part in parts for vector in part]
         note_provider(http, provider)
         made = len(vectors[0])
@@ -45,7 +45,8 @@ class EmbeddingServing:
                 f"shorten them; leave dimensions out or send {made}",
                 param="dimensions",
             )
-        tokens = sum(await count_tokens(provider, texts))
+        # The backend's own count where it gave one (it was always keel's estimate)
+        tokens = reported.prompt_tokens or sum(await count_tokens(provider, texts))
         data = [
             {"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)
