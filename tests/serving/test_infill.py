@@ -195,6 +195,20 @@ async def test_bad_bodies_are_a_400_naming_the_field(
     assert error["type"] == "invalid_request_error" and param in (error.get("param") or "")
 
 
+@pytest.mark.parametrize("seed", [-1, 0, 2**63, 2**64 - 1])
+async def test_any_64_bit_seed_and_llama_cpps_random_one_are_served(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream, seed: int
+) -> None:
+    """A seed of 2^63 and above was a 500 (taken as a signed one, then refused as
+    Tabby's unsigned); -1, llama.cpp's default (random), was a 400."""
+    answer = await keel.post("/infill", json={**fim(["a = 1"], "b = "), "seed": seed})
+    assert answer.status_code == 200, answer.text
+    sent = [r for r in llamacpp.requests if r.path == "/completion"][-1].json
+    assert ("seed" in sent) == (seed != -1), sent
+    too_big = await keel.post("/infill", json={**fim(["a = 1"], "b = "), "seed": 2**64})
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "seed"
+
+
 def test_n_indent_stops_at_a_line_indented_less() -> None:
     text = "x = 1\n        y = 2\n\n    return y\n        z"
     assert cut_at_indent(text, 8) == "x = 1\n        y = 2\n"

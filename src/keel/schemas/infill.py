@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.schemas.openai import MAX_TOKENS_LIMIT
-from keel.schemas.tabby import ClientSnippet, Segments, TabbyCompletionRequest, U64Seed
+from keel.schemas.tabby import ClientSnippet, Segments, TabbyCompletionRequest
 
 
 class _Wire(BaseModel):
@@ -53,7 +53,13 @@ class InfillRequest(_Wire):
     )
     id_slot: int | None = Field(None, description="Ignored: keel chooses the engine slot.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    seed: U64Seed | None = None
+    seed: int | None = Field(
+        None,
+        ge=-1,
+        le=2**64 - 1,
+        description="Any 64-bit seed gives its own repeatable answer; -1 (llama.cpp's "
+        "default): a random one.",
+    )
     stream: bool = Field(False, description="Only false: the answer comes whole.")
     model: str | None = None
     stop: list[str] = Field(
@@ -100,7 +106,9 @@ class InfillRequest(_Wire):
                 ],
             ),
             temperature=self.temperature,
-            seed=self.seed,
+            # Read by Tabby's u64 seed (a seed of 2^63 and above, taken as Tabby's,
+            # was a 500); llama.cpp's -1 is no seed
+            seed=None if self.seed is None or self.seed == -1 else self.seed,
         )
 
 
