@@ -15,6 +15,7 @@ API handler (``api/errors.py``) and the CLI never decide that for themselves::
     │   └── ContextLengthExceeded   400  (the prompt does not fit the model's context)
     ├── ConfigError                 422  invalid_config          exit 78  (lists ``issues``)
     ├── DataRootUnusable            500  server_error            exit 78  (unwritable, a file)
+    ├── BadEnvironment              500  server_error            exit 78  (HF_TOKEN not a token)
     ├── MissingDependency           500  server_error            exit 69
     │   ├── InsufficientMemory      507  insufficient_memory     (the model would not fit)
     │   └── InsufficientStorage     507  insufficient_storage    (a pull would not fit on disk)
@@ -224,6 +225,14 @@ class DataRootUnusable(KeelError):
     on a config error (it crashed ``keel serve`` with a traceback, exit 1 or 3)."""
 
     code = "data_root_unusable"
+    exit_code = ExitCode.CONFIG
+
+
+class BadEnvironment(KeelError):
+    """An environment variable keel reads holds what it cannot be (``HF_TOKEN`` pasted
+    with smart quotes): a person has to set it again, as a config error."""
+
+    code = "bad_environment"
     exit_code = ExitCode.CONFIG
 
 

@@ -65,6 +65,20 @@ def test_hub_failures_are_one_clear_line(hub: FakeHub, tmp_path: Path) -> None:
     assert allowed.returncode == 0, allowed.stderr
 
 
+def test_a_token_pasted_with_smart_quotes_is_one_line_exit_78(hub: FakeHub, tmp_path: Path) -> None:
+    """It cannot go in a header: the pull ended in a UnicodeEncodeError traceback."""
+    hub.token = "hf_secret"
+    for token in ("\u201chf_secret\u201d", "hf_s\tecret", "hf_s\u00e9cret"):
+        refused = keel(tmp_path, "pull", f"{REPO}:{FILE}", HF_TOKEN=token)
+        assert refused.returncode == 78, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("keel: HF_TOKEN holds characters"), lines
+        assert "hf_s" not in refused.stderr  # the token is not shown
+    assert hub.downloads() == []
+    allowed = keel(tmp_path, "pull", f"{REPO}:{FILE}", HF_TOKEN=" hf_secret\n")
+    assert allowed.returncode == 0, allowed.stderr
+
+
 def test_a_pull_stopped_by_sigterm_keeps_nothing(hub: FakeHub, tmp_path: Path) -> None:
     """A pull killed as a service manager or a terminal's close kills it: the partial
     download is removed (it stayed in models/.downloads for good), as on Ctrl-C."""

@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 
 from keel.config import LocalModelConfig, Paths
 from keel.errors import (
+    BadEnvironment,
     ClientDisconnected,
     InsufficientStorage,
     MissingDependency,
@@ -252,6 +253,13 @@ class ModelPuller:
         # every pull fail with "Illegal header value", filed under "cannot reach"
         given = token or env.get("HF_TOKEN") or ""
         self.token = given.replace("\r", "").replace("\n", "").strip() or None
+        if self.token is not None and not all(" " <= char <= "~" for char in self.token):
+            # It cannot go in a header: every pull ended in a UnicodeEncodeError traceback.
+            raise BadEnvironment(
+                "HF_TOKEN holds characters a token cannot have (outside printable ASCII: "
+                "smart quotes pasted with it, or a tab?): set it to the token alone, as the "
+                "hub shows it (hf_...)"
+            )
         self.offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
         self.min_free_bytes = min_free_bytes
         self.free_bytes = free_bytes
