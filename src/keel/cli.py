@@ -13,6 +13,7 @@ import asyncio
 import errno
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -70,6 +71,36 @@ def _mib_count(text: str) -> float:
     if not mib >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"0 or more MiB (got {text})")
     return mib
+
+
+def _start_count(text: str) -> int:
+    """A ``--start-limit``: 1 or more starts (0 or less was taken)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of starts: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"1 or more starts (got {count})")
+    return count
+
+
+def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """A number of seconds, finite and at least (or above) ``minimum``: a negative
+    ``--start-window`` gave unbounded restarts, a negative ``--restart-backoff`` said
+    "restart in -8.0s", and nan was taken."""
+    bound = f"{minimum:g} or more" if inclusive else f"more than {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        above = seconds >= minimum if inclusive else seconds > minimum
+        if not (above and math.isfinite(seconds)):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"a finite number of seconds, {bound} (got {text})")
+        return seconds
+
+    return parse
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -532,19 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--start-limit",
-        type=int,
+        type=_start_count,
         default=5,
         help="with --supervise: give up after this many starts within --start-window (5)",
     )
     serve.add_argument(
         "--start-window",
-        type=float,
+        type=_seconds(0, inclusive=False),
         default=300.0,
         help="with --supervise: the start limit's window in seconds (300)",
     )
     serve.add_argument(
         "--restart-backoff",
-        type=float,
+        type=_seconds(0, inclusive=True),
         default=1.0,
         help="with --supervise: seconds before the first restart, doubling up to 30 (1)",
     )

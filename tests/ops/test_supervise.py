@@ -36,6 +36,34 @@ def test_the_child_gets_every_serve_option_but_the_supervisors() -> None:
     assert forwarded_argv(args.serve_parser, args) == ["--config", "x.toml", "--port", "9"]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--start-window", "-5", "more than 0"),  # gave unbounded restarts
+        ("--start-window", "0", "more than 0"),
+        ("--start-window", "nan", "more than 0"),
+        ("--restart-backoff", "-1", "0 or more"),  # said "restart in -8.0s"
+        ("--restart-backoff", "nan", "0 or more"),
+        ("--restart-backoff", "inf", "0 or more"),
+        ("--start-limit", "0", "1 or more starts"),
+        ("--start-limit", "-3", "1 or more starts"),
+    ],
+)
+def test_supervisor_options_out_of_range_are_usage_errors(
+    tmp_path: Path, option: str, value: str, said: str
+) -> None:
+    refused = subprocess.run(
+        supervised(tmp_path, f"{option}={value}"),
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert f"argument {option}: " in refused.stderr and said in refused.stderr
+    assert "started keel" not in refused.stderr
+
+
 @pytest.mark.integration
 def test_a_crash_loop_stops_at_the_start_limit(tmp_path: Path) -> None:
     # A non-loopback address without keys is refused (78); allow it, so the bind fails.
