@@ -32,6 +32,7 @@ from keel.config import (
     check_data_root,
     data_root_trouble,
     load_settings,
+    threads_variable_trouble,
 )
 from keel.errors import (
     ConfigError,
@@ -170,6 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings, paths = _load(args)
     for ignored in settings.ignored_sections():
         log.warning("%s", ignored)
+    if (threads := threads_variable_trouble(os.environ)) is not None:
+        log.warning("%s", threads)
     restarts = os.environ.get("KEEL_SUPERVISOR_RESTARTS")
     if restarts and restarts != "0":
         log.warning("started by keel serve --supervise after %s restart(s)", restarts)
@@ -233,6 +236,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {issue.render()}", file=sys.stderr)
     for ignored in settings.ignored_sections():
         print(f"warning: {ignored}", file=sys.stderr)
+    if (threads := threads_variable_trouble(os.environ)) is not None:  # this machine's
+        print(f"warning: {threads}", file=sys.stderr)
     for index, repo in enumerate(settings.repositories):  # this machine's checkouts
         if repo.path is not None and not Path(repo.path).expanduser().is_dir():
             print(

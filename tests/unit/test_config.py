@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -520,3 +521,23 @@ def test_serve_and_check_refuse_an_infinite_grace_naming_it(tmp_path: Path) -> N
         refused = run_cli(*command, env=env)
         assert refused.returncode == 78, (command, refused.stderr)
         assert "server.shutdown_grace_seconds: must be a finite number" in refused.stderr
+
+
+def test_a_threads_variable_the_worker_ignores_is_a_warning(tmp_path: Path) -> None:
+    """`LLAMA_ARG_THREADS=two` was ignored in the worker, a child whose log says nothing
+    of it: keel serve and config check warn, naming the variable, its value and what is
+    used instead."""
+    said = "LLAMA_ARG_THREADS='two' is not a whole number of threads above 0"
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin", "LLAMA_ARG_THREADS": "two"}
+    checked = run_cli("config", "check", env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert f"warning: {said}" in checked.stderr and "physical cores" in checked.stderr
+    with socket.socket() as holder:  # serve stops at the bind: the warning comes before it
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        served = run_cli("serve", "--port", str(holder.getsockname()[1]), env=env)
+    assert served.returncode == 75, served.stderr
+    assert "WARNING" in served.stderr and said in served.stderr
+    for usable in ("4", " 2\n", ""):
+        quiet = run_cli("config", "check", env={**env, "LLAMA_ARG_THREADS": usable})
+        assert "LLAMA_ARG_THREADS" not in quiet.stderr, quiet.stderr

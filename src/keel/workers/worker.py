@@ -757,7 +757,8 @@ def _prompt_cache_mib(args: argparse.Namespace) -> int:
 
 THREADS_VARIABLE = "LLAMA_ARG_THREADS"
 """llama-server's environment variable for ``--threads``, read where no ``threads`` is
-configured: a whole number above 0 (anything else leaves keel's default)."""
+configured: a whole number above 0 (anything else leaves keel's default, and ``keel serve``
+and ``keel config check`` warn of it: ``keel.config.threads_variable_trouble``)."""
 
 
 def _threads(args: argparse.Namespace) -> int:
