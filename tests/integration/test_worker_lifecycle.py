@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from keel.models.registry import embedded_model_path
 from tests.conftest import KeelProcess, free_port, running_keel, start_keel
 
 pytestmark = pytest.mark.integration
@@ -151,5 +153,23 @@ def test_unloadable_model_file_is_reported_once_not_restarted(tmp_path: Path) ->
         assert response.status_code == 503
         assert "gave up" in response.json()["error"]["message"]
         assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
+        assert status["pid"] is None  # no worker runs (it showed the dead one's)
+        # The file mended, a reload starts the worker afresh (the given-up one was kept,
+        # failed, and every chat a 503 until keel restarted).
+        shutil.copyfile(embedded_model_path(), bad)
+        reloaded = httpx.post(f"{server.url}/v1/admin/reload", timeout=60)
+        assert reloaded.status_code == 200, reloaded.text
+        answer = {}
+        for _ in range(300):
+            response = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                timeout=30,
+            )
+            if response.status_code == 200:
+                answer = response.json()
+                break
+            time.sleep(0.2)
+        assert answer["choices"][0]["message"]["content"], answer
     finally:
         server.stop()

@@ -15,6 +15,7 @@ import pytest
 
 from keel.errors import WorkerCrashed, WorkerUnavailable
 from keel.models.registry import embedded_model_path
+from keel.restart import RestartPolicy
 from keel.workers.supervisor import Liveness, WorkerSpec, WorkerState, WorkerSupervisor
 
 pytestmark = pytest.mark.integration
@@ -84,6 +85,36 @@ async def test_a_worker_that_dies_after_each_load_restarts_ever_later() -> None:
     finally:
         await supervisor.stop()
     assert delays == [0.5, 1.0, 2.0]
+
+
+async def test_the_start_limit_counts_the_restarts_that_happened() -> None:
+    """At the start limit the worker is given up on: the restart it would be never
+    happens (keel counted one more restart than it made, and showed the dead pid)."""
+    supervisor = WorkerSupervisor(
+        WorkerSpec(str(embedded_model_path()), threads=1),
+        name="limit-test",
+        policy=RestartPolicy(start_limit=2, backoff_initial=0.1),
+        oom_kills=lambda: None,
+    )
+    await supervisor.start()
+    try:
+        for _ in range(2):
+            await supervisor.wait_ready(60)
+            assert supervisor.pid is not None
+            os.kill(supervisor.pid, signal.SIGKILL)
+            for _ in range(1000):
+                if supervisor.state is not WorkerState.READY:
+                    break
+                await asyncio.sleep(0.01)
+        for _ in range(500):
+            if supervisor.state is WorkerState.FAILED:
+                break
+            await asyncio.sleep(0.01)
+        assert supervisor.state is WorkerState.FAILED
+        assert (supervisor.restarts, supervisor.pid) == (1, None)
+        assert "crashed 2 times" in (supervisor.last_error or "")
+    finally:
+        await supervisor.stop()
 
 
 async def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:

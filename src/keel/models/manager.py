@@ -306,11 +306,12 @@ class ModelManager:
         yield Progress("ready", f"{role} is served by {served}{same}")
 
     def _running(self) -> dict[WorkerSpec, LocalProvider]:
-        """The local providers serving now, by worker spec."""
+        """The local providers serving now, by worker spec (not one given up on: a load
+        of its model starts it afresh, where it was refused as the model's fault)."""
         return {
             p.supervisor.spec: p
             for p in self.routing.providers.unique()
-            if isinstance(p, LocalProvider)
+            if isinstance(p, LocalProvider) and p.supervisor.state is not WorkerState.FAILED
         }
 
     def _chain_of(self, role: Role) -> list[list[ProviderEntry]]:

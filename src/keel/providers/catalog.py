@@ -34,7 +34,7 @@ from keel.pipeline.prompt import FIM_TEMPLATES, TEMPLATE_OF_MARKERS, template_fo
 from keel.providers.base import Provider
 from keel.providers.local import LocalProvider
 from keel.router.router import DEFAULT_TIMEOUTS, with_overrides
-from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
+from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +163,13 @@ def build_providers(
     workers: dict[WorkerSpec, LocalProvider] = {}
     kept_http: dict[str, ProviderEntry] = {}
     if previous is not None:
-        workers = {p.supervisor.spec: p for p in previous.unique() if isinstance(p, LocalProvider)}
+        # A worker given up on (its start limit, an unloadable file) is started afresh: a
+        # reload kept it failed, and every request of its roles a 503 until keel restarted
+        workers = {
+            p.supervisor.spec: p
+            for p in previous.unique()
+            if isinstance(p, LocalProvider) and p.supervisor.state is not WorkerState.FAILED
+        }
         kept_http = {
             entry.provider.name: entry
             for groups in previous.chains.values()

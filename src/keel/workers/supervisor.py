@@ -265,14 +265,7 @@ class WorkerSupervisor:
 
     async def _run(self) -> None:
         while True:
-            now = self._clock()
-            if self.policy.exhausted(self._starts, now):
-                self._give_up(
-                    f"crashed {len(self._starts)} times within {self.policy.start_window:.0f}s; "
-                    f"last error: {self.last_error}"
-                )
-                return
-            self._starts.append(now)
+            self._starts.append(self._clock())
             oom_before = self._oom_kills()
             exit_code = await self._run_once()
             killed = exit_code is not None and exit_code < 0 and -exit_code == signal.SIGKILL
@@ -300,6 +293,14 @@ class WorkerSupervisor:
                 self._unanswered = None
             else:
                 self.last_error = self.last_error or f"worker exited with code {exit_code}"
+            if self.policy.exhausted(self._starts, self._clock()):
+                # Before the count: the restart it would be never happens (keel said 8
+                # restarts of 7, with the dead worker's pid).
+                self._give_up(
+                    f"crashed {len(self._starts)} times within {self.policy.start_window:.0f}s; "
+                    f"last error: {self.last_error}"
+                )
+                return
             self.restarts += 1
             self._set_state(WorkerState.RESTARTING)
             # Backs off by the starts within the window, ready or not: a worker that dies
@@ -311,6 +312,7 @@ class WorkerSupervisor:
 
     def _give_up(self, reason: str) -> None:
         self.last_error = reason
+        self.pid = None  # no worker runs
         self._set_state(WorkerState.FAILED)
         log.error("%s: giving up on the worker: %s", self.name, reason)
 
