@@ -87,6 +87,37 @@ async def test_a_worker_that_dies_after_each_load_restarts_ever_later() -> None:
     assert delays == [0.5, 1.0, 2.0]
 
 
+async def test_a_worker_stopped_while_it_starts_is_killed_and_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Frozen as it started (SIGSTOP), a worker was never found out: every request
+    waited out its budget, and a model load and every reload waited minutes behind it.
+    One that uses no CPU for ``stall_grace`` while it starts is killed and restarted."""
+    supervisor = WorkerSupervisor(
+        WorkerSpec(str(embedded_model_path()), threads=1),
+        name="frozen-start",
+        oom_kills=lambda: None,
+        liveness=Liveness(interval=0.25, timeout=2.0, misses=2, stall_grace=2.0),
+    )
+    await supervisor.start()
+    try:
+        for _ in range(1000):
+            if supervisor.pid is not None:
+                break
+            await asyncio.sleep(0.005)
+        frozen = supervisor.pid
+        assert frozen is not None and supervisor.state is not WorkerState.READY
+        os.kill(frozen, signal.SIGSTOP)
+        started = time.monotonic()
+        await supervisor.wait_ready(30)
+        took = time.monotonic() - started
+        assert supervisor.restarts == 1 and supervisor.pid != frozen and not exists(frozen)
+        assert "used no CPU for over 2s while it started; killed" in caplog.text
+    finally:
+        await supervisor.stop()
+    assert took < 10, f"ready {took:.1f} s after the worker froze"
+
+
 async def test_the_start_limit_counts_the_restarts_that_happened() -> None:
     """At the start limit the worker is given up on: the restart it would be never
     happens (keel counted one more restart than it made, and showed the dead pid)."""

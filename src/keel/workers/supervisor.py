@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keel import jsoncodec
@@ -154,6 +155,15 @@ class GenerationStats:
 @dataclass(slots=True)
 class _Pending:
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """The CPU time ``pid`` has used (user and system, in clock ticks), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])  # utime and stime: the stat file's 14 and 15
 
 
 def kernel_oom_kills(vmstat: str = "/proc/vmstat") -> int | None:
@@ -357,31 +367,39 @@ class WorkerSupervisor:
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         """Kill ``process`` once it is ready and stops answering (see :class:`Liveness`)."""
         liveness, missed, stalled_since = self.liveness, 0, None
+        cpu: int | None = None
         while missed < liveness.misses:
             if not missed:  # after a miss, asked again at once
                 await asyncio.sleep(liveness.interval)
-            if self.state is not WorkerState.READY:
-                missed, stalled_since = 0, None
-                continue
-            try:
-                async with asyncio.timeout(liveness.timeout):
-                    await self.ping(ready_timeout=0)
-                missed = 0
-            except TimeoutError:
-                missed += 1
-                continue
-            except KeelError:  # it answered (or is ending, which the crash path has)
-                missed = 0
-                continue
-            if not await self._engine_stalled():
+            if self.state is WorkerState.READY:
+                cpu = None
+                try:
+                    async with asyncio.timeout(liveness.timeout):
+                        await self.ping(ready_timeout=0)
+                    missed = 0
+                except TimeoutError:
+                    missed += 1
+                    continue
+                except KeelError:  # it answered (or is ending, which the crash path has)
+                    missed = 0
+                    continue
+                stalled = await self._engine_stalled()
+                why = f"its engine spent over {liveness.stall_grace:g}s in one step, past the "
+                why += "end of its request"
+            else:
+                # Starting or loading: no answers to ask for, but a worker that uses no CPU
+                # is stopped or hung (one stopped as it started held every request to the
+                # 30 s budget, a model load and every reload for minutes).
+                missed, before, cpu = 0, cpu, _cpu_ticks(process.pid)
+                stalled = self.state in (WorkerState.STARTING, WorkerState.LOADING)
+                stalled = stalled and cpu is not None and cpu == before
+                why = f"it used no CPU for over {liveness.stall_grace:g}s while it started"
+            if not stalled:
                 stalled_since = None
             elif stalled_since is None:
                 stalled_since = time.monotonic()
             elif time.monotonic() - stalled_since > liveness.stall_grace:
-                self._unanswered = (
-                    f"its engine spent over {liveness.stall_grace:g}s in one step, past the "
-                    "end of its request; killed to restart it"
-                )
+                self._unanswered = f"{why}; killed to restart it"
                 break
         else:
             self._unanswered = (
