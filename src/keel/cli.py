@@ -104,8 +104,10 @@ def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
     return parse
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket ourselves: a busy port is an error, never another port."""
+def _bind(host: str, port: int, source: tuple[str, str] | None = None) -> socket.socket:
+    """Bind the listening socket ourselves: a busy port is an error, never another port.
+    ``source``: where ``host`` was set (the file and ``server.host``, or the command line
+    and ``--host``), which an address this machine does not have is an error of."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
     # sockets whose proto says TCP, and with Nagle on every response waits ~40 ms for
@@ -120,6 +122,14 @@ def _bind(host: str, port: int) -> socket.socket:
             from keel.ops.ports import busy_port_message
 
             raise PortBusy(busy_port_message(host, port)) from None
+        if exc.errno == errno.EADDRNOTAVAIL:  # a mistake to fix, not a crash to retry
+            where, key = source or ("the command line", "--host")
+            message = (
+                f"{host} is no address of this machine (cannot bind {host}:{port}: "
+                f"{exc.strerror}): set one it has, 127.0.0.1 for this machine only or "
+                "0.0.0.0 for every interface"
+            )
+            raise ConfigError(where, [ConfigIssue(key, message)]) from None
         raise KeelError(f"cannot bind {host}:{port}: {exc}") from None
     sock.listen(2048)
     return sock  # not inheritable (Python's default): workers must not hold keel's port
@@ -186,7 +196,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("the command line", [ConfigIssue("--host", issue.message)])
         raise ConfigError(str(args.config or paths.config_file), [issue])
     providers = build_providers(settings, paths)  # unusable model files fail here, before binding
-    sock = _bind(host, port)
+    source = ("the command line", "--host")
+    if not args.host:
+        source = (str(args.config or paths.config_file), "server.host")
+    sock = _bind(host, port, source)
     # The web stack is imported after binding: a busy port fails in well under a second.
     import uvicorn
 

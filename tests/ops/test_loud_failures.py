@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from keel.api.middleware import CorsPolicy, KeelMiddleware
 from keel.ops.logging import TEXT_FORMAT, JsonFormatter, TextFormatter
-from tests.conftest import KeelProcess, start_keel
+from tests.conftest import KeelProcess, free_port, start_keel
 
 
 def serve_on(port: int, root: Path) -> subprocess.CompletedProcess[str]:
@@ -53,6 +53,37 @@ def test_a_busy_port_exits_75_at_once_naming_the_holder(tmp_path: Path) -> None:
     # Typically under a second including the interpreter's start; the margin is for
     # a 2-core machine shared with other test runs.
     assert elapsed < 3.0, f"took {elapsed:.1f}s"
+
+
+def test_an_address_this_machine_lacks_is_a_config_error_not_a_crash(tmp_path: Path) -> None:
+    """It exited 1 ("cannot assign requested address"), which systemd's
+    Restart=on-failure retries for ever: the host is the config's mistake, exit 78."""
+    config = tmp_path / "config.toml"
+    config.write_text('[server]\nhost = "192.0.2.1"\n[auth]\nallow_unauthenticated_remote = true\n')
+    from_file = serve_on(free_port(), tmp_path)
+    assert from_file.returncode == 78, from_file.stderr
+    assert f"{config}: 1 config error" in from_file.stderr
+    assert "server.host: 192.0.2.1 is no address of this machine" in from_file.stderr
+    config.write_text("[auth]\nallow_unauthenticated_remote = true\n")
+    from_line = subprocess.run(
+        [sys.executable, "-m", "keel", "serve", "--host", "192.0.2.1", "--port", "8080"],
+        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert from_line.returncode == 78, from_line.stderr
+    assert "the command line: 1 config error" in from_line.stderr
+    assert "--host: 192.0.2.1 is no address" in from_line.stderr
+    doctor = subprocess.run(
+        [sys.executable, "-m", "keel", "doctor", "--host", "192.0.2.1"],
+        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert doctor.returncode == 78, doctor.stdout + doctor.stderr
+    assert "192.0.2.1 is no address of this machine" in doctor.stdout
 
 
 @pytest.mark.integration

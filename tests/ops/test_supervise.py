@@ -17,8 +17,9 @@ from keel.cli import build_parser
 from keel.ops.supervise import forwarded_argv
 from tests.conftest import free_port, start_keel
 
-UNROUTABLE = "192.0.2.1"
-"""TEST-NET-1: no interface has it, so binding fails at once (exit 1, a crash)."""
+UNRESOLVABLE = "a" * 64 + ".invalid"
+"""A name with a label too long to be one: binding fails at once, without asking DNS
+(exit 1, a crash). An address no interface has (TEST-NET-1) is a config error now, 78."""
 
 
 def supervised(root: Path, *args: str) -> list[str]:
@@ -68,7 +69,7 @@ def test_supervisor_options_out_of_range_are_usage_errors(
 def test_a_crash_loop_stops_at_the_start_limit(tmp_path: Path) -> None:
     # A non-loopback address without keys is refused (78); allow it, so the bind fails.
     (tmp_path / "config.toml").write_text("[auth]\nallow_unauthenticated_remote = true\n")
-    command = supervised(tmp_path, "--host", UNROUTABLE, "--port", str(free_port()))
+    command = supervised(tmp_path, "--host", UNRESOLVABLE, "--port", str(free_port()))
     result = subprocess.run(
         [*command, "--restart-backoff", "0.05"],
         env=env(tmp_path),

@@ -382,6 +382,9 @@ def check_port(report: Report, host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 report.add("port", "FAIL", busy_port_message(host, port), ExitCode.PORT_BUSY)
+            elif exc.errno == errno.EADDRNOTAVAIL:  # as `keel serve` exits: the config's
+                detail = f"{host} is no address of this machine (cannot bind {host}:{port})"
+                report.add("port", "FAIL", detail, ExitCode.CONFIG)
             else:
                 report.add("port", "FAIL", f"cannot bind {host}:{port}: {exc}", ExitCode.FAILURE)
             return
