@@ -24,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from keel.config import AuthConfig, Settings
+from keel.config import KEY_CHARACTERS, AuthConfig, Settings, unsendable_keys
 from keel.errors import ConfigIssue
 from keel.rate_limit import TokenBucket
 
@@ -85,6 +85,10 @@ def parse_keys_file(path: Path) -> Keys:
         raise ValueError("api_keys must be a list of strings of at least 8 characters")
     if admin is not None and (not isinstance(admin, str) or len(admin.strip()) < 8):
         raise ValueError("admin_key must be a string of at least 8 characters")
+    if (issue := unsendable_keys(users, "api_keys")) is not None:
+        raise ValueError(issue)
+    if admin is not None and unsendable_keys([admin.strip()], "admin_key") is not None:
+        raise ValueError(KEY_CHARACTERS.format(where="admin_key"))
     return Keys(tuple(users), admin.strip() if admin is not None else None)
 
 

@@ -453,6 +453,8 @@ class AuthConfig(_Section):
         value = [key.strip() for key in value]
         if any(len(key) < 8 for key in value):
             raise ValueError("every key must have at least 8 characters")
+        if (issue := unsendable_keys(value, "api_keys")) is not None:
+            raise ValueError(issue)
         return value
 
     @field_validator("admin_key")
@@ -461,7 +463,31 @@ class AuthConfig(_Section):
         value = value.strip() if value is not None else None
         if value is not None and len(value) < 8:
             raise ValueError("must have at least 8 characters, as every key")
+        if value is not None and unsendable_keys([value], "admin_key") is not None:
+            raise ValueError(KEY_CHARACTERS.format(where="it"))
         return value
+
+
+KEY_CHARACTERS = (
+    "{where} holds a character outside printable ASCII (a letter with an accent, a "
+    "smart quote): a client's header can never match it, so it would let no one in; "
+    "use letters, digits and punctuation of ASCII"
+)
+
+
+def unsendable_keys(keys: list[str], field: str) -> str | None:
+    """Which of ``keys`` no client can send (a character outside printable ASCII:
+    Starlette reads headers as latin-1, keys are compared as UTF-8), by position, never
+    the key itself; None when every key can be sent."""
+    bad = [f"{field}[{i}]" for i, key in enumerate(keys) if not _sendable(key)]
+    if not bad:
+        return None
+    where = f"the key at {bad[0]}" if len(bad) == 1 else f"the keys at {', '.join(bad)}"
+    return KEY_CHARACTERS.format(where=where)
+
+
+def _sendable(key: str) -> bool:
+    return all(" " <= char <= "~" for char in key)
 
 
 LOCAL_ORIGINS = ("http://localhost", "http://127.0.0.1", "http://[::1]")
