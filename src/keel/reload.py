@@ -27,7 +27,9 @@ from keel.models.manager import ModelManager
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import SnippetRetriever, TabbyPrompts
 from keel.pipeline.languages import Language, use_additional_languages
+from keel.providers.base import Provider
 from keel.providers.catalog import Providers, build_providers
+from keel.providers.local import LocalProvider
 from keel.router.service import Routing
 from keel.serving.chat import ChatServing
 from keel.serving.completion import CompletionServing
@@ -188,6 +190,14 @@ async def apply_config(
     kept = {id(p) for p in old.unique()}
     fresh = [p for p in providers.unique() if id(p) not in kept]
     await asyncio.gather(*(provider.start() for provider in fresh))
+    try:
+        await _ready(fresh)
+    except KeelError as exc:
+        await asyncio.gather(*(provider.aclose() for provider in fresh))
+        state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
+        state.metrics.config_reload(False)
+        issue = ConfigIssue("(model)", f"{exc.message}; the running config stays")
+        raise ConfigError(str(config_path or state.paths.config_file), [issue]) from None
     parts = assemble(
         settings,
         state.paths,
@@ -235,6 +245,18 @@ async def apply_config(
         "stopping": [p.name for p in stopped],
         "restart_needed": waiting,
     }
+
+
+RELOAD_LOAD_SECONDS = 300.0
+"""How long a reload waits for a new local model to load before it keeps the old config."""
+
+
+async def _ready(fresh: list[Provider]) -> None:
+    """Wait for each new local worker to be ready before traffic moves to it, as the
+    README promises (a changed context_size moved completions to a worker still loading:
+    8 s for the next one, and a size the engine refused left every completion a 503)."""
+    workers = [p for p in fresh if isinstance(p, LocalProvider)]
+    await asyncio.gather(*(p.supervisor.wait_ready(RELOAD_LOAD_SECONDS) for p in workers))
 
 
 START_ONLY = (

@@ -73,3 +73,35 @@ def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
         assert '"result":"error"' in audit
     finally:
         server.stop()
+
+
+def test_a_reload_moves_traffic_to_a_new_local_worker_once_it_is_ready(tmp_path: Path) -> None:
+    """A reload that changes a local model's settings started the new worker and moved
+    traffic to it at once: the next completion waited for the load (8 s here), and one
+    the engine refused left every completion a 503 while the old worker ran on. The
+    reload answers when the new worker is ready; one that cannot start keeps the old."""
+    server = start_keel(tmp_path, None)
+    config = tmp_path / "config.toml"
+    body = {"language": "python", "segments": {"prefix": "def add(a, b):\n    ", "suffix": ""}}
+    try:
+        server.wait_ready()
+        old = server.worker_pid("completion")
+        bad = tmp_path / "models" / "broken.gguf"
+        bad.parent.mkdir(parents=True, exist_ok=True)
+        bad.write_bytes(b"GGUF" + b"\0" * 64)
+        config.write_text('[model.completion.local]\nmodel_id = "broken"\n')
+        refused = httpx.post(f"{server.url}/v1/admin/reload", timeout=120)
+        assert refused.status_code == 422, refused.text
+        assert "running config stays" in refused.text
+        assert server.worker_pid("completion") == old
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 200
+
+        config.write_text("[model.completion.local]\ncontext_size = 1024\n")
+        applied = httpx.post(f"{server.url}/v1/admin/reload", timeout=120)
+        assert applied.status_code == 200, applied.text
+        roles = httpx.get(f"{server.url}/v1/providers", timeout=10).json()["roles"]
+        worker = roles["completion"]["providers"][0]["worker"]
+        assert worker["state"] == "ready" and worker["pid"] != old, worker
+        assert worker["engine"]["n_ctx"] == 1024, worker
+    finally:
+        server.stop()
