@@ -57,6 +57,15 @@ def test_error_message_shapes(body, expected):
     assert expected in error_message(body)
 
 
+def test_an_error_body_cannot_write_lines_into_keels_log():
+    """A backend's error text goes into keel's log and its clients' errors: its line
+    breaks made lines of the backend's choosing ("2026-01-01 FAKE LOG LINE")."""
+    said = error_message(b"<b>bad</b>\r\nX-Injected: yes\n2026-01-01 FAKE LOG LINE\x1b[31m")
+    assert said == "<b>bad</b>\\r\\nX-Injected: yes\\n2026-01-01 FAKE LOG LINE\\x1b[31m"
+    nested = error_message(b'{"error": {"message": "line one\\nline two"}}')
+    assert nested == "line one\\nline two"
+
+
 def test_error_message_is_shortened():
     assert len(error_message(b"x" * 10_000)) == 500
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -168,7 +169,13 @@ def error_message(body: bytes) -> str:
 
 
 def _shorten(text: str, limit: int = 500) -> str:
+    """``text`` within ``limit`` characters, its control characters escaped (``\\n``): a
+    backend's error body with a line break wrote lines of its choosing into keel's log."""
+    text = _CONTROL.sub(lambda found: repr(found[0])[1:-1], text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def status_error(provider: str, status: int, body: bytes, retry_after: str | None) -> UpstreamError:
