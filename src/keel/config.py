@@ -1030,8 +1030,11 @@ SECRET_KEYS = ("api_key", "admin_key", "password", "token", "secret")
 
 def masked_url(text: str) -> str:
     """``text`` with the password and the query values of any URL in it as ``***``
-    (``?token=...``: a backend's credential, as much as a password)."""
+    (``?token=...``: a backend's credential, as much as a password), and a user name
+    alone (``//TOKEN@host``, sent as Basic auth: it was shown in metrics' labels, errors,
+    ``X-Keel-Provider`` and the log)."""
     text = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", text)
+    text = re.sub(r"//[^/@:\s]+@", "//***@", text)
     return re.sub(r"([?&][^=&#\s/]+=)[^&#\s]*", r"\1***", text)
 
 

@@ -5,30 +5,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tests.api.conftest import USER, Backends, build_app, serving
 
 
+@pytest.mark.parametrize("credential", ["team:SECRETPW@", "SECRETPW@"])
 async def test_an_endpoints_credentials_are_masked_wherever_it_is_shown(
-    backends: Backends, tmp_path: Path
+    backends: Backends, tmp_path: Path, credential: str
 ) -> None:
+    """A user name alone (``//TOKEN@``, sent as Basic auth) was shown everywhere:
+    /metrics' labels, ``X-Keel-Provider``, /v1/providers, errors and the log."""
     url = backends.fallback.url
     config = backends.config().replace(
         f'kind = "openai/chat"\napi_endpoint = "{url}/v1"',
-        f'kind = "openai/chat"\napi_endpoint = "{url.replace("//", "//team:SECRETPW@")}/v1"',
+        f'kind = "openai/chat"\napi_endpoint = "{url.replace("//", "//" + credential)}/v1"',
     )
     assert "SECRETPW" in config
     async with serving(build_app(tmp_path / "keel", config)) as client:
-        shown = [
-            (await client.get(path, headers=USER)).text
-            for path in ("/v1/model?role=chat", "/v1/providers", "/v1/stats")
-        ]
         chat = await client.post(
             "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "hi"}]},
             headers=USER,
         )
+        shown = [
+            (await client.get(path, headers=USER)).text
+            for path in ("/v1/model?role=chat", "/v1/providers", "/v1/stats", "/metrics")
+        ]
     assert chat.status_code == 200, chat.text  # the backend still gets its token
+    shown.append(chat.headers["x-keel-provider"])
     assert all("SECRETPW" not in text for text in shown), shown
-    assert "//team:***@" in shown[0]
+    assert ("//team:***@" if ":" in credential else "//***@") in shown[0]
     sent = [r.headers.get("authorization", "") for r in backends.fallback.requests]
     assert any(value.startswith("Basic ") for value in sent), "the backend still gets it"
