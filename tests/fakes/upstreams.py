@@ -153,6 +153,8 @@ class RecordedRequest:
     headers: dict[str, str]
     """Lower-cased header names."""
     body: bytes
+    query: str = ""
+    """The target's query string, without its ``?``."""
 
     @property
     def json(self) -> Any:
@@ -374,7 +376,8 @@ class FakeUpstream:
                 headers[name.strip().lower()] = value.strip()
         length = int(headers.get("content-length", "0"))
         body = await reader.readexactly(length) if length else b""
-        return RecordedRequest(method, target.split("?", 1)[0], headers, body)
+        path, _, query = target.partition("?")
+        return RecordedRequest(method, path, headers, body, query)
 
     # --- answering ---------------------------------------------------------------
 

@@ -158,6 +158,21 @@ async def test_embeddings(upstream: FakeUpstream, make_provider, kind, model):
     assert provider.info.model == expected_model
 
 
+async def test_an_endpoints_query_stays_at_the_end_of_each_url(
+    upstream: FakeUpstream, make_provider
+):
+    """A backend taking a ?key= credential (or Azure's ?api-version=) got the route
+    after its query ("/v1?key=K/completions": the key read "K/completions"); a
+    fragment swallowed the route."""
+    provider = make_provider("openai/embedding", endpoint=f"{upstream.url}/v1/?key=K&v=2#x")
+    assert await provider.embed(["a"]) == [[1.0, 0.0, 0.5]]
+    request = upstream.last_request
+    assert (request.path, request.query) == ("/v1/embeddings", "key=K&v=2")
+    fragment = make_provider("openai/embedding", endpoint=f"{upstream.url}/v1#x")
+    await fragment.embed(["a"])
+    assert (upstream.last_request.path, upstream.last_request.query) == ("/v1/embeddings", "")
+
+
 async def test_embed_nothing_sends_nothing(upstream: FakeUpstream, make_provider):
     assert await make_provider("openai/embedding").embed([]) == []
     assert upstream.requests == []

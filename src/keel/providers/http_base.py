@@ -566,7 +566,11 @@ class HttpUpstream:
         client: aiohttp.ClientSession | None = None,
     ) -> None:
         self.provider = provider
-        self.endpoint = endpoint.rstrip("/")
+        # A query (Azure's ?api-version=, a ?key= credential) stays at the end of each
+        # route's URL (the route was appended to it: "/v1?key=K/completions"), and a
+        # fragment, which no server sees, goes (it swallowed the route)
+        base, _, self._query = endpoint.split("#", 1)[0].partition("?")
+        self.endpoint = base.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=timeout
         )
@@ -587,7 +591,7 @@ class HttpUpstream:
         return self._client
 
     def url(self, path: str) -> str:
-        return self.endpoint + path
+        return f"{self.endpoint}{path}?{self._query}" if self._query else self.endpoint + path
 
     async def aclose(self) -> None:
         if self._owns_client and self._client is not None:
