@@ -75,3 +75,12 @@ async def test_the_listed_models_are_what_tabbys_clients_are_offered(
 ) -> None:
     models = (await client.get("/v1beta/models")).json()
     assert models["chat"] == ["big", "mini"]
+
+
+async def test_the_listed_models_are_in_the_model_list(client: httpx.AsyncClient) -> None:
+    """A client filling its model picker from /v1/models never offered ``mini``, and
+    ``models.retrieve("mini")`` said 404, though a chat naming it is served by it."""
+    listed = [card["id"] for card in (await client.get("/v1/models")).json()["data"]]
+    assert {"big", "mini"} <= set(listed), listed
+    one = await client.get("/v1/models/mini")
+    assert one.status_code == 200 and one.json()["id"] == "mini", one.text

@@ -109,21 +109,25 @@ def served_models(request: Request) -> dict[str, dict[str, object]]:
     state = app_state(request)
     seen: dict[str, dict[str, object]] = {}
     contexts: dict[str, int] = {}
+
+    created = int(state.started_at)
+
+    def card(model: str) -> dict[str, object]:
+        return {"id": model, "object": "model", "created": created, "owned_by": "keel"}
+
     for provider in state.providers.unique():
-        seen.setdefault(
-            provider.info.model,
-            {
-                "id": provider.info.model,
-                "object": "model",
-                "created": int(state.started_at),
-                "owned_by": "keel",
-            },
-        )
+        seen.setdefault(provider.info.model, card(provider.info.model))
         context = provider.info.details.get("context_size")
         if isinstance(context, int):
             contexts[provider.info.model] = max(context, contexts.get(provider.info.model, 0))
     for model, context in contexts.items():
         seen[model]["context_length"] = seen[model]["max_model_len"] = context
+    # A chat table's supported_models are served by name too (a client's model picker,
+    # filled from here, never offered them, and models.retrieve said 404)
+    for group in state.providers.chains["chat"]:
+        for entry in group:
+            for model in getattr(entry.config, "supported_models", None) or ():
+                seen.setdefault(model, card(model))
     return seen
 
 
