@@ -84,3 +84,18 @@ async def test_the_listed_models_are_in_the_model_list(client: httpx.AsyncClient
     assert {"big", "mini"} <= set(listed), listed
     one = await client.get("/v1/models/mini")
     assert one.status_code == 200 and one.json()["id"] == "mini", one.text
+
+
+async def test_a_backends_400_names_the_field_it_named(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    """The backend's ``param`` was dropped: a client could not see which field it
+    objected to."""
+    said = {"message": "bad thing", "type": "invalid_request_error", "param": "messages[0]"}
+    backends.primary.behave(Behaviour.error(400, {"error": said}), times=1)
+    body = {"model": "mini", "messages": [{"role": "user", "content": "hi"}]}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("messages[0]", "upstream_rejected_request")
+    assert "bad thing" in error["message"]

@@ -294,7 +294,12 @@ def window_too_small(error: KeelError, name: str) -> UpstreamStatusError:
 def client_error(error: KeelError) -> RequestError:
     """A backend's 4xx about the request, for the caller, with the backend's status."""
     status = getattr(error, "upstream_status", None) or 400
-    client = RequestError(error.message, code="upstream_rejected_request")
+    param = getattr(error, "details", {}).get("param")  # the field the backend named
+    client = RequestError(
+        error.message,
+        code="upstream_rejected_request",
+        param=param if isinstance(param, str) and len(param) <= 200 else None,
+    )
     client.status_code = status
     return client
 
