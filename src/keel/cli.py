@@ -262,9 +262,16 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
     if (trouble := keys_file_trouble(settings, paths)) is not None:
         print(f"warning: {trouble}", file=sys.stderr)
+    from keel.config import EMBEDDED_MODEL_ID
+    from keel.providers.catalog import wants_embedded_last_resort
+
     for role in ROLES:
-        chain = settings.model.role(role).chain()
+        role_config = settings.model.role(role)
+        chain = role_config.chain()
         names = [p.kind if isinstance(p, HttpModelConfig) else f"local:{p.model_id}" for p in chain]
+        if wants_embedded_last_resort(role, chain, role_config.embedded_last_resort):
+            # as keel serves the role (the chain printed without it)
+            names.append(f"local:{EMBEDDED_MODEL_ID} (embedded last resort)")
         print(f"  {role}: {' -> '.join(names)}")
         for provider in chain:
             if isinstance(provider, HttpModelConfig):

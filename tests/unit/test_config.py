@@ -178,7 +178,17 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     good = write(tmp_path, TABBY_CONFIG.replace("${OPENAI_KEY}", "sk"))
     ok = run_cli("config", "check", str(good), env=env)
     assert ok.returncode == 0, ok.stderr
-    assert "completion: llama.cpp/completion -> ollama/completion" in ok.stdout
+    assert "completion: llama.cpp/completion -> ollama/completion -> local:SmolLM2" in ok.stdout
+    # The chain as keel serves it: the embedded last resort after a configured one
+    # that lacks it (it was printed without)
+    remote = write(
+        tmp_path,
+        '[model.completion.http]\nkind = "vllm/completion"\n'
+        'api_endpoint = "http://127.0.0.1:8000/v1"\nmodel_name = "m"\n',
+    )
+    last = "local:SmolLM2-135M-Instruct (embedded last resort)"
+    shown = run_cli("config", "check", str(remote), env=env).stdout
+    assert f"completion: vllm/completion -> {last}" in shown, shown
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\nport = "eighty"\n[completion]\nmax_decoding_tokens = 0\n')
     failed = run_cli("config", "check", str(bad), env=env)
