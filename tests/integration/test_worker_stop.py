@@ -189,17 +189,17 @@ STUCK_PATTERN = "^((a{0,30}){0,30}){0,30}$"
 a run of a's among the repeats, for minutes of CPU within one step."""
 
 
-async def test_a_worker_stuck_in_one_step_after_a_cancel_is_killed_and_restarted() -> None:
-    """The engine takes a cancel between steps; an engine slot still busy past
-    ``stall_grace`` after its request was cancelled is stuck in one step, and the worker
-    is killed and restarted (it answered every ping and stayed ``ready`` at full CPU for
-    minutes, every completion timing out behind it). A request cancelled in the
-    ordinary way is left alone."""
+async def test_an_engine_stuck_in_one_step_is_killed_and_restarted() -> None:
+    """The engine takes a cancel between steps and answers its slot table between them;
+    one busy in one step past ``stall_grace`` is stuck there, and the worker is killed
+    and restarted (it answered every ping and stayed ``ready`` at full CPU for minutes,
+    every completion timing out behind it, its request long cancelled). A request
+    cancelled in the ordinary way is left alone."""
     supervisor = WorkerSupervisor(
         WorkerSpec(str(embedded_model_path()), slots=2),
         name="stuck-test",
         oom_kills=lambda: None,
-        liveness=Liveness(interval=0.25, timeout=1.0, misses=2, stall_grace=3.0),
+        liveness=Liveness(interval=0.25, timeout=2.0, misses=2, stall_grace=5.0),
     )
     prompt = [{"role": "user", "content": "Write the letter a sixty times: aaaaaaaaaaaaaaaa"}]
     schema = {"name": "x", "schema": {"type": "string", "pattern": STUCK_PATTERN}}
@@ -219,24 +219,16 @@ async def test_a_worker_stuck_in_one_step_after_a_cancel_is_killed_and_restarted
         )
         assert await anext(ordinary)
         await ordinary.aclose()  # cancelled between two tokens
-        await asyncio.sleep(4.5)
+        await asyncio.sleep(6.0)
         assert (supervisor.pid, supervisor.restarts) == (pid, 0), supervisor.last_error
 
-        request = supervisor.stream(stuck, ready_timeout=5)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                async for _ in request:
+        started = time.monotonic()
+        with pytest.raises(WorkerCrashed, match="in one step"):
+            async with asyncio.timeout(120):
+                async for _ in supervisor.stream(stuck, ready_timeout=5):
                     pass
-        await request.aclose()
-        cancelled = time.monotonic()
-        for _ in range(300):
-            if supervisor.restarts:
-                break
-            await asyncio.sleep(0.1)
-        took = time.monotonic() - cancelled
+        took = time.monotonic() - started
         assert supervisor.restarts == 1, "the stuck worker was not restarted"
-        said = supervisor.last_error or ""
-        assert "in one step, past the end of its request" in said, said
         await supervisor.wait_ready(60)
         assert supervisor.pid != pid and not exists(pid)
         answer = supervisor.stream(
@@ -245,7 +237,7 @@ async def test_a_worker_stuck_in_one_step_after_a_cancel_is_killed_and_restarted
         assert [piece async for piece in answer]
     finally:
         await supervisor.stop()
-    assert 3.0 <= took < 10, f"killed {took:.1f} s after the cancel"
+    assert took < 60, f"killed {took:.1f} s after the request began"
 
 
 async def test_a_long_embedding_batch_is_not_taken_for_a_stuck_engine() -> None:

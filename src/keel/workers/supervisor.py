@@ -384,8 +384,7 @@ class WorkerSupervisor:
                     missed = 0
                     continue
                 stalled = await self._engine_stalled()
-                why = f"its engine spent over {liveness.stall_grace:g}s in one step, past the "
-                why += "end of its request"
+                why = f"its engine spent over {liveness.stall_grace:g}s in one step"
             else:
                 # Starting or loading: no answers to ask for, but a worker that uses no CPU
                 # is stopped or hung (one stopped as it started held every request to the
