@@ -180,6 +180,29 @@ def test_sigterm_during_a_stream_lets_it_finish(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_what_a_worker_prints_is_a_record_of_keels_json_log(tmp_path: Path) -> None:
+    """The engine's own warnings (a schema it converted only in part) went into the log
+    as raw lines between its JSON objects, at any client's request."""
+    keel = start_keel(tmp_path / "root", None, "--log-format", "json")
+    schema = {"name": "x", "schema": {"type": "string", "pattern": "(?<=a)b"}}
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "response_format": {"type": "json_schema", "json_schema": schema},
+    }
+    try:
+        keel.wait_ready()
+        with httpx.Client(base_url=keel.url, timeout=60) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    finally:
+        keel.stop()
+    lines = [line for line in keel.log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line: one JSON object
+    printed = [r for r in records if r["logger"] == "keel.worker.output"]
+    assert any("JSON schema conversion was incomplete" in r["msg"] for r in printed), printed
+
+
+@pytest.mark.integration
 def test_sigterm_past_the_grace_ends_requests_with_an_answer(tmp_path: Path) -> None:
     """Requests still running as the shutdown grace ends are ended by keel, with an
     answer: a stream with an error event and ``[DONE]`` (it was cut with neither), a

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from keel.providers.base import Reported
 
 log = logging.getLogger("keel.worker")
+worker_log = logging.getLogger("keel.worker.output")
+"""What a worker process prints (the engine's warnings, a traceback)."""
 
 _PIPE_LIMIT = 64 * 1024 * 1024  # one line can carry a batch of embeddings
 
@@ -333,6 +335,10 @@ class WorkerSupervisor:
                 *self.spec.command(),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                # What the engine and the worker print (a schema llama.cpp converted only
+                # in part, a traceback): keel's log records, not raw lines between them
+                # (--log-format json had plain text among its objects)
+                stderr=asyncio.subprocess.PIPE,
                 limit=_PIPE_LIMIT,
                 # A terminal's Ctrl-C must reach keel only: keel drains streams in flight,
                 # then stops the worker (end of stdin); a worker dead first would cut them.
@@ -351,6 +357,8 @@ class WorkerSupervisor:
             seen = {"op": "completions_seen", "at": self._completion_at}
             process.stdin.write(jsoncodec.dumps(seen) + b"\n")
         watch = asyncio.create_task(self._watch(process), name=f"watch:{self.name}")
+        assert process.stderr is not None
+        printed = asyncio.create_task(self._log_lines(process.stderr), name=f"log:{self.name}")
         try:
             async for raw in process.stdout:
                 self._dispatch(jsoncodec.loads(raw))
@@ -361,6 +369,9 @@ class WorkerSupervisor:
         finally:
             watch.cancel()
             exit_code = await process.wait()
+            with contextlib.suppress(TimeoutError):  # the lines it printed as it ended
+                await asyncio.wait_for(printed, 1)
+            printed.cancel()
             self._process = None
         return exit_code
 
@@ -408,6 +419,18 @@ class WorkerSupervisor:
         log.error("%s: %s", self.name, self._unanswered)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
+
+    async def _log_lines(self, stream: asyncio.StreamReader) -> None:
+        """Each line the worker prints, as a record of keel's log."""
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the pipe's limit: its start, then on
+                line = await stream.read(_PIPE_LIMIT)
+            if not line:
+                return
+            if text := line.decode("utf-8", errors="replace").rstrip():
+                worker_log.info("%s (pid %s): %s", self.name, self.pid, text)
 
     async def _engine_stalled(self) -> bool:
         """Whether the engine is busy with no live request in a slot (its request ended
