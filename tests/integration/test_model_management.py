@@ -286,3 +286,52 @@ def test_a_file_the_engine_refuses_is_the_requests_400(server: KeelProcess) -> N
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert (error["code"], error["param"]) == ("invalid_model", "model_name"), error
+
+
+def _workers_of(model: Path) -> list[int]:
+    """Worker processes running ``model`` (by their command lines)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            line = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"keel.workers.worker" in line and str(model).encode() in line:
+            found.append(int(proc.name))
+    return found
+
+
+def test_keel_stopping_during_a_load_stops_the_worker_it_started(tmp_path: Path) -> None:
+    """SIGTERM while a load's worker was still loading: keel exited and left the worker
+    running, orphaned (it wrote a traceback into the log when it woke)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    second = models / "second.gguf"
+    second.symlink_to(embedded_model_path())
+    config = PRECOMPUTE_OFF + "[server]\nshutdown_grace_seconds = 1\n"
+    with running_keel(tmp_path, config) as server:
+        load = threading.Thread(
+            target=lambda: httpx.post(
+                f"{server.url}/v1/model/load", json={"model_name": "second"}, timeout=60
+            ),
+            daemon=True,
+        )
+        load.start()
+        deadline = time.monotonic() + 30
+        while not (workers := _workers_of(second)):
+            assert time.monotonic() < deadline, "no worker started for the load"
+            time.sleep(0.005)
+        os.kill(workers[0], signal.SIGSTOP)  # held in its load, as a slow disk would
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) is not None
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{workers[0]}") and _state(workers[0]) != "Z":
+            assert time.monotonic() < deadline, f"worker {workers[0]} outlived keel"
+            time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -283,23 +283,31 @@ class ModelManager:
         await provider.start()
         last_state = None
         deadline = time.monotonic() + 300
-        while supervisor.state is not WorkerState.READY:
-            failed = supervisor.state is WorkerState.FAILED
-            if failed or time.monotonic() > deadline:
-                error = supervisor.last_error or "the worker did not become ready"
-                if not self._in_use(provider):
-                    await provider.aclose()
-                if failed:  # the engine refused the file: the request's, not the server's
-                    raise _unusable(chosen, MissingDependency(error))
-                raise MissingDependency(f"cannot load {chosen}: {error}")
-            if supervisor.state != last_state:
-                last_state = supervisor.state
-                if last_state is WorkerState.LOADING:  # "starting" is starting_worker's
-                    yield Progress("loading", "the worker is reading the model")
-            await asyncio.sleep(0.05)
-        yield Progress("switching", "model loaded; switching traffic")
-        chain = self._chain([[ProviderEntry(provider, config)], *self._chain_of(role)[1:]], role)
-        await self._switch(role, chain, wait=False)
+        switched = False
+        try:
+            while supervisor.state is not WorkerState.READY:
+                failed = supervisor.state is WorkerState.FAILED
+                if failed or time.monotonic() > deadline:
+                    error = supervisor.last_error or "the worker did not become ready"
+                    if failed:  # the engine refused the file: the request's, not the server's
+                        raise _unusable(chosen, MissingDependency(error))
+                    raise MissingDependency(f"cannot load {chosen}: {error}")
+                if supervisor.state != last_state:
+                    last_state = supervisor.state
+                    if last_state is WorkerState.LOADING:  # "starting" is starting_worker's
+                        yield Progress("loading", "the worker is reading the model")
+                await asyncio.sleep(0.05)
+            yield Progress("switching", "model loaded; switching traffic")
+            chain = self._chain(
+                [[ProviderEntry(provider, config)], *self._chain_of(role)[1:]], role
+            )
+            await self._switch(role, chain, wait=False)
+            switched = True
+        finally:
+            # A load that failed, or was cut short (keel stopping: its worker was left
+            # running, orphaned, after keel exited), stops the worker it started.
+            if not switched and not self._in_use(provider):
+                await provider.aclose()
         log.info("%s now served by %s", role, name)
         served = provider.info.model  # a worker shared keeps the name it runs under
         same = "" if served == chosen else f" (running already: the same file as {chosen})"
