@@ -84,6 +84,9 @@ class CancelOnDisconnect:
         if self._fired and exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
             assert self._task is not None
             if self._task.uncancel() == 0:
+                # Counted as the provider's 499, as a stream is (a plain one had none)
+                if (trying := TRYING.get()) and not getattr(self._http.state, PROVIDER_KEY, 0):
+                    setattr(self._http.state, PROVIDER_KEY, trying)
                 raise ClientDisconnected("the client closed the connection") from None
 
 
