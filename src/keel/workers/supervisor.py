@@ -50,8 +50,9 @@ _PIPE_LIMIT = 64 * 1024 * 1024  # one line can carry a batch of embeddings
 
 @dataclass(frozen=True, slots=True)
 class Liveness:
-    """How a ready worker is asked whether it still answers: for its slot table every
-    ``interval`` seconds, which it answers at once even while every slot generates; no
+    """How a ready worker is asked whether it still answers: a tokenize every
+    ``interval`` seconds, which it answers at once even while every slot generates (and
+    then for its engine's slot table: see ``stall_grace``); no
     answer within ``timeout``, ``misses`` times running (asked again at once after each),
     and it is killed and restarted.
 
