@@ -78,6 +78,13 @@ def sse_events(text: str) -> list[Any]:
     return [json.loads(line) for line in lines[:-1]]
 
 
+def keel_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m keel <args>`` run to its end, its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
 def start_keel(root: Path, config: str | None = None, *args: str) -> KeelProcess:
     """Start a real `keel serve` process on a free loopback port."""
     root.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,10 @@ inside the key is an error of the config naming the field."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.api.conftest import ADMIN, USER, Backends, build_app, serving
+from tests.conftest import keel_cli
 
 from keel.config import parse_settings
 from keel.errors import ConfigError
@@ -65,22 +64,10 @@ def test_config_check_and_serve_exit_78_naming_the_field(tmp_path: Path) -> None
         'api_key = "${BACKEND_KEY}"\n'
     )
     env = {**os.environ, "KEEL_ROOT": str(tmp_path), "BACKEND_KEY": "sk-abc\n"}
-    ok = subprocess.run(
-        [sys.executable, "-m", "keel", "config", "check", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    ok = keel_cli("config", "check", str(config), env=env)
     assert ok.returncode == 0, ok.stderr
     env["BACKEND_KEY"] = "sk-a\tbc\n"
     for command in (["config", "check", str(config)], ["serve", "--port", "1"]):
-        refused = subprocess.run(
-            [sys.executable, "-m", "keel", *command],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        refused = keel_cli(*command, env=env)
         assert refused.returncode == 78, (command, refused.stderr)
         assert "model.chat.http.api_key" in refused.stderr and "Traceback" not in refused.stderr

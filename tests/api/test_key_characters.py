@@ -5,11 +5,10 @@ reload and a keys file refuse it, naming its position, never the key."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.api.conftest import ADMIN, USER, USER_KEY, Backends, build_app, serving
+from tests.conftest import keel_cli
 
 from keel.auth import parse_keys_file
 
@@ -23,13 +22,7 @@ def test_config_check_and_serve_refuse_it_naming_its_position(tmp_path: Path) ->
     )
     env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
     for command in (["config", "check"], ["serve", "--port", "1"]):
-        refused = subprocess.run(
-            [sys.executable, "-m", "keel", *command],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        refused = keel_cli(*command, env=env)
         assert refused.returncode == 78, (command, refused.stderr)
         assert "auth.api_keys: the key at api_keys[1] holds a character outside" in refused.stderr
         assert "auth.admin_key: it holds a character outside" in refused.stderr
@@ -58,12 +51,6 @@ def test_a_keys_file_holding_one_is_refused(tmp_path: Path) -> None:
     else:
         raise AssertionError("a key no client can send was taken")
     (tmp_path / "config.toml").write_text('[auth]\nkeys_file = "keys.toml"\n')
-    checked = subprocess.run(
-        [sys.executable, "-m", "keel", "config", "check"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
-        timeout=60,
-    )
+    checked = keel_cli("config", "check", env={**os.environ, "KEEL_ROOT": str(tmp_path)})
     assert checked.returncode == 0, checked.stderr  # a keys file is this machine's: a warning
     assert "api_keys[1] holds a character outside printable ASCII" in checked.stderr

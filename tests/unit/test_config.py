@@ -13,6 +13,7 @@ import keel.config as config_module
 from keel.config import HttpModelConfig, LocalModelConfig, Paths, load_settings, parse_settings
 from keel.errors import ConfigError
 from keel.sample_config import render_sample
+from tests.conftest import keel_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = {"kind": "llama.cpp/completion", "api_endpoint": "http://127.0.0.1:8888"}
@@ -121,7 +122,7 @@ def test_a_table_serve_would_refuse_fails_the_check_naming_its_fields(tmp_path: 
         '[model.embedding.http]\nkind = "ollama/embedding"\nmodel_name = "nomic-embed-text"\n'
     )
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    failed = run_cli("config", "check", str(write(tmp_path, text)), env=env)
+    failed = keel_cli("config", "check", str(write(tmp_path, text)), env=env)
     assert failed.returncode == 78, failed.stderr
     assert "model.completion.http.api_endpoint: required for kind llama.cpp/completion" in (
         failed.stderr
@@ -167,16 +168,10 @@ def test_sample_config_in_repo_is_current_and_valid(tmp_path: Path) -> None:
     load_settings(write(tmp_path, sample), Paths(tmp_path), {})
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keel", *args], capture_output=True, text=True, env=env, timeout=60
-    )
-
-
 def test_config_check_exit_codes(tmp_path: Path) -> None:
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     good = write(tmp_path, TABBY_CONFIG.replace("${OPENAI_KEY}", "sk"))
-    ok = run_cli("config", "check", str(good), env=env)
+    ok = keel_cli("config", "check", str(good), env=env)
     assert ok.returncode == 0, ok.stderr
     assert "completion: llama.cpp/completion -> ollama/completion -> local:SmolLM2" in ok.stdout
     # The chain as keel serves it: the embedded last resort after a configured one
@@ -187,11 +182,11 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
         'api_endpoint = "http://127.0.0.1:8000/v1"\nmodel_name = "m"\n',
     )
     last = "local:SmolLM2-135M-Instruct (embedded last resort)"
-    shown = run_cli("config", "check", str(remote), env=env).stdout
+    shown = keel_cli("config", "check", str(remote), env=env).stdout
     assert f"completion: vllm/completion -> {last}" in shown, shown
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\nport = "eighty"\n[completion]\nmax_decoding_tokens = 0\n')
-    failed = run_cli("config", "check", str(bad), env=env)
+    failed = keel_cli("config", "check", str(bad), env=env)
     assert failed.returncode == 78
     assert "server.port" in failed.stderr and "completion.max_decoding_tokens" in failed.stderr
     assert "2 config errors" in failed.stderr
@@ -199,7 +194,7 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
 
 def test_an_open_host_from_the_command_line_is_named_as_such(tmp_path: Path) -> None:
     """It blamed ``server.host`` in a config file that did not exist."""
-    refused = run_cli("serve", "--host", "0.0.0.0", env={"KEEL_ROOT": str(tmp_path)})
+    refused = keel_cli("serve", "--host", "0.0.0.0", env={"KEEL_ROOT": str(tmp_path)})
     assert refused.returncode == 78, refused.stderr
     assert "the command line" in refused.stderr and "- --host: binding 0.0.0.0" in refused.stderr
     assert "config.toml" not in refused.stderr
@@ -212,7 +207,7 @@ def test_a_port_out_of_range_on_the_command_line_is_a_usage_error(
     """As in config.toml (exit 78 there); it ended in a traceback and exit 1, the code a
     supervisor restarts on, and port 0 served on a port keel did not name."""
     for command in (["serve"], ["doctor"], ["wait"]):
-        refused = run_cli(*command, f"--port={port}", env={"KEEL_ROOT": str(tmp_path)})
+        refused = keel_cli(*command, f"--port={port}", env={"KEEL_ROOT": str(tmp_path)})
         assert refused.returncode == 2, (command, refused.stderr)
         assert "a port is 1-65535" in refused.stderr and "Traceback" not in refused.stderr
 
@@ -338,14 +333,14 @@ def test_config_check_warns_of_a_keys_file_keel_cannot_use(tmp_path: Path) -> No
     """keel serve would run, refusing every key the file should hold: said first."""
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     config = write(tmp_path, '[auth]\nkeys_file = "keys.toml"\n')
-    missing = run_cli("config", "check", str(config), env=env)
+    missing = keel_cli("config", "check", str(config), env=env)
     assert missing.returncode == 0, missing.stderr
     assert f"keys_file {tmp_path / 'keys.toml'} does not exist" in missing.stderr
     (tmp_path / "keys.toml").write_text("api_keys = 3\n")
-    broken = run_cli("config", "check", str(config), env=env)
+    broken = keel_cli("config", "check", str(config), env=env)
     assert "keys.toml cannot be used: api_keys must be a list" in broken.stderr
     (tmp_path / "keys.toml").write_text('api_keys = ["file-key-0123456789"]\n')
-    assert "warning" not in run_cli("config", "check", str(config), env=env).stderr
+    assert "warning" not in keel_cli("config", "check", str(config), env=env).stderr
 
 
 def test_config_check_warns_of_a_model_file_this_machine_lacks(tmp_path: Path) -> None:
@@ -353,14 +348,14 @@ def test_config_check_warns_of_a_model_file_this_machine_lacks(tmp_path: Path) -
     be checked away from the server), so a warning: it said "ok" alone."""
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     config = write(tmp_path, '[[model.chat.fallback]]\nmodel_id = "no-such-model"\n')
-    result = run_cli("config", "check", str(config), env=env)
+    result = keel_cli("config", "check", str(config), env=env)
     assert result.returncode == 0, result.stderr
     assert "model.chat.fallback[1].model_id: model 'no-such-model' not found" in result.stderr
 
 
 def test_config_check_takes_config_as_the_other_commands_do(tmp_path: Path) -> None:
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    missing = run_cli("config", "check", "--config", str(tmp_path / "nope.toml"), env=env)
+    missing = keel_cli("config", "check", "--config", str(tmp_path / "nope.toml"), env=env)
     assert missing.returncode == 78 and "nope.toml" in missing.stderr
 
 
@@ -410,7 +405,7 @@ def test_config_check_warns_of_a_damaged_model_file(tmp_path: Path) -> None:
     damaged.write_bytes(embedded_model_path().read_bytes()[: 2 * 2**20])
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     config = write(tmp_path, f'[model.completion.local]\nmodel_id = "{damaged}"\n')
-    result = run_cli("config", "check", str(config), env=env)
+    result = keel_cli("config", "check", str(config), env=env)
     assert result.returncode == 0, result.stderr
     assert "model.completion.local.model_id:" in result.stderr
     assert "truncated (2.0 MiB" in result.stderr and "would fail to load it" in result.stderr
@@ -420,7 +415,7 @@ def test_config_check_says_which_tabby_sections_keel_ignores(tmp_path: Path) -> 
     """Taken silently: an operator's [answer] system_prompt had no effect, unsaid."""
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     text = '[answer]\nsystem_prompt = "You are our team\'s assistant."\n'
-    result = run_cli("config", "check", str(write(tmp_path, text)), env=env)
+    result = keel_cli("config", "check", str(write(tmp_path, text)), env=env)
     assert result.returncode == 0, result.stderr
     assert "warning: [answer] is ignored" in result.stderr
 
@@ -528,7 +523,7 @@ def test_serve_and_check_refuse_an_infinite_grace_naming_it(tmp_path: Path) -> N
     write(tmp_path, "[server]\nshutdown_grace_seconds = inf\n")
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     for command in (["config", "check"], ["serve", "--port", "1"]):
-        refused = run_cli(*command, env=env)
+        refused = keel_cli(*command, env=env)
         assert refused.returncode == 78, (command, refused.stderr)
         assert "server.shutdown_grace_seconds: must be a finite number" in refused.stderr
 
@@ -539,15 +534,15 @@ def test_a_threads_variable_the_worker_ignores_is_a_warning(tmp_path: Path) -> N
     used instead."""
     said = "LLAMA_ARG_THREADS='two' is not a whole number of threads above 0"
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin", "LLAMA_ARG_THREADS": "two"}
-    checked = run_cli("config", "check", env=env)
+    checked = keel_cli("config", "check", env=env)
     assert checked.returncode == 0, checked.stderr
     assert f"warning: {said}" in checked.stderr and "physical cores" in checked.stderr
     with socket.socket() as holder:  # serve stops at the bind: the warning comes before it
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        served = run_cli("serve", "--port", str(holder.getsockname()[1]), env=env)
+        served = keel_cli("serve", "--port", str(holder.getsockname()[1]), env=env)
     assert served.returncode == 75, served.stderr
     assert "WARNING" in served.stderr and said in served.stderr
     for usable in ("4", " 2\n", ""):
-        quiet = run_cli("config", "check", env={**env, "LLAMA_ARG_THREADS": usable})
+        quiet = keel_cli("config", "check", env={**env, "LLAMA_ARG_THREADS": usable})
         assert "LLAMA_ARG_THREADS" not in quiet.stderr, quiet.stderr
