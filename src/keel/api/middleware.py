@@ -214,25 +214,41 @@ class KeelMiddleware:
             request_id.reset(token)
 
     async def _limited(self, scope: Scope, receive: Receive, response: _Response) -> None:
-        """A body of undeclared length (chunked), counted as it is read."""
+        """A body of undeclared length (chunked), counted as it is read. The app answers
+        one over the limit (its 413), and the rest of the body is then dropped as
+        :meth:`_reject` does (all of a 2 GB body was read, the connection kept)."""
         received = 0
-        ended = False
+        ended = over = False
 
         async def limited_receive() -> Message:
-            nonlocal received, ended
+            nonlocal received, ended, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 ended = not message.get("more_body", False)
                 if received > self.max_body_bytes:
-                    raise PayloadTooLarge(f"the request body is over {self.max_body_bytes} bytes")
+                    over = True
+                    raise self._too_large()
             return message
 
+        async def send(message: Message) -> None:
+            if over and message["type"] == "http.response.start":
+                budget = DRAIN_FACTOR * self.max_body_bytes - received
+                if not ended and not await _drained(receive, budget):
+                    message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+            await response(message)
+
         try:
-            await self.app(scope, limited_receive, response)
+            await self.app(scope, limited_receive, send)
         except PayloadTooLarge:
             if not response.started:
                 await self._reject(scope, receive, response, read=received, ended=ended)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the request body is over the limit of {self.max_body_bytes} bytes "
+            "(server.max_body_bytes); send less context"
+        )
 
     async def _reject(
         self,
@@ -249,12 +265,7 @@ class KeelMiddleware:
         within :data:`DRAIN_FACTOR` times the limit; else at once, closing the connection.
         ``unsent``: the client waits to be told to send it (``Expect: 100-continue``, as
         curl sends a big body), so it is refused at once and never sent."""
-        refusal = error_response(
-            PayloadTooLarge(
-                f"the request body is over the limit of {self.max_body_bytes} bytes "
-                "(server.max_body_bytes); send less context"
-            )
-        )
+        refusal = error_response(self._too_large())
         budget = DRAIN_FACTOR * self.max_body_bytes - read
         if unsent or (not ended and (declared > budget or not await _drained(receive, budget))):
             refusal.headers["connection"] = "close"
