@@ -278,8 +278,9 @@ class LocalModelConfig(_Section):
     context_size: int = Field(
         2048,
         ge=128,
-        description="Context window in tokens (for an embedding model, unset: 512, the "
-        "longest input it embeds; the engine reads an input in one batch).",
+        le=1_048_576,
+        description="Context window in tokens, at most 1,048,576 (for an embedding model, "
+        "unset: 512, the longest input it embeds; the engine reads an input in one batch).",
     )
     threads: int | None = Field(
         None,

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from keel.api.middleware import CorsPolicy, KeelMiddleware
 from keel.ops.logging import TEXT_FORMAT, JsonFormatter, TextFormatter
-from tests.conftest import KeelProcess, free_port, start_keel
+from tests.conftest import KeelProcess, free_port, keel_cli, start_keel
 
 
 def serve_on(port: int, root: Path) -> subprocess.CompletedProcess[str]:
@@ -87,6 +87,28 @@ def test_an_address_this_machine_lacks_is_a_config_error_not_a_crash(tmp_path: P
 
 
 @pytest.mark.integration
+def test_local_models_that_cannot_fit_in_memory_exit_69_before_binding(tmp_path: Path) -> None:
+    """keel started anyway: the worker loaded for ~70 s, then failed with the engine's
+    "check the input params", and every completion was a 503; ``keel doctor`` and a
+    model load already judged it by the same estimate. A context past 1,048,576 tokens
+    is a config error."""
+    root = tmp_path / "root"
+    root.mkdir()
+    config = root / "config.toml"
+    config.write_text("[model.completion.local]\ncontext_size = 1000000\nparallelism = 16\n")
+    env = {**os.environ, "KEEL_ROOT": str(root)}
+    started = time.monotonic()
+    refused = keel_cli("serve", "--port", str(free_port()), env=env)
+    assert refused.returncode == 69, refused.stderr
+    assert "the local models do not fit in memory: need ~" in refused.stderr
+    assert "lower context_size or parallelism" in refused.stderr
+    assert time.monotonic() - started < 30  # no model was loaded
+    config.write_text("[model.completion.local]\ncontext_size = 2000000\n")
+    checked = keel_cli("config", "check", env=env)
+    assert checked.returncode == 78, checked.stderr
+    assert "model.completion.local.context_size" in checked.stderr
+
+
 def test_request_ids_are_honoured_or_generated(keel_server: KeelProcess) -> None:
     with keel_server.client() as client:
         given = client.get("/health", headers={"X-Request-ID": "trace-42.a"})

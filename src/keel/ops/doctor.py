@@ -22,7 +22,7 @@ import sys
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from keel.config import ENV_REF, ROLES, LocalModelConfig, Paths, Role, Settings, load_settings
 from keel.config import check_data_root as writable_root
@@ -40,6 +40,9 @@ from keel.models.manager import mem_available, memory_needed
 from keel.models.registry import list_model_files, read_facts, resolve_model
 from keel.ops.ports import busy_port_message
 from keel.providers.base import Provider
+
+if TYPE_CHECKING:
+    from keel.providers.catalog import Providers
 
 Status = Literal["ok", "warn", "FAIL", "skip"]
 
@@ -283,10 +286,31 @@ def check_downloaded_models(report: Report, paths: Paths) -> None:
         )
 
 
+MEMORY_ADVICE = "; lower context_size or parallelism, or use a smaller model"
+
+
+def memory_plan(providers: Providers, available: int) -> tuple[int, str]:
+    """Bytes the local workers of ``providers`` need (weights + KV cache per slot +
+    overhead), and that said with each worker's share. A model file whose header cannot
+    be read is left out: its worker reports it, once, as it starts."""
+    from keel.providers.local import LocalProvider
+
+    needed, parts = 0, []
+    for provider in providers.unique():
+        if isinstance(provider, LocalProvider):
+            try:
+                need = memory_needed(provider.supervisor.spec)
+            except MissingDependency:
+                continue
+            needed += need
+            parts.append(f"{provider.name}: {need / 2**20:.0f} MiB")
+    said = f"need ~{needed / 2**20:.0f} MiB, available {available / 2**20:.0f} MiB"
+    return needed, f"{said} ({'; '.join(parts)})"
+
+
 def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path) -> None:
     """Weights + KV cache (per slot) + overhead for every worker keel would start."""
     from keel.providers.catalog import build_providers
-    from keel.providers.local import LocalProvider
 
     available = mem_available(meminfo)
     if available is None:
@@ -297,28 +321,12 @@ def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path
     except KeelError as exc:
         report.add("memory", "skip", f"cannot plan the workers: {exc.message}")
         return
-    needed = 0
-    parts: list[str] = []
-    for provider in providers.unique():
-        if not isinstance(provider, LocalProvider):
-            continue
-        need = memory_needed(provider.supervisor.spec)
-        needed += need
-        parts.append(f"{provider.name}: {need / 2**20:.0f} MiB")
-    if not parts:
+    needed, summary = memory_plan(providers, available)
+    if not needed:
         report.add("memory", "ok", "no local models to load")
         return
-    summary = (
-        f"need ~{needed / 2**20:.0f} MiB, available {available / 2**20:.0f} MiB "
-        f"({'; '.join(parts)})"
-    )
     if needed > available:
-        report.add(
-            "memory",
-            "FAIL",
-            summary + "; lower context_size or slots, or use a smaller model",
-            ExitCode.DEPENDENCY,
-        )
+        report.add("memory", "FAIL", summary + MEMORY_ADVICE, ExitCode.DEPENDENCY)
     elif needed > available * 0.8:
         report.add("memory", "warn", summary + "; little headroom")
     else:
