@@ -191,6 +191,10 @@ class PostgresEventStore:
                 log.exception("the events writer failed; retrying")
                 time.sleep(RETRY_SECONDS)
             if closing:
+                # Closed here too: a writer still busy when close() gave up waiting (a
+                # statement on a frozen database) left its connection to the collector,
+                # which warned of it in whatever ran then.
+                self._close_writer()
                 return
 
     def _flush_once(self) -> bool:
