@@ -32,7 +32,6 @@ from keel.config import (
     check_data_root,
     data_root_trouble,
     load_settings,
-    threads_variable_trouble,
 )
 from keel.errors import (
     ConfigError,
@@ -43,6 +42,7 @@ from keel.errors import (
     RequestError,
     Unavailable,
 )
+from keel.workers.worker import threads_variable_trouble
 
 if TYPE_CHECKING:
     from keel.providers.catalog import Providers
@@ -52,57 +52,39 @@ log = logging.getLogger("keel")
 T = TypeVar("T")
 
 
-def _port(text: str) -> int:
-    """A ``--port``: 1-65535, as in config.toml (0, any free port, would move keel's
-    address; a number out of range ended in a traceback)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1-65535 (got {port})")
-    return port
+N = TypeVar("N", int, float)
 
 
-def _mib_count(text: str) -> float:
-    """A ``--min-free-mib``: a number of MiB, 0 or more (a negative reserve was taken)."""
-    try:
-        mib = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
-    if not mib >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"0 or more MiB (got {text})")
-    return mib
+def _number(
+    convert: Callable[[str], N],
+    what: str,
+    rule: str,
+    least: N,
+    most: N | None = None,
+    *,
+    above: bool = False,
+) -> Callable[[str], N]:
+    """An option's number: ``convert``ed, finite, at least ``least`` (``above``: more
+    than it) and at most ``most``, else a usage error saying ``rule``.
+    Out of range, a port ended in a traceback, a negative ``--start-window`` gave
+    unbounded restarts, a negative ``--restart-backoff`` said "restart in -8.0s", and
+    a negative ``--min-free-mib`` or nan was taken."""
 
-
-def _start_count(text: str) -> int:
-    """A ``--start-limit``: 1 or more starts (0 or less was taken)."""
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of starts: {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"1 or more starts (got {count})")
-    return count
-
-
-def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
-    """A number of seconds, finite and at least (or above) ``minimum``: a negative
-    ``--start-window`` gave unbounded restarts, a negative ``--restart-backoff`` said
-    "restart in -8.0s", and nan was taken."""
-    bound = f"{minimum:g} or more" if inclusive else f"more than {minimum:g}"
-
-    def parse(text: str) -> float:
+    def parse(text: str) -> N:
         try:
-            seconds = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        above = seconds >= minimum if inclusive else seconds > minimum
-        if not (above and math.isfinite(seconds)):  # NaN fails both
-            raise argparse.ArgumentTypeError(f"a finite number of seconds, {bound} (got {text})")
-        return seconds
+            raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+        fits = (value > least if above else value >= least) and math.isfinite(value)
+        if not fits or (most is not None and value > most):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{rule} (got {text})")
+        return value
 
     return parse
+
+
+_port = _number(int, "port number", "a port is 1-65535", 1, 65535)
+"""A ``--port``, as in config.toml (0, any free port, would move keel's address)."""
 
 
 def _bind(host: str, port: int, source: tuple[str, str] | None = None) -> socket.socket:
@@ -606,19 +588,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--start-limit",
-        type=_start_count,
+        type=_number(int, "whole number of starts", "1 or more starts", 1),
         default=5,
         help="with --supervise: give up after this many starts within --start-window (5)",
     )
     serve.add_argument(
         "--start-window",
-        type=_seconds(0, inclusive=False),
+        type=_number(
+            float, "number of seconds", "a finite number of seconds, more than 0", 0.0, above=True
+        ),
         default=300.0,
         help="with --supervise: the start limit's window in seconds (300)",
     )
     serve.add_argument(
         "--restart-backoff",
-        type=_seconds(0, inclusive=True),
+        type=_number(float, "number of seconds", "a finite number of seconds, 0 or more", 0.0),
         default=1.0,
         help="with --supervise: seconds before the first restart, doubling up to 30 (1)",
     )
@@ -660,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--quant", help="with org/repo: the GGUF file whose name holds this (Q8_0)")
     pull.add_argument(
         "--min-free-mib",
-        type=_mib_count,
+        type=_number(float, "number of MiB", "0 or more MiB", 0.0),
         help="disk space to leave free beyond the file, in MiB (default 512)",
     )
     pull.add_argument("--config", default=argparse.SUPPRESS, help="config file")

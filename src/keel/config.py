@@ -16,7 +16,6 @@ import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -812,28 +811,6 @@ class Paths:
     @property
     def index_dir(self) -> Path:
         return self.root / "index"
-
-
-THREADS_VARIABLE = "LLAMA_ARG_THREADS"
-"""llama-server's variable for its threads; a local model without ``threads`` takes it
-(read in the worker, ``keel.workers.worker._threads``)."""
-
-
-def threads_variable_trouble(environ: Mapping[str, str]) -> str | None:
-    """What is wrong with ``LLAMA_ARG_THREADS`` where it is set to what the worker
-    ignores (``two``, ``0``), and what is used instead; None when unset or usable. The
-    worker is a child process whose log nobody reads for this: keel says it."""
-    value = environ.get(THREADS_VARIABLE)
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isascii() and text.isdigit() and int(text) > 0:
-        return None
-    return (
-        f"{THREADS_VARIABLE}={value!r} is not a whole number of threads above 0, so it is "
-        "ignored: a local model uses its [model.<role>.local] threads, else the physical "
-        "cores keel may run on; set it to a number such as 4, or unset it"
-    )
 
 
 def _root_fix(root: Path, exc: OSError) -> str:

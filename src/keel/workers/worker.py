@@ -62,7 +62,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -758,7 +758,30 @@ def _prompt_cache_mib(args: argparse.Namespace) -> int:
 THREADS_VARIABLE = "LLAMA_ARG_THREADS"
 """llama-server's environment variable for ``--threads``, read where no ``threads`` is
 configured: a whole number above 0 (anything else leaves keel's default, and ``keel serve``
-and ``keel config check`` warn of it: ``keel.config.threads_variable_trouble``)."""
+and ``keel config check`` warn of it: :func:`threads_variable_trouble`)."""
+
+
+def _threads_variable(environ: Mapping[str, str]) -> tuple[str | None, int | None]:
+    """``LLAMA_ARG_THREADS`` as set (None: unset or blank), and its threads where usable."""
+    text = environ.get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return None, None
+    usable = text.isascii() and text.isdigit() and int(text) > 0
+    return environ[THREADS_VARIABLE], int(text) if usable else None
+
+
+def threads_variable_trouble(environ: Mapping[str, str]) -> str | None:
+    """What is wrong with ``LLAMA_ARG_THREADS`` where it is set to what the worker
+    ignores (``two``, ``0``), and what is used instead; None when unset or usable. The
+    worker is a child process whose log nobody reads for this: keel says it."""
+    value, threads = _threads_variable(environ)
+    if value is None or threads is not None:
+        return None
+    return (
+        f"{THREADS_VARIABLE}={value!r} is not a whole number of threads above 0, so it is "
+        "ignored: a local model uses its [model.<role>.local] threads, else the physical "
+        "cores keel may run on; set it to a number such as 4, or unset it"
+    )
 
 
 def _threads(args: argparse.Namespace) -> int:
@@ -769,9 +792,9 @@ def _threads(args: argparse.Namespace) -> int:
     a thread that is not running."""
     if args.threads:
         return int(args.threads)
-    variable = os.environ.get(THREADS_VARIABLE, "").strip()
-    if variable.isascii() and variable.isdigit() and int(variable) > 0:
-        return int(variable)
+    _, threads = _threads_variable(os.environ)
+    if threads is not None:
+        return threads
     cores = set()
     for cpu in os.sched_getaffinity(0):
         siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
