@@ -14,8 +14,9 @@ from fastapi import FastAPI
 
 from keel import __version__
 from keel.api import admin, docs, infill, llamacpp, metrics, models, openai, ops, tabby, ui
+from keel.api.access import GuardedRoute, walk_routes
 from keel.api.errors import install_error_handlers
-from keel.api.middleware import CorsPolicy, KeelMiddleware
+from keel.api.middleware import CorsPolicy, DirectRoutes, KeelMiddleware
 from keel.api.state import AppState
 from keel.audit import AuditLog
 from keel.background import Background
@@ -174,11 +175,6 @@ def create_app(
     )
     install_error_handlers(app)
     docs.install(app)
-    app.add_middleware(
-        KeelMiddleware,
-        max_body_bytes=settings.server.max_body_bytes,
-        cors=CorsPolicy(settings.server.cors_allowed_origins),
-    )
     # Routes are matched in order: the model routes, which every keystroke takes, first.
     app.include_router(openai.router)
     app.include_router(tabby.router)
@@ -189,4 +185,11 @@ def create_app(
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
+    guarded = (route for route in walk_routes(app.routes) if isinstance(route, GuardedRoute))
+    app.add_middleware(
+        KeelMiddleware,
+        max_body_bytes=settings.server.max_body_bytes,
+        cors=CorsPolicy(settings.server.cors_allowed_origins),
+        direct=DirectRoutes(guarded, app.exception_handlers),
+    )
     return app
