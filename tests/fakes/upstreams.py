@@ -519,6 +519,9 @@ class FakeUpstream:
                 vectors = self._vectors(body["content"])
                 return _json_answer([{"index": i, "embedding": [v]} for i, v in enumerate(vectors)])
             vectors = self._vectors(body.get("input", []))
+            size = body.get("dimensions") or body.get("output_dimension")  # OpenAI's, Voyage's
+            if isinstance(size, int):
+                vectors = [(vector + [0.5] * size)[:size] for vector in vectors]
             data = [
                 {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
             ]

@@ -312,11 +312,16 @@ class EmbeddingProvider(Provider):
         where it says (OpenAI's ``usage``)."""
 
     async def embed_parts(
-        self, texts: Sequence[str], reported: Reported | None = None
+        self,
+        texts: Sequence[str],
+        reported: Reported | None = None,
+        dimensions: int | None = None,
     ) -> AsyncIterator[list[list[float]]]:
         """``texts``' vectors in order, in parts as they are made: each part is progress
         for the router's between-token deadline, and closing the iterator sends no more
-        work. One part unless the provider splits the work."""
+        work. One part unless the provider splits the work. ``dimensions``: the size the
+        client asked for, which a backend that makes vectors of a chosen size is sent
+        (OpenAI's, Voyage's); any other makes its model's own size."""
         yield await self.embed(texts, reported)
 
 

@@ -136,8 +136,12 @@ def build_http_provider(
                 limit_name="max_tokens",
                 supported_models=listed,
             )
-        case "openai/embedding" | "voyage/embedding":
-            return OpenAIEmbeddingProvider(upstream, info, model=model)
+        case "openai/embedding":
+            return OpenAIEmbeddingProvider(upstream, info, model=model, size_field="dimensions")
+        case "voyage/embedding":
+            return OpenAIEmbeddingProvider(
+                upstream, info, model=model, size_field="output_dimension"
+            )
         case "llama.cpp/embedding":
             return LlamaCppEmbeddingProvider(upstream, info)
         case "ollama/embedding":

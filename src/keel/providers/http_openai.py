@@ -287,20 +287,38 @@ def embeddings_from_data(payload: Any, count: int, provider: str) -> list[list[f
 
 class OpenAIEmbeddingProvider(HttpBacked, EmbeddingProvider):
     """``POST {endpoint}/embeddings`` with ``{input, model}``: ``openai/embedding``
-    and ``voyage/embedding`` (Voyage answers in OpenAI's shape)."""
+    and ``voyage/embedding`` (Voyage answers in OpenAI's shape). A size the client asks
+    for goes as ``size_field`` (OpenAI's ``dimensions``, Voyage's ``output_dimension``)."""
 
-    def __init__(self, upstream: HttpUpstream, info: ProviderInfo, *, model: str | None) -> None:
+    def __init__(
+        self, upstream: HttpUpstream, info: ProviderInfo, *, model: str | None, size_field: str
+    ) -> None:
         super().__init__(upstream, info)
         self.model = model
+        self.size_field = size_field
+
+    async def embed_parts(
+        self,
+        texts: Sequence[str],
+        reported: Reported | None = None,
+        dimensions: int | None = None,
+    ) -> AsyncIterator[list[list[float]]]:
+        yield await self.embed(texts, reported, dimensions=dimensions)
 
     async def embed(
-        self, texts: Sequence[str], reported: Reported | None = None
+        self,
+        texts: Sequence[str],
+        reported: Reported | None = None,
+        *,
+        dimensions: int | None = None,
     ) -> list[list[float]]:
         if not texts:
             return []
         body: JsonObject = {"input": list(texts)}
         if self.model is not None:
             body["model"] = self.model
+        if dimensions is not None:
+            body[self.size_field] = dimensions
         payload = await self.upstream.post_json("/embeddings", body)
         if reported is not None and isinstance(payload, dict):
             reported.note_usage(payload.get("usage"))

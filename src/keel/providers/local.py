@@ -163,7 +163,10 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     async def embed_parts(
-        self, texts: Sequence[str], reported: Reported | None = None
+        self,
+        texts: Sequence[str],
+        reported: Reported | None = None,
+        dimensions: int | None = None,
     ) -> AsyncIterator[list[list[float]]]:
         """A CPU engine embeds ~250 tokens a second: a batch goes in parts of
         ``embed_part_tokens`` (:data:`EMBED_PART_TOKENS`), each well within the role's

@@ -35,14 +35,16 @@ class EmbeddingServing:
                 async with attempt:
                     provider, reported = attempt.provider, Reported()
                     assert isinstance(provider, EmbeddingProvider)
-                    parts = attempt.pieces(provider.embed_parts(texts, reported))
+                    parts = provider.embed_parts(texts, reported, body.dimensions)
+                    parts = attempt.pieces(parts)
                     vectors = [vector async for part in parts for vector in part]
         note_provider(http, provider)
         made = len(vectors[0])
         if body.dimensions is not None and body.dimensions != made:
             raise RequestError(
-                f"{provider.info.model} makes {made}-dimension vectors and keel does not "
-                f"shorten them; leave dimensions out or send {made}",
+                f"{provider.info.model} made {made}-dimension vectors, not {body.dimensions}: "
+                "only an OpenAI or Voyage backend is sent the size asked for, and keel does "
+                f"not shorten vectors; leave dimensions out or send {made}",
                 param="dimensions",
             )
         # The backend's own count where it gave one (it was always keel's estimate)
