@@ -943,6 +943,50 @@ def _kind_issues(data: Any) -> list[ConfigIssue]:
     return issues
 
 
+def _kind_needed(role: Role, what: str) -> str:
+    return (
+        f"missing: {what} is a model server, so it needs kind: set kind to one of "
+        f"{', '.join(KINDS_BY_ROLE[role])} (a local model is written with model_id alone)"
+    )
+
+
+def _entry_shape_issues(data: Any) -> tuple[list[ConfigIssue], set[str]]:
+    """Model tables written in a shape pydantic would misreport, said in the file's
+    terms: an http table or a fallback without ``kind`` (a fallback entry without it is
+    read as a local model, and its ``api_endpoint`` was called an unknown key). Returns
+    the issues and the keys they cover (pydantic's errors under those are dropped)."""
+    issues: list[ConfigIssue] = []
+    covered: set[str] = set()
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        return issues, covered
+    http_only = set(HttpModelConfig.model_fields) - set(LocalModelConfig.model_fields)
+    for role in ROLES:
+        section = model.get(role)
+        if not isinstance(section, dict):
+            continue
+        http = section.get("http")
+        if isinstance(http, dict) and "kind" not in http:
+            key = f"model.{role}.http.kind"
+            issues.append(ConfigIssue(key, _kind_needed(role, f"[model.{role}.http]")))
+            covered.add(key)
+        fallback = section.get("fallback")
+        for index, entry in enumerate(fallback if isinstance(fallback, list) else []):
+            if not isinstance(entry, dict) or "kind" in entry:
+                continue
+            remote = sorted(http_only & set(entry))
+            if remote:
+                where = f"model.{role}.fallback[{index}]"
+                what = f"this entry (it sets {', '.join(remote)})"
+                issues.append(ConfigIssue(f"{where}.kind", _kind_needed(role, what)))
+                covered.update(f"{where}.{name}" for name in remote)
+    return issues, covered
+
+
+def _covered(key: str, covered: set[str]) -> bool:
+    return any(key == c or key.startswith((f"{c}.", f"{c}[")) for c in covered)
+
+
 def _loc_to_key(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for part in loc:
@@ -973,6 +1017,8 @@ def parse_settings(
     issues: list[ConfigIssue] = []
     data = interpolate(raw, os.environ if environ is None else environ, issues)
     issues += _kind_issues(data)
+    shape_issues, covered = _entry_shape_issues(data)
+    issues += shape_issues
     repositories = data.get("repositories") if isinstance(data, dict) else None
     if isinstance(repositories, list):  # with the other errors (the list's check waits
         data["repositories"] = repositories = _tabby_repositories(repositories)  # on its items)
@@ -990,6 +1036,8 @@ def parse_settings(
             elif error["type"] == "finite_number":
                 message = "must be a finite number (inf and nan are not taken)"
             key = _loc_to_key(loc)
+            if _covered(key, covered):
+                continue  # said above, in the file's terms
             # An unknown key's value is never shown: a misspelled secret (``apikey``,
             # ``api_kye``) is still a secret, and the value is not what is wrong.
             unknown = error["type"] in ("missing", "extra_forbidden")

@@ -1,0 +1,37 @@
+"""config.toml mistakes that were misreported (or not reported): each message names
+the setting, what is wrong with it and what to write instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keel.config import COMPLETION_KINDS
+from tests.conftest import keel_cli
+
+
+def check(tmp_path: Path, text: str) -> tuple[int, str]:
+    """``keel config check`` of ``text``: its exit code and what it said."""
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = keel_cli("config", "check", "--config", str(config), env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_fallback_without_kind_is_said_to_need_kind(tmp_path: Path) -> None:
+    """Read as a local model, its api_endpoint was called an unknown key."""
+    code, said = check(
+        tmp_path, '[[model.completion.fallback]]\napi_endpoint = "http://127.0.0.1:18500"\n'
+    )
+    assert code == 78, said
+    assert "model.completion.fallback[0].kind: missing" in said, said
+    assert "set kind to one of " + ", ".join(COMPLETION_KINDS) in said
+    assert "unknown key" not in said and "api_endpoint:" not in said
+    # an http table without kind: pydantic's bare "Field required", now with the kinds
+    code, said = check(tmp_path, '[model.chat.http]\napi_endpoint = "http://127.0.0.1:18500"\n')
+    assert code == 78, said
+    assert "model.chat.http.kind: missing" in said and "openai/chat, mistral/chat" in said
+    # a local fallback is still one, and a misspelt key in it still an unknown key
+    code, said = check(tmp_path, '[[model.completion.fallback]]\nmodel_idd = "x"\n')
+    assert code == 78 and "model.completion.fallback[0].model_idd: unknown key" in said, said
