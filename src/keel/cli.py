@@ -31,6 +31,7 @@ from keel.config import (
     Settings,
     check_data_root,
     data_root_trouble,
+    host_issue,
     load_settings,
 )
 from keel.errors import (
@@ -85,6 +86,14 @@ def _number(
 
 _port = _number(int, "port number", "a port is 1-65535", 1, 65535)
 """A ``--port``, as in config.toml (0, any free port, would move keel's address)."""
+
+
+def _host(text: str) -> str:
+    """A ``--host``: an address alone, as ``server.host`` (a port in it was called an
+    open address by serve and doctor, and ended ``keel wait`` in a traceback)."""
+    if (issue := host_issue(text, command_line=True)) is not None:
+        raise argparse.ArgumentTypeError(f"{issue} (got {text!r})")
+    return text
 
 
 def _bind(host: str, port: int, source: tuple[str, str] | None = None) -> socket.socket:
@@ -573,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server", description="Run the server.")
     serve.add_argument("--config", help="config file (default: <data root>/config.toml)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--host", type=_host, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, help="port to bind (default 8080); busy is an error")
     serve.add_argument(
         "--log-format",
@@ -659,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
         "78 config, 69 library/model/memory/provider, 75 port busy, 1 other.",
     )
     doctor.add_argument("--config", help="config file (default: <data root>/config.toml)")
-    doctor.add_argument("--host", help="address keel will bind (default from config)")
+    doctor.add_argument("--host", type=_host, help="address keel will bind (default from config)")
     doctor.add_argument("--port", type=_port, help="port keel will bind (default from config)")
     doctor.add_argument(
         "--online", action="store_true", help="also send each HTTP provider a one-token request"
@@ -691,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
         "manager's start check (systemd's ExecStartPost).",
     )
     wait.add_argument("--config", help="config file (default: <data root>/config.toml)")
-    wait.add_argument("--host", help="address keel binds (default from config)")
+    wait.add_argument("--host", type=_host, help="address keel binds (default from config)")
     wait.add_argument("--port", type=_port, help="port keel binds (default from config)")
     wait.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     wait.set_defaults(func=cmd_wait)

@@ -490,12 +490,48 @@ def _sendable(key: str) -> bool:
     return all(" " <= char <= "~" for char in key)
 
 
+def host_issue(host: str, command_line: bool = False) -> str | None:
+    """Why ``host`` is not an address to bind (a URL, a port in it, IPv6 in brackets,
+    spaces), saying what to write (as options with ``command_line``, else as settings);
+    None when it may be one."""
+    from urllib.parse import urlsplit
+
+    def write(address: str, port: str | None) -> str:
+        if command_line:
+            return f"--host {address}" + (f" --port {port}" if port else "")
+        return f'host = "{address}"' + (f" and port = {port}" if port else "")
+
+    port_setting = "--port" if command_line else "port"
+    written = host.strip()
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", written):
+        parts = urlsplit(written)
+        address = parts.hostname or "127.0.0.1"
+        try:
+            number = parts.port
+        except ValueError:  # out of range: not worth repeating
+            number = None
+        shown = write(address, str(number) if number else None)
+        return f"takes an address only, not a URL (the port goes in {port_setting}): {shown}"
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(\d*))?", written)
+    with_port = re.fullmatch(r"([^:\[\]]*):(\d*)", written)  # one colon: not IPv6
+    if bracketed is not None and bracketed.group(2) is None:
+        return f"an IPv6 address is written without brackets: {write(bracketed.group(1), None)}"
+    if (found := bracketed or with_port) is not None:
+        address, port = found.group(1) or "127.0.0.1", found.group(2)
+        return f"takes an address only; the port goes in {port_setting}: {write(address, port)}"
+    if written != host or any(char.isspace() for char in host):
+        return f"holds a space: write the address alone: {write(written, None)}"
+    return None
+
+
 LOCAL_ORIGINS = ("http://localhost", "http://127.0.0.1", "http://[::1]")
 """Pages served from this machine, on any port (Ollama allows the same by default)."""
 
 
 class ServerConfig(_Section):
-    host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address to bind, alone (the port goes in port)."
+    )
     port: int = Field(8080, ge=1, le=65535, description="Port to bind; a busy port is an error.")
     completion_timeout: float = Field(
         30.0, gt=0, description="Seconds a completion may take before it fails."
@@ -516,6 +552,15 @@ class ServerConfig(_Section):
         description="On SIGTERM keel stops accepting, then lets requests and streams in "
         "flight finish for up to this long before cancelling them.",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _address_only(cls, value: str) -> str:
+        # "127.0.0.1:80" was called an open address (keel took it for a name it could
+        # not resolve as loopback); a URL or brackets could never be bound either.
+        if issue := host_issue(value):
+            raise ValueError(issue)
+        return value
 
     @field_validator("cors_allowed_origins")
     @classmethod

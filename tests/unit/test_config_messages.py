@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from keel.config import COMPLETION_KINDS
 from tests.conftest import keel_cli
 
@@ -35,3 +37,37 @@ def test_a_fallback_without_kind_is_said_to_need_kind(tmp_path: Path) -> None:
     # a local fallback is still one, and a misspelt key in it still an unknown key
     code, said = check(tmp_path, '[[model.completion.fallback]]\nmodel_idd = "x"\n')
     assert code == 78 and "model.completion.fallback[0].model_idd: unknown key" in said, said
+
+
+@pytest.mark.parametrize(
+    ("host", "fix"),
+    [
+        ("127.0.0.1:80", 'host = "127.0.0.1" and port = 80'),
+        ("localhost:18502", 'host = "localhost" and port = 18502'),
+        ("[::1]:18502", 'host = "::1" and port = 18502'),
+        ("http://127.0.0.1:18502", 'host = "127.0.0.1" and port = 18502'),
+        ("[::1]", 'host = "::1"'),
+    ],
+)
+def test_a_port_in_host_is_said_to_go_in_port(tmp_path: Path, host: str, fix: str) -> None:
+    """It was called an address that would serve anyone (no keys configured)."""
+    code, said = check(tmp_path, f'[server]\nhost = "{host}"\n')
+    assert code == 78, said
+    assert "server.host: " in said and fix in said, said
+    assert "serve anyone" not in said
+
+
+def test_plain_addresses_are_still_hosts(tmp_path: Path) -> None:
+    for host in ("127.0.0.1", "::1", "localhost"):
+        code, said = check(tmp_path, f'[server]\nhost = "{host}"\n')
+        assert code == 0, said
+
+
+def test_a_port_in_host_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
+    """serve called it an open address; wait ended in a traceback."""
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for command in ("serve", "doctor", "wait"):
+        done = keel_cli(command, "--host", "127.0.0.1:18503", "--port", "18503", env=env)
+        assert done.returncode == 2, (command, done.stderr)
+        assert "Traceback" not in done.stderr and "serve anyone" not in done.stderr
+        assert "the port goes in --port: --host 127.0.0.1 --port 18503" in done.stderr
