@@ -1149,7 +1149,9 @@ def load_settings(
             raise ConfigError(str(file), [ConfigIssue("(file)", "config file does not exist")])
         return Settings()
     try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows Notepad saves one) is dropped; TOML
+        # refused the file at line 1, column 1.
+        raw = tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(file), [ConfigIssue("(syntax)", f"not valid TOML: {exc}")]) from None
     except (OSError, UnicodeDecodeError) as exc:

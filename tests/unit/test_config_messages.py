@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.config import COMPLETION_KINDS
+from keel.config import COMPLETION_KINDS, Paths, load_settings
 from tests.conftest import keel_cli
 
 
@@ -71,3 +71,15 @@ def test_a_port_in_host_on_the_command_line_is_a_usage_error(tmp_path: Path) -> 
         assert done.returncode == 2, (command, done.stderr)
         assert "Traceback" not in done.stderr and "serve anyone" not in done.stderr
         assert "the port goes in --port: --host 127.0.0.1 --port 18503" in done.stderr
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows Notepad saves one: TOML refused the file at line 1, column 1."""
+    config = tmp_path / "config.toml"
+    config.write_bytes("[server]\nport = 18504\n".encode("utf-8-sig"))
+    assert config.read_bytes().startswith(b"\xef\xbb\xbf")
+    settings = load_settings(config, Paths(tmp_path), {})
+    assert settings.server.port == 18504
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = keel_cli("config", "check", "--config", str(config), env=env)
+    assert done.returncode == 0 and done.stdout.startswith("ok: "), done.stderr
