@@ -1032,6 +1032,32 @@ def _covered(key: str, covered: set[str]) -> bool:
     return any(key == c or key.startswith((f"{c}.", f"{c}[")) for c in covered)
 
 
+TABLE_LISTS = {
+    r"model\.\w+\.fallback": "fallback",
+    r"repositories": "repository",
+    r"additional_languages": "language",
+}
+"""Settings that are lists of tables (``[[...]]``), by pattern, with what one entry is."""
+
+
+def _table_shape(key: str, error_type: str, value: object) -> str | None:
+    """The message for a table written in the other TOML form, or None: a list of
+    tables written as one table (``[a.b]`` for ``[[a.b]]``) got pydantic's "Input
+    should be a valid list", and one table written as a list its whole value."""
+    if error_type == "list_type" and isinstance(value, dict):
+        for pattern, entry in TABLE_LISTS.items():
+            if re.fullmatch(pattern, key):
+                return (
+                    f"written as one table, [{key}]; it is a list: write each {entry} "
+                    f"as [[{key}]] (double brackets), one table per {entry}"
+                )
+    if error_type == "model_type" and isinstance(value, list):
+        if "[" in key:  # inside a list entry: no [[...]] header names it
+            return "written as a list; write it as one table ({ ... })"
+        return f"written as a list of tables, [[{key}]]; write it as one table: [{key}]"
+    return None
+
+
 def _loc_to_key(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for part in loc:
@@ -1083,6 +1109,10 @@ def parse_settings(
             key = _loc_to_key(loc)
             if _covered(key, covered):
                 continue  # said above, in the file's terms
+            tables = _table_shape(key, error["type"], error.get("input"))
+            if tables is not None:
+                issues.append(ConfigIssue(key, tables))  # its value may hold a secret
+                continue
             # An unknown key's value is never shown: a misspelled secret (``apikey``,
             # ``api_kye``) is still a secret, and the value is not what is wrong.
             unknown = error["type"] in ("missing", "extra_forbidden")

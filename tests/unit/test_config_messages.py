@@ -83,3 +83,23 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     done = keel_cli("config", "check", "--config", str(config), env=env)
     assert done.returncode == 0 and done.stdout.startswith("ok: "), done.stderr
+
+
+def test_a_fallback_written_as_one_table_is_said_to_need_double_brackets(tmp_path: Path) -> None:
+    """pydantic's "Input should be a valid list" was all it said."""
+    text = (
+        '[model.completion.fallback]\nkind = "openai/completion"\n'
+        'api_endpoint = "http://127.0.0.1:18505/v1"\n'
+    )
+    code, said = check(tmp_path, text)
+    assert code == 78, said
+    assert "model.completion.fallback: written as one table, [model.completion.fallback]" in said
+    assert "write each fallback as [[model.completion.fallback]]" in said
+    assert "valid list" not in said
+    code, said = check(tmp_path, '[repositories]\npath = "/tmp"\n')
+    assert code == 78 and "write each repository as [[repositories]]" in said, said
+    # the other way round: one table written as a list, its value (a secret) not shown
+    code, said = check(tmp_path, '[[auth]]\nadmin_key = "admin-SECRET-18505"\n')
+    assert code == 78, said
+    assert "auth: written as a list of tables, [[auth]]; write it as one table: [auth]" in said
+    assert "SECRET" not in said
