@@ -925,10 +925,17 @@ def data_root_trouble(root: Path) -> str | None:
     return None
 
 
-ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^{}]|\{[^{}]*\})*))?\}")
 """``${NAME}``, or ``${NAME:-default}`` (the default when NAME is unset or empty, as in
-a shell or Docker Compose); ``$$`` is a literal ``$``, as in Docker Compose (a secret
-holding ``${`` could not be written)."""
+a shell or Docker Compose; it may hold paired braces, as a prompt template's
+``{prefix}``); ``$$`` is a literal ``$``, as in Docker Compose (a secret holding ``${``
+could not be written). Any other ``${`` is malformed: an error, never literal text."""
+
+MALFORMED_REF = (
+    "malformed environment-variable reference {fragment!r}: write ${{NAME}} or "
+    "${{NAME:-default}} (NAME of letters, digits and _; braces in a default in pairs), "
+    "or $$ for a literal $"
+)
 
 
 def interpolate(
@@ -957,6 +964,17 @@ def interpolate(
                 return ""
             return environ[name]
 
+        leftover = ENV_REF.sub(lambda match: " " * len(match.group(0)), raw)
+        if (start := leftover.find("${")) >= 0:
+            # ``${NOPE`` (unclosed), ``${A{B}``: taken as literal text, a key or an
+            # address that was not what the file meant, and no word of it.
+            end = raw.find("}", start)
+            fragment = raw[start : end + 1 if end >= 0 else len(raw)]
+            fragment = fragment if len(fragment) <= 40 else fragment[:40] + "..."
+            if any(part in key for part in SECRET_KEYS):  # it may be a secret's rest
+                fragment = "${..."
+            issues.append(ConfigIssue(key, MALFORMED_REF.format(fragment=fragment)))
+            return raw
         return ENV_REF.sub(substitute, raw)
     return raw
 
@@ -1087,8 +1105,10 @@ def parse_settings(
 ) -> Settings:
     issues: list[ConfigIssue] = []
     data = interpolate(raw, os.environ if environ is None else environ, issues)
+    references = {issue.key for issue in issues}  # pydantic would judge "" or "${X" there
     issues += _kind_issues(data)
     shape_issues, covered = _entry_shape_issues(data)
+    covered |= references
     issues += shape_issues
     repositories = data.get("repositories") if isinstance(data, dict) else None
     if isinstance(repositories, list):  # with the other errors (the list's check waits

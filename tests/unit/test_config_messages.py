@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from keel.config import COMPLETION_KINDS, Paths, load_settings
+from keel.config import COMPLETION_KINDS, Paths, load_settings, parse_settings
+from keel.errors import ConfigError
 from tests.conftest import keel_cli
 
 
@@ -103,3 +104,60 @@ def test_a_fallback_written_as_one_table_is_said_to_need_double_brackets(tmp_pat
     assert code == 78, said
     assert "auth: written as a list of tables, [[auth]]; write it as one table: [auth]" in said
     assert "SECRET" not in said
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("${NOPE", "'${NOPE'"),  # unclosed
+        ("v1-${A{B}", "'${A{B}'"),  # a stray { in the name
+        ("${A:-{x}", "'${A:-{x}'"),  # an unpaired { in the default
+        ("${}", "'${}'"),
+        ("${1A}", "'${1A}'"),
+    ],
+)
+def test_a_malformed_environment_reference_is_an_error_naming_the_setting(
+    value: str, shown: str
+) -> None:
+    """It went through as literal text: a model name (or key, or address) that was not
+    what the file meant, and no word of it."""
+    http = {"kind": "openai/chat", "api_endpoint": "http://127.0.0.1:18506/v1", "model_name": value}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"model": {"chat": {"http": http}}}, "config.toml", {"A": "a"})
+    [issue] = caught.value.issues
+    assert issue.key == "model.chat.http.model_name"
+    assert f"malformed environment-variable reference {shown}" in issue.message
+    assert "$$ for a literal $" in issue.message
+
+
+def test_a_malformed_reference_in_a_secret_does_not_show_it(tmp_path: Path) -> None:
+    text = '[auth]\nadmin_key = "ab${cd-SECRET-18506"\n[server]\nport = "${KEEL_PORT"\n'
+    code, said = check(tmp_path, text)
+    assert code == 78, said
+    assert "auth.admin_key: malformed environment-variable reference '${...'" in said
+    assert "SECRET" not in said
+    assert "server.port: malformed environment-variable reference '${KEEL_PORT'" in said
+    assert "2 config errors" in said, said  # not also "a valid integer" for the port
+
+
+def test_well_formed_references_and_plain_braces_are_unchanged() -> None:
+    """A default may hold paired braces (a prompt template's placeholders), and a brace
+    outside ${...} is the value's own text, as in a shell: a prompt template's
+    {prefix}, or a lone { that keel's templates render as written."""
+    template = "${KEEL_T_TEMPLATE:-<PRE> {prefix} <SUF>{suffix} <MID>}"
+    http = {
+        "kind": "llama.cpp/completion",
+        "api_endpoint": "http://127.0.0.1:18506",
+        "prompt_template": template,
+        "model_name": "${A}{",
+    }
+    settings = parse_settings({"model": {"completion": {"http": http}}}, "c", {"A": "a"})
+    assert settings.model.completion.http is not None
+    assert settings.model.completion.http.prompt_template == "<PRE> {prefix} <SUF>{suffix} <MID>"
+    assert settings.model.completion.http.model_name == "a{"
+    local = {"prompt_template": "{prefix}{{{suffix}"}
+    settings = parse_settings({"model": {"completion": {"local": local}}}, "c", {})
+    assert settings.model.completion.local is not None
+    assert settings.model.completion.local.prompt_template == "{prefix}{{{suffix}"
+    keys = {"api_keys": ["pa$${word}-long-enough"]}
+    assert parse_settings({"auth": keys}, "c", {}).auth.api_keys == ["pa${word}-long-enough"]
