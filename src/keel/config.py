@@ -12,13 +12,15 @@ them into the sample config kept in the repository.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -1076,6 +1078,106 @@ def _table_shape(key: str, error_type: str, value: object) -> str | None:
     return None
 
 
+SCALARS: dict[type, str] = {bool: "true or false", int: "an integer", float: "a number"}
+"""The scalar types a setting may take, and how an error names each."""
+
+
+def _toml_type(value: object) -> str:
+    """``value``'s TOML type, as a message names it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "a table"
+
+
+def _as_written(value: object, want: type) -> str | None:
+    """``value`` as TOML's ``want`` would write it, where it means one plainly."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if want is bool:
+        if text in ("true", "yes", "on", "1") or (value == 1 and not isinstance(value, bool)):
+            return "true"
+        if text in ("false", "no", "off", "0") or (value == 0 and not isinstance(value, bool)):
+            return "false"
+        return None
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(text) if text is not None else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    if want is int:
+        return str(int(number)) if number.is_integer() else None
+    return text if text is not None else None
+
+
+def _mistyped(value: object, want: type) -> bool:
+    """Whether pydantic would take ``value`` for a ``want`` setting by converting it
+    (a string, a boolean as a number, 1 for true, 8080.0 for 8080), which a TOML file
+    that says so never needs: ``port = "8080"`` is a mistake to say, not to guess at."""
+    if isinstance(value, str):
+        return "${" not in value  # a reference's value is text, converted as it must be
+    if want is bool:
+        return not isinstance(value, bool)
+    if isinstance(value, bool):
+        return True
+    return want is int and isinstance(value, float)
+
+
+def _scalar_type_issues(raw: object, annotation: Any, key: str) -> list[ConfigIssue]:
+    """A value of the wrong TOML type for a number or boolean setting, anywhere in
+    ``raw`` (the file as read: a ``${VAR}``'s value is a string, and is converted)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _scalar_type_issues(raw, args[0], key)
+    if origin in (Union, UnionType):
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) == 1:
+            return _scalar_type_issues(raw, members[0], key)
+        if isinstance(raw, dict):  # a fallback entry: http (with kind) or local
+            chosen = HttpModelConfig if _provider_discriminator(raw) == "http" else None
+            model = chosen or LocalModelConfig
+            return _scalar_type_issues(raw, model, key)
+        return []
+    if origin is list and isinstance(raw, list):
+        return [
+            issue
+            for index, item in enumerate(raw)
+            for issue in _scalar_type_issues(item, args[0], f"{key}[{index}]")
+        ]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if not isinstance(raw, dict):
+            return []
+        fields = annotation.model_fields
+        return [
+            issue
+            for name, value in raw.items()
+            if name in fields
+            for issue in _scalar_type_issues(
+                value, fields[name].annotation, f"{key}.{name}" if key else name
+            )
+        ]
+    if annotation in SCALARS and _mistyped(raw, annotation):
+        name = key.rsplit(".", 1)[-1]
+        shown = _shown(key, raw)  # None for a key named like a secret
+        written = _as_written(raw, annotation) if shown is not None else None
+        message = f"expected {SCALARS[annotation]}, not {_toml_type(raw)}"
+        if written is not None and "[" not in name:
+            message += f": write {name} = {written}"
+        elif isinstance(raw, str):
+            message += f": write {SCALARS[annotation]}"
+        if isinstance(raw, str):
+            message += ", without quotes"
+        return [ConfigIssue(key, message, shown)]
+    return []
+
+
 def _loc_to_key(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for part in loc:
@@ -1106,6 +1208,9 @@ def parse_settings(
     issues: list[ConfigIssue] = []
     data = interpolate(raw, os.environ if environ is None else environ, issues)
     references = {issue.key for issue in issues}  # pydantic would judge "" or "${X" there
+    typed = _scalar_type_issues(raw, Settings, "")
+    issues += typed
+    references |= {issue.key for issue in typed}  # said better than pydantic says it
     issues += _kind_issues(data)
     shape_issues, covered = _entry_shape_issues(data)
     covered |= references

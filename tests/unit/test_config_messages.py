@@ -11,6 +11,8 @@ from keel.config import COMPLETION_KINDS, Paths, load_settings, parse_settings
 from keel.errors import ConfigError
 from tests.conftest import keel_cli
 
+HTTP = {"kind": "openai/completion", "api_endpoint": "http://127.0.0.1:18507/v1"}
+
 
 def check(tmp_path: Path, text: str) -> tuple[int, str]:
     """``keel config check`` of ``text``: its exit code and what it said."""
@@ -161,3 +163,64 @@ def test_well_formed_references_and_plain_braces_are_unchanged() -> None:
     assert settings.model.completion.local.prompt_template == "{prefix}{{{suffix}"
     keys = {"api_keys": ["pa$${word}-long-enough"]}
     assert parse_settings({"auth": keys}, "c", {}).auth.api_keys == ["pa${word}-long-enough"]
+
+
+def test_a_string_for_a_number_or_a_boolean_is_an_error(tmp_path: Path) -> None:
+    """TOML has types: `port = "8080"` and `precompute = "yes"` were converted silently."""
+    text = '[server]\nport = "18507"\n[completion]\nprecompute = "yes"\n'
+    code, said = check(tmp_path, text)
+    assert code == 78, said
+    assert (
+        "server.port: expected an integer, not a string: write port = 18507, without quotes "
+        "(got '18507')" in said
+    ), said
+    assert (
+        "completion.precompute: expected true or false, not a string: write precompute = "
+        "true, without quotes (got 'yes')" in said
+    ), said
+    assert "2 config errors" in said  # one each, not pydantic's words as well
+
+
+def test_wrong_scalar_types_are_named_in_every_section() -> None:
+    raw = {
+        "server": {"completion_timeout": "5", "port": True},
+        "completion": {"precompute": 0},
+        "index": {"max_snippets": 2.0},
+        "model": {
+            "completion": {
+                "fallback": [
+                    {**HTTP, "rate_limit": {"request_per_minute": "60"}},
+                    {"model_id": "x", "enable_fast_attention": "true"},
+                ]
+            }
+        },
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml", {})
+    said = {issue.key: issue.message for issue in caught.value.issues}
+    assert said == {
+        "server.completion_timeout": "expected a number, not a string: write "
+        "completion_timeout = 5, without quotes",
+        "server.port": "expected an integer, not a boolean",
+        "completion.precompute": "expected true or false, not an integer: write precompute = false",
+        "index.max_snippets": "expected an integer, not a decimal number: write max_snippets = 2",
+        "model.completion.fallback[0].rate_limit.request_per_minute": "expected an integer, "
+        "not a string: write request_per_minute = 60, without quotes",
+        "model.completion.fallback[1].enable_fast_attention": "expected true or false, not a "
+        "string: write enable_fast_attention = true, without quotes",
+    }
+
+
+def test_environment_references_still_give_numbers_and_booleans() -> None:
+    """A ${VAR}'s value is text: it is converted to the setting's type, as before."""
+    raw = {
+        "server": {"port": "${KEEL_T_PORT}", "completion_timeout": "${KEEL_T_NONE:-2.5}"},
+        "completion": {"precompute": "${KEEL_T_PRECOMPUTE}"},
+    }
+    environ = {"KEEL_T_PORT": "18508", "KEEL_T_PRECOMPUTE": "false"}
+    settings = parse_settings(raw, "c.toml", environ)
+    assert (settings.server.port, settings.server.completion_timeout) == (18508, 2.5)
+    assert settings.completion.precompute is False
+    with pytest.raises(ConfigError) as caught:  # a value that is no number still fails
+        parse_settings(raw, "c.toml", {**environ, "KEEL_T_PORT": "eighty"})
+    assert [issue.key for issue in caught.value.issues] == ["server.port"]
