@@ -8,7 +8,9 @@ loading, switching, ready; download: resolving, warning, downloading,
 verifying, ready; or an error event), or, with ``"stream": false``, answer once with the final
 state. What can be refused before any work (a bad spec, a model or file that
 does not exist, a hub that refuses us, a full disk) is an HTTP error before
-the stream starts.
+the stream starts. A load in flight when keel is asked to stop (SIGTERM, SIGINT)
+stops at once, its worker with it, and ends with an error event (a 503 without
+streaming) saying so: it held keel's stop for the whole shutdown grace.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.background import Background
 from keel.config import Role
-from keel.errors import KeelError
-from keel.models.manager import Progress
+from keel.errors import KeelError, Unavailable
+from keel.models.manager import Progress, StopSignals
 from keel.models.pull import ModelPuller, PullProgress
 from keel.schemas.admin import (
     DownloadProgress,
@@ -39,7 +41,7 @@ from keel.schemas.admin import (
 from keel.schemas.openai import ModelCard, ModelList
 from keel.schemas.openapi import ERRORS, json_body, streamed
 from keel.serving.lifecycle import CancelOnDisconnect
-from keel.serving.streaming import EventStream, sse
+from keel.serving.streaming import STOPPING, EventStream, sse
 
 router = APIRouter(responses=ERRORS)
 
@@ -78,25 +80,46 @@ async def load_model(request: Request) -> Response:
     return await _progress(
         request,
         body.stream,
-        _detached(app_state(request).background, steps, body.role, body.model_name),
+        _detached(
+            app_state(request).background, manager.stop_signals, steps, body.role, body.model_name
+        ),
         {"status": "error", "role": body.role},
     )
 
 
 def _detached(
-    background: Background, steps: AsyncIterator[Progress], role: Role, model: str
+    background: Background,
+    stop_signals: StopSignals,
+    steps: AsyncIterator[Progress],
+    role: Role,
+    model: str,
 ) -> AsyncGenerator[dict[str, object], None]:
     """A load's steps, run to the end whether or not its client reads them, as without
     streaming: a client that left a streamed load left the new worker running in no
-    chain, shown nowhere, until keel exited."""
+    chain, shown nowhere, until keel exited. Keel asked to stop ends it at once (the
+    worker it started is stopped) with :func:`_load_stopped`."""
     queue: asyncio.Queue[dict[str, object] | KeelError | None] = asyncio.Queue()
 
     async def run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:  # in the signal handler: only scheduled
+            loop.call_soon_threadsafe(task.cancel, STOPPING)
+
         try:
-            async for step in steps:
-                queue.put_nowait(step.to_dict(role, model))
+            with stop_signals.watch(stop):
+                async for step in steps:
+                    queue.put_nowait(step.to_dict(role, model))
         except KeelError as exc:
             queue.put_nowait(exc)
+        except asyncio.CancelledError as exc:
+            if STOPPING not in exc.args:
+                queue.put_nowait(KeelError("the load failed; keel's log says why"))
+                raise
+            task.uncancel()
+            queue.put_nowait(_load_stopped(role, model))
         except BaseException:
             queue.put_nowait(KeelError("the load failed; keel's log says why"))
             raise
@@ -112,6 +135,14 @@ def _detached(
             yield step
 
     return read()
+
+
+def _load_stopped(role: Role, model: str) -> Unavailable:
+    return Unavailable(
+        f"{STOPPING} (it was asked to shut down): the load of {model} for {role} was "
+        "stopped before it finished, and the worker it started with it; load the model "
+        "again once keel is back"
+    )
 
 
 @router.post(
