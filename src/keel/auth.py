@@ -71,7 +71,7 @@ def keys_file_path(config: AuthConfig, base_dir: Path) -> Path | None:
 
 def parse_keys_file(path: Path) -> Keys:
     """The keys of a keys file; raises OSError, ValueError or TOMLDecodeError saying why not."""
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Notepad's mark dropped
     users = data.get("api_keys", [])
     admin = data.get("admin_key")
     unknown = set(data) - {"api_keys", "admin_key"}

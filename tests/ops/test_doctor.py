@@ -62,6 +62,21 @@ def test_config_errors_and_missing_env_vars_are_exit_78(tmp_path: Path) -> None:
     assert found["memory"]["status"] == "skip"
 
 
+def test_env_vars_are_read_past_a_literal_dollar_and_a_byte_order_mark(tmp_path: Path) -> None:
+    """A config with ``$$`` (a literal $) beside a reference crashed doctor (TypeError),
+    and one saved with Notepad's byte-order mark had its references unchecked."""
+    (tmp_path / "config.toml").write_text(
+        '\ufeff[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "http://127.0.0.1:1/v1"\n'
+        'api_key = "pa$$word${KEEL_TEST_NO_SUCH_KEY}"\n',
+        encoding="utf-8",
+    )
+    result = doctor(tmp_path, "--json")
+    assert result.returncode == 78, result.stdout + result.stderr
+    found = findings(result)
+    assert found["env vars"]["status"] == "FAIL"
+    assert "KEEL_TEST_NO_SUCH_KEY" in found["env vars"]["detail"]
+
+
 def test_an_open_bind_without_keys_fails_doctor_and_config_check_as_serve_refuses_it(
     tmp_path: Path,
 ) -> None:

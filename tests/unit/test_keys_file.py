@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.auth import Access, KeyStore
+from keel.auth import Access, KeyStore, parse_keys_file
 from keel.config import AuthConfig
 
 FILE_KEY = "file-key-0123456789"
@@ -68,3 +68,9 @@ def test_a_keys_outer_whitespace_is_dropped(tmp_path: Path) -> None:
     assert access(store, FILE_KEY) is Access.USER
     assert access(store, "admin-1234567") is Access.ADMIN
     assert AuthConfig(admin_key=" admin-key-0123 ").admin_key == "admin-key-0123"
+
+
+def test_a_keys_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(f'\ufeffapi_keys = ["{FILE_KEY}"]\n', encoding="utf-8")
+    assert parse_keys_file(path).users == (FILE_KEY,)

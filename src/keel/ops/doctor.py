@@ -151,13 +151,14 @@ def check_env_vars(report: Report, file: Path, environ: os._Environ[str] | dict[
         if not file.exists():
             report.add("env vars", "skip", "no config file")
             return
-        raw = file.read_text(encoding="utf-8")
+        raw = file.read_text(encoding="utf-8-sig")
         tomllib.loads(raw)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         report.add("env vars", "skip", "config file unreadable (see config)")
         return
     lines = [line for line in raw.splitlines() if not line.lstrip().startswith("#")]
-    found = [ref for line in lines for ref in ENV_REF.finditer(line)]
+    # $$ (a literal $) names nothing
+    found = [ref for line in lines for ref in ENV_REF.finditer(line) if ref.group(1)]
     names = sorted({ref.group(1) for ref in found})
     if not names:
         report.add("env vars", "ok", "none referenced")
