@@ -61,17 +61,84 @@ def _field(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "body"
 
 
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+"""What a wrong-typed value should have been, by pydantic's error type."""
+
+
+def _within(field: str, outer: str) -> bool:
+    return field == outer or field.startswith((f"{outer}.", f"{outer}["))
+
+
+def _given(value: Any) -> str:
+    """What the client sent, by its JSON type (and value, where that is short)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        shown = repr(value)
+        shown = shown if len(shown) <= 24 else shown[:20] + "..."
+        return f"{'an integer' if isinstance(value, int) else 'a decimal number'} ({shown})"
+    if isinstance(value, str):
+        shown = json.dumps(value if len(value) <= 24 else value[:20] + "...", ensure_ascii=False)
+        return f"a string ({shown})"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _type_message(errors: list[Any], field: str) -> str | None:
+    """``expected an integer, got a string ("5")`` for a value of the wrong JSON type,
+    every type a union takes named; where the value is of a type the field takes and
+    something inside it is not, what and where that is. None for other errors."""
+    if errors[0].get("type") not in (*_EXPECTED, "literal_error"):
+        return None
+    located = [(_field(tuple(error.get("loc", ()))), error) for error in errors]
+    typed = [(at, e) for at, e in located if e.get("type") in _EXPECTED and _within(at, field)]
+    if not typed:
+        return None  # a value outside a literal's choices, of the right type
+    deepest = max(len(at) for at, _ in typed)
+    at = next(at for at, _ in typed if len(at) == deepest)
+    here = [e for where, e in located if where == at]
+    wanted: list[str] = []
+    for error in here:
+        kind, loc = error.get("type"), tuple(error.get("loc", ()))
+        if kind == "literal_error":
+            wanted.append(f"one of {(error.get('ctx') or {}).get('expected', '')}")
+        elif kind == "list_type" and loc[-1:] == ("list[str]",):
+            wanted.append("an array of strings")
+        elif kind in _EXPECTED:
+            wanted.append(_EXPECTED[kind])
+    wanted = list(dict.fromkeys(wanted))
+    joiner = ", or " if any(" or " in want for want in wanted) else " or "
+    expected = joiner.join(wanted)
+    given = next(e for where, e in typed if where == at).get("input")
+    if wanted == ["a number"] and isinstance(given, int) and not isinstance(given, bool):
+        return f"{_given(given)} is out of range for a number"
+    inside = f"at '{at}': " if at != field else ""
+    return f"{inside}expected {expected}, got {_given(given)}"
+
+
 def validation_error(errors: list[Any]) -> RequestError:
     first = errors[0]
     field = _field(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     message = re.sub(r"a valid dictionary or instance of \w+", "a JSON object", message)
+    message = _type_message(errors, field) or message
     missing = first.get("type") == "missing"
     text = f"'{field}' is required" if missing else f"'{field}': {message}"
-    more = len(errors) - 1
-    if more:
-        others = ", ".join(sorted({_field(tuple(e.get("loc", ()))) for e in errors[1:]}))
-        text += f" (and {more} more: {others})"
+    # the same fault as a union's other branches saw it is not another one
+    others = [
+        at for at in (_field(tuple(e.get("loc", ()))) for e in errors[1:]) if not _within(at, field)
+    ]
+    if others:
+        text += f" (and {len(others)} more: {', '.join(sorted(set(others)))})"
     return RequestError(text, param=field, code="invalid_field")
 
 
@@ -147,13 +214,16 @@ async def read_json(request: Request) -> Any:
 
 
 def parse_model(model: type[ModelT], data: Any) -> ModelT:
+    """``data`` as ``model``, validated strictly: a value of the wrong JSON type is the
+    client's 400 naming the field (``"max_tokens": "5"``, ``"stream": "yes"``), never
+    converted, for every body (the wire models say so themselves too)."""
     if not isinstance(data, dict):
         raise RequestError(
             f"the request body must be a JSON object, not {type(data).__name__}",
             code="invalid_json",
         )
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise validation_error(list(exc.errors())) from None
 

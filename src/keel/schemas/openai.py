@@ -35,7 +35,12 @@ MAX_EMBEDDING_INPUTS = 2048
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body's model. Strict about JSON types, as OpenAI's API and Tabby's serde
+    are: ``"max_tokens": "5"``, ``"stream": "yes"``, ``"temperature": "0.5"`` or
+    ``"n": 1.0`` are a 400 naming the field, not served as 5, true, 0.5 and 1 (a client
+    with such a bug would never hear of it); an integer is a number (``"temperature": 1``)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +110,18 @@ def _no_token_ids(value: object, hint: str = "") -> object:
     return value
 
 
+def _not_asked(value: object, what: str, name: str | None) -> object:
+    """A field asking for what keel does not do (``echo``, ``logprobs``): refused when
+    asked for; false and 0 are both "no", whichever of them the field's type is (clients
+    send chat's ``"logprobs": false`` to completions too), and taken as unset. Any other
+    type is left to the field's type check."""
+    if value is False or (type(value) is int and value == 0):
+        return None
+    if isinstance(value, int):
+        raise ValueError(f"keel does not {what}: leave '{name}' out")
+    return value
+
+
 class StreamOptions(_Wire):
     include_usage: bool = False
     """Send a last chunk with empty ``choices`` and the request's ``usage``, as OpenAI does."""
@@ -154,13 +171,11 @@ class CompletionRequest(_Sampled):
     """Both refused when asked for, not ignored: the client would read an answer without
     them as if it had them (no prompt echoed, ``logprobs: null``)."""
 
-    @field_validator("echo", "logprobs")
+    @field_validator("echo", "logprobs", mode="before")
     @classmethod
     def _not_served(cls, value: object, info: ValidationInfo) -> object:
-        if value:
-            what = "echo the prompt" if info.field_name == "echo" else "return log probabilities"
-            raise ValueError(f"keel does not {what}: leave '{info.field_name}' out")
-        return value
+        what = "echo the prompt" if info.field_name == "echo" else "return log probabilities"
+        return _not_asked(value, what, info.field_name)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -197,7 +212,7 @@ class ContentPart(_Wire):
 
 
 class ImageUrl(BaseModel):
-    model_config = ConfigDict(extra="allow")  # passed on whole
+    model_config = ConfigDict(extra="allow", strict=True)  # passed on whole
 
     url: str = Field(min_length=1)
     detail: str | None = None
@@ -483,7 +498,7 @@ class ResponseFormat(_Wire):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="allow")  # passed on whole
+    model_config = ConfigDict(extra="allow", strict=True)  # passed on whole
 
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
@@ -533,16 +548,12 @@ class ChatCompletionRequest(_Sampled):
     )
     top_logprobs: int | None = Field(None, description="Only 0 or null, as ``logprobs``.")
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("logprobs", "top_logprobs", mode="before")
     @classmethod
     def _no_logprobs(cls, value: object, info: ValidationInfo) -> object:
         """Refused when asked for, as on ``/v1/completions``: answered with ``logprobs:
         null``, a client would read the answer as if it had them."""
-        if value:
-            raise ValueError(
-                f"keel does not return log probabilities: leave '{info.field_name}' out"
-            )
-        return value
+        return _not_asked(value, "return log probabilities", info.field_name)
 
     functions: SkipJsonSchema[Any] = None
     function_call: SkipJsonSchema[Any] = None

@@ -21,7 +21,10 @@ U64Seed = Annotated[int, Field(ge=0, le=2**64 - 1), AfterValidator(as_int64)]
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body's model, strict about JSON types as Tabby's serde is (a string
+    where a number belongs is a 400 naming the field, not converted)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class Declaration(_Wire):
