@@ -42,6 +42,7 @@ from keel.rate_limit import WAIT_BUCKETS
 if TYPE_CHECKING:
     from keel.providers.base import Provider
     from keel.providers.catalog import Providers
+    from keel.router.breaker import CircuitBreaker
     from keel.router.router import Endpoint
 
 _Labelled = TypeVar("_Labelled", Counter, Gauge, Histogram)
@@ -230,6 +231,8 @@ class Metrics:
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         self._in_use: set[str] = set()
         """The providers routed to now (:meth:`providers_in_use`)."""
+        self._breakers: dict[str, CircuitBreaker] = {}
+        """Their breakers, read at each scrape (:meth:`_breakers_now`)."""
         registry = self.registry
         ProcessCollector(registry=registry)
         self._providers = _ProviderCollector()
@@ -500,6 +503,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything."""
+        self._breakers_now()
         return generate_latest(self.registry)
 
     def names(self) -> Iterable[str]:
@@ -576,12 +580,20 @@ class Metrics:
                     metric.remove(gone)
                 self._children.pop((metric, (gone,)), None)
         self._in_use = names
+        self._breakers = {endpoint.name: endpoint.breaker for endpoint in endpoints}
+        self._breakers_now()
         for endpoint in endpoints:
-            self._child(self.breaker_state, endpoint.name).set(
-                BREAKER_STATES[str(endpoint.breaker.state)]
-            )
             self.provider_health(endpoint.name, endpoint.healthy)
             self.provider_auth_failed(endpoint.name, endpoint.auth_failed)
+
+    def _breakers_now(self) -> None:
+        """``keel_breaker_state`` of the providers in use, from their breakers' own clock.
+        Set only as a breaker changed, it read "open" long after the cooldown (an open
+        breaker turns half-open when a request reads it): an alert on an open breaker
+        fired on for a provider ready to be tried again. Read without acting on the
+        breaker (:meth:`~keel.router.breaker.CircuitBreaker.state_now`)."""
+        for name, breaker in self._breakers.items():
+            self._child(self.breaker_state, name).set(BREAKER_STATES[str(breaker.state_now())])
 
     def _in_use_now(self, provider: str) -> bool:
         """Whether ``provider``'s gauges are kept: a provider a reload retired still

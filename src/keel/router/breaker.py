@@ -64,8 +64,17 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
+        """The state now: an open breaker whose cooldown is over moves to half-open as
+        it is read (``on_change`` hears of it then)."""
+        if (now := self.state_now()) is not self._state:
+            self._transition(now)
+        return self._state
+
+    def state_now(self) -> BreakerState:
+        """:attr:`state` without the move: what a request would find now, for readers
+        that must not act on the breaker (the metrics' scrape)."""
         if self._state is BreakerState.OPEN and self._clock() >= self.reopens_at:
-            self._transition(BreakerState.HALF_OPEN)
+            return BreakerState.HALF_OPEN
         return self._state
 
     @property
