@@ -348,21 +348,6 @@ async def test_a_response_schema_no_value_can_follow_is_the_callers_400(
     assert (await client.post("/v1/chat/completions", json=body, headers=USER)).status_code == 200
 
 
-async def test_dimensions_other_than_the_models_are_a_400_naming_it(
-    client: httpx.AsyncClient,
-) -> None:
-    """keel does not shorten vectors: ``dimensions`` equal to what the model makes is
-    served, any other is a 400 saying the size (it was ignored: 256 asked, 4 sent)."""
-    body = VALID_BODIES["/v1/embeddings"]
-    same = await client.post("/v1/embeddings", json={**body, "dimensions": 4}, headers=USER)
-    assert same.status_code == 200, same.text
-    assert {len(item["embedding"]) for item in same.json()["data"]} == {4}
-    other = await client.post("/v1/embeddings", json={**body, "dimensions": 256}, headers=USER)
-    assert other.status_code == 400, other.text
-    error = other.json()["error"]
-    assert error["param"] == "dimensions" and "4-dimension" in error["message"], error
-
-
 @pytest.mark.parametrize(
     ("path", "body", "field", "says"),
     [
