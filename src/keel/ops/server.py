@@ -7,6 +7,10 @@ error) and every one logged a traceback. A moment before the grace ends, keel
 cancels them itself with :data:`~keel.serving.streaming.STOPPING`: a stream ends
 with an error event and ``[DONE]``, a request not yet answered gets a 503 saying
 to send it again (:class:`keel.api.middleware.KeelMiddleware`).
+
+Its HTTP parser is uvicorn's httptools one (uvicorn's ``auto``; httptools comes with
+``uvicorn[standard]``) with a cap on a request's head:
+:class:`keel.ops.http_limits.HeadLimitedProtocol`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import socket
 
 import uvicorn
 
+from keel.ops.http_limits import HeadLimitedProtocol
 from keel.serving.streaming import STOPPING
 
 log = logging.getLogger("keel")
@@ -27,6 +32,11 @@ fifth of the grace), time for their last writes."""
 
 
 class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        if config.http in ("auto", "httptools"):
+            config.http = HeadLimitedProtocol
+        super().__init__(config)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         grace = self.config.timeout_graceful_shutdown
         ending = None
