@@ -28,8 +28,9 @@ from keel.api.state import app_state
 from keel.background import Background
 from keel.config import Role
 from keel.errors import KeelError, Unavailable
-from keel.models.manager import Progress, StopSignals
+from keel.models.manager import Progress
 from keel.models.pull import ModelPuller, PullProgress
+from keel.ops.server import on_stop
 from keel.schemas.admin import (
     DownloadProgress,
     DownloadRequest,
@@ -80,16 +81,13 @@ async def load_model(request: Request) -> Response:
     return await _progress(
         request,
         body.stream,
-        _detached(
-            app_state(request).background, manager.stop_signals, steps, body.role, body.model_name
-        ),
+        _detached(app_state(request).background, steps, body.role, body.model_name),
         {"status": "error", "role": body.role},
     )
 
 
 def _detached(
     background: Background,
-    stop_signals: StopSignals,
     steps: AsyncIterator[Progress],
     role: Role,
     model: str,
@@ -103,13 +101,8 @@ def _detached(
     async def run() -> None:
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-
-        def stop() -> None:  # in the signal handler: only scheduled
-            loop.call_soon_threadsafe(task.cancel, STOPPING)
-
         try:
-            with stop_signals.watch(stop):
+            with on_stop(lambda: task.cancel(STOPPING)):
                 async for step in steps:
                     queue.put_nowait(step.to_dict(role, model))
         except KeelError as exc:

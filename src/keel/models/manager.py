@@ -12,16 +12,11 @@ model that cannot fit is refused with both numbers, or, when the config lists
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 from keel.audit import AuditLog
 from keel.background import Background
@@ -126,62 +121,6 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-SignalHandler = Callable[[int, FrameType | None], Any]
-
-
-class StopSignals:
-    """Callbacks run when keel is asked to stop (SIGTERM, SIGINT), while any is
-    registered: a handler in front of the one there (uvicorn's), which it calls on.
-
-    uvicorn drains on these signals: it waits up to the shutdown grace for what is in
-    flight and tells it nothing until the grace ends. A load in flight is keel's own
-    work, thrown away by the stop (its worker would be stopped once ready): a streamed
-    load held keel's stop for the whole grace (29 s of 30), then 10 s more. The
-    callbacks run inside the signal handler, so they only schedule
-    (``loop.call_soon_threadsafe``). Installed only from the main thread and only in
-    front of a handler that is a function: where a signal's default ends the process,
-    nothing drains."""
-
-    def __init__(self) -> None:
-        self._callbacks: list[Callable[[], None]] = []
-        self._previous: dict[int, SignalHandler] = {}
-
-    @contextlib.contextmanager
-    def watch(self, callback: Callable[[], None]) -> Iterator[None]:
-        if not self._callbacks:
-            self._install()
-        self._callbacks.append(callback)
-        try:
-            yield
-        finally:
-            self._callbacks.remove(callback)
-            if not self._callbacks:
-                self._uninstall()
-
-    def _install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in STOP_SIGNALS:
-            previous = signal.getsignal(signum)
-            # Still in a chain another handler put itself in front of: our callbacks run.
-            if signum not in self._previous and callable(previous):
-                self._previous[signum] = previous
-                signal.signal(signum, self._handle)
-
-    def _uninstall(self) -> None:
-        for signum, previous in list(self._previous.items()):
-            if signal.getsignal(signum) == self._handle:
-                signal.signal(signum, previous)
-                del self._previous[signum]
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        for callback in list(self._callbacks):
-            callback()
-        self._previous[signum](signum, frame)
-
-
 class ModelManager:
     def __init__(
         self,
@@ -205,8 +144,6 @@ class ModelManager:
         self.available = available
         self.drain_timeout = drain_timeout
         self._lock = lock or asyncio.Lock()
-        self.stop_signals = StopSignals()
-        """What a load in flight watches to stop at once when keel is asked to stop."""
 
     def current(self, role: Role) -> dict[str, object]:
         chain = self.routing.providers.chains[role]
