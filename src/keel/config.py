@@ -334,6 +334,14 @@ FallbackEntry = Annotated[
 ]
 
 
+LOCAL_CONCURRENCY = 8
+"""A role served by a local model: requests at once, the rest queue (then 429)."""
+SERVER_CONCURRENCY = 1024
+"""A role served by a model server: requests at once. It queues and batches them itself
+(vLLM's continuous batching takes hundreds); 8, the old default, held a team's
+completions to 8 at a time, queued and served smaller while they waited."""
+
+
 class RoleConfig(_Section):
     """``[model.<role>]``: one primary (local or http) and an ordered fallback chain."""
 
@@ -350,8 +358,15 @@ class RoleConfig(_Section):
         description="Append the embedded model to the chain as the last resort "
         "(default: true for completion, false for chat and embedding).",
     )
-    max_concurrent: int = Field(
-        8, ge=1, le=4096, description="Requests of this role served at once."
+    max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Requests of this role served at once (default: "
+        f"{LOCAL_CONCURRENCY} when its first provider is a local model, whose engine reads "
+        f"on the CPU a prompt at a time per slot; {SERVER_CONCURRENCY} when it is a model "
+        "server, which queues and batches requests itself: keel does not hold back what "
+        "it sends one).",
     )
     queue_size: int = Field(
         64, ge=0, le=100000, description="Requests that may wait for a slot (429 beyond)."
@@ -368,6 +383,12 @@ class RoleConfig(_Section):
 
     def primary(self) -> ProviderConfig:
         return self.http or self.local or LocalModelConfig()
+
+    def concurrency(self) -> int:
+        """``max_concurrent``, or its default for the role's first provider."""
+        if self.max_concurrent is not None:
+            return self.max_concurrent
+        return SERVER_CONCURRENCY if self.http is not None else LOCAL_CONCURRENCY
 
     def chain(self) -> list[ProviderConfig]:
         return [self.primary(), *self.fallback]

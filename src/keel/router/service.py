@@ -177,7 +177,7 @@ class Routing:
             role_config = settings.model.role(role)
             self.admission[role] = Admission(
                 role,
-                max_concurrent=role_config.max_concurrent,
+                max_concurrent=role_config.concurrency(),
                 queue_size=role_config.queue_size,
                 queue_timeout=role_config.queue_timeout,
                 events=self.events,
