@@ -13,7 +13,12 @@ directory on the model directory's own file system (``<models>/.downloads``,
 which listings skip). keel then checks the sha256 (the hub's LFS oid, or the
 registry's) and the GGUF magic, and only then renames the file into place: a
 cut, refused or corrupt download leaves nothing loadable, and the staging
-directory goes whatever happens. Before a byte is fetched, the file plus
+directory goes whatever happens. Where each file came from (repo, file, sha256)
+is written beside it in ``<models>/.pulled/<file>.json``: a pull replaces a file
+only when keel pulled it from the same repo and file (an update of that model, with
+a warning that a worker running it keeps the old one until it is loaded again); a
+file from another repo, another folder of the repo, or put there by hand is never
+replaced: the pull is refused (409) naming it. Before a byte is fetched, the file plus
 ``min_free_bytes`` must fit on the disk, and a model whose estimated need
 (:func:`keel.models.manager.estimate_memory`) exceeds the memory available
 now, next to what is loaded, is warned about.
@@ -36,6 +41,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -52,6 +58,7 @@ from keel.config import LocalModelConfig, Paths
 from keel.errors import (
     BadEnvironment,
     ClientDisconnected,
+    Conflict,
     InsufficientStorage,
     MissingDependency,
     NotFound,
@@ -76,6 +83,8 @@ HUB_TIMEOUT = 10.0
 """Seconds the hub may take to answer a request (huggingface_hub's own for a download's
 reads): a hub that takes the connection and says nothing is an error, not a hang."""
 STAGING_DIR = ".downloads"
+SOURCES_DIR = ".pulled"
+"""Where a pulled file's source is recorded: ``<models>/.pulled/<file>.json``."""
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -100,6 +109,10 @@ class PullPlan:
     def name(self) -> str:
         """The model id to load it by."""
         return self.target.with_suffix("").as_posix()
+
+    @property
+    def source(self) -> str:
+        return f"{self.file.repo}:{self.file.filename}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +279,7 @@ class ModelPuller:
         self.available_memory = available_memory
         self.registry = registry
         self.hub_timeout = hub_timeout
+        self._digests: dict[tuple[str, int, int, int], str] = {}
 
     @property
     def hub(self) -> str:
@@ -291,7 +305,7 @@ class ModelPuller:
         """What :meth:`pull` refuses before fetching a byte: a bad spec, offline mode, a
         repo or file that does not exist, a hub that refuses us, a full disk."""
         plan = self.plan(spec, quant)
-        if not (self.paths.models_dir / plan.target).is_file():
+        if self._existing(plan, self.paths.models_dir / plan.target) != "same":
             self._check_disk(plan)
         return plan
 
@@ -312,9 +326,22 @@ class ModelPuller:
         plan = self.plan(spec, quant)
         file = plan.file
         dest = self.paths.models_dir / plan.target
-        present = self._already_present(plan, dest, emit)
-        if present is not None:
-            return present
+        existing = self._existing(plan, dest)
+        if existing == "same":
+            pulled = PulledModel(
+                plan.name, dest, dest.stat().st_size, self._digest(dest), already_present=True
+            )
+            emit(PullProgress("ready", f"{plan.name} is already in {dest}", result=pulled))
+            return pulled
+        if existing == "update":
+            emit(
+                PullProgress(
+                    "warning",
+                    f"{dest} came from {plan.source}, whose file has changed on {self.hub}: "
+                    f"replacing it with the new one; a worker running {plan.name} now keeps "
+                    f"the old file until {plan.name} is loaded again",
+                )
+            )
         self._check_disk(plan)
         self._check_memory(plan, emit)
         staging_root = self.paths.models_dir / STAGING_DIR
@@ -328,6 +355,7 @@ class ModelPuller:
             digest = self._verify(file, blob)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(blob, dest)
+            self._record_source(plan, dest, digest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest)
@@ -379,18 +407,78 @@ class ModelPuller:
                 )
         return files
 
-    def _already_present(self, plan: PullPlan, dest: Path, emit: _Emitter) -> PulledModel | None:
+    def _existing(self, plan: PullPlan, dest: Path) -> str | None:
+        """What is at ``dest`` already: None (nothing), ``"same"`` (the hub's file),
+        ``"update"`` (an older version keel pulled from the same repo and file).
+        Anything else, a file of another repo or folder or one put there by hand, is
+        never replaced: Conflict, naming it."""
         if not dest.is_file():
             return None
-        expected = plan.file.sha256
-        digest = _sha256(dest)
-        same = digest == expected if expected else dest.stat().st_size == plan.file.size
-        if not same:
-            emit(PullProgress("resolving", f"{dest} differs from the hub's file: replacing it"))
+        source = self._recorded_source(dest)
+        file = plan.file
+        if file.sha256:
+            same = self._digest(dest) == file.sha256.lower()
+        else:
+            same = dest.stat().st_size == file.size
+        if same:
+            if source is None:  # the same bytes: keel's now, as if it had pulled them
+                self._record_source(plan, dest, self._digest(dest))
+            return "same"
+        if source == plan.source:
+            return "update"
+        where = (
+            f"keel pulled it from {source}"
+            if source is not None
+            else "keel did not pull it (it was put there by hand, or pulled by an older keel)"
+        )
+        raise Conflict(
+            f"{dest} is already there and is another model than {plan.source} ({where}); "
+            f"keel does not replace it, since a worker may be running it: to keep both, "
+            f"rename it (e.g. mv {dest} {dest.with_stem(dest.stem + '-old')}) and pull "
+            "again; to replace it, remove it and pull again",
+            code="model_exists",
+            param="model",
+        )
+
+    def _digest(self, path: Path) -> str:
+        """The sha256 of ``path``, once per version of the file (a preflight and the pull
+        that follows read a multi-GB file once)."""
+        stat = path.stat()
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = _sha256(path)
+        return self._digests[key]
+
+    def _source_record(self, dest: Path) -> Path:
+        relative = dest.relative_to(self.paths.models_dir)
+        return self.paths.models_dir / SOURCES_DIR / f"{relative.as_posix()}.json"
+
+    def _recorded_source(self, dest: Path) -> str | None:
+        """``repo:file`` keel pulled ``dest`` from, or None: no record, or one of
+        another file (the record outlived a file removed and put back by hand)."""
+        try:
+            record = json.loads(self._source_record(dest).read_text(encoding="utf-8"))
+            if record["sha256"] != self._digest(dest):
+                return None
+            return f"{record['repo']}:{record['filename']}"
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest, already_present=True)
-        emit(PullProgress("ready", f"{plan.name} is already in {dest}", result=pulled))
-        return pulled
+
+    def _record_source(self, plan: PullPlan, dest: Path, digest: str) -> None:
+        record = self._source_record(dest)
+        data = {
+            "repo": plan.file.repo,
+            "filename": plan.file.filename,
+            "sha256": digest,
+            "endpoint": self.endpoint,
+        }
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            staged = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+            staged.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+            os.replace(staged, record)
+        except OSError as exc:  # the model is in place; only a later pull's check is weaker
+            log.warning("could not record where %s came from (%s): %s", dest, record, exc)
 
     def _check_disk(self, plan: PullPlan) -> None:
         self.paths.models_dir.mkdir(parents=True, exist_ok=True)

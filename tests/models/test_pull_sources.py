@@ -1,0 +1,116 @@
+"""A pull never replaces a model it did not pull from the same repo and file.
+
+A pull of ``other/x-GGUF:tiny.gguf`` replaced ``models/tiny.gguf`` pulled from
+another repo (one event: "differs from the hub's file: replacing it"), even while
+a worker ran it; ``repo:sub/a/deep.gguf`` and ``repo:sub/b/deep.gguf`` both landed
+as ``models/deep.gguf``, the second over the first."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keel.config import Paths
+from keel.errors import Conflict
+from keel.models.pull import STAGING_DIR, ModelPuller, PullProgress
+from tests.models.fake_hub import FakeHub
+
+FIRST = "keel-test/first-GGUF"
+OTHER = "keel-test/other-GGUF"
+FOLDERS = "keel-test/folders-GGUF"
+
+
+@pytest.fixture
+def newer(model_bytes: bytes) -> bytes:
+    """Another valid GGUF file: the same model with bytes after its tensors."""
+    return model_bytes + b"\0" * 64
+
+
+@pytest.fixture
+def hub(model_bytes: bytes, newer: bytes, tmp_path: Path) -> Iterator[FakeHub]:
+    repos = {
+        FIRST: {"tiny.gguf": model_bytes},
+        OTHER: {"tiny.gguf": newer},
+        FOLDERS: {"sub/a/deep.gguf": model_bytes, "sub/b/deep.gguf": newer},
+    }
+    with FakeHub(repos) as fake:
+        yield fake
+
+
+def puller(hub: FakeHub, paths: Paths) -> ModelPuller:
+    return ModelPuller(paths, endpoint=hub.url, environ={"HF_HOME": str(paths.root / "hf")})
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def no_staging_left(paths: Paths) -> bool:
+    staging = paths.models_dir / STAGING_DIR
+    return not staging.is_dir() or not any(staging.iterdir())
+
+
+def test_a_file_of_another_repo_is_not_replaced(
+    hub: FakeHub, paths: Paths, model_bytes: bytes
+) -> None:
+    first = puller(hub, paths).pull(f"{FIRST}:tiny.gguf")
+    before = len(hub.downloads())
+    for attempt in (puller(hub, paths).preflight, puller(hub, paths).pull):
+        with pytest.raises(Conflict) as refused:
+            attempt(f"{OTHER}:tiny.gguf")
+        message = refused.value.message
+        assert str(first.path) in message and f"{FIRST}:tiny.gguf" in message, message
+        assert "rename it" in message and "remove it" in message, message
+        assert refused.value.status_code == 409
+    assert len(hub.downloads()) == before  # refused before a byte was fetched
+    assert first.path.read_bytes() == model_bytes
+    assert no_staging_left(paths)
+
+
+def test_same_named_files_in_two_folders_of_a_repo_do_not_collide(
+    hub: FakeHub, paths: Paths, model_bytes: bytes
+) -> None:
+    deep = puller(hub, paths).pull(f"{FOLDERS}:sub/a/deep.gguf")
+    with pytest.raises(Conflict) as refused:
+        puller(hub, paths).pull(f"{FOLDERS}:sub/b/deep.gguf")
+    assert f"{FOLDERS}:sub/a/deep.gguf" in refused.value.message
+    assert deep.path.read_bytes() == model_bytes
+
+
+def test_a_file_put_there_by_hand_is_not_replaced(hub: FakeHub, paths: Paths) -> None:
+    paths.models_dir.mkdir(parents=True)
+    mine = paths.models_dir / "tiny.gguf"
+    mine.write_bytes(b"GGUF my own model")
+    with pytest.raises(Conflict) as refused:
+        puller(hub, paths).pull(f"{FIRST}:tiny.gguf")
+    assert "keel did not pull it" in refused.value.message
+    assert mine.read_bytes() == b"GGUF my own model"
+
+
+def test_the_same_file_put_there_by_hand_is_already_present(
+    hub: FakeHub, paths: Paths, model_bytes: bytes
+) -> None:
+    paths.models_dir.mkdir(parents=True)
+    (paths.models_dir / "tiny.gguf").write_bytes(model_bytes)
+    pulled = puller(hub, paths).pull(f"{FIRST}:tiny.gguf")
+    assert pulled.already_present and not hub.downloads()
+
+
+def test_pulling_the_same_repo_and_file_again_updates_it_with_a_warning(
+    hub: FakeHub, paths: Paths, newer: bytes
+) -> None:
+    first = puller(hub, paths).pull(f"{FIRST}:tiny.gguf")
+    record = paths.models_dir / ".pulled" / "tiny.gguf.json"  # where it came from
+    assert record.is_file()
+    hub.repos[FIRST]["tiny.gguf"] = newer  # a new version of the file on the hub
+    steps: list[PullProgress] = []
+    again = puller(hub, paths).pull(f"{FIRST}:tiny.gguf", report=steps.append)
+    assert again.path == first.path and not again.already_present
+    assert digest(again.path) == hashlib.sha256(newer).hexdigest()
+    warnings = [step.message for step in steps if step.status == "warning"]
+    assert any("keeps the old file until tiny is loaded again" in w for w in warnings), steps
+    # and the new version is keel's to update again
+    assert puller(hub, paths).pull(f"{FIRST}:tiny.gguf").already_present
