@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +71,36 @@ def test_a_pull_from_another_repo_never_replaces_a_serving_model(
             )
     finally:
         keel.stop()
+
+
+def test_keel_stopping_mid_download_keeps_nothing_and_ends_the_stream_in_its_shape(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """SIGTERM mid-download left the partial file in ``models/.downloads`` (the pull's
+    thread never reached its cleanup: the process ended by the signal first), and the
+    stream ended with an error event without the progress fields, then ``[DONE]``."""
+    config = PRECOMPUTE_OFF + "[server]\nshutdown_grace_seconds = 2\n"
+    keel = keel_with_hub(tmp_path, hub, config)
+    spec = f"{FIRST}:slow.gguf"
+    hub.pause = 0.2  # ~5 MiB/s: the 94 MiB take ~19 s
+    try:
+        with keel.client() as client:
+            body = {"model": spec}
+            with client.stream("POST", "/v1/model/download", json=body) as response:
+                lines = response.iter_lines()
+                for line in lines:
+                    if line.startswith("data: {") and "downloaded_bytes" in line:
+                        break  # bytes are coming in
+                keel.process.send_signal(signal.SIGTERM)
+                rest = "\n".join(lines)
+        assert keel.process.wait(60) is not None
+    finally:
+        hub.pause = 0.0
+        keel.stop()
+    last = events(rest)[-1]
+    assert "[DONE]" not in rest, rest
+    assert last["status"] == "error" and last["model"] == spec, last
+    assert str(last["error"]["message"]).startswith("keel is stopping"), last  # type: ignore[index]
+    staging = tmp_path / "models" / ".downloads"
+    assert not [p for p in staging.rglob("*") if p.is_file()], list(staging.rglob("*"))
+    assert not (tmp_path / "models" / "slow.gguf").exists()

@@ -317,9 +317,12 @@ class ModelPuller:
         report: Report | None = None,
         show_bar: bool = False,
         cancelled: threading.Event | None = None,
+        staged: list[Path] | None = None,
     ) -> PulledModel:
         """Pull ``spec`` and return where it landed; raises a KeelError on any failure,
-        leaving no file behind. Blocking: the API runs it in a thread."""
+        leaving no file behind. Blocking: the API runs it in a thread. The staging
+        directory is added to ``staged`` as it is made: for a caller that must remove
+        it itself if the process may end before this thread sees ``cancelled``."""
         emit = _Emitter(report, log_downloading=not show_bar)
         parse_spec(spec, quant, self.registry)  # a malformed spec is refused before a word
         emit(PullProgress("resolving", f"looking up {spec} on {self.hub}"))
@@ -347,6 +350,8 @@ class ModelPuller:
         staging_root = self.paths.models_dir / STAGING_DIR
         staging_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="pull-", dir=staging_root))
+        if staged is not None:
+            staged.append(staging)
         try:
             size = f" ({_mib(file.size)})" if file.size else ""
             emit(PullProgress("downloading", f"downloading {file.repo}:{file.filename}{size}"))
@@ -369,24 +374,54 @@ class ModelPuller:
     async def stream(self, spec: str, *, quant: str | None = None) -> AsyncIterator[PullProgress]:
         """:meth:`pull` in a thread, its steps as they come; the last is ``ready`` (with
         the result) or the pull's KeelError is raised. Closing the iterator early (the
-        client went away) stops the transfer at its next chunk."""
+        client went away) stops the transfer at its next chunk.
+
+        keel asked to stop (SIGTERM, Ctrl-C) ends the pull at once with Unavailable
+        (:data:`~keel.serving.streaming.STOPPING`) and removes its staging directory
+        here: the thread would only see it at its next chunk (or a stalled hub's read
+        timeout), and the server ends its process by the signal once it has stopped,
+        threads and all (uvicorn raises the signal again), which left the partial file
+        in ``.downloads``."""
+        from keel.ops.server import on_stop  # the server's; `keel models pull` has its own
+        from keel.serving.streaming import STOPPING
+
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[PullProgress | None] = asyncio.Queue()
         cancelled = threading.Event()
+        staged: list[Path] = []
+        stopping = False
 
         def report(step: PullProgress) -> None:
             loop.call_soon_threadsafe(steps.put_nowait, step)
 
+        def stop() -> None:
+            nonlocal stopping
+            stopping = True
+            cancelled.set()
+            steps.put_nowait(None)
+
         work = asyncio.ensure_future(
-            asyncio.to_thread(self.pull, spec, quant=quant, report=report, cancelled=cancelled)
+            asyncio.to_thread(
+                self.pull, spec, quant=quant, report=report, cancelled=cancelled, staged=staged
+            )
         )
         work.add_done_callback(lambda _: steps.put_nowait(None))
         try:
-            while (step := await steps.get()) is not None:
-                yield step
+            with on_stop(stop):
+                while (step := await steps.get()) is not None:
+                    yield step
+            finished = work.done() and not work.cancelled() and work.exception() is None
+            if stopping and not finished:
+                raise Unavailable(
+                    f"{STOPPING} (it was asked to shut down): the download of {spec} was "
+                    "stopped and nothing of it kept; pull it again once keel is back"
+                )
             work.result()
         finally:
             cancelled.set()
+            if not work.done():  # its own cleanup may come too late: the staging goes now
+                for staging in staged:
+                    shutil.rmtree(staging, ignore_errors=True)
             work.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     # the steps ------------------------------------------------------------------

@@ -47,6 +47,13 @@ def stopped() -> Unavailable:
     )
 
 
+def progress_stopped() -> Unavailable:
+    return Unavailable(
+        f"{STOPPING} (its shutdown grace period is over): this was stopped before it "
+        "finished; send the request again once keel is back"
+    )
+
+
 class EventStream(Response):
     """A server-sent-events response; a client that leaves cancels it.
 
@@ -58,8 +65,16 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+    def __init__(
+        self, chunks: AsyncGenerator[bytes, None], *, progress: dict[str, object] | None = None
+    ) -> None:
+        """``progress``: this is a progress stream (a model load or download, TabbyAPI's
+        events), and these are the fields of its error event (``status: error`` and the
+        model or role). Cut short by keel's stop, it ends with that error event alone,
+        no ``[DONE]`` (TabbyAPI sends none, and its clients read every line as JSON);
+        a generation stream (None) ends with OpenAI's error event and ``[DONE]``."""
         self.chunks = chunks
+        self.progress = progress
         self.failed: int | None = None
         """The status of the error the stream ended with (see :data:`OUTCOME`)."""
         self.status_code = 200
@@ -94,7 +109,10 @@ class EventStream(Response):
             elif STOPPING in exc.args and task.uncancel() == 0:
                 log.warning("stream cut short: %s", STOPPING)
                 self.failed = stopped().status_code
-                closing = sse(stopped().to_body()) + DONE
+                if self.progress is None:
+                    closing = sse(stopped().to_body()) + DONE
+                else:
+                    closing = sse({**progress_stopped().to_body(), **self.progress})
                 await send({"type": "http.response.body", "body": closing, "more_body": False})
             else:
                 raise
