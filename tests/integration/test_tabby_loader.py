@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -47,3 +46,17 @@ def test_the_tabbyapi_loaders_own_request_loads_the_model(server: KeelProcess) -
         wrong = client.post("/v1/model/load", json={"name": "tiny-q4_1", "max_seq_len": "lots"})
         assert wrong.status_code == 400
         assert wrong.json()["error"]["param"] == "max_seq_len", wrong.text
+
+
+def test_the_embedded_model_loaded_by_its_path_is_in_the_chain_once(
+    server: KeelProcess,
+) -> None:
+    """Loaded by its file's path, the embedded model was in completion's chain twice,
+    the same worker (one pid) as the model and as the last resort."""
+    path = str(embedded_model_path())
+    with server.client() as client:
+        loaded = client.post("/v1/model/load", json={"model_name": path, "stream": False})
+        assert loaded.status_code == 200, loaded.text
+        chain = client.get("/v1/providers").json()["roles"]["completion"]["providers"]
+    # one entry: the worker already running the embedded model serves, under its name
+    assert [provider["name"] for provider in chain] == ["local/SmolLM2-135M-Instruct"], chain

@@ -12,6 +12,7 @@ provider: at startup, on a config reload, on ``POST /v1/model/load`` and for
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from keel.config import (
 )
 from keel.errors import MissingDependency
 from keel.models import gguf
-from keel.models.registry import resolve_model
+from keel.models.registry import embedded_model_path, resolve_model
 from keel.pipeline.prompt import FIM_TEMPLATES, TEMPLATE_OF_MARKERS, template_for_model
 from keel.providers.base import Provider
 from keel.providers.local import LocalProvider
@@ -64,12 +65,30 @@ class Providers:
 
 
 def wants_embedded_last_resort(role: Role, chain: list[ProviderConfig], flag: bool | None) -> bool:
+    """Whether the embedded model goes last in ``role``'s chain: enabled (``flag``;
+    by default for completion only), and not in the chain already, by its name or by
+    its file's path (a load by path put the same worker in the chain twice)."""
     enabled = role == "completion" if flag is None else flag
     already = any(
-        isinstance(config, LocalModelConfig) and config.model_id == EMBEDDED_MODEL_ID
-        for config in chain
+        isinstance(config, LocalModelConfig) and _is_embedded(config.model_id) for config in chain
     )
     return enabled and not already
+
+
+def _is_embedded(model_id: str) -> bool:
+    """``model_id`` names the embedded model: its id, or its file's path however it is
+    written (relative, with ``~``, ``..``). A copy or a link elsewhere is another file,
+    which runs in a worker of its own."""
+    if model_id == EMBEDDED_MODEL_ID:
+        return True
+    if not model_id.lower().endswith(".gguf"):
+        return False
+    try:
+        embedded = embedded_model_path()
+        given = Path(model_id).expanduser()
+    except (MissingDependency, RuntimeError):  # no embedded package; "~user" unknown
+        return False
+    return os.path.normpath(given.absolute()) == os.path.normpath(embedded.absolute())
 
 
 def read_timeout(role: Role, config: HttpModelConfig) -> float:
