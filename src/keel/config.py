@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -741,7 +742,28 @@ class StateConfig(_Section):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if value is not None and (problem := _address_problem(value)):
+            raise ValueError(problem)
         return value
+
+
+def _address_problem(url: str) -> str | None:
+    """What keeps a server's URL from being read as written, or None: a password with
+    ``/`` in it ends the address there (the rest read as a path: a port of 'Zx9' was a
+    traceback at start), and a ``%`` not followed by two hex digits (the server's driver
+    refused it, quoting the password in its error)."""
+    parts = urlsplit(url)
+    try:
+        if "," not in parts.netloc:  # libpq's several hosts (h1:5432,h2:5432) have no one port
+            _ = parts.port
+    except ValueError:
+        return (
+            "its port is not a number: a password holding /, ?, # or @ must be "
+            "percent-encoded (/ as %2F, ? as %3F, # as %23, @ as %40)"
+        )
+    if re.search(r"%(?![0-9A-Fa-f]{2})", parts.netloc):
+        return "it holds a % not followed by two hex digits: write a password's % as %25"
+    return None
 
 
 class EventsConfig(_Section):
@@ -775,6 +797,8 @@ class EventsConfig(_Section):
         if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
             return value
         if value.startswith(("postgresql://", "postgres://")):
+            if problem := _address_problem(value):
+                raise ValueError(problem)
             return value
         raise ValueError("must be 'sqlite:///<path>' or 'postgresql://...'")
 
@@ -1280,7 +1304,8 @@ def masked_url(text: str) -> str:
     (``?token=...``: a backend's credential, as much as a password), and a user name
     alone (``//TOKEN@host``, sent as Basic auth: it was shown in metrics' labels, errors,
     ``X-Keel-Provider`` and the log)."""
-    text = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", text)
+    # A password up to the last @ before the host (a / in it, unencoded, is still its own)
+    text = re.sub(r"(//[^/@:\s]*:)[^@\s]*@", r"\1***@", text)
     text = re.sub(r"//[^/@:\s]+@", "//***@", text)
     return re.sub(r"([?&][^=&#\s/]+=)[^&#\s]*", r"\1***", text)
 

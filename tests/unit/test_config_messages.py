@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.config import COMPLETION_KINDS, Paths, load_settings, parse_settings
+from keel.config import COMPLETION_KINDS, Paths, load_settings, masked_url, parse_settings
 from keel.errors import ConfigError
 from tests.conftest import keel_cli
 
@@ -224,3 +224,56 @@ def test_environment_references_still_give_numbers_and_booleans() -> None:
     with pytest.raises(ConfigError) as caught:  # a value that is no number still fails
         parse_settings(raw, "c.toml", {**environ, "KEEL_T_PORT": "eighty"})
     assert [issue.key for issue in caught.value.issues] == ["server.port"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "url", "says"),
+    [
+        ("state", "redis_url", "redis://:Zx9/kQsecretR=@127.0.0.1:6379/0", "percent-encoded"),
+        ("state", "redis_url", "redis://:Zx9?secret@127.0.0.1:6379/0", "percent-encoded"),
+        ("events", "database_url", "postgresql://keel:Ab3/pgSECRET=@127.0.0.1/keel", "%2F"),
+        ("events", "database_url", "postgresql://keel:Q7%zzpgSECRET@127.0.0.1/keel", "%25"),
+    ],
+)
+def test_a_server_url_that_cannot_be_read_as_written_is_a_config_error(
+    section: str, key: str, url: str, says: str
+) -> None:
+    """A password with an unencoded / passed config check, then keel serve died in a
+    traceback (exit 3, which systemd restarts) and the events store quoted a password
+    with a bad % in its error; neither error may show the password."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({section: {key: url}}, "config.toml")
+    text = str(caught.value)
+    assert f"{section}.{key}" in text and says in text
+    assert "SECRET" not in text and "secret" not in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pa%2Fss@127.0.0.1:6379/0",
+        "rediss://user:pw@redis.example:6380",
+        "unix:///run/redis.sock",
+    ],
+)
+def test_well_formed_redis_urls_pass(url: str) -> None:
+    assert parse_settings({"state": {"redis_url": url}}, "config.toml").state.redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://keel:a%25b@db-a:5432,db-b:5432/keel",  # libpq's several hosts
+        "postgresql://u:p@[::1]:5432/db",
+        "postgres://localhost/db",
+    ],
+)
+def test_well_formed_database_urls_pass(url: str) -> None:
+    assert parse_settings({"events": {"database_url": url}}, "c").events.database_url == url
+
+
+def test_a_password_with_a_slash_is_masked_in_any_text() -> None:
+    line = "events database postgresql://keel:Ab3/pgSECRET=@127.0.0.1:5432/keel unreachable"
+    assert masked_url(line) == (
+        "events database postgresql://keel:***@127.0.0.1:5432/keel unreachable"
+    )
