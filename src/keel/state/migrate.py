@@ -8,6 +8,12 @@ together take an advisory lock first, so one of them migrates and the
 others find the work done. Migrations only add
 (tables, columns, indexes): a replica still on the previous release keeps
 working against a schema one step ahead of it during a rolling upgrade.
+
+A version row is not taken on trust: each migration names the tables and
+indexes it makes (:attr:`Migration.creates`), and one whose objects are gone
+(a table dropped by hand, a partial restore) is applied again. Every step is
+written to be run again safely (``IF NOT EXISTS``), so re-applying one, or
+adopting objects made before their version row, never fails on what is there.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class Migration:
     version: int
     name: str
     sql: str
+    creates: tuple[str, ...] = ()
+    """The tables and indexes it makes: if one is missing, the step is applied again."""
 
 
 SQLITE: tuple[Migration, ...] = (
@@ -49,8 +57,11 @@ SQLITE: tuple[Migration, ...] = (
         );
         CREATE INDEX IF NOT EXISTS events_completion ON events (completion_id);
         """,
+        ("events", "events_completion"),
     ),
-    Migration(2, "events_ts", "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);"),
+    Migration(
+        2, "events_ts", "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);", ("events_ts",)
+    ),
 )
 """Version 1 is the schema keel had before migrations (IF NOT EXISTS: adopted as it is)."""
 
@@ -59,7 +70,7 @@ POSTGRES: tuple[Migration, ...] = (
         1,
         "events",
         """
-        CREATE TABLE keel_events (
+        CREATE TABLE IF NOT EXISTS keel_events (
             id BIGSERIAL PRIMARY KEY,
             ts DOUBLE PRECISION NOT NULL,
             kind TEXT NOT NULL,
@@ -71,11 +82,17 @@ POSTGRES: tuple[Migration, ...] = (
             language TEXT,
             data JSONB
         );
-        CREATE INDEX keel_events_completion ON keel_events (completion_id);
-        CREATE INDEX keel_events_kind_ts ON keel_events (kind, ts);
+        CREATE INDEX IF NOT EXISTS keel_events_completion ON keel_events (completion_id);
+        CREATE INDEX IF NOT EXISTS keel_events_kind_ts ON keel_events (kind, ts);
         """,
+        ("keel_events", "keel_events_completion", "keel_events_kind_ts"),
     ),
-    Migration(2, "events_ts", "CREATE INDEX IF NOT EXISTS keel_events_ts ON keel_events (ts);"),
+    Migration(
+        2,
+        "events_ts",
+        "CREATE INDEX IF NOT EXISTS keel_events_ts ON keel_events (ts);",
+        ("keel_events_ts",),
+    ),
 )
 """Version 2 serves ``[events] retention_days``: deleting by age without a full scan."""
 
@@ -98,15 +115,17 @@ def migrate_sqlite(db: sqlite3.Connection, migrations: tuple[Migration, ...] = S
     mode (``isolation_level=None``), so each step is its own explicit transaction."""
     db.execute(_CREATE_TABLE)
     applied = {row[0] for row in db.execute(f"SELECT version FROM {MIGRATIONS_TABLE}")}
+    present = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     done = []
     for migration in migrations:
-        if migration.version in applied:
+        if migration.version in applied and present.issuperset(migration.creates):
             continue
         db.executescript(
             f"BEGIN IMMEDIATE;\n{migration.sql}\n"
-            f"INSERT INTO {MIGRATIONS_TABLE} VALUES "
+            f"INSERT OR IGNORE INTO {MIGRATIONS_TABLE} VALUES "
             f"({int(migration.version)}, '{migration.name}', datetime('now'));\nCOMMIT;"
         )
+        present.update(migration.creates)
         done.append(migration.version)
     return done
 
@@ -115,20 +134,36 @@ def migrate_postgres(
     connection: psycopg.Connection[tuple[object, ...]],
     migrations: tuple[Migration, ...] = POSTGRES,
 ) -> list[int]:
-    """Apply what the database lacks, under an advisory lock; returns the versions applied."""
+    """Apply what the database lacks, under an advisory lock; returns the versions applied.
+
+    A version is lacking if its row is missing or any object it made is (a
+    ``keel_events`` dropped by hand was never made again, even by a restart: events
+    piled up and were dropped, the store shown "unreachable")."""
     done = []
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
         connection.execute(_CREATE_TABLE)
         applied = {row[0] for row in connection.execute(f"SELECT version FROM {MIGRATIONS_TABLE}")}
         for migration in migrations:
-            if migration.version in applied:
+            if migration.version in applied and _present(connection, migration.creates):
                 continue
             with connection.transaction():
                 connection.execute(migration.sql)
                 connection.execute(
-                    f"INSERT INTO {MIGRATIONS_TABLE} VALUES (%s, %s, now()::text)",
+                    f"INSERT INTO {MIGRATIONS_TABLE} VALUES (%s, %s, now()::text) "
+                    "ON CONFLICT (version) DO NOTHING",
                     (migration.version, migration.name),
                 )
             done.append(migration.version)
     return done
+
+
+def _present(connection: psycopg.Connection[tuple[object, ...]], names: tuple[str, ...]) -> bool:
+    """Whether every relation (table, index) in ``names`` exists, as the search path sees it."""
+    if not names:
+        return True
+    row = connection.execute(
+        "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) AS name",
+        (list(names),),
+    ).fetchone()
+    return bool(row and row[0])

@@ -104,6 +104,11 @@ def _bounded(connection: psycopg.Connection[Row]) -> Iterator[None]:
         timer.cancel()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def redact(url: str) -> str:
     """``url`` without its password, for logs and status pages."""
     return masked_url(url)
@@ -144,6 +149,8 @@ class PostgresEventStore:
         self._reader: psycopg.Connection[Row] | None = None
         self._writer_error: Exception | None = None
         """The writer's last failure, until it writes again."""
+        self._remaking = False
+        """The writer found the table missing and reconnects to make it again."""
         self._read_lock = threading.Lock()
         self._languages: OrderedDict[str, str | None] = OrderedDict()
         self._thread = threading.Thread(target=self._run, name="keel-events-writer", daemon=True)
@@ -216,13 +223,26 @@ class PostgresEventStore:
             self._drop(refused, "rejected")
             return True
         except psycopg.Error as exc:
+            self._close_writer()
+            if isinstance(exc, psycopg.errors.UndefinedTable) and not self._remaking:
+                # keel_events dropped under keel: the next connection makes it again
+                # (migrate_postgres checks the tables, under the advisory lock), at once.
+                # It was shown as an outage, events piling up, until the bookkeeping rows
+                # were deleted by hand.
+                self._remaking = True
+                log.warning(
+                    "the events table is missing in %s (%s): making it again",
+                    redact(self.url),
+                    _first_line(exc),
+                )
+                return True
             # unreachable, or unable to write now (a read-only standby after a failover):
             # the rows wait, as while it is down; they were dropped as refused
             self._writing(exc)
-            self._close_writer()
             if not self._closing:
                 time.sleep(RETRY_SECONDS)
             return False
+        self._remaking = False
         self._remove(len(batch))
         self._writing(None)
         return True
@@ -280,12 +300,19 @@ class PostgresEventStore:
             self._writer = None
 
     def _failed(self, exc: Exception) -> None:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = _first_line(exc)
+        if isinstance(exc, psycopg.errors.UndefinedTable):
+            # still missing after making it again: not an outage, and not one to wait out
+            message += (
+                " (a keel table is missing and keel could not make it again: restart keel, "
+                "or check that its database user may create tables)"
+            )
         if self.up is not False:
             log.warning(
-                "events database %s unreachable (%s): buffering up to %d events, dropping "
+                "events database %s %s (%s): buffering up to %d events, dropping "
                 "beyond; completions are not affected",
                 redact(self.url),
+                "unreachable" if isinstance(exc, psycopg.OperationalError) else "failing",
                 message,
                 self.max_buffered,
             )
