@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from itertools import islice
 from typing import TYPE_CHECKING, Unpack
+from urllib.parse import unquote
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -107,6 +108,22 @@ def _bounded(connection: psycopg.Connection[Row]) -> Iterator[None]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's message) with nothing of ``url``'s password: the URL masked
+    wherever it appears, and the password itself, as written and percent-decoded, as
+    ``***``. libpq quotes what it could not parse (``invalid percent-encoded token:
+    "Q7%zzpgSECRET"``), which went to ``/v1/providers`` and the log."""
+    text = masked_url(text)
+    rest = url.partition("//")[2]
+    secrets = set()
+    for userinfo in (rest.rpartition("@")[0], rest.split("/", 1)[0].rpartition("@")[0]):
+        password = userinfo.partition(":")[2]
+        secrets.update({password, unquote(password)})
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def redact(url: str) -> str:
@@ -218,7 +235,11 @@ class PostgresEventStore:
             # only the others dropped (a whole batch went with one bad row)
             self._close_writer()
             refused = self._insert_singly(batch)
-            log.error("the events database refused %d events, dropping them: %s", refused, exc)
+            log.error(
+                "the events database refused %d events, dropping them: %s",
+                refused,
+                scrub(_first_line(exc), self.url),
+            )
             self._remove(len(batch))
             self._drop(refused, "rejected")
             return True
@@ -233,7 +254,7 @@ class PostgresEventStore:
                 log.warning(
                     "the events table is missing in %s (%s): making it again",
                     redact(self.url),
-                    _first_line(exc),
+                    scrub(_first_line(exc), self.url),
                 )
                 return True
             # unreachable, or unable to write now (a read-only standby after a failover):
@@ -300,7 +321,7 @@ class PostgresEventStore:
             self._writer = None
 
     def _failed(self, exc: Exception) -> None:
-        message = _first_line(exc)
+        message = scrub(_first_line(exc), self.url)
         if isinstance(exc, psycopg.errors.UndefinedTable):
             # still missing after making it again: not an outage, and not one to wait out
             message += (
@@ -404,7 +425,9 @@ class PostgresEventStore:
                     lambda: connection.execute(PRUNE, (before, PRUNE_BATCH)).rowcount
                 )
         except psycopg.Error as exc:
-            raise Unavailable(f"the events database did not answer ({exc})") from exc
+            raise Unavailable(
+                f"the events database did not answer ({scrub(_first_line(exc), self.url)})"
+            ) from exc
 
     def status(self) -> dict[str, object]:
         with self._lock:
