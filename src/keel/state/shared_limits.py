@@ -11,7 +11,13 @@ replicas' clocks need not agree. It refills continuously and holds a
 minute's worth, as the in-process bucket does (``keel.rate_limit``).
 
 Redis is a help, never a dependency of a completion. A decision waits at
-most ``timeout_seconds`` for it; when Redis does not answer, the replica
+most ``timeout_seconds`` for it, all tries included. A pooled connection that
+Redis closed (a restart or failover, ``CLIENT KILL``, its ``timeout`` for
+idle clients, a proxy's idle cut) is opened again and the call tried once more
+at once, within that bound: only a Redis that does not answer a fresh
+connection counts as down. (A script whose connection broke after Redis ran it
+runs twice: the key pays one token too many, never one too few.) When Redis
+does not answer, the replica
 decides alone with its in-process bucket, says so once in the log, in
 ``/v1/providers`` (``shared_state``) and in metrics
 (``keel_state_store_up{store="redis"} 0``,
@@ -22,15 +28,18 @@ request. The first answer from Redis puts the limits back in common.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from keel.auth import KeyRateLimiter
 
@@ -64,6 +73,7 @@ Returns the wait in seconds as a string (Lua numbers become integers on the way 
 
 KEY_PREFIX = "keel:ratelimit:"
 RETRY_SECONDS = 1.0
+T = TypeVar("T")
 
 
 class RedisState:
@@ -77,11 +87,16 @@ class RedisState:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.timeout = timeout
+        # One more try, at once and on a fresh connection, when the pooled one turns out
+        # closed (ConnectionError); never after a timeout, which is what a frozen Redis
+        # gives and would double the wait. No health-check PING: the retry finds a
+        # closed connection at no cost while connections are fine.
         self.redis: Redis = Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             health_check_interval=0,
         )
         self.script = self.redis.register_script(TOKEN_BUCKET)
@@ -95,10 +110,19 @@ class RedisState:
         if metrics is not None:
             metrics.state_store("redis", True)
 
+    async def bounded(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` given at most ``timeout`` seconds in all (a retry included); past
+        that, a redis TimeoutError saying so."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await call()
+        except TimeoutError:  # asyncio's (a redis TimeoutError is no builtin one)
+            raise RedisTimeoutError(f"no answer within {self.timeout:g} s") from None
+
     async def ping(self) -> None:
         """Find out at startup whether Redis answers (and say so), before any request."""
         try:
-            await self.redis.ping()
+            await self.bounded(self.redis.ping)
         except (RedisError, OSError) as exc:
             self.failed(exc)
         else:
@@ -167,8 +191,10 @@ class SharedKeyRateLimiter:
         """0 if allowed now, else the seconds until a request would be (nothing taken)."""
         if self.state.worth_trying():
             try:
-                answer = await self.state.script(
-                    keys=[KEY_PREFIX + who], args=[self.per_minute, self.per_minute / 60.0]
+                answer = await self.state.bounded(
+                    lambda: self.state.script(
+                        keys=[KEY_PREFIX + who], args=[self.per_minute, self.per_minute / 60.0]
+                    )
                 )
             except (RedisError, OSError) as exc:
                 self.state.failed(exc)
