@@ -2,8 +2,9 @@
 default admission settings, watching errors, latency and keel's memory.
 
 Setup: keel with the completion role on ``bench/upstream.py``, default
-admission (8 at once, 64 queued, 10 s queue timeout: the rest get a designed
-429 with ``Retry-After``), its per-backend rate limit raised out of the way.
+admission (a role served by a model server takes 1024 requests at once, so all
+500 clients are in flight; beyond that 64 would queue for 10 s, the rest get a
+designed 429 with ``Retry-After``), no per-backend rate limit (keel's default).
 Two load generator processes of ``--clients``/2 clients each, one sending
 plain and one streaming ``POST /v1/completions`` (OpenAI body). A client that
 gets a 429 waits ``min(Retry-After, 1 s)`` (jittered) and tries again. Keel's
@@ -98,7 +99,8 @@ def run(clients: int = 500, duration: float = 60.0, warmup: float = 5.0) -> dict
             "clients": clients,
             "duration_s": duration,
             "warmup_s": warmup,
-            "admission": "defaults: max_concurrent 8, queue_size 64, queue_timeout 10 s",
+            "admission": "defaults: max_concurrent 1024 (a model server's role), queue_size 64, "
+            "queue_timeout 10 s",
             "client_on_429": "wait min(Retry-After, 1 s) x U(0.5, 1)",
         },
         "ok": statuses.get("200", 0),
