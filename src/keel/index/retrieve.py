@@ -18,6 +18,7 @@ fit the snippet budget, after the client's own snippets.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import subprocess
@@ -25,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
@@ -43,6 +45,8 @@ QUERY_LINES = 24
 CACHE_SIZE = 512
 SEARCH_DEPTH = 32
 """Hits fetched per search before the per-file limit and the threshold are applied."""
+SEARCH_THREADS = 2
+"""Searches at once, on threads of their own (:meth:`RepositoryRetriever.retrieve`)."""
 
 
 def normalize_git_url(url: str) -> str:
@@ -150,6 +154,10 @@ class RepositoryRetriever:
         )
         """Search results by the index's state (its stamp) and the query."""
         self._cache_lock = threading.Lock()
+        self._searches = ThreadPoolExecutor(
+            max_workers=SEARCH_THREADS, thread_name_prefix="keel-retrieve"
+        )
+        """Where searches run (its threads start with the first search)."""
         self._stopping = threading.Event()
         self._last_failure: str | None = None
         self.states: dict[str, dict[str, object]] = {
@@ -245,10 +253,12 @@ class RepositoryRetriever:
     ) -> list[Snippet]:
         if not self.repositories:
             return []
+        search = functools.partial(self.search, prefix=prefix, filepath=filepath, git_url=git_url)
         try:
-            return await asyncio.to_thread(
-                self.search, prefix=prefix, filepath=filepath, git_url=git_url
-            )
+            # Threads of its own: on the loop's shared executor it queued behind whatever
+            # blocked there (reads of a frozen events database held all 6 threads of a
+            # 2-core machine, and completions with repository context took 13 s).
+            return await asyncio.get_running_loop().run_in_executor(self._searches, search)
         except Exception as exc:  # noqa: BLE001 - a damaged index costs its snippets only
             # As Tabby's collect_snippets: an index deleted or damaged under keel made
             # every completion of its repository a 500 until a restart. The refresh

@@ -12,9 +12,19 @@ dropped, with their own reason, rather than retried forever. Nothing waits on
 the database longer than :data:`STATEMENT_SECONDS`.
 
 Reads (acceptance, the language of a completion) go to the database on a
-connection of their own; acceptance raises :class:`keel.errors.Unavailable`
-while it cannot answer. The language of a completion this replica served is
-remembered locally, so an editor event needs no read in the common case.
+connection and a thread of their own (``keel-events-reader``), never on the
+event loop's shared executor, whose few threads a frozen database used up
+(repository context, and so completions, queued behind them for 13 s). Each
+read has one deadline, :data:`STATEMENT_SECONDS` from when it was asked, for
+its wait in the queue and its statement together; the first read that misses
+it, or hangs and then fails, marks reads down: the reads queued behind it fail
+at once, and later ones fail at once until the database answers again (the
+writer gets through, or a ``SELECT 1`` tried in the background, one at a time,
+does). A read refused at once (the database down or restarting) marks
+nothing: the next one tries again.
+Acceptance raises :class:`keel.errors.Unavailable` while it cannot answer.
+The language of a completion this replica served is remembered locally, so
+an editor event needs no read in the common case.
 """
 
 from __future__ import annotations
@@ -27,8 +37,11 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from itertools import islice
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Unpack
 from urllib.parse import unquote
 
@@ -73,7 +86,24 @@ STATEMENT_SECONDS = 10.0
 answering (its host frozen, not down) held the status page, editor events and shutdown
 for minutes, while keel said it was up."""
 
+HUNG_SECONDS = 1.0
+"""A read that failed after this long hung (a frozen host, a connect timing out) rather
+than being refused: reads are then down, and fail at once, until the database answers."""
+
 Row = tuple[object, ...]
+NOT_ANSWERING = "the events database is not answering; acceptance figures return when it does"
+
+
+def _not_answering_within() -> str:  # read when used: tests shorten the deadline
+    return f"no answer within {STATEMENT_SECONDS:g} s"
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    future: Future[list[Row]]
+    query: str
+    params: tuple[object, ...]
+    deadline: float
 
 
 def _clean(value: object) -> object:
@@ -83,8 +113,9 @@ def _clean(value: object) -> object:
 
 
 @contextmanager
-def _bounded(connection: psycopg.Connection[Row]) -> Iterator[None]:
-    """Fail what ``connection`` runs inside if it takes over :data:`STATEMENT_SECONDS`:
+def _bounded(connection: psycopg.Connection[Row], seconds: float | None = None) -> Iterator[None]:
+    """Fail what ``connection`` runs inside if it takes over ``seconds`` (by default
+    :data:`STATEMENT_SECONDS`):
     the socket is shut down under the waiting call, which then raises OperationalError.
     (A cancel request goes through the server, which may be the thing not answering.)"""
 
@@ -96,7 +127,7 @@ def _bounded(connection: psycopg.Connection[Row]) -> Iterator[None]:
             finally:
                 shut.close()
 
-    timer = threading.Timer(STATEMENT_SECONDS, abort)
+    timer = threading.Timer(STATEMENT_SECONDS if seconds is None else max(0.0, seconds), abort)
     timer.daemon = True
     timer.start()
     try:
@@ -168,7 +199,16 @@ class PostgresEventStore:
         """The writer's last failure, until it writes again."""
         self._remaking = False
         """The writer found the table missing and reconnects to make it again."""
-        self._read_lock = threading.Lock()
+        self._reads: SimpleQueue[_Read | None] = SimpleQueue()
+        self._reads_guard = threading.RLock()
+        self._pending: set[Future[list[Row]]] = set()
+        """Reads queued or running on the reader thread."""
+        self._reads_down = False
+        """A read failed or missed its deadline: reads fail at once until one gets through."""
+        self._reader_thread = threading.Thread(
+            target=self._read_forever, name="keel-events-reader", daemon=True
+        )
+        self._reader_thread.start()
         self._languages: OrderedDict[str, str | None] = OrderedDict()
         self._thread = threading.Thread(target=self._run, name="keel-events-writer", daemon=True)
         self._thread.start()
@@ -333,7 +373,9 @@ class PostgresEventStore:
                 "events database %s %s (%s): buffering up to %d events, dropping "
                 "beyond; completions are not affected",
                 redact(self.url),
-                "unreachable" if isinstance(exc, psycopg.OperationalError) else "failing",
+                "unreachable"
+                if isinstance(exc, (psycopg.OperationalError, TimeoutError))
+                else "failing",
                 message,
                 self.max_buffered,
             )
@@ -343,6 +385,8 @@ class PostgresEventStore:
             self.metrics.state_store("postgres", False)
 
     def _succeeded(self) -> None:
+        with self._reads_guard:
+            self._reads_down = False
         if self.up is False:
             log.warning("events database %s reachable again", redact(self.url))
         self.up = True
@@ -352,33 +396,107 @@ class PostgresEventStore:
 
     # reading ----------------------------------------------------------------
 
-    def _query(self, query: str, params: tuple[object, ...]) -> list[Row]:
-        """Rows of ``query``. A kept connection the server has ended since (a restart)
-        is replaced once, within the same call; a read that works says the database is
-        up (only the writer said so, and a quiet replica stayed "down")."""
-        if not self._read_lock.acquire(timeout=STATEMENT_SECONDS):  # another read hangs
-            raise Unavailable(
-                "the events database is not answering; acceptance figures return when it does"
-            )
-        try:
-            return self._query_locked(query, tuple(map(_clean, params)))
-        finally:
-            self._read_lock.release()
+    def _ask(self, query: str, params: tuple[object, ...]) -> tuple[Future[list[Row]], float]:
+        """Queue a read for the reader thread; the future and its deadline. While reads
+        are down it fails at once, and tries the database in the background instead
+        (one try at a time), whose answer brings reads back."""
+        deadline = time.monotonic() + STATEMENT_SECONDS
+        with self._reads_guard:
+            if self._closing:
+                raise Unavailable("the events store is closing")
+            if self._reads_down:
+                if not self._pending:
+                    self._queue("SELECT 1", (), deadline)
+                raise Unavailable(NOT_ANSWERING)
+            return self._queue(query, tuple(map(_clean, params)), deadline), deadline
 
-    def _query_locked(self, query: str, params: tuple[object, ...]) -> list[Row]:
+    def _queue(self, query: str, params: tuple[object, ...], deadline: float) -> Future[list[Row]]:
+        future: Future[list[Row]] = Future()
+        self._pending.add(future)
+        future.add_done_callback(self._finished)
+        self._reads.put(_Read(future, query, params, deadline))
+        return future
+
+    def _finished(self, future: Future[list[Row]]) -> None:
+        with self._reads_guard:
+            self._pending.discard(future)
+
+    def _reads_failed(self, exc: Exception | None) -> None:
+        """A read failed or missed its deadline (``exc``, to report; None: reported
+        already): the store is down for reads, and the reads queued behind it fail now
+        rather than each waiting out its own deadline."""
+        with self._reads_guard:
+            first = not self._reads_down
+            self._reads_down = True
+            for future in list(self._pending):
+                future.cancel()  # only those not yet running
+        if first and exc is not None:
+            self._failed(exc)
+
+    def _wait(self, future: Future[list[Row]], deadline: float) -> list[Row]:
+        """The rows of a queued read, for a caller in a thread; Unavailable past the
+        deadline (the caller's thread, often the loop's shared executor's, is freed)."""
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self._reads_failed(TimeoutError(_not_answering_within()))
+            raise Unavailable(NOT_ANSWERING) from None
+        except CancelledError:
+            raise Unavailable(NOT_ANSWERING) from None
+
+    def _query(self, query: str, params: tuple[object, ...]) -> list[Row]:
+        return self._wait(*self._ask(query, params))
+
+    def _read_forever(self) -> None:
+        """The reader thread: one read at a time on its own connection, until closed."""
+        while (read := self._reads.get()) is not None:
+            if not read.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued: reads went down
+            try:
+                rows = self._read(read)
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                read.future.set_exception(exc)
+            else:
+                read.future.set_result(rows)
+        if self._reader is not None:
+            with suppress(psycopg.Error, OSError):
+                self._reader.close()
+            self._reader = None
+
+    def _read(self, read: _Read) -> list[Row]:
+        started = time.monotonic()
+        if started >= read.deadline:  # its caller has given up on it
+            raise Unavailable(NOT_ANSWERING)
+        try:
+            rows = self._query_locked(read.query, read.params, read.deadline)
+        except Unavailable:
+            if time.monotonic() - started >= HUNG_SECONDS:
+                self._reads_failed(None)
+            # else refused at once (down, restarting): the next read may try again,
+            # at no cost, and gets through as soon as the database is back
+            raise
+        with self._reads_guard:
+            self._reads_down = False
+        return rows
+
+    def _query_locked(self, query: str, params: tuple[object, ...], deadline: float) -> list[Row]:
+        """Rows of ``query``, on the reader thread. A kept connection the server has
+        ended since (a restart) is replaced once, within the same read if its deadline
+        allows; a read that works says the database is up (only the writer said so, and
+        a quiet replica stayed "down")."""
         while True:
             kept = self._reader is not None
             try:
                 if self._reader is None:
                     self._reader = self._connect()
                     self._reader.autocommit = True
-                with _bounded(self._reader):
+                with _bounded(self._reader, deadline - time.monotonic()):
                     rows = self._reader.execute(query, params).fetchall()
             except psycopg.Error as exc:
                 if self._reader is not None:
                     self._reader.close()
                     self._reader = None
-                if kept:
+                if kept and time.monotonic() < deadline:
                     continue
                 self._failed(exc)
                 raise Unavailable(
@@ -401,10 +519,19 @@ class PostgresEventStore:
             "SELECT language FROM keel_events WHERE completion_id = %s AND kind = 'completion' "
             "ORDER BY id DESC LIMIT 1"
         )
-        try:
-            rows = await asyncio.to_thread(self._query, query, (completion_id,))
+        try:  # on the reader thread, not the loop's shared executor
+            future, deadline = self._ask(query, (completion_id,))
         except Unavailable:
             return None
+        waiting = asyncio.wrap_future(future)
+        await asyncio.wait({waiting}, timeout=max(0.0, deadline - time.monotonic()))
+        if not waiting.done():
+            waiting.cancel()
+            self._reads_failed(TimeoutError(_not_answering_within()))
+            return None
+        if waiting.cancelled() or waiting.exception() is not None:
+            return None
+        rows = waiting.result()
         return None if not rows or rows[0][0] is None else str(rows[0][0])
 
     def acceptance(self, since: float, until: float) -> list[dict[str, object]]:
@@ -452,10 +579,7 @@ class PostgresEventStore:
             log.warning("%d events not written to the events database before shutdown", left)
         if not self._thread.is_alive():
             self._close_writer()
-        if self._read_lock.acquire(timeout=STATEMENT_SECONDS):  # a hung read: left to exit
-            try:
-                if self._reader is not None:
-                    self._reader.close()
-                    self._reader = None
-            finally:
-                self._read_lock.release()
+        with self._reads_guard:  # reads queued now fail; a hung one is left to its deadline
+            for future in list(self._pending):
+                future.cancel()
+        self._reads.put(None)  # the reader thread closes its connection and ends
