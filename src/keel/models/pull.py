@@ -27,12 +27,20 @@ The hub's errors become keel's in one place, :func:`_hub_errors`::
 
     huggingface_hub                          keel
     HfHubHTTPError 401 / 403 (private, gated) UpstreamAuthError  ("set HF_TOKEN")
-    RepositoryNotFoundError, Revision...      NotFound
+    RepositoryNotFoundError, Revision..., 404 NotFound
     RemoteEntryNotFoundError                  NotFound           (lists the GGUF files)
-    other HfHubHTTPError                      UpstreamStatusError
+    other HfHubHTTPError                      UpstreamStatusError (the hub's status)
     OfflineModeIsEnabled                      Unavailable        (hub_offline)
-    LocalEntryNotFoundError, httpx2 errors    UpstreamConnectError
-    OSError during the transfer (size check)  UpstreamProtocolError
+    a timeout before any byte                 UpstreamTimeout    ("did not answer")
+    a timeout after some bytes                UpstreamTimeout    ("stopped sending after N")
+    httpx2 connection errors                  UpstreamConnectError ("cannot reach")
+    the size check after the transfer         UpstreamProtocolError (size_mismatch)
+    another OSError during the transfer       UpstreamProtocolError
+
+huggingface_hub files a failed file lookup (its HEAD: a 500, a 404, a timeout) as
+LocalEntryNotFoundError ("cannot find the requested files in the local cache"),
+the hub's own error as its cause: that cause is what is mapped (a 500 was "cannot
+reach").
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from keel.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
+    UpstreamTimeout,
 )
 from keel.models import gguf
 from keel.models.manager import estimate_memory, mem_available
@@ -554,8 +563,9 @@ class ModelPuller:
     ) -> Path:
         from huggingface_hub import hf_hub_download
 
-        bar = _bar_class(file, emit, show_bar, cancelled)
-        with self._hub_errors(file.repo, file.filename):
+        received: list[int] = [0]
+        bar = _bar_class(file, emit, show_bar, cancelled, received)
+        with self._hub_errors(file.repo, file.filename, received):
             pointer = hf_hub_download(
                 file.repo,
                 file.filename,
@@ -588,9 +598,11 @@ class ModelPuller:
         return digest
 
     @contextlib.contextmanager
-    def _hub_errors(self, repo: str, filename: str | None = None) -> Iterator[None]:
-        """The one place huggingface_hub's errors become keel's (the table above)."""
-        import httpx2
+    def _hub_errors(
+        self, repo: str, filename: str | None = None, received: list[int] | None = None
+    ) -> Iterator[None]:
+        """The one place huggingface_hub's errors become keel's (the table above).
+        ``received``: the bytes of the file received so far (a stall says how many)."""
         from huggingface_hub import errors as hub
 
         where = f"{repo}:{filename}" if filename else repo
@@ -599,45 +611,104 @@ class ModelPuller:
         except hub.RemoteEntryNotFoundError:
             listed = ", ".join(f.filename for f in self._gguf_files(repo)) or "none"
             raise NotFound(f"{repo} has no file {filename!r}; its GGUF files: {listed}") from None
-        except hub.HfHubHTTPError as exc:
+        except hub.OfflineModeIsEnabled:
+            raise Unavailable(
+                "HF_HUB_OFFLINE is set: pulling needs the hub", code="hub_offline"
+            ) from None
+        except hub.LocalEntryNotFoundError as exc:  # the hub's error is its cause
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise self._hub_error(cause, where, repo, filename, received) from None
+        except Exception as exc:
+            raise self._hub_error(exc, where, repo, filename, received) from None
+
+    def _hub_error(
+        self,
+        exc: BaseException,
+        where: str,
+        repo: str,
+        filename: str | None,
+        received: list[int] | None,
+    ) -> BaseException:
+        import httpx2
+        from huggingface_hub import errors as hub
+
+        if isinstance(exc, hub.RemoteEntryNotFoundError):
+            listed = ", ".join(f.filename for f in self._gguf_files(repo)) or "none"
+            return NotFound(f"{repo} has no file {filename!r}; its GGUF files: {listed}")
+        if isinstance(exc, hub.HfHubHTTPError):
             status = exc.response.status_code if exc.response is not None else None
             if status in (401, 403):
                 token = "your HF_TOKEN has no access to it" if self.token else "set HF_TOKEN"
-                raise UpstreamAuthError(
+                return UpstreamAuthError(
                     f"the hub refused {where} ({status}): it is private or gated, or does not "
                     f"exist; {token} (a token from https://huggingface.co/settings/tokens, with "
                     "the model's terms accepted on its page)",
                     provider=self.hub,
                     upstream_status=status,
-                ) from None
-            if isinstance(exc, hub.RepositoryNotFoundError | hub.RevisionNotFoundError):
-                raise NotFound(f"{where} not found on {self.hub}") from None
-            raise UpstreamStatusError(
-                f"the hub answered {status} for {where}", provider=self.hub, upstream_status=status
-            ) from None
-        except hub.OfflineModeIsEnabled:
-            raise Unavailable(
-                "HF_HUB_OFFLINE is set: pulling needs the hub", code="hub_offline"
-            ) from None
-        except httpx2.TimeoutException:
-            raise UpstreamConnectError(
+                )
+            if status == 404 or isinstance(
+                exc, hub.RepositoryNotFoundError | hub.RevisionNotFoundError
+            ):
+                return NotFound(f"{where} not found on {self.hub} (it answered 404)")
+            reason = exc.response.reason_phrase if exc.response is not None else ""
+            return UpstreamStatusError(
+                f"the hub answered {status} {reason}".rstrip() + f" for {where}: the hub "
+                "failed, not keel; nothing was kept, pull again later",
+                provider=self.hub,
+                upstream_status=status,
+            )
+        if isinstance(exc, hub.FileMetadataError):
+            return UpstreamProtocolError(
+                f"the hub's answer for {where} lacks what a download needs: {exc}",
+                provider=self.hub,
+            )
+        if isinstance(exc, httpx2.TimeoutException):
+            got = received[0] if received else 0
+            if got:
+                return UpstreamTimeout(
+                    f"{self.endpoint} stopped sending {where} after {_size(got)}: nothing came "
+                    f"for {self.hub_timeout:g}s, again after each resume; nothing was kept, "
+                    "pull again",
+                    provider=self.hub,
+                )
+            return UpstreamTimeout(
                 f"{self.endpoint} did not answer for {where} within {self.hub_timeout:g}s",
                 provider=self.hub,
-            ) from None
-        except (hub.LocalEntryNotFoundError, httpx2.TransportError) as exc:
-            raise UpstreamConnectError(
+            )
+        if isinstance(exc, httpx2.TransportError):
+            return UpstreamConnectError(
                 f"cannot reach {self.endpoint} for {where}: {_root_cause(exc)}", provider=self.hub
-            ) from None
-        except OSError as exc:
+            )
+        if isinstance(exc, OSError):
             if exc.errno == errno.ENOSPC:  # another pull or a log filled it meanwhile
-                raise InsufficientStorage(
+                return InsufficientStorage(
                     f"the disk of {self.paths.models_dir} filled up during the download of "
                     f"{where}; nothing was kept: free some space, then pull again"
-                ) from None
-            raise UpstreamProtocolError(
+                )
+            sizes = _CONSISTENCY.search(str(exc))
+            if sizes is not None:
+                expected, actual = int(sizes.group(1)), int(sizes.group(2))
+                return UpstreamProtocolError(
+                    f"the download of {where} came to {_size(actual)} where the hub said "
+                    f"{_size(expected)}: the connection broke off, or the file changed on "
+                    "the hub meanwhile; nothing was kept, pull again",
+                    provider=self.hub,
+                    code="size_mismatch",
+                )
+            return UpstreamProtocolError(
                 f"the download of {where} broke off: {exc}; nothing was kept, pull again",
                 provider=self.hub,
-            ) from None
+            )
+        return exc
+
+
+_CONSISTENCY = re.compile(r"should be of size (\d+) but has size (\d+)")
+"""huggingface_hub's size check (its advice, ``force_download=True``, is not a keel
+user's to follow)."""
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes" if n < 2**20 else _mib(n)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -671,7 +742,11 @@ class _Emitter:
 
 
 def _bar_class(
-    file: HubFile, emit: _Emitter, show_bar: bool, cancelled: threading.Event | None
+    file: HubFile,
+    emit: _Emitter,
+    show_bar: bool,
+    cancelled: threading.Event | None,
+    received: list[int] | None = None,
 ) -> type[Any]:
     """A tqdm class for huggingface_hub: a bar on a terminal (``show_bar``), and a
     ``downloading`` step every 5% for logs and SSE. A set ``cancelled`` stops the
@@ -691,6 +766,8 @@ def _bar_class(
             if cancelled is not None and cancelled.is_set():
                 raise ClientDisconnected(f"the download of {file.filename} was cancelled")
             self.done += int(n or 0)
+            if received is not None:
+                received[0] = self.done
             if self.size:
                 step = min(100, self.done * 100 // self.size) // 5
                 if step != self.step:
