@@ -147,6 +147,7 @@ EXAMPLES = [
     Example("GET", "/v1/model", 200, params={"role": "embedding"}),
     Example("GET", "/v1/model", 400, params={"role": "painting"}),
     Example("GET", "/v1/model/list", 200),
+    Example("GET", "/v1/model/draft/list", 200),
     Example("POST", "/v1/model/load", 404, {"model_name": "no-such-model"}, headers=ADMIN),
     Example("POST", "/v1/model/load", 403, {"model_name": "no-such-model"}),
     Example(

@@ -165,6 +165,12 @@ def test_unknown_model_and_unload_rules(server: KeelProcess) -> None:
     assert "no other provider" in lonely.json()["error"]["message"]
     unloaded = httpx.post(f"{server.url}/v1/model/unload", json={"role": "chat"}, timeout=60)
     assert unloaded.status_code == 200, unloaded.text
+    # The embedded model left chat; its worker runs on for completion, and says so (it
+    # was reported unloaded, with nothing to tell it was still running).
+    body = unloaded.json()
+    assert body["unloaded"] and body["still_serving"] == {
+        name: ["completion"] for name in body["unloaded"]
+    }
     # Chat is now served by its configured fallback.
     assert httpx.get(f"{server.url}/v1/model?role=chat", timeout=10).json()["id"] == "alt"
     served = httpx.post(
@@ -335,3 +341,10 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_tabbys_draft_model_list_is_empty(server: KeelProcess) -> None:
+    """ST-tabbyAPI-loader reads it before it lists models, and gave up on the 404."""
+    drafts = httpx.get(f"{server.url}/v1/model/draft/list", timeout=10)
+    assert drafts.status_code == 200
+    assert drafts.json() == {"object": "list", "data": []}

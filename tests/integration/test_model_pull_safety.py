@@ -104,3 +104,6 @@ def test_keel_stopping_mid_download_keeps_nothing_and_ends_the_stream_in_its_sha
     staging = tmp_path / "models" / ".downloads"
     assert not [p for p in staging.rglob("*") if p.is_file()], list(staging.rglob("*"))
     assert not (tmp_path / "models" / "slow.gguf").exists()
+    # Audited as keel's stop, not as a client that left
+    entry = [line for line in (tmp_path / "audit.log").read_text().splitlines() if spec in line]
+    assert entry and '"result":"stopped"' in entry[-1] and "keel is stopping" in entry[-1], entry

@@ -64,6 +64,18 @@ async def list_models(request: Request) -> dict[str, object]:
     return {"object": "list", "data": app_state(request).models.available_models()}
 
 
+@router.get(
+    "/v1/model/draft/list",
+    dependencies=[USER],
+    response_model=None,
+    responses={200: {"model": ModelList}},
+)
+async def list_draft_models() -> dict[str, object]:
+    """TabbyAPI's draft models (speculative decoding): keel loads none. ST-tabbyAPI-loader
+    asks for them and gave up its model list on the 404."""
+    return {"object": "list", "data": []}
+
+
 @router.post(
     "/v1/model/load",
     dependencies=[ADMIN],
@@ -213,7 +225,7 @@ async def _progress(
             progress.failed = exc.status_code  # counted as it ended (see streaming.OUTCOME)
             yield sse({**exc.to_body(), **failed})
 
-    progress = EventStream(events())
+    progress = EventStream(events(), progress=failed)
     return progress
 
 
@@ -224,9 +236,13 @@ async def _audited(
         async for step in steps:
             yield step
     except KeelError as exc:
-        audit("error", exc.message)
+        stopping = exc.message.startswith(STOPPING)
+        audit("stopped" if stopping else "error", exc.message)
         raise
-    except (GeneratorExit, asyncio.CancelledError):
+    except asyncio.CancelledError as exc:
+        audit("stopped", "keel is stopping" if STOPPING in exc.args else "the client left")
+        raise
+    except GeneratorExit:
         audit("stopped", "the client left")
         raise
     audit("ok", None)

@@ -399,4 +399,17 @@ class ModelManager:
                 )
             retired = await self._switch(role, self._chain(chain[1:], role), wait=True)
             self.audit.record("model_unload", key_id=key_id, result="ok", target=role)
-            return {"role": role, "unloaded": [p.name for p in retired]}
+            serving = {
+                provider.name: [
+                    other
+                    for other, chain in self.routing.providers.chains.items()
+                    if any(entry.provider is provider for group in chain for entry in group)
+                ]
+                for provider in retired
+                if self._in_use(provider)
+            }
+            return {
+                "role": role,
+                "unloaded": [p.name for p in retired],
+                "still_serving": serving,
+            }

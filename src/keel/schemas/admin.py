@@ -103,6 +103,10 @@ class LoadProgress(BaseModel):
 class UnloadResult(BaseModel):
     role: Role
     unloaded: list[str]
+    """The models the role no longer runs."""
+    still_serving: dict[str, list[Role]]
+    """Of those, the ones still running for other roles (a worker shared by roles): their
+    worker was not stopped."""
 
 
 class ReloadResult(BaseModel):
