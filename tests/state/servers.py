@@ -28,6 +28,16 @@ from tests.conftest import free_port
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
+def wait_until(condition: object, timeout: float = 15.0) -> None:
+    """Poll ``condition`` until it holds (TimeoutError after ``timeout`` seconds)."""
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
+
+
 def _missing(what: str) -> None:
     pytest.fail(f"{what} is missing: run `make system-deps` (Debian's redis-server and postgresql)")
 

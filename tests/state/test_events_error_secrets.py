@@ -10,16 +10,7 @@ import pytest
 
 from keel.errors import Unavailable
 from keel.state.postgres_events import PostgresEventStore, scrub
-from tests.state.servers import PostgresServer
-
-
-def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.05)
+from tests.state.servers import PostgresServer, wait_until
 
 
 async def test_a_password_the_driver_quotes_is_never_shown(

@@ -25,7 +25,7 @@ from keel.index.retrieve import RepositoryRetriever
 from keel.state import postgres_events
 from keel.state.postgres_events import PostgresEventStore
 from tests.index.conftest import write_repo
-from tests.state.servers import PostgresServer
+from tests.state.servers import PostgresServer, wait_until
 
 PREFIX = (
     "from weather.client import WeatherClient\n\n\n"
@@ -33,15 +33,6 @@ PREFIX = (
     "    forecast = client.fetch_forecast(city_name, days=7)\n"
     "    return fore"
 )
-
-
-def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.05)
 
 
 def answers(store: PostgresEventStore) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
 from pathlib import Path
 
 import psycopg
@@ -15,15 +14,7 @@ import pytest
 from keel.events import SqliteEventStore
 from keel.state.migrate import MIGRATIONS_TABLE, migrate_postgres
 from keel.state.postgres_events import PostgresEventStore
-
-
-def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.05)
+from tests.state.servers import wait_until
 
 
 def relations(url: str) -> set[str]:

@@ -20,16 +20,7 @@ from keel.ops.metrics import Metrics
 from keel.state import postgres_events
 from keel.state.migrate import MIGRATIONS_TABLE, POSTGRES, SQLITE, check_order, migrate_postgres
 from keel.state.postgres_events import PostgresEventStore, redact
-from tests.state.servers import PostgresServer
-
-
-def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.05)
+from tests.state.servers import PostgresServer, wait_until
 
 
 def test_migration_lists_are_numbered_in_order() -> None:
