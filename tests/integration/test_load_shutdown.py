@@ -19,21 +19,9 @@ import pytest
 from keel.models.registry import embedded_model_path
 from keel.serving.streaming import STOPPING
 from tests.conftest import PRECOMPUTE_OFF, running_keel
+from tests.integration.test_model_management import _workers_of
 
 pytestmark = pytest.mark.integration
-
-
-def _workers_of(model: Path) -> list[int]:
-    """Worker processes running ``model`` (by their command lines)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            line = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"keel.workers.worker" in line and str(model).encode() in line:
-            found.append(int(proc.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
