@@ -13,11 +13,15 @@ sha256, never the key::
 A replica (:class:`SharedKeys`) follows the channel and, message or not,
 reads the version once a second (one GET), reading the hash only when the
 version moved: a lost message costs at most a second, and a Kubernetes
-Secret's minute-long sync plays no part. While Redis does not answer, the
-keys read last stay in force (never none, never open access), and the
-replica says so as the shared rate limits do (``RedisState``: one log line,
-``keel_state_store_up{store="redis"}``, ``/v1/providers``); the first answer
-brings it up to date. Each change a replica applies goes to its audit log.
+Secret's minute-long sync plays no part. While Redis does not answer, or
+refuses the reads or the channel, the keys read last stay in force (never
+none, never open access), and the replica says so as the shared rate limits
+do (``RedisState``: one log line as it starts and one as it ends,
+``keel_state_store_up{store="redis"}``, ``/v1/providers``); the first full
+read brings it up to date. A read that works tells nothing about the limit
+script: the follower re-runs that once a second while Redis refuses it
+(``RedisState.recheck_limits``). Each change a replica applies goes to its
+audit log.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from redis.typing import EncodableT
 
 from keel.auth import Keys, key_hash, key_id
 from keel.errors import RequestError
+from keel.state.shared_limits import KEYS
 
 if TYPE_CHECKING:
     from keel.ops.metrics import Metrics
@@ -238,6 +243,17 @@ class KeyAdmin:
                     continue
 
 
+def _stop_if_asked() -> None:
+    """End the task if it was cancelled although no CancelledError came through: on
+    Python 3.11 redis-py's pubsub read, under its own timeout, can swallow the one a
+    shutdown sends, and then read on with no timeout left (keel's stop waited on the
+    keys' follower for ever). The task still counts the request; hence this look, and
+    the bound of our own around that read."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _text(raw: bytes | str | None) -> str:
     return raw.decode(errors="replace") if isinstance(raw, bytes) else (raw or "")
 
@@ -278,10 +294,14 @@ class SharedKeys:
         try:
             await self.read()
         except (RedisError, OSError) as exc:
-            self.state.failed(exc)
+            self.state.failed(KEYS, exc)
+        else:
+            self.state.answered(KEYS)
 
     async def read(self) -> None:
-        """One GET of the version; the whole hash only when the version moved."""
+        """One GET of the version; the whole hash only when the version moved. Whether
+        that says Redis serves the keys is the caller's to record: following them also
+        takes the channel."""
         version = _text(await self.state.redis.get(VERSION_KEY))
         if self.read_at is None or version != self.current.version:
             async with self.state.redis.pipeline(transaction=True) as pipe:
@@ -291,15 +311,15 @@ class SharedKeys:
             records, problems = parse_records(raw)
             self._apply(SharedKeySet.of(_text(raw_version), records), problems)
         self.read_at = time.time()
-        self.state.answered()
 
     async def run(self) -> None:
         """Follow changes until cancelled: on each announcement and at least once a second."""
         while True:
+            _stop_if_asked()
             try:
                 await self._follow()
             except (RedisError, OSError) as exc:
-                self.state.failed(exc)
+                self.state.failed(KEYS, exc)
             except Exception:  # a bug here must not freeze the keys for the process's life
                 log.exception("following the keys in Redis failed; retrying")
             await self.sleep(self.interval)
@@ -309,8 +329,12 @@ class SharedKeys:
         try:
             await pubsub.subscribe(CHANNEL)
             while True:
+                _stop_if_asked()
                 await self.read()
-                await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.interval)
+                async with asyncio.timeout(self.interval + self.state.timeout):
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.interval)
+                self.state.answered(KEYS)
+                await self.state.recheck_limits()
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -342,13 +366,13 @@ class SharedKeys:
                 self.on_change(detail)
 
     def status(self) -> dict[str, object]:
-        down = self.state.up is False
+        problem = self.state.problem(KEYS)
         return {
             "store": "redis",
-            "up": not down,
-            "keys": "last_read" if down else "current",
+            "up": problem is None,
+            "keys": "last_read" if problem else "current",
             "in_force": len(self.current.by_hash),
             "version": self.current.version,
             "read_at": self.read_at,
-            "last_error": self.state.last_error,
+            "last_error": problem.error if problem else None,
         }

@@ -1,7 +1,7 @@
 """Per-key rate limits shared by every replica, in Redis; per replica while it is down.
 
 ``RedisState`` is also where the keys kept in Redis (``keel.state.shared_keys``)
-report whether Redis answers: one truth about one store.
+report how Redis serves them: one truth about one store, told per use.
 
 With ``[state] redis_url`` set, a key's ``requests_per_minute`` is one token
 bucket in Redis that every replica draws from, so N replicas allow the limit
@@ -16,14 +16,22 @@ Redis closed (a restart or failover, ``CLIENT KILL``, its ``timeout`` for
 idle clients, a proxy's idle cut) is opened again and the call tried once more
 at once, within that bound: only a Redis that does not answer a fresh
 connection counts as down. (A script whose connection broke after Redis ran it
-runs twice: the key pays one token too many, never one too few.) When Redis
-does not answer, the replica
-decides alone with its in-process bucket, says so once in the log, in
-``/v1/providers`` (``shared_state``) and in metrics
+runs twice: the key pays one token too many, never one too few.)
+
+When Redis does not answer, or answers but refuses the limit script (a full
+Redis under ``noeviction`` refuses a script that writes; an ACL may refuse
+scripts), the replica decides alone with its in-process bucket, says so once
+in the log (with the error, and once more when it is over), in
+``/v1/providers`` (``shared_state``, with ``last_error``) and in metrics
 (``keel_state_store_up{store="redis"} 0``,
 ``keel_rate_limit_local_decisions_total``), and tries Redis again at most
 once a second, so a dead Redis costs one short wait a second, not one per
-request. The first answer from Redis puts the limits back in common.
+request. What Redis does for one use never vouches for another: a Redis that
+answers the keys' reads but refuses the script is still down for the limits,
+and the store is up (``keel_state_store_up`` 1) only while keel can do all it
+uses it for. Any answer ends "unreachable"; a refusal ends when that use's own
+command succeeds (the keys' follower re-runs the script once a second on a
+bucket of its own, so a replica without traffic learns it too).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -42,6 +51,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from keel.auth import KeyRateLimiter
+from keel.config import masked_url
 
 if TYPE_CHECKING:
     from keel.ops.metrics import Metrics
@@ -72,12 +82,36 @@ Returns the wait in seconds as a string (Lua numbers become integers on the way 
 "0" when taken, else the time until one would be, with nothing taken."""
 
 KEY_PREFIX = "keel:ratelimit:"
+PROBE_KEY = KEY_PREFIX + "(probe)"
+"""The bucket :meth:`RedisState.recheck_limits` draws from: no key's id looks like it."""
 RETRY_SECONDS = 1.0
 T = TypeVar("T")
 
+Use = Literal["rate_limits", "keys"]
+LIMITS: Use = "rate_limits"
+KEYS: Use = "keys"
+UNREACHABLE = "unreachable"
+_TROUBLE = {
+    UNREACHABLE: "Redis unreachable ({}): until it answers again per-key rate limits hold per "
+    "replica and the keys last read from Redis stay in force; completions are not affected",
+    LIMITS: "Redis refuses the rate-limit script ({}): until it runs it again per-key rate "
+    "limits hold per replica; completions are not affected",
+    KEYS: "Redis refuses to give the keys ({}): the keys last read from it stay in force "
+    "until it does",
+}
+"""What each problem means, logged once as it starts (the error in the braces)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    error: str
+    since: float
+    """When it began (epoch seconds)."""
+
 
 class RedisState:
-    """One Redis connection pool and whether Redis answers, for the process's life."""
+    """One Redis connection pool, for the process's life, and whether Redis serves each
+    use keel has for it (the limits, the keys)."""
 
     def __init__(
         self,
@@ -102,13 +136,26 @@ class RedisState:
         self.script = self.redis.register_script(TOKEN_BUCKET)
         self.metrics = metrics
         self.clock = clock
-        self.up: bool | None = None
-        """None before the first call; then whether the last one got an answer."""
-        self.last_error: str | None = None
-        self.down_since: float | None = None
+        self._answered_once = False
+        self._problems: dict[str, Problem] = {}
+        """What keeps Redis from serving now: UNREACHABLE (every use), or a use whose
+        commands Redis refuses while it answers others (a full Redis refuses the script
+        that writes; an ACL may refuse scripts or the keys)."""
         self._next_try = 0.0
         if metrics is not None:
             metrics.state_store("redis", True)
+
+    @property
+    def up(self) -> bool | None:
+        """None before the first call; then whether keel can do all it uses Redis for:
+        it answers, and refuses none of it."""
+        if not self._answered_once and not self._problems:
+            return None
+        return not self._problems
+
+    def problem(self, use: Use) -> Problem | None:
+        """Why ``use`` cannot be served from Redis now (Redis unreachable first), or None."""
+        return self._problems.get(UNREACHABLE) or self._problems.get(use)
 
     async def bounded(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()`` given at most ``timeout`` seconds in all (a retry included); past
@@ -124,13 +171,14 @@ class RedisState:
         try:
             await self.bounded(self.redis.ping)
         except (RedisError, OSError) as exc:
-            self.failed(exc)
+            self.failed(None, exc)
         else:
-            self.answered()
+            self.answered(None)
 
     def worth_trying(self) -> bool:
-        """While Redis is down, one call a second tries it; the others do not wait."""
-        if self.up is not False:
+        """While the limits cannot be shared, one call a second tries Redis; the others
+        do not wait."""
+        if self.problem(LIMITS) is None:
             return True
         now = self.clock()
         if now < self._next_try:
@@ -138,38 +186,57 @@ class RedisState:
         self._next_try = now + RETRY_SECONDS
         return True
 
-    def failed(self, exc: Exception) -> None:
-        message = str(exc) or type(exc).__name__
-        if self.up is not False:
-            log.warning(
-                "Redis unreachable (%s): until it answers again per-key rate limits hold per "
-                "replica and the keys last read from Redis stay in force; completions are "
-                "not affected",
-                message,
-            )
-            self.down_since = time.time()
-            if self.metrics is not None:
-                self.metrics.state_store("redis", False)
-        self.up = False
-        self.last_error = message
-        self._next_try = self.clock() + RETRY_SECONDS
+    async def recheck_limits(self) -> None:
+        """While Redis answers but refused the limit script, run it again (once a second,
+        on a bucket no key uses), so that a replica without traffic learns it may share
+        the limits again; called by whatever follows Redis each second (``SharedKeys``)."""
+        if LIMITS not in self._problems or not self.worth_trying():
+            return
+        try:
+            await self.bounded(lambda: self.script(keys=[PROBE_KEY], args=[1, 1.0]))
+        except (RedisError, OSError) as exc:
+            self.failed(LIMITS, exc)
+        else:
+            self.answered(LIMITS)
 
-    def answered(self) -> None:
-        if self.up is False:
+    def failed(self, use: Use | None, exc: Exception) -> None:
+        """A call for ``use`` (None: none in particular) got no answer, or a refusal."""
+        message = masked_url(str(exc) or type(exc).__name__)
+        gone = (RedisConnectionError, RedisTimeoutError, OSError)
+        what: str = UNREACHABLE if use is None or isinstance(exc, gone) else use
+        was_up = self.up is not False
+        known = self._problems.get(what)
+        self._problems[what] = Problem(message, known.since if known else time.time())
+        self._next_try = self.clock() + RETRY_SECONDS
+        if known is None:
+            log.warning("%s", _TROUBLE[what].format(message))
+        if was_up and self.metrics is not None:
+            self.metrics.state_store("redis", False)
+
+    def answered(self, use: Use | None) -> None:
+        """A call for ``use`` (None: a PING) got its answer: Redis answers, and does
+        that use's commands."""
+        self._answered_once = True
+        cleared = [what for what in (UNREACHABLE, use) if what and self._problems.pop(what, None)]
+        if not cleared:
+            return
+        if not self._problems:
             log.warning("Redis answers again: per-key rate limits are shared and its keys current")
             if self.metrics is not None:
                 self.metrics.state_store("redis", True)
-        self.up = True
-        self.last_error = None
-        self.down_since = None
+            return
+        for what, problem in self._problems.items():
+            log.warning("Redis answers again, but: %s", _TROUBLE[what].format(problem.error))
 
     def status(self) -> dict[str, object]:
+        """The limits' part of ``/v1/providers``' shared state."""
+        problem = self.problem(LIMITS)
         return {
             "store": "redis",
-            "up": self.up is not False,
-            "rate_limits": "per_replica" if self.up is False else "shared",
-            "last_error": self.last_error,
-            "down_since": self.down_since,
+            "up": problem is None,
+            "rate_limits": "per_replica" if problem else "shared",
+            "last_error": problem.error if problem else None,
+            "down_since": problem.since if problem else None,
         }
 
     async def aclose(self) -> None:
@@ -178,7 +245,8 @@ class RedisState:
 
 class SharedKeyRateLimiter:
     """``per_minute`` requests a minute per key across every replica on ``state``'s Redis,
-    falling back to ``local`` (this replica's buckets) while Redis does not answer."""
+    falling back to ``local`` (this replica's buckets) while Redis does not answer or
+    refuses the script."""
 
     def __init__(self, per_minute: int, state: RedisState) -> None:
         if per_minute < 1:
@@ -197,9 +265,9 @@ class SharedKeyRateLimiter:
                     )
                 )
             except (RedisError, OSError) as exc:
-                self.state.failed(exc)
+                self.state.failed(LIMITS, exc)
             else:
-                self.state.answered()
+                self.state.answered(LIMITS)
                 return float(answer)
         if self.state.metrics is not None:
             self.state.metrics.rate_limited_locally()
