@@ -4,6 +4,10 @@ Each check is a finding, never a crash of doctor itself: the native library
 is imported in a subprocess (a segfault there is reported, not suffered), and
 a check that cannot run because an earlier one failed says so ("skip").
 
+Each configured shared store (Redis, PostgreSQL) is connected to and asked one
+trivial command on every run, not only ``--online``: it costs a round trip, and
+a wrong password there is a config that ``keel serve`` would run on for good.
+
 The exit code is the most serious failure's, as ``keel serve`` would exit:
 78 config, 69 native library / model file / memory / unreachable provider,
 75 port busy, 1 anything else; a data root keel cannot write is 78, as for
@@ -24,7 +28,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TextIO
 
-from keel.config import ENV_REF, ROLES, LocalModelConfig, Paths, Role, Settings, load_settings
+from keel.config import (
+    ENV_REF,
+    ROLES,
+    LocalModelConfig,
+    Paths,
+    Role,
+    Settings,
+    load_settings,
+    masked_url,
+)
 from keel.config import check_data_root as writable_root
 from keel.errors import (
     ConfigError,
@@ -101,6 +114,7 @@ class DoctorOptions:
     online: bool = False
     library_timeout: float = 120.0
     provider_timeout: float = 20.0
+    store_timeout: float = 3.0
     meminfo: Path = Path("/proc/meminfo")
 
 
@@ -400,6 +414,98 @@ def check_port(report: Report, host: str, port: int) -> None:
     report.add("port", "ok", f"{host}:{port} free")
 
 
+STORE_UNREACHABLE = (
+    "keel starts anyway and works without it (limits per replica, the keys read last, "
+    "events held in memory) until it answers"
+)
+
+
+def check_stores(report: Report, settings: Settings, timeout: float) -> None:
+    """Each configured shared store (``[state] redis_url``, a PostgreSQL ``[events]
+    database_url``) is reached and lets keel in: connect, authenticate, one trivial
+    command, each within ``timeout``.
+
+    A store that refuses keel (a wrong password or user, a database that is not there, a
+    command its ACL forbids) fails: that does not heal, and keel would run its whole life
+    without it, saying so only in a log line and a gauge. A store that does not answer is
+    a warning: keel is built to start and serve without it (and doctor, as systemd's
+    ExecStartPre, must not turn a Redis or PostgreSQL outage into a keel outage)."""
+    if settings.state.redis_url is not None:
+        _check_redis(report, settings.state.redis_url, timeout)
+    if settings.events.is_postgres:
+        _check_postgres(report, settings.events.database_url, timeout)
+
+
+def _check_redis(report: Report, url: str, timeout: float) -> None:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    where = masked_url(url)
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        detail = f"{where}: refused keel's credentials: {masked_url(str(exc).rstrip('.'))}"
+        report.add(
+            "redis", "FAIL", detail + "; fix the password in [state] redis_url", ExitCode.DEPENDENCY
+        )
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        report.add(
+            "redis", "warn", f"{where}: unreachable ({masked_url(str(exc))}); {STORE_UNREACHABLE}"
+        )
+    except redis.RedisError as exc:
+        report.add(
+            "redis", "FAIL", f"{where}: refused PING: {masked_url(str(exc))}", ExitCode.DEPENDENCY
+        )
+    else:
+        report.add("redis", "ok", f"{where}: answered PING")
+    finally:
+        client.close()
+
+
+def _check_postgres(report: Report, url: str, timeout: float) -> None:
+    import psycopg
+
+    where = masked_url(url)
+    try:  # libpq counts connect_timeout in whole seconds, at least 2
+        with psycopg.connect(url, connect_timeout=max(2, round(timeout))) as connection:
+            version = connection.info.parameter_status("server_version") or "?"
+            connection.execute("SELECT 1")
+    except psycopg.Error as exc:
+        error = masked_url(" ".join(str(exc).split()))
+        if not _postgres_said_no(exc):
+            report.add("postgres", "warn", f"{where}: unreachable ({error}); {STORE_UNREACHABLE}")
+        else:
+            report.add(
+                "postgres",
+                "FAIL",
+                f"{where}: refused keel: {error}; fix [events] database_url",
+                ExitCode.DEPENDENCY,
+            )
+    else:
+        report.add("postgres", "ok", f"{where}: answered SELECT 1 (PostgreSQL {version})")
+
+
+def _postgres_said_no(exc: Exception) -> bool:
+    """Whether a server answered and refused (a password, a user, a database, pg_hba),
+    not a connection that never reached one. libpq gives no code for a failed connection:
+    the server's own error says "FATAL:" (unless its messages are translated; a password
+    it asked for tells too)."""
+    import psycopg
+
+    if isinstance(exc, psycopg.Error) and exc.sqlstate is not None:
+        return True
+    pgconn = exc.pgconn if isinstance(exc, psycopg.Error) else None
+    asked = pgconn is not None and (pgconn.used_password or pgconn.needs_password)
+    return asked or "FATAL:" in str(exc)
+
+
 async def _probe_one(role: Role, provider: Provider, timeout: float) -> str | None:
     """None when ``provider`` generated a token in time, else why not."""
     from keel.router.service import probe
@@ -494,6 +600,8 @@ def run_checks(options: DoctorOptions, environ: dict[str, str] | None = None) ->
     if settings is not None:
         check_exposure(report, settings, paths, host)
     check_port(report, host, port)
+    if settings is not None:
+        check_stores(report, settings, options.store_timeout)
     if options.online:
         if settings is None:
             report.add("providers", "skip", "config invalid")

@@ -1,0 +1,127 @@
+"""``keel doctor`` reaches each configured shared store and is let in: a store that
+refuses keel's credentials fails it (never the password in the finding); one that does
+not answer is a warning, as keel starts and serves without it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from keel.config import Settings
+from keel.ops.doctor import DoctorOptions, Report, check_stores, run_checks
+from tests.ports import free_port
+from tests.state.servers import PostgresServer, RedisServer
+
+PASSWORD_USER = "keel_doctor_pw"
+
+
+def stores(settings: dict[str, object]) -> Report:
+    report = Report()
+    check_stores(report, Settings.model_validate(settings), 3.0)
+    return report
+
+
+def finding(report: Report, name: str) -> tuple[str, str]:
+    found = [check for check in report.checks if check.name == name]
+    assert len(found) == 1, report.checks
+    return found[0].status, found[0].detail
+
+
+@pytest.fixture
+def redis_with_password(redis_server: RedisServer) -> Iterator[RedisServer]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("requirepass", "right-Secret")
+    client.close()
+    yield redis_server
+
+
+def with_password(url: str, password: str) -> str:
+    return url.replace("redis://", f"redis://:{password}@").replace(
+        "postgresql://keel@", f"postgresql://{PASSWORD_USER}:{password}@"
+    )
+
+
+def test_doctor_fails_on_a_redis_that_refuses_keels_password(
+    redis_with_password: RedisServer, tmp_path: Path
+) -> None:
+    url = with_password(redis_with_password.url, "wrong-Secret")
+    (tmp_path / "config.toml").write_text(f'[state]\nredis_url = "{url}"\n')
+    report = run_checks(
+        DoctorOptions(port=free_port(), library_timeout=60), environ={"KEEL_ROOT": str(tmp_path)}
+    )
+    status, detail = finding(report, "redis")
+    assert status == "FAIL", detail
+    assert "invalid username-password pair" in detail, detail
+    assert "wrong-Secret" not in detail and "***" in detail
+    assert report.exit_code != 0
+
+    right = with_password(redis_with_password.url, "right-Secret")
+    assert finding(stores({"state": {"redis_url": right}}), "redis")[0] == "ok"
+    no_password = stores({"state": {"redis_url": redis_with_password.url}})
+    assert finding(no_password, "redis")[0] == "FAIL", "NOAUTH: a password is needed"
+
+
+def test_an_unreachable_redis_is_a_warning_not_a_failure(redis_server: RedisServer) -> None:
+    redis_server.kill()
+    report = stores({"state": {"redis_url": redis_server.url}})
+    status, detail = finding(report, "redis")
+    assert status == "warn" and "unreachable" in detail and "keel starts anyway" in detail
+    assert report.exit_code == 0
+
+
+@contextlib.contextmanager
+def password_role(server: PostgresServer) -> Iterator[None]:
+    """A role that must give its password (the test cluster trusts everyone else)."""
+    with psycopg.connect(server.url(), autocommit=True) as connection:
+        connection.execute(f"DROP ROLE IF EXISTS {PASSWORD_USER}")
+        connection.execute(f"CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD 'right-Secret'")
+        hba = server.data / "pg_hba.conf"
+        before = hba.read_text()
+        hba.write_text(f"host all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n{before}")
+        connection.execute("SELECT pg_reload_conf()")
+        try:
+            yield
+        finally:
+            hba.write_text(before)
+            connection.execute("SELECT pg_reload_conf()")
+
+
+def test_doctor_fails_on_a_postgres_that_refuses_keel(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    with password_role(postgres_server):
+        url = with_password(postgres_server.url(), "wrong-Secret")
+        (tmp_path / "config.toml").write_text(f'[events]\ndatabase_url = "{url}"\n')
+        report = run_checks(
+            DoctorOptions(port=free_port(), library_timeout=60),
+            environ={"KEEL_ROOT": str(tmp_path)},
+        )
+        status, detail = finding(report, "postgres")
+        assert status == "FAIL", detail
+        assert "password authentication failed" in detail, detail
+        assert "wrong-Secret" not in detail and "***" in detail
+        assert report.exit_code != 0
+
+        right = with_password(postgres_server.url(), "right-Secret")
+        status, detail = finding(stores({"events": {"database_url": right}}), "postgres")
+        assert status == "ok", detail
+    missing = postgres_server.url("keel_no_such_database")
+    status, detail = finding(stores({"events": {"database_url": missing}}), "postgres")
+    assert status == "FAIL" and "does not exist" in detail, detail
+
+
+def test_an_unreachable_postgres_is_a_warning_not_a_failure() -> None:
+    url = f"postgresql://keel:pw@127.0.0.1:{free_port()}/keel"  # nothing listens there
+    report = stores({"events": {"database_url": url}})
+    status, detail = finding(report, "postgres")
+    assert status == "warn" and "unreachable" in detail, detail
+    assert report.exit_code == 0
+
+
+def test_no_store_configured_is_no_finding() -> None:
+    assert stores({}).checks == []
