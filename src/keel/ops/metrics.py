@@ -444,8 +444,9 @@ class Metrics:
         )
         self.state_store_up = Gauge(
             "keel_state_store_up",
-            "1 while the shared store (redis: rate limits, postgres: events) answers, 0 while "
-            "this replica works without it; absent when none is configured.",
+            "1 while keel can do all it uses the shared store for (redis: it answers and runs "
+            "the limit script and the keys' reads; postgres: events), 0 while this replica "
+            "works without it; absent when none is configured.",
             ["store"],
             registry=registry,
         )
