@@ -1,9 +1,8 @@
 """A config reload while a Tabby completion reads its repository snippets, before it asks
 for an admission slot: the provider the reload replaces waits for it.
 
-The retrieval runs in a thread of the event loop's default executor; the test gives the
-loop an executor of one thread and holds that thread (asyncio's public API), so the
-completion is held in exactly that phase. What keel did before: the request counted
+The retrieval runs on the retriever's own threads (``searches``); the test holds them
+all, so the completion is held in exactly that phase. What keel did before: the request counted
 nowhere, the reload stopped the provider at once, and the request then went to a
 stopped provider.
 """
@@ -13,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from keel.index.retrieve import SEARCH_THREADS
 from tests.fakes.upstreams import FakeUpstream
 from tests.index.conftest import write_repo
 from tests.index.test_retrieve import PREFIX
@@ -85,9 +84,12 @@ async def test_a_reload_waits_for_a_completion_reading_its_snippets(
                 await indexed(http)
                 sent = model_calls(old)
                 loop = asyncio.get_running_loop()
-                loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+                retriever = app.state.keel.completion.prompts.retriever
                 release = threading.Event()
-                holding = loop.run_in_executor(None, release.wait)
+                holding = [
+                    loop.run_in_executor(retriever.searches, release.wait)
+                    for _ in range(SEARCH_THREADS)
+                ]
                 try:
                     # another line: its snippets are not the ones chosen for PREFIX's
                     request = asyncio.create_task(
@@ -104,7 +106,7 @@ async def test_a_reload_waits_for_a_completion_reading_its_snippets(
                     assert not stopped(), "stopped under a request on its way to it"
                 finally:
                     release.set()
-                    await holding
+                    await asyncio.gather(*holding)
                 answer = await request
                 assert answer.status_code == 200, answer.text
                 assert answer.json()["choices"][0]["text"] == "old"

@@ -154,7 +154,7 @@ class RepositoryRetriever:
         )
         """Search results by the index's state (its stamp) and the query."""
         self._cache_lock = threading.Lock()
-        self._searches = ThreadPoolExecutor(
+        self.searches = ThreadPoolExecutor(
             max_workers=SEARCH_THREADS, thread_name_prefix="keel-retrieve"
         )
         """Where searches run (its threads start with the first search)."""
@@ -258,7 +258,7 @@ class RepositoryRetriever:
             # Threads of its own: on the loop's shared executor it queued behind whatever
             # blocked there (reads of a frozen events database held all 6 threads of a
             # 2-core machine, and completions with repository context took 13 s).
-            return await asyncio.get_running_loop().run_in_executor(self._searches, search)
+            return await asyncio.get_running_loop().run_in_executor(self.searches, search)
         except Exception as exc:  # noqa: BLE001 - a damaged index costs its snippets only
             # As Tabby's collect_snippets: an index deleted or damaged under keel made
             # every completion of its repository a 500 until a restart. The refresh
@@ -347,5 +347,7 @@ class RepositoryRetriever:
             await asyncio.sleep(self.config.refresh_seconds)
 
     def stop(self) -> None:
-        """Make a running update give up at its next file (it then commits nothing)."""
+        """Make a running update give up at its next file (it then commits nothing), and
+        let the search threads end once their search does."""
         self._stopping.set()
+        self.searches.shutdown(wait=False, cancel_futures=True)
