@@ -116,10 +116,15 @@ def _clean(value: object) -> object:
 def _bounded(connection: psycopg.Connection[Row], seconds: float | None = None) -> Iterator[None]:
     """Fail what ``connection`` runs inside if it takes over ``seconds`` (by default
     :data:`STATEMENT_SECONDS`):
-    the socket is shut down under the waiting call, which then raises OperationalError.
-    (A cancel request goes through the server, which may be the thing not answering.)"""
+    the socket is shut down under the waiting call, which then raises OperationalError,
+    saying the database did not answer (psycopg's own words were "server closed the
+    connection unexpectedly", which it had not). (A cancel request goes through the
+    server, which may be the thing not answering.)"""
+
+    fired = threading.Event()
 
     def abort() -> None:
+        fired.set()
         with suppress(OSError, psycopg.Error):
             shut = socket.socket(fileno=os.dup(connection.pgconn.socket))
             try:
@@ -132,6 +137,10 @@ def _bounded(connection: psycopg.Connection[Row], seconds: float | None = None) 
     timer.start()
     try:
         yield
+    except psycopg.OperationalError as exc:
+        if fired.is_set():  # keel shut the socket, not the server: say it did not answer
+            raise psycopg.OperationalError(_not_answering_within()) from exc
+        raise
     finally:
         timer.cancel()
 
