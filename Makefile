@@ -81,7 +81,7 @@ typecheck: $(STAMP)
 quality-gate: $(STAMP)
 	$(IDLE) $(BIN)/python -m keel.eval.gate
 
-# Three pytest workers for every two cores (pytest-xdist; tests/conftest.py), where each
+# Two pytest workers for every core (pytest-xdist; tests/conftest.py), where each
 # engine a test starts runs one thread (LLAMA_ARG_THREADS=1): the third worker fills the
 # time the others wait on sockets and timers.
 # Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: each of the hundreds of

@@ -125,11 +125,13 @@ def keel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProces
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (``make test``): three pytest workers for every two cores. A test
-    waits on the processes, sockets and timers it starts about a quarter of its time,
-    and a third worker fills those waits: on 2 cores, fresh clones' `make test` took
-    256 and 252 s with 3 workers, 271 and 276 s with 2, in alternating runs (2026-12-02)."""
-    return max(1, len(os.sched_getaffinity(0)) * 3 // 2)
+    """``-n auto`` (``make test``): two pytest workers for every core. A test waits on
+    the processes, sockets and timers it starts (real Redis and PostgreSQL frozen and
+    restarted, hubs that stall, keel stopping) much of its time, and more workers fill
+    those waits: on 2 cores, fresh clones' `make test` took 256 and 252 s with 3 workers,
+    271 and 276 s with 2 (2026-12-02); the suite of 2026-12-04 took 181 s of pytest with
+    3 and 140 s with 4."""
+    return max(1, len(os.sched_getaffinity(0)) * 2)
 
 
 def pytest_configure(config: pytest.Config) -> None:
