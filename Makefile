@@ -82,7 +82,7 @@ quality-gate: $(STAMP)
 	$(IDLE) $(BIN)/python -m keel.eval.gate
 
 # Two pytest workers for every core (pytest-xdist; tests/conftest.py), where each
-# engine a test starts runs one thread (LLAMA_ARG_THREADS=1): the third worker fills the
+# engine a test starts runs one thread (LLAMA_ARG_THREADS=1): the extra workers fill the
 # time the others wait on sockets and timers.
 # Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: each of the hundreds of
 # processes the tests start would otherwise compile its imports again (0.75 s a start).
