@@ -69,6 +69,11 @@ _EXPECTED = {
     "list_type": "an array",
     "dict_type": "an object",
     "model_type": "an object",
+    # lax mode (TabbyAPI's management bodies): a value it could not convert
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false",
 }
 """What a wrong-typed value should have been, by pydantic's error type."""
 
@@ -214,16 +219,18 @@ async def read_json(request: Request) -> Any:
 
 
 def parse_model(model: type[ModelT], data: Any) -> ModelT:
-    """``data`` as ``model``, validated strictly: a value of the wrong JSON type is the
-    client's 400 naming the field (``"max_tokens": "5"``, ``"stream": "yes"``), never
-    converted, for every body (the wire models say so themselves too)."""
+    """``data`` as ``model``, validated as the model says: the OpenAI, Tabby and
+    llama.cpp bodies strictly (a value of the wrong JSON type is the client's 400 naming
+    the field, ``"max_tokens": "5"``, ``"stream": "yes"``, never converted, as OpenAI and
+    Tabby refuse it), TabbyAPI's management bodies in pydantic's lax mode, as TabbyAPI
+    reads them (its own loader sends ``"max_seq_len": "4096"``)."""
     if not isinstance(data, dict):
         raise RequestError(
             f"the request body must be a JSON object, not {type(data).__name__}",
             code="invalid_json",
         )
     try:
-        return model.model_validate(data, strict=True)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(list(exc.errors())) from None
 

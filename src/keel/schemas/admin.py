@@ -2,45 +2,18 @@
 
 The model management routes are TabbyAPI's contract, and TabbyAPI reads them in
 pydantic's default lax mode: its own loader (ST-tabbyAPI-loader) sends
-``"max_seq_len": "4096"`` and the model as ``name``. keel validates every body
-strictly (:func:`keel.api.errors.parse_model`), so the numbers and flags here are
-:data:`Lax`: a string or number that lax mode takes is converted before that check
-(``"4096"``, ``4096.0``, ``"true"``); anything else is still a 400 naming the field.
+``"max_seq_len": "4096"`` and the model as ``name``. So these models are lax (the
+OpenAI and Tabby bodies are strict): what lax mode takes is converted (``"4096"``,
+``4096.0``, ``"true"``); anything else is a 400 naming the field.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Literal
 
-from pydantic import (
-    AliasChoices,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-)
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from keel.config import Role
-
-T = TypeVar("T")
-
-
-def _lax(kind: type[T]) -> BeforeValidator:
-    adapter: TypeAdapter[T] = TypeAdapter(kind)
-
-    def convert(value: Any) -> Any:
-        try:
-            return adapter.validate_python(value, strict=False)
-        except ValidationError:  # the strict check then says what is wrong, and where
-            return value
-
-    return BeforeValidator(convert)
-
-
-LaxInt = Annotated[int, _lax(int)]
-LaxBool = Annotated[bool, _lax(bool)]
 
 
 class _Wire(BaseModel):
@@ -58,13 +31,13 @@ class LoadRequest(_Wire):
         "``name`` is taken too, as TabbyAPI takes it (its loader sends that).",
     )
     role: Role = "completion"
-    max_seq_len: LaxInt | None = Field(
+    max_seq_len: int | None = Field(
         None,
         ge=128,
         description="Context window in tokens per slot (TabbyAPI's name); default: the "
         "role's [model.<role>.local] context_size.",
     )
-    stream: LaxBool = Field(
+    stream: bool = Field(
         True, description="Stream progress as server-sent events; false answers once at the end."
     )
 
@@ -131,7 +104,7 @@ class DownloadRequest(_Wire):
         max_length=64,
         description="With a repo: the GGUF file whose name holds this, e.g. Q8_0.",
     )
-    stream: LaxBool = Field(
+    stream: bool = Field(
         True, description="Stream progress as server-sent events; false answers once at the end."
     )
 

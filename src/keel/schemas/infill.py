@@ -22,7 +22,7 @@ from keel.schemas.tabby import ClientSnippet, Segments, TabbyCompletionRequest
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class InfillChunk(_Wire):
