@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -66,47 +67,44 @@ async def assert_limit_holds_across_both(
     assert "Redis unreachable" not in caplog.text
 
 
-async def test_connections_killed_by_redis_are_opened_again(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, "keel.state")
-    metrics = [Metrics(), Metrics()]
-    states, limiters = await two_replicas_with_full_pools(redis_server.url, metrics)
-    admin = Redis.from_url(redis_server.url)
+async def kill_clients(server: RedisServer) -> None:
+    admin = Redis.from_url(server.url)
     await admin.execute_command("CLIENT", "KILL", "TYPE", "normal")  # a failover does this
     await admin.aclose()
-    assert await clients(redis_server.url) == 1, "every pooled connection is closed"
-    await assert_limit_holds_across_both(states, limiters, metrics, caplog)
-    for state in states:
-        await state.aclose()
+    assert await clients(server.url) == 1, "every pooled connection is closed"
 
 
-async def test_idle_connections_redis_times_out_are_opened_again(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, "keel.state")
-    metrics = [Metrics(), Metrics()]
-    states, limiters = await two_replicas_with_full_pools(redis_server.url, metrics)
-    admin = Redis.from_url(redis_server.url)
+async def time_out_idle_clients(server: RedisServer) -> None:
+    admin = Redis.from_url(server.url)
     await admin.config_set("timeout", 1)  # managed services and proxies cut idle clients
     await admin.aclose()
     deadline = time.monotonic() + 10
-    while await clients(redis_server.url) > 1:  # Redis closes them within a second or two
+    while await clients(server.url) > 1:  # Redis closes them within a second or two
         assert time.monotonic() < deadline, "Redis did not close the idle connections"
         await asyncio.sleep(0.2)
-    await assert_limit_holds_across_both(states, limiters, metrics, caplog)
-    for state in states:
-        await state.aclose()
 
 
-async def test_a_restarted_redis_is_not_taken_for_a_dead_one(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+async def restart(server: RedisServer) -> None:
+    server.kill()
+    server.start()  # same port; its script cache empty too
+
+
+@pytest.mark.parametrize(
+    "close",
+    [kill_clients, time_out_idle_clients, restart],
+    ids=["killed", "idle timeout", "restarted"],
+)
+async def test_connections_redis_closed_are_opened_again(
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    close: Callable[[RedisServer], Awaitable[None]],
 ) -> None:
+    """A restarted Redis, or one that closed keel's pooled connections, is not taken for
+    a dead one: the limit holds across both replicas."""
     caplog.set_level(logging.WARNING, "keel.state")
     metrics = [Metrics(), Metrics()]
     states, limiters = await two_replicas_with_full_pools(redis_server.url, metrics)
-    redis_server.kill()
-    redis_server.start()  # same port; its script cache empty too
+    await close(redis_server)
     await assert_limit_holds_across_both(states, limiters, metrics, caplog)
     for state in states:
         await state.aclose()
