@@ -74,6 +74,62 @@ def test_an_unreachable_redis_is_a_warning_not_a_failure(redis_server: RedisServ
     assert report.exit_code == 0
 
 
+@pytest.mark.parametrize(
+    ("refuse", "allow", "status", "said"),
+    [
+        (
+            [
+                ("CONFIG", "SET", "maxmemory-policy", "noeviction"),
+                ("CONFIG", "SET", "maxmemory", "1"),
+            ],
+            [("CONFIG", "SET", "maxmemory", "0")],
+            "warn",
+            "refuses the rate-limit script (command not allowed when used memory",
+        ),
+        (
+            [("ACL", "SETUSER", "default", "-@scripting")],
+            [("ACL", "SETUSER", "default", "+@all")],
+            "FAIL",
+            "refuses the rate-limit script (this user has no permissions to run the 'evalsha'",
+        ),
+        (
+            [("ACL", "SETUSER", "default", "resetchannels")],
+            [("ACL", "SETUSER", "default", "allchannels")],
+            "FAIL",
+            "refuses the keys' change channel keel:keys:changed (this user has no permissions",
+        ),
+    ],
+    ids=["full", "acl_without_scripts", "acl_without_the_channel"],
+)
+def test_doctor_runs_what_keel_does_in_redis_not_just_ping(
+    redis_server: RedisServer,
+    refuse: list[tuple[str, ...]],
+    allow: list[tuple[str, ...]],
+    status: str,
+    said: str,
+) -> None:
+    """A Redis that answers PING but refuses the limit script or the keys' channel
+    passed doctor as "ok"; keel then ran with limits per replica or keys never
+    updated, said only in a log line. An ACL's refusal does not heal: a failure."""
+    settings = {"state": {"redis_url": redis_server.url}}
+    assert finding(stores(settings), "redis")[0] == "ok"
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        for command in refuse:
+            client.execute_command(*command)
+        report = stores(settings)
+        found, detail = finding(report, "redis")
+        assert (found, report.exit_code != 0) == (status, status == "FAIL"), detail
+        assert said.lower() in detail.lower(), detail
+        assert "until it allows it" in detail, detail
+        assert ("raise maxmemory" in detail) == (status == "warn"), detail
+    finally:
+        for command in allow:
+            client.execute_command(*command)
+        client.close()
+    assert finding(stores(settings), "redis")[0] == "ok"
+
+
 @contextlib.contextmanager
 def password_role(server: PostgresServer) -> Iterator[None]:
     """A role that must give its password (the test cluster trusts everyone else)."""

@@ -26,7 +26,7 @@ import sys
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from keel.config import (
     ENV_REF,
@@ -464,9 +464,52 @@ def _check_redis(report: Report, url: str, timeout: float) -> None:
             "redis", "FAIL", f"{where}: refused PING: {masked_url(str(exc))}", ExitCode.DEPENDENCY
         )
     else:
-        report.add("redis", "ok", f"{where}: answered PING")
+        _check_redis_uses(report, client, where)
     finally:
         client.close()
+
+
+def _check_redis_uses(report: Report, client: Any, where: str) -> None:
+    """What keel does there besides PING: the rate-limit script (on a bucket no key
+    uses) and the keys' change channel. An ACL that forbids either fails (it does not
+    heal, and keel would run without it, saying so only in a log line and a gauge); a
+    full Redis (``noeviction``) refusing the script's write is a warning, as that heals
+    once memory is freed."""
+    import redis
+
+    from keel.state.shared_keys import CHANNEL
+    from keel.state.shared_limits import PROBE_KEY, TOKEN_BUCKET
+
+    use, without = "the rate-limit script", "per-key rate limits hold per replica, not across them"
+    try:
+        client.register_script(TOKEN_BUCKET)(keys=[PROBE_KEY], args=[1, 1.0])
+        use = f"the keys' change channel {CHANNEL}"
+        without = "keys added or revoked with `keel keys` do not apply (the keys read last do)"
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(CHANNEL)
+            pubsub.get_message(timeout=1.0)  # SUBSCRIBE's answer: a refusal raises here
+        finally:
+            pubsub.close()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        detail = f"{where}: stopped answering ({masked_url(str(exc))}); {STORE_UNREACHABLE}"
+        report.add("redis", "warn", detail)
+    except redis.RedisError as exc:
+        detail = f"{where}: refuses {use} ({masked_url(str(exc))}); until it allows it, {without}"
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            fix = "; allow keel's user scripts and the channel (ACL SETUSER <user> +@scripting "
+            report.add("redis", "FAIL", detail + fix + f"+@pubsub &{CHANNEL})", ExitCode.DEPENDENCY)
+        else:  # full (noeviction): heals once memory is freed
+            full = isinstance(exc, redis.exceptions.OutOfMemoryError)
+            report.add(
+                "redis", "warn", detail + ("; free memory or raise maxmemory" if full else "")
+            )
+    else:
+        report.add(
+            "redis",
+            "ok",
+            f"{where}: answered PING, ran the rate-limit script, took the keys' channel",
+        )
 
 
 def _check_postgres(report: Report, url: str, timeout: float) -> None:
