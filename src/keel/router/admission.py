@@ -1,4 +1,5 @@
-"""Admission control: a concurrency limit and a bounded queue per role, and
+"""Admission control: a concurrency limit and a bounded queue per role (narrower for
+the local engine a model server's role falls back to), and
 superseding (a newer completion from the same editor for the same file
 cancels the older one, which the user no longer waits for).
 """
@@ -30,9 +31,13 @@ class Admission:
         queue_size: int,
         queue_timeout: float,
         events: AdmissionEvents | None = None,
+        parent: Admission | None = None,
     ) -> None:
         self.role = role
         self.events = events
+        self.parent = parent
+        self.gates: dict[str, Admission] = {}
+        """Narrower limits inside this one, by provider (:meth:`gate`)."""
         self.max_concurrent = max_concurrent
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
@@ -59,10 +64,31 @@ class Admission:
         if self.events is not None:
             self.events.degraded(self.role)
 
+    def gate(self, provider: str, max_concurrent: int) -> Admission:
+        """A narrower limit for the requests of this role that go to ``provider``, with
+        this role's queue size and wait: a local engine that a role served by a model
+        server (1,024 at once) falls back to would take every request of a burst at once,
+        for minutes of 504s, where its own role would queue them and refuse the rest."""
+        gate = self.gates.get(provider)
+        if gate is None:
+            gate = self.gates[provider] = Admission(
+                f"{self.role} on {provider}",
+                max_concurrent=max_concurrent,
+                queue_size=self.queue_size,
+                queue_timeout=self.queue_timeout,
+                events=self.events,
+                parent=self,
+            )
+        return gate
+
+    @property
+    def _root(self) -> Admission:
+        return self.parent or self
+
     def _reject(self, why: str, reason: str) -> Overloaded:
         self.rejected += 1
         if self.events is not None:
-            self.events.rejected(self.role, reason)
+            self.events.rejected(self._root.role, reason)
         return Overloaded(
             f"{self.role}: {why} ({self.active} running, {self.waiting} waiting); retry shortly",
             retry_after=max(1.0, self.queue_timeout / 2),
@@ -118,13 +144,17 @@ class Admission:
             self.queued += 1
             self.queue_wait_seconds += waited
             if self.events is not None:
-                self.events.queue_wait(self.role, waited)
+                self.events.queue_wait(self._root.role, waited)
 
     def _report(self) -> None:
+        """The role's queue depth: its own queue and its gates'."""
         if self.events is not None:
-            self.events.queue_depth(self.role, self.waiting)
+            root = self._root
+            depth = root.waiting + sum(gate.waiting for gate in root.gates.values())
+            self.events.queue_depth(root.role, depth)
 
     def snapshot(self) -> dict[str, object]:
+        gates = {name: gate.snapshot() for name, gate in self.gates.items()}
         return {
             "max_concurrent": self.max_concurrent,
             "active": self.active,
@@ -134,6 +164,7 @@ class Admission:
             "queued": self.queued,
             "queue_wait_seconds": round(self.queue_wait_seconds, 3),
             "degraded": self.degraded,
+            **({"gates": gates} if gates else {}),
         }
 
 

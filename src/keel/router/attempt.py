@@ -29,6 +29,7 @@ the caller's 400.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
@@ -73,6 +74,7 @@ class Attempt:
         self._delay = delay
         self._started = 0.0
         self._deadline = 0.0
+        self._gate_slot: contextlib.AbstractAsyncContextManager[None] | None = None
 
     @property
     def provider(self) -> Provider:
@@ -84,12 +86,17 @@ class Attempt:
         # the closed provider's connection pool, which nothing closed.
         self.endpoint.outstanding += 1
         TRYING.set(self.endpoint.name)
-        if self._delay > 0:
-            try:
+        gate = self._attempts.router.gate(self.endpoint)
+        try:
+            if self._delay > 0:
                 await self._attempts.router.sleep(self._delay)
-            except BaseException:  # cancelled while waiting: __aexit__ will not run
-                self.endpoint.outstanding -= 1
-                raise
+            if gate is not None:  # waits its turn, or is the role's 429 (no one's failure)
+                slot = gate.slot()
+                await slot.__aenter__()
+                self._gate_slot = slot
+        except BaseException:  # cancelled or refused while waiting: __aexit__ will not run
+            self.endpoint.outstanding -= 1
+            raise
         self._started = self._attempts.router.clock()
         self._deadline = asyncio.get_running_loop().time() + self.endpoint.timeouts.first_token
         return self
@@ -101,6 +108,8 @@ class Attempt:
         traceback: TracebackType | None,
     ) -> bool:
         self.endpoint.outstanding -= 1
+        if self._gate_slot is not None:
+            await self._gate_slot.__aexit__(None, None, None)
         return self._attempts.settle(self, exc, self._attempts.router.clock() - self._started)
 
     async def call(self, work: Awaitable[T]) -> T:

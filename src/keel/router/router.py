@@ -29,6 +29,7 @@ from typing import Protocol
 from keel.config import ProviderConfig, Role
 from keel.errors import KeelError, RateLimited, Unavailable, UpstreamTimeout, WorkerCrashed
 from keel.providers.base import Provider
+from keel.router.admission import Admission
 from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from keel.router.classify import Failure, classify, without_name
@@ -267,8 +268,11 @@ class RoleRouter:
         events: RouterEvents | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        gate: Callable[[Endpoint], Admission | None] = lambda endpoint: None,
     ) -> None:
+        """``gate``: the narrower admission an endpoint's attempts pass, if any."""
         self.role = role
+        self.gate = gate
         self.groups = [list(group) for group in groups]
         self.budget = budget
         self.retry = retry or RetryPolicy()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from keel.config import ROLES, LocalModelConfig, Role, RoutingConfig, Settings
+from keel.config import LOCAL_CONCURRENCY, ROLES, LocalModelConfig, Role, RoutingConfig, Settings
 from keel.errors import UpstreamConnectError, UpstreamTimeout
 from keel.providers.base import (
     ChatCall,
@@ -26,6 +26,7 @@ from keel.providers.base import (
     close_stream,
 )
 from keel.providers.catalog import ProviderEntry, Providers
+from keel.providers.local import LocalProvider
 from keel.router.admission import Admission, Superseder
 from keel.router.breaker import BreakerPolicy
 from keel.router.retry import RetryBudget, RetryPolicy
@@ -173,6 +174,7 @@ class Routing:
                 events=self.events,
                 clock=clock,
                 sleep=sleep,
+                gate=functools.partial(self._gate, role),
             )
             role_config = settings.model.role(role)
             self.admission[role] = Admission(
@@ -185,6 +187,17 @@ class Routing:
             self.events.queue_capacity(role, role_config.queue_size)
         self._prober: asyncio.Task[None] | None = None
         self.events.providers_in_use(self.endpoints())
+
+    def _gate(self, role: Role, endpoint: Endpoint) -> Admission | None:
+        """A local model in a role admitting more at once than a local engine should take
+        (a model server's role falling back to it, or a model loaded in its place) is
+        held to a local role's limit there."""
+        admission = self.admission[role]
+        if admission.max_concurrent <= LOCAL_CONCURRENCY or not isinstance(
+            endpoint.provider, LocalProvider
+        ):
+            return None
+        return admission.gate(endpoint.name, LOCAL_CONCURRENCY)
 
     def endpoints(self) -> list[Endpoint]:
         """Every endpoint of every role, once (the embedded model serves several)."""
