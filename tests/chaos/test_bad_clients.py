@@ -239,3 +239,37 @@ def test_a_client_that_leaves_takes_its_work_with_it(
     assert left_on and all(f'provider="{primary_name("completion")}"' in m for m in left_on), (
         left_on
     )
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(
+    keel_factory: Callable[[str], Keel],
+) -> None:
+    """A client gone before its body was read (a cancelled upload, a dropped network)
+    left a 500 and two tracebacks, counted among the server's errors."""
+    backend = FakeUpstream(tokens=PRIMARY_TOKENS).start()
+    try:
+        keel = keel_factory(chain_config(backend.url, None))
+        host, port = keel.url.removeprefix("http://").split(":")
+        for path, chunked in [("/v1/completions", False), ("/v1/events", True)]:
+            sock = socket.create_connection((host, int(port)))
+            length = "Transfer-Encoding: chunked" if chunked else "Content-Length: 1000"
+            part = b'a\r\n{"prompt":\r\n' if chunked else b'{"prompt":'
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{length}\r\n\r\n"
+            sock.sendall(head.encode() + part)
+            time.sleep(0.3)
+            sock.close()
+        keel.wait_for(
+            "both requests ended",
+            lambda: keel.http.get("/metrics").text.count('status="499"') >= 2,
+            10,
+        )
+    finally:
+        backend.stop()
+    metrics = [
+        line
+        for line in keel.http.get("/metrics").text.splitlines()
+        if line.startswith("keel_requests_total{")
+    ]
+    assert not [line for line in metrics if 'status="500"' in line], metrics
+    assert "Traceback" not in keel.log() and "unexpected error" not in keel.log(), keel.log()
+    assert keel.http.get("/v1/stats").json()["summary"]["errors"] == 0

@@ -18,8 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from keel.errors import KeelError, NotFound, RequestError
+from keel.errors import ClientDisconnected, KeelError, NotFound, RequestError
 from keel.serving.lifecycle import PROVIDER_KEY
 
 log = logging.getLogger("keel.api")
@@ -265,6 +266,10 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers.update(exc.headers or {})  # a 405's Allow: the methods there are
         return response
 
+    async def client_left(_: Request, exc: Exception) -> JSONResponse:
+        # Gone before its body was read: a 499 nobody reads, no server error.
+        return error_response(ClientDisconnected("the client left before sending its body"))
+
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
         return error_response(KeelError("internal error; the server log has the details"))
@@ -272,4 +277,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KeelError, keel_error)
     app.add_exception_handler(RequestValidationError, fastapi_validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_left)
     app.add_exception_handler(Exception, unexpected)
