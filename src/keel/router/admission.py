@@ -55,8 +55,9 @@ class Admission:
 
     @property
     def under_pressure(self) -> bool:
-        """Requests are queueing: serve smaller work (less context, fewer tokens) first."""
-        return self.waiting > 0
+        """Requests are queueing (here or at a gate): serve smaller work (less context,
+        fewer tokens) first."""
+        return self.waiting > 0 or any(gate.waiting for gate in self.gates.values())
 
     def note_degraded(self) -> None:
         """A request was served smaller for that (a trim the client did not ask for)."""
