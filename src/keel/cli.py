@@ -28,6 +28,7 @@ from keel.config import (
     ROLES,
     HttpModelConfig,
     Paths,
+    RoleConfig,
     Settings,
     check_data_root,
     data_root_trouble,
@@ -282,10 +283,23 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             # as keel serves the role (the chain printed without it)
             names.append(f"local:{EMBEDDED_MODEL_ID} (embedded last resort)")
         print(f"  {role}: {' -> '.join(names)}")
+        print(f"    admission: {_admission_text(role_config)}")
         for provider in chain:
             if isinstance(provider, HttpModelConfig):
                 print(f"    {provider.kind}: rate limit: {_rate_limit_text(provider)}")
     return 0
+
+
+def _admission_text(role: RoleConfig) -> str:
+    """What the role admits at once, and at a local model when that is more than a local
+    model takes (it falls back to one, or one is loaded in its place)."""
+    from keel.config import LOCAL_CONCURRENCY
+
+    at_once = role.concurrency()
+    text = f"{at_once} at once"
+    if at_once > LOCAL_CONCURRENCY:
+        text += f" ({LOCAL_CONCURRENCY} at a local model)"
+    return f"{text}, then {role.queue_size} waiting up to {role.queue_timeout:g} s, then 429"
 
 
 def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:

@@ -80,3 +80,7 @@ def test_config_check_prints_the_effective_limit_per_provider(tmp_path: Path):
     ).stdout
     assert "openai/completion: rate limit: none" in out
     assert "openai/chat: rate limit: 600 requests/minute" in out
+    # and what each role admits at once, at a local model too
+    server, local = "1024 at once (8 at a local model)", "embedding: local:"
+    assert out.count(f"admission: {server}, then 64 waiting up to 10 s, then 429") == 2, out
+    assert out.split(local, 1)[1].splitlines()[1].strip().startswith("admission: 8 at once,"), out
