@@ -367,7 +367,8 @@ class RoleConfig(_Section):
         f"{LOCAL_CONCURRENCY} when its first provider is a local model, whose engine reads "
         f"on the CPU a prompt at a time per slot; {SERVER_CONCURRENCY} when it is a model "
         "server, which queues and batches requests itself: keel does not hold back what "
-        "it sends one).",
+        "it sends one; what it sends a local model, falling back, is held to "
+        f"{LOCAL_CONCURRENCY} there).",
     )
     queue_size: int = Field(
         64, ge=0, le=100000, description="Requests that may wait for a slot (429 beyond)."
