@@ -242,29 +242,25 @@ def test_a_client_that_leaves_takes_its_work_with_it(
 
 
 def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(
-    keel_factory: Callable[[str], Keel],
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
 ) -> None:
     """A client gone before its body was read (a cancelled upload, a dropped network)
     left a 500 and two tracebacks, counted among the server's errors."""
-    backend = FakeUpstream(tokens=PRIMARY_TOKENS).start()
-    try:
-        keel = keel_factory(chain_config(backend.url, None))
-        host, port = keel.url.removeprefix("http://").split(":")
-        for path, chunked in [("/v1/completions", False), ("/v1/events", True)]:
-            sock = socket.create_connection((host, int(port)))
-            length = "Transfer-Encoding: chunked" if chunked else "Content-Length: 1000"
-            part = b'a\r\n{"prompt":\r\n' if chunked else b'{"prompt":'
-            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{length}\r\n\r\n"
-            sock.sendall(head.encode() + part)
-            time.sleep(0.3)
-            sock.close()
-        keel.wait_for(
-            "both requests ended",
-            lambda: keel.http.get("/metrics").text.count('status="499"') >= 2,
-            10,
-        )
-    finally:
-        backend.stop()
+    keel = keel_factory(chain_config(backends[0].url, None))
+    host, port = keel.url.removeprefix("http://").split(":")
+    for path, chunked in [("/v1/completions", False), ("/v1/events", True)]:
+        sock = socket.create_connection((host, int(port)))
+        length = "Transfer-Encoding: chunked" if chunked else "Content-Length: 1000"
+        part = b'a\r\n{"prompt":\r\n' if chunked else b'{"prompt":'
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{length}\r\n\r\n"
+        sock.sendall(head.encode() + part)
+        time.sleep(0.3)
+        sock.close()
+    keel.wait_for(
+        "both requests ended",
+        lambda: keel.http.get("/metrics").text.count('status="499"') >= 2,
+        10,
+    )
     metrics = [
         line
         for line in keel.http.get("/metrics").text.splitlines()
