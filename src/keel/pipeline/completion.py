@@ -231,10 +231,11 @@ class TabbyPrompts:
         self._line_snippets: OrderedDict[tuple[str, int], list[Snippet]] = OrderedDict()
 
     async def read(
-        self, request: TabbyCompletionRequest, max_tokens: int | None = None
+        self, request: TabbyCompletionRequest, max_tokens: int | None = None, *, editor: str = ""
     ) -> TabbyTask:
         """Check the request and gather its context (snippets); raises RequestError.
-        ``max_tokens``: the client's cap on new tokens, if it sets one."""
+        ``max_tokens``: the client's cap on new tokens, if it sets one; ``editor``: the
+        client it comes from (snippets chosen for one are never another's)."""
         debug, segments = request.debug_options, request.segments
         raw_prompt = debug.raw_prompt if debug is not None else None
         crlf = False
@@ -250,7 +251,9 @@ class TabbyPrompts:
                 "prefix and suffix around the cursor) is required",
                 param="segments",
             )
-        snippets = await self._snippets_for_line(request, prefix) if raw_prompt is None else []
+        snippets = (
+            await self._snippets_for_line(request, prefix, editor) if raw_prompt is None else []
+        )
         return TabbyTask(
             request=request,
             language=get_language(request.language or "unknown"),
@@ -315,15 +318,16 @@ class TabbyPrompts:
         return response
 
     async def _snippets_for_line(
-        self, request: TabbyCompletionRequest, prefix: str
+        self, request: TabbyCompletionRequest, prefix: str, editor: str
     ) -> list[Snippet]:
-        """Client and repository snippets, chosen once per edited line.
+        """Client and repository snippets, chosen once per edited line and editor.
 
         While the user types on one line, every request reuses the first
         request's choice, so the head of the prompt stays byte-identical and a
         local model reuses its KV cache; a new line, client snippets from other
         files, or a change to the repository's index (a file edited or deleted)
-        choose afresh.
+        choose afresh. Another editor's choice is never used: it holds the text of
+        that client's snippets (another user's files, by key, address or agent).
         """
         segments = request.segments
         line_start = prefix.rfind("\n") + 1
@@ -333,7 +337,8 @@ class TabbyPrompts:
         retrieval_off = debug is not None and debug.disable_retrieval_augmented_code_completion
         indexes = self.retriever.state() if self.retriever is not None else ()
         key = (
-            f"{segments.git_url if segments else ''}|{segments.filepath if segments else ''}",
+            f"{editor}|{segments.git_url if segments else ''}|"
+            f"{segments.filepath if segments else ''}",
             hash((prefix[:line_start], sources, retrieval_off, indexes)),
         )
         cached = self._line_snippets.get(key)

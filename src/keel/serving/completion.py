@@ -126,7 +126,7 @@ class CompletionServing:
         as a Tabby request, its ``n_predict`` as ``max_tokens``)."""
         async with CancelOnDisconnect(http):
             with self.admission.arrival():
-                task = await self.prompts.read(body, max_tokens)
+                task = await self.prompts.read(body, max_tokens, editor=editor_of(http, body))
                 if task.language is UNKNOWN and body.language:
                     self._note_language(body.language)
                 key = editor_key(http, body)
@@ -425,11 +425,15 @@ def editor_key(http: Request, body: TabbyCompletionRequest) -> tuple[str, str] |
     """
     if body.segments is None:
         return None
-    # the key (an x-api-key client's too, which fell back to its address: one proxy's)
+    return (editor_of(http, body), body.segments.filepath or "")
+
+
+def editor_of(http: Request, body: TabbyCompletionRequest) -> str:
+    """The client a request comes from: its key (an x-api-key client's too, which fell
+    back to its address: one proxy's), else its address; its user and user agent."""
     who = getattr(http.state, "key_id", None) or http.headers.get("authorization")
     who = who or (http.client.host if http.client else "")
-    editor = f"{who}|{body.user or ''}|{http.headers.get('user-agent', '')}"
-    return (editor, body.segments.filepath or "")
+    return f"{who}|{body.user or ''}|{http.headers.get('user-agent', '')}"
 
 
 EDIT_REACH = 64

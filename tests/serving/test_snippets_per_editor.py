@@ -1,0 +1,47 @@
+"""Snippets are chosen once per edited line (the prompt's head stays the same while the
+user types, so the engine reuses its cache), and per editor: another client's choice
+holds the text of its files (a colleague's settings.py, a secret in it)."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.fakes.upstreams import FakeUpstream
+
+
+def typing(prefix: str, secret: str, *, agent: str) -> dict[str, object]:
+    return {
+        "language": "python",
+        "segments": {
+            "prefix": f"import os\n\ndef connect():\n    conn = {prefix}",
+            "suffix": "\n",
+            "filepath": "app.py",
+            "relevant_snippets_from_recently_opened_files": [
+                {"filepath": "settings.py", "body": f"DB_PASSWORD = '{secret}'\n"}
+            ],
+        },
+        "user": agent,
+        "debug_options": {"return_prompt": True, "return_snippets": True},
+    }
+
+
+async def prompt_of(keel: httpx.AsyncClient, body: dict[str, object], agent: str) -> str:
+    response = await keel.post("/v1/completions", json=body, headers={"User-Agent": agent})
+    assert response.status_code == 200, response.text
+    prompt: str = response.json()["debug_data"]["prompt"]
+    return prompt
+
+
+async def test_another_editors_snippets_never_reach_a_prompt(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    alice = await prompt_of(keel, typing("", "alice-s3cret", agent="alice"), "vim")
+    assert "alice-s3cret" in alice
+    bob = await prompt_of(keel, typing("d", "bob-pw", agent="bob"), "vim")
+    assert "bob-pw" in bob and "alice-s3cret" not in bob, bob
+    # the same user agent from another user: its own too
+    carol = await prompt_of(keel, typing("db", "carol-pw", agent="carol"), "code")
+    assert "carol-pw" in carol and "alice-s3cret" not in carol, carol
+    # one editor typing on along its line keeps its first choice: the head unchanged
+    again = await prompt_of(keel, typing("d", "alice-changed", agent="alice"), "vim")
+    assert again.split("def connect")[0] == alice.split("def connect")[0]
