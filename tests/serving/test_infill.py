@@ -184,6 +184,8 @@ async def test_infill_goes_through_keels_routing(
         ({**fim(["a"], "b"), "n_indent": -1}, "n_indent"),
         ({**fim(["a"], "b"), "input_extra": [{"filename": "x.py"}]}, "input_extra"),
         ({**fim(["a"], "b"), "input_prefix": ["a = 1"]}, "input_prefix"),
+        # more chunks than a Tabby request may carry snippets: was a 500
+        ({**fim(["a"], "b"), "input_extra": [{"text": "c\n"}] * 513}, "input_extra"),
     ],
 )
 async def test_bad_bodies_are_a_400_naming_the_field(
@@ -193,6 +195,15 @@ async def test_bad_bodies_are_a_400_naming_the_field(
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["type"] == "invalid_request_error" and param in (error.get("param") or "")
+
+
+async def test_llama_cpps_defaults_for_its_time_limits_are_served(
+    keel: httpx.AsyncClient,
+) -> None:
+    """llama.cpp's default for both is -1 (no limit); -1 for t_max_predict_ms was a 400."""
+    body = {**fim(["a"], "b"), "t_max_predict_ms": -1, "t_max_prompt_ms": -1}
+    answer = await keel.post("/infill", json=body)
+    assert answer.status_code == 200, answer.text
 
 
 @pytest.mark.parametrize("seed", [-1, 0, 2**63, 2**64 - 1])

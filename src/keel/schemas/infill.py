@@ -18,7 +18,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.schemas.openai import MAX_TOKENS_LIMIT
-from keel.schemas.tabby import ClientSnippet, Segments, TabbyCompletionRequest
+from keel.schemas.tabby import (
+    MAX_CLIENT_SNIPPETS,
+    ClientSnippet,
+    Segments,
+    TabbyCompletionRequest,
+)
 
 
 class _Wire(BaseModel):
@@ -35,7 +40,7 @@ class InfillChunk(_Wire):
 class InfillRequest(_Wire):
     input_prefix: str = ""
     input_suffix: str = ""
-    input_extra: list[InfillChunk] = Field(default_factory=list, max_length=1024)
+    input_extra: list[InfillChunk] = Field(default_factory=list, max_length=MAX_CLIENT_SNIPPETS)
     prompt: str = Field("", description="The cursor's line up to the cursor.")
     n_predict: int | None = Field(
         None,
@@ -45,7 +50,9 @@ class InfillRequest(_Wire):
         "max_decoding_tokens); 0 warms the cache and generates nothing; -1 or unset: "
         "keel's budget.",
     )
-    t_max_predict_ms: int | None = Field(None, ge=0, description="Accepted; keel's timeouts apply.")
+    t_max_predict_ms: int | None = Field(
+        None, ge=-1, description="Accepted (-1, llama.cpp's default: none); keel's timeouts apply."
+    )
     t_max_prompt_ms: int | None = Field(None, ge=-1, description="Accepted; ignored.")
     cache_prompt: bool = Field(True, description="Accepted; keel always reuses prompt caches.")
     n_indent: int | None = Field(
