@@ -114,6 +114,8 @@ async def test_typing_the_suggestion_then_accepting_it_needs_no_model_work(
         if typed < len(shown):
             assert text == shown[typed:]
     assert text.strip(), "after all of it, the suggestion computed ahead"
+    # shown now: the very same request again (a manual trigger) is the model's to answer
+    assert (await complete(keel, prefix + shown))[1] == "model"
 
 
 async def test_a_newer_real_request_cancels_a_precompute_at_once(

@@ -226,6 +226,8 @@ class CompletionServing:
         self, task: TabbyTask, place: Place, hit: tuple[str, Suggestion], source: str
     ) -> Answer:
         rest, suggestion = hit
+        if suggestion.ahead and task.prefix == suggestion.prefix:  # shown now, as any other
+            self.cache.put(place, dataclasses.replace(suggestion, ahead=False))
         response = TabbyCompletionResponse(
             id=f"cmpl-{uuid.uuid4()}",
             choices=[Choice(index=0, text=restore_newlines(rest, task.crlf))],
