@@ -166,6 +166,10 @@ async def test_a_list_prompt_is_a_400_naming_prompt(
         ({"prompt": "x", "n_predict": -5}, "n_predict"),
         ({"prompt": "x", "stop": [""]}, "stop"),
         ({"prompt": "x", "temperature": 9}, "temperature"),
+        # what changes the answer's meaning is refused, not ignored (served unconstrained)
+        ({"prompt": "x", "grammar": 'root ::= "x"'}, "grammar"),
+        ({"prompt": "x", "json_schema": {"type": "integer"}}, "json_schema"),
+        ({"prompt": "x", "n_probs": 3}, "n_probs"),
     ],
 )
 async def test_bad_bodies_are_a_400_naming_the_field(

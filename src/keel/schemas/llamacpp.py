@@ -8,16 +8,17 @@ mirostat, ...}``, reading ``content`` from each event) and Twinny's
 The request is served as an OpenAI completion (:meth:`LlamaCppCompletionRequest.
 to_openai`): the prompt is the caller's own, sent as written. Sampling fields of
 llama.cpp's own samplers that OpenAI's completion has no name for (``top_k``,
-``min_p``, ``typical_p``, ``repeat_penalty``, ``mirostat``, ``grammar``,
-``n_probs``, ...) and the fields that steer its slots (``id_slot``,
-``cache_prompt``, ``n_keep``) are accepted and ignored, as on ``/infill``.
+``min_p``, ``typical_p``, ``repeat_penalty``, ``mirostat``, ...) and the fields
+that steer its slots (``id_slot``, ``cache_prompt``, ``n_keep``) are accepted and
+ignored, as on ``/infill``; ``grammar``, ``json_schema`` and ``n_probs``, which
+change what the answer means, are refused when set.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationInfo, field_validator
 
 from keel.schemas.openai import MAX_TOKENS_LIMIT, _check_stop, _Wire
 
@@ -50,6 +51,25 @@ class LlamaCppCompletionRequest(_Wire):
         "object with `stop: true` (no `[DONE]`, as llama.cpp's server).",
     )
     model: str | None = None
+    grammar: Any = Field(None, description="Only empty: keel does not constrain this answer.")
+    json_schema: Any = Field(None, description="Only empty, as `grammar`.")
+    n_probs: Any = Field(None, description="Only 0: keel returns no token probabilities.")
+
+    @field_validator("grammar", "json_schema", "n_probs", mode="before")
+    @classmethod
+    def _not_served(cls, value: object, info: ValidationInfo) -> object:
+        """Refused when asked for, not ignored: the client read an answer the model wrote
+        freely as one its grammar or schema held to (and no ``completion_probabilities``
+        as none)."""
+        if value is None or value == "" or value == {} or (type(value) is int and value == 0):
+            return None
+        name = str(info.field_name)
+        if name == "n_probs":
+            raise ValueError("keel returns no token probabilities: leave 'n_probs' out")
+        raise ValueError(
+            f"keel does not hold a /completion answer to a {name.replace('_', ' ')}: "
+            "leave it out, or ask /v1/chat/completions with response_format json_schema"
+        )
 
     @field_validator("prompt", mode="before")
     @classmethod
