@@ -112,6 +112,10 @@ async def test_an_infill_answer_gives_the_engines_counts_and_timings(
     assert figures["timings"]["prompt_n"] == said["prompt_n"] > 0
     assert figures["timings"]["prompt_ms"] == said["prompt_ms"]
     assert figures["timings"]["prompt_per_second"] == said["prompt_n"] / said["prompt_ms"] * 1000
+    # llama.vim asks for these two by name in response_fields
+    assert figures["timings"]["prompt_per_token_ms"] == said["prompt_ms"] / said["prompt_n"]
+    timings = figures["timings"]
+    assert timings["predicted_per_token_ms"] == timings["predicted_ms"] / timings["predicted_n"]
     assert figures["tokens_predicted"] == figures["timings"]["predicted_n"] == said["predicted_n"]
     assert typed.headers["x-keel-source"] == "cache"
     assert (typed.json()["timings"]["prompt_n"], typed.json()["tokens_cached"]) == (0, 0)

@@ -149,9 +149,11 @@ def _figures(
         "timings": InfillTimings(
             prompt_n=read,
             prompt_ms=prompt_ms,
+            prompt_per_token_ms=prompt_ms / read if read else 0.0,
             prompt_per_second=_rate(read, prompt_ms),
             predicted_n=predicted,
             predicted_ms=predicted_ms,
+            predicted_per_token_ms=predicted_ms / predicted if predicted else 0.0,
             predicted_per_second=_rate(predicted, predicted_ms),
         ),
     }

@@ -122,9 +122,11 @@ class InfillRequest(_Wire):
 class InfillTimings(BaseModel):
     prompt_n: int
     prompt_ms: float
+    prompt_per_token_ms: float
     prompt_per_second: float
     predicted_n: int
     predicted_ms: float
+    predicted_per_token_ms: float
     predicted_per_second: float
 
 
