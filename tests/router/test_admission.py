@@ -47,6 +47,45 @@ async def test_concurrency_limit_then_queue_then_429() -> None:
     assert not admission.under_pressure
 
 
+class Depths:
+    """The queue-depth gauge as the metrics keep it: the last value set per role."""
+
+    def __init__(self) -> None:
+        self.depth: dict[str, int] = {}
+        self.waits: list[str] = []
+
+    def rejected(self, role: str, reason: str) -> None: ...
+    def degraded(self, role: str) -> None: ...
+
+    def queue_depth(self, role: str, n: int) -> None:
+        self.depth[role] = n
+
+    def queue_wait(self, role: str, seconds: float) -> None:
+        self.waits.append(role)
+
+
+async def test_a_gates_queue_is_the_roles_queue_in_its_figures_and_pressure() -> None:
+    """Requests waiting at a role's gate (its local model, for a model server's role)
+    put the role under pressure and count in its queue depth, added to its own."""
+    events = Depths()
+    role = Admission(
+        "completion", max_concurrent=1024, queue_size=4, queue_timeout=5.0, events=events
+    )
+    gate = role.gate("local/m", 1)
+    assert role.gate("local/m", 1) is gate
+    release = asyncio.Event()
+    entered: list[int] = []
+    tasks = [asyncio.create_task(hold(gate, release, entered, n)) for n in range(3)]
+    await settle()
+    assert (gate.active, gate.waiting, role.waiting) == (1, 2, 0)
+    assert role.under_pressure and events.depth == {"completion": 2}
+    assert role.snapshot()["gates"] == {"local/m": gate.snapshot()}
+    release.set()
+    await asyncio.gather(*tasks)
+    assert not role.under_pressure and events.depth == {"completion": 0}
+    assert events.waits == ["completion", "completion"]
+
+
 async def test_queue_timeout_is_a_429() -> None:
     admission = Admission("chat", max_concurrent=1, queue_size=5, queue_timeout=0.05)
     release = asyncio.Event()
