@@ -472,6 +472,33 @@ def test_a_reload_applies_completions_own_settings_to_a_kept_worker(tmp_path: Pa
     assert second.chains["chat"][0][0].provider is kept, "chat shares it, as before"
 
 
+def test_two_workers_of_one_model_have_two_names_in_names_and_metrics(tmp_path: Path) -> None:
+    """Chat with its own context size runs a second worker of the embedded model; both
+    were "local/SmolLM2-135M-Instruct", every worker metric a duplicate series of which
+    Prometheus kept one (a crash-looping chat worker's restarts were lost)."""
+    from keel.ops.metrics import Metrics
+    from keel.providers.catalog import build_providers
+
+    text = '[model.chat.local]\nmodel_id = "SmolLM2-135M-Instruct"\ncontext_size = 1024\n'
+    settings = load_settings(write(tmp_path, text), Paths(tmp_path), {})
+    providers = build_providers(settings, Paths(tmp_path))
+    completion = providers.chains["completion"][0][0].provider
+    chat = providers.chains["chat"][0][0].provider
+    assert completion is not chat
+    assert (completion.name, chat.name) == (
+        "local/SmolLM2-135M-Instruct",
+        "local/SmolLM2-135M-Instruct#1",
+    )
+    metrics = Metrics(environ={})
+    metrics.track_providers(providers)
+    series = [
+        line.rsplit(" ", 1)[0]
+        for line in metrics.render().decode().splitlines()
+        if line.startswith("keel_worker")
+    ]
+    assert series and len(series) == len(set(series)), sorted(series)
+
+
 def test_credentials_in_the_endpoint_and_an_api_key_are_refused_together(tmp_path: Path) -> None:
     """The HTTP client refuses a request with both: every call to the provider failed,
     and an unauthenticated /health/deep answered 500."""

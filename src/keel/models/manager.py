@@ -284,11 +284,15 @@ class ModelManager:
         config = base.model_copy(update={"model_id": chosen})
         # The worker of the same model and settings another role runs is shared, as at
         # start (a second engine of one model doubled the memory and split the cores).
+        serving, running = {p.name for p in self.routing.providers.unique()}, self._running()
         provider = build_local_provider(
-            role, config, path, ready_timeout=60.0, running=self._running()
+            role, config, path, ready_timeout=60.0, running=running, taken=serving
         )
         supervisor, name = provider.supervisor, provider.name
-        yield Progress("starting_worker", f"starting a worker for {path.name}")
+        if provider.name in serving:
+            yield Progress("starting_worker", f"sharing {name}, running already")
+        else:
+            yield Progress("starting_worker", f"starting a worker for {path.name}")
         await provider.start()
         last_state = None
         deadline = time.monotonic() + 300
@@ -352,8 +356,10 @@ class ModelManager:
         ):
             last = LocalModelConfig()
             path = resolve_model(last.model_id, self.paths)
-            running = self._running()
-            resort = build_local_provider(role, last, path, ready_timeout=60.0, running=running)
+            running, serving = self._running(), {p.name for p in self.routing.providers.unique()}
+            resort = build_local_provider(
+                role, last, path, ready_timeout=60.0, running=running, taken=serving
+            )
             chain.append([ProviderEntry(resort, last)])
         return chain
 

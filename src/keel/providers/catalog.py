@@ -13,6 +13,7 @@ provider: at startup, on a config reload, on ``POST /v1/model/load`` and for
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,12 +125,17 @@ def build_local_provider(
     *,
     ready_timeout: float,
     running: dict[WorkerSpec, LocalProvider] | None = None,
+    taken: Collection[str] = (),
 ) -> LocalProvider:
     """A provider over a supervised worker for ``model_path`` (not started yet).
 
     ``running`` holds the providers already made, by worker spec: one whose
     spec matches is returned instead of a new one (roles sharing a model share
     its worker; a reload keeps an unchanged worker), and a new one is added.
+    ``taken``: the names of the providers that will serve beside it. A second worker
+    of one model (other settings for another role) is ``#1``: both were named alike,
+    so their metrics were one series twice over (Prometheus kept one worker's restarts
+    and dropped the other's) and messages named one provider for two.
     """
     spec = local_worker_spec(role, config, model_path)
     template = config.prompt_template or template_for_model(config.model_id)
@@ -141,7 +147,11 @@ def build_local_provider(
         if role == "completion":  # completion's own settings (a reload's, a load's)
             provider.prompt_template, provider.stop_words = template, stop_words
         return provider
-    name = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
+    base = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
+    name, number = base, 0
+    while name in taken:
+        number += 1
+        name = f"{base}#{number}"
     provider = LocalProvider(
         WorkerSupervisor(spec, name=name),
         name=name,
@@ -197,11 +207,15 @@ def build_providers(
             if not isinstance(entry.provider, LocalProvider)
         }
 
+    names: set[str] = set()
+
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:
         path = resolve_model(config.model_id, paths)
-        return build_local_provider(
-            role, config, path, ready_timeout=max(timeout, 60.0), running=workers
+        provider = build_local_provider(
+            role, config, path, ready_timeout=max(timeout, 60.0), running=workers, taken=names
         )
+        names.add(provider.name)
+        return provider
 
     chains: dict[Role, list[list[ProviderEntry]]] = {}
     for role in ROLES:
