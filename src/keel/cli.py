@@ -34,6 +34,7 @@ from keel.config import (
     data_root_trouble,
     host_issue,
     load_settings,
+    masked_url,
 )
 from keel.errors import (
     ConfigError,
@@ -351,8 +352,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     for role in ROLES:
         for index, provider in enumerate(settings.model.role(role).chain()):
             label = "primary" if index == 0 else f"fallback {index}"
-            if isinstance(provider, HttpModelConfig):
-                where = f"{provider.kind} {provider.api_endpoint or ''} {provider.model_name or ''}"
+            if isinstance(provider, HttpModelConfig):  # endpoints as every other place shows them
+                endpoints = " ".join(masked_url(r.api_endpoint or "") for r in provider.replicas())
+                where = f"{provider.kind} {endpoints} {provider.model_name or ''}"
             else:
                 try:
                     where = f"local {provider.model_id} ({resolve_model(provider.model_id, paths)})"

@@ -499,6 +499,24 @@ def test_two_workers_of_one_model_have_two_names_in_names_and_metrics(tmp_path: 
     assert series and len(series) == len(set(series)), sorted(series)
 
 
+def test_keel_models_list_shows_endpoints_without_their_secrets(tmp_path: Path) -> None:
+    """It printed a backend's password and ``?api-key=`` as written, where every other
+    command and route masks them; a table with ``api_endpoints`` showed none."""
+    text = (
+        '[model.completion.http]\nkind = "openai/completion"\n'
+        'api_endpoint = "http://alice:s3cretpw@127.0.0.1:9/v1?api-key=topsecret"\n'
+        '[model.chat.http]\nkind = "openai/chat"\n'
+        'api_endpoints = ["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"]\n'
+    )
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    write(tmp_path, text)  # the data root's config.toml
+    result = keel_cli("models", "list", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "s3cretpw" not in result.stdout and "topsecret" not in result.stdout, result.stdout
+    assert "http://alice:***@127.0.0.1:9/v1?api-key=***" in result.stdout, result.stdout
+    assert "http://127.0.0.1:9/v1 http://127.0.0.1:10/v1" in result.stdout, result.stdout
+
+
 def test_credentials_in_the_endpoint_and_an_api_key_are_refused_together(tmp_path: Path) -> None:
     """The HTTP client refuses a request with both: every call to the provider failed,
     and an unauthenticated /health/deep answered 500."""
