@@ -1095,7 +1095,13 @@ def _entry_shape_issues(data: Any) -> tuple[list[ConfigIssue], set[str]]:
 
 
 def _covered(key: str, covered: set[str]) -> bool:
-    return any(key == c or key.startswith((f"{c}.", f"{c}[")) for c in covered)
+    """Said already: ``key``, what it is in, or an item of the list it is (a check of
+    the whole list judged the "" an unset ``${VAR}`` left in it: "every key must have
+    at least 8 characters" beside "KEEL_USER_KEY is not set")."""
+    return any(
+        key == c or key.startswith((f"{c}.", f"{c}[")) or c.startswith(f"{key}[")
+        for c in covered
+    )
 
 
 TABLE_LISTS = {

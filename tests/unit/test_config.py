@@ -286,6 +286,23 @@ def test_env_references_take_a_default_as_a_shell_does() -> None:
     assert "environment variable KEEL_T_HOST is not set" in caught.value.message
 
 
+def test_an_unset_key_variable_is_one_error_not_two() -> None:
+    """The README's own [auth] example with its variables unset gave a third error, "every
+    key must have at least 8 characters", for the "" the unset variable left."""
+    raw = {"auth": {"api_keys": ["${KEEL_T_USER_KEY}"], "admin_key": "${KEEL_T_ADMIN_KEY}"}}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "c.toml", environ={})
+    assert [issue.key for issue in caught.value.issues] == ["auth.api_keys[0]", "auth.admin_key"]
+    raw["auth"]["api_keys"] = ["${KEEL_T_USER_KEY}", "short"]
+    with pytest.raises(ConfigError) as caught:  # the variable set: the list's own check
+        parse_settings(
+            raw,
+            "c.toml",
+            environ={"KEEL_T_USER_KEY": "long-enough-key"} | {"KEEL_T_ADMIN_KEY": "admin-key-long"},
+        )
+    assert "at least 8 characters" in caught.value.message
+
+
 def test_a_double_dollar_is_a_literal_dollar_as_in_docker_compose() -> None:
     """A secret holding ``${`` could not be written: ``$${word}`` asked for the variable
     ``word``, and ``pa$$word`` stayed doubled."""
