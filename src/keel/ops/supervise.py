@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -31,10 +32,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TextIO
 
 from keel.errors import NO_RESTART, ExitCode
 from keel.restart import RestartPolicy
+
+log = logging.getLogger("keel.supervisor")
 
 RESTARTS_ENV = "KEEL_SUPERVISOR_RESTARTS"
 _PR_SET_PDEATHSIG = 1
@@ -62,20 +64,19 @@ class Supervisor:
         command: Sequence[str],
         policy: RestartPolicy,
         *,
-        out: TextIO = sys.stderr,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.command = list(command)
         self.policy = policy
-        self.out = out
         self._clock = clock
         self._child: subprocess.Popen[bytes] | None = None
         self._stop_signal: int | None = None
         self.restarts = 0
 
-    def _say(self, message: str) -> None:
-        self.out.write(f"keel supervisor: {message}\n")
-        self.out.flush()
+    def _say(self, message: str, level: int = logging.INFO) -> None:
+        """In the log's format, as keel's own lines (``--log-format json``: plain text
+        among the objects broke a collector's parsing)."""
+        log.log(level, message)
 
     def _on_signal(self, signum: int, _: FrameType | None) -> None:
         if self._stop_signal is None:
@@ -139,7 +140,8 @@ class Supervisor:
             if code in NO_RESTART:
                 self._say(
                     f"keel exited with {code} ({NO_RESTART[code]}); a restart cannot fix that, "
-                    "not restarting"
+                    "not restarting",
+                    logging.ERROR,
                 )
                 return code
             now = self._clock()
@@ -148,13 +150,17 @@ class Supervisor:
                     f"keel crashed ({_describe(code)}), {len(starts)} starts within "
                     f"{policy.start_window:.0f}s; giving up (limit: {policy.start_limit} starts "
                     f"per {policy.start_window:.0f}s). Fix the cause shown above, then start "
-                    "keel again."
+                    "keel again.",
+                    logging.ERROR,
                 )
                 return ExitCode.FAILURE
             failures = 1 if now - started > policy.start_window else failures + 1
             delay = policy.backoff(failures)
             self.restarts += 1
-            self._say(f"keel crashed ({_describe(code)}); restart {self.restarts} in {delay:.1f}s")
+            self._say(
+                f"keel crashed ({_describe(code)}); restart {self.restarts} in {delay:.1f}s",
+                logging.WARNING,
+            )
             self._sleep(delay)
             if self._stop_signal is not None:
                 self._say("stopped while waiting to restart")
