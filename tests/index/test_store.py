@@ -217,3 +217,26 @@ def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere() -> None
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 11
     assert lines[-1] == "index x: 100/100 files (100%)"
+
+
+def test_files_the_index_cannot_take_are_skipped_not_the_repository(
+    repo: Path, tmp_path: Path
+) -> None:
+    """One expression 1,200 operators deep (the chunker's recursion limit), a name that
+    is not UTF-8 (the index refused it) failed the whole repository's index on every
+    refresh; a name with a line break put the rest of the name into prompts as code."""
+    deep = ["def frobnicate_total(values):", "    return ("]
+    deep += [f"        values[{n}] +" for n in range(1200)] + ["        0", "    )", ""]
+    (repo / "sums.py").write_text("\n".join(deep))
+    (repo / os.fsdecode(b"caf\xe9_module.py")).write_text("def zorblax_latin(v):\n    return v\n")
+    (repo / "new\nline.py").write_text("def zorblax_newline(v):\n    return v\n")
+    index = open_index(repo, tmp_path)
+    stats = index.update()
+    assert indexed_paths(index) == set(EXPECTED)
+    assert index.search(["frobnicate_total"])[0].path == "sums.py"
+    assert stats.skipped == {
+        "blob.py": "binary",
+        "caf\\xe9_module.py": "its name is not UTF-8 text",
+        "new\nline.py": "its name holds a line break or another control character",
+    }, stats.skipped
+    assert not index.search(["zorblax_latin", "zorblax_newline"])

@@ -110,21 +110,31 @@ def _fits(start: int, end: int, lines: list[str]) -> bool:
     return count <= MAX_CHUNK_LINES and chars <= MAX_CHUNK_CHARS
 
 
-def _syntax_spans(node: Any, lines: list[str]) -> Iterator[tuple[int, int]]:
-    """Line spans of ``node``'s children: each child that fits, or else its own children.
+def _children(node: Any) -> list[Any]:
+    return [child for child in node.children if child.end_byte > child.start_byte]
 
-    Small neighbours are merged afterwards by :func:`_merge_small`.
-    """
-    children = [child for child in node.children if child.end_byte > child.start_byte]
-    if not children:
-        yield from _line_windows(node.start_point.row, node.end_point.row, lines)
-        return
-    for child in children:
-        start, end = child.start_point.row, child.end_point.row
-        if _fits(start, end, lines):
+
+def _syntax_spans(root: Any, lines: list[str]) -> Iterator[tuple[int, int]]:
+    """Line spans of ``root``'s children: each child that fits, or else its own children
+    (a node without any: its lines in windows). Small neighbours are merged afterwards by
+    :func:`_merge_small`.
+
+    A walk with a stack of its own, not a call per level: a chain of 1,200 ``+`` in one
+    expression is a tree that deep, and the recursion limit failed the whole
+    repository's index on that one file."""
+    levels = [iter([root])]
+    while levels:
+        node = next(levels[-1], None)
+        if node is None:
+            levels.pop()
+            continue
+        start, end = node.start_point.row, node.end_point.row
+        if node is not root and _fits(start, end, lines):
             yield (start, end)
+        elif children := _children(node):
+            levels.append(iter(children))
         else:
-            yield from _syntax_spans(child, lines)
+            yield from _line_windows(start, end, lines)
 
 
 def _line_windows(start: int, end: int, lines: list[str]) -> Iterator[tuple[int, int]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -34,6 +35,8 @@ from keel.errors import Unavailable
 from keel.index.chunk import chunk_file
 from keel.index.tokens import document_terms
 from keel.index.walk import list_source_files, skip_reason
+
+log = logging.getLogger("keel.index")
 
 MANIFEST_VERSION = 2
 """Raised whenever chunking or terms change: an index of another version is rebuilt."""
@@ -252,7 +255,12 @@ class RepositoryIndex:
                 new_entry["skipped"] = reason
                 stats.skipped[source.relpath] = reason
             else:
-                chunks = chunk_file(source.relpath, content.decode("utf-8"))
+                try:
+                    chunks = chunk_file(source.relpath, content.decode("utf-8"))
+                except Exception as exc:  # one file's trouble is no repository's failure
+                    log.warning("%s: %s: not indexed: %r", self.name, source.relpath, exc)
+                    chunks, new_entry["skipped"] = [], f"could not be read into chunks: {exc!r}"
+                    stats.skipped[source.relpath] = new_entry["skipped"]
                 for chunk in chunks:
                     open_writer().add_document(
                         tantivy.Document(

@@ -202,6 +202,20 @@ def _leaves(path: Path, real_root: Path) -> bool:
         return True
 
 
+def _odd_name(relpath: str) -> str | None:
+    """Why a file's name cannot go into the index or a prompt's ``# Path:`` line, or
+    None: bytes that are not UTF-8 (the index refuses the name, and it failed the whole
+    repository), a line break or another control character (the rest of the name went
+    to the model as a line of code)."""
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not UTF-8 text"
+    if not relpath.isprintable():
+        return "its name holds a line break or another control character"
+    return None
+
+
 def _is_under(rel_dir: str, base: str) -> bool:
     return base == "" or rel_dir == base or rel_dir.startswith(base + "/")
 
@@ -221,6 +235,10 @@ def list_source_files(
             continue
         language = language_for(relpath)
         if language is None:
+            continue
+        if (odd := _odd_name(relpath)) is not None:
+            if skipped is not None:  # the index refused the name, and the whole repository
+                skipped[os.fsencode(relpath).decode("utf-8", "backslashreplace")] = odd
             continue
         path = root / relpath
         if _leaves(path, real_root):
