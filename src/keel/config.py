@@ -655,7 +655,7 @@ class RepositoryConfig(_Section):
         None,
         description="Local checkout to index; requests for files under it use it "
         "(default: a file:// git_url's path; a repository with neither is skipped: keel "
-        "does not clone).",
+        "does not clone). Not \"\": that was keel's working directory, whatever it was.",
     )
     git_url: str | None = Field(
         None,
@@ -665,6 +665,16 @@ class RepositoryConfig(_Section):
         default_factory=list,
         description="Accepted from Tabby's config; keel indexes the checkout at path as it is.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path_given(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(
+                "empty: write the checkout's directory, or leave path out (it was keel's "
+                "working directory, indexed and put into prompts)"
+            )
+        return value
 
 
 def _tabby_repositories(repositories: list[Any]) -> list[Any]:

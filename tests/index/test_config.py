@@ -27,6 +27,8 @@ def test_repositories_and_index_parse() -> None:
         ({"repositories": [{"name": "a"}, {"name": "a"}]}, "repositories"),
         ({"repositories": [{"name": "../escape", "path": "/src"}]}, "repositories[0].name"),
         ({"index": {"refresh_seconds": -1}}, "index.refresh_seconds"),
+        # was keel's working directory, indexed and put into prompts
+        ({"repositories": [{"name": "x", "path": ""}]}, "repositories[0].path"),
     ],
 )
 def test_bad_values_name_their_key(raw: dict[str, object], key: str) -> None:
