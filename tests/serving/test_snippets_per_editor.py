@@ -45,3 +45,17 @@ async def test_another_editors_snippets_never_reach_a_prompt(
     # one editor typing on along its line keeps its first choice: the head unchanged
     again = await prompt_of(keel, typing("d", "alice-changed", agent="alice"), "vim")
     assert again.split("def connect")[0] == alice.split("def connect")[0]
+
+
+async def test_debug_data_lists_only_the_snippets_the_prompt_shows(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """A language with no line comment (Markdown, JSON) shows the model no snippets;
+    ``debug_data.snippets`` listed them anyway."""
+    body = typing("", "pw", agent="dana")
+    body["language"] = "markdown"
+    response = await keel.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    debug = response.json()["debug_data"]
+    assert "settings.py" not in debug["prompt"]
+    assert not debug.get("snippets"), debug

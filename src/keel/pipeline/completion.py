@@ -136,7 +136,10 @@ async def build_prompt(
     kept_prefix = kept_prefix[: max(0, len(kept_prefix) - len(cut.text))]
     kept_suffix = keep_head(suffix_lines, suffix_counts, budget.suffix) if uses_suffix else ""
     chosen = select_snippets(snippets, snippet_counts, budget.snippets)
-    full_prefix = format_snippets(language, chosen) + kept_prefix if chosen else kept_prefix
+    shown = format_snippets(language, chosen) if chosen else ""
+    if not shown:  # a language with no line comment shows none: debug_data says so too
+        chosen = []
+    full_prefix = shown + kept_prefix
 
     if provider.prompt_template is not None:
         prompt = render_template(provider.prompt_template, full_prefix, kept_suffix)
