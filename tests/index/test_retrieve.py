@@ -218,10 +218,14 @@ async def test_a_checkout_that_is_gone_gives_no_snippets_until_it_is_back(
         "git_url": "https://github.com/example/weather.git",
     }
     assert await retriever.retrieve(**ask)
+    there = retriever.state()
     os.rename(repo, tmp_path / "moved")
     assert await retriever.retrieve(**{**ask, "prefix": PREFIX + "p"}) == []
+    # another state: the empty choice made meanwhile is not kept for the line
+    assert retriever.state() != there
     os.rename(tmp_path / "moved", repo)
     assert await retriever.retrieve(**{**ask, "prefix": PREFIX + "pe"})
+    assert retriever.state() == there
 
 
 def test_every_remote_names_the_repository_whoever_owns_the_checkout(

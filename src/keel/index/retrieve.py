@@ -244,9 +244,14 @@ class RepositoryRetriever:
                 self._cache.popitem(last=False)
         return snippets
 
-    def state(self) -> tuple[int, ...]:
-        """The indexes' states: a choice of snippets made in another is stale."""
-        return tuple(repo.index.stamp() for repo in self.repositories)
+    def state(self) -> tuple[object, ...]:
+        """The indexes' states, and whether each checkout is there: a choice of snippets
+        made in another is stale (the empty choice made while a checkout was gone stuck
+        to its line once the checkout was back)."""
+        return tuple(
+            (repo.index.stamp(), self.states[repo.name]["state"], repo.root.is_dir())
+            for repo in self.repositories
+        )
 
     async def retrieve(
         self, *, prefix: str, filepath: str | None, git_url: str | None

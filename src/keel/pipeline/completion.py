@@ -73,7 +73,7 @@ class SnippetRetriever(Protocol):
         self, *, prefix: str, filepath: str | None, git_url: str | None
     ) -> list[Snippet]: ...
 
-    def state(self) -> tuple[int, ...]:
+    def state(self) -> tuple[object, ...]:
         """Changes when what :meth:`retrieve` finds may have."""
         ...
 
