@@ -245,11 +245,12 @@ class RepositoryRetriever:
         return snippets
 
     def state(self) -> tuple[object, ...]:
-        """The indexes' states, and whether each checkout is there: a choice of snippets
-        made in another is stale (the empty choice made while a checkout was gone stuck
-        to its line once the checkout was back)."""
+        """The indexes' states, whether each failed (not each refresh's passing
+        "indexing", which would choose afresh mid-line) and whether each checkout is
+        there: a choice of snippets made in another is stale (the empty choice made while
+        a checkout was gone stuck to its line once the checkout was back)."""
         return tuple(
-            (repo.index.stamp(), self.states[repo.name]["state"], repo.root.is_dir())
+            (repo.index.stamp(), self.states[repo.name]["state"] == "failed", repo.root.is_dir())
             for repo in self.repositories
         )
 
