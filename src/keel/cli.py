@@ -502,9 +502,20 @@ def cmd_index(args: argparse.Namespace) -> int:
         known = ", ".join(configured) or "none: add [[repositories]] with name and path"
         raise RequestError(f"no repository named {args.name!r} in the config; configured: {known}")
     retriever = RepositoryRetriever.from_settings(settings.repositories, settings.index, paths)
+    remote = [  # said, as the server says it, where it was passed over in silence (exit 0)
+        entry
+        for entry in settings.repositories
+        if entry.path is None and args.name in (None, entry.name)
+    ]
+    for entry in remote:
+        print(
+            f"keel: {entry.name}: nothing to index: keel does not clone {entry.git_url}; set "
+            "path to its checkout on this machine",
+            file=sys.stderr,
+        )
     if not retriever.repositories:
         print("keel: no [[repositories]] with a path to index", file=sys.stderr)
-        return 0
+        return 1 if remote else 0
     failed: list[KeelError] = []
     for repo in retriever.repositories:
         if args.name is not None and repo.name != args.name:
@@ -525,7 +536,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
         for relpath, reason in sorted(stats.skipped.items())[:20]:
             print(f"  skipped {relpath}: {reason}")
-    return max((int(exc.exit_code) for exc in failed), default=0)
+    return max((int(exc.exit_code) for exc in failed), default=1 if remote else 0)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

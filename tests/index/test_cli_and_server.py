@@ -62,10 +62,15 @@ def test_keel_index_goes_on_past_a_repository_it_cannot_read(repo: Path, tmp_pat
     root = tmp_path / "keel"
     root.mkdir()
     gone = f'[[repositories]]\nname = "gone"\npath = "{tmp_path / "nowhere"}"\n\n'
-    (root / "config.toml").write_text(gone + config_for(repo))
+    # a remote with no checkout here: passed over in silence, exit 0
+    remote = '[[repositories]]\nname = "remote"\ngit_url = "https://10.255.255.1/a/b.git"\n\n'
+    (root / "config.toml").write_text(gone + remote + config_for(repo))
     done = run_keel(root, "index")
     assert done.returncode == 1, done.stderr
     assert "repository 'gone'" in done.stderr and "is not a directory" in done.stderr
+    assert "remote: nothing to index: keel does not clone" in done.stderr
+    alone = run_keel(root, "index", "remote")
+    assert alone.returncode == 1 and "remote: nothing to index" in alone.stderr, alone
     assert "weather: 4 files" in done.stdout
     checked = run_keel(root, "config", "check")  # the file is fine; this machine lacks one
     assert checked.returncode == 0, checked.stderr
