@@ -655,7 +655,7 @@ class RepositoryConfig(_Section):
         None,
         description="Local checkout to index; requests for files under it use it "
         "(default: a file:// git_url's path; a repository with neither is skipped: keel "
-        "does not clone). Not \"\": that was keel's working directory, whatever it was.",
+        'does not clone). Not "": that was keel\'s working directory, whatever it was.',
     )
     git_url: str | None = Field(
         None,
@@ -872,9 +872,32 @@ class Settings(_Section):
             if repo.path or repo.git_url
         ]
         repeated = sorted({place for place in places if places.count(place) > 1})
+        # one remote in two spellings (https://, git@host:): requests for it went to
+        # whichever was listed first
+        remotes = [normalize_git_url(repo.git_url) for repo in value if repo.git_url]
+        repeated += sorted({url for url in remotes if remotes.count(url) > 1} - set(repeated))
         if repeated:
             raise ValueError(f"a repository is listed twice: {', '.join(repeated)}")
         return value
+
+
+def normalize_git_url(url: str) -> str:
+    """The comparable form of a git remote URL.
+
+    ``https://user@GitHub.com/a/b.git/`` and ``git@github.com:a/b`` both give
+    ``github.com/a/b``.
+    """
+    text = url.strip()
+    text = re.sub(r"^[a-z][a-z0-9+.-]*://", "", text, flags=re.IGNORECASE)
+    text = re.sub(r"^[^@/]+@", "", text)
+    host, sep, rest = text.partition("/")
+    if ":" in host and not re.search(r":\d+$", host):
+        host, _, first = host.partition(":")  # scp-like "host:owner/repo"
+        rest = f"{first}/{rest}" if sep else first
+        sep = "/"
+    host = re.sub(r":\d+$", "", host).lower()
+    rest = rest.rstrip("/").removesuffix(".git")
+    return f"{host}{sep}{rest}" if sep else host
 
 
 def _repeated_names(names: list[object]) -> str | None:
@@ -1109,8 +1132,7 @@ def _covered(key: str, covered: set[str]) -> bool:
     the whole list judged the "" an unset ``${VAR}`` left in it: "every key must have
     at least 8 characters" beside "KEEL_USER_KEY is not set")."""
     return any(
-        key == c or key.startswith((f"{c}.", f"{c}[")) or c.startswith(f"{key}[")
-        for c in covered
+        key == c or key.startswith((f"{c}.", f"{c}[")) or c.startswith(f"{key}[") for c in covered
     )
 
 

@@ -29,6 +29,16 @@ def test_repositories_and_index_parse() -> None:
         ({"index": {"refresh_seconds": -1}}, "index.refresh_seconds"),
         # was keel's working directory, indexed and put into prompts
         ({"repositories": [{"name": "x", "path": ""}]}, "repositories[0].path"),
+        # one remote in two spellings: requests for it went to the first
+        (
+            {
+                "repositories": [
+                    {"name": "a", "path": "/src/a", "git_url": "https://github.com/o/b.git"},
+                    {"name": "b", "path": "/src/b", "git_url": "git@github.com:o/b"},
+                ]
+            },
+            "repositories",
+        ),
     ],
 )
 def test_bad_values_name_their_key(raw: dict[str, object], key: str) -> None:

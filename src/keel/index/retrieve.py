@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import subprocess
 import threading
 import time
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
-from keel.config import IndexConfig, Paths, RepositoryConfig
+from keel.config import IndexConfig, Paths, RepositoryConfig, normalize_git_url
 from keel.errors import KeelError
 from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
 from keel.index.tokens import query_terms
@@ -47,25 +46,6 @@ SEARCH_DEPTH = 32
 """Hits fetched per search before the per-file limit and the threshold are applied."""
 SEARCH_THREADS = 2
 """Searches at once, on threads of their own (:meth:`RepositoryRetriever.retrieve`)."""
-
-
-def normalize_git_url(url: str) -> str:
-    """The comparable form of a git remote URL.
-
-    ``https://user@GitHub.com/a/b.git/`` and ``git@github.com:a/b`` both give
-    ``github.com/a/b``.
-    """
-    text = url.strip()
-    text = re.sub(r"^[a-z][a-z0-9+.-]*://", "", text, flags=re.IGNORECASE)
-    text = re.sub(r"^[^@/]+@", "", text)
-    host, sep, rest = text.partition("/")
-    if ":" in host and not re.search(r":\d+$", host):
-        host, _, first = host.partition(":")  # scp-like "host:owner/repo"
-        rest = f"{first}/{rest}" if sep else first
-        sep = "/"
-    host = re.sub(r":\d+$", "", host).lower()
-    rest = rest.rstrip("/").removesuffix(".git")
-    return f"{host}{sep}{rest}" if sep else host
 
 
 def _remote_urls(root: Path) -> list[str]:
