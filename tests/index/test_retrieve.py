@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import tantivy
 
 from keel.config import IndexConfig, Paths, RepositoryConfig
 from keel.index.retrieve import (
@@ -271,3 +274,44 @@ async def test_each_refresh_says_how_each_index_stands(repo: Path, tmp_path: Pat
     assert weather["state"] == "ready" and weather["files"] == 4 and weather["chunks"]
     assert gone["state"] == "failed" and "is not a directory" in str(gone["last_error"])
     assert told == [("weather", True, weather["chunks"]), ("gone", False, None)]
+
+
+async def test_an_index_another_process_writes_is_busy_then_ready_soon(
+    repo: Path, tmp_path: Path
+) -> None:
+    """`keel index` writing while the server refreshes: the server called it "failed"
+    (keel_index_up 0, an alert) for the 10 minutes to its next round, while it searched
+    the other process's commit. It is "busy", and updated again soon."""
+    built = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))],
+        IndexConfig(refresh_seconds=600),
+        Paths(tmp_path / "data"),
+    )
+    built.update("weather")  # there, as `keel index` made it
+    told: list[tuple[str, bool, int | None]] = []
+    built.on_state = lambda *said: told.append(said)
+    built.busy_retry_seconds = 0.2
+    index = built.repositories[0].index
+    other = tantivy.Index.open(str(index.directory / "tantivy")).writer()  # another process
+    units = repo / "weather" / "units.py"
+    units.write_text(units.read_text() + "\n\ndef kelvin(k):\n    return k\n")  # to write
+    refresh = asyncio.create_task(built.refresh_forever())
+    try:
+        for _ in range(100):
+            if built.states["weather"]["state"] == "busy":
+                break
+            await asyncio.sleep(0.05)
+        assert built.states["weather"]["state"] == "busy", built.states
+        assert "another process" in str(built.states["weather"]["last_error"])
+        assert told == [], "not reported down"
+        del other  # its writer gone, its lock too
+        gc.collect()
+        for _ in range(100):
+            if built.states["weather"]["state"] == "ready":
+                break
+            await asyncio.sleep(0.05)
+        assert built.states["weather"]["state"] == "ready", built.states
+        assert told and told[-1][:2] == ("weather", True)
+    finally:
+        refresh.cancel()
+        built.stop()

@@ -146,6 +146,8 @@ class RepositoryRetriever:
         """Each repository's index as ``/v1/providers`` shows it (``refresh_forever``
         keeps it): waiting, indexing, ready or failed, with the last update's figures."""
         self.on_state: Callable[[str, bool, int | None], None] | None = None
+        self.busy_retry_seconds = 5.0
+        """How soon an index another process was writing is updated again."""
         """Told each refresh's outcome: repository, whether it worked, its chunks."""
 
     @classmethod
@@ -290,6 +292,7 @@ class RepositoryRetriever:
         cannot be indexed must not stop completions.
         """
         while self.repositories:
+            busy = False
             for repo in self.repositories:
                 state = self.states[repo.name]
                 if state["state"] == "waiting":
@@ -300,8 +303,15 @@ class RepositoryRetriever:
                 except _RefreshCancelled:
                     return
                 except Exception as exc:  # noqa: BLE001 - reported and retried next round
-                    log.warning("indexing repository %r failed: %s", repo.name, exc)
                     message = exc.message if isinstance(exc, KeelError) else str(exc)
+                    if isinstance(exc, KeelError) and exc.code == "index_busy":
+                        # `keel index` writes it: its commit is searched as it lands; not
+                        # "failed" (with keel_index_up 0) for the 10 minutes to the next
+                        # round, but tried again soon
+                        state.update(state="busy", last_error=message, at=time.time())
+                        busy = True
+                        continue
+                    log.warning("indexing repository %r failed: %s", repo.name, exc)
                     state.update(state="failed", last_error=message, at=time.time())
                     if self.on_state is not None:
                         self.on_state(repo.name, False, None)
@@ -328,6 +338,9 @@ class RepositoryRetriever:
                             len(done.removed),
                             done.seconds,
                         )
+            if busy:
+                await asyncio.sleep(self.busy_retry_seconds)
+                continue
             if self.config.refresh_seconds <= 0:
                 return
             await asyncio.sleep(self.config.refresh_seconds)
