@@ -144,11 +144,12 @@ class RepositoryRetriever:
             repo.name: {"state": "waiting", "path": str(repo.root)} for repo in self.repositories
         }
         """Each repository's index as ``/v1/providers`` shows it (``refresh_forever``
-        keeps it): waiting, indexing, ready or failed, with the last update's figures."""
+        keeps it): waiting, indexing, ready, busy or failed, with the last update's
+        figures."""
         self.on_state: Callable[[str, bool, int | None], None] | None = None
+        """Told each refresh's outcome: repository, whether it worked, its chunks."""
         self.busy_retry_seconds = 5.0
         """How soon an index another process was writing is updated again."""
-        """Told each refresh's outcome: repository, whether it worked, its chunks."""
 
     @classmethod
     def from_settings(
