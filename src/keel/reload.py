@@ -155,10 +155,14 @@ async def apply_config(
 
     A reload never leaves keel open to anyone: settings that ``keel serve`` would refuse
     on the address it listens on (no keys beyond loopback) are refused, and so is a
-    config file gone missing (read as all defaults, it dropped every key)."""
+    config file gone missing (read as all defaults, it dropped every key), unless keel
+    started on the defaults alone."""
     try:
         file = config_path or state.paths.config_file
-        if not file.exists():
+        # Started on defaults alone (no file), none is read as them again: a reload then
+        # restores the defaults' models after a load, and drops no key (there were none).
+        on_defaults = config_path is None and state.started_with == Settings()
+        if not file.exists() and not on_defaults:
             gone = ConfigIssue(
                 "(file)",
                 "config file does not exist; the running config stays (keel runs on "

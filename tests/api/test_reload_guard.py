@@ -91,3 +91,18 @@ async def test_a_reload_waits_for_a_model_load_in_progress(
             headers=USER,
         )
         assert answer.status_code == 200, answer.text  # on an open provider
+
+
+async def test_a_keel_started_on_defaults_alone_reloads_them(tmp_path: Path) -> None:
+    """Without a config file, a reload was a 422 ("config file does not exist") where the
+    README has it restore the config's models after a load; reading no file as the
+    defaults again drops nothing (a keel without a file has no keys to drop)."""
+    from keel.app import create_app
+    from keel.config import Paths, Settings
+
+    root = tmp_path / "keel"
+    root.mkdir()
+    app = create_app(Settings(), Paths(root), config_path=None, host="127.0.0.1")
+    async with serving(app) as client:
+        applied = await client.post("/v1/admin/reload")
+        assert applied.status_code == 200, applied.text
