@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from keel.models.registry import embedded_model_path
-from tests.conftest import KeelProcess, start_keel
-from tests.models.fake_hub import FakeHub
+from tests.conftest import KeelProcess
+from tests.models.fake_hub import FakeHub, keel_with_hub
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +32,7 @@ def hub() -> Iterator[FakeHub]:
 
 @pytest.fixture(scope="module")
 def server(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeelProcess]:
-    root = tmp_path_factory.mktemp("pull")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HF_ENDPOINT", hub.url)  # no test reaches huggingface.co
-        env.setenv("HF_HOME", str(root / "hf-home"))
-        env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        env.delenv("HF_TOKEN", raising=False)
-        env.delenv("HF_HUB_OFFLINE", raising=False)
-        keel = start_keel(root)
-    keel.wait_ready()
+    keel = keel_with_hub(tmp_path_factory.mktemp("pull"), hub)
     yield keel
     keel.stop()
 

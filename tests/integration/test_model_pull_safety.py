@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from keel.models.registry import embedded_model_path
-from tests.conftest import PRECOMPUTE_OFF, KeelProcess, start_keel
-from tests.models.fake_hub import FakeHub
+from tests.conftest import PRECOMPUTE_OFF
+from tests.models.fake_hub import FakeHub, keel_with_hub
 
 pytestmark = pytest.mark.integration
 
@@ -30,18 +30,6 @@ def hub() -> Iterator[FakeHub]:
         yield fake
 
 
-def keel_with_hub(root: Path, hub: FakeHub, config: str = PRECOMPUTE_OFF) -> KeelProcess:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HF_ENDPOINT", hub.url)  # no test reaches huggingface.co
-        env.setenv("HF_HOME", str(root / "hf-home"))
-        env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        env.delenv("HF_TOKEN", raising=False)
-        env.delenv("HF_HUB_OFFLINE", raising=False)
-        keel = start_keel(root, config)
-    keel.wait_ready()
-    return keel
-
-
 def events(text: str) -> list[dict[str, object]]:
     return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
 
@@ -49,7 +37,7 @@ def events(text: str) -> list[dict[str, object]]:
 def test_a_pull_from_another_repo_never_replaces_a_serving_model(
     hub: FakeHub, tmp_path: Path
 ) -> None:
-    keel = keel_with_hub(tmp_path, hub)
+    keel = keel_with_hub(tmp_path, hub, PRECOMPUTE_OFF)
     try:
         with keel.client() as client:
             pulled = client.post("/v1/model/download", json={"model": f"{FIRST}:tiny-q8_0.gguf"})

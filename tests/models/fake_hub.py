@@ -21,7 +21,12 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from tests.conftest import KeelProcess, start_keel
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -177,3 +182,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 time.sleep(hub.pause)
 
     return Handler
+
+
+def keel_with_hub(root: Path, hub: FakeHub, config: str | None = None) -> KeelProcess:
+    """A real `keel serve` at ``root`` (ready) whose pulls go to ``hub``, never to
+    huggingface.co, with no token or offline switch of the environment's."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_ENDPOINT", hub.url)
+        env.setenv("HF_HOME", str(root / "hf-home"))
+        env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        env.delenv("HF_TOKEN", raising=False)
+        env.delenv("HF_HUB_OFFLINE", raising=False)
+        keel = start_keel(root, config)
+    keel.wait_ready()
+    return keel
