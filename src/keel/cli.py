@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from keel import __version__
 from keel.config import (
+    LOCAL_CONCURRENCY,
     ROLES,
     HttpModelConfig,
     Paths,
@@ -294,8 +295,6 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def _admission_text(role: RoleConfig) -> str:
     """What the role admits at once, and at a local model when that is more than a local
     model takes (it falls back to one, or one is loaded in its place)."""
-    from keel.config import LOCAL_CONCURRENCY
-
     at_once = role.concurrency()
     text = f"{at_once} at once"
     if at_once > LOCAL_CONCURRENCY:

@@ -284,12 +284,12 @@ class ModelManager:
         config = base.model_copy(update={"model_id": chosen})
         # The worker of the same model and settings another role runs is shared, as at
         # start (a second engine of one model doubled the memory and split the cores).
-        serving, running = {p.name for p in self.routing.providers.unique()}, self._running()
+        serving = self._names()
         provider = build_local_provider(
-            role, config, path, ready_timeout=60.0, running=running, taken=serving
+            role, config, path, ready_timeout=60.0, running=self._running(), taken=serving
         )
         supervisor, name = provider.supervisor, provider.name
-        if provider.name in serving:
+        if name in serving:
             yield Progress("starting_worker", f"sharing {name}, running already")
         else:
             yield Progress("starting_worker", f"starting a worker for {path.name}")
@@ -335,6 +335,10 @@ class ModelManager:
             if isinstance(p, LocalProvider) and p.supervisor.state is not WorkerState.FAILED
         }
 
+    def _names(self) -> set[str]:
+        """The names of the providers serving now: a new worker's is not one of them."""
+        return {p.name for p in self.routing.providers.unique()}
+
     def _chain_of(self, role: Role) -> list[list[ProviderEntry]]:
         return self.routing.providers.chains[role]
 
@@ -356,9 +360,8 @@ class ModelManager:
         ):
             last = LocalModelConfig()
             path = resolve_model(last.model_id, self.paths)
-            running, serving = self._running(), {p.name for p in self.routing.providers.unique()}
             resort = build_local_provider(
-                role, last, path, ready_timeout=60.0, running=running, taken=serving
+                role, last, path, ready_timeout=60.0, running=self._running(), taken=self._names()
             )
             chain.append([ProviderEntry(resort, last)])
         return chain

@@ -234,7 +234,7 @@ class TabbyPrompts:
         self._line_snippets: OrderedDict[tuple[str, int], list[Snippet]] = OrderedDict()
 
     async def read(
-        self, request: TabbyCompletionRequest, max_tokens: int | None = None, *, editor: str = ""
+        self, request: TabbyCompletionRequest, max_tokens: int | None, *, editor: str
     ) -> TabbyTask:
         """Check the request and gather its context (snippets); raises RequestError.
         ``max_tokens``: the client's cap on new tokens, if it sets one; ``editor``: the

@@ -126,10 +126,11 @@ class CompletionServing:
         as a Tabby request, its ``n_predict`` as ``max_tokens``)."""
         async with CancelOnDisconnect(http):
             with self.admission.arrival():
-                task = await self.prompts.read(body, max_tokens, editor=editor_of(http, body))
+                editor = editor_of(http, body)
+                task = await self.prompts.read(body, max_tokens, editor=editor)
                 if task.language is UNKNOWN and body.language:
                     self._note_language(body.language)
-                key = editor_key(http, body)
+                key = None if body.segments is None else (editor, body.segments.filepath or "")
                 # A capped answer is generated for this request: a cached or running one
                 # is as long as keel's budget made it.
                 place = None if self._caps(max_tokens) else _place(key, task)
@@ -418,21 +419,15 @@ def _openai_call(
     return open_stream
 
 
-def editor_key(http: Request, body: TabbyCompletionRequest) -> tuple[str, str] | None:
-    """Which editor and file a completion is for: a newer one supersedes an older one.
-
-    Without a filepath (tabby-agent 1.5 sends none) the key is the editor alone:
-    a person types in one place at a time, so the newer request is the one awaited,
-    when it types on from the older one (:func:`types_on`).
-    """
-    if body.segments is None:
-        return None
-    return (editor_of(http, body), body.segments.filepath or "")
-
-
 def editor_of(http: Request, body: TabbyCompletionRequest) -> str:
     """The client a request comes from: its key (an x-api-key client's too, which fell
-    back to its address: one proxy's), else its address; its user and user agent."""
+    back to its address: one proxy's), else its address; its user and user agent.
+
+    With the request's filepath it is the key of superseding: a newer completion for
+    the same editor and file supersedes an older one. Without a filepath (tabby-agent
+    1.5 sends none) the key is the editor alone: a person types in one place at a time,
+    so the newer request is the one awaited, when it types on from the older one
+    (:func:`types_on`)."""
     who = getattr(http.state, "key_id", None) or http.headers.get("authorization")
     who = who or (http.client.host if http.client else "")
     return f"{who}|{body.user or ''}|{http.headers.get('user-agent', '')}"
