@@ -265,13 +265,6 @@ def test_split_budget_rejects_tiny_inputs() -> None:
         split_budget(10, has_suffix=True)
 
 
-def test_unused_snippet_budget_moves_to_the_prefix() -> None:
-    budget = PromptBudget(prefix=400, suffix=200, snippets=300)
-    assert budget.with_snippets_used(100) == PromptBudget(prefix=600, suffix=200, snippets=100)
-    assert budget.with_snippets_used(300) == budget
-    assert budget.with_snippets_used(0) == PromptBudget(prefix=700, suffix=200, snippets=0)
-
-
 # --- snippets ---------------------------------------------------------------
 
 

@@ -214,11 +214,6 @@ class PromptBudget:
     suffix: int
     snippets: int
 
-    def with_snippets_used(self, used: int) -> PromptBudget:
-        """The snippet tokens left unused go to the prefix."""
-        unused = max(0, self.snippets - used)
-        return PromptBudget(self.prefix + unused, self.suffix, self.snippets - unused)
-
 
 TEMPLATE_RESERVE = 16
 """Tokens kept free for the FIM markers a template adds."""
@@ -228,11 +223,14 @@ def split_budget(max_input_length: int, *, has_suffix: bool) -> PromptBudget:
     """Split a model's input budget between snippets, prefix and suffix.
 
     After :data:`TEMPLATE_RESERVE` for the FIM markers: snippets get up to a
-    third (a cap, not a reservation: give what they leave unused to the
-    prefix with :meth:`PromptBudget.with_snippets_used`), the suffix a
-    quarter when there is one, the prefix the rest, so at least 5/12. The
-    prefix gets the most because the text right before the cursor predicts
-    the completion best; the suffix mostly tells the model where to stop.
+    third, the suffix a quarter when there is one, the prefix the rest, so at
+    least 5/12. What snippets leave unused is not given to the prefix: its
+    window would then grow back over earlier lines whenever a keystroke's
+    snippets shrink, and a local engine reads a window whose start moved back
+    all over again; and every token more is prompt a CPU engine reads before
+    the first token. The prefix gets the most because the text right before the
+    cursor predicts the completion best; the suffix mostly tells the model
+    where to stop.
     """
     if max_input_length < 2 * TEMPLATE_RESERVE:
         raise ValueError(
