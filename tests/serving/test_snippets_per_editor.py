@@ -4,8 +4,13 @@ holds the text of its files (a colleague's settings.py, a secret in it)."""
 
 from __future__ import annotations
 
-import httpx
+import gc
+import tracemalloc
 
+import httpx
+import pytest
+
+from keel.pipeline import completion
 from tests.fakes.upstreams import FakeUpstream
 
 
@@ -59,3 +64,31 @@ async def test_debug_data_lists_only_the_snippets_the_prompt_shows(
     debug = response.json()["debug_data"]
     assert "settings.py" not in debug["prompt"]
     assert not debug.get("snippets"), debug
+
+
+async def test_the_snippets_kept_per_line_are_bounded_by_their_size(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choices kept per line were bounded by count alone (256): 256 requests with
+    3.9 MB of declarations each held keel at 1.1 GB. Here, with the bound at 1 MB of
+    text, 24 lines of 400 kB of snippets each (9.6 MB sent) leave keel holding about
+    1 MB of them, not all."""
+    monkeypatch.setattr(completion, "LINE_SNIPPET_CHARS", 2**20)
+    body = "x = 1\n" * 66_000  # ~400 kB
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(24):
+            request = typing("", "pw", agent="erin")
+            segments = request["segments"]
+            assert isinstance(segments, dict)
+            segments["filepath"] = f"file_{index}.py"
+            segments["declarations"] = [{"filepath": "big.py", "body": f"# {index}\n{body}"}]
+            response = await keel.post("/v1/completions", json=request)
+            assert response.status_code == 200, response.text
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 3 * 2**20, f"{held / 2**20:.1f} MiB held after 9.6 MB of snippets"

@@ -212,6 +212,16 @@ class TabbyTask:
     """The client's own cap on new tokens (llama.cpp's ``n_predict``), within keel's."""
 
 
+LINE_SNIPPET_CHARS = 16 * 2**20
+"""Characters of snippet bodies the per-line choices hold in all (the lines longest unused
+go first): bounded by count alone, 256 requests of 3.9 MB of declarations each held
+keel at 1.1 GB."""
+
+
+def _chars(snippets: Sequence[Snippet]) -> int:
+    return sum(len(s.body) for s in snippets)
+
+
 class TabbyPrompts:
     """Everything between a Tabby request and a provider call, and back.
 
@@ -232,6 +242,8 @@ class TabbyPrompts:
         self.max_decoding_tokens = max_decoding_tokens
         self.retriever = retriever
         self._line_snippets: OrderedDict[tuple[str, int], list[Snippet]] = OrderedDict()
+        self._line_chars = 0
+        """What the kept snippets' bodies add up to."""
 
     async def read(
         self, request: TabbyCompletionRequest, max_tokens: int | None, *, editor: str
@@ -350,8 +362,9 @@ class TabbyPrompts:
             return cached
         chosen = client + await self._repository_snippets(request, prefix)
         self._line_snippets[key] = chosen
-        while len(self._line_snippets) > 256:
-            self._line_snippets.popitem(last=False)
+        self._line_chars += _chars(chosen)
+        while len(self._line_snippets) > 256 or self._line_chars > LINE_SNIPPET_CHARS:
+            self._line_chars -= _chars(self._line_snippets.popitem(last=False)[1])
         return chosen
 
     async def _repository_snippets(
