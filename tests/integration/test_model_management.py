@@ -193,14 +193,16 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
 ) -> None:
     """A load left completion with no embedded last resort (a crash of the loaded
     model's worker failed the request), started a second worker of a model another
-    role ran already, and ignored TabbyAPI's ``max_seq_len``."""
+    role ran already, and ignored TabbyAPI's ``max_seq_len``. The worker a load starts
+    logged its crashes under the load's request id."""
     models = tmp_path / "models"
     models.mkdir()
     (models / "alt.gguf").symlink_to(embedded_model_path())
     embedded = "local/SmolLM2-135M-Instruct"
     with running_keel(tmp_path, PRECOMPUTE_OFF) as server, server.client() as client:
         body = {"model_name": "alt", "max_seq_len": 1024, "stream": False}
-        assert client.post("/v1/model/load", json=body).status_code == 200
+        load = client.post("/v1/model/load", json=body, headers={"X-Request-ID": "the-load"})
+        assert load.status_code == 200
         assert [p["name"] for p in _chain(client, "completion")] == ["local/alt", embedded]
         assert client.get("/v1/model").json()["parameters"]["max_seq_len"] == 1024
         answers: list[httpx.Response] = []
@@ -217,6 +219,8 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         request.join(120)
         assert answers[0].status_code == 200, answers[0].text
         assert answers[0].headers["x-keel-provider"] == embedded
+        killed = [line for line in server.log.read_text().splitlines() if "was killed" in line]
+        assert killed and not any("the-load" in line for line in killed), killed
         # The embedded model, serving chat and last in completion's chain: the same worker.
         body = {"model_name": "SmolLM2-135M-Instruct", "stream": False}
         assert client.post("/v1/model/load", json=body).status_code == 200

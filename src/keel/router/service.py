@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -296,7 +297,10 @@ class Routing:
 
     def start_prober(self) -> None:
         if self._prober is None:
-            self._prober = asyncio.create_task(self._probe_forever(), name="health-prober")
+            # a context of its own, not that of a request whose reload started it
+            self._prober = asyncio.create_task(
+                self._probe_forever(), name="health-prober", context=contextvars.Context()
+            )
 
     async def aclose(self) -> None:
         task, self._prober = self._prober, None

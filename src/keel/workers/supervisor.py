@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import sys
@@ -225,7 +226,11 @@ class WorkerSupervisor:
         if self._task is None:
             self._stopping = False
             self._set_state(WorkerState.STARTING)
-            self._task = asyncio.create_task(self._run(), name=f"worker:{self.name}")
+            # A context of its own: a worker started by a request (a model load) logged its
+            # crashes and restarts, days later, under that request's id.
+            self._task = asyncio.create_task(
+                self._run(), name=f"worker:{self.name}", context=contextvars.Context()
+            )
 
     async def stop(self) -> None:
         """End the worker (a loading one killed at once; a ready one: stdin closed, then
