@@ -165,6 +165,11 @@ class SqliteEventStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         migrate_sqlite(self._db)
         self._lock = threading.Lock()
+        # The figures read on a connection of their own: WAL lets them read while events
+        # are written. On the writer's, one read of a day's 400,000 completions held
+        # every completion's answer (which waits on its event's insert) for 2.8 s.
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reading = threading.Lock()
 
     def _insert(self, row: tuple[object, ...]) -> None:
         with self._lock:
@@ -194,8 +199,10 @@ class SqliteEventStore:
             self.last_error = None
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall()
+        with self._reading:
+            rows = self._reader.execute(
+                "SELECT kind, COUNT(*) FROM events GROUP BY kind"
+            ).fetchall()
         return {str(kind): int(count) for kind, count in rows}
 
     def _language_of(self, completion_id: str) -> str | None:
@@ -227,8 +234,8 @@ class SqliteEventStore:
             WHERE c.kind = 'completion' AND c.ts BETWEEN ? AND ?
             GROUP BY 1, 2 ORDER BY 3 DESC
         """
-        with self._lock:
-            rows = self._db.execute(query, (since, until)).fetchall()
+        with self._reading:
+            rows = self._reader.execute(query, (since, until)).fetchall()
         return [acceptance_row(*row) for row in rows]
 
     def status(self) -> dict[str, object]:
@@ -248,6 +255,8 @@ class SqliteEventStore:
             raise Unavailable(f"events file {self.path}: {exc}") from exc
 
     def close(self) -> None:
+        with self._reading:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
