@@ -141,7 +141,9 @@ class CompletionServing:
         await self.events.record(
             "completion",
             completion_id=response.id,
-            language=body.language,
+            # its canonical name, as the metrics fold it: the raw id made a row of the
+            # acceptance figures for each of a client's made-up languages
+            language=task.language.name,
             data={
                 "provider": answer.provider,
                 "source": answer.source,
