@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -17,13 +18,45 @@ from keel.errors import WorkerCrashed, WorkerUnavailable
 from keel.models.registry import embedded_model_path
 from keel.providers.base import CompletionCall, GenerationParams
 from keel.providers.local import LocalProvider
-from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor, kernel_oom_kills
+from keel.workers.supervisor import (
+    WorkerSpec,
+    WorkerState,
+    WorkerSupervisor,
+    cgroup_oom_kills,
+    kernel_oom_kills,
+    worker_oom_kills,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def test_the_kernel_counter_is_readable_here() -> None:
+def test_the_counters_are_readable_here() -> None:
     assert isinstance(kernel_oom_kills(), int)
+    assert isinstance(worker_oom_kills(), int)
+
+
+def test_the_control_groups_own_count_is_read_in_either_version(tmp_path: Path) -> None:
+    """The host's count alone took a worker killed by hand for an OOM kill whenever any
+    process on the host had been OOM-killed: keel's own control group's count is read
+    first (cgroup v2's ``memory.events``; v1's ``memory.oom_control``, at the mount's
+    root where a container's namespace shows its own group so)."""
+    cgroups = tmp_path / "cgroup"
+    v2 = tmp_path / "sys" / "system.slice" / "keel.service"
+    v2.mkdir(parents=True)
+    (v2 / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n")
+    cgroups.write_text("0::/system.slice/keel.service\n")
+    assert cgroup_oom_kills(str(cgroups), str(tmp_path / "sys")) == 2
+    cgroups.write_text("0::/\n")  # the root group: no count of its own
+    assert cgroup_oom_kills(str(cgroups), str(tmp_path / "sys")) is None
+    v1 = tmp_path / "sys" / "memory"
+    v1.mkdir()
+    (v1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
+    cgroups.write_text("9:cpu:/\n4:memory:/docker/abc\n0::/\n")
+    assert cgroup_oom_kills(str(cgroups), str(tmp_path / "sys")) == 5  # namespaced: the root
+    (v1 / "docker" / "abc").mkdir(parents=True)
+    (v1 / "docker" / "abc" / "memory.oom_control").write_text("oom_kill 1\n")
+    assert cgroup_oom_kills(str(cgroups), str(tmp_path / "sys")) == 1
+    assert cgroup_oom_kills(str(tmp_path / "missing"), str(tmp_path / "sys")) is None
 
 
 @pytest.mark.parametrize("oom", [True, False])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -152,11 +153,13 @@ async def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
     """A ready worker frozen (SIGSTOP) under a request: the request ends as a crash (which
     falls back) and the worker is restarted, where it stayed ``ready`` with the request
     waiting out its timeout. One generating flat out still answers the pings and is
-    left alone."""
+    left alone. Its own kill is not an OOM kill, though the OOM counter rises meanwhile
+    (another process's OOM kill): it was taken for one, and never restarted."""
+    others_killed = itertools.count()
     supervisor = WorkerSupervisor(
         WorkerSpec(str(embedded_model_path()), slots=1),
         name="liveness-test",
-        oom_kills=lambda: None,
+        oom_kills=lambda: next(others_killed),
         liveness=Liveness(interval=0.25, timeout=2.0, misses=2),
     )
     op = {"op": "complete", "prompt": "Once upon a time", "temperature": 1.0}

@@ -170,16 +170,63 @@ def _cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # utime and stime: the stat file's 14 and 15
 
 
-def kernel_oom_kills(vmstat: str = "/proc/vmstat") -> int | None:
-    """How many processes the kernel's OOM killer has killed since boot."""
+def _oom_kill_count(path: Path) -> int | None:
+    """The ``oom_kill`` line of a kernel counter file (``/proc/vmstat``, a cgroup's
+    ``memory.events`` or ``memory.oom_control``), or None."""
     try:
-        with open(vmstat, encoding="ascii") as file:
-            for line in file:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
+        for line in path.read_text(encoding="ascii").splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
     except (OSError, ValueError):
         return None
     return None
+
+
+def kernel_oom_kills(vmstat: str = "/proc/vmstat") -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot, on the whole
+    host."""
+    return _oom_kill_count(Path(vmstat))
+
+
+def cgroup_oom_kills(
+    cgroups: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup"
+) -> int | None:
+    """How many processes of keel's own control group (where its workers run) the OOM
+    killer has killed, by any OOM: cgroup v2's ``memory.events``, else v1's
+    ``memory.oom_control`` (where a container sees its own group as the mount's root);
+    None where neither is readable, or keel runs in the root group."""
+    try:
+        lines = Path(cgroups).read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, group = parts
+        if controllers == "" and group != "/":
+            candidates = [Path(mount, group.lstrip("/"), "memory.events")]
+        elif "memory" in controllers.split(","):
+            memory = Path(mount, "memory")
+            candidates = [memory / group.lstrip("/") / "memory.oom_control"]
+            if group != "/":
+                candidates.append(memory / "memory.oom_control")
+        else:
+            continue
+        for candidate in candidates:
+            if (count := _oom_kill_count(candidate)) is not None:
+                return count
+    return None
+
+
+def worker_oom_kills() -> int | None:
+    """The OOM kills that can tell whether a worker killed by SIGKILL was killed for
+    memory: its control group's (keel's own), else the host's. The host's alone called a
+    worker ``kill -9``-ed by hand, or by keel's own watch, an OOM kill, never to be
+    restarted, whenever any process on the host had been OOM-killed meanwhile."""
+    found = cgroup_oom_kills()
+    return found if found is not None else kernel_oom_kills()
 
 
 class WorkerSupervisor:
@@ -191,7 +238,7 @@ class WorkerSupervisor:
         policy: RestartPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        oom_kills: Callable[[], int | None] = kernel_oom_kills,
+        oom_kills: Callable[[], int | None] = worker_oom_kills,
         liveness: Liveness | None = None,
     ) -> None:
         self.spec = spec
@@ -288,7 +335,9 @@ class WorkerSupervisor:
             exit_code = await self._run_once()
             killed = exit_code is not None and exit_code < 0 and -exit_code == signal.SIGKILL
             oom_after = self._oom_kills() if killed else None
-            if killed and oom_before is not None and oom_after is not None:
+            if self._unanswered is not None:  # keel's own watch killed it, not the kernel
+                killed_for_memory = False
+            elif killed and oom_before is not None and oom_after is not None:
                 killed_for_memory = oom_after > oom_before
             else:
                 killed_for_memory = False
