@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,6 +28,7 @@ from keel.config import (
     LOCAL_CONCURRENCY,
     ROLES,
     HttpModelConfig,
+    LocalModelConfig,
     Paths,
     RoleConfig,
     Settings,
@@ -46,7 +47,7 @@ from keel.errors import (
     RequestError,
     Unavailable,
 )
-from keel.workers.worker import threads_variable_trouble
+from keel.workers.worker import threads_over_cores, threads_variable_trouble
 
 if TYPE_CHECKING:
     from keel.providers.catalog import Providers
@@ -176,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings, paths = _load(args)
     for ignored in settings.ignored_sections():
         log.warning("%s", ignored)
-    if (threads := threads_variable_trouble(os.environ)) is not None:
+    for threads in _thread_troubles(settings):
         log.warning("%s", threads)
     restarts = os.environ.get("KEEL_SUPERVISOR_RESTARTS")
     if restarts and restarts != "0":
@@ -261,7 +262,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {issue.render()}", file=sys.stderr)
     for ignored in settings.ignored_sections():
         print(f"warning: {ignored}", file=sys.stderr)
-    if (threads := threads_variable_trouble(os.environ)) is not None:  # this machine's
+    for threads in _thread_troubles(settings):  # this machine's
         print(f"warning: {threads}", file=sys.stderr)
     for index, repo in enumerate(settings.repositories):  # this machine's checkouts
         if repo.path is not None and not Path(repo.path).expanduser().is_dir():
@@ -302,6 +303,28 @@ def _admission_text(role: RoleConfig) -> str:
     return f"{text}, then {role.queue_size} waiting up to {role.queue_timeout:g} s, then 429"
 
 
+def _local_tables(settings: Settings) -> Iterator[tuple[str, LocalModelConfig]]:
+    """Each local model the config names, with where: ``model.<role>.local`` or
+    ``model.<role>.fallback[<index>]``."""
+    for role in ROLES:
+        section = settings.model.role(role)
+        tables = [
+            ("local", section.primary()),
+            *((f"fallback[{index}]", entry) for index, entry in enumerate(section.fallback)),
+        ]
+        for where, table in tables:
+            if isinstance(table, LocalModelConfig):
+                yield f"model.{role}.{where}", table
+
+
+def _thread_troubles(settings: Settings) -> list[str]:
+    """``LLAMA_ARG_THREADS`` set to what the worker ignores, and ``threads`` set above
+    the cores keel may run on (64 on 2 cores: 7-11x slower, said nowhere)."""
+    found = [threads_variable_trouble(os.environ)]
+    found += [threads_over_cores(t.threads, f"{w}.threads") for w, t in _local_tables(settings)]
+    return [trouble for trouble in found if trouble is not None]
+
+
 def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
     """The local models the config names that are not on this machine, or damaged."""
     from keel.errors import MissingDependency
@@ -309,22 +332,18 @@ def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
     from keel.models.registry import resolve_model
 
     issues = []
-    for role in ROLES:
-        for index, provider in enumerate(settings.model.role(role).chain()):
-            if isinstance(provider, HttpModelConfig):
-                continue
-            where = f"model.{role}.local" if index == 0 else f"model.{role}.fallback[{index}]"
-            key = f"{where}.model_id"
-            try:
-                path = resolve_model(provider.model_id, paths)
-            except MissingDependency as exc:
-                issues.append(ConfigIssue(key, f"{exc.message} (keel serve here would exit 69)"))
-                continue
-            try:
-                read_metadata(path)
-            except (MissingDependency, OSError) as exc:
-                why = exc.message if isinstance(exc, MissingDependency) else f"unreadable: {exc}"
-                issues.append(ConfigIssue(key, f"{why} (its worker would fail to load it)"))
+    for where, provider in _local_tables(settings):
+        key = f"{where}.model_id"
+        try:
+            path = resolve_model(provider.model_id, paths)
+        except MissingDependency as exc:
+            issues.append(ConfigIssue(key, f"{exc.message} (keel serve here would exit 69)"))
+            continue
+        try:
+            read_metadata(path)
+        except (MissingDependency, OSError) as exc:
+            why = exc.message if isinstance(exc, MissingDependency) else f"unreadable: {exc}"
+            issues.append(ConfigIssue(key, f"{why} (its worker would fail to load it)"))
     return issues
 
 

@@ -13,6 +13,7 @@ import keel.config as config_module
 from keel.config import HttpModelConfig, LocalModelConfig, Paths, load_settings, parse_settings
 from keel.errors import ConfigError
 from keel.sample_config import render_sample
+from keel.workers.worker import usable_cores
 from tests.conftest import keel_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -362,12 +363,13 @@ def test_config_check_warns_of_a_keys_file_keel_cannot_use(tmp_path: Path) -> No
 
 def test_config_check_warns_of_a_model_file_this_machine_lacks(tmp_path: Path) -> None:
     """keel serve would exit 69 here (a reload: a 422); the file itself is valid (it may
-    be checked away from the server), so a warning: it said "ok" alone."""
+    be checked away from the server), so a warning: it said "ok" alone. The first
+    fallback is ``fallback[0]``, as in every other message (this one said ``[1]``)."""
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     config = write(tmp_path, '[[model.chat.fallback]]\nmodel_id = "no-such-model"\n')
     result = keel_cli("config", "check", str(config), env=env)
     assert result.returncode == 0, result.stderr
-    assert "model.chat.fallback[1].model_id: model 'no-such-model' not found" in result.stderr
+    assert "model.chat.fallback[0].model_id: model 'no-such-model' not found" in result.stderr
 
 
 def test_config_check_takes_config_as_the_other_commands_do(tmp_path: Path) -> None:
@@ -608,3 +610,27 @@ def test_a_threads_variable_the_worker_ignores_is_a_warning(tmp_path: Path) -> N
     for usable in ("4", " 2\n", ""):
         quiet = keel_cli("config", "check", env={**env, "LLAMA_ARG_THREADS": usable})
         assert "LLAMA_ARG_THREADS" not in quiet.stderr, quiet.stderr
+
+
+def test_threads_above_the_cores_is_a_warning(tmp_path: Path) -> None:
+    """`threads = 64` on 2 cores answered 7-11x slower than unset, and neither `keel
+    config check` nor `keel serve` said a word. Both say it now, naming the key (a
+    fallback's by its index from 0), the cores and what to set."""
+    cores = usable_cores()
+    (tmp_path / "config.toml").write_text(
+        f'[model.chat.local]\nmodel_id = "SmolLM2-135M-Instruct"\nthreads = {cores + 1}\n'
+        f'[[model.chat.fallback]]\nmodel_id = "SmolLM2-135M-Instruct"\nthreads = {cores}\n'
+        f'[[model.chat.fallback]]\nmodel_id = "SmolLM2-135M-Instruct"\nthreads = 64\n'
+    )
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    checked = keel_cli("config", "check", env=env)
+    assert checked.returncode == 0, checked.stderr
+    said = f"model.chat.local.threads = {cores + 1} is more than the {cores} physical core(s)"
+    assert f"warning: {said}" in checked.stderr, checked.stderr
+    assert "model.chat.fallback[1].threads = 64 is more than" in checked.stderr
+    assert "fallback[0].threads" not in checked.stderr
+    with socket.socket() as holder:  # serve stops at the bind: the warning comes before it
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        served = keel_cli("serve", "--port", str(holder.getsockname()[1]), env=env)
+    assert served.returncode == 75 and said in served.stderr, served.stderr

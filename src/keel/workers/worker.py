@@ -784,6 +784,18 @@ def threads_variable_trouble(environ: Mapping[str, str]) -> str | None:
     )
 
 
+def threads_over_cores(threads: int | None, where: str) -> str | None:
+    """What is wrong with ``threads`` set above the cores keel may run on (None: not)."""
+    cores = usable_cores()
+    if threads is None or threads <= cores:
+        return None
+    return (
+        f"{where} = {threads} is more than the {cores} physical core(s) keel may run on: "
+        "each engine step waits for threads that are not running (64 threads on 2 cores "
+        f"answered 7-11x slower); leave it unset for {cores}, or set at most {cores}"
+    )
+
+
 def _threads(args: argparse.Namespace) -> int:
     """The configured threads, else ``LLAMA_ARG_THREADS``, else the physical cores this
     process may run on within its CPU quota: llama.cpp's own default counts every core of
@@ -795,6 +807,11 @@ def _threads(args: argparse.Namespace) -> int:
     _, threads = _threads_variable(os.environ)
     if threads is not None:
         return threads
+    return usable_cores()
+
+
+def usable_cores() -> int:
+    """The physical cores this process may run on, within its CPU quota."""
     cores = set()
     for cpu in os.sched_getaffinity(0):
         siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
