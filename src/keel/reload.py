@@ -121,11 +121,10 @@ def assemble(
             timeout=settings.server.completion_timeout,
             precompute=settings.completion.precompute,
         ),
-        chat=ChatServing(
-            routing.routers["chat"],
-            routing.admission["chat"],
-            timeout=max(settings.server.completion_timeout, 300.0),
-        ),
+        # No limit on a whole chat answer, only the backend's first-token and stall
+        # limits: it was cut at 300 s while the backend still sent tokens (a slow model's
+        # long answer, a reasoning model's minutes of thought), all of it lost unstreamed.
+        chat=ChatServing(routing.routers["chat"], routing.admission["chat"]),
         embedding=EmbeddingServing(routing.routers["embedding"], routing.admission["embedding"]),
         keys=KeyStore(
             settings.auth,

@@ -67,10 +67,12 @@ def assembled(deltas: list[dict[str, Any]]) -> list[dict[str, object]]:
 
 
 class ChatServing:
-    def __init__(self, router: RoleRouter, admission: Admission, *, timeout: float) -> None:
+    """Chat answers, held to no limit as a whole: only the backend's first-token and stall
+    limits (cut at 300 s, a slow model's long answer was lost while it still came)."""
+
+    def __init__(self, router: RoleRouter, admission: Admission) -> None:
         self.router = router
         self.admission = admission
-        self.timeout = timeout
 
     async def serve(self, http: Request, body: ChatCompletionRequest) -> Response:
         envelope = Envelope(
@@ -99,7 +101,7 @@ class ChatServing:
             if body.stream:
                 return await self._stream(http, body, open_stream, call, envelope)
             generated = await generate_text(
-                self.router, self.admission, open_stream, params.stop, self.timeout
+                self.router, self.admission, open_stream, params.stop, None
             )
         await count_usage(generated, chat_text(call), call.reported)
         note_provider(http, generated.provider)
@@ -152,7 +154,7 @@ class ChatServing:
             head=head,
             chunk=lambda piece: chunk(delta(piece), None),
             tail=tail,
-            timeout=self.timeout,
+            timeout=None,
             role="chat",
         )
         note_provider(http, generated.provider)

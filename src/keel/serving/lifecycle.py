@@ -91,10 +91,10 @@ class CancelOnDisconnect:
 
 
 @contextlib.asynccontextmanager
-async def total_timeout(seconds: float, role: str) -> AsyncIterator[None]:
-    """A request's whole generation, however many attempts it takes; its end is the
-    failure of the provider the last attempt was on (it was the role's name, in the error,
-    ``X-Keel-Provider`` and the metrics)."""
+async def total_timeout(seconds: float | None, role: str) -> AsyncIterator[None]:
+    """A request's whole generation, however many attempts it takes (None: no limit); its
+    end is the failure of the provider the last attempt was on (it was the role's name, in
+    the error, ``X-Keel-Provider`` and the metrics)."""
     try:
         async with asyncio.timeout(seconds):
             yield
@@ -152,7 +152,7 @@ async def generate_text(
     admission: Admission,
     open_stream: OpenStream,
     stops: Sequence[str],
-    timeout: float,
+    timeout: float | None,
 ) -> Generated:
     """A whole answer (the client waits for it): a provider failing mid-way still
     hands the request to the next one, as the client has seen nothing."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
@@ -129,7 +130,7 @@ async def stream_response(
     head: Callable[[], list[dict[str, object]]],
     chunk: Callable[[str], dict[str, object]],
     tail: Callable[[], Awaitable[list[dict[str, object]]]],
-    timeout: float,
+    timeout: float | None,
     role: str,
 ) -> EventStream:
     """An SSE response: the events ``head()`` gives once the first piece is in (the
@@ -138,12 +139,12 @@ async def stream_response(
 
     ``timeout`` bounds the whole generation without a timer per piece: a piece
     arriving after the deadline ends the stream with :class:`UpstreamTimeout`
-    (a stall in between is the router's between-token timeout). The head goes
+    (a stall in between is the router's between-token timeout); None: no bound. The head goes
     out with the first piece and the tail with ``[DONE]``: fewer writes, the
     same events.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = math.inf if timeout is None else loop.time() + timeout
     iterator = aiter(pieces)
     try:
         first: str | None = await anext(iterator)
