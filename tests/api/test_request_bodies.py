@@ -592,6 +592,7 @@ async def test_an_events_select_kind_is_tabbys_line_or_none(client: httpx.AsyncC
     [
         ("/v1/completions", "echo", True),
         ("/v1/completions", "logprobs", 2),
+        ("/v1/completions", "best_of", 2),
         ("/v1/chat/completions", "logprobs", True),
         ("/v1/chat/completions", "top_logprobs", 3),
     ],
@@ -599,16 +600,16 @@ async def test_an_events_select_kind_is_tabbys_line_or_none(client: httpx.AsyncC
 async def test_what_keel_cannot_return_is_refused_when_asked_for(
     client: httpx.AsyncClient, path: str, field: str, value: object
 ) -> None:
-    """``echo`` and ``logprobs`` on OpenAI's completions, ``logprobs`` and
+    """``echo``, ``logprobs`` and ``best_of`` on OpenAI's completions, ``logprobs`` and
     ``top_logprobs`` on its chat, were ignored: the client read an answer without the
-    prompt or the probabilities (``logprobs: null``) as if it had them. Left at their
-    defaults (false, 0, null) they are taken."""
+    prompt or the probabilities (``logprobs: null``), or one sample, as if it had them.
+    Left at their defaults (false, 0, 1, null) they are taken."""
     body = OPENAI_COMPLETION if path == "/v1/completions" else OPENAI_CHAT
     refused = await client.post(path, json={**body, field: value}, headers=USER)
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["param"] == field and f"leave '{field}' out" in error["message"], error
-    for default in (False, 0, None):
+    for default in (1,) if field == "best_of" else (False, 0, None):
         taken = await client.post(path, json={**body, field: default}, headers=USER)
         assert taken.status_code == 200, (default, taken.text)
 

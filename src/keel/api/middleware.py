@@ -81,9 +81,10 @@ DRAIN_FACTOR = 4
 before the 413; a bigger one is refused unread, on a connection closed after it."""
 _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _PORT = re.compile(r":\d+$")
-CORS_EXPOSED = b"X-Request-ID, X-Keel-Provider, X-Keel-Source, X-Keel-Superseded"
-"""keel's own answer headers, readable by a page (a browser shows a page only the
-standard ones otherwise)."""
+CORS_EXPOSED = b"X-Request-ID, X-Keel-Provider, X-Keel-Source, X-Keel-Superseded, Retry-After"
+"""keel's own answer headers and ``Retry-After``, readable by a page (a browser shows a
+page only the CORS-safelisted ones otherwise, such as ``Content-Type``: a chat UI calling
+keel directly never saw when to retry after a 429 or a 503)."""
 
 
 class CorsPolicy:

@@ -168,8 +168,20 @@ class CompletionRequest(_Sampled):
     logprobs: int | None = Field(
         None, description="Only 0 or null: keel returns no log probabilities."
     )
-    """Both refused when asked for, not ignored: the client would read an answer without
-    them as if it had them (no prompt echoed, ``logprobs: null``)."""
+    best_of: int | None = Field(
+        None, description="Only 1 or null: keel returns one sample, not the best of several."
+    )
+    """Each refused when asked for, not ignored: the client would read an answer without
+    them as if it had them (no prompt echoed, ``logprobs: null``, one sample as the best)."""
+
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _one_sample(cls, value: object) -> object:
+        if type(value) is int and value > 1:
+            raise ValueError(
+                "keel does not choose the best of several samples: leave 'best_of' out"
+            )
+        return value
 
     @field_validator("echo", "logprobs", mode="before")
     @classmethod
