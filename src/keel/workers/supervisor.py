@@ -335,12 +335,12 @@ class WorkerSupervisor:
             exit_code = await self._run_once()
             killed = exit_code is not None and exit_code < 0 and -exit_code == signal.SIGKILL
             oom_after = self._oom_kills() if killed else None
-            if self._unanswered is not None:  # keel's own watch killed it, not the kernel
-                killed_for_memory = False
-            elif killed and oom_before is not None and oom_after is not None:
-                killed_for_memory = oom_after > oom_before
-            else:
-                killed_for_memory = False
+            killed_for_memory = (
+                self._unanswered is None  # not keel's own watch's kill
+                and oom_before is not None
+                and oom_after is not None
+                and oom_after > oom_before
+            )
             if killed_for_memory:
                 self.last_error = (
                     "worker was killed by the kernel for lack of memory (OOM kill); not "
