@@ -239,6 +239,46 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         assert again.json()["message"].startswith(f"chat is served by {current} "), again.text
 
 
+def test_a_load_of_a_shared_worker_given_up_on_serves_every_role_it_served(
+    tmp_path: Path,
+) -> None:
+    """A worker completion and chat shared, given up on (its file went bad: a restart
+    reported it once and stopped): a load of the mended file served completion only, and
+    chat stayed failed, ``/ready`` 503, until a second load for it."""
+    models = tmp_path / "models"
+    models.mkdir()
+    model = models / "m.gguf"
+    model.write_bytes(embedded_model_path().read_bytes())
+    config = (
+        f"{PRECOMPUTE_OFF}[model.completion]\nembedded_last_resort = false\n"
+        '[model.completion.local]\nmodel_id = "m"\n[model.chat.local]\nmodel_id = "m"\n'
+    )
+    with running_keel(tmp_path, config) as server, server.client() as client:
+        pid = _chain(client, "chat")[0]["worker"]["pid"]
+        assert _chain(client, "completion")[0]["worker"]["pid"] == pid  # one worker
+        kept = model.with_suffix(".kept")
+        model.rename(kept)  # the running worker keeps its mapping of the file
+        model.write_bytes(b"not a model")
+        os.kill(int(pid), signal.SIGKILL)  # type: ignore[call-overload]
+        deadline = time.monotonic() + 60
+        while _chain(client, "chat")[0]["worker"]["state"] != "failed":
+            assert time.monotonic() < deadline, _chain(client, "chat")
+            time.sleep(0.1)
+        assert client.get("/ready").status_code == 503
+        kept.replace(model)
+        body = {"model_name": "m", "stream": False}
+        assert client.post("/v1/model/load", json=body).status_code == 200
+        ready = client.get("/ready")
+        assert ready.status_code == 200, ready.text
+        completion, chat = _chain(client, "completion")[0], _chain(client, "chat")[0]
+        assert chat["name"] == completion["name"] and chat["worker"]["state"] == "ready", chat
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
+        assert answer.status_code == 200, answer.text
+
+
 def test_a_model_swapped_out_finishes_the_answer_it_is_streaming(tmp_path: Path) -> None:
     """A model that served completion alone, swapped out while it streams an answer,
     finishes that answer before its worker stops. keel closed it at once: the swap took

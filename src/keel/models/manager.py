@@ -316,6 +316,7 @@ class ModelManager:
             )
             await self._switch(role, chain, wait=False)
             switched = True
+            await self._replace_given_up(provider)
         finally:
             # A load that failed, or was cut short (keel stopping: its worker was left
             # running, orphaned, after keel exited), stops the worker it started.
@@ -325,6 +326,28 @@ class ModelManager:
         served = provider.info.model  # a worker shared keeps the name it runs under
         same = "" if served == chosen else f" (running already: the same file as {chosen})"
         yield Progress("ready", f"{role} is served by {served}{same}")
+
+    async def _replace_given_up(self, provider: LocalProvider) -> None:
+        """The roles a worker of the same model and settings served until it was given up
+        on are served by ``provider``, the one a load started afresh: only the role loaded
+        was, and the others stayed failed (503 on ``/ready``) until a load for each."""
+        spec = provider.supervisor.spec
+
+        def given_up(other: Provider) -> bool:
+            return (
+                isinstance(other, LocalProvider)
+                and other.supervisor.spec == spec
+                and other.supervisor.state is WorkerState.FAILED
+            )
+
+        for role, chain in list(self.routing.providers.chains.items()):
+            if any(given_up(entry.provider) for group in chain for entry in group):
+                groups = [
+                    [ProviderEntry(provider, e.config) if given_up(e.provider) else e for e in g]
+                    for g in chain
+                ]
+                await self._switch(role, self._chain(groups, role), wait=False)
+                log.info("%s now served by %s, started afresh", role, provider.name)
 
     def _running(self) -> dict[WorkerSpec, LocalProvider]:
         """The local providers serving now, by worker spec (not one given up on: a load
