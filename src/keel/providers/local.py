@@ -31,6 +31,9 @@ EMBED_PART_TOKENS = 1024
 for minutes (8 inputs of ~400 tokens took 12.8 s in one call; 24 ran past the role's
 30 s deadline twice, then were a 503, while the worker went on with both)."""
 TOKEN_COUNTS_KEPT = 20_000
+TOKEN_COUNT_CHARS = 16 * 2**20
+"""Characters of the texts whose counts are kept, in all (the longest unused go first):
+bounded by count alone, a client's megabytes of snippets were kept 20,000 texts deep."""
 TOKENIZE_BATCH = 256
 """Texts per tokenize call: the worker answers the supervisor's liveness ping between
 calls. 15,000 snippets in one call kept the ping waiting past its limit, and the worker
@@ -76,6 +79,8 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         self.prompt_template = prompt_template  # chosen by the catalog (name, then vocabulary)
         self.stop_words = stop_words
         self._counts: OrderedDict[str, int] = OrderedDict()
+        self._count_chars = 0
+        """What the texts in ``_counts`` add up to."""
         self.tools_answered_in_text = 0
         """Chat requests that came with tools: the engine is not asked to call them
         (``keel_tools_answered_in_text``, ``/v1/providers``)."""
@@ -119,10 +124,12 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         # Taken from this call's own counts: another request trimming the shared map while
         # this one awaited the worker evicted texts it had found there (a KeyError, a 500).
         for text, count in known.items():
+            if text not in self._counts:
+                self._count_chars += len(text)
             self._counts[text] = count
             self._counts.move_to_end(text)
-        while len(self._counts) > TOKEN_COUNTS_KEPT:
-            self._counts.popitem(last=False)
+        while len(self._counts) > TOKEN_COUNTS_KEPT or self._count_chars > TOKEN_COUNT_CHARS:
+            self._count_chars -= len(self._counts.popitem(last=False)[0])
         return [known[text] for text in texts]
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
