@@ -48,14 +48,14 @@ async def test_the_backends_finish_reason_reaches_the_client(
 ) -> None:
     backend, completions = said
     backend.finish_reason = completions.finish_reason = reason
-    # max_tokens 2: the 3 pieces' estimate reaches it, which says nothing when the
+    # max_tokens 3: the 3 pieces' estimate reaches it, which says nothing when the
     # backend said why it stopped.
-    whole = await chat(client, max_tokens=2)
+    whole = await chat(client, max_tokens=3)
     assert whole["choices"][0]["finish_reason"] == reason
-    streamed = await chat(client, max_tokens=2, stream=True)
+    streamed = await chat(client, max_tokens=3, stream=True)
     assert streamed["chunks"][-1]["choices"][0]["finish_reason"] == reason
     response = await client.post(
-        "/v1/completions", json={"prompt": "def f(", "max_tokens": 2}, headers=USER
+        "/v1/completions", json={"prompt": "def f(", "max_tokens": 3}, headers=USER
     )
     assert response.json()["choices"][0]["finish_reason"] == reason
 

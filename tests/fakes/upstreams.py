@@ -28,6 +28,7 @@ is how tests check that keel cancels upstream work.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import struct
@@ -52,6 +53,8 @@ Mode = Literal[
     "reset",
     "disconnect",
     "stream_error",
+    "endless",
+    "endless_event",
 ]
 
 
@@ -76,6 +79,10 @@ class Behaviour:
       object with ``body`` as its message, in the protocol's own way (OpenAI:
       ``data: {"error": {...}}``, llama.cpp: ``error: {...}``, Ollama:
       ``{"error": "..."}``), then ends the body.
+    - ``endless``: a 200 stream of the answer's first frame again and again, until the
+      client leaves: a backend that never stops, whatever ``max_tokens`` said.
+    - ``endless_event``: a 200 event stream of ``data:`` lines that no blank line ever
+      ends, until the client leaves.
     """
 
     mode: Mode = "normal"
@@ -144,6 +151,14 @@ class Behaviour:
     @classmethod
     def stream_error(cls, message: str, *, after: int = 1, status: int = 500) -> Behaviour:
         return cls("stream_error", status=status, body=message, after=after)
+
+    @classmethod
+    def endless(cls) -> Behaviour:
+        return cls("endless")
+
+    @classmethod
+    def endless_event(cls) -> Behaviour:
+        return cls("endless_event")
 
 
 @dataclass(frozen=True)
@@ -456,6 +471,10 @@ class FakeUpstream:
         writer.write(_head(200, headers))
         await writer.drain()
         gone = asyncio.ensure_future(self._until_client_leaves(reader))
+        if behaviour.mode in ("endless", "endless_event"):
+            line = b"data: " + b"x" * 4000 + b"\n"
+            frame = frames[0] if behaviour.mode == "endless" else line
+            frames = itertools.repeat(b"".join(itertools.repeat(frame, 16)))
         try:
             for index, frame in enumerate(frames):
                 if behaviour.mode == "cut" and index >= behaviour.after:

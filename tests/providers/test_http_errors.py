@@ -22,6 +22,7 @@ from keel.providers.base import (
     CompletionProvider,
     GenerationParams,
 )
+from keel.providers.http_base import ANSWER_CHARS
 from keel.router.classify import Failure, classify
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
@@ -30,20 +31,20 @@ SSE_KINDS = tuple(kind for kind in STREAM_KINDS if not kind.startswith("ollama/"
 PARAMS = GenerationParams(max_tokens=8)
 
 
-def stream(provider):
+def stream(provider, params: GenerationParams = PARAMS):
     if isinstance(provider, CompletionProvider):
-        return provider.stream_completion(CompletionCall("x", PARAMS, suffix=None))
-    return provider.stream_chat(ChatCall((ChatMessage("user", "x"),), PARAMS))
+        return provider.stream_completion(CompletionCall("x", params, suffix=None))
+    return provider.stream_chat(ChatCall((ChatMessage("user", "x"),), params))
 
 
-async def run(provider) -> list[str]:
+async def run(provider, params: GenerationParams = PARAMS) -> list[str]:
     """Pieces of a stream, or the embedding call; what arrived before a failure is kept."""
     received: list[str] = []
     if hasattr(provider, "embed"):
         await provider.embed(["x"])
         return received
     try:
-        async with aclosing(stream(provider)) as pieces:
+        async with aclosing(stream(provider, params)) as pieces:
             async for piece in pieces:
                 received.append(piece)
     except Exception as exc:
@@ -203,6 +204,51 @@ async def test_closed_without_answer(upstream: FakeUpstream, make_provider, kind
     upstream.behave(Behaviour.disconnect())
     with pytest.raises(UpstreamProtocolError, match="closed mid-response"):
         await run(make_provider(kind))
+
+
+@STREAMING
+async def test_a_backend_past_max_tokens_is_cut_there(upstream: FakeUpstream, make_provider, kind):
+    """Each piece with text holds a token at least: a backend that sends more pieces
+    than ``max_tokens`` ignored it. The answer ends at the limit and the connection is
+    closed, which stops the backend: one that never stopped, given 5, took keel to 4 GB
+    in 15 s."""
+    upstream.tokens = tuple(f" t{n}" for n in range(40))
+    upstream.token_delay = 0.01
+    received = await run(make_provider(kind), GenerationParams(max_tokens=3))
+    assert "".join(received) == " t0 t1 t2"
+    await upstream.wait_for(lambda: upstream.disconnects == 1)
+    assert upstream.completed == 0
+
+    upstream.behave(Behaviour.endless())
+    received = await run(make_provider(kind), GenerationParams(max_tokens=5))
+    assert "".join(received) == " t0" * 5
+    await upstream.wait_for(lambda: upstream.disconnects == 2)
+
+
+@STREAMING
+async def test_a_backend_that_never_stops_fails_past_an_answers_size(
+    upstream: FakeUpstream, make_provider, kind
+):
+    """With no ``max_tokens`` (a chat's default), an answer of 16 M characters, past any
+    model's output, is a backend that does not stop: its error, the connection closed."""
+    upstream.tokens = ("z" * 4000,)
+    upstream.behave(Behaviour.endless())
+    with pytest.raises(UpstreamProtocolError, match="did not stop") as caught:
+        await run(make_provider(kind, timeout=30), GenerationParams(max_tokens=None))
+    assert sum(map(len, caught.value.received)) <= ANSWER_CHARS
+    await upstream.wait_for(lambda: upstream.disconnects == 1)
+    assert classify(caught.value) is Failure.RETRYABLE  # the backend's failure: counted against it
+
+
+@pytest.mark.parametrize("kind", SSE_KINDS)
+async def test_an_event_that_never_ends_is_refused(upstream: FakeUpstream, make_provider, kind):
+    """``data:`` lines that no blank line ends: kept in full, they took keel to 8.5 GB
+    within a chat's first-token limit."""
+    upstream.behave(Behaviour.endless_event())
+    with pytest.raises(UpstreamProtocolError, match="an event over") as caught:
+        await run(make_provider(kind))
+    assert caught.value.received == []
+    await upstream.wait_for(lambda: upstream.disconnects == 1)
 
 
 async def test_failure_then_recovery(upstream: FakeUpstream, make_provider):

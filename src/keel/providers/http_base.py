@@ -346,18 +346,19 @@ class SseParser:
     not closed by a blank line when the body ends is dropped, as the spec says.
     """
 
-    __slots__ = ("provider", "event", "data")
+    __slots__ = ("provider", "event", "data", "size")
 
     def __init__(self, provider: str) -> None:
         self.provider = provider
         self.event = "message"
         self.data: list[str] = []
+        self.size = 0
 
     def feed(self, line: str) -> SseEvent | None:
         """The event ``line`` completes, if any."""
         if not line:
             done = SseEvent(self.event, "\n".join(self.data)) if self.data else None
-            self.event, self.data = "message", []
+            self.event, self.data, self.size = "message", [], 0
             return done
         if line[0] == ":":
             return None
@@ -365,6 +366,14 @@ class SseParser:
         if value[:1] == " ":
             value = value[1:]
         if name == "data":
+            # An event ends at a blank line: data lines without one, sent as fast as
+            # loopback goes, took keel to 8.5 GB in the 60 s of a chat's first-token limit
+            self.size += len(value)
+            if self.size > LINE_LIMIT:
+                raise UpstreamProtocolError(
+                    f"an event over {LINE_LIMIT} characters: not a stream keel reads",
+                    provider=self.provider,
+                )
             self.data.append(value)
         elif name == "event":
             self.event = value or "message"
@@ -508,7 +517,11 @@ async def _note_reuse(_session: object, context: Any, _params: object) -> None:
 
 
 LINE_LIMIT = 2 * READ_BUFFER
-"""Bytes of one body line (one SSE ``data:`` line) keel holds before calling it garbage."""
+"""Bytes of one body line (one SSE ``data:`` line), or characters of one SSE event's data,
+keel holds before calling it garbage."""
+ANSWER_CHARS = 16 * 2**20
+"""Characters of one streamed answer (~4 M tokens, past any model's output): a backend
+that sends more did not stop."""
 
 
 async def body_line_batches(
@@ -703,21 +716,39 @@ async def stream_texts(
     done: EndMarker,
     provider: str,
     *,
+    limit: int | None,
     unfinished: str | None = None,
 ) -> AsyncGenerator[str, None]:
     """The ``text`` of each payload, one piece per batch (see :func:`joined`), up to
     and including the payload ``done`` marks; ``unfinished``: the error when the body
-    ends first (for protocols whose reader cannot tell)."""
+    ends first (for protocols whose reader cannot tell).
+
+    ``limit`` is the request's ``max_tokens``. Every payload with text holds a token at
+    least, so a backend that sends more of them than that ignored the limit: the answer
+    ends at it, and the connection is closed, which stops the backend (one that streamed
+    without end, given 5, took keel to 4 GB in 15 s). Past :data:`ANSWER_CHARS`, with no
+    limit asked, the backend did not stop, and the answer fails as its error."""
+    count = size = 0
     async with aclosing(batches):
         async for batch in batches:
             texts, finished = [], False
             for payload in batch:
                 piece = text(payload)
                 if piece or isinstance(piece, Parts):
+                    if count == limit:
+                        finished = True
+                        break
+                    count += 1
+                    size += len(piece)
                     texts.append(piece)
                 if done(payload):
                     finished = True
                     break
+            if size > ANSWER_CHARS:
+                raise UpstreamProtocolError(
+                    f"an answer over {ANSWER_CHARS:,} characters: the backend did not stop",
+                    provider=provider,
+                )
             if texts:
                 yield joined(texts)
             if finished:

@@ -73,7 +73,8 @@ class LlamaCppCompletionProvider(HttpCompletion):
         batches = self.upstream.sse_batches(
             "/completion", self.request_body(call), last=llamacpp_stop
         )
-        return self._with_held_text(stream_texts(batches, text, stop, provider), answer)
+        pieces = stream_texts(batches, text, stop, provider, limit=call.params.max_tokens)
+        return self._with_held_text(pieces, answer)
 
     async def _with_held_text(
         self, pieces: AsyncGenerator[str, None], answer: _Answer

@@ -50,5 +50,5 @@ class MistralFimProvider(HttpCompletion):
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         return stream_choice_text(
-            self.upstream, "/v1/fim/completions", self.request_body(call), "delta", call.reported
+            self.upstream, "/v1/fim/completions", self.request_body(call), "delta", call
         )

@@ -75,6 +75,7 @@ class OllamaCompletionProvider(HttpCompletion):
             field_text("response", provider),
             ollama_done,
             provider,
+            limit=call.params.max_tokens,
             unfinished="stream ended before 'done: true'",
         )
 

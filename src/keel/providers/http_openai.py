@@ -78,18 +78,19 @@ def finished(payload: JsonObject) -> bool:
 
 
 def stream_choice_text(
-    upstream: HttpUpstream, path: str, body: JsonObject, read: str, reported: Reported
+    upstream: HttpUpstream, path: str, body: JsonObject, read: str, call: CompletionCall | ChatCall
 ) -> AsyncGenerator[str, None]:
     """Text pieces of a chunked OpenAI-style stream, one per read (see :func:`joined`).
 
     ``read`` names where the text is: ``"text"`` (legacy completions) or
-    ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``). ``reported``
-    gets the backend's ``finish_reason`` and its ``usage`` where a chunk up to the
-    last one carries it (keel does not ask for a usage chunk: some servers refuse
-    ``stream_options``).
+    ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``). The call's
+    ``reported`` gets the backend's ``finish_reason`` and its ``usage`` where a chunk
+    up to the last one carries it (keel does not ask for a usage chunk: some servers
+    refuse ``stream_options``).
     """
     provider = upstream.provider
     numbering = CallNumbering()
+    reported = call.reported
     reported.clear()
 
     def text(payload: JsonObject) -> str:
@@ -103,7 +104,8 @@ def stream_choice_text(
             reported.finish_reason = reason
         return choice_text(choice, read, provider, numbering)
 
-    return stream_texts(upstream.sse_batches(path, body, last=finished), text, finished, provider)
+    batches = upstream.sse_batches(path, body, last=finished)
+    return stream_texts(batches, text, finished, provider, limit=call.params.max_tokens)
 
 
 def choice_text(
@@ -216,7 +218,7 @@ class OpenAICompletionProvider(HttpCompletion):
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         return stream_choice_text(
-            self.upstream, "/completions", self.request_body(call), "text", call.reported
+            self.upstream, "/completions", self.request_body(call), "text", call
         )
 
 
@@ -264,7 +266,7 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
         return stream_choice_text(
-            self.upstream, "/chat/completions", self.request_body(call), "delta", call.reported
+            self.upstream, "/chat/completions", self.request_body(call), "delta", call
         )
 
 
