@@ -240,6 +240,19 @@ async def test_a_backend_that_never_stops_fails_past_an_answers_size(
     assert classify(caught.value) is Failure.RETRYABLE  # the backend's failure: counted against it
 
 
+@pytest.mark.parametrize("kind", ["openai/chat", "mistral/chat"])
+async def test_reasoning_that_never_ends_fails_past_an_answers_size(
+    upstream: FakeUpstream, make_provider, kind
+):
+    """A thinking model's reasoning is not the answer's text, and counts all the same."""
+    upstream.reasoning = ("y" * 4000,)
+    upstream.behave(Behaviour.endless())
+    with pytest.raises(UpstreamProtocolError, match="did not stop") as caught:
+        await run(make_provider(kind, timeout=30), GenerationParams(max_tokens=None))
+    assert "".join(caught.value.received) == ""
+    await upstream.wait_for(lambda: upstream.disconnects == 1)
+
+
 @pytest.mark.parametrize("kind", SSE_KINDS)
 async def test_an_event_that_never_ends_is_refused(upstream: FakeUpstream, make_provider, kind):
     """``data:`` lines that no blank line ends: kept in full, they took keel to 8.5 GB

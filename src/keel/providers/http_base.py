@@ -740,6 +740,8 @@ async def stream_texts(
                         break
                     count += 1
                     size += len(piece)
+                    if isinstance(piece, Parts):  # reasoning and tool calls, beside the text
+                        size += len(piece.reasoning) + len(jsoncodec.dumps(piece.deltas))
                     texts.append(piece)
                 if done(payload):
                     finished = True
