@@ -60,6 +60,26 @@ async def test_the_backends_finish_reason_reaches_the_client(
     assert response.json()["choices"][0]["finish_reason"] == reason
 
 
+async def test_a_backend_past_max_tokens_is_cut_there_for_length(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """The fake sends three pieces whatever it is asked, and says it stopped: asked for
+    2, the answer is the first two, ended for ``length``, streamed and whole."""
+    backend, completions = said
+    backend.finish_reason = completions.finish_reason = "stop"
+    whole = await chat(client, max_tokens=2)
+    assert whole["choices"][0]["message"]["content"] == "Hello,"
+    assert whole["choices"][0]["finish_reason"] == "length"
+    chunks = (await chat(client, max_tokens=2, stream=True))["chunks"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hello,"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    response = await client.post(
+        "/v1/completions", json={"prompt": "def f(", "max_tokens": 2}, headers=USER
+    )
+    assert response.json()["choices"][0]["text"] == "Hello,"
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
 async def test_the_backends_usage_is_the_answers(
     client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
 ) -> None:

@@ -31,10 +31,19 @@ SSE_KINDS = tuple(kind for kind in STREAM_KINDS if not kind.startswith("ollama/"
 PARAMS = GenerationParams(max_tokens=8)
 
 
-def stream(provider, params: GenerationParams = PARAMS):
+def call_for(provider, params: GenerationParams = PARAMS) -> CompletionCall | ChatCall:
     if isinstance(provider, CompletionProvider):
-        return provider.stream_completion(CompletionCall("x", params, suffix=None))
-    return provider.stream_chat(ChatCall((ChatMessage("user", "x"),), params))
+        return CompletionCall("x", params, suffix=None)
+    return ChatCall((ChatMessage("user", "x"),), params)
+
+
+def stream(
+    provider, params: GenerationParams = PARAMS, call: CompletionCall | ChatCall | None = None
+):
+    call = call or call_for(provider, params)
+    if isinstance(call, CompletionCall):
+        return provider.stream_completion(call)
+    return provider.stream_chat(call)
 
 
 async def run(provider, params: GenerationParams = PARAMS) -> list[str]:
@@ -214,8 +223,10 @@ async def test_a_backend_past_max_tokens_is_cut_there(upstream: FakeUpstream, ma
     in 15 s."""
     upstream.tokens = tuple(f" t{n}" for n in range(40))
     upstream.token_delay = 0.01
-    received = await run(make_provider(kind), GenerationParams(max_tokens=3))
-    assert "".join(received) == " t0 t1 t2"
+    provider = make_provider(kind)
+    call = call_for(provider, GenerationParams(max_tokens=3))
+    assert "".join([piece async for piece in stream(provider, call=call)]) == " t0 t1 t2"
+    assert call.reported.finish_reason == "length"
     await upstream.wait_for(lambda: upstream.disconnects == 1)
     assert upstream.completed == 0
 

@@ -62,6 +62,8 @@ from keel.errors import (
 )
 from keel.ops.logging import request_id
 from keel.providers.base import (
+    ChatCall,
+    CompletionCall,
     CompletionProvider,
     GenerationParams,
     Parts,
@@ -714,21 +716,21 @@ async def stream_texts(
     batches: AsyncGenerator[list[JsonObject], None],
     text: Callable[[JsonObject], str],
     done: EndMarker,
+    call: CompletionCall | ChatCall,
     provider: str,
     *,
-    limit: int | None,
     unfinished: str | None = None,
 ) -> AsyncGenerator[str, None]:
     """The ``text`` of each payload, one piece per batch (see :func:`joined`), up to
     and including the payload ``done`` marks; ``unfinished``: the error when the body
     ends first (for protocols whose reader cannot tell).
 
-    ``limit`` is the request's ``max_tokens``. Every payload with text holds a token at
-    least, so a backend that sends more of them than that ignored the limit: the answer
-    ends at it, and the connection is closed, which stops the backend (one that streamed
-    without end, given 5, took keel to 4 GB in 15 s). Past :data:`ANSWER_CHARS`, with no
-    limit asked, the backend did not stop, and the answer fails as its error."""
-    count = size = 0
+    Every payload with text holds a token at least, so a backend that sends more of them
+    than the ``call``'s ``max_tokens`` ignored it: the answer ends there, for ``length``,
+    and the connection is closed, which stops the backend (one that streamed without end,
+    given 5, took keel to 4 GB in 15 s). Past :data:`ANSWER_CHARS`, with no limit asked,
+    the backend did not stop, and the answer fails as its error."""
+    limit, count, size = call.params.max_tokens, 0, 0
     async with aclosing(batches):
         async for batch in batches:
             texts, finished = [], False
@@ -736,7 +738,7 @@ async def stream_texts(
                 piece = text(payload)
                 if piece or isinstance(piece, Parts):
                     if count == limit:
-                        finished = True
+                        call.reported.finish_reason, finished = "length", True
                         break
                     count += 1
                     size += len(piece)

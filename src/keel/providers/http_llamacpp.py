@@ -73,8 +73,7 @@ class LlamaCppCompletionProvider(HttpCompletion):
         batches = self.upstream.sse_batches(
             "/completion", self.request_body(call), last=llamacpp_stop
         )
-        pieces = stream_texts(batches, text, stop, provider, limit=call.params.max_tokens)
-        return self._with_held_text(pieces, answer)
+        return self._with_held_text(stream_texts(batches, text, stop, call, provider), answer)
 
     async def _with_held_text(
         self, pieces: AsyncGenerator[str, None], answer: _Answer

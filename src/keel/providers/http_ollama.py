@@ -74,8 +74,8 @@ class OllamaCompletionProvider(HttpCompletion):
             batches,
             field_text("response", provider),
             ollama_done,
+            call,
             provider,
-            limit=call.params.max_tokens,
             unfinished="stream ended before 'done: true'",
         )
 

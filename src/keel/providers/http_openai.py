@@ -105,7 +105,7 @@ def stream_choice_text(
         return choice_text(choice, read, provider, numbering)
 
     batches = upstream.sse_batches(path, body, last=finished)
-    return stream_texts(batches, text, finished, provider, limit=call.params.max_tokens)
+    return stream_texts(batches, text, finished, call, provider)
 
 
 def choice_text(
