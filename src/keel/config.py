@@ -48,12 +48,13 @@ COMPLETION_KINDS = (
     "openai/legacy_completion_no_fim",
     "vllm/completion",
 )
-CHAT_KINDS = ("openai/chat", "mistral/chat")
+CHAT_KINDS = ("openai/chat", "mistral/chat", "azure/chat")
 EMBEDDING_KINDS = (
     "openai/embedding",
     "ollama/embedding",
     "llama.cpp/embedding",
     "voyage/embedding",
+    "azure/embedding",
 )
 KINDS_BY_ROLE: dict[Role, tuple[str, ...]] = {
     "completion": COMPLETION_KINDS,
@@ -82,8 +83,11 @@ DEFAULT_MODELS = {
     "voyage/embedding": "voyage-code-3",
 }
 
-MODEL_REQUIRED = frozenset({"ollama/completion", "ollama/embedding"})
-"""Kinds whose API refuses a request without ``model``; the others use the served model."""
+MODEL_REQUIRED = frozenset(
+    {"ollama/completion", "ollama/embedding", "azure/chat", "azure/embedding"}
+)
+"""Kinds whose API refuses a request without ``model`` (Azure OpenAI's: the deployment's
+name, in its URL); the others use the served model."""
 
 
 def http_table_issues(

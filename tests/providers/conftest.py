@@ -43,6 +43,8 @@ async def make_provider(upstream: FakeUpstream) -> AsyncIterator[MakeProvider]: 
         fields.setdefault("api_key", "sk-test")
         if kind.startswith("ollama/"):
             fields.setdefault("model_name", "qwen2.5-coder:1.5b")
+        elif kind.startswith("azure/"):
+            fields.setdefault("model_name", "deployment")  # Azure's is in its URL
         config = HttpModelConfig(kind=kind, api_endpoint=endpoint, **fields)
         provider = build_http_provider(role_of(kind), config, name=f"test-{kind}", timeout=timeout)
         made.append(provider)

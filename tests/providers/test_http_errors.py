@@ -7,7 +7,7 @@ from contextlib import aclosing
 
 import pytest
 
-from keel.config import COMPLETION_KINDS, EMBEDDING_KINDS
+from keel.config import CHAT_KINDS, COMPLETION_KINDS, EMBEDDING_KINDS
 from keel.errors import (
     UpstreamAuthError,
     UpstreamConnectError,
@@ -26,7 +26,7 @@ from keel.providers.http_base import ANSWER_CHARS
 from keel.router.classify import Failure, classify
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
-STREAM_KINDS = (*COMPLETION_KINDS, "openai/chat", "mistral/chat")
+STREAM_KINDS = (*COMPLETION_KINDS, *CHAT_KINDS)
 SSE_KINDS = tuple(kind for kind in STREAM_KINDS if not kind.startswith("ollama/"))
 PARAMS = GenerationParams(max_tokens=8)
 

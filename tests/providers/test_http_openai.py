@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from keel.config import HttpModelConfig
+from keel.config import HttpModelConfig, http_table_issues
 from keel.errors import UpstreamProtocolError
 from keel.providers import http_base
 from keel.providers.base import (
@@ -156,6 +156,43 @@ async def test_embeddings(upstream: FakeUpstream, make_provider, kind, model):
     expected_model = model or "voyage-code-3"
     assert request.json == {"input": ["a", "bcd"], "model": expected_model}
     assert provider.info.model == expected_model
+
+
+async def test_azure_kinds_call_their_deployment_with_its_key_header(
+    upstream: FakeUpstream, make_provider
+):
+    """Tabby's ``azure/chat`` and ``azure/embedding``: the resource's endpoint, the
+    deployment as ``model_name``, the key as ``api-key`` (Azure refuses a key sent as a
+    bearer token), Tabby's ``api-version`` unless the endpoint names its own."""
+    chat = make_provider("azure/chat", model_name="gpt 4o")
+    call = ChatCall(messages=(ChatMessage("user", "Hi"),), params=PARAMS)
+    assert "".join(await collect(chat.stream_chat(call))) == "Hello, world"
+    request = upstream.last_request
+    assert request.path == "/openai/deployments/gpt%204o/chat/completions"
+    assert request.query == "api-version=2024-02-15-preview"
+    assert request.headers["api-key"] == "sk-test"
+    assert "authorization" not in request.headers
+    assert request.json["messages"] == [{"role": "user", "content": "Hi"}]
+
+    embedding = make_provider(
+        "azure/embedding",
+        model_name="embed",
+        endpoint=f"{upstream.url}/?api-version=2024-10-21",
+    )
+    assert await embedding.embed(["a"]) == [[1.0, 0.0, 0.5]]
+    request = upstream.last_request
+    assert (request.path, request.query) == (
+        "/openai/deployments/embed/embeddings",
+        "api-version=2024-10-21",
+    )
+    assert request.headers["api-key"] == "sk-test"
+
+
+@pytest.mark.parametrize("kind", ["azure/chat", "azure/embedding"])
+def test_azure_kinds_need_the_deployment(kind):
+    role = "chat" if kind == "azure/chat" else "embedding"
+    issues = http_table_issues(role, kind, "https://r.openai.azure.com", None)
+    assert [issue.key for issue in issues] == ["model_name"]
 
 
 async def test_an_endpoints_query_stays_at_the_end_of_each_url(

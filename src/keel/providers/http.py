@@ -9,14 +9,21 @@ Where each kind sends its requests (``{endpoint}`` is ``api_endpoint``)::
     ollama/completion                POST {endpoint}/api/generate       templated prompt, raw
     mistral/completion               POST {endpoint}/v1/fim/completions prompt + suffix
     openai/chat, mistral/chat        POST {endpoint}/chat/completions
+    azure/chat                       POST {endpoint}/openai/deployments/{model}/chat/completions
     openai/embedding, voyage/embedding POST {endpoint}/embeddings      {input, model}
+    azure/embedding                  POST {endpoint}/openai/deployments/{model}/embeddings
     llama.cpp/embedding              POST {endpoint}/embeddings         {content}
     ollama/embedding                 POST {endpoint}/api/embed          {model, input}
 
-OpenAI-style endpoints include the version (``.../v1``), as in Tabby's config.
+OpenAI-style endpoints include the version (``.../v1``), as in Tabby's config. Azure
+OpenAI's (``https://<resource>.openai.azure.com``) do not: its kinds name the deployment
+(``model_name``) and Tabby's ``api-version`` (unless the endpoint's query names one), and
+send the key as ``api-key``, as Tabby's Azure bindings do.
 """
 
 from __future__ import annotations
+
+import urllib.parse
 
 import aiohttp
 
@@ -65,11 +72,16 @@ def build_http_provider(
         raise ConfigError(f"provider {name!r}", issues)
     endpoint = config.api_endpoint or DEFAULT_ENDPOINTS[kind]
     model = config.model_name or DEFAULT_MODELS.get(kind)
+    azure = kind.startswith("azure/")
+    if azure:
+        assert model is not None
+        endpoint = azure_deployment(endpoint, model)
 
     upstream = HttpUpstream(
         provider=name,
         endpoint=endpoint,
         api_key=config.api_key,
+        key_header="api-key" if azure else None,
         timeout=timeout,
         rate_limiter=(
             None if config.rate_limit is None else RateLimiter(config.rate_limit.request_per_minute)
@@ -123,7 +135,7 @@ def build_http_provider(
                 stop_words=stop_words,
                 max_input_length=max_input_length,
             )
-        case "openai/chat":
+        case "openai/chat" | "azure/chat":
             return OpenAIChatProvider(
                 upstream, info, model=model, stop_limit=OPENAI_STOP_LIMIT, supported_models=listed
             )
@@ -136,7 +148,7 @@ def build_http_provider(
                 limit_name="max_tokens",
                 supported_models=listed,
             )
-        case "openai/embedding":
+        case "openai/embedding" | "azure/embedding":
             return OpenAIEmbeddingProvider(upstream, info, model=model, size_field="dimensions")
         case "voyage/embedding":
             return OpenAIEmbeddingProvider(
@@ -148,3 +160,17 @@ def build_http_provider(
             assert model is not None
             return OllamaEmbeddingProvider(upstream, info, model=model)
     raise AssertionError(f"kind {kind!r} is listed in KINDS_BY_ROLE but has no adapter")
+
+
+AZURE_API_VERSION = "2024-02-15-preview"
+"""The ``api-version`` Tabby's Azure bindings send."""
+
+
+def azure_deployment(endpoint: str, deployment: str) -> str:
+    """Azure OpenAI's base URL for ``deployment`` of the resource at ``endpoint``, with
+    Tabby's ``api-version`` unless the endpoint's query names its own."""
+    base, _, query = endpoint.partition("?")
+    if "api-version=" not in query:
+        query = "&".join(filter(None, [query, f"api-version={AZURE_API_VERSION}"]))
+    path = f"{base.rstrip('/')}/openai/deployments/{urllib.parse.quote(deployment, safe='')}"
+    return f"{path}?{query}"

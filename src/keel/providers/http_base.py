@@ -97,9 +97,12 @@ def traced(headers: dict[str, str]) -> dict[str, str]:
     return headers if current is None else {**headers, "X-Request-Id": current}
 
 
-def auth_headers(api_key: str | None) -> dict[str, str]:
-    """``Authorization: Bearer`` when a key is configured; every supported kind accepts it."""
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def auth_headers(api_key: str | None, key_header: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer`` when a key is configured, which every kind accepts but
+    Azure OpenAI's, whose keys go in a header of their own (``key_header``: ``api-key``)."""
+    if not api_key:
+        return {}
+    return {key_header: api_key} if key_header else {"Authorization": f"Bearer {api_key}"}
 
 
 # --- translating failures -------------------------------------------------
@@ -577,6 +580,7 @@ class HttpUpstream:
         endpoint: str,
         api_key: str | None,
         timeout: float,
+        key_header: str | None = None,
         rate_limiter: RateLimiter | None = None,
         client: aiohttp.ClientSession | None = None,
     ) -> None:
@@ -590,7 +594,7 @@ class HttpUpstream:
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=timeout
         )
         self.rate_limiter = rate_limiter
-        self.headers = auth_headers(api_key)
+        self.headers = auth_headers(api_key, key_header)
         self._json_headers = {**self.headers, "Content-Type": "application/json"}
         self._stream_headers = {
             **self._json_headers,
