@@ -55,6 +55,8 @@ EMBEDDING_KINDS = (
     "llama.cpp/embedding",
     "voyage/embedding",
     "azure/embedding",
+    "mistral/embedding",
+    "llama.cpp/before_b4356_embedding",
 )
 KINDS_BY_ROLE: dict[Role, tuple[str, ...]] = {
     "completion": COMPLETION_KINDS,
@@ -72,6 +74,7 @@ DEFAULT_ENDPOINTS = {
     "mistral/completion": "https://api.mistral.ai",
     "mistral/chat": "https://api.mistral.ai/v1",
     "voyage/embedding": "https://api.voyageai.com/v1",
+    "mistral/embedding": "https://api.mistral.ai/v1",
     "ollama/completion": "http://127.0.0.1:11434",
     "ollama/embedding": "http://127.0.0.1:11434",
 }
@@ -81,6 +84,7 @@ DEFAULT_MODELS = {
     "mistral/completion": "codestral-latest",
     "mistral/chat": "codestral-latest",
     "voyage/embedding": "voyage-code-3",
+    "mistral/embedding": "codestral-embed",
 }
 
 MODEL_REQUIRED = frozenset(

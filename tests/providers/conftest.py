@@ -21,6 +21,7 @@ VERSIONED = {
     "mistral/chat",
     "openai/embedding",
     "voyage/embedding",
+    "mistral/embedding",
 }
 """Kinds whose ``api_endpoint`` includes ``/v1`` (Tabby's convention)."""
 

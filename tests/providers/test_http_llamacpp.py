@@ -109,6 +109,18 @@ async def test_embedding_batch(upstream: FakeUpstream, make_provider):
     assert request.json == {"content": ["ab", "c"]}
 
 
+async def test_embedding_before_b4356_asks_its_route_a_text_at_a_time(
+    upstream: FakeUpstream, make_provider
+):
+    """Tabby's ``llama.cpp/before_b4356_embedding``: the servers before that build have
+    ``/embedding`` and read one ``content`` string."""
+    provider = make_provider("llama.cpp/before_b4356_embedding")
+    assert await provider.embed(["ab", "cde"]) == [[2.0, 0.0, 0.5], [3.0, 0.0, 0.5]]
+    sent = [(r.path, r.json) for r in upstream.requests]
+    assert sent == [("/embedding", {"content": "ab"}), ("/embedding", {"content": "cde"})]
+    assert upstream.last_request.headers["authorization"] == "Bearer sk-test"
+
+
 @pytest.mark.parametrize(
     "payload",
     [

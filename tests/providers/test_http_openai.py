@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from keel.config import HttpModelConfig, http_table_issues
+from keel.config import DEFAULT_MODELS, HttpModelConfig, http_table_issues
 from keel.errors import UpstreamProtocolError
 from keel.providers import http_base
 from keel.providers.base import (
@@ -143,7 +143,12 @@ async def test_mistral_chat_defaults_model():
 
 
 @pytest.mark.parametrize(
-    ("kind", "model"), [("openai/embedding", "text-embedding-3-small"), ("voyage/embedding", None)]
+    ("kind", "model"),
+    [
+        ("openai/embedding", "text-embedding-3-small"),
+        ("voyage/embedding", None),
+        ("mistral/embedding", None),
+    ],
 )
 async def test_embeddings(upstream: FakeUpstream, make_provider, kind, model):
     provider = make_provider(kind, model_name=model)
@@ -153,7 +158,7 @@ async def test_embeddings(upstream: FakeUpstream, make_provider, kind, model):
     request = upstream.last_request
     assert request.path == "/v1/embeddings"
     assert request.headers["authorization"] == "Bearer sk-test"
-    expected_model = model or "voyage-code-3"
+    expected_model = model or DEFAULT_MODELS[kind]
     assert request.json == {"input": ["a", "bcd"], "model": expected_model}
     assert provider.info.model == expected_model
 
@@ -169,7 +174,7 @@ async def test_azure_kinds_call_their_deployment_with_its_key_header(
     assert "".join(await collect(chat.stream_chat(call))) == "Hello, world"
     request = upstream.last_request
     assert request.path == "/openai/deployments/gpt%204o/chat/completions"
-    assert request.query == "api-version=2024-02-15-preview"
+    assert request.query == "api-version=2024-02-01"
     assert request.headers["api-key"] == "sk-test"
     assert "authorization" not in request.headers
     assert request.json["messages"] == [{"role": "user", "content": "Hi"}]

@@ -12,7 +12,9 @@ Where each kind sends its requests (``{endpoint}`` is ``api_endpoint``)::
     azure/chat                       POST {endpoint}/openai/deployments/{model}/chat/completions
     openai/embedding, voyage/embedding POST {endpoint}/embeddings      {input, model}
     azure/embedding                  POST {endpoint}/openai/deployments/{model}/embeddings
+    mistral/embedding                POST {endpoint}/embeddings         {input, model}
     llama.cpp/embedding              POST {endpoint}/embeddings         {content}
+    llama.cpp/before_b4356_embedding POST {endpoint}/embedding          {content}, a text each
     ollama/embedding                 POST {endpoint}/api/embed          {model, input}
 
 OpenAI-style endpoints include the version (``.../v1``), as in Tabby's config. Azure
@@ -38,7 +40,11 @@ from keel.config import (
 from keel.errors import ConfigError
 from keel.providers.base import Provider, ProviderInfo
 from keel.providers.http_base import HttpUpstream
-from keel.providers.http_llamacpp import LlamaCppCompletionProvider, LlamaCppEmbeddingProvider
+from keel.providers.http_llamacpp import (
+    LlamaCppCompletionProvider,
+    LlamaCppEmbeddingProvider,
+    LlamaCppLegacyEmbeddingProvider,
+)
 from keel.providers.http_mistral import MistralFimProvider
 from keel.providers.http_ollama import OllamaCompletionProvider, OllamaEmbeddingProvider
 from keel.providers.http_openai import (
@@ -150,19 +156,21 @@ def build_http_provider(
             )
         case "openai/embedding" | "azure/embedding":
             return OpenAIEmbeddingProvider(upstream, info, model=model, size_field="dimensions")
-        case "voyage/embedding":
+        case "voyage/embedding" | "mistral/embedding":
             return OpenAIEmbeddingProvider(
                 upstream, info, model=model, size_field="output_dimension"
             )
         case "llama.cpp/embedding":
             return LlamaCppEmbeddingProvider(upstream, info)
+        case "llama.cpp/before_b4356_embedding":
+            return LlamaCppLegacyEmbeddingProvider(upstream, info)
         case "ollama/embedding":
             assert model is not None
             return OllamaEmbeddingProvider(upstream, info, model=model)
     raise AssertionError(f"kind {kind!r} is listed in KINDS_BY_ROLE but has no adapter")
 
 
-AZURE_API_VERSION = "2024-02-15-preview"
+AZURE_API_VERSION = "2024-02-01"
 """The ``api-version`` Tabby's Azure bindings send."""
 
 

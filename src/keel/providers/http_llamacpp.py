@@ -164,3 +164,17 @@ class LlamaCppEmbeddingProvider(HttpBacked, EmbeddingProvider):
             return []
         payload = await self.upstream.post_json("/embeddings", {"content": list(texts)})
         return llamacpp_embeddings(payload, len(texts), self.upstream.provider)
+
+
+class LlamaCppLegacyEmbeddingProvider(HttpBacked, EmbeddingProvider):
+    """``llama.cpp/before_b4356_embedding``, Tabby's kind for llama.cpp's servers before
+    build b4356: their ``/embedding`` route, one text a request, as Tabby sends them."""
+
+    async def embed(
+        self, texts: Sequence[str], reported: Reported | None = None
+    ) -> list[list[float]]:
+        vectors = []
+        for text in texts:
+            payload = await self.upstream.post_json("/embedding", {"content": text})
+            vectors += llamacpp_embeddings(payload, 1, self.upstream.provider)
+        return vectors
