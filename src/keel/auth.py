@@ -111,7 +111,7 @@ class KeyStore:
     the file cannot be read (a reload during a half-written edit revoked them all)."""
     keys: Keys = field(default_factory=Keys)
     file_error: str | None = None
-    _file_stamp: tuple[float, int] | None = None
+    _file_stamp: bytes | None = None
     _checked_at: float = -1.0
 
     def __post_init__(self) -> None:
@@ -135,8 +135,10 @@ class KeyStore:
             return
         self._checked_at = now
         try:
-            stat = path.stat()
-            stamp = (stat.st_mtime, stat.st_size)
+            # Its content, not its mtime and size: a rotated key of the same length written
+            # with the same mtime (a Nix store's 1, SOURCE_DATE_EPOCH, cp -p, tar) kept the
+            # revoked key in force and refused its replacement
+            stamp = hashlib.sha256(path.read_bytes()).digest()
             if stamp == self._file_stamp and not force:
                 return
             from_file = parse_keys_file(path)

@@ -4,6 +4,7 @@ tests/api/test_access.py.)"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from keel.auth import Access, KeyStore, parse_keys_file
@@ -36,6 +37,27 @@ def test_deleting_the_keys_file_revokes_its_keys_and_keeps_access_closed(tmp_pat
     assert store.file_error is not None and "does not exist" in store.file_error
     (tmp_path / "keys.toml").write_text(f'api_keys = ["{FILE_KEY}"]\n')
     assert access(store, FILE_KEY) is Access.USER  # back when the file is
+
+
+def test_a_rotated_key_of_the_same_length_and_mtime_takes_effect(tmp_path: Path) -> None:
+    """Keys of one length, written with one mtime (a Nix store's 1, SOURCE_DATE_EPOCH,
+    ``cp -p``), in place or moved over the file: the file's size and mtime alone said
+    nothing changed, and the revoked key stayed in force."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text('api_keys = ["rotate-key-AAAA"]\n')
+    os.utime(keys, ns=(1_000_000_000, 1_000_000_000))
+    store = KeyStore(AuthConfig(keys_file="keys.toml"), tmp_path, clock=Clock())
+    assert access(store, "rotate-key-AAAA") is Access.USER
+    keys.write_text('api_keys = ["rotate-key-BBBB"]\n')
+    os.utime(keys, ns=(1_000_000_000, 1_000_000_000))
+    assert access(store, "rotate-key-AAAA") is None
+    assert access(store, "rotate-key-BBBB") is Access.USER
+    moved = tmp_path / "keys.new"
+    moved.write_text('api_keys = ["rotate-key-CCCC"]\n')
+    os.utime(moved, ns=(1_000_000_000, 1_000_000_000))
+    moved.replace(keys)
+    assert access(store, "rotate-key-BBBB") is None
+    assert access(store, "rotate-key-CCCC") is Access.USER
 
 
 def test_emptying_the_keys_file_keeps_access_closed(tmp_path: Path) -> None:
