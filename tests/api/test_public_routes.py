@@ -114,3 +114,21 @@ async def test_a_path_cannot_write_a_line_of_its_own_into_the_log(
     lines = [r.getMessage() for r in caplog.records if r.name == "keel.access"]
     assert lines and all("\n" not in line for line in lines), lines
     assert any("/x%0a2026" in line for line in lines), lines
+
+
+async def test_a_short_deep_health_timeout_is_the_callers_alone(
+    client: httpx.AsyncClient,
+) -> None:
+    """Anyone could ask ``/health/deep?timeout=0.0001``: every role failed, the finding was
+    kept for the ttl, shown to every caller and set ``keel_health_check_ok`` to 0, again
+    every 15 s. A caller without a key gets the default; a key's holder gets a fresh answer
+    to the shorter question, kept by no one."""
+    anonymous = await client.get("/health/deep", params={"timeout": 0.0001})
+    assert anonymous.status_code == 200, anonymous.text
+    mine = await client.get("/health/deep", params={"timeout": 0.0001}, headers=USER)
+    assert mine.status_code == 503
+    assert all(not finding["ok"] for finding in mine.json()["roles"].values())
+    assert (await client.get("/health/deep")).status_code == 200
+    metrics = (await client.get("/metrics", headers=USER)).text
+    assert re.findall(r"^keel_health_check_ok\{.*\} (\S+)$", metrics, re.M)
+    assert set(re.findall(r"^keel_health_check_ok\{.*\} (\S+)$", metrics, re.M)) == {"1.0"}
