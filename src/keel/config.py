@@ -695,13 +695,17 @@ def _tabby_repositories(repositories: list[Any]) -> list[Any]:
     taken = {r.get("name") for r in repositories if isinstance(r, dict)}
     shaped = []
     for repo in repositories:
-        if isinstance(repo, dict) and repo.get("name") is None:
-            repo = dict(repo)
-            url = repo.get("git_url")
-            if repo.get("path") is None and isinstance(url, str) and url.startswith("file:"):
-                parts = urlsplit(url)
-                if parts.netloc in ("", "localhost"):
-                    repo["path"] = url2pathname(parts.path)
+        if not isinstance(repo, dict):
+            shaped.append(repo)
+            continue
+        repo = dict(repo)
+        url = repo.get("git_url")
+        # Named or not (Tabby's docs name theirs: a named one was skipped as not cloned)
+        if repo.get("path") is None and isinstance(url, str) and url.startswith("file:"):
+            parts = urlsplit(url)
+            if parts.netloc in ("", "localhost"):
+                repo["path"] = url2pathname(parts.path)
+        if repo.get("name") is None:
             source = repo.get("path") or url
             stem = Path(str(source or "repo").rstrip("/")).name.removesuffix(".git")
             base = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:60] or "repo"

@@ -68,3 +68,13 @@ def test_tabbys_repository_form_is_taken() -> None:
         "repository 'web' is skipped: keel indexes a local checkout and does not clone "
         "git_url; set its path"
     ]
+
+
+def test_a_named_tabby_repository_is_its_file_urls_checkout() -> None:
+    """Tabby's docs name theirs (``name = "repository_a"``, ``git_url = "file:///..."``):
+    with a name the URL was not read as the path, and the checkout was skipped as one
+    keel would have to clone."""
+    raw = {"repositories": [{"name": "repository_a", "git_url": "file:///home/dev/app"}]}
+    settings = parse_settings(raw, "config.toml", {})
+    assert [(r.name, r.path) for r in settings.repositories] == [("repository_a", "/home/dev/app")]
+    assert settings.ignored_sections() == []
