@@ -21,6 +21,7 @@ from keel.errors import (
     UpstreamAuthError,
     UpstreamError,
 )
+from keel.models.gguf import weights_bytes
 from keel.models.pull import STAGING_DIR, ModelPuller, PullProgress
 from keel.models.registry import list_model_files, read_facts, resolve_model
 from keel.models.tabby_registry import RegistryModel
@@ -266,6 +267,26 @@ def test_tabbys_model_directories_load_and_a_registry_name_says_how_to_pull(
         resolve_model(str(tmp_path / "nowhere.gguf"), paths)
     assert "keel models pull" not in path.value.message
     assert path.value.message.count(str(tmp_path / "nowhere.gguf") + ",") == 1, "listed once"
+
+
+def test_a_tabby_model_stored_in_parts_is_found_and_sized_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tabby stores Qwen2.5-Coder 7B and 14B Instruct as ``model-0000N-of-00003.gguf``;
+    llama.cpp loads the first with the rest. They were "not found" (exit 69), and a
+    memory check would have counted the first part alone."""
+    monkeypatch.setenv("TABBY_MODEL_CACHE_ROOT", str(tmp_path / "cache"))
+    ggml = tmp_path / "cache/TabbyML/Qwen2.5-Coder-7B-Instruct/ggml"
+    ggml.mkdir(parents=True)
+    for n, size in ((1, 100), (2, 200), (3, 300)):
+        (ggml / f"model-{n:05d}-of-00003.gguf").write_bytes(b"GGUF" + b"\0" * (size - 4))
+    first = ggml / "model-00001-of-00003.gguf"
+    paths = Paths(tmp_path / "keel")
+    assert resolve_model("Qwen2.5-Coder-7B-Instruct", paths) == first
+    assert weights_bytes(first) == 600
+    listed = [(m.name, m.path, m.size_bytes) for m in list_model_files(paths) if not m.embedded]
+    assert listed == [("TabbyML/Qwen2.5-Coder-7B-Instruct", first, 600)]
+    assert weights_bytes(ggml / "model-00002-of-00003.gguf") == 200  # not a first part
 
 
 def test_tabbys_model_directory_is_where_tabby_finds_it_and_listed(

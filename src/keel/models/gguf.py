@@ -16,6 +16,7 @@ into the data, which begins at the next multiple of ``general.alignment`` (32).
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -315,3 +316,20 @@ def context_kv_bytes(metadata: dict[str, object] | None, context_size: int, weig
     estimate and the worker's prompt cache both size by."""
     kv = kv_cache_bytes(metadata, context_size) if metadata is not None else None
     return kv if kv is not None else weights // 4
+
+
+_FIRST_PART = re.compile(r"-00001-of-(\d{5})\.gguf$")
+
+
+def weights_bytes(path: Path | str) -> int:
+    """The size of a model's weights: its file's, or every part's where it is the first
+    of a model stored in parts (``...-00001-of-00003.gguf``), which llama.cpp loads
+    together (the first alone understated a 7B model's memory by two thirds)."""
+    path = Path(path)
+    parts = _FIRST_PART.search(path.name)
+    if parts is None:
+        return path.stat().st_size
+    stem = path.name[: parts.start()]
+    count = int(parts.group(1))
+    names = (f"{stem}-{n:05d}-of-{count:05d}.gguf" for n in range(1, count + 1))
+    return sum(part.stat().st_size for part in (path.with_name(n) for n in names) if part.is_file())

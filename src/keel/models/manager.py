@@ -64,7 +64,7 @@ def memory_needed(spec: WorkerSpec) -> int:
     whole context."""
     path = Path(spec.model_path)
     metadata = gguf.read_metadata(path)
-    size, context, slots = path.stat().st_size, spec.context_size, spec.slots
+    size, context, slots = gguf.weights_bytes(path), spec.context_size, spec.slots
     if spec.embedding:
         needed = estimate_memory(size, metadata, context, slots, prompt_cache=False)
         return needed + (gguf.embedding_batch_bytes(metadata, spec.context_size) or 0)

@@ -67,7 +67,7 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     if tabby is not None:
         directories += [tabby / name for name in names]
     for directory in directories:
-        candidates += [directory / "ggml" / name for name in TABBY_WEIGHTS]
+        candidates += tabby_weights(directory / "ggml")
     candidates = list(dict.fromkeys(candidates))  # an absolute path is models_dir / it
     for candidate in candidates:
         if _is_file(candidate):
@@ -98,6 +98,16 @@ def tabby_models_dir() -> Path | None:
 
 TABBY_WEIGHTS = ("model-00001-of-00001.gguf", "q8_0.v2.gguf")
 """A Tabby model directory's weights, in ``ggml/`` (the older name second)."""
+
+
+def tabby_weights(ggml: Path) -> list[Path]:
+    """Where a Tabby model directory's weights may be, in its ``ggml/``: one file, or the
+    first of a model Tabby stores in parts (``model-00001-of-00003.gguf``: Qwen2.5-Coder
+    7B and 14B Instruct), which llama.cpp loads with the rest (they were "not found")."""
+    names = list(TABBY_WEIGHTS)
+    with contextlib.suppress(OSError):
+        names += sorted({p.name for p in ggml.glob("model-00001-of-*.gguf")} - set(names))
+    return [ggml / name for name in names]
 
 
 def _bare(model_id: str) -> bool:
@@ -145,7 +155,7 @@ def list_model_files(paths: Paths) -> list[ModelFile]:
     tabby = tabby_models_dir()
     for name, file in _tabby_downloads(tabby) if tabby is not None else ():
         if name not in names:  # a pulled copy under the same name is the one that loads
-            found.append(ModelFile(name, file, file.stat().st_size))
+            found.append(ModelFile(name, file, gguf.weights_bytes(file)))
     return found
 
 
@@ -155,7 +165,7 @@ def _tabby_downloads(directory: Path) -> list[tuple[str, Path]]:
     found = []
     with contextlib.suppress(OSError):
         for model in sorted(directory.glob("*/*/ggml")):
-            weights = [model / name for name in TABBY_WEIGHTS if _is_file(model / name)]
+            weights = [file for file in tabby_weights(model) if _is_file(file)]
             if weights:
                 found.append((model.parent.relative_to(directory).as_posix(), weights[0]))
     return found

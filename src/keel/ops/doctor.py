@@ -235,7 +235,7 @@ def check_model_files(report: Report, settings: Settings, paths: Paths) -> bool:
             report.add(name, "FAIL", f"{role}: cannot read: {exc}", ExitCode.DEPENDENCY)
             ok = False
             continue
-        size = path.stat().st_size / 2**20
+        size = gguf.weights_bytes(path) / 2**20
         arch = metadata.get("general.architecture", "?")
         report.add(name, "ok", f"{path} ({size:.0f} MiB, {arch})")
     if not seen:

@@ -745,9 +745,9 @@ def _prompt_cache_mib(args: argparse.Namespace) -> int:
     estimate counts it; none for embeddings, which reuse no prompt."""
     if args.embedding:
         return 0
-    from keel.models.gguf import context_kv_bytes, prompt_cache_bytes
+    from keel.models.gguf import context_kv_bytes, prompt_cache_bytes, weights_bytes
 
-    weights = os.path.getsize(args.model) if os.path.isfile(args.model) else 0  # main() checks
+    weights = weights_bytes(args.model) if os.path.isfile(args.model) else 0  # main() checks
     return max(
         1,
         prompt_cache_bytes(context_kv_bytes(_metadata(args.model), args.context_size, weights))
