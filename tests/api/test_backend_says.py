@@ -176,3 +176,21 @@ async def test_the_request_id_reaches_the_backend(
     headers = {**USER, "X-Request-ID": "trace-0123456789"}
     await client.post("/v1/chat/completions", json={"messages": ASK}, headers=headers)
     assert backend.last_request.headers["x-request-id"] == "trace-0123456789"
+
+
+@pytest.mark.parametrize("retry_after", ["inf", "1e999"])
+async def test_a_backends_endless_retry_after_is_a_429_with_a_finite_wait(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream], retry_after: str
+) -> None:
+    """``Retry-After: inf`` made every chat a 500 (``math.ceil(inf)``) until a restart."""
+    backend, _ = said
+    backend.behave(Behaviour.error(429, retry_after=retry_after))
+    try:
+        for _ in range(2):
+            response = await client.post(
+                "/v1/chat/completions", json={"messages": ASK}, headers=USER
+            )
+            assert response.status_code == 429, response.text
+            assert 0 < int(response.headers["retry-after"]) <= 3600
+    finally:
+        backend.reset_behaviour()

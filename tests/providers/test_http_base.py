@@ -28,7 +28,18 @@ from tests.fakes.upstreams import FakeUpstream
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("7", 7.0), (" 1.5 ", 1.5), ("-3", 0.0), (None, None), ("", None), ("soon", None)],
+    [
+        ("7", 7.0),
+        (" 1.5 ", 1.5),
+        ("-3", 0.0),
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("inf", None),
+        ("1e999", None),
+        ("nan", None),
+        ("86400", 3600.0),
+    ],
 )
 def test_retry_after_seconds(value, expected):
     assert parse_retry_after(value) == expected

@@ -146,7 +146,14 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    return max(0.0, seconds)
+    if not math.isfinite(seconds):  # "inf", "1e999": every request of the role was a 500
+        return None
+    return min(max(0.0, seconds), RETRY_AFTER_CAP)
+
+
+RETRY_AFTER_CAP = 3600.0
+"""The longest a backend's ``Retry-After`` keeps keel off it: past an hour, keel asks
+again (a quota's day is found out by the next request)."""
 
 
 def error_message(body: bytes) -> str:
