@@ -36,6 +36,7 @@ from keel.providers.base import (
     piece_count,
 )
 from keel.providers.http import build_http_provider
+from keel.router.admission import Admission
 from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState
 from keel.router.retry import RetryBudget, RetryPolicy
@@ -135,6 +136,7 @@ class Build:
         *,
         retry: RetryPolicy | None = None,
         role: str = "completion",
+        gate: Admission | None = None,
     ) -> RoleRouter:
         retry = retry or RetryPolicy(attempts_per_provider=2)
         return RoleRouter(
@@ -145,6 +147,7 @@ class Build:
             events=self.events,
             clock=self.clock,
             sleep=self.clock.sleep,
+            gate=lambda endpoint: gate,
         )
 
 
@@ -510,6 +513,50 @@ async def test_half_open_lets_exactly_one_probe_through(
     assert len(served) == 1 and len(refused) == 5, results
     assert posts(primary) == before + 1, "exactly one probe"
     assert router.endpoints[0].breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("leaves", ["cancelled", "refused"])
+async def test_a_probe_that_leaves_while_waiting_at_a_gate_gives_the_probe_back(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock, leaves: str
+) -> None:
+    """A half-open breaker's one probe, taken by a request that then waits at its local
+    model's gate (every slot busy) and is cancelled (a superseded keystroke, a client
+    gone) or refused (the queue's timeout): the probe was never given back, and the
+    provider, the embedded last resort by default, was never tried again."""
+    primary = upstreams()
+    primary.behave(Behaviour.error(500))
+    gate = Admission("completion", max_concurrent=1, queue_size=4, queue_timeout=0.2)
+    router = build.router(
+        [
+            [
+                build.endpoint(
+                    primary.url,
+                    name="primary",
+                    policy=BreakerPolicy(consecutive_failures=1, cooldown=10.0),
+                )
+            ]
+        ],
+        retry=RetryPolicy(attempts_per_provider=1),
+        gate=gate,
+    )
+    with pytest.raises(KeelError):
+        await run(router)
+    breaker = router.endpoints[0].breaker
+    assert breaker.state is BreakerState.OPEN
+    primary.reset_behaviour()
+    clock.advance(10.0)
+    async with gate.slot():  # the engine's slots are busy
+        waiting = asyncio.create_task(run(router))
+        await asyncio.sleep(0.05)
+        assert not breaker.available(), "the waiting request holds the probe"
+        if leaves == "cancelled":
+            waiting.cancel()
+        with pytest.raises((asyncio.CancelledError, RateLimited)):
+            await waiting
+    assert breaker.available()
+    received, _ = await run(router)
+    assert "".join(received) == ANSWER
+    assert breaker.state is BreakerState.CLOSED
 
 
 async def test_a_failed_probe_reopens_for_another_cooldown(

@@ -96,6 +96,9 @@ class Attempt:
                 self._gate_slot = slot
         except BaseException:  # cancelled or refused while waiting: __aexit__ will not run
             self.endpoint.outstanding -= 1
+            # Nothing was tried: a half-open breaker's probe, if this held it, is free
+            # again (it was lost for good, and the provider never tried again)
+            self.endpoint.breaker.record_ignored()
             raise
         self._started = self._attempts.router.clock()
         self._deadline = asyncio.get_running_loop().time() + self.endpoint.timeouts.first_token
