@@ -160,3 +160,29 @@ def test_completion_timeout_bounds_completions_not_every_backend_read(
     name = primary_name("completion")
     assert slow.headers["x-keel-provider"] == name, slow.headers
     assert slow.json()["error"]["message"].startswith(f"{name}: "), slow.text
+
+
+def test_a_backend_too_slow_for_the_completion_limit_is_its_failure(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """A backend sending tokens steadily, each within the stall limit, but too slowly to
+    finish within ``completion_timeout``: keel's own limit ended each completion (504),
+    and, tokens having flowed, the attempt counted as a success. The breaker never opened,
+    health stayed good and the fallback was never asked."""
+    primary, _ = backends
+    config = chain_config(
+        primary.url,
+        backends[1].url,
+        routing={"probe_interval_seconds": 600, "breaker_consecutive_failures": 2},
+        primary_extra={"first_token_timeout": 10},
+    ).replace("completion_timeout = 10", "completion_timeout = 1")
+    keel = keel_factory(config)
+    primary.token_delay = 0.6  # 3 tokens, 1.8 s: each in time, the whole not
+    for _ in range(2):
+        slow = keel.tabby()
+        assert slow.status_code == 504 and "took longer than 1s" in slow.text, slow.text
+    state = keel.endpoint("completion", primary_name("completion"))
+    assert state["breaker"] == "open", state
+    assert "time limit" in (state["last_error"] or ""), state
+    served = keel.tabby()
+    assert served.status_code == 200 and served.json()["choices"][0]["text"] == FALLBACK_TEXT

@@ -50,6 +50,15 @@ log = logging.getLogger("keel.router")
 TRYING: ContextVar[str | None] = ContextVar("keel_trying", default=None)
 """The endpoint this request's attempt is on (the latest), for a failure that cuts across
 attempts, as the whole request's time limit does, to name."""
+DEADLINE: ContextVar[float | None] = ContextVar("keel_deadline", default=None)
+"""When (the loop's clock) the whole request's time limit ends it, where it has one."""
+
+
+def past_deadline() -> bool:
+    """Whether the whole request's time limit has passed: a cancellation then is keel's."""
+    deadline = DEADLINE.get()
+    return deadline is not None and asyncio.get_running_loop().time() >= deadline
+
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -235,6 +244,15 @@ class Attempts:
     def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
         """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on)."""
         endpoint = attempt.endpoint
+        if isinstance(error, asyncio.CancelledError) and past_deadline():
+            # keel's own limit on the whole request ended it on this provider, too slow to
+            # answer within it: its failure (counted a success once it had sent tokens,
+            # every completion was a 504 and the breaker and health never knew)
+            timeout = UpstreamTimeout(
+                "did not finish within the request's time limit", provider=endpoint.name
+            )
+            self.router.failed(endpoint, timeout, Failure.RETRYABLE, retry=attempt.number > 1)
+            return False
         if error is None or (not isinstance(error, KeelError) and attempt.produced):
             # Done, or the client stopped reading after tokens flowed: a success either way.
             self._done = True

@@ -26,7 +26,7 @@ from keel.providers.base import (
     estimate_tokens,
 )
 from keel.router.admission import Admission
-from keel.router.attempt import TRYING
+from keel.router.attempt import DEADLINE, TRYING
 from keel.router.router import RoleRouter
 
 log = logging.getLogger("keel.serving")
@@ -95,14 +95,18 @@ async def total_timeout(seconds: float | None, role: str) -> AsyncIterator[None]
     """A request's whole generation, however many attempts it takes (None: no limit); its
     end is the failure of the provider the last attempt was on (it was the role's name, in
     the error, ``X-Keel-Provider`` and the metrics)."""
+    limit = None if seconds is None else asyncio.get_running_loop().time() + seconds
+    token = DEADLINE.set(limit)
     try:
-        async with asyncio.timeout(seconds):
+        async with asyncio.timeout_at(limit):
             yield
     except TimeoutError:
         provider = TRYING.get()
         raise UpstreamTimeout(
             f"generation took longer than {seconds:.0f}s", provider=provider or role
         ) from None
+    finally:
+        DEADLINE.reset(token)
 
 
 @dataclass(slots=True)
