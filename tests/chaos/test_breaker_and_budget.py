@@ -13,6 +13,7 @@ from tests.chaos.conftest import (
     PRIMARY_TEXT,
     Keel,
     chain_config,
+    fallback_name,
     live,
     posts,
     primary_name,
@@ -186,3 +187,29 @@ def test_a_backend_too_slow_for_the_completion_limit_is_its_failure(
     assert "time limit" in (state["last_error"] or ""), state
     served = keel.tabby()
     assert served.status_code == 200 and served.json()["choices"][0]["text"] == FALLBACK_TEXT
+
+
+def test_a_fallback_left_too_little_of_the_completion_limit_is_not_failing(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """The primary hangs to its first-token limit and the fallback, answering in its own
+    time, is cut by the whole request's limit: the fallback was charged the timeout, its
+    breaker opened, and with the primary down every completion was a 503."""
+    primary, fallback = backends
+    config = chain_config(
+        primary.url,
+        fallback.url,
+        routing={"probe_interval_seconds": 600, "breaker_consecutive_failures": 2},
+        primary_extra={"first_token_timeout": 0.8},
+    ).replace("completion_timeout = 10", "completion_timeout = 1")
+    keel = keel_factory(config)
+    primary.behave(Behaviour.hang())
+    fallback.token_delay = 0.2  # 3 tokens in 0.6 s: in time alone, not after the 0.8 s lost
+    try:
+        for _ in range(2):
+            assert keel.tabby().status_code == 504
+        state = keel.endpoint("completion", fallback_name("completion"))
+        assert state["breaker"] == "closed" and state["usable"], state
+        assert state["last_error"] is None, state
+    finally:
+        fallback.token_delay = 0.0

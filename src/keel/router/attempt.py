@@ -245,9 +245,14 @@ class Attempts:
         """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on)."""
         endpoint = attempt.endpoint
         if isinstance(error, asyncio.CancelledError) and past_deadline():
-            # keel's own limit on the whole request ended it on this provider, too slow to
-            # answer within it: its failure (counted a success once it had sent tokens,
-            # every completion was a 504 and the breaker and health never knew)
+            # keel's own limit on the whole request ended it on this provider. Given the
+            # whole of it, the provider was too slow: its failure (counted a success once
+            # it had sent tokens, every completion was a 504 and the breaker and health
+            # never knew). Given what an earlier provider's failure left, it says nothing
+            # (a healthy fallback's breaker opened for the primary's lost seconds).
+            if self.failures:
+                endpoint.breaker.record_ignored()
+                return False
             timeout = UpstreamTimeout(
                 "did not finish within the request's time limit", provider=endpoint.name
             )
