@@ -37,6 +37,20 @@ def test_walk_uses_git_in_a_checkout(repo: Path) -> None:
     assert files == ["blob.py", "tools/run.sh", "weather/client.py"]
 
 
+def test_a_path_inside_a_checkout_keeps_out_what_its_parents_ignore(tmp_path: Path) -> None:
+    """A monorepo's service as the repository's ``path``: the files the checkout's own
+    ignore rules keep out were indexed, and sent to the model as snippets."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("secret_*.py\n")
+    (tmp_path / ".git" / "info" / "exclude").write_text("local_*.py\n")
+    service = tmp_path / "service"
+    service.mkdir()
+    for name in ("app.py", "secret_keys.py", "local_settings.py"):
+        (service / name).write_text("VALUE = 1\n")
+    files = [f.relpath for f in list_source_files(service, max_file_bytes=100_000)]
+    assert files == ["app.py"]
+
+
 @pytest.mark.parametrize("checkout", [False, True], ids=["plain", "git"])
 def test_a_symlink_is_never_followed_out_of_the_checkout(
     repo: Path, tmp_path: Path, checkout: bool

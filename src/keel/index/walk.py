@@ -138,9 +138,11 @@ def skip_reason(text: bytes) -> str | None:
 
 
 def _git_files(root: Path) -> list[str] | None:
-    """Tracked and untracked-but-not-ignored files, or None when ``root`` is no git checkout."""
-    if not (root / ".git").exists():
-        return None
+    """Tracked and untracked-but-not-ignored files, or None when ``root`` is in no git
+    checkout. Asked of git wherever ``root`` is, not only where it holds ``.git``: a
+    ``path`` inside a checkout (a monorepo's service) was walked with its own
+    ``.gitignore`` files alone, and the files its parents' ignore rules and
+    ``.git/info/exclude`` keep out, secrets among them, went into prompts."""
     try:
         result = subprocess.run(
             [
