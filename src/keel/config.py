@@ -686,8 +686,8 @@ class RepositoryConfig(_Section):
 
 
 def _tabby_repositories(repositories: list[Any]) -> list[Any]:
-    """Tabby's ``[[repositories]]`` (``git_url``, no name or path) in keel's form: a
-    ``file://`` URL is the checkout's path, and a missing name is the checkout's (or the
+    """Tabby's ``[[repositories]]`` (``git_url``, a name or none, no path) in keel's form:
+    a ``file://`` URL is the checkout's path, and a missing name is the checkout's (or the
     URL's) last part, made unique among the names (``app``, ``app-2``)."""
     from urllib.parse import urlsplit
     from urllib.request import url2pathname
