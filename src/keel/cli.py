@@ -264,8 +264,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {ignored}", file=sys.stderr)
     for threads in _thread_troubles(settings):  # this machine's
         print(f"warning: {threads}", file=sys.stderr)
+    from keel.index.walk import is_directory
+
     for index, repo in enumerate(settings.repositories):  # this machine's checkouts
-        if repo.path is not None and not Path(repo.path).expanduser().is_dir():
+        if repo.path is not None and not is_directory(Path(repo.path).expanduser()):
             print(
                 f"warning: repositories[{index}].path: {repo.path} is not a directory; "
                 f"repository {repo.name!r} would not be indexed",

@@ -14,6 +14,8 @@ from tests.conftest import start_keel
 from tests.index.test_retrieve import PREFIX
 
 DISABLED = {"disable_retrieval_augmented_code_completion": True}
+REFUSED = "/tmp/" + "x" * 300 + "/repo"
+"""A path whose every look raises (ENAMETOOLONG) as a dead mount's does (ENOTCONN)."""
 
 
 def config_for(repo: Path) -> str:
@@ -62,12 +64,16 @@ def test_keel_index_goes_on_past_a_repository_it_cannot_read(repo: Path, tmp_pat
     root = tmp_path / "keel"
     root.mkdir()
     gone = f'[[repositories]]\nname = "gone"\npath = "{tmp_path / "nowhere"}"\n\n'
+    # one the system refuses to look at (a dead mount, a parent keel may not enter): a
+    # traceback, and the others not indexed
+    refused = f'[[repositories]]\nname = "refused"\npath = "{REFUSED}"\n\n'
     # a remote with no checkout here: passed over in silence, exit 0
     remote = '[[repositories]]\nname = "remote"\ngit_url = "https://10.255.255.1/a/b.git"\n\n'
-    (root / "config.toml").write_text(gone + remote + config_for(repo))
+    (root / "config.toml").write_text(gone + refused + remote + config_for(repo))
     done = run_keel(root, "index")
     assert done.returncode == 1, done.stderr
     assert "repository 'gone'" in done.stderr and "is not a directory" in done.stderr
+    assert "repository 'refused'" in done.stderr and "Traceback" not in done.stderr
     assert "remote: nothing to index: keel does not clone" in done.stderr
     alone = run_keel(root, "index", "remote")
     assert alone.returncode == 1 and "remote: nothing to index" in alone.stderr, alone
@@ -75,11 +81,14 @@ def test_keel_index_goes_on_past_a_repository_it_cannot_read(repo: Path, tmp_pat
     checked = run_keel(root, "config", "check")  # the file is fine; this machine lacks one
     assert checked.returncode == 0, checked.stderr
     assert "repositories[0].path" in checked.stderr and "'gone'" in checked.stderr
+    assert "repositories[1].path" in checked.stderr and "'refused'" in checked.stderr
 
 
 @pytest.mark.integration
 def test_tabby_completion_shows_retrieved_snippets(repo: Path, tmp_path: Path) -> None:
-    server = start_keel(tmp_path / "keel", config_for(repo))
+    # with a checkout the system refuses to look at: keel did not start
+    refused = f'[[repositories]]\nname = "refused"\npath = "{REFUSED}"\n\n'
+    server = start_keel(tmp_path / "keel", refused + config_for(repo))
     try:
         server.wait_ready()
         body: dict[str, object] = {

@@ -72,6 +72,33 @@ def test_a_symlink_is_never_followed_out_of_the_checkout(
     assert "weather/client.py" in files
 
 
+@pytest.mark.parametrize("swapped", ["weather/units.py", "weather"])
+def test_a_file_swapped_for_a_link_while_an_update_reads_is_not_read_through_it(
+    repo: Path, tmp_path: Path, swapped: str
+) -> None:
+    """Files are read a while after they are listed: one (or its directory) replaced by
+    a link meanwhile, as a pull landing during an update does, was read through it,
+    and a file outside the checkout went into prompts until the next refresh."""
+    outside = tmp_path / "outside"
+    (outside / "weather").mkdir(parents=True)
+    for name in ("units.py", "client.py"):
+        (outside / "weather" / name).write_text('def fetch_forecast():\n    hunter2 = "x"\n')
+
+    def swap(done: int, total: int, relpath: str) -> None:
+        if done == 1:  # listed, not yet read
+            moved = repo / swapped
+            os.rename(moved, tmp_path / "old")
+            moved.symlink_to(outside / swapped)
+
+    index = open_index(repo, tmp_path / "data")
+    index.update(swap)
+    assert index.search(["hunter2"]) == []
+    kept = {"tools/run.sh"} if swapped == "weather" else {"tools/run.sh", "weather/client.py"}
+    assert indexed_paths(index) == kept
+    index.update()  # the next update lists the link for what it is: left out
+    assert index.search(["hunter2"]) == [] and indexed_paths(index) == kept
+
+
 def test_huge_files_are_skipped(repo: Path) -> None:
     skipped: dict[str, str] = {}
     files = [f.relpath for f in list_source_files(repo, max_file_bytes=400, skipped=skipped)]

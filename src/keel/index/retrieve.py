@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import subprocess
 import threading
 import time
@@ -34,6 +35,7 @@ from keel.config import IndexConfig, Paths, RepositoryConfig, normalize_git_url
 from keel.errors import KeelError
 from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
 from keel.index.tokens import query_terms
+from keel.index.walk import is_directory
 from keel.pipeline.prompt import Snippet
 
 log = logging.getLogger("keel.index")
@@ -48,13 +50,18 @@ SEARCH_THREADS = 2
 """Searches at once, on threads of their own (:meth:`RepositoryRetriever.retrieve`)."""
 
 
+LOOK_SECONDS = 1.0
+"""How long whether a checkout is there is taken as known (:class:`Checkout`)."""
+HUNG_SECONDS = 2.0
+"""A look at a checkout unanswered this long: a hung mount, taken as not there."""
+
+
 def _remote_urls(root: Path) -> list[str]:
     """The URLs of every remote of the checkout at ``root``: tabby-agent sends origin's,
     else upstream's, else the first's, and only origin's was read. Read whoever owns the
     checkout (``safe.directory``): run as another user (the shipped unit's ``keel``),
-    git refused it, and no request matched by its URL."""
-    if not (root / ".git").exists():
-        return []
+    git refused it, and no request matched by its URL. (git says so for a directory
+    that is no checkout, and its time limit holds for one on a hung mount.)"""
     try:
         result = subprocess.run(
             [
@@ -76,6 +83,78 @@ def _remote_urls(root: Path) -> list[str]:
     return [line.split(None, 1)[1] for line in result.stdout.splitlines() if " " in line]
 
 
+class Checkout:
+    """Whether a repository's checkout is there, asked by every completion: looked at on
+    a thread of its own, one look at a time. Looked at on the event loop, a dead mount
+    (``ENOTCONN``) made every completion a 500, and a hung one (an NFS server that
+    stopped answering) froze every route of the server; a look unanswered for
+    :data:`HUNG_SECONDS` says "not there" until one answers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.there = True
+        self._looked = -math.inf
+        self._look: tuple[float, threading.Event] | None = None
+        self._lock = threading.Lock()
+
+    def seen(self, *, fresh: float = LOOK_SECONDS, wait: float = 0.0) -> bool:
+        """As last seen within ``fresh`` seconds; else looked at anew (or the look under
+        way joined), waiting at most ``wait`` seconds for it (without, as last seen)."""
+        with self._lock:
+            if self._look is None:
+                if time.monotonic() - self._looked < fresh:
+                    return self.there
+                self._look = (time.monotonic(), threading.Event())
+                threading.Thread(
+                    target=self._run, args=(self._look[1],), name="keel-checkout", daemon=True
+                ).start()
+            started, done = self._look
+        if done.wait(max(0.0, min(wait, started + HUNG_SECONDS - time.monotonic()))):
+            return self.there
+        return self.there and time.monotonic() - started < HUNG_SECONDS
+
+    def look(self) -> None:
+        """Blocking: look now."""
+        there = is_directory(self.root)
+        with self._lock:
+            self.there, self._looked = there, time.monotonic()
+
+    def _run(self, done: threading.Event) -> None:
+        self.look()
+        with self._lock:
+            self._look = None
+        done.set()
+
+
+def _look_at_checkout(repo: RepositoryConfig) -> tuple[Checkout, list[str]]:
+    """A checkout, first looked at, and its remotes' URLs. On a hung mount `keel serve`
+    waited for it to start: a path not resolved in :data:`HUNG_SECONDS` is taken as
+    written, not there, and named by its configured ``git_url`` alone."""
+    written = Path(repo.path or ".").expanduser().absolute()
+    seen: list[Checkout] = []
+
+    def look() -> None:
+        checkout = Checkout(written.resolve())
+        checkout.look()
+        seen.append(checkout)
+
+    looking = threading.Thread(target=look, name="keel-checkout", daemon=True)
+    looking.start()
+    looking.join(HUNG_SECONDS)
+    if not seen:
+        log.warning(
+            "repository %r: %s did not answer in %.0f s (a hung mount?): requests are "
+            "matched by its path as written and its git_url only",
+            repo.name,
+            written,
+            HUNG_SECONDS,
+        )
+        checkout = Checkout(written)
+        checkout.there = False
+        return checkout, []
+    return seen[0], _remote_urls(seen[0].root) if seen[0].there else []
+
+
 @dataclass(slots=True)
 class Repository:
     """A configured repository with a local checkout and its index."""
@@ -84,6 +163,7 @@ class Repository:
     root: Path
     index: RepositoryIndex
     git_urls: frozenset[str]
+    checkout: Checkout
 
     @property
     def name(self) -> str:
@@ -159,12 +239,13 @@ class RepositoryRetriever:
         for repo in repositories:
             if repo.path is None:  # keel does not clone (config check and serve say so)
                 continue
-            root = Path(repo.path).expanduser().resolve()
-            urls = {normalize_git_url(u) for u in (repo.git_url, *_remote_urls(root)) if u}
+            checkout, remotes = _look_at_checkout(repo)
+            urls = {normalize_git_url(u) for u in (repo.git_url, *remotes) if u}
+            root = checkout.root
             index = RepositoryIndex(
                 repo.name, root, paths.index_dir / repo.name, max_file_bytes=config.max_file_bytes
             )
-            built.append(Repository(repo, root, index, frozenset(urls)))
+            built.append(Repository(repo, root, index, frozenset(urls), checkout))
         return cls(built, config)
 
     def match(
@@ -208,7 +289,7 @@ class RepositoryRetriever:
             return []
         repo, relpath = matched
         terms = cursor_query(prefix)
-        if not terms or not repo.root.is_dir():
+        if not terms or not repo.checkout.seen(fresh=0, wait=HUNG_SECONDS):
             # a checkout moved, deleted or unmounted: its snippets are of files no longer
             # there (they were served on, while every refresh failed)
             return []
@@ -233,7 +314,11 @@ class RepositoryRetriever:
         there: a choice of snippets made in another is stale (the empty choice made while
         a checkout was gone stuck to its line once the checkout was back)."""
         return tuple(
-            (repo.index.stamp(), self.states[repo.name]["state"] == "failed", repo.root.is_dir())
+            (
+                repo.index.stamp(),
+                self.states[repo.name]["state"] == "failed",
+                repo.checkout.seen(),
+            )
             for repo in self.repositories
         )
 

@@ -34,7 +34,7 @@ import tantivy
 from keel.errors import Unavailable
 from keel.index.chunk import chunk_file
 from keel.index.tokens import document_terms
-from keel.index.walk import list_source_files, skip_reason
+from keel.index.walk import is_directory, list_source_files, read_source, skip_reason
 
 log = logging.getLogger("keel.index")
 
@@ -176,9 +176,10 @@ class RepositoryIndex:
     def _update(self, progress: Progress | None) -> UpdateStats:
         started = time.monotonic()
         stats = UpdateStats()
-        if not self.root.is_dir():
+        if not is_directory(self.root):
             raise Unavailable(
-                f"repository {self.name!r}: {self.root} is not a directory", code="index_failed"
+                f"repository {self.name!r}: {self.root} is not a directory keel can enter",
+                code="index_failed",
             )
         self.directory.mkdir(parents=True, exist_ok=True)
         # Opened again each time: the index kept open was used after its files were
@@ -194,6 +195,7 @@ class RepositoryIndex:
             self.root, max_file_bytes=self.max_file_bytes, skipped=stats.skipped
         )
         stats.files = len(files)
+        real_root = self.root.resolve()
         current = {f.relpath for f in files}
         stats.removed = sorted(set(manifest or {}) - current)
         writer: tantivy.IndexWriter | None = None
@@ -230,9 +232,8 @@ class RepositoryIndex:
                 if entry.get("skipped"):  # still skipped, and said so on every run
                     stats.skipped[source.relpath] = str(entry["skipped"])
                 continue
-            try:
-                content = source.path.read_bytes()
-            except OSError:
+            content = read_source(source.path, real_root)
+            if content is None:
                 continue
             stats.read.append(source.relpath)
             digest = hashlib.sha1(content).hexdigest()

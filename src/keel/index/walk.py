@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -204,6 +205,44 @@ def _walk_with_gitignore(root: Path) -> Iterator[str]:
                 yield relpath
 
 
+def is_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory that can be entered, for a checkout: pathlib's
+    ``is_dir`` raises for a dead mount (``ENOTCONN``, a stale NFS handle) or a parent
+    keel may no longer enter (``EACCES``), and one such checkout made every completion
+    a 500 and ``keel serve`` fail to start. Such a checkout is not there."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def read_source(path: Path, real_root: Path) -> bytes | None:
+    """The bytes of a listed file, or None when it is no longer a regular file inside
+    the checkout (``real_root``: its resolved path). Listed files are read a while
+    later; one swapped for a symbolic link meanwhile (a pull landing during an update)
+    was read through it, and a file outside the checkout went into prompts. Opened
+    without following a last link (nor blocking on a FIFO), the opened file's own path
+    (``/proc/self/fd``) must still lie in the checkout, which catches a linked directory
+    on the way."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with open(fd, "rb", closefd=True) as file:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            try:
+                opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:  # no /proc: the path as it resolves now
+                opened = path.resolve()
+            if not opened.is_relative_to(real_root):
+                return None
+            return file.read()
+        except OSError:
+            return None
+
+
 def _leaves(path: Path, real_root: Path) -> bool:
     """Whether ``path`` is a symbolic link, or is reached through one (``real_root``: the
     checkout's resolved path): read, its target was indexed, and a link to a file outside
@@ -258,15 +297,15 @@ def list_source_files(
                 skipped[relpath] = "a symbolic link (git keeps its target's name, not its text)"
             continue
         try:
-            stat = path.stat()
+            info = path.stat()
         except OSError:
             continue
-        if not path.is_file() or stat.st_size == 0:
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
             continue
-        if stat.st_size > max_file_bytes:
+        if info.st_size > max_file_bytes:
             if skipped is not None:
-                skipped[relpath] = f"{stat.st_size:,} bytes, over [index] max_file_bytes"
+                skipped[relpath] = f"{info.st_size:,} bytes, over [index] max_file_bytes"
             continue
-        files.append(SourceFile(relpath, path, stat.st_mtime_ns, stat.st_size, language))
+        files.append(SourceFile(relpath, path, info.st_mtime_ns, info.st_size, language))
     files.sort(key=lambda f: f.relpath)
     return files

@@ -48,6 +48,7 @@ from keel.errors import (
     UpstreamAuthError,
     UpstreamConnectError,
 )
+from keel.index.walk import is_directory
 from keel.models import gguf
 from keel.models.manager import mem_available, memory_needed
 from keel.models.registry import list_model_files, read_facts, resolve_model
@@ -249,7 +250,7 @@ def check_repositories(report: Report, settings: Settings) -> None:
     missing, found = [], []
     for repo in settings.repositories:
         root = Path(repo.path).expanduser() if repo.path else None
-        if root is None or not root.is_dir():
+        if root is None or not is_directory(root):
             missing.append(f"{repo.name}: {repo.path or '(no path)'} is not a directory")
         else:
             found.append(f"{repo.name}: {root}")
