@@ -100,7 +100,9 @@ def test_query_uses_the_lines_before_the_cursor_line() -> None:
 def test_retrieval_finds_related_chunks_of_other_files(
     retriever: RepositoryRetriever, repo: Path
 ) -> None:
-    snippets = retriever.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None)
+    snippets = retriever.search(
+        prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None, language="python"
+    )
     paths = [s.filepath for s in snippets]
     assert "weather/client.py" in paths and "weather/units.py" in paths
     assert all(s.score is not None and s.score > 0 for s in snippets)
@@ -111,7 +113,10 @@ def test_retrieval_excludes_the_file_being_edited(
     retriever: RepositoryRetriever, repo: Path
 ) -> None:
     snippets = retriever.search(
-        prefix=PREFIX, filepath="weather/units.py", git_url="https://github.com/example/weather"
+        prefix=PREFIX,
+        filepath="weather/units.py",
+        git_url="https://github.com/example/weather",
+        language="python",
     )
     assert snippets and "weather/units.py" not in [s.filepath for s in snippets]
 
@@ -132,7 +137,9 @@ def test_at_most_two_chunks_per_file(repo: Path, tmp_path: Path) -> None:
     built.update()
     hits = built.repositories[0].index.search(["fetch_forecast", "city_name"])
     assert sum(h.path == "weather/variants.py" for h in hits) > MAX_CHUNKS_PER_FILE
-    snippets = built.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None)
+    snippets = built.search(
+        prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None, language="python"
+    )
     assert [s.filepath for s in snippets].count("weather/variants.py") == MAX_CHUNKS_PER_FILE
 
 
@@ -145,9 +152,12 @@ def test_score_threshold_and_limit() -> None:
 def test_unmatched_request_and_zero_max_snippets_give_nothing(
     retriever: RepositoryRetriever, repo: Path, tmp_path: Path
 ) -> None:
-    assert retriever.search(prefix=PREFIX, filepath=None, git_url=None) == []
+    assert retriever.search(prefix=PREFIX, filepath=None, git_url=None, language="python") == []
     off = RepositoryRetriever(retriever.repositories, IndexConfig(max_snippets=0))
-    assert off.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None) == []
+    assert (
+        off.search(prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None, language="python")
+        == []
+    )
 
 
 def test_an_update_by_another_process_is_searched_at_once(
@@ -157,7 +167,7 @@ def test_an_update_by_another_process_is_searched_at_once(
     while the server has answers cached: the server's next search sees the new state,
     not what it cached before, for deleted code and for new code."""
     report = str(repo / "report.py")
-    before = retriever.search(prefix=PREFIX, filepath=report, git_url=None)
+    before = retriever.search(prefix=PREFIX, filepath=report, git_url=None, language="python")
     assert "weather/units.py" in [s.filepath for s in before]
     (repo / "weather" / "units.py").unlink()
     (repo / "weather" / "days.py").write_text("def weekly_report_days(forecast):\n    return 7\n")
@@ -167,7 +177,7 @@ def test_an_update_by_another_process_is_searched_at_once(
         Paths(tmp_path / "data"),
     )
     assert other.update("weather")["weather"].changed
-    after = retriever.search(prefix=PREFIX, filepath=report, git_url=None)
+    after = retriever.search(prefix=PREFIX, filepath=report, git_url=None, language="python")
     paths = [s.filepath for s in after]
     assert "weather/units.py" not in paths, "a deleted file's code in the prompt"
     assert "weather/days.py" in paths
@@ -183,7 +193,7 @@ async def test_a_damaged_index_costs_its_snippets_only_and_is_rebuilt(
     until a restart. Tabby's completion goes on without snippets; so does keel's, and
     the next refresh rebuilds the index."""
     url = "https://github.com/example/weather.git"
-    ask = {"prefix": PREFIX, "filepath": "report.py", "git_url": url}
+    ask = {"prefix": PREFIX, "filepath": "report.py", "git_url": url, "language": "python"}
     assert await retriever.retrieve(**ask)
     directory = retriever.repositories[0].index.directory
     if damage == "deleted":
@@ -219,6 +229,7 @@ async def test_a_checkout_that_is_gone_gives_no_snippets_until_it_is_back(
         "prefix": PREFIX,
         "filepath": "report.py",
         "git_url": "https://github.com/example/weather.git",
+        "language": "python",
     }
     assert await retriever.retrieve(**ask)
     there = retriever.state()
@@ -315,3 +326,40 @@ async def test_an_index_another_process_writes_is_busy_then_ready_soon(
     finally:
         refresh.cancel()
         built.stop()
+
+
+@pytest.mark.parametrize(
+    ("language", "found"),
+    [
+        ("python", {"weather/client.py", "weather/units.py"}),
+        ("typescriptreact", {"web/forecast.ts"}),  # one language with JavaScript
+        ("cpp", {"native/forecast.h"}),  # a C++ file's headers
+        ("yaml", {"config/forecast.yml"}),
+        ("plaintext", set()),
+    ],
+)
+def test_snippets_come_from_files_of_the_requests_language(
+    repo: Path, tmp_path: Path, language: str, found: set[str]
+) -> None:
+    """As Tabby's code search: retrieved from every file, a Python completion's prompt
+    got the passwords of ``terraform.tfvars`` and ``database.yml`` (a reviewer's
+    finding)."""
+    words = "fetch_forecast city_name celsius_to_fahrenheit WeatherClient weekly_report"
+    for relpath, text in {
+        "config/forecast.yml": f"# {words}\nforecast_password: hunter2\n",
+        "deploy/forecast.tfvars": f"# {words}\nforecast_password = \"hunter2\"\n",
+        "web/forecast.ts": f"// {words}\nexport function fetch_forecast() {{}}\n",
+        "native/forecast.h": f"// {words}\nint fetch_forecast(int city_name);\n",
+    }.items():
+        (repo / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (repo / relpath).write_text(text)
+    built = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))],
+        IndexConfig(min_score=0.0, max_snippets=20),
+        Paths(tmp_path / "data"),
+    )
+    built.update()
+    snippets = built.search(
+        prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None, language=language
+    )
+    assert {s.filepath for s in snippets} == found

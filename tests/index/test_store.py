@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from keel.index.chunk import MAX_CHUNK_LINES, chunk_file
-from keel.index.store import RepositoryIndex
+from keel.index.store import MANIFEST_VERSION, RepositoryIndex
 from keel.index.tokens import document_terms, query_terms
 from keel.index.walk import list_source_files, skip_reason
 from tests.index.conftest import git
@@ -240,7 +240,8 @@ def test_an_index_of_another_version_is_rebuilt_without_duplicates(
     index.update()
     before = index.search(["fetch_forecast", "celsius"], limit=100)
     manifest = tmp_path / "index" / "weather" / "files.json"
-    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    written = manifest.read_text()
+    manifest.write_text(written.replace(f'"version": {MANIFEST_VERSION}', '"version": 1'))
     rebuilt = index.update()
     assert sorted(rebuilt.reindexed) == sorted(["blob.py", *EXPECTED])
     assert len(index.search(["fetch_forecast", "celsius"], limit=100)) == len(before)

@@ -28,7 +28,12 @@ from keel.index.retrieve import HUNG_SECONDS, RepositoryRetriever
 from keel.index.walk import is_directory
 from tests.index.test_retrieve import PREFIX
 
-ASK = {"prefix": PREFIX, "filepath": "report.py", "git_url": "https://github.com/example/weather"}
+ASK = {
+    "prefix": PREFIX,
+    "filepath": "report.py",
+    "git_url": "https://github.com/example/weather",
+    "language": "python",
+}
 
 
 def _fuse_usable() -> bool:
@@ -93,7 +98,12 @@ async def test_a_checkout_keel_cannot_look_at_costs_its_snippets_only(
         built.update("other")  # `keel index` says which, and goes on to the next
     built.state()  # asked by every completion, before any search: it raised
     assert await built.retrieve(**ASK)  # the other repository's snippets
-    inside = {"prefix": PREFIX, "filepath": str(unreachable / "a.py"), "git_url": None}
+    inside = {
+        "prefix": PREFIX,
+        "filepath": str(unreachable / "a.py"),
+        "git_url": None,
+        "language": "python",
+    }
     assert await built.retrieve(**inside) == []
     assert built.state()[0][2] is False
 
@@ -120,7 +130,12 @@ async def _ask_while_hung(repo: Path, tmp_path: Path) -> None:
     built.state()  # on the event loop, per completion: it waited on the mount
     assert time.monotonic() - started < 1
     assert await built.retrieve(**ASK)  # others' snippets, while the look waits
-    inside = {"prefix": PREFIX, "filepath": str(hung / "a.py"), "git_url": None}
+    inside = {
+        "prefix": PREFIX,
+        "filepath": str(hung / "a.py"),
+        "git_url": None,
+        "language": "python",
+    }
     started = time.monotonic()
     assert await built.retrieve(**inside) == []
     assert time.monotonic() - started < HUNG_SECONDS + 5

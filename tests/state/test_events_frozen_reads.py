@@ -88,7 +88,7 @@ async def test_editor_events_on_a_frozen_database_hold_up_no_completion(
     monkeypatch.setattr(postgres_events, "STATEMENT_SECONDS", 4.0)
     retriever = retriever_of(tmp_path)
     path = str(tmp_path / "repo" / "weather" / "report.py")
-    assert await retriever.retrieve(prefix=PREFIX, filepath=path, git_url=None)
+    assert await retriever.retrieve(prefix=PREFIX, filepath=path, git_url=None, language="python")
     store = PostgresEventStore(postgres_url, flush_seconds=0.05)
     try:
         wait_until(lambda: store.up is True)
@@ -98,7 +98,9 @@ async def test_editor_events_on_a_frozen_database_hold_up_no_completion(
             events = [asyncio.create_task(store.language_of(f"cmpl-other-{n}")) for n in range(40)]
             await asyncio.sleep(0.3)
             snippets, searched = await timed(
-                retriever.retrieve(prefix=PREFIX + "cast", filepath=path, git_url=None)
+                retriever.retrieve(
+                    prefix=PREFIX + "cast", filepath=path, git_url=None, language="python"
+                )
             )
             _, other = await timed(asyncio.to_thread(lambda: None))
             languages = await asyncio.gather(*events)
@@ -161,7 +163,8 @@ async def test_repository_context_does_not_queue_behind_the_loops_executor(
     try:
         await asyncio.sleep(0.2)
         snippets = await asyncio.wait_for(
-            retriever.retrieve(prefix=PREFIX, filepath=path, git_url=None), timeout=5
+            retriever.retrieve(prefix=PREFIX, filepath=path, git_url=None, language="python"),
+            timeout=5,
         )
         assert snippets
     finally:

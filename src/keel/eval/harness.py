@@ -229,7 +229,9 @@ async def evaluate(
         s = result.sample
         started = time.monotonic()
         filepath = str(roots[s.repo] / s.relpath)
-        snippets = await retriever.retrieve(prefix=s.prefix, filepath=filepath, git_url=None)
+        snippets = await retriever.retrieve(
+            prefix=s.prefix, filepath=filepath, git_url=None, language=language.name
+        )
         built = await build_prompt(provider, language, s.prefix, s.suffix, snippets, budget)
         result.snippets = [snippet.filepath for snippet in built.snippets]
         raw = await run(built)

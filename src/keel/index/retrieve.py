@@ -35,7 +35,8 @@ from keel.config import IndexConfig, Paths, RepositoryConfig, normalize_git_url
 from keel.errors import KeelError
 from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
 from keel.index.tokens import query_terms
-from keel.index.walk import is_directory
+from keel.index.walk import is_directory, snippet_language
+from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.prompt import Snippet
 
 log = logging.getLogger("keel.index")
@@ -209,9 +210,9 @@ class RepositoryRetriever:
     def __init__(self, repositories: Sequence[Repository], config: IndexConfig) -> None:
         self.repositories = list(repositories)
         self.config = config
-        self._cache: OrderedDict[tuple[str, int, str | None, tuple[str, ...]], list[Snippet]] = (
-            OrderedDict()
-        )
+        self._cache: OrderedDict[
+            tuple[str, int, str | None, str | None, tuple[str, ...]], list[Snippet]
+        ] = OrderedDict()
         """Search results by the index's state (its stamp) and the query."""
         self._cache_lock = threading.Lock()
         self.searches = ThreadPoolExecutor(
@@ -282,24 +283,33 @@ class RepositoryRetriever:
         except (ValueError, OSError):
             return None
 
-    def search(self, *, prefix: str, filepath: str | None, git_url: str | None) -> list[Snippet]:
-        """Blocking search; :meth:`retrieve` runs it off the event loop."""
+    def search(
+        self, *, prefix: str, filepath: str | None, git_url: str | None, language: str | None
+    ) -> list[Snippet]:
+        """Blocking search; :meth:`retrieve` runs it off the event loop. ``language``: the
+        request's language id, whose files' snippets alone are searched (any, when None)."""
         matched = self.match(filepath, git_url)
         if matched is None or self.config.max_snippets == 0:
             return []
         repo, relpath = matched
+        family = None
+        if language is not None:
+            known = find_language(language)
+            if known is None or known is UNKNOWN:
+                return []  # no file of the index is in it
+            family = snippet_language(known)
         terms = cursor_query(prefix)
         if not terms or not repo.checkout.seen(fresh=0, wait=HUNG_SECONDS):
             # a checkout moved, deleted or unmounted: its snippets are of files no longer
             # there (they were served on, while every refresh failed)
             return []
-        key = (repo.name, repo.index.stamp(), relpath, tuple(terms))
+        key = (repo.name, repo.index.stamp(), relpath, family, tuple(terms))
         with self._cache_lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        hits = repo.index.search(terms, exclude_path=relpath, limit=SEARCH_DEPTH)
+        hits = repo.index.search(terms, exclude_path=relpath, language=family, limit=SEARCH_DEPTH)
         picked = pick_hits(hits, min_score=self.config.min_score, limit=self.config.max_snippets)
         snippets = [Snippet(hit.path, hit.body, round(hit.score, 3)) for hit in picked]
         with self._cache_lock:
@@ -323,11 +333,13 @@ class RepositoryRetriever:
         )
 
     async def retrieve(
-        self, *, prefix: str, filepath: str | None, git_url: str | None
+        self, *, prefix: str, filepath: str | None, git_url: str | None, language: str | None
     ) -> list[Snippet]:
         if not self.repositories:
             return []
-        search = functools.partial(self.search, prefix=prefix, filepath=filepath, git_url=git_url)
+        search = functools.partial(
+            self.search, prefix=prefix, filepath=filepath, git_url=git_url, language=language
+        )
         try:
             # Threads of its own: on the loop's shared executor it queued behind whatever
             # blocked there (reads of a frozen events database held all 6 threads of a

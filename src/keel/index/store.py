@@ -34,11 +34,17 @@ import tantivy
 from keel.errors import Unavailable
 from keel.index.chunk import chunk_file
 from keel.index.tokens import document_terms
-from keel.index.walk import is_directory, list_source_files, read_source, skip_reason
+from keel.index.walk import (
+    is_directory,
+    list_source_files,
+    read_source,
+    skip_reason,
+    snippet_language,
+)
 
 log = logging.getLogger("keel.index")
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 """Raised whenever chunking or terms change: an index of another version is rebuilt."""
 WRITER_HEAP_BYTES = 32_000_000
 
@@ -77,6 +83,7 @@ class UpdateStats:
 def _schema() -> tantivy.Schema:
     builder = tantivy.SchemaBuilder()
     builder.add_text_field("path", stored=True, tokenizer_name="raw")
+    builder.add_text_field("language", tokenizer_name="raw")
     builder.add_text_field("terms", tokenizer_name="whitespace")
     builder.add_bytes_field("body", stored=True)
     builder.add_unsigned_field("start_line", stored=True)
@@ -266,6 +273,7 @@ class RepositoryIndex:
                     open_writer().add_document(
                         tantivy.Document(
                             path=source.relpath,
+                            language=snippet_language(source.language),
                             terms=document_terms(chunk.text),
                             body=chunk.text.encode("utf-8"),
                             start_line=chunk.start_line,
@@ -286,9 +294,16 @@ class RepositoryIndex:
         return stats
 
     def search(
-        self, terms: Sequence[str], *, exclude_path: str | None = None, limit: int = 32
+        self,
+        terms: Sequence[str],
+        *,
+        exclude_path: str | None = None,
+        language: str | None = None,
+        limit: int = 32,
     ) -> list[Hit]:
-        """Chunks matching any of ``terms``, best BM25 score first; none before the first update."""
+        """Chunks matching any of ``terms``, best BM25 score first, of files in ``language``
+        (a :func:`~keel.index.walk.snippet_language`) when given; none before the first
+        update."""
         searcher = self._searcher
         if searcher is None or self.stamp() != self._loaded:  # `keel index` wrote since
             self.reload()
@@ -299,6 +314,16 @@ class RepositoryIndex:
             (tantivy.Occur.Should, tantivy.Query.term_query(self._schema, "terms", term))
             for term in terms
         ]
+        if language is not None:  # scored by the terms alone
+            clauses = [
+                (tantivy.Occur.Must, tantivy.Query.boolean_query(clauses)),
+                (
+                    tantivy.Occur.Must,
+                    tantivy.Query.const_score_query(
+                        tantivy.Query.term_query(self._schema, "language", language), 0.0
+                    ),
+                ),
+            ]
         if exclude_path is not None:
             clauses.append(
                 (

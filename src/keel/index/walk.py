@@ -107,6 +107,15 @@ def language_for(relpath: str) -> Language | None:
     return language
 
 
+def snippet_language(language: Language) -> str:
+    """Which files' snippets a completion in ``language`` gets: its own language's, as
+    Tabby's code search does (JavaScript and TypeScript are one language there and
+    here), with C and C++ together (a C++ file's headers are ``.h``). Retrieved from
+    every file, a Python completion's prompt got ``terraform.tfvars``'s and
+    ``database.yml``'s passwords."""
+    return "c-cpp" if language.name in ("c", "cpp") else language.name
+
+
 def is_vendored(relpath: str) -> bool:
     parts = PurePosixPath(relpath).parts
     return any(part in VENDORED_DIRS or part.endswith(".egg-info") for part in parts[:-1])

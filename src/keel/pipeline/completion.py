@@ -70,7 +70,7 @@ class SnippetRetriever(Protocol):
     """Each repository's index: its state and last refresh (for ``/v1/providers``)."""
 
     async def retrieve(
-        self, *, prefix: str, filepath: str | None, git_url: str | None
+        self, *, prefix: str, filepath: str | None, git_url: str | None, language: str | None
     ) -> list[Snippet]: ...
 
     def state(self) -> tuple[object, ...]:
@@ -379,5 +379,8 @@ class TabbyPrompts:
         ):
             return []
         return await self.retriever.retrieve(
-            prefix=prefix, filepath=segments.filepath, git_url=segments.git_url
+            prefix=prefix,
+            filepath=segments.filepath,
+            git_url=segments.git_url,
+            language=request.language or "unknown",
         )
