@@ -671,6 +671,28 @@ async def test_a_requests_retry_failing_again_counts_once(
     assert route.provider is not None and route.provider.name == "only"
 
 
+async def test_a_requests_retry_failing_again_is_one_failed_check(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """One request and its retry failing made a role's only provider unhealthy and
+    ``/ready`` 503 (two failed checks make a finding): a load balancer pulled the
+    replica for one request. Two requests failing do."""
+    backend = upstreams()
+    backend.behave(Behaviour.error(500))
+    router = build.router(
+        [[build.endpoint(backend.url, name="only")]],
+        retry=RetryPolicy(attempts_per_provider=2, budget_floor=10),
+    )
+    endpoint = router.endpoints[0]
+    with pytest.raises(Unavailable):
+        await run(router)
+    assert posts(backend) == 2
+    assert endpoint.healthy and endpoint.failed_checks == 1 and endpoint.last_error
+    with pytest.raises(Unavailable):
+        await run(router)
+    assert not endpoint.healthy
+
+
 async def test_a_retry_that_takes_the_half_open_probe_decides_it(
     build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
 ) -> None:

@@ -332,7 +332,9 @@ class RoleRouter:
         A request counts once: its ``retry`` on the same endpoint failing is no second
         breaker failure (counted per attempt, three requests during a backend's restart
         made six, opened the breaker at its default of five, and a keel with no
-        fallback answered 503 for the next 60 s). Every failure is counted, by kind."""
+        fallback answered 503 for the next 60 s), nor a second failed check (one
+        request and its retry made a role's only provider unhealthy, and ``/ready``
+        503: a load balancer pulled the replica). Every failure is counted, by kind."""
         self.events.provider_failed(endpoint.name, kind, type(error).__name__)
         if kind is Failure.CRASHED and not endpoint.new_crash(error):
             # One worker death fails every request in flight; it is one failure. Counted
@@ -344,8 +346,9 @@ class RoleRouter:
         if kind in (Failure.RETRYABLE, Failure.CRASHED):
             if retry and endpoint.breaker.state is BreakerState.CLOSED:
                 endpoint.breaker.record_ignored()
-            else:  # a retry that was the half-open breaker's probe decides it
-                endpoint.breaker.record_failure()
+                endpoint.last_error = error.message
+                return
+            endpoint.breaker.record_failure()  # a retry that was the half-open probe too
             if endpoint.record_failed(error):
                 log.warning("provider %s routed around: %s", endpoint.name, error.message)
                 self.events.provider_health(endpoint.name, False)
