@@ -48,6 +48,26 @@ def status(code: int | None, message: str = "boom", **kwargs: object) -> Upstrea
         (status(422, "temperature must be >= 0"), Failure.CLIENT),
         (status(400, "This model's maximum context length is 2048 tokens"), Failure.TOO_LONG),
         (status(413, "prompt too long"), Failure.TOO_LONG),
+        (status(400, "Input prompt (5000 tokens) is too long and exceeds limit"), Failure.TOO_LONG),
+        (status(400, "prompt is too long: 210000 tokens > 200000 maximum"), Failure.TOO_LONG),
+        (
+            status(400, "Prompt contains 40000 tokens, too large for model with 32768 maximum"),
+            Failure.TOO_LONG,
+        ),
+        (
+            status(422, "`inputs` tokens + `max_new_tokens` must be <= 4096. Given: 5000"),
+            Failure.TOO_LONG,
+        ),
+        # a client's mistake in the same words: it went to every provider as an overflow
+        (
+            status(400, "Invalid 'tools': array too long. Expected an array with maximum length"),
+            Failure.CLIENT,
+        ),
+        (status(400, "'stop' may not exceed 4 sequences"), Failure.CLIENT),
+        (
+            status(400, "max_tokens is too large: 9000. This model supports at most 4096"),
+            Failure.CLIENT,
+        ),
         (status(409, "context length"), Failure.CLIENT),
         (RequestError("bad"), Failure.CLIENT),
         (Unavailable("down"), Failure.RETRYABLE),

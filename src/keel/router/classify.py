@@ -45,14 +45,18 @@ class Failure(StrEnum):
     """Any other 4xx: the request itself is wrong; return it to the client."""
 
 
-_TOO_LONG_MARKERS = (
-    "context length",
-    "context_length",
-    "context window",
-    "maximum context",
-    "too long",
-    "too many tokens",
-    "exceed",
+_TOO_LONG_WORDS = re.compile(
+    # what servers say of a prompt over the context, without a code that says so: OpenAI's
+    # and vLLM's "maximum context length", llama.cpp's "exceeds the available context
+    # size", vLLM's "Input prompt (N tokens) is too long", Anthropic's "prompt is too
+    # long", Mistral's "too large for model with 32768 maximum context length", TGI's
+    # "`inputs` tokens + `max_new_tokens` must be <= 4096". A word alone ("too long",
+    # "exceed") took a client's mistake ("Invalid 'tools': array too long") for one: it
+    # went to every provider, and the client was told its prompt did not fit.
+    r"context[ _](?:length|window|size)|maximum context|too many tokens"
+    r"|\b(?:prompt|input|request|tokens?)\b[^.]{0,80}?\b(?:too long|too large|exceeds?)"
+    r"|tokens \+ `?max_new_tokens`? must be|must have less than \d+ tokens",
+    re.IGNORECASE,
 )
 
 
@@ -168,7 +172,7 @@ def classify(error: KeelError) -> Failure:
             return Failure.RETRYABLE
         if status is not None and 400 <= status < 500:
             text = error.message.lower()
-            if status in (400, 413, 422) and any(m in text for m in _TOO_LONG_MARKERS):
+            if status in (400, 413, 422) and _TOO_LONG_WORDS.search(text):
                 return Failure.TOO_LONG
             return Failure.CLIENT
         return Failure.RETRYABLE
