@@ -415,6 +415,36 @@ def test_a_local_models_additional_stop_words_are_its_providers(tmp_path: Path) 
     assert provider.stop_words == ("<|endoftext|>",)  # type: ignore[attr-defined]
 
 
+def test_a_tabby_model_directorys_prompt_template_is_used(tmp_path: Path) -> None:
+    """Tabby reads a model directory's ``tabby.json``: a custom model laid out as its
+    MODEL_SPEC.md says lost fill-in-the-middle (prompted with its prefix alone)."""
+    from keel.models.registry import embedded_model_path
+    from keel.providers.catalog import build_providers
+
+    model = tmp_path / "mymodel"
+    (model / "ggml").mkdir(parents=True)
+    (model / "ggml" / "model-00001-of-00001.gguf").symlink_to(embedded_model_path())
+    info = model / "tabby.json"
+    info.write_text('{"prompt_template": "<PRE>{prefix}<SUF>{suffix}<MID>", "chat_template": "x"}')
+
+    def template(extra: str = "") -> object:
+        text = f'[model.completion.local]\nmodel_id = "{model}"\n{extra}'
+        settings = load_settings(write(tmp_path, text), Paths(tmp_path), {})
+        chain = build_providers(settings, Paths(tmp_path)).chains["completion"]
+        return chain[0][0].provider.prompt_template  # type: ignore[attr-defined]
+
+    assert template() == "<PRE>{prefix}<SUF>{suffix}<MID>"
+    assert template('prompt_template = "{prefix}<FILL>{suffix}"') == "{prefix}<FILL>{suffix}"
+    info.write_text('{"prompt_template": "<PRE>{prefx}<MID>"}')
+    with pytest.raises(ConfigError) as misspelt:  # Tabby refuses a file it cannot read
+        template()
+    assert "model.completion.local.model_id" in misspelt.value.message
+    assert "{prefix}" in misspelt.value.message
+    info.write_text("{")
+    with pytest.raises(ConfigError, match="tabby.json cannot be read as JSON"):
+        template()
+
+
 def test_config_check_warns_of_a_damaged_model_file(tmp_path: Path) -> None:
     """A file cut short said "ok"; its worker then failed with the engine's "check the
     input params"."""

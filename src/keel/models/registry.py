@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,27 @@ def tabby_weights(ggml: Path) -> list[Path]:
     with contextlib.suppress(OSError):
         names += sorted({p.name for p in ggml.glob("model-00001-of-*.gguf")} - set(names))
     return [ggml / name for name in names]
+
+
+def tabby_prompt_template(model_path: Path) -> str | None:
+    """The ``prompt_template`` a Tabby model directory's ``tabby.json`` gives, for weights
+    in its ``ggml/`` (Tabby reads it for a model given by its directory, and writes it
+    for each model it downloads): a custom model laid out as Tabby's MODEL_SPEC.md says
+    was prompted with its prefix alone, or with keel's guess. Raises ValueError for a
+    file that is not JSON with a text ``prompt_template`` or none."""
+    if model_path.parent.name != "ggml":
+        return None
+    info = model_path.parent.parent / "tabby.json"
+    try:
+        data = json.loads(info.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{info} cannot be read as JSON: {exc}") from None
+    template = data.get("prompt_template") if isinstance(data, dict) else None
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{info}: prompt_template must be text")
+    return template
 
 
 def _bare(model_id: str) -> bool:

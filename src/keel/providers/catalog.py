@@ -29,10 +29,15 @@ from keel.config import (
     Settings,
     masked_url,
 )
-from keel.errors import MissingDependency
+from keel.errors import ConfigError, ConfigIssue, MissingDependency
 from keel.models import gguf
-from keel.models.registry import embedded_model_path, resolve_model
-from keel.pipeline.prompt import FIM_TEMPLATES, TEMPLATE_OF_MARKERS, template_for_model
+from keel.models.registry import embedded_model_path, resolve_model, tabby_prompt_template
+from keel.pipeline.prompt import (
+    FIM_TEMPLATES,
+    TEMPLATE_OF_MARKERS,
+    check_template,
+    template_for_model,
+)
 from keel.providers.base import Provider
 from keel.providers.local import LocalProvider
 from keel.router.router import DEFAULT_TIMEOUTS, with_overrides
@@ -138,7 +143,8 @@ def build_local_provider(
     and dropped the other's) and messages named one provider for two.
     """
     spec = local_worker_spec(role, config, model_path)
-    template = config.prompt_template or template_for_model(config.model_id)
+    template = config.prompt_template or _tabby_template(role, model_path)
+    template = template or template_for_model(config.model_id)
     if template is None and not spec.embedding and config.model_id != EMBEDDED_MODEL_ID:
         template = _template_of_file(model_path)
     stop_words = tuple(config.additional_stop_words)
@@ -163,6 +169,19 @@ def build_local_provider(
     if running is not None:
         running[spec] = provider
     return provider
+
+
+def _tabby_template(role: Role, model_path: Path) -> str | None:
+    """A Tabby model directory's own ``prompt_template`` (``tabby.json``), checked as a
+    configured one is: Tabby refuses to start on a file it cannot read."""
+    try:
+        template = tabby_prompt_template(model_path)
+        if template is not None:
+            check_template(template)
+    except ValueError as exc:
+        key = f"model.{role}.local.model_id"
+        raise ConfigError(str(model_path), [ConfigIssue(key, str(exc))]) from None
+    return template
 
 
 def _template_of_file(model_path: Path) -> str | None:
