@@ -151,6 +151,13 @@ def _checked_template(template: str | None) -> str | None:
     return template
 
 
+class TabbyEmbeddingConfig(_Section):
+    """Tabby's ``[embedding]``: accepted (a Tabby config that set it did not start), and
+    not used."""
+
+    max_input_length: int = Field(5120, ge=1, description="Tabby's; ignored by keel.")
+
+
 class HttpModelConfig(_Section):
     """A remote model server, as in Tabby's ``[model.<role>.http]``."""
 
@@ -845,6 +852,7 @@ class Settings(_Section):
     additional_languages: list[LanguageConfig] = Field(default_factory=list)
     # Tabby sections keel accepts and does not use (``ignored_sections`` says so).
     answer: dict[str, Any] | None = None
+    embedding: TabbyEmbeddingConfig | None = None
     anonymous_usage_tracking: dict[str, Any] | None = Field(None, alias="anonymousUsageTracking")
 
     def ignored_sections(self) -> list[str]:
@@ -854,6 +862,12 @@ class Settings(_Section):
             ignored.append(
                 "[answer] is ignored: it configures Tabby's answer engine, which keel does "
                 "not have (a chat's system prompt is the client's to send)"
+            )
+        if self.embedding is not None:
+            ignored.append(
+                "embedding.max_input_length is ignored: keel embeds an input up to the "
+                "embedding model's context ([model.embedding.local] context_size), and cuts "
+                "a longer one there (keel_embedding_inputs_truncated_total)"
             )
         if self.anonymous_usage_tracking is not None:
             ignored.append("[anonymousUsageTracking] is ignored: keel sends no usage data")

@@ -13,6 +13,7 @@ from keel.models.registry import embedded_model_path
 async def test_a_remote_chat_model_is_named_without_a_device(client: httpx.AsyncClient) -> None:
     health = (await client.get("/v1/health", headers=USER)).json()
     assert health["chat_model"] == "fallback-chat"
+    assert health["models"]["chat"]["remote"]["model_name"] == "fallback-chat"  # Tabby's shape
     assert "chat_device" not in health, "a remote model runs on no device of keel's"
     # IntelliJ's and Eclipse's plugins load <endpoint>/chat as their chat panel unless
     # it is null; keel has no such page (it answered them a 404 as the panel).
@@ -37,7 +38,11 @@ async def test_a_config_that_leaves_chat_out_offers_no_chat(
     async with serving(build_app(tmp_path / "keel", config)) as client:
         health = (await client.get("/v1/health")).json()
         assert "chat_model" not in health and "chat_device" not in health, health
-        assert health["models"]["chat"] == "SmolLM2-135M-Instruct"  # it still answers
+        # it still answers; shown as Tabby shows a model (it was the name alone)
+        local = {"local": {"model_id": "SmolLM2-135M-Instruct", "device": "cpu"}}
+        assert health["models"]["chat"] == local
+        remote = {"kind": "openai/completion", "api_endpoint": f"{backends.primary.url}/v1"}
+        assert health["models"]["completion"] == {"remote": remote}
         # A chat model an admin loads is offered.
         body = {"model_name": "team-chat", "role": "chat", "stream": False}
         loaded = await client.post("/v1/model/load", json=body, timeout=120)

@@ -454,11 +454,13 @@ async def test_the_openai_routes_answer_without_v1_and_models_one_by_one(
     client: httpx.AsyncClient,
 ) -> None:
     """A client given a base URL without ``/v1`` asks there (llama.cpp's server answers
-    both); the openai SDK's ``models.retrieve`` asks for one model."""
+    both); the openai SDK's ``models.retrieve`` asks for one model; tabby-agent asks
+    Tabby's ``/v1beta`` chat when ``/v1``'s is not found (it was a 404)."""
     listed = (await client.get("/v1/models", headers=USER)).json()
     assert (await client.get("/models", headers=USER)).json() == listed
     for path, body in (
         ("/chat/completions", VALID_BODIES["/v1/chat/completions"]),
+        ("/v1beta/chat/completions", VALID_BODIES["/v1/chat/completions"]),
         ("/completions", OPENAI_COMPLETION),
         ("/embeddings", VALID_BODIES["/v1/embeddings"]),
     ):
@@ -471,6 +473,7 @@ async def test_the_openai_routes_answer_without_v1_and_models_one_by_one(
         if line.startswith("keel_requests_total{") and 'route="/chat/completions"' in line
     ]
     assert counted and all('role="chat"' in line for line in counted), counted
+    assert 'route="/v1beta/chat/completions",status="200"' in "\n".join(metrics)
     assert (await client.get("/models")).status_code == 401  # the same access as /v1
     card = listed["data"][0]
     one = await client.get(f"/v1/models/{card['id']}", headers=USER)
@@ -737,3 +740,19 @@ async def test_inputs_that_held_an_engine_for_everyone_are_a_400_naming_the_limi
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and said in error["message"], error
+
+
+async def test_a_declarations_debug_snippet_has_tabbys_score(client: httpx.AsyncClient) -> None:
+    """Tabby's debug snippet has a score, 1.0 for a declaration; keel left it out."""
+    segments = {
+        "prefix": "def f(a):\n    return ",
+        "declarations": [{"filepath": "util.py", "body": "def helper(x):\n    return x"}],
+        "relevant_snippets_from_changed_files": [
+            {"filepath": "a.py", "body": "def other(y):\n    return y", "score": 0.0}
+        ],
+    }
+    body = {"language": "python", "segments": segments, "debug_options": {"return_snippets": True}}
+    response = await client.post("/v1/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    snippets = response.json()["debug_data"]["snippets"]
+    assert [(s["filepath"], s["score"]) for s in snippets] == [("util.py", 1.0), ("a.py", 0.0)]

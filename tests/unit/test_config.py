@@ -461,12 +461,21 @@ def test_config_check_warns_of_a_damaged_model_file(tmp_path: Path) -> None:
 
 
 def test_config_check_says_which_tabby_sections_keel_ignores(tmp_path: Path) -> None:
-    """Taken silently: an operator's [answer] system_prompt had no effect, unsaid."""
+    """Taken silently: an operator's [answer] system_prompt had no effect, unsaid. Tabby's
+    [embedding] was refused as a misspelling (a Tabby config that set it did not start)."""
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    text = '[answer]\nsystem_prompt = "You are our team\'s assistant."\n'
+    text = (
+        '[answer]\nsystem_prompt = "You are our team\'s assistant."\n\n'
+        "[embedding]\nmax_input_length = 4096\n"
+    )
     result = keel_cli("config", "check", str(write(tmp_path, text)), env=env)
     assert result.returncode == 0, result.stderr
     assert "warning: [answer] is ignored" in result.stderr
+    assert "warning: embedding.max_input_length is ignored" in result.stderr
+    typo = keel_cli(
+        "config", "check", str(write(tmp_path, "[embedding]\nmax_input = 1\n")), env=env
+    )
+    assert typo.returncode == 78 and "embedding.max_input" in typo.stderr
 
 
 def _gguf_with_vocabulary(tokens: list[str]) -> bytes:

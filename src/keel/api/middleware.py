@@ -68,6 +68,7 @@ ROLE_BY_ROUTE: dict[str, Role] = {
     # The same routes without /v1 (keel.api.openai).
     "/completions": "completion",
     "/chat/completions": "chat",
+    "/v1beta/chat/completions": "chat",  # Tabby's
     "/embeddings": "embedding",
 }
 

@@ -132,10 +132,12 @@ def served_models(request: Request) -> dict[str, dict[str, object]]:
 
 
 # The same routes without ``/v1``: clients given a base URL without it ask there (llama.cpp's
-# server answers both).
+# server answers both); and Tabby's ``/v1beta`` chat, which tabby-agent asks when ``/v1``'s
+# is not found.
 for _path, _endpoint, _method in (
     ("/completions", completions, "POST"),
     ("/chat/completions", chat_completions, "POST"),
+    ("/v1beta/chat/completions", chat_completions, "POST"),
     ("/embeddings", embeddings, "POST"),
     ("/models", models, "GET"),
     ("/models/{model_id:path}", model, "GET"),

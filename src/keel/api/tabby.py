@@ -24,7 +24,10 @@ from keel.schemas.tabby import (
     CompletionStats,
     HealthModels,
     HealthState,
+    LocalModelHealth,
     LogEventRequest,
+    ModelHealth,
+    RemoteModelHealth,
     ServerSetting,
     Version,
 )
@@ -105,15 +108,26 @@ def health_state(request: Request) -> HealthState:
             git_describe=f"v{TABBY_API_VERSION}-keel.{__version__}",
         ),
         models=HealthModels(
-            completion=providers.for_role("completion").info.model,
-            chat=providers.for_role("chat").info.model,
-            embedding=providers.for_role("embedding").info.model,
+            completion=_model_health(providers.for_role("completion")),
+            chat=_model_health(providers.for_role("chat")),
+            embedding=_model_health(providers.for_role("embedding")),
         ),
         # Left out, as Tabby leaves it without its web server: IntelliJ's and Eclipse's
         # plugins test it for null and, given false, loaded keel's /chat, a 404, as their
         # chat panel; left out, they say the server has no chat panel.
         webserver=None,
     )
+
+
+def _model_health(provider: Provider) -> ModelHealth:
+    """A role's model as Tabby's ``/v1/health`` shows it (it was the model's name alone,
+    which a script written against Tabby's ``models.<role>.local.model_id`` broke on)."""
+    info = provider.info
+    if info.kind == "local":
+        return ModelHealth(local=LocalModelHealth(model_id=info.model, device="cpu"))
+    name = None if info.model == info.kind else info.model
+    remote = RemoteModelHealth(kind=info.kind, model_name=name, api_endpoint=info.endpoint or "")
+    return ModelHealth(remote=remote)
 
 
 def _when(value: float, given: float | None) -> str:

@@ -324,7 +324,11 @@ class TabbyPrompts:
             response.debug_data = DebugData(
                 prompt=built.prompt if debug.return_prompt else None,
                 snippets=[
-                    DebugSnippet(filepath=s.filepath, body=s.body, score=s.score)
+                    # a declaration is 1.0, as Tabby reports it (its Snippet's score is
+                    # required)
+                    DebugSnippet(
+                        filepath=s.filepath, body=s.body, score=1.0 if s.score is None else s.score
+                    )
                     for s in built.snippets
                 ]
                 if debug.return_snippets

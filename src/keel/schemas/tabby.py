@@ -99,7 +99,8 @@ class Choice(BaseModel):
 class DebugSnippet(BaseModel):
     filepath: str
     body: str
-    score: float | None = None
+    score: float
+    """As Tabby: required, 1.0 for a declaration."""
 
 
 class DebugData(BaseModel):
@@ -129,10 +130,28 @@ class Version(BaseModel):
     git_describe: str
 
 
+class LocalModelHealth(BaseModel):
+    model_id: str
+    device: str
+
+
+class RemoteModelHealth(BaseModel):
+    kind: str
+    model_name: str | None = None
+    api_endpoint: str
+
+
+class ModelHealth(BaseModel):
+    """Tabby's: ``{"local": {...}}`` or ``{"remote": {...}}``."""
+
+    local: LocalModelHealth | None = None
+    remote: RemoteModelHealth | None = None
+
+
 class HealthModels(BaseModel):
-    completion: str | None = None
-    chat: str | None = None
-    embedding: str | None = None
+    completion: ModelHealth | None = None
+    chat: ModelHealth | None = None
+    embedding: ModelHealth | None = None
 
 
 class HealthState(BaseModel):
