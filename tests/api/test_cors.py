@@ -114,6 +114,12 @@ async def test_with_no_keys_only_requests_addressed_to_loopback_are_served(
                 assert answer.status_code == status, (host, answer.text)
                 if status == 403:
                     assert "configure [auth] api_keys" in answer.json()["error"]["message"]
+                # the public routes' details too (worker PIDs, model paths, errors), and
+                # the deep check's timeout: a rebound page read and chose them
+                ready = (await http.get("/ready", headers={"host": host})).json()
+                assert ("provider" in json.dumps(ready)) is (status == 200), (host, ready)
+                deep = await http.get("/health/deep?timeout=0.5", headers={"host": host})
+                assert ("provider" in deep.text) is (status == 200), (host, deep.text)
 
 
 @pytest.mark.parametrize(

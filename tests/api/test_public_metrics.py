@@ -42,3 +42,21 @@ async def test_a_request_no_provider_served_is_nobodys_traffic(
         if sample.name == "keel_requests_total" and sample.labels["status"] == "401"
     ]
     assert labels and all(label["provider"] == "" for label in labels), labels
+
+
+async def test_a_keyless_keels_public_metrics_keep_to_loopback_names(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """With no keys, every route answers only a loopback Host (DNS rebinding); public
+    metrics skipped that check, and a rebound page read them."""
+    config = backends.config()
+    config = (
+        config[: config.index("[auth]")]
+        + "[auth]\npublic_metrics = true\n\n"
+        + (config[config.index("[model.completion]") :])
+    )
+    app = build_app(tmp_path / "keel", config)
+    async with serving(app) as client:
+        assert (await client.get("/metrics", headers={"host": "127.0.0.1:1"})).status_code == 200
+        rebound = await client.get("/metrics", headers={"host": "rebind.example:1"})
+        assert rebound.status_code == 403, rebound.text

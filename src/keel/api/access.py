@@ -44,10 +44,15 @@ def presented_keys(request: Request) -> list[str]:
 def holds_key(request: Request) -> bool:
     """Does ``request`` carry a valid key? Public routes show their details only then.
 
-    With no keys configured (loopback only) every caller holds one.
+    With no keys configured (loopback only) every caller addressing keel by a loopback
+    name holds one: a web page pointing its own name at this machine (DNS rebinding) read
+    ``/ready``'s and ``/health/deep``'s details (worker PIDs, model paths, errors) and
+    chose the deep check's timeout.
     """
-    store = app_state(request).keys
-    return not store.enabled or store.identify(presented_keys(request)) is not None
+    state = app_state(request)
+    if not state.keys.enabled:
+        return state.settings.auth.allow_unauthenticated_remote or _loopback_named(request)
+    return state.keys.identify(presented_keys(request)) is not None
 
 
 class Require:
@@ -100,15 +105,21 @@ addresses (Twinny's default host is 0.0.0.0) and localhost's fully qualified for
 web page can be served from them, so none can rebind its name to keel through them."""
 
 
+def _loopback_named(request: Request) -> bool:
+    """Whether the request's Host is a name that reaches only this machine."""
+    with contextlib.suppress(ValueError):  # a malformed host
+        name = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""  # no port
+        return is_loopback(name) or name in THIS_MACHINE
+    return False
+
+
 def _addressed_to_loopback(request: Request) -> None:
     """With no keys (keel on loopback), a request must be addressed to a loopback name:
     a web page that points its own name at 127.0.0.1 (DNS rebinding) reads and drives a
     keel its browser's same-origin rule then takes for the page's own."""
+    if _loopback_named(request):
+        return
     host = request.headers.get("host", "")
-    with contextlib.suppress(ValueError):  # a malformed host
-        name = urlsplit(f"//{host}").hostname or ""  # no port, no IPv6 brackets
-        if is_loopback(name) or name in THIS_MACHINE:
-            return
     raise Forbidden(
         f"this keel has no keys, so it answers only requests addressed to localhost, "
         f"127.0.0.1, [::1] or 0.0.0.0, not to {host!r} (a page pointing its own name at "
@@ -151,7 +162,10 @@ class MetricsAccess(Require):
         super().__init__(Access.USER)
 
     async def __call__(self, request: Request) -> Identity:
-        if app_state(request).settings.auth.public_metrics:
+        state = app_state(request)
+        if state.settings.auth.public_metrics:
+            if not state.keys.enabled and not state.settings.auth.allow_unauthenticated_remote:
+                _addressed_to_loopback(request)  # as every other route of a keyless keel
             return Identity(Access.PUBLIC, None)
         return await super().__call__(request)
 
