@@ -167,6 +167,12 @@ def test_rate_limit_per_key(tmp_path: Path) -> None:
         for path in ("/v1/models", "/metrics", "/v1/providers", "/v1/stats"):
             response = httpx.get(f"{server.url}{path}", headers=headers, timeout=10)
             assert response.status_code == 200, (path, response.text)
+        # counted and logged as the key's, not as a full queue (they looked alike)
+        metrics = httpx.get(f"{server.url}/metrics", headers=headers, timeout=10).text
+        refused = 'keel_rejections_total{reason="key_rate_limited",role="completion"} 2.0'
+        assert refused in metrics
+        logged = [line for line in server.log.read_text().splitlines() if "-> 429" in line]
+        assert logged and all(" key=" in line and USER_KEY not in line for line in logged)
     finally:
         server.stop()
 

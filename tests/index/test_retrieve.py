@@ -347,7 +347,7 @@ def test_snippets_come_from_files_of_the_requests_language(
     words = "fetch_forecast city_name celsius_to_fahrenheit WeatherClient weekly_report"
     for relpath, text in {
         "config/forecast.yml": f"# {words}\nforecast_password: hunter2\n",
-        "deploy/forecast.tfvars": f"# {words}\nforecast_password = \"hunter2\"\n",
+        "deploy/forecast.tfvars": f'# {words}\nforecast_password = "hunter2"\n',
         "web/forecast.ts": f"// {words}\nexport function fetch_forecast() {{}}\n",
         "native/forecast.h": f"// {words}\nint fetch_forecast(int city_name);\n",
     }.items():

@@ -274,6 +274,8 @@ async def test_a_superseded_infill_says_so(keel: httpx.AsyncClient, llamacpp: Fa
     assert superseded.headers.get("x-keel-superseded") == "1"
     assert "x-keel-superseded" not in newer.headers and newer.json()["content"]
     await llamacpp.wait_for(lambda: llamacpp.disconnects == 1)  # its stalled generation ended
+    metrics = (await keel.get("/metrics")).text  # counted as such (in no metric before)
+    assert 'keel_superseded_total{role="completion"} 1.0' in metrics
 
 
 async def test_n_predict_holds_while_requests_queue(

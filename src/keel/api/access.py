@@ -91,6 +91,8 @@ class Require:
         if limiter is not None and identity.key_id is not None and is_model_route(request):
             wait = await limiter.acquire(identity.key_id)
             if wait > 0:
+                role = ROLE_BY_ROUTE[request.scope["path"]]
+                state.metrics.rejected(role, "key_rate_limited")
                 raise RateLimited(
                     f"rate limit of {state.settings.auth.requests_per_minute} requests per "
                     "minute for this key reached; retry later",

@@ -351,7 +351,9 @@ class KeelMiddleware:
             # The provider that served it; none for a request none served (a refusal, a
             # 503, a cached answer): counted as the primary's, they looked like its traffic.
             provider = state.get(PROVIDER_KEY) or ""
-            if not response.superseded:
+            if response.superseded:
+                keel.metrics.superseded(role)
+            else:
                 keel.stats.record(role=role, status=status, seconds=seconds)
         keel.metrics.request(
             route=route,
@@ -363,13 +365,16 @@ class KeelMiddleware:
         )
         if status >= 400:  # refusals and failures reach the log, with the request id
             (log.warning if status >= 500 else log.info)(
-                "%s %s -> %d in %.0f ms%s",
+                "%s %s -> %d in %.0f ms%s%s",
                 scope["method"],
                 # as sent (percent-encoded): a decoded "%0a" wrote a forged line
                 scope.get("raw_path", b"").decode("latin-1") or scope.get("path", ""),
                 status,
                 seconds * 1000,
                 " (a stream begun with 200)" if status != response.status else "",
+                # whose request (a key's id, never the key): one key throttled and a full
+                # queue looked alike
+                f" key={key}" if (key := state.get("key_id")) else "",
             )
 
 

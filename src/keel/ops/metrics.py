@@ -365,8 +365,16 @@ class Metrics:
         )
         self.rejections = Counter(
             "keel_rejections",
-            "Requests refused by admission control (429/503), by reason.",
+            "Requests refused by admission control (429/503) or by their key's "
+            "[auth] requests_per_minute (reason key_rate_limited), by reason.",
             ["role", "reason"],
+            registry=registry,
+        )
+        self.superseded_total = Counter(
+            "keel_superseded",
+            "Completions ended early, answered with no text (x-keel-superseded), because "
+            "the same editor's next keystroke asked for the same file.",
+            ["role"],
             registry=registry,
         )
         self.fallbacks = Counter(
@@ -638,6 +646,9 @@ class Metrics:
 
     def rejected(self, role: str, reason: str) -> None:
         self._child(self.rejections, role, reason).inc()
+
+    def superseded(self, role: str) -> None:
+        self._child(self.superseded_total, role).inc()
 
     def queue_depth(self, role: str, n: int) -> None:
         self._child(self.queue_depth_gauge, role).set(n)
