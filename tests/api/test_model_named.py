@@ -68,6 +68,11 @@ async def test_after_a_fallback_the_answer_names_the_model_that_answered(
         chunks = sse_events(response.text) if stream else [response.json()]
         assert {chunk["model"] for chunk in chunks} == {"fallback-chat-q8"}
         assert asked(backends.fallback) == "fallback-chat", "no list there: its own model"
+    # what keel did that no one asked for shows in /v1/providers too (in /metrics alone)
+    role = (await client.get("/v1/providers")).json()["roles"]["chat"]
+    primary, fallback = role["providers"][:2]
+    assert role["serving_fallback"] is True
+    assert primary["retries"] == 0 and fallback["fallbacks_to"] == 2, role
 
 
 async def test_the_listed_models_are_what_tabbys_clients_are_offered(

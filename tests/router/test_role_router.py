@@ -280,6 +280,7 @@ async def test_the_last_provider_left_is_retried_with_backoff(
     pieces, route = await run(router)
     assert "".join(pieces) == ANSWER
     assert posts(alone) == 2, "one retry"
+    assert router.endpoints[0].retries == 1  # shown in /v1/providers
     assert len(clock.slept) == 1 and 0 <= clock.slept[0] <= 1.0, "jittered backoff, injected"
     assert ("retry", "alone") in build.events.log
 

@@ -203,6 +203,7 @@ class Attempts:
         if current is not None and decision is not Decision.NEXT:
             again = decision is Decision.AGAIN
             if again:
+                current.endpoint.retries += 1
                 self.router.events.retry(current.endpoint.name)
             elif decision is Decision.SHRINK:
                 current.endpoint.prompts_shrunk += 1
@@ -226,6 +227,7 @@ class Attempts:
     def _start(self, endpoint: Endpoint, *, number: int, shrink: bool, delay: float) -> Attempt:
         previous = self._current
         if previous is not None and previous.endpoint is not endpoint:
+            endpoint.fallbacks_to += 1
             self.router.events.fallback(self.router.role, previous.endpoint.name, endpoint.name)
         self._current = Attempt(self, endpoint, number=number, shrink=shrink, delay=delay)
         return self._current
@@ -270,9 +272,7 @@ class Attempts:
                 attempt.first_piece_after,
                 attempt.tokens,
             )
-            self.router.events.fallback_active(
-                self.router.role, endpoint not in self.router.groups[0]
-            )
+            self.router.served_by(endpoint)
             return False
         if not isinstance(error, KeelError) or isinstance(error, RequestError):
             # Cancelled, or keel's own check of the request: says nothing about the provider.

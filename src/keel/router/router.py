@@ -162,6 +162,10 @@ class Endpoint:
     blocked_until: float = 0.0
     prompts_shrunk: int = 0
     """Prompts keel built that the backend found over its context, sent again at half."""
+    retries: int = 0
+    """Failed calls to it keel made again (``keel_retries_total``)."""
+    fallbacks_to: int = 0
+    """Requests moved to it from the provider before it in the chain (``keel_fallbacks_total``)."""
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -252,6 +256,8 @@ class Endpoint:
             "latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "rate_limited_for": max(0.0, round(self.blocked_until - self.clock(), 1)),
             "prompts_shrunk": self.prompts_shrunk,
+            "retries": self.retries,
+            "fallbacks_to": self.fallbacks_to,
             "timeouts": asdict(self.timeouts),
             "worker": self.provider.status(),
         }
@@ -274,6 +280,8 @@ class RoleRouter:
         self.role = role
         self.gate = gate
         self.groups = [list(group) for group in groups]
+        self.serving_fallback = False
+        """Whether the last request was served by a provider other than a primary."""
         self.budget = budget
         self.retry = retry or RetryPolicy()
         self.events: RouterEvents = events or NoEvents()
@@ -364,6 +372,11 @@ class RoleRouter:
         elif kind is Failure.RATE_LIMITED:
             endpoint.blocked_until = self.clock() + (error.retry_after or 1.0)
             endpoint.last_error = error.message
+
+    def served_by(self, endpoint: Endpoint) -> None:
+        """``endpoint`` served the role's last request (or its primary is back)."""
+        self.serving_fallback = endpoint not in self.groups[0]
+        self.events.fallback_active(self.role, self.serving_fallback)
 
     def exhausted(self, failures: list[str], last: KeelError | None) -> KeelError:
         """The error for a request no endpoint served: a 429 when every endpoint is
@@ -458,7 +471,7 @@ class RoleRouter:
                     # The next request goes to it: the role no longer serves from a
                     # fallback (the gauge said so until a request came, and its alert
                     # fired all night after an outage that ended in a quiet hour).
-                    self.events.fallback_active(self.role, False)
+                    self.served_by(endpoint)
             if was_auth_failed:
                 self.events.provider_auth_failed(endpoint.name, False)
             return

@@ -362,6 +362,7 @@ class Routing:
                     chain.append({"position": index, **endpoint.snapshot()})
             roles[role] = {
                 "providers": chain,
+                "serving_fallback": router.serving_fallback,
                 "admission": self.admission[role].snapshot(),
             }
         return {"roles": roles, "superseded": self.superseder.superseded}
