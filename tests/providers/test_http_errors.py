@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import aclosing
 
 import pytest
@@ -330,3 +331,29 @@ async def test_provider_keeps_working_after_a_cancelled_stream(
     await pieces.aclose()
     upstream.token_delay = 0.0
     assert "".join(await run(provider)) == "Hello, world"
+
+
+def _chunks(*choices: dict[str, object]) -> str:
+    events = [f"data: {json.dumps({'choices': [choice]})}\n\n" for choice in choices]
+    return "".join(events) + "data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer"),
+    [
+        ("openai/chat", _chunks({"index": 0, "text": "hi", "finish_reason": "stop"})),
+        ("mistral/chat", _chunks({"index": 0, "text": "hi", "finish_reason": "stop"})),
+        ("openai/completion", _chunks({"index": 0, "delta": {"content": "hi"}})),
+        ("vllm/completion", _chunks({"index": 0, "delta": {"content": "hi"}})),
+    ],
+)
+async def test_an_answer_in_the_other_openai_shape_is_the_backends_failure(
+    upstream: FakeUpstream, make_provider, kind: str, answer: str
+):
+    """A chat kind pointed at a completions server (or the reverse): its text was read as
+    none, and the client got a 200 with an empty answer, counted a success."""
+    sse = (("Content-Type", "text/event-stream"),)
+    upstream.behave(Behaviour.respond(200, answer, headers=sse))
+    with pytest.raises(UpstreamProtocolError, match="does this kind match") as caught:
+        await run(make_provider(kind))
+    assert classify(caught.value) is Failure.RETRYABLE

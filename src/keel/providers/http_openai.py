@@ -112,6 +112,8 @@ def choice_text(
     choice: JsonObject, read: str, provider: str, numbering: CallNumbering | None = None
 ) -> str:
     if read == "delta":
+        if "delta" not in choice and "text" in choice:
+            raise _other_shape(provider, "a completion's (choices[].text)", "a chat's")
         delta = choice.get("delta") or {}
         if not isinstance(delta, dict):
             raise UpstreamProtocolError(f"unexpected delta {delta!r}", provider=provider)
@@ -128,7 +130,19 @@ def choice_text(
         if numbering and called:
             called = numbering.number(called)
         return parts(text, called, reasoning)
+    if "text" not in choice and ("delta" in choice or "message" in choice):
+        raise _other_shape(provider, "a chat's (choices[].delta)", "a completion's")
     return text_field(choice, "text", provider)
+
+
+def _other_shape(provider: str, found: str, wanted: str) -> UpstreamProtocolError:
+    """A backend answering in the other OpenAI shape: its text was read as none, and a
+    client got a 200 with an empty answer (a chat kind at a completions server)."""
+    return UpstreamProtocolError(
+        f"answered in {found} shape where {wanted} was asked: does this kind match what "
+        "api_endpoint serves?",
+        provider=provider,
+    )
 
 
 def tool_call_parts(calls: object, provider: str) -> list[JsonObject]:
