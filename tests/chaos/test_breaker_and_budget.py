@@ -207,7 +207,12 @@ def test_a_fallback_left_too_little_of_the_completion_limit_is_not_failing(
     fallback.token_delay = 0.2  # 3 tokens in 0.6 s: in time alone, not after the 0.8 s lost
     try:
         for _ in range(2):
-            assert keel.tabby().status_code == 504
+            cut = keel.tabby()
+            assert cut.status_code == 504, cut.text
+            # named as the one it ran out on, and what the primary's failure took said
+            message = cut.json()["error"]["message"]
+            assert message.startswith(f"{fallback_name('completion')}: "), message
+            assert f"after {primary_name('completion')}: " in message, message
         state = keel.endpoint("completion", fallback_name("completion"))
         assert state["breaker"] == "closed" and state["usable"], state
         assert state["last_error"] is None, state

@@ -50,6 +50,8 @@ log = logging.getLogger("keel.router")
 TRYING: ContextVar[str | None] = ContextVar("keel_trying", default=None)
 """The endpoint this request's attempt is on (the latest), for a failure that cuts across
 attempts, as the whole request's time limit does, to name."""
+FAILED: ContextVar[list[str] | None] = ContextVar("keel_failed", default=None)
+"""This request's failed attempts so far (``name: message``), for the same."""
 DEADLINE: ContextVar[float | None] = ContextVar("keel_deadline", default=None)
 """When (the loop's clock) the whole request's time limit ends it, where it has one."""
 
@@ -183,6 +185,7 @@ class Attempts:
         """The provider that served the request, once one did."""
         self.failures: list[str] = []
         """``name: message`` of every failed attempt, in order."""
+        FAILED.set(self.failures)
         self.last_error: KeelError | None = None
         self.too_long: KeelError | None = None
         """The last refusal of the prompt as over an endpoint's context, if any."""

@@ -26,7 +26,7 @@ from keel.providers.base import (
     estimate_tokens,
 )
 from keel.router.admission import Admission
-from keel.router.attempt import DEADLINE, TRYING
+from keel.router.attempt import DEADLINE, FAILED, TRYING
 from keel.router.router import RoleRouter
 
 log = logging.getLogger("keel.serving")
@@ -102,8 +102,11 @@ async def total_timeout(seconds: float | None, role: str) -> AsyncIterator[None]
             yield
     except TimeoutError:
         provider = TRYING.get()
+        # the provider it ran out on may have had only what earlier failures left: said
+        earlier = "; ".join(FAILED.get() or ())
+        after = f", after {earlier}" if earlier else ""
         raise UpstreamTimeout(
-            f"generation took longer than {seconds:.0f}s", provider=provider or role
+            f"generation took longer than {seconds:.0f}s{after}", provider=provider or role
         ) from None
     finally:
         DEADLINE.reset(token)
