@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from keel.errors import Unavailable
 from keel.index.chunk import MAX_CHUNK_LINES, chunk_file
 from keel.index.store import MANIFEST_VERSION, RepositoryIndex
 from keel.index.tokens import document_terms, query_terms
@@ -289,3 +291,29 @@ def test_files_the_index_cannot_take_are_skipped_not_the_repository(
         "new\nline.py": "its name holds a line break or another control character",
     }, stats.skipped
     assert not index.search(["zorblax_latin", "zorblax_newline"])
+
+
+def test_a_full_index_disk_says_so(repo: Path, tmp_path: Path) -> None:
+    """A full disk showed as tantivy's "An index writer was killed.. A worker thread
+    encountered an error (io::Error most likely)", every round, naming no directory."""
+    data = tmp_path / "data"
+    (data / "index" / "weather").mkdir(parents=True)
+    where = data / "index" / "weather"
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"no tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        for n in range(20):
+            (repo / "weather" / f"big_{n}.py").write_text(
+                "".join(
+                    f"def forecast_{n}_{i}(city_name):\n    return {i}\n\n" for i in range(2000)
+                )
+            )
+        with pytest.raises(Unavailable) as failed:
+            open_index(repo, data).update()
+        assert str(where) in failed.value.message
+        assert "MiB free: is it full?" in failed.value.message, failed.value.message
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -47,6 +47,8 @@ log = logging.getLogger("keel.index")
 MANIFEST_VERSION = 3
 """Raised whenever chunking or terms change: an index of another version is rebuilt."""
 WRITER_HEAP_BYTES = 32_000_000
+LOW_DISK_BYTES = 64 * 2**20
+"""Free space under which a failed update says its disk may be full."""
 
 Progress = Callable[[int, int, str], None]
 """Called as ``progress(done, total, relpath)`` while an update reads files."""
@@ -178,7 +180,23 @@ class RepositoryIndex:
     def update(self, progress: Progress | None = None) -> UpdateStats:
         """Bring the index in line with the files on disk; see the module docstring."""
         with self._update_lock:
-            return self._update(progress)
+            try:
+                return self._update(progress)
+            except (ValueError, OSError) as exc:  # tantivy's, and the manifest's
+                raise Unavailable(self._not_written(exc), code="index_failed") from None
+
+    def _not_written(self, exc: Exception) -> str:
+        """Why an update failed, said so an operator can act: a full disk showed as
+        tantivy's "An index writer was killed.. A worker thread encountered an error
+        (io::Error most likely) or panicked", every round, naming no directory."""
+        said = f"index of {self.name!r} in {self.directory} could not be written: {exc}"
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return said
+        if free < LOW_DISK_BYTES:
+            return f"{said} (its disk has {free / 2**20:.1f} MiB free: is it full?)"
+        return said
 
     def _update(self, progress: Progress | None) -> UpdateStats:
         started = time.monotonic()
