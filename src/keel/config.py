@@ -456,7 +456,7 @@ class AuthConfig(_Section):
 
     api_keys: list[str] = Field(
         default_factory=list,
-        description="User keys, sent as 'Authorization: Bearer <key>' or 'x-api-key'; "
+        description="User keys, sent as 'Authorization: Bearer <key>', 'x-api-key' or 'api-key'; "
         "use '${ENV_VAR}' to keep them out of the file.",
     )
     admin_key: str | None = Field(

@@ -103,6 +103,7 @@ def test_keys_are_accepted_in_every_header(secured: KeelProcess) -> None:
     for headers in (
         {"Authorization": f"Bearer {USER_KEY}"},
         {"x-api-key": USER_KEY},
+        {"api-key": USER_KEY},  # Azure OpenAI's, as clients set up "Azure style" send it
         {"x-admin-key": ADMIN_KEY},
         {"Authorization": f"Bearer {FILE_KEY}"},
     ):

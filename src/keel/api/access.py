@@ -3,7 +3,7 @@
 A route states its access with ``dependencies=[PUBLIC]`` (or ``USER``,
 ``ADMIN``); a test walks every route of the app and fails on one without a
 declaration, so no endpoint is left open by omission. Keys are accepted as
-``Authorization: Bearer``, ``x-api-key`` or ``x-admin-key``. With no keys
+``Authorization: Bearer``, ``x-api-key``, ``api-key`` or ``x-admin-key``. With no keys
 configured at all (only allowed on a loopback address) every check passes.
 """
 
@@ -34,7 +34,9 @@ def presented_keys(request: Request) -> list[str]:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         keys.append(token.strip())
-    for header in ("x-api-key", "x-admin-key"):
+    # api-key: Azure OpenAI's header, which clients set up "Azure style" send (Open WebUI,
+    # LibreChat): refused, every request of theirs was a 401
+    for header in ("x-api-key", "api-key", "x-admin-key"):
         value = request.headers.get(header, "").strip()
         if value:
             keys.append(value)
