@@ -116,7 +116,7 @@ async def infill(request: Request) -> JsonResponse:
             content = cut_at_indent(content, body.n_indent)
             line_suffix = body.input_suffix.partition("\n")[0]
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
-            headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
+            headers = answer.headers
     elapsed_ms = (time.perf_counter() - started) * 1000
     reported = answer.reported if answer is not None and answer.reported else Reported()
     figures = _figures(content, body, reported, elapsed_ms)

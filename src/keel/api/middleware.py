@@ -53,7 +53,7 @@ from keel.api.errors import error_response
 from keel.config import Role
 from keel.errors import Forbidden, PayloadTooLarge
 from keel.ops.logging import request_id
-from keel.serving.lifecycle import PROVIDER_KEY
+from keel.serving.lifecycle import PROVIDER_KEY, header_text
 from keel.serving.streaming import OUTCOME, STOPPING, stopped
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class _Response:
             headers.extend(self.added)
             provider = self.state.get(PROVIDER_KEY)
             if provider is not None and PROVIDER_HEADER not in names:
-                headers.append((PROVIDER_HEADER, provider.encode("latin-1", "replace")))
+                headers.append((PROVIDER_HEADER, header_text(provider).encode("ascii")))
             message["headers"] = headers
         await self.send(message)
 

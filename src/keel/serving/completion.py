@@ -54,6 +54,7 @@ from keel.serving.lifecycle import (
     count_usage,
     finish_reason,
     generate_text,
+    header_text,
     note_provider,
     stream_text,
     total_timeout,
@@ -81,6 +82,10 @@ class Answer:
     reported: Reported | None = None
     """What the engine said of the model work this answer took (none for a typed-through
     answer)."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Keel-Provider": header_text(self.provider), "X-Keel-Source": self.source}
 
 
 class CompletionServing:
@@ -115,8 +120,7 @@ class CompletionServing:
         answer = await self.complete(http, body)
         if answer is None:
             return _superseded()
-        headers = {"X-Keel-Provider": answer.provider, "X-Keel-Source": answer.source}
-        return JsonResponse(answer.response.model_dump(exclude_none=True), headers=headers)
+        return JsonResponse(answer.response.model_dump(exclude_none=True), headers=answer.headers)
 
     async def complete(
         self, http: Request, body: TabbyCompletionRequest, max_tokens: int | None = None

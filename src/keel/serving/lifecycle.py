@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -262,6 +263,19 @@ class Envelope:
     def __call__(self, choices: list[dict[str, object]], **more: object) -> dict[str, object]:
         head = {"id": self.id, "object": self.kind, "created": self.created}
         return {**head, "model": self.model, "choices": choices, **more}
+
+
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_text(value: str) -> str:
+    """``value`` as a response header may carry it: text outside printable ASCII as
+    percent-encoded UTF-8. A provider named in another script (a model file
+    ``模型.gguf``) made every Tabby completion and ``/infill`` a 500 once it had
+    answered (Latin-1 could not encode the name), and other routes a ``local/??``."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=_HEADER_SAFE)
 
 
 class JsonResponse(JSONResponse):
