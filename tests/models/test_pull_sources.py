@@ -114,3 +114,21 @@ def test_pulling_the_same_repo_and_file_again_updates_it_with_a_warning(
     assert any("keeps the old file until tiny is loaded again" in w for w in warnings), steps
     # and the new version is keel's to update again
     assert puller(hub, paths).pull(f"{FIRST}:tiny.gguf").already_present
+
+
+def test_a_file_another_pull_put_there_meanwhile_is_not_replaced(
+    hub: FakeHub, paths: Paths, newer: bytes
+) -> None:
+    """Two pulls of same-named files of two repos at once: both said "ready", and the
+    one that ended last replaced the other's file, whose client then loaded what was
+    gone. The other pull lands while this one checks its download."""
+
+    def meanwhile(step: PullProgress) -> None:
+        if step.status == "verifying":
+            puller(hub, paths).pull(f"{OTHER}:tiny.gguf")
+
+    with pytest.raises(Conflict) as refused:
+        puller(hub, paths).pull(f"{FIRST}:tiny.gguf", report=meanwhile)
+    assert f"{OTHER}:tiny.gguf" in refused.value.message
+    assert (paths.models_dir / "tiny.gguf").read_bytes() == newer
+    assert no_staging_left(paths)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -368,8 +369,18 @@ class ModelPuller:
             emit(PullProgress("verifying", f"checking the sha256 of {file.filename}"))
             digest = self._verify(file, blob)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(blob, dest)
-            self._record_source(plan, dest, digest)
+            with self._placing():
+                # Looked at again: another pull (a process of its own) may have put a file
+                # of that name there meanwhile, of another repo, which was replaced and its
+                # client told to load what was gone.
+                if self._existing(plan, dest) == "same":
+                    pulled = PulledModel(
+                        plan.name, dest, dest.stat().st_size, digest, already_present=True
+                    )
+                    emit(PullProgress("ready", f"{plan.name} is in {dest}", result=pulled))
+                    return pulled
+                os.replace(blob, dest)
+                self._record_source(plan, dest, digest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest)
@@ -450,6 +461,16 @@ class ModelPuller:
                     HubFile(repo, sibling.rfilename, size, lfs.sha256 if lfs is not None else None)
                 )
         return files
+
+    @contextlib.contextmanager
+    def _placing(self) -> Iterator[None]:
+        """Held while a pulled file is checked against what is there and put in place:
+        one pull at a time, across processes (the server's and `keel models pull`)."""
+        lock = self.paths.models_dir / SOURCES_DIR / ".place.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+b") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            yield
 
     def _existing(self, plan: PullPlan, dest: Path) -> str | None:
         """What is at ``dest`` already: None (nothing), ``"same"`` (the hub's file),
