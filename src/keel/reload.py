@@ -177,6 +177,13 @@ async def apply_config(
         )
         if (issue := open_remote_issue(in_force, state.paths.root, state.host)) is not None:
             raise ConfigError(str(file), [issue])
+        # The address the next start binds, where the config chose it (no --host): taken
+        # here, the file made that start exit 78, and a supervisor left keel down.
+        if state.host == state.started_with.server.host and (
+            issue := open_remote_issue(settings, state.paths.root, settings.server.host)
+        ):
+            starting = f"{issue.message}; keel would refuse to start with this file"
+            raise ConfigError(str(file), [ConfigIssue(issue.key, starting)])
         old = state.providers
         try:
             providers = build_providers(settings, state.paths, previous=old)
@@ -218,6 +225,7 @@ async def apply_config(
     old_routing = state.routing
     waiting = restart_needed(state.started_with, settings)
     state.settings = settings
+    providers.commit()  # the running workers' new completion settings: taken now
     state.providers = providers
     state.routing = parts.routing
     state.completion = parts.completion

@@ -106,3 +106,56 @@ async def test_a_keel_started_on_defaults_alone_reloads_them(tmp_path: Path) -> 
     async with serving(app) as client:
         applied = await client.post("/v1/admin/reload")
         assert applied.status_code == 200, applied.text
+
+
+async def test_a_refused_reload_changes_nothing_of_a_running_model(tmp_path: Path) -> None:
+    """A reload refused (a model missing) still gave the running completion model the
+    refused file's prompt template and stop words: every completion changed, and the
+    operator had been told nothing had."""
+    root = tmp_path / "keel"
+    local = f'[model.completion.local]\nmodel_id = "{EMBEDDED_MODEL_ID}"\n'
+    template = 'prompt_template = "<PRE>{prefix}<SUF>{suffix}<MID>"\n'
+    body = {
+        "language": "python",
+        "segments": {"prefix": "def fib(n):\n    ", "suffix": "\n"},
+        "max_tokens": 2,
+        "debug_options": {"return_prompt": True},
+    }
+
+    async def prompt() -> str:
+        answer = await client.post("/v1/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["debug_data"]["prompt"])
+
+    app = build_app(root, local)
+    async with serving(app) as client:
+        assert "<PRE>" not in await prompt()
+        missing = '[model.chat.local]\nmodel_id = "/nonexistent/model.gguf"\n'
+        (root / "config.toml").write_text(local + template + missing)
+        refused = await client.post("/v1/admin/reload")
+        assert refused.status_code == 422, refused.text
+        assert "<PRE>" not in await prompt()
+        (root / "config.toml").write_text(local + template)
+        applied = await client.post("/v1/admin/reload")
+        assert applied.status_code == 200, applied.text
+        assert (await prompt()).startswith("<PRE>")  # taken when the reload is
+
+
+@pytest.mark.parametrize("flag", [None, "127.0.0.2"])
+async def test_a_reload_the_next_start_would_refuse_is_refused(
+    backends: Backends, tmp_path: Path, flag: str | None
+) -> None:
+    """A file moving the config's own address beyond loopback with no keys was taken
+    ("restart_needed: server.host"); the next start exited 78 and a supervisor left keel
+    down. With the address given by --host, the next start binds that: taken."""
+    root = tmp_path / "keel"
+    app = build_app(root, backends.config(keys=False), host=flag)
+    async with serving(app) as client:
+        moved = backends.config(keys=False).replace("[server]\n", '[server]\nhost = "0.0.0.0"\n')
+        (root / "config.toml").write_text(moved)
+        answer = await client.post("/v1/admin/reload")
+        if flag is None:
+            assert answer.status_code == 422, answer.text
+            assert "would refuse to start" in answer.text and "server.host" in answer.text
+        else:
+            assert answer.status_code == 200, answer.text

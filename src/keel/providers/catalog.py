@@ -12,9 +12,10 @@ provider: at startup, on a config reload, on ``POST /v1/model/load`` and for
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.config import (
@@ -56,6 +57,14 @@ class ProviderEntry:
 class Providers:
     chains: dict[Role, list[list[ProviderEntry]]]
     """Per role: the groups in fallback order; each group holds a provider's replicas."""
+    pending: list[Callable[[], None]] = field(default_factory=list)
+    """Changes to providers serving already (a running worker's completion settings),
+    made by :meth:`commit` once a reload is sure to take this config."""
+
+    def commit(self) -> None:
+        for change in self.pending:
+            change()
+        self.pending.clear()
 
     def unique(self) -> list[Provider]:
         seen: dict[int, Provider] = {}
@@ -131,6 +140,7 @@ def build_local_provider(
     ready_timeout: float,
     running: dict[WorkerSpec, LocalProvider] | None = None,
     taken: Collection[str] = (),
+    pending: list[Callable[[], None]] | None = None,
 ) -> LocalProvider:
     """A provider over a supervised worker for ``model_path`` (not started yet).
 
@@ -140,8 +150,10 @@ def build_local_provider(
     ``taken``: the names of the providers that will serve beside it. A second worker
     of one model (other settings for another role) is ``#1``: both were named alike,
     so their metrics were one series twice over (Prometheus kept one worker's restarts
-    and dropped the other's) and messages named one provider for two.
-    """
+    and dropped the other's) and messages named one provider for two. ``pending``: where
+    a change to a running provider waits for the caller's commit (a reload refused later
+    changed the serving model's template and stop words all the same); without, it is
+    made at once."""
     spec = local_worker_spec(role, config, model_path)
     template = config.prompt_template or _tabby_template(role, model_path)
     template = template or template_for_model(config.model_id)
@@ -151,7 +163,11 @@ def build_local_provider(
     if running is not None and spec in running:
         provider = running[spec]
         if role == "completion":  # completion's own settings (a reload's, a load's)
-            provider.prompt_template, provider.stop_words = template, stop_words
+            change = functools.partial(provider.configure, template, stop_words)
+            if pending is None:
+                change()
+            else:
+                pending.append(change)
         return provider
     base = f"local/{config.model_id}" + ("/embedding" if spec.embedding else "")
     name, number = base, 0
@@ -227,11 +243,18 @@ def build_providers(
         }
 
     names: set[str] = set()
+    pending: list[Callable[[], None]] = []
 
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:
         path = resolve_model(config.model_id, paths)
         provider = build_local_provider(
-            role, config, path, ready_timeout=max(timeout, 60.0), running=workers, taken=names
+            role,
+            config,
+            path,
+            ready_timeout=max(timeout, 60.0),
+            running=workers,
+            taken=names,
+            pending=pending if previous is not None else None,
         )
         names.add(provider.name)
         return provider
@@ -267,4 +290,4 @@ def build_providers(
                 group.append(ProviderEntry(provider, replica))
             groups.append(group)
         chains[role] = groups
-    return Providers(chains)
+    return Providers(chains, pending)

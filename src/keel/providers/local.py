@@ -88,6 +88,10 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         """Inputs over the context, embedded from their first context's worth of tokens
         (``keel_embedding_inputs_truncated``, ``/v1/providers``)."""
 
+    def configure(self, prompt_template: str | None, stop_words: tuple[str, ...]) -> None:
+        """Completion's own settings for this worker (a reload's, a load's)."""
+        self.prompt_template, self.stop_words = prompt_template, stop_words
+
     async def start(self) -> None:
         await self.supervisor.start()
 
