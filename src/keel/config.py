@@ -1063,7 +1063,9 @@ def interpolate(
             if name is None:  # $$
                 return "$"
             if default is not None:
-                return environ.get(name) or default
+                # read as a shell and Compose read it: ``${A:-${B}}`` (sent as the text
+                # ``${B}``, a key included), ``$$`` in it a ``$``
+                return environ.get(name) or ENV_REF.sub(substitute, default)
             if name not in environ:
                 issues.append(
                     ConfigIssue(key, f"environment variable {name} is not set", match.group(0))

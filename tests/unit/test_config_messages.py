@@ -277,3 +277,21 @@ def test_a_password_with_a_slash_is_masked_in_any_text() -> None:
     assert masked_url(line) == (
         "events database postgresql://keel:***@127.0.0.1:5432/keel unreachable"
     )
+
+
+def test_a_default_is_read_as_a_shell_reads_it() -> None:
+    """``${A:-${B}}`` sent the text ``${B}`` (an api_key included) with no word said;
+    ``${U:-$$}`` gave ``$$``."""
+    http = {
+        "kind": "openai/chat",
+        "api_endpoint": "http://127.0.0.1:18506/v1",
+        "model_name": "${KEEL_T_CHAT:-${KEEL_T_DEFAULT}}",
+        "api_key": "${KEEL_T_KEY:-${KEEL_T_FALLBACK:-sk-x}$$}",
+    }
+    environ = {"KEEL_T_DEFAULT": "qwen"}
+    settings = parse_settings({"model": {"chat": {"http": http}}}, "c", environ)
+    chat = settings.model.chat.http
+    assert chat is not None and (chat.model_name, chat.api_key) == ("qwen", "sk-x$")
+    assert parse_settings({"model": {"chat": {"http": http}}}, "c", {"KEEL_T_CHAT": "m"})
+    with pytest.raises(ConfigError, match="KEEL_T_DEFAULT is not set"):
+        parse_settings({"model": {"chat": {"http": {**http, "api_key": None}}}}, "c", {})
