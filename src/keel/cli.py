@@ -191,6 +191,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.host:  # the address is the command line's, not the file's
             raise ConfigError("the command line", [ConfigIssue("--host", issue.message)])
         raise ConfigError(str(args.config or paths.config_file), [issue])
+    from keel.events import events_file_issue
+
+    if (issue := events_file_issue(settings.events, paths)) is not None:  # was exit 3
+        raise ConfigError(str(args.config or paths.config_file), [issue])
     providers = build_providers(settings, paths)  # unusable model files fail here, before binding
     check_workers_fit(providers)
     source = ("the command line", "--host")
@@ -258,6 +262,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"ok: {where}")
     if (trouble := data_root_trouble(paths.root)) is not None:  # this machine's, as models
         print(f"warning: {trouble} (keel serve here would exit 78)", file=sys.stderr)
+    from keel.events import events_file_issue
+
+    if (issue := events_file_issue(settings.events, paths)) is not None:
+        print(f"warning: {issue.render()} (keel serve here would exit 78)", file=sys.stderr)
     for issue in _missing_models(settings, paths):  # the file is fine; this machine's models not
         print(f"warning: {issue.render()}", file=sys.stderr)
     for ignored in settings.ignored_sections():

@@ -16,17 +16,20 @@ a large first clean-up never holds a completion's own event for long.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack
+from urllib.parse import quote
 
 from keel.config import EventsConfig, Paths
-from keel.errors import Unavailable
+from keel.errors import ConfigError, ConfigIssue, Unavailable
 from keel.state.migrate import migrate_sqlite
 
 if TYPE_CHECKING:
@@ -97,14 +100,60 @@ class EventStore(Protocol):
 
 def open_event_store(config: EventsConfig, paths: Paths, metrics: Metrics) -> EventStore:
     """The store ``config.database_url`` names; Postgres is reached in the background,
-    so a database that is down delays no startup."""
+    so a database that is down delays no startup. A SQLite file keel cannot use is the
+    config's error (it was a traceback, and uvicorn's exit 3, which supervisors retry)."""
     if config.is_postgres:
         from keel.state.postgres_events import PostgresEventStore
 
         return PostgresEventStore(
             config.database_url, metrics=metrics, max_buffered=config.max_buffered
         )
-    return SqliteEventStore(paths.sqlite_path(config.database_url), metrics=metrics)
+    path = paths.sqlite_path(config.database_url)
+    try:
+        return SqliteEventStore(path, metrics=metrics)
+    except (sqlite3.Error, OSError) as exc:
+        raise ConfigError(str(path), [sqlite_issue(path, str(exc))]) from None
+
+
+def events_file_issue(config: EventsConfig, paths: Paths) -> ConfigIssue | None:
+    """What is wrong with the events SQLite file, as ``keel serve`` would find it at start,
+    or None (and for PostgreSQL, which ``keel doctor`` reaches on its own)."""
+    if config.is_postgres:
+        return None
+    path = paths.sqlite_path(config.database_url)
+    trouble = sqlite_trouble(path)
+    return None if trouble is None else sqlite_issue(path, trouble)
+
+
+def sqlite_issue(path: Path, trouble: str) -> ConfigIssue:
+    return ConfigIssue(
+        "events.database_url",
+        f"the events database {path} cannot be used ({trouble}): move it away (keel makes "
+        "a new one) or point [events] database_url elsewhere",
+    )
+
+
+def sqlite_trouble(path: Path) -> str | None:
+    """Why the events SQLite file at ``path`` cannot be used, or None, changing nothing
+    (for ``keel doctor``): not a file, not a database, or a place no file can be made."""
+    if path.exists():
+        if not path.is_file():
+            return "it is not a file"
+        try:
+            uri = f"file:{quote(str(path))}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+                db.execute("PRAGMA schema_version")
+        except sqlite3.Error as exc:
+            return str(exc)
+        return None
+    place = path.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            return None
+    except OSError as exc:
+        return f"no file can be made in {place}: {exc.strerror or exc}"
 
 
 def acceptance_row(

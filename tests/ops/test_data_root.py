@@ -89,3 +89,26 @@ def test_a_read_only_or_full_root(tmp_path: Path, options: str, fill: bool, said
     checked = run(on_tmpfs([*KEEL, "config", "check"], root, options, fill), root)
     assert checked.returncode == 0, checked.stderr
     assert f"warning: data root {root}" in checked.stderr and said in checked.stderr
+
+
+@pytest.mark.parametrize("events", ["not a database", "a directory", "an unwritable place"])
+def test_an_events_file_keel_cannot_use_is_a_config_error(tmp_path: Path, events: str) -> None:
+    """`config check` said ok and `doctor` "all checks passed"; `keel serve` then failed
+    in its lifespan with SQLite's traceback, exit 3, which supervisors retry."""
+    root = tmp_path / "keel"
+    root.mkdir()
+    url = "sqlite:///events.sqlite3"
+    if events == "not a database":
+        (root / "events.sqlite3").write_text("notes, not a database\n")
+    elif events == "a directory":
+        (root / "events.sqlite3").mkdir()
+    else:
+        url = "sqlite:////proc/keel-events.sqlite3"
+    (root / "config.toml").write_text(f'[events]\ndatabase_url = "{url}"\n')
+    served = run([*KEEL, "serve", "--port", "1"], root)
+    assert served.returncode == 78, served.stderr
+    assert "events.database_url" in served.stderr and "Traceback" not in served.stderr
+    checked = run([*KEEL, "config", "check"], root)
+    assert checked.returncode == 0 and "events.database_url" in checked.stderr, checked.stderr
+    doctor = run([*KEEL, "doctor"], root)
+    assert doctor.returncode == 78 and "events.database_url" in doctor.stdout, doctor.stdout

@@ -358,6 +358,19 @@ def check_data_root(report: Report, paths: Paths) -> None:
     report.add("data root", "ok", f"{paths.root} writable")
 
 
+def check_events(report: Report, settings: Settings, paths: Paths) -> None:
+    """The events SQLite file can be used (PostgreSQL's is :func:`check_stores`'): one
+    that cannot passed here, and `keel serve` then failed at start."""
+    from keel.events import events_file_issue
+
+    if settings.events.is_postgres:
+        return
+    if (issue := events_file_issue(settings.events, paths)) is not None:
+        report.add("events", "FAIL", issue.render(), ExitCode.CONFIG)
+    else:
+        report.add("events", "ok", str(paths.sqlite_path(settings.events.database_url)))
+
+
 def keys_file_trouble(settings: Settings, paths: Paths) -> str | None:
     """What is wrong with the configured keys file, as ``keel serve`` would find it (it
     would serve, refusing every key the file should hold), or None."""
@@ -637,6 +650,8 @@ def run_checks(options: DoctorOptions, environ: dict[str, str] | None = None) ->
     if settings is not None and settings.repositories:
         check_repositories(report, settings)
     check_data_root(report, paths)
+    if settings is not None:
+        check_events(report, settings, paths)
     host = options.host or (settings.server.host if settings else "127.0.0.1")
     port = (
         options.port if options.port is not None else (settings.server.port if settings else 8080)
