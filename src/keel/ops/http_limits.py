@@ -33,6 +33,7 @@ from typing import Final, cast
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from keel.errors import RequestError
+from keel.serving.streaming import ABORT
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 """The request line and headers, CRLFs included. nginx allows four 8 KiB header lines,
@@ -126,6 +127,11 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             and self.transport.get_protocol() is self  # not upgraded to a websocket
         ):
             HttpToolsProtocol.data_received(self, view[room:])
+
+    def on_message_begin(self) -> None:
+        HttpToolsProtocol.on_message_begin(self)
+        # how a stream drops a client that takes none of it (keel.serving.streaming)
+        self.scope["extensions"] = {ABORT: self.transport.abort}  # type: ignore[dict-item]
 
     def on_headers_complete(self) -> None:
         self._head = BODY

@@ -41,6 +41,24 @@ the access log count it so (a stream cut by a stall counted as a 200: the 5xx al
 never saw one)."""
 
 
+WRITE_STALL_SECONDS = 30.0
+"""How long a stream's write may wait on a client that takes none of it before the
+connection is dropped: one that stopped reading (or read a byte a second) held its
+admission slot, and the generation, for as long as it kept the socket open."""
+
+STALL_CHECK_SECONDS = 5.0
+"""How often a stream looks for a write stuck that long (one timer a stream, not one a
+write)."""
+
+CLOSING_WRITE_SECONDS = 0.5
+"""How long the closing event of a stream keel's stop cuts short may wait on its client
+(less than :data:`keel.ops.server.END_MARGIN`)."""
+
+ABORT = "keel.abort"
+"""The scope's ``extensions`` key of a callable that drops the connection at once
+(:class:`keel.ops.http_limits.HeadLimitedProtocol` gives it)."""
+
+
 def stopped() -> Unavailable:
     return Unavailable(
         f"{STOPPING} (its shutdown grace period is over): the answer is cut short; "
@@ -85,7 +103,11 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
+        loop = asyncio.get_running_loop()
         left = done = False
+        writing: float | None = None
+        """When the write under way began (None: none is)."""
+        checker: asyncio.TimerHandle | None = None
 
         async def watch() -> None:
             nonlocal left
@@ -95,13 +117,38 @@ class EventStream(Response):
                 left = True
                 task.cancel("client disconnected")
 
-        watcher = asyncio.get_running_loop().create_task(watch())
+        def drop() -> None:
+            abort = (scope.get("extensions") or {}).get(ABORT)
+            if abort is not None:
+                abort()  # the write returns, the watcher sees the client gone
+            elif not done:
+                watcher.cancel()
+                task.cancel("client disconnected")
+
+        def look() -> None:
+            nonlocal checker
+            if writing is not None and loop.time() - writing >= WRITE_STALL_SECONDS:
+                log.warning(
+                    "a client took none of its stream for %.0f s: dropped", WRITE_STALL_SECONDS
+                )
+                drop()
+                return
+            checker = loop.call_later(STALL_CHECK_SECONDS, look)
+
+        async def write(body: bytes, more: bool) -> None:
+            nonlocal writing
+            writing = loop.time()
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+            writing = None
+
+        watcher = loop.create_task(watch())
+        checker = loop.call_later(STALL_CHECK_SECONDS, look)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await write(chunk, True)
             done = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await write(b"", False)
         except asyncio.CancelledError as exc:
             if left:
                 self.failed = 499
@@ -114,12 +161,19 @@ class EventStream(Response):
                     closing = sse(stopped().to_body()) + DONE
                 else:
                     closing = sse({**progress_stopped().to_body(), **self.progress})
-                await send({"type": "http.response.body", "body": closing, "more_body": False})
+                done = True
+                try:  # before the server's own cancel at the grace's end: a traceback
+                    async with asyncio.timeout(CLOSING_WRITE_SECONDS):
+                        await write(closing, False)
+                except TimeoutError:  # a client taking none of it
+                    drop()
             else:
                 raise
         finally:
             if self.failed is not None:
                 scope.setdefault("state", {})[OUTCOME] = self.failed
+            if checker is not None:
+                checker.cancel()
             watcher.cancel()
             await self.chunks.aclose()  # left mid-way: the generation is closed now
 

@@ -1,0 +1,97 @@
+"""A streaming client that takes none of its answer is dropped, its slot freed.
+
+A client that stopped reading a streamed chat (or read a byte a second) held its
+admission slot, and the generation, for as long as it kept the socket open: a handful
+of them locked a role, everyone else 429. Run on keel's own HTTP server (uvicorn with
+keel's protocol) on a real loopback socket, whose flow control is what blocks a write;
+the stall limit is shortened for the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from tests.api.conftest import USER, Backends, build_app
+from tests.fakes.upstreams import Behaviour
+
+from keel.ops.server import Server
+from keel.serving import streaming
+
+
+@asynccontextmanager
+async def listening(app: FastAPI) -> AsyncIterator[str]:
+    """``app`` served by keel's server on a loopback port: its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
+    server = Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+def stalled_client(port: int, body: dict[str, object]) -> socket.socket:
+    """A client that sends a streamed request and never reads its answer."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    client.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: {USER['Authorization']}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    client.sendall(head.encode() + data)
+    return client
+
+
+async def test_a_client_taking_none_of_its_stream_frees_its_slot(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streaming, "WRITE_STALL_SECONDS", 1.0)
+    monkeypatch.setattr(streaming, "STALL_CHECK_SECONDS", 0.2)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "x" * 200}}]}
+    answer = f"data: {json.dumps(chunk)}\n\n" * 20_000 + "data: [DONE]\n\n"  # 5 MB
+    sse = (("Content-Type", "text/event-stream"),)
+    backends.fallback.behave(Behaviour.respond(200, answer, headers=sse))  # chat
+    app = build_app(tmp_path / "keel", backends.config())
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 131072}
+    try:
+        async with listening(app) as url, httpx.AsyncClient(base_url=url) as http:
+            port = int(url.rsplit(":", 1)[1])
+            clients = [stalled_client(port, body) for _ in range(3)]
+
+            async def active() -> int:
+                providers = (await http.get("/v1/providers", headers=USER)).json()
+                return int(providers["roles"]["chat"]["admission"]["active"])
+
+            for _ in range(100):  # their generations run, their writes block
+                if await active() == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert await active() == 3
+            for _ in range(100):  # dropped within the limit and a check
+                if await active() == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert await active() == 0, "the stalled clients still hold their slots"
+            metrics = (await http.get("/metrics", headers=USER)).text
+            assert 'route="/v1/chat/completions",status="499"' in metrics
+            for client in clients:
+                client.close()
+    finally:
+        backends.fallback.reset_behaviour()
