@@ -7,7 +7,9 @@ fuzzers can send hundreds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,12 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from tests.fakes.upstreams import FakeUpstream
 from tests.models.fake_hub import FakeHub
 
 from keel.app import create_app
 from keel.config import Paths, parse_settings
+from keel.ops.server import Server
 
 USER_KEY = "api-test-user-key-0123456789"
 ADMIN_KEY = "api-test-admin-key-0123456789"
@@ -129,3 +133,20 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the running app (its lifespan started), sending no key by default."""
     async with serving(app) as http:
         yield http
+
+
+@contextlib.asynccontextmanager
+async def listening(app: FastAPI) -> AsyncIterator[str]:
+    """``app`` served by keel's server on a loopback port: its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
+    server = Server(config)
+    running = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:  # noqa: ASYNC110 - uvicorn's flag; it offers no event
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await running

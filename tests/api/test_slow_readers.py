@@ -12,36 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
-from tests.api.conftest import USER, Backends, build_app
+from tests.api.conftest import USER, Backends, build_app, listening
 from tests.fakes.upstreams import Behaviour
 
-from keel.ops.server import Server
 from keel.serving import streaming
-
-
-@asynccontextmanager
-async def listening(app: FastAPI) -> AsyncIterator[str]:
-    """``app`` served by keel's server on a loopback port: its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
-    server = Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await serving
 
 
 def stalled_client(port: int, body: dict[str, object]) -> socket.socket:

@@ -27,12 +27,13 @@ seen "connection reset" instead of the 431.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Final, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from keel.errors import RequestError
+from keel.errors import KeelError, RequestError, Unavailable
 from keel.serving.streaming import ABORT
 
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -49,6 +50,12 @@ LINGER_SECONDS: Final = 2.0
 LINGER_BYTES: Final = 1024 * 1024
 """How much of it at most (the client has the answer by then, or never reads it)."""
 
+REQUEST_SECONDS: Final = 60.0
+"""How long a request may take to arrive, head and body, from its first byte (the first
+of a connection's from the connection's opening): as nginx's and Node's header and
+request timeouts. A connection that sent nothing, or a head or a body a byte at a time,
+was held open for ever, and some thousands of them took keel off the air."""
+
 BODY: Final = -1
 """``_head`` while a request's body is read (its headers are complete)."""
 ENDED: Final = -2
@@ -58,9 +65,9 @@ REFUSED: Final = -3
 """``_head`` after a refusal: nothing more is parsed."""
 
 
-def _refusal(code: str, message: str) -> bytes:
+def _refusal(code: str, message: str, error: type[KeelError] = RequestError) -> bytes:
     """The body of a refusal: keel's one error shape."""
-    return json.dumps(RequestError(message, code=code).to_body()).encode()
+    return json.dumps(error(message, code=code).to_body()).encode()
 
 
 TOO_LARGE: Final = _refusal(
@@ -71,6 +78,16 @@ TOO_LARGE: Final = _refusal(
 TOO_MANY: Final = _refusal(
     "too_many_headers",
     f"the request has over {MAX_HEADERS} headers, the most keel reads; send fewer",
+)
+TOO_SLOW: Final = _refusal(
+    "request_timeout",
+    f"the request did not arrive within {REQUEST_SECONDS:.0f} s of its first byte; send "
+    "it whole, at once",
+)
+TOO_MANY_CONNECTIONS: Final = _refusal(
+    "too_many_connections",
+    "keel has as many connections open as it takes; retry shortly",
+    Unavailable,
 )
 URL_TOO_LONG: Final = _refusal(
     "uri_too_long",
@@ -93,6 +110,43 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     """Bytes dropped since the refusal."""
     _refusal: bytes = b""
     """The refusal's answer, status line to body."""
+    _deadline: asyncio.TimerHandle | None = None
+    """When the request being read is too slow (:data:`REQUEST_SECONDS`)."""
+    max_connections: int = 10_000
+    """Connections served at once; one more is answered 503 and closed at once. Set by
+    :class:`keel.ops.server.Server` from the file descriptors keel may open: uncapped,
+    held connections used them all, and keel could answer no one (nor reach a model)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        HttpToolsProtocol.connection_made(self, transport)
+        if len(self.connections) > self.max_connections:
+            self._head = REFUSED
+            self.logger.warning("connection refused: %d open", len(self.connections) - 1)
+            self._refusal = self._answer(503, TOO_MANY_CONNECTIONS, b"retry-after: 1\r\n")
+            transport.write(self._refusal)
+            transport.close()
+            return
+        self._deadline = self.loop.call_later(REQUEST_SECONDS, self._too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        HttpToolsProtocol.connection_lost(self, exc)
+
+    def _too_slow(self) -> None:
+        """The request being read took :data:`REQUEST_SECONDS`: a 408, and closed."""
+        self._deadline = None
+        if self._head == REFUSED or self.transport.is_closing():
+            return
+        if self._head != BODY:  # a head (or nothing yet): answered in turn
+            self._refuse(408, TOO_SLOW, f"request not in within {REQUEST_SECONDS:.0f} s")
+            return
+        # A body: the app waits on it (it sees the client leave as the connection closes).
+        self._head = REFUSED
+        self.logger.warning("request refused with 408: its body took over %.0f s", REQUEST_SECONDS)
+        if self.cycle is not None and not self.cycle.response_started:
+            self.transport.write(self._answer(408, TOO_SLOW))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         head = self._head
@@ -130,6 +184,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)
+        if self._deadline is None:  # the connection's next request: timed from its first byte
+            self._deadline = self.loop.call_later(REQUEST_SECONDS, self._too_slow)
         # how a stream drops a client that takes none of it (keel.serving.streaming)
         self.scope["extensions"] = {ABORT: self.transport.abort}  # type: ignore[dict-item]
 
@@ -142,6 +198,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._head = ENDED
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         HttpToolsProtocol.on_message_complete(self)
 
     def send_400_response(self, msg: str) -> None:
@@ -154,6 +213,15 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._head = REFUSED
         client = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
         self.logger.warning("%srequest refused with %d: %s", client, status, reason)
+        self._refusal = self._answer(status, body)
+        cycle = self.cycle  # the last request before this one (pipelined ones run in turn)
+        if cycle is not None and not cycle.response_complete:
+            cycle.on_response = self._after_last_answer
+        else:
+            self._send_refusal()
+
+    def _answer(self, status: int, body: bytes, extra: bytes = b"") -> bytes:
+        """A whole answer that closes the connection, status line to body."""
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
@@ -161,16 +229,12 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             [
                 b"content-type: application/json\r\n",
                 b"content-length: %d\r\n" % len(body),
+                extra,
                 b"connection: close\r\n\r\n",
                 body,
             ]
         )
-        self._refusal = b"".join(content)
-        cycle = self.cycle  # the last request before this one (pipelined ones run in turn)
-        if cycle is not None and not cycle.response_complete:
-            cycle.on_response = self._after_last_answer
-        else:
-            self._send_refusal()
+        return b"".join(content)
 
     def _after_last_answer(self) -> None:
         self.on_response_complete()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 from collections.abc import Callable, Iterator
 
@@ -48,10 +49,28 @@ def on_stop(callback: Callable[[], object]) -> Iterator[None]:
         _stopping.remove(callback)
 
 
+FD_HEADROOM = 2
+"""The share of keel's file descriptors connections from clients may take: the rest are
+for its own (model servers, workers, files)."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the open-file limit to what the system allows keel (as Go's runtime does: a
+    systemd service starts at 1,024); the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         if config.http in ("auto", "httptools"):
             config.http = HeadLimitedProtocol
+            HeadLimitedProtocol.max_connections = max(64, raise_fd_limit() // FD_HEADROOM)
         super().__init__(config)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
