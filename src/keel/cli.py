@@ -100,10 +100,16 @@ def _host(text: str) -> str:
     return text
 
 
-def _bind(host: str, port: int, source: tuple[str, str] | None = None) -> socket.socket:
+def _bind(
+    host: str,
+    port: int,
+    source: tuple[str, str] | None = None,
+    port_source: tuple[str, str] | None = None,
+) -> socket.socket:
     """Bind the listening socket ourselves: a busy port is an error, never another port.
     ``source``: where ``host`` was set (the file and ``server.host``, or the command line
-    and ``--host``), which an address this machine does not have is an error of."""
+    and ``--host``), which an address this machine does not have is an error of;
+    ``port_source``: the same for the port, which one keel may not bind is an error of."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
     # sockets whose proto says TCP, and with Nagle on every response waits ~40 ms for
@@ -124,6 +130,14 @@ def _bind(host: str, port: int, source: tuple[str, str] | None = None) -> socket
                 f"{host} is no address of this machine (cannot bind {host}:{port}: "
                 f"{exc.strerror}): set one it has, 127.0.0.1 for this machine only or "
                 "0.0.0.0 for every interface"
+            )
+            raise ConfigError(where, [ConfigIssue(key, message)]) from None
+        if exc.errno == errno.EACCES:  # a port below 1024: it exited 1, retried for ever
+            where, key = port_source or ("the command line", "--port")
+            message = (
+                f"cannot bind {host}:{port}: {exc.strerror}: a port below 1024 takes root or "
+                "the CAP_NET_BIND_SERVICE capability (systemd: AmbientCapabilities="
+                "CAP_NET_BIND_SERVICE); or serve on a port from 1024 up"
             )
             raise ConfigError(where, [ConfigIssue(key, message)]) from None
         raise KeelError(f"cannot bind {host}:{port}: {exc}") from None
@@ -200,7 +214,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     source = ("the command line", "--host")
     if not args.host:
         source = (str(args.config or paths.config_file), "server.host")
-    sock = _bind(host, port, source)
+    port_source = ("the command line", "--port")
+    if args.port is None:
+        port_source = (str(args.config or paths.config_file), "server.port")
+    sock = _bind(host, port, source, port_source)
     # The web stack is imported after binding: a busy port fails in well under a second.
     import uvicorn
 

@@ -112,3 +112,19 @@ def test_an_events_file_keel_cannot_use_is_a_config_error(tmp_path: Path, events
     assert checked.returncode == 0 and "events.database_url" in checked.stderr, checked.stderr
     doctor = run([*KEEL, "doctor"], root)
     assert doctor.returncode == 78 and "events.database_url" in doctor.stdout, doctor.stdout
+
+
+def test_a_port_keel_may_not_bind_is_a_config_error(tmp_path: Path) -> None:
+    """A port below 1024 without the privilege exited 1 ("crashed"), which supervisors
+    and systemd's Restart=on-failure retried, and said nothing of what to do."""
+    root = tmp_path / "keel"
+    root.mkdir(mode=0o777)
+    (root / "config.toml").write_text("[server]\nport = 80\n")
+    os.chmod(root / "config.toml", 0o666)
+    served = run(as_unprivileged([*KEEL, "serve"]), root)
+    assert served.returncode == 78, served.stderr
+    assert "server.port" in served.stderr and "CAP_NET_BIND_SERVICE" in served.stderr
+    flagged = run(as_unprivileged([*KEEL, "serve", "--port", "81"]), root)
+    assert flagged.returncode == 78 and "--port" in flagged.stderr, flagged.stderr
+    doctor = run(as_unprivileged([*KEEL, "doctor"]), root)
+    assert "CAP_NET_BIND_SERVICE" in doctor.stdout, doctor.stdout

@@ -422,6 +422,12 @@ def check_port(report: Report, host: str, port: int) -> None:
             elif exc.errno == errno.EADDRNOTAVAIL:  # as `keel serve` exits: the config's
                 detail = f"{host} is no address of this machine (cannot bind {host}:{port})"
                 report.add("port", "FAIL", detail, ExitCode.CONFIG)
+            elif exc.errno == errno.EACCES:  # as `keel serve` exits: a port it may not bind
+                detail = (
+                    f"cannot bind {host}:{port}: {exc.strerror}: a port below 1024 takes root "
+                    "or CAP_NET_BIND_SERVICE"
+                )
+                report.add("port", "FAIL", detail, ExitCode.CONFIG)
             else:
                 report.add("port", "FAIL", f"cannot bind {host}:{port}: {exc}", ExitCode.FAILURE)
             return
