@@ -145,6 +145,12 @@ def _bind(
     return sock  # not inheritable (Python's default): workers must not hold keel's port
 
 
+SECONDS_ABOVE_0 = _number(
+    float, "number of seconds", "a finite number of seconds above 0", 0.0, above=True
+)
+"""``--timeout``'s: nan ended `keel verify` in a traceback, and `keel wait` waited for ever."""
+
+
 def _load(args: argparse.Namespace) -> tuple[Settings, Paths]:
     paths = Paths.from_env()
     config = Path(args.config) if getattr(args, "config", None) else None
@@ -760,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps it out of the process list and the shell's history)",
     )
     verify.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds per request (default 120)"
+        "--timeout", type=SECONDS_ABOVE_0, default=120.0, help="seconds per request (default 120)"
     )
     verify.set_defaults(func=cmd_verify)
 
@@ -774,7 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--config", help="config file (default: <data root>/config.toml)")
     wait.add_argument("--host", type=_host, help="address keel binds (default from config)")
     wait.add_argument("--port", type=_port, help="port keel binds (default from config)")
-    wait.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    wait.add_argument(
+        "--timeout", type=SECONDS_ABOVE_0, default=120.0, help="seconds to wait (default 120)"
+    )
     wait.set_defaults(func=cmd_wait)
 
     index = commands.add_parser(

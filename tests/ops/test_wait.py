@@ -69,3 +69,19 @@ def test_wait_returns_once_the_configured_port_answers_and_fails_naming_it(
     )
     assert gone.returncode == 1
     assert f"no keel answered http://127.0.0.1:{port}/health within 0.5 s" in gone.stderr
+
+
+@pytest.mark.parametrize("command", ["wait", "verify"])
+@pytest.mark.parametrize("timeout", ["nan", "-1", "inf", "0"])
+def test_a_timeout_that_is_no_time_is_a_usage_error(command: str, timeout: str) -> None:
+    """nan ended `keel verify` in a traceback (exit 1) and `keel wait` waited for ever;
+    -1 was "within -1 s"."""
+    url = [f"http://127.0.0.1:{free_port()}"] if command == "verify" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "keel", command, *url, "--timeout", timeout],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "a finite number of seconds above 0" in done.stderr and "Traceback" not in done.stderr
