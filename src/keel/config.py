@@ -1415,6 +1415,10 @@ def load_settings(
     if not exists:
         if explicit:
             raise ConfigError(str(file), [ConfigIssue("(file)", "config file does not exist")])
+        if file.is_symlink():  # a ConfigMap or volume not mounted yet: served on defaults
+            target = os.readlink(file)
+            problem = f"a symbolic link to {target}, which is not there (not mounted yet?)"
+            raise ConfigError(str(file), [ConfigIssue("(file)", problem)])
         return Settings()
     try:
         # utf-8-sig: a byte-order mark (Windows Notepad saves one) is dropped; TOML

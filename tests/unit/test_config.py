@@ -673,3 +673,14 @@ def test_threads_above_the_cores_is_a_warning(tmp_path: Path) -> None:
         holder.listen()
         served = keel_cli("serve", "--port", str(holder.getsockname()[1]), env=env)
     assert served.returncode == 75 and said in served.stderr, served.stderr
+
+
+def test_a_config_file_linked_to_nothing_is_no_config_of_defaults(tmp_path: Path) -> None:
+    """The data root's config.toml a link to a ConfigMap or volume not mounted yet: keel
+    served on all defaults (no keys, the embedded model) and said nothing."""
+    (tmp_path / "config.toml").symlink_to(tmp_path / "mounted" / "config.toml")
+    with pytest.raises(ConfigError, match="symbolic link to .*mounted/config.toml"):
+        load_settings(None, Paths(tmp_path), {})
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    checked = keel_cli("config", "check", env=env)
+    assert checked.returncode == 78 and "not mounted yet" in checked.stderr, checked.stderr
