@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,7 +28,6 @@ from keel.config import (
     LOCAL_CONCURRENCY,
     ROLES,
     HttpModelConfig,
-    LocalModelConfig,
     Paths,
     RoleConfig,
     Settings,
@@ -36,6 +35,7 @@ from keel.config import (
     data_root_trouble,
     host_issue,
     load_settings,
+    local_tables,
     masked_url,
 )
 from keel.errors import (
@@ -336,25 +336,11 @@ def _admission_text(role: RoleConfig) -> str:
     return f"{text}, then {role.queue_size} waiting up to {role.queue_timeout:g} s, then 429"
 
 
-def _local_tables(settings: Settings) -> Iterator[tuple[str, LocalModelConfig]]:
-    """Each local model the config names, with where: ``model.<role>.local`` or
-    ``model.<role>.fallback[<index>]``."""
-    for role in ROLES:
-        section = settings.model.role(role)
-        tables = [
-            ("local", section.primary()),
-            *((f"fallback[{index}]", entry) for index, entry in enumerate(section.fallback)),
-        ]
-        for where, table in tables:
-            if isinstance(table, LocalModelConfig):
-                yield f"model.{role}.{where}", table
-
-
 def _thread_troubles(settings: Settings) -> list[str]:
     """``LLAMA_ARG_THREADS`` set to what the worker ignores, and ``threads`` set above
     the cores keel may run on (64 on 2 cores: 7-11x slower, said nowhere)."""
     found = [threads_variable_trouble(os.environ)]
-    found += [threads_over_cores(t.threads, f"{w}.threads") for w, t in _local_tables(settings)]
+    found += [threads_over_cores(t.threads, f"{w}.threads") for w, t in local_tables(settings)]
     return [trouble for trouble in found if trouble is not None]
 
 
@@ -365,7 +351,7 @@ def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
     from keel.models.registry import resolve_model
 
     issues = []
-    for where, provider in _local_tables(settings):
+    for where, provider in local_tables(settings):
         key = f"{where}.model_id"
         try:
             path = resolve_model(provider.model_id, paths)

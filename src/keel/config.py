@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -1398,6 +1399,20 @@ def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
             seen.add((issue.key, issue.message))
             unique.append(issue)
     return unique
+
+
+def local_tables(settings: Settings) -> Iterator[tuple[str, LocalModelConfig]]:
+    """Each local model the config names, with where: ``model.<role>.local`` or
+    ``model.<role>.fallback[<index>]``."""
+    for role in ROLES:
+        section = settings.model.role(role)
+        tables = [
+            ("local", section.primary()),
+            *((f"fallback[{index}]", entry) for index, entry in enumerate(section.fallback)),
+        ]
+        for where, table in tables:
+            if isinstance(table, LocalModelConfig):
+                yield f"model.{role}.{where}", table
 
 
 def load_settings(

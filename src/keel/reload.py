@@ -20,10 +20,11 @@ from keel.api.state import AppState
 from keel.audit import AuditLog
 from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore, open_remote_issue
 from keel.background import Background
-from keel.config import ROLES, Paths, Settings, load_settings
+from keel.config import ROLES, Paths, Settings, load_settings, local_tables
 from keel.errors import ConfigError, ConfigIssue, KeelError, MissingDependency
 from keel.events import EventStore
 from keel.models.manager import ModelManager
+from keel.models.registry import resolve_model
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import SnippetRetriever, TabbyPrompts
 from keel.pipeline.languages import Language, use_additional_languages
@@ -184,6 +185,9 @@ async def apply_config(
         ):
             starting = f"{issue.message}; keel would refuse to start with this file"
             raise ConfigError(str(file), [ConfigIssue(issue.key, starting)])
+        missing = _missing_models(settings, state.paths)  # each, by its key, as check says
+        if missing:
+            raise ConfigError(str(file), missing)
         old = state.providers
         try:
             providers = build_providers(settings, state.paths, previous=old)
@@ -256,6 +260,18 @@ async def apply_config(
         "stopping": [p.name for p in stopped],
         "restart_needed": waiting,
     }
+
+
+def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
+    """The local models the file names that are not on this machine, each by its key (the
+    reload named the first alone, under "(model)")."""
+    missing = []
+    for where, table in local_tables(settings):
+        try:
+            resolve_model(table.model_id, paths)
+        except MissingDependency as exc:
+            missing.append(ConfigIssue(f"{where}.model_id", exc.message))
+    return missing
 
 
 RELOAD_LOAD_SECONDS = 300.0

@@ -55,11 +55,17 @@ async def test_a_reload_naming_a_missing_model_file_is_the_admins_422(
     root = tmp_path / "keel"
     app = build_app(root, backends.config())
     async with serving(app) as client:
-        missing = '\n[[model.chat.fallback]]\nmodel_id = "no-such-model"\n'
+        missing = (
+            '\n[[model.chat.fallback]]\nmodel_id = "no-such-model"\n'
+            '\n[[model.embedding.fallback]]\nmodel_id = "nor-this-one"\n'
+        )
         (root / "config.toml").write_text(backends.config() + missing)
         refused = await client.post("/v1/admin/reload", headers=ADMIN)
         assert refused.status_code == 422, refused.text
-        assert "no-such-model" in refused.text
+        issues = {i["key"]: i["message"] for i in refused.json()["error"]["issues"]}
+        # each by its key, as `keel config check` names them (the first alone, "(model)")
+        assert "no-such-model" in issues["model.chat.fallback[0].model_id"], issues
+        assert "nor-this-one" in issues["model.embedding.fallback[0].model_id"], issues
 
 
 async def test_a_reload_waits_for_a_model_load_in_progress(

@@ -526,6 +526,8 @@ def test_a_reload_applies_completions_own_settings_to_a_kept_worker(tmp_path: Pa
     second = completion_with(text, first)
     kept = second.chains["completion"][0][0].provider
     assert kept is first.chains["completion"][0][0].provider, "the worker is kept"
+    assert (kept.stop_words, kept.prompt_template) == (("A",), None), "until the reload is"
+    second.commit()
     assert (kept.stop_words, kept.prompt_template) == (("B",), "{prefix}")
     assert second.chains["chat"][0][0].provider is kept, "chat shares it, as before"
 
