@@ -267,7 +267,7 @@ def check_workers_fit(providers: Providers) -> None:
     available = mem_available()
     if available is None:
         return
-    needed, summary = memory_plan(providers, available)
+    needed, summary = memory_plan(providers.unique(), available)
     if needed > available:
         raise MissingDependency(f"the local models do not fit in memory: {summary}{MEMORY_ADVICE}")
 

@@ -21,10 +21,17 @@ from keel.audit import AuditLog
 from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore, open_remote_issue
 from keel.background import Background
 from keel.config import ROLES, Paths, Settings, load_settings, local_tables
-from keel.errors import ConfigError, ConfigIssue, KeelError, MissingDependency
+from keel.errors import (
+    ConfigError,
+    ConfigIssue,
+    InsufficientMemory,
+    KeelError,
+    MissingDependency,
+)
 from keel.events import EventStore
-from keel.models.manager import ModelManager
+from keel.models.manager import ModelManager, mem_available
 from keel.models.registry import resolve_model
+from keel.ops.doctor import MEMORY_ADVICE, memory_plan
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import SnippetRetriever, TabbyPrompts
 from keel.pipeline.languages import Language, use_additional_languages
@@ -203,6 +210,12 @@ async def apply_config(
         raise
     kept = {id(p) for p in old.unique()}
     fresh = [p for p in providers.unique() if id(p) not in kept]
+    try:
+        _check_fit(fresh)
+    except KeelError as exc:
+        state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
+        state.metrics.config_reload(False)
+        raise
     await asyncio.gather(*(provider.start() for provider in fresh))
     try:
         await _ready(fresh)
@@ -260,6 +273,21 @@ async def apply_config(
         "stopping": [p.name for p in stopped],
         "restart_needed": waiting,
     }
+
+
+def _check_fit(fresh: list[Provider]) -> None:
+    """The new local workers fit in the memory available, as `keel serve` and a model
+    load judge it (the reload started them, and they failed after seconds with the
+    engine's "check the input params")."""
+    available = mem_available()
+    if available is None:
+        return
+    needed, summary = memory_plan(fresh, available)
+    if needed > available:
+        raise InsufficientMemory(
+            f"the new local models do not fit in memory: {summary}{MEMORY_ADVICE}; "
+            "the running config stays"
+        )
 
 
 def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:

@@ -165,3 +165,19 @@ async def test_a_reload_the_next_start_would_refuse_is_refused(
             assert "would refuse to start" in answer.text and "server.host" in answer.text
         else:
             assert answer.status_code == 200, answer.text
+
+
+async def test_a_reload_whose_new_workers_do_not_fit_is_refused_at_once(tmp_path: Path) -> None:
+    """keel serve and a model load check memory first; a reload started the workers, and
+    refused after seconds with the engine's "check the input params"."""
+    root = tmp_path / "keel"
+    local = f'[model.completion.local]\nmodel_id = "{EMBEDDED_MODEL_ID}"\n'
+    app = build_app(root, local)
+    async with serving(app) as client:
+        huge = "context_size = 1048576\nparallelism = 16\n"
+        (root / "config.toml").write_text(local + huge)
+        refused = await client.post("/v1/admin/reload", timeout=60)
+        assert refused.status_code == 507, refused.text
+        assert "do not fit in memory" in refused.text and "running config stays" in refused.text
+        providers = (await client.get("/v1/providers")).json()["roles"]["completion"]
+        assert len(providers["providers"]) == 1, "nothing new started, the old one serves"

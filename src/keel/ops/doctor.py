@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -56,7 +57,7 @@ from keel.ops.ports import busy_port_message
 from keel.providers.base import Provider
 
 if TYPE_CHECKING:
-    from keel.providers.catalog import Providers
+    pass
 
 Status = Literal["ok", "warn", "FAIL", "skip"]
 
@@ -305,14 +306,14 @@ def check_downloaded_models(report: Report, paths: Paths) -> None:
 MEMORY_ADVICE = "; lower context_size or parallelism, or use a smaller model"
 
 
-def memory_plan(providers: Providers, available: int) -> tuple[int, str]:
-    """Bytes the local workers of ``providers`` need (weights + KV cache per slot +
+def memory_plan(providers: Iterable[Provider], available: int) -> tuple[int, str]:
+    """Bytes the local workers among ``providers`` need (weights + KV cache per slot +
     overhead), and that said with each worker's share. A model file whose header cannot
     be read is left out: its worker reports it, once, as it starts."""
     from keel.providers.local import LocalProvider
 
     needed, parts = 0, []
-    for provider in providers.unique():
+    for provider in providers:
         if isinstance(provider, LocalProvider):
             try:
                 need = memory_needed(provider.supervisor.spec)
@@ -337,7 +338,7 @@ def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path
     except KeelError as exc:
         report.add("memory", "skip", f"cannot plan the workers: {exc.message}")
         return
-    needed, summary = memory_plan(providers, available)
+    needed, summary = memory_plan(providers.unique(), available)
     if not needed:
         report.add("memory", "ok", "no local models to load")
         return
