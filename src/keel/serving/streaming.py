@@ -103,11 +103,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
         left = done = False
-        writing: float | None = None
-        """When the write under way began (None: none is)."""
-        checker: asyncio.TimerHandle | None = None
 
         async def watch() -> None:
             nonlocal left
@@ -125,24 +121,8 @@ class EventStream(Response):
                 watcher.cancel()
                 task.cancel("client disconnected")
 
-        def look() -> None:
-            nonlocal checker
-            if writing is not None and loop.time() - writing >= WRITE_STALL_SECONDS:
-                log.warning(
-                    "a client took none of its stream for %.0f s: dropped", WRITE_STALL_SECONDS
-                )
-                drop()
-                return
-            checker = loop.call_later(STALL_CHECK_SECONDS, look)
-
-        async def write(body: bytes, more: bool) -> None:
-            nonlocal writing
-            writing = loop.time()
-            await send({"type": "http.response.body", "body": body, "more_body": more})
-            writing = None
-
-        watcher = loop.create_task(watch())
-        checker = loop.call_later(STALL_CHECK_SECONDS, look)
+        watcher = asyncio.get_running_loop().create_task(watch())
+        write = _Writes(send, drop)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.chunks:
@@ -157,14 +137,10 @@ class EventStream(Response):
             elif STOPPING in exc.args and task.uncancel() == 0:
                 log.warning("stream cut short: %s", STOPPING)
                 self.failed = stopped().status_code
-                if self.progress is None:
-                    closing = sse(stopped().to_body()) + DONE
-                else:
-                    closing = sse({**progress_stopped().to_body(), **self.progress})
                 done = True
                 try:  # before the server's own cancel at the grace's end: a traceback
                     async with asyncio.timeout(CLOSING_WRITE_SECONDS):
-                        await write(closing, False)
+                        await write(self._closing(), False)
                 except TimeoutError:  # a client taking none of it
                     drop()
             else:
@@ -172,10 +148,42 @@ class EventStream(Response):
         finally:
             if self.failed is not None:
                 scope.setdefault("state", {})[OUTCOME] = self.failed
-            if checker is not None:
-                checker.cancel()
+            write.close()
             watcher.cancel()
             await self.chunks.aclose()  # left mid-way: the generation is closed now
+
+    def _closing(self) -> bytes:
+        """The last event of a stream keel's stop cuts short."""
+        if self.progress is None:
+            return sse(stopped().to_body()) + DONE
+        return sse({**progress_stopped().to_body(), **self.progress})
+
+
+class _Writes:
+    """A stream's body writes, watched: one stuck on a client that takes none of it for
+    :data:`WRITE_STALL_SECONDS` calls ``drop`` (one timer a stream, not one a write)."""
+
+    def __init__(self, send: Send, drop: Callable[[], None]) -> None:
+        self.send, self.drop = send, drop
+        self.loop = asyncio.get_running_loop()
+        self.since: float | None = None
+        """When the write under way began (None: none is)."""
+        self.checker = self.loop.call_later(STALL_CHECK_SECONDS, self.look)
+
+    async def __call__(self, body: bytes, more: bool) -> None:
+        self.since = self.loop.time()
+        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+        self.since = None
+
+    def look(self) -> None:
+        if self.since is not None and self.loop.time() - self.since >= WRITE_STALL_SECONDS:
+            log.warning("a client took none of its stream for %.0f s: dropped", WRITE_STALL_SECONDS)
+            self.drop()
+            return
+        self.checker = self.loop.call_later(STALL_CHECK_SECONDS, self.look)
+
+    def close(self) -> None:
+        self.checker.cancel()
 
 
 async def stream_response(
