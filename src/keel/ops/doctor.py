@@ -52,7 +52,12 @@ from keel.errors import (
 from keel.index.walk import is_directory
 from keel.models import gguf
 from keel.models.manager import mem_available, memory_needed
-from keel.models.registry import list_model_files, read_facts, resolve_model
+from keel.models.registry import (
+    list_model_files,
+    read_facts,
+    resolve_model,
+    tabby_prompt_template,
+)
 from keel.ops.ports import busy_port_message
 from keel.providers.base import Provider
 
@@ -235,6 +240,12 @@ def check_model_files(report: Report, settings: Settings, paths: Paths) -> bool:
             continue
         except OSError as exc:
             report.add(name, "FAIL", f"{role}: cannot read: {exc}", ExitCode.DEPENDENCY)
+            ok = False
+            continue
+        try:
+            tabby_prompt_template(path)  # keel serve refuses a Tabby directory's bad one
+        except ValueError as exc:
+            report.add(name, "FAIL", f"{role}: {exc}", ExitCode.CONFIG)
             ok = False
             continue
         size = gguf.weights_bytes(path) / 2**20

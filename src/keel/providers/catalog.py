@@ -36,7 +36,6 @@ from keel.models.registry import embedded_model_path, resolve_model, tabby_promp
 from keel.pipeline.prompt import (
     FIM_TEMPLATES,
     TEMPLATE_OF_MARKERS,
-    check_template,
     template_for_model,
 )
 from keel.providers.base import Provider
@@ -192,8 +191,6 @@ def _tabby_template(role: Role, model_path: Path) -> str | None:
     configured one is: Tabby refuses to start on a file it cannot read."""
     try:
         template = tabby_prompt_template(model_path)
-        if template is not None:
-            check_template(template)
     except ValueError as exc:
         key = f"model.{role}.local.model_id"
         raise ConfigError(str(model_path), [ConfigIssue(key, str(exc))]) from None
