@@ -132,3 +132,17 @@ def test_a_file_another_pull_put_there_meanwhile_is_not_replaced(
     assert f"{OTHER}:tiny.gguf" in refused.value.message
     assert (paths.models_dir / "tiny.gguf").read_bytes() == newer
     assert no_staging_left(paths)
+
+
+def test_a_file_named_in_upper_case_loads_by_the_name_the_pull_gives(
+    paths: Paths, model_bytes: bytes
+) -> None:
+    """``Upper-Q8_0.GGUF``: the pull said to load ``Upper-Q8_0``, a 404, and no listing
+    showed it (a load and the listing look for ``.gguf``)."""
+    from keel.models.registry import list_model_files, resolve_model
+
+    with FakeHub({"keel-test/upper-GGUF": {"Upper-Q8_0.GGUF": model_bytes}}) as hub:
+        pulled = puller(hub, paths).pull("keel-test/upper-GGUF")
+    assert pulled.name == "Upper-Q8_0" and pulled.path.name == "Upper-Q8_0.gguf"
+    assert resolve_model(pulled.name, paths) == pulled.path
+    assert pulled.name in {file.name for file in list_model_files(paths)}

@@ -309,7 +309,10 @@ class ModelPuller:
         if entry is not None:
             file = HubFile(file.repo, file.filename, file.size, entry.sha256)
             return PullPlan(file, PurePosixPath(f"{entry.model_id}.gguf"))
-        return PullPlan(file, PurePosixPath(PurePosixPath(file.filename).name))
+        # as ".gguf" whatever the hub's case: "X.GGUF" was loaded by no name keel gave
+        # (a load looks for "<name>.gguf") and listed nowhere
+        stem = PurePosixPath(file.filename).name[: -len(".gguf")]
+        return PullPlan(file, PurePosixPath(f"{stem}.gguf"))
 
     def preflight(self, spec: str, quant: str | None = None) -> PullPlan:
         """What :meth:`pull` refuses before fetching a byte: a bad spec, offline mode, a
