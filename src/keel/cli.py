@@ -352,6 +352,12 @@ def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
 
     issues = []
     for where, provider in local_tables(settings):
+        for index, fallback in enumerate(provider.fallback_models):  # passed over unsaid
+            try:
+                resolve_model(fallback, paths)
+            except MissingDependency as exc:
+                said = f"{exc.message} (a load short of memory would pass over it)"
+                issues.append(ConfigIssue(f"{where}.fallback_models[{index}]", said))
         key = f"{where}.model_id"
         try:
             path = resolve_model(provider.model_id, paths)

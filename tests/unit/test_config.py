@@ -692,3 +692,14 @@ def test_a_config_file_linked_to_nothing_is_no_config_of_defaults(tmp_path: Path
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
     checked = keel_cli("config", "check", env=env)
     assert checked.returncode == 78 and "not mounted yet" in checked.stderr, checked.stderr
+
+
+def test_config_check_warns_of_a_fallback_model_this_machine_lacks(tmp_path: Path) -> None:
+    """A misspelt fallback_models entry: "ok", and a load short of memory passed over it
+    without a word."""
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    text = '[model.completion.local]\nfallback_models = ["SmolLM2-135M-Instruct", "nope"]\n'
+    result = keel_cli("config", "check", str(write(tmp_path, text)), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "model.completion.local.fallback_models[1]: model 'nope' not found" in result.stderr
+    assert "fallback_models[0]" not in result.stderr
