@@ -34,6 +34,8 @@ class Faults:
     """The file's GET sends this many bytes, then nothing until the test ends."""
     short_by: int | None = None
     """The file's GET sends this many bytes fewer than its HEAD said, and ends."""
+    cut_after: int | None = None
+    """Every GET of the file sends this many bytes, then closes the connection."""
 
 
 @pytest.fixture
@@ -52,7 +54,9 @@ def hub(model_bytes: bytes, faults: Faults) -> Iterator[FakeHub]:
                 if faults.status is not None:
                     self._error(faults.status, None, "the hub failed")
                     return
-                if head or (faults.stall_after is None and faults.short_by is None):
+                if head or (
+                    faults.stall_after is None and faults.short_by is None and not faults.cut_after
+                ):
                     super()._file(repo, filename, head=head)
                     return
                 data = fake.repos[repo][filename]
@@ -66,6 +70,11 @@ def hub(model_bytes: bytes, faults: Faults) -> Iterator[FakeHub]:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                     data = b""
                 self.end_headers()
+                if faults.cut_after is not None:
+                    self.wfile.write(data[start : start + faults.cut_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 if faults.stall_after is not None:
                     self.wfile.write(data[: faults.stall_after])
                     self.wfile.flush()
@@ -110,12 +119,15 @@ def test_a_file_the_hub_says_is_not_there_is_not_found(
     assert "404" in failed.message and "cannot reach" not in failed.message
 
 
+@pytest.mark.parametrize("mib", [3, 11])
 def test_a_hub_that_stalls_mid_file_says_after_how_much(
-    hub: FakeHub, tmp_path: Path, faults: Faults
+    hub: FakeHub, tmp_path: Path, faults: Faults, mib: int
 ) -> None:
     """As a user runs it, with huggingface_hub's read timeout at 1 s (10 s by default,
-    then again at each of its 5 resumes: the stall took 65 s to be an error)."""
-    faults.stall_after = 11 * 2**20  # huggingface_hub reads 10 MiB pieces
+    then again at each of its 5 resumes: the stall took 65 s to be an error). Within
+    the first 10 MiB (huggingface_hub's piece, the progress it reports) it said the hub
+    "did not answer"."""
+    faults.stall_after = mib * 2**20
     env = {**os.environ, "KEEL_ROOT": str(tmp_path), "HF_ENDPOINT": hub.url}
     env |= {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
     pulled = subprocess.run(
@@ -127,7 +139,10 @@ def test_a_hub_that_stalls_mid_file_says_after_how_much(
     )
     assert pulled.returncode == 1, pulled.stderr
     last = pulled.stderr.strip().splitlines()[-1]
-    assert "stopped sending" in last and "after 10 MiB" in last, pulled.stderr
+    if mib > 10:  # the download writes 10 MiB pieces: what came of the next is lost
+        assert "stopped sending" in last and "after 10 MiB" in last, pulled.stderr
+    else:  # it answered, and keel cannot tell how much came: said so
+        assert "a stall within the first 10 MiB" in last, pulled.stderr
     assert "did not answer" not in last and "Traceback" not in pulled.stderr
     staging = tmp_path / "models" / STAGING_DIR
     assert not [p for p in staging.rglob("*") if p.is_file()], "a partial file was kept"
@@ -141,3 +156,12 @@ def test_a_file_shorter_than_the_hub_said_is_a_size_mismatch(
     assert isinstance(failed, UpstreamError) and failed.code == "size_mismatch", failed
     assert "force_download" not in failed.message
     assert "the file changed on the hub" in failed.message and "pull again" in failed.message
+
+
+def test_a_hub_that_keeps_breaking_off_says_so_not_unreachable(
+    hub: FakeHub, paths: Paths, faults: Faults
+) -> None:
+    """Every GET cut after 3 MiB: "cannot reach" the hub, which answered each time."""
+    faults.cut_after = 3 * 2**20
+    failed = pull(hub, paths)
+    assert "broke off" in failed.message and "cannot reach" not in failed.message, failed

@@ -589,7 +589,13 @@ class ModelPuller:
 
         received: list[int] = [0]
         bar = _bar_class(file, emit, show_bar, cancelled, received)
-        with self._hub_errors(file.repo, file.filename, received):
+
+        def got() -> int:
+            """Bytes of the file in hand (written a 10 MiB piece at a time)."""
+            on_disk = sum(p.stat().st_size for p in staging.rglob("*.incomplete"))
+            return max(received[0], on_disk)
+
+        with self._hub_errors(file.repo, file.filename, got):
             pointer = hf_hub_download(
                 file.repo,
                 file.filename,
@@ -623,7 +629,7 @@ class ModelPuller:
 
     @contextlib.contextmanager
     def _hub_errors(
-        self, repo: str, filename: str | None = None, received: list[int] | None = None
+        self, repo: str, filename: str | None = None, received: Callable[[], int] | None = None
     ) -> Iterator[None]:
         """The one place huggingface_hub's errors become keel's (the table above).
         ``received``: the bytes of the file received so far (a stall says how many)."""
@@ -651,7 +657,7 @@ class ModelPuller:
         where: str,
         repo: str,
         filename: str | None,
-        received: list[int] | None,
+        received: Callable[[], int] | None,
     ) -> BaseException:
         import httpx2
         from huggingface_hub import errors as hub
@@ -686,8 +692,8 @@ class ModelPuller:
                 f"the hub's answer for {where} lacks what a download needs: {exc}",
                 provider=self.hub,
             )
+        got = received() if received is not None else 0
         if isinstance(exc, httpx2.TimeoutException):
-            got = received[0] if received else 0
             if got:
                 return UpstreamTimeout(
                     f"{self.endpoint} stopped sending {where} after {_size(got)}: nothing came "
@@ -695,8 +701,22 @@ class ModelPuller:
                     "pull again",
                     provider=self.hub,
                 )
+            if received is not None:  # a download: it may have answered, and stalled
+                return UpstreamTimeout(
+                    f"{self.endpoint} sent nothing of {where} for {self.hub_timeout:g}s (no "
+                    "answer, or a stall within the first 10 MiB, which the download reads "
+                    "whole), again after each resume; nothing was kept, pull again",
+                    provider=self.hub,
+                )
             return UpstreamTimeout(
                 f"{self.endpoint} did not answer for {where} within {self.hub_timeout:g}s",
+                provider=self.hub,
+            )
+        if isinstance(exc, httpx2.TransportError) and not isinstance(exc, httpx2.ConnectError):
+            after = f" after {_size(got)}" if got else ""  # reached: it broke off
+            return UpstreamProtocolError(
+                f"{self.endpoint} broke off {where}{after} ({_root_cause(exc)}), again after "
+                "each resume; nothing was kept, pull again",
                 provider=self.hub,
             )
         if isinstance(exc, httpx2.TransportError):
