@@ -23,6 +23,11 @@ After a refusal the connection reads on and drops what the client still sends, f
 :data:`LINGER_SECONDS` and :data:`LINGER_BYTES`, its answer ended with a half-close: a
 socket closed with unread bytes is reset, and a client still sending its head would have
 seen "connection reset" instead of the 431.
+
+A request must also arrive, head and body, within :data:`REQUEST_SECONDS` of its first
+byte (a 408), and connections past :attr:`HeadLimitedProtocol.max_connections` are turned
+away with a 503: uvicorn has neither, and held connections took every file descriptor.
+One timer a request, armed as it begins and cancelled as it ends.
 """
 
 from __future__ import annotations
