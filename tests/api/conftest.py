@@ -24,6 +24,7 @@ from tests.models.fake_hub import FakeHub
 
 from keel.app import create_app
 from keel.config import Paths, parse_settings
+from keel.models.registry import embedded_model_path
 from keel.ops.server import Server
 
 USER_KEY = "api-test-user-key-0123456789"
@@ -84,6 +85,13 @@ api_endpoint = "{fallback}/v1"
 model_name = "fallback-chat"
 
 {embedding}"""
+
+
+def model_file(root: Path, name: str) -> None:
+    """The embedded model's file as ``<name>.gguf`` in ``root``'s model directory (a link)."""
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / f"{name}.gguf").symlink_to(embedded_model_path())
 
 
 def build_app(root: Path, config: str, host: str | None = None) -> FastAPI:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote
 
-from tests.api.conftest import Backends, build_app, serving
-
-from keel.models.registry import embedded_model_path
+from tests.api.conftest import Backends, build_app, model_file, serving
 
 
 async def test_a_model_named_in_another_script_is_served_and_named(
@@ -20,9 +18,7 @@ async def test_a_model_named_in_another_script_is_served_and_named(
         f'[model.completion.http]\nkind = "openai/completion"\n'
         f'api_endpoint = "{backends.primary.url}/v1"\n'
     )
-    models = tmp_path / "keel" / "models"
-    models.mkdir(parents=True)
-    (models / "模型.gguf").symlink_to(embedded_model_path())
+    model_file(tmp_path / "keel", "模型")
     async with serving(build_app(tmp_path / "keel", config)) as client:
         body = {"model_name": "模型", "role": "completion", "stream": False}
         loaded = await client.post("/v1/model/load", json=body, timeout=120)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-from tests.api.conftest import USER, Backends, build_app, serving
-
-from keel.models.registry import embedded_model_path
+from tests.api.conftest import USER, Backends, build_app, model_file, serving
 
 
 async def test_a_remote_chat_model_is_named_without_a_device(client: httpx.AsyncClient) -> None:
@@ -32,9 +30,7 @@ async def test_a_config_that_leaves_chat_out_offers_no_chat(
         f'[model.embedding.http]\nkind = "openai/embedding"\n'
         f'api_endpoint = "{backends.fallback.url}/v1"\n'
     )
-    models = tmp_path / "keel" / "models"
-    models.mkdir(parents=True)
-    (models / "team-chat.gguf").symlink_to(embedded_model_path())
+    model_file(tmp_path / "keel", "team-chat")
     async with serving(build_app(tmp_path / "keel", config)) as client:
         health = (await client.get("/v1/health")).json()
         assert "chat_model" not in health and "chat_device" not in health, health
