@@ -660,8 +660,11 @@ def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProc
     def niceness(pid: int) -> tuple[set[int], int | None]:
         threads = set()
         for task in Path(f"/proc/{pid}/task").iterdir():
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            threads.add(int(fields[16]))  # stat field 19, nice
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:  # a thread that ended since the listing
+                continue
+            threads.add(int(stat.rsplit(")", 1)[1].split()[16]))  # stat field 19, nice
         autogroup = Path(f"/proc/{pid}/autogroup")
         group = int(autogroup.read_text().split()[-1]) if autogroup.exists() else None
         return threads, group
