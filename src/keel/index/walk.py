@@ -221,7 +221,7 @@ def is_directory(path: Path) -> bool:
     a 500 and ``keel serve`` fail to start. Such a checkout is not there."""
     try:
         return path.is_dir()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path (TOML can write one)
         return False
 
 
