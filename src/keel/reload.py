@@ -212,17 +212,14 @@ async def apply_config(
     fresh = [p for p in providers.unique() if id(p) not in kept]
     try:
         _check_fit(fresh)
-    except KeelError as exc:
-        state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
-        state.metrics.config_reload(False)
-        raise
-    await asyncio.gather(*(provider.start() for provider in fresh))
-    try:
+        await asyncio.gather(*(provider.start() for provider in fresh))
         await _ready(fresh)
     except KeelError as exc:
         await asyncio.gather(*(provider.aclose() for provider in fresh))
         state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
         state.metrics.config_reload(False)
+        if isinstance(exc, InsufficientMemory):
+            raise
         issue = ConfigIssue("(model)", f"{exc.message}; the running config stays")
         raise ConfigError(str(config_path or state.paths.config_file), [issue]) from None
     parts = assemble(
