@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import aiohttp
 import pytest
+from aiohttp.base_protocol import BaseProtocol
 
 from keel.config import HttpModelConfig
 from keel.errors import ConfigError, UpstreamProtocolError, UpstreamStatusError
 from keel.providers.base import CompletionCall, GenerationParams
 from keel.providers.http import build_http_provider
 from keel.providers.http_base import (
+    BATCH_BYTES,
     NdJson,
     RateLimiter,
     SseEvent,
     SseJson,
     SseParser,
     auth_headers,
+    body_line_batches,
     error_message,
     parse_retry_after,
     payload_batches,
@@ -256,3 +261,17 @@ async def test_factory_info_and_completion_attributes(upstream: FakeUpstream):
         assert upstream.last_request.path == "/v1/completions"  # no double slash
     finally:
         await provider.aclose()
+
+
+async def test_a_read_is_a_bounded_batch_of_lines() -> None:
+    """All aiohttp had buffered became one batch, one piece and one write to a client
+    that read slowly or not at all: a stalled stream held ~4.5 MiB in keel."""
+    loop = asyncio.get_running_loop()
+    content = aiohttp.StreamReader(BaseProtocol(loop), 2**20, loop=loop)
+    line = b"data: " + b"x" * 200 + b"\n"
+    content.feed_data(line * 5000)  # 1 MiB buffered at once
+    content.feed_eof()
+    batches = [batch async for batch in body_line_batches(content, "p")]
+    sizes = [sum(len(line) + 1 for line in batch) for batch in batches]
+    assert max(sizes) <= BATCH_BYTES + len(line), sizes
+    assert sum(len(batch) for batch in batches) == 5000

@@ -536,6 +536,12 @@ ANSWER_CHARS = 16 * 2**20
 that sends more did not stop."""
 
 
+BATCH_BYTES = 64 * 1024
+"""The most of a body read at once into a batch: a client that reads slowly (or not at
+all) holds one batch of its answer in keel, not all aiohttp had buffered (one stalled
+stream held ~4.5 MiB)."""
+
+
 async def body_line_batches(
     content: aiohttp.StreamReader, provider: str
 ) -> AsyncGenerator[list[bytes], None]:
@@ -549,7 +555,7 @@ async def body_line_batches(
     """
     pending = b""
     try:
-        while chunk := await content.readany():
+        while chunk := await content.read(BATCH_BYTES):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             if len(pending) > LINE_LIMIT:
