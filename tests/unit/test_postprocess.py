@@ -132,6 +132,37 @@ def test_brace_language_keeps_one_closing_line_python_does_not() -> None:
     assert limit_scope(text, prefix=prefix, suffix="", language=TS) == ("visit(queue.pop());\n}")
 
 
+@pytest.mark.parametrize(
+    ("prefix", "text", "suffix", "expected"),
+    [
+        (
+            "import os\n\ndef main():\n    path = ",
+            "os.path.join(\n        a, b\n    )\n    return path\n",
+            "\n",
+            "os.path.join(\n        a, b\n    )",
+        ),
+        ("x = ", "[\n    1,\n    2,\n]\nprint(x)\n", "\n", "[\n    1,\n    2,\n]"),
+        ("CONFIG = {", "\n    'a': 1,\n}\n", "\n", "\n    'a': 1,\n}"),
+        ("CONFIG = {", "\n    'a': 1,\n}\n", "\n}\n", "\n    'a': 1,"),  # the suffix has it
+        (
+            "def f():\n    r = g(",
+            "\n        a,\n        b,\n    )\n    return r\n",
+            "\n",
+            "\n        a,\n        b,\n    )",
+        ),
+        # a dedent that closes nothing is new code in the outer block, as before
+        ("def f(a):\n    ", "return a\nprint(f(1))\n", "", "return a"),
+    ],
+)
+def test_python_keeps_the_line_closing_a_bracket_it_opened(
+    prefix: str, text: str, suffix: str, expected: str
+) -> None:
+    """Every dedented line was dropped in Python: a multi-line call or literal came back
+    without its closer (code that does not parse), and an answer that was only the
+    closer came back empty (a reviewer's finding)."""
+    assert limit_scope(text, prefix=prefix, suffix=suffix, language=PYTHON).rstrip() == expected
+
+
 def test_typescript_closing_brace_kept_when_suffix_lacks_it() -> None:
     prefix = "function greet(name: string) {\n  "
     text = "return `Hello, ${name}`;\n}\n\nfunction bye() {\n  return 1;\n}\n"

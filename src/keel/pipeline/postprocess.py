@@ -141,10 +141,13 @@ def limit_scope(text: str, *, prefix: str, suffix: str, language: Language) -> s
     blank, of the nearest non-blank line above). A completion that opens a
     new block may go deeper; the first later line indented less than the
     limit closes the block. That closing line (``}``, ``end``) is kept only
-    when the suffix does not already close the block at that level, and
-    never in indentation-scoped languages such as Python, where a dedented
-    line is not a closing line but new code in the outer block. A line that
-    dedents and at once opens a block (``} else {``, ``elif x:``) continues.
+    when the suffix does not already close the block at that level; in
+    indentation-scoped languages such as Python, where a dedented line is new
+    code in the outer block, only when it closes a bracket the cursor's line or
+    the completion left open (``)``, ``]``, ``}`` of a multi-line call or literal:
+    dropped, the code did not parse, or an answer that was only the closer was
+    empty). A line that dedents and at once opens a block (``} else {``,
+    ``elif x:``) continues.
     """
     lines = split_lines(text)
     if len(lines) < 2:
@@ -179,8 +182,8 @@ def limit_scope(text: str, *, prefix: str, suffix: str, language: Language) -> s
             keep = allow_closing and not (
                 next_in_suffix is not None and _same_line(line, next_in_suffix)
             )
-            if language.indentation_scoped:
-                keep = False
+            if language.indentation_scoped:  # new code in the outer block, unless it
+                keep = keep and _closes_open_bracket(line, current + "".join(lines[:index]))
             if keep:
                 index += 1
             break
@@ -377,6 +380,12 @@ def _is_closing(line: str) -> bool:
         return True
     word = stripped.split(maxsplit=1)[0].rstrip(";,)")
     return word in ("end", "fi", "done", "esac", "endif", "endfunction")
+
+
+def _closes_open_bracket(line: str, before: str) -> bool:
+    """Whether ``line`` begins with the closer of a bracket ``before`` left open."""
+    opener = _CLOSERS.get(line.lstrip()[:1])
+    return opener is not None and _open_brackets(before)[opener] > 0
 
 
 def _open_brackets(text: str) -> dict[str, int]:
