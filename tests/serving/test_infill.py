@@ -330,3 +330,21 @@ async def test_response_fields_pick_fields_by_their_paths(
     body = answer.json()
     assert set(body) == {"content", "timings/predicted_n", "truncated"}, body
     assert body["content"] == "compute(a, b)" and body["timings/predicted_n"] > 0
+
+
+async def test_a_newline_stop_word_in_a_crlf_file_leaves_no_cr(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """The stop word was applied to the answer with its CRLFs restored: ``stop: ["\\n"]``
+    cut between the CR and the LF, and the editor got a stray ``\\r``."""
+    llamacpp.tokens = ("self.x = x", "\n", "        self.y = y")
+    body = {
+        "input_prefix": "class Point:\r\n    def __init__(self, x, y):\r\n",
+        "prompt": "        ",
+        "input_suffix": "\r\n",
+        "n_indent": 8,
+        "stop": ["\n"],
+    }
+    answer = await keel.post("/infill", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["content"] == "self.x = x"

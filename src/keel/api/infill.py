@@ -112,7 +112,9 @@ async def infill(request: Request) -> JsonResponse:
         if answer is None:  # a newer keystroke's request superseded it, as on Tabby's route
             headers = {"X-Keel-Superseded": "1"}
         else:
-            content = cut_at_stop(answer.response.choices[0].text, body.stop)[0]
+            content, stopped = cut_at_stop(answer.response.choices[0].text, body.stop)
+            if stopped and content.endswith("\r"):  # a stop word's "\n" of a CRLF file
+                content = content[:-1]
             content = cut_at_indent(content, body.n_indent)
             line_suffix = body.input_suffix.partition("\n")[0]
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
