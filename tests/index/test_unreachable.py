@@ -5,7 +5,7 @@ answering: a ``stat`` that never returns) and a path the system refuses (``EACCE
 for a parent keel may no longer enter; here ``ENAMETOOLONG``, which root meets too)
 made every completion a 500, ``keel serve`` fail to start, and, hung, froze every
 route of the server. The mounts are real FUSE mounts that no daemon serves (root and
-``/dev/fuse``, as on the development and CI machines; skipped elsewhere).
+``/dev/fuse``, as on the development and CI machines).
 """
 
 from __future__ import annotations
@@ -45,15 +45,14 @@ def unserved_mount(target: Path) -> Iterator[int]:
     """A FUSE filesystem at ``target`` that nobody answers: every look inside it waits
     (a hung mount) until the ``/dev/fuse`` descriptor it yields is closed, which makes
     it a dead mount (``ENOTCONN``)."""
-    if not _fuse_usable():
-        pytest.skip("a FUSE mount needs root and /dev/fuse")
+    assert _fuse_usable(), "a FUSE mount needs root and /dev/fuse (the test machines have both)"
     target.mkdir(parents=True, exist_ok=True)
     fd = os.open("/dev/fuse", os.O_RDWR)
     libc = ctypes.CDLL(None, use_errno=True)
     options = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
     if libc.mount(b"keel-test", str(target).encode(), b"fuse", 0, options) != 0:
         os.close(fd)
-        pytest.skip(f"FUSE mount refused: {os.strerror(ctypes.get_errno())}")
+        raise AssertionError(f"FUSE mount refused: {os.strerror(ctypes.get_errno())}")
     try:
         yield fd
     finally:
