@@ -47,11 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keel.router")
 
-TRYING: ContextVar[str | None] = ContextVar("keel_trying", default=None)
-"""The endpoint this request's attempt is on (the latest), for a failure that cuts across
-attempts, as the whole request's time limit does, to name."""
-FAILED: ContextVar[list[str] | None] = ContextVar("keel_failed", default=None)
-"""This request's failed attempts so far (``name: message``), for the same."""
+TRIAL: ContextVar[Attempts | None] = ContextVar("keel_trial", default=None)
+"""This request's attempts (its latest router call's): the endpoint tried last and the
+failures before it, for a failure that cuts across attempts, as the whole request's
+time limit does, to name."""
 DEADLINE: ContextVar[float | None] = ContextVar("keel_deadline", default=None)
 """When (the loop's clock) the whole request's time limit ends it, where it has one."""
 
@@ -96,7 +95,6 @@ class Attempt:
         # outstanding on it, and a retry waiting out its backoff looked idle, then reopened
         # the closed provider's connection pool, which nothing closed.
         self.endpoint.outstanding += 1
-        TRYING.set(self.endpoint.name)
         gate = self._attempts.router.gate(self.endpoint)
         try:
             if self._delay > 0:
@@ -185,7 +183,7 @@ class Attempts:
         """The provider that served the request, once one did."""
         self.failures: list[str] = []
         """``name: message`` of every failed attempt, in order."""
-        FAILED.set(self.failures)
+        TRIAL.set(self)
         self.last_error: KeelError | None = None
         self.too_long: KeelError | None = None
         """The last refusal of the prompt as over an endpoint's context, if any."""
@@ -195,6 +193,11 @@ class Attempts:
         self._decision = Decision.NEXT
         self._done = False
         router.budget.record_request()
+
+    @property
+    def trying(self) -> str | None:
+        """The endpoint of the latest attempt, if one began."""
+        return None if self._current is None else self._current.endpoint.name
 
     def __aiter__(self) -> Attempts:
         return self

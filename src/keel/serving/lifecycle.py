@@ -27,7 +27,7 @@ from keel.providers.base import (
     estimate_tokens,
 )
 from keel.router.admission import Admission
-from keel.router.attempt import DEADLINE, FAILED, TRYING
+from keel.router.attempt import DEADLINE, TRIAL
 from keel.router.router import RoleRouter
 
 log = logging.getLogger("keel.serving")
@@ -86,7 +86,9 @@ class CancelOnDisconnect:
             assert self._task is not None
             if self._task.uncancel() == 0:
                 # Counted as the provider's 499, as a stream is (a plain one had none)
-                if (trying := TRYING.get()) and not getattr(self._http.state, PROVIDER_KEY, 0):
+                trial = TRIAL.get()
+                trying = trial.trying if trial is not None else None
+                if trying and not getattr(self._http.state, PROVIDER_KEY, 0):
                     setattr(self._http.state, PROVIDER_KEY, trying)
                 raise ClientDisconnected("the client closed the connection") from None
 
@@ -102,9 +104,10 @@ async def total_timeout(seconds: float | None, role: str) -> AsyncIterator[None]
         async with asyncio.timeout_at(limit):
             yield
     except TimeoutError:
-        provider = TRYING.get()
+        trial = TRIAL.get()
+        provider = trial.trying if trial is not None else None
         # the provider it ran out on may have had only what earlier failures left: said
-        earlier = "; ".join(FAILED.get() or ())
+        earlier = "; ".join(trial.failures if trial is not None else ())
         after = f", after {earlier}" if earlier else ""
         raise UpstreamTimeout(
             f"generation took longer than {seconds:.0f}s{after}", provider=provider or role
