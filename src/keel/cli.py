@@ -50,7 +50,6 @@ from keel.errors import (
 from keel.workers.worker import threads_over_cores, threads_variable_trouble
 
 if TYPE_CHECKING:
-    from keel.providers.catalog import Providers
     from keel.state.shared_keys import KeyAdmin
 
 log = logging.getLogger("keel")
@@ -216,7 +215,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (issue := events_file_issue(settings.events, paths)) is not None:  # was exit 3
         raise ConfigError(str(args.config or paths.config_file), [issue])
     providers = build_providers(settings, paths)  # unusable model files fail here, before binding
-    check_workers_fit(providers)
+    from keel.ops.doctor import check_fit
+
+    check_fit(providers.unique())  # exit 69 before binding
     source = ("the command line", "--host")
     if not args.host:
         source = (str(args.config or paths.config_file), "server.host")
@@ -254,22 +255,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         uvloop.run(server.serve(sockets=[sock]))
     return 0
-
-
-def check_workers_fit(providers: Providers) -> None:
-    """Exit 69 before binding when the local workers cannot fit in the memory available,
-    as ``keel doctor`` and a model load judge it: keel started anyway, and a worker
-    loaded for ~70 s before failing with the engine's words ("check the input params")."""
-    from keel.errors import MissingDependency
-    from keel.models.manager import mem_available
-    from keel.ops.doctor import MEMORY_ADVICE, memory_plan
-
-    available = mem_available()
-    if available is None:
-        return
-    needed, summary = memory_plan(providers.unique(), available)
-    if needed > available:
-        raise MissingDependency(f"the local models do not fit in memory: {summary}{MEMORY_ADVICE}")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -29,9 +29,9 @@ from keel.errors import (
     MissingDependency,
 )
 from keel.events import EventStore
-from keel.models.manager import ModelManager, mem_available
+from keel.models.manager import ModelManager
 from keel.models.registry import resolve_model
-from keel.ops.doctor import MEMORY_ADVICE, memory_plan
+from keel.ops.doctor import check_fit
 from keel.ops.metrics import Metrics
 from keel.pipeline.completion import SnippetRetriever, TabbyPrompts
 from keel.pipeline.languages import Language, use_additional_languages
@@ -211,7 +211,7 @@ async def apply_config(
     kept = {id(p) for p in old.unique()}
     fresh = [p for p in providers.unique() if id(p) not in kept]
     try:
-        _check_fit(fresh)
+        check_fit(fresh, what="the new local models")
         await asyncio.gather(*(provider.start() for provider in fresh))
         await _ready(fresh)
     except KeelError as exc:
@@ -219,7 +219,7 @@ async def apply_config(
         state.audit.record("config_reload", key_id=key_id, result="error", detail=exc.message)
         state.metrics.config_reload(False)
         if isinstance(exc, InsufficientMemory):
-            raise
+            raise InsufficientMemory(f"{exc.message}; the running config stays") from None
         issue = ConfigIssue("(model)", f"{exc.message}; the running config stays")
         raise ConfigError(str(config_path or state.paths.config_file), [issue]) from None
     parts = assemble(
@@ -270,21 +270,6 @@ async def apply_config(
         "stopping": [p.name for p in stopped],
         "restart_needed": waiting,
     }
-
-
-def _check_fit(fresh: list[Provider]) -> None:
-    """The new local workers fit in the memory available, as `keel serve` and a model
-    load judge it (the reload started them, and they failed after seconds with the
-    engine's "check the input params")."""
-    available = mem_available()
-    if available is None:
-        return
-    needed, summary = memory_plan(fresh, available)
-    if needed > available:
-        raise InsufficientMemory(
-            f"the new local models do not fit in memory: {summary}{MEMORY_ADVICE}; "
-            "the running config stays"
-        )
 
 
 def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:

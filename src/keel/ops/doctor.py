@@ -44,6 +44,7 @@ from keel.errors import (
     ConfigError,
     DataRootUnusable,
     ExitCode,
+    InsufficientMemory,
     KeelError,
     MissingDependency,
     UpstreamAuthError,
@@ -334,6 +335,19 @@ def memory_plan(providers: Iterable[Provider], available: int) -> tuple[int, str
             parts.append(f"{provider.name}: {need / 2**20:.0f} MiB")
     said = f"need ~{needed / 2**20:.0f} MiB, available {available / 2**20:.0f} MiB"
     return needed, f"{said} ({'; '.join(parts)})"
+
+
+def check_fit(providers: Iterable[Provider], *, what: str = "the local models") -> None:
+    """Raise InsufficientMemory when the local workers among ``providers`` cannot fit in
+    the memory available, as a model load judges it (``keel serve`` before binding, a
+    reload before it starts any): started anyway, a worker loaded for ~70 s, or a few
+    seconds, before failing with the engine's words ("check the input params")."""
+    available = mem_available()
+    if available is None:
+        return
+    needed, summary = memory_plan(providers, available)
+    if needed > available:
+        raise InsufficientMemory(f"{what} do not fit in memory: {summary}{MEMORY_ADVICE}")
 
 
 def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path) -> None:
