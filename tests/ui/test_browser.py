@@ -154,6 +154,18 @@ def test_status_page_shows_live_state_and_runs_the_playground(
         page.screenshot(path=SCREENSHOTS / "status-page-dark.png", full_page=True)
         assert not elsewhere, f"the page loaded from elsewhere: {elsewhere}"
         print(f"primary card red {turned_red:.1f}s after the backend stopped")
+
+        # A refresh past what a browser's timer holds (2^31-1 ms runs at once), as an
+        # operator types to pause the page: one poll, not a tight loop.
+        polls: list[str] = []
+        page.on("request", lambda request: polls.append(request.url))
+        for asked in ("3000000", "Infinity"):
+            polls.clear()
+            page.goto(f"{keel.url}/?refresh={asked}")
+            expect(page.locator("#live-text")).to_have_text("live · every 86400 s")
+            page.wait_for_timeout(1000)
+            stats = [url for url in polls if "/v1/stats" in url]
+            assert len(stats) == 1, f"?refresh={asked}: {len(stats)} polls in a second"
     finally:
         context.close()
 

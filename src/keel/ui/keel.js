@@ -7,7 +7,12 @@
   const KEY_STORAGE = "keel.apiKey";
   const SVG_NS = "http://www.w3.org/2000/svg";
   const params = new URLSearchParams(location.search);
-  const refreshSeconds = Math.max(0.2, Number(params.get("refresh")) || 2);
+  // At most a day: a browser runs a setTimeout delay past 2^31-1 ms (or Infinity) at once,
+  // so an operator's "?refresh=3000000" to pause the page would poll in a tight loop.
+  const MAX_REFRESH_SECONDS = 86400;
+  const asked = Number(params.get("refresh"));
+  const refreshSeconds = Number.isFinite(asked) && asked > 0
+    ? Math.min(MAX_REFRESH_SECONDS, Math.max(0.2, asked)) : 2;
 
   const $ = (id) => document.getElementById(id);
   let timer = null;
@@ -152,7 +157,8 @@
         setLive("error", what);
       }
     }
-    timer = setTimeout(refresh, Math.max(refreshSeconds, backoff) * 1000);
+    const wait = Math.min(MAX_REFRESH_SECONDS, Math.max(refreshSeconds, backoff));
+    timer = setTimeout(refresh, wait * 1000);
   }
 
   function render(providers, stats) {
