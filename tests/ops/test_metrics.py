@@ -98,6 +98,26 @@ def test_event_languages_are_canonical_and_bounded() -> None:
     assert value(text, "keel_completion_events_total", type="view", language="unknown") == 2
 
 
+def test_editor_events_count_once_per_served_completion_and_type() -> None:
+    """As the status page counts: a repeated select, or one for a completion keel never
+    served, made Prometheus acceptance 300% where the page showed 50%."""
+    metrics = Metrics(environ={})
+    for completion_id in ("cmpl-a", "cmpl-b"):
+        metrics.editor_event("view", completion_id, "python")
+    for _ in range(5):
+        metrics.editor_event("select", "cmpl-a", "python")
+    metrics.editor_event("dismiss", "cmpl-b", "python")
+    for n in range(3):
+        metrics.editor_event("select", f"cmpl-never-served-{n}", None)
+    metrics.editor_event("select", None, "python")
+    text = metrics.render().decode()
+    python = {"language": "python"}
+    assert value(text, "keel_completion_events_total", type="view", **python) == 2
+    assert value(text, "keel_completion_events_total", type="select", **python) == 1
+    assert value(text, "keel_completion_events_total", type="dismiss", **python) == 1
+    assert value(text, "keel_completion_events_total", type="select", language="unknown") == 0
+
+
 @pytest.mark.integration
 def test_a_real_keel_counts_requests_workers_and_events(keel_server: KeelProcess) -> None:
     with keel_server.client() as client:
@@ -108,7 +128,7 @@ def test_a_real_keel_counts_requests_workers_and_events(keel_server: KeelProcess
         )
         assert served.status_code == 200, served.text
         completion_id = served.json()["id"]
-        for kind in ("view", "select"):
+        for kind in ("view", "select", "select"):  # the repeat is not counted again
             event = {"type": kind, "completion_id": completion_id, "choice_index": 0}
             assert client.post("/v1/events", json=event).status_code == 200
         assert client.get("/no/such/route").status_code == 404

@@ -50,7 +50,8 @@ async def log_event(request: Request, select_kind: Literal["line"] | None = None
     filled the disk at ~14 MB/s from one key)."""
     event = parse_model(LogEventRequest, await read_json(request))
     state = app_state(request)
-    state.metrics.completion_event(event.type, await state.events.language_of(event.completion_id))
+    language = await state.events.language_of(event.completion_id)
+    state.metrics.editor_event(event.type, event.completion_id, language)
     await state.events.record(
         event.type,
         completion_id=event.completion_id,

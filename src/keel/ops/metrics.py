@@ -74,6 +74,10 @@ EVENT_TYPES = frozenset({"served", "view", "select", "dismiss"})
 
 
 COMPLETION_SOURCES = ("model", "cache", "inflight")
+
+EVENTS_REMEMBERED = 100_000
+"""The (completion, type) pairs :meth:`Metrics.editor_event` remembers (~15 MB at most):
+an editor sends its events within seconds of the completion."""
 """Where a completion came from; cache and inflight took no model work."""
 
 
@@ -230,6 +234,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         self._in_use: set[str] = set()
+        self._events_seen: dict[tuple[str, str], None] = {}  # insertion order: oldest first
         """The providers routed to now (:meth:`providers_in_use`)."""
         self._breakers: dict[str, CircuitBreaker] = {}
         """Their breakers, read at each scrape (:meth:`_breakers_now`)."""
@@ -425,7 +430,8 @@ class Metrics:
         )
         self.completion_events = Counter(
             "keel_completion_events",
-            "Completions served and the editor's view/select/dismiss events for them.",
+            "Completions served, and those the editor first viewed, selected or dismissed "
+            "(each served completion counts once a type, as the status page counts).",
             ["type", "language"],
             registry=registry,
         )
@@ -669,6 +675,22 @@ class Metrics:
         if kind not in EVENT_TYPES:
             kind = "other"
         self._child(self.completion_events, kind, _language_label(language)).inc()
+
+    def editor_event(self, kind: str, completion_id: str | None, language: str | None) -> None:
+        """The editor's event for a completion: counted only for one keel served
+        (``language`` known) and only the first of its type, as the status page's
+        acceptance counts distinct completions. Counting every event let repeated views
+        pull acceptance down, and a client re-sending ``select`` (or selecting made-up
+        ids) push it to 300% and silence the low-acceptance alert."""
+        if language is None or not completion_id:
+            return
+        seen = (completion_id, kind)
+        if seen in self._events_seen:
+            return
+        self._events_seen[seen] = None
+        if len(self._events_seen) > EVENTS_REMEMBERED:
+            self._events_seen.pop(next(iter(self._events_seen)))
+        self.completion_event(kind, language)
 
     def completion_served(self, source: str) -> None:
         """A Tabby completion answered from ``source`` (see :data:`COMPLETION_SOURCES`)."""
