@@ -85,3 +85,24 @@ async def test_ready_shows_a_failing_primary_as_such_and_who_serves(
         public = (await client.get("/ready")).json()["roles"]["completion"]
         assert public == {"usable": True, "state": "unhealthy"}
         assert ready.json()["roles"]["chat"]["state"] == "ok"
+
+
+async def test_a_refused_key_keeps_the_provider_unhealthy_across_a_reload(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """``keel_provider_healthy`` went back to 1 at any reload for a provider whose key
+    the backend still refused: the dashboard's panel turned green with nothing mended."""
+    root = tmp_path / "keel"
+    app = build_app(root, backends.config())
+    async with serving(app) as client:
+        primary = f"completion/openai/completion@{backends.primary.url}/v1"
+        backends.primary.behave(Behaviour.error(401))
+        body = {"prompt": "def add(a, b):", "max_tokens": 4}
+        assert (await client.post("/v1/completions", json=body, headers=USER)).status_code == 200
+        refused = await gauges(client)
+        assert refused["keel_provider_auth_failed"][primary] == 1.0
+        assert refused["keel_provider_healthy"][primary] == 0.0
+        assert (await client.post("/v1/admin/reload", headers=ADMIN)).status_code == 200
+        reloaded = await gauges(client)
+        assert reloaded["keel_provider_auth_failed"][primary] == 1.0
+        assert reloaded["keel_provider_healthy"][primary] == 0.0

@@ -598,7 +598,8 @@ class Metrics:
         self._breakers = {endpoint.name: endpoint.breaker for endpoint in endpoints}
         self._breakers_now()
         for endpoint in endpoints:
-            self.provider_health(endpoint.name, endpoint.healthy)
+            # as the router sets it: a refused key is not a working provider
+            self.provider_health(endpoint.name, endpoint.healthy and not endpoint.auth_failed)
             self.provider_auth_failed(endpoint.name, endpoint.auth_failed)
 
     def _breakers_now(self) -> None:
