@@ -75,6 +75,12 @@ ROLE_BY_ROUTE: dict[str, Role] = {
 log = logging.getLogger("keel.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+CACHE_HEADER = b"cache-control"
+NO_STORE = (CACHE_HEADER, b"no-store")
+"""On every answer that sets no caching of its own: keel's answers carry completions of
+private code, PIDs, model paths and upstream errors, and a key sent as ``x-api-key``
+rather than ``Authorization`` left a shared cache in front nothing forbidding it to
+keep ``/v1/stats`` and serve it to callers without a key."""
 SUPERSEDED_HEADER = b"x-keel-superseded"
 PROVIDER_HEADER = b"x-keel-provider"
 DRAIN_FACTOR = 4
@@ -133,7 +139,8 @@ class CorsPolicy:
 
 
 class _Response:
-    """The ``send`` of one request: adds its id (and a CORS grant) and the provider that
+    """The ``send`` of one request: adds its id (and a CORS grant), ``no-store`` where
+    the answer sets no caching, and the provider that
     served it (``X-Keel-Provider``, where the serving code noted one and did not set it),
     notes its status."""
 
@@ -154,6 +161,8 @@ class _Response:
             names = {name.lower() for name, _ in headers}
             self.superseded = SUPERSEDED_HEADER in names
             headers.extend(self.added)
+            if CACHE_HEADER not in names:
+                headers.append(NO_STORE)
             provider = self.state.get(PROVIDER_KEY)
             if provider is not None and PROVIDER_HEADER not in names:
                 headers.append((PROVIDER_HEADER, header_text(provider).encode("ascii")))
