@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from keel import __version__
 from keel.api import admin, docs, infill, llamacpp, metrics, models, openai, ops, tabby, ui
-from keel.api.access import GuardedRoute, walk_routes
+from keel.api.access import GuardedRoute, document_access, walk_routes
 from keel.api.errors import install_error_handlers
 from keel.api.middleware import CorsPolicy, DirectRoutes, KeelMiddleware
 from keel.api.state import AppState
@@ -185,6 +185,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
+    document_access(app)
     guarded = (route for route in walk_routes(app.routes) if isinstance(route, GuardedRoute))
     app.add_middleware(
         KeelMiddleware,

@@ -250,3 +250,65 @@ async def test_docs_page_shows_the_documented_bodies(client: httpx.AsyncClient) 
         "/v1/admin/reload",
     ):
         assert "requestBody" in document["paths"][path]["post"], path
+
+
+async def test_the_document_says_which_key_each_route_needs(client: httpx.AsyncClient) -> None:
+    """It said nothing of keys: a client generated from it sent none and met 401s."""
+    document = (await client.get("/openapi.json")).json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert {schemes[name]["name"] for name in schemes if name != "bearer"} == {
+        "x-api-key",
+        "api-key",
+        "x-admin-key",
+    }
+    needs = {
+        (path, method): {
+            role for option in operation["security"] for roles in option.values() for role in roles
+        }
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+    }
+    assert needs[("/v1/completions", "post")] == {"user"}
+    assert needs[("/v1/stats", "get")] == {"user"}
+    assert needs[("/v1/admin/reload", "post")] == {"admin"}
+    assert needs[("/health", "get")] == set()
+    user = document["paths"]["/v1/chat/completions"]["post"]["security"]
+    assert user == [{name: ["user"]} for name in schemes]
+
+
+async def test_bodies_keel_refuses_are_refused_by_the_document_too(
+    client: httpx.AsyncClient,
+) -> None:
+    """Bodies the schema allowed met a 400 (an empty embedding input, a language id with
+    markup, a user message without content, an empty prompt): the document now says
+    what keel's parsers check."""
+    document = (await client.get("/openapi.json")).json()
+
+    def valid(method: str, path: str, body: dict[str, Any]) -> bool:
+        schema = request_schema(document, Example(method, path, 400))
+        assert schema is not None, path
+        return bool(jsonschema_rs.Draft202012Validator(schema).is_valid(body))
+
+    refused = [
+        ("/v1/embeddings", {"input": ""}),
+        ("/v1/embeddings", {"input": ["a", ""]}),
+        ("/v1/embeddings", {"input": []}),
+        ("/v1/completions", {"language": "<img>", "segments": {"prefix": "x"}}),
+        ("/v1/chat/completions", {"messages": [{"role": "tool"}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}),
+        ("/v1/completions", {"prompt": ""}),
+        ("/completion", {"prompt": ""}),
+    ]
+    for path, body in refused:
+        answer = await client.post(path, json=body, headers=USER)
+        assert answer.status_code == 400, (path, body, answer.text)
+        assert not valid("POST", path, body), (path, body)
+    allowed = [
+        ("/v1/embeddings", {"input": ["a", "b"]}),
+        ("/v1/completions", {"language": "objective-c++", "segments": {"prefix": "x"}}),
+        ("/v1/completions", {"prompt": "", "suffix": "y"}),
+        ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": []}]}),
+    ]
+    for path, body in allowed:
+        assert valid("POST", path, body), (path, body)

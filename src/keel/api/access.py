@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
@@ -199,3 +199,47 @@ def declared_access(route: BaseRoute) -> Access | None:
         if isinstance(dependency.call, Require)
     ]
     return levels[0] if len(levels) == 1 else None
+
+
+KEY_HEADERS = ("x-api-key", "api-key", "x-admin-key")
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A user key (`[auth] api_keys`, a keys file, `keel keys`) or the admin "
+        "key; asked for only where keel has keys configured.",
+    },
+    **{
+        header: {"type": "apiKey", "in": "header", "name": header, "description": "As bearer."}
+        for header in KEY_HEADERS
+    },
+}
+"""The ways to present a key; in an operation's ``security`` the role names (OpenAPI 3.1
+lets a scheme that is not OAuth's name them) say which key: ``user`` (a user key or the
+admin key) or ``admin``."""
+
+
+def document_access(app: FastAPI) -> None:
+    """Adds to ``app``'s OpenAPI document how a key is presented and, for each operation,
+    which key it needs (none, a user key, the admin key): the document said nothing of
+    keys, so a generated client sent none and met 401s."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = app.openapi_schema
+        if schema is None:
+            schema = plain()
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            for route in walk_routes(app.routes):
+                level = declared_access(route)
+                if not isinstance(route, APIRoute) or level is None:
+                    continue
+                needs = [] if level is Access.PUBLIC else [str(level)]
+                security = [{scheme: needs} for scheme in SECURITY_SCHEMES] if needs else []
+                operations = schema["paths"].get(route.path_format, {})
+                for method in route.methods or ():
+                    if method.lower() in operations:
+                        operations[method.lower()]["security"] = security
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -20,8 +20,9 @@ from keel.api.state import AppState, app_state
 from keel.config import ROLES
 from keel.errors import Unavailable
 from keel.ops.stats import rss_bytes
+from keel.schemas.openapi import ERRORS
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 ACCEPTANCE_WINDOW_SECONDS = 86400
 

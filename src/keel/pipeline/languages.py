@@ -298,7 +298,9 @@ def use_additional_languages(additional: Sequence[Language]) -> None:
     _BY_ID = _by_id([*_LANGUAGES, *additional])
 
 
-_ID_PATTERN = re.compile(r"[A-Za-z0-9\-_+.#]{1,64}")
+LANGUAGE_ID_PATTERN = r"^[A-Za-z0-9\-_+.#]{1,64}$"
+"""What a client's language id may be (VS Code's ids, ``c#``, ``objective-c++``, ...)."""
+_ID_PATTERN = re.compile(LANGUAGE_ID_PATTERN)
 
 _SUGGESTED_IDS = ("python", "typescript", "javascript", "go", "rust", "java", "cpp")
 

@@ -24,7 +24,9 @@ from keel.schemas.openai import MAX_TOKENS_LIMIT, _check_stop, _Wire
 
 
 class LlamaCppCompletionRequest(_Wire):
-    prompt: str = Field(description="The text to continue, as one string.")
+    prompt: str = Field(
+        description="The text to continue, as one string.", json_schema_extra={"minLength": 1}
+    )
     n_predict: int | None = Field(
         None,
         ge=-1,

@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import SkipJsonSchema
+from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
 from keel.errors import RequestError
 from keel.providers.base import ChatMessage, GenerationParams
@@ -160,7 +160,16 @@ class _Sampled(_Wire):
 
 
 class CompletionRequest(_Sampled):
-    model_config = ConfigDict(json_schema_extra={"not": {"required": ["segments"]}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {"required": ["segments"]},
+            # something to continue: a prompt, or a suffix to fill in before
+            "anyOf": [
+                {"properties": {"prompt": {"minLength": 1, "items": {"minLength": 1}}}},
+                {"required": ["suffix"], "properties": {"suffix": {"minLength": 1}}},
+            ],
+        }
+    )
 
     prompt: str | list[str]
     suffix: str | None = None
@@ -255,6 +264,16 @@ class ToolCall(_Wire):
 
 
 class ChatMessageIn(_Wire):
+    # only an assistant's message may leave content out (its tool calls say it)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"role": {"const": "assistant"}}},
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+            ]
+        }
+    )
+
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart | ImagePart] | None = None
     tool_calls: list[ToolCall] | None = None
@@ -625,7 +644,22 @@ class ChatCompletionRequest(_Sampled):
 
 class EmbeddingRequest(_Wire):
     model: str | None = None
-    input: str | list[str]
+    input: Annotated[
+        str | list[str],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "array",
+                        "items": {"type": "string", "minLength": 1},
+                        "minItems": 1,
+                        "maxItems": MAX_EMBEDDING_INPUTS,
+                    },
+                ]
+            }
+        ),
+    ]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     """Checked against what the model makes: keel does not shorten vectors."""

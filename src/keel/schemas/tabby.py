@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from keel.pipeline.languages import LANGUAGE_ID_PATTERN
+
 U32_MAX = 2**32 - 1
 """Tabby's integers are unsigned Rust integers (u32; ``seed`` is u64)."""
 
@@ -78,7 +80,9 @@ class TabbyCompletionRequest(_Wire):
 
     model_config = ConfigDict(extra="ignore", json_schema_extra=TABBY_SHAPE)
 
-    language: str | None = Field(None, max_length=64)
+    language: str | None = Field(
+        None, max_length=64, json_schema_extra={"pattern": LANGUAGE_ID_PATTERN}
+    )
     segments: Segments | None = None
     user: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
