@@ -11,8 +11,7 @@
   // so an operator's "?refresh=3000000" to pause the page would poll in a tight loop.
   const MAX_REFRESH_SECONDS = 86400;
   const asked = Number(params.get("refresh"));
-  const refreshSeconds = Number.isFinite(asked) && asked > 0
-    ? Math.min(MAX_REFRESH_SECONDS, Math.max(0.2, asked)) : 2;
+  const refreshSeconds = asked > 0 ? Math.min(MAX_REFRESH_SECONDS, Math.max(0.2, asked)) : 2;
 
   const $ = (id) => document.getElementById(id);
   let timer = null;
