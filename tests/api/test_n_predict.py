@@ -33,6 +33,8 @@ async def test_n_predict_0_is_answered_at_once_without_the_model(
     assert answer.status_code == 200, answer.text
     choice = answer.json()["choices"][0]
     assert (choice["message"]["content"], choice["finish_reason"]) == ("", "length")
+    # OpenAI's required usage (the fuzzer found it missing): nothing read, nothing made
+    assert answer.json()["usage"]["total_tokens"] == 0, answer.json()
     assert len(chat_requests(backends)) == before, "the backend was asked"
     streamed = await client.post(
         "/v1/chat/completions", json={**WARM_UP, "stream": True}, headers=USER

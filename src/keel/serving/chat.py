@@ -88,7 +88,8 @@ class ChatServing:
                 )
             empty = {"role": "assistant", "content": ""}
             choice = {"index": 0, "message": empty, "logprobs": None, "finish_reason": "length"}
-            return JsonResponse(envelope([choice]))
+            # no model read it: usage is all zero, but there (it is required)
+            return JsonResponse(envelope([choice], usage=Generated().usage()))
         params = body.to_params()
         wanted = body.response_format.to_wire() if body.response_format else None
         call = ChatCall(body.to_messages(), params, wanted, body.tool_fields(), model=body.model)
