@@ -118,9 +118,11 @@ async def total_timeout(seconds: float | None, role: str) -> AsyncIterator[None]
 
 @dataclass(slots=True)
 class Generated:
-    """A generation's text and who made it."""
+    """A generation's text and who made it. Its pieces are joined when read: ``+=`` on
+    an attribute copies the whole text each piece (an answer at its 16 MB limit took
+    11 s of the event loop)."""
 
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     provider: Provider | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -130,14 +132,22 @@ class Generated:
     """Why the engine said it stopped (:attr:`Reported.finish_reason`), if it said."""
     tool_deltas: list[dict[str, Any]] = field(default_factory=list)
     """The parts of the tool calls a chat model made, as its backend sent them."""
-    reasoning: str = ""
-    """What a thinking model streamed as its reasoning before (or beside) its text."""
+    thoughts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def reasoning(self) -> str:
+        """What a thinking model streamed as its reasoning before (or beside) its text."""
+        return "".join(self.thoughts)
 
     def add(self, piece: str) -> None:
-        self.text += piece
+        self.pieces.append(piece)
         if isinstance(piece, Parts):
             self.tool_deltas.extend(piece.deltas)
-            self.reasoning += piece.reasoning
+            self.thoughts.append(piece.reasoning)
 
     def said(self) -> str:
         """What the model wrote: its reasoning, its text and its tool calls' arguments
