@@ -22,9 +22,7 @@ async def test_keyed_answers_say_no_store_and_the_page_shell_keeps_its_own(
             "/v1/stats": await client.get("/v1/stats", headers=KEYED),
             "/v1/providers": await client.get("/v1/providers", headers=KEYED),
             "/metrics": await client.get("/metrics", headers=KEYED),
-            "/v1/completions": await client.post(
-                "/v1/completions", json=completion, headers=KEYED
-            ),
+            "/v1/completions": await client.post("/v1/completions", json=completion, headers=KEYED),
             "a refusal": await client.get("/v1/stats"),
         }
         for what, answer in answers.items():
