@@ -74,11 +74,11 @@ EVENT_TYPES = frozenset({"served", "view", "select", "dismiss"})
 
 
 COMPLETION_SOURCES = ("model", "cache", "inflight")
+"""Where a completion came from; cache and inflight took no model work."""
 
 EVENTS_REMEMBERED = 100_000
 """The (completion, type) pairs :meth:`Metrics.editor_event` remembers (~15 MB at most):
 an editor sends its events within seconds of the completion."""
-"""Where a completion came from; cache and inflight took no model work."""
 
 
 def _supervisor_restarts(environ: Mapping[str, str]) -> int:
@@ -234,8 +234,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         self._in_use: set[str] = set()
-        self._events_seen: dict[tuple[str, str], None] = {}  # insertion order: oldest first
         """The providers routed to now (:meth:`providers_in_use`)."""
+        self._events_seen: dict[tuple[str, str], None] = {}
+        """The editor events counted (:meth:`editor_event`), oldest first."""
         self._breakers: dict[str, CircuitBreaker] = {}
         """Their breakers, read at each scrape (:meth:`_breakers_now`)."""
         registry = self.registry
