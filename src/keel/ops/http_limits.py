@@ -34,9 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Final, cast
+import sys
+from typing import Any, Final, cast
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from keel.errors import KeelError, RequestError, Unavailable
 from keel.serving.streaming import ABORT
@@ -99,6 +104,29 @@ URL_TOO_LONG: Final = _refusal(
     f"the URL is over {MAX_HEAD_BYTES // 1024} KiB with the headers, the most keel reads; "
     "send the data in a request body",
 )
+
+
+class CloseDelimitedCycle(RequestResponseCycle):
+    """An HTTP/1.0 request's cycle: an answer of no stated length (a stream) goes out as
+    it is and ends with the connection, as HTTP/1.0 frames it. uvicorn chunked it, which
+    RFC 9112 forbids for a 1.0 request (section 6.1): the client (ApacheBench, a proxy
+    speaking 1.0 upstream, as nginx does by default) read the chunk sizes as text."""
+
+    unbounded = False
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            self.unbounded = (
+                self.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+                and not any(name.lower() == b"content-length" for name, _ in headers)
+            )
+            if self.unbounded:  # not chunked, and every byte may go
+                self.chunked_encoding, self.expected_content_length = False, sys.maxsize
+        elif self.unbounded and not message.get("more_body", False):
+            self.expected_content_length = len(message.get("body", b""))  # the last piece
+        await RequestResponseCycle.send(self, message)
 
 
 class HeadLimitedProtocol(HttpToolsProtocol):
@@ -200,6 +228,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             self._refuse(431, TOO_MANY, f"over {MAX_HEADERS} headers")
             raise RequestError("too many headers")  # stops the parser; answered already
         HttpToolsProtocol.on_headers_complete(self)
+        if self.scope.get("http_version") == "1.0" and self.cycle is not None:
+            self.cycle.__class__ = CloseDelimitedCycle
 
     def on_message_complete(self) -> None:
         self._head = ENDED
