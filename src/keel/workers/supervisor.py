@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import signal
 import sys
 import time
@@ -89,6 +90,8 @@ class WorkerState(StrEnum):
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     model_path: str
+    """The file as configured: what the worker loads (a split model's parts are found
+    beside it by name, which a link's target may not have)."""
     context_size: int = 2048
     threads: int | None = None
     gpu_layers: int = 0
@@ -96,6 +99,14 @@ class WorkerSpec:
     slots: int = 1
     prefill_batch: int | None = None
     """Prompt tokens per engine batch (default: the worker's ``PREFILL_BATCH``)."""
+    file: str = ""
+    """The file ``model_path`` named when the spec was made (links resolved): a link
+    pointed at another file (``current.gguf``) kept the old model through a reload, its
+    path unchanged and so its worker kept."""
+
+    def __post_init__(self) -> None:
+        if not self.file:
+            object.__setattr__(self, "file", os.path.realpath(self.model_path))
 
     def command(self) -> list[str]:
         argv = [sys.executable, "-m", "keel.workers.worker", "--model", self.model_path]
