@@ -77,7 +77,7 @@ COMPLETION_SOURCES = ("model", "cache", "inflight")
 """Where a completion came from; cache and inflight took no model work."""
 
 EVENTS_REMEMBERED = 100_000
-"""The (completion, type) pairs :meth:`Metrics.editor_event` remembers (~15 MB at most):
+"""The (completion, type) pairs :meth:`Metrics.editor_event` remembers (~19 MiB at most):
 an editor sends its events within seconds of the completion."""
 
 
