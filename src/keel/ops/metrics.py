@@ -76,9 +76,10 @@ EVENT_TYPES = frozenset({"served", "view", "select", "dismiss"})
 COMPLETION_SOURCES = ("model", "cache", "inflight")
 """Where a completion came from; cache and inflight took no model work."""
 
-EVENTS_REMEMBERED = 100_000
-"""The (completion, type) pairs :meth:`Metrics.editor_event` remembers (~19 MiB at most):
-an editor sends its events within seconds of the completion."""
+EVENTS_REMEMBERED = 20_000
+"""The (completion, type) pairs :meth:`Metrics.editor_event` remembers (~4 MiB; 19 MiB
+for 100,000): an editor sends its events within seconds of the completion, and twenty
+typists' completions of an hour or more fit."""
 
 
 def _supervisor_restarts(environ: Mapping[str, str]) -> int:
