@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keel import build_info
-from keel.ops.metrics import Metrics
+from keel.ops.metrics import EVENTS_REMEMBERED, Metrics
 from tests.conftest import KeelProcess
 
 
@@ -116,6 +116,19 @@ def test_editor_events_count_once_per_served_completion_and_type() -> None:
     assert value(text, "keel_completion_events_total", type="select", **python) == 1
     assert value(text, "keel_completion_events_total", type="dismiss", **python) == 1
     assert value(text, "keel_completion_events_total", type="select", language="unknown") == 0
+
+
+def test_the_editor_events_remembered_are_bounded() -> None:
+    """The oldest is forgotten past :data:`EVENTS_REMEMBERED` (its repeat counts again)."""
+    metrics = Metrics(environ={})
+    for n in range(EVENTS_REMEMBERED + 1):
+        metrics.editor_event("view", f"cmpl-{n}", "python")
+    metrics.editor_event("view", "cmpl-0", "python")  # forgotten: counted again
+    metrics.editor_event("view", f"cmpl-{EVENTS_REMEMBERED}", "python")  # remembered
+    counted = value(
+        metrics.render().decode(), "keel_completion_events_total", type="view", language="python"
+    )
+    assert counted == EVENTS_REMEMBERED + 2
 
 
 @pytest.mark.integration
