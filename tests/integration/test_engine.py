@@ -286,7 +286,10 @@ async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
         table = (await supervisor.call({"op": "slots"}, ready_timeout=5))["slots"]
         assert not any(s["busy"] for s in table), (attempt, table)
         after = table[slot]["tokens"]
-        assert after == held, (attempt, held, after)  # the batch in flight, none after it
+        # The batch in flight as the cancel lands, none after it: the one read before the
+        # cancel, or (the engine began the next in between, seen once in a loaded suite
+        # run: 131 read, 195 held) the one after it; never two.
+        assert held <= after <= held + PREFILL_BATCH, (attempt, held, after)
         last = supervisor.stats.last
         assert last["finish_reason"] == "cancelled"
         # Its whole prompt counted, so what the slot reused never exceeds it.
