@@ -312,3 +312,18 @@ async def test_bodies_keel_refuses_are_refused_by_the_document_too(
     ]
     for path, body in allowed:
         assert valid("POST", path, body), (path, body)
+
+
+async def test_a_method_a_path_lacks_is_told_every_method_it_has(
+    client: httpx.AsyncClient,
+) -> None:
+    """``/v1/health`` answers GET and POST (two routes); its 405 said ``Allow: POST``."""
+    answer = await client.request("OPTIONS", "/v1/health", headers=USER)
+    assert answer.status_code == 405
+    assert answer.json()["error"]["code"] == "http_405"
+    allowed = set(answer.headers["allow"].replace(" ", "").split(","))
+    assert {"GET", "POST"} <= allowed, allowed
+    for method in ("GET", "POST"):
+        assert (await client.request(method, "/v1/health", headers=USER)).status_code == 200
+    only_post = await client.get("/v1/chat/completions", headers=USER)
+    assert (only_post.status_code, only_post.headers["allow"]) == (405, "POST")

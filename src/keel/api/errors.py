@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from keel.errors import ClientDisconnected, KeelError, NotFound, RequestError
 from keel.serving.lifecycle import PROVIDER_KEY
@@ -255,7 +256,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(validation_error(list(exc.errors())))
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             return error_response(NotFound("no such route; see GET /docs for the API"))
@@ -264,6 +265,8 @@ def install_error_handlers(app: FastAPI) -> None:
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         response = error_response(error)
         response.headers.update(exc.headers or {})  # a 405's Allow: the methods there are
+        if exc.status_code == 405:  # of every route of the path: the first's alone said POST
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
         return response
 
     async def client_left(_: Request, exc: Exception) -> JSONResponse:
@@ -279,3 +282,13 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientDisconnect, client_left)
     app.add_exception_handler(Exception, unexpected)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods the routes of ``request``'s path answer (``/v1/health``: GET and POST,
+    two routes)."""
+    from keel.api.access import walk_routes  # not at the top: access -> middleware -> here
+
+    routes = walk_routes(request.app.routes)
+    matching = (route for route in routes if route.matches(request.scope)[0] is not Match.NONE)
+    return sorted({method for route in matching for method in getattr(route, "methods", ()) or ()})
