@@ -11,18 +11,19 @@ from pathlib import Path
 
 from keel.config import Paths, load_settings
 from keel.models.registry import embedded_model_path
-from keel.providers.catalog import build_providers
+from keel.providers.base import Provider
+from keel.providers.catalog import Providers, build_providers
 from keel.workers.supervisor import WorkerSpec
 
 
-def providers_for(root: Path, model: Path, previous=None):  # type: ignore[no-untyped-def]
+def providers_for(root: Path, model: Path, previous: Providers | None = None) -> Providers:
     config = root / "config.toml"
     config.write_text(f'[model.completion.local]\nmodel_id = "{model}"\n')
     settings = load_settings(config, Paths(root), {})
     return build_providers(settings, Paths(root), previous)
 
 
-def completion_of(providers) -> object:  # type: ignore[no-untyped-def]
+def completion_of(providers: Providers) -> Provider:
     return providers.chains["completion"][0][0].provider
 
 
