@@ -345,3 +345,49 @@ def test_an_events_file_that_cannot_grow_drops_events_and_never_fails_a_request(
     assert int(dropped) > 0 and int(counted) == int(dropped), done.stdout
     assert up == "False"
     assert "events not stored" in done.stderr
+
+
+async def test_a_write_lock_holds_no_more_connections_and_no_figures_are_given_meanwhile(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock on the table (a ``CREATE INDEX``'s SHARE, a ``VACUUM FULL``) blocks the
+    inserts and lets reads through. keel gave up on each insert by shutting its socket,
+    which the waiting backend never noticed: every retry's new connection waited beside
+    it, until the server refused other applications. And the figures read meanwhile left
+    out every event waiting in memory, answered 200. The server now ends the statement
+    itself, and the figures are a 503 until the events are written."""
+    monkeypatch.setattr(postgres_events, "STATEMENT_SECONDS", 1.0)
+    server, database = postgres_url.rsplit("/", 1)
+    store = PostgresEventStore(postgres_url, flush_seconds=0.05)
+    wait_until(lambda: store.up is True)
+    store.acceptance(0, time.time())  # the reader's connection is made and kept
+
+    def backends(admin: psycopg.Connection[tuple[object, ...]]) -> int:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchone()
+        assert row is not None
+        return int(str(row[0]))
+
+    with (
+        psycopg.connect(postgres_url, autocommit=True) as admin,
+        psycopg.connect(postgres_url) as locker,
+    ):
+        locker.execute("LOCK TABLE keel_events IN SHARE MODE")
+        try:
+            await store.record("completion", completion_id="cmpl-locked", language="go")
+            wait_until(lambda: store.up is False)
+            counts = []
+            for _ in range(6):  # six retries' worth (RETRY_SECONDS + a 0.9 s bound)
+                await asyncio.sleep(1.0)
+                counts.append(backends(admin) - 1)  # the locker's own
+            assert max(counts) <= 2, f"keel's backends, a second apart: {counts}"
+            with pytest.raises(Unavailable, match="takes no writes"):
+                store.acceptance(0, time.time())
+        finally:
+            locker.rollback()
+    wait_until(lambda: store.status()["buffered"] == 0 and store.up is True)
+    assert store.counts() == {"completion": 1}
+    assert [row["served"] for row in store.acceptance(0, time.time())] == [1]
+    store.close()

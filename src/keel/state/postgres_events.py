@@ -145,6 +145,20 @@ def _bounded(connection: psycopg.Connection[Row], seconds: float | None = None) 
         timer.cancel()
 
 
+def _bound_on_the_server(connection: psycopg.Connection[Row]) -> None:
+    """The server ends a statement of this session itself a little before keel gives up
+    on it. keel's own bound only shuts its socket: a backend waiting on a lock (a
+    ``CREATE INDEX``, a ``VACUUM FULL``) or on a synchronous standby did not notice, and
+    each retry's new connection waited beside it, ~one more a replica every 11 s, until
+    other applications were refused connections. Set with ``SET``, not as a startup
+    option, which a pgbouncer in front refuses."""
+    ms = max(1, round(STATEMENT_SECONDS * 900))
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET statement_timeout = {ms}")
+        cursor.execute(f"SET lock_timeout = {ms}")
+    connection.commit()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -356,6 +370,7 @@ class PostgresEventStore:
         connection = psycopg.connect(self.url, connect_timeout=max(1, round(self.connect_timeout)))
         try:
             with _bounded(connection):
+                _bound_on_the_server(connection)
                 applied = migrate_postgres(connection)
         except BaseException:  # read-only, frozen: not a connection to keep
             connection.close()
@@ -513,8 +528,12 @@ class PostgresEventStore:
                 ) from exc
             with self._lock:
                 stuck = self._writer_error is not None and bool(self._buffer)
-            if not stuck:  # a read says the database is up, unless events wait on it
-                self._succeeded()
+            if stuck:  # the figures would leave out the events waiting: none, not wrong ones
+                raise Unavailable(
+                    "the events database takes no writes now (events wait in memory); "
+                    "acceptance figures return when it does"
+                )
+            self._succeeded()
             return rows
 
     async def language_of(self, completion_id: str | None) -> str | None:
