@@ -5,6 +5,7 @@ not answer is a warning, as keel starts and serves without it."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import redis
 
 from keel.config import Settings
 from keel.ops.doctor import DoctorOptions, Report, check_stores, run_checks
+from keel.state.shared_limits import RedisState
 from tests.ports import free_port
 from tests.state.servers import PostgresServer, RedisServer
 
@@ -181,3 +183,24 @@ def test_an_unreachable_postgres_is_a_warning_not_a_failure() -> None:
 
 def test_no_store_configured_is_no_finding() -> None:
     assert stores({}).checks == []
+
+
+async def test_serve_names_a_redis_that_turns_keel_away_not_an_unreachable_one(
+    redis_with_password: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong password (redis-py files it under ConnectionError) or a database Redis
+    does not have was logged as "Redis unreachable": a config mistake told as a network
+    one, while keys added with `keel keys` were 401s on that replica."""
+    caplog.set_level(logging.WARNING, "keel.state")
+    base = redis_with_password.url.rsplit("/", 1)[0]
+    for url in (
+        with_password(redis_with_password.url, "wrong-Secret"),
+        with_password(f"{base}/99", "right-Secret"),
+    ):
+        caplog.clear()
+        state = RedisState(url, timeout=2.0)
+        await state.ping()
+        assert state.status()["up"] is False
+        assert "Redis refuses keel's connection" in caplog.text, caplog.text
+        assert "unreachable" not in caplog.text and "Secret" not in caplog.text, caplog.text
+        await state.aclose()

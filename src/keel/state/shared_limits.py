@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from keel.auth import KeyRateLimiter
@@ -91,6 +91,7 @@ Use = Literal["rate_limits", "keys"]
 LIMITS: Use = "rate_limits"
 KEYS: Use = "keys"
 UNREACHABLE = "unreachable"
+REFUSED = "refused"
 _TROUBLE = {
     UNREACHABLE: "Redis unreachable ({}): until it answers again per-key rate limits hold per "
     "replica and the keys last read from Redis stay in force; completions are not affected",
@@ -98,8 +99,20 @@ _TROUBLE = {
     "limits hold per replica; completions are not affected",
     KEYS: "Redis refuses to give the keys ({}): the keys last read from it stay in force "
     "until it does",
+    REFUSED: "Redis refuses keel's connection ({}): check the password, user and database "
+    "of [state] redis_url (keel doctor checks them); until it takes them per-key rate "
+    "limits hold per replica and the keys last read from Redis stay in force; completions "
+    "are not affected",
 }
 """What each problem means, logged once as it starts (the error in the braces)."""
+
+
+def _refused(exc: Exception) -> bool:
+    """Redis turned keel's connection away: its password or user (redis-py files those
+    under ConnectionError, so they read "unreachable"), or a database it does not have."""
+    if isinstance(exc, (AuthenticationError, AuthorizationError)):
+        return True
+    return isinstance(exc, ResponseError) and "DB index is out of range" in str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +151,7 @@ class RedisState:
         self.clock = clock
         self._answered_once = False
         self._problems: dict[str, Problem] = {}
-        """What keeps Redis from serving now: UNREACHABLE (every use), or a use whose
+        """What keeps Redis from serving now: UNREACHABLE or REFUSED (every use), or a use whose
         commands Redis refuses while it answers others (a full Redis refuses the script
         that writes; an ACL may refuse scripts or the keys)."""
         self._next_try = 0.0
@@ -154,8 +167,10 @@ class RedisState:
         return not self._problems
 
     def problem(self, use: Use) -> Problem | None:
-        """Why ``use`` cannot be served from Redis now (Redis unreachable first), or None."""
-        return self._problems.get(UNREACHABLE) or self._problems.get(use)
+        """Why ``use`` cannot be served from Redis now (Redis unreachable or refusing keel
+        first), or None."""
+        problems = self._problems
+        return problems.get(UNREACHABLE) or problems.get(REFUSED) or problems.get(use)
 
     async def bounded(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()`` given at most ``timeout`` seconds in all (a retry included); past
@@ -204,6 +219,8 @@ class RedisState:
         message = masked_url(str(exc) or type(exc).__name__)
         gone = (RedisConnectionError, RedisTimeoutError, OSError)
         what: str = UNREACHABLE if use is None or isinstance(exc, gone) else use
+        if _refused(exc):  # a wrong password or database is no network trouble
+            what = REFUSED
         was_up = self.up is not False
         known = self._problems.get(what)
         self._problems[what] = Problem(message, known.since if known else time.time())
@@ -217,7 +234,9 @@ class RedisState:
         """A call for ``use`` (None: a PING) got its answer: Redis answers, and does
         that use's commands."""
         self._answered_once = True
-        cleared = [what for what in (UNREACHABLE, use) if what and self._problems.pop(what, None)]
+        cleared = [
+            what for what in (UNREACHABLE, REFUSED, use) if what and self._problems.pop(what, None)
+        ]
         if not cleared:
             return
         if not self._problems:
