@@ -171,6 +171,9 @@ def test_doctor_fails_on_a_postgres_that_refuses_keel(
     missing = postgres_server.url("keel_no_such_database")
     status, detail = finding(stores({"events": {"database_url": missing}}), "postgres")
     assert status == "FAIL" and "does not exist" in detail, detail
+    tls = postgres_server.url() + "?sslmode=require"  # the test server has no TLS
+    status, detail = finding(stores({"events": {"database_url": tls}}), "postgres")
+    assert status == "FAIL" and "SSL" in detail, detail
 
 
 def test_an_unreachable_postgres_is_a_warning_not_a_failure() -> None:

@@ -585,14 +585,15 @@ def _postgres_said_no(exc: Exception) -> bool:
     """Whether a server answered and refused (a password, a user, a database, pg_hba),
     not a connection that never reached one. libpq gives no code for a failed connection:
     the server's own error says "FATAL:" (unless its messages are translated; a password
-    it asked for tells too)."""
+    it asked for tells too). A server that answered it has no TLS, to a URL that requires
+    TLS, will never take that URL either (it was a warning, exit 0)."""
     import psycopg
 
     if isinstance(exc, psycopg.Error) and exc.sqlstate is not None:
         return True
     pgconn = exc.pgconn if isinstance(exc, psycopg.Error) else None
     asked = pgconn is not None and (pgconn.used_password or pgconn.needs_password)
-    return asked or "FATAL:" in str(exc)
+    return asked or "FATAL:" in str(exc) or "server does not support SSL" in str(exc)
 
 
 async def _probe_one(role: Role, provider: Provider, timeout: float) -> str | None:
