@@ -91,7 +91,6 @@ Use = Literal["rate_limits", "keys"]
 LIMITS: Use = "rate_limits"
 KEYS: Use = "keys"
 UNREACHABLE = "unreachable"
-REFUSED = "refused"
 _TROUBLE = {
     UNREACHABLE: "Redis unreachable ({}): until it answers again per-key rate limits hold per "
     "replica and the keys last read from Redis stay in force; completions are not affected",
@@ -99,12 +98,16 @@ _TROUBLE = {
     "limits hold per replica; completions are not affected",
     KEYS: "Redis refuses to give the keys ({}): the keys last read from it stay in force "
     "until it does",
-    REFUSED: "Redis refuses keel's connection ({}): check the password, user and database "
-    "of [state] redis_url (keel doctor checks them); until it takes them per-key rate "
-    "limits hold per replica and the keys last read from Redis stay in force; completions "
-    "are not affected",
 }
 """What each problem means, logged once as it starts (the error in the braces)."""
+
+REFUSED = (
+    "Redis refuses keel's connection ({}): check the password, user and database of "
+    "[state] redis_url (keel doctor checks them); until it takes them per-key rate limits "
+    "hold per replica and the keys last read from Redis stay in force; completions are not "
+    "affected"
+)
+"""How an unreachable Redis that turned keel away is logged: no network trouble."""
 
 
 def _refused(exc: Exception) -> bool:
@@ -151,7 +154,7 @@ class RedisState:
         self.clock = clock
         self._answered_once = False
         self._problems: dict[str, Problem] = {}
-        """What keeps Redis from serving now: UNREACHABLE or REFUSED (every use), or a use whose
+        """What keeps Redis from serving now: UNREACHABLE (every use), or a use whose
         commands Redis refuses while it answers others (a full Redis refuses the script
         that writes; an ACL may refuse scripts or the keys)."""
         self._next_try = 0.0
@@ -167,10 +170,8 @@ class RedisState:
         return not self._problems
 
     def problem(self, use: Use) -> Problem | None:
-        """Why ``use`` cannot be served from Redis now (Redis unreachable or refusing keel
-        first), or None."""
-        problems = self._problems
-        return problems.get(UNREACHABLE) or problems.get(REFUSED) or problems.get(use)
+        """Why ``use`` cannot be served from Redis now (Redis unreachable first), or None."""
+        return self._problems.get(UNREACHABLE) or self._problems.get(use)
 
     async def bounded(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()`` given at most ``timeout`` seconds in all (a retry included); past
@@ -218,15 +219,14 @@ class RedisState:
         """A call for ``use`` (None: none in particular) got no answer, or a refusal."""
         message = masked_url(str(exc) or type(exc).__name__)
         gone = (RedisConnectionError, RedisTimeoutError, OSError)
-        what: str = UNREACHABLE if use is None or isinstance(exc, gone) else use
-        if _refused(exc):  # a wrong password or database is no network trouble
-            what = REFUSED
+        refused = _refused(exc)  # a wrong password or database: every use, told as such
+        what: str = UNREACHABLE if use is None or refused or isinstance(exc, gone) else use
         was_up = self.up is not False
         known = self._problems.get(what)
         self._problems[what] = Problem(message, known.since if known else time.time())
         self._next_try = self.clock() + RETRY_SECONDS
         if known is None:
-            log.warning("%s", _TROUBLE[what].format(message))
+            log.warning("%s", (REFUSED if refused else _TROUBLE[what]).format(message))
         if was_up and self.metrics is not None:
             self.metrics.state_store("redis", False)
 
@@ -234,9 +234,7 @@ class RedisState:
         """A call for ``use`` (None: a PING) got its answer: Redis answers, and does
         that use's commands."""
         self._answered_once = True
-        cleared = [
-            what for what in (UNREACHABLE, REFUSED, use) if what and self._problems.pop(what, None)
-        ]
+        cleared = [what for what in (UNREACHABLE, use) if what and self._problems.pop(what, None)]
         if not cleared:
             return
         if not self._problems:
