@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -145,3 +146,61 @@ class PostgresServer:
         with contextlib.suppress(RuntimeError):
             self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class CommitAnswerLost:
+    """A TCP relay to PostgreSQL on 127.0.0.1 that, once :meth:`arm`\\ ed, passes one
+    ``COMMIT`` to the server and never passes on its answer, as a network that fails at
+    that moment does: the transaction is committed, and the client cannot know it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._armed = False
+        self.lost = 0
+        """Answers to a COMMIT not passed on."""
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, server]
+            silenced = threading.Event()
+            for pump, ends in ((self._up, (client, server)), (self._down, (server, client))):
+                threading.Thread(target=pump, args=(*ends, silenced), daemon=True).start()
+
+    def _up(self, source: socket.socket, sink: socket.socket, silenced: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+                if self._armed and b"COMMIT\x00" in data:
+                    self._armed = False
+                    silenced.set()
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def _down(self, source: socket.socket, sink: socket.socket, silenced: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if silenced.is_set():
+                    self.lost += 1
+                    continue
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()

@@ -29,13 +29,13 @@ def test_a_dropped_events_table_is_made_again_at_start(postgres_url: str) -> Non
     """It was never made again, not even by a restart: keel_schema_migrations said
     version 2, and every write failed with 'relation "keel_events" does not exist'."""
     with psycopg.connect(postgres_url) as connection:
-        assert migrate_postgres(connection) == [1, 2]
+        assert migrate_postgres(connection) == [1, 2, 3]
         connection.execute("DROP TABLE keel_events")
         connection.commit()
-        assert migrate_postgres(connection) == [1, 2]
+        assert migrate_postgres(connection) == [1, 2, 3]
         assert migrate_postgres(connection) == []
         versions = connection.execute(f"SELECT version FROM {MIGRATIONS_TABLE}").fetchall()
-    assert versions == [(1,), (2,)]
+    assert versions == [(1,), (2,), (3,)]
     assert relations(postgres_url) == {
         "keel_events",
         "keel_events_id_seq",
@@ -43,6 +43,7 @@ def test_a_dropped_events_table_is_made_again_at_start(postgres_url: str) -> Non
         "keel_events_completion",
         "keel_events_kind_ts",
         "keel_events_ts",
+        "keel_events_event_key",
     }
 
 
@@ -66,7 +67,7 @@ def test_tables_without_their_version_rows_are_adopted(postgres_url: str) -> Non
         connection.execute("INSERT INTO keel_events (ts, kind) VALUES (1, 'view')")
         connection.execute(f"DROP TABLE {MIGRATIONS_TABLE}")
         connection.commit()
-        assert migrate_postgres(connection) == [1, 2]
+        assert migrate_postgres(connection) == [1, 2, 3]
         count = connection.execute("SELECT COUNT(*) FROM keel_events").fetchone()
     assert count == (1,)
 

@@ -20,7 +20,7 @@ from keel.ops.metrics import Metrics
 from keel.state import postgres_events
 from keel.state.migrate import MIGRATIONS_TABLE, POSTGRES, SQLITE, check_order, migrate_postgres
 from keel.state.postgres_events import PostgresEventStore, redact
-from tests.state.servers import PostgresServer, wait_until
+from tests.state.servers import CommitAnswerLost, PostgresServer, wait_until
 
 
 def test_migration_lists_are_numbered_in_order() -> None:
@@ -47,10 +47,10 @@ def test_an_events_file_from_before_migrations_is_adopted(tmp_path: Path) -> Non
 
 def test_postgres_migrations_apply_once(postgres_url: str) -> None:
     with psycopg.connect(postgres_url) as first, psycopg.connect(postgres_url) as second:
-        assert migrate_postgres(first) == [1, 2]
+        assert migrate_postgres(first) == [1, 2, 3]
         assert migrate_postgres(second) == []
         versions = first.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE}").fetchall()
-    assert versions == [(1, "events"), (2, "events_ts")]
+    assert versions == [(1, "events"), (2, "events_ts"), (3, "event_key")]
 
 
 def test_the_password_never_leaves_in_a_log() -> None:
@@ -391,3 +391,33 @@ async def test_a_write_lock_holds_no_more_connections_and_no_figures_are_given_m
     assert store.counts() == {"completion": 1}
     assert [row["served"] for row in store.acceptance(0, time.time())] == [1]
     store.close()
+
+
+async def test_a_batch_whose_commit_answer_was_lost_is_not_stored_twice(
+    postgres_server: PostgresServer, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection lost after the server took a ``COMMIT`` and before its answer
+    came: keel cannot know the batch was stored, and writes it again. Each row was then
+    stored twice (acceptance counts distinct ids and stayed right; anyone counting rows
+    did not); each event now carries a key, and the rows already there are skipped."""
+    monkeypatch.setattr(postgres_events, "STATEMENT_SECONDS", 1.0)
+    relay = CommitAnswerLost(postgres_server.port)
+    store = PostgresEventStore(
+        postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/"), flush_seconds=0.05
+    )
+    try:
+        wait_until(lambda: store.up is True)
+        relay.arm()
+        for n in range(3):
+            await store.record("completion", completion_id=f"cmpl-lost-{n}", language="go")
+        wait_until(lambda: store.up is False)  # no answer within the second
+        assert relay.lost > 0
+        wait_until(lambda: store.status()["buffered"] == 0 and store.up is True)
+    finally:
+        store.close()
+        relay.close()
+    with psycopg.connect(postgres_url) as check:
+        rows = check.execute(
+            "SELECT completion_id, count(*) FROM keel_events GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    assert rows == [(f"cmpl-lost-{n}", 1) for n in range(3)]

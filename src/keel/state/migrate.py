@@ -93,8 +93,22 @@ POSTGRES: tuple[Migration, ...] = (
         "CREATE INDEX IF NOT EXISTS keel_events_ts ON keel_events (ts);",
         ("keel_events_ts",),
     ),
+    Migration(
+        3,
+        "event_key",
+        """
+        ALTER TABLE keel_events ADD COLUMN IF NOT EXISTS event_key UUID;
+        CREATE UNIQUE INDEX IF NOT EXISTS keel_events_event_key ON keel_events (event_key)
+            WHERE event_key IS NOT NULL;
+        """,
+        ("keel_events_event_key",),
+    ),
 )
-"""Version 2 serves ``[events] retention_days``: deleting by age without a full scan."""
+"""Version 2 serves ``[events] retention_days``: deleting by age without a full scan.
+Version 3 gives each event a key of its own, so a batch written again after a commit whose
+answer never came (the connection lost mid-``COMMIT``) stores nothing twice. Rows from
+before it, and from a replica still on the release before, have none; the index is
+partial, so making it reads the table once and sorts nothing."""
 
 
 def check_order(migrations: tuple[Migration, ...]) -> None:

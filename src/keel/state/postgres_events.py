@@ -35,6 +35,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
@@ -66,8 +67,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("keel.events")
 
 INSERT = (
-    f"INSERT INTO keel_events ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+    f"INSERT INTO keel_events ({', '.join(COLUMNS)}, event_key) "
+    f"VALUES ({', '.join(['%s'] * (len(COLUMNS) + 1))}) "
+    "ON CONFLICT (event_key) WHERE event_key IS NOT NULL DO NOTHING"
 )
+"""Each row carries a key made when it was recorded: a batch whose commit keel could not
+see through (its connection shut mid-``COMMIT``, the answer lost) is sent again, and the
+rows the database already has are skipped rather than stored twice."""
 ACCEPTANCE = """
     SELECT c.language, c.data->>'provider' AS provider,
            COUNT(DISTINCT c.completion_id),
@@ -239,7 +245,7 @@ class PostgresEventStore:
     # writing ----------------------------------------------------------------
 
     async def record(self, kind: str, **fields: Unpack[EventFields]) -> None:
-        row = tuple(map(_clean, event_row(kind, fields, Jsonb)))
+        row = (*map(_clean, event_row(kind, fields, Jsonb)), uuid.uuid4())
         completion_id = fields.get("completion_id")
         if kind == "completion" and completion_id:
             self._languages[completion_id] = fields.get("language")
