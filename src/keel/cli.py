@@ -442,6 +442,7 @@ def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitab
     from redis.exceptions import RedisError
 
     from keel.state.shared_keys import KeyAdmin
+    from keel.state.shared_limits import is_refused
 
     settings, _ = _load(args)
     url = settings.state.redis_url
@@ -469,9 +470,13 @@ def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitab
     try:
         return asyncio.run(run())
     except (RedisError, OSError) as exc:
+        said = f"({exc or type(exc).__name__}): no key was read or changed; check"
         raise Unavailable(
-            f"Redis ([state] redis_url) did not answer ({exc or type(exc).__name__}): no key "
-            "was read or changed; check that Redis runs and the URL is right"
+            f"Redis ([state] redis_url) refused keel's connection {said} the password, user "
+            "and database in the URL"
+            if is_refused(exc)
+            else f"Redis ([state] redis_url) did not answer {said} that Redis runs and the "
+            "URL is right"
         ) from None
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from keel.auth import Access, Keys, KeyStore, key_id
@@ -223,3 +224,19 @@ def test_cli_mistakes_are_errors_that_say_what_to_do(
     code, _, err = keys_command(capsys, "--config", str(config), "add", "--name", "x")
     assert code == 1 and "did not answer" in err and "no key was read or changed" in err
     assert "Traceback" not in err
+
+
+def test_keys_told_a_wrong_password_say_redis_refused_it(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said Redis "did not answer" and to check that Redis runs: it had answered, no."""
+    client = SyncRedis.from_url(redis_server.url)
+    client.config_set("requirepass", "right-Secret")
+    client.close()
+    config = tmp_path / "config.toml"
+    wrong = redis_server.url.replace("redis://", "redis://:wrong-Secret@")
+    config.write_text(f'[state]\nredis_url = "{wrong}"\n')
+    code, _, err = keys_command(capsys, "--config", str(config), "list")
+    assert code == 1 and "refused keel's connection" in err, err
+    assert "the password, user and database" in err and "no key was read or changed" in err
+    assert "wrong-Secret" not in err and "did not answer" not in err

@@ -110,7 +110,7 @@ REFUSED = (
 """How an unreachable Redis that turned keel away is logged: no network trouble."""
 
 
-def _refused(exc: Exception) -> bool:
+def is_refused(exc: BaseException) -> bool:
     """Redis turned keel's connection away: its password or user (redis-py files those
     under ConnectionError, so they read "unreachable"), or a database it does not have."""
     if isinstance(exc, (AuthenticationError, AuthorizationError)):
@@ -219,7 +219,7 @@ class RedisState:
         """A call for ``use`` (None: none in particular) got no answer, or a refusal."""
         message = masked_url(str(exc) or type(exc).__name__)
         gone = (RedisConnectionError, RedisTimeoutError, OSError)
-        refused = _refused(exc)  # a wrong password or database: every use, told as such
+        refused = is_refused(exc)  # a wrong password or database: every use, told as such
         what: str = UNREACHABLE if use is None or refused or isinstance(exc, gone) else use
         was_up = self.up is not False
         known = self._problems.get(what)
