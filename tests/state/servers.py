@@ -182,10 +182,10 @@ class CommitAnswerLost:
     def _up(self, source: socket.socket, sink: socket.socket, silenced: threading.Event) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                sink.sendall(data)
-                if self._armed and b"COMMIT\x00" in data:
+                if self._armed and b"COMMIT\x00" in data:  # before: the answer is quick
                     self._armed = False
                     silenced.set()
+                sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
