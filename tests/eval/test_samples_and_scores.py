@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,20 @@ def test_scores() -> None:
     assert not longer.exact and longer.first_line and 0 < longer.similarity < 1
     summary = Summary.of([exact, longer])
     assert summary.count == 2 and summary.exact_match == 0.5 and summary.first_line_match == 1.0
+
+
+def test_an_eval_with_nothing_to_sample_fails_and_says_why(tmp_path: Path) -> None:
+    """It printed a table of zeros, as if measured, and exited 0."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("# no Python here\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "keel", "eval", "--samples", "2", "--repo", f"docs={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KEEL_ROOT": str(tmp_path / "root")},
+        cwd=tmp_path,
+    )
+    assert done.returncode != 0, done.stdout
+    assert "has no Python code to sample" in done.stderr and "Traceback" not in done.stderr
+    assert "EM" not in done.stdout

@@ -53,6 +53,24 @@ def test_a_path_inside_a_checkout_keeps_out_what_its_parents_ignore(tmp_path: Pa
     assert files == ["app.py"]
 
 
+def test_a_directory_its_checkout_ignores_whole_is_walked_with_its_own_rules(
+    tmp_path: Path,
+) -> None:
+    """An installed package in a venv inside a clone (``keel eval``'s default
+    repositories): git lists nothing there, so the eval drew no samples and printed a
+    table of zeros, exit 0. Named on purpose, such a directory is walked, its own
+    ignore files holding."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    package = tmp_path / ".venv" / "lib" / "pkg"
+    package.mkdir(parents=True)
+    (package / ".gitignore").write_text("built_*.py\n")
+    for name in ("api.py", "built_table.py"):
+        (package / name).write_text("VALUE = 1\n")
+    files = [f.relpath for f in list_source_files(package, max_file_bytes=100_000)]
+    assert files == ["api.py"]
+
+
 @pytest.mark.parametrize("checkout", [False, True], ids=["plain", "git"])
 def test_a_symlink_is_never_followed_out_of_the_checkout(
     repo: Path, tmp_path: Path, checkout: bool

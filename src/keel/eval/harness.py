@@ -359,6 +359,15 @@ def write_json(report: EvalReport, path: Path) -> None:
 
 async def run_eval(options: EvalOptions, provider: CompletionProvider) -> EvalReport:
     """Index the repositories, sample, evaluate; the provider must be started."""
+    samples = []
+    for name, path in options.repositories:
+        drawn = sample_repository(name, path, options.samples, options.seed)
+        if not drawn:  # a table of zeros read as a measurement, with exit 0
+            raise RequestError(
+                f"repository {name} ({path}) has no Python code to sample: nothing to "
+                "evaluate; give --repo NAME=PATH with a directory of Python files"
+            )
+        samples += drawn
     started = time.monotonic()
     root = options.output / "eval-root"
     retriever = RepositoryRetriever.from_settings(
@@ -368,11 +377,6 @@ async def run_eval(options: EvalOptions, provider: CompletionProvider) -> EvalRe
     )
     await asyncio.to_thread(retriever.update)
     index_seconds = time.monotonic() - started
-    samples = [
-        sample
-        for name, path in options.repositories
-        for sample in sample_repository(name, path, options.samples, options.seed)
-    ]
     started = time.monotonic()
     results, generations, failures = await evaluate(options, provider, retriever, samples)
     return EvalReport(

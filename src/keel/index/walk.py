@@ -149,28 +149,24 @@ def skip_reason(text: bytes) -> str | None:
 
 def _git_files(root: Path) -> list[str] | None:
     """Tracked and untracked-but-not-ignored files, or None when ``root`` is in no git
-    checkout. Asked of git wherever ``root`` is, not only where it holds ``.git``: a
-    ``path`` inside a checkout (a monorepo's service) was walked with its own
-    ``.gitignore`` files alone, and the files its parents' ignore rules and
+    checkout or one that ignores ``root`` itself. Asked of git wherever ``root`` is, not
+    only where it holds ``.git``: a ``path`` inside a checkout (a monorepo's service)
+    was walked with its own ``.gitignore`` files alone, and the files its parents' ignore rules and
     ``.git/info/exclude`` keep out, secrets among them, went into prompts."""
+
+    def git(*command: str) -> subprocess.CompletedProcess[bytes]:
+        # safe.directory: a checkout another user owns, as keel's unit runs
+        argv = ["git", "-c", f"safe.directory={root}", "-C", str(root), *command]
+        return subprocess.run(argv, capture_output=True, timeout=120, check=False)
+
     try:
-        result = subprocess.run(
-            [
-                "git",
-                "-c",
-                f"safe.directory={root}",  # a checkout another user owns, as keel's unit runs
-                "-C",
-                str(root),
-                "ls-files",
-                "-z",
-                "--cached",
-                "--others",
-                "--exclude-standard",
-            ],
-            capture_output=True,
-            timeout=120,
-            check=True,
-        )
+        if git("check-ignore", "-q", "--", ".").returncode == 0:
+            # A directory the checkout ignores whole, named on purpose: an installed
+            # package in a venv inside a clone (keel eval's default repositories) listed
+            # nothing, and evaluated nothing, with exit 0. Its own ignore files hold.
+            return None
+        result = git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
+        result.check_returncode()
     except (OSError, subprocess.SubprocessError):
         return None
     names = result.stdout.decode("utf-8", "surrogateescape").split("\0")
