@@ -181,3 +181,20 @@ def test_an_over_long_prompt_names_the_field_it_came_from(role: str, param: str)
         "the request exceeds the available context size", provider="p", upstream_status=400
     )
     assert context_overflow(error, role).param == param
+
+
+def test_a_prompt_exactly_the_context_is_not_called_over_it() -> None:
+    """2,048 tokens in a 2,048-token context is refused rightly, as "over" it wrongly."""
+    error = UpstreamStatusError(
+        "request (2048 tokens) exceeds the available context size (2048 tokens)",
+        provider="p",
+        upstream_status=400,
+    )
+    message = context_overflow(error, "chat").message
+    assert "2048 tokens, filling, with no room for an answer, the model's context" in message
+    over = UpstreamStatusError(
+        "request (2049 tokens) exceeds the available context size (2048 tokens)",
+        provider="p",
+        upstream_status=400,
+    )
+    assert "2049 tokens, over the model's context of 2048" in context_overflow(over, "chat").message

@@ -121,7 +121,8 @@ def context_overflow(error: KeelError, role: str = "completion") -> ContextLengt
             param="max_tokens",
         )
     if prompt is not None and context is not None:
-        text = f"{what} has {prompt} tokens, over the model's context of {context} tokens"
+        where = "over" if prompt > context else "filling, with no room for an answer,"
+        text = f"{what} has {prompt} tokens, {where} the model's context of {context} tokens"
     elif context is not None:
         text = f"{what} does not fit the model's context of {context} tokens"
     else:
