@@ -4,9 +4,11 @@ opened the local breaker)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import KeelProcess
+from tests.conftest import PRECOMPUTE_OFF, KeelProcess, running_keel
 
 pytestmark = pytest.mark.integration
 
@@ -38,3 +40,27 @@ def test_over_long_prompts_are_400s_and_the_local_breaker_stays_closed(
     for role in ("completion", "chat"):
         for provider in roles[role]["providers"]:
             assert provider["breaker"] == "closed" and provider["healthy"], provider
+
+
+def test_a_small_context_is_the_prompt_budget_not_a_refusal_per_keystroke(
+    tmp_path: Path,
+) -> None:
+    """A local model's ``context_size`` of 512 under the default budget of 1,024: every
+    completion in a long file was built over the context, refused by the engine and
+    built again at half (``prompts_shrunk`` one a request, a log line a keystroke). The
+    context is the budget now, less the answer's tokens."""
+    config = (
+        '[model.completion.local]\nmodel_id = "SmolLM2-135M-Instruct"\ncontext_size = 512\n'
+        + PRECOMPUTE_OFF
+    )
+    prefix = "".join(f"def handler_{i}(request):\n    return request.json()\n\n" for i in range(60))
+    body = {"language": "python", "segments": {"prefix": prefix, "suffix": "\n"}}
+    with running_keel(tmp_path, config) as keel, keel.client() as client:
+        for _ in range(3):
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+        providers = client.get("/v1/providers").json()["roles"]["completion"]["providers"]
+        log = keel.log.read_text()
+    local = next(p for p in providers if p["name"].startswith("local/"))
+    assert local["prompts_shrunk"] == 0, local
+    assert "exceeds the available context size" not in log

@@ -48,6 +48,10 @@ from keel.schemas.tabby import (
 )
 
 DEFAULT_TEMPERATURE = 0.1
+TEMPLATE_TOKENS = 16
+"""Room kept in a known context for what the FIM template and the engine add to a prompt."""
+CONTEXT_FLOOR = 64
+"""The least prompt budget a small context leaves (the engine then refuses, as before)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +289,15 @@ class TabbyPrompts:
         self, task: TabbyTask, provider: CompletionProvider, *, shrink: bool, pressured: bool
     ) -> tuple[BuiltPrompt, CompletionCall]:
         """The prompt and call for ``provider``; ``shrink``: the last one was too long."""
+        max_tokens = self.max_decoding_tokens or provider.default_max_tokens
+        if pressured:
+            max_tokens = max(8, max_tokens // 2)
+        if task.max_tokens is not None:  # the client's cap holds under pressure too
+            max_tokens = min(max_tokens, task.max_tokens)
         budget = provider.max_input_length or self.max_input_length or provider.default_input_budget
+        if (context := provider.context_tokens()) is not None:
+            # a context under the budget: every long file's prompt was refused, then halved
+            budget = min(budget, max(CONTEXT_FLOOR, context - max_tokens - TEMPLATE_TOKENS))
         if shrink or pressured:
             budget //= 2
         stops = stop_words(task.language, provider.stop_words)
@@ -298,11 +310,6 @@ class TabbyPrompts:
             built = await build_prompt(
                 provider, task.language, task.prefix, task.suffix, chosen, budget, stops
             )
-        max_tokens = self.max_decoding_tokens or provider.default_max_tokens
-        if pressured:
-            max_tokens = max(8, max_tokens // 2)
-        if task.max_tokens is not None:  # the client's cap holds under pressure too
-            max_tokens = min(max_tokens, task.max_tokens)
         temperature = task.request.temperature
         params = GenerationParams(
             max_tokens=max_tokens,

@@ -290,6 +290,11 @@ class CompletionProvider(Provider):
 
     default_max_tokens: int = 64
 
+    def context_tokens(self) -> int | None:
+        """The model's context in tokens where keel knows it (a local worker's): a prompt
+        is built to fit it with the answer, not refused by the engine and built again."""
+        return None
+
     async def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts of ``texts`` in this model's vocabulary (estimated by default)."""
         return [estimate_tokens(text) for text in texts]

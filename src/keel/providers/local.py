@@ -92,6 +92,9 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         """Completion's own settings for this worker (a reload's, a load's)."""
         self.prompt_template, self.stop_words = prompt_template, stop_words
 
+    def context_tokens(self) -> int | None:
+        return self.supervisor.spec.context_size
+
     async def start(self) -> None:
         await self.supervisor.start()
 
