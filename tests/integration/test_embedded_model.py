@@ -552,7 +552,7 @@ def test_an_answer_the_full_context_cut_short_ends_for_length(tuned_server: Keel
 
 
 async def test_a_batch_is_embedded_in_parts_in_order() -> None:
-    """A local model embeds a batch in parts of at most ``embed_part_tokens`` (estimated),
+    """A local model embeds a batch in parts of at most ``embed_part_tokens`` (counted),
     one engine call each, in order: the router's deadline then covers one part, not the
     batch (a 24-chunk batch took ~44 s on 2 cores, past the role's 30 s), and a client
     that leaves costs the part in flight. The vectors are those of one call."""
@@ -564,14 +564,20 @@ async def test_a_batch_is_embedded_in_parts_in_order() -> None:
         ready_timeout=60,
         embed_part_tokens=40,
     )
-    texts = [f"def add_{n}(value):\n    return value + {n}\n" for n in range(9)]  # ~13 each
+    texts = [f"def add_{n}(value):\n    return value + {n}\n" for n in range(9)]  # 13 estimated
+    digits = [", ".join(str(n + i) for i in range(12)) for n in range(4)]  # 14 estimated
     await provider.start()
     try:
         parts = [part async for part in provider.embed_parts(texts)]
         whole = await provider.embed(texts)
+        sizes = await provider.count_tokens(texts)
+        counted = await provider.count_tokens(digits)
+        digit_parts = [part async for part in provider.embed_parts(digits)]
     finally:
         await provider.aclose()
-    assert [len(part) for part in parts] == [3, 3, 3]
+    assert [len(part) for part in parts] == [2, 2, 2, 2, 1], sizes  # 17-20 tokens each
+    assert all(count > 20 for count in counted), counted  # estimated 14: 2 a part
+    assert [len(part) for part in digit_parts] == [1, 1, 1, 1], "the tokenizer's counts"
     vectors = [vector for part in parts for vector in part]
     for got, expected in zip(vectors, whole, strict=True):
         assert got == pytest.approx(expected, abs=1e-4)

@@ -330,13 +330,16 @@ class EmbeddingProvider(Provider):
         yield await self.embed(texts, reported)
 
 
-def token_groups(texts: Sequence[str], budget: int) -> list[Sequence[str]]:
-    """``texts`` in consecutive groups of at most ``budget`` estimated tokens (an input
-    over it alone in its group)."""
+def token_groups(
+    texts: Sequence[str], budget: int, counts: Sequence[int] | None = None
+) -> list[Sequence[str]]:
+    """``texts`` in consecutive groups of at most ``budget`` tokens (an input over it
+    alone in its group): ``counts`` where the model's tokenizer gave them, else
+    estimated."""
     groups: list[Sequence[str]] = []
     start, size = 0, 0
     for index, text in enumerate(texts):
-        tokens = estimate_tokens(text)
+        tokens = estimate_tokens(text) if counts is None else counts[index]
         if index > start and size + tokens > budget:
             groups.append(texts[start:index])
             start, size = index, 0
