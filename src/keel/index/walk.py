@@ -172,17 +172,17 @@ def _git_files(root: Path) -> list[str] | None:
         return subprocess.run(argv, capture_output=True, timeout=120, check=False)
 
     try:
-        if git("check-ignore", "-q", "--", ".").returncode == 0:
+        result = git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
+        result.check_returncode()
+        names = {n for n in result.stdout.decode("utf-8", "surrogateescape").split("\0") if n}
+        if not names and git("check-ignore", "-q", "--", ".").returncode == 0:
             # A directory the checkout ignores whole, named on purpose: an installed
             # package in a venv inside a clone (keel eval's default repositories) listed
             # nothing, and evaluated nothing, with exit 0. Its own ignore files hold.
             return None
-        result = git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
-        result.check_returncode()
     except (OSError, subprocess.SubprocessError):
         return None
-    names = result.stdout.decode("utf-8", "surrogateescape").split("\0")
-    return sorted({name for name in names if name})
+    return sorted(names)
 
 
 def _walk_with_gitignore(root: Path) -> Iterator[str]:

@@ -188,6 +188,8 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         Counted by the model's tokenizer: estimated (3 bytes a token), a part of digits
         or punctuation held up to three times the tokens, and a cancelled one ran ~12 s."""
         counts = await self.count_tokens(texts)
+        if reported is not None:  # the usage: counted once, here
+            reported.prompt_tokens = sum(counts)
         for group in token_groups(texts, self.embed_part_tokens, counts):
             yield await self.embed(group)
 
