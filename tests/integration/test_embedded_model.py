@@ -584,6 +584,27 @@ async def test_a_batch_is_embedded_in_parts_in_order() -> None:
     assert vectors[0] != pytest.approx(vectors[1], abs=1e-4)
 
 
+async def test_an_embedding_its_caller_gave_up_on_stops_after_the_input_in_flight() -> None:
+    """A caller that gives up on a part (the router's deadline, a client leaving)
+    cancels it in the worker, which stops between inputs. It ran on whole: a part
+    that missed its deadline was tried again on the same worker beside its first copy,
+    and the worker stayed busy minutes after the client left. Here a batch of ~40 s
+    is given up after 0.5 s, and the next call is answered at once, not behind it."""
+    spec = WorkerSpec(str(embedded_model_path()), context_size=512, embedding=True, slots=1)
+    provider = LocalProvider(
+        WorkerSupervisor(spec, name="embed"), name="embed", model="m", ready_timeout=60
+    )
+    texts = [f"def scale_{n}(value):\n    return value * {n}\n" for n in range(640)]
+    await provider.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(provider.embed(texts), 0.5)
+        after = await asyncio.wait_for(provider.embed(texts[:1]), 15)
+    finally:
+        await provider.aclose()
+    assert len(after) == 1 and len(after[0]) > 0
+
+
 def test_a_chat_asked_for_json_to_a_schema_answers_in_it(keel_server: KeelProcess) -> None:
     """``response_format`` reaches the engine, which samples only JSON the schema allows
     (it was dropped: the model answered in prose); a schema it cannot compile is the

@@ -642,15 +642,20 @@ class WorkerSupervisor:
         await self.call({"op": "tokenize", "texts": ["ping"]}, ready_timeout=ready_timeout)
 
     async def call(self, op: dict[str, Any], *, ready_timeout: float) -> dict[str, Any]:
-        """Run a one-reply op (tokenize, embed)."""
+        """Run a one-reply op (tokenize, embed). A caller that gives up (its deadline,
+        its client leaving) cancels it, as closing a stream does."""
         await self.wait_ready(ready_timeout)
         request_id = self._next_id = self._next_id + 1
         pending = self._pending[request_id] = _Pending()
+        message = None
         try:
             await self._send({**op, "id": request_id})
             message = await pending.queue.get()
         finally:
             del self._pending[request_id]
+            if message is None and self._process is not None:
+                with contextlib.suppress(KeelError):
+                    await self._send({"op": "cancel", "target": request_id})
         if "error" in message:
             self._raise_for(message)
         return message
