@@ -48,6 +48,7 @@ from keel.router.router import (
     Timeouts,
     new_breaker,
 )
+from keel.router.service import probe as service_probe
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.router.conftest import FakeClock
 
@@ -1011,6 +1012,22 @@ async def probe(provider: Provider) -> None:
     async with aclosing(provider.stream_completion(CompletionCall("x", PARAMS))) as pieces:  # type: ignore[type-var]
         async for _ in pieces:
             break
+
+
+async def test_the_deep_probe_reads_its_answer_to_the_end(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """keel's probe (background checks, ``/health/deep``, the half-open trial) passes
+    only an answer that ends as it should. It stopped at the first token: a backend
+    whose every stream broke after it passed, its breaker closed, ``/ready`` said 200
+    and every completion still failed."""
+    upstream = upstreams()
+    router = build.router([[build.endpoint(upstream.url, name="a")]])
+    provider = router.endpoints[0].provider
+    await service_probe("completion", provider, timeout=2.0)  # a whole answer passes
+    upstream.behave(Behaviour.cut(after=1))
+    with pytest.raises(UpstreamProtocolError, match="mid-response"):
+        await service_probe("completion", provider, timeout=2.0)
 
 
 async def test_unhealthy_after_two_failures_then_back_after_a_good_check(

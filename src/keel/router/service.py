@@ -63,7 +63,8 @@ def _timeouts(role: Role, entry: ProviderEntry) -> Timeouts:
 
 
 async def probe(role: Role, provider: Provider, timeout: float) -> None:
-    """A deep check: one real token (or one embedding) through ``provider`` within
+    """A deep check: one real token (or one embedding) through ``provider``, its answer
+    read to the end (a well-formed end included), within
     ``timeout`` seconds, or the :class:`~keel.errors.KeelError` saying why not
     (:class:`~keel.errors.UpstreamTimeout` when slower). The one probe of the
     background prober, ``/health/deep`` and ``keel doctor --online``."""
@@ -89,8 +90,8 @@ async def _one_token(role: Role, provider: Provider) -> None:
         assert isinstance(provider, CompletionProvider)
         stream = provider.stream_completion(CompletionCall("def ", params))
     try:
-        async for _ in stream:
-            break
+        async for _ in stream:  # to its end: a stream that breaks after its first token
+            pass  # passed, and the breaker closed on a backend failing every request
     finally:
         await close_stream(stream)
 
