@@ -29,6 +29,7 @@ def said(backends: Backends) -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
     yield backends.fallback, backends.primary
     for upstream in (backends.fallback, backends.primary):
         upstream.finish_reason, upstream.usage, upstream.indexed_calls = None, None, True
+        upstream.usage_apart = False
 
 
 async def chat(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
@@ -80,11 +81,16 @@ async def test_a_backend_past_max_tokens_is_cut_there_for_length(
     assert response.json()["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["on the last chunk", "a chunk after it"])
 async def test_the_backends_usage_is_the_answers(
-    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream], apart: bool
 ) -> None:
+    """The backend's counts, where its stream carries them: on the finish chunk
+    (llama.cpp) or in a chunk after it (OpenAI's, vLLM's), which keel stopped before
+    and answered with its own estimate."""
     backend, completions = said
     backend.usage = completions.usage = {"prompt_tokens": 1234, "completion_tokens": 7}
+    backend.usage_apart = completions.usage_apart = apart
     expected = {"prompt_tokens": 1234, "completion_tokens": 7, "total_tokens": 1241}
     assert (await chat(client))["usage"] == expected
     streamed = await chat(client, stream=True, stream_options={"include_usage": True})

@@ -217,6 +217,9 @@ class FakeUpstream:
         """An OpenAI stream's last ``finish_reason`` (default: ``stop``, ``tool_calls``)."""
         self.usage: dict[str, Any] | None = None
         """``usage`` in an OpenAI stream's last chunk, as llama.cpp's server sends it."""
+        self.usage_apart = False
+        """``usage`` in a chunk of its own after the last one (``choices: []``), as OpenAI
+        sends it for ``stream_options.include_usage`` and vLLM when told to."""
         self.answering = threading.Event()
         """Cleared by :meth:`hold`: each request is read and recorded, and its answer waits
         for :meth:`release`."""
@@ -595,7 +598,11 @@ class FakeUpstream:
             _sse({"id": "cmpl-fake", "object": kind, "model": self.model, "choices": [p]})
             for p in payloads
         ]
-        if self.usage is not None:
+        if self.usage is not None and self.usage_apart:
+            frames.append(
+                _sse({"id": "cmpl-fake", "object": kind, "choices": [], "usage": self.usage})
+            )
+        elif self.usage is not None:
             last = json.loads(frames[-1].removeprefix(b"data: "))
             frames[-1] = _sse({**last, "usage": self.usage})
         frames.append(b"data: [DONE]\n\n")

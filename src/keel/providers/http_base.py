@@ -750,8 +750,8 @@ async def stream_texts(
     limit, count, size = call.params.max_tokens, 0, 0
     async with aclosing(batches):
         async for batch in batches:
-            texts, finished = [], False
-            for payload in batch:
+            texts, finished, rest = [], False, None
+            for at, payload in enumerate(batch):
                 piece = text(payload)
                 if piece or isinstance(piece, Parts):
                     if count == limit:
@@ -764,6 +764,7 @@ async def stream_texts(
                     texts.append(piece)
                 if done(payload):
                     finished = True
+                    rest = batch[at + 1 :]
                     break
             if size > ANSWER_CHARS:
                 raise UpstreamProtocolError(
@@ -773,9 +774,29 @@ async def stream_texts(
             if texts:
                 yield joined(texts)
             if finished:
+                if rest is not None:
+                    await _read_past_the_end(rest, batches, text)
                 return
     if unfinished is not None:
         raise UpstreamProtocolError(unfinished, provider=provider)
+
+
+async def _read_past_the_end(
+    rest: list[JsonObject],
+    batches: AsyncGenerator[list[JsonObject], None],
+    text: Callable[[JsonObject], str],
+) -> None:
+    """The payloads after the one that ended the answer, for what ``text`` notes of them
+    (a usage chunk, as OpenAI's ``stream_options.include_usage`` and vLLM send after the
+    finish chunk: its counts were dropped, and the client got keel's estimate), for up
+    to :data:`DRAIN_SECONDS`, as long as the body would be drained anyway."""
+    with suppress(TimeoutError, UpstreamError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            for payload in rest:
+                text(payload)
+            async for batch in batches:
+                for payload in batch:
+                    text(payload)
 
 
 def field_text(field: str, provider: str) -> Callable[[JsonObject], str]:

@@ -85,8 +85,8 @@ def stream_choice_text(
     ``read`` names where the text is: ``"text"`` (legacy completions) or
     ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``). The call's
     ``reported`` gets the backend's ``finish_reason`` and its ``usage`` where a chunk
-    up to the last one carries it (keel does not ask for a usage chunk: some servers
-    refuse ``stream_options``).
+    carries it, the last one or one after it (keel does not ask for a usage chunk: some
+    servers refuse ``stream_options``; vLLM told to, and proxies, send it anyway).
     """
     provider = upstream.provider
     numbering = CallNumbering()
