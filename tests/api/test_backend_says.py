@@ -200,3 +200,22 @@ async def test_a_backends_endless_retry_after_is_a_429_with_a_finite_wait(
             assert 0 < int(response.headers["retry-after"]) <= 3600
     finally:
         backend.reset_behaviour()
+
+
+async def test_a_reasoning_models_fields_reach_the_backend_as_sent(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """``reasoning_effort``, ``prediction`` and ``verbosity`` change a reasoning model's
+    answer, cost and time: they were dropped as unknown fields, and the backend's defaults
+    answered; a request without them sends none."""
+    backend, _ = said
+    fields = {
+        "reasoning_effort": "low",
+        "prediction": {"type": "content", "content": "def f():"},
+        "verbosity": "low",
+    }
+    await chat(client, **fields)
+    sent = backend.last_request.json
+    assert {name: sent.get(name) for name in fields} == fields, sent
+    await chat(client)
+    assert not set(fields) & set(backend.last_request.json)

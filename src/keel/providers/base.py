@@ -210,6 +210,8 @@ class ChatCall:
     tools: dict[str, Any] | None = field(default=None, compare=False)
     """OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, as sent on to a
     backend that calls tools (OpenAI-compatible ones); a local model answers in text."""
+    passed_on: dict[str, Any] | None = field(default=None, compare=False)
+    """Fields an OpenAI-compatible backend gets as sent (``reasoning_effort``, ...)."""
     reported: Reported = field(default_factory=Reported, compare=False)
     model: str | None = field(default=None, compare=False)
     """The model the client asked for: sent on by a backend that lists it among its

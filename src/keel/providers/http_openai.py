@@ -268,6 +268,7 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
         if call.response_format is not None:
             body["response_format"] = call.response_format
         body.update(call.tools or {})
+        body.update(call.passed_on or {})
         body.update(
             sampling_body(
                 call.params,

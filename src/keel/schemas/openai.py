@@ -564,6 +564,14 @@ class ChatCompletionRequest(_Sampled):
     ones) gets them, a local model answers in text."""
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = Field(None, max_length=32)
+    """A reasoning model's effort (``minimal``, ``low``, ``medium``, ``high``): sent on to
+    an OpenAI-compatible backend as the client gave it (it was dropped, and the backend's
+    default effort answered). The embedded model does not reason and reads none."""
+    prediction: dict[str, Any] | None = None
+    """OpenAI's predicted output, sent on as ``reasoning_effort`` is."""
+    verbosity: str | None = Field(None, max_length=32)
+    """OpenAI's answer length hint, sent on as ``reasoning_effort`` is."""
 
     n_predict: int | None = Field(
         None,
@@ -626,6 +634,13 @@ class ChatCompletionRequest(_Sampled):
         return self.model_dump(
             include={"tools", "tool_choice", "parallel_tool_calls"}, exclude_none=True
         )
+
+    def passed_on(self) -> dict[str, Any] | None:
+        """The fields an OpenAI-compatible backend gets as the client sent them."""
+        fields = self.model_dump(
+            include={"reasoning_effort", "prediction", "verbosity"}, exclude_none=True
+        )
+        return fields or None
 
     def to_params(self) -> GenerationParams:
         """No limit named: the answer runs to the end of the context, as OpenAI's does.

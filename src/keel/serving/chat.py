@@ -92,7 +92,14 @@ class ChatServing:
             return JsonResponse(envelope([choice], usage=Generated().usage()))
         params = body.to_params()
         wanted = body.response_format.to_wire() if body.response_format else None
-        call = ChatCall(body.to_messages(), params, wanted, body.tool_fields(), model=body.model)
+        call = ChatCall(
+            body.to_messages(),
+            params,
+            wanted,
+            body.tool_fields(),
+            body.passed_on(),
+            model=body.model,
+        )
 
         def open_stream(provider: Provider) -> AsyncIterator[str]:
             assert isinstance(provider, ChatProvider)
