@@ -154,6 +154,10 @@ def test_unloadable_model_file_is_reported_once_not_restarted(tmp_path: Path) ->
         assert "gave up" in response.json()["error"]["message"]
         assert httpx.get(f"{server.url}/ready", timeout=5).status_code == 503
         assert status["pid"] is None  # no worker runs (it showed the dead one's)
+        # Read at the scrape, as /ready judges it: set only on a check's transition, it
+        # read 1 for a worker keel had given up on (and stayed 0 after a restart).
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+        assert f'keel_provider_healthy{{provider="{status["provider"]}"}} 0.0' in metrics
         # The file mended, a reload starts the worker afresh (the given-up one was kept,
         # failed, and every chat a 503 until keel restarted).
         shutil.copyfile(embedded_model_path(), bad)

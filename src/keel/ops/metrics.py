@@ -42,7 +42,6 @@ from keel.rate_limit import WAIT_BUCKETS
 if TYPE_CHECKING:
     from keel.providers.base import Provider
     from keel.providers.catalog import Providers
-    from keel.router.breaker import CircuitBreaker
     from keel.router.router import Endpoint
 
 _Labelled = TypeVar("_Labelled", Counter, Gauge, Histogram)
@@ -238,8 +237,8 @@ class Metrics:
         """The providers routed to now (:meth:`providers_in_use`)."""
         self._events_seen: dict[tuple[str, str], None] = {}
         """The editor events counted (:meth:`editor_event`), oldest first."""
-        self._breakers: dict[str, CircuitBreaker] = {}
-        """Their breakers, read at each scrape (:meth:`_breakers_now`)."""
+        self._endpoints: dict[str, Endpoint] = {}
+        """Their breakers and health, read at each scrape (:meth:`_endpoints_now`)."""
         registry = self.registry
         ProcessCollector(registry=registry)
         self._providers = _ProviderCollector()
@@ -520,7 +519,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything."""
-        self._breakers_now()
+        self._endpoints_now()
         return generate_latest(self.registry)
 
     def names(self) -> Iterable[str]:
@@ -597,21 +596,24 @@ class Metrics:
                     metric.remove(gone)
                 self._children.pop((metric, (gone,)), None)
         self._in_use = names
-        self._breakers = {endpoint.name: endpoint.breaker for endpoint in endpoints}
-        self._breakers_now()
+        self._endpoints = {endpoint.name: endpoint for endpoint in endpoints}
+        self._endpoints_now()
         for endpoint in endpoints:
-            # as the router sets it: a refused key is not a working provider
-            self.provider_health(endpoint.name, endpoint.healthy and not endpoint.auth_failed)
             self.provider_auth_failed(endpoint.name, endpoint.auth_failed)
 
-    def _breakers_now(self) -> None:
-        """``keel_breaker_state`` of the providers in use, from their breakers' own clock.
-        Set only as a breaker changed, it read "open" long after the cooldown (an open
-        breaker turns half-open when a request reads it): an alert on an open breaker
-        fired on for a provider ready to be tried again. Read without acting on the
-        breaker (:meth:`~keel.router.breaker.CircuitBreaker.state_now`)."""
-        for name, breaker in self._breakers.items():
-            self._child(self.breaker_state, name).set(BREAKER_STATES[str(breaker.state_now())])
+    def _endpoints_now(self) -> None:
+        """``keel_breaker_state`` and ``keel_provider_healthy`` of the providers in use,
+        as the router judges them now. Set only as they changed, the breaker read "open"
+        long after the cooldown (an open breaker turns half-open when a request reads
+        it), and health read 1 for a worker keel had given up on, or 0 after a finding
+        expired or its worker was replaced. The breaker is read without acting on it
+        (:meth:`~keel.router.breaker.CircuitBreaker.state_now`)."""
+        for name, endpoint in self._endpoints.items():
+            state = BREAKER_STATES[str(endpoint.breaker.state_now())]
+            self._child(self.breaker_state, name).set(state)
+            # a refused key, or a worker that is not running, is not a working provider
+            healthy = endpoint.healthy and not endpoint.auth_failed and endpoint.running()
+            self._child(self.provider_healthy, name).set(1 if healthy else 0)
 
     def _in_use_now(self, provider: str) -> bool:
         """Whether ``provider``'s gauges are kept: a provider a reload retired still
