@@ -20,8 +20,8 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
 
 - ``complete`` {prompt, max_tokens, temperature, top_p, frequency_penalty,
   presence_penalty, stop, seed}: streams
-  ``{"id", "text"}`` pieces (the first token alone, then the tokens made
-  within ``PIECE_HOLD`` of the last piece, together), then ``{"id", "done":
+  ``{"id", "text", "tokens"}`` pieces (the first token alone, then the tokens made
+  within ``PIECE_HOLD`` of the last piece, together; ``tokens``: how many), then ``{"id", "done":
   true, "finish_reason", "prompt_tokens", "completion_tokens", "reused_tokens",
   "slot_wait_ms", "slot_held", "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it
   waited here for a slot, included in the other two).
@@ -502,7 +502,7 @@ class _Engine:
                         state["reason"] = "stop"
                         return True
                     if now - sent >= PIECE_HOLD and (text := "".join(unsent)):
-                        self.channel.send({"id": request_id, "text": text})
+                        self.channel.send({"id": request_id, "text": text, "tokens": len(unsent)})
                         unsent.clear()
                         sent = now
                 state["reason"] = choices[0].get("finish_reason") or state.get("reason")
@@ -518,8 +518,8 @@ class _Engine:
         finally:
             del self._wanted[slot]
             self.slots.release(slot)
-        if text := "".join(unsent) + stops.held:
-            self.channel.send({"id": request_id, "text": text})
+        if text := "".join(unsent) + stops.held:  # the held text's tokens went out before
+            self.channel.send({"id": request_id, "text": text, "tokens": len(unsent)})
         if "error" in state:
             reply = _error_reply(state["error"])
             if "response_format" in body and "grammar" in reply["error"]:
