@@ -31,8 +31,10 @@ from keel.providers.base import (
     CompletionProvider,
     EmbeddingProvider,
     GenerationParams,
+    Parts,
     Provider,
     joined,
+    parts,
     piece_count,
 )
 from keel.providers.http import build_http_provider
@@ -234,6 +236,40 @@ def test_pieces_that_arrived_together_are_one_piece_that_knows_how_many() -> Non
     one, three = joined(["Hello"]), joined(["Hello", ",", " world"])
     assert (one, piece_count(one)) == ("Hello", 1)
     assert (three, piece_count(three)) == ("Hello, world", 3)
+
+
+def test_tool_call_parts_that_arrived_together_are_one_entry_per_call() -> None:
+    """Parts of two calls, interleaved in one read, as four upstream chunks: one entry
+    per call index, arguments in order (two entries with index 1 lost a client that
+    reads one entry per call the second call's arguments' end)."""
+    sent = [
+        {"index": 0, "id": "c_a", "type": "function", "function": {"name": "fa", "arguments": ""}},
+        {
+            "index": 1,
+            "id": "c_b",
+            "type": "function",
+            "function": {"name": "fb", "arguments": '{"y"'},
+        },
+        {"index": 0, "function": {"arguments": '{"x":1}'}},
+        {"index": 1, "function": {"arguments": ":2}"}},
+    ]
+    piece = joined([parts("", [delta]) for delta in sent])
+    assert isinstance(piece, Parts) and piece_count(piece) == 4
+    assert list(piece.deltas) == [
+        {
+            "index": 0,
+            "id": "c_a",
+            "type": "function",
+            "function": {"name": "fa", "arguments": '{"x":1}'},
+        },
+        {
+            "index": 1,
+            "id": "c_b",
+            "type": "function",
+            "function": {"name": "fb", "arguments": '{"y":2}'},
+        },
+    ]
+    assert sent[0]["function"]["arguments"] == "", "the parts sent are left as they came"
 
 
 @pytest.mark.parametrize(

@@ -61,11 +61,37 @@ def joined(texts: list[str]) -> str:
     pieces = sum(piece_count(text) for text in texts)
     extras = [text for text in texts if isinstance(text, Parts)]
     if extras:
-        calls = [delta for text in extras for delta in text.deltas]
+        calls = by_call([delta for text in extras for delta in text.deltas])
         return parts("".join(texts), calls, "".join(text.reasoning for text in extras), pieces)
     piece = Joined("".join(texts))
     piece.pieces = pieces
     return piece
+
+
+def by_call(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool-call parts, one entry per call ``index``: the parts of a call that came in
+    one read are joined (its ``arguments`` in order), as OpenAI streams them. Two entries
+    with one index in a delta lost a client that reads one entry per call its name and
+    pieces of its arguments."""
+    merged: dict[object, dict[str, Any]] = {}
+    for delta in deltas:
+        index = delta.get("index")
+        into = merged.get(index) if index is not None else None
+        if into is None:
+            merged[index if index is not None else object()] = {
+                **delta,
+                **({"function": dict(delta["function"])} if "function" in delta else {}),
+            }
+            continue
+        for key in ("id", "type"):
+            if delta.get(key) and not into.get(key):
+                into[key] = delta[key]
+        function, part = into.setdefault("function", {}), delta.get("function") or {}
+        if part.get("name") and not function.get("name"):
+            function["name"] = part["name"]
+        if part.get("arguments"):
+            function["arguments"] = (function.get("arguments") or "") + part["arguments"]
+    return list(merged.values())
 
 
 def piece_count(piece: object) -> int:
