@@ -89,11 +89,17 @@ quality-gate: $(STAMP)
 # A worker that runs out of tests takes half of what the other has queued (worksteal):
 # with `--dist load` one worker was handed the replica tests in a batch at the end and
 # ran them alone for 31 s while the other sat idle.
+# keel's own modules are byte-compiled first (0.2 s): on a fresh clone the four workers
+# and the first keel processes otherwise compiled them all at once, each for itself (a
+# cold collection took 9.1 s of CPU a worker, 6.1 s with src compiled, 3.7 s warm).
 PYTEST = env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -n auto --dist worksteal
+COMPILE_SRC = $(BIN)/python -m compileall -q -j0 src >/dev/null
 pytest: $(STAMP) node-deps system-deps
+	$(COMPILE_SRC)
 	$(PYTEST)
 
 pytest-alongside-deps: $(STAMP)
+	$(COMPILE_SRC)
 	$(PYTEST)
 
 # Debian's packages, installed only when missing, in one apt-get call: promtool (package
