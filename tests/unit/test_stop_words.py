@@ -32,10 +32,12 @@ async def test_a_stop_word_still_ends_text_without_calls() -> None:
 
 
 async def test_a_whole_answer_keeps_every_call_part_in_order() -> None:
+    """The call's parts, joined into one entry (its arguments after its name)."""
     pieces = stream("Sure. ", parts("", [CALL]), parts("", [ARGUMENTS]))
     whole = await read_until_stop(pieces, [])
     assert whole == "Sure. "
-    assert isinstance(whole, Parts) and whole.deltas == (CALL, ARGUMENTS)
+    called = {**CALL, "function": {"name": "f", "arguments": '{"a": 1}'}}
+    assert isinstance(whole, Parts) and whole.deltas == (called,)
     assert piece_count(whole) == 3
 
 
