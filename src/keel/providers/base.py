@@ -80,7 +80,7 @@ def by_call(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if into is None:
             merged[index if index is not None else object()] = {
                 **delta,
-                **({"function": dict(delta["function"])} if "function" in delta else {}),
+                **({"function": dict(delta["function"])} if delta.get("function") else {}),
             }
             continue
         for key in ("id", "type"):

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from starlette.requests import Request
 
 from keel.errors import RequestError
-from keel.providers.base import ChatCall, ChatProvider, Parts, Provider
+from keel.providers.base import ChatCall, ChatProvider, Parts, Provider, by_call
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 from keel.schemas.openai import ChatCompletionRequest
@@ -51,19 +51,15 @@ def delta(piece: str) -> dict[str, object]:
 
 
 def assembled(deltas: list[dict[str, Any]]) -> list[dict[str, object]]:
-    """Whole tool calls from their streamed parts: the first part of a call (its
-    ``index``) brings its id and function name, every part a piece of the arguments."""
-    calls: dict[int, dict[str, Any]] = {}
-    for part in deltas:
-        function = part.get("function") or {}
-        call = calls.setdefault(
-            part.get("index", 0),
-            {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
-        )
-        call["id"] = call["id"] or part.get("id")
-        call["function"]["name"] = call["function"]["name"] or function.get("name")
-        call["function"]["arguments"] += function.get("arguments") or ""
-    return [calls[index] for index in sorted(calls)]
+    """Whole tool calls from their streamed parts (:func:`by_call`, a part without an
+    ``index`` taken as the first call's), in order of their index."""
+    calls = by_call([{**part, "index": part.get("index", 0)} for part in deltas])
+    whole = []
+    for call in sorted(calls, key=lambda call: call["index"]):
+        function = call.get("function") or {}
+        named = {"name": function.get("name"), "arguments": function.get("arguments") or ""}
+        whole.append({"id": call.get("id"), "type": "function", "function": named})
+    return whole
 
 
 class ChatServing:

@@ -38,6 +38,7 @@ from keel.errors import (
     WorkerCrashed,
     WorkerUnavailable,
 )
+from keel.providers.base import Joined
 from keel.restart import RestartPolicy
 
 if TYPE_CHECKING:
@@ -175,8 +176,6 @@ class _Pending:
 def _tokens(message: dict[str, Any]) -> str:
     """A piece's text, holding the count of the tokens joined in it (the token metrics
     counted each piece one token: a third of a fast model's)."""
-    from keel.providers.base import Joined
-
     tokens = message.get("tokens", 1)
     if tokens == 1:
         return str(message["text"])
