@@ -217,3 +217,17 @@ async def test_a_reasoning_models_fields_reach_the_backend_as_sent(
     assert {name: sent.get(name) for name in fields} == fields, sent
     await chat(client)
     assert not set(fields) & set(backend.last_request.json)
+
+
+async def test_a_messages_speaker_reaches_the_backend(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """OpenAI's ``name`` tells apart speakers of one role (a group chat, an agent's
+    personas): it was dropped as an unknown field."""
+    backend, _ = said
+    messages = [
+        {"role": "user", "name": "alice", "content": "Who wrote this?"},
+        {"role": "user", "content": "Not me."},
+    ]
+    await chat(client, messages=messages)
+    assert backend.last_request.json["messages"] == messages

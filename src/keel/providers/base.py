@@ -215,6 +215,8 @@ class ChatMessage:
     """A tool message: the call whose result it holds."""
     parts: tuple[dict[str, Any], ...] = ()
     """The content as OpenAI's parts, when it holds images (``content`` is its text)."""
+    name: str | None = None
+    """Who said it, among several of one role (OpenAI's ``name``)."""
 
     def wire(self) -> dict[str, Any]:
         """The message in OpenAI's form."""
@@ -224,6 +226,8 @@ class ChatMessage:
             message["tool_calls"] = list(self.tool_calls)
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
         return message
 
 

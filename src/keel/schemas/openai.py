@@ -278,6 +278,9 @@ class ChatMessageIn(_Wire):
     content: str | list[ContentPart | ImagePart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    name: str | None = Field(
+        default=None, max_length=256, description="Who said it, among several of one role."
+    )
 
     @field_validator("content", mode="before")
     @classmethod
@@ -312,7 +315,7 @@ class ChatMessageIn(_Wire):
             isinstance(part, ImagePart) for part in self.content
         ):
             parts = tuple(part.model_dump(exclude_none=True) for part in self.content)
-        return ChatMessage(role, self.text(), calls, self.tool_call_id, parts)
+        return ChatMessage(role, self.text(), calls, self.tool_call_id, parts, self.name)
 
     def text(self) -> str:
         """The content's text; text parts a line apart, as vLLM joins them (Cline and
