@@ -64,3 +64,34 @@ def test_a_small_context_is_the_prompt_budget_not_a_refusal_per_keystroke(
     local = next(p for p in providers if p["name"].startswith("local/"))
     assert local["prompts_shrunk"] == 0, local
     assert "exceeds the available context size" not in log
+
+
+def test_a_limit_past_the_context_left_is_a_400_naming_max_tokens(
+    keel_server: KeelProcess,
+) -> None:
+    """A short prompt and ``max_tokens`` over what the context leaves: the engine ended
+    the answer where the context did, ``finish_reason: length`` as if the client's own
+    limit had been used (OpenAI and vLLM refuse it, and so does keel for them)."""
+    asks = [
+        ("/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 4000}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000},
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 4000},
+        ),
+    ]
+    with keel_server.client() as client:
+        for path, body in asks:
+            response = client.post(path, json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+            assert 0 < error["prompt_tokens"] < error["context_size"], error
+            assert "ask for fewer tokens" in error["message"], error
+        roles = client.get("/v1/providers").json()["roles"]
+    for role in ("completion", "chat"):
+        for provider in roles[role]["providers"]:
+            assert provider["breaker"] == "closed" and provider["healthy"], provider

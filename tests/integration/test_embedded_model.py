@@ -537,16 +537,17 @@ def test_an_openai_completions_usage_counts_the_templated_prompt(
 
 
 def test_an_answer_the_full_context_cut_short_ends_for_length(tuned_server: KeelProcess) -> None:
-    """A prompt of ~200 tokens, 200 more asked for, a 256-token context: the engine stops
-    when the context is full, well before max_tokens, and the answer says ``length``, plain
-    and streamed (it said ``stop``: keel judged by max_tokens alone)."""
-    body = {"prompt": "Once upon a time, " * 40, "max_tokens": 200, "temperature": 0}
+    """A prompt of ~235 tokens, no limit named (the local default of 32 tokens: one an
+    OpenAI client names that does not fit is a 400), a 256-token context: the engine stops
+    when the context is full, before the limit, and the answer says ``length``, plain and
+    streamed (it said ``stop``: keel judged by the limit alone)."""
+    body = {"prompt": "Once upon a time, " * 47, "temperature": 0}
     with tuned_server.client() as client:
         plain = client.post("/v1/completions", json=body)
         assert plain.status_code == 200, plain.text
         streamed = client.post("/v1/completions", json={**body, "stream": True})
     usage = plain.json()["usage"]
-    assert usage["completion_tokens"] < 200 and usage["total_tokens"] >= 250, usage
+    assert usage["completion_tokens"] < 32 and usage["total_tokens"] >= 250, usage
     assert plain.json()["choices"][0]["finish_reason"] == "length"
     assert sse_events(streamed.text)[-1]["choices"][0]["finish_reason"] == "length"
 

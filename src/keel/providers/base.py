@@ -116,6 +116,11 @@ class GenerationParams:
     max_tokens_name: str = "max_tokens"
     """The name the client gave the limit, sent on to OpenAI-style chat backends
     (OpenAI's reasoning models take only ``max_completion_tokens``)."""
+    limit_must_fit: bool = False
+    """The client named an OpenAI limit: with the prompt it must fit the context, else
+    a 400 (OpenAI's and vLLM's rule), where an answer cut short at the context's end
+    read as one that had used its limit. False (Tabby's, llama.cpp's ``n_predict``): the
+    answer ends where the context does."""
 
 
 LLAMACPP_RANDOM_SEED = 2**32 - 1

@@ -50,6 +50,7 @@ def _sampling(params: GenerationParams) -> dict[str, object]:
         "top_p": params.top_p,
         "frequency_penalty": params.frequency_penalty,
         "presence_penalty": params.presence_penalty,
+        "limit_must_fit": params.limit_must_fit,
     }
 
 

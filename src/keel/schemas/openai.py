@@ -146,7 +146,10 @@ class _Sampled(_Wire):
 
     _stop = field_validator("stop")(_check_stop)
 
-    def _params(self, max_tokens: int | None, name: str = "max_tokens") -> GenerationParams:
+    def _params(
+        self, max_tokens: int | None, name: str = "max_tokens", *, named: bool = True
+    ) -> GenerationParams:
+        """``named``: the client gave the limit (not a default) under an OpenAI name."""
         return GenerationParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -156,6 +159,7 @@ class _Sampled(_Wire):
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             max_tokens_name=name,
+            limit_must_fit=named and max_tokens is not None,
         )
 
 
@@ -224,7 +228,7 @@ class CompletionRequest(_Sampled):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_params(self, default_max_tokens: int) -> GenerationParams:
-        return self._params(self.max_tokens or default_max_tokens)
+        return self._params(self.max_tokens or default_max_tokens, named=bool(self.max_tokens))
 
 
 class ContentPart(_Wire):
@@ -652,7 +656,7 @@ class ChatCompletionRequest(_Sampled):
         if self.max_completion_tokens:
             return self._params(self.max_completion_tokens, "max_completion_tokens")
         if self.max_tokens is None and self.n_predict is not None and self.n_predict > 0:
-            return self._params(self.n_predict)
+            return self._params(self.n_predict, named=False)
         return self._params(self.max_tokens)
 
     def asks_no_answer(self) -> bool:

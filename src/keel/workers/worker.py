@@ -19,7 +19,7 @@ The protocol is JSON lines: requests on stdin, replies on the original stdout
 cannot corrupt it). Requests carry an ``id`` and an ``op``:
 
 - ``complete`` {prompt, max_tokens, temperature, top_p, frequency_penalty,
-  presence_penalty, stop, seed}: streams
+  presence_penalty, stop, seed, limit_must_fit}: streams
   ``{"id", "text", "tokens"}`` pieces (the first token alone, then the tokens made
   within ``PIECE_HOLD`` of the last piece, together; ``tokens``: how many), then ``{"id", "done":
   true, "finish_reason", "prompt_tokens", "completion_tokens", "reused_tokens",
@@ -43,11 +43,12 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
   at ``at`` (Unix time), so chats leave a slot to completions as they did there.
 
 Any failure of one request is ``{"id", "error", "code"}``; a prompt over the
-context has code ``context_length_exceeded`` with ``n_prompt_tokens`` and
-``n_ctx``. Status lines (``{"event": "status", "state": "loading" | "ready" |
-"error"}``) report the lifecycle; a start error (library missing, bad model
-file) exits with 69 so the supervisor does not retry what cannot succeed. End
-of stdin ends the worker: it never outlives its server.
+context, or with ``limit_must_fit`` one that leaves less room than ``max_tokens``, has
+code ``context_length_exceeded`` with ``n_prompt_tokens`` and ``n_ctx``. Status lines
+(``{"event": "status", "state": "loading" | "ready" | "error"}``) report the lifecycle;
+a start error (library missing, bad model file) exits with 69 so the supervisor does
+not retry what cannot succeed. End of stdin ends the worker: it never outlives its
+server.
 """
 
 from __future__ import annotations
@@ -486,6 +487,9 @@ class _Engine:
                 if progress is not None and state["progress"] is None:
                     # The first report: the engine chose what to reuse and is about to read.
                     state["progress"] = progress
+                    if (error := self._no_room(request, progress["total"])) is not None:
+                        state["error"] = error
+                        return True
                     if progress["total"] - progress["cache"] > 2 * self.batch:
                         state["read_ahead"] = True
                         return True  # the engine reads its batch in flight, then stops
@@ -532,6 +536,21 @@ class _Engine:
             return
         reason = "cancelled" if cancelled.is_set() else (state.get("reason") or "stop")
         self._done(request_id, reason, started, acquired, state)
+
+    def _no_room(self, request: dict[str, Any], prompt: int) -> dict[str, Any] | None:
+        """The engine's error for a limit that must fit (``limit_must_fit``) and does not
+        fit the slot's context after the prompt's ``prompt`` tokens; the engine itself
+        ends such an answer where the context does."""
+        limit = int(request.get("max_tokens") or 0)
+        if not request.get("limit_must_fit") or limit <= 0 or prompt + limit <= self.context:
+            return None
+        return {
+            "type": "exceed_context_size_error",
+            "message": f"{prompt} prompt tokens and max_tokens {limit} are over the context"
+            f" of {self.context} tokens",
+            "n_prompt_tokens": prompt,
+            "n_ctx": self.context,
+        }
 
     def _read_ahead(
         self, body: dict[str, Any], progress: dict[str, Any], cancelled: threading.Event
