@@ -454,6 +454,22 @@ async def test_a_provider_that_always_cuts_mid_stream_opens_its_breaker(
     assert router.endpoints[0].breaker.state is BreakerState.OPEN
 
 
+async def test_the_breaker_opening_says_why(
+    build: Build, upstreams: Callable[..., FakeUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its WARNING said ``closed -> open`` alone; the cause was on another line."""
+    primary = upstreams()
+    primary.behave(Behaviour.error(500, "out of KV cache slots"))
+    policy = BreakerPolicy(consecutive_failures=2, min_volume=100)
+    router = build.router([[build.endpoint(primary.url, name="primary", policy=policy)]])
+    with caplog.at_level(logging.WARNING, logger="keel.router"):
+        for _ in range(2):
+            with pytest.raises(KeelError):
+                await run(router)
+    [opened] = [line for line in caplog.messages if "closed -> open" in line]
+    assert "the last failure: " in opened and "out of KV cache slots" in opened, opened
+
+
 @pytest.mark.parametrize(
     "fault",
     [Behaviour.cut(after=1), Behaviour.stream_error("died", after=2)],

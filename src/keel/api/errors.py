@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from keel.errors import ClientDisconnected, KeelError, NotFound, RequestError
-from keel.serving.lifecycle import PROVIDER_KEY
+from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY
 
 log = logging.getLogger("keel.api")
 
@@ -248,8 +248,8 @@ def install_error_handlers(app: FastAPI) -> None:
             # The failure's provider labels the request's metrics, as a success's does:
             # a non-streamed completion that failed was counted under provider "".
             setattr(request.state, PROVIDER_KEY, exc.provider)
-        if exc.status_code >= 500:
-            log.warning("%s: %s", type(exc).__name__, exc.message)
+        if exc.status_code >= 500:  # said once, on the request's access-log line
+            setattr(request.state, FAILURE_KEY, f"{type(exc).__name__}: {exc.message}")
         return error_response(exc)
 
     async def fastapi_validation(_: Request, exc: Exception) -> JSONResponse:

@@ -53,7 +53,7 @@ from keel.api.errors import error_response
 from keel.config import Role
 from keel.errors import Forbidden, PayloadTooLarge
 from keel.ops.logging import request_id
-from keel.serving.lifecycle import PROVIDER_KEY, header_text
+from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY, header_text
 from keel.serving.streaming import OUTCOME, STOPPING, stopped
 
 if TYPE_CHECKING:
@@ -373,18 +373,35 @@ class KeelMiddleware:
             provider=provider,
         )
         if status >= 400:  # refusals and failures reach the log, with the request id
-            (log.warning if status >= 500 else log.info)(
-                "%s %s -> %d in %.0f ms%s%s",
-                scope["method"],
-                # as sent (percent-encoded): a decoded "%0a" wrote a forged line
-                scope.get("raw_path", b"").decode("latin-1") or scope.get("path", ""),
-                status,
-                seconds * 1000,
-                " (a stream begun with 200)" if status != response.status else "",
-                # whose request (a key's id, never the key): one key throttled and a full
-                # queue looked alike
-                f" key={key}" if (key := state.get("key_id")) else "",
-            )
+            _log_line(scope, state, status, begun=status != response.status, seconds=seconds)
+
+
+PROBES = frozenset({"/health", "/ready", "/health/deep", "/v1/health"})
+"""Routes whose 503 is an answer (not ready), logged as a refusal: a readiness probe wrote
+a WARNING every few seconds for as long as a backend was down."""
+
+
+def _log_line(
+    scope: Scope, state: dict[str, Any], status: int, *, begun: bool, seconds: float
+) -> None:
+    """A refusal's or failure's line, with why keel failed it (once: the error handler
+    said it in a line of its own, two WARNINGs a request through an outage)."""
+    route = getattr(scope.get("route"), "path", None)
+    failed = status >= 500 and route not in PROBES
+    why = state.get(FAILURE_KEY)
+    (log.warning if failed else log.info)(
+        "%s %s -> %d in %.0f ms%s%s%s",
+        scope["method"],
+        # as sent (percent-encoded): a decoded "%0a" wrote a forged line
+        scope.get("raw_path", b"").decode("latin-1") or scope.get("path", ""),
+        status,
+        seconds * 1000,
+        " (a stream begun with 200)" if begun else "",
+        # whose request (a key's id, never the key): one key throttled and a full
+        # queue looked alike
+        f" key={key}" if (key := state.get("key_id")) else "",
+        f": {' '.join(why.splitlines())}" if why else "",  # a backend's text, one line
+    )
 
 
 async def _drained(receive: Receive, budget: int) -> bool:

@@ -113,12 +113,13 @@ class CircuitBreaker:
             self._outcomes.clear()
             self._transition(BreakerState.CLOSED)
 
-    def record_failure(self) -> None:
+    def record_failure(self, cause: str = "") -> None:
+        """``cause``: what failed, said in the log line if this opens the breaker."""
         self._probe_in_flight = False
         self._consecutive += 1
         self._remember(ok=False)
         if self._state is BreakerState.HALF_OPEN or self._should_open():
-            self._open()
+            self._open(cause)
 
     def record_ignored(self) -> None:
         """A request ended without saying anything about the provider's health."""
@@ -137,17 +138,17 @@ class CircuitBreaker:
             return False
         return self._outcomes.marked / volume >= self.policy.failure_rate
 
-    def _open(self) -> None:
+    def _open(self, cause: str) -> None:
         self._opened_at = self._clock()
-        self._transition(BreakerState.OPEN)
+        self._transition(BreakerState.OPEN, f"; the last failure: {cause}" if cause else "")
 
-    def _transition(self, new: BreakerState) -> None:
+    def _transition(self, new: BreakerState, why: str = "") -> None:
         old, self._state = self._state, new
         if old is new:
             return
         # A probe that fails opens the breaker again, once a cooldown, for as long as the
         # backend is down: said once at WARNING (closed -> open), then at INFO.
         quiet = old is BreakerState.HALF_OPEN or new is BreakerState.HALF_OPEN
-        (log.info if quiet else log.warning)("breaker %s: %s -> %s", self.name, old, new)
+        (log.info if quiet else log.warning)("breaker %s: %s -> %s%s", self.name, old, new, why)
         if self._on_change is not None:
             self._on_change(self.name, old, new)

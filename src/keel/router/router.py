@@ -356,7 +356,7 @@ class RoleRouter:
                 endpoint.breaker.record_ignored()
                 endpoint.last_error = error.message
                 return
-            endpoint.breaker.record_failure()  # a retry that was the half-open probe too
+            endpoint.breaker.record_failure(error.message)  # a retry: the half-open probe too
             if endpoint.record_failed(error):
                 log.warning("provider %s routed around: %s", endpoint.name, error.message)
                 self.events.provider_health(endpoint.name, False)

@@ -35,6 +35,9 @@ log = logging.getLogger("keel.serving")
 PROVIDER_KEY = "keel_provider"
 """Where a request's ``state`` names the provider that served it (for the metrics)."""
 
+FAILURE_KEY = "keel_failure"
+"""Where a request's ``state`` says why keel failed it (a 5xx), for its access-log line."""
+
 
 def note_provider(http: Request, provider: Provider | None) -> None:
     """Label this request's metrics with the provider that served it (a fallback, maybe)."""

@@ -376,6 +376,7 @@ class WorkerSupervisor:
             if exit_code == ExitCode.DEPENDENCY or killed_for_memory:
                 self._give_up(self.last_error or "worker reported an unusable model or library")
                 return
+            said = killed and self._unanswered is not None  # the watch logged its kill
             if killed:
                 self.last_error = self._unanswered or (
                     "worker was killed (SIGKILL: killed by hand or by a supervisor)"
@@ -397,7 +398,10 @@ class WorkerSupervisor:
             # soon after each load (a request that crashes it, sent again) crashed in a
             # loop restarted every 0.5 s, while one that ran for the window starts afresh.
             delay = self.policy.backoff(len(self._starts))
-            log.warning("%s: %s; restarting in %.1fs", self.name, self.last_error, delay)
+            if said:  # not the same line twice, an ERROR then a WARNING
+                log.info("%s: restarting in %.1fs", self.name, delay)
+            else:
+                log.warning("%s: %s; restarting in %.1fs", self.name, self.last_error, delay)
             await self._sleep(delay)
 
     def _give_up(self, reason: str) -> None:
