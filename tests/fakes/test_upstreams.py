@@ -26,3 +26,20 @@ def test_a_fake_stopped_before_its_client_read_the_answer_closes_the_connection(
         client.recv(1)  # the answer has begun; the rest piles up in the fake's buffer
         fake.stop()
     gc.collect()  # an unclosed transport warns here, and pytest fails the test
+
+
+def test_a_vector_size_no_model_makes_is_refused_as_openai_does():
+    """A fuzzer asked for 29,723,326,987 dimensions: the fake ran out of memory making
+    them and dropped the connection, which keel rightly took for a broken backend."""
+    with FakeUpstream() as fake:
+        body = json.dumps({"input": "x", "dimensions": 29_723_326_987}).encode()
+        with socket.create_connection(("127.0.0.1", fake.port)) as client:
+            client.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: fake\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert not fake.errors

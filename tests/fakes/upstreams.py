@@ -195,6 +195,11 @@ def embedding_usage(texts: object) -> int:
     return sum(100 + len(str(text)) for text in items)
 
 
+MAX_DIMENSIONS = 3072
+"""The largest vector the fake makes when asked (OpenAI's text-embedding-3-large's): a
+fuzzer's 29,723,326,987 was a MemoryError in the fake, a dropped connection."""
+
+
 class FakeUpstream:
     """A fake backend; use as a context manager or call :meth:`start` / :meth:`stop`."""
 
@@ -558,6 +563,9 @@ class FakeUpstream:
                 return _json_answer([{"index": i, "embedding": [v]} for i, v in enumerate(vectors)])
             vectors = self._vectors(body.get("input", []))
             size = body.get("dimensions") or body.get("output_dimension")  # OpenAI's, Voyage's
+            if isinstance(size, int) and size > MAX_DIMENSIONS:  # as OpenAI refuses it
+                error = {"message": f"dimensions {size} is over {MAX_DIMENSIONS}"}
+                return _json_answer({"error": {**error, "param": "dimensions"}}, status=400)
             if isinstance(size, int):
                 vectors = [(vector + [0.5] * size)[:size] for vector in vectors]
             data = [
