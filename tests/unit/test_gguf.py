@@ -97,3 +97,17 @@ def test_an_array_count_past_the_file_is_refused_not_read(tmp_path: Path, count:
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + values + b"\0" * 64)
     with pytest.raises(MissingDependency, match="truncated"):
         gguf.read_metadata(path)
+
+
+def test_a_file_written_anew_is_read_anew(tmp_path: Path) -> None:
+    """Headers are read once a file (keel's start read the embedded model's once a role);
+    a file replaced at its path (a pull, an edit) is read again."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(gguf_file(["a", "b"], [], tensor_end=64))
+    first, _ = gguf.read_header(path)
+    first["general.name"] = "changed by a caller"
+    assert gguf.read_metadata(path)["general.name"] == "tiny ✓"  # the cache's is its own
+    assert gguf.read_metadata(path)[gguf.VOCABULARY_SIZE] == 2
+    path.write_bytes(gguf_file(["a", "b", "c", "<fim_prefix>"], [], tensor_end=64))
+    metadata, markers = gguf.read_header(path)
+    assert metadata[gguf.VOCABULARY_SIZE] == 4 and markers == {"<fim_prefix>"}
