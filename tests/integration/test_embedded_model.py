@@ -552,6 +552,19 @@ def test_an_answer_the_full_context_cut_short_ends_for_length(tuned_server: Keel
     assert sse_events(streamed.text)[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_llamacpps_n_predict_past_the_context_left_ends_where_the_context_does(
+    tuned_server: KeelProcess,
+) -> None:
+    """llama-server generates until its context is full whatever ``n_predict`` asked for;
+    keel's ``/completion`` does the same (an OpenAI ``max_tokens`` that does not fit is a
+    400, and ``/completion`` is served as an OpenAI completion: it was a 400 too)."""
+    body = {"prompt": "Once upon a time, " * 47, "n_predict": 200, "temperature": 0}
+    with tuned_server.client() as client:
+        answer = client.post("/completion", json=body)
+    assert answer.status_code == 200, answer.text
+    assert 0 < answer.json()["tokens_predicted"] < 200, answer.json()
+
+
 async def test_a_batch_is_embedded_in_parts_in_order() -> None:
     """A local model embeds a batch in parts of at most ``embed_part_tokens`` (counted),
     one engine call each, in order: the router's deadline then covers one part, not the

@@ -115,7 +115,8 @@ async def completion(request: Request) -> Response:
             return EventStream(_once(sse(nothing)))
         return JsonResponse(nothing)
     openai = parse_model(CompletionRequest, body.to_openai())
-    answer = await state.completion.serve_openai(request, openai)
+    # llama-server ends an answer where the context does, whatever n_predict asked for
+    answer = await state.completion.serve_openai(request, openai, must_fit=False)
     if isinstance(answer, EventStream):
         return _reshaped(answer, stop_words)
     if answer.status_code != 200:

@@ -227,8 +227,11 @@ class CompletionRequest(_Sampled):
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
-    def to_params(self, default_max_tokens: int) -> GenerationParams:
-        return self._params(self.max_tokens or default_max_tokens, named=bool(self.max_tokens))
+    def to_params(self, default_max_tokens: int, *, must_fit: bool = True) -> GenerationParams:
+        """``must_fit``: a ``max_tokens`` the client named must fit the context (OpenAI's
+        rule); False for llama.cpp's ``n_predict`` served through this request."""
+        named = must_fit and bool(self.max_tokens)
+        return self._params(self.max_tokens or default_max_tokens, named=named)
 
 
 class ContentPart(_Wire):

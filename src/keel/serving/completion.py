@@ -322,11 +322,14 @@ class CompletionServing:
 
     # OpenAI ------------------------------------------------------------------
 
-    async def serve_openai(self, http: Request, body: CompletionRequest) -> Response:
+    async def serve_openai(
+        self, http: Request, body: CompletionRequest, *, must_fit: bool = True
+    ) -> Response:
+        """``must_fit``: as :meth:`CompletionRequest.to_params`."""
         primary = self.router.primary
         assert isinstance(primary, CompletionProvider)
         max_tokens = self.prompts.max_decoding_tokens or primary.default_max_tokens
-        params = body.to_params(max_tokens)
+        params = body.to_params(max_tokens, must_fit=must_fit)
         envelope = Envelope(
             f"cmpl-{uuid.uuid4()}",
             "text_completion",
