@@ -80,6 +80,21 @@ async def test_a_whole_answer_in_llamacpps_shape(
     assert "top_k" not in sent and "mirostat" not in sent  # llama.cpp's own samplers: ignored
 
 
+async def test_response_fields_pick_what_a_whole_answer_holds(
+    client: httpx.AsyncClient,
+) -> None:
+    """As llama-server does (and keel's ``/infill``): only the fields asked for, a nested
+    one under its path; a path that names nothing is left out. keel sent every field."""
+    fields = ["content", "timings/predicted_n", "nope"]
+    body = continue_body(stream=False, n_predict=16, response_fields=fields)
+    answer = await client.post("/completion", json=body, headers=USER)
+    assert answer.status_code == 200, answer.text
+    assert set(answer.json()) == {"content", "timings/predicted_n"}, answer.json()
+    assert answer.json()["content"] == TEXT
+    nothing = await client.post("/completion", json={**body, "n_predict": 0}, headers=USER)
+    assert set(nothing.json()) == {"content", "timings/predicted_n"}, nothing.json()
+
+
 async def test_a_streamed_answer_as_continue_reads_it(
     client: httpx.AsyncClient, backends: Backends
 ) -> None:

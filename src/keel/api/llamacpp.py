@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request, Response
 from keel import jsoncodec
 from keel.api.access import USER, GuardedRoute
 from keel.api.errors import parse_model, read_model
+from keel.api.infill import picked
 from keel.api.state import app_state
 from keel.schemas.llamacpp import (
     LlamaCppChunk,
@@ -113,7 +114,7 @@ async def completion(request: Request) -> Response:
         nothing = final("", model, {}, "length", stop_words)
         if body.stream:
             return EventStream(_once(sse(nothing)))
-        return JsonResponse(nothing)
+        return JsonResponse(picked(nothing, body.response_fields))
     openai = parse_model(CompletionRequest, body.to_openai())
     # llama-server ends an answer where the context does, whatever n_predict asked for
     answer = await state.completion.serve_openai(request, openai, must_fit=False)
@@ -123,9 +124,8 @@ async def completion(request: Request) -> Response:
         return answer
     data = jsoncodec.loads(bytes(answer.body))
     choice = data["choices"][0]
-    return JsonResponse(
-        final(choice["text"], data["model"], data["usage"], choice["finish_reason"], stop_words)
-    )
+    whole = final(choice["text"], data["model"], data["usage"], choice["finish_reason"], stop_words)
+    return JsonResponse(picked(whole, body.response_fields))
 
 
 async def _once(event: bytes) -> AsyncGenerator[bytes, None]:
