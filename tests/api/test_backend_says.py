@@ -103,8 +103,9 @@ async def test_the_prompt_tokens_the_backends_cache_held_reach_the_client(
     client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
 ) -> None:
     """OpenAI's and vLLM's ``usage.prompt_tokens_details.cached_tokens``, in keel's
-    OpenAI answers and as llama.cpp's ``tokens_cached`` (and the tokens read,
-    ``timings.prompt_n``) on its ``/completion`` route, which Continue and Twinny use."""
+    OpenAI answers and as llama.cpp's ``timings.cache_n`` (and the tokens read,
+    ``timings.prompt_n``) on its ``/completion`` route, which Continue and Twinny use;
+    ``tokens_cached`` is llama-server's, what the cache holds after: 40 + 7 - 1."""
     backend, completions = said
     usage = {"prompt_tokens": 40, "completion_tokens": 7, "prompt_tokens_details": {}}
     usage["prompt_tokens_details"] = {"cached_tokens": 32}
@@ -118,8 +119,8 @@ async def test_the_prompt_tokens_the_backends_cache_held_reach_the_client(
             "/completion", json={"prompt": "def f(", "stream": stream}, headers=USER
         )
         final = events(answer)[-1] if stream else answer.json()
-        assert (final["tokens_evaluated"], final["tokens_cached"]) == (40, 32), final
-        assert final["timings"] == {"predicted_n": 7, "prompt_n": 8}, final
+        assert (final["tokens_evaluated"], final["tokens_cached"]) == (40, 46), final
+        assert final["timings"] == {"predicted_n": 7, "prompt_n": 8, "cache_n": 32}, final
 
 
 async def test_a_backend_that_says_nothing_is_counted_and_inferred(

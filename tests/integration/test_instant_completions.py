@@ -140,7 +140,7 @@ async def test_a_llama_vscode_session_gets_completions_from_the_embedded_model(
     first = answers[1].json()
     assert answers[1].headers["x-keel-source"] == "model"
     assert first["timings"]["prompt_n"] > 0 and first["timings"]["prompt_ms"] > 0, first
-    assert first["tokens_evaluated"] == first["timings"]["prompt_n"] + first["tokens_cached"]
+    assert first["tokens_evaluated"] == first["timings"]["prompt_n"] + first["timings"]["cache_n"]
     assert first["generation_settings"]["n_ctx"] == 2048  # the local model's, per slot
     assert {answer.headers.get("x-keel-source") for answer in answers[1:]} <= {
         "model",

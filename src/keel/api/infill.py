@@ -63,6 +63,14 @@ def picked(payload: dict[str, Any], fields: list[str]) -> dict[str, Any]:
     return found
 
 
+def in_cache(prompt: int, predicted: int) -> int:
+    """llama-server's ``tokens_cached``: what the slot's cache holds after the answer, the
+    prompt and every token made but the last (which was never read back). keel gave the
+    prompt's tokens the cache held before, llama-server's ``timings.cache_n``; llama.vim
+    shows this figure (and warns by it when the context is full)."""
+    return max(0, prompt + predicted - 1)
+
+
 def cut_at_indent(text: str, n_indent: int | None) -> str:
     """``text`` up to its first later line indented less than ``n_indent`` (a blank
     line does not count), as llama.cpp's server stops there."""
@@ -147,8 +155,9 @@ def _figures(
     return {
         "tokens_predicted": predicted,
         "tokens_evaluated": prompt,
-        "tokens_cached": cached,
+        "tokens_cached": in_cache(prompt, predicted),
         "timings": InfillTimings(
+            cache_n=cached,
             prompt_n=read,
             prompt_ms=prompt_ms,
             prompt_per_token_ms=prompt_ms / read if read else 0.0,

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request, Response
 from keel import jsoncodec
 from keel.api.access import USER, GuardedRoute
 from keel.api.errors import parse_model, read_model
-from keel.api.infill import picked
+from keel.api.infill import in_cache, picked
 from keel.api.state import app_state
 from keel.schemas.llamacpp import (
     LlamaCppChunk,
@@ -50,7 +50,8 @@ RESPONSE: dict[str, Any] = {
     'empty), or `{"error": {...}}` if the generation failed after the stream began. '
     "No `[DONE]`.",
     "content": {
-        "application/json": {"schema": json_schema(LlamaCppCompletionResponse)},
+        # With response_fields, only those (a nested one by its path): an object of them.
+        "application/json": {"schema": json_schema(LlamaCppCompletionResponse | dict[str, Any])},
         "text/event-stream": {
             "schema": {
                 "description": "Each server-sent event: `data` is one JSON object, "
@@ -88,11 +89,13 @@ def final(
         model=model,
         tokens_predicted=predicted,
         tokens_evaluated=prompt,
-        tokens_cached=cached,
+        tokens_cached=in_cache(prompt, predicted) if cached is not None else None,
         stop_type=ended,
         stopping_word="" if ended is not None else None,
         timings=LlamaCppTimings(
-            predicted_n=predicted, prompt_n=None if cached is None else prompt - cached
+            predicted_n=predicted,
+            prompt_n=None if cached is None else prompt - cached,
+            cache_n=cached,
         ),
     )
     return answer.model_dump(exclude_none=True)

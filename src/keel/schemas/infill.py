@@ -120,6 +120,8 @@ class InfillRequest(_Wire):
 
 
 class InfillTimings(BaseModel):
+    cache_n: int
+    """The prompt's tokens the engine's cache held (``prompt_n`` it read)."""
     prompt_n: int
     prompt_ms: float
     prompt_per_token_ms: float

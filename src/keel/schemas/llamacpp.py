@@ -127,6 +127,7 @@ class LlamaCppTimings(BaseModel):
     prompt_n: int | None = Field(
         None, description="The prompt's tokens the engine read (not from its cache)."
     )
+    cache_n: int | None = Field(None, description="The prompt's tokens its cache held.")
 
 
 class LlamaCppCompletionResponse(BaseModel):
