@@ -376,9 +376,10 @@ class KeelMiddleware:
             _log_line(scope, state, status, begun=status != response.status, seconds=seconds)
 
 
-PROBES = frozenset({"/health", "/ready", "/health/deep", "/v1/health"})
-"""Routes whose 503 is an answer (not ready), logged as a refusal: a readiness probe wrote
-a WARNING every few seconds for as long as a backend was down."""
+PROBES = frozenset({"/ready", "/health/deep"})
+"""The routes whose 503 is an answer (not ready), logged as a refusal: a readiness probe
+wrote a WARNING every few seconds for as long as a backend was down. (``/health`` and
+Tabby's ``/v1/health`` answer 200 while keel runs: a 5xx from them is a failure.)"""
 
 
 def _log_line(
