@@ -31,8 +31,10 @@ HTTP = httpx.Client(timeout=10)
 send a few hundred requests."""
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True, scope="session")
 def _close_http() -> Iterator[None]:
+    """Closed when the session ends: a worker that steals this module's tests after
+    running others would find a client closed at the end of its first share of them."""
     yield
     HTTP.close()
 
