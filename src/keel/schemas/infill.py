@@ -26,6 +26,17 @@ from keel.schemas.tabby import (
 )
 
 
+def response_fields(answer: str) -> Any:
+    """llama-server's ``response_fields``, on ``/infill`` and ``/completion``: which
+    fields of ``answer`` to send (:func:`keel.api.infill.picked`)."""
+    return Field(
+        default_factory=list,
+        max_length=64,
+        description=f"Only these fields of {answer}, a nested one by its path "
+        "(timings/prompt_n) as its key; none: all.",
+    )
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -72,12 +83,7 @@ class InfillRequest(_Wire):
     stop: list[str] = Field(
         default_factory=list, max_length=64, description="The answer ends before the first."
     )
-    response_fields: list[str] = Field(
-        default_factory=list,
-        max_length=64,
-        description="Only these fields of the answer, a nested one by its path "
-        "(timings/prompt_n) as its key; none: all.",
-    )
+    response_fields: list[str] = response_fields("the answer")
 
     def cursor_line(self) -> str:
         """The cursor's line up to the cursor. On a blank line llama.vscode sends an

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationInfo, field_validator
 
+from keel.schemas.infill import response_fields
 from keel.schemas.openai import MAX_TOKENS_LIMIT, _check_stop, _Wire
 
 
@@ -53,12 +54,7 @@ class LlamaCppCompletionRequest(_Wire):
         "object with `stop: true` (no `[DONE]`, as llama.cpp's server).",
     )
     model: str | None = None
-    response_fields: list[str] = Field(
-        default_factory=list,
-        max_length=64,
-        description="Only these fields of a whole (not streamed) answer, a nested one by its "
-        "path (timings/prompt_n) as its key; none: all.",
-    )
+    response_fields: list[str] = response_fields("a whole (not streamed) answer")
     grammar: Any = Field(None, description="Only empty: keel does not constrain this answer.")
     json_schema: Any = Field(None, description="Only empty, as `grammar`.")
     n_probs: Any = Field(None, description="Only 0: keel returns no token probabilities.")
