@@ -154,7 +154,7 @@ class Attempt:
                         if first:
                             raise self._first_token_timeout() from None
                         raise UpstreamTimeout(
-                            f"stream stalled for {between:.0f}s", provider=self.endpoint.name
+                            f"stream stalled for {between:g}s", provider=self.endpoint.name
                         ) from None
                     watch.waited()
                     if first:
@@ -167,7 +167,7 @@ class Attempt:
 
     def _first_token_timeout(self) -> UpstreamTimeout:
         return UpstreamTimeout(
-            f"no first token within {self.endpoint.timeouts.first_token:.0f}s",
+            f"no first token within {self.endpoint.timeouts.first_token:g}s",
             provider=self.endpoint.name,
         )
 
