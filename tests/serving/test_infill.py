@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from keel.api.infill import cut_at_indent, cut_at_suffix_closer, language_of
+from keel.api.infill import cut_at_suffix_closer, language_of
+from keel.pipeline.completion import AnswerEnds, cut_at_indent
 from keel.schemas.infill import InfillRequest
 from tests.fakes.upstreams import Behaviour, FakeUpstream, llamacpp_timings
 from tests.serving.conftest import build_app, llamacpp_config
@@ -351,3 +352,111 @@ async def test_a_newline_stop_word_in_a_crlf_file_leaves_no_cr(
     answer = await keel.post("/infill", json=body)
     assert answer.status_code == 200, answer.text
     assert answer.json()["content"] == "self.x = x"
+
+
+LINES = ("a = 1", "\n", "b = 2", "\n", "c = 3", "\n", "d = 4", "\n", "e = 5")
+
+
+async def left_early(llamacpp: FakeUpstream) -> bool:
+    """Whether keel closed the fake's stream before its end (the fake notices at its
+    next token)."""
+    for _ in range(100):
+        if llamacpp.disconnects:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_n_indent_ends_the_generation_not_just_the_answer(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """llama.cpp's server stops generating at a line indented less than ``n_indent``;
+    keel generated its whole budget, then cut the answer there (llama.vim sends
+    ``n_indent`` with every request: the wait for tokens it never shows)."""
+    llamacpp.tokens = (
+        *("self.x = x", "\n", "        self.y = y", "\n"),
+        *("    def norm(self):", "\n", "        return 0", "\n", "        # more"),
+    )
+    body = {
+        "input_prefix": "class Point:\n    def __init__(self, x, y):\n",
+        "prompt": "        ",
+        "input_suffix": "\n",
+        "n_indent": 8,
+    }
+    answer = await keel.post("/infill", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["content"] == "self.x = x\n        self.y = y"
+    assert await left_early(llamacpp), "the rest of the answer was generated"
+
+
+async def test_t_max_predict_ms_ends_the_answer_at_a_new_line_once_past(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """As llama.cpp's server: once ``t_max_predict_ms`` has passed since the first
+    token, the answer ends at the next new line (keel ignored the field, and llama.vim,
+    which sends 1000 by default, waited for the whole decoding budget)."""
+    llamacpp.tokens, llamacpp.token_delay = LINES, 0.1
+    body = {"input_prefix": "x = 0\n", "prompt": "", "t_max_predict_ms": 150}
+    answer = await keel.post("/infill", json=body)
+    assert answer.status_code == 200, answer.text
+    content = answer.json()["content"]
+    # the new line after "b = 2" comes 300 ms after the first token (after "a = 1" at
+    # 100 ms, on a slow machine)
+    assert content.startswith("a = 1") and "c = 3" not in content, content
+    assert await left_early(llamacpp)
+
+
+async def test_the_clients_stop_words_end_the_generation(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """``stop`` was applied to the whole answer, after keel's budget was spent."""
+    llamacpp.tokens = LINES
+    body = {"input_prefix": "x = 0\n", "prompt": "", "stop": ["c ="]}
+    answer = await keel.post("/infill", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["content"].rstrip() == "a = 1\nb = 2"
+    sent = [r for r in llamacpp.requests if r.path == "/completion"][-1].json
+    assert "c =" in sent["stop"], "the backend is asked to stop there too"
+    assert await left_early(llamacpp)
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [[""], ["x" * 257], [f"s{n}" for n in range(17)]],
+    ids=["empty", "too-long", "too-many"],
+)
+async def test_stop_words_are_held_to_keels_bounds(
+    keel: httpx.AsyncClient, stop: list[str]
+) -> None:
+    """They go to the engine, which checks each at every token: the bounds of every
+    other route's ``stop`` (at most 16, of 1 to 256 characters)."""
+    answer = await keel.post("/infill", json={**fim(["a"], "b"), "stop": stop})
+    assert answer.status_code == 400, answer.text
+    assert "stop" in (answer.json()["error"].get("param") or "")
+
+
+async def ended(pieces: list[str], ends: AnswerEnds) -> tuple[str, bool]:
+    """What ``ends`` lets through of ``pieces`` (10 ms apart), and whether it closed
+    their stream."""
+    closed = False
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal closed
+        try:
+            for piece in pieces:
+                yield piece
+                await asyncio.sleep(0.01)
+        finally:
+            closed = True
+
+    return "".join([piece async for piece in ends.applied(stream())]), closed
+
+
+async def test_answer_ends_cut_inside_a_piece_and_close_the_stream() -> None:
+    """keel joins tokens made close together into one piece: the end falls inside it."""
+    late = AnswerEnds(max_predict_ms=1)
+    assert await ended(["a = 1", "\n    b = 2", "\n"], late) == ("a = 1\n", True)
+    indent = AnswerEnds(n_indent=8)
+    pieces = ["x\n", "        y\n    z", "\n        w"]
+    assert await ended(pieces, indent) == ("x\n        y", True)
+    assert await ended(["x\n", "        y"], indent) == ("x\n        y", True)

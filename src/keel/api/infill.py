@@ -4,9 +4,12 @@ against keel unchanged.
 The body is read as a Tabby completion request (:meth:`InfillRequest.to_tabby`)
 and served by the same completion serving: routing with fallbacks and
 breakers, superseding, the typed-through cache, snippets (the editor's
-``input_extra`` chunks), postprocessing. Then ``n_indent`` is applied, a mid-line
-answer is cut where it closes what the line already closes, and the answer is
-shaped as llama.cpp's.
+``input_extra`` chunks), postprocessing. ``stop``, ``n_indent`` and
+``t_max_predict_ms`` end the generation as in llama.cpp's server
+(:class:`~keel.pipeline.completion.AnswerEnds`), and ``stop`` and ``n_indent`` are
+applied again to an answer from keel's cache (generated for another request); a
+mid-line answer is cut where it closes what the line already closes, and the answer
+is shaped as llama.cpp's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from keel.api.access import USER, GuardedRoute
 from keel.api.errors import read_model
 from keel.api.state import app_state
 from keel.errors import RequestError
-from keel.pipeline.completion import cut_at_stop
+from keel.pipeline.completion import AnswerEnds, cut_at_indent, cut_at_stop
 from keel.pipeline.languages import find_language
 from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
 from keel.providers.base import Provider, Reported, estimate_tokens
@@ -71,18 +74,6 @@ def in_cache(prompt: int, predicted: int) -> int:
     return max(0, prompt + predicted - 1)
 
 
-def cut_at_indent(text: str, n_indent: int | None) -> str:
-    """``text`` up to its first later line indented less than ``n_indent`` (a blank
-    line does not count), as llama.cpp's server stops there."""
-    if not n_indent:
-        return text
-    lines = text.split("\n")
-    for index, line in enumerate(lines[1:], start=1):
-        if line.strip() and len(line) - len(line.lstrip(" \t")) < n_indent:
-            return "\n".join(lines[:index])
-    return text
-
-
 def cut_at_suffix_closer(text: str, line_prefix: str, line_suffix: str) -> str:
     """A one-line answer in mid-line up to where it closes what the text after the
     cursor closes already (an editor's auto-closed bracket or quote): ``x = {}", x);``
@@ -116,7 +107,10 @@ async def infill(request: Request) -> JsonResponse:
     content, headers, answer = "", {}, None
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
         limit = body.n_predict if body.n_predict and body.n_predict > 0 else None
-        answer = await state.completion.complete(request, body.to_tabby(language_of(body)), limit)
+        ends = AnswerEnds(tuple(body.stop), body.n_indent, body.t_max_predict_ms)
+        answer = await state.completion.complete(
+            request, body.to_tabby(language_of(body)), limit, ends
+        )
         if answer is None:  # a newer keystroke's request superseded it, as on Tabby's route
             headers = {"X-Keel-Superseded": "1"}
         else:

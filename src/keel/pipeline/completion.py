@@ -8,6 +8,7 @@ only sequences them around one call to the provider.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -200,6 +201,58 @@ async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> s
         await close_stream(pieces)
 
 
+def cut_at_indent(text: str, n_indent: int | None) -> str:
+    """``text`` up to its first later line indented less than ``n_indent`` (a blank
+    line does not count), as llama.cpp's server stops there."""
+    if not n_indent:
+        return text
+    lines = text.split("\n")
+    for index, line in enumerate(lines[1:], start=1):
+        if line.strip() and len(line) - len(line.lstrip(" \t")) < n_indent:
+            return "\n".join(lines[:index])
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerEnds:
+    """Where a client has its answer end, beside keel's stop words: llama.cpp's
+    ``/infill`` fields, which its server applies while it generates (keel applied them
+    to the whole answer, after the decoding budget was spent)."""
+
+    stop: tuple[str, ...] = ()
+    """More stop words."""
+    n_indent: int | None = None
+    """At a later line indented less than this."""
+    max_predict_ms: int | None = None
+    """At a new line once this long has passed since the first token."""
+
+    async def applied(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The text of ``pieces`` until a line indented less than :attr:`n_indent` or
+        a new line past :attr:`max_predict_ms`; then ``pieces`` is closed, which stops
+        the work upstream. (The stop words go with keel's: :meth:`TabbyPrompts.call_for`.)"""
+        text, started = "", time.monotonic()
+        try:
+            async for piece in pieces:
+                if not text:
+                    started = time.monotonic()  # generation begins: the prompt is read
+                whole = text + piece
+                kept = cut_at_indent(whole, self.n_indent)
+                late = "\n" in piece and self._late(started)
+                if late:  # the answer ends at this new line (a piece may hold more)
+                    kept = kept[: len(text) + piece.index("\n") + 1]
+                if len(kept) > len(text):
+                    yield kept[len(text) :]
+                if late or len(kept) < len(whole):
+                    return
+                text = kept
+        finally:
+            await close_stream(pieces)
+
+    def _late(self, started: float) -> bool:
+        limit = self.max_predict_ms
+        return limit is not None and limit > 0 and time.monotonic() - started > limit / 1000
+
+
 @dataclass(frozen=True, slots=True)
 class TabbyTask:
     """A Tabby completion request, read: what to complete and how to answer."""
@@ -214,6 +267,8 @@ class TabbyTask:
     mid_line: bool
     max_tokens: int | None = None
     """The client's own cap on new tokens (llama.cpp's ``n_predict``), within keel's."""
+    ends: AnswerEnds | None = None
+    """The client's own ends of the answer (llama.cpp's ``/infill``)."""
 
 
 LINE_SNIPPET_CHARS = 16 * 2**20
@@ -250,11 +305,17 @@ class TabbyPrompts:
         """What the kept snippets' bodies add up to."""
 
     async def read(
-        self, request: TabbyCompletionRequest, max_tokens: int | None, *, editor: str
+        self,
+        request: TabbyCompletionRequest,
+        max_tokens: int | None,
+        *,
+        editor: str,
+        ends: AnswerEnds | None = None,
     ) -> TabbyTask:
         """Check the request and gather its context (snippets); raises RequestError.
         ``max_tokens``: the client's cap on new tokens, if it sets one; ``editor``: the
-        client it comes from (snippets chosen for one are never another's)."""
+        client it comes from (snippets chosen for one are never another's); ``ends``: the
+        client's own ends of the answer."""
         debug, segments = request.debug_options, request.segments
         raw_prompt = debug.raw_prompt if debug is not None else None
         crlf = False
@@ -283,6 +344,7 @@ class TabbyPrompts:
             snippets=snippets,
             mid_line=raw_prompt is None and is_mid_line(prefix, suffix),
             max_tokens=max_tokens,
+            ends=ends,
         )
 
     async def call_for(
@@ -301,6 +363,8 @@ class TabbyPrompts:
         if shrink or pressured:
             budget //= 2
         stops = stop_words(task.language, provider.stop_words)
+        if task.ends is not None:
+            stops = [*stops, *(stop for stop in task.ends.stop if stop not in stops)]
         if task.mid_line:
             stops = [*stops, "\n"]  # only the rest of this line fits
         if task.raw_prompt is not None:

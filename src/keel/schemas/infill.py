@@ -13,11 +13,11 @@ reuses prompt caches always.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.schemas.openai import MAX_TOKENS_LIMIT
+from keel.schemas.openai import MAX_STOP_LENGTH, MAX_TOKENS_LIMIT
 from keel.schemas.tabby import (
     MAX_CLIENT_SNIPPETS,
     ClientSnippet,
@@ -62,7 +62,10 @@ class InfillRequest(_Wire):
         "keel's budget.",
     )
     t_max_predict_ms: int | None = Field(
-        None, ge=-1, description="Accepted (-1, llama.cpp's default: none); keel's timeouts apply."
+        None,
+        ge=-1,
+        description="Once this many ms have passed since the first token, the answer ends at "
+        "the next new line (-1, llama.cpp's default, or 0: no limit; keel's timeouts apply).",
     )
     t_max_prompt_ms: int | None = Field(None, ge=-1, description="Accepted; ignored.")
     cache_prompt: bool = Field(True, description="Accepted; keel always reuses prompt caches.")
@@ -80,8 +83,11 @@ class InfillRequest(_Wire):
     )
     stream: bool = Field(False, description="Only false: the answer comes whole.")
     model: str | None = None
-    stop: list[str] = Field(
-        default_factory=list, max_length=64, description="The answer ends before the first."
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description=f"The answer ends before the first (at most 16, of 1 to {MAX_STOP_LENGTH} "
+        "characters: the engine checks each as it generates).",
     )
     response_fields: list[str] = response_fields("the answer")
 

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from keel.errors import RequestError
 from keel.events import EventStore
 from keel.ops.metrics import Metrics
-from keel.pipeline.completion import TabbyPrompts, TabbyTask, read_until_stop
+from keel.pipeline.completion import AnswerEnds, TabbyPrompts, TabbyTask, read_until_stop
 from keel.pipeline.cut import after_cut, whitespace_cut
 from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.postprocess import is_mid_line
@@ -123,15 +123,20 @@ class CompletionServing:
         return JsonResponse(answer.response.model_dump(exclude_none=True), headers=answer.headers)
 
     async def complete(
-        self, http: Request, body: TabbyCompletionRequest, max_tokens: int | None = None
+        self,
+        http: Request,
+        body: TabbyCompletionRequest,
+        max_tokens: int | None = None,
+        ends: AnswerEnds | None = None,
     ) -> Answer | None:
         """A Tabby completion, served and recorded; None when a newer request from the
         same editor superseded it. Also serves llama.cpp's ``/infill`` (its body read
-        as a Tabby request, its ``n_predict`` as ``max_tokens``)."""
+        as a Tabby request, its ``n_predict`` as ``max_tokens``, its ``stop``,
+        ``n_indent`` and ``t_max_predict_ms`` as ``ends``)."""
         async with CancelOnDisconnect(http):
             with self.admission.arrival():
                 editor = editor_of(http, body)
-                task = await self.prompts.read(body, max_tokens, editor=editor)
+                task = await self.prompts.read(body, max_tokens, editor=editor, ends=ends)
                 if task.language is UNKNOWN and body.language:
                     self._note_language(body.language)
                 key = None if body.segments is None else (editor, body.segments.filepath or "")
@@ -281,8 +286,10 @@ class CompletionServing:
             place, accepted, task.suffix
         ):
             return
+        # Generated whole at idle time: the next request's own ends (its line's
+        # indentation) are applied to what it is served.
         ahead = dataclasses.replace(
-            task, prefix=accepted, mid_line=is_mid_line(accepted, task.suffix)
+            task, prefix=accepted, mid_line=is_mid_line(accepted, task.suffix), ends=None
         )
         flight = Flight(place, accepted, task.suffix, precompute=True)
         self.flights.start(flight, self._fly(ahead, flight, admitted=False))
@@ -311,6 +318,8 @@ class CompletionServing:
                         )
                     )
                     stream = built.generated(attempt.pieces(provider.stream_completion(call)))
+                    if task.ends is not None:
+                        stream = task.ends.applied(stream)
                     if flight is not None:
                         stream = flight.recording(stream)
                     raw = await read_until_stop(stream, call.params.stop)
