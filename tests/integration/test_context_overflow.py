@@ -66,12 +66,12 @@ def test_a_small_context_is_the_prompt_budget_not_a_refusal_per_keystroke(
     assert "exceeds the available context size" not in log
 
 
-def test_a_limit_past_the_context_left_is_a_400_naming_max_tokens(
-    keel_server: KeelProcess,
-) -> None:
+def test_a_limit_past_the_context_left_is_a_400_naming_it(keel_server: KeelProcess) -> None:
     """A short prompt and ``max_tokens`` over what the context leaves: the engine ended
     the answer where the context did, ``finish_reason: length`` as if the client's own
-    limit had been used (OpenAI and vLLM refuse it, and so does keel for them)."""
+    limit had been used (OpenAI and vLLM refuse it, and so does keel for them). The
+    error names the field the client sent (``max_completion_tokens`` was called
+    ``max_tokens``, which the client had not sent)."""
     asks = [
         ("/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 4000}),
         (
@@ -88,9 +88,10 @@ def test_a_limit_past_the_context_left_is_a_400_naming_max_tokens(
             response = client.post(path, json=body)
             assert response.status_code == 400, response.text
             error = response.json()["error"]
-            assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+            (sent,) = set(body) - {"prompt", "messages"}
+            assert (error["code"], error["param"]) == ("context_length_exceeded", sent)
             assert 0 < error["prompt_tokens"] < error["context_size"], error
-            assert "ask for fewer tokens" in error["message"], error
+            assert f"ask for fewer tokens ({sent})" in error["message"], error
         roles = client.get("/v1/providers").json()["roles"]
     for role in ("completion", "chat"):
         for provider in roles[role]["providers"]:

@@ -170,6 +170,10 @@ def test_a_prompt_that_fits_with_too_many_tokens_asked_for_blames_max_tokens(
     assert (overflow.prompt_tokens, overflow.context_size) == (10, 2048)
     assert "fewer tokens (max_tokens)" in overflow.message
     assert "over the model's context of 2048" in overflow.message
+    # named as the client named it (OpenAI's reasoning models take max_completion_tokens)
+    named = context_overflow(status(400, message), "chat", "max_completion_tokens")
+    assert named.param == "max_completion_tokens"
+    assert "fewer tokens (max_completion_tokens)" in named.message
 
 
 @pytest.mark.parametrize(

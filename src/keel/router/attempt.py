@@ -175,10 +175,13 @@ class Attempt:
 class Attempts:
     """The attempts of one request; see the module docstring."""
 
-    def __init__(self, router: RoleRouter, *, streaming: bool, shrinkable: bool) -> None:
+    def __init__(
+        self, router: RoleRouter, *, streaming: bool, shrinkable: bool, limit_name: str
+    ) -> None:
         self.router = router
         self.streaming = streaming
         self.shrinkable = shrinkable
+        self.limit_name = limit_name
         self.provider: Provider | None = None
         """The provider that served the request, once one did."""
         self.failures: list[str] = []
@@ -243,7 +246,7 @@ class Attempts:
         if self.too_long is not None:
             # no window that answered fits it (the others were down): the caller's 400,
             # the one thing the caller can fix
-            return context_overflow(self.too_long, self.router.role)
+            return context_overflow(self.too_long, self.router.role, self.limit_name)
         error = self.router.exhausted(self.failures, last)
         if error.provider is None and self._current is not None:
             error.provider = self._current.endpoint.name  # the one that failed last
@@ -315,8 +318,9 @@ class Attempts:
             )
         )
         if self._decision is Decision.GIVE_UP:
-            too_long = kind is Failure.TOO_LONG
-            raise context_overflow(error, self.router.role) if too_long else client_error(error)
+            if kind is Failure.TOO_LONG:
+                raise context_overflow(error, self.router.role, self.limit_name)
+            raise client_error(error)
         return True
 
 

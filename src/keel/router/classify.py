@@ -92,10 +92,13 @@ def _too_long(error: KeelError) -> bool:
     return _BATCH_REFUSAL.search(error.message) is not None
 
 
-def context_overflow(error: KeelError, role: str = "completion") -> ContextLengthExceeded:
+def context_overflow(
+    error: KeelError, role: str = "completion", limit_name: str = "max_tokens"
+) -> ContextLengthExceeded:
     """The caller's 400 for a prompt the backend found too long, with the numbers
     (prompt tokens, context size) when the backend gave them, and what to do (for an
-    embedding: shorter inputs; there are no tokens to ask fewer of)."""
+    embedding: shorter inputs; there are no tokens to ask fewer of). ``limit_name``:
+    the client's name for its cap on new tokens."""
     details = getattr(error, "details", {})
     prompt, context = details.get("n_prompt_tokens"), details.get("n_ctx")
     if not (isinstance(prompt, int) and isinstance(context, int)):
@@ -114,11 +117,11 @@ def context_overflow(error: KeelError, role: str = "completion") -> ContextLengt
         # 2048 tokens and your request has 10 input tokens"; keel said the prompt was over
         return ContextLengthExceeded(
             f"the prompt has {prompt} tokens, and with the tokens asked for it is over the "
-            f"model's context of {context} tokens; ask for fewer tokens (max_tokens), or "
+            f"model's context of {context} tokens; ask for fewer tokens ({limit_name}), or "
             "send a shorter prompt",
             prompt_tokens=prompt,
             context_size=context,
-            param="max_tokens",
+            param=limit_name,
         )
     if prompt is not None and context is not None:
         where = "over" if prompt > context else "filling, with no room for an answer,"

@@ -319,9 +319,13 @@ class RoleRouter:
     def any_usable(self) -> bool:
         return any(endpoint.usable() for endpoint in self.endpoints)
 
-    def attempts(self, *, streaming: bool = False, shrinkable: bool = False) -> Attempts:
-        """One request's tries over the chain; see :mod:`keel.router.attempt`."""
-        return Attempts(self, streaming=streaming, shrinkable=shrinkable)
+    def attempts(
+        self, *, streaming: bool = False, shrinkable: bool = False, limit_name: str = "max_tokens"
+    ) -> Attempts:
+        """One request's tries over the chain; see :mod:`keel.router.attempt`.
+        ``limit_name``: what the client called its cap on new tokens (a refusal of it
+        as over the context names it)."""
+        return Attempts(self, streaming=streaming, shrinkable=shrinkable, limit_name=limit_name)
 
     # outcomes --------------------------------------------------------------
 

@@ -104,9 +104,7 @@ class ChatServing:
         async with CancelOnDisconnect(http):
             if body.stream:
                 return await self._stream(http, body, open_stream, call, envelope)
-            generated = await generate_text(
-                self.router, self.admission, open_stream, params.stop, None
-            )
+            generated = await generate_text(self.router, self.admission, open_stream, params, None)
         await count_usage(generated, chat_text(call), call.reported)
         note_provider(http, generated.provider)
         envelope.served(generated.provider, call.reported)
@@ -134,7 +132,7 @@ class ChatServing:
     ) -> Response:
         params = body.to_params()
         generated = Generated()
-        pieces = stream_text(self.router, self.admission, open_stream, params.stop, generated)
+        pieces = stream_text(self.router, self.admission, open_stream, params, generated)
 
         def chunk(delta: dict[str, object], finish: str | None) -> dict[str, object]:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}

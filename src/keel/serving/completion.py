@@ -355,7 +355,7 @@ class CompletionServing:
             reported = Reported()
             open_stream = _openai_call(body, params, reported)
             generated = await generate_text(
-                self.router, self.admission, open_stream, params.stop, self.timeout
+                self.router, self.admission, open_stream, params, self.timeout
             )
         await count_usage(generated, body.prompt_text(), reported)
         note_provider(http, generated.provider)
@@ -377,7 +377,7 @@ class CompletionServing:
             self.router,
             self.admission,
             _openai_call(body, params, reported),
-            params.stop,
+            params,
             generated,
         )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,7 @@ from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
 from keel.pipeline.completion import read_until_stop, until_stop
 from keel.providers.base import (
     CompletionProvider,
+    GenerationParams,
     Parts,
     Provider,
     Reported,
@@ -175,17 +176,17 @@ async def generate_text(
     router: RoleRouter,
     admission: Admission,
     open_stream: OpenStream,
-    stops: Sequence[str],
+    params: GenerationParams,
     timeout: float | None,
 ) -> Generated:
     """A whole answer (the client waits for it): a provider failing mid-way still
     hands the request to the next one, as the client has seen nothing."""
     async with admission.slot(), total_timeout(timeout, router.role):
-        attempts = router.attempts()
+        attempts = router.attempts(limit_name=params.max_tokens_name)
         async for attempt in attempts:
             async with attempt:
                 pieces = attempt.pieces(open_stream(attempt.provider))
-                text = await read_until_stop(pieces, stops)
+                text = await read_until_stop(pieces, params.stop)
     generated = Generated(provider=attempts.provider)
     generated.add(text)
     return generated
@@ -195,17 +196,18 @@ async def stream_text(
     router: RoleRouter,
     admission: Admission,
     open_stream: OpenStream,
-    stops: Sequence[str],
+    params: GenerationParams,
     generated: Generated,
 ) -> AsyncIterator[str]:
     """Pieces as they come; once one is out, the stream is that provider's alone.
     ``generated`` collects the text and the provider, for the usage at the end."""
     async with admission.slot():
-        attempts = router.attempts(streaming=True)
+        attempts = router.attempts(streaming=True, limit_name=params.max_tokens_name)
         async for attempt in attempts:
             async with attempt:
                 generated.provider = attempt.provider
-                async for piece in until_stop(attempt.pieces(open_stream(attempt.provider)), stops):
+                pieces = attempt.pieces(open_stream(attempt.provider))
+                async for piece in until_stop(pieces, params.stop):
                     generated.add(piece)
                     yield piece
 
