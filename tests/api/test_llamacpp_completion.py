@@ -4,6 +4,7 @@ completion serving to fake backends on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -262,3 +263,34 @@ def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(tmp_path: 
             time.sleep(0.05)
     generations = [r for r in slow.requests if r.method == "POST" and r.path == "/completion"]
     assert len(generations) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_n_indent_and_t_max_predict_ms_end_the_generation(
+    tmp_path: Path, stream: bool
+) -> None:
+    """As on ``/infill`` and in llama.cpp's server: they were ignored, and the answer ran
+    on past the block (and past the time) the client had asked it to end at."""
+    lines = ("    a = 1", "\n", "    b = 2", "\n", "c = 3", "\n", "d = 4", "\n", "e = 5")
+    with FakeUpstream(tokens=lines, token_delay=0.05) as upstream:
+        app = build_app(tmp_path / "keel", llamacpp_config(upstream.url))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+                contents = []
+                for more in ({"n_indent": 4}, {"t_max_predict_ms": 1}):
+                    body = continue_body(stream=stream, prompt="def f():\n", **more)
+                    answer = await http.post("/completion", json=body)
+                    assert answer.status_code == 200, answer.text
+                    if stream:
+                        *pieces, _ = events(answer)
+                        contents.append("".join(piece["content"] for piece in pieces))
+                    else:
+                        contents.append(answer.json()["content"])
+                for _ in range(100):  # the fake notices at its next token
+                    if upstream.disconnects == 2:
+                        break
+                    await asyncio.sleep(0.02)
+    # llama.cpp's server keeps the new line before the line it cuts, as keel has sent it
+    assert contents == ["    a = 1\n    b = 2\n", "    a = 1\n"]
+    assert upstream.disconnects == 2, "the rest of the answer was generated"

@@ -28,6 +28,7 @@ from keel.api.access import USER, GuardedRoute
 from keel.api.errors import parse_model, read_model
 from keel.api.infill import in_cache, picked
 from keel.api.state import app_state
+from keel.pipeline.completion import AnswerEnds
 from keel.schemas.llamacpp import (
     LlamaCppChunk,
     LlamaCppCompletionRequest,
@@ -120,7 +121,10 @@ async def completion(request: Request) -> Response:
         return JsonResponse(picked(nothing, body.response_fields))
     openai = parse_model(CompletionRequest, body.to_openai())
     # llama-server ends an answer where the context does, whatever n_predict asked for
-    answer = await state.completion.serve_openai(request, openai, must_fit=False)
+    ends = None
+    if body.n_indent or (body.t_max_predict_ms or 0) > 0:  # they end it as on /infill
+        ends = AnswerEnds(n_indent=body.n_indent, max_predict_ms=body.t_max_predict_ms)
+    answer = await state.completion.serve_openai(request, openai, must_fit=False, ends=ends)
     if isinstance(answer, EventStream):
         return _reshaped(answer, stop_words)
     if answer.status_code != 200:

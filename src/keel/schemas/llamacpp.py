@@ -10,8 +10,9 @@ to_openai`): the prompt is the caller's own, sent as written. Sampling fields of
 llama.cpp's own samplers that OpenAI's completion has no name for (``top_k``,
 ``min_p``, ``typical_p``, ``repeat_penalty``, ``mirostat``, ...) and the fields
 that steer its slots (``id_slot``, ``cache_prompt``, ``n_keep``) are accepted and
-ignored, as on ``/infill``; ``grammar``, ``json_schema`` and ``n_probs``, which
-change what the answer means, are refused when set.
+ignored, as on ``/infill``; ``n_indent`` and ``t_max_predict_ms`` end the generation
+as on ``/infill`` (they were ignored); ``grammar``, ``json_schema`` and ``n_probs``,
+which change what the answer means, are refused when set.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class LlamaCppCompletionRequest(_Wire):
         None,
         description="Stop strings (up to 16, as on /v1/completions): the answer ends before "
         "the first one (not included).",
+    )
+    n_indent: int | None = Field(
+        None, ge=0, le=4096, description="The answer ends before a later line indented less."
+    )
+    t_max_predict_ms: int | None = Field(
+        None,
+        ge=-1,
+        description="Once this many ms have passed since the first token, the answer ends at "
+        "the next new line (-1, llama.cpp's default, or 0: no limit).",
     )
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)

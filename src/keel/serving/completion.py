@@ -332,9 +332,15 @@ class CompletionServing:
     # OpenAI ------------------------------------------------------------------
 
     async def serve_openai(
-        self, http: Request, body: CompletionRequest, *, must_fit: bool = True
+        self,
+        http: Request,
+        body: CompletionRequest,
+        *,
+        must_fit: bool = True,
+        ends: AnswerEnds | None = None,
     ) -> Response:
-        """``must_fit``: as :meth:`CompletionRequest.to_params`."""
+        """``must_fit``: as :meth:`CompletionRequest.to_params`; ``ends``: the client's
+        own ends of the answer (llama.cpp's ``/completion``)."""
         primary = self.router.primary
         assert isinstance(primary, CompletionProvider)
         max_tokens = self.prompts.max_decoding_tokens or primary.default_max_tokens
@@ -351,11 +357,11 @@ class CompletionServing:
 
         async with CancelOnDisconnect(http):
             if body.stream:
-                return await self._stream_openai(http, body, params, envelope, choice)
+                return await self._stream_openai(http, body, params, envelope, choice, ends)
             reported = Reported()
             open_stream = _openai_call(body, params, reported)
             generated = await generate_text(
-                self.router, self.admission, open_stream, params, self.timeout
+                self.router, self.admission, open_stream, params, self.timeout, ends
             )
         await count_usage(generated, body.prompt_text(), reported)
         note_provider(http, generated.provider)
@@ -370,6 +376,7 @@ class CompletionServing:
         params: GenerationParams,
         envelope: Envelope,
         choice: ChoiceShape,
+        ends: AnswerEnds | None,
     ) -> Response:
         generated = Generated()
         reported = Reported()
@@ -379,6 +386,7 @@ class CompletionServing:
             _openai_call(body, params, reported),
             params,
             generated,
+            ends,
         )
 
         async def tail() -> list[dict[str, object]]:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from keel import jsoncodec
 from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
-from keel.pipeline.completion import read_until_stop, until_stop
+from keel.pipeline.completion import AnswerEnds, read_until_stop, until_stop
 from keel.providers.base import (
     CompletionProvider,
     GenerationParams,
@@ -178,14 +178,16 @@ async def generate_text(
     open_stream: OpenStream,
     params: GenerationParams,
     timeout: float | None,
+    ends: AnswerEnds | None = None,
 ) -> Generated:
     """A whole answer (the client waits for it): a provider failing mid-way still
-    hands the request to the next one, as the client has seen nothing."""
+    hands the request to the next one, as the client has seen nothing. ``ends``: the
+    client's own ends of the answer (llama.cpp's ``n_indent``, ``t_max_predict_ms``)."""
     async with admission.slot(), total_timeout(timeout, router.role):
         attempts = router.attempts(limit_name=params.max_tokens_name)
         async for attempt in attempts:
             async with attempt:
-                pieces = attempt.pieces(open_stream(attempt.provider))
+                pieces = ended(attempt.pieces(open_stream(attempt.provider)), ends)
                 text = await read_until_stop(pieces, params.stop)
     generated = Generated(provider=attempts.provider)
     generated.add(text)
@@ -198,6 +200,7 @@ async def stream_text(
     open_stream: OpenStream,
     params: GenerationParams,
     generated: Generated,
+    ends: AnswerEnds | None = None,
 ) -> AsyncIterator[str]:
     """Pieces as they come; once one is out, the stream is that provider's alone.
     ``generated`` collects the text and the provider, for the usage at the end."""
@@ -206,10 +209,14 @@ async def stream_text(
         async for attempt in attempts:
             async with attempt:
                 generated.provider = attempt.provider
-                pieces = attempt.pieces(open_stream(attempt.provider))
+                pieces = ended(attempt.pieces(open_stream(attempt.provider)), ends)
                 async for piece in until_stop(pieces, params.stop):
                     generated.add(piece)
                     yield piece
+
+
+def ended(pieces: AsyncIterator[str], ends: AnswerEnds | None) -> AsyncIterator[str]:
+    return pieces if ends is None else ends.applied(pieces)
 
 
 async def count_tokens(provider: Provider | None, texts: list[str]) -> list[int]:
