@@ -283,10 +283,13 @@ async def test_n_indent_and_t_max_predict_ms_end_the_generation(
                     answer = await http.post("/completion", json=body)
                     assert answer.status_code == 200, answer.text
                     if stream:
-                        *pieces, _ = events(answer)
+                        *pieces, last = events(answer)
                         contents.append("".join(piece["content"] for piece in pieces))
                     else:
-                        contents.append(answer.json()["content"])
+                        last = answer.json()
+                        contents.append(last["content"])
+                    # ended by them, not by the model: keel cannot say "eos"
+                    assert "stop_type" not in last, last
                 for _ in range(100):  # the fake notices at its next token
                     if upstream.disconnects == 2:
                         break

@@ -68,8 +68,8 @@ RESPONSE: dict[str, Any] = {
 
 def stop_type(finish: str | None, stop_words: bool) -> StopType | None:
     """Why the answer ended, in llama.cpp's words, where keel knows it: the budget, or
-    the model's end when no stop string could have ended it (with stop strings the
-    backend's "stop" is either)."""
+    the model's end when nothing else could have ended it (``stop_words``: stop strings,
+    ``n_indent`` or ``t_max_predict_ms`` were set, and the backend's "stop" is either)."""
     if finish == "length":
         return "limit"
     if finish == "stop" and not stop_words:
@@ -112,7 +112,10 @@ def final(
 async def completion(request: Request) -> Response:
     body = await read_model(request, LlamaCppCompletionRequest)
     state = app_state(request)
-    stop_words = bool(body.stop)
+    ends = None
+    if body.n_indent or (body.t_max_predict_ms or 0) > 0:  # they end it as on /infill
+        ends = AnswerEnds(n_indent=body.n_indent, max_predict_ms=body.t_max_predict_ms)
+    stop_words = bool(body.stop) or ends is not None
     if body.limit() == 0:  # nothing to generate: no upstream request
         model = state.providers.for_role("completion").info.model
         nothing = final("", model, {}, "length", stop_words)
@@ -121,9 +124,6 @@ async def completion(request: Request) -> Response:
         return JsonResponse(picked(nothing, body.response_fields))
     openai = parse_model(CompletionRequest, body.to_openai())
     # llama-server ends an answer where the context does, whatever n_predict asked for
-    ends = None
-    if body.n_indent or (body.t_max_predict_ms or 0) > 0:  # they end it as on /infill
-        ends = AnswerEnds(n_indent=body.n_indent, max_predict_ms=body.t_max_predict_ms)
     answer = await state.completion.serve_openai(request, openai, must_fit=False, ends=ends)
     if isinstance(answer, EventStream):
         return _reshaped(answer, stop_words)
