@@ -147,3 +147,30 @@ async def test_a_llama_vscode_session_gets_completions_from_the_embedded_model(
         "cache",
         "inflight",
     }
+
+
+async def test_a_request_with_its_own_ends_does_not_wait_for_a_precompute(
+    keel: httpx.AsyncClient,
+) -> None:
+    """llama.vim's request after a suggestion was accepted lands on keel's precompute of
+    it, which runs to keel's whole budget: the request joined it and waited past its own
+    ``t_max_predict_ms`` (asked 150 ms, answered in 1.26 s in a review's test)."""
+    serving = state_of(keel).completion
+    for cut in range(1361, 1361 + 4000, 97):
+        body = {"input_prefix": SOURCE[: SOURCE.index("\n", cut) + 1], "prompt": "        "}
+        first = await keel.post("/infill", json=body)
+        assert first.status_code == 200, first.text
+        shown = first.json()["content"]
+        if len(shown.strip()) > 3:
+            break
+    else:
+        raise AssertionError("the model suggested nothing anywhere")
+    ahead = [flight for flight in serving.flights if flight.precompute]
+    assert len(ahead) == 1, "a precompute started as soon as the engine was idle"
+    accepted = {"input_prefix": body["input_prefix"] + "        " + shown, "prompt": ""}
+    second = await keel.post("/infill", json={**accepted, "t_max_predict_ms": 1})
+    assert second.status_code == 200, second.text
+    source = second.headers["x-keel-source"]
+    assert source in ("model", "cache"), "it joined the precompute and waited for all of it"
+    task = ahead[0].task
+    assert source == "cache" or (task is not None and task.cancelled())

@@ -460,3 +460,32 @@ async def test_answer_ends_cut_inside_a_piece_and_close_the_stream() -> None:
     pieces = ["x\n", "        y\n    z", "\n        w"]
     assert await ended(pieces, indent) == ("x\n        y", True)
     assert await ended(["x\n", "        y"], indent) == ("x\n        y", True)
+
+
+async def test_an_answer_from_the_cache_is_cut_by_this_requests_n_indent_in_a_crlf_file(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """The cut answer kept the CR of its last CRLF: the editor got a stray ``\\r``."""
+    llamacpp.tokens = ("self.x = x", "\n", "        self.y = y", "\n", "    def norm(self):")
+    base = {
+        "input_prefix": "class Point:\r\n    def __init__(self, x, y):\r\n",
+        "input_suffix": "\r\n",
+    }
+    whole = await keel.post("/infill", json={**base, "prompt": "        "})
+    assert "def norm" in whole.json()["content"]  # no n_indent: the whole answer, kept
+    typed = await keel.post("/infill", json={**base, "prompt": "        se", "n_indent": 8})
+    assert typed.headers["x-keel-source"] == "cache"
+    assert typed.json()["content"] == "lf.x = x\r\n        self.y = y"
+
+
+async def test_a_crlf_stop_word_ends_the_generation_in_a_crlf_file(
+    keel: httpx.AsyncClient, llamacpp: FakeUpstream
+) -> None:
+    """The model writes new lines as "\\n": a stop word with "\\r\\n" never matched while
+    it generated (the answer was cut at it afterwards, the budget spent)."""
+    llamacpp.tokens = LINES
+    body = {"input_prefix": "x = 0\r\n", "prompt": "", "input_suffix": "\r\n", "stop": ["2\r\n"]}
+    answer = await keel.post("/infill", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["content"] == "a = 1\r\nb ="
+    assert await left_early(llamacpp)

@@ -117,7 +117,9 @@ async def infill(request: Request) -> JsonResponse:
             content, stopped = cut_at_stop(answer.response.choices[0].text, body.stop)
             if stopped and content.endswith("\r"):  # a stop word's "\n" of a CRLF file
                 content = content[:-1]
-            content = cut_at_indent(content, body.n_indent)
+            # an answer from the cache has its CRLFs back: a cut leaves no CR behind
+            if (cut := cut_at_indent(content, body.n_indent)) != content:
+                content = cut.removesuffix("\r")
             line_suffix = body.input_suffix.partition("\n")[0]
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
             headers = answer.headers

@@ -363,8 +363,9 @@ class TabbyPrompts:
         if shrink or pressured:
             budget //= 2
         stops = stop_words(task.language, provider.stop_words)
-        if task.ends is not None:
-            stops = [*stops, *(stop for stop in task.ends.stop if stop not in stops)]
+        if task.ends is not None:  # in the model's new lines, as the prompt's (a CRLF file's)
+            own = (stop.replace("\r\n", "\n") if task.crlf else stop for stop in task.ends.stop)
+            stops = [*stops, *(stop for stop in own if stop not in stops)]
         if task.mid_line:
             stops = [*stops, "\n"]  # only the rest of this line fits
         if task.raw_prompt is not None:

@@ -218,6 +218,11 @@ class CompletionServing:
         if hit is not None:
             return self._settled(self._from_cache(task, place, hit, "cache"))
         flight = self.flights.join(place, task.prefix, task.suffix)
+        if flight is not None and flight.precompute and task.ends is not None:
+            # Idle-time work runs to keel's budget: a client with its own ends (llama.vim's
+            # time limit, its line's indentation) waited for all of it.
+            flight.leave()
+            flight = None
         if flight is None:
             return self._generate(task, place)
         joined = asyncio.ensure_future(self._after_flight(task, place, flight))
@@ -286,8 +291,8 @@ class CompletionServing:
             place, accepted, task.suffix
         ):
             return
-        # Generated whole at idle time: the next request's own ends (its line's
-        # indentation) are applied to what it is served.
+        # Generated whole at idle time: a request with its own ends does not wait for it
+        # (:meth:`answer`), and they are applied to what it is served from the cache.
         ahead = dataclasses.replace(
             task, prefix=accepted, mid_line=is_mid_line(accepted, task.suffix), ends=None
         )
