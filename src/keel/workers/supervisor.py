@@ -173,6 +173,13 @@ class _Pending:
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
 
 
+def _note_prompt(reported: Reported, message: dict[str, Any]) -> None:
+    """The worker's figures of a request (its first piece's, then its end's)."""
+    reported.note_usage(message)
+    reported.cached_tokens = message.get("reused_tokens")
+    reported.prompt_ms = message.get("prompt_ms")
+
+
 def _tokens(message: dict[str, Any]) -> str:
     """A piece's text, holding the count of the tokens joined in it (the token metrics
     counted each piece one token: a third of a fast model's)."""
@@ -634,15 +641,16 @@ class WorkerSupervisor:
             while True:
                 message = await pending.queue.get()
                 if "text" in message:
+                    if reported is not None and "prompt_tokens" in message:
+                        # the first piece: a caller that stops early still has them
+                        _note_prompt(reported, message)
                     yield _tokens(message)
                 elif message.get("done"):
                     finished = True
                     self.stats.add(message)
                     if reported is not None:
-                        reported.note_usage(message)
+                        _note_prompt(reported, message)
                         reported.finish_reason = message.get("finish_reason")
-                        reported.cached_tokens = message.get("reused_tokens")
-                        reported.prompt_ms = message.get("prompt_ms")
                     return
                 else:
                     finished = True

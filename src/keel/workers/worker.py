@@ -21,8 +21,10 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
 - ``complete`` {prompt, max_tokens, temperature, top_p, frequency_penalty,
   presence_penalty, stop, seed, limit_must_fit}: streams
   ``{"id", "text", "tokens"}`` pieces (the first token alone, then the tokens made
-  within ``PIECE_HOLD`` of the last piece, together; ``tokens``: how many), then ``{"id", "done":
-  true, "finish_reason", "prompt_tokens", "completion_tokens", "reused_tokens",
+  within ``PIECE_HOLD`` of the last piece, together; ``tokens``: how many; the first
+  piece also carries the prompt's figures, ``prompt_tokens``, ``reused_tokens`` and
+  ``prompt_ms``, for a caller that stops reading before the end), then ``{"id", "done":
+  true, "finish_reason", "prompt_tokens", "completion_tokens", "reused_tokens", "prompt_ms",
   "slot_wait_ms", "slot_held", "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it
   waited here for a slot, included in the other two).
 - ``chat`` {messages, and the same sampling fields}: the same, with the
@@ -119,6 +121,19 @@ class _Channel:
         with self._lock:
             self._stream.write(line)
             self._stream.flush()
+
+
+def _prompt_figures(state: dict[str, Any]) -> dict[str, Any]:
+    """The prompt's tokens, those the slot held, and the time reading the rest took, from
+    the engine's progress reports (none before its first)."""
+    progress = state.get("progress")
+    if progress is None:
+        return {}
+    return {
+        "prompt_tokens": progress["total"],
+        "reused_tokens": progress["cache"],
+        "prompt_ms": state.get("read_ms"),
+    }
 
 
 def _error_reply(error: dict[str, Any]) -> dict[str, Any]:
@@ -506,7 +521,10 @@ class _Engine:
                         state["reason"] = "stop"
                         return True
                     if now - sent >= PIECE_HOLD and (text := "".join(unsent)):
-                        self.channel.send({"id": request_id, "text": text, "tokens": len(unsent)})
+                        message = {"id": request_id, "text": text, "tokens": len(unsent)}
+                        if not sent:
+                            message.update(_prompt_figures(state))
+                        self.channel.send(message)
                         unsent.clear()
                         sent = now
                 state["reason"] = choices[0].get("finish_reason") or state.get("reason")
@@ -523,7 +541,10 @@ class _Engine:
             del self._wanted[slot]
             self.slots.release(slot)
         if text := "".join(unsent) + stops.held:  # the held text's tokens went out before
-            self.channel.send({"id": request_id, "text": text, "tokens": len(unsent)})
+            message = {"id": request_id, "text": text, "tokens": len(unsent)}
+            if not sent:
+                message.update(_prompt_figures(state))
+            self.channel.send(message)
         if "error" in state:
             reply = _error_reply(state["error"])
             if "response_format" in body and "grammar" in reply["error"]:
