@@ -107,7 +107,7 @@ async def infill(request: Request) -> JsonResponse:
     content, headers, answer = "", {}, None
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
         limit = body.n_predict if body.n_predict and body.n_predict > 0 else None
-        ends = AnswerEnds(tuple(body.stop), body.n_indent, body.t_max_predict_ms)
+        ends = AnswerEnds.of(body.stop, body.n_indent, body.t_max_predict_ms)
         answer = await state.completion.complete(
             request, body.to_tabby(language_of(body)), limit, ends
         )

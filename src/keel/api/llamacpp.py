@@ -112,9 +112,8 @@ def final(
 async def completion(request: Request) -> Response:
     body = await read_model(request, LlamaCppCompletionRequest)
     state = app_state(request)
-    ends = None
-    if body.n_indent or (body.t_max_predict_ms or 0) > 0:  # they end it as on /infill
-        ends = AnswerEnds(n_indent=body.n_indent, max_predict_ms=body.t_max_predict_ms)
+    # stop goes as OpenAI's; n_indent and t_max_predict_ms end it as on /infill
+    ends = AnswerEnds.of((), body.n_indent, body.t_max_predict_ms)
     stop_words = bool(body.stop) or ends is not None
     if body.limit() == 0:  # nothing to generate: no upstream request
         model = state.providers.for_role("completion").info.model

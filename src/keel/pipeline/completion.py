@@ -226,6 +226,16 @@ class AnswerEnds:
     max_predict_ms: int | None = None
     """At a new line once this long has passed since the first token."""
 
+    @classmethod
+    def of(
+        cls, stop: Sequence[str], n_indent: int | None, max_predict_ms: int | None
+    ) -> AnswerEnds | None:
+        """The ends a request sets (llama.cpp's fields); None where it sets none (0 and
+        -1 are llama.cpp's "no limit")."""
+        if not stop and not n_indent and not (max_predict_ms and max_predict_ms > 0):
+            return None
+        return cls(tuple(stop), n_indent, max_predict_ms)
+
     async def applied(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
         """The text of ``pieces`` until a line indented less than :attr:`n_indent` or
         a new line past :attr:`max_predict_ms`; then ``pieces`` is closed, which stops

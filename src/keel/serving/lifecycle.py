@@ -216,6 +216,7 @@ async def stream_text(
 
 
 def ended(pieces: AsyncIterator[str], ends: AnswerEnds | None) -> AsyncIterator[str]:
+    """``pieces`` up to the client's own ends, where it set any."""
     return pieces if ends is None else ends.applied(pieces)
 
 
