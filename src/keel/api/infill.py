@@ -26,6 +26,7 @@ from keel.errors import RequestError
 from keel.pipeline.completion import AnswerEnds, cut_at_indent, cut_at_stop
 from keel.pipeline.languages import find_language
 from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
+from keel.pipeline.prompt import normalize_newlines, restore_newlines
 from keel.providers.base import Provider, Reported, estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
@@ -74,6 +75,15 @@ def in_cache(prompt: int, predicted: int) -> int:
     return max(0, prompt + predicted - 1)
 
 
+def cut_at_ends(text: str, body: InfillRequest) -> str:
+    """``text`` up to the request's ``stop`` and ``n_indent``, which an answer from keel's
+    cache (generated for another request) has not met yet. Cut in the model's new lines,
+    then given the file's back: a cut in a CRLF file left a stray CR."""
+    lines, crlf = normalize_newlines(text)
+    stops = [stop.replace("\r\n", "\n") for stop in body.stop]
+    return restore_newlines(cut_at_indent(cut_at_stop(lines, stops)[0], body.n_indent), crlf)
+
+
 def cut_at_suffix_closer(text: str, line_prefix: str, line_suffix: str) -> str:
     """A one-line answer in mid-line up to where it closes what the text after the
     cursor closes already (an editor's auto-closed bracket or quote): ``x = {}", x);``
@@ -114,12 +124,7 @@ async def infill(request: Request) -> JsonResponse:
         if answer is None:  # a newer keystroke's request superseded it, as on Tabby's route
             headers = {"X-Keel-Superseded": "1"}
         else:
-            content, stopped = cut_at_stop(answer.response.choices[0].text, body.stop)
-            if stopped and content.endswith("\r"):  # a stop word's "\n" of a CRLF file
-                content = content[:-1]
-            # an answer from the cache has its CRLFs back: a cut leaves no CR behind
-            if (cut := cut_at_indent(content, body.n_indent)) != content:
-                content = cut.removesuffix("\r")
+            content = cut_at_ends(answer.response.choices[0].text, body)
             line_suffix = body.input_suffix.partition("\n")[0]
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
             headers = answer.headers

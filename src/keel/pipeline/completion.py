@@ -240,27 +240,35 @@ class AnswerEnds:
         """The text of ``pieces`` until a line indented less than :attr:`n_indent` or
         a new line past :attr:`max_predict_ms`; then ``pieces`` is closed, which stops
         the work upstream. (The stop words go with keel's: :meth:`TabbyPrompts.call_for`.)"""
-        text, started = "", time.monotonic()
+        # Only the text from its last new line on is kept and checked: the whole answer,
+        # joined and split at every piece, made the work grow with its square.
+        tail, started = "", time.monotonic()
         try:
             async for piece in pieces:
-                if not text:
+                if not tail:
                     started = time.monotonic()  # generation begins: the prompt is read
-                whole = text + piece
-                kept = cut_at_indent(whole, self.n_indent)
+                seen = tail + piece  # its first line is the answer's (exempt) or empty
+                kept = cut_at_indent(seen, self.n_indent)
                 late = "\n" in piece and self._late(started)
                 if late:  # the answer ends at this new line (a piece may hold more)
-                    kept = kept[: len(text) + piece.index("\n") + 1]
-                if len(kept) > len(text):
-                    yield kept[len(text) :]
-                if late or len(kept) < len(whole):
+                    kept = kept[: len(tail) + piece.index("\n") + 1]
+                if len(kept) > len(tail):
+                    yield kept[len(tail) :]
+                if late or len(kept) < len(seen):
                     return
-                text = kept
+                at = seen.rfind("\n")
+                tail = seen if at < 0 else seen[at:]
         finally:
             await close_stream(pieces)
 
     def _late(self, started: float) -> bool:
         limit = self.max_predict_ms
         return limit is not None and limit > 0 and time.monotonic() - started > limit / 1000
+
+
+def ended(pieces: AsyncIterator[str], ends: AnswerEnds | None) -> AsyncIterator[str]:
+    """``pieces`` up to the client's own ends, where it set any."""
+    return pieces if ends is None else ends.applied(pieces)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,11 @@ reuses prompt caches always.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keel.schemas.openai import MAX_STOP_LENGTH, MAX_TOKENS_LIMIT
+from keel.schemas.openai import MAX_TOKENS_LIMIT, _check_stop
 from keel.schemas.tabby import (
     MAX_CLIENT_SNIPPETS,
     ClientSnippet,
@@ -83,12 +83,12 @@ class InfillRequest(_Wire):
     )
     stream: bool = Field(False, description="Only false: the answer comes whole.")
     model: str | None = None
-    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] = Field(
+    stop: list[str] = Field(
         default_factory=list,
-        max_length=16,
-        description=f"The answer ends before the first (at most 16, of 1 to {MAX_STOP_LENGTH} "
-        "characters: the engine checks each as it generates).",
+        description="The answer ends before the first (up to 16, as on /v1/completions: the "
+        "engine checks each as it generates).",
     )
+    _stop = field_validator("stop")(_check_stop)
     response_fields: list[str] = response_fields("the answer")
 
     def cursor_line(self) -> str:

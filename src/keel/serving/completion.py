@@ -29,7 +29,13 @@ from starlette.requests import Request
 from keel.errors import RequestError
 from keel.events import EventStore
 from keel.ops.metrics import Metrics
-from keel.pipeline.completion import AnswerEnds, TabbyPrompts, TabbyTask, read_until_stop
+from keel.pipeline.completion import (
+    AnswerEnds,
+    TabbyPrompts,
+    TabbyTask,
+    ended,
+    read_until_stop,
+)
 from keel.pipeline.cut import after_cut, whitespace_cut
 from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.postprocess import is_mid_line
@@ -322,9 +328,8 @@ class CompletionServing:
                             task, provider, shrink=attempt.shrink, pressured=pressured
                         )
                     )
-                    stream = built.generated(attempt.pieces(provider.stream_completion(call)))
-                    if task.ends is not None:
-                        stream = task.ends.applied(stream)
+                    pieces = attempt.pieces(provider.stream_completion(call))
+                    stream = ended(built.generated(pieces), task.ends)
                     if flight is not None:
                         stream = flight.recording(stream)
                     raw = await read_until_stop(stream, call.params.stop)

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from keel import jsoncodec
 from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
-from keel.pipeline.completion import AnswerEnds, read_until_stop, until_stop
+from keel.pipeline.completion import AnswerEnds, ended, read_until_stop, until_stop
 from keel.providers.base import (
     CompletionProvider,
     GenerationParams,
@@ -213,11 +213,6 @@ async def stream_text(
                 async for piece in until_stop(pieces, params.stop):
                     generated.add(piece)
                     yield piece
-
-
-def ended(pieces: AsyncIterator[str], ends: AnswerEnds | None) -> AsyncIterator[str]:
-    """``pieces`` up to the client's own ends, where it set any."""
-    return pieces if ends is None else ends.applied(pieces)
 
 
 async def count_tokens(provider: Provider | None, texts: list[str]) -> list[int]:

@@ -123,17 +123,19 @@ class _Channel:
             self._stream.flush()
 
 
-def _prompt_figures(state: dict[str, Any]) -> dict[str, Any]:
-    """The prompt's tokens, those the slot held, and the time reading the rest took, from
-    the engine's progress reports (none before its first)."""
+def _piece(
+    request_id: int, text: str, tokens: int, state: dict[str, Any], sent: float
+) -> dict[str, Any]:
+    """A piece's message; the first (nothing ``sent`` yet) also carries the prompt's
+    tokens, those the slot held, and the time reading the rest took, from the engine's
+    progress reports (where it made one)."""
+    message: dict[str, Any] = {"id": request_id, "text": text, "tokens": tokens}
     progress = state.get("progress")
-    if progress is None:
-        return {}
-    return {
-        "prompt_tokens": progress["total"],
-        "reused_tokens": progress["cache"],
-        "prompt_ms": state.get("read_ms"),
-    }
+    if not sent and progress is not None:
+        message["prompt_tokens"] = progress["total"]
+        message["reused_tokens"] = progress["cache"]
+        message["prompt_ms"] = state.get("read_ms")
+    return message
 
 
 def _error_reply(error: dict[str, Any]) -> dict[str, Any]:
@@ -521,10 +523,7 @@ class _Engine:
                         state["reason"] = "stop"
                         return True
                     if now - sent >= PIECE_HOLD and (text := "".join(unsent)):
-                        message = {"id": request_id, "text": text, "tokens": len(unsent)}
-                        if not sent:
-                            message.update(_prompt_figures(state))
-                        self.channel.send(message)
+                        self.channel.send(_piece(request_id, text, len(unsent), state, sent))
                         unsent.clear()
                         sent = now
                 state["reason"] = choices[0].get("finish_reason") or state.get("reason")
@@ -541,10 +540,7 @@ class _Engine:
             del self._wanted[slot]
             self.slots.release(slot)
         if text := "".join(unsent) + stops.held:  # the held text's tokens went out before
-            message = {"id": request_id, "text": text, "tokens": len(unsent)}
-            if not sent:
-                message.update(_prompt_figures(state))
-            self.channel.send(message)
+            self.channel.send(_piece(request_id, text, len(unsent), state, sent))
         if "error" in state:
             reply = _error_reply(state["error"])
             if "response_format" in body and "grammar" in reply["error"]:
