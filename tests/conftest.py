@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import pytest
 
 from keel.workers.worker import THREADS_VARIABLE
 from tests.fakes.fixtures import dead_url, upstream  # noqa: F401
+from tests.forked import Forked, fork_keel, run_keel
 from tests.ports import free_port
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -23,7 +23,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 @dataclass
 class KeelProcess:
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | Forked
     url: str
     root: Path
     log: Path
@@ -59,7 +59,7 @@ class KeelProcess:
             wait_or_kill(self.process, 20)
 
 
-def wait_or_kill(process: subprocess.Popen[Any], seconds: float) -> None:
+def wait_or_kill(process: subprocess.Popen[Any] | Forked, seconds: float) -> None:
     """Wait ``seconds`` for ``process`` to end (it was asked to), then kill it."""
     try:
         process.wait(seconds)
@@ -79,27 +79,22 @@ def sse_events(text: str) -> list[Any]:
 
 
 def keel_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """``python -m keel <args>`` run to its end, its output as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "keel", *args], capture_output=True, text=True, env=env, timeout=60
-    )
+    """``python -m keel <args>`` run to its end, its output as text (forked:
+    tests/forked.py)."""
+    return run_keel(args, env, timeout=60)
 
 
 def start_keel(root: Path, config: str | None = None, *args: str) -> KeelProcess:
-    """Start a real `keel serve` process on a free loopback port."""
+    """Start a real `keel serve` process on a free loopback port (forked from one that
+    has imported keel: tests/forked.py)."""
     root.mkdir(parents=True, exist_ok=True)
     if config is not None:
         (root / "config.toml").write_text(config)
     port = free_port()
     log = root / "keel.log"
+    log.write_bytes(b"")
     env = {**os.environ, "KEEL_ROOT": str(root)}
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "keel", "serve", "--port", str(port), *args],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    process = fork_keel(["serve", "--port", str(port), *args], env, log)
     return KeelProcess(process, f"http://127.0.0.1:{port}", root, log)
 
 
