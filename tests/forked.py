@@ -108,7 +108,6 @@ class _Template:
             [sys.executable, "-c", TEMPLATE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.codes: dict[int, int] = {}
         self.started: list[int] = []
