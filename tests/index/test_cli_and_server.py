@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests import forked
 from tests.conftest import start_keel
 from tests.index.test_retrieve import PREFIX
 
@@ -29,13 +29,7 @@ def config_for(repo: Path) -> str:
 
 
 def run_keel(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keel", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "KEEL_ROOT": str(root)},
-        timeout=120,
-    )
+    return forked.run_keel(args, {**os.environ, "KEEL_ROOT": str(root)}, timeout=120)
 
 
 def test_keel_index_builds_then_updates_incrementally(repo: Path, tmp_path: Path) -> None:

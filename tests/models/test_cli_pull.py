@@ -9,18 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from tests.forked import run_keel
 from tests.models.conftest import FILE, REPO
 from tests.models.fake_hub import FakeHub
 
 
 def keel(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keel", "models", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "KEEL_ROOT": str(root), **env},
-    )
+    return run_keel(["models", *args], {**os.environ, "KEEL_ROOT": str(root), **env}, timeout=120)
 
 
 def test_pull_then_list_shows_the_models_header_facts(hub: FakeHub, tmp_path: Path) -> None:

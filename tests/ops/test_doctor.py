@@ -15,6 +15,7 @@ import pytest
 from keel.ops.doctor import DoctorOptions, run_checks
 from tests.conftest import free_port
 from tests.fakes.upstreams import Behaviour, FakeUpstream
+from tests.forked import run_keel
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +23,8 @@ pytestmark = pytest.mark.integration
 def doctor(
     root: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keel", "doctor", *args],
-        env={**os.environ, "KEEL_ROOT": str(root), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=180,
+    return run_keel(
+        ["doctor", *args], {**os.environ, "KEEL_ROOT": str(root), **(env or {})}, timeout=180
     )
 
 

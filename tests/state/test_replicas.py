@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +20,7 @@ from keel.auth import key_id
 from keel.config import parse_settings
 from keel.errors import ConfigError
 from keel.state.shared_limits import KEY_PREFIX
-from tests.conftest import KeelProcess, start_keel
+from tests.conftest import KeelProcess, keel_cli, start_keel
 from tests.fakes.upstreams import FakeUpstream
 from tests.state.servers import PostgresServer, RedisServer
 
@@ -269,9 +267,8 @@ def test_a_key_added_to_the_shared_keys_file_works_on_every_replica_within_secon
 
 def keys_cli(config: Path, *args: str) -> str:
     """Run `keel keys ... --config CONFIG` as a person would; its stdout."""
-    command = [sys.executable, "-m", "keel", "keys", "--config", str(config), *args]
     env = {**os.environ, "KEEL_ROOT": str(config.parent)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    done = keel_cli("keys", "--config", str(config), *args, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
