@@ -39,6 +39,7 @@ async def test_completion_request_and_stream(upstream: FakeUpstream, make_provid
         "cache_prompt": True,
         "stream": True,
         "return_tokens": True,
+        "timings_per_token": True,
     }
 
 

@@ -87,3 +87,23 @@ async def test_text_that_begins_a_stop_word_is_kept_when_the_answer_ends_at_n_pr
     assert len(whole.strip()) > 1, whole
     assert await answer(llama_server, (whole[1:] + "\u2603",), 3) == whole
     assert await answer(llama_server, (whole[1:],), 6) == whole[:1]
+
+
+async def test_an_answer_left_after_its_first_piece_has_the_prompts_figures(
+    llama_server: str,
+) -> None:
+    """keel ends an answer early (a stop word of its own, llama.vim's ``n_indent`` or
+    time limit) and never reads the server's last chunk, which alone carried the
+    prompt's tokens and reading time: llama.vim's figures had no prompt read."""
+    provider = completion_provider(llama_server)
+    params = GenerationParams(max_tokens=40, temperature=0)
+    call = CompletionCall("Once upon a time", params)
+    try:
+        pieces = provider.stream_completion(call)
+        assert await anext(pieces)
+        await pieces.aclose()  # as keel leaves an answer it has ended
+    finally:
+        await provider.aclose()
+    assert call.reported.prompt_tokens and call.reported.prompt_tokens >= 4, call.reported
+    assert call.reported.prompt_ms is not None and call.reported.prompt_ms > 0, call.reported
+    assert call.reported.completion_tokens is None  # the answer's count is keel's to make

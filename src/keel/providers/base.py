@@ -162,15 +162,22 @@ class Reported:
 
     def note_timings(self, timings: object) -> None:
         """Take the figures of llama.cpp's ``timings`` (its server's last chunk): the
-        tokens read (``prompt_n``) and taken from the cache (``cache_n``), the time
-        reading took, the tokens generated."""
+        prompt's (:meth:`note_prompt`) and the tokens generated."""
+        if isinstance(timings, dict):
+            self.note_prompt(timings)
+            predicted = _count(timings.get("predicted_n"))
+            self.completion_tokens = predicted or self.completion_tokens
+
+    def note_prompt(self, timings: object) -> None:
+        """Take the prompt's figures of llama.cpp's ``timings``, which its server also
+        sends with each piece when asked (``timings_per_token``): the tokens read
+        (``prompt_n``) and taken from the cache (``cache_n``), the time reading took."""
         if not isinstance(timings, dict):
             return
         read, cached = _count(timings.get("prompt_n")), _count(timings.get("cache_n"))
         if read is not None:
             self.cached_tokens = cached or 0
             self.prompt_tokens = read + self.cached_tokens
-        self.completion_tokens = _count(timings.get("predicted_n")) or self.completion_tokens
         took = timings.get("prompt_ms")
         if isinstance(took, int | float) and not isinstance(took, bool):
             self.prompt_ms = float(took) if math.isfinite(took) and took >= 0 else None

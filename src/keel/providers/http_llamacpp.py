@@ -49,6 +49,9 @@ class LlamaCppCompletionProvider(HttpCompletion):
         body["cache_prompt"] = True
         body["stream"] = True
         body["return_tokens"] = True  # to recover text held back for a stop word
+        # The prompt's figures with the first piece: an answer keel ends early (a stop
+        # word, llama.vim's n_indent or time limit) never reads the last chunk's.
+        body["timings_per_token"] = True
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
@@ -60,6 +63,8 @@ class LlamaCppCompletionProvider(HttpCompletion):
         def text(payload: JsonObject) -> str:
             piece = text_field(payload, "content", provider)
             answer.add(piece, payload.get("tokens"))
+            if reported.prompt_tokens is None:
+                reported.note_prompt(payload.get("timings"))
             return piece
 
         def stop(payload: JsonObject) -> bool:
