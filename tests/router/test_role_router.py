@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 
@@ -50,6 +51,7 @@ from keel.router.router import (
     Timeouts,
     new_breaker,
 )
+from keel.router.service import _reach as reach
 from keel.router.service import probe as service_probe
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.router.conftest import FakeClock
@@ -1314,3 +1316,25 @@ async def test_a_retry_waiting_out_its_backoff_is_outstanding(
     pieces, _ = await run(router)
     assert "".join(pieces) == ANSWER
     assert outstanding == [1] and router.endpoints[0].outstanding == 0
+
+
+async def test_a_backend_keels_own_busy_loop_kept_waiting_is_not_unreachable(
+    build: Build, upstreams: Callable[..., FakeUpstream], dead_url: str
+) -> None:
+    """keel's start checks that each backend accepts a connection. A loaded machine can
+    keep keel's own loop busy past the wait while the connection is made at once: the
+    backend was routed around as "cannot connect: no answer" (a chaos test, under load).
+    A refused connection is still unreachable at once."""
+    live = upstreams()
+    endpoint = build.endpoint(live.url, name="live")
+    router = build.router([[endpoint]])
+    reaching = asyncio.create_task(reach(router, endpoint, "127.0.0.1", live.port, 0.2))
+    await asyncio.sleep(0)  # the connection is under way
+    time.sleep(0.5)  # noqa: ASYNC251 - keel's loop busy (on purpose), past the wait
+    await reaching
+    assert endpoint.last_error is None and ("health", "live", "False") not in build.events.log
+
+    dead = build.endpoint(dead_url, name="dead")
+    port = int(dead_url.rsplit(":", 1)[1])
+    await reach(build.router([[dead]]), dead, "127.0.0.1", port, 0.2)
+    assert dead.last_error and "cannot connect" in dead.last_error
