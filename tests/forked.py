@@ -31,6 +31,7 @@ from pathlib import Path
 TEMPLATE = r"""
 import gc, json, os, select, signal, sys, traceback
 import keel.cli, keel.app  # what every keel serve imports
+import keel.providers.http  # aiohttp, imported at start by a keel with HTTP backends
 
 def serve():
     wake_r, wake_w = os.pipe()
