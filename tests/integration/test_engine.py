@@ -256,27 +256,26 @@ async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
     first attempt cancels during the first batch, which the first call reads before the
     batch-sized calls start; the others cancel later, three times over, because one call
     gets the cancel in before the next batch now and then."""
-    for attempt in range(4):
-        prompt = f"# cancelled {attempt}\n" + FILE * 2  # ~460 tokens: seven batches
+    attempt = misses = 0
+    while attempt < 4:
+        prompt = f"# cancelled {attempt}.{misses}\n" + FILE * 2  # ~460 tokens: seven batches
         body: dict[str, Any] = {"prompt": prompt}
         if op == "chat":
             body = {"messages": [{"role": "user", "content": prompt}]}
         op_body = {"op": op, **body, "max_tokens": 1, "temperature": 0}
         stream = supervisor.stream(op_body, ready_timeout=5)
         first = asyncio.ensure_future(anext(stream))
-        slot, held = -1, 0
         async with asyncio.timeout(60):  # a read of a few seconds; never a hung test
-            while not 0 < held < 2 * PREFILL_BATCH:  # the first call's batch: the slot gave way
-                slot, held = await reading(supervisor)
-            if attempt:
-                while held < 2 * PREFILL_BATCH:  # the first batch-sized call's, just begun
-                    slot, held = await reading(supervisor)
-            else:
-                await asyncio.sleep(0.05)  # the batch-sized calls are ready to go
+            caught = await caught_reading(supervisor, first, later=attempt > 0)
         first.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
             await first
         await stream.aclose()  # type: ignore[attr-defined]
+        if caught is None:  # the read ended between two looks at the slots: again
+            misses += 1
+            assert misses < 10, "the read was never caught under way"
+            continue
+        slot, held = caught
         idle = 0
         for _ in range(1000):  # idle twice in a row: nothing more is sent to the engine
             idle = idle + 1 if (await reading(supervisor))[0] < 0 else 0
@@ -295,6 +294,28 @@ async def test_a_cancel_while_a_prompt_is_read_ends_with_the_batch_in_flight(
         # Its whole prompt counted, so what the slot reused never exceeds it.
         assert last["prompt_tokens"] > 6 * PREFILL_BATCH, last
         assert supervisor.stats.snapshot()["evaluated_tokens"] >= 0
+        attempt += 1
+
+
+async def caught_reading(
+    worker: WorkerSupervisor, first: asyncio.Future[Any], *, later: bool
+) -> tuple[int, int] | None:
+    """The busy slot and what it holds once the first call's batch is read (``later``:
+    once the first batch-sized call's has begun); None if the request ended first, its
+    read done between two looks (a loaded machine: the look waited 60 s for it)."""
+    slot, held = -1, 0
+    while not 0 < held < 2 * PREFILL_BATCH:  # the first call's batch: the slot gave way
+        if first.done():
+            return None
+        slot, held = await reading(worker)
+    if not later:
+        await asyncio.sleep(0.05)  # the batch-sized calls are ready to go
+        return slot, held
+    while held < 2 * PREFILL_BATCH:  # the first batch-sized call's, just begun
+        if first.done():
+            return None
+        slot, held = await reading(worker)
+    return slot, held
 
 
 async def test_a_prompt_read_ahead_reports_its_reuse_and_generates_as_one_read(
