@@ -433,3 +433,18 @@ def test_a_long_generation_does_not_hold_up_completions(keel_server: KeelProcess
         answered_first.set()
         thread.join(120)
     assert finished and finished[0] > answered
+
+
+async def test_the_engine_ends_an_answer_at_a_new_line_past_its_time_limit(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """llama.vim's ``t_max_predict_ms`` goes to the engine, which checks it token by
+    token as llama.cpp's server does. keel's own check runs per piece, and a loaded keel
+    reads the engine's tokens joined: two lines went through at 1 ms."""
+    op = {"op": "complete", "prompt": "def fibonacci(n):\n    ", "max_tokens": 48, "temperature": 0}
+    whole = "".join([piece async for piece in supervisor.stream(op, ready_timeout=5)])
+    assert whole.count("\n") >= 2, whole
+    limited = {**op, "t_max_predict_ms": 1}
+    ended = "".join([piece async for piece in supervisor.stream(limited, ready_timeout=5)])
+    assert ended.count("\n") == 1 and ended.split("\n")[0] == whole.split("\n")[0], ended
+    assert supervisor.stats.last["finish_reason"] == "length", supervisor.stats.last

@@ -404,6 +404,9 @@ async def test_t_max_predict_ms_ends_the_answer_at_a_new_line_once_past(
     # 100 ms, on a slow machine)
     assert content.startswith("a = 1") and "c = 3" not in content, content
     assert await left_early(llamacpp)
+    # and the server is asked to apply it too, token by token, as keel reads pieces
+    sent = [r for r in llamacpp.requests if r.path == "/completion"][-1].json
+    assert sent["t_max_predict_ms"] == 150, sent
 
 
 async def test_the_clients_stop_words_end_the_generation(

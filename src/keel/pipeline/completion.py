@@ -232,9 +232,10 @@ class AnswerEnds:
     ) -> AnswerEnds | None:
         """The ends a request sets (llama.cpp's fields); None where it sets none (0 and
         -1 are llama.cpp's "no limit")."""
-        if not stop and not n_indent and not (max_predict_ms and max_predict_ms > 0):
+        limited = max_predict_ms if max_predict_ms and max_predict_ms > 0 else None
+        if not stop and not n_indent and limited is None:
             return None
-        return cls(tuple(stop), n_indent, max_predict_ms)
+        return cls(tuple(stop), n_indent, limited)
 
     async def applied(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
         """The text of ``pieces`` until a line indented less than :attr:`n_indent` or
@@ -399,6 +400,7 @@ class TabbyPrompts:
             temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
             stop=tuple(stops),
             seed=task.request.seed,
+            max_predict_ms=task.ends.max_predict_ms if task.ends is not None else None,
         )
         return built, CompletionCall(built.prompt, params, built.suffix)
 

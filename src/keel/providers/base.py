@@ -121,6 +121,11 @@ class GenerationParams:
     a 400 (OpenAI's and vLLM's rule), where an answer cut short at the context's end
     read as one that had used its limit. False (Tabby's, llama.cpp's ``n_predict``): the
     answer ends where the context does."""
+    max_predict_ms: int | None = None
+    """llama.cpp's ``t_max_predict_ms``, for the engines that apply it token by token
+    (keel's local engine, a llama.cpp server): the answer ends at the first new line
+    once this long has passed since its first token. keel applies it too, piece by piece
+    (:class:`keel.pipeline.completion.AnswerEnds`), where tokens may come joined."""
 
 
 LLAMACPP_RANDOM_SEED = 2**32 - 1

@@ -45,6 +45,8 @@ class LlamaCppCompletionProvider(HttpCompletion):
         body.update(generation_fields(params))
         if params.seed is not None:
             body["seed"] = llamacpp_seed(params.seed)
+        if params.max_predict_ms:
+            body["t_max_predict_ms"] = params.max_predict_ms
         # Reuse the slot's KV cache for the shared prefix of consecutive prompts.
         body["cache_prompt"] = True
         body["stream"] = True

@@ -51,6 +51,7 @@ def _sampling(params: GenerationParams) -> dict[str, object]:
         "frequency_penalty": params.frequency_penalty,
         "presence_penalty": params.presence_penalty,
         "limit_must_fit": params.limit_must_fit,
+        "t_max_predict_ms": params.max_predict_ms,
     }
 
 

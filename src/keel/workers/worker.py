@@ -203,6 +203,8 @@ def _sampling(request: dict[str, Any]) -> dict[str, Any]:
     for name in ("top_p", "frequency_penalty", "presence_penalty"):
         if request.get(name) is not None:
             body[name] = float(request[name])
+    if request.get("t_max_predict_ms"):  # the engine's own check, token by token
+        body["t_max_predict_ms"] = int(request["t_max_predict_ms"])
     return body
 
 
