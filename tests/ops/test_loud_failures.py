@@ -50,9 +50,10 @@ def test_a_busy_port_exits_75_at_once_naming_the_holder(tmp_path: Path) -> None:
     assert result.returncode == 75, result.stderr
     assert f"port {port} on 127.0.0.1 is already in use by pid {os.getpid()}" in result.stderr
     assert "never moves to another port" in result.stderr
-    # Typically under a second including the interpreter's start; the margin is for
-    # a 2-core machine shared with other test runs.
-    assert elapsed < 3.0, f"took {elapsed:.1f}s"
+    # Typically under a second including the interpreter's start. The bound tells "at
+    # once" from a wait for the port (which would take the 30 s shutdown grace or
+    # more); 3 s was missed once (3.1 s) on a 2-core machine running two suites at once.
+    assert elapsed < 10.0, f"took {elapsed:.1f}s"
 
 
 def test_an_address_this_machine_lacks_is_a_config_error_not_a_crash(tmp_path: Path) -> None:
