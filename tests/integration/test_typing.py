@@ -86,4 +86,9 @@ def test_a_newer_keystroke_supersedes_the_older_request(keel_server: KeelProcess
     assert "X-Keel-Superseded" not in responses["second"].headers
     after = generation_stats(keel_server)
     assert isinstance(after["cancelled"], int) and isinstance(before["cancelled"], int)
-    assert after["cancelled"] > before["cancelled"]
+    assert isinstance(after["requests"], int) and isinstance(before["requests"], int)
+    # The older one's engine work was cancelled, or (a loaded machine: still on its way
+    # in keel 0.3 s on, seen once in a fresh clone's run) never began: only the newer
+    # one ran. Never run to its end.
+    ran = after["requests"] - before["requests"]
+    assert after["cancelled"] > before["cancelled"] or ran == 1, (before, after)
