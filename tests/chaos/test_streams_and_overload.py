@@ -234,10 +234,10 @@ def test_queue_waits_and_trims_are_counted(
     keel = keel_factory(
         chain_config(primary.url, fallback.url, routing=QUIET, role_settings=settings)
     )
-    primary.token_delay = 0.2  # each answer takes about 0.6 s
-    # The first answer is held until the other two wait: a loaded machine took longer
-    # to send the third than the first took to end (seen once in a fresh clone's run).
-    primary.hold()
+    # Each answer takes about 2 s, 0.2 s a token: with three tokens (0.6 s), a loaded
+    # machine took longer to send the third request than the first took to end (seen
+    # twice in fresh clones' runs). Not held: the first token is due within 0.5 s.
+    primary.tokens, primary.token_delay = PRIMARY_TOKENS * 3, 0.2
 
     def admission() -> dict[str, Any]:
         return keel.providers()["roles"]["completion"]["admission"]  # type: ignore[no-any-return]
@@ -248,7 +248,6 @@ def test_queue_waits_and_trims_are_counted(
     keel.wait_for("second queued", lambda: admission()["waiting"] == 1, 5)
     third, _ = in_thread(lambda: keel.tabby(filepath="src/c.py"))
     keel.wait_for("third queued", lambda: admission()["waiting"] == 2, 5)
-    primary.release()
     for thread in (running, second, third):
         thread.join(15)
 
