@@ -297,3 +297,6 @@ async def test_n_indent_and_t_max_predict_ms_end_the_generation(
     # llama.cpp's server keeps the new line before the line it cuts, as keel has sent it
     assert contents == ["    a = 1\n    b = 2\n", "    a = 1\n"]
     assert upstream.disconnects == 2, "the rest of the answer was generated"
+    # and the server is asked to check the time limit itself, token by token, as on /infill
+    sent = [r.json for r in upstream.requests if r.path == "/completion"]
+    assert "t_max_predict_ms" not in sent[0] and sent[1]["t_max_predict_ms"] == 1, sent

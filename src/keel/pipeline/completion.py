@@ -8,6 +8,7 @@ only sequences them around one call to the provider.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections import OrderedDict
@@ -263,8 +264,13 @@ class AnswerEnds:
             await close_stream(pieces)
 
     def _late(self, started: float) -> bool:
-        limit = self.max_predict_ms
-        return limit is not None and limit > 0 and time.monotonic() - started > limit / 1000
+        limit = self.max_predict_ms  # above 0 where set (:meth:`of`)
+        return limit is not None and time.monotonic() - started > limit / 1000
+
+    def engine_params(self, params: GenerationParams) -> GenerationParams:
+        """``params`` with the time limit, for the engines that check it token by token
+        (this check is per piece, and a loaded keel reads their tokens joined)."""
+        return dataclasses.replace(params, max_predict_ms=self.max_predict_ms)
 
 
 def ended(pieces: AsyncIterator[str], ends: AnswerEnds | None) -> AsyncIterator[str]:
@@ -400,8 +406,9 @@ class TabbyPrompts:
             temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
             stop=tuple(stops),
             seed=task.request.seed,
-            max_predict_ms=task.ends.max_predict_ms if task.ends is not None else None,
         )
+        if task.ends is not None:
+            params = task.ends.engine_params(params)
         return built, CompletionCall(built.prompt, params, built.suffix)
 
     def respond(self, task: TabbyTask, raw: str, built: BuiltPrompt) -> TabbyCompletionResponse:

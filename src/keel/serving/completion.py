@@ -355,6 +355,8 @@ class CompletionServing:
         assert isinstance(primary, CompletionProvider)
         max_tokens = self.prompts.max_decoding_tokens or primary.default_max_tokens
         params = body.to_params(max_tokens, must_fit=must_fit)
+        if ends is not None:
+            params = ends.engine_params(params)
         envelope = Envelope(
             f"cmpl-{uuid.uuid4()}",
             "text_completion",

@@ -19,7 +19,7 @@ The protocol is JSON lines: requests on stdin, replies on the original stdout
 cannot corrupt it). Requests carry an ``id`` and an ``op``:
 
 - ``complete`` {prompt, max_tokens, temperature, top_p, frequency_penalty,
-  presence_penalty, stop, seed, limit_must_fit}: streams
+  presence_penalty, stop, seed, limit_must_fit, t_max_predict_ms}: streams
   ``{"id", "text", "tokens"}`` pieces (the first token alone, then the tokens made
   within ``PIECE_HOLD`` of the last piece, together; ``tokens``: how many; the first
   piece also carries the prompt's figures, ``prompt_tokens``, ``reused_tokens`` and
