@@ -53,17 +53,20 @@ def test_breaker_opens_at_the_threshold_and_sends_one_probe_per_cooldown(
     opened = time.monotonic()
     assert breaker(keel) == "open"
     at_open = posts(primary, COMPLETIONS)
+    # Read as it opened: read after the loop below, a loaded machine's last completion
+    # ran past the cooldown, and the breaker was half-open by then.
+    state = keel.endpoint("completion", primary_name("completion"))
+    assert state["breaker"] == "open" and not state["usable"]
 
     # During the cooldown: clients are served, nothing (live or probe) reaches the primary.
+    # (Counted before each: the last may end past the cooldown, where a probe is due.)
     while time.monotonic() < opened + COOLDOWN - 0.4:
+        assert posts(primary, COMPLETIONS) == at_open, "a request reached an open breaker"
         response = keel.completion()
         assert response.status_code == 200 and response.json()["choices"][0]["text"] == (
             FALLBACK_TEXT
         )
         time.sleep(0.05)
-    assert posts(primary, COMPLETIONS) == at_open, "a request reached an open breaker"
-    state = keel.endpoint("completion", primary_name("completion"))
-    assert state["breaker"] == "open" and not state["usable"]
 
     # Half-open: one probe, it fails, the breaker opens for another cooldown.
     keel.wait_for("the half-open probe", lambda: posts(primary, COMPLETIONS) > at_open, 3.0)
