@@ -258,7 +258,10 @@ async def test_a_long_embedding_batch_is_not_taken_for_a_stuck_engine() -> None:
         WorkerSpec(str(embedded_model_path()), embedding=True, context_size=512),
         name="embedding-busy",
         oom_kills=lambda: None,
-        liveness=Liveness(interval=0.1, timeout=5.0, misses=2, stall_grace=0.5),
+        # A slot table waits for the batch's one step: on a loaded machine over 5 s,
+        # twice, and the worker was killed as stuck (restarts 2). The claim is that the
+        # busy slot is not taken for a stray one, which the table says at once.
+        liveness=Liveness(interval=0.1, timeout=60.0, misses=2, stall_grace=0.5),
     )
     texts = [f"def function_{n}(value):\n    return value * {n}\n" * 20 for n in range(2)]
     await supervisor.start()
