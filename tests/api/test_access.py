@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from tests.conftest import KeelProcess, free_port, running_keel, start_keel
+from tests.conftest import KeelProcess, free_port, keel_cli, running_keel, start_keel
 
 from keel.api.access import declared_access, walk_routes
 from keel.app import create_app
@@ -179,12 +177,7 @@ def test_rate_limit_per_key(tmp_path: Path) -> None:
 
 
 def test_binding_beyond_loopback_without_keys_is_refused(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "keel", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
-        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
+    result = keel_cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), env=env)
     assert result.returncode == 78, result.stderr
     assert "allow_unauthenticated_remote" in result.stderr

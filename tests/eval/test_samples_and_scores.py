@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from keel.eval.samples import sample_repository
 from keel.eval.scoring import Score, Summary, edit_distance, edit_similarity
+from tests.forked import run_keel
 
 MODULE = "".join(
     f"""def handler_{i}(request, retries={i}):
@@ -67,17 +66,17 @@ def test_scores() -> None:
     assert summary.count == 2 and summary.exact_match == 0.5 and summary.first_line_match == 1.0
 
 
-def test_an_eval_with_nothing_to_sample_fails_and_says_why(tmp_path: Path) -> None:
+def test_an_eval_with_nothing_to_sample_fails_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """It printed a table of zeros, as if measured, and exited 0."""
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "README.md").write_text("# no Python here\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "keel", "eval", "--samples", "2", "--repo", f"docs={tmp_path}"],
-        capture_output=True,
-        text=True,
+    monkeypatch.chdir(tmp_path)  # keel's working directory: a fork takes the test's
+    done = run_keel(
+        ["eval", "--samples", "2", "--repo", f"docs={tmp_path}"],
+        {**os.environ, "KEEL_ROOT": str(tmp_path / "root")},
         timeout=120,
-        env={**os.environ, "KEEL_ROOT": str(tmp_path / "root")},
-        cwd=tmp_path,
     )
     assert done.returncode != 0, done.stdout
     assert "has no Python code to sample" in done.stderr and "Traceback" not in done.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -14,6 +12,7 @@ import pytest
 
 from keel.models.registry import embedded_model_path
 from tests.conftest import KeelProcess
+from tests.forked import run_keel
 from tests.models.fake_hub import FakeHub, keel_with_hub
 
 pytestmark = pytest.mark.integration
@@ -67,17 +66,15 @@ def test_download_then_load_serves_completions(server: KeelProcess) -> None:
 
 
 def test_cli_pull_then_load_serves_completions(server: KeelProcess, hub: FakeHub) -> None:
-    pulled = subprocess.run(
-        [sys.executable, "-m", "keel", "models", "pull", f"{REPO}:tiny-coder-q8_0.gguf"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
+    pulled = run_keel(
+        ["models", "pull", f"{REPO}:tiny-coder-q8_0.gguf"],
+        {
             **os.environ,
             "KEEL_ROOT": str(server.root),
             "HF_ENDPOINT": hub.url,
             "HF_HOME": str(server.root / "hf-home"),
         },
+        timeout=120,
     )
     assert pulled.returncode == 0, pulled.stderr
     with server.client() as client:

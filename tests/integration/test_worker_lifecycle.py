@@ -6,8 +6,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ import pytest
 
 from keel.models.registry import embedded_model_path
 from tests.conftest import KeelProcess, free_port, running_keel, start_keel
+from tests.forked import run_keel
 
 pytestmark = pytest.mark.integration
 
@@ -98,12 +97,8 @@ def test_busy_port_is_exit_75_and_never_another_port(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "keel", "serve", "--port", str(port)],
-            env={**os.environ, "KEEL_ROOT": str(tmp_path)},
-            capture_output=True,
-            text=True,
-            timeout=120,
+        result = run_keel(
+            ["serve", "--port", str(port)], {**os.environ, "KEEL_ROOT": str(tmp_path)}, timeout=120
         )
     assert result.returncode == 75, result.stderr
     assert f"port {port}" in result.stderr and "in use" in result.stderr
@@ -112,13 +107,8 @@ def test_busy_port_is_exit_75_and_never_another_port(tmp_path: Path) -> None:
 def test_missing_model_file_is_exit_69(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[model.completion.local]\nmodel_id = "no-such-model"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "keel", "serve", "--port", str(free_port())],
-        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
+    result = run_keel(["serve", "--port", str(free_port())], env, timeout=120)
     assert result.returncode == 69
     assert "no-such-model" in result.stderr
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.forked import run_keel
+from tests.forked import fork_keel, run_keel
 from tests.models.conftest import FILE, REPO
 from tests.models.fake_hub import FakeHub
 
@@ -78,20 +77,17 @@ def test_a_pull_stopped_by_sigterm_keeps_nothing(hub: FakeHub, tmp_path: Path) -
     """A pull killed as a service manager or a terminal's close kills it: the partial
     download is removed (it stayed in models/.downloads for good), as on Ctrl-C."""
     hub.pause = 0.05  # ~20 MiB/s: the 94 MiB take seconds
-    pulling = subprocess.Popen(
-        [sys.executable, "-m", "keel", "models", "pull", f"{REPO}:{FILE}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
-    )
+    said = tmp_path / "pull.err"
+    env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
+    pulling = fork_keel(["models", "pull", f"{REPO}:{FILE}"], env, tmp_path / "pull.out", said)
     staging = tmp_path / "models" / ".downloads"
     deadline = time.monotonic() + 60
     while not any(f.is_file() and f.stat().st_size for f in staging.rglob("*")):
         assert time.monotonic() < deadline and pulling.poll() is None, "no download began"
         time.sleep(0.05)
     pulling.send_signal(signal.SIGTERM)
-    _, err = pulling.communicate(timeout=60)
+    pulling.wait(60)
+    err = said.read_text()
     assert pulling.returncode == 143, err
     assert "interrupted" in err and "Traceback" not in err
     assert not [f for f in staging.rglob("*") if f.is_file()], "a partial download was left"

@@ -9,8 +9,6 @@ huggingface_hub, "retry with force_download=True", which a keel user cannot foll
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -21,6 +19,7 @@ import pytest
 from keel.config import Paths
 from keel.errors import KeelError, NotFound, UpstreamError
 from keel.models.pull import STAGING_DIR, ModelPuller
+from tests.forked import run_keel
 from tests.models.fake_hub import FakeHub
 
 REPO = "keel-test/faulty-GGUF"
@@ -130,13 +129,7 @@ def test_a_hub_that_stalls_mid_file_says_after_how_much(
     faults.stall_after = mib * 2**20
     env = {**os.environ, "KEEL_ROOT": str(tmp_path), "HF_ENDPOINT": hub.url}
     env |= {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
-    pulled = subprocess.run(
-        [sys.executable, "-m", "keel", "models", "pull", f"{REPO}:{FILE}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    pulled = run_keel(["models", "pull", f"{REPO}:{FILE}"], env, timeout=120)
     assert pulled.returncode == 1, pulled.stderr
     last = pulled.stderr.strip().splitlines()[-1]
     if mib > 10:  # the download writes 10 MiB pieces: what came of the next is lost

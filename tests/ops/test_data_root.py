@@ -14,10 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.forked import run_keel
+
 KEEL = [sys.executable, "-m", "keel"]
 
 
+def keel(args: list[str], root: Path) -> subprocess.CompletedProcess[str]:
+    """``keel <args>`` with ``root`` its data root (forked: tests/forked.py)."""
+    return run_keel(args, {**os.environ, "KEEL_ROOT": str(root)}, timeout=120)
+
+
 def run(command: list[str], root: Path) -> subprocess.CompletedProcess[str]:
+    """``command``, a ``python -m keel`` in namespaces of its own (exec'd: a fork of the
+    template would share the template's)."""
     env = {**os.environ, "KEEL_ROOT": str(root)}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
@@ -50,12 +59,12 @@ def assert_one_line_78(result: subprocess.CompletedProcess[str], *said: str) -> 
 def test_a_root_that_is_a_file(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.write_text("not a directory")
-    served = run([*KEEL, "serve", "--port", "1"], root)
+    served = keel(["serve", "--port", "1"], root)
     assert_one_line_78(served, f"data root {root}", "is a file", "KEEL_ROOT")
-    checked = run([*KEEL, "config", "check"], root)
+    checked = keel(["config", "check"], root)
     assert checked.returncode == 0, checked.stderr
     assert f"warning: data root {root}" in checked.stderr and "exit 78" in checked.stderr
-    doctor = run([*KEEL, "doctor", "--port", "1"], root)
+    doctor = keel(["doctor", "--port", "1"], root)
     assert doctor.returncode == 78, doctor.stdout + doctor.stderr
     assert "is a file, not a directory" in doctor.stdout
 
@@ -105,12 +114,12 @@ def test_an_events_file_keel_cannot_use_is_a_config_error(tmp_path: Path, events
     else:
         url = "sqlite:////proc/keel-events.sqlite3"
     (root / "config.toml").write_text(f'[events]\ndatabase_url = "{url}"\n')
-    served = run([*KEEL, "serve", "--port", "1"], root)
+    served = keel(["serve", "--port", "1"], root)
     assert served.returncode == 78, served.stderr
     assert "events.database_url" in served.stderr and "Traceback" not in served.stderr
-    checked = run([*KEEL, "config", "check"], root)
+    checked = keel(["config", "check"], root)
     assert checked.returncode == 0 and "events.database_url" in checked.stderr, checked.stderr
-    doctor = run([*KEEL, "doctor"], root)
+    doctor = keel(["doctor"], root)
     assert doctor.returncode == 78 and "events.database_url" in doctor.stdout, doctor.stdout
 
 

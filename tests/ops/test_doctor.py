@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +84,7 @@ def test_an_open_bind_without_keys_fails_doctor_and_config_check_as_serve_refuse
     assert found["access"]["status"] == "FAIL" and "no keys" in found["access"]["detail"]
     env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
     for command in (["config", "check", str(config)], ["serve", "--port", str(free_port())]):
-        done = subprocess.run(
-            [sys.executable, "-m", "keel", *command], env=env, capture_output=True, text=True
-        )
+        done = run_keel(command, env, timeout=180)
         assert done.returncode == 78 and "no keys are configured" in done.stderr, command
         assert str(config) in done.stderr  # the file, as every config error names it
     config.write_text('[server]\nhost = "0.0.0.0"\n\n[auth]\napi_keys = ["a-long-key-1"]\n')

@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,13 +27,7 @@ from tests.conftest import KeelProcess, free_port, keel_cli, start_keel
 
 
 def serve_on(port: int, root: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keel", "serve", "--port", str(port)],
-        env={**os.environ, "KEEL_ROOT": str(root)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return keel_cli("serve", "--port", str(port), env={**os.environ, "KEEL_ROOT": str(root)})
 
 
 @pytest.mark.integration
@@ -50,9 +43,9 @@ def test_a_busy_port_exits_75_at_once_naming_the_holder(tmp_path: Path) -> None:
     assert result.returncode == 75, result.stderr
     assert f"port {port} on 127.0.0.1 is already in use by pid {os.getpid()}" in result.stderr
     assert "never moves to another port" in result.stderr
-    # Typically under a second including the interpreter's start. The bound tells "at
-    # once" from a wait for the port (which would take the 30 s shutdown grace or
-    # more); 3 s was missed once (3.1 s) on a 2-core machine running two suites at once.
+    # Typically under a second (forked: no interpreter to start). The bound tells "at once"
+    # from a wait for the port (which would take the 30 s shutdown grace or more); 3 s was
+    # missed once (3.1 s, an exec'd keel) on a 2-core machine running two suites at once.
     assert elapsed < 10.0, f"took {elapsed:.1f}s"
 
 
@@ -66,23 +59,12 @@ def test_an_address_this_machine_lacks_is_a_config_error_not_a_crash(tmp_path: P
     assert f"{config}: 1 config error" in from_file.stderr
     assert "server.host: 192.0.2.1 is no address of this machine" in from_file.stderr
     config.write_text("[auth]\nallow_unauthenticated_remote = true\n")
-    from_line = subprocess.run(
-        [sys.executable, "-m", "keel", "serve", "--host", "192.0.2.1", "--port", "8080"],
-        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
+    from_line = keel_cli("serve", "--host", "192.0.2.1", "--port", "8080", env=env)
     assert from_line.returncode == 78, from_line.stderr
     assert "the command line: 1 config error" in from_line.stderr
     assert "--host: 192.0.2.1 is no address" in from_line.stderr
-    doctor = subprocess.run(
-        [sys.executable, "-m", "keel", "doctor", "--host", "192.0.2.1"],
-        env={**os.environ, "KEEL_ROOT": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    doctor = keel_cli("doctor", "--host", "192.0.2.1", env=env)
     assert doctor.returncode == 78, doctor.stdout + doctor.stderr
     assert "192.0.2.1 is no address of this machine" in doctor.stdout
 

@@ -5,23 +5,18 @@ from __future__ import annotations
 import http.server
 import os
 import subprocess
-import sys
 import threading
 
 import pytest
 
 from tests.conftest import KeelProcess, free_port
+from tests.forked import run_keel
 
 pytestmark = pytest.mark.integration
 
 
 def verify(url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keel", "verify", url],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_keel(["verify", url], os.environ, timeout=600)
 
 
 CHECKS = ("health", "ready", "completion", "chat", "embedding", "metrics")
@@ -87,11 +82,10 @@ def test_the_key_can_come_from_the_environment() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        subprocess.run(
-            [sys.executable, "-m", "keel", "verify", f"http://127.0.0.1:{server.server_port}"],
-            capture_output=True,
+        run_keel(
+            ["verify", f"http://127.0.0.1:{server.server_port}"],
+            {**os.environ, "KEEL_API_KEY": "env-key-0123456789"},
             timeout=120,
-            env={**os.environ, "KEEL_API_KEY": "env-key-0123456789"},
         )
     finally:
         server.shutdown()

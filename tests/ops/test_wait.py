@@ -12,6 +12,7 @@ import pytest
 
 from keel.cli import local_url
 from tests.conftest import free_port
+from tests.forked import fork_keel, run_keel
 
 DEAD = "http://127.0.0.1:9/v1"
 NO_WORKERS = "".join(
@@ -39,33 +40,28 @@ def test_wait_returns_once_the_configured_port_answers_and_fails_naming_it(
     root.mkdir()
     (root / "config.toml").write_text(f"[server]\nport = {port}\n{NO_WORKERS}")
     env = {**os.environ, "KEEL_ROOT": str(root)}
-    wait = [sys.executable, "-m", "keel", "wait"]
     # A proxy set for pulls (in the unit's environment file) must not carry loopback.
     proxied = {**env, "HTTP_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9"}
-    waiting = subprocess.Popen(
-        [*wait, "--timeout", "60"],
-        env=proxied,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    out, err = tmp_path / "wait.out", tmp_path / "wait.err"
+    waiting = fork_keel(["wait", "--timeout", "60"], proxied, out, err)
     time.sleep(0.5)  # it is waiting before keel starts
     assert waiting.poll() is None
-    with (root / "keel.log").open("wb") as log:  # the config's port: no --port
-        server = subprocess.Popen(
-            [sys.executable, "-m", "keel", "serve"], stdout=log, stderr=log, env=env
-        )
+    server = fork_keel(["serve"], env, root / "keel.log")  # the config's port: no --port
     try:
-        out, err = waiting.communicate(timeout=60)
-        assert waiting.returncode == 0, err
-        assert out.strip() == f"keel answers at http://127.0.0.1:{port}"
+        assert waiting.wait(60) == 0, err.read_text()
+        assert out.read_text().strip() == f"keel answers at http://127.0.0.1:{port}"
     finally:
-        if waiting.poll() is None:
-            waiting.kill()
+        waiting.kill()
         server.terminate()
         server.wait(30)
+    # The entry point's test: `python -m keel` itself, a fresh interpreter (the other
+    # runs here are forked from one that has imported keel: tests/forked.py).
     gone = subprocess.run(
-        [*wait, "--timeout", "0.5"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "keel", "wait", "--timeout", "0.5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert gone.returncode == 1
     assert f"no keel answered http://127.0.0.1:{port}/health within 0.5 s" in gone.stderr
@@ -77,11 +73,6 @@ def test_a_timeout_that_is_no_time_is_a_usage_error(command: str, timeout: str) 
     """nan ended `keel verify` in a traceback (exit 1) and `keel wait` waited for ever;
     -1 was "within -1 s"."""
     url = [f"http://127.0.0.1:{free_port()}"] if command == "verify" else []
-    done = subprocess.run(
-        [sys.executable, "-m", "keel", command, *url, "--timeout", timeout],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_keel([command, *url, "--timeout", timeout], os.environ, timeout=30)
     assert done.returncode == 2, done.stderr
     assert "a finite number of seconds above 0" in done.stderr and "Traceback" not in done.stderr

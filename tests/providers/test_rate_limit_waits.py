@@ -3,8 +3,6 @@ configured limit's waits show in the provider's status, ``/metrics`` and `keel c
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from keel.providers.base import CompletionCall, GenerationParams
 from keel.providers.catalog import ProviderEntry, Providers
 from keel.rate_limit import RateLimiter
 from tests.fakes.upstreams import FakeUpstream
+from tests.forked import run_keel
 from tests.providers.test_http_base import FakeClock
 
 
@@ -70,14 +69,13 @@ def test_config_check_prints_the_effective_limit_per_provider(tmp_path: Path):
         '[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "http://127.0.0.1:9/v1"\n'
         "rate_limit = { request_per_minute = 600 }\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "keel", "config", "check", str(config)],
-        capture_output=True,
-        text=True,
+    checked = run_keel(
+        ["config", "check", str(config)],
+        {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"},
         timeout=60,
-        env={"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"},
-        check=True,
-    ).stdout
+    )
+    checked.check_returncode()
+    out = checked.stdout
     assert "openai/completion: rate limit: none" in out
     assert "openai/chat: rate limit: 600 requests/minute" in out
     # and what each role admits at once, at a local model too
