@@ -116,6 +116,10 @@ class GenerationParams:
     max_tokens_name: str = "max_tokens"
     """The name the client gave the limit, sent on to OpenAI-style chat backends
     (OpenAI's reasoning models take only ``max_completion_tokens``)."""
+    limit_said: str | None = None
+    """The client's own name for the limit where keel sends it on under another
+    (llama.cpp's ``n_predict``, sent as ``max_tokens``): a backend's refusal of the
+    limit names it (it named ``max_tokens``, which the client had not sent)."""
     limit_must_fit: bool = False
     """The client named an OpenAI limit: with the prompt it must fit the context, else
     a 400 (OpenAI's and vLLM's rule), where an answer cut short at the context's end
@@ -126,6 +130,11 @@ class GenerationParams:
     (keel's local engine, a llama.cpp server): the answer ends at the first new line
     once this long has passed since its first token. keel applies it too, piece by piece
     (:class:`keel.pipeline.completion.AnswerEnds`), where tokens may come joined."""
+
+    @property
+    def limit_name(self) -> str:
+        """The client's name for the limit."""
+        return self.limit_said or self.max_tokens_name
 
 
 LLAMACPP_RANDOM_SEED = 2**32 - 1

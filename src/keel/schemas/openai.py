@@ -147,9 +147,15 @@ class _Sampled(_Wire):
     _stop = field_validator("stop")(_check_stop)
 
     def _params(
-        self, max_tokens: int | None, name: str = "max_tokens", *, named: bool = True
+        self,
+        max_tokens: int | None,
+        name: str = "max_tokens",
+        *,
+        named: bool = True,
+        said: str | None = None,
     ) -> GenerationParams:
-        """``named``: the client gave the limit (not a default) under an OpenAI name."""
+        """``named``: the client gave the limit (not a default) under an OpenAI name;
+        ``said``: under a name of its own, sent on as ``name``."""
         return GenerationParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -159,6 +165,7 @@ class _Sampled(_Wire):
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             max_tokens_name=name,
+            limit_said=said,
             limit_must_fit=named and max_tokens is not None,
         )
 
@@ -231,7 +238,8 @@ class CompletionRequest(_Sampled):
         """``must_fit``: a ``max_tokens`` the client named must fit the context (OpenAI's
         rule); False for llama.cpp's ``n_predict`` served through this request."""
         named = must_fit and bool(self.max_tokens)
-        return self._params(self.max_tokens or default_max_tokens, named=named)
+        said = None if must_fit else "n_predict"
+        return self._params(self.max_tokens or default_max_tokens, named=named, said=said)
 
 
 class ContentPart(_Wire):
@@ -659,7 +667,7 @@ class ChatCompletionRequest(_Sampled):
         if self.max_completion_tokens:
             return self._params(self.max_completion_tokens, "max_completion_tokens")
         if self.max_tokens is None and self.n_predict is not None and self.n_predict > 0:
-            return self._params(self.n_predict, named=False)
+            return self._params(self.n_predict, named=False, said="n_predict")
         return self._params(self.max_tokens)
 
     def asks_no_answer(self) -> bool:

@@ -184,7 +184,7 @@ async def generate_text(
     hands the request to the next one, as the client has seen nothing. ``ends``: the
     client's own ends of the answer (llama.cpp's ``n_indent``, ``t_max_predict_ms``)."""
     async with admission.slot(), total_timeout(timeout, router.role):
-        attempts = router.attempts(limit_name=params.max_tokens_name)
+        attempts = router.attempts(limit_name=params.limit_name)
         async for attempt in attempts:
             async with attempt:
                 pieces = ended(attempt.pieces(open_stream(attempt.provider)), ends)
@@ -205,7 +205,7 @@ async def stream_text(
     """Pieces as they come; once one is out, the stream is that provider's alone.
     ``generated`` collects the text and the provider, for the usage at the end."""
     async with admission.slot():
-        attempts = router.attempts(streaming=True, limit_name=params.max_tokens_name)
+        attempts = router.attempts(streaming=True, limit_name=params.limit_name)
         async for attempt in attempts:
             async with attempt:
                 generated.provider = attempt.provider
