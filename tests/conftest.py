@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -129,6 +130,32 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, len(os.sched_getaffinity(0)) * 2)
 
 
+def _one_tls_context() -> None:
+    """Every httpx client the tests make shares one verified TLS context.
+
+    httpx builds a new one for each client, parsing a CA bundle again (certifi's, or
+    ``SSL_CERT_FILE``'s): ~19 ms of CPU a client, measured, though the tests speak plain
+    HTTP to loopback; ``httpx.get`` makes a client a call. A context is made to be
+    shared; this one is the context httpx would build, once for each CA setting."""
+    from httpx._transports import default
+
+    build = default.create_ssl_context
+    built: dict[tuple[str | None, ...], ssl.SSLContext] = {}
+
+    def create_ssl_context(
+        verify: Any = True, cert: Any = None, trust_env: bool = True
+    ) -> ssl.SSLContext:
+        if verify is not True or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        cas = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+        key = tuple(os.environ.get(name) if trust_env else None for name in cas)
+        if key not in built:
+            built[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return built[key]
+
+    default.create_ssl_context = create_ssl_context
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test``), every engine a test starts runs one thread
     (``LLAMA_ARG_THREADS``, which keel reads where no ``threads`` is configured): each
@@ -142,6 +169,7 @@ def pytest_configure(config: pytest.Config) -> None:
     either way (pinned 206 and 200 s, not 197 and 207 s)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...
         os.environ[THREADS_VARIABLE] = "1"
+    _one_tls_context()
 
 
 NEEDS_INSTALLS = {"browser", "redis_server", "postgres_server"}
