@@ -618,19 +618,22 @@ def cmd_wait(args: argparse.Namespace) -> int:
     settings, _ = _load(args)
     url = local_url(args.host or settings.server.host, args.port or settings.server.port)
     deadline = time.monotonic() + args.timeout
-    while True:
-        try:
-            # trust_env=False: a proxy set for pulls (HTTP_PROXY) must not carry loopback
-            response = httpx.get(f"{url}/health", timeout=2, trust_env=False)
-            last = f"HTTP {response.status_code}"
-            if response.status_code == 200:
-                print(f"keel answers at {url}")
-                return 0
-        except httpx.TransportError as exc:
-            last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if time.monotonic() >= deadline:
-            raise KeelError(f"no keel answered {url}/health within {args.timeout:g} s ({last})")
-        time.sleep(0.25)
+    # One client for every try: each new one builds a TLS context (~20 ms of CPU), a
+    # twelfth of a core while it waited. trust_env=False: a proxy set for pulls
+    # (HTTP_PROXY) must not carry loopback.
+    with httpx.Client(timeout=2, trust_env=False) as client:
+        while True:
+            try:
+                response = client.get(f"{url}/health")
+                last = f"HTTP {response.status_code}"
+                if response.status_code == 200:
+                    print(f"keel answers at {url}")
+                    return 0
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise KeelError(f"no keel answered {url}/health within {args.timeout:g} s ({last})")
+            time.sleep(0.25)
 
 
 def build_parser() -> argparse.ArgumentParser:
