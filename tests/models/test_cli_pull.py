@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.forked import fork_keel, run_keel
 from tests.models.conftest import FILE, REPO
 from tests.models.fake_hub import FakeHub
@@ -17,6 +19,7 @@ def keel(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]
     return run_keel(["models", *args], {**os.environ, "KEEL_ROOT": str(root), **env}, timeout=120)
 
 
+@pytest.mark.whole_model
 def test_pull_then_list_shows_the_models_header_facts(hub: FakeHub, tmp_path: Path) -> None:
     pulled = keel(tmp_path, "pull", f"{REPO}:{FILE}")
     assert pulled.returncode == 0, pulled.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from keel.config import Paths
 from keel.models.pull import STAGING_DIR, ModelPuller
 from keel.ops.doctor import DoctorOptions, run_checks
@@ -18,6 +20,7 @@ def finding(root: Path) -> tuple[str, str]:
     return check.status, check.detail
 
 
+@pytest.mark.whole_model
 def test_doctor_lists_pulled_models_and_flags_leftovers(hub: FakeHub, paths: Paths) -> None:
     status, detail = finding(paths.root)
     assert status == "ok" and "keel models pull" in detail

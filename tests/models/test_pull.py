@@ -99,6 +99,7 @@ def test_an_unknown_repo_is_not_found(hub: FakeHub, paths: Paths) -> None:
         puller(hub, paths).pull("keel-test/no-such-repo:x.gguf")
 
 
+@pytest.mark.whole_model
 def test_a_cut_connection_resumes_where_it_stopped(
     hub: FakeHub, paths: Paths, model_bytes: bytes
 ) -> None:
@@ -150,6 +151,7 @@ def test_a_registry_model_lands_where_a_tabby_config_finds_it(
     assert resolve_model("TinyCoder", paths) == pulled.path, "Tabby's bare name"
 
 
+@pytest.mark.whole_model
 def test_a_full_disk_is_refused_before_any_download(hub: FakeHub, paths: Paths) -> None:
     small_disk = puller(hub, paths, free_bytes=lambda _: 50 * 2**20, min_free_bytes=0)
     with pytest.raises(InsufficientStorage) as full:
@@ -196,6 +198,7 @@ def test_a_model_too_big_for_memory_is_warned_about(hub: FakeHub, paths: Paths) 
     assert len(warnings) == 1 and "64 MiB is available" in warnings[0]
 
 
+@pytest.mark.whole_model
 def test_a_cancelled_pull_stops_and_keeps_nothing(hub: FakeHub, paths: Paths) -> None:
     cancelled = threading.Event()
 
@@ -225,6 +228,7 @@ def test_bad_specs_are_the_callers_error(spec: str, quant: str | None, tmp_path:
         )
 
 
+@pytest.mark.whole_model
 def test_a_truncated_gguf_is_discarded_though_its_checksum_matches(
     model_bytes: bytes, paths: Paths
 ) -> None:

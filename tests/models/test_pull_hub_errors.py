@@ -25,6 +25,10 @@ from tests.models.fake_hub import FakeHub
 REPO = "keel-test/faulty-GGUF"
 FILE = "tiny.gguf"
 
+# The faults fall at set sizes of the whole model (3 and 11 MiB, past huggingface_hub's
+# 10 MiB pieces): served whole (tests/models/conftest.py).
+pytestmark = pytest.mark.whole_model
+
 
 class Faults:
     status: int | None = None
