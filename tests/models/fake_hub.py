@@ -75,7 +75,7 @@ class FakeHub:
             self.seen.append(seen)
 
 
-@functools.cache  # the same 98 MB file is served by every test: hash it once
+@functools.cache  # the same file is served by many tests: hash it once
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
