@@ -924,11 +924,22 @@ def _damage(model: str) -> str | None:
     return None
 
 
-def _yield_the_cpu() -> None:
-    """Run at :data:`EMBEDDING_NICE`, the session's autogroup too where Linux has one."""
-    os.nice(EMBEDDING_NICE)
-    with contextlib.suppress(OSError):  # no autogroups: the nice alone is enough
-        Path("/proc/self/autogroup").write_text(str(EMBEDDING_NICE))
+IDLE_GROUP_NICE = 19
+"""The autogroup's nice of a worker in Linux's idle scheduling class (``chrt --idle``),
+which an autogroup does not have: its lowest weight."""
+
+
+def _keep_the_priority(embedding: bool) -> None:
+    """Run at keel's own priority (an embedding engine :data:`EMBEDDING_NICE` lower), the
+    session's autogroup too where Linux has one. A worker has a session of its own, hence
+    an autogroup of its own under autogroup scheduling, and a nice counts only within
+    its autogroup: a keel started with ``nice`` or ``chrt --idle`` had engines at full
+    priority, each weighing as much as every other session on the machine."""
+    nice = os.nice(EMBEDDING_NICE if embedding else 0)
+    group = IDLE_GROUP_NICE if os.sched_getscheduler(0) == os.SCHED_IDLE else nice
+    if group:  # a new autogroup starts at 0
+        with contextlib.suppress(OSError):  # no autogroups: the nice alone is enough
+            Path("/proc/self/autogroup").write_text(str(group))
 
 
 def _describe(model: str) -> dict[str, object]:
@@ -953,8 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         channel.send({"event": "status", "state": "error", "reason": reason, "message": message})
         return EXIT_UNUSABLE
 
-    if args.embedding:  # before the engine starts its threads: they inherit it
-        _yield_the_cpu()
+    _keep_the_priority(args.embedding)  # before the engine starts its threads: they inherit it
     channel.send({"event": "status", "state": "loading", "pid": os.getpid()})
     try:
         import xllamacpp
