@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from starlette.testclient import TestClient
 from tests.api.conftest import ADMIN, USER, Backends, build_app
@@ -43,6 +44,12 @@ took 23 CPU-seconds with 40, 15 with 20, for inputs that are the same every run
 schema = schemathesis.openapi.from_dict(
     create_app(Settings(), Paths(Path("/nonexistent"))).openapi()
 )
+# The cases schemathesis derives from the document (its coverage phase) are derived by
+# the test that sends them, not with @schema.parametrize(): that derives them as it
+# collects, in every pytest worker, for every operation (~1.1 CPU-seconds a worker, 4
+# workers under `make test`), and sends them in one.
+schema.config.phases.coverage.enabled = False
+OPERATION_LABELS = [result.ok().label for result in schema.get_all_operations()]
 
 
 @pytest.fixture
@@ -50,16 +57,40 @@ def fuzzed_app(backends: Backends, tmp_path: Path) -> FastAPI:
     return build_app(tmp_path / "keel", backends.config())
 
 
-@schema.parametrize()
-@OPERATIONS
-def test_no_operation_answers_a_server_error(case: schemathesis.Case, fuzzed_app: FastAPI) -> None:
+def answer_and_check(case: schemathesis.Case, app: FastAPI) -> None:
     # The admin key opens every route, so generated requests reach the handlers. The
     # health checks' 503 is their answer (a role failing, or a key's holder asking for a
     # deep check within 0.0001 s), documented with its body, not a server error.
     checks = [response_schema_conformance]
     if case.path not in ("/ready", "/health/deep"):
         checks.append(not_a_server_error)
-    case.call_and_validate(app=fuzzed_app, headers=ADMIN, checks=checks)
+    case.call_and_validate(app=app, headers=ADMIN, checks=checks)
+
+
+@schema.parametrize()
+@OPERATIONS
+def test_no_operation_answers_a_server_error(case: schemathesis.Case, fuzzed_app: FastAPI) -> None:
+    answer_and_check(case, fuzzed_app)
+
+
+@pytest.mark.parametrize("label", OPERATION_LABELS)
+def test_no_case_derived_from_the_document_answers_a_server_error(
+    label: str, fuzzed_app: FastAPI
+) -> None:
+    """Each field missing, of the wrong type, at its bounds, and each other method on the
+    path: schemathesis's coverage phase, valid and invalid cases alike."""
+    operation = schema.find_operation_by_label(label)
+    assert operation is not None, label
+    cases = schema.iter_coverage_cases(
+        operation,
+        generation_modes=list(GenerationMode),
+        generation_config=schema.config.generation_for(operation=operation),
+    )
+    sent = 0
+    for case in cases:
+        answer_and_check(case, fuzzed_app)
+        sent += 1
+    assert sent > 0, f"no case derived for {label}"
 
 
 # --- the body fuzzer: Tabby's and OpenAI's completion shapes, with hostile values ---------
