@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import sqlite3
 import tracemalloc
 import urllib.error
@@ -737,15 +738,17 @@ def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProc
     with keel_server.client() as client:
         providers = client.get("/v1/providers").json()["roles"]
     engines = {role: providers[role]["providers"][0]["worker"]["engine"] for role in providers}
-    assert (engines["completion"]["nice"], engines["embedding"]["nice"]) == (0, EMBEDDING_NICE)
+    keel = os.nice(0)  # keel's, the tests' own
+    lower = min(19, keel + EMBEDDING_NICE)
+    assert (engines["completion"]["nice"], engines["embedding"]["nice"]) == (keel, lower)
     # a part of a batch waits while a generation has the CPU: the embedding deadlines allow it
     waits = providers["embedding"]["providers"][0]["timeouts"]
     assert waits == {"first_token": 60.0, "between_tokens": 60.0}
     embedding = niceness(keel_server.worker_pid("embedding"))
     completion = niceness(keel_server.worker_pid("completion"))
-    assert embedding[0] == {EMBEDDING_NICE} and completion[0] == {0}, (embedding, completion)
+    assert embedding[0] == {lower} and completion[0] == {keel}, (embedding, completion)
     if embedding[1] is not None:
-        assert (embedding[1], completion[1]) == (EMBEDDING_NICE, 0)
+        assert (embedding[1], completion[1]) == (lower, keel)
 
 
 def test_a_local_model_refuses_an_image_as_the_clients_error(keel_server: KeelProcess) -> None:
