@@ -49,6 +49,7 @@ def test_breaker_opens_at_the_threshold_and_sends_one_probe_per_cooldown(
 
     assert keel.completion().json()["choices"][0]["text"] == FALLBACK_TEXT
     assert breaker(keel) == "closed"
+    second = time.monotonic()  # the breaker opens after this
     assert keel.completion().json()["choices"][0]["text"] == FALLBACK_TEXT
     opened = time.monotonic()
     assert breaker(keel) == "open"
@@ -68,14 +69,16 @@ def test_breaker_opens_at_the_threshold_and_sends_one_probe_per_cooldown(
         )
         time.sleep(0.05)
 
-    # Half-open: one probe, it fails, the breaker opens for another cooldown.
+    # Half-open: one probe, it fails, the breaker opens for another cooldown, which ends
+    # two cooldowns after the breaker first opened at the earliest. Counted before each
+    # request, as above: counted after the last, a loaded run's last completion ran past
+    # the second cooldown and was the next probe (4 posts, not 3).
     keel.wait_for("the half-open probe", lambda: posts(primary, COMPLETIONS) > at_open, 3.0)
-    reopened = time.monotonic()
     keel.wait_for("open again after the failed probe", lambda: breaker(keel) == "open", 1.0)
-    while time.monotonic() < reopened + COOLDOWN - 0.6:
+    while time.monotonic() < second + 2 * COOLDOWN - 0.1:
+        assert posts(primary, COMPLETIONS) == at_open + 1, "exactly one probe in half-open"
         assert keel.completion().status_code == 200
         time.sleep(0.05)
-    assert posts(primary, COMPLETIONS) == at_open + 1, "exactly one probe in half-open"
 
     # The fault goes away: the next probe closes the breaker and the primary serves.
     primary.reset_behaviour()
