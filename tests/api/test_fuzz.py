@@ -45,9 +45,9 @@ schema = schemathesis.openapi.from_dict(
     create_app(Settings(), Paths(Path("/nonexistent"))).openapi()
 )
 # The cases schemathesis derives from the document (its coverage phase) are derived by
-# the test that sends them, not with @schema.parametrize(): that derives them as it
-# collects, in every pytest worker, for every operation (~1.1 CPU-seconds a worker, 4
-# workers under `make test`), and sends them in one.
+# the test that sends them, not by @schema.parametrize(): that derived every operation's
+# as it collected, in every pytest worker (~1.4 CPU-seconds a worker, 4 workers under
+# `make test`), to send them from one.
 schema.config.phases.coverage.enabled = False
 OPERATION_LABELS = [result.ok().label for result in schema.get_all_operations()]
 
