@@ -72,6 +72,21 @@ def wait_or_kill(process: subprocess.Popen[Any] | Forked, seconds: float) -> Non
 PRECOMPUTE_OFF = "[completion]\nprecompute = false\n"
 
 
+def niceness(pid: int) -> tuple[set[int], int | None]:
+    """The nice of each of ``pid``'s threads, and of its session's autogroup where Linux
+    has autogroups (None where not)."""
+    threads = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that ended since the listing
+            continue
+        threads.add(int(stat.rsplit(")", 1)[1].split()[16]))  # stat field 19, nice
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    group = int(autogroup.read_text().split()[-1]) if autogroup.exists() else None
+    return threads, group
+
+
 def sse_events(text: str) -> list[Any]:
     """The JSON events of an OpenAI stream's body, which must end in ``[DONE]``."""
     lines = [line.removeprefix("data: ") for line in text.splitlines() if line]

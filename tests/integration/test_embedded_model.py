@@ -11,7 +11,6 @@ import tracemalloc
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ from keel.providers import local
 from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 from keel.workers.worker import EMBEDDING_NICE
-from tests.conftest import KeelProcess, running_keel, sse_events
+from tests.conftest import KeelProcess, niceness, running_keel, sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -722,18 +721,6 @@ def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProc
     """Every thread of the embedding worker, and its session's autogroup where Linux has
     one, runs at a lower priority than the completion worker's (two engines at one
     priority stalled each other: completions took seconds while a batch was embedded)."""
-
-    def niceness(pid: int) -> tuple[set[int], int | None]:
-        threads = set()
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                stat = (task / "stat").read_text()
-            except FileNotFoundError:  # a thread that ended since the listing
-                continue
-            threads.add(int(stat.rsplit(")", 1)[1].split()[16]))  # stat field 19, nice
-        autogroup = Path(f"/proc/{pid}/autogroup")
-        group = int(autogroup.read_text().split()[-1]) if autogroup.exists() else None
-        return threads, group
 
     with keel_server.client() as client:
         providers = client.get("/v1/providers").json()["roles"]

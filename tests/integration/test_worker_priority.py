@@ -10,19 +10,22 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from keel.workers.worker import EMBEDDING_NICE, IDLE_GROUP_NICE
+from tests.conftest import niceness, wait_or_kill
 
 pytestmark = pytest.mark.integration
 
 # A keel's supervisor in a process of its own, which lowers its own priority first (its
-# first argument: a nice increment, or "idle"): what each worker it starts runs at.
+# first argument: a nice increment, or "idle"), starts a worker for each role named
+# after it, says their pids once they are ready, and stops them when its stdin closes.
 SCRIPT = r"""
 import asyncio, json, os, sys
-from pathlib import Path
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import WorkerSpec, WorkerSupervisor
 
@@ -31,60 +34,57 @@ if sys.argv[1] == "idle":
 else:
     os.nice(int(sys.argv[1]))
 
-def priority(pid):
-    threads = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            threads.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
-        except FileNotFoundError:  # a thread that ended since the listing
-            pass
-    autogroup = Path(f"/proc/{pid}/autogroup")
-    group = int(autogroup.read_text().split()[-1]) if autogroup.exists() else None
-    return {"threads": sorted(threads), "group": group, "policy": os.sched_getscheduler(pid)}
-
 async def main():
-    found = {}
-    for role in sys.argv[2:]:
-        spec = WorkerSpec(str(embedded_model_path()), threads=1, embedding=role == "embedding")
-        worker = WorkerSupervisor(spec, name=role, oom_kills=lambda: None)
-        await worker.start()
-        try:
-            await worker.wait_ready(60)
-            found[role] = priority(worker.pid)
-        finally:
+    workers = {}
+    try:
+        for role in sys.argv[2:]:
+            spec = WorkerSpec(str(embedded_model_path()), threads=1, embedding=role == "embedding")
+            workers[role] = WorkerSupervisor(spec, name=role, oom_kills=lambda: None)
+            await workers[role].start()
+            await workers[role].wait_ready(60)
+        print(json.dumps({role: worker.pid for role, worker in workers.items()}), flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+    finally:
+        for worker in workers.values():
             await worker.stop()
-    print(json.dumps(found))
 
 asyncio.run(main())
 """
 
 
-def workers_started_at(lower: str, *roles: str) -> dict[str, dict[str, object]]:
-    done = subprocess.run(
+@contextmanager
+def workers_started_at(lower: str, *roles: str) -> Iterator[dict[str, int]]:
+    """The pids of the ready workers for ``roles``, started by a supervisor at ``lower``."""
+    with subprocess.Popen(
         [sys.executable, "-c", SCRIPT, lower, *roles],
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    found: dict[str, dict[str, object]] = json.loads(done.stdout)
-    return found
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            line = process.stdout.readline()
+            assert line, f"the supervisor exited {process.wait()} before its workers were ready"
+            yield json.loads(line)
+        finally:
+            process.stdin.close()
+            wait_or_kill(process, 30)
 
 
 def test_a_niced_keel_runs_its_engines_at_its_nice() -> None:
-    found = workers_started_at("5", "completion", "embedding")
-    completion, embedding = found["completion"], found["embedding"]
     keel = min(19, os.nice(0) + 5)  # the tests' own nice, 5 lower
-    assert completion["threads"] == [keel], completion
-    assert embedding["threads"] == [min(19, keel + EMBEDDING_NICE)], embedding
+    lower = min(19, keel + EMBEDDING_NICE)
+    with workers_started_at("5", "completion", "embedding") as pids:
+        completion, embedding = niceness(pids["completion"]), niceness(pids["embedding"])
+    assert completion[0] == {keel} and embedding[0] == {lower}, (completion, embedding)
     if Path("/proc/self/autogroup").exists():
-        assert completion["group"] == keel, found
-        assert embedding["group"] == min(19, keel + EMBEDDING_NICE), found
+        assert (completion[1], embedding[1]) == (keel, lower)
 
 
 def test_a_keel_in_the_idle_class_runs_its_engines_in_it() -> None:
-    completion = workers_started_at("idle", "completion")["completion"]
-    assert completion["policy"] == os.SCHED_IDLE, completion
+    with workers_started_at("idle", "completion") as pids:
+        policy = os.sched_getscheduler(pids["completion"])
+        completion = niceness(pids["completion"])
+    assert policy == os.SCHED_IDLE, policy
     if Path("/proc/self/autogroup").exists():
-        assert completion["group"] == IDLE_GROUP_NICE, completion
+        assert completion[1] == IDLE_GROUP_NICE, completion
