@@ -12,7 +12,7 @@ import pytest
 from fastapi.routing import APIRoute
 from tests.conftest import KeelProcess, free_port, keel_cli, running_keel, start_keel
 
-from keel.api.access import declared_access, walk_routes
+from keel.api.access import declared_access
 from keel.app import create_app
 from keel.auth import Access
 from keel.config import Paths, Settings
@@ -25,7 +25,7 @@ FILE_KEY = "file-key-0123456789"
 def app_routes() -> list[tuple[str, str, Access]]:
     app = create_app(Settings(), Paths(Path("/nonexistent")))
     found = []
-    for route in walk_routes(app.routes):
+    for route in app.routes:
         access = declared_access(route)
         assert access is not None, f"route {getattr(route, 'path', route)} declares no access"
         if isinstance(route, APIRoute):
@@ -42,17 +42,13 @@ def test_every_route_declares_public_user_or_admin() -> None:
 
 
 def test_a_route_without_a_declaration_is_caught() -> None:
-    from fastapi import APIRouter
+    app = create_app(Settings(), Paths(Path("/nonexistent")))
 
-    router = APIRouter()
-
-    @router.get("/forgotten")
+    @app.get("/forgotten")
     async def forgotten() -> dict[str, str]:
         return {}
 
-    app = create_app(Settings(), Paths(Path("/nonexistent")))
-    app.include_router(router)
-    undeclared = [r for r in walk_routes(app.routes) if declared_access(r) is None]
+    undeclared = [r for r in app.routes if declared_access(r) is None]
     assert [getattr(r, "path", None) for r in undeclared] == ["/forgotten"]
 
 

@@ -15,7 +15,7 @@ import pytest
 from starlette.routing import Route
 from tests.api.conftest import USER, Backends, build_app
 
-from keel.api.access import DOCS_PATHS, declared_access, walk_routes
+from keel.api.access import DOCS_PATHS, declared_access
 from keel.auth import Access
 
 DETAIL_KEYS = {"pid", "model", "last_error", "error", "provider", "generation", "restarts"}
@@ -57,7 +57,7 @@ async def test_public_routes_show_no_path_pid_or_upstream_url(
     app = build_app(leaky_root, backends.config(local_embedding="broken"))
     public = [
         (route.path, method)
-        for route in walk_routes(app.routes)
+        for route in app.routes
         if declared_access(route) is Access.PUBLIC and isinstance(route, Route)
         for method in sorted(route.methods or ())
         if method != "HEAD"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -179,16 +179,6 @@ USER: Any = Depends(Require(Access.USER))
 ADMIN: Any = Depends(Require(Access.ADMIN))
 
 
-def walk_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
-    """Every route of an app, looking inside included routers."""
-    for route in routes:
-        included = getattr(route, "original_router", None)
-        if included is not None:
-            yield from walk_routes(included.routes)
-        else:
-            yield route
-
-
 def declared_access(route: BaseRoute) -> Access | None:
     """The access a route declares, or None if it declares none."""
     if not isinstance(route, APIRoute):
@@ -230,7 +220,7 @@ def document_access(app: FastAPI) -> None:
         if schema is None:
             schema = plain()
             schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-            for route in walk_routes(app.routes):
+            for route in app.routes:
                 level = declared_access(route)
                 if not isinstance(route, APIRoute) or level is None:
                     continue

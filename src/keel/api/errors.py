@@ -287,8 +287,6 @@ def install_error_handlers(app: FastAPI) -> None:
 def allowed_methods(request: Request) -> list[str]:
     """The methods the routes of ``request``'s path answer (``/v1/health``: GET and POST,
     two routes)."""
-    from keel.api.access import walk_routes  # not at the top: access -> middleware -> here
-
-    routes = walk_routes(request.app.routes)
+    routes = request.app.routes
     matching = (route for route in routes if route.matches(request.scope)[0] is not Match.NONE)
     return sorted({method for route in matching for method in getattr(route, "methods", ()) or ()})
