@@ -471,6 +471,7 @@ class WorkerSupervisor:
         while missed < liveness.misses:
             if not missed:  # after a miss, asked again at once
                 await asyncio.sleep(liveness.interval)
+            asked = time.monotonic()
             if self.state is WorkerState.READY:
                 cpu = None
                 try:
@@ -483,6 +484,7 @@ class WorkerSupervisor:
                 except KeelError:  # it answered (or is ending, which the crash path has)
                     missed = 0
                     continue
+                asked = time.monotonic()
                 stalled = await self._engine_stalled()
                 why = f"its engine spent over {liveness.stall_grace:g}s in one step"
             else:
@@ -493,11 +495,14 @@ class WorkerSupervisor:
                 stalled = self.state in (WorkerState.STARTING, WorkerState.LOADING)
                 stalled = stalled and cpu is not None and cpu == before
                 why = f"it used no CPU for over {liveness.stall_grace:g}s while it started"
-            if not stalled:
-                stalled_since = None
-            elif stalled_since is None:
-                stalled_since = time.monotonic()
-            elif time.monotonic() - stalled_since > liveness.stall_grace:
+            # Stalled since it was asked at the latest: a slot table that took the whole
+            # timeout was not answered in that time (counted from the answer, a stuck
+            # engine spun a core for one timeout more before it was killed).
+            stalled_since = (stalled_since or asked) if stalled else None
+            if (
+                stalled_since is not None
+                and time.monotonic() - stalled_since > liveness.stall_grace
+            ):
                 self._unanswered = f"{why}; killed to restart it"
                 break
         else:
