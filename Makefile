@@ -21,12 +21,6 @@ IDLE = $(if $(shell command -v chrt),chrt --idle 0,nice -n 19)
 # on a fresh machine): a test that needs what they install waits for its marker in
 # $(PENDING) to go (tests/deps.py), and such tests run last. Each marker holds the pid
 # of this recipe's shell, so one left behind by an interrupted run is not waited for.
-# The installs run in the idle class too: at the tests' priority, apt's unpacking and
-# its packages' scripts took ~13 s of CPU from the tests' first 30 s on a fresh machine,
-# and npm's took CPU from the venv's install, which the tests wait for. apt runs dpkg
-# without a terminal of its own (Dpkg::Use-Pty=0): with one, dpkg had a session of its
-# own, so an autogroup of its own, which the kernel weighs as much as this whole one,
-# whatever class dpkg is in.
 PENDING := .deps-pending
 test:
 	@mkdir -p $(PENDING) && echo $$$$ > $(PENDING)/node && echo $$$$ > $(PENDING)/system && \
@@ -70,10 +64,10 @@ node-deps: $(NODE_STAMP)
 # for, as system-deps may hold it.
 $(NODE_STAMP): tests/node/package.json
 	(command -v npm >/dev/null 2>&1 || { echo "installing Debian packages: nodejs npm"; \
-		$(IDLE) apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
-		$(IDLE) apt-get -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0 install -y -qq \
-		--no-install-recommends nodejs npm >/dev/null; }) && \
-	(cd tests/node && $(IDLE) npm install --no-audit --no-fund --loglevel=error) && touch $@; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+		nodejs npm >/dev/null; }) && \
+	(cd tests/node && npm install --no-audit --no-fund --loglevel=error) && touch $@; \
 	status=$$?; rm -f $(PENDING)/node; exit $$status
 
 lint: $(STAMP)
@@ -122,9 +116,9 @@ system-deps:
 	status=0; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
-		$(IDLE) apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
-			$(IDLE) apt-get -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0 install -y -qq \
-			--no-install-recommends $$missing >/dev/null || status=$$?; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+			$$missing >/dev/null || status=$$?; \
 	fi; \
 	rm -f $(PENDING)/system; exit $$status
 
