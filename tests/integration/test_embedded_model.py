@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from keel.models import gguf
 from keel.models.registry import embedded_model_path
 from keel.providers import local
 from keel.providers.local import LocalProvider
@@ -736,6 +737,23 @@ def test_the_embedding_engine_yields_the_cpu_to_generation(keel_server: KeelProc
     assert embedding[0] == {lower} and completion[0] == {keel}, (embedding, completion)
     if embedding[1] is not None:
         assert (embedding[1], completion[1]) == (lower, keel)
+
+
+def test_each_engine_is_given_what_the_models_header_says(keel_server: KeelProcess) -> None:
+    """keel reads the model's header once and gives each worker what it needs of it: the
+    generating engine the prompt cache keel's memory estimate counts (a worker without
+    one grew to ~1 GB), and the model's name and architecture shown beside the engine."""
+    with keel_server.client() as client:
+        providers = client.get("/v1/providers").json()["roles"]
+    engines = {role: providers[role]["providers"][0]["worker"]["engine"] for role in providers}
+    header = gguf.read_metadata(embedded_model_path())
+    context = engines["completion"]["n_ctx"]
+    weights = gguf.weights_bytes(embedded_model_path())
+    expected = gguf.prompt_cache_bytes(gguf.context_kv_bytes(header, context, weights)) >> 20
+    assert expected > 1 and engines["completion"]["prompt_cache_mib"] == expected, engines
+    assert engines["embedding"]["prompt_cache_mib"] == 0, "an embedding reuses no prompt"
+    for engine in engines.values():
+        assert (engine["name"], engine["architecture"]) == (header["general.name"], "llama")
 
 
 def test_a_local_model_refuses_an_image_as_the_clients_error(keel_server: KeelProcess) -> None:

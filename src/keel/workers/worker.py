@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import http.client
 import itertools
 import os
@@ -752,6 +751,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--embedding", action="store_true", help="load for embeddings")
+    parser.add_argument(
+        "--mean-pooling", action="store_true", help="embed the tokens' mean (no pooling set)"
+    )
+    parser.add_argument(
+        "--prompt-cache-mib", type=int, default=0, help="host memory for set-aside prompts"
+    )
     parser.add_argument("--slots", type=int, default=1, help="requests decoded side by side")
     parser.add_argument(
         "--prefill-batch", type=int, default=PREFILL_BATCH, help="prompt tokens per engine batch"
@@ -770,7 +775,7 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     batch = args.context_size if args.embedding else args.prefill_batch
     params.n_batch = params.n_ubatch = batch
     params.n_cache_reuse = CACHE_REUSE
-    params.cache_ram_mib = _prompt_cache_mib(args)
+    params.cache_ram_mib = args.prompt_cache_mib
     params.n_gpu_layers = args.gpu_layers
     # llama.cpp's fitting of unset sizes to device memory measures the model with a
     # trial load, then stops because the GPU layers are set above: ~0.2 s of CPU a
@@ -789,27 +794,9 @@ def _engine_params(xllamacpp: Any, args: argparse.Namespace, key: str) -> Any:
     params.verbosity = 0  # errors only: keel logs what matters per request
     if args.embedding:
         params.embedding = True
-        metadata = _metadata(args.model)
-        if f"{metadata.get('general.architecture')}.pooling_type" not in metadata:
-            # no pooling in the GGUF: average the tokens
-            params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+    if args.mean_pooling:
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     return params
-
-
-def _prompt_cache_mib(args: argparse.Namespace) -> int:
-    """The engine's host memory for slot states it sets aside when another prompt takes
-    a slot (:func:`keel.models.gguf.prompt_cache_bytes`), sized as keel's memory
-    estimate counts it; none for embeddings, which reuse no prompt."""
-    if args.embedding:
-        return 0
-    from keel.models.gguf import context_kv_bytes, prompt_cache_bytes, weights_bytes
-
-    weights = weights_bytes(args.model) if os.path.isfile(args.model) else 0  # main() checks
-    return max(
-        1,
-        prompt_cache_bytes(context_kv_bytes(_metadata(args.model), args.context_size, weights))
-        >> 20,
-    )
 
 
 THREADS_VARIABLE = "LLAMA_ARG_THREADS"
@@ -898,18 +885,6 @@ def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
         return None
 
 
-@functools.cache
-def _metadata(model: str) -> dict[str, object]:
-    """The GGUF header's values (read once per process), or nothing if unreadable:
-    the engine's own load reports a bad file."""
-    from keel.models.gguf import read_metadata
-
-    try:
-        return read_metadata(Path(model))
-    except Exception:
-        return {}
-
-
 def _damage(model: str) -> str | None:
     """What is wrong with the file, where its header tells (not a GGUF file, cut short)."""
     from keel.errors import MissingDependency
@@ -940,14 +915,6 @@ def _keep_the_priority(embedding: bool) -> None:
     if group:  # a new autogroup starts at 0
         with contextlib.suppress(OSError):  # no autogroups: the nice alone is enough
             Path("/proc/self/autogroup").write_text(str(group))
-
-
-def _describe(model: str) -> dict[str, object]:
-    metadata = _metadata(model)
-    return {
-        "name": metadata.get("general.name"),
-        "architecture": metadata.get("general.architecture"),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -987,9 +954,9 @@ def main(argv: list[str] | None = None) -> int:
             "n_ctx": args.context_size,
             "slots": slots,
             "threads": params.cpuparams.n_threads,  # what the engine was given
+            "prompt_cache_mib": params.cache_ram_mib,
             "nice": os.nice(0),
             "engine": f"xllamacpp {getattr(xllamacpp, '__version__', '?')}",
-            **_describe(args.model),
         }
     )
     engine = _Engine(
