@@ -250,8 +250,8 @@ async def test_an_engine_stuck_in_one_step_is_killed_and_restarted() -> None:
         await supervisor.stop()
     # Counted from when the slot table was asked, not from its timeout, the stuck engine
     # is killed ~2.2 s after the request began here (it was ~8.1 s: a core spun ~6 s
-    # more); the bound leaves a loaded machine room.
-    assert took < 5, f"killed {took:.1f} s after the request began"
+    # more); the bound leaves a loaded machine room for the prompt's read before it.
+    assert took < 6, f"killed {took:.1f} s after the request began"
 
 
 async def test_a_long_embedding_batch_is_not_taken_for_a_stuck_engine() -> None:
