@@ -177,7 +177,7 @@ def create_app(
     docs.install(app)
     # Routes are matched in order: the model routes, which every keystroke takes, first.
     # The routers' own routes, not include_router's: FastAPI (0.165) builds an included
-    # router's routes again for each app on its first request (~11 ms of CPU, for every
+    # router's routes again for each app on its first request (~20 ms of CPU, for every
     # keel the tests start) and walks its routers on every request it routes.
     for router in (openai, tabby, infill, llamacpp, ops, metrics, models, admin, ui):
         app.router.routes.extend(router.router.routes)

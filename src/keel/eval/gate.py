@@ -57,8 +57,8 @@ REPOSITORIES = ("httpx", "click")
 SAMPLES_PER_REPOSITORY = 10
 MAX_INPUT_LENGTH = 384
 MAX_DECODING_TOKENS = 32
-"""A small prompt and the local default decoding budget: 20 generations in 31-41 s on
-one core."""
+"""A small prompt and the local default decoding budget: 20 generations in ~37 s of CPU
+(~20 s on two cores)."""
 THREADS = 1
 """The engine's threads, fixed so that the figures do not depend on the machine's cores."""
 ENGINES = 2

@@ -495,7 +495,6 @@ class WorkerSupervisor:
         while missed < liveness.misses:
             if not missed:  # after a miss, asked again at once
                 await asyncio.sleep(liveness.interval)
-            asked = time.monotonic()
             if self.state is WorkerState.READY:
                 cpu = None
                 try:
@@ -515,7 +514,7 @@ class WorkerSupervisor:
                 # Starting or loading: no answers to ask for, but a worker that uses no CPU
                 # is stopped or hung (one stopped as it started held every request to the
                 # 30 s budget, a model load and every reload for minutes).
-                missed, before, cpu = 0, cpu, _cpu_ticks(process.pid)
+                asked, missed, before, cpu = time.monotonic(), 0, cpu, _cpu_ticks(process.pid)
                 stalled = self.state in (WorkerState.STARTING, WorkerState.LOADING)
                 stalled = stalled and cpu is not None and cpu == before
                 why = f"it used no CPU for over {liveness.stall_grace:g}s while it started"
