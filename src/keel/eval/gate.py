@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import math
 import statistics
@@ -57,15 +56,10 @@ REPOSITORIES = ("httpx", "click")
 SAMPLES_PER_REPOSITORY = 10
 MAX_INPUT_LENGTH = 384
 MAX_DECODING_TOKENS = 32
-"""A small prompt and the local default decoding budget: 20 generations in ~37 s of CPU
-(~20 s on two cores)."""
+"""A small prompt and the local default decoding budget: 20 generations in 31-41 s on
+one core."""
 THREADS = 1
 """The engine's threads, fixed so that the figures do not depend on the machine's cores."""
-ENGINES = 2
-"""Engines the samples are split between, each on :data:`THREADS` (each sample is
-computed as on one engine alone, so the figures are the same): beside the tests they
-take the idle moments of both cores, and the samples left when the tests end in a slow
-hour take both cores rather than one (the gate ended 5-6 s after pytest, on one core)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,22 +159,13 @@ async def run_gate(model_id: str = EMBEDDED_MODEL_ID, *, record: bool = False) -
     config = LocalModelConfig(model_id=model_id, context_size=1024, parallelism=1, threads=THREADS)
     path = resolve_model(model_id, Paths.from_env())
     # Patient: at the lowest priority beside the tests, loading can wait its turn.
-    providers = [
-        build_local_provider("completion", config, path, ready_timeout=600.0)
-        for _ in range(ENGINES)
-    ]
+    provider = build_local_provider("completion", config, path, ready_timeout=600.0)
+    await provider.start()
     try:
-        await asyncio.gather(*(provider.start() for provider in providers))
         samples = draw_samples() if record else gate_samples()
-        parts = await asyncio.gather(
-            *(score_samples(p, samples[n::ENGINES]) for n, p in enumerate(providers))
-        )
-        scores: list[Score] = []
-        for row in itertools.zip_longest(*parts):  # the samples' own order
-            scores += [score for score in row if score is not None]
-        return GateFigures.of(scores)
+        return GateFigures.of(await score_samples(provider, samples))
     finally:
-        await asyncio.gather(*(provider.aclose() for provider in providers))
+        await provider.aclose()
 
 
 def recorded() -> GateFigures:
