@@ -287,6 +287,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def allowed_methods(request: Request) -> list[str]:
     """The methods the routes of ``request``'s path answer (``/v1/health``: GET and POST,
     two routes)."""
-    routes = request.app.routes
-    matching = (route for route in routes if route.matches(request.scope)[0] is not Match.NONE)
+    matching = (
+        route for route in request.app.routes if route.matches(request.scope)[0] is not Match.NONE
+    )
     return sorted({method for route in matching for method in getattr(route, "methods", ()) or ()})

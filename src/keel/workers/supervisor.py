@@ -119,12 +119,13 @@ class WorkerSpec:
         except Exception:
             return {}
 
-    def command(self) -> list[str]:
+    def command(self, header: dict[str, object] | None = None) -> list[str]:
+        """The worker's command line, with what it needs of ``header`` (read if not given)."""
         argv = [sys.executable, "-m", "keel.workers.worker", "--model", self.model_path]
         argv += ["--context-size", str(self.context_size), "--gpu-layers", str(self.gpu_layers)]
         if self.threads:
             argv += ["--threads", str(self.threads)]
-        header = self.header()
+        header = self.header() if header is None else header
         if self.embedding:
             argv.append("--embedding")
             if f"{header.get('general.architecture')}.pooling_type" not in header:
@@ -305,6 +306,7 @@ class WorkerSupervisor:
         self.restarts = 0
         self.pid: int | None = None
         self.model_info: dict[str, Any] = {}
+        self._header: dict[str, object] = {}  # the model file's, as this start read it
         self.stats = GenerationStats()
         self._starts: deque[float] = deque()
         self._process: asyncio.subprocess.Process | None = None
@@ -443,9 +445,12 @@ class WorkerSupervisor:
 
     async def _run_once(self) -> int | None:
         self._set_state(WorkerState.STARTING)
+        # Read once a start, off the event loop (a file keel has not read yet takes ~35 ms,
+        # more with a larger vocabulary): the worker's arguments, then its model's name.
+        self._header = await asyncio.to_thread(self.spec.header)
         try:
             process = await asyncio.create_subprocess_exec(
-                *self.spec.command(),
+                *self.spec.command(self._header),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 # What the engine and the worker print (a schema llama.cpp converted only
@@ -568,10 +573,9 @@ class WorkerSupervisor:
             if state == "loading":
                 self._set_state(WorkerState.LOADING)
             elif state == "ready":
-                header = self.spec.header()
                 self.model_info = {k: v for k, v in message.items() if k not in {"event", "state"}}
-                self.model_info["name"] = header.get("general.name")
-                self.model_info["architecture"] = header.get("general.architecture")
+                self.model_info["name"] = self._header.get("general.name")
+                self.model_info["architecture"] = self._header.get("general.architecture")
                 self.last_error = None
                 self._set_state(WorkerState.READY)
                 log.info("%s: worker ready (pid %s)", self.name, self.pid)
