@@ -36,8 +36,12 @@ TEMPLATE = r"""
 import gc, json, os, select, signal, sys, traceback
 import keel.cli, keel.app  # what every keel serve imports
 import keel.providers.http  # aiohttp, imported at start by a keel with HTTP backends
+from keel.errors import MissingDependency
 from keel.models import gguf, registry
-gguf.read_header(registry.embedded_model_path())  # read again only if the file changes
+try:  # read again only if the file changes; without it, each keel says what is missing
+    gguf.read_header(registry.embedded_model_path())
+except MissingDependency:
+    pass
 
 def serve():
     wake_r, wake_w = os.pipe()
