@@ -8,7 +8,8 @@ start, measured with ``keel serve`` at /ready), which the ~110 keel servers the 
 start paid each. It also skips reading the embedded model's GGUF header, which the
 template reads once (keel keeps a header by the file's size and modification time):
 ~45 ms of CPU for each keel that serves the embedded model (a forked keel at /ready,
-six starts, alternating: 0.105 and 0.113 CPU-s mean, 0.073 and 0.048 with it read).
+six starts, alternating: 0.105 and 0.113 CPU-s mean, 0.073 and 0.048 with it read; with
+the default config, 0.100 and 0.118, then 0.062 and 0.070).
 Starting by ``python -m keel`` itself is covered by the tests that run the command line
 (tests/ops/, tests/unit/test_config*.py, ...).
 
