@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,12 @@ import pytest
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import SLOT_WAIT_COUNTED, WorkerSpec, WorkerState, WorkerSupervisor
-from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
+from keel.workers.worker import (
+    PIECE_HOLD,
+    PREFILL_BATCH,
+    SUPERSEDE_GRACE,
+    THREADS_VARIABLE,
+)
 from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
@@ -347,6 +353,44 @@ async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerS
     # The worker is fine afterwards.
     pieces = [p async for p in supervisor.stream({**COUNTING, "max_tokens": 3}, ready_timeout=5)]
     assert pieces
+
+
+def open_tcp_connections(pid: int) -> int:
+    """The TCP connections established from or to ``pid``'s sockets."""
+    fds = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed since the listing
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            count += fields[3] == "01" and fields[9] in inodes  # 01: ESTABLISHED
+    return count
+
+
+async def test_an_idle_worker_keeps_no_connection_to_its_engines_listener(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """The worker asks its engine's loopback listener for token counts and the slot table
+    (keel's liveness check asks for both every 5 s). The listener watches a kept-alive
+    connection by waking every 10 ms: kept open by those checks, it cost an idle engine
+    100 wake-ups and ~8 ms of CPU a second, for as long as keel ran. Unused for
+    0.25 s (``KEEP_ALIVE_IDLE``), the connection is closed; the listener would close it
+    after 5 s, which the checks never let come."""
+    pid = supervisor.pid
+    assert pid is not None
+    await supervisor.call({"op": "tokenize", "texts": ["def main():"]}, ready_timeout=5)
+    await supervisor.call({"op": "slots"}, ready_timeout=5)
+    counts = []
+    deadline = time.monotonic() + 3  # a liveness check between may open one for a moment
+    while time.monotonic() < deadline and (not counts or counts[-1]):
+        await asyncio.sleep(0.05)
+        counts.append(open_tcp_connections(pid))
+    assert counts[-1] == 0, f"connections open every 50 ms for 3 s: {counts}"
 
 
 async def test_a_schema_grammar_the_engine_fails_on_is_the_callers_400(
