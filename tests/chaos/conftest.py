@@ -91,8 +91,13 @@ def chain_config(
     role_settings: dict[str, object] | None = None,
     primary_extra: dict[str, object] | None = None,
 ) -> str:
-    """Every role: ``primary`` then ``fallback`` (both fake backends), no embedded model."""
-    extra = {"first_token_timeout": 0.5, **(primary_extra or {})}
+    """Every role: ``primary`` then ``fallback`` (both fake backends), no embedded model.
+
+    The primary's first-token limit is 5 s, which an answer of the fakes never misses on
+    a loaded machine; a test of a hang or a slow first token sets its own. At 0.5 s, an
+    answer late on a loaded machine went to the fallback: a 422 meant for the client came
+    back a 200 once in a fresh clone, and tests set 5 s one by one."""
+    extra = {"first_token_timeout": 5, **(primary_extra or {})}
     parts = ["[server]\ncompletion_timeout = 10\n", routing_table(**(routing or {}))]
     for role in ROLES:
         settings = {"embedded_last_resort": False, **(role_settings or {})}

@@ -116,7 +116,9 @@ def test_fault_is_survived_then_recovered(
     keel_factory: Callable[[str], Keel],
 ) -> None:
     primary, fallback = backends
-    keel = keel_factory(chain_config(primary.url, fallback.url))
+    # A short first-token limit: the hang and the slow first token are faults at 0.5 s.
+    extra = {"first_token_timeout": 0.5}
+    keel = keel_factory(chain_config(primary.url, fallback.url, primary_extra=extra))
     port = primary.port
     if fault.behaviour is None:
         primary.stop()
