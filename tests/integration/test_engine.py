@@ -19,12 +19,7 @@ import pytest
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import SLOT_WAIT_COUNTED, WorkerSpec, WorkerState, WorkerSupervisor
-from keel.workers.worker import (
-    PIECE_HOLD,
-    PREFILL_BATCH,
-    SUPERSEDE_GRACE,
-    THREADS_VARIABLE,
-)
+from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
 from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
@@ -385,12 +380,10 @@ async def test_an_idle_worker_keeps_no_connection_to_its_engines_listener(
     assert pid is not None
     # Back to back, past the 100 requests the listener answers on one connection: each
     # is answered, on the connections the listener keeps and then on new ones.
-    counts = [
-        (await supervisor.call({"op": "tokenize", "texts": ["x" * n]}, ready_timeout=5))["counts"][
-            0
-        ]
-        for n in range(1, 251)
-    ]
+    counts = []
+    for n in range(1, 251):
+        reply = await supervisor.call({"op": "tokenize", "texts": ["x" * n]}, ready_timeout=5)
+        counts.append(reply["counts"][0])
     assert counts == sorted(counts) and counts[-1] > counts[0], counts
     await supervisor.call({"op": "slots"}, ready_timeout=5)
     open_now: list[int] = []

@@ -43,7 +43,7 @@ def test_an_idle_keel_and_its_engines_wake_seldom(keel_server: KeelProcess) -> N
     times, each engine at least 400."""
     keel = keel_server.process.pid
     engines = [keel_server.worker_pid(role) for role in ("completion", "embedding")]
-    time.sleep(0.5)  # the connection of that /ready's own liveness calls, if any, closes
+    time.sleep(0.5)  # a liveness check under way, if any, ends and its connection closes
     before = [voluntary_switches(keel, str(keel))] + [voluntary_switches(e) for e in engines]
     time.sleep(QUIET)
     after = [voluntary_switches(keel, str(keel))] + [voluntary_switches(e) for e in engines]
