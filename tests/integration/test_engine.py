@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.workers.supervisor import SLOT_WAIT_COUNTED, WorkerSpec, WorkerState, WorkerSupervisor
 from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
-from tests.conftest import KeelProcess
+from tests.conftest import KeelProcess, sockets_of, tcp_sockets
 
 pytestmark = pytest.mark.integration
 
@@ -350,23 +349,6 @@ async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerS
     assert pieces
 
 
-def open_tcp_connections(pid: int) -> int:
-    """The TCP connections established from or to ``pid``'s sockets."""
-    fds = Path(f"/proc/{pid}/fd")
-    inodes = set()
-    for fd in fds.iterdir():
-        with contextlib.suppress(OSError):  # closed since the listing
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    count = 0
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            count += fields[3] == "01" and fields[9] in inodes  # 01: ESTABLISHED
-    return count
-
-
 async def test_an_idle_worker_keeps_no_connection_to_its_engines_listener(
     supervisor: WorkerSupervisor,
 ) -> None:
@@ -390,7 +372,7 @@ async def test_an_idle_worker_keeps_no_connection_to_its_engines_listener(
     deadline = time.monotonic() + 3  # a liveness check between may open one for a moment
     while time.monotonic() < deadline and (not open_now or open_now[-1]):
         await asyncio.sleep(0.05)
-        open_now.append(open_tcp_connections(pid))
+        open_now.append(len(sockets_of(pid) & tcp_sockets("01")))  # 01: established
     assert open_now[-1] == 0, f"connections open every 50 ms for 3 s: {open_now}"
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from keel.models.registry import embedded_model_path
-from tests.conftest import KeelProcess, free_port, running_keel, start_keel
+from tests.conftest import KeelProcess, free_port, running_keel, sockets_of, start_keel, tcp_sockets
 from tests.forked import run_keel
 
 pytestmark = pytest.mark.integration
@@ -80,16 +80,9 @@ def test_killed_mid_stream_ends_with_an_error_event(keel: KeelProcess) -> None:
 def test_a_worker_does_not_hold_keels_port(keel: KeelProcess) -> None:
     """keel's listening socket stays in keel: a worker that inherited it would keep the
     port bound while it outlives keel, and a restarted keel would find it busy."""
-    port = int(keel.url.rsplit(":", 1)[1])
-    listening = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
-            listening.add(f"socket:[{fields[9]}]")
+    listening = tcp_sockets("0A", port=int(keel.url.rsplit(":", 1)[1]))
     assert listening
-    worker = Path(f"/proc/{keel.worker_pid()}/fd")
-    held = {os.readlink(fd) for fd in worker.iterdir()}
-    assert not held & listening
+    assert not sockets_of(keel.worker_pid()) & listening
 
 
 def test_busy_port_is_exit_75_and_never_another_port(tmp_path: Path) -> None:

@@ -737,13 +737,13 @@ class _Engine:
             kept = self._connections.pop()[0] if self._connections else None
         for connection in [kept] if kept else []:
             try:
-                data, status = self._exchange(connection, method, path, payload)
+                data, status = connection.exchange(method, path, payload)
                 break
             except ConnectionError:  # closed by the listener meanwhile: not answered
                 connection.close()
         else:
             connection = _Connection(self._address, self._head)
-            data, status = self._exchange(connection, method, path, payload)
+            data, status = connection.exchange(method, path, payload)
         if connection.reusable:
             with self._lock:
                 self._connections.append((connection, time.monotonic()))
@@ -752,8 +752,8 @@ class _Engine:
         else:
             connection.close()
         if status != 200:
-            raise RuntimeError(f"engine {path} answered {status}: {data}")
-        return data
+            raise RuntimeError(f"engine {path} answered {status}: {data.decode(errors='replace')}")
+        return jsoncodec.loads(data)
 
     def _close_idle_in(self, seconds: float) -> None:
         self._closer = threading.Timer(seconds, self._close_idle)
@@ -763,21 +763,16 @@ class _Engine:
     def _close_idle(self) -> None:
         """Close the kept connections unused for ``KEEP_ALIVE_IDLE`` (the oldest first
         in the list), and come back for the others when theirs is up."""
+        idle = []
         with self._lock:
             now = time.monotonic()
-            idle = [c for c, since in self._connections if now - since >= KEEP_ALIVE_IDLE]
-            del self._connections[: len(idle)]
+            while self._connections and now - self._connections[0][1] >= KEEP_ALIVE_IDLE:
+                idle.append(self._connections.pop(0)[0])
             self._closer = None
             if self._connections:
                 self._close_idle_in(KEEP_ALIVE_IDLE - (now - self._connections[0][1]))
         for connection in idle:
             connection.close()
-
-    def _exchange(
-        self, connection: _Connection, method: str, path: str, payload: bytes | None
-    ) -> tuple[Any, int]:
-        data, status = connection.exchange(method, path, payload)
-        return jsoncodec.loads(data), status
 
 
 class _Connection:
