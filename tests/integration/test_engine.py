@@ -17,7 +17,7 @@ import pytest
 
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
-from keel.workers.supervisor import SLOT_WAIT_COUNTED, WorkerSpec, WorkerState, WorkerSupervisor
+from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
 from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
 from tests.conftest import KeelProcess, sockets_of, tcp_sockets
 
@@ -123,7 +123,8 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
     it supersedes is still in that slot and the other slot is free: it waits the one
     step that ends the cancelled request instead of reading the whole file again beside
     it. keel may send the new request a moment before the cancel of the old one."""
-    assert (await keystroke(supervisor, ""))["reused_tokens"] == 0  # cold: slot 0 holds FILE
+    cold = await keystroke(supervisor, "")  # slot 0 holds FILE
+    assert cold["reused_tokens"] == 0 and cold["slot_wait_ms"] == 0  # a free slot: no wait
     waits = supervisor.stats.slot_waits
     running = supervisor.stream({**COUNTING, "prompt": FILE + "d"}, ready_timeout=5)
     await anext(running)  # decoding in the slot that holds the file; the other is empty
@@ -141,13 +142,14 @@ async def test_a_keystroke_takes_the_slot_of_the_request_it_supersedes(
         last = await superseding
     assert last["finish_reason"] != "cancelled"
     assert last["prompt_tokens"] - last["reused_tokens"] <= 3, last  # not a cold read
-    if not cancel_first:  # it waited for the cancel: a wait keel adds, so it is counted
-        assert last["slot_wait_ms"] > 0
-        # ...from SLOT_WAIT_COUNTED: a cancel that reaches the running request just as a
-        # step ends frees the slot in less (0.64 ms, once in 12 runs).
-        counted = waits + (last["slot_wait_ms"] / 1000 >= SLOT_WAIT_COUNTED)
-        assert supervisor.stats.slot_waits == counted
-        assert supervisor.status()["generation"]["slot_waits"] == counted  # type: ignore[index]
+    # The request that ran took a free slot: no wait. The keystroke that superseded it
+    # waited for the cancel or for the step that ended its request (a wait keel adds, so
+    # it is counted) unless the slot was free by then. A loaded machine's delay in
+    # scheduling the request's thread is no wait: it was counted past 1 ms (1.4 ms for
+    # the request that ran, in a CI run on 2026-12-05) and failed this test.
+    counted = waits + (last["slot_wait_ms"] > 0)
+    assert supervisor.stats.slot_waits == counted
+    assert supervisor.status()["generation"]["slot_waits"] == counted  # type: ignore[index]
 
 
 STORY = {

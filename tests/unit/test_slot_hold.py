@@ -15,16 +15,16 @@ from keel.workers.worker import _SlotPool
 
 def test_a_chat_is_held_only_while_completions_are_served() -> None:
     pool = _SlotPool(2)
-    first, _ = pool.acquire("chat one", threading.Event(), chat=True)
-    second, held = pool.acquire("chat two", threading.Event(), chat=True)
-    assert {first, second} == {0, 1} and not held  # no completion yet: both slots
+    first, _, _ = pool.acquire("chat one", threading.Event(), chat=True)
+    second, held, waited = pool.acquire("chat two", threading.Event(), chat=True)
+    assert {first, second} == {0, 1} and not held and waited == 0  # no completion yet
 
 
 def test_one_slot_keeps_nothing_back() -> None:
     pool = _SlotPool(1)
-    assert pool.acquire("def f(", threading.Event()) == (0, False)
+    assert pool.acquire("def f(", threading.Event()) == (0, False, 0)
     pool.release(0)
-    assert pool.acquire("a chat", threading.Event(), chat=True) == (0, False)
+    assert pool.acquire("a chat", threading.Event(), chat=True) == (0, False, 0)
 
 
 def test_a_held_chat_takes_the_kept_slot_after_the_hold_limit(
@@ -32,12 +32,13 @@ def test_a_held_chat_takes_the_kept_slot_after_the_hold_limit(
 ) -> None:
     monkeypatch.setattr(worker, "HOLD_LIMIT", 0.2)
     pool = _SlotPool(2)
-    typed, _ = pool.acquire("def f(", threading.Event())
+    typed, _, _ = pool.acquire("def f(", threading.Event())
     pool.release(typed)  # a completion was served
-    running, held = pool.acquire("chat one", threading.Event(), chat=True)
+    running, held, _ = pool.acquire("chat one", threading.Event(), chat=True)
     assert not held
-    kept, held = pool.acquire("chat two", threading.Event(), chat=True)
+    kept, held, waited = pool.acquire("chat two", threading.Event(), chat=True)
     assert held and kept != running  # waited out the limit, then took the kept slot
+    assert waited >= 0.2
 
 
 def test_a_held_chat_cancelled_leaves_without_a_slot() -> None:
@@ -45,7 +46,7 @@ def test_a_held_chat_cancelled_leaves_without_a_slot() -> None:
     pool.release(pool.acquire("def f(", threading.Event())[0])
     pool.acquire("chat one", threading.Event(), chat=True)
     cancelled = threading.Event()
-    got: list[tuple[int | None, bool]] = []
+    got: list[tuple[int | None, bool, float]] = []
     waiter = threading.Thread(
         target=lambda: got.append(pool.acquire("chat two", cancelled, chat=True))
     )
@@ -55,7 +56,8 @@ def test_a_held_chat_cancelled_leaves_without_a_slot() -> None:
     cancelled.set()
     pool.wake()
     waiter.join(5)
-    assert got == [(None, True)]
+    assert [(slot, held) for slot, held, _ in got] == [(None, True)]
+    assert got[0][2] >= 0.2
 
 
 def test_requests_that_wait_for_a_slot_take_it_in_the_order_they_came() -> None:
@@ -64,7 +66,7 @@ def test_requests_that_wait_for_a_slot_take_it_in_the_order_they_came() -> None:
     completion timed out at 30 s). A newer request arriving as the slot frees waits its
     turn behind the one already waiting."""
     pool = _SlotPool(1)
-    first, _ = pool.acquire("a = 1", threading.Event())
+    first, _, _ = pool.acquire("a = 1", threading.Event())
     older, newer = threading.Event(), threading.Event()
     got: list[int | None] = []
     waiting = threading.Thread(
@@ -77,7 +79,8 @@ def test_requests_that_wait_for_a_slot_take_it_in_the_order_they_came() -> None:
     leave.start()
     pool.release(first)
     try:
-        assert pool.acquire("c = 3", newer) == (None, False), "the newer request went first"
+        slot, _, waited = pool.acquire("c = 3", newer)
+        assert slot is None and waited > 0.4, "the newer request went first"
         waiting.join(5)
         assert got == [first]
     finally:

@@ -148,10 +148,6 @@ class WorkerSpec:
         return max(1, gguf.prompt_cache_bytes(kv) >> 20)
 
 
-SLOT_WAIT_COUNTED = 0.001
-"""Seconds of waiting for a slot that count as a wait (taking a free one costs ~0.05 ms)."""
-
-
 @dataclass(slots=True)
 class GenerationStats:
     """Running totals of what the worker evaluated: prefix reuse made visible."""
@@ -174,7 +170,7 @@ class GenerationStats:
         self.prompt_tokens += int(done.get("prompt_tokens") or 0)
         self.reused_tokens += int(done.get("reused_tokens") or 0)
         waited = float(done.get("slot_wait_ms") or 0) / 1000
-        self.slot_waits += waited >= SLOT_WAIT_COUNTED
+        self.slot_waits += waited > 0
         self.slot_wait_seconds += waited
         self.chats_held += bool(done.get("slot_held"))
         self.last = {k: v for k, v in done.items() if k not in {"id", "done"}}

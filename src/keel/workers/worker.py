@@ -26,7 +26,7 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
   ``prompt_ms``, for a caller that stops reading before the end), then ``{"id", "done":
   true, "finish_reason", "prompt_tokens", "completion_tokens", "reused_tokens", "prompt_ms",
   "slot_wait_ms", "slot_held", "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it
-  waited here for a slot, included in the other two).
+  waited here for a slot, 0 if one was free, included in the other two).
 - ``chat`` {messages, and the same sampling fields}: the same, with the
   model's own chat template; ``slot_held``: it waited because the free slot was
   kept for completions (see ``_SlotPool``).
@@ -302,19 +302,32 @@ class _SlotPool:
 
     def acquire(
         self, prompt: str, cancelled: threading.Event, *, chat: bool = False
-    ) -> tuple[int | None, bool]:
-        """The slot for ``prompt`` (None if cancelled while waiting), and whether a chat
-        was held back to leave a slot to completions."""
+    ) -> tuple[int | None, bool, float]:
+        """The slot for ``prompt`` (None if cancelled while waiting), whether a chat was
+        held back to leave a slot to completions, and the seconds it waited (0 if it
+        never had to: the time a loaded machine takes to schedule the request's thread
+        is not a wait for a slot, and was counted as one past 1 ms)."""
         with self._changed:
-            turn = next(self._arrivals)
+            turn, blocked = next(self._arrivals), list[float]()  # when it first waited
+
+            def wait(timeout: float | None = None) -> None:
+                blocked[:] = blocked or [time.perf_counter()]
+                self._changed.wait(timeout)
+
             try:
-                return self._acquire(prompt, cancelled, chat, turn)
+                slot, held = self._acquire(prompt, cancelled, chat, turn, wait)
             finally:
                 self._waiting.discard(turn)
                 self._changed.notify_all()  # a later turn may go now
+            return slot, held, time.perf_counter() - blocked[0] if blocked else 0.0
 
     def _acquire(
-        self, prompt: str, cancelled: threading.Event, chat: bool, turn: int
+        self,
+        prompt: str,
+        cancelled: threading.Event,
+        chat: bool,
+        turn: int,
+        wait: Callable[[float | None], None],
     ) -> tuple[int | None, bool]:
         arrived = time.monotonic()
         patience, held = arrived + SUPERSEDE_GRACE, False
@@ -328,7 +341,7 @@ class _SlotPool:
             if chat and hold > 0 and self._kept_for_completions(running):
                 held = True
                 self._waiting.discard(turn)  # held: completions go before it, not after
-                self._changed.wait(hold)
+                wait(hold)
                 continue
             reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
             free = [holder is None for holder in self._holders]
@@ -341,7 +354,7 @@ class _SlotPool:
             left = patience - time.monotonic()
             if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
                 self._waiting.discard(turn)  # it waits for one slot, not for any
-                self._changed.wait(left)  # its cancel may be on the way
+                wait(left)  # its cancel may be on the way
             elif best is not None and free[best] and not any(t < turn for t in self._waiting):
                 self._clock += 1
                 self._holders[best], self._used[best] = cancelled, self._clock
@@ -349,7 +362,7 @@ class _SlotPool:
                 return best, held
             else:  # no slot free, or an earlier request waits for one: it goes first
                 self._waiting.add(turn)
-                self._changed.wait()
+                wait(None)
         return None, held
 
     def _kept_for_completions(self, running: list[int]) -> bool:
@@ -493,14 +506,14 @@ class _Engine:
         request_id = request["id"]
         cancelled = self._cancels[request_id]
         started = time.perf_counter()
-        slot, held = self.slots.acquire(text, cancelled, chat=chat)
-        acquired = time.perf_counter()
-        state: dict[str, Any] = {"produced": 0, "first": None, "progress": None, "held": held}
+        slot, held, waited = self.slots.acquire(text, cancelled, chat=chat)
+        state: dict[str, Any] = {"produced": 0, "first": None, "progress": None}
+        state.update(held=held, waited=waited)
         stops = _StopWatch(list(request.get("stop") or []))
         unsent: list[str] = []  # tokens held back for the next piece
         sent = 0.0  # when the last piece went
         if slot is None:
-            self._done(request_id, "cancelled", started, acquired, state)
+            self._done(request_id, "cancelled", started, state)
             return
         body["id_slot"] = slot
         self._wanted[slot] = cancelled
@@ -566,7 +579,7 @@ class _Engine:
             self.channel.send({"id": request_id, **reply})
             return
         reason = "cancelled" if cancelled.is_set() else (state.get("reason") or "stop")
-        self._done(request_id, reason, started, acquired, state)
+        self._done(request_id, reason, started, state)
 
     def _no_room(self, request: dict[str, Any], prompt: int) -> dict[str, Any] | None:
         """The engine's error for a limit that must fit (``limit_must_fit``) and does not
@@ -629,13 +642,13 @@ class _Engine:
         request_id: int,
         reason: str,
         started: float,
-        acquired: float,
         state: dict[str, Any],
     ) -> None:
         """The done message, from what ``_generate`` gathered: ``first`` (when the first
         piece came), ``produced``, ``end`` (the engine's last chunk, which a request
         cancelled or ended at a stop word here has not), ``progress`` (its first report),
-        ``read_ms`` (from its first report to its last)."""
+        ``read_ms`` (from its first report to its last), ``held`` and ``waited`` (from
+        the slot pool)."""
         ended = time.perf_counter()
         end, progress, first = state.get("end") or {}, state.get("progress"), state.get("first")
         timings = end.get("timings") or {}
@@ -657,7 +670,7 @@ class _Engine:
                 "completion_tokens": int(timings.get("predicted_n") or state.get("produced", 0)),
                 "reused_tokens": reused,
                 "prompt_ms": timings.get("prompt_ms", state.get("read_ms")),
-                "slot_wait_ms": round((acquired - started) * 1000, 2),
+                "slot_wait_ms": round(state["waited"] * 1000, 2),
                 "slot_held": state.get("held", False),
                 "first_token_ms": round(((first or ended) - started) * 1000, 2),
                 "total_ms": round((ended - started) * 1000, 2),
