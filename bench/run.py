@@ -262,9 +262,11 @@ def soak_rows(result: dict[str, Any]) -> list[Row]:
             "soak",
             f"{scenario}: keel RSS",
             f"end {rss['end'] / 1024:.1f} MiB",
-            f"start {rss['start'] / 1024:.1f} MiB (idle {rss['idle'] / 1024:.1f})",
+            f"at {setup['settled_s']:.0f} s {rss['start'] / 1024:.1f} MiB "
+            f"(at {setup['warmup_s']:.0f} s {rss['warm'] / 1024:.1f}, "
+            f"idle {rss['idle'] / 1024:.1f})",
             "-" if growth is None else f"{growth * 100:+.1f}%",
-            "growth < 10%",
+            "growth < 10% from a third in",
             met(growth is not None and growth < 0.10),
         ),
     ]
