@@ -249,20 +249,22 @@ async def apply_config(
     state.rate_limiter = parts.rate_limiter
     state.models = parts.models
     parts.routing.start_prober()
-    await old_routing.aclose()
     now_used = {id(p) for p in providers.unique()}
     stopped = [p for p in old.unique() if id(p) not in now_used]
+    detail = f"started {[p.name for p in fresh]}, stopping {[p.name for p in stopped]}"
+    if waiting:
+        detail += f"; changed, in force at the next restart: {', '.join(waiting)}"
+    # Recorded as the new config takes the requests, before the old routing's close
+    # yields: a client that saw the new chains read an audit log without the reload.
+    state.audit.record("config_reload", key_id=key_id, result="ok", detail=detail)
+    state.metrics.config_reload(True)
+    (log.warning if waiting else log.info)("config reloaded: %s", detail)
+    await old_routing.aclose()
     state.background.spawn(old_routing.close_when_idle(stopped))
     chains = {
         role: [entry.provider.name for group in providers.chains[role] for entry in group]
         for role in ROLES
     }
-    detail = f"started {[p.name for p in fresh]}, stopping {[p.name for p in stopped]}"
-    if waiting:
-        detail += f"; changed, in force at the next restart: {', '.join(waiting)}"
-    state.audit.record("config_reload", key_id=key_id, result="ok", detail=detail)
-    state.metrics.config_reload(True)
-    (log.warning if waiting else log.info)("config reloaded: %s", detail)
     return {
         "status": "reloaded",
         "chains": chains,
