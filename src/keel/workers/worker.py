@@ -310,7 +310,7 @@ class _SlotPool:
         with self._changed:
             turn, blocked = next(self._arrivals), list[float]()  # when it first waited
 
-            def wait(timeout: float | None = None) -> None:
+            def wait(timeout: float | None) -> None:
                 blocked[:] = blocked or [time.perf_counter()]
                 self._changed.wait(timeout)
 
