@@ -10,10 +10,10 @@ plain and one streaming ``POST /v1/completions`` (OpenAI body). A client that
 gets a 429 waits ``min(Retry-After, 1 s)`` (jittered) and tries again. Keel's
 resident memory (``/proc/PID/status`` VmRSS) is sampled every second;
 "start" is a third into the run, "end" at its end: a leak grows on, where
-filling the 500 clients' connections and buffers stops (it took under 5 s at
-2,400 req/s, and 28 s at 1,200 req/s in a slow hour, 2026-12-06, where the run
-before this one or after it, at 751252a, grew as much: +16% from 5 s, then
-nothing over the last 30 s). The figure at ``--warmup`` seconds is kept beside it.
+filling the 500 clients' connections and buffers stops (under 5 s at 2,400
+req/s; 28 s at 1,200 req/s in a slow hour on 2026-12-06, for this code and
+751252a's alike: +16% from 5 s, then nothing over the last 30 s). The figure
+at ``--warmup`` seconds is kept beside it.
 """
 
 from __future__ import annotations
