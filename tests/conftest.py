@@ -87,30 +87,6 @@ def niceness(pid: int) -> tuple[set[int], int | None]:
     return threads, group
 
 
-def sockets_of(pid: int) -> set[str]:
-    """The sockets ``pid`` holds open, as its fd links name them (``socket:[inode]``)."""
-    held = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):  # closed since the listing
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                held.add(target)
-    return held
-
-
-def tcp_sockets(state: str, port: int | None = None) -> set[str]:
-    """The TCP sockets in ``state`` (``/proc/net/tcp``'s code: ``01`` established, ``0A``
-    listening), on local ``port`` if given, named as :func:`sockets_of` names them."""
-    found = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if fields[3] == state and port in (None, local_port):
-                found.add(f"socket:[{fields[9]}]")
-    return found
-
-
 def sse_events(text: str) -> list[Any]:
     """The JSON events of an OpenAI stream's body, which must end in ``[DONE]``."""
     lines = [line.removeprefix("data: ") for line in text.splitlines() if line]

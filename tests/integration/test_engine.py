@@ -17,9 +17,10 @@ import pytest
 
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
+from keel.ops.ports import ESTABLISHED, socket_inodes, tcp_inodes
 from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
 from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
-from tests.conftest import KeelProcess, sockets_of, tcp_sockets
+from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
 
@@ -374,7 +375,7 @@ async def test_an_idle_worker_keeps_no_connection_to_its_engines_listener(
     deadline = time.monotonic() + 3  # a liveness check between may open one for a moment
     while time.monotonic() < deadline and (not open_now or open_now[-1]):
         await asyncio.sleep(0.05)
-        open_now.append(len(sockets_of(pid) & tcp_sockets("01")))  # 01: established
+        open_now.append(len(socket_inodes(pid) & tcp_inodes(ESTABLISHED)))
     assert open_now[-1] == 0, f"connections open every 50 ms for 3 s: {open_now}"
 
 

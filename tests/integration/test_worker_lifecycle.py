@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from keel.models.registry import embedded_model_path
-from tests.conftest import KeelProcess, free_port, running_keel, sockets_of, start_keel, tcp_sockets
+from keel.ops.ports import LISTENING, socket_inodes, tcp_inodes
+from tests.conftest import KeelProcess, free_port, running_keel, start_keel
 from tests.forked import run_keel
 
 pytestmark = pytest.mark.integration
@@ -80,9 +81,9 @@ def test_killed_mid_stream_ends_with_an_error_event(keel: KeelProcess) -> None:
 def test_a_worker_does_not_hold_keels_port(keel: KeelProcess) -> None:
     """keel's listening socket stays in keel: a worker that inherited it would keep the
     port bound while it outlives keel, and a restarted keel would find it busy."""
-    listening = tcp_sockets("0A", port=int(keel.url.rsplit(":", 1)[1]))
+    listening = tcp_inodes(LISTENING, port=int(keel.url.rsplit(":", 1)[1]))
     assert listening
-    assert not sockets_of(keel.worker_pid()) & listening
+    assert not socket_inodes(keel.worker_pid()) & listening
 
 
 def test_busy_port_is_exit_75_and_never_another_port(tmp_path: Path) -> None:

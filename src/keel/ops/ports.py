@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-_LISTEN = "0A"
+LISTENING, ESTABLISHED = "0A", "01"
+"""``/proc/net/tcp``'s codes for a listening and an established socket."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,9 @@ class PortHolder:
         return f"pid {self.pid} ({self.command})"
 
 
-def _listening_inodes(port: int, proc: Path) -> set[str]:
+def tcp_inodes(state: str, port: int | None = None, proc: Path = Path("/proc")) -> set[str]:
+    """The inodes of the TCP sockets (IPv4 and IPv6) in ``state`` (:data:`LISTENING`,
+    :data:`ESTABLISHED`), on local ``port`` if given."""
     inodes: set[str] = set()
     for table in ("net/tcp", "net/tcp6"):
         try:
@@ -33,11 +36,23 @@ def _listening_inodes(port: int, proc: Path) -> set[str]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 10 or fields[3] != _LISTEN:
+            if len(fields) < 10 or fields[3] != state:
                 continue
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port:
+            if port is None or int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int | str, proc: Path = Path("/proc")) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds open (its fd links read
+    ``socket:[inode]``); none where the process cannot be seen."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in (proc / str(pid) / "fd").iterdir():
+            with contextlib.suppress(OSError):  # closed since the listing
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
     return inodes
 
 
@@ -52,19 +67,15 @@ def _command(pid_dir: Path) -> str:
 
 def port_holder(port: int, proc: Path = Path("/proc")) -> PortHolder | None:
     """The process listening on ``port`` (TCP, any address), if it can be seen."""
-    inodes = _listening_inodes(port, proc)
+    inodes = tcp_inodes(LISTENING, port, proc)
     if not inodes:
         return None
-    targets = {f"socket:[{inode}]" for inode in inodes}
     me = os.getpid()
     for pid_dir in proc.iterdir():
         if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
             continue
-        with contextlib.suppress(OSError):
-            for fd in (pid_dir / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in targets:
-                        return PortHolder(int(pid_dir.name), _command(pid_dir))
+        if socket_inodes(pid_dir.name, proc) & inodes:
+            return PortHolder(int(pid_dir.name), _command(pid_dir))
     return None
 
 
