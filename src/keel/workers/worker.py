@@ -308,29 +308,20 @@ class _SlotPool:
         never had to: the time a loaded machine takes to schedule the request's thread
         is not a wait for a slot, and was counted as one past 1 ms)."""
         with self._changed:
-            turn, blocked = next(self._arrivals), list[float]()  # when it first waited
-
-            def wait(timeout: float | None) -> None:
-                blocked[:] = blocked or [time.perf_counter()]
-                self._changed.wait(timeout)
-
+            turn = next(self._arrivals)
             try:
-                slot, held = self._acquire(prompt, cancelled, chat, turn, wait)
+                slot, held, blocked = self._acquire(prompt, cancelled, chat, turn)
             finally:
                 self._waiting.discard(turn)
                 self._changed.notify_all()  # a later turn may go now
-            return slot, held, time.perf_counter() - blocked[0] if blocked else 0.0
+            return slot, held, 0.0 if blocked is None else time.perf_counter() - blocked
 
     def _acquire(
-        self,
-        prompt: str,
-        cancelled: threading.Event,
-        chat: bool,
-        turn: int,
-        wait: Callable[[float | None], None],
-    ) -> tuple[int | None, bool]:
+        self, prompt: str, cancelled: threading.Event, chat: bool, turn: int
+    ) -> tuple[int | None, bool, float | None]:
+        """:meth:`acquire`'s, with when the request first waited (None if it never did)."""
         arrived = time.monotonic()
-        patience, held = arrived + SUPERSEDE_GRACE, False
+        patience, held, blocked = arrived + SUPERSEDE_GRACE, False, None
         if not chat:
             self._completed_at = arrived
         while not cancelled.is_set():
@@ -341,7 +332,7 @@ class _SlotPool:
             if chat and hold > 0 and self._kept_for_completions(running):
                 held = True
                 self._waiting.discard(turn)  # held: completions go before it, not after
-                wait(hold)
+                blocked = self._wait(hold, blocked)
                 continue
             reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
             free = [holder is None for holder in self._holders]
@@ -354,16 +345,22 @@ class _SlotPool:
             left = patience - time.monotonic()
             if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
                 self._waiting.discard(turn)  # it waits for one slot, not for any
-                wait(left)  # its cancel may be on the way
+                blocked = self._wait(left, blocked)  # its cancel may be on the way
             elif best is not None and free[best] and not any(t < turn for t in self._waiting):
                 self._clock += 1
                 self._holders[best], self._used[best] = cancelled, self._clock
                 self._prompts[best], self._chats[best] = prompt, chat
-                return best, held
+                return best, held, blocked
             else:  # no slot free, or an earlier request waits for one: it goes first
                 self._waiting.add(turn)
-                wait(None)
-        return None, held
+                blocked = self._wait(None, blocked)
+        return None, held, blocked
+
+    def _wait(self, timeout: float | None, blocked: float | None) -> float:
+        """Wait for a slot to change hands; when the request first waited."""
+        blocked = time.perf_counter() if blocked is None else blocked
+        self._changed.wait(timeout)
+        return blocked
 
     def _kept_for_completions(self, running: list[int]) -> bool:
         """Whether the slots not answering chats are down to the one kept for completions."""
@@ -507,8 +504,13 @@ class _Engine:
         cancelled = self._cancels[request_id]
         started = time.perf_counter()
         slot, held, waited = self.slots.acquire(text, cancelled, chat=chat)
-        state: dict[str, Any] = {"produced": 0, "first": None, "progress": None}
-        state.update(held=held, waited=waited)
+        state: dict[str, Any] = {
+            "produced": 0,
+            "first": None,
+            "progress": None,
+            "held": held,
+            "waited": waited,
+        }
         stops = _StopWatch(list(request.get("stop") or []))
         unsent: list[str] = []  # tokens held back for the next piece
         sent = 0.0  # when the last piece went
