@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import os
 import time
 import tomllib
 from collections.abc import Callable
@@ -267,7 +266,3 @@ def open_remote_issue(settings: Settings, root: Path, host: str) -> ConfigIssue 
         "add keys with `keel keys add`), or set [auth] "
         "allow_unauthenticated_remote = true if a proxy in front handles it",
     )
-
-
-def environ_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -952,10 +952,6 @@ class Paths:
     def models_dir(self) -> Path:
         return self.root / "models"
 
-    @property
-    def events_db(self) -> Path:
-        return self.root / "events.sqlite3"
-
     def sqlite_path(self, database_url: str) -> Path:
         """The file of a 'sqlite:///<path>' URL: relative paths are under the data root."""
         path = Path(database_url.removeprefix("sqlite:///")).expanduser()
@@ -1303,16 +1299,6 @@ def _loc_to_key(loc: tuple[int | str, ...]) -> str:
         else:
             parts.append(("." if parts else "") + part)
     return "".join(parts)
-
-
-def _value_at(raw: Any, loc: tuple[int | str, ...]) -> object:
-    current = raw
-    for part in loc:
-        try:
-            current = current[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return current
 
 
 def parse_settings(

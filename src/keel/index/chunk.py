@@ -73,10 +73,6 @@ def _parser(extension: str) -> Any | None:
         return None
 
 
-def has_grammar(relpath: str) -> bool:
-    return _parser(PurePosixPath(relpath).suffix.lstrip(".")) is not None
-
-
 def chunk_file(relpath: str, text: str) -> list[Chunk]:
     """The chunks of ``text``, the content of the file at ``relpath``, in file order."""
     lines = text.split("\n")

@@ -154,12 +154,6 @@ class _Reader:
         raise MissingDependency(f"{self.path}: corrupt GGUF header (value type {kind})")
 
 
-def has_magic(path: Path) -> bool:
-    """True when ``path`` starts with the GGUF magic; raises OSError if unreadable."""
-    with path.open("rb") as file:
-        return file.read(4) == MAGIC
-
-
 def read_metadata(path: Path) -> dict[str, object]:
     """The header's scalar and string values by key; raises MissingDependency when
     the file is not a GGUF file or its header is damaged, OSError when unreadable."""

@@ -21,9 +21,6 @@ from keel.providers.http_base import (
 )
 from keel.providers.http_openai import sampling_body, stream_choice_text
 
-DEFAULT_ENDPOINT = "https://api.mistral.ai"
-DEFAULT_MODEL = "codestral-latest"
-
 
 class MistralFimProvider(HttpCompletion):
     """``mistral/completion``: native FIM, so keel sends no template."""
