@@ -49,10 +49,6 @@ def ms(value: float | None) -> str:
     return f"{value:.2f} ms" if value < 10 else f"{value:.0f} ms"
 
 
-def rps(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f} req/s"
-
-
 def met(ok: bool | None) -> str:
     return "-" if ok is None else ("yes" if ok else "NO")
 

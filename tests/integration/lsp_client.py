@@ -187,9 +187,6 @@ class LspClient:
             self._stdout.close()
             self._stderr.close()
 
-    def stderr_text(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
     def __enter__(self) -> LspClient:
         return self
 
