@@ -378,7 +378,25 @@ def starlette_rows(figures: dict[str, Any] | None) -> list[Row]:
                 _met(ratio is not None and ratio >= 0.3 and not errors),
             )
         )
+    if figures:
+        table.append(stream_ceiling(figures["direct"]))
     return table
+
+
+def stream_ceiling(direct: dict[str, Any]) -> Row:
+    """What a gateway that asks the upstream for a stream (keel does, for every plain
+    request) cannot pass however little it costs: the upstream's own streamed rate, as a
+    share of its plain one."""
+    plain, streamed = (direct[scenario_name(NO_CAP_CONCURRENCY, s)]["rps"] for s in MODES)
+    return (
+        "gateway",
+        f"{scenario_name(NO_CAP_CONCURRENCY, False)}: ceiling of a gateway asking for a stream",
+        f"{streamed:,.0f} req/s (the Starlette upstream streaming, direct)",
+        f"direct plain {plain:,.0f} req/s",
+        f"{streamed / plain:.2f}x direct" if plain else "-",
+        "-",
+        "-",
+    )
 
 
 def plot(result: dict[str, Any], out: Path) -> Path | None:
