@@ -121,9 +121,13 @@ def raw_once(server: Any, index: int) -> dict[str, Any]:
 def start_raw_engine(model: str, threads: int | None) -> tuple[Any, IO[str], str]:
     """The raw engine in this process (llama.cpp's server with the worker's settings), the
     stream this process's results go to, and the engine listener's key. llama.cpp writes
-    to fd 1: the results go to a copy of it, as the worker's replies do."""
+    to fd 1: the results go to a copy of it, as the worker's replies do. The engine's
+    environment is the worker's too (read as its library loads: set before the import)."""
     import secrets
 
+    from keel.workers.supervisor import engine_environment
+
+    os.environ.update(engine_environment(os.environ))
     import xllamacpp
 
     from keel.workers import worker
