@@ -64,9 +64,9 @@ def test_no_checkout_or_an_unreadable_one_is_none(repo: Path, tmp_path: Path) ->
 
 def test_keel_reports_the_commit_it_runs_from(monkeypatch: pytest.MonkeyPatch) -> None:
     source = Path(keel.__file__).resolve().parents[2]
-    if not (source / ".git").exists():
-        pytest.skip("keel is not running from a git checkout")
+    in_a_clone = (source / ".git").exists()  # as make test runs; an installed keel has none
     monkeypatch.delenv("KEEL_GIT_SHA", raising=False)
-    assert build_info()["git_sha"] == git(source, "rev-parse", "HEAD")
+    expected = git(source, "rev-parse", "HEAD") if in_a_clone else "unknown"
+    assert build_info()["git_sha"] == expected
     monkeypatch.setenv("KEEL_GIT_SHA", "0123abc")  # a packaged build says its own
     assert build_info()["git_sha"] == "0123abc"
