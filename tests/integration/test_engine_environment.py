@@ -21,15 +21,14 @@ def environ_of(pid: int) -> list[bytes]:
 
 
 async def environment_of_a_worker() -> list[bytes]:
-    """The environment a worker was started with (``/proc``: as it was at its exec)."""
+    """The environment a ready worker was started with (``/proc``: as it was at its exec;
+    read from a worker just spawned, it was once empty in `make test`)."""
     supervisor = WorkerSupervisor(WorkerSpec(str(embedded_model_path())), name="env-test")
     await supervisor.start()
     try:
-        for _ in range(5000):
-            if (pid := supervisor.pid) is not None:
-                return await asyncio.to_thread(environ_of, pid)
-            await asyncio.sleep(0.001)
-        raise AssertionError("no worker started")
+        await supervisor.wait_ready(60)
+        assert supervisor.pid is not None
+        return await asyncio.to_thread(environ_of, supervisor.pid)
     finally:
         await supervisor.stop()
 
