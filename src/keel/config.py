@@ -575,7 +575,11 @@ class ServerConfig(_Section):
     )
     port: int = Field(8080, ge=1, le=65535, description="Port to bind; a busy port is an error.")
     completion_timeout: float = Field(
-        30.0, gt=0, description="Seconds a completion may take before it fails."
+        30.0,
+        gt=0,
+        description="Seconds a code completion (Tabby's request, llama.cpp's /infill) may "
+        "take before it fails; an OpenAI completion or a chat, whose length the client asks "
+        "for, has no limit as a whole.",
     )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."

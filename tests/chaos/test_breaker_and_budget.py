@@ -194,6 +194,38 @@ def test_a_backend_too_slow_for_the_completion_limit_is_its_failure(
     assert served.status_code == 200 and served.json()["choices"][0]["text"] == FALLBACK_TEXT
 
 
+def test_an_answer_the_client_asked_the_length_of_has_no_completion_limit(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """An OpenAI completion is as long as its ``max_tokens``: cut at ``completion_timeout``
+    while its backend sent every token in time, it was a 504 counted as the backend's
+    failure, and a few such requests opened the breaker for every client (the embedded
+    model asked for 1,500 tokens: every completion and chat a 503 for 60 s)."""
+    primary, _ = backends
+    config = chain_config(
+        primary.url,
+        None,
+        routing={"probe_interval_seconds": 600, "breaker_consecutive_failures": 2},
+        primary_extra={"first_token_timeout": 10},
+    ).replace("completion_timeout = 10", "completion_timeout = 1")
+    keel = keel_factory(config)
+    primary.token_delay = 0.6  # 3 tokens, 1.8 s: each in time, the whole past the limit
+    try:
+        for _ in range(2):
+            whole = keel.http.post(COMPLETIONS, json={"prompt": "chaos = ", "max_tokens": 16})
+            assert whole.status_code == 200, whole.text
+            assert whole.json()["choices"][0]["text"] == PRIMARY_TEXT
+            streamed = keel.stream_completion()
+            assert streamed.text == PRIMARY_TEXT and not streamed.errors and streamed.done
+        state = keel.endpoint("completion", primary_name("completion"))
+        assert state["breaker"] == "closed" and state["last_error"] is None, state
+        # a code completion, whose length keel sets, is still held to the limit
+        slow = keel.tabby()
+        assert slow.status_code == 504 and "took longer than 1s" in slow.text, slow.text
+    finally:
+        primary.token_delay = 0.0
+
+
 def test_a_fallback_left_too_little_of_the_completion_limit_is_not_failing(
     backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
 ) -> None:

@@ -1,7 +1,8 @@
-"""A chat answer has no limit as a whole, only its backend's first-token and stall
-limits (as the README says): it was cut at 300 s while the backend still sent tokens,
-a slow model's long answer or a reasoning model's minutes of thought, and, not
-streamed, all of it was lost as a 504 (which the openai SDK sent twice more)."""
+"""A streamed answer has no limit as a whole, only its backend's first-token and stall
+limits (as the README says): a chat was cut at 300 s while the backend still sent
+tokens, a slow model's long answer or a reasoning model's minutes of thought, and an
+OpenAI completion at ``completion_timeout`` (the non-streamed ones are in
+tests/chaos/test_breaker_and_budget.py)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,9 @@ async def _slow_pieces() -> AsyncIterator[str]:
         yield f"w{index} "
 
 
-async def _served(timeout: float | None) -> str:
+async def _served() -> str:
     stream = await stream_response(
-        _slow_pieces(),
-        head=list,
-        chunk=lambda text: {"text": text},
-        tail=_no_tail,
-        timeout=timeout,
-        role="chat",
+        _slow_pieces(), head=list, chunk=lambda text: {"text": text}, tail=_no_tail
     )
     sent: list[bytes] = []
 
@@ -44,8 +40,6 @@ async def _no_tail() -> list[dict[str, object]]:
     return []
 
 
-async def test_a_stream_with_no_limit_runs_to_its_end() -> None:
-    cut = await _served(0.15)
-    assert "upstream_timeout" in cut and "w3" not in cut, cut
-    whole = await _served(None)
+async def test_a_stream_runs_to_its_end() -> None:
+    whole = await _served()
     assert "w3" in whole and "error" not in whole and whole.endswith("data: [DONE]\n\n"), whole

@@ -104,7 +104,7 @@ class ChatServing:
         async with CancelOnDisconnect(http):
             if body.stream:
                 return await self._stream(http, body, open_stream, call, envelope)
-            generated = await generate_text(self.router, self.admission, open_stream, params, None)
+            generated = await generate_text(self.router, self.admission, open_stream, params)
         await count_usage(generated, chat_text(call), call.reported)
         note_provider(http, generated.provider)
         envelope.served(generated.provider, call.reported)
@@ -156,8 +156,6 @@ class ChatServing:
             head=head,
             chunk=lambda piece: chunk(delta(piece), None),
             tail=tail,
-            timeout=None,
-            role="chat",
         )
         note_provider(http, generated.provider)
         return response

@@ -372,9 +372,7 @@ class CompletionServing:
                 return await self._stream_openai(http, body, params, envelope, choice, ends)
             reported = Reported()
             open_stream = _openai_call(body, params, reported)
-            generated = await generate_text(
-                self.router, self.admission, open_stream, params, self.timeout, ends
-            )
+            generated = await generate_text(self.router, self.admission, open_stream, params, ends)
         await count_usage(generated, body.prompt_text(), reported)
         note_provider(http, generated.provider)
         envelope.served(generated.provider, reported)
@@ -417,8 +415,6 @@ class CompletionServing:
             head=head,
             chunk=lambda text: envelope(choice(text, None)),
             tail=tail,
-            timeout=self.timeout,
-            role="completion",
         )
         note_provider(http, generated.provider)
         return response

@@ -98,11 +98,12 @@ class CancelOnDisconnect:
 
 
 @contextlib.asynccontextmanager
-async def total_timeout(seconds: float | None, role: str) -> AsyncIterator[None]:
-    """A request's whole generation, however many attempts it takes (None: no limit); its
-    end is the failure of the provider the last attempt was on (it was the role's name, in
-    the error, ``X-Keel-Provider`` and the metrics)."""
-    limit = None if seconds is None else asyncio.get_running_loop().time() + seconds
+async def total_timeout(seconds: float, role: str) -> AsyncIterator[None]:
+    """A code completion's whole generation, however many attempts it takes
+    (``[server] completion_timeout``; keel sets its length); its end is the failure of
+    the provider the last attempt was on (it was the role's name, in the error,
+    ``X-Keel-Provider`` and the metrics)."""
+    limit = asyncio.get_running_loop().time() + seconds
     token = DEADLINE.set(limit)
     try:
         async with asyncio.timeout_at(limit):
@@ -177,13 +178,16 @@ async def generate_text(
     admission: Admission,
     open_stream: OpenStream,
     params: GenerationParams,
-    timeout: float | None,
     ends: AnswerEnds | None = None,
 ) -> Generated:
     """A whole answer (the client waits for it): a provider failing mid-way still
     hands the request to the next one, as the client has seen nothing. ``ends``: the
-    client's own ends of the answer (llama.cpp's ``n_indent``, ``t_max_predict_ms``)."""
-    async with admission.slot(), total_timeout(timeout, router.role):
+    client's own ends of the answer (llama.cpp's ``n_indent``, ``t_max_predict_ms``).
+    No time limit as a whole: the client asked for the answer's length (a chat's, an
+    OpenAI completion's), and the router holds the backend to its first-token and stall
+    limits. Cut at ``[server] completion_timeout``, a healthy backend asked for 1,500
+    tokens was a 504, and five such requests opened its breaker for everyone."""
+    async with admission.slot():
         attempts = router.attempts(limit_name=params.limit_name)
         async for attempt in attempts:
             async with attempt:

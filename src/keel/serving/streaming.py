@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from keel import jsoncodec
-from keel.errors import KeelError, Unavailable, UpstreamTimeout
+from keel.errors import KeelError, Unavailable
 from keel.providers.base import close_stream
 
 log = logging.getLogger("keel.serving")
@@ -192,21 +191,14 @@ async def stream_response(
     head: Callable[[], list[dict[str, object]]],
     chunk: Callable[[str], dict[str, object]],
     tail: Callable[[], Awaitable[list[dict[str, object]]]],
-    timeout: float | None,
-    role: str,
 ) -> EventStream:
     """An SSE response: the events ``head()`` gives once the first piece is in (the
     provider that serves is known then), one ``chunk(text)`` per piece, then the
-    events ``tail()`` gives once the pieces are done (finish reason, usage).
-
-    ``timeout`` bounds the whole generation without a timer per piece: a piece
-    arriving after the deadline ends the stream with :class:`UpstreamTimeout`
-    (a stall in between is the router's between-token timeout); None: no bound. The head goes
-    out with the first piece and the tail with ``[DONE]``: fewer writes, the
-    same events.
+    events ``tail()`` gives once the pieces are done (finish reason, usage). The head
+    goes out with the first piece and the tail with ``[DONE]``: fewer writes, the same
+    events. The stream has no time limit as a whole: the client asked for its length,
+    and the router holds the backend to its first-token and stall limits.
     """
-    loop = asyncio.get_running_loop()
-    deadline = math.inf if timeout is None else loop.time() + timeout
     iterator = aiter(pieces)
     try:
         first: str | None = await anext(iterator)
@@ -224,10 +216,6 @@ async def stream_response(
                 yield opening + sse(chunk(first))
                 opening = b""
                 async for piece in iterator:
-                    if loop.time() > deadline:
-                        raise UpstreamTimeout(
-                            f"generation took longer than {timeout:.0f}s", provider=role
-                        )
                     yield sse(chunk(piece))
             closing = b"".join([sse(event) for event in await tail()])
         except KeelError as exc:
