@@ -917,6 +917,35 @@ async def test_a_built_prompt_that_does_not_fit_at_half_is_the_backends_configur
     assert route.provider is not None and route.provider.name == "fb"
 
 
+async def test_a_built_prompt_that_fits_with_too_many_tokens_asked_is_not_halved(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """vLLM refuses the tokens keel asks for (``[completion] max_decoding_tokens``) after
+    a prompt that fits: keel halved the prompt, which cannot help, then told the operator
+    to lower max_input_length, which changes nothing."""
+    primary, fallback = upstreams(), upstreams()
+    too_many = {
+        "error": {
+            "message": "'max_tokens' or 'max_completion_tokens' is too large: 5000. This "
+            "model's maximum context length is 4096 tokens and your request has 25 input "
+            "tokens (5000 > 4096 - 25).",
+            "code": 400,
+        }
+    }
+    primary.behave(Behaviour.error(400, too_many))
+    chain = build.router(
+        [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
+    )
+    starts = Starts()
+    _, route = await run(chain, starts=starts)
+    assert starts.calls == [("primary", False), ("fb", False)], starts.calls
+    assert route.provider is not None and route.provider.name == "fb"
+    endpoint = chain.endpoints[0]
+    assert endpoint.prompts_shrunk == 0
+    assert "lower [completion] max_decoding_tokens" in (endpoint.last_error or "")
+    assert "max_input_length" not in (endpoint.last_error or "")
+
+
 async def test_a_callers_prompt_over_the_context_is_its_400_and_blames_no_provider(
     build: Build, upstreams: Callable[..., FakeUpstream]
 ) -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.errors import KeelError, RequestError, UpstreamStatusError, UpstreamTimeout
 from keel.providers.base import Provider, piece_count
-from keel.router.classify import Failure, classify, context_overflow, without_name
+from keel.router.classify import Failure, classify, context_overflow, prompt_fits, without_name
 from keel.router.policy import Decision, Failed, default_rules
 
 if TYPE_CHECKING:
@@ -291,11 +291,16 @@ class Attempts:
 
     def _failed(self, attempt: Attempt, error: KeelError) -> bool:
         endpoint, kind = attempt.endpoint, classify(error)
-        if kind is Failure.TOO_LONG and attempt.shrink:
-            # keel built this prompt, and at half its budget it still does not fit: the
-            # backend's window is smaller than keel's configured prompt, which no client
-            # can mend. It was every completion's 400, no provider's failure, no alert.
-            error = window_too_small(error, endpoint.name)
+        # keel built the prompt and chose the tokens to generate, and the backend's
+        # numbers say the prompt fits: a shorter one cannot help (it was halved, then the
+        # backend was told to lower max_input_length, which changed nothing)
+        answer_too_long = kind is Failure.TOO_LONG and self.shrinkable and prompt_fits(error)
+        if kind is Failure.TOO_LONG and (attempt.shrink or answer_too_long):
+            # keel built this prompt, and at half its budget it still does not fit (or
+            # its answer does not): the backend's window is smaller than keel's
+            # configured budgets, which no client can mend. It was every completion's
+            # 400, no provider's failure, no alert.
+            error = window_too_small(error, endpoint.name, answer=answer_too_long)
             self.router.failed(endpoint, error, Failure.RETRYABLE, retry=attempt.number > 1)
             self.too_long = None
         else:
@@ -312,7 +317,7 @@ class Attempts:
             Failed(
                 failure=kind,
                 number=attempt.number,
-                shrunk=attempt.shrink,
+                shrunk=attempt.shrink or answer_too_long,
                 last_resort=self._position >= len(self._candidates) - 1,
                 breaker_available=endpoint.breaker.available,
             )
@@ -324,13 +329,19 @@ class Attempts:
         return True
 
 
-def window_too_small(error: KeelError, name: str) -> UpstreamStatusError:
-    """The backend's refusal of a prompt keel built and halved, as its configuration's
+def window_too_small(error: KeelError, name: str, *, answer: bool) -> UpstreamStatusError:
+    """The backend's refusal of a prompt keel built and halved, or of the tokens keel
+    asked it to generate after a prompt that fits (``answer``), as its configuration's
     fault, saying what to change."""
+    said = without_name(error.message, name)
+    if answer:
+        what = f"holds the prompt keel built but not the tokens keel asks for ({said}): "
+        change = "lower [completion] max_decoding_tokens"
+    else:
+        what = f"is smaller than the prompt keel builds, even at half the budget ({said}): "
+        change = "lower [completion] max_input_length"
     return UpstreamStatusError(
-        "its context is smaller than the prompt keel builds, even at half the budget "
-        f"({without_name(error.message, name)}): lower [completion] max_input_length, or "
-        "serve the model with a larger context",
+        f"its context {what}{change}, or serve the model with a larger context",
         provider=name,
         upstream_status=getattr(error, "upstream_status", None),
     )

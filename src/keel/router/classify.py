@@ -92,6 +92,30 @@ def _too_long(error: KeelError) -> bool:
     return _BATCH_REFUSAL.search(error.message) is not None
 
 
+def context_numbers(error: KeelError) -> tuple[int | None, int | None]:
+    """The prompt's tokens and the context's size, as far as the backend's refusal of a
+    prompt over its context gives them."""
+    details = getattr(error, "details", {})
+    prompt, context = details.get("n_prompt_tokens"), details.get("n_ctx")
+    if isinstance(prompt, int) and isinstance(context, int):
+        return prompt, context
+    for pattern in _CONTEXT_NUMBERS:
+        found = pattern.search(error.message)
+        if found is not None:
+            groups = found.groupdict()
+            return int(groups["prompt"]) if groups.get("prompt") else None, int(groups["ctx"])
+    return None, None
+
+
+def prompt_fits(error: KeelError) -> bool:
+    """Whether the backend's numbers say the prompt fits its context, and the tokens
+    asked for on top of it do not (vLLM, OpenAI: "'max_tokens' ... is too large: 4000.
+    This model's maximum context length is 2048 tokens and your request has 10 input
+    tokens"): a shorter prompt does not help, fewer tokens do."""
+    prompt, context = context_numbers(error)
+    return prompt is not None and context is not None and prompt < context
+
+
 def context_overflow(
     error: KeelError, role: str = "completion", limit_name: str = "max_tokens"
 ) -> ContextLengthExceeded:
@@ -99,19 +123,9 @@ def context_overflow(
     (prompt tokens, context size) when the backend gave them, and what to do (for an
     embedding: shorter inputs; there are no tokens to ask fewer of). ``limit_name``:
     the client's name for its cap on new tokens."""
-    details = getattr(error, "details", {})
-    prompt, context = details.get("n_prompt_tokens"), details.get("n_ctx")
-    if not (isinstance(prompt, int) and isinstance(context, int)):
-        prompt = context = None
-        for pattern in _CONTEXT_NUMBERS:
-            found = pattern.search(error.message)
-            if found is not None:
-                groups = found.groupdict()
-                prompt = int(groups["prompt"]) if groups.get("prompt") else None
-                context = int(groups["ctx"])
-                break
+    prompt, context = context_numbers(error)
     what = "an input" if role == "embedding" else "the prompt"
-    if prompt is not None and context is not None and prompt < context and role != "embedding":
+    if prompt_fits(error) and role != "embedding":
         # vLLM and OpenAI say so when the prompt fits and the tokens asked for do not:
         # "'max_tokens' ... is too large: 4000. This model's maximum context length is
         # 2048 tokens and your request has 10 input tokens"; keel said the prompt was over
