@@ -23,6 +23,11 @@ from collections.abc import Awaitable, Callable
 
 from keel.errors import UpstreamStatusError
 
+REFUSED = "rate_limit_reached"
+"""The code of :class:`RateLimiter`'s refusal: keel's own limit, not the backend's 429
+(counted as the provider's failure, its ``last_error`` and its failures' metric could not
+tell keel's throttle from the backend's)."""
+
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 """Upper bounds of the wait histogram, seconds; a provider's limiter waits at most 1 s."""
 
@@ -81,7 +86,7 @@ class RateLimiter:
     The bucket holds up to ``burst`` requests (a minute's worth by default, as
     Tabby allows) and refills continuously. When it is empty a request waits
     for its turn if that comes within ``max_wait`` seconds; otherwise it fails
-    at once with :class:`UpstreamStatusError` (code ``rate_limited``, no
+    at once with :class:`UpstreamStatusError` (code :data:`REFUSED`, no
     ``upstream_status``, ``retry_after`` set), so the router can use a fallback
     instead of queueing a code completion for seconds. Waiters reserve their
     turn, so concurrent callers are served in order. Every admitted request's
@@ -122,7 +127,7 @@ class RateLimiter:
             raise UpstreamStatusError(
                 f"keel's rate limit of {self.bucket.per_minute} requests/minute is reached",
                 provider=provider,
-                code="rate_limited",
+                code=REFUSED,
                 retry_after=wait,
             )
         self.bucket_counts[bisect_left(WAIT_BUCKETS, wait)] += 1

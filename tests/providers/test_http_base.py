@@ -204,7 +204,7 @@ async def test_rate_limiter_refuses_a_long_wait():
     await limiter.acquire("p")
     with pytest.raises(UpstreamStatusError) as caught:
         await limiter.acquire("p")
-    assert caught.value.code == "rate_limited"
+    assert caught.value.code == "rate_limit_reached"
     assert caught.value.upstream_status is None
     assert caught.value.retry_after == pytest.approx(10.0)
     assert clock.slept == []

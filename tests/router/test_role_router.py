@@ -1299,6 +1299,29 @@ async def test_a_rate_limited_check_is_not_a_health_failure(
     assert route.provider is not None and route.provider.name == "primary"
 
 
+async def test_keels_own_rate_limit_is_no_failure_of_the_provider(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    """keel's configured ``rate_limit`` refusing a request kept the provider off until
+    its turn, and was also counted as the provider's failure (``rate_limited``, as a
+    backend's 429) and made its ``last_error``: alerts and the status page could not
+    tell keel's throttle from the backend's."""
+    primary, fallback = upstreams(), upstreams()
+    limited = build.endpoint(primary.url, name="primary", rate_limit={"request_per_minute": 1})
+    router = build.router([[limited], [build.endpoint(fallback.url, name="fb")]])
+    _, route = await run(router)  # the minute's one request
+    assert route.provider is not None and route.provider.name == "primary"
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "fb"
+    assert limited.provider.status()["rate_limit"]["refused"] == 1  # type: ignore[index]
+    assert limited.last_error is None and limited.healthy, limited.last_error
+    assert not [e for e in build.events.log if e[:2] == ("failed", "primary")], build.events.log
+    assert posts(primary) == 1, "kept off until its turn"
+    clock.advance(30.0)
+    _, route = await run(router)
+    assert route.provider is not None and route.provider.name == "fb"
+
+
 async def test_an_endpoint_serving_requests_is_not_probed(
     build: Build, upstreams: Callable[..., FakeUpstream]
 ) -> None:

@@ -26,6 +26,7 @@ from keel.errors import (
     WorkerCrashed,
     WorkerUnavailable,
 )
+from keel.rate_limit import REFUSED
 
 
 class Failure(StrEnum):
@@ -184,7 +185,7 @@ def classify(error: KeelError) -> Failure:
         return Failure.RETRYABLE
     if isinstance(error, UpstreamStatusError):
         status = error.upstream_status
-        if error.code == "rate_limited" or status == 429:
+        if error.code in ("rate_limited", REFUSED) or status == 429:
             return Failure.RATE_LIMITED
         if status in (404, 405):
             return Failure.RETRYABLE

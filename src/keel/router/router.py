@@ -29,6 +29,7 @@ from typing import Protocol
 from keel.config import ProviderConfig, Role
 from keel.errors import KeelError, RateLimited, Unavailable, UpstreamTimeout, WorkerCrashed
 from keel.providers.base import Provider
+from keel.rate_limit import REFUSED
 from keel.router.admission import Admission
 from keel.router.attempt import Attempts
 from keel.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
@@ -346,7 +347,13 @@ class RoleRouter:
         made six, opened the breaker at its default of five, and a keel with no
         fallback answered 503 for the next 60 s), nor a second failed check (one
         request and its retry made a role's only provider unhealthy, and ``/ready``
-        503: a load balancer pulled the replica). Every failure is counted, by kind."""
+        503: a load balancer pulled the replica). Every failure is counted, by kind;
+        keel's own rate limit refusing a request is none (``keel_rate_limit_refusals``
+        counts it): the provider is only kept off until its turn."""
+        if error.code == REFUSED:
+            endpoint.breaker.record_ignored()
+            endpoint.blocked_until = self.clock() + (error.retry_after or 1.0)
+            return
         self.events.provider_failed(endpoint.name, kind, type(error).__name__)
         if kind is Failure.CRASHED and not endpoint.new_crash(error):
             # One worker death fails every request in flight; it is one failure. Counted
@@ -390,7 +397,8 @@ class RoleRouter:
         if self.endpoints and all(e.blocked_until > now for e in self.endpoints):
             wait = min(e.blocked_until - now for e in self.endpoints)
             return RateLimited(
-                f"every {self.role} provider is rate limited by its backend; retry in "
+                f"every {self.role} provider is rate limited (by its backend, or by its "
+                f"rate_limit in keel's config); retry in "
                 f"{wait:.0f}s ({'; '.join(failures) or 'waiting out its Retry-After'})",
                 code="upstream_rate_limited",
                 retry_after=wait,
