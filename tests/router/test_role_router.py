@@ -567,6 +567,8 @@ async def test_half_open_lets_exactly_one_probe_through(
     served = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, Unavailable)]
     assert len(served) == 1 and len(refused) == 5, results
+    # said as what it is: it read "unhealthy (HTTP 500 ...)", the error that opened it
+    assert all("primary: breaker half-open: one trial" in r.message for r in refused), refused
     assert posts(primary) == before + 1, "exactly one probe"
     assert router.endpoints[0].breaker.state is BreakerState.CLOSED
 
@@ -1040,6 +1042,8 @@ async def test_everything_down_is_a_503_naming_each_provider(
     first = caught.value
     assert first.status_code == 503
     assert "dead:" in first.message and "broken:" in first.message
+    # each one's state, as a word that does not read as a shut provider ("closed")
+    assert "broken: usable, but it failed this request (tried:" in first.message, first.message
     assert first.retry_after is not None
     # broken's retry failing was the same request's: one failure each, breakers closed
     assert [e.breaker.state for e in router.endpoints] == [BreakerState.CLOSED] * 2

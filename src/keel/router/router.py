@@ -429,9 +429,13 @@ class RoleRouter:
             return "auth failed (check its api_key)"
         if trouble == "breaker open":
             return f"breaker open for {endpoint.breaker.retry_after():.0f}s more"
+        if endpoint.breaker.state is BreakerState.HALF_OPEN:
+            # it read "unhealthy (<the error that opened it>)" while its trial was under way
+            return "breaker half-open: one trial request is under way, others wait for it"
         if trouble == "unhealthy":
             return f"unhealthy ({without_name(endpoint.last_error or '', endpoint.name)})"
-        return trouble or str(endpoint.breaker.state)
+        # it read "closed", as if the provider were shut
+        return trouble or "usable, but it failed this request"
 
     # health ------------------------------------------------------------------
 
