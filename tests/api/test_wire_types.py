@@ -208,6 +208,35 @@ async def test_inside_a_union_the_wrong_item_is_named_where_it_is(
     assert "ImagePart" not in error["message"] and "more" not in error["message"], error
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "[0].content[0].text"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "[0].content[0].image_url.url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {}]}]},
+            "[0].content[1].type",
+        ),
+        ({**CHAT, "tool_choice": {"type": "function"}}, "tool_choice.function"),
+    ],
+)
+async def test_inside_a_union_a_missing_field_is_named(
+    client: httpx.AsyncClient, body: dict[str, object], param: str
+) -> None:
+    """A value of a type the field takes (an array of parts, an object for
+    ``tool_choice``) missing something inside was told the first branch's type error:
+    "'messages[0].content': expected a string, got an array", of an array keel takes."""
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    expected = param if param.startswith("tool") else f"messages{param}"
+    assert error["param"] == expected, error
+    assert error["message"].startswith(f"'{expected}' is required"), error
+
+
 async def test_a_choice_of_the_wrong_type_names_the_choices(client: httpx.AsyncClient) -> None:
     body = {**CHAT, "tools": [TOOL], "tool_choice": 1}
     response = await client.post("/v1/chat/completions", json=body, headers=USER)

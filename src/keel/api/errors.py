@@ -132,7 +132,36 @@ def _type_message(errors: list[Any], field: str) -> str | None:
     return f"{inside}expected {expected}, got {_given(given)}"
 
 
+def _branch(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """The union branches an error's ``loc`` passes through, by their labels."""
+    return tuple(part for part in loc if isinstance(part, str) and _field((part,)) == "body")
+
+
+def _as_matched(errors: list[Any]) -> list[Any]:
+    """A union's errors as the branch the value matched saw them. A value of a type one
+    branch takes (an array of content parts) failing inside it was told the first
+    branch's type error ("'messages[0].content': expected a string, got an array" for a
+    part with no text): the errors within the field are now those of a branch that got
+    past its type, and past a choice of ``type`` (a part of type "text" is no image part)."""
+    first = errors[0]
+    if first.get("type") not in (*_EXPECTED, "literal_error"):
+        return errors
+    field = _field(tuple(first.get("loc", ())))
+    inside = [e for e in errors if _within(_field(tuple(e.get("loc", ()))), field)]
+    deeper = [e for e in inside if _field(tuple(e.get("loc", ()))) != field]
+    if any(e.get("type") in _EXPECTED for e in deeper):
+        return errors  # a value of the wrong type inside: :func:`_type_message` says where
+    branches: dict[tuple[str, ...], list[Any]] = {}
+    for error in deeper:
+        branches.setdefault(_branch(tuple(error.get("loc", ()))), []).append(error)
+    matched = [b for b in branches.values() if all(e.get("type") != "literal_error" for e in b)]
+    if not matched:
+        return errors
+    return matched[0] + [e for e in errors if e not in inside]
+
+
 def validation_error(errors: list[Any]) -> RequestError:
+    errors = _as_matched(errors)
     first = errors[0]
     field = _field(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
