@@ -118,6 +118,11 @@ class PayloadTooLarge(RequestError):
     code = "payload_too_large"
 
 
+class UnsupportedEncoding(RequestError):
+    status_code = 415
+    code = "unsupported_encoding"
+
+
 class AuthenticationError(RequestError):
     status_code = 401
     error_type = "authentication_error"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -130,6 +131,22 @@ async def test_bodies_that_are_not_json_objects_are_400(
         response = await client.post(path, content=raw, headers=headers_for(path))
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["code"] == code, (path, response.text)
+
+
+async def test_a_compressed_body_is_a_415_that_says_so(client: httpx.AsyncClient) -> None:
+    """A gzip body was read as JSON: "not valid JSON: Expecting value", of valid JSON."""
+    for path, body in VALID_BODIES.items():
+        raw = gzip.compress(json.dumps(body).encode())
+        headers = {**headers_for(path), "Content-Encoding": "gzip"}
+        response = await client.post(path, content=raw, headers=headers)
+        assert response.status_code == 415, (path, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "unsupported_encoding", (path, error)
+        assert "gzip" in error["message"] and "uncompressed" in error["message"], error
+    headers = {**headers_for("/v1/completions"), "Content-Encoding": "identity"}
+    body = VALID_BODIES["/v1/completions"]
+    response = await client.post("/v1/completions", json=body, headers=headers)
+    assert response.status_code == 200, response.text
 
 
 async def test_a_missing_model_is_a_404_before_any_streaming(client: httpx.AsyncClient) -> None:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from keel.errors import ClientDisconnected, KeelError, NotFound, RequestError
+from keel.errors import ClientDisconnected, KeelError, NotFound, RequestError, UnsupportedEncoding
 from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY
 
 log = logging.getLogger("keel.api")
@@ -246,6 +246,14 @@ def decode_body(body: bytes) -> Any:
 
 
 async def read_json(request: Request) -> Any:
+    """The request's JSON body (see :func:`decode_body`). A compressed one is a 415 that
+    says so: read as JSON, a gzip body was "not valid JSON: Expecting value"."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedEncoding(
+            f"the request body is compressed (Content-Encoding: {encoding[:40]}), which keel "
+            "does not read; send it uncompressed, without a Content-Encoding header"
+        )
     return decode_body(await request.body())
 
 
