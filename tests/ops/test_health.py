@@ -36,3 +36,17 @@ def test_deep_health_fails_naming_the_role(broken_chat_keel: KeelProcess) -> Non
     assert roles["chat"]["ok"] is False
     assert "broken" in roles["chat"]["error"] or "gave up" in roles["chat"]["error"]
     assert roles["completion"]["ok"] is True
+
+
+def test_head_is_answered_as_get_without_the_body(keel_server: KeelProcess) -> None:
+    """Uptime monitors send HEAD: it was a 405 on every route, /health and /ready too."""
+    with keel_server.client() as client:
+        for path in ("/health", "/ready", "/v1/health", "/metrics", "/"):
+            got = client.get(path)
+            head = client.head(path)
+            assert head.status_code == got.status_code == 200, (path, head.status_code)
+            assert head.content == b"", path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+        refused = client.head("/v1/completions")  # a POST route: GET's 405, no body
+        assert refused.status_code == 405 and refused.content == b""
+        assert refused.headers["allow"] == "POST"

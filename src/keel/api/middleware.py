@@ -271,12 +271,15 @@ class KeelMiddleware:
             elif declared is not None and declared > self.max_body_bytes:
                 await self._reject(scope, receive, response, declared=declared, unsent=waits)
             else:
-                app = self.direct.app(scope) or self.app
+                # HEAD is GET without the body, which the server leaves out: it was a 405
+                # on every route, /health and /ready too (uptime monitors send HEAD)
+                served = {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope
+                app = self.direct.app(served) or self.app
                 if declared is not None:
                     # The server delivers no more than the declared length.
-                    await app(scope, receive, response)
+                    await app(served, receive, response)
                 else:
-                    await self._limited(app, scope, receive, response)
+                    await self._limited(app, served, receive, response)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if STOPPING not in exc.args or response.started or task is None or task.uncancel():
