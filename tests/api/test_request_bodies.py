@@ -773,3 +773,18 @@ async def test_a_declarations_debug_snippet_has_tabbys_score(client: httpx.Async
     assert response.status_code == 200, response.text
     snippets = response.json()["debug_data"]["snippets"]
     assert [(s["filepath"], s["score"]) for s in snippets] == [("util.py", 1.0), ("a.py", 0.0)]
+
+
+async def test_a_model_routes_refusal_before_routing_is_counted_as_its_route(
+    client: httpx.AsyncClient,
+) -> None:
+    """A body over the limit is refused before routing: it was counted as route
+    "other", role "", which the status page's figures skip."""
+    raw = b'{"prompt": "' + b"x" * (4 * 1024 * 1024) + b'"}'
+    response = await client.post("/v1/completions", content=raw, headers=USER)
+    assert response.status_code == 413, response.text
+    metrics = (await client.get("/metrics", headers=USER)).text
+    assert (
+        'keel_requests_total{method="POST",provider="",role="completion",'
+        'route="/v1/completions",status="413"} 1.0'
+    ) in metrics, [line for line in metrics.splitlines() if 'status="413"' in line]

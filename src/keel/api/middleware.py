@@ -354,7 +354,10 @@ class KeelMiddleware:
         keel = getattr(getattr(scope.get("app"), "state", None), "keel", None)
         if keel is None:
             return  # before the lifespan built the state
-        route = getattr(scope.get("route"), "path", None) or "other"
+        route = getattr(scope.get("route"), "path", None)
+        if route is None:  # refused before routing (a body over the limit, an origin): a
+            # model route's refusal is its route's and role's (it was "other", role "")
+            route = scope["path"] if scope["path"] in ROLE_BY_ROUTE else "other"
         role = ROLE_BY_ROUTE.get(route)
         provider = ""
         state = scope.get("state") or {}
