@@ -514,6 +514,8 @@ def test_embeddings_read_an_input_over_the_context_up_to_it_and_count_it(
         first, second = [item["embedding"] for item in long.json()["data"]]
         assert first == second, "both read as their first 128 tokens, the same words"
         assert first != vectors[1]
+        # usage counts what was read (it said 150 and 200 tokens were)
+        assert long.json()["usage"]["prompt_tokens"] == 2 * 128, long.json()["usage"]
         assert truncated(client) == (before[0] + 2, before[1] + 2)
         providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
     assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers

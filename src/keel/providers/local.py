@@ -190,8 +190,10 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         Counted by the model's tokenizer: estimated (3 bytes a token), a part of digits
         or punctuation held up to three times the tokens, and a cancelled one ran ~12 s."""
         counts = await self.count_tokens(texts)
-        if reported is not None:  # the usage: counted once, here
-            reported.prompt_tokens = sum(counts)
+        if reported is not None:  # the usage: counted once, here, as the engine reads them
+            # (an input over the context up to it: usage said 701 of 512 tokens read)
+            limit = self.context_tokens() or max(counts, default=0)
+            reported.prompt_tokens = sum(min(count, limit) for count in counts)
         for group in token_groups(texts, self.embed_part_tokens, counts):
             yield await self.embed(group)
 
