@@ -638,11 +638,14 @@ async def test_a_wrong_method_is_a_405_that_says_which_are_allowed(
     client: httpx.AsyncClient,
 ) -> None:
     """In the one error shape, with the ``Allow`` header HTTP asks of a 405 (it was
-    dropped with the rest of the exception's headers)."""
+    dropped with the rest of the exception's headers), and a message that says what to
+    send (it said "Method Not Allowed" alone)."""
     answer = await client.get("/v1/completions", headers=USER)
     assert answer.status_code == 405, answer.text
     assert answer.headers["allow"] == "POST"
-    assert answer.json()["error"]["code"] == "http_405"
+    error = answer.json()["error"]
+    assert error["code"] == "http_405"
+    assert error["message"] == "GET is not served at /v1/completions; send POST", error
 
 
 TOOL_STRICT_3 = {"name": "f", "strict": 3}

@@ -297,13 +297,19 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             return error_response(NotFound("no such route; see GET /docs for the API"))
-        error = KeelError(str(exc.detail), code=f"http_{exc.status_code}")
+        allowed = allowed_methods(request) if exc.status_code == 405 else []
+        message = str(exc.detail)
+        if allowed:  # it said "Method Not Allowed" alone
+            message = (
+                f"{request.method} is not served at {request.url.path}; send {' or '.join(allowed)}"
+            )
+        error = KeelError(message, code=f"http_{exc.status_code}")
         error.status_code = exc.status_code
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         response = error_response(error)
         response.headers.update(exc.headers or {})  # a 405's Allow: the methods there are
-        if exc.status_code == 405:  # of every route of the path: the first's alone said POST
-            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        if allowed:  # of every route of the path: the first's alone said POST
+            response.headers["Allow"] = ", ".join(allowed)
         return response
 
     async def client_left(_: Request, exc: Exception) -> JSONResponse:
