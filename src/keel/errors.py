@@ -11,6 +11,7 @@ API handler (``api/errors.py``) and the CLI never decide that for themselves::
     │   ├── NotFound                404  not_found_error
     │   ├── Conflict                409  (unloading the only provider of a role)
     │   ├── PayloadTooLarge         413
+    │   ├── UnsupportedEncoding     415  (a compressed body)
     │   ├── ClientDisconnected      499  (the client left before its answer; nobody reads it)
     │   └── ContextLengthExceeded   400  (the prompt does not fit the model's context)
     ├── ConfigError                 422  invalid_config          exit 78  (lists ``issues``)
