@@ -11,8 +11,10 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from keel.errors import UpstreamStatusError
@@ -20,7 +22,7 @@ from keel.models.registry import embedded_model_path
 from keel.ops.ports import ESTABLISHED, socket_inodes, tcp_inodes
 from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
 from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
-from tests.conftest import KeelProcess
+from tests.conftest import PRECOMPUTE_OFF, KeelProcess, running_keel
 
 pytestmark = pytest.mark.integration
 
@@ -478,3 +480,37 @@ async def test_the_engine_ends_an_answer_at_a_new_line_past_its_time_limit(
     ended = "".join([piece async for piece in supervisor.stream(limited, ready_timeout=5)])
     assert ended.count("\n") == 1 and ended.split("\n")[0] == whole.split("\n")[0], ended
     assert supervisor.stats.last["finish_reason"] == "length", supervisor.stats.last
+
+
+async def test_waiting_behind_long_answers_is_the_engines_load_not_its_failure(
+    tmp_path: Path,
+) -> None:
+    """A request admitted while every slot answers long requests waits for one inside
+    the worker. That wait counted toward the first token's limit: the request was a 504
+    blamed on the engine (its ``last_error``, a breaker failure), as if it had hung. It
+    is a 429 (every slot stayed busy), counted as a refusal, the engine untouched."""
+    config = PRECOMPUTE_OFF + "[model.completion.local]\nparallelism = 1\nfirst_token_timeout = 2\n"
+    with running_keel(tmp_path, config) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            long = {k: v for k, v in COUNTING.items() if k != "op"}
+            long |= {"max_tokens": 1500, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=long) as streamed:
+                lines = streamed.aiter_lines()
+                while not (await anext(lines)).startswith("data: {"):
+                    pass  # the one slot is taken
+                short = {"prompt": "def add(a, b):", "max_tokens": 4}
+                waited = await asyncio.gather(
+                    *(client.post("/v1/completions", json=short) for _ in range(2))
+                )
+            for response in waited:
+                assert response.status_code == 429, response.text
+                error = response.json()["error"]
+                assert error["code"] == "overloaded", error
+                assert "every slot of its engine stayed busy for 2s" in error["message"], error
+            roles = (await client.get("/v1/providers")).json()["roles"]
+            engine = roles["completion"]["providers"][0]
+            assert engine["breaker"] == "closed" and engine["healthy"], engine
+            assert engine["last_error"] is None, engine
+            metrics = (await client.get("/metrics")).text
+    refused = 'keel_rejections_total{reason="engine_busy",role="completion"} 2.0'
+    assert refused in metrics, [line for line in metrics.splitlines() if "rejections" in line]

@@ -371,8 +371,9 @@ class Metrics:
         )
         self.rejections = Counter(
             "keel_rejections",
-            "Requests refused by admission control (429/503) or by their key's "
-            "[auth] requests_per_minute (reason key_rate_limited), by reason.",
+            "Requests refused by admission control (429/503), by their key's "
+            "[auth] requests_per_minute (reason key_rate_limited) or because every slot of "
+            "a local engine stayed busy for its first-token limit (engine_busy), by reason.",
             ["role", "reason"],
             registry=registry,
         )

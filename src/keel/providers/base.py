@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +151,13 @@ def llamacpp_seed(seed: int | None) -> int | None:
         return seed
     digest = hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=8).digest()
     return int.from_bytes(digest, "little") % LLAMACPP_RANDOM_SEED
+
+
+SLOT_WAIT: ContextVar[Callable[[bool], None] | None] = ContextVar("keel_slot_wait", default=None)
+"""Told, by a provider whose engine queues requests for its slots (a local worker), True
+when the request being read begins to wait for one and False when it has one: the
+router's attempt starts the first token's time limit then, and a limit passed while
+waiting is the engine's load, not its failure."""
 
 
 @dataclass(slots=True)

@@ -37,8 +37,14 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from keel.errors import KeelError, RequestError, UpstreamStatusError, UpstreamTimeout
-from keel.providers.base import Provider, piece_count
+from keel.errors import (
+    KeelError,
+    Overloaded,
+    RequestError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from keel.providers.base import SLOT_WAIT, Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow, prompt_fits, without_name
 from keel.router.policy import Decision, Failed, default_rules
 
@@ -80,7 +86,10 @@ class Attempt:
         self.tokens = 0
         """The backend's pieces in them (several arrive joined, see :func:`joined`)."""
         self.first_piece_after: float | None = None
+        self.queued = False
+        """Waiting for one of its engine's slots (see :data:`SLOT_WAIT`)."""
         self._attempts = attempts
+        self._watch: _Watchdog | None = None
         self._delay = delay
         self._started = 0.0
         self._deadline = 0.0
@@ -138,7 +147,8 @@ class Attempt:
         stream is closed when this ends (which cancels the upstream work)."""
         between = self.endpoint.timeouts.between_tokens
         loop = asyncio.get_running_loop()
-        watch = _Watchdog(loop)
+        watch = self._watch = _Watchdog(loop)
+        SLOT_WAIT.set(self._slot_wait)
         async with aclosing(aiter(stream)) as iterator:  # type: ignore[type-var]
             try:
                 while True:
@@ -151,6 +161,8 @@ class Attempt:
                     except asyncio.CancelledError:
                         if not watch.expired():
                             raise
+                        if first and self.queued:
+                            raise self._busy() from None
                         if first:
                             raise self._first_token_timeout() from None
                         raise UpstreamTimeout(
@@ -164,6 +176,24 @@ class Attempt:
                     yield piece
             finally:
                 watch.close()
+
+    def _slot_wait(self, waiting: bool) -> None:
+        """The engine says the request waits for a slot (True) or has one (False): the
+        first token's time limit starts again once it has one. Counted from its arrival,
+        a request queued behind long answers failed as the engine's fault (8 OpenAI
+        completions of 1,200 tokens on the embedded model's 2 slots: 504s after 60 s,
+        the engine's last_error, and its breaker a few more from open)."""
+        self.queued = waiting
+        if not waiting and self.produced == 0 and self._watch is not None:
+            self._deadline = asyncio.get_running_loop().time() + self.endpoint.timeouts.first_token
+            self._watch.wait_until(self._deadline)
+
+    def _busy(self) -> Overloaded:
+        return Overloaded(
+            f"{self.endpoint.name}: every slot of its engine stayed busy for "
+            f"{self.endpoint.timeouts.first_token:g}s; retry shortly",
+            retry_after=1.0,
+        )
 
     def _first_token_timeout(self) -> UpstreamTimeout:
         return UpstreamTimeout(
@@ -287,6 +317,13 @@ class Attempts:
             # Cancelled, or keel's own check of the request: says nothing about the provider.
             endpoint.breaker.record_ignored()
             return False
+        if isinstance(error, Overloaded):  # its engine busy with others: load, no failure
+            endpoint.breaker.record_ignored()
+            self.router.events.rejected(self.router.role, "engine_busy")
+            self.last_error = error
+            self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
+            self._decision = Decision.NEXT
+            return True
         return self._failed(attempt, error)
 
     def _failed(self, attempt: Attempt, error: KeelError) -> bool:

@@ -39,7 +39,7 @@ from keel.errors import (
     WorkerUnavailable,
 )
 from keel.models import gguf
-from keel.providers.base import Joined
+from keel.providers.base import SLOT_WAIT, Joined
 from keel.restart import RestartPolicy
 
 if TYPE_CHECKING:
@@ -695,6 +695,10 @@ class WorkerSupervisor:
                         # the first piece: a caller that stops early still has them
                         _note_prompt(reported, message)
                     yield _tokens(message)
+                elif "queued" in message:
+                    told = SLOT_WAIT.get()
+                    if told is not None:
+                        told(bool(message["queued"]))
                 elif message.get("done"):
                     finished = True
                     self.stats.add(message)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import secrets
@@ -301,25 +302,45 @@ class _SlotPool:
             self._completed_at = max(self._completed_at, when)
 
     def acquire(
-        self, prompt: str, cancelled: threading.Event, *, chat: bool = False
+        self,
+        prompt: str,
+        cancelled: threading.Event,
+        *,
+        chat: bool = False,
+        on_wait: Callable[[], None] = lambda: None,
     ) -> tuple[int | None, bool, float]:
         """The slot for ``prompt`` (None if cancelled while waiting), whether a chat was
         held back to leave a slot to completions, and the seconds it waited (0 if it
         never had to: the time a loaded machine takes to schedule the request's thread
-        is not a wait for a slot, and was counted as one past 1 ms)."""
+        is not a wait for a slot, and was counted as one past 1 ms). ``on_wait`` is
+        called when it first has to wait."""
         with self._changed:
             turn = next(self._arrivals)
             try:
-                slot, held, blocked = self._acquire(prompt, cancelled, chat, turn)
+                slot, held, blocked = self._acquire(prompt, cancelled, chat, turn, on_wait)
             finally:
                 self._waiting.discard(turn)
                 self._changed.notify_all()  # a later turn may go now
             return slot, held, 0.0 if blocked is None else time.perf_counter() - blocked
 
     def _acquire(
-        self, prompt: str, cancelled: threading.Event, chat: bool, turn: int
+        self,
+        prompt: str,
+        cancelled: threading.Event,
+        chat: bool,
+        turn: int,
+        on_wait: Callable[[], None],
     ) -> tuple[int | None, bool, float | None]:
         """:meth:`acquire`'s, with when the request first waited (None if it never did)."""
+
+        def wait(timeout: float | None, blocked: float | None) -> float:
+            """Wait for a slot to change hands; when the request first waited."""
+            if blocked is None:
+                on_wait()
+                blocked = time.perf_counter()
+            self._changed.wait(timeout)
+            return blocked
+
         arrived = time.monotonic()
         patience, held, blocked = arrived + SUPERSEDE_GRACE, False, None
         if not chat:
@@ -332,7 +353,7 @@ class _SlotPool:
             if chat and hold > 0 and self._kept_for_completions(running):
                 held = True
                 self._waiting.discard(turn)  # held: completions go before it, not after
-                blocked = self._wait(hold, blocked)
+                blocked = wait(hold, blocked)
                 continue
             reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
             free = [holder is None for holder in self._holders]
@@ -345,7 +366,7 @@ class _SlotPool:
             left = patience - time.monotonic()
             if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
                 self._waiting.discard(turn)  # it waits for one slot, not for any
-                blocked = self._wait(left, blocked)  # its cancel may be on the way
+                blocked = wait(left, blocked)  # its cancel may be on the way
             elif best is not None and free[best] and not any(t < turn for t in self._waiting):
                 self._clock += 1
                 self._holders[best], self._used[best] = cancelled, self._clock
@@ -353,14 +374,8 @@ class _SlotPool:
                 return best, held, blocked
             else:  # no slot free, or an earlier request waits for one: it goes first
                 self._waiting.add(turn)
-                blocked = self._wait(None, blocked)
+                blocked = wait(None, blocked)
         return None, held, blocked
-
-    def _wait(self, timeout: float | None, blocked: float | None) -> float:
-        """Wait for a slot to change hands; when the request first waited."""
-        blocked = time.perf_counter() if blocked is None else blocked
-        self._changed.wait(timeout)
-        return blocked
 
     def _kept_for_completions(self, running: list[int]) -> bool:
         """Whether the slots not answering chats are down to the one kept for completions."""
@@ -503,7 +518,13 @@ class _Engine:
         request_id = request["id"]
         cancelled = self._cancels[request_id]
         started = time.perf_counter()
-        slot, held, waited = self.slots.acquire(text, cancelled, chat=chat)
+        # Told when it waits for a slot and when it has one: the wait is the engine's
+        # load, not its slowness, and keel starts the first token's time limit after it
+        # (waiting behind long answers, requests failed on it as the engine's fault)
+        queued = functools.partial(self.channel.send, {"id": request_id, "queued": True})
+        slot, held, waited = self.slots.acquire(text, cancelled, chat=chat, on_wait=queued)
+        if waited:
+            self.channel.send({"id": request_id, "queued": False})
         state: dict[str, Any] = {
             "produced": 0,
             "first": None,
