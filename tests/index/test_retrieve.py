@@ -82,6 +82,13 @@ def test_match_by_absolute_filepath_under_the_path(
     assert matched[1] == "weather/units.py"
     file_uri = retriever.match(f"file://{repo}/weather/units.py", None)
     assert file_uri is not None and file_uri[1] == "weather/units.py"
+    # as an editor may name it: the edited file (left out of its own snippets) all the same
+    roundabout = retriever.match(f"{repo}/weather/../weather/./units.py", None)
+    assert roundabout is not None and roundabout[1] == "weather/units.py"
+    relative = retriever.match(
+        "./weather/../weather/units.py", "git@github.com:example/weather.git"
+    )
+    assert relative is not None and relative[1] == "weather/units.py"
 
 
 def test_no_match_outside_every_repository(retriever: RepositoryRetriever, tmp_path: Path) -> None:

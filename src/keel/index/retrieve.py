@@ -21,6 +21,8 @@ import asyncio
 import functools
 import logging
 import math
+import os
+import posixpath
 import subprocess
 import threading
 import time
@@ -28,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import unquote
 
 from keel.config import IndexConfig, Paths, RepositoryConfig, normalize_git_url
@@ -270,9 +272,11 @@ class RepositoryRetriever:
     def _relative(repo: Repository, path: str | None) -> str | None:
         if path is None:
             return None
-        candidate = Path(path)
+        # normalized: the edited file named as "pkg/../pkg/app.py" was not the excluded
+        # "pkg/app.py", and came back as a snippet of itself
+        candidate = Path(os.path.normpath(path))
         if not candidate.is_absolute():
-            return PurePosixPath(path.replace("\\", "/")).as_posix().removeprefix("./")
+            return posixpath.normpath(path.replace("\\", "/"))
         for base in (repo.root, Path(repo.config.path or repo.root).expanduser()):
             try:
                 return candidate.relative_to(base).as_posix()
