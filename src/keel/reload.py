@@ -247,6 +247,7 @@ async def apply_config(
     state.embedding = parts.embedding
     state.keys = parts.keys
     state.rate_limiter = parts.rate_limiter
+    state.models.successor = parts.models  # a load or unload waiting behind this reload
     state.models = parts.models
     parts.routing.start_prober()
     now_used = {id(p) for p in providers.unique()}

@@ -99,6 +99,42 @@ async def test_a_reload_waits_for_a_model_load_in_progress(
         assert answer.status_code == 200, answer.text  # on an open provider
 
 
+async def test_an_unload_waiting_behind_a_reload_acts_on_the_reloaded_routing(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """A load or unload that arrived during a reload waited for it, then acted on the
+    routing the reload had replaced: it stopped workers the new routing served a role
+    with (503 until a restart), or judged by chains no longer in force. Here the reload
+    gives chat a fallback; the unload, sent while the reload starts its worker, was
+    refused as chat's only provider by the replaced routing."""
+    root = tmp_path / "keel"
+    app = build_app(root, backends.config())
+    async with serving(app) as client:
+        fallback = f'\n[[model.chat.fallback]]\nmodel_id = "{EMBEDDED_MODEL_ID}"\n'
+        (root / "config.toml").write_text(backends.config() + fallback)
+        state = app.state.keel
+        reload = asyncio.create_task(client.post("/v1/admin/reload", headers=ADMIN, timeout=60))
+        for _ in range(1000):  # until the reload holds the lock (it starts a worker)
+            if state.control.locked():
+                break
+            await asyncio.sleep(0.005)
+        unload = await client.post(
+            "/v1/model/unload", json={"role": "chat"}, headers=ADMIN, timeout=60
+        )
+        assert (await reload).status_code == 200
+        assert unload.status_code == 200, unload.text
+        assert unload.json()["unloaded"] == ["chat/openai/chat"], unload.json()
+        chat = (await client.get("/v1/providers", headers=USER)).json()["roles"]["chat"]
+        assert chat["providers"][0]["name"].startswith("local/"), chat
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            headers=USER,
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+
+
 async def test_a_keel_started_on_defaults_alone_reloads_them(tmp_path: Path) -> None:
     """Without a config file, a reload was a 422 ("config file does not exist") where the
     README has it restore the config's models after a load; reading no file as the

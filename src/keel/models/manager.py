@@ -144,6 +144,18 @@ class ModelManager:
         self.available = available
         self.drain_timeout = drain_timeout
         self._lock = lock or asyncio.Lock()
+        self.successor: ModelManager | None = None
+        """The manager a config reload put in this one's place. A load or unload that
+        waited for the lock behind that reload acts on the routing in force: on this
+        replaced one it stopped a worker the new routing still served a role with (that
+        role 503 until a restart), or left its new worker in no chain."""
+
+    def _in_force(self) -> ModelManager:
+        """The manager of the routing in force (called with the lock held)."""
+        manager = self
+        while manager.successor is not None:
+            manager = manager.successor
+        return manager
 
     def current(self, role: Role) -> dict[str, object]:
         chain = self.routing.providers.chains[role]
@@ -248,7 +260,7 @@ class ModelManager:
         )
         async with self._lock:
             try:
-                async for step in self._swap(role, model_name, context_size):
+                async for step in self._in_force()._swap(role, model_name, context_size):
                     yield step
             except KeelError as exc:
                 self.audit.record(
@@ -416,32 +428,35 @@ class ModelManager:
 
     async def unload(self, role: Role, *, key_id: str | None) -> dict[str, object]:
         async with self._lock:
-            chain = self.routing.providers.chains[role]
-            if len(chain) <= 1:
-                self.audit.record(
-                    "model_unload",
-                    key_id=key_id,
-                    result="refused",
-                    target=role,
-                    detail="it is the role's only provider",
-                )
-                raise Conflict(
-                    f"{role} has no other provider: unloading would leave it unserved; "
-                    "load another model instead (a swap) or configure a fallback"
-                )
-            retired = await self._switch(role, self._chain(chain[1:], role), wait=True)
-            self.audit.record("model_unload", key_id=key_id, result="ok", target=role)
-            serving = {
-                provider.name: [
-                    other
-                    for other, chain in self.routing.providers.chains.items()
-                    if any(entry.provider is provider for group in chain for entry in group)
-                ]
-                for provider in retired
-                if self._in_use(provider)
-            }
-            return {
-                "role": role,
-                "unloaded": [p.name for p in retired],
-                "still_serving": serving,
-            }
+            return await self._in_force()._unload(role, key_id=key_id)
+
+    async def _unload(self, role: Role, *, key_id: str | None) -> dict[str, object]:
+        chain = self.routing.providers.chains[role]
+        if len(chain) <= 1:
+            self.audit.record(
+                "model_unload",
+                key_id=key_id,
+                result="refused",
+                target=role,
+                detail="it is the role's only provider",
+            )
+            raise Conflict(
+                f"{role} has no other provider: unloading would leave it unserved; "
+                "load another model instead (a swap) or configure a fallback"
+            )
+        retired = await self._switch(role, self._chain(chain[1:], role), wait=True)
+        self.audit.record("model_unload", key_id=key_id, result="ok", target=role)
+        serving = {
+            provider.name: [
+                other
+                for other, chain in self.routing.providers.chains.items()
+                if any(entry.provider is provider for group in chain for entry in group)
+            ]
+            for provider in retired
+            if self._in_use(provider)
+        }
+        return {
+            "role": role,
+            "unloaded": [p.name for p in retired],
+            "still_serving": serving,
+        }
