@@ -159,6 +159,23 @@ class TabbyEmbeddingConfig(_Section):
     max_input_length: int = Field(5120, ge=1, description="Tabby's; ignored by keel.")
 
 
+def _url_trouble(url: str) -> str | None:
+    """What keeps ``url`` from being a backend's address, or None. Only the scheme was
+    checked: "http://host:abc/v1" or "http://[::1/v1" passed `keel config check`, then
+    failed every request, and its error at start ended the start's reachability check of
+    every backend."""
+    if not re.match(r"^https?://", url):
+        return "must start with http:// or https://"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number, or over 65535, raises)
+    except ValueError as exc:
+        return f"is not a URL ({exc}); write it as http://HOST:PORT/v1"
+    if not parts.hostname or any(char.isspace() for char in url):
+        return "names no host, or holds a space; write it as http://HOST:PORT/v1"
+    return None
+
+
 class HttpModelConfig(_Section):
     """A remote model server, as in Tabby's ``[model.<role>.http]``."""
 
@@ -235,16 +252,16 @@ class HttpModelConfig(_Section):
     @field_validator("api_endpoint")
     @classmethod
     def _endpoint_is_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://", value):
-            raise ValueError("must start with http:// or https://")
+        if value is not None and (trouble := _url_trouble(value)) is not None:
+            raise ValueError(trouble)
         return value
 
     @field_validator("api_endpoints")
     @classmethod
     def _endpoints_are_urls(cls, value: list[str] | None) -> list[str] | None:
         for endpoint in value or []:
-            if not re.match(r"^https?://", endpoint):
-                raise ValueError(f"{endpoint!r} must start with http:// or https://")
+            if (trouble := _url_trouble(endpoint)) is not None:
+                raise ValueError(f"{masked_url(endpoint)!r} {trouble}")
         if value is not None and not value:
             raise ValueError("list at least one endpoint")
         return value

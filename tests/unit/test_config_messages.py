@@ -295,3 +295,38 @@ def test_a_default_is_read_as_a_shell_reads_it() -> None:
     assert parse_settings({"model": {"chat": {"http": http}}}, "c", {"KEEL_T_CHAT": "m"})
     with pytest.raises(ConfigError, match="KEEL_T_DEFAULT is not set"):
         parse_settings({"model": {"chat": {"http": {**http, "api_key": None}}}}, "c", {})
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://", "names no host"),
+        ("http://:8080/v1", "names no host"),
+        ("http://exa mple.com/v1", "holds a space"),
+        ("http://host:abc/v1", "Port could not be cast"),
+        ("http://host:99999/v1", "Port out of range"),
+        ("http://[::1/v1", "Invalid IPv6 URL"),
+        ("http://user:SECRET@host:abc/v1", "is not a URL"),
+    ],
+)
+@pytest.mark.parametrize("key", ["api_endpoint", "api_endpoints"])
+def test_a_backend_address_that_is_no_url_is_a_config_error(url: str, says: str, key: str) -> None:
+    """Only the scheme was checked: these passed `keel config check`, then failed every
+    request, and the first one's error at start ended the start's reachability check of
+    every backend."""
+    value: object = [url] if key == "api_endpoints" else url
+    table = {"kind": "openai/chat", key: value, "model_name": "m"}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"model": {"chat": {"http": table}}}, "config.toml")
+    text = str(caught.value)
+    assert f"model.chat.http.{key}" in text and says in text, text
+    assert "SECRET" not in text, text
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000/v1", "https://api.example.com", "http://[::1]:8000/v1"]
+)
+def test_well_formed_backend_addresses_pass(url: str) -> None:
+    table = {"kind": "openai/chat", "api_endpoint": url, "model_name": "m"}
+    parsed = parse_settings({"model": {"chat": {"http": table}}}, "config.toml")
+    assert parsed.model.chat.http is not None and parsed.model.chat.http.api_endpoint == url
