@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -162,3 +162,36 @@ def test_a_hub_that_keeps_breaking_off_says_so_not_unreachable(
     faults.cut_after = 3 * 2**20
     failed = pull(hub, paths)
     assert "broke off" in failed.message and "cannot reach" not in failed.message, failed
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"weird": 1}', b"<html>sign in</html>"])
+def test_an_answer_that_is_not_the_hubs_api_is_said_so(tmp_path: Path, body: bytes) -> None:
+    """A proxy or a captive portal answering 200 in the hub's place: the pull was a
+    traceback (the server's route a 500)."""
+
+    class NotTheHub(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotTheHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "KEEL_ROOT": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+        pulled = run_keel(["models", "pull", f"{REPO}:{FILE}"], env, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert pulled.returncode == 1, pulled.stderr
+    assert "Traceback" not in pulled.stderr, pulled.stderr
+    last = pulled.stderr.strip().splitlines()[-1]
+    assert "is not the Hugging Face hub's API" in last and "HF_ENDPOINT" in last, pulled.stderr

@@ -743,6 +743,15 @@ class ModelPuller:
                 f"the download of {where} broke off: {exc}; nothing was kept, pull again",
                 provider=self.hub,
             )
+        if isinstance(exc, ValueError | KeyError | TypeError):  # JSONDecodeError included
+            # an answer that is not the hub's (a proxy's page, a captive portal): it was a
+            # traceback, and the server's 500
+            return UpstreamProtocolError(
+                f"{self.endpoint} answered {where} with what is not the Hugging Face hub's API "
+                f"({type(exc).__name__}: {str(exc)[:200]}); check HF_ENDPOINT, or a proxy "
+                "answering in the hub's place",
+                provider=self.hub,
+            )
         return exc
 
 
