@@ -234,8 +234,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, paths, providers, config_path, host)
     from uvicorn.config import LOGGING_CONFIG
 
+    from keel.api.errors import LoggedOnce
+
     config = uvicorn.Config(
-        app,
+        LoggedOnce(app),
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_seconds + 0.999),
@@ -247,7 +249,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server = Server(config)
     settle_heap()
-    log.info("keel %s serving on http://%s:%d", __version__, host, port)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+    log.info("keel %s serving on http://%s:%d", __version__, shown, port)
     try:
         import uvloop
     except ImportError:  # uvicorn[standard] brings it; keel runs without it too

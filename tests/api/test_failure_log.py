@@ -9,9 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from tests.api.conftest import USER, Backends, build_app, serving
 from tests.api.test_public_routes import leaky_root  # noqa: F401 - a fixture
 from tests.fakes.upstreams import Behaviour
+
+from keel.api.errors import LoggedOnce
+from keel.ops.logging import TextFormatter
 
 ASK = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -55,3 +59,38 @@ async def test_a_readiness_probe_told_not_ready_is_no_warning(
             assert (await client.get("/ready")).status_code == 503
     assert any("GET /ready -> 503" in line for line in said(caplog, logging.INFO))
     assert not [line for line in said(caplog, logging.WARNING) if "/ready" in line]
+
+
+async def test_an_unexpected_error_is_logged_once_under_its_request_id(app: FastAPI) -> None:
+    """keel's last resort logged the traceback under no request id (it runs outside the
+    middleware that sets it), and the server logged it again, a second traceback."""
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    class Lines(logging.Handler):
+        """Each record as the text log writes it, when it is written."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.setFormatter(TextFormatter("%(levelname)s %(message)s"))
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info:
+                self.lines.append(self.format(record))
+
+    lines = Lines()
+    app.add_api_route("/broken", broken)
+    logging.getLogger().addHandler(lines)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=LoggedOnce(app))  # as keel serve runs it
+            async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+                response = await http.get("/broken", headers={"X-Request-Id": "req-42"})
+    finally:
+        logging.getLogger().removeHandler(lines)
+    assert response.status_code == 500
+    assert response.json()["error"]["message"].startswith("internal error"), response.text
+    [line] = lines.lines
+    assert line.startswith("ERROR [request req-42] unexpected error"), line

@@ -20,8 +20,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keel.errors import ClientDisconnected, KeelError, NotFound, RequestError, UnsupportedEncoding
+from keel.ops.logging import request_id
 from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY
 
 log = logging.getLogger("keel.api")
@@ -316,8 +318,14 @@ def install_error_handlers(app: FastAPI) -> None:
         # Gone before its body was read: a 499 nobody reads, no server error.
         return error_response(ClientDisconnected("the client left before sending its body"))
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", exc_info=exc)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # This layer is outside the middleware that set the request's id: set again, the
+        # traceback is logged under it (it was under none)
+        token = request_id.set(getattr(request.state, "request_id", None))
+        try:
+            log.exception("unexpected error", exc_info=exc)
+        finally:
+            request_id.reset(token)
         return error_response(KeelError("internal error; the server log has the details"))
 
     app.add_exception_handler(KeelError, keel_error)
@@ -325,6 +333,22 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientDisconnect, client_left)
     app.add_exception_handler(Exception, unexpected)
+
+
+class LoggedOnce:
+    """The app as the server runs it: an exception the server-error layer has answered
+    (a 500) and logged is not raised on to the server, which logged it again, a second
+    traceback, under no request id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            if scope["type"] != "http":
+                raise
 
 
 def allowed_methods(request: Request) -> list[str]:
