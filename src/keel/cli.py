@@ -99,6 +99,16 @@ def _host(text: str) -> str:
     return text
 
 
+def _base_url(text: str) -> str:
+    """``keel verify``'s URL: an address with its scheme (``http://[::1`` ended in a
+    traceback, ``127.0.0.1:8080`` ran six checks that each failed "UnsupportedProtocol")."""
+    from keel.config import url_trouble
+
+    if (trouble := url_trouble(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} {trouble.replace('/v1', '')}")
+    return text
+
+
 def _bind(
     host: str,
     port: int,
@@ -751,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke-test a running keel: health, ready, completion, chat, embedding, metrics",
         description="Post-deploy smoke test: one line per check; exit 0 only if all pass.",
     )
-    verify.add_argument("url", help="keel's base URL, e.g. http://127.0.0.1:8080")
+    verify.add_argument("url", type=_base_url, help="keel's base URL, e.g. http://127.0.0.1:8080")
     verify.add_argument(
         "--api-key",
         help="user key, sent as Authorization: Bearer (default: $KEEL_API_KEY, which "

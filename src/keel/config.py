@@ -159,7 +159,7 @@ class TabbyEmbeddingConfig(_Section):
     max_input_length: int = Field(5120, ge=1, description="Tabby's; ignored by keel.")
 
 
-def _url_trouble(url: str) -> str | None:
+def url_trouble(url: str) -> str | None:
     """What keeps ``url`` from being a backend's address, or None. Only the scheme was
     checked: "http://host:abc/v1" or "http://[::1/v1" passed `keel config check`, then
     failed every request, and its error at start ended the start's reachability check of
@@ -252,7 +252,7 @@ class HttpModelConfig(_Section):
     @field_validator("api_endpoint")
     @classmethod
     def _endpoint_is_url(cls, value: str | None) -> str | None:
-        if value is not None and (trouble := _url_trouble(value)) is not None:
+        if value is not None and (trouble := url_trouble(value)) is not None:
             raise ValueError(trouble)
         return value
 
@@ -260,7 +260,7 @@ class HttpModelConfig(_Section):
     @classmethod
     def _endpoints_are_urls(cls, value: list[str] | None) -> list[str] | None:
         for endpoint in value or []:
-            if (trouble := _url_trouble(endpoint)) is not None:
+            if (trouble := url_trouble(endpoint)) is not None:
                 raise ValueError(f"{masked_url(endpoint)!r} {trouble}")
         if value is not None and not value:
             raise ValueError("list at least one endpoint")

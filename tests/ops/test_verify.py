@@ -91,3 +91,20 @@ def test_the_key_can_come_from_the_environment() -> None:
         server.shutdown()
         server.server_close()
     assert seen and all(header == "Bearer env-key-0123456789" for header in seen), seen
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("127.0.0.1:8080", "must start with http:// or https://"),
+        ("", "must start with http:// or https://"),
+        ("http://:8080", "names no host"),
+    ],
+)
+def test_a_url_that_is_no_address_is_a_usage_error(url: str, says: str) -> None:
+    """``http://[::1`` ended in a traceback (exit 1); ``127.0.0.1:8080`` ran six checks
+    that each failed with "UnsupportedProtocol"."""
+    refused = run_keel(["verify", url], dict(os.environ), timeout=30)
+    assert refused.returncode == 2, refused.stderr
+    assert says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
