@@ -791,3 +791,14 @@ async def test_a_model_routes_refusal_before_routing_is_counted_as_its_route(
         'keel_requests_total{method="POST",provider="",role="completion",'
         'route="/v1/completions",status="413"} 1.0'
     ) in metrics, [line for line in metrics.splitlines() if 'status="413"' in line]
+
+
+async def test_a_context_past_the_configs_bound_is_a_400_before_any_load(
+    client: httpx.AsyncClient,
+) -> None:
+    """A ``max_seq_len`` of 10^22 was a 507 saying the load needed 4.4 * 10^21 MiB."""
+    body = {"model_name": "SmolLM2-135M-Instruct", "max_seq_len": 10**22, "stream": False}
+    refused = await client.post("/v1/model/load", json=body, headers=ADMIN)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "max_seq_len" and "1048576" in error["message"], error

@@ -34,8 +34,9 @@ class LoadRequest(_Wire):
     max_seq_len: int | None = Field(
         None,
         ge=128,
-        description="Context window in tokens per slot (TabbyAPI's name); default: the "
-        "role's [model.<role>.local] context_size.",
+        le=1_048_576,  # as context_size: beyond, a 507 needing zettabytes of memory
+        description="Context window in tokens per slot (TabbyAPI's name), at most "
+        "1,048,576; default: the role's [model.<role>.local] context_size.",
     )
     stream: bool = Field(
         True, description="Stream progress as server-sent events; false answers once at the end."
