@@ -509,10 +509,16 @@ class AuthConfig(_Section):
         # Stripped: a key read from a secret file (``${KEY}``) often ends in a newline,
         # and a client can never send one (HTTP trims header values): it matched nothing.
         value = [key.strip() for key in value]
-        if any(len(key) < 8 for key in value):
-            raise ValueError("every key must have at least 8 characters")
+        # every fault at once, each by its position (never the key), as config check
+        # promises: a short key was named by no position, and a bad one hid the next
+        short = [f"api_keys[{i}]" for i, key in enumerate(value) if len(key) < 8]
+        issues = []
+        if short:
+            issues.append(f"{', '.join(short)}: every key must have at least 8 characters")
         if (issue := unsendable_keys(value, "api_keys")) is not None:
-            raise ValueError(issue)
+            issues.append(issue)
+        if issues:
+            raise ValueError("; ".join(issues))
         return value
 
     @field_validator("admin_key")

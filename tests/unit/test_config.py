@@ -703,3 +703,15 @@ def test_config_check_warns_of_a_fallback_model_this_machine_lacks(tmp_path: Pat
     assert result.returncode == 0, result.stderr
     assert "model.completion.local.fallback_models[1]: model 'nope' not found" in result.stderr
     assert "fallback_models[0]" not in result.stderr
+
+
+def test_every_fault_of_the_keys_is_said_at_once_by_position() -> None:
+    """A short key was named by no position, and stood alone: a key of non-ASCII
+    characters after it was said only once the first was mended."""
+    raw = {"auth": {"api_keys": ["short", "ok-key-\u00e9-12345", "tiny", "fine-key-123"]}}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "c.toml", environ={})
+    message = caught.value.message
+    assert "api_keys[0], api_keys[2]: every key must have at least 8 characters" in message
+    assert "the key at api_keys[1] holds a character outside printable ASCII" in message
+    assert "short" not in message.replace("api_keys", "") and "tiny" not in message
