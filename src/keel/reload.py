@@ -29,6 +29,7 @@ from keel.errors import (
     MissingDependency,
 )
 from keel.events import EventStore
+from keel.models.gguf import read_metadata
 from keel.models.manager import ModelManager
 from keel.models.registry import resolve_model
 from keel.ops.doctor import check_fit
@@ -276,14 +277,17 @@ async def apply_config(
 
 
 def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
-    """The local models the file names that are not on this machine, each by its key (the
-    reload named the first alone, under "(model)")."""
+    """The local models the file names that are not on this machine, or whose file no
+    worker can load (no GGUF, cut short), each by its key (the reload named the first
+    alone, under "(model)"; a damaged file only after starting its worker)."""
     missing = []
     for where, table in local_tables(settings):
         try:
-            resolve_model(table.model_id, paths)
+            read_metadata(resolve_model(table.model_id, paths))
         except MissingDependency as exc:
             missing.append(ConfigIssue(f"{where}.model_id", exc.message))
+        except OSError as exc:
+            missing.append(ConfigIssue(f"{where}.model_id", f"unreadable: {exc}"))
     return missing
 
 
