@@ -276,6 +276,10 @@ async def test_a_superseded_infill_says_so(keel: httpx.AsyncClient, llamacpp: Fa
     superseded = await older
     assert superseded.json()["content"] == "", superseded.text
     assert superseded.headers.get("x-keel-superseded") == "1"
+    # nothing read, nothing made (it said the whole input's estimate was)
+    said = superseded.json()
+    figures = (said["tokens_evaluated"], said["tokens_cached"], said["tokens_predicted"])
+    assert figures == (0, 0, 0), said
     assert "x-keel-superseded" not in newer.headers and newer.json()["content"]
     await llamacpp.wait_for(lambda: llamacpp.disconnects == 1)  # its stalled generation ended
     metrics = (await keel.get("/metrics")).text  # counted as such (in no metric before)

@@ -114,7 +114,7 @@ async def infill(request: Request) -> JsonResponse:
     started = time.perf_counter()
     primary = state.providers.for_role("completion")
     model = primary.info.model
-    content, headers, answer = "", {}, None
+    content, headers, answer, superseded = "", {}, None, Reported()
     if body.n_predict != 0:  # 0: llama.vscode warming the cache; keel's stays warm itself
         limit = body.n_predict if body.n_predict and body.n_predict > 0 else None
         ends = AnswerEnds.of(body.stop, body.n_indent, body.t_max_predict_ms)
@@ -123,13 +123,16 @@ async def infill(request: Request) -> JsonResponse:
         )
         if answer is None:  # a newer keystroke's request superseded it, as on Tabby's route
             headers = {"X-Keel-Superseded": "1"}
+            # nothing read, nothing made: its figures were the whole input's estimate,
+            # past n_ctx (4,334 tokens "evaluated" and "cached" of a 2,048 context)
+            superseded = Reported(prompt_tokens=0, completion_tokens=0)
         else:
             content = cut_at_ends(answer.response.choices[0].text, body)
             line_suffix = body.input_suffix.partition("\n")[0]
             content = cut_at_suffix_closer(content, body.cursor_line(), line_suffix)
             headers = answer.headers
     elapsed_ms = (time.perf_counter() - started) * 1000
-    reported = answer.reported if answer is not None and answer.reported else Reported()
+    reported = answer.reported if answer is not None and answer.reported else superseded
     figures = _figures(content, body, reported, elapsed_ms)
     served = answer.served_by if answer is not None and answer.served_by else primary
     settings = {"model": model, "n_ctx": context_of(served), "n_predict": body.n_predict or -1}
