@@ -37,13 +37,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from keel.errors import (
-    KeelError,
-    Overloaded,
-    RequestError,
-    UpstreamStatusError,
-    UpstreamTimeout,
-)
+from keel.errors import KeelError, Overloaded, RequestError, UpstreamStatusError, UpstreamTimeout
 from keel.providers.base import SLOT_WAIT, Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow, prompt_fits, without_name
 from keel.router.policy import Decision, Failed, default_rules
