@@ -4,6 +4,7 @@ in force beside the configured keys, and kept while Redis is down."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from keel.cli import main
 from keel.config import AuthConfig
 from keel.ops.metrics import Metrics
 from keel.state.shared_keys import KEYS_HASH, VERSION_KEY, KeyAdmin, SharedKeys, record_for
-from keel.state.shared_limits import RedisState
+from keel.state.shared_limits import RedisState, SharedKeyRateLimiter
 from tests.state.servers import RedisServer
 
 CONFIG_KEY = "config-key-0001"
@@ -139,6 +140,34 @@ async def test_a_dead_redis_keeps_the_keys_read_last_and_says_so(
     assert access(store, new) is Access.USER
     assert shared.status()["up"] is True and shared.status()["keys"] == "current"
     assert metrics.registry.get_sample_value("keel_state_store_up", {"store": "redis"}) == 1
+    await shared.state.aclose()
+
+
+async def test_a_frozen_redis_is_not_reported_answering_by_the_follower(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGSTOP: a rate-limit decision finds Redis silent and marks it down. The
+    follower's wait for an announcement then ends with no message, which is no answer:
+    it reported "Redis answers again" a second later, while Redis was still frozen."""
+    shared, _, _ = replica(redis_server, tmp_path)
+    limiter = SharedKeyRateLimiter(60, shared.state)
+    await shared.refresh()
+    follow = asyncio.create_task(shared.run())
+    assert redis_server.process is not None
+    try:
+        await asyncio.sleep(0.1)  # subscribed, waiting for an announcement
+        redis_server.process.send_signal(signal.SIGSTOP)
+        await limiter.acquire("key-a")
+        assert shared.state.up is False
+        deadline = time.monotonic() + 1.6  # past the follower's one-second wait
+        while time.monotonic() < deadline:
+            assert shared.state.up is False, "reported up while Redis was frozen"
+            await asyncio.sleep(0.02)
+        redis_server.process.send_signal(signal.SIGCONT)
+        await eventually(lambda: shared.state.up is True, timeout=4.0)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+        follow.cancel()
     await shared.state.aclose()
 
 

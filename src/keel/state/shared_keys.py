@@ -328,11 +328,14 @@ class SharedKeys:
         pubsub = self.state.redis.pubsub()
         try:
             await pubsub.subscribe(CHANNEL)
+            await self.read()
             while True:
                 _stop_if_asked()
-                await self.read()
                 async with asyncio.timeout(self.interval + self.state.timeout):
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.interval)
+                # A wait that ends with no message is no answer (a frozen Redis sends
+                # none): Redis answers once the read after it does.
+                await self.read()
                 self.state.answered(KEYS)
                 await self.state.recheck_limits()
         finally:
