@@ -18,8 +18,9 @@ async def test_acceptance_is_unknown_while_the_events_database_is_down(
     async with serving(app) as client:
         for _ in range(100):
             stats = (await client.get("/v1/stats", headers=USER)).json()
-            if stats["events"]["up"] is False:
+            events = stats["shared_state"]["events"]
+            if events["up"] is False:
                 break
             await asyncio.sleep(0.05)
-        assert stats["events"]["up"] is False and stats["events"]["store"] == "postgres"
+        assert events["up"] is False and events["store"] == "postgres"
         assert stats["acceptance"] is None

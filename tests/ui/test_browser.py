@@ -3,6 +3,7 @@ Playwright (sync API, so these are plain sync tests), nothing loaded from elsewh
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from tests import deps
-from tests.conftest import ARTIFACTS, KeelProcess, start_keel
+from tests.conftest import ARTIFACTS, KeelProcess, free_port, start_keel
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 from tests.ui.config import FALLBACK_TOKENS, PRIMARY_TOKENS, UI_KEY, ui_config
 
@@ -187,3 +188,35 @@ def red_of(page: Page) -> str:
     )
     assert value.startswith("rgb(") and value != "rgb(0, 0, 0)", value
     return value
+
+
+def test_stores_that_do_not_answer_are_on_the_page(browser: Browser, tmp_path: Path) -> None:
+    """Redis and PostgreSQL configured, neither answering (nothing listens on their
+    ports): the page says which is down, what keel does meanwhile (limits per replica,
+    keys as last read, events held), and why on hover. It showed neither store before."""
+    backend = FakeUpstream(tokens=PRIMARY_TOKENS).start()
+    stores = (
+        f'\n[state]\nredis_url = "redis://127.0.0.1:{free_port()}/0"\n'
+        f'\n[events]\ndatabase_url = "postgresql://keel@127.0.0.1:{free_port()}/keel"\n'
+    )
+    keel = start_keel(tmp_path / "root", ui_config(backend.url, backend.url) + stores)
+    context = browser.new_context()
+    try:
+        keel.wait_ready(120)
+        some_traffic(keel)
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.goto(f"{keel.url}/?refresh={REFRESH_SECONDS}")
+        page.fill("#key-input", UI_KEY)
+        page.click("#key-submit")
+        tile = page.locator("#shared-state")
+        expect(tile).to_contain_text("Redis & PostgreSQL down")
+        expect(tile).to_contain_text("rate limits per replica")
+        expect(tile).to_contain_text("keys as last read")
+        expect(tile).to_contain_text(re.compile(r"events database down · [1-9]\d* held"))
+        expect(tile).to_have_class(re.compile(r"\bbad\b"))
+        assert "127.0.0.1" in (tile.get_attribute("title") or ""), "the stores' errors on hover"
+    finally:
+        context.close()
+        keel.stop()
+        backend.stop()

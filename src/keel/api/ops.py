@@ -121,9 +121,7 @@ async def providers(request: Request) -> dict[str, object]:
     """Each provider's breaker, health, last error and recent latency, per role; and
     the shared state (per-key limits, keys, events) with whether its store answers."""
     state = app_state(request)
-    limits = state.redis.status() if state.redis else {"store": "process", "up": True}
-    keys = state.shared_keys.status() if state.shared_keys else {"store": "config", "up": True}
-    shared = {"rate_limits": limits, "keys": keys, "events": state.events.status()}
+    shared = state.shared_state()
     retriever = state.completion.prompts.retriever
     repositories = retriever.states if retriever is not None else {}
     return {**state.routing.snapshot(), "shared_state": shared, "repositories": repositories}

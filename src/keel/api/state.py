@@ -69,6 +69,13 @@ class AppState:
     """The status page's acceptance figures: a scan of the events table, so not every 2 s
     (None: the events database did not answer)."""
 
+    def shared_state(self) -> dict[str, object]:
+        """Where the per-key limits, the keys and the events are kept, and whether each
+        store answers (``/v1/providers`` and the status page)."""
+        limits = self.redis.status() if self.redis else {"store": "process", "up": True}
+        keys = self.shared_keys.status() if self.shared_keys else {"store": "config", "up": True}
+        return {"rate_limits": limits, "keys": keys, "events": self.events.status()}
+
 
 def app_state(request: Request) -> AppState:
     state: AppState = request.app.state.keel

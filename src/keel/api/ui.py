@@ -134,7 +134,7 @@ async def stats(request: Request) -> dict[str, object]:
     spend twice the key's rate limit): the providers as ``/v1/providers`` gives them,
     the last hour's requests, errors and completion latency per minute, acceptance by
     language over the last day (recomputed at most every 30 s), the models in use with
-    their processes' memory, and worker restarts."""
+    their processes' memory, worker restarts, and the shared state's stores."""
     state = app_state(request)
     now = time.time()
 
@@ -155,7 +155,7 @@ async def stats(request: Request) -> dict[str, object]:
         "summary": state.stats.summary(),
         "acceptance": await state.acceptance.get(acceptance),
         "acceptance_window_seconds": ACCEPTANCE_WINDOW_SECONDS,
-        "events": state.events.status(),
+        "shared_state": state.shared_state(),
         "server": {"pid": os.getpid(), "rss_bytes": rss_bytes(os.getpid())},
         "models": models,
         "worker_restarts": sum(r for m in models if isinstance(r := m["restarts"], int)),

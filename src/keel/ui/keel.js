@@ -165,7 +165,7 @@
     renderRoles(providers);
     renderLatency(stats.series);
     renderTraffic(stats.series);
-    renderAcceptance(stats.acceptance, stats.events);
+    renderAcceptance(stats.acceptance, (stats.shared_state || {}).events);
     renderModels(stats);
   }
 
@@ -291,8 +291,33 @@
         ? tile("Acceptance", "–", "events database unreachable", "bad")
         : tile("Acceptance", fmt.pct(rate), accepted.viewed ? `${accepted.selected} of ${accepted.viewed} viewed` : "no views yet"),
       tile("Worker restarts", fmt.int(stats.worker_restarts), "since start", stats.worker_restarts ? "bad" : null),
+      sharedStateTile(stats.shared_state || {}, tile),
       tile("keel memory", fmt.bytes(stats.server && stats.server.rss_bytes), `up ${fmt.duration(stats.uptime_seconds || 0)}`),
     );
+  }
+
+  // Where the per-key limits, the keys and the events are kept, and what keel does
+  // while a store does not answer (limits per replica, keys as last read, events held).
+  function sharedStateTile(shared, tile) {
+    const limits = shared.rate_limits || {};
+    const keys = shared.keys || {};
+    const events = shared.events || {};
+    const redis = limits.store === "redis" || keys.store === "redis";
+    const problems = [];
+    if (limits.up === false) problems.push("rate limits per replica");
+    if (keys.up === false) problems.push("keys as last read");
+    if (events.up === false) problems.push(`events database down · ${fmt.int(events.buffered ?? 0)} held`);
+    if (events.dropped) problems.push(`${fmt.int(events.dropped)} events dropped`);
+    const down = [];
+    if (limits.up === false || keys.up === false) down.push("Redis");
+    if (events.up === false) down.push(events.store === "postgres" ? "PostgreSQL" : "events store");
+    const stores = `${redis ? "Redis" : "in process"} · events in ${events.store === "postgres" ? "PostgreSQL" : "SQLite"}`;
+    const value = down.length ? `${down.join(" & ")} down` : problems.length ? "up, with losses" : "all up";
+    const el = tile("Shared state", value, problems.length ? problems.join(" · ") : stores, problems.length ? "bad" : null);
+    el.id = "shared-state";
+    const errors = [limits.last_error, keys.last_error, events.last_error].filter(Boolean);
+    if (errors.length) el.title = [...new Set(errors)].join("\n");
+    return el;
   }
 
   // --- charts (inline SVG) ------------------------------------------------------
