@@ -151,6 +151,25 @@ def test_any_editor_language_and_an_empty_file_are_completed(keel_server: KeelPr
     assert "no rules" in logged[0]
 
 
+def test_code_that_spells_a_control_token_is_read_as_text(keel_server: KeelProcess) -> None:
+    """A file holding the model's ``<|endoftext|>`` (a tokenizer's source, a training
+    script): the engine read it as the control token itself, which ends the model's
+    document there. Read as text, it costs the tokens its characters do, as the same
+    line spelled one character off does (it was ~4 tokens fewer a line)."""
+    assert "<|endoftext|>" in gguf.read_header(embedded_model_path())[0][gguf.CONTROL_TOKENS]
+
+    def read(mark: str) -> int:
+        lines = "".join(f'EOS_{i} = "{mark}"\n' for i in range(20))
+        body = {"input_prefix": lines, "input_suffix": "", "n_predict": 1, "temperature": 0}
+        answer = client.post("/infill", json=body)
+        assert answer.status_code == 200, answer.text
+        return int(answer.json()["tokens_evaluated"])
+
+    with keel_server.client() as client:
+        control, plain = read("<|endoftext|>"), read("<|endoftext|]")
+    assert abs(control - plain) <= 20, (control, plain)
+
+
 def test_crlf_round_trip(keel_server: KeelProcess) -> None:
     prefix = "def add(a, b):\r\n    total = a + b\r\n"
     body = tabby_body(prefix, suffix="\r\n")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from keel.pipeline.languages import UNKNOWN, get_language
@@ -14,12 +16,14 @@ from keel.pipeline.prompt import (
     keep_tail,
     model_family,
     normalize_newlines,
+    render_marked,
     render_template,
     restore_newlines,
     select_snippets,
     split_budget,
     split_lines,
     template_for_model,
+    user_text_pieces,
 )
 
 PYTHON = get_language("python")
@@ -112,6 +116,39 @@ def test_render_go_struct_literal_with_braces() -> None:
     prompt = render_template(FIM_TEMPLATES["starcoder"], prefix, suffix)
     assert prompt.count("{") == prefix.count("{") + suffix.count("{")
     assert prompt.endswith("}\n}\n<fim_middle>")
+
+
+@pytest.mark.parametrize("family", sorted(FIM_TEMPLATES))
+def test_the_marked_parts_of_a_prompt_are_its_templates_own(family: str) -> None:
+    """Everything outside the marked spans is the user's text, in order."""
+    prefix, suffix = "x = '<|endoftext|>'\n", "print(x)\n"
+    prompt, markup = render_marked(FIM_TEMPLATES[family], prefix, suffix)
+    assert prompt == render_template(FIM_TEMPLATES[family], prefix, suffix)
+    own = "".join(prompt[start:end] for start, end in markup)
+    assert own == FIM_TEMPLATES[family].replace("{prefix}", "").replace("{suffix}", "")
+    pieces = user_text_pieces(prompt, markup, CONTROLS)
+    assert pieces is not None, "the prefix spells a control token"
+    user = "".join(text for text, mine in pieces if not mine)
+    assert user == (suffix + prefix if family == "codestral" else prefix + suffix)
+
+
+CONTROLS = re.compile(re.escape("<|endoftext|>"))
+
+
+def test_the_user_text_is_in_pieces_only_where_it_spells_a_control_token() -> None:
+    prompt, markup = render_marked("<|endoftext|>{prefix}<s>{{}}{suffix}", "a = 1\n", "")
+    assert markup == ((0, 13), (19, 24)) and prompt[19:24] == "<s>{}"
+    assert user_text_pieces(prompt, markup, CONTROLS) is None, "the template's own: as it was"
+    assert render_marked(None, "<|endoftext|>", "x") == ("<|endoftext|>", ())
+    assert user_text_pieces("a<|endoftext|>", (), CONTROLS) == [("a<|endoftext|>", False)]
+    prompt, markup = render_marked("<P>{prefix}<S>{suffix}<M>", "<|endoftext|>", "b")
+    assert user_text_pieces(prompt, markup, CONTROLS) == [
+        ("<P>", True),
+        ("<|endoftext|>", False),
+        ("<S>", True),
+        ("b", False),
+        ("<M>", True),
+    ]
 
 
 def test_render_template_double_braces_are_literal() -> None:

@@ -48,7 +48,7 @@ from keel.pipeline.completion import build_prompt, read_until_stop
 from keel.pipeline.languages import get_language, stop_words
 from keel.pipeline.postprocess import postprocess
 from keel.pipeline.prompt import split_lines
-from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams
+from keel.providers.base import CompletionProvider, GenerationParams
 
 BASELINE = Path(__file__).with_name("gate_baseline.json")
 SAMPLES = Path(__file__).with_name("gate_samples.json")
@@ -143,7 +143,7 @@ async def score_samples(provider: CompletionProvider, samples: Sequence[Sample])
         built = await build_prompt(
             provider, language, sample.prefix, sample.suffix, [], MAX_INPUT_LENGTH
         )
-        call = CompletionCall(built.prompt, params, built.suffix)
+        call = built.call(params)
         raw = await read_until_stop(built.generated(provider.stream_completion(call)), params.stop)
         shown = postprocess(raw, prefix=sample.prefix, suffix=sample.suffix, language=language)
         scores.append(Score.of(shown, sample.target))

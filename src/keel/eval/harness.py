@@ -48,7 +48,7 @@ from keel.pipeline.completion import BuiltPrompt, build_prompt, cut_at_stop
 from keel.pipeline.cut import Cut
 from keel.pipeline.languages import Language, get_language, stop_words
 from keel.pipeline.postprocess import postprocess
-from keel.providers.base import CompletionCall, CompletionProvider, GenerationParams, close_stream
+from keel.providers.base import CompletionProvider, GenerationParams, close_stream
 
 CONFIGS = ("prefix-only", "fim", "+postprocess", "+repo context")
 HEALING = "+token healing"
@@ -125,9 +125,7 @@ def parse_repo(value: str) -> tuple[str, Path]:
 async def _generate(
     provider: CompletionProvider, built: BuiltPrompt, stops: Sequence[str], params: GenerationParams
 ) -> str:
-    stream = built.generated(
-        provider.stream_completion(CompletionCall(built.prompt, params, built.suffix))
-    )
+    stream = built.generated(provider.stream_completion(built.call(params)))
     text = ""
     try:
         async for piece in stream:

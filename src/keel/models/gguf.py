@@ -101,13 +101,31 @@ class _Reader:
             raise MissingDependency(f"{self.path}: corrupt GGUF header (string of {length} bytes)")
         return self.take(length).decode("utf-8", errors="replace")
 
-    def strings_among(self, wanted: frozenset[str]) -> tuple[int, list[str]]:
+    def strings_among(
+        self, wanted: frozenset[str], every: list[bytes] | None = None
+    ) -> tuple[int, list[str]]:
         """Read an array (its type and count follow): its length, and the strings in it
-        that are in ``wanted``."""
+        that are in ``wanted`` (with ``every``: all of them, undecoded, put there)."""
         item_kind, count = self.u32(), self.u64()
-        return count, self._array(item_kind, count, wanted)
+        return count, self._array(item_kind, count, wanted, every)
 
-    def _array(self, kind: int, count: int, wanted: frozenset[str] = frozenset()) -> list[str]:
+    def ints(self) -> tuple[int, ...]:
+        """Read an array of 32-bit integers (its type and count follow); () if it is not one."""
+        item_kind, count = self.u32(), self.u64()
+        if item_kind not in (4, 5):
+            self._array(item_kind, count)
+            return ()
+        if 4 * count > self.size - self.tell():
+            raise MissingDependency(f"{self.path}: truncated GGUF header")
+        return struct.unpack(f"<{count}{_SCALARS[item_kind][1]}", self.take(4 * count))
+
+    def _array(
+        self,
+        kind: int,
+        count: int,
+        wanted: frozenset[str] = frozenset(),
+        every: list[bytes] | None = None,
+    ) -> list[str]:
         """Pass over an array's items: the strings among them in ``wanted``."""
         if kind in _SCALARS:
             size = count * struct.calcsize(_SCALARS[kind])
@@ -133,8 +151,11 @@ class _Reader:
                     )
                 if at + 8 + length > end:
                     break
-                if encoded and (text := encoded.get(data[at + 8 : at + 8 + length])):
+                item = data[at + 8 : at + 8 + length]
+                if encoded and (text := encoded.get(item)):
                     found.append(text)
+                if every is not None:
+                    every.append(item)
                 at += 8 + length
                 left -= 1
             self._at = at
@@ -226,18 +247,37 @@ def _read_header(
         if count > _MAX_KEYS:
             raise MissingDependency(f"{path}: corrupt GGUF header ({count} keys)")
         metadata: dict[str, object] = {}
+        tokens: list[bytes] = []
+        types: tuple[int, ...] = ()
         for _ in range(count):
             key = reader.string()
             kind = reader.u32()
             if key == "tokenizer.ggml.tokens" and kind == _ARRAY:
-                size, markers = reader.strings_among(_FIM_TOKENS)
+                size, markers = reader.strings_among(_FIM_TOKENS, tokens)
                 found.update(markers)
                 metadata[key] = None
                 metadata[VOCABULARY_SIZE] = size
+            elif key == "tokenizer.ggml.token_type" and kind == _ARRAY:
+                types = reader.ints()
+                metadata[key] = None
             else:
                 metadata[key] = reader.value(kind)
+        metadata[CONTROL_TOKENS] = frozenset(
+            token.decode("utf-8", errors="replace")
+            for token, kind in zip(tokens, types, strict=False)
+            if kind in CONTROL_TOKEN_TYPES and token
+        )
         _check_length(reader, tensors, metadata)
         return metadata, frozenset(found)
+
+
+CONTROL_TOKEN_TYPES = frozenset({2, 3})
+"""``tokenizer.ggml.token_type`` values llama.cpp reads in a prompt's text only where it
+parses special tokens: UNKNOWN and CONTROL (a USER_DEFINED token is read everywhere)."""
+CONTROL_TOKENS = "keel.control_tokens"
+"""The texts of the vocabulary's control tokens (``<|endoftext|>``, ``<|im_start|>``, a FIM
+marker), a frozenset: what llama.cpp reads in a prompt's text as the token itself where it
+parses special tokens, as it does a ``/completion`` prompt's."""
 
 
 def _check_length(reader: _Reader, tensors: int, metadata: dict[str, object]) -> None:

@@ -21,12 +21,13 @@ from keel.pipeline.cut import NO_CUT, Cut, after_cut, whitespace_cut
 from keel.pipeline.languages import Language, get_language, stop_words
 from keel.pipeline.postprocess import is_mid_line, postprocess
 from keel.pipeline.prompt import (
+    Markup,
     Snippet,
     format_snippets,
     keep_head,
     keep_tail,
     normalize_newlines,
-    render_template,
+    render_marked,
     restore_newlines,
     select_snippets,
     split_budget,
@@ -63,6 +64,13 @@ class BuiltPrompt:
     snippets: list[Snippet]
     cut: Cut = NO_CUT
     """Whitespace at the end of the prefix the prompt leaves out (:func:`whitespace_cut`)."""
+    markup: Markup | None = None
+    """Where the prompt holds keel's own text (:data:`~keel.pipeline.prompt.Markup`);
+    None: a client's prompt, as written."""
+
+    def call(self, params: GenerationParams) -> CompletionCall:
+        """The provider's call for this prompt."""
+        return CompletionCall(self.prompt, params, self.suffix, markup=self.markup)
 
     def generated(self, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
         """The model's text as the editor continues it (:func:`after_cut`)."""
@@ -148,9 +156,9 @@ async def build_prompt(
     full_prefix = shown + kept_prefix
 
     if provider.prompt_template is not None:
-        prompt = render_template(provider.prompt_template, full_prefix, kept_suffix)
-        return BuiltPrompt(prompt, None, chosen, cut)
-    return BuiltPrompt(full_prefix, kept_suffix if uses_suffix else None, chosen, cut)
+        prompt, markup = render_marked(provider.prompt_template, full_prefix, kept_suffix)
+        return BuiltPrompt(prompt, None, chosen, cut, markup)
+    return BuiltPrompt(full_prefix, kept_suffix if uses_suffix else None, chosen, cut, ())
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -409,7 +417,7 @@ class TabbyPrompts:
         )
         if task.ends is not None:
             params = task.ends.engine_params(params)
-        return built, CompletionCall(built.prompt, params, built.suffix)
+        return built, built.call(params)
 
     def respond(self, task: TabbyTask, raw: str, built: BuiltPrompt) -> TabbyCompletionResponse:
         """Postprocess the generated text into Tabby's answer (with debug data if asked)."""

@@ -12,6 +12,7 @@ prepend the snippet comments to the prefix, then fill the template.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,12 @@ def check_template(template: str) -> None:
         )
 
 
+Markup = tuple[tuple[int, int], ...]
+"""Where a prompt keel built holds its own text (a FIM template's markers), as ``(start,
+end)`` offsets: all else in it is the user's (code, snippets), which a model must read as
+text, never as control tokens (a file holding ``<|endoftext|>``)."""
+
+
 def render_template(template: str | None, prefix: str, suffix: str) -> str:
     """Fill a FIM template; None means the prompt is the prefix alone.
 
@@ -105,17 +112,63 @@ def render_template(template: str | None, prefix: str, suffix: str) -> str:
     ``str.format`` on user text). An empty suffix is rendered as ``"\\n"``,
     as Tabby does: FIM models were trained on files that end with a newline.
     """
+    return render_marked(template, prefix, suffix)[0]
+
+
+def render_marked(template: str | None, prefix: str, suffix: str) -> tuple[str, Markup]:
+    """:func:`render_template`, and where the prompt holds the template's own text."""
     if template is None:
-        return prefix
+        return prefix, ()
     values = {"prefix": prefix, "suffix": suffix or "\n"}
+    parts: list[str] = []
+    markup: list[tuple[int, int]] = []
+    length = 0
 
-    def fill(match: re.Match[str]) -> str:
+    def add(text: str, own: bool) -> None:
+        nonlocal length
+        if own and text:
+            start = markup.pop()[0] if markup and markup[-1][1] == length else length
+            markup.append((start, length + len(text)))
+        parts.append(text)
+        length += len(text)
+
+    at = 0
+    for match in _PLACEHOLDER.finditer(template):
         name = match.group(1)
-        if name is None:
-            return match.group(0)[0]
-        return values[name]
+        add(template[at : match.start()] + ("" if name else match.group(0)[0]), True)
+        if name:
+            add(values[name], False)
+        at = match.end()
+    add(template[at:], True)
+    return "".join(parts), tuple(markup)
 
-    return _PLACEHOLDER.sub(fill, template)
+
+@functools.lru_cache(maxsize=16)
+def control_pattern(tokens: frozenset[str]) -> re.Pattern[str] | None:
+    """A pattern that finds any of a model's control tokens' texts (None: it has none)."""
+    if not tokens:
+        return None
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))))
+
+
+def user_text_pieces(
+    prompt: str, markup: Markup, controls: re.Pattern[str]
+) -> list[tuple[str, bool]] | None:
+    """``prompt`` in pieces, each with whether it is keel's own text (read with control
+    tokens) or the user's (read as text), where the user's text holds a control token of
+    the model (``controls`` matches them); None where it holds none, as almost always:
+    then the prompt is read whole, as it was."""
+    pieces: list[tuple[str, bool]] = []
+    at = 0
+    for start, end in [*markup, (len(prompt), len(prompt))]:
+        if start > at:
+            pieces.append((prompt[at:start], False))
+        if end > start:
+            pieces.append((prompt[start:end], True))
+        at = end
+    if not any(controls.search(text) for text, own in pieces if not own):
+        return None
+    return pieces
 
 
 def split_lines(text: str) -> list[str]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from keel.pipeline.prompt import Markup
     from keel.rate_limit import RateLimiter
 
 
@@ -237,6 +238,10 @@ class CompletionCall:
     params: GenerationParams
     suffix: str | None = None
     reported: Reported = field(default_factory=Reported, compare=False)
+    markup: Markup | None = None
+    """Where a prompt keel built holds its own text (:data:`~keel.pipeline.prompt.Markup`):
+    the rest is the user's, which a provider that can reads as text even where it spells a
+    control token. None: a client's prompt, read as it wrote it (markers and all)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
+from typing import Any
 
 from keel.errors import UpstreamStatusError
+from keel.pipeline.prompt import control_pattern, user_text_pieces
 from keel.providers.base import (
     ChatCall,
     ChatProvider,
@@ -142,7 +144,17 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         return [known[text] for text in texts]
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
-        op = {"op": "complete", "prompt": call.prompt, **_sampling(call.params)}
+        op: dict[str, Any] = {"op": "complete", "prompt": call.prompt, **_sampling(call.params)}
+        # The engine reads a prompt's text with its control tokens: a file holding
+        # "<|endoftext|>" ended the model's document there. The user's text in a prompt
+        # keel built goes in pieces where it spells one, read as text.
+        controls = control_pattern(self.supervisor.control_tokens())
+        if (
+            call.markup is not None
+            and controls is not None
+            and (pieces := user_text_pieces(call.prompt, call.markup, controls)) is not None
+        ):
+            op["pieces"] = pieces
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:

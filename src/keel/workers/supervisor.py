@@ -361,6 +361,12 @@ class WorkerSupervisor:
                 await task
         self._set_state(WorkerState.STOPPED)
 
+    def control_tokens(self) -> frozenset[str]:
+        """The texts of the model's control tokens, from its file's header as the worker's
+        start read it (:data:`keel.models.gguf.CONTROL_TOKENS`; none before that)."""
+        tokens = self._header.get(gguf.CONTROL_TOKENS)
+        return tokens if isinstance(tokens, frozenset) else frozenset()
+
     def status(self) -> dict[str, object]:
         return {
             "state": str(self.state),

@@ -19,14 +19,17 @@ The protocol is JSON lines: requests on stdin, replies on the original stdout
 cannot corrupt it). Requests carry an ``id`` and an ``op``:
 
 - ``complete`` {prompt, max_tokens, temperature, top_p, frequency_penalty,
-  presence_penalty, stop, seed, limit_must_fit, t_max_predict_ms}: streams
+  presence_penalty, stop, seed, limit_must_fit, t_max_predict_ms, pieces}: streams
   ``{"id", "text", "tokens"}`` pieces (the first token alone, then the tokens made
   within ``PIECE_HOLD`` of the last piece, together; ``tokens``: how many; the first
   piece also carries the prompt's figures, ``prompt_tokens``, ``reused_tokens`` and
   ``prompt_ms``, for a caller that stops reading before the end), then ``{"id", "done":
   true, "finish_reason", "prompt_tokens", "completion_tokens", "reused_tokens", "prompt_ms",
   "slot_wait_ms", "slot_held", "first_token_ms", "total_ms"}`` (``slot_wait_ms``: the time it
-  waited here for a slot, 0 if one was free, included in the other two).
+  waited here for a slot, 0 if one was free, included in the other two). ``pieces``
+  (``[[text, own], ...]``, the prompt in order): the prompt as tokens, each piece read with
+  the model's control tokens where ``own`` (keel's template) and as plain text where not
+  (the user's code, which spells one).
 - ``chat`` {messages, and the same sampling fields}: the same, with the
   model's own chat template; ``slot_held``: it waited because the free slot was
   kept for completions (see ``_SlotPool``).
@@ -491,7 +494,14 @@ class _Engine:
     # generation ----------------------------------------------------------
 
     def _complete(self, request: dict[str, Any]) -> None:
-        body = {"prompt": request["prompt"], **_sampling(request)}
+        prompt: str | list[int] = request["prompt"]
+        if pieces := request.get("pieces"):
+            prompt = [
+                token
+                for at, (text, own) in enumerate(pieces)
+                for token in self._tokens(text, special=at == 0, parse_special=bool(own))
+            ]
+        body = {"prompt": prompt, **_sampling(request)}
         self._generate(request, request["prompt"], body, self.server.handle_completions)
 
     def _chat(self, request: dict[str, Any]) -> None:
@@ -650,15 +660,18 @@ class _Engine:
     def _prompt_tokens(self, body: dict[str, Any]) -> list[int]:
         """The tokens the engine makes of the request's prompt (a chat's, templated)."""
         prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            return prompt
         if prompt is None:
             template = {"messages": body["messages"]}
             prompt = self._engine_call("POST", "/apply-template", template)["prompt"]
         return self._tokens(prompt, special=True)
 
-    def _tokens(self, text: str, *, special: bool) -> list[int]:
-        """``text``'s tokens; ``special``: with the BOS token a prompt starts with."""
-        reply = self._engine_call("POST", "/tokenize", {"content": text, "add_special": special})
-        return list(reply["tokens"])
+    def _tokens(self, text: str, *, special: bool, parse_special: bool = True) -> list[int]:
+        """``text``'s tokens; ``special``: with the BOS token a prompt starts with;
+        ``parse_special``: a control token's text read as the token (else as text)."""
+        body = {"content": text, "add_special": special, "parse_special": parse_special}
+        return list(self._engine_call("POST", "/tokenize", body)["tokens"])
 
     def _done(
         self,
