@@ -169,9 +169,15 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
                 )
             )
         messages = [{"role": m.role, "content": m.content} for m in call.messages]
-        op = {"op": "chat", "messages": messages, **_sampling(call.params)}
+        op: dict[str, Any] = {"op": "chat", "messages": messages, **_sampling(call.params)}
         if call.response_format is not None:
             op["response_format"] = call.response_format
+        elif (controls := control_pattern(self.supervisor.control_tokens())) is not None and any(
+            controls.search(m.content) for m in call.messages
+        ):
+            # A message spelling a control token ("<|im_end|>" in a pasted file) ended
+            # its turn there in the engine's own templating: read as text instead.
+            op["as_text"] = True
         if call.tools is not None:
             choice = call.tools.get("tool_choice")
             if choice == "required" or isinstance(choice, dict):

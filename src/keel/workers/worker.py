@@ -30,9 +30,11 @@ cannot corrupt it). Requests carry an ``id`` and an ``op``:
   (``[[text, own], ...]``, the prompt in order): the prompt as tokens, each piece read with
   the model's control tokens where ``own`` (keel's template) and as plain text where not
   (the user's code, which spells one).
-- ``chat`` {messages, and the same sampling fields}: the same, with the
+- ``chat`` {messages, and the same sampling fields, as_text}: the same, with the
   model's own chat template; ``slot_held``: it waited because the free slot was
-  kept for completions (see ``_SlotPool``).
+  kept for completions (see ``_SlotPool``). ``as_text``: the messages are read as text
+  (a control token they spell, as the token's characters), the template's markers as
+  tokens; the engine then continues the templated prompt as a completion.
 - ``embed`` {texts}: ``{"id", "embeddings", "truncated"}``; an input over the context is
   embedded from its first context's worth of tokens, and ``truncated`` lists the
   indexes of those inputs (sentence-transformers and Ollama cut them the same way).
@@ -496,20 +498,50 @@ class _Engine:
     def _complete(self, request: dict[str, Any]) -> None:
         prompt: str | list[int] = request["prompt"]
         if pieces := request.get("pieces"):
-            prompt = [
-                token
-                for at, (text, own) in enumerate(pieces)
-                for token in self._tokens(text, special=at == 0, parse_special=bool(own))
-            ]
+            prompt = self._pieces_tokens(pieces)
         body = {"prompt": prompt, **_sampling(request)}
         self._generate(request, request["prompt"], body, self.server.handle_completions)
 
     def _chat(self, request: dict[str, Any]) -> None:
-        body = {"messages": request["messages"], **_sampling(request)}
+        messages = request["messages"]
+        text = "\n".join(str(m.get("content", "")) for m in messages)
+        if request.get("as_text") and (pieces := self._chat_pieces(messages)) is not None:
+            body = {"prompt": self._pieces_tokens(pieces), **_sampling(request)}
+            self._generate(request, text, body, self.server.handle_completions, chat=True)
+            return
+        body = {"messages": messages, **_sampling(request)}
         if request.get("response_format") is not None:
             body["response_format"] = request["response_format"]
-        text = "\n".join(str(m.get("content", "")) for m in request["messages"])
         self._generate(request, text, body, self.server.handle_chat_completions, chat=True)
+
+    def _chat_pieces(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]] | None:
+        """The templated chat in pieces, the template's own text apart from each message's
+        (:meth:`_pieces_tokens`): the template applied to stand-ins, which are then found
+        in order; None where the template does not keep one whole (then the engine
+        templates the chat itself)."""
+        stand_ins = [f"\ue000keel-{at}\ue001" for at in range(len(messages))]
+        shown = [
+            {**m, "content": stand_in} for m, stand_in in zip(messages, stand_ins, strict=True)
+        ]
+        prompt = self._engine_call("POST", "/apply-template", {"messages": shown})["prompt"]
+        pieces: list[tuple[str, bool]] = []
+        at = 0
+        for message, stand_in in zip(messages, stand_ins, strict=True):
+            found = prompt.find(stand_in, at)
+            if found < 0:
+                return None
+            pieces += [(prompt[at:found], True), (str(message.get("content", "")), False)]
+            at = found + len(stand_in)
+        return [*pieces, (prompt[at:], True)]
+
+    def _pieces_tokens(self, pieces: list[tuple[str, bool]] | list[list[Any]]) -> list[int]:
+        """A prompt's tokens, from its pieces in order: each read with the model's control
+        tokens where it is the template's own text, as plain text where not."""
+        return [
+            token
+            for at, (text, own) in enumerate(pieces)
+            for token in self._tokens(text, special=at == 0, parse_special=bool(own))
+        ]
 
     def _generate(
         self,
@@ -571,8 +603,8 @@ class _Engine:
                         state["read_ahead"] = True
                         return True  # the engine reads its batch in flight, then stops
                 choices = chunk.get("choices") or [{}]
-                piece = choices[0].get("text")
-                if chat:
+                piece = choices[0].get("text")  # a completion's; a chat's is a delta
+                if piece is None:
                     piece = (choices[0].get("delta") or {}).get("content")
                 if piece:
                     now = time.perf_counter()
