@@ -29,7 +29,8 @@ def said(backends: Backends) -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
     yield backends.fallback, backends.primary
     for upstream in (backends.fallback, backends.primary):
         upstream.finish_reason, upstream.usage, upstream.indexed_calls = None, None, True
-        upstream.usage_apart = False
+        upstream.usage_apart, upstream.call_ids = False, True
+        upstream.tokens = ("Hello", ",", " world")
 
 
 async def chat(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
@@ -59,6 +60,64 @@ async def test_the_backends_finish_reason_reaches_the_client(
         "/v1/completions", json={"prompt": "def f(", "max_tokens": 3}, headers=USER
     )
     assert response.json()["choices"][0]["finish_reason"] == reason
+
+
+@pytest.mark.parametrize("reason", ["length", "content_filter"])
+async def test_a_tool_call_the_backend_cut_short_ends_as_it_said(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream], reason: str
+) -> None:
+    """A tool call whose arguments the token limit cut ended "tool_calls", as if whole,
+    and an agent ran the tool with half its arguments."""
+    backend, _ = said
+    backend.finish_reason = reason
+    whole = await chat(client, tools=TOOLS)
+    assert whole["choices"][0]["message"]["tool_calls"]
+    assert whole["choices"][0]["finish_reason"] == reason
+    streamed = await chat(client, tools=TOOLS, stream=True)
+    assert streamed["chunks"][-1]["choices"][0]["finish_reason"] == reason
+
+
+async def test_tool_calls_begun_without_an_id_get_one_the_next_turn_takes(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """A call with no ``id`` came back with ``"id": null``, and the conversation sent
+    back with its result was a 400 (``tool_calls[0].id``: expected a string)."""
+    backend, _ = said
+    backend.call_ids = False
+    calls = (await chat(client, tools=TOOLS))["choices"][0]["message"]["tool_calls"]
+    ids = [call["id"] for call in calls]
+    assert all(isinstance(i, str) and i.startswith("call_") for i in ids) and len(set(ids)) == 2
+    chunks = (await chat(client, tools=TOOLS, stream=True))["chunks"]
+    parts = [p for c in chunks for p in c["choices"][0]["delta"].get("tool_calls") or []]
+    streamed = {part["index"]: part["id"] for part in parts if part.get("id")}
+    assert sorted(streamed) == [0, 1] and all(i.startswith("call_") for i in streamed.values())
+    results = [{"role": "tool", "tool_call_id": i, "content": "ok"} for i in ids]
+    turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}, *results]
+    response = await client.post("/v1/chat/completions", json={"messages": turn}, headers=USER)
+    assert response.status_code == 200, response.text
+
+
+async def test_half_a_surrogate_pair_from_a_backend_is_a_replacement_character(
+    client: httpx.AsyncClient, said: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """An emoji sent as its two UTF-16 halves in two frames (``"\\ud83d"``, then
+    ``"\\ude00"``): a 500 for the whole answer, and a stream cut off with no end."""
+    backend, _ = said
+    backend.tokens = ("smile ", "\ud83d", "\ude00", "!")
+    whole = await chat(client)
+    assert whole["choices"][0]["message"]["content"] == "smile \ufffd\ufffd!"
+    response = await client.post(
+        "/v1/chat/completions", json={"messages": ASK, "stream": True}, headers=USER
+    )
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    chunks = sse_events(response.text)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "smile \ufffd\ufffd!" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # in a tool call's arguments, passed on as sent (escaped), and counted
+    backend.tokens = ("Hello", ",", " world")
+    backend.call_ids = True
+    calls = (await chat(client, tools=TOOLS))["choices"][0]["message"]["tool_calls"]
+    assert calls and (await chat(client, tools=TOOLS, stream=True))["chunks"]
 
 
 async def test_a_backend_past_max_tokens_is_cut_there_for_length(

@@ -234,6 +234,8 @@ class FakeUpstream:
         (vLLM with a reasoning parser, llama.cpp's server), one frame each."""
         self.indexed_calls = True
         """False: tool-call parts without ``index``, as Ollama's OpenAI API sends them."""
+        self.call_ids = True
+        """False: tool calls begun without an ``id``, as some OpenAI-compatible servers."""
         self.port = 0
         self._listen_port = port
         self.disconnects = 0
@@ -617,6 +619,8 @@ class FakeUpstream:
         for call in calls:
             if not self.indexed_calls:
                 call = {key: value for key, value in call.items() if key != "index"}
+            if not self.call_ids:
+                call = {key: value for key, value in call.items() if key != "id"}
             payloads.append({"index": 0, "finish_reason": None, "delta": {"tool_calls": [call]}})
         finish = self.finish_reason or ("tool_calls" if calls else "stop")
         payloads.append(

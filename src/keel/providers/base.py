@@ -302,9 +302,10 @@ def estimate_tokens(text: str) -> int:
     """Token count estimate for backends whose tokenizer keel cannot see.
 
     Code averages a little over three bytes per token in BPE vocabularies;
-    erring high keeps prompts inside the backend's window.
+    erring high keeps prompts inside the backend's window. Half a surrogate pair (in a
+    backend's tool-call arguments) counts as the three bytes it would take.
     """
-    return (len(text.encode("utf-8")) + 2) // 3
+    return (len(text.encode("utf-8", "surrogatepass")) + 2) // 3
 
 
 async def close_stream(stream: AsyncIterator[str]) -> None:

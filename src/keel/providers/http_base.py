@@ -308,13 +308,22 @@ def in_stream_error(error: object, provider: str) -> UpstreamStatusError:
 
 
 def text_field(container: JsonObject, key: str, provider: str) -> str:
-    """The text at ``key`` (missing or null is empty); anything else is a protocol error."""
+    """The text at ``key`` (missing or null is empty); anything else is a protocol error.
+    Half of a UTF-16 surrogate pair (``"\\ud83d"`` in one frame, its other half in the
+    next) is no character: it is U+FFFD here (it was a 500 for a whole answer, and a
+    stream cut off with no end)."""
     value = container.get(key)
     if value is None:
         return ""
     if not isinstance(value, str):
         raise UpstreamProtocolError(f"expected text in {key!r}, got {value!r}", provider=provider)
+    if not value.isascii():
+        return _LONE_SURROGATE.sub("\ufffd", value)
     return value
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A surrogate left in decoded JSON text: a pair is decoded as its one character."""
 
 
 def vector_of(value: object, provider: str) -> list[float]:

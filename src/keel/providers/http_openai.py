@@ -8,6 +8,7 @@ or ``/embeddings`` to it, as Tabby does. Streams are SSE ending in
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Unpack
 
@@ -164,7 +165,8 @@ def tool_call_parts(calls: object, provider: str) -> list[JsonObject]:
 
 class CallNumbering:
     """Gives each tool-call part of one answer the ``index`` of its call, for backends
-    that send parts without one (Ollama's, Gemini's OpenAI APIs). Clients number calls
+    that send parts without one (Ollama's, Gemini's OpenAI APIs), and a call begun with
+    no ``id`` one of keel's. Clients number calls
     by ``index`` (the openai SDK's stream helper fails without it), and keel joins parts
     by it: without, two calls became one with both argument texts.
 
@@ -178,6 +180,7 @@ class CallNumbering:
         self.calls = 0
         self.ids: dict[object, int] = {}
         self.named: set[int] = set()
+        self.begun: set[int] = set()
 
     def number(self, parts: list[JsonObject]) -> list[JsonObject]:
         numbered = []
@@ -194,6 +197,12 @@ class CallNumbering:
                     index = self.calls if new or (named and last in self.named) else last
                 part = {**part, "index": index}
             self.calls = max(self.calls, index + 1)
+            if index not in self.begun:
+                self.begun.add(index)
+                if call_id is None:
+                    # A client sends the call's id back with its result: null was a 400
+                    # on the next turn, and the tool loop stopped.
+                    part = {**part, "id": f"call_{uuid.uuid4().hex[:24]}"}
             if call_id is not None:
                 self.ids.setdefault(call_id, index)
             if named:

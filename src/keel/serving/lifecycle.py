@@ -252,16 +252,17 @@ context."""
 
 
 def finish_reason(generated: Generated, max_tokens: int | None) -> str:
-    """An answer that called tools ends for them; otherwise as the engine said (a
-    length cut, a content filter), or, where it did not say, cut for length when it
-    used the whole budget."""
-    if generated.tool_deltas:
-        return "tool_calls"
+    """As the engine said where it cut the answer (for length, by a content filter); else
+    an answer that called tools ends for them; else, where the engine did not say, cut for
+    length when it used the whole budget. A tool call cut for length said "tool_calls",
+    and an agent ran the tool with the half of its arguments that came."""
     said = generated.engine_finish
     if said in LENGTH_REASONS:
         return "length"
     if said == "content_filter":
         return said
+    if generated.tool_deltas:
+        return "tool_calls"
     if said is None and max_tokens is not None and generated.completion_tokens >= max_tokens:
         return "length"
     return "stop"

@@ -222,6 +222,11 @@ async def stream_response(
             log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
             stream.failed = exc.status_code
             closing = sse(exc.to_body())
+        except Exception:  # a bug: the client still gets an error event and its end
+            log.exception("stream ended by an unexpected error")
+            error = KeelError("internal error; the server log has the details")
+            stream.failed = error.status_code
+            closing = sse(error.to_body())
         finally:
             await close_stream(pieces)
         yield opening + closing + DONE
