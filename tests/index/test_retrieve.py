@@ -370,3 +370,91 @@ def test_snippets_come_from_files_of_the_requests_language(
         prefix=PREFIX, filepath=str(repo / "report.py"), git_url=None, language=language
     )
     assert {s.filepath for s in snippets} == found
+
+
+def monorepo(root: Path) -> Path:
+    """One checkout, two services, each configured as a repository of its own."""
+    (root / "svc_a").mkdir(parents=True)
+    (root / "svc_a" / "app.py").write_text(
+        "def place_order(customer_id, cart_items):\n    return order_total(cart_items)\n"
+    )
+    (root / "svc_b").mkdir()
+    (root / "svc_b" / "shipping.py").write_text(
+        "def ship_order_to_customer(customer_id, cart_items):\n    return label(customer_id)\n"
+    )
+    git(root, "init", "-q")
+    git(root, "remote", "add", "origin", "https://github.com/acme/mono.git")
+    return root
+
+
+MONO = "https://github.com/acme/mono.git"
+ORDER = "def f(customer_id, cart_items):\n    ship_order_to_customer(customer_id, cart_items)\n"
+
+
+async def test_each_part_of_one_checkout_gets_its_own_files(tmp_path: Path) -> None:
+    """A monorepo's services, each its own repository with the checkout's one URL:
+    tabby-agent names the file from the checkout's top (``svc_b/new.py``). Every
+    request searched the first service, and the edited file, not found as ``app.py``,
+    came back as a snippet of itself."""
+    root = monorepo(tmp_path / "mono")
+    built = RepositoryRetriever.from_settings(
+        [
+            RepositoryConfig(name="svc_a", path=str(root / "svc_a")),
+            RepositoryConfig(name="svc_b", path=str(root / "svc_b")),
+        ],
+        IndexConfig(min_score=0.0),
+        Paths(tmp_path / "data"),
+    )
+    built.update()
+    assert [(repo.name, repo.prefix) for repo in built.repositories] == [
+        ("svc_a", "svc_a/"),
+        ("svc_b", "svc_b/"),
+    ]
+    ask = {"prefix": ORDER, "git_url": MONO, "language": "python"}
+    snippets = await built.retrieve(**ask, filepath="svc_b/new.py")
+    assert [s.filepath for s in snippets] == ["shipping.py"], snippets
+    own = await built.retrieve(**ask, filepath="svc_a/app.py")
+    assert "app.py" not in [s.filepath for s in own], "the edited file is not its own snippet"
+
+
+async def test_a_checkout_cloned_after_the_start_is_matched_by_its_url(tmp_path: Path) -> None:
+    """The remotes were read once, at the start: a checkout cloned (or given a new
+    remote) later matched no request by URL as long as keel ran."""
+    late = tmp_path / "late"
+    built = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="late", path=str(late))],
+        IndexConfig(min_score=0.0, refresh_seconds=0),
+        Paths(tmp_path / "data"),
+    )
+    assert built.match("svc_b/new.py", MONO) is None
+    monorepo(late)
+    await built.refresh_forever()
+    assert built.status()["late"]["state"] == "ready"
+    matched = built.match("svc_b/new.py", MONO)
+    assert matched is not None and matched[1] == "svc_b/new.py"
+    snippets = await built.retrieve(
+        prefix=ORDER, filepath="svc_b/new.py", git_url=MONO, language=None
+    )
+    assert snippets and snippets[0].filepath == "svc_b/shipping.py", snippets
+
+
+async def test_a_checkout_gone_is_missing_in_the_status(
+    retriever: RepositoryRetriever, repo: Path, tmp_path: Path
+) -> None:
+    """It said ``ready`` while its completions got no snippets."""
+    await asyncio.to_thread(retriever.repositories[0].checkout.look)
+    assert retriever.status()["weather"]["state"] == "waiting"
+    os.rename(repo, tmp_path / "moved")
+    await asyncio.to_thread(retriever.repositories[0].checkout.look)
+    shown = retriever.status()["weather"]
+    assert shown["state"] == "missing" and str(repo) in str(shown["last_error"])
+    os.rename(tmp_path / "moved", repo)
+    await asyncio.to_thread(retriever.repositories[0].checkout.look)
+    assert retriever.status()["weather"]["state"] == "waiting"
+
+
+def test_the_query_reads_the_end_of_a_huge_prefix_only() -> None:
+    """A 3.6 MB prefix's query took 1.4 s of CPU; the lines it uses are at the end."""
+    huge = "aa_bb " * 600_000 + "\n" + "total = compute_invoice_total(items)\n" + "x = "
+    assert cursor_query(huge) == cursor_query(huge[-20_000:])
+    assert "compute_invoice_total" in cursor_query(huge)

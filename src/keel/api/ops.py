@@ -123,5 +123,5 @@ async def providers(request: Request) -> dict[str, object]:
     state = app_state(request)
     shared = state.shared_state()
     retriever = state.completion.prompts.retriever
-    repositories = retriever.states if retriever is not None else {}
+    repositories = retriever.status() if retriever is not None else {}
     return {**state.routing.snapshot(), "shared_state": shared, "repositories": repositories}

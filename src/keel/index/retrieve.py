@@ -46,6 +46,9 @@ log = logging.getLogger("keel.index")
 MAX_CHUNKS_PER_FILE = 2
 QUERY_LINES = 24
 """Lines before the cursor's line whose identifiers make the query."""
+QUERY_CHARS = 16_384
+"""At most this much of them: the query of a 3.6 MB prefix took 1.4 s of CPU, and two
+such requests held both search threads (a completion took 2.9 s instead of 0.3-0.5)."""
 CACHE_SIZE = 512
 SEARCH_DEPTH = 32
 """Hits fetched per search before the per-file limit and the threshold are applied."""
@@ -59,31 +62,27 @@ HUNG_SECONDS = 2.0
 """A look at a checkout unanswered this long: a hung mount, taken as not there."""
 
 
-def _remote_urls(root: Path) -> list[str]:
-    """The URLs of every remote of the checkout at ``root``: tabby-agent sends origin's,
-    else upstream's, else the first's, and only origin's was read. Read whoever owns the
-    checkout (``safe.directory``): run as another user (the shipped unit's ``keel``),
-    git refused it, and no request matched by its URL. (git says so for a directory
-    that is no checkout, and its time limit holds for one on a hung mount.)"""
+def _git(root: Path, *args: str) -> str:
+    """What git says of the checkout at ``root`` ("" where it says nothing: no checkout,
+    no git, a hung mount past the time limit). Read whoever owns the checkout
+    (``safe.directory``): run as another user (the shipped unit's ``keel``), git refused
+    it, and no request matched by its URL."""
+    command = ["git", "-c", f"safe.directory={root}", "-C", str(root), *args]
     try:
-        result = subprocess.run(
-            [
-                "git",
-                "-c",
-                f"safe.directory={root}",
-                "-C",
-                str(root),
-                "config",
-                "--get-regexp",
-                r"^remote\..*\.url$",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.split(None, 1)[1] for line in result.stdout.splitlines() if " " in line]
+        return ""
+    return result.stdout if result.returncode == 0 else ""
+
+
+def _git_facts(root: Path) -> tuple[list[str], str]:
+    """The URLs of every remote of the checkout at ``root`` (tabby-agent sends origin's,
+    else upstream's, else the first's, and only origin's was read), and where ``root``
+    is inside it (``svc_a/``; "" at its top): tabby-agent names a file from the top."""
+    remotes = _git(root, "config", "--get-regexp", r"^remote\..*\.url$")
+    urls = [line.split(None, 1)[1] for line in remotes.splitlines() if " " in line]
+    prefix = _git(root, "rev-parse", "--show-prefix").strip() if urls else ""
+    return urls, prefix
 
 
 class Checkout:
@@ -129,10 +128,9 @@ class Checkout:
         done.set()
 
 
-def _look_at_checkout(repo: RepositoryConfig) -> tuple[Checkout, list[str]]:
-    """A checkout, first looked at, and its remotes' URLs. On a hung mount `keel serve`
-    waited for it to start: a path not resolved in :data:`HUNG_SECONDS` is taken as
-    written, not there, and named by its configured ``git_url`` alone."""
+def _look_at_checkout(repo: RepositoryConfig) -> Checkout:
+    """A checkout, first looked at. On a hung mount `keel serve` waited for it to start:
+    a path not resolved in :data:`HUNG_SECONDS` is taken as written, and not there."""
     written = Path(repo.path or ".").expanduser().absolute()
     seen: list[Checkout] = []
 
@@ -154,8 +152,8 @@ def _look_at_checkout(repo: RepositoryConfig) -> tuple[Checkout, list[str]]:
         )
         checkout = Checkout(written)
         checkout.there = False
-        return checkout, []
-    return seen[0], _remote_urls(seen[0].root) if seen[0].there else []
+        return checkout
+    return seen[0]
 
 
 @dataclass(slots=True)
@@ -165,12 +163,25 @@ class Repository:
     config: RepositoryConfig
     root: Path
     index: RepositoryIndex
-    git_urls: frozenset[str]
     checkout: Checkout
+    git_urls: frozenset[str] = frozenset()
+    """Its configured ``git_url`` and its checkout's remotes', normalized."""
+    prefix: str = ""
+    """Where its root is inside its git checkout (``svc_a/``; "" at the top)."""
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def read_git(self) -> None:
+        """Read the checkout's remotes and place again (blocking): at the start, and each
+        refresh, for a checkout cloned, or given a new remote, after keel started (its
+        requests matched no repository until a restart)."""
+        remotes, prefix = _git_facts(self.root) if self.checkout.there else ([], "")
+        if not remotes and self.git_urls - {normalize_git_url(self.config.git_url or "")}:
+            return  # git said nothing now (gone, a hung mount): what it said last stands
+        urls = {normalize_git_url(u) for u in (self.config.git_url, *remotes) if u}
+        self.git_urls, self.prefix = frozenset(urls), prefix
 
 
 def _filepath(value: str) -> str:
@@ -182,8 +193,9 @@ def _filepath(value: str) -> str:
 
 
 def cursor_query(prefix: str) -> list[str]:
-    """Query terms from the :data:`QUERY_LINES` lines before the cursor's line."""
-    before = prefix.rpartition("\n")[0]
+    """Query terms from the :data:`QUERY_LINES` lines before the cursor's line (of its
+    last :data:`QUERY_CHARS` characters)."""
+    before = prefix[-QUERY_CHARS:].rpartition("\n")[0]
     lines = before.split("\n")[-QUERY_LINES:] if before else []
     return query_terms(lines)
 
@@ -242,30 +254,42 @@ class RepositoryRetriever:
         for repo in repositories:
             if repo.path is None:  # keel does not clone (config check and serve say so)
                 continue
-            checkout, remotes = _look_at_checkout(repo)
-            urls = {normalize_git_url(u) for u in (repo.git_url, *remotes) if u}
+            checkout = _look_at_checkout(repo)
             root = checkout.root
             index = RepositoryIndex(
                 repo.name, root, paths.index_dir / repo.name, max_file_bytes=config.max_file_bytes
             )
-            built.append(Repository(repo, root, index, frozenset(urls), checkout))
+            built.append(Repository(repo, root, index, checkout))
+            built[-1].read_git()
         return cls(built, config)
 
     def match(
         self, filepath: str | None, git_url: str | None
     ) -> tuple[Repository, str | None] | None:
-        """The repository a request belongs to and the edited file's path inside it."""
+        """The repository a request belongs to and the edited file's path inside it.
+
+        Several repositories may be parts of one checkout (a monorepo's services), with
+        one URL: tabby-agent names the file from the checkout's top (``svc_b/new.py``), so
+        the part whose place begins it is the one (every request went to the first part,
+        and the edited file, not found as ``app.py``, came back as a snippet of itself)."""
         path = _filepath(filepath) if filepath else None
+        named = self.repositories
         if git_url:
             wanted = normalize_git_url(git_url)
-            for repo in self.repositories:
-                if wanted in repo.git_urls:
-                    return repo, self._relative(repo, path)
+            named = [repo for repo in self.repositories if wanted in repo.git_urls]
+            if path is not None and not Path(path).is_absolute():
+                within = posixpath.normpath(path.replace("\\", "/"))
+                parts = [repo for repo in named if within.startswith(repo.prefix)]
+                if parts:
+                    repo = max(parts, key=lambda repo: len(repo.prefix))
+                    return repo, within[len(repo.prefix) :]
         if path and Path(path).is_absolute():
-            for repo in self.repositories:
+            for repo in named:
                 relative = self._relative(repo, path)
                 if relative is not None and not relative.startswith("../"):
                     return repo, relative
+        if git_url and named:
+            return named[0], self._relative(named[0], path)
         return None
 
     @staticmethod
@@ -321,6 +345,20 @@ class RepositoryRetriever:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return snippets
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Each index's state for ``/v1/providers``, where a checkout not there now is
+        ``missing`` (it said ``ready`` while its completions got no snippets)."""
+        shown = dict(self.states)
+        for repo in self.repositories:
+            if not repo.checkout.seen():
+                shown[repo.name] = {
+                    **self.states[repo.name],
+                    "state": "missing",
+                    "last_error": f"{repo.root} is not there (moved, deleted, unmounted?): "
+                    "its completions get no snippets until it is back",
+                }
+        return shown
 
     def state(self) -> tuple[object, ...]:
         """The indexes' states, whether each failed (not each refresh's passing
@@ -401,6 +439,8 @@ class RepositoryRetriever:
                     log.info("indexing repository %r (%s)", repo.name, repo.root)
                 state["state"] = "indexing"
                 try:
+                    await asyncio.to_thread(repo.checkout.look)
+                    await asyncio.to_thread(repo.read_git)
                     stats = await asyncio.to_thread(self.update, repo.name)
                 except _RefreshCancelled:
                     return

@@ -80,8 +80,9 @@ class BuiltPrompt:
 class SnippetRetriever(Protocol):
     """Finds code related to the cursor elsewhere in the request's repository (keel.index)."""
 
-    states: dict[str, dict[str, object]]
-    """Each repository's index: its state and last refresh (for ``/v1/providers``)."""
+    def status(self) -> dict[str, dict[str, object]]:
+        """Each repository's index: its state and last refresh (for ``/v1/providers``)."""
+        ...
 
     async def retrieve(
         self, *, prefix: str, filepath: str | None, git_url: str | None, language: str | None
