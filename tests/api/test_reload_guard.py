@@ -217,3 +217,35 @@ async def test_a_reload_whose_new_workers_do_not_fit_is_refused_at_once(tmp_path
         assert "do not fit in memory" in refused.text and "running config stays" in refused.text
         providers = (await client.get("/v1/providers")).json()["roles"]["completion"]
         assert len(providers["providers"]) == 1, "nothing new started, the old one serves"
+
+
+async def test_an_unload_leaves_its_requests_to_end_and_holds_up_no_reload(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """An unload held the lock that reloads take until the requests on the model it
+    unloaded had ended (an answer streaming, for up to 30 minutes): a reload revoking
+    a key waited as long, and the key still worked meanwhile."""
+    before = len(backends.primary.requests)
+    app = build_app(tmp_path / "keel", backends.config())
+    async with serving(app) as client:
+        backends.primary.hold()
+        try:
+            body = {"prompt": "def f(", "max_tokens": 4}
+            answer = asyncio.create_task(
+                client.post("/v1/completions", json=body, headers=USER, timeout=60)
+            )
+            for _ in range(1000):  # until the primary holds it
+                if len(backends.primary.requests) > before:
+                    break
+                await asyncio.sleep(0.01)
+            unload = await asyncio.wait_for(
+                client.post("/v1/model/unload", json={"role": "completion"}, headers=ADMIN), 10
+            )
+            assert unload.status_code == 200, unload.text
+            assert backends.primary.url in unload.json()["unloaded"][0], unload.json()
+            reload = await asyncio.wait_for(client.post("/v1/admin/reload", headers=ADMIN), 10)
+            assert reload.status_code == 200, reload.text
+            assert not answer.done()
+        finally:
+            backends.primary.release()
+        assert (await answer).status_code == 200, "the request on the unloaded model ended"

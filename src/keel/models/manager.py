@@ -326,7 +326,7 @@ class ModelManager:
             chain = self._chain(
                 [[ProviderEntry(provider, config)], *self._chain_of(role)[1:]], role
             )
-            await self._switch(role, chain, wait=False)
+            await self._switch(role, chain)
             switched = True
             await self._replace_given_up(provider)
         finally:
@@ -358,7 +358,7 @@ class ModelManager:
                     [ProviderEntry(provider, e.config) if given_up(e.provider) else e for e in g]
                     for g in chain
                 ]
-                await self._switch(role, self._chain(groups, role), wait=False)
+                await self._switch(role, self._chain(groups, role))
                 log.info("%s now served by %s, started afresh", role, provider.name)
 
     def _running(self) -> dict[WorkerSpec, LocalProvider]:
@@ -401,20 +401,15 @@ class ModelManager:
             chain.append([ProviderEntry(resort, last)])
         return chain
 
-    async def _switch(
-        self, role: Role, chain: list[list[ProviderEntry]], *, wait: bool
-    ) -> list[Provider]:
+    async def _switch(self, role: Role, chain: list[list[ProviderEntry]]) -> list[Provider]:
         """Serve ``role`` from ``chain``: providers in it start (the last resort, if it
-        is new), those no role uses any more are drained and stopped (``wait``: before
-        returning; else in the background, old requests may still run)."""
+        is new), and those no role uses any more are stopped in the background once
+        their requests end."""
         for group in chain:
             for entry in group:
                 await entry.provider.start()
         retired = self.routing.set_chain(role, chain)
-        idle = [old for old in retired if not self._in_use(old)]
-        if wait:
-            await self.routing.close_when_idle(idle, self.drain_timeout)
-        elif idle:
+        if idle := [old for old in retired if not self._in_use(old)]:
             self.background.spawn(self.routing.close_when_idle(idle, self.drain_timeout))
         return retired
 
@@ -444,7 +439,10 @@ class ModelManager:
                 f"{role} has no other provider: unloading would leave it unserved; "
                 "load another model instead (a swap) or configure a fallback"
             )
-        retired = await self._switch(role, self._chain(chain[1:], role), wait=True)
+        # Its requests end in the background, as a swap's do: waited for here, under the
+        # lock reloads take, an answer streaming held up every reload (a key's
+        # revocation too) for as long as it ran, up to the 30-minute drain limit.
+        retired = await self._switch(role, self._chain(chain[1:], role))
         self.audit.record("model_unload", key_id=key_id, result="ok", target=role)
         serving = {
             provider.name: [
