@@ -164,6 +164,27 @@ async def test_a_missing_model_is_a_404_before_any_streaming(client: httpx.Async
         assert response.status_code == 404, (name[:20], response.text)
 
 
+async def test_a_misspelled_model_management_field_is_a_400_naming_it(
+    client: httpx.AsyncClient,
+) -> None:
+    """Ignored, ``{"rol": "chat"}`` unloaded the completion model, ``{"model_name":
+    "m"}`` (the chat model's) too, and a load's ``"roel": "chat"`` swapped completion's.
+    TabbyAPI's own load settings, which its clients send, are taken (and not used)."""
+    for path, body, field in [
+        ("/v1/model/unload", {"rol": "chat"}, "rol"),
+        ("/v1/model/unload", {"model_name": "SmolLM2-135M-Instruct"}, "model_name"),
+        ("/v1/model/load", {"model_name": "no-such-model", "roel": "chat"}, "roel"),
+    ]:
+        response = await client.post(path, json=body, headers=ADMIN)
+        assert response.status_code == 400, response.text
+        assert f"unknown field {field!r}" in response.json()["error"]["message"]
+    providers = (await client.get("/v1/providers", headers=ADMIN)).json()["roles"]
+    assert len(providers["completion"]["providers"]) == 3, "nothing was unloaded"
+    tabbyapi = {"name": "no-such-model", "cache_mode": "Q4", "gpu_split_auto": True}
+    response = await client.post("/v1/model/load", json=tabbyapi, headers=ADMIN)
+    assert response.status_code == 404, response.text  # read; the model is what is missing
+
+
 async def test_a_file_that_is_no_usable_model_is_a_400_before_any_streaming(
     client: httpx.AsyncClient, tmp_path: Path
 ) -> None:

@@ -9,19 +9,70 @@ OpenAI and Tabby bodies are strict): what lax mode takes is converted (``"4096"`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from keel.config import Role
 
 
 class _Wire(BaseModel):
+    """A field the route does not know is a 400 naming it: ignored, ``{"rol": "chat"}``
+    unloaded the completion model, and ``{"model_name": "m", "roel": "chat"}`` swapped
+    completion's. What TabbyAPI's own clients send and keel has no use for
+    (``taken``) is taken and not used."""
+
     model_config = ConfigDict(extra="ignore")
+    taken: ClassVar[frozenset[str]] = frozenset()
+    takes: ClassVar[str] = "no fields"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {name for field in cls.model_fields.values() for name in _names(field)}
+            known |= set(cls.model_fields)
+            unknown = sorted(str(key) for key in data if key not in known | cls.taken)
+            if unknown:
+                raise ValueError(f"unknown field {unknown[0]!r}: this takes {cls.takes}")
+        return data
+
+
+def _names(field: Any) -> list[str]:
+    alias = field.validation_alias
+    return [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else []
+
+
+TABBYAPI_LOAD_SETTINGS = frozenset(
+    {
+        "override_base_seq_len",
+        "cache_size",
+        "tensor_parallel",
+        "gpu_split_auto",
+        "autosplit_reserve",
+        "gpu_split",
+        "rope_scale",
+        "rope_alpha",
+        "cache_mode",
+        "chunk_size",
+        "prompt_template",
+        "num_experts_per_token",
+        "fasttensors",
+        "draft",
+        "skip_queue",
+    }
+)
+"""TabbyAPI's load settings for its ExLlama engine, which its clients send: taken, not used."""
 
 
 class LoadRequest(_Wire):
     """``POST /v1/model/load``: swap a role to another local model."""
+
+    taken = TABBYAPI_LOAD_SETTINGS
+    takes = (
+        "model_name (or name), role, max_seq_len and stream (TabbyAPI's other load "
+        "settings are taken and not used)"
+    )
 
     model_name: str = Field(
         min_length=1,
@@ -47,6 +98,7 @@ class UnloadRequest(_Wire):
     """``POST /v1/model/unload``: stop a role's primary model (its fallback then serves).
     No body, as TabbyAPI's clients send it: the completion model."""
 
+    takes = "only role, the role whose model stops (completion, chat or embedding)"
     role: Role = "completion"
 
 
