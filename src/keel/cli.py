@@ -133,6 +133,13 @@ def _bind(
             from keel.ops.ports import busy_port_message
 
             raise PortBusy(busy_port_message(host, port)) from None
+        if isinstance(exc, socket.gaierror):  # it exited 1, which supervisors retry
+            from keel.ops.ports import unresolved_host_message
+
+            where, key = source or ("the command line", "--host")
+            raise ConfigError(
+                where, [ConfigIssue(key, unresolved_host_message(host, exc))]
+            ) from None
         if exc.errno == errno.EADDRNOTAVAIL:  # a mistake to fix, not a crash to retry
             where, key = source or ("the command line", "--host")
             message = (

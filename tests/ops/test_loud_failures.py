@@ -67,6 +67,14 @@ def test_an_address_this_machine_lacks_is_a_config_error_not_a_crash(tmp_path: P
     doctor = keel_cli("doctor", "--host", "192.0.2.1", env=env)
     assert doctor.returncode == 78, doctor.stdout + doctor.stderr
     assert "192.0.2.1 is no address of this machine" in doctor.stdout
+    # a name no resolver knows: it exited 1 without naming the setting
+    unknown = "keel-host.invalid"  # .invalid never resolves (RFC 6761)
+    named = keel_cli("serve", "--host", unknown, "--port", "8080", env=env)
+    assert named.returncode == 78, named.stderr
+    assert f"--host: {unknown} is no name this machine can resolve" in named.stderr
+    doctor = keel_cli("doctor", "--host", unknown, env=env)
+    assert doctor.returncode == 78, doctor.stdout + doctor.stderr
+    assert f"{unknown} is no name this machine can resolve" in doctor.stdout
 
 
 @pytest.mark.integration

@@ -59,7 +59,7 @@ from keel.models.registry import (
     resolve_model,
     tabby_prompt_template,
 )
-from keel.ops.ports import busy_port_message
+from keel.ops.ports import busy_port_message, unresolved_host_message
 from keel.providers.base import Provider
 
 if TYPE_CHECKING:
@@ -445,6 +445,8 @@ def check_port(report: Report, host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 report.add("port", "FAIL", busy_port_message(host, port), ExitCode.PORT_BUSY)
+            elif isinstance(exc, socket.gaierror):  # as `keel serve` exits: the config's
+                report.add("port", "FAIL", unresolved_host_message(host, exc), ExitCode.CONFIG)
             elif exc.errno == errno.EADDRNOTAVAIL:  # as `keel serve` exits: the config's
                 detail = f"{host} is no address of this machine (cannot bind {host}:{port})"
                 report.add("port", "FAIL", detail, ExitCode.CONFIG)

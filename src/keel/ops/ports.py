@@ -79,6 +79,15 @@ def port_holder(port: int, proc: Path = Path("/proc")) -> PortHolder | None:
     return None
 
 
+def unresolved_host_message(host: str, exc: OSError) -> str:
+    """Why ``host``, a name, cannot be bound: no resolver knows it."""
+    return (
+        f"{host} is no name this machine can resolve ({exc.strerror or exc}): set an "
+        "address, 127.0.0.1 for this machine only or 0.0.0.0 for every interface, or a "
+        "name /etc/hosts or DNS knows"
+    )
+
+
 def busy_port_message(host: str, port: int) -> str:
     """Say the port is taken, by whom when that can be seen, and how to go on."""
     holder = port_holder(port)
