@@ -910,6 +910,19 @@ class Settings(_Section):
                     f"repository {repo.name!r} is skipped: keel indexes a local checkout and "
                     "does not clone git_url; set its path"
                 )
+        for role in ROLES:
+            for provider in self.model.role(role).chain():
+                if not isinstance(provider, HttpModelConfig):
+                    continue
+                endpoint = provider.api_endpoint or ""
+                if provider.kind.startswith("llama.cpp/") and endpoint.rstrip("/").endswith("/v1"):
+                    # llama-server serves /completion and /embedding at its root: every
+                    # request to .../v1/completion was a 404
+                    ignored.append(
+                        f"model.{role}: {provider.kind}'s api_endpoint {endpoint!r} ends in "
+                        "/v1, where llama-server has no /completion or /embedding (they are "
+                        "at its root): write it without /v1, as http://HOST:PORT"
+                    )
         return ignored
 
     @field_validator("repositories")

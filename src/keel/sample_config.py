@@ -40,6 +40,12 @@ HEADER = """\
 """
 
 
+def _example_endpoint(kind: str) -> str:
+    """An address for ``kind``: llama-server's routes are at its root (``/completion``),
+    an OpenAI-compatible server's under ``/v1``."""
+    return "http://127.0.0.1:8081" if kind.startswith("llama.cpp/") else "http://127.0.0.1:8000/v1"
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -139,6 +145,6 @@ def render_sample() -> str:
         parts.append(
             f"# Fallbacks for {role}, tried in order; each like the tables above.\n"
             f"# [[model.{role}.fallback]]\n# kind = {json.dumps(role_kinds[0])}\n"
-            '# api_endpoint = "http://127.0.0.1:8000/v1"\n'
+            f"# api_endpoint = {json.dumps(_example_endpoint(role_kinds[0]))}\n"
         )
     return "\n".join(parts)

@@ -715,3 +715,20 @@ def test_every_fault_of_the_keys_is_said_at_once_by_position() -> None:
     assert "api_keys[0], api_keys[2]: every key must have at least 8 characters" in message
     assert "the key at api_keys[1] holds a character outside printable ASCII" in message
     assert "short" not in message.replace("api_keys", "") and "tiny" not in message
+
+
+def test_a_llamacpp_endpoint_under_v1_is_warned_of() -> None:
+    """llama-server serves /completion and /embedding at its root: the sample's own
+    fallback example (``.../v1``) sent every request to a 404."""
+    raw = {
+        "model": {
+            "completion": {
+                "http": {"kind": "llama.cpp/completion", "api_endpoint": "http://gpu:8081/v1/"},
+                "fallback": [{"kind": "llama.cpp/completion", "api_endpoint": "http://gpu:8082"}],
+            },
+            "chat": {"http": {"kind": "openai/chat", "api_endpoint": "http://gpu:8000/v1"}},
+        }
+    }
+    warned = [w for w in parse_settings(raw, "inline", {}).ignored_sections() if "/v1" in w]
+    assert len(warned) == 1 and "model.completion: llama.cpp/completion" in warned[0], warned
+    assert "http://gpu:8081/v1/" in warned[0] and "without /v1" in warned[0]
