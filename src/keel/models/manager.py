@@ -30,7 +30,12 @@ from keel.errors import (
     RequestError,
 )
 from keel.models import gguf
-from keel.models.registry import list_model_files, read_facts, resolve_model
+from keel.models.registry import (
+    list_model_files,
+    read_facts,
+    resolve_model,
+    tabby_prompt_template,
+)
 from keel.providers.base import Provider
 from keel.providers.catalog import (
     ProviderEntry,
@@ -198,14 +203,17 @@ class ModelManager:
 
     def require_model(self, model_name: str) -> None:
         """Raise NotFound unless ``model_name`` is a model file, RequestError unless it is
-        a usable GGUF file (read before any work, or any streamed event)."""
+        a usable GGUF file, with a readable ``tabby.json`` in a Tabby model directory
+        (read before any work, or any streamed event: a bad one was a 422 naming a config
+        key never written, or an error after three progress events)."""
         try:
             path = resolve_model(model_name, self.paths)
         except MissingDependency as exc:
             raise NotFound(exc.message) from None
         try:
             gguf.read_metadata(path)
-        except (MissingDependency, OSError) as exc:
+            tabby_prompt_template(path)
+        except (MissingDependency, OSError, ValueError) as exc:
             raise _unusable(model_name, exc) from None
 
     def _candidates(self, role: Role, model_name: str) -> list[str]:
