@@ -18,9 +18,10 @@ from keel.cli import build_parser
 from keel.ops.supervise import forwarded_argv
 from tests.conftest import free_port, start_keel
 
-UNRESOLVABLE = "a" * 64 + ".invalid"
-"""A name with a label too long to be one: binding fails at once, without asking DNS
-(exit 1, a crash). An address no interface has (TEST-NET-1) is a config error now, 78."""
+BROKEN_BY_AN_UPGRADE = 'raise ImportError("uvicorn broke in an upgrade")\n'
+"""A library the server needs that no longer imports, as after an upgrade (the crash loop
+our users lived through): keel exits 1 at every start. A host keel cannot bind is a
+config error now (78), which is not restarted."""
 
 
 def supervised(root: Path, *args: str) -> list[str]:
@@ -68,12 +69,13 @@ def test_supervisor_options_out_of_range_are_usage_errors(
 
 @pytest.mark.integration
 def test_a_crash_loop_stops_at_the_start_limit(tmp_path: Path) -> None:
-    # A non-loopback address without keys is refused (78); allow it, so the bind fails.
-    (tmp_path / "config.toml").write_text("[auth]\nallow_unauthenticated_remote = true\n")
-    command = supervised(tmp_path, "--host", UNRESOLVABLE, "--port", str(free_port()))
+    broken = tmp_path / "site"
+    broken.mkdir()
+    (broken / "uvicorn.py").write_text(BROKEN_BY_AN_UPGRADE)
+    command = supervised(tmp_path, "--port", str(free_port()))
     result = subprocess.run(
         [*command, "--restart-backoff", "0.05"],
-        env=env(tmp_path),
+        env={**env(tmp_path), "PYTHONPATH": str(broken)},
         capture_output=True,
         text=True,
         timeout=240,
@@ -82,7 +84,7 @@ def test_a_crash_loop_stops_at_the_start_limit(tmp_path: Path) -> None:
     assert result.returncode == 1, output
     assert len(re.findall(r"started keel, pid \d+", output)) == 5, output
     assert "5 starts within 300s; giving up" in output
-    assert "cannot bind" in output  # the child's own error is in the log, above the verdict
+    assert "uvicorn broke in an upgrade" in output  # the child's own error, above the verdict
     # The child learns how often it was restarted (KEEL_SUPERVISOR_RESTARTS).
     assert "after 4 restart(s)" in output
     assert "restart 5" not in output
