@@ -458,3 +458,36 @@ def test_the_query_reads_the_end_of_a_huge_prefix_only() -> None:
     huge = "aa_bb " * 600_000 + "\n" + "total = compute_invoice_total(items)\n" + "x = "
     assert cursor_query(huge) == cursor_query(huge[-20_000:])
     assert "compute_invoice_total" in cursor_query(huge)
+
+
+async def test_a_line_typed_while_the_checkout_was_gone_gets_snippets_once_it_is_back(
+    retriever: RepositoryRetriever, repo: Path, tmp_path: Path
+) -> None:
+    """The choice made while the checkout was gone (none) was kept for its line under
+    the state seen before the search (the checkout there, as last seen), so the line got
+    no snippets after the checkout was back, for as long as it was typed on."""
+    from keel.pipeline.completion import TabbyPrompts
+    from keel.schemas.tabby import TabbyCompletionRequest
+
+    prompts = TabbyPrompts(max_input_length=None, max_decoding_tokens=None, retriever=retriever)
+    checkout = retriever.repositories[0].checkout
+
+    async def snippets(prefix: str) -> list[str]:
+        segments = {"prefix": prefix, "filepath": "report.py", "git_url": MONO_WEATHER}
+        request = TabbyCompletionRequest.model_validate(
+            {"language": "python", "segments": segments}
+        )
+        task = await prompts.read(request, None, editor="e")
+        return [s.filepath for s in task.snippets]
+
+    await asyncio.to_thread(checkout.look)
+    assert await snippets(PREFIX)
+    os.rename(repo, tmp_path / "moved")
+    line = PREFIX + "\n    return weekly_total(temps)\n"
+    assert await snippets(line) == []  # the search looks afresh: gone
+    os.rename(tmp_path / "moved", repo)
+    await asyncio.to_thread(checkout.look)
+    assert await snippets(line), "the line chooses again once the checkout is back"
+
+
+MONO_WEATHER = "https://github.com/example/weather.git"

@@ -462,18 +462,24 @@ class TabbyPrompts:
         sources = "|".join(sorted({s.filepath for s in client}))
         debug = request.debug_options
         retrieval_off = debug is not None and debug.disable_retrieval_augmented_code_completion
-        indexes = self.retriever.state() if self.retriever is not None else ()
-        key = (
+        where = (
             f"{editor}|{segments.git_url if segments else ''}|"
-            f"{segments.filepath if segments else ''}",
-            hash((prefix[:line_start], sources, retrieval_off, indexes)),
+            f"{segments.filepath if segments else ''}"
         )
-        cached = self._line_snippets.get(key)
+
+        def key() -> tuple[str, int]:
+            indexes = self.retriever.state() if self.retriever is not None else ()
+            return where, hash((prefix[:line_start], sources, retrieval_off, indexes))
+
+        cached = self._line_snippets.get(asked := key())
         if cached is not None:
-            self._line_snippets.move_to_end(key)
+            self._line_snippets.move_to_end(asked)
             return cached
         chosen = client + await self._repository_snippets(request, prefix)
-        self._line_snippets[key] = chosen
+        # Kept under the state the search left: one that found a checkout gone chose
+        # nothing, and kept under the state seen before it (there), the line got nothing
+        # once the checkout was back.
+        self._line_snippets[key()] = chosen
         self._line_chars += _chars(chosen)
         while len(self._line_snippets) > 256 or self._line_chars > LINE_SNIPPET_CHARS:
             self._line_chars -= _chars(self._line_snippets.popitem(last=False)[1])
