@@ -189,7 +189,9 @@ async def test_a_file_that_is_no_usable_model_is_a_400_before_any_streaming(
     client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     """Not a GGUF file, or one cut short: the caller's mistake (it was a 500 saying
-    "missing dependency"), refused before any event."""
+    "missing dependency"), refused before any event. So is a Tabby model directory whose
+    tabby.json is unreadable (a 422 naming a config key never written, or, streamed, an
+    error after three progress events)."""
     from keel.models.registry import embedded_model_path
 
     junk = tmp_path / "junk.gguf"
@@ -197,7 +199,14 @@ async def test_a_file_that_is_no_usable_model_is_a_400_before_any_streaming(
     cut = tmp_path / "cut.gguf"
     with embedded_model_path().open("rb") as whole:
         cut.write_bytes(whole.read(2**20))
-    for path, why in ((junk, "not a GGUF file"), (cut, "truncated")):
+    refused = [(junk, "not a GGUF file"), (cut, "truncated")]
+    for name, text in (("bad-json", "{bad json"), ("bad-template", '{"prompt_template": "x"}')):
+        tabby = tmp_path / name
+        (tabby / "ggml").mkdir(parents=True)
+        (tabby / "ggml" / "model-00001-of-00001.gguf").symlink_to(embedded_model_path())
+        (tabby / "tabby.json").write_text(text)
+        refused.append((tabby, "tabby.json"))
+    for path, why in refused:
         for stream in (True, False):
             body = {"model_name": str(path), "role": "chat", "stream": stream}
             response = await client.post("/v1/model/load", json=body, headers=ADMIN)
@@ -205,20 +214,6 @@ async def test_a_file_that_is_no_usable_model_is_a_400_before_any_streaming(
             error = response.json()["error"]
             assert (error["code"], error["param"]) == ("invalid_model", "model_name")
             assert why in error["message"]
-    # A Tabby model directory whose tabby.json is unreadable: a 422 naming a config key
-    # never written, or, streamed, an error after three progress events.
-    tabby = tmp_path / "tabby-model"
-    (tabby / "ggml").mkdir(parents=True)
-    (tabby / "ggml" / "model-00001-of-00001.gguf").symlink_to(embedded_model_path())
-    for text, why in (("{bad json", "cannot be read as JSON"), ('{"prompt_template": "x"}', "")):
-        (tabby / "tabby.json").write_text(text)
-        for stream in (True, False):
-            body = {"model_name": str(tabby), "role": "chat", "stream": stream}
-            response = await client.post("/v1/model/load", json=body, headers=ADMIN)
-            assert response.status_code == 400, response.text
-            error = response.json()["error"]
-            assert (error["code"], error["param"]) == ("invalid_model", "model_name")
-            assert "tabby.json" in error["message"] and why in error["message"]
 
 
 async def test_a_stats_window_ending_before_it_starts_says_which_bound_was_a_default(
