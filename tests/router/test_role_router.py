@@ -1348,6 +1348,40 @@ async def test_an_endpoint_serving_requests_is_not_probed(
     assert posts(primary) == 2, "idle again: probed"
 
 
+async def test_a_backend_silent_past_a_first_token_is_probed_while_keystrokes_come(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """An editor's next keystroke cancels the request before it: against a backend that
+    hung, each ends as no one's failure, and since requests were always in flight it was
+    never probed: healthy, every completion an empty 200, for as long as editors typed.
+    Silent past a first token's limit while asked, it is probed (and found out)."""
+    hung = upstreams()
+    hung.behave(Behaviour.hang())
+    endpoint = build.endpoint(hung.url, name="hung", timeouts=Timeouts(0.3, 2.0))
+    router = build.router([[endpoint]])
+    typing = asyncio.create_task(run(router))
+    for _ in range(5):  # a keystroke every 0.1 s, each cancelling the one before
+        await hung.wait_for(lambda: endpoint.outstanding == 1)
+        await asyncio.sleep(0.1)
+        typing.cancel()
+        typing = asyncio.create_task(run(router))
+    await hung.wait_for(lambda: endpoint.outstanding == 1)
+    assert endpoint.silent()
+    for _ in range(UNHEALTHY_AFTER):
+        await router.check(endpoint, probe, timeout=0.2)
+    assert not endpoint.healthy and "health check took over" in str(endpoint.last_error)
+    typing.cancel()
+
+    answering = upstreams(token_delay=0.3)
+    busy = build.endpoint(answering.url, name="busy", timeouts=Timeouts(0.3, 2.0))
+    serving = asyncio.create_task(run(build.router([[busy]])))
+    await answering.wait_for(lambda: busy.outstanding == 1 and busy.unanswered_since is None)
+    await asyncio.sleep(0.35)  # past the limit since it was asked, but it answers
+    assert busy.outstanding == 1
+    assert not busy.silent()
+    await serving
+
+
 async def test_a_retry_waiting_out_its_backoff_is_outstanding(
     build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
 ) -> None:

@@ -629,10 +629,12 @@ class Metrics:
         if self._in_use_now(provider):
             self._child(self.auth_failed, provider).set(1 if failed else 0)
 
-    def health_check(self, provider: str, seconds: float, ok: bool) -> None:
-        """A deep health check (one generated token) of ``provider`` finished."""
+    def health_check(self, provider: str, seconds: float | None, ok: bool) -> None:
+        """A health check of ``provider`` finished: a deep one (one generated token) took
+        ``seconds``; a ping (None) tells only whether it answers."""
         if self._in_use_now(provider):
-            self._child(self.health_check_seconds, provider).set(seconds)
+            if seconds is not None:
+                self._child(self.health_check_seconds, provider).set(seconds)
             self._child(self.health_check_ok, provider).set(1 if ok else 0)
 
     def fallback(self, role: str, from_provider: str, to_provider: str) -> None:

@@ -113,7 +113,10 @@ class Attempt:
             self.endpoint.breaker.record_ignored()
             raise
         self._started = self._attempts.router.clock()
-        self._deadline = asyncio.get_running_loop().time() + self.endpoint.timeouts.first_token
+        now = asyncio.get_running_loop().time()
+        self._deadline = now + self.endpoint.timeouts.first_token
+        if self.endpoint.unanswered_since is None:
+            self.endpoint.unanswered_since = now
         return self
 
     async def __aexit__(
@@ -163,6 +166,7 @@ class Attempt:
                             f"stream stalled for {between:g}s", provider=self.endpoint.name
                         ) from None
                     watch.waited()
+                    self.endpoint.unanswered_since = None
                     if first:
                         self.first_piece_after = self._attempts.router.clock() - self._started
                     self.produced += 1

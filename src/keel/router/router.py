@@ -50,7 +50,7 @@ class RouterEvents(Protocol):
     def provider_failed(self, provider: str, kind: str, error: str) -> None: ...
     def fallback_active(self, role: str, active: bool) -> None: ...
     def provider_auth_failed(self, provider: str, failed: bool) -> None: ...
-    def health_check(self, provider: str, seconds: float, ok: bool) -> None: ...
+    def health_check(self, provider: str, seconds: float | None, ok: bool) -> None: ...
     def observe_generation(
         self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
     ) -> None: ...
@@ -87,7 +87,7 @@ class NoEvents:
     def provider_auth_failed(self, provider: str, failed: bool) -> None:
         pass
 
-    def health_check(self, provider: str, seconds: float, ok: bool) -> None:
+    def health_check(self, provider: str, seconds: float | None, ok: bool) -> None:
         pass
 
     def observe_generation(
@@ -168,10 +168,21 @@ class Endpoint:
     fallbacks_to: int = 0
     """Requests moved to it from the provider before it in the chain (``keel_fallbacks_total``)."""
     latencies: list[float] = field(default_factory=list)
+    unanswered_since: float | None = None
+    """The event loop's time of the first attempt sent to it since it last sent anything
+    back (None: it has since): attempts an editor's next keystroke cancels end as no one's
+    failure, so a backend that hangs while keystrokes keep coming is found by this."""
 
     @property
     def name(self) -> str:
         return self.provider.name
+
+    def silent(self) -> bool:
+        """Whether it has sent nothing back for longer than a first token may take,
+        while asked: its requests in flight say nothing of its health then."""
+        since = self.unanswered_since
+        limit = self.timeouts.first_token
+        return since is not None and asyncio.get_running_loop().time() - since > limit
 
     @property
     def healthy(self) -> bool:
@@ -213,14 +224,16 @@ class Endpoint:
             return "unhealthy"
         return None
 
-    def record_ok(self, seconds: float) -> bool:
+    def record_ok(self, seconds: float | None) -> bool:
         """Returns True when this makes the endpoint healthy again: its checks pass, or
         its backend takes keel's key again (``keel_provider_healthy`` stayed 0 after a
-        refused key was mended, while the provider served)."""
+        refused key was mended, while the provider served). ``seconds``: to its first
+        token, a latency (None: a ping, whose time is no token's)."""
         recovered = not self.healthy or self.auth_failed
         self.failed_checks = 0
         self.auth_failed = False
-        self.latencies = [*self.latencies[-99:], seconds]
+        if seconds is not None:
+            self.latencies = [*self.latencies[-99:], seconds]
         return recovered
 
     def record_failed(self, error: KeelError) -> bool:
@@ -445,12 +458,17 @@ class RoleRouter:
         """One deep check of one endpoint; feeds the same state as live traffic. An
         endpoint with requests in flight gets no deep check: their outcomes are the
         check, and a probe would wait behind them on a backend that serves one at a time
-        (a local embedding engine reading a batch), time out and call it unhealthy. A
-        provider that answers a ping while busy (a local worker) is pinged instead: a
-        frozen worker's requests end in the request's own timeout, which is no
-        provider's failure, so without it the worker looked healthy for as long as
-        editors kept sending it keystrokes. An endpoint waiting out its backend's
-        Retry-After is not checked either: the backend asked for nothing until then."""
+        (a local embedding engine reading a batch), time out and call it unhealthy;
+        unless it has sent nothing back for longer than a first token may take
+        (:meth:`Endpoint.silent`): keystrokes cancelled before that limit end as no
+        one's failure, and a hung backend stayed healthy, with every completion an
+        empty 200, for as long as editors typed. A provider that answers a ping while
+        busy (a local worker) is pinged instead: a frozen worker's requests end in the
+        request's own timeout, which is no provider's failure, so without it the worker
+        looked healthy for as long as editors kept sending it keystrokes. The ping's
+        time is no generated token's: the check's duration and the latency keep theirs.
+        An endpoint waiting out its backend's Retry-After is not checked either: the
+        backend asked for nothing until then."""
         if (
             endpoint.breaker.state is BreakerState.OPEN
             or not endpoint.running()
@@ -458,9 +476,11 @@ class RoleRouter:
         ):
             return
         if endpoint.outstanding and endpoint.breaker.state is BreakerState.CLOSED:
-            if not endpoint.provider.answers_while_busy:
+            if endpoint.provider.answers_while_busy:
+                probe = _ping
+            elif not endpoint.silent():
                 return
-            probe = _ping
+        pinged = probe is _ping
         took_probe = endpoint.breaker.state is BreakerState.HALF_OPEN
         if took_probe and not endpoint.breaker.allow():
             return
@@ -478,8 +498,9 @@ class RoleRouter:
             if took_probe:
                 endpoint.breaker.record_success()
             was_auth_failed = endpoint.auth_failed
-            self.events.health_check(endpoint.name, self.clock() - started, True)
-            if endpoint.record_ok(self.clock() - started):
+            took = None if pinged else self.clock() - started
+            self.events.health_check(endpoint.name, took, True)
+            if endpoint.record_ok(took):
                 # Logged as its failure was: an incident's end belongs in the log too.
                 log.info("provider %s passed its health check: routed to again", endpoint.name)
                 self.events.provider_health(endpoint.name, True)
@@ -491,7 +512,7 @@ class RoleRouter:
             if was_auth_failed:
                 self.events.provider_auth_failed(endpoint.name, False)
             return
-        self.events.health_check(endpoint.name, self.clock() - started, False)
+        self.events.health_check(endpoint.name, None if pinged else self.clock() - started, False)
         kind = classify(error)
         # A busy backend (429) is not a sick one: honour its Retry-After, keep it healthy.
         if took_probe or kind in (Failure.AUTH, Failure.RATE_LIMITED):
