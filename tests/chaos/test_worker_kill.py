@@ -157,6 +157,7 @@ def test_a_frozen_worker_is_found_while_requests_keep_it_busy(
     keel = keel_factory(local_then_fallback(fallback.url, probe_interval=0.5, probe_timeout=2))
     keel.wait_for("worker loaded", lambda: keel.endpoint("completion", LOCAL)["usable"], 60)
     pid = keel.process.worker_pid("completion")
+    keel.wait_for("a deep check at idle", lambda: check_duration(keel) is not None, 10)
     request = threading.Thread(target=lambda: keel.http.post("/v1/completions", json=LONG))
     request.start()
     keel.wait_for(
@@ -164,6 +165,12 @@ def test_a_frozen_worker_is_found_while_requests_keep_it_busy(
         lambda: keel.endpoint("completion", LOCAL)["outstanding"] == 1,
         10,
     )
+    # Pinged while busy: a ping's time is not a generated token's (the check's duration
+    # read 1-19 ms under load, where a token took 25 ms, and its alert could not fire).
+    deep = check_duration(keel)
+    time.sleep(1.2)  # two pings or more
+    assert keel.endpoint("completion", LOCAL)["outstanding"] == 1
+    assert check_duration(keel) == deep
     os.kill(pid, signal.SIGSTOP)
     try:
         keel.wait_for(
@@ -180,6 +187,13 @@ def test_a_frozen_worker_is_found_while_requests_keep_it_busy(
     finally:
         os.kill(pid, signal.SIGKILL)  # a stopped process takes SIGKILL
         request.join(60)
+
+
+def check_duration(keel: Keel) -> float | None:
+    """``keel_health_check_duration_seconds`` of the local model, as /metrics says."""
+    line = f'keel_health_check_duration_seconds{{provider="{LOCAL}"}}'
+    rows = keel.http.get("/metrics").text.splitlines()
+    return next((float(row.split()[-1]) for row in rows if row.startswith(line)), None)
 
 
 def test_a_restarted_worker_is_not_held_to_the_findings_about_the_one_it_replaced(
