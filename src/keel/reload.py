@@ -98,7 +98,10 @@ def assemble(
         settings, providers, events=metrics, previous=previous.routing if previous else None
     )
     metrics.track_providers(providers)
-    metrics.track_readiness(lambda role: routing.routers[role].any_usable())
+    metrics.track_readiness(
+        lambda role: routing.routers[role].any_usable(),
+        lambda: {endpoint.name for endpoint in routing.endpoints() if endpoint.usable()},
+    )
 
     def keys_reloaded(ok: bool, detail: str) -> None:
         audit.record("keys_reload", key_id=None, result="ok" if ok else "error", detail=detail)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.api.conftest import USER, Backends, build_app, serving
+from tests.fakes.upstreams import Behaviour
 
 
 @pytest.mark.parametrize("public", [False, True])
@@ -60,3 +61,42 @@ async def test_a_keyless_keels_public_metrics_keep_to_loopback_names(
         assert (await client.get("/metrics", headers={"host": "127.0.0.1:1"})).status_code == 200
         rebound = await client.get("/metrics", headers={"host": "rebind.example:1"})
         assert rebound.status_code == 403, rebound.text
+
+
+async def test_a_backend_that_is_down_is_no_model_loaded_and_serving(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """An HTTP backend's state is always "ok" (no process of keel's): one failing every
+    request was counted in ``keel_model_loaded`` and ``keel_models_loaded`` (the
+    dashboard's "Models loaded") as serving."""
+    app = build_app(tmp_path / "keel", backends.config())
+    async with serving(app) as client:
+
+        def loaded(text: str) -> dict[str, float]:
+            return {
+                sample.labels["provider"]: sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "keel_model_loaded"
+            }
+
+        before = loaded((await client.get("/metrics", headers=USER)).text)
+        primary = next(name for name in before if backends.primary.url in name)
+        assert before[primary] == 1
+        backends.primary.behave(Behaviour.error(500))
+        try:
+            for _ in range(2):  # two failed requests: unhealthy, routed around
+                body = {"prompt": "def f(", "max_tokens": 2}
+                answer = await client.post("/v1/completions", json=body, headers=USER)
+                assert answer.status_code == 200, answer.text  # by the fallback
+            text = (await client.get("/metrics", headers=USER)).text
+        finally:
+            backends.primary.reset_behaviour()
+    assert loaded(text)[primary] == 0, loaded(text)
+    total = [
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "keel_models_loaded"
+    ]
+    assert total == [sum(before.values()) - 1]

@@ -100,6 +100,8 @@ class _ProviderCollector(Collector):
     def __init__(self) -> None:
         self.providers: Providers | None = None
         self.role_usable: Callable[[Role], bool] | None = None
+        self.serving: Callable[[], set[str]] | None = None
+        """The providers the router may send requests to now (by name)."""
 
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily(
@@ -156,10 +158,13 @@ class _ProviderCollector(Collector):
         providers = self.providers
         total = 0
         if providers is not None:
+            # Loaded and serving: running, and routed to (an HTTP backend that is down,
+            # always "ok" as a process of nobody's, counted as serving)
+            serving = self.serving() if self.serving is not None else None
             for provider in providers.unique():
                 status = provider.status()
                 current = str(status.get("state", "ok"))
-                usable = current in USABLE_STATES
+                usable = current in USABLE_STATES and (serving is None or provider.name in serving)
                 total += usable
                 loaded.add_metric(
                     [provider.name, provider.info.model, provider.info.kind], float(usable)
@@ -514,9 +519,13 @@ class Metrics:
         """Read worker state and role readiness from ``providers`` at each scrape."""
         self._providers.providers = providers
 
-    def track_readiness(self, role_usable: Callable[[Role], bool]) -> None:
-        """Judge ``keel_role_ready`` with ``role_usable`` (the router's view, as /ready does)."""
+    def track_readiness(
+        self, role_usable: Callable[[Role], bool], serving: Callable[[], set[str]]
+    ) -> None:
+        """Judge ``keel_role_ready`` with ``role_usable`` (the router's view, as /ready does),
+        and ``keel_model_loaded`` with ``serving`` (the providers it routes to now)."""
         self._providers.role_usable = role_usable
+        self._providers.serving = serving
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything."""
