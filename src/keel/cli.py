@@ -850,12 +850,14 @@ def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 TERMINATED = "SIGTERM"
+HUNG_UP = "SIGHUP"
 
 
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM ends a command as Ctrl-C does: its cleanups run (a pull killed this way
-    left its partial download behind for good)."""
-    raise KeyboardInterrupt(TERMINATED)
+    """SIGTERM, and SIGHUP (a terminal closed, an ssh session dropped), end a command as
+    Ctrl-C does: its cleanups run (a pull ended this way left its partial download
+    behind for good)."""
+    raise KeyboardInterrupt(HUNG_UP if signum == signal.SIGHUP else TERMINATED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -868,8 +870,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.func is not cmd_serve:  # the server stops on SIGTERM its own way (a drain)
+    if args.func is not cmd_serve:  # the server stops its own way (a drain; SIGHUP reloads)
         signal.signal(signal.SIGTERM, _terminated)
+        signal.signal(signal.SIGHUP, _terminated)
     try:
         code: int = args.func(args)
         sys.stdout.flush()  # here, where a reader gone early is caught (below)
@@ -881,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:  # what a command was doing is undone (a pull's file)
         print("keel: interrupted", file=sys.stderr)
-        return 143 if exc.args == (TERMINATED,) else 130
+        return {(TERMINATED,): 143, (HUNG_UP,): 129}.get(exc.args, 130)
     except BrokenPipeError:  # `keel models list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

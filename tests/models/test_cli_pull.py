@@ -76,22 +76,55 @@ def test_a_token_pasted_with_smart_quotes_is_one_line_exit_78(hub: FakeHub, tmp_
     assert allowed.returncode == 0, allowed.stderr
 
 
-def test_a_pull_stopped_by_sigterm_keeps_nothing(hub: FakeHub, tmp_path: Path) -> None:
-    """A pull killed as a service manager or a terminal's close kills it: the partial
-    download is removed (it stayed in models/.downloads for good), as on Ctrl-C."""
+def pull_under_way(hub: FakeHub, root: Path) -> subprocess.Popen[bytes]:
+    """`keel models pull` forked, once its download has begun (on a slow link)."""
     hub.pause = 0.05  # ~20 MiB/s: the 94 MiB take seconds
-    said = tmp_path / "pull.err"
-    env = {**os.environ, "KEEL_ROOT": str(tmp_path)}
-    pulling = fork_keel(["models", "pull", f"{REPO}:{FILE}"], env, tmp_path / "pull.out", said)
-    staging = tmp_path / "models" / ".downloads"
+    env = {**os.environ, "KEEL_ROOT": str(root)}
+    out, err = root / "pull.out", root / "pull.err"
+    pulling = fork_keel(["models", "pull", f"{REPO}:{FILE}"], env, out, err)
+    staging = root / "models" / ".downloads"
     deadline = time.monotonic() + 60
-    while not any(f.is_file() and f.stat().st_size for f in staging.rglob("*")):
+    while not any(f.suffix == ".incomplete" and f.stat().st_size for f in staging.rglob("*")):
         assert time.monotonic() < deadline and pulling.poll() is None, "no download began"
         time.sleep(0.05)
-    pulling.send_signal(signal.SIGTERM)
+    return pulling
+
+
+@pytest.mark.whole_model
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_pull_stopped_by_sigterm_keeps_nothing(
+    hub: FakeHub, tmp_path: Path, sent: signal.Signals, code: int
+) -> None:
+    """A pull killed as a service manager kills it, or hung up on as a terminal's close
+    or a dropped ssh session does: the partial download is removed (it stayed in
+    models/.downloads for good), as on Ctrl-C."""
+    pulling = pull_under_way(hub, tmp_path)
+    staging = tmp_path / "models" / ".downloads"
+    pulling.send_signal(sent)
     pulling.wait(60)
-    err = said.read_text()
-    assert pulling.returncode == 143, err
+    err = (tmp_path / "pull.err").read_text()
+    assert pulling.returncode == code, err
     assert "interrupted" in err and "Traceback" not in err
     assert not [f for f in staging.rglob("*") if f.is_file()], "a partial download was left"
     assert not list((tmp_path / "models").glob("*.gguf"))
+
+
+@pytest.mark.whole_model
+def test_what_a_pull_killed_outright_left_goes_with_the_next(hub: FakeHub, tmp_path: Path) -> None:
+    """``kill -9`` (or a machine going down) leaves the partial download: it stayed for
+    good, one more with each such pull. `keel doctor` told to remove a pull's directory
+    while the pull ran, which broke the pull off."""
+    from keel.models.pull import STAGING_DIR, abandoned_pulls
+
+    staging = tmp_path / "models" / STAGING_DIR
+    pulling = pull_under_way(hub, tmp_path)
+    assert abandoned_pulls(staging) == [], "a pull under way is not abandoned"
+    pulling.kill()
+    pulling.wait(60)
+    (left, what), *more = abandoned_pulls(staging)
+    assert not more and what == f"{REPO}:{FILE}"
+    assert sum(f.stat().st_size for f in left.rglob("*.incomplete")) > 0
+    hub.pause = 0.0
+    done = keel(tmp_path, "pull", f"{REPO}:{FILE}")
+    assert done.returncode == 0, done.stderr
+    assert not left.exists() and not any(staging.iterdir()), "nothing left behind"

@@ -35,5 +35,5 @@ def test_doctor_lists_pulled_models_and_flags_leftovers(hub: FakeHub, paths: Pat
     status, detail = finding(paths.root)
     assert status == "warn"
     assert "broken: " in detail and "not a GGUF file" in detail
-    assert "1 MiB of interrupted pulls: remove it" in detail
+    assert "1 MiB of a pull that was killed: remove it" in detail
     assert "tiny-coder-q4_1 (llama" in detail

@@ -13,7 +13,11 @@ directory on the model directory's own file system (``<models>/.downloads``,
 which listings skip). keel then checks the sha256 (the hub's LFS oid, or the
 registry's) and the GGUF magic, and only then renames the file into place: a
 cut, refused or corrupt download leaves nothing loadable, and the staging
-directory goes whatever happens. Where each file came from (repo, file, sha256)
+directory goes whatever happens, but for a pull killed outright (``kill -9``, a machine
+that went down), whose directory the next pull removes: a pull holds a lock on its own
+while it runs (:func:`staging_for`), so that one that died is told from one under way
+(they stayed for good; huggingface_hub resumes a download cut within a pull, never one
+a dead process left). Where each file came from (repo, file, sha256)
 is written beside it in ``<models>/.pulled/<file>.json``: a pull replaces a file
 only when keel pulled it from the same repo and file (an update of that model, with
 a warning that a worker running it keeps the old one until it is loaded again); a
@@ -93,6 +97,45 @@ HUB_TIMEOUT = 10.0
 """Seconds the hub may take to answer a request (huggingface_hub's own for a download's
 reads): a hub that takes the connection and says nothing is an error, not a hang."""
 STAGING_DIR = ".downloads"
+STAGING_LOCK = ".lock"
+"""Held (``flock``) by the pull that downloads into a staging directory, for its life."""
+
+
+def staging_for(root: Path, file: HubFile) -> tuple[Path, int]:
+    """A new staging directory for ``file``, and the descriptor of its lock, held for
+    the pull's life (:func:`abandoned_pulls` tells it from one a dead pull left)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="pull-", dir=root))
+    held = os.open(path / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    (path / ".pull.json").write_text(json.dumps({"repo": file.repo, "file": file.filename}))
+    return path, held
+
+
+def abandoned_pulls(root: Path) -> list[tuple[Path, str]]:
+    """Staging directories no running pull holds (a pull killed outright left them), with
+    what each was downloading (``repo:file``, or "" where it does not say)."""
+    found = []
+    for path in sorted(root.glob("pull-*")) if root.is_dir() else []:
+        try:
+            held = os.open(path / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a pull under way
+        finally:
+            os.close(held)
+        try:
+            said = json.loads((path / ".pull.json").read_text())
+            what = f"{said['repo']}:{said['file']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = ""
+        found.append((path, what))
+    return found
+
+
 SOURCES_DIR = ".pulled"
 """Where a pulled file's source is recorded: ``<models>/.pulled/<file>.json``."""
 
@@ -361,8 +404,10 @@ class ModelPuller:
         self._check_disk(plan)
         self._check_memory(plan, emit)
         staging_root = self.paths.models_dir / STAGING_DIR
-        staging_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="pull-", dir=staging_root))
+        for left, what in abandoned_pulls(staging_root):
+            shutil.rmtree(left, ignore_errors=True)
+            log.info("removed %s, left by a pull that was killed (%s)", left, what or "unnamed")
+        staging, held = staging_for(staging_root, file)
         if staged is not None:
             staged.append(staging)
         try:
@@ -386,6 +431,7 @@ class ModelPuller:
                 self._record_source(plan, dest, digest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(held)
         pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest)
         emit(
             PullProgress(

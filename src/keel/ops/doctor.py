@@ -277,7 +277,7 @@ def check_repositories(report: Report, settings: Settings) -> None:
 def check_downloaded_models(report: Report, paths: Paths) -> None:
     """The models in <root>/models (pulled or copied): header facts, damaged files, and
     what an interrupted pull left in its staging directory."""
-    from keel.models.pull import STAGING_DIR
+    from keel.models.pull import STAGING_DIR, abandoned_pulls
 
     try:
         files = [file for file in list_model_files(paths) if not file.embedded]
@@ -296,13 +296,20 @@ def check_downloaded_models(report: Report, paths: Paths) -> None:
         lines.append(
             f"{file.name} ({facts.architecture}, {size}, context {facts.context_length}, {fim})"
         )
-    staging = paths.models_dir / STAGING_DIR
-    leftovers = [f for f in staging.rglob("*") if f.is_file()] if staging.is_dir() else []
+    # Only what no running pull holds: "remove it" during a pull broke the pull off
+    abandoned = abandoned_pulls(paths.models_dir / STAGING_DIR)
+    leftovers = [
+        (path, what, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
+        for path, what in abandoned
+    ]
     if damaged or leftovers:
         notes = [*damaged, *lines]
-        if leftovers:
-            left = sum(f.stat().st_size for f in leftovers) / 2**20
-            notes.append(f"{staging} holds {left:,.0f} MiB of interrupted pulls: remove it")
+        for path, what, held in leftovers:
+            notes.append(
+                f"{path} holds {held / 2**20:,.0f} MiB of a pull"
+                f"{f' of {what}' if what else ''} that was killed: remove it (the next pull "
+                "does)"
+            )
         report.add("downloaded models", "warn", "\n".join(notes))
     elif lines:
         report.add("downloaded models", "ok", "\n".join(lines))
