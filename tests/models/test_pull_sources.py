@@ -116,6 +116,23 @@ def test_pulling_the_same_repo_and_file_again_updates_it_with_a_warning(
     assert puller(hub, paths).pull(f"{FIRST}:tiny.gguf").already_present
 
 
+def test_a_pulled_file_since_damaged_is_pulled_again(
+    hub: FakeHub, paths: Paths, model_bytes: bytes
+) -> None:
+    """Cut short on disk, `keel doctor` says to pull it again; the pull refused it (409)
+    as a file "put there by hand", though keel's record names this repo and file. One
+    replaced by hand with another usable model is still never replaced."""
+    first = puller(hub, paths).pull(f"{FIRST}:tiny.gguf")
+    first.path.write_bytes(model_bytes[: len(model_bytes) // 2])
+    steps: list[PullProgress] = []
+    again = puller(hub, paths).pull(f"{FIRST}:tiny.gguf", report=steps.append)
+    assert digest(again.path) == hashlib.sha256(model_bytes).hexdigest()
+    assert any("is damaged" in step.message for step in steps if step.status == "warning")
+    first.path.write_bytes(model_bytes + b"mine")  # a usable model, by hand
+    with pytest.raises(Conflict):
+        puller(hub, paths).pull(f"{FIRST}:tiny.gguf")
+
+
 def test_a_file_another_pull_put_there_meanwhile_is_not_replaced(
     hub: FakeHub, paths: Paths, newer: bytes
 ) -> None:

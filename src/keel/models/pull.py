@@ -101,6 +101,15 @@ STAGING_LOCK = ".lock"
 """Held (``flock``) by the pull that downloads into a staging directory, for its life."""
 
 
+def _damaged(path: Path) -> bool:
+    """Whether ``path`` is no usable GGUF file (a bad header, cut short)."""
+    try:
+        gguf.read_metadata(path)
+    except MissingDependency:
+        return True
+    return False
+
+
 def staging_for(root: Path, file: HubFile) -> tuple[Path, int]:
     """A new staging directory for ``file``, and the descriptor of its lock, held for
     the pull's life (:func:`abandoned_pulls` tells it from one a dead pull left)."""
@@ -392,6 +401,14 @@ class ModelPuller:
             )
             emit(PullProgress("ready", f"{plan.name} is already in {dest}", result=pulled))
             return pulled
+        if existing == "repair":
+            emit(
+                PullProgress(
+                    "warning",
+                    f"{dest}, pulled from {plan.source}, is damaged: replacing it with the "
+                    "hub's file",
+                )
+            )
         if existing == "update":
             emit(
                 PullProgress(
@@ -523,9 +540,11 @@ class ModelPuller:
 
     def _existing(self, plan: PullPlan, dest: Path) -> str | None:
         """What is at ``dest`` already: None (nothing), ``"same"`` (the hub's file),
-        ``"update"`` (an older version keel pulled from the same repo and file).
-        Anything else, a file of another repo or folder or one put there by hand, is
-        never replaced: Conflict, naming it."""
+        ``"update"`` (an older version keel pulled from the same repo and file),
+        ``"repair"`` (a file keel pulled from them that is no usable GGUF file now: cut
+        short, overwritten; `keel doctor` said to pull it again, and the pull refused it
+        as one put there by hand). Anything else, a file of another repo or folder or one
+        put there by hand, is never replaced: Conflict, naming it."""
         if not dest.is_file():
             return None
         source = self._recorded_source(dest)
@@ -540,6 +559,8 @@ class ModelPuller:
             return "same"
         if source == plan.source:
             return "update"
+        if self._recorded_source(dest, any_digest=True) == plan.source and _damaged(dest):
+            return "repair"
         where = (
             f"keel pulled it from {source}"
             if source is not None
@@ -567,12 +588,13 @@ class ModelPuller:
         relative = dest.relative_to(self.paths.models_dir)
         return self.paths.models_dir / SOURCES_DIR / f"{relative.as_posix()}.json"
 
-    def _recorded_source(self, dest: Path) -> str | None:
+    def _recorded_source(self, dest: Path, *, any_digest: bool = False) -> str | None:
         """``repo:file`` keel pulled ``dest`` from, or None: no record, or one of
-        another file (the record outlived a file removed and put back by hand)."""
+        another file (the record outlived a file removed and put back by hand), unless
+        ``any_digest``."""
         try:
             record = json.loads(self._source_record(dest).read_text(encoding="utf-8"))
-            if record["sha256"] != self._digest(dest):
+            if not any_digest and record["sha256"] != self._digest(dest):
                 return None
             return f"{record['repo']}:{record['filename']}"
         except (OSError, ValueError, KeyError, TypeError):
