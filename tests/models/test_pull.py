@@ -101,10 +101,18 @@ def test_an_unknown_repo_is_not_found(hub: FakeHub, paths: Paths) -> None:
 
 @pytest.mark.whole_model
 def test_a_cut_connection_resumes_where_it_stopped(
-    hub: FakeHub, paths: Paths, model_bytes: bytes
+    hub: FakeHub,
+    paths: Paths,
+    model_bytes: bytes,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     hub.cut_after = 35 * 2**20
     pulled = puller(hub, paths).pull(f"{REPO}:{FILE}")
+    # huggingface_hub's say goes through keel's logging alone: its own handler wrote it
+    # to stderr in plain text as well (twice in text logs, and a line no JSON log reads)
+    assert any("resume" in r.getMessage().lower() for r in caplog.records), caplog.records
+    assert "resume" not in capfd.readouterr().err.lower()
     gets = hub.downloads()
     assert len(gets) == 2
     assert "range" not in gets[0].headers

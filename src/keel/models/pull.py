@@ -101,6 +101,16 @@ STAGING_LOCK = ".lock"
 """Held (``flock``) by the pull that downloads into a staging directory, for its life."""
 
 
+def _hub_logs_through_keels() -> None:
+    """huggingface_hub gives its logger a handler of its own, writing plain text to
+    stderr: a cut download's "Trying to resume download..." came twice in keel's text
+    logs, and broke `--log-format json`'s one JSON object a line. Its records go
+    through keel's handler alone."""
+    import huggingface_hub.utils.logging  # noqa: F401 - importing it adds the handler
+
+    logging.getLogger("huggingface_hub").handlers.clear()
+
+
 def _damaged(path: Path) -> bool:
     """Whether ``path`` is no usable GGUF file (a bad header, cut short)."""
     try:
@@ -389,6 +399,7 @@ class ModelPuller:
         directory is added to ``staged`` as it is made: for a caller that must remove
         it itself if the process may end before this thread sees ``cancelled``."""
         emit = _Emitter(report, log_downloading=not show_bar)
+        _hub_logs_through_keels()
         parse_spec(spec, quant, self.registry)  # a malformed spec is refused before a word
         emit(PullProgress("resolving", f"looking up {spec} on {self.hub}"))
         plan = self.plan(spec, quant)
