@@ -82,6 +82,24 @@ def test_a_quant_picks_the_one_matching_file(hub: FakeHub, paths: Paths) -> None
     assert "tiny-Q4_1.gguf, tiny-Q8_0.gguf" in no_match.value.message
 
 
+def test_a_quant_whose_name_is_in_anothers_picks_its_own_file() -> None:
+    """Q6_K is in Q6_K_L's name too, F16 in BF16's, Q4_0 in Q4_0_4_4's: each was
+    refused as matching several files, and the message did not say how to choose."""
+    from keel.models.pull import HubFile, choose_file
+
+    names = ["m-Q6_K.gguf", "m-Q6_K_L.gguf", "m-F16.gguf", "m-BF16.gguf", "m-Q4_0.gguf"]
+    names += ["m-Q4_0_4_4.gguf", "m-Q5_K_M.gguf", "m-Q5_K_S.gguf"]
+    files = [HubFile("org/m-GGUF", name, 1, None) for name in names]
+    for quant, name in [("Q6_K", "m-Q6_K"), ("q6-k", "m-Q6_K"), ("F16", "m-F16")]:
+        assert choose_file(files, "org/m-GGUF", None, quant).filename == f"{name}.gguf"
+    assert choose_file(files, "org/m-GGUF", None, "Q4_0").filename == "m-Q4_0.gguf"
+    assert choose_file(files, "org/m-GGUF", None, "bf16").filename == "m-BF16.gguf"
+    with pytest.raises(RequestError) as several:
+        choose_file(files, "org/m-GGUF", None, "Q5_K")
+    assert "m-Q5_K_M.gguf, m-Q5_K_S.gguf" in several.value.message
+    assert "name the file instead: org/m-GGUF:m-Q5_K_M.gguf" in several.value.message
+
+
 def test_a_repo_with_one_gguf_needs_no_quant(hub: FakeHub, paths: Paths) -> None:
     assert puller(hub, paths).plan(REPO).file.filename == FILE
 

@@ -267,6 +267,13 @@ def _normalise(text: str) -> str:
     return re.sub(r"[-_.]", "", text.lower())
 
 
+def _whole_quant(quant: str) -> re.Pattern[str]:
+    """``quant`` as a whole part of a file name: not followed by more of a quant's name
+    (``_L``, ``_4_4``) nor preceded by a letter or digit (``BF16``), separators as any."""
+    parts = [re.escape(part) for part in re.split(r"[-_.]", quant) if part]
+    return re.compile(rf"(?<![a-z0-9]){'[-_.]'.join(parts)}(?![a-z0-9_])", re.IGNORECASE)
+
+
 def choose_file(
     files: list[HubFile], repo: str, filename: str | None, quant: str | None
 ) -> HubFile:
@@ -281,9 +288,15 @@ def choose_file(
         chosen = [file for file in chosen if _first_part(file)]
         if not chosen:
             raise NotFound(f"{repo} has no GGUF file for quant {quant!r}; its GGUF files: {names}")
+        if len(chosen) > 1:  # Q6_K is in Q6_K_L's name too, F16 in BF16's: the whole one
+            whole = [file for file in chosen if _whole_quant(quant).search(file.filename)]
+            chosen = whole if len(whole) == 1 else chosen
         if len(chosen) > 1:
             which = ", ".join(file.filename for file in chosen)
-            raise RequestError(f"quant {quant!r} matches several files of {repo}: {which}")
+            raise RequestError(
+                f"quant {quant!r} matches several files of {repo}: {which}; name the file "
+                f"instead: {repo}:{chosen[0].filename}"
+            )
     else:
         chosen = [file for file in files if _first_part(file)]
         if not chosen:
