@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import httpx
@@ -73,3 +74,43 @@ async def test_a_client_taking_none_of_its_stream_frees_its_slot(
                 client.close()
     finally:
         backends.fallback.reset_behaviour()
+
+
+async def test_a_stream_whose_start_cannot_be_written_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind answers a pipelining client never read, the server's write of a stream's
+    start waits for the client: it was not watched as the body's writes are, and held
+    the request's admission slot and its upstream generation for as long as the client
+    kept the connection (70 s and counting, every other chat a 429). The server here is
+    one whose every write waits so; the generation begun must be let go."""
+    monkeypatch.setattr(streaming, "WRITE_STALL_SECONDS", 0.3)
+    monkeypatch.setattr(streaming, "STALL_CHECK_SECONDS", 0.1)
+    closed = asyncio.Event()
+
+    async def pieces() -> AsyncGenerator[str, None]:
+        try:
+            yield "Hello"
+            await asyncio.Event().wait()  # a generation under way
+            yield "never"
+        finally:
+            closed.set()  # the generation, and the slot it holds, let go
+
+    async def receive() -> dict[str, object]:
+        await asyncio.Event().wait()  # the client never leaves
+        return {"type": "http.disconnect"}
+
+    async def send(message: object) -> None:
+        await asyncio.Event().wait()  # flow control: the client reads nothing
+
+    async def tail() -> list[dict[str, object]]:
+        return []
+
+    stream = await streaming.stream_response(
+        pieces(), head=list, chunk=lambda text: {"text": text}, tail=tail
+    )
+    scope = {"type": "http", "extensions": {}}
+    serving = asyncio.create_task(stream(scope, receive, send))  # type: ignore[arg-type]
+    await asyncio.wait_for(closed.wait(), 5)
+    with pytest.raises(asyncio.CancelledError):
+        await serving

@@ -174,7 +174,7 @@ def _reshaped(openai: EventStream, stop_words: bool) -> EventStream:
                 if out:
                     yield out
         finally:
-            await openai.chunks.aclose()
+            await openai.close()
 
-    stream = EventStream(events())
+    stream = EventStream(events(), release=openai.close)
     return stream

@@ -9,11 +9,12 @@ then ``[DONE]``; the upstream stream is always closed, which cancels its work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from keel import jsoncodec
 from keel.errors import KeelError, Unavailable
@@ -84,14 +85,22 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, chunks: AsyncGenerator[bytes, None], *, progress: dict[str, object] | None = None
+        self,
+        chunks: AsyncGenerator[bytes, None],
+        *,
+        progress: dict[str, object] | None = None,
+        release: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``progress``: this is a progress stream (a model load or download, TabbyAPI's
         events), and these are the fields of its error event (``status: error`` and the
         model or role). Cut short by keel's stop, it ends with that error event alone,
         no ``[DONE]`` (TabbyAPI sends none, and its clients read every line as JSON);
-        a generation stream (None) ends with OpenAI's error event and ``[DONE]``."""
+        a generation stream (None) ends with OpenAI's error event and ``[DONE]``.
+        ``release``: what lets go of the work behind ``chunks`` (a generation begun), for
+        a stream closed before its first chunk is asked for, whose generator runs none
+        of its own cleanup."""
         self.chunks = chunks
+        self.release = release
         self.progress = progress
         self.failed: int | None = None
         """The status of the error the stream ended with (see :data:`OUTCOME`)."""
@@ -123,7 +132,11 @@ class EventStream(Response):
         watcher = asyncio.get_running_loop().create_task(watch())
         write = _Writes(send, drop)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            # watched as the body is: behind answers a pipelining client never read, the
+            # start waited for ever, holding the request's admission slot and its upstream
+            await write.message(
+                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            )
             async for chunk in self.chunks:
                 await write(chunk, True)
             done = True
@@ -149,7 +162,13 @@ class EventStream(Response):
                 scope.setdefault("state", {})[OUTCOME] = self.failed
             write.close()
             watcher.cancel()
-            await self.chunks.aclose()  # left mid-way: the generation is closed now
+            await self.close()  # left mid-way: the generation is closed now
+
+    async def close(self) -> None:
+        """Close the chunks, and what is behind them though none was asked for."""
+        await self.chunks.aclose()
+        if self.release is not None:
+            await self.release()
 
     def _closing(self) -> bytes:
         """The last event of a stream keel's stop cuts short."""
@@ -170,8 +189,11 @@ class _Writes:
         self.checker = self.loop.call_later(STALL_CHECK_SECONDS, self.look)
 
     async def __call__(self, body: bytes, more: bool) -> None:
+        await self.message({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def message(self, message: Message) -> None:
         self.since = self.loop.time()
-        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+        await self.send(message)
         self.since = None
 
     def look(self) -> None:
@@ -231,5 +253,5 @@ async def stream_response(
             await close_stream(pieces)
         yield opening + closing + DONE
 
-    stream = EventStream(events())
+    stream = EventStream(events(), release=functools.partial(close_stream, pieces))
     return stream
