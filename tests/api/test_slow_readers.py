@@ -114,3 +114,39 @@ async def test_a_stream_whose_start_cannot_be_written_is_dropped(
     await asyncio.wait_for(closed.wait(), 5)
     with pytest.raises(asyncio.CancelledError):
         await serving
+
+
+async def test_a_client_taking_none_of_a_whole_answer_is_dropped(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat answered whole (no streaming), 4 MB, to a client that reads none of it:
+    the answer stayed in keel's memory for as long as the client kept its connection
+    (20 such clients: 226 MB more, held 30 s after their answers were done)."""
+    monkeypatch.setattr(streaming, "WRITE_STALL_SECONDS", 1.0)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "x" * 200}}]}
+    answer = f"data: {json.dumps(chunk)}\n\n" * 20_000 + "data: [DONE]\n\n"
+    sse = (("Content-Type", "text/event-stream"),)
+    backends.fallback.behave(Behaviour.respond(200, answer, headers=sse))  # chat
+    app = build_app(tmp_path / "keel", backends.config())
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 131072}
+    try:
+        async with listening(app) as url:
+            client = stalled_client(int(url.rsplit(":", 1)[1]), body)
+            await asyncio.sleep(4.0)  # the answer made, written, and taken none of
+            client.settimeout(5.0)
+            received, ended = 0, ""
+            while not ended:
+                try:
+                    data = await asyncio.to_thread(client.recv, 1 << 20)
+                except ConnectionResetError:
+                    ended = "reset"
+                except TimeoutError:
+                    ended = "still open"
+                else:
+                    received += len(data)
+                    ended = "" if data else "closed"
+            client.close()
+    finally:
+        backends.fallback.reset_behaviour()
+    assert ended in ("reset", "closed"), f"{ended} after {received:,} bytes"
+    assert received < 4_000_000, "dropped before the whole answer went out"

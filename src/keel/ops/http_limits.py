@@ -44,6 +44,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from keel.errors import KeelError, RequestError, Unavailable
+from keel.serving import streaming
 from keel.serving.streaming import ABORT
 
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -145,6 +146,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     """The refusal's answer, status line to body."""
     _deadline: asyncio.TimerHandle | None = None
     """When the request being read is too slow (:data:`REQUEST_SECONDS`)."""
+    _stalled: asyncio.TimerHandle | None = None
+    """When a client that takes none of what is written to it is dropped."""
     max_connections: int = 10_000
     """Connections served at once; one more is answered 503 and closed at once. Set by
     :class:`keel.ops.server.Server` from the file descriptors keel may open: uncapped,
@@ -164,7 +167,33 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
+        if self._stalled is not None:
+            self._stalled.cancel()
         HttpToolsProtocol.connection_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        """The transport holds more than it may of what was written: a client that takes
+        none of it for :data:`~keel.serving.streaming.WRITE_STALL_SECONDS` is dropped. A
+        whole answer (5.9 MB, a chat without streaming) stayed in keel's memory for as
+        long as such a client kept its connection: 20 of them, 226 MB. (A stream's
+        writes are watched as they are made as well, see ``streaming``.)"""
+        HttpToolsProtocol.pause_writing(self)
+        if self._stalled is None:
+            self._stalled = self.loop.call_later(streaming.WRITE_STALL_SECONDS, self._takes_nothing)
+
+    def resume_writing(self) -> None:
+        HttpToolsProtocol.resume_writing(self)
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _takes_nothing(self) -> None:
+        self._stalled = None
+        self.logger.warning(
+            "a client took none of its answer for %.0f s: its connection is closed",
+            streaming.WRITE_STALL_SECONDS,
+        )
+        self.transport.abort()
 
     def _too_slow(self) -> None:
         """The request being read took :data:`REQUEST_SECONDS`: a 408, and closed."""
