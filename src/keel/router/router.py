@@ -497,20 +497,7 @@ class RoleRouter:
         else:
             if took_probe:
                 endpoint.breaker.record_success()
-            was_auth_failed = endpoint.auth_failed
-            took = None if pinged else self.clock() - started
-            self.events.health_check(endpoint.name, took, True)
-            if endpoint.record_ok(took):
-                # Logged as its failure was: an incident's end belongs in the log too.
-                log.info("provider %s passed its health check: routed to again", endpoint.name)
-                self.events.provider_health(endpoint.name, True)
-                if endpoint in self.groups[0]:
-                    # The next request goes to it: the role no longer serves from a
-                    # fallback (the gauge said so until a request came, and its alert
-                    # fired all night after an outage that ended in a quiet hour).
-                    self.served_by(endpoint)
-            if was_auth_failed:
-                self.events.provider_auth_failed(endpoint.name, False)
+            self._passed(endpoint, None if pinged else self.clock() - started)
             return
         self.events.health_check(endpoint.name, None if pinged else self.clock() - started, False)
         kind = classify(error)
@@ -520,6 +507,22 @@ class RoleRouter:
         elif endpoint.record_failed(error):
             log.warning("provider %s failed its health check: %s", endpoint.name, error.message)
             self.events.provider_health(endpoint.name, False)
+
+    def _passed(self, endpoint: Endpoint, took: float | None) -> None:
+        """A check ``endpoint`` passed (``took``: a deep one's time; None: a ping)."""
+        was_auth_failed = endpoint.auth_failed
+        self.events.health_check(endpoint.name, took, True)
+        if endpoint.record_ok(took):
+            # Logged as its failure was: an incident's end belongs in the log too.
+            log.info("provider %s passed its health check: routed to again", endpoint.name)
+            self.events.provider_health(endpoint.name, True)
+            if endpoint in self.groups[0]:
+                # The next request goes to it: the role no longer serves from a
+                # fallback (the gauge said so until a request came, and its alert
+                # fired all night after an outage that ended in a quiet hour).
+                self.served_by(endpoint)
+        if was_auth_failed:
+            self.events.provider_auth_failed(endpoint.name, False)
 
     def unreachable(self, endpoint: Endpoint, error: KeelError) -> None:
         """A backend that did not accept a connection at keel's start: down, not flaky,
