@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from keel.config import Paths
-from keel.errors import KeelError, NotFound, UpstreamError
+from keel.errors import KeelError, NotFound, RateLimited, UpstreamError
 from keel.models.pull import STAGING_DIR, ModelPuller
 from tests.forked import run_keel
 from tests.models.fake_hub import FakeHub
@@ -195,3 +195,26 @@ def test_an_answer_that_is_not_the_hubs_api_is_said_so(tmp_path: Path, body: byt
     assert "Traceback" not in pulled.stderr, pulled.stderr
     last = pulled.stderr.strip().splitlines()[-1]
     assert "is not the Hugging Face hub's API" in last and "HF_ENDPOINT" in last, pulled.stderr
+
+
+def test_a_hub_limiting_requests_says_when_to_pull_again(tmp_path: Path) -> None:
+    """A 429 on the repo's listing was "the hub failed, not keel" (a 502), hiding that the
+    hub limits requests, when it asks to be asked again, and that a token raises it."""
+    with FakeHub({REPO: {FILE: b"GGUF"}}) as fake:
+        honest: type[BaseHTTPRequestHandler] = fake._server.RequestHandlerClass  # type: ignore[assignment]
+
+        class Limiting(honest):  # type: ignore[valid-type,misc]
+            def _model_info(self, name: list[str]) -> None:
+                body = b'{"error": "rate limited"}'
+                self.send_response(429)
+                self.send_header("Retry-After", "7")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        fake._server.RequestHandlerClass = Limiting
+        puller = ModelPuller(Paths(tmp_path / "keel"), endpoint=fake.url, environ={})
+        with pytest.raises(RateLimited) as limited:
+            puller.pull(f"{REPO}:{FILE}")
+    assert limited.value.status_code == 429 and limited.value.retry_after == 7
+    assert "pull again in 7 s" in limited.value.message and "HF_TOKEN" in limited.value.message

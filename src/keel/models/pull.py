@@ -75,6 +75,7 @@ from keel.errors import (
     InsufficientStorage,
     MissingDependency,
     NotFound,
+    RateLimited,
     RequestError,
     Unavailable,
     UpstreamAuthError,
@@ -552,6 +553,17 @@ class ModelPuller:
                 )
         return files
 
+    def _rate_limited(self, where: str, response: Any) -> RateLimited:
+        """The hub's 429: when to pull again, and what raises its limit."""
+        said = response.headers.get("Retry-After", "") if response is not None else ""
+        after = float(said) if said.strip().isdigit() else None
+        when = f"in {after:g} s" if after is not None else "later"
+        token = "" if self.token else "; a token (HF_TOKEN) raises the hub's limits"
+        return RateLimited(
+            f"the hub is limiting requests ({where}: 429): pull again {when}{token}",
+            retry_after=after,
+        )
+
     @contextlib.contextmanager
     def _placing(self) -> Iterator[None]:
         """Held while a pulled file is checked against what is there and put in place:
@@ -772,6 +784,8 @@ class ModelPuller:
                 exc, hub.RepositoryNotFoundError | hub.RevisionNotFoundError
             ):
                 return NotFound(f"{where} not found on {self.hub} (it answered 404)")
+            if status == 429:  # it was "the hub failed, not keel", a 502
+                return self._rate_limited(where, exc.response)
             reason = exc.response.reason_phrase if exc.response is not None else ""
             return UpstreamStatusError(
                 f"the hub answered {status} {reason}".rstrip() + f" for {where}: the hub "
