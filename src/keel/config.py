@@ -857,6 +857,12 @@ class EventsConfig(_Section):
         if value.startswith(("postgresql://", "postgres://")):
             if problem := _address_problem(value):
                 raise ValueError(problem)
+            if urlsplit(value).netloc.count("@") > 1:  # libpq reads the host from the first
+                raise ValueError(
+                    "it holds more than one @: a password's @ must be percent-encoded as "
+                    "%40 (PostgreSQL's driver takes the host from the first @ on, and the "
+                    "rest of the password with it)"
+                )
             return value
         raise ValueError("must be 'sqlite:///<path>' or 'postgresql://...'")
 
@@ -1398,7 +1404,9 @@ def masked_url(text: str) -> str:
     (``?token=...``: a backend's credential, as much as a password), and a user name
     alone (``//TOKEN@host``, sent as Basic auth: it was shown in metrics' labels, errors,
     ``X-Keel-Provider`` and the log)."""
-    # A password up to the last @ before the host (a / in it, unencoded, is still its own)
+    # A password up to the last @ before the host, an unencoded @ in it too (the part after
+    # the first was shown); one with an unencoded / in it is still its own
+    text = re.sub(r"(//[^/@:\s]*:)[^/\s]*@", r"\1***@", text)
     text = re.sub(r"(//[^/@:\s]*:)[^@\s]*@", r"\1***@", text)
     text = re.sub(r"//[^/@:\s]+@", "//***@", text)
     return re.sub(r"([?&][^=&#\s/]+=)[^&#\s]*", r"\1***", text)

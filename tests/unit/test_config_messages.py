@@ -233,6 +233,8 @@ def test_environment_references_still_give_numbers_and_booleans() -> None:
         ("state", "redis_url", "redis://:Zx9?secret@127.0.0.1:6379/0", "percent-encoded"),
         ("events", "database_url", "postgresql://keel:Ab3/pgSECRET=@127.0.0.1/keel", "%2F"),
         ("events", "database_url", "postgresql://keel:Q7%zzpgSECRET@127.0.0.1/keel", "%25"),
+        # libpq took the host from the first @: "failed to resolve host 'pgSECRET@...'"
+        ("events", "database_url", "postgresql://keel:PG@pgSECRET@127.0.0.1/keel", "%40"),
     ],
 )
 def test_a_server_url_that_cannot_be_read_as_written_is_a_config_error(

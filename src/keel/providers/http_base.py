@@ -53,6 +53,7 @@ import aiohttp
 
 from keel import jsoncodec
 from keel.errors import (
+    KeelError,
     UpstreamAuthError,
     UpstreamConnectError,
     UpstreamError,
@@ -109,10 +110,18 @@ def auth_headers(api_key: str | None, key_header: str | None = None) -> dict[str
 
 
 @contextmanager
-def translate_errors(provider: str) -> Iterator[None]:
-    """Re-raise the transport's exceptions as keel's ``Upstream*`` errors."""
+def translate_errors(provider: str, secret: str | None = None) -> Iterator[None]:
+    """Re-raise the transport's exceptions as keel's ``Upstream*`` errors, with keel's
+    ``secret`` for the backend (its api_key) masked in what the backend said: a backend
+    or gateway that echoes the key it refused ("Incorrect API key provided: Bearer ...")
+    put it in the client's error, ``/v1/providers`` and the log."""
     try:
         yield
+    except KeelError as exc:
+        if secret and secret in exc.message:
+            exc.message = exc.message.replace(secret, "***")
+            exc.args = (exc.message,)
+        raise
     except aiohttp.ConnectionTimeoutError as exc:
         raise UpstreamTimeout("timed out connecting", provider=provider) from exc
     except TimeoutError as exc:  # aiohttp.SocketTimeoutError and ServerTimeoutError too
@@ -616,6 +625,7 @@ class HttpUpstream:
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=timeout
         )
         self.rate_limiter = rate_limiter
+        self.secret = api_key
         self.headers = auth_headers(api_key, key_header)
         self._json_headers = {**self.headers, "Content-Type": "application/json"}
         self._stream_headers = {
@@ -674,7 +684,7 @@ class HttpUpstream:
     async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
         """POST ``body`` and return the decoded JSON answer."""
         await self._admit()
-        with translate_errors(self.provider):
+        with translate_errors(self.provider, self.secret):
             async with await self._post(path, body, self._json_headers) as response:
                 await raise_for_status(response, self.provider)
                 raw = await read_answer(response, self.provider)
@@ -690,7 +700,7 @@ class HttpUpstream:
         consumer closing the generator), :meth:`_finish` settles the connection.
         """
         await self._admit()
-        with translate_errors(self.provider):
+        with translate_errors(self.provider, self.secret):
             response = await self._post(path, body, self._stream_headers)
             finished = False
             try:
