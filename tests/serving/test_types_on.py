@@ -33,3 +33,6 @@ def test_a_shared_file_end_or_an_empty_file_is_no_evidence() -> None:
     assert not types_on(alice, ("class Foo:\n    def bar(self):", "\n"))
     assert types_on(alice, ("import os\nprint(os.getcwd()) ", "\n"))  # her next keystroke
     assert not types_on(("", "x = 1\n"), ("totally different", "other\n"))
+    # The end of every Go (or JavaScript) file: two colleagues' files, one key
+    bob = ("package main\n\nfunc main() {\n\tfmt.Println(", "\n}\n")
+    assert not types_on(("package billing\n\nfunc Charge() {\n\t", "\n}\n"), bob)

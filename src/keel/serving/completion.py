@@ -469,6 +469,9 @@ def editor_of(http: Request, body: TabbyCompletionRequest) -> str:
 
 EDIT_REACH = 64
 """Characters at the end of an earlier prefix that later keystrokes may have changed."""
+SUFFIX_TELLS = 24
+"""Characters (not blank) an unchanged suffix needs to tell the same person typing: the
+end of a Go or JavaScript file, ``"\n}\n"``, is everyone's."""
 
 
 def types_on(old: tuple[str, str], new: tuple[str, str]) -> bool:
@@ -478,9 +481,13 @@ def types_on(old: tuple[str, str], new: tuple[str, str]) -> bool:
     a colleague's request elsewhere superseded this one, and they lost completions in
     proportion to how busy the team was."""
     (old_prefix, old_suffix), (new_prefix, new_suffix) = old, new
-    if old_suffix.strip() and old_suffix == new_suffix:  # not a file's end: "\n" for all
+    # not a file's end: "\n" for all, "\n}\n" for every Go file (a colleague's keystroke
+    # in another file cancelled this one)
+    if len("".join(old_suffix.split())) >= SUFFIX_TELLS and old_suffix == new_suffix:
         return True
-    kept = old_prefix[: len(old_prefix) - EDIT_REACH]
+    # (below the reach, no text is kept: [:-30] kept a 34-character prefix's first 4, and
+    # any file holding those went on from it)
+    kept = old_prefix[: max(0, len(old_prefix) - EDIT_REACH)]
     if not kept:  # a short prefix (a file's first lines): its first half unchanged
         half = old_prefix[: len(old_prefix) // 2]
         return bool(half.strip()) and new_prefix.startswith(half)
