@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.api.conftest import USER, Backends
+from tests.api.conftest import USER, USER_KEY, Backends, build_app, serving
 from tests.api.test_llamacpp_completion import events
 from tests.api.test_tools import ASK, TOOLS
 from tests.conftest import sse_events
@@ -180,6 +181,25 @@ async def test_the_prompt_tokens_the_backends_cache_held_reach_the_client(
         final = events(answer)[-1] if stream else answer.json()
         assert (final["tokens_evaluated"], final["tokens_cached"]) == (40, 46), final
         assert final["timings"] == {"predicted_n": 7, "prompt_n": 8, "cache_n": 32}, final
+
+
+async def test_a_keel_several_people_share_keeps_the_cache_figures(
+    backends: Backends, said: tuple[FakeUpstream, FakeUpstream], tmp_path: Path
+) -> None:
+    """Their prompts share the engines' caches: ``cached_tokens`` told a colleague, token
+    by token, how much of another's recent prompt theirs matched (a key's 6 digits in 60
+    requests). With one key (above) the figures are the client's own."""
+    backend, completions = said
+    usage = {"prompt_tokens": 40, "completion_tokens": 7}
+    backend.usage = completions.usage = {**usage, "prompt_tokens_details": {"cached_tokens": 32}}
+    config = backends.config().replace(
+        f'api_keys = ["{USER_KEY}"]', f'api_keys = ["{USER_KEY}", "colleague-key-0123456789"]'
+    )
+    async with serving(build_app(tmp_path / "keel", config)) as client:
+        answer = await chat(client)
+        llama = await client.post("/completion", json={"prompt": "def f("}, headers=USER)
+    assert answer["usage"] == {**usage, "total_tokens": 47}, answer["usage"]
+    assert "cache_n" not in llama.json()["timings"], llama.json()
 
 
 async def test_a_backend_that_says_nothing_is_counted_and_inferred(

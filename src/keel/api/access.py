@@ -23,6 +23,7 @@ from keel.api.middleware import ROLE_BY_ROUTE
 from keel.api.state import app_state
 from keel.auth import Access, Identity, is_loopback
 from keel.errors import AuthenticationError, Forbidden, RateLimited
+from keel.providers.base import CACHE_FIGURES_SHOWN
 
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 """The API documentation routes (keel.api.docs, FastAPI's document): public, not APIRoutes."""
@@ -71,6 +72,7 @@ class Require:
         if not store.enabled:
             if not state.settings.auth.allow_unauthenticated_remote:
                 _addressed_to_loopback(request)
+            CACHE_FIGURES_SHOWN.set(not state.shared_by_several())
             return Identity(Access.ADMIN, None)
         presented = presented_keys(request)
         identity = store.identify(presented)
@@ -87,6 +89,7 @@ class Require:
             )
             raise Forbidden(reason)
         request.state.key_id = identity.key_id
+        CACHE_FIGURES_SHOWN.set(not state.shared_by_several())
         limiter = state.rate_limiter
         # Model work is limited; the status page, a metrics scrape and the editor's
         # events are not, or a busy key would blind its own monitoring.

@@ -27,7 +27,7 @@ from keel.pipeline.completion import AnswerEnds, cut_at_indent, cut_at_stop
 from keel.pipeline.languages import find_language
 from keel.pipeline.postprocess import QUOTES, first_unpaired_closer
 from keel.pipeline.prompt import normalize_newlines, restore_newlines
-from keel.providers.base import Provider, Reported, estimate_tokens
+from keel.providers.base import CACHE_FIGURES_SHOWN, Provider, Reported, estimate_tokens
 from keel.schemas.infill import InfillRequest, InfillResponse, InfillTimings
 from keel.schemas.openapi import ERRORS, json_body
 from keel.serving.lifecycle import JsonResponse
@@ -150,7 +150,8 @@ def _figures(
     predicted = reported.completion_tokens
     if predicted is None:
         predicted = estimate_tokens(content) if content else 0
-    prompt, cached = reported.prompt_tokens, reported.cached_tokens or 0
+    shown = CACHE_FIGURES_SHOWN.get()  # not on a shared keel: the whole prompt, as read
+    prompt, cached = reported.prompt_tokens, (reported.cached_tokens if shown else None) or 0
     read = 0 if prompt is None else max(0, prompt - cached)
     if prompt is None:
         prompt = estimate_tokens(body.input_prefix + body.prompt + body.input_suffix)

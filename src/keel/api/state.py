@@ -69,6 +69,13 @@ class AppState:
     """The status page's acceptance figures: a scan of the events table, so not every 2 s
     (None: the events database did not answer)."""
 
+    def shared_by_several(self) -> bool:
+        """Whether several people may use this keel: more than one user key (or keys kept
+        in Redis), or none asked for on an address beyond loopback."""
+        if not self.keys.enabled:
+            return self.settings.auth.allow_unauthenticated_remote
+        return self.shared_keys is not None or len(self.keys.keys.users) > 1
+
     def shared_state(self) -> dict[str, object]:
         """Where the per-key limits, the keys and the events are kept, and whether each
         store answers (``/v1/providers`` and the status page)."""

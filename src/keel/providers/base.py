@@ -161,6 +161,14 @@ router's attempt starts the first token's time limit then, and a limit passed wh
 waiting is the engine's load, not its failure."""
 
 
+CACHE_FIGURES_SHOWN: ContextVar[bool] = ContextVar("keel_cache_figures_shown", default=True)
+"""Whether the answer may say how much of its prompt an engine's cache held
+(``cached_tokens``, llama.cpp's ``cache_n``): not on a keel several people share, whose
+prompts share the engines' caches. The figure told one person, token by token, how much
+of a colleague's recent prompt theirs matched: a key's 6 digits in 60 requests. (How
+fast the prompt was read still tells some of it.)"""
+
+
 @dataclass(slots=True)
 class Reported:
     """What the engine that served a call said of it, where its provider can tell:

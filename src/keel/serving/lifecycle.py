@@ -20,6 +20,7 @@ from keel import jsoncodec
 from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
 from keel.pipeline.completion import AnswerEnds, ended, read_until_stop, until_stop
 from keel.providers.base import (
+    CACHE_FIGURES_SHOWN,
     CompletionProvider,
     GenerationParams,
     Parts,
@@ -168,7 +169,7 @@ class Generated:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
-        if self.cached_tokens is not None:
+        if self.cached_tokens is not None and CACHE_FIGURES_SHOWN.get():
             usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         return usage
 
