@@ -142,6 +142,14 @@ def test_unloadable_model_file_is_reported_once_not_restarted(tmp_path: Path) ->
         # read 1 for a worker keel had given up on (and stayed 0 after a restart).
         metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
         assert f'keel_provider_healthy{{provider="{status["provider"]}"}} 0.0' in metrics
+        # not sent again to the worker keel gave up on: it failed at once again, logged
+        # twice, and counted a retry and two failures
+        retried = f'keel_retries_total{{provider="{status["provider"]}"}} '
+        assert not [
+            line
+            for line in metrics.splitlines()
+            if line.startswith(retried) and line != retried + "0.0"
+        ], metrics
         # The file mended, a reload starts the worker afresh (the given-up one was kept,
         # failed, and every chat a 503 until keel restarted).
         shutil.copyfile(embedded_model_path(), bad)

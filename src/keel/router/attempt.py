@@ -354,7 +354,7 @@ class Attempts:
                 number=attempt.number,
                 shrunk=attempt.shrink or answer_too_long,
                 last_resort=self._position >= len(self._candidates) - 1,
-                breaker_available=endpoint.breaker.available,
+                breaker_available=endpoint.may_retry,
             )
         )
         if self._decision is Decision.GIVE_UP:

@@ -200,6 +200,13 @@ class Endpoint:
     def running(self) -> bool:
         return self.provider.status().get("state") in {"ok", "ready"}
 
+    def may_retry(self) -> bool:
+        """Whether a failed request may be sent to it again: its breaker lets it, and its
+        worker is not one keel gave up on or stopped (a retry of one failed at once
+        again: the error logged twice, a retry and a second failure counted)."""
+        state = self.provider.status().get("state")
+        return self.breaker.available() and state not in {"failed", "stopped"}
+
     def usable(self) -> bool:
         return (
             not self.auth_failed
