@@ -174,3 +174,16 @@ def test_a_real_keel_counts_requests_workers_and_events(keel_server: KeelProcess
     info = build_info()
     build = frozenset({("version", info["version"]), ("git_sha", info["git_sha"])})
     assert after[("keel_build_info", build)] == 1
+
+
+def test_worker_restarts_count_on_across_a_replaced_supervisor() -> None:
+    """A worker keel gave up on, replaced by a reload under the same name, started a new
+    supervisor at 0 restarts: ``keel_worker_restarts_total`` fell from 4 to 0."""
+    from keel.ops.metrics import _ProviderCollector
+
+    collector = _ProviderCollector()
+    first, second = object(), object()
+    assert collector.restarts("local/m", first, 4) == 4
+    assert collector.restarts("local/m", second, 0) == 4, "the replaced one's count kept"
+    assert collector.restarts("local/m", second, 1) == 5
+    assert collector.restarts("local/other", first, 2) == 2

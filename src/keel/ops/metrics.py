@@ -102,6 +102,23 @@ class _ProviderCollector(Collector):
         self.role_usable: Callable[[Role], bool] | None = None
         self.serving: Callable[[], set[str]] | None = None
         """The providers the router may send requests to now (by name)."""
+        self._restarts: dict[str, tuple[int, int, int]] = {}
+        """By provider name: the supervisor last seen (its id), its restarts then, and the
+        restarts of those it replaced (see :meth:`restarts`)."""
+
+    def restarts(self, name: str, supervisor: object, count: int) -> int:
+        """``keel_worker_restarts_total`` of ``name``: ``count``, its supervisor's, and
+        those of the supervisors it replaced under the name. A worker keel gave up on,
+        replaced by a reload, started a new supervisor at 0: the counter fell from 4 to 0,
+        and the crash history with it on a graph."""
+        known = self._restarts.get(name)
+        before = 0
+        if known is not None:
+            seen, last, before = known
+            if seen != id(supervisor):
+                before += last
+        self._restarts[name] = (id(supervisor), count, before)
+        return before + count
 
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily(
@@ -171,7 +188,8 @@ class _ProviderCollector(Collector):
                 )
                 if "restarts" not in status:
                     continue  # not a worker: HTTP backends have no process of ours
-                restarts.add_metric([provider.name], float(str(status["restarts"])))
+                made = self.restarts(provider.name, provider, int(str(status["restarts"])))
+                restarts.add_metric([provider.name], float(made))
                 tools.add_metric(
                     [provider.name], float(str(status.get("tools_answered_in_text", 0)))
                 )
