@@ -56,10 +56,13 @@ def create_app(
     providers: Providers | None = None,
     config_path: Path | None = None,
     host: str | None = None,
+    command_line: frozenset[str] = frozenset(),
 ) -> FastAPI:
     """The app for ``settings``; ``providers`` may be given (built by the caller) or built
     here. ``config_path`` is the file a reload re-reads (None: the data root's); ``host``
-    the address keel listens on (None: ``[server] host``)."""
+    the address keel listens on (None: ``[server] host``); ``command_line``: the settings
+    `keel serve`'s options gave (``server.host``, ``server.port``), which the file's do not
+    change."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,6 +133,7 @@ def create_app(
             background=background,
             started_with=settings,
             host=host or settings.server.host,
+            command_line=command_line,
             control=control,
         )
         app.state.keel = state

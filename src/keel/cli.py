@@ -248,7 +248,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keel.app import create_app
 
     config_path = Path(args.config) if args.config else None
-    app = create_app(settings, paths, providers, config_path, host)
+    given = {"server.host": args.host, "server.port": args.port}
+    options = frozenset(key for key, value in given.items() if value not in (None, ""))
+    app = create_app(settings, paths, providers, config_path, host, options)
     from uvicorn.config import LOGGING_CONFIG
 
     from keel.api.errors import LoggedOnce

@@ -241,7 +241,9 @@ async def apply_config(
         control=state.control,
     )
     old_routing = state.routing
-    waiting = restart_needed(state.started_with, settings)
+    waiting = [
+        key for key in restart_needed(state.started_with, settings) if key not in state.command_line
+    ]
     state.settings = settings
     providers.commit()  # the running workers' new completion settings: taken now
     state.providers = providers

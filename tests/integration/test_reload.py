@@ -35,6 +35,9 @@ def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
         config.write_text(
             WITH_FALLBACK
             + '[server]\ncors_allowed_origins = ["https://a.example"]\n'
+            # --port (as start_keel starts keel) wins over the file's port, now and at a
+            # restart with the same options: it said "restart needed: server.port"
+            + "port = 1\n"
             + "[events]\nretention_days = 7\nmax_buffered = 50\n"
         )
         applied = httpx.post(f"{server.url}/v1/admin/reload", timeout=60)

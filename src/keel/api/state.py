@@ -37,6 +37,9 @@ class AppState:
     """The settings the process started with (some are read only then; see keel.reload)."""
     host: str
     """The address keel listens on, fixed for the process's life (``--host`` or config)."""
+    command_line: frozenset[str]
+    """Settings `keel serve`'s options gave (``server.host``, ``server.port``): a reload
+    changing them in the file changes nothing, now or at a restart with the same options."""
     paths: Paths
     providers: Providers
     routing: Routing
