@@ -169,7 +169,7 @@ def _reshaped(openai: EventStream, stop_words: bool) -> EventStream:
         try:
             async for chunk in openai.chunks:
                 if openai.failed is not None:  # counted as the status it ended with
-                    stream.failed = openai.failed
+                    stream.failed, stream.why = openai.failed, openai.why
                 out = b"".join(translate(event) for event in _events(chunk))
                 if out:
                     yield out

@@ -223,6 +223,7 @@ async def _progress(
                 yield sse(step)
         except KeelError as exc:
             progress.failed = exc.status_code  # counted as it ended (see streaming.OUTCOME)
+            progress.why = f"{type(exc).__name__}: {exc.message}"
             yield sse({**exc.to_body(), **failed})
 
     progress = EventStream(events(), progress=failed)

@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from keel import jsoncodec
 from keel.errors import KeelError, Unavailable
 from keel.providers.base import close_stream
+from keel.serving.lifecycle import FAILURE_KEY
 
 log = logging.getLogger("keel.serving")
 
@@ -104,6 +105,9 @@ class EventStream(Response):
         self.progress = progress
         self.failed: int | None = None
         """The status of the error the stream ended with (see :data:`OUTCOME`)."""
+        self.why: str | None = None
+        """Why it ended so, for the request's one access-log line (it had a line of its
+        own too: two warnings for one stalled stream, and the access line said no why)."""
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -159,7 +163,10 @@ class EventStream(Response):
                 raise
         finally:
             if self.failed is not None:
-                scope.setdefault("state", {})[OUTCOME] = self.failed
+                state = scope.setdefault("state", {})
+                state[OUTCOME] = self.failed
+                if self.why is not None:
+                    state[FAILURE_KEY] = self.why
             write.close()
             watcher.cancel()
             await self.close()  # left mid-way: the generation is closed now
@@ -241,8 +248,7 @@ async def stream_response(
                     yield sse(chunk(piece))
             closing = b"".join([sse(event) for event in await tail()])
         except KeelError as exc:
-            log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
-            stream.failed = exc.status_code
+            stream.failed, stream.why = exc.status_code, f"{type(exc).__name__}: {exc.message}"
             closing = sse(exc.to_body())
         except Exception:  # a bug: the client still gets an error event and its end
             log.exception("stream ended by an unexpected error")
