@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.config import Paths
+from keel.config import EMBEDDED_MODEL_ID, Paths
 from keel.errors import Conflict
 from keel.models.pull import STAGING_DIR, ModelPuller, PullProgress
 from tests.models.fake_hub import FakeHub
@@ -21,6 +21,7 @@ from tests.models.fake_hub import FakeHub
 FIRST = "keel-test/first-GGUF"
 OTHER = "keel-test/other-GGUF"
 FOLDERS = "keel-test/folders-GGUF"
+SAME_NAME = "keel-test/smol-GGUF"
 
 
 @pytest.fixture
@@ -35,6 +36,7 @@ def hub(model_bytes: bytes, newer: bytes, tmp_path: Path) -> Iterator[FakeHub]:
         FIRST: {"tiny.gguf": model_bytes},
         OTHER: {"tiny.gguf": newer},
         FOLDERS: {"sub/a/deep.gguf": model_bytes, "sub/b/deep.gguf": newer},
+        SAME_NAME: {f"{EMBEDDED_MODEL_ID}.gguf": newer},
     }
     with FakeHub(repos) as fake:
         yield fake
@@ -163,3 +165,17 @@ def test_a_file_named_in_upper_case_loads_by_the_name_the_pull_gives(
     assert pulled.name == "Upper-Q8_0" and pulled.path.name == "Upper-Q8_0.gguf"
     assert resolve_model(pulled.name, paths) == pulled.path
     assert pulled.name in {file.name for file in list_model_files(paths)}
+
+
+def test_a_file_named_as_the_embedded_model_loads_by_its_path(
+    hub: FakeHub, paths: Paths, newer: bytes
+) -> None:
+    """Told to load it by its name, a user got the embedded model: that name is the
+    embedded model's. It loads by its path, which the pull gives."""
+    from keel.models.registry import resolve_model
+
+    steps: list[PullProgress] = []
+    pulled = puller(hub, paths).pull(f"{SAME_NAME}:{EMBEDDED_MODEL_ID}.gguf", report=steps.append)
+    assert pulled.name == str(pulled.path) and pulled.path.read_bytes() == newer
+    assert resolve_model(pulled.name, paths) == pulled.path
+    assert steps[-1].message.endswith(f"load it as {pulled.path}"), steps[-1]

@@ -67,7 +67,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from keel.config import LocalModelConfig, Paths
+from keel.config import EMBEDDED_MODEL_ID, LocalModelConfig, Paths
 from keel.errors import (
     BadEnvironment,
     ClientDisconnected,
@@ -419,12 +419,15 @@ class ModelPuller:
         plan = self.plan(spec, quant)
         file = plan.file
         dest = self.paths.models_dir / plan.target
+        # The embedded model's name loads the embedded model: a file pulled under it loads
+        # by its path (told to load it by the name, a user got the embedded model)
+        name = str(dest) if plan.name == EMBEDDED_MODEL_ID else plan.name
         existing = self._existing(plan, dest)
         if existing == "same":
             pulled = PulledModel(
-                plan.name, dest, dest.stat().st_size, self._digest(dest), already_present=True
+                name, dest, dest.stat().st_size, self._digest(dest), already_present=True
             )
-            emit(PullProgress("ready", f"{plan.name} is already in {dest}", result=pulled))
+            emit(PullProgress("ready", f"{name} is already in {dest}", result=pulled))
             return pulled
         if existing == "repair":
             emit(
@@ -465,21 +468,17 @@ class ModelPuller:
                 # client told to load what was gone.
                 if self._existing(plan, dest) == "same":
                     pulled = PulledModel(
-                        plan.name, dest, dest.stat().st_size, digest, already_present=True
+                        name, dest, dest.stat().st_size, digest, already_present=True
                     )
-                    emit(PullProgress("ready", f"{plan.name} is in {dest}", result=pulled))
+                    emit(PullProgress("ready", f"{name} is in {dest}", result=pulled))
                     return pulled
                 os.replace(blob, dest)
                 self._record_source(plan, dest, digest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             os.close(held)
-        pulled = PulledModel(plan.name, dest, dest.stat().st_size, digest)
-        emit(
-            PullProgress(
-                "ready", f"{plan.name} is in {dest}; load it as {plan.name}", result=pulled
-            )
-        )
+        pulled = PulledModel(name, dest, dest.stat().st_size, digest)
+        emit(PullProgress("ready", f"{plan.name} is in {dest}; load it as {name}", result=pulled))
         return pulled
 
     async def stream(self, spec: str, *, quant: str | None = None) -> AsyncIterator[PullProgress]:
