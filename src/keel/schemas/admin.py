@@ -24,23 +24,31 @@ class _Wire(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     taken: ClassVar[frozenset[str]] = frozenset()
-    takes: ClassVar[str] = "no fields"
+    also: ClassVar[str] = ""
+    """What the refusal adds after the fields it names (those ``taken``)."""
 
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            known = {name for field in cls.model_fields.values() for name in _names(field)}
-            known |= set(cls.model_fields)
-            unknown = sorted(str(key) for key in data if key not in known | cls.taken)
+            names = {name: _names(name, field) for name, field in cls.model_fields.items()}
+            known = {name for aliases in names.values() for name in aliases} | cls.taken
+            unknown = sorted(str(key) for key in data if key not in known)
             if unknown:
-                raise ValueError(f"unknown field {unknown[0]!r}: this takes {cls.takes}")
+                fields = [
+                    f"{aliases[0]} (or {', '.join(aliases[1:])})" if len(aliases) > 1 else name
+                    for name, aliases in names.items()
+                ]
+                takes = ", ".join(fields) or "no fields"
+                raise ValueError(f"unknown field {unknown[0]!r}: this takes {takes}{cls.also}")
         return data
 
 
-def _names(field: Any) -> list[str]:
+def _names(name: str, field: Any) -> list[str]:
+    """A field's names in a body: its own, first, and its aliases."""
     alias = field.validation_alias
-    return [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else []
+    others = [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else []
+    return [name, *(other for other in others if other != name)]
 
 
 TABBYAPI_LOAD_SETTINGS = frozenset(
@@ -69,10 +77,7 @@ class LoadRequest(_Wire):
     """``POST /v1/model/load``: swap a role to another local model."""
 
     taken = TABBYAPI_LOAD_SETTINGS
-    takes = (
-        "model_name (or name), role, max_seq_len and stream (TabbyAPI's other load "
-        "settings are taken and not used)"
-    )
+    also = " (TabbyAPI's other load settings are taken and not used)"
 
     model_name: str = Field(
         min_length=1,
@@ -98,7 +103,6 @@ class UnloadRequest(_Wire):
     """``POST /v1/model/unload``: stop a role's primary model (its fallback then serves).
     No body, as TabbyAPI's clients send it: the completion model."""
 
-    takes = "only role, the role whose model stops (completion, chat or embedding)"
     role: Role = "completion"
 
 
