@@ -105,6 +105,11 @@ class KeelError(Exception):
         return {"error": error}
 
 
+def internal_error() -> KeelError:
+    """What a client is told of keel's own bug: the log holds the traceback."""
+    return KeelError("internal error; the server log has the details")
+
+
 class RequestError(KeelError):
     """The client sent something keel cannot serve; the message says what to fix."""
 

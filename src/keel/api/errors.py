@@ -22,7 +22,14 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from keel.errors import ClientDisconnected, KeelError, NotFound, RequestError, UnsupportedEncoding
+from keel.errors import (
+    ClientDisconnected,
+    KeelError,
+    NotFound,
+    RequestError,
+    UnsupportedEncoding,
+    internal_error,
+)
 from keel.ops.logging import request_id
 from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY
 
@@ -326,7 +333,7 @@ def install_error_handlers(app: FastAPI) -> None:
             log.exception("unexpected error", exc_info=exc)
         finally:
             request_id.reset(token)
-        return error_response(KeelError("internal error; the server log has the details"))
+        return error_response(internal_error())
 
     app.add_exception_handler(KeelError, keel_error)
     app.add_exception_handler(RequestValidationError, fastapi_validation)

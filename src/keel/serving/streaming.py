@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from keel import jsoncodec
-from keel.errors import KeelError, Unavailable
+from keel.errors import KeelError, Unavailable, internal_error
 from keel.providers.base import close_stream
 from keel.serving.lifecycle import FAILURE_KEY
 
@@ -252,7 +252,7 @@ async def stream_response(
             closing = sse(exc.to_body())
         except Exception:  # a bug: the client still gets an error event and its end
             log.exception("stream ended by an unexpected error")
-            error = KeelError("internal error; the server log has the details")
+            error = internal_error()
             stream.failed = error.status_code
             closing = sse(error.to_body())
         finally:
