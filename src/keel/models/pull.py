@@ -126,10 +126,22 @@ def staging_for(root: Path, file: HubFile) -> tuple[Path, int]:
     the pull's life (:func:`abandoned_pulls` tells it from one a dead pull left)."""
     root.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix="pull-", dir=root))
-    held = os.open(path / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(held, fcntl.LOCK_EX)
+    held = _lock(path)
+    assert held is not None, "a new directory's lock is free"
     (path / ".pull.json").write_text(json.dumps({"repo": file.repo, "file": file.filename}))
     return path, held
+
+
+def _lock(path: Path) -> int | None:
+    """The lock of the staging directory ``path``, taken (its descriptor), or None where
+    a running pull holds it."""
+    held = os.open(path / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(held)
+        return None
+    return held
 
 
 def abandoned_pulls(root: Path) -> list[tuple[Path, str]]:
@@ -138,15 +150,12 @@ def abandoned_pulls(root: Path) -> list[tuple[Path, str]]:
     found = []
     for path in sorted(root.glob("pull-*")) if root.is_dir() else []:
         try:
-            held = os.open(path / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+            held = _lock(path)
         except OSError:
             continue
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if held is None:
             continue  # a pull under way
-        finally:
-            os.close(held)
+        os.close(held)
         try:
             said = json.loads((path / ".pull.json").read_text())
             what = f"{said['repo']}:{said['file']}"

@@ -536,10 +536,12 @@ class _Engine:
 
     def _pieces_tokens(self, pieces: list[tuple[str, bool]] | list[list[Any]]) -> list[int]:
         """A prompt's tokens, from its pieces in order: each read with the model's control
-        tokens where it is the template's own text, as plain text where not."""
+        tokens where it is the template's own text, as plain text where not. An empty
+        piece (but the first, which brings the BOS token) costs no call."""
         return [
             token
             for at, (text, own) in enumerate(pieces)
+            if text or at == 0
             for token in self._tokens(text, special=at == 0, parse_special=bool(own))
         ]
 
