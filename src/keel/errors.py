@@ -28,6 +28,7 @@ API handler (``api/errors.py``) and the CLI never decide that for themselves::
     └── UpstreamError               502  upstream_error          exit 1
         ├── UpstreamConnectError    502  connect refused / reset / DNS
         ├── UpstreamTimeout         504
+        │   └── CompletionTimeout   408  completion_timeout ([server] completion_timeout, as Tabby)
         ├── UpstreamStatusError     502  the backend answered with an error status
         ├── UpstreamAuthError       502  the backend rejected our key (401/403)
         ├── UpstreamProtocolError   502  malformed JSON, broken SSE
@@ -103,6 +104,13 @@ class KeelError(Exception):
             "param": self.param,  # null where no one field is at fault, as OpenAI sends it
         }
         return {"error": error}
+
+
+def failed(status: int) -> bool:
+    """A status keel answers when it failed a request: a 5xx, or the 408 of a completion
+    past its time limit (:class:`CompletionTimeout`). What logs, the status page and the
+    error-rate alert count as failures."""
+    return status >= 500 or status == 408
 
 
 def internal_error() -> KeelError:
@@ -330,6 +338,16 @@ class UpstreamConnectError(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     code = "upstream_timeout"
+
+
+class CompletionTimeout(UpstreamTimeout):
+    """A code completion past ``[server] completion_timeout``: 408, as Tabby's own
+    timeout answers; tabby-agent counts only a 408 (or 499) as a timeout, and took a
+    504 for a failing server (a health check each time, its timeout advice never
+    shown)."""
+
+    status_code = 408
+    code = "completion_timeout"
 
 
 class UpstreamStatusError(UpstreamError):

@@ -161,11 +161,19 @@ def test_completion_timeout_bounds_completions_not_every_backend_read(
     assert embedded.status_code == 200, embedded.text
     primary.behave(Behaviour.slow_first_token(1.5), times=1)
     slow = keel.tabby()  # the completion's own bound still holds
-    assert slow.status_code == 504 and "took longer than 1s" in slow.text, slow.text
+    assert slow.status_code == 408 and "took longer than 1s" in slow.text, slow.text
     # named as the backend it ran out on, not the role ("completion"), as every failure is
     name = primary_name("completion")
     assert slow.headers["x-keel-provider"] == name, slow.headers
     assert slow.json()["error"]["message"].startswith(f"{name}: "), slow.text
+    # a 408, as Tabby answers (tabby-agent counts only 408/499 as timeouts), that still
+    # says what to change, and is logged as the failure it is, with why
+    assert slow.json()["error"]["code"] == "completion_timeout", slow.text
+    assert "raise it" in slow.text, slow.text
+    lines = keel.process.log.read_text().splitlines()
+    timed_out = [line for line in lines if "-> 408" in line]
+    assert len(timed_out) == 1 and "WARNING" in timed_out[0], timed_out
+    assert "CompletionTimeout: " in timed_out[0], timed_out
 
 
 def test_a_backend_too_slow_for_the_completion_limit_is_its_failure(
@@ -186,7 +194,7 @@ def test_a_backend_too_slow_for_the_completion_limit_is_its_failure(
     primary.token_delay = 0.6  # 3 tokens, 1.8 s: each in time, the whole not
     for _ in range(2):
         slow = keel.tabby()
-        assert slow.status_code == 504 and "took longer than 1s" in slow.text, slow.text
+        assert slow.status_code == 408 and "took longer than 1s" in slow.text, slow.text
     state = keel.endpoint("completion", primary_name("completion"))
     assert state["breaker"] == "open", state
     assert "time limit" in (state["last_error"] or ""), state
@@ -221,7 +229,7 @@ def test_an_answer_the_client_asked_the_length_of_has_no_completion_limit(
         assert state["breaker"] == "closed" and state["last_error"] is None, state
         # a code completion, whose length keel sets, is still held to the limit
         slow = keel.tabby()
-        assert slow.status_code == 504 and "took longer than 1s" in slow.text, slow.text
+        assert slow.status_code == 408 and "took longer than 1s" in slow.text, slow.text
     finally:
         primary.token_delay = 0.0
 
@@ -248,7 +256,7 @@ def test_a_fallback_left_too_little_of_the_completion_limit_is_not_failing(
     try:
         for _ in range(2):
             cut = keel.tabby()
-            assert cut.status_code == 504, cut.text
+            assert cut.status_code == 408, cut.text
             # named as the one it ran out on, and what the primary's failure took said
             message = cut.json()["error"]["message"]
             assert message.startswith(f"{fallback_name('completion')}: "), message

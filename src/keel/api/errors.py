@@ -28,6 +28,7 @@ from keel.errors import (
     NotFound,
     RequestError,
     UnsupportedEncoding,
+    failed,
     internal_error,
 )
 from keel.ops.logging import request_id
@@ -294,7 +295,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # The failure's provider labels the request's metrics, as a success's does:
             # a non-streamed completion that failed was counted under provider "".
             setattr(request.state, PROVIDER_KEY, exc.provider)
-        if exc.status_code >= 500:  # said once, on the request's access-log line
+        if failed(exc.status_code):  # said once, on the request's access-log line
             setattr(request.state, FAILURE_KEY, f"{type(exc).__name__}: {exc.message}")
         return error_response(exc)
 

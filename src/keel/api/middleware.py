@@ -51,7 +51,7 @@ from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, 
 
 from keel.api.errors import error_response
 from keel.config import Role
-from keel.errors import Forbidden, PayloadTooLarge
+from keel.errors import Forbidden, PayloadTooLarge, failed
 from keel.ops.logging import request_id
 from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY, header_text
 from keel.serving.streaming import OUTCOME, STOPPING, stopped
@@ -394,9 +394,9 @@ def _log_line(
     """A refusal's or failure's line, with why keel failed it (once: the error handler
     said it in a line of its own, two WARNINGs a request through an outage)."""
     route = getattr(scope.get("route"), "path", None)
-    failed = status >= 500 and route not in PROBES
+    failing = failed(status) and route not in PROBES
     why = state.get(FAILURE_KEY)
-    (log.warning if failed else log.info)(
+    (log.warning if failing else log.info)(
         "%s %s -> %d in %.0f ms%s%s%s",
         scope["method"],
         # as sent (percent-encoded): a decoded "%0a" wrote a forged line

@@ -25,14 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from keel.errors import failed
+
 T = TypeVar("T")
 
 BUCKET_SECONDS = 60
 
 
 def is_error(status: int) -> bool:
-    """A request keel failed to serve: a 5xx, or a 429 (overloaded or rate limited)."""
-    return status >= 500 or status == 429
+    """A request keel failed to serve: :func:`~keel.errors.failed`, or a 429 (overloaded
+    or rate limited)."""
+    return failed(status) or status == 429
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float | None:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from keel import jsoncodec
-from keel.errors import ClientDisconnected, KeelError, UpstreamTimeout
+from keel.errors import ClientDisconnected, CompletionTimeout, KeelError
 from keel.pipeline.completion import AnswerEnds, ended, read_until_stop, until_stop
 from keel.providers.base import (
     CACHE_FIGURES_SHOWN,
@@ -115,8 +115,10 @@ async def total_timeout(seconds: float, role: str) -> AsyncIterator[None]:
         # the provider it ran out on may have had only what earlier failures left: said
         earlier = "; ".join(trial.failures if trial is not None else ())
         after = f", after {earlier}" if earlier else ""
-        raise UpstreamTimeout(
-            f"generation took longer than {seconds:.0f}s{after}", provider=provider or role
+        raise CompletionTimeout(
+            f"generation took longer than {seconds:g}s{after} ([server] completion_timeout: "
+            "raise it, or serve completions from a faster model)",
+            provider=provider or role,
         ) from None
     finally:
         DEADLINE.reset(token)
