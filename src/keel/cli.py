@@ -811,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="measure completion quality on real repositories",
         description="Sample cursor positions in real code, hide what follows, complete it "
-        "under several configurations, and score exact match and edit similarity.",
+        "under several configurations, and score exact match and edit similarity. "
+        "Results go to --output: bench/results under the current directory unless given.",
     )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from keel.config import EMBEDDED_MODEL_ID, IndexConfig, LocalModelConfig, Paths, RepositoryConfig
 from keel.errors import RequestError, UpstreamError
 from keel.eval.arguments import DEFAULT_PACKAGES
@@ -104,16 +106,31 @@ class EvalReport:
 
 def package_root(name: str) -> Path:
     """The source directory of an installed Python package."""
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:  # "a.b" where there is no package a: a traceback
+        spec = None
     locations = spec.submodule_search_locations if spec is not None else None
     if not locations:
-        raise RequestError(f"package {name!r} is not installed here; give --repo NAME=PATH")
+        raise RequestError(
+            f"--repo {name}: no package {name!r} is installed here; give --repo NAME=PATH"
+        )
     return Path(next(iter(locations)))
 
 
 def parse_repo(value: str) -> tuple[str, Path]:
-    """``NAME=PATH`` or the name of an installed package."""
+    """``NAME=PATH`` or the name of an installed package. NAME is checked as
+    ``[[repositories]] name`` is (it names the index's directory): an empty one
+    (``--repo =/tmp``) ended in pydantic's traceback."""
     name, sep, path = value.partition("=")
+    try:
+        RepositoryConfig(name=name)
+    except ValidationError:
+        said = "an empty name" if not name else f"{name!r} is no repository name"
+        raise RequestError(
+            f"--repo {value!r}: {said}: write NAME=PATH or an installed package's name, "
+            "NAME a letter or digit, then letters, digits, '.', '_' or '-' (64 at most)"
+        ) from None
     if sep:
         root = Path(path).expanduser()
         if not root.is_dir():
@@ -389,17 +406,67 @@ async def run_eval(options: EvalOptions, provider: CompletionProvider) -> EvalRe
     )
 
 
-def options_from_args(args: argparse.Namespace) -> EvalOptions:
-    repos = [parse_repo(value) for value in (args.repo or DEFAULT_PACKAGES)]
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric options, checked before anything loads: ``--threads 0`` ended in
+    pydantic's traceback once the model was about to load."""
     if args.samples < 2:
         raise RequestError("--samples must be at least 2 (one of each kind)")
+    if args.threads is not None and args.threads < 1:
+        raise RequestError(
+            f"--threads must be 1 or more (got {args.threads}); leave it out for the cores "
+            "keel may run on"
+        )
+    for option, value in (
+        ("--max-input-length", args.max_input_length),
+        ("--max-decoding-tokens", args.max_decoding_tokens),
+    ):
+        if value < 1:
+            raise RequestError(f"{option} must be 1 or more tokens (got {value})")
+    context = _context_size(args.max_input_length, args.max_decoding_tokens)
+    try:
+        LocalModelConfig(context_size=context)
+    except ValidationError:
+        raise RequestError(
+            f"--max-input-length {args.max_input_length} and --max-decoding-tokens "
+            f"{args.max_decoding_tokens} need a context of {context:,} tokens, more than a "
+            "local model takes (context_size): give smaller ones"
+        ) from None
+
+
+def _context_size(max_input_length: int, max_decoding_tokens: int) -> int:
+    return max(2048, max_input_length + max_decoding_tokens + 64)
+
+
+def _output(text: str) -> Path:
+    """``--output``, made now: a file there ended in ``FileExistsError``'s traceback."""
+    output = Path(text)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RequestError(
+            f"--output {text}: {output} is a file, not a directory; name a directory for "
+            "eval.md, eval.json and eval.png"
+        ) from None
+    except OSError as exc:
+        raise RequestError(
+            f"--output {text}: cannot make the directory ({exc.strerror or exc}); name one "
+            "keel can write"
+        ) from None
+    return output
+
+
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    """The options of ``args``, each checked (a usage error names the option), and the
+    output directory made: all before a model loads."""
+    _check_numbers(args)
+    repos = [parse_repo(value) for value in (args.repo or DEFAULT_PACKAGES)]
     return EvalOptions(
         repositories=repos,
         samples=args.samples,
         seed=args.seed,
         max_input_length=args.max_input_length,
         max_decoding_tokens=args.max_decoding_tokens,
-        output=Path(args.output),
+        output=_output(args.output),
         model_id=args.model,
         threads=args.threads,
         token_healing=args.token_healing,
@@ -412,7 +479,7 @@ async def _run_local(options: EvalOptions) -> EvalReport:
 
     config = LocalModelConfig(
         model_id=options.model_id,
-        context_size=max(2048, options.max_input_length + options.max_decoding_tokens + 64),
+        context_size=_context_size(options.max_input_length, options.max_decoding_tokens),
         threads=options.threads,
         parallelism=1,
     )
@@ -427,7 +494,6 @@ async def _run_local(options: EvalOptions) -> EvalReport:
 
 def run_from_args(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    options.output.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(_run_local(options))
     table = render_table(report)
     (options.output / "eval.md").write_text(table + "\n", "utf-8")
