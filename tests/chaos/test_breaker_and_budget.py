@@ -128,14 +128,69 @@ def test_other_4xx_go_back_to_the_client_as_is(
     keel = keel_factory(chain_config(primary.url, fallback.url))
     message = {"error": {"message": "'temperature' must be between 0 and 2"}}
     primary.behave(Behaviour.error(422, message))
-    for call in (keel.completion, keel.chat, keel.tabby):
+    for call in (keel.completion, keel.chat):
         response = call()
         assert response.status_code == 422, response.text
         assert "'temperature' must be between 0 and 2" in response.json()["error"]["message"]
     assert live(fallback) == 0, "no fallback for the client's own mistake"
-    assert live(primary, COMPLETIONS) == 2 and live(primary, "/chat/completions") == 1
+    assert live(primary, COMPLETIONS) == 1 and live(primary, "/chat/completions") == 1
     state = keel.endpoint("completion", primary_name("completion"))
     assert state["breaker"] == "closed" and state["healthy"]
+
+
+def test_a_4xx_to_a_request_keel_built_is_the_backends_failure(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """A Tabby completion is keel's request (prompt, suffix, stop words, sampling): a
+    backend refusing it (vLLM takes no ``suffix``) was the editor's 400, which no editor
+    can mend, while the fallback sat idle and the backend stayed healthy (its probe sends
+    no suffix)."""
+    primary, fallback = backends
+    keel = keel_factory(chain_config(primary.url, fallback.url))
+    refusal = {"error": {"message": "suffix is not currently supported", "param": "suffix"}}
+    primary.behave(Behaviour.error(400, refusal))
+    served = keel.tabby()
+    assert served.status_code == 200, served.text
+    assert served.json()["choices"][0]["text"] == FALLBACK_TEXT
+    assert served.headers["x-keel-provider"] == fallback_name("completion")
+    state = keel.endpoint("completion", primary_name("completion"))
+    said = state["last_error"] or ""
+    assert "refused the request keel built" in said and "suffix is not" in said, state
+    failures = [
+        line
+        for line in keel.http.get("/metrics").text.splitlines()
+        if line.startswith("keel_provider_failures_total{")
+    ]
+    assert any(
+        'kind="retryable"' in line and primary_name("completion") in line for line in failures
+    ), failures
+
+
+def test_a_backends_timeout_and_its_named_pause_are_no_client_error(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """A 408 (a proxy's timeout on keel's request) was the client's 408
+    ``invalid_request_error``, never tried elsewhere; a 503 naming a pause
+    (``Retry-After: 20``: overloaded, loading a model) was resent at once and the client
+    told to come back in 1 s."""
+    primary, fallback = backends
+    keel = keel_factory(
+        chain_config(primary.url, fallback.url, routing={"probe_interval_seconds": 600})
+    )
+    primary.behave(Behaviour.error(408, ""), times=1)
+    served = keel.completion()
+    assert served.status_code == 200 and served.json()["choices"][0]["text"] == FALLBACK_TEXT
+
+    primary.behave(Behaviour.error(503, "", retry_after="20"))
+    fallback.behave(Behaviour.error(503, "", retry_after="20"))
+    sent = live(primary, COMPLETIONS)
+    paused = keel.completion()
+    assert paused.status_code == 429, paused.text
+    assert 19 <= int(paused.headers["retry-after"]) <= 20, paused.headers
+    assert "retry in 2" in paused.json()["error"]["message"], paused.text
+    assert live(primary, COMPLETIONS) == sent + 1, "not resent while it asked for a pause"
+    again = keel.completion()
+    assert again.status_code == 429 and live(primary, COMPLETIONS) == sent + 1, again.text
 
 
 def test_completion_timeout_bounds_completions_not_every_backend_read(

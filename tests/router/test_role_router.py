@@ -177,13 +177,18 @@ class Starts:
 
 
 async def run(
-    router: RoleRouter, *, buffered: bool = False, starts: Starts | None = None
+    router: RoleRouter,
+    *,
+    buffered: bool = False,
+    starts: Starts | None = None,
+    shrinkable: bool = True,
 ) -> tuple[list[str], Attempts]:
     """One request through the router's attempts, as a serving object makes it:
     ``buffered`` holds each attempt's pieces until it ends (the client waits for
-    the whole answer); otherwise pieces go to the client as they come."""
+    the whole answer); otherwise pieces go to the client as they come. ``shrinkable``:
+    keel built the request (a code completion), not the client."""
     starts = starts or Starts()
-    attempts = router.attempts(streaming=not buffered, shrinkable=True)
+    attempts = router.attempts(streaming=not buffered, shrinkable=shrinkable)
     received: list[str] = []
     try:
         async for attempt in attempts:
@@ -700,12 +705,16 @@ async def test_other_4xx_go_back_to_the_client_as_is(
         [[build.endpoint(primary.url, name="primary")], [build.endpoint(fallback.url, name="fb")]]
     )
     with pytest.raises(RequestError) as caught:
-        await run(router)
+        await run(router, shrinkable=False)  # the client wrote the request
     assert caught.value.status_code == status
     assert "temperature must be >= 0" in caught.value.message
     assert (posts(primary), posts(fallback)) == (1, 0)
     endpoint = router.endpoints[0]
     assert endpoint.breaker.state is BreakerState.CLOSED and endpoint.failed_checks == 0
+    # keel wrote it (a code completion): no client can mend it, the next provider serves
+    pieces, _ = await run(router)
+    assert "".join(pieces) == ANSWER and (posts(primary), posts(fallback)) == (2, 1)
+    assert "refused the request keel built" in str(endpoint.snapshot()["last_error"])
 
 
 async def test_a_requests_retry_failing_again_counts_once(

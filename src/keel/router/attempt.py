@@ -326,6 +326,11 @@ class Attempts:
 
     def _failed(self, attempt: Attempt, error: KeelError) -> bool:
         endpoint, kind = attempt.endpoint, classify(error)
+        if kind is Failure.CLIENT and self.shrinkable:
+            # keel wrote this request (prompt, suffix, stop words, sampling): a backend
+            # refusing it is its configuration's fault, which no editor can mend. It was
+            # the editor's 400, the fallback idle and the backend healthy for good.
+            error, kind = refused_as_built(error, endpoint.name), Failure.RETRYABLE
         # keel built the prompt and chose the tokens to generate, and the backend's
         # numbers say the prompt fits: a shorter one cannot help (it was halved, then the
         # backend was told to lower max_input_length, which changed nothing)
@@ -377,6 +382,18 @@ def window_too_small(error: KeelError, name: str, *, answer: bool) -> UpstreamSt
         change = "lower [completion] max_input_length"
     return UpstreamStatusError(
         f"its context {what}{change}, or serve the model with a larger context",
+        provider=name,
+        upstream_status=getattr(error, "upstream_status", None),
+    )
+
+
+def refused_as_built(error: KeelError, name: str) -> UpstreamStatusError:
+    """A backend's 4xx about a request keel built, as the backend's failure, saying
+    what to check."""
+    said = without_name(error.message, name)
+    return UpstreamStatusError(
+        f"refused the request keel built for it ({said}): the backend does not take what "
+        "its kind sends; check the provider's kind and model_name against the server",
         provider=name,
         upstream_status=getattr(error, "upstream_status", None),
     )

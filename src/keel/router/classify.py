@@ -33,11 +33,11 @@ class Failure(StrEnum):
     RETRYABLE = "retryable"
     """Connect refused/reset, 5xx, timeout, broken response, a 404 or 405 (no such model
     or route at the backend: keel's configuration, never the client's request, names
-    both): retry, then fall back."""
+    both), a 408 (the backend's or a proxy's timeout): retry, then fall back."""
     CRASHED = "crashed"
     """A local worker died mid-request: fall back, never resend (it may be a poison request)."""
     RATE_LIMITED = "rate_limited"
-    """429: honour Retry-After for this provider, fall back now."""
+    """429, or a 503 with Retry-After: honour it for this provider, fall back now."""
     TOO_LONG = "too_long"
     """The prompt did not fit: retry once with less context, then fall back."""
     AUTH = "auth"
@@ -187,7 +187,11 @@ def classify(error: KeelError) -> Failure:
         status = error.upstream_status
         if error.code in ("rate_limited", REFUSED) or status == 429:
             return Failure.RATE_LIMITED
-        if status in (404, 405):
+        if status == 503 and error.retry_after is not None:
+            # an overloaded (or model-loading) server naming its pause, as a 429 does: it
+            # was resent at once and the client told to come back in 1 s
+            return Failure.RATE_LIMITED
+        if status in (404, 405, 408):  # 408: a proxy's or the server's own timeout
             return Failure.RETRYABLE
         if status is not None and 400 <= status < 500:
             text = error.message.lower()

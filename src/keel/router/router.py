@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -418,8 +419,11 @@ class RoleRouter:
             wait = min(e.blocked_until - now for e in self.endpoints)
             return RateLimited(
                 f"every {self.role} provider is rate limited (by its backend, or by its "
-                f"rate_limit in keel's config); retry in "
-                f"{wait:.0f}s ({'; '.join(failures) or 'waiting out its Retry-After'})",
+                f"rate_limit in keel's config) or asked for a pause; retry in "
+                # as the Retry-After header says it: rounded up (the message said 6 s
+                # where the header said 7)
+                f"{max(1, math.ceil(wait))}s "
+                f"({'; '.join(failures) or 'waiting out its Retry-After'})",
                 code="upstream_rate_limited",
                 retry_after=wait,
             )
