@@ -67,7 +67,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from keel.config import EMBEDDED_MODEL_ID, LocalModelConfig, Paths
+from keel.config import EMBEDDED_MODEL_ID, LocalModelConfig, Paths, url_trouble
 from keel.errors import (
     BadEnvironment,
     ClientDisconnected,
@@ -357,6 +357,7 @@ class ModelPuller:
         self.paths = paths
         self.local = local or LocalModelConfig()
         self.endpoint = (endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        _check_endpoint(self.endpoint)
         # cleaned as huggingface_hub cleans it (utils/_auth.py): a token file's newline made
         # every pull fail with "Illegal header value", filed under "cannot reach"
         given = token or env.get("HF_TOKEN") or ""
@@ -872,6 +873,24 @@ class ModelPuller:
 _CONSISTENCY = re.compile(r"should be of size (\d+) but has size (\d+)")
 """huggingface_hub's size check (its advice, ``force_download=True``, is not a keel
 user's to follow)."""
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """``HF_ENDPOINT`` must be a URL, checked before any request: ``127.0.0.1:9`` (no
+    scheme) was tried, resumed and given up as "broke off ... (Request URL is missing an
+    'http://' or 'https://' protocol.)", as if the hub had cut the connection."""
+    scheme, sep, rest = endpoint.partition("://")
+    if url_trouble(scheme.lower() + sep + rest) is None:  # HTTP:// works as http://
+        return
+    said, example = repr(endpoint), "http://HOST:PORT"
+    if not sep or scheme.lower() not in ("http", "https"):
+        said += " has no http:// or https://"
+        if re.fullmatch(r"[\w.-]+(:\d+)?", endpoint):  # a host and port alone
+            example = f"http://{endpoint}"
+    raise BadEnvironment(
+        f"HF_ENDPOINT is not a URL ({said}): write it with its scheme and host, e.g. "
+        f"HF_ENDPOINT={example}, or unset it to pull from {DEFAULT_ENDPOINT}"
+    )
 
 
 def _size(n: int) -> str:
