@@ -99,6 +99,17 @@ def _host(text: str) -> str:
     return text
 
 
+def _config_file(text: str) -> str:
+    """A config file's path (``--config``, ``keel config check PATH``): an empty one, as
+    an unset shell variable gives, read the default config in silence."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "the path is empty (an unset shell variable?): give the config file's path, or "
+            "leave it out for <data root>/config.toml"
+        )
+    return text
+
+
 def _base_url(text: str) -> str:
     """``keel verify``'s URL: an address with its scheme (``http://[::1`` ended in a
     traceback, ``127.0.0.1:8080`` ran six checks that each failed "UnsupportedProtocol")."""
@@ -281,6 +292,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
+    if args.path and args.config and Path(args.path).resolve() != Path(args.config).resolve():
+        raise RequestError(  # b.toml was ignored in silence
+            f"two config files given, PATH {args.path} and --config {args.config}: give one "
+            "(as PATH or as --config)"
+        )
     given = args.path or args.config
     path = Path(given) if given else paths.config_file
     settings = load_settings(Path(given) if given else None, paths)
@@ -670,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server", description="Run the server.")
-    serve.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    serve.add_argument(
+        "--config", type=_config_file, help="config file (default: <data root>/config.toml)"
+    )
     serve.add_argument("--host", type=_host, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, help="port to bind (default 8080); busy is an error")
     serve.add_argument(
@@ -711,8 +729,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser(
         "check", help="validate a config file (exit 78 listing every error by key)"
     )
-    check.add_argument("path", nargs="?", help="file to check (default: <data root>/config.toml)")
-    check.add_argument("--config", help="the same, as the other commands take it")
+    check.add_argument(
+        "path",
+        nargs="?",
+        type=_config_file,
+        help="file to check (default: <data root>/config.toml)",
+    )
+    check.add_argument(
+        "--config", type=_config_file, help="the same, as the other commands take it"
+    )
     check.set_defaults(func=cmd_config_check)
     sample = config_commands.add_parser("sample", help="print a sample config with every key")
     sample.set_defaults(func=cmd_config_sample)
@@ -722,14 +747,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="list models (configured and on disk) or pull one",
         description="Without an action: the same as `keel models list`.",
     )
-    models.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    models.add_argument(
+        "--config", type=_config_file, help="config file (default: <data root>/config.toml)"
+    )
     models.set_defaults(func=cmd_models)
     models_commands = models.add_subparsers(dest="models_command", metavar="ACTION")
     listing = models_commands.add_parser(
         "list", help="configured models, and each file on disk: architecture, size, context, FIM"
     )
     # SUPPRESS: `keel models --config X list` keeps the X given before the action.
-    listing.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    listing.add_argument(
+        "--config", type=_config_file, default=argparse.SUPPRESS, help="config file"
+    )
     listing.set_defaults(func=cmd_models)
     pull = models_commands.add_parser(
         "pull",
@@ -745,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_number(float, "number of MiB", "0 or more MiB", 0.0),
         help="disk space to leave free beyond the file, in MiB (default 512)",
     )
-    pull.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    pull.add_argument("--config", type=_config_file, default=argparse.SUPPRESS, help="config file")
     pull.set_defaults(func=cmd_models_pull)
 
     _add_keys_parser(commands)
@@ -756,7 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check that keel can start here. Exit code as `keel serve` would exit: "
         "78 config, 69 library/model/memory/provider, 75 port busy, 1 other.",
     )
-    doctor.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    doctor.add_argument(
+        "--config", type=_config_file, help="config file (default: <data root>/config.toml)"
+    )
     doctor.add_argument("--host", type=_host, help="address keel will bind (default from config)")
     doctor.add_argument("--port", type=_port, help="port keel will bind (default from config)")
     doctor.add_argument(
@@ -788,7 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
         "port) answers /health: exit 0 once it does, 1 after --timeout. For a service "
         "manager's start check (systemd's ExecStartPost).",
     )
-    wait.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    wait.add_argument(
+        "--config", type=_config_file, help="config file (default: <data root>/config.toml)"
+    )
     wait.add_argument("--host", type=_host, help="address keel binds (default from config)")
     wait.add_argument("--port", type=_port, help="port keel binds (default from config)")
     wait.add_argument(
@@ -802,7 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Index the [[repositories]] of the config for completion context.",
     )
     index.add_argument("name", nargs="?", help="only this repository (default: all)")
-    index.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    index.add_argument(
+        "--config", type=_config_file, help="config file (default: <data root>/config.toml)"
+    )
     index.set_defaults(func=cmd_index)
 
     from keel.eval.arguments import add_arguments as add_eval_arguments
@@ -826,7 +861,9 @@ def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         description="Keys in Redis are in force on every replica within a second, beside "
         "[auth] api_keys and the keys file. Redis keeps only their sha256.",
     )
-    keys.add_argument("--config", help="config file (default: <data root>/config.toml)")
+    keys.add_argument(
+        "--config", type=_config_file, help="config file (default: <data root>/config.toml)"
+    )
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     add = actions.add_parser(
         "add", help="make a strong key and print it once (stdout); Redis keeps its hash"
@@ -849,7 +886,9 @@ def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     push.set_defaults(func=cmd_keys_push)
     for action in (add, revoke, listing, push):
         # SUPPRESS: `keel keys --config X add` keeps the X given before the action.
-        action.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+        action.add_argument(
+            "--config", type=_config_file, default=argparse.SUPPRESS, help="config file"
+        )
 
 
 TERMINATED = "SIGTERM"
