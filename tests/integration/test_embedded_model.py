@@ -715,6 +715,35 @@ def test_usage_counts_the_tokens_the_engine_generated(keel_server: KeelProcess) 
     assert (finish, used) == ("length", 16) or (finish == "stop" and used < 16), answer
 
 
+def test_an_answer_ended_at_a_stop_word_counts_every_token_made(
+    keel_server: KeelProcess,
+) -> None:
+    """An emoji is three of SmolLM2's tokens, and a token holding part of a character
+    sends no chunk: an answer keel ended at a stop word (the engine's last chunk, with
+    its count, never comes) was counted a token per chunk, 4 for 12, streamed or not."""
+    body = {"prompt": "😀😃😄😁😆😅🤣😂🙂🙃😉😊😇🥰😍🤩", "max_tokens": 12, "temperature": 0}
+    with keel_server.client() as client:
+        whole = client.post("/v1/completions", json=body).json()
+        text, made = whole["choices"][0]["text"], whole["usage"]["completion_tokens"]
+        assert len(text) >= 2 and made == 12, whole
+        stop = text[-1]
+        cut = client.post("/v1/completions", json={**body, "stop": [stop]}).json()
+        streamed = client.post(
+            "/v1/completions",
+            json={
+                **body,
+                "stop": [stop],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    kept = cut["choices"][0]["text"]
+    assert kept == text[: text.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+    counted = cut["usage"]["completion_tokens"]
+    assert len(kept) + 1 < counted <= made, cut
+    assert sse_events(streamed.text)[-1]["usage"]["completion_tokens"] == counted
+
+
 def generated_tokens(client: httpx.Client) -> float:
     rows = client.get("/metrics").text.splitlines()
     prefix = 'keel_generated_tokens_total{provider="local/'

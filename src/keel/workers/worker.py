@@ -135,12 +135,12 @@ class _Channel:
             self._stream.flush()
 
 
-def _piece(
-    request_id: int, text: str, tokens: int, state: dict[str, Any], sent: float
-) -> dict[str, Any]:
-    """A piece's message; the first (nothing ``sent`` yet) also carries the prompt's
-    tokens, those the slot held, and the time reading the rest took, from the engine's
-    progress reports (where it made one)."""
+def _piece(request_id: int, text: str, state: dict[str, Any], sent: float) -> dict[str, Any]:
+    """A piece's message, with the tokens made since the last; the first (nothing
+    ``sent`` yet) also carries the prompt's tokens, those the slot held, and the time
+    reading the rest took, from the engine's progress reports (where it made one)."""
+    tokens = state["produced"] - state.get("told", 0)
+    state["told"] = state["produced"]
     message: dict[str, Any] = {"id": request_id, "text": text, "tokens": tokens}
     progress = state.get("progress")
     if not sent and progress is not None:
@@ -206,6 +206,10 @@ def _sampling(request: dict[str, Any]) -> dict[str, Any]:
         "max_tokens": int(request.get("max_tokens") or -1),  # -1: to the end of the context
         "stream": True,
         "return_progress": True,
+        # each chunk's count of tokens made: a token holding part of a character (an
+        # emoji is 3) sends no chunk, and an answer keel ended at a stop word, which has
+        # no last chunk, was counted a token per chunk (4 for 12)
+        "timings_per_token": True,
         "cache_prompt": True,
     }
     if request.get("temperature") is not None:
@@ -611,13 +615,14 @@ class _Engine:
                 if piece:
                     now = time.perf_counter()
                     state["first"] = state["first"] or now
-                    state["produced"] += 1
+                    made = (chunk.get("timings") or {}).get("predicted_n")
+                    state["produced"] = int(made) if made else state["produced"] + 1
                     unsent.append(stops.take(piece))
                     if stops.found:
                         state["reason"] = "stop"
                         return True
                     if now - sent >= PIECE_HOLD and (text := "".join(unsent)):
-                        self.channel.send(_piece(request_id, text, len(unsent), state, sent))
+                        self.channel.send(_piece(request_id, text, state, sent))
                         unsent.clear()
                         sent = now
                 state["reason"] = choices[0].get("finish_reason") or state.get("reason")
@@ -634,7 +639,7 @@ class _Engine:
             del self._wanted[slot]
             self.slots.release(slot)
         if text := "".join(unsent) + stops.held:  # the held text's tokens went out before
-            self.channel.send(_piece(request_id, text, len(unsent), state, sent))
+            self.channel.send(_piece(request_id, text, state, sent))
         if "error" in state:
             reply = _error_reply(state["error"])
             if "response_format" in body and "grammar" in reply["error"]:
