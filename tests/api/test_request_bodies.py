@@ -808,6 +808,28 @@ async def test_a_declarations_debug_snippet_has_tabbys_score(client: httpx.Async
     assert [(s["filepath"], s["score"]) for s in snippets] == [("util.py", 1.0), ("a.py", 0.0)]
 
 
+async def test_retrieval_off_leaves_the_clients_snippets_out_too(
+    client: httpx.AsyncClient,
+) -> None:
+    """Tabby's ``disable_retrieval_augmented_code_completion`` builds the prompt from the
+    prefix and suffix alone (its evaluation's switch): keel still put the client's
+    declarations and snippets in."""
+    segments = {
+        "prefix": "x = foo(",
+        "suffix": ")\n",
+        "declarations": [{"filepath": "a/c.py", "body": "def foo(y):\n    return y"}],
+    }
+    debug = {"return_prompt": True, "return_snippets": True}
+    body = {"language": "python", "segments": segments, "debug_options": debug}
+    off = {**body, "debug_options": {**debug, "disable_retrieval_augmented_code_completion": True}}
+    on = await client.post("/v1/completions", json=body, headers=USER)
+    assert "def foo(y)" in on.json()["debug_data"]["prompt"], on.text
+    response = await client.post("/v1/completions", json=off, headers=USER)
+    assert response.status_code == 200, response.text
+    data = response.json()["debug_data"]
+    assert "def foo" not in data["prompt"] and not data.get("snippets"), data
+
+
 async def test_a_model_routes_refusal_before_routing_is_counted_as_its_route(
     client: httpx.AsyncClient,
 ) -> None:

@@ -456,12 +456,15 @@ class TabbyPrompts:
         choose afresh. Another editor's choice is never used: it holds the text of
         that client's snippets (another user's files, by key, address or agent).
         """
+        debug = request.debug_options
+        if debug is not None and debug.disable_retrieval_augmented_code_completion:
+            # as in Tabby: the model alone, without the client's snippets either (its
+            # evaluation's switch; the client's declarations still came in)
+            return []
         segments = request.segments
         line_start = prefix.rfind("\n") + 1
         client = _client_snippets(request)
         sources = "|".join(sorted({s.filepath for s in client}))
-        debug = request.debug_options
-        retrieval_off = debug is not None and debug.disable_retrieval_augmented_code_completion
         where = (
             f"{editor}|{segments.git_url if segments else ''}|"
             f"{segments.filepath if segments else ''}"
@@ -469,7 +472,7 @@ class TabbyPrompts:
 
         def key() -> tuple[str, int]:
             indexes = self.retriever.state() if self.retriever is not None else ()
-            return where, hash((prefix[:line_start], sources, retrieval_off, indexes))
+            return where, hash((prefix[:line_start], sources, indexes))
 
         cached = self._line_snippets.get(asked := key())
         if cached is not None:
@@ -489,12 +492,8 @@ class TabbyPrompts:
         self, request: TabbyCompletionRequest, prefix: str
     ) -> list[Snippet]:
         """Retrieved snippets go after the client's (declarations, then client scores)."""
-        segments, debug = request.segments, request.debug_options
+        segments = request.segments
         if self.retriever is None or segments is None:
-            return []
-        if debug is not None and (
-            debug.raw_prompt is not None or debug.disable_retrieval_augmented_code_completion
-        ):
             return []
         return await self.retriever.retrieve(
             prefix=prefix,
