@@ -67,12 +67,31 @@ def _json(response: httpx.Response) -> Any:
         raise CheckFailed(f"not JSON: {response.text[:200]!r}") from None
 
 
+KEEL_VERSION_MARK = "-keel."
+"""In ``/v1/health``'s ``version.git_describe`` (``v0.27.0-keel.0.1.0``): what tells keel
+from Tabby, and from any server that answers 200 to every path."""
+
+
 def check_health(client: httpx.Client) -> str:
+    """Liveness, and that keel is what answers: any HTTP server answering 200 passed as
+    "alive; model None, None", and every later check failed for no reason given."""
     body = _json(client.get("/health"))
-    if body.get("status") != "ok":
-        raise CheckFailed(f"unexpected body {body!r}")
+    if body != {"status": "ok"}:
+        said = repr(body)[:120]
+        raise CheckFailed(
+            f"something that is not keel answers: /health answered {said}, where keel "
+            """answers {"status": "ok"}: check the URL's host and port"""
+        )
     tabby = _json(client.get("/v1/health"))
-    return f"alive; model {tabby.get('model')}, {tabby.get('version', {}).get('git_describe')}"
+    version = tabby.get("version") if isinstance(tabby, dict) else None
+    describe = version.get("git_describe") if isinstance(version, dict) else None
+    if not isinstance(describe, str) or KEEL_VERSION_MARK not in describe:
+        raise CheckFailed(
+            f"something that is not keel answers: /v1/health names no keel version "
+            f"(version.git_describe: {describe!r}; keel's reads v...{KEEL_VERSION_MARK}...): "
+            "check the URL's host and port"
+        )
+    return f"alive; model {tabby.get('model')}, {describe}"
 
 
 def check_ready(client: httpx.Client) -> str:
