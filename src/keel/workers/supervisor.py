@@ -46,6 +46,13 @@ if TYPE_CHECKING:
     from keel.providers.base import Reported
 
 log = logging.getLogger("keel.worker")
+
+GIVEN_UP_FIX = (
+    "keel tries no more: once its cause is fixed, reload (SIGHUP, POST /v1/admin/reload) "
+    "or restart keel to start it again"
+)
+"""What a worker keel gave up on needs, said where that is told (the message named no
+fix; a reload starts it again)."""
 worker_log = logging.getLogger("keel.worker.output")
 """What a worker process prints (the engine's warnings, a traceback)."""
 
@@ -383,7 +390,9 @@ class WorkerSupervisor:
         deadline = self._clock() + timeout
         while not self._ready.is_set():
             if self.state is WorkerState.FAILED:
-                raise WorkerUnavailable(f"{self.name}: worker gave up: {self.last_error}")
+                raise WorkerUnavailable(
+                    f"{self.name}: worker gave up: {self.last_error}; {GIVEN_UP_FIX}"
+                )
             if self.state is WorkerState.STOPPED:
                 raise WorkerUnavailable(f"{self.name}: worker is not running")
             remaining = deadline - self._clock()
@@ -461,7 +470,7 @@ class WorkerSupervisor:
         self.last_error = reason
         self.pid = None  # no worker runs
         self._set_state(WorkerState.FAILED)
-        log.error("%s: giving up on the worker: %s", self.name, reason)
+        log.error("%s: giving up on the worker: %s; %s", self.name, reason, GIVEN_UP_FIX)
 
     async def _run_once(self) -> int | None:
         self._set_state(WorkerState.STARTING)
