@@ -479,7 +479,7 @@ def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitab
     """Run ``work`` against the Redis of the config's ``[state] redis_url``; an
     unreachable Redis is an error saying that nothing changed."""
     from redis.asyncio import Redis
-    from redis.exceptions import RedisError
+    from redis.exceptions import InvalidResponse, RedisError
 
     from keel.state.shared_keys import KeyAdmin
     from keel.state.shared_limits import is_refused
@@ -509,6 +509,12 @@ def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitab
 
     try:
         return asyncio.run(run())
+    except InvalidResponse as exc:  # an HTTP server's 400 read as Redis "did not answer"
+        raise Unavailable(
+            f"what answers at {masked_url(url)} ([state] redis_url) is not Redis (it answered "
+            f"{exc}): the URL points at another service; no key was read or changed; set "
+            "redis_url to your Redis's host and port (redis://HOST:6379/0)"
+        ) from None
     except (RedisError, OSError) as exc:
         said = f"({exc or type(exc).__name__}): no key was read or changed; check"
         raise Unavailable(
