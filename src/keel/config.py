@@ -1075,11 +1075,15 @@ def data_root_trouble(root: Path) -> str | None:
     return None
 
 
-ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^{}]|\{[^{}]*\})*))?\}")
+ENV_REF = re.compile(
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^{}]|\{[^{}]*\})*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+)
 """``${NAME}``, or ``${NAME:-default}`` (the default when NAME is unset or empty, as in
 a shell or Docker Compose; it may hold paired braces, as a prompt template's
-``{prefix}``); ``$$`` is a literal ``$``, as in Docker Compose (a secret holding ``${``
-could not be written). Any other ``${`` is malformed: an error, never literal text."""
+``{prefix}``), or ``$NAME`` (as a shell and Compose read it: it was literal text, and
+``api_keys = ["$KEEL_KEY"]`` made the variable's name a working key); ``$$`` is a
+literal ``$``, as in Docker Compose (a secret holding ``${`` could not be written). Any
+other ``${`` is malformed: an error, never literal text."""
 
 MALFORMED_REF = (
     "malformed environment-variable reference {fragment!r}: write ${{NAME}} or "
@@ -1091,8 +1095,8 @@ MALFORMED_REF = (
 def interpolate(
     raw: Any, environ: dict[str, str] | os._Environ[str], issues: list[ConfigIssue], key: str = ""
 ) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string, and ``$$`` with
-    ``$``; a variable missing without a default becomes an issue naming it."""
+    """Replace ``${VAR}``, ``${VAR:-default}`` and ``$VAR`` in every string, and ``$$``
+    with ``$``; a variable missing without a default becomes an issue naming it."""
     if isinstance(raw, dict):
         return {
             k: interpolate(v, environ, issues, f"{key}.{k}" if key else k) for k, v in raw.items()
@@ -1102,7 +1106,7 @@ def interpolate(
     if isinstance(raw, str):
 
         def substitute(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
+            name, default = match.group(1) or match.group(3), match.group(2)
             if name is None:  # $$
                 return "$"
             if default is not None:
@@ -1110,8 +1114,11 @@ def interpolate(
                 # ``${B}``, a key included), ``$$`` in it a ``$``
                 return environ.get(name) or ENV_REF.sub(substitute, default)
             if name not in environ:
+                literal = " (for a literal $, write $$)" if match.group(3) else ""
                 issues.append(
-                    ConfigIssue(key, f"environment variable {name} is not set", match.group(0))
+                    ConfigIssue(
+                        key, f"environment variable {name} is not set{literal}", match.group(0)
+                    )
                 )
                 return ""
             return environ[name]

@@ -317,6 +317,18 @@ def test_a_double_dollar_is_a_literal_dollar_as_in_docker_compose() -> None:
     ]
 
 
+def test_a_bare_dollar_name_is_the_variable_as_in_a_shell() -> None:
+    """``api_keys = ["$KEEL_USER_KEY"]`` was literal text: the variable's name, which
+    anyone reading the file knows, was the working key, and no word of it."""
+    raw = {"auth": {"api_keys": ["$KEEL_T_K", "pre-$KEEL_T_K.x"]}}
+    settings = parse_settings(raw, "c.toml", environ={"KEEL_T_K": "from-env-long-enough"})
+    assert settings.auth.api_keys == ["from-env-long-enough", "pre-from-env-long-enough.x"]
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"auth": {"api_keys": ["$KEEL_T_UNSET_K"]}}, "c.toml", environ={})
+    said = caught.value.message
+    assert "KEEL_T_UNSET_K is not set" in said and "write $$" in said, said
+
+
 def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"auth": {"api_keys": ["short"], "admin_key": 12}}, "config.toml")
