@@ -321,3 +321,23 @@ def test_a_fallback_left_too_little_of_the_completion_limit_is_not_failing(
         assert state["last_error"] is None, state
     finally:
         fallback.token_delay = 0.0
+
+
+def test_an_answer_without_a_choice_is_the_backends_failure(
+    backends: tuple[FakeUpstream, FakeUpstream], keel_factory: Callable[[str], Keel]
+) -> None:
+    """A stream whose chunks carry no choice (``"choices": []``, or none) was a 200
+    with an empty answer and a made-up ``finish_reason: stop``: the backend healthy and
+    the fallback idle, for every request."""
+    primary, fallback = backends
+    keel = keel_factory(chain_config(primary.url, fallback.url))
+    events = 'data: {"id":"x","choices":[]}\n\ndata: {"id":"x"}\n\ndata: [DONE]\n\n'
+    sse = (("Content-Type", "text/event-stream"),)
+    primary.behave(Behaviour.respond(200, events, headers=sse))
+    for call in (keel.tabby, keel.completion, keel.chat):
+        served = call()
+        assert served.status_code == 200, served.text
+        choice = served.json()["choices"][0]
+        assert FALLBACK_TEXT in (choice.get("text"), choice.get("message", {}).get("content"))
+    state = keel.endpoint("completion", primary_name("completion"))
+    assert "without a choice" in (state["last_error"] or ""), state

@@ -755,11 +755,11 @@ async def stream_texts(
     call: CompletionCall | ChatCall,
     provider: str,
     *,
-    unfinished: str | None = None,
+    unfinished: Callable[[], str | None] | None = None,
 ) -> AsyncGenerator[str, None]:
     """The ``text`` of each payload, one piece per batch (see :func:`joined`), up to
-    and including the payload ``done`` marks; ``unfinished``: the error when the body
-    ends first (for protocols whose reader cannot tell).
+    and including the payload ``done`` marks; ``unfinished``: the error, if any, when
+    the body ends first (for protocols whose reader cannot tell).
 
     Every payload with text holds a token at least, so a backend that sends more of them
     than the ``call``'s ``max_tokens`` ignored it: the answer ends there, for ``length``,
@@ -796,8 +796,8 @@ async def stream_texts(
                 if rest is not None:
                     await _read_past_the_end(rest, batches, text)
                 return
-    if unfinished is not None:
-        raise UpstreamProtocolError(unfinished, provider=provider)
+    if unfinished is not None and (error := unfinished()) is not None:
+        raise UpstreamProtocolError(error, provider=provider)
 
 
 async def _read_past_the_end(

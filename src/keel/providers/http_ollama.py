@@ -76,7 +76,7 @@ class OllamaCompletionProvider(HttpCompletion):
             ollama_done,
             call,
             provider,
-            unfinished="stream ended before 'done: true'",
+            unfinished=lambda: "stream ended before 'done: true'",
         )
 
 

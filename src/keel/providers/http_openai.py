@@ -93,20 +93,28 @@ def stream_choice_text(
     numbering = CallNumbering()
     reported = call.reported
     reported.clear()
+    chosen = False
 
     def text(payload: JsonObject) -> str:
+        nonlocal chosen
         reported.note_usage(payload.get("usage"))
         if reported.model is None and isinstance(model := payload.get("model"), str) and model:
             reported.model = model
         choice = first_choice(payload, provider)
         if choice is None:
             return ""
+        chosen = True
         if isinstance(reason := choice.get("finish_reason"), str):
             reported.finish_reason = reason
         return choice_text(choice, read, provider, numbering)
 
+    def unfinished() -> str | None:
+        # an answer of chunks none of which had a choice: a 200 with an empty answer,
+        # the backend healthy and the fallback idle, for every request
+        return None if chosen else "an answer without a choice: no chunk had 'choices'"
+
     batches = upstream.sse_batches(path, body, last=finished)
-    return stream_texts(batches, text, finished, call, provider)
+    return stream_texts(batches, text, finished, call, provider, unfinished=unfinished)
 
 
 def choice_text(
