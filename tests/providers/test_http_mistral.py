@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from keel.config import HttpModelConfig
-from keel.providers.base import CompletionCall, GenerationParams
+from keel.providers.base import CompletionCall, GenerationParams, llamacpp_seed
 from keel.providers.http import build_http_provider
 
 
@@ -30,6 +30,16 @@ async def test_fim_request_and_stream(upstream, make_provider):
         "random_seed": 42,
         "stream": True,
     }
+
+
+async def test_a_seed_out_of_range_is_sent_as_a_non_negative_one(upstream, make_provider):
+    """Mistral's ``random_seed`` is non-negative: Tabby's u64 seed 2**64 - 1 went as -1."""
+    provider = make_provider("mistral/completion")
+    for seed in (2**40, -1):
+        call = CompletionCall("x", params=GenerationParams(max_tokens=4, seed=seed))
+        assert "".join([p async for p in provider.stream_completion(call)]) == "Hello, world"
+        sent = upstream.last_request.json["random_seed"]
+        assert sent == llamacpp_seed(seed) and 0 <= sent < 2**32, sent
 
 
 async def test_empty_suffix_is_left_out(upstream, make_provider):

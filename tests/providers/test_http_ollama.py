@@ -6,7 +6,7 @@ import pytest
 
 from keel.config import HttpModelConfig
 from keel.errors import ConfigError
-from keel.providers.base import CompletionCall, GenerationParams, Reported
+from keel.providers.base import CompletionCall, GenerationParams, Reported, llamacpp_seed
 from keel.providers.http import build_http_provider
 from tests.fakes.upstreams import embedding_usage
 
@@ -41,6 +41,17 @@ async def test_generate_request_and_stream(upstream, make_provider):
             "num_ctx": 2048,
         },
     }
+
+
+async def test_a_seed_over_32_bits_is_one_ollamas_engine_keeps(upstream, make_provider):
+    """Tabby's u64 seed went as it came: 2**64 - 1 as -1 (a random seed to llama.cpp,
+    under Ollama), 2**40 as one llama.cpp cuts to 0."""
+    provider = make_provider("ollama/completion", api_key=None, model_name="m")
+    for seed in (2**40, -1):
+        call = CompletionCall("x", GenerationParams(max_tokens=4, seed=seed))
+        assert "".join([p async for p in provider.stream_completion(call)]) == "Hello, world"
+        sent = upstream.last_request.json["options"]["seed"]
+        assert sent == llamacpp_seed(seed) and 0 < sent < 2**32 - 1, sent
 
 
 async def test_generate_sends_key_when_configured(upstream, make_provider):

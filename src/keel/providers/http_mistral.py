@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Unpack
 
-from keel.providers.base import CompletionCall, ProviderInfo
+from keel.providers.base import CompletionCall, ProviderInfo, llamacpp_seed
 from keel.providers.http_base import (
     CompletionOptions,
     HttpCompletion,
@@ -43,6 +43,8 @@ class MistralFimProvider(HttpCompletion):
         if call.suffix:
             body["suffix"] = call.suffix
         body.update(sampling_body(call.params, stop_limit=None, seed_field="random_seed"))
+        if call.params.seed is not None:  # Mistral's is non-negative: Tabby's u64 went raw
+            body["random_seed"] = llamacpp_seed(call.params.seed)
         return body
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:

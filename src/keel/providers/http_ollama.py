@@ -18,6 +18,7 @@ from keel.providers.base import (
     EmbeddingProvider,
     ProviderInfo,
     Reported,
+    llamacpp_seed,
 )
 from keel.providers.http_base import (
     CompletionOptions,
@@ -52,6 +53,8 @@ class OllamaCompletionProvider(HttpCompletion):
         params = call.params
         options: JsonObject = {"num_predict": params.max_tokens or -1}
         options.update(generation_fields(params))
+        if params.seed is not None:  # llama.cpp's 32 bits: 2**64 - 1 went as -1, random
+            options["seed"] = llamacpp_seed(params.seed)
         if self.max_input_length is not None:
             # Ollama silently cuts prompts longer than its context (2048 by
             # default), which would drop a FIM template's head. A constant
