@@ -918,6 +918,7 @@ class Settings(_Section):
                 )
         for role in ROLES:
             for provider in self.model.role(role).chain():
+                ignored += _unused_keys(role, provider)
                 if not isinstance(provider, HttpModelConfig):
                     continue
                 endpoint = provider.api_endpoint or ""
@@ -952,6 +953,45 @@ class Settings(_Section):
         if repeated:
             raise ValueError(f"a repository is listed twice: {', '.join(repeated)}")
         return value
+
+
+TEMPLATED_KINDS = (
+    "llama.cpp/completion",
+    "ollama/completion",
+    "vllm/completion",
+    "openai/legacy_completion_no_fim",
+)
+"""The completion kinds sent a raw prompt that keel builds with ``prompt_template``; the
+others fill in the middle themselves."""
+
+
+def _unused_keys(role: str, provider: HttpModelConfig | LocalModelConfig) -> list[str]:
+    """Tabby's keys set in a table that does nothing with them (they were taken in
+    silence: a template that shaped no prompt, a switch that changed nothing)."""
+    if isinstance(provider, LocalModelConfig):
+        if provider.enable_fast_attention:
+            return [
+                f"model.{role}: enable_fast_attention is ignored: keel's engine chooses its "
+                "attention kernels for the machine itself"
+            ]
+        return []
+    kind, unused = provider.kind, []
+    where = f"model.{role} ({kind})"
+    if provider.prompt_template is not None and kind not in TEMPLATED_KINDS:
+        unused.append(
+            f"{where}: prompt_template is ignored: "
+            + (
+                "the backend fills in the middle itself, sent the prefix and the suffix"
+                if role == "completion"
+                else "it shapes code completions only"
+            )
+        )
+    if provider.chat_template is not None:
+        unused.append(
+            f"{where}: chat_template is ignored: a model server applies its own chat "
+            "template (set it there)"
+        )
+    return unused
 
 
 def normalize_git_url(url: str) -> str:

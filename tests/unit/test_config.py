@@ -744,3 +744,46 @@ def test_a_llamacpp_endpoint_under_v1_is_warned_of() -> None:
     warned = [w for w in parse_settings(raw, "inline", {}).ignored_sections() if "/v1" in w]
     assert len(warned) == 1 and "model.completion: llama.cpp/completion" in warned[0], warned
     assert "http://gpu:8081/v1/" in warned[0] and "without /v1" in warned[0]
+
+
+def test_tabbys_keys_a_table_does_nothing_with_are_warned_of() -> None:
+    """``enable_fast_attention``, a ``chat_template`` for a model server, a
+    ``prompt_template`` for a kind that fills in the middle itself: each was taken in
+    silence, while Tabby's unused sections are named."""
+    template = "<PRE> {prefix} <SUF>{suffix} <MID>"
+    raw = {
+        "model": {
+            "completion": {
+                "http": {
+                    "kind": "mistral/completion",
+                    "api_endpoint": "http://gpu:8081",
+                    "model_name": "codestral",
+                    "prompt_template": template,
+                },
+                "fallback": [
+                    {
+                        "kind": "llama.cpp/completion",
+                        "api_endpoint": "http://gpu:8082",
+                        "prompt_template": template,
+                    }
+                ],
+            },
+            "chat": {
+                "http": {
+                    "kind": "openai/chat",
+                    "api_endpoint": "http://gpu:8000/v1",
+                    "chat_template": "{{ messages }}",
+                }
+            },
+            "embedding": {"local": {"enable_fast_attention": True}},
+        }
+    }
+    warned = parse_settings(raw, "inline", {}).ignored_sections()
+    assert warned == [
+        "model.completion (mistral/completion): prompt_template is ignored: the backend "
+        "fills in the middle itself, sent the prefix and the suffix",
+        "model.chat (openai/chat): chat_template is ignored: a model server applies its own "
+        "chat template (set it there)",
+        "model.embedding: enable_fast_attention is ignored: keel's engine chooses its "
+        "attention kernels for the machine itself",
+    ], warned
