@@ -307,16 +307,34 @@ def embeddings_from_data(payload: Any, count: int, provider: str) -> list[list[f
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         raise UpstreamProtocolError("embedding response has no 'data' list", provider=provider)
-    ordered = sorted(data, key=lambda item: item.get("index", 0) if isinstance(item, dict) else 0)
-    vectors = [
-        vector_of(item.get("embedding") if isinstance(item, dict) else None, provider)
-        for item in ordered
-    ]
-    if len(vectors) != count:
+    if len(data) != count:
         raise UpstreamProtocolError(
-            f"asked for {count} embeddings, got {len(vectors)}", provider=provider
+            f"asked for {count} embeddings, got {len(data)}", provider=provider
         )
-    return vectors
+    items = [item if isinstance(item, dict) else {} for item in data]
+    vectors = [vector_of(item.get("embedding"), provider) for item in items]
+    return [vectors[at] for at in _input_order(items, provider)]
+
+
+def _input_order(items: list[dict[str, Any]], provider: str) -> list[int]:
+    """Where each input's vector is in ``items``: by their ``index``, which must be the
+    integers 0 to n-1, each once, in any order (OpenAI's, vLLM's, llama.cpp's, Ollama's);
+    or in order where no item has one. Sorted unchecked, indices "10" and "2" (strings)
+    put vectors out of order lexically, and a repeated one in arrival order, each then
+    numbered anew: the client could not tell which vector was whose input."""
+    if all("index" not in item for item in items):
+        return list(range(len(items)))
+    indices = [item.get("index") for item in items]
+    if sorted(i for i in indices if type(i) is int) != list(range(len(items))):
+        shown = ", ".join(repr(index) for index in indices[:8])
+        more = ", ..." if len(indices) > 8 else ""
+        raise UpstreamProtocolError(
+            f"embedding indices are not the integers 0 to {len(items) - 1}, each once:"
+            f" [{shown}{more}]",
+            provider=provider,
+        )
+    where = {index: at for at, index in enumerate(indices)}
+    return [where[index] for index in range(len(items))]
 
 
 class OpenAIEmbeddingProvider(HttpBacked, EmbeddingProvider):

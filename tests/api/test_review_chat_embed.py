@@ -1,0 +1,100 @@
+"""Embeddings and chat requests a review found mishandled: a backend's vectors out of
+order or of unequal length, misleading refusals, and limits a completion ignored."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.api.conftest import USER, build_app, keel_config, serving
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
+    """A primary embedding backend that answers as each test scripts it, and its fallback."""
+    with FakeUpstream() as primary, FakeUpstream(embedding_dim=4) as fallback:
+        yield primary, fallback
+
+
+def _config(primary: FakeUpstream, fallback: FakeUpstream) -> str:
+    return keel_config(primary.url, fallback.url).replace(
+        f'[model.embedding.http]\nkind = "openai/embedding"\napi_endpoint = "{fallback.url}/v1"'
+        '\nmodel_name = "fallback-embed"\n',
+        f'[model.embedding.http]\nkind = "openai/embedding"\napi_endpoint = "{primary.url}/v1"'
+        '\nmodel_name = "primary-embed"\n\n[[model.embedding.fallback]]\n'
+        f'kind = "openai/embedding"\napi_endpoint = "{fallback.url}/v1"\n'
+        'model_name = "fallback-embed"\n',
+    )
+
+
+@pytest.fixture
+async def client(
+    upstreams: tuple[FakeUpstream, FakeUpstream], tmp_path: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    primary, fallback = upstreams
+    config = _config(primary, fallback)
+    assert "primary-embed" in config
+    try:
+        async with serving(build_app(tmp_path / "keel", config)) as http:
+            yield http
+    finally:
+        primary.reset_behaviour()
+
+
+def _answer(data: list[dict[str, Any]]) -> Behaviour:
+    return Behaviour.respond(200, {"object": "list", "data": data, "model": "primary-embed"})
+
+
+async def _embed(client: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response:
+    return await client.post("/v1/embeddings", json=body, headers=USER)
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        ["0", "1", "2"],  # strings: they were sorted lexically
+        [0, 0, 1],  # one twice: arrival order, renumbered
+        [0, 2, 3],  # not 0..n-1
+        [True, 0, 2],  # a boolean is not an index
+        [0, None, 2],  # one missing among indexed items
+    ],
+)
+async def test_indices_other_than_0_to_n_minus_1_are_the_backends_failure(
+    client: httpx.AsyncClient, upstreams: tuple[FakeUpstream, FakeUpstream], indices: list[Any]
+) -> None:
+    primary, _ = upstreams
+    data = []
+    for at, index in enumerate(indices):
+        item: dict[str, Any] = {"object": "embedding", "embedding": [float(at), 1.0, 1.0, 1.0]}
+        if index is not None:
+            item["index"] = index
+        data.append(item)
+    primary.behave(_answer(data))
+    response = await _embed(client, {"input": ["a", "bb", "ccc"]})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == "fallback-embed", answer  # the fallback's vectors, in order
+    assert [item["embedding"][0] for item in answer["data"]] == [1.0, 2.0, 3.0]
+    assert [item["index"] for item in answer["data"]] == [0, 1, 2]
+
+
+async def test_a_shuffled_set_of_indices_is_put_in_order(
+    client: httpx.AsyncClient, upstreams: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    primary, _ = upstreams
+    shuffled = [{"index": i, "embedding": [float(i), 0.0]} for i in (2, 0, 10, 1, 3, 4, 5)]
+    shuffled += [{"index": i, "embedding": [float(i), 0.0]} for i in (6, 7, 8, 9)]
+    primary.behave(_answer(shuffled))
+    response = await _embed(client, {"input": [f"t{i}" for i in range(11)]})
+    answer = response.json()
+    assert answer["model"] == "primary-embed", answer
+    assert [item["embedding"][0] for item in answer["data"]] == [float(i) for i in range(11)]
+    # none indexed: in the order sent
+    primary.behave(_answer([{"embedding": [float(i), 0.0]} for i in (5, 6)]))
+    answer = (await _embed(client, {"input": ["a", "b"]})).json()
+    assert answer["model"] == "primary-embed", answer
+    assert [item["embedding"][0] for item in answer["data"]] == [5.0, 6.0]
