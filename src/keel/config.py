@@ -265,6 +265,10 @@ class HttpModelConfig(_Section):
                 raise ValueError(f"{masked_url(endpoint)!r} {trouble}")
         if value is not None and not value:
             raise ValueError("list at least one endpoint")
+        if value is not None and (twice := sorted({e for e in value if value.count(e) > 1})):
+            # two providers of one name, one breaker's state hidden in the metrics
+            listed = ", ".join(repr(masked_url(e)) for e in twice)
+            raise ValueError(f"{listed} listed twice: list each replica once")
         return value
 
     @model_validator(mode="after")
@@ -307,6 +311,7 @@ class LocalModelConfig(_Section):
 
     model_id: str = Field(
         EMBEDDED_MODEL_ID,
+        min_length=1,
         description="A GGUF file path, a file name under <root>/models, "
         f"'{EMBEDDED_MODEL_ID}' (the embedded default), or Tabby's forms: a model "
         "directory (weights in ggml/), a registry name under ~/.tabby/models.",
@@ -1497,6 +1502,20 @@ def local_tables(settings: Settings) -> Iterator[tuple[str, LocalModelConfig]]:
                 yield f"model.{role}.{where}", table
 
 
+def _not_utf8(file: Path, exc: UnicodeDecodeError) -> ConfigIssue:
+    """Where a config that is not UTF-8 first fails, and how to save it (it said a byte
+    offset, and no fix)."""
+    data = exc.object if isinstance(exc.object, bytes) else b""
+    line = data.count(b"\n", 0, exc.start) + 1
+    utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+    what = "UTF-16 (as Windows PowerShell's > writes)" if utf16 else "not UTF-8"
+    return ConfigIssue(
+        "(file)",
+        f"line {line}: the file is {what} (byte {data[exc.start : exc.start + 1]!r}): save it "
+        "as UTF-8 (TOML files are UTF-8)",
+    )
+
+
 def load_settings(
     path: Path | None, paths: Paths, environ: dict[str, str] | None = None
 ) -> Settings:
@@ -1523,6 +1542,8 @@ def load_settings(
         raw = tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(file), [ConfigIssue("(syntax)", f"not valid TOML: {exc}")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(file), [_not_utf8(file, exc)]) from None
+    except OSError as exc:
         raise ConfigError(str(file), [ConfigIssue("(file)", f"cannot read: {exc}")]) from None
     return parse_settings(raw, str(file), environ)

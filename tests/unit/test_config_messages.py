@@ -88,6 +88,38 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     assert done.returncode == 0 and done.stdout.startswith("ok: "), done.stderr
 
 
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        ("[server]\nport = 8080\n# caf\u00e9\n".encode("latin-1"), "line 3: the file is not UTF-8"),
+        ("[server]\nport = 8080\n".encode("utf-16"), "line 1: the file is UTF-16"),
+    ],
+)
+def test_a_config_not_in_utf8_names_its_line_and_how_to_save_it(
+    tmp_path: Path, raw: bytes, said: str
+) -> None:
+    """It said "'utf-8' codec can't decode byte 0xe9 in position 26": no line, no fix."""
+    config = tmp_path / "config.toml"
+    config.write_bytes(raw)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, Paths(tmp_path), {})
+    message = caught.value.message
+    assert said in message and "save it as UTF-8" in message, message
+
+
+def test_an_empty_model_id_and_an_endpoint_listed_twice_are_config_errors() -> None:
+    """``model_id = ""`` was looked up as the models directory itself (a warning, exit
+    0); an endpoint listed twice made two providers of one name."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"model": {"completion": {"local": {"model_id": ""}}}}, "c.toml", {})
+    assert "model.completion.local.model_id" in caught.value.message, caught.value.message
+    url = "http://127.0.0.1:18931/v1"
+    table = {"kind": "openai/completion", "api_endpoints": [url, url], "model_name": "m"}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"model": {"completion": {"http": table}}}, "c.toml", {})
+    assert f"'{url}' listed twice: list each replica once" in caught.value.message
+
+
 def test_a_fallback_written_as_one_table_is_said_to_need_double_brackets(tmp_path: Path) -> None:
     """pydantic's "Input should be a valid list" was all it said."""
     text = (
