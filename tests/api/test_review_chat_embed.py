@@ -98,3 +98,23 @@ async def test_a_shuffled_set_of_indices_is_put_in_order(
     answer = (await _embed(client, {"input": ["a", "b"]})).json()
     assert answer["model"] == "primary-embed", answer
     assert [item["embedding"][0] for item in answer["data"]] == [5.0, 6.0]
+
+
+@pytest.mark.parametrize("dimensions", [None, 4])
+async def test_vectors_of_unequal_lengths_are_the_backends_failure(
+    client: httpx.AsyncClient,
+    upstreams: tuple[FakeUpstream, FakeUpstream],
+    dimensions: int | None,
+) -> None:
+    """``[4, 4, 3]`` went to the client, and passed a ``dimensions: 4`` check of the first."""
+    primary, _ = upstreams
+    sizes = (4, 4, 3)
+    primary.behave(_answer([{"index": i, "embedding": [1.0] * n} for i, n in enumerate(sizes)]))
+    body: dict[str, Any] = {"input": ["a", "bb", "ccc"]}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    response = await _embed(client, body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == "fallback-embed", answer
+    assert [len(item["embedding"]) for item in answer["data"]] == [4, 4, 4]

@@ -8,7 +8,7 @@ import struct
 
 from starlette.requests import Request
 
-from keel.errors import RequestError
+from keel.errors import RequestError, UpstreamProtocolError
 from keel.providers.base import EmbeddingProvider, Reported
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
@@ -20,6 +20,19 @@ def encode(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
     return vector
+
+
+def one_size(vectors: list[list[float]], provider: str) -> int:
+    """The vectors' one length. Vectors of several lengths in one answer are the
+    backend's protocol failure (they went to the client, ``[8, ..., 8, 3]``, checked
+    against ``dimensions`` by the first alone)."""
+    sizes = sorted({len(vector) for vector in vectors})
+    if len(sizes) > 1:
+        raise UpstreamProtocolError(
+            f"embedding vectors of unequal lengths in one answer: {', '.join(map(str, sizes))}",
+            provider=provider,
+        )
+    return sizes[0] if sizes else 0
 
 
 class EmbeddingServing:
@@ -38,8 +51,8 @@ class EmbeddingServing:
                     parts = provider.embed_parts(texts, reported, body.dimensions)
                     parts = attempt.pieces(parts)
                     vectors = [vector async for part in parts for vector in part]
+                    made = one_size(vectors, provider.name)
         note_provider(http, provider)
-        made = len(vectors[0])
         if body.dimensions is not None and body.dimensions != made:
             raise RequestError(
                 f"{provider.info.model} made {made}-dimension vectors, not {body.dimensions}: "
