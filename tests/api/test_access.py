@@ -107,6 +107,19 @@ def test_keys_are_accepted_in_every_header(secured: KeelProcess) -> None:
         assert response.status_code == 200, (headers, response.text)
 
 
+def test_a_key_sent_in_another_form_is_told_how_to_send_it(secured: KeelProcess) -> None:
+    """``Authorization: <key>`` and ``Authorization: Token <key>`` were told "missing API
+    key", with the key right there."""
+    said = {}
+    for value in (USER_KEY, f"Token {USER_KEY}"):
+        answer = httpx.get(f"{secured.url}/v1/models", headers={"Authorization": value})
+        assert answer.status_code == 401, answer.text
+        said[value] = answer.json()["error"]["message"]
+    assert said[USER_KEY].startswith("the Authorization header holds a key with no scheme")
+    assert said[f"Token {USER_KEY}"].startswith("the Authorization header holds scheme 'Token'")
+    assert all("'Bearer <key>'" in message and USER_KEY not in message for message in said.values())
+
+
 def test_keys_file_change_takes_effect_and_a_bad_file_keeps_the_old_keys(
     secured: KeelProcess,
 ) -> None:

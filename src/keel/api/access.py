@@ -44,6 +44,26 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
+def _unidentified(request: Request, presented: list[str]) -> str:
+    """Why no key was taken: none valid, none sent, or an Authorization header in another
+    form than ``Bearer <key>`` (it was "missing API key" with the key right there)."""
+    how = "send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
+    if presented:
+        return f"invalid API key: {how}"
+    if authorization := request.headers.get("authorization", "").strip():
+        scheme = authorization.partition(" ")[0]
+        named = scheme.isalpha() and len(scheme) <= 16  # a scheme's word, never a key's part
+        form = (
+            "a key with no scheme"
+            if scheme == authorization
+            else f"scheme {scheme!r}"
+            if named
+            else "another scheme"
+        )
+        return f"the Authorization header holds {form}, not 'Bearer <key>': {how}"
+    return f"missing API key: {how}"
+
+
 def holds_key(request: Request) -> bool:
     """Does ``request`` carry a valid key? Public routes show their details only then.
 
@@ -77,10 +97,7 @@ class Require:
         presented = presented_keys(request)
         identity = store.identify(presented)
         if identity is None:
-            what = "invalid API key" if presented else "missing API key"
-            raise AuthenticationError(
-                f"{what}: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
-            )
+            raise AuthenticationError(_unidentified(request, presented))
         if self.level is Access.ADMIN and identity.access is not Access.ADMIN:
             reason = (
                 "this route needs the admin key ('x-admin-key: <key>')"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from keel.pipeline.languages import LANGUAGE_ID_PATTERN
 
@@ -93,6 +93,17 @@ class TabbyCompletionRequest(_Wire):
         "'next_edit_suggestion' is refused rather than answered as a completion.",
     )
     debug_options: DebugOptions | None = None
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _standard_only(cls, value: object) -> object:
+        """pydantic's "Input should be 'standard'" said neither why nor what to send."""
+        if value is None or value == "standard":
+            return value
+        raise ValueError(
+            f"keel serves code completions only (mode 'standard'), not {value!r}: it "
+            "makes no next-edit suggestions; leave mode out, or send 'standard'"
+        )
 
 
 class Choice(BaseModel):
