@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 from urllib.parse import quote
 
 from keel.config import EventsConfig, Paths
@@ -219,9 +220,27 @@ class SqliteEventStore:
         # every completion's answer (which waits on its event's insert) for 2.8 s.
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._reading = threading.Lock()
+        self._identity = _file_identity(path)
+
+    def _gone(self) -> str | None:
+        """Why the file keel opened is no longer the one at its path, or None.
+
+        Deleted while keel runs (the data root removed: ``rm -rf $KEEL_ROOT``), SQLite
+        goes on writing to the unlinked file: POST /v1/events answered 200 for events
+        nobody could ever read, the store said it was up, and the figures were a 500
+        (``disk I/O error``). A stat per write costs ~1 µs."""
+        if _file_identity(self.path) == self._identity:
+            return None
+        return (
+            f"the events file {self.path} was deleted or replaced while keel ran (was the "
+            f"data root {self.path.parent} removed?): events are not kept until keel is "
+            "restarted, which makes a new one"
+        )
 
     def _insert(self, row: tuple[object, ...]) -> None:
         with self._lock:
+            if (gone := self._gone()) is not None:
+                raise sqlite3.OperationalError(gone)
             self._db.execute(INSERT_SQLITE, row)
             self._inserts += 1
             if self._inserts % self.prune_every == 0:
@@ -247,20 +266,31 @@ class SqliteEventStore:
         else:
             self.last_error = None
 
+    def _read(self, query: str, parameters: tuple[object, ...] = ()) -> list[Any]:
+        """The rows of ``query`` on the reader's connection; a file gone or unreadable is
+        :class:`Unavailable` naming it (it was a 500 with a traceback)."""
+        if (gone := self._gone()) is not None:
+            raise Unavailable(gone)
+        try:
+            with self._reading:
+                return list(self._reader.execute(query, parameters).fetchall())
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the events file {self.path} cannot be read: {exc}") from exc
+
     def counts(self) -> dict[str, int]:
-        with self._reading:
-            rows = self._reader.execute(
-                "SELECT kind, COUNT(*) FROM events GROUP BY kind"
-            ).fetchall()
+        rows = self._read("SELECT kind, COUNT(*) FROM events GROUP BY kind")
         return {str(kind): int(count) for kind, count in rows}
 
     def _language_of(self, completion_id: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT language FROM events WHERE completion_id = ? AND kind = 'completion' "
-                "ORDER BY id DESC LIMIT 1",
-                (completion_id,),
-            ).fetchone()
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT language FROM events WHERE completion_id = ? AND kind = 'completion' "
+                    "ORDER BY id DESC LIMIT 1",
+                    (completion_id,),
+                ).fetchone()
+        except sqlite3.Error:  # unknown, as for an id keel did not serve: the event is kept
+            return None
         return None if row is None or row[0] is None else str(row[0])
 
     async def language_of(self, completion_id: str | None) -> str | None:
@@ -283,14 +313,15 @@ class SqliteEventStore:
             WHERE c.kind = 'completion' AND c.ts BETWEEN ? AND ?
             GROUP BY 1, 2 ORDER BY 3 DESC
         """
-        with self._reading:
-            rows = self._reader.execute(query, (since, until)).fetchall()
+        rows = self._read(query, (since, until))
         return [acceptance_row(*row) for row in rows]
 
     def status(self) -> dict[str, object]:
-        status: dict[str, object] = {"store": "sqlite", "up": self.last_error is None}
-        if self.dropped:
-            status.update(dropped=self.dropped, last_error=self.last_error)
+        gone = self._gone()
+        last_error = gone or self.last_error
+        status: dict[str, object] = {"store": "sqlite", "up": last_error is None}
+        if self.dropped or gone:
+            status.update(dropped=self.dropped, last_error=last_error)
         return status
 
     def prune(self, before: float) -> int:
@@ -308,6 +339,15 @@ class SqliteEventStore:
             self._reader.close()
         with self._lock:
             self._db.close()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path`` (None: there is none)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 class EventRetention:

@@ -1,0 +1,83 @@
+"""A keel's life through real processes and signals: a reload asked for while it starts,
+its data root deleted while it runs, a second signal during the shutdown drain."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import KeelProcess, free_port
+from tests.fakes.upstreams import FakeUpstream
+from tests.forked import fork_keel
+
+pytestmark = pytest.mark.integration
+
+
+def http_config(url: str, *extra: str) -> str:
+    """Every role on the fake backend at ``url``, no embedded model: keel starts in a
+    moment."""
+    return "\n".join(
+        [
+            "[model.completion]\nembedded_last_resort = false\n",
+            f'[model.completion.http]\nkind = "openai/completion"\napi_endpoint = "{url}/v1"\n',
+            f'[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "{url}/v1"\n',
+            f'[model.embedding.http]\nkind = "openai/embedding"\napi_endpoint = "{url}/v1"\n',
+            *extra,
+        ]
+    )
+
+
+def spawn(root: Path, config: str, log: Path, *args: str) -> KeelProcess:
+    """`keel serve` with ``root`` as its data root and its log at ``log`` (outside the
+    root: a test may delete the root)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.toml").write_text(config)
+    port = free_port()
+    log.write_bytes(b"")
+    env = {**os.environ, "KEEL_ROOT": str(root)}
+    process = fork_keel(["serve", "--port", str(port), *args], env, log)
+    return KeelProcess(process, f"http://127.0.0.1:{port}", root, log)
+
+
+VIEW = {"type": "view", "completion_id": "cmpl-1", "choice_index": 0}
+
+
+def dropped_writes(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in metrics.splitlines():
+        if line.startswith('keel_events_dropped_total{reason="write_failed"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_data_root_deleted_while_keel_runs_is_counted_shown_and_a_503(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """``rm -rf $KEEL_ROOT`` while keel ran: POST /v1/events answered 200 for events
+    written to a deleted file, uncounted, the store said up, and the figures were a 500
+    with a traceback (``disk I/O error``). As for a full disk: counted, shown, a 503."""
+    root = tmp_path / "root"
+    keel = spawn(root, http_config(upstream.url), tmp_path / "keel.log")
+    try:
+        keel.wait_ready()
+        with keel.client(timeout=30) as client:
+            assert client.get("/v1/stats/completions").status_code == 200
+            shutil.rmtree(root)
+            sent = client.post("/v1/events", json=VIEW)
+            assert sent.status_code == 200  # an editor's event never fails the editor
+            assert dropped_writes(keel.url) >= 1
+            events = client.get("/v1/providers").json()["shared_state"]["events"]
+            assert events["up"] is False, events
+            assert str(root) in events["last_error"], events
+            figures = client.get("/v1/stats/completions")
+            assert figures.status_code == 503, figures.text
+            message = figures.json()["error"]["message"]
+            assert "events file" in message and str(root) in message, message
+    finally:
+        keel.stop()
+    log = keel.log.read_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
