@@ -118,3 +118,36 @@ async def test_vectors_of_unequal_lengths_are_the_backends_failure(
     answer = response.json()
     assert answer["model"] == "fallback-embed", answer
     assert [len(item["embedding"]) for item in answer["data"]] == [4, 4, 4]
+
+
+@pytest.mark.parametrize(("item", "given"), [(5, "an integer (5)"), (True, "a boolean (true)")])
+async def test_a_list_mixing_text_and_numbers_names_the_item(
+    client: httpx.AsyncClient, item: object, given: str
+) -> None:
+    """Not token IDs (they were said to be, with LangChain's setting as the fix)."""
+    response = await _embed(client, {"input": ["a", item]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "input", error
+    assert "input[1]" in error["message"] and given in error["message"], error
+    assert "token IDs" not in error["message"] and "LangChain" not in error["message"]
+    # token IDs alone are still named as such
+    for ids in ([1, 2], [[1, 2], [3]]):
+        error = (await _embed(client, {"input": ids})).json()["error"]
+        assert "token IDs are not taken" in error["message"], error
+
+
+async def test_a_backend_that_ignored_the_size_it_was_sent_is_said_to(
+    client: httpx.AsyncClient, upstreams: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    primary, _ = upstreams
+    primary.behave(_answer([{"index": 0, "embedding": [0.5] * 8}]))
+    response = await _embed(client, {"input": "a", "dimensions": 4})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "dimensions", error
+    assert primary.last_request.json["dimensions"] == 4
+    message = error["message"]
+    assert "was sent the size asked for (dimensions 4) and ignored it" in message, message
+    assert "made 8-dimension vectors" in message and "send 8" in message, message
+    assert "only an" not in message, message

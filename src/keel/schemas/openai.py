@@ -98,11 +98,19 @@ def _check_stop(stop: StopField) -> StopField:
     return stop
 
 
+def _token_id(value: object) -> bool:
+    return type(value) is int
+
+
 def _no_token_ids(value: object, hint: str = "") -> object:
     """OpenAI also takes token IDs in place of text; they belong to one vocabulary
-    (LangChain sends tiktoken's) and keel serves models with others."""
+    (LangChain sends tiktoken's) and keel serves models with others. Token IDs are a
+    list of integers, or a list of such lists; a list mixing text with numbers (or
+    ``true``) is no such thing, and its type check names the item that is not a string
+    (``["a", 5]`` was told that LangChain sends IDs)."""
     items = value if isinstance(value, list) else []
-    if any(isinstance(item, int) or (isinstance(item, list) and item) for item in items):
+    ids = [item for item in items if isinstance(item, list) and all(map(_token_id, item))]
+    if items and (all(map(_token_id, items)) or (len(ids) == len(items) and any(ids))):
         raise ValueError(
             "token IDs are not taken (they belong to one tokenizer, keel's models have their"
             f" own): send the text{hint}"

@@ -9,7 +9,8 @@ import struct
 from starlette.requests import Request
 
 from keel.errors import RequestError, UpstreamProtocolError
-from keel.providers.base import EmbeddingProvider, Reported
+from keel.providers.base import EmbeddingProvider, Provider, Reported
+from keel.providers.http_openai import OpenAIEmbeddingProvider
 from keel.router.admission import Admission
 from keel.router.router import RoleRouter
 from keel.schemas.openai import EmbeddingRequest
@@ -35,6 +36,21 @@ def one_size(vectors: list[list[float]], provider: str) -> int:
     return sizes[0] if sizes else 0
 
 
+def other_size(provider: Provider, made: int, asked: int) -> str:
+    """Why vectors of ``made`` dimensions answer a request for ``asked``, and what to do."""
+    model = provider.info.model
+    instead = f"keel does not shorten vectors; leave dimensions out or send {made}"
+    if isinstance(provider, OpenAIEmbeddingProvider):
+        return (
+            f"{model} was sent the size asked for ({provider.size_field} {asked}) and ignored "
+            f"it: it made {made}-dimension vectors; {instead}"
+        )
+    return (
+        f"{model} made {made}-dimension vectors, not {asked}: only an OpenAI-compatible, "
+        f"Voyage or Mistral backend is sent the size asked for, and {instead}"
+    )
+
+
 class EmbeddingServing:
     def __init__(self, router: RoleRouter, admission: Admission) -> None:
         self.router = router
@@ -54,12 +70,7 @@ class EmbeddingServing:
                     made = one_size(vectors, provider.name)
         note_provider(http, provider)
         if body.dimensions is not None and body.dimensions != made:
-            raise RequestError(
-                f"{provider.info.model} made {made}-dimension vectors, not {body.dimensions}: "
-                "only an OpenAI or Voyage backend is sent the size asked for, and keel does "
-                f"not shorten vectors; leave dimensions out or send {made}",
-                param="dimensions",
-            )
+            raise RequestError(other_size(provider, made, body.dimensions), param="dimensions")
         # The backend's own count where it gave one (it was always keel's estimate)
         tokens = reported.prompt_tokens or sum(await count_tokens(provider, texts))
         data = [
