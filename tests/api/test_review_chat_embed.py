@@ -151,3 +151,87 @@ async def test_a_backend_that_ignored_the_size_it_was_sent_is_said_to(
     assert "was sent the size asked for (dimensions 4) and ignored it" in message, message
     assert "made 8-dimension vectors" in message and "send 8" in message, message
     assert "only an" not in message, message
+
+
+def _completions_sent(upstreams: tuple[FakeUpstream, FakeUpstream]) -> list[dict[str, Any]]:
+    return [
+        request.json
+        for upstream in upstreams
+        for request in upstream.requests
+        if request.path == "/v1/completions"
+    ]
+
+
+@pytest.mark.parametrize("field", ["max_completion_tokens", "n_predict"])
+async def test_a_completion_honours_its_limit_under_each_name(
+    client: httpx.AsyncClient, upstreams: tuple[FakeUpstream, FakeUpstream], field: str
+) -> None:
+    """llama.cpp's server reads ``n_predict`` on its completions, OpenAI's newer clients
+    send ``max_completion_tokens``: both were ignored, and 3 tokens asked were 32 made."""
+    before = len(_completions_sent(upstreams))
+    body = {"prompt": "def add(a, b):", field: 3}
+    response = await client.post("/v1/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    sent = _completions_sent(upstreams)[before:]
+    assert [request["max_tokens"] for request in sent] == [3], sent
+    assert field not in sent[0], sent  # a completions backend's name is max_tokens
+    same = await client.post(
+        "/v1/completions", json={**body, "max_tokens": 3}, headers=USER
+    )  # given twice, the same: one limit
+    assert same.status_code == 200, same.text
+
+
+@pytest.mark.parametrize(
+    ("limits", "param"),
+    [
+        ({"max_tokens": 5, "max_completion_tokens": 3}, "max_completion_tokens"),
+        ({"max_tokens": 5, "n_predict": 3}, "n_predict"),
+        ({"max_completion_tokens": 5, "n_predict": 3}, "n_predict"),
+    ],
+)
+async def test_a_completion_given_two_different_limits_is_a_400_naming_them(
+    client: httpx.AsyncClient, limits: dict[str, int], param: str
+) -> None:
+    response = await client.post(
+        "/v1/completions", json={"prompt": "def add(a, b):", **limits}, headers=USER
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    assert all(f"{name} {value}" in error["message"] for name, value in limits.items()), error
+    assert "send one of them" in error["message"], error
+
+
+async def test_n_predict_0_on_a_completion_says_what_to_send(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "def add(a, b):", "n_predict": 0}
+    response = await client.post("/v1/completions", json=body, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "n_predict" and "send 1 or more" in error["message"], error
+
+
+@pytest.mark.parametrize("field", ["max_completion_tokens", "n_predict"])
+async def test_a_refused_completion_limit_is_named_as_the_client_sent_it(
+    client: httpx.AsyncClient, upstreams: tuple[FakeUpstream, FakeUpstream], field: str
+) -> None:
+    refusal = {
+        "message": "'max_tokens' or 'max_completion_tokens' is too large: 4000. This model's "
+        "maximum context length is 2048 tokens and your request has 10 input tokens "
+        "(4000 > 2048 - 10).",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+    for upstream in upstreams:
+        upstream.behave(Behaviour.error(400, {"error": refusal}))
+    try:
+        response = await client.post(
+            "/v1/completions", json={"prompt": "def add(a, b):", field: 4000}, headers=USER
+        )
+    finally:
+        for upstream in upstreams:
+            upstream.reset_behaviour()
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", field), error
+    assert f"ask for fewer tokens ({field})" in error["message"], error

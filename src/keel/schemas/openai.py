@@ -202,6 +202,51 @@ class CompletionRequest(_Sampled):
     """Each refused when asked for, not ignored: the client would read an answer without
     them as if it had them (no prompt echoed, ``logprobs: null``, one sample as the best)."""
 
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS_LIMIT, description="OpenAI's newer name for max_tokens."
+    )
+    n_predict: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_TOKENS_LIMIT,
+        description="llama.cpp's name for max_tokens (its server reads it here); -1 (its "
+        "default) leaves keel's budget.",
+    )
+    """Limits as ``max_tokens`` is one, as on chat (they were ignored: a client asking for
+    3 tokens got keel's 32)."""
+
+    @field_validator("n_predict")
+    @classmethod
+    def _some_tokens(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError(
+                "0 asks for no tokens, and a completion is its tokens: send 1 or more, or -1"
+                " (or leave it out) for keel's decoding budget"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> CompletionRequest:
+        """Names of one limit: given twice, they must agree (which one meant it?)."""
+        limits = self._limits()
+        if len(set(limits.values())) > 1:
+            said = " and ".join(f"{name} {value}" for name, value in limits.items())
+            raise RequestError(
+                f"{said} are one limit on the answer's tokens, given twice with different"
+                " values: send one of them",
+                param=list(limits)[1],
+            )
+        return self
+
+    def _limits(self) -> dict[str, int]:
+        """The limits the client gave, by name, OpenAI's first; n_predict -1 is none."""
+        given = {
+            "max_tokens": self.max_tokens,
+            "max_completion_tokens": self.max_completion_tokens,
+            "n_predict": self.n_predict if self.n_predict and self.n_predict > 0 else None,
+        }
+        return {name: value for name, value in given.items() if value is not None}
+
     @field_validator("best_of", mode="before")
     @classmethod
     def _one_sample(cls, value: object) -> object:
@@ -243,11 +288,15 @@ class CompletionRequest(_Sampled):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_params(self, default_max_tokens: int, *, must_fit: bool = True) -> GenerationParams:
-        """``must_fit``: a ``max_tokens`` the client named must fit the context (OpenAI's
-        rule); False for llama.cpp's ``n_predict`` served through this request."""
-        named = must_fit and bool(self.max_tokens)
-        said = None if must_fit else "n_predict"
-        return self._params(self.max_tokens or default_max_tokens, named=named, said=said)
+        """``must_fit``: an OpenAI limit the client named must fit the context (OpenAI's
+        rule); False for llama.cpp's ``n_predict`` served through this request (llama.cpp's
+        ``/completion``). Each limit goes on as ``max_tokens`` (a completions backend's
+        only name), and a refusal of it names the field the client sent."""
+        name, limit = next(iter(self._limits().items()), ("max_tokens", None))
+        if not must_fit or name == "n_predict":
+            return self._params(limit or default_max_tokens, named=False, said="n_predict")
+        said = None if name == "max_tokens" else name
+        return self._params(limit or default_max_tokens, named=bool(limit), said=said)
 
 
 class ContentPart(_Wire):
