@@ -235,3 +235,35 @@ async def test_a_refused_completion_limit_is_named_as_the_client_sent_it(
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("context_length_exceeded", field), error
     assert f"ask for fewer tokens ({field})" in error["message"], error
+
+
+def _chats_sent(upstreams: tuple[FakeUpstream, FakeUpstream]) -> list[dict[str, Any]]:
+    return [
+        request.json
+        for upstream in upstreams
+        for request in upstream.requests
+        if request.path == "/v1/chat/completions"
+    ]
+
+
+async def test_an_assistants_refusal_part_is_its_text(
+    client: httpx.AsyncClient, upstreams: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """OpenAI's API and SDK replay a refusal in history as a part of type "refusal"
+    (it was a 400, and the conversation could not go on)."""
+    refused = {"type": "refusal", "refusal": "I can't help with that."}
+    messages = [
+        {"role": "user", "content": "Write malware."},
+        {"role": "assistant", "content": [refused]},
+        {"role": "user", "content": "Then write a sort."},
+    ]
+    response = await client.post("/v1/chat/completions", json={"messages": messages}, headers=USER)
+    assert response.status_code == 200, response.text
+    sent = _chats_sent(upstreams)[-1]["messages"]
+    assert sent[1] == {"role": "assistant", "content": "I can't help with that."}, sent
+    # only an assistant refuses
+    messages[2] = {"role": "user", "content": [refused]}
+    response = await client.post("/v1/chat/completions", json={"messages": messages}, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[2]" and "content[0] is a refusal part" in error["message"]

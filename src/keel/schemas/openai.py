@@ -318,6 +318,14 @@ class ImagePart(_Wire):
     image_url: ImageUrl
 
 
+class RefusalPart(_Wire):
+    """An assistant's refusal, as OpenAI's API and SDK replay it in history: the
+    assistant's text (it was a 400, and the conversation could not go on)."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 """What OpenAI takes as a function's name."""
 
@@ -347,7 +355,7 @@ class ChatMessageIn(_Wire):
     )
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart | ImagePart] | None = None
+    content: str | list[ContentPart | ImagePart | RefusalPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = Field(
@@ -362,21 +370,29 @@ class ChatMessageIn(_Wire):
                 raise ValueError(f"at most {MAX_PARTS} items (parts) in one message's content")
             for part in value:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind not in ("text", "image_url"):
+                if isinstance(kind, str) and kind not in ("text", "image_url", "refusal"):
                     raise ValueError(
                         f"a part of type {kind!r}: keel passes on text and images"
-                        " ('text', 'image_url' parts)"
+                        " ('text', 'image_url' parts, and an assistant's 'refusal')"
                     )
         return value
 
     @model_validator(mode="after")
     def _says_something(self) -> ChatMessageIn:
         """Only an assistant's message may come without content (its tool calls say it);
-        a user's without was answered as if it had said nothing."""
+        a user's without was answered as if it had said nothing. Only an assistant
+        refuses."""
         if self.content is None and self.role != "assistant":
             raise ValueError(
                 f"a {self.role} message needs its content (only an assistant's may be null)"
             )
+        if self.role != "assistant" and isinstance(self.content, list):
+            for index, part in enumerate(self.content):
+                if isinstance(part, RefusalPart):
+                    raise ValueError(
+                        f"content[{index}] is a refusal part, which only an assistant's "
+                        f"message holds: send a {self.role} message's text as a 'text' part"
+                    )
         return self
 
     def to_message(self) -> ChatMessage:
@@ -397,7 +413,11 @@ class ChatMessageIn(_Wire):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content if isinstance(part, ContentPart))
+        return "\n".join(
+            part.text if isinstance(part, ContentPart) else part.refusal
+            for part in self.content
+            if not isinstance(part, ImagePart)
+        )
 
 
 SCHEMA_DEPTH_LIMIT = 64
