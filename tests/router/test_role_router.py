@@ -1333,6 +1333,10 @@ async def test_keels_own_rate_limit_is_no_failure_of_the_provider(
     clock.advance(30.0)
     _, route = await run(router)
     assert route.provider is not None and route.provider.name == "fb"
+    # each request its limit turned away counts: kept off by the first refusal, the
+    # rest were counted nowhere (one of four 429s)
+    assert limited.provider.status()["rate_limit"]["refused"] == 2  # type: ignore[index]
+    assert limited.snapshot()["rate_limited_for"] > 0 and limited.trouble() == "rate limited"
 
 
 async def test_an_endpoint_serving_requests_is_not_probed(

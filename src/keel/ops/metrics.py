@@ -229,7 +229,7 @@ def _rate_limit_families(providers: Iterable[Provider]) -> Iterator[Metric]:
     refusals = CounterMetricFamily(
         "keel_rate_limit_refusals",
         "Requests refused by keel's own rate limit for the provider (a fallback served them, "
-        "or the client got 503).",
+        "or the client got 429).",
         labels=["provider"],
     )
     for provider in providers:

@@ -162,6 +162,11 @@ class Endpoint:
     """The worker process (its pid) the last failure was in (local providers)."""
     auth_failed: bool = False
     blocked_until: float = 0.0
+    """Until when its backend asked for nothing (a 429's, a 503's ``Retry-After``)."""
+    limited_until: float = 0.0
+    """Until when keel's own ``rate_limit`` for it has no turn: tried all the same, as its
+    limiter refuses at once and counts each refusal (kept off, the requests it refused
+    were counted in no metric: one of four 429s)."""
     prompts_shrunk: int = 0
     """Prompts keel built that the backend found over its context, sent again at half."""
     retries: int = 0
@@ -224,7 +229,7 @@ class Endpoint:
             return "auth failed"
         if self.breaker.state is BreakerState.OPEN:
             return "breaker open"
-        if self.clock() < self.blocked_until:
+        if self.clock() < max(self.blocked_until, self.limited_until):
             return "rate limited"
         if not self.running():
             return f"worker {self.provider.status().get('state')}"
@@ -276,7 +281,9 @@ class Endpoint:
             "outstanding": self.outstanding,
             "last_error": self.last_error,
             "latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
-            "rate_limited_for": max(0.0, round(self.blocked_until - self.clock(), 1)),
+            "rate_limited_for": max(
+                0.0, round(max(self.blocked_until, self.limited_until) - self.clock(), 1)
+            ),
             "prompts_shrunk": self.prompts_shrunk,
             "retries": self.retries,
             "fallbacks_to": self.fallbacks_to,
@@ -354,6 +361,7 @@ class RoleRouter:
     def succeeded(self, endpoint: Endpoint, latency: float) -> None:
         """``latency``: seconds to the first piece."""
         endpoint.breaker.record_success()
+        endpoint.limited_until = 0.0  # its limiter had a turn: the wait it said is over
         if endpoint.record_ok(latency):
             log.info("provider %s is healthy again", endpoint.name)
             self.events.provider_health(endpoint.name, True)
@@ -373,7 +381,7 @@ class RoleRouter:
         counts it): the provider is only kept off until its turn."""
         if error.code == REFUSED:
             endpoint.breaker.record_ignored()
-            endpoint.blocked_until = self.clock() + (error.retry_after or 1.0)
+            endpoint.limited_until = self.clock() + (error.retry_after or 1.0)
             return
         self.events.provider_failed(endpoint.name, kind, type(error).__name__)
         if kind is Failure.CRASHED and not endpoint.new_crash(error):
@@ -415,8 +423,9 @@ class RoleRouter:
         keeping to its backend's Retry-After (the client should wait, not call keel
         broken), else the one provider's own error, else each endpoint's state."""
         now = self.clock()
-        if self.endpoints and all(e.blocked_until > now for e in self.endpoints):
-            wait = min(e.blocked_until - now for e in self.endpoints)
+        waits = [max(e.blocked_until, e.limited_until) - now for e in self.endpoints]
+        if waits and all(wait > 0 for wait in waits):
+            wait = min(waits)
             return RateLimited(
                 f"every {self.role} provider is rate limited (by its backend, or by its "
                 f"rate_limit in keel's config) or asked for a pause; retry in "
