@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,12 +58,15 @@ def create_app(
     config_path: Path | None = None,
     host: str | None = None,
     command_line: frozenset[str] = frozenset(),
+    reload_asked: threading.Event | None = None,
 ) -> FastAPI:
     """The app for ``settings``; ``providers`` may be given (built by the caller) or built
     here. ``config_path`` is the file a reload re-reads (None: the data root's); ``host``
     the address keel listens on (None: ``[server] host``); ``command_line``: the settings
     `keel serve`'s options gave (``server.host``, ``server.port``), which the file's do not
-    change."""
+    change; ``reload_asked``: set by a SIGHUP that came while keel started, before the
+    app's own handler: the config is read again once the app is up (the file may have
+    changed after it was read)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,6 +153,9 @@ def create_app(
 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+        if reload_asked is not None and reload_asked.is_set():  # after the handler: none lost
+            log.info("SIGHUP came while keel was starting: reloading the config now")
+            on_sighup()
         parts.routing.start_prober()
         try:
             yield

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -218,8 +219,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # cost ~0.05 s of the ~0.7 s of CPU a start takes, for little to free.
     gc.disable()
     # A reload asked for before the app can do one (its handler comes with the lifespan)
-    # is nothing to do: its default ended keel (a --supervise forwards SIGHUP).
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # is kept and done once keel has started: ignored, the file read before it was served
+    # whatever it said (and its default ended keel; a --supervise forwards SIGHUP).
+    reload_asked = threading.Event()
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload_asked.set())
 
     from keel.providers.catalog import build_providers
 
@@ -263,7 +266,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else None
     given = {"server.host": args.host, "server.port": args.port}
     options = frozenset(key for key, value in given.items() if value not in (None, ""))
-    app = create_app(settings, paths, providers, config_path, host, options)
+    app = create_app(settings, paths, providers, config_path, host, options, reload_asked)
     from uvicorn.config import LOGGING_CONFIG
 
     from keel.api.errors import LoggedOnce

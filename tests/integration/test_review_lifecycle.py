@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -81,3 +84,46 @@ def test_a_data_root_deleted_while_keel_runs_is_counted_shown_and_a_503(
         keel.stop()
     log = keel.log.read_text()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+FALLBACK = '[[model.chat.fallback]]\nkind = "openai/chat"\napi_endpoint = "http://127.0.0.1:9/v1"\n'
+
+
+def chat_chain(url: str, key: str) -> list[str]:
+    headers = {"Authorization": f"Bearer {key}"}
+    roles = httpx.get(f"{url}/v1/providers", headers=headers, timeout=10).json()["roles"]
+    return [p["name"] for p in roles["chat"]["providers"]]
+
+
+def test_a_sighup_while_keel_starts_reloads_the_config_once_it_has(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A SIGHUP before the app's handler was installed was ignored: a file changed after
+    keel read it was not served, and nothing said so. It is kept, and the config read
+    again once keel has started. The start is held where the window is, by a Redis that
+    never answers (keel asks it in its lifespan, before the app's SIGHUP handler)."""
+    root = tmp_path / "root"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        state = (
+            f'[state]\nredis_url = "redis://127.0.0.1:{silent.getsockname()[1]}"\n'
+            'timeout_seconds = 2\n[auth]\napi_keys = ["key-for-tests-1"]\n'  # with Redis: keys
+        )
+        keel = spawn(root, http_config(upstream.url, state), tmp_path / "keel.log")
+        try:
+            held, _ = silent.accept()  # keel is in its lifespan, asking Redis
+            with held:
+                (root / "config.toml").write_text(http_config(upstream.url, state, FALLBACK))
+                keel.process.send_signal(signal.SIGHUP)
+                keel.wait_ready()
+                deadline = time.monotonic() + 30
+                while len(chain := chat_chain(keel.url, "key-for-tests-1")) != 2:
+                    assert time.monotonic() < deadline, f"the SIGHUP was lost: {chain}"
+                    time.sleep(0.1)
+            assert keel.process.poll() is None
+        finally:
+            keel.stop()
+    log = keel.log.read_text()
+    assert "SIGHUP came while keel was starting" in log, log[-3000:]
