@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from keel.errors import UpstreamStatusError
+from keel.errors import RequestError
 from keel.pipeline.prompt import control_pattern, user_text_pieces
 from keel.providers.base import (
     ChatCall,
+    ChatMessage,
     ChatProvider,
     CompletionCall,
     CompletionProvider,
@@ -158,14 +159,14 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
-        if any(message.parts for message in call.messages):
+        if (image := _image_part(call.messages)) is not None:
             return _refused(
-                UpstreamStatusError(
-                    "the model reads text only: a message with an image cannot be answered"
-                    " here (a chat backend that reads images can: openai/chat)",
-                    provider=self.name,
-                    code="bad_request",
-                    upstream_status=400,
+                RequestError(
+                    f"{self.info.model} reads text only: {image} is an image, which it cannot"
+                    " answer; send text alone, or use a chat backend that reads images"
+                    " (openai/chat)",
+                    param=image,
+                    code=UNSUPPORTED,
                 )
             )
         messages = [{"role": m.role, "content": m.content} for m in call.messages]
@@ -184,13 +185,12 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
                 # A call the caller made compulsory: answered in text, an agent that
                 # forces one read prose as if no tool had been needed.
                 return _refused(
-                    UpstreamStatusError(
-                        "the model does not call tools, and tool_choice asks for a call: send "
-                        "tool_choice auto or none (answered in text), or use a chat backend "
-                        "that calls tools (openai/chat)",
-                        provider=self.name,
-                        code="bad_request",
-                        upstream_status=400,
+                    RequestError(
+                        f"{self.info.model} does not call tools, and tool_choice asks for a "
+                        "call: send tool_choice auto or none (answered in text), or use a "
+                        "chat backend that calls tools (openai/chat)",
+                        param="tool_choice",
+                        code=UNSUPPORTED,
                     )
                 )
             self.tools_answered_in_text += 1
@@ -225,7 +225,21 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         return [[float(x) for x in vector] for vector in reply["embeddings"]]
 
 
-async def _refused(error: UpstreamStatusError) -> AsyncIterator[str]:
+UNSUPPORTED = "unsupported_for_model"
+"""The code of a request the local model cannot serve as asked: the client's error, no
+upstream's (no backend was called) and no failure of the provider's."""
+
+
+def _image_part(messages: Sequence[ChatMessage]) -> str | None:
+    """Where the first image is, as the request's field (``messages[1].content[0]``)."""
+    for at, message in enumerate(messages):
+        for index, part in enumerate(message.parts):
+            if part.get("type") == "image_url":
+                return f"messages[{at}].content[{index}]"
+    return None
+
+
+async def _refused(error: RequestError) -> AsyncIterator[str]:
     """A stream that fails at once with the client's ``error`` (not the provider's)."""
     raise error
     yield ""  # an async generator: the error comes when the stream is read
