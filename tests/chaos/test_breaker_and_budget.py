@@ -128,10 +128,17 @@ def test_other_4xx_go_back_to_the_client_as_is(
     keel = keel_factory(chain_config(primary.url, fallback.url))
     message = {"error": {"message": "'temperature' must be between 0 and 2"}}
     primary.behave(Behaviour.error(422, message))
-    for call in (keel.completion, keel.chat):
+    for call, role in ((keel.completion, "completion"), (keel.chat, "chat")):
         response = call()
         assert response.status_code == 422, response.text
         assert "'temperature' must be between 0 and 2" in response.json()["error"]["message"]
+        # named as the backend that refused it (it was counted under provider "")
+        assert response.headers["x-keel-provider"] == primary_name(role), response.headers
+    metrics = keel.http.get("/metrics").text
+    counted = (
+        f'provider="{primary_name("chat")}",role="chat",route="/v1/chat/completions",status="422"'
+    )
+    assert counted in metrics, [line for line in metrics.splitlines() if 'status="422"' in line]
     assert live(fallback) == 0, "no fallback for the client's own mistake"
     assert live(primary, COMPLETIONS) == 1 and live(primary, "/chat/completions") == 1
     state = keel.endpoint("completion", primary_name("completion"))

@@ -363,9 +363,15 @@ class Attempts:
             )
         )
         if self._decision is Decision.GIVE_UP:
-            if kind is Failure.TOO_LONG:
-                raise context_overflow(error, self.router.role, self.limit_name)
-            raise client_error(error)
+            refusal: KeelError = (
+                context_overflow(error, self.router.role, self.limit_name)
+                if kind is Failure.TOO_LONG
+                else client_error(error)
+            )
+            # the backend that refused it, in X-Keel-Provider and the request's metrics,
+            # as a failure's (it was counted under provider "")
+            refusal.provider = endpoint.name
+            raise refusal
         return True
 
 
