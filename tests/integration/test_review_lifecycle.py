@@ -3,6 +3,7 @@ its data root deleted while it runs, a second signal during the shutdown drain."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -127,3 +128,43 @@ def test_a_sighup_while_keel_starts_reloads_the_config_once_it_has(
             keel.stop()
     log = keel.log.read_text()
     assert "SIGHUP came while keel was starting" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_ends_the_drain_at_once_and_streams_with_their_end(
+    tmp_path: Path, second: signal.Signals
+) -> None:
+    """A second Ctrl-C (or SIGTERM) during the shutdown drain cut streams with no end
+    event and no ``[DONE]``, and logged CancelledError tracebacks ("Exception in ASGI
+    application"). It ends the drain at once, and each stream with its error event and
+    ``[DONE]``, as the grace's end does; nothing is logged as a crash."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with FakeUpstream(tokens=("tok",) * 200, token_delay=0.1) as upstream:
+        keel = spawn(tmp_path / "root", http_config(upstream.url), tmp_path / "keel.log")
+        lines: list[str] = []
+        try:
+            keel.wait_ready()
+            with (
+                keel.client(timeout=60) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as answer,
+            ):
+                assert answer.status_code == 200
+                for line in answer.iter_lines():
+                    if line and not lines:
+                        keel.process.send_signal(signal.SIGINT)
+                        time.sleep(0.5)
+                        keel.process.send_signal(second)
+                        stopped_at = time.monotonic()
+                    if line:
+                        lines.append(line)
+            code = keel.process.wait(30)
+            took = time.monotonic() - stopped_at
+        finally:
+            keel.stop()
+    log = keel.log.read_text()
+    assert lines[-1] == "data: [DONE]", (lines[-3:], log[-3000:])
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "unavailable" and "send the request again" in error["message"]
+    assert took < 5, took  # at once, not at the grace's end (30 s)
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert code == 130, code  # stopped by Ctrl-C, as after one

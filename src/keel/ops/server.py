@@ -78,6 +78,7 @@ class Server(uvicorn.Server):
             HeadLimitedProtocol.max_connections = max(64, raise_fd_limit() // FD_HEADROOM)
         super().__init__(config)
         self._woken: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._hurried = False
 
     async def main_loop(self) -> None:
         """uvicorn's, with one tick a second instead of ten (each tick updates the
@@ -92,6 +93,17 @@ class Server(uvicorn.Server):
             should_exit = await self.on_tick(0)  # 0: the Date header is updated
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The first SIGTERM or SIGINT begins the drain; a second ends it at once, each
+        request still running with its answer, as the grace's end does (uvicorn's force
+        exit on a second Ctrl-C cut streams with neither an error event nor ``[DONE]``
+        and logged a CancelledError traceback each; a second SIGTERM did nothing). The
+        process ends as the first signal asked. A third is uvicorn's: a Ctrl-C forces."""
+        if self.should_exit and not self._hurried and self._woken is not None:
+            self._hurried = True
+            loop, _ = self._woken
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing runs
+                loop.call_soon_threadsafe(self._end_requests, "a second signal")
+            return
         super().handle_exit(sig, frame)
         if self._woken is not None:
             loop, wake = self._woken
@@ -105,16 +117,18 @@ class Server(uvicorn.Server):
         ending = None
         if grace:
             delay = grace - min(END_MARGIN, grace / 5)
-            ending = asyncio.get_running_loop().call_later(delay, self._end_requests)
+            ending = asyncio.get_running_loop().call_later(
+                delay, self._end_requests, "shutdown grace over"
+            )
         try:
             await super().shutdown(sockets)
         finally:
             if ending is not None:
                 ending.cancel()
 
-    def _end_requests(self) -> None:
+    def _end_requests(self, why: str) -> None:
         tasks = [task for task in self.server_state.tasks if not task.done()]
         if tasks:
-            log.warning("shutdown grace over: ending %d request(s) still running", len(tasks))
+            log.warning("%s: ending %d request(s) still running", why, len(tasks))
         for task in tasks:
             task.cancel(msg=STOPPING)
