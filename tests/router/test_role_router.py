@@ -1441,3 +1441,21 @@ async def test_a_backend_keels_own_busy_loop_kept_waiting_is_not_unreachable(
     port = int(dead_url.rsplit(":", 1)[1])
     await reach(build.router([[dead]]), dead, "127.0.0.1", port, 0.2)
     assert dead.last_error and "cannot connect" in dead.last_error
+
+
+async def test_a_provider_two_roles_share_shows_each_roles_own_fallbacks(
+    build: Build, upstreams: Callable[..., FakeUpstream]
+) -> None:
+    """The embedded model is one endpoint of several roles: completions falling back to
+    it showed as fallbacks of chat, which had none."""
+    primary, shared_backend = upstreams(), upstreams()
+    primary.behave(Behaviour.error(500))
+    shared = build.endpoint(shared_backend.url, name="shared")
+    completion = build.router([[build.endpoint(primary.url, name="primary")], [shared]])
+    chat = build.router([[shared]], role="chat")
+    for _ in range(2):
+        pieces, _ = await run(completion)
+        assert "".join(pieces) == ANSWER
+    await run(chat)
+    assert shared.snapshot("completion")["fallbacks_to"] == 2
+    assert shared.snapshot("chat")["fallbacks_to"] == 0

@@ -264,7 +264,8 @@ class Attempts:
     def _start(self, endpoint: Endpoint, *, number: int, shrink: bool, delay: float) -> Attempt:
         previous = self._current
         if previous is not None and previous.endpoint is not endpoint:
-            endpoint.fallbacks_to += 1
+            role = self.router.role
+            endpoint.fallbacks_to[role] = endpoint.fallbacks_to.get(role, 0) + 1
             self.router.events.fallback(self.router.role, previous.endpoint.name, endpoint.name)
         self._current = Attempt(self, endpoint, number=number, shrink=shrink, delay=delay)
         return self._current

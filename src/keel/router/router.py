@@ -171,8 +171,10 @@ class Endpoint:
     """Prompts keel built that the backend found over its context, sent again at half."""
     retries: int = 0
     """Failed calls to it keel made again (``keel_retries_total``)."""
-    fallbacks_to: int = 0
-    """Requests moved to it from the provider before it in the chain (``keel_fallbacks_total``)."""
+    fallbacks_to: dict[str, int] = field(default_factory=dict)
+    """Requests moved to it from the provider before it in the chain, by role
+    (``keel_fallbacks_total``): the embedded model serves several roles, and one role's
+    fallbacks showed under another that had none."""
     latencies: list[float] = field(default_factory=list)
     unanswered_since: float | None = None
     """The event loop's time of the first attempt sent to it since it last sent anything
@@ -266,7 +268,8 @@ class Endpoint:
         self.last_crash = worker
         return True
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self, role: str | None = None) -> dict[str, object]:
+        """Its state, with the fallbacks of ``role`` (of every role where None)."""
         ordered = sorted(self.latencies)
         p50 = ordered[len(ordered) // 2] if ordered else None
         return {
@@ -286,7 +289,9 @@ class Endpoint:
             ),
             "prompts_shrunk": self.prompts_shrunk,
             "retries": self.retries,
-            "fallbacks_to": self.fallbacks_to,
+            "fallbacks_to": (
+                self.fallbacks_to.get(role, 0) if role else sum(self.fallbacks_to.values())
+            ),
             "timeouts": asdict(self.timeouts),
             "worker": self.provider.status(),
         }

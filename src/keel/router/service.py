@@ -360,7 +360,7 @@ class Routing:
             chain = []
             for index, group in enumerate(router.groups):
                 for endpoint in group:
-                    chain.append({"position": index, **endpoint.snapshot()})
+                    chain.append({"position": index, **endpoint.snapshot(role)})
             roles[role] = {
                 "providers": chain,
                 "serving_fallback": router.serving_fallback,
