@@ -420,10 +420,10 @@ def keys_file_trouble(settings: Settings, paths: Paths) -> str | None:
         problem = f"cannot be used: {exc}"
     else:
         return None
-    return (
-        f"auth.keys_file {path} {problem}: keel would refuse every key it should hold "
-        f"(a relative path is read from the data root, {paths.root})"
-    )
+    said = f"auth.keys_file {path} {problem}: keel would refuse every key it should hold"
+    if Path(str(settings.auth.keys_file)).expanduser().is_absolute():
+        return said  # the remark on relative paths misled for an absolute one
+    return f"{said} (a relative path is read from the data root, {paths.root})"
 
 
 def check_exposure(report: Report, settings: Settings, paths: Paths, host: str) -> None:
