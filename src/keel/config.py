@@ -594,8 +594,14 @@ def host_issue(host: str, command_line: bool = False) -> str | None:
     return None
 
 
-LOCAL_ORIGINS = ("http://localhost", "http://127.0.0.1", "http://[::1]")
-"""Pages served from this machine, on any port (Ollama allows the same by default)."""
+LOCAL_ORIGINS = tuple(
+    f"{scheme}://{host}"
+    for scheme in ("http", "https")
+    for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
+)
+"""Pages served from this machine, on any port, over http or https (a local dev server
+over TLS was refused), and at 0.0.0.0, which keel takes as a local Host too (Twinny's
+default), as Ollama allows them by default."""
 
 
 class ServerConfig(_Section):

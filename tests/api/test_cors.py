@@ -60,6 +60,10 @@ async def test_a_page_on_this_machine_may_call_keel_by_default(
     # keel directly never saw when to retry after a 429 or 503
     assert "X-Keel-Provider" in exposed and "Retry-After" in exposed, exposed
     assert "Origin" in answer.headers["vary"]
+    # a local dev server over TLS, and one at 0.0.0.0 (a local Host to keel): refused
+    for local in ("https://localhost:3000", "http://0.0.0.0:3000", "https://[::1]:5173"):
+        asked = await default.options("/v1/chat/completions", headers=preflight(local))
+        assert asked.status_code == 204, (local, asked.text)
 
 
 async def test_another_sites_page_gets_no_grant(default: httpx.AsyncClient) -> None:
