@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from keel.providers.base import ChatMessage
+from keel.providers.local import engine_messages
 from tests.conftest import KeelProcess
 
 pytestmark = pytest.mark.integration
@@ -66,3 +68,63 @@ def test_what_the_local_model_cannot_serve_names_the_field(
             assert param in error["message"] or "tool_choice" in error["message"], error
         provider = _chat_provider(client)
     assert (provider["breaker"], provider["healthy"]) == ("closed", True), provider
+
+
+CALL = {
+    "id": "call_7",
+    "type": "function",
+    "function": {"name": "read_file", "arguments": '{"path": "src/main.py"}'},
+}
+HISTORY: list[dict[str, Any]] = [
+    {"role": "user", "content": "What does main.py print?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_7", "content": "print('hello')"},
+]
+
+
+def test_earlier_tool_calls_and_results_reach_the_local_models_prompt(
+    keel_server: KeelProcess,
+) -> None:
+    """The embedded model's template renders no tool calls: they are written into the
+    assistant's turn, and the result under its function's name (both were dropped: the
+    model read an empty assistant turn, then a bare result)."""
+
+    def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+        body = {"messages": messages, "max_tokens": 1, "temperature": 0, "tools": [TOOL]}
+        answer = client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        tokens: int = answer.json()["usage"]["prompt_tokens"]
+        return tokens
+
+    bare = [
+        HISTORY[0],
+        {"role": "assistant", "content": ""},
+        {"role": "tool", "content": "print('hello')"},
+    ]
+    with keel_server.client() as client:
+        kept, dropped = prompt_tokens(HISTORY), prompt_tokens(bare)
+    # the call's name, its arguments and the result's name: a dozen tokens at least
+    assert kept - dropped >= 12, (kept, dropped)
+
+
+def test_a_template_that_takes_tool_calls_is_given_them() -> None:
+    """OpenAI's fields, where the model's template renders them; as text where not."""
+    messages = tuple(
+        ChatMessage(
+            m["role"], m["content"] or "", tuple(m.get("tool_calls", ())), m.get("tool_call_id")
+        )
+        for m in HISTORY
+    )
+    given = engine_messages(messages, takes_calls=True)
+    assert given[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    assert given[2] == {
+        "role": "tool",
+        "content": "print('hello')",
+        "tool_call_id": "call_7",
+        "name": "read_file",
+    }
+    written = engine_messages(messages, takes_calls=False)
+    assert set(written[1]) == {"role", "content"} and set(written[2]) == {"role", "content"}
+    assert "read_file" in written[1]["content"] and "src/main.py" in written[1]["content"]
+    assert written[2]["content"].startswith("Result of read_file")
+    assert written[2]["content"].endswith("print('hello')")

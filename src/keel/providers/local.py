@@ -169,12 +169,15 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
                     code=UNSUPPORTED,
                 )
             )
-        messages = [{"role": m.role, "content": m.content} for m in call.messages]
+        template = self.supervisor.spec.header().get("tokenizer.chat_template")
+        takes_calls = isinstance(template, str) and "tool_calls" in template
+        messages = engine_messages(call.messages, takes_calls=takes_calls)
         op: dict[str, Any] = {"op": "chat", "messages": messages, **_sampling(call.params)}
         if call.response_format is not None:
             op["response_format"] = call.response_format
         elif (controls := control_pattern(self.supervisor.control_tokens())) is not None and any(
-            controls.search(m.content) for m in call.messages
+            controls.search(m["content"]) or controls.search(str(m.get("tool_calls", "")))
+            for m in messages
         ):
             # A message spelling a control token ("<|im_end|>" in a pasted file) ended
             # its turn there in the engine's own templating: read as text instead.
@@ -223,6 +226,43 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         )
         self.embedding_inputs_truncated += len(reply.get("truncated", ()))
         return [[float(x) for x in vector] for vector in reply["embeddings"]]
+
+
+def engine_messages(messages: Sequence[ChatMessage], *, takes_calls: bool) -> list[dict[str, Any]]:
+    """The chat as the engine's template takes it. Earlier tool calls and their results
+    are kept (they were dropped: the model read an empty assistant turn, then a bare
+    result): passed on as OpenAI's fields where the model's template renders them
+    (``takes_calls``: it names ``tool_calls``), else written into the turns as text, a
+    call as its function's name and arguments, a result under the name of the function
+    that gave it, as the model reads any other text (it is never asked to call tools)."""
+    names = {
+        call.get("id"): call.get("function", {}).get("name")
+        for message in messages
+        for call in message.tool_calls
+    }
+    shaped: list[dict[str, Any]] = []
+    for message in messages:
+        wire: dict[str, Any] = {"role": message.role, "content": message.content}
+        name = message.name or names.get(message.tool_call_id)
+        if takes_calls:
+            if message.tool_calls:
+                wire["tool_calls"] = list(message.tool_calls)
+            if message.tool_call_id is not None:
+                wire["tool_call_id"] = message.tool_call_id
+                wire["name"] = name or message.tool_call_id
+        elif message.tool_calls:
+            calls = [_call_text(call) for call in message.tool_calls]
+            wire["content"] = "\n".join(filter(None, [message.content, *calls]))
+        elif message.tool_call_id is not None:
+            said = f"Result of {name or 'the call'} ({message.tool_call_id}):"
+            wire["content"] = f"{said}\n{message.content}"
+        shaped.append(wire)
+    return shaped
+
+
+def _call_text(call: dict[str, Any]) -> str:
+    function = call.get("function", {})
+    return f"Called {function.get('name')} ({call.get('id')}) with {function.get('arguments')}"
 
 
 UNSUPPORTED = "unsupported_for_model"
