@@ -332,9 +332,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
                 f"repository {repo.name!r} would not be indexed",
                 file=sys.stderr,
             )
-    from keel.ops.doctor import keys_file_trouble
-
-    if (trouble := keys_file_trouble(settings, paths)) is not None:
+    for trouble in _serve_troubles(settings, paths):
         print(f"warning: {trouble}", file=sys.stderr)
     from keel.config import EMBEDDED_MODEL_ID
     from keel.providers.catalog import wants_embedded_last_resort
@@ -352,6 +350,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             if isinstance(provider, HttpModelConfig):
                 print(f"    {provider.kind}: rate limit: {_rate_limit_text(provider)}")
     return 0
+
+
+def _serve_troubles(settings: Settings, paths: Paths) -> list[str]:
+    """What `keel serve` would meet on this machine beyond the file: a keys file it cannot
+    read (it would refuse every key), local models that do not fit in memory (exit 69)."""
+    from keel.ops.doctor import fit_trouble, keys_file_trouble
+
+    found = (keys_file_trouble(settings, paths), fit_trouble(settings, paths))
+    return [trouble for trouble in found if trouble is not None]
 
 
 def _admission_text(role: RoleConfig) -> str:

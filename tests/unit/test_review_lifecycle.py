@@ -32,3 +32,22 @@ def test_a_missing_keys_file_is_said_relative_only_when_it_is(
     assert code == 0, said
     assert "auth.keys_file" in said and "does not exist" in said, said
     assert (RELATIVE_REMARK in said) is relative, said
+
+
+def test_local_models_that_do_not_fit_in_memory_are_a_warning_of_config_check(
+    tmp_path: Path,
+) -> None:
+    """`keel config check` said ok for local models `keel serve` refuses before binding
+    (exit 69: "the local models do not fit in memory: need ~370805 MiB, ..."). It warns,
+    with serve's own estimate (no model loaded), and still exits 0: the file is valid."""
+    huge = (
+        '[model.completion.local]\nmodel_id = "SmolLM2-135M-Instruct"\n'
+        "context_size = 1048576\nparallelism = 16\n"
+    )
+    code, said = _check(tmp_path, huge)
+    assert code == 0, said
+    assert "the local models do not fit in memory: need ~" in said, said
+    assert "keel serve here would exit 69" in said, said
+    small = '[model.completion.local]\nmodel_id = "SmolLM2-135M-Instruct"\ncontext_size = 2048\n'
+    code, said = _check(tmp_path, small)
+    assert code == 0 and "fit in memory" not in said, said

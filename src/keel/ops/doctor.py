@@ -357,6 +357,23 @@ def check_fit(providers: Iterable[Provider], *, what: str = "the local models") 
         raise InsufficientMemory(f"{what} do not fit in memory: {summary}{MEMORY_ADVICE}")
 
 
+def fit_trouble(settings: Settings, paths: Paths) -> str | None:
+    """Why ``keel serve`` would refuse these local models for the memory they need, as
+    :func:`check_fit` judges it before binding (exit 69), or None; no model is loaded.
+    For `keel config check`, which said ok for a config serve refused."""
+    from keel.providers.catalog import build_providers
+
+    try:
+        providers = build_providers(settings, paths)
+    except KeelError:  # a model file missing or unusable: said on its own
+        return None
+    try:
+        check_fit(providers.unique())
+    except InsufficientMemory as exc:
+        return f"{exc.message} (keel serve here would exit {exc.exit_code})"
+    return None
+
+
 def check_memory(report: Report, settings: Settings, paths: Paths, meminfo: Path) -> None:
     """Weights + KV cache (per slot) + overhead for every worker keel would start."""
     from keel.providers.catalog import build_providers
