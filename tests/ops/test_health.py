@@ -50,3 +50,8 @@ def test_head_is_answered_as_get_without_the_body(keel_server: KeelProcess) -> N
         refused = client.head("/v1/completions")  # a POST route: GET's 405, no body
         assert refused.status_code == 405 and refused.content == b""
         assert refused.headers["allow"] == "POST"
+        counted = client.get("/metrics").text  # by route, as a GET is (they were "other")
+    assert 'method="HEAD",provider="",role="",route="/ready",status="200"' in counted
+    assert not [
+        line for line in counted.splitlines() if 'method="HEAD"' in line and '"other"' in line
+    ]

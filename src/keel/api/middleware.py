@@ -263,6 +263,7 @@ class KeelMiddleware:
             ]
         response = _Response(send, added, state)
         token = request_id.set(current)
+        served = scope
         try:
             if origin is not None and scope["method"] == "OPTIONS":
                 await self.cors.preflight(origin, scope)(scope, receive, response)
@@ -286,7 +287,9 @@ class KeelMiddleware:
                 raise
             await error_response(stopped())(scope, receive, response)  # not begun: a 503
         finally:
-            self._record(scope, response, time.perf_counter() - start)
+            # a HEAD's route is its GET's, found on the copy routed (it was "other")
+            routed = scope if served is scope else {**served, "method": scope["method"]}
+            self._record(routed, response, time.perf_counter() - start)
             request_id.reset(token)
 
     async def _limited(
