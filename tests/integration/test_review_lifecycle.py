@@ -168,3 +168,24 @@ def test_a_second_signal_ends_the_drain_at_once_and_streams_with_their_end(
     assert took < 5, took  # at once, not at the grace's end (30 s)
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
     assert code == 130, code  # stopped by Ctrl-C, as after one
+
+
+@pytest.mark.parametrize(
+    ("sent", "status"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)]
+)
+def test_a_clean_stop_ends_as_its_signal_asked(
+    tmp_path: Path, upstream: FakeUpstream, sent: signal.Signals, status: int
+) -> None:
+    """The exit status the README's list gives for a stop: killed by SIGTERM (what
+    systemd counts as a clean stop, and Docker shows as 143), 130 for Ctrl-C (a shell's
+    128 + SIGINT). `keel serve --supervise` stopped by either exits 0:
+    tests/ops/test_supervise.py."""
+    keel = spawn(tmp_path / "root", http_config(upstream.url), tmp_path / "keel.log")
+    try:
+        keel.wait_ready()
+        keel.process.send_signal(sent)
+        assert keel.process.wait(30) == status
+    finally:
+        keel.stop()
+    log = keel.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
