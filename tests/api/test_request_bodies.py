@@ -177,7 +177,9 @@ async def test_a_misspelled_model_management_field_is_a_400_naming_it(
     ]:
         response = await client.post(path, json=body, headers=ADMIN)
         assert response.status_code == 400, response.text
-        assert f"unknown field {field!r}" in response.json()["error"]["message"]
+        error = response.json()["error"]
+        assert error["message"].startswith(f"unknown field {field!r}: this takes "), error
+        assert error["param"] == field, error  # it was "body"
     providers = (await client.get("/v1/providers", headers=ADMIN)).json()["roles"]
     assert len(providers["completion"]["providers"]) == 3, "nothing was unloaded"
     tabbyapi = {"name": "no-such-model", "cache_mode": "Q4", "gpu_split_auto": True}

@@ -32,6 +32,7 @@ from keel.errors import (
     internal_error,
 )
 from keel.ops.logging import request_id
+from keel.schemas.admin import UNKNOWN_FIELD
 from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY
 
 log = logging.getLogger("keel.api")
@@ -179,6 +180,8 @@ def validation_error(errors: list[Any]) -> RequestError:
     message = _type_message(errors, field) or message
     missing = first.get("type") == "missing"
     text = f"'{field}' is required" if missing else f"'{field}': {message}"
+    if first.get("type") == UNKNOWN_FIELD:  # the message names it, and the param is it
+        field, text = str(first["ctx"]["field"]), message
     # the same fault as a union's other branches saw it is not another one
     others = [
         at for at in (_field(tuple(e.get("loc", ()))) for e in errors[1:]) if not _within(at, field)

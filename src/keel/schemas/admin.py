@@ -12,8 +12,12 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from keel.config import Role
+
+UNKNOWN_FIELD = "unknown_field"
+"""The error type of a field a body does not take; its ``field`` is the error's param."""
 
 
 class _Wire(BaseModel):
@@ -40,7 +44,11 @@ class _Wire(BaseModel):
                     for name, aliases in names.items()
                 ]
                 takes = ", ".join(fields) or "no fields"
-                raise ValueError(f"unknown field {unknown[0]!r}: this takes {takes}{cls.also}")
+                said = f"unknown field {unknown[0]!r}: this takes {takes}{cls.also}"
+                # its name is the error's param (it was "body")
+                raise PydanticCustomError(
+                    UNKNOWN_FIELD, "{said}", {"said": said, "field": unknown[0]}
+                )
         return data
 
 
