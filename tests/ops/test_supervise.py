@@ -201,3 +201,38 @@ def test_a_sighup_while_keel_starts_is_no_crash(tmp_path: Path) -> None:
         assert server.process.poll() is None
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_supervised_keel_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C reaches keel as SIGINT, which it ends with 130 (128 + SIGINT) once drained:
+    the supervisor called that stop "exit code 130" and exited 130, a failure to a
+    script, where SIGTERM's was "cleanly" and 0."""
+    port = free_port()
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            supervised(tmp_path, "--port", str(port)),
+            env=env(tmp_path),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "started keel" not in log.read_text() or not _answers(port):
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "keel stopped (cleanly)" in log.read_text(), log.read_text()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -13,7 +13,7 @@ stop, not a crash.
 SIGTERM and SIGINT are forwarded to the child once, and the supervisor waits
 for it to drain and exit. The child runs in its own session so a terminal's
 Ctrl-C reaches it only through the supervisor (one signal, not two: a second
-one would make uvicorn skip the drain), and it gets SIGTERM if the
+one ends keel's drain at once), and it gets SIGTERM if the
 supervisor dies. The number of restarts so far is passed to the child in
 ``KEEL_SUPERVISOR_RESTARTS`` and exported as ``keel_supervisor_restarts``.
 """
@@ -130,8 +130,8 @@ class Supervisor:
             self._child = None
             if self._stop_signal is not None:
                 # uvicorn drains, then re-raises the signal it caught: dying by the very
-                # signal we forwarded is a clean stop.
-                clean = code in (0, -self._stop_signal)
+                # signal we forwarded is a clean stop, as is Ctrl-C's 130 (128 + SIGINT)
+                clean = code in (0, -self._stop_signal, 128 + self._stop_signal)
                 self._say(f"keel stopped ({'cleanly' if clean else _describe(code)})")
                 return 0 if clean else (code if code > 0 else 128 - code)
             if code == ExitCode.OK:
