@@ -27,7 +27,9 @@ def upstream() -> Iterator[FakeUpstream]:
 async def client(
     upstream: FakeUpstream, hub: FakeHub, tmp_path: Path
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = build_app(tmp_path / "keel", keel_config(upstream.url, upstream.url))
+    # the one fake as both replicas, by two names (one endpoint listed twice is refused)
+    other = upstream.url.replace("127.0.0.1", "localhost")
+    app: FastAPI = build_app(tmp_path / "keel", keel_config(upstream.url, other))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
