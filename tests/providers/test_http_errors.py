@@ -357,3 +357,17 @@ async def test_an_answer_in_the_other_openai_shape_is_the_backends_failure(
     with pytest.raises(UpstreamProtocolError, match="does this kind match") as caught:
         await run(make_provider(kind))
     assert classify(caught.value) is Failure.RETRYABLE
+
+
+@STREAMING
+async def test_an_answer_cut_short_is_said_in_plain_words(
+    upstream: FakeUpstream, make_provider, kind
+):
+    """aiohttp's text went to the client and ``last_error`` as it was, and read as the
+    backend's HTTP 400: "<TransferEncodingError: 400, message='Not enough data to
+    satisfy transfer length header.'>"."""
+    upstream.behave(Behaviour.cut(after=1))
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await run(make_provider(kind))
+    said = caught.value.message
+    assert "cut short" in said and "400" not in said and "Error" not in said, said

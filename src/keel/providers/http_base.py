@@ -128,7 +128,7 @@ def translate_errors(provider: str, secret: str | None = None) -> Iterator[None]
         raise UpstreamTimeout("timed out waiting for data", provider=provider) from exc
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
         raise UpstreamProtocolError(
-            f"connection closed mid-response: {exc}", provider=provider
+            f"connection closed mid-response: {_cut_short(exc)}", provider=provider
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamConnectError(f"cannot connect: {exc}", provider=provider) from exc
@@ -138,6 +138,20 @@ def translate_errors(provider: str, secret: str | None = None) -> Iterator[None]
         raise UpstreamConnectError(
             f"connection failed: {type(exc).__name__}: {exc}", provider=provider
         ) from exc
+
+
+def _cut_short(exc: aiohttp.ClientError) -> str:
+    """How a backend's answer ended early, in plain words: aiohttp's own text read as a
+    backend's HTTP 400 ("<TransferEncodingError: 400, message='Not enough data to
+    satisfy transfer length header.'>")."""
+    said = str(exc)
+    if "reset by peer" in said:
+        return "the backend reset the connection"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the backend closed the connection before its answer's end"
+    if "transfer length" in said or "Content-Length" in said or "not completed" in said:
+        return "the backend's answer was cut short (fewer bytes than it announced)"
+    return said
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
