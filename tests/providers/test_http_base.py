@@ -124,8 +124,12 @@ def test_sse_reader_follows_the_format():
 
 
 def test_sse_reader_refuses_lines_that_are_not_sse():
-    with pytest.raises(UpstreamProtocolError, match="not an event stream"):
+    """A JSON body, from a server that ignores ``"stream": true``, is said to be one (it
+    was an "unexpected line")."""
+    with pytest.raises(UpstreamProtocolError, match="not an event stream: one JSON body"):
         events_of('{"choices": []}')
+    with pytest.raises(UpstreamProtocolError, match="not an event stream: unexpected line"):
+        events_of("<html>")
 
 
 async def test_sse_json_needs_done_marker():

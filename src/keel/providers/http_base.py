@@ -424,9 +424,12 @@ class SseParser:
         elif name == "error":
             return SseEvent("error", value)
         elif name not in _SSE_FIELDS:
+            # a JSON body: a server that ignores "stream": true, or an error sent as a 200
+            what = (
+                "one JSON body, where a stream was asked" if line[0] == "{" else "unexpected line"
+            )
             raise UpstreamProtocolError(
-                f"not an event stream: unexpected line {_shorten(line, 200)!r}",
-                provider=self.provider,
+                f"not an event stream: {what} {_shorten(line, 200)!r}", provider=self.provider
             )
         return None
 
