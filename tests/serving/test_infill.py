@@ -496,3 +496,15 @@ async def test_a_crlf_stop_word_ends_the_generation_in_a_crlf_file(
     assert answer.status_code == 200, answer.text
     assert answer.json()["content"] == "a = 1\r\nb ="
     assert await left_early(llamacpp)
+
+
+async def test_an_input_left_out_for_the_budget_is_said_truncated(
+    keel: httpx.AsyncClient,
+) -> None:
+    """A prefix of ~2,300 tokens was cut to the prompt's budget and the answer said
+    ``truncated: false``, as it always did; a short one is whole."""
+    short = await keel.post("/infill", json=fim(["a = 1"], "b = "))
+    assert short.status_code == 200 and short.json()["truncated"] is False, short.text
+    lines = [f"value_{n} = compute({n}, {n + 1})  # a line of the long file" for n in range(600)]
+    long = await keel.post("/infill", json=fim(lines, "b = "))
+    assert long.status_code == 200 and long.json()["truncated"] is True, long.text

@@ -158,6 +158,7 @@ def _figures(
     prompt_ms = reported.prompt_ms or 0.0
     predicted_ms = max(0.0, elapsed_ms - prompt_ms)
     return {
+        "truncated": reported.trimmed,  # some of the input left out, for the budget
         "tokens_predicted": predicted,
         "tokens_evaluated": prompt,
         "tokens_cached": in_cache(prompt, predicted),

@@ -67,6 +67,9 @@ class BuiltPrompt:
     markup: Markup | None = None
     """Where the prompt holds keel's own text (:data:`~keel.pipeline.prompt.Markup`);
     None: a client's prompt, as written."""
+    trimmed: bool = False
+    """Some of the prefix or suffix was left out, for the prompt's budget (llama.cpp's
+    ``truncated``)."""
 
     def call(self, params: GenerationParams) -> CompletionCall:
         """The provider's call for this prompt."""
@@ -139,6 +142,7 @@ async def build_prompt(
     snippet_counts = counts[len(prefix_lines) + len(suffix_lines) :]
 
     kept_prefix = keep_tail(prefix_lines, prefix_counts, budget.prefix)
+    trimmed = len(kept_prefix) < len(prefix)
     if 0 < len(kept_prefix) < len(prefix):
         # Keep the whitespace run (newlines, blank lines) before the first kept line:
         # BPE vocabularies merge it with that line's indentation, so with it the window
@@ -150,6 +154,7 @@ async def build_prompt(
     # and typing the line's first word would read the whole window again.
     kept_prefix = kept_prefix[: max(0, len(kept_prefix) - len(cut.text))]
     kept_suffix = keep_head(suffix_lines, suffix_counts, budget.suffix) if uses_suffix else ""
+    trimmed = trimmed or (uses_suffix and len(kept_suffix) < len(suffix))
     chosen = select_snippets(snippets, snippet_counts, budget.snippets)
     shown = format_snippets(language, chosen) if chosen else ""
     if not shown:  # a language with no line comment shows none: debug_data says so too
@@ -158,8 +163,9 @@ async def build_prompt(
 
     if provider.prompt_template is not None:
         prompt, markup = render_marked(provider.prompt_template, full_prefix, kept_suffix)
-        return BuiltPrompt(prompt, None, chosen, cut, markup)
-    return BuiltPrompt(full_prefix, kept_suffix if uses_suffix else None, chosen, cut, ())
+        return BuiltPrompt(prompt, None, chosen, cut, markup, trimmed)
+    suffix_sent = kept_suffix if uses_suffix else None
+    return BuiltPrompt(full_prefix, suffix_sent, chosen, cut, (), trimmed)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

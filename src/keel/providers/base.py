@@ -185,6 +185,9 @@ class Reported:
     """Of ``prompt_tokens``, those the engine took from its cache instead of reading."""
     prompt_ms: float | None = None
     """The engine's time reading the prompt (llama.cpp's ``timings.prompt_ms``)."""
+    trimmed: bool = False
+    """keel left some of the client's text out of the prompt it built, for its budget
+    (set by keel, not the engine: no attempt clears it)."""
 
     def clear(self) -> None:
         """Forget what an earlier attempt's engine said (a fallback starts afresh)."""

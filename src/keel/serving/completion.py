@@ -333,6 +333,7 @@ class CompletionServing:
                     if flight is not None:
                         stream = flight.recording(stream)
                     raw = await read_until_stop(stream, call.params.stop)
+        call.reported.trimmed = built.trimmed
         return self.prompts.respond(task, raw, built), provider, call.reported
 
     async def aclose(self) -> None:
