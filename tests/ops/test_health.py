@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import KeelProcess
+from tests.conftest import KeelProcess, free_port, running_keel
 
 pytestmark = pytest.mark.integration
 
@@ -55,3 +57,22 @@ def test_head_is_answered_as_get_without_the_body(keel_server: KeelProcess) -> N
     assert not [
         line for line in counted.splitlines() if 'method="HEAD"' in line and '"other"' in line
     ]
+
+
+def test_a_role_served_by_its_fallback_passes_the_deep_check(tmp_path: Path) -> None:
+    """A completion backend down, the embedded model serving in its place (``/ready``
+    200): the deep check probed the primary alone and said "failing", a 503 that took a
+    serving keel out of its load balancer."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = (
+        f'[model.completion.http]\nkind = "llama.cpp/completion"\napi_endpoint = "{dead}"\n'
+        'prompt_template = "<PRE> {prefix} <SUF>{suffix} <MID>"\n'
+    )
+    with running_keel(tmp_path / "keel", config) as keel, keel.client() as client:
+        deep = client.get("/health/deep", params={"timeout": 60})
+        metrics = client.get("/metrics").text
+    assert deep.status_code == 200, deep.text
+    completion = deep.json()["roles"]["completion"]
+    assert completion["ok"] is True and completion["provider"].startswith("local/"), completion
+    # each provider probed has its own finding in the metrics: the dead one's failure too
+    assert 'keel_health_check_ok{provider="completion/llama.cpp/completion"} 0.0' in metrics

@@ -73,7 +73,7 @@ class DeepHealth:
         everyone for the ttl)."""
         limit = self.timeout if timeout is None else timeout
         if limit < self.timeout:
-            probes = (self._probe(role, providers.for_role(role), limit) for role in ROLES)
+            probes = (self._chain(role, providers, limit, None) for role in ROLES)
             return list(await asyncio.gather(*probes))
         roles = (self._role(role, providers, metrics, limit) for role in ROLES)
         return list(await asyncio.gather(*roles))
@@ -81,18 +81,34 @@ class DeepHealth:
     async def _role(
         self, role: Role, providers: Providers, metrics: Metrics | None, timeout: float
     ) -> Finding:
-        provider = providers.for_role(role)
-        key = (role, provider.name)
+        key = (role, providers.for_role(role).name)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             cached = self._findings.get(key)
             if cached is not None and self._clock() - cached.checked_at < self.ttl:
                 return cached
-            finding = await self._probe(role, provider, timeout)
+            finding = await self._chain(role, providers, timeout, metrics)
             self._findings[key] = finding
-        if metrics is not None:
-            metrics.health_check(provider.name, finding.seconds, finding.ok)
         return finding
+
+    async def _chain(
+        self, role: Role, providers: Providers, timeout: float, metrics: Metrics | None
+    ) -> Finding:
+        """The role's providers in its chain's order until one generates: the role is
+        ok if any does, as it is served then (a role served by its fallback was
+        "failing", a 503 that took a serving keel out of a load balancer). Its finding
+        names the provider that answered, else the primary's failure."""
+        chain = [entry.provider for group in providers.chains[role] for entry in group]
+        first: Finding | None = None
+        for provider in dict.fromkeys(chain):  # the embedded model listed twice: once
+            finding = await self._probe(role, provider, timeout)
+            if metrics is not None:
+                metrics.health_check(provider.name, finding.seconds, finding.ok)
+            if finding.ok:
+                return finding
+            first = first or finding
+        assert first is not None  # a role's chain is never empty
+        return first
 
     async def _probe(self, role: Role, provider: Provider, timeout: float) -> Finding:
         start = self._clock()
