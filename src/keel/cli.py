@@ -415,7 +415,12 @@ def _rate_limit_text(provider: HttpModelConfig) -> str:
     """The effective limit on what keel sends the backend (none unless configured)."""
     if provider.rate_limit is None:
         return "none (keel sends what its clients ask for)"
-    return f"{provider.rate_limit.request_per_minute} requests/minute"
+    limit = provider.rate_limit.request_per_minute
+    endpoints = len(provider.api_endpoints or ())
+    if endpoints > 1:  # each its own: "2 requests/minute" sent 4 to the two
+        total = limit * endpoints
+        return f"{limit} requests/minute per endpoint ({endpoints} endpoints: {total} in all)"
+    return f"{limit} requests/minute"
 
 
 def cmd_config_sample(_: argparse.Namespace) -> int:

@@ -68,6 +68,9 @@ def test_config_check_prints_the_effective_limit_per_provider(tmp_path: Path):
         'api_endpoint = "http://127.0.0.1:9/v1"\n'
         '[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "http://127.0.0.1:9/v1"\n'
         "rate_limit = { request_per_minute = 600 }\n"
+        '[[model.completion.fallback]]\nkind = "vllm/completion"\nmodel_name = "m"\n'
+        'api_endpoints = ["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"]\n'
+        "rate_limit = { request_per_minute = 2 }\n"
     )
     checked = run_keel(
         ["config", "check", str(config)],
@@ -78,6 +81,8 @@ def test_config_check_prints_the_effective_limit_per_provider(tmp_path: Path):
     out = checked.stdout
     assert "openai/completion: rate limit: none" in out
     assert "openai/chat: rate limit: 600 requests/minute" in out
+    # each replica has its own: said so (it read "2 requests/minute" while 4 went)
+    assert "rate limit: 2 requests/minute per endpoint (2 endpoints: 4 in all)" in out, out
     # and what each role admits at once, at a local model too
     server, local = "1024 at once (8 at a local model)", "embedding: local:"
     assert out.count(f"admission: {server}, then 64 waiting up to 10 s, then 429") == 2, out
