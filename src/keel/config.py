@@ -1182,7 +1182,7 @@ def interpolate(
             end = raw.find("}", start)
             fragment = raw[start : end + 1 if end >= 0 else len(raw)]
             fragment = fragment if len(fragment) <= 40 else fragment[:40] + "..."
-            if any(part in key for part in SECRET_KEYS):  # it may be a secret's rest
+            if secret_key(key):  # it may be a secret's rest
                 fragment = "${..."
             issues.append(ConfigIssue(key, MALFORMED_REF.format(fragment=fragment)))
             return raw
@@ -1415,7 +1415,8 @@ def parse_settings(
     typed = _scalar_type_issues(raw, Settings, "")
     issues += typed
     references |= {issue.key for issue in typed}  # said better than pydantic says it
-    issues += _kind_issues(data)
+    # a table's lacks, but for what was said already (an unset ${VAR} was also "required")
+    issues += [issue for issue in _kind_issues(data) if not _covered(issue.key, references)]
     shape_issues, covered = _entry_shape_issues(data)
     covered |= references
     issues += shape_issues
@@ -1435,6 +1436,8 @@ def parse_settings(
                 message = "unknown key (check the spelling)"
             elif error["type"] == "finite_number":
                 message = "must be a finite number (inf and nan are not taken)"
+            elif error["type"] == "model_type":  # pydantic's "instance of RoleConfig"
+                message = f"expected a table: write [{_loc_to_key(loc)}] with its keys below it"
             key = _loc_to_key(loc)
             if _covered(key, covered):
                 continue  # said above, in the file's terms
@@ -1458,6 +1461,14 @@ SECRET_KEYS = ("api_key", "admin_key", "password", "token", "secret")
 """Config keys whose values are not shown in errors (to a terminal, a CI log)."""
 
 
+def secret_key(key: str) -> bool:
+    """Whether ``key`` (``model.chat.http.api_key``, ``auth.api_keys[0]``) names a
+    secret: its last part, one or many, ends in one of :data:`SECRET_KEYS` (any part
+    holding one hid ``first_token_timeout = 0``: "greater than 0", and no value)."""
+    last = re.sub(r"(\[\d+\])+$", "", key.rsplit(".", 1)[-1]).removesuffix("s")
+    return last.endswith(SECRET_KEYS)
+
+
 def masked_url(text: str) -> str:
     """``text`` with the password and the query values of any URL in it as ``***``
     (``?token=...``: a backend's credential, as much as a password), and a user name
@@ -1474,7 +1485,7 @@ def masked_url(text: str) -> str:
 def _shown(key: str, value: object) -> object:
     """A wrong value as an error shows it: a secret not at all, a URL without its
     password."""
-    if any(part in key for part in SECRET_KEYS):
+    if secret_key(key):
         return None
     if isinstance(value, str):  # any URL's password, whatever the key is called
         return masked_url(value)

@@ -364,3 +364,32 @@ def test_well_formed_backend_addresses_pass(url: str) -> None:
     table = {"kind": "openai/chat", "api_endpoint": url, "model_name": "m"}
     parsed = parse_settings({"model": {"chat": {"http": table}}}, "config.toml")
     assert parsed.model.chat.http is not None and parsed.model.chat.http.api_endpoint == url
+
+
+def test_a_config_error_is_said_once_in_the_files_terms() -> None:
+    """An unset ``${VAR}`` in api_endpoint was also "required for kind"; a role written as
+    a value was pydantic's "instance of RoleConfig"; a timeout of 0 hid its value, as
+    ``first_token_timeout`` holds "token", which named a secret."""
+    raw = {
+        "model": {
+            "completion": "local",
+            "chat": {
+                "http": {
+                    "kind": "openai/chat",
+                    "api_endpoint": "${KEEL_T_NOPE}",
+                    "first_token_timeout": 0,
+                    "api_key": "sk-secret\nvalue",  # a line break: an error, unshown
+                    "model_name": 5,
+                }
+            },
+        }
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "c.toml", {})
+    said = {issue.key: issue.render() for issue in caught.value.issues}
+    assert "required" not in said["model.chat.http.api_endpoint"], said
+    assert said["model.completion"].startswith(
+        "model.completion: expected a table: write [model.completion] with its keys"
+    ), said
+    assert said["model.chat.http.first_token_timeout"].endswith("(got 0)"), said
+    assert "model.chat.http.api_key" in said and "sk-secret" not in str(said), said
