@@ -13,11 +13,12 @@ reuses prompt caches always.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import WithJsonSchema
 
-from keel.schemas.openai import MAX_TOKENS_LIMIT, _check_stop
+from keel.schemas.openai import MAX_TOKENS_LIMIT, STOP_LIST, _check_stop
 from keel.schemas.tabby import (
     MAX_CLIENT_SNIPPETS,
     ClientSnippet,
@@ -77,13 +78,13 @@ class InfillRequest(_Wire):
     seed: int | None = Field(
         None,
         ge=-1,
-        le=2**64 - 1,
+        lt=2**64,
         description="Any 64-bit seed gives its own repeatable answer; -1 (llama.cpp's "
         "default): a random one.",
     )
     stream: bool = Field(False, description="Only false: the answer comes whole.")
     model: str | None = None
-    stop: list[str] = Field(
+    stop: Annotated[list[str], WithJsonSchema(STOP_LIST)] = Field(
         default_factory=list,
         description="The answer ends before the first (up to 16, as on /v1/completions: the "
         "engine checks each as it generates).",

@@ -17,12 +17,16 @@ which change what the answer means, are refused when set.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationInfo, field_validator
+from pydantic.json_schema import WithJsonSchema
 
 from keel.schemas.infill import response_fields
-from keel.schemas.openai import MAX_TOKENS_LIMIT, _check_stop, _Wire
+from keel.schemas.openai import MAX_TOKENS_LIMIT, STOP_LIST, _check_stop, _Wire, only
+
+_STOPS = WithJsonSchema({"anyOf": [STOP_LIST, {"type": "null"}]})
+_NO_SCHEMA = WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]})
 
 
 class LlamaCppCompletionRequest(_Wire):
@@ -39,7 +43,7 @@ class LlamaCppCompletionRequest(_Wire):
         "Also taken as `max_tokens` (Twinny's name for it); `n_predict` wins when both are "
         "sent.",
     )
-    stop: list[str] | None = Field(
+    stop: Annotated[list[str] | None, _STOPS] = Field(
         None,
         description="Stop strings (up to 16, as on /v1/completions): the answer ends before "
         "the first one (not included).",
@@ -57,7 +61,7 @@ class LlamaCppCompletionRequest(_Wire):
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-1, le=2**63 - 1, description="-1: a random seed.")
+    seed: int | None = Field(None, ge=-1, lt=2**63, description="-1: a random seed.")
     stream: bool = Field(
         False,
         description="Server-sent events: `{content, stop: false}` per piece, then the final "
@@ -65,9 +69,14 @@ class LlamaCppCompletionRequest(_Wire):
     )
     model: str | None = None
     response_fields: list[str] = response_fields("a whole (not streamed) answer")
-    grammar: Any = Field(None, description="Only empty: keel does not constrain this answer.")
-    json_schema: Any = Field(None, description="Only empty, as `grammar`.")
-    n_probs: Any = Field(None, description="Only 0: keel returns no token probabilities.")
+    grammar: Annotated[Any, only("")] = Field(
+        None, description="Only empty: keel does not constrain this answer."
+    )
+    json_schema: Annotated[Any, _NO_SCHEMA] = Field(None, description="Only empty, as `grammar`.")
+    n_probs: Annotated[Any, only(0)] = Field(
+        None, description="Only 0: keel returns no token probabilities."
+    )
+    """Their schemas say what :meth:`_not_served` takes (any value was allowed there)."""
 
     @field_validator("grammar", "json_schema", "n_probs", mode="before")
     @classmethod

@@ -16,11 +16,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
+from pydantic.json_schema import JsonSchemaValue, WithJsonSchema
+from pydantic_core import CoreSchema
 
 from keel.errors import RequestError
 from keel.providers.base import ChatMessage, GenerationParams
@@ -52,6 +54,31 @@ class _Wire(BaseModel):
         defaulted = _defaulted(cls)
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
 
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler, /
+    ) -> JsonSchemaValue:
+        """Null allowed in ``/openapi.json`` wherever :meth:`_null_is_unset` takes it (the
+        document refused ``"encoding_format": null``, which keel served)."""
+        schema = super().__get_pydantic_json_schema__(core_schema, handler)
+        properties = handler.resolve_ref_schema(schema).get("properties", {})
+        for name in _defaulted(cls) & properties.keys():
+            properties[name] = _or_null(properties[name])
+        return schema
+
+
+_NOTES = frozenset({"title", "description", "default", "deprecated"})
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema``, or null."""
+    null = {"type": "null"}
+    if "anyOf" in schema:
+        return schema if null in schema["anyOf"] else {**schema, "anyOf": [*schema["anyOf"], null]}
+    notes = {key: value for key, value in schema.items() if key in _NOTES}
+    rest = {key: value for key, value in schema.items() if key not in _NOTES}
+    return {"anyOf": [rest, null], **notes}
+
 
 @functools.cache
 def _defaulted(model: type[BaseModel]) -> frozenset[str]:
@@ -63,9 +90,10 @@ def _defaulted(model: type[BaseModel]) -> frozenset[str]:
     )
 
 
-StopField = str | list[str] | None
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), AfterValidator(as_int64)]
-"""A 64-bit integer: signed, as OpenAI documents it, or unsigned, as Tabby's."""
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64), AfterValidator(as_int64)]
+"""A 64-bit integer: signed, as OpenAI documents it, or unsigned, as Tabby's. Its bounds
+are ones a float holds exactly: ``/openapi.json`` writes them as floats, where
+``le=2**64 - 1`` read 2**64 (allowed there, a 400 here)."""
 
 
 def _stop_tuple(stop: StopField) -> tuple[str, ...]:
@@ -85,12 +113,28 @@ MAX_STOP_LENGTH = 256
 """Characters in one stop sequence: every token is checked against each one's beginnings,
 and 16 of 100,000 characters took the local engine 2.4 s a token, stalling every other
 request on it."""
+MAX_STOPS = 16
+
+STOP_TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}
+STOP_LIST: dict[str, Any] = {"type": "array", "items": STOP_TEXT, "maxItems": MAX_STOPS}
+"""What :func:`_check_stop` takes, as ``/openapi.json`` says it (it said any strings)."""
+
+StopField = Annotated[
+    str | list[str] | None,
+    WithJsonSchema({"anyOf": [STOP_TEXT, STOP_LIST, {"type": "null"}]}),
+]
+
+
+def only(*values: object) -> WithJsonSchema:
+    """The schema of a field that asks for what keel does not do: only the values that
+    say "no" (or null). Its type alone allowed ``echo: true``, a 400."""
+    return WithJsonSchema({"enum": [*values, None]})
 
 
 def _check_stop(stop: StopField) -> StopField:
     values = _stop_tuple(stop)
-    if len(values) > 16:
-        raise ValueError("at most 16 stop sequences")
+    if len(values) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences")
     if any(not value for value in values):
         raise ValueError("stop sequences must not be empty")
     if any(len(value) > MAX_STOP_LENGTH for value in values):
@@ -190,14 +234,28 @@ class CompletionRequest(_Sampled):
         }
     )
 
-    prompt: str | list[str]
+    prompt: Annotated[
+        str | list[str],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+                ]
+            }
+        ),
+    ]
     suffix: str | None = None
-    echo: bool | None = Field(None, description="Only false: keel does not echo the prompt.")
-    logprobs: int | None = Field(
-        None, description="Only 0 or null: keel returns no log probabilities."
+    echo: Annotated[bool | None, only(False)] = Field(
+        None, description="Only false: keel does not echo the prompt."
+    )
+    logprobs: Annotated[int | None, only(0, False)] = Field(
+        None, description="Only 0 (or false) or null: keel returns no log probabilities."
     )
     best_of: int | None = Field(
-        None, description="Only 1 or null: keel returns one sample, not the best of several."
+        None,
+        le=1,
+        description="Only 1 or null: keel returns one sample, not the best of several.",
     )
     """Each refused when asked for, not ignored: the client would read an answer without
     them as if it had them (no prompt echoed, ``logprobs: null``, one sample as the best)."""
@@ -649,6 +707,15 @@ class NamedToolChoice(_Wire):
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
+_DEPRECATED = WithJsonSchema(
+    {
+        "type": "null",
+        "deprecated": True,
+        "description": "OpenAI's deprecated function calling: refused, send `tools` and "
+        "`tool_choice`.",
+    }
+)
+
 
 class ChatCompletionRequest(_Sampled):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -677,10 +744,12 @@ class ChatCompletionRequest(_Sampled):
         "without the model.",
     )
 
-    logprobs: bool | None = Field(
+    logprobs: Annotated[bool | None, only(False)] = Field(
         None, description="Only false: keel returns no log probabilities."
     )
-    top_logprobs: int | None = Field(None, description="Only 0 or null, as ``logprobs``.")
+    top_logprobs: Annotated[int | None, only(0)] = Field(
+        None, description="Only 0 or null, as ``logprobs``."
+    )
 
     @field_validator("logprobs", "top_logprobs", mode="before")
     @classmethod
@@ -689,8 +758,8 @@ class ChatCompletionRequest(_Sampled):
         null``, a client would read the answer as if it had them."""
         return _not_asked(value, "return log probabilities", info.field_name)
 
-    functions: SkipJsonSchema[Any] = None
-    function_call: SkipJsonSchema[Any] = None
+    functions: Annotated[Any, _DEPRECATED] = None
+    function_call: Annotated[Any, _DEPRECATED] = None
     """OpenAI's deprecated function calling, refused by name: ignored as unknown fields
     are, the model answered in text, calling nothing."""
 

@@ -18,8 +18,9 @@ def as_int64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
-U64Seed = Annotated[int, Field(ge=0, le=2**64 - 1), AfterValidator(as_int64)]
-"""Tabby's seed: any u64 (2**63 and above were a 400)."""
+U64Seed = Annotated[int, Field(ge=0, lt=2**64), AfterValidator(as_int64)]
+"""Tabby's seed: any u64 (2**63 and above were a 400). ``lt=2**64``, not ``le=2**64 - 1``,
+which ``/openapi.json`` writes as the float 2**64."""
 
 
 class _Wire(BaseModel):
@@ -69,10 +70,28 @@ class DebugOptions(_Wire):
 
 
 TABBY_SHAPE: dict[str, Any] = {
-    "anyOf": [{"not": {"required": ["prompt"]}}, {"required": ["segments"]}]
+    "allOf": [
+        {"anyOf": [{"not": {"required": ["prompt"]}}, {"required": ["segments"]}]},
+        {
+            "anyOf": [
+                {"required": ["segments"], "properties": {"segments": {"type": "object"}}},
+                {
+                    "required": ["debug_options"],
+                    "properties": {
+                        "debug_options": {
+                            "type": "object",
+                            "required": ["raw_prompt"],
+                            "properties": {"raw_prompt": {"type": "string"}},
+                        }
+                    },
+                },
+            ]
+        },
+    ]
 }
 """What tells a Tabby body from OpenAI's: no ``prompt``, or ``segments`` (then Tabby
-ignores ``prompt``)."""
+ignores ``prompt``); and what it completes: ``segments``, or a debug ``raw_prompt``
+(a body with neither, ``{}`` or a language alone, was allowed here and is a 400)."""
 
 
 class TabbyCompletionRequest(_Wire):
