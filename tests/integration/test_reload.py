@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import start_keel
+from tests.fakes.upstreams import Behaviour, FakeUpstream, unused_port
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +112,40 @@ def test_a_reload_moves_traffic_to_a_new_local_worker_once_it_is_ready(tmp_path:
         assert worker["engine"]["n_ctx"] == 1024, worker
     finally:
         server.stop()
+
+
+def test_a_replaced_providers_last_answers_say_nothing_of_its_successor(tmp_path: Path) -> None:
+    """A reload put a chat backend that is down in place of one that was streaming, under
+    the same name: the old answer's end was logged "provider chat/openai/chat is healthy
+    again", the new one being down."""
+    with FakeUpstream() as live:
+        live.token_delay = 0.25
+        table = '[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "{}/v1"\n'
+        server = start_keel(tmp_path, table.format(live.url))
+        try:
+            server.wait_ready()
+            live.behave(Behaviour.error(500), times=4)  # down a moment: marked unhealthy
+            for _ in range(2):
+                chat = {"messages": [{"role": "user", "content": "hi"}]}
+                httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=30)
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+            streamed: list[str] = []
+            with httpx.stream(
+                "POST", f"{server.url}/v1/chat/completions", json=body, timeout=30
+            ) as response:
+                lines = response.iter_lines()
+                streamed.append(next(lines))
+                (tmp_path / "config.toml").write_text(
+                    table.format(f"http://127.0.0.1:{unused_port()}")
+                )
+                applied = httpx.post(f"{server.url}/v1/admin/reload", timeout=60)
+                assert applied.status_code == 200, applied.text
+                streamed.extend(lines)
+            assert "data: [DONE]" in streamed, streamed
+            deadline = time.monotonic() + 10
+            while "unreachable" not in server.log.read_text():
+                assert time.monotonic() < deadline, server.log.read_text()
+                time.sleep(0.1)
+            assert "healthy again" not in server.log.read_text(), server.log.read_text()
+        finally:
+            server.stop()

@@ -176,6 +176,11 @@ class Endpoint:
     (``keel_fallbacks_total``): the embedded model serves several roles, and one role's
     fallbacks showed under another that had none."""
     latencies: list[float] = field(default_factory=list)
+    replaced: bool = False
+    """A reload put another endpoint in its place, perhaps under its name: the requests
+    it still serves change its own state, but say nothing of health in the log or the
+    metrics (the old one's recovery was logged "healthy again" under the new one's name,
+    which was down)."""
     unanswered_since: float | None = None
     """The event loop's time of the first attempt sent to it since it last sent anything
     back (None: it has since): attempts an editor's next keystroke cancels end as no one's
@@ -367,7 +372,7 @@ class RoleRouter:
         """``latency``: seconds to the first piece."""
         endpoint.breaker.record_success()
         endpoint.limited_until = 0.0  # its limiter had a turn: the wait it said is over
-        if endpoint.record_ok(latency):
+        if endpoint.record_ok(latency) and not endpoint.replaced:
             log.info("provider %s is healthy again", endpoint.name)
             self.events.provider_health(endpoint.name, True)
 
@@ -402,7 +407,7 @@ class RoleRouter:
                 endpoint.last_error = error.message
                 return
             endpoint.breaker.record_failure(error.message)  # a retry: the half-open probe too
-            if endpoint.record_failed(error):
+            if endpoint.record_failed(error) and not endpoint.replaced:
                 log.warning("provider %s routed around: %s", endpoint.name, error.message)
                 self.events.provider_health(endpoint.name, False)
             return

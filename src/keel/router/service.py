@@ -189,6 +189,10 @@ class Routing:
             self.events.queue_capacity(role, role_config.queue_size)
         self._prober: asyncio.Task[None] | None = None
         self.events.providers_in_use(self.endpoints())
+        if previous is not None:  # what the old requests still do there is no news of ours
+            kept = {id(endpoint) for endpoint in self.endpoints()}
+            for endpoint in previous.endpoints():
+                endpoint.replaced = id(endpoint) not in kept
 
     def _gate(self, role: Role, endpoint: Endpoint) -> Admission | None:
         """A local model in a role admitting more at once than a local engine should take
