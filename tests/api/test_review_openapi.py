@@ -127,3 +127,26 @@ async def test_bodies_the_document_allows_keel_takes(
         if errors or answer.status_code == 400:
             wrong.append((path, body, errors, answer.status_code, answer.text[:200]))
     assert not wrong
+
+
+def _answer_validator(document: dict[str, Any], path: str) -> jsonschema.Draft202012Validator:
+    answer = document["paths"][path]["get"]["responses"]["200"]
+    schema = {**answer["content"]["application/json"]["schema"]}
+    schema["components"] = document["components"]
+    return jsonschema.Draft202012Validator(schema)
+
+
+async def test_the_providers_answer_is_documented(
+    client: httpx.AsyncClient, document: dict[str, Any]
+) -> None:
+    """It was documented as any object, though the README says every answer is."""
+    validator = _answer_validator(document, "/v1/providers")
+    schema = document["components"]["schemas"]["ProvidersSnapshot"]
+    assert {"roles", "superseded", "shared_state", "repositories"} <= set(schema["required"])
+    await client.post("/v1/completions", json={"prompt": "x = "}, headers=USER)
+    answer = (await client.get("/v1/providers", headers=USER)).json()
+    assert [error.message for error in validator.iter_errors(answer)] == []
+    assert answer["roles"]["completion"]["providers"][0]["latency_p50_ms"] is not None
+    answer["roles"]["completion"]["providers"][0]["breaker"] = "ajar"
+    del answer["shared_state"]["events"]["up"]
+    assert len(list(validator.iter_errors(answer))) == 2

@@ -15,7 +15,7 @@ from keel.api.state import app_state
 from keel.config import ROLES
 from keel.ops.metrics import USABLE_STATES
 from keel.schemas.openapi import ERRORS
-from keel.schemas.ops import DeepHealthReport, Liveness, Readiness
+from keel.schemas.ops import DeepHealthReport, Liveness, ProvidersSnapshot, Readiness
 
 router = APIRouter(responses=ERRORS)
 
@@ -116,7 +116,12 @@ async def readiness(
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/v1/providers", dependencies=[USER])
+@router.get(
+    "/v1/providers",
+    dependencies=[USER],
+    response_model=None,
+    responses={200: {"model": ProvidersSnapshot}},
+)
 async def providers(request: Request) -> dict[str, object]:
     """Each provider's breaker, health, last error and recent latency, per role; and
     the shared state (per-key limits, keys, events) with whether its store answers."""
