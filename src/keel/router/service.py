@@ -189,10 +189,16 @@ class Routing:
             self.events.queue_capacity(role, role_config.queue_size)
         self._prober: asyncio.Task[None] | None = None
         self.events.providers_in_use(self.endpoints())
-        if previous is not None:  # what the old requests still do there is no news of ours
-            kept = {id(endpoint) for endpoint in self.endpoints()}
-            for endpoint in previous.endpoints():
-                endpoint.replaced = id(endpoint) not in kept
+        if previous is not None:
+            self._replacing(previous)
+
+    def _replacing(self, previous: Routing) -> None:
+        """Marks the endpoints of ``previous`` this routing has none of: what the requests
+        they still serve do is no health news of the endpoints here, which may have their
+        names."""
+        kept = {id(endpoint) for endpoint in self.endpoints()}
+        for endpoint in previous.endpoints():
+            endpoint.replaced = id(endpoint) not in kept
 
     def _gate(self, role: Role, endpoint: Endpoint) -> Admission | None:
         """A local model in a role admitting more at once than a local engine should take
