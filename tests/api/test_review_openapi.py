@@ -59,6 +59,20 @@ REFUSED = [
     ("/v1/completions", {"segments": {"prefix": "x"}, "seed": 2**64}),
     ("/infill", {"input_prefix": "x", "seed": 2**64}),
     ("/completion", {"prompt": "x", "seed": 2**63}),
+    # found sending the document's own examples (schemathesis's positive cases)
+    ("/v1/completions", {"prompt": "x", "max_tokens": 5, "max_completion_tokens": 6}),
+    ("/v1/completions", {"prompt": "x", "max_completion_tokens": 5, "n_predict": 6}),
+    ("/v1/chat/completions", _chat(tool_choice="auto")),
+    ("/v1/chat/completions", _chat(tool_choice="required", tools=[])),
+    ("/v1/chat/completions", _chat(n_predict=0, stream=True)),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+    ),
+    ("/infill", {"input_prefix": "x", "stream": True}),
+    ("/v1/completions", {"prompt": "x", "n_predict": 0}),
+    ("/v1/completions", {"prompt": "", "suffix": None}),
+    ("/v1/chat/completions", _chat(response_format={"type": "json_schema"})),
 ]
 """Allowed by the document once, each refused by keel: refused by both now."""
 
@@ -86,6 +100,20 @@ TAKEN = [
     ("/v1/completions", {"prompt": "x", "n": None, "stream": None}),
     ("/v1/chat/completions", _chat(stream=True, stream_options={"include_usage": None})),
     ("/completion", {"prompt": "x", "stream": None, "response_fields": None}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 5, "n_predict": -1}),
+    ("/v1/chat/completions", _chat(tool_choice="none")),
+    ("/v1/chat/completions", _chat(response_format={"type": "json_object"})),
+    ("/v1/chat/completions", _chat(n_predict=0, stream=False)),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+                {"role": "user", "content": [{"type": "text", "text": "please"}]},
+            ]
+        },
+    ),
 ]
 """Near the same limits, on the side both take."""
 

@@ -82,7 +82,9 @@ class InfillRequest(_Wire):
         description="Any 64-bit seed gives its own repeatable answer; -1 (llama.cpp's "
         "default): a random one.",
     )
-    stream: bool = Field(False, description="Only false: the answer comes whole.")
+    stream: Annotated[bool, WithJsonSchema({"const": False})] = Field(
+        False, description="Only false: the answer comes whole."
+    )
     model: str | None = None
     stop: Annotated[list[str], WithJsonSchema(STOP_LIST)] = Field(
         default_factory=list,

@@ -222,14 +222,29 @@ class _Sampled(_Wire):
         )
 
 
+def _both_given(first: str, second: str) -> dict[str, Any]:
+    """Both limits given (n_predict as one only from 1)."""
+    given = {"type": "integer", "minimum": 1}
+    return {"required": [first, second], "properties": {first: given, second: given}}
+
+
 class CompletionRequest(_Sampled):
     model_config = ConfigDict(
         json_schema_extra={
             "not": {"required": ["segments"]},
+            # one limit on the answer's tokens, under one name (two that differ are a 400)
+            "allOf": [
+                {"not": _both_given("max_tokens", "max_completion_tokens")},
+                {"not": _both_given("max_tokens", "n_predict")},
+                {"not": _both_given("max_completion_tokens", "n_predict")},
+            ],
             # something to continue: a prompt, or a suffix to fill in before
             "anyOf": [
                 {"properties": {"prompt": {"minLength": 1, "items": {"minLength": 1}}}},
-                {"required": ["suffix"], "properties": {"suffix": {"minLength": 1}}},
+                {
+                    "required": ["suffix"],
+                    "properties": {"suffix": {"type": "string", "minLength": 1}},
+                },
             ],
         }
     )
@@ -268,7 +283,8 @@ class CompletionRequest(_Sampled):
         ge=-1,
         le=MAX_TOKENS_LIMIT,
         description="llama.cpp's name for max_tokens (its server reads it here); -1 (its "
-        "default) leaves keel's budget.",
+        "default) leaves keel's budget; 0 is refused (a completion is its tokens).",
+        json_schema_extra={"not": {"const": 0}},
     )
     """Limits as ``max_tokens`` is one, as on chat (they were ignored: a client asking for
     3 tokens got keel's 32)."""
@@ -401,13 +417,25 @@ class ToolCall(_Wire):
     function: FunctionCall
 
 
+_NOT_REFUSED: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {"not": {"required": ["type"], "properties": {"type": {"const": "refusal"}}}},
+        },
+    ]
+}
+"""Content of a message other than an assistant's: there, and no refusal part."""
+
+
 class ChatMessageIn(_Wire):
     # only an assistant's message may leave content out (its tool calls say it)
     model_config = ConfigDict(
         json_schema_extra={
             "anyOf": [
                 {"properties": {"role": {"const": "assistant"}}},
-                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {"required": ["content"], "properties": {"content": _NOT_REFUSED}},
             ]
         }
     )
@@ -662,6 +690,15 @@ class ResponseFormat(_Wire):
     """OpenAI's ``response_format``: plain text, any JSON object, or JSON that follows
     ``json_schema.schema`` (a local engine constrains its sampling to it)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={  # type json_schema needs its json_schema
+            "anyOf": [
+                {"properties": {"type": {"enum": ["text", "json_object"]}}},
+                {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+            ]
+        }
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -718,6 +755,26 @@ _DEPRECATED = WithJsonSchema(
 
 
 class ChatCompletionRequest(_Sampled):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {  # a tool_choice other than none needs tools
+                    "anyOf": [
+                        {"not": {"required": ["tool_choice"]}},
+                        {"properties": {"tool_choice": {"enum": ["none", None]}}},
+                        {"required": ["tools"], "properties": {"tools": {"minItems": 1}}},
+                    ]
+                },
+                {  # n_predict 0 asks for no answer, which is not streamed
+                    "not": {
+                        "required": ["n_predict", "stream"],
+                        "properties": {"n_predict": {"const": 0}, "stream": {"const": True}},
+                    }
+                },
+            ]
+        }
+    )
+
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     response_format: ResponseFormat | None = None
