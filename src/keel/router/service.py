@@ -161,8 +161,7 @@ class Routing:
         self._clock = clock
         endpoints: dict[int, Endpoint] = {}
         self._carried, self._replaced = _inherited(previous, config)
-        self._retired: list[Endpoint] = []
-        """Endpoints a swap took out of a chain, while attempts run on them (in_use)."""
+        self._retired: list[Endpoint] = []  # a swap took them out; attempts run on them
         for role in ROLES:
             groups = [
                 [self._endpoint(role, entry, endpoints) for entry in group]
@@ -189,15 +188,14 @@ class Routing:
             self.events.queue_capacity(role, role_config.queue_size)
         self._prober: asyncio.Task[None] | None = None
         self.events.providers_in_use(self.endpoints())
-        if previous is not None:
-            self._replacing(previous)
+        self._replacing(previous)
 
-    def _replacing(self, previous: Routing) -> None:
+    def _replacing(self, previous: Routing | None) -> None:
         """Marks the endpoints of ``previous`` this routing has none of: what the requests
         they still serve do is no health news of the endpoints here, which may have their
         names."""
         kept = {id(endpoint) for endpoint in self.endpoints()}
-        for endpoint in previous.endpoints():
+        for endpoint in previous.endpoints() if previous is not None else ():
             endpoint.replaced = id(endpoint) not in kept
 
     def _gate(self, role: Role, endpoint: Endpoint) -> Admission | None:
