@@ -160,6 +160,25 @@ def test_the_cursor_line_llama_vscode_leaves_out(
     assert InfillRequest(input_prefix=prefix, prompt="  ", n_indent=n_indent).cursor_line() == "  "
 
 
+@pytest.mark.parametrize(
+    ("prefix", "suffix", "n_indent", "line"),
+    [
+        ("function f(x) {\n  if (x) {\n    return 1;\n", "  }\n}\n", 2, ""),  # at column 0
+        ("def f(x):\n    if x:\n", "    pass\n", 8, "    "),  # at column 4 of 8
+        ("def f(x):\n    if x:\n", "\n    pass\n", 8, "        "),  # a blank line
+    ],
+)
+def test_a_cursor_inside_a_lines_indentation_is_where_it_is(
+    prefix: str, suffix: str, n_indent: int, line: str
+) -> None:
+    """llama.vscode sends the whole line's indentation as ``n_indent`` for a cursor inside
+    the indentation of a line that is not blank, the rest of it in the suffix: keel put
+    all of it before the cursor, and the model read "  }" as "    }", the cursor at
+    column 2."""
+    body = InfillRequest(input_prefix=prefix, prompt="", input_suffix=suffix, n_indent=n_indent)
+    assert body.cursor_line() == line
+
+
 @pytest.fixture
 async def with_fallback(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FakeUpstream]]:
     with FakeUpstream() as primary, FakeUpstream(tokens=("fallback()",)) as fallback:

@@ -104,6 +104,14 @@ class InfillRequest(_Wire):
         top-level line, a comment or a Markdown fence)."""
         if self.prompt or not self.n_indent or not self.input_prefix.endswith("\n"):
             return self.prompt
+        # n_indent is the whole line's indentation, and llama.vscode sends it for a cursor
+        # inside the indentation of a line that is not blank too ("|  }"): the part after
+        # the cursor is the suffix's (keel put all n_indent before it, "    }" read with
+        # the cursor at column 2 of "  }")
+        after = self.input_suffix.partition("\n")[0]
+        before = self.n_indent - (len(after) - len(after.lstrip(" \t")))
+        if before <= 0:
+            return self.prompt
         nearby = [
             *reversed(self.input_prefix.splitlines()),
             *self.input_suffix.splitlines(),
@@ -112,7 +120,7 @@ class InfillRequest(_Wire):
         # No indented line anywhere: one character of indentation is a tab, more are spaces.
         fallback = "\t" if self.n_indent == 1 else " "
         indented = next((line for line in nearby if line.strip() and line[0] in " \t"), fallback)
-        return indented[0] * self.n_indent
+        return indented[0] * before
 
     def to_tabby(self, language: str) -> TabbyCompletionRequest:
         """The same request in Tabby's shape, which keel's completion serving reads."""
