@@ -196,6 +196,16 @@ async def test_bad_bodies_are_a_400_naming_the_field(
     assert answer.json()["error"]["param"] == param
 
 
+async def test_no_probabilities_asked_for_is_taken_in_any_spelling(
+    client: httpx.AsyncClient,
+) -> None:
+    """``n_probs: 0.0`` was a 400 saying to leave it out; 0 was taken."""
+    for none in (0, 0.0):
+        body = {"prompt": "x = ", "n_predict": 2, "n_probs": none}
+        answer = await client.post("/completion", json=body, headers=USER)
+        assert answer.status_code == 200, answer.text
+
+
 async def test_a_request_without_a_key_is_refused(client: httpx.AsyncClient) -> None:
     answer = await client.post("/completion", json={"prompt": "x = "})
     assert answer.status_code == 401, answer.text

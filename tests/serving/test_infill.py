@@ -213,6 +213,10 @@ async def test_infill_goes_through_keels_routing(
         ({**fim(["a"], "b"), "input_prefix": ["a = 1"]}, "input_prefix"),
         # more chunks than a Tabby request may carry snippets: was a 500
         ({**fim(["a"], "b"), "input_extra": [{"text": "c\n"}] * 513}, "input_extra"),
+        # held to a grammar, or with probabilities, by llama.cpp: ignored, as if served so
+        ({**fim(["a"], "b"), "grammar": 'root ::= "1"'}, "grammar"),
+        ({**fim(["a"], "b"), "json_schema": {"type": "integer"}}, "json_schema"),
+        ({**fim(["a"], "b"), "n_probs": 5}, "n_probs"),
     ],
 )
 async def test_bad_bodies_are_a_400_naming_the_field(

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.json_schema import WithJsonSchema
 
-from keel.schemas.openai import MAX_TOKENS_LIMIT, STOP_LIST, _check_stop
+from keel.schemas.openai import MAX_TOKENS_LIMIT, STOP_LIST, _check_stop, only
+from keel.schemas.openai import _Wire as _Body
 from keel.schemas.tabby import (
     MAX_CLIENT_SNIPPETS,
     ClientSnippet,
@@ -42,6 +43,39 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+_NO_SCHEMA = WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]})
+
+
+class Unconstrained(_Body):
+    """llama.cpp's fields that hold an answer to a grammar or schema, or ask for token
+    probabilities, which keel does not do: refused when asked for, not ignored (the
+    client read an answer the model wrote freely as one its grammar held to, and no
+    ``completion_probabilities`` as none; ``/infill`` ignored them all). Their schemas
+    say what :meth:`_not_served` takes."""
+
+    grammar: Annotated[Any, only("")] = Field(
+        None, description="Only empty: keel does not constrain this answer."
+    )
+    json_schema: Annotated[Any, _NO_SCHEMA] = Field(None, description="Only empty, as `grammar`.")
+    n_probs: Annotated[Any, only(0)] = Field(
+        None, description="Only 0: keel returns no token probabilities."
+    )
+
+    @field_validator("grammar", "json_schema", "n_probs", mode="before")
+    @classmethod
+    def _not_served(cls, value: object, info: ValidationInfo) -> object:
+        none = value is None or value == "" or value == {}
+        if none or (type(value) in (int, float) and value == 0):  # 0.0 too, as llama.cpp
+            return None
+        name = str(info.field_name)
+        if name == "n_probs":
+            raise ValueError("keel returns no token probabilities: leave 'n_probs' out")
+        raise ValueError(
+            f"keel does not hold an answer to a {name.replace('_', ' ')}: leave it out, "
+            "or ask /v1/chat/completions with response_format json_schema"
+        )
+
+
 class InfillChunk(_Wire):
     """A chunk of another file (llama.vscode also sends ``time``, ignored)."""
 
@@ -49,7 +83,7 @@ class InfillChunk(_Wire):
     filename: str = ""
 
 
-class InfillRequest(_Wire):
+class InfillRequest(Unconstrained):
     input_prefix: str = ""
     input_suffix: str = ""
     input_extra: list[InfillChunk] = Field(default_factory=list, max_length=MAX_CLIENT_SNIPPETS)

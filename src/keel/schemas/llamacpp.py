@@ -19,17 +19,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic.json_schema import WithJsonSchema
 
-from keel.schemas.infill import response_fields
-from keel.schemas.openai import MAX_TOKENS_LIMIT, STOP_LIST, _check_stop, _Wire, only
+from keel.schemas.infill import Unconstrained, response_fields
+from keel.schemas.openai import MAX_TOKENS_LIMIT, STOP_LIST, _check_stop
 
 _STOPS = WithJsonSchema({"anyOf": [STOP_LIST, {"type": "null"}]})
-_NO_SCHEMA = WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]})
 
 
-class LlamaCppCompletionRequest(_Wire):
+class LlamaCppCompletionRequest(Unconstrained):
     prompt: str = Field(
         description="The text to continue, as one string.", json_schema_extra={"minLength": 1}
     )
@@ -69,30 +68,6 @@ class LlamaCppCompletionRequest(_Wire):
     )
     model: str | None = None
     response_fields: list[str] = response_fields("a whole (not streamed) answer")
-    grammar: Annotated[Any, only("")] = Field(
-        None, description="Only empty: keel does not constrain this answer."
-    )
-    json_schema: Annotated[Any, _NO_SCHEMA] = Field(None, description="Only empty, as `grammar`.")
-    n_probs: Annotated[Any, only(0)] = Field(
-        None, description="Only 0: keel returns no token probabilities."
-    )
-    """Their schemas say what :meth:`_not_served` takes (any value was allowed there)."""
-
-    @field_validator("grammar", "json_schema", "n_probs", mode="before")
-    @classmethod
-    def _not_served(cls, value: object, info: ValidationInfo) -> object:
-        """Refused when asked for, not ignored: the client read an answer the model wrote
-        freely as one its grammar or schema held to (and no ``completion_probabilities``
-        as none)."""
-        if value is None or value == "" or value == {} or (type(value) is int and value == 0):
-            return None
-        name = str(info.field_name)
-        if name == "n_probs":
-            raise ValueError("keel returns no token probabilities: leave 'n_probs' out")
-        raise ValueError(
-            f"keel does not hold a /completion answer to a {name.replace('_', ' ')}: "
-            "leave it out, or ask /v1/chat/completions with response_format json_schema"
-        )
 
     @field_validator("prompt", mode="before")
     @classmethod
