@@ -206,6 +206,15 @@ async def test_no_probabilities_asked_for_is_taken_in_any_spelling(
         assert answer.status_code == 200, answer.text
 
 
+async def test_an_empty_prompt_is_told_what_this_route_takes(client: httpx.AsyncClient) -> None:
+    """It was told to send the text after the cursor as ``suffix``, which /completion
+    does not take."""
+    answer = await client.post("/completion", json={"prompt": "", "n_predict": 2}, headers=USER)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "prompt" and "suffix" not in error["message"], error
+
+
 async def test_a_request_without_a_key_is_refused(client: httpx.AsyncClient) -> None:
     answer = await client.post("/completion", json={"prompt": "x = "})
     assert answer.status_code == 401, answer.text

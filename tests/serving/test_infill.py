@@ -78,6 +78,8 @@ async def replay(keel: httpx.AsyncClient) -> list[httpx.Response]:
         assert body["generation_settings"]["n_ctx"] >= 0
         assert {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms"} <= set(body["timings"])
         assert isinstance(body["tokens_cached"], int)
+    # the warm-up's n_predict as it was sent, as llama.cpp echoes it (it was -1)
+    assert answers[0].json()["generation_settings"]["n_predict"] == 0
     return answers
 
 

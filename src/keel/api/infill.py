@@ -135,7 +135,9 @@ async def infill(request: Request) -> JsonResponse:
     reported = answer.reported if answer is not None and answer.reported else superseded
     figures = _figures(content, body, reported, elapsed_ms)
     served = answer.served_by if answer is not None and answer.served_by else primary
-    settings = {"model": model, "n_ctx": context_of(served), "n_predict": body.n_predict or -1}
+    # as sent: 0 (the editors' warm-up) was said as -1
+    n_predict = -1 if body.n_predict is None else body.n_predict
+    settings = {"model": model, "n_ctx": context_of(served), "n_predict": n_predict}
     response = InfillResponse(content=content, model=model, generation_settings=settings, **figures)
     return JsonResponse(picked(response.model_dump(), body.response_fields), headers=headers)
 

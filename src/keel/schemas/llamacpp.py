@@ -72,6 +72,8 @@ class LlamaCppCompletionRequest(Unconstrained):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_string(cls, value: object) -> object:
+        if value == "":  # OpenAI's message said to send a suffix, which this route has not
+            raise ValueError("the prompt is empty: there is no text to continue; send it")
         if isinstance(value, list):
             raise ValueError(
                 "send the prompt as one string: keel takes no token IDs (they belong to one "
@@ -132,8 +134,9 @@ class LlamaCppCompletionResponse(BaseModel):
     tokens_evaluated: int = Field(description="The prompt's tokens (usage.prompt_tokens).")
     tokens_cached: int | None = Field(
         None,
-        description="Of those, the ones the engine took from its cache, where it said "
-        "(usage.prompt_tokens_details.cached_tokens).",
+        description="What the slot's cache holds after the answer, as llama-server says it: "
+        "the prompt and the tokens made but the last (timings.cache_n is the prompt's "
+        "tokens the cache held before).",
     )
     stop_type: StopType | None = None
     stopping_word: str | None = None
