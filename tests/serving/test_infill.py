@@ -254,8 +254,13 @@ async def test_any_64_bit_seed_and_llama_cpps_random_one_are_served(
 
 
 def test_n_indent_stops_at_a_line_indented_less() -> None:
+    """An empty line is indented 0, as llama.cpp's server judges it: keel went on past
+    one to the lines after it ("a = 1\n\n    b = 2" whole, where llama.cpp ends at
+    "a = 1")."""
     text = "x = 1\n        y = 2\n\n    return y\n        z"
-    assert cut_at_indent(text, 8) == "x = 1\n        y = 2\n"
+    assert cut_at_indent(text, 8) == "x = 1\n        y = 2"
+    assert cut_at_indent("a = 1\n\n    b = 2\n", 4) == "a = 1"
+    assert cut_at_indent("a = 1\n    ", 8) == "a = 1\n    "  # not judged until more comes
     assert cut_at_indent(text, None) == text
 
 

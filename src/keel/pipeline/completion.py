@@ -218,13 +218,18 @@ async def read_until_stop(pieces: AsyncIterator[str], stops: Sequence[str]) -> s
 
 
 def cut_at_indent(text: str, n_indent: int | None) -> str:
-    """``text`` up to its first later line indented less than ``n_indent`` (a blank
-    line does not count), as llama.cpp's server stops there."""
+    """``text`` up to the new line before the first later line indented less than
+    ``n_indent``, where llama.cpp's server stops: a line is judged once something follows
+    its indentation, a new line too (an empty line is indented 0: keel went on past one).
+    The new line and the short indentation are left out (llama.cpp's server keeps them:
+    whitespace the editor would insert after the answer)."""
     if not n_indent:
         return text
     lines = text.split("\n")
+    last = len(lines) - 1
     for index, line in enumerate(lines[1:], start=1):
-        if line.strip() and len(line) - len(line.lstrip(" \t")) < n_indent:
+        body = line.lstrip(" \t")
+        if (body or index < last) and len(line) - len(body) < n_indent:
             return "\n".join(lines[:index])
     return text
 
