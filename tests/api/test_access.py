@@ -118,6 +118,9 @@ def test_a_key_sent_in_another_form_is_told_how_to_send_it(secured: KeelProcess)
     assert said[USER_KEY].startswith("the Authorization header holds a key with no scheme")
     assert said[f"Token {USER_KEY}"].startswith("the Authorization header holds scheme 'Token'")
     assert all("'Bearer <key>'" in message and USER_KEY not in message for message in said.values())
+    for empty in ("Bearer", "bearer"):  # an unset $KEEL_KEY: "Bearer" was taken for the key
+        answer = httpx.get(f"{secured.url}/v1/models", headers={"Authorization": empty})
+        assert answer.json()["error"]["message"].startswith("the Bearer key is empty"), answer.text
 
 
 def test_keys_file_change_takes_effect_and_a_bad_file_keeps_the_old_keys(

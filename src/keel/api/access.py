@@ -52,6 +52,8 @@ def _unidentified(request: Request, presented: list[str]) -> str:
         return f"invalid API key: {how}"
     if authorization := request.headers.get("authorization", "").strip():
         scheme = authorization.partition(" ")[0]
+        if scheme.lower() == "bearer":  # "Bearer" and nothing: an unset $KEEL_KEY
+            return f"the Bearer key is empty (an unset variable?): {how}"
         named = scheme.isalpha() and len(scheme) <= 16  # a scheme's word, never a key's part
         form = (
             "a key with no scheme"
