@@ -814,6 +814,13 @@ class StateConfig(_Section):
             raise ValueError("must start with redis://, rediss:// or unix://")
         if value is not None and (problem := _address_problem(value)):
             raise ValueError(problem)
+        database = urlsplit(value).path.strip("/") if value and value.startswith("redis") else ""
+        if database and not database.isdigit():
+            # redis-py ignores it and uses database 0: /staging and /prod shared keys
+            raise ValueError(
+                f"its database '/{database}' is not a number: Redis numbers its databases "
+                "(redis://host:6379/1); or leave it out for database 0"
+            )
         return value
 
 

@@ -393,3 +393,13 @@ def test_a_config_error_is_said_once_in_the_files_terms() -> None:
     ), said
     assert said["model.chat.http.first_token_timeout"].endswith("(got 0)"), said
     assert "model.chat.http.api_key" in said and "sk-secret" not in str(said), said
+
+
+def test_a_redis_database_that_is_not_a_number_is_a_config_error() -> None:
+    """redis-py ignored "/staging" and used database 0: a staging and a production
+    keel, told apart so, shared their keys and limits."""
+    for good in ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://h:6379/3"):
+        parse_settings({"state": {"redis_url": good}}, "c.toml", {})
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"state": {"redis_url": "redis://:pw@127.0.0.1:6379/staging"}}, "c", {})
+    assert "its database '/staging' is not a number" in caught.value.message
