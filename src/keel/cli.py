@@ -494,7 +494,7 @@ def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitab
     """Run ``work`` against the Redis of the config's ``[state] redis_url``; an
     unreachable Redis is an error saying that nothing changed."""
     from redis.asyncio import Redis
-    from redis.exceptions import InvalidResponse, RedisError
+    from redis.exceptions import InvalidResponse, RedisError, ResponseError
 
     from keel.state.shared_keys import KeyAdmin
     from keel.state.shared_limits import is_refused
@@ -530,6 +530,12 @@ def _with_key_admin(args: argparse.Namespace, work: Callable[[KeyAdmin], Awaitab
             f"{exc}): the URL points at another service; no key was read or changed; set "
             "redis_url to your Redis's host and port (redis://HOST:6379/0)"
         ) from None
+    except ResponseError as exc:  # it answered, and refused: it was "did not answer"
+        raise Unavailable(
+            f"Redis ([state] redis_url) refused the command ({exc}): no key was read or "
+            "changed; its memory may be full (maxmemory), or the URL's user may not run "
+            "keel's commands (it needs to read and write keel:* keys, with WATCH and MULTI)"
+        ) from None
     except (RedisError, OSError) as exc:
         said = f"({exc or type(exc).__name__}): no key was read or changed; check"
         raise Unavailable(
@@ -554,8 +560,38 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     record = _with_key_admin(args, lambda admin: admin.revoke(args.key))
+    granted = _configured_key_ids(*_load(args))
+    if record.id in granted:  # it was "refused on every replica" and served by all
+        print(
+            f"revoked {record.describe()} from Redis, but the config still grants it "
+            f"({granted[record.id]}): every replica takes it until it is removed there too",
+            file=sys.stderr,
+        )
+        return 1
     print(f"revoked {record.describe()}: refused on every replica within a second")
     return 0
+
+
+def _configured_key_ids(settings: Settings, paths: Paths) -> dict[str, str]:
+    """The ids of the keys the config itself grants, and where each is: a key revoked in
+    Redis is in force on every replica while one of these holds it."""
+    import tomllib
+
+    from keel.auth import key_id, keys_file_path, parse_keys_file
+
+    auth = settings.auth
+    where = {key_id(key): "[auth] api_keys" for key in auth.api_keys}
+    if auth.admin_key:
+        where[key_id(auth.admin_key)] = "[auth] admin_key"
+    path = keys_file_path(auth, paths.root)
+    try:
+        keys = parse_keys_file(path) if path is not None else None
+    except (OSError, ValueError, tomllib.TOMLDecodeError):
+        keys = None  # a file keel cannot read grants nothing
+    if keys is not None:
+        for key in (*keys.users, *([keys.admin] if keys.admin else [])):
+            where[key_id(key)] = f"the keys_file {path}"
+    return where
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:

@@ -233,6 +233,24 @@ def test_the_cli_adds_lists_pushes_and_revokes(
     assert code == 2 and "no key in Redis has the id or name 'ci'" in err
 
 
+def test_revoking_a_key_the_config_still_grants_says_so(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key pushed from the keys_file the config also reads, revoked in Redis, was said
+    "refused on every replica" while every replica took it from the file."""
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text('api_keys = ["filekey-aaaa-bbbb"]\n')
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[state]\nredis_url = "{redis_server.url}"\n[auth]\nkeys_file = "{keys_file}"\n'
+    )
+    code, _, _ = keys_command(capsys, "push", str(keys_file), "--config", str(config))
+    assert code == 0
+    code, out, err = keys_command(capsys, "revoke", "keys.toml", "--config", str(config))
+    assert code == 1 and "refused on every replica" not in out, (out, err)
+    assert "the config still grants it (the keys_file" in err and "filekey" not in err, err
+
+
 def test_cli_mistakes_are_errors_that_say_what_to_do(
     redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -269,3 +287,22 @@ def test_keys_told_a_wrong_password_say_redis_refused_it(
     assert code == 1 and "refused keel's connection" in err, err
     assert "the password, user and database" in err and "no key was read or changed" in err
     assert "wrong-Secret" not in err and "did not answer" not in err
+
+
+def test_keys_refused_by_a_full_redis_say_so(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Redis at its maxmemory refuses the write: it said Redis "did not answer" and to
+    check that it runs."""
+    client = SyncRedis.from_url(redis_server.url)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    try:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[state]\nredis_url = "{redis_server.url}"\n')
+        code, _, err = keys_command(capsys, "--config", str(config), "add", "--name", "erin")
+        assert code == 1 and "refused the command" in err and "maxmemory" in err, err
+        assert "did not answer" not in err
+    finally:
+        client.config_set("maxmemory", "0")
+        client.close()
