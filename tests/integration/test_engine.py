@@ -488,8 +488,11 @@ async def test_waiting_behind_long_answers_is_the_engines_load_not_its_failure(
     """A request admitted while every slot answers long requests waits for one inside
     the worker. That wait counted toward the first token's limit: the request was a 504
     blamed on the engine (its ``last_error``, a breaker failure), as if it had hung. It
-    is a 429 (every slot stayed busy), counted as a refusal, the engine untouched."""
+    is a 429 (every slot stayed busy), counted as a refusal, the engine untouched. So is
+    a code completion whose whole ``completion_timeout`` passed while it waited: a 408
+    counted as the engine's failure (a burst of 12 opened its breaker)."""
     config = PRECOMPUTE_OFF + "[model.completion.local]\nparallelism = 1\nfirst_token_timeout = 2\n"
+    config += "[server]\ncompletion_timeout = 1\n"
     with running_keel(tmp_path, config) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             long = {k: v for k, v in COUNTING.items() if k != "op"}
@@ -499,9 +502,14 @@ async def test_waiting_behind_long_answers_is_the_engines_load_not_its_failure(
                 while not (await anext(lines)).startswith("data: {"):
                     pass  # the one slot is taken
                 short = {"prompt": "def add(a, b):", "max_tokens": 4}
+                tabby = {"language": "python", "segments": {"prefix": "def sub(a, b):\n    "}}
                 waited = await asyncio.gather(
                     *(client.post("/v1/completions", json=short) for _ in range(2))
                 )
+                never_started = await client.post("/v1/completions", json=tabby)
+            assert never_started.status_code == 429, never_started.text
+            said = never_started.json()["error"]["message"]
+            assert "whole completion_timeout (1s), and the request never started" in said, said
             for response in waited:
                 assert response.status_code == 429, response.text
                 error = response.json()["error"]
@@ -512,5 +520,5 @@ async def test_waiting_behind_long_answers_is_the_engines_load_not_its_failure(
             assert engine["breaker"] == "closed" and engine["healthy"], engine
             assert engine["last_error"] is None, engine
             metrics = (await client.get("/metrics")).text
-    refused = 'keel_rejections_total{reason="engine_busy",role="completion"} 2.0'
+    refused = 'keel_rejections_total{reason="engine_busy",role="completion"} 3.0'
     assert refused in metrics, [line for line in metrics.splitlines() if "rejections" in line]

@@ -230,6 +230,11 @@ class Attempts:
         """The endpoint of the latest attempt, if one began."""
         return None if self._current is None else self._current.endpoint.name
 
+    @property
+    def waiting_for_slot(self) -> bool:
+        """The latest attempt waits for one of its engine's slots (:data:`SLOT_WAIT`)."""
+        return self._current is not None and self._current.queued
+
     def __aiter__(self) -> Attempts:
         return self
 
@@ -284,6 +289,12 @@ class Attempts:
     def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
         """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on)."""
         endpoint = attempt.endpoint
+        if isinstance(error, asyncio.CancelledError) and past_deadline() and attempt.queued:
+            # it never had a slot: its engine busy with others is load, not its failure
+            # (a burst of 12 completions opened the embedded model's breaker)
+            endpoint.breaker.record_ignored()
+            self.router.events.rejected(self.router.role, "engine_busy")
+            return False
         if isinstance(error, asyncio.CancelledError) and past_deadline():
             # keel's own limit on the whole request ended it on this provider. Given the
             # whole of it, the provider was too slow: its failure (counted a success once

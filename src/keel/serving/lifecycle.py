@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from keel import jsoncodec
-from keel.errors import ClientDisconnected, CompletionTimeout, KeelError
+from keel.errors import ClientDisconnected, CompletionTimeout, KeelError, Overloaded
 from keel.pipeline.completion import AnswerEnds, ended, read_until_stop, until_stop
 from keel.providers.base import (
     CACHE_FIGURES_SHOWN,
@@ -112,6 +112,15 @@ async def total_timeout(seconds: float, role: str) -> AsyncIterator[None]:
     except TimeoutError:
         trial = TRIAL.get()
         provider = trial.trying if trial is not None else None
+        if trial is not None and trial.waiting_for_slot:  # never started: the engine's load
+            busy = Overloaded(
+                f"{provider}: every slot of its engine stayed busy for the whole "
+                f"completion_timeout ({seconds:g}s), and the request never started; retry "
+                "shortly",
+                retry_after=1.0,
+            )
+            busy.provider = provider
+            raise busy from None
         # the provider it ran out on may have had only what earlier failures left: said
         earlier = "; ".join(trial.failures if trial is not None else ())
         after = f", after {earlier}" if earlier else ""
