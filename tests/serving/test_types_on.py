@@ -36,3 +36,15 @@ def test_a_shared_file_end_or_an_empty_file_is_no_evidence() -> None:
     # The end of every Go (or JavaScript) file: two colleagues' files, one key
     bob = ("package main\n\nfunc main() {\n\tfmt.Println(", "\n}\n")
     assert not types_on(("package billing\n\nfunc Charge() {\n\t", "\n}\n"), bob)
+
+
+def test_a_prefix_a_little_longer_than_the_edit_reach_is_no_word_to_find_anywhere() -> None:
+    """Between 65 and 127 characters, what was kept of the older prefix was its first
+    few characters ("im" of 66), found anywhere in a colleague's file: their JavaScript
+    cancelled this Python."""
+    python = "import requests\n\nURL = 'https://example.org/api'\ndef fetch(q):\n  rr"
+    assert 64 < len(python) < 128
+    javascript = "// server bootstrap\nimport express from 'express';\nconst app = express();\n"
+    assert not types_on((python, "\n"), (javascript + "app.listen(", "\n"))
+    assert types_on((python, "\n"), (python + "e", "\n"))  # a keystroke on
+    assert types_on((python, "\n"), (python[:-3] + "\n  return", "\n"))  # a line redone

@@ -489,9 +489,12 @@ def types_on(old: tuple[str, str], new: tuple[str, str]) -> bool:
     # (below the reach, no text is kept: [:-30] kept a 34-character prefix's first 4, and
     # any file holding those went on from it)
     kept = old_prefix[: max(0, len(old_prefix) - EDIT_REACH)]
-    if not kept:  # a short prefix (a file's first lines): its first half unchanged
-        half = old_prefix[: len(old_prefix) // 2]
-        return bool(half.strip()) and new_prefix.startswith(half)
+    if len(kept) < EDIT_REACH:
+        # a file's first lines: their start unchanged, at the start (a kept "im" of a
+        # 66-character prefix was found in any file holding it, anywhere: a colleague's
+        # JavaScript cancelled this Python)
+        head = max(kept, old_prefix[: len(old_prefix) // 2], key=len)
+        return bool(head.strip()) and new_prefix.startswith(head)
     return kept[-EDIT_REACH:] in new_prefix  # the window's start moves as lines are added
 
 
