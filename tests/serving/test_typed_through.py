@@ -47,6 +47,11 @@ async def test_typing_the_suggestion_is_answered_with_its_rest_and_no_model_work
     assert await served(keel, "cache") == 3
     assert await complete(keel, tabby("x = ")) == (SUGGESTION, "model")  # asked again
     assert await served(keel, "model") == 2
+    # asked again where the cache answered (tabby-agent's other choices): the model, not
+    # the same text replayed from further back
+    assert (await complete(keel, tabby("x = compu")))[1] == "cache"
+    assert (await complete(keel, tabby("x = compu")))[1] == "model"
+    assert await served(keel, "model") == 3
 
 
 async def test_typing_something_else_asks_the_model(
@@ -59,7 +64,12 @@ async def test_typing_something_else_asks_the_model(
     assert (await complete(keel, tabby("x = " + SUGGESTION)))[1] == "model"  # all typed
     debug = {**tabby("x = c"), "debug_options": {"return_prompt": True}}
     assert (await complete(keel, debug))[1] == "model"  # wants its own prompt back
-    assert model_calls(llamacpp) == 6
+    alone = {
+        **tabby("x = co"),
+        "debug_options": {"disable_retrieval_augmented_code_completion": True},
+    }
+    assert (await complete(keel, alone))[1] == "model"  # the model alone, without snippets
+    assert model_calls(llamacpp) == 7
 
 
 async def test_windows_newlines_type_through_too(keel: httpx.AsyncClient) -> None:

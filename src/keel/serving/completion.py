@@ -251,6 +251,9 @@ class CompletionServing:
         rest, suggestion = hit
         if suggestion.ahead and task.prefix == suggestion.prefix:  # shown now, as any other
             self.cache.put(place, dataclasses.replace(suggestion, ahead=False))
+        else:  # shown here: the same request again goes to the model
+            shown = Suggestion(task.prefix, task.suffix, rest, suggestion.provider)
+            self.cache.put(place, shown)
         response = TabbyCompletionResponse(
             id=f"cmpl-{uuid.uuid4()}",
             choices=[Choice(index=0, text=restore_newlines(rest, task.crlf))],
@@ -504,7 +507,12 @@ def _place(key: tuple[str, str] | None, task: TabbyTask) -> Place | None:
     debug = task.request.debug_options
     if key is None or task.raw_prompt is not None:
         return None
-    if debug is not None and (debug.return_prompt or debug.return_snippets):
+    if debug is not None and (
+        debug.return_prompt
+        or debug.return_snippets
+        # the model alone: a suggestion made with snippets was served from the cache
+        or debug.disable_retrieval_augmented_code_completion
+    ):
         return None
     return (*key, task.language.name)
 

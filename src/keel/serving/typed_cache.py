@@ -104,9 +104,15 @@ class TypedCache:
 
     def rest(self, place: Place, prefix: str, suffix: str) -> tuple[str, Suggestion] | None:
         """The rest of the suggestion ``prefix`` typed through, and that suggestion;
-        of several, the one made closest to the cursor (the longest prefix)."""
+        of several, the one made closest to the cursor (the longest prefix). None for a
+        request at a place one was shown already: asked again, it wants the model's
+        answer (tabby-agent's other choices, a manual trigger), and a suggestion from
+        further back replayed the same text to each."""
+        entries = self._entries.get(place, ())
+        if any(e.prefix == prefix and e.suffix == suffix and not e.ahead for e in entries):
+            return None
         best: tuple[str, Suggestion] | None = None
-        for entry in self._entries.get(place, ()):
+        for entry in entries:
             rest = entry.rest(prefix, suffix)
             if rest is not None and (best is None or len(entry.prefix) >= len(best[1].prefix)):
                 best = (rest, entry)
