@@ -56,3 +56,15 @@ def test_a_kept_provider_keeps_its_endpoint_unless_its_timeouts_or_routing_chang
     assert endpoint_of(longer).breaker.state is BreakerState.CLOSED
     other_policy = routing(99, previous=longer, cooldown=5)
     assert endpoint_of(other_policy) is not endpoint_of(longer)
+
+
+def test_a_reloads_admission_goes_on_counting() -> None:
+    """/v1/providers' queued, waits, refusals and smaller completions began at 0 again
+    after a reload, while their metrics went on."""
+    first = routing(10)
+    admission = first.admission["completion"]
+    admission.queued, admission.queue_wait_seconds, admission.rejected = 4, 2.5, 3
+    admission.note_degraded()
+    after = routing(10, previous=first).admission["completion"].snapshot()
+    assert (after["queued"], after["queue_wait_seconds"], after["rejected"]) == (4, 2.5, 3)
+    assert after["degraded"] == 1

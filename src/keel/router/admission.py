@@ -59,6 +59,14 @@ class Admission:
         fewer tokens) first."""
         return self.waiting > 0 or any(gate.waiting for gate in self.gates.values())
 
+    def carry_counts(self, previous: Admission) -> None:
+        """Go on counting from the role's admission a reload replaced, as its metrics
+        do (``/v1/providers`` began at 0 again while the counters went on)."""
+        self.rejected += previous.rejected
+        self.queued += previous.queued
+        self.queue_wait_seconds += previous.queue_wait_seconds
+        self.degraded += previous.degraded
+
     def note_degraded(self) -> None:
         """A request was served smaller for that (a trim the client did not ask for)."""
         self.degraded += 1

@@ -194,9 +194,13 @@ class Routing:
         """Marks the endpoints of ``previous`` this routing has none of: what the requests
         they still serve do is no health news of the endpoints here, which may have their
         names."""
+        if previous is None:
+            return
         kept = {id(endpoint) for endpoint in self.endpoints()}
-        for endpoint in previous.endpoints() if previous is not None else ():
+        for endpoint in previous.endpoints():
             endpoint.replaced = id(endpoint) not in kept
+        for role, admission in self.admission.items():  # its counts go on, as the metrics
+            admission.carry_counts(previous.admission[role])
 
     def _gate(self, role: Role, endpoint: Endpoint) -> Admission | None:
         """A local model in a role admitting more at once than a local engine should take
