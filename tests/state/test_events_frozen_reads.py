@@ -24,6 +24,7 @@ from keel.errors import Unavailable
 from keel.index.retrieve import RepositoryRetriever
 from keel.state import postgres_events
 from keel.state.postgres_events import PostgresEventStore
+from tests.conftest import running_keel
 from tests.index.conftest import write_repo
 from tests.state.servers import PostgresServer, wait_until
 
@@ -188,3 +189,20 @@ def test_unavailable_is_raised_while_a_read_waits_for_the_frozen_database(
         assert time.monotonic() - started < 2.5
         with pytest.raises(Unavailable):
             hung.result()
+
+
+def test_an_editor_event_on_a_frozen_database_is_answered_at_once(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
+) -> None:
+    """An event for a completion another replica served waited for its language, read
+    from the database: a frozen (or locked) one held the editor's request for ~10 s."""
+    config = f'[events]\ndatabase_url = "{postgres_url}"\n'
+    with running_keel(tmp_path / "keel", config) as keel, keel.client() as client:
+        event = {"type": "view", "completion_id": "cmpl-another-replicas", "choice_index": 0}
+        assert client.post("/v1/events", json=event).status_code == 200  # reads connected
+        with frozen(postgres_server):
+            started = time.monotonic()
+            answered = client.post("/v1/events", json={**event, "completion_id": "cmpl-x"})
+            took = time.monotonic() - started
+    assert answered.status_code == 200, answered.text
+    assert took < 2.0, f"the event waited {took:.1f} s for the database"

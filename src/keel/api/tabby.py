@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from keel import __version__, build_info
 from keel.api.access import USER
 from keel.api.errors import parse_model, read_json
-from keel.api.state import app_state
+from keel.api.state import AppState, app_state
 from keel.config import EMBEDDED_MODEL_ID, Role, Settings
 from keel.errors import RequestError
 from keel.providers.base import Provider
@@ -50,8 +50,6 @@ async def log_event(request: Request, select_kind: str | None = None) -> Respons
     key; then any but ``line`` was a 400, which Tabby answers 200)."""
     event = parse_model(LogEventRequest, await read_json(request))
     state = app_state(request)
-    language = await state.events.language_of(event.completion_id)
-    state.metrics.editor_event(event.type, event.completion_id, language)
     await state.events.record(
         event.type,
         completion_id=event.completion_id,
@@ -60,7 +58,21 @@ async def log_event(request: Request, select_kind: str | None = None) -> Respons
         elapsed=event.elapsed,
         select_kind="line" if select_kind == "line" else None,
     )
+    # counted once its language is known: for a completion another replica served, that
+    # is a database read, and a slow or locked database held the editor's request for its
+    # 10 s; past a moment it is counted beside the answer
+    counting = state.background.spawn(_count_event(state, event.type, event.completion_id))
+    await asyncio.wait({counting}, timeout=EVENT_COUNT_WAIT)
     return Response(status_code=200)
+
+
+EVENT_COUNT_WAIT = 0.25
+"""Seconds an editor's event waits for its count (the language of its completion)."""
+
+
+async def _count_event(state: AppState, kind: str, completion_id: str) -> None:
+    language = await state.events.language_of(completion_id)
+    state.metrics.editor_event(kind, completion_id, language)
 
 
 @cache
