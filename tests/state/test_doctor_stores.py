@@ -14,7 +14,9 @@ import pytest
 import redis
 
 from keel.config import Settings
+from keel.errors import Unavailable
 from keel.ops.doctor import DoctorOptions, Report, check_stores, run_checks
+from keel.state.postgres_events import PostgresEventStore
 from keel.state.shared_limits import RedisState
 from tests.ports import free_port
 from tests.state.servers import PostgresServer, RedisServer
@@ -207,3 +209,27 @@ async def test_serve_names_a_redis_that_turns_keel_away_not_an_unreachable_one(
         assert "Redis refuses keel's connection" in caplog.text, caplog.text
         assert "unreachable" not in caplog.text and "Secret" not in caplog.text, caplog.text
         await state.aclose()
+
+
+def test_a_postgres_url_that_can_never_work_is_said_so(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An option libpq refuses (sslmode=bogus) was a warning, "unreachable", from doctor
+    (exit 0), and serve buffered events for its whole life as if the database were down;
+    a wrong password at serve was "unreachable" too, and the figures' 503 said they
+    "return when it does"."""
+    bogus = postgres_server.url() + "?sslmode=bogus"
+    status, detail = finding(stores({"events": {"database_url": bogus}}), "postgres")
+    assert status == "FAIL" and "fix [events] database_url" in detail, detail
+    caplog.set_level(logging.WARNING, "keel.state")
+    with password_role(postgres_server):
+        wrong = with_password(postgres_server.url(), "wrong-Secret")
+        store = PostgresEventStore(wrong, flush_seconds=0.05)
+        try:
+            with pytest.raises(Unavailable) as caught:
+                store.acceptance(0, 1)
+            assert "refuses keel: fix [events] database_url" in caught.value.message
+            assert "refuses keel" in caplog.text and "unreachable" not in caplog.text
+            assert "wrong-Secret" not in caplog.text + caught.value.message
+        finally:
+            store.close(timeout=1.0)

@@ -587,6 +587,8 @@ def _check_redis_uses(report: Report, client: Any, where: str) -> None:
 def _check_postgres(report: Report, url: str, timeout: float) -> None:
     import psycopg
 
+    from keel.state.postgres_events import refused
+
     where = masked_url(url)
     try:  # libpq counts connect_timeout in whole seconds, at least 2
         with psycopg.connect(url, connect_timeout=max(2, round(timeout))) as connection:
@@ -594,8 +596,14 @@ def _check_postgres(report: Report, url: str, timeout: float) -> None:
             connection.execute("SELECT 1")
     except psycopg.Error as exc:
         error = masked_url(" ".join(str(exc).split()))
-        if not _postgres_said_no(exc):
-            report.add("postgres", "warn", f"{where}: unreachable ({error}); {STORE_UNREACHABLE}")
+        if not refused(exc):
+            report.add(  # the Redis words ("limits per replica, the keys read last") were
+                # no database's
+                "postgres",
+                "warn",
+                f"{where}: unreachable ({error}); keel starts anyway, holding editor events "
+                "in memory ([events] max_buffered) until it answers",
+            )
         else:
             report.add(
                 "postgres",
@@ -605,21 +613,6 @@ def _check_postgres(report: Report, url: str, timeout: float) -> None:
             )
     else:
         report.add("postgres", "ok", f"{where}: answered SELECT 1 (PostgreSQL {version})")
-
-
-def _postgres_said_no(exc: Exception) -> bool:
-    """Whether a server answered and refused (a password, a user, a database, pg_hba),
-    not a connection that never reached one. libpq gives no code for a failed connection:
-    the server's own error says "FATAL:" (unless its messages are translated; a password
-    it asked for tells too). A server that answered it has no TLS, to a URL that requires
-    TLS, will never take that URL either (it was a warning, exit 0)."""
-    import psycopg
-
-    if isinstance(exc, psycopg.Error) and exc.sqlstate is not None:
-        return True
-    pgconn = exc.pgconn if isinstance(exc, psycopg.Error) else None
-    asked = pgconn is not None and (pgconn.used_password or pgconn.needs_password)
-    return asked or "FATAL:" in str(exc) or "server does not support SSL" in str(exc)
 
 
 async def _probe_one(role: Role, provider: Provider, timeout: float) -> str | None:

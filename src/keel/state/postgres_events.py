@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -392,6 +393,8 @@ class PostgresEventStore:
 
     def _failed(self, exc: Exception) -> None:
         message = scrub(_first_line(exc), self.url)
+        if refused(exc):  # never to be waited out: it was "unreachable", buffering for ever
+            message += f" ({REFUSED_FIX})"
         if isinstance(exc, psycopg.errors.UndefinedTable):
             # still missing after making it again: not an outage, and not one to wait out
             message += (
@@ -403,7 +406,9 @@ class PostgresEventStore:
                 "events database %s %s (%s): buffering up to %d events, dropping "
                 "beyond; completions are not affected",
                 redact(self.url),
-                "unreachable"
+                "refuses keel"
+                if refused(exc)
+                else "unreachable"
                 if isinstance(exc, (psycopg.OperationalError, TimeoutError))
                 else "failing",
                 message,
@@ -529,9 +534,12 @@ class PostgresEventStore:
                 if kept and time.monotonic() < deadline:
                     continue
                 self._failed(exc)
-                raise Unavailable(
-                    "the events database is unreachable; acceptance figures return when it does"
-                ) from exc
+                why = (
+                    f"refuses keel: {REFUSED_FIX}"
+                    if refused(exc)
+                    else "is unreachable; acceptance figures return when it does"
+                )
+                raise Unavailable(f"the events database {why}") from exc
             with self._lock:
                 stuck = self._writer_error is not None and bool(self._buffer)
             if stuck:  # the figures would leave out the events waiting: none, not wrong ones
@@ -617,3 +625,25 @@ class PostgresEventStore:
             for future in list(self._pending):
                 future.cancel()
         self._reads.put(None)  # the reader thread closes its connection and ends
+
+
+REFUSED_FIX = (
+    "fix [events] database_url: its user, password, database or options; a restart or "
+    "reload applies it"
+)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether the server answered and refused (a password, a user, a database,
+    pg_hba), or libpq refused the URL itself (an option's value), not a connection that
+    never reached a server: none of these passes by waiting. libpq gives no code for a
+    failed connection: the server's own error says "FATAL:" (unless its messages are
+    translated; a password it asked for tells too). A server that answered it has no TLS,
+    to a URL that requires TLS, will never take that URL either."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate is not None:
+        return True
+    said = str(exc)
+    pgconn = exc.pgconn if isinstance(exc, psycopg.Error) else None
+    asked = pgconn is not None and (pgconn.used_password or pgconn.needs_password)
+    option = re.search(r"invalid (?:\w+ value|connection option)", said) is not None
+    return asked or option or "FATAL:" in said or "server does not support SSL" in said
