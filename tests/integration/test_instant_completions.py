@@ -212,3 +212,18 @@ async def test_an_answer_ended_early_still_gives_the_engines_prompt_figures(
     timings = figures["timings"]
     assert timings["cache_n"] > 0, figures  # the first request's prompt, in the slot
     assert figures["tokens_evaluated"] == timings["prompt_n"] + timings["cache_n"], figures
+
+
+async def test_an_openai_completion_cancels_a_precompute_at_once(
+    keel: httpx.AsyncClient,
+) -> None:
+    """A Tabby request cancelled one; an OpenAI completion on the same engine did not:
+    idle-time work took the engine from a real request."""
+    serving = state_of(keel).completion
+    await suggested(keel, 1361)
+    ahead = [flight for flight in serving.flights if flight.precompute]
+    assert len(ahead) == 1, "a precompute started as soon as the engine was idle"
+    short = {"prompt": "def add(a, b):", "max_tokens": 2}
+    assert (await keel.post("/v1/completions", json=short)).status_code == 200
+    task = ahead[0].task
+    assert task is not None and task.done() and task.cancelled()

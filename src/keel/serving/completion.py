@@ -295,6 +295,8 @@ class CompletionServing:
             return
         if self.admission.active or self.admission.waiting or self.flights.busy:
             return
+        if any(endpoint.outstanding for endpoint in self.router.groups[0]):
+            return  # its engine answers others (an OpenAI completion, a chat it serves too)
         accepted = task.prefix + shown
         if self.cache.holds(place, accepted, task.suffix) or self.flights.running_at(
             place, accepted, task.suffix
@@ -357,6 +359,7 @@ class CompletionServing:
         own ends of the answer (llama.cpp's ``/completion``)."""
         primary = self.router.primary
         assert isinstance(primary, CompletionProvider)
+        self.flights.cancel_precomputes()  # a real request: idle-time work gives way
         max_tokens = self.prompts.max_decoding_tokens or primary.default_max_tokens
         params = body.to_params(max_tokens, must_fit=must_fit)
         if ends is not None:
