@@ -128,29 +128,14 @@ def test_sighup_reloads_and_sigterm_stops_the_child(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "supervisor.log"
     (tmp_path / "config.toml").write_text("[model.chat]\nmax_concurrent = 4\n")
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            supervised(tmp_path, "--port", str(port)),
-            env=env(tmp_path),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    process = supervised_keel(tmp_path, port, log)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise TimeoutError(log.read_text())
         match = re.search(r"started keel, pid (\d+)", log.read_text())
         assert match, log.read_text()
         child = int(match.group(1))
         # A worker's pid is known from its spawn; it ignores SIGHUP once its own code runs,
         # which the interpreter's start comes before: signalled then, it died (a flake).
+        deadline = time.monotonic() + 120
         while (role := _completion_role(port))["state"] != "ready":
             assert time.monotonic() < deadline, role
             time.sleep(0.1)
@@ -208,20 +193,9 @@ def test_ctrl_c_stops_the_supervised_keel_cleanly(tmp_path: Path) -> None:
     """Ctrl-C reaches keel as SIGINT, which it ends with 130 (128 + SIGINT) once drained:
     the supervisor called that stop "exit code 130" and exited 130, a failure to a
     script, where SIGTERM's was "cleanly" and 0."""
-    port = free_port()
     log = tmp_path / "supervisor.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            supervised(tmp_path, "--port", str(port)),
-            env=env(tmp_path),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    process = supervised_keel(tmp_path, free_port(), log)
     try:
-        deadline = time.monotonic() + 120
-        while "started keel" not in log.read_text() or not _answers(port):
-            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
-            time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0, log.read_text()
     finally:
@@ -229,6 +203,25 @@ def test_ctrl_c_stops_the_supervised_keel_cleanly(tmp_path: Path) -> None:
             process.kill()
             process.wait()
     assert "keel stopped (cleanly)" in log.read_text(), log.read_text()
+
+
+def supervised_keel(root: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``keel serve --supervise`` on ``port``, its output in ``log``, once keel answers."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            supervised(root, "--port", str(port)),
+            env=env(root),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while "started keel" not in log.read_text() or not _answers(port):
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            process.wait()
+            raise AssertionError(log.read_text())
+        time.sleep(0.2)
+    return process
 
 
 def _answers(port: int) -> bool:
