@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.api.conftest import USER, build_app, keel_config, serving
+from tests.api.test_limit_names import REFUSAL
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
 
@@ -153,13 +154,17 @@ async def test_a_backend_that_ignored_the_size_it_was_sent_is_said_to(
     assert "only an" not in message, message
 
 
-def _completions_sent(upstreams: tuple[FakeUpstream, FakeUpstream]) -> list[dict[str, Any]]:
+def _sent(upstreams: tuple[FakeUpstream, FakeUpstream], path: str) -> list[dict[str, Any]]:
     return [
         request.json
         for upstream in upstreams
         for request in upstream.requests
-        if request.path == "/v1/completions"
+        if request.path == path
     ]
+
+
+def _completions_sent(upstreams: tuple[FakeUpstream, FakeUpstream]) -> list[dict[str, Any]]:
+    return _sent(upstreams, "/v1/completions")
 
 
 @pytest.mark.parametrize("field", ["max_completion_tokens", "n_predict"])
@@ -214,16 +219,8 @@ async def test_n_predict_0_on_a_completion_says_what_to_send(client: httpx.Async
 async def test_a_refused_completion_limit_is_named_as_the_client_sent_it(
     client: httpx.AsyncClient, upstreams: tuple[FakeUpstream, FakeUpstream], field: str
 ) -> None:
-    refusal = {
-        "message": "'max_tokens' or 'max_completion_tokens' is too large: 4000. This model's "
-        "maximum context length is 2048 tokens and your request has 10 input tokens "
-        "(4000 > 2048 - 10).",
-        "type": "BadRequestError",
-        "param": None,
-        "code": 400,
-    }
     for upstream in upstreams:
-        upstream.behave(Behaviour.error(400, {"error": refusal}))
+        upstream.behave(Behaviour.error(400, {"error": REFUSAL}))
     try:
         response = await client.post(
             "/v1/completions", json={"prompt": "def add(a, b):", field: 4000}, headers=USER
@@ -238,12 +235,7 @@ async def test_a_refused_completion_limit_is_named_as_the_client_sent_it(
 
 
 def _chats_sent(upstreams: tuple[FakeUpstream, FakeUpstream]) -> list[dict[str, Any]]:
-    return [
-        request.json
-        for upstream in upstreams
-        for request in upstream.requests
-        if request.path == "/v1/chat/completions"
-    ]
+    return _sent(upstreams, "/v1/chat/completions")
 
 
 async def test_an_assistants_refusal_part_is_its_text(
