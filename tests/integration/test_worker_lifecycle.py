@@ -129,6 +129,7 @@ def test_unloadable_model_file_is_reported_once_not_restarted(tmp_path: Path) ->
         assert "broken.gguf" in str(status["last_error"])
         # the header's own diagnosis, not the engine's "check the input params"
         assert "unsupported GGUF version 0" in str(status["last_error"]), status
+        assert "reload (SIGHUP" in str(status["last_error"]), status  # shown where it is read
         response = httpx.post(
             f"{server.url}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "hi"}]},

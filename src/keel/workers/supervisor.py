@@ -390,9 +390,7 @@ class WorkerSupervisor:
         deadline = self._clock() + timeout
         while not self._ready.is_set():
             if self.state is WorkerState.FAILED:
-                raise WorkerUnavailable(
-                    f"{self.name}: worker gave up: {self.last_error}; {GIVEN_UP_FIX}"
-                )
+                raise WorkerUnavailable(f"{self.name}: worker gave up: {self.last_error}")
             if self.state is WorkerState.STOPPED:
                 raise WorkerUnavailable(f"{self.name}: worker is not running")
             remaining = deadline - self._clock()
@@ -467,10 +465,11 @@ class WorkerSupervisor:
             await self._sleep(delay)
 
     def _give_up(self, reason: str) -> None:
-        self.last_error = reason
+        # what brings it back, where it is shown: /v1/providers and the status page too
+        self.last_error = f"{reason}; {GIVEN_UP_FIX}"
         self.pid = None  # no worker runs
         self._set_state(WorkerState.FAILED)
-        log.error("%s: giving up on the worker: %s; %s", self.name, reason, GIVEN_UP_FIX)
+        log.error("%s: giving up on the worker: %s", self.name, self.last_error)
 
     async def _run_once(self) -> int | None:
         self._set_state(WorkerState.STARTING)
