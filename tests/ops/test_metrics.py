@@ -178,12 +178,22 @@ def test_a_real_keel_counts_requests_workers_and_events(keel_server: KeelProcess
 
 def test_worker_restarts_count_on_across_a_replaced_supervisor() -> None:
     """A worker keel gave up on, replaced by a reload under the same name, started a new
-    supervisor at 0 restarts: ``keel_worker_restarts_total`` fell from 4 to 0."""
+    supervisor at 0 restarts: ``keel_worker_restarts_total`` fell from 4 to 0. And the
+    replaced one's restarts after the last scrape were lost (4 read where 8 were)."""
     from keel.ops.metrics import _ProviderCollector
 
+    class Worker:  # what the collector reads of a local provider: its name and status
+        def __init__(self, name: str, restarts: int) -> None:
+            self.name, self.count = name, restarts
+
+        def status(self) -> dict[str, object]:
+            return {"restarts": self.count}
+
     collector = _ProviderCollector()
-    first, second = object(), object()
-    assert collector.restarts("local/m", first, 4) == 4
-    assert collector.restarts("local/m", second, 0) == 4, "the replaced one's count kept"
-    assert collector.restarts("local/m", second, 1) == 5
-    assert collector.restarts("local/other", first, 2) == 2
+    first, second = Worker("local/m", 4), Worker("local/m", 0)
+    assert collector.restarts(first) == 4  # type: ignore[arg-type]
+    first.count = 8  # four more before the reload, none scraped
+    assert collector.restarts(second) == 8, "the replaced one's count kept, all of it"  # type: ignore[arg-type]
+    second.count = 1
+    assert collector.restarts(second) == 9  # type: ignore[arg-type]
+    assert collector.restarts(Worker("local/other", 2)) == 2  # type: ignore[arg-type]

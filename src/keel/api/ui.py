@@ -101,7 +101,8 @@ def models_and_memory(state: AppState) -> list[dict[str, object]]:
     for provider in state.providers.unique():
         status = provider.status()
         pid = status.get("pid")
-        restarts = status.get("restarts")
+        # counted on, as the metric is, across the workers a reload replaced
+        restarts = state.metrics.worker_restarts(provider) if "restarts" in status else None
         found.append(
             {
                 "provider": provider.name,

@@ -88,6 +88,11 @@ def _supervisor_restarts(environ: Mapping[str, str]) -> int:
         return 0
 
 
+def _worker_restarts(provider: Provider) -> int:
+    restarts = provider.status().get("restarts")
+    return restarts if isinstance(restarts, int) else 0
+
+
 def _language_label(language: str | None) -> str:
     """The language's canonical name: a bounded label set, whatever the client sends."""
     found = find_language(language) if language else None
@@ -102,23 +107,24 @@ class _ProviderCollector(Collector):
         self.role_usable: Callable[[Role], bool] | None = None
         self.serving: Callable[[], set[str]] | None = None
         """The providers the router may send requests to now (by name)."""
-        self._restarts: dict[str, tuple[int, int, int]] = {}
-        """By provider name: the supervisor last seen (its id), its restarts then, and the
-        restarts of those it replaced (see :meth:`restarts`)."""
+        self._restarts: dict[str, tuple[Provider, int]] = {}
+        """By provider name: the provider last seen, and the restarts of those it
+        replaced (see :meth:`restarts`)."""
 
-    def restarts(self, name: str, supervisor: object, count: int) -> int:
-        """``keel_worker_restarts_total`` of ``name``: ``count``, its supervisor's, and
-        those of the supervisors it replaced under the name. A worker keel gave up on,
-        replaced by a reload, started a new supervisor at 0: the counter fell from 4 to 0,
-        and the crash history with it on a graph."""
-        known = self._restarts.get(name)
+    def restarts(self, provider: Provider) -> int:
+        """``keel_worker_restarts_total`` of ``provider``'s name: its worker's restarts,
+        and those of the providers it replaced under the name. A worker keel gave up on,
+        replaced by a reload, started afresh at 0: the counter fell from 4 to 0, and the
+        crash history with it on a graph. The one replaced is read when it is found
+        replaced, not as last seen: its restarts between that scrape and the reload were
+        lost."""
         before = 0
-        if known is not None:
-            seen, last, before = known
-            if seen != id(supervisor):
-                before += last
-        self._restarts[name] = (id(supervisor), count, before)
-        return before + count
+        if (known := self._restarts.get(provider.name)) is not None:
+            seen, before = known
+            if seen is not provider:
+                before += _worker_restarts(seen)
+        self._restarts[provider.name] = (provider, before)
+        return before + _worker_restarts(provider)
 
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily(
@@ -188,8 +194,7 @@ class _ProviderCollector(Collector):
                 )
                 if "restarts" not in status:
                     continue  # not a worker: HTTP backends have no process of ours
-                made = self.restarts(provider.name, provider, int(str(status["restarts"])))
-                restarts.add_metric([provider.name], float(made))
+                restarts.add_metric([provider.name], float(self.restarts(provider)))
                 tools.add_metric(
                     [provider.name], float(str(status.get("tools_answered_in_text", 0)))
                 )
@@ -536,6 +541,11 @@ class Metrics:
     def track_providers(self, providers: Providers) -> None:
         """Read worker state and role readiness from ``providers`` at each scrape."""
         self._providers.providers = providers
+
+    def worker_restarts(self, provider: Provider) -> int:
+        """``keel_worker_restarts_total`` of ``provider``'s name, for the status page (its
+        tile summed the workers running now: 4 restarts read 0 after a reload)."""
+        return self._providers.restarts(provider)
 
     def track_readiness(
         self, role_usable: Callable[[Role], bool], serving: Callable[[], set[str]]
