@@ -184,6 +184,10 @@ def test_rate_limit_per_key(tmp_path: Path) -> None:
         assert refused in metrics
         logged = [line for line in server.log.read_text().splitlines() if "-> 429" in line]
         assert logged and all(" key=" in line and USER_KEY not in line for line in logged)
+        # the key's own throttle is no error of keel's on the status page (one client's
+        # limit showed as half of keel's requests failing)
+        stats = httpx.get(f"{server.url}/v1/stats", headers=headers, timeout=10).json()
+        assert stats["summary"]["requests"] == 5 and stats["summary"]["errors"] == 0, stats
     finally:
         server.stop()
 

@@ -24,6 +24,7 @@ from keel.api.state import app_state
 from keel.auth import Access, Identity, is_loopback
 from keel.errors import AuthenticationError, Forbidden, RateLimited
 from keel.providers.base import CACHE_FIGURES_SHOWN
+from keel.serving.lifecycle import KEY_LIMITED
 
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 """The API documentation routes (keel.api.docs, FastAPI's document): public, not APIRoutes."""
@@ -117,6 +118,7 @@ class Require:
             if wait > 0:
                 role = ROLE_BY_ROUTE[request.scope["path"]]
                 state.metrics.rejected(role, "key_rate_limited")
+                setattr(request.state, KEY_LIMITED, True)
                 raise RateLimited(
                     f"rate limit of {state.settings.auth.requests_per_minute} requests per "
                     "minute for this key reached; retry later",

@@ -53,7 +53,7 @@ from keel.api.errors import error_response
 from keel.config import Role
 from keel.errors import Forbidden, PayloadTooLarge, failed
 from keel.ops.logging import request_id
-from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY, header_text
+from keel.serving.lifecycle import FAILURE_KEY, KEY_LIMITED, PROVIDER_KEY, header_text
 from keel.serving.streaming import OUTCOME, STOPPING, stopped
 
 if TYPE_CHECKING:
@@ -372,7 +372,8 @@ class KeelMiddleware:
             if response.superseded:
                 keel.metrics.superseded(role)
             else:
-                keel.stats.record(role=role, status=status, seconds=seconds)
+                ours = not state.get(KEY_LIMITED)  # a key over its own limit: the client's
+                keel.stats.record(role=role, status=status, seconds=seconds, keel=ours)
         keel.metrics.request(
             route=route,
             method=scope["method"],

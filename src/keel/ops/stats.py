@@ -33,8 +33,9 @@ BUCKET_SECONDS = 60
 
 
 def is_error(status: int) -> bool:
-    """A request keel failed to serve: :func:`~keel.errors.failed`, or a 429 (overloaded
-    or rate limited)."""
+    """A request keel failed to serve: :func:`~keel.errors.failed`, or a 429 (overloaded,
+    or its backends rate limited; a key over its own limit is told apart where it is
+    recorded)."""
     return failed(status) or status == 429
 
 
@@ -97,11 +98,13 @@ class RequestStats:
             self._minutes.append(Minute(start))
         return self._minutes[-1]
 
-    def record(self, *, role: str, status: int, seconds: float) -> None:
-        """One finished model request (``role`` completion, chat or embedding)."""
+    def record(self, *, role: str, status: int, seconds: float, keel: bool = True) -> None:
+        """One finished model request (``role`` completion, chat or embedding); ``keel``:
+        its status is keel's to answer for (a key over its own rate limit's 429 is not:
+        one client's throttle showed as half of keel's requests failing)."""
         minute = self._minute(self.clock())
         minute.requests += 1
-        if is_error(status):
+        if keel and is_error(status):
             minute.errors += 1
         if role != "completion" or status >= 400:
             return

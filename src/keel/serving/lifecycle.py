@@ -40,6 +40,10 @@ PROVIDER_KEY = "keel_provider"
 FAILURE_KEY = "keel_failure"
 """Where a request's ``state`` says why keel failed it (a 5xx), for its access-log line."""
 
+KEY_LIMITED = "keel_key_limited"
+"""Where a request's ``state`` says its key was over ``[auth] requests_per_minute``: the
+client's own limit, no failure of keel's (the status page's errors counted them)."""
+
 
 def note_provider(http: Request, provider: Provider | None) -> None:
     """Label this request's metrics with the provider that served it (a fallback, maybe)."""
