@@ -538,3 +538,18 @@ async def test_an_input_left_out_for_the_budget_is_said_truncated(
     lines = [f"value_{n} = compute({n}, {n + 1})  # a line of the long file" for n in range(600)]
     long = await keel.post("/infill", json=fim(lines, "b = "))
     assert long.status_code == 200 and long.json()["truncated"] is True, long.text
+
+
+async def test_llama_cpps_bounds_are_taken_and_keels_own_said_in_its_words(
+    keel: httpx.AsyncClient,
+) -> None:
+    """n_predict 10^9 (llama.cpp takes it) was a 400 "Input should be less than or equal
+    to 131072", where keel's budget caps it anyway; 513 chunks were "List should have at
+    most 512 items after validation", with no word of the editor's ring."""
+    huge = await keel.post("/infill", json={**fim(["a = 1"], "b = "), "n_predict": 10**9})
+    assert huge.status_code == 200, huge.text
+    many = await keel.post(
+        "/infill", json={**fim(["a"], "b"), "input_extra": [{"text": "c\n"}] * 513}
+    )
+    assert many.status_code == 400, many.text
+    assert "ring_n_chunks" in many.json()["error"]["message"], many.text

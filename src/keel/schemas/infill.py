@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.json_schema import WithJsonSchema
 
-from keel.schemas.openai import MAX_TOKENS_LIMIT, STOP_LIST, _check_stop, only
+from keel.schemas.openai import STOP_LIST, _check_stop, only
 from keel.schemas.openai import _Wire as _Body
 from keel.schemas.tabby import (
     MAX_CLIENT_SNIPPETS,
@@ -86,12 +86,18 @@ class InfillChunk(_Wire):
 class InfillRequest(Unconstrained):
     input_prefix: str = ""
     input_suffix: str = ""
-    input_extra: list[InfillChunk] = Field(default_factory=list, max_length=MAX_CLIENT_SNIPPETS)
+    input_extra: list[InfillChunk] = Field(
+        default_factory=list,
+        json_schema_extra={"maxItems": MAX_CLIENT_SNIPPETS},
+        description=f"At most {MAX_CLIENT_SNIPPETS} chunks of other files.",
+    )
     prompt: str = Field("", description="The cursor's line up to the cursor.")
     n_predict: int | None = Field(
         None,
         ge=-1,
-        le=MAX_TOKENS_LIMIT,
+        # llama.cpp's own bound (an int32); a larger one than keel's budget is its budget
+        # (one over 131,072 was a 400 in pydantic's words)
+        le=2**31 - 1,
         description="New tokens at most, within keel's own decoding budget ([completion] "
         "max_decoding_tokens); 0 warms the cache and generates nothing; -1 or unset: "
         "keel's budget.",
@@ -127,6 +133,18 @@ class InfillRequest(Unconstrained):
     )
     _stop = field_validator("stop")(_check_stop)
     response_fields: list[str] = response_fields("the answer")
+
+    @field_validator("input_extra")
+    @classmethod
+    def _few_enough(cls, value: list[InfillChunk]) -> list[InfillChunk]:
+        """pydantic said "List should have at most 512 items after validation"."""
+        if len(value) > MAX_CLIENT_SNIPPETS:
+            raise ValueError(
+                f"{len(value)} chunks, over the {MAX_CLIENT_SNIPPETS} keel takes: lower the "
+                "editor's ring of chunks (llama.vscode's ring_n_chunks, llama.vim's "
+                "g:llama_config.ring_n_chunks)"
+            )
+        return value
 
     def cursor_line(self) -> str:
         """The cursor's line up to the cursor. On a blank line llama.vscode sends an
