@@ -32,7 +32,11 @@ def test_the_unit_restarts_crashes_but_not_unfixable_exits() -> None:
 
 def test_the_unit_checks_before_starting_and_drains_on_stop() -> None:
     unit = directives()
-    assert unit["ExecStartPre"][0].endswith("keel doctor")
+    # reported, never blocking: doctor is stricter than serve (a Redis refusing keel's
+    # password failed it while keel serves), and systemd retries a failed ExecStartPre
+    assert unit["ExecStartPre"][0].startswith("-") and unit["ExecStartPre"][0].endswith(
+        "keel doctor"
+    )
     assert "keel serve" in unit["ExecStart"][0]
     assert unit["Type"] == ["exec"]
     # the start check asks the port the config sets (it asked 8080, whatever the config)
