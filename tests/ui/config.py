@@ -19,10 +19,17 @@ def ui_config(
     probe_interval: float = 0.5,
     keys: bool = True,
     embedded_last_resort: bool = False,
+    fallback_replicas: tuple[str, ...] = (),
 ) -> str:
     """Completion: ``primary`` then ``fallback`` (then the embedded model if asked);
-    chat and embedding: ``fallback`` only, so stopping ``primary`` turns one card red."""
+    chat and embedding: ``fallback`` only, so stopping ``primary`` turns one card red.
+    ``fallback_replicas``: the completion fallback is ``fallback`` and these, as one
+    link's ``api_endpoints``."""
     auth = f'[auth]\napi_keys = ["{UI_KEY}"]\n' if keys else ""
+    replicas = ", ".join(f'"{url}/v1"' for url in (fallback, *fallback_replicas))
+    fallback_link = (
+        f"api_endpoints = [{replicas}]" if fallback_replicas else f'api_endpoint = "{fallback}/v1"'
+    )
     return f"""
 [server]
 completion_timeout = 10
@@ -42,7 +49,7 @@ model_name = "primary-coder"
 
 [[model.completion.fallback]]
 kind = "openai/completion"
-api_endpoint = "{fallback}/v1"
+{fallback_link}
 model_name = "fallback-coder"
 
 [model.chat.http]

@@ -17,6 +17,7 @@
   let timer = null;
   let lastOkAt = null;
   let lastStats = null;
+  let keysConfigured = false;
 
   // --- DOM helpers --------------------------------------------------------------
 
@@ -78,12 +79,35 @@
     return sessionStorage.getItem(KEY_STORAGE);
   }
 
+  // A header carries Latin-1 and no control characters: a key holding anything else (a
+  // pasted smart quote) made Headers.set throw, which read as keel not answering.
+  function keyProblem(key) {
+    const bad = [...key].find((c) => c.codePointAt(0) > 0xff || /[\u0000-\u001f\u007f]/.test(c));
+    if (bad === undefined) return null;
+    const code = `U+${bad.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+    const shown = /[\u0000-\u001f\u007f]/.test(bad) ? code : `“${bad}” (${code})`;
+    return `This key holds a character no key can hold: ${shown}. Copy the key again, or type it.`;
+  }
+
   async function api(path, options = {}) {
     const headers = new Headers(options.headers || {});
     const key = storedKey();
-    if (key) headers.set("Authorization", `Bearer ${key}`);
+    if (key) {
+      const problem = keyProblem(key);
+      if (problem) {
+        sessionStorage.removeItem(KEY_STORAGE);
+        throw new AuthNeeded(problem);
+      }
+      headers.set("Authorization", `Bearer ${key}`);
+    }
     const response = await fetch(path, { ...options, headers, cache: "no-store" });
-    if (response.status === 401) throw new AuthNeeded(await errorMessage(response));
+    if (response.status === 401) {
+      keysConfigured = true;
+      // The server's text is advice for curl (which header to send); here the page sends it.
+      throw new AuthNeeded(
+        key ? "The key was refused: check it (a character missing or extra?), or ask keel's admin for one." : "",
+      );
+    }
     return response;
   }
 
@@ -107,6 +131,8 @@
   }
 
   function askForKey(message) {
+    markStale(false);
+    noteKeyedLinks();
     $("dashboard").hidden = true;
     for (const id of ["tiles", "roles", "latency-chart", "traffic-chart", "acceptance", "models"]) {
       $(id).replaceChildren();
@@ -115,18 +141,64 @@
     $("play-placeholder").hidden = false;
     $("auth").hidden = false;
     $("forget-key").hidden = !storedKey();
-    const error = $("auth-error");
-    error.hidden = !storedKey();
-    error.textContent = storedKey() ? `The key was refused: ${message}` : "";
+    showAuthError(message);
     setLive("auth", "API key needed");
     $("key-input").focus();
+  }
+
+  function showAuthError(message) {
+    const error = $("auth-error");
+    error.hidden = !message;
+    error.textContent = message || "";
+  }
+
+  // Links cannot send a key: with keys configured, say which of the footer's JSON links
+  // answer a browser 401 (each asked once, without the key), and how to read them.
+  let linksNoted = false;
+  async function noteKeyedLinks() {
+    if (linksNoted || !keysConfigured) return;
+    linksNoted = true;
+    const links = [...document.querySelectorAll("#json-links a[data-path]")];
+    const needKey = [];
+    await Promise.all(
+      links.map(async (link) => {
+        try {
+          const response = await fetch(link.dataset.path, { cache: "no-store" });
+          if (response.status !== 401) return;
+        } catch {
+          return;
+        }
+        link.after(h("span", { class: "needs-key" }, " (needs your key)"));
+        link.dataset.needsKey = "true";
+        needKey.push(link.dataset.path);
+      }),
+    );
+    if (!needKey.length) return;
+    const path = needKey.includes("/v1/providers") ? "/v1/providers" : needKey[0];
+    const example = `curl -H 'Authorization: Bearer …' ${location.origin}${path}`;
+    const note = $("json-key-note");
+    note.replaceChildren("A link cannot send your key: ", h("code", {}, example));
+    note.hidden = false;
   }
 
   // --- refresh loop -------------------------------------------------------------
 
   function setLive(state, text) {
     $("live").dataset.state = state;
-    $("live-text").textContent = text;
+    // Unchanged text is left alone: a polite live region would read it out every poll.
+    if ($("live-text").textContent !== text) $("live-text").textContent = text;
+  }
+
+  // While keel does not answer, what the page shows is its last answer: greyed out and
+  // dated, so that "serving" or "all up" is not read as now (processes may be gone).
+  function markStale(stale) {
+    $("dashboard").classList.toggle("stale", stale);
+    const note = $("stale-note");
+    note.hidden = !stale;
+    if (stale && lastOkAt) {
+      const at = new Date(lastOkAt).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+      note.textContent = `Stale: what keel said as of ${at}. It has not answered since; nothing below is current.`;
+    }
   }
 
   async function refresh() {
@@ -142,7 +214,12 @@
       lastOkAt = Date.now();
       lastStats = stats;
       render(providers, stats);
+      markStale(false);
       setLive("ok", `live · every ${refreshSeconds} s`);
+      if (storedKey()) {
+        keysConfigured = true;
+        noteKeyedLinks();
+      }
     } catch (error) {
       backoff = error.retryAfter || 0;
       if (error instanceof AuthNeeded) {
@@ -153,6 +230,7 @@
         const what = error instanceof TypeError ? "keel is not answering" : "refresh failed";
         $("banner").textContent = `${what}: ${error.message}${since}. Retrying…`;
         $("banner").hidden = false;
+        markStale(true);
         setLive("error", what);
       }
     }
@@ -178,25 +256,67 @@
     const worker = p.worker || {};
     if (p.auth_failed) return ["down", "auth failed"];
     if (WORKER_DOWN.has(worker.state)) return ["down", `worker ${worker.state}`];
-    if (!p.healthy) return ["down", "down"];
+    // Before health: a breaker that opened is why no request goes there (a failing
+    // backend is unhealthy too, which said only "down"). /v1/providers gives no reopen time.
     if (p.breaker === "open") return ["down", "breaker open"];
+    if (!p.healthy) return ["down", "down"];
     if (WORKER_BUSY.has(worker.state)) return ["warn", `worker ${worker.state}`];
-    if (p.rate_limited_for > 0) return ["warn", "rate limited"];
+    if (p.rate_limited_for > 0) return ["warn", `rate limited for ${Math.ceil(p.rate_limited_for)} s`];
     if (p.breaker === "half_open") return ["warn", "half-open"];
     if (!p.usable) return ["warn", "not usable"];
     return ["ok", "healthy"];
   }
 
+  // The chain's links in order; a link with api_endpoints is one group of replicas (one
+  // `position`), which share the load rather than fall back to one another.
+  function chainGroups(chain) {
+    const groups = [];
+    for (const p of chain) {
+      const position = p.position ?? groups.length;
+      const last = groups[groups.length - 1];
+      if (last && last.position === position) last.members.push(p);
+      else groups.push({ position, members: [p] });
+    }
+    return groups;
+  }
+
+  // The link that serves: /v1/providers says whether the role's last request was a
+  // fallback's (serving_fallback), not which one; a usable fallback that requests moved
+  // to (fallbacks_to) is the best guess, else the first usable fallback. Otherwise the
+  // first usable link, where the next request goes (the primary while it is usable).
+  function servingGroup(groups, servingFallback) {
+    const usable = (g) => g.members.some((p) => p.usable);
+    if (servingFallback) {
+      const fallbacks = groups.slice(1).filter(usable);
+      const moved = fallbacks.find((g) => g.members.some((p) => p.fallbacks_to > 0));
+      if (moved || fallbacks.length) return moved || fallbacks[0];
+    }
+    return groups.find(usable) || null;
+  }
+
   function renderRoles(providers) {
     const roles = providers.roles || {};
     const sections = Object.entries(roles).map(([role, info]) => {
-      const chain = info.providers || [];
-      const serving = chain.find((p) => p.usable);
+      const groups = chainGroups(info.providers || []);
+      const serving = servingGroup(groups, info.serving_fallback);
       const admission = info.admission || {};
       const cards = [];
-      chain.forEach((p, index) => {
+      groups.forEach((group, index) => {
         if (index > 0) cards.push(h("span", { class: "arrow", "aria-hidden": "true" }, "→"));
-        cards.push(providerCard(role, p, p === serving));
+        const members = group.members.map((p) =>
+          providerCard(role, p, group === serving && p.usable),
+        );
+        if (members.length === 1) cards.push(members[0]);
+        else {
+          cards.push(
+            h(
+              "div",
+              { class: "replicas", role: "group", "aria-label": `${members.length} replicas sharing the load` },
+              h("div", { class: "replicas-note" }, `${members.length} replicas · share the load`),
+              h("div", { class: "replicas-cards" }, members),
+            ),
+          );
+        }
       });
       return h(
         "div",
@@ -204,7 +324,7 @@
         h(
           "div",
           { class: "role-head" },
-          h("span", { class: "role-name" }, role),
+          h("h3", { class: "role-name" }, role),
           h(
             "span",
             { class: "role-admission" },
@@ -212,6 +332,7 @@
               (admission.rejected ? ` · ${admission.rejected} rejected` : ""),
           ),
           serving ? null : h("span", { class: "role-alert" }, "no provider can serve this role"),
+          serving && serving !== groups[0] ? h("span", { class: "role-fallback" }, "serving from fallback") : null,
         ),
         h("div", { class: "chain" }, cards),
       );
@@ -377,6 +498,13 @@
     const max = Math.max(0, ...points.map((m) => m.p95_ms ?? m.p50_ms));
     const chart = frame(container, max, (v) => fmt.ms(v));
     const x = xAxis(chart, series.length);
+    const latest = points[points.length - 1];
+    chart.svg.setAttribute(
+      "aria-label",
+      latest
+        ? `Completion latency, last hour per minute; latest minute with completions (${clock(latest.t)}): p50 ${fmt.ms(latest.p50_ms)}, p95 ${fmt.ms(latest.p95_ms)}`
+        : "Completion latency, last hour: no completions",
+    );
     if (!points.length) {
       chart.svg.append(s("text", { class: "empty", x: (chart.plot.x0 + chart.plot.x1) / 2, y: chart.height / 2, "text-anchor": "middle" }, "no completions in the last hour"));
       container.replaceChildren(chart.svg);
@@ -417,6 +545,11 @@
     const max = Math.max(0, ...series.map((m) => m.requests));
     const chart = frame(container, max, (v) => fmt.int(v), true);
     const x = xAxis(chart, series.length);
+    const total = series.reduce((acc, m) => ({ requests: acc.requests + m.requests, errors: acc.errors + m.errors }), { requests: 0, errors: 0 });
+    chart.svg.setAttribute(
+      "aria-label",
+      `Requests and errors, last hour per minute: ${fmt.int(total.requests)} requests, ${fmt.int(total.errors)} errors in all`,
+    );
     const slot = (chart.plot.x1 - chart.plot.x0) / series.length;
     const barWidth = Math.max(1.5, slot * 0.7);
     if (!max) {
@@ -587,6 +720,12 @@
       event.preventDefault();
       const key = $("key-input").value.trim();
       if (!key) return;
+      const problem = keyProblem(key);
+      if (problem) {
+        showAuthError(problem); // refused here: a poll with it could never be sent
+        $("key-input").focus();
+        return;
+      }
       sessionStorage.setItem(KEY_STORAGE, key);
       $("key-input").value = "";
       refresh();
