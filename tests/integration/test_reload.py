@@ -64,6 +64,8 @@ def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
             f"{server.url}/v1/completions", json={"prompt": "x = ", "max_tokens": 2}, timeout=60
         )
         assert served.status_code == 200
+        # the file on disk is not what runs, and a restart would exit 78 on it: said
+        assert "keel_config_refused 1.0" in httpx.get(f"{server.url}/metrics").text
 
         config.write_text(BASE)
         server.process.send_signal(signal.SIGHUP)
@@ -71,6 +73,7 @@ def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
         while len(chat_chain(server.url)) != 1:
             assert time.monotonic() < deadline, "SIGHUP did not reload the config"
             time.sleep(0.2)
+        assert "keel_config_refused 0.0" in httpx.get(f"{server.url}/metrics").text
         audit = (tmp_path / "audit.log").read_text()
         assert audit.count('"action":"config_reload"') == 3
         assert audit.count("next restart") == 1  # back to the start's origins: nothing waits

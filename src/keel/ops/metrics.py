@@ -486,6 +486,12 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.config_refused = Gauge(
+            "keel_config_refused",
+            "1 from a config reload keel refused until one is applied: the file on disk is "
+            "not what runs, and a restart would exit 78 on it.",
+            registry=registry,
+        )
         self.state_store_up = Gauge(
             "keel_state_store_up",
             "1 while keel can do all it uses the shared store for (redis: it answers and runs "
@@ -743,6 +749,7 @@ class Metrics:
 
     def config_reload(self, ok: bool) -> None:
         self._child(self.config_reloads, "ok" if ok else "error").inc()
+        self.config_refused.set(0 if ok else 1)
 
     # shared state -----------------------------------------------------------
 
