@@ -279,3 +279,18 @@ async def test_a_read_is_a_bounded_batch_of_lines() -> None:
     sizes = [sum(len(line) + 1 for line in batch) for batch in batches]
     assert max(sizes) <= BATCH_BYTES + len(line), sizes
     assert sum(len(batch) for batch in batches) == 5000
+
+
+async def test_a_raw_prompt_kind_without_a_template_takes_its_models_family(make_provider):
+    """vLLM serving Qwen2.5-Coder, no prompt_template set (the shipped ConfigMap's): keel
+    sent the prefix alone, the suffix dropped, as a local model of that family never is."""
+    qwen = make_provider("vllm/completion", model_name="Qwen/Qwen2.5-Coder-7B")
+    assert qwen.prompt_template is not None and "<|fim_prefix|>" in qwen.prompt_template
+    ollama = make_provider("ollama/completion", api_key=None, model_name="qwen2.5-coder:1.5b")
+    assert ollama.prompt_template == qwen.prompt_template
+    unknown = make_provider("vllm/completion", model_name="some/model")
+    assert unknown.prompt_template is None  # prefix alone, as before
+    set_by_hand = make_provider(
+        "vllm/completion", model_name="Qwen/Qwen2.5-Coder-7B", prompt_template="{prefix}|{suffix}"
+    )
+    assert set_by_hand.prompt_template == "{prefix}|{suffix}"

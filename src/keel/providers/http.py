@@ -38,6 +38,7 @@ from keel.config import (
     masked_url,
 )
 from keel.errors import ConfigError
+from keel.pipeline.prompt import template_for_model
 from keel.providers.base import Provider, ProviderInfo
 from keel.providers.http_base import HttpUpstream
 from keel.providers.http_llamacpp import (
@@ -98,6 +99,11 @@ def build_http_provider(
     shown = masked_url(upstream.endpoint)
     info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=shown)
     stop_words = tuple(config.additional_stop_words)
+    # A kind sent a raw prompt, with no template set: the one of the model's family, as
+    # for a local model (vLLM serving Qwen2.5-Coder was sent the prefix alone, no suffix)
+    template = config.prompt_template
+    if template is None and model is not None:
+        template = template_for_model(model)
     listed = tuple(config.supported_models or ())
     max_input_length = config.max_input_length
 
@@ -109,7 +115,7 @@ def build_http_provider(
                 info,
                 model=model,
                 native_fim=native_fim,
-                prompt_template=None if native_fim else config.prompt_template,
+                prompt_template=None if native_fim else template,
                 stop_words=stop_words,
                 max_input_length=max_input_length,
                 stop_limit=OPENAI_STOP_LIMIT if kind.startswith("openai/") else None,
@@ -118,7 +124,7 @@ def build_http_provider(
             return LlamaCppCompletionProvider(
                 upstream,
                 info,
-                prompt_template=config.prompt_template,
+                prompt_template=template,
                 stop_words=stop_words,
                 max_input_length=max_input_length,
             )
@@ -128,7 +134,7 @@ def build_http_provider(
                 upstream,
                 info,
                 model=model,
-                prompt_template=config.prompt_template,
+                prompt_template=template,
                 stop_words=stop_words,
                 max_input_length=max_input_length,
             )
