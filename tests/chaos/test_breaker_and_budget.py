@@ -232,10 +232,13 @@ def test_completion_timeout_bounds_completions_not_every_backend_read(
     # says what to change, and is logged as the failure it is, with why
     assert slow.json()["error"]["code"] == "completion_timeout", slow.text
     assert "raise it" in slow.text, slow.text
-    lines = keel.process.log.read_text().splitlines()
-    timed_out = [line for line in lines if "-> 408" in line]
-    assert len(timed_out) == 1 and "WARNING" in timed_out[0], timed_out
-    assert "CompletionTimeout: " in timed_out[0], timed_out
+
+    def timed_out() -> list[str]:  # the access line is written once the answer went
+        return [line for line in keel.process.log.read_text().splitlines() if "-> 408" in line]
+
+    keel.wait_for("the 408's access line", lambda: bool(timed_out()), within=5)
+    assert len(timed_out()) == 1 and "WARNING" in timed_out()[0], timed_out()
+    assert "CompletionTimeout: " in timed_out()[0], timed_out()
 
 
 def test_a_backend_too_slow_for_the_completion_limit_is_its_failure(
