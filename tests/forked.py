@@ -78,6 +78,10 @@ def serve():
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    # as a keel started from a terminal or a service manager has it: the
+                    # template kept what its starter ignored (a background job ignores
+                    # SIGINT), and a keel stopped by Ctrl-C exited 0, not 130
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
                     for fd in (wake_r, wake_w):
                         os.close(fd)
                     run(order)  # never returns
