@@ -49,10 +49,12 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def test_wait_does_not_take_another_server_for_keel(tmp_path: Path, impostor: int) -> None:
     """It printed "keel answers at ..." and exited 0."""
-    done = keel_cli("wait", "--port", str(impostor), "--timeout", "1", env=_env(tmp_path))
+    # 3 s: the impostor's first answer must come within it on a loaded machine (at 1 s,
+    # a CI run's probe timed out before it answered)
+    done = keel_cli("wait", "--port", str(impostor), "--timeout", "3", env=_env(tmp_path))
     assert done.returncode == 1, done.stdout
     assert "keel answers" not in done.stdout
-    assert f"no keel answered http://127.0.0.1:{impostor}/health within 1 s" in done.stderr
+    assert f"no keel answered http://127.0.0.1:{impostor}/health within 3 s" in done.stderr
     assert "something that is not keel answers there (HTTP 200" in done.stderr
     assert "another service holds the port" in done.stderr
 
