@@ -89,12 +89,16 @@ def test_a_stream_that_stalls_mid_way_ends_with_an_error_event_naming_the_stall(
         assert streamed.errors[0]["code"] == "upstream_timeout"
         assert "stalled" in streamed.errors[0]["message"]
     assert live(fallback) == 0, "never spliced: no fallback once tokens were sent"
+
     # One line a stream, saying why: a line of its own too made two warnings a stream,
     # and the access line said no why.
+    def ended() -> list[str]:  # an access line is written once its answer went
+        return [line for line in keel.process.log.read_text().splitlines() if "-> 504" in line]
+
+    keel.wait_for("both streams' access lines", lambda: len(ended()) == 2, within=5)
     lines = keel.process.log.read_text().splitlines()
-    ended = [line for line in lines if "-> 504" in line]
-    assert len(ended) == 2 and all("UpstreamTimeout: " in line for line in ended), ended
-    assert all("stalled" in line for line in ended), ended
+    assert all("UpstreamTimeout: " in line for line in ended()), ended()
+    assert all("stalled" in line for line in ended()), ended()
     assert not [line for line in lines if "stream ended by" in line]
 
     primary.token_delay = 0.0
