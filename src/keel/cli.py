@@ -744,6 +744,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     # One client for every try: each new one built a TLS context, ~15 ms of CPU every
     # 0.25 s (a 10 s wait took 0.92 s of CPU, 0.31 s now, most of it Python's start).
     # trust_env=False: a proxy set for pulls (HTTP_PROXY) must not carry loopback.
+    other: str | None = None  # what another server said: it tells more than a last timeout
     with httpx.Client(trust_env=False, headers={"X-Request-ID": request_id}) as client:
         while True:
             left = deadline - time.monotonic()
@@ -756,12 +757,13 @@ def cmd_wait(args: argparse.Namespace) -> int:
                     if (trouble := _not_keel(response, request_id)) is None:
                         print(f"keel answers at {url}")
                         return 0
-                    last = trouble
+                    last = other = trouble
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             left = deadline - time.monotonic()
             if left <= 0:
-                raise KeelError(f"no keel answered {url}/health within {args.timeout:g} s ({last})")
+                said = other or last
+                raise KeelError(f"no keel answered {url}/health within {args.timeout:g} s ({said})")
             time.sleep(min(0.25, left))
 
 
