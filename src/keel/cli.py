@@ -573,24 +573,20 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _configured_key_ids(settings: Settings, paths: Paths) -> dict[str, str]:
-    """The ids of the keys the config itself grants, and where each is: a key revoked in
+    """The ids of the keys the config itself grants, as keel serve reads them (its key
+    store: the config's keys and its keys file's), and where each is: a key revoked in
     Redis is in force on every replica while one of these holds it."""
-    import tomllib
+    from keel.auth import KeyStore, key_id
 
-    from keel.auth import key_id, keys_file_path, parse_keys_file
-
-    auth = settings.auth
-    where = {key_id(key): "[auth] api_keys" for key in auth.api_keys}
-    if auth.admin_key:
-        where[key_id(auth.admin_key)] = "[auth] admin_key"
-    path = keys_file_path(auth, paths.root)
-    try:
-        keys = parse_keys_file(path) if path is not None else None
-    except (OSError, ValueError, tomllib.TOMLDecodeError):
-        keys = None  # a file keel cannot read grants nothing
-    if keys is not None:
-        for key in (*keys.users, *([keys.admin] if keys.admin else [])):
-            where[key_id(key)] = f"the keys_file {path}"
+    auth, store = settings.auth, KeyStore(settings.auth, paths.root)
+    where = {}
+    for key in (*store.keys.users, *filter(None, [store.keys.admin])):
+        if key in auth.api_keys:
+            where[key_id(key)] = "[auth] api_keys"
+        elif key == auth.admin_key:
+            where[key_id(key)] = "[auth] admin_key"
+        else:
+            where[key_id(key)] = f"the keys_file {store.keys_path}"
     return where
 
 

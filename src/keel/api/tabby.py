@@ -58,14 +58,14 @@ async def log_event(request: Request, select_kind: str | None = None) -> Respons
         elapsed=event.elapsed,
         select_kind="line" if select_kind == "line" else None,
     )
-    # counted once its language is known: for a completion another replica served, that
-    # is a database read, and a slow or locked database held the editor's request for its
-    # 10 s; past a moment it is counted beside the answer
-    counting = state.background.spawn(_count_event(state, event.type, event.completion_id))
-    # this machine's file is read at once (and a loaded machine's read, past 0.25 s, left
-    # the event uncounted when its answer went)
-    shared = state.settings.events.is_postgres
-    await asyncio.wait({counting}, timeout=EVENT_COUNT_WAIT if shared else None)
+    counting = _count_event(state, event.type, event.completion_id)
+    if not state.settings.events.is_postgres:
+        await counting  # this machine's file, read at once
+    else:
+        # a completion another replica served: a database read, and a slow or locked
+        # database held the editor's request for its 10 s; past a moment it is counted
+        # beside the answer
+        await asyncio.wait({state.background.spawn(counting)}, timeout=EVENT_COUNT_WAIT)
     return Response(status_code=200)
 
 

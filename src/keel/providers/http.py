@@ -32,6 +32,7 @@ import aiohttp
 from keel.config import (
     DEFAULT_ENDPOINTS,
     DEFAULT_MODELS,
+    TEMPLATED_KINDS,
     HttpModelConfig,
     Role,
     http_table_issues,
@@ -99,23 +100,23 @@ def build_http_provider(
     shown = masked_url(upstream.endpoint)
     info = ProviderInfo(name=name, kind=kind, model=model or kind, endpoint=shown)
     stop_words = tuple(config.additional_stop_words)
-    # A kind sent a raw prompt, with no template set: the one of the model's family, as
-    # for a local model (vLLM serving Qwen2.5-Coder was sent the prefix alone, no suffix)
-    template = config.prompt_template
-    if template is None and model is not None:
+    # A kind sent a raw prompt (config's TEMPLATED_KINDS, which warns of a template set on
+    # any other), with no template set: the one of the model's family, as for a local
+    # model (vLLM serving Qwen2.5-Coder was sent the prefix alone, no suffix)
+    template = config.prompt_template if kind in TEMPLATED_KINDS else None
+    if template is None and kind in TEMPLATED_KINDS and model is not None:
         template = template_for_model(model)
     listed = tuple(config.supported_models or ())
     max_input_length = config.max_input_length
 
     match kind:
         case "openai/completion" | "openai/legacy_completion_no_fim" | "vllm/completion":
-            native_fim = kind == "openai/completion"
             return OpenAICompletionProvider(
                 upstream,
                 info,
                 model=model,
-                native_fim=native_fim,
-                prompt_template=None if native_fim else template,
+                native_fim=kind == "openai/completion",
+                prompt_template=template,
                 stop_words=stop_words,
                 max_input_length=max_input_length,
                 stop_limit=OPENAI_STOP_LIMIT if kind.startswith("openai/") else None,

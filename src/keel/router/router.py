@@ -176,6 +176,12 @@ class Endpoint:
     (``keel_fallbacks_total``): the embedded model serves several roles, and one role's
     fallbacks showed under another that had none."""
     latencies: list[float] = field(default_factory=list)
+
+    @property
+    def held_until(self) -> float:
+        """Until when it is held back: its backend's Retry-After or keel's own limit."""
+        return max(self.blocked_until, self.limited_until)
+
     replaced: bool = False
     """A reload put another endpoint in its place, perhaps under its name: the requests
     it still serves change its own state, but say nothing of health in the log or the
@@ -236,7 +242,7 @@ class Endpoint:
             return "auth failed"
         if self.breaker.state is BreakerState.OPEN:
             return "breaker open"
-        if self.clock() < max(self.blocked_until, self.limited_until):
+        if self.clock() < self.held_until:
             return "rate limited"
         if not self.running():
             return f"worker {self.provider.status().get('state')}"
@@ -289,9 +295,7 @@ class Endpoint:
             "outstanding": self.outstanding,
             "last_error": self.last_error,
             "latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
-            "rate_limited_for": max(
-                0.0, round(max(self.blocked_until, self.limited_until) - self.clock(), 1)
-            ),
+            "rate_limited_for": max(0.0, round(self.held_until - self.clock(), 1)),
             "prompts_shrunk": self.prompts_shrunk,
             "retries": self.retries,
             "fallbacks_to": (
@@ -433,7 +437,7 @@ class RoleRouter:
         keeping to its backend's Retry-After (the client should wait, not call keel
         broken), else the one provider's own error, else each endpoint's state."""
         now = self.clock()
-        waits = [max(e.blocked_until, e.limited_until) - now for e in self.endpoints]
+        waits = [e.held_until - now for e in self.endpoints]
         if waits and all(wait > 0 for wait in waits):
             wait = min(waits)
             return RateLimited(
