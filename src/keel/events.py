@@ -127,6 +127,12 @@ def events_file_issue(config: EventsConfig, paths: Paths) -> ConfigIssue | None:
 
 
 def sqlite_issue(path: Path, trouble: str) -> ConfigIssue:
+    if "full" in trouble or _disk_full(path):
+        fix = "free some space there, or point [events] database_url at another disk"
+        return ConfigIssue(
+            "events.database_url",
+            f"the events database {path} cannot be used ({trouble}): its disk is full: {fix}",
+        )
     return ConfigIssue(
         "events.database_url",
         f"the events database {path} cannot be used ({trouble}): move it away (keel makes "
@@ -134,9 +140,33 @@ def sqlite_issue(path: Path, trouble: str) -> ConfigIssue:
     )
 
 
+TRIAL_BYTES = 64 * 1024
+"""What the trial database holds: the events file's tables, its write-ahead log and a
+first day's events take about this much; a disk with less free failed after keel had
+said "serving on" (SQLite's "database or disk is full", or "disk I/O error")."""
+
+
+def _nearest_dir(path: Path) -> Path | None:
+    place = path.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return place if place.is_dir() else None
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the disk that holds (or would hold) ``path`` has too little free for the
+    events file to grow (under four trial databases' worth)."""
+    place = _nearest_dir(path)
+    if place is None:
+        return False
+    disk = os.statvfs(place)
+    return disk.f_bavail * disk.f_frsize < TRIAL_BYTES * 4
+
+
 def sqlite_trouble(path: Path) -> str | None:
     """Why the events SQLite file at ``path`` cannot be used, or None, changing nothing
-    (for ``keel doctor``): not a file, not a database, or a place no file can be made."""
+    (for ``keel doctor``): not a file, not a database, or a place where no database can
+    be written (a trial one, of :data:`TRIAL_BYTES`, is made and removed)."""
     if path.exists():
         if not path.is_file():
             return "it is not a file"
@@ -147,14 +177,22 @@ def sqlite_trouble(path: Path) -> str | None:
         except sqlite3.Error as exc:
             return str(exc)
         return None
-    place = path.parent
-    while not place.exists() and place != place.parent:
-        place = place.parent
+    place = _nearest_dir(path)
+    if place is None:
+        return f"{path.parent} is not a directory"
     try:
-        with tempfile.TemporaryFile(dir=place):
-            return None
-    except OSError as exc:
-        return f"no file can be made in {place}: {exc.strerror or exc}"
+        with (
+            tempfile.TemporaryDirectory(dir=place, prefix=".keel-events-check-") as trial,
+            contextlib.closing(sqlite3.connect(Path(trial, "trial.sqlite3"))) as db,
+        ):
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE trial (data BLOB)")
+            db.execute("INSERT INTO trial VALUES (zeroblob(?))", (TRIAL_BYTES,))
+            db.commit()
+    except (sqlite3.Error, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return f"no database can be written in {place}: {reason}"
+    return None
 
 
 def acceptance_row(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.forked import run_keel
+from tests.ports import free_port
 
 KEEL = [sys.executable, "-m", "keel"]
 
@@ -39,10 +40,15 @@ def as_unprivileged(command: list[str]) -> list[str]:
     return ["unshare", "-U", "--map-user=65534", "--map-group=65534", *command]
 
 
-def on_tmpfs(command: list[str], root: Path, options: str, fill: bool = False) -> list[str]:
+def on_tmpfs(command: list[str], root: Path, options: str, fill: bool | int = False) -> list[str]:
     """``command`` with ``root`` a tmpfs mounted with ``options`` (a mount namespace of
-    its own, nothing mounted on this machine)."""
-    fill_it = f" && (cat /dev/zero > {root}/fill 2>/dev/null; true)" if fill else ""
+    its own, nothing mounted on this machine), filled (``True``), or with ``fill`` KiB
+    written to it."""
+    fill_it = ""
+    if fill is True:
+        fill_it = f" && (cat /dev/zero > {root}/fill 2>/dev/null; true)"
+    elif fill:
+        fill_it = f" && dd if=/dev/zero of={root}/fill bs=1k count={fill} status=none"
     script = f'mount -t tmpfs -o {options} tmpfs {root}{fill_it} && exec "$@"'
     return ["unshare", "-rm", "sh", "-c", script, "sh", *command]
 
@@ -137,3 +143,21 @@ def test_a_port_keel_may_not_bind_is_a_config_error(tmp_path: Path) -> None:
     assert flagged.returncode == 78 and "--port" in flagged.stderr, flagged.stderr
     doctor = run(as_unprivileged([*KEEL, "doctor"]), root)
     assert "CAP_NET_BIND_SERVICE" in doctor.stdout, doctor.stdout
+
+
+def test_a_nearly_full_root_is_said_before_serving(tmp_path: Path) -> None:
+    """32 KiB free: the data root's write check passed and `doctor` said "events ok";
+    `keel serve` said "serving on", then SQLite's "database or disk is full" ended it in
+    a traceback, uvicorn's exit 3 (which supervisors retry), with the advice to move a
+    sound file away."""
+    root = tmp_path / "keel"
+    root.mkdir()
+    port = str(free_port())  # a port it could serve on, as it did before it failed
+    served = run(on_tmpfs([*KEEL, "serve", "--port", port], root, "size=64k", 32), root)
+    assert served.returncode == 78, served.stderr
+    assert "Traceback" not in served.stderr and "serving on" not in served.stderr
+    assert "events.database_url" in served.stderr and "move it away" not in served.stderr
+    assert "its disk is full: free some space there" in served.stderr
+    doctor = run(on_tmpfs([*KEEL, "doctor", "--port", "1"], root, "size=64k", 32), root)
+    assert doctor.returncode == 78, doctor.stdout + doctor.stderr
+    assert "its disk is full" in doctor.stdout
