@@ -991,7 +991,24 @@ def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(HUNG_UP if signum == signal.SIGHUP else TERMINATED)
 
 
+def _mend_standard_streams() -> None:
+    """Standard streams a launcher closed are /dev/null, as a daemon's are: uvicorn's
+    log formatter asked a closed stdout whether it was a terminal (a traceback, exit 1),
+    and the next file keel opened would have been fd 1, where a print writes."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: fd itself, or lower
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
+
+
 def main(argv: list[str] | None = None) -> int:
+    _mend_standard_streams()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
