@@ -209,6 +209,16 @@ def _template_of_file(model_path: Path) -> str | None:
     return None if family is None else FIM_TEMPLATES[TEMPLATE_OF_MARKERS[family]]
 
 
+def _chain_configs(settings: Settings, role: Role) -> list[ProviderConfig]:
+    """The providers ``role`` is served by, in order: its chain, and the embedded model
+    last where wanted."""
+    role_config = settings.model.role(role)
+    configs = role_config.chain()
+    if wants_embedded_last_resort(role, configs, role_config.embedded_last_resort):
+        configs.append(LocalModelConfig())
+    return configs
+
+
 def build_providers(
     settings: Settings, paths: Paths, previous: Providers | None = None
 ) -> Providers:
@@ -239,11 +249,33 @@ def build_providers(
             if not isinstance(entry.provider, LocalProvider)
         }
 
-    names: set[str] = set()
+    configs_of = {role: _chain_configs(settings, role) for role in ROLES}
+    resolved: dict[str, Path] = {}
+
+    def path_of(model_id: str) -> Path:
+        if model_id not in resolved:
+            resolved[model_id] = resolve_model(model_id, paths)
+        return resolved[model_id]
+
+    # The workers a reload keeps keep their names, taken before a new worker is named: a
+    # new one of the same model (one role's settings changed, splitting a shared worker)
+    # was given the kept one's name, two providers under one name, their metrics one
+    # series twice over.
+    names = (
+        {
+            workers[spec].name
+            for role, configs in configs_of.items()
+            for config in configs
+            if isinstance(config, LocalModelConfig)
+            and (spec := local_worker_spec(role, config, path_of(config.model_id))) in workers
+        }
+        if workers
+        else set()
+    )
     pending: list[Callable[[], None]] = []
 
     def local(role: Role, config: LocalModelConfig) -> LocalProvider:
-        path = resolve_model(config.model_id, paths)
+        path = path_of(config.model_id)
         provider = build_local_provider(
             role,
             config,
@@ -257,11 +289,7 @@ def build_providers(
         return provider
 
     chains: dict[Role, list[list[ProviderEntry]]] = {}
-    for role in ROLES:
-        role_config = settings.model.role(role)
-        configs = role_config.chain()
-        if wants_embedded_last_resort(role, configs, role_config.embedded_last_resort):
-            configs.append(LocalModelConfig())
+    for role, configs in configs_of.items():
         groups: list[list[ProviderEntry]] = []
         for index, config in enumerate(configs):
             if isinstance(config, LocalModelConfig):
