@@ -99,8 +99,10 @@ def tabby_models_dir() -> Path | None:
         return None
 
 
-TABBY_WEIGHTS = ("model-00001-of-00001.gguf", "q8_0.v2.gguf")
-"""A Tabby model directory's weights, in ``ggml/`` (the older name second)."""
+TABBY_WEIGHTS = ("model-00001-of-00001.gguf", "model.gguf", "q8_0.v2.gguf")
+"""A Tabby model directory's weights, in ``ggml/``, newest name first: the names Tabby's
+``registry.rs`` gave ``GGML_MODEL_RELATIVE_PATH`` over its versions (a model of a
+version that stored ``model.gguf`` was "not found", and not listed)."""
 
 
 def tabby_weights(ggml: Path) -> list[Path]:
