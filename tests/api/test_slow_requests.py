@@ -19,6 +19,7 @@ from tests.api.conftest import USER, Backends, build_app, listening
 
 from keel.ops import http_limits
 from keel.ops.http_limits import HeadLimitedProtocol
+from keel.ops.server import FD_HEADROOM, OWN_FDS, max_connections
 
 LIMIT = 0.5
 
@@ -121,6 +122,17 @@ async def test_connections_past_the_cap_are_turned_away(
             for client in held:
                 client.close()
 
+    before = HeadLimitedProtocol.refused
     answer = await asyncio.to_thread(run)
     assert answer.startswith(b"HTTP/1.1 503 "), answer
     assert b"retry-after: 1" in answer and b'"code": "too_many_connections"' in answer
+    assert HeadLimitedProtocol.refused == before + 1  # keel_connections_refused_total
+
+
+def test_connections_leave_each_one_a_backend_socket_and_keel_its_own() -> None:
+    """At a limit of 128, 64 clients took half and their 64 backend sockets the rest:
+    keel's own "Too many open files" was counted against the model server."""
+    for limit in (64, 128, 1024, 65536):
+        taken = max_connections(limit)
+        assert taken * FD_HEADROOM + OWN_FDS <= max(limit, 8 * FD_HEADROOM + OWN_FDS)
+    assert max_connections(1024) == 480

@@ -152,12 +152,23 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     """Connections served at once; one more is answered 503 and closed at once. Set by
     :class:`keel.ops.server.Server` from the file descriptors keel may open: uncapped,
     held connections used them all, and keel could answer no one (nor reach a model)."""
+    refused: int = 0
+    """Connections turned away so far (``keel_connections_refused_total``)."""
+    _said_at: float = -60.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         HttpToolsProtocol.connection_made(self, transport)
         if len(self.connections) > self.max_connections:
             self._head = REFUSED
-            self.logger.warning("connection refused: %d open", len(self.connections) - 1)
+            HeadLimitedProtocol.refused += 1
+            if self.loop.time() - HeadLimitedProtocol._said_at >= 10:  # a line per 10 s
+                HeadLimitedProtocol._said_at = self.loop.time()
+                self.logger.warning(
+                    "connection refused (503 too_many_connections): %d open, the most keel "
+                    "takes with its open-file limit; %d refused since keel started",
+                    len(self.connections) - 1,
+                    HeadLimitedProtocol.refused,
+                )
             self._refusal = self._answer(503, TOO_MANY_CONNECTIONS, b"retry-after: 1\r\n")
             transport.write(self._refusal)
             transport.close()

@@ -127,6 +127,15 @@ class _ProviderCollector(Collector):
         return before + _worker_restarts(provider)
 
     def collect(self) -> Iterator[Metric]:
+        from keel.ops.http_limits import HeadLimitedProtocol
+
+        refused = CounterMetricFamily(
+            "keel_connections_refused",
+            "Client connections answered 503 too_many_connections and closed: keel had as "
+            "many open as its open-file limit lets it take (the log's warning names both).",
+        )
+        refused.add_metric([], HeadLimitedProtocol.refused)
+        yield refused
         restarts = CounterMetricFamily(
             "keel_worker_restarts",
             "Times a local model worker process was restarted after it died.",

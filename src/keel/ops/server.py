@@ -54,9 +54,20 @@ def on_stop(callback: Callable[[], object]) -> Iterator[None]:
         _stopping.remove(callback)
 
 
+OWN_FDS = 64
+"""File descriptors kept for keel's own use (~25 at rest: listeners, workers' pipes,
+files, its loop) whatever the clients do."""
 FD_HEADROOM = 2
-"""The share of keel's file descriptors connections from clients may take: the rest are
-for its own (model servers, workers, files)."""
+"""Of the rest, each client connection may need this many: its own, and one to the model
+server it is sent on to. Half of all went to clients before: at a limit of 128, 64
+clients, 64 backend sockets and keel's own ran out, and the backend was blamed for
+keel's "Too many open files" (its breaker counted it; the fallback served)."""
+LOW_FD_LIMIT = 1024
+
+
+def max_connections(limit: int) -> int:
+    """The client connections keel takes at once with ``limit`` file descriptors."""
+    return max(8, (limit - OWN_FDS) // FD_HEADROOM)
 
 
 def raise_fd_limit() -> int:
@@ -75,7 +86,18 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         if config.http in ("auto", "httptools"):
             config.http = HeadLimitedProtocol
-            HeadLimitedProtocol.max_connections = max(64, raise_fd_limit() // FD_HEADROOM)
+            limit = raise_fd_limit()
+            HeadLimitedProtocol.max_connections = max_connections(limit)
+            if limit < LOW_FD_LIMIT:
+                log.warning(
+                    "the open-file limit is %d, the most this system lets keel raise it to, "
+                    "so keel takes %d client connections at once (a 503 for the next): raise "
+                    "it (ulimit -n; systemd LimitNOFILE=; docker --ulimit nofile=) to %d or "
+                    "more",
+                    limit,
+                    HeadLimitedProtocol.max_connections,
+                    LOW_FD_LIMIT,
+                )
         super().__init__(config)
         self._woken: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._hurried = False
