@@ -4,12 +4,21 @@ model directories of every version, its registry's single-file models, and a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from keel.config import Paths
 from keel.models.registry import list_model_files, resolve_model
+from keel.models.tabby_registry import lookup
+from tests.forked import run_keel
+from tests.models.fake_hub import FakeHub
+
+QWEN2 = "Qwen/Qwen2-1.5B-Instruct-GGUF"
+QWEN2_FILE = "qwen2-1_5b-instruct-q8_0.gguf"
+QWEN2_SHA256 = "1fabf28bda17e96824bacc29e43b09ec4ba8a82d190f700cbdd1286586a05311"
+"""registry-tabby's models.json: Qwen2-1.5B-Instruct, Tabby's quickstart chat model."""
 
 
 def test_a_tabby_model_stored_as_model_gguf_is_found_and_listed(
@@ -26,3 +35,42 @@ def test_a_tabby_model_stored_as_model_gguf_is_found_and_listed(
     assert resolve_model(str(weights.parent.parent), paths) == weights  # the directory
     listed = [(m.name, m.path) for m in list_model_files(paths) if not m.embedded]
     assert listed == [("TabbyML/StarCoder-1B", weights)]
+
+
+@pytest.mark.parametrize("spec", ["Qwen2-1.5B-Instruct", "TabbyML/Qwen2-1.5B-Instruct"])
+def test_tabbys_quickstart_chat_model_pulls_the_registrys_file(
+    spec: str, header_bytes: bytes, tmp_path: Path
+) -> None:
+    """Every single-file model of registry-tabby is pullable by its Tabby name; the
+    quickstart's chat model, Qwen2-1.5B-Instruct, was "not a repo". The stand-in hub
+    serves other bytes under the registry's file, so the registry's sha256 refuses them:
+    the file asked for and the checksum held to are the registry's."""
+    with FakeHub({QWEN2: {QWEN2_FILE: header_bytes}}) as hub:
+        env = {
+            **os.environ,
+            "KEEL_ROOT": str(tmp_path),
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        env.pop("HF_TOKEN", None)
+        env.pop("HF_HUB_OFFLINE", None)
+        pulled = run_keel(["models", "pull", spec], env, timeout=120)
+        downloads = [seen.path for seen in hub.downloads()]
+    assert downloads == [f"/{QWEN2}/resolve/main/{QWEN2_FILE}"], pulled.stderr
+    assert pulled.returncode != 0 and QWEN2_SHA256 in pulled.stderr, pulled.stderr
+    assert "failed its checksum" in pulled.stderr
+
+
+def test_the_registrys_chat_and_embedding_models_are_known_by_name() -> None:
+    for name in (
+        "Mistral-7B",
+        "CodeGemma-7B-Instruct",
+        "CodeQwen-7B",
+        "CodeQwen-7B-Chat",
+        "Jina-Embeddings-V2-Code",
+        "Yi-Coder-9B-Chat",
+    ):
+        entry = lookup(f"TabbyML/{name}")
+        assert entry is not None and entry.name == name, name
+        assert entry.filename.endswith(".gguf") and len(entry.sha256) == 64, entry
