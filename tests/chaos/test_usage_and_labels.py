@@ -38,7 +38,8 @@ def test_usage_is_counted_for_every_openai_response(
         "completion_tokens": estimated(PRIMARY_TEXT),
         "total_tokens": estimated("chaos = ") + estimated(PRIMARY_TEXT),
     }
-    assert keel.chat().json()["usage"]["prompt_tokens"] == estimated("chaos")
+    # the message as a template's turn: its role's markers are read too
+    assert keel.chat().json()["usage"]["prompt_tokens"] == estimated("<|im_start|>user\nchaos")
     # an embedding backend's own count (OpenAI's usage), where it gives one
     assert keel.embed().json()["usage"]["prompt_tokens"] == embedding_usage(["chaos"])
 

@@ -55,6 +55,7 @@ async def test_openai_completion_sends_prefix_and_suffix(upstream: FakeUpstream,
         "stop": ["\n\n"],
         "seed": 7,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
@@ -82,6 +83,7 @@ async def test_prompt_only_kinds_send_no_suffix(upstream: FakeUpstream, make_pro
         "prompt": "<PRE> x <SUF> <MID>",
         "max_tokens": 8,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
@@ -105,9 +107,13 @@ async def test_no_model_name_leaves_model_out(upstream: FakeUpstream, make_provi
 
 
 @pytest.mark.parametrize(
-    ("kind", "seed_field"), [("openai/chat", "seed"), ("mistral/chat", "random_seed")]
+    ("kind", "seed_field", "asked"),
+    [
+        ("openai/chat", "seed", {"stream_options": {"include_usage": True}}),
+        ("mistral/chat", "random_seed", {}),  # Mistral's sends its usage unasked
+    ],
 )
-async def test_chat_streams_deltas(upstream: FakeUpstream, make_provider, kind, seed_field):
+async def test_chat_streams_deltas(upstream: FakeUpstream, make_provider, kind, seed_field, asked):
     provider = make_provider(kind, model_name="chat-model")
     assert isinstance(provider, ChatProvider)
     call = ChatCall(
@@ -129,6 +135,7 @@ async def test_chat_streams_deltas(upstream: FakeUpstream, make_provider, kind, 
         "stop": ["\n\n"],
         seed_field: 7,
         "stream": True,
+        **asked,
     }
 
 

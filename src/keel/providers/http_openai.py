@@ -8,11 +8,13 @@ or ``/embeddings`` to it, as Tabby does. Streams are SSE ending in
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any, Unpack
 
-from keel.errors import UpstreamProtocolError
+from keel.errors import UpstreamError, UpstreamProtocolError
 from keel.providers.base import (
     ChatCall,
     ChatProvider,
@@ -25,6 +27,7 @@ from keel.providers.base import (
 )
 from keel.providers.http_base import (
     CompletionOptions,
+    EndMarker,
     HttpBacked,
     HttpCompletion,
     HttpUpstream,
@@ -35,8 +38,77 @@ from keel.providers.http_base import (
     vector_of,
 )
 
+log = logging.getLogger("keel.providers")
+
 OPENAI_STOP_LIMIT = 4
 """OpenAI's API refuses more than four stop sequences; keel stops on the rest itself."""
+
+USAGE_ASKED: JsonObject = {"stream_options": {"include_usage": True}}
+"""What asks a backend for its stream's ``usage`` (a last chunk with no choices)."""
+
+
+class StreamUsage:
+    """Whether an endpoint is asked for its stream's ``usage`` (:data:`USAGE_ASKED`).
+    Streamed without it, OpenAI's API and vLLM send none, and keel's estimate stood in
+    (a chat of 1,500 tokens of tools and tool calls was counted 2).
+
+    Some servers refuse ``stream_options``: a 400 or 422 naming it is answered by the
+    same request again at once without it, and the endpoint is not asked again
+    (logged once, ``stream_usage`` in ``/v1/providers``). Neither the refusal nor the
+    second request is the backend's failure: the router sees one attempt."""
+
+    def __init__(self, provider: str, *, asked: bool) -> None:
+        self.provider = provider
+        self.asked = asked
+        self.refused: str | None = None
+        """What the endpoint said when it refused the field."""
+
+    def status(self) -> dict[str, object]:
+        """For ``/v1/providers``: ``stream_usage`` where the endpoint is asked."""
+        if not self.asked:
+            return {}
+        said = "asked" if self.refused is None else f"refused, estimated: {self.refused}"
+        return {"stream_usage": said}
+
+    def refusal(self, error: UpstreamError) -> bool:
+        """Whether ``error`` is the backend refusing ``stream_options``; remembered if so."""
+        if error.upstream_status not in (400, 422):
+            return False
+        if "stream_options" not in error.message and error.details.get("param") != (
+            "stream_options"
+        ):
+            return False
+        self.refused = error.message.removeprefix(f"{self.provider}: ")
+        log.warning(
+            "%s refused stream_options (%s): its streams are asked without it from now on, "
+            "and their usage is keel's estimate unless the backend sends its own",
+            self.provider,
+            self.refused,
+        )
+        return True
+
+    async def batches(
+        self, upstream: HttpUpstream, path: str, body: JsonObject, last: EndMarker
+    ) -> AsyncGenerator[list[JsonObject], None]:
+        """``upstream``'s SSE batches for ``body``, asked for usage unless refused."""
+        if self.asked and self.refused is None:
+            async with aclosing(
+                upstream.sse_batches(path, {**body, **USAGE_ASKED}, last=last)
+            ) as asked:
+                try:
+                    first = await anext(asked, None)
+                except UpstreamError as error:
+                    if not self.refusal(error):
+                        raise
+                else:
+                    if first is not None:
+                        yield first
+                    async for batch in asked:
+                        yield batch
+                    return
+        async with aclosing(upstream.sse_batches(path, body, last=last)) as plain:
+            async for batch in plain:
+                yield batch
 
 
 def first_choice(payload: JsonObject, provider: str) -> JsonObject | None:
@@ -79,15 +151,20 @@ def finished(payload: JsonObject) -> bool:
 
 
 def stream_choice_text(
-    upstream: HttpUpstream, path: str, body: JsonObject, read: str, call: CompletionCall | ChatCall
+    upstream: HttpUpstream,
+    path: str,
+    body: JsonObject,
+    read: str,
+    call: CompletionCall | ChatCall,
+    usage: StreamUsage | None = None,
 ) -> AsyncGenerator[str, None]:
     """Text pieces of a chunked OpenAI-style stream, one per read (see :func:`joined`).
 
     ``read`` names where the text is: ``"text"`` (legacy completions) or
     ``"delta"`` (chat and Mistral FIM, ``choices[0].delta.content``). The call's
     ``reported`` gets the backend's ``finish_reason`` and its ``usage`` where a chunk
-    carries it, the last one or one after it (keel does not ask for a usage chunk: some
-    servers refuse ``stream_options``; vLLM told to, and proxies, send it anyway).
+    carries it, the last one or one after it (asked for where ``usage`` says so; vLLM
+    told to, proxies and Mistral send it anyway).
     """
     provider = upstream.provider
     numbering = CallNumbering()
@@ -113,7 +190,10 @@ def stream_choice_text(
         # the backend healthy and the fallback idle, for every request
         return None if chosen else "an answer without a choice: no chunk had 'choices'"
 
-    batches = upstream.sse_batches(path, body, last=finished)
+    if usage is None:
+        batches = upstream.sse_batches(path, body, last=finished)
+    else:
+        batches = usage.batches(upstream, path, body, finished)
     return stream_texts(batches, text, finished, call, provider, unfinished=unfinished)
 
 
@@ -238,6 +318,10 @@ class OpenAICompletionProvider(HttpCompletion):
         self.model = model
         self.supports_suffix = native_fim
         self.stop_limit = stop_limit
+        self.usage = StreamUsage(upstream.provider, asked=True)
+
+    def status(self) -> dict[str, object]:
+        return {**super().status(), **self.usage.status()}
 
     def request_body(self, call: CompletionCall) -> JsonObject:
         body: JsonObject = {} if self.model is None else {"model": self.model}
@@ -249,7 +333,7 @@ class OpenAICompletionProvider(HttpCompletion):
 
     def stream_completion(self, call: CompletionCall) -> AsyncIterator[str]:
         return stream_choice_text(
-            self.upstream, "/completions", self.request_body(call), "text", call
+            self.upstream, "/completions", self.request_body(call), "text", call, self.usage
         )
 
 
@@ -267,16 +351,22 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
         stop_limit: int | None = None,
         limit_name: str | None = None,
         supported_models: tuple[str, ...] = (),
+        ask_usage: bool = True,
     ) -> None:
         """``limit_name``: what the backend calls ``max_tokens`` whatever the client
         called it (None: the client's name goes on). ``supported_models``: the models
-        a client may ask for by name; any other asks for ``model``."""
+        a client may ask for by name; any other asks for ``model``. ``ask_usage``: ask
+        for the stream's usage (:class:`StreamUsage`; Mistral's sends it unasked)."""
         super().__init__(upstream, info)
         self.model = model
         self.supported_models = supported_models
         self.seed_field = seed_field
         self.stop_limit = stop_limit
         self.limit_name = limit_name
+        self.usage = StreamUsage(upstream.provider, asked=ask_usage)
+
+    def status(self) -> dict[str, object]:
+        return {**super().status(), **self.usage.status()}
 
     def request_body(self, call: ChatCall) -> JsonObject:
         model = call.model if call.model in self.supported_models else self.model
@@ -298,7 +388,7 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
         return stream_choice_text(
-            self.upstream, "/chat/completions", self.request_body(call), "delta", call
+            self.upstream, "/chat/completions", self.request_body(call), "delta", call, self.usage
         )
 
 

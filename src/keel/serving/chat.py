@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.requests import Request
 
+from keel import jsoncodec
 from keel.errors import RequestError
 from keel.providers.base import ChatCall, ChatProvider, Parts, Provider, by_call
 from keel.router.admission import Admission
@@ -32,8 +33,19 @@ from keel.serving.streaming import stream_response
 
 
 def chat_text(call: ChatCall) -> str:
-    """The messages' text, counted where the engine did not report its prompt's tokens."""
-    return "\n".join(message.content for message in call.messages)
+    """What a backend reads of the chat, counted where it did not report its prompt's
+    tokens: each message as a turn of a chat template (its role between markers, which
+    are tokens too), its text and its tool calls' names and arguments, then the tools'
+    and the response format's JSON. The messages' text alone was counted: a 5.9 KB chat
+    of a tool's definition, a call's arguments and its result, then "hi", was 2 tokens."""
+    turns = []
+    for message in call.messages:
+        functions = [made.get("function") or {} for made in message.tool_calls]
+        said = [f"{made.get('name')}({made.get('arguments')})" for made in functions]
+        turns.append("\n".join([f"<|im_start|>{message.role}", message.content, *said]))
+    given = [call.tools, call.response_format]
+    turns += [jsoncodec.dumps(fields).decode() for fields in given if fields]
+    return "<|im_end|>\n".join(turns)
 
 
 def delta(piece: str) -> dict[str, object]:
