@@ -372,9 +372,12 @@ def _admission_text(role: RoleConfig) -> str:
 
 
 def _thread_troubles(settings: Settings) -> list[str]:
-    """``LLAMA_ARG_THREADS`` set to what the worker ignores, and ``threads`` set above
-    the cores keel may run on (64 on 2 cores: 7-11x slower, said nowhere)."""
-    found = [threads_variable_trouble(os.environ)]
+    """``LLAMA_ARG_THREADS`` set to what the worker ignores, ``threads`` set above
+    the cores keel may run on (64 on 2 cores: 7-11x slower, said nowhere), and
+    ``num_gpu_layers`` set for an engine with no GPU (ignored in silence)."""
+    from keel.providers.catalog import gpu_layers_trouble
+
+    found = [threads_variable_trouble(os.environ), gpu_layers_trouble(settings)]
     found += [threads_over_cores(t.threads, f"{w}.threads") for w, t in local_tables(settings)]
     return [trouble for trouble in found if trouble is not None]
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from keel.config import (
     ProviderConfig,
     Role,
     Settings,
+    local_tables,
     masked_url,
 )
 from keel.errors import ConfigError, ConfigIssue, MissingDependency
@@ -114,6 +117,52 @@ def read_timeout(role: Role, config: HttpModelConfig) -> float:
     return max(limits.first_token, limits.between_tokens)
 
 
+_GPU_PROBE = (
+    "import sys, xllamacpp as x; t = x.ggml_backend_dev_type; gpus = "
+    "(t.GGML_BACKEND_DEVICE_TYPE_GPU, t.GGML_BACKEND_DEVICE_TYPE_IGPU); "
+    "sys.stdout.write(str(any(d['type'] in gpus for d in x.get_device_info())))"
+)
+
+
+@functools.cache
+def engine_has_gpu() -> bool | None:
+    """Whether keel's engine has a GPU to put layers on here (a GPU build of xllamacpp
+    that sees a GPU device), asked of the engine in a child process as ``keel doctor``
+    asks it (the server never loads the native library itself); None when it cannot say
+    (not installed, crashed). Asked once, and only for a config that sets
+    ``num_gpu_layers``."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _GPU_PROBE], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    answer = result.stdout.strip()
+    return answer == "True" if result.returncode == 0 and answer in ("True", "False") else None
+
+
+def _gpu_layers(config: LocalModelConfig) -> int:
+    """The layers a worker offloads: none where the engine has no GPU, whatever is set (the
+    setting did nothing there, yet told two workers of one model apart)."""
+    if config.num_gpu_layers and engine_has_gpu() is False:
+        return 0
+    return config.num_gpu_layers
+
+
+def gpu_layers_trouble(settings: Settings) -> str | None:
+    """``num_gpu_layers`` set where the engine has no GPU, said once for every table that
+    sets it (``keel serve``, ``keel config check``); None when none does, or it works."""
+    keys = [f"{w}.num_gpu_layers" for w, t in local_tables(settings) if t.num_gpu_layers]
+    if not keys or engine_has_gpu() is not False:
+        return None
+    return (
+        f"{', '.join(keys)} does nothing: keel's engine has no GPU here (a CPU build of "
+        "xllamacpp, or no GPU device it can see), so every layer runs on the CPU and the "
+        "roles sharing a model share its worker whatever each sets; remove it, or install "
+        "a GPU build of the engine (README: GPU)"
+    )
+
+
 def local_worker_spec(role: Role, config: LocalModelConfig, model_path: Path) -> WorkerSpec:
     """The worker a local model needs to serve ``role``: embeddings get a context
     loaded for embeddings (:data:`EMBEDDING_CONTEXT` unless configured), with one slot."""
@@ -125,7 +174,7 @@ def local_worker_spec(role: Role, config: LocalModelConfig, model_path: Path) ->
         model_path=str(model_path),
         context_size=context,
         threads=config.threads,
-        gpu_layers=config.num_gpu_layers,
+        gpu_layers=_gpu_layers(config),
         embedding=embedding,
         slots=1 if embedding else config.parallelism,
     )
