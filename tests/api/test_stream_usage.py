@@ -143,7 +143,7 @@ async def test_the_backends_usage_is_asked_for_and_reported(
 
 
 async def test_a_backend_refusing_stream_options_is_asked_without_it(
-    refusing: FakeUpstream, tmp_path: Path
+    refusing: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each route's first request goes twice, with the field and without it; every later
     one once, without it. The refusal is no failure of the backend's, no fallback's turn."""
@@ -162,6 +162,8 @@ async def test_a_backend_refusing_stream_options_is_asked_without_it(
             assert state["last_error"] is None
             assert state["breaker"] == "closed"
             assert state["fallbacks_to"] == 0
+    said = [record for record in caplog.records if "refused stream_options" in record.message]
+    assert len(said) == 2  # once for each endpoint: chat's, completion's
 
 
 DESCRIPTION = "Reads a file from the workspace and returns its content. " * 60

@@ -78,6 +78,8 @@ class StreamUsage:
             "stream_options"
         ):
             return False
+        if self.refused is not None:  # a stream asked before the first refusal came
+            return True
         self.refused = error.message.removeprefix(f"{self.provider}: ")
         log.warning(
             "%s refused stream_options (%s): its streams are asked without it from now on, "
