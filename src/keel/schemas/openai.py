@@ -228,16 +228,52 @@ def _both_given(first: str, second: str) -> dict[str, Any]:
     return {"required": [first, second], "properties": {first: given, second: given}}
 
 
-class CompletionRequest(_Sampled):
+ONE_LIMIT: list[dict[str, Any]] = [
+    {"not": _both_given("max_tokens", "max_completion_tokens")},
+    {"not": _both_given("max_tokens", "n_predict")},
+    {"not": _both_given("max_completion_tokens", "n_predict")},
+]
+"""One limit on the answer's tokens, under one name (two that differ are a 400)."""
+
+
+class _Limited(_Sampled):
+    """The limit on the answer's tokens under any of its names: OpenAI's two and
+    llama.cpp's ``n_predict``."""
+
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    n_predict: int | None = Field(None, ge=-1, le=MAX_TOKENS_LIMIT)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> _Limited:
+        """Names of one limit: given twice, they must agree (which one meant it?). Chat
+        kept ``max_completion_tokens`` and dropped the other: 20 tokens came for
+        ``max_tokens`` 3."""
+        limits = self._limits()
+        if len(set(limits.values())) > 1:
+            said = " and ".join(f"{name} {value}" for name, value in limits.items())
+            raise RequestError(
+                f"{said} are one limit on the answer's tokens, given twice with different"
+                " values: send one of them",
+                param=list(limits)[1],
+            )
+        return self
+
+    def _limits(self) -> dict[str, int]:
+        """The limits the client gave, by name, OpenAI's first; n_predict -1 (and chat's
+        0, no answer) is none."""
+        given = {
+            "max_tokens": self.max_tokens,
+            "max_completion_tokens": self.max_completion_tokens,
+            "n_predict": self.n_predict if self.n_predict and self.n_predict > 0 else None,
+        }
+        return {name: value for name, value in given.items() if value is not None}
+
+
+class CompletionRequest(_Limited):
     model_config = ConfigDict(
         json_schema_extra={
             "not": {"required": ["segments"]},
-            # one limit on the answer's tokens, under one name (two that differ are a 400)
-            "allOf": [
-                {"not": _both_given("max_tokens", "max_completion_tokens")},
-                {"not": _both_given("max_tokens", "n_predict")},
-                {"not": _both_given("max_completion_tokens", "n_predict")},
-            ],
+            "allOf": [*ONE_LIMIT],
             # something to continue: a prompt, or a suffix to fill in before
             "anyOf": [
                 {"properties": {"prompt": {"minLength": 1, "items": {"minLength": 1}}}},
@@ -298,28 +334,6 @@ class CompletionRequest(_Sampled):
                 " (or leave it out) for keel's decoding budget"
             )
         return value
-
-    @model_validator(mode="after")
-    def _one_limit(self) -> CompletionRequest:
-        """Names of one limit: given twice, they must agree (which one meant it?)."""
-        limits = self._limits()
-        if len(set(limits.values())) > 1:
-            said = " and ".join(f"{name} {value}" for name, value in limits.items())
-            raise RequestError(
-                f"{said} are one limit on the answer's tokens, given twice with different"
-                " values: send one of them",
-                param=list(limits)[1],
-            )
-        return self
-
-    def _limits(self) -> dict[str, int]:
-        """The limits the client gave, by name, OpenAI's first; n_predict -1 is none."""
-        given = {
-            "max_tokens": self.max_tokens,
-            "max_completion_tokens": self.max_completion_tokens,
-            "n_predict": self.n_predict if self.n_predict and self.n_predict > 0 else None,
-        }
-        return {name: value for name, value in given.items() if value is not None}
 
     @field_validator("best_of", mode="before")
     @classmethod
@@ -754,10 +768,11 @@ _DEPRECATED = WithJsonSchema(
 )
 
 
-class ChatCompletionRequest(_Sampled):
+class ChatCompletionRequest(_Limited):
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
+                ONE_LIMIT[0],  # n_predict gives way to OpenAI's names (_limits)
                 {  # a tool_choice other than none needs tools
                     "anyOf": [
                         {"not": {"required": ["tool_choice"]}},
@@ -776,7 +791,6 @@ class ChatCompletionRequest(_Sampled):
     )
 
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     """Functions the model may call; a backend that calls tools (OpenAI-compatible
@@ -872,6 +886,11 @@ class ChatCompletionRequest(_Sampled):
         if self.max_tokens is None and self.n_predict is not None and self.n_predict > 0:
             return self._params(self.n_predict, named=False, said="n_predict")
         return self._params(self.max_tokens)
+
+    def _limits(self) -> dict[str, int]:
+        """OpenAI's two names, which must agree; llama.cpp's ``n_predict`` (llama.vim's)
+        gives way to either."""
+        return {name: n for name, n in super()._limits().items() if name != "n_predict"}
 
     def asks_no_answer(self) -> bool:
         """llama.cpp's ``n_predict: 0``, with no other limit: the prompt alone."""

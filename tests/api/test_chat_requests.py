@@ -1,0 +1,48 @@
+"""What keel says of a chat request it will not serve as sent: a 400 in the one error
+shape, naming the field and what to send instead (not served otherwise than asked)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from tests.api.conftest import USER
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+async def refusal(client: httpx.AsyncClient, route: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(route, json=body, headers=USER)
+    assert response.status_code == 400, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    return error
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", {"messages": HI}),
+        ("/v1/completions", {"prompt": "def f("}),
+    ],
+)
+async def test_two_names_of_one_limit_that_differ_are_refused_on_both_routes(
+    client: httpx.AsyncClient, route: str, body: dict[str, Any]
+) -> None:
+    """Chat kept max_completion_tokens and dropped max_tokens: 20 tokens for max_tokens 3."""
+    error = await refusal(client, route, {**body, "max_tokens": 3, "max_completion_tokens": 20})
+    assert error["param"] == "max_completion_tokens"
+    assert error["message"] == (
+        "max_tokens 3 and max_completion_tokens 20 are one limit on the answer's tokens,"
+        " given twice with different values: send one of them"
+    )
+
+
+async def test_two_names_of_one_limit_that_agree_are_one_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"messages": HI, "max_tokens": 2, "max_completion_tokens": 2}
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 2
