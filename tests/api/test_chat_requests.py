@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.api.conftest import USER
+from tests.api.conftest import USER, Backends
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -46,3 +46,60 @@ async def test_two_names_of_one_limit_that_agree_are_one_limit(
     response = await client.post("/v1/chat/completions", json=body, headers=USER)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] <= 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        (
+            {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+            "modalities",
+        ),
+        ({"modalities": ["audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ],
+)
+async def test_an_answer_in_audio_is_refused(
+    client: httpx.AsyncClient, fields: dict[str, Any], param: str
+) -> None:
+    """It was answered in text alone, which the client read as if its audio had come."""
+    error = await refusal(client, "/v1/chat/completions", {"messages": HI, **fields})
+    assert error["param"] == param
+    assert "keel answers in text only" in error["message"]
+    assert "leave" in error["message"]
+
+
+OPENAI_FIELDS = {
+    "service_tier": "flex",
+    "prompt_cache_key": "session-42",
+    "store": False,
+    "metadata": {"team": "editor"},
+}
+
+
+async def test_openais_own_fields_reach_an_openai_chat_backend_as_sent(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    """They were dropped: a flex-tier client was served (and billed) at the default tier."""
+    body = {"messages": HI, "modalities": ["text"], **OPENAI_FIELDS}
+    response = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert response.status_code == 200, response.text
+    sent = backends.fallback.last_request.json
+    assert {name: sent.get(name) for name in OPENAI_FIELDS} == OPENAI_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"store": "no"}, "store"),
+        ({"metadata": {"team": 5}}, "metadata.team"),
+        ({"metadata": {f"k{n}": "v" for n in range(17)}}, "metadata"),
+        ({"service_tier": 1}, "service_tier"),
+        ({"prompt_cache_key": ["a"]}, "prompt_cache_key"),
+    ],
+)
+async def test_openais_own_fields_of_the_wrong_type_are_refused(
+    client: httpx.AsyncClient, fields: dict[str, Any], param: str
+) -> None:
+    error = await refusal(client, "/v1/chat/completions", {"messages": HI, **fields})
+    assert error["param"] == param

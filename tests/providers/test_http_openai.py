@@ -358,3 +358,15 @@ async def test_an_answer_past_the_limit_is_refused_unread(make_provider, monkeyp
             await provider.embed(["a"])
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(("kind", "passed"), [("openai/chat", True), ("mistral/chat", False)])
+async def test_openais_own_fields_go_to_openais_api_alone(
+    upstream: FakeUpstream, make_provider, kind: str, passed: bool
+):
+    fields = {"service_tier": "flex", "store": False, "metadata": {"a": "b"}, "verbosity": "low"}
+    call = ChatCall((ChatMessage("user", "Hi"),), PARAMS, passed_on=fields)
+    await collect(make_provider(kind).stream_chat(call))
+    sent = upstream.last_request.json
+    expected = fields if passed else {"verbosity": "low"}
+    assert {name: sent[name] for name in fields if name in sent} == expected

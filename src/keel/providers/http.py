@@ -160,7 +160,7 @@ def build_http_provider(
                 seed_field="random_seed",
                 limit_name="max_tokens",
                 supported_models=listed,
-                ask_usage=False,
+                openai_api=False,
             )
         case "openai/embedding" | "azure/embedding":
             return OpenAIEmbeddingProvider(upstream, info, model=model, size_field="dimensions")

@@ -43,6 +43,10 @@ log = logging.getLogger("keel.providers")
 OPENAI_STOP_LIMIT = 4
 """OpenAI's API refuses more than four stop sequences; keel stops on the rest itself."""
 
+OPENAI_ONLY = frozenset({"service_tier", "prompt_cache_key", "store", "metadata"})
+"""Fields of a chat that OpenAI's own API defines, passed on to it alone (Mistral's API
+has none of them)."""
+
 USAGE_ASKED: JsonObject = {"stream_options": {"include_usage": True}}
 """What asks a backend for its stream's ``usage`` (a last chunk with no choices)."""
 
@@ -353,19 +357,22 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
         stop_limit: int | None = None,
         limit_name: str | None = None,
         supported_models: tuple[str, ...] = (),
-        ask_usage: bool = True,
+        openai_api: bool = True,
     ) -> None:
         """``limit_name``: what the backend calls ``max_tokens`` whatever the client
         called it (None: the client's name goes on). ``supported_models``: the models
-        a client may ask for by name; any other asks for ``model``. ``ask_usage``: ask
-        for the stream's usage (:class:`StreamUsage`; Mistral's sends it unasked)."""
+        a client may ask for by name; any other asks for ``model``. ``openai_api``: the
+        backend speaks OpenAI's own API (OpenAI's, Azure's, vLLM's), not Mistral's
+        likeness of it: it is asked for the stream's usage (:class:`StreamUsage`;
+        Mistral's sends it unasked) and sent :data:`OPENAI_ONLY` as the client sent them."""
         super().__init__(upstream, info)
         self.model = model
         self.supported_models = supported_models
         self.seed_field = seed_field
         self.stop_limit = stop_limit
         self.limit_name = limit_name
-        self.usage = StreamUsage(upstream.provider, asked=ask_usage)
+        self.openai_api = openai_api
+        self.usage = StreamUsage(upstream.provider, asked=openai_api)
 
     def status(self) -> dict[str, object]:
         return {**super().status(), **self.usage.status()}
@@ -377,7 +384,12 @@ class OpenAIChatProvider(HttpBacked, ChatProvider):
         if call.response_format is not None:
             body["response_format"] = call.response_format
         body.update(call.tools or {})
-        body.update(call.passed_on or {})
+        passed_on = call.passed_on or {}
+        body.update(
+            (name, value)
+            for name, value in passed_on.items()
+            if self.openai_api or name not in OPENAI_ONLY
+        )
         body.update(
             sampling_body(
                 call.params,

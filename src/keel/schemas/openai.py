@@ -758,6 +758,14 @@ class NamedToolChoice(_Wire):
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
+METADATA_PAIRS = 16
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+TEXT_ONLY: dict[str, Any] = {
+    "anyOf": [{"type": "array", "items": {"const": "text"}}, {"type": "null"}]
+}
+"""``modalities`` as keel serves it: text alone."""
+
 _DEPRECATED = WithJsonSchema(
     {
         "type": "null",
@@ -805,6 +813,39 @@ class ChatCompletionRequest(_Limited):
     """OpenAI's predicted output, sent on as ``reasoning_effort`` is."""
     verbosity: str | None = Field(None, max_length=32)
     """OpenAI's answer length hint, sent on as ``reasoning_effort`` is."""
+    service_tier: str | None = Field(None, max_length=32)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    store: bool | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=METADATA_PAIRS)
+    """OpenAI's processing tier, its prompt cache's key, and whether (and under what
+    tags, OpenAI's limits) it stores the answer: sent on to an OpenAI-kind backend as
+    sent (they were dropped, and a flex-tier client was billed at the default one)."""
+
+    modalities: Annotated[list[str] | None, WithJsonSchema(TEXT_ONLY)] = None
+    audio: Annotated[dict[str, Any] | None, only()] = None
+    """An answer in audio, refused when asked for, as ``logprobs`` is: answered in text
+    alone, the client read it as if its audio had come."""
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _few_tags(cls, value: object) -> object:
+        if isinstance(value, dict) and len(value) > METADATA_PAIRS:
+            raise ValueError(f"at most {METADATA_PAIRS} key-value pairs (OpenAI's limit)")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(kind != "text" for kind in value):
+            raise ValueError('keel answers in text only, not audio: send ["text"] or leave it out')
+        return value
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _no_audio(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError("keel answers in text only, with no audio: leave 'audio' out")
+        return value
 
     n_predict: int | None = Field(
         None,
@@ -873,7 +914,16 @@ class ChatCompletionRequest(_Limited):
     def passed_on(self) -> dict[str, Any] | None:
         """The fields an OpenAI-compatible backend gets as the client sent them."""
         fields = self.model_dump(
-            include={"reasoning_effort", "prediction", "verbosity"}, exclude_none=True
+            include={
+                "reasoning_effort",
+                "prediction",
+                "verbosity",
+                "service_tier",
+                "prompt_cache_key",
+                "store",
+                "metadata",
+            },
+            exclude_none=True,
         )
         return fields or None
 
