@@ -21,19 +21,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from keel.errors import ConfigError, ConfigIssue, DataRootUnusable
 from keel.pipeline.prompt import check_template
@@ -306,6 +309,23 @@ every token at once), and that batch's buffers grow with it: the embedded model'
 peaks at ~410 MB after a 500-token input, ~1 GB after a 2,000-token one (~210 MB idle)."""
 
 
+ENGINE_MAX_SLOTS = 64
+"""The most ``parallelism`` slots a local engine takes: llama.cpp aborts (``GGML_ASSERT(
+n_outputs_max <= cparams.n_outputs_max)``) with more sequences than tokens in its batch,
+and keel's engine reads prompts 64 tokens at a time (the worker's ``PREFILL_BATCH``).
+Tabby takes up to 255 (a u8), its llama-server reading 512 at a time."""
+
+
+def _engine_slots(value: int) -> int:
+    if value > ENGINE_MAX_SLOTS:
+        raise ValueError(
+            f"at most {ENGINE_MAX_SLOTS}: keel's engine reads prompts {ENGINE_MAX_SLOTS} "
+            "tokens at a time and stops on more slots than that (Tabby takes up to 255); "
+            "more requests than slots wait for one (max_concurrent, queue_size)"
+        )
+    return value
+
+
 class LocalModelConfig(_Section):
     """A GGUF model keel runs itself in a worker process (``[model.<role>.local]``)."""
 
@@ -329,12 +349,12 @@ class LocalModelConfig(_Section):
         description="CPU threads for inference (default: LLAMA_ARG_THREADS where set, else "
         "the physical cores keel may run on, within its CPU quota).",
     )
-    parallelism: int = Field(
+    parallelism: Annotated[int, AfterValidator(_engine_slots)] = Field(
         2,
         ge=1,
-        le=16,
         description="Slots: model contexts, each with its own KV cache; a request goes to "
-        "the slot sharing the longest prompt prefix, so each file being edited stays warm.",
+        "the slot sharing the longest prompt prefix, so each file being edited stays warm. "
+        f"At most {ENGINE_MAX_SLOTS}; the memory check counts a KV cache per slot.",
     )
     num_gpu_layers: int = Field(0, ge=0, description="Layers offloaded to a GPU, if built for it.")
     enable_fast_attention: bool = Field(False, description="Accepted for Tabby compatibility.")
@@ -1351,16 +1371,34 @@ def _mistyped(value: object, want: type) -> bool:
     return want is int and isinstance(value, float)
 
 
-def _scalar_type_issues(raw: object, annotation: Any, key: str) -> list[ConfigIssue]:
+def _refusal(field: FieldInfo, written: str, want: type) -> str | None:
+    """Why ``field`` would refuse ``written`` (a suggested value) too, or None: the
+    suggestion for ``parallelism = 1e3`` was ``parallelism = 1000``, itself refused."""
+    value: object = written == "true" if want is bool else want(written)
+    constrained: Any = field.annotation
+    if field.metadata:
+        constrained = cast(Any, Annotated)[(field.annotation, *field.metadata)]
+    adapter: TypeAdapter[Any] = TypeAdapter(constrained)
+    try:
+        adapter.validate_python(value)
+    except ValidationError as exc:
+        return str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+    return None
+
+
+def _scalar_type_issues(
+    raw: object, annotation: Any, key: str, field: FieldInfo | None = None
+) -> list[ConfigIssue]:
     """A value of the wrong TOML type for a number or boolean setting, anywhere in
-    ``raw`` (the file as read: a ``${VAR}``'s value is a string, and is converted)."""
+    ``raw`` (the file as read: a ``${VAR}``'s value is a string, and is converted).
+    ``field``: the setting's own, whose bounds a suggested value is checked against."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
-        return _scalar_type_issues(raw, args[0], key)
+        return _scalar_type_issues(raw, args[0], key, field)
     if origin in (Union, UnionType):
         members = [arg for arg in args if arg is not type(None)]
         if len(members) == 1:
-            return _scalar_type_issues(raw, members[0], key)
+            return _scalar_type_issues(raw, members[0], key, field)
         if isinstance(raw, dict):  # a fallback entry: http (with kind) or local
             chosen = HttpModelConfig if _provider_discriminator(raw) == "http" else None
             model = chosen or LocalModelConfig
@@ -1381,20 +1419,23 @@ def _scalar_type_issues(raw: object, annotation: Any, key: str) -> list[ConfigIs
             for name, value in raw.items()
             if name in fields
             for issue in _scalar_type_issues(
-                value, fields[name].annotation, f"{key}.{name}" if key else name
+                value, fields[name].annotation, f"{key}.{name}" if key else name, fields[name]
             )
         ]
     if annotation in SCALARS and _mistyped(raw, annotation):
         name = key.rsplit(".", 1)[-1]
         shown = _shown(key, raw)  # None for a key named like a secret
         written = _as_written(raw, annotation) if shown is not None else None
+        refused = _refusal(field, written, annotation) if field and written is not None else None
         message = f"expected {SCALARS[annotation]}, not {_toml_type(raw)}"
-        if written is not None and "[" not in name:
+        if written is not None and refused is None and "[" not in name:
             message += f": write {name} = {written}"
         elif isinstance(raw, str):
             message += f": write {SCALARS[annotation]}"
         if isinstance(raw, str):
             message += ", without quotes"
+        if refused is not None:  # a suggestion must be one the setting takes
+            message += f"; {written} itself is refused: {refused}"
         return [ConfigIssue(key, message, shown)]
     return []
 
