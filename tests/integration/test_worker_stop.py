@@ -148,7 +148,7 @@ async def test_the_start_limit_counts_the_restarts_that_happened() -> None:
             await asyncio.sleep(0.01)
         assert supervisor.state is WorkerState.FAILED
         assert (supervisor.restarts, supervisor.pid) == (1, None)
-        assert "crashed 2 times" in (supervisor.last_error or "")
+        assert "failed 2 times" in (supervisor.last_error or "")
     finally:
         await supervisor.stop()
 

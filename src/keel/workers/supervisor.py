@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -53,6 +55,24 @@ GIVEN_UP_FIX = (
 )
 """What a worker keel gave up on needs, said where that is told (the message named no
 fix; a reload starts it again)."""
+
+
+def _start_failure(exc: OSError) -> str:
+    """Why a worker process could not be started: keel's own open-file limit, where it
+    is at it (uvloop said "[Errno -1] Unknown error -1" for it), else ``exc``."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        at_limit = len(os.listdir("/proc/self/fd")) >= soft - 4
+    except OSError:  # listing needs a file descriptor too
+        at_limit = True
+    if exc.errno in (errno.EMFILE, errno.ENFILE) or at_limit:
+        return (
+            f"keel has as many files open as its open-file limit ({soft}) allows: raise it "
+            "(ulimit -n; systemd LimitNOFILE=; docker --ulimit nofile=) and restart keel"
+        )
+    return str(exc)
+
+
 worker_log = logging.getLogger("keel.worker.output")
 """What a worker process prints (the engine's warnings, a traceback)."""
 
@@ -448,7 +468,7 @@ class WorkerSupervisor:
                 # Before the count: the restart it would be never happens (keel said 8
                 # restarts of 7, with the dead worker's pid).
                 self._give_up(
-                    f"crashed {len(self._starts)} times within {self.policy.start_window:.0f}s; "
+                    f"failed {len(self._starts)} times within {self.policy.start_window:.0f}s; "
                     f"last error: {self.last_error}"
                 )
                 return
@@ -492,7 +512,7 @@ class WorkerSupervisor:
                 env=engine_environment(os.environ),
             )
         except OSError as exc:
-            self.last_error = f"cannot start worker: {exc}"
+            self.last_error = f"cannot start worker: {_start_failure(exc)}"
             return None
         self._process = process
         self.pid = process.pid
