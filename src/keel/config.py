@@ -396,6 +396,15 @@ FallbackEntry = Annotated[
 
 LOCAL_CONCURRENCY = 8
 """A role served by a local model: requests at once, the rest queue (then 429)."""
+
+
+def local_concurrency(parallelism: int) -> int:
+    """Requests at once at a local model of ``parallelism`` slots: :data:`LOCAL_CONCURRENCY`,
+    or its slots where more (``parallelism = 12`` ran 8 at once, 4 slots' KV cache
+    reserved for requests kept waiting)."""
+    return max(LOCAL_CONCURRENCY, parallelism)
+
+
 SERVER_CONCURRENCY = 1024
 """A role served by a model server: requests at once. It queues and batches them itself
 (vLLM's continuous batching takes hundreds); 8, the old default, held a team's
@@ -423,11 +432,12 @@ class RoleConfig(_Section):
         ge=1,
         le=4096,
         description="Requests of this role served at once (default: "
-        f"{LOCAL_CONCURRENCY} when its first provider is a local model, whose engine reads "
+        f"{LOCAL_CONCURRENCY}, or its parallelism where more, when its first provider is a "
+        "local model, whose engine reads "
         f"on the CPU a prompt at a time per slot; {SERVER_CONCURRENCY} when it is a model "
         "server, which queues and batches requests itself: keel does not hold back what "
         "it sends one; what it sends a local model, falling back, is held to "
-        f"{LOCAL_CONCURRENCY} there).",
+        f"{LOCAL_CONCURRENCY} there, or the model's parallelism where more).",
     )
     queue_size: int = Field(
         64, ge=0, le=100000, description="Requests that may wait for a slot (429 beyond)."
@@ -449,7 +459,9 @@ class RoleConfig(_Section):
         """``max_concurrent``, or its default for the role's first provider."""
         if self.max_concurrent is not None:
             return self.max_concurrent
-        return SERVER_CONCURRENCY if self.http is not None else LOCAL_CONCURRENCY
+        if self.http is not None:
+            return SERVER_CONCURRENCY
+        return local_concurrency(self.local.parallelism if self.local is not None else 0)
 
     def chain(self) -> list[ProviderConfig]:
         return [self.primary(), *self.fallback]

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from keel.config import ENGINE_MAX_SLOTS, LocalModelConfig, parse_settings
+from keel.config import (
+    ENGINE_MAX_SLOTS,
+    LOCAL_CONCURRENCY,
+    LocalModelConfig,
+    RoleConfig,
+    parse_settings,
+)
 from keel.errors import ConfigError
 from keel.workers.worker import PREFILL_BATCH
 
@@ -41,3 +47,8 @@ def test_a_suggested_value_is_one_the_setting_takes() -> None:
     assert "write port" not in port and "1000000 itself is refused" in port, port
     fine = issues(local(parallelism=4.0))["model.completion.local.parallelism"]
     assert fine == "expected an integer, not a decimal number: write parallelism = 4"
+
+
+def test_a_local_role_admits_as_many_as_its_slots_by_default() -> None:
+    assert RoleConfig(local=LocalModelConfig(parallelism=12)).concurrency() == 12
+    assert RoleConfig(local=LocalModelConfig(parallelism=2)).concurrency() == LOCAL_CONCURRENCY

@@ -13,7 +13,14 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from keel.config import LOCAL_CONCURRENCY, ROLES, LocalModelConfig, Role, RoutingConfig, Settings
+from keel.config import (
+    ROLES,
+    LocalModelConfig,
+    Role,
+    RoutingConfig,
+    Settings,
+    local_concurrency,
+)
 from keel.errors import UpstreamConnectError, UpstreamTimeout
 from keel.providers.base import (
     ChatCall,
@@ -205,13 +212,15 @@ class Routing:
     def _gate(self, role: Role, endpoint: Endpoint) -> Admission | None:
         """A local model in a role admitting more at once than a local engine should take
         (a model server's role falling back to it, or a model loaded in its place) is
-        held to a local role's limit there."""
+        held to a local role's limit there: :func:`local_concurrency` of its slots (held
+        to 8, an engine of 12 slots ran 8 requests and queued 4)."""
         admission = self.admission[role]
-        if admission.max_concurrent <= LOCAL_CONCURRENCY or not isinstance(
-            endpoint.provider, LocalProvider
-        ):
+        if not isinstance(endpoint.provider, LocalProvider):
             return None
-        return admission.gate(endpoint.name, LOCAL_CONCURRENCY)
+        limit = local_concurrency(endpoint.provider.supervisor.spec.slots)
+        if admission.max_concurrent <= limit:
+            return None
+        return admission.gate(endpoint.name, limit)
 
     def endpoints(self) -> list[Endpoint]:
         """Every endpoint of every role, once (the embedded model serves several)."""
