@@ -103,3 +103,32 @@ async def test_openais_own_fields_of_the_wrong_type_are_refused(
 ) -> None:
     error = await refusal(client, "/v1/chat/completions", {"messages": HI, **fields})
     assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "param", "said"),
+    [
+        ("/v1/chat/completions", {"n": 2}, "n", "send n 1 or leave it out"),
+        ("/v1/completions", {"n": 0}, "n", "send n 1 or leave it out"),
+        ("/v1/chat/completions", {"max_tokens": 200_000}, "max_tokens", "131072 or less"),
+        (
+            "/v1/chat/completions",
+            {"max_completion_tokens": 200_000},
+            "max_completion_tokens",
+            "leave 'max_completion_tokens' out",
+        ),
+        ("/v1/completions", {"n_predict": 200_000}, "n_predict", "keel's limit of 131072"),
+        ("/v1/chat/completions", {"stop": ""}, "stop", "leave 'stop' out, or give non-empty"),
+        ("/v1/completions", {"stop": ["\n", ""]}, "stop", "must not be empty"),
+    ],
+)
+async def test_a_value_out_of_bounds_is_told_what_to_send(
+    client: httpx.AsyncClient, route: str, fields: dict[str, Any], param: str, said: str
+) -> None:
+    """Bounds alone said "Input should be less than or equal to 1" (or 131072), and
+    "stop sequences must not be empty", with no word of what to send."""
+    body = {"messages": HI} if route == "/v1/chat/completions" else {"prompt": "def f("}
+    error = await refusal(client, route, {**body, **fields})
+    assert error["param"] == param
+    assert said in error["message"]
+    assert "Input should be" not in error["message"]

@@ -42,6 +42,17 @@ def _chat_provider(client: Any) -> dict[str, Any]:
             "messages[1].content[1]",
         ),
         ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+        (  # the engine continues one assistant message at the end: it said so with no field
+            {
+                "messages": [
+                    {"role": "user", "content": "Write a haiku"},
+                    {"role": "user", "content": "about rain"},
+                    {"role": "assistant", "content": "Rain on"},
+                    {"role": "assistant", "content": "the roof"},
+                ]
+            },
+            "messages",
+        ),
         (
             {
                 "tools": [TOOL],

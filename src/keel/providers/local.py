@@ -169,6 +169,16 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
                     code=UNSUPPORTED,
                 )
             )
+        if (twice := _assistants_at_end(call.messages)) is not None:
+            return _refused(
+                RequestError(
+                    f"{twice} are both assistant messages at the end of the chat: "
+                    f"{self.info.model} continues one assistant message at the end (its answer's"
+                    " beginning); join them into one, or end the chat with a user message",
+                    param="messages",
+                    code=UNSUPPORTED,
+                )
+            )
         template = self.supervisor.spec.header().get("tokenizer.chat_template")
         takes_calls = isinstance(template, str) and "tool_calls" in template
         messages = engine_messages(call.messages, takes_calls=takes_calls)
@@ -276,6 +286,15 @@ def _image_part(messages: Sequence[ChatMessage]) -> str | None:
         for index, part in enumerate(message.parts):
             if part.get("type") == "image_url":
                 return f"messages[{at}].content[{index}]"
+    return None
+
+
+def _assistants_at_end(messages: Sequence[ChatMessage]) -> str | None:
+    """The last two messages, where both are an assistant's: the engine continues the
+    last one, and refuses another before it (llama.cpp's "Cannot have 2 or more assistant
+    messages at the end of the list", the client's 400 as the backend's, with no field)."""
+    if len(messages) >= 2 and messages[-1].role == messages[-2].role == "assistant":
+        return f"messages[{len(messages) - 2}] and messages[{len(messages) - 1}]"
     return None
 
 

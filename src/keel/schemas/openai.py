@@ -136,7 +136,10 @@ def _check_stop(stop: StopField) -> StopField:
     if len(values) > MAX_STOPS:
         raise ValueError(f"at most {MAX_STOPS} stop sequences")
     if any(not value for value in values):
-        raise ValueError("stop sequences must not be empty")
+        raise ValueError(
+            "a stop sequence must not be empty (the answer would end before it began): leave"
+            " 'stop' out, or give non-empty strings"
+        )
     if any(len(value) > MAX_STOP_LENGTH for value in values):
         raise ValueError(f"a stop sequence is at most {MAX_STOP_LENGTH} characters")
     return stop
@@ -174,6 +177,18 @@ def _not_asked(value: object, what: str, name: str | None) -> object:
     return value
 
 
+def _within_limit(value: object, info: ValidationInfo) -> object:
+    """A limit over :data:`MAX_TOKENS_LIMIT` is a 400 saying what the limit is and what to
+    send (it said "Input should be less than or equal to 131072")."""
+    if type(value) is int and value > MAX_TOKENS_LIMIT:
+        raise ValueError(
+            f"{value} is over keel's limit of {MAX_TOKENS_LIMIT} tokens for an answer: send"
+            f" {MAX_TOKENS_LIMIT} or less, or leave '{info.field_name}' out (a model stops at"
+            " the end of its context first)"
+        )
+    return value
+
+
 class StreamOptions(_Wire):
     include_usage: bool = False
     """Send a last chunk with empty ``choices`` and the request's ``usage``, as OpenAI does."""
@@ -197,6 +212,16 @@ class _Sampled(_Wire):
     user: str | None = None
 
     _stop = field_validator("stop")(_check_stop)
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _one_answer(cls, value: object) -> object:
+        """A bound alone said "Input should be less than or equal to 1"."""
+        if type(value) is int and value != 1:
+            raise ValueError("keel returns one answer (choice) a request: send n 1 or leave it out")
+        return value
+
+    _max_tokens = field_validator("max_tokens", mode="before")(_within_limit)
 
     def _params(
         self,
@@ -242,6 +267,10 @@ class _Limited(_Sampled):
 
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     n_predict: int | None = Field(None, ge=-1, le=MAX_TOKENS_LIMIT)
+
+    _limits_said = field_validator("max_completion_tokens", "n_predict", mode="before")(
+        _within_limit
+    )
 
     @model_validator(mode="after")
     def _one_limit(self) -> _Limited:
