@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 from keel import __version__
 from keel.config import (
-    LOCAL_CONCURRENCY,
     ROLES,
     HttpModelConfig,
+    LocalModelConfig,
     Paths,
     RoleConfig,
     Settings,
@@ -36,6 +36,7 @@ from keel.config import (
     data_root_trouble,
     host_issue,
     load_settings,
+    local_concurrency,
     local_tables,
     masked_url,
 )
@@ -154,23 +155,27 @@ def _bind(
             raise ConfigError(
                 where, [ConfigIssue(key, unresolved_host_message(host, exc))]
             ) from None
-        if exc.errno == errno.EADDRNOTAVAIL:  # a mistake to fix, not a crash to retry
+        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):  # a mistake, not a crash
             where, key = source or ("the command line", "--host")
+            scope = ""
+            if host.lower().startswith("fe80:") and "%" not in host:
+                scope = " (a link-local address needs its interface: fe80::1%eth0)"
             message = (
-                f"{host} is no address of this machine (cannot bind {host}:{port}: "
-                f"{exc.strerror}): set one it has, 127.0.0.1 for this machine only or "
-                "0.0.0.0 for every interface"
+                f"{host} is no address of this machine keel can listen on{scope} (cannot "
+                f"bind {shown}: {exc.strerror}): set one it has, 127.0.0.1 for this "
+                "machine only or 0.0.0.0 for every interface"
             )
             raise ConfigError(where, [ConfigIssue(key, message)]) from None
         if exc.errno == errno.EACCES:  # a port below 1024: it exited 1, retried for ever
             where, key = port_source or ("the command line", "--port")
             message = (
-                f"cannot bind {host}:{port}: {exc.strerror}: a port below 1024 takes root or "
+                f"cannot bind {shown}: {exc.strerror}: a port below 1024 takes root or "
                 "the CAP_NET_BIND_SERVICE capability (systemd: AmbientCapabilities="
                 "CAP_NET_BIND_SERVICE); or serve on a port from 1024 up"
             )
             raise ConfigError(where, [ConfigIssue(key, message)]) from None
-        raise KeelError(f"cannot bind {host}:{port}: {exc}") from None
+        raise KeelError(f"cannot bind {shown}: {exc}") from None
     sock.listen(2048)
     return sock  # not inheritable (Python's default): workers must not hold keel's port
 
@@ -366,8 +371,9 @@ def _admission_text(role: RoleConfig) -> str:
     model takes (it falls back to one, or one is loaded in its place)."""
     at_once = role.concurrency()
     text = f"{at_once} at once"
-    if at_once > LOCAL_CONCURRENCY:
-        text += f" ({LOCAL_CONCURRENCY} at a local model)"
+    slots = [p.parallelism for p in role.chain() if isinstance(p, LocalModelConfig)]
+    if at_once > (at_local := local_concurrency(max(slots, default=0))):
+        text += f" ({at_local} at a local model)"
     return f"{text}, then {role.queue_size} waiting up to {role.queue_timeout:g} s, then 429"
 
 

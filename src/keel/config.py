@@ -1099,6 +1099,20 @@ class Paths:
         return self.root / "index"
 
 
+def _not_a_directory(root: Path) -> str:
+    """Why ``root``, or a part of its path, is no directory (mkdir names ``root`` either
+    way: a file up the path and a link to nothing were both "it is a file")."""
+    fix = "set KEEL_ROOT to a directory (keel creates it)"
+    for part in (root, *root.parents):
+        if part.is_symlink() and not part.exists():
+            return f"{part} is a symbolic link to nothing ({os.readlink(part)}): {fix}, or mend it"
+        if part.exists() and not part.is_dir():
+            if part == root:
+                return f"it is a file, not a directory: {fix}"
+            return f"a part of its path, {part}, is a file, not a directory: {fix}, or move it"
+    return f"it is not a directory: {fix}"
+
+
 def _root_fix(root: Path, exc: OSError) -> str:
     """Why ``root`` cannot be used, from ``exc``, and what to do about it."""
     code = exc.errno
@@ -1114,13 +1128,8 @@ def _root_fix(root: Path, exc: OSError) -> str:
             f"the user keel runs as (uid {os.geteuid()}) cannot enter or write it "
             f"({exc.strerror}): give it access, or set KEEL_ROOT to a directory it can write"
         )
-    if code in (errno.ENOTDIR, errno.EEXIST) and exc.filename == str(root):
-        return "it is a file, not a directory: set KEEL_ROOT to a directory (keel creates it)"
     if code in (errno.ENOTDIR, errno.EEXIST):
-        return (
-            f"a part of the path is a file, not a directory ({exc.strerror}): set "
-            "KEEL_ROOT to a directory (keel creates it), or move the file"
-        )
+        return _not_a_directory(root)
     return f"{exc.strerror or exc}: set KEEL_ROOT to a directory keel can write"
 
 

@@ -161,3 +161,15 @@ def test_a_nearly_full_root_is_said_before_serving(tmp_path: Path) -> None:
     doctor = run(on_tmpfs([*KEEL, "doctor", "--port", "1"], root, "size=64k", 32), root)
     assert doctor.returncode == 78, doctor.stdout + doctor.stderr
     assert "its disk is full" in doctor.stdout
+
+
+def test_a_root_behind_a_file_or_a_dangling_link_is_named_as_such(tmp_path: Path) -> None:
+    """Both read "it is a file, not a directory", of a path that was neither."""
+    (tmp_path / "notes.toml").write_text("")
+    behind = tmp_path / "notes.toml" / "sub" / "keel"
+    served = keel(["serve", "--port", "1"], behind)
+    assert_one_line_78(served, f"a part of its path, {tmp_path / 'notes.toml'}, is a file")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    served = keel(["serve", "--port", "1"], link)
+    assert_one_line_78(served, f"{link} is a symbolic link to nothing ({tmp_path / 'gone'})")

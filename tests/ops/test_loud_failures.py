@@ -67,6 +67,11 @@ def test_an_address_this_machine_lacks_is_a_config_error_not_a_crash(tmp_path: P
     doctor = keel_cli("doctor", "--host", "192.0.2.1", env=env)
     assert doctor.returncode == 78, doctor.stdout + doctor.stderr
     assert "192.0.2.1 is no address of this machine" in doctor.stdout
+    # a link-local IPv6 address without its interface: exit 1, "[Errno 22] Invalid argument"
+    link_local = keel_cli("serve", "--host", "fe80::1", "--port", "8080", env=env)
+    assert link_local.returncode == 78, link_local.stderr
+    assert "a link-local address needs its interface: fe80::1%eth0" in link_local.stderr
+    assert "cannot bind [fe80::1]:8080" in link_local.stderr
     # a name no resolver knows: it exited 1 without naming the setting
     unknown = "keel-host.invalid"  # .invalid never resolves (RFC 6761)
     named = keel_cli("serve", "--host", unknown, "--port", "8080", env=env)
