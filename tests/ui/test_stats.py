@@ -79,6 +79,21 @@ def test_minutes_count_requests_errors_and_completion_latency() -> None:
     assert [m["requests"] for m in stats.series()] == [0, 0, 0]
 
 
+def test_a_wall_clock_stepped_back_draws_the_minutes_from_then_on() -> None:
+    """The minutes kept were in a future the chart reached only once the clock did: an
+    hour back, every request landed in the newest kept minute and nothing was drawn."""
+    clock = Clock(36_000.0)
+    stats = RequestStats(window_minutes=5, clock=clock)
+    stats.record(role="completion", status=200, seconds=0.1)
+    clock.now -= 3600
+    stats.record(role="completion", status=200, seconds=0.2)
+    drawn = [minute for minute in stats.series() if minute["requests"]]
+    assert len(drawn) == 1 and drawn[0]["requests"] == 1, stats.series()
+    clock.now += 0.5  # a step back within the minute changes nothing
+    stats.record(role="completion", status=200, seconds=0.2)
+    assert sum(minute["requests"] for minute in stats.series()) == 2
+
+
 def test_memory_stays_bounded_under_load() -> None:
     clock = Clock(0.0)
     stats = RequestStats(window_minutes=2, samples_per_minute=50, clock=clock, rng=random.Random(1))

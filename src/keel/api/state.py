@@ -62,6 +62,8 @@ class AppState:
     shared_keys: SharedKeys | None = None
     """The keys kept in Redis (with ``redis``), followed for the process's life."""
     started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    """For the uptime: a wall clock stepped back an hour made it -3,590 s."""
 
     deep_health: DeepHealth = field(default_factory=DeepHealth)
     stats: RequestStats = field(default_factory=RequestStats)

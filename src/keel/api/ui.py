@@ -151,7 +151,7 @@ async def stats(request: Request) -> dict[str, object]:
     return {
         "now": now,
         "providers": state.routing.snapshot(),
-        "uptime_seconds": round(now - state.started_at, 1),
+        "uptime_seconds": round(time.monotonic() - state.started, 1),
         "series": state.stats.series(),
         "summary": state.stats.summary(),
         "acceptance": await state.acceptance.get(acceptance),

@@ -94,6 +94,10 @@ class RequestStats:
 
     def _minute(self, now: float) -> Minute:
         start = now - now % BUCKET_SECONDS
+        if self._minutes and self._minutes[-1].start > start + BUCKET_SECONDS:
+            # The wall clock stepped back: the minutes kept are in a future the window
+            # only reaches once the clock does (an hour back drew nothing for an hour).
+            self._minutes.clear()
         if not self._minutes or self._minutes[-1].start < start:
             self._minutes.append(Minute(start))
         return self._minutes[-1]
