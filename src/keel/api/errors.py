@@ -291,6 +291,31 @@ async def read_model(request: Request, model: type[ModelT]) -> ModelT:
     return parse_model(model, await read_json(request))
 
 
+def no_route(path: str) -> str:
+    """A 404's message: where the client meant to go, where keel can tell from the path
+    (a real client's mistake or an API keel does not serve), else the API's document."""
+    parts = [part for part in path.split("/") if part]
+    if len(parts) >= 2 and parts[0] == parts[1]:
+        base = f"/{parts[0]}"
+        return (
+            f"no such route: the path begins {base}{base}, as when a base URL that ends in"
+            f" {base} gets the client's own {base} too; drop one {base} from the client's"
+            f" base URL (the route is {path.split(base, 1)[1]})"
+        )
+    if "responses" in parts[:2]:
+        return (
+            "keel does not serve OpenAI's Responses API: send the conversation to POST"
+            " /v1/chat/completions (the openai SDK's chat.completions.create)"
+        )
+    if parts[-2:] == ["fim", "completions"]:
+        return (
+            "keel serves fill-in-the-middle at POST /v1/completions, the text before the"
+            " cursor as prompt and after it as suffix (as this route's body has them);"
+            " or at llama.cpp's POST /infill"
+        )
+    return "no such route; see GET /docs for the API"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def keel_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, KeelError)
@@ -309,7 +334,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
-            return error_response(NotFound("no such route; see GET /docs for the API"))
+            return error_response(NotFound(no_route(request.url.path)))
         allowed = allowed_methods(request) if exc.status_code == 405 else []
         message = str(exc.detail)
         if allowed:  # it said "Method Not Allowed" alone
