@@ -63,15 +63,25 @@ def test_empty_suggestions_are_not_kept_and_places_are_bounded() -> None:
 def test_the_cache_is_bounded_by_the_text_it_holds() -> None:
     """Bounded by count alone, requests with 4 MB of prefix and suffix grew keel past
     2.7 GB: the places used longest ago go, then a place's oldest suggestions."""
-    cache = TypedCache(max_chars=10_000)
+    cache = TypedCache(max_bytes=10_000)
     big = "x" * 3_000
     for n in range(5):
         cache.put((f"file{n}",), suggestion(big + str(n), "text", suffix=""))
-    assert cache.chars <= 10_000
+    assert cache.bytes <= 10_000
     assert not cache.holds(("file0",), big + "0", "") and cache.holds(("file4",), big + "4", "")
     for n in range(5):
         cache.put(PLACE, suggestion(big + f"p{n}", "text", suffix=""))
-    assert cache.chars <= 10_000 and cache.holds(PLACE, big + "p4", "")
+    assert cache.bytes <= 10_000 and cache.holds(PLACE, big + "p4", "")
+
+
+def test_the_bound_is_memory_not_characters() -> None:
+    """One emoji makes Python keep a whole prefix at four bytes a character: a cap of
+    characters held ~250 MiB where it meant 64."""
+    cache = TypedCache(max_bytes=30_000)
+    for n in range(5):  # 3,000 characters each, ~12 KB each in memory
+        cache.put((f"file{n}",), suggestion("😀" + "x" * 3_000 + str(n), "text", suffix=""))
+    assert cache.bytes <= 30_000
+    assert not cache.holds(("file2",), "😀" + "x" * 3_000 + "2", "")
 
 
 async def test_a_request_joins_a_flight_it_extends_by_produced_text() -> None:

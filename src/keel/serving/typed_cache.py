@@ -22,6 +22,7 @@ the built prompt, so it holds across keel's window moves and snippet choices.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -60,26 +61,28 @@ class Suggestion:
         return self.text[typed:] if typed or self.ahead else None
 
 
-CACHED_TEXT = 64 * 2**20
-"""Characters of prefix and suffix the cache holds in all (the places longest unused go
-first): bounded by count alone, 4 MB prefixes and suffixes grew keel past 2.7 GB."""
+CACHED_BYTES = 64 * 2**20
+"""Memory the cache's prefixes and suffixes take in all (the places longest unused go
+first): bounded by count alone, 4 MB prefixes and suffixes grew keel past 2.7 GB; by
+characters, a prefix with one emoji in it (four bytes a character in Python) held
+~250 MiB."""
 
 
 def _size(suggestions: list[Suggestion]) -> int:
-    return sum(len(s.prefix) + len(s.suffix) for s in suggestions)
+    return sum(sys.getsizeof(s.prefix) + sys.getsizeof(s.suffix) for s in suggestions)
 
 
 class TypedCache:
     """The last ``per_place`` non-empty suggestions of the last ``places`` places, in at
-    most ``max_chars`` of their prefixes and suffixes."""
+    most ``max_bytes`` of their prefixes and suffixes."""
 
     def __init__(
-        self, *, places: int = 256, per_place: int = 16, max_chars: int = CACHED_TEXT
+        self, *, places: int = 256, per_place: int = 16, max_bytes: int = CACHED_BYTES
     ) -> None:
         self.places = places
         self.per_place = per_place
-        self.max_chars = max_chars
-        self.chars = 0
+        self.max_bytes = max_bytes
+        self.bytes = 0
         """What the kept suggestions' prefixes and suffixes add up to."""
         self._entries: OrderedDict[Place, list[Suggestion]] = OrderedDict()
 
@@ -88,19 +91,19 @@ class TypedCache:
             return
         entries = self._entries.setdefault(place, [])
         self._entries.move_to_end(place)
-        self.chars -= _size(entries)
+        self.bytes -= _size(entries)
         entries[:] = [
             e for e in entries if (e.prefix, e.suffix) != (suggestion.prefix, suggestion.suffix)
         ]
         entries.append(suggestion)
         del entries[: -self.per_place]
-        self.chars += _size(entries)
+        self.bytes += _size(entries)
         while len(self._entries) > self.places or (
-            self.chars > self.max_chars and len(self._entries) > 1
+            self.bytes > self.max_bytes and len(self._entries) > 1
         ):
-            self.chars -= _size(self._entries.popitem(last=False)[1])
-        while self.chars > self.max_chars and len(entries) > 1:  # one place, still too much
-            self.chars -= _size([entries.pop(0)])
+            self.bytes -= _size(self._entries.popitem(last=False)[1])
+        while self.bytes > self.max_bytes and len(entries) > 1:  # one place, still too much
+            self.bytes -= _size([entries.pop(0)])
 
     def rest(self, place: Place, prefix: str, suffix: str) -> tuple[str, Suggestion] | None:
         """The rest of the suggestion ``prefix`` typed through, and that suggestion;
