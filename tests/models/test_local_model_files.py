@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from keel.config import Paths
+from keel.errors import MissingDependency
 from keel.models.registry import list_model_files, resolve_model
 from keel.models.tabby_registry import lookup
 from tests.forked import run_keel
@@ -74,3 +75,26 @@ def test_the_registrys_chat_and_embedding_models_are_known_by_name() -> None:
         entry = lookup(f"TabbyML/{name}")
         assert entry is not None and entry.name == name, name
         assert entry.filename.endswith(".gguf") and len(entry.sha256) == 64, entry
+
+
+def test_a_directory_or_a_file_url_says_what_model_id_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model_id = "root/models"`` (a directory) said "or pull it: keel models pull
+    root/models"; a file:// URL, only "not found"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "root/models").mkdir(parents=True)
+    paths = Paths(tmp_path / "keel")
+    with pytest.raises(MissingDependency) as directory:
+        resolve_model("root/models", paths)
+    said = directory.value.message
+    assert said.startswith(f"model 'root/models' is a directory ({tmp_path / 'root/models'})")
+    assert "a .gguf file, or a Tabby model directory with its weights in ggml/" in said
+    assert "keel models pull" not in said
+    model = tmp_path / "root/models/a b.gguf"
+    url = "file://" + str(model).replace(" ", "%20")
+    with pytest.raises(MissingDependency) as as_url:
+        resolve_model(url, paths)
+    assert as_url.value.message == (
+        f"model {url!r} is a URL, where model_id takes a path: write {str(model)!r}"
+    )

@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from keel.config import EMBEDDED_MODEL_ID, Paths
 from keel.errors import MissingDependency
@@ -75,11 +76,33 @@ def resolve_model(model_id: str, paths: Paths) -> Path:
     for candidate in candidates:
         if _is_file(candidate):
             return candidate
+    if (wrong := _not_a_model_path(model_id, given)) is not None:
+        raise MissingDependency(wrong)
     pullable = _pullable(model_id) or lookup(model_id) is not None
     pull = f"; or pull it: keel models pull {model_id}" if pullable else ""
     raise MissingDependency(
         f"model {model_id!r} not found: looked for {', '.join(str(c) for c in candidates)}; "
         f"put a .gguf file in {paths.models_dir} or give its path{pull}"
+    )
+
+
+def _not_a_model_path(model_id: str, given: Path) -> str | None:
+    """What is wrong with a ``model_id`` that names something other than a model: a
+    directory with no weights in its ``ggml/``, or a ``file://`` URL (both were "not
+    found", with a ``keel models pull`` of the directory's name that pulled nothing)."""
+    if model_id.lower().startswith("file:"):
+        path = unquote(urlsplit(model_id).path)
+        return f"model {model_id!r} is a URL, where model_id takes a path: write {path!r}"
+    try:
+        is_directory = given.is_dir()
+    except (OSError, ValueError):
+        return None
+    if not is_directory:
+        return None
+    return (
+        f"model {model_id!r} is a directory ({given.absolute()}) with no model in it: "
+        "model_id takes a .gguf file, or a Tabby model directory with its weights in ggml/ "
+        f"({', '.join(TABBY_WEIGHTS)})"
     )
 
 
