@@ -209,7 +209,7 @@ class ModelManager:
         try:
             path = resolve_model(model_name, self.paths)
         except MissingDependency as exc:
-            raise NotFound(exc.message) from None
+            raise NotFound(exc.message, param="model_name") from None
         try:
             gguf.read_metadata(path)
             tabby_prompt_template(path)
@@ -231,7 +231,7 @@ class ModelManager:
                 path = resolve_model(candidate, self.paths)
             except MissingDependency as exc:
                 if candidate == model_name:
-                    raise NotFound(exc.message) from None
+                    raise NotFound(exc.message, param="model_name") from None
                 continue
             if local_worker_spec(role, config, path) in running:
                 return candidate, path, f"{candidate} runs already with these settings: shared"
