@@ -398,9 +398,10 @@ def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:
     for where, provider in local_tables(settings):
         for index, fallback in enumerate(provider.fallback_models):  # passed over unsaid
             try:
-                resolve_model(fallback, paths)
-            except MissingDependency as exc:
-                said = f"{exc.message} (a load short of memory would pass over it)"
+                read_metadata(resolve_model(fallback, paths))  # missing, or no GGUF file
+            except (MissingDependency, OSError) as exc:
+                why = exc.message if isinstance(exc, MissingDependency) else f"unreadable: {exc}"
+                said = f"{why} (a load short of memory would pass over it)"
                 issues.append(ConfigIssue(f"{where}.fallback_models[{index}]", said))
         key = f"{where}.model_id"
         try:

@@ -4,6 +4,8 @@ the setting takes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from keel.config import (
@@ -15,6 +17,7 @@ from keel.config import (
 )
 from keel.errors import ConfigError
 from keel.workers.worker import PREFILL_BATCH
+from tests.conftest import keel_cli
 
 
 def issues(raw: dict[str, object]) -> dict[str, str]:
@@ -52,3 +55,20 @@ def test_a_suggested_value_is_one_the_setting_takes() -> None:
 def test_a_local_role_admits_as_many_as_its_slots_by_default() -> None:
     assert RoleConfig(local=LocalModelConfig(parallelism=12)).concurrency() == 12
     assert RoleConfig(local=LocalModelConfig(parallelism=2)).concurrency() == LOCAL_CONCURRENCY
+
+
+def test_config_check_warns_of_a_fallback_model_that_is_no_gguf_file(tmp_path: Path) -> None:
+    """It warned of a missing fallback model, and not of one that is no model at all:
+    a load short of memory passes over both."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/notes.gguf").write_text("not a model\n")
+    config = tmp_path / "config.toml"
+    config.write_text('[model.completion.local]\nfallback_models = ["notes", "gone"]\n')
+    env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    checked = keel_cli("config", "check", str(config), env=env)
+    assert checked.returncode == 0, checked.stderr
+    key = "model.completion.local.fallback_models"
+    assert f"warning: {key}[0]: {tmp_path / 'models/notes.gguf'}: not a GGUF file" in (
+        checked.stderr
+    )
+    assert f"warning: {key}[1]: model 'gone' not found" in checked.stderr
