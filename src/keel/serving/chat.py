@@ -150,7 +150,8 @@ class ChatServing:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**envelope([choice]), "object": "chat.completion.chunk"}
 
-        def head() -> list[dict[str, object]]:
+        def head() -> list[dict[str, object]]:  # the first piece is in: its provider known
+            note_provider(http, generated.provider)
             envelope.served(generated.provider, call.reported)
             return [chunk({"role": "assistant", "content": ""}, None)]
 
@@ -163,11 +164,9 @@ class ChatServing:
                 )
             return last
 
-        response = await stream_response(
+        return await stream_response(
             pieces,
             head=head,
             chunk=lambda piece: chunk(delta(piece), None),
             tail=tail,
         )
-        note_provider(http, generated.provider)
-        return response

@@ -413,18 +413,17 @@ class CompletionServing:
                 last.append(envelope([], usage=generated.usage()))
             return last
 
-        def head() -> list[dict[str, object]]:
+        def head() -> list[dict[str, object]]:  # the first piece is in: its provider known
+            note_provider(http, generated.provider)
             envelope.served(generated.provider, reported)
             return []
 
-        response = await stream_response(
+        return await stream_response(
             pieces,
             head=head,
             chunk=lambda text: envelope(choice(text, None)),
             tail=tail,
         )
-        note_provider(http, generated.provider)
-        return response
 
 
 def _openai_call(

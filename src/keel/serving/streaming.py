@@ -4,6 +4,14 @@ The first piece is awaited before the response starts, so a provider that
 fails before producing anything gets a real HTTP error status. A failure
 after text was sent ends the stream with an error event in OpenAI's form,
 then ``[DONE]``; the upstream stream is always closed, which cancels its work.
+
+A generation stream with nothing to send for :data:`HEARTBEAT_SECONDS` (a long
+prefill, a queue for admission, a stall between pieces) sends an SSE comment,
+``: keep-alive``, committing the 200 first if no piece came yet: a reverse proxy's
+read timeout (nginx's ``proxy_read_timeout``, 60 s) cut a stream whose first token
+took longer, a 504 at the proxy. A failure after such a commit is the stream's
+error event and ``[DONE]``, as a failure mid-way is. The stream's one timer (the
+write-stall check) sees to it: nothing more a piece.
 """
 
 from __future__ import annotations
@@ -54,6 +62,14 @@ write)."""
 CLOSING_WRITE_SECONDS = 0.5
 """How long the closing event of a stream keel's stop cuts short may wait on its client
 (less than :data:`keel.ops.server.END_MARGIN`)."""
+
+HEARTBEAT_SECONDS = 15.0
+"""How long a generation stream may send nothing before it sends ``: keep-alive`` (and
+commits its 200, if no piece came yet): well within a reverse proxy's read timeout
+(nginx's default 60 s, Cloudflare's 100 s)."""
+
+KEEP_ALIVE: Message = {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+"""The heartbeat: an SSE comment, which clients skip."""
 
 ABORT = "keel.abort"
 """The scope's ``extensions`` key of a callable that drops the connection at once
@@ -110,7 +126,9 @@ class EventStream(Response):
         own too: two warnings for one stalled stream, and the access line said no why)."""
         self.status_code = 200
         self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # no-store: the answer is private code, as every answer of keel's (no-cache let a
+        # cache keep it)
+        self.init_headers({"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -134,15 +152,10 @@ class EventStream(Response):
                 task.cancel("client disconnected")
 
         watcher = asyncio.get_running_loop().create_task(watch())
-        write = _Writes(send, drop)
+        start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+        write = _Writes(send, drop, start, beats=self.progress is None)
         try:
-            # watched as the body is: behind answers a pipelining client never read, the
-            # start waited for ever, holding the request's admission slot and its upstream
-            await write.message(
-                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            )
-            async for chunk in self.chunks:
-                await write(chunk, True)
+            await self._chunks(write)
             done = True
             await write(b"", False)
         except asyncio.CancelledError as exc:
@@ -150,7 +163,7 @@ class EventStream(Response):
                 self.failed = 499
                 if task.uncancel() > 0:
                     raise
-            elif STOPPING in exc.args and task.uncancel() == 0:
+            elif STOPPING in exc.args and write.started and task.uncancel() == 0:
                 log.warning("stream cut short: %s", STOPPING)
                 self.failed = stopped().status_code
                 done = True
@@ -161,6 +174,11 @@ class EventStream(Response):
                     drop()
             else:
                 raise
+        except Exception as exc:  # before its first piece, after a heartbeat's commit
+            if not write.started:
+                raise  # answered with its own status
+            done = True
+            await write(self._failing(exc), False)
         finally:
             if self.failed is not None:
                 state = scope.setdefault("state", {})
@@ -171,11 +189,32 @@ class EventStream(Response):
             watcher.cancel()
             await self.close()  # left mid-way: the generation is closed now
 
+    async def _chunks(self, write: _Writes) -> None:
+        """The first chunk before the 200 (a failure before it has its own status), unless
+        a heartbeat committed it; then the others. The start is watched as the body is:
+        behind answers a pipelining client never read, it waited for ever, holding the
+        request's admission slot and its upstream."""
+        first = await anext(self.chunks, b"")
+        await write.begin()
+        if first:
+            await write(first, True)
+        async for chunk in self.chunks:
+            await write(chunk, True)
+
     async def close(self) -> None:
         """Close the chunks, and what is behind them though none was asked for."""
         await self.chunks.aclose()
         if self.release is not None:
             await self.release()
+
+    def _failing(self, exc: Exception) -> bytes:
+        """The last event of a stream failed before its first piece, once a heartbeat
+        committed its 200."""
+        if not isinstance(exc, KeelError):
+            log.exception("stream ended by an unexpected error", exc_info=exc)
+            exc = internal_error()
+        self.failed, self.why = exc.status_code, f"{type(exc).__name__}: {exc.message}"
+        return sse(exc.to_body()) + DONE
 
     def _closing(self) -> bytes:
         """The last event of a stream keel's stop cuts short."""
@@ -185,33 +224,61 @@ class EventStream(Response):
 
 
 class _Writes:
-    """A stream's body writes, watched: one stuck on a client that takes none of it for
-    :data:`WRITE_STALL_SECONDS` calls ``drop`` (one timer a stream, not one a write)."""
+    """A stream's writes, watched by one timer a stream (not one a write): a write stuck
+    on a client that takes none of it for :data:`WRITE_STALL_SECONDS` calls ``drop``;
+    with ``beats``, :data:`HEARTBEAT_SECONDS` without a write send ``: keep-alive`` (the
+    ``start`` first, if not sent)."""
 
-    def __init__(self, send: Send, drop: Callable[[], None]) -> None:
-        self.send, self.drop = send, drop
+    def __init__(
+        self, send: Send, drop: Callable[[], None], start: Message, *, beats: bool
+    ) -> None:
+        self.send, self.drop, self.start, self.beats = send, drop, start, beats
+        self.started = False
         self.loop = asyncio.get_running_loop()
         self.since: float | None = None
         """When the write under way began (None: none is)."""
-        self.checker = self.loop.call_later(STALL_CHECK_SECONDS, self.look)
+        self.last = self.loop.time()
+        """When the last write began (the stream, before any)."""
+        self.beating: asyncio.Task[None] | None = None
+        self.every = min(STALL_CHECK_SECONDS, HEARTBEAT_SECONDS)
+        self.checker = self.loop.call_later(self.every, self.look)
+
+    async def begin(self) -> None:
+        """The 200 and its headers, once."""
+        if not self.started:
+            self.started = True
+            await self.message(self.start)
 
     async def __call__(self, body: bytes, more: bool) -> None:
+        if self.beating is not None:  # its writes go first
+            await self.beating
+            self.beating = None
         await self.message({"type": "http.response.body", "body": body, "more_body": more})
 
     async def message(self, message: Message) -> None:
-        self.since = self.loop.time()
+        self.since = self.last = self.loop.time()
         await self.send(message)
         self.since = None
 
     def look(self) -> None:
-        if self.since is not None and self.loop.time() - self.since >= WRITE_STALL_SECONDS:
+        now = self.loop.time()
+        if self.since is not None and now - self.since >= WRITE_STALL_SECONDS:
             log.warning("a client took none of its stream for %.0f s: dropped", WRITE_STALL_SECONDS)
             self.drop()
             return
-        self.checker = self.loop.call_later(STALL_CHECK_SECONDS, self.look)
+        quiet = self.since is None and now - self.last >= HEARTBEAT_SECONDS
+        if self.beats and quiet and (self.beating is None or self.beating.done()):
+            self.beating = self.loop.create_task(self.beat())
+        self.checker = self.loop.call_later(self.every, self.look)
+
+    async def beat(self) -> None:
+        await self.begin()
+        await self.message(KEEP_ALIVE)
 
     def close(self) -> None:
         self.checker.cancel()
+        if self.beating is not None:
+            self.beating.cancel()
 
 
 async def stream_response(
@@ -225,19 +292,19 @@ async def stream_response(
     provider that serves is known then), one ``chunk(text)`` per piece, then the
     events ``tail()`` gives once the pieces are done (finish reason, usage). The head
     goes out with the first piece and the tail with ``[DONE]``: fewer writes, the same
-    events. The stream has no time limit as a whole: the client asked for its length,
+    events. The first piece is awaited as the response is sent (see
+    :class:`EventStream`): a failure before it is raised, to be answered with its own
+    status. The stream has no time limit as a whole: the client asked for its length,
     and the router holds the backend to its first-token and stall limits.
     """
     iterator = aiter(pieces)
-    try:
-        first: str | None = await anext(iterator)
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
-        await close_stream(pieces)
-        raise
 
     async def events() -> AsyncGenerator[bytes, None]:
+        try:
+            first = await anext(iterator, None)
+        except BaseException:
+            await close_stream(pieces)
+            raise
         opening = b""
         try:
             opening = b"".join([sse(event) for event in head()])
