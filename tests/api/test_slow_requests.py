@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from tests.api.conftest import USER, Backends, build_app, listening
 
@@ -136,3 +137,25 @@ def test_connections_leave_each_one_a_backend_socket_and_keel_its_own() -> None:
         taken = max_connections(limit)
         assert taken * FD_HEADROOM + OWN_FDS <= max(limit, 8 * FD_HEADROOM + OWN_FDS)
     assert max_connections(1024) == 480
+
+
+async def test_a_body_too_slow_is_counted_as_its_408(port: int) -> None:
+    """It was answered 408 and counted (metrics, access log) as the client's 499."""
+    body = json.dumps({"input": "hello", "model": "x"}).encode()
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(request(body)[: -len(body) // 2])
+            return answer_to(client)
+
+    answer = await asyncio.to_thread(run)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"x-request-id: " in answer and b"cache-control: no-store" in answer
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        for _ in range(50):  # counted as the app's request ends (the connection's close)
+            metrics = (await http.get("/metrics", headers=USER)).text
+            if 'route="/v1/embeddings",status="408"' in metrics:
+                break
+            await asyncio.sleep(0.1)
+    assert 'route="/v1/embeddings",status="408"' in metrics
+    assert 'status="499"' not in metrics

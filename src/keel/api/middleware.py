@@ -383,7 +383,8 @@ class KeelMiddleware:
             provider=provider,
         )
         if status >= 400:  # refusals and failures reach the log, with the request id
-            _log_line(scope, state, status, begun=status != response.status, seconds=seconds)
+            begun = response.started and status != response.status  # (a body refused: not)
+            _log_line(scope, state, status, begun=begun, seconds=seconds)
 
 
 PROBES = frozenset({"/ready", "/health/deep"})

@@ -28,15 +28,23 @@ A request must also arrive, head and body, within :data:`REQUEST_SECONDS` of its
 byte (a 408), and connections past :attr:`HeadLimitedProtocol.max_connections` are turned
 away with a 503: uvicorn has neither, and held connections took every file descriptor.
 One timer a request, armed as it begins and cancelled as it ends.
+
+A request the parser refuses (:func:`malformed`) is answered as a refusal too: keel's
+shape, naming what was wrong, after the answers before it; uvicorn wrote a plain-text
+400 at once and closed, losing a pipelined request's answer. Every refusal is counted by
+status and code (``keel_http_refusals_total``) and logged by ``keel.http``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
-from typing import Any, Final, cast
+import uuid
+from typing import Any, Final, NamedTuple, cast
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -45,7 +53,10 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from keel.errors import KeelError, RequestError, Unavailable
 from keel.serving import streaming
-from keel.serving.streaming import ABORT
+from keel.serving.lifecycle import FAILURE_KEY
+from keel.serving.streaming import ABORT, OUTCOME
+
+log = logging.getLogger("keel.http")
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 """The request line and headers, CRLFs included. nginx allows four 8 KiB header lines,
@@ -76,35 +87,103 @@ REFUSED: Final = -3
 """``_head`` after a refusal: nothing more is parsed."""
 
 
-def _refusal(code: str, message: str, error: type[KeelError] = RequestError) -> bytes:
-    """The body of a refusal: keel's one error shape."""
-    return json.dumps(error(message, code=code).to_body()).encode()
+class Refusal(NamedTuple):
+    """An answer of the HTTP layer's own, before (or instead of) the app's."""
+
+    status: int
+    code: str
+    body: bytes
+    """keel's one error shape."""
 
 
-TOO_LARGE: Final = _refusal(
+def refusal(status: int, code: str, message: str, error: type[KeelError] = RequestError) -> Refusal:
+    return Refusal(status, code, json.dumps(error(message, code=code).to_body()).encode())
+
+
+TOO_LARGE: Final = refusal(
+    431,
     "request_headers_too_large",
     f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB, the most keel "
     "reads; send fewer or shorter headers (cookies, a long token)",
 )
-TOO_MANY: Final = _refusal(
+TOO_MANY: Final = refusal(
+    431,
     "too_many_headers",
     f"the request has over {MAX_HEADERS} headers, the most keel reads; send fewer",
 )
-TOO_SLOW: Final = _refusal(
+TOO_SLOW: Final = refusal(
+    408,
     "request_timeout",
     f"the request did not arrive within {REQUEST_SECONDS:.0f} s of its first byte; send "
     "it whole, at once",
 )
-TOO_MANY_CONNECTIONS: Final = _refusal(
+TOO_MANY_CONNECTIONS: Final = refusal(
+    503,
     "too_many_connections",
     "keel has as many connections open as it takes; retry shortly",
     Unavailable,
 )
-URL_TOO_LONG: Final = _refusal(
+URL_TOO_LONG: Final = refusal(
+    414,
     "uri_too_long",
     f"the URL is over {MAX_HEAD_BYTES // 1024} KiB with the headers, the most keel reads; "
     "send the data in a request body",
 )
+PLAIN_HTTP = "keel speaks HTTP/1.1 (and 1.0) in plain text on this port"
+
+
+def malformed(error: Exception, data: bytes, fresh: bool) -> Refusal:
+    """The answer to a request the parser refused (llhttp's reason in ``error``):
+    ``data`` is the bytes read last, ``fresh`` that the request began them."""
+    reason = str(error)
+    if fresh and data[:1] == b"\x16":  # a TLS record: a ClientHello
+        return refusal(
+            400,
+            "tls_not_supported",
+            f"{PLAIN_HTTP}, not TLS: call it with http://, or put a "
+            "proxy that ends TLS (nginx, Caddy) in front",
+        )
+    if fresh and data.startswith(b"PRI * HTTP/2"):  # h2c with prior knowledge
+        return refusal(505, "http2_not_supported", f"{PLAIN_HTTP}, not HTTP/2: send HTTP/1.1")
+    if isinstance(error, httptools.HttpParserInvalidMethodError):
+        method = data.partition(b" ")[0] if fresh else b""
+        if method.isalpha() and method.isupper() and len(method) <= 32:
+            return refusal(
+                501,
+                "method_not_implemented",
+                f"keel knows no method {method.decode()}: it serves GET, HEAD, POST and OPTIONS",
+            )
+        if not fresh:  # what followed a request's end is no request line
+            return refusal(
+                400,
+                "invalid_request_line",
+                "the bytes after a request's end begin no "
+                "request: is its Content-Length shorter than its body? Send the body's length",
+            )
+    if reason.startswith("Invalid") and reason.endswith("version"):
+        return refusal(505, "http_version_not_supported", f"{PLAIN_HTTP}: send HTTP/1.1")
+    if "Content-Length" in reason or "Transfer-Encoding" in reason:
+        advice = (
+            "send one Content-Length, the body's size in bytes, or 'Transfer-Encoding: "
+            "chunked' alone"
+        )
+        return refusal(
+            400, "invalid_body_length", f"the request's body length is unclear ({reason}): {advice}"
+        )
+    if "chunk" in reason:
+        return refusal(
+            400,
+            "invalid_chunked_body",
+            f"the chunked body is malformed ({reason}): send "
+            "each chunk's size in hexadecimal, a CRLF, the chunk and a CRLF, then '0'",
+        )
+    return refusal(
+        400,
+        "invalid_http",
+        f"the request is not valid HTTP/1.1 ({reason}): send each "
+        "header as 'Name: value' (no space before the colon, no folded lines, no control "
+        "characters), every line ending in CRLF",
+    )
 
 
 class CloseDelimitedCycle(RequestResponseCycle):
@@ -154,6 +233,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     held connections used them all, and keel could answer no one (nor reach a model)."""
     refused: int = 0
     """Connections turned away so far (``keel_connections_refused_total``)."""
+    refusals: dict[tuple[int, str], int] = {}  # noqa: RUF012 - counted for the process
+    """Answers of this layer's own so far, by status and code
+    (``keel_http_refusals_total``)."""
     _said_at: float = -60.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -161,15 +243,16 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if len(self.connections) > self.max_connections:
             self._head = REFUSED
             HeadLimitedProtocol.refused += 1
+            _count(TOO_MANY_CONNECTIONS)
             if self.loop.time() - HeadLimitedProtocol._said_at >= 10:  # a line per 10 s
                 HeadLimitedProtocol._said_at = self.loop.time()
-                self.logger.warning(
+                log.warning(
                     "connection refused (503 too_many_connections): %d open, the most keel "
                     "takes with its open-file limit; %d refused since keel started",
                     len(self.connections) - 1,
                     HeadLimitedProtocol.refused,
                 )
-            self._refusal = self._answer(503, TOO_MANY_CONNECTIONS, b"retry-after: 1\r\n")
+            self._refusal = self._answer(TOO_MANY_CONNECTIONS, b"retry-after: 1\r\n")
             transport.write(self._refusal)
             transport.close()
             return
@@ -200,7 +283,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def _takes_nothing(self) -> None:
         self._stalled = None
-        self.logger.warning(
+        log.warning(
             "a client took none of its answer for %.0f s: its connection is closed",
             streaming.WRITE_STALL_SECONDS,
         )
@@ -212,20 +295,15 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self._head == REFUSED or self.transport.is_closing():
             return
         if self._head != BODY:  # a head (or nothing yet): answered in turn
-            self._refuse(408, TOO_SLOW, f"request not in within {REQUEST_SECONDS:.0f} s")
-            return
-        # A body: the app waits on it (it sees the client leave as the connection closes).
-        self._head = REFUSED
-        self.logger.warning("request refused with 408: its body took over %.0f s", REQUEST_SECONDS)
-        if self.cycle is not None and not self.cycle.response_started:
-            self.transport.write(self._answer(408, TOO_SLOW))
-        self.transport.close()
+            self._refuse(TOO_SLOW, f"request not in within {REQUEST_SECONDS:.0f} s")
+        else:  # a body: the app waits on it
+            self._refuse_body(TOO_SLOW, f"its body took over {REQUEST_SECONDS:.0f} s")
 
     def data_received(self, data: bytes) -> None:
         head = self._head
         if head < 0:
             if head == BODY:
-                HttpToolsProtocol.data_received(self, data)
+                self._feed(data, fresh=False)
                 return
             if head == REFUSED:
                 self._linger(len(data))
@@ -233,27 +311,49 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             head = self._head = 0  # ENDED: the last chunk ended a request, this one a head
         room = MAX_HEAD_BYTES - head
         if len(data) <= room:
-            HttpToolsProtocol.data_received(self, data)
+            self._feed(data, fresh=head == 0)
             if self._head >= 0:  # the chunk ended inside the head: all of it was head
                 self._head += len(data)
                 if self.headers is not None and len(self.headers) > MAX_HEADERS:
-                    self._refuse(431, TOO_MANY, f"over {MAX_HEADERS} headers")
+                    self._refuse(TOO_MANY, f"over {MAX_HEADERS} headers")
             return
         # The head ends within the room left, or it is over the limit: parse up to there.
         # (uvicorn passes the bytes to httptools, which takes any buffer: no copies.)
         view = cast(bytes, memoryview(data))
-        HttpToolsProtocol.data_received(self, view[:room])
+        self._feed(view[:room], fresh=head == 0)
         if self._head >= 0:  # no end within the limit
             if 2 * len(getattr(self, "url", b"")) > MAX_HEAD_BYTES:  # the URL is most of it
-                self._refuse(414, URL_TOO_LONG, f"URL over {MAX_HEAD_BYTES // 2} bytes")
+                self._refuse(URL_TOO_LONG, f"URL over {MAX_HEAD_BYTES // 2} bytes")
             else:
-                self._refuse(431, TOO_LARGE, f"head over {MAX_HEAD_BYTES} bytes")
+                self._refuse(TOO_LARGE, f"head over {MAX_HEAD_BYTES} bytes")
         elif (
             self._head != REFUSED
             and not self.transport.is_closing()
             and self.transport.get_protocol() is self  # not upgraded to a websocket
         ):
-            HttpToolsProtocol.data_received(self, view[room:])
+            self._feed(view[room:], fresh=False)
+
+    def _feed(self, data: bytes, *, fresh: bool) -> None:
+        """uvicorn's ``data_received``, with a malformed request answered in keel's shape
+        after the answers before it (uvicorn wrote its plain-text 400 at once and closed
+        the connection: a pipelined request's answer before it was lost) and an upgrade
+        keel does not take left unsaid (``curl --http2`` asks for h2c on every request,
+        served over HTTP/1.1: a warning each). ``fresh``: a request began ``data``."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+        except httptools.HttpParserError as exc:
+            if self._head == REFUSED:  # a refusal's raise: answered already
+                return
+            fresh = fresh and self._head >= 0  # no request ended within ``data``
+            answer = malformed(exc, bytes(data[:64]), fresh)
+            if self._head == BODY:  # in the body of the request being read
+                self._refuse_body(answer, str(exc))
+            else:
+                self._refuse(answer, str(exc))
 
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)
@@ -265,11 +365,14 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head = BODY
         if len(self.headers) > MAX_HEADERS:
-            self._refuse(431, TOO_MANY, f"over {MAX_HEADERS} headers")
+            self._refuse(TOO_MANY, f"over {MAX_HEADERS} headers")
             raise RequestError("too many headers")  # stops the parser; answered already
         HttpToolsProtocol.on_headers_complete(self)
         if self.scope.get("http_version") == "1.0" and self.cycle is not None:
             self.cycle.__class__ = CloseDelimitedCycle
+            # no interim answer to a 1.0 client, which cannot read one (RFC 9110 15.2):
+            # its Expect: 100-continue is ignored, it sends its body regardless
+            self.cycle.waiting_for_100_continue = False
 
     def on_message_complete(self) -> None:
         self._head = ENDED
@@ -278,35 +381,68 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             self._deadline = None
         HttpToolsProtocol.on_message_complete(self)
 
-    def send_400_response(self, msg: str) -> None:
-        if self._head != REFUSED:  # a refusal's raise reaches uvicorn as a parser error
-            HttpToolsProtocol.send_400_response(self, msg)
-
-    def _refuse(self, status: int, body: bytes, reason: str) -> None:
-        """Answer ``status`` with ``body`` once the answers before it are written, end the
-        connection's writing and drop what the client still sends."""
-        self._head = REFUSED
-        client = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
-        self.logger.warning("%srequest refused with %d: %s", client, status, reason)
-        self._refusal = self._answer(status, body)
+    def _refuse(self, answer: Refusal, reason: str) -> None:
+        """Answer ``answer`` once the answers before it are written, end the connection's
+        writing and drop what the client still sends."""
+        self._refusing(answer, reason)
         cycle = self.cycle  # the last request before this one (pipelined ones run in turn)
         if cycle is not None and not cycle.response_complete:
             cycle.on_response = self._after_last_answer
         else:
             self._send_refusal()
 
-    def _answer(self, status: int, body: bytes, extra: bytes = b"") -> bytes:
+    def _refuse_body(self, answer: Refusal, reason: str) -> None:
+        """Refuse the request whose body is being read, in place of the app's answer."""
+        self._refusing(answer, reason)
+        cycle = self.cycle
+        state = cycle.scope.setdefault("state", {})  # the request counted with this status
+        state[OUTCOME], state[FAILURE_KEY] = answer.status, reason
+        if self.pipeline and self.pipeline[0][0] is cycle:  # not begun: answered in turn
+
+            async def refused(scope: Any, receive: Any, send: Any) -> None:
+                cycle.disconnected = True  # the app's answer is this
+                self._send_refusal()
+
+            self.pipeline[0] = (cycle, refused)
+        elif not cycle.response_started:
+            cycle.disconnected = True  # the app's answer, if it comes, goes nowhere
+            cycle.message_event.set()  # its wait for the body ends
+            self._send_refusal()
+        elif cycle.response_complete:
+            self.transport.close()
+        else:
+            cycle.keep_alive = False  # answered already: closed once it is written
+
+    def _refusing(self, answer: Refusal, reason: str) -> None:
+        """Note a refusal: its count, its log line, its answer."""
+        self._head = REFUSED
+        _count(answer)
+        request_id = uuid.uuid4().hex
+        client = f"{self.client[0]}:{self.client[1]} " if self.client else ""
+        log.info(
+            "%srequest refused with %d %s: %s (request id %s)",
+            client,
+            answer.status,
+            answer.code,
+            reason,
+            request_id,
+        )
+        extra = b"x-request-id: %s\r\n" % request_id.encode()
+        self._refusal = self._answer(answer, extra)
+
+    def _answer(self, answer: Refusal, extra: bytes = b"") -> bytes:
         """A whole answer that closes the connection, status line to body."""
-        content = [STATUS_LINE[status]]
+        content = [STATUS_LINE[answer.status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend(
             [
                 b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(body),
+                b"content-length: %d\r\n" % len(answer.body),
+                b"cache-control: no-store\r\n",
                 extra,
                 b"connection: close\r\n\r\n",
-                body,
+                answer.body,
             ]
         )
         return b"".join(content)
@@ -327,3 +463,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._dropped += size
         if self._dropped > LINGER_BYTES:
             self.transport.close()
+
+
+def _count(answer: Refusal) -> None:
+    key = (answer.status, answer.code)
+    HeadLimitedProtocol.refusals[key] = HeadLimitedProtocol.refusals.get(key, 0) + 1

@@ -136,6 +136,17 @@ class _ProviderCollector(Collector):
         )
         refused.add_metric([], HeadLimitedProtocol.refused)
         yield refused
+        http_refusals = CounterMetricFamily(
+            "keel_http_refusals",
+            "Answers of keel's HTTP layer, before or instead of a route's: a head too "
+            "large (431) or too slow (408), a malformed request (400, 501, 505), too many "
+            "connections (503). A request whose body was refused is in "
+            "keel_requests_total too, with this status.",
+            labels=["status", "code"],
+        )
+        for (answered, code), times in sorted(HeadLimitedProtocol.refusals.items()):
+            http_refusals.add_metric([str(answered), code], times)
+        yield http_refusals
         restarts = CounterMetricFamily(
             "keel_worker_restarts",
             "Times a local model worker process was restarted after it died.",
