@@ -655,8 +655,8 @@ class ServerConfig(_Section):
         default_factory=lambda: list(LOCAL_ORIGINS),
         description="Web pages that may call keel from a browser (a chat UI, a playground): "
         'origins such as "https://chat.example.com"; one without a port allows all its '
-        'ports, "*" allows any page. The default allows pages served from this '
-        "machine; [] allows none.",
+        'ports, "https://*.example.com" its subdomains, "*" any page. The default allows '
+        "pages served from this machine; [] allows none.",
     )
     shutdown_grace_seconds: float = Field(
         30.0,
@@ -677,13 +677,24 @@ class ServerConfig(_Section):
     @field_validator("cors_allowed_origins")
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
+        """Origins as browsers send them: a default port (https's 443, http's 80) is left
+        out ("https://vscode.dev:443" never matched "https://vscode.dev"), and a "*." may
+        begin a host (a browser editor's web extensions call from one subdomain each); a
+        "*" anywhere else could never match, and is refused."""
+        origins = []
         for origin in value:
-            if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+            if origin != "*" and not re.fullmatch(
+                r"[a-z][a-z0-9+.-]*://(\*\.)?[^/\s*]+", origin.lower()
+            ):
                 raise ValueError(
                     f"{origin!r} is not an origin: send scheme://host[:port] with no path "
-                    '(e.g. "https://chat.example.com"), or "*" for any page'
+                    '(e.g. "https://chat.example.com"; "https://*.example.com" for its '
+                    'subdomains), or "*" for any page'
                 )
-        return value
+            scheme, _, rest = origin.lower().partition("://")
+            default = {"https": ":443", "http": ":80"}.get(scheme, "")
+            origins.append(origin if not default else origin.removesuffix(default))
+        return origins
 
 
 class LanguageConfig(_Section):

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute
 from keel.api.middleware import ROLE_BY_ROUTE
 from keel.api.state import app_state
 from keel.auth import Access, Identity, is_loopback
-from keel.errors import AuthenticationError, Forbidden, RateLimited
+from keel.errors import AuthenticationError, Forbidden, RateLimited, RequestError
 from keel.providers.base import CACHE_FIGURES_SHOWN
 from keel.serving.lifecycle import KEY_LIMITED
 
@@ -148,6 +148,13 @@ def _addressed_to_loopback(request: Request) -> None:
     if _loopback_named(request):
         return
     host = request.headers.get("host", "")
+    if not host:  # an HTTP/1.0 request may have none: it was a 403 "not to ''"
+        raise RequestError(
+            "the request has no Host header: this keel has no keys, so it answers only "
+            "requests addressed to localhost, 127.0.0.1, [::1] or 0.0.0.0; send "
+            "'Host: localhost'",
+            code="missing_host",
+        )
     raise Forbidden(
         f"this keel has no keys, so it answers only requests addressed to localhost, "
         f"127.0.0.1, [::1] or 0.0.0.0, not to {host!r} (a page pointing its own name at "

@@ -393,4 +393,7 @@ def allowed_methods(request: Request) -> list[str]:
     matching = (
         route for route in request.app.routes if route.matches(request.scope)[0] is not Match.NONE
     )
-    return sorted({method for route in matching for method in getattr(route, "methods", ()) or ()})
+    methods = {method for route in matching for method in getattr(route, "methods", ()) or ()}
+    if "GET" in methods:  # keel serves HEAD wherever it serves GET (keel.api.middleware)
+        methods.add("HEAD")
+    return sorted(methods)

@@ -51,7 +51,14 @@ from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, 
 
 from keel.api.errors import error_response
 from keel.config import Role
-from keel.errors import Forbidden, PayloadTooLarge, failed
+from keel.errors import (
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+    UnsupportedEncoding,
+    failed,
+)
 from keel.ops.logging import request_id
 from keel.serving.lifecycle import FAILURE_KEY, KEY_LIMITED, PROVIDER_KEY, header_text
 from keel.serving.streaming import OUTCOME, STOPPING, stopped
@@ -99,12 +106,25 @@ class CorsPolicy:
 
     def __init__(self, allowed: Sequence[str]) -> None:
         self.any = "*" in allowed
-        self.allowed = {origin.lower() for origin in allowed}
+        self.allowed = {origin.lower() for origin in allowed if "://*." not in origin}
+        self.subdomains = tuple(  # "https://*.example.com": ("https://", ".example.com")
+            (scheme + "://", "." + rest[2:])
+            for scheme, _, rest in (origin.lower().partition("://") for origin in allowed)
+            if rest.startswith("*.")
+        )
 
     def allows(self, origin: str) -> bool:
-        """An origin listed as sent, or listed without its port (all its ports)."""
+        """An origin listed as sent, or listed without its port (all its ports), or a
+        subdomain of one listed as ``scheme://*.domain`` (with its port, or any)."""
         origin = origin.lower()
-        return self.any or origin in self.allowed or _PORT.sub("", origin) in self.allowed
+        if self.any or origin in self.allowed:
+            return True
+        bare = _PORT.sub("", origin)
+        return bare in self.allowed or any(
+            sent.startswith(scheme) and sent.endswith(domain)
+            for scheme, domain in self.subdomains
+            for sent in (origin, bare)
+        )
 
     def welcomes(self, origin: str, host: bytes) -> bool:
         """Whether a request a page at ``origin`` sent is served: an allowed origin's, or
@@ -238,6 +258,8 @@ class KeelMiddleware:
         given: str | None = None
         origin: str | None = None
         host = b""
+        hosts = 0
+        coded = False  # a Transfer-Encoding other than chunked alone (gzip, chunked)
         waits = False  # Expect: 100-continue, the body not sent until keel says so
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
@@ -249,8 +271,11 @@ class KeelMiddleware:
                 origin = value.decode("latin-1")
             elif name == b"host":
                 host = value
-            elif name == b"expect":
-                waits = value.lower() == b"100-continue"
+                hosts += 1
+            elif name == b"expect":  # (a 1.0 client is sent no 100: it sends its body)
+                waits = value.lower() == b"100-continue" and scope["http_version"] != "1.0"
+            elif name == b"transfer-encoding":
+                coded = value.strip().lower() != b"chunked"
         current = given or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = current
@@ -265,7 +290,11 @@ class KeelMiddleware:
         token = request_id.set(current)
         served = scope
         try:
-            if origin is not None and scope["method"] == "OPTIONS":
+            if hosts != 1 and (hosts or scope["http_version"] != "1.0") or coded:
+                await error_response(_unframed(hosts, coded))(scope, receive, response)
+            elif "//" in scope["path"]:
+                await error_response(_doubled_slash(scope["path"]))(scope, receive, response)
+            elif origin is not None and scope["method"] == "OPTIONS":
                 await self.cors.preflight(origin, scope)(scope, receive, response)
             elif origin is not None and not self.cors.welcomes(origin, host):
                 await self.cors.refusal(origin)(scope, receive, response)
@@ -385,6 +414,35 @@ class KeelMiddleware:
         if status >= 400:  # refusals and failures reach the log, with the request id
             begun = response.started and status != response.status  # (a body refused: not)
             _log_line(scope, state, status, begun=begun, seconds=seconds)
+
+
+def _unframed(hosts: int, coded: bool) -> RequestError:
+    """Why a request whose Host or Transfer-Encoding keel cannot take is refused: two
+    Hosts were judged apart (the loopback check read the first, the CORS check the last),
+    none was a 403 "not to ''", and a gzip body read as plain JSON."""
+    if coded:
+        return UnsupportedEncoding(
+            "the request body is compressed (a Transfer-Encoding other than chunked), which "
+            "keel does not read; send it uncompressed, with Transfer-Encoding: chunked alone "
+            "or a Content-Length"
+        )
+    if hosts:
+        return RequestError(
+            "the request has more than one Host header; send one", code="invalid_host"
+        )
+    return RequestError(
+        "the request has no Host header, which HTTP/1.1 requires; send one naming the "
+        "address keel is called at (Host: localhost:8080)",
+        code="missing_host",
+    )
+
+
+def _doubled_slash(path: str) -> NotFound:
+    return NotFound(
+        f"no such route: the path {path[:200]} has a doubled slash, as when a base URL that "
+        "ends in a slash gets the client's own path after it; drop the trailing slash of "
+        "the client's base URL"
+    )
 
 
 PROBES = frozenset({"/ready", "/health/deep"})
