@@ -193,7 +193,10 @@ class EventStream(Response):
         """The first chunk before the 200 (a failure before it has its own status), unless
         a heartbeat committed it; then the others. The start is watched as the body is:
         behind answers a pipelining client never read, it waited for ever, holding the
-        request's admission slot and its upstream."""
+        request's admission slot and its upstream. A progress stream's 200 goes first, as
+        its errors are events of its own (and its clients read no heartbeat)."""
+        if self.progress is not None:
+            await write.begin()
         first = await anext(self.chunks, b"")
         await write.begin()
         if first:
