@@ -82,6 +82,9 @@ class Attempt:
         self.first_piece_after: float | None = None
         self.queued = False
         """Waiting for one of its engine's slots (see :data:`SLOT_WAIT`)."""
+        self.slot_waited = 0.0
+        """Seconds it has waited for one of them, the wait under way included."""
+        self._slot_since: float | None = None
         self._attempts = attempts
         self._watch: _Watchdog | None = None
         self._delay = delay
@@ -182,9 +185,26 @@ class Attempt:
         completions of 1,200 tokens on the embedded model's 2 slots: 504s after 60 s,
         the engine's last_error, and its breaker a few more from open)."""
         self.queued = waiting
+        now = self._attempts.router.clock()
+        if waiting and self._slot_since is None:
+            self._slot_since = now
+        elif not waiting and self._slot_since is not None:
+            self.slot_waited += now - self._slot_since
+            self._slot_since = None
         if not waiting and self.produced == 0 and self._watch is not None:
             self._deadline = asyncio.get_running_loop().time() + self.endpoint.timeouts.first_token
             self._watch.wait_until(self._deadline)
+
+    @property
+    def held_by_load(self) -> bool:
+        """Waiting for one of its engine's slots, or having waited for one half its time or
+        more: a request deadline that ends it is its engine's load, not its failure. One
+        user's three long prompts held the embedded model's slots; a colleague's completion
+        got one with a second of its 30 left, ran out in the prompt, and was counted a
+        timeout of the engine's: it was routed around, and /ready said unusable."""
+        if self.queued:
+            return True
+        return self.slot_waited * 2 >= self._attempts.router.clock() - self._started > 0
 
     def _busy(self) -> Overloaded:
         return Overloaded(
@@ -231,9 +251,10 @@ class Attempts:
         return None if self._current is None else self._current.endpoint.name
 
     @property
-    def waiting_for_slot(self) -> bool:
-        """The latest attempt waits for one of its engine's slots (:data:`SLOT_WAIT`)."""
-        return self._current is not None and self._current.queued
+    def held_by_load(self) -> bool:
+        """The latest attempt waits, or waited most of its time, for one of its engine's
+        slots (:attr:`Attempt.held_by_load`)."""
+        return self._current is not None and self._current.held_by_load
 
     def __aiter__(self) -> Attempts:
         return self
@@ -289,9 +310,9 @@ class Attempts:
     def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
         """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on)."""
         endpoint = attempt.endpoint
-        if isinstance(error, asyncio.CancelledError) and past_deadline() and attempt.queued:
-            # it never had a slot: its engine busy with others is load, not its failure
-            # (a burst of 12 completions opened the embedded model's breaker)
+        if isinstance(error, asyncio.CancelledError) and past_deadline() and attempt.held_by_load:
+            # it had no slot, or one only late: its engine busy with others is load, not its
+            # failure (a burst of 12 completions opened the embedded model's breaker)
             endpoint.breaker.record_ignored()
             self.router.events.rejected(self.router.role, "engine_busy")
             return False

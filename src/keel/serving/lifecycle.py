@@ -116,11 +116,11 @@ async def total_timeout(seconds: float, role: str) -> AsyncIterator[None]:
     except TimeoutError:
         trial = TRIAL.get()
         provider = trial.trying if trial is not None else None
-        if trial is not None and trial.waiting_for_slot:  # never started: the engine's load
+        if trial is not None and trial.held_by_load:  # no slot, or one late: engine's load
             busy = Overloaded(
-                f"{provider}: every slot of its engine stayed busy for the whole "
-                f"completion_timeout ({seconds:g}s), and the request never started; retry "
-                "shortly",
+                f"{provider}: every slot of its engine stayed busy for most of the "
+                f"completion_timeout ({seconds:g}s), and the request never started or too "
+                "late to finish; retry shortly",
                 retry_after=1.0,
             )
             busy.provider = provider
