@@ -87,3 +87,26 @@ def test_requests_that_wait_for_a_slot_take_it_in_the_order_they_came() -> None:
         leave.cancel()
         older.set()
         pool.wake()
+
+
+def test_a_chat_stays_held_while_completions_keep_coming(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Held 30 s at most: one user's eight chats each took the kept slot after 30 s, and
+    a colleague's typing waited 13 s and more behind them."""
+    monkeypatch.setattr(worker, "HOLD_LIMIT", 1.0)  # gaps of typing well within it
+    pool = _SlotPool(2)
+    pool.release(pool.acquire("def f(", threading.Event())[0])  # a completion was served
+    running, _, _ = pool.acquire("chat one", threading.Event(), chat=True)
+    got: list[tuple[int | None, bool, float]] = []
+    chat = threading.Thread(
+        target=lambda: got.append(pool.acquire("chat two", threading.Event(), chat=True))
+    )
+    chat.start()
+    for n in range(6):  # someone types: a completion every 0.1 s, for twice the limit
+        chat.join(0.1)
+        assert chat.is_alive(), f"the chat took the kept slot while completions came ({n})"
+        pool.release(pool.acquire(f"def f{n}(", threading.Event())[0])
+    chat.join(5)  # typing stopped: the kept slot is the chat's once the limit has passed
+    [(slot, held, waited)] = got
+    assert held and slot != running and waited >= 0.6 + 1.0

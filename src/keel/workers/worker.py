@@ -258,9 +258,13 @@ SUPERSEDE_GAIN = 256
 COMPLETIONS_RECENT = 600.0
 """Seconds after a completion during which chats leave a slot to completions."""
 HOLD_LIMIT = 30.0
-"""Seconds a chat waits at most for that reason: half keel's first-token limit for a local
-model (60 s), so a chat held behind a long answer of a slow model is late, never failed
-(the embedded model's longest answer, a full 2,048-token context, takes ~30 s)."""
+"""Seconds a chat waits for that reason once no completion has come (from its arrival or
+the last completion, whichever is later): half keel's first-token limit for a local model
+(60 s), so a chat held behind a long answer of a slow model is late, never failed (the
+embedded model's longest answer, a full 2,048-token context, takes ~30 s). While someone
+types it waits on: one user's eight chats took the kept slot after 30 s each, and a
+colleague's completions waited 13 s and more behind them (a chat held to keel's
+first-token limit is a 429, the engine's load)."""
 
 
 class _SlotPool:
@@ -282,9 +286,9 @@ class _SlotPool:
     seconds), chats leave one slot to them: a chat answer runs for seconds (until the
     model stops, if the client set no limit), and with every slot answering chats a
     keystroke's completion waited for one to end (measured, two chats on the default
-    two slots: 4.4 s against 0.18 s idle). A chat that waits for that reason (at most
-    :data:`HOLD_LIMIT`) is ``held``; an engine that serves only chats, or has one slot,
-    holds none.
+    two slots: 4.4 s against 0.18 s idle). A chat that waits for that reason (until
+    :data:`HOLD_LIMIT` has passed with no completion) is ``held``; an engine that serves
+    only chats, or has one slot, holds none.
 
     Requests that found no slot take the slots that free in the order they came: every
     waiter wakes when a slot frees, and whichever ran first took it, so under load one
@@ -358,7 +362,7 @@ class _SlotPool:
             running = [
                 i for i, holder in enumerate(self._holders) if holder and not holder.is_set()
             ]
-            hold = arrived + HOLD_LIMIT - time.monotonic()
+            hold = max(arrived, self._completed_at) + HOLD_LIMIT - time.monotonic()
             if chat and hold > 0 and self._kept_for_completions(running):
                 held = True
                 self._waiting.discard(turn)  # held: completions go before it, not after
