@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from keel.errors import Overloaded
-from keel.router.admission import Admission, Superseder
+from keel.router.admission import CALLER, Admission, Superseder
 
 
 async def hold(admission: Admission, release: asyncio.Event, entered: list[int], n: int) -> None:
@@ -205,3 +205,39 @@ async def test_superseder_cancels_only_the_requests_the_new_one_carries_on_from(
     for task in (theirs, next_keystroke):
         task.cancel()
     await asyncio.gather(theirs, next_keystroke, return_exceptions=True)
+
+
+async def test_a_freed_slot_goes_to_the_waiting_key_running_fewest() -> None:
+    """One key's sixteen completions queued ahead of a colleague's keystroke, which waited
+    for all of them first (p50 10 s, two of three a 429). A key's own requests keep
+    their order, and a cancelled waiter gives its turn on."""
+    admission = Admission("completion", max_concurrent=2, queue_size=16, queue_timeout=5.0)
+    releases = {n: asyncio.Event() for n in range(8)}
+    entered: list[int] = []
+
+    def as_caller(key: str, n: int) -> asyncio.Task[None]:
+        CALLER.set(key)  # the task copies the context as it is now
+        return asyncio.create_task(hold(admission, releases[n], entered, n))
+
+    flood = [as_caller("key-a", n) for n in range(5)]  # 0 and 1 run, 2-4 wait
+    await settle()
+    gone = as_caller("key-b", 5)
+    colleague = as_caller("key-b", 6)
+    await settle()
+    assert entered == [0, 1] and admission.waiting == 5
+    assert admission.snapshot()["running_by_key"] == {"key-a": 2}
+    gone.cancel()  # a waiter that leaves: its turn goes on
+    await settle()
+    releases[0].set()
+    await settle()
+    assert entered == [0, 1, 6]  # key-b ran none: its request goes before key-a's
+    assert admission.snapshot()["running_by_key"] == {"key-a": 1, "key-b": 1}
+    releases[1].set()
+    releases[6].set()
+    await settle()
+    assert entered == [0, 1, 6, 2, 3]  # key-a's own, in the order they came
+    for event in releases.values():
+        event.set()
+    await asyncio.gather(*flood, colleague, return_exceptions=True)
+    assert entered == [0, 1, 6, 2, 3, 4]
+    assert (admission.active, admission.waiting) == (0, 0) and not admission._running

@@ -24,6 +24,7 @@ from keel.api.state import app_state
 from keel.auth import Access, Identity, is_loopback
 from keel.errors import AuthenticationError, Forbidden, RateLimited, RequestError
 from keel.providers.base import CACHE_FIGURES_SHOWN
+from keel.router.admission import CALLER
 from keel.serving.lifecycle import KEY_LIMITED
 
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
@@ -109,6 +110,7 @@ class Require:
             )
             raise Forbidden(reason)
         request.state.key_id = identity.key_id
+        CALLER.set(identity.key_id)  # a freed slot goes to the caller running fewest
         CACHE_FIGURES_SHOWN.set(not state.shared_by_several())
         limiter = state.rate_limiter
         # Model work is limited; the status page, a metrics scrape and the editor's

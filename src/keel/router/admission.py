@@ -10,9 +10,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from keel.errors import Overloaded
+
+CALLER: ContextVar[str | None] = ContextVar("keel_caller", default=None)
+"""Whose request this is (its key's id; None without keys): a slot that frees goes to
+the waiting caller with the fewest running (:meth:`Admission.slot`)."""
 
 
 class AdmissionEvents(Protocol):
@@ -41,7 +46,10 @@ class Admission:
         self.max_concurrent = max_concurrent
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._waiters: list[tuple[str | None, asyncio.Future[None]]] = []
+        """The requests waiting for a slot, oldest first, with their callers."""
+        self._running: dict[str | None, int] = {}
+        """The slots each caller holds."""
         self.active = 0
         self.waiting = 0
         self.rejected = 0
@@ -121,31 +129,60 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._slots.locked():
-            await self._queue()
-        else:
-            await self._slots.acquire()  # free: no wait, no timer
+        """One of the ``max_concurrent`` slots, at once or after a wait in the queue. A slot
+        that frees goes to the waiting caller (:data:`CALLER`) with the fewest slots, the
+        oldest of its requests first: one key's sixteen completions queued ahead of a
+        colleague's keystroke, which waited for all of them (p50 10 s, 2 of 3 a 429)."""
+        caller = CALLER.get()
+        if self.active >= self.max_concurrent or self._waiters:
+            await self._queue(caller)
         self.active += 1
+        self._running[caller] = self._running.get(caller, 0) + 1
         try:
             yield
         finally:
             self.active -= 1
-            self._slots.release()
+            if (left := self._running[caller] - 1) > 0:
+                self._running[caller] = left
+            else:
+                del self._running[caller]
+            self._hand_on()
 
-    async def _queue(self) -> None:
+    def _hand_on(self) -> None:
+        """A free slot to the next waiter: of the callers waiting, the one running fewest."""
+        while self._waiters and self.active < self.max_concurrent:
+            running = self._running.get
+            chosen = min(range(len(self._waiters)), key=lambda i: running(self._waiters[i][0], 0))
+            _, waiter = self._waiters.pop(chosen)
+            if not waiter.done():
+                waiter.set_result(None)
+                self.active += 1  # held for it: taken over (or given back) as it wakes
+                return
+
+    async def _queue(self, caller: str | None) -> None:
         """Wait for a slot, within the queue's size and time."""
         if self.waiting >= self.queue_size:
             raise self._reject("queue full", "queue_full")
         self.waiting += 1
         self._report()
         started = time.monotonic()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((caller, waiter))
         try:
             async with asyncio.timeout(self.queue_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise self._reject(
-                f"no slot within {self.queue_timeout:.0f}s", "queue_timeout"
-            ) from None
+                await waiter
+            self.active -= 1  # the slot held for it, taken over by slot()
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():  # handed a slot as it left
+                self.active -= 1
+                self._hand_on()
+            else:
+                self._waiters = [entry for entry in self._waiters if entry[1] is not waiter]
+            if isinstance(exc, TimeoutError):
+                raise self._reject(
+                    f"no slot within {self.queue_timeout:.0f}s", "queue_timeout"
+                ) from None
+            raise
         finally:
             self.waiting -= 1
             self._report()
@@ -162,6 +199,11 @@ class Admission:
             depth = root.waiting + sum(gate.waiting for gate in root.gates.values())
             self.events.queue_depth(root.role, depth)
 
+    def _by_key(self) -> dict[str, int]:
+        """The slots each key holds, most first: who the others wait behind."""
+        held = [(n, key) for key, n in self._running.items() if key is not None]
+        return {key: n for n, key in sorted(held, reverse=True)}
+
     def snapshot(self) -> dict[str, object]:
         gates = {name: gate.snapshot() for name, gate in self.gates.items()}
         return {
@@ -174,6 +216,7 @@ class Admission:
             "queue_wait_seconds": round(self.queue_wait_seconds, 3),
             "degraded": self.degraded,
             **({"gates": gates} if gates else {}),
+            **({"running_by_key": by_key} if (by_key := self._by_key()) else {}),
         }
 
 

@@ -90,6 +90,11 @@ class GateAdmission(BaseModel):
     queued: int
     queue_wait_seconds: float
     degraded: int
+    running_by_key: dict[str, int] | None = Field(
+        None,
+        description="The slots each key holds now, most first (with keys configured): who "
+        "the others wait behind. A slot that frees goes to the waiting key running fewest.",
+    )
 
 
 class RoleAdmission(GateAdmission):
