@@ -21,7 +21,7 @@ async def client(backends: Backends, tmp_path: Path) -> AsyncIterator[httpx.Asyn
     config = (
         "[routing]\nprobe_interval_seconds = 60\nbreaker_consecutive_failures = 100\n"
         f'[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "{primary.url}/v1"\n'
-        'model_name = "big"\nsupported_models = ["big", "mini"]\n'
+        'model_name = "big"\nsupported_models = ["big", "mini", "/models/qwen"]\n'
         f'[[model.chat.fallback]]\nkind = "openai/chat"\napi_endpoint = "{fallback.url}/v1"\n'
         'model_name = "fallback-chat"\n'
         # Completion and embedding from the fakes too: no engine starts for a test of chat.
@@ -79,7 +79,7 @@ async def test_the_listed_models_are_what_tabbys_clients_are_offered(
     client: httpx.AsyncClient,
 ) -> None:
     models = (await client.get("/v1beta/models")).json()
-    assert models["chat"] == ["big", "mini"]
+    assert models["chat"] == ["big", "mini", "/models/qwen"]
 
 
 async def test_the_listed_models_are_in_the_model_list(client: httpx.AsyncClient) -> None:
@@ -89,6 +89,10 @@ async def test_the_listed_models_are_in_the_model_list(client: httpx.AsyncClient
     assert {"big", "mini"} <= set(listed), listed
     one = await client.get("/v1/models/mini")
     assert one.status_code == 200 and one.json()["id"] == "mini", one.text
+    # vLLM started with --model /path names its model by that path: a doubled slash
+    # in the route is the id's, not a base URL's
+    path = await client.get("/v1/models/%2Fmodels%2Fqwen")
+    assert path.status_code == 200 and path.json()["id"] == "/models/qwen", path.text
 
 
 async def test_a_backends_400_names_the_field_it_named(

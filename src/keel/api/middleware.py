@@ -292,7 +292,7 @@ class KeelMiddleware:
         try:
             if hosts != 1 and (hosts or scope["http_version"] != "1.0") or coded:
                 await error_response(_unframed(hosts, coded))(scope, receive, response)
-            elif "//" in scope["path"]:
+            elif scope["path"].startswith("//"):  # a base URL ending in a slash
                 await error_response(_doubled_slash(scope["path"]))(scope, receive, response)
             elif origin is not None and scope["method"] == "OPTIONS":
                 await self.cors.preflight(origin, scope)(scope, receive, response)
