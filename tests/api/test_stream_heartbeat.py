@@ -8,6 +8,7 @@ heartbeat interval (shortened for the test) keel commits the 200 and sends
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +82,30 @@ async def test_a_failure_before_the_interval_has_its_own_status(
     response = await stream(backends, tmp_path)
     assert response.status_code == 400, response.text
     assert "keep-alive" not in response.text
+
+
+async def test_a_heartbeat_commit_names_the_provider_working_on_it(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """Committed before the provider was known, the stream had no X-Keel-Provider."""
+    backends.fallback.behave(Behaviour.slow_first_token(1.0))
+    response = await stream(backends, tmp_path)
+    assert response.text.startswith(": keep-alive\n\n"), response.text[:200]
+    assert response.headers.get("x-keel-provider") == "chat/openai/chat", response.headers
+
+
+async def test_a_stream_waiting_for_admission_keeps_its_429(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """Heartbeats committed the 200 of a stream still queued for a slot: its 429 came as
+    an error event in a 200, Retry-After lost, and clients that back off on a 429 read a
+    success."""
+    backends.fallback.behave(Behaviour.slow_first_token(1.0))
+    config = chat_config(backends) + "[model.chat]\nmax_concurrent = 1\nqueue_timeout = 0.6\n"
+    async with serving(build_app(tmp_path / "keel", config)) as http:
+        first = asyncio.create_task(http.post("/v1/chat/completions", json=BODY, headers=USER))
+        await asyncio.sleep(0.1)  # the first holds the one slot
+        queued = await http.post("/v1/chat/completions", json=BODY, headers=USER)
+        assert (await first).status_code == 200
+    assert queued.status_code == 429, queued.text[:300]
+    assert "retry-after" in queued.headers and "keep-alive" not in queued.text

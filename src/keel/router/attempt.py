@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.errors import KeelError, Overloaded, RequestError, UpstreamStatusError, UpstreamTimeout
-from keel.providers.base import SLOT_WAIT, Provider, piece_count
+from keel.providers.base import SLOT_WAIT, UNDERWAY, Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow, prompt_fits, without_name
 from keel.router.policy import Decision, Failed, default_rules
 
@@ -116,6 +116,8 @@ class Attempt:
             self.endpoint.breaker.record_ignored()
             raise
         self._started = self._attempts.router.clock()
+        if (underway := UNDERWAY.get()) is not None:  # worked on: heartbeats may commit
+            underway.provider, underway.engine_wait = self.endpoint.name, False
         now = asyncio.get_running_loop().time()
         self._deadline = now + self.endpoint.timeouts.first_token
         if self.endpoint.unanswered_since is None:
@@ -129,6 +131,8 @@ class Attempt:
         traceback: TracebackType | None,
     ) -> bool:
         self.endpoint.outstanding -= 1
+        if (underway := UNDERWAY.get()) is not None:
+            underway.provider = None  # the next attempt may wait for its turn first
         if self._gate_slot is not None:
             await self._gate_slot.__aexit__(None, None, None)
         return self._attempts.settle(self, exc, self._attempts.router.clock() - self._started)
@@ -185,6 +189,8 @@ class Attempt:
         completions of 1,200 tokens on the embedded model's 2 slots: 504s after 60 s,
         the engine's last_error, and its breaker a few more from open)."""
         self.queued = waiting
+        if (underway := UNDERWAY.get()) is not None:
+            underway.engine_wait = waiting
         now = self._attempts.router.clock()
         if waiting and self._slot_since is None:
             self._slot_since = now

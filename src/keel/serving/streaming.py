@@ -20,14 +20,15 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from keel import jsoncodec
 from keel.errors import KeelError, Unavailable, internal_error
-from keel.providers.base import close_stream
-from keel.serving.lifecycle import FAILURE_KEY
+from keel.providers.base import UNDERWAY, Underway, close_stream
+from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY
 
 log = logging.getLogger("keel.serving")
 
@@ -153,7 +154,11 @@ class EventStream(Response):
 
         watcher = asyncio.get_running_loop().create_task(watch())
         start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-        write = _Writes(send, drop, start, beats=self.progress is None)
+        underway = None
+        if self.progress is None:  # a generation: its attempts say when it is worked on
+            underway = Underway()
+            UNDERWAY.set(underway)
+        write = _Writes(send, drop, start, underway, scope.setdefault("state", {}))
         try:
             await self._chunks(write)
             done = True
@@ -229,13 +234,20 @@ class EventStream(Response):
 class _Writes:
     """A stream's writes, watched by one timer a stream (not one a write): a write stuck
     on a client that takes none of it for :data:`WRITE_STALL_SECONDS` calls ``drop``;
-    with ``beats``, :data:`HEARTBEAT_SECONDS` without a write send ``: keep-alive`` (the
+    for a generation (``underway``), :data:`HEARTBEAT_SECONDS` without a write send
+    ``: keep-alive`` once a provider works on it (the
     ``start`` first, if not sent)."""
 
     def __init__(
-        self, send: Send, drop: Callable[[], None], start: Message, *, beats: bool
+        self,
+        send: Send,
+        drop: Callable[[], None],
+        start: Message,
+        underway: Underway | None,
+        state: dict[str, Any],
     ) -> None:
-        self.send, self.drop, self.start, self.beats = send, drop, start, beats
+        self.send, self.drop, self.start, self.underway = send, drop, start, underway
+        self.state = state
         self.started = False
         self.loop = asyncio.get_running_loop()
         self.since: float | None = None
@@ -270,11 +282,16 @@ class _Writes:
             self.drop()
             return
         quiet = self.since is None and now - self.last >= HEARTBEAT_SECONDS
-        if self.beats and quiet and (self.beating is None or self.beating.done()):
+        # Before its first piece, only while a provider works on it: waiting for a slot,
+        # its refusal (a 429, Retry-After) is still to come with its own status.
+        beats = self.underway is not None and (self.started or self.underway.working)
+        if beats and quiet and (self.beating is None or self.beating.done()):
             self.beating = self.loop.create_task(self.beat())
         self.checker = self.loop.call_later(self.every, self.look)
 
     async def beat(self) -> None:
+        if not self.started and self.underway is not None:  # X-Keel-Provider: the one on it
+            self.state.setdefault(PROVIDER_KEY, self.underway.provider)
         await self.begin()
         await self.message(KEEP_ALIVE)
 
