@@ -3,9 +3,7 @@ headers missing or doubled, a compressed chunked body, a 405's Allow, a doubled 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import httpx
 import pytest
 from tests.api.conftest import Backends, build_app, listening
 from tests.api.test_cors import keel_with, preflight
+from tests.api.test_malformed_requests import exchange
 
 from keel.errors import ConfigError
 
@@ -51,21 +50,6 @@ def test_a_wildcard_elsewhere_is_refused(backends: Backends, tmp_path: Path) -> 
         build_app(tmp_path / "keel", config)
 
 
-async def raw(url: str, data: bytes) -> bytes:
-    port = int(url.rsplit(":", 1)[1])
-
-    def run() -> bytes:
-        with socket.create_connection(("127.0.0.1", port)) as client:
-            client.settimeout(10)
-            client.sendall(data)
-            received = b""
-            while chunk := client.recv(65536):
-                received += chunk
-            return received
-
-    return await asyncio.to_thread(run)
-
-
 def error_of(received: bytes) -> tuple[int, str, str]:
     head, _, body = received.partition(b"\r\n\r\n")
     error = json.loads(body)["error"]
@@ -80,7 +64,7 @@ async def url(backends: Backends, tmp_path: Path) -> AsyncIterator[str]:
 
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 async def test_a_request_without_host_is_told_to_send_one(url: str, version: str) -> None:
-    received = await raw(
+    received = await exchange(
         url, f"GET /v1/models HTTP/{version}\r\nConnection: close\r\n\r\n".encode()
     )
     status, code, message = error_of(received)
@@ -92,7 +76,7 @@ async def test_two_hosts_are_refused(url: str) -> None:
     data = (
         b"GET /v1/models HTTP/1.1\r\nHost: evil.com\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
-    status, code, _ = error_of(await raw(url, data))
+    status, code, _ = error_of(await exchange(url, data))
     assert (status, code) == (400, "invalid_host")
 
 
@@ -103,7 +87,7 @@ async def test_a_compressed_chunked_body_is_a_415(url: str) -> None:
         b"Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
         b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     )
-    status, code, message = error_of(await raw(url, data))
+    status, code, message = error_of(await exchange(url, data))
     assert (status, code) == (415, "unsupported_encoding")
     assert "compressed" in message
 
@@ -122,6 +106,6 @@ async def test_a_doubled_slash_is_said(url: str) -> None:
         b"POST //v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    status, code, message = error_of(await raw(url, data))
+    status, code, message = error_of(await exchange(url, data))
     assert (status, code) == (404, "not_found")
     assert "doubled slash" in message and "trailing slash" in message

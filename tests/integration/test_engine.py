@@ -482,6 +482,14 @@ async def test_the_engine_ends_an_answer_at_a_new_line_past_its_time_limit(
     assert supervisor.stats.last["finish_reason"] == "length", supervisor.stats.last
 
 
+async def assert_engine_untouched(client: httpx.AsyncClient) -> None:
+    """The completion role's engine: its breaker closed, healthy, no last error."""
+    roles = (await client.get("/v1/providers")).json()["roles"]
+    engine = roles["completion"]["providers"][0]
+    assert engine["breaker"] == "closed" and engine["healthy"], engine
+    assert engine["last_error"] is None, engine
+
+
 async def test_a_completion_given_its_slot_too_late_to_finish_is_load_not_failure(
     tmp_path: Path,
 ) -> None:
@@ -507,10 +515,7 @@ async def test_a_completion_given_its_slot_too_late_to_finish_is_load_not_failur
             assert answer.status_code == 429, answer.text
             said = answer.json()["error"]["message"]
             assert "busy for most of the completion_timeout (4s)" in said, said
-            roles = (await client.get("/v1/providers")).json()["roles"]
-            engine = roles["completion"]["providers"][0]
-            assert engine["breaker"] == "closed" and engine["healthy"], engine
-            assert engine["last_error"] is None, engine
+            await assert_engine_untouched(client)
             assert (await client.get("/ready")).status_code == 200
 
 
@@ -547,10 +552,7 @@ async def test_waiting_behind_long_answers_is_the_engines_load_not_its_failure(
                 error = response.json()["error"]
                 assert error["code"] == "overloaded", error
                 assert "every slot of its engine stayed busy for 2s" in error["message"], error
-            roles = (await client.get("/v1/providers")).json()["roles"]
-            engine = roles["completion"]["providers"][0]
-            assert engine["breaker"] == "closed" and engine["healthy"], engine
-            assert engine["last_error"] is None, engine
+            await assert_engine_untouched(client)
             metrics = (await client.get("/metrics")).text
     refused = 'keel_rejections_total{reason="engine_busy",role="completion"} 3.0'
     assert refused in metrics, [line for line in metrics.splitlines() if "rejections" in line]
