@@ -153,12 +153,8 @@ class EventStream(Response):
                 task.cancel("client disconnected")
 
         watcher = asyncio.get_running_loop().create_task(watch())
-        start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-        underway = None
-        if self.progress is None:  # a generation: its attempts say when it is worked on
-            underway = Underway()
-            UNDERWAY.set(underway)
-        write = _Writes(send, drop, start, underway, scope.setdefault("state", {}))
+        state = scope.setdefault("state", {})
+        write = _Writes(send, drop, self.raw_headers, state, generation=self.progress is None)
         try:
             await self._chunks(write)
             done = True
@@ -186,7 +182,6 @@ class EventStream(Response):
             await write(self._failing(exc), False)
         finally:
             if self.failed is not None:
-                state = scope.setdefault("state", {})
                 state[OUTCOME] = self.failed
                 if self.why is not None:
                     state[FAILURE_KEY] = self.why
@@ -242,12 +237,17 @@ class _Writes:
         self,
         send: Send,
         drop: Callable[[], None],
-        start: Message,
-        underway: Underway | None,
+        headers: list[tuple[bytes, bytes]],
         state: dict[str, Any],
+        *,
+        generation: bool,
     ) -> None:
-        self.send, self.drop, self.start, self.underway = send, drop, start, underway
-        self.state = state
+        self.send, self.drop, self.state = send, drop, state
+        self.start: Message = {"type": "http.response.start", "status": 200, "headers": headers}
+        self.underway: Underway | None = None
+        if generation:  # its attempts say when a provider works on it (this task's context)
+            self.underway = Underway()
+            UNDERWAY.set(self.underway)
         self.started = False
         self.loop = asyncio.get_running_loop()
         self.since: float | None = None
