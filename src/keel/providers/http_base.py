@@ -539,6 +539,8 @@ DRAIN_SECONDS = 0.1
 connection can be reused."""
 
 EndMarker = Callable[[JsonObject], bool]
+Refused = Callable[[UpstreamError], Mapping[str, Any] | None]
+"""Given a backend's refusal of a request, the body to send instead, or None."""
 
 READ_BUFFER = 1 << 18
 """Bytes aiohttp buffers per response; a body line (one SSE event) may be twice that."""
@@ -708,10 +710,16 @@ class HttpUpstream:
         return decode_json(raw, self.provider)
 
     async def _batches(
-        self, path: str, body: Mapping[str, Any], parser: Parser, last: EndMarker | None
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        parser: Parser,
+        last: EndMarker | None,
+        again: Refused | None = None,
     ) -> AsyncGenerator[list[JsonObject], None]:
         """POST ``body`` and yield the answer's payloads, a batch per read, while
-        holding the response open.
+        holding the response open. ``again``: given the backend's refusal, the body to
+        send once more at once instead (None: the refusal stands).
 
         However this ends (the end marker, an exception, a cancellation, the
         consumer closing the generator), :meth:`_finish` settles the connection.
@@ -721,7 +729,14 @@ class HttpUpstream:
             response = await self._post(path, body, self._stream_headers)
             finished = False
             try:
-                await raise_for_status(response, self.provider)
+                try:
+                    await raise_for_status(response, self.provider)
+                except UpstreamError as error:
+                    if again is None or (instead := again(error)) is None:
+                        raise
+                    await self._finish(response, False)
+                    response = await self._post(path, instead, self._stream_headers)
+                    await raise_for_status(response, self.provider)
                 lines = body_line_batches(response.content, self.provider)
                 async with aclosing(payload_batches(lines, parser)) as batches:
                     async for batch in batches:
@@ -752,11 +767,17 @@ class HttpUpstream:
             response.close()
 
     def sse_batches(
-        self, path: str, body: Mapping[str, Any], *, last: EndMarker | None = None
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        last: EndMarker | None = None,
+        again: Refused | None = None,
     ) -> AsyncGenerator[list[JsonObject], None]:
         """JSON payloads of a streamed SSE answer (see :class:`SseJson`), a batch per
-        read. ``last`` tells the answer's final payload (a protocol's own end marker)."""
-        return self._batches(path, body, SseJson(self.provider), last)
+        read. ``last`` tells the answer's final payload (a protocol's own end marker);
+        ``again``: see :meth:`_batches`."""
+        return self._batches(path, body, SseJson(self.provider), last, again)
 
     def ndjson_batches(
         self, path: str, body: Mapping[str, Any], *, last: EndMarker | None = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing
 from typing import Any, Unpack
 
 from keel.errors import UpstreamError, UpstreamProtocolError
@@ -93,28 +92,18 @@ class StreamUsage:
         )
         return True
 
-    async def batches(
+    def batches(
         self, upstream: HttpUpstream, path: str, body: JsonObject, last: EndMarker
     ) -> AsyncGenerator[list[JsonObject], None]:
-        """``upstream``'s SSE batches for ``body``, asked for usage unless refused."""
-        if self.asked and self.refused is None:
-            async with aclosing(
-                upstream.sse_batches(path, {**body, **USAGE_ASKED}, last=last)
-            ) as asked:
-                try:
-                    first = await anext(asked, None)
-                except UpstreamError as error:
-                    if not self.refusal(error):
-                        raise
-                else:
-                    if first is not None:
-                        yield first
-                    async for batch in asked:
-                        yield batch
-                    return
-        async with aclosing(upstream.sse_batches(path, body, last=last)) as plain:
-            async for batch in plain:
-                yield batch
+        """``upstream``'s SSE batches for ``body``, asked for usage unless refused (and
+        then sent ``body`` as it is, at once, by :meth:`HttpUpstream.sse_batches`)."""
+        if not self.asked or self.refused is not None:
+            return upstream.sse_batches(path, body, last=last)
+
+        def again(error: UpstreamError) -> JsonObject | None:
+            return body if self.refusal(error) else None
+
+        return upstream.sse_batches(path, {**body, **USAGE_ASKED}, last=last, again=again)
 
 
 def first_choice(payload: JsonObject, provider: str) -> JsonObject | None:
