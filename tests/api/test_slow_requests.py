@@ -123,11 +123,12 @@ async def test_connections_past_the_cap_are_turned_away(
             for client in held:
                 client.close()
 
-    before = HeadLimitedProtocol.refused
+    key = (503, "too_many_connections")
+    before = HeadLimitedProtocol.refusals.get(key, 0)
     answer = await asyncio.to_thread(run)
     assert answer.startswith(b"HTTP/1.1 503 "), answer
     assert b"retry-after: 1" in answer and b'"code": "too_many_connections"' in answer
-    assert HeadLimitedProtocol.refused == before + 1  # keel_connections_refused_total
+    assert HeadLimitedProtocol.refusals[key] == before + 1  # keel_http_refusals_total
 
 
 def test_connections_leave_each_one_a_backend_socket_and_keel_its_own() -> None:

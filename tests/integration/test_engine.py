@@ -482,6 +482,19 @@ async def test_the_engine_ends_an_answer_at_a_new_line_past_its_time_limit(
     assert supervisor.stats.last["finish_reason"] == "length", supervisor.stats.last
 
 
+@contextlib.asynccontextmanager
+async def holding_the_slot(client: httpx.AsyncClient) -> AsyncIterator[None]:
+    """A long streamed answer in the engine's one slot while the block runs; stopped as it
+    ends."""
+    long = {k: v for k, v in COUNTING.items() if k != "op"}
+    long |= {"max_tokens": 1500, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=long) as streamed:
+        lines = streamed.aiter_lines()
+        while not (await anext(lines)).startswith("data: {"):
+            pass  # the one slot is taken
+        yield
+
+
 async def assert_engine_untouched(client: httpx.AsyncClient) -> None:
     """The completion role's engine: its breaker closed, healthy, no last error."""
     roles = (await client.get("/v1/providers")).json()["roles"]
@@ -500,15 +513,10 @@ async def test_a_completion_given_its_slot_too_late_to_finish_is_load_not_failur
     config += "[server]\ncompletion_timeout = 4\n"
     with running_keel(tmp_path, config) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            long = {k: v for k, v in COUNTING.items() if k != "op"}
-            long |= {"max_tokens": 1500, "stream": True}
             # ~900 tokens to read: seconds on one engine thread, more than it will have left
             prefix = "".join(f"def f{n}(x):\n    return x * {n}\n\n" for n in range(80))
             tabby = {"language": "python", "segments": {"prefix": prefix}}
-            async with client.stream("POST", "/v1/completions", json=long) as streamed:
-                lines = streamed.aiter_lines()
-                while not (await anext(lines)).startswith("data: {"):
-                    pass  # the one slot is taken
+            async with holding_the_slot(client):
                 late = asyncio.create_task(client.post("/v1/completions", json=tabby))
                 await asyncio.sleep(3)  # the slot comes free with about a second left
             answer = await late
@@ -532,12 +540,7 @@ async def test_waiting_behind_long_answers_is_the_engines_load_not_its_failure(
     config += "[server]\ncompletion_timeout = 1\n"
     with running_keel(tmp_path, config) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            long = {k: v for k, v in COUNTING.items() if k != "op"}
-            long |= {"max_tokens": 1500, "stream": True}
-            async with client.stream("POST", "/v1/completions", json=long) as streamed:
-                lines = streamed.aiter_lines()
-                while not (await anext(lines)).startswith("data: {"):
-                    pass  # the one slot is taken
+            async with holding_the_slot(client):
                 short = {"prompt": "def add(a, b):", "max_tokens": 4}
                 tabby = {"language": "python", "segments": {"prefix": "def sub(a, b):\n    "}}
                 waited = await asyncio.gather(

@@ -231,8 +231,6 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     """Connections served at once; one more is answered 503 and closed at once. Set by
     :class:`keel.ops.server.Server` from the file descriptors keel may open: uncapped,
     held connections used them all, and keel could answer no one (nor reach a model)."""
-    refused: int = 0
-    """Connections turned away so far (``keel_connections_refused_total``)."""
     refusals: dict[tuple[int, str], int] = {}  # noqa: RUF012 - counted for the process
     """Answers of this layer's own so far, by status and code
     (``keel_http_refusals_total``)."""
@@ -242,15 +240,14 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         HttpToolsProtocol.connection_made(self, transport)
         if len(self.connections) > self.max_connections:
             self._head = REFUSED
-            HeadLimitedProtocol.refused += 1
-            _count(TOO_MANY_CONNECTIONS)
+            refused = _count(TOO_MANY_CONNECTIONS)
             if self.loop.time() - HeadLimitedProtocol._said_at >= 10:  # a line per 10 s
                 HeadLimitedProtocol._said_at = self.loop.time()
                 log.warning(
                     "connection refused (503 too_many_connections): %d open, the most keel "
                     "takes with its open-file limit; %d refused since keel started",
                     len(self.connections) - 1,
-                    HeadLimitedProtocol.refused,
+                    refused,
                 )
             self._refusal = self._answer(TOO_MANY_CONNECTIONS, b"retry-after: 1\r\n")
             transport.write(self._refusal)
@@ -465,6 +462,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def _count(answer: Refusal) -> None:
+def _count(answer: Refusal) -> int:
+    """Count ``answer`` once more (``keel_http_refusals_total``); how often it was given."""
     key = (answer.status, answer.code)
-    HeadLimitedProtocol.refusals[key] = HeadLimitedProtocol.refusals.get(key, 0) + 1
+    times = HeadLimitedProtocol.refusals[key] = HeadLimitedProtocol.refusals.get(key, 0) + 1
+    return times

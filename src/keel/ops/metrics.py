@@ -129,13 +129,6 @@ class _ProviderCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from keel.ops.http_limits import HeadLimitedProtocol
 
-        refused = CounterMetricFamily(
-            "keel_connections_refused",
-            "Client connections answered 503 too_many_connections and closed: keel had as "
-            "many open as its open-file limit lets it take (the log's warning names both).",
-        )
-        refused.add_metric([], HeadLimitedProtocol.refused)
-        yield refused
         http_refusals = CounterMetricFamily(
             "keel_http_refusals",
             "Answers of keel's HTTP layer, before or instead of a route's: a head too "

@@ -161,28 +161,6 @@ router's attempt starts the first token's time limit then, and a limit passed wh
 waiting is the engine's load, not its failure."""
 
 
-class Underway:
-    """What a streamed request is doing before its first piece, for its heartbeats
-    (:mod:`keel.serving.streaming`): the provider an attempt has begun on (None while it
-    waits for an admission slot or between attempts), and whether that provider's engine
-    has it waiting for a slot. Only a request being worked on commits its 200 early: one
-    waiting in keel's queue got a 200 and its 429 as an error event, Retry-After lost."""
-
-    __slots__ = ("provider", "engine_wait")
-
-    def __init__(self) -> None:
-        self.provider: str | None = None
-        self.engine_wait = False
-
-    @property
-    def working(self) -> bool:
-        return self.provider is not None and not self.engine_wait
-
-
-UNDERWAY: ContextVar[Underway | None] = ContextVar("keel_underway", default=None)
-"""The streamed request's :class:`Underway` (None for any other request)."""
-
-
 CACHE_FIGURES_SHOWN: ContextVar[bool] = ContextVar("keel_cache_figures_shown", default=True)
 """Whether the answer may say how much of its prompt an engine's cache held
 (``cached_tokens``, llama.cpp's ``cache_n``): not on a keel several people share, whose

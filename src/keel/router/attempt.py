@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.errors import KeelError, Overloaded, RequestError, UpstreamStatusError, UpstreamTimeout
-from keel.providers.base import SLOT_WAIT, UNDERWAY, Provider, piece_count
+from keel.providers.base import SLOT_WAIT, Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow, prompt_fits, without_name
 from keel.router.policy import Decision, Failed, default_rules
 
@@ -53,6 +53,31 @@ failures before it, for a failure that cuts across attempts, as the whole reques
 time limit does, to name."""
 DEADLINE: ContextVar[float | None] = ContextVar("keel_deadline", default=None)
 """When (the loop's clock) the whole request's time limit ends it, where it has one."""
+
+
+class Underway:
+    """What a streamed request is doing before its first piece, for its heartbeats
+    (:mod:`keel.serving.streaming`): the attempt a provider has begun, None while it waits
+    for an admission slot or between attempts. Only a request being worked on (and not
+    waiting in its engine's queue) commits its 200 early: one waiting in keel's queue got
+    a 200 and its 429 as an error event, Retry-After lost."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self) -> None:
+        self.attempt: Attempt | None = None
+
+    @property
+    def working(self) -> bool:
+        return self.attempt is not None and not self.attempt.queued
+
+    @property
+    def provider(self) -> str | None:
+        return None if self.attempt is None else self.attempt.endpoint.name
+
+
+UNDERWAY: ContextVar[Underway | None] = ContextVar("keel_underway", default=None)
+"""The streamed request's :class:`Underway` (None for any other request)."""
 
 
 def past_deadline() -> bool:
@@ -117,7 +142,7 @@ class Attempt:
             raise
         self._started = self._attempts.router.clock()
         if (underway := UNDERWAY.get()) is not None:  # worked on: heartbeats may commit
-            underway.provider, underway.engine_wait = self.endpoint.name, False
+            underway.attempt = self
         now = asyncio.get_running_loop().time()
         self._deadline = now + self.endpoint.timeouts.first_token
         if self.endpoint.unanswered_since is None:
@@ -132,7 +157,7 @@ class Attempt:
     ) -> bool:
         self.endpoint.outstanding -= 1
         if (underway := UNDERWAY.get()) is not None:
-            underway.provider = None  # the next attempt may wait for its turn first
+            underway.attempt = None  # the next attempt may wait for its turn first
         if self._gate_slot is not None:
             await self._gate_slot.__aexit__(None, None, None)
         return self._attempts.settle(self, exc, self._attempts.router.clock() - self._started)
@@ -189,8 +214,6 @@ class Attempt:
         completions of 1,200 tokens on the embedded model's 2 slots: 504s after 60 s,
         the engine's last_error, and its breaker a few more from open)."""
         self.queued = waiting
-        if (underway := UNDERWAY.get()) is not None:
-            underway.engine_wait = waiting
         now = self._attempts.router.clock()
         if waiting and self._slot_since is None:
             self._slot_since = now

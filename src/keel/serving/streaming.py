@@ -27,7 +27,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from keel import jsoncodec
 from keel.errors import KeelError, Unavailable, internal_error
-from keel.providers.base import UNDERWAY, Underway, close_stream
+from keel.providers.base import close_stream
+from keel.router.attempt import UNDERWAY, Underway
 from keel.serving.lifecycle import FAILURE_KEY, PROVIDER_KEY
 
 log = logging.getLogger("keel.serving")
