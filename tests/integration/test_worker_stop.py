@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -153,6 +154,10 @@ async def test_the_start_limit_counts_the_restarts_that_happened() -> None:
         await supervisor.stop()
 
 
+async def collect(stream: AsyncIterator[str]) -> list[str]:
+    return [piece async for piece in stream]
+
+
 async def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
     """A ready worker frozen (SIGSTOP) under a request: the request ends as a crash (which
     falls back) and the worker is restarted, where it stayed ``ready`` with the request
@@ -172,8 +177,16 @@ async def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
         await supervisor.wait_ready(60)
         pid = supervisor.pid
         assert pid is not None
-        busy = [p async for p in supervisor.stream({**op, "max_tokens": 300}, ready_timeout=5)]
-        assert len(busy) > 10 and (supervisor.pid, supervisor.restarts) == (pid, 0)
+        # written to its limit (~1.5 s), and a ping answered while it is: where pings
+        # waited for the generation, only an answer longer than the watch's 4.25 s showed it
+        counting = {"op": "complete", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 96}
+        generating = supervisor.stream({**counting, "temperature": 0}, ready_timeout=5)
+        assert await anext(generating)
+        rest = asyncio.ensure_future(collect(generating))
+        await supervisor.ping(ready_timeout=5)
+        assert not rest.done(), "the ping was answered once the generation had ended"
+        assert len(await rest) > 10 and supervisor.stats.last["completion_tokens"] == 96
+        assert (supervisor.pid, supervisor.restarts) == (pid, 0)
 
         stream = supervisor.stream({**op, "max_tokens": 2000}, ready_timeout=5)
         assert await anext(stream)
@@ -258,7 +271,7 @@ async def test_a_long_embedding_batch_is_not_taken_for_a_stuck_engine() -> None:
     """An embedding call runs in the engine's slot outside the generation slots' pool:
     its slot is busy for the whole batch, and that is work someone waits for."""
     supervisor = WorkerSupervisor(
-        WorkerSpec(str(embedded_model_path()), embedding=True, context_size=512),
+        WorkerSpec(str(embedded_model_path()), embedding=True, context_size=512, threads=1),
         name="embedding-busy",
         oom_kills=lambda: None,
         # A slot table waits for the batch's one step, on a loaded machine for seconds
@@ -266,7 +279,8 @@ async def test_a_long_embedding_batch_is_not_taken_for_a_stuck_engine() -> None:
         # a stray one, which the table says at once.
         liveness=Liveness(interval=0.1, timeout=60.0, misses=2, stall_grace=0.5),
     )
-    texts = [f"def function_{n}(value):\n    return value * {n}\n" * 20 for n in range(2)]
+    # 112 tokens each: ~2 s at one engine thread (280 each took ~5 s)
+    texts = [f"def function_{n}(value):\n    return value * {n}\n" * 8 for n in range(2)]
     await supervisor.start()
     try:
         await supervisor.wait_ready(60)
