@@ -159,7 +159,7 @@ def test_code_that_spells_a_control_token_is_read_as_text(keel_server: KeelProce
     assert "<|endoftext|>" in gguf.read_header(embedded_model_path())[0][gguf.CONTROL_TOKENS]
 
     def read(mark: str) -> int:
-        lines = "".join(f'EOS_{i} = "{mark}"\n' for i in range(20))
+        lines = "".join(f'EOS_{i} = "{mark}"\n' for i in range(10))  # 40 fewer as control
         body = {"input_prefix": lines, "input_suffix": "", "n_predict": 1, "temperature": 0}
         answer = client.post("/infill", json=body)
         assert answer.status_code == 200, answer.text
@@ -507,9 +507,9 @@ def test_a_chat_message_that_spells_a_control_token_is_read_as_text(
         return dict(answer.json()["usage"])
 
     with keel_server.client() as client:
-        control = usage(turn * 10)
-        plain = usage(turn.replace("|>", "|]") * 10)
-        streamed = usage(turn * 10, stream=True)
+        control = usage(turn * 3)  # 51 tokens fewer read as the markers themselves
+        plain = usage(turn.replace("|>", "|]") * 3)
+        streamed = usage(turn * 3, stream=True)
     assert abs(control["prompt_tokens"] - plain["prompt_tokens"]) <= 20, (control, plain)
     assert streamed["prompt_tokens"] == control["prompt_tokens"], (streamed, control)
 
@@ -634,8 +634,8 @@ async def test_a_batch_is_embedded_in_parts_in_order() -> None:
         ready_timeout=60,
         embed_part_tokens=40,
     )
-    texts = [f"def add_{n}(value):\n    return value + {n}\n" for n in range(9)]  # 13 estimated
-    digits = [", ".join(str(n + i) for i in range(12)) for n in range(4)]  # 14 estimated
+    texts = [f"def add_{n}(value):\n    return value + {n}\n" for n in range(5)]  # 13 estimated
+    digits = [", ".join(str(n + i) for i in range(12)) for n in range(2)]  # 14 estimated
     await provider.start()
     try:
         parts = [part async for part in provider.embed_parts(texts)]
@@ -645,9 +645,10 @@ async def test_a_batch_is_embedded_in_parts_in_order() -> None:
         digit_parts = [part async for part in provider.embed_parts(digits)]
     finally:
         await provider.aclose()
-    assert [len(part) for part in parts] == [2, 2, 2, 2, 1], sizes  # 17-20 tokens each
+    # 17-20 tokens each: 2 a part (3 by the estimate; all 5 in one call)
+    assert [len(part) for part in parts] == [2, 2, 1], sizes
     assert all(count > 20 for count in counted), counted  # estimated 14: 2 a part
-    assert [len(part) for part in digit_parts] == [1, 1, 1, 1], "the tokenizer's counts"
+    assert [len(part) for part in digit_parts] == [1, 1], "the tokenizer's counts"
     vectors = [vector for part in parts for vector in part]
     for got, expected in zip(vectors, whole, strict=True):
         assert got == pytest.approx(expected, abs=1e-4)
