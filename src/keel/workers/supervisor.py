@@ -43,6 +43,7 @@ from keel.errors import (
 from keel.models import gguf
 from keel.providers.base import SLOT_WAIT, Joined
 from keel.restart import RestartPolicy
+from keel.router.admission import CALLER
 
 if TYPE_CHECKING:
     from keel.providers.base import Reported
@@ -721,7 +722,8 @@ class WorkerSupervisor:
         pending = self._pending[request_id] = _Pending()
         finished = False
         try:
-            await self._send({**op, "id": request_id})
+            # the caller, for the engine's slots to go to the one holding fewest
+            await self._send({**op, "id": request_id, "caller": CALLER.get()})
             while True:
                 message = await pending.queue.get()
                 if "text" in message:

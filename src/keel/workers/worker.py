@@ -71,6 +71,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -293,7 +294,10 @@ class _SlotPool:
     Requests that found no slot take the slots that free in the order they came: every
     waiter wakes when a slot frees, and whichever ran first took it, so under load one
     waited past the role's deadline while newer ones went ahead (a soak's 4-token
-    completion: 0.9 s average slot wait, a 30 s timeout)."""
+    completion: 0.9 s average slot wait, a 30 s timeout). Of different callers (API
+    keys, as keel's admission names them), the one whose requests hold fewest slots
+    goes first: eight completions one key sent at once queued ahead of a colleague's
+    keystroke, which waited for all of them (p50 7.2 s against 0.34 s alone)."""
 
     def __init__(self, count: int) -> None:
         self._prompts = [""] * count
@@ -302,12 +306,15 @@ class _SlotPool:
         """Each slot's request (its cancel flag), or None while the slot is free."""
         self._chats = [False] * count
         """Whether each slot's request is a chat."""
+        self._callers: list[str | None] = [None] * count
+        """Each slot's caller (an API key's id; None where keel has no keys)."""
         self._completed_at = float("-inf")
         self._clock = 0
         self._changed = threading.Condition()
         self._arrivals = itertools.count()
-        self._waiting: set[int] = set()
-        """The arrival numbers of the requests that found no slot free, still waiting."""
+        self._waiting: dict[int, str | None] = {}
+        """The arrival numbers of the requests that found no slot free, still waiting, and
+        their callers."""
 
     def completed_at(self, when: float) -> None:
         """A completion was served at ``when`` (monotonic), by a worker before this one."""
@@ -320,6 +327,7 @@ class _SlotPool:
         cancelled: threading.Event,
         *,
         chat: bool = False,
+        caller: str | None = None,
         on_wait: Callable[[], None] = lambda: None,
     ) -> tuple[int | None, bool, float]:
         """The slot for ``prompt`` (None if cancelled while waiting), whether a chat was
@@ -330,9 +338,9 @@ class _SlotPool:
         with self._changed:
             turn = next(self._arrivals)
             try:
-                slot, held, blocked = self._acquire(prompt, cancelled, chat, turn, on_wait)
+                slot, held, blocked = self._acquire(prompt, cancelled, chat, caller, turn, on_wait)
             finally:
-                self._waiting.discard(turn)
+                self._waiting.pop(turn, None)
                 self._changed.notify_all()  # a later turn may go now
             return slot, held, 0.0 if blocked is None else time.perf_counter() - blocked
 
@@ -341,6 +349,7 @@ class _SlotPool:
         prompt: str,
         cancelled: threading.Event,
         chat: bool,
+        caller: str | None,
         turn: int,
         on_wait: Callable[[], None],
     ) -> tuple[int | None, bool, float | None]:
@@ -365,7 +374,7 @@ class _SlotPool:
             hold = max(arrived, self._completed_at) + HOLD_LIMIT - time.monotonic()
             if chat and hold > 0 and self._kept_for_completions(running):
                 held = True
-                self._waiting.discard(turn)  # held: completions go before it, not after
+                self._waiting.pop(turn, None)  # held: completions go before it, not after
                 blocked = wait(hold, blocked)
                 continue
             reuse = [reusable_chars(cached, prompt) for cached in self._prompts]
@@ -378,17 +387,25 @@ class _SlotPool:
             best_reuse = -1 if best is None else reuse[best]
             left = patience - time.monotonic()
             if left > 0 and any(reuse[i] >= best_reuse + SUPERSEDE_GAIN for i in running):
-                self._waiting.discard(turn)  # it waits for one slot, not for any
+                self._waiting.pop(turn, None)  # it waits for one slot, not for any
                 blocked = wait(left, blocked)  # its cancel may be on the way
-            elif best is not None and free[best] and not any(t < turn for t in self._waiting):
+            elif best is not None and free[best] and self._next(turn, caller, running):
                 self._clock += 1
                 self._holders[best], self._used[best] = cancelled, self._clock
                 self._prompts[best], self._chats[best] = prompt, chat
+                self._callers[best] = caller
                 return best, held, blocked
-            else:  # no slot free, or an earlier request waits for one: it goes first
-                self._waiting.add(turn)
+            else:  # no slot free, or a request that goes before it waits for one
+                self._waiting[turn] = caller
                 blocked = wait(None, blocked)
         return None, held, blocked
+
+    def _next(self, turn: int, caller: str | None, running: list[int]) -> bool:
+        """Whether no waiting request goes before ``turn``'s: of the callers holding fewest
+        slots, the oldest request first."""
+        held = Counter(self._callers[i] for i in running)
+        mine = (held[caller], turn)
+        return not any((held[other], t) < mine for t, other in self._waiting.items())
 
     def _kept_for_completions(self, running: list[int]) -> bool:
         """Whether the slots not answering chats are down to the one kept for completions."""
@@ -574,7 +591,9 @@ class _Engine:
         # load, not its slowness, and keel starts the first token's time limit after it
         # (waiting behind long answers, requests failed on it as the engine's fault)
         queued = functools.partial(self.channel.send, {"id": request_id, "queued": True})
-        slot, held, waited = self.slots.acquire(text, cancelled, chat=chat, on_wait=queued)
+        slot, held, waited = self.slots.acquire(
+            text, cancelled, chat=chat, caller=request.get("caller"), on_wait=queued
+        )
         if waited:
             self.channel.send({"id": request_id, "queued": False})
         state: dict[str, Any] = {
