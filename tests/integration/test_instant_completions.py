@@ -24,10 +24,15 @@ SOURCE = Path(httpx.__file__).with_name("_models.py").read_text()
 
 
 def config(tmp: Path) -> str:
-    """Completion from the embedded model; the other roles from nowhere reachable (unused)."""
+    """Completion from the embedded model; the other roles from nowhere reachable (unused).
+    A prompt budget of 128 tokens: what is read is the CPU of these tests (the default
+    1,024 read ~400-500 tokens of the file for each first request), not their claims."""
     return f"""
 [server]
 completion_timeout = 120
+
+[completion]
+max_input_length = 128
 
 [model.completion.local]
 model_id = "{EMBEDDED_MODEL_ID}"
