@@ -695,9 +695,53 @@ def test_a_chat_asked_for_json_to_a_schema_answers_in_it(keel_server: KeelProces
         for _ in range(6):  # more than the breaker's default threshold (5)
             refused = client.post("/v1/chat/completions", json={**body, "response_format": broken})
             assert refused.status_code == 400, refused.text
-            assert "nonsense" in refused.json()["error"]["message"]
+            error = refused.json()["error"]
+            assert "nonsense" in error["message"] and "template" not in error["message"]
+            # the schema's fault, named (it was upstream_rejected_request, no param)
+            assert (error["param"], error["code"]) == (SCHEMA, "invalid_schema"), error
         provider = client.get("/v1/providers").json()["roles"]["chat"]["providers"][0]
     assert (provider["breaker"], provider["healthy"]) == ("closed", True), provider
+
+
+SCHEMA = "response_format.json_schema.schema"
+
+
+@pytest.mark.parametrize(
+    ("node", "where"),
+    [
+        ({"type": "integer", "multipleOf": 7}, "multipleOf"),
+        ({"type": "string", "pattern": "[0-9]{5}"}, "pattern"),
+        ({"type": "string", "format": "email"}, "format"),
+        ({"type": "number", "exclusiveMinimum": 1000}, "exclusiveMinimum"),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ],
+)
+def test_a_strict_schema_the_engine_cannot_hold_is_refused_naming_the_keyword(
+    keel_server: KeelProcess, node: dict[str, object], where: str
+) -> None:
+    """The engine's grammar drops what it has no rule for, mostly without a word: each of
+    these was a 200 breaking the schema (``multipleOf: 7`` answered 1, ``uniqueItems``
+    [1, 1, 1], a pattern not anchored any string). Strict, the client asked for an answer
+    that follows the schema: a 400 naming the keyword. Not strict: served, as OpenAI does."""
+    schema = {"type": "object", "properties": {"n": node}, "required": ["n"]}
+    body = {
+        "messages": [{"role": "user", "content": "Give n"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": schema, "strict": True},
+        },
+    }
+    with keel_server.client() as client:
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == f"{SCHEMA}.properties.n.{where}", error
+        assert error["code"] == "unsupported_for_model" and "strict false" in error["message"]
+        body["response_format"]["json_schema"]["strict"] = False  # type: ignore[index]
+        served = client.post("/v1/chat/completions", json=body)
+    assert served.status_code == 200, served.text
 
 
 def test_usage_counts_the_tokens_the_engine_generated(keel_server: KeelProcess) -> None:

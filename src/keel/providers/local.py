@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from keel.errors import RequestError
+from keel.errors import RequestError, UpstreamStatusError
 from keel.pipeline.prompt import control_pattern, user_text_pieces
 from keel.providers.base import (
     ChatCall,
@@ -27,6 +27,7 @@ from keel.providers.base import (
     llamacpp_seed,
     token_groups,
 )
+from keel.providers.schema_gap import unenforced
 from keel.workers.supervisor import WorkerSupervisor
 
 EMBED_PART_TOKENS = 1024
@@ -159,26 +160,8 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
 
     def stream_chat(self, call: ChatCall) -> AsyncIterator[str]:
-        if (image := _image_part(call.messages)) is not None:
-            return _refused(
-                RequestError(
-                    f"{self.info.model} reads text only: {image} is an image, which it cannot"
-                    " answer; send text alone, or use a chat backend that reads images"
-                    " (openai/chat)",
-                    param=image,
-                    code=UNSUPPORTED,
-                )
-            )
-        if (twice := _assistants_at_end(call.messages)) is not None:
-            return _refused(
-                RequestError(
-                    f"{twice} are both assistant messages at the end of the chat: "
-                    f"{self.info.model} continues one assistant message at the end (its answer's"
-                    " beginning); join them into one, or end the chat with a user message",
-                    param="messages",
-                    code=UNSUPPORTED,
-                )
-            )
+        if (refusal := self._refusal(call)) is not None:
+            return _refused(refusal)
         template = self.supervisor.spec.header().get("tokenizer.chat_template")
         takes_calls = isinstance(template, str) and "tool_calls" in template
         messages = engine_messages(call.messages, takes_calls=takes_calls)
@@ -193,21 +176,53 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
             # its turn there in the engine's own templating: read as text instead.
             op["as_text"] = True
         if call.tools is not None:
-            choice = call.tools.get("tool_choice")
-            if choice == "required" or isinstance(choice, dict):
-                # A call the caller made compulsory: answered in text, an agent that
-                # forces one read prose as if no tool had been needed.
-                return _refused(
-                    RequestError(
-                        f"{self.info.model} does not call tools, and tool_choice asks for a "
-                        "call: send tool_choice auto or none (answered in text), or use a "
-                        "chat backend that calls tools (openai/chat)",
-                        param="tool_choice",
-                        code=UNSUPPORTED,
-                    )
-                )
             self.tools_answered_in_text += 1
-        return self.supervisor.stream(op, ready_timeout=self.ready_timeout, reported=call.reported)
+        stream = self.supervisor.stream(
+            op, ready_timeout=self.ready_timeout, reported=call.reported
+        )
+        return stream if call.response_format is None else _schema_refusals(stream)
+
+    def _refusal(self, call: ChatCall) -> RequestError | None:
+        """What in the chat this model cannot serve as asked, as the client's 400."""
+        model = self.info.model
+        if (image := _image_part(call.messages)) is not None:
+            return RequestError(
+                f"{model} reads text only: {image} is an image, which it cannot answer; send "
+                "text alone, or use a chat backend that reads images (openai/chat)",
+                param=image,
+                code=UNSUPPORTED,
+            )
+        if (twice := _assistants_at_end(call.messages)) is not None:
+            return RequestError(
+                f"{twice} are both assistant messages at the end of the chat: {model} "
+                "continues one assistant message at the end (its answer's beginning); join "
+                "them into one, or end the chat with a user message",
+                param="messages",
+                code=UNSUPPORTED,
+            )
+        choice = None if call.tools is None else call.tools.get("tool_choice")
+        if choice == "required" or isinstance(choice, dict):
+            # A call the caller made compulsory: answered in text, an agent that forces
+            # one read prose as if no tool had been needed.
+            return RequestError(
+                f"{model} does not call tools, and tool_choice asks for a call: send "
+                "tool_choice auto or none (answered in text), or use a chat backend that "
+                "calls tools (openai/chat)",
+                param="tool_choice",
+                code=UNSUPPORTED,
+            )
+        schema = (call.response_format or {}).get("json_schema") or {}
+        if schema.get("strict") and (gap := unenforced(schema.get("schema"))) is not None:
+            where, why = gap
+            return RequestError(
+                f"{SCHEMA_FIELD}{where}: {why}, which {model}'s grammar cannot hold its "
+                "answer to, and the schema is strict; leave it out, or send strict false "
+                "(the answer follows the rest of the schema), or use a chat backend that "
+                "enforces it (openai/chat)",
+                param=f"{SCHEMA_FIELD}{where}",
+                code=UNSUPPORTED,
+            )
+        return None
 
     async def embed_parts(
         self,
@@ -296,6 +311,31 @@ def _assistants_at_end(messages: Sequence[ChatMessage]) -> str | None:
     if len(messages) >= 2 and messages[-1].role == messages[-2].role == "assistant":
         return f"messages[{len(messages) - 2}] and messages[{len(messages) - 1}]"
     return None
+
+
+SCHEMA_FIELD = "response_format.json_schema.schema"
+
+
+async def _schema_refusals(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``stream``, with the engine's refusal of a response schema it cannot compile into
+    a grammar as the client's 400 naming the schema (it was ``upstream_rejected_request``,
+    no ``param``, in the engine's words about a "template", though no upstream was
+    called)."""
+    try:
+        async for piece in stream:
+            yield piece
+    except UpstreamStatusError as exc:
+        if exc.code != "bad_request" or "schema" not in str(exc).lower():
+            raise
+        words = str(exc)
+        at = words.find("JSON schema error")  # past the engine's words about a "template"
+        raise RequestError(
+            f"{SCHEMA_FIELD}: the local engine cannot turn it into a grammar "
+            f"({words[at:] if at >= 0 else words.split(': ', 1)[-1]}); send a valid JSON "
+            "schema (draft 2020-12)",
+            param=SCHEMA_FIELD,
+            code="invalid_schema",
+        ) from None
 
 
 async def _refused(error: RequestError) -> AsyncIterator[str]:
