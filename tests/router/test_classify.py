@@ -196,6 +196,8 @@ def test_a_prompt_exactly_the_context_is_not_called_over_it() -> None:
     )
     message = context_overflow(error, "chat").message
     assert "2048 tokens, filling, with no room for an answer, the model's context" in message
+    # a prompt that fills the context alone: asking for fewer tokens cannot help
+    assert message.endswith("; send a shorter prompt"), message
     over = UpstreamStatusError(
         "request (2049 tokens) exceeds the available context size (2048 tokens)",
         provider="p",

@@ -145,12 +145,15 @@ def context_overflow(
         text = f"{what} does not fit the model's context of {context} tokens"
     else:
         text = f"{what} does not fit the model's context"
-    advice = (
-        "send shorter inputs (a local embedding model reads up to [model.embedding.local] "
-        "context_size tokens of one)"
-        if role == "embedding"
-        else "send a shorter prompt or ask for fewer tokens"
-    )
+    if role == "embedding":
+        advice = (
+            "send shorter inputs (a local embedding model reads up to [model.embedding.local] "
+            "context_size tokens of one)"
+        )
+    elif prompt is not None and context is not None:  # fewer tokens leave it as long
+        advice = "send a shorter prompt"
+    else:
+        advice = "send a shorter prompt or ask for fewer tokens"
     # The backend's own words only where keel has no numbers to give: llama.cpp's
     # advice ("increase the physical batch size", "try increasing it") is an
     # operator's, and contradicted keel's
