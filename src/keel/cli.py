@@ -328,12 +328,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {ignored}", file=sys.stderr)
     for threads in _thread_troubles(settings):  # this machine's
         print(f"warning: {threads}", file=sys.stderr)
-    from keel.index.walk import is_directory
+    from keel.index.walk import checkout_trouble
 
     for index, repo in enumerate(settings.repositories):  # this machine's checkouts
-        if repo.path is not None and not is_directory(Path(repo.path).expanduser()):
+        if repo.path is not None and (trouble := checkout_trouble(Path(repo.path).expanduser())):
             print(
-                f"warning: repositories[{index}].path: {repo.path} is not a directory; "
+                f"warning: repositories[{index}].path: {trouble}; "
                 f"repository {repo.name!r} would not be indexed",
                 file=sys.stderr,
             )

@@ -37,7 +37,7 @@ from keel.config import IndexConfig, Paths, RepositoryConfig, normalize_git_url
 from keel.errors import KeelError
 from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
 from keel.index.tokens import query_terms
-from keel.index.walk import is_directory, snippet_language
+from keel.index.walk import is_directory, run_git, snippet_language
 from keel.pipeline.languages import UNKNOWN, find_language
 from keel.pipeline.prompt import Snippet
 
@@ -64,15 +64,14 @@ HUNG_SECONDS = 2.0
 
 def _git(root: Path, *args: str) -> str:
     """What git says of the checkout at ``root`` ("" where it says nothing: no checkout,
-    no git, a hung mount past the time limit). Read whoever owns the checkout
-    (``safe.directory``): run as another user (the shipped unit's ``keel``), git refused
-    it, and no request matched by its URL."""
-    command = ["git", "-c", f"safe.directory={root}", "-C", str(root), *args]
+    no git, a hung mount past the time limit), read whoever owns it: run as another
+    user (the shipped unit's ``keel``), git refused it, and no request matched by its
+    URL. Its config runs no program (:func:`~keel.index.walk.run_git`)."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        result = run_git(root, *args, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
-    return result.stdout if result.returncode == 0 else ""
+    return result.stdout.decode("utf-8", "replace") if result.returncode == 0 else ""
 
 
 def _git_facts(root: Path) -> tuple[list[str], str]:

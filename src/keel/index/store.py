@@ -2,9 +2,10 @@
 
 Layout under ``<data root>/index/<name>/``: ``tantivy/`` (the index: one
 document per chunk) and ``files.json`` (the manifest: for every file seen,
-its mtime, size and content hash). An update lists the repository, re-reads
-only files whose mtime or size changed, re-chunks only those whose content
-hash changed, deletes the chunks of files that are gone, and commits once.
+its mtime, size, ctime and content hash). An update lists the repository, re-reads
+only files whose mtime, size or ctime (a ``chmod``) changed, re-chunks only those
+whose content hash changed, deletes the chunks of files that are gone or can no
+longer be read, and commits once.
 The manifest is written after the commit: a crash in between makes the next
 update redo those files, which is harmless because a file's chunks are
 always replaced as a whole.
@@ -35,7 +36,7 @@ from keel.errors import Unavailable
 from keel.index.chunk import chunk_file
 from keel.index.tokens import document_terms
 from keel.index.walk import (
-    is_directory,
+    checkout_trouble,
     list_source_files,
     read_source,
     skip_reason,
@@ -201,11 +202,8 @@ class RepositoryIndex:
     def _update(self, progress: Progress | None) -> UpdateStats:
         started = time.monotonic()
         stats = UpdateStats()
-        if not is_directory(self.root):
-            raise Unavailable(
-                f"repository {self.name!r}: {self.root} is not a directory keel can enter",
-                code="index_failed",
-            )
+        if (trouble := checkout_trouble(self.root)) is not None:
+            raise Unavailable(f"repository {self.name!r}: {trouble}", code="index_failed")
         self.directory.mkdir(parents=True, exist_ok=True)
         # Opened again each time: the index kept open was used after its files were
         # deleted or damaged, and every refresh failed ("being written by another
@@ -248,32 +246,28 @@ class RepositoryIndex:
             if progress is not None:
                 progress(done, len(files), source.relpath)
             entry = manifest.get(source.relpath)
-            if (
-                entry is not None
-                and entry.get("mtime_ns") == source.mtime_ns
-                and entry.get("size") == source.size
-            ):
+            stamp = {"mtime_ns": source.mtime_ns, "size": source.size, "ctime_ns": source.ctime_ns}
+            if entry is not None and all(entry.get(key) == value for key, value in stamp.items()):
                 stats.chunks += int(entry.get("chunks", 0))
                 if entry.get("skipped"):  # still skipped, and said so on every run
                     stats.skipped[source.relpath] = str(entry["skipped"])
                 continue
             content = read_source(source.path, real_root)
-            if content is None:
+            if isinstance(content, str):  # unreadable now: its old chunks leave the index
+                stats.skipped[source.relpath] = content
+                if manifest.pop(source.relpath, None) is not None:
+                    open_writer().delete_documents_by_term("path", source.relpath)
+                    stats.removed.append(source.relpath)
                 continue
             stats.read.append(source.relpath)
             digest = hashlib.sha1(content).hexdigest()
             if entry is not None and entry.get("sha1") == digest:
-                entry.update(mtime_ns=source.mtime_ns, size=source.size)
+                entry.update(stamp)
                 stats.chunks += int(entry.get("chunks", 0))
                 if entry.get("skipped"):
                     stats.skipped[source.relpath] = str(entry["skipped"])
                 continue
-            new_entry: dict[str, Any] = {
-                "mtime_ns": source.mtime_ns,
-                "size": source.size,
-                "sha1": digest,
-                "chunks": 0,
-            }
+            new_entry: dict[str, Any] = {**stamp, "sha1": digest, "chunks": 0}
             reason = skip_reason(content)
             if entry is not None or reason is None:
                 open_writer().delete_documents_by_term("path", source.relpath)

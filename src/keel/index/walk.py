@@ -10,6 +10,7 @@ anyway, in :func:`skip_reason`.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -95,6 +96,9 @@ class SourceFile:
     mtime_ns: int
     size: int
     language: Language
+    ctime_ns: int = 0
+    """Changed by a ``chmod``: a file made unreadable kept its chunks in prompts, its
+    mtime and size unchanged."""
 
 
 def language_for(relpath: str) -> Language | None:
@@ -159,23 +163,84 @@ def skip_reason(text: bytes) -> str | None:
     return None
 
 
-def _git_files(root: Path) -> list[str] | None:
-    """Tracked and untracked-but-not-ignored files, or None when ``root`` is in no git
-    checkout or one that ignores ``root`` itself. Asked of git wherever ``root`` is, not
-    only where it holds ``.git``: a ``path`` inside a checkout (a monorepo's service)
-    was walked with its own ``.gitignore`` files alone, and the files its parents' ignore rules and
-    ``.git/info/exclude`` keep out, secrets among them, went into prompts."""
+SUBMODULE_MODE = "160000"
+"""The mode ``git ls-files --stage`` gives a submodule (a gitlink) it did not recurse into."""
+_NO_PROGRAMS = (
+    *("-c", "core.fsmonitor=false"),
+    *("-c", "core.hooksPath=/dev/null"),
+    *("-c", "core.untrackedCache=false"),
+)
+"""What keeps a checkout's own config from running programs in keel's name: set in its
+``.git/config`` by whoever owns it, ``core.fsmonitor`` ran a command of their choice
+as keel's user at every listing (``ls-files``, ``check-ignore``)."""
 
-    def git(*command: str) -> subprocess.CompletedProcess[bytes]:
-        # safe.directory: a checkout another user owns, as keel's unit runs
-        argv = ["git", "-c", f"safe.directory={root}", "-C", str(root), *command]
-        return subprocess.run(argv, capture_output=True, timeout=120, check=False)
+
+def run_git(root: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """``git -C root ARGS``, read whoever owns the checkout and never running a program
+    its config names.
+
+    keel reads checkouts other users own (the shipped unit runs as ``keel``; a
+    developer's clone is theirs), which git refuses as "dubious ownership" because
+    their config could run programs as the reader. The commands keel runs (``ls-files``,
+    ``check-ignore``, ``config``, ``rev-parse``) run none but an fsmonitor (and hooks,
+    and the untracked cache's writes, off too), so keel overrides the ownership check
+    for ``root`` and turns those off for every checkout (``-c`` on the command line
+    wins over the checkout's config, and reaches its submodules' git too); optional
+    locks off: reading never writes the checkout's index."""
+    argv = ["git", "--no-pager", "-c", f"safe.directory={root}", *_NO_PROGRAMS, "-C", str(root)]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0"}
+    return subprocess.run(
+        [*argv, *args], capture_output=True, timeout=timeout, check=False, env=env
+    )
+
+
+def checkout_trouble(root: Path) -> str | None:
+    """Why ``root`` holds no checkout keel can index, or None: not a directory it can
+    enter, or a bare repository (``git clone --bare``; Tabby's ``file://`` URL of one),
+    which has no files to read: it was indexed as empty and called ready."""
+    if not is_directory(root):
+        return f"{root} is not a directory keel can enter"
+    try:
+        bare = (root / "HEAD").is_file() and (root / "objects").is_dir()
+        said = run_git(root, "rev-parse", "--is-bare-repository", timeout=10) if bare else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if said is not None and said.stdout.strip() == b"true":
+        return (
+            f"{root} is a bare git repository, with no files checked out to index: point "
+            f"path at a checkout of it (git clone {root} DIR)"
+        )
+    return None
+
+
+def _git_files(root: Path, skipped: dict[str, str]) -> list[str] | None:
+    """Tracked files (its submodules' too) and untracked-but-not-ignored ones, or None
+    when ``root`` is in no git checkout or one that ignores ``root`` itself. Asked of git
+    wherever ``root`` is, not only where it holds ``.git``: a ``path`` inside a checkout
+    (a monorepo's service) was walked with its own ``.gitignore`` files alone, and the
+    files its parents' ignore rules and ``.git/info/exclude`` keep out, secrets among
+    them, went into prompts. A submodule
+    not checked out goes in ``skipped`` (git lists it as one name, and it was passed
+    over in silence)."""
+
+    def listed(*args: str) -> list[str]:
+        result = run_git(root, "ls-files", "-z", *args, timeout=120)
+        result.check_returncode()
+        names = result.stdout.decode("utf-8", "surrogateescape").split("\0")
+        return [name for name in names if name]
 
     try:
-        result = git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
-        result.check_returncode()
-        names = {n for n in result.stdout.decode("utf-8", "surrogateescape").split("\0") if n}
-        if not names and git("check-ignore", "-q", "--", ".").returncode == 0:
+        names = set(listed("--others", "--exclude-standard"))
+        for entry in listed("--stage", "--recurse-submodules"):  # not with --others
+            name = entry.partition("\t")[2]
+            if entry.startswith(SUBMODULE_MODE + " "):
+                skipped[name] = "a git submodule not checked out (git submodule update --init)"
+            else:
+                names.add(name)
+        if (
+            not names
+            and run_git(root, "check-ignore", "-q", "--", ".", timeout=120).returncode == 0
+        ):
             # A directory the checkout ignores whole, named on purpose: an installed
             # package in a venv inside a clone (keel eval's default repositories) listed
             # nothing, and evaluated nothing, with exit 0. Its own ignore files hold.
@@ -233,9 +298,10 @@ def is_directory(path: Path) -> bool:
         return False
 
 
-def read_source(path: Path, real_root: Path) -> bytes | None:
-    """The bytes of a listed file, or None when it is no longer a regular file inside
-    the checkout (``real_root``: its resolved path). Listed files are read a while
+def read_source(path: Path, real_root: Path) -> bytes | str:
+    """The bytes of a listed file, or why they cannot be read as the checkout's: not
+    readable by keel (``chmod 000``), gone, or no longer a regular file inside the
+    checkout (``real_root``: its resolved path). Listed files are read a while
     later; one swapped for a symbolic link meanwhile (a pull landing during an update)
     was read through it, and a file outside the checkout went into prompts. Opened
     without following a last link (nor blocking on a FIFO), the opened file's own path
@@ -243,21 +309,27 @@ def read_source(path: Path, real_root: Path) -> bytes | None:
     on the way."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
+    except OSError as exc:
+        return _unreadable(exc)
     with open(fd, "rb", closefd=True) as file:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
+                return "no longer a regular file"
             try:
                 opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
             except FileNotFoundError:  # no /proc: the path as it resolves now
                 opened = path.resolve()
             if not opened.is_relative_to(real_root):
-                return None
+                return "now reached through a symbolic link out of the checkout"
             return file.read()
-        except OSError:
-            return None
+        except OSError as exc:
+            return _unreadable(exc)
+
+
+def _unreadable(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+        return "now a symbolic link"
+    return f"cannot be read: {(exc.strerror or str(exc)).lower()}"
 
 
 def _leaves(path: Path, real_root: Path) -> bool:
@@ -292,9 +364,11 @@ def list_source_files(
     root: Path, *, max_file_bytes: int, skipped: dict[str, str] | None = None
 ) -> list[SourceFile]:
     """The files of the repository at ``root`` to index, sorted by path; source files
-    left out for their size go in ``skipped`` with the reason (vendored, generated and
+    left out (their size, their name, a link, a submodule not checked out, a directory
+    keel may not enter) go in ``skipped`` with the reason (vendored, generated and
     non-source files are not listed at all)."""
-    names = _git_files(root)
+    found: dict[str, str] = {}
+    names = _git_files(root, found)
     candidates = names if names is not None else list(_walk_with_gitignore(root))
     real_root = root.resolve()
     files: list[SourceFile] = []
@@ -305,24 +379,29 @@ def list_source_files(
         if language is None:
             continue
         if (odd := _odd_name(relpath)) is not None:
-            if skipped is not None:  # the index refused the name, and the whole repository
-                skipped[os.fsencode(relpath).decode("utf-8", "backslashreplace")] = odd
+            # the index refused the name, and the whole repository
+            found[os.fsencode(relpath).decode("utf-8", "backslashreplace")] = odd
             continue
         path = root / relpath
         if _leaves(path, real_root):
-            if skipped is not None:
-                skipped[relpath] = "a symbolic link (git keeps its target's name, not its text)"
+            found[relpath] = "a symbolic link (git keeps its target's name, not its text)"
             continue
         try:
             info = path.stat()
-        except OSError:
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # a directory on the way keel may not enter
+            found[relpath] = _unreadable(exc)
             continue
         if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
             continue
         if info.st_size > max_file_bytes:
-            if skipped is not None:
-                skipped[relpath] = f"{info.st_size:,} bytes, over [index] max_file_bytes"
+            found[relpath] = f"{info.st_size:,} bytes, over [index] max_file_bytes"
             continue
-        files.append(SourceFile(relpath, path, info.st_mtime_ns, info.st_size, language))
+        files.append(
+            SourceFile(relpath, path, info.st_mtime_ns, info.st_size, language, info.st_ctime_ns)
+        )
     files.sort(key=lambda f: f.relpath)
+    if skipped is not None:
+        skipped.update(found)
     return files
