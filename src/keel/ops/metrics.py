@@ -445,9 +445,10 @@ class Metrics:
         )
         self.provider_failures = Counter(
             "keel_provider_failures",
-            "Failed calls to a provider (requests' attempts and the health checks that count "
-            "against it), by how the router classed them: retryable, crashed, rate_limited, "
-            "too_long, auth, client; and the error (UpstreamTimeout, UpstreamStatusError, ...).",
+            "Failed calls to a provider, by kind: a request's attempt as the router classed "
+            "it (retryable, crashed, rate_limited, too_long, auth, client), or health_check "
+            "(every failed health check, a routed-around or idle fallback's too); and the "
+            "error (UpstreamTimeout, UpstreamStatusError, ...).",
             ["provider", "kind", "error"],
             registry=registry,
         )

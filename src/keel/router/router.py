@@ -141,6 +141,11 @@ def with_overrides(config: ProviderConfig, default: Timeouts) -> Timeouts:
 
 UNHEALTHY_AFTER = 2
 """Consecutive failed checks (probe or live) before an endpoint is routed around."""
+HEALTH_CHECK = "health_check"
+"""The kind ``keel_provider_failures_total`` counts a failed health check as, whatever
+failed (its ``error`` says what): apart from requests' failures, which a check's do not
+share (no retry, no fallback), yet counted, as the gauges went 0 while the counter said
+nothing and a dead fallback had no series until traffic reached it."""
 
 
 @dataclass(slots=True)
@@ -381,7 +386,13 @@ class RoleRouter:
             self.events.provider_health(endpoint.name, True)
 
     def failed(
-        self, endpoint: Endpoint, error: KeelError, kind: Failure, *, retry: bool = False
+        self,
+        endpoint: Endpoint,
+        error: KeelError,
+        kind: Failure,
+        *,
+        retry: bool = False,
+        check: bool = False,
     ) -> None:
         """Only what the provider did wrong counts against it: a request the backend
         refused (a 4xx, a prompt over its context) is no breaker failure, no finding.
@@ -392,12 +403,14 @@ class RoleRouter:
         request and its retry made a role's only provider unhealthy, and ``/ready``
         503: a load balancer pulled the replica). Every failure is counted, by kind;
         keel's own rate limit refusing a request is none (``keel_rate_limit_refusals``
-        counts it): the provider is only kept off until its turn."""
+        counts it): the provider is only kept off until its turn. A failed health
+        ``check`` is counted as one (:data:`HEALTH_CHECK`), whatever its kind."""
         if error.code == REFUSED:
             endpoint.breaker.record_ignored()
             endpoint.limited_until = self.clock() + (error.retry_after or 1.0)
             return
-        self.events.provider_failed(endpoint.name, kind, type(error).__name__)
+        counted = HEALTH_CHECK if check else kind
+        self.events.provider_failed(endpoint.name, counted, type(error).__name__)
         if kind is Failure.CRASHED and not endpoint.new_crash(error):
             # One worker death fails every request in flight; it is one failure. Counted
             # per request, three in flight opened the breaker and two made the endpoint
@@ -537,8 +550,10 @@ class RoleRouter:
         kind = classify(error)
         # A busy backend (429) is not a sick one: honour its Retry-After, keep it healthy.
         if took_probe or kind in (Failure.AUTH, Failure.RATE_LIMITED):
-            self.failed(endpoint, error, kind)
-        elif endpoint.record_failed(error):
+            self.failed(endpoint, error, kind, check=True)
+            return
+        self.events.provider_failed(endpoint.name, HEALTH_CHECK, type(error).__name__)
+        if endpoint.record_failed(error):
             log.warning("provider %s failed its health check: %s", endpoint.name, error.message)
             self.events.provider_health(endpoint.name, False)
 
@@ -562,6 +577,7 @@ class RoleRouter:
         """A backend that did not accept a connection at keel's start: down, not flaky,
         so one such check counts as the failed checks that route it around."""
         self.events.health_check(endpoint.name, 0.0, False)
+        self.events.provider_failed(endpoint.name, HEALTH_CHECK, type(error).__name__)
         endpoint.failed_checks = UNHEALTHY_AFTER - 1
         if endpoint.record_failed(error):
             log.warning("provider %s is unreachable: %s", endpoint.name, error.message)
