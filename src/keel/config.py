@@ -745,9 +745,11 @@ class RepositoryConfig(_Section):
     Tabby's form (``git_url``, ``refs``, no name) is taken (:func:`_tabby_repositories`)."""
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="Short name, also the index directory under <data root>/index "
-        "(default: the checkout's directory name).",
+        min_length=1,
+        max_length=200,
+        description="Its name, any text as in Tabby (default: the checkout's directory "
+        "name); its index is <data root>/index/<name>, or, for a name that is not "
+        "letters, digits and ._- alone, <its letters>-<hash of the name>.",
     )
     path: str | None = Field(
         None,
@@ -763,6 +765,30 @@ class RepositoryConfig(_Section):
         default_factory=list,
         description="Accepted from Tabby's config; keel indexes the checkout at path as it is.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_printable(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError(
+                f"{value!r}: a name needs a visible character and no line break or other "
+                "control character (it is shown in logs, metrics and /v1/providers)"
+            )
+        return value
+
+    @property
+    def directory_name(self) -> str:
+        """The index's directory under ``<data root>/index``: the name where it is one
+        (letters, digits, ``._-``), else its letters and a hash of it ("My Project":
+        ``My-Project-1b2c3d4e``). Tabby accepts any name, and one with a space refused to
+        start; none leads out of the index root ("../x" is ``x-...``)."""
+        import hashlib
+
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):
+            return self.name  # as before: an existing index keeps its directory
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("._-")[:48]
+        digest = hashlib.sha256(self.name.encode("utf-8")).hexdigest()[:8]
+        return f"{stem}-{digest}" if stem else digest
 
     @field_validator("path")
     @classmethod
@@ -807,6 +833,20 @@ def _tabby_repositories(repositories: list[Any]) -> list[Any]:
             repo["name"] = name
         shaped.append(repo)
     return shaped
+
+
+def _checkout_place(path: str) -> str:
+    """Where a checkout's ``path`` leads, links resolved (the same checkout listed by a
+    linked path was indexed twice), or the path as written when it does not resolve in
+    2 s: a hung mount must not hold up loading the config."""
+    import threading
+
+    written = os.path.normpath(os.path.expanduser(path))
+    found: list[str] = []
+    look = threading.Thread(target=lambda: found.append(os.path.realpath(written)), daemon=True)
+    look.start()
+    look.join(2.0)
+    return found[0] if found else written
 
 
 class IndexConfig(_Section):
@@ -1002,10 +1042,10 @@ class Settings(_Section):
             raise ValueError(issue)
         # The same checkout twice (Tabby refuses it): indexed twice, its snippets shown
         # twice, under two names (app, app-2).
-        places = [  # a path as written: /src/app and /src/x/../app/ are one checkout
-            os.path.normpath(os.path.expanduser(repo.path)) if repo.path else str(repo.git_url)
+        places = [  # /src/app, /src/x/../app/ and a link to it are one checkout
+            _checkout_place(repo.path) if repo.path else str(repo.git_url)
             for repo in value
-            if repo.path or repo.git_url
+            if len(value) > 1 and (repo.path or repo.git_url)
         ]
         repeated = sorted({place for place in places if places.count(place) > 1})
         # one remote in two spellings (https://, git@host:): requests for it went to

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from keel.config import parse_settings
@@ -25,7 +27,8 @@ def test_repositories_and_index_parse() -> None:
     ("raw", "key"),
     [
         ({"repositories": [{"name": "a"}, {"name": "a"}]}, "repositories"),
-        ({"repositories": [{"name": "../escape", "path": "/src"}]}, "repositories[0].name"),
+        ({"repositories": [{"name": " ", "path": "/src"}]}, "repositories[0].name"),
+        ({"repositories": [{"name": "a\nb", "path": "/src"}]}, "repositories[0].name"),
         ({"index": {"refresh_seconds": -1}}, "index.refresh_seconds"),
         # was keel's working directory, indexed and put into prompts
         ({"repositories": [{"name": "x", "path": ""}]}, "repositories[0].path"),
@@ -78,3 +81,42 @@ def test_a_named_tabby_repository_is_its_file_urls_checkout() -> None:
     settings = parse_settings(raw, "config.toml", {})
     assert [(r.name, r.path) for r in settings.repositories] == [("repository_a", "/home/dev/app")]
     assert settings.ignored_sections() == []
+
+
+def test_any_tabby_name_is_taken_and_its_index_stays_in_the_index_root(tmp_path: Path) -> None:
+    """Tabby accepts any name: ``name = "My Project"`` refused to start with a raw
+    pattern message. Its index directory is made of its letters, never a way out."""
+    raw = {
+        "repositories": [
+            {"name": "My Project", "path": "/src/a"},
+            {"name": "../escape", "path": "/src/b"},
+            {"name": "..", "path": "/src/c"},
+            {"name": "api", "path": "/src/d"},
+        ]
+    }
+    repos = parse_settings(raw, "config.toml", {}).repositories
+    assert [r.name for r in repos] == ["My Project", "../escape", "..", "api"]
+    names = [r.directory_name for r in repos]
+    assert names[0].startswith("My-Project-") and names[1].startswith("escape-")
+    assert names[3] == "api"  # an existing index keeps its directory
+    assert len(set(names)) == 4
+    root = tmp_path / "index"
+    for name in names:
+        assert (root / name).resolve().parent == root.resolve()
+
+
+def test_one_checkout_listed_by_a_linked_path_is_listed_twice(tmp_path: Path) -> None:
+    """README: a checkout listed twice by path is an error; through a symbolic link to
+    it, it was indexed twice, its snippets shown twice."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "app")
+    raw = {
+        "repositories": [
+            {"name": "app", "path": str(tmp_path / "app")},
+            {"name": "app-link", "path": str(tmp_path / "link")},
+        ]
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml", {})
+    assert "a repository is listed twice" in caught.value.message
+    assert str(tmp_path / "app") in caught.value.message

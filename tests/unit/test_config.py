@@ -263,7 +263,7 @@ def test_config_mistakes_that_were_taken_silently_are_errors(raw: dict[str, Any]
 def test_repeated_repository_names_are_listed_with_the_other_errors() -> None:
     raw = {
         "repositories": [
-            {"name": "../bad", "path": "/tmp"},
+            {"name": " ", "path": "/tmp"},  # a name needs a visible character
             {"name": "dup", "path": "/tmp"},
             {"name": "dup", "path": "/tmp"},
         ],

@@ -256,7 +256,10 @@ class RepositoryRetriever:
             checkout = _look_at_checkout(repo)
             root = checkout.root
             index = RepositoryIndex(
-                repo.name, root, paths.index_dir / repo.name, max_file_bytes=config.max_file_bytes
+                repo.name,
+                root,
+                paths.index_dir / repo.directory_name,
+                max_file_bytes=config.max_file_bytes,
             )
             built.append(Repository(repo, root, index, checkout))
             built[-1].read_git()
