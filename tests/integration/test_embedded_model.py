@@ -574,6 +574,24 @@ def test_embeddings_read_an_input_over_the_context_up_to_it_and_count_it(
     assert (providers[0]["breaker"], providers[0]["healthy"]) == ("closed", True), providers
 
 
+def test_a_huge_input_costs_what_is_read_of_it_not_a_failure(tuned_server: KeelProcess) -> None:
+    """A 3.9 MB input, within the body limit, is read as its first context's worth of
+    tokens like any other over the context, and cut before it is tokenized: the whole of
+    it was tokenized to find where to cut it, ~10 s of the worker's CPU a request, and
+    past the engine call's 30 s limit on a loaded machine (67 s): a failure of the
+    provider's and a retry, and five such opened its breaker (every user's embeddings a
+    503)."""
+    code = "def foo(x): return x + 1\n" * 156_000
+    with tuned_server.client() as client:
+        huge = client.post("/v1/embeddings", json={"input": [code, code[:5_000]]}, timeout=120)
+        assert huge.status_code == 200, huge.text
+        first, second = [item["embedding"] for item in huge.json()["data"]]
+        providers = client.get("/v1/providers").json()["roles"]["embedding"]["providers"]
+    assert first == second, "both read as their first 128 tokens"
+    assert huge.json()["usage"]["prompt_tokens"] == 2 * 128, huge.json()["usage"]
+    assert (providers[0]["retries"], providers[0]["last_error"]) == (0, None), providers[0]
+
+
 def test_an_openai_completions_usage_counts_the_templated_prompt(
     tuned_server: KeelProcess,
 ) -> None:

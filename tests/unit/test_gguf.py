@@ -67,6 +67,7 @@ def test_values_vocabulary_and_fim_markers_are_read(model: tuple[Path, bytes]) -
     assert metadata["llama.rope.freq_base"] == 0.5
     assert metadata["general.name"] == "tiny ✓"
     assert metadata[gguf.VOCABULARY_SIZE] == 40_004
+    assert metadata[gguf.LONGEST_TOKEN] == 600  # "é" * 300, in bytes: an input's cut
     assert metadata["tokenizer.ggml.merges"] is None  # arrays are skipped
     assert vocabulary == {"<fim_prefix>", "<fim_suffix>", "<fim_middle>"}
     assert gguf.fim_tokens(metadata, vocabulary) == "<fim_prefix> <fim_suffix> <fim_middle>"

@@ -262,6 +262,7 @@ def _read_header(
                 metadata[key] = None
             else:
                 metadata[key] = reader.value(kind)
+        metadata[LONGEST_TOKEN] = max(map(len, tokens), default=0)
         metadata[CONTROL_TOKENS] = frozenset(
             token.decode("utf-8", errors="replace")
             for token, kind in zip(tokens, types, strict=False)
@@ -302,6 +303,10 @@ def _check_length(reader: _Reader, tensors: int, metadata: dict[str, object]) ->
             "copy or pull it again"
         )
 
+
+LONGEST_TOKEN = "keel.longest_token"
+"""The bytes of the vocabulary's longest token: ``n`` tokens of a text are within its
+first ``n`` times that many characters."""
 
 VOCABULARY_SIZE = "keel.vocabulary_size"
 """The length of ``tokenizer.ggml.tokens``, which the header's values leave out."""

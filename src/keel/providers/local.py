@@ -235,6 +235,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         deadlines, and a client that leaves costs the part in flight, not the batch.
         Counted by the model's tokenizer: estimated (3 bytes a token), a part of digits
         or punctuation held up to three times the tokens, and a cancelled one ran ~12 s."""
+        texts = self._read_parts(texts)
         counts = await self.count_tokens(texts)
         if reported is not None:  # the usage: counted once, here, as the engine reads them
             # (an input over the context up to it: usage said 701 of 512 tokens read)
@@ -242,6 +243,18 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
             reported.prompt_tokens = sum(min(count, limit) for count in counts)
         for group in token_groups(texts, self.embed_part_tokens, counts):
             yield await self.embed(group)
+
+    def _read_parts(self, texts: Sequence[str]) -> Sequence[str]:
+        """Each text cut past what the engine reads of it, its context's worth of tokens:
+        their bytes at most (the vocabulary's longest token a token) are within as many
+        characters. The whole text was tokenized to find where to cut it: a 3.9 MB input
+        took 67 s, past the engine call's limit, a failure of the provider's and a retry;
+        five such opened its breaker, every user's embeddings a 503."""
+        longest, context = self.supervisor.longest_token(), self.context_tokens()
+        if longest is None or not context:
+            return texts
+        most = longest * context
+        return [text[:most] for text in texts]
 
     async def embed(
         self, texts: Sequence[str], reported: Reported | None = None

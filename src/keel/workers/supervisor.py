@@ -395,6 +395,12 @@ class WorkerSupervisor:
         tokens = self._header.get(gguf.CONTROL_TOKENS)
         return tokens if isinstance(tokens, frozenset) else frozenset()
 
+    def longest_token(self) -> int | None:
+        """The bytes of the vocabulary's longest token, from the file's header as the
+        worker's start read it (None before that)."""
+        longest = self._header.get(gguf.LONGEST_TOKEN)
+        return longest if isinstance(longest, int) and longest > 0 else None
+
     def status(self) -> dict[str, object]:
         return {
             "state": str(self.state),
