@@ -337,8 +337,16 @@ class Attempts:
         return error
 
     def settle(self, attempt: Attempt, error: BaseException | None, seconds: float) -> bool:
-        """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on)."""
+        """Record how ``attempt`` ended; True swallows ``error`` (the loop goes on). An
+        attempt that ended before its end (cut, stalled, cancelled: a superseded
+        completion) after pieces came has them and its first token counted, not its
+        time: no whole generation's (its tokens and its time to first token were lost,
+        and a superseded one counted as a whole generation)."""
         endpoint = attempt.endpoint
+        if error is not None and attempt.produced:
+            self.router.events.generation_cut(
+                self.router.role, endpoint.name, attempt.first_piece_after, attempt.tokens
+            )
         if isinstance(error, asyncio.CancelledError) and past_deadline() and attempt.held_by_load:
             # it had no slot, or one only late: its engine busy with others is load, not its
             # failure (a burst of 12 completions opened the embedded model's breaker)
@@ -364,13 +372,14 @@ class Attempts:
             self._done = True
             self.provider = endpoint.provider
             self.router.succeeded(endpoint, attempt.first_piece_after or seconds)
-            self.router.events.observe_generation(
-                self.router.role,
-                endpoint.name,
-                seconds,
-                attempt.first_piece_after,
-                attempt.tokens,
-            )
+            if error is None:
+                self.router.events.observe_generation(
+                    self.router.role,
+                    endpoint.name,
+                    seconds,
+                    attempt.first_piece_after,
+                    attempt.tokens,
+                )
             self.router.served_by(endpoint)
             return False
         if not isinstance(error, KeelError) or isinstance(error, RequestError):

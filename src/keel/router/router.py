@@ -55,6 +55,7 @@ class RouterEvents(Protocol):
     def observe_generation(
         self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
     ) -> None: ...
+    def generation_cut(self, role: str, provider: str, ttft: float | None, tokens: int) -> None: ...
     def rejected(self, role: str, reason: str) -> None: ...
     def queue_depth(self, role: str, n: int) -> None: ...
     def queue_wait(self, role: str, seconds: float) -> None: ...
@@ -94,6 +95,9 @@ class NoEvents:
     def observe_generation(
         self, role: str, provider: str, seconds: float, ttft: float | None, tokens: int
     ) -> None:
+        pass
+
+    def generation_cut(self, role: str, provider: str, ttft: float | None, tokens: int) -> None:
         pass
 
     def rejected(self, role: str, reason: str) -> None:
