@@ -111,12 +111,14 @@ def test_a_key_sent_in_another_form_is_told_how_to_send_it(secured: KeelProcess)
     """``Authorization: <key>`` and ``Authorization: Token <key>`` were told "missing API
     key", with the key right there."""
     said = {}
-    for value in (USER_KEY, f"Token {USER_KEY}"):
+    for value in (USER_KEY, f"Token {USER_KEY}", f"Bearer\t{USER_KEY}"):
         answer = httpx.get(f"{secured.url}/v1/models", headers={"Authorization": value})
         assert answer.status_code == 401, answer.text
         said[value] = answer.json()["error"]["message"]
     assert said[USER_KEY].startswith("the Authorization header holds a key with no scheme")
     assert said[f"Token {USER_KEY}"].startswith("the Authorization header holds scheme 'Token'")
+    # the scheme is there: it was called "a key with no scheme"
+    assert "another character than a space (a tab?)" in said[f"Bearer\t{USER_KEY}"]
     assert all("'Bearer <key>'" in message and USER_KEY not in message for message in said.values())
     for empty in ("Bearer", "bearer"):  # an unset $KEEL_KEY: "Bearer" was taken for the key
         answer = httpx.get(f"{secured.url}/v1/models", headers={"Authorization": empty})

@@ -56,6 +56,11 @@ def _unidentified(request: Request, presented: list[str]) -> str:
         scheme = authorization.partition(" ")[0]
         if scheme.lower() == "bearer":  # "Bearer" and nothing: an unset $KEEL_KEY
             return f"the Bearer key is empty (an unset variable?): {how}"
+        if authorization.split(None, 1)[0].lower() == "bearer":  # "Bearer\t<key>"
+            return (
+                "the Authorization header separates Bearer from the key with another "
+                f"character than a space (a tab?), not 'Bearer <key>': {how}"
+            )
         named = scheme.isalpha() and len(scheme) <= 16  # a scheme's word, never a key's part
         form = (
             "a key with no scheme"
