@@ -40,7 +40,27 @@ log = logging.getLogger("keel.api")
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def error_response(error: KeelError) -> JSONResponse:
+ERROR_CODE_KEY = "keel_error_code"
+"""The request's state key for the ``code`` of the error it was answered (see
+:class:`ErrorResponse`)."""
+
+
+class ErrorResponse(JSONResponse):
+    """An error answer that notes its ``code`` in the request's state as it is sent, for
+    the request's access-log line: a full queue's 429 and a key's over its limit logged
+    alike. Noted by the answer itself, so every error keel renders says it (the
+    middleware's own refusals too), and a success does no work for it."""
+
+    def __init__(self, error: KeelError, headers: dict[str, str]) -> None:
+        super().__init__(error.to_body(), status_code=error.status_code, headers=headers)
+        self.code = error.code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})[ERROR_CODE_KEY] = self.code
+        await super().__call__(scope, receive, send)
+
+
+def error_response(error: KeelError) -> ErrorResponse:
     headers = {}
     if error.retry_after is not None:
         # rounded up: a client that waited 10 s of 10.4 was refused again
@@ -48,7 +68,7 @@ def error_response(error: KeelError) -> JSONResponse:
     if error.status_code == 401:  # how to authenticate, as HTTP asks of a 401
         headers["WWW-Authenticate"] = 'Bearer realm="keel"'
 
-    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+    return ErrorResponse(error, headers)
 
 
 UNION_LABELS = frozenset({"str", "int", "float", "bool", "none"})

@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
-from keel.api.errors import error_response
+from keel.api.errors import ERROR_CODE_KEY, error_response
 from keel.config import Role
 from keel.errors import (
     Forbidden,
@@ -454,13 +454,15 @@ Tabby's ``/v1/health`` answer 200 while keel runs: a 5xx from them is a failure.
 def _log_line(
     scope: Scope, state: dict[str, Any], status: int, *, begun: bool, seconds: float
 ) -> None:
-    """A refusal's or failure's line, with why keel failed it (once: the error handler
-    said it in a line of its own, two WARNINGs a request through an outage)."""
+    """A refusal's or failure's line, with the error code the client got (a full queue's
+    429, ``overloaded``, and a key's over its limit, ``rate_limited``, logged alike) and
+    why keel failed it (once: the error handler said it in a line of its own, two WARNINGs
+    a request through an outage)."""
     route = getattr(scope.get("route"), "path", None)
     failing = failed(status) and route not in PROBES
     why = state.get(FAILURE_KEY)
     (log.warning if failing else log.info)(
-        "%s %s -> %d in %.0f ms%s%s%s",
+        "%s %s -> %d in %.0f ms%s%s%s%s",
         scope["method"],
         # as sent (percent-encoded): a decoded "%0a" wrote a forged line
         scope.get("raw_path", b"").decode("latin-1") or scope.get("path", ""),
@@ -470,6 +472,7 @@ def _log_line(
         # whose request (a key's id, never the key): one key throttled and a full
         # queue looked alike
         f" key={key}" if (key := state.get("key_id")) else "",
+        f" code={code}" if (code := state.get(ERROR_CODE_KEY)) else "",
         f": {' '.join(why.splitlines())}" if why else "",  # a backend's text, one line
     )
 

@@ -1,0 +1,103 @@
+"""Every error answer's access-log line says the error code the client got: a full
+queue's 429 and a key's over its ``requests_per_minute`` both logged
+``POST /v1/chat/completions -> 429 in 1 ms key=key-...``, and with keys every line
+carries ``key=``, so the README's "a throttled key and a full queue no longer look
+alike" held for no one; a 4xx said nothing of why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.api.conftest import ADMIN_KEY, USER, USER_KEY, build_app, serving
+from tests.fakes.upstreams import Behaviour, FakeUpstream
+
+OTHER_KEY = "api-test-other-key-0123456789"
+OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
+ASK = {"messages": [{"role": "user", "content": "Hi"}]}
+CHAT = "/v1/chat/completions"
+
+
+def config(upstream: str) -> str:
+    """Chat one request at a time, none waiting; each key 3 model requests a minute."""
+    roles = "".join(
+        f"""
+[model.{role}]
+embedded_last_resort = false
+max_concurrent = 1
+queue_size = 0
+
+[model.{role}.http]
+kind = "openai/{role}"
+api_endpoint = "{upstream}/v1"
+model_name = "fake-{role}"
+"""
+        for role in ("completion", "chat", "embedding")
+    )
+    return f"""
+[routing]
+probe_interval_seconds = 600
+
+[auth]
+api_keys = ["{USER_KEY}", "{OTHER_KEY}"]
+admin_key = "{ADMIN_KEY}"
+requests_per_minute = 3
+{roles}"""
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        yield server
+        server.release()
+
+
+def logged(caplog: pytest.LogCaptureFixture, answer: httpx.Response) -> str:
+    """The access-log line of ``answer``, the one request of its status so far."""
+    mark = f"POST {CHAT} -> {answer.status_code} "
+    lines = [r.getMessage() for r in caplog.records if r.name == "keel.access"]
+    [line] = [line for line in lines if line.startswith(mark)]
+    return line
+
+
+async def test_each_error_answer_logs_its_code(
+    upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = build_app(tmp_path / "keel", config(upstream.url))
+    caplog.set_level(logging.INFO, logger="keel")
+    async with serving(app) as client:
+        invalid = await client.post(CHAT, json={"messages": "Hi"}, headers=USER)
+        assert invalid.status_code == 400, invalid.text
+        line = logged(caplog, invalid)
+        assert f" code={invalid.json()['error']['code']}" in line, line
+
+        upstream.hold()  # the one chat slot taken
+        before = len(upstream.requests)
+        held = asyncio.create_task(client.post(CHAT, json=ASK, headers=USER))
+        await upstream.wait_for(lambda: len(upstream.requests) > before)
+        queue_full = await client.post(CHAT, json=ASK, headers=USER)
+        assert queue_full.status_code == 429, queue_full.text
+        queue_line = logged(caplog, queue_full)
+        caplog.clear()
+        key_limited = await client.post(CHAT, json=ASK, headers=USER)  # its 4th this minute
+        assert key_limited.status_code == 429, key_limited.text
+        key_line = logged(caplog, key_limited)
+        upstream.release()
+        assert (await held).status_code == 200
+        caplog.clear()
+
+        upstream.behave(Behaviour.error(429, retry_after="30"), times=1)
+        busy_backend = await client.post(CHAT, json=ASK, headers=OTHER)
+        assert busy_backend.status_code == 429, busy_backend.text
+        line = logged(caplog, busy_backend)
+        assert f" code={busy_backend.json()['error']['code']}" in line, line
+
+    queue_code = queue_full.json()["error"]["code"]
+    key_code = key_limited.json()["error"]["code"]
+    assert queue_code != key_code
+    assert f" code={queue_code}" in queue_line, queue_line
+    assert f" code={key_code}" in key_line, key_line
