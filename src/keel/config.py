@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -1530,7 +1530,8 @@ def parse_settings(
     raw: dict[str, Any], source: str, environ: dict[str, str] | os._Environ[str] | None = None
 ) -> Settings:
     issues: list[ConfigIssue] = []
-    data = interpolate(raw, os.environ if environ is None else environ, issues)
+    environ = os.environ if environ is None else environ
+    data = interpolate(raw, environ, issues)
     references = {issue.key for issue in issues}  # pydantic would judge "" or "${X" there
     typed = _scalar_type_issues(raw, Settings, "")
     issues += typed
@@ -1571,9 +1572,9 @@ def parse_settings(
             value = None if unknown else error.get("input")
             value = None if isinstance(value, dict) else _shown(key, value)
             issues.append(ConfigIssue(key or "(top level)", message, value))
-        raise ConfigError(source, _dedupe(issues)) from None
+        raise ConfigError(source, _variables_hidden(_dedupe(issues), raw, environ)) from None
     if issues:
-        raise ConfigError(source, issues)
+        raise ConfigError(source, _variables_hidden(issues, raw, environ))
     return settings
 
 
@@ -1600,6 +1601,37 @@ def masked_url(text: str) -> str:
     text = re.sub(r"(//[^/@:\s]*:)[^@\s]*@", r"\1***@", text)
     text = re.sub(r"//[^/@:\s]+@", "//***@", text)
     return re.sub(r"([?&][^=&#\s/]+=)[^&#\s]*", r"\1***", text)
+
+
+def _variables_hidden(
+    issues: list[ConfigIssue], raw: object, environ: Mapping[str, str]
+) -> list[ConfigIssue]:
+    """``issues`` with the value of each variable ``raw`` refers to shown as the reference
+    (``${NAME}``), wherever it is in a message or a value: a variable's value may be a
+    secret under any key (a swapped variable put an API key into an ``api_endpoint``,
+    printed by ``keel config check``, a reload's answer and the audit log). Values under
+    8 characters are left (a port, a flag: no secret, and "1" is in many messages)."""
+    names = {m.group(1) or m.group(3) for text in _strings(raw) for m in ENV_REF.finditer(text)}
+    hidden = {environ[n]: f"${{{n}}}" for n in names if n and len(environ.get(n) or "") >= 8}
+    if not hidden:
+        return issues
+    pattern = re.compile("|".join(map(re.escape, sorted(hidden, key=len, reverse=True))))
+
+    def hide(value: object) -> object:
+        if isinstance(value, str):
+            return pattern.sub(lambda match: hidden[match.group(0)], value)
+        return [hide(item) for item in value] if isinstance(value, list) else value
+
+    return [ConfigIssue(i.key, str(hide(i.message)), hide(i.value)) for i in issues]
+
+
+def _strings(raw: object) -> Iterator[str]:
+    """Every string in a TOML document's values."""
+    if isinstance(raw, str):
+        yield raw
+    elif isinstance(raw, dict | list):
+        for item in raw.values() if isinstance(raw, dict) else raw:
+            yield from _strings(item)
 
 
 def _shown(key: str, value: object) -> object:

@@ -359,6 +359,20 @@ def test_a_secret_is_not_echoed_in_a_config_error() -> None:
     assert "pw-2" not in caught.value.message
 
 
+def test_a_variables_value_is_shown_as_its_reference_in_a_config_error() -> None:
+    """A swapped variable put an API key into an ``api_endpoint`` and a number: the
+    errors printed the key (``keel config check``, a reload's answer, the audit log)."""
+    environ = {"UPSTREAM_KEY": "sk-upstream-TOPSECRET-777"}
+    http = {"kind": "openai/chat", "api_endpoints": ["http://x/v1", "${UPSTREAM_KEY}"]}
+    raw = {"model": {"chat": {"http": http}}, "server": {"port": "$UPSTREAM_KEY"}}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "c", environ=environ)
+    said = caught.value.message
+    assert "TOPSECRET" not in said, said
+    assert "'${UPSTREAM_KEY}' must start with http" in said, said  # the message's too
+    assert "(got '$UPSTREAM_KEY')" in said, said  # as written
+
+
 def test_config_check_warns_of_a_keys_file_keel_cannot_use(tmp_path: Path) -> None:
     """keel serve would run, refusing every key the file should hold: said first."""
     env = {"KEEL_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
