@@ -241,7 +241,12 @@ class RepositoryRetriever:
         keeps it): waiting, indexing, ready, busy or failed, with the last update's
         figures."""
         self.on_state: Callable[[str, bool, int | None], None] | None = None
-        """Told each refresh's outcome: repository, whether it worked, its chunks."""
+        """Told each refresh's outcome (repository, whether it worked, its chunks), and
+        each change of whether its snippets can be served (``keel_index_up``)."""
+        self._worked: dict[str, bool] = {}
+        """Whether each repository's last refresh worked."""
+        self._told: dict[str, bool] = {}
+        """What :attr:`on_state` was last told of each: up or not."""
         self.busy_retry_seconds = 5.0
         """How soon an index another process was writing is updated again."""
 
@@ -329,9 +334,12 @@ class RepositoryRetriever:
                 return []  # no file of the index is in it
             family = snippet_language(known)
         terms = cursor_query(prefix)
-        if not terms or not repo.checkout.seen(fresh=0, wait=HUNG_SECONDS):
+        if not terms:
+            return []
+        if not repo.checkout.seen(fresh=0, wait=HUNG_SECONDS):
             # a checkout moved, deleted or unmounted: its snippets are of files no longer
             # there (they were served on, while every refresh failed)
+            self._judge(repo)
             return []
         key = (repo.name, repo.index.stamp(), relpath, family, tuple(terms))
         with self._cache_lock:
@@ -339,7 +347,13 @@ class RepositoryRetriever:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        hits = repo.index.search(terms, exclude_path=relpath, language=family, limit=SEARCH_DEPTH)
+        try:
+            hits = repo.index.search(
+                terms, exclude_path=relpath, language=family, limit=SEARCH_DEPTH
+            )
+        except ValueError:  # deleted or damaged under keel: said by _judge, as status
+            hits = []
+        self._judge(repo)
         picked = pick_hits(hits, min_score=self.config.min_score, limit=self.config.max_snippets)
         snippets = [Snippet(hit.path, hit.body, round(hit.score, 3)) for hit in picked]
         with self._cache_lock:
@@ -349,18 +363,55 @@ class RepositoryRetriever:
         return snippets
 
     def status(self) -> dict[str, dict[str, object]]:
-        """Each index's state for ``/v1/providers``, where a checkout not there now is
-        ``missing`` (it said ``ready`` while its completions got no snippets)."""
+        """Each index's state for ``/v1/providers``, as retrieval finds it now: a
+        checkout not there is ``missing`` (it said ``ready`` while its completions got
+        no snippets), an index that cannot be read ``unavailable`` (``ready``, with
+        ``keel_index_up`` 1, until the next refresh, up to 10 minutes)."""
         shown = dict(self.states)
         for repo in self.repositories:
-            if not repo.checkout.seen():
-                shown[repo.name] = {
-                    **self.states[repo.name],
-                    "state": "missing",
-                    "last_error": f"{repo.root} is not there (moved, deleted, unmounted?): "
-                    "its completions get no snippets until it is back",
-                }
+            if (trouble := self._judge(repo)) is not None:
+                state, why = trouble
+                shown[repo.name] = {**self.states[repo.name], "state": state, "last_error": why}
         return shown
+
+    def _trouble(self, repo: Repository) -> tuple[str, str] | None:
+        """Why ``repo``'s snippets cannot be served now (a state and its reason), or None."""
+        if not repo.checkout.seen():
+            return "missing", (
+                f"{repo.root} is not there (moved, deleted, unmounted?): "
+                "its completions get no snippets until it is back"
+            )
+        if self.states[repo.name]["state"] == "ready" and (lost := repo.index.lost()):
+            return "unavailable", (
+                f"repository {repo.name!r}: its index in {repo.index.directory} cannot be "
+                f"read ({lost}): its completions get no snippets until `keel index "
+                f"{repo.name}` or the next refresh builds it again"
+            )
+        return None
+
+    def _judge(self, repo: Repository) -> tuple[str, str] | None:
+        """:meth:`_trouble`, told to :attr:`on_state` (and the log) when it changes
+        whether the repository is up."""
+        trouble = self._trouble(repo)
+        if repo.name in self._worked:  # not before its first refresh's outcome
+            up = trouble is None and self._worked[repo.name]
+            if self._told.get(repo.name) != up:
+                if trouble is not None:
+                    log.warning("%s", trouble[1])
+                self._tell(repo.name, up, None)
+        return trouble
+
+    def _tell(self, name: str, up: bool, chunks: int | None) -> None:
+        self._told[name] = up
+        if self.on_state is not None:
+            self.on_state(name, up, chunks)
+
+    def _judge_all(self) -> None:
+        """Look at every checkout and index (blocking): between refreshes, so a gone one
+        shows in ``/v1/providers`` and ``keel_index_up`` with no request to find it."""
+        for repo in self.repositories:
+            repo.checkout.seen(wait=HUNG_SECONDS)
+            self._judge(repo)
 
     def state(self) -> tuple[object, ...]:
         """The indexes' states, whether each failed (not each refresh's passing
@@ -439,11 +490,17 @@ class RepositoryRetriever:
                 state = self.states[repo.name]
                 if state["state"] == "waiting":
                     log.info("indexing repository %r (%s)", repo.name, repo.root)
-                state["state"] = "indexing"
+                state.update(state="indexing", started_at=time.time(), done=0, total=None)
+
+                def progress(
+                    done: int, total: int, relpath: str, state: dict[str, object] = state
+                ) -> None:
+                    state.update(done=done, total=total)  # a first build's progress
+
                 try:
                     await asyncio.to_thread(repo.checkout.look)
                     await asyncio.to_thread(repo.read_git)
-                    stats = await asyncio.to_thread(self.update, repo.name)
+                    stats = await asyncio.to_thread(self.update, repo.name, progress)
                 except _RefreshCancelled:
                     return
                 except Exception as exc:  # noqa: BLE001 - reported and retried next round
@@ -457,9 +514,12 @@ class RepositoryRetriever:
                         continue
                     log.warning("indexing repository %r failed: %s", repo.name, exc)
                     state.update(state="failed", last_error=message, at=time.time())
-                    if self.on_state is not None:
-                        self.on_state(repo.name, False, None)
+                    self._worked[repo.name] = False
+                    self._tell(repo.name, False, None)
                     continue
+                finally:
+                    for key in ("started_at", "done", "total"):
+                        state.pop(key, None)
                 done = stats[repo.name]
                 state.update(
                     state="ready",
@@ -469,8 +529,8 @@ class RepositoryRetriever:
                     chunks=done.chunks,
                     seconds=round(done.seconds, 2),
                 )
-                if self.on_state is not None:
-                    self.on_state(repo.name, True, done.chunks)
+                self._worked[repo.name] = True
+                self._tell(repo.name, True, done.chunks)
                 for name, done in stats.items():
                     if done.changed:
                         log.info(
@@ -487,7 +547,16 @@ class RepositoryRetriever:
                 continue
             if self.config.refresh_seconds <= 0:
                 return
-            await asyncio.sleep(self.config.refresh_seconds)
+            await self._watch(self.config.refresh_seconds)
+
+    async def _watch(self, seconds: float) -> None:
+        """Wait ``seconds``, judging every checkout and index each :data:`LOOK_SECONDS`:
+        an index deleted under keel, or a checkout moved, said ``ready`` (and
+        ``keel_index_up`` 1) until the next refresh, up to 10 minutes later."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(LOOK_SECONDS, left))
+            await asyncio.to_thread(self._judge_all)
 
     def stop(self) -> None:
         """Make a running update give up at its next file (it then commits nothing), and

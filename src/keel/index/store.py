@@ -108,6 +108,8 @@ class RepositoryIndex:
         self._searcher: tantivy.Searcher | None = None
         self._loaded = -1
         """The :meth:`stamp` of the state the searcher reads."""
+        self._broken: str | None = None
+        """Why the last reload failed (its files damaged or deleted), until one works."""
 
     @property
     def _tantivy_dir(self) -> Path:
@@ -171,12 +173,19 @@ class RepositoryIndex:
         if index is not None:
             try:
                 index.reload()
-            except ValueError:  # its files were deleted or damaged: nothing to search
+            except ValueError as exc:  # its files were deleted or damaged: nothing to search
                 self._index = self._searcher = None
-                self._loaded = stamp
+                self._loaded, self._broken = stamp, str(exc)
                 raise
             self._searcher = index.searcher()
-            self._loaded = stamp
+            self._loaded, self._broken = stamp, None
+
+    def lost(self) -> str | None:
+        """Why this index, once built, cannot be searched now (its directory deleted or
+        its files damaged under keel), or None."""
+        if self._broken is not None:
+            return self._broken
+        return None if self.exists() else "it is gone"
 
     def update(self, progress: Progress | None = None) -> UpdateStats:
         """Bring the index in line with the files on disk; see the module docstring."""

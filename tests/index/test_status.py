@@ -1,0 +1,114 @@
+"""A repository's state in ``/v1/providers`` and ``keel_index_up`` follow what retrieval
+finds, at once, and a build shows how far it is."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from keel.config import IndexConfig, Paths, RepositoryConfig
+from keel.index.retrieve import RepositoryRetriever
+from tests.index.test_retrieve import PREFIX
+
+
+def ask(repo: Path) -> dict[str, str | None]:
+    return {
+        "prefix": PREFIX,
+        "filepath": str(repo / "report.py"),
+        "git_url": None,
+        "language": "python",
+    }
+
+
+async def until(seen: Callable[[], bool], what: str) -> None:
+    """Wait for ``seen()``, for at most 30 s (not a timing bound: a limit to a hang)."""
+    for _ in range(600):
+        if seen():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+@pytest.fixture
+async def served(
+    repo: Path, tmp_path: Path
+) -> AsyncIterator[tuple[RepositoryRetriever, list[tuple[str, bool, int | None]]]]:
+    """A retriever refreshing as the server's does (every 600 s), built once."""
+    retriever = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))],
+        IndexConfig(refresh_seconds=600, min_score=0.0),
+        Paths(tmp_path / "data"),
+    )
+    told: list[tuple[str, bool, int | None]] = []
+    retriever.on_state = lambda *said: told.append(said)
+    refresh = asyncio.create_task(retriever.refresh_forever())
+    await until(lambda: retriever.status()["weather"]["state"] == "ready", "ready")
+    assert await retriever.retrieve(**ask(repo))
+    yield retriever, told
+    retriever.stop()
+    refresh.cancel()
+
+
+async def test_an_index_deleted_under_keel_is_unavailable_at_once(
+    served: tuple[RepositoryRetriever, list[tuple[str, bool, int | None]]], repo: Path
+) -> None:
+    """It said ``ready``, with ``keel_index_up`` 1, until the next refresh (up to 10
+    minutes), and a log line named neither repository, directory nor fix."""
+    retriever, told = served
+    directory = retriever.repositories[0].index.directory
+    shutil.rmtree(directory)
+    assert await retriever.retrieve(**ask(repo)) == []
+    shown = retriever.status()["weather"]
+    assert shown["state"] == "unavailable", shown
+    why = str(shown["last_error"])
+    assert "'weather'" in why and str(directory) in why and "keel index weather" in why
+    assert told[-1] == ("weather", False, None)
+
+    await asyncio.to_thread(retriever.update, "weather")  # as `keel index` does
+    assert await retriever.retrieve(**ask(repo))
+    assert retriever.status()["weather"]["state"] == "ready"
+    assert told[-1] == ("weather", True, None)
+
+
+async def test_a_checkout_moved_is_missing_with_no_request_to_find_it(
+    served: tuple[RepositoryRetriever, list[tuple[str, bool, int | None]]], repo: Path
+) -> None:
+    """``missing`` showed from the second look at /v1/providers only, and
+    ``keel_index_up`` stayed 1: between refreshes keel looks at its checkouts."""
+    retriever, told = served
+    os.rename(repo, repo.with_name("moved"))
+    await until(lambda: told[-1] == ("weather", False, None), "keel_index_up 0")
+    assert retriever.status()["weather"]["state"] == "missing"
+    os.rename(repo.with_name("moved"), repo)
+    await until(lambda: told[-1] == ("weather", True, None), "keel_index_up 1 again")
+    assert retriever.status()["weather"]["state"] == "ready"
+
+
+async def test_a_build_shows_how_far_it_is(repo: Path, tmp_path: Path) -> None:
+    """A first build showed ``{"state": "indexing"}`` alone, however long it took."""
+    for n in range(300):
+        (repo / "weather" / f"station_{n}.py").write_text(
+            f"def station_{n}_reading(city_name):\n    return {n}\n"
+        )
+    retriever = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))],
+        IndexConfig(refresh_seconds=0),
+        Paths(tmp_path / "data"),
+    )
+    seen: list[dict[str, object]] = []
+    refresh = asyncio.create_task(retriever.refresh_forever())
+    while not refresh.done():
+        seen.append(dict(retriever.status()["weather"]))
+        await asyncio.sleep(0.001)
+    await refresh
+    building = [s for s in seen if s["state"] == "indexing" and s.get("total")]
+    assert building, seen[:3]
+    assert all(s["total"] == 304 and isinstance(s["started_at"], float) for s in building)
+    assert sorted(int(str(s["done"])) for s in building) == [int(str(s["done"])) for s in building]
+    final = retriever.status()["weather"]
+    assert final["state"] == "ready" and "total" not in final and "started_at" not in final
