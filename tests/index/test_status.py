@@ -112,3 +112,44 @@ async def test_a_build_shows_how_far_it_is(repo: Path, tmp_path: Path) -> None:
     assert sorted(int(str(s["done"])) for s in building) == [int(str(s["done"])) for s in building]
     final = retriever.status()["weather"]
     assert final["state"] == "ready" and "total" not in final and "started_at" not in final
+
+
+def builders() -> set[int]:
+    """This process's children building an index (keel.index.child)."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                line = cmd.read()
+        except (OSError, ValueError):
+            continue
+        if parent == os.getpid() and b"keel.index.child" in line:
+            found.add(int(pid))
+    return found
+
+
+async def test_a_build_runs_in_a_process_of_its_own_whose_index_is_searched(
+    served: tuple[RepositoryRetriever, list[tuple[str, bool, int | None]]], repo: Path
+) -> None:
+    """Built in a thread of keel's process, the chunking held Python's lock against every
+    request: completions took 60 ms at p50 and 396 ms at p90 while a 36,500-chunk
+    repository was indexed, 7 and 14 ms once it was ready. A child builds it now (the
+    fixture's first build was one), and what it commits is searched here."""
+    retriever, _ = served
+    (repo / "weather" / "gauges.py").write_text(
+        "def barometric_gauge_reading(city_name):\n    return 1013\n"
+    )
+    refresh = asyncio.create_task(retriever.refresh_forever())  # a round now, not in 600 s
+    seen: set[int] = set()
+    for _ in range(15_000):  # at most ~30 s: a limit to a hang, not a timing bound
+        seen |= builders()
+        if retriever.status()["weather"].get("files") == 5:
+            break
+        await asyncio.sleep(0.002)
+    refresh.cancel()
+    assert seen and os.getpid() not in seen
+    snippets = await retriever.retrieve(
+        **{**ask(repo), "prefix": "reading = barometric_gauge_reading(city_name)\n"}
+    )
+    assert any("barometric_gauge_reading" in snippet.body for snippet in snippets), snippets

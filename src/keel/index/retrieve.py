@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import os
@@ -26,15 +27,18 @@ import posixpath
 import subprocess
 import threading
 import time
+from asyncio.subprocess import DEVNULL, PIPE
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from keel.config import IndexConfig, Paths, RepositoryConfig, normalize_git_url
-from keel.errors import KeelError
+from keel.errors import KeelError, Unavailable
+from keel.index import child
 from keel.index.store import Hit, Progress, RepositoryIndex, UpdateStats
 from keel.index.tokens import query_terms
 from keel.index.walk import is_directory, run_git, snippet_language
@@ -233,6 +237,8 @@ class RepositoryRetriever:
         )
         """Where searches run (its threads start with the first search)."""
         self._stopping = threading.Event()
+        self._children: set[asyncio.subprocess.Process] = set()
+        """The processes building an index now (:meth:`_built_apart`)."""
         self._last_failure: str | None = None
         self.states: dict[str, dict[str, object]] = {
             repo.name: {"state": "waiting", "path": str(repo.root)} for repo in self.repositories
@@ -471,6 +477,45 @@ class RepositoryRetriever:
                     self._cache.clear()
         return results
 
+    async def _built_apart(self, repo: Repository, progress: Progress) -> UpdateStats:
+        """``repo``'s index brought up to date by a process of its own
+        (:mod:`keel.index.child`: a thread of this one held Python's lock against every
+        request), then read here. Its output ended, it is waited for; cancelled (keel
+        stopping), it is killed, committing nothing."""
+        process = await asyncio.create_subprocess_exec(
+            *child.command(repo.index), stdin=DEVNULL, stdout=PIPE, stderr=None
+        )
+        self._children.add(process)
+        said: dict[str, Any] = {}
+        try:
+            assert process.stdout is not None
+            async for line in process.stdout:
+                said = json.loads(line)
+                if "done" in said:
+                    progress(said["done"], said["total"], "")
+            await process.wait()
+        finally:
+            self._children.discard(process)
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        if self._stopping.is_set():
+            raise _RefreshCancelled
+        if "error" in said:
+            raise Unavailable(said["error"], code=said.get("code") or "index_failed")
+        if "stats" not in said:
+            raise Unavailable(
+                f"indexing {repo.name!r} ended with exit status {process.returncode} (keel's "
+                "log has what it printed)",
+                code="index_failed",
+            )
+        stats = UpdateStats(**said["stats"])
+        repo.index.reload()
+        if stats.changed:
+            with self._cache_lock:
+                self._cache.clear()
+        return stats
+
     def reload(self) -> None:
         """Pick up what another process (``keel index``) committed."""
         for repo in self.repositories:
@@ -500,7 +545,7 @@ class RepositoryRetriever:
                 try:
                     await asyncio.to_thread(repo.checkout.look)
                     await asyncio.to_thread(repo.read_git)
-                    stats = await asyncio.to_thread(self.update, repo.name, progress)
+                    stats = await self._built_apart(repo, progress)
                 except _RefreshCancelled:
                     return
                 except Exception as exc:  # noqa: BLE001 - reported and retried next round
@@ -520,28 +565,26 @@ class RepositoryRetriever:
                 finally:
                     for key in ("started_at", "done", "total"):
                         state.pop(key, None)
-                done = stats[repo.name]
                 state.update(
                     state="ready",
                     last_error=None,
                     at=time.time(),
-                    files=done.files,
-                    chunks=done.chunks,
-                    seconds=round(done.seconds, 2),
+                    files=stats.files,
+                    chunks=stats.chunks,
+                    seconds=round(stats.seconds, 2),
                 )
                 self._worked[repo.name] = True
-                self._tell(repo.name, True, done.chunks)
-                for name, done in stats.items():
-                    if done.changed:
-                        log.info(
-                            "index %s: %d files, %d chunks; %d re-indexed, %d removed in %.1fs",
-                            name,
-                            done.files,
-                            done.chunks,
-                            len(done.reindexed),
-                            len(done.removed),
-                            done.seconds,
-                        )
+                self._tell(repo.name, True, stats.chunks)
+                if stats.changed:
+                    log.info(
+                        "index %s: %d files, %d chunks; %d re-indexed, %d removed in %.1fs",
+                        repo.name,
+                        stats.files,
+                        stats.chunks,
+                        len(stats.reindexed),
+                        len(stats.removed),
+                        stats.seconds,
+                    )
             if busy:
                 await asyncio.sleep(self.busy_retry_seconds)
                 continue
@@ -559,7 +602,11 @@ class RepositoryRetriever:
             await asyncio.to_thread(self._judge_all)
 
     def stop(self) -> None:
-        """Make a running update give up at its next file (it then commits nothing), and
-        let the search threads end once their search does."""
+        """Make a running update give up at its next file (a child building one is
+        killed: either commits nothing), and let the search threads end once their
+        search does."""
         self._stopping.set()
+        for process in self._children:
+            if process.returncode is None:
+                process.kill()
         self.searches.shutdown(wait=False, cancel_futures=True)
