@@ -122,15 +122,20 @@ def test_a_truncated_model_file_is_exit_69(tmp_path: Path) -> None:
 
 
 def test_a_repository_path_that_is_not_there_is_a_warning(tmp_path: Path) -> None:
+    """So is a bare repository, which has no files to index (config check and keel index
+    said so; doctor called it fine)."""
     (tmp_path / "repo").mkdir()
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "bare.git")], check=True)
     (tmp_path / "config.toml").write_text(
         f'[[repositories]]\nname = "here"\npath = "{tmp_path / "repo"}"\n\n'
-        '[[repositories]]\nname = "ghost"\npath = "/nonexistent/keel-ghost"\n'
+        '[[repositories]]\nname = "ghost"\npath = "/nonexistent/keel-ghost"\n\n'
+        f'[[repositories]]\nname = "bare"\npath = "{tmp_path / "bare.git"}"\n'
     )
     result = doctor(tmp_path, "--json", "--port", str(free_port()))
     assert result.returncode == 0, result.stdout + result.stderr  # context is optional
     found = findings(result)["repositories"]
     assert found["status"] == "warn" and "ghost: /nonexistent/keel-ghost" in found["detail"]
+    assert "bare git repository" in found["detail"], found["detail"]
 
 
 def test_a_busy_port_is_exit_75_naming_the_holder(tmp_path: Path) -> None:

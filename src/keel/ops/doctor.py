@@ -50,7 +50,7 @@ from keel.errors import (
     UpstreamAuthError,
     UpstreamConnectError,
 )
-from keel.index.walk import is_directory
+from keel.index.walk import checkout_trouble
 from keel.models import gguf
 from keel.models.manager import mem_available, memory_needed
 from keel.models.registry import (
@@ -263,8 +263,10 @@ def check_repositories(report: Report, settings: Settings) -> None:
     missing, found = [], []
     for repo in settings.repositories:
         root = Path(repo.path).expanduser() if repo.path else None
-        if root is None or not is_directory(root):
-            missing.append(f"{repo.name}: {repo.path or '(no path)'} is not a directory")
+        if root is None:
+            missing.append(f"{repo.name}: (no path) is not a directory")
+        elif (trouble := checkout_trouble(root)) is not None:  # a bare repository too
+            missing.append(f"{repo.name}: {trouble}")
         else:
             found.append(f"{repo.name}: {root}")
     if missing:

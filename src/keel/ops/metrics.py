@@ -464,8 +464,9 @@ class Metrics:
         )
         self.index_up = Gauge(
             "keel_index_up",
-            "1 if a repository's last index refresh worked, 0 if it failed (its completions "
-            "get no snippets from it, or old ones).",
+            "1 if a repository's snippets can be served: its last index refresh worked and "
+            "its checkout and index are there; 0 if not (failed, missing or unavailable in "
+            "/v1/providers: its completions get no snippets from it, or old ones).",
             ["repository"],
             registry=registry,
         )
