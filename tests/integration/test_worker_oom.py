@@ -89,7 +89,7 @@ async def test_sigkill_with_and_without_an_oom_kill(oom: bool) -> None:
         if oom:
             assert "lack of memory" in crashed.value.message
             assert "will not be restarted" in crashed.value.message
-            assert supervisor.state is WorkerState.FAILED
+            assert supervisor.state is WorkerState.FAILED and supervisor.killed_for_memory
             assert supervisor.restarts == 0
             with pytest.raises(WorkerUnavailable, match="OOM"):
                 await supervisor.wait_ready(1)
@@ -97,5 +97,6 @@ async def test_sigkill_with_and_without_an_oom_kill(oom: bool) -> None:
             assert "being restarted" in crashed.value.message
             await supervisor.wait_ready(60)  # a restart on a loaded machine can take a while
             assert supervisor.pid != pid and supervisor.restarts == 1
+            assert not supervisor.killed_for_memory
     finally:
         await provider.aclose()

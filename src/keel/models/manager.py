@@ -53,14 +53,71 @@ OVERHEAD_BYTES = 128 * 1024 * 1024
 """Per worker beyond weights and KV cache: the interpreter, llama.cpp's buffers."""
 
 
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+def mem_available(
+    meminfo: Path = Path("/proc/meminfo"),
+    cgroups: Path = Path("/proc/self/cgroup"),
+    mount: Path = Path("/sys/fs/cgroup"),
+) -> int | None:
+    """Bytes a new worker may take: the host's available memory, or what keel's memory
+    control group has left where less (a container's limit: the host's 22,520 MiB were
+    counted inside a 1,200 MiB one, and a worker that would need 4,126 MiB was started,
+    and killed by the kernel)."""
+    host = None
     try:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                host = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        pass
+    group = cgroup_memory_left(cgroups, mount)
+    return group if host is None else host if group is None else min(host, group)
+
+
+UNLIMITED = 2**60
+"""Past this, a cgroup v1 memory limit is none (the kernel's "unlimited" is 2^63 less a page)."""
+
+
+def cgroup_memory_left(cgroups: Path, mount: Path) -> int | None:
+    """What keel's memory control group, and each above it that is mounted here, has left
+    under its limit (the least of them), counting the page cache the kernel would drop
+    first as free; None without a limit. cgroup v2 (``memory.max``), else v1
+    (``memory.limit_in_bytes``), where a container sees its own group as the mount's
+    root."""
+    try:
+        lines = cgroups.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
         return None
-    return None
+    v1 = [line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(",")]
+    v2 = [line.split(":", 2)[2] for line in lines if line.startswith("0::")]
+    base, (limit, usage, inactive) = (
+        (
+            mount / "memory",
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+        )
+        if v1
+        else (mount, ("memory.max", "memory.current", "inactive_file"))
+    )
+    group = (v1 or v2 or ["/"])[0].strip("/")
+    places = [base / group, *(base / group).parents]
+    left = [
+        room
+        for place in places
+        if place.is_relative_to(base) and (room := _room(place, limit, usage, inactive)) is not None
+    ]
+    return min(left, default=None)
+
+
+def _room(place: Path, limit: str, usage: str, inactive: str) -> int | None:
+    """Bytes ``place``'s group has left under its limit, or None (no limit, unreadable)."""
+    try:
+        most = (place / limit).read_text().strip()
+        if most == "max" or int(most) >= UNLIMITED:
+            return None
+        used = int((place / usage).read_text())
+        stat = dict(line.split() for line in (place / "memory.stat").read_text().splitlines())
+        return max(0, int(most) - used + int(stat.get(inactive, 0)))
+    except (OSError, ValueError):
+        return None
 
 
 def memory_needed(spec: WorkerSpec) -> int:
@@ -322,6 +379,8 @@ class ModelManager:
                 failed = supervisor.state is WorkerState.FAILED
                 if failed or time.monotonic() > deadline:
                     error = supervisor.last_error or "the worker did not become ready"
+                    if failed and supervisor.killed_for_memory:  # no fault of the file's
+                        raise InsufficientMemory(f"{chosen} cannot be loaded: {error}")
                     if failed:  # the engine refused the file: the request's, not the server's
                         raise _unusable(chosen, MissingDependency(error))
                     raise MissingDependency(f"cannot load {chosen}: {error}")

@@ -345,6 +345,8 @@ class WorkerSupervisor:
         self._sleep = sleep
         self.state = WorkerState.STOPPED
         self.last_error: str | None = None
+        self.killed_for_memory = False
+        """Whether its last worker was killed by the kernel for lack of memory."""
         self.restarts = 0
         self.pid: int | None = None
         self.model_info: dict[str, Any] = {}
@@ -451,6 +453,7 @@ class WorkerSupervisor:
                 and oom_after is not None
                 and oom_after > oom_before
             )
+            self.killed_for_memory = killed_for_memory
             if killed_for_memory:
                 self.last_error = (
                     "worker was killed by the kernel for lack of memory (OOM kill); not "
