@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import threading
@@ -237,6 +238,17 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         assert again.status_code == 200, again.text
         current = client.get("/v1/model", params={"role": "chat"}).json()["id"]
         assert again.json()["message"].startswith(f"chat is served by {current} "), again.text
+        # A file replaced in its place (a newer pull) is another model: loaded again, it
+        # starts a worker reading it ("runs already": the old worker read the deleted one).
+        shutil.copyfile(embedded_model_path(), models / "fresh.gguf")
+        body = {"model_name": "fresh", "role": "chat", "stream": False}
+        assert client.post("/v1/model/load", json=body).status_code == 200
+        first = _chain(client, "chat")[0]["worker"]["pid"]
+        shutil.copyfile(embedded_model_path(), models / "fresh.part")
+        os.replace(models / "fresh.part", models / "fresh.gguf")
+        renewed = client.post("/v1/model/load", json=body)
+        assert renewed.status_code == 200 and "runs already" not in renewed.text, renewed.text
+        assert _chain(client, "chat")[0]["worker"]["pid"] != first
 
 
 def test_a_load_of_a_shared_worker_given_up_on_serves_every_role_it_served(

@@ -151,10 +151,20 @@ class WorkerSpec:
     """The file ``model_path`` named when the spec was made (links resolved): a link
     pointed at another file (``current.gguf``) kept the old model through a reload, its
     path unchanged and so its worker kept."""
+    version: tuple[int, ...] = ()
+    """That file's inode, size and modification time then: a file replaced in its place
+    (``keel models pull`` of a newer one) is another model, whose load was answered
+    "runs already" by the worker still reading the deleted old one."""
 
     def __post_init__(self) -> None:
         if not self.file:
             object.__setattr__(self, "file", os.path.realpath(self.model_path))
+        if not self.version:
+            try:
+                found = os.stat(self.file)
+            except OSError:  # the worker's load says why
+                return
+            object.__setattr__(self, "version", (found.st_ino, found.st_size, found.st_mtime_ns))
 
     def header(self) -> dict[str, object]:
         """The model file's header values, read once for a file in keel's process, or
