@@ -135,7 +135,12 @@ def test_a_model_that_cannot_fit_is_refused_with_both_numbers(server: KeelProces
     assert response.status_code == 507, response.text
     message = response.json()["error"]["message"]
     assert "giant needs" in message and "MiB available" in message
+    assert "lower context_size or parallelism" in message
     assert httpx.get(f"{server.url}/v1/model?role=chat", timeout=10).json()["id"] != "giant"
+    # a context the load asked for is named as it was asked (it said context_size)
+    body = {"model_name": "giant", "role": "chat", "stream": False, "max_seq_len": 4096}
+    sized = httpx.post(f"{server.url}/v1/model/load", json=body, timeout=60)
+    assert "lower max_seq_len or parallelism" in sized.json()["error"]["message"], sized.text
 
 
 def test_a_model_that_cannot_fit_falls_back_to_a_smaller_one(server: KeelProcess) -> None:
@@ -348,6 +353,8 @@ def test_a_file_the_engine_refuses_is_the_requests_400(server: KeelProcess) -> N
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert (error["code"], error["param"]) == ("invalid_model", "model_name"), error
+    # the role keeps its model: nothing to reload or restart (it said to)
+    assert "reload" not in error["message"] and "restart" not in error["message"], error
 
 
 def _workers_of(model: Path) -> list[int]:

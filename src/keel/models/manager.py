@@ -45,7 +45,7 @@ from keel.providers.catalog import (
 )
 from keel.providers.local import LocalProvider
 from keel.router.service import DRAIN_LIMIT, Routing
-from keel.workers.supervisor import WorkerSpec, WorkerState
+from keel.workers.supervisor import GIVEN_UP_FIX, WorkerSpec, WorkerState
 
 log = logging.getLogger("keel.models")
 
@@ -278,8 +278,11 @@ class ModelManager:
         fallbacks = list(config.fallback_models) if config is not None else []
         return [model_name, *[m for m in fallbacks if m != model_name]]
 
-    def _plan(self, role: Role, model_name: str, config: LocalModelConfig) -> tuple[str, Path, str]:
-        """The model to load (the asked one, or the next fallback that fits) and why."""
+    def _plan(
+        self, role: Role, model_name: str, config: LocalModelConfig, sized_by: str
+    ) -> tuple[str, Path, str]:
+        """The model to load (the asked one, or the next fallback that fits) and why;
+        ``sized_by``: what set its context, named in a refusal's advice."""
         available = self.available()
         refusals: list[str] = []
         running = self._running()
@@ -311,7 +314,7 @@ class ModelManager:
             refusals.append(f"{candidate} needs {_mib(needed)}, {_mib(available)} available")
         raise InsufficientMemory(
             f"not enough memory to load {model_name}: {'; '.join(refusals)}; free memory, "
-            f"lower context_size or parallelism, or list smaller [model.{role}.local] "
+            f"lower {sized_by} or parallelism, or list smaller [model.{role}.local] "
             "fallback_models"
         )
 
@@ -356,7 +359,8 @@ class ModelManager:
         if context_size is not None:
             base = base.model_copy(update={"context_size": context_size})
         yield Progress("checking_memory", "estimating weights + KV cache against free memory")
-        chosen, path, note = self._plan(role, model_name, base)
+        sized_by = "context_size" if context_size is None else "max_seq_len"
+        chosen, path, note = self._plan(role, model_name, base, sized_by)
         yield Progress("checking_memory", note)
         config = base.model_copy(update={"model_id": chosen})
         # The worker of the same model and settings another role runs is shared, as at
@@ -379,6 +383,8 @@ class ModelManager:
                 failed = supervisor.state is WorkerState.FAILED
                 if failed or time.monotonic() > deadline:
                     error = supervisor.last_error or "the worker did not become ready"
+                    # the role keeps what it ran: nothing to reload or restart for
+                    error = error.removesuffix(f"; {GIVEN_UP_FIX}")
                     if failed and supervisor.killed_for_memory:  # no fault of the file's
                         raise InsufficientMemory(f"{chosen} cannot be loaded: {error}")
                     if failed:  # the engine refused the file: the request's, not the server's
