@@ -105,3 +105,27 @@ async def test_a_corrupt_download_ends_the_stream_with_an_error_event(
     assert last["status"] == "error" and isinstance(error, dict)
     assert error["code"] == "checksum_mismatch"
     assert not list((tmp_path / "keel" / "models").rglob("*.gguf"))
+
+
+async def test_spec_refusals_name_the_field_at_fault(
+    client: httpx.AsyncClient, hub: FakeHub, model_bytes: bytes
+) -> None:
+    """Each was a 400 or 404 with param null: a client could not tell which field to fix."""
+    hub.repos["keel-test/quants-GGUF"] = {
+        "m-Q4_1.gguf": model_bytes,
+        "m-Q8_0.gguf": model_bytes,
+        "m-Q6_K_L.gguf": model_bytes,
+    }
+    cases = [
+        ({"model": "keel-test/quants-GGUF"}, 400, "quant"),
+        ({"model": f"{REPO}:x.bin"}, 400, "model"),
+        ({"model": f"{REPO}:{FILE}", "quant": "Q8_0"}, 400, "quant"),
+        ({"model": "TabbyML/StarCoder-1B", "quant": "Q8_0"}, 400, "quant"),
+        ({"model": "keel-test/quants-GGUF", "quant": "q6_k"}, 404, "quant"),
+        ({"model": f"{REPO}:other.gguf"}, 404, "model"),
+    ]
+    for body, status, param in cases:
+        response = await client.post("/v1/model/download", json=body, headers=ADMIN)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["param"] == param, (body, response.text)
+    assert hub.downloads() == []

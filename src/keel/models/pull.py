@@ -7,8 +7,10 @@ What can be pulled (a *spec*)::
     org/repo                    the repo's only GGUF file
     TabbyML/StarCoder-1B        a Tabby registry name (``tabby_registry``)
 
-The bytes come through ``huggingface_hub`` (``HF_ENDPOINT``, ``HF_TOKEN``,
-``HF_HUB_OFFLINE``, resume after a cut connection, size check) into a staging
+The hub is asked through ``huggingface_hub`` (``HF_ENDPOINT``, ``HF_TOKEN``,
+``HF_HUB_OFFLINE``, the file's HEAD), the bytes by keel's own transfer
+(:meth:`ModelPuller._download`: it resumes from the bytes on disk after a cut, a stall,
+a transient hub error or an expired download link, and checks the size) into a staging
 directory on the model directory's own file system (``<models>/.downloads``,
 which listings skip). keel then checks the sha256 (the hub's LFS oid, or the
 registry's) and the GGUF magic, and only then renames the file into place: a
@@ -16,7 +18,7 @@ cut, refused or corrupt download leaves nothing loadable, and the staging
 directory goes whatever happens, but for a pull killed outright (``kill -9``, a machine
 that went down), whose directory the next pull removes: a pull holds a lock on its own
 while it runs (:func:`staging_for`), so that one that died is told from one under way
-(they stayed for good; huggingface_hub resumes a download cut within a pull, never one
+(they stayed for good; a download resumes within its pull, never one
 a dead process left). Where each file came from (repo, file, sha256)
 is written beside it in ``<models>/.pulled/<file>.json``: a pull replaces a file
 only when keel pulled it from the same repo and file (an update of that model, with
@@ -31,6 +33,7 @@ The hub's errors become keel's in one place, :func:`_hub_errors`::
 
     huggingface_hub                          keel
     HfHubHTTPError 401 / 403 (private, gated) UpstreamAuthError  ("set HF_TOKEN")
+    a 403 of the download link mid-transfer   UpstreamAuthError  ("pull again")
     RepositoryNotFoundError, Revision..., 404 NotFound
     RemoteEntryNotFoundError                  NotFound           (lists the GGUF files)
     other HfHubHTTPError                      UpstreamStatusError (the hub's status)
@@ -38,13 +41,9 @@ The hub's errors become keel's in one place, :func:`_hub_errors`::
     a timeout before any byte                 UpstreamTimeout    ("did not answer")
     a timeout after some bytes                UpstreamTimeout    ("stopped sending after N")
     httpx2 connection errors                  UpstreamConnectError ("cannot reach")
-    the size check after the transfer         UpstreamProtocolError (size_mismatch)
     another OSError during the transfer       UpstreamProtocolError
 
-huggingface_hub files a failed file lookup (its HEAD: a 500, a 404, a timeout) as
-LocalEntryNotFoundError ("cannot find the requested files in the local cache"),
-the hub's own error as its cause: that cause is what is mapped (a 500 was "cannot
-reach").
+(after the download's own tries again, :meth:`ModelPuller._retry`).
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -98,6 +98,12 @@ HUB_TIMEOUT = 10.0
 """Seconds the hub may take to answer a request (huggingface_hub's own for a download's
 reads): a hub that takes the connection and says nothing is an error, not a hang."""
 STAGING_DIR = ".downloads"
+RETRIES = 4
+"""Tries of a download again, in a row without a byte gained, after a transient failure."""
+TRANSIENT = (500, 502, 503, 504)
+"""The hub's statuses worth another try (with backoff: 1, 2, 4, 8 s)."""
+RETRY_AFTER_CAP = 30.0
+"""The longest Retry-After a download waits for; a longer one fails the pull, saying it."""
 STAGING_LOCK = ".lock"
 """Held (``flock``) by the pull that downloads into a staging directory, for its life."""
 
@@ -179,6 +185,8 @@ class HubFile:
     size: int | None
     sha256: str | None
     """The LFS oid the hub gives (or the registry's), checked after the download."""
+    listed_sha256: str | None = None
+    """The hub's own LFS oid, where ``sha256`` is a registry's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +263,8 @@ def parse_spec(
         if quant is not None:
             raise RequestError(
                 f"{spec} is a Tabby registry model with one file ({entry.filename}); "
-                "quant applies to a Hugging Face repo"
+                "quant applies to a Hugging Face repo: leave it out",
+                param="quant",
             )
         return entry.repo, entry.filename, entry
     repo, _, filename = spec.partition(":")
@@ -267,9 +276,15 @@ def parse_spec(
             param="model",
         )
     if filename and quant is not None:
-        raise RequestError(f"give a file ({filename}) or a quant ({quant}), not both")
+        raise RequestError(
+            f"give a file ({filename}) or a quant ({quant}), not both", param="quant"
+        )
     if filename and not filename.lower().endswith(".gguf"):
-        raise RequestError(f"{filename!r} is not a .gguf file: keel loads GGUF models")
+        raise RequestError(
+            f"{filename!r} is not a .gguf file: keel loads GGUF models; name a .gguf file "
+            "of the repo",
+            param="model",
+        )
     return repo, filename or None, None
 
 
@@ -292,28 +307,19 @@ def choose_file(
     if filename is not None:
         chosen = [file for file in files if file.filename == filename]
         if not chosen:
-            raise NotFound(f"{repo} has no file {filename!r}; its GGUF files: {names}")
-    elif quant is not None:
-        chosen = [file for file in files if _normalise(quant) in _normalise(file.filename)]
-        chosen = [file for file in chosen if _first_part(file)]
-        if not chosen:
-            raise NotFound(f"{repo} has no GGUF file for quant {quant!r}; its GGUF files: {names}")
-        if len(chosen) > 1:  # Q6_K is in Q6_K_L's name too, F16 in BF16's: the whole one
-            whole = [file for file in chosen if _whole_quant(quant).search(file.filename)]
-            chosen = whole if len(whole) == 1 else chosen
-        if len(chosen) > 1:
-            which = ", ".join(file.filename for file in chosen)
-            raise RequestError(
-                f"quant {quant!r} matches several files of {repo}: {which}; name the file "
-                f"instead: {repo}:{chosen[0].filename}"
+            raise NotFound(
+                f"{repo} has no file {filename!r}; its GGUF files: {names}", param="model"
             )
+    elif quant is not None:
+        chosen = _quant_files(files, repo, quant, names)
     else:
         chosen = [file for file in files if _first_part(file)]
         if not chosen:
-            raise NotFound(f"{repo}: no GGUF file to pull; it has none")
+            raise NotFound(f"{repo}: no GGUF file to pull; it has none", param="model")
         if len(chosen) > 1:  # the spec is the client's to complete: a 400, as a bad spec
             raise RequestError(
-                f"{repo} has several GGUF files: choose one with a quant or repo:file: {names}"
+                f"{repo} has several GGUF files: choose one with a quant or repo:file: {names}",
+                param="quant",
             )
     file = chosen[0]
     split = _SPLIT.search(file.filename)
@@ -323,6 +329,39 @@ def choose_file(
             "keel loads single-file models: choose another quant"
         )
     return file
+
+
+def _quant_files(files: list[HubFile], repo: str, quant: str, names: str) -> list[HubFile]:
+    """The files whose name holds ``quant`` whole (Q6_K is in Q6_K_L's name too, F16 in
+    BF16's: neither is taken for it); NotFound or RequestError unless there is one."""
+    chosen = [file for file in files if _first_part(file)]
+    whole = [file for file in chosen if _whole_quant(quant).search(file.filename)]
+    if len(whole) == 1:
+        return whole
+    within = whole or [file for file in chosen if _normalise(quant) in _normalise(file.filename)]
+    if len(within) > 1:
+        which = ", ".join(file.filename for file in within)
+        raise RequestError(
+            f"quant {quant!r} matches several files of {repo}: {which}; name the file "
+            f"instead: {repo}:{within[0].filename}",
+            param="quant",
+        )
+    part = f"; it is only part of {within[0].filename}'s quant" if within else ""
+    raise NotFound(
+        f"{repo} has no GGUF file for quant {quant!r}{part}; its GGUF files: {names}: give "
+        "the quant as a file names it, or the file (repo:file)",
+        param="quant",
+    )
+
+
+def _same_source(recorded: str | None, source: str) -> bool:
+    """Whether ``recorded`` (``repo:file``) is ``source``: the hub finds a repo id in any
+    case, a file by its exact name."""
+    if recorded is None:
+        return False
+    repo, _, filename = recorded.partition(":")
+    other, _, other_filename = source.partition(":")
+    return repo.lower() == other.lower() and filename == other_filename
 
 
 def _first_part(file: HubFile) -> bool:
@@ -393,7 +432,7 @@ class ModelPuller:
         files = self._gguf_files(repo)
         file = choose_file(files, repo, filename, quant)
         if entry is not None:
-            file = HubFile(file.repo, file.filename, file.size, entry.sha256)
+            file = HubFile(file.repo, file.filename, file.size, entry.sha256, file.sha256)
             return PullPlan(file, PurePosixPath(f"{entry.model_id}.gguf"))
         # as ".gguf" whatever the hub's case: "X.GGUF" was loaded by no name keel gave
         # (a load looks for "<name>.gguf") and listed nowhere
@@ -552,6 +591,9 @@ class ModelPuller:
         api = HfApi(endpoint=self.endpoint, token=self.token)
         with self._hub_errors(repo):
             info = api.model_info(repo, files_metadata=True, timeout=self.hub_timeout)
+        # the hub's spelling of the id, which it finds in any case (acme/TINY-gguf is
+        # acme/tiny-GGUF): recorded as such, a pull by the other was "another model"
+        repo = info.id if isinstance(info.id, str) and info.id.lower() == repo.lower() else repo
         files = []
         for sibling in info.siblings or []:
             if sibling.rfilename.lower().endswith(".gguf"):
@@ -602,9 +644,10 @@ class ModelPuller:
             if source is None:  # the same bytes: keel's now, as if it had pulled them
                 self._record_source(plan, dest, self._digest(dest))
             return "same"
-        if source == plan.source:
+        if _same_source(source, plan.source):
             return "update"
-        if self._recorded_source(dest, any_digest=True) == plan.source and _damaged(dest):
+        recorded = self._recorded_source(dest, any_digest=True)
+        if _same_source(recorded, plan.source) and _damaged(dest):
             return "repair"
         where = (
             f"keel pulled it from {source}"
@@ -670,7 +713,8 @@ class ModelPuller:
         if size + self.min_free_bytes > free:
             raise InsufficientStorage(
                 f"not enough disk space to pull {plan.file.filename}: it is {_mib(size)}, "
-                f"keel keeps {_mib(self.min_free_bytes)} free, and {self.paths.models_dir} has "
+                f"keel keeps {_mib(self.min_free_bytes)} free (`keel models pull "
+                f"--min-free-mib` sets how much), and {self.paths.models_dir} has "
                 f"{_mib(free)} free; free some space (nothing was downloaded)"
             )
 
@@ -698,30 +742,160 @@ class ModelPuller:
         show_bar: bool,
         cancelled: threading.Event | None,
     ) -> Path:
-        from huggingface_hub import hf_hub_download
+        """The file's bytes into ``staging``: keel's own transfer, which resumes from the
+        bytes on disk after a cut, a stall, a transient hub error (500, 502, 503, 504, a
+        429 with Retry-After) or a refused download link, :data:`RETRIES` times in a row
+        without a byte gained (:meth:`_retry`)."""
+        part = staging / f"{PurePosixPath(file.filename).name}.incomplete"
+        bar_class = _bar_class(file, emit, show_bar, cancelled)
+        failures, have, relinked = 0, 0, False
+        with (
+            bar_class(total=file.size, unit="B", unit_scale=True, unit_divisor=1024) as bar,
+            self._hub_errors(file.repo, file.filename, lambda: _on_disk(part)),
+        ):
+            while True:
+                getting = False
+                try:
+                    url, headers, size = self._locate(file)
+                    getting = True
+                    self._transfer(url, headers, size, part, bar, f"{file.repo}:{file.filename}")
+                    return part
+                except Exception as exc:
+                    if _on_disk(part) > have:  # some came: the count starts again
+                        failures, have = 0, _on_disk(part)
+                    failures += 1
+                    retry = self._retry(exc, failures, have, getting=getting, relinked=relinked)
+                    if retry is None:
+                        raise
+                    relinked = relinked or _status(exc) == 403
+                wait, why = retry
+                from_ = f", resuming from {_size(have)}" if have else ""
+                emit(
+                    PullProgress(
+                        "warning",
+                        f"{file.filename}: {why}; trying again in {wait:g} s{from_} "
+                        f"(try {failures} of {RETRIES})",
+                    )
+                )
+                if cancelled is not None and cancelled.wait(wait):
+                    raise ClientDisconnected(f"the download of {file.filename} was cancelled")
+                if cancelled is None:
+                    time.sleep(wait)
 
-        received: list[int] = [0]
-        bar = _bar_class(file, emit, show_bar, cancelled, received)
+    def _locate(self, file: HubFile) -> tuple[str, dict[str, str], int | None]:
+        """Where the file's bytes are (the hub's redirect, a signed CDN link for an LFS
+        file: asked again at each try, as such a link expires), the headers to send
+        there, and the size the hub gives."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import FileMetadataError
+        from huggingface_hub.utils._headers import build_hf_headers
 
-        def got() -> int:
-            """Bytes of the file in hand (written a 10 MiB piece at a time)."""
-            on_disk = sum(p.stat().st_size for p in staging.rglob("*.incomplete"))
-            return max(received[0], on_disk)
+        url = hf_hub_url(file.repo, file.filename, endpoint=self.endpoint)
+        meta = get_hf_file_metadata(
+            url, token=self.token, timeout=self.hub_timeout, endpoint=self.endpoint
+        )
+        if meta.commit_hash is None or meta.etag is None:
+            raise FileMetadataError("its answer has no X-Repo-Commit or ETag header")
+        headers = build_hf_headers(token=self.token)
+        if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+            headers.pop("authorization", None)  # the token is the hub's, not a CDN's
+        return meta.location, headers, meta.size if meta.size is not None else file.size
 
-        with self._hub_errors(file.repo, file.filename, got):
-            pointer = hf_hub_download(
-                file.repo,
-                file.filename,
-                cache_dir=staging,
-                endpoint=self.endpoint,
-                token=self.token,
-                tqdm_class=bar,
-                etag_timeout=self.hub_timeout,
+    def _transfer(
+        self,
+        url: str,
+        headers: dict[str, str],
+        size: int | None,
+        part: Path,
+        bar: Any,
+        where: str,
+    ) -> None:
+        """GET the bytes ``part`` lacks (``Range``), appended as they arrive."""
+        from huggingface_hub import constants
+        from huggingface_hub.utils._http import hf_raise_for_status, http_stream_backoff
+
+        have = _on_disk(part)
+        if size is None or have < size:
+            if have:
+                headers = {**headers, "Range": f"bytes={have}-"}
+            with http_stream_backoff(
+                "GET",
+                url,
+                headers=headers,
+                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                max_retries=0,
+                retry_on_exceptions=(),
+                retry_on_status_codes=(),
+            ) as response:
+                hf_raise_for_status(response)
+                if have and response.status_code != 206:  # the range ignored: all again
+                    bar.update(-have)
+                    have = 0
+                with part.open("ab" if have else "wb", buffering=0) as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        got = _on_disk(part)
+        if size is not None and got != size:
+            came, said = _sizes(got, size)
+            raise UpstreamProtocolError(
+                f"the download of {where} came to {came} where the hub said {said}: the "
+                "connection broke off, or the file changed on the hub meanwhile; nothing was "
+                "kept, pull again",
+                provider=self.hub,
+                code="size_mismatch",
             )
-        return Path(pointer).resolve()
+
+    def _retry(
+        self, exc: BaseException, failures: int, have: int, *, getting: bool, relinked: bool
+    ) -> tuple[float, str] | None:
+        """How long to wait before trying ``exc``'s request again, and why; None where
+        it is not worth another try, or after :data:`RETRIES` in a row."""
+        import httpx2
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if failures > RETRIES:
+            return None
+        if isinstance(exc, httpx2.TransportError) and getting:
+            return 1.0, f"the connection broke off ({_root_cause(exc)})"
+        if not isinstance(exc, HfHubHTTPError) or exc.response is None:
+            return None
+        status = exc.response.status_code
+        if status == 403 and not relinked and self._link_refused(exc, have):
+            return 1.0, f"the download link was refused ({status}); asking the hub for a new link"
+        said = exc.response.headers.get("Retry-After", "").strip()
+        after = float(said) if said.isdigit() else None
+        if status not in (*TRANSIENT, 429) or (status == 429 and after is None):
+            return None
+        if after is None:
+            return float(min(2 ** (failures - 1), 8)), f"the hub answered {status}"
+        if after > RETRY_AFTER_CAP:
+            return None
+        return after, f"the hub answered {status} and asked to wait {after:g} s"
+
+    def _link_refused(self, exc: Any, have: int) -> bool:
+        """Whether a 403 is the download link's (a signed CDN link that expired), not
+        the repo's: bytes of the file had come, or the host is not the hub's."""
+        try:
+            host = urlsplit(str(exc.response.request.url)).netloc
+        except (AttributeError, RuntimeError):
+            host = self.hub
+        return have > 0 or host != self.hub
 
     def _verify(self, file: HubFile, blob: Path) -> str:
         digest = _sha256(blob)
+        if file.listed_sha256 is not None and digest == file.listed_sha256.lower() != (
+            (file.sha256 or "").lower()
+        ):
+            raise UpstreamError(
+                f"{file.filename} failed its checksum against Tabby's registry (sha256 "
+                f"{digest}, the registry's {file.sha256}), though it is the file {self.hub} "
+                "lists: it changed on the hub since the registry entry was written; it was "
+                "discarded. Pulling again brings the same file: pull it as a Hugging Face "
+                f"file ({file.repo}:{file.filename}) to take the hub's, or another model",
+                provider=self.hub,
+                code="checksum_mismatch",
+            )
         if file.sha256 is not None and digest != file.sha256.lower():
             raise UpstreamError(
                 f"{file.filename} failed its checksum (sha256 {digest}, expected "
@@ -751,16 +925,10 @@ class ModelPuller:
         where = f"{repo}:{filename}" if filename else repo
         try:
             yield
-        except hub.RemoteEntryNotFoundError:
-            listed = ", ".join(f.filename for f in self._gguf_files(repo)) or "none"
-            raise NotFound(f"{repo} has no file {filename!r}; its GGUF files: {listed}") from None
         except hub.OfflineModeIsEnabled:
             raise Unavailable(
                 "HF_HUB_OFFLINE is set: pulling needs the hub", code="hub_offline"
             ) from None
-        except hub.LocalEntryNotFoundError as exc:  # the hub's error is its cause
-            cause = exc.__cause__ if exc.__cause__ is not None else exc
-            raise self._hub_error(cause, where, repo, filename, received) from None
         except Exception as exc:
             raise self._hub_error(exc, where, repo, filename, received) from None
 
@@ -773,13 +941,25 @@ class ModelPuller:
         received: Callable[[], int] | None,
     ) -> BaseException:
         import httpx2
+        from huggingface_hub import constants
         from huggingface_hub import errors as hub
 
         if isinstance(exc, hub.RemoteEntryNotFoundError):
             listed = ", ".join(f.filename for f in self._gguf_files(repo)) or "none"
-            return NotFound(f"{repo} has no file {filename!r}; its GGUF files: {listed}")
+            return NotFound(
+                f"{repo} has no file {filename!r}; its GGUF files: {listed}", param="model"
+            )
         if isinstance(exc, hub.HfHubHTTPError):
             status = exc.response.status_code if exc.response is not None else None
+            if status == 403 and received is not None and self._link_refused(exc, received()):
+                return UpstreamAuthError(
+                    f"the download link of {where} was refused mid-transfer ({status}, "
+                    f"{_size(received())} in hand), again with a new link: a signed link that "
+                    "expired, or a CDN refusing it; it is not the repo's access (HF_TOKEN): "
+                    "nothing was kept, pull again",
+                    provider=self.hub,
+                    upstream_status=status,
+                )
             if status in (401, 403):
                 token = "your HF_TOKEN has no access to it" if self.token else "set HF_TOKEN"
                 return UpstreamAuthError(
@@ -792,13 +972,14 @@ class ModelPuller:
             if status == 404 or isinstance(
                 exc, hub.RepositoryNotFoundError | hub.RevisionNotFoundError
             ):
-                return NotFound(f"{where} not found on {self.hub} (it answered 404)")
+                return NotFound(f"{where} not found on {self.hub} (it answered 404)", param="model")
             if status == 429:  # it was "the hub failed, not keel", a 502
                 return self._rate_limited(where, exc.response)
             reason = exc.response.reason_phrase if exc.response is not None else ""
+            again = f", again after {RETRIES} tries" if received and status in TRANSIENT else ""
             return UpstreamStatusError(
-                f"the hub answered {status} {reason}".rstrip() + f" for {where}: the hub "
-                "failed, not keel; nothing was kept, pull again later",
+                f"the hub answered {status} {reason}".rstrip() + f" for {where}{again}: the "
+                "hub failed, not keel; nothing was kept, pull again later",
                 provider=self.hub,
                 upstream_status=status,
             )
@@ -812,15 +993,14 @@ class ModelPuller:
             if got:
                 return UpstreamTimeout(
                     f"{self.endpoint} stopped sending {where} after {_size(got)}: nothing came "
-                    f"for {self.hub_timeout:g}s, again after each resume; nothing was kept, "
-                    "pull again",
+                    f"for {constants.HF_HUB_DOWNLOAD_TIMEOUT:g}s, again after each resume; "
+                    "nothing was kept, pull again",
                     provider=self.hub,
                 )
             if received is not None:  # a download: it may have answered, and stalled
                 return UpstreamTimeout(
-                    f"{self.endpoint} sent nothing of {where} for {self.hub_timeout:g}s (no "
-                    "answer, or a stall within the first 10 MiB, which the download reads "
-                    "whole), again after each resume; nothing was kept, pull again",
+                    f"{self.endpoint} sent nothing of {where} for {self.hub_timeout:g}s, "
+                    "again after each try; nothing was kept, pull again",
                     provider=self.hub,
                 )
             return UpstreamTimeout(
@@ -844,16 +1024,6 @@ class ModelPuller:
                     f"the disk of {self.paths.models_dir} filled up during the download of "
                     f"{where}; nothing was kept: free some space, then pull again"
                 )
-            sizes = _CONSISTENCY.search(str(exc))
-            if sizes is not None:
-                expected, actual = int(sizes.group(1)), int(sizes.group(2))
-                return UpstreamProtocolError(
-                    f"the download of {where} came to {_size(actual)} where the hub said "
-                    f"{_size(expected)}: the connection broke off, or the file changed on "
-                    "the hub meanwhile; nothing was kept, pull again",
-                    provider=self.hub,
-                    code="size_mismatch",
-                )
             return UpstreamProtocolError(
                 f"the download of {where} broke off: {exc}; nothing was kept, pull again",
                 provider=self.hub,
@@ -868,11 +1038,6 @@ class ModelPuller:
                 provider=self.hub,
             )
         return exc
-
-
-_CONSISTENCY = re.compile(r"should be of size (\d+) but has size (\d+)")
-"""huggingface_hub's size check (its advice, ``force_download=True``, is not a keel
-user's to follow)."""
 
 
 def _check_endpoint(endpoint: str) -> None:
@@ -895,6 +1060,26 @@ def _check_endpoint(endpoint: str) -> None:
 
 def _size(n: int) -> str:
     return f"{n:,} bytes" if n < 2**20 else _mib(n)
+
+
+def _sizes(a: int, b: int) -> tuple[str, str]:
+    """``a`` and ``b`` told apart: in bytes where their MiB are the same."""
+    if a != b and _size(a) == _size(b):
+        return f"{a:,} bytes", f"{b:,} bytes"
+    return _size(a), _size(b)
+
+
+def _on_disk(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of the hub's answer ``exc`` carries, if any."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -932,7 +1117,6 @@ def _bar_class(
     emit: _Emitter,
     show_bar: bool,
     cancelled: threading.Event | None,
-    received: list[int] | None = None,
 ) -> type[Any]:
     """A tqdm class for huggingface_hub: a bar on a terminal (``show_bar``), and a
     ``downloading`` step every 5% for logs and SSE. A set ``cancelled`` stops the
@@ -952,8 +1136,6 @@ def _bar_class(
             if cancelled is not None and cancelled.is_set():
                 raise ClientDisconnected(f"the download of {file.filename} was cancelled")
             self.done += int(n or 0)
-            if received is not None:
-                received[0] = self.done
             if self.size:
                 step = min(100, self.done * 100 // self.size) // 5
                 if step != self.step:
