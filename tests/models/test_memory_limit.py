@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from keel.config import Paths, Settings
 from keel.models.manager import mem_available
+from keel.ops.doctor import check_fit, group_trouble
+from keel.providers.catalog import build_providers
 
 MIB = 2**20
 
@@ -44,7 +47,10 @@ def test_a_groups_limit_below_the_hosts_memory_is_what_is_available(
         unlimited = "max"
     limit, usage, inactive = names
     group(top, {limit: unlimited, usage: str(5000 * MIB), "memory.stat": f"{inactive} 0\n"})
-    stat = f"{inactive} {100 * MIB}\nother 7\n"  # page cache the kernel drops first: free
+    # page cache, which the kernel drops before it kills: free (a file read twice,
+    # the model file among them, was counted used)
+    active = inactive.replace("inactive", "active")
+    stat = f"{inactive} {60 * MIB}\n{active} {40 * MIB}\nother 7\n"
     group(top / "box", {limit: str(1200 * MIB), usage: str(300 * MIB), "memory.stat": stat})
     (tmp_path / "self").write_text(cgroups)
     available = mem_available(host(tmp_path, 22_520), tmp_path / "self", mount)
@@ -64,3 +70,19 @@ def test_a_limit_on_a_group_above_keels_counts_too(tmp_path: Path) -> None:
         (place / "memory.stat").write_text("inactive_file 0\n")
     (tmp_path / "self").write_text("0::/pod/app\n")
     assert mem_available(host(tmp_path, 22_520), tmp_path / "self", mount) == 124 * MIB
+
+
+def test_the_default_models_start_in_a_group_their_estimate_overruns(tmp_path: Path) -> None:
+    """The estimate counts each generating engine's prompt cache full: the embedded
+    model's three roles were estimated at 919 MiB and used 437 MiB, and a 900 MiB
+    container where they ran refused to start them (exit 69). Said, not refused."""
+    mount = tmp_path / "cgroup"
+    files = {"memory.max": str(900 * MIB), "memory.current": str(100 * MIB)}
+    group(mount / "box", {**files, "memory.stat": "inactive_file 0\n"})
+    (tmp_path / "self").write_text("0::/box\n")
+    providers = build_providers(Settings(), Paths(tmp_path / "root")).unique()
+    check_fit(providers)  # the host's memory: no refusal
+    said = group_trouble(providers, tmp_path / "self", mount)
+    assert said is not None and "raise the limit" in said, said
+    (mount / "box" / "memory.max").write_text(str(4096 * MIB))
+    assert group_trouble(providers, tmp_path / "self", mount) is None

@@ -58,19 +58,23 @@ def mem_available(
     cgroups: Path = Path("/proc/self/cgroup"),
     mount: Path = Path("/sys/fs/cgroup"),
 ) -> int | None:
-    """Bytes a new worker may take: the host's available memory, or what keel's memory
-    control group has left where less (a container's limit: the host's 22,520 MiB were
-    counted inside a 1,200 MiB one, and a worker that would need 4,126 MiB was started,
-    and killed by the kernel)."""
-    host = None
+    """Bytes a model loaded now may take: the host's available memory, or what keel's
+    memory control group has left where less (a container's limit: the host's 22,520 MiB
+    were counted inside a 1,200 MiB one, and a load that would need 4,126 MiB started a
+    worker the kernel killed)."""
+    host, group = host_memory_available(meminfo), cgroup_memory_left(cgroups, mount)
+    return group if host is None else host if group is None else min(host, group)
+
+
+def host_memory_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's ``MemAvailable``, in bytes."""
     try:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                host = int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        pass
-    group = cgroup_memory_left(cgroups, mount)
-    return group if host is None else host if group is None else min(host, group)
+        return None
+    return None
 
 
 UNLIMITED = 2**60
@@ -89,33 +93,34 @@ def cgroup_memory_left(cgroups: Path, mount: Path) -> int | None:
         return None
     v1 = [line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(",")]
     v2 = [line.split(":", 2)[2] for line in lines if line.startswith("0::")]
-    base, (limit, usage, inactive) = (
-        (
-            mount / "memory",
-            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
-        )
+    base, (limit, usage, cache) = (
+        (mount / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_"))
         if v1
-        else (mount, ("memory.max", "memory.current", "inactive_file"))
+        else (mount, ("memory.max", "memory.current", ""))
     )
     group = (v1 or v2 or ["/"])[0].strip("/")
     places = [base / group, *(base / group).parents]
     left = [
         room
         for place in places
-        if place.is_relative_to(base) and (room := _room(place, limit, usage, inactive)) is not None
+        if place.is_relative_to(base) and (room := _room(place, limit, usage, cache)) is not None
     ]
     return min(left, default=None)
 
 
-def _room(place: Path, limit: str, usage: str, inactive: str) -> int | None:
-    """Bytes ``place``'s group has left under its limit, or None (no limit, unreadable)."""
+def _room(place: Path, limit: str, usage: str, prefix: str) -> int | None:
+    """Bytes ``place``'s group has left under its limit, its page cache (``active_file``,
+    ``inactive_file``, named with ``prefix``), which the kernel drops before it kills,
+    counted as free (a file read twice, the model file among them, was counted used);
+    None without a limit or where unreadable."""
     try:
         most = (place / limit).read_text().strip()
         if most == "max" or int(most) >= UNLIMITED:
             return None
         used = int((place / usage).read_text())
         stat = dict(line.split() for line in (place / "memory.stat").read_text().splitlines())
-        return max(0, int(most) - used + int(stat.get(inactive, 0)))
+        cached = sum(int(stat.get(f"{prefix}{kind}_file", 0)) for kind in ("active", "inactive"))
+        return max(0, int(most) - used + cached)
     except (OSError, ValueError):
         return None
 
