@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -153,3 +154,39 @@ async def test_a_build_runs_in_a_process_of_its_own_whose_index_is_searched(
         **{**ask(repo), "prefix": "reading = barometric_gauge_reading(city_name)\n"}
     )
     assert any("barometric_gauge_reading" in snippet.body for snippet in snippets), snippets
+
+
+@pytest.mark.parametrize("kill", [False, True])
+async def test_a_build_child_is_apart_from_keels_signals_and_a_kill_is_said(
+    repo: Path, tmp_path: Path, kill: bool
+) -> None:
+    """A terminal's Ctrl-C reaches its foreground process group: the child, in keel's,
+    printed a traceback, and its build was logged as failed while keel stopped. It has
+    a group of its own (keel ends it itself). One killed says so, and what to do (it
+    said "keel's log has what it printed", and nothing had been printed)."""
+    for n in range(300):
+        (repo / "weather" / f"station_{n}.py").write_text(
+            f"def station_{n}_reading(city_name):\n    return {n}\n"
+        )
+    retriever = RepositoryRetriever.from_settings(
+        [RepositoryConfig(name="weather", path=str(repo))],
+        IndexConfig(refresh_seconds=0),
+        Paths(tmp_path / "data"),
+    )
+    refresh = asyncio.create_task(retriever.refresh_forever())
+    while not (seen := builders()):
+        assert not refresh.done(), "the round ended with no child seen building"
+        await asyncio.sleep(0.002)
+    groups = {os.getpgid(pid) for pid in seen}
+    if kill:
+        for pid in seen:
+            os.kill(pid, signal.SIGKILL)
+    await refresh
+    assert os.getpgid(0) not in groups, groups
+    state = retriever.status()["weather"]
+    if not kill:
+        assert state["state"] == "ready" and state["files"] == 304, state
+    else:
+        assert state["state"] == "failed", state
+        assert "killed by signal 9 (out of memory?)" in str(state["last_error"]), state
+        assert "keel index weather" in str(state["last_error"]), state

@@ -249,6 +249,10 @@ def test_a_loaded_model_keeps_the_last_resort_and_shares_a_running_worker(
         body = {"model_name": "fresh", "role": "chat", "stream": False}
         assert client.post("/v1/model/load", json=body).status_code == 200
         first = _chain(client, "chat")[0]["worker"]["pid"]
+        os.utime(models / "fresh.gguf")  # touched, the same model: its worker is kept
+        touched = client.post("/v1/model/load", json=body)
+        assert touched.status_code == 200, touched.text
+        assert _chain(client, "chat")[0]["worker"]["pid"] == first
         shutil.copyfile(embedded_model_path(), models / "fresh.part")
         os.replace(models / "fresh.part", models / "fresh.gguf")
         renewed = client.post("/v1/model/load", json=body)

@@ -482,8 +482,11 @@ class RepositoryRetriever:
         (:mod:`keel.index.child`: a thread of this one held Python's lock against every
         request), then read here. Its output ended, it is waited for; cancelled (keel
         stopping), it is killed, committing nothing."""
+        # In a process group of its own: a terminal's Ctrl-C, or a signal sent to keel's
+        # group, reached it too; it printed a traceback, and its build was logged as
+        # failed while keel stopped (keel ends it itself: a kill, which commits nothing).
         process = await asyncio.create_subprocess_exec(
-            *child.command(repo.index), stdin=DEVNULL, stdout=PIPE, stderr=None
+            *child.command(repo.index), stdin=DEVNULL, stdout=PIPE, stderr=None, process_group=0
         )
         self._children.add(process)
         said: dict[str, Any] = {}
@@ -504,9 +507,15 @@ class RepositoryRetriever:
         if "error" in said:
             raise Unavailable(said["error"], code=said.get("code") or "index_failed")
         if "stats" not in said:
+            code = process.returncode or 0
+            how = (
+                f"was killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
+                if code < 0
+                else f"ended with exit status {code} (keel's log has what it printed)"
+            )
             raise Unavailable(
-                f"indexing {repo.name!r} ended with exit status {process.returncode} (keel's "
-                "log has what it printed)",
+                f"indexing {repo.name!r} {how}; it is tried again at the next refresh, or "
+                f"now with `keel index {repo.name}`",
                 code="index_failed",
             )
         stats = UpdateStats(**said["stats"])

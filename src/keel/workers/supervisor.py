@@ -152,9 +152,10 @@ class WorkerSpec:
     pointed at another file (``current.gguf``) kept the old model through a reload, its
     path unchanged and so its worker kept."""
     version: tuple[int, ...] = ()
-    """That file's inode, size and modification time then: a file replaced in its place
-    (``keel models pull`` of a newer one) is another model, whose load was answered
-    "runs already" by the worker still reading the deleted old one."""
+    """That file's inode and size then: a file replaced in its place (``keel models
+    pull`` of a newer one) is another model, whose load was answered "runs already" by
+    the worker still reading the deleted old one (its time is not: a file touched is the
+    same model, and its worker is kept through a reload)."""
 
     def __post_init__(self) -> None:
         if not self.file:
@@ -164,7 +165,7 @@ class WorkerSpec:
                 found = os.stat(self.file)
             except OSError:  # the worker's load says why
                 return
-            object.__setattr__(self, "version", (found.st_ino, found.st_size, found.st_mtime_ns))
+            object.__setattr__(self, "version", (found.st_ino, found.st_size))
 
     def header(self) -> dict[str, object]:
         """The model file's header values, read once for a file in keel's process, or
