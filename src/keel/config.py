@@ -1606,15 +1606,20 @@ def masked_url(text: str) -> str:
 def _variables_hidden(
     issues: list[ConfigIssue], raw: object, environ: Mapping[str, str]
 ) -> list[ConfigIssue]:
-    """``issues`` with the value of each variable ``raw`` refers to shown as the reference
-    (``${NAME}``), wherever it is in a message or a value: a variable's value may be a
+    """``issues`` with the value of each variable the setting at fault refers to shown as
+    the reference (``${NAME}``), in its message and value: a variable's value may be a
     secret under any key (a swapped variable put an API key into an ``api_endpoint``,
-    printed by ``keel config check``, a reload's answer and the audit log). Values under
-    8 characters are left (a port, a flag: no secret, and "1" is in many messages)."""
+    printed by ``keel config check``, a reload's answer and the audit log). Only the
+    setting's own variables (``kind = "openai/chatt"`` was shown as ``${CHAT_KIND}t``,
+    another setting's value), and none under 8 characters (a port, a flag)."""
+    return [_hidden_in(issue, _raw_at(raw, issue.key), environ) for issue in issues]
+
+
+def _hidden_in(issue: ConfigIssue, raw: object, environ: Mapping[str, str]) -> ConfigIssue:
     names = {m.group(1) or m.group(3) for text in _strings(raw) for m in ENV_REF.finditer(text)}
     hidden = {environ[n]: f"${{{n}}}" for n in names if n and len(environ.get(n) or "") >= 8}
     if not hidden:
-        return issues
+        return issue
     pattern = re.compile("|".join(map(re.escape, sorted(hidden, key=len, reverse=True))))
 
     def hide(value: object) -> object:
@@ -1622,7 +1627,21 @@ def _variables_hidden(
             return pattern.sub(lambda match: hidden[match.group(0)], value)
         return [hide(item) for item in value] if isinstance(value, list) else value
 
-    return [ConfigIssue(i.key, str(hide(i.message)), hide(i.value)) for i in issues]
+    return ConfigIssue(issue.key, str(hide(issue.message)), hide(issue.value))
+
+
+def _raw_at(raw: object, key: str) -> object:
+    """The value at ``key`` (``model.chat.http.api_endpoints[1]``) in the file as read,
+    or None."""
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if isinstance(raw, list) and part.startswith("["):
+            at = int(part[1:-1])
+            raw = raw[at] if at < len(raw) else None
+        elif isinstance(raw, dict):
+            raw = raw.get(part)
+        else:
+            return None
+    return raw
 
 
 def _strings(raw: object) -> Iterator[str]:

@@ -371,6 +371,12 @@ def test_a_variables_value_is_shown_as_its_reference_in_a_config_error() -> None
     assert "TOPSECRET" not in said, said
     assert "'${UPSTREAM_KEY}' must start with http" in said, said  # the message's too
     assert "(got '$UPSTREAM_KEY')" in said, said  # as written
+    # another setting's value is shown as it is (a typo was shown as "${CHAT_KIND}t")
+    http = {"kind": "${CHAT_KIND}", "api_endpoint": "http://x/v1"}
+    raw = {"model": {"chat": {"http": http}, "completion": {"http": {"kind": "openai/chatt"}}}}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "c", environ={"CHAT_KIND": "openai/chat"})
+    assert "(got 'openai/chatt')" in caught.value.message, caught.value.message
 
 
 def test_config_check_warns_of_a_keys_file_keel_cannot_use(tmp_path: Path) -> None:
