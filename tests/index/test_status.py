@@ -90,17 +90,23 @@ async def test_a_checkout_moved_is_missing_with_no_request_to_find_it(
     assert retriever.status()["weather"]["state"] == "ready"
 
 
-async def test_a_build_shows_how_far_it_is(repo: Path, tmp_path: Path) -> None:
-    """A first build showed ``{"state": "indexing"}`` alone, however long it took."""
+def three_hundred_files(repo: Path, tmp_path: Path) -> RepositoryRetriever:
+    """A retriever of ``repo`` with 300 more files (a build of a second or two), built
+    once a refresh round, not again."""
     for n in range(300):
         (repo / "weather" / f"station_{n}.py").write_text(
             f"def station_{n}_reading(city_name):\n    return {n}\n"
         )
-    retriever = RepositoryRetriever.from_settings(
+    return RepositoryRetriever.from_settings(
         [RepositoryConfig(name="weather", path=str(repo))],
         IndexConfig(refresh_seconds=0),
         Paths(tmp_path / "data"),
     )
+
+
+async def test_a_build_shows_how_far_it_is(repo: Path, tmp_path: Path) -> None:
+    """A first build showed ``{"state": "indexing"}`` alone, however long it took."""
+    retriever = three_hundred_files(repo, tmp_path)
     seen: list[dict[str, object]] = []
     refresh = asyncio.create_task(retriever.refresh_forever())
     while not refresh.done():
@@ -164,15 +170,7 @@ async def test_a_build_child_is_apart_from_keels_signals_and_a_kill_is_said(
     printed a traceback, and its build was logged as failed while keel stopped. It has
     a group of its own (keel ends it itself). One killed says so, and what to do (it
     said "keel's log has what it printed", and nothing had been printed)."""
-    for n in range(300):
-        (repo / "weather" / f"station_{n}.py").write_text(
-            f"def station_{n}_reading(city_name):\n    return {n}\n"
-        )
-    retriever = RepositoryRetriever.from_settings(
-        [RepositoryConfig(name="weather", path=str(repo))],
-        IndexConfig(refresh_seconds=0),
-        Paths(tmp_path / "data"),
-    )
+    retriever = three_hundred_files(repo, tmp_path)
     refresh = asyncio.create_task(retriever.refresh_forever())
     while not (seen := builders()):
         assert not refresh.done(), "the round ended with no child seen building"
