@@ -482,9 +482,10 @@ class RepositoryRetriever:
         (:mod:`keel.index.child`: a thread of this one held Python's lock against every
         request), then read here. Its output ended, it is waited for; cancelled (keel
         stopping), it is killed, committing nothing."""
-        # In a session and process group of its own: a terminal's Ctrl-C, or a signal sent to keel's
-        # group, reached it too; it printed a traceback, and its build was logged as
-        # failed while keel stopped (keel ends it itself: a kill, which commits nothing).
+        # In a session and process group of its own: a terminal's Ctrl-C, or a signal
+        # sent to keel's group, reached it too; it printed a traceback, and its build was
+        # logged as failed while keel stopped (keel ends it itself: a kill, which commits
+        # nothing).
         process = await asyncio.create_subprocess_exec(
             *child.command(repo.index),
             stdin=DEVNULL,
