@@ -19,6 +19,8 @@ import pytest
 from keel.errors import UpstreamStatusError
 from keel.models.registry import embedded_model_path
 from keel.ops.ports import ESTABLISHED, socket_inodes, tcp_inodes
+from keel.providers.base import ChatCall, ChatMessage, GenerationParams
+from keel.providers.local import LocalProvider
 from keel.workers.supervisor import WorkerSpec, WorkerState, WorkerSupervisor
 from keel.workers.worker import PIECE_HOLD, PREFILL_BATCH, SUPERSEDE_GRACE, THREADS_VARIABLE
 from tests.conftest import PRECOMPUTE_OFF, KeelProcess, running_keel
@@ -65,6 +67,24 @@ async def test_an_abandoned_generation_frees_its_slot_at_once(supervisor: Worker
     # The best of three, so that one descheduling of a busy CI machine is not a failure;
     # without cancellation every try takes seconds.
     assert min(waits) < 0.1, waits
+
+
+async def test_an_abandoned_answer_to_a_schema_is_cancelled_as_it_is_closed(
+    supervisor: WorkerSupervisor,
+) -> None:
+    """A chat asked for JSON goes through a layer that names a schema the engine cannot
+    compile; closed, it closes the generation under it at once (the cancel was left to
+    the garbage collector's finalizer, a while after the client had gone)."""
+    provider = LocalProvider(supervisor, name="engine", model="m", ready_timeout=5)
+    call = ChatCall(
+        (ChatMessage("user", "List the numbers from 1 to 300 in a JSON object."),),
+        GenerationParams(max_tokens=300, temperature=0),
+        response_format={"type": "json_object"},
+    )
+    stream = provider.stream_chat(call)
+    await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert not supervisor._pending, "the generation under it was left running"
 
 
 async def test_tokens_made_close_together_go_up_as_one_piece(

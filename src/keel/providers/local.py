@@ -8,9 +8,9 @@ for embeddings, so that role gets a worker of its own.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 from keel.errors import RequestError, UpstreamStatusError
 from keel.pipeline.prompt import control_pattern, user_text_pieces
@@ -333,7 +333,8 @@ async def _schema_refusals(stream: AsyncIterator[str]) -> AsyncIterator[str]:
     """``stream``, with the engine's refusal of a response schema it cannot compile into
     a grammar as the client's 400 naming the schema (it was ``upstream_rejected_request``,
     no ``param``, in the engine's words about a "template", though no upstream was
-    called)."""
+    called). Closed, it closes ``stream`` at once, which cancels the generation (left to
+    the garbage collector, the engine went on a while after its client had gone)."""
     try:
         async for piece in stream:
             yield piece
@@ -349,6 +350,8 @@ async def _schema_refusals(stream: AsyncIterator[str]) -> AsyncIterator[str]:
             param=SCHEMA_FIELD,
             code="invalid_schema",
         ) from None
+    finally:
+        await cast(AsyncGenerator[str, None], stream).aclose()
 
 
 async def _refused(error: RequestError) -> AsyncIterator[str]:
