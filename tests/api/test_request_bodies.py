@@ -131,6 +131,8 @@ async def test_bodies_that_are_not_json_objects_are_400(
         response = await client.post(path, content=raw, headers=headers_for(path))
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["code"] == code, (path, response.text)
+        if raw.count(b"[") > 1_000:  # said how deep keel reads, and what to send
+            assert "send a flatter body" in response.json()["error"]["message"], response.text
 
 
 async def test_a_compressed_body_is_a_415_that_says_so(client: httpx.AsyncClient) -> None:

@@ -266,7 +266,12 @@ def decode_body(body: bytes) -> Any:
             f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
     except RecursionError:
-        raise RequestError("the request body is nested too deeply", code="invalid_json") from None
+        raise RequestError(
+            "the request body is nested too deeply: hundreds of arrays and objects inside "
+            "each other, past what keel reads (its fields nest a few levels, a response "
+            "schema at most 64); send a flatter body",
+            code="invalid_json",
+        ) from None
     if where is not None:
         field = _field(where).encode("utf-8", "backslashreplace").decode()
         raise RequestError(
