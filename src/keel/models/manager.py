@@ -45,7 +45,7 @@ from keel.providers.catalog import (
 )
 from keel.providers.local import LocalProvider
 from keel.router.service import DRAIN_LIMIT, Routing
-from keel.workers.supervisor import GIVEN_UP_FIX, WorkerSpec, WorkerState
+from keel.workers.supervisor import GIVEN_UP_FIX, WorkerSpec, WorkerState, memory_group
 
 log = logging.getLogger("keel.models")
 
@@ -87,19 +87,16 @@ def cgroup_memory_left(cgroups: Path, mount: Path) -> int | None:
     first as free; None without a limit. cgroup v2 (``memory.max``), else v1
     (``memory.limit_in_bytes``), where a container sees its own group as the mount's
     root."""
-    try:
-        lines = cgroups.read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError):
+    found = memory_group(cgroups, mount)
+    if found is None:
         return None
-    v1 = [line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(",")]
-    v2 = [line.split(":", 2)[2] for line in lines if line.startswith("0::")]
-    base, (limit, usage, cache) = (
-        (mount / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_"))
+    base, group, v1 = found
+    limit, usage, cache = (
+        ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_")
         if v1
-        else (mount, ("memory.max", "memory.current", ""))
+        else ("memory.max", "memory.current", "")
     )
-    group = (v1 or v2 or ["/"])[0].strip("/")
-    places = [base / group, *(base / group).parents]
+    places = [group, *group.parents]
     left = [
         room
         for place in places

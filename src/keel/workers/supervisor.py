@@ -297,6 +297,25 @@ def kernel_oom_kills(vmstat: str = "/proc/vmstat") -> int | None:
     return _oom_kill_count(Path(vmstat))
 
 
+def memory_group(
+    cgroups: str | Path = "/proc/self/cgroup", mount: str | Path = "/sys/fs/cgroup"
+) -> tuple[Path, Path, bool] | None:
+    """Where keel's memory control group is, as mounted here: its hierarchy's root, the
+    group, and whether that is cgroup v1's memory controller (else v2's unified tree); a
+    container sees its own group as the root. None where ``cgroups`` cannot be read."""
+    try:
+        lines = Path(cgroups).read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    v1 = [group for _, controllers, group in fields if "memory" in controllers.split(",")]
+    v2 = [group for _, controllers, group in fields if controllers == ""]
+    if not v1 and not v2:
+        return None
+    base = Path(mount, "memory") if v1 else Path(mount)
+    return base, base / (v1 or v2)[0].strip("/"), bool(v1)
+
+
 def cgroup_oom_kills(
     cgroups: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup"
 ) -> int | None:
@@ -304,27 +323,17 @@ def cgroup_oom_kills(
     killer has killed, by any OOM: cgroup v2's ``memory.events``, else v1's
     ``memory.oom_control`` (where a container sees its own group as the mount's root);
     None where neither is readable, or keel runs in the root group."""
-    try:
-        lines = Path(cgroups).read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError):
+    found = memory_group(cgroups, mount)
+    if found is None:
         return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, group = parts
-        if controllers == "" and group != "/":
-            candidates = [Path(mount, group.lstrip("/"), "memory.events")]
-        elif "memory" in controllers.split(","):
-            memory = Path(mount, "memory")
-            candidates = [memory / group.lstrip("/") / "memory.oom_control"]
-            if group != "/":
-                candidates.append(memory / "memory.oom_control")
-        else:
-            continue
-        for candidate in candidates:
-            if (count := _oom_kill_count(candidate)) is not None:
-                return count
+    base, group, v1 = found
+    if v1:  # keel's group, else the mount's root: a container's own
+        candidates = [group / "memory.oom_control", base / "memory.oom_control"]
+    else:
+        candidates = [group / "memory.events"] if group != base else []
+    for candidate in candidates:
+        if (count := _oom_kill_count(candidate)) is not None:
+            return count
     return None
 
 
