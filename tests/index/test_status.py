@@ -4,6 +4,7 @@ finds, at once, and a build shows how far it is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from keel.config import IndexConfig, Paths, RepositoryConfig
 from keel.index.retrieve import RepositoryRetriever
+from tests.conftest import niceness
 from tests.index.test_retrieve import PREFIX
 
 
@@ -176,11 +178,19 @@ async def test_a_build_child_is_apart_from_keels_signals_and_a_kill_is_said(
         assert not refresh.done(), "the round ended with no child seen building"
         await asyncio.sleep(0.002)
     groups = {os.getpgid(pid) for pid in seen}
+    lowered = set()  # and below keel's requests: the lowest priority, its autogroup's too
+    for _ in range(2_500):  # at most ~5 s: a limit to a hang, not a timing bound
+        with contextlib.suppress(OSError):
+            lowered = {pid for pid in seen if niceness(pid) in (({19}, 19), ({19}, None))}
+        if lowered == seen or refresh.done():
+            break
+        await asyncio.sleep(0.002)
     if kill:
         for pid in seen:
             os.kill(pid, signal.SIGKILL)
     await refresh
     assert os.getpgid(0) not in groups, groups
+    assert lowered == seen, "the build ran at keel's priority"
     state = retriever.status()["weather"]
     if not kill:
         assert state["state"] == "ready" and state["files"] == 304, state

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -21,9 +22,12 @@ from pathlib import Path
 
 from keel.errors import KeelError
 from keel.index.store import RepositoryIndex
+from keel.workers.worker import autogroup_nice
 
 PROGRESS_SECONDS = 0.5
 """The least time between two progress lines."""
+BUILD_NICE = 19
+"""The build's CPU priority: the lowest, as it can wait and a keystroke cannot."""
 
 
 def command(index: RepositoryIndex) -> list[str]:
@@ -45,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name)
     parser.add_argument("max_file_bytes", type=int)
     args = parser.parse_args(argv)
+    # Below the engines and keel's requests: with the embedded model at the defaults,
+    # completions during a 36,500-chunk build took 300 ms at p50 and 1,040 ms at p90
+    # beside it at keel's priority, 292 and 424 ms with the index ready.
+    autogroup_nice(os.nice(BUILD_NICE))
     index = RepositoryIndex(
         args.name, Path(args.root), Path(args.directory), max_file_bytes=args.max_file_bytes
     )

@@ -1106,10 +1106,16 @@ def _keep_the_priority(embedding: bool) -> None:
     its autogroup: a keel started with ``nice`` or ``chrt --idle`` had engines at full
     priority, each weighing as much as every other session on the machine."""
     nice = os.nice(EMBEDDING_NICE if embedding else 0)
-    group = IDLE_GROUP_NICE if os.sched_getscheduler(0) == os.SCHED_IDLE else nice
-    if group:  # a new autogroup starts at 0
+    autogroup_nice(IDLE_GROUP_NICE if os.sched_getscheduler(0) == os.SCHED_IDLE else nice)
+
+
+def autogroup_nice(nice: int) -> None:
+    """Give this process's session's autogroup ``nice`` (a process with a session of its
+    own has an autogroup of its own, which a new session starts at 0, and a nice counts
+    only within its autogroup)."""
+    if nice:
         with contextlib.suppress(OSError):  # no autogroups: the nice alone is enough
-            Path("/proc/self/autogroup").write_text(str(group))
+            Path("/proc/self/autogroup").write_text(str(nice))
 
 
 def main(argv: list[str] | None = None) -> int:
