@@ -319,6 +319,12 @@ async def read_model(request: Request, model: type[ModelT]) -> ModelT:
 def no_route(path: str) -> str:
     """A 404's message: where the client meant to go, where keel can tell from the path
     (a real client's mistake or an API keel does not serve), else the API's document."""
+    if path.startswith("//"):
+        return (
+            f"no such route: the path {path[:200]} has a doubled slash, as when a base URL "
+            "that ends in a slash gets the client's own path after it; drop the trailing "
+            "slash of the client's base URL"
+        )
     parts = [part for part in path.split("/") if part]
     if len(parts) >= 2 and parts[0] == parts[1]:
         base = f"/{parts[0]}"

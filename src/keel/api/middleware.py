@@ -53,7 +53,6 @@ from keel.api.errors import ERROR_CODE_KEY, error_response
 from keel.config import Role
 from keel.errors import (
     Forbidden,
-    NotFound,
     PayloadTooLarge,
     RequestError,
     UnsupportedEncoding,
@@ -292,8 +291,6 @@ class KeelMiddleware:
         try:
             if hosts != 1 and (hosts or scope["http_version"] != "1.0") or coded:
                 await error_response(_unframed(hosts, coded))(scope, receive, response)
-            elif scope["path"].startswith("//"):  # a base URL ending in a slash
-                await error_response(_doubled_slash(scope["path"]))(scope, receive, response)
             elif origin is not None and scope["method"] == "OPTIONS":
                 await self.cors.preflight(origin, scope)(scope, receive, response)
             elif origin is not None and not self.cors.welcomes(origin, host):
@@ -434,14 +431,6 @@ def _unframed(hosts: int, coded: bool) -> RequestError:
         "the request has no Host header, which HTTP/1.1 requires; send one naming the "
         "address keel is called at (Host: localhost:8080)",
         code="missing_host",
-    )
-
-
-def _doubled_slash(path: str) -> NotFound:
-    return NotFound(
-        f"no such route: the path {path[:200]} has a doubled slash, as when a base URL that "
-        "ends in a slash gets the client's own path after it; drop the trailing slash of "
-        "the client's base URL"
     )
 
 
