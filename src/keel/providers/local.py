@@ -8,9 +8,9 @@ for embeddings, so that role gets a worker of its own.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
-from typing import Any, cast
+from typing import Any
 
 from keel.errors import RequestError, UpstreamStatusError
 from keel.pipeline.prompt import control_pattern, user_text_pieces
@@ -24,6 +24,7 @@ from keel.providers.base import (
     GenerationParams,
     ProviderInfo,
     Reported,
+    close_stream,
     llamacpp_seed,
     token_groups,
 )
@@ -351,7 +352,7 @@ async def _schema_refusals(stream: AsyncIterator[str]) -> AsyncIterator[str]:
             code="invalid_schema",
         ) from None
     finally:
-        await cast(AsyncGenerator[str, None], stream).aclose()
+        await close_stream(stream)
 
 
 async def _refused(error: RequestError) -> AsyncIterator[str]:
