@@ -117,7 +117,7 @@ class ChatServing:
             if body.stream:
                 return await self._stream(http, body, open_stream, call, envelope)
             generated = await generate_text(self.router, self.admission, open_stream, params)
-        await count_usage(generated, chat_text(call), call.reported)
+        await count_usage(generated, lambda: chat_text(call), call.reported)
         note_provider(http, generated.provider)
         envelope.served(generated.provider, call.reported)
         message: dict[str, object] = {"role": "assistant", "content": generated.text}
@@ -156,7 +156,7 @@ class ChatServing:
             return [chunk({"role": "assistant", "content": ""}, None)]
 
         async def tail() -> list[dict[str, object]]:
-            await count_usage(generated, chat_text(call), call.reported)
+            await count_usage(generated, lambda: chat_text(call), call.reported)
             last = [chunk({}, finish_reason(generated, params.max_tokens))]
             if body.stream_options is not None and body.stream_options.include_usage:
                 last.append(

@@ -380,7 +380,7 @@ class CompletionServing:
             reported = Reported()
             open_stream = _openai_call(body, params, reported)
             generated = await generate_text(self.router, self.admission, open_stream, params, ends)
-        await count_usage(generated, body.prompt_text(), reported)
+        await count_usage(generated, body.prompt_text, reported)
         note_provider(http, generated.provider)
         envelope.served(generated.provider, reported)
         finish = finish_reason(generated, params.max_tokens)
@@ -407,7 +407,7 @@ class CompletionServing:
         )
 
         async def tail() -> list[dict[str, object]]:
-            await count_usage(generated, body.prompt_text(), reported)
+            await count_usage(generated, body.prompt_text, reported)
             last = [envelope(choice("", finish_reason(generated, params.max_tokens)))]
             if body.stream_options is not None and body.stream_options.include_usage:
                 last.append(envelope([], usage=generated.usage()))

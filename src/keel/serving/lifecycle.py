@@ -246,13 +246,14 @@ async def count_tokens(provider: Provider | None, texts: list[str]) -> list[int]
     return [estimate_tokens(text) for text in texts]
 
 
-async def count_usage(generated: Generated, prompt: str, reported: Reported) -> None:
+async def count_usage(generated: Generated, prompt: Callable[[], str], reported: Reported) -> None:
     """Fill in ``generated``'s prompt and completion tokens as the engine ``reported``
     them (a chat's templated prompt; the tokens it generated, which a constrained
-    answer's text may not retokenize to), else counted from ``prompt`` and the text;
-    and why the engine said it stopped."""
+    answer's text may not retokenize to), else counted from ``prompt()`` and the text
+    (the prompt's text is made only then: a chat's, with its tools' JSON, on every
+    answer, for a count most backends give); and why the engine said it stopped."""
     prompt_tokens, completion_tokens = reported.prompt_tokens, reported.completion_tokens
-    texts = [prompt] if not prompt_tokens else []
+    texts = [prompt()] if not prompt_tokens else []
     texts += [generated.said()] if not completion_tokens else []
     counts = iter(await count_tokens(generated.provider, texts) if texts else [])
     generated.prompt_tokens = prompt_tokens or next(counts)
