@@ -73,6 +73,9 @@ REFUSED = [
     ("/v1/completions", {"prompt": "x", "n_predict": 0}),
     ("/v1/completions", {"prompt": "", "suffix": None}),
     ("/v1/chat/completions", _chat(response_format={"type": "json_schema"})),
+    # stream_options only with a stream
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", _chat(stream=False, stream_options={"include_usage": True})),
 ]
 """Allowed by the document once, each refused by keel: refused by both now."""
 
@@ -99,6 +102,8 @@ TAKEN = [
     ("/v1/embeddings", {"input": "x", "encoding_format": None}),
     ("/v1/completions", {"prompt": "x", "n": None, "stream": None}),
     ("/v1/chat/completions", _chat(stream=True, stream_options={"include_usage": None})),
+    ("/v1/chat/completions", _chat(stream=False, stream_options=None)),
+    ("/v1/chat/completions", _chat(stream_options={"include_usage": False})),
     ("/completion", {"prompt": "x", "stream": None, "response_fields": None}),
     ("/v1/completions", {"prompt": "x", "max_tokens": 5, "n_predict": -1}),
     ("/v1/chat/completions", _chat(tool_choice="none")),

@@ -859,3 +859,20 @@ async def test_a_context_past_the_configs_bound_is_a_400_before_any_load(
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["param"] == "max_seq_len" and "1048576" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/completions", OPENAI_COMPLETION), ("/v1/chat/completions", OPENAI_CHAT)],
+)
+async def test_stream_options_without_a_stream_is_a_400_naming_it(
+    client: httpx.AsyncClient, path: str, body: dict[str, object]
+) -> None:
+    """OpenAI's API and vLLM refuse it; accepted, the client waiting for a usage chunk got
+    one JSON body."""
+    asked = {**body, "stream_options": {"include_usage": True}}
+    response = await client.post(path, json=asked, headers=USER)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "stream_options", error
+    assert "'stream': true" in error["message"]

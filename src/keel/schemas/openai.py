@@ -223,6 +223,23 @@ class _Sampled(_Wire):
 
     _max_tokens = field_validator("max_tokens", mode="before")(_within_limit)
 
+    @model_validator(mode="after")
+    def _streamed_options(self) -> _Sampled:
+        """``stream_options`` shape a stream: asking a usage chunk without ``stream: true``,
+        the client waits for a chunk and gets one JSON body, so, as OpenAI's API and vLLM
+        do, it is a 400 (it was accepted and ignored)."""
+        if (
+            self.stream_options is not None
+            and self.stream_options.include_usage
+            and not self.stream
+        ):
+            raise RequestError(
+                "stream_options is only for a streamed answer: send 'stream': true, or leave"
+                " stream_options out (a whole answer carries its usage anyway)",
+                param="stream_options",
+            )
+        return self
+
     def _params(
         self,
         max_tokens: int | None,
@@ -259,6 +276,22 @@ ONE_LIMIT: list[dict[str, Any]] = [
     {"not": _both_given("max_completion_tokens", "n_predict")},
 ]
 """One limit on the answer's tokens, under one name (two that differ are a 400)."""
+
+STREAM_OPTIONS_STREAMED: dict[str, Any] = {
+    "if": {
+        "required": ["stream_options"],
+        "properties": {
+            "stream_options": {
+                "type": "object",
+                "required": ["include_usage"],
+                "properties": {"include_usage": {"const": True}},
+            }
+        },
+    },
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+}
+"""A usage chunk asked for only with ``stream: true``, as OpenAI's API and vLLM refuse it
+otherwise (``stream_options`` asking nothing is let through, as vLLM lets ``{}``)."""
 
 
 class _Limited(_Sampled):
@@ -302,7 +335,7 @@ class CompletionRequest(_Limited):
     model_config = ConfigDict(
         json_schema_extra={
             "not": {"required": ["segments"]},
-            "allOf": [*ONE_LIMIT],
+            "allOf": [*ONE_LIMIT, STREAM_OPTIONS_STREAMED],
             # something to continue: a prompt, or a suffix to fill in before
             "anyOf": [
                 {"properties": {"prompt": {"minLength": 1, "items": {"minLength": 1}}}},
@@ -810,6 +843,7 @@ class ChatCompletionRequest(_Limited):
         json_schema_extra={
             "allOf": [
                 ONE_LIMIT[0],  # n_predict gives way to OpenAI's names (_limits)
+                STREAM_OPTIONS_STREAMED,
                 {  # a tool_choice other than none needs tools
                     "anyOf": [
                         {"not": {"required": ["tool_choice"]}},
