@@ -358,7 +358,9 @@ async def test_a_prompt_read_ahead_reports_its_reuse_and_generates_as_one_read(
     assert warm == cold
 
 
-async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerSupervisor) -> None:
+async def test_an_over_long_prompt_is_a_400_with_the_numbers_a_failure_the_engines_502(
+    supervisor: WorkerSupervisor,
+) -> None:
     op = {"op": "complete", "prompt": "word " * 3000, "max_tokens": 4}
     with pytest.raises(UpstreamStatusError) as raised:
         async for _ in supervisor.stream(op, ready_timeout=5):
@@ -368,6 +370,12 @@ async def test_an_over_long_prompt_is_a_400_with_the_numbers(supervisor: WorkerS
     assert error.code == "context_length_exceeded"
     assert error.details["n_ctx"] == 2048
     assert int(str(error.details["n_prompt_tokens"])) > 2048
+    # A request failing inside the worker (here one without its prompt) is the engine's
+    # failure, a 502 like any backend's: it was a bare 500, keel's own bug by its code.
+    with pytest.raises(UpstreamStatusError) as raised:
+        async for _ in supervisor.stream({"op": "complete", "max_tokens": 4}, ready_timeout=5):
+            pass
+    assert (raised.value.status_code, raised.value.upstream_status) == (502, 500)
     # The worker is fine afterwards.
     pieces = [p async for p in supervisor.stream({**COUNTING, "max_tokens": 3}, ready_timeout=5)]
     assert pieces

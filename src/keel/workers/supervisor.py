@@ -735,7 +735,8 @@ class WorkerSupervisor:
                 upstream_status=400,
                 details={k: message[k] for k in ("n_prompt_tokens", "n_ctx") if k in message},
             )
-        raise KeelError(f"{self.name}: {message['error']}")
+        # anything else failed in the worker or its engine: the provider's failure, a 502
+        raise UpstreamStatusError(str(message["error"]), provider=self.name, upstream_status=500)
 
     async def stream(
         self, op: dict[str, Any], *, ready_timeout: float, reported: Reported | None = None
