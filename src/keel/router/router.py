@@ -556,10 +556,7 @@ class RoleRouter:
         if took_probe or kind in (Failure.AUTH, Failure.RATE_LIMITED):
             self.failed(endpoint, error, kind, check=True)
             return
-        self.events.provider_failed(endpoint.name, HEALTH_CHECK, type(error).__name__)
-        if endpoint.record_failed(error):
-            log.warning("provider %s failed its health check: %s", endpoint.name, error.message)
-            self.events.provider_health(endpoint.name, False)
+        self._check_failed(endpoint, error, "failed its health check")
 
     def _passed(self, endpoint: Endpoint, took: float | None) -> None:
         """A check ``endpoint`` passed (``took``: a deep one's time; None: a ping)."""
@@ -581,10 +578,15 @@ class RoleRouter:
         """A backend that did not accept a connection at keel's start: down, not flaky,
         so one such check counts as the failed checks that route it around."""
         self.events.health_check(endpoint.name, 0.0, False)
-        self.events.provider_failed(endpoint.name, HEALTH_CHECK, type(error).__name__)
         endpoint.failed_checks = UNHEALTHY_AFTER - 1
+        self._check_failed(endpoint, error, "is unreachable")
+
+    def _check_failed(self, endpoint: Endpoint, error: KeelError, said: str) -> None:
+        """A failed check counted as the provider's failure; the one that makes it
+        unhealthy logged (``said``: how) and reported."""
+        self.events.provider_failed(endpoint.name, HEALTH_CHECK, type(error).__name__)
         if endpoint.record_failed(error):
-            log.warning("provider %s is unreachable: %s", endpoint.name, error.message)
+            log.warning("provider %s %s: %s", endpoint.name, said, error.message)
             self.events.provider_health(endpoint.name, False)
 
 
