@@ -28,7 +28,7 @@ from keel.providers.base import (
     llamacpp_seed,
     token_groups,
 )
-from keel.providers.schema_gap import unenforced
+from keel.providers.schema_gap import held_format, unenforced
 from keel.workers.supervisor import WorkerSupervisor
 
 EMBED_PART_TOKENS = 1024
@@ -168,7 +168,7 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
         messages = engine_messages(call.messages, takes_calls=takes_calls)
         op: dict[str, Any] = {"op": "chat", "messages": messages, **_sampling(call.params)}
         if call.response_format is not None:
-            op["response_format"] = call.response_format
+            op["response_format"] = held_format(call.response_format)
         elif (controls := control_pattern(self.supervisor.control_tokens())) is not None and any(
             controls.search(m["content"]) or controls.search(str(m.get("tool_calls", "")))
             for m in messages

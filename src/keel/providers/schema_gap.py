@@ -10,6 +10,7 @@ bounds), and a keyword no branch reads is not enforced."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 UNENFORCED = (
@@ -51,6 +52,14 @@ def unenforced(node: Any, where: str = "") -> tuple[str, str] | None:
     if (gap := _own_gap(node)) is not None:
         key, why = gap
         return f"{where}.{key}", why
+    for path, child in _children(node, where):
+        if (gap := unenforced(child, path)) is not None:
+            return gap
+    return None
+
+
+def _children(node: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """The schemas in ``node``, each with where it is."""
     children: list[tuple[str, Any]] = []
     for key, value in node.items():
         if key in SCHEMAS and isinstance(value, dict):
@@ -59,10 +68,68 @@ def unenforced(node: Any, where: str = "") -> tuple[str, str] | None:
             children += [(f"{where}.{key}[{at}]", child) for at, child in enumerate(value)]
         elif key in SCHEMA:
             children.append((f"{where}.{key}", value))
-    for path, child in children:
-        if (gap := unenforced(child, path)) is not None:
-            return gap
-    return None
+    return children
+
+
+def held(schema: Any) -> Any:
+    """``schema`` with each ``pattern`` spelled as the engine's grammar reads it (``\\d``
+    as ``[0-9]``, ``\\w`` as ``[0-9A-Za-z_]``, ``\\/`` as ``/``): the engine accepted
+    any string for a pattern with an escape it has no rule for, with a warning in its
+    log. ``schema`` itself is left as it is."""
+    copied = copy.deepcopy(schema)
+    nodes = [copied]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, dict):
+            if isinstance(pattern := node.get("pattern"), str):
+                node["pattern"] = _spelled(pattern)[0]
+            nodes += [child for _, child in _children(node, "")]
+    return copied
+
+
+def held_format(response_format: dict[str, Any]) -> dict[str, Any]:
+    """A chat's ``response_format`` with its JSON schema :func:`held`."""
+    described = response_format.get("json_schema")
+    if not isinstance(described, dict) or "schema" not in described:
+        return response_format
+    return {**response_format, "json_schema": {**described, "schema": held(described["schema"])}}
+
+
+CLASS_ESCAPES = {"d": "0-9", "w": "0-9A-Za-z_"}
+"""JSON Schema's (ECMA-262's) character class escapes the engine lacks, as class ranges."""
+ESCAPES = frozenset('xuntr\\".-(){}[]|*+?^$')
+"""What the engine's grammar reads after a backslash outside a character class."""
+ESCAPES_IN_CLASS = frozenset("xuntr\\-]^")
+"""...and inside one (other punctuation is itself there)."""
+
+
+def _spelled(pattern: str) -> tuple[str, str | None]:
+    """``pattern`` as the engine's grammar can read it, and the first of its constructs
+    it still cannot (an escape such as ``\\s`` or ``\\b``, a lookaround), or None."""
+    out, at, in_class, unheld = [], 0, False, None
+    while at < len(pattern):
+        char = pattern[at]
+        if char == "\\" and at + 1 < len(pattern):
+            escaped = pattern[at + 1]
+            if escaped in CLASS_ESCAPES:
+                ranges = CLASS_ESCAPES[escaped]
+                char = ranges if in_class else f"[{ranges}]"
+            elif escaped in (ESCAPES_IN_CLASS if in_class else ESCAPES):
+                char = pattern[at : at + 2]
+            elif not escaped.isalnum():
+                char = escaped  # a punctuation character escaped: itself
+            else:
+                char, unheld = pattern[at : at + 2], unheld or f"\\{escaped}"
+            at += 1
+        elif char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        elif pattern.startswith("(?", at) and not pattern.startswith("(?:", at):
+            unheld = unheld or pattern[at : at + 3]
+        out.append(char)
+        at += 1
+    return "".join(out), unheld
 
 
 def _own_gap(node: dict[str, Any]) -> tuple[str, str] | None:
@@ -77,6 +144,11 @@ def _own_gap(node: dict[str, Any]) -> tuple[str, str] | None:
             f"the pattern {pattern!r} is not anchored (JSON Schema's patterns match anywhere "
             "in the string; anchored with ^ and $ it matches the whole string, which the "
             "engine can hold)"
+        )
+    if isinstance(pattern, str) and (unheld := _spelled(pattern)[1]) is not None:
+        return "pattern", (
+            f"the pattern {pattern!r} uses {unheld}, which the engine's grammar has no rule"
+            " for (it reads \\d and \\w; spell the rest as a class: [ ] for \\s)"
         )
     if isinstance(form, str) and form not in FORMATS:
         return "format", f"the format {form!r} is asked for (it holds date, time, date-time, uuid)"
