@@ -74,6 +74,8 @@ OPENAI_FIELDS = {
     "prompt_cache_key": "session-42",
     "store": False,
     "metadata": {"team": "editor"},
+    "safety_identifier": "user-hash-1",
+    "web_search_options": {"search_context_size": "low"},
 }
 
 

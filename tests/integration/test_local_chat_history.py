@@ -42,6 +42,7 @@ def _chat_provider(client: Any) -> dict[str, Any]:
             "messages[1].content[1]",
         ),
         ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+        ({"web_search_options": {}}, "web_search_options"),  # it does not search
         (  # the engine continues one assistant message at the end: it said so with no field
             {
                 "messages": [

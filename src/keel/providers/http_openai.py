@@ -42,7 +42,16 @@ log = logging.getLogger("keel.providers")
 OPENAI_STOP_LIMIT = 4
 """OpenAI's API refuses more than four stop sequences; keel stops on the rest itself."""
 
-OPENAI_ONLY = frozenset({"service_tier", "prompt_cache_key", "store", "metadata"})
+OPENAI_ONLY = frozenset(
+    {
+        "service_tier",
+        "prompt_cache_key",
+        "store",
+        "metadata",
+        "safety_identifier",
+        "web_search_options",
+    }
+)
 """Fields of a chat that OpenAI's own API defines, passed on to it alone (Mistral's API
 has none of them)."""
 

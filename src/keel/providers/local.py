@@ -212,6 +212,13 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
                 param="tool_choice",
                 code=UNSUPPORTED,
             )
+        if "web_search_options" in (call.passed_on or {}):
+            return RequestError(
+                f"{model} does not search the web, and web_search_options asks it to: leave"
+                " it out, or use a chat backend with a search model (openai/chat)",
+                param="web_search_options",
+                code=UNSUPPORTED,
+            )
         schema = (call.response_format or {}).get("json_schema") or {}
         if schema.get("strict") and (gap := unenforced(schema.get("schema"))) is not None:
             where, why = gap

@@ -883,6 +883,11 @@ class ChatCompletionRequest(_Limited):
     """OpenAI's processing tier, its prompt cache's key, and whether (and under what
     tags, OpenAI's limits) it stores the answer: sent on to an OpenAI-kind backend as
     sent (they were dropped, and a flex-tier client was billed at the default one)."""
+    safety_identifier: str | None = Field(None, max_length=64)
+    """OpenAI's stable id of the end user (``user``'s successor), sent on as those are."""
+    web_search_options: dict[str, Any] | None = None
+    """OpenAI's search models' options, sent on as those are (both were dropped); a local
+    model, which does not search, refuses them."""
 
     modalities: Annotated[list[str] | None, WithJsonSchema(TEXT_ONLY)] = None
     audio: Annotated[dict[str, Any] | None, only()] = None
@@ -985,6 +990,8 @@ class ChatCompletionRequest(_Limited):
                 "prompt_cache_key",
                 "store",
                 "metadata",
+                "safety_identifier",
+                "web_search_options",
             },
             exclude_none=True,
         )
