@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import sqlite3
 import tempfile
 import threading
@@ -163,10 +164,41 @@ def _disk_full(path: Path) -> bool:
     return disk.f_bavail * disk.f_frsize < TRIAL_BYTES * 4
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why keel's user cannot write the existing events file ``path``, its journal files
+    or its directory (where SQLite makes them), or None. SQLite opens such a file
+    read-only without a word: keel served, and dropped every event ("attempt to write a
+    readonly database")."""
+    journals = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    for place in [path, *journals, path.parent]:
+        needs = os.W_OK | (os.X_OK if place.is_dir() else 0)
+        if not place.exists() or os.access(place, needs):
+            continue
+        if os.statvfs(place).f_flag & os.ST_RDONLY:
+            return f"{place} is on a read-only file system: make it writable"
+        found, me = place.stat(), _user(os.geteuid())
+        mode = f"mode {found.st_mode & 0o7777:04o}"
+        if found.st_uid == os.geteuid():
+            return f"{place} ({mode}) is not writable by keel's user {me}: chmod u+w {place}"
+        return (
+            f"{place} is owned by {_user(found.st_uid)} ({mode}) and keel runs as {me}, "
+            f"who cannot write it: chown {me} {place}"
+        )
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def sqlite_trouble(path: Path) -> str | None:
     """Why the events SQLite file at ``path`` cannot be used, or None, changing nothing
-    (for ``keel doctor``): not a file, not a database, or a place where no database can
-    be written (a trial one, of :data:`TRIAL_BYTES`, is made and removed)."""
+    (for ``keel doctor``): not a file, not a database, one keel's user cannot write, or
+    a place where no database can be written (a trial one, of :data:`TRIAL_BYTES`, is
+    made and removed)."""
     if path.exists():
         if not path.is_file():
             return "it is not a file"
@@ -176,7 +208,7 @@ def sqlite_trouble(path: Path) -> str | None:
                 db.execute("PRAGMA schema_version")
         except sqlite3.Error as exc:
             return str(exc)
-        return None
+        return _unwritable(path)
     place = _nearest_dir(path)
     if place is None:
         return f"{path.parent} is not a directory"
