@@ -3,11 +3,13 @@ shape, naming the field and what to send instead (not served otherwise than aske
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import pytest
 from tests.api.conftest import USER, Backends
+from tests.fakes.upstreams import FINGERPRINT
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -88,6 +90,25 @@ async def test_openais_own_fields_reach_an_openai_chat_backend_as_sent(
     assert response.status_code == 200, response.text
     sent = backends.fallback.last_request.json
     assert {name: sent.get(name) for name in OPENAI_FIELDS} == OPENAI_FIELDS
+
+
+async def test_the_backends_system_fingerprint_is_passed_on(
+    client: httpx.AsyncClient, backends: Backends
+) -> None:
+    """OpenAI documents it as how a client holding ``seed`` knows answers can repeat; it
+    was dropped, whole and streamed."""
+    body = {"messages": HI, "seed": 1}
+    whole = await client.post("/v1/chat/completions", json=body, headers=USER)
+    assert whole.json()["system_fingerprint"] == FINGERPRINT, whole.text
+    async with client.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True}, headers=USER
+    ) as streamed:
+        chunks = [
+            json.loads(line.removeprefix("data: "))
+            async for line in streamed.aiter_lines()
+            if line.startswith("data: {")
+        ]
+    assert chunks and all(chunk["system_fingerprint"] == FINGERPRINT for chunk in chunks)
 
 
 @pytest.mark.parametrize(

@@ -607,7 +607,8 @@ class FakeUpstream:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            return _json_answer({"id": "cmpl-fake", "model": self.model, "choices": [choice]})
+            head = {"id": "cmpl-fake", "model": self.model, "system_fingerprint": FINGERPRINT}
+            return _json_answer({**head, "choices": [choice]})
         payloads: list[dict[str, Any]] = []
         calls = _tool_call_deltas(body) if chat else []
         for thought in self.reasoning if chat else ():
@@ -627,9 +628,9 @@ class FakeUpstream:
             {"index": 0, "finish_reason": finish, **({"delta": {}} if chat else {"text": ""})}
         )
         kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"model": self.model, "system_fingerprint": FINGERPRINT}
         frames = [
-            _sse({"id": "cmpl-fake", "object": kind, "model": self.model, "choices": [p]})
-            for p in payloads
+            _sse({"id": "cmpl-fake", "object": kind, **head, "choices": [p]}) for p in payloads
         ]
         if self.usage is not None and self.usage_apart:
             frames.append(
@@ -706,6 +707,10 @@ def _tool_call_deltas(body: dict[str, Any]) -> list[dict[str, Any]]:
             for part in (arguments[:half], arguments[half:])
         ]
     return deltas
+
+
+FINGERPRINT = "fp_fake"
+"""The ``system_fingerprint`` the fake OpenAI-style answers carry, as OpenAI's do."""
 
 
 def _json_answer(payload: object, status: int = 200) -> _Answer:

@@ -22,7 +22,7 @@ from keel.providers.base import (
 )
 from keel.providers.http import build_http_provider
 from keel.providers.http_openai import CallNumbering, tool_call_parts
-from tests.fakes.upstreams import Behaviour, FakeUpstream
+from tests.fakes.upstreams import FINGERPRINT, Behaviour, FakeUpstream
 
 PARAMS = GenerationParams(max_tokens=16, temperature=0.2, stop=("\n\n",), seed=7, top_p=0.9)
 
@@ -302,9 +302,11 @@ async def test_an_attempt_starts_with_nothing_reported(upstream: FakeUpstream, m
     call.reported.note_usage({"prompt_tokens": 900, "completion_tokens": 40})
     call.reported.finish_reason = "length"  # as a failed attempt's backend left them
     call.reported.model = "failed-model"
+    call.reported.system_fingerprint = "fp_failed"
     assert "".join(await collect(provider.stream_chat(call))) == "Hello, world"
     # this backend's word only: no usage in its stream, the model it named
-    assert call.reported == Reported(finish_reason="stop", model="fake-model")
+    said = Reported(finish_reason="stop", model="fake-model", system_fingerprint=FINGERPRINT)
+    assert call.reported == said
 
 
 async def test_an_embedding_with_nan_is_the_backends_fault(make_provider):

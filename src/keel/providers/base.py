@@ -181,6 +181,9 @@ class Reported:
     finish_reason: str | None = None
     model: str | None = None
     """The model the backend named in its answer (OpenAI's ``model``)."""
+    system_fingerprint: str | None = None
+    """The backend configuration it named (OpenAI's ``system_fingerprint``, which a
+    client holding ``seed`` compares to know whether answers can repeat)."""
     cached_tokens: int | None = None
     """Of ``prompt_tokens``, those the engine took from its cache instead of reading."""
     prompt_ms: float | None = None
@@ -192,6 +195,7 @@ class Reported:
     def clear(self) -> None:
         """Forget what an earlier attempt's engine said (a fallback starts afresh)."""
         self.prompt_tokens = self.completion_tokens = self.finish_reason = self.model = None
+        self.system_fingerprint = None
         self.cached_tokens = self.prompt_ms = None
 
     def note_timings(self, timings: object) -> None:

@@ -181,6 +181,8 @@ def stream_choice_text(
         reported.note_usage(payload.get("usage"))
         if reported.model is None and isinstance(model := payload.get("model"), str) and model:
             reported.model = model
+        if isinstance(fingerprint := payload.get("system_fingerprint"), str) and fingerprint:
+            reported.system_fingerprint = fingerprint
         choice = first_choice(payload, provider)
         if choice is None:
             return ""

@@ -1095,6 +1095,8 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"]
     created: int
     model: str
+    system_fingerprint: str | None = None
+    """The backend's, where it sent one."""
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -1117,6 +1119,8 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"]
     created: int
     model: str
+    system_fingerprint: str | None = None
+    """The backend's, where it sent one."""
     choices: list[ChatChoice]
     usage: Usage
 

@@ -294,6 +294,8 @@ class Envelope:
     kind: str
     created: int
     model: str
+    fingerprint: str | None = None
+    """The backend's ``system_fingerprint``, passed on where it sent one (it was dropped)."""
 
     def served(self, provider: Provider | None, reported: Reported) -> None:
         """The model that answered: as its backend named it, else its provider's (it
@@ -302,9 +304,12 @@ class Envelope:
             self.model = reported.model
         elif provider is not None:
             self.model = provider.info.model
+        self.fingerprint = reported.system_fingerprint
 
     def __call__(self, choices: list[dict[str, object]], **more: object) -> dict[str, object]:
         head = {"id": self.id, "object": self.kind, "created": self.created}
+        if self.fingerprint is not None:
+            head["system_fingerprint"] = self.fingerprint
         return {**head, "model": self.model, "choices": choices, **more}
 
 
