@@ -84,6 +84,20 @@ async def test_401_is_an_auth_error(upstream: FakeUpstream, make_provider, kind)
     assert caught.value.upstream_status == 401
 
 
+async def test_an_exhausted_quota_is_no_pause_but_the_accounts_trouble(
+    upstream: FakeUpstream, make_provider
+):
+    """OpenAI's 429 ``insufficient_quota`` (no Retry-After) was a 1 s rate limit: the
+    backend asked again every second and clients told to retry in 1 s, for as long as
+    the account was out of credit. It is the account's trouble, as a rejected key is."""
+    quota = {"message": "You exceeded your current quota", "code": "insufficient_quota"}
+    upstream.behave(Behaviour.error(429, {"error": {**quota, "type": "insufficient_quota"}}))
+    with pytest.raises(UpstreamAuthError, match="quota is used up") as caught:
+        await run(make_provider("openai/chat"))
+    assert (caught.value.code, caught.value.retry_after) == ("upstream_quota_exhausted", None)
+    assert classify(caught.value) is Failure.AUTH
+
+
 async def test_403_is_an_auth_error(upstream: FakeUpstream, make_provider):
     upstream.behave(Behaviour.error(403, {"detail": "forbidden"}))
     with pytest.raises(UpstreamAuthError, match="forbidden"):

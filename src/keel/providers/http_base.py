@@ -215,20 +215,34 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def status_error(provider: str, status: int, body: bytes, retry_after: str | None) -> UpstreamError:
     """The error for a response with status >= 400."""
-    message = error_message(body)
+    message, details = error_message(body), error_details(body)
     if status in (401, 403):
         return UpstreamAuthError(
             f"rejected our API key (HTTP {status}): {message}",
             provider=provider,
             upstream_status=status,
         )
+    if status == 429 and QUOTA_EXHAUSTED in (details.get("code"), details.get("type")):
+        # Not a pause: a rate limit's 1 s default had it asked again every second, and
+        # clients told to retry in 1 s, while the account stayed out of credit.
+        return UpstreamAuthError(
+            f"its account's quota is used up (HTTP 429 {QUOTA_EXHAUSTED}): {message}; add"
+            " credit or raise the plan's limit, then it is routed to after a health check",
+            provider=provider,
+            upstream_status=status,
+            code="upstream_quota_exhausted",
+        )
     return UpstreamStatusError(
         f"HTTP {status}: {message}",
         provider=provider,
         upstream_status=status,
         retry_after=parse_retry_after(retry_after),
-        details=error_details(body),
+        details=details,
     )
+
+
+QUOTA_EXHAUSTED = "insufficient_quota"
+"""OpenAI's error code (and type) for an account out of credit, sent with a 429."""
 
 
 def error_details(body: bytes) -> dict[str, object]:

@@ -435,7 +435,7 @@ class RoleRouter:
         endpoint.breaker.record_ignored()
         if kind is Failure.AUTH:
             if not endpoint.auth_failed:
-                log.error("provider %s rejected keel's key: %s", endpoint.name, error.message)
+                log.error("provider %s refuses keel's requests: %s", endpoint.name, error.message)
                 self.events.provider_health(endpoint.name, False)
             endpoint.auth_failed = True
             endpoint.last_error = error.message
