@@ -13,6 +13,7 @@ import pytest
 from tests.forked import fork_keel, run_keel
 from tests.models.conftest import FILE, REPO
 from tests.models.fake_hub import FakeHub
+from tests.ops.test_data_root import KEEL, assert_one_line_78, on_tmpfs, run
 
 
 def keel(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -74,6 +75,25 @@ def test_a_token_pasted_with_smart_quotes_is_one_line_exit_78(hub: FakeHub, tmp_
     assert hub.downloads() == []
     allowed = keel(tmp_path, "pull", f"{REPO}:{FILE}", HF_TOKEN=" hf_secret\n")
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_a_models_directory_keel_cannot_write_is_one_line_exit_78(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """A read-only one (a tmpfs mounted ro) crashed the pull with a traceback, "[Errno
+    30] Read-only file system: '.../models/.downloads'", or was said to lack disk space;
+    a file in its place with FileExistsError's."""
+    root = tmp_path / "keel"
+    models = root / "models"
+    models.mkdir(parents=True)
+    pull = [*KEEL, "models", "pull", f"{REPO}:{FILE}"]
+    read_only = run(on_tmpfs(pull, models, "size=1m,ro"), root)
+    assert_one_line_78(read_only, f"the models directory {models} is read-only: make it writable")
+    models.rmdir()
+    models.write_text("not a directory")
+    a_file = keel(root, "pull", f"{REPO}:{FILE}")
+    assert_one_line_78(a_file, f"the models directory {models} is not a directory: move it")
+    assert hub.downloads() == []
 
 
 def pull_under_way(hub: FakeHub, root: Path) -> subprocess.Popen[bytes]:

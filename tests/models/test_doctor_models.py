@@ -37,3 +37,13 @@ def test_doctor_lists_pulled_models_and_flags_leftovers(hub: FakeHub, paths: Pat
     assert "broken: " in detail and "not a GGUF file" in detail
     assert "1 MiB of a pull that was killed: remove it" in detail
     assert "tiny-coder-q4_1 (llama" in detail
+
+
+def test_a_models_directory_that_is_a_file_fails(paths: Paths) -> None:
+    """It said "ok none in .../models", and every pull then failed."""
+    paths.root.mkdir(parents=True)
+    paths.models_dir.write_text("not a directory")
+    status, detail = finding(paths.root)
+    assert status == "FAIL", detail
+    assert f"the models directory {paths.models_dir} is not a directory" in detail
+    assert "move it away" in detail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -129,3 +130,26 @@ async def test_spec_refusals_name_the_field_at_fault(
         assert response.status_code == status, (body, response.text)
         assert response.json()["error"]["param"] == param, (body, response.text)
     assert hub.downloads() == []
+
+
+async def test_a_models_directory_keel_cannot_use_is_said_not_an_internal_error(
+    client: httpx.AsyncClient, hub: FakeHub, tmp_path: Path
+) -> None:
+    """A file in its place (as a read-only one) was the stream's internal_error, or a
+    500 internal_error, with no audit entry."""
+    models = tmp_path / "keel" / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    models.write_text("not a directory")
+    for stream in (True, False):
+        response = await client.post(
+            "/v1/model/download",
+            json={"model": f"{REPO}:{FILE}", "stream": stream},
+            headers=ADMIN,
+        )
+        error = response.json()["error"]
+        assert error["code"] == "data_root_unusable", response.text
+        assert f"the models directory {models} is not a directory" in error["message"]
+        assert "move it away" in error["message"]
+    assert hub.downloads() == []
+    audit = (tmp_path / "keel" / "audit.log").read_text()
+    assert '"action":"model_download"' in audit and "is not a directory" in audit

@@ -72,6 +72,7 @@ from keel.errors import (
     BadEnvironment,
     ClientDisconnected,
     Conflict,
+    DataRootUnusable,
     InsufficientStorage,
     MissingDependency,
     NotFound,
@@ -127,11 +128,63 @@ def _damaged(path: Path) -> bool:
     return False
 
 
+def models_dir_trouble(models: Path, place: Path | None = None) -> str | None:
+    """Why no directory can be at ``place`` (``models``, or one in it): it, or a part of
+    its path, is something else (a file, a link to nothing); or None. Changes nothing
+    (for ``keel doctor``)."""
+    place = place or models
+    for part in (place, *place.parents):
+        if part.is_dir():
+            return None
+        if part.exists() or part.is_symlink():
+            what = "the models directory " if part == models else ""
+            into = "" if part == models else f", so no model can be pulled into {models}"
+            return (
+                f"{what}{part} is not a directory{into}: move it away (keel makes the "
+                "directory), or set KEEL_ROOT to a directory"
+            )
+    return None
+
+
+def models_dir_error(models: Path, exc: OSError) -> DataRootUnusable:
+    """What a pull says of a models directory it cannot write into (``exc``): it was a
+    traceback (exit 1), and the API's 500 internal_error, with no audit entry."""
+    fix = "make it writable, or set KEEL_ROOT to a writable directory"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        place = Path(exc.filename) if exc.filename else None
+        said = models_dir_trouble(models, place) or f"{models}: {exc.strerror}: {fix}"
+    elif exc.errno == errno.EROFS:
+        said = f"the models directory {models} is read-only: {fix}"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        said = f"keel's user (uid {os.geteuid()}) cannot write the models directory {models}: {fix}"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        said = f"the disk of the models directory {models} is full: free some space there"
+    else:
+        said = f"the models directory {models} cannot be written ({exc.strerror or exc}): {fix}"
+    return DataRootUnusable(f"{said} (nothing was downloaded)")
+
+
+def check_models_dir(models: Path) -> None:
+    """Make ``models`` and its staging directory, and a trial directory in it, or raise
+    :func:`models_dir_error`: a read-only one was found only as the download began (a
+    traceback), and a small one was said to lack disk space."""
+    staging_root = models / STAGING_DIR
+    try:
+        staging_root.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix="check-", dir=staging_root))
+    except OSError as exc:
+        raise models_dir_error(models, exc) from None
+
+
 def staging_for(root: Path, file: HubFile) -> tuple[Path, int]:
-    """A new staging directory for ``file``, and the descriptor of its lock, held for
-    the pull's life (:func:`abandoned_pulls` tells it from one a dead pull left)."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="pull-", dir=root))
+    """A new staging directory for ``file`` in ``root`` (``<models>/.downloads``), and
+    the descriptor of its lock, held for the pull's life (:func:`abandoned_pulls` tells
+    it from one a dead pull left)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="pull-", dir=root))
+    except OSError as exc:
+        raise models_dir_error(root.parent, exc) from None
     held = _lock(path)
     assert held is not None, "a new directory's lock is free"
     (path / ".pull.json").write_text(json.dumps({"repo": file.repo, "file": file.filename}))
@@ -705,7 +758,7 @@ class ModelPuller:
             log.warning("could not record where %s came from (%s): %s", dest, record, exc)
 
     def _check_disk(self, plan: PullPlan) -> None:
-        self.paths.models_dir.mkdir(parents=True, exist_ok=True)
+        check_models_dir(self.paths.models_dir)  # read-only first: it has little space too
         size = plan.file.size
         if size is None:
             return

@@ -286,8 +286,11 @@ def check_repositories(report: Report, settings: Settings) -> None:
 def check_downloaded_models(report: Report, paths: Paths) -> None:
     """The models in <root>/models (pulled or copied): header facts, damaged files, and
     what an interrupted pull left in its staging directory."""
-    from keel.models.pull import STAGING_DIR, abandoned_pulls
+    from keel.models.pull import STAGING_DIR, abandoned_pulls, models_dir_trouble
 
+    if (trouble := models_dir_trouble(paths.models_dir)) is not None:  # it said "ok none in"
+        report.add("downloaded models", "FAIL", trouble, ExitCode.CONFIG)
+        return
     try:
         files = [file for file in list_model_files(paths) if not file.embedded]
     except OSError as exc:  # a data root that cannot be entered (see data root)
