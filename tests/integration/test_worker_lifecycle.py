@@ -6,6 +6,9 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -169,5 +172,57 @@ def test_unloadable_model_file_is_reported_once_not_restarted(tmp_path: Path) ->
                 break
             time.sleep(0.2)
         assert answer["choices"][0]["message"]["content"], answer
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_python(tmp_path: Path) -> Path:
+    """A Python of keel's venv at a place of its own: a copy of the interpreter, with
+    the venv's packages (keel among them)."""
+    venv = tmp_path / "venv"
+    python = venv / "bin" / "python3"
+    python.parent.mkdir(parents=True)
+    shutil.copy2(os.path.realpath(sys.executable), python)
+    shutil.copy2(Path(sys.prefix) / "pyvenv.cfg", venv / "pyvenv.cfg")
+    packages = Path(sysconfig.get_paths()["purelib"])
+    site = venv / packages.relative_to(sys.prefix)
+    site.parent.mkdir(parents=True)
+    site.symlink_to(packages)
+    return python
+
+
+def test_a_worker_keel_cannot_run_is_given_up_on_at_once_naming_it(
+    tmp_path: Path, own_python: Path
+) -> None:
+    """Its Python made unrunnable under a running keel (an upgrade, a chmod), a worker
+    that died could not be started again: "cannot start worker: [Errno 13] Permission
+    denied", no path (uvloop drops it), tried five times with backoff."""
+    root = tmp_path / "root"
+    root.mkdir()
+    port = free_port()
+    log = root / "keel.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(own_python), "-m", "keel", "serve", "--port", str(port)],
+            env={**os.environ, "KEEL_ROOT": str(root)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = KeelProcess(process, f"http://127.0.0.1:{port}", root, log)
+    try:
+        server.wait_ready()
+        own_python.chmod(0o644)
+        os.kill(server.worker_pid(), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline and status.get("state") != "failed":
+            time.sleep(0.2)
+            status = httpx.get(f"{server.url}/ready", timeout=5).json()["roles"]["completion"]
+        assert status["state"] == "failed", status
+        assert status["restarts"] == 1, status  # the kill's restart, and no more
+        said = str(status["last_error"])
+        assert f"{own_python}, the Python keel runs on" in said, said
+        assert "Permission denied" in said and "make it executable" in said, said
     finally:
         server.stop()

@@ -58,9 +58,17 @@ GIVEN_UP_FIX = (
 fix; a reload starts it again)."""
 
 
-def _start_failure(exc: OSError) -> str:
+NOT_RUNNABLE = frozenset({errno.EACCES, errno.ENOENT})
+"""A worker start's errors no restart mends: its interpreter is gone (replaced by an
+upgrade under a running keel) or not executable by keel's user. keel gives up at once,
+as on an unusable model (it tried five times, with backoff)."""
+
+
+def _start_failure(exc: OSError, program: str) -> str:
     """Why a worker process could not be started: keel's own open-file limit, where it
-    is at it (uvloop said "[Errno -1] Unknown error -1" for it), else ``exc``."""
+    is at it (uvloop said "[Errno -1] Unknown error -1" for it), ``program`` (the
+    worker's interpreter, keel's own Python) gone or not executable (uvloop drops the
+    file's name: "[Errno 13] Permission denied"), else ``exc``."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         at_limit = len(os.listdir("/proc/self/fd")) >= soft - 4
@@ -70,6 +78,12 @@ def _start_failure(exc: OSError) -> str:
         return (
             f"keel has as many files open as its open-file limit ({soft}) allows: raise it "
             "(ulimit -n; systemd LimitNOFILE=; docker --ulimit nofile=) and restart keel"
+        )
+    if exc.errno in NOT_RUNNABLE:
+        return (
+            f"{program}, the Python keel runs on and starts its workers with, cannot be run "
+            f"({exc.strerror}): make it executable by keel's user, or reinstall keel and "
+            "restart it (an upgrade that replaced that Python under a running keel removes it)"
         )
     return str(exc)
 
@@ -526,9 +540,10 @@ class WorkerSupervisor:
         # Read once a start, off the event loop (a file keel has not read yet takes ~35 ms,
         # more with a larger vocabulary): the worker's arguments, then its model's name.
         self._header = await asyncio.to_thread(self.spec.header)
+        command = self.spec.command(self._header)
         try:
             process = await asyncio.create_subprocess_exec(
-                *self.spec.command(self._header),
+                *command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 # What the engine and the worker print (a schema llama.cpp converted only
@@ -542,8 +557,9 @@ class WorkerSupervisor:
                 env=engine_environment(os.environ),
             )
         except OSError as exc:
-            self.last_error = f"cannot start worker: {_start_failure(exc)}"
-            return None
+            self.last_error = f"cannot start worker: {_start_failure(exc, command[0])}"
+            # given up on at once, as a worker's exit for an unusable model or library
+            return ExitCode.DEPENDENCY if exc.errno in NOT_RUNNABLE else None
         self._process = process
         self.pid = process.pid
         assert process.stdout is not None and process.stdin is not None
