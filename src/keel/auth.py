@@ -218,6 +218,10 @@ class KeyLimiter(Protocol):
         """0 if allowed now, else the seconds until a request would be (nothing taken)."""
         ...
 
+    async def refund(self, who: str) -> None:
+        """Give back the request ``who`` was charged for, which keel itself refused."""
+        ...
+
 
 class KeyRateLimiter:
     """A token bucket per key: ``per_minute`` requests, bursting up to that many."""
@@ -236,6 +240,10 @@ class KeyRateLimiter:
 
     async def acquire(self, who: str) -> float:
         return self.take(who)
+
+    async def refund(self, who: str) -> None:
+        if (bucket := self._buckets.get(who)) is not None:
+            bucket.give_back()
 
 
 def is_loopback(host: str) -> bool:

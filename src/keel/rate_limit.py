@@ -78,6 +78,11 @@ class TokenBucket:
             self._level -= 1.0
         return wait
 
+    def give_back(self) -> None:
+        """Return a token taken for a request that was refused after all."""
+        self._refill()
+        self._level = min(self.capacity, self._level + 1.0)
+
 
 class RateLimiter:
     """A backend's ``rate_limit.request_per_minute``: a :class:`TokenBucket`, and the

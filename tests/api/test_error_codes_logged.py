@@ -82,12 +82,15 @@ async def test_each_error_answer_logs_its_code(
         queue_full = await client.post(CHAT, json=ASK, headers=USER)
         assert queue_full.status_code == 429, queue_full.text
         queue_line = logged(caplog, queue_full)
+        upstream.release()
+        assert (await held).status_code == 200
+        # keel's own refusal is not the key's request: this is its third this minute
+        third = await client.post(CHAT, json=ASK, headers=USER)
+        assert third.status_code == 200, third.text
         caplog.clear()
         key_limited = await client.post(CHAT, json=ASK, headers=USER)  # its 4th this minute
         assert key_limited.status_code == 429, key_limited.text
         key_line = logged(caplog, key_limited)
-        upstream.release()
-        assert (await held).status_code == 200
         caplog.clear()
 
         upstream.behave(Behaviour.error(429, retry_after="30"), times=1)
@@ -101,3 +104,23 @@ async def test_each_error_answer_logs_its_code(
     assert queue_code != key_code
     assert f" code={queue_code}" in queue_line, queue_line
     assert f" code={key_code}" in key_line, key_line
+
+
+async def test_keels_own_refusals_do_not_use_up_a_keys_requests(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A full queue's 429 is keel's refusal, not the key's request: an SDK retrying it
+    (the openai SDK's default two retries) used up the key's requests_per_minute on
+    them and met its own limit next (3 calls, 1 served)."""
+    app = build_app(tmp_path / "keel", config(upstream.url))
+    async with serving(app) as client:
+        upstream.hold()  # the one chat slot taken (the key's first request this minute)
+        held = asyncio.create_task(client.post(CHAT, json=ASK, headers=USER))
+        await upstream.wait_for(lambda: len(upstream.requests) > 0)
+        for _ in range(4):
+            refused = await client.post(CHAT, json=ASK, headers=USER)
+            assert refused.json()["error"]["code"] == "overloaded", refused.text
+        upstream.release()
+        assert (await held).status_code == 200
+        served = [await client.post(CHAT, json=ASK, headers=USER) for _ in range(2)]
+    assert [answer.status_code for answer in served] == [200, 200], served[-1].text

@@ -34,6 +34,25 @@ async def test_two_replicas_draw_from_one_bucket(redis_server: RedisServer) -> N
         await state.aclose()
 
 
+async def test_a_request_keel_refused_is_given_back_to_the_shared_bucket(
+    redis_server: RedisServer,
+) -> None:
+    """keel's own refusals (a full queue) are not the key's requests: the token goes back,
+    to the bucket every replica draws from, never past a minute's worth."""
+    replicas = [RedisState(redis_server.url, timeout=1.0) for _ in range(2)]
+    limiters = [SharedKeyRateLimiter(2, state) for state in replicas]
+    assert [await limiters[0].acquire("key-refunded") for _ in range(2)] == [0, 0]
+    assert await limiters[1].acquire("key-refunded") > 0
+    await limiters[0].refund("key-refunded")
+    assert await limiters[1].acquire("key-refunded") == 0
+    for _ in range(5):
+        await limiters[1].refund("key-never-charged")
+    waits = [await limiters[0].acquire("key-never-charged") for _ in range(3)]
+    assert waits[:2] == [0, 0] and waits[2] > 0, waits
+    for state in replicas:
+        await state.aclose()
+
+
 async def test_a_dead_redis_means_per_replica_limits_then_shared_again(
     redis_server: RedisServer,
 ) -> None:

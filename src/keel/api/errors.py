@@ -26,6 +26,7 @@ from keel.errors import (
     ClientDisconnected,
     KeelError,
     NotFound,
+    Overloaded,
     RequestError,
     UnsupportedEncoding,
     failed,
@@ -356,6 +357,12 @@ def install_error_handlers(app: FastAPI) -> None:
             setattr(request.state, PROVIDER_KEY, exc.provider)
         if failed(exc.status_code):  # said once, on the request's access-log line
             setattr(request.state, FAILURE_KEY, f"{type(exc).__name__}: {exc.message}")
+        key = getattr(request.state, "key_id", None)
+        limiter = getattr(getattr(request.app.state, "keel", None), "rate_limiter", None)
+        if isinstance(exc, Overloaded) and key is not None and limiter is not None:
+            # keel's own refusal is not the key's request: an SDK retrying overloads used
+            # up its key's requests_per_minute on them, and met its own limit next
+            await limiter.refund(key)
         return error_response(exc)
 
     async def fastapi_validation(_: Request, exc: Exception) -> JSONResponse:

@@ -61,6 +61,7 @@ log = logging.getLogger("keel.state")
 TOKEN_BUCKET = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
+local refund = ARGV[3] == 'refund'
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local saved = redis.call('HMGET', KEYS[1], 'level', 'at')
@@ -68,7 +69,9 @@ local level = tonumber(saved[1]) or capacity
 local at = tonumber(saved[2]) or now
 level = math.min(capacity, level + math.max(0, now - at) * rate)
 local wait = 0
-if level >= 1 then
+if refund then
+    level = math.min(capacity, level + 1)
+elseif level >= 1 then
     level = level - 1
 else
     wait = (1 - level) / rate
@@ -77,7 +80,8 @@ redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
 return tostring(wait)
 """
-"""Take one token from the bucket at KEYS[1] (ARGV: capacity, tokens per second).
+"""Take one token from the bucket at KEYS[1] (ARGV: capacity, tokens per second, and
+"refund" to give one back instead).
 Returns the wait in seconds as a string (Lua numbers become integers on the way out):
 "0" when taken, else the time until one would be, with nothing taken."""
 
@@ -289,3 +293,18 @@ class SharedKeyRateLimiter:
         if self.state.metrics is not None:
             self.state.metrics.rate_limited_locally()
         return self.local.take(who)
+
+    async def refund(self, who: str) -> None:
+        """Give back a token where it was taken (Redis, else this replica's buckets)."""
+        if self.state.worth_trying():
+            try:
+                await self.state.bounded(
+                    lambda: self.state.script(
+                        keys=[KEY_PREFIX + who],
+                        args=[self.per_minute, self.per_minute / 60.0, "refund"],
+                    )
+                )
+                return
+            except (RedisError, OSError) as exc:
+                self.state.failed(LIMITS, exc)
+        await self.local.refund(who)
