@@ -224,9 +224,10 @@ class LocalProvider(CompletionProvider, ChatProvider, EmbeddingProvider):
             where, why = gap
             return RequestError(
                 f"{SCHEMA_FIELD}{where}: {why}, which {model}'s grammar cannot hold its "
-                "answer to, and the schema is strict; leave it out, or send strict false "
-                "(the answer follows the rest of the schema), or use a chat backend that "
-                "enforces it (openai/chat)",
+                "answer to, and the schema is strict; leave it out (with the openai SDK's "
+                "parse(), which always sends strict, drop it from the model's fields), or "
+                "send strict false (the answer follows the rest of the schema), or use a "
+                "chat backend that enforces it (openai/chat)",
                 param=f"{SCHEMA_FIELD}{where}",
                 code=UNSUPPORTED,
             )
