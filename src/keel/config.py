@@ -1128,9 +1128,19 @@ class Paths:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Paths:
+        """Or raise :class:`DataRootUnusable` where there is no home directory to find it
+        in (no ``HOME``, a uid with no passwd entry: ``docker run --user 12345``): it was
+        a traceback, exit 1, which a supervisor retried for ever."""
         env = os.environ if environ is None else environ
-        root = env.get("KEEL_ROOT") or str(Path.home() / ".keel")
-        return cls(Path(root).expanduser())
+        try:
+            root = env.get("KEEL_ROOT") or str(Path.home() / ".keel")
+            return cls(Path(root).expanduser())
+        except RuntimeError:  # pathlib's "Could not determine home directory."
+            raise DataRootUnusable(
+                f"no home directory for uid {os.geteuid()} to hold keel's data: set "
+                "KEEL_ROOT to a writable directory"
+                + (" (an absolute path, not one from ~)" if env.get("KEEL_ROOT") else "")
+            ) from None
 
     @property
     def config_file(self) -> Path:
@@ -1243,17 +1253,34 @@ MALFORMED_REF = (
 )
 
 
+STARTED_ENVIRONMENT = (
+    "; keel reads variables from the environment it was started with: one set since "
+    "(an EnvironmentFile edited) takes a restart (systemctl restart keel), not a reload"
+)
+"""Said of a variable a reload finds unset: it read as "set it", which the user had."""
+
+
 def interpolate(
-    raw: Any, environ: dict[str, str] | os._Environ[str], issues: list[ConfigIssue], key: str = ""
+    raw: Any,
+    environ: dict[str, str] | os._Environ[str],
+    issues: list[ConfigIssue],
+    key: str = "",
+    *,
+    reloading: bool = False,
 ) -> Any:
     """Replace ``${VAR}``, ``${VAR:-default}`` and ``$VAR`` in every string, and ``$$``
-    with ``$``; a variable missing without a default becomes an issue naming it."""
+    with ``$``; a variable missing without a default becomes an issue naming it (and, when
+    ``reloading``, saying a running keel's environment is the one it started with)."""
     if isinstance(raw, dict):
         return {
-            k: interpolate(v, environ, issues, f"{key}.{k}" if key else k) for k, v in raw.items()
+            k: interpolate(v, environ, issues, f"{key}.{k}" if key else k, reloading=reloading)
+            for k, v in raw.items()
         }
     if isinstance(raw, list):
-        return [interpolate(v, environ, issues, f"{key}[{i}]") for i, v in enumerate(raw)]
+        return [
+            interpolate(v, environ, issues, f"{key}[{i}]", reloading=reloading)
+            for i, v in enumerate(raw)
+        ]
     if isinstance(raw, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -1266,11 +1293,9 @@ def interpolate(
                 return environ.get(name) or ENV_REF.sub(substitute, default)
             if name not in environ:
                 literal = " (for a literal $, write $$)" if match.group(3) else ""
-                issues.append(
-                    ConfigIssue(
-                        key, f"environment variable {name} is not set{literal}", match.group(0)
-                    )
-                )
+                started = STARTED_ENVIRONMENT if reloading else ""
+                message = f"environment variable {name} is not set{literal}{started}"
+                issues.append(ConfigIssue(key, message, match.group(0)))
                 return ""
             return environ[name]
 
@@ -1527,11 +1552,17 @@ def _loc_to_key(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_settings(
-    raw: dict[str, Any], source: str, environ: dict[str, str] | os._Environ[str] | None = None
+    raw: dict[str, Any],
+    source: str,
+    environ: dict[str, str] | os._Environ[str] | None = None,
+    *,
+    reloading: bool = False,
 ) -> Settings:
+    """``raw``, a config file's TOML, as settings, or a :class:`ConfigError` listing every
+    issue; ``reloading``: read by a running keel (an unset variable's issue says more)."""
     issues: list[ConfigIssue] = []
     environ = os.environ if environ is None else environ
-    data = interpolate(raw, environ, issues)
+    data = interpolate(raw, environ, issues, reloading=reloading)
     references = {issue.key for issue in issues}  # pydantic would judge "" or "${X" there
     typed = _scalar_type_issues(raw, Settings, "")
     issues += typed
@@ -1708,6 +1739,15 @@ def load_settings(
     path: Path | None, paths: Paths, environ: dict[str, str] | None = None
 ) -> Settings:
     """Read ``path`` (or the data root's config.toml); no file means all defaults."""
+    raw = read_config(path, paths)
+    if raw is None:
+        return Settings()
+    return parse_settings(raw, str(path if path is not None else paths.config_file), environ)
+
+
+def read_config(path: Path | None, paths: Paths) -> dict[str, Any] | None:
+    """The TOML of ``path`` (or of the data root's config.toml), or None where that is
+    absent and read as all defaults; an error where it cannot be read."""
     explicit = path is not None
     file = path if path is not None else paths.config_file
     try:
@@ -1723,15 +1763,14 @@ def load_settings(
             target = os.readlink(file)
             problem = f"a symbolic link to {target}, which is not there (not mounted yet?)"
             raise ConfigError(str(file), [ConfigIssue("(file)", problem)])
-        return Settings()
+        return None
     try:
         # utf-8-sig: a byte-order mark (Windows Notepad saves one) is dropped; TOML
         # refused the file at line 1, column 1.
-        raw = tomllib.loads(file.read_text(encoding="utf-8-sig"))
+        return tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(file), [ConfigIssue("(syntax)", f"not valid TOML: {exc}")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(file), [_not_utf8(file, exc)]) from None
     except OSError as exc:
         raise ConfigError(str(file), [ConfigIssue("(file)", f"cannot read: {exc}")]) from None
-    return parse_settings(raw, str(file), environ)

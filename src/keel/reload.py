@@ -11,16 +11,19 @@ The bound address and the repository index are fixed for the process's life.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from keel.api.state import AppState
 from keel.audit import AuditLog
 from keel.auth import KeyLimiter, KeyRateLimiter, KeyStore, open_remote_issue
 from keel.background import Background
-from keel.config import ROLES, Paths, Settings, load_settings, local_tables
+from keel.config import ROLES, Paths, Settings, local_tables, parse_settings, read_config
 from keel.errors import (
     ConfigError,
     ConfigIssue,
@@ -49,6 +52,8 @@ if TYPE_CHECKING:  # Redis's client is imported only where [state] redis_url is 
     from keel.state.shared_limits import RedisState
 
 log = logging.getLogger("keel.reload")
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -173,14 +178,9 @@ async def apply_config(
         # Started on defaults alone (no file), none is read as them again: a reload then
         # restores the defaults' models after a load, and drops no key (there were none).
         on_defaults = config_path is None and state.started_with == Settings()
-        if not file.exists() and not on_defaults:
-            gone = ConfigIssue(
-                "(file)",
-                "config file does not exist; the running config stays (keel runs on "
-                "defaults only when it starts without one)",
-            )
-            raise ConfigError(str(file), [gone])
-        settings = load_settings(config_path, state.paths)
+        settings = await _off_the_loop(
+            lambda: _read_new_config(file, config_path, state.paths, on_defaults)
+        )
         # Judged with the keys that would be in force: Redis's only if keel started with
         # it (redis_url is read at start; a reload adding it brings no key).
         started = state.started_with.state.redis_url
@@ -279,6 +279,50 @@ async def apply_config(
         "stopping": [p.name for p in stopped],
         "restart_needed": waiting,
     }
+
+
+def _read_new_config(
+    file: Path, config_path: Path | None, paths: Paths, on_defaults: bool
+) -> Settings:
+    """The settings of ``file``, or a :class:`ConfigError` where a reload must not apply
+    them: a file gone, or one empty (whitespace and comments only), read as all defaults,
+    would drop every key, unless keel runs on the defaults already."""
+    if not file.exists() and not on_defaults:
+        gone = (
+            "config file does not exist; the running config stays (keel runs on "
+            "defaults only when it starts without one)"
+        )
+        raise ConfigError(str(file), [ConfigIssue("(file)", gone)])
+    raw = read_config(config_path, paths)
+    if raw == {} and not on_defaults:
+        raise ConfigError(str(file), [ConfigIssue("(file)", EMPTY_FILE)])
+    return Settings() if raw is None else parse_settings(raw, str(file), reloading=True)
+
+
+EMPTY_FILE = (
+    "the file is empty (an editor in the middle of saving it, or a pipe read once "
+    "already): read as all defaults it would drop every key, so the running config "
+    "stays: write the file again and reload, or restart keel to run on the defaults"
+)
+
+
+async def _off_the_loop(work: Callable[[], T]) -> T:
+    """``work()`` in a daemon thread of its own, awaited: a config read that blocks (a
+    FIFO no one writes, a hung network mount) froze every route while a reload waited on
+    it. Not asyncio's executor, whose threads keel's exit waits for: a read that never
+    returns would have kept keel from stopping."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # raised where it is awaited
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="keel-config-read", daemon=True).start()
+    return await asyncio.wrap_future(future)
 
 
 def _missing_models(settings: Settings, paths: Paths) -> list[ConfigIssue]:

@@ -49,6 +49,54 @@ async def test_on_loopback_a_keyless_reload_applies(backends: Backends, tmp_path
         assert (await client.get("/v1/models")).status_code == 200
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n# the keys, back in a moment\n"])
+async def test_a_reload_of_an_empty_file_is_refused(
+    backends: Backends, tmp_path: Path, content: str
+) -> None:
+    """An editor's in-place save empties the file for a moment (and a pipe, `--config
+    <(...)`, reads empty the second time): read as all defaults, on loopback the reload
+    applied, every key was gone, and the log said only "config reloaded"."""
+    root = tmp_path / "keel"
+    app = build_app(root, backends.config(), host="127.0.0.1")
+    async with serving(app) as client:
+        (root / "config.toml").write_text(content)
+        refused = await client.post("/v1/admin/reload", headers=ADMIN)
+        assert refused.status_code == 422, refused.text
+        [issue] = refused.json()["error"]["issues"]
+        assert issue["key"] == "(file)", issue
+        for said in ("the file is empty", "write the file again and reload", "restart keel"):
+            assert said in issue["message"], issue
+        assert (await client.get("/v1/models")).status_code == 401
+        assert (await client.post("/v1/admin/reload")).status_code == 401
+        assert (await client.get("/v1/models", headers=USER)).status_code == 200
+
+
+async def test_a_variable_a_reload_finds_unset_is_said_to_need_a_restart(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable exported after keel started (systemd's EnvironmentFile edited, then
+    `systemctl reload`) read as "not set", which the user had just done: keel reads the
+    environment it started with."""
+    root = tmp_path / "keel"
+    app = build_app(root, backends.config())
+    monkeypatch.delenv("KEEL_NEW_VARIABLE", raising=False)
+    async with serving(app) as client:
+        fallback = (
+            '[[model.chat.fallback]]\nkind = "openai/chat"\n'
+            f'api_endpoint = "{backends.primary.url}/v1"\nmodel_name = "m"\n'
+            'api_key = "${KEEL_NEW_VARIABLE}"\n'
+        )
+        (root / "config.toml").write_text(backends.config() + fallback)
+        refused = await client.post("/v1/admin/reload", headers=ADMIN)
+        assert refused.status_code == 422, refused.text
+        [issue] = refused.json()["error"]["issues"]
+        assert issue["key"].startswith("model.chat.fallback["), issue
+        message = issue["message"]
+        assert message.startswith("environment variable KEEL_NEW_VARIABLE is not set"), issue
+        assert "the environment it was started with" in message, issue
+        assert "restart (systemctl restart keel)" in message, issue
+
+
 async def test_a_reload_naming_a_missing_model_file_is_the_admins_422(
     backends: Backends, tmp_path: Path
 ) -> None:
@@ -146,6 +194,9 @@ async def test_a_keel_started_on_defaults_alone_reloads_them(tmp_path: Path) -> 
     root.mkdir()
     app = create_app(Settings(), Paths(root), config_path=None, host="127.0.0.1")
     async with serving(app) as client:
+        applied = await client.post("/v1/admin/reload")
+        assert applied.status_code == 200, applied.text
+        (root / "config.toml").write_text("")  # no key to drop: the defaults again
         applied = await client.post("/v1/admin/reload")
         assert applied.status_code == 200, applied.text
 
