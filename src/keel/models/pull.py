@@ -134,9 +134,13 @@ def models_dir_trouble(models: Path, place: Path | None = None) -> str | None:
     (for ``keel doctor``)."""
     place = place or models
     for part in (place, *place.parents):
-        if part.is_dir():
+        try:
+            if part.is_dir():
+                return None
+            there = part.exists() or part.is_symlink()
+        except OSError:  # a root keel cannot enter: the data root's check says so
             return None
-        if part.exists() or part.is_symlink():
+        if there:
             what = "the models directory " if part == models else ""
             into = "" if part == models else f", so no model can be pulled into {models}"
             return (
