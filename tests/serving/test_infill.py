@@ -314,6 +314,7 @@ async def test_a_superseded_infill_says_so(keel: httpx.AsyncClient, llamacpp: Fa
     await llamacpp.wait_for(lambda: llamacpp.disconnects == 1)  # its stalled generation ended
     metrics = (await keel.get("/metrics")).text  # counted as such (in no metric before)
     assert 'keel_superseded_total{role="completion"} 1.0' in metrics
+    assert (await keel.get("/v1/providers")).json()["superseded"] == 1, "the same count"
 
 
 async def test_n_predict_holds_while_requests_queue(

@@ -59,7 +59,13 @@ from keel.errors import (
     failed,
 )
 from keel.ops.logging import request_id
-from keel.serving.lifecycle import FAILURE_KEY, KEY_LIMITED, PROVIDER_KEY, header_text
+from keel.serving.lifecycle import (
+    FAILURE_KEY,
+    KEY_LIMITED,
+    PROVIDER_KEY,
+    SUPERSEDED_KEY,
+    header_text,
+)
 from keel.serving.streaming import OUTCOME, STOPPING, stopped
 
 if TYPE_CHECKING:
@@ -87,7 +93,6 @@ NO_STORE = (CACHE_HEADER, b"no-store")
 private code, PIDs, model paths and upstream errors, and a key sent as ``x-api-key``
 rather than ``Authorization`` left a shared cache in front nothing forbidding it to
 keep ``/v1/stats`` and serve it to callers without a key."""
-SUPERSEDED_HEADER = b"x-keel-superseded"
 PROVIDER_HEADER = b"x-keel-provider"
 DRAIN_FACTOR = 4
 """An over-limit body up to this many times ``max_body_bytes`` is read (and dropped)
@@ -163,7 +168,7 @@ class _Response:
     served it (``X-Keel-Provider``, where the serving code noted one and did not set it),
     notes its status."""
 
-    __slots__ = ("send", "added", "state", "status", "started", "superseded")
+    __slots__ = ("send", "added", "state", "status", "started")
 
     def __init__(self, send: Send, added: list[tuple[bytes, bytes]], state: dict[str, Any]):
         self.send = send
@@ -171,14 +176,12 @@ class _Response:
         self.state = state
         self.status = 500
         self.started = False
-        self.superseded = False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status, self.started = int(message["status"]), True
             headers = list(message.get("headers", ()))
             names = {name.lower() for name, _ in headers}
-            self.superseded = SUPERSEDED_HEADER in names
             headers.extend(self.added)
             if CACHE_HEADER not in names:
                 headers.append(NO_STORE)
@@ -395,7 +398,7 @@ class KeelMiddleware:
             # The provider that served it; none for a request none served (a refusal, a
             # 503, a cached answer): counted as the primary's, they looked like its traffic.
             provider = state.get(PROVIDER_KEY) or ""
-            if response.superseded:
+            if state.get(SUPERSEDED_KEY):
                 keel.metrics.superseded(role)
             else:
                 ours = not state.get(KEY_LIMITED)  # a key over its own limit: the client's

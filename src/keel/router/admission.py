@@ -227,6 +227,9 @@ class Superseder:
     def __init__(self) -> None:
         self._running: dict[Any, dict[asyncio.Task[Any], Any]] = {}
         self.superseded = 0
+        """Requests that ended superseded (counted by their server, as the metric is: one
+        whose client had left first, as tabby-agent aborts the older request itself, is
+        the client's cancellation, not counted)."""
 
     def claim(
         self,
@@ -244,7 +247,6 @@ class Superseder:
             if carries_on is None or carries_on(there):
                 previous.cancel("superseded")
                 del running[previous]
-                self.superseded += 1
         running[task] = where
 
     def release(self, key: Any, task: asyncio.Task[Any]) -> None:

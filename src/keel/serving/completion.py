@@ -52,6 +52,7 @@ from keel.router.router import RoleRouter
 from keel.schemas.openai import CompletionRequest
 from keel.schemas.tabby import Choice, TabbyCompletionRequest, TabbyCompletionResponse
 from keel.serving.lifecycle import (
+    SUPERSEDED_KEY,
     CancelOnDisconnect,
     Envelope,
     Generated,
@@ -151,6 +152,7 @@ class CompletionServing:
                 place = None if self._caps(max_tokens) else _place(key, task)
                 answer = await self._supersede(key, body, self.answer(task, place))
             if answer is None:
+                setattr(http.state, SUPERSEDED_KEY, True)
                 return None
         response = answer.response
         await self.events.record(
@@ -206,6 +208,7 @@ class CompletionServing:
             return await running
         except asyncio.CancelledError:
             if running.cancelled() and not _cancelling():
+                self.superseder.superseded += 1
                 return None
             running.cancel()
             raise

@@ -40,6 +40,11 @@ PROVIDER_KEY = "keel_provider"
 FAILURE_KEY = "keel_failure"
 """Where a request's ``state`` says why keel failed it (a 5xx), for its access-log line."""
 
+SUPERSEDED_KEY = "keel_superseded"
+"""Where a request's ``state`` says the same editor's next keystroke superseded it: counted
+in ``keel_superseded_total`` as ``/v1/providers`` counts it, answered or not (an editor
+closes the older request's connection itself, and those were counted nowhere)."""
+
 KEY_LIMITED = "keel_key_limited"
 """Where a request's ``state`` says its key was over ``[auth] requests_per_minute``: the
 client's own limit, no failure of keel's (the status page's errors counted them)."""
