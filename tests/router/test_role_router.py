@@ -1155,6 +1155,25 @@ async def test_unhealthy_after_two_failures_then_back_after_a_good_check(
     assert ("health", "primary", "True") in build.events.log
 
 
+async def test_the_latency_shown_is_of_answers_and_of_checks_only_before_any(
+    build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
+) -> None:
+    """A deep check's tiny request (one short text to embed) went into the same window as
+    the answers: an embedding model's card said 313 ms while its batches took 10 s."""
+    router = build.router([[build.endpoint(upstreams().url, name="primary")]])
+    endpoint = router.endpoints[0]
+
+    async def slow_check(provider: Provider) -> None:
+        clock.now += 0.4
+        await probe(provider)
+
+    await router.check(endpoint, slow_check, timeout=1.0)
+    assert endpoint.snapshot()["latency_p50_ms"] == 400.0, "of its checks: no answer yet"
+    await run(router)  # its answer's first token comes at once (the clock stands still)
+    await router.check(endpoint, slow_check, timeout=1.0)
+    assert endpoint.snapshot()["latency_p50_ms"] == 0.0, "of its answers"
+
+
 async def test_a_health_finding_expires(
     build: Build, upstreams: Callable[..., FakeUpstream], clock: FakeClock
 ) -> None:

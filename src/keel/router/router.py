@@ -185,6 +185,9 @@ class Endpoint:
     (``keel_fallbacks_total``): the embedded model serves several roles, and one role's
     fallbacks showed under another that had none."""
     latencies: list[float] = field(default_factory=list)
+    """Its last answers' times to their first token."""
+    check_latencies: list[float] = field(default_factory=list)
+    """Its last deep health checks' times to their first token."""
 
     @property
     def held_until(self) -> float:
@@ -259,15 +262,18 @@ class Endpoint:
             return "unhealthy"
         return None
 
-    def record_ok(self, seconds: float | None) -> bool:
+    def record_ok(self, seconds: float | None, *, check: bool = False) -> bool:
         """Returns True when this makes the endpoint healthy again: its checks pass, or
         its backend takes keel's key again (``keel_provider_healthy`` stayed 0 after a
         refused key was mended, while the provider served). ``seconds``: to its first
-        token, a latency (None: a ping, whose time is no token's)."""
+        token, a latency (None: a ping, whose time is no token's); ``check``: a health
+        check's, kept apart from its answers'."""
         recovered = not self.healthy or self.auth_failed
         self.failed_checks = 0
         self.auth_failed = False
-        if seconds is not None:
+        if seconds is not None and check:
+            self.check_latencies = [*self.check_latencies[-99:], seconds]
+        elif seconds is not None:
             self.latencies = [*self.latencies[-99:], seconds]
         return recovered
 
@@ -290,7 +296,10 @@ class Endpoint:
 
     def snapshot(self, role: str | None = None) -> dict[str, object]:
         """Its state, with the fallbacks of ``role`` (of every role where None)."""
-        ordered = sorted(self.latencies)
+        # of its answers; of its checks only where it has served none: a check's tiny
+        # request (one short text to embed) made an embedding model's figure 313 ms
+        # while its batches took 10 s
+        ordered = sorted(self.latencies or self.check_latencies)
         p50 = ordered[len(ordered) // 2] if ordered else None
         return {
             "name": self.name,
@@ -562,7 +571,7 @@ class RoleRouter:
         """A check ``endpoint`` passed (``took``: a deep one's time; None: a ping)."""
         was_auth_failed = endpoint.auth_failed
         self.events.health_check(endpoint.name, took, True)
-        if endpoint.record_ok(took):
+        if endpoint.record_ok(took, check=True):
             # Logged as its failure was: an incident's end belongs in the log too.
             log.info("provider %s passed its health check: routed to again", endpoint.name)
             self.events.provider_health(endpoint.name, True)
