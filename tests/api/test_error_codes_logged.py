@@ -7,13 +7,14 @@ alike" held for no one; a 4xx said nothing of why."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from tests.api.conftest import ADMIN_KEY, USER, USER_KEY, build_app, serving
+from tests.api.conftest import ADMIN_KEY, USER, USER_KEY, build_app, listening, serving
 from tests.fakes.upstreams import Behaviour, FakeUpstream
 
 OTHER_KEY = "api-test-other-key-0123456789"
@@ -124,3 +125,34 @@ async def test_keels_own_refusals_do_not_use_up_a_keys_requests(
         assert (await held).status_code == 200
         served = [await client.post(CHAT, json=ASK, headers=USER) for _ in range(2)]
     assert [answer.status_code for answer in served] == [200, 200], served[-1].text
+
+
+async def test_a_client_that_left_is_no_info_line(
+    upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An editor drops the keystroke before the last itself (tabby-agent does): each was
+    an INFO line, 316 of a soak's 327. Still counted (a 499), logged at DEBUG."""
+    app = build_app(tmp_path / "keel", config(upstream.url))
+    caplog.set_level(logging.DEBUG, logger="keel")
+    upstream.hold()
+    async with listening(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps(ASK).encode()
+        head = (
+            f"POST {CHAT} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {USER_KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await upstream.wait_for(lambda: len(upstream.requests) > 0)
+        writer.close()
+
+        def left() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if f"{CHAT} -> 499" in r.getMessage()]
+
+        for _ in range(100):
+            if left():
+                break
+            await asyncio.sleep(0.05)
+    [line] = left()
+    assert line.levelno == logging.DEBUG and "code=client_disconnected" in line.getMessage()

@@ -52,6 +52,7 @@ from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, 
 from keel.api.errors import ERROR_CODE_KEY, error_response
 from keel.config import Role
 from keel.errors import (
+    ClientDisconnected,
     Forbidden,
     PayloadTooLarge,
     RequestError,
@@ -453,7 +454,10 @@ def _log_line(
     route = getattr(scope.get("route"), "path", None)
     failing = failed(status) and route not in PROBES
     why = state.get(FAILURE_KEY)
-    (log.warning if failing else log.info)(
+    # A client that left (an editor dropping the keystroke before the last, as
+    # tabby-agent does) is no refusal an operator acts on: 316 of a soak's 327 lines.
+    left = state.get(ERROR_CODE_KEY) == ClientDisconnected.code
+    (log.warning if failing else log.debug if left else log.info)(
         "%s %s -> %d in %.0f ms%s%s%s%s",
         scope["method"],
         # as sent (percent-encoded): a decoded "%0a" wrote a forged line
