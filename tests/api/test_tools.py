@@ -167,6 +167,11 @@ async def test_the_openai_sdk_reads_the_calls_whole_and_streamed(
             "tool_choice",
             "'rm' is not among the tools (read_file, run_tests)",
         ),
+        (  # OpenAI's newer choice: it was told only "'none', 'auto' or 'required'"
+            {"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}},
+            "tool_choice",
+            "or {'type': 'function', 'function': {'name': ...}}",
+        ),
         (
             {"tools": [{"type": "function", "function": {"name": "read file"}}]},
             "tools[0].function.name",

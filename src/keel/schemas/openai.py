@@ -953,6 +953,19 @@ class ChatCompletionRequest(_Limited):
                 f"send '{instead}' instead"
             )
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_keel_takes(cls, value: object) -> object:
+        """A choice of another type (OpenAI's ``allowed_tools``, ``custom``) was told only
+        "Input should be 'none', 'auto' or 'required'", though a named function is taken."""
+        if isinstance(value, dict) and value.get("type") not in ("function", None):
+            raise ValueError(
+                f"a tool_choice of type {str(value.get('type'))[:40]!r} is not taken: send"
+                " 'none', 'auto', 'required' or {'type': 'function', 'function': {'name':"
+                " ...}} (for allowed_tools, send only the allowed functions in 'tools')"
+            )
+        return value
+
     @field_validator("tool_choice")
     @classmethod
     def _choice_among_tools(
