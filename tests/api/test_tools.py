@@ -167,6 +167,16 @@ async def test_the_openai_sdk_reads_the_calls_whole_and_streamed(
             "tool_choice",
             "'rm' is not among the tools (read_file, run_tests)",
         ),
+        (  # an earlier answer held only in audio: dropped, an empty assistant turn
+            {
+                "messages": [
+                    {"role": "assistant", "audio": {"id": "a1"}},
+                    {"role": "user", "content": "?"},
+                ]
+            },
+            "messages[0].audio",
+            "send the turn's transcript as its content",
+        ),
         (  # OpenAI's newer choice: it was told only "'none', 'auto' or 'required'"
             {"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}},
             "tool_choice",

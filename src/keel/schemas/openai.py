@@ -523,6 +523,19 @@ class ChatMessageIn(_Wire):
     name: str | None = Field(
         default=None, max_length=256, description="Who said it, among several of one role."
     )
+    audio: Annotated[dict[str, Any] | None, only()] = None
+    """An earlier answer in audio (its ``id``), refused: keel answers in text only, and a
+    turn held only in audio was dropped, the model reading an empty assistant turn."""
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _no_audio_turn(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError(
+                "keel passes on no audio: send the turn's transcript as its content and"
+                " leave 'audio' out"
+            )
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
