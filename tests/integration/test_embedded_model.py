@@ -725,6 +725,20 @@ def test_a_chat_asked_for_json_to_a_schema_answers_in_it(keel_server: KeelProces
 SCHEMA = "response_format.json_schema.schema"
 
 
+def asking_n(node: dict[str, object], *, max_tokens: int) -> dict[str, object]:
+    """A chat asking for an object whose ``n`` is ``node``, to a strict schema."""
+    schema = {"type": "object", "properties": {"n": node}, "required": ["n"]}
+    return {
+        "messages": [{"role": "user", "content": "Give n"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": schema, "strict": True},
+        },
+    }
+
+
 @pytest.mark.parametrize(
     ("node", "where"),
     [
@@ -743,16 +757,7 @@ def test_a_strict_schema_the_engine_cannot_hold_is_refused_naming_the_keyword(
     these was a 200 breaking the schema (``multipleOf: 7`` answered 1, ``uniqueItems``
     [1, 1, 1], a pattern not anchored any string). Strict, the client asked for an answer
     that follows the schema: a 400 naming the keyword. Not strict: served, as OpenAI does."""
-    schema = {"type": "object", "properties": {"n": node}, "required": ["n"]}
-    body = {
-        "messages": [{"role": "user", "content": "Give n"}],
-        "max_tokens": 6,
-        "temperature": 0,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "a", "schema": schema, "strict": True},
-        },
-    }
+    body = asking_n(node, max_tokens=6)
     with keel_server.client() as client:
         refused = client.post("/v1/chat/completions", json=body)
         assert refused.status_code == 400, refused.text
@@ -769,17 +774,7 @@ def test_a_patterns_digit_and_word_escapes_are_held(keel_server: KeelProcess) ->
     classes for the engine, whose grammar has no rule for them: it accepted any string
     (``",<zx1200>,"`` for a zip code), with a warning only in its log, and a strict
     schema was a 200 breaking it."""
-    pattern = r"^\d{3}-[\w]{2}$"
-    schema = {"type": "object", "properties": {"n": {"type": "string", "pattern": pattern}}}
-    body = {
-        "messages": [{"role": "user", "content": "Give n"}],
-        "max_tokens": 24,
-        "temperature": 0,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "a", "schema": {**schema, "required": ["n"]}, "strict": True},
-        },
-    }
+    body = asking_n({"type": "string", "pattern": r"^\d{3}-[\w]{2}$"}, max_tokens=24)
     with keel_server.client() as client:
         answer = client.post("/v1/chat/completions", json=body)
     assert answer.status_code == 200, answer.text

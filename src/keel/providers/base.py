@@ -169,6 +169,22 @@ of a colleague's recent prompt theirs matched: a key's 6 digits in 60 requests. 
 fast the prompt was read still tells some of it.)"""
 
 
+OPENAI_ONLY = frozenset(
+    {
+        "service_tier",
+        "prompt_cache_key",
+        "store",
+        "metadata",
+        "safety_identifier",
+        "web_search_options",
+    }
+)
+"""Fields of a chat that OpenAI's own API defines, passed on to it alone (Mistral's API
+has none of them)."""
+PASSED_ON = frozenset({"reasoning_effort", "prediction", "verbosity", *OPENAI_ONLY})
+"""Fields of a chat an OpenAI-compatible backend gets as the client sent them."""
+
+
 @dataclass(slots=True)
 class Reported:
     """What the engine that served a call said of it, where its provider can tell:

@@ -15,6 +15,7 @@ from typing import Any, Unpack
 
 from keel.errors import UpstreamError, UpstreamProtocolError
 from keel.providers.base import (
+    OPENAI_ONLY,
     ChatCall,
     ChatProvider,
     CompletionCall,
@@ -42,18 +43,6 @@ log = logging.getLogger("keel.providers")
 OPENAI_STOP_LIMIT = 4
 """OpenAI's API refuses more than four stop sequences; keel stops on the rest itself."""
 
-OPENAI_ONLY = frozenset(
-    {
-        "service_tier",
-        "prompt_cache_key",
-        "store",
-        "metadata",
-        "safety_identifier",
-        "web_search_options",
-    }
-)
-"""Fields of a chat that OpenAI's own API defines, passed on to it alone (Mistral's API
-has none of them)."""
 
 USAGE_ASKED: JsonObject = {"stream_options": {"include_usage": True}}
 """What asks a backend for its stream's ``usage`` (a last chunk with no choices)."""

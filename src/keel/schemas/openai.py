@@ -25,7 +25,7 @@ from pydantic.json_schema import JsonSchemaValue, WithJsonSchema
 from pydantic_core import CoreSchema
 
 from keel.errors import RequestError
-from keel.providers.base import ChatMessage, GenerationParams
+from keel.providers.base import PASSED_ON, ChatMessage, GenerationParams
 from keel.schemas.tabby import as_int64
 
 MAX_TOKENS_LIMIT = 131_072
@@ -1007,20 +1007,7 @@ class ChatCompletionRequest(_Limited):
 
     def passed_on(self) -> dict[str, Any] | None:
         """The fields an OpenAI-compatible backend gets as the client sent them."""
-        fields = self.model_dump(
-            include={
-                "reasoning_effort",
-                "prediction",
-                "verbosity",
-                "service_tier",
-                "prompt_cache_key",
-                "store",
-                "metadata",
-                "safety_identifier",
-                "web_search_options",
-            },
-            exclude_none=True,
-        )
+        fields = self.model_dump(include=set(PASSED_ON), exclude_none=True)
         return fields or None
 
     def to_params(self) -> GenerationParams:
