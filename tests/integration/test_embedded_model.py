@@ -745,6 +745,8 @@ def asking_n(node: dict[str, object], *, max_tokens: int) -> dict[str, object]:
         ({"type": "integer", "multipleOf": 7}, "multipleOf"),
         ({"type": "string", "pattern": "[0-9]{5}"}, "pattern"),
         ({"type": "string", "pattern": r"^\S+@\S+$"}, "pattern"),  # no rule for \S
+        # a backslash matched: the engine wrote it raw, no JSON, a 503 counted against it
+        ({"type": "string", "pattern": r"^\\d$"}, "pattern"),
         ({"type": "string", "format": "email"}, "format"),
         ({"type": "number", "exclusiveMinimum": 1000}, "exclusiveMinimum"),
         ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),

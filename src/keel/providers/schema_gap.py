@@ -75,14 +75,20 @@ def held(schema: Any) -> Any:
     """``schema`` with each ``pattern`` spelled as the engine's grammar reads it (``\\d``
     as ``[0-9]``, ``\\w`` as ``[0-9A-Za-z_]``, ``\\/`` as ``/``): the engine accepted
     any string for a pattern with an escape it has no rule for, with a warning in its
-    log. ``schema`` itself is left as it is."""
+    log. A pattern it still cannot hold (a schema not strict: a strict one was refused)
+    is left out: one matching a backslash or a quote made it write no JSON, a failure
+    counted against it. ``schema`` itself is left as it is."""
     copied = copy.deepcopy(schema)
     nodes = [copied]
     while nodes:
         node = nodes.pop()
         if isinstance(node, dict):
             if isinstance(pattern := node.get("pattern"), str):
-                node["pattern"] = _spelled(pattern)[0]
+                spelled, unheld = _spelled(pattern)
+                if unheld is None:
+                    node["pattern"] = spelled
+                else:
+                    del node["pattern"]
             nodes += [child for _, child in _children(node, "")]
     return copied
 
@@ -97,39 +103,63 @@ def held_format(response_format: dict[str, Any]) -> dict[str, Any]:
 
 CLASS_ESCAPES = {"d": "0-9", "w": "0-9A-Za-z_"}
 """JSON Schema's (ECMA-262's) character class escapes the engine lacks, as class ranges."""
-ESCAPES = frozenset('xuntr\\".-(){}[]|*+?^$')
+ESCAPES = frozenset("xuntr.-(){}[]|*+?^$")
 """What the engine's grammar reads after a backslash outside a character class."""
-ESCAPES_IN_CLASS = frozenset("xuntr\\-]^")
-"""...and inside one (other punctuation is itself there)."""
+ESCAPES_IN_CLASS = frozenset("xuntr-]")
+"""...and inside one (other punctuation is itself there, but ``^``, which it refuses)."""
+UNWRITTEN = frozenset('\\"')
+"""Characters a pattern may match that the engine writes into the JSON string as they are,
+unescaped: the answer is no JSON (and its failure was counted against the engine)."""
 
 
 def _spelled(pattern: str) -> tuple[str, str | None]:
     """``pattern`` as the engine's grammar can read it, and the first of its constructs
     it still cannot (an escape such as ``\\s`` or ``\\b``, a lookaround), or None."""
-    out, at, in_class, unheld = [], 0, False, None
+    out: list[str] = []
+    at, in_class, negated, unheld = 0, False, False, None
     while at < len(pattern):
         char = pattern[at]
         if char == "\\" and at + 1 < len(pattern):
-            escaped = pattern[at + 1]
-            if escaped in CLASS_ESCAPES:
-                ranges = CLASS_ESCAPES[escaped]
-                char = ranges if in_class else f"[{ranges}]"
-            elif escaped in (ESCAPES_IN_CLASS if in_class else ESCAPES):
-                char = pattern[at : at + 2]
-            elif not escaped.isalnum():
-                char = escaped  # a punctuation character escaped: itself
-            else:
-                char, unheld = pattern[at : at + 2], unheld or f"\\{escaped}"
+            char, trouble = _escape(pattern, at, in_class, out)
+            if not (negated and pattern[at + 1] in UNWRITTEN):  # [^\\"]: kept out, fine
+                unheld = unheld or trouble
             at += 1
+        elif char in UNWRITTEN and not negated:
+            unheld = unheld or char
         elif char == "[" and not in_class:
-            in_class = True
+            in_class, negated = True, pattern.startswith("[^", at)
+            if pattern.startswith(("[]", "[^]"), at):  # no class, or all: no rule for it
+                unheld = unheld or pattern[at : at + 3]
         elif char == "]" and in_class:
-            in_class = False
+            in_class = negated = False
+        elif char == "-" and in_class and out and out[-1] in CLASS_ESCAPES.values():
+            char = "\\-"  # after \\d spelled as 0-9, a range's dash would join them
         elif pattern.startswith("(?", at) and not pattern.startswith("(?:", at):
             unheld = unheld or pattern[at : at + 3]
         out.append(char)
         at += 1
     return "".join(out), unheld
+
+
+def _escape(pattern: str, at: int, in_class: bool, out: list[str]) -> tuple[str, str | None]:
+    """The escape at ``at`` as the engine reads it, and what of it it cannot, if any."""
+    escaped = pattern[at + 1]
+    if escaped in CLASS_ESCAPES:
+        ranges = CLASS_ESCAPES[escaped]
+        if not in_class:
+            return f"[{ranges}]", None
+        if out and out[-1] == "-":  # a range's dash before it: a dash, as ECMA reads it
+            out[-1] = "\\-"
+        return ranges, None
+    if escaped in UNWRITTEN:  # matched, it is written raw; kept out, the engine reads it
+        return pattern[at : at + 2], f"\\{escaped}"
+    if escaped == "u" and pattern.startswith("{", at + 2):
+        return pattern[at : at + 2], "\\u{"
+    if escaped in (ESCAPES_IN_CLASS if in_class else ESCAPES):
+        return pattern[at : at + 2], None
+    if not escaped.isalnum() and not (in_class and escaped == "^"):
+        return escaped, None  # a punctuation character escaped: itself
+    return pattern[at : at + 2], f"\\{escaped}"
 
 
 def _own_gap(node: dict[str, Any]) -> tuple[str, str] | None:
