@@ -83,3 +83,25 @@ def test_a_burst_falling_back_to_the_local_engine_is_admitted_as_a_local_role_wo
     # keel's refusal is no failure of the engine's
     local = keel.endpoint("completion", LOCAL)
     assert local["breaker"] == "closed" and local["healthy"], local
+
+
+def test_a_fallback_that_cannot_serve_the_request_leaves_the_primarys_failure_said(
+    keel_factory: Callable[..., Keel],
+) -> None:
+    """A chat asking for web search, its openai/chat backend down: the local model it fell
+    back to cannot search, and its 400 (leave web_search_options out) was the answer,
+    which an SDK does not retry and which hid the backend's failure."""
+    refused = f"http://127.0.0.1:{free_port()}/v1"
+    keel = keel_factory(
+        routing_table(probe_interval_seconds=600)
+        + "[model.chat]\nembedded_last_resort = true\n"
+        + f'[model.chat.http]\nkind = "openai/chat"\napi_endpoint = "{refused}"\n'
+        + 'model_name = "m"\n',
+    )
+    keel.wait_for("the engine loaded", lambda: keel.endpoint("chat", LOCAL)["usable"], 60)
+    body = {"messages": [{"role": "user", "content": "hi"}], "web_search_options": {}}
+    with httpx.Client(base_url=keel.url, timeout=60) as client:
+        answer = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+    assert answer.status_code >= 500, answer.text
+    said = answer.json()["error"]["message"]
+    assert "chat/openai/chat" in said and "does not search the web" in said, said

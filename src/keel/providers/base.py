@@ -169,6 +169,10 @@ of a colleague's recent prompt theirs matched: a key's 6 digits in 60 requests. 
 fast the prompt was read still tells some of it.)"""
 
 
+UNSUPPORTED = "unsupported_for_model"
+"""The code of a request a model (a local one) cannot serve as asked: the client's error, no
+upstream's (no backend was called) and no failure of the provider's."""
+
 OPENAI_ONLY = frozenset(
     {
         "service_tier",

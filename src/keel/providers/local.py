@@ -15,6 +15,7 @@ from typing import Any
 from keel.errors import RequestError, UpstreamStatusError
 from keel.pipeline.prompt import control_pattern, user_text_pieces
 from keel.providers.base import (
+    UNSUPPORTED,
     ChatCall,
     ChatMessage,
     ChatProvider,
@@ -310,11 +311,6 @@ def engine_messages(messages: Sequence[ChatMessage], *, takes_calls: bool) -> li
 def _call_text(call: dict[str, Any]) -> str:
     function = call.get("function", {})
     return f"Called {function.get('name')} ({call.get('id')}) with {function.get('arguments')}"
-
-
-UNSUPPORTED = "unsupported_for_model"
-"""The code of a request the local model cannot serve as asked: the client's error, no
-upstream's (no backend was called) and no failure of the provider's."""
 
 
 def _image_part(messages: Sequence[ChatMessage]) -> str | None:

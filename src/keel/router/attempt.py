@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.errors import KeelError, Overloaded, RequestError, UpstreamStatusError, UpstreamTimeout
-from keel.providers.base import SLOT_WAIT, Provider, piece_count
+from keel.providers.base import SLOT_WAIT, UNSUPPORTED, Provider, piece_count
 from keel.router.classify import Failure, classify, context_overflow, prompt_fits, without_name
 from keel.router.policy import Decision, Failed, default_rules
 
@@ -382,6 +382,16 @@ class Attempts:
                 )
             self.router.served_by(endpoint)
             return False
+        fallback = endpoint not in self.router.groups[0]
+        if isinstance(error, RequestError) and error.code == UNSUPPORTED and fallback:
+            # a fallback that cannot serve what was asked (a local model and web search,
+            # images): the answer is why the providers before it did not (failed, or
+            # down), which a retry may get past, never the fallback's 400 (the client read
+            # its request as wrong, and the primary's 500 went unsaid)
+            endpoint.breaker.record_ignored()
+            self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
+            self._decision = Decision.NEXT
+            return True
         if not isinstance(error, KeelError) or isinstance(error, RequestError):
             # Cancelled, or keel's own check of the request: says nothing about the provider.
             endpoint.breaker.record_ignored()
