@@ -44,8 +44,12 @@ def test_a_pattern_is_spelled_as_the_engine_reads_it(pattern: str, sent: str) ->
         (r'^a"b$', '"'),
     ],
 )
-def test_a_pattern_the_engine_cannot_hold_is_named_and_left_out(pattern: str, unheld: str) -> None:
+def test_a_pattern_the_engine_cannot_hold_is_named(pattern: str, unheld: str) -> None:
+    """Refused when strict; not strict, one matching a backslash or a quote is left out
+    (the engine wrote them raw: no JSON, a 503 counted against it), the rest go as they
+    are (the engine takes any string for them, and says so in its log)."""
     schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}}
     where, why = unenforced(schema) or ("", "")
     assert where == ".properties.s.pattern" and f"uses {unheld}," in why, why
-    assert "pattern" not in held(schema)["properties"]["s"], "not strict: left out"
+    sent = held(schema)["properties"]["s"].get("pattern")
+    assert sent == (None if unheld in ("\\\\", '"') else pattern), sent

@@ -75,9 +75,10 @@ def held(schema: Any) -> Any:
     """``schema`` with each ``pattern`` spelled as the engine's grammar reads it (``\\d``
     as ``[0-9]``, ``\\w`` as ``[0-9A-Za-z_]``, ``\\/`` as ``/``): the engine accepted
     any string for a pattern with an escape it has no rule for, with a warning in its
-    log. A pattern it still cannot hold (a schema not strict: a strict one was refused)
-    is left out: one matching a backslash or a quote made it write no JSON, a failure
-    counted against it. ``schema`` itself is left as it is."""
+    log. Of the patterns it still cannot hold (a schema not strict: a strict one was
+    refused), one matching a backslash or a quote is left out: the engine wrote them raw,
+    no JSON, a failure counted against it (the others it takes as any string, and says
+    so in its log). ``schema`` itself is left as it is."""
     copied = copy.deepcopy(schema)
     nodes = [copied]
     while nodes:
@@ -85,10 +86,10 @@ def held(schema: Any) -> Any:
         if isinstance(node, dict):
             if isinstance(pattern := node.get("pattern"), str):
                 spelled, unheld = _spelled(pattern)
-                if unheld is None:
-                    node["pattern"] = spelled
-                else:
+                if unheld is not None and set(unheld) <= UNWRITTEN:
                     del node["pattern"]
+                else:
+                    node["pattern"] = spelled
             nodes += [child for _, child in _children(node, "")]
     return copied
 

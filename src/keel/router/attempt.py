@@ -382,28 +382,31 @@ class Attempts:
                 )
             self.router.served_by(endpoint)
             return False
-        fallback = endpoint not in self.router.groups[0]
-        if isinstance(error, RequestError) and error.code == UNSUPPORTED and fallback:
-            # a fallback that cannot serve what was asked (a local model and web search,
-            # images): the answer is why the providers before it did not (failed, or
-            # down), which a retry may get past, never the fallback's 400 (the client read
-            # its request as wrong, and the primary's 500 went unsaid)
-            endpoint.breaker.record_ignored()
-            self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
-            self._decision = Decision.NEXT
-            return True
+        if isinstance(error, RequestError) and self._cannot_serve(endpoint, error):
+            return self._passed_over(endpoint, error)
         if not isinstance(error, KeelError) or isinstance(error, RequestError):
             # Cancelled, or keel's own check of the request: says nothing about the provider.
             endpoint.breaker.record_ignored()
             return False
         if isinstance(error, Overloaded):  # its engine busy with others: load, no failure
-            endpoint.breaker.record_ignored()
             self.router.events.rejected(self.router.role, "engine_busy")
             self.last_error = error
-            self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
-            self._decision = Decision.NEXT
-            return True
+            return self._passed_over(endpoint, error)
         return self._failed(attempt, error)
+
+    def _cannot_serve(self, endpoint: Endpoint, error: RequestError) -> bool:
+        """Whether ``endpoint``, a fallback, refused what was asked as more than it can
+        serve (a local model and web search): the answer is why the providers before it
+        did not serve, which a retry may get past (its 400 hid the primary's 500)."""
+        return error.code == UNSUPPORTED and endpoint not in self.router.groups[0]
+
+    def _passed_over(self, endpoint: Endpoint, error: KeelError) -> bool:
+        """``endpoint`` did not serve, through no failure of its own: the next one is tried,
+        and what it said is among the failures a request no one served names."""
+        endpoint.breaker.record_ignored()
+        self.failures.append(f"{endpoint.name}: {without_name(error.message, endpoint.name)}")
+        self._decision = Decision.NEXT
+        return True
 
     def _failed(self, attempt: Attempt, error: KeelError) -> bool:
         endpoint, kind = attempt.endpoint, classify(error)
