@@ -427,6 +427,17 @@ async def test_a_schema_grammar_the_engine_fails_on_is_the_callers_400(
     assert raised.value.upstream_status == 400, raised.value
     assert raised.value.code == "bad_request"
     assert "response schema's grammar" in raised.value.message
+    # A pattern matching a backslash (keel's API leaves it out now): the engine writes it
+    # raw, and its own reading of the answer fails; also the schema's (it was a 502
+    # counted against the engine: three made the shared worker unhealthy).
+    schema = {"type": "object", "properties": {"c": {"type": "string", "pattern": r"^\\d$"}}}
+    described = {"name": "x", "schema": {**schema, "required": ["c"]}}
+    read_back = {**op, "max_tokens": 24, "temperature": 0}
+    read_back["response_format"] = {"type": "json_schema", "json_schema": described}
+    with pytest.raises(UpstreamStatusError) as raised:
+        async for _ in supervisor.stream(read_back, ready_timeout=5):
+            pass
+    assert (raised.value.upstream_status, raised.value.code) == (400, "bad_request"), raised.value
     pieces = [p async for p in supervisor.stream({**COUNTING, "max_tokens": 3}, ready_timeout=5)]
     assert pieces
 

@@ -225,6 +225,12 @@ def _sampling(request: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+SCHEMA_WORDS = ("grammar", "does not match the expected")
+"""The engine's words for a failure of a response schema's grammar: in its sampler ("empty
+grammar stack"), or reading back an answer the grammar let through unparsable (a pattern's
+character written raw into the JSON: "does not match the expected peg-native format")."""
+
+
 MOVED_PROBE = 128
 """Characters after the shared head that must reappear in a slot's last prompt for a
 moved window (lines dropped at the top) to count as reusable there."""
@@ -665,10 +671,11 @@ class _Engine:
             self.channel.send(_piece(request_id, text, state, sent))
         if "error" in state:
             reply = _error_reply(state["error"])
-            if "response_format" in body and "grammar" in reply["error"]:
-                # The grammar is the caller's schema's: the engine failing to follow it
-                # says nothing of the engine's health (it opened the shared worker's
-                # breaker, every completion a 503 for 60 s, after six such requests).
+            if "response_format" in body and any(w in reply["error"] for w in SCHEMA_WORDS):
+                # The grammar is the caller's schema's: the engine failing to follow it,
+                # or to read back what it wrote to it, says nothing of the engine's health
+                # (it opened the shared worker's breaker, every completion a 503 for 60 s,
+                # after six such requests).
                 reply["code"] = "bad_request"
                 reply["error"] = f"the response schema's grammar failed: {reply['error']}"
             self.channel.send({"id": request_id, **reply})
