@@ -145,7 +145,14 @@ class KeyStore:
             self._withdraw_file(path)
             return
         except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
-            message = f"keys file {path}: {exc}; keeping the keys in force"
+            held = len(self.keys.users) + (self.keys.admin is not None)
+            # at start (a directory in its place) none were: it said "keeping the keys"
+            kept = (
+                f"keeping the {held} key(s) in force"
+                if held
+                else "no key is in force: every client is refused until it can be read"
+            )
+            message = f"keys file {path}: {exc}; {kept}"
             if message != self.file_error:
                 log.error("%s", message)
                 if self.on_reload is not None:

@@ -96,3 +96,14 @@ def test_a_keys_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> Non
     path = tmp_path / "keys.toml"
     path.write_text(f'\ufeffapi_keys = ["{FILE_KEY}"]\n', encoding="utf-8")
     assert parse_keys_file(path).users == (FILE_KEY,)
+
+
+def test_a_keys_file_that_cannot_be_read_says_which_keys_are_in_force(tmp_path: Path) -> None:
+    """A directory in its place at start said "keeping the keys in force", with none in
+    force: every client was refused as if its key were wrong."""
+    (tmp_path / "keys.toml").mkdir()
+    store = KeyStore(AuthConfig(keys_file="keys.toml"), tmp_path, clock=Clock())
+    assert store.file_error is not None and "no key is in force" in store.file_error
+    config = AuthConfig(api_keys=[FILE_KEY], keys_file="keys.toml")
+    kept = KeyStore(config, tmp_path, clock=Clock())
+    assert kept.file_error is not None and "keeping the 1 key(s) in force" in kept.file_error
