@@ -5,7 +5,9 @@ opened the local breaker)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import PRECOMPUTE_OFF, KeelProcess, running_keel
@@ -96,3 +98,34 @@ def test_a_limit_past_the_context_left_is_a_400_naming_it(keel_server: KeelProce
     for role in ("completion", "chat"):
         for provider in roles[role]["providers"]:
             assert provider["breaker"] == "closed" and provider["healthy"], provider
+
+
+def _local(client: httpx.Client) -> dict[str, Any]:
+    providers = client.get("/v1/providers").json()["roles"]["completion"]["providers"]
+    return next(p for p in providers if p["name"].startswith("local/"))
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["a" * 49_000 + "\U00020000" * 1_000, " " * 49_000 + "\U0001f9d1\u200d\U0001f4bb" * 300],
+    ids=["cjk-after-ascii", "emoji-after-spaces"],
+)
+def test_a_cursor_line_over_the_budget_ending_denser_than_it_starts_is_cut_to_fit(
+    keel_server: KeelProcess, line: str
+) -> None:
+    """A cursor line over the prompt's budget is cut by characters in proportion to its
+    count. Where the part kept is denser than the rest (ASCII, then characters of
+    several tokens each) the cut kept 4,268 tokens for a 672-token budget: refused by
+    the engine, at half the budget still 4,005, a failure of the provider's; five such
+    keystrokes opened the local breaker for every user. The cut is counted again until
+    it fits: served at the budget, no prompt built again, no failure."""
+    with keel_server.client() as client:
+        before = _local(client)
+        for n in range(2):
+            body = {"language": "python", "segments": {"prefix": f"{line}{n}", "suffix": "\n"}}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+        after = _local(client)
+    assert after["prompts_shrunk"] == before["prompts_shrunk"], after
+    assert after["breaker"] == "closed" and after["healthy"], after
+    assert after["last_error"] == before["last_error"], after

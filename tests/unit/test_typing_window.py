@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from keel.config import HttpModelConfig
 from keel.pipeline.completion import build_prompt
 from keel.pipeline.languages import get_language
-from keel.pipeline.prompt import Snippet
-from keel.providers.base import CompletionProvider
+from keel.pipeline.prompt import Snippet, split_budget
+from keel.providers.base import CompletionProvider, estimate_tokens
 from keel.providers.http import build_http_provider
 
 SOURCE = Path(httpx.__file__).with_name("_client.py").read_text()
@@ -51,3 +52,30 @@ async def test_window_start_stays_put_while_typing_a_line() -> None:
     assert len(heads) == 1, f"the window start moved {len(heads) - 1} times within one line"
     assert indented == [heads.pop().rstrip()] * 8
     assert lengths.pop() > 1000  # the window holds real context, not a stub
+
+
+@pytest.mark.parametrize("side", ["prefix", "suffix"])
+async def test_a_line_over_its_budget_ending_denser_than_it_starts_fits(side: str) -> None:
+    """The prefix's last line and the suffix's first, each alone over its budget, are cut
+    by characters in proportion to the line's count: where the part kept is denser than
+    the rest (ASCII, then 4-byte characters) that kept ~2.4 times the budget, which the
+    backend refused. Counted again and cut again, each fits its budget."""
+    provider = build_http_provider(
+        "completion",
+        HttpModelConfig(
+            kind="mistral/completion", api_endpoint="http://127.0.0.1:9", model_name="codestral"
+        ),
+        name="test",
+        timeout=1,
+    )
+    assert isinstance(provider, CompletionProvider) and provider.supports_suffix
+    dense = "a" * 49_000 + "\U00020000" * 1_000
+    prefix, suffix = (f"x = 1\n{dense}", "\n") if side == "prefix" else ("x = ", dense[::-1])
+    try:
+        built = await build_prompt(provider, get_language("python"), prefix, suffix, [], 1024)
+    finally:
+        await provider.aclose()
+    budget = split_budget(1024, has_suffix=True)
+    kept = built.prompt if side == "prefix" else built.suffix
+    assert kept and "\U00020000" in kept
+    assert estimate_tokens(kept) <= getattr(budget, side), estimate_tokens(kept)
