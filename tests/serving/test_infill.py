@@ -262,6 +262,11 @@ def test_n_indent_stops_at_a_line_indented_less() -> None:
     assert cut_at_indent("a = 1\n\n    b = 2\n", 4) == "a = 1"
     assert cut_at_indent("a = 1\n    ", 8) == "a = 1\n    "  # not judged until more comes
     assert cut_at_indent(text, None) == text
+    # a CRLF answer (an OpenAI prompt is sent as written) loses its line end whole: the
+    # CR left behind met the editor's own CRLF as "\r\r\n"
+    crlf = text.replace("\n", "\r\n")
+    assert cut_at_indent(crlf, 8) == "x = 1\r\n        y = 2"
+    assert cut_at_indent("a = 1\r\n\r\n    b = 2\r\n", 4) == "a = 1"
 
 
 @pytest.mark.parametrize(

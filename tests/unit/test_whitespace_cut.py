@@ -25,6 +25,14 @@ from keel.pipeline.cut import Cut, indent_unit, whitespace_cut
         ("x = 1", "", ""),
         ("def f():\n    ", "return 1\n", ""),  # code after the cursor on its line
         ("", "", ""),
+        # Only the spaces, tabs and newlines BPE merges with the next word: what else the
+        # user typed stays in the prompt (the model wrote after a space it never saw)
+        ("s = 'a\xa0", "'\n", ""),  # a no-break space in a string
+        ("# 注释：\u3000", "\n", ""),  # an ideographic space an IME typed
+        ("x = 1\x0c", "", ""),  # a form feed
+        ("x = 1\n\x0c", "", ""),  # a form feed starting a line: no indentation
+        ("x = 1 \u2028", "", ""),
+        ("def f():\r\n    ", "\r\n", "\r\n    "),  # an OpenAI prompt, as written
     ],
 )
 def test_whitespace_cut(prefix: str, suffix: str, cut: str) -> None:

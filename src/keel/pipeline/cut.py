@@ -49,8 +49,10 @@ def whitespace_cut(prefix: str, suffix: str, stops: Sequence[str] = ()) -> Cut:
     cursor's line (``x = |``), or, with the cursor on a blank, indented line (the
     editor's auto-indent after Enter), the newline and indentation before it.
     Nothing is cut when one of ``stops`` is in that whitespace: the model, writing
-    it, would stop at once (``"\\n"`` after an indentation)."""
-    head = prefix.rstrip()
+    it, would stop at once (``"\\n"`` after an indentation). Only ASCII's spaces, tabs
+    and line ends are cut (those BPE merges with what follows): a no-break space, an
+    ideographic space or a form feed the user typed stays in the prompt."""
+    head = prefix.rstrip(" \t\r\n")
     cut = prefix[len(head) :]
     if "\n" in cut:
         if not cursor_line(cut) or suffix_line(suffix).strip():
