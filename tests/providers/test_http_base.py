@@ -27,6 +27,7 @@ from keel.providers.http_base import (
     error_message,
     parse_retry_after,
     payload_batches,
+    status_error,
 )
 from tests.fakes.upstreams import FakeUpstream
 
@@ -55,6 +56,20 @@ def test_retry_after_http_date():
     header = format_datetime(now + timedelta(seconds=30), usegmt=True)
     assert parse_retry_after(header, now=now) == 30.0
     assert parse_retry_after(format_datetime(now - timedelta(hours=1), usegmt=True), now=now) == 0.0
+
+
+def test_a_retry_after_date_is_read_against_the_answers_own_date():
+    """A backend's clock an hour ahead of keel's (keel's not yet set right after a
+    resume): its "in 30 s" as a date was an hour of 429s, capped, kept after the
+    clocks agreed again. Its answer's ``Date`` says when it wrote the date."""
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    theirs = now + timedelta(hours=1)
+    headers = {
+        "retry-after": format_datetime(theirs + timedelta(seconds=30), usegmt=True),
+        "date": format_datetime(theirs, usegmt=True),
+    }
+    assert status_error("p", 429, b"{}", headers).retry_after == 30.0
+    assert parse_retry_after(headers["retry-after"], sent="not a date", now=now) == 3600.0
 
 
 @pytest.mark.parametrize(

@@ -154,24 +154,34 @@ def _cut_short(exc: aiohttp.ClientError) -> str:
     return said
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+def parse_retry_after(
+    value: str | None, *, sent: str | None = None, now: datetime | None = None
+) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date). A date
+    is read against the response's own ``Date`` (``sent``) where it has one, else against
+    ``now`` (keel's clock): a backend whose clock is an hour ahead of keel's (one not yet
+    set right after a resume) turned "in 30 s" into an hour of 429s."""
     if value is None or not value.strip():
         return None
     text = value.strip()
     try:
         seconds = float(text)
     except ValueError:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError):
+        when = _http_date(text)
+        if when is None:
             return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+        seconds = (when - (_http_date(sent) or now or datetime.now(UTC))).total_seconds()
     if not math.isfinite(seconds):  # "inf", "1e999": every request of the role was a 500
         return None
     return min(max(0.0, seconds), RETRY_AFTER_CAP)
+
+
+def _http_date(text: str | None) -> datetime | None:
+    try:
+        when = parsedate_to_datetime(text or "")
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 RETRY_AFTER_CAP = 3600.0
@@ -213,8 +223,10 @@ def _shorten(text: str, limit: int = 500) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def status_error(provider: str, status: int, body: bytes, retry_after: str | None) -> UpstreamError:
-    """The error for a response with status >= 400."""
+def status_error(
+    provider: str, status: int, body: bytes, headers: Mapping[str, str]
+) -> UpstreamError:
+    """The error for a response with status >= 400 and ``headers``."""
     message, details = error_message(body), error_details(body)
     if status in (401, 403):
         return UpstreamAuthError(
@@ -236,7 +248,7 @@ def status_error(provider: str, status: int, body: bytes, retry_after: str | Non
         f"HTTP {status}: {message}",
         provider=provider,
         upstream_status=status,
-        retry_after=parse_retry_after(retry_after),
+        retry_after=parse_retry_after(headers.get("retry-after"), sent=headers.get("date")),
         details=details,
     )
 
@@ -273,7 +285,7 @@ async def raise_for_status(response: aiohttp.ClientResponse, provider: str) -> N
             upstream_status=response.status,
         )
     body = await _read_at_most(response.content, ERROR_BODY_LIMIT)
-    raise status_error(provider, response.status, body, response.headers.get("retry-after"))
+    raise status_error(provider, response.status, body, response.headers)
 
 
 async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
