@@ -9,6 +9,7 @@ import re
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -42,7 +43,7 @@ def test_percentiles_are_nearest_rank() -> None:
 
 def test_minutes_count_requests_errors_and_completion_latency() -> None:
     clock = Clock(6000.0)
-    stats = RequestStats(window_minutes=3, clock=clock)
+    stats = RequestStats(window_minutes=3, clock=clock, wall=clock)
     stats.record(role="completion", status=200, seconds=0.1)
     stats.record(role="completion", status=200, seconds=0.3)
     stats.record(role="chat", status=200, seconds=9.0)  # counted, not a completion latency
@@ -79,24 +80,33 @@ def test_minutes_count_requests_errors_and_completion_latency() -> None:
     assert [m["requests"] for m in stats.series()] == [0, 0, 0]
 
 
-def test_a_wall_clock_stepped_back_draws_the_minutes_from_then_on() -> None:
-    """The minutes kept were in a future the chart reached only once the clock did: an
-    hour back, every request landed in the newest kept minute and nothing was drawn."""
-    clock = Clock(36_000.0)
-    stats = RequestStats(window_minutes=5, clock=clock)
-    stats.record(role="completion", status=200, seconds=0.1)
-    clock.now -= 3600
+@pytest.mark.parametrize("step", [-3600.0, -90.0, 3690.0])
+def test_a_wall_clock_step_keeps_the_last_hour_and_moves_its_labels(step: float) -> None:
+    """NTP setting the wall clock right (or a resume): an hour back drew nothing while
+    the totals still counted, and the minute after it wiped them (the last hour's
+    outage gone from the page); 90 s back put requests in a minute not yet drawn. The
+    minutes are counted on the monotonic clock and labelled with the wall's when drawn."""
+    mono, wall = Clock(1000.0), Clock(36_000.0)
+    stats = RequestStats(window_minutes=5, clock=mono, wall=wall)
+    stats.record(role="chat", status=502, seconds=0.1)
+    mono.now += 61
+    wall.now += 61 + step
+    assert sum(minute["errors"] for minute in stats.series()) == 1
     stats.record(role="completion", status=200, seconds=0.2)
-    drawn = [minute for minute in stats.series() if minute["requests"]]
-    assert len(drawn) == 1 and drawn[0]["requests"] == 1, stats.series()
-    clock.now += 0.5  # a step back within the minute changes nothing
-    stats.record(role="completion", status=200, seconds=0.2)
-    assert sum(minute["requests"] for minute in stats.series()) == 2
+    series = stats.series()
+    assert [minute["requests"] for minute in series][-2:] == [1, 1], series
+    assert stats.summary()["errors"] == 1 and stats.summary()["requests"] == 2
+    labels = [minute["t"] for minute in series]
+    assert all(isinstance(t, float) and t % 60 == 0 for t in labels), labels
+    assert [b - a for a, b in pairwise(labels)] == [60.0] * 4
+    assert abs(labels[-1] - wall.now) < 60, (labels, wall.now)
 
 
 def test_memory_stays_bounded_under_load() -> None:
     clock = Clock(0.0)
-    stats = RequestStats(window_minutes=2, samples_per_minute=50, clock=clock, rng=random.Random(1))
+    stats = RequestStats(
+        window_minutes=2, samples_per_minute=50, clock=clock, wall=clock, rng=random.Random(1)
+    )
     for minute in range(5):
         clock.now = minute * 60.0
         for i in range(1000):

@@ -56,11 +56,11 @@ class Minute:
     """Completions that succeeded; ``latencies`` samples their durations."""
     latencies: list[float] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, wall_start: float) -> dict[str, object]:
         ordered = sorted(self.latencies)
         p50, p95 = percentile(ordered, 0.5), percentile(ordered, 0.95)
         return {
-            "t": self.start,
+            "t": wall_start,
             "requests": self.requests,
             "errors": self.errors,
             "completions": self.completions,
@@ -72,8 +72,10 @@ class Minute:
 class RequestStats:
     """Per-minute request counts and completion latencies over a sliding window.
 
-    ``clock`` is wall time (the page labels its axes with it); ``rng`` drives
-    the reservoir, so tests can make it deterministic.
+    The minutes are counted on ``clock`` (monotonic) and labelled with ``wall`` time
+    when drawn (the page's axes): a step of the wall clock (NTP setting it right, a
+    resume) emptied the chart while the totals still counted, or dropped the last hour's
+    outage from both. ``rng`` drives the reservoir, so tests can make it deterministic.
     """
 
     def __init__(
@@ -81,7 +83,8 @@ class RequestStats:
         *,
         window_minutes: int = 60,
         samples_per_minute: int = 2048,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         if window_minutes < 1 or samples_per_minute < 1:
@@ -89,15 +92,12 @@ class RequestStats:
         self.window_minutes = window_minutes
         self.samples_per_minute = samples_per_minute
         self.clock = clock
+        self.wall = wall
         self._rng = rng or random.Random()
         self._minutes: deque[Minute] = deque(maxlen=window_minutes)
 
     def _minute(self, now: float) -> Minute:
         start = now - now % BUCKET_SECONDS
-        if self._minutes and self._minutes[-1].start > start + BUCKET_SECONDS:
-            # The wall clock stepped back: the minutes kept are in a future the window
-            # only reaches once the clock does (an hour back drew nothing for an hour).
-            self._minutes.clear()
         if not self._minutes or self._minutes[-1].start < start:
             self._minutes.append(Minute(start))
         return self._minutes[-1]
@@ -122,11 +122,11 @@ class RequestStats:
 
     def series(self) -> list[dict[str, object]]:
         """One entry per minute of the window, oldest first; quiet minutes are zeros."""
-        now = self.clock()
-        current = now - now % BUCKET_SECONDS
+        now, wall = self.clock(), self.wall()
+        current, labelled = now - now % BUCKET_SECONDS, float(wall - wall % BUCKET_SECONDS)
         kept = {minute.start: minute for minute in self._minutes}
-        starts = [current - BUCKET_SECONDS * i for i in range(self.window_minutes - 1, -1, -1)]
-        return [kept.get(start, Minute(start)).to_json() for start in starts]
+        ago = [BUCKET_SECONDS * i for i in range(self.window_minutes - 1, -1, -1)]
+        return [kept.get(current - i, Minute(current - i)).to_json(labelled - i) for i in ago]
 
     def summary(self) -> dict[str, object]:
         """Totals over the whole window, latency percentiles over all samples in it."""

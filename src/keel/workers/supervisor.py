@@ -763,7 +763,7 @@ class WorkerSupervisor:
         if reported is not None:
             reported.clear()
         if op.get("op") == "complete":
-            self._completion_at = time.time()
+            self._completion_at = time.monotonic()  # Linux's: the same in every process
         request_id = self._next_id = self._next_id + 1
         pending = self._pending[request_id] = _Pending()
         finished = False

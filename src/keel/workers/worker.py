@@ -488,8 +488,9 @@ class _Engine:
             except ValueError:
                 continue
             op = request.get("op")
-            if op == "completions_seen":  # by this model's previous worker
-                self.slots.completed_at(time.monotonic() - (time.time() - float(request["at"])))
+            if op == "completions_seen":  # by this model's previous worker, when by the
+                # monotonic clock (wall time moved it by any step between the two)
+                self.slots.completed_at(float(request["at"]))
                 continue
             if op == "cancel":
                 with self._lock:
