@@ -54,8 +54,17 @@ async def test_window_start_stays_put_while_typing_a_line() -> None:
     assert lengths.pop() > 1000  # the window holds real context, not a stub
 
 
-@pytest.mark.parametrize("side", ["prefix", "suffix"])
-async def test_a_line_over_its_budget_ending_denser_than_it_starts_fits(side: str) -> None:
+@pytest.mark.parametrize(
+    ("side", "line"),
+    [
+        ("prefix", "a" * 49_000 + "\U00020000" * 1_000),
+        ("suffix", "\U00020000" * 1_000 + "a" * 49_000),
+        ("prefix", " " * 49_000 + "\U00020000" * 100),  # the spaces before the cut stay out
+    ],
+)
+async def test_a_line_over_its_budget_ending_denser_than_it_starts_fits(
+    side: str, line: str
+) -> None:
     """The prefix's last line and the suffix's first, each alone over its budget, are cut
     by characters in proportion to the line's count: where the part kept is denser than
     the rest (ASCII, then 4-byte characters) that kept ~2.4 times the budget, which the
@@ -69,8 +78,7 @@ async def test_a_line_over_its_budget_ending_denser_than_it_starts_fits(side: st
         timeout=1,
     )
     assert isinstance(provider, CompletionProvider) and provider.supports_suffix
-    dense = "a" * 49_000 + "\U00020000" * 1_000
-    prefix, suffix = (f"x = 1\n{dense}", "\n") if side == "prefix" else ("x = ", dense[::-1])
+    prefix, suffix = (f"x = 1\n{line}", "\n") if side == "prefix" else ("x = ", line)
     try:
         built = await build_prompt(provider, get_language("python"), prefix, suffix, [], 1024)
     finally:

@@ -145,12 +145,13 @@ async def build_prompt(
     if prefix_lines and len(kept_prefix) < len(prefix_lines[-1]):
         kept_prefix = await fitted(provider, kept_prefix, budget.prefix, keep_end=True)
     trimmed = len(kept_prefix) < len(prefix)
-    if 0 < len(kept_prefix) < len(prefix):
+    dropped = prefix[: len(prefix) - len(kept_prefix)]
+    if kept_prefix and dropped.endswith("\n"):
         # Keep the whitespace run (newlines, blank lines) before the first kept line:
         # BPE vocabularies merge it with that line's indentation, so with it the window
         # tokenizes as it did inside the longer prompt, and a local model can shift its
         # KV cache when the window start moves instead of reading everything again.
-        dropped = prefix[: len(prefix) - len(kept_prefix)]
+        # (Not before a line cut within: 49,000 spaces came back before its end.)
         kept_prefix = dropped[len(dropped.rstrip()) :] + kept_prefix
     # The cut comes after the window is chosen, which it must not move: pressing Enter
     # and typing the line's first word would read the whole window again.
