@@ -25,13 +25,14 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 from urllib.parse import quote
 
 from keel.config import EventsConfig, Paths
 from keel.errors import ConfigError, ConfigIssue, Unavailable
+from keel.pipeline.languages import UNKNOWN, find_language
 from keel.state.migrate import migrate_sqlite
 
 if TYPE_CHECKING:
@@ -227,6 +228,23 @@ def sqlite_trouble(path: Path) -> str | None:
     return None
 
 
+def acceptance_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, object]]:
+    """The acceptance figures of a store's ``rows`` (language, provider and the served,
+    viewed, selected and dismissed counts), one a language's canonical name and provider,
+    most served first. Rows written before 2026-12-04 hold the client's raw id: after an
+    upgrade one language was three rows (``typescriptreact``, ``javascript`` and
+    ``javascript-typescript``) for their 90 days. The counts are of distinct
+    completions, each of one language, so they add up."""
+    folded: dict[tuple[str, object], list[int]] = {}
+    for language, provider, *counts in rows:
+        found = find_language(str(language)) if language else None
+        into = folded.setdefault((found.name if found else UNKNOWN.name, provider), [0] * 4)
+        for index, count in enumerate(counts):
+            into[index] += int(count)
+    ordered = sorted(folded.items(), key=lambda item: -item[1][0])
+    return [acceptance_row(language, provider, *counts) for (language, provider), counts in ordered]
+
+
 def acceptance_row(
     language: object, provider: object, served: int, viewed: int, selected: int, dismissed: int
 ) -> dict[str, object]:
@@ -383,8 +401,7 @@ class SqliteEventStore:
             WHERE c.kind = 'completion' AND c.ts BETWEEN ? AND ?
             GROUP BY 1, 2 ORDER BY 3 DESC
         """
-        rows = self._read(query, (since, until))
-        return [acceptance_row(*row) for row in rows]
+        return acceptance_rows(self._read(query, (since, until)))
 
     def status(self) -> dict[str, object]:
         gone = self._gone()

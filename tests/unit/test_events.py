@@ -50,6 +50,29 @@ def test_acceptance_by_language_and_provider(tmp_path: Path) -> None:
     store.close()
 
 
+def test_rows_an_older_keel_wrote_under_raw_ids_join_their_language(tmp_path: Path) -> None:
+    """A keel before 2026-12-04 stored the client's raw language id: after an upgrade
+    one language was three rows of the acceptance figures for their 90 days."""
+    store = SqliteEventStore(tmp_path / "events.sqlite3")
+    written = ["typescriptreact", "javascript", "javascript-typescript", "zzqx", "unknown"]
+
+    async def fill() -> None:
+        for n, language in enumerate(written):
+            cid = f"cmpl-{n}"
+            data = {"provider": "local/x"}
+            await store.record("completion", completion_id=cid, language=language, data=data)
+            await store.record("view", completion_id=cid, choice_index=0)
+        await store.record("select", completion_id="cmpl-1", choice_index=0)
+
+    asyncio.run(fill())
+    rows = store.acceptance(0, time.time() + 1)
+    store.close()
+    assert [(r["language"], r["served"], r["viewed"], r["selected"]) for r in rows] == [
+        ("javascript-typescript", 3, 3, 1),
+        ("unknown", 2, 2, 0),
+    ]
+
+
 async def test_events_are_written_while_the_figures_are_read(tmp_path: Path) -> None:
     """The acceptance figures were read under the writer's lock, and every Tabby
     completion's answer waits on its event's insert: one read of a day's 400,000

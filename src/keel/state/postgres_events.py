@@ -56,7 +56,7 @@ from keel.events import (
     COLUMNS,
     PRUNE_BATCH,
     EventFields,
-    acceptance_row,
+    acceptance_rows,
     event_row,
     prune_in_batches,
 )
@@ -577,8 +577,7 @@ class PostgresEventStore:
         return None if not rows or rows[0][0] is None else str(rows[0][0])
 
     def acceptance(self, since: float, until: float) -> list[dict[str, object]]:
-        rows = self._query(ACCEPTANCE, (since, until))
-        return [acceptance_row(*row) for row in rows]  # type: ignore[arg-type]
+        return acceptance_rows(self._query(ACCEPTANCE, (since, until)))
 
     def counts(self) -> dict[str, int]:
         rows = self._query("SELECT kind, COUNT(*) FROM keel_events GROUP BY kind", ())
