@@ -92,6 +92,20 @@ def test_an_open_bind_without_keys_fails_doctor_and_config_check_as_serve_refuse
     assert found["access"]["status"] == "ok", found["access"]
 
 
+def test_a_keys_file_serve_would_not_take_fails_doctor(tmp_path: Path) -> None:
+    """A keys file keel serve does not take (a key an older keel took, one character
+    outside printable ASCII) leaves no key of it in force: every client refused. doctor
+    warned and passed (exit 0), so a restart after an upgrade locked the team out."""
+    (tmp_path / "config.toml").write_text('[auth]\nkeys_file = "keys.toml"\n')
+    (tmp_path / "keys.toml").write_text('api_keys = ["user-key-aaaa1111", "user-k\u00e9y-bad12345"]\n')
+    result = doctor(tmp_path, "--json", "--port", str(free_port()))
+    assert result.returncode == 78, result.stdout + result.stderr
+    access = findings(result)["access"]
+    assert access["status"] == "FAIL" and "api_keys[1]" in access["detail"], access
+    (tmp_path / "keys.toml").write_text('api_keys = ["user-key-aaaa1111"]\n')
+    assert doctor(tmp_path, "--json", "--port", str(free_port())).returncode == 0
+
+
 def test_a_model_file_that_is_not_gguf_is_exit_69(tmp_path: Path) -> None:
     bad = tmp_path / "models" / "junk.gguf"
     bad.parent.mkdir(parents=True)

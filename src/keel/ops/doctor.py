@@ -494,7 +494,10 @@ def check_exposure(report: Report, settings: Settings, paths: Paths, host: str) 
     if issue is not None:
         report.add("access", "FAIL", issue.render(), ExitCode.CONFIG)
     elif keys_trouble is not None:
-        report.add("access", "warn", keys_trouble)
+        # keel serves, refusing every client the file's keys should let in, until it can
+        # read the file: a check before a start or after an upgrade (a key an older keel
+        # took) must not pass it (it warned, exit 0, and a restart locked the team out)
+        report.add("access", "FAIL", keys_trouble, ExitCode.CONFIG)
     elif is_loopback(host):
         report.add("access", "ok", f"{host}: this machine only")
     else:
