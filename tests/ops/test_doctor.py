@@ -97,12 +97,13 @@ def test_a_keys_file_serve_would_not_take_fails_doctor(tmp_path: Path) -> None:
     outside printable ASCII) leaves no key of it in force: every client refused. doctor
     warned and passed (exit 0), so a restart after an upgrade locked the team out."""
     (tmp_path / "config.toml").write_text('[auth]\nkeys_file = "keys.toml"\n')
-    (tmp_path / "keys.toml").write_text('api_keys = ["user-key-aaaa1111", "user-k\u00e9y-bad12345"]\n')
+    keys = tmp_path / "keys.toml"
+    keys.write_text('api_keys = ["user-key-aaaa1111", "user-k\u00e9y-bad12345"]\n')
     result = doctor(tmp_path, "--json", "--port", str(free_port()))
     assert result.returncode == 78, result.stdout + result.stderr
     access = findings(result)["access"]
     assert access["status"] == "FAIL" and "api_keys[1]" in access["detail"], access
-    (tmp_path / "keys.toml").write_text('api_keys = ["user-key-aaaa1111"]\n')
+    keys.write_text('api_keys = ["user-key-aaaa1111"]\n')
     assert doctor(tmp_path, "--json", "--port", str(free_port())).returncode == 0
 
 

@@ -706,13 +706,17 @@ class ModelPuller:
         recorded = self._recorded_source(dest, any_digest=True)
         if _same_source(recorded, plan.source) and _damaged(dest):
             return "repair"
-        where = (
-            f"keel pulled it from {source}"
+        # Without a record it may be this very file, pulled by a keel from before
+        # 2026-12-04, which kept none: "another model" was untrue for those.
+        what = (
+            f"is another model than {plan.source} (keel pulled it from {source})"
             if source is not None
-            else "keel did not pull it (it was put there by hand, or pulled by an older keel)"
+            else f"is not {plan.source}'s file as the hub has it now, and keel has no record "
+            "of pulling it (put there by hand, or pulled by a keel from before 2026-12-04: "
+            "then an older version of it)"
         )
         raise Conflict(
-            f"{dest} is already there and is another model than {plan.source} ({where}); "
+            f"{dest} is already there and {what}; "
             f"keel does not replace it, since a worker may be running it: to keep both, "
             f"rename it (e.g. mv {dest} {dest.with_stem(dest.stem + '-old')}) and pull "
             "again; to replace it, remove it and pull again",
