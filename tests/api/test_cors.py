@@ -127,6 +127,48 @@ async def test_with_no_keys_only_requests_addressed_to_loopback_are_served(
 
 
 @pytest.mark.parametrize(
+    ("forwarded", "served"),
+    [
+        ({"x-forwarded-for": "203.0.113.5"}, False),
+        ({"x-forwarded-for": "127.0.0.1, 203.0.113.5"}, False),
+        ({"x-real-ip": "203.0.113.5"}, False),
+        ({"forwarded": 'for="[2001:db8:cafe::17]:4711";proto=https'}, False),
+        ({"forwarded": "for=unknown"}, False),  # a proxy hiding who: not this machine
+        ({"x-forwarded-for": "127.0.0.1"}, True),  # for a client on this machine
+        ({"forwarded": "for=127.0.0.1:5000;by=203.0.113.1"}, True),
+        ({"x-forwarded-for": "[::1]:8080"}, True),
+    ],
+)
+async def test_with_no_keys_a_request_a_proxy_forwarded_for_another_is_refused(
+    backends: Backends, tmp_path: Path, forwarded: dict[str, str], served: bool
+) -> None:
+    """A keyless keel behind nginx on the same machine (``proxy_pass`` to 127.0.0.1, the
+    Host rewritten to it) answered anyone the proxy let through, admin routes included
+    (a reload, 200). The proxy's forwarding headers say for whom it asked."""
+    config = backends.config()
+    config = config[: config.index("[auth]")] + config[config.index("[model.completion]") :]
+    app = build_app(tmp_path / "keel", config)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            answer = await http.get("/v1/providers", headers=forwarded)
+            assert answer.status_code == (200 if served else 403), answer.text
+            if not served:
+                message = answer.json()["error"]["message"]
+                assert "forwarded" in message and "configure [auth] api_keys" in message
+            ready = (await http.get("/ready", headers=forwarded)).json()
+            assert ("provider" in json.dumps(ready)) is served, ready
+    if served:
+        return
+    allowed = config + "\n[auth]\nallow_unauthenticated_remote = true\n"
+    app = build_app(tmp_path / "allowed", allowed)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            assert (await http.get("/v1/providers", headers=forwarded)).status_code == 200
+
+
+@pytest.mark.parametrize(
     ("origins", "origin", "granted"),
     [
         ('["*"]', "https://anywhere.example", True),

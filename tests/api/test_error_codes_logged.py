@@ -156,3 +156,23 @@ async def test_a_client_that_left_is_no_info_line(
             await asyncio.sleep(0.05)
     [line] = left()
     assert line.levelno == logging.DEBUG and "code=client_disconnected" in line.getMessage()
+
+
+async def test_a_refusals_line_names_the_client_a_proxy_forwarded_for(
+    upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong key through a proxy on this machine was logged with no address at all: a
+    client trying keys could not be traced. The line names the client, as uvicorn reads
+    it (the address a loopback proxy forwarded for)."""
+    app = build_app(tmp_path / "keel", config(upstream.url))
+    caplog.set_level(logging.INFO, logger="keel")
+    async with listening(app) as url, httpx.AsyncClient(base_url=url) as client:
+        forwarded = {"Authorization": "Bearer not-a-key-0123", "X-Forwarded-For": "203.0.113.5"}
+        refused = await client.get("/v1/providers", headers=forwarded)
+        direct = await client.get("/v1/providers", headers={"Authorization": "Bearer nope-0123"})
+    assert refused.status_code == direct.status_code == 401, refused.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "keel.access"]
+    assert [line.rsplit(" ", 1)[-1] for line in lines if "-> 401" in line] == [
+        "client=203.0.113.5",
+        "client=127.0.0.1",
+    ], lines

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Coroutine
+import re
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,7 +84,9 @@ def holds_key(request: Request) -> bool:
     """
     state = app_state(request)
     if not state.keys.enabled:
-        return state.settings.auth.allow_unauthenticated_remote or _loopback_named(request)
+        return state.settings.auth.allow_unauthenticated_remote or (
+            _loopback_named(request) and _forwarded_for(request) is None
+        )
     return state.keys.identify(presented_keys(request)) is not None
 
 
@@ -148,10 +151,56 @@ def _loopback_named(request: Request) -> bool:
     return False
 
 
+FORWARDING_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
+"""What a proxy says it forwarded a request for (nginx as commonly set up, Caddy and
+Traefik by default); no client on this machine sends them."""
+
+
+def _forwarded_for(request: Request) -> str | None:
+    """The address a proxy on this machine forwarded ``request`` for, where it names one
+    that is not this machine's (uvicorn has put ``X-Forwarded-For``'s in the client
+    address, for a proxy on loopback); None for a request from this machine."""
+    client = request.client.host if request.client is not None else ""
+    if client and not is_loopback(client):
+        return client
+    for name in FORWARDING_HEADERS:
+        for value in request.headers.getlist(name):
+            for address in _addresses(value, forwarded=name == "forwarded"):
+                if not is_loopback(address):
+                    return address
+    return None
+
+
+def _addresses(value: str, *, forwarded: bool) -> Iterator[str]:
+    """The addresses a forwarding header names: each of ``X-Forwarded-For``'s list,
+    ``Forwarded``'s ``for=`` (``for="[2001:db8::1]:4711"``), without ports."""
+    for part in re.split(r"[,;]", value):
+        if forwarded:
+            key, _, part = part.partition("=")
+            if key.strip().lower() != "for":
+                continue  # by=, proto=, host=
+        address = part.strip().strip('"')
+        if address.startswith("["):  # an IPv6 address with its port
+            address = address[1:].partition("]")[0]
+        elif address.count(":") == 1:  # an IPv4 address (or a name) with its port
+            address = address.partition(":")[0]
+        if address:
+            yield address
+
+
 def _addressed_to_loopback(request: Request) -> None:
     """With no keys (keel on loopback), a request must be addressed to a loopback name:
     a web page that points its own name at 127.0.0.1 (DNS rebinding) reads and drives a
-    keel its browser's same-origin rule then takes for the page's own."""
+    keel its browser's same-origin rule then takes for the page's own. Nor may a proxy
+    on this machine have forwarded it for another: a keyless keel behind nginx answered
+    anyone on the network, admin routes included."""
+    if (remote := _forwarded_for(request)) is not None:
+        raise Forbidden(
+            f"this keel has no keys, so it answers only this machine's clients, and a "
+            f"proxy forwarded this request for {remote}: configure [auth] api_keys (or set "
+            "[auth] allow_unauthenticated_remote = true if the proxy decides who may "
+            "reach keel)"
+        )
     if _loopback_named(request):
         return
     host = request.headers.get("host", "")

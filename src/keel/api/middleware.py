@@ -457,8 +457,9 @@ def _log_line(
     # A client that left (an editor dropping the keystroke before the last, as
     # tabby-agent does) is no refusal an operator acts on: 316 of a soak's 327 lines.
     left = state.get(ERROR_CODE_KEY) == ClientDisconnected.code
+    client = scope.get("client")
     (log.warning if failing else log.debug if left else log.info)(
-        "%s %s -> %d in %.0f ms%s%s%s%s",
+        "%s %s -> %d in %.0f ms%s%s%s%s%s",
         scope["method"],
         # as sent (percent-encoded): a decoded "%0a" wrote a forged line
         scope.get("raw_path", b"").decode("latin-1") or scope.get("path", ""),
@@ -469,6 +470,9 @@ def _log_line(
         # queue looked alike
         f" key={key}" if (key := state.get("key_id")) else "",
         f" code={code}" if (code := state.get(ERROR_CODE_KEY)) else "",
+        # whom (behind a proxy on this machine, the address it forwarded for): a client
+        # trying keys, or one sending bad requests, could not be traced
+        f" client={client[0]}" if client else "",
         f": {' '.join(why.splitlines())}" if why else "",  # a backend's text, one line
     )
 
