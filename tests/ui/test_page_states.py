@@ -163,6 +163,42 @@ def test_a_key_no_header_can_carry_is_refused_at_entry(
         page.context.close()
 
 
+def test_the_page_works_under_the_path_a_proxy_serves_keel_at(
+    browser: Browser,  # noqa: F811
+    keel: tuple[KeelProcess, FakeUpstream],
+) -> None:
+    """Behind a proxy at ``https://tools.example/keel/`` the page asked the host's root
+    for its script and style (404s: an unstyled page with no figures) and for
+    ``/v1/stats``. Its URLs are relative now. The proxy is played by the browser's
+    router: ``/keel/...`` goes to keel, anything else is the host's 404."""
+    server, _ = keel
+    prefix = f"{server.url}/keel/"
+    outside: list[str] = []
+
+    def proxy(route: Route) -> None:
+        url = route.request.url
+        if not url.startswith(prefix):
+            outside.append(url)
+            route.fulfill(status=404, body="not keel's")
+            return
+        route.continue_(url=f"{server.url}/{url.removeprefix(prefix)}")
+
+    context = browser.new_context()
+    context.route(f"{server.url}/**", proxy)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        page.goto(f"{prefix}?refresh=0.5")
+        unlock(page)
+        page.click("#play-run")
+        expect(page.locator("#play-result")).to_be_visible()
+        expect(page.locator("#models table")).to_be_visible()
+        assert page.evaluate("getComputedStyle(document.body).margin") != "8px"  # styled
+    finally:
+        context.close()
+    assert outside == [], outside
+
+
 def test_a_refused_key_is_said_in_the_pages_words_and_keyed_links_say_so(
     browser: Browser,  # noqa: F811
     keel: tuple[KeelProcess, FakeUpstream],
@@ -180,14 +216,16 @@ def test_a_refused_key_is_said_in_the_pages_words_and_keyed_links_say_so(
         expect(error).not_to_contain_text("Authorization")
 
         unlock(page)
-        for path in ("/v1/providers", "/v1/stats", "/metrics"):
+        for path in ("v1/providers", "v1/stats", "metrics"):
             link = page.locator(f'#json-links a[data-path="{path}"]')
             expect(link).to_have_attribute("data-needs-key", "true")
-        expect(page.locator('#json-links a[data-path="/ready"]')).not_to_have_attribute(
+        expect(page.locator('#json-links a[data-path="ready"]')).not_to_have_attribute(
             "data-needs-key", "true"
         )
         expect(page.locator("#json-links")).to_contain_text("needs your key")
-        expect(page.locator("#json-key-note")).to_contain_text("curl -H 'Authorization: Bearer")
+        expect(page.locator("#json-key-note")).to_contain_text(
+            f"curl -H 'Authorization: Bearer …' {server.url}/v1/providers"
+        )
     finally:
         page.context.close()
 

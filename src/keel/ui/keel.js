@@ -174,8 +174,8 @@
       }),
     );
     if (!needKey.length) return;
-    const path = needKey.includes("/v1/providers") ? "/v1/providers" : needKey[0];
-    const example = `curl -H 'Authorization: Bearer …' ${location.origin}${path}`;
+    const path = needKey.includes("v1/providers") ? "v1/providers" : needKey[0];
+    const example = `curl -H 'Authorization: Bearer …' ${new URL(path, document.baseURI).href}`;
     const note = $("json-key-note");
     note.replaceChildren("A link cannot send your key: ", h("code", {}, example));
     note.hidden = false;
@@ -205,7 +205,7 @@
     clearTimeout(timer);
     let backoff = 0;
     try {
-      const stats = await getJson("/v1/stats");
+      const stats = await getJson("v1/stats");
       const providers = stats.providers || { roles: {} };
       $("auth").hidden = true;
       $("dashboard").hidden = false;
@@ -685,7 +685,7 @@
     $("play-error").hidden = true;
     const started = performance.now();
     try {
-      const response = await api("/v1/completions", {
+      const response = await api("v1/completions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
