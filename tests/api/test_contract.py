@@ -232,6 +232,7 @@ async def test_invalid_examples_do_not_validate(client: httpx.AsyncClient) -> No
 async def test_docs_page_shows_the_documented_bodies(client: httpx.AsyncClient) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert 'href="openapi.json"' in docs.text  # relative: keel under a proxy's path too
     # one page, nothing loaded from elsewhere (FastAPI's came from a CDN: blank offline)
     assert "<script" not in docs.text and "src=" not in docs.text and 'href="http' not in docs.text
     assert (

@@ -57,7 +57,7 @@ def render(document: dict[str, Any]) -> str:
         f"<!doctype html><html><head><meta charset=utf-8><title>{escape(info.get('title', ''))}"
         f" API</title><style>{STYLE}</style></head><body><h1>{escape(info.get('title', ''))} "
         f"{escape(info.get('version', ''))}</h1><p>{escape(info.get('summary', ''))} The "
-        'machine-readable document: <a href="/openapi.json">/openapi.json</a>.</p>'
+        'machine-readable document: <a href="openapi.json">/openapi.json</a>.</p>'
         f"{''.join(sections)}<h2>Schemas</h2>{shapes}</body></html>"
     )
 
