@@ -221,7 +221,8 @@ class HttpModelConfig(_Section):
     rate_limit: RateLimit | None = Field(
         None,
         description="A cap on what keel sends this backend, as in Tabby: "
-        "'{ request_per_minute = 600 }'. Default: no limit. Over the cap a request waits "
+        "'{ request_per_minute = 600 }' (bursts of ten seconds' worth). Default: no limit. "
+        "Over the cap a request waits "
         "up to 1 s for its turn (keel_rate_limit_wait_seconds), else a fallback serves it. "
         "With api_endpoints, each endpoint has a cap of its own.",
     )

@@ -17,6 +17,7 @@ after the first burst). A configured limit's waits are never silent either:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
@@ -88,8 +89,11 @@ class RateLimiter:
     """A backend's ``rate_limit.request_per_minute``: a :class:`TokenBucket`, and the
     time requests waited on it.
 
-    The bucket holds up to ``burst`` requests (a minute's worth by default, as
-    Tabby allows) and refills continuously. When it is empty a request waits
+    The bucket holds up to ``burst`` requests (by default ten seconds' worth, as
+    Tabby's leaky bucket allows after a pause: a minute's worth went in one burst, which
+    a backend enforcing its quota per second, as OpenAI does, answered with 429s Tabby
+    never caused) and refills continuously at the configured rate (Tabby rounds it up
+    to a request a second: 6 a minute sent 60). When it is empty a request waits
     for its turn if that comes within ``max_wait`` seconds; otherwise it fails
     at once with :class:`UpstreamStatusError` (code :data:`REFUSED`, no
     ``upstream_status``, ``retry_after`` set), so the router can use a fallback
@@ -107,7 +111,8 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.bucket = TokenBucket(per_minute, burst=burst, clock=clock)
+        tabby_burst = max(1, math.ceil(per_minute / 6))
+        self.bucket = TokenBucket(per_minute, burst=burst or tabby_burst, clock=clock)
         self.max_wait = max_wait
         self._sleep = sleep
         self.bucket_counts = [0] * (len(WAIT_BUCKETS) + 1)

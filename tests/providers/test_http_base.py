@@ -229,6 +229,23 @@ async def test_rate_limiter_refuses_a_long_wait():
     assert clock.slept == []
 
 
+@pytest.mark.parametrize(("per_minute", "burst"), [(60, 10), (1200, 200), (600, 100), (6, 1)])
+async def test_a_configured_rate_limit_bursts_ten_seconds_worth_as_tabbys(
+    per_minute: int, burst: int
+) -> None:
+    """Tabby's leaky bucket lets ten seconds' worth through after a pause; keel let a
+    whole minute's go at once (60 chats in 50 ms for ``request_per_minute = 60``), which
+    a backend counting its quota per second answered with 429s Tabby never caused."""
+    clock = FakeClock()
+    limiter = RateLimiter(per_minute, max_wait=0, clock=clock, sleep=clock.sleep)
+    for _ in range(burst):
+        await limiter.acquire("p")
+    with pytest.raises(UpstreamStatusError):
+        await limiter.acquire("p")
+    clock.now += 60 / per_minute * 1.001  # then at the rate configured
+    await limiter.acquire("p")
+
+
 def test_rate_limiter_needs_a_positive_rate():
     with pytest.raises(ValueError, match="per_minute"):
         RateLimiter(0)
