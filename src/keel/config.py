@@ -1084,7 +1084,8 @@ def _unused_keys(role: str, provider: HttpModelConfig | LocalModelConfig) -> lis
         unused.append(
             f"{where}: prompt_template is ignored: "
             + (
-                "the backend fills in the middle itself, sent the prefix and the suffix"
+                "the backend fills in the middle itself, sent the prefix and the suffix "
+                f"(the kinds it shapes a prompt for: {', '.join(TEMPLATED_KINDS)})"
                 if role == "completion"
                 else "it shapes code completions only"
             )
@@ -1094,7 +1095,28 @@ def _unused_keys(role: str, provider: HttpModelConfig | LocalModelConfig) -> lis
             f"{where}: chat_template is ignored: a model server applies its own chat "
             "template (set it there)"
         )
+    for endpoint in [provider.api_endpoint, *(provider.api_endpoints or ())]:
+        route = next((r for r in ROUTES_KEEL_ADDS if (endpoint or "").endswith(r)), None)
+        if route is not None:  # Tabby's docs warn of it; a bare 404 said nothing of why
+            unused.append(
+                f"{where}: api_endpoint {endpoint} ends with {route}, which keel adds "
+                f"itself (it would call ...{route}{route}): end it at the server's base "
+                f"URL, e.g. {endpoint.removesuffix(route)}"
+            )
     return unused
+
+
+ROUTES_KEEL_ADDS = (
+    "/chat/completions",
+    "/completions",
+    "/completion",
+    "/embeddings",
+    "/embedding",
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+)
+"""The routes keel appends to a backend's ``api_endpoint``, per kind."""
 
 
 def normalize_git_url(url: str) -> str:

@@ -58,6 +58,16 @@ def test_retry_after_http_date():
     assert parse_retry_after(format_datetime(now - timedelta(hours=1), usegmt=True), now=now) == 0.0
 
 
+def test_a_404_names_the_url_keel_called():
+    """An api_endpoint ending in the route keel adds (Tabby's docs warn of it) called
+    .../chat/completions/chat/completions and said only "HTTP 404: Not Found"."""
+    url = "http://127.0.0.1:9/v1/chat/completions/chat/completions?key=secret"
+    error = status_error("p", 404, b"Not Found", {}, url)
+    assert "127.0.0.1:9/v1/chat/completions/chat/completions?key=***" in error.message
+    assert "api_endpoint" in error.message and "secret" not in error.message
+    assert "api_endpoint" not in status_error("p", 500, b"boom", {}, url).message
+
+
 def test_a_retry_after_date_is_read_against_the_answers_own_date():
     """A backend's clock an hour ahead of keel's (keel's not yet set right after a
     resume): its "in 30 s" as a date was an hour of 429s, capped, kept after the

@@ -801,9 +801,33 @@ def test_tabbys_keys_a_table_does_nothing_with_are_warned_of() -> None:
     warned = parse_settings(raw, "inline", {}).ignored_sections()
     assert warned == [
         "model.completion (mistral/completion): prompt_template is ignored: the backend "
-        "fills in the middle itself, sent the prefix and the suffix",
+        "fills in the middle itself, sent the prefix and the suffix (the kinds it shapes a "
+        "prompt for: llama.cpp/completion, ollama/completion, vllm/completion, "
+        "openai/legacy_completion_no_fim)",
         "model.chat (openai/chat): chat_template is ignored: a model server applies its own "
         "chat template (set it there)",
         "model.embedding: enable_fast_attention is ignored: keel's engine chooses its "
         "attention kernels for the machine itself",
     ], warned
+
+
+@pytest.mark.parametrize(
+    ("role", "kind", "endpoint", "route"),
+    [
+        ("chat", "openai/chat", "http://gpu:8000/v1/chat/completions", "/chat/completions"),
+        ("completion", "vllm/completion", "http://gpu:8000/v1/completions", "/completions"),
+        ("embedding", "openai/embedding", "http://gpu:8000/v1/embeddings", "/embeddings"),
+        ("completion", "ollama/completion", "http://gpu:11434/api/generate", "/api/generate"),
+    ],
+)
+def test_an_api_endpoint_ending_in_the_route_keel_adds_is_warned_of(
+    role: str, kind: str, endpoint: str, route: str
+) -> None:
+    """Tabby's docs say not to append /chat/completions: keel called
+    .../chat/completions/chat/completions, and its 404 said nothing of why."""
+    raw = {"model": {role: {"http": {"kind": kind, "api_endpoint": endpoint, "model_name": "m"}}}}
+    warned = parse_settings(raw, "inline", {}).ignored_sections()
+    assert len(warned) == 1 and f"ends with {route}, which keel adds itself" in warned[0]
+    assert endpoint.removesuffix(route) in warned[0], warned
+    raw["model"][role]["http"]["api_endpoint"] = endpoint.removesuffix(route)
+    assert parse_settings(raw, "inline", {}).ignored_sections() == []

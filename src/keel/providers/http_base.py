@@ -52,6 +52,7 @@ from typing import Any, TypedDict, Unpack
 import aiohttp
 
 from keel import jsoncodec
+from keel.config import masked_url
 from keel.errors import (
     KeelError,
     UpstreamAuthError,
@@ -224,10 +225,18 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def status_error(
-    provider: str, status: int, body: bytes, headers: Mapping[str, str]
+    provider: str, status: int, body: bytes, headers: Mapping[str, str], url: str = ""
 ) -> UpstreamError:
-    """The error for a response with status >= 400 and ``headers``."""
+    """The error for a response with status >= 400 and ``headers`` to a request for
+    ``url``: a 404 or 405 names it (a route the backend does not have: an api_endpoint
+    ending in the route keel adds called ``.../chat/completions/chat/completions``, and
+    said only "HTTP 404: Not Found")."""
     message, details = error_message(body), error_details(body)
+    if status in (404, 405) and url:
+        message += (
+            f" (at {masked_url(url)}: check api_endpoint, the server's base URL without "
+            "the route keel adds, e.g. http://HOST:PORT/v1, and model_name)"
+        )
     if status in (401, 403):
         return UpstreamAuthError(
             f"rejected our API key (HTTP {status}): {message}",
@@ -285,7 +294,7 @@ async def raise_for_status(response: aiohttp.ClientResponse, provider: str) -> N
             upstream_status=response.status,
         )
     body = await _read_at_most(response.content, ERROR_BODY_LIMIT)
-    raise status_error(provider, response.status, body, response.headers)
+    raise status_error(provider, response.status, body, response.headers, str(response.url))
 
 
 async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
