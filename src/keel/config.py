@@ -176,6 +176,8 @@ def url_trouble(url: str) -> str | None:
         return f"is not a URL ({exc}); write it as http://HOST:PORT/v1"
     if not parts.hostname or any(char.isspace() for char in url):
         return "names no host, or holds a space; write it as http://HOST:PORT/v1"
+    if re.search(r"[<>{}]", parts.hostname):  # a doc's placeholder, copied as it was
+        return "holds a placeholder (<...> or {...}) in its host; put the backend's address"
     return None
 
 

@@ -341,6 +341,9 @@ def test_a_default_is_read_as_a_shell_reads_it() -> None:
         ("http://host:99999/v1", "Port out of range"),
         ("http://[::1/v1", "Invalid IPv6 URL"),
         ("http://user:SECRET@host:abc/v1", "is not a URL"),
+        # Tabby's docs' placeholders, copied as written: a DNS error at the first request
+        ("https://<resource-name>.openai.azure.com", "holds a placeholder"),
+        ("http://Bedrock-Proxy-xxxxx.{Region}.elb.amazonaws.com/api/v1", "holds a placeholder"),
     ],
 )
 @pytest.mark.parametrize("key", ["api_endpoint", "api_endpoints"])
