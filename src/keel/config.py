@@ -1610,7 +1610,7 @@ def parse_settings(
             loc = tuple(error["loc"])
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
-                message = "unknown key (check the spelling)"
+                message = _misplaced(loc) or "unknown key (check the spelling)"
             elif error["type"] == "finite_number":
                 message = "must be a finite number (inf and nan are not taken)"
             elif error["type"] == "model_type":  # pydantic's "instance of RoleConfig"
@@ -1644,6 +1644,22 @@ def secret_key(key: str) -> bool:
     holding one hid ``first_token_timeout = 0``: "greater than 0", and no value)."""
     last = re.sub(r"(\[\d+\])+$", "", key.rsplit(".", 1)[-1]).removesuffix("s")
     return last.endswith(SECRET_KEYS)
+
+
+def _misplaced(loc: tuple[object, ...]) -> str | None:
+    """Where a key unknown in its table belongs, for a model table's keys written in
+    the table beside it (``embedded_last_resort`` under ``[model.completion.http]`` was
+    an "unknown key (check the spelling)", spelt right)."""
+    if len(loc) < 3 or loc[0] != "model":
+        return None
+    role, name = loc[1], loc[-1]
+    if len(loc) == 4 and loc[2] in ("http", "local") and name in RoleConfig.model_fields:
+        return f"not a key of this table: it belongs in [model.{role}], above it"
+    if len(loc) == 3:
+        for table, model in (("http", HttpModelConfig), ("local", LocalModelConfig)):
+            if name in model.model_fields and name not in RoleConfig.model_fields:
+                return f"not a key of [model.{role}]: it belongs in [model.{role}.{table}]"
+    return None
 
 
 def masked_url(text: str) -> str:

@@ -4,6 +4,7 @@ the setting, what is wrong with it and what to write instead."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -406,3 +407,26 @@ def test_a_redis_database_that_is_not_a_number_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings({"state": {"redis_url": "redis://:pw@127.0.0.1:6379/staging"}}, "c", {})
     assert "its database '/staging' is not a number" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("role_table", "key", "says"),
+    [
+        ({"http": {"embedded_last_resort": False}}, "http.embedded_last_resort", "[model.chat],"),
+        ({"http": {"queue_size": 4}}, "http.queue_size", "[model.chat],"),
+        ({"kind": "openai/chat"}, "kind", "[model.chat.http]"),
+        ({"model_id": "SmolLM2-135M-Instruct"}, "model_id", "[model.chat.local]"),
+    ],
+)
+def test_a_model_tables_key_in_the_table_beside_it_says_where_it_belongs(
+    role_table: dict[str, Any], key: str, says: str
+) -> None:
+    """Spelt right, in the table beside its own: "unknown key (check the spelling)"."""
+    http = {"kind": "openai/chat", "api_endpoint": "http://127.0.0.1:1/v1", "model_name": "m"}
+    table = {**role_table, "http": {**http, **role_table.get("http", {})}}
+    if "http" not in role_table and key != "kind":
+        table.pop("http")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"model": {"chat": table}}, "config.toml")
+    text = str(caught.value)
+    assert f"model.chat.{key}: not a key of" in text and f"belongs in {says}" in text, text
