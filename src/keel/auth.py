@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import stat
 import time
 import tomllib
 from collections.abc import Callable
@@ -70,6 +71,9 @@ def keys_file_path(config: AuthConfig, base_dir: Path) -> Path | None:
 
 def parse_keys_file(path: Path) -> Keys:
     """The keys of a keys file; raises OSError, ValueError or TOMLDecodeError saying why not."""
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO's read waited for ever: check,
+        # doctor and serve hung, and a reload froze every route
+        raise ValueError("is not a regular file: point keys_file at a TOML file")
     data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Notepad's mark dropped
     users = data.get("api_keys", [])
     admin = data.get("admin_key")

@@ -174,8 +174,9 @@ def url_trouble(url: str) -> str | None:
         parts.port  # noqa: B018 (a port that is no number, or over 65535, raises)
     except ValueError as exc:
         return f"is not a URL ({exc}); write it as http://HOST:PORT/v1"
-    if not parts.hostname or any(char.isspace() for char in url):
-        return "names no host, or holds a space; write it as http://HOST:PORT/v1"
+    if not parts.hostname or any(char.isspace() or not char.isprintable() for char in url):
+        # a control character went into every request's path (/v1%01/completions)
+        return "names no host, or holds a space or a control character: http://HOST:PORT/v1"
     if re.search(r"[<>{}]", parts.hostname):  # a doc's placeholder, copied as it was
         return "holds a placeholder (<...> or {...}) in its host; put the backend's address"
     return None
@@ -626,6 +627,12 @@ def host_issue(host: str, command_line: bool = False) -> str | None:
         return f"takes an address only; the port goes in {port_setting}: {write(address, port)}"
     if written != host or any(char.isspace() for char in host):
         return f"holds a space: write the address alone: {write(written, None)}"
+    try:  # what the bind sends the resolver (a NUL or an emoji was a traceback at start)
+        if not host.isprintable():
+            raise UnicodeError
+        host.encode("idna")
+    except UnicodeError:
+        return "holds a control character or is no host name: write an address or a name"
     return None
 
 
@@ -801,6 +808,8 @@ class RepositoryConfig(_Section):
                 "empty: write the checkout's directory, or leave path out (it was keel's "
                 "working directory, indexed and put into prompts)"
             )
+        if value is not None and "\0" in value:  # no path holds one (a thread's traceback)
+            raise ValueError("holds a NUL character, which no path can: write the directory")
         return value
 
 
@@ -811,7 +820,10 @@ def _tabby_repositories(repositories: list[Any]) -> list[Any]:
     from urllib.parse import urlsplit
     from urllib.request import url2pathname
 
-    taken = {r.get("name") for r in repositories if isinstance(r, dict)}
+    # a name that is no string is the check's to refuse (a list was a TypeError here)
+    taken = {
+        r["name"] for r in repositories if isinstance(r, dict) and isinstance(r.get("name"), str)
+    }
     shaped = []
     for repo in repositories:
         if not isinstance(repo, dict):
@@ -1508,6 +1520,10 @@ def _refusal(field: FieldInfo, written: str, want: type) -> str | None:
     return None
 
 
+TOML_INT_MAX = 2**63 - 1
+"""TOML's integers are 64-bit signed."""
+
+
 def _scalar_type_issues(
     raw: object, annotation: Any, key: str, field: FieldInfo | None = None
 ) -> list[ConfigIssue]:
@@ -1544,6 +1560,10 @@ def _scalar_type_issues(
                 value, fields[name].annotation, f"{key}.{name}" if key else name, fields[name]
             )
         ]
+    if annotation in (int, float) and type(raw) is int and abs(raw) > TOML_INT_MAX:
+        # tomllib reads any length: 401 digits were a traceback (a float's overflow) from
+        # check, doctor and serve, and a pruning that never ran
+        return [ConfigIssue(key, f"is past TOML's integers (at most {TOML_INT_MAX:,})")]
     if annotation in SCALARS and _mistyped(raw, annotation):
         name = key.rsplit(".", 1)[-1]
         shown = _shown(key, raw)  # None for a key named like a secret

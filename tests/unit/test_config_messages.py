@@ -430,3 +430,73 @@ def test_a_model_tables_key_in_the_table_beside_it_says_where_it_belongs(
         parse_settings({"model": {"chat": table}}, "config.toml")
     text = str(caught.value)
     assert f"model.chat.{key}: not a key of" in text and f"belongs in {says}" in text, text
+
+
+HUGE = 10**400
+"""An integer tomllib reads, of 401 digits: TOML's are 64-bit."""
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (
+            {
+                "model": {
+                    "chat": {
+                        "http": {
+                            "kind": "openai/chat",
+                            "api_endpoint": "http://127.0.0.1:1/v1",
+                            "model_name": "m",
+                            "rate_limit": {"request_per_minute": HUGE},
+                        }
+                    }
+                }
+            },
+            "model.chat.http.rate_limit.request_per_minute",
+        ),
+        ({"auth": {"requests_per_minute": HUGE}}, "auth.requests_per_minute"),
+        ({"events": {"retention_days": HUGE}}, "events.retention_days"),
+        ({"server": {"shutdown_grace_seconds": -HUGE}}, "server.shutdown_grace_seconds"),
+    ],
+)
+def test_an_integer_past_tomls_64_bits_is_a_config_error(raw: dict[str, Any], key: str) -> None:
+    """A traceback (a float's overflow) from check, doctor and serve; a key's limit of
+    that size made every model request a 500; retention's, a pruning that never ran."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml")
+    text = str(caught.value)
+    assert key in text and "past TOML's integers" in text, text
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"repositories": [{"name": ["a"], "path": "/tmp"}]}, "repositories[0].name"),
+        ({"repositories": [{"name": {}, "path": "/tmp"}]}, "repositories[0].name"),
+        ({"repositories": [{"name": "a", "path": "/tmp/x\0y"}]}, "repositories[0].path"),
+        ({"server": {"host": "local\0host"}}, "server.host"),
+        ({"server": {"host": "\u00fc\u202e"}}, "server.host"),
+        (
+            {
+                "model": {
+                    "completion": {
+                        "http": {
+                            "kind": "openai/completion",
+                            "api_endpoint": "http://127.0.0.1:1/v1\x01",
+                        }
+                    }
+                }
+            },
+            "model.completion.http.api_endpoint",
+        ),
+    ],
+)
+def test_values_that_crashed_or_misled_keel_later_are_config_errors(
+    raw: dict[str, Any], key: str
+) -> None:
+    """Each passed the check or crashed it: a repository's name that is a list (a
+    TypeError), a path holding a NUL (a thread's traceback), a host no resolver takes (a
+    traceback at start), a control character in a backend's URL (sent in every path)."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml")
+    assert key in str(caught.value), str(caught.value)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from keel.auth import Access, KeyStore, parse_keys_file
 from keel.config import AuthConfig
 
@@ -107,3 +109,12 @@ def test_a_keys_file_that_cannot_be_read_says_which_keys_are_in_force(tmp_path: 
     config = AuthConfig(api_keys=[FILE_KEY], keys_file="keys.toml")
     kept = KeyStore(config, tmp_path, clock=Clock())
     assert kept.file_error is not None and "keeping the 1 key(s) in force" in kept.file_error
+
+
+def test_a_keys_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Read, a FIFO waited for a writer for ever: check, doctor and serve hung, and a
+    reload froze every route of a running keel."""
+    fifo = tmp_path / "keys.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        parse_keys_file(fifo)
