@@ -69,12 +69,20 @@ def keys_file_path(config: AuthConfig, base_dir: Path) -> Path | None:
     return path if path.is_absolute() else base_dir / path
 
 
-def parse_keys_file(path: Path) -> Keys:
-    """The keys of a keys file; raises OSError, ValueError or TOMLDecodeError saying why not."""
-    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO's read waited for ever: check,
-        # doctor and serve hung, and a reload froze every route
+def keys_file_bytes(path: Path) -> bytes:
+    """The keys file's bytes; raises OSError, or ValueError for what is no regular file
+    (a FIFO's read waited for ever: check, doctor and serve hung, a reload froze every
+    route)."""
+    if not stat.S_ISREG(path.stat().st_mode):
         raise ValueError("is not a regular file: point keys_file at a TOML file")
-    data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Notepad's mark dropped
+    return path.read_bytes()
+
+
+def parse_keys_file(path: Path, content: bytes | None = None) -> Keys:
+    """The keys of a keys file (its ``content`` where read already); raises OSError,
+    ValueError or TOMLDecodeError saying why not."""
+    content = keys_file_bytes(path) if content is None else content
+    data = tomllib.loads(content.decode("utf-8-sig"))  # Notepad's mark dropped
     users = data.get("api_keys", [])
     admin = data.get("admin_key")
     unknown = set(data) - {"api_keys", "admin_key"}
@@ -141,10 +149,11 @@ class KeyStore:
             # Its content, not its mtime and size: a rotated key of the same length written
             # with the same mtime (a Nix store's 1, SOURCE_DATE_EPOCH, cp -p, tar) kept the
             # revoked key in force and refused its replacement
-            stamp = hashlib.sha256(path.read_bytes()).digest()
+            content = keys_file_bytes(path)
+            stamp = hashlib.sha256(content).digest()
             if stamp == self._file_stamp and not force:
                 return
-            from_file = parse_keys_file(path)
+            from_file = parse_keys_file(path, content)
         except FileNotFoundError:
             self._withdraw_file(path)
             return

@@ -118,3 +118,5 @@ def test_a_keys_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> 
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="not a regular file"):
         parse_keys_file(fifo)
+    store = KeyStore(AuthConfig(keys_file=str(fifo)), tmp_path)  # serve's, a reload's
+    assert store.file_error is not None and "not a regular file" in store.file_error
