@@ -12,6 +12,7 @@ them into the sample config kept in the repository.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -1542,6 +1543,10 @@ def _scalar_type_issues(
             model = chosen or LocalModelConfig
             return _scalar_type_issues(raw, model, key)
         return []
+    if origin is list and isinstance(raw, str | int | float | bool):  # one, for a list of them
+        item = _shown(key, raw)  # None for a key named like a secret
+        one = json.dumps(item, ensure_ascii=False) if item is not None else "..."
+        return [ConfigIssue(key, f"expected a list: write {key.rsplit('.', 1)[-1]} = [{one}]")]
     if origin is list and isinstance(raw, list):
         return [
             issue

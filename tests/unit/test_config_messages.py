@@ -500,3 +500,26 @@ def test_values_that_crashed_or_misled_keel_later_are_config_errors(
     with pytest.raises(ConfigError) as caught:
         parse_settings(raw, "config.toml")
     assert key in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (
+            {"auth": {"api_keys": "my-secret-key-123"}},
+            "auth.api_keys: expected a list: write api_keys = [...]",
+        ),
+        (
+            {"server": {"cors_allowed_origins": "https://chat.example.com"}},
+            'write cors_allowed_origins = ["https://chat.example.com"]',
+        ),
+    ],
+)
+def test_one_value_where_a_list_goes_says_how_to_write_the_list(
+    raw: dict[str, Any], says: str
+) -> None:
+    """It said "Input should be a valid list", where a number written as a string is
+    told how to write it; a key named like a secret is not shown."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml")
+    assert says in str(caught.value) and "my-secret" not in str(caught.value), str(caught.value)
