@@ -15,10 +15,11 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import stat
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -266,13 +267,53 @@ class KeyRateLimiter:
             bucket.give_back()
 
 
+FORWARDING_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
+"""What a proxy says it forwarded a request for (nginx as commonly set up, Caddy and
+Traefik by default); no client on this machine sends them."""
+
+
+def forwarded_for(client: str, headers: Iterable[tuple[str, str]]) -> str | None:
+    """The address a proxy on this machine forwarded a request for, where ``client`` (as
+    uvicorn read it: ``X-Forwarded-For``'s, from a proxy on 127.0.0.1) or a forwarding
+    header in ``headers`` (lower-case names) names one that is not this machine's; None
+    for a request from this machine."""
+    if client and not is_loopback(client):
+        return client
+    for name, value in headers:
+        if name in FORWARDING_HEADERS:
+            for address in _addresses(value, forwarded=name == "forwarded"):
+                if not is_loopback(address):
+                    return address
+    return None
+
+
+def _addresses(value: str, *, forwarded: bool) -> Iterator[str]:
+    """The addresses a forwarding header names: each of ``X-Forwarded-For``'s list,
+    ``Forwarded``'s ``for=`` (``for="[2001:db8::1]:4711"``), without ports."""
+    for part in re.split(r"[,;]", value):
+        if forwarded:
+            key, _, part = part.partition("=")
+            if key.strip().lower() != "for":
+                continue  # by=, proto=, host=
+        address = part.strip().strip('"')
+        if address.startswith("["):  # an IPv6 address with its port
+            address = address[1:].partition("]")[0]
+        elif address.count(":") == 1:  # an IPv4 address (or a name) with its port
+            address = address.partition(":")[0]
+        if address:
+            yield address
+
+
 def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback address (127.0.0.0/8, ::1); a name that merely begins
-    with "127." is neither."""
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1, and 127.x written as IPv6,
+    ``::ffff:127.0.0.1``, as a dual-stack proxy writes a local client's); a name that
+    merely begins with "127." is neither."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
+        mapped = getattr(address, "ipv4_mapped", None)  # Python 3.11 says False for it
+        return (mapped or address).is_loopback
     except ValueError:
         return False
 

@@ -137,6 +137,8 @@ async def test_with_no_keys_only_requests_addressed_to_loopback_are_served(
         ({"x-forwarded-for": "127.0.0.1"}, True),  # for a client on this machine
         ({"forwarded": "for=127.0.0.1:5000;by=203.0.113.1"}, True),
         ({"x-forwarded-for": "[::1]:8080"}, True),
+        ({"x-forwarded-for": "::ffff:127.0.0.1"}, True),  # a dual-stack proxy's local client
+        ({"x-forwarded-for": "::ffff:203.0.113.5"}, False),
     ],
 )
 async def test_with_no_keys_a_request_a_proxy_forwarded_for_another_is_refused(

@@ -167,12 +167,19 @@ async def test_a_refusals_line_names_the_client_a_proxy_forwarded_for(
     app = build_app(tmp_path / "keel", config(upstream.url))
     caplog.set_level(logging.INFO, logger="keel")
     async with listening(app) as url, httpx.AsyncClient(base_url=url) as client:
-        forwarded = {"Authorization": "Bearer not-a-key-0123", "X-Forwarded-For": "203.0.113.5"}
-        refused = await client.get("/v1/providers", headers=forwarded)
-        direct = await client.get("/v1/providers", headers={"Authorization": "Bearer nope-0123"})
-    assert refused.status_code == direct.status_code == 401, refused.text
+        wrong = {"Authorization": "Bearer not-a-key-0123"}
+        for forwarding in (
+            {"X-Forwarded-For": "203.0.113.5"},
+            {"X-Real-IP": "203.0.113.6"},  # nginx set up with this header alone
+            {"Forwarded": 'for="[2001:db8::7]:4711";proto=https'},
+            {},
+        ):
+            refused = await client.get("/v1/providers", headers={**wrong, **forwarding})
+            assert refused.status_code == 401, refused.text
     lines = [r.getMessage() for r in caplog.records if r.name == "keel.access"]
     assert [line.rsplit(" ", 1)[-1] for line in lines if "-> 401" in line] == [
         "client=203.0.113.5",
+        "client=203.0.113.6",
+        "client=2001:db8::7",
         "client=127.0.0.1",
     ], lines

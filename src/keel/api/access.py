@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +21,7 @@ from starlette.routing import BaseRoute
 
 from keel.api.middleware import ROLE_BY_ROUTE
 from keel.api.state import app_state
-from keel.auth import Access, Identity, is_loopback
+from keel.auth import Access, Identity, forwarded_for, is_loopback
 from keel.errors import AuthenticationError, Forbidden, RateLimited, RequestError
 from keel.providers.base import CACHE_FIGURES_SHOWN
 from keel.router.admission import CALLER
@@ -151,41 +150,10 @@ def _loopback_named(request: Request) -> bool:
     return False
 
 
-FORWARDING_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
-"""What a proxy says it forwarded a request for (nginx as commonly set up, Caddy and
-Traefik by default); no client on this machine sends them."""
-
-
 def _forwarded_for(request: Request) -> str | None:
-    """The address a proxy on this machine forwarded ``request`` for, where it names one
-    that is not this machine's (uvicorn has put ``X-Forwarded-For``'s in the client
-    address, for a proxy on loopback); None for a request from this machine."""
+    """The address a proxy on this machine forwarded ``request`` for, if another's."""
     client = request.client.host if request.client is not None else ""
-    if client and not is_loopback(client):
-        return client
-    for name in FORWARDING_HEADERS:
-        for value in request.headers.getlist(name):
-            for address in _addresses(value, forwarded=name == "forwarded"):
-                if not is_loopback(address):
-                    return address
-    return None
-
-
-def _addresses(value: str, *, forwarded: bool) -> Iterator[str]:
-    """The addresses a forwarding header names: each of ``X-Forwarded-For``'s list,
-    ``Forwarded``'s ``for=`` (``for="[2001:db8::1]:4711"``), without ports."""
-    for part in re.split(r"[,;]", value):
-        if forwarded:
-            key, _, part = part.partition("=")
-            if key.strip().lower() != "for":
-                continue  # by=, proto=, host=
-        address = part.strip().strip('"')
-        if address.startswith("["):  # an IPv6 address with its port
-            address = address[1:].partition("]")[0]
-        elif address.count(":") == 1:  # an IPv4 address (or a name) with its port
-            address = address.partition(":")[0]
-        if address:
-            yield address
+    return forwarded_for(client, request.headers.items())
 
 
 def _addressed_to_loopback(request: Request) -> None:

@@ -50,6 +50,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from keel.api.errors import ERROR_CODE_KEY, error_response
+from keel.auth import forwarded_for
 from keel.config import Role
 from keel.errors import (
     ClientDisconnected,
@@ -457,7 +458,11 @@ def _log_line(
     # A client that left (an editor dropping the keystroke before the last, as
     # tabby-agent does) is no refusal an operator acts on: 316 of a soak's 327 lines.
     left = state.get(ERROR_CODE_KEY) == ClientDisconnected.code
-    client = scope.get("client")
+    client = scope["client"][0] if scope.get("client") else ""
+    headers = [
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
+    ]
+    client = forwarded_for(client, headers) or client  # whom a proxy here asked for
     (log.warning if failing else log.debug if left else log.info)(
         "%s %s -> %d in %.0f ms%s%s%s%s%s",
         scope["method"],
@@ -472,7 +477,7 @@ def _log_line(
         f" code={code}" if (code := state.get(ERROR_CODE_KEY)) else "",
         # whom (behind a proxy on this machine, the address it forwarded for): a client
         # trying keys, or one sending bad requests, could not be traced
-        f" client={client[0]}" if client else "",
+        f" client={client}" if client else "",
         f": {' '.join(why.splitlines())}" if why else "",  # a backend's text, one line
     )
 
