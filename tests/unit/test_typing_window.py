@@ -3,6 +3,7 @@ model reuse its KV cache from one keystroke to the next."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -87,3 +88,30 @@ async def test_a_line_over_its_budget_ending_denser_than_it_starts_fits(
     kept = built.prompt if side == "prefix" else built.suffix
     assert kept and "\U00020000" in kept
     assert estimate_tokens(kept) <= getattr(budget, side), estimate_tokens(kept)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "def f():\n" + " " * 49_000 + "\n" + "    x = 1\n" * 5 + "    y = ",
+        "a = 1\n" + "\n" * 20_000 + "x = 1\n" * 3 + "y = ",
+        "a = 1\r\n" + "\r\n" * 20_000 + "x = 1\r\n" * 3 + "y = ",
+    ],
+)
+async def test_the_whitespace_kept_before_a_window_is_a_few_lines_worth(prefix: str) -> None:
+    """The run of whitespace before a window's first line is kept (BPE merges it with
+    that line's indentation), but all of it made a prompt 16 times its budget: a
+    whitespace-only line of 49,000 spaces, or 20,000 blank lines, before the window."""
+    provider = build_http_provider(
+        "completion",
+        HttpModelConfig(kind="vllm/completion", api_endpoint="http://127.0.0.1:9/v1"),
+        name="test",
+        timeout=1,
+    )
+    try:
+        built = await build_prompt(provider, get_language("python"), prefix, "\n", [], 1024)
+    finally:
+        await provider.aclose()
+    assert estimate_tokens(built.prompt) <= 1024, estimate_tokens(built.prompt)
+    assert re.search(r"x = 1\r?\n *y =$", built.prompt), built.prompt[-40:]
+    assert built.prompt.startswith(("\n", "\r", " "))  # some of the run is kept

@@ -151,8 +151,9 @@ async def build_prompt(
         # BPE vocabularies merge it with that line's indentation, so with it the window
         # tokenizes as it did inside the longer prompt, and a local model can shift its
         # KV cache when the window start moves instead of reading everything again.
-        # (Not before a line cut within: 49,000 spaces came back before its end.)
-        kept_prefix = dropped[len(dropped.rstrip()) :] + kept_prefix
+        # (Not before a line cut within, and no more of it than a few lines' worth:
+        # 49,000 spaces, or 20,000 blank lines, came back before the window.)
+        kept_prefix = dropped[len(dropped.rstrip()) :][-WHITESPACE_KEPT:] + kept_prefix
     # The cut comes after the window is chosen, which it must not move: pressing Enter
     # and typing the line's first word would read the whole window again.
     kept_prefix = kept_prefix[: max(0, len(kept_prefix) - len(cut.text))]
@@ -172,6 +173,9 @@ async def build_prompt(
     suffix_sent = kept_suffix if uses_suffix else None
     return BuiltPrompt(full_prefix, suffix_sent, chosen, cut, (), trimmed)
 
+
+WHITESPACE_KEPT = 64
+"""The most of the whitespace before a window's first line its prompt keeps."""
 
 FIT_TRIES = 4
 """Counts a line cut to its budget may take: each cut keeps a share of a more even text."""
