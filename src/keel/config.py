@@ -1110,28 +1110,36 @@ def _unused_keys(role: str, provider: HttpModelConfig | LocalModelConfig) -> lis
             f"{where}: chat_template is ignored: a model server applies its own chat "
             "template (set it there)"
         )
+    route = ROUTE_KEEL_ADDS.get(kind, "")
     for endpoint in [provider.api_endpoint, *(provider.api_endpoints or ())]:
-        route = next((r for r in ROUTES_KEEL_ADDS if (endpoint or "").endswith(r)), None)
-        if route is not None:  # Tabby's docs warn of it; a bare 404 said nothing of why
+        if route and (endpoint or "").rstrip("/").endswith(route):
+            # Tabby's docs warn of it; a bare 404 said nothing of why
             unused.append(
                 f"{where}: api_endpoint {endpoint} ends with {route}, which keel adds "
                 f"itself (it would call ...{route}{route}): end it at the server's base "
-                f"URL, e.g. {endpoint.removesuffix(route)}"
+                f"URL, e.g. {endpoint.rstrip('/').removesuffix(route)}"
             )
     return unused
 
 
-ROUTES_KEEL_ADDS = (
-    "/chat/completions",
-    "/completions",
-    "/completion",
-    "/embeddings",
-    "/embedding",
-    "/api/generate",
-    "/api/chat",
-    "/api/embed",
-)
-"""The routes keel appends to a backend's ``api_endpoint``, per kind."""
+ROUTE_KEEL_ADDS = {
+    "openai/chat": "/chat/completions",
+    "mistral/chat": "/chat/completions",
+    "openai/completion": "/completions",
+    "openai/legacy_completion_no_fim": "/completions",
+    "vllm/completion": "/completions",
+    "mistral/completion": "/v1/fim/completions",
+    "llama.cpp/completion": "/completion",
+    "ollama/completion": "/api/generate",
+    "openai/embedding": "/embeddings",
+    "mistral/embedding": "/embeddings",
+    "voyage/embedding": "/embeddings",
+    "llama.cpp/embedding": "/embeddings",
+    "llama.cpp/before_b4356_embedding": "/embedding",
+    "ollama/embedding": "/api/embed",
+}
+"""The route keel appends to a backend's ``api_endpoint``, by kind (Azure's are built
+from the deployment)."""
 
 
 def normalize_git_url(url: str) -> str:
@@ -1635,7 +1643,7 @@ def parse_settings(
             loc = tuple(error["loc"])
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
-                message = _misplaced(loc) or "unknown key (check the spelling)"
+                message = _misplaced(loc, data) or "unknown key (check the spelling)"
             elif error["type"] == "finite_number":
                 message = "must be a finite number (inf and nan are not taken)"
             elif error["type"] == "model_type":  # pydantic's "instance of RoleConfig"
@@ -1671,20 +1679,27 @@ def secret_key(key: str) -> bool:
     return last.endswith(SECRET_KEYS)
 
 
-def _misplaced(loc: tuple[object, ...]) -> str | None:
+def _misplaced(loc: tuple[object, ...], data: object) -> str | None:
     """Where a key unknown in its table belongs, for a model table's keys written in
     the table beside it (``embedded_last_resort`` under ``[model.completion.http]`` was
-    an "unknown key (check the spelling)", spelt right)."""
+    an "unknown key (check the spelling)", spelt right); the role's own provider table
+    first, where a key fits either."""
     if len(loc) < 3 or loc[0] != "model":
         return None
     role, name = loc[1], loc[-1]
     if len(loc) == 4 and loc[2] in ("http", "local") and name in RoleConfig.model_fields:
         return f"not a key of this table: it belongs in [model.{role}], above it"
-    if len(loc) == 3:
-        for table, model in (("http", HttpModelConfig), ("local", LocalModelConfig)):
-            if name in model.model_fields and name not in RoleConfig.model_fields:
-                return f"not a key of [model.{role}]: it belongs in [model.{role}.{table}]"
-    return None
+    if len(loc) != 3:
+        return None
+    written = data.get("model", {}).get(role, {}) if isinstance(data, dict) else {}
+    tables = [
+        f"[model.{role}.{table}]"
+        for table, model in (("http", HttpModelConfig), ("local", LocalModelConfig))
+        if name in model.model_fields and (table in written or not {"http", "local"} & set(written))
+    ]
+    if not tables or name in RoleConfig.model_fields:
+        return None
+    return f"not a key of [model.{role}]: it belongs in {' or '.join(tables)}"
 
 
 def masked_url(text: str) -> str:

@@ -818,6 +818,12 @@ def test_tabbys_keys_a_table_does_nothing_with_are_warned_of() -> None:
         ("completion", "vllm/completion", "http://gpu:8000/v1/completions", "/completions"),
         ("embedding", "openai/embedding", "http://gpu:8000/v1/embeddings", "/embeddings"),
         ("completion", "ollama/completion", "http://gpu:11434/api/generate", "/api/generate"),
+        (
+            "completion",
+            "mistral/completion",
+            "https://m.example/v1/fim/completions",
+            "/v1/fim/completions",
+        ),
     ],
 )
 def test_an_api_endpoint_ending_in_the_route_keel_adds_is_warned_of(
@@ -831,3 +837,9 @@ def test_an_api_endpoint_ending_in_the_route_keel_adds_is_warned_of(
     assert endpoint.removesuffix(route) in warned[0], warned
     raw["model"][role]["http"]["api_endpoint"] = endpoint.removesuffix(route)
     assert parse_settings(raw, "inline", {}).ignored_sections() == []
+    # another kind's route is no mistake of this kind's (an Ollama chat's /api/chat, for
+    # openai/chat, is a base URL keel appends /chat/completions to)
+    other = {"kind": "openai/chat", "api_endpoint": "http://gpu:11434/api/chat"}
+    assert (
+        parse_settings({"model": {"chat": {"http": other}}}, "inline", {}).ignored_sections() == []
+    )

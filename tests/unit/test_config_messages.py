@@ -416,6 +416,8 @@ def test_a_redis_database_that_is_not_a_number_is_a_config_error() -> None:
         ({"http": {"queue_size": 4}}, "http.queue_size", "[model.chat],"),
         ({"kind": "openai/chat"}, "kind", "[model.chat.http]"),
         ({"model_id": "SmolLM2-135M-Instruct"}, "model_id", "[model.chat.local]"),
+        # a key both tables take goes to the one the role has
+        ({"additional_stop_words": ["x"]}, "additional_stop_words", "[model.chat.http]"),
     ],
 )
 def test_a_model_tables_key_in_the_table_beside_it_says_where_it_belongs(
@@ -523,3 +525,16 @@ def test_one_value_where_a_list_goes_says_how_to_write_the_list(
     with pytest.raises(ConfigError) as caught:
         parse_settings(raw, "config.toml")
     assert says in str(caught.value) and "my-secret" not in str(caught.value), str(caught.value)
+
+
+def test_a_key_both_provider_tables_take_is_sent_to_the_roles_own() -> None:
+    local = {"model_id": "SmolLM2-135M-Instruct"}
+    raw = {"model": {"completion": {"additional_stop_words": ["x"], "local": local}}}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml")
+    assert "it belongs in [model.completion.local]" in str(caught.value), str(caught.value)
+    raw = {"model": {"completion": {"prompt_template": "{prefix}"}}}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "config.toml")
+    said = "belongs in [model.completion.http] or [model.completion.local]"
+    assert said in str(caught.value), str(caught.value)
