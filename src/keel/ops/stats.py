@@ -122,11 +122,12 @@ class RequestStats:
 
     def series(self) -> list[dict[str, object]]:
         """One entry per minute of the window, oldest first; quiet minutes are zeros."""
-        now, wall = self.clock(), self.wall()
-        current, labelled = now - now % BUCKET_SECONDS, float(wall - wall % BUCKET_SECONDS)
+        now = self.clock()
+        offset = self.wall() - now  # the same for every minute, and from poll to poll
+        current = now - now % BUCKET_SECONDS
         kept = {minute.start: minute for minute in self._minutes}
-        ago = [BUCKET_SECONDS * i for i in range(self.window_minutes - 1, -1, -1)]
-        return [kept.get(current - i, Minute(current - i)).to_json(labelled - i) for i in ago]
+        starts = [current - BUCKET_SECONDS * i for i in range(self.window_minutes - 1, -1, -1)]
+        return [kept.get(start, Minute(start)).to_json(start + offset) for start in starts]
 
     def summary(self) -> dict[str, object]:
         """Totals over the whole window, latency percentiles over all samples in it."""
