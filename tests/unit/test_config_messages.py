@@ -438,22 +438,17 @@ HUGE = 10**400
 """An integer tomllib reads, of 401 digits: TOML's are 64-bit."""
 
 
+def http_role(role: str, **fields: object) -> dict[str, Any]:
+    """A config with ``role`` served by an HTTP backend of its kind, ``fields`` added."""
+    table = {"kind": f"openai/{role}", "api_endpoint": "http://127.0.0.1:1/v1", "model_name": "m"}
+    return {"model": {role: {"http": {**table, **fields}}}}
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
         (
-            {
-                "model": {
-                    "chat": {
-                        "http": {
-                            "kind": "openai/chat",
-                            "api_endpoint": "http://127.0.0.1:1/v1",
-                            "model_name": "m",
-                            "rate_limit": {"request_per_minute": HUGE},
-                        }
-                    }
-                }
-            },
+            http_role("chat", rate_limit={"request_per_minute": HUGE}),
             "model.chat.http.rate_limit.request_per_minute",
         ),
         ({"auth": {"requests_per_minute": HUGE}}, "auth.requests_per_minute"),
@@ -479,16 +474,7 @@ def test_an_integer_past_tomls_64_bits_is_a_config_error(raw: dict[str, Any], ke
         ({"server": {"host": "local\0host"}}, "server.host"),
         ({"server": {"host": "\u00fc\u202e"}}, "server.host"),
         (
-            {
-                "model": {
-                    "completion": {
-                        "http": {
-                            "kind": "openai/completion",
-                            "api_endpoint": "http://127.0.0.1:1/v1\x01",
-                        }
-                    }
-                }
-            },
+            http_role("completion", api_endpoint="http://127.0.0.1:1/v1\x01"),
             "model.completion.http.api_endpoint",
         ),
     ],
