@@ -84,6 +84,12 @@ def parse_keys_file(path: Path, content: bytes | None = None) -> Keys:
     ValueError or TOMLDecodeError saying why not."""
     content = keys_file_bytes(path) if content is None else content
     data = tomllib.loads(content.decode("utf-8-sig"))  # Notepad's mark dropped
+    if not data:  # as a reload of an empty config file is refused
+        raise ValueError(
+            "holds no keys and no settings (an editor in the middle of saving it, or a "
+            "writer killed mid-save, leaves it so): to revoke every key in it, write "
+            "api_keys = [] or delete the file"
+        )
     users = data.get("api_keys", [])
     admin = data.get("admin_key")
     unknown = set(data) - {"api_keys", "admin_key"}

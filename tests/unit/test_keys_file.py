@@ -120,3 +120,26 @@ def test_a_keys_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> 
         parse_keys_file(fifo)
     store = KeyStore(AuthConfig(keys_file=str(fifo)), tmp_path)  # serve's, a reload's
     assert store.file_error is not None and "not a regular file" in store.file_error
+
+
+@pytest.mark.parametrize("torn", ["", "  \n# saving\n"])
+def test_a_keys_file_left_empty_by_a_writer_keeps_its_keys(tmp_path: Path, torn: str) -> None:
+    """An empty file, or one of whitespace and comments (a writer killed mid-save, an
+    editor saving), revoked every key in it, the admin's too, and the audit log said
+    "reloaded". It is refused, as a torn file is; ``api_keys = []`` revokes them."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'api_keys = ["{FILE_KEY}"]\nadmin_key = "admin-key-0123456789"\n')
+    said: list[tuple[bool, str]] = []
+    store = KeyStore(
+        AuthConfig(keys_file="keys.toml"),
+        tmp_path,
+        clock=Clock(),
+        on_reload=lambda ok, text: said.append((ok, text)),
+    )
+    keys.write_text(torn)
+    assert access(store, FILE_KEY) is Access.USER
+    assert access(store, "admin-key-0123456789") is Access.ADMIN
+    assert said and said[-1][0] is False and "api_keys = []" in said[-1][1], said
+    keys.write_text("api_keys = []\n")
+    assert access(store, FILE_KEY) is None
+    assert access(store, "admin-key-0123456789") is None
