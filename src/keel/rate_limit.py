@@ -112,7 +112,8 @@ class RateLimiter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         tabby_burst = max(1, math.ceil(per_minute / 6))
-        self.bucket = TokenBucket(per_minute, burst=burst or tabby_burst, clock=clock)
+        burst = tabby_burst if burst is None else burst
+        self.bucket = TokenBucket(per_minute, burst=burst, clock=clock)
         self.max_wait = max_wait
         self._sleep = sleep
         self.bucket_counts = [0] * (len(WAIT_BUCKETS) + 1)

@@ -459,9 +459,9 @@ def _log_line(
     # tabby-agent does) is no refusal an operator acts on: 316 of a soak's 327 lines.
     left = state.get(ERROR_CODE_KEY) == ClientDisconnected.code
     client = scope["client"][0] if scope.get("client") else ""
-    headers = [
+    headers = (
         (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
-    ]
+    )
     client = forwarded_for(client, headers) or client  # whom a proxy here asked for
     (log.warning if failing else log.debug if left else log.info)(
         "%s %s -> %d in %.0f ms%s%s%s%s%s",

@@ -278,33 +278,29 @@ class SharedKeyRateLimiter:
 
     async def acquire(self, who: str) -> float:
         """0 if allowed now, else the seconds until a request would be (nothing taken)."""
-        if self.state.worth_trying():
-            try:
-                answer = await self.state.bounded(
-                    lambda: self.state.script(
-                        keys=[KEY_PREFIX + who], args=[self.per_minute, self.per_minute / 60.0]
-                    )
-                )
-            except (RedisError, OSError) as exc:
-                self.state.failed(LIMITS, exc)
-            else:
-                self.state.answered(LIMITS)
-                return float(answer)
+        if (answer := await self._shared(who)) is not None:
+            return float(answer)
         if self.state.metrics is not None:
             self.state.metrics.rate_limited_locally()
         return self.local.take(who)
 
     async def refund(self, who: str) -> None:
         """Give back a token where it was taken (Redis, else this replica's buckets)."""
-        if self.state.worth_trying():
-            try:
-                await self.state.bounded(
-                    lambda: self.state.script(
-                        keys=[KEY_PREFIX + who],
-                        args=[self.per_minute, self.per_minute / 60.0, "refund"],
-                    )
-                )
-                return
-            except (RedisError, OSError) as exc:
-                self.state.failed(LIMITS, exc)
-        await self.local.refund(who)
+        if await self._shared(who, "refund") is None:
+            await self.local.refund(who)
+
+    async def _shared(self, who: str, *extra: str) -> bytes | str | None:
+        """The bucket script's answer for ``who`` on Redis (``extra``: its further
+        arguments), or None where Redis is not worth trying or does not answer."""
+        if not self.state.worth_trying():
+            return None
+        args: list[str | int | float] = [self.per_minute, self.per_minute / 60.0, *extra]
+        try:
+            answer = await self.state.bounded(
+                lambda: self.state.script(keys=[KEY_PREFIX + who], args=args)
+            )
+        except (RedisError, OSError) as exc:
+            self.state.failed(LIMITS, exc)
+            return None
+        self.state.answered(LIMITS)
+        return answer  # type: ignore[no-any-return]  # the script's wait, as Redis sent it
